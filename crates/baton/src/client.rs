@@ -1,0 +1,390 @@
+//! Connecting to a backend by URL.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::store::mem::MemStore;
+use crate::store::Store;
+
+/// The default dial timeout: how long [`ClientBuilder::connect`] waits for a first answer.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default request timeout: how long one store request may take.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handle to a coordination backend. Cheap to clone; clones share the connection.
+///
+/// Pick the backend with a URL, so the same program runs on any of them:
+///
+/// | URL | backend |
+/// |---|---|
+/// | `mem://` or `mem://NAME` | the embedded store of this process (one per name) |
+/// | `http://h:p[,http://h:p…]`, `etcd://h:p,h:p` | etcd (feature `etcd`) |
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// assert_eq!(client.backend(), "mem");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<dyn Store>,
+    endpoints: String,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("backend", &self.store.backend())
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connect with the default options. See [`ClientBuilder`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future drops the half-made connection.
+    pub async fn connect(endpoints: &str) -> Result<Client> {
+        ClientBuilder::new(endpoints).connect().await
+    }
+
+    /// Start configuring a connection.
+    pub fn builder(endpoints: &str) -> ClientBuilder {
+        ClientBuilder::new(endpoints)
+    }
+
+    /// A client on a new, private embedded store (not shared with `mem://` URLs).
+    pub fn memory() -> Client {
+        Client::from_store(MemStore::new())
+    }
+
+    /// A client on any [`Store`].
+    pub fn from_store(store: impl Store) -> Client {
+        let endpoints = store.backend().to_string();
+        Client {
+            store: Arc::new(store),
+            endpoints,
+        }
+    }
+
+    /// The store behind this client.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The backend's short name: `"mem"` or `"etcd"`.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    /// The endpoints this client was made for, with credentials redacted.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+}
+
+/// Options for [`Client`].
+///
+/// # Default
+///
+/// - dial timeout: 5 s ([`DEFAULT_DIAL_TIMEOUT`])
+/// - request timeout: 10 s ([`DEFAULT_REQUEST_TIMEOUT`])
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    endpoints: String,
+    dial_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// Options for these endpoints, with the defaults.
+    pub fn new(endpoints: &str) -> Self {
+        ClientBuilder {
+            endpoints: endpoints.to_string(),
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// How long to wait for the backend to answer when connecting.
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// How long one request may take before it fails with [`Error::Timeout`].
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Validate the endpoints and connect.
+    ///
+    /// Malformed URLs are rejected before any network call. An unreachable etcd gives
+    /// [`Error::Connect`] within the dial timeout.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn connect(self) -> Result<Client> {
+        if self.dial_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(Error::invalid("timeouts must be greater than zero"));
+        }
+        let parsed = Endpoints::parse(&self.endpoints)?;
+        let redacted = parsed.to_string();
+        let store: Arc<dyn Store> = match parsed {
+            Endpoints::Mem(name) => Arc::new(MemStore::shared(&name)),
+            #[cfg(feature = "etcd")]
+            Endpoints::Etcd(urls) => Arc::new(
+                crate::store::etcd::EtcdStore::connect(
+                    &urls,
+                    crate::store::etcd::EtcdOptions {
+                        dial_timeout: self.dial_timeout,
+                        request_timeout: self.request_timeout,
+                    },
+                )
+                .await?,
+            ),
+            #[cfg(not(feature = "etcd"))]
+            Endpoints::Etcd(_) => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: redacted,
+                    reason: "this build of baton has no etcd support (feature \"etcd\")".into(),
+                })
+            }
+            Endpoints::Redis(_) | Endpoints::Redlock(_) => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: redacted,
+                    reason: "the redis backends are not supported yet".into(),
+                })
+            }
+        };
+        Ok(Client {
+            store,
+            endpoints: redacted,
+        })
+    }
+}
+
+/// Parsed endpoint URLs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoints {
+    /// `mem://NAME`
+    Mem(String),
+    /// etcd members as `http://host:port`.
+    Etcd(Vec<String>),
+    /// `redis://…`
+    Redis(Vec<String>),
+    /// `redlock://…`
+    Redlock(Vec<String>),
+}
+
+impl fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoints::Mem(name) => write!(f, "mem://{name}"),
+            Endpoints::Etcd(urls) => f.write_str(&urls.join(",")),
+            Endpoints::Redis(hosts) => write!(f, "redis://{}", hosts.join(",")),
+            Endpoints::Redlock(hosts) => write!(f, "redlock://{}", hosts.join(",")),
+        }
+    }
+}
+
+fn bad(endpoint: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidEndpoint {
+        endpoint: redact(endpoint),
+        reason: reason.into(),
+    }
+}
+
+/// Replace any `user:password@` in a URL with `***@`.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***@{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Check `host:port` (host may be a name, IPv4, or `[IPv6]`).
+fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
+    if hp.contains('@') {
+        return Err(bad(endpoint, "credentials in the URL are not supported yet"));
+    }
+    let hp = hp.trim_end_matches('/');
+    if hp.contains('/') || hp.contains('?') || hp.contains('#') {
+        return Err(bad(endpoint, "expected host:port with no path"));
+    }
+    let parsed = url::Url::parse(&format!("http://{hp}"))
+        .map_err(|e| bad(endpoint, format!("not a host:port ({e})")))?;
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad(endpoint, "missing host"))?
+        .to_string();
+    let port = parsed.port().ok_or_else(|| {
+        if hp.rsplit_once(':').is_some() {
+            bad(endpoint, "port must be a number from 1 to 65535")
+        } else {
+            bad(endpoint, "missing port (write host:port)")
+        }
+    })?;
+    if port == 0 {
+        return Err(bad(endpoint, "port must be a number from 1 to 65535"));
+    }
+    Ok((host, port))
+}
+
+impl Endpoints {
+    /// Parse a comma-separated endpoint list. All entries must use one scheme family.
+    pub(crate) fn parse(input: &str) -> Result<Endpoints> {
+        let input = input.trim();
+        if input.is_empty() {
+            return Err(bad(input, "no endpoint given"));
+        }
+        let Some((scheme, rest)) = input.split_once("://") else {
+            return Err(bad(
+                input,
+                "missing scheme: use http://, etcd://, redis://, redlock:// or mem://",
+            ));
+        };
+        match scheme {
+            "mem" => {
+                let name = rest.trim_end_matches('/');
+                if name.contains(['/', ',', ':', '@']) {
+                    return Err(bad(input, "mem:// takes an optional plain name"));
+                }
+                Ok(Endpoints::Mem(name.to_string()))
+            }
+            "etcd" => {
+                let mut urls = Vec::new();
+                for hp in rest.split(',') {
+                    let hp = hp.trim();
+                    if hp.is_empty() {
+                        return Err(bad(input, "empty entry in the endpoint list"));
+                    }
+                    let (h, p) = host_port(input, hp.strip_prefix("etcd://").unwrap_or(hp))?;
+                    urls.push(format_host(&h, p));
+                }
+                Ok(Endpoints::Etcd(urls))
+            }
+            "http" => {
+                let mut urls = Vec::new();
+                for u in input.split(',') {
+                    let u = u.trim();
+                    let Some(hp) = u.strip_prefix("http://") else {
+                        if u.starts_with("https://") {
+                            return Err(bad(input, "https:// (TLS) is not supported yet"));
+                        }
+                        return Err(bad(input, "every etcd endpoint must start with http://"));
+                    };
+                    let (h, p) = host_port(input, hp)?;
+                    urls.push(format_host(&h, p));
+                }
+                Ok(Endpoints::Etcd(urls))
+            }
+            "https" => Err(bad(input, "https:// (TLS) is not supported yet")),
+            "redis" | "redlock" => {
+                let mut hosts = Vec::new();
+                for hp in rest.split(',') {
+                    let hp = hp.trim();
+                    let hp = hp.strip_prefix("redis://").unwrap_or(hp);
+                    let hp = hp.split('/').next().unwrap_or(hp);
+                    let (h, p) = host_port(input, hp)?;
+                    hosts.push(format!("{h}:{p}"));
+                }
+                if scheme == "redis" {
+                    Ok(Endpoints::Redis(hosts))
+                } else {
+                    Ok(Endpoints::Redlock(hosts))
+                }
+            }
+            other => Err(bad(
+                input,
+                format!(
+                    "unsupported scheme {other:?}: use http://, etcd://, redis://, redlock:// or mem://"
+                ),
+            )),
+        }
+    }
+}
+
+fn format_host(host: &str, port: u16) -> String {
+    // url::Url keeps IPv6 hosts bracketed in host_str().
+    format!("http://{host}:{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_good_endpoints() {
+        assert_eq!(
+            Endpoints::parse("mem://").unwrap(),
+            Endpoints::Mem(String::new())
+        );
+        assert_eq!(
+            Endpoints::parse("mem://demo").unwrap(),
+            Endpoints::Mem("demo".into())
+        );
+        assert_eq!(
+            Endpoints::parse("http://127.0.0.1:2379").unwrap(),
+            Endpoints::Etcd(vec!["http://127.0.0.1:2379".into()])
+        );
+        assert_eq!(
+            Endpoints::parse("http://a:1,http://b:2").unwrap(),
+            Endpoints::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+        );
+        assert_eq!(
+            Endpoints::parse("etcd://a:1,b:2").unwrap(),
+            Endpoints::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+        );
+        assert_eq!(
+            Endpoints::parse("http://[::1]:2379").unwrap(),
+            Endpoints::Etcd(vec!["http://[::1]:2379".into()])
+        );
+        assert_eq!(
+            Endpoints::parse("redlock://a:1,b:2,c:3").unwrap(),
+            Endpoints::Redlock(vec!["a:1".into(), "b:2".into(), "c:3".into()])
+        );
+    }
+
+    #[test]
+    fn rejects_bad_endpoints() {
+        for bad in [
+            "",
+            "localhost:2379",
+            "ftp://x:1",
+            "http://",
+            "http://host",
+            "http://host:notaport",
+            "http://host:99999",
+            "http://host:0",
+            "http://a:1,",
+            "http://a:1,b:2",
+            "etcd://a:1,,b:2",
+            "http://a:1/path",
+            "mem://a/b",
+        ] {
+            let err = Endpoints::parse(bad).unwrap_err();
+            assert!(err.is_invalid_input(), "{bad:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(redact("http://u:secret@h:1"), "http://***@h:1");
+        let err = Endpoints::parse("http://u:secret@h:1").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+}

@@ -1,0 +1,139 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in Baton.
+///
+/// Messages are lowercase and never contain values, passwords or tokens. Use the classifier
+/// methods ([`is_timeout`](Error::is_timeout), [`is_lost`](Error::is_lost),
+/// [`is_retryable`](Error::is_retryable)) rather than matching on the text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The caller passed something Baton refuses before any network call: an empty or
+    /// oversized name, a TTL out of range, a malformed option.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// An endpoint URL could not be parsed or names an unsupported scheme.
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint {
+        /// The endpoint as given (credentials redacted).
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No endpoint answered within the dial timeout.
+    #[error("cannot connect to {endpoints} within {timeout:?}: {reason}")]
+    Connect {
+        /// The endpoints that were tried (credentials redacted).
+        endpoints: String,
+        /// The dial timeout that passed.
+        timeout: Duration,
+        /// What the transport said.
+        reason: String,
+    },
+
+    /// An operation did not finish within its timeout.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What was being done.
+        operation: &'static str,
+        /// The timeout that passed.
+        after: Duration,
+    },
+
+    /// `try_lock` found the lock held by another owner.
+    #[error("lock {name:?} is held by another owner")]
+    Locked {
+        /// The lock's name.
+        name: String,
+    },
+
+    /// The same session already holds, or is waiting for, this lock.
+    ///
+    /// Baton locks are not re-entrant: a session has exactly one key per lock name.
+    #[error("this session already holds or is waiting for lock {name:?}")]
+    AlreadyHeld {
+        /// The lock's name.
+        name: String,
+    },
+
+    /// The session's lease is gone: revoked, expired, or not kept alive before its local
+    /// deadline. Everything bound to it is lost.
+    #[error("session lost: {reason}")]
+    SessionLost {
+        /// Why the session counts as lost.
+        reason: String,
+    },
+
+    /// The lock (or leadership) is no longer ours: its key was deleted or replaced.
+    #[error("lock {key:?} is no longer held")]
+    NotHeld {
+        /// The key that was held.
+        key: String,
+    },
+
+    /// A watch asked for a revision that has been compacted away.
+    #[error("revision {requested} is compacted (compact revision {compact_revision})")]
+    Compacted {
+        /// The revision that was asked for.
+        requested: i64,
+        /// The store's compact revision.
+        compact_revision: i64,
+    },
+
+    /// The lease does not exist (any more).
+    #[error("lease {0:x} not found")]
+    LeaseNotFound(i64),
+
+    /// The store refused or failed the request.
+    #[error("store error: {0}")]
+    Store(String),
+
+    /// The client or session has been closed.
+    #[error("closed")]
+    Closed,
+}
+
+impl Error {
+    /// True if an operation ran out of time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True if a lock, leadership or session was lost.
+    pub fn is_lost(&self) -> bool {
+        matches!(
+            self,
+            Error::SessionLost { .. } | Error::NotHeld { .. } | Error::LeaseNotFound(_)
+        )
+    }
+
+    /// True if the caller gave bad input; retrying the same call cannot help.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::InvalidArgument(_) | Error::InvalidEndpoint { .. })
+    }
+
+    /// True if the same call may succeed later (a timeout, a connection or store failure).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Connect { .. } | Error::Store(_)
+        )
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    pub(crate) fn lost(reason: impl Into<String>) -> Self {
+        Error::SessionLost {
+            reason: reason.into(),
+        }
+    }
+}
