@@ -1,0 +1,64 @@
+//! Validation of user-supplied names and the key layouts shared with Go.
+
+use crate::error::{Error, Result};
+
+/// The longest name Baton accepts, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// Check a lock, election or recipe name before any network call.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid("name is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "name is {} bytes long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::invalid("name contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// The key of a session's entry in a lease-keyed queue: `prefix + hex(lease)`, as Go's
+/// `concurrency` package and `etcdctl lock` / `etcdctl elect` write it.
+pub(crate) fn lease_key(prefix: &str, lease: i64) -> String {
+    format!("{prefix}{lease:x}")
+}
+
+/// True if `key` is a direct member of the queue under `prefix`: the rest of the key is a
+/// non-empty run of lowercase hex digits (a lease id, or Go's decimal nanosecond suffix).
+///
+/// This keeps `a` and `a/b` independent: the keys of lock `a/b` (`a/b/<lease>`) live under
+/// lock `a`'s prefix `a/`, but are not its members.
+pub(crate) fn is_member(prefix: &[u8], key: &[u8]) -> bool {
+    match key.strip_prefix(prefix) {
+        Some(rest) => !rest.is_empty() && rest.iter().all(|b| b.is_ascii_hexdigit()),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a\0b").is_err());
+        assert!(validate_name(&"x".repeat(1025)).is_err());
+        assert!(validate_name(&"x".repeat(1024)).is_ok());
+        assert!(validate_name("locks/job-1").is_ok());
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(lease_key("job/", 0x694d7f3a2c1b), "job/694d7f3a2c1b");
+        assert!(is_member(b"a/", b"a/694d"));
+        assert!(!is_member(b"a/", b"a/b/694d"));
+        assert!(!is_member(b"a/", b"a/"));
+        assert!(!is_member(b"a/", b"b/1"));
+    }
+}

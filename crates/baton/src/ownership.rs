@@ -1,0 +1,173 @@
+//! Watching a held key, so that its holder learns at once when it stops being the holder.
+
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::session::{OwnedClaim, Session};
+use crate::store::{Compare, CompareOp, EventKind, Range, Revision, Store, Txn, TxnOp, Watch};
+
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The liveness of one held key: a token cancelled when the key is deleted or replaced, or
+/// when the session is lost; and a background watch that does the cancelling.
+#[derive(Debug)]
+pub(crate) struct Ownership {
+    /// Cancelled on loss. A child of the session's token.
+    pub(crate) lost: CancellationToken,
+    /// Cancelled to stop the watch (on release).
+    stop: CancellationToken,
+    reason: Arc<StdMutex<Option<String>>>,
+}
+
+impl Ownership {
+    /// Start watching `key`, created at `create_rev`, for changes after revision `from - 1`.
+    pub(crate) fn watch(session: &Session, key: Vec<u8>, create_rev: Revision, from: Revision) -> Self {
+        let lost = session.lost_token();
+        let stop = CancellationToken::new();
+        let reason = Arc::new(StdMutex::new(None));
+        let task = watch_key(
+            session.store().clone(),
+            key.clone(),
+            create_rev,
+            from,
+        );
+        let (l, s, r, sess) = (lost.clone(), stop.clone(), reason.clone(), session.clone());
+        let span = tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&key));
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    _ = s.cancelled() => {}
+                    _ = l.cancelled() => {}
+                    why = task => {
+                        tracing::info!(reason = why, "ownership lost");
+                        *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+                        l.cancel();
+                        // A vanished key often means a revoked lease: let the session check now.
+                        sess.poke();
+                    }
+                }
+                drop(sess);
+            }
+            .instrument(span),
+        );
+        Ownership { lost, stop, reason }
+    }
+
+    /// Why ownership was lost, if it was.
+    pub(crate) fn reason(&self, session: &Session) -> Option<String> {
+        if let Some(r) = self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(r);
+        }
+        if self.lost.is_cancelled() {
+            return Some(session.lost_reason().unwrap_or_else(|| "session lost".into()));
+        }
+        None
+    }
+
+    /// Stop watching (the key is being released on purpose).
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Watch until `key` is deleted or re-created; returns why. Survives broken streams and
+/// compaction by re-reading the key.
+async fn watch_key(
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    create_rev: Revision,
+    mut from: Revision,
+) -> &'static str {
+    let mut backoff = RETRY_MIN;
+    loop {
+        match store.watch(Watch::key(key.clone()).from_revision(from)).await {
+            Ok(mut stream) => {
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(resp) => {
+                            backoff = RETRY_MIN;
+                            for ev in &resp.events {
+                                match ev.kind {
+                                    EventKind::Delete => return "key deleted",
+                                    EventKind::Put if ev.kv.create_revision != create_rev => {
+                                        return "key replaced"
+                                    }
+                                    EventKind::Put => {}
+                                }
+                                from = from.max(ev.kv.mod_revision + 1);
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "ownership watch failed; retrying"),
+        }
+        // The watch broke or its start was compacted: read the key to learn where we stand.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+        match store.range(Range::key(key.clone())).await {
+            Ok(resp) => match resp.kvs.first() {
+                Some(kv) if kv.create_revision == create_rev => from = resp.header_revision + 1,
+                Some(_) => return "key replaced",
+                None => return "key deleted",
+            },
+            Err(e) => tracing::debug!(error = %e, "ownership check failed; retrying"),
+        }
+    }
+}
+
+/// Delete `key` if its create revision is still `create_rev`. Never a plain delete: the
+/// same session may since have created a newer key under the same name (etcd #22082).
+/// Returns whether the key was ours to delete.
+pub(crate) async fn delete_if_owned(
+    store: &Arc<dyn Store>,
+    key: &[u8],
+    create_rev: Revision,
+) -> Result<bool> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, create_rev)])
+        .and_then([TxnOp::delete(key)]);
+    Ok(store.txn(txn).await?.succeeded)
+}
+
+/// Release `key` in the background (guard drop): compare-and-delete, then free the claim.
+/// Without a tokio runtime the key is left to expire with the session's lease.
+pub(crate) fn release_in_background(
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    create_rev: Revision,
+    claim: OwnedClaim,
+) {
+    claim.releasing();
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(
+            async move {
+                if let Err(e) = delete_if_owned(&store, &key, create_rev).await {
+                    tracing::warn!(error = %e, "release on drop failed; the key expires with the lease");
+                }
+                drop(claim);
+            }
+            .instrument(tracing::debug_span!("release")),
+        );
+    }
+}
+
+/// The error for "this key is no longer ours".
+pub(crate) fn not_held(key: &[u8]) -> Error {
+    Error::NotHeld {
+        key: String::from_utf8_lossy(key).into_owned(),
+    }
+}

@@ -1,0 +1,548 @@
+//! Session: one lease, kept alive, and the single source of liveness for everything bound to it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard as StdMutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::store::{LeaseId, Store};
+
+/// The default session TTL: 60 s, as in Go's `concurrency.NewSession`.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+/// The smallest TTL a session accepts: 2 s. etcd raises smaller TTLs to its own minimum, so a
+/// smaller value would be a promise Baton cannot keep.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// The largest TTL a session accepts: 9,000,000,000 s, etcd's own limit.
+pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
+
+/// How long the session waits after a failed keep-alive before it tries again.
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A lease kept alive in the background: the liveness of every lock, permit or candidacy
+/// created through it.
+///
+/// A session owns one lease. A background task sends a keep-alive every TTL/3. The session
+/// counts as **lost** — [`lost()`](Session::lost) completes — as soon as any of these happens:
+///
+/// - the store reports the lease gone (revoked by an admin, or expired);
+/// - keep-alives are not acknowledged before the *local deadline*: the send time of the last
+///   acknowledged keep-alive plus the TTL, on the monotonic clock. The server's own expiry
+///   can only be later than that, so a session never believes it is alive after its lease
+///   has expired (barring a paused process, which fencing tokens cover);
+/// - [`close()`](Session::close) was called, or [`orphan()`](Session::orphan) was called and
+///   the local deadline then passed.
+///
+/// `Session` is a cheap handle: clones share the lease. Locks and guards hold a clone, so the
+/// lease lives as long as anything uses it.
+///
+/// # Drop behaviour
+///
+/// When the last handle is dropped, the keep-alives stop and the lease is revoked in a task
+/// spawned on the current tokio runtime (best effort; if there is no runtime, or the revoke
+/// fails, the lease simply expires after its TTL). Call [`close()`](Session::close) to revoke
+/// and see the result, or [`orphan()`](Session::orphan) to leave the lease to expire.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let session = baton::Session::builder(&client)
+///     .with_ttl(Duration::from_secs(10))
+///     .build()
+///     .await?;
+/// assert_eq!(session.ttl(), Duration::from_secs(10));
+/// assert!(!session.is_lost());
+/// session.close().await?;
+/// assert!(session.is_lost());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    shared: Arc<Shared>,
+    claims: Claims,
+}
+
+/// What the keep-alive task shares with the handles. The task holds this, never `Inner`, so
+/// dropping the last handle drops `Inner` and stops the task.
+struct Shared {
+    lease: LeaseId,
+    ttl: Duration,
+    /// Cancelled when the session is lost, for any reason.
+    lost: CancellationToken,
+    /// Cancelled to stop sending keep-alives (close, orphan, drop).
+    stop: CancellationToken,
+    /// Wakes the keep-alive task to check the lease at once.
+    poke: Notify,
+    state: StdMutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    deadline: Instant,
+    lost_reason: Option<String>,
+    orphaned: bool,
+    closed: bool,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("lease", &format_args!("{:x}", self.inner.shared.lease))
+            .field("ttl", &self.inner.shared.ttl)
+            .field("lost", &self.is_lost())
+            .field("backend", &self.inner.client.backend())
+            .finish()
+    }
+}
+
+/// Options for a [`Session`].
+///
+/// # Default
+///
+/// - TTL: 60 s ([`DEFAULT_TTL`]); at least 2 s ([`MIN_TTL`]), at most 9e9 s ([`MAX_TTL`]);
+///   rounded up to whole seconds, because etcd leases count seconds;
+/// - keep-alive interval: a third of the TTL granted.
+#[derive(Debug, Clone)]
+pub struct SessionBuilder {
+    client: Client,
+    ttl: Duration,
+    keep_alive_interval: Option<Duration>,
+}
+
+impl SessionBuilder {
+    /// Set the lease TTL.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Send keep-alives this often instead of every TTL/3. Must be shorter than the TTL.
+    pub fn with_keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.keep_alive_interval = Some(interval);
+        self
+    }
+
+    /// Grant the lease and start keeping it alive.
+    ///
+    /// Fails with [`Error::InvalidArgument`] before any network call if the TTL or interval
+    /// is out of range.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: if the future is dropped after the grant was sent, the lease is left
+    /// to expire after its TTL.
+    pub async fn build(self) -> Result<Session> {
+        let ttl = validate_ttl(self.ttl)?;
+        if let Some(i) = self.keep_alive_interval {
+            if i.is_zero() || i >= ttl {
+                return Err(Error::invalid(format!(
+                    "keep-alive interval {i:?} must be greater than zero and shorter than the TTL {ttl:?}"
+                )));
+            }
+        }
+        let store = self.client.store().clone();
+        let sent = Instant::now();
+        let grant = store.lease_grant(ttl).await?;
+        let interval = self.keep_alive_interval.unwrap_or(grant.ttl / 3);
+        let shared = Arc::new(Shared {
+            lease: grant.id,
+            ttl: grant.ttl,
+            lost: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            poke: Notify::new(),
+            state: StdMutex::new(State {
+                deadline: sent + grant.ttl,
+                lost_reason: None,
+                orphaned: false,
+                closed: false,
+            }),
+        });
+        let inner = Arc::new(Inner {
+            client: self.client,
+            shared: shared.clone(),
+            claims: Claims::default(),
+        });
+        tracing::debug!(lease = %format_args!("{:x}", grant.id), ttl = ?grant.ttl, "session started");
+        let span = tracing::debug_span!("keep_alive", lease = %format_args!("{:x}", grant.id));
+        tokio::spawn(keep_alive(shared, store, interval).instrument(span));
+        Ok(Session { inner })
+    }
+}
+
+fn validate_ttl(ttl: Duration) -> Result<Duration> {
+    if ttl < MIN_TTL {
+        return Err(Error::invalid(format!(
+            "ttl {ttl:?} is below the minimum of {MIN_TTL:?}"
+        )));
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::invalid(format!(
+            "ttl {ttl:?} is above the maximum of {MAX_TTL:?}"
+        )));
+    }
+    // Round up to whole seconds: etcd leases count seconds.
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    Ok(Duration::from_secs(secs))
+}
+
+impl Session {
+    /// Start a session with the default options (60 s TTL).
+    ///
+    /// # Cancel safety
+    ///
+    /// See [`SessionBuilder::build`].
+    pub async fn new(client: &Client) -> Result<Session> {
+        Self::builder(client).build().await
+    }
+
+    /// Configure a session.
+    pub fn builder(client: &Client) -> SessionBuilder {
+        SessionBuilder {
+            client: client.clone(),
+            ttl: DEFAULT_TTL,
+            keep_alive_interval: None,
+        }
+    }
+
+    /// The client this session uses.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        self.inner.client.store()
+    }
+
+    /// The lease id. Lock keys carry it in lowercase hex.
+    pub fn lease_id(&self) -> LeaseId {
+        self.inner.shared.lease
+    }
+
+    /// The TTL the store granted.
+    pub fn ttl(&self) -> Duration {
+        self.inner.shared.ttl
+    }
+
+    /// The local deadline: the lease is certainly alive until then (send time of the last
+    /// acknowledged keep-alive plus the TTL, on the monotonic clock).
+    pub fn deadline(&self) -> Instant {
+        self.state().deadline
+    }
+
+    /// True once the session is lost. See [`lost()`](Session::lost).
+    pub fn is_lost(&self) -> bool {
+        self.inner.shared.lost.is_cancelled()
+    }
+
+    /// Why the session was lost, if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.state().lost_reason.clone()
+    }
+
+    /// Completes when the session is lost: its lease was revoked or expired, keep-alives were
+    /// not acknowledged before the local deadline, or it was closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future has no effect on the session.
+    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.inner.shared.lost.cancelled()
+    }
+
+    /// A token cancelled when the session is lost, for use in `select!` or in another task.
+    /// It is a child token: cancelling it does not affect the session.
+    pub fn lost_token(&self) -> CancellationToken {
+        self.inner.shared.lost.child_token()
+    }
+
+    /// The error to return when something needs a live session.
+    pub(crate) fn lost_error(&self) -> Error {
+        Error::lost(
+            self.lost_reason()
+                .unwrap_or_else(|| "session lost".to_string()),
+        )
+    }
+
+    /// Fail fast if the session is already lost.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.is_lost() {
+            Err(self.lost_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Ask the keep-alive task to check the lease now (used when a guard sees its key vanish).
+    pub(crate) fn poke(&self) {
+        self.inner.shared.poke.notify_one();
+    }
+
+    /// Stop the keep-alives and revoke the lease, deleting every key bound to it.
+    ///
+    /// [`lost()`](Session::lost) fires. Closing twice is not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// The keep-alives stop at once. If the future is dropped before the revoke completes,
+    /// the lease expires after its TTL instead.
+    #[tracing::instrument(name = "close", skip_all, fields(lease = %format_args!("{:x}", self.inner.shared.lease)))]
+    pub async fn close(&self) -> Result<()> {
+        let first = {
+            let mut st = self.state();
+            let first = !st.closed;
+            st.closed = true;
+            first
+        };
+        self.inner.shared.stop.cancel();
+        self.inner.shared.mark_lost("session closed");
+        if !first {
+            return Ok(());
+        }
+        match self.store().lease_revoke(self.inner.shared.lease).await {
+            Ok(()) | Err(Error::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stop the keep-alives without revoking: the lease, and every key bound to it, expires
+    /// after its TTL. Use it to hand the lease to another process, or when the connection is
+    /// in doubt.
+    ///
+    /// [`lost()`](Session::lost) fires at the local deadline, when the lease may expire.
+    /// Dropping an orphaned session does not revoke its lease.
+    pub fn orphan(&self) {
+        self.state().orphaned = true;
+        self.inner.shared.stop.cancel();
+        let deadline = self.deadline();
+        let shared = self.inner.shared.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    shared.mark_lost("session orphaned: its lease is no longer kept alive");
+                }
+                _ = shared.lost.cancelled() => {}
+            }
+        });
+    }
+
+    fn state(&self) -> StdMutexGuard<'_, State> {
+        self.inner.shared.state()
+    }
+
+    /// Claim a lock key for this session until the returned claim is dropped.
+    ///
+    /// Waits while an earlier claim of the same key is being released; fails with
+    /// [`Error::AlreadyHeld`] while it is held or awaited.
+    pub(crate) async fn claim(&self, key: &[u8], name: &str) -> Result<OwnedClaim> {
+        self.inner.claims.claim(key, name).await?;
+        Ok(OwnedClaim {
+            session: self.clone(),
+            key: key.to_vec(),
+        })
+    }
+}
+
+impl Shared {
+    fn state(&self) -> StdMutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mark_lost(&self, reason: &str) {
+        {
+            let mut st = self.state();
+            if st.lost_reason.is_none() {
+                st.lost_reason = Some(reason.to_string());
+                tracing::info!(lease = %format_args!("{:x}", self.lease), reason, "session lost");
+            }
+        }
+        self.lost.cancel();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        shared.stop.cancel();
+        let revoke = {
+            let st = shared.state();
+            !(st.orphaned || st.closed || st.lost_reason.is_some())
+        };
+        if !revoke {
+            return;
+        }
+        shared.mark_lost("session dropped");
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = self.client.store().clone();
+            let lease = shared.lease;
+            handle.spawn(async move {
+                if let Err(e) = store.lease_revoke(lease).await {
+                    tracing::debug!(lease = %format_args!("{lease:x}"), error = %e, "revoke on drop failed; the lease will expire");
+                }
+            });
+        }
+    }
+}
+
+/// The keep-alive loop. It holds only the shared state, so dropping the session ends it.
+async fn keep_alive(shared: Arc<Shared>, store: Arc<dyn Store>, interval: Duration) {
+    let mut wait = interval;
+    loop {
+        let deadline = shared.state().deadline;
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.lost.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.poke.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        let sent = Instant::now();
+        if sent >= deadline {
+            shared.mark_lost("keep-alives were not acknowledged before the local deadline");
+            return;
+        }
+        let result = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            r = tokio::time::timeout_at(deadline, store.lease_keep_alive(shared.lease)) => r,
+        };
+        match result {
+            Ok(Ok(Some(ttl))) => {
+                shared.state().deadline = sent + ttl;
+                wait = interval;
+                tracing::trace!(deadline_in = ?ttl, "keep-alive acknowledged");
+            }
+            Ok(Ok(None)) => {
+                shared.mark_lost("lease revoked or expired");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "keep-alive failed; retrying until the local deadline");
+                wait = RETRY_BACKOFF.min(interval);
+            }
+            Err(_) => {
+                shared.mark_lost("keep-alives were not acknowledged before the local deadline");
+                return;
+            }
+        }
+    }
+}
+
+/// The keys this session has in use, so one session never uses one lock key twice at once.
+///
+/// A key is claimed from the start of an acquire until its release has completed. A claim
+/// that is being released makes a new claim of the same key wait rather than fail.
+#[derive(Default)]
+pub(crate) struct Claims {
+    map: StdMutex<HashMap<Vec<u8>, bool>>, // key -> releasing
+    released: Notify,
+}
+
+impl Claims {
+    /// Claim `key`, waiting for a release in progress. Fails if it is in use.
+    async fn claim(&self, key: &[u8], name: &str) -> Result<()> {
+        loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(key) {
+                    None => {
+                        map.insert(key.to_vec(), false);
+                        return Ok(());
+                    }
+                    Some(false) => {
+                        return Err(Error::AlreadyHeld {
+                            name: name.to_string(),
+                        })
+                    }
+                    Some(true) => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self, key: &[u8]) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.released.notify_waiters();
+    }
+
+    fn mark_releasing(&self, key: &[u8]) {
+        if let Some(v) = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(key)
+        {
+            *v = true;
+        }
+    }
+}
+
+/// A claim that holds the session alive, released on drop.
+pub(crate) struct OwnedClaim {
+    session: Session,
+    key: Vec<u8>,
+}
+
+impl OwnedClaim {
+    /// Mark the key as being released: a new claim waits instead of failing.
+    pub(crate) fn releasing(&self) {
+        self.session.inner.claims.mark_releasing(&self.key);
+    }
+}
+
+impl Drop for OwnedClaim {
+    fn drop(&mut self) {
+        self.session.inner.claims.release(&self.key);
+    }
+}
+
+impl fmt::Debug for OwnedClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedClaim")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_validation() {
+        assert!(validate_ttl(Duration::from_millis(1999)).is_err());
+        assert!(validate_ttl(Duration::ZERO).is_err());
+        assert!(validate_ttl(Duration::from_secs(9_000_000_001)).is_err());
+        assert_eq!(
+            validate_ttl(Duration::from_millis(2500)).unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            validate_ttl(Duration::from_secs(2)).unwrap(),
+            Duration::from_secs(2)
+        );
+    }
+}

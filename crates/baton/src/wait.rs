@@ -1,0 +1,171 @@
+//! Waiting for predecessors in a create-revision queue (etcd's `key.go`, done right).
+//!
+//! A waiter owns a key under a prefix, created at revision `my_rev`. It holds the queue's
+//! head when no key under the prefix has a smaller create revision. Each waiter watches only
+//! its immediate predecessor, so a release wakes exactly one waiter (no thundering herd).
+//!
+//! Two differences from Go:
+//! - the watch starts at the header revision of the read plus one, never at or behind the
+//!   store's current revision, so etcd serves it from its synced watcher group instead of
+//!   the 100 ms sweep of unsynced watchers;
+//! - every read of the predecessor also reads our own key, in one transaction, so a waiter
+//!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
+//!   instead of being told it holds the lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::names::is_member;
+use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp, Watch};
+
+/// Backoff between retries of a failed read or watch while waiting.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// What [`wait_turn`] found: our key, still ours, with no predecessor left.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    /// The store revision at which we were seen at the head.
+    pub(crate) header_revision: Revision,
+}
+
+/// One read: the last key under `prefix` created before `my_rev`, and our own key.
+pub(crate) async fn read_turn(
+    store: &Arc<dyn Store>,
+    prefix: &[u8],
+    my_key: &[u8],
+    max_create_rev: Revision,
+) -> Result<(Revision, Option<KeyValue>, Option<KeyValue>)> {
+    let txn = Txn::new().and_then([
+        TxnOp::get(
+            Range::prefix(prefix)
+                .last_created()
+                .with_max_create_revision(max_create_rev),
+        ),
+        TxnOp::get(Range::key(my_key)),
+    ]);
+    let resp = store.txn(txn).await?;
+    let mut gets = resp
+        .responses
+        .into_iter()
+        .filter_map(|r| match r {
+            crate::store::TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+    let pred = gets.next().and_then(|g| g.kvs.into_iter().next());
+    let mine = gets.next().and_then(|g| g.kvs.into_iter().next());
+    match pred {
+        // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
+        Some(kv) if !is_member(prefix, &kv.key) => {
+            let (header, pred) = scan_member(
+                store,
+                prefix,
+                SortOrder::Descending,
+                max_create_rev,
+            )
+            .await?;
+            Ok((header, pred, mine))
+        }
+        pred => Ok((resp.header_revision, pred, mine)),
+    }
+}
+
+/// The first (ascending) or last (descending) member of the queue under `prefix`, by create
+/// revision, skipping keys of nested names. Reads the whole prefix, so it is only used when
+/// the one-key read found a nested name's key.
+pub(crate) async fn scan_member(
+    store: &Arc<dyn Store>,
+    prefix: &[u8],
+    order: SortOrder,
+    max_create_rev: Revision,
+) -> Result<(Revision, Option<KeyValue>)> {
+    let resp = store
+        .range(
+            Range::prefix(prefix)
+                .sort_by(SortTarget::CreateRevision, order)
+                .with_max_create_revision(max_create_rev),
+        )
+        .await?;
+    let found = resp.kvs.into_iter().find(|kv| is_member(prefix, &kv.key));
+    Ok((resp.header_revision, found))
+}
+
+/// Wait until no key under `prefix` has a create revision below `my_rev`, checking each
+/// time that `my_key` still exists with create revision `my_rev`.
+///
+/// `predecessor_bound` is the largest create revision that counts as ahead of us (for a
+/// mutex, `my_rev - 1`; a reader passes the same bound on the writers' prefix).
+///
+/// Returns [`Error::NotHeld`] as soon as our key is gone or replaced. Retries failed reads
+/// and watches with backoff, forever: callers bound the wait with a timeout and with the
+/// session's loss.
+pub(crate) async fn wait_turn(
+    store: &Arc<dyn Store>,
+    prefix: &[u8],
+    my_key: &[u8],
+    my_rev: Revision,
+) -> Result<Turn> {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let (header, pred, mine) = match read_turn(store, prefix, my_key, my_rev - 1).await {
+            Ok(r) => r,
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(error = %e, "read while waiting failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match mine {
+            Some(kv) if kv.create_revision == my_rev => {}
+            _ => {
+                return Err(Error::NotHeld {
+                    key: String::from_utf8_lossy(my_key).into_owned(),
+                })
+            }
+        }
+        let Some(pred) = pred else {
+            return Ok(Turn {
+                header_revision: header,
+            });
+        };
+        tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
+        match wait_delete(store, &pred.key, header + 1).await {
+            Ok(()) => backoff = RETRY_MIN,
+            Err(e) if e.is_retryable() => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Wait for a delete of `key` at or after revision `from`.
+///
+/// Returns `Ok(())` when the key is deleted, and also when the watch's start was compacted:
+/// the caller then reads again, which tells whether the key is still there. A watch that
+/// ends early gives a retryable error, so the caller backs off before reading again.
+pub(crate) async fn wait_delete(store: &Arc<dyn Store>, key: &[u8], from: Revision) -> Result<()> {
+    let mut stream = store.watch(Watch::key(key).from_revision(from)).await?;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(resp) => {
+                if resp
+                    .events
+                    .iter()
+                    .any(|e| e.kind == crate::store::EventKind::Delete)
+                {
+                    return Ok(());
+                }
+            }
+            Err(Error::Compacted { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Store("watch ended unexpectedly".into()))
+}

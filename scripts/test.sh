@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install whatever is missing, then run every check and every test.
+#
+#   scripts/test.sh            everything: fmt, clippy, docs, all tests (real etcd included)
+#   scripts/test.sh -- ARGS    pass ARGS to `cargo test` (e.g. a test name filter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------------------
+need=()
+command -v protoc >/dev/null       || need+=(protobuf-compiler)
+command -v etcd >/dev/null         || need+=(etcd-server)
+command -v etcdctl >/dev/null      || need+=(etcd-client)
+command -v redis-server >/dev/null || need+=(redis-server)
+if ((${#need[@]})); then
+  step "installing ${need[*]} from Debian's packages"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+# Installing etcd-server or redis-server may start system services on the default ports;
+# the tests never use them: every test starts its own servers on free loopback ports.
+
+# --- Rust toolchain components ---------------------------------------------------------
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  if command -v rustup >/dev/null; then
+    step "installing rustfmt and clippy"
+    rustup component add rustfmt clippy
+  fi
+fi
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE=1
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+step "cargo test (unit, doc, conformance on the embedded store and real etcd)"
+if [ "${1:-}" = "--" ]; then shift; fi
+cargo test --workspace --locked "$@"
