@@ -78,6 +78,20 @@ pub enum Error {
         key: String,
     },
 
+    /// The election has no leader.
+    #[error("election {name:?} has no leader")]
+    NoLeader {
+        /// The election's name.
+        name: String,
+    },
+
+    /// We are not (or no longer) the election's leader.
+    #[error("not the leader of election {name:?}")]
+    NotLeader {
+        /// The election's name.
+        name: String,
+    },
+
     /// A watch asked for a revision that has been compacted away.
     #[error("revision {requested} is compacted (compact revision {compact_revision})")]
     Compacted {
@@ -110,7 +124,10 @@ impl Error {
     pub fn is_lost(&self) -> bool {
         matches!(
             self,
-            Error::SessionLost { .. } | Error::NotHeld { .. } | Error::LeaseNotFound(_)
+            Error::SessionLost { .. }
+                | Error::NotHeld { .. }
+                | Error::NotLeader { .. }
+                | Error::LeaseNotFound(_)
         )
     }
 

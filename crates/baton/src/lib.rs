@@ -53,15 +53,18 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 mod client;
+mod election;
 pub mod error;
 mod mutex;
 mod names;
 mod ownership;
+mod queue;
 mod session;
 pub mod store;
 mod wait;
 
 pub use client::{Client, ClientBuilder, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
 pub use mutex::{Mutex, MutexGuard};
 pub use names::MAX_NAME_LEN;

@@ -169,3 +169,18 @@ pub(crate) async fn wait_delete(store: &Arc<dyn Store>, key: &[u8], from: Revisi
     }
     Err(Error::Store("watch ended unexpectedly".into()))
 }
+
+/// The head of the queue under `prefix` (the first member by create revision), with the
+/// header revision of the read.
+pub(crate) async fn head_member(
+    store: &Arc<dyn Store>,
+    prefix: &[u8],
+) -> Result<(Revision, Option<KeyValue>)> {
+    let resp = store.range(Range::prefix(prefix).first_created()).await?;
+    match resp.kvs.into_iter().next() {
+        Some(kv) if !is_member(prefix, &kv.key) => {
+            scan_member(store, prefix, SortOrder::Ascending, 0).await
+        }
+        head => Ok((resp.header_revision, head)),
+    }
+}

@@ -1,27 +1,1688 @@
-//! MemStore: the embedded store (being written).
-#![allow(missing_docs, unreachable_pub, clippy::unwrap_used, clippy::panic)]
-use super::*;
-use async_trait::async_trait;
+//! [`MemStore`]: the embedded, in-process store behind `mem://` URLs.
+//!
+//! It is a faithful single-node implementation of the [`Store`] semantics, modelled on
+//! etcd 3.4, not a mock:
+//!
+//! - one global revision, 1 for an empty store; every write transaction that changes
+//!   something bumps it by exactly one, and all of its writes share that revision;
+//! - each key carries its `create_revision`, `mod_revision`, `version` and `lease`;
+//! - MVCC history: every put and delete is logged with its revision, so a watch from an
+//!   old revision replays everything since then and continues live, with no gap and no
+//!   duplicate. [`Store::compact`] discards the history before a revision. Like etcd
+//!   without auto-compaction, the history grows until it is compacted;
+//! - leases expire on [`tokio::time`], so tests with a paused clock
+//!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
+//!   A lease past its deadline is also expired by the next operation on the store, so
+//!   the store stays correct even where no lease timer task can run;
+//! - the request checks of etcd's server: empty keys, requests over 1.5 MiB, more than
+//!   128 operations in one branch of a transaction, and a key written twice (or written
+//!   and deleted) in one branch are refused before anything is applied.
+//!
+//! Every operation takes one mutex once, so all operations are linearizable. Watchers
+//! are fed through unbounded channels: a slow watcher never blocks a writer.
+//!
+//! # Examples
+//!
+//! ```
+//! use baton::store::mem::MemStore;
+//! use baton::store::{Range, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> baton::Result<()> {
+//! let store = MemStore::new();
+//! let rev = store.put(b"greeting", b"hello", 0).await?;
+//! assert_eq!(rev, 2); // an empty store is at revision 1
+//! let got = store.range(Range::key("greeting")).await?;
+//! assert_eq!(got.kvs[0].value, b"hello");
+//! # Ok(())
+//! # }
+//! ```
 
-#[derive(Clone, Debug, Default)]
-pub struct MemStore {}
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{
+    Compare, CompareOp, CompareTarget, Event, EventKind, KeyRange, KeyValue, LeaseGrant, LeaseId,
+    Range, RangeResponse, Revision, SortOrder, SortTarget, Store, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, Watch, WatchResponse, WatchStream,
+};
+use crate::error::{Error, Result};
+
+/// The largest request etcd accepts by default (`--max-request-bytes`): 1.5 MiB.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024 * 3 / 2;
+
+/// The most operations etcd accepts in one branch of a transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+/// The shortest lease etcd grants on one node with default timing (1.5 s, rounded up).
+const MIN_LEASE_TTL_SECS: u64 = 2;
+
+/// The longest lease etcd grants.
+const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+
+/// The embedded, in-process store: etcd v3's data model on one node.
+///
+/// Clones share the same store. [`MemStore::new`] makes a private store;
+/// [`MemStore::shared`] returns the process-wide store of a name (what `mem://NAME` uses).
+///
+/// See the [module documentation](self) for the semantics.
+#[derive(Clone)]
+pub struct MemStore {
+    inner: Arc<Inner>,
+}
 
 impl MemStore {
-    pub fn new() -> Self { MemStore {} }
-    pub fn shared(_name: &str) -> Self { MemStore {} }
+    /// A new, empty, independent store at revision 1.
+    pub fn new() -> MemStore {
+        MemStore {
+            inner: Arc::new(Inner::new(None)),
+        }
+    }
+
+    /// The process-wide store called `name`: every call with the same name, in any
+    /// thread, returns a handle to the same store. It lives until the process exits.
+    ///
+    /// This is the store behind the URL `mem://NAME` (`mem://` uses the empty name).
+    pub fn shared(name: &str) -> MemStore {
+        static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<Inner>>>> = OnceLock::new();
+        let registry = REGISTRY.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = registry
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Inner::new(Some(name.to_owned()))))
+            .clone();
+        MemStore { inner }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.lock()
+    }
+
+    /// Locks the state and expires every lease past its deadline first, so that every
+    /// operation observes expiries that are due, timer task or not.
+    fn lock_current(&self) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        state.expire_due(Instant::now());
+        state
+    }
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new()
+    }
+}
+
+impl fmt::Debug for MemStore {
+    // Counts only: never keys' values.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("MemStore")
+            .field("name", &self.inner.name)
+            .field("revision", &state.revision)
+            .field("compact_revision", &state.compact_revision)
+            .field("keys", &state.kvs.len())
+            .field("history_events", &state.history.len())
+            .field("leases", &state.leases.len())
+            .field("watchers", &state.watchers.len())
+            .finish()
+    }
+}
+
+struct Inner {
+    /// The name given to [`MemStore::shared`], if any.
+    name: Option<String>,
+    state: Mutex<State>,
+}
+
+impl Inner {
+    fn new(name: Option<String>) -> Inner {
+        // Lease ids look like etcd's: positive, 16 hex digits, random per store.
+        let base = rand::thread_rng().gen_range(0x1000_0000_0000_0000_i64..0x7000_0000_0000_0000);
+        Inner {
+            name,
+            state: Mutex::new(State {
+                revision: 1,
+                compact_revision: 0,
+                kvs: BTreeMap::new(),
+                history: VecDeque::new(),
+                leases: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                next_lease_id: base,
+                watchers: Vec::new(),
+                next_watcher_id: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written in a way
+        // that matters more than losing the store, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One logged change. The revision is `kv.mod_revision` (for a delete too).
+#[derive(Clone)]
+struct HistEvent {
+    kind: EventKind,
+    kv: Arc<KeyValue>,
+    prev: Option<Arc<KeyValue>>,
+}
+
+impl HistEvent {
+    fn revision(&self) -> Revision {
+        self.kv.mod_revision
+    }
+
+    fn to_event(&self, with_prev: bool) -> Event {
+        Event {
+            kind: self.kind,
+            kv: KeyValue::clone(&self.kv),
+            prev_kv: if with_prev {
+                self.prev.as_deref().cloned()
+            } else {
+                None
+            },
+        }
+    }
+}
+
+struct Lease {
+    /// The granted TTL (whole seconds).
+    ttl: Duration,
+    deadline: Instant,
+    /// The keys bound to this lease.
+    keys: BTreeSet<Vec<u8>>,
+}
+
+struct Watcher {
+    id: u64,
+    keys: KeyRange,
+    /// Deliver only events at or after this revision.
+    min_revision: Revision,
+    prev_kv: bool,
+    tx: mpsc::UnboundedSender<WatchResponse>,
+}
+
+struct State {
+    revision: Revision,
+    /// History before this revision is gone; 0 if never compacted.
+    compact_revision: Revision,
+    kvs: BTreeMap<Vec<u8>, Arc<KeyValue>>,
+    /// Every change since the compact revision, in revision order.
+    history: VecDeque<HistEvent>,
+    leases: HashMap<LeaseId, Lease>,
+    /// The leases ordered by deadline, for cheap expiry checks.
+    deadlines: BTreeSet<(Instant, LeaseId)>,
+    next_lease_id: LeaseId,
+    watchers: Vec<Watcher>,
+    next_watcher_id: u64,
+}
+
+impl State {
+    // ---- reads ----
+
+    fn range(&self, range: &Range, header_revision: Revision) -> RangeResponse {
+        let max_create = range.max_create_revision;
+        let max_mod = range.max_mod_revision;
+        let keep = |kv: &&Arc<KeyValue>| {
+            (max_create <= 0 || kv.create_revision <= max_create)
+                && (max_mod <= 0 || kv.mod_revision <= max_mod)
+        };
+        let limit = usize::try_from(range.limit).ok().filter(|l| *l > 0);
+
+        let mut hits: Vec<&Arc<KeyValue>> = match (&range.keys, range.sort, limit) {
+            (KeyRange::Key(key), _, _) => self
+                .kvs
+                .get(key.as_slice())
+                .filter(keep)
+                .into_iter()
+                .collect(),
+            // Key order, limited: stop after one more than the limit (for `more`).
+            (KeyRange::Prefix(prefix), None, Some(limit)) => self
+                .prefix_iter(prefix)
+                .filter(keep)
+                .take(limit.saturating_add(1))
+                .collect(),
+            (KeyRange::Prefix(prefix), _, _) => self.prefix_iter(prefix).filter(keep).collect(),
+        };
+
+        if let Some((target, order)) = range.sort {
+            let cmp = |a: &&Arc<KeyValue>, b: &&Arc<KeyValue>| {
+                let ord = match target {
+                    SortTarget::Key => a.key.cmp(&b.key),
+                    SortTarget::CreateRevision => a.create_revision.cmp(&b.create_revision),
+                    SortTarget::ModRevision => a.mod_revision.cmp(&b.mod_revision),
+                };
+                match order {
+                    SortOrder::Ascending => ord,
+                    SortOrder::Descending => ord.reverse(),
+                }
+            };
+            if limit == Some(1) && hits.len() > 1 {
+                // The common "first/last created" read: one pass, no sort. `min_by`
+                // keeps the first of equal elements, as the stable sort would.
+                let best = hits.iter().copied().min_by(cmp);
+                return RangeResponse {
+                    header_revision,
+                    kvs: best.map(|kv| KeyValue::clone(kv)).into_iter().collect(),
+                    more: true,
+                };
+            }
+            hits.sort_by(cmp);
+        }
+
+        let more = limit.is_some_and(|l| hits.len() > l);
+        if let Some(l) = limit {
+            hits.truncate(l);
+        }
+        RangeResponse {
+            header_revision,
+            kvs: hits.into_iter().map(|kv| KeyValue::clone(kv)).collect(),
+            more,
+        }
+    }
+
+    fn prefix_iter<'a>(&'a self, prefix: &'a [u8]) -> impl Iterator<Item = &'a Arc<KeyValue>> + 'a {
+        self.kvs
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+    }
+
+    fn keys_in(&self, keys: &KeyRange) -> Vec<Vec<u8>> {
+        match keys {
+            KeyRange::Key(key) => self
+                .kvs
+                .get_key_value(key.as_slice())
+                .map(|(k, _)| k.clone())
+                .into_iter()
+                .collect(),
+            KeyRange::Prefix(prefix) => self.prefix_iter(prefix).map(|kv| kv.key.clone()).collect(),
+        }
+    }
+
+    fn compare_holds(&self, compare: &Compare) -> bool {
+        let kv = self.kvs.get(compare.key.as_slice());
+        let field = |f: fn(&KeyValue) -> i64| kv.map_or(0, |kv| f(kv));
+        let ord = match &compare.target {
+            // etcd: a value compare on a missing key always fails.
+            CompareTarget::Value(value) => match kv {
+                Some(kv) => kv.value.as_slice().cmp(value.as_slice()),
+                None => return false,
+            },
+            CompareTarget::CreateRevision(r) => field(|kv| kv.create_revision).cmp(r),
+            CompareTarget::ModRevision(r) => field(|kv| kv.mod_revision).cmp(r),
+            CompareTarget::Version(v) => field(|kv| kv.version).cmp(v),
+            CompareTarget::Lease(l) => field(|kv| kv.lease).cmp(l),
+        };
+        match compare.op {
+            CompareOp::Equal => ord.is_eq(),
+            CompareOp::NotEqual => ord.is_ne(),
+            CompareOp::Greater => ord.is_gt(),
+            CompareOp::Less => ord.is_lt(),
+        }
+    }
+
+    // ---- writes ----
+    //
+    // `apply_*` change the key space at the pending revision `rev` (current + 1) and log
+    // their events into `events`; `commit` then makes the revision current, feeds the
+    // watchers and appends the events to the history. Nothing is committed (and the
+    // revision does not move) if nothing changed.
+
+    fn check_lease(&self, lease: LeaseId) -> Result<()> {
+        if lease == 0 || self.leases.contains_key(&lease) {
+            Ok(())
+        } else {
+            Err(Error::LeaseNotFound(lease))
+        }
+    }
+
+    fn apply_put(
+        &mut self,
+        rev: Revision,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: LeaseId,
+        events: &mut Vec<HistEvent>,
+    ) {
+        let prev = self.kvs.get(key.as_slice()).cloned();
+        let (create_revision, version, old_lease) = match &prev {
+            Some(p) => (p.create_revision, p.version.saturating_add(1), p.lease),
+            None => (rev, 1, 0),
+        };
+        if old_lease != lease {
+            if let Some(old) = self.leases.get_mut(&old_lease) {
+                old.keys.remove(key.as_slice());
+            }
+            if let Some(new) = self.leases.get_mut(&lease) {
+                new.keys.insert(key.clone());
+            }
+        }
+        let kv = Arc::new(KeyValue {
+            key: key.clone(),
+            value,
+            create_revision,
+            mod_revision: rev,
+            version,
+            lease,
+        });
+        self.kvs.insert(key, Arc::clone(&kv));
+        events.push(HistEvent {
+            kind: EventKind::Put,
+            kv,
+            prev,
+        });
+    }
+
+    fn apply_delete_key(&mut self, rev: Revision, key: &[u8], events: &mut Vec<HistEvent>) -> bool {
+        let Some(prev) = self.kvs.remove(key) else {
+            return false;
+        };
+        if prev.lease != 0 {
+            if let Some(lease) = self.leases.get_mut(&prev.lease) {
+                lease.keys.remove(key);
+            }
+        }
+        events.push(HistEvent {
+            kind: EventKind::Delete,
+            kv: Arc::new(KeyValue {
+                key: key.to_vec(),
+                mod_revision: rev,
+                ..KeyValue::default()
+            }),
+            prev: Some(prev),
+        });
+        true
+    }
+
+    fn apply_delete(&mut self, rev: Revision, keys: &KeyRange, events: &mut Vec<HistEvent>) -> i64 {
+        let mut deleted = 0;
+        for key in self.keys_in(keys) {
+            if self.apply_delete_key(rev, &key, events) {
+                deleted += 1;
+            }
+        }
+        deleted
+    }
+
+    fn commit(&mut self, rev: Revision, events: Vec<HistEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.revision = rev;
+        self.notify(rev, &events);
+        self.history.extend(events);
+    }
+
+    fn notify(&mut self, rev: Revision, events: &[HistEvent]) {
+        self.watchers.retain(|w| {
+            if rev < w.min_revision {
+                return !w.tx.is_closed();
+            }
+            let batch: Vec<Event> = events
+                .iter()
+                .filter(|e| w.keys.contains(&e.kv.key))
+                .map(|e| e.to_event(w.prev_kv))
+                .collect();
+            if batch.is_empty() {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(WatchResponse {
+                header_revision: rev,
+                events: batch,
+            })
+            .is_ok()
+        });
+    }
+
+    fn txn(&mut self, txn: Txn) -> Result<TxnResponse> {
+        let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
+        let ops = if succeeded { txn.success } else { txn.failure };
+        // Like etcd, check the leases of the branch taken before applying any of it.
+        for op in &ops {
+            if let TxnOp::Put { lease, .. } = op {
+                self.check_lease(*lease)?;
+            }
+        }
+        let rev = self.revision + 1;
+        let mut events = Vec::new();
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let response = match op {
+                TxnOp::Put { key, value, lease } => {
+                    self.apply_put(rev, key, value, lease, &mut events);
+                    TxnOpResponse::Put
+                }
+                // A read sees this transaction's earlier writes, at the pending revision.
+                TxnOp::Get(range) => {
+                    let header = if events.is_empty() {
+                        self.revision
+                    } else {
+                        rev
+                    };
+                    TxnOpResponse::Get(self.range(&range, header))
+                }
+                TxnOp::Delete(keys) => TxnOpResponse::Delete {
+                    deleted: self.apply_delete(rev, &keys, &mut events),
+                },
+            };
+            responses.push(response);
+        }
+        self.commit(rev, events);
+        Ok(TxnResponse {
+            succeeded,
+            header_revision: self.revision,
+            responses,
+        })
+    }
+
+    // ---- leases ----
+
+    /// Removes a lease and deletes its keys in one revision. False if it did not exist.
+    fn revoke(&mut self, id: LeaseId) -> bool {
+        let Some(lease) = self.leases.remove(&id) else {
+            return false;
+        };
+        self.deadlines.remove(&(lease.deadline, id));
+        let rev = self.revision + 1;
+        let mut events = Vec::with_capacity(lease.keys.len());
+        // In key order, as etcd does.
+        for key in &lease.keys {
+            self.apply_delete_key(rev, key, &mut events);
+        }
+        self.commit(rev, events);
+        true
+    }
+
+    /// Revokes every lease whose deadline is at or before `now`, earliest first, each in
+    /// its own revision.
+    fn expire_due(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if !self.revoke(id) {
+                // Cannot happen (the index mirrors `leases`), but never loop forever.
+                self.deadlines.remove(&(deadline, id));
+            }
+        }
+    }
+
+    fn lease_deadline(&self, id: LeaseId) -> Option<Instant> {
+        self.leases.get(&id).map(|l| l.deadline)
+    }
+}
+
+/// Checks that the requests of etcd's server refuses before applying anything.
+fn validate_txn(txn: &Txn) -> Result<()> {
+    if txn
+        .compares
+        .len()
+        .max(txn.success.len())
+        .max(txn.failure.len())
+        > MAX_TXN_OPS
+    {
+        return Err(Error::invalid(format!(
+            "too many operations in txn request (limit {MAX_TXN_OPS})"
+        )));
+    }
+    for ops in [&txn.success, &txn.failure] {
+        validate_branch(ops)?;
+    }
+    let compares = txn.compares.iter().map(|c| {
+        c.key.len()
+            + match &c.target {
+                CompareTarget::Value(v) => v.len(),
+                _ => 0,
+            }
+    });
+    let ops = txn.success.iter().chain(&txn.failure).map(|op| match op {
+        TxnOp::Put { key, value, .. } => key.len().saturating_add(value.len()),
+        TxnOp::Get(range) => range.keys.bytes().len(),
+        TxnOp::Delete(keys) => keys.bytes().len(),
+    });
+    check_size(compares.chain(ops).fold(0, usize::saturating_add))
+}
+
+/// Empty keys, and (like etcd) a key put twice or put and deleted in one branch.
+fn validate_branch(ops: &[TxnOp]) -> Result<()> {
+    let mut puts: HashSet<&[u8]> = HashSet::new();
+    let mut deletes: Vec<&KeyRange> = Vec::new();
+    for op in ops {
+        match op {
+            TxnOp::Put { key, .. } => {
+                check_key(key)?;
+                if !puts.insert(key) {
+                    return Err(duplicate_key());
+                }
+            }
+            TxnOp::Get(range) => check_key_range(&range.keys)?,
+            TxnOp::Delete(keys) => {
+                check_key_range(keys)?;
+                deletes.push(keys);
+            }
+        }
+    }
+    if puts
+        .iter()
+        .any(|key| deletes.iter().any(|d| d.contains(key)))
+    {
+        return Err(duplicate_key());
+    }
+    Ok(())
+}
+
+fn duplicate_key() -> Error {
+    Error::invalid("duplicate key given in txn request")
+}
+
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        Err(Error::invalid("key is empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_key_range(keys: &KeyRange) -> Result<()> {
+    match keys {
+        KeyRange::Key(key) => check_key(key),
+        // An empty prefix means every key.
+        KeyRange::Prefix(_) => Ok(()),
+    }
+}
+
+fn check_size(size: usize) -> Result<()> {
+    if size > MAX_REQUEST_BYTES {
+        Err(Error::invalid(format!(
+            "request is too large: {size} bytes (limit 1.5 MiB)"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps until the lease's deadline, re-checks it (keep-alives move it) and expires it.
+/// Holds only a weak reference, so dropping the store ends the task at its next wake-up.
+async fn lease_timer(inner: Weak<Inner>, id: LeaseId) {
+    loop {
+        let deadline = {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let mut state = inner.lock();
+            state.expire_due(Instant::now());
+            match state.lease_deadline(id) {
+                Some(deadline) => deadline,
+                None => return,
+            }
+        };
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// The stream returned by [`MemStore::watch`]. Dropping it unregisters the watcher.
+struct MemWatchStream {
+    rx: mpsc::UnboundedReceiver<WatchResponse>,
+    id: u64,
+    inner: Weak<Inner>,
+}
+
+impl Stream for MemWatchStream {
+    type Item = Result<WatchResponse>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|r| r.map(Ok))
+    }
+}
+
+impl Drop for MemWatchStream {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let id = self.id;
+            inner.lock().watchers.retain(|w| w.id != id);
+        }
+    }
 }
 
 #[async_trait]
 impl Store for MemStore {
-    fn backend(&self) -> &'static str { "mem" }
-    async fn range(&self, _range: Range) -> Result<RangeResponse> { todo!() }
-    async fn put(&self, _key: &[u8], _value: &[u8], _lease: LeaseId) -> Result<Revision> { todo!() }
-    async fn delete(&self, _keys: KeyRange) -> Result<(i64, Revision)> { todo!() }
-    async fn txn(&self, _txn: Txn) -> Result<TxnResponse> { todo!() }
-    async fn lease_grant(&self, _ttl: Duration) -> Result<LeaseGrant> { todo!() }
-    async fn lease_keep_alive(&self, _id: LeaseId) -> Result<Option<Duration>> { todo!() }
-    async fn lease_revoke(&self, _id: LeaseId) -> Result<()> { todo!() }
-    async fn lease_time_to_live(&self, _id: LeaseId) -> Result<Option<Duration>> { todo!() }
-    async fn watch(&self, _watch: Watch) -> Result<WatchStream> { todo!() }
-    async fn compact(&self, _revision: Revision) -> Result<()> { todo!() }
+    fn backend(&self) -> &'static str {
+        "mem"
+    }
+
+    async fn range(&self, range: Range) -> Result<RangeResponse> {
+        check_key_range(&range.keys)?;
+        let state = self.lock_current();
+        Ok(state.range(&range, state.revision))
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        check_key(key)?;
+        check_size(key.len().saturating_add(value.len()))?;
+        let mut state = self.lock_current();
+        state.check_lease(lease)?;
+        let rev = state.revision + 1;
+        let mut events = Vec::with_capacity(1);
+        state.apply_put(rev, key.to_vec(), value.to_vec(), lease, &mut events);
+        state.commit(rev, events);
+        Ok(rev)
+    }
+
+    async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        check_key_range(&keys)?;
+        let mut state = self.lock_current();
+        let rev = state.revision + 1;
+        let mut events = Vec::new();
+        let deleted = state.apply_delete(rev, &keys, &mut events);
+        state.commit(rev, events);
+        Ok((deleted, state.revision))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        validate_txn(&txn)?;
+        self.lock_current().txn(txn)
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        let secs = ttl
+            .as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0));
+        if secs > MAX_LEASE_TTL_SECS {
+            return Err(Error::invalid(format!(
+                "lease TTL is too large: {secs} s (limit {MAX_LEASE_TTL_SECS} s)"
+            )));
+        }
+        let ttl = Duration::from_secs(secs.max(MIN_LEASE_TTL_SECS));
+        let id = {
+            let mut state = self.lock_current();
+            let mut id = state.next_lease_id;
+            while id <= 0 || state.leases.contains_key(&id) {
+                id = id.checked_add(1).unwrap_or(1);
+            }
+            state.next_lease_id = id.checked_add(1).unwrap_or(1);
+            let now = Instant::now();
+            let deadline = now
+                .checked_add(ttl)
+                .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+                .unwrap_or(now);
+            state.leases.insert(
+                id,
+                Lease {
+                    ttl,
+                    deadline,
+                    keys: BTreeSet::new(),
+                },
+            );
+            state.deadlines.insert((deadline, id));
+            id
+        };
+        // Without a Tokio runtime there is no timer; the lease then expires at the next
+        // operation on the store after its deadline.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(lease_timer(Arc::downgrade(&self.inner), id));
+        }
+        Ok(LeaseGrant { id, ttl })
+    }
+
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
+        let mut state = self.lock_current();
+        let state = &mut *state;
+        let Some(lease) = state.leases.get_mut(&id) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let deadline = now.checked_add(lease.ttl).unwrap_or(lease.deadline);
+        state.deadlines.remove(&(lease.deadline, id));
+        state.deadlines.insert((deadline, id));
+        lease.deadline = deadline;
+        Ok(Some(lease.ttl))
+    }
+
+    async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
+        if self.lock_current().revoke(id) {
+            Ok(())
+        } else {
+            Err(Error::LeaseNotFound(id))
+        }
+    }
+
+    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
+        let state = self.lock_current();
+        let now = Instant::now();
+        Ok(state
+            .lease_deadline(id)
+            .map(|deadline| deadline.saturating_duration_since(now)))
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        let mut state = self.lock_current();
+        let requested = watch.start_revision;
+        if requested > 0 && requested < state.compact_revision {
+            let compact_revision = state.compact_revision;
+            return Ok(futures::stream::once(async move {
+                Err(Error::Compacted {
+                    requested,
+                    compact_revision,
+                })
+            })
+            .boxed());
+        }
+        let min_revision = if requested > 0 {
+            requested
+        } else {
+            state.revision + 1
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+
+        // Replay, then register, under the same lock: no gap, no duplicate.
+        let start = state
+            .history
+            .partition_point(|e| e.revision() < min_revision);
+        let mut batch: Option<WatchResponse> = None;
+        for e in state.history.range(start..) {
+            if !watch.keys.contains(&e.kv.key) {
+                continue;
+            }
+            let event = e.to_event(watch.prev_kv);
+            match &mut batch {
+                Some(b) if b.header_revision == e.revision() => b.events.push(event),
+                _ => {
+                    if let Some(done) = batch.take() {
+                        let _ = tx.send(done);
+                    }
+                    batch = Some(WatchResponse {
+                        header_revision: e.revision(),
+                        events: vec![event],
+                    });
+                }
+            }
+        }
+        if let Some(done) = batch {
+            let _ = tx.send(done);
+        }
+
+        let id = state.next_watcher_id;
+        state.next_watcher_id += 1;
+        state.watchers.push(Watcher {
+            id,
+            keys: watch.keys,
+            min_revision,
+            prev_kv: watch.prev_kv,
+            tx,
+        });
+        drop(state);
+        Ok(MemWatchStream {
+            rx,
+            id,
+            inner: Arc::downgrade(&self.inner),
+        }
+        .boxed())
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let mut state = self.lock_current();
+        if revision > state.revision {
+            return Err(Error::invalid(format!(
+                "required revision is a future revision: {revision} (current revision {})",
+                state.revision
+            )));
+        }
+        if revision <= state.compact_revision {
+            return Err(Error::invalid(format!(
+                "required revision has been compacted: {revision} (compact revision {})",
+                state.compact_revision
+            )));
+        }
+        state.compact_revision = revision;
+        let keep_from = state.history.partition_point(|e| e.revision() < revision);
+        state.history.drain(..keep_from);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    async fn get(store: &MemStore, key: &str) -> Option<KeyValue> {
+        store.range(Range::key(key)).await.unwrap().kvs.pop()
+    }
+
+    async fn next(stream: &mut WatchStream) -> WatchResponse {
+        tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("watch timed out")
+            .expect("watch ended")
+            .unwrap()
+    }
+
+    fn assert_idle(stream: &mut WatchStream) {
+        let pending = stream.next().now_or_never();
+        assert!(pending.is_none(), "unexpected watch item: {pending:?}");
+    }
+
+    fn keys(kvs: &[KeyValue]) -> Vec<String> {
+        kvs.iter().map(|kv| kv.key_str().into_owned()).collect()
+    }
+
+    fn revisions(resp: &WatchResponse) -> Vec<Revision> {
+        resp.events.iter().map(|e| e.kv.mod_revision).collect()
+    }
+
+    #[tokio::test]
+    async fn revision_bumps_once_per_changing_write() {
+        let s = MemStore::new();
+        assert_eq!(s.range(Range::prefix("")).await.unwrap().header_revision, 1);
+        assert_eq!(s.put(b"a", b"1", 0).await.unwrap(), 2);
+        assert_eq!(s.put(b"b", b"2", 0).await.unwrap(), 3);
+        // Deleting nothing does not bump.
+        assert_eq!(s.delete(KeyRange::key("zzz")).await.unwrap(), (0, 3));
+        assert_eq!(s.delete(KeyRange::key("a")).await.unwrap(), (1, 4));
+        // Read-only txn.
+        let r = s
+            .txn(Txn::new().and_then([TxnOp::get(Range::key("b"))]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 4);
+        // A txn whose only write deletes nothing.
+        let r = s
+            .txn(Txn::new().and_then([TxnOp::delete("nope")]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 4);
+        assert_eq!(r.responses, vec![TxnOpResponse::Delete { deleted: 0 }]);
+        // All writes of a txn share one revision.
+        let r = s
+            .txn(Txn::new().and_then([
+                TxnOp::put("x", "1", 0),
+                TxnOp::put("y", "2", 0),
+                TxnOp::delete("b"),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 5);
+        assert_eq!(get(&s, "x").await.unwrap().mod_revision, 5);
+        assert_eq!(get(&s, "y").await.unwrap().create_revision, 5);
+        assert!(get(&s, "b").await.is_none());
+        // Prefix delete: one revision for all keys.
+        assert_eq!(s.delete(KeyRange::prefix("")).await.unwrap(), (2, 6));
+        assert_eq!(s.range(Range::prefix("")).await.unwrap().kvs, vec![]);
+    }
+
+    #[tokio::test]
+    async fn create_mod_version_semantics() {
+        let s = MemStore::new();
+        s.put(b"k", b"v1", 0).await.unwrap();
+        let kv = get(&s, "k").await.unwrap();
+        assert_eq!(
+            (kv.create_revision, kv.mod_revision, kv.version, kv.lease),
+            (2, 2, 1, 0)
+        );
+        assert_eq!(kv.value, b"v1");
+        s.put(b"other", b"", 0).await.unwrap();
+        s.put(b"k", b"v2", 0).await.unwrap();
+        let kv = get(&s, "k").await.unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 4, 2));
+        s.delete(KeyRange::key("k")).await.unwrap();
+        s.put(b"k", b"v3", 0).await.unwrap();
+        let kv = get(&s, "k").await.unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (6, 6, 1));
+    }
+
+    #[tokio::test]
+    async fn range_sort_limit_and_filters() {
+        let s = MemStore::new();
+        s.put(b"p/b", b"", 0).await.unwrap(); // 2
+        s.put(b"p/a", b"", 0).await.unwrap(); // 3
+        s.put(b"q", b"", 0).await.unwrap(); // 4
+        s.put(b"p/c", b"", 0).await.unwrap(); // 5
+        s.put(b"p/b", b"again", 0).await.unwrap(); // 6: p/b mod 6, create 2
+        s.put(b"p", b"", 0).await.unwrap(); // 7: "p" is under prefix "p" but not "p/"
+
+        let r = s.range(Range::prefix("p/")).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a", "p/b", "p/c"]);
+        assert!(!r.more);
+        assert_eq!(r.header_revision, 7);
+        assert_eq!(
+            keys(&s.range(Range::prefix("")).await.unwrap().kvs),
+            ["p", "p/a", "p/b", "p/c", "q"]
+        );
+        assert_eq!(
+            keys(&s.range(Range::prefix("p")).await.unwrap().kvs),
+            ["p", "p/a", "p/b", "p/c"]
+        );
+        assert_eq!(
+            keys(&s.range(Range::prefix("r")).await.unwrap().kvs),
+            Vec::<String>::new()
+        );
+
+        // Key order with a limit.
+        let r = s.range(Range::prefix("p/").with_limit(2)).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a", "p/b"]);
+        assert!(r.more);
+        let r = s.range(Range::prefix("p/").with_limit(3)).await.unwrap();
+        assert_eq!(r.kvs.len(), 3);
+        assert!(!r.more);
+
+        let sorted = |t, o| Range::prefix("p/").sort_by(t, o);
+        let r = s
+            .range(sorted(SortTarget::CreateRevision, SortOrder::Ascending))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/b", "p/a", "p/c"]);
+        let r = s
+            .range(sorted(SortTarget::CreateRevision, SortOrder::Descending))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/c", "p/a", "p/b"]);
+        let r = s
+            .range(sorted(SortTarget::ModRevision, SortOrder::Ascending))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a", "p/c", "p/b"]);
+        let r = s
+            .range(sorted(SortTarget::Key, SortOrder::Descending))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/c", "p/b", "p/a"]);
+        let r = s
+            .range(sorted(SortTarget::ModRevision, SortOrder::Descending).with_limit(2))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/b", "p/c"]);
+        assert!(r.more);
+
+        let r = s.range(Range::prefix("p/").first_created()).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["p/b"]);
+        assert!(r.more);
+        let r = s.range(Range::prefix("p/").last_created()).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["p/c"]);
+        assert!(r.more);
+        let r = s.range(Range::key("p/c").first_created()).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["p/c"]);
+        assert!(!r.more);
+
+        // Filters apply before sort and limit (the wait-for-predecessor read).
+        let r = s
+            .range(
+                Range::prefix("p/")
+                    .with_max_create_revision(4)
+                    .last_created(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a"]);
+        assert!(r.more);
+        let r = s
+            .range(
+                Range::prefix("p/")
+                    .with_max_create_revision(2)
+                    .last_created(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/b"]);
+        assert!(!r.more);
+        let r = s
+            .range(Range::prefix("p/").with_max_create_revision(1))
+            .await
+            .unwrap();
+        assert!(r.kvs.is_empty());
+        let r = s
+            .range(Range::prefix("p/").with_max_mod_revision(5))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a", "p/c"]);
+        let r = s
+            .range(Range::prefix("p/").with_max_mod_revision(5).with_limit(1))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["p/a"]);
+        assert!(r.more);
+    }
+
+    #[tokio::test]
+    async fn ties_in_sort_keep_key_order() {
+        let s = MemStore::new();
+        s.txn(Txn::new().and_then([TxnOp::put("t/b", "", 0), TxnOp::put("t/a", "", 0)]))
+            .await
+            .unwrap();
+        let r = s.range(Range::prefix("t/").first_created()).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["t/a"]);
+        let r = s.range(Range::prefix("t/").last_created()).await.unwrap();
+        assert_eq!(keys(&r.kvs), ["t/a"]);
+    }
+
+    #[tokio::test]
+    async fn txn_compares() {
+        let s = MemStore::new();
+        let check = |c: Compare| {
+            let s = s.clone();
+            async move { s.txn(Txn::new().when([c])).await.unwrap().succeeded }
+        };
+        // Missing key: numeric targets compare against 0; value compares fail.
+        assert!(check(Compare::create_revision("m", CompareOp::Equal, 0)).await);
+        assert!(check(Compare::mod_revision("m", CompareOp::Equal, 0)).await);
+        assert!(check(Compare::version("m", CompareOp::Less, 1)).await);
+        assert!(check(Compare::lease("m", CompareOp::Equal, 0)).await);
+        assert!(!check(Compare::value("m", CompareOp::Equal, "")).await);
+        assert!(!check(Compare::value("m", CompareOp::NotEqual, "x")).await);
+
+        s.put(b"k", b"b", 0).await.unwrap(); // 2
+        s.put(b"k", b"b", 0).await.unwrap(); // 3
+        assert!(check(Compare::create_revision("k", CompareOp::Equal, 2)).await);
+        assert!(check(Compare::create_revision("k", CompareOp::NotEqual, 0)).await);
+        assert!(!check(Compare::create_revision("k", CompareOp::Equal, 0)).await);
+        assert!(check(Compare::mod_revision("k", CompareOp::Greater, 2)).await);
+        assert!(!check(Compare::mod_revision("k", CompareOp::Less, 3)).await);
+        assert!(check(Compare::version("k", CompareOp::Equal, 2)).await);
+        assert!(check(Compare::value("k", CompareOp::Equal, "b")).await);
+        assert!(check(Compare::value("k", CompareOp::Greater, "a")).await);
+        assert!(check(Compare::value("k", CompareOp::Less, "ba")).await);
+        assert!(check(Compare::value("k", CompareOp::NotEqual, "c")).await);
+        assert!(check(Compare::lease("k", CompareOp::Equal, 0)).await);
+
+        // All compares must hold; the failure branch runs otherwise.
+        let r = s
+            .txn(
+                Txn::new()
+                    .when([
+                        Compare::version("k", CompareOp::Equal, 2),
+                        Compare::value("k", CompareOp::Equal, "nope"),
+                    ])
+                    .and_then([TxnOp::put("yes", "", 0)])
+                    .or_else([TxnOp::put("no", "", 0), TxnOp::get(Range::key("k"))]),
+            )
+            .await
+            .unwrap();
+        assert!(!r.succeeded);
+        assert_eq!(r.header_revision, 4);
+        assert_eq!(r.responses.len(), 2);
+        assert_eq!(r.responses[0], TxnOpResponse::Put);
+        assert_eq!(keys(&r.responses[1].as_get().unwrap().kvs), ["k"]);
+        assert!(get(&s, "yes").await.is_none());
+        assert!(get(&s, "no").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn mutex_acquire_txn_shape() {
+        // The lock protocol: put-if-absent plus the first-created read, in one txn.
+        let s = MemStore::new();
+        let acquire = |key: &'static str| {
+            let s = s.clone();
+            async move {
+                s.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                        .and_then([
+                            TxnOp::put(key, "", 0),
+                            TxnOp::get(Range::prefix("lock/").first_created()),
+                        ])
+                        .or_else([
+                            TxnOp::get(Range::key(key)),
+                            TxnOp::get(Range::prefix("lock/").first_created()),
+                        ]),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let a = acquire("lock/a").await;
+        assert!(a.succeeded);
+        assert_eq!(a.header_revision, 2);
+        let first = a.responses[1].as_get().unwrap();
+        assert_eq!(first.kvs[0].create_revision, 2);
+        assert_eq!(first.header_revision, 2);
+        let b = acquire("lock/b").await;
+        assert_eq!(b.responses[1].as_get().unwrap().kvs[0].key, b"lock/a");
+        let again = acquire("lock/b").await;
+        assert!(!again.succeeded);
+        assert_eq!(again.header_revision, 3);
+        assert_eq!(
+            again.responses[0].as_get().unwrap().kvs[0].create_revision,
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn txn_get_sees_earlier_writes() {
+        let s = MemStore::new();
+        s.put(b"gone", b"x", 0).await.unwrap();
+        let r = s
+            .txn(Txn::new().and_then([
+                TxnOp::get(Range::prefix("")),
+                TxnOp::put("new", "v", 0),
+                TxnOp::delete("gone"),
+                TxnOp::get(Range::prefix("")),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 3);
+        let before = r.responses[0].as_get().unwrap();
+        assert_eq!(keys(&before.kvs), ["gone"]);
+        assert_eq!(before.header_revision, 2);
+        assert_eq!(r.responses[2], TxnOpResponse::Delete { deleted: 1 });
+        let after = r.responses[3].as_get().unwrap();
+        assert_eq!(keys(&after.kvs), ["new"]);
+        assert_eq!(after.kvs[0].mod_revision, 3);
+        assert_eq!(after.header_revision, 3);
+    }
+
+    #[tokio::test]
+    async fn unknown_lease_fails_and_applies_nothing() {
+        let s = MemStore::new();
+        assert!(matches!(
+            s.put(b"k", b"v", 42).await,
+            Err(Error::LeaseNotFound(42))
+        ));
+        let err = s
+            .txn(Txn::new().and_then([TxnOp::put("a", "", 0), TxnOp::put("b", "", 42)]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LeaseNotFound(42)), "{err:?}");
+        let r = s.range(Range::prefix("")).await.unwrap();
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.header_revision, 1);
+        // Only the branch taken is checked, as in etcd.
+        let r = s
+            .txn(
+                Txn::new()
+                    .and_then([TxnOp::put("a", "", 0)])
+                    .or_else([TxnOp::put("b", "", 42)]),
+            )
+            .await
+            .unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.header_revision, 2);
+    }
+
+    #[tokio::test]
+    async fn request_checks() {
+        let s = MemStore::new();
+        fn invalid<T>(r: Result<T>) -> bool {
+            matches!(r, Err(Error::InvalidArgument(_)))
+        }
+        assert!(invalid(s.put(b"", b"v", 0).await));
+        assert!(invalid(s.range(Range::key("")).await));
+        assert!(invalid(s.delete(KeyRange::key("")).await));
+        assert!(invalid(
+            s.txn(Txn::new().and_then([TxnOp::put("", "", 0)])).await
+        ));
+
+        let big = vec![0_u8; MAX_REQUEST_BYTES];
+        let err = s.put(b"k", &big, 0).await.unwrap_err();
+        assert!(err.to_string().contains("request is too large"), "{err}");
+        assert!(err.is_invalid_input());
+        s.put(b"k", &big[1..], 0).await.unwrap(); // exactly at the limit
+        assert!(invalid(
+            s.txn(Txn::new().and_then([TxnOp::put("k", big.clone(), 0)]))
+                .await
+        ));
+
+        // Same key twice, or put and delete of the same key, in one branch.
+        let dup = s
+            .txn(Txn::new().and_then([TxnOp::put("a", "", 0), TxnOp::put("a", "", 0)]))
+            .await
+            .unwrap_err();
+        assert!(dup.to_string().contains("duplicate key"), "{dup}");
+        let dup = Txn::new().or_else([
+            TxnOp::Delete(KeyRange::prefix("a")),
+            TxnOp::put("ab", "", 0),
+        ]);
+        assert!(invalid(s.txn(dup).await));
+        // Across branches is fine.
+        s.txn(
+            Txn::new()
+                .and_then([TxnOp::put("a", "", 0)])
+                .or_else([TxnOp::delete("a")]),
+        )
+        .await
+        .unwrap();
+
+        let many = (0..=MAX_TXN_OPS).map(|i| TxnOp::put(format!("k{i}"), "", 0));
+        assert!(invalid(s.txn(Txn::new().and_then(many)).await));
+        let ok = (0..MAX_TXN_OPS).map(|i| TxnOp::put(format!("k{i}"), "", 0));
+        s.txn(Txn::new().and_then(ok)).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_grant_ttls_and_ids() {
+        let s = MemStore::new();
+        let g = s.lease_grant(Duration::ZERO).await.unwrap();
+        assert_eq!(g.ttl, 2 * SEC);
+        assert_eq!(s.lease_grant(SEC).await.unwrap().ttl, 2 * SEC);
+        assert_eq!(
+            s.lease_grant(Duration::from_millis(2500))
+                .await
+                .unwrap()
+                .ttl,
+            3 * SEC
+        );
+        assert_eq!(s.lease_grant(60 * SEC).await.unwrap().ttl, 60 * SEC);
+        assert!(s
+            .lease_grant(Duration::from_secs(MAX_LEASE_TTL_SECS))
+            .await
+            .is_ok());
+        let err = s
+            .lease_grant(Duration::from_secs(MAX_LEASE_TTL_SECS + 1))
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input());
+        assert!(s.lease_grant(Duration::MAX).await.is_err());
+
+        let mut ids = HashSet::new();
+        for _ in 0..100 {
+            let id = s.lease_grant(10 * SEC).await.unwrap().id;
+            assert!(id > 0);
+            assert!(ids.insert(id));
+        }
+        assert_eq!(s.lease_time_to_live(g.id).await.unwrap(), Some(2 * SEC));
+        assert_eq!(s.lease_time_to_live(12345).await.unwrap(), None);
+        assert!(matches!(
+            s.lease_revoke(12345).await,
+            Err(Error::LeaseNotFound(12345))
+        ));
+        assert_eq!(s.lease_keep_alive(12345).await.unwrap(), None);
+        // An independent store draws its own ids.
+        let other = MemStore::new().lease_grant(SEC).await.unwrap().id;
+        assert!(!ids.contains(&other));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_expiry_deletes_keys_in_one_revision() {
+        let s = MemStore::new();
+        let lease = s.lease_grant(SEC).await.unwrap(); // raised to 2 s
+        s.put(b"l/a", b"1", lease.id).await.unwrap(); // 2
+        s.put(b"l/b", b"2", lease.id).await.unwrap(); // 3
+        s.put(b"l/free", b"3", 0).await.unwrap(); // 4
+        assert_eq!(get(&s, "l/a").await.unwrap().lease, lease.id);
+        let mut w = s.watch(Watch::prefix("l/").with_prev_kv()).await.unwrap();
+
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(
+            s.lease_time_to_live(lease.id).await.unwrap(),
+            Some(Duration::from_millis(500))
+        );
+        assert!(get(&s, "l/a").await.is_some());
+        assert_idle(&mut w);
+
+        tokio::time::advance(SEC).await;
+        // The lease timer revokes it; the watch sees both deletes in one batch.
+        let resp = next(&mut w).await;
+        assert_eq!(resp.header_revision, 5);
+        assert_eq!(revisions(&resp), [5, 5]);
+        let e = &resp.events[0];
+        assert_eq!(e.kind, EventKind::Delete);
+        assert_eq!(
+            e.kv,
+            KeyValue {
+                key: b"l/a".to_vec(),
+                mod_revision: 5,
+                ..KeyValue::default()
+            }
+        );
+        assert_eq!(e.prev_kv.as_ref().unwrap().value, b"1");
+        assert_eq!(resp.events[1].kv.key, b"l/b");
+        assert!(get(&s, "l/a").await.is_none());
+        assert!(get(&s, "l/free").await.is_some());
+        assert_eq!(s.lease_keep_alive(lease.id).await.unwrap(), None);
+        assert_eq!(s.lease_time_to_live(lease.id).await.unwrap(), None);
+        assert!(matches!(
+            s.lease_revoke(lease.id).await,
+            Err(Error::LeaseNotFound(_))
+        ));
+        assert!(matches!(
+            s.put(b"x", b"", lease.id).await,
+            Err(Error::LeaseNotFound(_))
+        ));
+        assert_idle(&mut w);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_seen_by_the_next_operation() {
+        // Even before the timer task runs, an operation after the deadline sees it expired.
+        let s = MemStore::new();
+        let lease = s.lease_grant(2 * SEC).await.unwrap();
+        s.put(b"k", b"", lease.id).await.unwrap();
+        tokio::time::advance(2 * SEC).await;
+        let r = s.range(Range::key("k")).await.unwrap();
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.header_revision, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_extends() {
+        let s = MemStore::new();
+        let lease = s.lease_grant(5 * SEC).await.unwrap();
+        s.put(b"k", b"", lease.id).await.unwrap();
+        tokio::time::advance(4 * SEC).await;
+        assert_eq!(s.lease_keep_alive(lease.id).await.unwrap(), Some(5 * SEC));
+        assert_eq!(s.lease_time_to_live(lease.id).await.unwrap(), Some(5 * SEC));
+        tokio::time::advance(4 * SEC).await;
+        tokio::task::yield_now().await;
+        assert!(get(&s, "k").await.is_some());
+        assert_eq!(s.lease_time_to_live(lease.id).await.unwrap(), Some(SEC));
+        let mut w = s.watch(Watch::key("k")).await.unwrap();
+        tokio::time::advance(2 * SEC).await;
+        let resp = next(&mut w).await;
+        assert_eq!(resp.events[0].kind, EventKind::Delete);
+        assert_eq!(s.lease_keep_alive(lease.id).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revoke_deletes_all_keys_in_one_revision() {
+        let s = MemStore::new();
+        let lease = s.lease_grant(60 * SEC).await.unwrap();
+        let other = s.lease_grant(60 * SEC).await.unwrap();
+        for k in ["r/c", "r/a", "r/b"] {
+            s.put(k.as_bytes(), b"v", lease.id).await.unwrap();
+        }
+        s.put(b"r/other", b"v", other.id).await.unwrap();
+        // Re-binding detaches from the old lease: lease 0, then another lease.
+        s.put(b"r/detached", b"v", lease.id).await.unwrap();
+        s.put(b"r/detached", b"v", 0).await.unwrap();
+        s.put(b"r/moved", b"v", lease.id).await.unwrap();
+        s.put(b"r/moved", b"v", other.id).await.unwrap(); // revision 9
+                                                          // A key deleted and re-created without the lease is not deleted by the revoke.
+        s.put(b"r/recreated", b"v", lease.id).await.unwrap();
+        s.delete(KeyRange::key("r/recreated")).await.unwrap();
+        s.put(b"r/recreated", b"v", 0).await.unwrap(); // revision 12
+
+        let mut w = s.watch(Watch::prefix("r/")).await.unwrap();
+        s.lease_revoke(lease.id).await.unwrap();
+        let resp = next(&mut w).await;
+        assert_eq!(resp.header_revision, 13);
+        assert_eq!(revisions(&resp), [13, 13, 13]);
+        let deleted: Vec<_> = resp
+            .events
+            .iter()
+            .map(|e| e.kv.key_str().into_owned())
+            .collect();
+        assert_eq!(deleted, ["r/a", "r/b", "r/c"]);
+        assert!(resp
+            .events
+            .iter()
+            .all(|e| e.kind == EventKind::Delete && e.prev_kv.is_none()));
+        let left = s.range(Range::prefix("r/")).await.unwrap();
+        assert_eq!(
+            keys(&left.kvs),
+            ["r/detached", "r/moved", "r/other", "r/recreated"]
+        );
+        assert_eq!(left.header_revision, 13);
+        assert!(matches!(
+            s.lease_revoke(lease.id).await,
+            Err(Error::LeaseNotFound(_))
+        ));
+
+        // Revoking a lease without keys does not bump the revision.
+        let empty = s.lease_grant(60 * SEC).await.unwrap();
+        s.lease_revoke(empty.id).await.unwrap();
+        assert_eq!(
+            s.range(Range::key("r/a")).await.unwrap().header_revision,
+            13
+        );
+        assert_idle(&mut w);
+    }
+
+    #[tokio::test]
+    async fn watch_replays_history_then_continues_live() {
+        let s = MemStore::new();
+        s.put(b"w", b"1", 0).await.unwrap(); // 2
+        s.put(b"w", b"2", 0).await.unwrap(); // 3
+        s.put(b"unrelated", b"", 0).await.unwrap(); // 4
+        s.delete(KeyRange::key("w")).await.unwrap(); // 5
+        s.put(b"w", b"3", 0).await.unwrap(); // 6
+
+        let mut w = s
+            .watch(Watch::key("w").from_revision(3).with_prev_kv())
+            .await
+            .unwrap();
+        let r = next(&mut w).await;
+        assert_eq!((r.header_revision, r.events.len()), (3, 1));
+        assert_eq!(r.events[0].kind, EventKind::Put);
+        assert_eq!(r.events[0].kv.value, b"2");
+        assert_eq!(r.events[0].kv.version, 2);
+        assert_eq!(r.events[0].prev_kv.as_ref().unwrap().value, b"1");
+        let r = next(&mut w).await;
+        assert_eq!(r.header_revision, 5);
+        assert_eq!(r.events[0].kind, EventKind::Delete);
+        assert_eq!(r.events[0].kv.version, 0);
+        assert_eq!(r.events[0].prev_kv.as_ref().unwrap().value, b"2");
+        let r = next(&mut w).await;
+        assert_eq!(r.header_revision, 6);
+        assert_eq!(r.events[0].kv.create_revision, 6);
+        assert!(r.events[0].prev_kv.is_none());
+        assert_idle(&mut w);
+
+        s.put(b"w", b"4", 0).await.unwrap(); // 7
+        let r = next(&mut w).await;
+        assert_eq!(revisions(&r), [7]);
+        assert_idle(&mut w);
+
+        // From revision 1 on a fresh store's history: everything.
+        let mut all = s.watch(Watch::prefix("").from_revision(1)).await.unwrap();
+        let mut revs = Vec::new();
+        for _ in 0..6 {
+            revs.extend(revisions(&next(&mut all).await));
+        }
+        assert_eq!(revs, [2, 3, 4, 5, 6, 7]);
+        assert_idle(&mut all);
+    }
+
+    #[tokio::test]
+    async fn live_key_and_prefix_watches() {
+        let s = MemStore::new();
+        s.put(b"a/old", b"", 0).await.unwrap(); // 2
+        let mut key = s.watch(Watch::key("a/1")).await.unwrap();
+        let mut prefix = s.watch(Watch::prefix("a/")).await.unwrap();
+        assert_idle(&mut key);
+        assert_idle(&mut prefix);
+
+        s.put(b"b/1", b"", 0).await.unwrap(); // 3: neither
+        s.put(b"a/2", b"x", 0).await.unwrap(); // 4: prefix
+        s.txn(Txn::new().and_then([
+            TxnOp::put("a/1", "y", 0),
+            TxnOp::put("a/3", "", 0),
+            TxnOp::put("c", "", 0),
+        ]))
+        .await
+        .unwrap(); // 5: both; one batch for prefix
+
+        let r = next(&mut key).await;
+        assert_eq!(r.header_revision, 5);
+        assert_eq!(r.events.len(), 1);
+        assert_eq!(r.events[0].kv.value, b"y");
+        assert!(r.events[0].prev_kv.is_none());
+        assert_idle(&mut key);
+
+        let r = next(&mut prefix).await;
+        assert_eq!(
+            (r.header_revision, r.events[0].kv.key.as_slice()),
+            (4, &b"a/2"[..])
+        );
+        let r = next(&mut prefix).await;
+        assert_eq!(r.header_revision, 5);
+        assert_eq!(
+            r.events
+                .iter()
+                .map(|e| e.kv.key.clone())
+                .collect::<Vec<_>>(),
+            [b"a/1".to_vec(), b"a/3".to_vec()]
+        );
+        assert_idle(&mut prefix);
+
+        s.delete(KeyRange::prefix("a/")).await.unwrap(); // 6
+        let r = next(&mut prefix).await;
+        assert_eq!(revisions(&r), [6, 6, 6, 6]);
+        assert!(r.events.iter().all(|e| e.kind == EventKind::Delete));
+        let r = next(&mut key).await;
+        assert_eq!(revisions(&r), [6]);
+    }
+
+    #[tokio::test]
+    async fn watch_from_a_future_revision_waits_for_it() {
+        let s = MemStore::new();
+        let mut w = s.watch(Watch::key("f").from_revision(4)).await.unwrap();
+        s.put(b"f", b"2", 0).await.unwrap();
+        s.put(b"f", b"3", 0).await.unwrap();
+        assert_idle(&mut w);
+        s.put(b"f", b"4", 0).await.unwrap();
+        assert_eq!(revisions(&next(&mut w).await), [4]);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_cancels_the_watch() {
+        let s = MemStore::new();
+        let w1 = s.watch(Watch::key("k")).await.unwrap();
+        let _w2 = s.watch(Watch::key("k")).await.unwrap();
+        assert_eq!(s.lock().watchers.len(), 2);
+        drop(w1);
+        assert_eq!(s.lock().watchers.len(), 1);
+        s.put(b"k", b"", 0).await.unwrap();
+        assert_eq!(s.lock().watchers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn compaction() {
+        let s = MemStore::new();
+        for v in ["1", "2", "3", "4"] {
+            s.put(b"c", v.as_bytes(), 0).await.unwrap(); // 2..=5
+        }
+        let mut live = s.watch(Watch::key("c")).await.unwrap();
+
+        let err = s.compact(6).await.unwrap_err();
+        assert!(err.to_string().contains("future revision"), "{err}");
+        s.compact(4).await.unwrap();
+        let err = s.compact(4).await.unwrap_err();
+        assert!(err.to_string().contains("has been compacted"), "{err}");
+        assert!(s.compact(3).await.is_err());
+        // Current keys are untouched.
+        assert_eq!(get(&s, "c").await.unwrap().value, b"4");
+
+        let mut old = s.watch(Watch::key("c").from_revision(3)).await.unwrap();
+        match old.next().await {
+            Some(Err(Error::Compacted {
+                requested: 3,
+                compact_revision: 4,
+            })) => {}
+            other => panic!("expected a compaction error, got {other:?}"),
+        }
+        assert!(old.next().await.is_none());
+
+        // Watching from the compact revision itself still works.
+        let mut w = s.watch(Watch::key("c").from_revision(4)).await.unwrap();
+        assert_eq!(revisions(&next(&mut w).await), [4]);
+        assert_eq!(revisions(&next(&mut w).await), [5]);
+        assert_idle(&mut w);
+        // A watch from 0 is never compacted.
+        let mut now = s.watch(Watch::key("c")).await.unwrap();
+
+        s.compact(5).await.unwrap();
+        s.put(b"c", b"5", 0).await.unwrap(); // 6
+        assert_eq!(revisions(&next(&mut live).await), [6]);
+        assert_eq!(revisions(&next(&mut w).await), [6]);
+        assert_eq!(revisions(&next(&mut now).await), [6]);
+        assert_eq!(s.lock().history.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn shared_stores_by_name() {
+        let a = MemStore::shared("mem-rs-test-shared");
+        let b = MemStore::shared("mem-rs-test-shared");
+        let other = MemStore::shared("mem-rs-test-other");
+        let private = MemStore::new();
+        a.put(b"k", b"v", 0).await.unwrap();
+        assert_eq!(get(&b, "k").await.unwrap().value, b"v");
+        assert!(get(&other, "k").await.is_none());
+        assert!(get(&private, "k").await.is_none());
+        // Clones share too.
+        let c = private.clone();
+        c.put(b"p", b"", 0).await.unwrap();
+        assert!(get(&private, "p").await.is_some());
+        let d = MemStore::default();
+        assert!(get(&d, "p").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn watch_across_shared_handles() {
+        let a = MemStore::shared("mem-rs-test-watch");
+        let b = MemStore::shared("mem-rs-test-watch");
+        let mut w = a.watch(Watch::key("x")).await.unwrap();
+        let rev = b.put(b"x", b"", 0).await.unwrap();
+        assert_eq!(revisions(&next(&mut w).await), [rev]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_store_frees_it() {
+        let s = MemStore::new();
+        let weak = Arc::downgrade(&s.inner);
+        let lease = s.lease_grant(60 * SEC).await.unwrap();
+        s.put(b"k", b"", lease.id).await.unwrap();
+        let mut w = s.watch(Watch::key("k")).await.unwrap();
+        tokio::task::yield_now().await; // let the lease timer start and sleep
+        drop(s);
+        assert!(weak.upgrade().is_none());
+        assert!(w.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn debug_never_prints_values() {
+        let s = MemStore::new();
+        s.put(b"key", b"secret-value", 0).await.unwrap();
+        let text = format!("{s:?}");
+        assert!(text.contains("MemStore"));
+        assert!(!text.contains("secret"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_get_distinct_revisions() {
+        let s = MemStore::new();
+        let mut w = s.watch(Watch::prefix("n/")).await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut revs = Vec::new();
+                    for i in 0..50 {
+                        revs.push(
+                            s.put(format!("n/{t}/{i}").as_bytes(), b"", 0)
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    revs
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (2..402).collect::<Vec<_>>());
+        let mut seen = Vec::new();
+        while seen.len() < 400 {
+            seen.extend(revisions(&next(&mut w).await));
+        }
+        assert_eq!(seen, (2..402).collect::<Vec<_>>());
+    }
 }

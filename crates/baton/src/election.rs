@@ -1,0 +1,535 @@
+//! Leader election, wire-compatible with Go's `concurrency.Election` and `etcdctl elect`.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::names::{lease_key, validate_name};
+use crate::queue::{Entry, Held};
+use crate::session::Session;
+use crate::store::{
+    Compare, CompareOp, EventKind, KeyValue, LeaseId, Revision, Store, Txn, TxnOp, TxnResponse,
+    Watch,
+};
+use crate::wait::head_member;
+
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// A leader election: candidates queue by create revision; the oldest candidate leads.
+///
+/// The leader publishes a value (its address, say) that [`observe()`](Election::observe) and
+/// [`leader()`](Election::leader) report to everyone. Leadership is bound to the session's
+/// lease: when the leader's process dies, its lease expires and the next candidate leads.
+///
+/// # Key layout
+///
+/// The same as Go's `concurrency.NewElection(session, NAME)` and `etcdctl elect NAME`: the
+/// key `NAME/<lease id in lowercase hex>`, holding the candidate's value, bound to the lease.
+/// Go services, `etcdctl elect` and Baton take part in one election.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let session = baton::Session::new(&client).await?;
+/// let election = baton::Election::new(&session, "services/scheduler")?;
+///
+/// let leadership = election.campaign("10.0.0.7:8080").await?;
+/// let leader = election.leader().await?;
+/// assert_eq!(leader.value, b"10.0.0.7:8080");
+/// assert_eq!(leader.create_revision, leadership.fencing_token());
+/// leadership.resign().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Election {
+    session: Session,
+    name: String,
+    prefix: String,
+    key: String,
+}
+
+impl fmt::Debug for Election {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Election")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// The current leader of an election, as [`Election::leader`] and
+/// [`Election::observe`] report it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// The leader's key: `NAME/<lease id in hex>`.
+    pub key: String,
+    /// The value the leader proclaimed.
+    pub value: Vec<u8>,
+    /// The key's create revision: the leader's term, and its fencing token.
+    pub create_revision: Revision,
+    /// The revision of the last proclamation.
+    pub mod_revision: Revision,
+    /// The leader's lease.
+    pub lease: LeaseId,
+}
+
+impl Leader {
+    fn from_kv(kv: KeyValue) -> Leader {
+        Leader {
+            key: String::from_utf8_lossy(&kv.key).into_owned(),
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            lease: kv.lease,
+        }
+    }
+
+    /// The value as UTF-8 text, with invalid bytes replaced.
+    pub fn value_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.value)
+    }
+}
+
+impl fmt::Debug for Leader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leader")
+            .field("key", &self.key)
+            .field("value_len", &self.value.len())
+            .field("create_revision", &self.create_revision)
+            .field("mod_revision", &self.mod_revision)
+            .finish()
+    }
+}
+
+impl Election {
+    /// An election named `name`, campaigned in through `session`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(session: &Session, name: &str) -> Result<Election> {
+        validate_name(name)?;
+        let prefix = format!("{name}/");
+        let key = lease_key(&prefix, session.lease_id());
+        Ok(Election {
+            session: session.clone(),
+            name: name.to_string(),
+            prefix,
+            key,
+        })
+    }
+
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This session's candidate key: `NAME/<lease id in hex>`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Stand as a candidate with `value`, and wait until we lead.
+    ///
+    /// If this session's key already exists (a candidacy left by an earlier process with the
+    /// same lease), it is reused and its value proclaimed, as Go does.
+    ///
+    /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
+    /// [`Error::NotHeld`] if our candidate key vanished: a candidate is never told it leads
+    /// when it does not (Go's `Campaign` is).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future withdraws the candidacy (our key is deleted).
+    pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
+        let value = value.into();
+        self.run_campaign(value)
+            .instrument(tracing::debug_span!("campaign", election = %self.name))
+            .await
+    }
+
+    /// [`campaign()`](Election::campaign), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`campaign()`](Election::campaign). On timeout the candidacy is
+    /// withdrawn.
+    pub async fn campaign_timeout(
+        &self,
+        value: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Leadership> {
+        match tokio::time::timeout(timeout, self.campaign(value)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                operation: "campaign",
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn run_campaign(&self, value: Vec<u8>) -> Result<Leadership> {
+        let mut entry =
+            Entry::join(&self.session, &self.name, &self.prefix, &self.key, &value).await?;
+        if entry.existing_value().is_some_and(|v| v != value.as_slice()) {
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    self.key.as_bytes(),
+                    CompareOp::Equal,
+                    entry.my_rev(),
+                )])
+                .and_then([TxnOp::put(
+                    self.key.as_bytes(),
+                    value.clone(),
+                    self.session.lease_id(),
+                )]);
+            if !entry.store().txn(txn).await?.succeeded {
+                return Err(self.not_leader());
+            }
+        }
+        entry.wait().await?;
+        Ok(Leadership {
+            name: self.name.clone(),
+            held: entry.into_held(),
+            value,
+        })
+    }
+
+    /// Take back a leadership this session's lease already holds, for example after a restart
+    /// of a process that kept its lease (Go's `ResumeElection`). `create_revision` is the
+    /// leader key's create revision (the fencing token) it had.
+    ///
+    /// Fails with [`Error::NotLeader`] if our key does not exist with that create revision.
+    /// If we are still queued behind another candidate, waits like
+    /// [`campaign()`](Election::campaign).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; dropping the future withdraws the candidacy.
+    pub async fn resume(&self, create_revision: Revision) -> Result<Leadership> {
+        let store = self.session.store();
+        let found = store
+            .range(crate::store::Range::key(self.key.as_bytes()))
+            .await?
+            .kvs
+            .into_iter()
+            .next();
+        let value = match found {
+            Some(kv) if kv.create_revision == create_revision => kv.value,
+            _ => return Err(self.not_leader()),
+        };
+        let mut entry =
+            Entry::join(&self.session, &self.name, &self.prefix, &self.key, &value).await?;
+        if entry.my_rev() != create_revision {
+            entry.abandon().await;
+            return Err(self.not_leader());
+        }
+        entry.wait().await?;
+        Ok(Leadership {
+            name: self.name.clone(),
+            held: entry.into_held(),
+            value,
+        })
+    }
+
+    /// The current leader, or [`Error::NoLeader`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn leader(&self) -> Result<Leader> {
+        leader_of(self.session.store(), &self.name).await
+    }
+
+    /// A stream of leaders: the current one (if any), each proclaimed value, and each new
+    /// leader. See [`observe`](Election::observe_with).
+    pub fn observe(&self) -> Observe {
+        observe_in(self.session.store().clone(), &self.name)
+    }
+
+    /// The current leader of election `name`, without a session.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn leader_with(client: &Client, name: &str) -> Result<Leader> {
+        validate_name(name)?;
+        leader_of(client.store(), name).await
+    }
+
+    /// Observe election `name` without a session.
+    ///
+    /// The stream yields the leader when it starts (if there is one), then every change:
+    /// a new value proclaimed by the leader, or a new leader. It waits quietly while there is
+    /// no leader. It survives compaction and broken connections by reading the leader again,
+    /// and never yields the same (leader, value) twice in a row. It ends only when dropped.
+    ///
+    /// Fails at once with [`Error::InvalidArgument`] for a bad name.
+    pub fn observe_with(client: &Client, name: &str) -> Result<Observe> {
+        validate_name(name)?;
+        Ok(observe_in(client.store().clone(), name))
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            name: self.name.clone(),
+        }
+    }
+}
+
+async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
+    let prefix = format!("{name}/");
+    match head_member(store, prefix.as_bytes()).await?.1 {
+        Some(kv) => Ok(Leader::from_kv(kv)),
+        None => Err(Error::NoLeader {
+            name: name.to_string(),
+        }),
+    }
+}
+
+/// A stream of [`Leader`]s from [`Election::observe`]. Dropping it stops observing.
+pub struct Observe {
+    rx: mpsc::Receiver<Leader>,
+}
+
+impl fmt::Debug for Observe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observe").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Observe {
+    type Item = Leader;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
+    let (tx, rx) = mpsc::channel(16);
+    let prefix = format!("{name}/").into_bytes();
+    let span = tracing::debug_span!("observe", election = %name);
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = observe_loop(&store, &prefix, &tx) => {}
+            }
+        }
+        .instrument(span),
+    );
+    Observe { rx }
+}
+
+async fn observe_loop(store: &Arc<dyn Store>, prefix: &[u8], tx: &mpsc::Sender<Leader>) {
+    let mut last: Option<(Revision, Revision)> = None;
+    let mut backoff = RETRY_MIN;
+    loop {
+        let (header, head) = match head_member(store, prefix).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the leader failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        let watch = match &head {
+            Some(kv) => {
+                let id = (kv.create_revision, kv.mod_revision);
+                if last != Some(id) {
+                    last = Some(id);
+                    if tx.send(Leader::from_kv(kv.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                Watch::key(kv.key.clone()).from_revision(header + 1)
+            }
+            None => Watch::prefix(prefix.to_vec()).from_revision(header + 1),
+        };
+        let mut stream = match store.watch(watch).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "watching the election failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        'watch: while let Some(item) = stream.next().await {
+            let Ok(resp) = item else {
+                // Compacted or broken: read the leader again.
+                break;
+            };
+            backoff = RETRY_MIN;
+            for ev in resp.events {
+                match (&head, ev.kind) {
+                    // Waiting for a first candidate: any put may make one; read again.
+                    (None, EventKind::Put) => break 'watch,
+                    (None, EventKind::Delete) => {}
+                    (Some(_), EventKind::Delete) => break 'watch,
+                    (Some(h), EventKind::Put) => {
+                        if ev.kv.create_revision != h.create_revision {
+                            break 'watch;
+                        }
+                        let id = (ev.kv.create_revision, ev.kv.mod_revision);
+                        if last != Some(id) {
+                            last = Some(id);
+                            if tx.send(Leader::from_kv(ev.kv)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Proof that this session leads an election. Resign with
+/// [`resign()`](Leadership::resign).
+///
+/// # Drop behaviour
+///
+/// Dropping it resigns in a task spawned on the current tokio runtime (compare-and-delete,
+/// best effort). Without a runtime, or if that fails, the key stays until the session's lease
+/// ends, and the next candidate leads then.
+#[must_use = "if unused the leadership is resigned at once"]
+pub struct Leadership {
+    name: String,
+    held: Held,
+    value: Vec<u8>,
+}
+
+impl fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leadership")
+            .field("election", &self.name)
+            .field("key", &self.key())
+            .field("fencing_token", &self.fencing_token())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl Leadership {
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Our leader key: `NAME/<lease id in hex>`.
+    pub fn key(&self) -> &str {
+        self.held.key()
+    }
+
+    /// The fencing token: our key's create revision. Every later leader's token is greater.
+    pub fn fencing_token(&self) -> Revision {
+        self.held.rev()
+    }
+
+    /// The value we last proclaimed.
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The session the leadership is bound to.
+    pub fn session(&self) -> &Session {
+        self.held.session()
+    }
+
+    /// True once the leadership is lost. See [`lost()`](Leadership::lost).
+    pub fn is_lost(&self) -> bool {
+        self.held.is_lost()
+    }
+
+    /// Why the leadership was lost, if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.held.lost_reason()
+    }
+
+    /// Completes when we stop leading: our key was deleted (by an admin, a revoke, the lease's
+    /// expiry) or the session was lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.held.lost_token().cancelled()
+    }
+
+    /// A token cancelled when the leadership is lost (a child token).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.held.lost_token().child_token()
+    }
+
+    /// The compare that holds only while we lead (Go's `IsOwner` for elections).
+    pub fn is_leader(&self) -> Compare {
+        self.held.is_owner()
+    }
+
+    /// Run `txn` only while we lead; [`Error::NotHeld`] if we no longer do.
+    ///
+    /// # Cancel safety
+    ///
+    /// The transaction may or may not have been applied if the future is dropped.
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.held.txn(txn).await
+    }
+
+    /// Publish a new value, only while we still lead (guarded by our key's create revision).
+    ///
+    /// Fails with [`Error::NotLeader`] if we no longer lead.
+    ///
+    /// # Cancel safety
+    ///
+    /// The value may or may not have been published if the future is dropped.
+    pub async fn proclaim(&mut self, value: impl Into<Vec<u8>>) -> Result<()> {
+        let value = value.into();
+        let put = TxnOp::put(
+            self.key().as_bytes(),
+            value.clone(),
+            self.session().lease_id(),
+        );
+        match self.held.txn(Txn::new().and_then([put])).await {
+            Ok(_) => {
+                self.value = value;
+                Ok(())
+            }
+            Err(Error::NotHeld { .. }) => Err(Error::NotLeader {
+                name: self.name.clone(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Step down: delete our key if it is still ours, so the next candidate leads at once.
+    ///
+    /// Fails with [`Error::NotLeader`] if we had already lost the leadership.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the resignation may or may not have happened; the key
+    /// expires with the session's lease at the latest.
+    pub async fn resign(self) -> Result<()> {
+        let name = self.name;
+        match self.held.release("resign").await {
+            Err(Error::NotHeld { .. }) => Err(Error::NotLeader { name }),
+            r => r,
+        }
+    }
+}
