@@ -1,1 +1,34 @@
-//! placeholder
+//! Test fixtures for Baton (not published).
+//!
+//! - [`EtcdServer`] and [`EtcdCluster`]: real etcd members on free loopback ports, in
+//!   temporary directories, killed on drop (and by the kernel if the test process dies).
+//! - [`ports`]: free loopback ports that parallel tests never share.
+//! - [`conformance`]: the behaviours every store must show, run on every backend.
+//! - [`etcd_available`]: whether the etcd binary is there, for a clear message instead of a
+//!   spawn error.
+//!
+//! The binaries are found through `BATON_ETCD_BIN` / `BATON_ETCDCTL_BIN`, else in
+//! `/usr/bin`, else on the `PATH`.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> baton::Result<()> {
+//! use baton::store::etcd::{EtcdOptions, EtcdStore};
+//! use baton::store::Store;
+//!
+//! let etcd = baton_testkit::EtcdServer::start();
+//! let store = EtcdStore::connect(&[etcd.endpoint()], EtcdOptions::default()).await?;
+//! store.put(b"k", b"v", 0).await?;
+//! # Ok(()) }
+//! ```
+
+// Fixtures report a broken environment (no etcd, a server that does not start) by
+// panicking with a message that says what to fix: that is their interface.
+#![allow(clippy::panic)]
+
+pub mod conformance;
+pub mod etcd;
+pub mod ports;
+mod process;
+
+pub use etcd::{etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer};
+pub use ports::free_port;

@@ -23,7 +23,8 @@ impl FencedResource {
     fn write(&mut self, who: &str, token: i64) -> bool {
         if token < self.highest {
             self.rejected += 1;
-            self.log.push(format!("REJECT {who} token={token} < {}", self.highest));
+            self.log
+                .push(format!("REJECT {who} token={token} < {}", self.highest));
             false
         } else {
             self.highest = token;
@@ -118,18 +119,30 @@ async fn run() -> baton::Result<()> {
     let gb = waiter
         .await
         .map_err(|e| baton::Error::Store(format!("waiter panicked: {e}")))??;
-    let ok_b = resource.lock().map(|mut r| r.write("worker-B", gb.fencing_token()));
+    let ok_b = resource
+        .lock()
+        .map(|mut r| r.write("worker-B", gb.fencing_token()));
     println!(
         "worker-B acquired token={}: write {}",
         gb.fencing_token(),
-        if ok_b.unwrap_or(false) { "accepted" } else { "REJECTED" }
+        if ok_b.unwrap_or(false) {
+            "accepted"
+        } else {
+            "REJECTED"
+        }
     );
     // Had worker-A been paused instead of told, its late write would carry the old token:
-    let ok_a = resource.lock().map(|mut r| r.write("worker-A", ga.fencing_token()));
+    let ok_a = resource
+        .lock()
+        .map(|mut r| r.write("worker-A", ga.fencing_token()));
     println!(
         "worker-A's late write with token={}: {}",
         ga.fencing_token(),
-        if ok_a.unwrap_or(true) { "accepted (BUG)" } else { "refused by the fenced resource" }
+        if ok_a.unwrap_or(true) {
+            "accepted (BUG)"
+        } else {
+            "refused by the fenced resource"
+        }
     );
     gb.unlock().await?;
     b.close().await?;

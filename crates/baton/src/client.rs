@@ -218,7 +218,10 @@ pub(crate) fn redact(url: &str) -> String {
 /// Check `host:port` (host may be a name, IPv4, or `[IPv6]`).
 fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
     if hp.contains('@') {
-        return Err(bad(endpoint, "credentials in the URL are not supported yet"));
+        return Err(bad(
+            endpoint,
+            "credentials in the URL are not supported yet",
+        ));
     }
     let hp = hp.trim_end_matches('/');
     if hp.contains('/') || hp.contains('?') || hp.contains('#') {

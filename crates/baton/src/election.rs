@@ -184,7 +184,10 @@ impl Election {
     async fn run_campaign(&self, value: Vec<u8>) -> Result<Leadership> {
         let mut entry =
             Entry::join(&self.session, &self.name, &self.prefix, &self.key, &value).await?;
-        if entry.existing_value().is_some_and(|v| v != value.as_slice()) {
+        if entry
+            .existing_value()
+            .is_some_and(|v| v != value.as_slice())
+        {
             let txn = Txn::new()
                 .when([Compare::create_revision(
                     self.key.as_bytes(),

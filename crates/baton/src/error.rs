@@ -133,7 +133,10 @@ impl Error {
 
     /// True if the caller gave bad input; retrying the same call cannot help.
     pub fn is_invalid_input(&self) -> bool {
-        matches!(self, Error::InvalidArgument(_) | Error::InvalidEndpoint { .. })
+        matches!(
+            self,
+            Error::InvalidArgument(_) | Error::InvalidEndpoint { .. }
+        )
     }
 
     /// True if the same call may succeed later (a timeout, a connection or store failure).

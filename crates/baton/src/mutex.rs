@@ -142,7 +142,8 @@ impl Mutex {
     }
 
     async fn acquire(&self, try_only: bool) -> Result<MutexGuard> {
-        let mut entry = Entry::join(&self.session, &self.name, &self.prefix, &self.key, b"").await?;
+        let mut entry =
+            Entry::join(&self.session, &self.name, &self.prefix, &self.key, b"").await?;
         if !entry.at_head() {
             if try_only {
                 entry.abandon().await;

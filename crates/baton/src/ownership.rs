@@ -27,16 +27,16 @@ pub(crate) struct Ownership {
 
 impl Ownership {
     /// Start watching `key`, created at `create_rev`, for changes after revision `from - 1`.
-    pub(crate) fn watch(session: &Session, key: Vec<u8>, create_rev: Revision, from: Revision) -> Self {
+    pub(crate) fn watch(
+        session: &Session,
+        key: Vec<u8>,
+        create_rev: Revision,
+        from: Revision,
+    ) -> Self {
         let lost = session.lost_token();
         let stop = CancellationToken::new();
         let reason = Arc::new(StdMutex::new(None));
-        let task = watch_key(
-            session.store().clone(),
-            key.clone(),
-            create_rev,
-            from,
-        );
+        let task = watch_key(session.store().clone(), key.clone(), create_rev, from);
         let (l, s, r, sess) = (lost.clone(), stop.clone(), reason.clone(), session.clone());
         let span = tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&key));
         tokio::spawn(
@@ -61,11 +61,20 @@ impl Ownership {
 
     /// Why ownership was lost, if it was.
     pub(crate) fn reason(&self, session: &Session) -> Option<String> {
-        if let Some(r) = self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(r) = self
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Some(r);
         }
         if self.lost.is_cancelled() {
-            return Some(session.lost_reason().unwrap_or_else(|| "session lost".into()));
+            return Some(
+                session
+                    .lost_reason()
+                    .unwrap_or_else(|| "session lost".into()),
+            );
         }
         None
     }
@@ -92,7 +101,10 @@ async fn watch_key(
 ) -> &'static str {
     let mut backoff = RETRY_MIN;
     loop {
-        match store.watch(Watch::key(key.clone()).from_revision(from)).await {
+        match store
+            .watch(Watch::key(key.clone()).from_revision(from))
+            .await
+        {
             Ok(mut stream) => {
                 while let Some(item) = stream.next().await {
                     match item {

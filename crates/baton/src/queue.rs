@@ -89,7 +89,10 @@ impl Entry {
             entry.existing_value = first_kv(&resp, 0).map(|kv| kv.value);
         }
         let mut head = first_kv(&resp, 1);
-        if head.as_ref().is_some_and(|kv| !is_member(&entry.prefix, &kv.key)) {
+        if head
+            .as_ref()
+            .is_some_and(|kv| !is_member(&entry.prefix, &kv.key))
+        {
             head = scan_member(&entry.store, &entry.prefix, SortOrder::Ascending, 0)
                 .await?
                 .1;
@@ -280,7 +283,9 @@ impl Held {
     /// Run `txn` guarded by [`is_owner`](Held::is_owner); NotHeld if that guard failed.
     pub(crate) async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         let txn = Txn {
-            compares: std::iter::once(self.is_owner()).chain(txn.compares).collect(),
+            compares: std::iter::once(self.is_owner())
+                .chain(txn.compares)
+                .collect(),
             success: txn.success,
             failure: txn
                 .failure

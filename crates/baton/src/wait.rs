@@ -48,25 +48,17 @@ pub(crate) async fn read_turn(
         TxnOp::get(Range::key(my_key)),
     ]);
     let resp = store.txn(txn).await?;
-    let mut gets = resp
-        .responses
-        .into_iter()
-        .filter_map(|r| match r {
-            crate::store::TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
+    let mut gets = resp.responses.into_iter().filter_map(|r| match r {
+        crate::store::TxnOpResponse::Get(g) => Some(g),
+        _ => None,
+    });
     let pred = gets.next().and_then(|g| g.kvs.into_iter().next());
     let mine = gets.next().and_then(|g| g.kvs.into_iter().next());
     match pred {
         // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
         Some(kv) if !is_member(prefix, &kv.key) => {
-            let (header, pred) = scan_member(
-                store,
-                prefix,
-                SortOrder::Descending,
-                max_create_rev,
-            )
-            .await?;
+            let (header, pred) =
+                scan_member(store, prefix, SortOrder::Descending, max_create_rev).await?;
             Ok((header, pred, mine))
         }
         pred => Ok((resp.header_revision, pred, mine)),

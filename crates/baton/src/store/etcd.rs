@@ -1,29 +1,1056 @@
-//! EtcdStore: etcd through the etcd-client crate (being written).
-#![allow(missing_docs, unreachable_pub, clippy::unwrap_used, clippy::panic)]
-use super::*;
+//! [`EtcdStore`]: the [`Store`] trait on a real etcd cluster, through the `etcd-client` crate.
+//!
+//! # Connections
+//!
+//! One [`EtcdStore`] holds one gRPC channel that balances requests over every endpoint it
+//! was given. A member that dies (refused connections, a reset, or HTTP/2 keep-alive pings
+//! that go unanswered) is skipped while the others keep serving, so a cluster that keeps
+//! its quorum keeps working when one member is killed.
+//!
+//! # Timeouts and retries
+//!
+//! - [`EtcdStore::connect`] fails with [`Error::Connect`] if no member answers a
+//!   linearizable read within [`EtcdOptions::dial_timeout`].
+//! - Every request, including its retries, is bounded by [`EtcdOptions::request_timeout`]
+//!   and fails with [`Error::Timeout`] when it runs out.
+//! - A request is retried inside that budget only when this is safe: writes when the
+//!   connection to the chosen member could not be made (so the request was never sent),
+//!   reads, keep-alives and watch creation also when a member reports itself unavailable.
+//!
+//! # Errors
+//!
+//! etcd's errors map to [`Error::Store`] with a lowercase message that never contains keys'
+//! values, except: an unknown lease gives [`Error::LeaseNotFound`], a request that is too
+//! large (or a lease TTL or revision out of range) gives [`Error::InvalidArgument`], and a
+//! compacted revision gives [`Error::Compacted`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
 use async_trait::async_trait;
+use etcd_client as ec;
+use tokio::time::{sleep, timeout_at, Instant};
 
-#[derive(Clone, Debug)]
-pub struct EtcdOptions { pub dial_timeout: Duration, pub request_timeout: Duration }
+use super::{
+    Compare, CompareOp, CompareTarget, Event, EventKind, KeyRange, KeyValue, LeaseGrant, LeaseId,
+    Range, RangeResponse, Revision, SortOrder, SortTarget, Store, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, Watch, WatchResponse, WatchStream,
+};
+use crate::error::{Error, Result};
 
-#[derive(Clone, Debug)]
-pub struct EtcdStore {}
+/// After how long without any frame from a member, on a connection with open requests or
+/// streams, it is pinged (HTTP/2 keep-alive); it counts as dead when the ping is not
+/// answered within the dial timeout. etcd closes connections that ping more often than
+/// every 5 s (`--grpc-keepalive-min-time`), hence the margin. Measured on loopback: a
+/// SIGSTOPped member breaks an open watch after interval + dial timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
+
+/// The key read by [`EtcdStore::connect`] to check that the cluster answers. Only its
+/// count is asked for.
+const PROBE_KEY: &[u8] = b"baton/connect-probe";
+
+/// The key watched to learn the compact revision after a compaction error.
+const COMPACT_PROBE_KEY: &[u8] = b"baton/compact-probe";
+
+/// The first and the largest pause between two attempts of a retried request.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Cached keep-alive streams unused for this long are closed.
+const KEEPER_IDLE: Duration = Duration::from_secs(600);
+
+/// gRPC status code `UNAVAILABLE`.
+const CODE_UNAVAILABLE: i32 = 14;
+/// gRPC status code `INVALID_ARGUMENT`.
+const CODE_INVALID_ARGUMENT: i32 = 3;
+/// gRPC status code `NOT_FOUND`.
+const CODE_NOT_FOUND: i32 = 5;
+
+/// Options for [`EtcdStore::connect`].
+///
+/// # Default
+///
+/// - dial timeout: 5 s
+/// - request timeout: 10 s
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// How long [`EtcdStore::connect`] waits for the cluster to answer, and how long one
+    /// TCP connection attempt to a member may take.
+    pub dial_timeout: Duration,
+    /// How long one request may take, retries included, before it fails with
+    /// [`Error::Timeout`].
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            dial_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A [`Store`] backed by an etcd v3 cluster.
+///
+/// Cheap to clone: clones share the connection. Its `Debug` output shows the endpoints
+/// (credentials redacted) and the timeouts, never keys' values.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> baton::Result<()> {
+/// use baton::store::etcd::{EtcdOptions, EtcdStore};
+/// use baton::store::{Range, Store};
+///
+/// let store = EtcdStore::connect(
+///     &["http://127.0.0.1:2379".to_string()],
+///     EtcdOptions::default(),
+/// )
+/// .await?;
+/// store.put(b"greeting", b"hello", 0).await?;
+/// let found = store.range(Range::key("greeting")).await?;
+/// assert_eq!(found.kvs.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: ec::Client,
+    /// The endpoints, comma-joined, with credentials redacted.
+    endpoints: String,
+    options: EtcdOptions,
+    /// One cached keep-alive stream per lease.
+    keepers: StdMutex<HashMap<LeaseId, KeeperEntry>>,
+}
+
+struct KeeperEntry {
+    slot: Arc<tokio::sync::Mutex<Option<Keeper>>>,
+    last_used: Instant,
+}
+
+/// An open `LeaseKeepAlive` stream for one lease.
+struct Keeper {
+    keeper: ec::LeaseKeeper,
+    stream: ec::LeaseKeepAliveStream,
+    /// A request was sent and its reply not read yet (the caller gave up). Such a stream
+    /// is discarded: its late reply must not be taken for the answer to a newer request.
+    in_flight: bool,
+}
+
+impl Keeper {
+    /// One keep-alive request and its reply: `Some(ttl)`, or `None` if the lease is gone.
+    async fn round_trip(&mut self) -> std::result::Result<Option<Duration>, ec::Error> {
+        self.in_flight = true;
+        self.keeper.keep_alive().await?;
+        match self.stream.message().await? {
+            Some(reply) => {
+                self.in_flight = false;
+                Ok((reply.ttl() > 0).then(|| secs(reply.ttl())))
+            }
+            None => Err(ec::Error::LeaseKeepAliveError(
+                "the keep-alive stream ended".into(),
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("dial_timeout", &self.inner.options.dial_timeout)
+            .field("request_timeout", &self.inner.options.request_timeout)
+            .finish()
+    }
+}
+
+/// Which failed attempts may be repeated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Only attempts that provably never reached a member (the connection failed).
+    /// For writes: repeating a write that was applied could apply it twice.
+    Unsent,
+    /// Also attempts that a member answered with "unavailable" or that broke in flight.
+    /// For reads and other requests that may safely run twice.
+    Idempotent,
+}
+
+impl Retry {
+    fn allows(self, e: &ec::Error) -> bool {
+        match self {
+            Retry::Unsent => is_unsent(e),
+            Retry::Idempotent => is_unsent(e) || is_transient(e),
+        }
+    }
+}
 
 impl EtcdStore {
-    pub async fn connect(_endpoints: &[String], _options: EtcdOptions) -> Result<Self> { todo!() }
+    /// Connect to an etcd cluster.
+    ///
+    /// `endpoints` are the client URLs of its members, such as `"http://127.0.0.1:2379"`.
+    /// Requests are balanced over all of them; pass every member so that losing one does
+    /// not cut the client off.
+    ///
+    /// Returns once a linearizable read has been answered. Fails with [`Error::Connect`]
+    /// if that does not happen within the dial timeout (nothing listens, no member has a
+    /// leader, ...), and with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`] for
+    /// malformed input.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future drops the half-made connection.
+    pub async fn connect(endpoints: &[String], options: EtcdOptions) -> Result<EtcdStore> {
+        let joined = endpoints
+            .iter()
+            .map(|e| crate::client::redact(e))
+            .collect::<Vec<_>>()
+            .join(",");
+        if endpoints.is_empty() {
+            return Err(Error::invalid("no etcd endpoint given"));
+        }
+        if options.dial_timeout.is_zero() || options.request_timeout.is_zero() {
+            return Err(Error::invalid("timeouts must be greater than zero"));
+        }
+        let dial = options.dial_timeout;
+        let connect_error = |reason: String| Error::Connect {
+            endpoints: joined.clone(),
+            timeout: dial,
+            reason,
+        };
+        let connect_options = ec::ConnectOptions::new()
+            .with_connect_timeout(dial)
+            // A backstop only: `call` enforces the request timeout itself and reports
+            // Error::Timeout; this one must not fire first.
+            .with_timeout(
+                options
+                    .request_timeout
+                    .saturating_add(Duration::from_secs(1)),
+            )
+            .with_keep_alive(KEEPALIVE_INTERVAL, dial)
+            .with_keep_alive_while_idle(false)
+            .with_tcp_keepalive(KEEPALIVE_INTERVAL);
+        let deadline = Instant::now() + dial;
+
+        let client = match timeout_at(
+            deadline,
+            ec::Client::connect(endpoints, Some(connect_options)),
+        )
+        .await
+        {
+            Err(_) => return Err(connect_error("setting up the client timed out".into())),
+            Ok(Err(e @ (ec::Error::InvalidUri(_) | ec::Error::InvalidArgs(_)))) => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: joined.clone(),
+                    reason: describe(&e),
+                })
+            }
+            Ok(Err(e)) => return Err(connect_error(describe(&e))),
+            Ok(Ok(client)) => client,
+        };
+
+        // The client connects lazily: check that the cluster answers, retrying while
+        // members are unreachable, until the dial timeout.
+        let mut last_error: Option<String> = None;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut kv = client.kv_client();
+            let probe = kv.get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()));
+            match timeout_at(deadline, probe).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    let reason = describe(&e);
+                    tracing::debug!(endpoints = %joined, error = %reason, "etcd probe failed");
+                    if !(is_unsent(&e) || is_transient(&e)) {
+                        return Err(connect_error(reason));
+                    }
+                    last_error = Some(reason);
+                }
+                Err(_) => {
+                    return Err(connect_error(
+                        last_error.unwrap_or_else(|| "no member answered".into()),
+                    ))
+                }
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(connect_error(
+                    last_error.unwrap_or_else(|| "no member answered".into()),
+                ));
+            }
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        tracing::debug!(endpoints = %joined, "connected to etcd");
+        Ok(EtcdStore {
+            inner: Arc::new(Inner {
+                client,
+                endpoints: joined,
+                options,
+                keepers: StdMutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The endpoints this store was connected to, comma-joined, credentials redacted.
+    pub fn endpoints(&self) -> &str {
+        &self.inner.endpoints
+    }
+
+    /// The options this store was connected with.
+    pub fn options(&self) -> &EtcdOptions {
+        &self.inner.options
+    }
+
+    /// Run one request with the request timeout, retrying as `retry` allows.
+    ///
+    /// The outer error is [`Error::Timeout`]; the inner one is etcd's last answer, for the
+    /// caller to map.
+    async fn call<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        retry: Retry,
+        mut attempt: F,
+    ) -> Result<std::result::Result<T, ec::Error>>
+    where
+        F: FnMut(&ec::Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ec::Error>>,
+    {
+        let after = self.inner.options.request_timeout;
+        let deadline = Instant::now() + after;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let result = timeout_at(deadline, attempt(&self.inner.client))
+                .await
+                .map_err(|_| Error::Timeout { operation, after })?;
+            match result {
+                Err(e) if retry.allows(&e) && Instant::now() + backoff < deadline => {
+                    tracing::debug!(operation, error = %describe(&e), "retrying etcd request");
+                    sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The cached keep-alive slot of a lease, created if missing. Closes streams of leases
+    /// nobody refreshed for a long time.
+    fn keeper_slot(&self, id: LeaseId) -> Arc<tokio::sync::Mutex<Option<Keeper>>> {
+        let now = Instant::now();
+        let mut keepers = lock_unpoisoned(&self.inner.keepers);
+        if !keepers.contains_key(&id) {
+            keepers.retain(|_, entry| {
+                now.duration_since(entry.last_used) < KEEPER_IDLE
+                    || Arc::strong_count(&entry.slot) > 1
+            });
+        }
+        let entry = keepers.entry(id).or_insert_with(|| KeeperEntry {
+            slot: Arc::new(tokio::sync::Mutex::new(None)),
+            last_used: now,
+        });
+        entry.last_used = now;
+        entry.slot.clone()
+    }
+
+    /// Close the cached keep-alive stream of a lease.
+    fn forget_keeper(&self, id: LeaseId) {
+        lock_unpoisoned(&self.inner.keepers).remove(&id);
+    }
+
+    async fn keep_alive_once(
+        &self,
+        id: LeaseId,
+        slot: &tokio::sync::Mutex<Option<Keeper>>,
+        deadline: Instant,
+    ) -> Result<Option<Duration>> {
+        let mut cached = slot.lock().await;
+        if let Some(keeper) = cached.as_mut() {
+            if keeper.in_flight {
+                tracing::debug!(lease = %format_args!("{id:x}"), "discarding a keep-alive stream with an unanswered request");
+            } else {
+                match keeper.round_trip().await {
+                    Ok(ttl) => return Ok(ttl),
+                    Err(e) => {
+                        tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "keep-alive stream failed; reopening");
+                    }
+                }
+            }
+            *cached = None;
+        }
+
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let mut leases = self.inner.client.lease_client();
+            let error = match leases.keep_alive(id).await {
+                Ok((keeper, stream)) => {
+                    let mut keeper = Keeper {
+                        keeper,
+                        stream,
+                        in_flight: false,
+                    };
+                    // etcd-client consumed the first reply to check the lease exists, but
+                    // does not return its TTL: ask once more on the new stream.
+                    match keeper.round_trip().await {
+                        Ok(Some(ttl)) => {
+                            *cached = Some(keeper);
+                            return Ok(Some(ttl));
+                        }
+                        Ok(None) => return Ok(None),
+                        Err(e) => e,
+                    }
+                }
+                Err(e) if is_lease_not_found(&e) => return Ok(None),
+                Err(e) => e,
+            };
+            if !Retry::Idempotent.allows(&error) || Instant::now() + backoff >= deadline {
+                return Err(map_err("lease keep-alive", error, id));
+            }
+            tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&error), "retrying lease keep-alive");
+            sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The compact revision, learnt from a watch from revision 1, or `None` if that does
+    /// not tell within `wait`.
+    async fn compact_revision(&self, wait: Duration) -> Option<Revision> {
+        let mut watches = self.inner.client.watch_client();
+        let probe = async move {
+            let mut stream = watches
+                .watch(
+                    COMPACT_PROBE_KEY,
+                    Some(ec::WatchOptions::new().with_start_revision(1)),
+                )
+                .await
+                .ok()?;
+            while let Some(resp) = stream.message().await.ok()? {
+                if resp.compact_revision() > 0 {
+                    return Some(resp.compact_revision());
+                }
+                if resp.canceled() {
+                    return None;
+                }
+            }
+            None
+        };
+        tokio::time::timeout(wait, probe).await.ok().flatten()
+    }
 }
 
 #[async_trait]
 impl Store for EtcdStore {
-    fn backend(&self) -> &'static str { "etcd" }
-    async fn range(&self, _range: Range) -> Result<RangeResponse> { todo!() }
-    async fn put(&self, _key: &[u8], _value: &[u8], _lease: LeaseId) -> Result<Revision> { todo!() }
-    async fn delete(&self, _keys: KeyRange) -> Result<(i64, Revision)> { todo!() }
-    async fn txn(&self, _txn: Txn) -> Result<TxnResponse> { todo!() }
-    async fn lease_grant(&self, _ttl: Duration) -> Result<LeaseGrant> { todo!() }
-    async fn lease_keep_alive(&self, _id: LeaseId) -> Result<Option<Duration>> { todo!() }
-    async fn lease_revoke(&self, _id: LeaseId) -> Result<()> { todo!() }
-    async fn lease_time_to_live(&self, _id: LeaseId) -> Result<Option<Duration>> { todo!() }
-    async fn watch(&self, _watch: Watch) -> Result<WatchStream> { todo!() }
-    async fn compact(&self, _revision: Revision) -> Result<()> { todo!() }
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn range(&self, range: Range) -> Result<RangeResponse> {
+        let options = get_options(&range);
+        let key = range.keys.bytes().to_vec();
+        let resp = self
+            .call("range", Retry::Idempotent, |client| {
+                let mut kv = client.kv_client();
+                let (key, options) = (key.clone(), options.clone());
+                async move { kv.get(key, Some(options)).await }
+            })
+            .await?
+            .map_err(|e| map_err("range", e, 0))?;
+        Ok(range_response(resp, 0))
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        let options = put_options(lease);
+        let resp = self
+            .call("put", Retry::Unsent, |client| {
+                let mut kv = client.kv_client();
+                let (key, value, options) = (key.to_vec(), value.to_vec(), options.clone());
+                async move { kv.put(key, value, options).await }
+            })
+            .await?
+            .map_err(|e| map_err("put", e, lease))?;
+        Ok(revision(resp.header()))
+    }
+
+    async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        let options = delete_options(&keys);
+        let key = keys.bytes().to_vec();
+        let resp = self
+            .call("delete", Retry::Unsent, |client| {
+                let mut kv = client.kv_client();
+                let (key, options) = (key.clone(), options.clone());
+                async move { kv.delete(key, Some(options)).await }
+            })
+            .await?
+            .map_err(|e| map_err("delete", e, 0))?;
+        Ok((resp.deleted(), revision(resp.header())))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        // The lease to name if etcd reports an unknown one.
+        let lease = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .find_map(|op| match op {
+                TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let request = ec::Txn::new()
+            .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
+            .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
+            .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
+        let resp = self
+            .call("txn", Retry::Unsent, |client| {
+                let mut kv = client.kv_client();
+                let request = request.clone();
+                async move { kv.txn(request).await }
+            })
+            .await?
+            .map_err(|e| map_err("txn", e, lease))?;
+        let header_revision = revision(resp.header());
+        let responses = resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                ec::TxnOpResponse::Put(_) => Ok(TxnOpResponse::Put),
+                ec::TxnOpResponse::Get(get) => {
+                    Ok(TxnOpResponse::Get(range_response(get, header_revision)))
+                }
+                ec::TxnOpResponse::Delete(del) => Ok(TxnOpResponse::Delete {
+                    deleted: del.deleted(),
+                }),
+                ec::TxnOpResponse::Txn(_) => {
+                    Err(Error::Store("txn: unexpected nested txn response".into()))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TxnResponse {
+            succeeded: resp.succeeded(),
+            header_revision,
+            responses,
+        })
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        let whole = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let whole = i64::try_from(whole).map_err(|_| Error::invalid("lease ttl is too large"))?;
+        let resp = self
+            .call("lease grant", Retry::Unsent, |client| {
+                let mut leases = client.lease_client();
+                async move { leases.grant(whole, None).await }
+            })
+            .await?
+            .map_err(|e| map_err("lease grant", e, 0))?;
+        if !resp.error().is_empty() {
+            return Err(Error::Store(format!(
+                "lease grant: {}",
+                resp.error().to_lowercase()
+            )));
+        }
+        tracing::debug!(lease = %format_args!("{:x}", resp.id()), ttl = resp.ttl(), "granted lease");
+        Ok(LeaseGrant {
+            id: resp.id(),
+            ttl: secs(resp.ttl()),
+        })
+    }
+
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
+        let after = self.inner.options.request_timeout;
+        let deadline = Instant::now() + after;
+        let slot = self.keeper_slot(id);
+        let result = timeout_at(deadline, self.keep_alive_once(id, &slot, deadline)).await;
+        drop(slot);
+        match result {
+            Ok(Ok(Some(ttl))) => Ok(Some(ttl)),
+            Ok(Ok(None)) => {
+                tracing::debug!(lease = %format_args!("{id:x}"), "lease is gone");
+                self.forget_keeper(id);
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                self.forget_keeper(id);
+                Err(e)
+            }
+            Err(_) => {
+                self.forget_keeper(id);
+                Err(Error::Timeout {
+                    operation: "lease keep-alive",
+                    after,
+                })
+            }
+        }
+    }
+
+    async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
+        self.forget_keeper(id);
+        self.call("lease revoke", Retry::Unsent, |client| {
+            let mut leases = client.lease_client();
+            async move { leases.revoke(id).await }
+        })
+        .await?
+        .map_err(|e| map_err("lease revoke", e, id))?;
+        tracing::debug!(lease = %format_args!("{id:x}"), "revoked lease");
+        Ok(())
+    }
+
+    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
+        let resp = self
+            .call("lease time-to-live", Retry::Idempotent, |client| {
+                let mut leases = client.lease_client();
+                async move { leases.time_to_live(id, None).await }
+            })
+            .await?;
+        match resp {
+            Ok(resp) if resp.ttl() < 0 => Ok(None),
+            Ok(resp) => Ok(Some(secs(resp.ttl()))),
+            Err(e) if is_lease_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("lease time-to-live", e, id)),
+        }
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        let mut options = ec::WatchOptions::new();
+        if let KeyRange::Prefix(_) = watch.keys {
+            options = options.with_prefix();
+        }
+        if watch.start_revision > 0 {
+            options = options.with_start_revision(watch.start_revision);
+        }
+        if watch.prev_kv {
+            options = options.with_prev_key();
+        }
+        let key = watch.keys.bytes().to_vec();
+        let (stream, created) = self
+            .call("watch", Retry::Idempotent, |client| {
+                let mut watches = client.watch_client();
+                let (key, options) = (key.clone(), options.clone());
+                async move {
+                    let mut stream = watches.watch(key, Some(options)).await?;
+                    // etcd answers a create request with a "created" response; wait for it
+                    // so that the watch is registered when this returns.
+                    let created = stream.message().await?;
+                    Ok((stream, created))
+                }
+            })
+            .await?
+            .map_err(|e| map_err("watch", e, 0))?;
+        let Some(created) = created else {
+            return Err(Error::Store(
+                "watch: the stream ended before the watch was created".into(),
+            ));
+        };
+        if !created.created() {
+            return Err(Error::Store(
+                "watch: etcd did not confirm the watch creation".into(),
+            ));
+        }
+        let requested = watch.start_revision;
+        if created.canceled() {
+            let error = cancel_error(&created, requested);
+            if !matches!(error, Error::Compacted { .. }) {
+                return Err(error);
+            }
+            return Ok(Box::pin(futures::stream::once(async move { Err(error) })));
+        }
+        tracing::debug!(
+            watch_id = created.watch_id(),
+            start_revision = requested,
+            "watch created"
+        );
+
+        let state = WatchState {
+            stream: Some(stream),
+            requested,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, next_batch)))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        if revision <= 0 {
+            return Err(Error::invalid("compact revision must be positive"));
+        }
+        let started = Instant::now();
+        let resp = self
+            .call("compact", Retry::Unsent, |client| {
+                let mut kv = client.kv_client();
+                async move { kv.compact(revision, None).await }
+            })
+            .await?;
+        match resp {
+            Ok(_) => {
+                tracing::debug!(revision, "compacted");
+                Ok(())
+            }
+            Err(e) if status_message(&e).is_some_and(|m| m.contains("has been compacted")) => {
+                let left = self
+                    .inner
+                    .options
+                    .request_timeout
+                    .saturating_sub(started.elapsed())
+                    .min(Duration::from_secs(2));
+                let compact_revision = self.compact_revision(left).await.unwrap_or(revision);
+                Err(Error::Compacted {
+                    requested: revision,
+                    compact_revision,
+                })
+            }
+            Err(e) => Err(map_err("compact", e, 0)),
+        }
+    }
+}
+
+/// The state of a watch stream: etcd-client's stream (which owns the request sender;
+/// dropping it ends the gRPC stream and with it the watch on the server).
+struct WatchState {
+    stream: Option<ec::WatchStream>,
+    requested: Revision,
+}
+
+async fn next_batch(mut state: WatchState) -> Option<(Result<WatchResponse>, WatchState)> {
+    let stream = state.stream.as_mut()?;
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    let error = cancel_error(&resp, state.requested);
+                    tracing::debug!(watch_id = resp.watch_id(), error = %error, "watch canceled by etcd");
+                    state.stream = None;
+                    return Some((Err(error), state));
+                }
+                if resp.events().is_empty() {
+                    // A progress notification or a stray "created": nothing to deliver.
+                    continue;
+                }
+                let batch = WatchResponse {
+                    header_revision: revision(resp.header()),
+                    events: resp.events().iter().map(event).collect(),
+                };
+                return Some((Ok(batch), state));
+            }
+            Ok(None) => {
+                tracing::debug!("watch stream ended");
+                return None;
+            }
+            Err(e) => {
+                let error = map_err("watch", e, 0);
+                tracing::debug!(error = %error, "watch stream failed");
+                state.stream = None;
+                return Some((Err(error), state));
+            }
+        }
+    }
+}
+
+/// The error for a watch that etcd canceled.
+fn cancel_error(resp: &ec::WatchResponse, requested: Revision) -> Error {
+    if resp.compact_revision() > 0 {
+        Error::Compacted {
+            requested,
+            compact_revision: resp.compact_revision(),
+        }
+    } else if resp.cancel_reason().is_empty() {
+        Error::Store("watch: canceled by etcd".into())
+    } else {
+        Error::Store(format!(
+            "watch: canceled by etcd: {}",
+            resp.cancel_reason().to_lowercase()
+        ))
+    }
+}
+
+fn event(e: &ec::Event) -> Event {
+    Event {
+        kind: match e.event_type() {
+            ec::EventType::Put => EventKind::Put,
+            ec::EventType::Delete => EventKind::Delete,
+        },
+        kv: e.kv().map(key_value).unwrap_or_default(),
+        prev_kv: e.prev_kv().map(key_value),
+    }
+}
+
+fn key_value(kv: &ec::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+fn owned_key_value(kv: ec::KeyValue) -> KeyValue {
+    let (create_revision, mod_revision, version, lease) = (
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease(),
+    );
+    let (key, value) = kv.into_key_value();
+    KeyValue {
+        key,
+        value,
+        create_revision,
+        mod_revision,
+        version,
+        lease,
+    }
+}
+
+fn revision(header: Option<&ec::ResponseHeader>) -> Revision {
+    header.map_or(0, ec::ResponseHeader::revision)
+}
+
+/// Convert a range answer; `fallback_revision` stands in for a missing header revision
+/// (inside a txn).
+fn range_response(mut resp: ec::GetResponse, fallback_revision: Revision) -> RangeResponse {
+    let header_revision = match revision(resp.header()) {
+        0 => fallback_revision,
+        r => r,
+    };
+    let more = resp.more();
+    RangeResponse {
+        header_revision,
+        kvs: resp.take_kvs().into_iter().map(owned_key_value).collect(),
+        more,
+    }
+}
+
+/// A duration of `n` whole seconds (negative counts as zero).
+fn secs(n: i64) -> Duration {
+    Duration::from_secs(u64::try_from(n).unwrap_or(0))
+}
+
+fn get_options(range: &Range) -> ec::GetOptions {
+    let mut options = ec::GetOptions::new();
+    if let KeyRange::Prefix(_) = range.keys {
+        options = options.with_prefix();
+    }
+    if let Some((target, order)) = range.sort {
+        let target = match target {
+            SortTarget::Key => ec::SortTarget::Key,
+            SortTarget::CreateRevision => ec::SortTarget::Create,
+            SortTarget::ModRevision => ec::SortTarget::Mod,
+        };
+        let order = match order {
+            SortOrder::Ascending => ec::SortOrder::Ascend,
+            SortOrder::Descending => ec::SortOrder::Descend,
+        };
+        options = options.with_sort(target, order);
+    }
+    if range.limit > 0 {
+        options = options.with_limit(range.limit);
+    }
+    if range.max_create_revision > 0 {
+        options = options.with_max_create_revision(range.max_create_revision);
+    }
+    if range.max_mod_revision > 0 {
+        options = options.with_max_mod_revision(range.max_mod_revision);
+    }
+    options
+}
+
+fn put_options(lease: LeaseId) -> Option<ec::PutOptions> {
+    (lease != 0).then(|| ec::PutOptions::new().with_lease(lease))
+}
+
+fn delete_options(keys: &KeyRange) -> ec::DeleteOptions {
+    match keys {
+        KeyRange::Key(_) => ec::DeleteOptions::new(),
+        KeyRange::Prefix(_) => ec::DeleteOptions::new().with_prefix(),
+    }
+}
+
+fn compare(c: &Compare) -> ec::Compare {
+    let op = match c.op {
+        CompareOp::Equal => ec::CompareOp::Equal,
+        CompareOp::NotEqual => ec::CompareOp::NotEqual,
+        CompareOp::Greater => ec::CompareOp::Greater,
+        CompareOp::Less => ec::CompareOp::Less,
+    };
+    let key = c.key.clone();
+    match &c.target {
+        CompareTarget::CreateRevision(r) => ec::Compare::create_revision(key, op, *r),
+        CompareTarget::ModRevision(r) => ec::Compare::mod_revision(key, op, *r),
+        CompareTarget::Version(v) => ec::Compare::version(key, op, *v),
+        CompareTarget::Value(v) => ec::Compare::value(key, op, v.clone()),
+        CompareTarget::Lease(l) => ec::Compare::lease(key, op, *l),
+    }
+}
+
+fn txn_op(op: &TxnOp) -> ec::TxnOp {
+    match op {
+        TxnOp::Put { key, value, lease } => {
+            ec::TxnOp::put(key.clone(), value.clone(), put_options(*lease))
+        }
+        TxnOp::Get(range) => ec::TxnOp::get(range.keys.bytes().to_vec(), Some(get_options(range))),
+        TxnOp::Delete(keys) => ec::TxnOp::delete(keys.bytes().to_vec(), Some(delete_options(keys))),
+    }
+}
+
+fn lock_unpoisoned<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The gRPC status message, if etcd (or the transport) answered with a status.
+fn status_message(e: &ec::Error) -> Option<&str> {
+    match e {
+        ec::Error::GRpcStatus(s) => Some(s.message()),
+        _ => None,
+    }
+}
+
+/// The gRPC status code as a number, if any.
+fn status_code(e: &ec::Error) -> Option<i32> {
+    match e {
+        ec::Error::GRpcStatus(s) => Some(s.code() as i32),
+        _ => None,
+    }
+}
+
+/// A lowercase, one-line description of an etcd-client error with its causes. gRPC and
+/// transport errors never carry keys' values.
+fn describe(e: &ec::Error) -> String {
+    let (mut text, mut source): (String, Option<&(dyn std::error::Error + 'static)>) = match e {
+        ec::Error::GRpcStatus(s) => {
+            let text = if s.message().is_empty() {
+                format!("grpc status {:?}", s.code())
+            } else {
+                s.message().to_string()
+            };
+            (text, std::error::Error::source(s))
+        }
+        ec::Error::TransportError(t) => (t.to_string(), std::error::Error::source(t)),
+        other => (other.to_string(), None),
+    };
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text.to_lowercase()
+}
+
+/// True if the request provably never reached a member: the connection could not be made.
+fn is_unsent(e: &ec::Error) -> bool {
+    let connect_failed = |text: &str| {
+        text.contains("connect error")
+            || text.contains("error trying to connect")
+            || text.contains("connection refused")
+    };
+    match e {
+        ec::Error::GRpcStatus(s) if s.code() as i32 == CODE_UNAVAILABLE => {
+            connect_failed(&describe(e))
+        }
+        ec::Error::TransportError(_) => connect_failed(&describe(e)),
+        _ => false,
+    }
+}
+
+/// True for failures that may pass on their own: a member unavailable, a broken
+/// connection, a dropped stream. Safe to retry only for requests that may run twice.
+fn is_transient(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::GRpcStatus(s) => {
+            let code = s.code() as i32;
+            code == CODE_UNAVAILABLE
+                || (code != CODE_INVALID_ARGUMENT
+                    && code != CODE_NOT_FOUND
+                    && !s.message().starts_with("etcdserver:")
+                    && describe(e).contains("connection"))
+        }
+        ec::Error::TransportError(_)
+        | ec::Error::IoError(_)
+        | ec::Error::WatchError(_)
+        | ec::Error::LeaseKeepAliveError(_) => !is_lease_not_found(e),
+        _ => false,
+    }
+}
+
+fn is_lease_not_found(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::GRpcStatus(s) => s.message().contains("requested lease not found"),
+        ec::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// Map an etcd-client error to Baton's. `lease` names the lease of the request, if any,
+/// for [`Error::LeaseNotFound`].
+fn map_err(operation: &'static str, e: ec::Error, lease: LeaseId) -> Error {
+    if is_lease_not_found(&e) {
+        return Error::LeaseNotFound(lease);
+    }
+    let text = describe(&e);
+    if let Some(message) = status_message(&e).map(str::to_lowercase) {
+        if message.contains("request is too large") || message.contains("larger than max") {
+            return Error::InvalidArgument(format!("{operation}: request is too large"));
+        }
+        if message.contains("too large lease ttl") {
+            return Error::InvalidArgument(format!("{operation}: lease ttl is too large"));
+        }
+        if message.contains("future revision") {
+            return Error::InvalidArgument(format!("{operation}: revision is in the future"));
+        }
+        if message.contains("has been compacted") {
+            return Error::Compacted {
+                requested: 0,
+                compact_revision: 0,
+            };
+        }
+        if status_code(&e) == Some(CODE_INVALID_ARGUMENT) {
+            return Error::InvalidArgument(format!("{operation}: {text}"));
+        }
+    }
+    match e {
+        ec::Error::InvalidArgs(_) | ec::Error::InvalidUri(_) => {
+            Error::InvalidArgument(format!("{operation}: {text}"))
+        }
+        _ => Error::Store(format!("{operation}: {text}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_ttls() {
+        assert_eq!(secs(-1), Duration::ZERO);
+        assert_eq!(secs(3), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn maps_client_errors() {
+        let gone = ec::Error::LeaseKeepAliveError("lease not found".into());
+        assert!(is_lease_not_found(&gone));
+        assert!(matches!(
+            map_err("lease keep-alive", gone, 7),
+            Error::LeaseNotFound(7)
+        ));
+        let invalid = ec::Error::InvalidArgs("empty endpoints".into());
+        assert!(map_err("put", invalid, 0).is_invalid_input());
+        let broken = ec::Error::WatchError("channel closed".into());
+        assert!(is_transient(&broken));
+        assert!(!is_unsent(&broken));
+        assert!(map_err("watch", broken, 0).is_retryable());
+    }
+
+    #[test]
+    fn default_options() {
+        let options = EtcdOptions::default();
+        assert_eq!(options.dial_timeout, Duration::from_secs(5));
+        assert_eq!(options.request_timeout, Duration::from_secs(10));
+    }
 }

@@ -1,0 +1,716 @@
+//! Real etcd servers on loopback: [`EtcdServer`] (one member) and [`EtcdCluster`].
+//!
+//! Each member runs the `etcd` binary ([`etcd_bin`]) on free loopback ports, with its data
+//! in a temporary directory and its log in a file there (never on the terminal). Starting
+//! waits until the member reports itself healthy (`GET /health`, which needs a leader and a
+//! quorum read); a start that fails panics with the end of the log. Members are killed with
+//! SIGKILL and reaped on drop, and are killed by the kernel if the test process dies first.
+//!
+//! All calls block the calling thread (starting takes about a second). That is fine in
+//! `#[tokio::test]`s: the servers are separate processes.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::ports::free_port;
+use crate::process;
+
+/// How long a single member may take to become healthy.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a cluster may take to become healthy.
+const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a start is retried with new ports after a port was taken.
+const START_ATTEMPTS: usize = 5;
+/// How many log lines a failure message shows.
+const LOG_TAIL_LINES: usize = 40;
+
+/// The `etcd` binary: `$BATON_ETCD_BIN`, else `/usr/bin/etcd`, else `etcd` on the `PATH`.
+pub fn etcd_bin() -> Option<PathBuf> {
+    find_bin("BATON_ETCD_BIN", "etcd")
+}
+
+/// The `etcdctl` binary: `$BATON_ETCDCTL_BIN`, else `/usr/bin/etcdctl`, else `etcdctl` on
+/// the `PATH`.
+pub fn etcdctl_bin() -> Option<PathBuf> {
+    find_bin("BATON_ETCDCTL_BIN", "etcdctl")
+}
+
+fn find_bin(env: &str, name: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let usr = Path::new("/usr/bin").join(name);
+    if usr.is_file() {
+        return Some(usr);
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}
+
+/// True if the etcd binary ([`etcd_bin`]) exists and runs (`etcd --version` succeeds).
+///
+/// Tests call this first to fail or skip with a clear message instead of a spawn error.
+pub fn etcd_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        etcd_bin().is_some_and(|bin| {
+            Command::new(bin)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    })
+}
+
+/// A unique token for `--initial-cluster-token`, so that members of different test
+/// clusters never join each other.
+fn cluster_token() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "baton-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Why a start attempt failed.
+#[derive(Debug)]
+enum StartError {
+    /// A port was taken by someone else: retry with new ports.
+    PortTaken,
+    /// Anything else: give up.
+    Failed(String),
+}
+
+/// One etcd member on loopback.
+///
+/// # Examples
+///
+/// ```no_run
+/// let etcd = baton_testkit::EtcdServer::start();
+/// println!("etcd listens on {}", etcd.endpoint());
+/// ```
+pub struct EtcdServer {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    initial_cluster: String,
+    token: String,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for EtcdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdServer")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint())
+            .field("peer_port", &self.peer_port)
+            .field("pid", &self.pid())
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl EtcdServer {
+    /// Start a one-member cluster and wait until it is healthy.
+    ///
+    /// # Panics
+    ///
+    /// If etcd is missing, or does not become healthy within 20 s; the message shows the
+    /// end of its log.
+    pub fn start() -> EtcdServer {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let (client_port, peer_port) = (free_port(), free_port());
+            let name = "baton0".to_string();
+            let initial_cluster = format!("{name}={}", url(peer_port));
+            let mut server = EtcdServer::new(name, client_port, peer_port, initial_cluster);
+            server.spawn();
+            match server.wait_started(START_TIMEOUT) {
+                Ok(()) => return server,
+                Err(StartError::PortTaken) => {
+                    last = server.log_tail(LOG_TAIL_LINES);
+                    tracing::debug!(client_port, peer_port, "etcd port taken; retrying");
+                }
+                Err(StartError::Failed(why)) => panic!("{why}"),
+            }
+        }
+        panic!(
+            "etcd could not bind free ports in {START_ATTEMPTS} attempts; last log lines:\n{last}"
+        )
+    }
+
+    /// Like [`start`](Self::start), from async code: runs on tokio's blocking pool.
+    pub async fn start_async() -> EtcdServer {
+        match tokio::task::spawn_blocking(EtcdServer::start).await {
+            Ok(server) => server,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    fn new(name: String, client_port: u16, peer_port: u16, initial_cluster: String) -> Self {
+        let dir = match tempfile::Builder::new().prefix("baton-etcd-").tempdir() {
+            Ok(dir) => dir,
+            Err(e) => panic!("cannot create a temporary directory for etcd: {e}"),
+        };
+        EtcdServer {
+            name,
+            client_port,
+            peer_port,
+            initial_cluster,
+            token: cluster_token(),
+            dir,
+            child: None,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let Some(bin) = etcd_bin() else {
+            panic!("etcd not found: install etcd (Debian: apt-get install etcd-server) or set BATON_ETCD_BIN");
+        };
+        let mut command = Command::new(bin);
+        // etcd reads ETCD_* variables as flags; do not let the environment change them.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD") {
+                command.env_remove(key);
+            }
+        }
+        let client = url(self.client_port);
+        let peer = url(self.peer_port);
+        let args: Vec<OsString> = vec![
+            "--name".into(),
+            self.name.clone().into(),
+            "--data-dir".into(),
+            self.data_dir().into(),
+            "--listen-client-urls".into(),
+            client.clone().into(),
+            "--advertise-client-urls".into(),
+            client.into(),
+            "--listen-peer-urls".into(),
+            peer.clone().into(),
+            "--initial-advertise-peer-urls".into(),
+            peer.into(),
+            "--initial-cluster".into(),
+            self.initial_cluster.clone().into(),
+            "--initial-cluster-token".into(),
+            self.token.clone().into(),
+            "--initial-cluster-state".into(),
+            "new".into(),
+            "--logger".into(),
+            "zap".into(),
+            "--log-outputs".into(),
+            "stderr".into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        command.args(args);
+        command
+    }
+
+    /// Start the process (no waiting). Its output goes to the log file.
+    fn spawn(&mut self) {
+        let log = match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+        {
+            Ok(log) => log,
+            Err(e) => panic!(
+                "cannot open the etcd log {}: {e}",
+                self.log_path().display()
+            ),
+        };
+        let (stdout, stderr) = match (log.try_clone(), log.try_clone()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => panic!("cannot duplicate the etcd log handle: {e}"),
+        };
+        if let Ok(mut log) = log.try_clone() {
+            let _ = writeln!(
+                log,
+                "--- baton-testkit: starting {} (client {}, peer {})",
+                self.name,
+                url(self.client_port),
+                url(self.peer_port)
+            );
+        }
+        let mut command = self.command();
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
+        match process::spawn(command) {
+            Ok(child) => {
+                tracing::debug!(pid = child.id(), name = %self.name, client_port = self.client_port, "started etcd");
+                self.child = Some(child);
+            }
+            Err(e) => panic!(
+                "cannot start etcd ({}): {e}; install etcd or set BATON_ETCD_BIN",
+                etcd_bin().unwrap_or_default().display()
+            ),
+        }
+    }
+
+    /// Wait until healthy; classify a failure.
+    fn wait_started(&mut self, timeout: Duration) -> Result<(), StartError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(self.start_failure(format!("etcd exited with {status}")));
+            }
+            if self.is_healthy() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(
+                    self.start_failure(format!("etcd did not become healthy within {timeout:?}"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_failure(&self, what: String) -> StartError {
+        let tail = self.log_tail(LOG_TAIL_LINES);
+        if tail.contains("address already in use") {
+            StartError::PortTaken
+        } else {
+            StartError::Failed(format!(
+                "{what} (member {}, client {}, peer port {}, log {}); last log lines:\n{tail}",
+                self.name,
+                self.endpoint(),
+                self.peer_port,
+                self.log_path().display()
+            ))
+        }
+    }
+
+    fn exit_status(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                self.child = None;
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        url(self.client_port)
+    }
+
+    /// The client URL(s) in Baton's URL form; for one member the same as
+    /// [`endpoint`](Self::endpoint).
+    pub fn endpoints_url(&self) -> String {
+        self.endpoint()
+    }
+
+    /// The client port.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// The peer port.
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+    }
+
+    /// The member's name (`--name`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id, or `None` if the member is not running (killed or exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True if the process runs (possibly stopped with [`stop`](Self::stop)).
+    pub fn is_running(&mut self) -> bool {
+        self.exit_status();
+        self.child.is_some()
+    }
+
+    /// The data directory (`--data-dir`), kept across [`restart`](Self::restart).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.etcd", self.name))
+    }
+
+    /// The log file (etcd's stdout and stderr, appended across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(self.log_path()) {
+            let _ = file.read_to_string(&mut text);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Kill the process with SIGKILL and reap it. Does nothing if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            tracing::debug!(name = %self.name, "killed etcd");
+        }
+    }
+
+    /// Pause the process with SIGSTOP. It keeps its sockets but answers nothing.
+    ///
+    /// # Panics
+    ///
+    /// If the member is not running.
+    pub fn stop(&mut self) {
+        self.send(libc::SIGSTOP, "SIGSTOP");
+    }
+
+    /// Resume a process paused with [`stop`](Self::stop) (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// If the member is not running.
+    pub fn cont(&mut self) {
+        self.send(libc::SIGCONT, "SIGCONT");
+    }
+
+    fn send(&mut self, signal: libc::c_int, name: &str) {
+        let Some(pid) = self.pid() else {
+            panic!(
+                "cannot send {name} to etcd member {}: not running",
+                self.name
+            );
+        };
+        if let Err(e) = process::signal(pid, signal) {
+            panic!(
+                "cannot send {name} to etcd member {} (pid {pid}): {e}",
+                self.name
+            );
+        }
+    }
+
+    /// Kill the member if it runs, start it again with the same data directory and ports,
+    /// and wait until it is healthy (which needs a quorum of its cluster).
+    ///
+    /// # Panics
+    ///
+    /// If it does not become healthy within 20 s.
+    pub fn restart(&mut self) {
+        self.restart_no_wait();
+        match self.wait_started(START_TIMEOUT) {
+            Ok(()) => {}
+            Err(StartError::Failed(why)) => panic!("{why}"),
+            Err(StartError::PortTaken) => panic!(
+                "etcd member {} could not bind its ports again on restart; last log lines:\n{}",
+                self.name,
+                self.log_tail(LOG_TAIL_LINES)
+            ),
+        }
+    }
+
+    /// Kill the member if it runs and start it again with the same data directory and
+    /// ports, without waiting for it to be healthy (for a member that cannot reach a
+    /// quorum on its own).
+    pub fn restart_no_wait(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// True if `GET /health` answers `{"health":"true"}` within a second.
+    pub fn is_healthy(&self) -> bool {
+        http_get(self.client_port, "/health", Duration::from_secs(1))
+            .is_some_and(|body| body.contains("\"health\":\"true\""))
+    }
+
+    /// Wait up to `timeout` for [`is_healthy`](Self::is_healthy).
+    pub fn wait_healthy(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.is_healthy() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of a Prometheus metric without labels from `GET /metrics`, such as
+    /// `etcd_server_is_leader` or `etcd_debugging_mvcc_watcher_total`. `None` if the
+    /// member does not answer or has no such metric.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(self.client_port, "/metrics", Duration::from_secs(1))?;
+        body.lines().find_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+            rest.trim().parse().ok()
+        })
+    }
+
+    /// True if this member says it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.metric("etcd_server_is_leader") == Some(1.0)
+    }
+
+    /// Run `etcdctl --endpoints=<this member> ARGS` with `ETCDCTL_API=3` and return its
+    /// output.
+    ///
+    /// # Panics
+    ///
+    /// If etcdctl cannot be started.
+    pub fn etcdctl<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        etcdctl(&self.endpoint(), args)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Run `etcdctl --endpoints=ENDPOINTS ARGS` with `ETCDCTL_API=3`.
+///
+/// # Panics
+///
+/// If etcdctl cannot be started.
+pub fn etcdctl<I, S>(endpoints: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let Some(bin) = etcdctl_bin() else {
+        panic!("etcdctl not found: install etcd-client (Debian) or set BATON_ETCDCTL_BIN");
+    };
+    let mut command = Command::new(&bin);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ETCDCTL") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(args)
+        .stdin(Stdio::null());
+    match command.output() {
+        Ok(output) => output,
+        Err(e) => panic!("cannot run {}: {e}", bin.display()),
+    }
+}
+
+/// A tiny HTTP/1.0 GET on loopback; the body, or `None` on any failure.
+fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/").then(|| body.to_string())
+}
+
+/// An etcd cluster of several members on loopback.
+///
+/// # Examples
+///
+/// ```no_run
+/// let mut cluster = baton_testkit::EtcdCluster::start(3);
+/// let leader = cluster.leader_index().expect("a leader");
+/// cluster.kill(leader);
+/// ```
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Start `n` members that form one cluster, and wait until all are healthy.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0, if etcd is missing, or if the cluster is not healthy within 30 s; the
+    /// message shows the end of the failing member's log.
+    pub fn start(n: usize) -> EtcdCluster {
+        assert!(n > 0, "a cluster needs at least one member");
+        for _ in 0..START_ATTEMPTS {
+            let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+            let initial_cluster = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (_, peer))| format!("baton{i}={}", url(*peer)))
+                .collect::<Vec<_>>()
+                .join(",");
+            let token = cluster_token();
+            let mut members: Vec<EtcdServer> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (client, peer))| {
+                    let mut member = EtcdServer::new(
+                        format!("baton{i}"),
+                        *client,
+                        *peer,
+                        initial_cluster.clone(),
+                    );
+                    member.token = token.clone();
+                    member
+                })
+                .collect();
+            for member in &mut members {
+                member.spawn();
+            }
+            let deadline = Instant::now() + CLUSTER_START_TIMEOUT;
+            let mut outcome = Ok(());
+            for member in &mut members {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(e) = member.wait_started(left) {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            match outcome {
+                Ok(()) => return EtcdCluster { members },
+                Err(StartError::PortTaken) => {
+                    tracing::debug!("etcd cluster port taken; retrying");
+                }
+                Err(StartError::Failed(why)) => panic!("etcd cluster of {n} did not start: {why}"),
+            }
+        }
+        panic!("etcd cluster could not bind free ports in {START_ATTEMPTS} attempts")
+    }
+
+    /// Like [`start`](Self::start), from async code: runs on tokio's blocking pool.
+    pub async fn start_async(n: usize) -> EtcdCluster {
+        match tokio::task::spawn_blocking(move || EtcdCluster::start(n)).await {
+            Ok(cluster) => cluster,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// The number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True if the cluster has no members (never, after [`start`](Self::start)).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
+
+    /// Every member's client URL, comma-joined: Baton's URL form.
+    pub fn endpoints_url(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    /// Member `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i` is out of range.
+    pub fn member(&self, i: usize) -> &EtcdServer {
+        &self.members[i]
+    }
+
+    /// Member `i`, mutably (to kill, stop or restart it).
+    ///
+    /// # Panics
+    ///
+    /// If `i` is out of range.
+    pub fn member_mut(&mut self, i: usize) -> &mut EtcdServer {
+        &mut self.members[i]
+    }
+
+    /// All members.
+    pub fn members(&self) -> &[EtcdServer] {
+        &self.members
+    }
+
+    /// Kill member `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Pause member `i` with SIGSTOP.
+    pub fn stop(&mut self, i: usize) {
+        self.members[i].stop();
+    }
+
+    /// Resume member `i` with SIGCONT.
+    pub fn cont(&mut self, i: usize) {
+        self.members[i].cont();
+    }
+
+    /// Restart member `i` with its data and ports, and wait until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.members[i].restart();
+    }
+
+    /// The index of the member that says it is the leader, asking running members only.
+    /// `None` if none does right now (an election is under way, or quorum is lost).
+    pub fn leader_index(&self) -> Option<usize> {
+        self.members
+            .iter()
+            .position(|m| m.child.is_some() && m.is_leader())
+    }
+
+    /// Wait up to `timeout` for a leader; its index.
+    pub fn wait_for_leader(&self, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.leader_index() {
+                return Some(i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run `etcdctl` against every member (see [`EtcdServer::etcdctl`]).
+    pub fn etcdctl<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        etcdctl(&self.endpoints_url(), args)
+    }
+}

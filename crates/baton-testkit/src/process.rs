@@ -1,0 +1,84 @@
+//! Child processes that never outlive the test process, and signals to send them.
+//!
+//! On Linux, children are started from one long-lived thread with
+//! `PR_SET_PDEATHSIG = SIGKILL`: the kernel kills them when that thread ends, which is when
+//! the test process ends, even if it is itself killed and no `Drop` runs. (The signal is
+//! tied to the thread that forked, so forking from a test's own thread would kill the child
+//! when that test's thread finishes.)
+
+use std::io;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+
+type Request = (Command, mpsc::Sender<io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<Request>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let thread = std::thread::Builder::new()
+            .name("baton-testkit-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(spawn_here(&mut command));
+                }
+            });
+        if let Err(e) = thread {
+            panic!("cannot start the process spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn spawn_here(command: &mut Command) -> io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid and prctl/getppid are async-signal-safe and touch no memory of the
+    // parent; this is the documented use of `pre_exec`.
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::other("the parent process is gone"));
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn spawn_here(command: &mut Command) -> io::Result<Child> {
+    command.spawn()
+}
+
+/// Start `command` so that it is killed when this process ends.
+pub(crate) fn spawn(command: Command) -> io::Result<Child> {
+    let (tx, rx) = mpsc::channel();
+    {
+        let spawner = spawner()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spawner
+            .send((command, tx))
+            .map_err(|_| io::Error::other("the process spawner thread is gone"))?;
+    }
+    rx.recv()
+        .map_err(|_| io::Error::other("the process spawner thread is gone"))?
+}
+
+/// Send `signal` to process `pid`.
+pub(crate) fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

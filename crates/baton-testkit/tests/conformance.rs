@@ -1,0 +1,58 @@
+//! The conformance suite (`baton_testkit::conformance`) on every store: the embedded store,
+//! one real etcd node, and a real 3-node etcd cluster.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use baton_testkit::conformance::{self, Backend};
+use baton_testkit::{EtcdCluster, EtcdServer};
+
+async fn mem() -> Backend {
+    Backend::mem()
+}
+
+async fn etcd() -> Backend {
+    let server = EtcdServer::start_async().await;
+    Backend::new(server.endpoint(), server)
+}
+
+async fn etcd_cluster() -> Backend {
+    let cluster = EtcdCluster::start_async(3).await;
+    Backend::new(cluster.endpoints_url(), cluster)
+}
+
+macro_rules! suite {
+    ($backend:ident: $($case:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = super::$backend().await;
+                    super::conformance::$case(&backend).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_backends {
+    ($($case:ident),* $(,)?) => {
+        suite!(mem: $($case),*);
+        suite!(etcd: $($case),*);
+        suite!(etcd_cluster: $($case),*);
+    };
+}
+
+all_backends!(
+    mutual_exclusion_counter,
+    fifo_order,
+    try_lock_while_held,
+    cancel_while_waiting,
+    holder_session_expires,
+    lease_revoked_externally,
+    key_deleted_externally,
+    guarded_txn,
+    waiter_lease_expires_in_queue,
+    prefix_independence,
+    same_session_twice,
+    bad_input,
+);

@@ -1,0 +1,188 @@
+//! Failures that need a real etcd: a member killed under a held lock, and contention between
+//! separate OS processes.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use baton::{Client, Mutex, Session};
+use baton_testkit::{EtcdCluster, EtcdServer};
+
+/// `kill -9` of the cluster's leader, then of a follower, while a lock is held and a waiter
+/// queues: the lock survives with no false `lost()`, and the waiter gets it on release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_killed_while_held() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let endpoints = cluster.endpoints_url();
+    let ttl = Duration::from_secs(5);
+    let client = Client::connect(&endpoints).await.unwrap();
+    let holder = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let waiter_client = Client::connect(&endpoints).await.unwrap();
+    let waiter = Session::builder(&waiter_client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let g = Mutex::new(&holder, "failover/lock")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let queued = tokio::spawn({
+        let m = Mutex::new(&waiter, "failover/lock").unwrap();
+        async move { m.lock().await }
+    });
+
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(10))
+        .expect("cluster has no leader");
+    cluster.kill(leader);
+    // Hold through the failover and more than two TTLs: no false loss.
+    let until = Instant::now() + 2 * ttl + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert!(
+            !g.is_lost(),
+            "false lost() after leader kill: {:?}",
+            g.lost_reason()
+        );
+        assert!(!queued.is_finished(), "waiter acquired a held lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let follower = (0..3)
+        .find(|&i| i != leader && Some(i) != cluster.leader_index())
+        .unwrap_or((leader + 1) % 3);
+    cluster.restart(leader);
+    cluster.kill(follower);
+    tokio::time::sleep(ttl).await;
+    assert!(
+        !g.is_lost(),
+        "false lost() after follower kill: {:?}",
+        g.lost_reason()
+    );
+    assert!(!holder.is_lost());
+
+    let token = g.fencing_token();
+    g.unlock().await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("waiter not granted after release")
+        .unwrap()
+        .unwrap();
+    assert!(g2.fencing_token() > token);
+    g2.unlock().await.unwrap();
+}
+
+/// Two separate OS processes contend for one lock, each doing an unprotected
+/// read-modify-write of a counter file while holding it: no increment is lost, and fencing
+/// tokens increase in the order the writes happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_contend() {
+    let etcd = EtcdServer::start_async().await;
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("counter");
+    let log = dir.path().join("log");
+    const ROUNDS: usize = 25;
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lock-worker"))
+            .args([
+                etcd.endpoint(),
+                "procs/lock".to_string(),
+                ROUNDS.to_string(),
+                counter.display().to_string(),
+                log.display().to_string(),
+            ])
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    let (ra, rb) = tokio::join!(a.wait(), b.wait());
+    assert!(
+        ra.unwrap().success() && rb.unwrap().success(),
+        "a worker failed"
+    );
+    let count: usize = std::fs::read_to_string(&counter)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        count,
+        2 * ROUNDS,
+        "increments were lost: two holders at once"
+    );
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let entries: Vec<(u32, i64)> = lines
+        .lines()
+        .map(|l| {
+            let (p, t) = l.split_once(' ').unwrap();
+            (p.parse().unwrap(), t.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(entries.len(), 2 * ROUNDS);
+    assert!(
+        entries.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens not increasing: {entries:?}"
+    );
+    let pids: std::collections::HashSet<u32> = entries.iter().map(|e| e.0).collect();
+    assert_eq!(pids.len(), 2, "both processes must have held the lock");
+    // No keys left behind.
+    let client = Client::connect(&etcd.endpoint()).await.unwrap();
+    let left = client
+        .store()
+        .range(baton::store::Range::prefix("procs/lock/"))
+        .await
+        .unwrap();
+    assert!(left.kvs.is_empty());
+}
+
+/// etcd stops answering (SIGSTOP): keep-alives go unacknowledged, and the session and its
+/// lock are lost at the local deadline (send time of the last acknowledged keep-alive plus
+/// the TTL), not later. Nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_keep_alives_lose_at_the_local_deadline() {
+    let mut etcd = EtcdServer::start_async().await;
+    let client = Client::builder(&etcd.endpoint())
+        .with_request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(3);
+    let s = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let g = Mutex::new(&s, "paused/lock").unwrap().lock().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    etcd.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = s.deadline();
+    let stopped = tokio::time::Instant::now();
+    assert!(deadline > stopped && deadline <= stopped + ttl);
+    tokio::time::timeout(ttl + Duration::from_secs(1), g.lost())
+        .await
+        .expect("lock not lost while etcd is stopped");
+    let fired = tokio::time::Instant::now();
+    assert!(s.is_lost());
+    assert_eq!(
+        s.deadline(),
+        deadline,
+        "deadline moved without an acknowledgement"
+    );
+    assert!(
+        fired + Duration::from_millis(50) >= deadline,
+        "lost {:?} before the local deadline",
+        deadline - fired
+    );
+    assert!(
+        fired <= deadline + Duration::from_millis(250),
+        "lost {:?} after the local deadline",
+        fired - deadline
+    );
+    etcd.cont();
+}

@@ -1,0 +1,789 @@
+//! `EtcdStore` against real etcd: one member, and a 3-member cluster that loses members.
+//!
+//! Each test starts its own etcd on free loopback ports. Without etcd these tests fail with
+//! a message saying so; set `BATON_SKIP_ETCD=1` to skip them instead.
+
+#![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton::store::etcd::{EtcdOptions, EtcdStore};
+use baton::store::{
+    Compare, CompareOp, EventKind, KeyRange, Range, SortOrder, SortTarget, Store, Txn, TxnOp,
+    TxnOpResponse, Watch, WatchStream,
+};
+use baton::Error;
+use baton_testkit::{etcd_available, free_port, EtcdCluster, EtcdServer};
+use futures::StreamExt;
+
+/// False (after saying why) if etcd is missing and `BATON_SKIP_ETCD=1`; panics if it is
+/// missing otherwise.
+fn require_etcd() -> bool {
+    // RUST_LOG=baton=debug shows retries and stream reopenings.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    if etcd_available() {
+        return true;
+    }
+    let bin = baton_testkit::etcd_bin();
+    if std::env::var_os("BATON_SKIP_ETCD").is_some_and(|v| v == "1") {
+        eprintln!("skipping: etcd not available ({bin:?}); BATON_SKIP_ETCD=1");
+        return false;
+    }
+    panic!(
+        "etcd is not available ({bin:?}): install it (Debian: etcd-server) or set \
+         BATON_ETCD_BIN; set BATON_SKIP_ETCD=1 to skip these tests"
+    );
+}
+
+fn options() -> EtcdOptions {
+    EtcdOptions {
+        dial_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn connect(endpoints: &[String]) -> EtcdStore {
+    EtcdStore::connect(endpoints, options()).await.unwrap()
+}
+
+async fn next(stream: &mut WatchStream) -> baton::store::WatchResponse {
+    match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        Ok(Some(Ok(batch))) => batch,
+        other => panic!("expected a watch batch, got {other:?}"),
+    }
+}
+
+/// Retry `op` until it succeeds or `within` passes; the time it took.
+async fn retry<T, F, Fut>(what: &str, within: Duration, mut op: F) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = baton::Result<T>>,
+{
+    let started = Instant::now();
+    loop {
+        match op().await {
+            Ok(v) => return (v, started.elapsed()),
+            Err(e) if started.elapsed() < within => {
+                eprintln!("{what}: retrying after {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what} still failing after {within:?}: {e}"),
+        }
+    }
+}
+
+fn acquire_txn(prefix: &str, key: &str, lease: i64) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([
+            TxnOp::put(key, "", lease),
+            TxnOp::get(Range::prefix(prefix).first_created()),
+        ])
+        .or_else([
+            TxnOp::get(Range::key(key)),
+            TxnOp::get(Range::prefix(prefix).first_created()),
+        ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_nothing_fails_within_the_dial_timeout() {
+    let port = free_port();
+    let dial = Duration::from_secs(1);
+    let opts = EtcdOptions {
+        dial_timeout: dial,
+        request_timeout: Duration::from_secs(5),
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let err = EtcdStore::connect(&[endpoint], opts.clone())
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("nothing listening: {err} after {took:?}");
+    match &err {
+        Error::Connect {
+            endpoints,
+            timeout,
+            reason,
+        } => {
+            assert!(endpoints.contains(&port.to_string()), "{err}");
+            assert_eq!(*timeout, dial);
+            assert!(!reason.is_empty());
+            assert_eq!(reason, &reason.to_lowercase());
+        }
+        other => panic!("expected Error::Connect, got {other:?}"),
+    }
+    assert!(err.is_retryable());
+    assert!(took < dial + Duration::from_secs(1), "took {took:?}");
+
+    // A listener that accepts connections but never speaks HTTP/2 must not hang either.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let started = Instant::now();
+    let err = EtcdStore::connect(&[endpoint], opts.clone())
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("silent listener: {err} after {took:?}");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(took < dial + Duration::from_secs(1), "took {took:?}");
+
+    // Bad input is refused at once.
+    let err = EtcdStore::connect(&[], opts.clone()).await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    let err = EtcdStore::connect(&["http://bad host:1".to_string()], opts)
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_put_delete() {
+    if !require_etcd() {
+        return;
+    }
+    let mut etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+    assert_eq!(store.backend(), "etcd");
+    let debug = format!("{store:?}");
+    assert!(debug.contains(&etcd.endpoint()), "{debug}");
+
+    let ra = store.put(b"r/a", b"1", 0).await.unwrap();
+    let rb = store.put(b"r/b", b"2", 0).await.unwrap();
+    let rc = store.put(b"r/c", b"3", 0).await.unwrap();
+    let ra2 = store.put(b"r/a", b"4", 0).await.unwrap();
+    store.put(b"r0", b"outside", 0).await.unwrap();
+    assert!(ra < rb && rb < rc && rc < ra2);
+
+    let all = store.range(Range::prefix("r/")).await.unwrap();
+    let keys: Vec<_> = all.kvs.iter().map(|kv| kv.key_str().into_owned()).collect();
+    assert_eq!(keys, ["r/a", "r/b", "r/c"]);
+    assert_eq!(all.header_revision, ra2 + 1);
+    assert!(!all.more);
+    let a = &all.kvs[0];
+    assert_eq!(
+        (a.create_revision, a.mod_revision, a.version, a.lease),
+        (ra, ra2, 2, 0)
+    );
+    assert_eq!(a.value, b"4");
+    assert!(format!("{a:?}").contains("value_len: 1"));
+
+    let by_mod = store
+        .range(Range::prefix("r/").sort_by(SortTarget::ModRevision, SortOrder::Descending))
+        .await
+        .unwrap();
+    assert_eq!(by_mod.kvs[0].key, b"r/a");
+    let limited = store
+        .range(Range::prefix("r/").with_limit(2))
+        .await
+        .unwrap();
+    assert_eq!(limited.kvs.len(), 2);
+    assert!(limited.more);
+    let first = store
+        .range(Range::prefix("r/").first_created())
+        .await
+        .unwrap();
+    assert_eq!(first.kvs[0].key, b"r/a");
+    let last = store
+        .range(Range::prefix("r/").last_created())
+        .await
+        .unwrap();
+    assert_eq!(last.kvs[0].key, b"r/c");
+    let by_key_desc = store
+        .range(Range::prefix("r/").sort_by(SortTarget::Key, SortOrder::Descending))
+        .await
+        .unwrap();
+    assert_eq!(by_key_desc.kvs[0].key, b"r/c");
+    let created_before_c = store
+        .range(Range::prefix("r/").with_max_create_revision(rb))
+        .await
+        .unwrap();
+    assert_eq!(created_before_c.kvs.len(), 2);
+    let modified_by_c = store
+        .range(Range::prefix("r/").with_max_mod_revision(rc))
+        .await
+        .unwrap();
+    let keys: Vec<_> = modified_by_c.kvs.iter().map(|kv| kv.key.clone()).collect();
+    assert_eq!(keys, [b"r/b".to_vec(), b"r/c".to_vec()]);
+
+    let none = store.range(Range::key("missing")).await.unwrap();
+    assert!(none.kvs.is_empty());
+    assert_eq!(none.header_revision, ra2 + 1);
+
+    let (deleted, rev) = store.delete(KeyRange::prefix("r/")).await.unwrap();
+    assert_eq!((deleted, rev), (3, ra2 + 2));
+    let (deleted, rev) = store.delete(KeyRange::key("r/a")).await.unwrap();
+    assert_eq!((deleted, rev), (0, ra2 + 2));
+    assert_eq!(store.range(Range::prefix("r")).await.unwrap().kvs.len(), 1);
+    // An empty prefix covers every key.
+    assert_eq!(store.range(Range::prefix("")).await.unwrap().kvs.len(), 1);
+
+    // Oversized requests are the caller's mistake.
+    let big = vec![b'x'; 1_600_000];
+    let err = store.put(b"big", &big, 0).await.unwrap_err();
+    eprintln!("1.6 MB value: {err}");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    let huge = vec![b'x'; 2_500_000];
+    let err = store.put(b"huge", &huge, 0).await.unwrap_err();
+    eprintln!("2.5 MB value: {err}");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(!err.to_string().contains("xxx"));
+    let err = store.range(Range::key("")).await.unwrap_err();
+    eprintln!("empty key: {err}");
+    assert!(err.is_invalid_input(), "{err:?}");
+
+    // etcdctl sees the same data.
+    let out = etcd.etcdctl(["get", "r0", "--print-value-only"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "outside");
+
+    // A paused server: requests fail with Error::Timeout in time, and work again after.
+    let after = Duration::from_millis(500);
+    let quick = EtcdStore::connect(
+        &[etcd.endpoint()],
+        EtcdOptions {
+            dial_timeout: Duration::from_secs(1),
+            request_timeout: after,
+        },
+    )
+    .await
+    .unwrap();
+    etcd.stop();
+    let started = Instant::now();
+    let err = quick.range(Range::key("r0")).await.unwrap_err();
+    let took = started.elapsed();
+    etcd.cont();
+    eprintln!("paused server: {err} after {took:?}");
+    assert!(
+        matches!(err, Error::Timeout { operation: "range", after: a } if a == after),
+        "{err:?}"
+    );
+    assert!(took < after + Duration::from_millis(500), "took {took:?}");
+    let (found, _) = retry("after SIGCONT", Duration::from_secs(5), || {
+        quick.range(Range::key("r0"))
+    })
+    .await;
+    assert_eq!(found.kvs.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_implements_the_mutex_protocol() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+    let prefix = "lock/m/";
+    let l1 = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+    let l2 = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+    let k1 = format!("{prefix}{l1:x}");
+    let k2 = format!("{prefix}{l2:x}");
+
+    // Session 1 acquires: its put and the first-created get run in one txn.
+    let r1 = store.txn(acquire_txn(prefix, &k1, l1)).await.unwrap();
+    assert!(r1.succeeded);
+    assert_eq!(r1.responses.len(), 2);
+    assert_eq!(r1.responses[0], TxnOpResponse::Put);
+    let my_rev1 = r1.header_revision;
+    let first = r1.responses[1].as_get().unwrap();
+    // etcd 3.4: a range inside a txn sees a put made earlier in the same txn.
+    assert_eq!(first.kvs.len(), 1, "the txn's get must see its own put");
+    assert_eq!(first.kvs[0].key_str(), k1);
+    assert_eq!(first.kvs[0].create_revision, my_rev1);
+    assert_eq!(first.kvs[0].lease, l1);
+
+    // Session 2 queues behind it.
+    let r2 = store.txn(acquire_txn(prefix, &k2, l2)).await.unwrap();
+    assert!(r2.succeeded);
+    let my_rev2 = r2.header_revision;
+    assert!(my_rev2 > my_rev1);
+    let first = r2.responses[1].as_get().unwrap();
+    assert_eq!(first.kvs[0].create_revision, my_rev1);
+    // Its predecessor: the last key created before it.
+    let pred = store
+        .range(
+            Range::prefix(prefix)
+                .last_created()
+                .with_max_create_revision(my_rev2 - 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pred.kvs[0].key_str(), k1);
+
+    // Session 1 tries again: the else branch reports its existing key.
+    let again = store.txn(acquire_txn(prefix, &k1, l1)).await.unwrap();
+    assert!(!again.succeeded);
+    let mine = again.responses[0].as_get().unwrap();
+    assert_eq!(mine.kvs[0].create_revision, my_rev1);
+    assert_eq!(mine.kvs[0].version, 1);
+    assert!(mine.kvs[0].value.is_empty());
+    assert_eq!(again.header_revision, my_rev2);
+
+    // A fenced write: guarded by the lock key's create revision.
+    let fenced = |rev: i64| {
+        Txn::new()
+            .when([Compare::create_revision(k1.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put("resource", "written", 0)])
+    };
+    assert!(!store.txn(fenced(my_rev1 + 100)).await.unwrap().succeeded);
+    assert!(store.txn(fenced(my_rev1)).await.unwrap().succeeded);
+
+    // Unlock is a compare-and-delete.
+    let unlock = |rev: i64| {
+        Txn::new()
+            .when([Compare::create_revision(k1.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::delete(k1.clone())])
+    };
+    let stale = store.txn(unlock(my_rev1 + 100)).await.unwrap();
+    assert!(!stale.succeeded);
+    assert!(stale.responses.is_empty());
+    let done = store.txn(unlock(my_rev1)).await.unwrap();
+    assert!(done.succeeded);
+    assert_eq!(done.responses, [TxnOpResponse::Delete { deleted: 1 }]);
+    let first = store
+        .range(Range::prefix(prefix).first_created())
+        .await
+        .unwrap();
+    assert_eq!(first.kvs[0].key_str(), k2);
+
+    // Every compare target and operator.
+    let rev = store.put(b"cmp", b"v1", l2).await.unwrap();
+    let all_hold = Txn::new().when([
+        Compare::value("cmp", CompareOp::Equal, "v1"),
+        Compare::value("cmp", CompareOp::NotEqual, "v2"),
+        Compare::value("cmp", CompareOp::Greater, "v0"),
+        Compare::value("cmp", CompareOp::Less, "v2"),
+        Compare::version("cmp", CompareOp::Equal, 1),
+        Compare::version("cmp", CompareOp::Less, 2),
+        Compare::create_revision("cmp", CompareOp::Equal, rev),
+        Compare::create_revision("cmp", CompareOp::Greater, 0),
+        Compare::mod_revision("cmp", CompareOp::Equal, rev),
+        Compare::mod_revision("cmp", CompareOp::NotEqual, rev + 1),
+        Compare::lease("cmp", CompareOp::Equal, l2),
+        Compare::lease("cmp", CompareOp::NotEqual, 0),
+    ]);
+    let resp = store.txn(all_hold).await.unwrap();
+    assert!(resp.succeeded);
+    assert_eq!(
+        resp.header_revision, rev,
+        "a read-only txn does not bump the revision"
+    );
+    for fails in [
+        Compare::value("cmp", CompareOp::Equal, "v2"),
+        Compare::version("cmp", CompareOp::Greater, 1),
+        Compare::lease("cmp", CompareOp::Equal, 0),
+        // A value compare on a missing key is false, whatever the operator.
+        Compare::value("nokey", CompareOp::NotEqual, "x"),
+    ] {
+        let resp = store.txn(Txn::new().when([fails.clone()])).await.unwrap();
+        assert!(!resp.succeeded, "{fails:?}");
+    }
+    // The other targets of a missing key compare as zero.
+    let zeros = Txn::new().when([
+        Compare::create_revision("nokey", CompareOp::Equal, 0),
+        Compare::mod_revision("nokey", CompareOp::Equal, 0),
+        Compare::version("nokey", CompareOp::Equal, 0),
+        Compare::lease("nokey", CompareOp::Equal, 0),
+    ]);
+    assert!(store.txn(zeros).await.unwrap().succeeded);
+
+    // All writes of a txn share one revision; a prefix delete inside a txn counts keys.
+    let multi = Txn::new().and_then([
+        TxnOp::put("t/1", "a", 0),
+        TxnOp::put("t/2", "b", 0),
+        TxnOp::get(Range::prefix("t/")),
+    ]);
+    let resp = store.txn(multi).await.unwrap();
+    let got = resp.responses[2].as_get().unwrap();
+    assert_eq!(got.kvs.len(), 2);
+    assert!(got
+        .kvs
+        .iter()
+        .all(|kv| kv.create_revision == resp.header_revision));
+    let del = store
+        .txn(Txn::new().and_then([TxnOp::Delete(KeyRange::prefix("t/"))]))
+        .await
+        .unwrap();
+    assert_eq!(del.responses, [TxnOpResponse::Delete { deleted: 2 }]);
+
+    // Each get of a txn sees the writes before it, and reports the revision it saw.
+    let g = store.put(b"h/gone", b"x", 0).await.unwrap();
+    let resp = store
+        .txn(Txn::new().and_then([
+            TxnOp::get(Range::prefix("h/")),
+            TxnOp::put("h/new", "v", 0),
+            TxnOp::delete("h/gone"),
+            TxnOp::get(Range::prefix("h/")),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(resp.header_revision, g + 1);
+    let before = resp.responses[0].as_get().unwrap();
+    assert_eq!(before.kvs[0].key, b"h/gone");
+    assert_eq!(before.header_revision, g);
+    assert_eq!(resp.responses[2], TxnOpResponse::Delete { deleted: 1 });
+    let after = resp.responses[3].as_get().unwrap();
+    assert_eq!(after.kvs.len(), 1);
+    assert_eq!(after.kvs[0].key, b"h/new");
+    assert_eq!(after.kvs[0].mod_revision, g + 1);
+    assert_eq!(after.header_revision, g + 1);
+
+    // etcd refuses a txn that writes one key twice.
+    let dup = Txn::new().and_then([TxnOp::put("d", "1", 0), TxnOp::put("d", "2", 0)]);
+    let err = store.txn(dup).await.unwrap_err();
+    eprintln!("duplicate key: {err}");
+    assert!(err.is_invalid_input(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_grant_keep_alive_revoke() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+
+    let short = store.lease_grant(Duration::from_secs(1)).await.unwrap();
+    eprintln!("TTL 1 s was granted as {:?}", short.ttl);
+    assert!(short.ttl >= Duration::from_secs(2), "{:?}", short.ttl);
+    let rounded = store
+        .lease_grant(Duration::from_millis(4200))
+        .await
+        .unwrap();
+    assert_eq!(rounded.ttl, Duration::from_secs(5));
+    let err = store
+        .lease_grant(Duration::from_secs(9_000_000_001))
+        .await
+        .unwrap_err();
+    eprintln!("TTL too large: {err}");
+    assert!(err.is_invalid_input(), "{err:?}");
+
+    let lease = rounded.id;
+    store.put(b"leased", b"v", lease).await.unwrap();
+    let kv = &store.range(Range::key("leased")).await.unwrap().kvs[0];
+    assert_eq!(kv.lease, lease);
+    for _ in 0..3 {
+        let ttl = store.lease_keep_alive(lease).await.unwrap();
+        assert_eq!(ttl, Some(Duration::from_secs(5)));
+    }
+    let left = store.lease_time_to_live(lease).await.unwrap().unwrap();
+    assert!(
+        left <= Duration::from_secs(5) && left >= Duration::from_secs(3),
+        "{left:?}"
+    );
+
+    store.lease_revoke(lease).await.unwrap();
+    assert!(store
+        .range(Range::key("leased"))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+    assert_eq!(store.lease_keep_alive(lease).await.unwrap(), None);
+    assert_eq!(store.lease_time_to_live(lease).await.unwrap(), None);
+    let err = store.lease_revoke(lease).await.unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseNotFound(id) if id == lease),
+        "{err:?}"
+    );
+    let err = store.put(b"leased", b"v", lease).await.unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseNotFound(id) if id == lease),
+        "{err:?}"
+    );
+    let err = store
+        .txn(acquire_txn("lock/x/", "lock/x/1", lease))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseNotFound(id) if id == lease),
+        "{err:?}"
+    );
+    assert_eq!(store.lease_keep_alive(12345).await.unwrap(), None);
+    assert_eq!(store.lease_time_to_live(12345).await.unwrap(), None);
+
+    // Expiry: the key goes, a watch sees the delete, the cached keep-alive stream says
+    // the lease is gone.
+    let expiring = short.id;
+    assert!(store.lease_keep_alive(expiring).await.unwrap().is_some());
+    store.put(b"expiring", b"v", expiring).await.unwrap();
+    let mut watch = store.watch(Watch::key("expiring")).await.unwrap();
+    let started = Instant::now();
+    let batch = next(&mut watch).await;
+    eprintln!(
+        "lease of {:?} expired after {:?}",
+        short.ttl,
+        started.elapsed()
+    );
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].kind, EventKind::Delete);
+    assert_eq!(store.lease_keep_alive(expiring).await.unwrap(), None);
+    assert_eq!(store.lease_time_to_live(expiring).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_replays_streams_and_cancels() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+
+    let r1 = store.put(b"w/a", b"v1", 0).await.unwrap();
+    let r2 = store.put(b"w/a", b"v2", 0).await.unwrap();
+    let r3 = store.put(b"w/b", b"v1", 0).await.unwrap();
+    let (_, r4) = store.delete(KeyRange::key("w/a")).await.unwrap();
+
+    // From an old revision, history is replayed in order.
+    let mut replay = store
+        .watch(Watch::prefix("w/").from_revision(r1).with_prev_kv())
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        events.extend(next(&mut replay).await.events);
+    }
+    let revs: Vec<_> = events.iter().map(|e| e.kv.mod_revision).collect();
+    assert_eq!(revs, [r1, r2, r3, r4]);
+    assert_eq!(events[0].kind, EventKind::Put);
+    assert!(events[0].prev_kv.is_none());
+    assert_eq!(events[1].prev_kv.as_ref().unwrap().value, b"v1");
+    assert_eq!(events[1].kv.version, 2);
+    assert_eq!(events[3].kind, EventKind::Delete);
+    assert_eq!(events[3].kv.key, b"w/a");
+    assert_eq!(events[3].prev_kv.as_ref().unwrap().value, b"v2");
+
+    // From now: registered when watch() returns, so an immediate write is seen.
+    let mut live = store.watch(Watch::key("w/b")).await.unwrap();
+    let r5 = store.put(b"w/b", b"v2", 0).await.unwrap();
+    let batch = next(&mut live).await;
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].kv.mod_revision, r5);
+    assert_eq!(batch.events[0].kv.value, b"v2");
+    assert!(batch.header_revision >= r5);
+    // The replaying watch keeps going too.
+    let batch = next(&mut replay).await;
+    assert_eq!(batch.events[0].kv.mod_revision, r5);
+
+    // A revoke deletes every leased key in one revision: one batch.
+    let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+    let mut leased = store.watch(Watch::prefix("l/")).await.unwrap();
+    store.put(b"l/1", b"", lease).await.unwrap();
+    store.put(b"l/2", b"", lease).await.unwrap();
+    next(&mut leased).await;
+    next(&mut leased).await;
+    store.lease_revoke(lease).await.unwrap();
+    let batch = next(&mut leased).await;
+    assert_eq!(batch.events.len(), 2);
+    assert!(batch.events.iter().all(|e| e.kind == EventKind::Delete));
+    assert_eq!(
+        batch.events[0].kv.mod_revision,
+        batch.events[1].kv.mod_revision
+    );
+
+    // Dropping the streams cancels the watches on the server.
+    let watchers = || etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
+    assert_eq!(watchers(), 3.0);
+    drop(replay);
+    drop(live);
+    drop(leased);
+    let started = Instant::now();
+    while watchers() != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "watchers left on the server: {}",
+            watchers()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "watches cancelled on the server {:?} after drop",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_from_a_compacted_revision_fails() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+
+    let mut revs = Vec::new();
+    for i in 0..5 {
+        revs.push(store.put(b"c", format!("{i}").as_bytes(), 0).await.unwrap());
+    }
+    let compact_at = revs[3];
+    store.compact(compact_at).await.unwrap();
+
+    let started = Instant::now();
+    let mut stream = store
+        .watch(Watch::key("c").from_revision(revs[1]))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    eprintln!("compacted watch: {first:?} after {:?}", started.elapsed());
+    match first {
+        Some(Err(Error::Compacted {
+            requested,
+            compact_revision,
+        })) => {
+            assert_eq!(requested, revs[1]);
+            assert_eq!(compact_revision, compact_at);
+        }
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after Compacted"
+    );
+
+    // From the compact revision itself, history is still there.
+    let mut ok = store
+        .watch(Watch::key("c").from_revision(compact_at))
+        .await
+        .unwrap();
+    let batch = next(&mut ok).await;
+    assert_eq!(batch.events[0].kv.mod_revision, compact_at);
+
+    // Compacting again at or below the compact revision.
+    let err = store.compact(revs[2]).await.unwrap_err();
+    eprintln!("compact again: {err}");
+    assert!(
+        matches!(err, Error::Compacted { requested, compact_revision } if requested == revs[2] && compact_revision == compact_at),
+        "{err:?}"
+    );
+    let err = store.compact(revs[4] + 100).await.unwrap_err();
+    eprintln!("compact in the future: {err}");
+    assert!(err.is_invalid_input(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_losing_a_member() {
+    if !require_etcd() {
+        return;
+    }
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let store = connect(&cluster.endpoints()).await;
+
+    // Hold a lock: a leased key, kept alive in the background.
+    let grant = store.lease_grant(Duration::from_secs(5)).await.unwrap();
+    let lease = grant.id;
+    let prefix = "lock/c/";
+    let key = format!("{prefix}{lease:x}");
+    let acquired = store.txn(acquire_txn(prefix, &key, lease)).await.unwrap();
+    assert!(acquired.succeeded);
+    let my_rev = acquired.header_revision;
+
+    let failures = Arc::new(AtomicUsize::new(0));
+    let lost = Arc::new(AtomicUsize::new(0));
+    let keeper = {
+        let (store, failures, lost) = (store.clone(), failures.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                match store.lease_keep_alive(lease).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        lost.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        eprintln!("background keep-alive: {e}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    let check = |round: &'static str| {
+        let store = store.clone();
+        let key = key.clone();
+        async move {
+            let (held, took) = retry(round, Duration::from_secs(10), || async {
+                store.range(Range::key(key.as_str())).await
+            })
+            .await;
+            eprintln!("{round}: range ok after {took:?}");
+            assert_eq!(held.kvs.len(), 1, "{round}: the lock key is gone");
+            assert_eq!(held.kvs[0].create_revision, my_rev);
+            let (_, took) = retry(round, Duration::from_secs(10), || async {
+                store.put(b"after-kill", round.as_bytes(), 0).await
+            })
+            .await;
+            eprintln!("{round}: put ok after {took:?}");
+            let (ttl, took) = retry(round, Duration::from_secs(10), || async {
+                store.lease_keep_alive(lease).await
+            })
+            .await;
+            eprintln!("{round}: keep-alive ok after {took:?}");
+            assert!(ttl.is_some(), "{round}: the lease is gone");
+            let (mut watch, _) = retry(round, Duration::from_secs(10), || async {
+                store.watch(Watch::key("after-kill")).await
+            })
+            .await;
+            store.put(b"after-kill", b"seen", 0).await.unwrap();
+            let batch = next(&mut watch).await;
+            assert_eq!(batch.events[0].kv.value, b"seen");
+        }
+    };
+
+    // A follower dies, then comes back.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
+    let follower = (leader + 1) % 3;
+    cluster.kill(follower);
+    check("follower killed").await;
+    tokio::task::block_in_place(|| cluster.restart(follower));
+
+    // The leader dies: an election, and the client moves on to the others.
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
+    let mut across = store.watch(Watch::key("across")).await.unwrap();
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    check("leader killed").await;
+    // A watch open during the kill either keeps going (its member survived) or reports
+    // the broken stream (error or end) so that the consumer watches again; it never
+    // goes silent.
+    store.put(b"across", b"after", 0).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), across.next()).await {
+        Ok(Some(Ok(batch))) => {
+            assert_eq!(batch.events[0].kv.value, b"after");
+            eprintln!("the watch open during the leader kill kept going");
+        }
+        Ok(Some(Err(e))) => eprintln!("the watch open during the leader kill failed: {e}"),
+        Ok(None) => eprintln!("the watch open during the leader kill ended"),
+        Err(_) => panic!("the watch open during the leader kill went silent"),
+    }
+    let new_leader =
+        tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(10)));
+    eprintln!(
+        "new leader {new_leader:?} (old {leader}) {:?} after the kill",
+        killed_at.elapsed()
+    );
+    assert!(new_leader.is_some_and(|l| l != leader));
+
+    // The lock survived both: same key, same lease, never reported lost.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    keeper.abort();
+    let held = store.range(Range::key(key.as_str())).await.unwrap();
+    assert_eq!(held.kvs[0].create_revision, my_rev);
+    assert!(store.lease_time_to_live(lease).await.unwrap().is_some());
+    assert_eq!(
+        lost.load(Ordering::SeqCst),
+        0,
+        "the lease was reported lost"
+    );
+    eprintln!(
+        "background keep-alive failures during the kills: {}",
+        failures.load(Ordering::SeqCst)
+    );
+}
