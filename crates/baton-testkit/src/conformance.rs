@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -544,4 +544,441 @@ pub async fn bad_input(b: &Backend) {
     assert!(!err.is_lost(), "{err}");
     assert!(!g.is_lost());
     g.unlock().await.unwrap();
+}
+
+// ----------------------------------------------------------------------------------------
+// Election
+
+/// The next leader from an observer, failing the test if it takes over 3 s.
+async fn next(obs: &mut baton::Observe) -> baton::Leader {
+    tokio::time::timeout(Duration::from_secs(3), obs.next())
+        .await
+        .expect("observe() hung")
+        .expect("observe() ended")
+}
+
+use baton::{Election, RwLock};
+use futures::StreamExt;
+
+/// Five candidates in separate sessions take turns leading: leaders' terms never overlap,
+/// and each term's fencing token is greater than the last.
+pub async fn election_one_leader_at_a_time(b: &Backend) {
+    const CANDIDATES: usize = 5;
+    const TERMS: usize = 3;
+    let election = name("election");
+    let leading = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(StdMutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..CANDIDATES {
+        let s = b.session(TTL).await;
+        let (election, leading, log) = (election.clone(), leading.clone(), log.clone());
+        tasks.push(tokio::spawn(async move {
+            let e = Election::new(&s, &election).unwrap();
+            for t in 0..TERMS {
+                let mut l = e.campaign(format!("c{c}-t{t}")).await.unwrap();
+                assert!(!leading.swap(true, Ordering::SeqCst), "two leaders at once");
+                log.lock().unwrap().push(l.fencing_token());
+                let seen = e.leader().await.unwrap();
+                assert_eq!(seen.create_revision, l.fencing_token());
+                assert_eq!(seen.value_str(), format!("c{c}-t{t}"));
+                l.proclaim(format!("c{c}-t{t}-busy")).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                assert!(leading.swap(false, Ordering::SeqCst));
+                l.resign().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), CANDIDATES * TERMS);
+    assert!(
+        log.windows(2).all(|w| w[0] < w[1]),
+        "terms out of order: {log:?}"
+    );
+}
+
+/// `leader()` says "no leader" when there is none; `observe()` reports the first leader,
+/// each proclaimed value and each new leader, in order, once each.
+pub async fn election_leader_and_observe(b: &Backend) {
+    let election = name("observe");
+    let client = b.client().await;
+    let err = Election::leader_with(&client, &election).await.unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+    let mut obs = Election::observe_with(&client, &election).unwrap();
+
+    let sa = b.session(TTL).await;
+    let sb = b.session(TTL).await;
+    let ea = Election::new(&sa, &election).unwrap();
+    let eb = Election::new(&sb, &election).unwrap();
+    let mut la = ea.campaign("a").await.unwrap();
+    let first = next(&mut obs).await;
+    assert_eq!(
+        (first.value_str().as_ref(), first.key.as_str()),
+        ("a", la.key())
+    );
+    la.proclaim("a2").await.unwrap();
+    assert_eq!(next(&mut obs).await.value_str(), "a2");
+    let waiting = tokio::spawn(async move { eb.campaign("b").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished());
+    la.resign().await.unwrap();
+    let lb = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let third = next(&mut obs).await;
+    assert_eq!(third.value_str(), "b");
+    assert_eq!(third.create_revision, lb.fencing_token());
+    let leader = ea.leader().await.unwrap();
+    assert_eq!(leader.value_str(), "b");
+    // A late observer starts with the current leader.
+    let mut late = Election::observe_with(&client, &election).unwrap();
+    assert_eq!(next(&mut late).await.value_str(), "b");
+    lb.resign().await.unwrap();
+    let err = ea.leader().await.unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+}
+
+/// The leader's lease is revoked: its `lost()` fires within 1 s, the next candidate leads,
+/// and the old leader's proclaim and resign say "not leader".
+pub async fn election_leader_revoked(b: &Backend) {
+    let election = name("revoke-leader");
+    let admin = b.client().await;
+    let sa = b.session(TTL).await;
+    let sb = b.session(TTL).await;
+    let mut la = Election::new(&sa, &election)
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let eb = Election::new(&sb, &election).unwrap();
+        async move { eb.campaign("b").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin.store().lease_revoke(sa.lease_id()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), la.lost())
+        .await
+        .expect("leader not told within 1 s");
+    let lb = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("next candidate did not lead")
+        .unwrap()
+        .unwrap();
+    assert!(lb.fencing_token() > la.fencing_token());
+    let err = la.proclaim("again").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    let err = la.resign().await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    assert_eq!(
+        Election::new(&sb, &election)
+            .unwrap()
+            .leader()
+            .await
+            .unwrap()
+            .value_str(),
+        "b"
+    );
+    lb.resign().await.unwrap();
+}
+
+/// A candidate whose lease ends while it waits is never told it leads (Go's `Campaign` is).
+pub async fn election_no_phantom_leader(b: &Backend) {
+    let election = name("phantom");
+    let admin = b.client().await;
+    let sa = b.session(TTL).await;
+    let sb = b.session(TTL).await;
+    let la = Election::new(&sa, &election)
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let eb = Election::new(&sb, &election).unwrap();
+        async move { eb.campaign("b").await }
+    });
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            keys_under(&admin, &format!("{election}/")).await.len() == 2
+        })
+        .await
+    );
+    let (r, u) = tokio::join!(admin.store().lease_revoke(sb.lease_id()), la.resign());
+    r.unwrap();
+    u.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("candidate hung")
+        .unwrap();
+    let err = res.expect_err("a candidate with a revoked lease was elected");
+    assert!(err.is_lost(), "{err}");
+    let err = Election::leader_with(&admin, &election).await.unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+}
+
+/// Cancelling a campaign (timeout or drop) withdraws the candidacy.
+pub async fn election_cancel_campaign(b: &Backend) {
+    let election = name("cancel-campaign");
+    let admin = b.client().await;
+    let sa = b.session(TTL).await;
+    let sb = b.session(TTL).await;
+    let la = Election::new(&sa, &election)
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
+    let eb = Election::new(&sb, &election).unwrap();
+    let err = eb
+        .campaign_timeout("b", Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    let only_leader = || async {
+        keys_under(&admin, &format!("{election}/")).await == vec![la.key().to_string()]
+    };
+    assert!(
+        eventually(Duration::from_secs(3), only_leader).await,
+        "timed-out candidacy left"
+    );
+    tokio::select! {
+        _ = eb.campaign("b") => panic!("elected while another leads"),
+        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+    }
+    assert!(
+        eventually(Duration::from_secs(3), only_leader).await,
+        "dropped candidacy left"
+    );
+    la.resign().await.unwrap();
+}
+
+/// Observing survives compaction of the revisions it started from.
+pub async fn election_observe_across_compaction(b: &Backend) {
+    let election = name("compact");
+    let client = b.client().await;
+    let sa = b.session(TTL).await;
+    let sb = b.session(TTL).await;
+    let mut obs = Election::observe_with(&client, &election).unwrap();
+    let mut la = Election::new(&sa, &election)
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut obs).await.value_str(), "a");
+    // Churn, then compact everything up to now.
+    for i in 0..5 {
+        la.proclaim(format!("a{i}")).await.unwrap();
+    }
+    let rev = client
+        .store()
+        .range(Range::key("x"))
+        .await
+        .unwrap()
+        .header_revision;
+    client.store().compact(rev).await.unwrap();
+    let mut values = Vec::new();
+    while values.last().map(String::as_str) != Some("a4") {
+        values.push(next(&mut obs).await.value_str().into_owned());
+    }
+    let eb = Election::new(&sb, &election).unwrap();
+    let waiting = tokio::spawn(async move { eb.campaign("b").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    la.resign().await.unwrap();
+    let lb = waiting.await.unwrap().unwrap();
+    assert_eq!(next(&mut obs).await.value_str(), "b");
+    // A new observer after the compaction starts cleanly.
+    let mut late = Election::observe_with(&client, &election).unwrap();
+    assert_eq!(next(&mut late).await.value_str(), "b");
+    lb.resign().await.unwrap();
+}
+
+/// A leadership can be resumed from its create revision by a session holding the lease.
+pub async fn election_resume(b: &Backend) {
+    let election = name("resume");
+    let client = b.client().await;
+    let s = b.session(TTL).await;
+    let l = Election::new(&s, &election)
+        .unwrap()
+        .campaign("a")
+        .await
+        .unwrap();
+    let token = l.fencing_token();
+    // Another process adopts the lease (Go's WithLease + ResumeElection).
+    let s2 = Session::builder(&client)
+        .with_lease(s.lease_id())
+        .build()
+        .await
+        .unwrap();
+    let e2 = Election::new(&s2, &election).unwrap();
+    let err = e2.resume(token + 1000).await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    let mut resumed = e2.resume(token).await.unwrap();
+    assert_eq!(resumed.fencing_token(), token);
+    assert_eq!(resumed.value(), b"a");
+    resumed.proclaim("a2").await.unwrap();
+    assert_eq!(e2.leader().await.unwrap().value_str(), "a2");
+    std::mem::forget(l); // the first process "exited" without resigning
+    resumed.resign().await.unwrap();
+    s2.orphan();
+}
+
+// ----------------------------------------------------------------------------------------
+// RwLock
+
+/// Readers share, writers exclude everyone; a writer's read-modify-write never loses an
+/// increment, and readers never see a writer inside.
+pub async fn rwlock_mutual_exclusion(b: &Backend) {
+    const READERS: usize = 3;
+    const WRITERS: usize = 2;
+    const ROUNDS: usize = 5;
+    let lock = name("rw");
+    let counter_key = format!("{lock}-counter");
+    let readers_in = Arc::new(AtomicUsize::new(0));
+    let writer_in = Arc::new(AtomicBool::new(false));
+    let max_readers = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..READERS + WRITERS {
+        let s = b.session(TTL).await;
+        let (lock, counter_key) = (lock.clone(), counter_key.clone());
+        let (readers_in, writer_in, max_readers) =
+            (readers_in.clone(), writer_in.clone(), max_readers.clone());
+        tasks.push(tokio::spawn(async move {
+            let rw = RwLock::new(&s, &lock).unwrap();
+            for _ in 0..ROUNDS {
+                if i < READERS {
+                    let g = rw.read().await.unwrap();
+                    let n = readers_in.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_readers.fetch_max(n, Ordering::SeqCst);
+                    assert!(
+                        !writer_in.load(Ordering::SeqCst),
+                        "reader inside with a writer"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    readers_in.fetch_sub(1, Ordering::SeqCst);
+                    g.unlock().await.unwrap();
+                } else {
+                    let g = rw.write().await.unwrap();
+                    assert!(!writer_in.swap(true, Ordering::SeqCst), "two writers");
+                    assert_eq!(readers_in.load(Ordering::SeqCst), 0, "writer with readers");
+                    let store = s.client().store();
+                    let cur = store
+                        .range(Range::key(counter_key.as_bytes()))
+                        .await
+                        .unwrap()
+                        .kvs
+                        .first()
+                        .map(|kv| kv.value_str().parse::<u64>().unwrap())
+                        .unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    g.txn(Txn::new().and_then([TxnOp::put(
+                        counter_key.as_bytes(),
+                        (cur + 1).to_string(),
+                        0,
+                    )]))
+                    .await
+                    .unwrap();
+                    writer_in.store(false, Ordering::SeqCst);
+                    g.unlock().await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let client = b.client().await;
+    let v = client
+        .store()
+        .range(Range::key(counter_key.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(v.kvs[0].value_str(), (WRITERS * ROUNDS).to_string());
+    assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
+}
+
+/// Readers share at once; a waiting writer blocks later readers (fairness); the writer gets
+/// the lock when the earlier readers leave, and the later reader after the writer.
+pub async fn rwlock_fair(b: &Backend) {
+    let lock = name("rw-fair");
+    let (s1, s2, s3) = (
+        b.session(TTL).await,
+        b.session(TTL).await,
+        b.session(TTL).await,
+    );
+    let (r1, w, r2) = (
+        RwLock::new(&s1, &lock).unwrap(),
+        RwLock::new(&s2, &lock).unwrap(),
+        RwLock::new(&s3, &lock).unwrap(),
+    );
+    let g1 = r1.read().await.unwrap();
+    let g2 = r2.try_read().await.unwrap(); // readers share
+    let err = w.try_write().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    g2.unlock().await.unwrap();
+    let writer = tokio::spawn(async move { w.write().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The queued writer blocks a later reader.
+    let err = r2.try_read().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    let reader = tokio::spawn({
+        let r2 = r2.clone();
+        async move { r2.read().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!writer.is_finished() && !reader.is_finished());
+    let t1 = g1.fencing_token();
+    g1.unlock().await.unwrap();
+    let gw = tokio::time::timeout(Duration::from_secs(3), writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(gw.fencing_token() > t1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !reader.is_finished(),
+        "reader entered while the writer holds"
+    );
+    gw.unlock().await.unwrap();
+    let gr = tokio::time::timeout(Duration::from_secs(3), reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    gr.unlock().await.unwrap();
+}
+
+/// Cancelling a queued writer removes its key; a holder's revoked lease fires `lost()`.
+pub async fn rwlock_cancel_and_loss(b: &Backend) {
+    let lock = name("rw-cancel");
+    let admin = b.client().await;
+    let (s1, s2) = (b.session(TTL).await, b.session(TTL).await);
+    let g = RwLock::new(&s1, &lock).unwrap().read().await.unwrap();
+    let w = RwLock::new(&s2, &lock).unwrap();
+    let err = w
+        .write_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            keys_under(&admin, &format!("{lock}/")).await == vec![g.key().to_string()]
+        })
+        .await,
+        "cancelled writer left its key"
+    );
+    let waiting = tokio::spawn(async move { w.write().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin.store().lease_revoke(s1.lease_id()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), g.lost())
+        .await
+        .expect("read guard not lost within 1 s of the revoke");
+    let gw = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    gw.unlock().await.unwrap();
 }

@@ -8,17 +8,15 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::names::{lease_key, validate_name};
-use crate::queue::{Entry, Held};
+use crate::names::{lease_key, validate_name, Queue};
+use crate::queue::{held_accessors, with_timeout, Entry, Held};
 use crate::session::Session;
 use crate::store::{
-    Compare, CompareOp, EventKind, KeyValue, LeaseId, Revision, Store, Txn, TxnOp, TxnResponse,
-    Watch,
+    Compare, CompareOp, EventKind, KeyValue, LeaseId, Revision, Store, Txn, TxnOp, Watch,
 };
 use crate::wait::head_member;
 
@@ -172,18 +170,18 @@ impl Election {
         value: impl Into<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Leadership> {
-        match tokio::time::timeout(timeout, self.campaign(value)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                operation: "campaign",
-                after: timeout,
-            }),
-        }
+        with_timeout("campaign", timeout, self.campaign(value)).await
     }
 
     async fn run_campaign(&self, value: Vec<u8>) -> Result<Leadership> {
-        let mut entry =
-            Entry::join(&self.session, &self.name, &self.prefix, &self.key, &value).await?;
+        let mut entry = Entry::join(
+            &self.session,
+            &self.name,
+            Queue::direct(&self.prefix),
+            &self.key,
+            &value,
+        )
+        .await?;
         if entry
             .existing_value()
             .is_some_and(|v| v != value.as_slice())
@@ -234,8 +232,14 @@ impl Election {
             Some(kv) if kv.create_revision == create_revision => kv.value,
             _ => return Err(self.not_leader()),
         };
-        let mut entry =
-            Entry::join(&self.session, &self.name, &self.prefix, &self.key, &value).await?;
+        let mut entry = Entry::join(
+            &self.session,
+            &self.name,
+            Queue::direct(&self.prefix),
+            &self.key,
+            &value,
+        )
+        .await?;
         if entry.my_rev() != create_revision {
             entry.abandon().await;
             return Err(self.not_leader());
@@ -295,7 +299,7 @@ impl Election {
 
 async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
     let prefix = format!("{name}/");
-    match head_member(store, prefix.as_bytes()).await?.1 {
+    match head_member(store, &Queue::direct(&prefix)).await?.1 {
         Some(kv) => Ok(Leader::from_kv(kv)),
         None => Err(Error::NoLeader {
             name: name.to_string(),
@@ -324,7 +328,7 @@ impl Stream for Observe {
 
 fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
     let (tx, rx) = mpsc::channel(16);
-    let prefix = format!("{name}/").into_bytes();
+    let prefix = format!("{name}/");
     let span = tracing::debug_span!("observe", election = %name);
     tokio::spawn(
         async move {
@@ -338,11 +342,12 @@ fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
     Observe { rx }
 }
 
-async fn observe_loop(store: &Arc<dyn Store>, prefix: &[u8], tx: &mpsc::Sender<Leader>) {
+async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Leader>) {
+    let queue = Queue::direct(prefix);
     let mut last: Option<(Revision, Revision)> = None;
     let mut backoff = RETRY_MIN;
     loop {
-        let (header, head) = match head_member(store, prefix).await {
+        let (header, head) = match head_member(store, &queue).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "reading the leader failed; retrying");
@@ -362,7 +367,7 @@ async fn observe_loop(store: &Arc<dyn Store>, prefix: &[u8], tx: &mpsc::Sender<L
                 }
                 Watch::key(kv.key.clone()).from_revision(header + 1)
             }
-            None => Watch::prefix(prefix.to_vec()).from_revision(header + 1),
+            None => Watch::prefix(prefix).from_revision(header + 1),
         };
         let mut stream = match store.watch(watch).await {
             Ok(s) => s,
@@ -435,64 +440,12 @@ impl Leadership {
         &self.name
     }
 
-    /// Our leader key: `NAME/<lease id in hex>`.
-    pub fn key(&self) -> &str {
-        self.held.key()
-    }
-
-    /// The fencing token: our key's create revision. Every later leader's token is greater.
-    pub fn fencing_token(&self) -> Revision {
-        self.held.rev()
-    }
-
     /// The value we last proclaimed.
     pub fn value(&self) -> &[u8] {
         &self.value
     }
 
-    /// The session the leadership is bound to.
-    pub fn session(&self) -> &Session {
-        self.held.session()
-    }
-
-    /// True once the leadership is lost. See [`lost()`](Leadership::lost).
-    pub fn is_lost(&self) -> bool {
-        self.held.is_lost()
-    }
-
-    /// Why the leadership was lost, if it was.
-    pub fn lost_reason(&self) -> Option<String> {
-        self.held.lost_reason()
-    }
-
-    /// Completes when we stop leading: our key was deleted (by an admin, a revoke, the lease's
-    /// expiry) or the session was lost.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
-        self.held.lost_token().cancelled()
-    }
-
-    /// A token cancelled when the leadership is lost (a child token).
-    pub fn lost_token(&self) -> CancellationToken {
-        self.held.lost_token().child_token()
-    }
-
-    /// The compare that holds only while we lead (Go's `IsOwner` for elections).
-    pub fn is_leader(&self) -> Compare {
-        self.held.is_owner()
-    }
-
-    /// Run `txn` only while we lead; [`Error::NotHeld`] if we no longer do.
-    ///
-    /// # Cancel safety
-    ///
-    /// The transaction may or may not have been applied if the future is dropped.
-    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        self.held.txn(txn).await
-    }
+    held_accessors!("leadership");
 
     /// Publish a new value, only while we still lead (guarded by our key's create revision).
     ///

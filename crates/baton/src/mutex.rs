@@ -3,14 +3,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::names::{lease_key, validate_name};
-use crate::queue::{Entry, Held};
+use crate::names::{lease_key, validate_name, Queue};
+use crate::queue::{held_accessors, with_timeout, Entry, Held};
 use crate::session::Session;
-use crate::store::{Compare, Revision, Txn, TxnResponse};
 
 /// A fair, distributed mutual-exclusion lock.
 ///
@@ -118,13 +116,7 @@ impl Mutex {
     ///
     /// Cancel safe, as [`lock()`](Mutex::lock). On timeout the waiter key is removed.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<MutexGuard> {
-        match tokio::time::timeout(timeout, self.lock()).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout {
-                operation: "lock",
-                after: timeout,
-            }),
-        }
+        with_timeout("lock", timeout, self.lock()).await
     }
 
     /// Take the lock if it is free, without waiting.
@@ -142,8 +134,8 @@ impl Mutex {
     }
 
     async fn acquire(&self, try_only: bool) -> Result<MutexGuard> {
-        let mut entry =
-            Entry::join(&self.session, &self.name, &self.prefix, &self.key, b"").await?;
+        let queue = Queue::direct(&self.prefix);
+        let mut entry = Entry::join(&self.session, &self.name, queue, &self.key, b"").await?;
         if !entry.at_head() {
             if try_only {
                 entry.abandon().await;
@@ -191,69 +183,7 @@ impl MutexGuard {
         &self.name
     }
 
-    /// The key we hold: `NAME/<lease id in hex>` (`ETCD_LOCK_KEY` in `etcdctl lock`).
-    pub fn key(&self) -> &str {
-        self.held.key()
-    }
-
-    /// The fencing token: the create revision of our key (`ETCD_LOCK_REV` in `etcdctl lock`).
-    ///
-    /// Tokens of later grants of the same lock are strictly greater. Give it to the resource
-    /// you protect and have it refuse writes with a token lower than one it has seen.
-    pub fn fencing_token(&self) -> Revision {
-        self.held.rev()
-    }
-
-    /// The session the lock is bound to.
-    pub fn session(&self) -> &Session {
-        self.held.session()
-    }
-
-    /// True once the lock is lost. See [`lost()`](MutexGuard::lost).
-    pub fn is_lost(&self) -> bool {
-        self.held.is_lost()
-    }
-
-    /// Why the lock was lost, if it was.
-    pub fn lost_reason(&self) -> Option<String> {
-        self.held.lost_reason()
-    }
-
-    /// Completes when the lock is lost: our key was deleted or replaced (by an admin, a revoke
-    /// or the lease's expiry), or the session was lost (see [`Session::lost`]).
-    ///
-    /// A key deleted by anyone is noticed within one watch round trip.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
-        self.held.lost_token().cancelled()
-    }
-
-    /// A token cancelled when the lock is lost (a child token: cancelling it changes nothing).
-    pub fn lost_token(&self) -> CancellationToken {
-        self.held.lost_token().child_token()
-    }
-
-    /// The compare that holds only while we own the lock (Go's `IsOwner()`).
-    pub fn is_owner(&self) -> Compare {
-        self.held.is_owner()
-    }
-
-    /// Run `txn` only while we still hold the lock: its compares get
-    /// [`is_owner()`](MutexGuard::is_owner) added.
-    ///
-    /// Returns [`Error::NotHeld`] if the lock is no longer ours (nothing was applied). If
-    /// we hold it but one of `txn`'s own compares failed, returns `Ok` with
-    /// `succeeded == false` and the responses of `txn`'s failure branch.
-    ///
-    /// # Cancel safety
-    ///
-    /// The transaction may or may not have been applied if the future is dropped.
-    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        self.held.txn(txn).await
-    }
+    held_accessors!("lock");
 
     /// Release the lock: delete our key if it is still ours (compare-and-delete on the create
     /// revision, never a plain delete).

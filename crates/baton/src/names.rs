@@ -40,6 +40,49 @@ pub(crate) fn is_member(prefix: &[u8], key: &[u8]) -> bool {
     }
 }
 
+/// The keys that form one queue, ordered by create revision.
+///
+/// - A mutex or election queue is the direct members of `NAME/` (see [`is_member`]).
+/// - A read-write lock's full queue is the direct members of `NAME/read/` and `NAME/write/`;
+///   its writers' queue is the direct members of `NAME/write/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Queue {
+    /// Every member's key starts with this.
+    pub(crate) prefix: Vec<u8>,
+    read_write: bool,
+}
+
+impl Queue {
+    /// The direct members of `prefix`.
+    pub(crate) fn direct(prefix: &str) -> Queue {
+        Queue {
+            prefix: prefix.as_bytes().to_vec(),
+            read_write: false,
+        }
+    }
+
+    /// The readers and writers of the read-write lock whose prefix is `prefix` (`NAME/`).
+    pub(crate) fn read_write(prefix: &str) -> Queue {
+        Queue {
+            prefix: prefix.as_bytes().to_vec(),
+            read_write: true,
+        }
+    }
+
+    /// True if `key` is a member of this queue.
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        if !self.read_write {
+            return is_member(&self.prefix, key);
+        }
+        let Some(rest) = key.strip_prefix(self.prefix.as_slice()) else {
+            return false;
+        };
+        [&b"read/"[..], &b"write/"[..]]
+            .iter()
+            .any(|sub| rest.starts_with(sub) && is_member(sub, rest))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +103,18 @@ mod tests {
         assert!(!is_member(b"a/", b"a/b/694d"));
         assert!(!is_member(b"a/", b"a/"));
         assert!(!is_member(b"a/", b"b/1"));
+    }
+
+    #[test]
+    fn queues() {
+        let rw = Queue::read_write("a/");
+        assert!(rw.contains(b"a/read/1f"));
+        assert!(rw.contains(b"a/write/1700000000000000000"));
+        assert!(!rw.contains(b"a/1f"));
+        assert!(!rw.contains(b"a/b/read/1f"));
+        assert!(!rw.contains(b"a/read/x/1f"));
+        let w = Queue::direct("a/write/");
+        assert!(w.contains(b"a/write/1f"));
+        assert!(!w.contains(b"a/read/1f"));
     }
 }

@@ -7,13 +7,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::names::is_member;
+use crate::names::Queue;
 use crate::ownership::{delete_if_owned, not_held, release_in_background, Ownership};
 use crate::session::{OwnedClaim, Session};
 use crate::store::{
@@ -30,7 +31,7 @@ use crate::wait::{scan_member, wait_turn};
 pub(crate) struct Entry {
     session: Session,
     store: Arc<dyn Store>,
-    prefix: Vec<u8>,
+    queue: Queue,
     key: Vec<u8>,
     claim: Option<OwnedClaim>,
     inflight: Option<JoinHandle<Result<TxnResponse>>>,
@@ -42,11 +43,11 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// Join the queue under `prefix` with `key` holding `value`.
+    /// Put `key` (holding `value`) and wait behind the members of `queue` created before it.
     pub(crate) async fn join(
         session: &Session,
         name: &str,
-        prefix: &str,
+        queue: Queue,
         key: &str,
         value: &[u8],
     ) -> Result<Entry> {
@@ -56,7 +57,7 @@ impl Entry {
         let mut entry = Entry {
             session: session.clone(),
             store,
-            prefix: prefix.as_bytes().to_vec(),
+            queue,
             key: key.as_bytes().to_vec(),
             claim: Some(claim),
             inflight: None,
@@ -65,7 +66,7 @@ impl Entry {
             existing_value: None,
         };
         let k = entry.key.clone();
-        let first = Range::prefix(entry.prefix.clone()).first_created();
+        let first = Range::prefix(entry.queue.prefix.clone()).first_created();
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([
@@ -91,13 +92,15 @@ impl Entry {
         let mut head = first_kv(&resp, 1);
         if head
             .as_ref()
-            .is_some_and(|kv| !is_member(&entry.prefix, &kv.key))
+            .is_some_and(|kv| !entry.queue.contains(&kv.key))
         {
-            head = scan_member(&entry.store, &entry.prefix, SortOrder::Ascending, 0)
+            head = scan_member(&entry.store, &entry.queue, SortOrder::Ascending, 0)
                 .await?
                 .1;
         }
-        if head.is_none_or(|kv| kv.create_revision == my_rev) {
+        // Nobody was created before us: for a mutex the head is us; for a reader it may be
+        // a later writer.
+        if head.is_none_or(|kv| kv.create_revision >= my_rev) {
             entry.head_at = Some(resp.header_revision + 1);
         }
         Ok(entry)
@@ -132,7 +135,7 @@ impl Entry {
         tracing::debug!(my_rev, "queued");
         let session = &self.session;
         let turn = tokio::select! {
-            r = wait_turn(&self.store, &self.prefix, &self.key, my_rev) => r,
+            r = wait_turn(&self.store, &self.queue, &self.key, my_rev) => r,
             _ = session.lost() => Err(session.lost_error()),
         };
         match turn {
@@ -342,3 +345,91 @@ impl Drop for Held {
         }
     }
 }
+
+/// Run `fut`, failing with [`Error::Timeout`] after `timeout` (dropping `fut`, which cleans up).
+pub(crate) async fn with_timeout<T>(
+    operation: &'static str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            operation,
+            after: timeout,
+        }),
+    }
+}
+
+/// The accessors every guard over a [`Held`] key shares (lock guards, leadership). The type
+/// must have a field `held: Held`; `$what` names what is held in the docs ("lock").
+macro_rules! held_accessors {
+    ($what:literal) => {
+        #[doc = concat!("The key we hold for the ", $what, ": `…/<lease id in hex>`.")]
+        pub fn key(&self) -> &str {
+            self.held.key()
+        }
+
+        #[doc = concat!("The fencing token of the ", $what, ": the create revision of our key.")]
+        ///
+        /// Later grants get strictly greater tokens. Give it to the resource you protect and
+        /// have it refuse writes with a token lower than one it has seen.
+        pub fn fencing_token(&self) -> $crate::store::Revision {
+            self.held.rev()
+        }
+
+        #[doc = concat!("The session the ", $what, " is bound to.")]
+        pub fn session(&self) -> &$crate::Session {
+            self.held.session()
+        }
+
+        #[doc = concat!("True once the ", $what, " is lost. See `lost()`.")]
+        pub fn is_lost(&self) -> bool {
+            self.held.is_lost()
+        }
+
+        #[doc = concat!("Why the ", $what, " was lost, if it was.")]
+        pub fn lost_reason(&self) -> Option<String> {
+            self.held.lost_reason()
+        }
+
+        #[doc = concat!("Completes when the ", $what, " is lost: our key was deleted or replaced")]
+        /// (by an admin, a revoke or the lease's expiry), or the session was lost (see
+        /// [`Session::lost`](crate::Session::lost)). A deleted key is noticed within one watch
+        /// round trip.
+        ///
+        /// # Cancel safety
+        ///
+        /// Cancel safe.
+        pub fn lost(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+            self.held.lost_token().cancelled()
+        }
+
+        #[doc = concat!("A token cancelled when the ", $what, " is lost (a child token: cancelling it changes nothing).")]
+        pub fn lost_token(&self) -> tokio_util::sync::CancellationToken {
+            self.held.lost_token().child_token()
+        }
+
+        #[doc = concat!("The compare that holds only while we hold the ", $what, " (Go's `IsOwner()`).")]
+        pub fn is_owner(&self) -> $crate::store::Compare {
+            self.held.is_owner()
+        }
+
+        #[doc = concat!("Run `txn` only while we still hold the ", $what, ": its compares get `is_owner()` added.")]
+        ///
+        /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if it is no longer ours (nothing
+        /// was applied). If it is ours but one of `txn`'s own compares failed, returns `Ok`
+        /// with `succeeded == false` and the responses of `txn`'s failure branch.
+        ///
+        /// # Cancel safety
+        ///
+        /// The transaction may or may not have been applied if the future is dropped.
+        pub async fn txn(
+            &self,
+            txn: $crate::store::Txn,
+        ) -> $crate::Result<$crate::store::TxnResponse> {
+            self.held.txn(txn).await
+        }
+    };
+}
+pub(crate) use held_accessors;

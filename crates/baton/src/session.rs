@@ -125,6 +125,7 @@ pub struct SessionBuilder {
     client: Client,
     ttl: Duration,
     keep_alive_interval: Option<Duration>,
+    lease: Option<LeaseId>,
 }
 
 impl SessionBuilder {
@@ -140,7 +141,18 @@ impl SessionBuilder {
         self
     }
 
-    /// Grant the lease and start keeping it alive.
+    /// Adopt an existing lease instead of granting a new one (Go's `WithLease`): keep it
+    /// alive, and use it for keys. Its TTL is the one it was granted with; the TTL set with
+    /// [`with_ttl`](SessionBuilder::with_ttl) is ignored. Use it to resume locks or a
+    /// leadership held by an earlier process, or to share a lease with another client.
+    ///
+    /// `build()` fails with [`Error::LeaseNotFound`] if the lease does not exist.
+    pub fn with_lease(mut self, lease: LeaseId) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Grant the lease (or adopt the one given) and start keeping it alive.
     ///
     /// Fails with [`Error::InvalidArgument`] before any network call if the TTL or interval
     /// is out of range.
@@ -160,7 +172,13 @@ impl SessionBuilder {
         }
         let store = self.client.store().clone();
         let sent = Instant::now();
-        let grant = store.lease_grant(ttl).await?;
+        let grant = match self.lease {
+            None => store.lease_grant(ttl).await?,
+            Some(id) => match store.lease_keep_alive(id).await? {
+                Some(ttl) => crate::store::LeaseGrant { id, ttl },
+                None => return Err(Error::LeaseNotFound(id)),
+            },
+        };
         let interval = self.keep_alive_interval.unwrap_or(grant.ttl / 3);
         let shared = Arc::new(Shared {
             lease: grant.id,
@@ -219,6 +237,7 @@ impl Session {
             client: client.clone(),
             ttl: DEFAULT_TTL,
             keep_alive_interval: None,
+            lease: None,
         }
     }
 

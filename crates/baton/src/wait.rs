@@ -1,7 +1,7 @@
 //! Waiting for predecessors in a create-revision queue (etcd's `key.go`, done right).
 //!
-//! A waiter owns a key under a prefix, created at revision `my_rev`. It holds the queue's
-//! head when no key under the prefix has a smaller create revision. Each waiter watches only
+//! A waiter owns a key created at revision `my_rev`. It may go ahead when no member of the
+//! queue it waits on has a smaller create revision. Each waiter watches only
 //! its immediate predecessor, so a release wakes exactly one waiter (no thundering herd).
 //!
 //! Two differences from Go:
@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
-use crate::names::is_member;
+use crate::names::Queue;
 use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp, Watch};
 
 /// Backoff between retries of a failed read or watch while waiting.
@@ -32,16 +32,16 @@ pub(crate) struct Turn {
     pub(crate) header_revision: Revision,
 }
 
-/// One read: the last key under `prefix` created before `my_rev`, and our own key.
+/// One read: the last member of `queue` created at or before `max_create_rev`, and our own key.
 pub(crate) async fn read_turn(
     store: &Arc<dyn Store>,
-    prefix: &[u8],
+    queue: &Queue,
     my_key: &[u8],
     max_create_rev: Revision,
 ) -> Result<(Revision, Option<KeyValue>, Option<KeyValue>)> {
     let txn = Txn::new().and_then([
         TxnOp::get(
-            Range::prefix(prefix)
+            Range::prefix(queue.prefix.clone())
                 .last_created()
                 .with_max_create_revision(max_create_rev),
         ),
@@ -56,53 +56,51 @@ pub(crate) async fn read_turn(
     let mine = gets.next().and_then(|g| g.kvs.into_iter().next());
     match pred {
         // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
-        Some(kv) if !is_member(prefix, &kv.key) => {
+        Some(kv) if !queue.contains(&kv.key) => {
             let (header, pred) =
-                scan_member(store, prefix, SortOrder::Descending, max_create_rev).await?;
+                scan_member(store, queue, SortOrder::Descending, max_create_rev).await?;
             Ok((header, pred, mine))
         }
         pred => Ok((resp.header_revision, pred, mine)),
     }
 }
 
-/// The first (ascending) or last (descending) member of the queue under `prefix`, by create
-/// revision, skipping keys of nested names. Reads the whole prefix, so it is only used when
+/// The first (ascending) or last (descending) member of `queue`, by create revision,
+/// skipping keys of nested names. Reads the whole prefix, so it is only used when
 /// the one-key read found a nested name's key.
 pub(crate) async fn scan_member(
     store: &Arc<dyn Store>,
-    prefix: &[u8],
+    queue: &Queue,
     order: SortOrder,
     max_create_rev: Revision,
 ) -> Result<(Revision, Option<KeyValue>)> {
     let resp = store
         .range(
-            Range::prefix(prefix)
+            Range::prefix(queue.prefix.clone())
                 .sort_by(SortTarget::CreateRevision, order)
                 .with_max_create_revision(max_create_rev),
         )
         .await?;
-    let found = resp.kvs.into_iter().find(|kv| is_member(prefix, &kv.key));
+    let found = resp.kvs.into_iter().find(|kv| queue.contains(&kv.key));
     Ok((resp.header_revision, found))
 }
 
-/// Wait until no key under `prefix` has a create revision below `my_rev`, checking each
-/// time that `my_key` still exists with create revision `my_rev`.
-///
-/// `predecessor_bound` is the largest create revision that counts as ahead of us (for a
-/// mutex, `my_rev - 1`; a reader passes the same bound on the writers' prefix).
+/// Wait until no member of `queue` has a create revision below `my_rev`, checking each
+/// time that `my_key` still exists with create revision `my_rev`. Our key need not be in
+/// `queue` itself: a reader waits on the writers' queue.
 ///
 /// Returns [`Error::NotHeld`] as soon as our key is gone or replaced. Retries failed reads
 /// and watches with backoff, forever: callers bound the wait with a timeout and with the
 /// session's loss.
 pub(crate) async fn wait_turn(
     store: &Arc<dyn Store>,
-    prefix: &[u8],
+    queue: &Queue,
     my_key: &[u8],
     my_rev: Revision,
 ) -> Result<Turn> {
     let mut backoff = RETRY_MIN;
     loop {
-        let (header, pred, mine) = match read_turn(store, prefix, my_key, my_rev - 1).await {
+        let (header, pred, mine) = match read_turn(store, queue, my_key, my_rev - 1).await {
             Ok(r) => r,
             Err(e) if e.is_retryable() => {
                 tracing::debug!(error = %e, "read while waiting failed; retrying");
@@ -162,16 +160,18 @@ pub(crate) async fn wait_delete(store: &Arc<dyn Store>, key: &[u8], from: Revisi
     Err(Error::Store("watch ended unexpectedly".into()))
 }
 
-/// The head of the queue under `prefix` (the first member by create revision), with the
+/// The head of `queue` (its first member by create revision), with the
 /// header revision of the read.
 pub(crate) async fn head_member(
     store: &Arc<dyn Store>,
-    prefix: &[u8],
+    queue: &Queue,
 ) -> Result<(Revision, Option<KeyValue>)> {
-    let resp = store.range(Range::prefix(prefix).first_created()).await?;
+    let resp = store
+        .range(Range::prefix(queue.prefix.clone()).first_created())
+        .await?;
     match resp.kvs.into_iter().next() {
-        Some(kv) if !is_member(prefix, &kv.key) => {
-            scan_member(store, prefix, SortOrder::Ascending, 0).await
+        Some(kv) if !queue.contains(&kv.key) => {
+            scan_member(store, queue, SortOrder::Ascending, 0).await
         }
         head => Ok((resp.header_revision, head)),
     }

@@ -1,0 +1,259 @@
+//! A fair distributed read-write lock, sharing keys with Go's `contrib/recipes` RWMutex.
+
+use std::fmt;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::names::{lease_key, validate_name, Queue};
+use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::session::Session;
+
+/// A fair, distributed read-write lock: many readers, or one writer.
+///
+/// Readers and writers queue together by the create revision of their keys:
+/// - a reader goes ahead when no writer queued before it (readers share the lock);
+/// - a writer goes ahead when nobody queued before it.
+///
+/// So a waiting writer blocks every reader that comes after it: writers are not starved.
+/// Each waiter watches only the one key it waits for, and waiting, cancelling and losing the
+/// session behave as for [`Mutex`](crate::Mutex).
+///
+/// # Key layout
+///
+/// `NAME/read/<lease id in hex>` for readers and `NAME/write/<lease id in hex>` for writers,
+/// empty values, bound to the session's lease. Go's `recipe.NewRWMutex(session, NAME)` uses
+/// the same prefixes (with a decimal nanosecond suffix instead of the lease id) and the same
+/// order, so Go and Baton readers and writers exclude each other. The differences from the
+/// Go recipe:
+/// - one session holds at most one read and one write key per name (a second `read()` on the
+///   same session fails with [`Error::AlreadyHeld`] rather than queueing twice);
+/// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
+///   `context.TODO()` and cannot be cancelled);
+/// - a waiter whose key vanished gets an error, never the lock;
+/// - keys of nested names (`NAME/sub/…`) are not part of this lock's queue.
+///
+/// # Fencing tokens
+///
+/// Each guard's token is its key's create revision. A writer's token is greater than the
+/// token of every reader or writer granted before it. Concurrent readers' tokens are only
+/// ordered among themselves by when they queued.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let (s1, s2) = (baton::Session::new(&client).await?, baton::Session::new(&client).await?);
+/// let (a, b) = (baton::RwLock::new(&s1, "config")?, baton::RwLock::new(&s2, "config")?);
+///
+/// let r1 = a.read().await?;
+/// let r2 = b.read().await?;            // readers share
+/// assert!(b.try_write().await.is_err()); // a writer must wait for both
+/// r1.unlock().await?;
+/// r2.unlock().await?;
+/// let w = b.write().await?;
+/// w.unlock().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RwLock {
+    session: Session,
+    name: String,
+    prefix: String,
+    read_key: String,
+    write_key: String,
+}
+
+impl fmt::Debug for RwLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RwLock").field("name", &self.name).finish()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Read,
+    Write,
+}
+
+impl RwLock {
+    /// A read-write lock named `name`, acquired through `session`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(session: &Session, name: &str) -> Result<RwLock> {
+        validate_name(name)?;
+        let prefix = format!("{name}/");
+        Ok(RwLock {
+            session: session.clone(),
+            name: name.to_string(),
+            read_key: lease_key(&format!("{prefix}read/"), session.lease_id()),
+            write_key: lease_key(&format!("{prefix}write/"), session.lease_id()),
+            prefix,
+        })
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Wait for shared access: until no writer that queued before us holds or waits.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future removes our reader key.
+    pub async fn read(&self) -> Result<RwLockReadGuard> {
+        let held = self
+            .acquire(Mode::Read, false)
+            .instrument(tracing::debug_span!("acquire_read", lock = %self.name))
+            .await?;
+        Ok(RwLockReadGuard { held })
+    }
+
+    /// [`read()`](RwLock::read), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; on timeout our key is removed.
+    pub async fn read_timeout(&self, timeout: Duration) -> Result<RwLockReadGuard> {
+        with_timeout("read", timeout, self.read()).await
+    }
+
+    /// Take shared access if no writer holds or waits, without waiting; else
+    /// [`Error::Locked`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn try_read(&self) -> Result<RwLockReadGuard> {
+        let held = self
+            .acquire(Mode::Read, true)
+            .instrument(tracing::debug_span!("try_acquire_read", lock = %self.name))
+            .await?;
+        Ok(RwLockReadGuard { held })
+    }
+
+    /// Wait for exclusive access: until everyone who queued before us is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future removes our writer key.
+    pub async fn write(&self) -> Result<RwLockWriteGuard> {
+        let held = self
+            .acquire(Mode::Write, false)
+            .instrument(tracing::debug_span!("acquire_write", lock = %self.name))
+            .await?;
+        Ok(RwLockWriteGuard { held })
+    }
+
+    /// [`write()`](RwLock::write), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; on timeout our key is removed.
+    pub async fn write_timeout(&self, timeout: Duration) -> Result<RwLockWriteGuard> {
+        with_timeout("write", timeout, self.write()).await
+    }
+
+    /// Take exclusive access if nobody holds or waits, without waiting; else
+    /// [`Error::Locked`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn try_write(&self) -> Result<RwLockWriteGuard> {
+        let held = self
+            .acquire(Mode::Write, true)
+            .instrument(tracing::debug_span!("try_acquire_write", lock = %self.name))
+            .await?;
+        Ok(RwLockWriteGuard { held })
+    }
+
+    async fn acquire(&self, mode: Mode, try_only: bool) -> Result<Held> {
+        let (queue, key) = match mode {
+            // A reader waits only for earlier writers.
+            Mode::Read => (
+                Queue::direct(&format!("{}write/", self.prefix)),
+                &self.read_key,
+            ),
+            // A writer waits for every earlier reader and writer.
+            Mode::Write => (Queue::read_write(&self.prefix), &self.write_key),
+        };
+        let mut entry = Entry::join(&self.session, &self.name, queue, key, b"").await?;
+        if !entry.at_head() {
+            if try_only {
+                entry.abandon().await;
+                return Err(Error::Locked {
+                    name: self.name.clone(),
+                });
+            }
+            entry.wait().await?;
+        }
+        Ok(entry.into_held())
+    }
+}
+
+/// Shared access to an [`RwLock`].
+///
+/// # Drop behaviour
+///
+/// Dropping it releases the read lock in a task spawned on the current tokio runtime (best
+/// effort); otherwise the key ends with the session's lease.
+#[must_use = "if unused the read lock is released at once"]
+pub struct RwLockReadGuard {
+    held: Held,
+}
+
+/// Exclusive access to an [`RwLock`].
+///
+/// # Drop behaviour
+///
+/// Dropping it releases the write lock in a task spawned on the current tokio runtime (best
+/// effort); otherwise the key ends with the session's lease.
+#[must_use = "if unused the write lock is released at once"]
+pub struct RwLockWriteGuard {
+    held: Held,
+}
+
+impl fmt::Debug for RwLockReadGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.held, f)
+    }
+}
+
+impl fmt::Debug for RwLockWriteGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.held, f)
+    }
+}
+
+impl RwLockReadGuard {
+    held_accessors!("read lock");
+
+    /// Release the read lock (compare-and-delete). [`Error::NotHeld`] if it was lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the release may or may not have happened.
+    pub async fn unlock(self) -> Result<()> {
+        self.held.release("read_unlock").await
+    }
+}
+
+impl RwLockWriteGuard {
+    held_accessors!("write lock");
+
+    /// Release the write lock (compare-and-delete). [`Error::NotHeld`] if it was lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the release may or may not have happened.
+    pub async fn unlock(self) -> Result<()> {
+        self.held.release("write_unlock").await
+    }
+}
