@@ -186,3 +186,48 @@ async fn unacknowledged_keep_alives_lose_at_the_local_deadline() {
     );
     etcd.cont();
 }
+
+/// The leader's process is killed (`kill -9`): a waiting candidate leads within TTL + 1 s,
+/// with a greater fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_leader_fails_over_within_ttl() {
+    use tokio::io::AsyncBufReadExt;
+    let etcd = EtcdServer::start_async().await;
+    let ttl = Duration::from_secs(2);
+    let mut leader = tokio::process::Command::new(env!("CARGO_BIN_EXE_elect-worker"))
+        .args([etcd.endpoint().as_str(), "failover/leader", "proc", "2"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(leader.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("worker did not lead")
+        .unwrap()
+        .unwrap();
+    let old_token: i64 = line.strip_prefix("leading ").unwrap().parse().unwrap();
+
+    let client = Client::connect(&etcd.endpoint()).await.unwrap();
+    let s = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let e = baton::Election::new(&s, "failover/leader").unwrap();
+    let campaign = tokio::spawn(async move { e.campaign("successor").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!campaign.is_finished());
+    leader.start_kill().unwrap();
+    leader.wait().await.unwrap();
+    let killed = Instant::now();
+    let l = tokio::time::timeout(ttl + Duration::from_secs(1), campaign)
+        .await
+        .expect("no failover within TTL + 1 s")
+        .unwrap()
+        .unwrap();
+    let took = killed.elapsed();
+    assert!(l.fencing_token() > old_token);
+    assert!(took <= ttl + Duration::from_secs(1), "{took:?}");
+    l.resign().await.unwrap();
+}

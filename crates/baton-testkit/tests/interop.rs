@@ -1,0 +1,200 @@
+//! Interoperability with Go's `clientv3/concurrency` through `etcdctl lock` and
+//! `etcdctl elect` (Debian's etcd-client, which calls that package), on a real etcd.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use baton::{Client, Election, Error, Mutex, Session};
+use baton_testkit::{etcdctl_bin, EtcdServer};
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// `etcdctl ARGS` in the background, stdout piped, killed on drop.
+fn etcdctl_bg(etcd: &EtcdServer, args: &[&str]) -> Child {
+    Command::new(etcdctl_bin().expect("etcdctl not installed"))
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn first_line(child: &mut Child, within: Duration) -> Option<String> {
+    let out = child.stdout.as_mut().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    tokio::time::timeout(within, lines.next_line())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten()
+}
+
+async fn session(etcd: &EtcdServer) -> Session {
+    let client = Client::connect(&etcd.endpoint()).await.unwrap();
+    Session::builder(&client)
+        .with_ttl(Duration::from_secs(10))
+        .build()
+        .await
+        .unwrap()
+}
+
+/// While `etcdctl lock` holds, Baton waits; Baton gets the lock when etcdctl releases it, and
+/// `ETCD_LOCK_KEY` / `ETCD_LOCK_REV` follow Baton's key layout and token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_waits_for_etcdctl_lock() {
+    let etcd = EtcdServer::start_async().await;
+    let mut ctl = etcdctl_bg(
+        &etcd,
+        &[
+            "lock",
+            "interop/job",
+            "--",
+            "sh",
+            "-c",
+            "echo $ETCD_LOCK_KEY $ETCD_LOCK_REV; sleep 2",
+        ],
+    );
+    let line = first_line(&mut ctl, Duration::from_secs(10))
+        .await
+        .expect("etcdctl lock did not acquire");
+    let acquired = Instant::now();
+    let (ctl_key, ctl_rev) = line.split_once(' ').unwrap();
+    let ctl_rev: i64 = ctl_rev.parse().unwrap();
+
+    // ETCD_LOCK_KEY is NAME/<lease hex> for the lease the key is bound to, and ETCD_LOCK_REV
+    // its create revision: Baton's layout and fencing token.
+    let s = session(&etcd).await;
+    let kv = s
+        .client()
+        .store()
+        .range(baton::store::Range::key(ctl_key))
+        .await
+        .unwrap()
+        .kvs
+        .remove(0);
+    assert_eq!(ctl_key, format!("interop/job/{:x}", kv.lease));
+    assert_eq!(ctl_rev, kv.create_revision);
+    // A Baton session on the same lease names the very same key.
+    let adopted = Session::builder(s.client())
+        .with_lease(kv.lease)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(Mutex::new(&adopted, "interop/job").unwrap().key(), ctl_key);
+    adopted.orphan();
+
+    let m = Mutex::new(&s, "interop/job").unwrap();
+    let err = m.try_lock().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    let g = m.lock_timeout(Duration::from_secs(10)).await.unwrap();
+    let waited = acquired.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "Baton acquired while etcdctl held ({waited:?})"
+    );
+    assert!(g.fencing_token() > ctl_rev);
+    assert!(ctl.wait().await.unwrap().success());
+    g.unlock().await.unwrap();
+}
+
+/// While Baton holds, `etcdctl lock` waits; it acquires as soon as Baton unlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_waits_for_baton_lock() {
+    let etcd = EtcdServer::start_async().await;
+    let s = session(&etcd).await;
+    let g = Mutex::new(&s, "interop/rev").unwrap().lock().await.unwrap();
+    let mut ctl = etcdctl_bg(
+        &etcd,
+        &[
+            "lock",
+            "interop/rev",
+            "--",
+            "sh",
+            "-c",
+            "echo $ETCD_LOCK_REV",
+        ],
+    );
+    assert_eq!(
+        first_line(&mut ctl, Duration::from_secs(1)).await,
+        None,
+        "etcdctl acquired while Baton held"
+    );
+    let token = g.fencing_token();
+    g.unlock().await.unwrap();
+    let line = first_line(&mut ctl, Duration::from_secs(5))
+        .await
+        .expect("etcdctl did not acquire after Baton released");
+    assert!(line.trim().parse::<i64>().unwrap() > token);
+    assert!(ctl.wait().await.unwrap().success());
+}
+
+/// `etcdctl elect NAME v1` leads: Baton's `leader()` and `observe()` see `v1`; Baton queues
+/// behind it and leads when it exits. While Baton leads, `etcdctl elect -l` prints Baton's
+/// value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_are_shared_with_etcdctl_elect() {
+    let etcd = EtcdServer::start_async().await;
+    let mut ctl = etcdctl_bg(&etcd, &["elect", "interop/leader", "v1"]);
+    // etcdctl elect prints the key, then the value, once it leads.
+    let key = first_line(&mut ctl, Duration::from_secs(10))
+        .await
+        .expect("etcdctl elect did not lead");
+    assert!(key.starts_with("interop/leader/"), "{key}");
+
+    let client = Client::connect(&etcd.endpoint()).await.unwrap();
+    let leader = Election::leader_with(&client, "interop/leader")
+        .await
+        .unwrap();
+    assert_eq!(leader.value_str(), "v1");
+    assert_eq!(leader.key, key);
+    let mut obs = Election::observe_with(&client, "interop/leader").unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(3), obs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.value_str(), "v1");
+
+    let s = session(&etcd).await;
+    let e = Election::new(&s, "interop/leader").unwrap();
+    let campaign = tokio::spawn(async move { e.campaign("baton-v2").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !campaign.is_finished(),
+        "Baton led while etcdctl elect leads"
+    );
+    // etcdctl elect resigns on SIGINT.
+    let pid = ctl.id().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let l = tokio::time::timeout(Duration::from_secs(5), campaign)
+        .await
+        .expect("Baton did not lead after etcdctl resigned")
+        .unwrap()
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(3), obs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.value_str(), "baton-v2");
+
+    // `etcdctl elect -l` prints the leader's key, then its value, then follows changes.
+    let mut listen = etcdctl_bg(&etcd, &["elect", "-l", "interop/leader"]);
+    let out = listen.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    for want in [l.key(), "baton-v2"] {
+        let got = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("etcdctl elect -l printed nothing")
+            .unwrap()
+            .unwrap_or_default();
+        assert_eq!(got, want);
+    }
+    drop(listen);
+    l.resign().await.unwrap();
+}
