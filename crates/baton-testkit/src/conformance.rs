@@ -982,3 +982,50 @@ pub async fn rwlock_cancel_and_loss(b: &Backend) {
         .unwrap();
     gw.unlock().await.unwrap();
 }
+
+// ----------------------------------------------------------------------------------------
+// The backend-neutral API
+
+/// Code written only against `Coordinator` and its traits: locks exclude, tokens increase,
+/// `try_lock` reports Locked, elections lead/observe/resign.
+pub async fn coordinator_traits(b: &Backend) {
+    let connect = || async {
+        baton::Coordinator::builder(b.endpoints())
+            .with_ttl(TTL)
+            .connect()
+            .await
+            .unwrap()
+    };
+    let (c1, c2) = (connect().await, connect().await);
+    let lock = name("coord");
+    let g1 = c1.lock(&lock).unwrap().lock().await.unwrap();
+    let err = c2.lock(&lock).unwrap().try_lock().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    let t1 = g1.fencing_token().unwrap();
+    g1.release().await.unwrap();
+    let g2 = c2
+        .lock(&lock)
+        .unwrap()
+        .lock_timeout(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(g2.fencing_token().unwrap() > t1);
+    assert!(!g2.is_lost());
+    g2.release().await.unwrap();
+
+    let e1 = c1.election(&format!("{lock}-e")).unwrap();
+    let mut obs = c2.election(&format!("{lock}-e")).unwrap().observe();
+    let mut l = e1.campaign(b"one".to_vec()).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(3), obs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.value, b"one");
+    l.proclaim(b"two".to_vec()).await.unwrap();
+    assert_eq!(l.value(), b"two");
+    assert_eq!(e1.leader().await.unwrap().value, b"two");
+    l.release().await.unwrap();
+    c1.close().await.unwrap();
+    c2.close().await.unwrap();
+    assert!(c1.lost_token().unwrap().is_cancelled());
+}

@@ -65,4 +65,5 @@ all_backends!(
     rwlock_mutual_exclusion,
     rwlock_fair,
     rwlock_cancel_and_loss,
+    coordinator_traits,
 );

@@ -53,6 +53,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 mod client;
+pub mod coordinator;
 mod election;
 pub mod error;
 mod mutex;
@@ -65,6 +66,7 @@ pub mod store;
 mod wait;
 
 pub use client::{Client, ClientBuilder, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+pub use coordinator::{Coordinator, CoordinatorBuilder};
 pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
 pub use mutex::{Mutex, MutexGuard};

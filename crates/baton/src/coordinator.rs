@@ -1,0 +1,440 @@
+//! Backend-neutral locks and elections: code written against these traits runs on etcd, the
+//! embedded store, Redis or Redlock by changing only the URL.
+//!
+//! The concrete types ([`Mutex`], [`Election`], …) offer everything their backend can do.
+//! These traits offer what every backend can do, behind one [`Coordinator`]:
+//!
+//! ```
+//! use std::time::Duration;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> baton::Result<()> {
+//! let coord = baton::Coordinator::builder("mem://")      // or http://…, redis://…, redlock://…
+//!     .with_ttl(Duration::from_secs(10))
+//!     .connect()
+//!     .await?;
+//! let lock = coord.lock("jobs/report")?;
+//! let guard = lock.lock().await?;
+//! println!("token {:?}", guard.fencing_token());
+//! guard.release().await?;
+//! coord.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{
+    Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+};
+use crate::election::{Election, Leader, Leadership};
+use crate::error::{Error, Result};
+use crate::mutex::{Mutex, MutexGuard};
+use crate::session::{Session, DEFAULT_TTL};
+
+/// Something held: a lock, or a leadership.
+#[async_trait]
+pub trait Guard: Send + Sync + fmt::Debug {
+    /// The key (etcd) or name (Redis) held.
+    fn key(&self) -> &str;
+
+    /// The fencing token of this grant, strictly greater than every earlier grant's, or
+    /// `None` where the backend has no safe token (Redlock).
+    fn fencing_token(&self) -> Option<i64>;
+
+    /// True once the hold is lost.
+    fn is_lost(&self) -> bool;
+
+    /// Why the hold was lost, if it was.
+    fn lost_reason(&self) -> Option<String>;
+
+    /// A token cancelled when the hold is lost (`token.cancelled().await` waits for it).
+    fn lost_token(&self) -> CancellationToken;
+
+    /// Release: unlock, or resign. [`Error::NotHeld`] / [`Error::NotLeader`] if it had
+    /// already been lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the release may or may not have happened; the hold then
+    /// ends with its TTL.
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
+/// A named lock on some backend.
+#[async_trait]
+pub trait Lock: Send + Sync + fmt::Debug {
+    /// The lock's name.
+    fn name(&self) -> &str;
+
+    /// Wait until the lock is ours.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future leaves nothing queued.
+    async fn lock(&self) -> Result<Box<dyn Guard>>;
+
+    /// [`lock`](Lock::lock), failing with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>>;
+
+    /// Take the lock only if it is free, else [`Error::Locked`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn try_lock(&self) -> Result<Box<dyn Guard>>;
+}
+
+/// A leadership held on some backend.
+#[async_trait]
+pub trait Leading: Guard {
+    /// The value we last proclaimed.
+    fn value(&self) -> &[u8];
+
+    /// Publish a new value while we lead; [`Error::NotLeader`] if we no longer do.
+    ///
+    /// # Cancel safety
+    ///
+    /// The value may or may not have been published if the future is dropped.
+    async fn proclaim(&mut self, value: Vec<u8>) -> Result<()>;
+}
+
+/// A named election on some backend.
+#[async_trait]
+pub trait Elector: Send + Sync + fmt::Debug {
+    /// The election's name.
+    fn name(&self) -> &str;
+
+    /// Stand with `value` and wait until we lead.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future withdraws the candidacy.
+    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>>;
+
+    /// [`campaign`](Elector::campaign), failing with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn campaign_timeout(&self, value: Vec<u8>, timeout: Duration)
+        -> Result<Box<dyn Leading>>;
+
+    /// The current leader, or [`Error::NoLeader`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn leader(&self) -> Result<Leader>;
+
+    /// Every leader change and proclaimed value, starting with the current leader.
+    fn observe(&self) -> BoxStream<'static, Leader>;
+}
+
+/// A connected backend, as [`Coordinator`] sees it. Implemented by the store family (etcd,
+/// embedded) here, and by the Redis family in its own module.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// A short name: `"mem"`, `"etcd"`, `"redis"`, `"redlock"`.
+    fn name(&self) -> &'static str;
+
+    /// A lock named `name`.
+    fn lock(&self, name: &str) -> Result<Box<dyn Lock>>;
+
+    /// An election named `name`.
+    fn election(&self, name: &str) -> Result<Box<dyn Elector>>;
+
+    /// A token cancelled when everything this backend holds is lost at once (an etcd
+    /// session's lease); `None` where holds are independent (Redis).
+    fn lost_token(&self) -> Option<CancellationToken>;
+
+    /// The store, for the etcd family.
+    fn client(&self) -> Option<&Client>;
+
+    /// Release everything and disconnect.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Options for [`Coordinator`].
+///
+/// # Default
+///
+/// - TTL: 60 s ([`DEFAULT_TTL`]): the etcd session's lease, or each Redis lock's expiry;
+/// - dial timeout: 5 s; request timeout: 10 s.
+#[derive(Clone, Debug)]
+pub struct CoordinatorBuilder {
+    endpoints: String,
+    ttl: Duration,
+    dial_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl CoordinatorBuilder {
+    /// The TTL of holds: the etcd session's lease, or each Redis lock's expiry.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long to wait for the backend when connecting.
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// How long one request may take.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The TTL set.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The dial timeout set.
+    pub fn dial_timeout(&self) -> Duration {
+        self.dial_timeout
+    }
+
+    /// The request timeout set.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Validate everything, connect, and (on etcd) start the session.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe on etcd: a lease granted before the drop expires after its TTL.
+    pub async fn connect(self) -> Result<Coordinator> {
+        let backend: Arc<dyn Backend> = match Endpoints::parse(&self.endpoints)? {
+            Endpoints::Redis(_) | Endpoints::Redlock(_) => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: crate::client::redact(&self.endpoints),
+                    reason: "the redis backends are not supported yet".into(),
+                })
+            }
+            _ => {
+                let client = ClientBuilder::new(&self.endpoints)
+                    .with_dial_timeout(self.dial_timeout)
+                    .with_request_timeout(self.request_timeout)
+                    .connect()
+                    .await?;
+                let session = Session::builder(&client).with_ttl(self.ttl).build().await?;
+                Arc::new(StoreBackend { client, session })
+            }
+        };
+        Ok(Coordinator { backend })
+    }
+}
+
+/// One connection to any backend, handing out [`Lock`]s and [`Elector`]s.
+///
+/// On etcd and the embedded store it holds one [`Session`]: every lock and leadership taken
+/// through it shares that lease. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Coordinator {
+    backend: Arc<dyn Backend>,
+}
+
+impl Coordinator {
+    /// Connect with the default options.
+    ///
+    /// # Cancel safety
+    ///
+    /// See [`CoordinatorBuilder::connect`].
+    pub async fn connect(endpoints: &str) -> Result<Coordinator> {
+        Self::builder(endpoints).connect().await
+    }
+
+    /// Configure a connection.
+    pub fn builder(endpoints: &str) -> CoordinatorBuilder {
+        CoordinatorBuilder {
+            endpoints: endpoints.to_string(),
+            ttl: DEFAULT_TTL,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// A coordinator over any [`Backend`].
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Coordinator {
+        Coordinator { backend }
+    }
+
+    /// The backend's short name.
+    pub fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// A lock named `name`. Fails on a bad name.
+    pub fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
+        self.backend.lock(name)
+    }
+
+    /// An election named `name`. Fails on a bad name.
+    pub fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
+        self.backend.election(name)
+    }
+
+    /// A token cancelled when every hold is lost at once (the etcd session), if the backend
+    /// has such a thing.
+    pub fn lost_token(&self) -> Option<CancellationToken> {
+        self.backend.lost_token()
+    }
+
+    /// The store client, on etcd and the embedded store.
+    pub fn client(&self) -> Option<&Client> {
+        self.backend.client()
+    }
+
+    /// Release everything (on etcd: revoke the session's lease) and disconnect.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped, holds end with their TTL.
+    pub async fn close(&self) -> Result<()> {
+        self.backend.close().await
+    }
+}
+
+/// The store family (etcd, embedded) behind a [`Coordinator`]: one client, one session.
+#[derive(Debug)]
+struct StoreBackend {
+    client: Client,
+    session: Session,
+}
+
+#[async_trait]
+impl Backend for StoreBackend {
+    fn name(&self) -> &'static str {
+        self.client.backend()
+    }
+
+    fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
+        Ok(Box::new(Mutex::new(&self.session, name)?))
+    }
+
+    fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
+        Ok(Box::new(Election::new(&self.session, name)?))
+    }
+
+    fn lost_token(&self) -> Option<CancellationToken> {
+        Some(self.session.lost_token())
+    }
+
+    fn client(&self) -> Option<&Client> {
+        Some(&self.client)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.session.close().await
+    }
+}
+
+#[async_trait]
+impl Guard for MutexGuard {
+    fn key(&self) -> &str {
+        MutexGuard::key(self)
+    }
+    fn fencing_token(&self) -> Option<i64> {
+        Some(MutexGuard::fencing_token(self))
+    }
+    fn is_lost(&self) -> bool {
+        MutexGuard::is_lost(self)
+    }
+    fn lost_reason(&self) -> Option<String> {
+        MutexGuard::lost_reason(self)
+    }
+    fn lost_token(&self) -> CancellationToken {
+        MutexGuard::lost_token(self)
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.unlock().await
+    }
+}
+
+#[async_trait]
+impl Lock for Mutex {
+    fn name(&self) -> &str {
+        Mutex::name(self)
+    }
+    async fn lock(&self) -> Result<Box<dyn Guard>> {
+        Ok(Box::new(Mutex::lock(self).await?))
+    }
+    async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>> {
+        Ok(Box::new(Mutex::lock_timeout(self, timeout).await?))
+    }
+    async fn try_lock(&self) -> Result<Box<dyn Guard>> {
+        Ok(Box::new(Mutex::try_lock(self).await?))
+    }
+}
+
+#[async_trait]
+impl Guard for Leadership {
+    fn key(&self) -> &str {
+        Leadership::key(self)
+    }
+    fn fencing_token(&self) -> Option<i64> {
+        Some(Leadership::fencing_token(self))
+    }
+    fn is_lost(&self) -> bool {
+        Leadership::is_lost(self)
+    }
+    fn lost_reason(&self) -> Option<String> {
+        Leadership::lost_reason(self)
+    }
+    fn lost_token(&self) -> CancellationToken {
+        Leadership::lost_token(self)
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.resign().await
+    }
+}
+
+#[async_trait]
+impl Leading for Leadership {
+    fn value(&self) -> &[u8] {
+        Leadership::value(self)
+    }
+    async fn proclaim(&mut self, value: Vec<u8>) -> Result<()> {
+        Leadership::proclaim(self, value).await
+    }
+}
+
+#[async_trait]
+impl Elector for Election {
+    fn name(&self) -> &str {
+        Election::name(self)
+    }
+    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
+        Ok(Box::new(Election::campaign(self, value).await?))
+    }
+    async fn campaign_timeout(
+        &self,
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Box<dyn Leading>> {
+        Ok(Box::new(
+            Election::campaign_timeout(self, value, timeout).await?,
+        ))
+    }
+    async fn leader(&self) -> Result<Leader> {
+        Election::leader(self).await
+    }
+    fn observe(&self) -> BoxStream<'static, Leader> {
+        Election::observe(self).boxed()
+    }
+}
