@@ -1,0 +1,294 @@
+//! The command line: global options, the commands, value parsers, and connecting.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::exit::CliError;
+use crate::{demo, elect, leader, lock, observe, status};
+
+/// The default endpoint, as in etcdctl.
+pub(crate) const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
+
+const ABOUT: &str =
+    "Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
+on etcd or the embedded store.";
+
+const LONG_ABOUT: &str = "\
+Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
+on etcd or the embedded store.
+
+baton runs a command while it holds a lock (or leads an election), kills the command the \
+moment the lock is lost, and hands it a fencing token. Its keys are those of etcdctl lock \
+and etcdctl elect, so baton, etcdctl and Go services share one lock.";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0        success, or CMD's own exit code (passed through)
+  1        baton leader: the election has no leader
+  122      the lock or leadership was lost while held
+  124      not acquired: --try found the lock held, or --timeout passed
+  125      baton itself failed: bad input, unreachable backend
+  126/127  CMD could not be executed / was not found
+  128+N    interrupted by signal N while waiting
+
+Examples:
+  baton lock reports/nightly -- ./make-report.sh
+  baton --endpoints http://10.0.0.5:2379 lock --try backup -- ./backup.sh
+  baton elect scheduler 10.0.0.7:8080 -- ./scheduler
+  baton observe scheduler
+  baton status
+  baton demo";
+
+/// `baton`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES,
+    propagate_version = true,
+    disable_help_subcommand = true
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Global {
+    /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, mem:// for the
+    /// embedded store (redis:// and redlock:// are not supported yet).
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_ENDPOINTS",
+        hide_env_values = true,
+        value_name = "URLS",
+        default_value = DEFAULT_ENDPOINTS
+    )]
+    pub(crate) endpoints: String,
+
+    /// Print machine-readable JSON lines instead of human text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    /// How long to wait for the backend to answer when connecting.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DUR",
+        default_value = "5s",
+        value_parser = positive_duration
+    )]
+    pub(crate) dial_timeout: Duration,
+
+    /// Set by `parse` from where `--endpoints` came from: true if given on the command line
+    /// or in $BATON_ENDPOINTS, false if it is the default.
+    #[arg(skip)]
+    pub(crate) endpoints_given: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run CMD while holding a lock (or hold it until interrupted).
+    Lock(lock::Args),
+    /// Campaign in an election; run CMD while leader (or lead until interrupted).
+    Elect(elect::Args),
+    /// Print every leader change and proclaimed value of an election until interrupted.
+    Observe(observe::Args),
+    /// Print the current leader's value.
+    Leader(leader::Args),
+    /// Show the locks and elections under a prefix: holder, token, TTL, waiters.
+    Status(status::Args),
+    /// Watch workers share a lock with fencing, and an election fail over, in seconds.
+    Demo(demo::Args),
+}
+
+/// Parse the command line. On a usage error, print it as one line and give 125; for
+/// `--help` and `--version`, print them and give 0.
+pub(crate) fn parse<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let parsed = Cli::command()
+        .try_get_matches_from(args)
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
+    match parsed {
+        Ok((mut cli, matches)) => {
+            cli.global.endpoints_given = endpoints_given(&matches);
+            Ok(cli)
+        }
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    Err(CliError::quiet(0))
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Err(CliError::failed(
+                    "no command given: use lock, elect, observe, leader, status or demo (see baton --help)",
+                )),
+                _ => Err(CliError::failed(usage_line(&e))),
+            }
+        }
+    }
+}
+
+/// The first line of a clap error, without its `error: ` prefix, plus a pointer to --help.
+fn usage_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{first} (see baton --help)")
+}
+
+/// True if `--endpoints` came from the command line or the environment, at any level.
+fn endpoints_given(matches: &clap::ArgMatches) -> bool {
+    let given = |m: &clap::ArgMatches| {
+        matches!(
+            m.value_source("endpoints"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    given(matches) || matches.subcommand().is_some_and(|(_, sub)| given(sub))
+}
+
+/// A duration in humantime syntax: `500ms`, `10s`, `2m`, `1h 30m`.
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e} (write a duration such as 500ms, 10s or 2m)"))
+}
+
+/// A duration greater than zero.
+pub(crate) fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".to_string()),
+        d => Ok(d),
+    }
+}
+
+/// A lock or election name: not empty, at most [`baton::MAX_NAME_LEN`] bytes. Checked
+/// before connecting, so bad input never waits for the network.
+pub(crate) fn name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the name is empty".to_string());
+    }
+    if s.len() > baton::MAX_NAME_LEN {
+        return Err(format!(
+            "the name is {} bytes long; the limit is {}",
+            s.len(),
+            baton::MAX_NAME_LEN
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Connect to the backend named by `--endpoints`, within `--dial-timeout`.
+pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::Client, CliError> {
+    tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
+    baton::Client::builder(endpoints)
+        .with_dial_timeout(global.dial_timeout)
+        .connect()
+        .await
+        .map_err(CliError::failed)
+}
+
+/// Start a session (a lease kept alive) with this TTL.
+pub(crate) async fn session(
+    client: &baton::Client,
+    ttl: Duration,
+) -> Result<baton::Session, CliError> {
+    baton::Session::builder(client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .map_err(CliError::from)
+}
+
+/// How long releasing (unlock, resign, revoke) may take before `baton` gives up and lets
+/// the lease expire.
+pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Close a session (revoking its lease, which deletes its keys), within
+/// [`RELEASE_TIMEOUT`]; a failure is only traced, since the lease expires anyway.
+pub(crate) async fn close(session: &baton::Session) {
+    match tokio::time::timeout(RELEASE_TIMEOUT, session.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "closing the session failed; the lease will expire")
+        }
+        Err(_) => tracing::warn!("closing the session timed out; the lease will expire"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(duration("10").is_err());
+        assert!(duration("soon").is_err());
+        assert!(positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(name("").is_err());
+        assert!(name(&"x".repeat(baton::MAX_NAME_LEN + 1)).is_err());
+        assert_eq!(name("jobs/nightly"), Ok("jobs/nightly".to_string()));
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_with_code_125() {
+        let err = parse(["baton", "lock"]).unwrap_err();
+        assert_eq!(err.code(), exit::FAILED);
+        let err = parse(["baton", "lock", "x", "--ttl", "soon"]).unwrap_err();
+        assert_eq!(err.code(), exit::FAILED);
+        let err = parse(["baton", "lock", ""]).unwrap_err();
+        assert_eq!(err.code(), exit::FAILED);
+    }
+
+    #[test]
+    fn endpoints_source_is_recorded() {
+        let cli = parse(["baton", "demo"]).unwrap();
+        assert!(!cli.global.endpoints_given || std::env::var_os("BATON_ENDPOINTS").is_some());
+        let cli = parse(["baton", "demo", "--endpoints", "mem://x"]).unwrap();
+        assert!(cli.global.endpoints_given);
+        let cli = parse(["baton", "--endpoints", "mem://x", "demo"]).unwrap();
+        assert!(cli.global.endpoints_given);
+    }
+
+    #[test]
+    fn command_after_double_dash() {
+        let cli = parse([
+            "baton", "lock", "n", "--ttl", "5s", "--", "sh", "-c", "exit 3",
+        ])
+        .unwrap();
+        let Command::Lock(args) = cli.command else {
+            panic!("not lock")
+        };
+        assert_eq!(args.command, ["sh", "-c", "exit 3"]);
+    }
+}

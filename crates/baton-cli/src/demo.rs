@@ -1,0 +1,630 @@
+//! `baton demo`: workers share a lock and write to a fenced log; an election fails over
+//! after its leader is frozen and its lease revoked; a timeline and a summary.
+//!
+//! Runs on the embedded store (`mem://demo`) unless `--endpoints` (or `$BATON_ENDPOINTS`)
+//! names a backend.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard as StdMutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{self, Global};
+use crate::exit::CliError;
+use crate::output::{self, Output};
+
+const EXAMPLES: &str = "\
+Examples:
+  baton demo                          # 4 workers, 4 seconds, on the embedded store
+  baton demo --workers 8 --seconds 10
+  baton --endpoints http://127.0.0.1:2379 demo   # on a running etcd
+  baton --json demo | jq 'select(.event == \"summary\")'
+
+What it shows:
+  - workers on separate sessions take turns on one lock; every grant carries a fencing
+    token, and each holder writes to a log that refuses tokens lower than the highest seen;
+  - three nodes elect a leader, which writes heartbeats to a fenced log; partway through,
+    the leader is frozen (as in a long GC pause) and its lease revoked; another node takes
+    over; the old leader wakes up and its stale write is refused.
+The summary gives the grants, the overlaps (two holders at once: must be 0), the leaders
+and the failover time. Exit 0 if every check passed, 1 if one failed.";
+
+/// The embedded store the demo uses unless told otherwise.
+const DEMO_ENDPOINTS: &str = "mem://demo";
+/// The nodes that take part in the election.
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+/// How many grants the timeline shows one by one.
+const SHOWN_GRANTS: usize = 10;
+/// The session TTL of every worker and node.
+const TTL: Duration = Duration::from_secs(10);
+/// How often the leader writes a heartbeat.
+const HEARTBEAT: Duration = Duration::from_millis(50);
+/// How long the demo waits for its tasks to stop at the end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `baton demo`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// How many workers contend for the lock.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) workers: u16,
+
+    /// How long the demo runs: a number of seconds (2, 0.5) or a duration (1500ms).
+    #[arg(long, value_name = "S", default_value = "4", value_parser = seconds)]
+    pub(crate) seconds: Duration,
+}
+
+/// A number of seconds, or a humantime duration; between 0.5 s and 1 h.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let d = match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(1e6)),
+        Ok(_) => return Err("must be a positive number of seconds".to_string()),
+        Err(_) => cli::duration(s)?,
+    };
+    if d < Duration::from_millis(500) || d > Duration::from_secs(3600) {
+        return Err("must be between 0.5 s and 1 h".to_string());
+    }
+    Ok(d)
+}
+
+/// A resource that refuses writes whose fencing token is lower than the highest it has seen.
+#[derive(Debug, Default)]
+struct FencedLog {
+    highest: i64,
+    accepted: u64,
+    refused: u64,
+}
+
+impl FencedLog {
+    /// Accept the write if `token` is at least the highest seen; else the highest.
+    fn write(&mut self, token: i64) -> Result<(), i64> {
+        if token < self.highest {
+            self.refused += 1;
+            Err(self.highest)
+        } else {
+            self.highest = token;
+            self.accepted += 1;
+            Ok(())
+        }
+    }
+}
+
+fn locked<T>(m: &StdMutex<T>) -> StdMutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints timestamped events.
+#[derive(Debug, Clone, Copy)]
+struct Timeline {
+    start: Instant,
+    out: Output,
+}
+
+impl Timeline {
+    fn event(&self, human: &str, mut json: Value) {
+        let ms = self.start.elapsed().as_secs_f64() * 1e3;
+        json["t_ms"] = json!((ms * 10.0).round() / 10.0);
+        let _ = self.out.emit(&format!("{ms:>8.1} ms  {human}"), &json);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// What the lock workers share.
+#[derive(Debug, Default)]
+struct LockShared {
+    /// Workers that currently believe they hold the lock.
+    holding: AtomicUsize,
+    log: StdMutex<FencedLog>,
+    stats: StdMutex<LockStats>,
+}
+
+#[derive(Debug, Default)]
+struct LockStats {
+    /// (worker, token), in grant order.
+    grants: Vec<(u16, i64)>,
+    overlaps: u64,
+    lost: u64,
+}
+
+/// One election node, and the switch that freezes it.
+#[derive(Debug)]
+struct Node {
+    name: &'static str,
+    frozen: AtomicBool,
+    thaw: Notify,
+}
+
+/// What the election nodes share.
+#[derive(Debug, Default)]
+struct ElectionShared {
+    log: StdMutex<FencedLog>,
+    state: StdMutex<ElectionState>,
+}
+
+#[derive(Debug, Default)]
+struct ElectionState {
+    /// (node, token), in the order they were elected.
+    leaders: Vec<(&'static str, i64)>,
+    /// When the leader was frozen and its lease revoked, and whose it was.
+    killed: Option<(Instant, &'static str, i64)>,
+    failover: Option<Duration>,
+    /// The frozen leader's stale write: (token, highest seen) if refused.
+    stale_write: Option<Result<i64, (i64, i64)>>,
+}
+
+/// Run `baton demo`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let endpoints = if global.endpoints_given {
+        global.endpoints.clone()
+    } else {
+        DEMO_ENDPOINTS.to_string()
+    };
+    let out = Output::new(global.json);
+    let admin = cli::connect(global, &endpoints).await?;
+    let run_id = std::process::id();
+    let lock_name = format!("demo/job-{run_id}");
+    let election_name = format!("demo/leader-{run_id}");
+
+    let intro = format!(
+        "baton demo on {}: {} workers share lock {lock_name:?}; {} nodes elect a leader of {election_name:?}; {}",
+        admin.endpoints(),
+        args.workers,
+        NODES.len(),
+        output::duration(args.seconds),
+    );
+    let _ = out.emit(
+        &format!("{intro}\n"),
+        &json!({
+            "event": "start", "endpoints": admin.endpoints(), "workers": args.workers,
+            "lock": lock_name, "election": election_name, "seconds": args.seconds.as_secs_f64(),
+        }),
+    );
+
+    let tl = Timeline {
+        start: Instant::now(),
+        out,
+    };
+    let stop = CancellationToken::new();
+    let lock_shared = Arc::new(LockShared::default());
+    let election = Arc::new(ElectionShared::default());
+    let nodes: Vec<Arc<Node>> = NODES
+        .iter()
+        .map(|&name| {
+            Arc::new(Node {
+                name,
+                frozen: AtomicBool::new(false),
+                thaw: Notify::new(),
+            })
+        })
+        .collect();
+
+    // Every worker and node is its own "machine": its own client and session.
+    let mut tasks = Vec::new();
+    for w in 1..=args.workers {
+        let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+        let mutex = baton::Mutex::new(&session, &lock_name)?;
+        tasks.push(tokio::spawn(worker(
+            w,
+            session,
+            mutex,
+            lock_shared.clone(),
+            tl,
+            stop.clone(),
+        )));
+    }
+    let mut observer = baton::Election::observe_with(&admin, &election_name)?;
+    let observing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    leader = observer.next() => match leader {
+                        Some(l) => tl.event(
+                            &format!("observer: the leader is {} (token {})", l.value_str(), l.create_revision),
+                            json!({"event": "observed", "leader": l.value_str(), "fencing_token": l.create_revision}),
+                        ),
+                        None => return,
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    });
+    for node in &nodes {
+        let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+        let e = baton::Election::new(&session, &election_name)?;
+        tasks.push(tokio::spawn(candidate(
+            node.clone(),
+            session,
+            e,
+            election.clone(),
+            tl,
+            stop.clone(),
+        )));
+        // Stagger the nodes so that node-a leads first.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Partway through, freeze the leader and revoke its lease.
+    tokio::time::sleep_until(tl.start + args.seconds.mul_f64(0.4)).await;
+    kill_leader(&admin, &election_name, &nodes, &election, tl).await;
+    tokio::time::sleep_until(tl.start + args.seconds).await;
+
+    stop.cancel();
+    let stopped = tokio::time::timeout(STOP_TIMEOUT, async {
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                return Err(e);
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let _ = observing.await;
+    match stopped {
+        Ok(r) => r?,
+        Err(_) => return Err(CliError::failed("the demo's workers did not stop in time")),
+    }
+    summary(&out, &args, &lock_shared, &election)
+}
+
+/// A lock worker: take the lock, write to the fenced log a few times, release; repeat.
+async fn worker(
+    w: u16,
+    session: baton::Session,
+    mutex: baton::Mutex,
+    shared: Arc<LockShared>,
+    tl: Timeline,
+    stop: CancellationToken,
+) -> Result<(), CliError> {
+    loop {
+        let asked = Instant::now();
+        let guard = tokio::select! {
+            g = mutex.lock() => g?,
+            _ = stop.cancelled() => break,
+        };
+        let waited = asked.elapsed();
+        let token = guard.fencing_token();
+        let others = shared.holding.fetch_add(1, Ordering::SeqCst);
+        let shown = {
+            let mut stats = locked(&shared.stats);
+            if others > 0 {
+                stats.overlaps += 1;
+            }
+            stats.grants.push((w, token));
+            stats.grants.len()
+        };
+        if others > 0 {
+            tl.event(
+                &format!(
+                    "OVERLAP: worker-{w} granted token {token} while another worker holds the lock"
+                ),
+                json!({"event": "overlap", "worker": w, "fencing_token": token}),
+            );
+        }
+        if shown <= SHOWN_GRANTS {
+            tl.event(
+                &format!(
+                    "worker-{w} acquired the lock: token {token}, waited {:.1} ms",
+                    ms(waited)
+                ),
+                json!({"event": "grant", "worker": w, "fencing_token": token, "waited_ms": ms(waited)}),
+            );
+            if shown == SHOWN_GRANTS {
+                tl.event(
+                    "(further grants are counted, not shown)",
+                    json!({"event": "grants_hidden"}),
+                );
+            }
+        }
+        // The critical section: two writes to the fenced log, with some work between.
+        let mut lost = false;
+        for _ in 0..2 {
+            let work = Duration::from_millis(rand::thread_rng().gen_range(3..12));
+            tokio::select! {
+                _ = tokio::time::sleep(work) => {}
+                _ = guard.lost() => { lost = true; break; }
+            }
+            if let Err(highest) = locked(&shared.log).write(token) {
+                tl.event(
+                    &format!("worker-{w}'s write with token {token} refused: the log has seen {highest}"),
+                    json!({"event": "refused", "worker": w, "fencing_token": token, "highest": highest}),
+                );
+            }
+        }
+        shared.holding.fetch_sub(1, Ordering::SeqCst);
+        if lost || guard.is_lost() {
+            locked(&shared.stats).lost += 1;
+            tl.event(
+                &format!(
+                    "worker-{w} lost the lock: {}",
+                    guard.lost_reason().unwrap_or_default()
+                ),
+                json!({"event": "lost", "worker": w, "fencing_token": token}),
+            );
+            break;
+        }
+        guard.unlock().await?;
+    }
+    cli::close(&session).await;
+    Ok(())
+}
+
+/// An election node: campaign; while leader, write heartbeats to the fenced log.
+async fn candidate(
+    node: Arc<Node>,
+    session: baton::Session,
+    election: baton::Election,
+    shared: Arc<ElectionShared>,
+    tl: Timeline,
+    stop: CancellationToken,
+) -> Result<(), CliError> {
+    let name = node.name;
+    let leadership = tokio::select! {
+        l = election.campaign(name) => l,
+        _ = stop.cancelled() => {
+            cli::close(&session).await;
+            return Ok(());
+        }
+    };
+    let leadership = match leadership {
+        Ok(l) => l,
+        Err(e) if stop.is_cancelled() || session.is_lost() => {
+            tracing::debug!(node = name, error = %e, "campaign ended");
+            cli::close(&session).await;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let token = leadership.fencing_token();
+    let failover = {
+        let mut st = locked(&shared.state);
+        st.leaders.push((name, token));
+        let failover = st.killed.map(|(at, _, _)| at.elapsed());
+        if st.failover.is_none() {
+            st.failover = failover;
+        }
+        failover
+    };
+    match failover {
+        Some(f) => tl.event(
+            &format!("{name} elected leader: token {token}, {:.1} ms after the old leader's lease was revoked", ms(f)),
+            json!({"event": "elected", "node": name, "fencing_token": token, "failover_ms": ms(f)}),
+        ),
+        None => tl.event(
+            &format!("{name} elected leader: token {token}"),
+            json!({"event": "elected", "node": name, "fencing_token": token}),
+        ),
+    }
+    let mut heartbeats = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = heartbeats.tick() => {}
+            _ = leadership.lost() => {}
+            _ = stop.cancelled() => {
+                let _ = leadership.resign().await;
+                cli::close(&session).await;
+                return Ok(());
+            }
+        }
+        if node.frozen.load(Ordering::SeqCst) {
+            // Frozen: it sees nothing until thawed, then carries on where it was, with a
+            // write it believes is still a leader's.
+            node.thaw.notified().await;
+            let result = locked(&shared.log).write(token);
+            locked(&shared.state).stale_write =
+                Some(result.map(|()| token).map_err(|h| (token, h)));
+            match result {
+                Err(highest) => tl.event(
+                    &format!("{name} wakes up and writes with token {token}: refused, the log has seen token {highest}"),
+                    json!({"event": "stale_write", "node": name, "fencing_token": token, "refused": true, "highest": highest}),
+                ),
+                Ok(()) => tl.event(
+                    &format!("{name} wakes up and writes with token {token}: accepted (no newer leader wrote)"),
+                    json!({"event": "stale_write", "node": name, "fencing_token": token, "refused": false}),
+                ),
+            }
+            leadership.lost().await;
+            tl.event(
+                &format!(
+                    "{name} learns it is no longer leader: {}",
+                    leadership.lost_reason().unwrap_or_default()
+                ),
+                json!({"event": "lost", "node": name, "fencing_token": token}),
+            );
+            return Ok(());
+        }
+        if leadership.is_lost() {
+            tl.event(
+                &format!(
+                    "{name} lost the leadership: {}",
+                    leadership.lost_reason().unwrap_or_default()
+                ),
+                json!({"event": "lost", "node": name, "fencing_token": token}),
+            );
+            cli::close(&session).await;
+            return Ok(());
+        }
+        let _ = locked(&shared.log).write(token);
+    }
+}
+
+/// Freeze the current leader, revoke its lease, wait for a new leader to write, thaw it.
+async fn kill_leader(
+    admin: &baton::Client,
+    election_name: &str,
+    nodes: &[Arc<Node>],
+    shared: &ElectionShared,
+    tl: Timeline,
+) {
+    let leader = match baton::Election::leader_with(admin, election_name).await {
+        Ok(l) => l,
+        Err(e) => {
+            tl.event(
+                &format!("no leader to kill: {e}"),
+                json!({"event": "no_leader", "error": e.to_string()}),
+            );
+            return;
+        }
+    };
+    let Some(node) = nodes.iter().find(|n| leader.value == n.name.as_bytes()) else {
+        return;
+    };
+    node.frozen.store(true, Ordering::SeqCst);
+    let revoked = admin.store().lease_revoke(leader.lease).await;
+    locked(&shared.state).killed = Some((Instant::now(), node.name, leader.create_revision));
+    tl.event(
+        &format!(
+            "operator: {} frozen (like a long GC pause) and its lease {} revoked{}",
+            node.name,
+            output::lease_hex(leader.lease),
+            revoked
+                .err()
+                .map(|e| format!(" (failed: {e})"))
+                .unwrap_or_default()
+        ),
+        json!({"event": "killed", "node": node.name, "fencing_token": leader.create_revision}),
+    );
+    // Thaw it once a newer leader has written, or after a second at most.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while locked(&shared.log).highest <= leader.create_revision && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.thaw.notify_one();
+}
+
+/// Print the summary; 0 if every check passed, 1 otherwise.
+fn summary(
+    out: &Output,
+    args: &Args,
+    lock: &LockShared,
+    election: &ElectionShared,
+) -> Result<u8, CliError> {
+    let stats = locked(&lock.stats);
+    let log = locked(&lock.log);
+    let st = locked(&election.state);
+    let increasing = stats.grants.windows(2).all(|w| w[0].1 < w[1].1);
+    let mut per_worker: BTreeMap<u16, usize> = (1..=args.workers).map(|w| (w, 0)).collect();
+    for (w, _) in &stats.grants {
+        *per_worker.entry(*w).or_default() += 1;
+    }
+    let stale_refused = matches!(st.stale_write, Some(Err(_)));
+    let mut problems = Vec::new();
+    if stats.overlaps > 0 {
+        problems.push(format!("{} overlaps", stats.overlaps));
+    }
+    if !increasing {
+        problems.push("fencing tokens did not increase".to_string());
+    }
+    if stats.grants.is_empty() {
+        problems.push("no lock grants".to_string());
+    }
+    if st.failover.is_none() {
+        problems.push("no failover".to_string());
+    }
+    if st.stale_write.is_some() && !stale_refused {
+        problems.push("the stale leader's write was accepted".to_string());
+    }
+
+    let leaders: Vec<String> = st
+        .leaders
+        .iter()
+        .map(|(n, t)| format!("{n} (token {t})"))
+        .collect();
+    let workers: Vec<String> = per_worker
+        .iter()
+        .map(|(w, n)| format!("worker-{w} {n}"))
+        .collect();
+    if out.is_json() {
+        let _ = out.json_line(&json!({
+            "event": "summary",
+            "grants": stats.grants.len(),
+            "grants_per_worker": per_worker.values().collect::<Vec<_>>(),
+            "tokens_increasing": increasing,
+            "overlaps": stats.overlaps,
+            "locks_lost": stats.lost,
+            "fenced_writes_accepted": log.accepted,
+            "fenced_writes_refused": log.refused,
+            "leaders": st.leaders.iter().map(|(n, t)| json!({"node": n, "fencing_token": t})).collect::<Vec<_>>(),
+            "failover_ms": st.failover.map(ms),
+            "stale_write_refused": stale_refused,
+            "ok": problems.is_empty(),
+        }));
+    } else {
+        let yes_no = |b: bool| if b { "yes" } else { "NO" };
+        let failover = match (st.failover, st.killed) {
+            (Some(f), Some((_, who, _))) => {
+                format!(
+                    "{:.1} ms from revoking {who}'s lease to the next leader",
+                    ms(f)
+                )
+            }
+            _ => "none".to_string(),
+        };
+        let stale = match st.stale_write {
+            Some(Err((token, highest))) => {
+                format!("refused (token {token} < {highest}, the new leader's)")
+            }
+            Some(Ok(token)) => format!("ACCEPTED (token {token})"),
+            None => "not attempted".to_string(),
+        };
+        let text = format!(
+            "\nsummary\n  grants:       {} ({})\n  tokens:       strictly increasing: {}\n  overlaps:     {}\n  fenced log:   {} writes accepted, {} refused\n  leaders:      {}\n  failover:     {failover}\n  stale leader: write {stale}\n  result:       {}",
+            stats.grants.len(),
+            workers.join(", "),
+            yes_no(increasing),
+            stats.overlaps,
+            log.accepted,
+            log.refused,
+            if leaders.is_empty() { "none".to_string() } else { leaders.join(", then ") },
+            if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join(", ")) },
+        );
+        let _ = out.text(&text);
+    }
+    if problems.is_empty() {
+        Ok(0)
+    } else {
+        Err(CliError::new(
+            1,
+            format!("the demo found a problem: {}", problems.join(", ")),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fenced_log_refuses_lower_tokens() {
+        let mut log = FencedLog::default();
+        assert_eq!(log.write(5), Ok(()));
+        assert_eq!(log.write(5), Ok(()));
+        assert_eq!(log.write(9), Ok(()));
+        assert_eq!(log.write(7), Err(9));
+        assert_eq!((log.accepted, log.refused), (3, 1));
+    }
+
+    #[test]
+    fn seconds_accept_numbers_and_durations() {
+        assert_eq!(seconds("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(seconds("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(seconds("0").is_err());
+        assert!(seconds("-1").is_err());
+        assert!(seconds("soon").is_err());
+        assert!(seconds("2h").is_err());
+    }
+}

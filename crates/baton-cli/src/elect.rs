@@ -1,0 +1,168 @@
+//! `baton elect NAME VALUE [-- CMD…]`: campaign, then run CMD while leader.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::{self, Global};
+use crate::exit::{self, CliError};
+use crate::output::{self, Output};
+use crate::supervisor::{self, Ending, Job, Signals};
+
+const EXAMPLES: &str = "\
+Examples:
+  # run the scheduler on exactly one machine; another takes over when it stops
+  baton elect scheduler \"$(hostname):8080\" -- ./scheduler
+
+  # lead until Ctrl-C, publishing a value that `baton leader scheduler` prints
+  baton elect scheduler 10.0.0.7:8080
+
+  # give up after a minute as a standby (exit 124)
+  baton elect --timeout 1m scheduler 10.0.0.8:8080 -- ./scheduler
+
+When elected, baton prints one line. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN
+(the leader key's create revision) in its environment. If the leadership is lost while CMD
+runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
+`leadership lost` on stderr and exits 122. Otherwise it resigns when CMD exits and exits
+with CMD's exit code. The keys are those of etcdctl elect.";
+
+/// `baton elect`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// The election's name. The candidate key is NAME/<lease id in hex>.
+    #[arg(value_parser = cli::name)]
+    pub(crate) name: String,
+
+    /// The value to proclaim while leader (an address, say); `baton leader` prints it.
+    pub(crate) value: String,
+
+    /// The session's lease TTL: if baton dies, the next candidate leads after this long.
+    /// At least 2s.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
+    pub(crate) ttl: Duration,
+
+    /// Give up campaigning after DUR and exit 124 (default: wait for ever).
+    #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
+    pub(crate) timeout: Option<Duration>,
+
+    /// After the leadership is lost, how long CMD has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
+    pub(crate) grace: Duration,
+
+    /// The command to run while leader, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub(crate) command: Vec<OsString>,
+}
+
+/// Run `baton elect`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
+    let client = signals
+        .interruptible(cli::connect(global, &global.endpoints))
+        .await?;
+    let session = signals
+        .interruptible(cli::session(&client, args.ttl))
+        .await?;
+    let result = elected(&out, &session, &args, &mut signals).await;
+    cli::close(&session).await;
+    result
+}
+
+async fn elected(
+    out: &Output,
+    session: &baton::Session,
+    args: &Args,
+    signals: &mut Signals,
+) -> Result<u8, CliError> {
+    let election = baton::Election::new(session, &args.name)?;
+    let leadership = signals.interruptible(campaign(&election, args)).await?;
+    let key = leadership.key().to_string();
+    let token = leadership.fencing_token();
+    tracing::info!(key = %key, token, "elected");
+    let _ = out.emit(
+        &format!("elected {key} token={token}"),
+        &json!({
+            "event": "elected",
+            "name": args.name,
+            "key": key,
+            "fencing_token": token,
+            "lease": output::lease_hex(session.lease_id()),
+            "ttl_secs": session.ttl().as_secs(),
+        }),
+    );
+
+    let job = (!args.command.is_empty()).then(|| Job {
+        argv: args.command.clone(),
+        env: vec![
+            ("BATON_ELECTION_KEY", key.clone()),
+            ("BATON_FENCING_TOKEN", token.to_string()),
+        ],
+        grace: args.grace,
+    });
+    let ending = supervisor::hold(job, leadership.lost_token(), signals, || {
+        let reason = leadership
+            .lost_reason()
+            .unwrap_or_else(|| "the leader key is gone".to_string());
+        output::notice(&format!("leadership lost: {reason}"));
+        if out.is_json() {
+            let _ = out.json_line(&json!({
+                "event": "lost", "name": args.name, "key": key, "reason": reason,
+            }));
+        }
+    })
+    .await;
+
+    if let Ok(Ending::Lost) = ending {
+        return Err(CliError::quiet(exit::LOST));
+    }
+    let resigned = tokio::time::timeout(cli::RELEASE_TIMEOUT, leadership.resign()).await;
+    match &resigned {
+        Ok(Ok(())) => {
+            tracing::info!(key = %key, "resigned");
+            let _ = out.emit(
+                &format!("resigned {key}"),
+                &json!({"event": "resigned", "name": args.name, "key": key}),
+            );
+        }
+        Ok(Err(e)) => output::notice(&format!("baton: resigning: {e}")),
+        Err(_) => {
+            output::notice("baton: resigning timed out; the leader key expires with its lease")
+        }
+    }
+    match ending? {
+        Ending::Exited(code) => Ok(code),
+        Ending::Stopped => Ok(0),
+        Ending::Lost => Err(CliError::quiet(exit::LOST)),
+    }
+}
+
+/// Campaign as the options say: 124 if `--timeout` passes.
+async fn campaign(election: &baton::Election, args: &Args) -> Result<baton::Leadership, CliError> {
+    let value = args.value.as_bytes().to_vec();
+    let result = match args.timeout {
+        Some(timeout) => match tokio::time::timeout(timeout, election.campaign(value)).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(CliError::new(
+                    exit::NOT_ACQUIRED,
+                    format!(
+                        "not elected leader of {:?} within {}",
+                        args.name,
+                        output::duration(timeout)
+                    ),
+                ))
+            }
+        },
+        None => election.campaign(value).await,
+    };
+    result.map_err(|e| {
+        if e.is_lost() {
+            CliError::new(exit::LOST, format!("candidacy lost while waiting: {e}"))
+        } else {
+            CliError::failed(e)
+        }
+    })
+}

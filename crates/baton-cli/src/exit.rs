@@ -1,0 +1,141 @@
+//! Exit codes, and the one error type every command returns.
+//!
+//! `baton` has a few exit codes of its own; every other code is CMD's, passed through:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success (or CMD's own 0) |
+//! | 1 | `baton leader`: the election has no leader |
+//! | 122 | the lock or leadership was lost while held |
+//! | 124 | not acquired: `--try` found the lock held, or `--timeout` passed |
+//! | 125 | `baton` itself failed: bad input, unreachable backend, store error |
+//! | 126 | CMD could not be executed |
+//! | 127 | CMD was not found |
+//! | 128+N | interrupted by signal N while waiting, or CMD killed by signal N |
+
+use std::fmt;
+use std::io::Write;
+
+/// The election has no leader (`baton leader`).
+pub(crate) const NO_LEADER: u8 = 1;
+/// The lock or leadership was lost while held.
+pub(crate) const LOST: u8 = 122;
+/// Not acquired: `--try` found the lock held, or `--timeout` passed.
+pub(crate) const NOT_ACQUIRED: u8 = 124;
+/// `baton` itself failed.
+pub(crate) const FAILED: u8 = 125;
+/// CMD could not be executed.
+pub(crate) const CANNOT_EXECUTE: u8 = 126;
+/// CMD was not found.
+pub(crate) const NOT_FOUND: u8 = 127;
+
+/// The exit code for "killed by signal `signal`", as shells report it.
+pub(crate) fn signalled(signal: i32) -> u8 {
+    u8::try_from(128 + signal.clamp(0, 127)).unwrap_or(FAILED)
+}
+
+/// A command's failure: an exit code, and the one line to print on stderr (if any).
+#[derive(Debug)]
+pub(crate) struct CliError {
+    code: u8,
+    message: Option<String>,
+}
+
+impl CliError {
+    /// Exit with `code`, printing `baton: MESSAGE` on stderr.
+    pub(crate) fn new(code: u8, message: impl fmt::Display) -> Self {
+        CliError {
+            code,
+            message: Some(message.to_string()),
+        }
+    }
+
+    /// Exit with `code` without printing anything more (the reason was printed already).
+    pub(crate) fn quiet(code: u8) -> Self {
+        CliError {
+            code,
+            message: None,
+        }
+    }
+
+    /// Bad input or an internal failure: exit 125.
+    pub(crate) fn failed(message: impl fmt::Display) -> Self {
+        CliError::new(FAILED, message)
+    }
+
+    /// Interrupted by `signal` before anything was held.
+    pub(crate) fn interrupted(signal: i32) -> Self {
+        CliError::quiet(signalled(signal))
+    }
+
+    /// The exit code.
+    pub(crate) fn code(&self) -> u8 {
+        self.code
+    }
+
+    /// Print the message, on one line, on stderr.
+    pub(crate) fn report(&self) {
+        if let Some(message) = &self.message {
+            print_error(message);
+        }
+    }
+}
+
+/// Print `baton: MESSAGE` as exactly one line on stderr.
+pub(crate) fn print_error(message: &str) {
+    let line = one_line(message);
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "baton: {line}");
+    let _ = stderr.flush();
+}
+
+/// Fold a message onto one line.
+pub(crate) fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<baton::Error> for CliError {
+    /// A library error outside acquisition: lost is 122, everything else is `baton`'s own
+    /// failure (125).
+    fn from(e: baton::Error) -> Self {
+        if e.is_lost() {
+            CliError::new(LOST, e)
+        } else {
+            CliError::failed(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_codes() {
+        assert_eq!(signalled(libc::SIGTERM), 143);
+        assert_eq!(signalled(libc::SIGINT), 130);
+        assert_eq!(signalled(libc::SIGKILL), 137);
+    }
+
+    #[test]
+    fn messages_fold_to_one_line() {
+        assert_eq!(one_line("a\n\n  b  \nc"), "a; b; c");
+        assert_eq!(one_line("single"), "single");
+    }
+
+    #[test]
+    fn library_errors_map_to_codes() {
+        let lost: CliError = baton::Error::SessionLost {
+            reason: "lease revoked".into(),
+        }
+        .into();
+        assert_eq!(lost.code(), LOST);
+        let bad: CliError = baton::Error::InvalidArgument("name is empty".into()).into();
+        assert_eq!(bad.code(), FAILED);
+    }
+}

@@ -1,0 +1,40 @@
+//! `baton leader NAME`: print the current leader's value.
+
+use crate::cli::{self, Global};
+use crate::exit::{self, CliError};
+use crate::observe::leader_json;
+use crate::output::Output;
+
+const EXAMPLES: &str = "\
+Examples:
+  baton leader scheduler                 # prints e.g. 10.0.0.7:8080
+  curl \"http://$(baton leader scheduler)/status\"
+  baton --json leader scheduler          # value, key, revision, fencing token, lease
+
+Exits 1 with a message on stderr if the election has no leader.";
+
+/// `baton leader`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// The election's name.
+    #[arg(value_parser = cli::name)]
+    pub(crate) name: String,
+}
+
+/// Run `baton leader`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let client = cli::connect(global, &global.endpoints).await?;
+    match baton::Election::leader_with(&client, &args.name).await {
+        Ok(leader) => {
+            let _ = out.emit(&leader.value_str(), &leader_json(&args.name, &leader));
+            Ok(0)
+        }
+        Err(baton::Error::NoLeader { .. }) => Err(CliError::new(
+            exit::NO_LEADER,
+            format!("election {:?} has no leader", args.name),
+        )),
+        Err(e) => Err(CliError::failed(e)),
+    }
+}

@@ -1,0 +1,188 @@
+//! `baton lock NAME [-- CMD…]`: run CMD while holding a lock.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::{self, Global};
+use crate::exit::{self, CliError};
+use crate::output::{self, Output};
+use crate::supervisor::{self, Ending, Job, Signals};
+
+const EXAMPLES: &str = "\
+Examples:
+  # run a nightly job on at most one machine at a time
+  baton lock reports/nightly -- ./make-report.sh --full
+
+  # skip this run if another machine is at it (exit 124)
+  baton lock --try backup -- ./backup.sh
+
+  # give up after 30 s of waiting (exit 124)
+  baton lock --timeout 30s deploy -- ./deploy.sh
+
+  # hold the lock from a shell until Ctrl-C
+  baton lock maintenance
+
+CMD gets BATON_LOCK_KEY and BATON_FENCING_TOKEN in its environment (on etcd also
+ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them). If the lock is lost while CMD
+runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
+`lock lost` on stderr and exits 122. Otherwise baton exits with CMD's exit code.";
+
+/// `baton lock`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// The lock's name. Its key is NAME/<lease id in hex>, as etcdctl lock makes it.
+    #[arg(value_parser = cli::name)]
+    pub(crate) name: String,
+
+    /// The session's lease TTL: if baton dies, the lock is free again after this long.
+    /// At least 2s.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
+    pub(crate) ttl: Duration,
+
+    /// Give up waiting for the lock after DUR and exit 124 (default: wait for ever).
+    #[arg(long, value_name = "DUR", value_parser = cli::positive_duration, conflicts_with = "try_lock")]
+    pub(crate) timeout: Option<Duration>,
+
+    /// Do not wait: exit 124 at once if the lock is held.
+    #[arg(long = "try", id = "try_lock")]
+    pub(crate) try_lock: bool,
+
+    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
+    pub(crate) grace: Duration,
+
+    /// The command to run while holding the lock, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub(crate) command: Vec<OsString>,
+}
+
+/// Run `baton lock`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
+    let client = signals
+        .interruptible(cli::connect(global, &global.endpoints))
+        .await?;
+    let session = signals
+        .interruptible(cli::session(&client, args.ttl))
+        .await?;
+    let result = locked(&out, &client, &session, &args, &mut signals).await;
+    cli::close(&session).await;
+    result
+}
+
+/// Acquire, hold, release. The caller closes the session whatever happens, which removes a
+/// waiter key left by an interrupted or timed-out wait.
+async fn locked(
+    out: &Output,
+    client: &baton::Client,
+    session: &baton::Session,
+    args: &Args,
+    signals: &mut Signals,
+) -> Result<u8, CliError> {
+    let mutex = baton::Mutex::new(session, &args.name)?;
+    let guard = signals.interruptible(acquire(&mutex, args)).await?;
+    let key = guard.key().to_string();
+    let token = guard.fencing_token();
+    tracing::info!(key = %key, token, "lock acquired");
+
+    let job = if args.command.is_empty() {
+        let _ = out.emit(
+            &format!("acquired {key} token={token}"),
+            &json!({
+                "event": "acquired",
+                "name": args.name,
+                "key": key,
+                "fencing_token": token,
+                "lease": output::lease_hex(session.lease_id()),
+                "ttl_secs": session.ttl().as_secs(),
+            }),
+        );
+        None
+    } else {
+        let mut env = vec![
+            ("BATON_LOCK_KEY", key.clone()),
+            ("BATON_FENCING_TOKEN", token.to_string()),
+        ];
+        if client.backend() == "etcd" {
+            env.push(("ETCD_LOCK_KEY", key.clone()));
+            env.push(("ETCD_LOCK_REV", token.to_string()));
+        }
+        Some(Job {
+            argv: args.command.clone(),
+            env,
+            grace: args.grace,
+        })
+    };
+
+    let ending = supervisor::hold(job, guard.lost_token(), signals, || {
+        let reason = guard
+            .lost_reason()
+            .unwrap_or_else(|| "the lock key is gone".to_string());
+        output::notice(&format!("lock lost: {reason}"));
+        if out.is_json() {
+            let _ = out.json_line(&json!({
+                "event": "lost", "name": args.name, "key": key, "reason": reason,
+            }));
+        }
+    })
+    .await;
+
+    if let Ok(Ending::Lost) = ending {
+        return Err(CliError::quiet(exit::LOST));
+    }
+    let released = tokio::time::timeout(cli::RELEASE_TIMEOUT, guard.unlock()).await;
+    match &released {
+        Ok(Ok(())) => tracing::info!(key = %key, "lock released"),
+        Ok(Err(e)) => output::notice(&format!("baton: releasing the lock: {e}")),
+        Err(_) => output::notice("baton: releasing the lock timed out; it expires with its lease"),
+    }
+    match ending? {
+        Ending::Exited(code) => Ok(code),
+        Ending::Stopped => {
+            if matches!(released, Ok(Ok(()))) {
+                let _ = out.emit(
+                    &format!("released {key}"),
+                    &json!({"event": "released", "name": args.name, "key": key}),
+                );
+            }
+            Ok(0)
+        }
+        Ending::Lost => Err(CliError::quiet(exit::LOST)),
+    }
+}
+
+/// Wait for the lock as the options say: 124 if `--try` finds it held or `--timeout`
+/// passes.
+async fn acquire(mutex: &baton::Mutex, args: &Args) -> Result<baton::MutexGuard, CliError> {
+    let name = &args.name;
+    let result = if args.try_lock {
+        mutex.try_lock().await
+    } else if let Some(timeout) = args.timeout {
+        match tokio::time::timeout(timeout, mutex.lock()).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(CliError::new(
+                    exit::NOT_ACQUIRED,
+                    format!(
+                        "lock {name:?} not acquired within {}",
+                        output::duration(timeout)
+                    ),
+                ))
+            }
+        }
+    } else {
+        mutex.lock().await
+    };
+    result.map_err(|e| match e {
+        baton::Error::Locked { .. } => CliError::new(
+            exit::NOT_ACQUIRED,
+            format!("lock {name:?} is held by another owner"),
+        ),
+        e if e.is_lost() => CliError::new(exit::LOST, format!("lock lost while waiting: {e}")),
+        e => CliError::failed(e),
+    })
+}

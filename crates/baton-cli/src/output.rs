@@ -1,0 +1,80 @@
+//! What `baton` prints on stdout: one human line per event, or with `--json` one JSON object
+//! per line.
+//!
+//! Writes never panic: a closed stdout (`baton observe | head -1`) is reported to the caller
+//! as an error, which long-running commands take as a reason to stop.
+
+use std::io::{self, Write};
+
+use serde_json::Value;
+
+/// Where events go, in which form.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Human lines, or JSON lines if `json`.
+    pub(crate) fn new(json: bool) -> Self {
+        Output { json }
+    }
+
+    /// True if lines are JSON.
+    pub(crate) fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// Print one event: `human` as text, or `json` as one JSON line.
+    pub(crate) fn emit(&self, human: &str, json: &Value) -> io::Result<()> {
+        if self.json {
+            self.json_line(json)
+        } else {
+            self.text(human)
+        }
+    }
+
+    /// Print text (one or more lines) as is; for tables and timelines.
+    pub(crate) fn text(&self, text: &str) -> io::Result<()> {
+        let mut stdout = io::stdout().lock();
+        writeln!(stdout, "{text}")?;
+        stdout.flush()
+    }
+
+    /// Print one JSON value on one line.
+    pub(crate) fn json_line(&self, value: &Value) -> io::Result<()> {
+        let mut stdout = io::stdout().lock();
+        serde_json::to_writer(&mut stdout, value)?;
+        writeln!(stdout)?;
+        stdout.flush()
+    }
+}
+
+/// A message for stderr that is not an error of `baton`'s (such as `lock lost`): printed
+/// as is, on one line.
+pub(crate) fn notice(line: &str) {
+    let mut stderr = io::stderr().lock();
+    let _ = writeln!(stderr, "{}", crate::exit::one_line(line));
+    let _ = stderr.flush();
+}
+
+/// A lease id as etcd tools print it: lowercase hex.
+pub(crate) fn lease_hex(lease: i64) -> String {
+    format!("{lease:x}")
+}
+
+/// A duration for people: `9s`, `1m 30s`, `250ms`.
+pub(crate) fn duration(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(lease_hex(0x694d7f3a2c1b), "694d7f3a2c1b");
+        assert_eq!(duration(std::time::Duration::from_secs(90)), "1m 30s");
+    }
+}

@@ -1,0 +1,265 @@
+//! Running CMD while something is held (a lock, a leadership), shared by `baton lock` and
+//! `baton elect`.
+//!
+//! - CMD runs in its own process group, with the holder's environment added.
+//! - SIGINT and SIGTERM sent to `baton` are forwarded to that group.
+//! - When the hold is lost, the group gets SIGTERM at once, a notice goes to stderr, and the
+//!   group gets SIGKILL once `--grace` has passed, unless all of it has exited by then.
+//! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), so a `baton`
+//!   killed with SIGKILL does not leave CMD running unprotected.
+//!
+//! Without CMD, the hold lasts until SIGINT or SIGTERM, or until it is lost.
+
+use std::ffi::OsString;
+use std::io;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::exit::{self, CliError};
+
+/// How often the group is checked for survivors while the grace period runs.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// SIGINT and SIGTERM, caught from the start of a command so that an interrupted `baton`
+/// always cleans up (withdraws its waiter key, releases, forwards to CMD).
+#[derive(Debug)]
+pub(crate) struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    /// Start catching SIGINT and SIGTERM.
+    pub(crate) fn new() -> Result<Self, CliError> {
+        let catch = |kind: SignalKind| {
+            signal(kind).map_err(|e| CliError::failed(format!("cannot catch signals: {e}")))
+        };
+        Ok(Signals {
+            interrupt: catch(SignalKind::interrupt())?,
+            terminate: catch(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM: its number.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a signal that arrives meanwhile is kept for the next call.
+    pub(crate) async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            Some(()) = self.interrupt.recv() => libc::SIGINT,
+            Some(()) = self.terminate.recv() => libc::SIGTERM,
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Run `work`, or give up with the interrupted exit code (128+N) when a signal comes
+    /// first. `work` must be cancel safe.
+    pub(crate) async fn interruptible<T>(
+        &mut self,
+        work: impl std::future::Future<Output = Result<T, CliError>>,
+    ) -> Result<T, CliError> {
+        tokio::select! {
+            r = work => r,
+            sig = self.recv() => {
+                tracing::debug!(signal = sig, "interrupted");
+                Err(CliError::interrupted(sig))
+            }
+        }
+    }
+}
+
+/// CMD and how to run it.
+#[derive(Debug)]
+pub(crate) struct Job {
+    /// CMD and its arguments; not empty.
+    pub(crate) argv: Vec<OsString>,
+    /// Variables added to CMD's environment.
+    pub(crate) env: Vec<(&'static str, String)>,
+    /// How long CMD's group has between SIGTERM and SIGKILL after a loss.
+    pub(crate) grace: Duration,
+}
+
+/// How a hold ended.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// CMD exited by itself (or after a forwarded signal), with this exit code.
+    Exited(u8),
+    /// No CMD: `baton` was asked to stop by SIGINT or SIGTERM.
+    Stopped,
+    /// The hold was lost; CMD's group has been terminated.
+    Lost,
+}
+
+/// Hold until CMD exits (or, without CMD, until a signal), or until `lost` fires.
+///
+/// `on_lost` is called as soon as the loss is seen, right after CMD's group got SIGTERM and
+/// before the grace period: it prints the notice.
+///
+/// Fails with 127 or 126 if CMD cannot be started; nothing is running then.
+pub(crate) async fn hold(
+    job: Option<Job>,
+    lost: CancellationToken,
+    signals: &mut Signals,
+    on_lost: impl FnOnce(),
+) -> Result<Ending, CliError> {
+    let Some(job) = job else {
+        return Ok(tokio::select! {
+            _ = signals.recv() => Ending::Stopped,
+            _ = lost.cancelled() => {
+                on_lost();
+                Ending::Lost
+            }
+        });
+    };
+    let mut child = spawn(&job)?;
+    let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+        return Err(CliError::failed(
+            "CMD exited before its process id was known",
+        ));
+    };
+    tracing::debug!(pgid, "CMD started");
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status
+                    .map_err(|e| CliError::failed(format!("cannot wait for CMD: {e}")))?;
+                tracing::debug!(?status, "CMD exited");
+                return Ok(Ending::Exited(exit_code(status)));
+            }
+            sig = signals.recv() => {
+                tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
+                kill_group(pgid, sig);
+            }
+            _ = lost.cancelled() => {
+                kill_group(pgid, libc::SIGTERM);
+                on_lost();
+                terminate(&mut child, pgid, job.grace).await;
+                return Ok(Ending::Lost);
+            }
+        }
+    }
+}
+
+/// Start CMD in its own process group.
+fn spawn(job: &Job) -> Result<Child, CliError> {
+    let Some((program, args)) = job.argv.split_first() else {
+        return Err(CliError::failed("no command given"));
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(job.env.iter().cloned())
+        .process_group(0);
+    die_with_parent(&mut command);
+    command.spawn().map_err(|e| spawn_error(program, &e))
+}
+
+/// On Linux, have the kernel send CMD SIGTERM when `baton` dies. The signal is tied to the
+/// thread that forks, which is the main thread (the runtime is single-threaded), so it fires
+/// only when the whole process ends.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: getpid is async-signal-safe and touches no memory.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure calls only async-signal-safe functions (prctl, getppid) and
+    // allocates nothing, as pre_exec requires.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // baton may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
+
+/// 127 for a missing CMD, 126 for one that cannot be executed.
+fn spawn_error(program: &OsString, e: &io::Error) -> CliError {
+    let name = program.to_string_lossy();
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            CliError::new(exit::NOT_FOUND, format!("{name}: command not found"))
+        }
+        io::ErrorKind::PermissionDenied => CliError::new(
+            exit::CANNOT_EXECUTE,
+            format!("{name}: cannot execute: permission denied"),
+        ),
+        _ => CliError::new(exit::CANNOT_EXECUTE, format!("{name}: cannot execute: {e}")),
+    }
+}
+
+/// CMD's exit code, or 128+N if a signal killed it.
+pub(crate) fn exit_code(status: ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(exit::FAILED),
+        (None, Some(sig)) => exit::signalled(sig),
+        (None, None) => exit::FAILED,
+    }
+}
+
+/// After SIGTERM: wait for CMD and the rest of its group until `grace` has passed, then
+/// SIGKILL whatever is left, and reap CMD.
+async fn terminate(child: &mut Child, pgid: i32, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, child.wait())
+        .await
+        .is_ok()
+    {
+        // CMD is gone; wait for the rest of its group (background jobs it started).
+        while group_alive(pgid) && Instant::now() < deadline {
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+        if !group_alive(pgid) {
+            return;
+        }
+    }
+    tracing::debug!(pgid, ?grace, "grace period over: SIGKILL");
+    kill_group(pgid, libc::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// Send `signal` to every process of group `pgid`; a group that is gone is not an error.
+fn kill_group(pgid: i32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(-pgid, signal) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "cannot signal CMD's process group");
+        }
+    }
+}
+
+/// True while some process of group `pgid` exists.
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks; no memory-safety preconditions.
+    let r = unsafe { libc::kill(-pgid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_errors_map_to_126_and_127() {
+        let prog = OsString::from("nope");
+        let missing = io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(spawn_error(&prog, &missing).code(), exit::NOT_FOUND);
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(spawn_error(&prog, &denied).code(), exit::CANNOT_EXECUTE);
+    }
+}
