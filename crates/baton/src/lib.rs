@@ -45,11 +45,28 @@
 //! lock key — which increases with every grant, so the protected resource can refuse stale
 //! writes. [`MutexGuard::txn`] applies a store transaction only while the lock is held.
 //!
+//! # The primitives
+//!
+//! | type | what it is | Go / etcdctl equivalent |
+//! |---|---|---|
+//! | [`Session`] | a lease kept alive; the liveness of everything bound to it | `concurrency.Session` |
+//! | [`Mutex`] | a fair mutual-exclusion lock with fencing tokens | `concurrency.Mutex`, `etcdctl lock` |
+//! | [`RwLock`] | a fair read-write lock | `recipe.RWMutex` |
+//! | [`Election`] | leader election with proclaimed values and observation | `concurrency.Election`, `etcdctl elect` |
+//! | [`Coordinator`] | any of the above behind one URL, through backend-neutral traits | – |
+//!
 //! # Key layouts
 //!
-//! A [`Mutex`] named `NAME` uses the key `NAME/<lease id in lowercase hex>`, empty value,
-//! bound to the session's lease — the layout of Go's `clientv3/concurrency` and of
-//! `etcdctl lock`, so Go services, operators and Baton share one lock.
+//! A [`Mutex`] or [`Election`] named `NAME` uses the key `NAME/<lease id in lowercase hex>`,
+//! bound to the session's lease (empty value for a mutex, the candidate's value for an
+//! election) — the layout of Go's `clientv3/concurrency` and of `etcdctl lock` /
+//! `etcdctl elect`, so Go services, operators and Baton share one lock or election. An
+//! [`RwLock`] uses `NAME/read/…` and `NAME/write/…` like Go's `contrib/recipes`.
+//!
+//! Waiters queue by create revision. Each waits only for its immediate predecessor, watching
+//! it from the revision after its read (so etcd serves the watch from its synced group, not
+//! its 100 ms sweep), and re-reads its own key after every wait, so a waiter whose lease
+//! ended while it queued is told so instead of being granted the lock (etcd #11456).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 mod client;
