@@ -308,8 +308,11 @@ async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
 }
 
 /// A stream of [`Leader`]s from [`Election::observe`]. Dropping it stops observing.
+///
+/// The observing task starts on the first poll, on the runtime that polls it.
 pub struct Observe {
-    rx: mpsc::Receiver<Leader>,
+    start: Option<(Arc<dyn Store>, String)>,
+    rx: Option<mpsc::Receiver<Leader>>,
 }
 
 impl fmt::Debug for Observe {
@@ -322,11 +325,24 @@ impl Stream for Observe {
     type Item = Leader;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
-        self.rx.poll_recv(cx)
+        if let Some((store, name)) = self.start.take() {
+            self.rx = Some(spawn_observer(store, &name));
+        }
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 
 fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
+    Observe {
+        start: Some((store, name.to_string())),
+        rx: None,
+    }
+}
+
+fn spawn_observer(store: Arc<dyn Store>, name: &str) -> mpsc::Receiver<Leader> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
     let span = tracing::debug_span!("observe", election = %name);
@@ -339,7 +355,7 @@ fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
         }
         .instrument(span),
     );
-    Observe { rx }
+    rx
 }
 
 async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Leader>) {

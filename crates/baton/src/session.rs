@@ -352,7 +352,13 @@ impl Session {
         self.inner.shared.stop.cancel();
         let deadline = self.deadline();
         let shared = self.inner.shared.clone();
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait for the deadline on: count the session lost now, which is
+            // early but never late.
+            shared.mark_lost("session orphaned: its lease is no longer kept alive");
+            return;
+        };
+        runtime.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
                     shared.mark_lost("session orphaned: its lease is no longer kept alive");
