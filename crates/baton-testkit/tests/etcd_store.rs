@@ -667,6 +667,65 @@ async fn watch_from_a_compacted_revision_fails() {
     assert!(err.is_invalid_input(), "{err:?}");
 }
 
+/// Reads at a past revision (etcd's `WithRev`), alone and inside a txn; a compacted
+/// revision gives `Compacted` with both revisions, a future one `InvalidArgument`: the
+/// answers MemStore gives too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_at_a_past_revision() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let r1 = store.put(b"h/a", b"a1", 0).await.unwrap();
+    let r2 = store.put(b"h/b", b"b1", 0).await.unwrap();
+    let r3 = store.put(b"h/a", b"a2", 0).await.unwrap();
+    let (_, r4) = store.delete(KeyRange::key("h/b")).await.unwrap();
+    let r5 = store.put(b"h/c", b"c1", 0).await.unwrap();
+
+    let at = |rev| Range::prefix("h/").at_revision(rev);
+    let r = store.range(at(r2)).await.unwrap();
+    assert_eq!(r.header_revision, r5, "the header is the current revision");
+    let seen: Vec<_> = r.kvs.iter().map(|kv| kv.value_str().into_owned()).collect();
+    assert_eq!(seen, ["a1", "b1"]);
+    assert_eq!(r.kvs[0].mod_revision, r1);
+    let r = store.range(at(r4)).await.unwrap();
+    let seen: Vec<_> = r.kvs.iter().map(|kv| kv.value_str().into_owned()).collect();
+    assert_eq!(seen, ["a2"]);
+    assert_eq!(r.kvs[0].version, 2);
+    let r = store
+        .txn(Txn::new().and_then([
+            TxnOp::put("h/d", "d1", 0),
+            TxnOp::get(at(r3).last_created()),
+        ]))
+        .await
+        .unwrap();
+    let got = r.responses[1].as_get().unwrap();
+    assert_eq!(got.kvs[0].key, b"h/b");
+
+    let err = store.range(at(r5 + 100)).await.unwrap_err();
+    eprintln!("read in the future: {err}");
+    assert!(err.is_invalid_input(), "{err:?}");
+    store.compact(r3).await.unwrap();
+    let err = store.range(at(r2)).await.unwrap_err();
+    eprintln!("read at a compacted revision: {err}");
+    assert!(
+        matches!(err, Error::Compacted { requested, compact_revision } if requested == r2 && compact_revision == r3),
+        "{err:?}"
+    );
+    let err = store
+        .txn(Txn::new().and_then([TxnOp::put("h/e", "", 0), TxnOp::get(at(r1))]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Compacted { requested, .. } if requested == r1),
+        "{err:?}"
+    );
+    assert!(store.range(Range::key("h/e")).await.unwrap().kvs.is_empty());
+    // The compact revision itself can still be read.
+    assert_eq!(store.range(at(r3)).await.unwrap().kvs.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_survives_losing_a_member() {
     if !require_etcd() {

@@ -150,6 +150,14 @@ pub struct Range {
     pub max_create_revision: Revision,
     /// Only keys whose mod revision is at most this; 0 means no bound.
     pub max_mod_revision: Revision,
+    /// Read the keys as they were at this revision; 0 means the latest (etcd's `WithRev`).
+    ///
+    /// As in etcd, the response's header revision is still the store's current revision;
+    /// a revision that has been compacted fails with
+    /// [`Error::Compacted`](crate::Error::Compacted), and one beyond the current revision
+    /// with [`Error::InvalidArgument`](crate::Error::InvalidArgument). The compact revision
+    /// itself can still be read.
+    pub revision: Revision,
 }
 
 impl Range {
@@ -170,6 +178,7 @@ impl Range {
             limit: 0,
             max_create_revision: 0,
             max_mod_revision: 0,
+            revision: 0,
         }
     }
 
@@ -194,6 +203,12 @@ impl Range {
     /// Only keys last modified at or before `revision`.
     pub fn with_max_mod_revision(mut self, revision: Revision) -> Self {
         self.max_mod_revision = revision;
+        self
+    }
+
+    /// Read the keys as they were at `revision` (0: the latest). See [`Range::revision`].
+    pub fn at_revision(mut self, revision: Revision) -> Self {
+        self.revision = revision;
         self
     }
 

@@ -418,6 +418,21 @@ impl EtcdStore {
         }
     }
 
+    /// etcd's error for a read at a compacted revision names neither revision: fill in the
+    /// one asked for and the compact revision (0 if that cannot be learnt within 2 s).
+    async fn fill_compacted(&self, error: Error, requested: Revision) -> Error {
+        match error {
+            Error::Compacted { .. } => Error::Compacted {
+                requested,
+                compact_revision: self
+                    .compact_revision(Duration::from_secs(2))
+                    .await
+                    .unwrap_or(0),
+            },
+            other => other,
+        }
+    }
+
     /// The compact revision, learnt from a watch from revision 1, or `None` if that does
     /// not tell within `wait`.
     async fn compact_revision(&self, wait: Duration) -> Option<Revision> {
@@ -459,8 +474,15 @@ impl Store for EtcdStore {
                 let (key, options) = (key.clone(), options.clone());
                 async move { kv.get(key, Some(options)).await }
             })
-            .await?
-            .map_err(|e| map_err("range", e, 0))?;
+            .await?;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Err(self
+                    .fill_compacted(map_err("range", e, 0), range.revision)
+                    .await)
+            }
+        };
         Ok(range_response(resp, 0))
     }
 
@@ -512,8 +534,24 @@ impl Store for EtcdStore {
                 let request = request.clone();
                 async move { kv.txn(request).await }
             })
-            .await?
-            .map_err(|e| map_err("txn", e, lease))?;
+            .await?;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => {
+                // The past read that failed, if one did: the latest revision asked for.
+                let read_at = txn
+                    .success
+                    .iter()
+                    .chain(&txn.failure)
+                    .filter_map(|op| match op {
+                        TxnOp::Get(range) => Some(range.revision),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                return Err(self.fill_compacted(map_err("txn", e, lease), read_at).await);
+            }
+        };
         let header_revision = revision(resp.header());
         let responses = resp
             .op_responses()
@@ -854,6 +892,9 @@ fn get_options(range: &Range) -> ec::GetOptions {
     }
     if range.max_mod_revision > 0 {
         options = options.with_max_mod_revision(range.max_mod_revision);
+    }
+    if range.revision > 0 {
+        options = options.with_revision(range.revision);
     }
     options
 }

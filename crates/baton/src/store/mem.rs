@@ -8,8 +8,11 @@
 //! - each key carries its `create_revision`, `mod_revision`, `version` and `lease`;
 //! - MVCC history: every put and delete is logged with its revision, so a watch from an
 //!   old revision replays everything since then and continues live, with no gap and no
-//!   duplicate. [`Store::compact`] discards the history before a revision. Like etcd
-//!   without auto-compaction, the history grows until it is compacted;
+//!   duplicate. A read at a past revision ([`Range::revision`]) is served from the same
+//!   history: the current keys with every later change undone. [`Store::compact`]
+//!   discards the history before a revision; reads and watches before it then fail with
+//!   [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
+//!   grows until it is compacted;
 //! - leases expire on [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
 //!   A lease past its deadline is also expired by the next operation on the store, so
@@ -234,65 +237,77 @@ struct State {
 impl State {
     // ---- reads ----
 
-    fn range(&self, range: &Range, header_revision: Revision) -> RangeResponse {
-        let max_create = range.max_create_revision;
-        let max_mod = range.max_mod_revision;
-        let keep = |kv: &&Arc<KeyValue>| {
-            (max_create <= 0 || kv.create_revision <= max_create)
-                && (max_mod <= 0 || kv.mod_revision <= max_mod)
-        };
-        let limit = usize::try_from(range.limit).ok().filter(|l| *l > 0);
+    /// Serve `range` at `header_revision`. `pending` holds the events of the transaction in
+    /// progress, already applied to `kvs` (a read at an older revision undoes them too).
+    fn range(
+        &self,
+        range: &Range,
+        header_revision: Revision,
+        pending: &[HistEvent],
+    ) -> RangeResponse {
+        if range.revision > 0 && range.revision < header_revision {
+            let past = self.view_at(&range.keys, range.revision, pending);
+            return select(past.into_values(), range, header_revision);
+        }
+        match &range.keys {
+            KeyRange::Key(key) => select(self.kvs.get(key.as_slice()), range, header_revision),
+            KeyRange::Prefix(prefix) => select(self.prefix_iter(prefix), range, header_revision),
+        }
+    }
 
-        let mut hits: Vec<&Arc<KeyValue>> = match (&range.keys, range.sort, limit) {
-            (KeyRange::Key(key), _, _) => self
-                .kvs
-                .get(key.as_slice())
-                .filter(keep)
-                .into_iter()
-                .collect(),
-            // Key order, limited: stop after one more than the limit (for `more`).
-            (KeyRange::Prefix(prefix), None, Some(limit)) => self
-                .prefix_iter(prefix)
-                .filter(keep)
-                .take(limit.saturating_add(1))
-                .collect(),
-            (KeyRange::Prefix(prefix), _, _) => self.prefix_iter(prefix).filter(keep).collect(),
-        };
-
-        if let Some((target, order)) = range.sort {
-            let cmp = |a: &&Arc<KeyValue>, b: &&Arc<KeyValue>| {
-                let ord = match target {
-                    SortTarget::Key => a.key.cmp(&b.key),
-                    SortTarget::CreateRevision => a.create_revision.cmp(&b.create_revision),
-                    SortTarget::ModRevision => a.mod_revision.cmp(&b.mod_revision),
-                };
-                match order {
-                    SortOrder::Ascending => ord,
-                    SortOrder::Descending => ord.reverse(),
-                }
-            };
-            if limit == Some(1) && hits.len() > 1 {
-                // The common "first/last created" read: one pass, no sort. `min_by`
-                // keeps the first of equal elements, as the stable sort would.
-                let best = hits.iter().copied().min_by(cmp);
-                return RangeResponse {
-                    header_revision,
-                    kvs: best.map(|kv| KeyValue::clone(kv)).into_iter().collect(),
-                    more: true,
-                };
+    /// The keys of `keys` as they were at `revision`, in key order: the current keys with
+    /// every later change undone, newest first. Each logged event carries the key as it
+    /// was before the change, so undoing one is a lookup. The caller has checked that the
+    /// history since `revision` is still there.
+    fn view_at<'a>(
+        &'a self,
+        keys: &'a KeyRange,
+        revision: Revision,
+        pending: &'a [HistEvent],
+    ) -> BTreeMap<&'a [u8], &'a Arc<KeyValue>> {
+        let mut undone: BTreeMap<&[u8], Option<&Arc<KeyValue>>> = BTreeMap::new();
+        let later = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.revision() > revision);
+        for e in pending.iter().rev().chain(later) {
+            if keys.contains(&e.kv.key) {
+                undone.insert(e.kv.key.as_slice(), e.prev.as_ref());
             }
-            hits.sort_by(cmp);
         }
+        let current: Box<dyn Iterator<Item = &Arc<KeyValue>>> = match keys {
+            KeyRange::Key(key) => Box::new(self.kvs.get(key.as_slice()).into_iter()),
+            KeyRange::Prefix(prefix) => Box::new(self.prefix_iter(prefix)),
+        };
+        let mut view: BTreeMap<&[u8], &Arc<KeyValue>> = current
+            .filter(|kv| !undone.contains_key(kv.key.as_slice()))
+            .map(|kv| (kv.key.as_slice(), kv))
+            .collect();
+        view.extend(
+            undone
+                .into_iter()
+                .filter_map(|(key, before)| before.map(|kv| (key, kv))),
+        );
+        view
+    }
 
-        let more = limit.is_some_and(|l| hits.len() > l);
-        if let Some(l) = limit {
-            hits.truncate(l);
+    /// Check a read's revision as etcd does: not beyond the current revision, not compacted.
+    fn check_read_revision(&self, range: &Range) -> Result<()> {
+        let requested = range.revision;
+        if requested > self.revision {
+            return Err(Error::invalid(format!(
+                "required revision is a future revision: {requested} (current revision {})",
+                self.revision
+            )));
         }
-        RangeResponse {
-            header_revision,
-            kvs: hits.into_iter().map(|kv| KeyValue::clone(kv)).collect(),
-            more,
+        if requested > 0 && requested < self.compact_revision {
+            return Err(Error::Compacted {
+                requested,
+                compact_revision: self.compact_revision,
+            });
         }
+        Ok(())
     }
 
     fn prefix_iter<'a>(&'a self, prefix: &'a [u8]) -> impl Iterator<Item = &'a Arc<KeyValue>> + 'a {
@@ -452,10 +467,13 @@ impl State {
     fn txn(&mut self, txn: Txn) -> Result<TxnResponse> {
         let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
         let ops = if succeeded { txn.success } else { txn.failure };
-        // Like etcd, check the leases of the branch taken before applying any of it.
+        // Like etcd, check the leases of the branch taken before applying any of it,
+        // and the revisions of its reads (a compacted or future one fails the whole txn).
         for op in &ops {
-            if let TxnOp::Put { lease, .. } = op {
-                self.check_lease(*lease)?;
+            match op {
+                TxnOp::Put { lease, .. } => self.check_lease(*lease)?,
+                TxnOp::Get(range) => self.check_read_revision(range)?,
+                TxnOp::Delete(_) => {}
             }
         }
         let rev = self.revision + 1;
@@ -474,7 +492,7 @@ impl State {
                     } else {
                         rev
                     };
-                    TxnOpResponse::Get(self.range(&range, header))
+                    TxnOpResponse::Get(self.range(&range, header, &events))
                 }
                 TxnOp::Delete(keys) => TxnOpResponse::Delete {
                     deleted: self.apply_delete(rev, &keys, &mut events),
@@ -524,6 +542,62 @@ impl State {
 
     fn lease_deadline(&self, id: LeaseId) -> Option<Instant> {
         self.leases.get(&id).map(|l| l.deadline)
+    }
+}
+
+/// Filter, sort and limit the keys of a range, given its candidate keys in key order.
+fn select<'a>(
+    candidates: impl IntoIterator<Item = &'a Arc<KeyValue>>,
+    range: &Range,
+    header_revision: Revision,
+) -> RangeResponse {
+    let max_create = range.max_create_revision;
+    let max_mod = range.max_mod_revision;
+    let keep = |kv: &&Arc<KeyValue>| {
+        (max_create <= 0 || kv.create_revision <= max_create)
+            && (max_mod <= 0 || kv.mod_revision <= max_mod)
+    };
+    let limit = usize::try_from(range.limit).ok().filter(|l| *l > 0);
+    let candidates = candidates.into_iter().filter(keep);
+    let mut hits: Vec<&Arc<KeyValue>> = match (range.sort, limit) {
+        // Key order, limited: stop after one more than the limit (for `more`).
+        (None, Some(limit)) => candidates.take(limit.saturating_add(1)).collect(),
+        _ => candidates.collect(),
+    };
+
+    if let Some((target, order)) = range.sort {
+        let cmp = |a: &&Arc<KeyValue>, b: &&Arc<KeyValue>| {
+            let ord = match target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::CreateRevision => a.create_revision.cmp(&b.create_revision),
+                SortTarget::ModRevision => a.mod_revision.cmp(&b.mod_revision),
+            };
+            match order {
+                SortOrder::Ascending => ord,
+                SortOrder::Descending => ord.reverse(),
+            }
+        };
+        if limit == Some(1) && hits.len() > 1 {
+            // The common "first/last created" read: one pass, no sort. `min_by`
+            // keeps the first of equal elements, as the stable sort would.
+            let best = hits.iter().copied().min_by(cmp);
+            return RangeResponse {
+                header_revision,
+                kvs: best.map(|kv| KeyValue::clone(kv)).into_iter().collect(),
+                more: true,
+            };
+        }
+        hits.sort_by(cmp);
+    }
+
+    let more = limit.is_some_and(|l| hits.len() > l);
+    if let Some(l) = limit {
+        hits.truncate(l);
+    }
+    RangeResponse {
+        header_revision,
+        kvs: hits.into_iter().map(|kv| KeyValue::clone(kv)).collect(),
+        more,
     }
 }
 
@@ -668,7 +742,8 @@ impl Store for MemStore {
     async fn range(&self, range: Range) -> Result<RangeResponse> {
         check_key_range(&range.keys)?;
         let state = self.lock_current();
-        Ok(state.range(&range, state.revision))
+        state.check_read_revision(&range)?;
+        Ok(state.range(&range, state.revision, &[]))
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
@@ -1559,6 +1634,117 @@ mod tests {
         assert_eq!(s.lock().watchers.len(), 1);
         s.put(b"k", b"", 0).await.unwrap();
         assert_eq!(s.lock().watchers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reads_at_a_past_revision() {
+        let s = MemStore::new();
+        s.put(b"h/a", b"a1", 0).await.unwrap(); // 2
+        s.put(b"h/b", b"b1", 0).await.unwrap(); // 3
+        s.put(b"h/a", b"a2", 0).await.unwrap(); // 4
+        s.delete(KeyRange::key("h/b")).await.unwrap(); // 5
+        s.put(b"h/c", b"c1", 0).await.unwrap(); // 6
+        s.put(b"h/b", b"b2", 0).await.unwrap(); // 7
+        s.put(b"other", b"", 0).await.unwrap(); // 8
+
+        let at = |rev: Revision| {
+            let s = s.clone();
+            async move { s.range(Range::prefix("h/").at_revision(rev)).await.unwrap() }
+        };
+        let r = at(3).await;
+        assert_eq!(
+            r.header_revision, 8,
+            "the header is the current revision, as in etcd"
+        );
+        assert_eq!(keys(&r.kvs), ["h/a", "h/b"]);
+        assert_eq!(r.kvs[0].value, b"a1");
+        assert_eq!((r.kvs[0].mod_revision, r.kvs[0].version), (2, 1));
+        let r = at(4).await;
+        assert_eq!(r.kvs[0].value, b"a2");
+        assert_eq!(r.kvs[0].version, 2);
+        assert_eq!(keys(&at(5).await.kvs), ["h/a"]);
+        assert_eq!(keys(&at(6).await.kvs), ["h/a", "h/c"]);
+        let r = at(7).await;
+        assert_eq!(keys(&r.kvs), ["h/a", "h/b", "h/c"]);
+        assert_eq!(r.kvs[1].create_revision, 7);
+        assert_eq!(at(1).await.kvs, vec![]);
+        // The current revision, or 0, is a plain read.
+        assert_eq!(at(8).await, s.range(Range::prefix("h/")).await.unwrap());
+        // One key, sorts and filters apply to the past view.
+        let r = s.range(Range::key("h/b").at_revision(4)).await.unwrap();
+        assert_eq!(r.kvs[0].value, b"b1");
+        let r = s
+            .range(Range::prefix("h/").at_revision(6).last_created())
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["h/c"]);
+        let r = s
+            .range(Range::prefix("h/").at_revision(7).with_max_mod_revision(4))
+            .await
+            .unwrap();
+        assert_eq!(keys(&r.kvs), ["h/a"]);
+
+        // A future revision is refused; so is a compacted one, but not the compact
+        // revision itself.
+        let err = s.range(Range::key("h/a").at_revision(9)).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert!(err.to_string().contains("future revision"), "{err}");
+        s.compact(4).await.unwrap();
+        let err = s.range(Range::key("h/a").at_revision(3)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Compacted {
+                    requested: 3,
+                    compact_revision: 4
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(at(4).await.kvs[0].value, b"a2");
+        assert_eq!(keys(&at(4).await.kvs), ["h/a", "h/b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_reads_see_lease_expiry_and_txns() {
+        let s = MemStore::new();
+        let lease = s.lease_grant(2 * SEC).await.unwrap();
+        s.put(b"e/k", b"v", lease.id).await.unwrap(); // 2
+        tokio::time::advance(3 * SEC).await;
+        let now = s.range(Range::key("e/k")).await.unwrap();
+        assert!(now.kvs.is_empty());
+        assert_eq!(now.header_revision, 3);
+        let then = s.range(Range::key("e/k").at_revision(2)).await.unwrap();
+        assert_eq!(then.kvs[0].lease, lease.id);
+
+        // Inside a txn, a past read does not see the txn's own writes; a compacted read
+        // fails the whole txn and applies nothing.
+        let r = s
+            .txn(Txn::new().and_then([
+                TxnOp::put("e/new", "1", 0),
+                TxnOp::get(Range::prefix("e/").at_revision(2)),
+                TxnOp::get(Range::prefix("e/")),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 4);
+        assert_eq!(keys(&r.responses[1].as_get().unwrap().kvs), ["e/k"]);
+        assert_eq!(keys(&r.responses[2].as_get().unwrap().kvs), ["e/new"]);
+        s.compact(3).await.unwrap();
+        let err = s
+            .txn(Txn::new().and_then([
+                TxnOp::put("e/never", "1", 0),
+                TxnOp::get(Range::key("e/k").at_revision(2)),
+            ]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Compacted { .. }), "{err:?}");
+        assert!(get(&s, "e/never").await.is_none());
+        let err = s
+            .txn(Txn::new().and_then([TxnOp::get(Range::key("e/k").at_revision(99))]))
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
     }
 
     #[tokio::test]
