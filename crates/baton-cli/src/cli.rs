@@ -134,7 +134,7 @@ where
                     let _ = e.print();
                     Err(CliError::quiet(0))
                 }
-                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Err(CliError::failed(
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => Err(CliError::failed(
                     "no command given: use lock, elect, observe, leader, status or demo (see baton --help)",
                 )),
                 _ => Err(CliError::failed(usage_line(&e))),
@@ -143,16 +143,28 @@ where
     }
 }
 
-/// The first line of a clap error, without its `error: ` prefix, plus a pointer to --help.
+/// A clap error on one line: its text up to the usage, without the `error: ` prefix, plus a
+/// pointer to --help.
 fn usage_line(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
-    let first = rendered
+    let text = rendered
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("invalid arguments");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("{first} (see baton --help)")
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .fold(String::new(), |mut text, line| {
+            if !text.is_empty() {
+                text.push_str(if line.starts_with("tip:") { "; " } else { " " });
+            }
+            text.push_str(line);
+            text
+        });
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    if text.is_empty() {
+        "invalid arguments (see baton --help)".to_string()
+    } else {
+        format!("{text} (see baton --help)")
+    }
 }
 
 /// True if `--endpoints` came from the command line or the environment, at any level.
@@ -199,6 +211,12 @@ pub(crate) fn name(s: &str) -> Result<String, String> {
 /// Connect to the backend named by `--endpoints`, within `--dial-timeout`.
 pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::Client, CliError> {
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
+    let scheme = endpoints.trim().split_once("://").map(|(scheme, _)| scheme);
+    if let Some(scheme @ ("redis" | "redlock")) = scheme {
+        return Err(CliError::failed(format!(
+            "{scheme}:// endpoints are not supported by the baton command yet: use http:// or etcd:// (etcd), or mem://"
+        )));
+    }
     baton::Client::builder(endpoints)
         .with_dial_timeout(global.dial_timeout)
         .connect()

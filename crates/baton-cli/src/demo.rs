@@ -483,8 +483,10 @@ async fn kill_leader(
         return;
     };
     node.frozen.store(true, Ordering::SeqCst);
-    let revoked = admin.store().lease_revoke(leader.lease).await;
+    // The failover clock starts before the revoke is sent: the next leader may hear of it
+    // before the revoke's answer comes back.
     locked(&shared.state).killed = Some((Instant::now(), node.name, leader.create_revision));
+    let revoked = admin.store().lease_revoke(leader.lease).await;
     tl.event(
         &format!(
             "operator: {} frozen (like a long GC pause) and its lease {} revoked{}",

@@ -43,6 +43,11 @@ impl Output {
 
     /// Print one JSON value on one line.
     pub(crate) fn json_line(&self, value: &Value) -> io::Result<()> {
+        self.serialize_line(value)
+    }
+
+    /// Print any serializable value as one JSON line, fields in declaration order.
+    pub(crate) fn serialize_line(&self, value: &impl serde::Serialize) -> io::Result<()> {
         let mut stdout = io::stdout().lock();
         serde_json::to_writer(&mut stdout, value)?;
         writeln!(stdout)?;

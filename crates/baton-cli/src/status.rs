@@ -108,9 +108,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         entries,
     };
     if out.is_json() {
-        let value = serde_json::to_value(&status)
-            .map_err(|e| CliError::failed(format!("cannot encode the status: {e}")))?;
-        let _ = out.json_line(&value);
+        let _ = out.serialize_line(&status);
     } else {
         let _ = out.text(&table(&status));
     }

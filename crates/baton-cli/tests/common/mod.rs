@@ -1,0 +1,234 @@
+//! Running the `baton` binary as a user would, against real etcd.
+#![allow(dead_code, clippy::unwrap_used, clippy::panic, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+pub use baton_testkit::EtcdServer;
+
+/// The longest any single step may take before a test gives up.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// A real etcd on loopback, or a clear failure.
+pub fn etcd() -> EtcdServer {
+    assert!(
+        baton_testkit::etcd_available(),
+        "etcd is needed for these tests: run scripts/test.sh (it installs etcd) or set BATON_ETCD_BIN"
+    );
+    EtcdServer::start()
+}
+
+/// `baton` with `--endpoints` set, a clean environment for tracing, and no stdin.
+pub fn baton(endpoints: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.env("BATON_ENDPOINTS", endpoints)
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Run to completion (at most [`STEP`]) and collect the output.
+pub fn run(cmd: &mut Command) -> (Output, Duration) {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(STEP) {
+        Ok(output) => (output.unwrap(), started.elapsed()),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("baton did not finish within {STEP:?}: {cmd:?}");
+        }
+    }
+}
+
+/// The lines of stderr.
+pub fn stderr_lines(output: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The whole of stdout.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A `baton` running in the background. Killed (SIGKILL) on drop if still running.
+pub struct Proc {
+    pub child: Child,
+    lines: Receiver<String>,
+    err_lines: Receiver<String>,
+}
+
+impl Proc {
+    /// Start `cmd` with stdout and stderr captured line by line.
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = reader(child.stdout.take().unwrap());
+        let err_lines = reader(child.stderr.take().unwrap());
+        Proc {
+            child,
+            lines,
+            err_lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line, waiting at most [`STEP`].
+    pub fn line(&self) -> String {
+        match self.lines.recv_timeout(STEP) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "no stdout line from baton within {STEP:?} ({e}); stderr: {:?}",
+                self.stderr_so_far()
+            ),
+        }
+    }
+
+    /// The next stdout line if one comes within `timeout`.
+    pub fn line_within(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// The stderr lines printed so far.
+    pub fn stderr_so_far(&self) -> Vec<String> {
+        self.err_lines.try_iter().collect()
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: i32) {
+        signal(self.pid(), sig);
+    }
+
+    /// Wait for the exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Wait for the exit (at most [`STEP`]) and return its code.
+    pub fn code(&mut self) -> i32 {
+        match self.wait(STEP) {
+            Some(status) => status
+                .code()
+                .unwrap_or_else(|| panic!("baton was killed by a signal: {status:?}")),
+            None => panic!("baton did not exit within {STEP:?}"),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn reader(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Send `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// True if process `pid` exists (a zombie counts).
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// Wait until `cond` holds, at most [`STEP`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait until `path` exists and is not empty; its contents.
+pub fn wait_for_file(path: &Path) -> String {
+    let mut text = String::new();
+    wait_until(&format!("{}", path.display()), || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.ends_with('\n')
+    });
+    text
+}
+
+/// The keys under `prefix`, per etcdctl.
+pub fn keys(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
+    let out = etcd.etcdctl(["get", "--prefix", "--keys-only", prefix]);
+    assert!(out.status.success(), "etcdctl get: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Revoke the lease of a lock or election key (`NAME/<lease hex>`) with etcdctl.
+pub fn revoke(etcd: &EtcdServer, key: &str) {
+    let lease = key.rsplit('/').next().unwrap();
+    let out = etcd.etcdctl(["lease", "revoke", lease]);
+    assert!(
+        out.status.success(),
+        "etcdctl lease revoke {lease}: {out:?}"
+    );
+}
+
+/// A key's create revision, per etcdctl.
+pub fn create_revision(etcd: &EtcdServer, key: &str) -> i64 {
+    let out = etcd.etcdctl(["get", key, "-w", "fields"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("\"CreateRevision\" : "))
+        .unwrap_or_else(|| panic!("no CreateRevision for {key}: {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,163 @@
+//! `baton elect`, `baton observe` and `baton leader` agree with each other and with
+//! `etcdctl elect`, on real etcd.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `etcdctl elect ARGS` in the background, as a [`Proc`].
+fn etcdctl_elect(etcd: &EtcdServer, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(baton_testkit::etcdctl_bin().expect("etcdctl"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ETCDCTL") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .arg("elect")
+        .args(args)
+        .stdin(Stdio::null());
+    Proc::spawn(&mut cmd)
+}
+
+/// `VALUE (key KEY, revision R, token T)`: (value, key).
+fn parse_observed(line: &str) -> (String, String) {
+    let (value, rest) = line
+        .split_once(" (key ")
+        .unwrap_or_else(|| panic!("not an observe line: {line}"));
+    let key = rest.split_once(',').unwrap().0;
+    (value.to_string(), key.to_string())
+}
+
+/// A leader chosen by `etcdctl elect` is the one `baton leader` and `baton observe`
+/// report; when it resigns, a `baton elect` candidate takes over and both tools see it.
+#[test]
+fn etcdctl_leader_is_seen_by_baton() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+
+    let (out, _) = run(baton(&ep).args(["leader", "e1"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("no leader"), "{err:?}");
+
+    let go = etcdctl_elect(&etcd, &["e1", "v1"]);
+    let go_key = go.line();
+    assert_eq!(go.line(), "v1");
+    assert!(go_key.starts_with("e1/"), "{go_key}");
+
+    let (out, _) = run(baton(&ep).args(["leader", "e1"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "v1\n");
+
+    let mut observer = Proc::spawn(baton(&ep).args(["observe", "e1"]));
+    let (value, key) = parse_observed(&observer.line());
+    assert_eq!((value.as_str(), key.as_str()), ("v1", go_key.as_str()));
+
+    // A baton candidate queues behind etcdctl's leader and takes over when it resigns.
+    let mut candidate = Proc::spawn(baton(&ep).args(["elect", "e1", "v2"]));
+    wait_until("baton's candidacy", || keys(&etcd, "e1/").len() == 2);
+    assert!(candidate.line_within(Duration::from_millis(200)).is_none());
+    go.signal(libc::SIGINT); // etcdctl elect resigns on SIGINT
+    let elected = candidate.line();
+    assert!(elected.starts_with("elected e1/"), "{elected}");
+    let (value, key) = parse_observed(&observer.line());
+    assert_eq!(value, "v2");
+    assert!(elected.contains(&key), "{elected} vs {key}");
+    let (out, _) = run(baton(&ep).args(["leader", "e1"]));
+    assert_eq!(stdout(&out), "v2\n");
+
+    candidate.signal(libc::SIGTERM);
+    assert_eq!(candidate.code(), 0);
+    assert!(candidate.line().starts_with("resigned e1/"));
+    observer.signal(libc::SIGINT);
+    assert_eq!(observer.code(), 0);
+}
+
+/// While `baton elect` leads, `etcdctl elect -l` prints its value; `baton leader` and
+/// `baton observe` agree (JSON too); losing the lease makes the leader's CMD die and baton
+/// exit 122 with `leadership lost`, and the next candidate leads.
+#[test]
+fn baton_leader_is_seen_by_etcdctl() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut leader = Proc::spawn(baton(&ep).env("D", dir.path()).args([
+        "--json",
+        "elect",
+        "e2",
+        "bv1",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$BATON_ELECTION_KEY $BATON_FENCING_TOKEN" > "$D/leader"; exec sleep 30"#,
+    ]));
+    let elected: serde_json::Value = serde_json::from_str(&leader.line()).unwrap();
+    assert_eq!(elected["event"], "elected");
+    let key = elected["key"].as_str().unwrap().to_string();
+    let token = elected["fencing_token"].as_i64().unwrap();
+    assert_eq!(
+        wait_for_file(&dir.path().join("leader")),
+        format!("{key} {token}\n")
+    );
+    assert_eq!(create_revision(&etcd, &key), token);
+
+    let listener = etcdctl_elect(&etcd, &["-l", "e2"]);
+    assert_eq!(listener.line(), key);
+    assert_eq!(listener.line(), "bv1");
+
+    let (out, _) = run(baton(&ep).args(["--json", "leader", "e2"]));
+    let seen: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(seen["value"], "bv1");
+    assert_eq!(seen["key"], key.as_str());
+    assert_eq!(seen["fencing_token"], token);
+
+    let observer = Proc::spawn(baton(&ep).args(["--json", "observe", "e2"]));
+    let seen: serde_json::Value = serde_json::from_str(&observer.line()).unwrap();
+    assert_eq!(
+        (seen["value"].as_str(), seen["key"].as_str()),
+        (Some("bv1"), Some(key.as_str()))
+    );
+
+    let mut standby = Proc::spawn(baton(&ep).args(["elect", "e2", "bv2"]));
+    wait_until("the standby's candidacy", || keys(&etcd, "e2/").len() == 2);
+
+    let revoked = Instant::now();
+    revoke(&etcd, &key);
+    let status = leader.wait(Duration::from_secs(5)).expect("baton exits");
+    assert_eq!(status.code(), Some(122));
+    assert!(
+        revoked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        revoked.elapsed()
+    );
+    let err = leader.stderr_so_far();
+    assert!(
+        err.len() == 1 && err[0].starts_with("leadership lost"),
+        "{err:?}"
+    );
+
+    assert!(standby.line().starts_with("elected e2/"));
+    let seen: serde_json::Value = serde_json::from_str(&observer.line()).unwrap();
+    assert_eq!(seen["value"], "bv2");
+    assert!(seen["fencing_token"].as_i64().unwrap() > token);
+    assert_eq!(
+        listener
+            .line_within(STEP)
+            .as_deref()
+            .map(|l| l.starts_with("e2/")),
+        Some(true)
+    );
+    assert_eq!(listener.line(), "bv2");
+
+    standby.signal(libc::SIGINT);
+    assert_eq!(standby.code(), 0);
+    assert!(keys(&etcd, "e2/").is_empty());
+}

@@ -1,0 +1,117 @@
+//! Bad input and unreachable backends: exit 125 with exactly one line on stderr, no panic,
+//! no backtrace (even with RUST_BACKTRACE=1), and no waiting beyond the dial timeout.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn assert_one_line_125(args: &[&str], expect: &str) {
+    let (out, took) = run(baton("mem://").args(args));
+    assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{args:?}: stderr {err:?}");
+    assert!(err[0].starts_with("baton: "), "{args:?}: {err:?}");
+    assert!(
+        err[0].contains(expect),
+        "{args:?}: {err:?} lacks {expect:?}"
+    );
+    assert!(!err[0].contains("panicked"), "{err:?}");
+    assert!(
+        stdout(&out).is_empty(),
+        "{args:?}: stdout {:?}",
+        stdout(&out)
+    );
+    assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+}
+
+#[test]
+fn empty_name_exits_125_with_one_line() {
+    // Checked before connecting: the default endpoint need not exist.
+    for cmd in [
+        &["lock", "", "--", "true"][..],
+        &["lock", ""],
+        &["elect", "", "v"],
+        &["observe", ""],
+        &["leader", ""],
+    ] {
+        assert_one_line_125(cmd, "the name is empty");
+    }
+}
+
+#[test]
+fn bad_urls_exit_125_with_one_line() {
+    for url in [
+        "localhost:2379",
+        "ftp://x:1",
+        "http://host",
+        "http://host:99999",
+        "https://h:1",
+    ] {
+        assert_one_line_125(&["--endpoints", url, "lock", "x"], "invalid endpoint");
+    }
+    for url in ["redis://127.0.0.1:6379", "redlock://a:1,b:2,c:3"] {
+        assert_one_line_125(&["--endpoints", url, "lock", "x"], "not supported");
+    }
+    // Credentials in a bad URL are never printed.
+    let (out, _) = run(baton("mem://").args(["--endpoints", "http://u:hunter2@h", "leader", "x"]));
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+}
+
+#[test]
+fn bad_options_exit_125_with_one_line() {
+    assert_one_line_125(&["lock", "x", "--ttl", "soon"], "--ttl");
+    assert_one_line_125(&["lock", "x", "--ttl", "1s"], "ttl");
+    assert_one_line_125(&["lock", "x", "--timeout", "0s"], "greater than zero");
+    assert_one_line_125(
+        &["lock", "x", "--try", "--timeout", "1s"],
+        "cannot be used with",
+    );
+    assert_one_line_125(&["lock", "x", "--bogus"], "--bogus");
+    assert_one_line_125(&["--dial-timeout", "forever", "status"], "--dial-timeout");
+    assert_one_line_125(&["demo", "--workers", "0"], "--workers");
+    assert_one_line_125(&["frobnicate"], "frobnicate");
+    assert_one_line_125(&[], "no command given");
+    assert_one_line_125(&["lock"], "NAME");
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    for args in [&["--help"][..], &["--version"], &["lock", "--help"]] {
+        let (out, _) = run(baton("mem://").args(args));
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!stdout(&out).is_empty());
+    }
+    for cmd in ["lock", "elect", "observe", "leader", "status", "demo"] {
+        let (out, _) = run(baton("mem://").args([cmd, "--help"]));
+        assert!(
+            stdout(&out).contains("Examples:"),
+            "{cmd} --help has no examples"
+        );
+    }
+}
+
+/// An endpoint nobody listens on: 125 with one line, within the dial timeout.
+#[test]
+fn unreachable_endpoint_exits_125_within_the_dial_timeout() {
+    let port = baton_testkit::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    for args in [
+        &["--dial-timeout", "1s", "lock", "x", "--", "true"][..],
+        &["--dial-timeout", "1s", "leader", "x"],
+        &["--dial-timeout", "1s", "status"],
+    ] {
+        let (out, took) = run(baton(&url).args(args));
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].contains("cannot connect"), "{err:?}");
+        assert!(
+            took < Duration::from_millis(1800),
+            "took {took:?} with a 1s dial timeout"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! `baton lock` against real etcd, run as a user would.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Two `baton lock` processes on one name never run their commands at once: each CMD
+/// appends start and end markers with timestamps to one file, and no two intervals overlap.
+#[test]
+fn two_processes_never_run_cmd_at_once() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let script = r#"echo "start $$ $(date +%s%N)" >> "$LOG"; sleep 0.15; echo "end $$ $(date +%s%N)" >> "$LOG""#;
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let endpoint = etcd.endpoint();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for _ in 0..3 {
+                    let (out, _) = run(baton(&endpoint).env("LOG", &log).args([
+                        "lock",
+                        "shared-job",
+                        "--",
+                        "sh",
+                        "-c",
+                        script,
+                    ]));
+                    assert_eq!(out.status.code(), Some(0), "{out:?}");
+                }
+            })
+        })
+        .collect();
+    for r in runs {
+        r.join().unwrap();
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, &str, u128)> = text
+        .lines()
+        .map(|l| {
+            let parts: Vec<&str> = l.split(' ').collect();
+            (parts[0], parts[1], parts[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.len(), 12, "{text}");
+    for (i, pair) in lines.chunks(2).enumerate() {
+        let ((s, pid_s, t_s), (e, pid_e, t_e)) = (pair[0], pair[1]);
+        assert_eq!((s, e), ("start", "end"), "interleaved at run {i}:\n{text}");
+        assert_eq!(pid_s, pid_e, "interleaved at run {i}:\n{text}");
+        assert!(t_s <= t_e, "{text}");
+    }
+    for w in lines.windows(2) {
+        assert!(w[0].2 <= w[1].2, "timestamps out of order:\n{text}");
+    }
+    // Nothing is left behind.
+    assert!(keys(&etcd, "shared-job/").is_empty());
+}
+
+/// Without CMD, `baton lock` prints the key and token and holds until SIGTERM, then
+/// releases and exits 0. `--try` while it is held exits 124 at once.
+#[test]
+fn try_while_held_exits_124_at_once() {
+    let etcd = etcd();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "try-me"]));
+    let acquired = holder.line();
+    let (key, token) = parse_acquired(&acquired);
+    assert!(key.starts_with("try-me/"), "{acquired}");
+    assert_eq!(create_revision(&etcd, &key), token);
+
+    let (out, took) = run(baton(&etcd.endpoint()).args(["lock", "--try", "try-me", "--", "true"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took < Duration::from_secs(2), "--try took {took:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("held"), "{err:?}");
+    assert_eq!(
+        keys(&etcd, "try-me/"),
+        std::slice::from_ref(&key),
+        "--try left its key behind"
+    );
+
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    assert_eq!(holder.line(), format!("released {key}"));
+    assert!(keys(&etcd, "try-me/").is_empty());
+    let (out, _) = run(baton(&etcd.endpoint()).args(["lock", "--try", "try-me", "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// `--timeout` passing exits 124 and leaves no waiter key.
+#[test]
+fn timeout_expiry_exits_124() {
+    let etcd = etcd();
+    let holder = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "slow"]));
+    let (key, _) = parse_acquired(&holder.line());
+    let (out, took) =
+        run(baton(&etcd.endpoint()).args(["lock", "--timeout", "500ms", "slow", "--", "true"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("not acquired within 500ms"), "{err:?}");
+    assert_eq!(keys(&etcd, "slow/"), [key]);
+}
+
+/// Revoking the holder's lease with etcdctl kills CMD within a second; baton prints
+/// `lock lost` and exits 122.
+#[test]
+fn revoked_lease_kills_cmd_within_a_second() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "doomed",
+        "--",
+        "sh",
+        "-c",
+        r#"echo $$ > "$D/pid"; echo "$BATON_LOCK_KEY" > "$D/key"; exec sleep 30"#,
+    ]));
+    let key = wait_for_file(&dir.path().join("key")).trim().to_string();
+    let pid: u32 = wait_for_file(&dir.path().join("pid"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+
+    let revoked = Instant::now();
+    revoke(&etcd, &key);
+    let status = holder.wait(Duration::from_secs(5)).expect("baton exits");
+    let took = revoked.elapsed();
+    assert_eq!(status.code(), Some(122));
+    assert!(took < Duration::from_secs(1), "CMD killed after {took:?}");
+    assert!(!alive(pid), "CMD still runs");
+    let err = holder.stderr_so_far();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].starts_with("lock lost"), "{err:?}");
+}
+
+/// A CMD that ignores SIGTERM is SIGKILLed once `--grace` has passed.
+#[test]
+fn cmd_ignoring_sigterm_is_killed_after_grace() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "stubborn",
+        "--grace",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        r#"trap '' TERM; echo $$ > "$D/pid"; echo "$BATON_LOCK_KEY" > "$D/key"; sleep 30; echo survived > "$D/survived""#,
+    ]));
+    let key = wait_for_file(&dir.path().join("key")).trim().to_string();
+    let pid: u32 = wait_for_file(&dir.path().join("pid"))
+        .trim()
+        .parse()
+        .unwrap();
+
+    let revoked = Instant::now();
+    revoke(&etcd, &key);
+    let status = holder.wait(Duration::from_secs(5)).expect("baton exits");
+    let took = revoked.elapsed();
+    assert_eq!(status.code(), Some(122));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "baton exited {took:?} after the revoke; --grace is 1s"
+    );
+    assert!(!alive(pid), "CMD still runs");
+    assert!(!dir.path().join("survived").exists());
+}
+
+/// SIGTERM to baton is forwarded to CMD, the lock is released, and the next waiter
+/// acquires at once, long before the TTL would have freed it.
+#[test]
+fn sigterm_releases_and_next_waiter_acquires_at_once() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "handover",
+        "--ttl",
+        "30s",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$BATON_LOCK_KEY" > "$D/first"; exec sleep 30"#,
+    ]));
+    wait_for_file(&dir.path().join("first"));
+    let mut second = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "handover",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$BATON_LOCK_KEY" > "$D/second""#,
+    ]));
+    wait_until("the second waiter to queue", || {
+        keys(&etcd, "handover/").len() == 2
+    });
+
+    let signalled = Instant::now();
+    first.signal(libc::SIGTERM);
+    assert_eq!(second.code(), 0);
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the next waiter acquired {took:?} after SIGTERM"
+    );
+    // sleep died of the forwarded SIGTERM: 128 + 15.
+    assert_eq!(first.code(), 143);
+    assert!(dir.path().join("second").exists());
+    assert!(keys(&etcd, "handover/").is_empty());
+}
+
+/// CMD's exit code passes through; a missing CMD is 127, a non-executable one 126; each
+/// with one line on stderr, and the lock is released every time.
+#[test]
+fn cmd_exit_codes() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("script.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    let not_executable = not_executable.to_str().unwrap().to_string();
+    let cases: [(&[&str], i32); 5] = [
+        (&["sh", "-c", "exit 7"], 7),
+        (&["true"], 0),
+        (&["no-such-command-for-baton"], 127),
+        (&["/nonexistent/dir/cmd"], 127),
+        (&[not_executable.as_str()], 126),
+    ];
+    for (cmd, code) in cases {
+        let mut args = vec!["lock", "codes", "--"];
+        args.extend_from_slice(cmd);
+        let (out, _) = run(baton(&etcd.endpoint()).args(&args));
+        assert_eq!(out.status.code(), Some(code), "{cmd:?}: {out:?}");
+        if code >= 126 {
+            let err = stderr_lines(&out);
+            assert_eq!(err.len(), 1, "{err:?}");
+        }
+        assert!(
+            keys(&etcd, "codes/").is_empty(),
+            "{cmd:?} left the lock held"
+        );
+    }
+}
+
+/// CMD's environment has BATON_LOCK_KEY and BATON_FENCING_TOKEN, and on etcd
+/// ETCD_LOCK_KEY and ETCD_LOCK_REV, naming the key Baton created and its create revision.
+#[test]
+fn env_vars_name_the_key_baton_created() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "envy",
+        "--",
+        "sh",
+        "-c",
+        r#"env | grep -E '^(BATON|ETCD)_(LOCK|FENCING)' > "$D/env.tmp"; mv "$D/env.tmp" "$D/env"; i=0; while [ ! -e "$D/go" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done"#,
+    ]));
+    let env = wait_for_file(&dir.path().join("env"));
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing from {env}"))
+            .to_string()
+    };
+    let on_etcd = keys(&etcd, "envy/");
+    assert_eq!(on_etcd.len(), 1);
+    assert_eq!(var("ETCD_LOCK_KEY"), on_etcd[0]);
+    assert_eq!(var("BATON_LOCK_KEY"), on_etcd[0]);
+    let rev = create_revision(&etcd, &on_etcd[0]);
+    assert_eq!(var("ETCD_LOCK_REV"), rev.to_string());
+    assert_eq!(var("BATON_FENCING_TOKEN"), rev.to_string());
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    assert_eq!(holder.code(), 0);
+}
+
+/// `acquired KEY token=N`.
+fn parse_acquired(line: &str) -> (String, i64) {
+    let rest = line
+        .strip_prefix("acquired ")
+        .unwrap_or_else(|| panic!("not an acquired line: {line}"));
+    let (key, token) = rest.split_once(" token=").unwrap();
+    (key.to_string(), token.parse().unwrap())
+}
