@@ -437,7 +437,7 @@ pub async fn waiter_lease_expires_in_queue(b: &Backend) {
         "waiter with an expired lease was told it holds the lock"
     );
 
-    // 2. The waiter's lease is revoked and the holder releases at the same moment.
+    // 2. The waiter's lease is revoked just before the holder releases.
     let w2 = b.session(TTL).await;
     let waiting = tokio::spawn({
         let m = Mutex::new(&w2, &lock).unwrap();
@@ -449,9 +449,12 @@ pub async fn waiter_lease_expires_in_queue(b: &Backend) {
         })
         .await
     );
-    let (a, b2) = tokio::join!(admin.store().lease_revoke(w2.lease_id()), g.unlock());
-    a.unwrap();
-    b2.unwrap();
+    // The waiter's lease is revoked, then the holder releases straight away (before the
+    // waiter's session can notice at its next keep-alive): the waiter must see that its key
+    // went first. (Had the release come first, the waiter would rightly hold the lock at
+    // that revision, and lose it at the revoke.)
+    admin.store().lease_revoke(w2.lease_id()).await.unwrap();
+    g.unlock().await.unwrap();
     let r = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
         .expect("waiter hung after its lease was revoked")
@@ -706,9 +709,8 @@ pub async fn election_no_phantom_leader(b: &Backend) {
         })
         .await
     );
-    let (r, u) = tokio::join!(admin.store().lease_revoke(sb.lease_id()), la.resign());
-    r.unwrap();
-    u.unwrap();
+    admin.store().lease_revoke(sb.lease_id()).await.unwrap();
+    la.resign().await.unwrap();
     let res = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
         .expect("candidate hung")

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::hub::Hub;
 use crate::store::mem::MemStore;
 use crate::store::Store;
 
@@ -37,6 +38,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Client {
     store: Arc<dyn Store>,
     endpoints: String,
+    hub: Arc<Hub>,
 }
 
 impl fmt::Debug for Client {
@@ -74,12 +76,18 @@ impl Client {
         Client {
             store: Arc::new(store),
             endpoints,
+            hub: Arc::default(),
         }
     }
 
     /// The store behind this client.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The shared prefix watches of this client.
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     /// The backend's short name: `"mem"` or `"etcd"`.
@@ -172,6 +180,7 @@ impl ClientBuilder {
         Ok(Client {
             store,
             endpoints: redacted,
+            hub: Arc::default(),
         })
     }
 }

@@ -72,6 +72,7 @@
 mod client;
 pub mod coordinator;
 mod election;
+mod hub;
 pub mod error;
 mod mutex;
 mod names;

@@ -3,13 +3,14 @@
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::hub::Woken;
 use crate::session::{OwnedClaim, Session};
-use crate::store::{Compare, CompareOp, EventKind, Range, Revision, Store, Txn, TxnOp, Watch};
+use crate::store::{Compare, CompareOp, Range, Revision, Store, Txn, TxnOp};
 
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -36,7 +37,7 @@ impl Ownership {
         let lost = session.lost_token();
         let stop = CancellationToken::new();
         let reason = Arc::new(StdMutex::new(None));
-        let task = watch_key(session.store().clone(), key.clone(), create_rev, from);
+        let task = watch_key(session.client().clone(), key.clone(), create_rev, from);
         let (l, s, r, sess) = (lost.clone(), stop.clone(), reason.clone(), session.clone());
         let span = tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&key));
         tokio::spawn(
@@ -91,40 +92,31 @@ impl Drop for Ownership {
     }
 }
 
-/// Watch until `key` is deleted or re-created; returns why. Survives broken streams and
-/// compaction by re-reading the key.
+/// Wait until `key` is deleted (or re-created, which needs a delete first); returns why.
+///
+/// Uses the client's shared watch on the key's parent prefix, so holding many keys costs no
+/// watch stream each. Survives broken watches and compaction by re-reading the key.
 async fn watch_key(
-    store: Arc<dyn Store>,
+    client: Client,
     key: Vec<u8>,
     create_rev: Revision,
-    mut from: Revision,
+    from: Revision,
 ) -> &'static str {
+    let store = client.store();
+    let prefix = match key.iter().rposition(|b| *b == b'/') {
+        Some(i) => key[..=i].to_vec(),
+        None => Vec::new(),
+    };
+    let mut after = from - 1;
     let mut backoff = RETRY_MIN;
     loop {
-        match store
-            .watch(Watch::key(key.clone()).from_revision(from))
+        match client
+            .hub()
+            .wait_delete(store, &prefix, &[&key], after)
             .await
         {
-            Ok(mut stream) => {
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(resp) => {
-                            backoff = RETRY_MIN;
-                            for ev in &resp.events {
-                                match ev.kind {
-                                    EventKind::Delete => return "key deleted",
-                                    EventKind::Put if ev.kv.create_revision != create_rev => {
-                                        return "key replaced"
-                                    }
-                                    EventKind::Put => {}
-                                }
-                                from = from.max(ev.kv.mod_revision + 1);
-                            }
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
+            Ok((_, Woken::Deleted(_))) => return "key deleted",
+            Ok((_, Woken::Interrupted)) => {}
             Err(e) => tracing::debug!(error = %e, "ownership watch failed; retrying"),
         }
         // The watch broke or its start was compacted: read the key to learn where we stand.
@@ -132,7 +124,7 @@ async fn watch_key(
         backoff = (backoff * 2).min(RETRY_MAX);
         match store.range(Range::key(key.clone())).await {
             Ok(resp) => match resp.kvs.first() {
-                Some(kv) if kv.create_revision == create_rev => from = resp.header_revision + 1,
+                Some(kv) if kv.create_revision == create_rev => after = resp.header_revision,
                 Some(_) => return "key replaced",
                 None => return "key deleted",
             },

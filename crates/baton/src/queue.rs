@@ -135,7 +135,7 @@ impl Entry {
         tracing::debug!(my_rev, "queued");
         let session = &self.session;
         let turn = tokio::select! {
-            r = wait_turn(&self.store, &self.queue, &self.key, my_rev) => r,
+            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev) => r,
             _ = session.lost() => Err(session.lost_error()),
         };
         match turn {

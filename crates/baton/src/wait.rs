@@ -15,11 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-
+use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::hub::Woken;
 use crate::names::Queue;
-use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp, Watch};
+use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp};
 
 /// Backoff between retries of a failed read or watch while waiting.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -32,36 +32,60 @@ pub(crate) struct Turn {
     pub(crate) header_revision: Revision,
 }
 
-/// One read: the last member of `queue` created at or before `max_create_rev`, and our own key.
-pub(crate) async fn read_turn(
+/// What one read of the queue found.
+struct TurnRead {
+    header: Revision,
+    /// The last member created at or before the bound: the one we wait for.
+    pred: Option<KeyValue>,
+    /// Our own key.
+    mine: Option<KeyValue>,
+    /// True if `pred` is also the queue's first member, so nobody else is ahead of us.
+    pred_is_head: bool,
+}
+
+/// One read, in one transaction: the last member of `queue` created at or before
+/// `max_create_rev`, the queue's first member, and our own key.
+async fn read_turn(
     store: &Arc<dyn Store>,
     queue: &Queue,
     my_key: &[u8],
     max_create_rev: Revision,
-) -> Result<(Revision, Option<KeyValue>, Option<KeyValue>)> {
+) -> Result<TurnRead> {
     let txn = Txn::new().and_then([
         TxnOp::get(
             Range::prefix(queue.prefix.clone())
                 .last_created()
                 .with_max_create_revision(max_create_rev),
         ),
+        TxnOp::get(Range::prefix(queue.prefix.clone()).first_created()),
         TxnOp::get(Range::key(my_key)),
     ]);
     let resp = store.txn(txn).await?;
-    let mut gets = resp.responses.into_iter().filter_map(|r| match r {
-        crate::store::TxnOpResponse::Get(g) => Some(g),
+    let mut gets = resp.responses.into_iter().map(|r| match r {
+        crate::store::TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
         _ => None,
     });
-    let pred = gets.next().and_then(|g| g.kvs.into_iter().next());
-    let mine = gets.next().and_then(|g| g.kvs.into_iter().next());
+    let pred = gets.next().flatten();
+    let first = gets.next().flatten();
+    let mine = gets.next().flatten();
     match pred {
         // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
         Some(kv) if !queue.contains(&kv.key) => {
             let (header, pred) =
                 scan_member(store, queue, SortOrder::Descending, max_create_rev).await?;
-            Ok((header, pred, mine))
+            Ok(TurnRead {
+                header,
+                pred,
+                mine,
+                pred_is_head: false,
+            })
         }
-        pred => Ok((resp.header_revision, pred, mine)),
+        pred => Ok(TurnRead {
+            header: resp.header_revision,
+            pred_is_head: matches!((&pred, &first), (Some(p), Some(f)) if p.key == f.key),
+            pred,
+            mine,
+        }),
     }
 }
 
@@ -93,14 +117,16 @@ pub(crate) async fn scan_member(
 /// and watches with backoff, forever: callers bound the wait with a timeout and with the
 /// session's loss.
 pub(crate) async fn wait_turn(
-    store: &Arc<dyn Store>,
+    client: &Client,
     queue: &Queue,
     my_key: &[u8],
     my_rev: Revision,
 ) -> Result<Turn> {
+    let store = client.store();
+    let hub = client.hub();
     let mut backoff = RETRY_MIN;
     loop {
-        let (header, pred, mine) = match read_turn(store, queue, my_key, my_rev - 1).await {
+        let read = match read_turn(store, queue, my_key, my_rev - 1).await {
             Ok(r) => r,
             Err(e) if e.is_retryable() => {
                 tracing::debug!(error = %e, "read while waiting failed; retrying");
@@ -110,7 +136,7 @@ pub(crate) async fn wait_turn(
             }
             Err(e) => return Err(e),
         };
-        match mine {
+        match read.mine {
             Some(kv) if kv.create_revision == my_rev => {}
             _ => {
                 return Err(Error::NotHeld {
@@ -118,46 +144,46 @@ pub(crate) async fn wait_turn(
                 })
             }
         }
-        let Some(pred) = pred else {
+        let Some(pred) = read.pred else {
             return Ok(Turn {
-                header_revision: header,
+                header_revision: read.header,
             });
         };
         tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
-        match wait_delete(store, &pred.key, header + 1).await {
-            Ok(()) => backoff = RETRY_MIN,
+        let header = read.header;
+        // In a mutex or election queue our own key is a member too, so the shared watch
+        // reports its delete in the same revision order: if the predecessor's delete comes
+        // first, our key still existed at that revision.
+        let mine_in_queue = queue.contains(my_key);
+        let keys: &[&[u8]] = if mine_in_queue {
+            &[&pred.key, my_key]
+        } else {
+            &[&pred.key]
+        };
+        let woken = match hub.wait_delete(store, &queue.prefix, keys, header).await {
+            // The only member ahead of us is gone, and ours was not, at revision `rev`: we
+            // are at the head, with no further read.
+            Ok((0, Woken::Deleted(rev))) if read.pred_is_head && mine_in_queue => {
+                return Ok(Turn {
+                    header_revision: rev,
+                });
+            }
+            other => other.map(|(_, w)| w),
+        };
+        match woken {
+            Ok(Woken::Deleted(_)) => backoff = RETRY_MIN,
+            Ok(Woken::Interrupted) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
             Err(e) if e.is_retryable() => {
+                tracing::debug!(error = %e, "watch while waiting failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
             }
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Wait for a delete of `key` at or after revision `from`.
-///
-/// Returns `Ok(())` when the key is deleted, and also when the watch's start was compacted:
-/// the caller then reads again, which tells whether the key is still there. A watch that
-/// ends early gives a retryable error, so the caller backs off before reading again.
-pub(crate) async fn wait_delete(store: &Arc<dyn Store>, key: &[u8], from: Revision) -> Result<()> {
-    let mut stream = store.watch(Watch::key(key).from_revision(from)).await?;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(resp) => {
-                if resp
-                    .events
-                    .iter()
-                    .any(|e| e.kind == crate::store::EventKind::Delete)
-                {
-                    return Ok(());
-                }
-            }
-            Err(Error::Compacted { .. }) => return Ok(()),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::Store("watch ended unexpectedly".into()))
 }
 
 /// The head of `queue` (its first member by create revision), with the

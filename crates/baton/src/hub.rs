@@ -1,0 +1,287 @@
+//! One long-lived watch per queue prefix, shared by every waiter of this client.
+//!
+//! etcd serves a watch whose start revision is at or behind its current revision from its
+//! "unsynced" group, which it sweeps only every 100 ms. A waiter that reads its predecessor
+//! at revision `R` and then watches it from `R + 1` avoids that only when nothing else was
+//! written in between, which under contention is never: every handoff would pay the sweep.
+//!
+//! The hub keeps one watch per prefix open instead. It is created once (paying the sweep at
+//! most once), then stays synced, and every waiter on that prefix registers with it:
+//! registering is an in-process operation, so a release reaches its successor as fast as
+//! etcd can send one event. Each waiter still waits only for its own predecessor's delete,
+//! so a release wakes exactly one waiter.
+//!
+//! Correctness rests on one invariant: the hub has seen every event under the prefix from
+//! `buffer_from` up to `progress`, and keeps those events in a bounded buffer. A waiter that
+//! read at revision `R` may register only if `buffer_from <= R + 1`; it first looks for its
+//! predecessor's delete in the buffer (events in `(R, progress]`), then waits for later
+//! events. Otherwise, or when the hub's watch breaks, the waiter falls back to reading again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::error::Result;
+use crate::store::{EventKind, Revision, Store, Watch};
+
+/// How many recent events each prefix watch remembers.
+const BUFFER: usize = 4096;
+
+/// A prefix watch with no waiters for this long is closed.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// Shared prefix watches of one client.
+#[derive(Default)]
+pub(crate) struct Hub {
+    prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.prefixes.lock().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("Hub").field("prefix_watches", &n).finish()
+    }
+}
+
+/// How a wait registered with the hub ends.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The key was deleted, at this revision.
+    Deleted(Revision),
+    /// The hub's watch broke or was compacted: read again.
+    Interrupted,
+}
+
+struct PrefixWatch {
+    state: StdMutex<State>,
+}
+
+struct State {
+    alive: bool,
+    /// Every event under the prefix with revision in `[buffer_from, progress]` is in `recent`.
+    buffer_from: Revision,
+    progress: Revision,
+    recent: VecDeque<(Revision, Vec<u8>, EventKind)>,
+    waiters: HashMap<Vec<u8>, Vec<Waiter>>,
+}
+
+/// One registered wait, possibly on several keys: the first delete among them answers it.
+struct Waiter {
+    index: usize,
+    tx: Arc<StdMutex<Option<oneshot::Sender<(usize, Woken)>>>>,
+}
+
+impl Waiter {
+    fn send(&self, woken: Woken) {
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tx.send((self.index, woken));
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|tx| tx.is_closed())
+    }
+}
+
+enum Registered {
+    Now((usize, Woken)),
+    Later(oneshot::Receiver<(usize, Woken)>),
+    NotCovered,
+}
+
+impl PrefixWatch {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register for the first delete of any of `keys` after revision `after`.
+    fn register(&self, keys: &[&[u8]], after: Revision) -> Registered {
+        let mut st = self.state();
+        if !st.alive || st.buffer_from > after + 1 {
+            return Registered::NotCovered;
+        }
+        let deleted = st.recent.iter().find_map(|(rev, k, kind)| {
+            let index = keys.iter().position(|key| *key == k.as_slice())?;
+            (*rev > after && *kind == EventKind::Delete).then_some((index, Woken::Deleted(*rev)))
+        });
+        if let Some(found) = deleted {
+            return Registered::Now(found);
+        }
+        let (tx, rx) = oneshot::channel();
+        let tx = Arc::new(StdMutex::new(Some(tx)));
+        for (index, key) in keys.iter().enumerate() {
+            st.waiters.entry(key.to_vec()).or_default().push(Waiter {
+                index,
+                tx: tx.clone(),
+            });
+        }
+        Registered::Later(rx)
+    }
+}
+
+impl Hub {
+    /// Wait until one of `keys`, all under `prefix`, is deleted at a revision after
+    /// `after`; returns which one (its index) and when. The deletes of one prefix are seen
+    /// in revision order, so the answer is the earliest of them.
+    ///
+    /// Answers [`Woken::Interrupted`] when the caller should read again (the shared watch
+    /// broke or was compacted).
+    pub(crate) async fn wait_delete(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        prefix: &[u8],
+        keys: &[&[u8]],
+        after: Revision,
+    ) -> Result<(usize, Woken)> {
+        let existing = self.get(prefix);
+        let mut pw = match existing {
+            Some(pw) => pw,
+            None => self.open(store, prefix, after).await?,
+        };
+        let mut registered = pw.register(keys, after);
+        if let Registered::NotCovered = registered {
+            // The shared watch started after our read (or died): replace it with one that
+            // starts right after our read, which covers us and later waiters alike.
+            self.forget(prefix, &pw);
+            pw = self.open(store, prefix, after).await?;
+            registered = pw.register(keys, after);
+        }
+        match registered {
+            Registered::Now(w) => Ok(w),
+            Registered::Later(rx) => Ok(rx.await.unwrap_or((0, Woken::Interrupted))),
+            Registered::NotCovered => Ok((0, Woken::Interrupted)),
+        }
+    }
+
+    fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {
+        self.prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(prefix)
+            .cloned()
+    }
+
+    fn forget(&self, prefix: &[u8], pw: &Arc<PrefixWatch>) {
+        let mut map = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(prefix).is_some_and(|cur| Arc::ptr_eq(cur, pw)) {
+            map.remove(prefix);
+        }
+    }
+
+    /// Open a shared watch on `prefix` from `after + 1` and start its task.
+    async fn open(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        prefix: &[u8],
+        after: Revision,
+    ) -> Result<Arc<PrefixWatch>> {
+        let stream = store
+            .watch(Watch::prefix(prefix.to_vec()).from_revision(after + 1))
+            .await?;
+        let pw = Arc::new(PrefixWatch {
+            state: StdMutex::new(State {
+                alive: true,
+                buffer_from: after + 1,
+                progress: after,
+                recent: VecDeque::new(),
+                waiters: HashMap::new(),
+            }),
+        });
+        self.prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(prefix.to_vec(), pw.clone());
+        let span = tracing::debug_span!("prefix_watch", prefix = %String::from_utf8_lossy(prefix));
+        tokio::spawn(
+            run(
+                Arc::downgrade(self),
+                prefix.to_vec(),
+                Arc::downgrade(&pw),
+                stream,
+            )
+            .instrument(span),
+        );
+        Ok(pw)
+    }
+}
+
+/// Feed one prefix watch's events to its waiters until it breaks or goes idle.
+async fn run(
+    hub: Weak<Hub>,
+    prefix: Vec<u8>,
+    pw: Weak<PrefixWatch>,
+    mut stream: crate::store::WatchStream,
+) {
+    let mut idle_check = tokio::time::interval(IDLE);
+    idle_check.tick().await;
+    let mut idle_ticks = 0u32;
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = idle_check.tick() => {
+                let Some(pw) = pw.upgrade() else { break };
+                let idle = pw.state().waiters.values().all(Vec::is_empty);
+                idle_ticks = if idle { idle_ticks + 1 } else { 0 };
+                if idle_ticks >= 2 {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(pw) = pw.upgrade() else { break };
+        let Some(Ok(resp)) = item else {
+            tracing::debug!("prefix watch ended; waiters will read again");
+            break;
+        };
+        let mut st = pw.state();
+        for ev in resp.events {
+            let rev = ev.kv.mod_revision;
+            if ev.kind == EventKind::Delete {
+                if let Some(ws) = st.waiters.remove(&ev.kv.key) {
+                    for w in ws {
+                        w.send(Woken::Deleted(rev));
+                    }
+                }
+            }
+            st.progress = st.progress.max(rev);
+            st.recent.push_back((rev, ev.kv.key, ev.kind));
+        }
+        // Drop the oldest revisions beyond the buffer, whole revisions at a time.
+        while st.recent.len() > BUFFER {
+            let Some((oldest, _, _)) = st.recent.front().cloned() else {
+                break;
+            };
+            while st.recent.front().is_some_and(|(r, _, _)| *r == oldest) {
+                st.recent.pop_front();
+            }
+            st.buffer_from = oldest + 1;
+        }
+        // Waiters whose caller gave up: forget them.
+        st.waiters.retain(|_, ws| {
+            ws.retain(|w| !w.is_closed());
+            !ws.is_empty()
+        });
+    }
+    // Dead: wake everyone to read again, and let the next waiter open a fresh watch.
+    if let Some(pw) = pw.upgrade() {
+        let mut st = pw.state();
+        st.alive = false;
+        for (_, ws) in st.waiters.drain() {
+            for w in ws {
+                w.send(Woken::Interrupted);
+            }
+        }
+        drop(st);
+        if let Some(hub) = hub.upgrade() {
+            hub.forget(&prefix, &pw);
+        }
+    }
+}
