@@ -92,6 +92,49 @@ pub enum Error {
         name: String,
     },
 
+    /// `try_acquire` found too few free permits in a semaphore.
+    #[error("semaphore {name:?} has too few free permits")]
+    NoPermits {
+        /// The semaphore's name.
+        name: String,
+    },
+
+    /// A recipe is used with settings that disagree with those of its other users: a
+    /// semaphore's permit count, a latch's or a double barrier's count, or a key that holds
+    /// another primitive's data. Nothing was changed; fix the configuration.
+    #[error("{name:?} is in use with different settings: {reason}")]
+    Mismatch {
+        /// The recipe's name.
+        name: String,
+        /// What disagrees.
+        reason: String,
+    },
+
+    /// A double barrier already has its full count of participants inside.
+    #[error("double barrier {name:?} is full")]
+    BarrierFull {
+        /// The barrier's name.
+        name: String,
+    },
+
+    /// A key holds data the primitive cannot read, such as a shared count that is not an
+    /// integer.
+    #[error("key {key:?} holds unexpected data: {reason}")]
+    InvalidData {
+        /// The key.
+        key: String,
+        /// What is wrong with it (never the value itself).
+        reason: String,
+    },
+
+    /// A software transaction ([`Stm`](crate::Stm)) kept conflicting with other writers
+    /// and ran out of attempts.
+    #[error("transaction conflicted {attempts} times; giving up")]
+    Conflict {
+        /// How many attempts were made.
+        attempts: u32,
+    },
+
     /// A watch asked for a revision that has been compacted away.
     #[error("revision {requested} is compacted (compact revision {compact_revision})")]
     Compacted {
@@ -131,11 +174,15 @@ impl Error {
         )
     }
 
-    /// True if the caller gave bad input; retrying the same call cannot help.
+    /// True if the caller gave bad input (or settings that disagree with other users');
+    /// retrying the same call cannot help.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
             self,
-            Error::InvalidArgument(_) | Error::InvalidEndpoint { .. }
+            Error::InvalidArgument(_)
+                | Error::InvalidEndpoint { .. }
+                | Error::Mismatch { .. }
+                | Error::InvalidData { .. }
         )
     }
 
@@ -143,7 +190,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Timeout { .. } | Error::Connect { .. } | Error::Store(_)
+            Error::Timeout { .. }
+                | Error::Connect { .. }
+                | Error::Store(_)
+                | Error::Conflict { .. }
         )
     }
 

@@ -53,6 +53,14 @@
 //! | [`Mutex`] | a fair mutual-exclusion lock with fencing tokens | `concurrency.Mutex`, `etcdctl lock` |
 //! | [`RwLock`] | a fair read-write lock | `recipe.RWMutex` |
 //! | [`Election`] | leader election with proclaimed values and observation | `concurrency.Election`, `etcdctl elect` |
+//! | [`Semaphore`] | a fair counting semaphore with lease-bound permits | – |
+//! | [`Barrier`] | a gate: waiters block until it is released | `recipe.Barrier` |
+//! | [`DoubleBarrier`] | `count` participants enter together and leave together | `recipe.DoubleBarrier` |
+//! | [`Queue`] | a FIFO work queue; each item to exactly one consumer | `recipe.Queue` |
+//! | [`PriorityQueue`] | the same, lower priority numbers first | `recipe.PriorityQueue` |
+//! | [`CountDownLatch`] | waiters go after `count` count-downs | – |
+//! | [`SharedValue`], [`SharedCount`] | a value every node reads, compare-and-sets and watches | Curator's `SharedValue` |
+//! | [`Stm`] | multi-key transactions retried on conflict, four isolation levels | `concurrency.STM` |
 //! | [`Coordinator`] | any of the above behind one URL, through backend-neutral traits | – |
 //!
 //! # Key layouts
@@ -63,32 +71,59 @@
 //! `etcdctl elect`, so Go services, operators and Baton share one lock or election. An
 //! [`RwLock`] uses `NAME/read/…` and `NAME/write/…` like Go's `contrib/recipes`.
 //!
+//! The recipes keep Go's layouts where Go has the recipe: a [`Barrier`] is the key `NAME`; a
+//! [`DoubleBarrier`] uses `NAME/waiters/<lease id in hex>` and `NAME/ready`; a [`Queue`]
+//! holds items at `NAME/<nanoseconds>` and a [`PriorityQueue`] at
+//! `NAME/<priority, 5 digits>/<sequence, 16 digits>`, both without a lease, so items outlive
+//! their producers. A [`Semaphore`] uses `NAME/<lease id in hex>` holding `COUNT/PERMITS`; a
+//! [`CountDownLatch`] the key `NAME` holding `REMAINING/COUNT`; a [`SharedValue`] or
+//! [`SharedCount`] its key as given. Each type's documentation details its layout.
+//!
 //! Waiters queue by create revision. Each waits only for its immediate predecessor, watching
 //! it from the revision after its read (so etcd serves the watch from its synced group, not
 //! its 100 ms sweep), and re-reads its own key after every wait, so a waiter whose lease
 //! ended while it queued is told so instead of being granted the lock (etcd #11456).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
+mod barrier;
 mod client;
 pub mod coordinator;
+mod double_barrier;
 mod election;
 mod hub;
 pub mod error;
+mod latch;
 mod mutex;
 mod names;
 mod ownership;
+mod priority_queue;
 mod queue;
 mod rwlock;
+mod semaphore;
 mod session;
+mod shared_value;
+mod stm;
 pub mod store;
 mod wait;
+mod watching;
+mod work_queue;
 
+pub use barrier::Barrier;
 pub use client::{Client, ClientBuilder, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 pub use coordinator::{Coordinator, CoordinatorBuilder};
+pub use double_barrier::{DoubleBarrier, DoubleBarrierGuard};
 pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
+pub use latch::CountDownLatch;
 pub use mutex::{Mutex, MutexGuard};
-pub use names::MAX_NAME_LEN;
+pub use names::{MAX_NAME_LEN, MAX_VALUE_LEN};
+pub use priority_queue::PriorityQueue;
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+pub use semaphore::{Semaphore, SemaphorePermit};
 pub use session::{Session, SessionBuilder, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+pub use shared_value::{
+    Changes, CompareAndSet, CountChanges, SharedCount, SharedValue, Versioned,
+};
+pub use stm::{Isolation, Stm, StmTx, MAX_TXN_KEYS};
 pub use store::Revision;
+pub use work_queue::Queue;

@@ -22,6 +22,32 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest value Baton writes for a user (a queue item, a shared value), in bytes: 1 MiB.
+///
+/// etcd refuses requests over 1.5 MiB by default (`--max-request-bytes`); the margin leaves
+/// room for the key and the rest of the request. Larger values are refused with
+/// [`Error::InvalidArgument`] before any network call.
+pub const MAX_VALUE_LEN: usize = 1024 * 1024;
+
+/// Check a user's value before any network call.
+pub(crate) fn validate_value(value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Error::invalid(format!(
+            "value is {} bytes long; the limit is {MAX_VALUE_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Check a count (permits, participants) before any network call: at least 1.
+pub(crate) fn validate_count(what: &str, count: u32) -> Result<()> {
+    if count == 0 {
+        return Err(Error::invalid(format!("{what} must be at least 1")));
+    }
+    Ok(())
+}
+
 /// The key of a session's entry in a lease-keyed queue: `prefix + hex(lease)`, as Go's
 /// `concurrency` package and `etcdctl lock` / `etcdctl elect` write it.
 pub(crate) fn lease_key(prefix: &str, lease: i64) -> String {
@@ -94,6 +120,20 @@ mod tests {
         assert!(validate_name(&"x".repeat(1025)).is_err());
         assert!(validate_name(&"x".repeat(1024)).is_ok());
         assert!(validate_name("locks/job-1").is_ok());
+    }
+
+    #[test]
+    fn values_and_counts() {
+        assert!(validate_value(&vec![0; MAX_VALUE_LEN]).is_ok());
+        let err = validate_value(&vec![0; MAX_VALUE_LEN + 1]).unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert!(err.to_string().contains("the limit is 1048576"), "{err}");
+        assert!(validate_count("permits", 1).is_ok());
+        let err = validate_count("permits", 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid argument: permits must be at least 1"
+        );
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub(crate) struct Entry {
     head_at: Option<Revision>,
     /// Our key as the join transaction found or wrote it.
     existing_value: Option<Vec<u8>>,
+    /// What the join transaction's read found (see [`Entry::join_reading`]).
+    joined: Vec<KeyValue>,
 }
 
 impl Entry {
@@ -50,6 +52,22 @@ impl Entry {
         queue: Queue,
         key: &str,
         value: &[u8],
+    ) -> Result<Entry> {
+        let first = Range::prefix(queue.prefix.clone()).first_created();
+        Self::join_reading(session, name, queue, key, value, first).await
+    }
+
+    /// [`join`](Entry::join), reading `read` in the join transaction instead of only the
+    /// queue's head: the keys it finds are in [`joined`](Entry::joined), as they were when
+    /// our key was put. `read` must be sorted by create revision, ascending (its first key
+    /// is taken for the head).
+    pub(crate) async fn join_reading(
+        session: &Session,
+        name: &str,
+        queue: Queue,
+        key: &str,
+        value: &[u8],
+        read: Range,
     ) -> Result<Entry> {
         session.check_alive()?;
         let claim = session.claim(key.as_bytes(), name).await?;
@@ -64,16 +82,16 @@ impl Entry {
             my_rev: None,
             head_at: None,
             existing_value: None,
+            joined: Vec::new(),
         };
         let k = entry.key.clone();
-        let first = Range::prefix(entry.queue.prefix.clone()).first_created();
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([
                 TxnOp::put(k.clone(), value, session.lease_id()),
-                TxnOp::get(first.clone()),
+                TxnOp::get(read.clone()),
             ])
-            .or_else([TxnOp::get(Range::key(k)), TxnOp::get(first)]);
+            .or_else([TxnOp::get(Range::key(k)), TxnOp::get(read)]);
         let resp = match entry.send(txn).await {
             Err(Error::LeaseNotFound(_)) => {
                 return Err(if session.is_lost() {
@@ -89,6 +107,12 @@ impl Entry {
         if !resp.succeeded {
             entry.existing_value = first_kv(&resp, 0).map(|kv| kv.value);
         }
+        entry.joined = resp
+            .responses
+            .get(1)
+            .and_then(TxnOpResponse::as_get)
+            .map(|g| g.kvs.clone())
+            .unwrap_or_default();
         let mut head = first_kv(&resp, 1);
         if head
             .as_ref()
@@ -114,6 +138,17 @@ impl Entry {
     /// The value our key had if it already existed when we joined (a resumed candidacy).
     pub(crate) fn existing_value(&self) -> Option<&[u8]> {
         self.existing_value.as_deref()
+    }
+
+    /// The keys the join transaction read, as they were when our key was put.
+    pub(crate) fn joined(&self) -> &[KeyValue] {
+        &self.joined
+    }
+
+    /// Our turn came, as seen by a read at `header_revision` (a primitive that waits with
+    /// its own rule instead of [`wait`](Entry::wait)): watch our key from the next revision.
+    pub(crate) fn reached_head(&mut self, header_revision: Revision) {
+        self.head_at = Some(header_revision + 1);
     }
 
     /// True if the join found us at the head already.
@@ -363,19 +398,25 @@ pub(crate) async fn with_timeout<T>(
 
 /// The accessors every guard over a [`Held`] key shares (lock guards, leadership). The type
 /// must have a field `held: Held`; `$what` names what is held in the docs ("lock").
+///
+/// `held_accessors!(@shared "permit")` gives all of them but `fencing_token`, for what many
+/// holders share at once (a semaphore's permits), where a token cannot fence.
 macro_rules! held_accessors {
     ($what:literal) => {
-        #[doc = concat!("The key we hold for the ", $what, ": `…/<lease id in hex>`.")]
-        pub fn key(&self) -> &str {
-            self.held.key()
-        }
-
         #[doc = concat!("The fencing token of the ", $what, ": the create revision of our key.")]
         ///
         /// Later grants get strictly greater tokens. Give it to the resource you protect and
         /// have it refuse writes with a token lower than one it has seen.
         pub fn fencing_token(&self) -> $crate::store::Revision {
             self.held.rev()
+        }
+
+        $crate::queue::held_accessors!(@shared $what);
+    };
+    (@shared $what:literal) => {
+        #[doc = concat!("The key we hold for the ", $what, ": `…/<lease id in hex>`.")]
+        pub fn key(&self) -> &str {
+            self.held.key()
         }
 
         #[doc = concat!("The session the ", $what, " is bound to.")]

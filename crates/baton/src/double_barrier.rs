@@ -1,0 +1,547 @@
+//! A double barrier: `count` participants enter together and leave together (Go's
+//! `recipe.DoubleBarrier`, with its defects fixed).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::names::{lease_key, validate_count, validate_name, Queue};
+use crate::ownership::not_held;
+use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::session::Session;
+use crate::store::{
+    Compare, CompareOp, KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp,
+    TxnOpResponse,
+};
+use crate::watching::{while_alive, Until, Wait, Waiter};
+
+/// A double barrier: [`enter()`](DoubleBarrier::enter) returns once `count` participants
+/// have entered, and [`leave()`](DoubleBarrierGuard::leave) returns once all of them have
+/// left. Use it to start a phase of work together and to finish it together.
+///
+/// # Rounds
+///
+/// The participants' keys queue under `NAME/waiters/`. When `count` of them are there, one
+/// of them writes `NAME/ready`: the barrier is open, and the first `count` keys created
+/// before `NAME/ready` are this round's participants. A participant that arrives while a
+/// round is open (or one beyond `count` that raced in) gets [`Error::BarrierFull`]. When the
+/// last participant leaves, `NAME/ready` is deleted and the name can be used for the next
+/// round.
+///
+/// # A participant whose session dies
+///
+/// Keys are bound to their sessions' leases, so a dead participant's key expires with its
+/// lease (at most its TTL after its last keep-alive):
+/// - **before the barrier opens**, it no longer counts: the others keep waiting for
+///   `count` live participants, so the barrier opens when a replacement enters (bound the
+///   wait with [`enter_timeout`](DoubleBarrier::enter_timeout));
+/// - **after it opened**, it counts as having left: the others' `leave()` returns once its
+///   lease has expired, never later.
+///
+/// A participant whose own session is lost gets [`Error::SessionLost`] from `enter()` or
+/// `leave()` (while it still had a key to hold), and its guard's `lost()` fires.
+///
+/// # Defects of Go 3.4's recipe, fixed here
+///
+/// - calls could not be cancelled (it stores `context.TODO()`): here every wait is cancel
+///   safe and has a timeout variant;
+/// - the participant that completes the count must write `ready` for anyone to enter, and a
+///   waiter whose session died was still counted; here any participant that sees `count`
+///   keys writes it, and a re-read after every change counts only live keys;
+/// - a stale `ready` left by a round whose participants all died blocks the name forever;
+///   here it is recognised (no participant of its round is left) and removed;
+/// - `Leave` orders participants by mod revision and deletes `ready` even when the one key
+///   left is not its own; here they are ordered by create revision and only the last
+///   participant of the round deletes `ready`, guarded by its create revision.
+///
+/// # Key layout
+///
+/// `NAME/waiters/<lease id in lowercase hex>` (empty value, bound to the session's lease)
+/// and `NAME/ready` (empty value, no lease): Go's prefixes, so Go and Baton participants
+/// count each other.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let mut workers = Vec::new();
+/// for _ in 0..3 {
+///     let session = baton::Session::new(&client).await?;
+///     workers.push(tokio::spawn(async move {
+///         let barrier = baton::DoubleBarrier::new(&session, "batch/42", 3)?;
+///         let inside = barrier.enter().await?; // all three are in
+///         /* the work */
+///         inside.leave().await // all three are out
+///     }));
+/// }
+/// for w in workers {
+///     w.await.expect("worker panicked")?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DoubleBarrier {
+    session: Session,
+    name: String,
+    count: u32,
+    waiters: String,
+    ready: String,
+    key: String,
+}
+
+impl fmt::Debug for DoubleBarrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DoubleBarrier")
+            .field("name", &self.name)
+            .field("count", &self.count)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl DoubleBarrier {
+    /// The double barrier named `name` for `count` participants, entered through
+    /// `session`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if `count` is 0, or if the name is empty,
+    /// longer than 1 KiB, or contains a NUL byte.
+    pub fn new(session: &Session, name: &str, count: u32) -> Result<DoubleBarrier> {
+        validate_name(name)?;
+        validate_count("count", count)?;
+        let waiters = format!("{name}/waiters/");
+        Ok(DoubleBarrier {
+            session: session.clone(),
+            name: name.to_string(),
+            count,
+            key: lease_key(&waiters, session.lease_id()),
+            waiters,
+            ready: format!("{name}/ready"),
+        })
+    }
+
+    /// The barrier's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many participants the barrier waits for.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Enter, and wait until `count` participants have entered.
+    ///
+    /// Fails with [`Error::BarrierFull`] if a round is already open with its `count`
+    /// participants inside, with [`Error::SessionLost`] if the session is lost while
+    /// waiting, and with [`Error::AlreadyHeld`] if this session is already in the barrier.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future removes our key, so we no longer count.
+    pub async fn enter(&self) -> Result<DoubleBarrierGuard> {
+        self.enter_inner()
+            .instrument(tracing::debug_span!("enter", barrier = %self.name, count = self.count))
+            .await
+    }
+
+    /// [`enter()`](DoubleBarrier::enter), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; on timeout our key is removed.
+    pub async fn enter_timeout(&self, timeout: Duration) -> Result<DoubleBarrierGuard> {
+        with_timeout("enter", timeout, self.enter()).await
+    }
+
+    async fn enter_inner(&self) -> Result<DoubleBarrierGuard> {
+        let queue = Queue::direct(&self.waiters);
+        let mut entry = Entry::join(&self.session, &self.name, queue, &self.key, b"").await?;
+        let my_rev = entry.my_rev();
+        let store = entry.store().clone();
+        match while_alive(&self.session, self.wait_open(&store, my_rev)).await {
+            Ok((round, seen_at)) => {
+                entry.reached_head(seen_at);
+                tracing::debug!(round, "entered");
+                Ok(DoubleBarrierGuard {
+                    barrier: self.clone(),
+                    held: entry.into_held(),
+                    round,
+                })
+            }
+            Err(e) => {
+                entry.abandon().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The members under `NAME/waiters/` in create order, optionally only those created
+    /// before `before`.
+    fn members_read(&self, before: Option<Revision>) -> Range {
+        let read = Range::prefix(self.waiters.as_bytes())
+            .sort_by(SortTarget::CreateRevision, SortOrder::Ascending);
+        match before {
+            Some(rev) => read.with_max_create_revision(rev - 1),
+            None => read,
+        }
+    }
+
+    fn members(&self, kvs: Vec<KeyValue>) -> Vec<KeyValue> {
+        let queue = Queue::direct(&self.waiters);
+        kvs.into_iter()
+            .filter(|kv| queue.contains(&kv.key))
+            .collect()
+    }
+
+    fn is_mine(&self, kv: &KeyValue, my_rev: Revision) -> bool {
+        kv.key == self.key.as_bytes() && kv.create_revision == my_rev
+    }
+
+    fn full(&self) -> Error {
+        Error::BarrierFull {
+            name: self.name.clone(),
+        }
+    }
+
+    /// Wait until a round opens with us among its participants: the round (the create
+    /// revision of `NAME/ready`) and the revision at which that was seen.
+    async fn wait_open(
+        &self,
+        store: &Arc<dyn Store>,
+        my_rev: Revision,
+    ) -> Result<(Revision, Revision)> {
+        let ready = self.ready.as_bytes();
+        let mut waiter = Waiter::new(store);
+        loop {
+            let read = Txn::new().and_then([
+                TxnOp::get(Range::key(ready)),
+                TxnOp::get(self.members_read(None)),
+            ]);
+            let resp = match store.txn(read).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    waiter.retry(e).await?;
+                    continue;
+                }
+            };
+            let header = resp.header_revision;
+            let mut gets = resp.responses.into_iter().filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g.kvs),
+                _ => None,
+            });
+            let open = gets.next().and_then(|kvs| kvs.into_iter().next());
+            let members = self.members(gets.next().unwrap_or_default());
+            if !members.iter().any(|kv| self.is_mine(kv, my_rev)) {
+                return Err(not_held(self.key.as_bytes()));
+            }
+            match open {
+                // Opened after we entered: are we among the first `count`?
+                Some(r) if r.create_revision > my_rev => {
+                    let inside = members
+                        .iter()
+                        .filter(|kv| kv.create_revision < r.create_revision)
+                        .take(self.count as usize)
+                        .any(|kv| self.is_mine(kv, my_rev));
+                    return if inside {
+                        Ok((r.create_revision, header))
+                    } else {
+                        Err(self.full())
+                    };
+                }
+                // Opened before we came: a round in progress, or a stale one.
+                Some(r) => {
+                    if members
+                        .iter()
+                        .any(|kv| kv.create_revision < r.create_revision)
+                    {
+                        return Err(self.full());
+                    }
+                    tracing::debug!(round = r.create_revision, "removing a stale ready key");
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(
+                            ready,
+                            CompareOp::Equal,
+                            r.mod_revision,
+                        )])
+                        .and_then([TxnOp::delete(ready)]);
+                    if let Err(e) = store.txn(txn).await {
+                        waiter.retry(e).await?;
+                    }
+                }
+                None if members.len() >= self.count as usize => {
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(ready, CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(ready, "", 0)]);
+                    if let Err(e) = store.txn(txn).await {
+                        waiter.retry(e).await?;
+                    }
+                }
+                None => {
+                    let mine = self.key.as_bytes().to_vec();
+                    let wait = Wait::keys([ready.to_vec(), mine], header, Until::Changed);
+                    waiter.wait(wait).await?;
+                }
+            }
+        }
+    }
+}
+
+/// A participant inside a [`DoubleBarrier`]. Leave with
+/// [`leave()`](DoubleBarrierGuard::leave).
+///
+/// # Drop behaviour
+///
+/// Dropping it leaves without waiting for the others: our key is deleted in a task spawned
+/// on the current tokio runtime (best effort; otherwise it expires with the session's
+/// lease), and the others count us as gone.
+#[must_use = "if unused the participant leaves at once, without waiting for the others"]
+pub struct DoubleBarrierGuard {
+    barrier: DoubleBarrier,
+    held: Held,
+    round: Revision,
+}
+
+impl fmt::Debug for DoubleBarrierGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DoubleBarrierGuard")
+            .field("barrier", &self.barrier.name)
+            .field("key", &self.key())
+            .field("round", &self.round)
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl DoubleBarrierGuard {
+    /// The barrier's name.
+    pub fn name(&self) -> &str {
+        &self.barrier.name
+    }
+
+    /// The round we entered: the create revision of `NAME/ready`. Every participant of a
+    /// round sees the same number, and later rounds have greater ones.
+    pub fn round(&self) -> Revision {
+        self.round
+    }
+
+    held_accessors!(@shared "place in the barrier");
+
+    /// Leave, and wait until every participant of the round has left (or has had its
+    /// session end).
+    ///
+    /// The first participant by create revision leaves last: it waits for the others' keys
+    /// to go, then deletes its own and `NAME/ready`. Every other participant deletes its
+    /// key and waits for the first one's key to go, so each waits on one key at a time.
+    ///
+    /// Fails with [`Error::SessionLost`] if the session is lost before our key is deleted.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before our key was deleted, it is deleted in the
+    /// background (we count as gone); after, nothing is left to clean up.
+    pub async fn leave(self) -> Result<()> {
+        let span = tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round);
+        self.leave_inner().instrument(span).await
+    }
+
+    /// [`leave()`](DoubleBarrierGuard::leave), giving up with [`Error::Timeout`] after
+    /// `timeout`. Our key has been deleted (or will be, in the background) either way; a
+    /// timeout means some other participant has not left yet.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`leave()`](DoubleBarrierGuard::leave).
+    pub async fn leave_timeout(self, timeout: Duration) -> Result<()> {
+        with_timeout("leave", timeout, self.leave()).await
+    }
+
+    async fn leave_inner(self) -> Result<()> {
+        let DoubleBarrierGuard {
+            barrier,
+            held,
+            round,
+        } = self;
+        let store = held.session().store().clone();
+        let session = held.session().clone();
+        let left = while_alive(&session, barrier.leave_first(&store, held, round)).await?;
+        if left {
+            // We were the last: nothing more to wait for.
+            return Ok(());
+        }
+        barrier.wait_all_left(&store, round).await
+    }
+}
+
+impl DoubleBarrier {
+    /// Leave while we still hold our key: returns `true` if we were the round's last
+    /// participant (and have deleted `NAME/ready`), `false` once our key is deleted and
+    /// others remain.
+    async fn leave_first(
+        &self,
+        store: &Arc<dyn Store>,
+        held: Held,
+        round: Revision,
+    ) -> Result<bool> {
+        let my_rev = held.rev();
+        let mut waiter = Waiter::new(store);
+        loop {
+            let resp = match store.range(self.members_read(Some(round))).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    waiter.retry(e).await?;
+                    continue;
+                }
+            };
+            let members: Vec<KeyValue> = self
+                .members(resp.kvs)
+                .into_iter()
+                .take(self.count as usize)
+                .collect();
+            if !members.iter().any(|kv| self.is_mine(kv, my_rev)) {
+                return Err(not_held(self.key.as_bytes()));
+            }
+            let last_other = members
+                .iter()
+                .rfind(|kv| !self.is_mine(kv, my_rev))
+                .map(|kv| kv.key.clone());
+            let first_is_mine = members.first().is_some_and(|kv| self.is_mine(kv, my_rev));
+            match last_other {
+                None => {
+                    held.release("leave").await?;
+                    self.close_round(store, round).await;
+                    return Ok(true);
+                }
+                Some(other) if first_is_mine => {
+                    let mine = self.key.as_bytes().to_vec();
+                    tracing::trace!(other = %String::from_utf8_lossy(&other), "waiting for the others to leave");
+                    waiter
+                        .wait(Wait::keys(
+                            [other, mine],
+                            resp.header_revision,
+                            Until::Deleted,
+                        ))
+                        .await?;
+                }
+                Some(_) => {
+                    held.release("leave").await?;
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// Delete `NAME/ready` if it still opens our round. A failure only leaves it stale,
+    /// which the next round's participants remove.
+    async fn close_round(&self, store: &Arc<dyn Store>, round: Revision) {
+        let ready = self.ready.as_bytes();
+        let txn = Txn::new()
+            .when([Compare::create_revision(ready, CompareOp::Equal, round)])
+            .and_then([TxnOp::delete(ready)]);
+        if let Err(e) = store.txn(txn).await {
+            tracing::debug!(error = %e, "deleting the ready key failed; the next round removes it");
+        }
+    }
+
+    /// After we left: wait until no participant of the round is left, watching the first
+    /// one (who leaves last).
+    async fn wait_all_left(&self, store: &Arc<dyn Store>, round: Revision) -> Result<()> {
+        let mut waiter = Waiter::new(store);
+        loop {
+            let resp = match store.range(self.members_read(Some(round))).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    waiter.retry(e).await?;
+                    continue;
+                }
+            };
+            let Some(first) = self.members(resp.kvs).into_iter().next() else {
+                return Ok(());
+            };
+            waiter
+                .wait(Wait::key(first.key, resp.header_revision, Until::Deleted))
+                .await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Client;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn bad_input() {
+        let client = Client::memory();
+        let s = Session::new(&client).await.unwrap();
+        for (name, count) in [("b", 0), ("", 2)] {
+            let err = DoubleBarrier::new(&s, name, count).unwrap_err();
+            assert!(err.is_invalid_input(), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn enter_and_leave_together_twice() {
+        const N: usize = 4;
+        let client = Client::memory();
+        let entered = Arc::new(AtomicUsize::new(0));
+        let left = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..N {
+            let s = Session::new(&client).await.unwrap();
+            let (entered, left) = (entered.clone(), left.clone());
+            tasks.push(tokio::spawn(async move {
+                let b = DoubleBarrier::new(&s, "db", N as u32).unwrap();
+                let mut rounds = Vec::new();
+                for round in 0..2 {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    let g = b.enter().await.unwrap();
+                    assert!(
+                        entered.load(Ordering::SeqCst) >= N * (round + 1),
+                        "entered early"
+                    );
+                    rounds.push(g.round());
+                    left.fetch_add(1, Ordering::SeqCst);
+                    g.leave().await.unwrap();
+                    assert!(left.load(Ordering::SeqCst) >= N * (round + 1), "left early");
+                }
+                rounds
+            }));
+        }
+        let mut rounds = Vec::new();
+        for t in tasks {
+            rounds.push(t.await.unwrap());
+        }
+        assert!(rounds.windows(2).all(|w| w[0] == w[1]), "{rounds:?}");
+        assert!(rounds[0][0] < rounds[0][1]);
+        let left = client.store().range(Range::prefix("db/")).await.unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+
+    #[tokio::test]
+    async fn full_and_stale() {
+        let client = Client::memory();
+        let s: Vec<Session> = futures::future::join_all((0..3).map(|_| Session::new(&client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let b = |i: usize| DoubleBarrier::new(&s[i], "full", 1).unwrap();
+        let g = b(0).enter().await.unwrap();
+        let err = b(1).enter().await.unwrap_err();
+        assert!(matches!(err, Error::BarrierFull { .. }), "{err}");
+        // The participant vanishes without deleting `ready`: the next one removes it.
+        std::mem::forget(g);
+        s[0].close().await.unwrap();
+        let g = b(2).enter().await.unwrap();
+        g.leave().await.unwrap();
+        let left = client.store().range(Range::prefix("full/")).await.unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+}

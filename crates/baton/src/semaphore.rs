@@ -1,0 +1,636 @@
+//! A fair distributed counting semaphore: lease-bound permits, granted in FIFO order.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::names::{lease_key, validate_count, validate_name, Queue};
+use crate::ownership::not_held;
+use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::session::Session;
+use crate::store::{
+    Compare, CompareOp, KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp,
+};
+use crate::watching::{while_alive, Until, Wait, Waiter};
+
+/// A fair, distributed counting semaphore: at most `permits` permits are held at once,
+/// across every process that uses the same name and permit count.
+///
+/// Each acquirer puts one key and queues by its create revision, like a [`Mutex`]
+/// waiter. A key holds the permits it asked for when the keys created before it, plus its
+/// own request, add up to at most `permits`: so permits are granted in strict FIFO order
+/// (a large request at the front is not overtaken by small ones behind it), and the holders
+/// are always the front of the queue.
+///
+/// # Liveness
+///
+/// Keys are bound to the session's lease. A holder whose process dies frees its permits
+/// when its lease expires (at most the session's TTL after its last keep-alive), and its
+/// [`SemaphorePermit::lost`] fires if it is still alive to hear it. A waiter whose session
+/// is lost gets [`Error::SessionLost`], never a permit.
+///
+/// # No thundering herd
+///
+/// A waiter is woken only by changes that can let it in. The first waiter watches the
+/// holders' keys for deletion; every later waiter watches only the key just before its own,
+/// which its owner rewrites once when it is granted its permits. So a release wakes the
+/// first waiter, and each grant wakes the one waiter behind it.
+///
+/// # Agreeing on the permit count
+///
+/// Each key's value is `COUNT/PERMITS`: the permits it asks for and the semaphore's size
+/// as its owner sees it. An acquirer checks every key queued before its own, and fails with
+/// [`Error::Mismatch`] (removing its key) if one of them says another size. So every
+/// holder and waiter that queued at the same time agrees on the size; the size can change
+/// once everyone has left.
+///
+/// # Key layout
+///
+/// `NAME/<lease id in lowercase hex>`, value `COUNT/PERMITS` (ASCII decimal), bound to the
+/// session's lease. A session takes part once at a time: to hold several permits, use
+/// [`acquire_many`](Semaphore::acquire_many); a second acquire through the same session
+/// while the first is held or pending fails with [`Error::AlreadyHeld`]. Keys of nested
+/// names (`NAME/sub/…`) are not part of this semaphore.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let (s1, s2) = (baton::Session::new(&client).await?, baton::Session::new(&client).await?);
+/// let a = baton::Semaphore::new(&s1, "jobs/encoders", 3)?;
+/// let b = baton::Semaphore::new(&s2, "jobs/encoders", 3)?;
+///
+/// let two = a.acquire_many(2).await?;
+/// let one = b.acquire().await?;
+/// assert_eq!(a.available().await?, 0);
+/// assert!(a.try_acquire().await.is_err()); // this session is already in the queue
+/// two.release().await?;
+/// assert_eq!(b.available().await?, 2);
+/// one.release().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`Mutex`]: crate::Mutex
+#[derive(Clone)]
+pub struct Semaphore {
+    session: Session,
+    name: String,
+    prefix: String,
+    key: String,
+    permits: u32,
+}
+
+impl fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Semaphore")
+            .field("name", &self.name)
+            .field("permits", &self.permits)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Semaphore {
+    /// A semaphore named `name` with `permits` permits, acquired through `session`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if `permits` is 0, or if the name is empty,
+    /// longer than 1 KiB, or contains a NUL byte.
+    pub fn new(session: &Session, name: &str, permits: u32) -> Result<Semaphore> {
+        validate_name(name)?;
+        validate_count("permits", permits)?;
+        let prefix = format!("{name}/");
+        Ok(Semaphore {
+            session: session.clone(),
+            name: name.to_string(),
+            key: lease_key(&prefix, session.lease_id()),
+            prefix,
+            permits,
+        })
+    }
+
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The number of permits.
+    pub fn permits(&self) -> u32 {
+        self.permits
+    }
+
+    /// The key this session queues with: `NAME/<lease id in hex>`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Wait for one permit. See [`acquire_many`](Semaphore::acquire_many).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future removes our key from the queue.
+    pub async fn acquire(&self) -> Result<SemaphorePermit> {
+        self.acquire_many(1).await
+    }
+
+    /// Wait until `count` permits are ours, behind everyone who queued before us.
+    ///
+    /// Fails with [`Error::InvalidArgument`] before any network call if `count` is 0 or
+    /// more than the semaphore has; with [`Error::Mismatch`] if an earlier key says the
+    /// semaphore has another number of permits; with [`Error::SessionLost`] if the session
+    /// is lost while waiting, and with [`Error::NotHeld`] if our key vanished.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future removes our key (in a task spawned on the current
+    /// runtime, after any request in flight has been answered), so nothing is left queued.
+    pub async fn acquire_many(&self, count: u32) -> Result<SemaphorePermit> {
+        self.acquire_inner(count, false)
+            .instrument(tracing::debug_span!("acquire", semaphore = %self.name, count))
+            .await
+    }
+
+    /// [`acquire()`](Semaphore::acquire), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; on timeout our key is removed.
+    pub async fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphorePermit> {
+        with_timeout("acquire", timeout, self.acquire()).await
+    }
+
+    /// [`acquire_many()`](Semaphore::acquire_many), giving up with [`Error::Timeout`] after
+    /// `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe; on timeout our key is removed.
+    pub async fn acquire_many_timeout(
+        &self,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<SemaphorePermit> {
+        with_timeout("acquire", timeout, self.acquire_many(count)).await
+    }
+
+    /// Take one permit if one is free and nobody queues before us, without waiting.
+    /// See [`try_acquire_many`](Semaphore::try_acquire_many).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn try_acquire(&self) -> Result<SemaphorePermit> {
+        self.try_acquire_many(1).await
+    }
+
+    /// Take `count` permits if they are free and nobody queues before us, without waiting;
+    /// otherwise fail with [`Error::NoPermits`] (our key is removed before the error is
+    /// returned).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn try_acquire_many(&self, count: u32) -> Result<SemaphorePermit> {
+        self.acquire_inner(count, true)
+            .instrument(tracing::debug_span!("try_acquire", semaphore = %self.name, count))
+            .await
+    }
+
+    /// How many permits are free now: the permits minus those held. A snapshot, already
+    /// stale when it returns; waiters queued behind a large request may see free permits
+    /// they cannot take yet.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn available(&self) -> Result<u32> {
+        let resp = self.session.store().range(self.members_read()).await?;
+        let members: Vec<KeyValue> = self.members(resp.kvs);
+        let mut held = 0_u64;
+        for kv in &members {
+            let (count, _) = self.parse(kv)?;
+            if held + u64::from(count) > u64::from(self.permits) {
+                break;
+            }
+            held += u64::from(count);
+        }
+        Ok(u32::try_from(u64::from(self.permits).saturating_sub(held)).unwrap_or(0))
+    }
+
+    fn members_read(&self) -> Range {
+        Range::prefix(self.prefix.as_bytes())
+            .sort_by(SortTarget::CreateRevision, SortOrder::Ascending)
+    }
+
+    fn members(&self, kvs: Vec<KeyValue>) -> Vec<KeyValue> {
+        let queue = Queue::direct(&self.prefix);
+        kvs.into_iter()
+            .filter(|kv| queue.contains(&kv.key))
+            .collect()
+    }
+
+    fn check_count(&self, count: u32) -> Result<()> {
+        validate_count("count", count)?;
+        if count > self.permits {
+            return Err(Error::invalid(format!(
+                "cannot acquire {count} permits of a semaphore with {}",
+                self.permits
+            )));
+        }
+        Ok(())
+    }
+
+    async fn acquire_inner(&self, count: u32, try_only: bool) -> Result<SemaphorePermit> {
+        self.check_count(count)?;
+        let value = encode(count, self.permits);
+        let mut entry = Entry::join_reading(
+            &self.session,
+            &self.name,
+            Queue::direct(&self.prefix),
+            &self.key,
+            value.as_bytes(),
+            self.members_read(),
+        )
+        .await?;
+        match self.hold(&mut entry, count, &value, try_only).await {
+            Ok(()) => Ok(SemaphorePermit {
+                name: self.name.clone(),
+                count,
+                held: entry.into_held(),
+            }),
+            Err(e) => {
+                entry.abandon().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Wait until the entry holds its permits (or fail), and tell the waiter behind it.
+    async fn hold(&self, entry: &mut Entry, count: u32, value: &str, try_only: bool) -> Result<()> {
+        let my_rev = entry.my_rev();
+        // A key left by an earlier process with our lease: make it say what we ask for.
+        let resumed = entry.existing_value().is_some();
+        let joined = self.members(entry.joined().to_vec());
+        let before: Vec<KeyValue> = joined
+            .into_iter()
+            .filter(|kv| kv.create_revision < my_rev)
+            .collect();
+        let at_join = self.standing(count, &before)?;
+        let mut seen_at = my_rev;
+        if at_join != Standing::Holds {
+            if try_only {
+                return Err(Error::NoPermits {
+                    name: self.name.clone(),
+                });
+            }
+            tracing::debug!(my_rev, "queued");
+            seen_at =
+                while_alive(&self.session, self.wait_turn(entry.store(), count, my_rev)).await?;
+        }
+        if at_join != Standing::Holds || resumed {
+            // Someone who read while we waited may be watching our key for this moment.
+            seen_at = self.touch(entry.store(), my_rev, value).await?;
+        }
+        entry.reached_head(seen_at);
+        tracing::debug!(my_rev, "permits granted");
+        Ok(())
+    }
+
+    /// Rewrite our key (same value) if it is still ours; the revision of the write.
+    async fn touch(
+        &self,
+        store: &Arc<dyn Store>,
+        my_rev: Revision,
+        value: &str,
+    ) -> Result<Revision> {
+        let key = self.key.as_bytes();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, my_rev)])
+            .and_then([TxnOp::put(key, value, self.session.lease_id())]);
+        let resp = store.txn(txn).await?;
+        if resp.succeeded {
+            Ok(resp.header_revision)
+        } else {
+            Err(not_held(key))
+        }
+    }
+
+    /// Wait until the keys before ours leave room for `count` permits; the revision at
+    /// which that was seen.
+    async fn wait_turn(
+        &self,
+        store: &Arc<dyn Store>,
+        count: u32,
+        my_rev: Revision,
+    ) -> Result<Revision> {
+        let mut waiter = Waiter::new(store);
+        loop {
+            let read = self.members_read().with_max_create_revision(my_rev);
+            let resp = match store.range(read).await {
+                Ok(r) => r,
+                Err(e) => {
+                    waiter.retry(e).await?;
+                    continue;
+                }
+            };
+            let mut members = self.members(resp.kvs);
+            match members.pop() {
+                Some(kv) if kv.key == self.key.as_bytes() && kv.create_revision == my_rev => {}
+                _ => return Err(not_held(self.key.as_bytes())),
+            }
+            let header = resp.header_revision;
+            let mine = self.key.as_bytes().to_vec();
+            let wait = match self.standing(count, &members)? {
+                Standing::Holds => return Ok(header),
+                Standing::FirstWaiter(holders) => {
+                    tracing::trace!(holders = holders.len(), "waiting for a holder to leave");
+                    Wait::keys(holders.into_iter().chain([mine]), header, Until::Deleted)
+                }
+                Standing::Behind(key) => {
+                    tracing::trace!(predecessor = %String::from_utf8_lossy(&key), "waiting behind a waiter");
+                    Wait::keys([key, mine], header, Until::Changed)
+                }
+            };
+            waiter.wait(wait).await?;
+        }
+    }
+
+    fn parse(&self, kv: &KeyValue) -> Result<(u32, u32)> {
+        let mismatch = |reason: String| Error::Mismatch {
+            name: self.name.clone(),
+            reason,
+        };
+        let (count, permits) = decode(&kv.value).ok_or_else(|| {
+            mismatch(format!(
+                "key {:?} is not a semaphore permit (its value is not COUNT/PERMITS)",
+                kv.key_str()
+            ))
+        })?;
+        if permits != self.permits {
+            return Err(mismatch(format!(
+                "key {:?} says it has {permits} permits; this handle says {}",
+                kv.key_str(),
+                self.permits
+            )));
+        }
+        if count == 0 || count > permits {
+            return Err(mismatch(format!(
+                "key {:?} asks for {count} of {permits} permits",
+                kv.key_str()
+            )));
+        }
+        Ok((count, permits))
+    }
+
+    /// Where a request for `count` permits stands behind `before`: the keys created before
+    /// it, in create order.
+    fn standing(&self, count: u32, before: &[KeyValue]) -> Result<Standing> {
+        let mut used = 0_u64;
+        for kv in before {
+            used += u64::from(self.parse(kv)?.0);
+        }
+        let permits = u64::from(self.permits);
+        if used + u64::from(count) <= permits {
+            return Ok(Standing::Holds);
+        }
+        // The holders are the front of the queue; the last key before us holds exactly when
+        // all of them fit.
+        match before.last() {
+            Some(last) if used > permits => Ok(Standing::Behind(last.key.clone())),
+            _ => Ok(Standing::FirstWaiter(
+                before.iter().map(|kv| kv.key.clone()).collect(),
+            )),
+        }
+    }
+}
+
+/// Where a request stands in the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// Its permits are free.
+    Holds,
+    /// Everyone before it holds: it goes when enough of these keys are deleted.
+    FirstWaiter(Vec<Vec<u8>>),
+    /// The key just before it waits too: nothing can change for us until that one is
+    /// granted (its owner rewrites it) or leaves.
+    Behind(Vec<u8>),
+}
+
+fn encode(count: u32, permits: u32) -> String {
+    format!("{count}/{permits}")
+}
+
+fn decode(value: &[u8]) -> Option<(u32, u32)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (count, permits) = text.split_once('/')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(count) || !digits(permits) {
+        return None;
+    }
+    Some((count.parse().ok()?, permits.parse().ok()?))
+}
+
+/// Permits of a [`Semaphore`], held until released. Release them with
+/// [`release()`](SemaphorePermit::release).
+///
+/// # Drop behaviour
+///
+/// Dropping it releases the permits in a task spawned on the current tokio runtime
+/// (compare-and-delete, best effort). Without a runtime, or if that fails, the key stays
+/// until the session's lease ends.
+#[must_use = "if unused the permits are released at once"]
+pub struct SemaphorePermit {
+    name: String,
+    count: u32,
+    held: Held,
+}
+
+impl fmt::Debug for SemaphorePermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SemaphorePermit")
+            .field("semaphore", &self.name)
+            .field("count", &self.count)
+            .field("key", &self.key())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl SemaphorePermit {
+    /// The semaphore's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many permits this holds.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The create revision of our key: our place in the queue. Permits are granted in
+    /// this order. It does not fence: other holders hold permits at the same time.
+    pub fn create_revision(&self) -> Revision {
+        self.held.rev()
+    }
+
+    held_accessors!(@shared "permit");
+
+    /// Give the permits back: delete our key if it is still ours (compare-and-delete).
+    ///
+    /// Returns [`Error::NotHeld`] if they had already been lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the release may or may not have happened; the key expires
+    /// with the session's lease at the latest.
+    pub async fn release(self) -> Result<()> {
+        self.held.release("release").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Client;
+
+    fn kv(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ..KeyValue::default()
+        }
+    }
+
+    #[test]
+    fn values() {
+        assert_eq!(encode(2, 5), "2/5");
+        assert_eq!(decode(b"2/5"), Some((2, 5)));
+        for bad in [
+            "",
+            "2",
+            "2/",
+            "/5",
+            "a/5",
+            "2/5/1",
+            "-1/5",
+            "2 /5",
+            "99999999999/5",
+        ] {
+            assert_eq!(decode(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn standing() {
+        let client = Client::memory();
+        let session = Session::new(&client).await.unwrap();
+        let sem = Semaphore::new(&session, "s", 3).unwrap();
+        let (a, b, c) = (kv("s/a", "2/3"), kv("s/b", "1/3"), kv("s/c", "3/3"));
+        assert_eq!(sem.standing(1, &[]).unwrap(), Standing::Holds);
+        assert_eq!(sem.standing(3, &[]).unwrap(), Standing::Holds);
+        assert_eq!(
+            sem.standing(1, std::slice::from_ref(&a)).unwrap(),
+            Standing::Holds
+        );
+        assert_eq!(
+            sem.standing(2, std::slice::from_ref(&a)).unwrap(),
+            Standing::FirstWaiter(vec![a.key.clone()])
+        );
+        assert_eq!(
+            sem.standing(1, &[a.clone(), b.clone()]).unwrap(),
+            Standing::FirstWaiter(vec![a.key.clone(), b.key.clone()])
+        );
+        // c waits behind a and b, so whoever comes next waits behind c.
+        assert_eq!(
+            sem.standing(1, &[a.clone(), b.clone(), c.clone()]).unwrap(),
+            Standing::Behind(c.key.clone())
+        );
+        for bad in ["1/2", "0/3", "4/3", ""] {
+            let err = sem.standing(1, &[kv("s/x", bad)]).unwrap_err();
+            assert!(matches!(err, Error::Mismatch { .. }), "{bad:?}: {err}");
+            assert!(err.is_invalid_input());
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_input() {
+        let client = Client::memory();
+        let session = Session::new(&client).await.unwrap();
+        for (name, permits) in [("s", 0), ("", 1), ("a\0b", 1)] {
+            let err = Semaphore::new(&session, name, permits).unwrap_err();
+            assert!(err.is_invalid_input(), "{err}");
+        }
+        let sem = Semaphore::new(&session, "s", 2).unwrap();
+        for count in [0, 3] {
+            let err = sem.acquire_many(count).await.unwrap_err();
+            assert!(err.is_invalid_input(), "{err}");
+        }
+        assert!(client
+            .store()
+            .range(Range::prefix("s/"))
+            .await
+            .unwrap()
+            .kvs
+            .is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifo_and_weights() {
+        let client = Client::memory();
+        let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let sem = |i: usize| Semaphore::new(&s[i], "w", 3).unwrap();
+        let a = sem(0).acquire_many(2).await.unwrap();
+        // A request for 2 must wait; a later request for 1 must not overtake it.
+        let big = tokio::spawn({
+            let sem = sem(1);
+            async move { sem.acquire_many(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let err = sem(2).try_acquire().await.unwrap_err();
+        assert!(matches!(err, Error::NoPermits { .. }), "{err}");
+        let small = tokio::spawn({
+            let sem = sem(2);
+            async move { sem.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!big.is_finished() && !small.is_finished());
+        assert_eq!(sem(3).available().await.unwrap(), 1);
+        a.release().await.unwrap();
+        let big = big.await.unwrap().unwrap();
+        let small = small.await.unwrap().unwrap();
+        assert_eq!((big.count(), small.count()), (2, 1));
+        assert!(big.create_revision() < small.create_revision());
+        assert_eq!(sem(3).available().await.unwrap(), 0);
+        // A mismatched size is refused and leaves nothing behind.
+        let err = Semaphore::new(&s[3], "w", 4)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        big.release().await.unwrap();
+        small.release().await.unwrap();
+        let left = client.store().range(Range::prefix("w/")).await.unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+
+    fn bounds() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Semaphore>();
+        check::<SemaphorePermit>();
+    }
+
+    #[test]
+    fn types_are_send_and_sync() {
+        bounds();
+    }
+}

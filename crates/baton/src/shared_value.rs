@@ -1,0 +1,704 @@
+//! Values shared by every node through one key: read, compare-and-set, and a stream of
+//! changes (Curator's `SharedValue` and `SharedCount`).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::names::{validate_name, validate_value};
+use crate::store::{
+    Compare, CompareOp, EventKind, KeyRange, KeyValue, Range, Revision, Store, Txn, TxnOp,
+    TxnOpResponse, TxnResponse, Watch, WatchStream,
+};
+use crate::watching::Backoff;
+
+/// A value as stored, with what versions it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Versioned<T = Vec<u8>> {
+    /// The value.
+    pub value: T,
+    /// How many times the key was written since it was created: 1 after the first write,
+    /// 0 if the key does not exist. Compare-and-set compares this.
+    pub version: i64,
+    /// The revision of the last write (0 if the key does not exist).
+    pub mod_revision: Revision,
+    /// The revision that created the key (0 if it does not exist).
+    pub create_revision: Revision,
+}
+
+impl<T> Versioned<T> {
+    fn from_kv(kv: KeyValue, value: T) -> Versioned<T> {
+        Versioned {
+            value,
+            version: kv.version,
+            mod_revision: kv.mod_revision,
+            create_revision: kv.create_revision,
+        }
+    }
+}
+
+// Values are never printed: they may be secrets. Counts are.
+impl fmt::Debug for Versioned<Vec<u8>> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Versioned")
+            .field("value_len", &self.value.len())
+            .field("version", &self.version)
+            .field("mod_revision", &self.mod_revision)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Versioned<i64> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Versioned")
+            .field("value", &self.value)
+            .field("version", &self.version)
+            .field("mod_revision", &self.mod_revision)
+            .finish()
+    }
+}
+
+/// What a compare-and-set did.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CompareAndSet<T = Vec<u8>> {
+    /// The version matched and the value was written; this is the key as written.
+    Set(Versioned<T>),
+    /// Someone else wrote first (or the key does not exist): nothing was written; this is
+    /// the key as it is now (`None` if it does not exist).
+    Conflict(Option<Versioned<T>>),
+}
+
+impl<T> CompareAndSet<T> {
+    /// True if the value was written.
+    pub fn is_set(&self) -> bool {
+        matches!(self, CompareAndSet::Set(_))
+    }
+}
+
+impl<T> fmt::Debug for CompareAndSet<T>
+where
+    Versioned<T>: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CompareAndSet::Set(v) => f.debug_tuple("Set").field(v).finish(),
+            CompareAndSet::Conflict(v) => f.debug_tuple("Conflict").field(v).finish(),
+        }
+    }
+}
+
+/// A value shared by every node through one key, like Curator's `SharedValue`.
+///
+/// Every node reads it with [`get()`](SharedValue::get), writes it with
+/// [`set()`](SharedValue::set) or, to not overwrite a concurrent change,
+/// [`compare_and_set()`](SharedValue::compare_and_set) on the version it read, and follows
+/// it with [`watch()`](SharedValue::watch): distributed synchronisation through an etcd
+/// watch.
+///
+/// # Key layout
+///
+/// The key is `KEY` itself, holding the value as is, with no lease: any etcd client reads
+/// and writes the same value (`etcdctl get KEY`).
+///
+/// # Examples
+///
+/// ```
+/// use futures::StreamExt;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let config = baton::SharedValue::new(&client, "config/feature-x")?;
+/// let mut changes = config.watch();
+/// assert_eq!(changes.next().await, Some(None)); // not set yet
+///
+/// let first = config.set("on").await?;
+/// assert_eq!(changes.next().await.flatten().map(|v| v.value), Some(b"on".to_vec()));
+/// // Only if nobody wrote since version 1:
+/// assert!(config.compare_and_set(first.version, "off").await?.is_set());
+/// assert!(!config.compare_and_set(first.version, "again").await?.is_set());
+/// assert_eq!(config.get().await?.map(|v| v.value), Some(b"off".to_vec()));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SharedValue {
+    client: Client,
+    key: String,
+}
+
+impl fmt::Debug for SharedValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedValue")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl SharedValue {
+    /// The value stored at `key`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the key is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(client: &Client, key: &str) -> Result<SharedValue> {
+        validate_name(key)?;
+        Ok(SharedValue {
+            client: client.clone(),
+            key: key.to_string(),
+        })
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        self.client.store()
+    }
+
+    /// The value now, or `None` if the key does not exist.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn get(&self) -> Result<Option<Versioned>> {
+        let resp = self.store().range(Range::key(self.key.as_bytes())).await?;
+        Ok(resp.kvs.into_iter().next().map(bytes))
+    }
+
+    /// Write `value`, whatever is there. Returns the key as written.
+    ///
+    /// Fails with [`Error::InvalidArgument`] before any network call if the value is over
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the value may or may not have been written.
+    pub async fn set(&self, value: impl Into<Vec<u8>>) -> Result<Versioned> {
+        let value = value.into();
+        validate_value(&value)?;
+        let resp = self.write(None, value).await?;
+        written(&resp, self.key.as_bytes()).map(bytes)
+    }
+
+    /// Write `value` only if the key's version is still `version` (0: only if the key does
+    /// not exist). Returns [`CompareAndSet::Set`] with the key as written, or
+    /// [`CompareAndSet::Conflict`] with the key as it is.
+    ///
+    /// Fails with [`Error::InvalidArgument`] before any network call if the value is over
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the value may or may not have been written.
+    pub async fn compare_and_set(
+        &self,
+        version: i64,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<CompareAndSet> {
+        let value = value.into();
+        validate_value(&value)?;
+        let resp = self.write(Some(version), value).await?;
+        let found = last_get(&resp).map(bytes);
+        Ok(match (resp.succeeded, found) {
+            (true, Some(v)) => CompareAndSet::Set(v),
+            (true, None) => return Err(Error::Store("the written key was not found".into())),
+            (false, current) => CompareAndSet::Conflict(current),
+        })
+    }
+
+    /// Delete the key. Returns `true` if it existed.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the key may or may not have been deleted.
+    pub async fn delete(&self) -> Result<bool> {
+        let (deleted, _) = self
+            .store()
+            .delete(KeyRange::key(self.key.as_bytes()))
+            .await?;
+        Ok(deleted > 0)
+    }
+
+    /// Put `value` (if the version is `version`), and read the key back in the same txn.
+    async fn write(&self, version: Option<i64>, value: Vec<u8>) -> Result<TxnResponse> {
+        let key = self.key.as_bytes();
+        let read = TxnOp::get(Range::key(key));
+        let txn = Txn::new()
+            .when(version.map(|v| Compare::version(key, CompareOp::Equal, v)))
+            .and_then([TxnOp::put(key, value, 0), read.clone()])
+            .or_else([read]);
+        self.store()
+            .txn(txn)
+            .instrument(tracing::debug_span!("set", key = %self.key, version))
+            .await
+    }
+
+    /// The value now, then every change to it: `Some(value)` for a write, `None` when the key
+    /// does not exist or is deleted.
+    ///
+    /// The stream never misses the latest value: after a broken connection or a compaction
+    /// of the revisions it was following, it reads the key again and yields it if it changed
+    /// since the last item, then follows from there. Intermediate values written while it
+    /// was cut off are skipped; it never yields the same write twice in a row. It retries
+    /// with backoff for as long as it is polled, and ends only when dropped.
+    ///
+    /// Nothing happens until the stream is first polled.
+    pub fn watch(&self) -> Changes {
+        Changes {
+            inner: changes(self.store().clone(), self.key.clone().into_bytes()).boxed(),
+        }
+    }
+}
+
+fn bytes(kv: KeyValue) -> Versioned {
+    let value = kv.value.clone();
+    Versioned::from_kv(kv, value)
+}
+
+/// The key as read by the last get of a txn.
+fn last_get(resp: &TxnResponse) -> Option<KeyValue> {
+    resp.responses
+        .iter()
+        .rev()
+        .find_map(TxnOpResponse::as_get)
+        .and_then(|g| g.kvs.first().cloned())
+}
+
+fn written(resp: &TxnResponse, key: &[u8]) -> Result<KeyValue> {
+    last_get(resp).ok_or_else(|| {
+        Error::Store(format!(
+            "key {:?} was not found right after it was written",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+/// Read-modify-write `key` until it sticks. `next` gets the key as it is (`None` if it does
+/// not exist) and returns the value to write, or `None` to write nothing. Each write is
+/// guarded by the mod revision read (or by the key's absence), and a lost race reads the key
+/// back in the same transaction. Returns the key as written, or as found if nothing was
+/// written.
+pub(crate) async fn update<F>(
+    store: &Arc<dyn Store>,
+    key: &[u8],
+    mut next: F,
+) -> Result<Option<KeyValue>>
+where
+    F: FnMut(Option<&KeyValue>) -> Result<Option<Vec<u8>>>,
+{
+    let mut current = store.range(Range::key(key)).await?.kvs.into_iter().next();
+    loop {
+        let Some(value) = next(current.as_ref())? else {
+            return Ok(current);
+        };
+        let guard = match &current {
+            Some(kv) => Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision),
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+        };
+        let read = TxnOp::get(Range::key(key));
+        let txn = Txn::new()
+            .when([guard])
+            .and_then([TxnOp::put(key, value, 0), read.clone()])
+            .or_else([read]);
+        let resp = store.txn(txn).await?;
+        if resp.succeeded {
+            return written(&resp, key).map(Some);
+        }
+        current = last_get(&resp);
+    }
+}
+
+/// A stream of a key's values; see [`SharedValue::watch`]. Dropping it stops watching.
+pub struct Changes {
+    inner: Pin<Box<dyn Stream<Item = Option<Versioned>> + Send>>,
+}
+
+impl fmt::Debug for Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Changes").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Changes {
+    type Item = Option<Versioned>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// The state of a [`Changes`] stream.
+struct Follow {
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    watch: Option<WatchStream>,
+    /// The last state yielded: the mod revision of the value, or 0 for "no key".
+    last: Option<Revision>,
+    ready: VecDeque<Option<Versioned>>,
+    backoff: Backoff,
+}
+
+impl Follow {
+    /// Queue `kv` (or its absence) unless it is what was yielded last.
+    fn offer(&mut self, kv: Option<KeyValue>) {
+        let id = kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        if self.last != Some(id) {
+            self.last = Some(id);
+            self.ready.push_back(kv.map(bytes));
+        }
+    }
+
+    /// Read the key and start watching after the read.
+    async fn resync(&mut self) {
+        let resp = match self.store.range(Range::key(self.key.clone())).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a shared value failed; retrying");
+                return self.backoff.sleep().await;
+            }
+        };
+        self.offer(resp.kvs.into_iter().next());
+        let watch = Watch::key(self.key.clone()).from_revision(resp.header_revision + 1);
+        match self.store.watch(watch).await {
+            Ok(stream) => self.watch = Some(stream),
+            Err(e) => {
+                tracing::debug!(error = %e, "watching a shared value failed; retrying");
+                self.backoff.sleep().await;
+            }
+        }
+    }
+
+    async fn next(mut self) -> Option<(Option<Versioned>, Follow)> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Some((item, self));
+            }
+            let Some(stream) = self.watch.as_mut() else {
+                self.resync().await;
+                continue;
+            };
+            match stream.next().await {
+                Some(Ok(batch)) => {
+                    self.backoff.reset();
+                    for event in batch.events {
+                        match event.kind {
+                            EventKind::Put => self.offer(Some(event.kv)),
+                            EventKind::Delete => self.offer(None),
+                        }
+                    }
+                }
+                // Compacted: read again at once; broken: after a pause.
+                Some(Err(Error::Compacted { .. })) => self.watch = None,
+                Some(Err(_)) | None => {
+                    self.watch = None;
+                    self.backoff.sleep().await;
+                }
+            }
+        }
+    }
+}
+
+fn changes(store: Arc<dyn Store>, key: Vec<u8>) -> impl Stream<Item = Option<Versioned>> + Send {
+    let span = tracing::debug_span!("watch", key = %String::from_utf8_lossy(&key));
+    let start = Follow {
+        store,
+        key,
+        watch: None,
+        last: None,
+        ready: VecDeque::new(),
+        backoff: Backoff::new(),
+    };
+    futures::stream::unfold(start, move |follow| follow.next().instrument(span.clone()))
+}
+
+/// A 64-bit count shared by every node through one key, like Curator's `SharedCount`.
+///
+/// The count is stored as ASCII decimal text. A key that does not exist counts as 0 (with
+/// version 0). [`add()`](SharedCount::add) is an atomic read-modify-write: concurrent
+/// additions are never lost.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let hits = baton::SharedCount::new(&client, "stats/hits")?;
+/// assert_eq!(hits.get().await?.value, 0);
+/// hits.add(5).await?;
+/// let now = hits.add(-2).await?;
+/// assert_eq!(now.value, 3);
+/// assert!(hits.compare_and_set(now.version, 10).await?.is_set());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SharedCount {
+    value: SharedValue,
+}
+
+impl SharedCount {
+    /// The count stored at `key`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the key is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(client: &Client, key: &str) -> Result<SharedCount> {
+        Ok(SharedCount {
+            value: SharedValue::new(client, key)?,
+        })
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        self.value.key()
+    }
+
+    /// The count now (0, version 0, if the key does not exist).
+    ///
+    /// Fails with [`Error::InvalidData`] if the key holds something other than an integer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn get(&self) -> Result<Versioned<i64>> {
+        count_of(self.key(), self.value.get().await?)
+    }
+
+    /// Set the count, whatever it was.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the count may or may not have been written.
+    pub async fn set(&self, count: i64) -> Result<Versioned<i64>> {
+        count_of(self.key(), Some(self.value.set(count.to_string()).await?))
+    }
+
+    /// Set the count only if its version is still `version` (0: only if the key does not
+    /// exist). See [`SharedValue::compare_and_set`].
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the count may or may not have been written.
+    pub async fn compare_and_set(&self, version: i64, count: i64) -> Result<CompareAndSet<i64>> {
+        Ok(
+            match self
+                .value
+                .compare_and_set(version, count.to_string())
+                .await?
+            {
+                CompareAndSet::Set(v) => CompareAndSet::Set(count_of(self.key(), Some(v))?),
+                CompareAndSet::Conflict(None) => CompareAndSet::Conflict(None),
+                CompareAndSet::Conflict(v) => {
+                    CompareAndSet::Conflict(Some(count_of(self.key(), v)?))
+                }
+            },
+        )
+    }
+
+    /// Add `delta` (which may be negative) atomically, retrying on concurrent changes.
+    /// Returns the count as written.
+    ///
+    /// Fails with [`Error::InvalidData`] if the key holds something other than an integer,
+    /// and with [`Error::InvalidArgument`] if the sum would overflow.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the addition may or may not have been applied.
+    pub async fn add(&self, delta: i64) -> Result<Versioned<i64>> {
+        let key = self.key();
+        let written = update(self.value.store(), key.as_bytes(), |kv| {
+            let now = match kv {
+                Some(kv) => parse_count(key, &kv.value)?,
+                None => 0,
+            };
+            let sum = now.checked_add(delta).ok_or_else(|| {
+                Error::invalid(format!("adding {delta} to count {key:?} overflows"))
+            })?;
+            Ok(Some(sum.to_string().into_bytes()))
+        })
+        .instrument(tracing::debug_span!("add", key = %key, delta))
+        .await?;
+        count_of(key, written.map(bytes))
+    }
+
+    /// The count now, then every change, as [`SharedValue::watch`] (a deleted key counts
+    /// as 0). Values that are not integers are skipped.
+    ///
+    /// Nothing happens until the stream is first polled.
+    pub fn watch(&self) -> CountChanges {
+        let key = self.key().to_string();
+        let counts = self.value.watch().filter_map(move |v| {
+            let count = count_of(&key, v);
+            if let Err(e) = &count {
+                tracing::warn!(error = %e, "skipping a value that is not a count");
+            }
+            futures::future::ready(count.ok())
+        });
+        CountChanges {
+            inner: counts.boxed(),
+        }
+    }
+}
+
+/// A stream of counts; see [`SharedCount::watch`]. Dropping it stops watching.
+pub struct CountChanges {
+    inner: Pin<Box<dyn Stream<Item = Versioned<i64>> + Send>>,
+}
+
+impl fmt::Debug for CountChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountChanges").finish_non_exhaustive()
+    }
+}
+
+impl Stream for CountChanges {
+    type Item = Versioned<i64>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+fn parse_count(key: &str, value: &[u8]) -> Result<i64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::InvalidData {
+            key: key.to_string(),
+            reason: "not a decimal 64-bit integer".into(),
+        })
+}
+
+fn count_of(key: &str, value: Option<Versioned>) -> Result<Versioned<i64>> {
+    Ok(match value {
+        Some(v) => Versioned {
+            value: parse_count(key, &v.value)?,
+            version: v.version,
+            mod_revision: v.mod_revision,
+            create_revision: v.create_revision,
+        },
+        None => Versioned {
+            value: 0,
+            version: 0,
+            mod_revision: 0,
+            create_revision: 0,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn next<S: Stream + Unpin>(s: &mut S) -> S::Item {
+        tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .expect("stream hung")
+            .expect("stream ended")
+    }
+
+    #[tokio::test]
+    async fn cas_and_versions() {
+        let client = Client::memory();
+        let v = SharedValue::new(&client, "v").unwrap();
+        assert_eq!(v.get().await.unwrap(), None);
+        let CompareAndSet::Set(a) = v.compare_and_set(0, "a").await.unwrap() else {
+            panic!("create failed")
+        };
+        assert_eq!((a.version, a.value.as_slice()), (1, &b"a"[..]));
+        match v.compare_and_set(0, "again").await.unwrap() {
+            CompareAndSet::Conflict(Some(now)) => assert_eq!(now, a),
+            other => panic!("{other:?}"),
+        }
+        let b = v.set("b").await.unwrap();
+        assert_eq!(b.version, 2);
+        assert!(!v.compare_and_set(1, "c").await.unwrap().is_set());
+        assert!(v.compare_and_set(2, "c").await.unwrap().is_set());
+        assert!(v.delete().await.unwrap());
+        assert!(matches!(
+            v.compare_and_set(3, "d").await.unwrap(),
+            CompareAndSet::Conflict(None)
+        ));
+        let big = vec![0_u8; crate::MAX_VALUE_LEN + 1];
+        assert!(v.set(big.clone()).await.unwrap_err().is_invalid_input());
+        assert!(v
+            .compare_and_set(0, big)
+            .await
+            .unwrap_err()
+            .is_invalid_input());
+        assert!(format!("{b:?}").contains("value_len"));
+    }
+
+    #[tokio::test]
+    async fn watch_yields_latest_across_compaction() {
+        let client = Client::memory();
+        let v = SharedValue::new(&client, "w").unwrap();
+        v.set("0").await.unwrap();
+        let mut changes = v.watch();
+        assert_eq!(next(&mut changes).await.unwrap().value, b"0");
+        v.set("1").await.unwrap();
+        v.delete().await.unwrap();
+        assert_eq!(next(&mut changes).await.unwrap().value, b"1");
+        assert_eq!(next(&mut changes).await, None);
+        // Writes the stream has not read yet, then a compaction of them.
+        for i in 2..6 {
+            v.set(format!("{i}")).await.unwrap();
+        }
+        let rev = client.store().put(b"other", b"", 0).await.unwrap();
+        client.store().compact(rev).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.last().map(Vec::as_slice) != Some(&b"5"[..]) {
+            seen.push(next(&mut changes).await.unwrap().value);
+        }
+        v.set("6").await.unwrap();
+        assert_eq!(next(&mut changes).await.unwrap().value, b"6");
+    }
+
+    #[tokio::test]
+    async fn counts() {
+        let client = Client::memory();
+        let c = SharedCount::new(&client, "c").unwrap();
+        assert_eq!(c.get().await.unwrap().value, 0);
+        let mut changes = c.watch();
+        assert_eq!(next(&mut changes).await.value, 0);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        c.add(1).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let now = c.get().await.unwrap();
+        assert_eq!(now.value, 80);
+        assert_eq!(now.version, 80);
+        let mut last = 0;
+        while last != 80 {
+            let v = next(&mut changes).await.value;
+            assert!(v > last, "counts go backwards: {last} then {v}");
+            last = v;
+        }
+        assert!(!c.compare_and_set(1, 0).await.unwrap().is_set());
+        assert!(c.compare_and_set(80, -3).await.unwrap().is_set());
+        assert_eq!(c.set(i64::MAX).await.unwrap().value, i64::MAX);
+        assert!(c.add(1).await.unwrap_err().is_invalid_input());
+        client.store().put(b"c", b"x", 0).await.unwrap();
+        let err = c.get().await.unwrap_err();
+        assert!(matches!(err, Error::InvalidData { .. }), "{err}");
+        assert!(c.add(1).await.is_err());
+    }
+}

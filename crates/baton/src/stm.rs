@@ -1,0 +1,763 @@
+//! Software transactional memory over many keys (Go's `concurrency.STM`): a closure reads
+//! and writes keys, and is run again until its writes commit without a conflict.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex};
+
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::names::validate_value;
+use crate::store::{
+    Compare, CompareOp, KeyValue, Range, Revision, Store, Txn, TxnOp, TxnOpResponse,
+};
+
+/// The most compares or operations etcd accepts in one branch of a transaction
+/// (`--max-txn-ops`, 128 by default): the most keys one STM transaction can read, or write.
+pub const MAX_TXN_KEYS: usize = 128;
+
+/// How an [`Stm`] transaction is isolated from concurrent writers. The default is
+/// [`SerializableSnapshot`](Isolation::SerializableSnapshot), as in Go.
+///
+/// Every level commits all of a transaction's writes in one store transaction, or none of
+/// them, and never exposes uncommitted writes. They differ in what the closure sees and in
+/// what makes a commit fail (and the closure run again):
+///
+/// | level | reads see | the commit fails if, since the transaction read them… | conserves invariants across keys |
+/// |---|---|---|---|
+/// | `SerializableSnapshot` | one snapshot | …a key it read or wrote was written | yes |
+/// | `Serializable` | one snapshot | …a key it read was written | yes |
+/// | `RepeatableReads` | each key as of its first read | …a key it read was written | yes, but the closure may see states that never existed |
+/// | `ReadCommitted` | each key as of its first read | never | no: concurrent updates can be lost |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Isolation {
+    /// Serializable, and also no write to a key this transaction writes since its snapshot.
+    ///
+    /// Every read is served at the revision of the transaction's first read (its
+    /// snapshot), so the closure always sees a state of the store that existed. The commit
+    /// succeeds only if no key it read changed, and no key it writes was written after the
+    /// snapshot: a blind write (a key written without being read) also conflicts with a
+    /// concurrent writer. The strictest level, and the default.
+    #[default]
+    SerializableSnapshot,
+    /// Reads from one snapshot; the commit succeeds only if no key it read has changed.
+    ///
+    /// Committed transactions are serializable: each behaves as if it ran alone at its
+    /// commit. Blind writes do not conflict (the last writer wins for keys nobody read).
+    Serializable,
+    /// Each key is read once, at the latest revision when first read, and read again from
+    /// that cache; the commit succeeds only if no key it read has changed.
+    ///
+    /// Committed transactions are as safe as with `Serializable` (every value they used is
+    /// still current at the commit), but two keys may be read at different revisions, so a
+    /// closure can see a state that never existed (say, money that left one account and
+    /// has not reached the other yet). Such an attempt fails at commit and runs again; do
+    /// not act outside the store on what an attempt sees.
+    RepeatableReads,
+    /// Each key is read once, at the latest revision when first read; the commit never
+    /// fails.
+    ///
+    /// Writes are atomic, but a concurrent transaction's update to a key this one read can
+    /// be overwritten (a lost update): invariants across keys are not kept. For reads that
+    /// tolerate it, and for blind writes.
+    ReadCommitted,
+}
+
+impl Isolation {
+    /// True if all reads are served at the snapshot revision.
+    fn uses_snapshot(self) -> bool {
+        matches!(
+            self,
+            Isolation::SerializableSnapshot | Isolation::Serializable
+        )
+    }
+}
+
+/// Software transactional memory: run a closure that reads and writes keys through an
+/// [`StmTx`], and commit its writes atomically, running it again on conflict.
+///
+/// ```text
+/// stm.run(|tx| async move { read with tx.get(..), buffer writes with tx.put(..) })
+/// ```
+///
+/// The closure is called once per attempt with a fresh [`StmTx`]. Reads go to the store
+/// (at the isolation level's revision) and are remembered; writes are buffered. When the
+/// closure returns `Ok`, the writes are committed in one store transaction guarded by
+/// compares on what was read (see [`Isolation`]). If the guard fails, another writer came
+/// first: the closure is called again, with the keys it read already fetched at the
+/// failed commit's revision (one round trip saved). If the closure returns `Err`, nothing
+/// is written and the error is returned.
+///
+/// The closure may run several times: keep it free of side effects outside the store.
+///
+/// # Differences from Go's STM
+///
+/// - reads are linearizable at every level (Go's `RepeatableReads` and `ReadCommitted`
+///   read from the local member, possibly stale);
+/// - a snapshot revision that is compacted away mid-transaction restarts it with a new
+///   snapshot instead of failing;
+/// - a value prefetched by a failed commit is used only if it belongs to the new snapshot;
+/// - a transaction that only read, at a snapshot level, commits without a round trip: its
+///   reads are one consistent snapshot already;
+/// - [`StmTx::get_many`] returns every key's value (Go's `Get(keys...)` returns the
+///   first's).
+///
+/// # Limits
+///
+/// etcd allows [`MAX_TXN_KEYS`] (128) operations per transaction branch: a transaction may
+/// read and write at most that many keys. Larger ones fail with [`Error::InvalidArgument`]
+/// before the commit is sent.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// client.store().put(b"accounts/a", b"100", 0).await?;
+/// client.store().put(b"accounts/b", b"0", 0).await?;
+///
+/// let stm = baton::Stm::new(&client); // SerializableSnapshot
+/// let moved = stm
+///     .run(|tx| async move {
+///         let balance = |v: Option<Vec<u8>>| -> i64 {
+///             v.and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0)
+///         };
+///         let a = balance(tx.get("accounts/a").await?);
+///         let b = balance(tx.get("accounts/b").await?);
+///         let amount = a.min(30);
+///         tx.put("accounts/a", (a - amount).to_string());
+///         tx.put("accounts/b", (b + amount).to_string());
+///         Ok::<_, baton::Error>(amount)
+///     })
+///     .await?;
+/// assert_eq!(moved, 30);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Stm {
+    client: Client,
+    isolation: Isolation,
+    prefetch: Vec<Vec<u8>>,
+    max_attempts: u32,
+}
+
+impl fmt::Debug for Stm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stm")
+            .field("isolation", &self.isolation)
+            .field("prefetch", &self.prefetch.len())
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+impl Stm {
+    /// Transactions on `client`'s store.
+    ///
+    /// # Default
+    ///
+    /// - isolation: [`Isolation::SerializableSnapshot`];
+    /// - no prefetch;
+    /// - attempts: no limit (a conflict means another transaction committed, so the system
+    ///   as a whole makes progress; bound one caller's wait with a timeout around
+    ///   [`run`](Stm::run), or with [`with_max_attempts`](Stm::with_max_attempts)).
+    pub fn new(client: &Client) -> Stm {
+        Stm {
+            client: client.clone(),
+            isolation: Isolation::default(),
+            prefetch: Vec::new(),
+            max_attempts: 0,
+        }
+    }
+
+    /// Use this isolation level.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Stm {
+        self.isolation = isolation;
+        self
+    }
+
+    /// Read these keys in one round trip before each attempt (Go's `WithPrefetch`), for
+    /// keys the closure always reads.
+    pub fn with_prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
+        self.prefetch.extend(keys.into_iter().map(Into::into));
+        self
+    }
+
+    /// Give up with [`Error::Conflict`] after this many attempts (0: no limit, the
+    /// default).
+    pub fn with_max_attempts(mut self, attempts: u32) -> Stm {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The isolation level.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    /// Run `apply` until its writes commit, and return what it returned.
+    ///
+    /// `apply` gets a fresh [`StmTx`] per attempt. If it returns `Err`, nothing is written
+    /// and the error is returned. Store errors during reads are returned to `apply` (and,
+    /// with `?`, from `run`); a failed commit returns its error. Give up after
+    /// [`with_max_attempts`](Stm::with_max_attempts) conflicts with [`Error::Conflict`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while `apply` runs writes nothing. Dropping it while a commit
+    /// is in flight leaves that commit applied or not.
+    pub async fn run<T, E, F, Fut>(&self, mut apply: F) -> Result<T, E>
+    where
+        F: FnMut(StmTx) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        let store = self.client.store().clone();
+        let span = tracing::debug_span!("stm", isolation = ?self.isolation);
+        async move {
+            let mut prefetched = Prefetched::default();
+            let mut attempt = 0_u32;
+            loop {
+                attempt = attempt.saturating_add(1);
+                let tx = StmTx::new(
+                    store.clone(),
+                    self.isolation,
+                    std::mem::take(&mut prefetched),
+                );
+                if !self.prefetch.is_empty() {
+                    if let Err(e) = tx.fetch(&self.prefetch).await {
+                        if tx.restart_needed() {
+                            continue;
+                        }
+                        return Err(e.into());
+                    }
+                }
+                let out = apply(tx.clone()).await;
+                let state = tx.finish();
+                if state.restart {
+                    tracing::debug!(attempt, "snapshot compacted; restarting");
+                    continue;
+                }
+                let value = out?;
+                match commit(&store, self.isolation, state).await? {
+                    Commit::Done => {
+                        tracing::debug!(attempt, "committed");
+                        return Ok(value);
+                    }
+                    Commit::Conflict(next) => {
+                        tracing::debug!(attempt, "conflict; running again");
+                        if self.max_attempts > 0 && attempt >= self.max_attempts {
+                            return Err(Error::Conflict { attempts: attempt }.into());
+                        }
+                        prefetched = next;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Keys read by a failed commit, for the next attempt.
+#[derive(Default)]
+struct Prefetched {
+    kvs: HashMap<Vec<u8>, Option<KeyValue>>,
+    revision: Revision,
+}
+
+/// One attempt's reads and writes.
+#[derive(Default)]
+struct Attempt {
+    /// The revision every read is served at (snapshot levels), set by the first read.
+    snapshot: Option<Revision>,
+    /// Each key read, as read (`None`: it did not exist).
+    reads: HashMap<Vec<u8>, Option<KeyValue>>,
+    /// Each key written: `Some(value)` to put, `None` to delete.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    prefetched: Prefetched,
+    /// A snapshot read hit a compacted revision: start over with a new snapshot.
+    restart: bool,
+}
+
+/// One attempt of an [`Stm`] transaction: reads from the store, buffered writes.
+///
+/// It is a cheap handle: clones share the attempt. Reads and writes after the attempt
+/// ended (the closure returned) do nothing useful: their results are discarded.
+#[derive(Clone)]
+pub struct StmTx {
+    store: Arc<dyn Store>,
+    isolation: Isolation,
+    state: Arc<StdMutex<Attempt>>,
+    /// Held across a read, so that reads at a snapshot agree on the snapshot.
+    reading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for StmTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.state();
+        f.debug_struct("StmTx")
+            .field("isolation", &self.isolation)
+            .field("snapshot", &st.snapshot)
+            .field("reads", &st.reads.len())
+            .field("writes", &st.writes.len())
+            .finish()
+    }
+}
+
+impl StmTx {
+    fn new(store: Arc<dyn Store>, isolation: Isolation, prefetched: Prefetched) -> StmTx {
+        StmTx {
+            store,
+            isolation,
+            state: Arc::new(StdMutex::new(Attempt {
+                prefetched,
+                ..Attempt::default()
+            })),
+            reading: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Attempt> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn restart_needed(&self) -> bool {
+        self.state().restart
+    }
+
+    /// End the attempt: take its reads and writes.
+    fn finish(&self) -> Attempt {
+        std::mem::take(&mut *self.state())
+    }
+
+    /// The value of `key`: this transaction's own write if it wrote it, else the value read
+    /// (`None` if the key does not exist or this transaction deleted it).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        let mut values = self.get_many([key]).await?;
+        Ok(values.pop().flatten())
+    }
+
+    /// The values of `keys`, in order, as [`get`](StmTx::get); keys not read yet are read
+    /// in one round trip.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn get_many<K: AsRef<[u8]>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let keys: Vec<Vec<u8>> = keys.into_iter().map(|k| k.as_ref().to_vec()).collect();
+        let unwritten: Vec<Vec<u8>> = {
+            let st = self.state();
+            keys.iter()
+                .filter(|k| !st.writes.contains_key(*k))
+                .cloned()
+                .collect()
+        };
+        self.fetch(&unwritten).await?;
+        let st = self.state();
+        Ok(keys
+            .iter()
+            .map(|k| match st.writes.get(k) {
+                Some(written) => written.clone(),
+                None => st
+                    .reads
+                    .get(k)
+                    .and_then(|kv| kv.as_ref().map(|kv| kv.value.clone())),
+            })
+            .collect())
+    }
+
+    /// The mod revision of `key` as this transaction read it (reading it if needed; 0 if it
+    /// does not exist). This transaction's own writes do not count.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn rev(&self, key: impl AsRef<[u8]>) -> Result<Revision> {
+        let key = key.as_ref().to_vec();
+        self.fetch(std::slice::from_ref(&key)).await?;
+        Ok(self
+            .state()
+            .reads
+            .get(&key)
+            .and_then(|kv| kv.as_ref().map(|kv| kv.mod_revision))
+            .unwrap_or(0))
+    }
+
+    /// Write `value` to `key` when the transaction commits.
+    pub fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.state().writes.insert(key.into(), Some(value.into()));
+    }
+
+    /// Delete `key` when the transaction commits.
+    pub fn delete(&self, key: impl Into<Vec<u8>>) {
+        self.state().writes.insert(key.into(), None);
+    }
+
+    /// Make sure every key of `keys` is in the read set.
+    async fn fetch(&self, keys: &[Vec<u8>]) -> Result<()> {
+        let _reading = self.reading.lock().await;
+        let missing: Vec<Vec<u8>> = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let mut missing = Vec::new();
+            for key in keys {
+                if st.reads.contains_key(key) || missing.contains(key) {
+                    continue;
+                }
+                // A value a failed commit read, if it belongs to our snapshot.
+                let fits = !self.isolation.uses_snapshot()
+                    || st.snapshot.is_none_or(|s| s == st.prefetched.revision);
+                if fits {
+                    if let Some(kv) = st.prefetched.kvs.remove(key) {
+                        if self.isolation.uses_snapshot() {
+                            st.snapshot = Some(st.prefetched.revision);
+                        }
+                        st.reads.insert(key.clone(), kv);
+                        continue;
+                    }
+                }
+                missing.push(key.clone());
+            }
+            missing
+        };
+        for chunk in missing.chunks(MAX_TXN_KEYS) {
+            let at = if self.isolation.uses_snapshot() {
+                self.state().snapshot.unwrap_or(0)
+            } else {
+                0
+            };
+            let gets = chunk
+                .iter()
+                .map(|k| TxnOp::get(Range::key(k.clone()).at_revision(at)));
+            let resp = match self.store.txn(Txn::new().and_then(gets)).await {
+                Ok(resp) => resp,
+                Err(e @ Error::Compacted { .. }) => {
+                    self.state().restart = true;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let mut st = self.state();
+            if self.isolation.uses_snapshot() && st.snapshot.is_none() {
+                st.snapshot = Some(resp.header_revision);
+            }
+            for (key, r) in chunk.iter().zip(resp.responses) {
+                let kv = match r {
+                    TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
+                    _ => None,
+                };
+                st.reads.insert(key.clone(), kv);
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Commit {
+    Done,
+    /// The guard failed; the keys read, re-read at the failed commit's revision.
+    Conflict(Prefetched),
+}
+
+/// Commit an attempt's writes, guarded as `isolation` requires.
+async fn commit(store: &Arc<dyn Store>, isolation: Isolation, attempt: Attempt) -> Result<Commit> {
+    let Attempt {
+        snapshot,
+        reads,
+        writes,
+        ..
+    } = attempt;
+    let read_only = writes.is_empty();
+    // Nothing to write, and nothing that could have gone stale: a snapshot is consistent,
+    // and read committed checks nothing.
+    if read_only && (isolation.uses_snapshot() || isolation == Isolation::ReadCommitted) {
+        return Ok(Commit::Done);
+    }
+    let mut compares = Vec::new();
+    if isolation != Isolation::ReadCommitted {
+        compares.extend(reads.iter().map(|(key, kv)| {
+            let rev = kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            Compare::mod_revision(key.clone(), CompareOp::Equal, rev)
+        }));
+    }
+    if let (Isolation::SerializableSnapshot, Some(snapshot)) = (isolation, snapshot) {
+        compares.extend(
+            writes
+                .keys()
+                .map(|key| Compare::mod_revision(key.clone(), CompareOp::Less, snapshot + 1)),
+        );
+    }
+    let mut ops = Vec::with_capacity(writes.len());
+    for (key, value) in writes {
+        if key.is_empty() {
+            return Err(Error::invalid("stm: a key to write is empty"));
+        }
+        ops.push(match value {
+            Some(value) => {
+                validate_value(&value)?;
+                TxnOp::put(key, value, 0)
+            }
+            None => TxnOp::delete(key),
+        });
+    }
+    let keys_read: Vec<Vec<u8>> = reads.into_keys().collect();
+    let biggest = compares.len().max(ops.len()).max(keys_read.len());
+    if biggest > MAX_TXN_KEYS {
+        return Err(Error::invalid(format!(
+            "stm: the transaction needs {biggest} operations in one branch; etcd allows \
+             {MAX_TXN_KEYS}"
+        )));
+    }
+    let refetch = keys_read.iter().map(|k| TxnOp::get(Range::key(k.clone())));
+    let resp = store
+        .txn(Txn::new().when(compares).and_then(ops).or_else(refetch))
+        .await?;
+    if resp.succeeded {
+        return Ok(Commit::Done);
+    }
+    let kvs = keys_read
+        .into_iter()
+        .zip(resp.responses)
+        .map(|(key, r)| {
+            let kv = match r {
+                TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
+                _ => None,
+            };
+            (key, kv)
+        })
+        .collect();
+    Ok(Commit::Conflict(Prefetched {
+        kvs,
+        revision: resp.header_revision,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn number(v: Option<Vec<u8>>) -> i64 {
+        v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Read `x`, let another writer change `x` (first attempt only), write `x + 1`.
+    /// Returns the final value and how many attempts ran.
+    async fn increment_with_interference(isolation: Isolation) -> (i64, u32) {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store.put(b"x", b"10", 0).await.unwrap();
+        let attempts = AtomicU32::new(0);
+        Stm::new(&client)
+            .with_isolation(isolation)
+            .run(|tx| {
+                let (store, attempts) = (&store, &attempts);
+                async move {
+                    let x = number(tx.get("x").await?);
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        store.put(b"x", b"100", 0).await?;
+                    }
+                    tx.put("x", (x + 1).to_string());
+                    Ok::<_, Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        let x = number(
+            store
+                .range(Range::key("x"))
+                .await
+                .unwrap()
+                .kvs
+                .pop()
+                .map(|kv| kv.value),
+        );
+        (x, attempts.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn lost_updates_only_at_read_committed() {
+        for iso in [
+            Isolation::SerializableSnapshot,
+            Isolation::Serializable,
+            Isolation::RepeatableReads,
+        ] {
+            assert_eq!(increment_with_interference(iso).await, (101, 2), "{iso:?}");
+        }
+        assert_eq!(
+            increment_with_interference(Isolation::ReadCommitted).await,
+            (11, 1)
+        );
+    }
+
+    /// Read `a`, let another writer change `b`, read `b`: what did the closure see?
+    async fn read_skew(isolation: Isolation) -> Vec<(i64, i64)> {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store.put(b"a", b"1", 0).await.unwrap();
+        store.put(b"b", b"1", 0).await.unwrap();
+        let seen = StdMutex::new(Vec::new());
+        let first = AtomicU32::new(0);
+        Stm::new(&client)
+            .with_isolation(isolation)
+            .run(|tx| {
+                let (store, seen, first) = (&store, &seen, &first);
+                async move {
+                    let a = number(tx.get("a").await?);
+                    if first.fetch_add(1, Ordering::SeqCst) == 0 {
+                        store.put(b"b", b"2", 0).await?;
+                    }
+                    let b = number(tx.get("b").await?);
+                    seen.lock().unwrap().push((a, b));
+                    tx.put("sum", (a + b).to_string());
+                    Ok::<_, Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        seen.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn snapshots() {
+        // Snapshot levels see b as it was at the first read; the commit then conflicts
+        // (b changed), and the second attempt sees the new b.
+        for iso in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+            assert_eq!(read_skew(iso).await, [(1, 1), (1, 2)], "{iso:?}");
+        }
+        // Repeatable reads see the new b at once: no conflict.
+        assert_eq!(read_skew(Isolation::RepeatableReads).await, [(1, 2)]);
+    }
+
+    /// Read `a` (the snapshot), let another writer change `w`, write `w` without reading it.
+    async fn blind_write(isolation: Isolation) -> u32 {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store.put(b"a", b"1", 0).await.unwrap();
+        let attempts = AtomicU32::new(0);
+        Stm::new(&client)
+            .with_isolation(isolation)
+            .run(|tx| {
+                let (store, attempts) = (&store, &attempts);
+                async move {
+                    tx.get("a").await?;
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        store.put(b"w", b"other", 0).await?;
+                    }
+                    tx.put("w", "mine");
+                    Ok::<_, Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        attempts.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn blind_writes_conflict_only_at_serializable_snapshot() {
+        assert_eq!(blind_write(Isolation::SerializableSnapshot).await, 2);
+        assert_eq!(blind_write(Isolation::Serializable).await, 1);
+    }
+
+    #[tokio::test]
+    async fn writes_are_read_back_and_errors_abort() {
+        let client = Client::memory();
+        let store = client.store().clone();
+        let stm = Stm::new(&client);
+        let r: Result<(), Error> = stm
+            .run(|tx| async move {
+                tx.put("k", "v");
+                assert_eq!(tx.get("k").await?, Some(b"v".to_vec()));
+                tx.delete("k");
+                assert_eq!(tx.get("k").await?, None);
+                assert_eq!(tx.rev("k").await?, 0);
+                tx.put("k", "v2");
+                Err(Error::invalid("changed my mind"))
+            })
+            .await;
+        assert!(r.unwrap_err().is_invalid_input());
+        assert!(store.range(Range::key("k")).await.unwrap().kvs.is_empty());
+        // Too many keys, and oversized values, are refused before the commit is sent.
+        let err = stm
+            .run(|tx| async move {
+                for i in 0..=MAX_TXN_KEYS {
+                    tx.put(format!("k{i}"), "");
+                }
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        let err = stm
+            .run(|tx| async move {
+                tx.put("big", vec![0_u8; crate::MAX_VALUE_LEN + 1]);
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        // Prefetch, get_many and a bounded number of attempts.
+        store.put(b"p1", b"1", 0).await.unwrap();
+        let got = Stm::new(&client)
+            .with_prefetch(["p1", "p2"])
+            .run(|tx| async move { tx.get_many(["p2", "p1"]).await })
+            .await
+            .unwrap();
+        assert_eq!(got, [None, Some(b"1".to_vec())]);
+        let err = Stm::new(&client)
+            .with_max_attempts(2)
+            .run(|tx| {
+                let store = &store;
+                async move {
+                    let v = number(tx.get("p1").await?);
+                    store.put(b"p1", b"9", 0).await?;
+                    tx.put("p1", (v + 1).to_string());
+                    Ok::<_, Error>(())
+                }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict { attempts: 2 }), "{err}");
+        assert!(err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn compacted_snapshot_restarts() {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store.put(b"a", b"1", 0).await.unwrap();
+        store.put(b"b", b"1", 0).await.unwrap();
+        let attempts = AtomicU32::new(0);
+        let sum = Stm::new(&client)
+            .run(|tx| {
+                let (store, attempts) = (&store, &attempts);
+                async move {
+                    let a = number(tx.get("a").await?);
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        let rev = store.put(b"b", b"5", 0).await?;
+                        store.compact(rev).await?;
+                    }
+                    let b = number(tx.get("b").await?);
+                    Ok::<_, Error>(a + b)
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!((sum, attempts.load(Ordering::SeqCst)), (6, 2));
+    }
+}

@@ -1,0 +1,413 @@
+//! A distributed FIFO work queue (Go's `recipe.Queue`): many producers, many consumers,
+//! each item taken by exactly one consumer.
+//!
+//! The claiming machinery here ([`Items`]) also serves
+//! [`PriorityQueue`](crate::PriorityQueue).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::names::{is_member, validate_name, validate_value};
+use crate::queue::with_timeout;
+use crate::store::{
+    Compare, CompareOp, KeyValue, Range, RangeResponse, SortOrder, SortTarget, Store, Txn, TxnOp,
+};
+use crate::watching::{Until, Wait, Waiter};
+
+/// How many items one read fetches as candidates to claim.
+const BATCH: i64 = 16;
+
+/// A distributed FIFO queue: [`enqueue`](Queue::enqueue) from any process,
+/// [`dequeue`](Queue::dequeue) from any other. Each item is given to exactly one consumer,
+/// in the order the items were enqueued.
+///
+/// # Exactly one consumer, in order
+///
+/// A consumer reads the oldest items and claims the first one with a transaction that
+/// deletes it only if its mod revision is still the one read. Of several consumers racing
+/// for an item, one wins; the others try the next item read, then read again. An item is
+/// never given twice, and a consumer never skips an older item that is still there, so
+/// items are taken in enqueue order (by create revision): one producer's items come out in
+/// the order it enqueued them.
+///
+/// # Items do not vanish
+///
+/// Items are written without a lease: they stay when their producer exits, until a consumer
+/// takes them. Taking is the only delete. An item belongs to its consumer from the moment
+/// `dequeue` returns it, so an item is processed at most once: if the consumer dies before
+/// it is done, the item is gone with it (re-enqueue it if it must be retried). If the
+/// connection fails while a claim is in flight, `dequeue` returns an error rather than an
+/// item it may not own, and the item may be lost; an `enqueue` whose answer is lost may or
+/// may not have happened.
+///
+/// # Waiting
+///
+/// An idle consumer watches the queue from the revision after its read: every enqueue wakes
+/// every idle consumer, and one of them gets the item.
+///
+/// # Key layout
+///
+/// `NAME/<nanoseconds since the Unix epoch>` (decimal; the next free number if two
+/// producers pick the same), the item as the value, no lease: the layout of Go's
+/// `recipe.NewQueue(client, NAME)`, so Go and Baton producers and consumers share one
+/// queue. Keys of nested names (`NAME/sub/…`) are not items of this queue.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let client = baton::Client::connect("mem://").await?;
+/// let jobs = baton::Queue::new(&client, "jobs/thumbnails")?;
+/// jobs.enqueue("img-1.png").await?;
+/// jobs.enqueue("img-2.png").await?;
+/// assert_eq!(jobs.len().await?, 2);
+/// assert_eq!(jobs.dequeue().await?, b"img-1.png");
+/// assert_eq!(jobs.try_dequeue().await?.as_deref(), Some(&b"img-2.png"[..]));
+/// assert_eq!(jobs.try_dequeue().await?, None);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Queue {
+    client: Client,
+    name: String,
+    items: Items,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue").field("name", &self.name).finish()
+    }
+}
+
+impl Queue {
+    /// The queue named `name`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(client: &Client, name: &str) -> Result<Queue> {
+        validate_name(name)?;
+        let prefix = format!("{name}/");
+        Ok(Queue {
+            client: client.clone(),
+            name: name.to_string(),
+            items: Items {
+                store: client.store().clone(),
+                what: "queue",
+                prefix,
+                order: SortTarget::CreateRevision,
+                is_item: is_member,
+            },
+        })
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Add an item at the tail.
+    ///
+    /// Fails with [`Error::InvalidArgument`] before any network call if the value is over
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the item may or may not have been enqueued.
+    pub async fn enqueue(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        let value = value.into();
+        validate_value(&value)?;
+        let store = self.client.store();
+        let mut id = now_nanos();
+        async {
+            loop {
+                let key = format!("{}{id}", self.items.prefix);
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        key.as_bytes(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([TxnOp::put(key.as_bytes(), value.clone(), 0)]);
+                if store.txn(txn).await?.succeeded {
+                    return Ok(());
+                }
+                // Another producer took this number: the next one.
+                id += 1;
+            }
+        }
+        .instrument(tracing::debug_span!("enqueue", queue = %self.name))
+        .await
+    }
+
+    /// Take the item at the head, waiting for one if the queue is empty.
+    ///
+    /// Failed reads and broken watches are retried with backoff; bound the wait with
+    /// [`dequeue_timeout`](Queue::dequeue_timeout).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe while waiting. If the future is dropped while a claim is in flight, the
+    /// item may have been taken and not returned.
+    pub async fn dequeue(&self) -> Result<Vec<u8>> {
+        self.items.take_or_wait(&self.name).await
+    }
+
+    /// [`dequeue()`](Queue::dequeue), giving up with [`Error::Timeout`] after `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`dequeue()`](Queue::dequeue).
+    pub async fn dequeue_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
+        with_timeout("dequeue", timeout, self.dequeue()).await
+    }
+
+    /// Take the item at the head, or return `None` at once if the queue is empty.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`dequeue()`](Queue::dequeue).
+    pub async fn try_dequeue(&self) -> Result<Option<Vec<u8>>> {
+        self.items.try_take(&self.name).await
+    }
+
+    /// The number of items now.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn len(&self) -> Result<usize> {
+        self.items.count().await
+    }
+
+    /// True if the queue has no item now.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The items under a prefix, taken one at a time by compare-and-delete, in `order`.
+#[derive(Clone)]
+pub(crate) struct Items {
+    pub(crate) store: Arc<dyn Store>,
+    /// What kind of queue, for spans.
+    pub(crate) what: &'static str,
+    /// `NAME/`.
+    pub(crate) prefix: String,
+    /// The order items are taken in (ascending).
+    pub(crate) order: SortTarget,
+    /// True if a key under the prefix is an item (not a nested name's key).
+    pub(crate) is_item: fn(&[u8], &[u8]) -> bool,
+}
+
+/// What one attempt to take an item found.
+enum Taken {
+    Item(Vec<u8>),
+    /// No item; the read's revision.
+    Empty(crate::store::Revision),
+    /// A claim failed in flight: the item may be ours or not. Reported, never retried.
+    Unknown(Error),
+}
+
+impl Items {
+    fn is_item(&self, kv: &KeyValue) -> bool {
+        (self.is_item)(self.prefix.as_bytes(), &kv.key)
+    }
+
+    fn read(&self, limit: i64) -> Range {
+        Range::prefix(self.prefix.as_bytes())
+            .sort_by(self.order, SortOrder::Ascending)
+            .with_limit(limit)
+    }
+
+    pub(crate) async fn try_take(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let span = tracing::debug_span!("try_dequeue", kind = self.what, queue = %name);
+        match self.take_once().instrument(span).await? {
+            Taken::Item(value) => Ok(Some(value)),
+            Taken::Empty(_) => Ok(None),
+            Taken::Unknown(e) => Err(e),
+        }
+    }
+
+    pub(crate) async fn take_or_wait(&self, name: &str) -> Result<Vec<u8>> {
+        let span = tracing::debug_span!("dequeue", kind = self.what, queue = %name);
+        async {
+            let mut waiter = Waiter::new(&self.store);
+            loop {
+                match self.take_once().await {
+                    Ok(Taken::Item(value)) => return Ok(value),
+                    Ok(Taken::Unknown(e)) => return Err(e),
+                    Ok(Taken::Empty(read_at)) => {
+                        let wait = Wait::prefix(self.prefix.as_bytes(), read_at, Until::Put);
+                        waiter.wait(wait).await?;
+                    }
+                    Err(e) => waiter.retry(e).await?,
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Read the first items and claim the first one still there.
+    async fn take_once(&self) -> Result<Taken> {
+        loop {
+            let mut resp = self.store.range(self.read(BATCH)).await?;
+            if resp.more && !resp.kvs.iter().any(|kv| self.is_item(kv)) {
+                // A nested name's keys fill the batch: read everything.
+                resp = self.store.range(self.read(0)).await?;
+            }
+            let RangeResponse {
+                header_revision,
+                kvs,
+                ..
+            } = resp;
+            let items: Vec<KeyValue> = kvs.into_iter().filter(|kv| self.is_item(kv)).collect();
+            if items.is_empty() {
+                return Ok(Taken::Empty(header_revision));
+            }
+            for item in items {
+                match self.claim(&item).await? {
+                    Some(true) => {
+                        tracing::debug!(key = %item.key_str(), "dequeued");
+                        return Ok(Taken::Item(item.value));
+                    }
+                    Some(false) => {}
+                    None => {
+                        return Ok(Taken::Unknown(Error::Store(format!(
+                            "the claim of {:?} failed in flight; it may have been taken \
+                             without being returned",
+                            item.key_str()
+                        ))))
+                    }
+                }
+            }
+            // Every candidate was taken by someone else: read again.
+        }
+    }
+
+    /// Delete `item` if it is still the one read: `Some(true)` if we took it, `Some(false)`
+    /// if someone else did, `None` if the claim failed in flight and the item is gone (it
+    /// may be ours or someone else's: it is not returned).
+    async fn claim(&self, item: &KeyValue) -> Result<Option<bool>> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                item.key.clone(),
+                CompareOp::Equal,
+                item.mod_revision,
+            )])
+            .and_then([TxnOp::delete(item.key.clone())]);
+        match self.store.txn(txn).await {
+            Ok(resp) => Ok(Some(resp.succeeded)),
+            Err(e) => {
+                tracing::debug!(error = %e, "a claim failed; checking whether it was applied");
+                // Not applied if the item is still there as it was.
+                let now = self.store.range(Range::key(item.key.clone())).await?;
+                if now.kvs.first().map(|kv| kv.mod_revision) == Some(item.mod_revision) {
+                    return Err(e);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    pub(crate) async fn count(&self) -> Result<usize> {
+        let resp = self.store.range(self.read(0)).await?;
+        Ok(resp.kvs.iter().filter(|kv| self.is_item(kv)).count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[tokio::test]
+    async fn fifo_exactly_once_with_racing_consumers() {
+        let client = Client::memory();
+        let q = Queue::new(&client, "q").unwrap();
+        let consumers: Vec<_> = (0..4)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    while let Ok(v) = q.dequeue_timeout(Duration::from_millis(300)).await {
+                        got.push(String::from_utf8(v).unwrap());
+                    }
+                    got
+                })
+            })
+            .collect();
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        q.enqueue(format!("{p}-{i:03}")).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.await.unwrap();
+        }
+        let mut all = HashSet::new();
+        for c in consumers {
+            let got = c.await.unwrap();
+            for p in 0..2 {
+                let mine: Vec<_> = got
+                    .iter()
+                    .filter(|v| v.starts_with(&format!("{p}-")))
+                    .collect();
+                assert!(
+                    mine.windows(2).all(|w| w[0] < w[1]),
+                    "out of order: {mine:?}"
+                );
+            }
+            for v in got {
+                assert!(all.insert(v.clone()), "{v} taken twice");
+            }
+        }
+        assert_eq!(all.len(), 100);
+        assert!(q.is_empty().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn nested_names_and_bad_input() {
+        let client = Client::memory();
+        let q = Queue::new(&client, "n").unwrap();
+        let nested = Queue::new(&client, "n/sub").unwrap();
+        for i in 0..20 {
+            nested.enqueue(format!("{i}")).await.unwrap();
+        }
+        q.enqueue("mine").await.unwrap();
+        assert_eq!(q.len().await.unwrap(), 1);
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"mine");
+        assert_eq!(q.try_dequeue().await.unwrap(), None);
+        assert_eq!(nested.len().await.unwrap(), 20);
+        let big = vec![0_u8; crate::MAX_VALUE_LEN + 1];
+        assert!(q.enqueue(big).await.unwrap_err().is_invalid_input());
+        assert!(Queue::new(&client, "").is_err());
+        let err = q
+            .dequeue_timeout(Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout());
+    }
+}
