@@ -31,7 +31,7 @@ with CMD's exit code. The keys are those of etcdctl elect.";
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// The election's name. The candidate key is NAME/<lease id in hex>.
+    /// The election's name. The candidate key is NAME/ followed by the lease id in hex.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 

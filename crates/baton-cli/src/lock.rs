@@ -27,13 +27,17 @@ Examples:
 CMD gets BATON_LOCK_KEY and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them). If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
-`lock lost` on stderr and exits 122. Otherwise baton exits with CMD's exit code.";
+`lock lost` on stderr and exits 122. Otherwise baton exits with CMD's exit code.
+
+CMD runs in its own process group, in the background of the terminal, so it cannot read
+from the terminal (an interactive shell under `baton lock NAME -- bash` stops). To work by
+hand under a lock, run `baton lock NAME` without CMD in another terminal.";
 
 /// `baton lock`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// The lock's name. Its key is NAME/<lease id in hex>, as etcdctl lock makes it.
+    /// The lock's name. Its key is NAME/ followed by the lease id in hex, as etcdctl lock makes it.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 
