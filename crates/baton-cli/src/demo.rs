@@ -230,6 +230,8 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         async move {
             loop {
                 tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
                     leader = observer.next() => match leader {
                         Some(l) => tl.event(
                             &format!("observer: the leader is {} (token {})", l.value_str(), l.create_revision),
@@ -237,7 +239,6 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                         ),
                         None => return,
                     },
-                    _ = stop.cancelled() => return,
                 }
             }
         }
@@ -373,13 +374,20 @@ async fn candidate(
 ) -> Result<(), CliError> {
     let name = node.name;
     let leadership = tokio::select! {
-        l = election.campaign(name) => l,
+        biased;
         _ = stop.cancelled() => {
             cli::close(&session).await;
             return Ok(());
         }
+        l = election.campaign(name) => l,
     };
     let leadership = match leadership {
+        // Elected because the leader resigned at the end of the demo: not a failover.
+        Ok(l) if stop.is_cancelled() => {
+            let _ = l.resign().await;
+            cli::close(&session).await;
+            return Ok(());
+        }
         Ok(l) => l,
         Err(e) if stop.is_cancelled() || session.is_lost() => {
             tracing::debug!(node = name, error = %e, "campaign ended");
