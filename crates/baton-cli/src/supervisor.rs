@@ -117,6 +117,11 @@ pub(crate) async fn hold(
             }
         });
     };
+    if lost.is_cancelled() {
+        // Lost before CMD started: never start it.
+        on_lost();
+        return Ok(Ending::Lost);
+    }
     let mut child = spawn(&job)?;
     let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
         return Err(CliError::failed(
