@@ -173,7 +173,9 @@ impl ClientBuilder {
             Endpoints::Redis(_) | Endpoints::Redlock(_) => {
                 return Err(Error::InvalidEndpoint {
                     endpoint: redacted,
-                    reason: "the redis backends are not supported yet".into(),
+                    reason: "redis is not a revisioned store: connect with baton::Coordinator \
+                             (or baton::redis::RedisClient) instead of baton::Client"
+                        .into(),
                 })
             }
         };
@@ -192,10 +194,61 @@ pub(crate) enum Endpoints {
     Mem(String),
     /// etcd members as `http://host:port`.
     Etcd(Vec<String>),
-    /// `redis://…`
-    Redis(Vec<String>),
-    /// `redlock://…`
-    Redlock(Vec<String>),
+    /// `redis://[user:pass@]host:port[/db]`: one Redis server.
+    Redis(RedisNode),
+    /// `redlock://h1:p1,h2:p2,…`: three or more independent Redis masters.
+    Redlock(Vec<RedisNode>),
+}
+
+/// One Redis server from a `redis://` or `redlock://` URL. Its `Debug` and `Display` never
+/// show the credentials.
+#[derive(Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct RedisNode {
+    /// The host name or address, without brackets for IPv6.
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) db: i64,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+}
+
+impl fmt::Display for RedisNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.username.is_some() || self.password.is_some() {
+            f.write_str("***@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)?;
+        } else {
+            write!(f, "{}:{}", self.host, self.port)?;
+        }
+        if self.db != 0 {
+            write!(f, "/{}", self.db)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisNode({self})")
+    }
+}
+
+#[cfg(test)]
+impl From<&str> for RedisNode {
+    /// `host:port`, database 0, no credentials (tests only).
+    fn from(hp: &str) -> RedisNode {
+        let (host, port) = hp.rsplit_once(':').unwrap_or((hp, "0"));
+        RedisNode {
+            host: host.to_string(),
+            port: port.parse().unwrap_or(0),
+            db: 0,
+            username: None,
+            password: None,
+        }
+    }
 }
 
 impl fmt::Display for Endpoints {
@@ -203,8 +256,17 @@ impl fmt::Display for Endpoints {
         match self {
             Endpoints::Mem(name) => write!(f, "mem://{name}"),
             Endpoints::Etcd(urls) => f.write_str(&urls.join(",")),
-            Endpoints::Redis(hosts) => write!(f, "redis://{}", hosts.join(",")),
-            Endpoints::Redlock(hosts) => write!(f, "redlock://{}", hosts.join(",")),
+            Endpoints::Redis(node) => write!(f, "redis://{node}"),
+            Endpoints::Redlock(nodes) => {
+                f.write_str("redlock://")?;
+                for (i, node) in nodes.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{node}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -305,20 +367,43 @@ impl Endpoints {
                 Ok(Endpoints::Etcd(urls))
             }
             "https" => Err(bad(input, "https:// (TLS) is not supported yet")),
-            "redis" | "redlock" => {
-                let mut hosts = Vec::new();
-                for hp in rest.split(',') {
-                    let hp = hp.trim();
-                    let hp = hp.strip_prefix("redis://").unwrap_or(hp);
-                    let hp = hp.split('/').next().unwrap_or(hp);
-                    let (h, p) = host_port(input, hp)?;
-                    hosts.push(format!("{h}:{p}"));
+            "rediss" => Err(bad(input, "rediss:// (TLS) is not supported yet")),
+            "redis" => {
+                if rest.contains(',') {
+                    return Err(bad(
+                        input,
+                        "redis:// takes one server; use redlock://h1:p1,h2:p2,h3:p3 for several",
+                    ));
                 }
-                if scheme == "redis" {
-                    Ok(Endpoints::Redis(hosts))
-                } else {
-                    Ok(Endpoints::Redlock(hosts))
+                Ok(Endpoints::Redis(redis_node(input, rest)?))
+            }
+            "redlock" => {
+                let mut nodes: Vec<RedisNode> = Vec::new();
+                for entry in rest.split(',') {
+                    let entry = entry.trim();
+                    let entry = entry.strip_prefix("redis://").unwrap_or(entry);
+                    if entry.is_empty() {
+                        return Err(bad(input, "empty entry in the endpoint list"));
+                    }
+                    let node = redis_node(input, entry)?;
+                    if nodes
+                        .iter()
+                        .any(|n| n.host == node.host && n.port == node.port)
+                    {
+                        return Err(bad(
+                            input,
+                            "the same server is listed twice; redlock needs independent masters",
+                        ));
+                    }
+                    nodes.push(node);
                 }
+                if nodes.len() < 3 {
+                    return Err(bad(
+                        input,
+                        "redlock needs at least 3 independent masters (3 or 5 recommended); use redis:// for one server",
+                    ));
+                }
+                Ok(Endpoints::Redlock(nodes))
             }
             other => Err(bad(
                 input,
@@ -328,6 +413,83 @@ impl Endpoints {
             )),
         }
     }
+}
+
+/// One `[user[:password]@]host:port[/db]` entry of a Redis URL (without the scheme).
+fn redis_node(endpoint: &str, entry: &str) -> Result<RedisNode> {
+    let (userinfo, rest) = match entry.rsplit_once('@') {
+        Some((u, r)) => (Some(u), r),
+        None => (None, entry),
+    };
+    if rest.contains(['?', '#']) {
+        return Err(bad(endpoint, "redis URLs take no query or fragment"));
+    }
+    let (hp, db) = match rest.split_once('/') {
+        Some((hp, db)) => (hp, db),
+        None => (rest, ""),
+    };
+    let db = if db.is_empty() {
+        0
+    } else {
+        match db.parse::<u32>() {
+            Ok(n) => i64::from(n),
+            Err(_) => return Err(bad(endpoint, "the path must be a database number")),
+        }
+    };
+    let (host, port) = host_port(endpoint, hp)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&host)
+        .to_string();
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(info) => {
+            let (user, pass) = match info.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (info, None),
+            };
+            let decode = |s: &str| {
+                percent_decode(s)
+                    .ok_or_else(|| bad(endpoint, "bad percent-encoding in the credentials"))
+            };
+            let user = if user.is_empty() {
+                None
+            } else {
+                Some(decode(user)?)
+            };
+            let pass = match pass {
+                Some(p) if !p.is_empty() => Some(decode(p)?),
+                _ => None,
+            };
+            (user, pass)
+        }
+    };
+    Ok(RedisNode {
+        host,
+        port,
+        db,
+        username,
+        password,
+    })
+}
+
+/// Decode `%XX` escapes; `None` if an escape is malformed or the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn format_host(host: &str, port: u16) -> String {
@@ -391,6 +553,74 @@ mod tests {
             let err = Endpoints::parse(bad).unwrap_err();
             assert!(err.is_invalid_input(), "{bad:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn parses_redis_endpoints() {
+        let Endpoints::Redis(node) = Endpoints::parse("redis://127.0.0.1:6379").unwrap() else {
+            panic!("not redis")
+        };
+        assert_eq!(
+            (node.host.as_str(), node.port, node.db),
+            ("127.0.0.1", 6379, 0)
+        );
+        let Endpoints::Redis(node) = Endpoints::parse("redis://user:p%40ss@[::1]:7000/3").unwrap()
+        else {
+            panic!("not redis")
+        };
+        assert_eq!((node.host.as_str(), node.port, node.db), ("::1", 7000, 3));
+        assert_eq!(node.username.as_deref(), Some("user"));
+        assert_eq!(node.password.as_deref(), Some("p@ss"));
+        let Endpoints::Redis(node) = Endpoints::parse("redis://:secret@h:1").unwrap() else {
+            panic!("not redis")
+        };
+        assert_eq!(
+            (node.username, node.password.as_deref()),
+            (None, Some("secret"))
+        );
+        assert_eq!(
+            Endpoints::parse("redlock://a:1,redis://b:2,c:3/1")
+                .unwrap()
+                .to_string(),
+            "redlock://a:1,b:2,c:3/1"
+        );
+        for bad in [
+            "redis://",
+            "redis://h",
+            "redis://h:0",
+            "redis://h:1/x",
+            "redis://h:1/-1",
+            "redis://h:1?db=2",
+            "redis://a:1,b:2",
+            "rediss://h:1",
+            "redis://u:%zz@h:1",
+            "redlock://a:1",
+            "redlock://a:1,b:2",
+            "redlock://a:1,b:2,a:1",
+            "redlock://a:1,,b:2,c:3",
+        ] {
+            let err = Endpoints::parse(bad).unwrap_err();
+            assert!(err.is_invalid_input(), "{bad:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn redacts_redis_credentials() {
+        for url in [
+            "redis://u:secret@h:1/2",
+            "redis://:secret@h:1",
+            "redlock://:secret@a:1,:secret@b:2,:secret@c:3",
+        ] {
+            let parsed = Endpoints::parse(url).unwrap();
+            for shown in [parsed.to_string(), format!("{parsed:?}")] {
+                assert!(!shown.contains("secret"), "{shown}");
+                assert!(shown.contains("***@"), "{shown}");
+            }
+        }
+        let err = Endpoints::parse("redis://u:secret@h:1/x").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        let err = Endpoints::parse("redlock://:secret@a:1,:secret@b:2").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[test]

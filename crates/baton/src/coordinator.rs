@@ -34,6 +34,8 @@ use crate::client::{
     Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
 use crate::election::{Election, Leader, Leadership};
+// `Error` is named by the docs; the code uses it only without the "redis" feature.
+#[cfg_attr(feature = "redis", allow(unused_imports))]
 use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
 use crate::session::{Session, DEFAULT_TTL};
@@ -220,10 +222,20 @@ impl CoordinatorBuilder {
     /// Not cancel safe on etcd: a lease granted before the drop expires after its TTL.
     pub async fn connect(self) -> Result<Coordinator> {
         let backend: Arc<dyn Backend> = match Endpoints::parse(&self.endpoints)? {
+            #[cfg(feature = "redis")]
+            Endpoints::Redis(_) | Endpoints::Redlock(_) => Arc::new(
+                crate::redis::RedisClient::builder(&self.endpoints)
+                    .with_ttl(self.ttl)
+                    .with_dial_timeout(self.dial_timeout)
+                    .with_request_timeout(self.request_timeout)
+                    .connect()
+                    .await?,
+            ),
+            #[cfg(not(feature = "redis"))]
             Endpoints::Redis(_) | Endpoints::Redlock(_) => {
                 return Err(Error::InvalidEndpoint {
                     endpoint: crate::client::redact(&self.endpoints),
-                    reason: "the redis backends are not supported yet".into(),
+                    reason: "this build of baton has no redis support (feature \"redis\")".into(),
                 })
             }
             _ => {

@@ -152,6 +152,21 @@ pub enum Error {
     #[error("store error: {0}")]
     Store(String),
 
+    /// Redlock could not get a majority of its independent masters in time: too many were
+    /// unreachable or failed, or the acquisition took longer than the lock's validity. What
+    /// had been taken was released. (A lock held by another owner gives [`Error::Locked`].)
+    #[error("redlock quorum not reached: {reached} of {nodes} nodes, {needed} needed ({reason})")]
+    NoQuorum {
+        /// Nodes that granted or extended.
+        reached: usize,
+        /// The quorum: `nodes / 2 + 1`.
+        needed: usize,
+        /// The number of masters.
+        nodes: usize,
+        /// Why, in a few words.
+        reason: String,
+    },
+
     /// The client or session has been closed.
     #[error("closed")]
     Closed,
@@ -194,6 +209,7 @@ impl Error {
                 | Error::Connect { .. }
                 | Error::Store(_)
                 | Error::Conflict { .. }
+                | Error::NoQuorum { .. }
         )
     }
 

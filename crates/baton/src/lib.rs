@@ -98,6 +98,8 @@ mod names;
 mod ownership;
 mod priority_queue;
 mod queue;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod rwlock;
 mod semaphore;
 mod session;

@@ -1,0 +1,437 @@
+//! Leader election on Redis, built on the lock and its watchdog.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Instrument;
+
+use super::lock::{acquire, fallback_wait};
+use super::node::{Keys, NodeRecord};
+use super::watchdog::Hold;
+use super::{RedisClient, MAX_VALUE_LEN};
+use crate::coordinator::{Elector, Guard, Leading};
+use crate::election::Leader;
+use crate::error::{Error, Result};
+use crate::names::validate_name;
+use crate::queue::with_timeout;
+
+/// A leader election on Redis: the candidate that holds the election's lock leads.
+///
+/// Campaigning is taking the lock `NAME` (the same key and algorithm as [`RedisLock`]); the
+/// leader's value lives in the record `baton:leader:KEY`, written in the same script that
+/// takes the lock, and kept alive by the same watchdog. [`leader()`](RedisElection::leader)
+/// reads the holder and its record (from a quorum, on Redlock), and
+/// [`observe()`](RedisElection::observe) follows changes by pub/sub with a fallback poll.
+///
+/// Candidates are not queued in order: when the leader resigns or its key expires, whichever
+/// candidate sets the key first leads. Leadership ends at the latest one TTL after the
+/// leader's process dies.
+///
+/// The [`Leader`] reported has `key` = the Redis key, `create_revision` = the leader's
+/// fencing token (its lock's counter; 0 on Redlock, which has none), `mod_revision` = the
+/// number of values published in this term (1 after the campaign), and `lease` = 0.
+///
+/// [`RedisLock`]: super::RedisLock
+///
+/// # Examples
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// let redis = baton::redis::RedisClient::connect("redis://127.0.0.1:6379").await?;
+/// let election = redis.election("services/scheduler")?;
+/// let mut leadership = election.campaign("10.0.0.7:8080").await?;
+/// assert_eq!(election.leader().await?.value, b"10.0.0.7:8080");
+/// leadership.proclaim("10.0.0.7:9090").await?;
+/// leadership.resign().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisElection {
+    client: RedisClient,
+    name: String,
+    keys: Keys,
+}
+
+impl fmt::Debug for RedisElection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisElection")
+            .field("name", &self.name)
+            .field("key", &self.keys.lock)
+            .finish()
+    }
+}
+
+fn check_value(value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Error::invalid(format!(
+            "value is {} bytes long; the limit is {MAX_VALUE_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+impl RedisElection {
+    /// An election named `name` on `client`.
+    ///
+    /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
+    /// contains a NUL byte.
+    pub fn new(client: &RedisClient, name: &str) -> Result<RedisElection> {
+        validate_name(name)?;
+        Ok(RedisElection {
+            client: client.clone(),
+            name: name.to_string(),
+            keys: Keys::new(&client.inner().opts.prefix, name),
+        })
+    }
+
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The Redis key the leader holds.
+    pub fn key(&self) -> &str {
+        &self.keys.lock
+    }
+
+    /// Stand with `value` and wait until we lead. The value is published in the same script
+    /// that takes the lock, so nobody ever sees us lead without it.
+    ///
+    /// Fails with [`Error::InvalidArgument`] for a value over 1 MiB.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future withdraws the candidacy; nothing is left behind.
+    pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<RedisLeadership> {
+        let value = value.into();
+        check_value(&value)?;
+        let hold = acquire(
+            self.client.inner(),
+            &self.name,
+            &self.keys,
+            Some(&value),
+            false,
+        )
+        .instrument(tracing::debug_span!("campaign", election = %self.name))
+        .await?;
+        Ok(RedisLeadership {
+            name: self.name.clone(),
+            hold,
+            value,
+        })
+    }
+
+    /// [`campaign()`](RedisElection::campaign), giving up with [`Error::Timeout`] after
+    /// `timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`campaign()`](RedisElection::campaign).
+    pub async fn campaign_timeout(
+        &self,
+        value: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<RedisLeadership> {
+        with_timeout("campaign", timeout, self.campaign(value)).await
+    }
+
+    /// The current leader, or [`Error::NoLeader`]. On Redlock, the leader is the token a
+    /// quorum of masters agrees on.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn leader(&self) -> Result<Leader> {
+        match self.client.inner().read_leader(&self.keys).await? {
+            Some(rec) => Ok(to_leader(&self.keys, rec)),
+            None => Err(Error::NoLeader {
+                name: self.name.clone(),
+            }),
+        }
+    }
+
+    /// A stream of leaders: the current one (if any), each value it proclaims, and each new
+    /// leader. It waits quietly while there is no leader, never yields the same (leader,
+    /// value) twice in a row, and ends when the client is closed or the stream is dropped.
+    ///
+    /// Changes arrive by pub/sub; a leader that vanished without a release (its process
+    /// died, its key expired) is noticed by the fallback poll.
+    pub fn observe(&self) -> RedisObserve {
+        let (tx, rx) = mpsc::channel(16);
+        let client = self.client.clone();
+        let keys = self.keys.clone();
+        let span = tracing::debug_span!("observe", election = %self.name);
+        tokio::spawn(
+            async move {
+                let inner = client.inner().clone();
+                tokio::select! {
+                    _ = tx.closed() => {}
+                    _ = inner.closed.cancelled() => {}
+                    _ = observe_loop(&client, &keys, &tx) => {}
+                }
+            }
+            .instrument(span),
+        );
+        RedisObserve { rx }
+    }
+}
+
+fn to_leader(keys: &Keys, rec: NodeRecord) -> Leader {
+    Leader {
+        key: keys.lock.clone(),
+        value: rec.value,
+        create_revision: rec.fence,
+        mod_revision: rec.ver,
+        lease: 0,
+    }
+}
+
+async fn observe_loop(client: &RedisClient, keys: &Keys, tx: &mpsc::Sender<Leader>) {
+    let inner = client.inner();
+    let sub = inner.hub.subscribe(&keys.channel).await;
+    let chan = sub.channel().clone();
+    let mut last: Option<(Vec<u8>, i64)> = None;
+    loop {
+        let woken = chan.observers.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        match inner.read_leader(keys).await {
+            Ok(Some(rec)) => {
+                let id = (rec.token.clone(), rec.ver);
+                if last.as_ref() != Some(&id) {
+                    last = Some(id);
+                    if tx.send(to_leader(keys, rec)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the leader failed; retrying"),
+        }
+        let wait = fallback_wait(inner.opts.poll_interval, None);
+        tokio::select! {
+            _ = &mut woken => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// A stream of [`Leader`]s from [`RedisElection::observe`]. Dropping it stops observing.
+pub struct RedisObserve {
+    rx: mpsc::Receiver<Leader>,
+}
+
+impl fmt::Debug for RedisObserve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisObserve").finish_non_exhaustive()
+    }
+}
+
+impl Stream for RedisObserve {
+    type Item = Leader;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Proof that we lead a [`RedisElection`]. Step down with
+/// [`resign()`](RedisLeadership::resign).
+///
+/// The watchdog keeps the key and the record alive; [`lost()`](RedisLeadership::lost) fires
+/// as for a [`RedisLockGuard`](super::RedisLockGuard).
+///
+/// # Drop behaviour
+///
+/// Dropping it resigns in a task spawned on the current tokio runtime (compare-and-delete,
+/// best effort). Without a runtime, or if that fails, the key expires after its TTL and the
+/// next candidate leads then.
+#[must_use = "if unused the leadership is resigned at once"]
+pub struct RedisLeadership {
+    name: String,
+    hold: Hold,
+    value: Vec<u8>,
+}
+
+impl fmt::Debug for RedisLeadership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLeadership")
+            .field("election", &self.name)
+            .field("key", &self.key())
+            .field("fencing_token", &self.fencing_token())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl RedisLeadership {
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The Redis key held.
+    pub fn key(&self) -> &str {
+        self.hold.key()
+    }
+
+    /// The value we last proclaimed.
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The fencing token of this term (single server only; `None` on Redlock). See
+    /// [`RedisLockGuard::fencing_token`](super::RedisLockGuard::fencing_token).
+    pub fn fencing_token(&self) -> Option<i64> {
+        self.hold.fence()
+    }
+
+    /// True once the leadership is lost.
+    pub fn is_lost(&self) -> bool {
+        self.hold.is_lost()
+    }
+
+    /// Why the leadership was lost, if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.hold.lost_reason()
+    }
+
+    /// Completes when the leadership is lost (see
+    /// [`RedisLockGuard::lost`](super::RedisLockGuard::lost)).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.hold.lost()
+    }
+
+    /// A token cancelled when the leadership is lost (a child token).
+    pub fn lost_token(&self) -> CancellationToken {
+        self.hold.lost_token()
+    }
+
+    /// The local deadline: we certainly lead until then.
+    pub fn deadline(&self) -> Instant {
+        self.hold.deadline()
+    }
+
+    /// Publish a new value, only while we still lead (a script compares our token first).
+    ///
+    /// Fails with [`Error::NotLeader`] if we no longer lead (and marks the leadership lost),
+    /// and with [`Error::InvalidArgument`] for a value over 1 MiB.
+    ///
+    /// # Cancel safety
+    ///
+    /// The value may or may not have been published if the future is dropped.
+    pub async fn proclaim(&mut self, value: impl Into<Vec<u8>>) -> Result<()> {
+        let value = value.into();
+        check_value(&value)?;
+        let not_leader = || Error::NotLeader {
+            name: self.name.clone(),
+        };
+        if self.hold.is_lost() {
+            return Err(not_leader());
+        }
+        let client = self.hold.client().clone();
+        let published = client
+            .proclaim(self.hold.keys(), self.hold.token(), &value)
+            .instrument(tracing::debug_span!("proclaim", election = %self.name))
+            .await?;
+        match published {
+            Some(_) => {
+                self.value = value;
+                Ok(())
+            }
+            None => {
+                self.hold
+                    .mark_lost("the leader key holds another owner's token or is gone");
+                Err(not_leader())
+            }
+        }
+    }
+
+    /// Step down: delete the key (and the record) if still ours, so the next candidate
+    /// leads at once.
+    ///
+    /// Fails with [`Error::NotLeader`] if we had already lost the leadership.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the resignation may or may not have happened; the key
+    /// expires after its TTL at the latest.
+    pub async fn resign(self) -> Result<()> {
+        let name = self.name;
+        match self.hold.release("resign").await {
+            Err(Error::NotHeld { .. }) => Err(Error::NotLeader { name }),
+            r => r,
+        }
+    }
+}
+
+#[async_trait]
+impl Guard for RedisLeadership {
+    fn key(&self) -> &str {
+        RedisLeadership::key(self)
+    }
+    fn fencing_token(&self) -> Option<i64> {
+        RedisLeadership::fencing_token(self)
+    }
+    fn is_lost(&self) -> bool {
+        RedisLeadership::is_lost(self)
+    }
+    fn lost_reason(&self) -> Option<String> {
+        RedisLeadership::lost_reason(self)
+    }
+    fn lost_token(&self) -> CancellationToken {
+        RedisLeadership::lost_token(self)
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.resign().await
+    }
+}
+
+#[async_trait]
+impl Leading for RedisLeadership {
+    fn value(&self) -> &[u8] {
+        RedisLeadership::value(self)
+    }
+    async fn proclaim(&mut self, value: Vec<u8>) -> Result<()> {
+        RedisLeadership::proclaim(self, value).await
+    }
+}
+
+#[async_trait]
+impl Elector for RedisElection {
+    fn name(&self) -> &str {
+        RedisElection::name(self)
+    }
+    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
+        Ok(Box::new(RedisElection::campaign(self, value).await?))
+    }
+    async fn campaign_timeout(
+        &self,
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Box<dyn Leading>> {
+        Ok(Box::new(
+            RedisElection::campaign_timeout(self, value, timeout).await?,
+        ))
+    }
+    async fn leader(&self) -> Result<Leader> {
+        RedisElection::leader(self).await
+    }
+    fn observe(&self) -> futures::stream::BoxStream<'static, Leader> {
+        RedisElection::observe(self).boxed()
+    }
+}

@@ -1,0 +1,619 @@
+//! The Redis family: a lock on one Redis server (`redis://`), Redlock over independent
+//! masters (`redlock://`), a watchdog that keeps locks alive, and leader election — behind the
+//! same [`Lock`], [`Guard`](crate::coordinator::Guard) and [`Elector`] traits as etcd (feature `redis`, on by default).
+//!
+//! Redis is not a revisioned store, so this module does not implement the store layer: it
+//! uses Redis's own algorithms. Connect with [`Coordinator`](crate::Coordinator) to write code
+//! that runs on any backend, or with [`RedisClient`] for everything Redis can do.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> baton::Result<()> {
+//! let redis = baton::redis::RedisClient::builder("redis://127.0.0.1:6379")
+//!     .with_ttl(Duration::from_secs(10))
+//!     .connect()
+//!     .await?;
+//! let lock = redis.lock("reports/nightly")?;
+//! let guard = lock.lock_timeout(Duration::from_secs(30)).await?;
+//! tokio::select! {
+//!     _ = guard.lost() => eprintln!("lock lost: {:?}", guard.lost_reason()),
+//!     _ = async { /* the work, writing with guard.fencing_token() */ } => {}
+//! }
+//! guard.unlock().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Wire format: shared with redsync and redis-py
+//!
+//! A lock named `NAME` is the string key `PREFIX + NAME` (the prefix is empty unless set with
+//! [`with_prefix`](RedisClientBuilder::with_prefix)) whose value is a random token of 128 bits
+//! (32 hex digits):
+//!
+//! - acquire is `SET key token NX PX ttl`;
+//! - release is a Lua compare-and-delete (`GET` = token, then `DEL`), never a plain `DEL`;
+//! - extend is a Lua compare-and-`PEXPIRE`, which never re-creates an expired key.
+//!
+//! That is the layout of Go's redsync and of redis-py's `Lock`, so a Baton service, a Go
+//! service and a Python service exclude each other on the same name. Baton adds three keys
+//! that other clients ignore: the fencing counter `baton:fence:KEY`, the election record
+//! `baton:leader:KEY` (a hash), and the pub/sub channel `baton:wake:KEY`. Names starting
+//! with `baton:` are therefore best avoided. Redis Cluster is not supported.
+//!
+//! # Fencing tokens (single instance only)
+//!
+//! On `redis://`, the acquire script increments the counter `baton:fence:KEY` in the same
+//! script that sets the lock, and the new value is the grant's
+//! [fencing token](RedisLockGuard::fencing_token): strictly greater than every earlier grant's
+//! **only while Redis keeps its data**. A Redis restarted without persistence (or failing
+//! over to a replica that missed the write) starts the counter again from zero. Run Redis with
+//! `appendonly yes` and `appendfsync always` if the tokens must never go back, or use etcd,
+//! whose tokens are revisions replicated by Raft.
+//!
+//! # Losing a lock: the watchdog
+//!
+//! While a guard lives, its watchdog extends the key every TTL/3. The guard's
+//! [`lost()`](RedisLockGuard::lost) fires when an extend finds the key gone or holding another
+//! token (deleted by an operator, expired while the process was paused, a Redis restarted
+//! without persistence), or when the **local deadline** passes without a successful extend.
+//! The local deadline is the start of the last successful acquire or extend plus the TTL,
+//! minus the clock drift allowance (1% of the TTL plus 2 ms), on the monotonic clock: it is
+//! never later than the moment Redis expires the key. A deleted key is noticed within TTL/3
+//! plus one round trip.
+//!
+//! # Waiting: pub/sub wake-ups and a fallback poll
+//!
+//! A waiter first tries `SET NX`; if the lock is held it subscribes to the lock's channel
+//! (one shared subscriber connection per server), and waits for a release message, for the
+//! holder's key to expire (its `PTTL`), or for the fallback poll
+//! ([`with_poll_interval`](RedisClientBuilder::with_poll_interval), default 500 ms, jittered),
+//! whichever comes first. Releases by Baton wake one waiter per process at once; releases by
+//! clients that do not publish (redsync, redis-py) are noticed by the poll. Waiters are **not
+//! FIFO**: after a release, whoever sets the key first wins.
+//!
+//! # Redlock, and what it does not guarantee
+//!
+//! `redlock://h1:p1,h2:p2,h3:p3[,…]` runs Redlock over N independent masters (3 or 5; no
+//! replication between them). An acquire sets the key on every master in parallel and
+//! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
+//! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what
+//! it set, on every master, and (in [`lock`](RedisLock::lock)) retries after a random delay.
+//! Extending needs a quorum too. Redlock keeps working while a majority of masters is up.
+//!
+//! What Redlock does **not** give you, plainly (see Martin Kleppmann, "How to do distributed
+//! locking", 2016):
+//!
+//! - **No fencing token.** Masters are independent, so there is no counter that increases
+//!   across grants; [`fencing_token`](RedisLockGuard::fencing_token) is `None`. A holder
+//!   paused past its validity (GC, SIGSTOP, swapping) cannot be stopped from writing by the
+//!   resource it protects.
+//! - **Timing assumptions.** Safety assumes bounded process pauses, bounded network delays,
+//!   and clocks that run at roughly the same rate on every master (no jumps of the wall clock
+//!   on a master, which Redis uses for expiry). Break them and two holders can overlap.
+//! - **Restarts without persistence** can hand the same lock to two holders unless a
+//!   restarted master stays down for at least a TTL.
+//!
+//! Redlock is fine for efficiency (avoiding duplicate work). **When correctness depends on
+//! the lock** — two holders would corrupt data — use etcd (`http://…`), whose locks carry a
+//! fencing token that a resource can check, or at least a single Redis with persistence and
+//! its fencing token.
+//!
+//! # Elections
+//!
+//! [`RedisElection`] is built on the same lock and watchdog: the leader holds the lock key,
+//! and its value lives in the record `baton:leader:KEY`. Observers learn of changes by
+//! pub/sub, with the fallback poll.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use crate::coordinator::{Backend, Elector, Lock};
+use crate::error::{Error, Result};
+use crate::session::DEFAULT_TTL;
+use crate::Client;
+
+mod election;
+mod lock;
+mod node;
+mod redlock;
+mod wakeups;
+mod watchdog;
+
+pub use election::{RedisElection, RedisLeadership, RedisObserve};
+pub use lock::{RedisLock, RedisLockGuard};
+
+use node::Node;
+use wakeups::Hub;
+use watchdog::HoldState;
+
+/// The smallest TTL a Redis lock accepts: 10 ms. Below that the drift allowance (1% + 2 ms)
+/// and one round trip leave no validity.
+pub const MIN_TTL: Duration = Duration::from_millis(10);
+
+/// The largest TTL a Redis lock accepts: 9,000,000,000 s, as for etcd sessions (Redis itself
+/// would overflow near 2^63 ms).
+pub const MAX_TTL: Duration = crate::session::MAX_TTL;
+
+/// The default fallback poll of a waiter or observer: 500 ms, jittered.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The longest election value accepted: 1 MiB.
+pub const MAX_VALUE_LEN: usize = 1 << 20;
+
+/// The clock drift allowed for a TTL: 1% of it plus 2 ms.
+pub(crate) fn drift(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// A new random token of 128 bits, as 32 lowercase hex digits.
+pub(crate) fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Options for [`RedisClient`].
+///
+/// # Default
+///
+/// - TTL of each lock: 60 s ([`DEFAULT_TTL`]); at least 10 ms
+///   ([`MIN_TTL`]), at most 9e9 s ([`MAX_TTL`]); rounded up to whole milliseconds;
+/// - watchdog: on, extending every TTL/3;
+/// - key prefix: none;
+/// - fallback poll while waiting or observing: 500 ms ([`DEFAULT_POLL_INTERVAL`]), jittered;
+/// - dial timeout: 5 s; request timeout: 10 s.
+#[derive(Clone)]
+pub struct RedisClientBuilder {
+    endpoints: String,
+    ttl: Duration,
+    dial_timeout: Duration,
+    request_timeout: Duration,
+    prefix: String,
+    poll_interval: Duration,
+    watchdog: bool,
+}
+
+impl fmt::Debug for RedisClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClientBuilder")
+            .field("endpoints", &crate::client::redact(&self.endpoints))
+            .field("ttl", &self.ttl)
+            .field("dial_timeout", &self.dial_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("prefix", &self.prefix)
+            .field("poll_interval", &self.poll_interval)
+            .field("watchdog", &self.watchdog)
+            .finish()
+    }
+}
+
+impl RedisClientBuilder {
+    /// Options for `endpoints` (`redis://…` or `redlock://…`), with the defaults.
+    pub fn new(endpoints: &str) -> Self {
+        RedisClientBuilder {
+            endpoints: endpoints.to_string(),
+            ttl: DEFAULT_TTL,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            prefix: String::new(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            watchdog: true,
+        }
+    }
+
+    /// The TTL of each lock key: how long a lock outlives a holder that stopped extending it.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long to wait for a server when connecting.
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// How long one request to one server may take.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Put `prefix` in front of every lock and election name (`"myapp:"` makes lock `jobs`
+    /// the key `myapp:jobs`), as redsync's and redis-py's users often do by hand.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How often a waiter or observer polls when no wake-up message comes.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Keep every guard's key alive in the background, extending it every TTL/3 (the default).
+    pub fn with_watchdog(mut self) -> Self {
+        self.watchdog = true;
+        self
+    }
+
+    /// Do not extend keys in the background: each lock then ends after its TTL unless
+    /// [`RedisLockGuard::extend`] is called, and its `lost()` fires at the local deadline.
+    pub fn without_watchdog(mut self) -> Self {
+        self.watchdog = false;
+        self
+    }
+
+    /// Validate everything, then connect.
+    ///
+    /// Fails with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`] before any network
+    /// call for a malformed URL, a TTL out of range, or a zero timeout. On `redis://`, fails
+    /// with [`Error::Connect`] if the server does not answer within the dial timeout. On
+    /// `redlock://`, connects to every master in parallel and fails only if fewer than a
+    /// quorum answer; the others are dialled again when used.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future drops the half-made connections.
+    pub async fn connect(self) -> Result<RedisClient> {
+        let opts = self.validate()?;
+        let parsed = Endpoints::parse(&self.endpoints)?;
+        let redacted = parsed.to_string();
+        let (list, redlock) = match parsed {
+            Endpoints::Redis(node) => (vec![node], false),
+            Endpoints::Redlock(nodes) => (nodes, true),
+            _ => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: redacted,
+                    reason: "not a redis:// or redlock:// URL".into(),
+                })
+            }
+        };
+        let nodes = list
+            .iter()
+            .map(|n| Node::new(n, self.dial_timeout, self.request_timeout).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let quorum = nodes.len() / 2 + 1;
+        let dials = futures::future::join_all(nodes.iter().map(|n| n.connect())).await;
+        let up = dials.iter().filter(|r| r.is_ok()).count();
+        if up < quorum {
+            let reason = dials
+                .into_iter()
+                .find_map(|r| r.err())
+                .map(|e| match e {
+                    Error::Connect { reason, .. } => reason,
+                    other => other.to_string(),
+                })
+                .unwrap_or_default();
+            return Err(Error::Connect {
+                endpoints: redacted,
+                timeout: self.dial_timeout,
+                reason: if redlock {
+                    format!(
+                        "only {up} of {} masters answered, {quorum} needed: {reason}",
+                        nodes.len()
+                    )
+                } else {
+                    reason
+                },
+            });
+        }
+        let confirm = self.request_timeout.min(opts.poll_interval);
+        let hub = Hub::new(nodes.clone(), confirm);
+        tracing::debug!(endpoints = %redacted, nodes = nodes.len(), up, "redis client connected");
+        Ok(RedisClient {
+            inner: Arc::new(ClientInner {
+                endpoints: redacted,
+                nodes,
+                redlock,
+                quorum,
+                opts,
+                hub,
+                closed: CancellationToken::new(),
+                holds: StdMutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    fn validate(&self) -> Result<Options> {
+        if self.ttl < MIN_TTL {
+            return Err(Error::invalid(format!(
+                "ttl {:?} is below the minimum of {MIN_TTL:?}",
+                self.ttl
+            )));
+        }
+        if self.ttl > MAX_TTL {
+            return Err(Error::invalid(format!(
+                "ttl {:?} is above the maximum of {MAX_TTL:?}",
+                self.ttl
+            )));
+        }
+        if self.dial_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(Error::invalid("timeouts must be greater than zero"));
+        }
+        if self.poll_interval < Duration::from_millis(1) {
+            return Err(Error::invalid("the poll interval must be at least 1 ms"));
+        }
+        if self.prefix.contains('\0') || self.prefix.len() > crate::MAX_NAME_LEN {
+            return Err(Error::invalid(
+                "the key prefix must be at most 1 KiB with no NUL byte",
+            ));
+        }
+        // Whole milliseconds, rounded up: PX counts milliseconds.
+        let ms = self.ttl.as_millis() + u128::from(self.ttl.subsec_nanos() % 1_000_000 > 0);
+        let ttl_ms = u64::try_from(ms).map_err(|_| Error::invalid("ttl out of range"))?;
+        Ok(Options {
+            ttl: Duration::from_millis(ttl_ms),
+            ttl_ms,
+            prefix: self.prefix.clone(),
+            poll_interval: self.poll_interval,
+            watchdog: self.watchdog,
+            request_timeout: self.request_timeout,
+        })
+    }
+}
+
+/// Validated options.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub(crate) ttl: Duration,
+    pub(crate) ttl_ms: u64,
+    pub(crate) prefix: String,
+    pub(crate) poll_interval: Duration,
+    pub(crate) watchdog: bool,
+    pub(crate) request_timeout: Duration,
+}
+
+/// A connection to one Redis server (`redis://`) or to the independent masters of Redlock
+/// (`redlock://`), handing out [`RedisLock`]s and [`RedisElection`]s. Cheap to clone.
+///
+/// See the [module documentation](self) for the wire format, the guarantees, and what
+/// Redlock does not guarantee.
+///
+/// # Drop behaviour
+///
+/// Connections close when the last clone, lock and guard are gone. Call
+/// [`close()`](RedisClient::close) to release every lock still held first.
+#[derive(Clone)]
+pub struct RedisClient {
+    inner: Arc<ClientInner>,
+}
+
+pub(crate) struct ClientInner {
+    pub(crate) endpoints: String,
+    pub(crate) nodes: Vec<Arc<Node>>,
+    pub(crate) redlock: bool,
+    pub(crate) quorum: usize,
+    pub(crate) opts: Options,
+    pub(crate) hub: Hub,
+    /// Cancelled by `close()`: every hold is lost, every wait ends.
+    pub(crate) closed: CancellationToken,
+    /// Every hold alive, so `close()` can release them.
+    pub(crate) holds: StdMutex<HashMap<u64, Arc<HoldState>>>,
+}
+
+impl fmt::Debug for ClientInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisClient")
+            .field("endpoints", &self.endpoints)
+            .field("quorum", &self.quorum)
+            .field("ttl", &self.opts.ttl)
+            .field("closed", &self.closed.is_cancelled())
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl RedisClient {
+    /// Connect with the default options. See [`RedisClientBuilder::connect`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn connect(endpoints: &str) -> Result<RedisClient> {
+        RedisClientBuilder::new(endpoints).connect().await
+    }
+
+    /// Configure a connection.
+    pub fn builder(endpoints: &str) -> RedisClientBuilder {
+        RedisClientBuilder::new(endpoints)
+    }
+
+    /// A lock named `name`. Fails with [`Error::InvalidArgument`] if the name is empty,
+    /// longer than 1 KiB, or contains a NUL byte.
+    pub fn lock(&self, name: &str) -> Result<RedisLock> {
+        RedisLock::new(self, name)
+    }
+
+    /// An election named `name`; the same name rules as [`lock`](RedisClient::lock). An
+    /// election and a lock of the same name share one key, and exclude each other.
+    pub fn election(&self, name: &str) -> Result<RedisElection> {
+        RedisElection::new(self, name)
+    }
+
+    /// The endpoints, credentials redacted.
+    pub fn endpoints(&self) -> &str {
+        &self.inner.endpoints
+    }
+
+    /// True on `redlock://`.
+    pub fn is_redlock(&self) -> bool {
+        self.inner.redlock
+    }
+
+    /// How many servers there are: 1 on `redis://`.
+    pub fn nodes(&self) -> usize {
+        self.inner.nodes.len()
+    }
+
+    /// How many servers must agree: N/2+1 (1 on `redis://`).
+    pub fn quorum(&self) -> usize {
+        self.inner.quorum
+    }
+
+    /// The TTL of each lock key.
+    pub fn ttl(&self) -> Duration {
+        self.inner.opts.ttl
+    }
+
+    /// The clock drift allowed for the TTL: 1% of it plus 2 ms.
+    pub fn drift(&self) -> Duration {
+        drift(self.inner.opts.ttl)
+    }
+
+    /// True once [`close()`](RedisClient::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Release every lock and leadership still held through this client (compare-and-delete
+    /// on every server), mark them lost, and end every wait and observation. Closing twice is
+    /// not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Everything is marked lost at once; if the future is dropped, keys not yet deleted
+    /// expire after their TTL.
+    #[tracing::instrument(name = "close", skip_all, fields(endpoints = %self.inner.endpoints))]
+    pub async fn close(&self) -> Result<()> {
+        self.inner.closed.cancel();
+        let holds: Vec<Arc<HoldState>> = self
+            .inner
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        let releases = holds.iter().map(|h| {
+            h.set_reason("the client was closed");
+            self.inner.release(&h.keys, &h.token)
+        });
+        for r in futures::future::join_all(releases).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "release on close failed; the key expires with its ttl");
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<ClientInner> {
+        &self.inner
+    }
+}
+
+impl ClientInner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.is_cancelled() {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RedisClient {
+    fn name(&self) -> &'static str {
+        if self.inner.redlock {
+            "redlock"
+        } else {
+            "redis"
+        }
+    }
+
+    fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
+        Ok(Box::new(RedisClient::lock(self, name)?))
+    }
+
+    fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
+        Ok(Box::new(RedisClient::election(self, name)?))
+    }
+
+    fn lost_token(&self) -> Option<CancellationToken> {
+        None
+    }
+
+    fn client(&self) -> Option<&Client> {
+        None
+    }
+
+    async fn close(&self) -> Result<()> {
+        RedisClient::close(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_is_one_percent_plus_two_ms() {
+        assert_eq!(drift(Duration::from_secs(10)), Duration::from_millis(102));
+        assert_eq!(
+            drift(Duration::from_millis(10)),
+            Duration::from_micros(2100)
+        );
+    }
+
+    #[test]
+    fn tokens_are_128_bits_of_hex() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn options_are_validated_before_any_network_call() {
+        let b = |ttl| {
+            RedisClientBuilder::new("redis://h:1")
+                .with_ttl(ttl)
+                .validate()
+        };
+        assert!(b(Duration::ZERO).is_err());
+        assert!(b(Duration::from_millis(9)).is_err());
+        assert!(b(MAX_TTL + Duration::from_secs(1)).is_err());
+        assert_eq!(b(Duration::from_micros(10_500)).unwrap().ttl_ms, 11);
+        assert_eq!(b(Duration::from_secs(2)).unwrap().ttl_ms, 2000);
+        let zero = RedisClientBuilder::new("redis://h:1").with_request_timeout(Duration::ZERO);
+        assert!(zero.validate().is_err());
+        let nul = RedisClientBuilder::new("redis://h:1").with_prefix("a\0");
+        assert!(nul.validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_urls_fail_before_dialling() {
+        for url in [
+            "redis://",
+            "redis://h",
+            "redlock://a:1,b:2",
+            "redis://a:1,b:2",
+            "mem://",
+        ] {
+            let err = RedisClient::connect(url).await.unwrap_err();
+            assert!(err.is_invalid_input(), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn types_are_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<RedisClient>();
+        check::<RedisLock>();
+        check::<RedisLockGuard>();
+        check::<RedisElection>();
+        check::<RedisLeadership>();
+    }
+}

@@ -1,0 +1,341 @@
+//! One Redis server: its connection, and the Lua scripts run on it.
+
+use std::fmt;
+use std::sync::{LazyLock, Mutex as StdMutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Script};
+use tokio::time::Instant;
+
+use crate::client::RedisNode;
+use crate::error::{Error, Result};
+
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/extend.lua")));
+static PROCLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/proclaim.lua")));
+static LEADER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/leader.lua")));
+
+/// After a failed dial, calls fail at once for this long instead of dialling again, so an
+/// unreachable Redlock minority does not slow every acquisition down.
+const REDIAL_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The keys and channel one lock (or election) uses.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    /// The lock key: the user's prefix plus the name, as redsync and redis-py use it.
+    pub(crate) lock: String,
+    /// The fencing counter: `baton:fence:<lock key>`.
+    pub(crate) fence: String,
+    /// The election record: `baton:leader:<lock key>`.
+    pub(crate) record: String,
+    /// The wake-up channel: `baton:wake:<lock key>`.
+    pub(crate) channel: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str, name: &str) -> Keys {
+        let lock = format!("{prefix}{name}");
+        Keys {
+            fence: format!("baton:fence:{lock}"),
+            record: format!("baton:leader:{lock}"),
+            channel: format!("baton:wake:{lock}"),
+            lock,
+        }
+    }
+}
+
+/// What one node answered to an acquire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeAcquire {
+    /// Taken; the fencing counter's new value (0 if not bumped).
+    Taken(i64),
+    /// Held by someone else; the holder's key expires in this many ms (negative: no expiry).
+    Held(i64),
+}
+
+/// What one node answered to an extend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeExtend {
+    Extended,
+    Foreign,
+    Gone,
+}
+
+/// A leader record as one node has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NodeRecord {
+    pub(crate) token: Vec<u8>,
+    pub(crate) fence: i64,
+    pub(crate) ver: i64,
+    pub(crate) value: Vec<u8>,
+}
+
+/// One Redis server, connected lazily and re-connected by the connection manager.
+pub(crate) struct Node {
+    /// For messages: `host:port[/db]`, credentials redacted.
+    pub(crate) display: String,
+    pub(crate) client: redis::Client,
+    conn: StdMutex<Option<ConnectionManager>>,
+    dial_gate: tokio::sync::Mutex<()>,
+    last_failure: StdMutex<Option<(Instant, String)>>,
+    pub(crate) dial_timeout: Duration,
+    pub(crate) request_timeout: Duration,
+}
+
+impl fmt::Debug for Node {
+    // Never show `client`: its connection info holds the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("addr", &self.display)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(
+        node: &RedisNode,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Node> {
+        let info = ConnectionInfo {
+            addr: ConnectionAddr::Tcp(node.host.clone(), node.port),
+            redis: RedisConnectionInfo {
+                db: node.db,
+                username: node.username.clone(),
+                password: node.password.clone(),
+                ..Default::default()
+            },
+        };
+        let client = redis::Client::open(info).map_err(|e| Error::InvalidEndpoint {
+            endpoint: format!("redis://{node}"),
+            reason: e.to_string(),
+        })?;
+        Ok(Node {
+            display: node.to_string(),
+            client,
+            conn: StdMutex::new(None),
+            dial_gate: tokio::sync::Mutex::new(()),
+            last_failure: StdMutex::new(None),
+            dial_timeout,
+            request_timeout,
+        })
+    }
+
+    fn cached(&self) -> Option<ConnectionManager> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The connection, dialling (within the dial timeout) if there is none yet.
+    pub(crate) async fn conn(&self) -> Result<ConnectionManager> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let _gate = self.dial_gate.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        if let Some((when, reason)) = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            if when.elapsed() < REDIAL_BACKOFF {
+                return Err(self.connect_error(reason));
+            }
+        }
+        self.dial().await
+    }
+
+    /// Dial now (the caller holds the gate, or is `connect`).
+    async fn dial(&self) -> Result<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.dial_timeout)
+            .set_response_timeout(self.request_timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(REDIAL_BACKOFF.as_millis() as u64);
+        let dialled = tokio::time::timeout(
+            self.dial_timeout,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        let reason = match dialled {
+            Ok(Ok(conn)) => {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::debug!(node = %self.display, "connected");
+                return Ok(conn);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_string(),
+        };
+        tracing::debug!(node = %self.display, %reason, "cannot connect");
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), reason.clone()));
+        Err(self.connect_error(reason))
+    }
+
+    /// Dial at start-up, ignoring the re-dial backoff.
+    pub(crate) async fn connect(&self) -> Result<()> {
+        let _gate = self.dial_gate.lock().await;
+        if self.cached().is_some() {
+            return Ok(());
+        }
+        self.dial().await.map(|_| ())
+    }
+
+    fn connect_error(&self, reason: String) -> Error {
+        Error::Connect {
+            endpoints: self.display.clone(),
+            timeout: self.dial_timeout,
+            reason,
+        }
+    }
+
+    fn store_error(&self, e: &redis::RedisError) -> Error {
+        Error::Store(format!("redis {}: {e}", self.display))
+    }
+
+    /// Run `f` on the connection within the request timeout.
+    async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let call = async {
+            let conn = self.conn().await?;
+            f(conn).await.map_err(|e| self.store_error(&e))
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                operation,
+                after: self.request_timeout,
+            }),
+        }
+    }
+
+    /// `SET NX PX` (with the fencing counter and election record, see `acquire.lua`).
+    pub(crate) async fn acquire(
+        &self,
+        keys: &Keys,
+        token: &str,
+        ttl_ms: u64,
+        fence: bool,
+        record: Option<&[u8]>,
+    ) -> Result<NodeAcquire> {
+        let (taken, n): (i64, i64) = self
+            .run("redis acquire", |mut conn| async move {
+                ACQUIRE
+                    .key(&keys.lock)
+                    .key(&keys.fence)
+                    .key(&keys.record)
+                    .arg(token)
+                    .arg(ttl_ms)
+                    .arg(if fence { "1" } else { "0" })
+                    .arg(if record.is_some() { "1" } else { "0" })
+                    .arg(record.unwrap_or_default())
+                    .arg(&keys.channel)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(if taken == 1 {
+            NodeAcquire::Taken(n)
+        } else {
+            NodeAcquire::Held(n)
+        })
+    }
+
+    /// Compare-and-delete; true if the lock was ours.
+    pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
+        let n: i64 = self
+            .run("redis release", |mut conn| async move {
+                RELEASE
+                    .key(&keys.lock)
+                    .key(&keys.record)
+                    .arg(token)
+                    .arg(&keys.channel)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Compare-and-PEXPIRE.
+    pub(crate) async fn extend(&self, keys: &Keys, token: &str, ttl_ms: u64) -> Result<NodeExtend> {
+        let n: i64 = self
+            .run("redis extend", |mut conn| async move {
+                EXTEND
+                    .key(&keys.lock)
+                    .key(&keys.record)
+                    .arg(token)
+                    .arg(ttl_ms)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(match n {
+            1 => NodeExtend::Extended,
+            0 => NodeExtend::Foreign,
+            _ => NodeExtend::Gone,
+        })
+    }
+
+    /// Publish a new value; the record's new version, or `None` if we no longer lead.
+    pub(crate) async fn proclaim(
+        &self,
+        keys: &Keys,
+        token: &str,
+        value: &[u8],
+    ) -> Result<Option<i64>> {
+        let ver: i64 = self
+            .run("redis proclaim", |mut conn| async move {
+                PROCLAIM
+                    .key(&keys.lock)
+                    .key(&keys.record)
+                    .arg(token)
+                    .arg(value)
+                    .arg(&keys.channel)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((ver > 0).then_some(ver))
+    }
+
+    /// Who holds the lock: `None` if free.
+    pub(crate) async fn leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
+        let parts: Vec<Vec<u8>> = self
+            .run("redis read", |mut conn| async move {
+                LEADER
+                    .key(&keys.lock)
+                    .key(&keys.record)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let num = |b: Option<&Vec<u8>>| -> i64 {
+            b.and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut parts = parts.into_iter();
+        let Some(token) = parts.next() else {
+            return Ok(None);
+        };
+        let rest: Vec<Vec<u8>> = parts.collect();
+        Ok(Some(NodeRecord {
+            token,
+            fence: num(rest.first()),
+            ver: num(rest.get(1)),
+            value: rest.get(2).cloned().unwrap_or_default(),
+        }))
+    }
+}

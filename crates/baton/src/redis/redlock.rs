@@ -1,0 +1,292 @@
+//! The quorum engine: acquire, extend, release, proclaim and read over N servers.
+//!
+//! A single Redis server is the case N = 1, quorum 1, with a fencing counter. Redlock is
+//! N independent masters, quorum N/2+1, no fencing counter:
+//!
+//! - **acquire**: set the key on every node in parallel. Succeed when a quorum granted it
+//!   and the validity `TTL − elapsed − drift` (drift = 1% TTL + 2 ms) is still positive.
+//!   Stop waiting for nodes once the outcome is decided, or once the validity is gone
+//!   (waiting longer could not succeed). On failure, compare-and-delete on **every** node,
+//!   including those that did not answer, before returning;
+//! - **extend**: compare-and-`PEXPIRE` on every node; held while a quorum extended it, lost
+//!   once more than N − quorum nodes no longer hold our token;
+//! - **release**: compare-and-delete on every node.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+
+use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord};
+use super::{drift, ClientInner};
+use crate::error::{Error, Result};
+
+/// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
+/// been deleted again.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// Ours: the local deadline is `start + TTL − drift`.
+    Acquired { fence: Option<i64>, start: Instant },
+    /// Held by another owner; its key expires in `retry_in` (if known).
+    Busy { retry_in: Option<Duration> },
+    /// No quorum within the validity (slow or partly failing nodes).
+    TooSlow { reached: usize },
+    /// A majority of nodes failed.
+    Failed(Error),
+}
+
+/// The outcome of one extension.
+#[derive(Debug)]
+pub(crate) enum Extended {
+    /// Extended on a quorum; the request was sent at this instant.
+    Held(Instant),
+    /// No longer ours: why.
+    Lost(&'static str),
+    /// Not decided (errors, timeouts): try again before the deadline.
+    Retry(Error),
+}
+
+impl ClientInner {
+    fn no_quorum(&self, reached: usize, reason: impl Into<String>) -> Error {
+        Error::NoQuorum {
+            reached,
+            needed: self.quorum,
+            nodes: self.nodes.len(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Try once to take the lock (and write the election record, if `record` is given).
+    pub(crate) async fn try_acquire(
+        &self,
+        keys: &Keys,
+        token: &str,
+        record: Option<&[u8]>,
+    ) -> Attempt {
+        let ttl = self.opts.ttl;
+        let drift = drift(ttl);
+        let n = self.nodes.len();
+        let q = self.quorum;
+        let fence = !self.redlock;
+        let start = Instant::now();
+        let give_up = start + ttl.saturating_sub(drift).min(self.opts.request_timeout);
+        let ttl_ms = self.opts.ttl_ms;
+        let mut calls: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                // Owned, so that the requests still in flight after a success can finish
+                // in the background.
+                let (node, keys, token) = (node.clone(), keys.clone(), token.to_string());
+                let record = record.map(<[u8]>::to_vec);
+                async move {
+                    node.acquire(&keys, &token, ttl_ms, fence, record.as_deref())
+                        .await
+                }
+            })
+            .collect();
+        let (mut ok, mut busy, mut failed) = (0, 0, 0);
+        let mut token_value = None;
+        let mut retry_in: Option<Duration> = None;
+        let mut first_error = None;
+        loop {
+            tokio::select! {
+                r = calls.next() => match r {
+                    None => break,
+                    Some(Ok(NodeAcquire::Taken(f))) => {
+                        ok += 1;
+                        token_value = Some(f);
+                        if ok >= q {
+                            break;
+                        }
+                    }
+                    Some(Ok(NodeAcquire::Held(pttl))) => {
+                        busy += 1;
+                        if let Ok(ms) = u64::try_from(pttl) {
+                            let d = Duration::from_millis(ms);
+                            retry_in = Some(retry_in.map_or(d, |r| r.min(d)));
+                        }
+                        if busy + failed > n - q {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        failed += 1;
+                        tracing::debug!(error = %e, "acquire failed on a node");
+                        first_error.get_or_insert(e);
+                        if busy + failed > n - q {
+                            break;
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(give_up) => break,
+            }
+        }
+        let elapsed = start.elapsed();
+        if ok >= q && elapsed + drift < ttl {
+            // Let the other nodes' requests finish: holding the key on more than a bare
+            // quorum makes the lock survive a node's loss. (Extends cover them too.)
+            if !calls.is_empty() {
+                tokio::spawn(async move { while calls.next().await.is_some() {} });
+            }
+            return Attempt::Acquired {
+                fence: if fence { token_value } else { None },
+                start,
+            };
+        }
+        // Requests in flight now were sent, or will never be: the release below follows
+        // them on the same connections.
+        drop(calls);
+        // Unless every node said "held by another owner", some node may hold our token.
+        if busy < n {
+            if let Err(e) = self.release(keys, token).await {
+                tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
+            }
+        }
+        if failed > n - q {
+            let e = first_error.unwrap_or(Error::Closed);
+            return Attempt::Failed(if self.redlock {
+                self.no_quorum(ok, format!("{failed} nodes failed: {e}"))
+            } else {
+                e
+            });
+        }
+        if busy > 0 {
+            return Attempt::Busy { retry_in };
+        }
+        Attempt::TooSlow { reached: ok }
+    }
+
+    /// Extend the key on every node, giving up at `until` (the local deadline).
+    pub(crate) async fn extend(&self, keys: &Keys, token: &str, until: Instant) -> Extended {
+        let n = self.nodes.len();
+        let q = self.quorum;
+        let sent = Instant::now();
+        let mut calls: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .map(|node| node.extend(keys, token, self.opts.ttl_ms))
+            .collect();
+        let (mut ok, mut foreign, mut gone) = (0, 0, 0);
+        let mut first_error = None;
+        loop {
+            tokio::select! {
+                r = calls.next() => match r {
+                    None => break,
+                    Some(Ok(NodeExtend::Extended)) => {
+                        ok += 1;
+                        if ok >= q {
+                            return Extended::Held(sent);
+                        }
+                    }
+                    Some(Ok(NodeExtend::Foreign)) => foreign += 1,
+                    Some(Ok(NodeExtend::Gone)) => gone += 1,
+                    Some(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+                _ = tokio::time::sleep_until(until) => {
+                    return Extended::Retry(Error::Timeout {
+                        operation: "extend",
+                        after: until.saturating_duration_since(sent),
+                    });
+                }
+            }
+            if foreign + gone > n - q {
+                return Extended::Lost(if foreign > 0 {
+                    "the lock key holds another owner's token"
+                } else {
+                    "the lock key was deleted or expired"
+                });
+            }
+        }
+        Extended::Retry(
+            first_error.unwrap_or_else(|| self.no_quorum(ok, "not enough nodes extended the key")),
+        )
+    }
+
+    /// Compare-and-delete on every node; how many nodes held our token. Wakes this process's
+    /// waiters at once.
+    pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
+        let results =
+            futures::future::join_all(self.nodes.iter().map(|n| n.release(keys, token))).await;
+        let deleted = results.iter().filter(|r| matches!(r, Ok(true))).count();
+        if deleted > 0 {
+            self.hub
+                .wake_local(&keys.channel, format!("{token}:0").as_bytes());
+        }
+        if results.iter().all(|r| r.is_err()) {
+            if let Some(Err(e)) = results.into_iter().next() {
+                return Err(e);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Publish a new value; the new version, or `None` if we no longer lead.
+    pub(crate) async fn proclaim(
+        &self,
+        keys: &Keys,
+        token: &str,
+        value: &[u8],
+    ) -> Result<Option<i64>> {
+        let n = self.nodes.len();
+        let results = futures::future::join_all(
+            self.nodes
+                .iter()
+                .map(|node| node.proclaim(keys, token, value)),
+        )
+        .await;
+        let vers: Vec<i64> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied().flatten())
+            .collect();
+        if vers.len() >= self.quorum {
+            return Ok(vers.iter().copied().max());
+        }
+        let refused = results.iter().filter(|r| matches!(r, Ok(None))).count();
+        if refused > n - self.quorum {
+            return Ok(None);
+        }
+        match results.into_iter().find_map(|r| r.err()) {
+            Some(e) if !self.redlock => Err(e),
+            Some(e) => Err(self.no_quorum(vers.len(), format!("proclaim failed: {e}"))),
+            None => Err(self.no_quorum(vers.len(), "proclaim not confirmed")),
+        }
+    }
+
+    /// The holder of the key as a quorum of nodes sees it: `None` if free (or no token is
+    /// held by a quorum).
+    pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
+        let n = self.nodes.len();
+        let results =
+            futures::future::join_all(self.nodes.iter().map(|node| node.leader(keys))).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > n - self.quorum {
+            return match results.into_iter().find_map(|r| r.err()) {
+                Some(e) if !self.redlock => Err(e),
+                Some(e) => Err(self.no_quorum(n - failed, format!("read failed: {e}"))),
+                None => Err(Error::Closed),
+            };
+        }
+        let mut votes: HashMap<Vec<u8>, (usize, NodeRecord)> = HashMap::new();
+        for rec in results.into_iter().flatten().flatten() {
+            match votes.get_mut(&rec.token) {
+                Some((count, best)) => {
+                    *count += 1;
+                    if rec.ver > best.ver {
+                        *best = rec;
+                    }
+                }
+                None => {
+                    votes.insert(rec.token.clone(), (1, rec));
+                }
+            }
+        }
+        Ok(votes
+            .into_values()
+            .find(|(count, _)| *count >= self.quorum)
+            .map(|(_, rec)| rec))
+    }
+}

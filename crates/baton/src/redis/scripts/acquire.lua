@@ -1,0 +1,27 @@
+-- Take a lock with `SET key token NX PX ttl`: the command redsync and redis-py's Lock use, so
+-- they and Baton exclude each other. On success, in the same script, bump the lock's fencing
+-- counter and (for an election) write the leader's record.
+--
+-- KEYS[1]  the lock key
+-- KEYS[2]  the fencing counter (a separate key, never expiring)
+-- KEYS[3]  the election record (a hash: token, fence, ver, value)
+-- ARGV[1]  our token (128 random bits)
+-- ARGV[2]  the TTL in milliseconds
+-- ARGV[3]  "1" to bump the fencing counter (single instance), "0" not to (Redlock)
+-- ARGV[4]  "1" to write the election record with value ARGV[5] and publish on ARGV[6]
+--
+-- Returns {1, fencing token (0 if not bumped)} when taken, or {0, PTTL of the holder's key}.
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local fence = 0
+if ARGV[3] == '1' then
+  fence = redis.call('INCR', KEYS[2])
+end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[3])
+  redis.call('HSET', KEYS[3], 'token', ARGV[1], 'fence', fence, 'ver', 1, 'value', ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  redis.call('PUBLISH', ARGV[6], ARGV[1] .. ':1')
+end
+return {1, fence}

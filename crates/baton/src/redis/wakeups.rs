@@ -1,0 +1,336 @@
+//! Fast wake-ups: one pub/sub connection per Redis node, shared by every waiter and observer
+//! of the client.
+//!
+//! Release, campaign and proclaim scripts `PUBLISH` on the lock's channel. Each node's
+//! subscriber task subscribes to the channels someone waits on, and turns each message into a
+//! wake-up: one waiter of the lock (so a release wakes one local waiter, not all of them), and
+//! every observer. Messages can be lost (a reconnect, a foreign client that does not publish,
+//! a holder that crashed), so every wait also has a bounded, jittered fallback poll.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::node::Node;
+
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// The wake-ups of one channel.
+#[derive(Debug, Default)]
+pub(crate) struct Channel {
+    /// One waiter per message (`notify_one`).
+    pub(crate) waiters: Notify,
+    /// Every observer per message (`notify_waiters`).
+    pub(crate) observers: Notify,
+    /// The last payload delivered, so that one event published on N Redlock nodes wakes once.
+    last: StdMutex<Option<Vec<u8>>>,
+}
+
+impl Channel {
+    fn deliver(&self, payload: Option<&[u8]>) {
+        if let Some(p) = payload {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_deref() == Some(p) {
+                return;
+            }
+            *last = Some(p.to_vec());
+        }
+        self.waiters.notify_one();
+        self.observers.notify_waiters();
+    }
+}
+
+enum Cmd {
+    Subscribe(String, oneshot::Sender<bool>),
+    Unsubscribe(String),
+}
+
+/// The subscriber tasks of a client, and the channels someone listens on.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    inner: Arc<HubInner>,
+}
+
+#[derive(Debug)]
+struct HubInner {
+    nodes: Vec<Arc<Node>>,
+    channels: StdMutex<HashMap<String, (Arc<Channel>, usize)>>,
+    tasks: OnceLock<Vec<mpsc::UnboundedSender<Cmd>>>,
+    /// How long a new subscriber waits for a node to confirm its subscription.
+    confirm_within: Duration,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmd::Subscribe(c, _) => write!(f, "Subscribe({c})"),
+            Cmd::Unsubscribe(c) => write!(f, "Unsubscribe({c})"),
+        }
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(nodes: Vec<Arc<Node>>, confirm_within: Duration) -> Hub {
+        Hub {
+            inner: Arc::new(HubInner {
+                nodes,
+                channels: StdMutex::new(HashMap::new()),
+                tasks: OnceLock::new(),
+                confirm_within,
+            }),
+        }
+    }
+
+    /// Wake this process's waiters and observers of `channel` now (a local release), without
+    /// waiting for the message to come back from Redis.
+    pub(crate) fn wake_local(&self, channel: &str, payload: &[u8]) {
+        self.inner.deliver(channel, Some(payload));
+    }
+
+    /// Listen on `channel` until the returned subscription is dropped.
+    ///
+    /// Returns once at least one node confirmed the subscription, every node answered, or
+    /// the confirmation time passed; a message published after a confirmed subscription is
+    /// never missed (and the fallback poll covers the rest).
+    pub(crate) async fn subscribe(&self, channel: &str) -> Subscription {
+        let chan = {
+            let mut map = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let entry = map
+                .entry(channel.to_string())
+                .or_insert_with(|| (Arc::new(Channel::default()), 0));
+            entry.1 += 1;
+            entry.0.clone()
+        };
+        let sub = Subscription {
+            hub: self.inner.clone(),
+            name: channel.to_string(),
+            chan,
+        };
+        let tasks = self.inner.tasks();
+        let mut replies = futures::stream::FuturesUnordered::new();
+        for task in tasks {
+            let (tx, rx) = oneshot::channel();
+            if task.send(Cmd::Subscribe(channel.to_string(), tx)).is_ok() {
+                replies.push(rx);
+            }
+        }
+        let confirmed = async {
+            while let Some(r) = replies.next().await {
+                if r == Ok(true) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.inner.confirm_within, confirmed).await;
+        sub
+    }
+}
+
+impl HubInner {
+    fn tasks(self: &Arc<Self>) -> &Vec<mpsc::UnboundedSender<Cmd>> {
+        self.tasks.get_or_init(|| {
+            self.nodes
+                .iter()
+                .map(|node| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let span = tracing::debug_span!("subscriber", node = %node.display);
+                    tokio::spawn(
+                        subscriber(node.clone(), Arc::downgrade(self), rx).instrument(span),
+                    );
+                    tx
+                })
+                .collect()
+        })
+    }
+
+    fn channel(&self, name: &str) -> Option<Arc<Channel>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|(c, _)| c.clone())
+    }
+
+    fn deliver(&self, name: &str, payload: Option<&[u8]>) {
+        if let Some(chan) = self.channel(name) {
+            chan.deliver(payload);
+        }
+    }
+}
+
+/// Listening on one channel. Dropping it stops listening (when no one else listens).
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    hub: Arc<HubInner>,
+    name: String,
+    chan: Arc<Channel>,
+}
+
+impl Subscription {
+    pub(crate) fn channel(&self) -> &Arc<Channel> {
+        &self.chan
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let last = {
+            let mut map = self.hub.channels.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get_mut(&self.name) {
+                Some(entry) if entry.1 > 1 => {
+                    entry.1 -= 1;
+                    false
+                }
+                Some(_) => {
+                    map.remove(&self.name);
+                    true
+                }
+                None => false,
+            }
+        };
+        if let (true, Some(tasks)) = (last, self.hub.tasks.get()) {
+            for task in tasks {
+                let _ = task.send(Cmd::Unsubscribe(self.name.clone()));
+            }
+        }
+    }
+}
+
+/// Count a command while not connected; a new subscriber is told "not confirmed" at once.
+fn apply_offline(
+    subs: &mut HashMap<String, usize>,
+    cmd: Cmd,
+    pending: Option<&mut Vec<oneshot::Sender<bool>>>,
+) {
+    match cmd {
+        Cmd::Subscribe(ch, reply) => {
+            *subs.entry(ch).or_insert(0) += 1;
+            match pending {
+                Some(p) => p.push(reply),
+                None => {
+                    let _ = reply.send(false);
+                }
+            }
+        }
+        Cmd::Unsubscribe(ch) => {
+            if let Some(n) = subs.get_mut(&ch) {
+                *n -= 1;
+                if *n == 0 {
+                    subs.remove(&ch);
+                }
+            }
+        }
+    }
+}
+
+/// The subscriber of one node: connects while anyone listens, re-subscribes after a
+/// reconnect (and then wakes everyone, since messages may have been lost), and routes
+/// messages to the hub. Ends when the hub is dropped.
+async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let mut subs: HashMap<String, usize> = HashMap::new();
+    let mut pending: Vec<oneshot::Sender<bool>> = Vec::new();
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        while subs.is_empty() {
+            match rx.recv().await {
+                None => return,
+                Some(cmd) => apply_offline(&mut subs, cmd, Some(&mut pending)),
+            }
+        }
+        let connected = async {
+            let pubsub = node.client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            let channels: Vec<&String> = subs.keys().collect();
+            sink.subscribe(channels).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
+        };
+        let deadline = node.dial_timeout + node.request_timeout;
+        match tokio::time::timeout(deadline, connected).await {
+            Ok(Ok((mut sink, mut stream))) => {
+                tracing::debug!(channels = subs.len(), "subscribed");
+                backoff = RECONNECT_MIN;
+                for reply in pending.drain(..) {
+                    let _ = reply.send(true);
+                }
+                // Messages may have been missed while we were not subscribed.
+                if let Some(hub) = hub.upgrade() {
+                    for ch in subs.keys() {
+                        hub.deliver(ch, None);
+                    }
+                }
+                loop {
+                    tokio::select! {
+                        cmd = rx.recv() => match cmd {
+                            None => return,
+                            Some(Cmd::Subscribe(ch, reply)) => {
+                                let n = subs.entry(ch.clone()).or_insert(0);
+                                *n += 1;
+                                if *n > 1 {
+                                    let _ = reply.send(true);
+                                    continue;
+                                }
+                                let ok = matches!(
+                                    tokio::time::timeout(node.request_timeout, sink.subscribe(&ch)).await,
+                                    Ok(Ok(()))
+                                );
+                                let _ = reply.send(ok);
+                                if !ok {
+                                    break;
+                                }
+                            }
+                            Some(Cmd::Unsubscribe(ch)) => {
+                                if let Some(n) = subs.get_mut(&ch) {
+                                    *n -= 1;
+                                    if *n == 0 {
+                                        subs.remove(&ch);
+                                        let _ = tokio::time::timeout(
+                                            node.request_timeout,
+                                            sink.unsubscribe(&ch),
+                                        )
+                                        .await;
+                                    }
+                                }
+                            }
+                        },
+                        msg = stream.next() => match msg {
+                            None => {
+                                tracing::debug!("subscription connection lost");
+                                break;
+                            }
+                            Some(msg) => match hub.upgrade() {
+                                Some(hub) => hub.deliver(msg.get_channel_name(), Some(msg.get_payload_bytes())),
+                                None => return,
+                            },
+                        },
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe; retrying"),
+            Err(_) => tracing::debug!("cannot subscribe in time; retrying"),
+        }
+        for reply in pending.drain(..) {
+            let _ = reply.send(false);
+        }
+        let until = Instant::now() + backoff;
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(cmd) => apply_offline(&mut subs, cmd, None),
+                },
+            }
+        }
+    }
+}

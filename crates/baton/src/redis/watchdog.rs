@@ -1,0 +1,317 @@
+//! A held Redis lock and its watchdog: the background task that extends the key every TTL/3
+//! and declares the hold lost when it can no longer be sure it is ours.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Instrument;
+
+use super::node::Keys;
+use super::redlock::Extended;
+use super::{drift, ClientInner};
+use crate::error::{Error, Result};
+
+/// After a failed extend, the watchdog tries again this soon (or sooner, if its interval is
+/// shorter), until the local deadline.
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a guard and its watchdog share.
+#[derive(Debug)]
+pub(crate) struct HoldState {
+    id: u64,
+    pub(crate) keys: Keys,
+    pub(crate) token: String,
+    pub(crate) fence: Option<i64>,
+    /// Cancelled when the hold is lost. A child of the client's `closed` token.
+    lost: CancellationToken,
+    /// Cancelled to stop the watchdog (release).
+    stop: CancellationToken,
+    /// Wakes the watchdog to re-read the deadline.
+    poke: Notify,
+    state: StdMutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    deadline: Instant,
+    reason: Option<String>,
+}
+
+impl HoldState {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record why the hold is lost (the first reason wins), without cancelling yet.
+    pub(crate) fn set_reason(&self, reason: &str) {
+        let mut st = self.state();
+        if st.reason.is_none() {
+            st.reason = Some(reason.to_string());
+        }
+    }
+
+    fn mark_lost(&self, reason: &str) {
+        if !self.lost.is_cancelled() {
+            tracing::info!(key = %self.keys.lock, reason, "lock lost");
+        }
+        self.set_reason(reason);
+        self.lost.cancel();
+    }
+
+    fn reason(&self) -> Option<String> {
+        if !self.lost.is_cancelled() {
+            return None;
+        }
+        Some(
+            self.state()
+                .reason
+                .clone()
+                .unwrap_or_else(|| "the client was closed".to_string()),
+        )
+    }
+
+    fn deadline(&self) -> Instant {
+        self.state().deadline
+    }
+
+    fn push_deadline(&self, deadline: Instant) {
+        let mut st = self.state();
+        if deadline > st.deadline {
+            st.deadline = deadline;
+        }
+    }
+}
+
+/// A held key: the shared state, the client, and the watchdog's life.
+///
+/// Dropping it without [`release`](Hold::release) stops the watchdog and releases the key in
+/// a task spawned on the current runtime (best effort; else the key expires with its TTL).
+#[derive(Debug)]
+pub(crate) struct Hold {
+    client: Arc<ClientInner>,
+    state: Arc<HoldState>,
+    done: bool,
+}
+
+impl Hold {
+    /// Start holding `keys` with `token`, acquired at `start`: register with the client and
+    /// start the watchdog (or only the deadline timer, without a watchdog).
+    pub(crate) fn start(
+        client: &Arc<ClientInner>,
+        keys: Keys,
+        token: String,
+        fence: Option<i64>,
+        start: Instant,
+    ) -> Hold {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let ttl = client.opts.ttl;
+        let state = Arc::new(HoldState {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            keys,
+            token,
+            fence,
+            lost: client.closed.child_token(),
+            stop: CancellationToken::new(),
+            poke: Notify::new(),
+            state: StdMutex::new(State {
+                deadline: start + ttl.saturating_sub(drift(ttl)),
+                reason: None,
+            }),
+        });
+        client
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(state.id, state.clone());
+        let interval = client.opts.watchdog.then(|| ttl / 3);
+        let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
+        tokio::spawn(watchdog(client.clone(), state.clone(), interval).instrument(span));
+        Hold {
+            client: client.clone(),
+            state,
+            done: false,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        &self.state.keys.lock
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.state.keys
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.state.token
+    }
+
+    pub(crate) fn fence(&self) -> Option<i64> {
+        self.state.fence
+    }
+
+    pub(crate) fn client(&self) -> &Arc<ClientInner> {
+        &self.client
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.state.lost.is_cancelled()
+    }
+
+    pub(crate) fn lost_reason(&self) -> Option<String> {
+        self.state.reason()
+    }
+
+    pub(crate) fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.state.lost.cancelled()
+    }
+
+    pub(crate) fn lost_token(&self) -> CancellationToken {
+        self.state.lost.child_token()
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        self.state.deadline()
+    }
+
+    /// Mark the hold lost (a proclaim found we no longer lead).
+    pub(crate) fn mark_lost(&self, reason: &str) {
+        self.state.mark_lost(reason);
+    }
+
+    fn not_held(&self) -> Error {
+        Error::NotHeld {
+            key: self.state.keys.lock.clone(),
+        }
+    }
+
+    /// Extend the key now (on a quorum): compare-and-`PEXPIRE`, never re-creating it.
+    pub(crate) async fn extend(&self) -> Result<()> {
+        if self.is_lost() {
+            return Err(self.not_held());
+        }
+        let st = &self.state;
+        match self
+            .client
+            .extend(&st.keys, &st.token, st.deadline())
+            .instrument(tracing::debug_span!("extend", key = %st.keys.lock))
+            .await
+        {
+            Extended::Held(sent) => {
+                let ttl = self.client.opts.ttl;
+                st.push_deadline(sent + ttl.saturating_sub(drift(ttl)));
+                st.poke.notify_one();
+                Ok(())
+            }
+            Extended::Lost(reason) => {
+                st.mark_lost(reason);
+                Err(self.not_held())
+            }
+            Extended::Retry(e) => {
+                if Instant::now() >= st.deadline() {
+                    st.mark_lost("the local deadline passed without a successful extend");
+                    return Err(self.not_held());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stop the watchdog and delete the key if it is still ours. [`Error::NotHeld`] if the
+    /// hold had been lost (the key is still deleted if it turns out to be ours).
+    pub(crate) async fn release(mut self, what: &'static str) -> Result<()> {
+        self.done = true;
+        let st = self.state.clone();
+        st.stop.cancel();
+        self.deregister();
+        let was_lost = self.is_lost();
+        let deleted = self
+            .client
+            .release(&st.keys, &st.token)
+            .instrument(tracing::debug_span!("release", key = %st.keys.lock, what))
+            .await?;
+        if was_lost || deleted < self.client.quorum {
+            return Err(self.not_held());
+        }
+        Ok(())
+    }
+
+    fn deregister(&self) {
+        self.client
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.state.id);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.state.stop.cancel();
+        self.deregister();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            let state = self.state.clone();
+            handle.spawn(
+                async move {
+                    if let Err(e) = client.release(&state.keys, &state.token).await {
+                        tracing::warn!(error = %e, "release on drop failed; the key expires with its ttl");
+                    }
+                }
+                .instrument(tracing::debug_span!("release", key = %self.state.keys.lock, what = "drop")),
+            );
+        }
+    }
+}
+
+/// Extend every `interval` (if any) until stopped or lost; declare the hold lost when an
+/// extend says the key is not ours, or when the local deadline passes.
+async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Option<Duration>) {
+    let ttl = client.opts.ttl;
+    let never = Duration::from_secs(u64::from(u32::MAX));
+    let mut wait = interval.unwrap_or(never);
+    loop {
+        let deadline = state.deadline();
+        tokio::select! {
+            _ = state.stop.cancelled() => return,
+            _ = state.lost.cancelled() => return,
+            _ = state.poke.notified() => continue,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if Instant::now() >= state.deadline() {
+            state.mark_lost("the local deadline passed without a successful extend");
+            return;
+        }
+        if interval.is_none() {
+            continue;
+        }
+        let extended = tokio::select! {
+            _ = state.stop.cancelled() => return,
+            r = client
+                .extend(&state.keys, &state.token, state.deadline())
+                .instrument(tracing::debug_span!("extend")) => r,
+        };
+        match extended {
+            Extended::Held(sent) => {
+                state.push_deadline(sent + ttl.saturating_sub(drift(ttl)));
+                wait = interval.unwrap_or(never);
+                tracing::trace!("extended");
+            }
+            Extended::Lost(reason) => {
+                state.mark_lost(reason);
+                return;
+            }
+            Extended::Retry(e) => {
+                tracing::warn!(error = %e, "extend failed; retrying until the local deadline");
+                wait = RETRY_BACKOFF.min(interval.unwrap_or(never));
+            }
+        }
+    }
+}
