@@ -2,6 +2,8 @@
 //!
 //! - [`EtcdServer`] and [`EtcdCluster`]: real etcd members on free loopback ports, in
 //!   temporary directories, killed on drop (and by the kernel if the test process dies).
+//! - [`RedisServer`] and [`RedisServers`]: real `redis-server`s without persistence, the
+//!   same way (one server, or N independent masters for Redlock).
 //! - [`ports`]: free loopback ports that parallel tests never share.
 //! - [`conformance`]: the behaviours every store must show, run on every backend.
 //! - [`etcd_available`]: whether the etcd binary is there, for a clear message instead of a
@@ -29,6 +31,8 @@ pub mod conformance;
 pub mod etcd;
 pub mod ports;
 mod process;
+pub mod redis;
 
 pub use etcd::{etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer};
 pub use ports::free_port;
+pub use redis::{redis_available, redis_bin, RedisServer, RedisServers};

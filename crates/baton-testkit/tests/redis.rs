@@ -1,0 +1,789 @@
+//! The Redis family against real `redis-server` processes (1, and 5 for Redlock) started on
+//! free loopback ports without persistence: mutual exclusion with a fenced counter, Redlock
+//! quorum subsets, expiry, restarts, slow acquisitions, loss notification, bad input, and
+//! interop with redis-py's `Lock`.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use baton::redis::{RedisClient, RedisClientBuilder};
+use baton::Error;
+use baton_testkit::{RedisServer, RedisServers};
+use redis::AsyncCommands;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+fn unique(case: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "test/{case}/{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A plain redis-rs connection, to look at and tamper with keys behind Baton's back.
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    conn.get(key).await.unwrap()
+}
+
+fn builder(url: &str, ttl: Duration) -> RedisClientBuilder {
+    RedisClient::builder(url)
+        .with_ttl(ttl)
+        .with_dial_timeout(Duration::from_secs(2))
+}
+
+async fn connect(url: &str, ttl: Duration) -> RedisClient {
+    builder(url, ttl).connect().await.unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Mutual exclusion
+
+/// Workers (separate clients) increment a counter stored in Redis with a read-modify-write
+/// under the lock. A fenced resource accepts a write only with a token at least as high as
+/// any it has seen. Never two holders at once, no lost increment, no rejected write, and
+/// (single instance) tokens strictly increase in grant order.
+async fn fenced_counter(url: &str, workers: usize, rounds: usize, fenced: bool) {
+    let name = unique("counter");
+    let counter_key = format!("{name}/counter");
+    let holding = Arc::new(AtomicBool::new(false));
+    let highest = Arc::new(StdMutex::new(0i64));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let client = connect(url, Duration::from_secs(5)).await;
+        let mut conn = raw(&first_url(url)).await;
+        let (name, counter_key) = (name.clone(), counter_key.clone());
+        let (holding, highest) = (holding.clone(), highest.clone());
+        tasks.push(tokio::spawn(async move {
+            let lock = client.lock(&name).unwrap();
+            for _ in 0..rounds {
+                let guard = lock.lock_timeout(Duration::from_secs(20)).await.unwrap();
+                assert!(!holding.swap(true, Ordering::SeqCst), "two holders at once");
+                if fenced {
+                    let token = guard.fencing_token().expect("a fencing token");
+                    let mut high = highest.lock().unwrap();
+                    assert!(token > *high, "token {token} after {}", *high);
+                    *high = token;
+                } else {
+                    assert_eq!(guard.fencing_token(), None);
+                }
+                let n: i64 = conn
+                    .get::<_, Option<i64>>(&counter_key)
+                    .await
+                    .unwrap()
+                    .unwrap_or(0);
+                tokio::task::yield_now().await;
+                let () = conn.set(&counter_key, n + 1).await.unwrap();
+                assert!(!guard.is_lost());
+                holding.store(false, Ordering::SeqCst);
+                guard.unlock().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut conn = raw(&first_url(url)).await;
+    let n: i64 = conn.get(&counter_key).await.unwrap();
+    assert_eq!(n, (workers * rounds) as i64);
+    assert_eq!(
+        get(&mut conn, &name).await,
+        None,
+        "the lock key is left behind"
+    );
+}
+
+/// The first server of a `redis://` or `redlock://` URL, as `redis://h:p`.
+fn first_url(url: &str) -> String {
+    let rest = url.split_once("://").unwrap().1;
+    format!("redis://{}", rest.split(',').next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_mutual_exclusion_with_fenced_counter() {
+    let server = RedisServer::start_async().await;
+    fenced_counter(&server.url(), 8, 25, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_mutual_exclusion() {
+    let servers = RedisServers::start_async(5).await;
+    fenced_counter(&servers.redlock_url(), 5, 10, false).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redlock quorum
+
+/// For every subset of the 5 masters, pre-set a foreign value there: the acquire succeeds
+/// exactly when a majority is free; our values are cleaned up when it fails, and a release
+/// never touches the foreign values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_quorum_subsets() {
+    let servers = RedisServers::start_async(5).await;
+    let client = connect(&servers.redlock_url(), Duration::from_secs(10)).await;
+    let mut conns = Vec::new();
+    for s in servers.servers() {
+        conns.push(raw(&s.url()).await);
+    }
+    for subset in 0u32..32 {
+        let name = unique(&format!("subset-{subset:05b}"));
+        let taken: Vec<usize> = (0..5).filter(|i| subset & (1 << i) != 0).collect();
+        for &i in &taken {
+            let () = conns[i].set_ex(&name, "foreign-token", 60).await.unwrap();
+        }
+        let free = 5 - taken.len();
+        let result = client.lock(&name).unwrap().try_lock().await;
+        match result {
+            Ok(guard) => {
+                assert!(free >= 3, "acquired with only {free} free masters");
+                // The acquire returns once a quorum granted it; requests to the other free
+                // masters may still be in flight.
+                let mut ours = 0;
+                for (i, conn) in conns.iter_mut().enumerate() {
+                    let v = get(conn, &name).await;
+                    if taken.contains(&i) {
+                        assert_eq!(v.as_deref(), Some("foreign-token"));
+                    } else if v.as_deref() == Some(guard.token()) {
+                        ours += 1;
+                    }
+                }
+                assert!(ours >= 3, "subset {subset:05b}: ours on {ours} masters");
+                guard.unlock().await.unwrap();
+            }
+            Err(e) => {
+                assert!(free < 3, "{free} free masters but: {e}");
+                assert!(matches!(e, Error::Locked { .. }), "{e}");
+            }
+        }
+        for (i, conn) in conns.iter_mut().enumerate() {
+            let v = get(conn, &name).await;
+            if taken.contains(&i) {
+                assert_eq!(v.as_deref(), Some("foreign-token"), "foreign value changed");
+            } else {
+                assert_eq!(v, None, "subset {subset:05b}: our value left on master {i}");
+            }
+        }
+    }
+}
+
+/// Redlock keeps working with 2 of 5 masters down, and refuses to connect with 3 down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_works_with_a_majority_up() {
+    let mut servers = RedisServers::start_async(5).await;
+    let url = servers.redlock_url();
+    servers.kill(0);
+    servers.kill(3);
+    let client = connect(&url, Duration::from_secs(2)).await;
+    let lock = client.lock(&unique("majority")).unwrap();
+    let guard = lock.try_lock().await.unwrap();
+    assert_eq!(guard.fencing_token(), None);
+    // The watchdog keeps it with a quorum of 3.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+    guard.extend().await.unwrap();
+    guard.unlock().await.unwrap();
+
+    servers.kill(4);
+    let err = lock.try_lock().await.unwrap_err();
+    assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
+    let started = Instant::now();
+    let err = builder(&url, Duration::from_secs(2))
+        .with_dial_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------------------------------
+// Expiry, loss, restart
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_after_expiry_is_not_held_and_never_recreates() {
+    let server = RedisServer::start_async().await;
+    let client = builder(&server.url(), Duration::from_millis(300))
+        .without_watchdog()
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = raw(&server.url()).await;
+    let lock = client.lock(&unique("expiry")).unwrap();
+
+    // Expired: the local deadline passed, then the key.
+    let guard = lock.lock().await.unwrap();
+    guard.extend().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), guard.lost())
+        .await
+        .expect("lost() at the local deadline");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = guard.extend().await.unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    assert_eq!(
+        get(&mut conn, lock.key()).await,
+        None,
+        "extend re-created the key"
+    );
+    let err = guard.unlock().await.unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+
+    // Deleted while the local deadline still runs: the extend script finds it gone.
+    let client = builder(&server.url(), Duration::from_secs(5))
+        .without_watchdog()
+        .connect()
+        .await
+        .unwrap();
+    let lock = client.lock(&unique("deleted")).unwrap();
+    let guard = lock.lock().await.unwrap();
+    let () = conn.del(lock.key()).await.unwrap();
+    let err = guard.extend().await.unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    assert!(guard.is_lost());
+    assert!(guard.lost_reason().unwrap().contains("deleted"));
+    assert_eq!(
+        get(&mut conn, lock.key()).await,
+        None,
+        "extend re-created the key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlock_after_expiry_keeps_the_next_holders_lock() {
+    let server = RedisServer::start_async().await;
+    let slow = builder(&server.url(), Duration::from_millis(200))
+        .without_watchdog()
+        .connect()
+        .await
+        .unwrap();
+    let next = connect(&server.url(), Duration::from_secs(10)).await;
+    let name = unique("unlock-after-expiry");
+    let old = slow.lock(&name).unwrap().lock().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = next.lock(&name).unwrap().try_lock().await.unwrap();
+    let err = old.unlock().await.unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    let mut conn = raw(&server.url()).await;
+    assert_eq!(get(&mut conn, &name).await.as_deref(), Some(new.token()));
+    assert!(!new.is_lost());
+    new.unlock().await.unwrap();
+}
+
+/// `lost()` fires within TTL/3 + 50 ms of an external `DEL` (the issue's `lost` target).
+async fn lost_after_del(url: &str, servers: &[String]) {
+    let ttl = Duration::from_millis(900);
+    let client = connect(url, ttl).await;
+    let mut conns = Vec::new();
+    for s in servers {
+        conns.push(raw(s).await);
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..3 {
+        let lock = client.lock(&unique("del")).unwrap();
+        let guard = lock.lock().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let deleted = Instant::now();
+        for conn in &mut conns {
+            let () = conn.del(lock.key()).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(3), guard.lost())
+            .await
+            .expect("lost() after DEL");
+        worst = worst.max(deleted.elapsed());
+        assert!(guard.lost_reason().unwrap().contains("deleted"));
+        let err = guard.unlock().await.unwrap_err();
+        assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    }
+    let bound = ttl / 3 + Duration::from_millis(50);
+    assert!(worst <= bound, "lost() took {worst:?}; bound {bound:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_within_a_third_of_the_ttl_after_del() {
+    let server = RedisServer::start_async().await;
+    lost_after_del(&server.url(), &[server.url()]).await;
+    let servers = RedisServers::start_async(5).await;
+    let urls: Vec<String> = servers.servers().iter().map(|s| s.url()).collect();
+    // Deleting on 3 of 5 masters is enough to lose a Redlock.
+    lost_after_del(&servers.redlock_url(), &urls[..3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_persistence_fires_lost() {
+    let mut server = RedisServer::start_async().await;
+    let client = connect(&server.url(), Duration::from_secs(1)).await;
+    let lock = client.lock(&unique("restart")).unwrap();
+    let guard = lock.lock().await.unwrap();
+    let token = guard.fencing_token().unwrap();
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| server.restart());
+    tokio::time::timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() after a restart");
+    assert!(restarted.elapsed() < Duration::from_secs(2));
+    assert!(guard.lost_reason().is_some());
+    // The counter went with the data: this is why the token is monotonic only while
+    // Redis keeps its data.
+    let again = lock.lock_timeout(Duration::from_secs(5)).await.unwrap();
+    assert!(again.fencing_token().unwrap() <= token);
+    again.unlock().await.unwrap();
+    drop(guard);
+}
+
+// ---------------------------------------------------------------------------------------
+// A slow Redlock acquisition
+
+/// A TCP proxy that forwards client→server data after a delay that can be changed at run
+/// time (each chunk is read after the previous one was forwarded, so order is kept), and
+/// server→client data at once.
+struct DelayProxy {
+    port: u16,
+    delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    async fn start(upstream: u16) -> DelayProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let d = delay.load(Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(d)).await;
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+            }
+        });
+        DelayProxy {
+            port,
+            delay_ms,
+            task,
+        }
+    }
+
+    fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Three of five masters answer only after the validity: the acquire gives up at the
+/// validity, fails, and deletes what it set everywhere — including on the slow masters,
+/// where its SET lands late — so another client gets the lock at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_slower_than_validity_fails_and_cleans_up() {
+    let servers = RedisServers::start_async(5).await;
+    let mut proxies = Vec::new();
+    for s in &servers.servers()[..3] {
+        proxies.push(DelayProxy::start(s.port()).await);
+    }
+    let mut addrs: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect();
+    addrs.extend(servers.servers()[3..].iter().map(|s| s.addr()));
+    let slow_url = format!("redlock://{}", addrs.join(","));
+    let ttl = Duration::from_secs(1);
+    let client = connect(&slow_url, ttl).await;
+    let name = unique("slow");
+    let lock = client.lock(&name).unwrap();
+    // Load the scripts while the proxies are fast.
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+
+    for p in &proxies {
+        p.set_delay(Duration::from_millis(1500));
+    }
+    let unslow = {
+        let delays: Vec<Arc<AtomicU64>> = proxies.iter().map(|p| p.delay_ms.clone()).collect();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            for d in delays {
+                d.store(0, Ordering::SeqCst);
+            }
+        })
+    };
+    let started = Instant::now();
+    let err = lock.try_lock().await.unwrap_err();
+    let took = started.elapsed();
+    unslow.await.unwrap();
+    assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
+    // It gave up at the validity (TTL − drift), then waited for its cleanup to land.
+    assert!(
+        took >= ttl - client.drift() - Duration::from_millis(5),
+        "{took:?}"
+    );
+    let other = connect(&servers.redlock_url(), ttl).await;
+    let guard = other
+        .lock(&name)
+        .unwrap()
+        .try_lock()
+        .await
+        .expect("the failed acquire left its keys behind");
+    let mut held = 0;
+    for s in servers.servers() {
+        let mut conn = raw(&s.url()).await;
+        match get(&mut conn, &name).await {
+            Some(v) if v == guard.token() => held += 1,
+            None => {} // a request of the new holder still in flight
+            Some(_) => panic!("the failed acquire left its value behind"),
+        }
+    }
+    assert!(held >= 3, "held on {held} masters");
+    guard.unlock().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting, cancelling
+
+/// A waiter learns of a release by pub/sub, long before its fallback poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_wakes_a_waiter_at_once() {
+    let server = RedisServer::start_async().await;
+    let holder = connect(&server.url(), Duration::from_secs(10)).await;
+    let waiter = builder(&server.url(), Duration::from_secs(10))
+        .with_poll_interval(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let name = unique("wake");
+    for _ in 0..3 {
+        let held = holder.lock(&name).unwrap().lock().await.unwrap();
+        let lock = waiter.lock(&name).unwrap();
+        let waiting = tokio::spawn(async move {
+            let g = lock.lock_timeout(Duration::from_secs(3)).await.unwrap();
+            let at = Instant::now();
+            g.unlock().await.unwrap();
+            at
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let released = Instant::now();
+        held.unlock().await.unwrap();
+        let acquired = waiting.await.unwrap();
+        let latency = acquired.duration_since(released);
+        assert!(
+            latency < Duration::from_millis(150),
+            "woken after {latency:?}"
+        );
+    }
+}
+
+/// Dropping `lock()` at any point — before, during or after an attempt — leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_acquires_leave_nothing_behind() {
+    let server = RedisServer::start_async().await;
+    let client = connect(&server.url(), Duration::from_secs(30)).await;
+    let mut conn = raw(&server.url()).await;
+    let lock = client.lock(&unique("cancel")).unwrap();
+    for i in 0..60u64 {
+        let cut = Duration::from_micros((i * 37) % 1500);
+        if let Ok(Ok(g)) = tokio::time::timeout(cut, lock.lock()).await {
+            g.unlock().await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(&mut conn, lock.key()).await, None);
+
+    // A queued waiter that times out leaves the holder's key alone and nothing else.
+    let held = lock.lock().await.unwrap();
+    let err = lock
+        .lock_timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(
+        get(&mut conn, lock.key()).await.as_deref(),
+        Some(held.token())
+    );
+    held.unlock().await.unwrap();
+    assert_eq!(get(&mut conn, lock.key()).await, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// Elections
+
+async fn next(o: &mut baton::redis::RedisObserve, what: &str) -> baton::Leader {
+    tokio::time::timeout(Duration::from_secs(3), futures::StreamExt::next(o))
+        .await
+        .unwrap_or_else(|_| panic!("{what} not observed within 3 s"))
+        .expect("the observation ended")
+}
+
+async fn election_failover(url: &str, raw_urls: &[String]) {
+    let ttl = Duration::from_millis(900);
+    let (a, b) = (connect(url, ttl).await, connect(url, ttl).await);
+    let name = unique("election");
+    let ea = a.election(&name).unwrap();
+    let eb = b.election(&name).unwrap();
+    let mut observe = eb.observe();
+    let mut leader_a = ea.campaign("a").await.unwrap();
+    assert_eq!(next(&mut observe, "a").await.value, b"a");
+    leader_a.proclaim("a2").await.unwrap();
+    assert_eq!(next(&mut observe, "a2").await.value, b"a2");
+    let campaign_b = tokio::spawn(async move { eb.campaign("b").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!campaign_b.is_finished());
+    // a's key vanishes (an operator, an expiry): a loses, b leads, observers see it. Only
+    // a's key: b may set the key on a master before the sweep reaches it.
+    let a_token: String = raw(&raw_urls[0]).await.get(ea.key()).await.unwrap();
+    let del_if = redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    );
+    for u in raw_urls {
+        let _: i64 = del_if
+            .key(ea.key())
+            .arg(&a_token)
+            .invoke_async(&mut raw(u).await)
+            .await
+            .unwrap();
+    }
+    let leader_b = tokio::time::timeout(Duration::from_secs(3), campaign_b)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next(&mut observe, "b").await.value, b"b");
+    tokio::time::timeout(Duration::from_secs(2), leader_a.lost())
+        .await
+        .expect("the old leader learns it lost");
+    let err = leader_a.proclaim("stale").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    assert_eq!(ea.leader().await.unwrap().value, b"b");
+    leader_b.resign().await.unwrap();
+    let err = ea.leader().await.unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+    let err = leader_a.resign().await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_election_failover_and_observe() {
+    let server = RedisServer::start_async().await;
+    election_failover(&server.url(), &[server.url()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_election_failover_and_observe() {
+    let servers = RedisServers::start_async(5).await;
+    let urls: Vec<String> = servers.servers().iter().map(|s| s.url()).collect();
+    election_failover(&servers.redlock_url(), &urls).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors() {
+    let mut server = RedisServer::start_async().await;
+    let url = server.url();
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_millis(5),
+        Duration::from_secs(9_000_000_001),
+        Duration::MAX,
+    ] {
+        let err = builder(&url, ttl).connect().await.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{ttl:?}: {err}");
+    }
+    for bad in [
+        "redis://",
+        "redis://127.0.0.1",
+        "redis://127.0.0.1:notaport",
+        "redis://127.0.0.1:0",
+        "redis://127.0.0.1:1/notadb",
+        "redis://a:1,b:2",
+        "rediss://127.0.0.1:1",
+        "redlock://127.0.0.1:1",
+        "redlock://127.0.0.1:1,127.0.0.1:2",
+        "redlock://127.0.0.1:1,127.0.0.1:1,127.0.0.1:2",
+        "nope://x:1",
+    ] {
+        let err = RedisClient::connect(bad).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{bad}: {err}");
+        let err = baton::Coordinator::connect(bad).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{bad}: {err}");
+    }
+    let err = RedisClient::connect("redis://user:hunter2@127.0.0.1:1/x")
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+
+    let client = connect(&url, Duration::from_secs(2)).await;
+    for name in [String::new(), "a\0b".into(), "x".repeat(1025)] {
+        let err = client.lock(&name).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let err = client.election(&name).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+    let election = client.election(&unique("big")).unwrap();
+    let err = election.campaign(vec![0u8; 2 << 20]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    // Unreachable: nothing listens, or the server does not answer (paused).
+    let closed = baton_testkit::free_port();
+    let started = Instant::now();
+    let err = builder(
+        &format!("redis://127.0.0.1:{closed}"),
+        Duration::from_secs(2),
+    )
+    .with_dial_timeout(Duration::from_millis(500))
+    .connect()
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let creds = format!("redis://user:hunter2@127.0.0.1:{closed}");
+    let err = RedisClient::connect(&creds).await.unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+    server.stop();
+    let started = Instant::now();
+    let err = builder(&url, Duration::from_secs(2))
+        .with_dial_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap_err();
+    server.cont();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Interop with redis-py's Lock (same key, same SET NX PX token layout)
+
+const PY_LOCK: &str = r#"
+import sys, redis
+port, name, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+r = redis.Redis(host="127.0.0.1", port=port)
+lock = r.lock(name, timeout=30)
+if mode == "try":
+    got = lock.acquire(blocking=True, blocking_timeout=0.3)
+    print("acquired" if got else "blocked", flush=True)
+    if got:
+        lock.release()
+else:
+    assert lock.acquire(blocking=True, blocking_timeout=5)
+    print("held", flush=True)
+    sys.stdin.readline()
+    lock.release()
+    print("released", flush=True)
+"#;
+
+fn redis_py_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import redis"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn py_try(port: u16, name: &str) -> String {
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", PY_LOCK, &port.to_string(), name, "try"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_with_redis_py_lock() {
+    if !redis_py_available() {
+        eprintln!(
+            "\n\n!!!!! SKIPPED interop_with_redis_py_lock: python3 with redis-py is missing \
+             (pip install redis; scripts/test.sh installs it) !!!!!\n"
+        );
+        return;
+    }
+    let server = RedisServer::start_async().await;
+    let client = connect(&server.url(), Duration::from_secs(10)).await;
+    let name = unique("py");
+    let lock = client.lock(&name).unwrap();
+
+    // Baton holds NAME: redis-py's Lock(NAME) cannot take it.
+    let guard = lock.lock().await.unwrap();
+    assert_eq!(py_try(server.port(), &name).await, "blocked");
+    guard.unlock().await.unwrap();
+    assert_eq!(py_try(server.port(), &name).await, "acquired");
+
+    // redis-py holds NAME: Baton cannot take it until redis-py releases (which it does
+    // without publishing: Baton's fallback poll notices).
+    let mut py = tokio::process::Command::new("python3")
+        .args(["-c", PY_LOCK, &server.port().to_string(), &name, "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("held"));
+    let err = lock.try_lock().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    let err = lock
+        .lock_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    let waiting = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.lock_timeout(Duration::from_secs(5)).await })
+    };
+    let mut stdin = py.stdin.take().unwrap();
+    stdin.write_all(b"\n").await.unwrap();
+    assert_eq!(
+        lines.next_line().await.unwrap().as_deref(),
+        Some("released")
+    );
+    let guard = waiting.await.unwrap().unwrap();
+    let mut conn = raw(&server.url()).await;
+    assert_eq!(get(&mut conn, &name).await.as_deref(), Some(guard.token()));
+    guard.unlock().await.unwrap();
+    assert!(py.wait().await.unwrap().success());
+}
