@@ -15,11 +15,11 @@ use tracing::Instrument;
 use super::lock::{acquire, fallback_wait};
 use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
-use super::{RedisClient, MAX_VALUE_LEN};
+use super::RedisClient;
 use crate::coordinator::{Elector, Guard, Leading};
 use crate::election::Leader;
 use crate::error::{Error, Result};
-use crate::names::validate_name;
+use crate::names::{validate_name, validate_value};
 use crate::queue::with_timeout;
 
 /// A leader election on Redis: the candidate that holds the election's lock leads.
@@ -70,16 +70,6 @@ impl fmt::Debug for RedisElection {
     }
 }
 
-fn check_value(value: &[u8]) -> Result<()> {
-    if value.len() > MAX_VALUE_LEN {
-        return Err(Error::invalid(format!(
-            "value is {} bytes long; the limit is {MAX_VALUE_LEN}",
-            value.len()
-        )));
-    }
-    Ok(())
-}
-
 impl RedisElection {
     /// An election named `name` on `client`.
     ///
@@ -114,7 +104,7 @@ impl RedisElection {
     /// Cancel safe: dropping the future withdraws the candidacy; nothing is left behind.
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<RedisLeadership> {
         let value = value.into();
-        check_value(&value)?;
+        validate_value(&value)?;
         let hold = acquire(
             self.client.inner(),
             &self.name,
@@ -336,7 +326,7 @@ impl RedisLeadership {
     /// The value may or may not have been published if the future is dropped.
     pub async fn proclaim(&mut self, value: impl Into<Vec<u8>>) -> Result<()> {
         let value = value.into();
-        check_value(&value)?;
+        validate_value(&value)?;
         let not_leader = || Error::NotLeader {
             name: self.name.clone(),
         };

@@ -144,9 +144,6 @@ pub const MAX_TTL: Duration = crate::session::MAX_TTL;
 /// The default fallback poll of a waiter or observer: 500 ms, jittered.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// The longest election value accepted: 1 MiB.
-pub const MAX_VALUE_LEN: usize = 1 << 20;
-
 /// The clock drift allowed for a TTL: 1% of it plus 2 ms.
 pub(crate) fn drift(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
