@@ -69,10 +69,13 @@ struct State {
     waiters: HashMap<Vec<u8>, Vec<Waiter>>,
 }
 
+/// The answer to a wait: which of its keys (by index), and how.
+type Answer = oneshot::Sender<(usize, Woken)>;
+
 /// One registered wait, possibly on several keys: the first delete among them answers it.
 struct Waiter {
     index: usize,
-    tx: Arc<StdMutex<Option<oneshot::Sender<(usize, Woken)>>>>,
+    tx: Arc<StdMutex<Option<Answer>>>,
 }
 
 impl Waiter {

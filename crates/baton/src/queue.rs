@@ -21,7 +21,7 @@ use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, Store, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
-use crate::wait::{scan_member, wait_turn};
+use crate::wait::{scan_member, wait_turn, TurnRead};
 
 /// Our key in a queue, not yet at its head (or not yet known to be).
 ///
@@ -42,6 +42,8 @@ pub(crate) struct Entry {
     existing_value: Option<Vec<u8>>,
     /// What the join transaction's read found (see [`Entry::join_reading`]).
     joined: Vec<KeyValue>,
+    /// Our predecessor as the join transaction saw it, for the first step of the wait.
+    hint: Option<TurnRead>,
 }
 
 impl Entry {
@@ -83,13 +85,20 @@ impl Entry {
             head_at: None,
             existing_value: None,
             joined: Vec::new(),
+            hint: None,
         };
         let k = entry.key.clone();
+        // The last two keys created: right after our put, ours and our predecessor's. Knowing
+        // the predecessor now saves the first read of the wait.
+        let last_two = Range::prefix(entry.queue.prefix.clone())
+            .last_created()
+            .with_limit(2);
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([
                 TxnOp::put(k.clone(), value, session.lease_id()),
                 TxnOp::get(read.clone()),
+                TxnOp::get(last_two),
             ])
             .or_else([TxnOp::get(Range::key(k)), TxnOp::get(read)]);
         let resp = match entry.send(txn).await {
@@ -124,8 +133,26 @@ impl Entry {
         }
         // Nobody was created before us: for a mutex the head is us; for a reader it may be
         // a later writer.
+        let head_key = head.as_ref().map(|kv| kv.key.clone());
         if head.is_none_or(|kv| kv.create_revision >= my_rev) {
             entry.head_at = Some(resp.header_revision + 1);
+        } else if resp.succeeded {
+            let last_two = resp
+                .responses
+                .get(2)
+                .and_then(TxnOpResponse::as_get)
+                .map(|g| g.kvs.as_slice())
+                .unwrap_or_default();
+            if let [mine, pred] = last_two {
+                if mine.key == entry.key && entry.queue.contains(&pred.key) {
+                    entry.hint = Some(TurnRead {
+                        header: resp.header_revision,
+                        pred_is_head: head_key.as_deref() == Some(pred.key.as_slice()),
+                        pred: Some(pred.clone()),
+                        mine: Some(mine.clone()),
+                    });
+                }
+            }
         }
         Ok(entry)
     }
@@ -170,7 +197,7 @@ impl Entry {
         tracing::debug!(my_rev, "queued");
         let session = &self.session;
         let turn = tokio::select! {
-            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev) => r,
+            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev, self.hint.take()) => r,
             _ = session.lost() => Err(session.lost_error()),
         };
         match turn {

@@ -33,14 +33,15 @@ pub(crate) struct Turn {
 }
 
 /// What one read of the queue found.
-struct TurnRead {
-    header: Revision,
+#[derive(Debug)]
+pub(crate) struct TurnRead {
+    pub(crate) header: Revision,
     /// The last member created at or before the bound: the one we wait for.
-    pred: Option<KeyValue>,
+    pub(crate) pred: Option<KeyValue>,
     /// Our own key.
-    mine: Option<KeyValue>,
+    pub(crate) mine: Option<KeyValue>,
     /// True if `pred` is also the queue's first member, so nobody else is ahead of us.
-    pred_is_head: bool,
+    pub(crate) pred_is_head: bool,
 }
 
 /// One read, in one transaction: the last member of `queue` created at or before
@@ -110,7 +111,8 @@ pub(crate) async fn scan_member(
 }
 
 /// Wait until no member of `queue` has a create revision below `my_rev`, checking each
-/// time that `my_key` still exists with create revision `my_rev`. Our key need not be in
+/// time that `my_key` still exists with create revision `my_rev`. `hint` is a read already
+/// made (by the join transaction), used instead of the first read. Our key need not be in
 /// `queue` itself: a reader waits on the writers' queue.
 ///
 /// Returns [`Error::NotHeld`] as soon as our key is gone or replaced. Retries failed reads
@@ -121,12 +123,17 @@ pub(crate) async fn wait_turn(
     queue: &Queue,
     my_key: &[u8],
     my_rev: Revision,
+    mut hint: Option<TurnRead>,
 ) -> Result<Turn> {
     let store = client.store();
     let hub = client.hub();
     let mut backoff = RETRY_MIN;
     loop {
-        let read = match read_turn(store, queue, my_key, my_rev - 1).await {
+        let read = match hint.take() {
+            Some(read) => Ok(read),
+            None => read_turn(store, queue, my_key, my_rev - 1).await,
+        };
+        let read = match read {
             Ok(r) => r,
             Err(e) if e.is_retryable() => {
                 tracing::debug!(error = %e, "read while waiting failed; retrying");
