@@ -90,6 +90,11 @@ impl Client {
         &self.hub
     }
 
+    /// What this client has done so far: keep-alives sent, waiter wake-ups, watches opened.
+    pub fn stats(&self) -> crate::ClientStats {
+        self.hub.counters.snapshot()
+    }
+
     /// The backend's short name: `"mem"` or `"etcd"`.
     pub fn backend(&self) -> &'static str {
         self.store.backend()

@@ -18,6 +18,7 @@
 //! events. Otherwise, or when the hub's watch breaks, the waiter falls back to reading again.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
@@ -34,10 +35,46 @@ const BUFFER: usize = 4096;
 /// A prefix watch with no waiters for this long is closed.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// Shared prefix watches of one client.
+/// Shared prefix watches of one client, and the client's counters.
 #[derive(Default)]
 pub(crate) struct Hub {
     prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
+    pub(crate) counters: Counters,
+}
+
+/// What a client has done, for benchmarks and monitoring. See [`ClientStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) keep_alives: AtomicU64,
+    pub(crate) wakeups: AtomicU64,
+    pub(crate) watches_opened: AtomicU64,
+}
+
+/// Counters of one [`Client`](crate::Client), from [`Client::stats`](crate::Client::stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Keep-alive requests sent by the sessions of this client.
+    pub keep_alives: u64,
+    /// How often a waiter was woken to look at the queue again (a predecessor left, or a
+    /// watch broke). With no herd, one release wakes one waiter.
+    pub wakeups: u64,
+    /// Watch streams opened for waiting and for loss notification (shared per prefix).
+    pub watches_opened: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> ClientStats {
+        ClientStats {
+            keep_alives: self.keep_alives.load(Ordering::Relaxed),
+            wakeups: self.wakeups.load(Ordering::Relaxed),
+            watches_opened: self.watches_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -189,6 +226,7 @@ impl Hub {
         let stream = store
             .watch(Watch::prefix(prefix.to_vec()).from_revision(after + 1))
             .await?;
+        Counters::add(&self.counters.watches_opened);
         let pw = Arc::new(PrefixWatch {
             state: StdMutex::new(State {
                 alive: true,

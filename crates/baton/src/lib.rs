@@ -116,6 +116,7 @@ pub use coordinator::{Coordinator, CoordinatorBuilder};
 pub use double_barrier::{DoubleBarrier, DoubleBarrierGuard};
 pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
+pub use hub::ClientStats;
 pub use latch::CountDownLatch;
 pub use mutex::{Mutex, MutexGuard};
 pub use names::{MAX_NAME_LEN, MAX_VALUE_LEN};

@@ -200,7 +200,8 @@ impl SessionBuilder {
         });
         tracing::debug!(lease = %format_args!("{:x}", grant.id), ttl = ?grant.ttl, "session started");
         let span = tracing::debug_span!("keep_alive", lease = %format_args!("{:x}", grant.id));
-        tokio::spawn(keep_alive(shared, store, interval).instrument(span));
+        let hub = inner.client.hub().clone();
+        tokio::spawn(keep_alive(shared, store, hub, interval).instrument(span));
         Ok(Session { inner })
     }
 }
@@ -427,7 +428,12 @@ impl Drop for Inner {
 }
 
 /// The keep-alive loop. It holds only the shared state, so dropping the session ends it.
-async fn keep_alive(shared: Arc<Shared>, store: Arc<dyn Store>, interval: Duration) {
+async fn keep_alive(
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    hub: Arc<crate::hub::Hub>,
+    interval: Duration,
+) {
     let mut wait = interval;
     loop {
         let deadline = shared.state().deadline;
@@ -443,6 +449,7 @@ async fn keep_alive(shared: Arc<Shared>, store: Arc<dyn Store>, interval: Durati
             shared.mark_lost("keep-alives were not acknowledged before the local deadline");
             return;
         }
+        crate::hub::Counters::add(&hub.counters.keep_alives);
         let result = tokio::select! {
             _ = shared.stop.cancelled() => return,
             r = tokio::time::timeout_at(deadline, store.lease_keep_alive(shared.lease)) => r,

@@ -167,7 +167,9 @@ pub(crate) async fn wait_turn(
         } else {
             &[&pred.key]
         };
-        let woken = match hub.wait_delete(store, &queue.prefix, keys, header).await {
+        let answer = hub.wait_delete(store, &queue.prefix, keys, header).await;
+        crate::hub::Counters::add(&hub.counters.wakeups);
+        let woken = match answer {
             // The only member ahead of us is gone, and ours was not, at revision `rev`: we
             // are at the head, with no further read.
             Ok((0, Woken::Deleted(rev))) if read.pred_is_head && mine_in_queue => {
