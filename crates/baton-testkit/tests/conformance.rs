@@ -1,10 +1,11 @@
 //! The conformance suite (`baton_testkit::conformance`) on every store: the embedded store,
-//! one real etcd node, and a real 3-node etcd cluster.
+//! one real etcd node, and a real 3-node etcd cluster; and its backend-neutral cases
+//! (`coordinator_*`) on one real Redis and on Redlock over 5 real Redis masters.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use baton_testkit::conformance::{self, Backend};
-use baton_testkit::{EtcdCluster, EtcdServer};
+use baton_testkit::{EtcdCluster, EtcdServer, RedisServer, RedisServers};
 
 async fn mem() -> Backend {
     Backend::mem()
@@ -18,6 +19,16 @@ async fn etcd() -> Backend {
 async fn etcd_cluster() -> Backend {
     let cluster = EtcdCluster::start_async(3).await;
     Backend::new(cluster.endpoints_url(), cluster)
+}
+
+async fn redis() -> Backend {
+    let server = RedisServer::start_async().await;
+    Backend::new(server.url(), server)
+}
+
+async fn redlock() -> Backend {
+    let servers = RedisServers::start_async(5).await;
+    Backend::new(servers.redlock_url(), servers)
 }
 
 macro_rules! suite {
@@ -41,6 +52,21 @@ macro_rules! all_backends {
         suite!(etcd_cluster: $($case),*);
     };
 }
+
+// Redis is not a store: only the backend-neutral cases (the Coordinator's traits) apply.
+macro_rules! redis_backends {
+    ($($case:ident),* $(,)?) => {
+        suite!(redis: $($case),*);
+        suite!(redlock: $($case),*);
+    };
+}
+
+redis_backends!(
+    coordinator_traits,
+    coordinator_mutual_exclusion,
+    coordinator_cancel_and_timeout,
+    coordinator_election_handover,
+);
 
 all_backends!(
     mutual_exclusion_counter,
@@ -66,4 +92,7 @@ all_backends!(
     rwlock_fair,
     rwlock_cancel_and_loss,
     coordinator_traits,
+    coordinator_mutual_exclusion,
+    coordinator_cancel_and_timeout,
+    coordinator_election_handover,
 );
