@@ -14,6 +14,7 @@ command -v protoc >/dev/null       || need+=(protobuf-compiler)
 command -v etcd >/dev/null         || need+=(etcd-server)
 command -v etcdctl >/dev/null      || need+=(etcd-client)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v python3 >/dev/null      || need+=(python3 python3-pip)
 if ((${#need[@]})); then
   step "installing ${need[*]} from Debian's packages"
   sudo=""
@@ -23,6 +24,14 @@ if ((${#need[@]})); then
 fi
 # Installing etcd-server or redis-server may start system services on the default ports;
 # the tests never use them: every test starts its own servers on free loopback ports.
+
+# redis-py from PyPI, for the interop tests with Python's redis Lock (they skip, loudly,
+# without it). Debian's Python refuses plain pip installs (PEP 668): then allow it.
+if ! python3 -c 'import redis' >/dev/null 2>&1; then
+  step "installing redis-py from PyPI"
+  python3 -m pip install --quiet redis \
+    || python3 -m pip install --quiet --break-system-packages redis
+fi
 
 # --- Rust toolchain components ---------------------------------------------------------
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
