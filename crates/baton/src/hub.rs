@@ -254,6 +254,14 @@ impl Hub {
     }
 }
 
+/// Forget the waiters whose caller gave up (or was answered through another key).
+fn prune(st: &mut State) {
+    st.waiters.retain(|_, ws| {
+        ws.retain(|w| !w.is_closed());
+        !ws.is_empty()
+    });
+}
+
 /// Feed one prefix watch's events to its waiters until it breaks or goes idle.
 async fn run(
     hub: Weak<Hub>,
@@ -269,7 +277,11 @@ async fn run(
             item = stream.next() => item,
             _ = idle_check.tick() => {
                 let Some(pw) = pw.upgrade() else { break };
-                let idle = pw.state().waiters.values().all(Vec::is_empty);
+                let idle = {
+                    let mut st = pw.state();
+                    prune(&mut st);
+                    st.waiters.is_empty()
+                };
                 idle_ticks = if idle { idle_ticks + 1 } else { 0 };
                 if idle_ticks >= 2 {
                     break;
@@ -305,11 +317,7 @@ async fn run(
             }
             st.buffer_from = oldest + 1;
         }
-        // Waiters whose caller gave up: forget them.
-        st.waiters.retain(|_, ws| {
-            ws.retain(|w| !w.is_closed());
-            !ws.is_empty()
-        });
+        prune(&mut st);
     }
     // Dead: wake everyone to read again, and let the next waiter open a fresh watch.
     if let Some(pw) = pw.upgrade() {
