@@ -1176,3 +1176,701 @@ pub async fn coordinator_election_handover(b: &Backend) {
         c.close().await.unwrap();
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// Recipes
+
+use baton::{
+    Barrier, CountDownLatch, DoubleBarrier, Isolation, PriorityQueue, Queue, Semaphore,
+    SharedCount, SharedValue, Stm,
+};
+
+/// A small deterministic generator (xorshift), so the suite needs no `rand`.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn is_mem(b: &Backend) -> bool {
+    b.endpoints().starts_with("mem://")
+}
+
+/// Five sessions share two permits: never more than two holders, both permits used, FIFO
+/// grants, nothing left behind.
+pub async fn semaphore_limits_holders(b: &Backend) {
+    const WORKERS: usize = 5;
+    const ROUNDS: usize = 3;
+    let sem = name("sem");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let s = b.session(TTL).await;
+        let (sem, inside, most) = (sem.clone(), inside.clone(), most.clone());
+        tasks.push(tokio::spawn(async move {
+            let sem = Semaphore::new(&s, &sem, 2).unwrap();
+            for _ in 0..ROUNDS {
+                let p = sem.acquire().await.unwrap();
+                let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(n <= 2, "{n} holders of 2 permits");
+                most.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                p.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "the second permit was never used"
+    );
+    let client = b.client().await;
+    assert!(keys_under(&client, &format!("{sem}/")).await.is_empty());
+}
+
+/// A holder's session dies: its permit goes to the first waiter within the TTL (+1 s), and
+/// its `lost()` fires. `try_acquire` on a full semaphore, a timed-out waiter and a handle
+/// with another permit count all fail cleanly, leaving no key.
+pub async fn semaphore_holder_dies(b: &Backend) {
+    let sem = name("sem-dies");
+    let admin = b.client().await;
+    let dying = b.session(SHORT_TTL).await;
+    let (s2, s3, s4) = (
+        b.session(TTL).await,
+        b.session(TTL).await,
+        b.session(TTL).await,
+    );
+    let p1 = Semaphore::new(&dying, &sem, 2)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let p2 = Semaphore::new(&s2, &sem, 2)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let third = Semaphore::new(&s3, &sem, 2).unwrap();
+    let err = third.try_acquire().await.unwrap_err();
+    assert!(matches!(err, Error::NoPermits { .. }), "{err}");
+    let err = third
+        .acquire_timeout(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    let err = Semaphore::new(&s4, &sem, 3)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+    let holders = || async { keys_under(&admin, &format!("{sem}/")).await.len() == 2 };
+    assert!(
+        eventually(Duration::from_secs(3), holders).await,
+        "failed acquires left keys"
+    );
+
+    let waiting = tokio::spawn(async move { third.acquire().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    dying.orphan();
+    let p3 = tokio::time::timeout(SHORT_TTL + Duration::from_secs(3), waiting)
+        .await
+        .expect("the dead holder's permit was never freed")
+        .unwrap()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took <= SHORT_TTL + Duration::from_secs(1),
+        "permit freed after {took:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(1), p1.lost())
+        .await
+        .expect("the dead holder's permit not lost");
+    assert!(p3.create_revision() > p2.create_revision());
+    p2.release().await.unwrap();
+    p3.release().await.unwrap();
+    assert!(keys_under(&admin, &format!("{sem}/")).await.is_empty());
+}
+
+/// A barrier holds waiters until released; one held while a session lives is released
+/// when the session's lease is revoked. A count-down latch opens at zero, exactly once.
+pub async fn barrier_and_latch(b: &Backend) {
+    let gate = name("barrier");
+    let client = b.client().await;
+    let barrier = Barrier::new(&client, &gate).unwrap();
+    assert!(barrier.hold().await.unwrap());
+    let mut waiters = Vec::new();
+    for _ in 0..3 {
+        let c = b.client().await;
+        let gate = gate.clone();
+        waiters.push(tokio::spawn(async move {
+            Barrier::new(&c, &gate).unwrap().wait().await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "passed a held barrier"
+    );
+    assert!(barrier.release().await.unwrap());
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(3), w)
+            .await
+            .expect("waiter not released")
+            .unwrap()
+            .unwrap();
+    }
+    let holder = b.session(TTL).await;
+    assert!(barrier.hold_while(&holder).await.unwrap());
+    let waiter = tokio::spawn({
+        let barrier = barrier.clone();
+        async move { barrier.wait().await }
+    });
+    client
+        .store()
+        .lease_revoke(holder.lease_id())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("a barrier bound to a revoked lease still held")
+        .unwrap()
+        .unwrap();
+
+    let latch_name = name("latch");
+    let latch = CountDownLatch::new(&client, &latch_name, 5).unwrap();
+    let waiting = tokio::spawn({
+        let latch = latch.clone();
+        async move { latch.wait().await }
+    });
+    let mut downs = Vec::new();
+    for _ in 0..5 {
+        let c = b.client().await;
+        let latch_name = latch_name.clone();
+        downs.push(tokio::spawn(async move {
+            CountDownLatch::new(&c, &latch_name, 5)
+                .unwrap()
+                .count_down()
+                .await
+                .unwrap()
+        }));
+    }
+    let mut left = Vec::new();
+    for d in downs {
+        left.push(d.await.unwrap());
+    }
+    left.sort_unstable();
+    assert_eq!(left, [0, 1, 2, 3, 4], "a count-down was lost or doubled");
+    tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("latch waiter not released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(latch.count_down().await.unwrap(), 0);
+}
+
+/// Five participants in separate sessions, arriving one by one, twice: nobody passes
+/// `enter` before all five have arrived, nor `leave` before all five have started leaving.
+pub async fn double_barrier_five(b: &Backend) {
+    const N: usize = 5;
+    let barrier = name("double");
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let leaving = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let s = b.session(TTL).await;
+        let (barrier, arrived, leaving) = (barrier.clone(), arrived.clone(), leaving.clone());
+        tasks.push(tokio::spawn(async move {
+            let db = DoubleBarrier::new(&s, &barrier, N as u32).unwrap();
+            let mut rounds = Vec::new();
+            for round in 1..=2 {
+                // Stagger the arrivals and departures.
+                tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let inside = db.enter().await.unwrap();
+                assert!(
+                    arrived.load(Ordering::SeqCst) >= N * round,
+                    "entered before everyone arrived"
+                );
+                rounds.push(inside.round());
+                tokio::time::sleep(Duration::from_millis(10 * (N - i) as u64)).await;
+                leaving.fetch_add(1, Ordering::SeqCst);
+                inside.leave().await.unwrap();
+                assert!(
+                    leaving.load(Ordering::SeqCst) >= N * round,
+                    "left before everyone left"
+                );
+            }
+            rounds
+        }));
+    }
+    let mut rounds = Vec::new();
+    for t in tasks {
+        rounds.push(t.await.unwrap());
+    }
+    assert!(rounds.windows(2).all(|w| w[0] == w[1]), "{rounds:?}");
+    let client = b.client().await;
+    assert!(keys_under(&client, &format!("{barrier}/")).await.is_empty());
+}
+
+/// A participant that dies before the barrier opens no longer counts; one that dies
+/// inside counts as gone once its lease expires, so the others' `leave()` returns.
+pub async fn double_barrier_participant_dies(b: &Backend) {
+    let barrier = name("double-dies");
+    let admin = b.client().await;
+    let (doomed, s2, s3) = (
+        b.session(TTL).await,
+        b.session(TTL).await,
+        b.session(TTL).await,
+    );
+    // Before it opens: a waiter whose lease is revoked fails, and does not count.
+    let early = tokio::spawn({
+        let db = DoubleBarrier::new(&doomed, &barrier, 2).unwrap();
+        async move { db.enter().await }
+    });
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            keys_under(&admin, &format!("{barrier}/waiters/"))
+                .await
+                .len()
+                == 1
+        })
+        .await
+    );
+    admin.store().lease_revoke(doomed.lease_id()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(3), early)
+        .await
+        .expect("a participant with a revoked lease hung in enter")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is_lost(), "{err}");
+    let second = tokio::spawn({
+        let db = DoubleBarrier::new(&s2, &barrier, 2).unwrap();
+        async move { db.enter().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "entered with a dead participant counted"
+    );
+    let dying = b.session(SHORT_TTL).await;
+    let g_dying = DoubleBarrier::new(&dying, &barrier, 2)
+        .unwrap()
+        .enter_timeout(Duration::from_secs(3))
+        .await
+        .unwrap();
+    let g2 = second.await.unwrap().unwrap();
+    assert_eq!(g2.round(), g_dying.round());
+    let err = DoubleBarrier::new(&s3, &barrier, 2)
+        .unwrap()
+        .enter()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::BarrierFull { .. }), "{err}");
+
+    // Inside: the dying participant never leaves; its lease expires.
+    std::mem::forget(g_dying);
+    dying.orphan();
+    let start = Instant::now();
+    tokio::time::timeout(SHORT_TTL + Duration::from_secs(3), g2.leave())
+        .await
+        .expect("leave() blocked by a dead participant")
+        .unwrap();
+    assert!(start.elapsed() <= SHORT_TTL + Duration::from_secs(1));
+    assert!(keys_under(&admin, &format!("{barrier}/")).await.is_empty());
+}
+
+/// Two producers and three consumers: every item is received exactly once, and each
+/// producer's items in the order it enqueued them. 500 items per producer on the embedded
+/// store, 200 on etcd (to keep the suite fast).
+pub async fn queue_exactly_once_fifo(b: &Backend) {
+    let items = if is_mem(b) { 500 } else { 200 };
+    let queue = name("queue");
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        let c = b.client().await;
+        let queue = queue.clone();
+        consumers.push(tokio::spawn(async move {
+            let q = Queue::new(&c, &queue).unwrap();
+            let mut got = Vec::new();
+            while let Ok(v) = q.dequeue_timeout(Duration::from_secs(2)).await {
+                got.push(String::from_utf8(v).unwrap());
+            }
+            got
+        }));
+    }
+    let mut producers = Vec::new();
+    for p in 0..2 {
+        let c = b.client().await;
+        let queue = queue.clone();
+        producers.push(tokio::spawn(async move {
+            let q = Queue::new(&c, &queue).unwrap();
+            for i in 0..items {
+                q.enqueue(format!("{p}/{i:04}")).await.unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in consumers {
+        let got = c.await.unwrap();
+        for p in 0..2 {
+            let mine: Vec<&String> = got
+                .iter()
+                .filter(|v| v.starts_with(&format!("{p}/")))
+                .collect();
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "producer {p}'s items out of order"
+            );
+        }
+        for v in got {
+            assert!(seen.insert(v.clone()), "{v} received twice");
+        }
+    }
+    assert_eq!(seen.len(), 2 * items, "items lost");
+    let client = b.client().await;
+    assert!(Queue::new(&client, &queue)
+        .unwrap()
+        .is_empty()
+        .await
+        .unwrap());
+}
+
+/// Producers enqueue concurrently at mixed priorities; consumers drain concurrently. Each
+/// consumer gets lower numbers first, one producer's items of one priority in order, and
+/// every item exactly once. A waiting consumer gets a new item at once.
+pub async fn priority_queue_order(b: &Backend) {
+    const PRODUCERS: u16 = 3;
+    const ITEMS: u16 = 20;
+    let queue = name("pq");
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let c = b.client().await;
+        let queue = queue.clone();
+        producers.push(tokio::spawn(async move {
+            let q = PriorityQueue::new(&c, &queue).unwrap();
+            for i in 0..ITEMS {
+                let priority = (i * 7 + p) % 4;
+                q.enqueue(format!("{priority}/{p}/{i:02}"), priority)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        let c = b.client().await;
+        let queue = queue.clone();
+        consumers.push(tokio::spawn(async move {
+            let q = PriorityQueue::new(&c, &queue).unwrap();
+            let mut got = Vec::new();
+            while let Some(v) = q.try_dequeue().await.unwrap() {
+                got.push(String::from_utf8(v).unwrap());
+            }
+            got
+        }));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in consumers {
+        let got = c.await.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0][..1] <= w[1][..1]),
+            "priorities out of order: {got:?}"
+        );
+        // Within one priority, one producer's items in enqueue order.
+        assert!(
+            got.windows(2)
+                .filter(|w| w[0][..4] == w[1][..4])
+                .all(|w| w[0] < w[1]),
+            "FIFO broken within a priority: {got:?}"
+        );
+        for v in got {
+            assert!(seen.insert(v.clone()), "{v} received twice");
+        }
+    }
+    assert_eq!(seen.len(), usize::from(PRODUCERS * ITEMS));
+    let client = b.client().await;
+    let q = PriorityQueue::new(&client, &queue).unwrap();
+    let waiting = tokio::spawn({
+        let q = q.clone();
+        async move { q.dequeue().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    q.enqueue("late", 9).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("waiting consumer not woken")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"late");
+}
+
+/// A shared value written by one client is seen by another's watch, compare-and-set loses
+/// cleanly to a concurrent writer, the watch survives compaction with the latest value,
+/// and concurrent additions to a shared count from separate clients are never lost.
+pub async fn shared_value_sync(b: &Backend) {
+    let key = name("shared");
+    let (c1, c2) = (b.client().await, b.client().await);
+    let writer = SharedValue::new(&c1, &key).unwrap();
+    let reader = SharedValue::new(&c2, &key).unwrap();
+    let mut changes = reader.watch();
+    async fn next_change(changes: &mut baton::Changes) -> Option<baton::Versioned> {
+        tokio::time::timeout(Duration::from_secs(3), changes.next())
+            .await
+            .expect("watch hung")
+            .expect("watch ended")
+    }
+    assert_eq!(next_change(&mut changes).await, None);
+    let v1 = writer.set("one").await.unwrap();
+    assert_eq!(next_change(&mut changes).await.unwrap().value, b"one");
+    assert!(reader
+        .compare_and_set(v1.version, "two")
+        .await
+        .unwrap()
+        .is_set());
+    match writer.compare_and_set(v1.version, "lost").await.unwrap() {
+        baton::CompareAndSet::Conflict(Some(now)) => assert_eq!(now.value, b"two"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(next_change(&mut changes).await.unwrap().value, b"two");
+    for i in 0..5 {
+        writer.set(format!("v{i}")).await.unwrap();
+    }
+    let rev = c1
+        .store()
+        .range(Range::key(key.as_bytes()))
+        .await
+        .unwrap()
+        .header_revision;
+    c1.store().compact(rev).await.unwrap();
+    let mut last = Vec::new();
+    while last != b"v4" {
+        last = next_change(&mut changes).await.unwrap().value;
+    }
+
+    let count_key = format!("{key}-count");
+    let mut adders = Vec::new();
+    for _ in 0..4 {
+        let c = b.client().await;
+        let count_key = count_key.clone();
+        adders.push(tokio::spawn(async move {
+            let count = SharedCount::new(&c, &count_key).unwrap();
+            for _ in 0..10 {
+                count.add(1).await.unwrap();
+            }
+        }));
+    }
+    for a in adders {
+        a.await.unwrap();
+    }
+    assert_eq!(
+        SharedCount::new(&c2, &count_key)
+            .unwrap()
+            .get()
+            .await
+            .unwrap()
+            .value,
+        40
+    );
+}
+
+/// Bank transfers: 10 accounts, 8 concurrent tasks making random transfers. The total is
+/// conserved at every isolation level that checks reads (all but read committed), and an
+/// auditor reading every account in a transaction always sees the full total. Read
+/// committed runs too, but may lose updates, so its total is not checked.
+pub async fn stm_bank_transfer(b: &Backend) {
+    const ACCOUNTS: u64 = 10;
+    const TASKS: u64 = 8;
+    let transfers = if is_mem(b) { 40 } else { 12 };
+    for isolation in [
+        Isolation::SerializableSnapshot,
+        Isolation::Serializable,
+        Isolation::RepeatableReads,
+        Isolation::ReadCommitted,
+    ] {
+        let bank = name("bank");
+        let account = |i: u64| format!("{bank}/{i}");
+        let client = b.client().await;
+        for i in 0..ACCOUNTS {
+            client
+                .store()
+                .put(account(i).as_bytes(), b"100", 0)
+                .await
+                .unwrap();
+        }
+        let balance = |v: Option<Vec<u8>>| -> i64 {
+            v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let c = b.client().await;
+            let bank = bank.clone();
+            tasks.push(tokio::spawn(async move {
+                let stm = Stm::new(&c).with_isolation(isolation);
+                let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
+                for _ in 0..transfers {
+                    let from = format!("{bank}/{}", rng.below(ACCOUNTS));
+                    let to = format!("{bank}/{}", rng.below(ACCOUNTS));
+                    let amount = rng.below(30) as i64 + 1;
+                    if from == to {
+                        continue;
+                    }
+                    stm.run(|tx| {
+                        let (from, to) = (&from, &to);
+                        async move {
+                            let a = balance(tx.get(from).await?);
+                            let b = balance(tx.get(to).await?);
+                            if a >= amount {
+                                tx.put(from.as_str(), (a - amount).to_string());
+                                tx.put(to.as_str(), (b + amount).to_string());
+                            }
+                            Ok::<_, Error>(())
+                        }
+                    })
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        let accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
+        let audit = || {
+            let stm = Stm::new(&client).with_isolation(isolation);
+            let accounts = &accounts;
+            async move {
+                let seen = Arc::new(StdMutex::new(Vec::new()));
+                let committed = stm
+                    .run(|tx| {
+                        let seen = seen.clone();
+                        async move {
+                            let total: i64 =
+                                tx.get_many(accounts).await?.into_iter().map(balance).sum();
+                            seen.lock().unwrap().push(total);
+                            Ok::<_, Error>(total)
+                        }
+                    })
+                    .await
+                    .unwrap();
+                let seen = seen.lock().unwrap().clone();
+                (committed, seen)
+            }
+        };
+        let expected = (ACCOUNTS * 100) as i64;
+        while !tasks.iter().all(|t| t.is_finished()) {
+            let (committed, seen) = audit().await;
+            if isolation != Isolation::ReadCommitted {
+                assert_eq!(committed, expected, "{isolation:?}: audit saw money vanish");
+            }
+            if matches!(
+                isolation,
+                Isolation::SerializableSnapshot | Isolation::Serializable
+            ) {
+                assert!(
+                    seen.iter().all(|t| *t == expected),
+                    "{isolation:?}: a snapshot was inconsistent: {seen:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (total, _) = audit().await;
+        if isolation != Isolation::ReadCommitted {
+            assert_eq!(total, expected, "{isolation:?}: total not conserved");
+        }
+    }
+}
+
+/// Bad input to the recipes is refused before any network call, with clear errors, and
+/// writes nothing.
+pub async fn recipes_bad_input(b: &Backend) {
+    let client = b.client().await;
+    let s = b.session(TTL).await;
+    let base = name("recipes-bad");
+    let invalid = |r: baton::Result<()>, what: &str| match r {
+        Err(e) => assert!(e.is_invalid_input(), "{what}: {e}"),
+        Ok(()) => panic!("{what}: accepted"),
+    };
+    invalid(Semaphore::new(&s, &base, 0).map(drop), "permits = 0");
+    invalid(DoubleBarrier::new(&s, &base, 0).map(drop), "count = 0");
+    invalid(
+        CountDownLatch::new(&client, &base, 0).map(drop),
+        "latch count = 0",
+    );
+    for bad in [String::new(), "a\0b".into(), "x".repeat(2048)] {
+        invalid(Semaphore::new(&s, &bad, 1).map(drop), "semaphore name");
+        invalid(Barrier::new(&client, &bad).map(drop), "barrier name");
+        invalid(
+            DoubleBarrier::new(&s, &bad, 2).map(drop),
+            "double barrier name",
+        );
+        invalid(Queue::new(&client, &bad).map(drop), "queue name");
+        invalid(
+            PriorityQueue::new(&client, &bad).map(drop),
+            "priority queue name",
+        );
+        invalid(
+            CountDownLatch::new(&client, &bad, 1).map(drop),
+            "latch name",
+        );
+        invalid(
+            SharedValue::new(&client, &bad).map(drop),
+            "shared value key",
+        );
+        invalid(
+            SharedCount::new(&client, &bad).map(drop),
+            "shared count key",
+        );
+    }
+    let sem = Semaphore::new(&s, &base, 2).unwrap();
+    invalid(sem.acquire_many(0).await.map(drop), "acquire_many(0)");
+    invalid(sem.acquire_many(3).await.map(drop), "acquire_many(3) of 2");
+    let big = vec![b'x'; baton::MAX_VALUE_LEN + 1];
+    let queue = Queue::new(&client, &base).unwrap();
+    invalid(queue.enqueue(big.clone()).await, "oversized queue item");
+    let pq = PriorityQueue::new(&client, &base).unwrap();
+    invalid(pq.enqueue(big.clone(), 1).await, "oversized priority item");
+    let shared = SharedValue::new(&client, &base).unwrap();
+    invalid(
+        shared.set(big.clone()).await.map(drop),
+        "oversized shared value",
+    );
+    invalid(
+        shared.compare_and_set(0, big.clone()).await.map(drop),
+        "oversized compare-and-set",
+    );
+    let big_key = format!("{base}/stm");
+    let r = Stm::new(&client)
+        .run(|tx| {
+            let (big, big_key) = (big.clone(), big_key.clone());
+            async move {
+                tx.put(big_key, big);
+                Ok::<_, Error>(())
+            }
+        })
+        .await;
+    invalid(r, "oversized stm write");
+    assert!(
+        keys_under(&client, &base).await.is_empty(),
+        "bad input wrote keys"
+    );
+    assert!(keys_under(&client, &format!("__{base}")).await.is_empty());
+}
