@@ -12,7 +12,11 @@
 //!
 //! Everything rests on a real coordination service, chosen by URL ([`Client::connect`]):
 //! etcd (`http://h:p`), or the embedded in-process store (`mem://`), a faithful
-//! implementation of etcd's data model used for demos, tests and simulations.
+//! implementation of etcd's data model used for demos, tests and simulations. Teams that
+//! already run Redis can use it through the backend-neutral [`Coordinator`]: one server
+//! (`redis://h:p`, with a fencing token) or Redlock over independent masters
+//! (`redlock://h1:p1,h2:p2,h3:p3`, without one); the `baton::redis` module (feature
+//! `redis`) says what each guarantees and what it does not.
 //!
 //! # Quick start
 //!
