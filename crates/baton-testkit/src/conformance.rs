@@ -661,11 +661,15 @@ pub async fn election_leader_revoked(b: &Backend) {
         let eb = Election::new(&sb, &election).unwrap();
         async move { eb.campaign("b").await }
     });
+    let mut obs = Election::observe_with(&admin, &election).unwrap();
+    assert_eq!(next(&mut obs).await.value_str(), "a");
     tokio::time::sleep(Duration::from_millis(100)).await;
     admin.store().lease_revoke(sa.lease_id()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), la.lost())
         .await
         .expect("leader not told within 1 s");
+    // Observers see the next leader after the old one's lease ended.
+    assert_eq!(next(&mut obs).await.value_str(), "b");
     let lb = tokio::time::timeout(Duration::from_secs(2), waiting)
         .await
         .expect("next candidate did not lead")
