@@ -457,7 +457,11 @@ async fn keep_alive(
         match result {
             Ok(Ok(Some(ttl))) => {
                 shared.state().deadline = sent + ttl;
-                wait = interval;
+                // The next keep-alive is due an interval after this one was *sent*, not
+                // after its reply: slow replies must not stretch the period, or a reply
+                // latency above TTL/3 would lose the session (each reply would arrive
+                // after the deadline its predecessor set).
+                wait = interval.saturating_sub(sent.elapsed());
                 tracing::trace!(deadline_in = ?ttl, "keep-alive acknowledged");
             }
             Ok(Ok(None)) => {
