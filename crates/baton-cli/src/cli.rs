@@ -7,7 +7,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::exit::CliError;
-use crate::{demo, elect, leader, lock, observe, status};
+use crate::{bench, demo, elect, leader, lock, observe, status};
 
 /// The default endpoint, as in etcdctl.
 pub(crate) const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
@@ -40,7 +40,8 @@ Examples:
   baton elect scheduler 10.0.0.7:8080 -- ./scheduler
   baton observe scheduler
   baton status
-  baton demo";
+  baton demo
+  baton bench contended --workers 8 --peer etcd-lock-api";
 
 /// `baton`: the command line.
 #[derive(Debug, Parser)]
@@ -110,6 +111,8 @@ pub(crate) enum Command {
     Status(status::Args),
     /// Watch workers share a lock with fencing, and an election fail over, in seconds.
     Demo(demo::Args),
+    /// Measure locks, handover, loss detection and scale, against a peer in the same run.
+    Bench(bench::Args),
 }
 
 /// Parse the command line. On a usage error, print it as one line and give 125; for
@@ -135,7 +138,7 @@ where
                     Err(CliError::quiet(0))
                 }
                 ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => Err(CliError::failed(
-                    "no command given: use lock, elect, observe, leader, status or demo (see baton --help)",
+                    "no command given: use lock, elect, observe, leader, status, demo or bench (see baton --help)",
                 )),
                 _ => Err(CliError::failed(usage_line(&e))),
             }

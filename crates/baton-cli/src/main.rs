@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use cli::Command;
 use exit::CliError;
 
+mod bench;
 mod cli;
 mod demo;
 mod elect;
@@ -17,6 +18,10 @@ mod observe;
 mod output;
 mod status;
 mod supervisor;
+
+/// Counts heap bytes in use, for `baton bench scale`.
+#[global_allocator]
+static ALLOCATOR: bench::alloc::Counting = bench::alloc::Counting;
 
 fn main() -> ExitCode {
     quiet_panics();
@@ -32,12 +37,19 @@ fn main() -> ExitCode {
 }
 
 /// Run a command on a single-threaded runtime (CMD is forked from the main thread; see
-/// `supervisor`), and turn its result into an exit code.
+/// `supervisor`), and turn its result into an exit code. `bench` runs on a multi-threaded
+/// runtime, as a service using the library would; it forks nothing.
 fn run(cli: cli::Cli) -> CliError {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => return CliError::failed(format!("cannot start the runtime: {e}")),
     };
@@ -50,6 +62,7 @@ fn run(cli: cli::Cli) -> CliError {
             Command::Leader(args) => leader::run(&global, args).await,
             Command::Status(args) => status::run(&global, args).await,
             Command::Demo(args) => demo::run(&global, args).await,
+            Command::Bench(args) => bench::run(&global, args).await,
         }
     });
     // Background tasks (keep-alives, watches) are dropped, not awaited.

@@ -1,0 +1,339 @@
+//! `baton bench SCENARIO`: measure Baton against the backend it runs on, and against a peer
+//! implementation in the same run.
+//!
+//! Every scenario is written once, against the small [`target::Target`] traits, and run first
+//! for Baton, then (with `--peer`) for the peer, on the same backend in the same process, so
+//! the two are compared under the same load. Absolute numbers depend on the machine; the
+//! ratio is the result.
+//!
+//! A backend or peer plugs in by implementing [`target::Target`] (connect a worker, lock,
+//! campaign, release, end a hold from outside, count queued keys, report counters) and, for
+//! a peer, a variant of [`peer::Peer`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::cli::{self, Global};
+use crate::exit::CliError;
+use crate::output::Output;
+
+pub(crate) mod alloc;
+mod chart;
+mod peer;
+mod progress;
+mod report;
+mod scenario;
+mod target;
+
+pub(crate) use peer::Peer;
+use report::Measured;
+use target::{BatonTarget, Target};
+
+const EXAMPLES: &str = "\
+Scenarios:
+  uncontended  one worker: lock+unlock on one key
+  contended    N workers, each with its own connection and session, on one key
+  distinct     N workers, each on its own key
+  handover     two candidates: from the leader's resign() returning to the waiting
+               candidate's campaign() returning, --ops times
+  lost         hold a lock, revoke its lease from another connection, time until the
+               holder's lost() fires; --ops probes, --workers at a time
+  scale        hold --ops locks on one session (memory, keep-alive traffic); then queue
+               --workers waiters on one key (handoff rate, wake-ups per release)
+
+Examples:
+  baton bench contended --workers 8 --peer etcd-lock-api
+  baton bench handover --ops 200 --peer etcd-lock-api --json
+  baton bench lost --ttl 60s --peer etcd-lock-api
+  baton bench scale --ops 10000 --workers 1000
+  baton bench contended --sweep --peer etcd-lock-api --chart docs/bench-contended.svg
+
+Progress goes to stderr once a run takes more than a second. With --json, the last line of
+stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
+(null where they do not apply), scenario extras, and with --peer the peer_* fields and the
+ratio.";
+
+/// `baton bench`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub(crate) scenario: Scenario,
+
+    /// Workers (contended, distinct: default 8), probes at a time (lost: default all), or
+    /// waiters queued on one key (scale: default 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) workers: Option<u64>,
+
+    /// Operations: lock+unlock cycles, handovers, loss probes, or locks held at once (scale).
+    /// The default makes each scenario take a few seconds.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) ops: Option<u64>,
+
+    /// The TTL of every session (lease).
+    #[arg(long, value_name = "DUR", default_value = "6s", value_parser = cli::positive_duration)]
+    pub(crate) ttl: Duration,
+
+    /// Run the same scenario, right after Baton's run, with a peer implementation on the
+    /// same backend, and report both and the ratio.
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub(crate) peer: Option<Peer>,
+
+    /// contended only: run 1, 2, 4, 8, 16 and 32 workers (--ops each) and draw an SVG chart
+    /// of ops/s against workers.
+    #[arg(long)]
+    pub(crate) sweep: bool,
+
+    /// Where --sweep writes its chart.
+    #[arg(long, value_name = "PATH", default_value = "bench-contended.svg")]
+    pub(crate) chart: PathBuf,
+
+    /// handover only: how long the leader waits, once its successor is queued, before it
+    /// resigns (0: at once, the hardest case).
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = cli::duration)]
+    pub(crate) settle: Duration,
+}
+
+/// The scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Scenario {
+    /// One worker: lock+unlock on one key.
+    Uncontended,
+    /// N workers, each with its own session, on one key.
+    Contended,
+    /// N workers, each on its own key.
+    Distinct,
+    /// Election handover after resign().
+    Handover,
+    /// Time from a lease revoke to the holder's lost().
+    Lost,
+    /// Many held locks on one session; many waiters on one key.
+    Scale,
+}
+
+impl Scenario {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scenario::Uncontended => "uncontended",
+            Scenario::Contended => "contended",
+            Scenario::Distinct => "distinct",
+            Scenario::Handover => "handover",
+            Scenario::Lost => "lost",
+            Scenario::Scale => "scale",
+        }
+    }
+}
+
+/// One run's settings, defaults resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) scenario: Scenario,
+    pub(crate) workers: u64,
+    pub(crate) ops: u64,
+    pub(crate) ttl: Duration,
+    pub(crate) settle: Duration,
+    /// Prefix of every key this run uses, unique per run.
+    pub(crate) prefix: String,
+}
+
+impl Config {
+    fn new(args: &Args) -> Result<Config, CliError> {
+        let (default_workers, default_ops) = match args.scenario {
+            Scenario::Uncontended => (1, 1000),
+            Scenario::Contended => (8, 300),
+            Scenario::Distinct => (8, 2000),
+            Scenario::Handover => (2, 50),
+            Scenario::Lost => (20, 20),
+            Scenario::Scale => (100, 1000),
+        };
+        let workers = args.workers.unwrap_or(default_workers);
+        let fixed = match args.scenario {
+            Scenario::Uncontended => Some(1),
+            Scenario::Handover => Some(2),
+            _ => None,
+        };
+        if let Some(n) = fixed {
+            if workers != n {
+                return Err(CliError::failed(format!(
+                    "{} runs with {n} worker{}; --workers {workers} does not apply",
+                    args.scenario.name(),
+                    if n == 1 { "" } else { "s" }
+                )));
+            }
+        }
+        if args.sweep && args.scenario != Scenario::Contended {
+            return Err(CliError::failed("--sweep applies to contended only"));
+        }
+        if !args.settle.is_zero() && args.scenario != Scenario::Handover {
+            return Err(CliError::failed("--settle applies to handover only"));
+        }
+        if args.ttl < baton::MIN_TTL {
+            return Err(CliError::failed(format!(
+                "--ttl must be at least {}",
+                crate::output::duration(baton::MIN_TTL)
+            )));
+        }
+        let ops = args.ops.unwrap_or(default_ops);
+        let workers = match args.scenario {
+            Scenario::Lost => workers.min(ops),
+            _ => workers,
+        };
+        Ok(Config {
+            scenario: args.scenario,
+            workers,
+            ops,
+            ttl: args.ttl,
+            settle: args.settle,
+            prefix: format!(
+                "baton-bench/{:x}-{:06x}",
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            ),
+        })
+    }
+}
+
+/// Run `baton bench`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let config = Config::new(&args)?;
+    let baton = BatonTarget::connect(global, config.ttl).await?;
+    let peer: Option<Box<dyn Target>> = match args.peer {
+        Some(p) => Some(p.connect(global, config.ttl).await?),
+        None => None,
+    };
+    let server_version = peer::server_version(global, baton.backend()).await;
+    let context = report::Context {
+        backend: baton.backend(),
+        endpoints: baton.endpoints().to_string(),
+        server_version,
+        ttl: config.ttl,
+    };
+    if args.sweep {
+        return sweep(
+            &out,
+            &config,
+            &context,
+            &baton,
+            peer.as_deref(),
+            &args.chart,
+        )
+        .await;
+    }
+    let ours = measure(&config, &baton).await?;
+    let theirs = match &peer {
+        Some(p) => Some((p.name(), measure(&config, p.as_ref()).await?)),
+        None => None,
+    };
+    let object = report::object(&config, &context, &ours, theirs.as_ref());
+    if out.is_json() {
+        let _ = out.json_line(&Value::Object(object));
+    } else {
+        let _ = out.text(&report::human(
+            &config,
+            &context,
+            &ours,
+            theirs.as_ref(),
+            &object,
+        ));
+    }
+    Ok(0)
+}
+
+/// One scenario on one target, its failure turned into the CLI's.
+async fn measure(config: &Config, target: &dyn Target) -> Result<Measured, CliError> {
+    scenario::run(config, target).await.map_err(|e| {
+        CliError::failed(format!(
+            "bench {} on {}: {}",
+            config.scenario.name(),
+            target.name(),
+            e.0
+        ))
+    })
+}
+
+/// The worker counts of `--sweep`.
+const SWEEP: [u64; 6] = [1, 2, 4, 8, 16, 32];
+
+/// `contended --sweep`: each worker count for Baton, then the peer; one JSON line per point,
+/// the chart, and a summary object last.
+async fn sweep(
+    out: &Output,
+    config: &Config,
+    context: &report::Context,
+    baton: &dyn Target,
+    peer: Option<&dyn Target>,
+    chart_path: &std::path::Path,
+) -> Result<u8, CliError> {
+    let mut points = Vec::new();
+    for workers in SWEEP {
+        let config = Config {
+            workers,
+            ..config.clone()
+        };
+        let ours = measure(&config, baton).await?;
+        let theirs = match peer {
+            Some(p) => Some((p.name(), measure(&config, p).await?)),
+            None => None,
+        };
+        let object = report::object(&config, context, &ours, theirs.as_ref());
+        if out.is_json() {
+            let _ = out.json_line(&Value::Object(object.clone()));
+        } else {
+            let _ = out.text(&report::sweep_line(&config, &ours, theirs.as_ref()));
+        }
+        points.push(chart::Point {
+            workers,
+            ours: ours.ops_per_sec.unwrap_or(0.0),
+            theirs: theirs.as_ref().and_then(|(_, m)| m.ops_per_sec),
+        });
+    }
+    let series = chart::Series {
+        ours: baton.name(),
+        theirs: peer.map(|p| p.name()),
+        backend: context.backend,
+        server_version: context.server_version.clone(),
+        ops: config.ops,
+        points: &points,
+    };
+    chart::draw(chart_path, &series).map_err(|e| {
+        CliError::failed(format!(
+            "cannot write the chart {}: {e}",
+            chart_path.display()
+        ))
+    })?;
+    let mut summary = Map::new();
+    summary.insert("scenario".into(), "contended".into());
+    summary.insert("backend".into(), context.backend.into());
+    for field in ["workers", "ops_per_sec", "p50_us", "p99_us", "max_us"] {
+        summary.insert(field.into(), Value::Null);
+    }
+    summary.insert("ops".into(), config.ops.into());
+    summary.insert(
+        "sweep".into(),
+        points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "workers": p.workers,
+                    "ops_per_sec": report::round(p.ours),
+                    "peer_ops_per_sec": p.theirs.map(report::round),
+                    "ratio": p.theirs.filter(|t| *t > 0.0).map(|t| report::round(p.ours / t)),
+                })
+            })
+            .collect(),
+    );
+    if let Some(p) = peer {
+        summary.insert("peer".into(), p.name().into());
+    }
+    summary.insert("chart".into(), chart_path.display().to_string().into());
+    if out.is_json() {
+        let _ = out.json_line(&Value::Object(summary));
+    } else {
+        let _ = out.text(&format!("chart written to {}", chart_path.display()));
+    }
+    Ok(0)
+}

@@ -1,0 +1,315 @@
+//! Peers: other implementations run through the same scenarios, on the same backend, in the
+//! same run.
+//!
+//! - `etcd-lock-api`: etcd's own Lock and Election gRPC services (server-side Go
+//!   `concurrency.Mutex` and `concurrency.Election`), called through the etcd-client crate,
+//!   with a lease kept alive the way Go's clientv3 does it (a keep-alive every TTL/3 on a
+//!   keep-alive stream).
+//!
+//! A new peer is a variant of [`Peer`] and an implementation of [`Target`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client as ec;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::target::{Counters, Failure, Held, Result, Target, Worker};
+use crate::cli::Global;
+use crate::exit::CliError;
+
+/// The peers `--peer` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Peer {
+    /// etcd's Lock and Election RPCs via the etcd-client crate.
+    #[value(name = "etcd-lock-api")]
+    EtcdLockApi,
+}
+
+impl Peer {
+    /// Connect the peer to the backend named by `--endpoints`.
+    pub(crate) async fn connect(
+        self,
+        global: &Global,
+        ttl: Duration,
+    ) -> std::result::Result<Box<dyn Target>, CliError> {
+        match self {
+            Peer::EtcdLockApi => {
+                let urls = etcd_urls(&global.endpoints).ok_or_else(|| {
+                    CliError::failed(
+                        "--peer etcd-lock-api needs etcd endpoints (http://… or etcd://…)",
+                    )
+                })?;
+                let target = EtcdLockApi::connect(urls, global.dial_timeout, ttl)
+                    .await
+                    .map_err(|e| CliError::failed(format!("etcd-lock-api: {}", e.0)))?;
+                Ok(Box::new(target))
+            }
+        }
+    }
+}
+
+/// etcd member URLs from `--endpoints`, or `None` if they are not etcd's.
+fn etcd_urls(endpoints: &str) -> Option<Vec<String>> {
+    let endpoints = endpoints.trim();
+    if let Some(rest) = endpoints.strip_prefix("etcd://") {
+        return Some(
+            rest.split(',')
+                .map(|h| format!("http://{}", h.trim().trim_end_matches('/')))
+                .collect(),
+        );
+    }
+    let urls: Vec<String> = endpoints
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .collect();
+    urls.iter()
+        .all(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .then_some(urls)
+}
+
+/// The etcd server's version, if the backend is etcd and answers.
+pub(crate) async fn server_version(global: &Global, backend: &str) -> Option<String> {
+    if backend != "etcd" {
+        return None;
+    }
+    let urls = etcd_urls(&global.endpoints)?;
+    let options = ec::ConnectOptions::new().with_connect_timeout(global.dial_timeout);
+    let mut client = ec::Client::connect(urls, Some(options)).await.ok()?;
+    let status = tokio::time::timeout(global.dial_timeout, client.status())
+        .await
+        .ok()?
+        .ok()?;
+    Some(status.version().to_string())
+}
+
+/// etcd's Lock and Election services.
+pub(crate) struct EtcdLockApi {
+    urls: Vec<String>,
+    dial_timeout: Duration,
+    ttl: Duration,
+    admin: ec::Client,
+    keep_alives: Arc<AtomicU64>,
+}
+
+impl EtcdLockApi {
+    async fn connect(urls: Vec<String>, dial_timeout: Duration, ttl: Duration) -> Result<Self> {
+        let admin = connect(&urls, dial_timeout).await?;
+        Ok(EtcdLockApi {
+            urls,
+            dial_timeout,
+            ttl,
+            admin,
+            keep_alives: Arc::default(),
+        })
+    }
+}
+
+async fn connect(urls: &[String], dial_timeout: Duration) -> Result<ec::Client> {
+    let options = ec::ConnectOptions::new().with_connect_timeout(dial_timeout);
+    Ok(ec::Client::connect(urls, Some(options)).await?)
+}
+
+#[async_trait]
+impl Target for EtcdLockApi {
+    fn name(&self) -> &'static str {
+        "etcd-lock-api"
+    }
+
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn worker(&self) -> Result<Box<dyn Worker>> {
+        let mut client = connect(&self.urls, self.dial_timeout).await?;
+        let ttl_secs = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = client.lease_grant(ttl_secs, None).await?.id();
+        let (keeper, stream) = client.lease_keep_alive(lease).await?;
+        let lost = CancellationToken::new();
+        let stop = CancellationToken::new();
+        tokio::spawn(keep_alive(
+            keeper,
+            stream,
+            self.ttl / 3,
+            lost.clone(),
+            stop.clone(),
+            self.keep_alives.clone(),
+        ));
+        Ok(Box::new(EtcdWorker {
+            client,
+            lease,
+            lost,
+            stop,
+        }))
+    }
+
+    async fn revoke(&self, held: &dyn Held) -> Result<()> {
+        self.admin.clone().lease_revoke(held.lease()).await?;
+        Ok(())
+    }
+
+    async fn queued(&self, name: &str) -> Result<usize> {
+        let prefix = format!("{name}/");
+        let resp = self
+            .admin
+            .clone()
+            .get(prefix.clone(), Some(ec::GetOptions::new().with_prefix()))
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter(|kv| !kv.key()[prefix.len()..].contains(&b'/'))
+            .count())
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            keep_alives: self.keep_alives.load(Ordering::Relaxed),
+            wakeups: None,
+            watches_opened: None,
+        }
+    }
+
+    fn lost_note(&self) -> Option<&'static str> {
+        Some(
+            "etcd's Lock API has no loss notification; measured instead: the time until the \
+             lease's keep-alive stream (a keep-alive every TTL/3, as Go's clientv3 sends them) \
+             answers TTL 0, which is when Go's Session.Done() fires",
+        )
+    }
+}
+
+/// Keep the lease alive as Go's clientv3 does: a keep-alive every TTL/3 on one stream. The
+/// holder learns that the lease is gone only from a keep-alive answer with TTL 0 (when Go's
+/// `Session.Done()` closes), or when the stream breaks.
+async fn keep_alive(
+    mut keeper: ec::LeaseKeeper,
+    mut stream: ec::LeaseKeepAliveStream,
+    interval: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+    sent: Arc<AtomicU64>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        let alive = match keeper.keep_alive().await {
+            Ok(()) => tokio::select! {
+                _ = stop.cancelled() => return,
+                m = stream.message() => matches!(m, Ok(Some(ref r)) if r.ttl() > 0),
+            },
+            Err(_) => false,
+        };
+        if !alive {
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+struct EtcdWorker {
+    client: ec::Client,
+    lease: i64,
+    lost: CancellationToken,
+    stop: CancellationToken,
+}
+
+#[async_trait]
+impl Worker for EtcdWorker {
+    async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
+        let mut client = self.client.clone();
+        let resp = client
+            .lock(name, Some(ec::LockOptions::new().with_lease(self.lease)))
+            .await?;
+        Ok(Box::new(EtcdHeld {
+            client,
+            lease: self.lease,
+            lost: self.lost.clone(),
+            what: What::Lock(resp.key().to_vec()),
+        }))
+    }
+
+    async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
+        let mut client = self.client.clone();
+        let mut resp = client.campaign(name, value, self.lease).await?;
+        let leader = resp
+            .take_leader()
+            .ok_or_else(|| Failure("campaign answered without a leader key".into()))?;
+        Ok(Box::new(EtcdHeld {
+            client,
+            lease: self.lease,
+            lost: self.lost.clone(),
+            what: What::Lead(leader),
+        }))
+    }
+
+    async fn close(&self) {
+        self.stop.cancel();
+        let mut client = self.client.clone();
+        let _ = tokio::time::timeout(crate::cli::RELEASE_TIMEOUT, client.lease_revoke(self.lease))
+            .await;
+    }
+}
+
+enum What {
+    Lock(Vec<u8>),
+    Lead(ec::LeaderKey),
+}
+
+struct EtcdHeld {
+    client: ec::Client,
+    lease: i64,
+    lost: CancellationToken,
+    what: What,
+}
+
+#[async_trait]
+impl Held for EtcdHeld {
+    fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    fn lost(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.lost.cancelled())
+    }
+
+    async fn release(self: Box<Self>) -> Result<()> {
+        let mut client = self.client;
+        match self.what {
+            What::Lock(key) => {
+                client.unlock(key).await?;
+            }
+            What::Lead(leader) => {
+                client
+                    .resign(Some(ec::ResignOptions::new().with_leader(leader)))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_to_urls() {
+        assert_eq!(
+            etcd_urls("http://a:1,http://b:2/"),
+            Some(vec!["http://a:1".to_string(), "http://b:2".to_string()])
+        );
+        assert_eq!(
+            etcd_urls("etcd://a:1,b:2"),
+            Some(vec!["http://a:1".to_string(), "http://b:2".to_string()])
+        );
+        assert_eq!(etcd_urls("mem://"), None);
+        assert_eq!(etcd_urls("redis://x:6379"), None);
+    }
+}

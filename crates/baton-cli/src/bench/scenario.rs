@@ -1,0 +1,482 @@
+//! The scenarios, written once against [`Target`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{join_all, try_join_all};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use rand::Rng;
+
+use super::alloc;
+use super::progress::Progress;
+use super::report::{round, round2, Latencies, Measured};
+use super::target::{Failure, Held, Result, Target, Worker};
+use super::{Config, Scenario};
+
+/// How many requests a scenario keeps in flight when it sets up many locks or workers.
+const IN_FLIGHT: usize = 64;
+
+/// How long to wait for keys to show up in a queue before giving up.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run `config.scenario` on `target`.
+pub(crate) async fn run(config: &Config, target: &dyn Target) -> Result<Measured> {
+    let label = format!("{}/{}", config.scenario.name(), target.name());
+    let base = format!(
+        "{}/{}/{}-{}",
+        config.prefix,
+        target.name(),
+        config.scenario.name(),
+        config.workers
+    );
+    match config.scenario {
+        Scenario::Uncontended | Scenario::Contended => {
+            cycles(target, label, &base, config.workers, config.ops, false).await
+        }
+        Scenario::Distinct => cycles(target, label, &base, config.workers, config.ops, true).await,
+        Scenario::Handover => handover(target, label, &base, config.ops, config.settle).await,
+        Scenario::Lost => lost(target, label, &base, config).await,
+        Scenario::Scale => scale(target, label, &base, config).await,
+    }
+}
+
+/// Connect `n` workers, each with its own connection and session.
+async fn workers(target: &dyn Target, n: u64) -> Result<Vec<Arc<dyn Worker>>> {
+    stream::iter(0..n)
+        .map(|_| target.worker())
+        .buffer_unordered(IN_FLIGHT)
+        .map_ok(Arc::from)
+        .try_collect()
+        .await
+}
+
+async fn close_all(workers: &[Arc<dyn Worker>]) {
+    stream::iter(workers)
+        .for_each_concurrent(IN_FLIGHT, |w| w.close())
+        .await;
+}
+
+/// Lock and unlock `name` once; how long it took.
+async fn cycle(worker: &dyn Worker, name: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let held = worker.lock(name).await?;
+    held.release().await?;
+    Ok(started.elapsed())
+}
+
+/// uncontended, contended, distinct: `n` workers lock+unlock until `ops` cycles are done,
+/// all on one key, or each on its own (`own_keys`).
+async fn cycles(
+    target: &dyn Target,
+    label: String,
+    base: &str,
+    n: u64,
+    ops: u64,
+    own_keys: bool,
+) -> Result<Measured> {
+    let ws = workers(target, n).await?;
+    let name = |i: usize| {
+        if own_keys {
+            format!("{base}/lock-{i}")
+        } else {
+            format!("{base}/lock")
+        }
+    };
+    // Warm up: one cycle per worker (connections, and anything opened on first use).
+    try_join_all(ws.iter().enumerate().map(|(i, w)| {
+        let name = name(i);
+        async move { cycle(w.as_ref(), &name).await }
+    }))
+    .await?;
+
+    let tickets = Arc::new(AtomicU64::new(ops));
+    let progress = Arc::new(Progress::start(label, ops, "ops"));
+    let started = Instant::now();
+    let tasks: Vec<_> = ws
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (w, name, tickets, progress) =
+                (w.clone(), name(i), tickets.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while take(&tickets) {
+                    match cycle(w.as_ref(), &name).await {
+                        Ok(d) => samples.push(d),
+                        Err(e) => {
+                            tickets.store(0, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    progress.inc();
+                }
+                Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(usize::try_from(ops).unwrap_or(0));
+    let mut failure = None;
+    for t in join_all(tasks).await {
+        match t.map_err(Failure::from).and_then(|r| r) {
+            Ok(s) => samples.extend(s),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let elapsed = started.elapsed();
+    drop(progress);
+    close_all(&ws).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let done = samples.len() as u64;
+    Ok(Measured {
+        ops: done,
+        elapsed,
+        ops_per_sec: Some(done as f64 / elapsed.as_secs_f64()),
+        latencies: Latencies::of(samples),
+        ..Measured::default()
+    })
+}
+
+/// Take one ticket if any is left.
+fn take(tickets: &AtomicU64) -> bool {
+    tickets
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| t.checked_sub(1))
+        .is_ok()
+}
+
+/// Poll until `name` has `n` keys queued.
+async fn wait_queued(target: &dyn Target, name: &str, n: usize, poll: Duration) -> Result<()> {
+    let deadline = Instant::now() + QUEUE_TIMEOUT;
+    loop {
+        if target.queued(name).await? >= n {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure(format!(
+                "{n} keys did not queue on {name} within {QUEUE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// handover: two candidates take turns. Each round the other candidate campaigns; once its
+/// key is queued (and `settle` has passed) the leader resigns, and we time from resign()
+/// returning to the waiting campaign() returning. One round first warms up, uncounted.
+async fn handover(
+    target: &dyn Target,
+    label: String,
+    base: &str,
+    ops: u64,
+    settle: Duration,
+) -> Result<Measured> {
+    let name = format!("{base}/election");
+    let ws = workers(target, 2).await?;
+    let (mut leader_w, mut waiter_w) = (ws[0].clone(), ws[1].clone());
+    let result = async {
+        let mut leader = leader_w.campaign(&name, "candidate-0").await?;
+        let progress = Progress::start(label, ops, "handovers");
+        let mut samples = Vec::new();
+        let started = Instant::now();
+        for turn in 0..=ops {
+            let (w, n, value) = (waiter_w.clone(), name.clone(), format!("candidate-{turn}"));
+            let campaign = tokio::spawn(async move {
+                let r = w.campaign(&n, &value).await;
+                (r, Instant::now())
+            });
+            wait_queued(target, &name, 2, Duration::from_millis(1)).await?;
+            if !settle.is_zero() {
+                tokio::time::sleep(settle).await;
+            }
+            leader.release().await?;
+            let resigned = Instant::now();
+            let (next, elected) = campaign.await?;
+            leader = next?;
+            if turn > 0 {
+                samples.push(elected.saturating_duration_since(resigned));
+                progress.inc();
+            }
+            std::mem::swap(&mut leader_w, &mut waiter_w);
+        }
+        let elapsed = started.elapsed();
+        leader.release().await?;
+        Ok::<_, Failure>(Measured {
+            ops: samples.len() as u64,
+            elapsed,
+            latencies: Latencies::of(samples),
+            ..Measured::default()
+        })
+    }
+    .await;
+    close_all(&ws).await;
+    let mut m = result?;
+    m.extra("settle_ms", settle.as_millis() as u64);
+    Ok(m)
+}
+
+/// lost: each probe holds a lock on a session of its own, waits a random part of the
+/// keep-alive interval (TTL/3, for every target), revokes the lease from another
+/// connection, and times until the holder is told. A probe not told within the TTL is
+/// missed.
+async fn lost(target: &dyn Target, label: String, base: &str, config: &Config) -> Result<Measured> {
+    let phase = config.ttl / 3;
+    let limit = config.ttl;
+    let progress = Progress::start(label, config.ops, "probes");
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut missed = 0u64;
+    let ids: Vec<u64> = (0..config.ops).collect();
+    for batch in ids.chunks(usize::try_from(config.workers).unwrap_or(1).max(1)) {
+        let results = join_all(batch.iter().map(|i| {
+            let name = format!("{base}/lock-{i}");
+            let progress = &progress;
+            async move {
+                let r = probe(target, &name, phase, limit).await;
+                progress.inc();
+                r
+            }
+        }))
+        .await;
+        for r in results {
+            match r? {
+                Some(d) => samples.push(d),
+                None => missed += 1,
+            }
+        }
+    }
+    let mut m = Measured {
+        ops: config.ops,
+        elapsed: started.elapsed(),
+        latencies: Latencies::of(samples),
+        ..Measured::default()
+    };
+    m.extra("missed", missed);
+    m.extra("keep_alive_interval_ms", phase.as_millis() as u64);
+    if let Some(note) = target.lost_note() {
+        m.notes.push(note.to_string());
+    }
+    Ok(m)
+}
+
+async fn probe(
+    target: &dyn Target,
+    name: &str,
+    phase: Duration,
+    limit: Duration,
+) -> Result<Option<Duration>> {
+    let worker = target.worker().await?;
+    let result = async {
+        let held = worker.lock(name).await?;
+        let wait =
+            rand::thread_rng().gen_range(Duration::ZERO..phase.max(Duration::from_millis(1)));
+        tokio::time::sleep(wait).await;
+        let revoked = Instant::now();
+        target.revoke(held.as_ref()).await?;
+        let told = tokio::time::timeout(limit, held.lost())
+            .await
+            .ok()
+            .map(|()| revoked.elapsed());
+        Ok::<_, Failure>(told)
+    }
+    .await;
+    worker.close().await;
+    result
+}
+
+/// scale: hold `ops` locks on one session (memory, keep-alive traffic, watches); then queue
+/// `workers` waiters on one key and release (handoff rate, wake-ups per release), and run 8
+/// contended workers for the reference rate.
+async fn scale(
+    target: &dyn Target,
+    label: String,
+    base: &str,
+    config: &Config,
+) -> Result<Measured> {
+    let mut m = Measured::default();
+    hold_many(target, &label, base, config, &mut m).await?;
+    queue_many(target, &label, base, config, &mut m).await?;
+    Ok(m)
+}
+
+async fn hold_many(
+    target: &dyn Target,
+    label: &str,
+    base: &str,
+    config: &Config,
+    m: &mut Measured,
+) -> Result<()> {
+    let n = config.ops;
+    let worker: Arc<dyn Worker> = Arc::from(target.worker().await?);
+    let result = async {
+        let before = target.counters();
+        let (heap0, rss0) = (alloc::heap_in_use(), alloc::rss());
+        let progress = Progress::start(format!("{label} (hold)"), n, "locks held");
+        let started = Instant::now();
+        let mut held: Vec<Box<dyn Held>> = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        let mut per_quarter = Vec::new();
+        let mut last = (0u64, heap0);
+        for q in 1..=4u64 {
+            let upto = n * q / 4;
+            let more: Vec<Box<dyn Held>> = stream::iter(last.0..upto)
+                .map(|i| {
+                    let (w, name, progress) =
+                        (worker.clone(), format!("{base}/held-{i}"), &progress);
+                    async move {
+                        let h = w.lock(&name).await;
+                        progress.inc();
+                        h
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .try_collect()
+                .await?;
+            held.extend(more);
+            let heap = alloc::heap_in_use();
+            if upto > last.0 {
+                per_quarter.push((heap - last.1) / i64::try_from(upto - last.0).unwrap_or(1));
+            }
+            last = (upto, heap);
+        }
+        let acquire = started.elapsed();
+        drop(progress);
+        let heap_per_lock = (last.1 - heap0) / i64::try_from(n.max(1)).unwrap_or(1);
+        let rss_per_lock = match (rss0, alloc::rss()) {
+            (Some(a), Some(b)) => Some((b - a) / i64::try_from(n.max(1)).unwrap_or(1)),
+            _ => None,
+        };
+        let acquired = target.counters();
+
+        // Keep-alive traffic while holding: one and a half keep-alive intervals.
+        let interval = config.ttl / 3;
+        let window = interval * 3 / 2;
+        tokio::time::sleep(window).await;
+        let after = target.counters();
+        let keep_alives = after.keep_alives - acquired.keep_alives;
+
+        stream::iter(held)
+            .map(|h| h.release())
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
+
+        m.ops = n;
+        m.extra("held_locks", n);
+        m.extra(
+            "hold_acquire_per_sec",
+            round(n as f64 / acquire.as_secs_f64()),
+        );
+        m.extra("heap_bytes_per_held_lock", heap_per_lock);
+        m.extra("heap_bytes_per_held_lock_by_quarter", per_quarter);
+        m.extra("rss_bytes_per_held_lock", rss_per_lock);
+        m.extra(
+            "keep_alives_per_sec",
+            round2(keep_alives as f64 / window.as_secs_f64()),
+        );
+        m.extra(
+            "leases_kept_alive",
+            (keep_alives as f64 / (window.as_secs_f64() / interval.as_secs_f64())).round() as u64,
+        );
+        m.extra(
+            "watches_opened_for_held",
+            match (acquired.watches_opened, before.watches_opened) {
+                (Some(a), Some(b)) => Some(a - b),
+                _ => None,
+            },
+        );
+        Ok::<_, Failure>(())
+    }
+    .await;
+    worker.close().await;
+    result
+}
+
+async fn queue_many(
+    target: &dyn Target,
+    label: &str,
+    base: &str,
+    config: &Config,
+    m: &mut Measured,
+) -> Result<()> {
+    let n = config.workers;
+    let name = format!("{base}/queue");
+    let holder = target.worker().await?;
+    let ws = match workers(target, n).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            holder.close().await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let held = holder.lock(&name).await?;
+        let progress = Arc::new(Progress::start(format!("{label} (queue)"), n, "handoffs"));
+        let tasks: Vec<_> = ws
+            .iter()
+            .map(|w| {
+                let (w, name, progress) = (w.clone(), name.clone(), progress.clone());
+                tokio::spawn(async move {
+                    let h = w.lock(&name).await?;
+                    let at = Instant::now();
+                    h.release().await?;
+                    progress.inc();
+                    Ok::<_, Failure>(at)
+                })
+            })
+            .collect();
+        let n_keys = usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1);
+        wait_queued(target, &name, n_keys, Duration::from_millis(10)).await?;
+        // Let every waiter finish setting up (its read and its watch) before the first
+        // release, as waiters that have queued for a while would have.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let before = target.counters();
+        let released = Instant::now();
+        held.release().await?;
+        let mut last = released;
+        for t in join_all(tasks).await {
+            last = last.max(t??);
+        }
+        let elapsed = last.saturating_duration_since(released);
+        let after = target.counters();
+        let rate = n as f64 / elapsed.as_secs_f64();
+        m.elapsed = elapsed;
+        m.ops_per_sec = Some(rate);
+        m.extra("waiters", n);
+        m.extra("handoff_per_sec", round(rate));
+        m.extra(
+            "wakeups_per_release",
+            match (after.wakeups, before.wakeups) {
+                (Some(a), Some(b)) => Some(round2((a - b) as f64 / n as f64)),
+                _ => None,
+            },
+        );
+        Ok::<_, Failure>(())
+    }
+    .await;
+    close_all(&ws).await;
+    holder.close().await;
+    result?;
+
+    // The reference: 8 contended workers, as `bench contended` runs them.
+    let reference = cycles(
+        target,
+        format!("{label} (8 contended)"),
+        &format!("{base}/contended8"),
+        8,
+        (n * 2).clamp(16, 200),
+        false,
+    )
+    .await?;
+    let r8 = reference.ops_per_sec.unwrap_or(0.0);
+    m.extra("contended8_ops_per_sec", round(r8));
+    m.extra(
+        "handoff_vs_contended8",
+        (r8 > 0.0).then(|| round2(m.ops_per_sec.unwrap_or(0.0) / r8)),
+    );
+    m.notes.push(format!(
+        "ops is the number of locks held at once on one session; ops_per_sec is the handoff rate \
+         of {n} waiters queued on one key, each with its own connection and session"
+    ));
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! What a scenario measures: a [`Target`] makes [`Worker`]s (each a connection and a session,
+//! as a separate process would have), which lock and campaign, giving [`Held`]s.
+//!
+//! [`BatonTarget`] is Baton on the store family (etcd, `mem://`). Peers are in
+//! [`super::peer`]; a Redis backend plugs in the same way.
+
+use std::fmt::Display;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
+use crate::cli::{self, Global};
+use crate::exit::CliError;
+
+/// A scenario's failure, as one line of text.
+#[derive(Debug)]
+pub(crate) struct Failure(pub(crate) String);
+
+impl<E: Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Failure>;
+
+/// What a target has done so far, summed over every worker it made.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counters {
+    /// Keep-alive requests sent.
+    pub(crate) keep_alives: u64,
+    /// Waiter wake-ups, where the target can count them.
+    pub(crate) wakeups: Option<u64>,
+    /// Watch streams opened, where the target can count them.
+    pub(crate) watches_opened: Option<u64>,
+}
+
+/// An implementation being measured, on one backend.
+#[async_trait]
+pub(crate) trait Target: Send + Sync {
+    /// How it is named in reports: `baton`, or the peer's name.
+    fn name(&self) -> &'static str;
+
+    /// The backend: `etcd`, `mem`.
+    fn backend(&self) -> &'static str;
+
+    /// A new worker with its own connection and its own session (lease).
+    async fn worker(&self) -> Result<Box<dyn Worker>>;
+
+    /// End `held` from outside, from a connection of the target's own, as an operator or
+    /// an expiry would: revoke its lease.
+    async fn revoke(&self, held: &dyn Held) -> Result<()>;
+
+    /// How many keys are queued on lock or election `name`, the holder's included.
+    async fn queued(&self, name: &str) -> Result<usize>;
+
+    /// Counters over every worker made so far.
+    fn counters(&self) -> Counters;
+
+    /// What `lost` measures for this target, if it is not `lost()` itself.
+    fn lost_note(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// One connection and one session.
+#[async_trait]
+pub(crate) trait Worker: Send + Sync {
+    /// Wait until lock `name` is ours.
+    async fn lock(&self, name: &str) -> Result<Box<dyn Held>>;
+
+    /// Campaign in election `name` with `value`, and wait until we lead.
+    async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>>;
+
+    /// End the session (revoke its lease).
+    async fn close(&self);
+}
+
+/// A lock or leadership held.
+#[async_trait]
+pub(crate) trait Held: Send + Sync {
+    /// The lease the hold is bound to.
+    fn lease(&self) -> i64;
+
+    /// Completes when the holder is told that the hold is lost.
+    fn lost(&self) -> BoxFuture<'_, ()>;
+
+    /// Unlock, or resign.
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
+/// Baton on the store family, through its public API.
+pub(crate) struct BatonTarget {
+    endpoints: String,
+    dial_timeout: Duration,
+    ttl: Duration,
+    /// For revokes and reading queues: never a worker's connection.
+    admin: baton::Client,
+    /// Every worker's client, for [`Target::counters`].
+    clients: StdMutex<Vec<baton::Client>>,
+}
+
+impl BatonTarget {
+    /// Connect the admin client; workers connect on their own.
+    pub(crate) async fn connect(
+        global: &Global,
+        ttl: Duration,
+    ) -> std::result::Result<Self, CliError> {
+        let admin = cli::connect(global, &global.endpoints).await?;
+        Ok(BatonTarget {
+            endpoints: global.endpoints.clone(),
+            dial_timeout: global.dial_timeout,
+            ttl,
+            admin,
+            clients: StdMutex::new(Vec::new()),
+        })
+    }
+
+    /// The endpoints, credentials redacted.
+    pub(crate) fn endpoints(&self) -> &str {
+        self.admin.endpoints()
+    }
+}
+
+#[async_trait]
+impl Target for BatonTarget {
+    fn name(&self) -> &'static str {
+        "baton"
+    }
+
+    fn backend(&self) -> &'static str {
+        self.admin.backend()
+    }
+
+    async fn worker(&self) -> Result<Box<dyn Worker>> {
+        let client = baton::Client::builder(&self.endpoints)
+            .with_dial_timeout(self.dial_timeout)
+            .connect()
+            .await?;
+        let session = baton::Session::builder(&client)
+            .with_ttl(self.ttl)
+            .build()
+            .await?;
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client);
+        Ok(Box::new(BatonWorker { session }))
+    }
+
+    async fn revoke(&self, held: &dyn Held) -> Result<()> {
+        Ok(self.admin.store().lease_revoke(held.lease()).await?)
+    }
+
+    async fn queued(&self, name: &str) -> Result<usize> {
+        let prefix = format!("{name}/");
+        let resp = self
+            .admin
+            .store()
+            .range(baton::store::Range::prefix(prefix.as_bytes().to_vec()))
+            .await?;
+        Ok(resp
+            .kvs
+            .iter()
+            .filter(|kv| !kv.key[prefix.len()..].contains(&b'/'))
+            .count())
+    }
+
+    fn counters(&self) -> Counters {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = Counters {
+            keep_alives: 0,
+            wakeups: Some(0),
+            watches_opened: Some(0),
+        };
+        for client in clients.iter() {
+            let s = client.stats();
+            c.keep_alives += s.keep_alives;
+            c.wakeups = c.wakeups.map(|w| w + s.wakeups);
+            c.watches_opened = c.watches_opened.map(|w| w + s.watches_opened);
+        }
+        c
+    }
+}
+
+struct BatonWorker {
+    session: baton::Session,
+}
+
+#[async_trait]
+impl Worker for BatonWorker {
+    async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
+        let guard = baton::Mutex::new(&self.session, name)?.lock().await?;
+        Ok(Box::new(BatonHeld::Lock(guard)))
+    }
+
+    async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
+        let leadership = baton::Election::new(&self.session, name)?
+            .campaign(value)
+            .await?;
+        Ok(Box::new(BatonHeld::Lead(leadership)))
+    }
+
+    async fn close(&self) {
+        cli::close(&self.session).await;
+    }
+}
+
+enum BatonHeld {
+    Lock(baton::MutexGuard),
+    Lead(baton::Leadership),
+}
+
+#[async_trait]
+impl Held for BatonHeld {
+    fn lease(&self) -> i64 {
+        match self {
+            BatonHeld::Lock(g) => g.session().lease_id(),
+            BatonHeld::Lead(l) => l.session().lease_id(),
+        }
+    }
+
+    fn lost(&self) -> BoxFuture<'_, ()> {
+        match self {
+            BatonHeld::Lock(g) => Box::pin(g.lost()),
+            BatonHeld::Lead(l) => Box::pin(l.lost()),
+        }
+    }
+
+    async fn release(self: Box<Self>) -> Result<()> {
+        match *self {
+            BatonHeld::Lock(g) => g.unlock().await?,
+            BatonHeld::Lead(l) => l.resign().await?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! `baton bench` against real etcd and the embedded store: every scenario runs briefly and
+//! reports the documented fields. No timing is asserted: performance lives in BENCHMARKS.md.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Run `baton --json bench ARGS` and return the last stdout line as an object.
+fn bench(endpoints: &str, args: &[&str]) -> (Value, Vec<String>) {
+    let (out, _) = run(baton(endpoints).arg("--json").arg("bench").args(args));
+    assert_eq!(out.status.code(), Some(0), "bench {args:?}: {out:?}");
+    let text = stdout(&out);
+    let last = text.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line of bench {args:?} is not JSON ({e}): {text}"));
+    assert!(value.is_object(), "{value}");
+    (value, stderr_lines(&out))
+}
+
+/// The fields every result has (a field that does not apply is null, but present).
+fn assert_shape(v: &Value, scenario: &str, backend: &str) {
+    for field in [
+        "scenario",
+        "backend",
+        "workers",
+        "ops",
+        "ops_per_sec",
+        "p50_us",
+        "p99_us",
+        "max_us",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing: {v}");
+    }
+    assert_eq!(v["scenario"], scenario, "{v}");
+    assert_eq!(v["backend"], backend, "{v}");
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["workers"].as_u64().unwrap() > 0, "{v}");
+}
+
+fn assert_peer(v: &Value) {
+    assert_eq!(v["peer"], "etcd-lock-api", "{v}");
+    for field in [
+        "peer_ops_per_sec",
+        "peer_p50_us",
+        "peer_p99_us",
+        "peer_max_us",
+        "ratio",
+        "ratio_basis",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing: {v}");
+    }
+}
+
+fn positive(v: &Value, field: &str) -> f64 {
+    let x = v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number: {v}"));
+    assert!(x > 0.0, "{field} is not positive: {v}");
+    x
+}
+
+#[test]
+fn every_scenario_on_etcd_with_the_etcd_lock_api_peer() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let peer = ["--peer", "etcd-lock-api", "--ttl", "2s"];
+
+    for (scenario, extra) in [
+        ("uncontended", &["--ops", "20"][..]),
+        ("contended", &["--workers", "3", "--ops", "12"][..]),
+        ("distinct", &["--workers", "3", "--ops", "30"][..]),
+    ] {
+        let args: Vec<&str> = [scenario]
+            .iter()
+            .chain(extra)
+            .chain(&peer)
+            .copied()
+            .collect();
+        let (v, _) = bench(&ep, &args);
+        assert_shape(&v, scenario, "etcd");
+        assert_peer(&v);
+        positive(&v, "ops_per_sec");
+        positive(&v, "peer_ops_per_sec");
+        positive(&v, "ratio");
+        assert!(
+            v["p50_us"].as_u64().is_some() && v["max_us"].as_u64().is_some(),
+            "{v}"
+        );
+        assert_eq!(
+            v["server_version"].as_str().map(|s| s.starts_with('3')),
+            Some(true),
+            "{v}"
+        );
+    }
+
+    let (v, _) = bench(&ep, &["handover", "--ops", "3", "--peer", "etcd-lock-api"]);
+    assert_shape(&v, "handover", "etcd");
+    assert_peer(&v);
+    assert!(v["ops_per_sec"].is_null(), "{v}");
+    assert!(v["p50_us"].as_u64().is_some(), "{v}");
+    assert!(v["peer_p50_us"].as_u64().is_some(), "{v}");
+
+    let (v, _) = bench(
+        &ep,
+        &[
+            "lost",
+            "--ops",
+            "2",
+            "--peer",
+            "etcd-lock-api",
+            "--ttl",
+            "2s",
+        ],
+    );
+    assert_shape(&v, "lost", "etcd");
+    assert_peer(&v);
+    assert_eq!(v["missed"], 0, "{v}");
+    assert!(v["p99_us"].as_u64().is_some(), "{v}");
+    assert!(v.get("peer_missed").is_some(), "{v}");
+    assert!(
+        v["notes"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("Session.Done()"))),
+        "{v}"
+    );
+
+    let (v, _) = bench(
+        &ep,
+        &[
+            "scale",
+            "--ops",
+            "20",
+            "--workers",
+            "4",
+            "--ttl",
+            "2s",
+            "--peer",
+            "etcd-lock-api",
+        ],
+    );
+    assert_shape(&v, "scale", "etcd");
+    assert_peer(&v);
+    assert_eq!(v["held_locks"], 20, "{v}");
+    assert_eq!(v["waiters"], 4, "{v}");
+    positive(&v, "handoff_per_sec");
+    positive(&v, "peer_handoff_per_sec");
+    positive(&v, "contended8_ops_per_sec");
+    assert!(v["heap_bytes_per_held_lock"].as_i64().is_some(), "{v}");
+    assert!(v["wakeups_per_release"].as_f64().is_some(), "{v}");
+    assert!(v["peer_wakeups_per_release"].is_null(), "{v}");
+    assert!(v["keep_alives_per_sec"].as_f64().is_some(), "{v}");
+}
+
+#[test]
+fn scenarios_on_the_embedded_store() {
+    let mem = "mem://bench";
+    for (scenario, extra) in [
+        ("uncontended", &["--ops", "50"][..]),
+        ("contended", &["--workers", "4", "--ops", "40"][..]),
+        ("distinct", &["--workers", "4", "--ops", "40"][..]),
+        ("handover", &["--ops", "5"][..]),
+        ("lost", &["--ops", "3", "--ttl", "2s"][..]),
+        (
+            "scale",
+            &["--ops", "20", "--workers", "4", "--ttl", "2s"][..],
+        ),
+    ] {
+        let args: Vec<&str> = [scenario].iter().chain(extra).copied().collect();
+        let (v, _) = bench(mem, &args);
+        assert_shape(&v, scenario, "mem");
+        assert!(v.get("peer").is_none(), "{v}");
+    }
+}
+
+#[test]
+fn sweep_writes_an_svg_chart() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let chart_arg = chart.to_str().unwrap();
+    let (v, _) = bench(
+        &etcd.endpoint(),
+        &[
+            "contended",
+            "--sweep",
+            "--ops",
+            "4",
+            "--ttl",
+            "2s",
+            "--peer",
+            "etcd-lock-api",
+            "--chart",
+            chart_arg,
+        ],
+    );
+    assert_eq!(v["scenario"], "contended", "{v}");
+    let sweep = v["sweep"].as_array().unwrap();
+    let workers: Vec<u64> = sweep
+        .iter()
+        .map(|p| p["workers"].as_u64().unwrap())
+        .collect();
+    assert_eq!(workers, [1, 2, 4, 8, 16, 32], "{v}");
+    for p in sweep {
+        positive(p, "ops_per_sec");
+        positive(p, "peer_ops_per_sec");
+    }
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{svg:.100}"
+    );
+    assert!(svg.contains("etcd-lock-api"), "{svg:.100}");
+}
+
+#[test]
+fn human_output_and_bad_input() {
+    let (out, _) = run(baton("mem://bench-human").args(["bench", "uncontended", "--ops", "10"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.starts_with("bench uncontended on mem"), "{text}");
+    assert!(text.contains("ops/s"), "{text}");
+
+    for args in [
+        &["bench", "handover", "--sweep"][..],
+        &["bench", "uncontended", "--workers", "3"][..],
+        &["bench", "contended", "--peer", "etcd-lock-api"][..],
+        &["bench", "contended", "--peer", "nobody"][..],
+        &["bench", "lost", "--ttl", "1s"][..],
+        &["bench", "nothing"][..],
+    ] {
+        let (out, _) = run(baton("mem://bench-bad").args(args));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+        assert!(err[0].starts_with("baton: "), "{err:?}");
+    }
+}
