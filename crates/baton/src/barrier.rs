@@ -10,8 +10,8 @@ use crate::error::Result;
 use crate::names::validate_name;
 use crate::queue::with_timeout;
 use crate::session::Session;
-use crate::store::{Compare, CompareOp, EventKind, KeyRange, LeaseId, Range, Txn, TxnOp};
-use crate::watching::{Until, Wait, Waiter};
+use crate::store::{Compare, CompareOp, KeyRange, LeaseId, Range, Txn, TxnOp};
+use crate::watching::{wait_key, Until};
 
 /// A barrier: while it is held (its key exists), [`wait()`](Barrier::wait) blocks; when it
 /// is released (its key is deleted), every waiter goes on.
@@ -185,27 +185,11 @@ impl Barrier {
     }
 
     async fn wait_released(&self) -> Result<()> {
-        let store = self.client.store();
         let key = self.name.as_bytes();
-        let mut waiter = Waiter::new(store);
-        loop {
-            let resp = match store.range(Range::key(key)).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
-            if resp.kvs.is_empty() {
-                return Ok(());
-            }
-            let woken = waiter
-                .wait(Wait::key(key, resp.header_revision, Until::Deleted))
-                .await?;
-            if woken.is_some_and(|e| e.kind == EventKind::Delete) {
-                return Ok(());
-            }
-        }
+        wait_key(self.client.store(), key, Until::Deleted, |kv| {
+            Ok(kv.is_none())
+        })
+        .await
     }
 }
 

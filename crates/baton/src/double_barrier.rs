@@ -223,13 +223,7 @@ impl DoubleBarrier {
                 TxnOp::get(Range::key(ready)),
                 TxnOp::get(self.members_read(None)),
             ]);
-            let resp = match store.txn(read).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
+            let resp = waiter.read_txn(read).await?;
             let header = resp.header_revision;
             let mut gets = resp.responses.into_iter().filter_map(|r| match r {
                 TxnOpResponse::Get(g) => Some(g.kvs),
@@ -391,13 +385,7 @@ impl DoubleBarrier {
         let my_rev = held.rev();
         let mut waiter = Waiter::new(store);
         loop {
-            let resp = match store.range(self.members_read(Some(round))).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
+            let resp = waiter.range(self.members_read(Some(round))).await?;
             let members: Vec<KeyValue> = self
                 .members(resp.kvs)
                 .into_iter()
@@ -453,13 +441,7 @@ impl DoubleBarrier {
     async fn wait_all_left(&self, store: &Arc<dyn Store>, round: Revision) -> Result<()> {
         let mut waiter = Waiter::new(store);
         loop {
-            let resp = match store.range(self.members_read(Some(round))).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
+            let resp = waiter.range(self.members_read(Some(round))).await?;
             let Some(first) = self.members(resp.kvs).into_iter().next() else {
                 return Ok(());
             };

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::names::{validate_count, validate_name};
 use crate::queue::with_timeout;
 use crate::shared_value::update;
-use crate::store::{EventKind, KeyValue, Range};
-use crate::watching::{Until, Wait, Waiter};
+use crate::store::{KeyValue, Range};
+use crate::watching::{wait_key, Until};
 
 /// A count-down latch shared by every node: [`wait()`](CountDownLatch::wait) blocks until
 /// [`count_down()`](CountDownLatch::count_down) has been called `count` times, in any
@@ -151,30 +151,11 @@ impl CountDownLatch {
     }
 
     async fn wait_open(&self) -> Result<()> {
-        let store = self.client.store();
-        let key = self.name.as_bytes();
-        let open = encode(0, self.count).into_bytes();
-        let mut waiter = Waiter::new(store);
-        loop {
-            let resp = match store.range(Range::key(key)).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
-            if self.remaining_in(resp.kvs.first())? == 0 {
-                return Ok(());
-            }
-            let wait = Wait::key(key, resp.header_revision, Until::Reached(open.clone()));
-            if waiter
-                .wait(wait)
-                .await?
-                .is_some_and(|e| e.kind == EventKind::Put)
-            {
-                return Ok(());
-            }
-        }
+        let open = Until::Reached(encode(0, self.count).into_bytes());
+        wait_key(self.client.store(), self.name.as_bytes(), open, |kv| {
+            Ok(self.remaining_in(kv)? == 0)
+        })
+        .await
     }
 
     /// The count-downs remaining according to the key (`count` if it does not exist).

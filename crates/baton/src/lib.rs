@@ -128,7 +128,7 @@ pub use priority_queue::PriorityQueue;
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use session::{Session, SessionBuilder, DEFAULT_TTL, MAX_TTL, MIN_TTL};
-pub use shared_value::{Changes, CompareAndSet, CountChanges, SharedCount, SharedValue, Versioned};
+pub use shared_value::{Changes, CompareAndSet, SharedCount, SharedValue, Versioned};
 pub use stm::{Isolation, Stm, StmTx, MAX_TXN_KEYS};
 pub use store::Revision;
 pub use work_queue::Queue;

@@ -2,16 +2,14 @@
 //! within a priority.
 
 use std::fmt;
-use std::time::Duration;
 
 use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::Result;
 use crate::names::{validate_name, validate_value};
-use crate::queue::with_timeout;
 use crate::store::{Compare, CompareOp, Range, SortTarget, Txn, TxnOp};
-use crate::work_queue::Items;
+use crate::work_queue::{take_methods, Items};
 
 /// A distributed priority queue: items with a lower priority number are dequeued first,
 /// and items of one priority in the order they were enqueued.
@@ -139,53 +137,7 @@ impl PriorityQueue {
         }
     }
 
-    /// Take the first item (lowest priority number, then oldest), waiting for one if the
-    /// queue is empty. See [`Queue::dequeue`](crate::Queue::dequeue).
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe while waiting. If the future is dropped while a claim is in flight, the
-    /// item may have been taken and not returned.
-    pub async fn dequeue(&self) -> Result<Vec<u8>> {
-        self.items.take_or_wait(&self.name).await
-    }
-
-    /// [`dequeue()`](PriorityQueue::dequeue), giving up with
-    /// [`Error::Timeout`](crate::Error::Timeout) after `timeout`.
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`dequeue()`](PriorityQueue::dequeue).
-    pub async fn dequeue_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
-        with_timeout("dequeue", timeout, self.dequeue()).await
-    }
-
-    /// Take the first item, or return `None` at once if the queue is empty.
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`dequeue()`](PriorityQueue::dequeue).
-    pub async fn try_dequeue(&self) -> Result<Option<Vec<u8>>> {
-        self.items.try_take(&self.name).await
-    }
-
-    /// The number of items now.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn len(&self) -> Result<usize> {
-        self.items.count().await
-    }
-
-    /// True if the queue has no item now.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn is_empty(&self) -> Result<bool> {
-        Ok(self.len().await? == 0)
-    }
+    take_methods!("the first item (lowest priority number, then oldest)");
 }
 
 /// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number.

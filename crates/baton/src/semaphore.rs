@@ -331,13 +331,7 @@ impl Semaphore {
         let mut waiter = Waiter::new(store);
         loop {
             let read = self.members_read().with_max_create_revision(my_rev);
-            let resp = match store.range(read).await {
-                Ok(r) => r,
-                Err(e) => {
-                    waiter.retry(e).await?;
-                    continue;
-                }
-            };
+            let resp = waiter.range(read).await?;
             let mut members = self.members(resp.kvs);
             match members.pop() {
                 Some(kv) if kv.key == self.key.as_bytes() && kv.create_revision == my_rev => {}

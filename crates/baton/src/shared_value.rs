@@ -316,21 +316,23 @@ where
     }
 }
 
-/// A stream of a key's values; see [`SharedValue::watch`]. Dropping it stops watching.
-pub struct Changes {
-    inner: Pin<Box<dyn Stream<Item = Option<Versioned>> + Send>>,
+/// A stream of a key's values: [`SharedValue::watch`] yields `Option<Versioned>` (`None`
+/// when the key does not exist), [`SharedCount::watch`] yields `Versioned<i64>`. Dropping
+/// it stops watching.
+pub struct Changes<T = Option<Versioned>> {
+    inner: Pin<Box<dyn Stream<Item = T> + Send>>,
 }
 
-impl fmt::Debug for Changes {
+impl<T> fmt::Debug for Changes<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Changes").finish_non_exhaustive()
     }
 }
 
-impl Stream for Changes {
-    type Item = Option<Versioned>;
+impl<T> Stream for Changes<T> {
+    type Item = T;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
         self.inner.as_mut().poll_next(cx)
     }
 }
@@ -533,7 +535,7 @@ impl SharedCount {
     /// as 0). Values that are not integers are skipped.
     ///
     /// Nothing happens until the stream is first polled.
-    pub fn watch(&self) -> CountChanges {
+    pub fn watch(&self) -> Changes<Versioned<i64>> {
         let key = self.key().to_string();
         let counts = self.value.watch().filter_map(move |v| {
             let count = count_of(&key, v);
@@ -542,28 +544,9 @@ impl SharedCount {
             }
             futures::future::ready(count.ok())
         });
-        CountChanges {
+        Changes {
             inner: counts.boxed(),
         }
-    }
-}
-
-/// A stream of counts; see [`SharedCount::watch`]. Dropping it stops watching.
-pub struct CountChanges {
-    inner: Pin<Box<dyn Stream<Item = Versioned<i64>> + Send>>,
-}
-
-impl fmt::Debug for CountChanges {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CountChanges").finish_non_exhaustive()
-    }
-}
-
-impl Stream for CountChanges {
-    type Item = Versioned<i64>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
     }
 }
 

@@ -455,15 +455,22 @@ impl StmTx {
             if self.isolation.uses_snapshot() && st.snapshot.is_none() {
                 st.snapshot = Some(resp.header_revision);
             }
-            for (key, r) in chunk.iter().zip(resp.responses) {
-                let kv = match r {
-                    TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
-                    _ => None,
-                };
-                st.reads.insert(key.clone(), kv);
-            }
+            st.reads.extend(
+                chunk
+                    .iter()
+                    .cloned()
+                    .zip(resp.responses.into_iter().map(found)),
+            );
         }
         Ok(())
+    }
+}
+
+/// The key a one-key get found.
+fn found(response: TxnOpResponse) -> Option<KeyValue> {
+    match response {
+        TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
+        _ => None,
     }
 }
 
@@ -531,14 +538,7 @@ async fn commit(store: &Arc<dyn Store>, isolation: Isolation, attempt: Attempt) 
     }
     let kvs = keys_read
         .into_iter()
-        .zip(resp.responses)
-        .map(|(key, r)| {
-            let kv = match r {
-                TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
-                _ => None,
-            };
-            (key, kv)
-        })
+        .zip(resp.responses.into_iter().map(found))
         .collect();
     Ok(Commit::Conflict(Prefetched {
         kvs,
@@ -556,38 +556,70 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// Read `x`, let another writer change `x` (first attempt only), write `x + 1`.
-    /// Returns the final value and how many attempts ran.
+    /// A store holding `x = 10`, `a = 1` and `b = 1`, and a writer that interferes once.
+    struct Scenario {
+        client: Client,
+        attempts: AtomicU32,
+    }
+
+    impl Scenario {
+        async fn new() -> Scenario {
+            let client = Client::memory();
+            for (key, value) in [("x", "10"), ("a", "1"), ("b", "1")] {
+                client
+                    .store()
+                    .put(key.as_bytes(), value.as_bytes(), 0)
+                    .await
+                    .unwrap();
+            }
+            Scenario {
+                client,
+                attempts: AtomicU32::new(0),
+            }
+        }
+
+        /// Another writer puts `key = value`, during the first attempt only.
+        async fn interfere(&self, key: &str, value: &str) -> Result<()> {
+            if self.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.client
+                    .store()
+                    .put(key.as_bytes(), value.as_bytes(), 0)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        fn stm(&self, isolation: Isolation) -> Stm {
+            Stm::new(&self.client).with_isolation(isolation)
+        }
+
+        fn attempts(&self) -> u32 {
+            self.attempts.load(Ordering::SeqCst)
+        }
+
+        async fn value(&self, key: &str) -> i64 {
+            let resp = self.client.store().range(Range::key(key)).await.unwrap();
+            number(resp.kvs.into_iter().next().map(|kv| kv.value))
+        }
+    }
+
+    /// Read `x`, let another writer change `x`, write `x + 1`: the final `x` and the number
+    /// of attempts.
     async fn increment_with_interference(isolation: Isolation) -> (i64, u32) {
-        let client = Client::memory();
-        let store = client.store().clone();
-        store.put(b"x", b"10", 0).await.unwrap();
-        let attempts = AtomicU32::new(0);
-        Stm::new(&client)
-            .with_isolation(isolation)
+        let s = Scenario::new().await;
+        s.stm(isolation)
             .run(|tx| {
-                let (store, attempts) = (&store, &attempts);
+                let s = &s;
                 async move {
                     let x = number(tx.get("x").await?);
-                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                        store.put(b"x", b"100", 0).await?;
-                    }
+                    s.interfere("x", "100").await?;
                     tx.put("x", (x + 1).to_string());
                     Ok::<_, Error>(())
                 }
             })
             .await
             .unwrap();
-        let x = number(
-            store
-                .range(Range::key("x"))
-                .await
-                .unwrap()
-                .kvs
-                .pop()
-                .map(|kv| kv.value),
-        );
-        (x, attempts.load(Ordering::SeqCst))
+        (s.value("x").await, s.attempts())
     }
 
     #[tokio::test]
@@ -605,23 +637,16 @@ mod tests {
         );
     }
 
-    /// Read `a`, let another writer change `b`, read `b`: what did the closure see?
+    /// Read `a`, let another writer change `b`, read `b`: what each attempt saw.
     async fn read_skew(isolation: Isolation) -> Vec<(i64, i64)> {
-        let client = Client::memory();
-        let store = client.store().clone();
-        store.put(b"a", b"1", 0).await.unwrap();
-        store.put(b"b", b"1", 0).await.unwrap();
+        let s = Scenario::new().await;
         let seen = StdMutex::new(Vec::new());
-        let first = AtomicU32::new(0);
-        Stm::new(&client)
-            .with_isolation(isolation)
+        s.stm(isolation)
             .run(|tx| {
-                let (store, seen, first) = (&store, &seen, &first);
+                let (s, seen) = (&s, &seen);
                 async move {
                     let a = number(tx.get("a").await?);
-                    if first.fetch_add(1, Ordering::SeqCst) == 0 {
-                        store.put(b"b", b"2", 0).await?;
-                    }
+                    s.interfere("b", "2").await?;
                     let b = number(tx.get("b").await?);
                     seen.lock().unwrap().push((a, b));
                     tx.put("sum", (a + b).to_string());
@@ -644,28 +669,23 @@ mod tests {
         assert_eq!(read_skew(Isolation::RepeatableReads).await, [(1, 2)]);
     }
 
-    /// Read `a` (the snapshot), let another writer change `w`, write `w` without reading it.
+    /// Read `a` (the snapshot), let another writer change `w`, write `w` without reading
+    /// it: the number of attempts.
     async fn blind_write(isolation: Isolation) -> u32 {
-        let client = Client::memory();
-        let store = client.store().clone();
-        store.put(b"a", b"1", 0).await.unwrap();
-        let attempts = AtomicU32::new(0);
-        Stm::new(&client)
-            .with_isolation(isolation)
+        let s = Scenario::new().await;
+        s.stm(isolation)
             .run(|tx| {
-                let (store, attempts) = (&store, &attempts);
+                let s = &s;
                 async move {
                     tx.get("a").await?;
-                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                        store.put(b"w", b"other", 0).await?;
-                    }
+                    s.interfere("w", "other").await?;
                     tx.put("w", "mine");
                     Ok::<_, Error>(())
                 }
             })
             .await
             .unwrap();
-        attempts.load(Ordering::SeqCst)
+        s.attempts()
     }
 
     #[tokio::test]

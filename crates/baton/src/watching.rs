@@ -16,7 +16,10 @@ use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::session::Session;
-use crate::store::{Event, EventKind, KeyRange, Revision, Store, Watch};
+use crate::store::{
+    Event, EventKind, KeyRange, KeyValue, Range, RangeResponse, Revision, Store, Txn, TxnResponse,
+    Watch,
+};
 
 /// The first and the largest pause after a failed read or watch.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -139,6 +142,26 @@ impl Waiter {
         }
     }
 
+    /// Read `range`, retrying with backoff while the failures may pass.
+    pub(crate) async fn range(&mut self, range: Range) -> Result<RangeResponse> {
+        loop {
+            match self.store.range(range.clone()).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => self.retry(e).await?,
+            }
+        }
+    }
+
+    /// Run a read-only `txn`, retrying with backoff while the failures may pass.
+    pub(crate) async fn read_txn(&mut self, txn: Txn) -> Result<TxnResponse> {
+        loop {
+            match self.store.txn(txn.clone()).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => self.retry(e).await?,
+            }
+        }
+    }
+
     /// A read or watch failed: back off and return `Ok(())` if it may work later, else the
     /// error.
     pub(crate) async fn retry(&mut self, error: Error) -> Result<()> {
@@ -148,6 +171,34 @@ impl Waiter {
         tracing::debug!(error = %error, "retrying after a failed read or watch");
         self.backoff.sleep().await;
         Ok(())
+    }
+}
+
+/// Wait until `key` is `done`: `done` judges the key as read (`None` if it does not exist),
+/// and, after an event of `until`, the key as that event left it; if the event does not
+/// settle it, the key is read again.
+pub(crate) async fn wait_key<F>(
+    store: &Arc<dyn Store>,
+    key: &[u8],
+    until: Until,
+    mut done: F,
+) -> Result<()>
+where
+    F: FnMut(Option<&KeyValue>) -> Result<bool>,
+{
+    let mut waiter = Waiter::new(store);
+    loop {
+        let resp = waiter.range(Range::key(key)).await?;
+        if done(resp.kvs.first())? {
+            return Ok(());
+        }
+        let wait = Wait::key(key, resp.header_revision, until.clone());
+        if let Some(event) = waiter.wait(wait).await? {
+            let left = (event.kind == EventKind::Put).then_some(&event.kv);
+            if done(left)? {
+                return Ok(());
+            }
+        }
     }
 }
 

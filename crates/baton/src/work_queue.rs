@@ -6,14 +6,13 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::names::{is_member, validate_name, validate_value};
-use crate::queue::with_timeout;
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, RangeResponse, SortOrder, SortTarget, Store, Txn, TxnOp,
 };
@@ -21,6 +20,68 @@ use crate::watching::{Until, Wait, Waiter};
 
 /// How many items one read fetches as candidates to claim.
 const BATCH: i64 = 16;
+
+/// The taking methods of a queue over [`Items`] ([`Queue`], [`PriorityQueue`]). The type
+/// must have the fields `name: String` and `items: Items`; `$which` names the item taken.
+///
+/// [`PriorityQueue`]: crate::PriorityQueue
+macro_rules! take_methods {
+    ($which:literal) => {
+        #[doc = concat!("Take ", $which, ", waiting for one if the queue is empty.")]
+        ///
+        /// Failed reads and broken watches are retried with backoff; bound the wait with
+        /// `dequeue_timeout`.
+        ///
+        /// # Cancel safety
+        ///
+        /// Cancel safe while waiting. If the future is dropped while a claim is in flight, the
+        /// item may have been taken and not returned.
+        pub async fn dequeue(&self) -> $crate::Result<Vec<u8>> {
+            self.items.take_or_wait(&self.name).await
+        }
+
+        /// `dequeue()`, giving up with [`Error::Timeout`](crate::Error::Timeout) after
+        /// `timeout`.
+        ///
+        /// # Cancel safety
+        ///
+        /// As `dequeue()`.
+        pub async fn dequeue_timeout(
+            &self,
+            timeout: std::time::Duration,
+        ) -> $crate::Result<Vec<u8>> {
+            $crate::queue::with_timeout("dequeue", timeout, self.dequeue()).await
+        }
+
+        #[doc = concat!("Take ", $which, ", or return `None` at once if the queue is empty.")]
+        ///
+        /// # Cancel safety
+        ///
+        /// As `dequeue()`.
+        pub async fn try_dequeue(&self) -> $crate::Result<Option<Vec<u8>>> {
+            self.items.try_take(&self.name).await
+        }
+
+        /// The number of items now.
+        ///
+        /// # Cancel safety
+        ///
+        /// Cancel safe.
+        pub async fn len(&self) -> $crate::Result<usize> {
+            self.items.count().await
+        }
+
+        /// True if the queue has no item now.
+        ///
+        /// # Cancel safety
+        ///
+        /// Cancel safe.
+        pub async fn is_empty(&self) -> $crate::Result<bool> {
+            Ok(self.len().await? == 0)
+        }
+    };
+}
+pub(crate) use take_methods;
 
 /// A distributed FIFO queue: [`enqueue`](Queue::enqueue) from any process,
 /// [`dequeue`](Queue::dequeue) from any other. Each item is given to exactly one consumer,
@@ -146,54 +207,7 @@ impl Queue {
         .await
     }
 
-    /// Take the item at the head, waiting for one if the queue is empty.
-    ///
-    /// Failed reads and broken watches are retried with backoff; bound the wait with
-    /// [`dequeue_timeout`](Queue::dequeue_timeout).
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe while waiting. If the future is dropped while a claim is in flight, the
-    /// item may have been taken and not returned.
-    pub async fn dequeue(&self) -> Result<Vec<u8>> {
-        self.items.take_or_wait(&self.name).await
-    }
-
-    /// [`dequeue()`](Queue::dequeue), giving up with [`Error::Timeout`] after `timeout`.
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`dequeue()`](Queue::dequeue).
-    pub async fn dequeue_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
-        with_timeout("dequeue", timeout, self.dequeue()).await
-    }
-
-    /// Take the item at the head, or return `None` at once if the queue is empty.
-    ///
-    /// # Cancel safety
-    ///
-    /// As [`dequeue()`](Queue::dequeue).
-    pub async fn try_dequeue(&self) -> Result<Option<Vec<u8>>> {
-        self.items.try_take(&self.name).await
-    }
-
-    /// The number of items now.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn len(&self) -> Result<usize> {
-        self.items.count().await
-    }
-
-    /// True if the queue has no item now.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn is_empty(&self) -> Result<bool> {
-        Ok(self.len().await? == 0)
-    }
+    take_methods!("the item at the head");
 }
 
 fn now_nanos() -> u128 {
@@ -337,6 +351,7 @@ impl Items {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn fifo_exactly_once_with_racing_consumers() {
