@@ -6,6 +6,10 @@
 //!   same way (one server, or N independent masters for Redlock).
 //! - [`ports`]: free loopback ports that parallel tests never share.
 //! - [`conformance`]: the behaviours every store must show, run on every backend.
+//! - [`proxy`]: a TCP fault proxy (delay, jitter, pause, blackhole, reset, per direction).
+//! - [`oracle`]: the fenced-resource oracle and the history checker of the fault suite.
+//! - [`scenarios`]: fault scenarios shared by the fault suites of every backend.
+//! - [`worker`]: worker processes that tests pause (SIGSTOP/SIGCONT) and kill.
 //! - [`etcd_available`]: whether the etcd binary is there, for a clear message instead of a
 //!   spawn error.
 //!
@@ -29,9 +33,13 @@
 
 pub mod conformance;
 pub mod etcd;
+pub mod oracle;
 pub mod ports;
 mod process;
+pub mod proxy;
 pub mod redis;
+pub mod scenarios;
+pub mod worker;
 
 pub use etcd::{etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer};
 pub use ports::free_port;
