@@ -1,0 +1,824 @@
+//! The fault suite on etcd (one node, and a 3-node cluster): the rows of RELIABILITY.md
+//! that apply to etcd, injected for real — worker processes paused and killed, members
+//! killed and paused, a TCP fault proxy between client and member — and checked by the
+//! fenced-resource oracle (`baton_testkit::oracle`).
+//!
+//! Each test makes `BATON_FAULT_RUNS` runs (default: a few, to keep CI fast) and prints its
+//! figures as `FIGURE | …` lines (`cargo test --test faults_etcd -- --nocapture`).
+//! docs/reliability.md has the figures of `BATON_FAULT_RUNS=10`.
+//!
+//! Rows covered elsewhere: 3, 4, 5, 14 and 17 by the conformance suite on every store
+//! (`tests/conformance.rs`); 22 by `tests/faults_misc.rs`.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use baton::store::{Compare, CompareOp, Range, Txn, TxnOp};
+use baton::{Client, Mutex, Session};
+use baton_testkit::oracle::{mono_now, report, report_count, runs, Oracle};
+use baton_testkit::proxy::{Direction, Fault, FaultProxy};
+use baton_testkit::scenarios::{self, acquired, expect, since, Kind, Target};
+use baton_testkit::worker::WorkerProc;
+use baton_testkit::{EtcdCluster, EtcdServer};
+use tokio::time::Instant;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_fault-worker");
+
+fn target(endpoints: &str, label: &str) -> Target {
+    Target::new(WORKER, endpoints, label, Kind::Store)
+}
+
+/// A fault-worker process named `name`.
+fn worker(name: &str, endpoints: &str, oracle: &Oracle, args: &[&str]) -> WorkerProc {
+    target(endpoints, "etcd").worker(name, oracle, args)
+}
+
+async fn client(endpoints: &str, request_timeout: Duration) -> Client {
+    Client::builder(endpoints)
+        .with_request_timeout(request_timeout)
+        .with_dial_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn session(client: &Client, ttl: Duration) -> Session {
+    Session::builder(client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 1: baseline
+
+/// Row 1: see [`scenarios::baseline`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row01_baseline_single() {
+    let etcd = EtcdServer::start_async().await;
+    scenarios::baseline(&target(&etcd.endpoint(), "etcd")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row01_baseline_cluster() {
+    let cluster = EtcdCluster::start_async(3).await;
+    scenarios::baseline(&target(&cluster.endpoints_url(), "etcd×3")).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 2: holder paused past its TTL
+
+/// Row 2: see [`scenarios::paused_holder`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row02_paused_holder_single() {
+    let etcd = EtcdServer::start_async().await;
+    scenarios::paused_holder(&target(&etcd.endpoint(), "etcd")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row02_paused_holder_cluster() {
+    let cluster = EtcdCluster::start_async(3).await;
+    scenarios::paused_holder(&target(&cluster.endpoints_url(), "etcd×3")).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 6: holder crashes
+
+/// Row 6: see [`scenarios::crashed_holder`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row06_crashed_holder_single() {
+    let etcd = EtcdServer::start_async().await;
+    scenarios::crashed_holder(&target(&etcd.endpoint(), "etcd")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row06_crashed_holder_cluster() {
+    let cluster = EtcdCluster::start_async(3).await;
+    scenarios::crashed_holder(&target(&cluster.endpoints_url(), "etcd×3")).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 7: the etcd leader crashes
+
+/// `kill -9` of the cluster's leader while an in-process holder holds one lock and a worker
+/// process holds another (killed at the same moment, with a waiter queued): the live holder
+/// sees no false `lost()` for 2×TTL, and the dead holder's lock is granted to the waiter
+/// within failover + TTL + 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row07_leader_crash() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let endpoints = cluster.endpoints_url();
+    let ttl = Duration::from_secs(3);
+    let (mut failover, mut grant, mut false_losses) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs(1) {
+        let oracle = Oracle::start().await;
+        let c = client(&endpoints, Duration::from_secs(2)).await;
+        let s = session(&c, ttl).await;
+        let g = Mutex::new(&s, &format!("leader-crash/live/{run}"))
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        let lock = format!("leader-crash/dead/{run}");
+        let mut a = worker(
+            "a",
+            &endpoints,
+            &oracle,
+            &["--lock", &lock, "--ttl-ms", "3000", "--keep"],
+        );
+        expect(&mut a, "keeping", Duration::from_secs(15)).await;
+        let mut b = worker(
+            "b",
+            &endpoints,
+            &oracle,
+            &["--lock", &lock, "--ttl-ms", "3000"],
+        );
+        expect(&mut b, "ready", Duration::from_secs(15)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let leader =
+            tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(10)))
+                .expect("no leader");
+        let killed = mono_now();
+        tokio::task::block_in_place(|| cluster.kill(leader));
+        a.kill();
+        oracle.end_holds("a", killed, "killed");
+        let new_leader =
+            tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(15)))
+                .expect("no new leader");
+        assert_ne!(new_leader, leader);
+        let fo = since(killed, mono_now());
+        failover.push(fo);
+        let (_, t_b) = acquired(&expect(&mut b, "acquired", ttl + Duration::from_secs(15)).await);
+        let took = since(killed, t_b);
+        // A new etcd leader extends every lease by an election timeout (1 s) when it takes
+        // over (lessor.Promote), and checks expiry every 500 ms: hence the extra 2 s.
+        assert!(
+            took <= fo + ttl + Duration::from_secs(2),
+            "dead holder's lock granted {took:?} after the crash (failover {fo:?})"
+        );
+        grant.push(took);
+        // The live holder holds on through 2×TTL after the crash.
+        let until = Instant::now() + 2 * ttl;
+        let mut lost = 0;
+        while Instant::now() < until {
+            if g.is_lost() {
+                lost += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(lost, 0, "false lost(): {:?}", g.lost_reason());
+        false_losses.push(lost);
+        g.unlock().await.unwrap();
+        expect(&mut b, "done", Duration::from_secs(10)).await;
+        oracle.history().check_all(&oracle, &[]).unwrap();
+        s.close().await.unwrap();
+        tokio::task::block_in_place(|| cluster.restart(leader));
+    }
+    report(
+        "7",
+        "etcd×3",
+        "kill -9 of etcd leader → new leader",
+        &failover,
+    );
+    report(
+        "7",
+        "etcd×3",
+        "kill -9 of leader + holder → next grant (TTL 3 s)",
+        &grant,
+    );
+    report_count("7", "etcd×3", "false lost() of live holder", &false_losses);
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 8: quorum lost
+
+/// Two of three members killed: no acquire returns Ok, and the holder's `lost()` fires at
+/// its local deadline (not before, and not much after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row08_quorum_lost() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let endpoints = cluster.endpoints_url();
+    let ttl = Duration::from_secs(3);
+    let mut late = Vec::new();
+    for run in 0..runs(1) {
+        let c = client(&endpoints, Duration::from_secs(1)).await;
+        let s = session(&c, ttl).await;
+        let name = format!("quorum/{run}");
+        let g = Mutex::new(&s, &name).unwrap().lock().await.unwrap();
+        let c2 = client(&endpoints, Duration::from_secs(1)).await;
+        let s2 = session(&c2, Duration::from_secs(10)).await;
+        let contender = Mutex::new(&s2, &name).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::task::block_in_place(|| {
+            cluster.kill(0);
+            cluster.kill(1);
+        });
+        let attempt = contender.lock_timeout(2 * ttl);
+        let lost = async {
+            g.lost().await;
+            Instant::now()
+        };
+        let (r, fired) = tokio::join!(attempt, lost);
+        assert!(r.is_err(), "acquired without a quorum");
+        let deadline = s.deadline();
+        assert!(
+            fired + Duration::from_millis(50) >= deadline,
+            "lost {:?} before the deadline",
+            deadline - fired
+        );
+        let lateness = fired.saturating_duration_since(deadline);
+        assert!(
+            lateness < Duration::from_millis(500),
+            "lost {lateness:?} late"
+        );
+        late.push(lateness);
+        drop(contender);
+        s2.orphan();
+        tokio::task::block_in_place(|| {
+            cluster.member_mut(0).restart_no_wait();
+            cluster.member_mut(1).restart_no_wait();
+            for i in 0..3 {
+                assert!(cluster.member(i).wait_healthy(Duration::from_secs(30)));
+            }
+        });
+    }
+    report("8", "etcd×3", "lost() after the local deadline", &late);
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 9: the etcd leader paused
+
+/// SIGSTOP of the leader for 3 s while 5 worker processes contend (TTL 5 s): no double
+/// grant (no overlap, no rejected write), nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row09_leader_paused() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let endpoints = cluster.endpoints_url();
+    let (mut gaps, mut losses) = (Vec::new(), Vec::new());
+    for run in 0..runs(1) {
+        let oracle = Oracle::start().await;
+        let lock = format!("leader-paused/{run}");
+        let mut ws: Vec<WorkerProc> = (0..5)
+            .map(|i| {
+                worker(
+                    &format!("w{i}"),
+                    &endpoints,
+                    &oracle,
+                    &[
+                        "--lock",
+                        &lock,
+                        "--rounds",
+                        "0",
+                        "--ttl-ms",
+                        "5000",
+                        "--hold-ms",
+                        "20",
+                        "--request-timeout-ms",
+                        "3000",
+                    ],
+                )
+            })
+            .collect();
+        for w in &mut ws {
+            expect(w, "ready", Duration::from_secs(15)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let leader =
+            tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(10)))
+                .expect("no leader");
+        let stopped = mono_now();
+        cluster.stop(leader);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.cont(leader);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut lost = 0u64;
+        for w in &mut ws {
+            let t = w.kill();
+            oracle.end_holds(w.name(), t, "killed");
+            for l in w.lines_so_far() {
+                if l.starts_with("lost") || l.starts_with("error") {
+                    eprintln!("{}: {l}", w.name());
+                    lost += u64::from(l.starts_with("lost"));
+                }
+            }
+        }
+        let h = oracle.history();
+        h.check_all(&oracle, &[]).unwrap();
+        assert_eq!(h.rejected(None), 0, "a write was rejected: two holders");
+        let holds = h.holds();
+        assert!(
+            holds.iter().any(|x| x.start > stopped + 3_000_000_000),
+            "no grant after the pause"
+        );
+        let gap = holds
+            .windows(2)
+            .map(|w| since(w[0].end.unwrap_or(w[0].start), w[1].start))
+            .max()
+            .unwrap_or_default();
+        gaps.push(gap);
+        losses.push(lost);
+    }
+    report(
+        "9",
+        "etcd×3",
+        "SIGSTOP leader 3 s: longest gap between grants",
+        &gaps,
+    );
+    report_count("9", "etcd×3", "holds lost (TTL 5 s)", &losses);
+}
+
+// ---------------------------------------------------------------------------------------
+// Rows 10 and 11: the network between client and member
+
+/// Wait until the lease is gone on the server (polled every 20 ms through `direct`); when.
+async fn server_expiry(direct: &Client, lease: i64, within: Duration) -> Instant {
+    let until = Instant::now() + within;
+    loop {
+        if direct
+            .store()
+            .lease_time_to_live(lease)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            return Instant::now();
+        }
+        assert!(Instant::now() < until, "lease never expired on the server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The client is partitioned from its only member (blackhole both ways) for 2×TTL: `lost()`
+/// by the local deadline, which is never after the server's expiry; a call through the
+/// partition fails within its timeout; a waiter elsewhere gets the lock after the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row10_client_partitioned() {
+    let etcd = EtcdServer::start_async().await;
+    let ttl = Duration::from_secs(2);
+    let (mut late, mut margin, mut call) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs(2) {
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let c = client(&proxy.url("http"), Duration::from_secs(1)).await;
+        let s = session(&c, ttl).await;
+        let name = format!("partition/{run}");
+        let g = Mutex::new(&s, &name).unwrap().lock().await.unwrap();
+        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
+        let ws = session(&direct, Duration::from_secs(10)).await;
+        let wm = Mutex::new(&ws, &name).unwrap();
+        let waiter = tokio::spawn(async move {
+            let g = wm.lock().await;
+            (Instant::now(), g)
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        proxy.set_both(Fault::Blackhole);
+        // A call through the partition gives up within its timeout.
+        let t = Instant::now();
+        let r = c.store().range(Range::key("x")).await;
+        assert!(r.is_err());
+        call.push(t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        let lease = s.lease_id();
+        let (fired, expired) = tokio::join!(
+            async {
+                g.lost().await;
+                Instant::now()
+            },
+            server_expiry(&direct, lease, 3 * ttl)
+        );
+        let deadline = s.deadline();
+        assert!(
+            deadline <= expired,
+            "local deadline after the server's expiry"
+        );
+        margin.push(expired - deadline);
+        let lateness = fired.saturating_duration_since(deadline);
+        assert!(
+            lateness < Duration::from_millis(500),
+            "lost {lateness:?} late"
+        );
+        late.push(lateness);
+        let (granted, g2) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            granted >= deadline,
+            "waiter granted before the holder's deadline"
+        );
+        g2.unwrap().unlock().await.unwrap();
+        proxy.heal();
+        ws.close().await.unwrap();
+    }
+    report(
+        "10",
+        "etcd",
+        "partition: lost() after the local deadline",
+        &late,
+    );
+    report(
+        "10",
+        "etcd",
+        "partition: server expiry − local deadline",
+        &margin,
+    );
+    report(
+        "10",
+        "etcd",
+        "partition: a call fails after (timeout 1 s)",
+        &call,
+    );
+}
+
+/// The client reaches a 3-node cluster through one proxy per member; the member it is
+/// partitioned from (both ways, 2×TTL) is the leader. The other two serve: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row10_partitioned_from_one_member_of_three() {
+    let cluster = EtcdCluster::start_async(3).await;
+    let ttl = Duration::from_secs(4);
+    let mut losses = Vec::new();
+    for run in 0..runs(1) {
+        let mut proxies = Vec::new();
+        for m in cluster.members() {
+            proxies.push(FaultProxy::start(m.client_port()).await);
+        }
+        let url = proxies
+            .iter()
+            .map(|p| p.url("http"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let c = client(&url, Duration::from_secs(1)).await;
+        let s = session(&c, ttl).await;
+        let g = Mutex::new(&s, &format!("one-of-three/{run}"))
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        let leader =
+            tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(10)))
+                .expect("no leader");
+        proxies[leader].set_both(Fault::Blackhole);
+        let until = Instant::now() + 2 * ttl;
+        while Instant::now() < until && !g.is_lost() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let lost = u64::from(g.is_lost());
+        losses.push(lost);
+        assert!(
+            !g.is_lost(),
+            "lost with 2 of 3 members reachable: {:?}",
+            g.lost_reason()
+        );
+        // Requests still work.
+        c.store().range(Range::key("x")).await.unwrap();
+        proxies[leader].heal();
+        g.unlock().await.unwrap();
+        s.close().await.unwrap();
+    }
+    report_count(
+        "10",
+        "etcd×3",
+        "partitioned from the leader member: holds lost",
+        &losses,
+    );
+}
+
+/// Keep-alive replies delayed 1.5 s: the local deadline is never later than the server's
+/// expiry (measured by cutting the client off at the end and watching the lease expire).
+///
+/// With TTL 3 s the session is lost (safely, at its local deadline): Baton has one
+/// keep-alive in flight at a time and sends the next one an interval (TTL/3) after the
+/// reply, so it survives reply latencies below TTL/3 only. With TTL 6 s it holds.
+async fn slow_keep_alive_replies(ttl: Duration, may_lose: bool) {
+    let etcd = EtcdServer::start_async().await;
+    let (mut margin, mut losses) = (Vec::new(), Vec::new());
+    for run in 0..runs(2) {
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let c = client(&proxy.url("http"), Duration::from_secs(5)).await;
+        let s = session(&c, ttl).await;
+        let g = Mutex::new(&s, &format!("slow/{run}"))
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        proxy.set(
+            Direction::ServerToClient,
+            Fault::Delay(Duration::from_millis(1500)),
+        );
+        tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+        losses.push(u64::from(g.is_lost()));
+        if !may_lose {
+            assert!(
+                !g.is_lost(),
+                "lost with slow replies: {:?}",
+                g.lost_reason()
+            );
+        }
+        // Now cut it off, and compare the local deadline with the server's expiry.
+        proxy.set(Direction::ClientToServer, Fault::Blackhole);
+        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
+        let expired = server_expiry(&direct, s.lease_id(), 3 * ttl).await;
+        let deadline = s.deadline();
+        assert!(
+            deadline <= expired,
+            "local deadline {:?} after the server's expiry",
+            deadline - expired
+        );
+        margin.push(expired - deadline);
+        tokio::time::timeout(Duration::from_secs(1), g.lost())
+            .await
+            .expect("not lost after the server's expiry");
+        proxy.heal();
+    }
+    let what = format!("replies delayed 1.5 s, TTL {} s", ttl.as_secs());
+    report(
+        "11",
+        "etcd",
+        &format!("{what}: server expiry − local deadline"),
+        &margin,
+    );
+    report_count("11", "etcd", &format!("{what}: holds lost"), &losses);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row11_slow_keep_alive_replies_ttl3() {
+    slow_keep_alive_replies(Duration::from_secs(3), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row11_slow_keep_alive_replies_ttl6() {
+    slow_keep_alive_replies(Duration::from_secs(6), false).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 12: a lost unlock reply
+
+/// The unlock's reply is lost (server→client blackholed): the call times out though the key
+/// was deleted; the same session takes the lock again (same key, new token); the old unlock,
+/// retried, is a compare-and-delete on the old token and leaves the newer lock alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row12_lost_unlock_reply() {
+    let etcd = EtcdServer::start_async().await;
+    for run in 0..runs(2) {
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let c = client(&proxy.url("http"), Duration::from_secs(1)).await;
+        let s = session(&c, Duration::from_secs(10)).await;
+        let m = Mutex::new(&s, &format!("unlock-reply/{run}")).unwrap();
+        let g = m.lock().await.unwrap();
+        let (key, old) = (g.key().to_string(), g.fencing_token());
+        proxy.set(Direction::ServerToClient, Fault::Blackhole);
+        let r = g.unlock().await;
+        assert!(r.is_err(), "unlock answered through a blackhole");
+        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
+        let gone = direct.store().range(Range::key(key.clone())).await.unwrap();
+        assert!(gone.kvs.is_empty(), "the unlock was not applied");
+        proxy.heal();
+        // The heal resets the connection that lost the reply; the first request on it may
+        // fail with a transport error (a write is not retried once it may have been sent).
+        let mut attempt = 0;
+        let g2 = loop {
+            match m.lock_timeout(Duration::from_secs(10)).await {
+                Ok(g) => break g,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    eprintln!("re-acquire after heal: {e}");
+                }
+                Err(e) => panic!("re-acquire failed: {e}"),
+            }
+        };
+        assert_eq!(g2.key(), key);
+        assert!(g2.fencing_token() > old);
+        // The retry of the old unlock: compare-and-delete on the old token.
+        let retry = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, old)])
+            .and_then([TxnOp::delete(key.clone())]);
+        assert!(!c.store().txn(retry).await.unwrap().succeeded);
+        assert!(!g2.is_lost());
+        let kv = direct.store().range(Range::key(key.clone())).await.unwrap();
+        assert_eq!(kv.kvs[0].create_revision, g2.fencing_token());
+        g2.unlock().await.unwrap();
+        s.close().await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 15: compaction while waiting
+
+/// A waiter queues; the store moves on and is compacted past the waiter's watch revision;
+/// the waiter's connection is reset, so it must watch again from a compacted revision. It
+/// still gets the lock at once when the holder releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row15_compaction_while_waiting() {
+    let etcd = EtcdServer::start_async().await;
+    let mut handover = Vec::new();
+    for run in 0..runs(2) {
+        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
+        let hs = session(&direct, Duration::from_secs(10)).await;
+        let name = format!("compact/{run}");
+        let g = Mutex::new(&hs, &name).unwrap().lock().await.unwrap();
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let wc = client(&proxy.url("http"), Duration::from_secs(2)).await;
+        let ws = session(&wc, Duration::from_secs(10)).await;
+        let wm = Mutex::new(&ws, &name).unwrap();
+        let waiter = tokio::spawn(async move {
+            let g = wm.lock().await;
+            (Instant::now(), g)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 0..20 {
+            direct
+                .store()
+                .put(format!("compact-noise/{i}").as_bytes(), b"x", 0)
+                .await
+                .unwrap();
+        }
+        let rev = direct
+            .store()
+            .put(b"compact-noise/last", b"x", 0)
+            .await
+            .unwrap();
+        direct.store().compact(rev).await.unwrap();
+        proxy.reset_all();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiter.is_finished());
+        let released = Instant::now();
+        g.unlock().await.unwrap();
+        let (granted, g2) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("waiter hung after compaction")
+            .unwrap();
+        handover.push(granted - released);
+        g2.unwrap().unlock().await.unwrap();
+        hs.close().await.unwrap();
+        ws.close().await.unwrap();
+    }
+    report(
+        "15",
+        "etcd",
+        "compacted + reset waiter: release → grant",
+        &handover,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Row 16: election split brain
+
+/// Three candidate processes; the leader's lease is revoked (`how` = "revoke"), the leader
+/// is SIGSTOPped for 2×TTL ("pause"), or partitioned from etcd for 2×TTL through its own
+/// proxy ("partition"). Exactly one new leader; the old one learns it lost, its writes are
+/// rejected, and it never leads again with its old token; leaderships never overlap.
+async fn election_split_brain(how: &str) {
+    let etcd = EtcdServer::start_async().await;
+    let ttl = Duration::from_secs(2);
+    let mut next = Vec::new();
+    for run in 0..runs(1) {
+        let oracle = Oracle::start().await;
+        let name = format!("elect/{how}/{run}");
+        let mut proxies = Vec::new();
+        let mut cands = Vec::new();
+        for i in 0..3 {
+            let p = FaultProxy::start(etcd.client_port()).await;
+            let w = worker(
+                &format!("c{i}"),
+                &p.url("http"),
+                &oracle,
+                &[
+                    "--lock",
+                    &name,
+                    "--elect",
+                    &format!("c{i}"),
+                    "--ttl-ms",
+                    "2000",
+                    "--request-timeout-ms",
+                    "1000",
+                    "--writes",
+                    "100000",
+                    "--write-every-ms",
+                    "100",
+                    "--probe-after-loss",
+                    "--txn",
+                ],
+            );
+            proxies.push(p);
+            cands.push(w);
+        }
+        // Who leads?
+        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
+        let leader = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                if let Ok(l) = baton::Election::leader_with(&direct, &name).await {
+                    return l;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let who: usize = leader.value_str()[1..].parse().unwrap();
+        expect(&mut cands[who], "acquired", Duration::from_secs(10)).await;
+        expect(&mut cands[who], "write ok", Duration::from_secs(5)).await;
+        let t_fault = mono_now();
+        match how {
+            "revoke" => {
+                direct.store().lease_revoke(leader.lease).await.unwrap();
+                // From now on the old leader holds nothing, though it learns so a round
+                // trip later: its leadership ends here.
+                oracle.end_holds(&format!("c{who}"), t_fault, "revoked");
+            }
+            "pause" => {
+                cands[who].stop();
+            }
+            _ => proxies[who].set_both(Fault::Blackhole),
+        }
+        // Exactly one new leader.
+        let h = loop {
+            let h = oracle.history();
+            if h.holds().iter().any(|x| x.start > t_fault) {
+                break h;
+            }
+            assert!(
+                since(t_fault, mono_now()) < 3 * ttl + Duration::from_secs(3),
+                "no new leader"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let took = h.next_grant_after(&name, t_fault).unwrap();
+        next.push(took);
+        if how == "revoke" {
+            assert!(
+                took < Duration::from_secs(2),
+                "new leader {took:?} after the revoke"
+            );
+        }
+        tokio::time::sleep(if how == "revoke" {
+            Duration::from_millis(500)
+        } else {
+            2 * ttl
+        })
+        .await;
+        match how {
+            "pause" => {
+                cands[who].cont();
+            }
+            "partition" => proxies[who].heal(),
+            _ => {}
+        }
+        let old = &mut cands[who];
+        expect(old, "lost", Duration::from_secs(5)).await;
+        // A paused leader can act only after the new one has written: its write is
+        // rejected. A revoked or partitioned one stops at once (revoke) or at its local
+        // deadline (partition), which may be before the new leader's first write: its
+        // write is then accepted, and ordered before the new term (check_all below).
+        let stale = expect(old, "stale write", Duration::from_secs(5)).await;
+        if how == "pause" {
+            assert_eq!(stale, "stale write rejected");
+        }
+        assert_eq!(
+            expect(old, "stale txn", Duration::from_secs(5)).await,
+            "stale txn rejected"
+        );
+        expect(old, "done", Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for w in &mut cands {
+            let t = w.kill();
+            oracle.end_holds(w.name(), t, "killed");
+        }
+        let h = oracle.history();
+        h.check_all(&oracle, &[]).unwrap();
+        let leaders: Vec<_> = h
+            .holds()
+            .into_iter()
+            .filter(|x| x.start > t_fault)
+            .collect();
+        assert_eq!(leaders.len(), 1, "{leaders:?}");
+        assert_ne!(leaders[0].worker, format!("c{who}"));
+    }
+    report(
+        "16",
+        "etcd",
+        &format!("election, leader {how}: next leader after"),
+        &next,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_revoke() {
+    election_split_brain("revoke").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_pause() {
+    election_split_brain("pause").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_partition() {
+    election_split_brain("partition").await;
+}
