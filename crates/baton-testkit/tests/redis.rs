@@ -280,7 +280,10 @@ async fn unlock_after_expiry_keeps_the_next_holders_lock() {
     new.unlock().await.unwrap();
 }
 
-/// `lost()` fires within TTL/3 + 50 ms of an external `DEL` (the issue's `lost` target).
+/// `lost()` fires within TTL/3 + 50 ms of an external `DEL` (the issue's `lost` target),
+/// measured in the worst case: the key is deleted just after the watchdog extended it.
+/// The median of five trials must meet the bound; every trial must come close (a loaded
+/// 2-core machine can delay any one wake-up).
 async fn lost_after_del(url: &str, servers: &[String]) {
     let ttl = Duration::from_millis(900);
     let client = connect(url, ttl).await;
@@ -288,11 +291,20 @@ async fn lost_after_del(url: &str, servers: &[String]) {
     for s in servers {
         conns.push(raw(s).await);
     }
-    let mut worst = Duration::ZERO;
-    for _ in 0..3 {
+    let mut took = Vec::new();
+    for _ in 0..5 {
         let lock = client.lock(&unique("del")).unwrap();
         let guard = lock.lock().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Wait for an extend: the key's PTTL jumps back up.
+        let mut prev: i64 = conns[0].pttl(lock.key()).await.unwrap();
+        loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let now: i64 = conns[0].pttl(lock.key()).await.unwrap();
+            if now > prev {
+                break;
+            }
+            prev = now;
+        }
         let deleted = Instant::now();
         for conn in &mut conns {
             let () = conn.del(lock.key()).await.unwrap();
@@ -300,13 +312,19 @@ async fn lost_after_del(url: &str, servers: &[String]) {
         tokio::time::timeout(Duration::from_secs(3), guard.lost())
             .await
             .expect("lost() after DEL");
-        worst = worst.max(deleted.elapsed());
+        took.push(deleted.elapsed());
         assert!(guard.lost_reason().unwrap().contains("deleted"));
         let err = guard.unlock().await.unwrap_err();
         assert!(matches!(err, Error::NotHeld { .. }), "{err}");
     }
+    took.sort();
+    eprintln!("{url}: lost() after DEL, worst case, 5 trials: {took:?}");
     let bound = ttl / 3 + Duration::from_millis(50);
-    assert!(worst <= bound, "lost() took {worst:?}; bound {bound:?}");
+    assert!(took[2] <= bound, "lost() took {took:?}; bound {bound:?}");
+    assert!(
+        took[4] <= bound + Duration::from_millis(200),
+        "lost() took {took:?}; bound {bound:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
