@@ -248,11 +248,55 @@ fn kill_group(pgid: i32, signal: i32) {
     }
 }
 
-/// True while some process of group `pgid` exists.
+/// True while some process of group `pgid` exists and has not exited.
 fn group_alive(pgid: i32) -> bool {
     // SAFETY: kill(2) with signal 0 only checks; no memory-safety preconditions.
     let r = unsafe { libc::kill(-pgid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    let exists = r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    exists && !only_zombies(pgid)
+}
+
+/// True if every process of group `pgid` is a zombie (exited, not yet reaped).
+///
+/// CMD's background jobs are orphaned when CMD exits, and reparented to init. Where init
+/// does not reap orphans (a container whose PID 1 is not an init, such as Docker without
+/// `--init`), they stay zombies, which kill(2) still finds: without this check `baton`
+/// would wait out the whole grace period for processes that have already exited.
+#[cfg(target_os = "linux")]
+fn only_zombies(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp …"; comm may contain spaces and parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (Some(state), Some(_ppid), Some(pgrp)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if pgrp.parse() == Ok(pgid) && state != "Z" && state != "X" {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(not(target_os = "linux"))]
+fn only_zombies(_pgid: i32) -> bool {
+    false
 }
 
 #[cfg(test)]
