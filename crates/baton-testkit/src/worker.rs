@@ -246,3 +246,19 @@ impl Drop for WorkerProc {
 pub fn alive(pid: u32) -> bool {
     process::signal(pid, 0).is_ok()
 }
+
+/// True if process `pid` exists and has not exited: a zombie (exited, not reaped) does not
+/// count. Orphans stay zombies where PID 1 does not reap them, as in some containers.
+pub fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return alive(pid);
+    };
+    match stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+    {
+        Some("Z" | "X") => false,
+        Some(_) => true,
+        None => alive(pid),
+    }
+}

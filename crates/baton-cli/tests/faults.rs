@@ -1,0 +1,304 @@
+//! The `baton` command under faults (issue 8's CLI cases), against real etcd: a holder paused
+//! past its TTL or partitioned from etcd, a holder killed with `kill -9`, and the etcd leader
+//! killed under a running command. Workers are `baton` processes, paused and killed with the
+//! testkit's `WorkerProc`; the partition goes through the testkit's `FaultProxy`.
+//!
+//! Each test prints `FIGURE | …` lines and makes `BATON_FAULT_RUNS` runs (see
+//! docs/reliability.md).
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use baton_testkit::oracle::{mono_now, report, runs};
+use baton_testkit::proxy::{Fault, FaultProxy};
+use baton_testkit::scenarios::since;
+use baton_testkit::worker::{running, WorkerProc};
+use baton_testkit::{EtcdCluster, EtcdServer};
+
+/// `baton --endpoints ENDPOINTS ARGS` as a worker process.
+fn baton(name: &str, endpoints: &str, args: &[&str]) -> WorkerProc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.env_remove("RUST_LOG")
+        .env_remove("BATON_ENDPOINTS")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .args(args);
+    WorkerProc::spawn_command(name, cmd)
+}
+
+/// The line CMD prints first: `start PID TOKEN`.
+async fn started(w: &mut WorkerProc, within: Duration) -> (u32, i64) {
+    let Some(line) = w.line_starting("start", within).await else {
+        panic!(
+            "{}: CMD did not start within {within:?}; stderr:\n{}",
+            w.name(),
+            w.stderr()
+        )
+    };
+    let p: Vec<&str> = line.split_whitespace().collect();
+    (p[1].parse().unwrap(), p[2].parse().unwrap())
+}
+
+/// A CMD that announces itself, then appends a tick to `ticks` every 50 ms until killed.
+fn ticking(ticks: &Path) -> String {
+    format!(
+        r#"echo "start $$ $BATON_FENCING_TOKEN"; while :; do echo tick >> '{}'; sleep 0.05; done"#,
+        ticks.display()
+    )
+}
+
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+async fn exit_code(w: &mut WorkerProc, within: Duration) -> i32 {
+    match w.wait(within).await {
+        Some(status) => status.code().unwrap_or(-1),
+        None => panic!("{} did not exit within {within:?}", w.name()),
+    }
+}
+
+/// What happens to the holder.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault2 {
+    /// SIGSTOP for 2×TTL, then SIGCONT.
+    Pause,
+    /// Blackhole between `baton` and etcd for 2×TTL, then heal.
+    Partition,
+}
+
+/// `baton lock` (or `baton elect`) runs a ticking CMD with TTL 2 s; the holder is paused or
+/// partitioned for 2×TTL. Meanwhile a second `baton` gets the lock with a strictly greater
+/// token. When the holder can run again it kills its CMD at once and exits 122: CMD's ticks
+/// stop and never resume.
+async fn holder_cut_off(sub: &str, fault: Fault2) {
+    let etcd = EtcdServer::start_async().await;
+    let ttl = Duration::from_secs(2);
+    let (mut next, mut stop_after, mut exit_after) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs(1) {
+        let dir = tempfile::tempdir().unwrap();
+        let ticks = dir.path().join("ticks");
+        let name = format!("cli-{sub}-{fault:?}-{run}");
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let script = ticking(&ticks);
+        let mut args = vec![sub, name.as_str()];
+        if sub == "elect" {
+            args.push("a");
+        }
+        args.extend(["--ttl", "2s", "--grace", "2s", "--", "sh", "-c", &script]);
+        let mut a = baton("a", &proxy.url("http"), &args);
+        let (cmd_pid, token_a) = started(&mut a, Duration::from_secs(15)).await;
+        let mut b_args = vec![sub, name.as_str()];
+        if sub == "elect" {
+            b_args.push("b");
+        }
+        b_args.extend([
+            "--ttl",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "start $$ $BATON_FENCING_TOKEN""#,
+        ]);
+        let mut b = baton("b", &etcd.endpoint(), &b_args);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t_fault = match fault {
+            Fault2::Pause => a.stop(),
+            Fault2::Partition => {
+                proxy.set_both(Fault::Blackhole);
+                mono_now()
+            }
+        };
+        let (_, token_b) = started(&mut b, 2 * ttl + Duration::from_secs(3)).await;
+        next.push(since(t_fault, mono_now()));
+        assert!(token_b > token_a, "token {token_b} after {token_a}");
+        assert_eq!(exit_code(&mut b, Duration::from_secs(10)).await, 0);
+        tokio::time::sleep((2 * ttl).saturating_sub(since(t_fault, mono_now()))).await;
+        let t_back = match fault {
+            Fault2::Pause => a.cont(),
+            Fault2::Partition => {
+                proxy.heal();
+                mono_now()
+            }
+        };
+        // CMD is gone at once (a paused holder on SIGCONT; a partitioned one already at its
+        // deadline, during the partition), and baton exits 122.
+        let mut cmd_gone = None;
+        for _ in 0..1000 {
+            if !running(cmd_pid) {
+                cmd_gone = Some(mono_now());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cmd_gone = cmd_gone.expect("CMD still runs 5 s after the holder came back");
+        assert_eq!(exit_code(&mut a, Duration::from_secs(5)).await, 122);
+        let exited = mono_now();
+        let after = size(&ticks);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(size(&ticks), after, "CMD ran on after baton exited 122");
+        if fault == Fault2::Pause {
+            let took = since(t_back, cmd_gone);
+            assert!(
+                took < Duration::from_secs(1),
+                "CMD killed {took:?} after SIGCONT"
+            );
+            stop_after.push(took);
+            let took = since(t_back, exited);
+            assert!(
+                took < Duration::from_secs(2),
+                "baton exited {took:?} after SIGCONT"
+            );
+            exit_after.push(took);
+        }
+        let stderr = a.stderr();
+        assert!(stderr.contains("lost"), "{stderr}");
+    }
+    let what = format!("baton {sub}, holder {fault:?}");
+    report("CLI", "etcd", &format!("{what}: next holder after"), &next);
+    if fault == Fault2::Pause {
+        report(
+            "CLI",
+            "etcd",
+            &format!("{what}: SIGCONT → CMD gone"),
+            &stop_after,
+        );
+        report(
+            "CLI",
+            "etcd",
+            &format!("{what}: SIGCONT → exit 122"),
+            &exit_after,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_lock_kills_cmd_on_resume() {
+    holder_cut_off("lock", Fault2::Pause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_lock_kills_cmd() {
+    holder_cut_off("lock", Fault2::Partition).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_leader_kills_cmd_on_resume() {
+    holder_cut_off("elect", Fault2::Pause).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_kills_cmd() {
+    holder_cut_off("elect", Fault2::Partition).await;
+}
+
+/// `kill -9` of `baton lock`: its CMD dies with it (PR_SET_PDEATHSIG), and a waiting
+/// `baton lock` gets the lock within TTL + 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_lock_takes_cmd_along() {
+    let etcd = EtcdServer::start_async().await;
+    let ttl = Duration::from_secs(2);
+    let (mut next, mut cmd_gone) = (Vec::new(), Vec::new());
+    for run in 0..runs(2) {
+        let dir = tempfile::tempdir().unwrap();
+        let ticks = dir.path().join("ticks");
+        let name = format!("cli-killed-{run}");
+        let script = ticking(&ticks);
+        let mut a = baton(
+            "a",
+            &etcd.endpoint(),
+            &["lock", &name, "--ttl", "2s", "--", "sh", "-c", &script],
+        );
+        let (cmd_pid, token_a) = started(&mut a, Duration::from_secs(15)).await;
+        let mut b = baton(
+            "b",
+            &etcd.endpoint(),
+            &[
+                "lock",
+                &name,
+                "--ttl",
+                "5s",
+                "--",
+                "sh",
+                "-c",
+                r#"echo "start $$ $BATON_FENCING_TOKEN""#,
+            ],
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let killed = a.kill();
+        let mut gone = None;
+        for _ in 0..200 {
+            if !running(cmd_pid) {
+                gone = Some(since(killed, mono_now()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let gone = gone.expect("CMD still runs 1 s after baton was killed");
+        cmd_gone.push(gone);
+        let (_, token_b) = started(&mut b, ttl + Duration::from_secs(3)).await;
+        let took = since(killed, mono_now());
+        assert!(
+            took <= ttl + Duration::from_secs(1),
+            "next holder {took:?} after kill -9"
+        );
+        assert!(token_b > token_a);
+        next.push(took);
+        assert_eq!(exit_code(&mut b, Duration::from_secs(10)).await, 0);
+        let after = size(&ticks);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(size(&ticks), after, "CMD ran on after baton was killed");
+    }
+    report("CLI", "etcd", "kill -9 of baton lock → CMD gone", &cmd_gone);
+    report(
+        "CLI",
+        "etcd",
+        "kill -9 of baton lock → next holder (TTL 2 s)",
+        &next,
+    );
+}
+
+/// `kill -9` of the etcd leader while `baton lock` runs CMD on the 3-node cluster: no false
+/// loss; CMD completes and its exit code (7) passes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_crash_under_a_running_cmd() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let endpoints = cluster.endpoints_url();
+    for run in 0..runs(1) {
+        let name = format!("cli-leader-crash-{run}");
+        let mut a = baton(
+            "a",
+            &endpoints,
+            &[
+                "lock",
+                &name,
+                "--ttl",
+                "3s",
+                "--",
+                "sh",
+                "-c",
+                r#"echo "start $$ $BATON_FENCING_TOKEN"; sleep 8; exit 7"#,
+            ],
+        );
+        started(&mut a, Duration::from_secs(15)).await;
+        let leader = tokio::task::block_in_place(|| {
+            let l = cluster.wait_for_leader(Duration::from_secs(10));
+            if let Some(l) = l {
+                cluster.kill(l);
+            }
+            l
+        })
+        .expect("no leader");
+        assert_eq!(
+            exit_code(&mut a, Duration::from_secs(20)).await,
+            7,
+            "{}",
+            a.stderr()
+        );
+        assert!(!a.stderr().contains("lost"), "{}", a.stderr());
+        tokio::task::block_in_place(|| cluster.restart(leader));
+    }
+}
