@@ -1,12 +1,14 @@
 //! Recipes across separate OS processes, against a real etcd: six processes sharing two
-//! semaphore permits, and a holder killed with `kill -9`.
+//! semaphore permits, a holder killed with `kill -9`, and a shared value's watch across a
+//! restart of etcd itself.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
 
-use baton::{Client, Semaphore, Session};
+use baton::{Client, Semaphore, Session, SharedValue};
 use baton_testkit::EtcdServer;
+use futures::StreamExt;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
@@ -155,4 +157,55 @@ async fn killed_holder_frees_its_permit_within_ttl() {
     assert_eq!(revs.len(), 2);
     permit.release().await.unwrap();
     survivor.start_kill().unwrap();
+}
+
+/// etcd is killed and restarted under a shared value's watch; values written after the
+/// restart reach the watcher, the latest one at least (the stream resyncs by reading).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_value_watch_survives_an_etcd_restart() {
+    let mut etcd = EtcdServer::start_async().await;
+    let client = Client::builder(&etcd.endpoint())
+        .with_request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let value = SharedValue::new(&client, "restart/config").unwrap();
+    let mut changes = value.watch();
+    value.set("before").await.unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(Vec::as_slice) != Some(&b"before"[..]) {
+        let next = tokio::time::timeout(Duration::from_secs(5), changes.next())
+            .await
+            .expect("watch hung")
+            .unwrap();
+        seen.push(next.map(|v| v.value).unwrap_or_default());
+    }
+    let etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart();
+        etcd
+    })
+    .await
+    .unwrap();
+    for v in ["after-1", "after-2"] {
+        let started = Instant::now();
+        while let Err(e) = value.set(v).await {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no write after restart: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let next = tokio::time::timeout(left, changes.next())
+            .await
+            .expect("the watch never caught up after the restart")
+            .unwrap();
+        if next.is_some_and(|v| v.value == b"after-2") {
+            break;
+        }
+    }
+    drop(etcd);
 }
