@@ -6,6 +6,11 @@
 //! quorum read); a start that fails panics with the end of the log. Members are killed with
 //! SIGKILL and reaped on drop, and are killed by the kernel if the test process dies first.
 //!
+//! [`EtcdServer::start_with`] takes [`EtcdServerOptions`]: TLS on the client URL (with
+//! certificates from [`TestPki`](crate::TestPki)), client certificate authentication, and a
+//! short `--auth-token-ttl`; [`EtcdServer::enable_auth`] turns authentication on with a root
+//! user and prefix-scoped users.
+//!
 //! All calls block the calling thread (starting takes about a second). That is fine in
 //! `#[tokio::test]`s: the servers are separate processes.
 
@@ -16,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -98,6 +103,61 @@ enum StartError {
     Failed(String),
 }
 
+/// How to start an [`EtcdServer`].
+///
+/// # Default
+///
+/// Plain `http://` client URL, no client certificates, etcd's own token TTL (300 s).
+#[derive(Clone, Debug, Default)]
+pub struct EtcdServerOptions {
+    tls: Option<ServerTls>,
+    client_cert_auth: bool,
+    auth_token_ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+struct ServerTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// The client certificate etcdctl presents.
+    client: (PathBuf, PathBuf),
+}
+
+impl EtcdServerOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serve clients over TLS (`https://`) with the server certificate of `pki`, trusting
+    /// its CA for client certificates. [`EtcdServer::etcdctl`] then uses `pki`'s CA and client
+    /// certificate. Keep `pki` alive as long as the server.
+    pub fn with_tls(mut self, pki: &crate::TestPki) -> Self {
+        self.tls = Some(ServerTls {
+            ca: pki.ca_file(),
+            cert: pki.server_cert_file(),
+            key: pki.server_key_file(),
+            client: (pki.client_cert_file(), pki.client_key_file()),
+        });
+        self
+    }
+
+    /// Require a client certificate signed by the CA (`--client-cert-auth`); needs
+    /// [`with_tls`](Self::with_tls).
+    pub fn with_client_cert_auth(mut self) -> Self {
+        self.client_cert_auth = true;
+        self
+    }
+
+    /// How long an auth token lives without being used (`--auth-token-ttl`, whole seconds,
+    /// at least 1).
+    pub fn with_auth_token_ttl(mut self, ttl: Duration) -> Self {
+        self.auth_token_ttl = Some(ttl);
+        self
+    }
+}
+
 /// One etcd member on loopback.
 ///
 /// # Examples
@@ -110,6 +170,11 @@ pub struct EtcdServer {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// A plain-HTTP port for /health and /metrics when clients use TLS.
+    metrics_port: u16,
+    options: EtcdServerOptions,
+    /// `user:password` etcdctl uses once authentication is enabled.
+    root: Mutex<Option<String>>,
     initial_cluster: String,
     token: String,
     dir: TempDir,
@@ -136,12 +201,23 @@ impl EtcdServer {
     /// If etcd is missing, or does not become healthy within 20 s; the message shows the
     /// end of its log.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(EtcdServerOptions::default())
+    }
+
+    /// Start a one-member cluster with `options` (TLS, token TTL) and wait until it is
+    /// healthy.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(options: EtcdServerOptions) -> EtcdServer {
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
             let (client_port, peer_port) = (free_port(), free_port());
             let name = "baton0".to_string();
             let initial_cluster = format!("{name}={}", url(peer_port));
             let mut server = EtcdServer::new(name, client_port, peer_port, initial_cluster);
+            server.options = options.clone();
             server.spawn();
             match server.wait_started(START_TIMEOUT) {
                 Ok(()) => return server,
@@ -159,7 +235,12 @@ impl EtcdServer {
 
     /// Like [`start`](Self::start), from async code: runs on tokio's blocking pool.
     pub async fn start_async() -> EtcdServer {
-        match tokio::task::spawn_blocking(EtcdServer::start).await {
+        EtcdServer::start_with_async(EtcdServerOptions::default()).await
+    }
+
+    /// Like [`start_with`](Self::start_with), from async code.
+    pub async fn start_with_async(options: EtcdServerOptions) -> EtcdServer {
+        match tokio::task::spawn_blocking(move || EtcdServer::start_with(options)).await {
             Ok(server) => server,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
@@ -174,6 +255,9 @@ impl EtcdServer {
             name,
             client_port,
             peer_port,
+            metrics_port: free_port(),
+            options: EtcdServerOptions::default(),
+            root: Mutex::new(None),
             initial_cluster,
             token: cluster_token(),
             dir,
@@ -192,9 +276,9 @@ impl EtcdServer {
                 command.env_remove(key);
             }
         }
-        let client = url(self.client_port);
+        let client = self.endpoint();
         let peer = url(self.peer_port);
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "--name".into(),
             self.name.clone().into(),
             "--data-dir".into(),
@@ -220,6 +304,28 @@ impl EtcdServer {
             "--log-level".into(),
             "warn".into(),
         ];
+        if let Some(tls) = &self.options.tls {
+            args.extend([
+                "--cert-file".into(),
+                tls.cert.clone().into(),
+                "--key-file".into(),
+                tls.key.clone().into(),
+                "--listen-metrics-urls".into(),
+                url(self.metrics_port).into(),
+            ]);
+            // etcd 3.4 asks every client for a certificate once it has a trusted CA file.
+            if self.options.client_cert_auth {
+                args.extend([
+                    "--trusted-ca-file".into(),
+                    tls.ca.clone().into(),
+                    "--client-cert-auth".into(),
+                ]);
+            }
+        }
+        if let Some(ttl) = self.options.auth_token_ttl {
+            args.push("--auth-token-ttl".into());
+            args.push(ttl.as_secs().max(1).to_string().into());
+        }
         command.args(args);
         command
     }
@@ -289,7 +395,7 @@ impl EtcdServer {
 
     fn start_failure(&self, what: String) -> StartError {
         let tail = self.log_tail(LOG_TAIL_LINES);
-        if tail.contains("address already in use") {
+        if tail.contains("address already in use") || tail.contains("address in use") {
             StartError::PortTaken
         } else {
             StartError::Failed(format!(
@@ -313,9 +419,22 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        url(self.client_port)
+        if self.options.tls.is_some() {
+            format!("https://127.0.0.1:{}", self.client_port)
+        } else {
+            url(self.client_port)
+        }
+    }
+
+    /// The port serving `/health` and `/metrics` over plain HTTP.
+    fn http_port(&self) -> u16 {
+        if self.options.tls.is_some() {
+            self.metrics_port
+        } else {
+            self.client_port
+        }
     }
 
     /// The client URL(s) in Baton's URL form; for one member the same as
@@ -441,7 +560,7 @@ impl EtcdServer {
 
     /// True if `GET /health` answers `{"health":"true"}` within a second.
     pub fn is_healthy(&self) -> bool {
-        http_get(self.client_port, "/health", Duration::from_secs(1))
+        http_get(self.http_port(), "/health", Duration::from_secs(1))
             .is_some_and(|body| body.contains("\"health\":\"true\""))
     }
 
@@ -463,7 +582,7 @@ impl EtcdServer {
     /// `etcd_server_is_leader` or `etcd_debugging_mvcc_watcher_total`. `None` if the
     /// member does not answer or has no such metric.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let body = http_get(self.client_port, "/metrics", Duration::from_secs(1))?;
+        let body = http_get(self.http_port(), "/metrics", Duration::from_secs(1))?;
         body.lines().find_map(|line| {
             let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
             rest.trim().parse().ok()
@@ -476,7 +595,8 @@ impl EtcdServer {
     }
 
     /// Run `etcdctl --endpoints=<this member> ARGS` with `ETCDCTL_API=3` and return its
-    /// output.
+    /// output. With TLS, etcdctl trusts the test CA and presents the test client
+    /// certificate; after [`enable_auth`](Self::enable_auth), it runs as root.
     ///
     /// # Panics
     ///
@@ -486,7 +606,58 @@ impl EtcdServer {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        etcdctl(&self.endpoint(), args)
+        let mut all: Vec<OsString> = Vec::new();
+        if let Some(tls) = &self.options.tls {
+            all.push(format!("--cacert={}", tls.ca.display()).into());
+            all.push(format!("--cert={}", tls.client.0.display()).into());
+            all.push(format!("--key={}", tls.client.1.display()).into());
+        }
+        if let Some(root) = self.root.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            all.push(format!("--user={root}").into());
+        }
+        all.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        etcdctl(&self.endpoint(), all)
+    }
+
+    /// Turn on authentication: a `root` user with `root_password`, and for each
+    /// `(user, password, prefix)` a user whose only role (`USER-role`) may read and write the
+    /// keys under `prefix`. From then on [`etcdctl`](Self::etcdctl) runs as root.
+    ///
+    /// # Panics
+    ///
+    /// If an etcdctl command fails; the message shows its output.
+    pub fn enable_auth(&self, root_password: &str, users: &[(&str, &str, &str)]) {
+        let run = |args: &[&str]| {
+            let out = self.etcdctl(args);
+            if !out.status.success() {
+                panic!(
+                    "etcdctl {} failed: {}{}",
+                    args.first().copied().unwrap_or_default(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        };
+        run(&["user", "add", &format!("root:{root_password}")]);
+        run(&["role", "add", "root"]);
+        run(&["user", "grant-role", "root", "root"]);
+        for (user, password, prefix) in users {
+            let role = format!("{user}-role");
+            run(&["user", "add", &format!("{user}:{password}")]);
+            run(&["role", "add", &role]);
+            run(&[
+                "role",
+                "grant-permission",
+                &role,
+                "readwrite",
+                "--prefix=true",
+                prefix,
+            ]);
+            run(&["user", "grant-role", user, &role]);
+        }
+        run(&["auth", "enable"]);
+        *self.root.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("root:{root_password}"));
     }
 }
 

@@ -4,6 +4,7 @@
 //!   temporary directories, killed on drop (and by the kernel if the test process dies).
 //! - [`RedisServer`] and [`RedisServers`]: real `redis-server`s without persistence, the
 //!   same way (one server, or N independent masters for Redlock).
+//! - [`TestPki`]: a throw-away CA with server and client certificates, for TLS tests.
 //! - [`ports`]: free loopback ports that parallel tests never share.
 //! - [`conformance`]: the behaviours every store must show, run on every backend.
 //! - [`proxy`]: a TCP fault proxy (delay, jitter, pause, blackhole, reset, per direction).
@@ -39,8 +40,12 @@ mod process;
 pub mod proxy;
 pub mod redis;
 pub mod scenarios;
+pub mod tls;
 pub mod worker;
 
-pub use etcd::{etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer};
+pub use etcd::{
+    etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer, EtcdServerOptions,
+};
 pub use ports::free_port;
 pub use redis::{redis_available, redis_bin, RedisServer, RedisServers};
+pub use tls::TestPki;

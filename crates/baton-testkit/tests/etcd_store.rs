@@ -45,6 +45,7 @@ fn options() -> EtcdOptions {
     EtcdOptions {
         dial_timeout: Duration::from_secs(3),
         request_timeout: Duration::from_secs(5),
+        ..EtcdOptions::default()
     }
 }
 
@@ -98,6 +99,7 @@ async fn connect_to_nothing_fails_within_the_dial_timeout() {
     let opts = EtcdOptions {
         dial_timeout: dial,
         request_timeout: Duration::from_secs(5),
+        ..EtcdOptions::default()
     };
     let endpoint = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
@@ -250,6 +252,7 @@ async fn range_put_delete() {
         EtcdOptions {
             dial_timeout: Duration::from_secs(1),
             request_timeout: after,
+            ..EtcdOptions::default()
         },
     )
     .await

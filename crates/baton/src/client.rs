@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::security::{validate_namespace, Credentials, Secret, TlsConfig};
 use crate::store::mem::MemStore;
+use crate::store::namespace::NamespaceStore;
 use crate::store::Store;
 
 /// The default dial timeout: how long [`ClientBuilder::connect`] waits for a first answer.
@@ -23,6 +25,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// |---|---|
 /// | `mem://` or `mem://NAME` | the embedded store of this process (one per name) |
 /// | `http://h:p[,http://h:p…]`, `etcd://h:p,h:p` | etcd (feature `etcd`) |
+/// | `https://h:p[,https://h:p…]` | etcd over TLS ([`ClientBuilder::with_tls`]) |
+///
+/// etcd URLs may carry a user and password (`http://user:pass@h:p`); see
+/// [`ClientBuilder::with_user`] and `docs/security.md`. They never appear in `Debug`
+/// output, logs or errors.
 ///
 /// # Examples
 ///
@@ -38,6 +45,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Client {
     store: Arc<dyn Store>,
     endpoints: String,
+    namespace: String,
     hub: Arc<Hub>,
 }
 
@@ -46,6 +54,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("backend", &self.store.backend())
             .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
             .finish()
     }
 }
@@ -76,8 +85,50 @@ impl Client {
         Client {
             store: Arc::new(store),
             endpoints,
+            namespace: String::new(),
             hub: Arc::default(),
         }
+    }
+
+    /// A client on the same connection that sees only the keys under `prefix`, without
+    /// the prefix: every key Baton creates or reads through it is `prefix + key` in the
+    /// store. Namespaces nest: the new prefix goes after this client's own.
+    ///
+    /// Two clients with different namespaces never see each other's locks, elections or
+    /// other keys, so teams can share one etcd; with etcd's authentication, a role granted
+    /// only the prefix is enough. Fails with [`Error::InvalidArgument`] if `prefix` is
+    /// longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes or holds a NUL byte.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> baton::Result<()> {
+    /// let client = baton::Client::connect("mem://").await?;
+    /// let team_a = client.with_namespace("team-a/")?;
+    /// assert_eq!(team_a.namespace(), "team-a/");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_namespace(&self, prefix: &str) -> Result<Client> {
+        validate_namespace(prefix)?;
+        if prefix.is_empty() {
+            return Ok(self.clone());
+        }
+        let namespace = format!("{}{prefix}", self.namespace);
+        validate_namespace(&namespace)?;
+        Ok(Client {
+            store: Arc::new(NamespaceStore::new(self.store.clone(), prefix.as_bytes())),
+            endpoints: self.endpoints.clone(),
+            namespace,
+            // The shared watches are per key space.
+            hub: Arc::default(),
+        })
+    }
+
+    /// The key prefix this client is confined to (empty: none).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     /// The store behind this client.
@@ -112,11 +163,33 @@ impl Client {
 ///
 /// - dial timeout: 5 s ([`DEFAULT_DIAL_TIMEOUT`])
 /// - request timeout: 10 s ([`DEFAULT_REQUEST_TIMEOUT`])
-#[derive(Clone, Debug)]
+/// - TLS: only for `https://` endpoints, verified against the system's roots
+///   ([`TlsConfig::new`])
+/// - user: the one in the URL, if any; else none
+/// - namespace: none (the whole key space)
+///
+/// Its `Debug` output redacts credentials.
+#[derive(Clone)]
 pub struct ClientBuilder {
     endpoints: String,
     dial_timeout: Duration,
     request_timeout: Duration,
+    tls: Option<TlsConfig>,
+    credentials: Option<Credentials>,
+    namespace: String,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("endpoints", &redact(&self.endpoints))
+            .field("dial_timeout", &self.dial_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("tls", &self.tls)
+            .field("credentials", &self.credentials)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
 }
 
 impl ClientBuilder {
@@ -126,7 +199,40 @@ impl ClientBuilder {
             endpoints: endpoints.to_string(),
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tls: None,
+            credentials: None,
+            namespace: String::new(),
         }
+    }
+
+    /// TLS settings for `https://` endpoints: the CA to trust and an optional client
+    /// certificate. `https://` endpoints without this trust the system's roots; `http://`
+    /// endpoints with it are refused (never plaintext when TLS was asked for).
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Authenticate as `user` with `password` (etcd's `--user`). This replaces any
+    /// credentials in the URL. The password never appears in `Debug` output, logs or
+    /// errors.
+    ///
+    /// etcd's auth tokens expire (`--auth-token-ttl`); the client gets a new one when a
+    /// request is refused for an expired token, so sessions, held locks and waiters live
+    /// on across token expiry.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials {
+            user: user.into(),
+            password: Secret::new(password),
+        });
+        self
+    }
+
+    /// Confine the client to the keys under `prefix` (see [`Client::with_namespace`]).
+    /// The empty prefix (the default) is the whole key space.
+    pub fn with_namespace(mut self, prefix: impl Into<String>) -> Self {
+        self.namespace = prefix.into();
+        self
     }
 
     /// How long to wait for the backend to answer when connecting.
@@ -153,23 +259,61 @@ impl ClientBuilder {
         if self.dial_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err(Error::invalid("timeouts must be greater than zero"));
         }
+        validate_namespace(&self.namespace)?;
         let parsed = Endpoints::parse(&self.endpoints)?;
         let redacted = parsed.to_string();
         let store: Arc<dyn Store> = match parsed {
-            Endpoints::Mem(name) => Arc::new(MemStore::shared(&name)),
+            Endpoints::Mem(name) => {
+                if self.tls.is_some() || self.credentials.is_some() {
+                    return Err(Error::InvalidEndpoint {
+                        endpoint: redacted,
+                        reason: "the embedded store (mem://) takes no TLS settings or user".into(),
+                    });
+                }
+                Arc::new(MemStore::shared(&name))
+            }
             #[cfg(feature = "etcd")]
-            Endpoints::Etcd(urls) => Arc::new(
-                crate::store::etcd::EtcdStore::connect(
-                    &urls,
-                    crate::store::etcd::EtcdOptions {
-                        dial_timeout: self.dial_timeout,
-                        request_timeout: self.request_timeout,
+            Endpoints::Etcd {
+                urls,
+                user,
+                password,
+            } => {
+                if self.tls.is_some() && urls.iter().any(|u| !u.starts_with("https://")) {
+                    return Err(Error::InvalidEndpoint {
+                        endpoint: redacted,
+                        reason: "TLS settings (CA, client certificate) need https:// endpoints; \
+                                 http:// is plaintext"
+                            .into(),
+                    });
+                }
+                let credentials = match (self.credentials, user) {
+                    (Some(explicit), _) => Some(explicit),
+                    (None, Some(user)) => match password {
+                        Some(password) => Some(Credentials { user, password }),
+                        None => {
+                            return Err(Error::invalid(format!(
+                                "user {user:?} is given without a password: put it in the URL \
+                                 or use ClientBuilder::with_user"
+                            )))
+                        }
                     },
+                    (None, None) => None,
+                };
+                Arc::new(
+                    crate::store::etcd::EtcdStore::connect(
+                        &urls,
+                        crate::store::etcd::EtcdOptions {
+                            dial_timeout: self.dial_timeout,
+                            request_timeout: self.request_timeout,
+                            tls: self.tls,
+                            credentials,
+                        },
+                    )
+                    .await?,
                 )
-                .await?,
-            ),
+            }
             #[cfg(not(feature = "etcd"))]
-            Endpoints::Etcd(_) => {
+            Endpoints::Etcd { .. } => {
                 return Err(Error::InvalidEndpoint {
                     endpoint: redacted,
                     reason: "this build of baton has no etcd support (feature \"etcd\")".into(),
@@ -184,11 +328,13 @@ impl ClientBuilder {
                 })
             }
         };
-        Ok(Client {
+        let client = Client {
             store,
             endpoints: redacted,
+            namespace: String::new(),
             hub: Arc::default(),
-        })
+        };
+        client.with_namespace(&self.namespace)
     }
 }
 
@@ -197,8 +343,13 @@ impl ClientBuilder {
 pub(crate) enum Endpoints {
     /// `mem://NAME`
     Mem(String),
-    /// etcd members as `http://host:port`.
-    Etcd(Vec<String>),
+    /// etcd members as `http://host:port` or `https://host:port` (one scheme for all), and
+    /// the user and password from the URL, if any.
+    Etcd {
+        urls: Vec<String>,
+        user: Option<String>,
+        password: Option<Secret>,
+    },
     /// `redis://[user:pass@]host:port[/db]`: one Redis server.
     Redis(RedisNode),
     /// `redlock://h1:p1,h2:p2,…`: three or more independent Redis masters.
@@ -260,7 +411,20 @@ impl fmt::Display for Endpoints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoints::Mem(name) => write!(f, "mem://{name}"),
-            Endpoints::Etcd(urls) => f.write_str(&urls.join(",")),
+            Endpoints::Etcd { urls, user, .. } => {
+                for (i, url) in urls.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    match url.split_once("://") {
+                        Some((scheme, rest)) if i == 0 && user.is_some() => {
+                            write!(f, "{scheme}://***@{rest}")?
+                        }
+                        _ => f.write_str(url)?,
+                    }
+                }
+                Ok(())
+            }
             Endpoints::Redis(node) => write!(f, "redis://{node}"),
             Endpoints::Redlock(nodes) => {
                 f.write_str("redlock://")?;
@@ -283,21 +447,95 @@ fn bad(endpoint: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Replace any `user:password@` in a URL with `***@`.
+/// Replace every `user:password@` in a URL or a comma-separated list of URLs with `***@`.
+///
+/// Everything from the last `://` before an `@` (or from the start) up to that `@` is
+/// hidden, so a password holding `,`, `/` or `@` never shows; an odd list may lose a host
+/// name to the redaction, never a secret.
 pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***@{}", &url[..s + 3], &url[at + 1..]),
-        _ => url.to_string(),
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find('@') {
+        let head = &rest[..at];
+        let start = head.rfind("://").map_or(0, |i| i + 3);
+        out.push_str(&head[..start]);
+        out.push_str("***@");
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
+    out
+}
+
+/// Split `[user[:password]@]rest` into its decoded user and password (each `None` when
+/// absent or empty) and the rest.
+type UserInfo<'a> = (Option<String>, Option<String>, &'a str);
+
+fn split_userinfo<'a>(endpoint: &str, entry: &'a str) -> Result<UserInfo<'a>> {
+    let Some((info, rest)) = entry.rsplit_once('@') else {
+        return Ok((None, None, entry));
+    };
+    let (user, pass) = match info.split_once(':') {
+        Some((u, p)) => (u, Some(p)),
+        None => (info, None),
+    };
+    let decode = |s: &str| {
+        percent_decode(s).ok_or_else(|| bad(endpoint, "bad percent-encoding in the credentials"))
+    };
+    let user = if user.is_empty() {
+        None
+    } else {
+        Some(decode(user)?)
+    };
+    let pass = match pass {
+        Some(p) if !p.is_empty() => Some(decode(p)?),
+        _ => None,
+    };
+    Ok((user, pass, rest))
+}
+
+/// The etcd members of a list, each `[user[:password]@]host:port` after `scheme://` (which
+/// `etcd://` lists give only once), and the credentials, which must agree where given.
+fn etcd_endpoints(input: &str, entries: &[(&str, &str)]) -> Result<Endpoints> {
+    let mut urls = Vec::new();
+    let mut creds: Option<(Option<String>, Option<String>)> = None;
+    for (scheme, entry) in entries {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(bad(input, "empty entry in the endpoint list"));
+        }
+        let (user, pass, hp) = split_userinfo(input, entry)?;
+        if user.is_some() || pass.is_some() {
+            if user.is_none() {
+                return Err(bad(
+                    input,
+                    "etcd needs a user name with the password (user:password@)",
+                ));
+            }
+            match &creds {
+                Some(seen) if *seen != (user.clone(), pass.clone()) => {
+                    return Err(bad(
+                        input,
+                        "the members of one cluster are given different credentials",
+                    ))
+                }
+                _ => creds = Some((user, pass)),
+            }
+        }
+        let (h, p) = host_port(input, hp)?;
+        urls.push(format!("{scheme}://{h}:{p}"));
+    }
+    let (user, password) = creds.unwrap_or_default();
+    Ok(Endpoints::Etcd {
+        urls,
+        user,
+        password: password.map(Secret::new),
+    })
 }
 
 /// Check `host:port` (host may be a name, IPv4, or `[IPv6]`).
 fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
     if hp.contains('@') {
-        return Err(bad(
-            endpoint,
-            "credentials in the URL are not supported yet",
-        ));
+        return Err(bad(endpoint, "unexpected '@' in host:port"));
     }
     let hp = hp.trim_end_matches('/');
     if hp.contains('/') || hp.contains('?') || hp.contains('#') {
@@ -345,33 +583,27 @@ impl Endpoints {
                 Ok(Endpoints::Mem(name.to_string()))
             }
             "etcd" => {
-                let mut urls = Vec::new();
-                for hp in rest.split(',') {
-                    let hp = hp.trim();
-                    if hp.is_empty() {
-                        return Err(bad(input, "empty entry in the endpoint list"));
-                    }
-                    let (h, p) = host_port(input, hp.strip_prefix("etcd://").unwrap_or(hp))?;
-                    urls.push(format_host(&h, p));
-                }
-                Ok(Endpoints::Etcd(urls))
+                let entries: Vec<(&str, &str)> = rest
+                    .split(',')
+                    .map(|e| ("http", e.trim().strip_prefix("etcd://").unwrap_or(e.trim())))
+                    .collect();
+                etcd_endpoints(input, &entries)
             }
-            "http" => {
-                let mut urls = Vec::new();
+            "http" | "https" => {
+                let mut entries = Vec::new();
                 for u in input.split(',') {
                     let u = u.trim();
-                    let Some(hp) = u.strip_prefix("http://") else {
-                        if u.starts_with("https://") {
-                            return Err(bad(input, "https:// (TLS) is not supported yet"));
-                        }
-                        return Err(bad(input, "every etcd endpoint must start with http://"));
+                    let Some(hp) = u.strip_prefix(scheme).and_then(|r| r.strip_prefix("://"))
+                    else {
+                        return Err(bad(
+                            input,
+                            format!("every etcd endpoint of the list must start with {scheme}://"),
+                        ));
                     };
-                    let (h, p) = host_port(input, hp)?;
-                    urls.push(format_host(&h, p));
+                    entries.push((scheme, hp));
                 }
-                Ok(Endpoints::Etcd(urls))
+                etcd_endpoints(input, &entries)
             }
-            "https" => Err(bad(input, "https:// (TLS) is not supported yet")),
             "rediss" => Err(bad(input, "rediss:// (TLS) is not supported yet")),
             "redis" => {
                 if rest.contains(',') {
@@ -422,10 +654,7 @@ impl Endpoints {
 
 /// One `[user[:password]@]host:port[/db]` entry of a Redis URL (without the scheme).
 fn redis_node(endpoint: &str, entry: &str) -> Result<RedisNode> {
-    let (userinfo, rest) = match entry.rsplit_once('@') {
-        Some((u, r)) => (Some(u), r),
-        None => (None, entry),
-    };
+    let (username, password, rest) = split_userinfo(endpoint, entry)?;
     if rest.contains(['?', '#']) {
         return Err(bad(endpoint, "redis URLs take no query or fragment"));
     }
@@ -447,29 +676,6 @@ fn redis_node(endpoint: &str, entry: &str) -> Result<RedisNode> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(&host)
         .to_string();
-    let (username, password) = match userinfo {
-        None => (None, None),
-        Some(info) => {
-            let (user, pass) = match info.split_once(':') {
-                Some((u, p)) => (u, Some(p)),
-                None => (info, None),
-            };
-            let decode = |s: &str| {
-                percent_decode(s)
-                    .ok_or_else(|| bad(endpoint, "bad percent-encoding in the credentials"))
-            };
-            let user = if user.is_empty() {
-                None
-            } else {
-                Some(decode(user)?)
-            };
-            let pass = match pass {
-                Some(p) if !p.is_empty() => Some(decode(p)?),
-                _ => None,
-            };
-            (user, pass)
-        }
-    };
     Ok(RedisNode {
         host,
         port,
@@ -497,14 +703,17 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn format_host(host: &str, port: u16) -> String {
-    // url::Url keeps IPv6 hosts bracketed in host_str().
-    format!("http://{host}:{port}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn etcd(urls: &[&str]) -> Endpoints {
+        Endpoints::Etcd {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            user: None,
+            password: None,
+        }
+    }
 
     #[test]
     fn parses_good_endpoints() {
@@ -518,19 +727,19 @@ mod tests {
         );
         assert_eq!(
             Endpoints::parse("http://127.0.0.1:2379").unwrap(),
-            Endpoints::Etcd(vec!["http://127.0.0.1:2379".into()])
+            etcd(&["http://127.0.0.1:2379"])
         );
         assert_eq!(
             Endpoints::parse("http://a:1,http://b:2").unwrap(),
-            Endpoints::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+            etcd(&["http://a:1", "http://b:2"])
         );
         assert_eq!(
             Endpoints::parse("etcd://a:1,b:2").unwrap(),
-            Endpoints::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+            etcd(&["http://a:1", "http://b:2"])
         );
         assert_eq!(
             Endpoints::parse("http://[::1]:2379").unwrap(),
-            Endpoints::Etcd(vec!["http://[::1]:2379".into()])
+            etcd(&["http://[::1]:2379"])
         );
         assert_eq!(
             Endpoints::parse("redlock://a:1,b:2,c:3").unwrap(),
@@ -631,7 +840,112 @@ mod tests {
     #[test]
     fn redacts_credentials() {
         assert_eq!(redact("http://u:secret@h:1"), "http://***@h:1");
-        let err = Endpoints::parse("http://u:secret@h:1").unwrap_err();
+        assert_eq!(
+            redact("http://u:secret@a:1,http://u:secret@b:2"),
+            "http://***@a:1,http://***@b:2"
+        );
+        assert_eq!(redact("http://a:1,http://b:2"), "http://a:1,http://b:2");
+        // Passwords holding separators never leak, at worst a host name is hidden too.
+        for url in [
+            "http://u:se,cret@h:1",
+            "http://u:se/cret@h:1",
+            "http://u:se@cret@h:1",
+            "etcd://u:secret@a:1,u:secret@b:2",
+            "u:secret@h:1",
+        ] {
+            let shown = redact(url);
+            assert!(
+                !shown.contains("secret") && !shown.contains("cret"),
+                "{url} -> {shown}"
+            );
+        }
+        let err = Endpoints::parse("http://u:secret@h:1/x").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn parses_etcd_tls_and_credentials() {
+        assert_eq!(
+            Endpoints::parse("https://a:1,https://b:2").unwrap(),
+            etcd(&["https://a:1", "https://b:2"])
+        );
+        let Endpoints::Etcd {
+            urls,
+            user,
+            password,
+        } = Endpoints::parse("http://alice:p%40ss@a:1,http://b:2").unwrap()
+        else {
+            panic!("not etcd")
+        };
+        assert_eq!(urls, ["http://a:1", "http://b:2"]);
+        assert_eq!(user.as_deref(), Some("alice"));
+        assert_eq!(password.as_ref().map(Secret::expose), Some("p@ss"));
+        let parsed = Endpoints::parse("etcd://alice:secret@a:1,b:2").unwrap();
+        for shown in [parsed.to_string(), format!("{parsed:?}")] {
+            assert!(!shown.contains("secret"), "{shown}");
+        }
+        assert_eq!(parsed.to_string(), "http://***@a:1,http://b:2");
+        let Endpoints::Etcd { user, password, .. } = Endpoints::parse("http://alice@a:1").unwrap()
+        else {
+            panic!("not etcd")
+        };
+        assert_eq!((user.as_deref(), password), (Some("alice"), None));
+        for bad in [
+            "http://a:1,https://b:2",
+            "https://a:1,http://b:2",
+            "https://",
+            "http://:secret@a:1",
+            "http://u:secret@a:1,http://u:other@b:2",
+        ] {
+            let err = Endpoints::parse(bad).unwrap_err();
+            assert!(err.is_invalid_input(), "{bad:?} gave {err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn builder_debug_hides_credentials() {
+        let builder = ClientBuilder::new("http://u:secret@h:1").with_user("bob", "hunter2");
+        let shown = format!("{builder:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(shown.contains("bob"), "{shown}");
+        let err = ClientBuilder::new("mem://")
+            .with_user("bob", "hunter2")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        let err = ClientBuilder::new("http://127.0.0.1:1")
+            .with_tls(TlsConfig::new())
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
+        let err = ClientBuilder::new("http://alice@127.0.0.1:1")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("without a password"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn namespaces_confine_keys() {
+        use crate::store::Range;
+        let client = ClientBuilder::new("mem://ns-test")
+            .with_namespace("a/")
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(client.namespace(), "a/");
+        let nested = client.with_namespace("b/").unwrap();
+        assert_eq!(nested.namespace(), "a/b/");
+        nested.store().put(b"k", b"", 0).await.unwrap();
+        let raw = Client::connect("mem://ns-test").await.unwrap();
+        let all = raw.store().range(Range::prefix("")).await.unwrap();
+        assert_eq!(all.kvs[0].key, b"a/b/k");
+        assert!(client.with_namespace("x\0").is_err());
     }
 }

@@ -167,6 +167,29 @@ pub enum Error {
         reason: String,
     },
 
+    /// The backend refused to set up a TLS connection: a certificate the other side does not
+    /// trust, a host name that does not match, a client certificate that is missing or
+    /// rejected, or one side speaking TLS and the other not. Baton never falls back to
+    /// plaintext. Not retryable: fix the certificates or the URL.
+    #[error("tls error with {endpoints}: {reason}")]
+    Tls {
+        /// The endpoints (credentials redacted).
+        endpoints: String,
+        /// What went wrong, and what to check.
+        reason: String,
+    },
+
+    /// The backend did not accept our credentials: a wrong user name or password, none
+    /// given to a server that needs them, or an expired token that could not be renewed.
+    /// Not retryable. The message never contains the password or the token.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+
+    /// The backend knows who we are but does not allow the request: the user's etcd roles
+    /// or Redis ACL do not cover the key. Not retryable.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
     /// The client or session has been closed.
     #[error("closed")]
     Closed,
@@ -201,7 +224,18 @@ impl Error {
         )
     }
 
+    /// True if the backend refused our credentials or our permissions
+    /// ([`Error::Unauthenticated`], [`Error::PermissionDenied`]) or the TLS handshake
+    /// ([`Error::Tls`]): a configuration problem that retrying cannot fix.
+    pub fn is_access_denied(&self) -> bool {
+        matches!(
+            self,
+            Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Tls { .. }
+        )
+    }
+
     /// True if the same call may succeed later (a timeout, a connection or store failure).
+    /// Never for [`is_access_denied`](Error::is_access_denied) errors.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,

@@ -105,6 +105,7 @@ mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod rwlock;
+mod security;
 mod semaphore;
 mod session;
 mod shared_value;
@@ -126,6 +127,7 @@ pub use mutex::{Mutex, MutexGuard};
 pub use names::{MAX_NAME_LEN, MAX_VALUE_LEN};
 pub use priority_queue::PriorityQueue;
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+pub use security::{Credentials, TlsConfig};
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use session::{Session, SessionBuilder, DEFAULT_TTL, MAX_TTL, MIN_TTL};
 pub use shared_value::{Changes, CompareAndSet, SharedCount, SharedValue, Versioned};

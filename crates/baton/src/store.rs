@@ -7,7 +7,10 @@
 //! - [`MemStore`](crate::store::mem::MemStore): the embedded, in-process store (`mem://`).
 //!   It is a faithful single-node implementation of these semantics, not a mock.
 //! - [`EtcdStore`](crate::store::etcd::EtcdStore) (feature `etcd`): a real etcd cluster
-//!   (`http://` and `etcd://`).
+//!   (`http://`, `https://` and `etcd://`).
+//!
+//! [`NamespaceStore`](crate::store::namespace::NamespaceStore) wraps either to confine it
+//! to the keys under a prefix.
 //!
 //! The semantics are etcd's:
 //! - every write bumps one global revision; a transaction's writes share one revision;
@@ -26,6 +29,7 @@ use futures::Stream;
 use crate::error::Result;
 
 pub mod mem;
+pub mod namespace;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;

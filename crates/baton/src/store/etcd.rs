@@ -17,16 +17,35 @@
 //!   connection to the chosen member could not be made (so the request was never sent),
 //!   reads, keep-alives and watch creation also when a member reports itself unavailable.
 //!
+//! # TLS and authentication
+//!
+//! `https://` endpoints use TLS ([`EtcdOptions::tls`]: the CA to trust, an optional client
+//! certificate). A handshake that fails gives [`Error::Tls`] at once, naming the problem;
+//! nothing is ever sent in plaintext instead.
+//!
+//! With [`EtcdOptions::credentials`], the store authenticates when it connects and sends
+//! etcd's token with every request. etcd's tokens expire (`--auth-token-ttl`, 300 s by
+//! default, counted from the last request that used the token); lease keep-alives do not
+//! renew them, so a session that only holds a lock for long outlives its token. When etcd
+//! refuses a request for an invalid token (or an outdated auth revision), the store
+//! authenticates again and repeats the request once, which is safe because etcd refused it
+//! before applying it; a watch that etcd cancels for that reason is created again the same
+//! way. Leases are unaffected: keep-alives never need the token.
+//!
 //! # Errors
 //!
 //! etcd's errors map to [`Error::Store`] with a lowercase message that never contains keys'
 //! values, except: an unknown lease gives [`Error::LeaseNotFound`], a request that is too
-//! large (or a lease TTL or revision out of range) gives [`Error::InvalidArgument`], and a
-//! compacted revision gives [`Error::Compacted`].
+//! large (or a lease TTL or revision out of range) gives [`Error::InvalidArgument`], a
+//! compacted revision gives [`Error::Compacted`], a request the user's roles do not allow
+//! gives [`Error::PermissionDenied`], and credentials etcd refuses give
+//! [`Error::Unauthenticated`]. None of these is retried, and no message contains a password
+//! or a token.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -40,6 +59,7 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
+use crate::security::{Credentials, TlsConfig};
 
 /// After how long without any frame from a member, on a connection with open requests or
 /// streams, it is pinged (HTTP/2 keep-alive); it counts as dead when the ping is not
@@ -68,13 +88,22 @@ const CODE_UNAVAILABLE: i32 = 14;
 const CODE_INVALID_ARGUMENT: i32 = 3;
 /// gRPC status code `NOT_FOUND`.
 const CODE_NOT_FOUND: i32 = 5;
+/// gRPC status code `PERMISSION_DENIED`.
+const CODE_PERMISSION_DENIED: i32 = 7;
+/// gRPC status code `UNAUTHENTICATED`.
+const CODE_UNAUTHENTICATED: i32 = 16;
 
-/// Options for [`EtcdStore::connect`].
+/// Options for [`EtcdStore::connect`]. Build them with `..EtcdOptions::default()`, so that
+/// new options keep their defaults.
 ///
 /// # Default
 ///
 /// - dial timeout: 5 s
 /// - request timeout: 10 s
+/// - TLS: none for `http://`; for `https://`, the system's roots and no client certificate
+/// - credentials: none
+///
+/// Its `Debug` output never shows the password.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdOptions {
     /// How long [`EtcdStore::connect`] waits for the cluster to answer, and how long one
@@ -83,6 +112,10 @@ pub struct EtcdOptions {
     /// How long one request may take, retries included, before it fails with
     /// [`Error::Timeout`].
     pub request_timeout: Duration,
+    /// TLS settings for `https://` endpoints; must be `None` for `http://` ones.
+    pub tls: Option<TlsConfig>,
+    /// The user to authenticate as, if etcd has authentication enabled.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for EtcdOptions {
@@ -90,6 +123,8 @@ impl Default for EtcdOptions {
         EtcdOptions {
             dial_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            tls: None,
+            credentials: None,
         }
     }
 }
@@ -124,6 +159,11 @@ pub struct EtcdStore {
 
 struct Inner {
     client: ec::Client,
+    /// How many times the store authenticated again after etcd refused its token.
+    auth_generation: AtomicU64,
+    /// Held while authenticating again, so that concurrent requests refused for the same
+    /// token authenticate once.
+    auth_gate: tokio::sync::Mutex<()>,
     /// The endpoints, comma-joined, with credentials redacted.
     endpoints: String,
     options: EtcdOptions,
@@ -168,6 +208,8 @@ impl fmt::Debug for EtcdStore {
             .field("endpoints", &self.inner.endpoints)
             .field("dial_timeout", &self.inner.options.dial_timeout)
             .field("request_timeout", &self.inner.options.request_timeout)
+            .field("tls", &self.inner.options.tls)
+            .field("credentials", &self.inner.options.credentials)
             .finish()
     }
 }
@@ -225,7 +267,15 @@ impl EtcdStore {
             timeout: dial,
             reason,
         };
-        let connect_options = ec::ConnectOptions::new()
+        let https = endpoints.iter().all(|e| e.starts_with("https://"));
+        if !https && (options.tls.is_some() || endpoints.iter().any(|e| e.starts_with("https://")))
+        {
+            return Err(Error::InvalidEndpoint {
+                endpoint: joined.clone(),
+                reason: "TLS needs every endpoint to be https://; http:// is plaintext".into(),
+            });
+        }
+        let mut connect_options = ec::ConnectOptions::new()
             .with_connect_timeout(dial)
             // A backstop only: `call` enforces the request timeout itself and reports
             // Error::Timeout; this one must not fire first.
@@ -237,9 +287,14 @@ impl EtcdStore {
             .with_keep_alive(KEEPALIVE_INTERVAL, dial)
             .with_keep_alive_while_idle(false)
             .with_tcp_keepalive(KEEPALIVE_INTERVAL);
+        if https {
+            connect_options = connect_options.with_tls(tls_options(
+                options.tls.as_ref().unwrap_or(&TlsConfig::new()),
+            )?);
+        }
         let deadline = Instant::now() + dial;
 
-        let client = match timeout_at(
+        let mut client = match timeout_at(
             deadline,
             ec::Client::connect(endpoints, Some(connect_options)),
         )
@@ -252,22 +307,54 @@ impl EtcdStore {
                     reason: describe(&e),
                 })
             }
-            Ok(Err(e)) => return Err(connect_error(describe(&e))),
+            Ok(Err(e)) => {
+                return Err(match tls_problem(&describe(&e), https) {
+                    Some(reason) => Error::Tls {
+                        endpoints: joined.clone(),
+                        reason,
+                    },
+                    None => connect_error(describe(&e)),
+                })
+            }
             Ok(Ok(client)) => client,
         };
 
-        // The client connects lazily: check that the cluster answers, retrying while
-        // members are unreachable, until the dial timeout.
+        // The client connects lazily: authenticate if asked to, and check that the cluster
+        // answers, retrying while members are unreachable, until the dial timeout.
+        let mut authenticated = options.credentials.is_none();
         let mut last_error: Option<String> = None;
         let mut backoff = BACKOFF_MIN;
         loop {
-            let mut kv = client.kv_client();
-            let probe = kv.get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()));
-            match timeout_at(deadline, probe).await {
-                Ok(Ok(_)) => break,
+            let attempt = async {
+                if !authenticated {
+                    authenticate(&mut client, options.credentials.as_ref()).await?;
+                    authenticated = true;
+                }
+                let mut kv = client.kv_client();
+                match kv
+                    .get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()))
+                    .await
+                {
+                    // A user whose roles do not cover the probe key: etcd answered, and
+                    // accepted the token.
+                    Err(e) if status_code(&e) == Some(CODE_PERMISSION_DENIED) => Ok(()),
+                    other => other.map(|_| ()),
+                }
+            };
+            match timeout_at(deadline, attempt).await {
+                Ok(Ok(())) => break,
                 Ok(Err(e)) => {
                     let reason = describe(&e);
                     tracing::debug!(endpoints = %joined, error = %reason, "etcd probe failed");
+                    if let Some(reason) = tls_problem(&reason, https) {
+                        return Err(Error::Tls {
+                            endpoints: joined,
+                            reason,
+                        });
+                    }
+                    if is_auth_error(&e) {
+                        return Err(map_err("connect", e, 0));
+                    }
                     if !(is_unsent(&e) || is_transient(&e)) {
                         return Err(connect_error(reason));
                     }
@@ -287,10 +374,17 @@ impl EtcdStore {
             sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        tracing::debug!(endpoints = %joined, "connected to etcd");
+        tracing::debug!(
+            endpoints = %joined,
+            tls = https,
+            user = options.credentials.as_ref().map(Credentials::user),
+            "connected to etcd"
+        );
         Ok(EtcdStore {
             inner: Arc::new(Inner {
                 client,
+                auth_generation: AtomicU64::new(0),
+                auth_gate: tokio::sync::Mutex::new(()),
                 endpoints: joined,
                 options,
                 keepers: StdMutex::new(HashMap::new()),
@@ -306,6 +400,12 @@ impl EtcdStore {
     /// The options this store was connected with.
     pub fn options(&self) -> &EtcdOptions {
         &self.inner.options
+    }
+
+    /// How many times the store has authenticated again because etcd refused its token
+    /// (expired, or issued before the roles changed). Always 0 without credentials.
+    pub fn reauthentications(&self) -> u64 {
+        self.inner.auth_generation.load(Ordering::Relaxed)
     }
 
     /// Run one request with the request timeout, retrying as `retry` allows.
@@ -325,11 +425,25 @@ impl EtcdStore {
         let after = self.inner.options.request_timeout;
         let deadline = Instant::now() + after;
         let mut backoff = BACKOFF_MIN;
+        let mut reauthenticated = false;
         loop {
+            let generation = self.inner.auth_generation.load(Ordering::Acquire);
             let result = timeout_at(deadline, attempt(&self.inner.client))
                 .await
                 .map_err(|_| Error::Timeout { operation, after })?;
             match result {
+                // The token expired, or was issued before the roles changed: get a new one
+                // and send the request once more. etcd refused it before applying it, so
+                // this is safe for writes too.
+                Err(e)
+                    if is_stale_token(&e)
+                        && !reauthenticated
+                        && self.inner.options.credentials.is_some() =>
+                {
+                    reauthenticated = true;
+                    self.reauthenticate(generation, deadline, operation, after)
+                        .await?;
+                }
                 Err(e) if retry.allows(&e) && Instant::now() + backoff < deadline => {
                     tracing::debug!(operation, error = %describe(&e), "retrying etcd request");
                     sleep(backoff).await;
@@ -338,6 +452,33 @@ impl EtcdStore {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Get a new auth token, within `deadline`, unless another request did since
+    /// `generation` (the count of renewals when the refused request was sent).
+    async fn reauthenticate(
+        &self,
+        generation: u64,
+        deadline: Instant,
+        operation: &'static str,
+        after: Duration,
+    ) -> Result<()> {
+        let _gate = timeout_at(deadline, self.inner.auth_gate.lock())
+            .await
+            .map_err(|_| Error::Timeout { operation, after })?;
+        if self.inner.auth_generation.load(Ordering::Acquire) != generation {
+            return Ok(());
+        }
+        tracing::debug!(
+            operation,
+            "etcd refused the auth token; authenticating again"
+        );
+        timeout_at(deadline, self.inner.client.refresh_token())
+            .await
+            .map_err(|_| Error::Timeout { operation, after })?
+            .map_err(|e| map_err(operation, e, 0))?;
+        self.inner.auth_generation.fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     /// The cached keep-alive slot of a lease, created if missing. Closes streams of leases
@@ -665,20 +806,36 @@ impl Store for EtcdStore {
             options = options.with_prev_key();
         }
         let key = watch.keys.bytes().to_vec();
-        let (stream, created) = self
-            .call("watch", Retry::Idempotent, |client| {
-                let mut watches = client.watch_client();
-                let (key, options) = (key.clone(), options.clone());
-                async move {
-                    let mut stream = watches.watch(key, Some(options)).await?;
-                    // etcd answers a create request with a "created" response; wait for it
-                    // so that the watch is registered when this returns.
-                    let created = stream.message().await?;
-                    Ok((stream, created))
-                }
-            })
-            .await?
-            .map_err(|e| map_err("watch", e, 0))?;
+        let mut reauthenticated = false;
+        let (stream, created) = loop {
+            let generation = self.inner.auth_generation.load(Ordering::Acquire);
+            let (stream, created) = self
+                .call("watch", Retry::Idempotent, |client| {
+                    let mut watches = client.watch_client();
+                    let (key, options) = (key.clone(), options.clone());
+                    async move {
+                        let mut stream = watches.watch(key, Some(options)).await?;
+                        // etcd answers a create request with a "created" response; wait for it
+                        // so that the watch is registered when this returns.
+                        let created = stream.message().await?;
+                        Ok((stream, created))
+                    }
+                })
+                .await?
+                .map_err(|e| map_err("watch", e, 0))?;
+            // etcd cancels a watch created with an expired token: get a new one, try again.
+            let stale = created
+                .as_ref()
+                .is_some_and(|c| c.canceled() && is_stale_token_message(c.cancel_reason()));
+            if stale && !reauthenticated && self.inner.options.credentials.is_some() {
+                reauthenticated = true;
+                let after = self.inner.options.request_timeout;
+                self.reauthenticate(generation, Instant::now() + after, "watch", after)
+                    .await?;
+                continue;
+            }
+            break (stream, created);
+        };
         let Some(created) = created else {
             return Err(Error::Store(
                 "watch: the stream ended before the watch was created".into(),
@@ -793,6 +950,8 @@ fn cancel_error(resp: &ec::WatchResponse, requested: Revision) -> Error {
             requested,
             compact_revision: resp.compact_revision(),
         }
+    } else if let Some(error) = auth_error("watch", None, resp.cancel_reason()) {
+        error
     } else if resp.cancel_reason().is_empty() {
         Error::Store("watch: canceled by etcd".into())
     } else {
@@ -1019,6 +1178,125 @@ fn is_transient(e: &ec::Error) -> bool {
     }
 }
 
+/// The error for a status (or a watch's cancel reason) that is about credentials or
+/// permissions, if it is. The message names the problem in words, never the token.
+fn auth_error(operation: &'static str, code: Option<i32>, message: &str) -> Option<Error> {
+    let m = message.to_lowercase();
+    if code == Some(CODE_PERMISSION_DENIED) || m.contains("permission denied") {
+        return Some(Error::PermissionDenied(format!(
+            "{operation}: the etcd user's roles do not allow this key"
+        )));
+    }
+    let reason = if m.contains("authentication failed") || m.contains("invalid user id or password")
+    {
+        "etcd refused the user name or password"
+    } else if m.contains("user name is empty") || m.contains("user name not found") {
+        "etcd has authentication enabled: give a user and password"
+    } else if m.contains("invalid auth token") || m.contains("revision of auth store is old") {
+        "etcd refused the auth token and a new one could not be had"
+    } else if code == Some(CODE_UNAUTHENTICATED) {
+        "etcd refused the credentials"
+    } else {
+        return None;
+    };
+    Some(Error::Unauthenticated(format!("{operation}: {reason}")))
+}
+
+/// True for errors about credentials or permissions (never retried).
+fn is_auth_error(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::GRpcStatus(s) => auth_error("", Some(s.code() as i32), s.message()).is_some(),
+        _ => false,
+    }
+}
+
+/// True if etcd refused the token as expired or issued before the roles changed.
+fn is_stale_token(e: &ec::Error) -> bool {
+    match e {
+        ec::Error::GRpcStatus(s) => is_stale_token_message(s.message()),
+        _ => false,
+    }
+}
+
+fn is_stale_token_message(message: &str) -> bool {
+    message.contains("invalid auth token") || message.contains("revision of auth store is old")
+}
+
+/// Authenticate with `credentials` (nothing without). A cluster without authentication
+/// enabled is used without a token, as etcdctl and Go's client do.
+async fn authenticate(
+    client: &mut ec::Client,
+    credentials: Option<&Credentials>,
+) -> std::result::Result<(), ec::Error> {
+    let Some(creds) = credentials else {
+        return Ok(());
+    };
+    let pair = (creds.user.clone(), creds.password.expose().to_string());
+    match client.update_user(Some(pair)).await {
+        Err(e)
+            if status_message(&e).is_some_and(|m| m.contains("authentication is not enabled")) =>
+        {
+            tracing::debug!(user = %creds.user, "etcd has authentication disabled; going on without a token");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// etcd-client's TLS options from ours: the CA (else the system's roots) and the client
+/// certificate, if any.
+fn tls_options(tls: &TlsConfig) -> Result<ec::TlsOptions> {
+    let mut options = ec::TlsOptions::new();
+    options = match tls.read_ca()? {
+        Some(pem) => options.ca_certificate(ec::Certificate::from_pem(pem)),
+        None => options.with_native_roots(),
+    };
+    if let Some((cert, key)) = tls.read_identity()? {
+        options = options.identity(ec::Identity::from_pem(cert, key));
+    }
+    Ok(options)
+}
+
+/// If a connection error is about TLS, what went wrong in words (with the transport's own
+/// text after it). `https` tells whether we spoke TLS.
+fn tls_problem(text: &str, https: bool) -> Option<String> {
+    let t = text.to_lowercase().replace([' ', '_'], "");
+    let hint = if t.contains("unknownissuer") || t.contains("badsignature") {
+        "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)"
+    } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
+        "the server's certificate does not match the host name in the URL"
+    } else if t.contains("expired") && t.contains("certificate") {
+        "the server's certificate has expired or is not valid yet"
+    } else if t.contains("certificaterequired") {
+        "the server requires a client certificate (--cert and --key)"
+    } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
+        "the server rejected the client certificate, or requires one it trusts (--cert, --key)"
+    } else if t.contains("invalidcontenttype")
+        || t.contains("corruptmessage")
+        || t.contains("invalidmessage")
+    {
+        "the server may not use TLS: then use http:// (or check the port)"
+    } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
+        "the server's certificate is invalid"
+    } else if t.contains("nocertificatesfound")
+        || t.contains("privatekey")
+        || t.contains("invalidcertificate")
+        || (t.contains("tls") && t.contains("config"))
+    {
+        "the CA or client certificate or key could not be loaded (check the PEM files)"
+    } else if t.contains("handshakeeof") {
+        "the server closed the connection during the TLS handshake: it may not use TLS \
+         (then use http://), or it refused us"
+    } else if t.contains("handshake") || t.contains("tls") {
+        "the TLS handshake failed"
+    } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion")) {
+        "the server answered something other than plaintext gRPC: if it uses TLS, use https://"
+    } else {
+        return None;
+    };
+    Some(format!("{hint} ({})", text.trim()))
+}
+
 fn is_lease_not_found(e: &ec::Error) -> bool {
     match e {
         ec::Error::GRpcStatus(s) => s.message().contains("requested lease not found"),
@@ -1034,6 +1312,11 @@ fn map_err(operation: &'static str, e: ec::Error, lease: LeaseId) -> Error {
         return Error::LeaseNotFound(lease);
     }
     let text = describe(&e);
+    if let ec::Error::GRpcStatus(status) = &e {
+        if let Some(error) = auth_error(operation, Some(status.code() as i32), status.message()) {
+            return error;
+        }
+    }
     if let Some(message) = status_message(&e).map(str::to_lowercase) {
         if message.contains("request is too large") || message.contains("larger than max") {
             return Error::InvalidArgument(format!("{operation}: request is too large"));
@@ -1086,6 +1369,48 @@ mod tests {
         assert!(is_transient(&broken));
         assert!(!is_unsent(&broken));
         assert!(map_err("watch", broken, 0).is_retryable());
+    }
+
+    #[test]
+    fn maps_auth_errors() {
+        let denied = ec::Error::GRpcStatus(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        ));
+        let e = map_err("txn", denied, 0);
+        assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
+        assert!(!e.is_retryable() && e.is_access_denied());
+        let failed = ec::Error::GRpcStatus(tonic::Status::invalid_argument(
+            "etcdserver: authentication failed, invalid user ID or password",
+        ));
+        assert!(is_auth_error(&failed));
+        let e = map_err("connect", failed, 0);
+        assert!(matches!(e, Error::Unauthenticated(_)), "{e}");
+        assert!(!e.is_retryable());
+        let expired = ec::Error::GRpcStatus(tonic::Status::unauthenticated(
+            "etcdserver: invalid auth token",
+        ));
+        assert!(is_stale_token(&expired));
+        assert!(matches!(
+            map_err("range", expired, 0),
+            Error::Unauthenticated(_)
+        ));
+        assert!(auth_error("watch", None, "etcdserver: permission denied").is_some());
+        assert!(auth_error("watch", None, "").is_none());
+    }
+
+    #[test]
+    fn names_tls_problems() {
+        let unknown = "transport error: invalid peer certificate: UnknownIssuer";
+        let hint = tls_problem(unknown, true).unwrap();
+        assert!(
+            hint.contains("trusted CA") && hint.contains("--cacert"),
+            "{hint}"
+        );
+        let name = tls_problem("invalid peer certificate: NotValidForName", true).unwrap();
+        assert!(name.contains("host name"), "{name}");
+        let required = tls_problem("received fatal alert: CertificateRequired", true).unwrap();
+        assert!(required.contains("client certificate"), "{required}");
+        assert!(tls_problem("connection refused", true).is_none());
     }
 
     #[test]

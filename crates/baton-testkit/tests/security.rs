@@ -1,0 +1,372 @@
+//! TLS, authentication, token expiry and namespaces against real etcd servers started by
+//! the fixtures, with certificates generated at test time.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use baton::store::etcd::{EtcdOptions, EtcdStore};
+use baton::store::{Range, Store};
+use baton::{Client, Credentials, Error, Mutex, Session, TlsConfig};
+use baton_testkit::{etcd_available, EtcdServer, EtcdServerOptions, TestPki};
+
+const ROOT_PASSWORD: &str = "root-pw-6d1f";
+const APP_PASSWORD: &str = "app-pw-93c2";
+
+fn skip() -> bool {
+    if std::env::var_os("BATON_SKIP_ETCD").is_some() {
+        eprintln!("BATON_SKIP_ETCD is set: skipping");
+        return true;
+    }
+    assert!(
+        etcd_available(),
+        "etcd is not installed: install etcd-server (Debian) or set BATON_ETCD_BIN; set \
+         BATON_SKIP_ETCD=1 to skip these tests"
+    );
+    false
+}
+
+async fn connect(endpoint: &str, tls: Option<TlsConfig>) -> baton::Result<Client> {
+    let mut builder = Client::builder(endpoint).with_dial_timeout(Duration::from_secs(3));
+    if let Some(tls) = tls {
+        builder = builder.with_tls(tls);
+    }
+    builder.connect().await
+}
+
+fn assert_tls_error(err: &Error, needle: &str) {
+    match err {
+        Error::Tls { reason, .. } => assert!(
+            reason.contains(needle),
+            "expected a TLS error about {needle:?}, got: {err}"
+        ),
+        other => panic!("expected Error::Tls about {needle:?}, got: {other}"),
+    }
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn tls_needs_the_right_ca_and_never_falls_back() {
+    if skip() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let etcd = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&pki)).await;
+    let https = etcd.endpoint();
+    assert!(https.starts_with("https://"), "{https}");
+
+    // With the CA: works.
+    let client = connect(&https, Some(TlsConfig::new().with_ca_file(pki.ca_file())))
+        .await
+        .unwrap();
+    client.store().put(b"k", b"v", 0).await.unwrap();
+    let got = client.store().range(Range::key("k")).await.unwrap();
+    assert_eq!(got.kvs[0].value, b"v");
+
+    // Without the CA (the system's roots) or with another CA: a clear TLS error, at once.
+    let started = Instant::now();
+    let err = connect(&https, None).await.unwrap_err();
+    assert_tls_error(&err, "not signed by a trusted CA");
+    let err = connect(&https, Some(TlsConfig::new().with_ca_file(other.ca_file())))
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "not signed by a trusted CA");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "TLS errors must not wait for the dial timeout: {:?}",
+        started.elapsed()
+    );
+
+    // The same server through http://: no plaintext session is ever made.
+    let plain = https.replacen("https://", "http://", 1);
+    let err = connect(&plain, None).await.unwrap_err();
+    eprintln!("http:// to a TLS server: {err}");
+    assert!(
+        matches!(err, Error::Tls { .. } | Error::Connect { .. }),
+        "{err}"
+    );
+    // TLS settings with an http:// URL are refused before any network call.
+    let err = connect(&plain, Some(TlsConfig::new().with_ca_file(pki.ca_file())))
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+
+    // https:// to a plaintext server: a TLS error saying so.
+    let plain_server = EtcdServer::start_async().await;
+    let wrong = plain_server.endpoint().replacen("http://", "https://", 1);
+    let err = connect(&wrong, Some(TlsConfig::new().with_ca_file(pki.ca_file())))
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "may not use TLS");
+}
+
+#[tokio::test]
+async fn mutual_tls_rejects_missing_and_untrusted_client_certificates() {
+    if skip() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let etcd = EtcdServer::start_with_async(
+        EtcdServerOptions::new()
+            .with_tls(&pki)
+            .with_client_cert_auth(),
+    )
+    .await;
+    let https = etcd.endpoint();
+    let ca = TlsConfig::new().with_ca_file(pki.ca_file());
+
+    let good = ca
+        .clone()
+        .with_client_cert(pki.client_cert_file(), pki.client_key_file());
+    let client = connect(&https, Some(good)).await.unwrap();
+    let session = Session::builder(&client).build().await.unwrap();
+    let guard = Mutex::new(&session, "mtls/x")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    guard.unlock().await.unwrap();
+
+    let err = connect(&https, Some(ca.clone())).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Tls { .. }),
+        "no client certificate: {err}"
+    );
+    let untrusted = ca.with_client_cert(other.client_cert_file(), other.client_key_file());
+    let err = connect(&https, Some(untrusted)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Tls { .. }),
+        "untrusted client certificate: {err}"
+    );
+    // Files that are missing or not PEM are named.
+    let missing = TlsConfig::new().with_ca_file(pki.dir().join("nope.pem"));
+    let err = connect(&https, Some(missing)).await.unwrap_err();
+    assert!(
+        err.is_invalid_input() && err.to_string().contains("nope.pem"),
+        "{err}"
+    );
+}
+
+/// An etcd with authentication on: root, and `app` whose role covers `locks/` only.
+fn auth_server(token_ttl: Option<Duration>) -> EtcdServer {
+    let mut options = EtcdServerOptions::new();
+    if let Some(ttl) = token_ttl {
+        options = options.with_auth_token_ttl(ttl);
+    }
+    let etcd = EtcdServer::start_with(options);
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/")]);
+    etcd
+}
+
+#[tokio::test]
+async fn a_prefix_role_allows_its_prefix_and_denies_the_rest_at_once() {
+    if skip() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| auth_server(None))
+        .await
+        .unwrap();
+    let client = Client::builder(&etcd.endpoint())
+        .with_user("app", APP_PASSWORD)
+        .connect()
+        .await
+        .unwrap();
+    let session = Session::builder(&client).build().await.unwrap();
+    let guard = Mutex::new(&session, "locks/x")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    assert!(guard.fencing_token() > 0);
+
+    let started = Instant::now();
+    let err = Mutex::new(&session, "other/x")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    assert!(!err.is_retryable() && err.is_access_denied());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "denied at once, not retried: {:?}",
+        started.elapsed()
+    );
+    guard.unlock().await.unwrap();
+    session.close().await.unwrap();
+
+    // The password in the URL works the same; a wrong one, or none, is refused clearly.
+    let port = etcd.client_port();
+    let url = format!("http://app:{APP_PASSWORD}@127.0.0.1:{port}");
+    Client::connect(&url).await.unwrap();
+    let err = Client::builder(&etcd.endpoint())
+        .with_user("app", "wrong-pw-0000")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+    assert!(err.to_string().contains("user name or password"), "{err}");
+    assert!(!format!("{err} {err:?}").contains("wrong-pw-0000"));
+    let err = Client::connect(&etcd.endpoint()).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+}
+
+#[tokio::test]
+async fn locks_held_and_awaited_survive_token_expiry() {
+    if skip() {
+        return;
+    }
+    const TTL: Duration = Duration::from_secs(2);
+    let etcd = tokio::task::spawn_blocking(|| auth_server(Some(TTL)))
+        .await
+        .unwrap();
+    let options = EtcdOptions {
+        credentials: Some(Credentials::new("app", APP_PASSWORD)),
+        ..EtcdOptions::default()
+    };
+    let store = EtcdStore::connect(&[etcd.endpoint()], options.clone())
+        .await
+        .unwrap();
+    let client = Client::from_store(store.clone());
+    let other_store = EtcdStore::connect(&[etcd.endpoint()], options)
+        .await
+        .unwrap();
+    let other = Client::from_store(other_store.clone());
+
+    let holder = Session::builder(&client)
+        .with_ttl(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let guard = Mutex::new(&holder, "locks/expiry")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let waiter_session = Session::builder(&other)
+        .with_ttl(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let waiter_lock = Mutex::new(&waiter_session, "locks/expiry").unwrap();
+    let waiting = tokio::spawn(async move { waiter_lock.lock().await });
+
+    // Only keep-alives flow while the lock is held and awaited; they do not renew the
+    // tokens, which etcd drops after the TTL.
+    tokio::time::sleep(TTL * 2 + Duration::from_secs(1)).await;
+    assert!(!guard.is_lost() && !holder.is_lost() && !waiter_session.is_lost());
+    assert!(!waiting.is_finished());
+    let token = guard.fencing_token();
+    guard.unlock().await.unwrap();
+    assert!(
+        store.reauthentications() >= 1,
+        "the holder's token had expired"
+    );
+
+    let next = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter is granted the lock after the release")
+        .unwrap()
+        .unwrap();
+    assert!(next.fencing_token() > token);
+    next.unlock().await.unwrap();
+
+    // A watch opened first thing after the token expired is created with a new one.
+    tokio::time::sleep(TTL * 2 + Duration::from_secs(1)).await;
+    let before = other_store.reauthentications();
+    let watch = other_store
+        .watch(baton::store::Watch::prefix("locks/"))
+        .await;
+    assert!(watch.is_ok(), "{:?}", watch.err());
+    assert!(other_store.reauthentications() > before);
+    holder.close().await.unwrap();
+    waiter_session.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn namespaces_do_not_collide_and_fit_a_scoped_role() {
+    if skip() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| {
+        let etcd = EtcdServer::start();
+        etcd.enable_auth(
+            ROOT_PASSWORD,
+            &[
+                ("team-a", APP_PASSWORD, "team-a/"),
+                ("team-b", APP_PASSWORD, "team-b/"),
+            ],
+        );
+        etcd
+    })
+    .await
+    .unwrap();
+    let team = |name: &'static str| {
+        let endpoint = etcd.endpoint();
+        async move {
+            Client::builder(&endpoint)
+                .with_user(name, APP_PASSWORD)
+                .with_namespace(format!("{name}/"))
+                .connect()
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (team("team-a").await, team("team-b").await);
+    let sa = Session::builder(&a).build().await.unwrap();
+    let sb = Session::builder(&b).build().await.unwrap();
+    // The same lock name in both namespaces: both granted at once, no collision.
+    let ga = Mutex::new(&sa, "jobs/nightly")
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    let gb = Mutex::new(&sb, "jobs/nightly")
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    assert!(ga.key().starts_with("jobs/nightly/"), "{}", ga.key());
+    // Inside a namespace, a second holder still waits.
+    let sa2 = Session::builder(&a).build().await.unwrap();
+    let err = Mutex::new(&sa2, "jobs/nightly")
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+
+    // Where the keys really are, seen by root.
+    let out = etcd.etcdctl(["get", "--prefix", "--keys-only", "team-"]);
+    let keys = String::from_utf8_lossy(&out.stdout);
+    assert!(keys.contains("team-a/jobs/nightly/"), "{keys}");
+    assert!(keys.contains("team-b/jobs/nightly/"), "{keys}");
+
+    // Election and status reads stay inside too.
+    let election = baton::Election::new(&sa, "leader").unwrap();
+    let leadership = election.campaign("a").await.unwrap();
+    let leader = baton::Election::new(&sb, "leader").unwrap().leader().await;
+    assert!(matches!(leader, Err(Error::NoLeader { .. })), "{leader:?}");
+    leadership.resign().await.unwrap();
+
+    ga.unlock().await.unwrap();
+    gb.unlock().await.unwrap();
+    for s in [sa, sb, sa2] {
+        s.close().await.unwrap();
+    }
+
+    // Without the namespace, team A's role does not reach the key space at large.
+    let bare = Client::builder(&etcd.endpoint())
+        .with_user("team-a", APP_PASSWORD)
+        .connect()
+        .await
+        .unwrap();
+    let err = bare
+        .store()
+        .range(Range::key("team-b/x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+}

@@ -1,0 +1,248 @@
+//! TLS settings and credentials, kept out of every `Debug` and `Display`.
+//!
+//! See `docs/security.md` for how to connect to etcd and Redis with TLS and authentication.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// TLS settings for `https://` (etcd) and `rediss://` (Redis) endpoints.
+///
+/// The server's certificate is always verified, and its name must match the host of the URL.
+/// A connection that cannot be verified fails with [`Error::Tls`]; Baton never falls back
+/// to plaintext.
+///
+/// # Default
+///
+/// - CA: the system's trusted roots (none added);
+/// - client certificate: none (no mutual TLS).
+///
+/// # Examples
+///
+/// ```
+/// let tls = baton::TlsConfig::new()
+///     .with_ca_file("/etc/etcd/ca.pem")
+///     .with_client_cert("/etc/etcd/client.pem", "/etc/etcd/client-key.pem");
+/// assert!(tls.ca_file().is_some());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The defaults: the system's roots, no client certificate.
+    pub const fn new() -> Self {
+        TlsConfig {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// Trust the CA certificates in this PEM file (etcdctl's `--cacert`) instead of the
+    /// system's roots.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Trust the system's roots again (the default).
+    pub fn without_ca_file(mut self) -> Self {
+        self.ca_file = None;
+        self
+    }
+
+    /// Present this client certificate and its private key, both PEM files (etcdctl's
+    /// `--cert` and `--key`), for servers that ask for one (mutual TLS).
+    pub fn with_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.cert_file = Some(cert.into());
+        self.key_file = Some(key.into());
+        self
+    }
+
+    /// Present no client certificate (the default).
+    pub fn without_client_cert(mut self) -> Self {
+        self.cert_file = None;
+        self.key_file = None;
+        self
+    }
+
+    /// The CA file, if set.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// The client certificate file, if set.
+    pub fn cert_file(&self) -> Option<&Path> {
+        self.cert_file.as_deref()
+    }
+
+    /// The client key file, if set.
+    pub fn key_file(&self) -> Option<&Path> {
+        self.key_file.as_deref()
+    }
+
+    /// The CA file's contents, if one is set.
+    #[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
+    pub(crate) fn read_ca(&self) -> Result<Option<Vec<u8>>> {
+        self.ca_file
+            .as_deref()
+            .map(|p| read_pem(p, "CA certificate"))
+            .transpose()
+    }
+
+    /// The client certificate and key files' contents, if set.
+    #[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
+    pub(crate) fn read_identity(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Ok(Some((
+                read_pem(cert, "client certificate")?,
+                read_pem(key, "client key")?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Read a PEM file; an error names the file and what it was for, never its contents.
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::invalid(format!(
+            "cannot read the {what} file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if !bytes
+        .windows(b"-----BEGIN".len())
+        .any(|w| w == b"-----BEGIN")
+    {
+        return Err(Error::invalid(format!(
+            "the {what} file {} is not PEM (no -----BEGIN line)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A user name and password for etcd or Redis. Its `Debug` shows the user only; the
+/// password can be handed to the backend and to nothing else.
+///
+/// ```
+/// let creds = baton::Credentials::new("app", "s3cret");
+/// assert_eq!(creds.user(), "app");
+/// assert!(!format!("{creds:?}").contains("s3cret"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub(crate) user: String,
+    pub(crate) password: Secret,
+}
+
+impl Credentials {
+    /// A user and its password.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials {
+            user: user.into(),
+            password: Secret::new(password),
+        }
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .finish()
+    }
+}
+
+/// A password or token: never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    pub(crate) fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, to hand to the backend and nowhere else.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Check a key prefix given as a namespace: at most [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
+/// bytes, no NUL.
+pub(crate) fn validate_namespace(prefix: &str) -> Result<()> {
+    if prefix.len() > crate::MAX_NAME_LEN || prefix.contains('\0') {
+        return Err(Error::invalid(format!(
+            "the namespace must be at most {} bytes with no NUL byte",
+            crate::MAX_NAME_LEN
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let creds = Credentials {
+            user: "alice".into(),
+            password: Secret::new("hunter2"),
+        };
+        let shown = format!("{creds:?} {} {:?}", creds.password, creds.password);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("alice"), "{shown}");
+        assert_eq!(creds.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn tls_files_are_checked() {
+        let tls = TlsConfig::new().with_ca_file("/nonexistent/ca.pem");
+        let err = tls.read_ca().unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        assert_eq!(TlsConfig::new().read_ca().unwrap(), None);
+        assert_eq!(TlsConfig::default(), TlsConfig::new());
+        let dir = tempfile_dir();
+        let not_pem = dir.join("x.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = TlsConfig::new()
+            .with_client_cert(&not_pem, &not_pem)
+            .read_identity()
+            .unwrap_err();
+        assert!(err.to_string().contains("not PEM"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("baton-security-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
