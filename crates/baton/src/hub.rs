@@ -106,6 +106,15 @@ struct State {
     waiters: HashMap<Vec<u8>, Vec<Waiter>>,
 }
 
+impl State {
+    /// The buffered events after revision `after`, oldest first. The buffer is in revision
+    /// order, so this skips the older part without looking at it.
+    fn since(&self, after: Revision) -> impl Iterator<Item = &(Revision, Vec<u8>, EventKind)> {
+        let start = self.recent.partition_point(|(rev, _, _)| *rev <= after);
+        self.recent.range(start..)
+    }
+}
+
 /// The answer to a wait: which of its keys (by index), and how.
 type Answer = oneshot::Sender<(usize, Woken)>;
 
@@ -148,9 +157,9 @@ impl PrefixWatch {
         if !st.alive || st.buffer_from > after + 1 {
             return Registered::NotCovered;
         }
-        let deleted = st.recent.iter().find_map(|(rev, k, kind)| {
+        let deleted = st.since(after).find_map(|(rev, k, kind)| {
             let index = keys.iter().position(|key| *key == k.as_slice())?;
-            (*rev > after && *kind == EventKind::Delete).then_some((index, Woken::Deleted(*rev)))
+            (*kind == EventKind::Delete).then_some((index, Woken::Deleted(*rev)))
         });
         if let Some(found) = deleted {
             return Registered::Now(found);
@@ -199,6 +208,28 @@ impl Hub {
             Registered::Later(rx) => Ok(rx.await.unwrap_or((0, Woken::Interrupted))),
             Registered::NotCovered => Ok((0, Woken::Interrupted)),
         }
+    }
+
+    /// The first delete of `key` after revision `after` that this client's shared watch on
+    /// `prefix` has seen so far: `Some(Some(rev))` if there is one, `Some(None)` if there is
+    /// none yet, `None` if no live shared watch covers every event since `after` (read
+    /// instead). Registers nothing.
+    pub(crate) fn deleted_since(
+        &self,
+        prefix: &[u8],
+        key: &[u8],
+        after: Revision,
+    ) -> Option<Option<Revision>> {
+        let pw = self.get(prefix)?;
+        let st = pw.state();
+        if !st.alive || st.buffer_from > after + 1 {
+            return None;
+        }
+        let found = st
+            .since(after)
+            .find(|(_, k, kind)| *kind == EventKind::Delete && k.as_slice() == key)
+            .map(|(rev, _, _)| *rev);
+        Some(found)
     }
 
     fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {

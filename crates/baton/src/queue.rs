@@ -23,6 +23,10 @@ use crate::store::{
 };
 use crate::wait::{scan_member, wait_turn, TurnRead};
 
+/// How many keys the join transaction of a queue of empty-valued keys (a mutex) reads back:
+/// ours and up to `AHEAD - 1` created before it. A queue shorter than that is known whole.
+const AHEAD: i64 = 64;
+
 /// Our key in a queue, not yet at its head (or not yet known to be).
 ///
 /// Dropping it before [`Entry::into_held`] removes our key: at once if our revision is known,
@@ -88,17 +92,21 @@ impl Entry {
             hint: None,
         };
         let k = entry.key.clone();
-        // The last two keys created: right after our put, ours and our predecessor's. Knowing
-        // the predecessor now saves the first read of the wait.
-        let last_two = Range::prefix(entry.queue.prefix.clone())
+        // The last keys created: right after our put, ours and those just ahead of us. Knowing
+        // the predecessor now saves the first read of the wait; knowing every key ahead (in a
+        // queue of keys without values, up to AHEAD of them) lets the wait finish without any
+        // read at all (see `wait_turn`). Keys with values (candidates) may be large: read
+        // only ours and the predecessor.
+        let depth = if value.is_empty() { AHEAD } else { 2 };
+        let last_few = Range::prefix(entry.queue.prefix.clone())
             .last_created()
-            .with_limit(2);
+            .with_limit(depth);
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([
                 TxnOp::put(k.clone(), value, session.lease_id()),
                 TxnOp::get(read.clone()),
-                TxnOp::get(last_two),
+                TxnOp::get(last_few),
             ])
             .or_else([TxnOp::get(Range::key(k)), TxnOp::get(read)]);
         let resp = match entry.send(txn).await {
@@ -137,19 +145,30 @@ impl Entry {
         if head.is_none_or(|kv| kv.create_revision >= my_rev) {
             entry.head_at = Some(resp.header_revision + 1);
         } else if resp.succeeded {
-            let last_two = resp
+            let last_few = resp
                 .responses
                 .get(2)
                 .and_then(TxnOpResponse::as_get)
                 .map(|g| g.kvs.as_slice())
                 .unwrap_or_default();
-            if let [mine, pred] = last_two {
+            if let [mine, pred, ..] = last_few {
                 if mine.key == entry.key && entry.queue.contains(&pred.key) {
+                    // Fewer keys than asked for: the read saw every key created before ours.
+                    let complete = i64::try_from(last_few.len()).is_ok_and(|n| n < depth);
+                    let ahead = complete.then(|| {
+                        last_few[1..]
+                            .iter()
+                            .rev()
+                            .filter(|kv| entry.queue.contains(&kv.key))
+                            .map(|kv| kv.key.clone())
+                            .collect()
+                    });
                     entry.hint = Some(TurnRead {
                         header: resp.header_revision,
                         pred_is_head: head_key.as_deref() == Some(pred.key.as_slice()),
                         pred: Some(pred.clone()),
                         mine: Some(mine.clone()),
+                        ahead,
                     });
                 }
             }

@@ -42,6 +42,9 @@ pub(crate) struct TurnRead {
     pub(crate) mine: Option<KeyValue>,
     /// True if `pred` is also the queue's first member, so nobody else is ahead of us.
     pub(crate) pred_is_head: bool,
+    /// Every member created before us, oldest first (`pred` last), when the read is known to
+    /// have seen them all.
+    pub(crate) ahead: Option<Vec<Vec<u8>>>,
 }
 
 /// One read, in one transaction: the last member of `queue` created at or before
@@ -79,6 +82,7 @@ async fn read_turn(
                 pred,
                 mine,
                 pred_is_head: false,
+                ahead: None,
             })
         }
         pred => Ok(TurnRead {
@@ -86,6 +90,7 @@ async fn read_turn(
             pred_is_head: matches!((&pred, &first), (Some(p), Some(f)) if p.key == f.key),
             pred,
             mine,
+            ahead: None,
         }),
     }
 }
@@ -177,6 +182,21 @@ pub(crate) async fn wait_turn(
                     header_revision: rev,
                 });
             }
+            // We know every member that was ahead of us: wait out the rest of them on the
+            // shared watch, still without a read.
+            Ok((0, Woken::Deleted(rev))) if mine_in_queue && read.ahead.is_some() => {
+                let ahead = read.ahead.as_deref().unwrap_or_default();
+                let rest = &ahead[..ahead.len().saturating_sub(1)];
+                match rest_gone(client, queue, my_key, header, rest, rev).await {
+                    Ok(Some(at)) => {
+                        return Ok(Turn {
+                            header_revision: at,
+                        })
+                    }
+                    Ok(None) => Ok(Woken::Deleted(rev)),
+                    Err(e) => Err(e),
+                }
+            }
             other => other.map(|(_, w)| w),
         };
         match woken {
@@ -192,6 +212,54 @@ pub(crate) async fn wait_turn(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Wait until every key of `rest` (members created before us, oldest first) has been deleted
+/// after revision `header`, our own key still there, using only the client's shared watch
+/// on the queue's prefix; `at` is the revision of a delete already seen.
+///
+/// Returns the revision at which we are at the head, or `None` if the shared watch cannot
+/// tell (it does not cover `header`, or broke) or our key went first: then read again.
+///
+/// Why no read is needed: `rest` is every member created before us (the join transaction
+/// read them all), and no member can be created before us later, since create revisions
+/// only grow. The shared watch reports every delete under the prefix in revision order, so
+/// once each of them has a delete after `header`, and our key has none up to the latest of
+/// those, our key existed at that revision with nobody ahead: the same re-check of our own
+/// key that a read would make. We wait on the nearest member still there, so a release
+/// still wakes only its successor; members deleted already are found in the buffer.
+async fn rest_gone(
+    client: &Client,
+    queue: &Queue,
+    my_key: &[u8],
+    header: Revision,
+    rest: &[Vec<u8>],
+    mut at: Revision,
+) -> Result<Option<Revision>> {
+    let hub = client.hub();
+    for key in rest.iter().rev() {
+        match hub.deleted_since(&queue.prefix, key, header) {
+            Some(Some(rev)) => {
+                at = at.max(rev);
+                continue;
+            }
+            Some(None) => {}
+            None => return Ok(None),
+        }
+        let answer = hub
+            .wait_delete(client.store(), &queue.prefix, &[key, my_key], header)
+            .await?;
+        crate::hub::Counters::add(&hub.counters.wakeups);
+        match answer {
+            (0, Woken::Deleted(rev)) => at = at.max(rev),
+            _ => return Ok(None),
+        }
+    }
+    match hub.deleted_since(&queue.prefix, my_key, header) {
+        Some(Some(rev)) if rev <= at => Ok(None),
+        Some(_) => Ok(Some(at)),
+        None => Ok(None),
     }
 }
 
