@@ -261,6 +261,14 @@ impl EtcdStore {
         if options.dial_timeout.is_zero() || options.request_timeout.is_zero() {
             return Err(Error::invalid("timeouts must be greater than zero"));
         }
+        // Deadlines are `now + timeout` on the monotonic clock, which cannot add
+        // `Duration::MAX`: refuse what it cannot add, as for a TTL.
+        if options.dial_timeout > crate::MAX_TTL || options.request_timeout > crate::MAX_TTL {
+            return Err(Error::invalid(format!(
+                "timeouts must be at most {:?}",
+                crate::MAX_TTL
+            )));
+        }
         let dial = options.dial_timeout;
         let connect_error = |reason: String| Error::Connect {
             endpoints: joined.clone(),
