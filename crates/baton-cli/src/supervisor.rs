@@ -219,7 +219,12 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
 /// After SIGTERM: wait for CMD and the rest of its group until `grace` has passed, then
 /// SIGKILL whatever is left, and reap CMD.
 async fn terminate(child: &mut Child, pgid: i32, grace: Duration) {
-    let deadline = Instant::now() + grace;
+    // --grace takes any duration humantime parses (up to u64::MAX seconds), which the
+    // clock cannot always add: a grace too long to add is as good as a century.
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(grace)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
     if tokio::time::timeout_at(deadline, child.wait())
         .await
         .is_ok()
