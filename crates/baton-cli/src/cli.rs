@@ -7,7 +7,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::exit::CliError;
-use crate::{bench, demo, elect, leader, lock, observe, status};
+use crate::{barrier, bench, demo, elect, kv, leader, lock, observe, queue, sem, status};
 
 /// The default endpoint, as in etcdctl.
 pub(crate) const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
@@ -27,9 +27,11 @@ and etcdctl elect, so baton, etcdctl and Go services share one lock.";
 const EXIT_CODES: &str = "\
 Exit codes:
   0        success, or CMD's own exit code (passed through)
-  1        baton leader: the election has no leader
+  1        baton leader: the election has no leader; baton get: no such key;
+           baton set --if-version: the version differs (nothing written)
   122      the lock or leadership was lost while held
-  124      not acquired: --try found the lock held, or --timeout passed
+  124      not acquired: --try found the lock held (or no permit free), or --timeout
+           passed (also baton barrier, baton queue pop)
   125      baton itself failed: bad input, unreachable backend
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting
@@ -39,6 +41,10 @@ Examples:
   baton --endpoints http://10.0.0.5:2379 lock --try backup -- ./backup.sh
   baton elect scheduler 10.0.0.7:8080 -- ./scheduler
   baton observe scheduler
+  baton sem encoders --permits 4 -- ./encode.sh
+  baton barrier bench/start --count 3
+  baton queue push jobs img-1.png; baton queue pop --timeout 30s jobs
+  baton set --if-version 3 config/x on; baton watch --prefix config/
   baton status
   baton demo
   baton bench contended --workers 8 --peer etcd-lock-api";
@@ -113,6 +119,18 @@ pub(crate) enum Command {
     Demo(demo::Args),
     /// Measure locks, handover, loss detection and scale, against a peer in the same run.
     Bench(bench::Args),
+    /// Run CMD while holding one of N permits of a semaphore (or hold until interrupted).
+    Sem(sem::Args),
+    /// A double barrier: enter, wait until N have entered, leave, wait until all have left.
+    Barrier(barrier::Args),
+    /// A FIFO work queue: push, pop (waiting for an item), len.
+    Queue(queue::Args),
+    /// Print a key's value.
+    Get(kv::GetArgs),
+    /// Write a key's value, or with --if-version compare-and-set it.
+    Set(kv::SetArgs),
+    /// Print every change of a key (or of the keys under a prefix) until interrupted.
+    Watch(kv::WatchArgs),
 }
 
 /// Parse the command line. On a usage error, print it as one line and give 125; for
@@ -137,8 +155,15 @@ where
                     let _ = e.print();
                     Err(CliError::quiet(0))
                 }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+                    if e.render().to_string().contains("baton queue") =>
+                {
+                    Err(CliError::failed(
+                        "no queue command given: use push, pop or len (see baton queue --help)",
+                    ))
+                }
                 ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => Err(CliError::failed(
-                    "no command given: use lock, elect, observe, leader, status, demo or bench (see baton --help)",
+                    "no command given: use lock, elect, observe, leader, status, demo, bench, sem, barrier, queue, get, set or watch (see baton --help)",
                 )),
                 _ => Err(CliError::failed(usage_line(&e))),
             }

@@ -7,15 +7,19 @@ use std::process::ExitCode;
 use cli::Command;
 use exit::CliError;
 
+mod barrier;
 mod bench;
 mod cli;
 mod demo;
 mod elect;
 mod exit;
+mod kv;
 mod leader;
 mod lock;
 mod observe;
 mod output;
+mod queue;
+mod sem;
 mod status;
 mod supervisor;
 
@@ -63,6 +67,12 @@ fn run(cli: cli::Cli) -> CliError {
             Command::Status(args) => status::run(&global, args).await,
             Command::Demo(args) => demo::run(&global, args).await,
             Command::Bench(args) => bench::run(&global, args).await,
+            Command::Sem(args) => sem::run(&global, args).await,
+            Command::Barrier(args) => barrier::run(&global, args).await,
+            Command::Queue(args) => queue::run(&global, args).await,
+            Command::Get(args) => kv::get(&global, args).await,
+            Command::Set(args) => kv::set(&global, args).await,
+            Command::Watch(args) => kv::watch(&global, args).await,
         }
     });
     // Background tasks (keep-alives, watches) are dropped, not awaited.

@@ -151,6 +151,52 @@ pub(crate) async fn hold(
     }
 }
 
+/// How a hold that was released ended (see [`hold_and_release`]).
+#[derive(Debug)]
+pub(crate) enum Released {
+    /// CMD exited by itself (or after a forwarded signal), with this exit code.
+    Exited(u8),
+    /// No CMD: stopped by SIGINT or SIGTERM; `released` is true if the release succeeded.
+    Stopped { released: bool },
+}
+
+/// [`hold`], then release `guard` within [`cli::RELEASE_TIMEOUT`](crate::cli::RELEASE_TIMEOUT):
+/// the whole life of something held while CMD runs. `what` names it in notices ("the
+/// permit"). A loss is reported by `on_lost` (given the guard) and gives 122; a failed
+/// release is only a notice, since the session's lease ends it anyway.
+pub(crate) async fn hold_and_release<G, F>(
+    guard: G,
+    job: Option<Job>,
+    lost: CancellationToken,
+    signals: &mut Signals,
+    what: &str,
+    on_lost: impl FnOnce(&G),
+    release: impl FnOnce(G) -> F,
+) -> Result<Released, CliError>
+where
+    F: std::future::Future<Output = baton::Result<()>>,
+{
+    let ending = hold(job, lost, signals, || on_lost(&guard)).await;
+    if let Ok(Ending::Lost) = ending {
+        return Err(CliError::quiet(exit::LOST));
+    }
+    let released = tokio::time::timeout(crate::cli::RELEASE_TIMEOUT, release(guard)).await;
+    match &released {
+        Ok(Ok(())) => tracing::info!("{what} released"),
+        Ok(Err(e)) => crate::output::notice(&format!("baton: releasing {what}: {e}")),
+        Err(_) => crate::output::notice(&format!(
+            "baton: releasing {what} timed out; it expires with its lease"
+        )),
+    }
+    match ending? {
+        Ending::Exited(code) => Ok(Released::Exited(code)),
+        Ending::Stopped => Ok(Released::Stopped {
+            released: matches!(released, Ok(Ok(()))),
+        }),
+        Ending::Lost => Err(CliError::quiet(exit::LOST)),
+    }
+}
+
 /// Start CMD in its own process group.
 fn spawn(job: &Job) -> Result<Child, CliError> {
     let Some((program, args)) = job.argv.split_first() else {

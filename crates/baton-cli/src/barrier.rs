@@ -1,0 +1,118 @@
+//! `baton barrier NAME --count N`: a double barrier: enter, wait for N, then leave.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::cli::{self, Global};
+use crate::exit::{self, CliError};
+use crate::output::{self, Output};
+use crate::supervisor::Signals;
+
+const EXAMPLES: &str = "\
+Examples:
+  # on each of 3 machines: start the benchmark together
+  baton barrier bench/start --count 3 && ./run-benchmark.sh
+
+  # give up if the others are not there within 2 minutes (exit 124)
+  baton barrier deploy/sync --count 5 --timeout 2m
+
+baton enters the barrier, waits until N participants have entered, then leaves and waits
+until all of them have left: so every participant returns at about the same time, and none
+returns before all N arrived. It prints one line (`passed NAME (round R)`) and exits 0.
+If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone;
+if N are already inside a round, baton exits 125.";
+
+/// `baton barrier`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    /// The barrier's name. Participants' keys are NAME/waiters/ followed by their lease id.
+    #[arg(value_parser = cli::name)]
+    pub(crate) name: String,
+
+    /// How many participants the barrier waits for (at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) count: u32,
+
+    /// Give up after DUR in all (entering and leaving) and exit 124 (default: wait for ever).
+    #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
+    pub(crate) timeout: Option<Duration>,
+
+    /// The session's lease TTL: if baton dies, it stops counting after this long. At least 2s.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
+    pub(crate) ttl: Duration,
+}
+
+/// Run `baton barrier`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let client = signals
+        .interruptible(cli::connect(global, &global.endpoints))
+        .await?;
+    let session = signals
+        .interruptible(cli::session(&client, args.ttl))
+        .await?;
+    let result = signals.interruptible(pass(&session, &args, deadline)).await;
+    cli::close(&session).await;
+    let round = result?;
+    let _ = out.emit(
+        &format!("passed {} (round {round})", args.name),
+        &json!({"event": "passed", "name": args.name, "count": args.count, "round": round}),
+    );
+    Ok(0)
+}
+
+/// Enter, wait for everyone, leave, wait for everyone: the round passed.
+async fn pass(
+    session: &baton::Session,
+    args: &Args,
+    deadline: Option<Instant>,
+) -> Result<baton::Revision, CliError> {
+    let barrier = baton::DoubleBarrier::new(session, &args.name, args.count)?;
+    let guard = within(args, deadline, "enter", barrier.enter()).await?;
+    let round = guard.round();
+    tracing::info!(round, "entered");
+    within(args, deadline, "leave", guard.leave()).await?;
+    Ok(round)
+}
+
+/// Run `work` until the deadline, if any: 124 when it passes.
+async fn within<T>(
+    args: &Args,
+    deadline: Option<Instant>,
+    stage: &str,
+    work: impl std::future::Future<Output = baton::Result<T>>,
+) -> Result<T, CliError> {
+    let result = match (deadline, args.timeout) {
+        (Some(deadline), Some(timeout)) => match tokio::time::timeout_at(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                let waiting = if stage == "enter" {
+                    "for the others to enter"
+                } else {
+                    "for the others to leave"
+                };
+                return Err(CliError::new(
+                    exit::NOT_ACQUIRED,
+                    format!(
+                        "barrier {:?}: timed out after {} waiting {waiting}",
+                        args.name,
+                        output::duration(timeout)
+                    ),
+                ));
+            }
+        },
+        _ => work.await,
+    };
+    result.map_err(|e| match e {
+        baton::Error::BarrierFull { .. } => CliError::failed(format!(
+            "barrier {:?} is full: {} participants are already inside a round",
+            args.name, args.count
+        )),
+        e => CliError::from(e),
+    })
+}

@@ -1,0 +1,340 @@
+//! `baton get KEY`, `baton set KEY VALUE [--if-version N]` and `baton watch KEY [--prefix]`:
+//! plain reads, compare-and-set writes, and following changes.
+
+use std::io::Write;
+use std::time::Duration;
+
+use baton::store::{EventKind, KeyValue, Range, Watch};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::cli::{self, Global};
+use crate::exit::CliError;
+use crate::output::Output;
+use crate::queue::value;
+use crate::supervisor::Signals;
+
+/// `baton get`: the key does not exist; `baton set --if-version`: the version differs.
+pub(crate) const NOT_MATCHED: u8 = 1;
+
+const GET_EXAMPLES: &str = "\
+Examples:
+  baton get config/feature-x                       # prints e.g. on
+  baton --json get config/feature-x                # value, version, revisions
+
+Prints the value as is, then a newline. Exits 1 with a message on stderr if the key does
+not exist.";
+
+const SET_EXAMPLES: &str = "\
+Examples:
+  baton set config/feature-x on
+  # only if nobody wrote since we read version 3 (exit 1 if someone did)
+  baton set --if-version 3 config/feature-x off
+  # only if the key does not exist yet
+  baton set --if-version 0 config/owner \"$(hostname)\"
+
+Prints the key's new version and revision: `set KEY (version V, revision R)`.
+Exit codes: 0 written; 1 --if-version did not match (nothing was written; stderr says the
+key's version now); 125 bad input or backend failure.";
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  baton watch config/feature-x
+  baton watch --prefix config/
+  baton --json watch --prefix jobs/ | jq -r .key
+
+Prints one line per change, from now on, until SIGINT or SIGTERM (exit 0):
+  put config/feature-x = on (version 2, revision 15)
+  delete config/feature-x (revision 16)
+After a broken connection it watches again from where it was. If the backend compacted
+those revisions meanwhile, it prints the keys as they are now (changes in between, and
+deletions, may be skipped).";
+
+/// `baton get`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = GET_EXAMPLES)]
+pub(crate) struct GetArgs {
+    /// The key.
+    // Not `key`: that is the global --key (a TLS client key).
+    #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
+    pub(crate) key: String,
+}
+
+/// `baton set`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = SET_EXAMPLES)]
+pub(crate) struct SetArgs {
+    /// The key.
+    // Not `key`: that is the global --key (a TLS client key).
+    #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
+    pub(crate) key: String,
+
+    /// The value (at most 1 MiB).
+    #[arg(value_parser = value)]
+    pub(crate) value: String,
+
+    /// Write only if the key's version is N (0: only if it does not exist); otherwise write
+    /// nothing and exit 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(0..))]
+    pub(crate) if_version: Option<i64>,
+}
+
+/// `baton watch`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = WATCH_EXAMPLES)]
+pub(crate) struct WatchArgs {
+    /// The key (or, with --prefix, the prefix).
+    // Not `key`: that is the global --key (a TLS client key).
+    #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
+    pub(crate) key: String,
+
+    /// Watch every key starting with KEY.
+    #[arg(long)]
+    pub(crate) prefix: bool,
+}
+
+fn versioned_json(event: &str, key: &str, v: &baton::Versioned) -> serde_json::Value {
+    json!({
+        "event": event,
+        "key": key,
+        "value": String::from_utf8_lossy(&v.value),
+        "version": v.version,
+        "revision": v.mod_revision,
+        "create_revision": v.create_revision,
+    })
+}
+
+/// Run `baton get`.
+pub(crate) async fn get(global: &Global, args: GetArgs) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let client = cli::connect(global, &global.endpoints).await?;
+    let shared = baton::SharedValue::new(&client, &args.key)?;
+    let Some(found) = shared.get().await? else {
+        return Err(CliError::new(
+            NOT_MATCHED,
+            format!("key {:?} does not exist", args.key),
+        ));
+    };
+    if out.is_json() {
+        let _ = out.json_line(&versioned_json("value", &args.key, &found));
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(&found.value)
+            .and_then(|()| stdout.write_all(b"\n"))
+            .and_then(|()| stdout.flush());
+    }
+    Ok(0)
+}
+
+/// Run `baton set`.
+pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let client = cli::connect(global, &global.endpoints).await?;
+    let shared = baton::SharedValue::new(&client, &args.key)?;
+    let written = match args.if_version {
+        None => shared.set(args.value).await?,
+        Some(version) => match shared.compare_and_set(version, args.value).await? {
+            baton::CompareAndSet::Set(v) => v,
+            baton::CompareAndSet::Conflict(now) => {
+                let now = match now {
+                    Some(v) => format!("its version is {}", v.version),
+                    None => "it does not exist (version 0)".to_string(),
+                };
+                return Err(CliError::new(
+                    NOT_MATCHED,
+                    format!(
+                        "key {:?} not set: {now}, not {version} as --if-version asks",
+                        args.key
+                    ),
+                ));
+            }
+        },
+    };
+    let _ = out.emit(
+        &format!(
+            "set {} (version {}, revision {})",
+            args.key, written.version, written.mod_revision
+        ),
+        &versioned_json("set", &args.key, &written),
+    );
+    Ok(0)
+}
+
+/// Run `baton watch`.
+pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
+    let client = signals
+        .interruptible(cli::connect(global, &global.endpoints))
+        .await?;
+    let store = client.store().clone();
+    let key = args.key.as_bytes().to_vec();
+    let range = || {
+        if args.prefix {
+            Range::prefix(key.clone())
+        } else {
+            Range::key(key.clone())
+        }
+    };
+    let watch_from = |revision| {
+        if args.prefix {
+            Watch::prefix(key.clone()).from_revision(revision)
+        } else {
+            Watch::key(key.clone()).from_revision(revision)
+        }
+    };
+
+    // Where the next watch starts; None: read first (at the start, after a compaction).
+    let mut next: Option<baton::Revision> = None;
+    let mut first = true;
+    let mut pause = Backoff::default();
+    loop {
+        let from = match next {
+            Some(from) => from,
+            None => {
+                let read = signals
+                    .interruptible(async { store.range(range()).await.map_err(CliError::from) })
+                    .await;
+                let resp = match read {
+                    Ok(resp) => resp,
+                    Err(e) if first => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(error = ?e, "reading failed; retrying");
+                        if pause.sleep(&mut signals).await {
+                            return Ok(0);
+                        }
+                        continue;
+                    }
+                };
+                if !first {
+                    // After a compaction: what changed while we were cut off, as it is now.
+                    let since = pause.last_seen;
+                    for kv in resp.kvs.iter().filter(|kv| kv.mod_revision > since) {
+                        if print_put(&out, kv).is_err() {
+                            return Ok(0);
+                        }
+                    }
+                }
+                first = false;
+                pause.last_seen = resp.header_revision;
+                resp.header_revision + 1
+            }
+        };
+        let stream = tokio::select! {
+            s = store.watch(watch_from(from)) => s,
+            _ = signals.recv() => return Ok(0),
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(baton::Error::Compacted { .. }) => {
+                next = None;
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "watching failed; retrying");
+                next = Some(from);
+                if pause.sleep(&mut signals).await {
+                    return Ok(0);
+                }
+                continue;
+            }
+        };
+        next = Some(from);
+        loop {
+            let batch = tokio::select! {
+                b = stream.next() => b,
+                _ = signals.recv() => return Ok(0),
+            };
+            match batch {
+                Some(Ok(batch)) => {
+                    pause.reset();
+                    for event in batch.events {
+                        let printed = match event.kind {
+                            EventKind::Put => print_put(&out, &event.kv),
+                            EventKind::Delete => print_delete(&out, &event.kv),
+                        };
+                        if printed.is_err() {
+                            // stdout is closed: nobody is reading any more.
+                            return Ok(0);
+                        }
+                        pause.last_seen = pause.last_seen.max(event.kv.mod_revision);
+                        next = Some(pause.last_seen + 1);
+                    }
+                }
+                Some(Err(baton::Error::Compacted { .. })) => {
+                    tracing::debug!("watch compacted; reading again");
+                    next = None;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "watch broke; watching again");
+                    if pause.sleep(&mut signals).await {
+                        return Ok(0);
+                    }
+                    break;
+                }
+                None => {
+                    tracing::debug!("watch ended; watching again");
+                    if pause.sleep(&mut signals).await {
+                        return Ok(0);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn print_put(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
+    let key = String::from_utf8_lossy(&kv.key);
+    let value = String::from_utf8_lossy(&kv.value);
+    out.emit(
+        &format!(
+            "put {key} = {value} (version {}, revision {})",
+            kv.version, kv.mod_revision
+        ),
+        &json!({
+            "event": "put",
+            "key": key,
+            "value": value,
+            "version": kv.version,
+            "revision": kv.mod_revision,
+            "create_revision": kv.create_revision,
+        }),
+    )
+}
+
+fn print_delete(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
+    let key = String::from_utf8_lossy(&kv.key);
+    out.emit(
+        &format!("delete {key} (revision {})", kv.mod_revision),
+        &json!({"event": "delete", "key": key, "revision": kv.mod_revision}),
+    )
+}
+
+/// The pause between attempts after a failure (100 ms doubling to 2 s), and the last
+/// revision seen.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    last_seen: baton::Revision,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Pause; true if interrupted meanwhile.
+    async fn sleep(&mut self, signals: &mut Signals) -> bool {
+        let pause = Duration::from_millis(100)
+            .saturating_mul(1 << self.failures.min(5))
+            .min(Duration::from_secs(2));
+        self.failures += 1;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => false,
+            _ = signals.recv() => true,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `baton queue push|pop|len NAME`: a distributed FIFO work queue.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::{self, Global};
+use crate::exit::{self, CliError};
+use crate::output::{self, Output};
+use crate::supervisor::Signals;
+
+const EXAMPLES: &str = "\
+Examples:
+  baton queue push jobs/thumbnails img-1.png
+  baton queue pop jobs/thumbnails                 # waits for an item, prints it
+  baton queue pop --timeout 30s jobs/thumbnails   # exit 124 if nothing comes in 30 s
+  baton queue len jobs/thumbnails
+
+  # a worker loop
+  while item=$(baton queue pop --timeout 5m jobs/thumbnails); do ./thumb.sh \"$item\"; done
+
+Each item is popped by exactly one consumer, in the order the items were pushed. Items are
+kept (without a lease) until popped. The keys are NAME/<nanoseconds>, as Go's
+recipe.NewQueue makes them, so Go programs share the queue.";
+
+/// `baton queue`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    pub(crate) command: QueueCommand,
+}
+
+/// What to do with the queue.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum QueueCommand {
+    /// Add VALUE at the tail of the queue.
+    Push {
+        /// The queue's name.
+        #[arg(value_parser = cli::name)]
+        name: String,
+        /// The item (at most 1 MiB).
+        #[arg(value_parser = value)]
+        value: String,
+    },
+    /// Take the item at the head, waiting for one if the queue is empty, and print it
+    /// (just the value, with --json as {"value": …}).
+    Pop {
+        /// The queue's name.
+        #[arg(value_parser = cli::name)]
+        name: String,
+        /// Give up after DUR with nothing popped and exit 124 (default: wait for ever).
+        #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Print the number of items in the queue.
+    Len {
+        /// The queue's name.
+        #[arg(value_parser = cli::name)]
+        name: String,
+    },
+}
+
+/// A value for a key or a queue: at most [`baton::MAX_VALUE_LEN`] bytes. Checked before
+/// connecting.
+pub(crate) fn value(s: &str) -> Result<String, String> {
+    if s.len() > baton::MAX_VALUE_LEN {
+        return Err(format!(
+            "the value is {} bytes long; the limit is {}",
+            s.len(),
+            baton::MAX_VALUE_LEN
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Run `baton queue`.
+pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
+    let client = signals
+        .interruptible(cli::connect(global, &global.endpoints))
+        .await?;
+    match args.command {
+        QueueCommand::Push { name, value } => {
+            let queue = baton::Queue::new(&client, &name)?;
+            signals
+                .interruptible(async { queue.enqueue(value).await.map_err(CliError::from) })
+                .await?;
+            if out.is_json() {
+                let _ = out.json_line(&json!({"event": "pushed", "name": name}));
+            }
+            Ok(0)
+        }
+        QueueCommand::Pop { name, timeout } => {
+            let queue = baton::Queue::new(&client, &name)?;
+            let item = signals
+                .interruptible(async {
+                    let popped = match timeout {
+                        Some(t) => queue.dequeue_timeout(t).await,
+                        None => queue.dequeue().await,
+                    };
+                    popped.map_err(|e| match e {
+                        baton::Error::Timeout { after, .. } => CliError::new(
+                            exit::NOT_ACQUIRED,
+                            format!(
+                                "queue {name:?}: nothing to pop within {}",
+                                output::duration(after)
+                            ),
+                        ),
+                        e => CliError::from(e),
+                    })
+                })
+                .await?;
+            if out.is_json() {
+                let _ = out.json_line(&json!({
+                    "event": "popped",
+                    "name": name,
+                    "value": String::from_utf8_lossy(&item),
+                }));
+            } else {
+                // The value as is (it may not be UTF-8), then a newline.
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout
+                    .write_all(&item)
+                    .and_then(|()| stdout.write_all(b"\n"))
+                    .and_then(|()| stdout.flush());
+            }
+            Ok(0)
+        }
+        QueueCommand::Len { name } => {
+            let queue = baton::Queue::new(&client, &name)?;
+            let len = signals
+                .interruptible(async { queue.len().await.map_err(CliError::from) })
+                .await?;
+            let _ = out.emit(
+                &len.to_string(),
+                &json!({"event": "len", "name": name, "len": len}),
+            );
+            Ok(0)
+        }
+    }
+}
