@@ -1,0 +1,335 @@
+//! `baton sem`, `barrier`, `queue`, `get`, `set` and `watch`, run as a user would, against
+//! real etcd (and mem:// where one process is enough).
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// The files in `dir` whose names start with `prefix`.
+fn count_files(dir: &Path, prefix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(prefix)
+        })
+        .count()
+}
+
+/// With 2 permits, two CMDs run at once and a third waits until one ends; `--try` exits 124
+/// at once while both are taken.
+#[test]
+fn sem_two_permits_third_waits() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"touch "$DIR/in.$$"; while [ ! -e "$DIR/go" ]; do sleep 0.02; done"#;
+    let spawn = || {
+        Proc::spawn(baton(&etcd.endpoint()).env("DIR", dir.path()).args([
+            "sem",
+            "encoders",
+            "--permits",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]))
+    };
+    let mut procs: Vec<Proc> = (0..3).map(|_| spawn()).collect();
+    wait_until("two CMDs running", || count_files(dir.path(), "in.") == 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count_files(dir.path(), "in."), 2, "a third CMD ran");
+    assert_eq!(keys(&etcd, "encoders/").len(), 3);
+
+    let (out, took) = run(baton(&etcd.endpoint()).args([
+        "sem",
+        "--try",
+        "encoders",
+        "--permits",
+        "2",
+        "--",
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took < Duration::from_secs(3), "--try took {took:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("no free permit"), "{err:?}");
+
+    // Another permit count than the holders' is refused.
+    let (out, _) = run(baton(&etcd.endpoint()).args([
+        "sem",
+        "--try",
+        "encoders",
+        "--permits",
+        "3",
+        "--",
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    for p in &mut procs {
+        assert_eq!(p.code(), 0, "{:?}", p.stderr_so_far());
+    }
+    assert_eq!(count_files(dir.path(), "in."), 3);
+    assert!(keys(&etcd, "encoders/").is_empty());
+}
+
+/// When a holder's lease is revoked, its CMD is terminated and `baton sem` exits 122 with
+/// `permit lost` on stderr.
+#[test]
+fn sem_lost_permit_exits_122() {
+    let etcd = etcd();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).args([
+        "sem",
+        "lossy",
+        "--permits",
+        "2",
+        "--grace",
+        "1s",
+        "--",
+        "sleep",
+        "30",
+    ]));
+    wait_until("the permit key", || keys(&etcd, "lossy/").len() == 1);
+    revoke(&etcd, &keys(&etcd, "lossy/")[0]);
+    assert!(
+        holder.wait(Duration::from_secs(5)).is_some(),
+        "baton sem did not end after the loss"
+    );
+    assert_eq!(holder.code(), 122);
+    let err = holder.stderr_so_far();
+    assert!(err.iter().any(|l| l.starts_with("permit lost")), "{err:?}");
+}
+
+/// CMD's exit code passes through, and CMD sees its key; bad input exits 125 with one line
+/// before connecting.
+#[test]
+fn sem_exit_codes_and_bad_input() {
+    let (out, _) = run(baton("mem://").args([
+        "sem",
+        "s",
+        "--permits",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$BATON_SEM_KEY $BATON_SEM_PERMITS"; exit 7"#,
+    ]));
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(stdout(&out).starts_with("s/"), "{out:?}");
+    assert!(stdout(&out).trim_end().ends_with(" 1"), "{out:?}");
+
+    // Unreachable etcd: bad input must be reported without waiting for it.
+    for args in [
+        vec!["sem", "s", "--permits", "0", "--", "true"],
+        vec!["sem", "", "--permits", "1", "--", "true"],
+        vec!["sem", "s", "--", "true"],
+        vec!["sem", "s", "--permits", "1", "--timeout", "soon"],
+        vec!["barrier", "b", "--count", "0"],
+        vec!["barrier", "", "--count", "2"],
+        vec!["queue", "push", "", "x"],
+        vec!["queue"],
+        vec!["queue", "pop", "q", "--timeout", "0s"],
+        vec!["set", "k", "v", "--if-version", "-1"],
+        vec!["get", ""],
+    ] {
+        let (out, took) = run(baton("http://127.0.0.1:1").args(&args));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        assert_eq!(stderr_lines(&out).len(), 1, "{args:?}: {out:?}");
+        assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+    }
+}
+
+/// Three `baton barrier --count 3` processes: the first two wait until the third arrives,
+/// then all pass in the same round and leave nothing behind. Alone, `--timeout` exits 124.
+#[test]
+fn barrier_releases_all_three_together() {
+    let etcd = etcd();
+    let spawn = || Proc::spawn(baton(&etcd.endpoint()).args(["barrier", "start", "--count", "3"]));
+    let mut first = vec![spawn(), spawn()];
+    wait_until("two waiting", || keys(&etcd, "start/waiters/").len() == 2);
+    std::thread::sleep(Duration::from_millis(400));
+    for p in &mut first {
+        assert!(p.wait(Duration::ZERO).is_none(), "passed before the third");
+    }
+    first.push(spawn());
+    let mut rounds = Vec::new();
+    for p in &mut first {
+        assert!(p.wait(Duration::from_secs(5)).is_some(), "did not pass");
+        assert_eq!(p.code(), 0, "{:?}", p.stderr_so_far());
+        let line = p.line();
+        assert!(line.starts_with("passed start (round "), "{line}");
+        rounds.push(line);
+    }
+    assert!(rounds.iter().all(|r| *r == rounds[0]), "{rounds:?}");
+    assert!(
+        keys(&etcd, "start/").is_empty(),
+        "{:?}",
+        keys(&etcd, "start/")
+    );
+
+    let (out, took) = run(baton(&etcd.endpoint()).args([
+        "barrier",
+        "alone",
+        "--count",
+        "2",
+        "--timeout",
+        "300ms",
+    ]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(stderr_lines(&out).len(), 1, "{out:?}");
+    assert!(keys(&etcd, "alone/").is_empty());
+
+    // One process on mem:// is a whole barrier of one.
+    let (out, _) = run(baton("mem://").args(["barrier", "b", "--count", "1"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// push, len, pop in order, pop --timeout on an empty queue exits 124, and a waiting pop
+/// gets the next push.
+#[test]
+fn queue_round_trip() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let q = |args: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        run(baton(&ep).args(&all)).0
+    };
+    for v in ["first", "second item", "third"] {
+        let out = q(&["push", "jobs", v]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(stdout(&out), "");
+    }
+    assert_eq!(stdout(&q(&["len", "jobs"])), "3\n");
+    assert_eq!(stdout(&q(&["pop", "jobs"])), "first\n");
+    assert_eq!(
+        stdout(&q(&["pop", "jobs", "--timeout", "5s"])),
+        "second item\n"
+    );
+    let out = run(baton(&ep).args(["--json", "queue", "pop", "jobs"])).0;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["value"], "third");
+    assert_eq!(stdout(&q(&["len", "jobs"])), "0\n");
+
+    let (out, took) = run(baton(&ep).args(["queue", "pop", "jobs", "--timeout", "300ms"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr_lines(&out).len(), 1, "{out:?}");
+
+    let mut waiting = Proc::spawn(baton(&ep).args(["queue", "pop", "jobs"]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(waiting.wait(Duration::ZERO).is_none(), "pop did not wait");
+    assert_eq!(q(&["push", "jobs", "late"]).status.code(), Some(0));
+    assert_eq!(waiting.line(), "late");
+    assert_eq!(waiting.code(), 0);
+    assert!(keys(&etcd, "jobs/").is_empty());
+
+    // mem://: a fresh store each process, so the queue is empty.
+    let (out, _) = run(baton("mem://").args(["queue", "len", "jobs"]));
+    assert_eq!(stdout(&out), "0\n");
+    let (out, _) = run(baton("mem://").args(["queue", "pop", "jobs", "--timeout", "100ms"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+}
+
+/// set, get, --if-version: a matching version writes, a stale one exits 1 with one line
+/// and writes nothing; a missing key exits 1.
+#[test]
+fn set_get_and_if_version() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let (out, _) = run(baton(&ep).args(["get", "cfg/x"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_lines(&out)[0].contains("does not exist"), "{out:?}");
+
+    let (out, _) = run(baton(&ep).args(["set", "--if-version", "0", "cfg/x", "one"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout(&out).starts_with("set cfg/x (version 1, "),
+        "{out:?}"
+    );
+    let (out, _) = run(baton(&ep).args(["get", "cfg/x"]));
+    assert_eq!(stdout(&out), "one\n");
+
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "two", "--if-version", "1"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "three", "--if-version", "1"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("its version is 2"), "{err:?}");
+
+    let (out, _) = run(baton(&ep).args(["--json", "get", "cfg/x"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["value"], "two");
+    assert_eq!(v["version"], 2);
+    // etcdctl sees the same key.
+    let out = etcd.etcdctl(["get", "--print-value-only", "cfg/x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "two");
+
+    // A plain set overwrites whatever is there.
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "four"]));
+    assert!(
+        stdout(&out).starts_with("set cfg/x (version 3, "),
+        "{out:?}"
+    );
+}
+
+/// `baton watch --prefix` prints a put and a delete as lines; `--json` gives JSON lines.
+#[test]
+fn watch_prints_changes() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let human = Proc::spawn(baton(&ep).args(["watch", "--prefix", "w/"]));
+    let json = Proc::spawn(baton(&ep).args(["--json", "watch", "w/a"]));
+    // The watchers start at some point: write until each has printed a change.
+    let mut i = 0;
+    let (mut first_human, mut first_json) = (None, None);
+    while first_human.is_none() || first_json.is_none() {
+        assert!(i < 100, "no change printed");
+        let (out, _) = run(baton(&ep).args(["set", "w/a", &format!("v{i}")]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        i += 1;
+        if first_human.is_none() {
+            first_human = human.line_within(Duration::from_millis(100));
+        }
+        if first_json.is_none() {
+            first_json = json.line_within(Duration::from_millis(100));
+        }
+    }
+    let line = first_human.unwrap();
+    assert!(line.starts_with("put w/a = v"), "{line}");
+    assert!(line.contains("(version "), "{line}");
+    let v: serde_json::Value = serde_json::from_str(&first_json.unwrap()).unwrap();
+    assert_eq!(v["event"], "put");
+    assert_eq!(v["key"], "w/a");
+
+    // Drain what the loop wrote, then a fresh change in order.
+    while human.line_within(Duration::from_millis(200)).is_some() {}
+    while json.line_within(Duration::from_millis(200)).is_some() {}
+    run(baton(&ep).args(["set", "w/b", "hello world"]));
+    assert!(human
+        .line()
+        .starts_with("put w/b = hello world (version 1, revision "));
+    let out = etcd.etcdctl(["del", "w/a"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(human.line().starts_with("delete w/a (revision "));
+    let v: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(v["event"], "delete");
+
+    // SIGTERM ends it with 0.
+    let mut human = human;
+    human.signal(libc::SIGTERM);
+    assert_eq!(human.code(), 0);
+}
