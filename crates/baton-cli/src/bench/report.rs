@@ -86,7 +86,19 @@ pub(crate) fn round2(x: f64) -> f64 {
 /// How the ratio is taken: Baton's rate over the peer's, or the peer's p50 over Baton's.
 fn ratio(scenario: Scenario, ours: &Measured, theirs: &Measured) -> (Option<f64>, &'static str) {
     match scenario {
-        Scenario::Handover | Scenario::Lost => {
+        Scenario::Handover => {
+            // Timed from the resign() call: from its return, Baton's p50 is often 0.
+            let p50 = |m: &Measured| m.get("from_resign_call_p50_us").and_then(Value::as_f64);
+            let r = match (p50(ours), p50(theirs)) {
+                (Some(o), Some(t)) if o > 0.0 => Some(t / o),
+                _ => None,
+            };
+            (
+                r,
+                "peer p50 / baton p50, both timed from the resign() call (how many times faster)",
+            )
+        }
+        Scenario::Lost => {
             let r = match (ours.latencies, theirs.latencies) {
                 (Some(o), Some(t)) if o.p50_us > 0 => Some(t.p50_us as f64 / o.p50_us as f64),
                 _ => None,

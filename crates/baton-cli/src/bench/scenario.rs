@@ -92,6 +92,7 @@ async fn cycles(
 
     let tickets = Arc::new(AtomicU64::new(ops));
     let progress = Arc::new(Progress::start(label, ops, "ops"));
+    let before = target.counters();
     let started = Instant::now();
     let tasks: Vec<_> = ws
         .iter()
@@ -124,19 +125,35 @@ async fn cycles(
         }
     }
     let elapsed = started.elapsed();
+    let after = target.counters();
     drop(progress);
     close_all(&ws).await;
     if let Some(e) = failure {
         return Err(e);
     }
     let done = samples.len() as u64;
-    Ok(Measured {
+    let mut m = Measured {
         ops: done,
         elapsed,
         ops_per_sec: Some(done as f64 / elapsed.as_secs_f64()),
         latencies: Latencies::of(samples),
         ..Measured::default()
-    })
+    };
+    m.extra(
+        "wakeups_per_op",
+        match (after.wakeups, before.wakeups) {
+            (Some(a), Some(b)) if done > 0 => Some(round2((a - b) as f64 / done as f64)),
+            _ => None,
+        },
+    );
+    m.extra(
+        "watches_opened",
+        match (after.watches_opened, before.watches_opened) {
+            (Some(a), Some(b)) => Some(a - b),
+            _ => None,
+        },
+    );
+    Ok(m)
 }
 
 /// Take one ticket if any is left.
@@ -179,6 +196,8 @@ async fn handover(
         let mut leader = leader_w.campaign(&name, "candidate-0").await?;
         let progress = Progress::start(label, ops, "handovers");
         let mut samples = Vec::new();
+        let mut from_call = Vec::new();
+        let mut early = 0u64;
         let started = Instant::now();
         for turn in 0..=ops {
             let (w, n, value) = (waiter_w.clone(), name.clone(), format!("candidate-{turn}"));
@@ -190,24 +209,35 @@ async fn handover(
             if !settle.is_zero() {
                 tokio::time::sleep(settle).await;
             }
+            let resigning = Instant::now();
             leader.release().await?;
             let resigned = Instant::now();
             let (next, elected) = campaign.await?;
             leader = next?;
             if turn > 0 {
+                // The successor may learn of the delete before the resigner's reply arrives:
+                // that counts as 0 from resign() returning.
                 samples.push(elected.saturating_duration_since(resigned));
+                from_call.push(elected.saturating_duration_since(resigning));
+                early += u64::from(elected <= resigned);
                 progress.inc();
             }
             std::mem::swap(&mut leader_w, &mut waiter_w);
         }
         let elapsed = started.elapsed();
         leader.release().await?;
-        Ok::<_, Failure>(Measured {
+        let mut m = Measured {
             ops: samples.len() as u64,
             elapsed,
             latencies: Latencies::of(samples),
             ..Measured::default()
-        })
+        };
+        let call = Latencies::of(from_call);
+        m.extra("from_resign_call_p50_us", call.map(|l| l.p50_us));
+        m.extra("from_resign_call_p99_us", call.map(|l| l.p99_us));
+        m.extra("from_resign_call_max_us", call.map(|l| l.max_us));
+        m.extra("elected_before_resign_returned", early);
+        Ok::<_, Failure>(m)
     }
     .await;
     close_all(&ws).await;
