@@ -302,3 +302,108 @@ async fn leader_crash_under_a_running_cmd() {
         tokio::task::block_in_place(|| cluster.restart(leader));
     }
 }
+
+/// Durations on the command line (humantime syntax, then Baton's own range checks), fuzzed
+/// with a seeded generator: `baton` accepts (exit 0) or refuses with one line (exit 125),
+/// never panics and never hangs. Set `BATON_FUZZ_SEED` to replay a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzz_durations() {
+    let seed: u64 = std::env::var("BATON_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| mono_now() | 1);
+    eprintln!("fuzz_durations: seed {seed}");
+    let mut x = seed;
+    let mut next = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    const NUMBERS: [&str; 14] = [
+        "0",
+        "1",
+        "2",
+        "3",
+        "10",
+        "500",
+        "1.5",
+        "-1",
+        "",
+        "9000000000",
+        "9000000001",
+        "18446744073709551615",
+        "99999999999999999999",
+        "0x10",
+    ];
+    const UNITS: [&str; 14] = [
+        "ns", "us", "µs", "ms", "s", "m", "h", "d", "w", "y", "", "sec", "x", " s",
+    ];
+    const FLAGS: [&str; 4] = ["--ttl", "--timeout", "--grace", "--dial-timeout"];
+    let cases = 40 * runs(1);
+    for i in 0..cases {
+        let mut d = String::new();
+        for _ in 0..1 + next(2) {
+            if !d.is_empty() && next(2) == 0 {
+                d.push(' ');
+            }
+            d.push_str(NUMBERS[next(NUMBERS.len())]);
+            d.push_str(UNITS[next(UNITS.len())]);
+        }
+        let flag = FLAGS[next(FLAGS.len())];
+        let name = format!("fuzz-{i}");
+        let mut args = vec!["lock", name.as_str(), flag, d.as_str()];
+        if flag != "--timeout" {
+            args.push("--try");
+        }
+        args.extend(["--", "true"]);
+        let mut w = baton("fuzz", "mem://fuzz", &args);
+        let code = exit_code(&mut w, Duration::from_secs(15)).await;
+        let stderr = w.stderr();
+        assert!(
+            code == 0 || code == 125,
+            "baton {args:?} exited {code}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "baton {args:?} panicked: {stderr}"
+        );
+        if code == 125 {
+            assert_eq!(stderr.lines().count(), 1, "baton {args:?}: {stderr}");
+        }
+    }
+}
+
+/// The longest duration the command line takes (`--grace 18446744073709551615s`) is used
+/// only after a loss: a lost lock still ends in exit 122, not in an overflow panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_grace_after_a_loss() {
+    let etcd = EtcdServer::start_async().await;
+    let mut a = baton(
+        "a",
+        &etcd.endpoint(),
+        &[
+            "lock",
+            "huge-grace",
+            "--grace",
+            "18446744073709551615s",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "start $$ $BATON_FENCING_TOKEN"; exec sleep 30"#,
+        ],
+    );
+    started(&mut a, Duration::from_secs(15)).await;
+    let out = etcd.etcdctl(["lease", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "found 1 leases" then one lease id (hex) per line.
+    let lease = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no lease: {text}"))
+        .to_string();
+    assert!(etcd.etcdctl(["lease", "revoke", &lease]).status.success());
+    let code = exit_code(&mut a, Duration::from_secs(10)).await;
+    assert_eq!(code, 122, "{}", a.stderr());
+}

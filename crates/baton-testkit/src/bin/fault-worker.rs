@@ -359,6 +359,12 @@ async fn run(o: Opts) -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => {
                 counts.errors += 1;
                 say(&format!("error release: {e}"));
+                // The release may still be applied later. The same session would adopt
+                // the same key on its next acquire, and that late release would then take
+                // it away: start the next round with a new session instead.
+                if let Some(s) = &session {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.close()).await;
+                }
             }
         }
     }
