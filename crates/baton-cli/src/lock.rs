@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::cli::{self, Global};
 use crate::exit::{self, CliError};
 use crate::output::{self, Output};
-use crate::supervisor::{self, Ending, Job, Signals};
+use crate::supervisor::{self, Job, Released, Signals};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -122,7 +122,8 @@ async fn locked(
         })
     };
 
-    let ending = supervisor::hold(job, guard.lost_token(), signals, || {
+    let lost = guard.lost_token();
+    let on_lost = |guard: &baton::MutexGuard| {
         let reason = guard
             .lost_reason()
             .unwrap_or_else(|| "the lock key is gone".to_string());
@@ -132,22 +133,21 @@ async fn locked(
                 "event": "lost", "name": args.name, "key": key, "reason": reason,
             }));
         }
-    })
-    .await;
-
-    if let Ok(Ending::Lost) = ending {
-        return Err(CliError::quiet(exit::LOST));
-    }
-    let released = tokio::time::timeout(cli::RELEASE_TIMEOUT, guard.unlock()).await;
-    match &released {
-        Ok(Ok(())) => tracing::info!(key = %key, "lock released"),
-        Ok(Err(e)) => output::notice(&format!("baton: releasing the lock: {e}")),
-        Err(_) => output::notice("baton: releasing the lock timed out; it expires with its lease"),
-    }
-    match ending? {
-        Ending::Exited(code) => Ok(code),
-        Ending::Stopped => {
-            if matches!(released, Ok(Ok(()))) {
+    };
+    let ending = supervisor::hold_and_release(
+        guard,
+        job,
+        lost,
+        signals,
+        "the lock",
+        on_lost,
+        baton::MutexGuard::unlock,
+    )
+    .await?;
+    match ending {
+        Released::Exited(code) => Ok(code),
+        Released::Stopped { released } => {
+            if released {
                 let _ = out.emit(
                     &format!("released {key}"),
                     &json!({"event": "released", "name": args.name, "key": key}),
@@ -155,7 +155,6 @@ async fn locked(
             }
             Ok(0)
         }
-        Ending::Lost => Err(CliError::quiet(exit::LOST)),
     }
 }
 
