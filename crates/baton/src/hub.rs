@@ -219,10 +219,13 @@ impl Hub {
         prefix: &[u8],
         key: &[u8],
         after: Revision,
+        upto: Revision,
     ) -> Option<Option<Revision>> {
         let pw = self.get(prefix)?;
         let st = pw.state();
-        if !st.alive || st.buffer_from > after + 1 {
+        // The answer must cover every revision in (after, upto]: the buffer must start no
+        // later than after + 1, and the watch must have delivered everything up to `upto`.
+        if !st.alive || st.buffer_from > after + 1 || st.progress < upto {
             return None;
         }
         let found = st

@@ -239,7 +239,7 @@ async fn rest_gone(
 ) -> Result<Option<Revision>> {
     let hub = client.hub();
     for key in rest.iter().rev() {
-        match hub.deleted_since(&queue.prefix, key, header) {
+        match hub.deleted_since(&queue.prefix, key, header, header) {
             Some(Some(rev)) => {
                 at = at.max(rev);
                 continue;
@@ -256,7 +256,9 @@ async fn rest_gone(
             _ => return Ok(None),
         }
     }
-    match hub.deleted_since(&queue.prefix, my_key, header) {
+    // Our key must have no delete in (header, at], as seen by a watch that has delivered
+    // everything up to `at` (the deletes above may have come through an older watch).
+    match hub.deleted_since(&queue.prefix, my_key, header, at) {
         Some(Some(rev)) if rev <= at => Ok(None),
         Some(_) => Ok(Some(at)),
         None => Ok(None),
