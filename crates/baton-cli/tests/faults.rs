@@ -262,7 +262,8 @@ async fn killed_lock_takes_cmd_along() {
 }
 
 /// `kill -9` of the etcd leader while `baton lock` runs CMD on the 3-node cluster: no false
-/// loss; CMD completes and its exit code (7) passes through.
+/// loss; CMD completes and its exit code (7) passes through. TTL 5 s: keep-alives stall for
+/// the failover, which a 3 s TTL does not always outlast under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_crash_under_a_running_cmd() {
     let mut cluster = EtcdCluster::start_async(3).await;
@@ -276,7 +277,7 @@ async fn leader_crash_under_a_running_cmd() {
                 "lock",
                 &name,
                 "--ttl",
-                "3s",
+                "5s",
                 "--",
                 "sh",
                 "-c",
