@@ -15,6 +15,7 @@ command -v etcd >/dev/null         || need+=(etcd-server)
 command -v etcdctl >/dev/null      || need+=(etcd-client)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v python3 >/dev/null      || need+=(python3 python3-pip)
+command -v faketime >/dev/null     || need+=(faketime)   # wall-clock jumps in the fault suite
 if ((${#need[@]})); then
   step "installing ${need[*]} from Debian's packages"
   sudo=""
