@@ -223,9 +223,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         )
         .await;
     }
+    let heap_before = alloc::heap_in_use();
     let ours = measure(&config, &baton).await?;
     let theirs = match &peer {
-        Some(p) => Some((p.name(), measure(&config, p.as_ref()).await?)),
+        Some(p) => {
+            quiesce().await;
+            if config.scenario == Scenario::Scale {
+                settle_heap(heap_before).await;
+            }
+            Some((p.name(), measure(&config, p.as_ref()).await?))
+        }
         None => None,
     };
     let object = report::object(&config, &context, &ours, theirs.as_ref());
@@ -255,6 +262,28 @@ async fn measure(config: &Config, target: &dyn Target) -> Result<Measured, CliEr
     })
 }
 
+/// A pause between two measured runs, so that what one run leaves behind on the server
+/// (closing connections and watches, revoked leases) does not count against the next.
+async fn quiesce() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Wait (at most 30 s) until the heap is back near `baseline`: `scale` measures memory with
+/// a process-wide counter, so what Baton's run still frees (connections and watch tasks of
+/// closed clients end at their next idle check) must not count for the peer.
+async fn settle_heap(baseline: i64) {
+    const SLACK: i64 = 4 << 20;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    if alloc::heap_in_use() > baseline + SLACK {
+        crate::output::notice(
+            "bench scale: waiting for baton's closed clients to free their memory",
+        );
+    }
+    while alloc::heap_in_use() > baseline + SLACK && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The worker counts of `--sweep`.
 const SWEEP: [u64; 6] = [1, 2, 4, 8, 16, 32];
 
@@ -274,9 +303,13 @@ async fn sweep(
             workers,
             ..config.clone()
         };
+        quiesce().await;
         let ours = measure(&config, baton).await?;
         let theirs = match peer {
-            Some(p) => Some((p.name(), measure(&config, p).await?)),
+            Some(p) => {
+                quiesce().await;
+                Some((p.name(), measure(&config, p).await?))
+            }
             None => None,
         };
         let object = report::object(&config, context, &ours, theirs.as_ref());

@@ -4,8 +4,10 @@
 //! [`BatonTarget`] is Baton on the store family (etcd, `mem://`). Peers are in
 //! [`super::peer`]; a Redis backend plugs in the same way.
 
+use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -98,8 +100,43 @@ pub(crate) struct BatonTarget {
     ttl: Duration,
     /// For revokes and reading queues: never a worker's connection.
     admin: baton::Client,
-    /// Every worker's client, for [`Target::counters`].
-    clients: StdMutex<Vec<baton::Client>>,
+    /// The clients of the workers not yet closed, and the final counters of those closed.
+    registry: Arc<Registry>,
+}
+
+/// Every worker's client, for [`Target::counters`]. A closed worker's client is dropped
+/// (ending its watches), its counters kept.
+#[derive(Default)]
+struct Registry {
+    next: AtomicU64,
+    live: StdMutex<HashMap<u64, baton::Client>>,
+    closed: StdMutex<baton::ClientStats>,
+}
+
+impl Registry {
+    fn add(&self, client: baton::Client) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, client);
+        id
+    }
+
+    fn retire(&self, id: u64) {
+        let client = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(c) = client {
+            let s = c.stats();
+            let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+            closed.keep_alives += s.keep_alives;
+            closed.wakeups += s.wakeups;
+            closed.watches_opened += s.watches_opened;
+        }
+    }
 }
 
 impl BatonTarget {
@@ -114,7 +151,7 @@ impl BatonTarget {
             dial_timeout: global.dial_timeout,
             ttl,
             admin,
-            clients: StdMutex::new(Vec::new()),
+            registry: Arc::default(),
         })
     }
 
@@ -143,11 +180,12 @@ impl Target for BatonTarget {
             .with_ttl(self.ttl)
             .build()
             .await?;
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(client);
-        Ok(Box::new(BatonWorker { session }))
+        let id = self.registry.add(client);
+        Ok(Box::new(BatonWorker {
+            session,
+            id,
+            registry: self.registry.clone(),
+        }))
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
@@ -169,13 +207,18 @@ impl Target for BatonTarget {
     }
 
     fn counters(&self) -> Counters {
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let closed = *self
+            .registry
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let clients = self.registry.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut c = Counters {
-            keep_alives: 0,
-            wakeups: Some(0),
-            watches_opened: Some(0),
+            keep_alives: closed.keep_alives,
+            wakeups: Some(closed.wakeups),
+            watches_opened: Some(closed.watches_opened),
         };
-        for client in clients.iter() {
+        for client in clients.values() {
             let s = client.stats();
             c.keep_alives += s.keep_alives;
             c.wakeups = c.wakeups.map(|w| w + s.wakeups);
@@ -187,6 +230,8 @@ impl Target for BatonTarget {
 
 struct BatonWorker {
     session: baton::Session,
+    id: u64,
+    registry: Arc<Registry>,
 }
 
 #[async_trait]
@@ -205,6 +250,7 @@ impl Worker for BatonWorker {
 
     async fn close(&self) {
         cli::close(&self.session).await;
+        self.registry.retire(self.id);
     }
 }
 
