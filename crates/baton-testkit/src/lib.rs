@@ -47,5 +47,5 @@ pub use etcd::{
     etcd_available, etcd_bin, etcdctl, etcdctl_bin, EtcdCluster, EtcdServer, EtcdServerOptions,
 };
 pub use ports::free_port;
-pub use redis::{redis_available, redis_bin, RedisServer, RedisServers};
+pub use redis::{redis_available, redis_bin, RedisServer, RedisServerOptions, RedisServers};
 pub use tls::TestPki;

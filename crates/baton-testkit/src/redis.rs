@@ -7,6 +7,9 @@
 //! start that fails panics with the end of the log. Servers are killed with SIGKILL and
 //! reaped on drop, and are killed by the kernel if the test process dies first.
 //!
+//! [`RedisServer::start_with`] takes [`RedisServerOptions`]: a `requirepass`, ACL users, and
+//! TLS on a second port (with certificates from [`TestPki`](crate::TestPki)).
+//!
 //! All calls block the calling thread (starting takes a few milliseconds).
 
 use std::fs::{File, OpenOptions};
@@ -59,6 +62,53 @@ pub fn redis_available() -> bool {
     })
 }
 
+/// How to start a [`RedisServer`].
+///
+/// # Default
+///
+/// No password, only the `default` user, no TLS.
+#[derive(Clone, Debug, Default)]
+pub struct RedisServerOptions {
+    requirepass: Option<String>,
+    users: Vec<String>,
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    client_cert_auth: bool,
+}
+
+impl RedisServerOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Require this password (`--requirepass`): the `default` user's password.
+    pub fn with_requirepass(mut self, password: &str) -> Self {
+        self.requirepass = Some(password.to_string());
+        self
+    }
+
+    /// Add an ACL user: `rules` as in `ACL SETUSER` after the name, such as
+    /// `"on >secret ~app:* &* +@all"`.
+    pub fn with_acl_user(mut self, name: &str, rules: &str) -> Self {
+        self.users.push(format!("{name} {rules}"));
+        self
+    }
+
+    /// Also listen with TLS on a second port ([`RedisServer::tls_url`]), with the server
+    /// certificate of `pki`. Keep `pki` alive as long as the server.
+    pub fn with_tls(mut self, pki: &crate::TestPki) -> Self {
+        self.tls = Some((pki.server_cert_file(), pki.server_key_file(), pki.ca_file()));
+        self
+    }
+
+    /// Require TLS clients to present a certificate signed by the CA
+    /// (`--tls-auth-clients yes`; the default with TLS is `no`).
+    pub fn with_client_cert_auth(mut self) -> Self {
+        self.client_cert_auth = true;
+        self
+    }
+}
+
 /// One `redis-server` on loopback, without persistence.
 ///
 /// # Examples
@@ -69,6 +119,9 @@ pub fn redis_available() -> bool {
 /// ```
 pub struct RedisServer {
     port: u16,
+    /// The TLS port, with [`RedisServerOptions::with_tls`].
+    tls_port: u16,
+    options: RedisServerOptions,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -91,6 +144,15 @@ impl RedisServer {
     /// If redis-server is missing or does not answer within 10 s; the message shows the end
     /// of its log.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(RedisServerOptions::default())
+    }
+
+    /// Start a server with `options` (password, ACL users, TLS).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(options: RedisServerOptions) -> RedisServer {
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
             let dir = match tempfile::Builder::new().prefix("baton-redis-").tempdir() {
@@ -99,6 +161,8 @@ impl RedisServer {
             };
             let mut server = RedisServer {
                 port: free_port(),
+                tls_port: free_port(),
+                options: options.clone(),
                 dir,
                 child: None,
             };
@@ -155,7 +219,32 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(["--daemonize", "no"])
             .args(["--enable-debug-command", "local"])
-            .args(["--loglevel", "warning"])
+            .args(["--loglevel", "warning"]);
+        if let Some(pass) = &self.options.requirepass {
+            command.args(["--requirepass", pass]);
+        }
+        for user in &self.options.users {
+            command.arg("--user").args(user.split_whitespace());
+        }
+        if let Some((cert, key, ca)) = &self.options.tls {
+            command
+                .args(["--tls-port", &self.tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args([
+                    "--tls-auth-clients",
+                    if self.options.client_cert_auth {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                ]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
@@ -208,10 +297,11 @@ impl RedisServer {
         }
     }
 
-    /// True if the server answers `PING` with `PONG` within 200 ms.
+    /// True if the server answers `PING` with `PONG` (or, with a password, asks for it)
+    /// within 200 ms.
     pub fn ping(&self) -> bool {
         self.command(&["PING"], Duration::from_millis(200))
-            .is_some_and(|reply| reply.starts_with("+PONG"))
+            .is_some_and(|reply| reply.starts_with("+PONG") || reply.starts_with("-NOAUTH"))
     }
 
     /// Send one command (RESP) and return the first line of the raw reply, or `None` on any
@@ -235,6 +325,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT`, with [`RedisServerOptions::with_tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port)
     }
 
     /// `127.0.0.1:PORT`.

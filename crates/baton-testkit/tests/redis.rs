@@ -644,7 +644,6 @@ async fn bad_input_gets_clear_errors() {
         "redis://127.0.0.1:0",
         "redis://127.0.0.1:1/notadb",
         "redis://a:1,b:2",
-        "rediss://127.0.0.1:1",
         "redlock://127.0.0.1:1",
         "redlock://127.0.0.1:1,127.0.0.1:2",
         "redlock://127.0.0.1:1,127.0.0.1:1,127.0.0.1:2",

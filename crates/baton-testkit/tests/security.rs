@@ -4,10 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+use baton::redis::RedisClient;
 use baton::store::etcd::{EtcdOptions, EtcdStore};
 use baton::store::{Range, Store};
-use baton::{Client, Credentials, Error, Mutex, Session, TlsConfig};
-use baton_testkit::{etcd_available, EtcdServer, EtcdServerOptions, TestPki};
+use baton::{Client, Coordinator, Credentials, Error, Mutex, Session, TlsConfig};
+use baton_testkit::{
+    etcd_available, EtcdServer, EtcdServerOptions, RedisServer, RedisServerOptions, TestPki,
+};
 
 const ROOT_PASSWORD: &str = "root-pw-6d1f";
 const APP_PASSWORD: &str = "app-pw-93c2";
@@ -369,4 +372,224 @@ async fn namespaces_do_not_collide_and_fit_a_scoped_role() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis: requirepass, ACL users, per-node credentials on Redlock, rediss://.
+
+const REDIS_PASSWORD: &str = "redis-pw-51e0";
+
+fn redis_skip() -> bool {
+    if std::env::var_os("BATON_SKIP_REDIS").is_some() {
+        eprintln!("BATON_SKIP_REDIS is set: skipping");
+        return true;
+    }
+    assert!(
+        baton_testkit::redis_available(),
+        "redis-server is not installed: install redis-server (Debian) or set BATON_REDIS_BIN"
+    );
+    false
+}
+
+fn redis(options: RedisServerOptions) -> RedisServer {
+    RedisServer::start_with(options)
+}
+
+fn assert_secret_free(err: &Error, secrets: &[&str]) {
+    let shown = format!("{err} {err:?}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "a password leaked: {shown}");
+    }
+}
+
+async fn lock_once(redis: &RedisClient, name: &str) -> baton::Result<()> {
+    let guard = redis.lock(name)?.try_lock().await?;
+    guard.unlock().await
+}
+
+#[tokio::test]
+async fn redis_requirepass_and_wrong_passwords() {
+    if redis_skip() {
+        return;
+    }
+    let server = redis(RedisServerOptions::new().with_requirepass(REDIS_PASSWORD));
+    let port = server.port();
+    let good = RedisClient::connect(&format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    lock_once(&good, "jobs/a").await.unwrap();
+    // The password given apart from the URL, through the Coordinator.
+    let coord = Coordinator::builder(&server.url())
+        .with_password(REDIS_PASSWORD)
+        .connect()
+        .await
+        .unwrap();
+    let guard = coord.lock("jobs/b").unwrap().try_lock().await.unwrap();
+    guard.release().await.unwrap();
+
+    let err = RedisClient::connect(&format!("redis://:wrong-pw-1234@127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+    assert!(err.to_string().contains("user name or password"), "{err}");
+    assert!(!err.is_retryable());
+    assert_secret_free(&err, &["wrong-pw-1234", REDIS_PASSWORD]);
+    let err = RedisClient::connect(&server.url()).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+    assert!(err.to_string().contains("requires a password"), "{err}");
+}
+
+#[tokio::test]
+async fn redis_acl_user_scoped_to_a_prefix() {
+    if redis_skip() {
+        return;
+    }
+    // The user may touch its own keys and Baton's keys for them, nothing else.
+    let server = redis(RedisServerOptions::new().with_acl_user(
+        "app",
+        &format!(
+            "on >{REDIS_PASSWORD} ~app:* ~baton:fence:app:* ~baton:leader:app:* \
+             &baton:wake:app:* +@all"
+        ),
+    ));
+    let port = server.port();
+    let url = format!("redis://app:{REDIS_PASSWORD}@127.0.0.1:{port}");
+    let scoped = baton::redis::RedisClient::builder(&url)
+        .with_prefix("app:")
+        .connect()
+        .await
+        .unwrap();
+    lock_once(&scoped, "jobs").await.unwrap();
+    // Contended, so that the waiter subscribes to the wake-up channel too.
+    let first = scoped.lock("contended").unwrap().lock().await.unwrap();
+    let waiter = scoped.lock("contended").unwrap();
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.unlock().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    second.unlock().await.unwrap();
+
+    // The same namespace through the Coordinator, with the user given apart.
+    let coord = Coordinator::builder(&server.url())
+        .with_user("app", REDIS_PASSWORD)
+        .with_namespace("app:")
+        .connect()
+        .await
+        .unwrap();
+    let guard = coord.lock("jobs").unwrap().try_lock().await.unwrap();
+    guard.release().await.unwrap();
+
+    // Outside the prefix: permission denied, at once.
+    let bare = RedisClient::connect(&url).await.unwrap();
+    let started = Instant::now();
+    let err = bare.lock("jobs").unwrap().lock().await.unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert!(!err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_secret_free(&err, &[REDIS_PASSWORD]);
+    // A wrong password for an ACL user.
+    let err = RedisClient::connect(&format!("redis://app:nope-0000@127.0.0.1:{port}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+}
+
+#[tokio::test]
+async fn redlock_masters_with_their_own_passwords() {
+    if redis_skip() {
+        return;
+    }
+    let passwords = ["pw-one-11", "pw-two-22", "pw-three-33"];
+    let servers: Vec<RedisServer> = passwords
+        .iter()
+        .map(|p| redis(RedisServerOptions::new().with_requirepass(p)))
+        .collect();
+    let url = |pws: [&str; 3]| {
+        let nodes: Vec<String> = servers
+            .iter()
+            .zip(pws)
+            .map(|(s, p)| format!(":{p}@127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redlock://{}", nodes.join(","))
+    };
+    let redlock = RedisClient::connect(&url(passwords)).await.unwrap();
+    assert!(redlock.is_redlock());
+    lock_once(&redlock, "jobs/r").await.unwrap();
+    assert!(
+        !redlock.endpoints().contains("pw-"),
+        "{}",
+        redlock.endpoints()
+    );
+    // Two masters refuse their passwords: no quorum, and the error says why.
+    let err = RedisClient::connect(&url(["pw-one-11", "bad-1", "bad-2"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+    assert_secret_free(&err, &["pw-one-11", "bad-1", "bad-2"]);
+}
+
+#[tokio::test]
+async fn rediss_verifies_the_server_and_client_certificates() {
+    if redis_skip() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let server = redis(RedisServerOptions::new().with_tls(&pki));
+    let ca = TlsConfig::new().with_ca_file(pki.ca_file());
+    let client = baton::redis::RedisClient::builder(&server.tls_url())
+        .with_tls(ca.clone())
+        .connect()
+        .await
+        .unwrap();
+    lock_once(&client, "tls/x").await.unwrap();
+
+    let err = RedisClient::connect(&server.tls_url()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Tls { reason, .. } if reason.contains("trusted CA")),
+        "{err}"
+    );
+    let err = baton::redis::RedisClient::builder(&server.tls_url())
+        .with_tls(TlsConfig::new().with_ca_file(other.ca_file()))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Tls { .. }), "{err}");
+    // TLS settings with a plaintext URL: refused before any network call.
+    let err = baton::redis::RedisClient::builder(&server.url())
+        .with_tls(ca.clone())
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+
+    // A server that wants client certificates.
+    let mtls = redis(
+        RedisServerOptions::new()
+            .with_tls(&pki)
+            .with_client_cert_auth(),
+    );
+    let with_cert = ca
+        .clone()
+        .with_client_cert(pki.client_cert_file(), pki.client_key_file());
+    let client = Coordinator::builder(&mtls.tls_url())
+        .with_tls(with_cert)
+        .connect()
+        .await
+        .unwrap();
+    let guard = client.lock("tls/y").unwrap().try_lock().await.unwrap();
+    guard.release().await.unwrap();
+    let err = baton::redis::RedisClient::builder(&mtls.tls_url())
+        .with_tls(ca)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Tls { .. } | Error::Connect { .. }),
+        "{err}"
+    );
 }

@@ -176,6 +176,7 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     tls: Option<TlsConfig>,
     credentials: Option<Credentials>,
+    password: Option<Secret>,
     namespace: String,
 }
 
@@ -187,6 +188,7 @@ impl fmt::Debug for ClientBuilder {
             .field("request_timeout", &self.request_timeout)
             .field("tls", &self.tls)
             .field("credentials", &self.credentials)
+            .field("password", &self.password.as_ref().map(|_| "***"))
             .field("namespace", &self.namespace)
             .finish()
     }
@@ -201,6 +203,7 @@ impl ClientBuilder {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             tls: None,
             credentials: None,
+            password: None,
             namespace: String::new(),
         }
     }
@@ -225,6 +228,28 @@ impl ClientBuilder {
             user: user.into(),
             password: Secret::new(password),
         });
+        self
+    }
+
+    /// The password of the user named in the URL (`http://user@h:p`), when it is kept out
+    /// of the URL; it replaces a password in the URL. Without a user in the URL,
+    /// [`connect`](Self::connect) fails: use [`with_user`](Self::with_user) instead.
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(Secret::new(password));
+        self
+    }
+
+    /// Set TLS settings and credentials together (either may be `None`: keep the
+    /// defaults), as [`CoordinatorBuilder`](crate::CoordinatorBuilder) hands them on.
+    pub(crate) fn with_security(
+        mut self,
+        tls: Option<TlsConfig>,
+        credentials: Option<Credentials>,
+        password: Option<Secret>,
+    ) -> Self {
+        self.tls = tls.or(self.tls);
+        self.credentials = credentials.or(self.credentials);
+        self.password = password.or(self.password);
         self
     }
 
@@ -288,15 +313,20 @@ impl ClientBuilder {
                 }
                 let credentials = match (self.credentials, user) {
                     (Some(explicit), _) => Some(explicit),
-                    (None, Some(user)) => match password {
+                    (None, Some(user)) => match self.password.or(password) {
                         Some(password) => Some(Credentials { user, password }),
                         None => {
                             return Err(Error::invalid(format!(
                                 "user {user:?} is given without a password: put it in the URL \
-                                 or use ClientBuilder::with_user"
+                                 or use ClientBuilder::with_password"
                             )))
                         }
                     },
+                    (None, None) if self.password.is_some() => {
+                        return Err(Error::invalid(
+                            "a password is given without a user name: name the user too",
+                        ))
+                    }
                     (None, None) => None,
                 };
                 Arc::new(
@@ -367,6 +397,8 @@ pub(crate) struct RedisNode {
     pub(crate) db: i64,
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
+    /// `rediss://`: TLS.
+    pub(crate) tls: bool,
 }
 
 impl fmt::Display for RedisNode {
@@ -403,6 +435,7 @@ impl From<&str> for RedisNode {
             db: 0,
             username: None,
             password: None,
+            tls: false,
         }
     }
 }
@@ -425,12 +458,16 @@ impl fmt::Display for Endpoints {
                 }
                 Ok(())
             }
+            Endpoints::Redis(node) if node.tls => write!(f, "rediss://{node}"),
             Endpoints::Redis(node) => write!(f, "redis://{node}"),
             Endpoints::Redlock(nodes) => {
                 f.write_str("redlock://")?;
                 for (i, node) in nodes.iter().enumerate() {
                     if i > 0 {
                         f.write_str(",")?;
+                    }
+                    if node.tls {
+                        f.write_str("rediss://")?;
                     }
                     write!(f, "{node}")?;
                 }
@@ -604,25 +641,31 @@ impl Endpoints {
                 }
                 etcd_endpoints(input, &entries)
             }
-            "rediss" => Err(bad(input, "rediss:// (TLS) is not supported yet")),
-            "redis" => {
+            "redis" | "rediss" => {
                 if rest.contains(',') {
                     return Err(bad(
                         input,
                         "redis:// takes one server; use redlock://h1:p1,h2:p2,h3:p3 for several",
                     ));
                 }
-                Ok(Endpoints::Redis(redis_node(input, rest)?))
+                let mut node = redis_node(input, rest)?;
+                node.tls = scheme == "rediss";
+                Ok(Endpoints::Redis(node))
             }
             "redlock" => {
                 let mut nodes: Vec<RedisNode> = Vec::new();
                 for entry in rest.split(',') {
                     let entry = entry.trim();
-                    let entry = entry.strip_prefix("redis://").unwrap_or(entry);
+                    // Each master may use TLS (`rediss://h:p`) or not.
+                    let (tls, entry) = match entry.strip_prefix("rediss://") {
+                        Some(rest) => (true, rest),
+                        None => (false, entry.strip_prefix("redis://").unwrap_or(entry)),
+                    };
                     if entry.is_empty() {
                         return Err(bad(input, "empty entry in the endpoint list"));
                     }
-                    let node = redis_node(input, entry)?;
+                    let mut node = redis_node(input, entry)?;
+                    node.tls = tls;
                     if nodes
                         .iter()
                         .any(|n| n.host == node.host && n.port == node.port)
@@ -682,6 +725,7 @@ fn redis_node(endpoint: &str, entry: &str) -> Result<RedisNode> {
         db,
         username,
         password,
+        tls: false,
     })
 }
 
@@ -806,7 +850,6 @@ mod tests {
             "redis://h:1/-1",
             "redis://h:1?db=2",
             "redis://a:1,b:2",
-            "rediss://h:1",
             "redis://u:%zz@h:1",
             "redlock://a:1",
             "redlock://a:1,b:2",
@@ -816,6 +859,25 @@ mod tests {
             let err = Endpoints::parse(bad).unwrap_err();
             assert!(err.is_invalid_input(), "{bad:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn parses_rediss_endpoints() {
+        let parsed = Endpoints::parse("rediss://u:secret@h:1/2").unwrap();
+        let Endpoints::Redis(node) = &parsed else {
+            panic!("not redis")
+        };
+        assert!(node.tls);
+        assert_eq!(parsed.to_string(), "rediss://***@h:1/2");
+        let parsed = Endpoints::parse("redlock://rediss://:a@h:1,redis://:b@h:2,h:3").unwrap();
+        let Endpoints::Redlock(nodes) = &parsed else {
+            panic!("not redlock")
+        };
+        let tls: Vec<bool> = nodes.iter().map(|n| n.tls).collect();
+        assert_eq!(tls, [true, false, false]);
+        let passwords: Vec<_> = nodes.iter().map(|n| n.password.as_deref()).collect();
+        assert_eq!(passwords, [Some("a"), Some("b"), None]);
+        assert_eq!(parsed.to_string(), "redlock://rediss://***@h:1,***@h:2,h:3");
     }
 
     #[test]
@@ -929,6 +991,17 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("without a password"), "{err}");
+        let err = ClientBuilder::new("http://127.0.0.1:1")
+            .with_password("hunter2")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("without a user"), "{err}");
+        let shown = format!(
+            "{:?}",
+            ClientBuilder::new("mem://").with_password("hunter2")
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[tokio::test]

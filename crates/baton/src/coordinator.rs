@@ -31,13 +31,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{
-    Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+    redact, Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
 use crate::election::{Election, Leader, Leadership};
 // `Error` is named by the docs; the code uses it only without the "redis" feature.
 #[cfg_attr(feature = "redis", allow(unused_imports))]
 use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
+use crate::security::{Credentials, Secret, TlsConfig};
 use crate::session::{Session, DEFAULT_TTL};
 
 /// Something held: a lock, or a leadership.
@@ -172,13 +173,37 @@ pub trait Backend: Send + Sync + fmt::Debug {
 /// # Default
 ///
 /// - TTL: 60 s ([`DEFAULT_TTL`]): the etcd session's lease, or each Redis lock's expiry;
-/// - dial timeout: 5 s; request timeout: 10 s.
-#[derive(Clone, Debug)]
+/// - dial timeout: 5 s; request timeout: 10 s;
+/// - TLS: only for `https://` and `rediss://` endpoints, with the system's roots;
+/// - credentials: those in the URL, if any;
+/// - namespace: none.
+///
+/// Its `Debug` output redacts credentials.
+#[derive(Clone)]
 pub struct CoordinatorBuilder {
     endpoints: String,
     ttl: Duration,
     dial_timeout: Duration,
     request_timeout: Duration,
+    tls: Option<TlsConfig>,
+    credentials: Option<Credentials>,
+    password: Option<Secret>,
+    namespace: String,
+}
+
+impl fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoordinatorBuilder")
+            .field("endpoints", &redact(&self.endpoints))
+            .field("ttl", &self.ttl)
+            .field("dial_timeout", &self.dial_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("tls", &self.tls)
+            .field("credentials", &self.credentials)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("namespace", &self.namespace)
+            .finish()
+    }
 }
 
 impl CoordinatorBuilder {
@@ -197,6 +222,41 @@ impl CoordinatorBuilder {
     /// How long one request may take.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// TLS settings for `https://` (etcd) and `rediss://` (Redis) endpoints: the CA to
+    /// trust and an optional client certificate. Plaintext endpoints with TLS settings are
+    /// refused.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Authenticate as `user` with `password`: etcd's user, or a Redis ACL user (`AUTH user
+    /// password`). On Redis it applies to every server whose URL carries no credentials of
+    /// its own, so Redlock masters may each have theirs. Never shown in `Debug` output,
+    /// logs or errors.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials::new(user, password));
+        self
+    }
+
+    /// A password without a user name: for etcd, the password of the user named in the URL;
+    /// for Redis, `AUTH password` (Redis's `requirepass`, or the URL's user), on every server
+    /// whose URL carries no password.
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(Secret::new(password));
+        self
+    }
+
+    /// Confine every key to `prefix`: a [`Client::with_namespace`] on etcd and the embedded
+    /// store, a key prefix on Redis (see
+    /// [`RedisClientBuilder::with_prefix`](crate::redis::RedisClientBuilder::with_prefix)).
+    /// Two coordinators with different namespaces never see each other's locks or
+    /// elections.
+    pub fn with_namespace(mut self, prefix: impl Into<String>) -> Self {
+        self.namespace = prefix.into();
         self
     }
 
@@ -228,6 +288,8 @@ impl CoordinatorBuilder {
                     .with_ttl(self.ttl)
                     .with_dial_timeout(self.dial_timeout)
                     .with_request_timeout(self.request_timeout)
+                    .with_prefix(self.namespace)
+                    .with_security(self.tls, self.credentials, self.password)
                     .connect()
                     .await?,
             ),
@@ -242,6 +304,8 @@ impl CoordinatorBuilder {
                 let client = ClientBuilder::new(&self.endpoints)
                     .with_dial_timeout(self.dial_timeout)
                     .with_request_timeout(self.request_timeout)
+                    .with_security(self.tls, self.credentials, self.password)
+                    .with_namespace(self.namespace)
                     .connect()
                     .await?;
                 let session = Session::builder(&client).with_ttl(self.ttl).build().await?;
@@ -278,6 +342,10 @@ impl Coordinator {
             ttl: DEFAULT_TTL,
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tls: None,
+            credentials: None,
+            password: None,
+            namespace: String::new(),
         }
     }
 

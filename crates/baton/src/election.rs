@@ -309,10 +309,25 @@ async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
 
 /// A stream of [`Leader`]s from [`Election::observe`]. Dropping it stops observing.
 ///
-/// The observing task starts on the first poll, on the runtime that polls it.
+/// The observing task starts on the first poll, on the runtime that polls it. Failed reads
+/// and watches are retried, except when the backend refuses access (the user's roles do
+/// not cover the election, or its credentials are refused): then the stream ends, and
+/// [`take_error`](Observe::take_error) says why.
 pub struct Observe {
     start: Option<(Arc<dyn Store>, String)>,
     rx: Option<mpsc::Receiver<Leader>>,
+    failure: Arc<std::sync::Mutex<Option<Error>>>,
+}
+
+impl Observe {
+    /// Why the stream ended, if the backend refused access
+    /// ([`Error::is_access_denied`]); `None` otherwise.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
 }
 
 impl fmt::Debug for Observe {
@@ -326,7 +341,7 @@ impl Stream for Observe {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
         if let Some((store, name)) = self.start.take() {
-            self.rx = Some(spawn_observer(store, &name));
+            self.rx = Some(spawn_observer(store, &name, self.failure.clone()));
         }
         match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
@@ -339,10 +354,15 @@ fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
     Observe {
         start: Some((store, name.to_string())),
         rx: None,
+        failure: Arc::default(),
     }
 }
 
-fn spawn_observer(store: Arc<dyn Store>, name: &str) -> mpsc::Receiver<Leader> {
+fn spawn_observer(
+    store: Arc<dyn Store>,
+    name: &str,
+    failure: Arc<std::sync::Mutex<Option<Error>>>,
+) -> mpsc::Receiver<Leader> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
     let span = tracing::debug_span!("observe", election = %name);
@@ -350,7 +370,12 @@ fn spawn_observer(store: Arc<dyn Store>, name: &str) -> mpsc::Receiver<Leader> {
         async move {
             tokio::select! {
                 _ = tx.closed() => {}
-                _ = observe_loop(&store, &prefix, &tx) => {}
+                denied = observe_loop(&store, &prefix, &tx) => {
+                    if let Some(e) = denied {
+                        tracing::warn!(error = %e, "observing stopped: access denied");
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    }
+                }
             }
         }
         .instrument(span),
@@ -358,13 +383,20 @@ fn spawn_observer(store: Arc<dyn Store>, name: &str) -> mpsc::Receiver<Leader> {
     rx
 }
 
-async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Leader>) {
+/// Send every leader change until the receiver goes; returns early only with an
+/// access-denied error, which retrying cannot cure.
+async fn observe_loop(
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    tx: &mpsc::Sender<Leader>,
+) -> Option<Error> {
     let queue = Queue::direct(prefix);
     let mut last: Option<(Revision, Revision)> = None;
     let mut backoff = RETRY_MIN;
     loop {
         let (header, head) = match head_member(store, &queue).await {
             Ok(r) => r,
+            Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the leader failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -378,7 +410,7 @@ async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Le
                 if last != Some(id) {
                     last = Some(id);
                     if tx.send(Leader::from_kv(kv.clone())).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
                 Watch::key(kv.key.clone()).from_revision(header + 1)
@@ -387,6 +419,7 @@ async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Le
         };
         let mut stream = match store.watch(watch).await {
             Ok(s) => s,
+            Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => {
                 tracing::debug!(error = %e, "watching the election failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -414,7 +447,7 @@ async fn observe_loop(store: &Arc<dyn Store>, prefix: &str, tx: &mpsc::Sender<Le
                         if last != Some(id) {
                             last = Some(id);
                             if tx.send(Leader::from_kv(ev.kv)).await.is_err() {
-                                return;
+                                return None;
                             }
                         }
                     }

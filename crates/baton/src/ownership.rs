@@ -128,6 +128,11 @@ async fn watch_key(
                 Some(_) => return "key replaced",
                 None => return "key deleted",
             },
+            // Refused credentials or roles do not pass with time: the key cannot be watched
+            // any more, so its loss could go unseen.
+            Err(e) if e.is_access_denied() => {
+                return "the key can no longer be read (access denied)"
+            }
             Err(e) => tracing::debug!(error = %e, "ownership check failed; retrying"),
         }
     }

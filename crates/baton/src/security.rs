@@ -193,6 +193,47 @@ impl fmt::Display for Secret {
     }
 }
 
+#[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
+/// If a connection error is about TLS, what went wrong in words (with the transport's own
+/// text after it). `https` tells whether we spoke TLS.
+pub(crate) fn tls_problem(text: &str, https: bool) -> Option<String> {
+    let t = text.to_lowercase().replace([' ', '_'], "");
+    let hint = if t.contains("unknownissuer") || t.contains("badsignature") {
+        "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)"
+    } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
+        "the server's certificate does not match the host name in the URL"
+    } else if t.contains("expired") && t.contains("certificate") {
+        "the server's certificate has expired or is not valid yet"
+    } else if t.contains("certificaterequired") {
+        "the server requires a client certificate (--cert and --key)"
+    } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
+        "the server rejected the client certificate, or requires one it trusts (--cert, --key)"
+    } else if t.contains("invalidcontenttype")
+        || t.contains("corruptmessage")
+        || t.contains("invalidmessage")
+    {
+        "the server may not use TLS: then use http:// or redis:// (or check the port)"
+    } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
+        "the server's certificate is invalid"
+    } else if t.contains("nocertificatesfound")
+        || t.contains("privatekey")
+        || t.contains("invalidcertificate")
+        || (t.contains("tls") && t.contains("config"))
+    {
+        "the CA or client certificate or key could not be loaded (check the PEM files)"
+    } else if t.contains("handshakeeof") {
+        "the server closed the connection during the TLS handshake: it may not use TLS \
+         (then use http:// or redis://), or it refused us"
+    } else if t.contains("handshake") || t.contains("tls") {
+        "the TLS handshake failed"
+    } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion")) {
+        "the server answered something other than plaintext gRPC: if it uses TLS, use https:// or rediss://"
+    } else {
+        return None;
+    };
+    Some(format!("{hint} ({})", text.trim()))
+}
+
 /// Check a key prefix given as a namespace: at most [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
 /// bytes, no NUL.
 pub(crate) fn validate_namespace(prefix: &str) -> Result<()> {

@@ -116,6 +116,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use crate::coordinator::{Backend, Elector, Lock};
 use crate::error::{Error, Result};
+use crate::security::{Credentials, Secret, TlsConfig};
 use crate::session::DEFAULT_TTL;
 use crate::Client;
 
@@ -173,6 +174,9 @@ pub struct RedisClientBuilder {
     prefix: String,
     poll_interval: Duration,
     watchdog: bool,
+    tls: Option<TlsConfig>,
+    credentials: Option<Credentials>,
+    password: Option<Secret>,
 }
 
 impl fmt::Debug for RedisClientBuilder {
@@ -185,6 +189,9 @@ impl fmt::Debug for RedisClientBuilder {
             .field("prefix", &self.prefix)
             .field("poll_interval", &self.poll_interval)
             .field("watchdog", &self.watchdog)
+            .field("tls", &self.tls)
+            .field("credentials", &self.credentials)
+            .field("password", &self.password.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -200,7 +207,46 @@ impl RedisClientBuilder {
             prefix: String::new(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             watchdog: true,
+            tls: None,
+            credentials: None,
+            password: None,
         }
+    }
+
+    /// TLS settings for `rediss://` servers: the CA to trust (else the system's roots) and
+    /// an optional client certificate. With `redis://` (plaintext) servers, connecting fails
+    /// rather than sending anything in the clear.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// `AUTH user password` (a Redis 6 ACL user) on every server whose URL carries no
+    /// credentials of its own. Never shown in `Debug` output, logs or errors.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials::new(user, password));
+        self
+    }
+
+    /// `AUTH password` (`requirepass`, or the URL's user) on every server whose URL carries
+    /// no password of its own.
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(Secret::new(password));
+        self
+    }
+
+    /// TLS settings and credentials from [`CoordinatorBuilder`](crate::CoordinatorBuilder)
+    /// (`None`: keep these).
+    pub(crate) fn with_security(
+        mut self,
+        tls: Option<TlsConfig>,
+        credentials: Option<Credentials>,
+        password: Option<Secret>,
+    ) -> Self {
+        self.tls = tls.or(self.tls);
+        self.credentials = credentials.or(self.credentials);
+        self.password = password.or(self.password);
+        self
     }
 
     /// The TTL of each lock key: how long a lock outlives a holder that stopped extending it.
@@ -272,14 +318,62 @@ impl RedisClientBuilder {
                 })
             }
         };
+        if self.tls.is_some() && list.iter().any(|n| !n.tls) {
+            return Err(Error::InvalidEndpoint {
+                endpoint: redacted,
+                reason: "TLS settings (CA, client certificate) need rediss:// servers; \
+                         redis:// is plaintext"
+                    .into(),
+            });
+        }
+        let list: Vec<_> = list
+            .into_iter()
+            .map(|mut n| {
+                // The URL's credentials win: Redlock masters may each have their own.
+                if n.username.is_none() && n.password.is_none() {
+                    if let Some(creds) = &self.credentials {
+                        n.username = Some(creds.user.clone());
+                        n.password = Some(creds.password.expose().to_string());
+                    }
+                }
+                if n.password.is_none() {
+                    n.password = self.password.as_ref().map(|p| p.expose().to_string());
+                }
+                n
+            })
+            .collect();
         let nodes = list
             .iter()
-            .map(|n| Node::new(n, self.dial_timeout, self.request_timeout).map(Arc::new))
+            .map(|n| {
+                Node::new(
+                    n,
+                    self.dial_timeout,
+                    self.request_timeout,
+                    self.tls.as_ref(),
+                )
+                .map(Arc::new)
+            })
             .collect::<Result<Vec<_>>>()?;
         let quorum = nodes.len() / 2 + 1;
         let dials = futures::future::join_all(nodes.iter().map(|n| n.connect())).await;
         let up = dials.iter().filter(|r| r.is_ok()).count();
         if up < quorum {
+            // Refused credentials or certificates are a configuration error: report them
+            // as such, not as a server that did not answer.
+            if let Some(denied) = dials.iter().find_map(|r| match r {
+                Err(e) if e.is_access_denied() => Some(e),
+                _ => None,
+            }) {
+                return Err(match denied {
+                    Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+                    Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+                    Error::Tls { endpoints, reason } => Error::Tls {
+                        endpoints: endpoints.clone(),
+                        reason: reason.clone(),
+                    },
+                    other => Error::Store(other.to_string()),
+                });
+            }
             let reason = dials
                 .into_iter()
                 .find_map(|r| r.err())

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::client::RedisNode;
 use crate::error::{Error, Result};
+use crate::security::{tls_problem, TlsConfig};
 
 static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
@@ -85,6 +86,8 @@ pub(crate) struct Node {
     last_failure: StdMutex<Option<(Instant, String)>>,
     pub(crate) dial_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    /// `rediss://`.
+    tls: bool,
 }
 
 impl fmt::Debug for Node {
@@ -97,13 +100,30 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
+    /// A node for `node`; `tls` holds the CA and client certificate for `rediss://` nodes
+    /// (without it, `rediss://` trusts the system's roots).
     pub(crate) fn new(
         node: &RedisNode,
         dial_timeout: Duration,
         request_timeout: Duration,
+        tls: Option<&TlsConfig>,
     ) -> Result<Node> {
+        let invalid = |reason: String| Error::InvalidEndpoint {
+            endpoint: format!("redis://{node}"),
+            reason,
+        };
+        let addr = if node.tls {
+            ConnectionAddr::TcpTls {
+                host: node.host.clone(),
+                port: node.port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(node.host.clone(), node.port)
+        };
         let info = ConnectionInfo {
-            addr: ConnectionAddr::Tcp(node.host.clone(), node.port),
+            addr,
             redis: RedisConnectionInfo {
                 db: node.db,
                 username: node.username.clone(),
@@ -111,10 +131,26 @@ impl Node {
                 ..Default::default()
             },
         };
-        let client = redis::Client::open(info).map_err(|e| Error::InvalidEndpoint {
-            endpoint: format!("redis://{node}"),
-            reason: e.to_string(),
-        })?;
+        let client = match tls {
+            Some(tls) if node.tls => {
+                let root_cert = tls.read_ca()?;
+                let client_tls =
+                    tls.read_identity()?
+                        .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        });
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
+            }
+            _ => redis::Client::open(info),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         Ok(Node {
             display: node.to_string(),
             client,
@@ -123,6 +159,7 @@ impl Node {
             last_failure: StdMutex::new(None),
             dial_timeout,
             request_timeout,
+            tls: node.tls,
         })
     }
 
@@ -146,7 +183,9 @@ impl Node {
             .clone()
         {
             if when.elapsed() < REDIAL_BACKOFF {
-                return Err(self.connect_error(reason));
+                return Err(self
+                    .access_error_text(&reason)
+                    .unwrap_or_else(|| self.connect_error(reason)));
             }
         }
         self.dial().await
@@ -164,6 +203,21 @@ impl Node {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
+        // A server that wants a password accepts the connection and refuses only the first
+        // command: ask one (PING) so that refused credentials show now, as what they are.
+        let dialled = match dialled {
+            Ok(Ok(mut conn)) => {
+                let ping = redis::cmd("PING");
+                match tokio::time::timeout(self.dial_timeout, ping.query_async::<()>(&mut conn))
+                    .await
+                {
+                    Ok(Ok(())) => Ok(Ok(conn)),
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
         let reason = match dialled {
             Ok(Ok(conn)) => {
                 *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
@@ -171,7 +225,17 @@ impl Node {
                 tracing::debug!(node = %self.display, "connected");
                 return Ok(conn);
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                // Refused credentials or certificates: say so, and do not dial again and
+                // again for nothing.
+                if let Some(denied) = self.access_error(&e) {
+                    tracing::debug!(node = %self.display, error = %denied, "cannot connect");
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), e.to_string()));
+                    return Err(denied);
+                }
+                e.to_string()
+            }
             Err(_) => "no answer".to_string(),
         };
         tracing::debug!(node = %self.display, %reason, "cannot connect");
@@ -198,7 +262,47 @@ impl Node {
     }
 
     fn store_error(&self, e: &redis::RedisError) -> Error {
-        Error::Store(format!("redis {}: {e}", self.display))
+        self.access_error(e)
+            .unwrap_or_else(|| Error::Store(format!("redis {}: {e}", self.display)))
+    }
+
+    /// The error for refused credentials, permissions or certificates, if `e` is one.
+    /// Redis's messages name neither passwords nor keys' values.
+    fn access_error(&self, e: &redis::RedisError) -> Option<Error> {
+        if e.kind() == redis::ErrorKind::AuthenticationFailed {
+            return Some(Error::Unauthenticated(format!(
+                "redis {}: the server refused the user name or password",
+                self.display
+            )));
+        }
+        self.access_error_text(&format!("{} {e}", e.code().unwrap_or_default()))
+    }
+
+    fn access_error_text(&self, text: &str) -> Option<Error> {
+        let node = &self.display;
+        if text.contains("WRONGPASS") || text.contains("invalid password") {
+            Some(Error::Unauthenticated(format!(
+                "redis {node}: the server refused the user name or password"
+            )))
+        } else if text.contains("NOAUTH") {
+            Some(Error::Unauthenticated(format!(
+                "redis {node}: the server requires a password (redis://user:password@host:port)"
+            )))
+        } else if text.contains("NOPERM") {
+            Some(Error::PermissionDenied(format!(
+                "redis {node}: the user's ACL does not allow this ({})",
+                text.trim()
+            )))
+        } else if text.contains("AuthenticationFailed") || text.contains("authentication failed") {
+            Some(Error::Unauthenticated(format!(
+                "redis {node}: the server refused the user name or password"
+            )))
+        } else {
+            tls_problem(text, self.tls).map(|reason| Error::Tls {
+                endpoints: node.clone(),
+                reason,
+            })
+        }
     }
 
     /// Run `f` on the connection within the request timeout.

@@ -59,7 +59,7 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
-use crate::security::{Credentials, TlsConfig};
+use crate::security::{tls_problem, Credentials, TlsConfig};
 
 /// After how long without any frame from a member, on a connection with open requests or
 /// streams, it is pinged (HTTP/2 keep-alive); it counts as dead when the ping is not
@@ -628,7 +628,7 @@ impl Store for EtcdStore {
             Ok(resp) => resp,
             Err(e) => {
                 return Err(self
-                    .fill_compacted(map_err("range", e, 0), range.revision)
+                    .fill_compacted(naming(map_err("range", e, 0), &key), range.revision)
                     .await)
             }
         };
@@ -644,7 +644,7 @@ impl Store for EtcdStore {
                 async move { kv.put(key, value, options).await }
             })
             .await?
-            .map_err(|e| map_err("put", e, lease))?;
+            .map_err(|e| naming(map_err("put", e, lease), key))?;
         Ok(revision(resp.header()))
     }
 
@@ -658,7 +658,7 @@ impl Store for EtcdStore {
                 async move { kv.delete(key, Some(options)).await }
             })
             .await?
-            .map_err(|e| map_err("delete", e, 0))?;
+            .map_err(|e| naming(map_err("delete", e, 0), &key))?;
         Ok((resp.deleted(), revision(resp.header())))
     }
 
@@ -698,7 +698,8 @@ impl Store for EtcdStore {
                     })
                     .max()
                     .unwrap_or(0);
-                return Err(self.fill_compacted(map_err("txn", e, lease), read_at).await);
+                let error = naming(map_err("txn", e, lease), txn_key(&txn));
+                return Err(self.fill_compacted(error, read_at).await);
             }
         };
         let header_revision = revision(resp.header());
@@ -830,7 +831,7 @@ impl Store for EtcdStore {
                     }
                 })
                 .await?
-                .map_err(|e| map_err("watch", e, 0))?;
+                .map_err(|e| naming(map_err("watch", e, 0), &key))?;
             // etcd cancels a watch created with an expired token: get a new one, try again.
             let stale = created
                 .as_ref()
@@ -856,7 +857,7 @@ impl Store for EtcdStore {
         }
         let requested = watch.start_revision;
         if created.canceled() {
-            let error = cancel_error(&created, requested);
+            let error = naming(cancel_error(&created, requested), &key);
             if !matches!(error, Error::Compacted { .. }) {
                 return Err(error);
             }
@@ -1192,7 +1193,7 @@ fn auth_error(operation: &'static str, code: Option<i32>, message: &str) -> Opti
     let m = message.to_lowercase();
     if code == Some(CODE_PERMISSION_DENIED) || m.contains("permission denied") {
         return Some(Error::PermissionDenied(format!(
-            "{operation}: the etcd user's roles do not allow this key"
+            "{operation}: the etcd user's roles do not cover the key"
         )));
     }
     let reason = if m.contains("authentication failed") || m.contains("invalid user id or password")
@@ -1208,6 +1209,36 @@ fn auth_error(operation: &'static str, code: Option<i32>, message: &str) -> Opti
         return None;
     };
     Some(Error::Unauthenticated(format!("{operation}: {reason}")))
+}
+
+/// A permission error with the key it was about (keys are names, not secrets; values are
+/// never shown). Other errors as they are.
+fn naming(error: Error, key: &[u8]) -> Error {
+    match error {
+        Error::PermissionDenied(m) => {
+            Error::PermissionDenied(format!("{m} {:?}", String::from_utf8_lossy(key)))
+        }
+        other => other,
+    }
+}
+
+/// The first key a transaction names: of its compares, else of its operations.
+fn txn_key(txn: &Txn) -> &[u8] {
+    txn.compares
+        .first()
+        .map(|c| c.key.as_slice())
+        .or_else(|| {
+            txn.success
+                .iter()
+                .chain(&txn.failure)
+                .next()
+                .map(|op| match op {
+                    TxnOp::Put { key, .. } => key.as_slice(),
+                    TxnOp::Get(range) => range.keys.bytes(),
+                    TxnOp::Delete(keys) => keys.bytes(),
+                })
+        })
+        .unwrap_or_default()
 }
 
 /// True for errors about credentials or permissions (never retried).
@@ -1263,46 +1294,6 @@ fn tls_options(tls: &TlsConfig) -> Result<ec::TlsOptions> {
         options = options.identity(ec::Identity::from_pem(cert, key));
     }
     Ok(options)
-}
-
-/// If a connection error is about TLS, what went wrong in words (with the transport's own
-/// text after it). `https` tells whether we spoke TLS.
-fn tls_problem(text: &str, https: bool) -> Option<String> {
-    let t = text.to_lowercase().replace([' ', '_'], "");
-    let hint = if t.contains("unknownissuer") || t.contains("badsignature") {
-        "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)"
-    } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
-        "the server's certificate does not match the host name in the URL"
-    } else if t.contains("expired") && t.contains("certificate") {
-        "the server's certificate has expired or is not valid yet"
-    } else if t.contains("certificaterequired") {
-        "the server requires a client certificate (--cert and --key)"
-    } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
-        "the server rejected the client certificate, or requires one it trusts (--cert, --key)"
-    } else if t.contains("invalidcontenttype")
-        || t.contains("corruptmessage")
-        || t.contains("invalidmessage")
-    {
-        "the server may not use TLS: then use http:// (or check the port)"
-    } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
-        "the server's certificate is invalid"
-    } else if t.contains("nocertificatesfound")
-        || t.contains("privatekey")
-        || t.contains("invalidcertificate")
-        || (t.contains("tls") && t.contains("config"))
-    {
-        "the CA or client certificate or key could not be loaded (check the PEM files)"
-    } else if t.contains("handshakeeof") {
-        "the server closed the connection during the TLS handshake: it may not use TLS \
-         (then use http://), or it refused us"
-    } else if t.contains("handshake") || t.contains("tls") {
-        "the TLS handshake failed"
-    } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion")) {
-        "the server answered something other than plaintext gRPC: if it uses TLS, use https://"
-    } else {
-        return None;
-    };
-    Some(format!("{hint} ({})", text.trim()))
 }
 
 fn is_lease_not_found(e: &ec::Error) -> bool {
