@@ -1,6 +1,7 @@
 //! The command line: global options, the commands, value parsers, and connecting.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -70,8 +71,10 @@ pub(crate) struct Cli {
 /// Options every command takes.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Global {
-    /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, mem:// for the
-    /// embedded store (redis:// and redlock:// are not supported yet).
+    /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, https://… for
+    /// etcd over TLS, mem:// for the embedded store (redis:// and redlock:// are not
+    /// supported yet). A password in the URL (http://user:pass@h:p) is visible in `ps`:
+    /// prefer --password-file or $BATON_PASSWORD.
     #[arg(
         long,
         global = true,
@@ -95,6 +98,40 @@ pub(crate) struct Global {
         value_parser = positive_duration
     )]
     pub(crate) dial_timeout: Duration,
+
+    /// Authenticate as this etcd user. The password comes from --password-file, else
+    /// $BATON_PASSWORD, else the URL (never give it on the command line: `ps` shows it).
+    #[arg(long, global = true, env = "BATON_USER", value_name = "NAME")]
+    pub(crate) user: Option<String>,
+
+    /// Read the password from this file (its first line; a trailing newline is dropped).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) password_file: Option<PathBuf>,
+
+    /// Verify https:// servers with this CA certificate (PEM) instead of the system's roots,
+    /// as etcdctl's --cacert.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) cacert: Option<PathBuf>,
+
+    /// Present this client certificate (PEM) to https:// servers that require one (mutual
+    /// TLS); needs --key.
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    pub(crate) cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
+
+    /// Confine every key baton creates or reads to this prefix (such as team-a/), so that
+    /// teams share one etcd without colliding; an etcd role may then cover only the prefix.
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_NAMESPACE",
+        value_name = "PREFIX",
+        default_value = ""
+    )]
+    pub(crate) namespace: String,
 
     /// Set by `parse` from where `--endpoints` came from: true if given on the command line
     /// or in $BATON_ENDPOINTS, false if it is the default.
@@ -245,11 +282,59 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
             "{scheme}:// endpoints are not supported by the baton command yet: use http:// or etcd:// (etcd), or mem://"
         )));
     }
-    baton::Client::builder(endpoints)
+    let mut builder = baton::Client::builder(endpoints)
         .with_dial_timeout(global.dial_timeout)
-        .connect()
-        .await
-        .map_err(CliError::failed)
+        .with_namespace(global.namespace.clone());
+    // The embedded store has no TLS or users: a $BATON_USER meant for etcd must not break
+    // `baton demo`.
+    if scheme != Some("mem") {
+        if global.cacert.is_some() || global.cert.is_some() {
+            let mut tls = baton::TlsConfig::new();
+            if let Some(ca) = &global.cacert {
+                tls = tls.with_ca_file(ca);
+            }
+            if let (Some(cert), Some(key)) = (&global.cert, &global.key) {
+                tls = tls.with_client_cert(cert, key);
+            }
+            builder = builder.with_tls(tls);
+        }
+        match (&global.user, password(global)?) {
+            (Some(user), Some(password)) => builder = builder.with_user(user, password),
+            (Some(user), None) if !endpoints.contains('@') => {
+                return Err(CliError::failed(format!(
+                    "--user {user} needs a password: give it with --password-file FILE or \
+                     $BATON_PASSWORD"
+                )))
+            }
+            (Some(_), None) => {}
+            (None, Some(password)) => builder = builder.with_password(password),
+            (None, None) => {}
+        }
+    }
+    builder.connect().await.map_err(CliError::failed)
+}
+
+/// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.
+fn password(global: &Global) -> Result<Option<String>, CliError> {
+    if let Some(path) = &global.password_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::failed(format!(
+                "cannot read the password file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let first = text.lines().next().unwrap_or_default();
+        if first.is_empty() {
+            return Err(CliError::failed(format!(
+                "the password file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(Some(first.to_string()));
+    }
+    Ok(std::env::var("BATON_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty()))
 }
 
 /// Start a session (a lease kept alive) with this TTL.
@@ -324,6 +409,26 @@ mod tests {
         assert!(cli.global.endpoints_given);
         let cli = parse(["baton", "--endpoints", "mem://x", "demo"]).unwrap();
         assert!(cli.global.endpoints_given);
+    }
+
+    #[test]
+    fn security_options() {
+        let cli = parse([
+            "baton",
+            "--user",
+            "app",
+            "--cacert",
+            "ca.pem",
+            "--namespace",
+            "team-a/",
+            "status",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.user.as_deref(), Some("app"));
+        assert_eq!(cli.global.namespace, "team-a/");
+        // --cert and --key go together.
+        assert!(parse(["baton", "--cert", "c.pem", "status"]).is_err());
+        assert!(parse(["baton", "--cert", "c.pem", "--key", "k.pem", "status"]).is_ok());
     }
 
     #[test]

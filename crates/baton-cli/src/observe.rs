@@ -41,6 +41,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         tokio::select! {
             leader = leaders.next() => {
                 let Some(leader) = leader else {
+                    if let Some(e) = leaders.take_error() {
+                        return Err(CliError::failed(e));
+                    }
                     return Err(CliError::failed("observing the election ended unexpectedly"));
                 };
                 if print_leader(&out, &args.name, &leader).is_err() {

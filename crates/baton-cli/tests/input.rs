@@ -48,7 +48,7 @@ fn bad_urls_exit_125_with_one_line() {
         "ftp://x:1",
         "http://host",
         "http://host:99999",
-        "https://h:1",
+        "https://h",
     ] {
         assert_one_line_125(&["--endpoints", url, "lock", "x"], "invalid endpoint");
     }

@@ -1,0 +1,249 @@
+//! `baton` against etcd with TLS (mutual), authentication and a prefix-scoped role: the
+//! flags work, denials exit 125 at once, and no password or token is ever printed.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use baton_testkit::{EtcdServerOptions, TestPki};
+use common::*;
+
+const ROOT_PASSWORD: &str = "Root-Secret-7c4e";
+const APP_PASSWORD: &str = "App-Secret-2b9a";
+
+/// Everything `baton` printed, both streams.
+fn all_output(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Fail if a secret appears anywhere in the output: the passwords, or anything that looks
+/// like an etcd simple token (16 letters, a dot, a number).
+fn assert_no_secret(what: &str, out: &Output) {
+    let text = all_output(out);
+    for secret in [APP_PASSWORD, ROOT_PASSWORD, "wrong-Secret-0000"] {
+        assert!(!text.contains(secret), "{what} printed a password:\n{text}");
+    }
+    assert!(
+        !looks_like_token(&text),
+        "{what} printed something like a token:\n{text}"
+    );
+}
+
+/// True if `text` holds a word shaped like an etcd 3.4 simple token: 16 random letters, a
+/// dot, the index of the Authenticate request.
+fn looks_like_token(text: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '.'))
+        .any(|w| {
+            let Some((head, tail)) = w.split_once('.') else {
+                return false;
+            };
+            head.len() == 16
+                && head.chars().all(|c| c.is_ascii_alphabetic())
+                && !tail.is_empty()
+                && tail.chars().all(|c| c.is_ascii_digit())
+        })
+}
+
+#[test]
+fn the_token_detector_detects_tokens() {
+    assert!(looks_like_token("token: \"qWeRtYuIoPaSdFgH.42\""));
+    assert!(!looks_like_token("lock locks/x/694d7f3a2c1b token 17"));
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn tls_user_and_prefix_role_through_the_command_line() {
+    let pki = TestPki::generate();
+    let etcd = {
+        assert!(baton_testkit::etcd_available(), "etcd is needed");
+        EtcdServer::start_with(
+            EtcdServerOptions::new()
+                .with_tls(&pki)
+                .with_client_cert_auth(),
+        )
+    };
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/")]);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{APP_PASSWORD}\n")).unwrap();
+    let wrong_file = dir.path().join("wrong");
+    std::fs::write(&wrong_file, "wrong-Secret-0000\n").unwrap();
+
+    let ca = pki.ca_file();
+    let (cert, key) = (pki.client_cert_file(), pki.client_key_file());
+    let secure = |endpoints: &str| -> Command {
+        let mut cmd = baton(endpoints);
+        cmd.env_remove("BATON_PASSWORD")
+            .env_remove("BATON_USER")
+            .arg("--cacert")
+            .arg(&ca)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key);
+        cmd
+    };
+    let endpoint = etcd.endpoint();
+    let mut outputs: Vec<(String, Output)> = Vec::new();
+
+    // In the role's prefix: the lock is taken and CMD runs.
+    let (out, _) = run(secure(&endpoint)
+        .args(["--user", "app", "--password-file"])
+        .arg(&password_file)
+        .args(["lock", "locks/x", "--", "sh", "-c", "echo ran"]));
+    assert_eq!(code(&out), 0, "{}", all_output(&out));
+    assert_eq!(stdout(&out).trim(), "ran");
+    outputs.push(("lock in the prefix".into(), out));
+
+    // The same with $BATON_USER / $BATON_PASSWORD, --json.
+    let (out, _) = run(secure(&endpoint)
+        .env("BATON_USER", "app")
+        .env("BATON_PASSWORD", APP_PASSWORD)
+        .args(["--json", "lock", "locks/y", "--", "true"]));
+    assert_eq!(code(&out), 0, "{}", all_output(&out));
+    outputs.push(("lock --json, env password".into(), out));
+
+    // Outside the prefix: denied, exit 125 at once, one clear line.
+    let (out, took) = run(secure(&endpoint)
+        .args(["--user", "app", "--password-file"])
+        .arg(&password_file)
+        .args(["lock", "other/x", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("permission denied"), "{err:?}");
+    assert!(took < Duration::from_secs(5), "denied after {took:?}");
+    outputs.push(("lock outside the prefix".into(), out));
+
+    // Observing an election outside the prefix: the same, not retried forever.
+    let (out, took) = run(secure(&endpoint)
+        .args(["--user", "app", "--password-file"])
+        .arg(&password_file)
+        .args(["observe", "other/e"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    assert!(
+        stderr_lines(&out)[0].contains("permission denied"),
+        "{}",
+        all_output(&out)
+    );
+    assert!(took < Duration::from_secs(5), "denied after {took:?}");
+    outputs.push(("observe outside the prefix".into(), out));
+
+    // A wrong password: 125, "authentication failed", the password not shown.
+    let (out, _) = run(secure(&endpoint)
+        .args(["--json", "--user", "app", "--password-file"])
+        .arg(&wrong_file)
+        .args(["lock", "locks/x", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    assert!(
+        all_output(&out).contains("authentication failed"),
+        "{}",
+        all_output(&out)
+    );
+    outputs.push(("wrong password".into(), out));
+
+    // The password in the URL works too (and is redacted from every message).
+    let port = etcd.client_port();
+    let in_url = format!("https://app:{APP_PASSWORD}@127.0.0.1:{port}");
+    let (out, _) = run(secure(&in_url).args(["lock", "locks/z", "--", "true"]));
+    assert_eq!(code(&out), 0, "{}", all_output(&out));
+    outputs.push(("password in the URL".into(), out));
+    let (out, _) = run(secure(&in_url).args(["lock", "other/z", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    outputs.push(("password in the URL, denied".into(), out));
+    let bad_url = format!("https://app:{APP_PASSWORD}@127.0.0.1:{port}/path");
+    let (out, _) = run(secure(&bad_url).args(["lock", "locks/z", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    outputs.push(("malformed URL with a password".into(), out));
+
+    // --user without a password, and TLS problems, are clear errors too.
+    let (out, _) = run(secure(&endpoint).args(["--user", "app", "lock", "locks/x", "--", "true"]));
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr_lines(&out)[0].contains("needs a password"),
+        "{out:?}"
+    );
+    let (out, _) = run(baton(&endpoint)
+        .env("BATON_USER", "app")
+        .env("BATON_PASSWORD", APP_PASSWORD)
+        .args(["lock", "locks/x", "--", "true"]));
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr_lines(&out)[0].contains("trusted CA"),
+        "{}",
+        all_output(&out)
+    );
+    outputs.push(("no CA".into(), out));
+    let (out, _) = run(baton(&endpoint)
+        .env("BATON_USER", "app")
+        .env("BATON_PASSWORD", APP_PASSWORD)
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["lock", "locks/x", "--", "true"]));
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr_lines(&out)[0].contains("client certificate"),
+        "{}",
+        all_output(&out)
+    );
+    outputs.push(("no client certificate".into(), out));
+
+    // Full tracing, on a success and a failure: still no secret.
+    for (what, name) in [("trace, success", "locks/t"), ("trace, denied", "other/t")] {
+        let (out, _) = run(secure(&endpoint)
+            .env("RUST_LOG", "trace")
+            .env("BATON_USER", "app")
+            .env("BATON_PASSWORD", APP_PASSWORD)
+            .args(["lock", name, "--", "true"]));
+        assert!(!out.stderr.is_empty(), "RUST_LOG=trace printed nothing");
+        outputs.push((what.into(), out));
+    }
+
+    for (what, out) in &outputs {
+        if std::env::var_os("SHOW_OUTPUT").is_some() && !what.starts_with("trace") {
+            eprintln!("--- {what}: {}", all_output(out).trim());
+        }
+        assert_no_secret(what, out);
+    }
+}
+
+#[test]
+fn namespaces_keep_teams_apart() {
+    let etcd = etcd();
+    let endpoint = etcd.endpoint();
+    let mut holder = Proc::spawn(baton(&endpoint).args(["--namespace", "team-a/", "lock", "jobs"]));
+    let line = holder.line();
+    assert!(line.contains("jobs/"), "{line}");
+
+    // Team B's lock of the same name is free; team A's is taken.
+    let (out, _) = run(baton(&endpoint).args([
+        "--namespace",
+        "team-b/",
+        "lock",
+        "--try",
+        "jobs",
+        "--",
+        "true",
+    ]));
+    assert_eq!(code(&out), 0, "{}", all_output(&out));
+    let (out, _) = run(baton(&endpoint)
+        .env("BATON_NAMESPACE", "team-a/")
+        .args(["lock", "--try", "jobs", "--", "true"]));
+    assert_eq!(code(&out), 124, "{}", all_output(&out));
+
+    // The keys live under the namespace.
+    let held = keys(&etcd, "team-a/jobs/");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(keys(&etcd, "jobs/").is_empty());
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+}
