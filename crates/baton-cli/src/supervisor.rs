@@ -206,6 +206,8 @@ fn spawn(job: &Job) -> Result<Child, CliError> {
     command
         .args(args)
         .envs(job.env.iter().cloned())
+        // The password was for baton; CMD does not get it.
+        .env_remove("BATON_PASSWORD")
         .process_group(0);
     die_with_parent(&mut command);
     command.spawn().map_err(|e| spawn_error(program, &e))

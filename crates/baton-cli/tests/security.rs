@@ -104,12 +104,19 @@ fn tls_user_and_prefix_role_through_the_command_line() {
     assert_eq!(stdout(&out).trim(), "ran");
     outputs.push(("lock in the prefix".into(), out));
 
-    // The same with $BATON_USER / $BATON_PASSWORD, --json.
+    // The same with $BATON_USER / $BATON_PASSWORD, --json; CMD does not inherit the
+    // password.
     let (out, _) = run(secure(&endpoint)
         .env("BATON_USER", "app")
         .env("BATON_PASSWORD", APP_PASSWORD)
-        .args(["--json", "lock", "locks/y", "--", "true"]));
+        .args(["--json", "lock", "locks/y", "--", "sh", "-c"])
+        .arg(r#"echo "password=${BATON_PASSWORD:-unset}""#));
     assert_eq!(code(&out), 0, "{}", all_output(&out));
+    assert!(
+        stdout(&out).contains("password=unset"),
+        "{}",
+        all_output(&out)
+    );
     outputs.push(("lock --json, env password".into(), out));
 
     // Outside the prefix: denied, exit 125 at once, one clear line.

@@ -96,6 +96,12 @@ async fn tls_needs_the_right_ca_and_never_falls_back() {
 
     // https:// to a plaintext server: a TLS error saying so.
     let plain_server = EtcdServer::start_async().await;
+    // (A user for a cluster without authentication is accepted and ignored, as by etcdctl.)
+    Client::builder(&plain_server.endpoint())
+        .with_user("nobody", "whatever")
+        .connect()
+        .await
+        .unwrap();
     let wrong = plain_server.endpoint().replacen("http://", "https://", 1);
     let err = connect(&wrong, Some(TlsConfig::new().with_ca_file(pki.ca_file())))
         .await
