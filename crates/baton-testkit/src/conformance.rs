@@ -16,6 +16,7 @@ use baton::{Client, Error, Mutex, Session};
 /// A backend the suite runs against: endpoints, plus whatever keeps the servers alive.
 pub struct Backend {
     endpoints: String,
+    namespace: String,
     _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -23,6 +24,7 @@ impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
             .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
             .finish()
     }
 }
@@ -32,6 +34,7 @@ impl Backend {
     pub fn mem() -> Backend {
         Backend {
             endpoints: format!("mem://conformance-{}", unique()),
+            namespace: String::new(),
             _keep: None,
         }
     }
@@ -40,8 +43,21 @@ impl Backend {
     pub fn new(endpoints: String, servers: impl std::any::Any + Send + Sync) -> Backend {
         Backend {
             endpoints,
+            namespace: String::new(),
             _keep: Some(Box::new(servers)),
         }
+    }
+
+    /// The same backend seen through a namespace: every client and coordinator is confined
+    /// to the keys under `prefix` (a key prefix on Redis).
+    pub fn with_namespace(mut self, prefix: &str) -> Backend {
+        self.namespace = prefix.to_string();
+        self
+    }
+
+    /// A coordinator builder for this backend (and its namespace).
+    pub fn coordinator(&self) -> baton::CoordinatorBuilder {
+        baton::Coordinator::builder(&self.endpoints).with_namespace(self.namespace.clone())
     }
 
     /// The endpoint URL(s).
@@ -53,6 +69,7 @@ impl Backend {
     pub async fn client(&self) -> Client {
         Client::builder(&self.endpoints)
             .with_dial_timeout(Duration::from_secs(5))
+            .with_namespace(self.namespace.clone())
             .connect()
             .await
             .unwrap()
@@ -995,13 +1012,7 @@ pub async fn rwlock_cancel_and_loss(b: &Backend) {
 /// Code written only against `Coordinator` and its traits: locks exclude, tokens increase,
 /// `try_lock` reports Locked, elections lead/observe/resign.
 pub async fn coordinator_traits(b: &Backend) {
-    let connect = || async {
-        baton::Coordinator::builder(b.endpoints())
-            .with_ttl(TTL)
-            .connect()
-            .await
-            .unwrap()
-    };
+    let connect = || async { b.coordinator().with_ttl(TTL).connect().await.unwrap() };
     let (c1, c2) = (connect().await, connect().await);
     let lock = name("coord");
     let g1 = c1.lock(&lock).unwrap().lock().await.unwrap();
@@ -1057,11 +1068,7 @@ pub async fn coordinator_mutual_exclusion(b: &Backend) {
     let last = Arc::new(StdMutex::new(0i64));
     let mut tasks = Vec::new();
     for _ in 0..WORKERS {
-        let c = baton::Coordinator::builder(b.endpoints())
-            .with_ttl(TTL)
-            .connect()
-            .await
-            .unwrap();
+        let c = b.coordinator().with_ttl(TTL).connect().await.unwrap();
         let (lock, holding, last) = (lock.clone(), holding.clone(), last.clone());
         let redlock = is_redlock(b);
         tasks.push(tokio::spawn(async move {
@@ -1093,13 +1100,7 @@ pub async fn coordinator_mutual_exclusion(b: &Backend) {
 /// Through the traits: `try_lock` on a held lock is `Locked`, `lock_timeout` is `Timeout`, a
 /// dropped waiter leaves nothing that blocks the next one, and bad names are refused.
 pub async fn coordinator_cancel_and_timeout(b: &Backend) {
-    let connect = || async {
-        baton::Coordinator::builder(b.endpoints())
-            .with_ttl(TTL)
-            .connect()
-            .await
-            .unwrap()
-    };
+    let connect = || async { b.coordinator().with_ttl(TTL).connect().await.unwrap() };
     let (c1, c2) = (connect().await, connect().await);
     let lock = name("coord-cancel");
     let held = c1.lock(&lock).unwrap().lock().await.unwrap();
@@ -1145,13 +1146,7 @@ async fn next_leader(
 /// Through the traits: a candidate waits while another leads, leads once the leader
 /// resigns, and an observer sees both leaders' values.
 pub async fn coordinator_election_handover(b: &Backend) {
-    let connect = || async {
-        baton::Coordinator::builder(b.endpoints())
-            .with_ttl(TTL)
-            .connect()
-            .await
-            .unwrap()
-    };
+    let connect = || async { b.coordinator().with_ttl(TTL).connect().await.unwrap() };
     let (c1, c2, c3) = (connect().await, connect().await, connect().await);
     let election = name("coord-elect");
     let mut obs = c3.election(&election).unwrap().observe();

@@ -1,6 +1,7 @@
 //! The conformance suite (`baton_testkit::conformance`) on every store: the embedded store,
 //! one real etcd node, and a real 3-node etcd cluster; and its backend-neutral cases
-//! (`coordinator_*`) on one real Redis and on Redlock over 5 real Redis masters.
+//! (`coordinator_*`) on one real Redis and on Redlock over 5 real Redis masters. The
+//! embedded store, one etcd node and one Redis run it a second time through a namespace.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -19,6 +20,18 @@ async fn etcd() -> Backend {
 async fn etcd_cluster() -> Backend {
     let cluster = EtcdCluster::start_async(3).await;
     Backend::new(cluster.endpoints_url(), cluster)
+}
+
+async fn mem_namespaced() -> Backend {
+    Backend::mem().with_namespace("team-a/")
+}
+
+async fn etcd_namespaced() -> Backend {
+    etcd().await.with_namespace("team-a/")
+}
+
+async fn redis_namespaced() -> Backend {
+    redis().await.with_namespace("team-a:")
 }
 
 async fn redis() -> Backend {
@@ -50,6 +63,8 @@ macro_rules! all_backends {
         suite!(mem: $($case),*);
         suite!(etcd: $($case),*);
         suite!(etcd_cluster: $($case),*);
+        suite!(mem_namespaced: $($case),*);
+        suite!(etcd_namespaced: $($case),*);
     };
 }
 
@@ -58,6 +73,7 @@ macro_rules! redis_backends {
     ($($case:ident),* $(,)?) => {
         suite!(redis: $($case),*);
         suite!(redlock: $($case),*);
+        suite!(redis_namespaced: $($case),*);
     };
 }
 
