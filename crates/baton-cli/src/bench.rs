@@ -227,7 +227,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let ours = measure(&config, &baton).await?;
     let theirs = match &peer {
         Some(p) => {
-            quiesce().await;
+            quiesce(ours.elapsed).await;
             if config.scenario == Scenario::Scale {
                 settle_heap(heap_before).await;
             }
@@ -263,9 +263,10 @@ async fn measure(config: &Config, target: &dyn Target) -> Result<Measured, CliEr
 }
 
 /// A pause between two measured runs, so that what one run leaves behind on the server
-/// (closing connections and watches, revoked leases) does not count against the next.
-async fn quiesce() {
-    tokio::time::sleep(Duration::from_secs(1)).await;
+/// (closing connections and watches, revoked leases) does not count against the next: half
+/// as long as the previous run took, at most a second.
+async fn quiesce(previous: Duration) {
+    tokio::time::sleep((previous / 2).min(Duration::from_secs(1))).await;
 }
 
 /// Wait (at most 30 s) until the heap is back near `baseline`: `scale` measures memory with
@@ -298,17 +299,21 @@ async fn sweep(
     chart_path: &std::path::Path,
 ) -> Result<u8, CliError> {
     let mut points = Vec::new();
+    let mut previous = Duration::ZERO;
     for workers in SWEEP {
         let config = Config {
             workers,
             ..config.clone()
         };
-        quiesce().await;
+        quiesce(previous).await;
         let ours = measure(&config, baton).await?;
+        previous = ours.elapsed;
         let theirs = match peer {
             Some(p) => {
-                quiesce().await;
-                Some((p.name(), measure(&config, p).await?))
+                quiesce(previous).await;
+                let m = measure(&config, p).await?;
+                previous = m.elapsed;
+                Some((p.name(), m))
             }
             None => None,
         };
