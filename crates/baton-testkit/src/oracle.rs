@@ -633,13 +633,17 @@ impl History {
         holds
     }
 
-    /// No two holds of one lock overlap, except holds of workers in `exempt` (paused ones).
-    /// A hold without an end overlaps everything after its start.
+    /// No two holds of one lock overlap, and later holds have greater tokens, except holds
+    /// of workers in `exempt` (paused ones). A hold without an end overlaps everything after
+    /// its start. A hold that ended before it started — the worker saw its grant only after
+    /// its local deadline had passed (a starved task, a paused process) — held nothing while
+    /// the worker knew of it, and is left out; fencing covers anything it wrote.
     pub fn check_intervals(&self, exempt: &[&str]) -> Result<(), Violation> {
         let holds: Vec<Hold> = self
             .holds()
             .into_iter()
             .filter(|h| !exempt.contains(&h.worker.as_str()))
+            .filter(|h| h.end.is_none_or(|end| end > h.start))
             .collect();
         let mut by_lock: HashMap<&str, Vec<&Hold>> = HashMap::new();
         for h in &holds {
@@ -874,6 +878,17 @@ mod tests {
             ],
         };
         assert!(open.check_intervals(&[]).is_err());
+
+        // A hold seen only after its deadline (it ended before it started) is left out.
+        let late = History {
+            records: vec![
+                rec("l", 5, "a", acq(1, 100)),
+                rec("l", 5, "a", end(1, 200)),
+                rec("l", 3, "b", acq(1, 300)),
+                rec("l", 3, "b", end(1, 250)),
+            ],
+        };
+        late.check_intervals(&[]).unwrap();
 
         // A later grant with a lower token is a violation.
         let lower = History {
