@@ -152,7 +152,40 @@ pub(crate) async fn delete_if_owned(
     Ok(store.txn(txn).await?.succeeded)
 }
 
-/// Release `key` in the background (guard drop): compare-and-delete, then free the claim.
+/// [`delete_if_owned`], retried until the store gives a definite answer, so that the key's
+/// claim is freed only once the delete is known to have happened or not.
+///
+/// A delete that failed (timed out, say) may still be applied later, by a member that
+/// received it. If the claim were freed at once, the same session could take the same name
+/// again, find its old key still there and adopt it — same create revision — and the late
+/// delete would then take that new hold away while another waiter is granted. Retrying is
+/// safe (the compare is on the create revision), and once a retry has answered, the old
+/// request can no longer match anything: a deleted key's revision never comes back.
+///
+/// Gives up when the session is lost (its lease takes the key), or on an error that
+/// retrying cannot cure.
+pub(crate) async fn settle_delete(
+    store: &Arc<dyn Store>,
+    key: &[u8],
+    create_rev: Revision,
+    claim: &OwnedClaim,
+) -> Result<bool> {
+    let mut backoff = RETRY_MIN;
+    loop {
+        match delete_if_owned(store, key, create_rev).await {
+            Ok(deleted) => return Ok(deleted),
+            Err(e) if e.is_retryable() && !claim.session_lost() => {
+                tracing::debug!(error = %e, "release failed; retrying until the store answers");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Release `key` in the background (guard drop, or an unlock whose outcome is unknown):
+/// compare-and-delete until the store answers ([`settle_delete`]), then free the claim.
 /// Without a tokio runtime the key is left to expire with the session's lease.
 pub(crate) fn release_in_background(
     store: Arc<dyn Store>,
@@ -164,8 +197,8 @@ pub(crate) fn release_in_background(
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(
             async move {
-                if let Err(e) = delete_if_owned(&store, &key, create_rev).await {
-                    tracing::warn!(error = %e, "release on drop failed; the key expires with the lease");
+                if let Err(e) = settle_delete(&store, &key, create_rev, &claim).await {
+                    tracing::warn!(error = %e, "release failed; the key expires with the lease");
                 }
                 drop(claim);
             }

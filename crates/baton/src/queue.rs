@@ -15,7 +15,9 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::names::Queue;
-use crate::ownership::{delete_if_owned, not_held, release_in_background, Ownership};
+use crate::ownership::{
+    delete_if_owned, not_held, release_in_background, settle_delete, Ownership,
+};
 use crate::session::{OwnedClaim, Session};
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, Store, Txn, TxnOp, TxnOpResponse,
@@ -243,8 +245,8 @@ impl Entry {
 
     /// Leave the queue now and wait for our key to be removed.
     pub(crate) async fn abandon(mut self) {
-        if let Some(rev) = self.my_rev.take() {
-            if let Err(e) = delete_if_owned(&self.store, &self.key, rev).await {
+        if let (Some(rev), Some(claim)) = (self.my_rev.take(), &self.claim) {
+            if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
                 tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
             }
         }
@@ -282,7 +284,7 @@ impl Drop for Entry {
                     rt.spawn(async move {
                         if let Ok(Ok(resp)) = handle.await {
                             if let Ok(rev) = my_revision(&resp, &key) {
-                                let _ = delete_if_owned(&store, &key, rev).await;
+                                let _ = settle_delete(&store, &key, rev, &claim).await;
                             }
                         }
                         drop(claim);
@@ -404,11 +406,22 @@ impl Held {
         let result = delete_if_owned(&store, self.key.as_bytes(), self.rev)
             .instrument(tracing::debug_span!("release", what, key = %self.key, token = self.rev))
             .await;
-        drop(claim);
         match result {
             Ok(true) => Ok(()),
             Ok(false) => Err(not_held(self.key.as_bytes())),
-            Err(e) => Err(e),
+            Err(e) => {
+                // The delete may still land: keep the claim until the store answers, so
+                // that this session cannot adopt the key again in between.
+                if let Some(claim) = claim {
+                    release_in_background(
+                        store,
+                        std::mem::take(&mut self.key).into_bytes(),
+                        self.rev,
+                        claim,
+                    );
+                }
+                Err(e)
+            }
         }
     }
 }

@@ -547,6 +547,11 @@ impl OwnedClaim {
     pub(crate) fn releasing(&self) {
         self.session.inner.claims.mark_releasing(&self.key);
     }
+
+    /// True once the session behind the claim is lost (its keys go with its lease).
+    pub(crate) fn session_lost(&self) -> bool {
+        self.session.is_lost()
+    }
 }
 
 impl Drop for OwnedClaim {
