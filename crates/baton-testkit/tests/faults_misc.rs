@@ -3,7 +3,7 @@
 //! - **differential testing**: random sequences of store operations (put, delete, txn with
 //!   compares, lease grant and revoke, range with sort and limit) on MemStore and on a real
 //!   etcd give the same results, modulo a revision offset and lease ids (proptest; failing
-//!   cases are kept in `proptest-regressions/`);
+//!   cases are kept in `tests/faults_misc.regressions`);
 //! - **parser fuzzing** (proptest, RELIABILITY.md row 22): endpoint URLs through
 //!   `Client::connect` and `Coordinator::builder`, and names through `Mutex::new`,
 //!   `RwLock::new`, `Election::new` and the Coordinator: no panic, no hang, bad input refused
