@@ -11,6 +11,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # --- system packages -------------------------------------------------------------------
 need=()
 command -v protoc >/dev/null       || need+=(protobuf-compiler)
+# etcd-client's protos import protobuf's well-known types, which protobuf-compiler only
+# recommends (and --no-install-recommends skips): they come with libprotobuf-dev.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null         || need+=(etcd-server)
 command -v etcdctl >/dev/null      || need+=(etcd-client)
 command -v redis-server >/dev/null || need+=(redis-server)
