@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
 use crate::security::{Credentials, Secret, TlsConfig};
 use crate::session::{Session, DEFAULT_TTL};
+use crate::store::LeaseId;
 
 /// Something held: a lock, or a leadership.
 #[async_trait]
@@ -163,6 +164,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// The store, for the etcd family.
     fn client(&self) -> Option<&Client>;
+
+    /// The session's lease, for the etcd family.
+    fn lease_id(&self) -> Option<LeaseId> {
+        None
+    }
+
+    /// The Redis client, for the Redis family.
+    #[cfg(feature = "redis")]
+    fn redis(&self) -> Option<&crate::redis::RedisClient> {
+        None
+    }
 
     /// Release everything and disconnect.
     async fn close(&self) -> Result<()>;
@@ -380,6 +392,18 @@ impl Coordinator {
         self.backend.client()
     }
 
+    /// The session's lease, on etcd and the embedded store: every hold of this coordinator
+    /// is bound to it.
+    pub fn lease_id(&self) -> Option<LeaseId> {
+        self.backend.lease_id()
+    }
+
+    /// The Redis client, on `redis://` and `redlock://`.
+    #[cfg(feature = "redis")]
+    pub fn redis(&self) -> Option<&crate::redis::RedisClient> {
+        self.backend.redis()
+    }
+
     /// Release everything (on etcd: revoke the session's lease) and disconnect.
     ///
     /// # Cancel safety
@@ -417,6 +441,10 @@ impl Backend for StoreBackend {
 
     fn client(&self) -> Option<&Client> {
         Some(&self.client)
+    }
+
+    fn lease_id(&self) -> Option<LeaseId> {
+        Some(self.session.lease_id())
     }
 
     async fn close(&self) -> Result<()> {

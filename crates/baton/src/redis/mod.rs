@@ -124,11 +124,13 @@ mod election;
 mod lock;
 mod node;
 mod redlock;
+mod status;
 mod wakeups;
 mod watchdog;
 
 pub use election::{RedisElection, RedisLeadership, RedisObserve};
 pub use lock::{RedisLock, RedisLockGuard};
+pub use status::RedisHold;
 
 use node::Node;
 use wakeups::Hub;
@@ -638,6 +640,10 @@ impl Backend for RedisClient {
 
     fn client(&self) -> Option<&Client> {
         None
+    }
+
+    fn redis(&self) -> Option<&RedisClient> {
+        Some(self)
     }
 
     async fn close(&self) -> Result<()> {

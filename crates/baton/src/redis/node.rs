@@ -20,6 +20,8 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static PROCLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/proclaim.lua")));
 static LEADER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/leader.lua")));
+static INSPECT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/inspect.lua")));
 
 /// After a failed dial, calls fail at once for this long instead of dialling again, so an
 /// unreachable Redlock minority does not slow every acquisition down.
@@ -65,6 +67,19 @@ pub(crate) enum NodeExtend {
     Extended,
     Foreign,
     Gone,
+}
+
+/// One key as one node has it, for `status`.
+#[derive(Clone, Debug)]
+pub(crate) struct Inspected {
+    /// The holder's token.
+    pub(crate) value: Vec<u8>,
+    /// The time left, in ms.
+    pub(crate) pttl_ms: i64,
+    /// The fencing counter (0 if none).
+    pub(crate) fence: i64,
+    /// True if the holder wrote an election record.
+    pub(crate) election: bool,
 }
 
 /// A leader record as one node has it.
@@ -412,6 +427,61 @@ impl Node {
             })
             .await?;
         Ok((ver > 0).then_some(ver))
+    }
+
+    /// Every key matching the glob `pattern`, by `SCAN` (which never blocks the server).
+    pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<Vec<u8>>> {
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = self
+                .run("redis scan", |mut conn| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                keys.sort_unstable();
+                keys.dedup();
+                return Ok(keys);
+            }
+            cursor = next;
+        }
+    }
+
+    /// A key as `inspect.lua` reads it: `None` unless it looks like a lock key.
+    pub(crate) async fn inspect(&self, keys: &Keys) -> Result<Option<Inspected>> {
+        let parts: Vec<Vec<u8>> = self
+            .run("redis read", |mut conn| async move {
+                INSPECT
+                    .key(&keys.lock)
+                    .key(&keys.fence)
+                    .key(&keys.record)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let num = |b: Option<&Vec<u8>>| -> i64 {
+            b.and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        let Some(value) = parts.first().cloned() else {
+            return Ok(None);
+        };
+        Ok(Some(Inspected {
+            value,
+            pttl_ms: num(parts.get(1)),
+            fence: num(parts.get(2)),
+            election: num(parts.get(3)) == 1,
+        }))
     }
 
     /// Who holds the lock: `None` if free.

@@ -48,7 +48,7 @@ pub(crate) enum Extended {
 }
 
 impl ClientInner {
-    fn no_quorum(&self, reached: usize, reason: impl Into<String>) -> Error {
+    pub(crate) fn no_quorum(&self, reached: usize, reason: impl Into<String>) -> Error {
         Error::NoQuorum {
             reached,
             needed: self.quorum,
