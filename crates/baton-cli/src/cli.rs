@@ -72,9 +72,10 @@ pub(crate) struct Cli {
 #[derive(Debug, clap::Args)]
 pub(crate) struct Global {
     /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, https://… for
-    /// etcd over TLS, mem:// for the embedded store (redis:// and redlock:// are not
-    /// supported yet). A password in the URL (http://user:pass@h:p) is visible in `ps`:
-    /// prefer --password-file or $BATON_PASSWORD.
+    /// etcd over TLS, mem:// for the embedded store, redis://h:p (rediss:// with TLS) for
+    /// one Redis server, redlock://h1:p1,h2:p2,h3:p3 for Redlock over 3 or 5 masters (lock,
+    /// elect, observe, leader, status and bench only). A password in the URL
+    /// (http://user:pass@h:p) is visible in `ps`: prefer --password-file or $BATON_PASSWORD.
     #[arg(
         long,
         global = true,
@@ -99,7 +100,7 @@ pub(crate) struct Global {
     )]
     pub(crate) dial_timeout: Duration,
 
-    /// Authenticate as this etcd user. The password comes from --password-file, else
+    /// Authenticate as this etcd user (or Redis ACL user). The password comes from --password-file, else
     /// $BATON_PASSWORD, else the URL (never give it on the command line: `ps` shows it).
     #[arg(long, global = true, env = "BATON_USER", value_name = "NAME")]
     pub(crate) user: Option<String>,
@@ -273,21 +274,22 @@ pub(crate) fn name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Connect to the backend named by `--endpoints`, within `--dial-timeout`.
-pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::Client, CliError> {
-    tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
-    let scheme = endpoints.trim().split_once("://").map(|(scheme, _)| scheme);
-    if let Some(scheme @ ("redis" | "redlock")) = scheme {
-        return Err(CliError::failed(format!(
-            "{scheme}:// endpoints are not supported by the baton command yet: use http:// or etcd:// (etcd), or mem://"
-        )));
-    }
-    let mut builder = baton::Client::builder(endpoints)
-        .with_dial_timeout(global.dial_timeout)
-        .with_namespace(global.namespace.clone());
-    // The embedded store has no TLS or users: a $BATON_USER meant for etcd must not break
-    // `baton demo`.
-    if scheme != Some("mem") {
+/// TLS settings and credentials from the global options, checked; none for `mem://` (the
+/// embedded store has no TLS or users: a $BATON_USER meant for etcd must not break `baton
+/// demo`).
+#[derive(Default)]
+struct Security {
+    tls: Option<baton::TlsConfig>,
+    user: Option<(String, String)>,
+    password: Option<String>,
+}
+
+impl Security {
+    fn from_global(global: &Global, endpoints: &str) -> Result<Security, CliError> {
+        let mut security = Security::default();
+        if scheme(endpoints) == Some("mem") {
+            return Ok(security);
+        }
         if global.cacert.is_some() || global.cert.is_some() {
             let mut tls = baton::TlsConfig::new();
             if let Some(ca) = &global.cacert {
@@ -296,10 +298,10 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
             if let (Some(cert), Some(key)) = (&global.cert, &global.key) {
                 tls = tls.with_client_cert(cert, key);
             }
-            builder = builder.with_tls(tls);
+            security.tls = Some(tls);
         }
         match (&global.user, password(global)?) {
-            (Some(user), Some(password)) => builder = builder.with_user(user, password),
+            (Some(user), Some(password)) => security.user = Some((user.clone(), password)),
             (Some(user), None) if !endpoints.contains('@') => {
                 return Err(CliError::failed(format!(
                     "--user {user} needs a password: give it with --password-file FILE or \
@@ -307,11 +309,74 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
                 )))
             }
             (Some(_), None) => {}
-            (None, Some(password)) => builder = builder.with_password(password),
-            (None, None) => {}
+            (None, password) => security.password = password,
         }
+        Ok(security)
+    }
+}
+
+/// The scheme of the (first) endpoint URL, if it has one.
+fn scheme(endpoints: &str) -> Option<&str> {
+    endpoints.trim().split_once("://").map(|(scheme, _)| scheme)
+}
+
+/// True for `redis://`, `rediss://` and `redlock://` endpoints.
+pub(crate) fn is_redis(endpoints: &str) -> bool {
+    matches!(scheme(endpoints), Some("redis" | "rediss" | "redlock"))
+}
+
+/// Connect to the store named by `--endpoints` (etcd or the embedded store), within
+/// `--dial-timeout`. Redis has no store: commands that work on Redis use [`coordinator`].
+pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::Client, CliError> {
+    tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
+    if is_redis(endpoints) {
+        return Err(CliError::failed(format!(
+            "{}:// endpoints have no key-value store, which this command needs: use etcd \
+             (http://, https://, etcd://) or mem://; on Redis, baton supports lock, elect, \
+             observe, leader, status and bench",
+            scheme(endpoints).unwrap_or("redis")
+        )));
+    }
+    let security = Security::from_global(global, endpoints)?;
+    let mut builder = baton::Client::builder(endpoints)
+        .with_dial_timeout(global.dial_timeout)
+        .with_namespace(global.namespace.clone());
+    if let Some(tls) = security.tls {
+        builder = builder.with_tls(tls);
+    }
+    if let Some((user, password)) = security.user {
+        builder = builder.with_user(user, password);
+    }
+    if let Some(password) = security.password {
+        builder = builder.with_password(password);
     }
     builder.connect().await.map_err(CliError::failed)
+}
+
+/// Connect to any backend named by `--endpoints` (etcd, the embedded store, Redis,
+/// Redlock) within `--dial-timeout`; on etcd and the embedded store, start a session with
+/// this TTL; on Redis, it is each lock's expiry.
+pub(crate) async fn coordinator(
+    global: &Global,
+    ttl: Duration,
+) -> Result<baton::Coordinator, CliError> {
+    tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
+    let endpoints = &global.endpoints;
+    let security = Security::from_global(global, endpoints)?;
+    let mut builder = baton::Coordinator::builder(endpoints)
+        .with_ttl(ttl)
+        .with_dial_timeout(global.dial_timeout)
+        .with_namespace(global.namespace.clone());
+    if let Some(tls) = security.tls {
+        builder = builder.with_tls(tls);
+    }
+    if let Some((user, password)) = security.user {
+        builder = builder.with_user(user, password);
+    }
+    if let Some(password) = security.password {
+        builder = builder.with_password(password);
+    }
+    builder.connect().await.map_err(CliError::from)
 }
 
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.
@@ -352,6 +417,17 @@ pub(crate) async fn session(
 /// How long releasing (unlock, resign, revoke) may take before `baton` gives up and lets
 /// the lease expire.
 pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Close a coordinator (on etcd, revoking its session's lease, which deletes its keys; on
+/// Redis, releasing what it holds), within [`RELEASE_TIMEOUT`]; a failure is only traced,
+/// since the lease (or the keys' TTL) expires anyway.
+pub(crate) async fn close_coordinator(coordinator: &baton::Coordinator) {
+    match tokio::time::timeout(RELEASE_TIMEOUT, coordinator.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "closing failed; the holds expire"),
+        Err(_) => tracing::warn!("closing timed out; the holds expire"),
+    }
+}
 
 /// Close a session (revoking its lease, which deletes its keys), within
 /// [`RELEASE_TIMEOUT`]; a failure is only traced, since the lease expires anyway.

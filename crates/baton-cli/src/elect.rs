@@ -22,24 +22,27 @@ Examples:
   baton elect --timeout 1m scheduler 10.0.0.8:8080 -- ./scheduler
 
 When elected, baton prints one line. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN
-(the leader key's create revision) in its environment. If the leadership is lost while CMD
+(on etcd the leader key's create revision; on redis:// the lock's counter; none on
+redlock://) in its environment. If the leadership is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
 `leadership lost` on stderr and exits 122. Otherwise it resigns when CMD exits and exits
-with CMD's exit code. The keys are those of etcdctl elect.";
+with CMD's exit code. On etcd the keys are those of etcdctl elect; on Redis the election is
+the lock NAME, whose holder leads (candidates are not queued in order).";
 
 /// `baton elect`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// The election's name. The candidate key is NAME/ followed by the lease id in hex.
+    /// The election's name. On etcd the candidate key is NAME/ followed by the lease id in
+    /// hex; on Redis the leader holds the key NAME.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 
     /// The value to proclaim while leader (an address, say); `baton leader` prints it.
     pub(crate) value: String,
 
-    /// The session's lease TTL: if baton dies, the next candidate leads after this long.
-    /// At least 2s.
+    /// The session's lease TTL (on Redis: the key's expiry, renewed every TTL/3): if baton
+    /// dies, the next candidate leads after this long. At least 2s on etcd.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
@@ -60,47 +63,50 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let client = signals
-        .interruptible(cli::connect(global, &global.endpoints))
+    let coordinator = signals
+        .interruptible(cli::coordinator(global, args.ttl))
         .await?;
-    let session = signals
-        .interruptible(cli::session(&client, args.ttl))
-        .await?;
-    let result = elected(&out, &session, &args, &mut signals).await;
-    cli::close(&session).await;
+    let result = elected(&out, &coordinator, &args, &mut signals).await;
+    cli::close_coordinator(&coordinator).await;
     result
 }
 
 async fn elected(
     out: &Output,
-    session: &baton::Session,
+    coordinator: &baton::Coordinator,
     args: &Args,
     signals: &mut Signals,
 ) -> Result<u8, CliError> {
-    let election = baton::Election::new(session, &args.name)?;
-    let leadership = signals.interruptible(campaign(&election, args)).await?;
+    let election = coordinator.election(&args.name)?;
+    let leadership = signals
+        .interruptible(campaign(election.as_ref(), args))
+        .await?;
     let key = leadership.key().to_string();
     let token = leadership.fencing_token();
     tracing::info!(key = %key, token, "elected");
     let _ = out.emit(
-        &format!("elected {key} token={token}"),
+        &format!("elected {key}{}", output::token_suffix(token)),
         &json!({
             "event": "elected",
             "name": args.name,
             "key": key,
             "fencing_token": token,
-            "lease": output::lease_hex(session.lease_id()),
-            "ttl_secs": session.ttl().as_secs(),
+            "lease": coordinator.lease_id().map(output::lease_hex),
+            "ttl_secs": args.ttl.as_secs(),
+            "backend": coordinator.backend(),
         }),
     );
 
-    let job = (!args.command.is_empty()).then(|| Job {
-        argv: args.command.clone(),
-        env: vec![
-            ("BATON_ELECTION_KEY", key.clone()),
-            ("BATON_FENCING_TOKEN", token.to_string()),
-        ],
-        grace: args.grace,
+    let job = (!args.command.is_empty()).then(|| {
+        let mut env = vec![("BATON_ELECTION_KEY", key.clone())];
+        if let Some(token) = token {
+            env.push(("BATON_FENCING_TOKEN", token.to_string()));
+        }
+        Job {
+            argv: args.command.clone(),
+            env,
+            grace: args.grace,
+        }
     });
     let ending = supervisor::hold(job, leadership.lost_token(), signals, || {
         let reason = leadership
@@ -118,7 +124,7 @@ async fn elected(
     if let Ok(Ending::Lost) = ending {
         return Err(CliError::quiet(exit::LOST));
     }
-    let resigned = tokio::time::timeout(cli::RELEASE_TIMEOUT, leadership.resign()).await;
+    let resigned = tokio::time::timeout(cli::RELEASE_TIMEOUT, leadership.release()).await;
     match &resigned {
         Ok(Ok(())) => {
             tracing::info!(key = %key, "resigned");
@@ -140,7 +146,10 @@ async fn elected(
 }
 
 /// Campaign as the options say: 124 if `--timeout` passes.
-async fn campaign(election: &baton::Election, args: &Args) -> Result<baton::Leadership, CliError> {
+async fn campaign(
+    election: &dyn baton::coordinator::Elector,
+    args: &Args,
+) -> Result<Box<dyn baton::coordinator::Leading>, CliError> {
     let value = args.value.as_bytes().to_vec();
     let result = match args.timeout {
         Some(timeout) => match tokio::time::timeout(timeout, election.campaign(value)).await {

@@ -25,10 +25,22 @@ pub(crate) struct Args {
 /// Run `baton leader`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
-    let client = cli::connect(global, &global.endpoints).await?;
-    match baton::Election::leader_with(&client, &args.name).await {
+    let redis = cli::is_redis(&global.endpoints);
+    let leader = if redis {
+        let coordinator = cli::coordinator(global, baton::DEFAULT_TTL).await?;
+        let leader = coordinator.election(&args.name)?.leader().await;
+        cli::close_coordinator(&coordinator).await;
+        leader
+    } else {
+        let client = cli::connect(global, &global.endpoints).await?;
+        baton::Election::leader_with(&client, &args.name).await
+    };
+    match leader {
         Ok(leader) => {
-            let _ = out.emit(&leader.value_str(), &leader_json(&args.name, &leader));
+            let _ = out.emit(
+                &leader.value_str(),
+                &leader_json(&args.name, &leader, redis),
+            );
             Ok(0)
         }
         Err(baton::Error::NoLeader { .. }) => Err(CliError::new(

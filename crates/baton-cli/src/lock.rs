@@ -25,7 +25,8 @@ Examples:
   baton lock maintenance
 
 CMD gets BATON_LOCK_KEY and BATON_FENCING_TOKEN in its environment (on etcd also
-ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them). If the lock is lost while CMD
+ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
+fencing token, so no BATON_FENCING_TOKEN). If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
 `lock lost` on stderr and exits 122. Otherwise baton exits with CMD's exit code.
 
@@ -37,12 +38,13 @@ hand under a lock, run `baton lock NAME` without CMD in another terminal.";
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// The lock's name. Its key is NAME/ followed by the lease id in hex, as etcdctl lock makes it.
+    /// The lock's name. On etcd its key is NAME/ followed by the lease id in hex, as etcdctl
+    /// lock makes it; on Redis the key is NAME, as redsync and redis-py make it.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 
-    /// The session's lease TTL: if baton dies, the lock is free again after this long.
-    /// At least 2s.
+    /// The session's lease TTL (on Redis: the key's expiry, renewed every TTL/3): if baton
+    /// dies, the lock is free again after this long. At least 2s on etcd.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
@@ -67,51 +69,48 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let client = signals
-        .interruptible(cli::connect(global, &global.endpoints))
+    let coordinator = signals
+        .interruptible(cli::coordinator(global, args.ttl))
         .await?;
-    let session = signals
-        .interruptible(cli::session(&client, args.ttl))
-        .await?;
-    let result = locked(&out, &client, &session, &args, &mut signals).await;
-    cli::close(&session).await;
+    let result = locked(&out, &coordinator, &args, &mut signals).await;
+    cli::close_coordinator(&coordinator).await;
     result
 }
 
-/// Acquire, hold, release. The caller closes the session whatever happens, which removes a
-/// waiter key left by an interrupted or timed-out wait.
+/// Acquire, hold, release. The caller closes the coordinator whatever happens, which
+/// removes a waiter key left by an interrupted or timed-out wait (on etcd).
 async fn locked(
     out: &Output,
-    client: &baton::Client,
-    session: &baton::Session,
+    coordinator: &baton::Coordinator,
     args: &Args,
     signals: &mut Signals,
 ) -> Result<u8, CliError> {
-    let mutex = baton::Mutex::new(session, &args.name)?;
-    let guard = signals.interruptible(acquire(&mutex, args)).await?;
+    let lock = coordinator.lock(&args.name)?;
+    let guard = signals.interruptible(acquire(lock.as_ref(), args)).await?;
     let key = guard.key().to_string();
     let token = guard.fencing_token();
     tracing::info!(key = %key, token, "lock acquired");
 
     let job = if args.command.is_empty() {
         let _ = out.emit(
-            &format!("acquired {key} token={token}"),
+            &format!("acquired {key}{}", output::token_suffix(token)),
             &json!({
                 "event": "acquired",
                 "name": args.name,
                 "key": key,
                 "fencing_token": token,
-                "lease": output::lease_hex(session.lease_id()),
-                "ttl_secs": session.ttl().as_secs(),
+                "lease": coordinator.lease_id().map(output::lease_hex),
+                "ttl_secs": args.ttl.as_secs(),
+                "backend": coordinator.backend(),
             }),
         );
         None
     } else {
-        let mut env = vec![
-            ("BATON_LOCK_KEY", key.clone()),
-            ("BATON_FENCING_TOKEN", token.to_string()),
-        ];
-        if client.backend() == "etcd" {
+        let mut env = vec![("BATON_LOCK_KEY", key.clone())];
+        if let Some(token) = token {
+            env.push(("BATON_FENCING_TOKEN", token.to_string()));
+        }
+        if let (true, Some(token)) = (coordinator.backend() == "etcd", token) {
             env.push(("ETCD_LOCK_KEY", key.clone()));
             env.push(("ETCD_LOCK_REV", token.to_string()));
         }
@@ -123,7 +122,9 @@ async fn locked(
     };
 
     let lost = guard.lost_token();
-    let on_lost = |guard: &baton::MutexGuard| {
+    // `hold_and_release` hands the guard back as it holds it: a box.
+    #[allow(clippy::borrowed_box)]
+    let on_lost = |guard: &Box<dyn baton::coordinator::Guard>| {
         let reason = guard
             .lost_reason()
             .unwrap_or_else(|| "the lock key is gone".to_string());
@@ -141,7 +142,7 @@ async fn locked(
         signals,
         "the lock",
         on_lost,
-        baton::MutexGuard::unlock,
+        |guard: Box<dyn baton::coordinator::Guard>| guard.release(),
     )
     .await?;
     match ending {
@@ -160,12 +161,15 @@ async fn locked(
 
 /// Wait for the lock as the options say: 124 if `--try` finds it held or `--timeout`
 /// passes.
-async fn acquire(mutex: &baton::Mutex, args: &Args) -> Result<baton::MutexGuard, CliError> {
+async fn acquire(
+    lock: &dyn baton::coordinator::Lock,
+    args: &Args,
+) -> Result<Box<dyn baton::coordinator::Guard>, CliError> {
     let name = &args.name;
     let result = if args.try_lock {
-        mutex.try_lock().await
+        lock.try_lock().await
     } else if let Some(timeout) = args.timeout {
-        match tokio::time::timeout(timeout, mutex.lock()).await {
+        match tokio::time::timeout(timeout, lock.lock()).await {
             Ok(r) => r,
             Err(_) => {
                 return Err(CliError::new(
@@ -178,7 +182,7 @@ async fn acquire(mutex: &baton::Mutex, args: &Args) -> Result<baton::MutexGuard,
             }
         }
     } else {
-        mutex.lock().await
+        lock.lock().await
     };
     result.map_err(|e| match e {
         baton::Error::Locked { .. } => CliError::new(

@@ -1,5 +1,6 @@
 //! `baton observe NAME`: print every leader change and proclaimed value.
 
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -17,6 +18,9 @@ Each line shows the value, the leader's key, the revision of the change and the 
 fencing token (its key's create revision):
   10.0.0.7:8080 (key scheduler/694d7f3a2c1b, revision 12, token 10)
 
+On Redis, the revision counts the values published in the leader's term, and the token is
+the lock's counter (`none` on redlock://).
+
 The first line is the current leader, if there is one. Lines follow as leaders change or
 proclaim new values, until SIGINT or SIGTERM (exit 0).";
 
@@ -33,10 +37,22 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let client = signals
-        .interruptible(cli::connect(global, &global.endpoints))
-        .await?;
-    let mut leaders = baton::Election::observe_with(&client, &args.name)?;
+    let redis = cli::is_redis(&global.endpoints);
+    // On etcd, observing needs only a client, no session (no lease); on Redis, the
+    // coordinator holds no session either. It is kept alive while observing.
+    let (mut leaders, _coordinator) = if redis {
+        let coordinator = signals
+            .interruptible(cli::coordinator(global, baton::DEFAULT_TTL))
+            .await?;
+        let leaders = coordinator.election(&args.name)?.observe();
+        (Leaders::Redis(leaders), Some(coordinator))
+    } else {
+        let client = signals
+            .interruptible(cli::connect(global, &global.endpoints))
+            .await?;
+        let leaders = baton::Election::observe_with(&client, &args.name)?;
+        (Leaders::Etcd(leaders), None)
+    };
     loop {
         tokio::select! {
             leader = leaders.next() => {
@@ -46,7 +62,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     }
                     return Err(CliError::failed("observing the election ended unexpectedly"));
                 };
-                if print_leader(&out, &args.name, &leader).is_err() {
+                if print_leader(&out, &args.name, &leader, redis).is_err() {
                     // stdout is closed: nobody is reading any more.
                     return Ok(0);
                 }
@@ -56,28 +72,62 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
 }
 
-/// One leader line (shared with `baton leader --json`).
-pub(crate) fn leader_json(name: &str, leader: &baton::Leader) -> serde_json::Value {
+/// The leaders observed, on either family.
+enum Leaders {
+    Etcd(baton::Observe),
+    Redis(BoxStream<'static, baton::Leader>),
+}
+
+impl Leaders {
+    async fn next(&mut self) -> Option<baton::Leader> {
+        match self {
+            Leaders::Etcd(s) => s.next().await,
+            Leaders::Redis(s) => s.next().await,
+        }
+    }
+
+    fn take_error(&mut self) -> Option<baton::Error> {
+        match self {
+            Leaders::Etcd(s) => s.take_error(),
+            Leaders::Redis(_) => None,
+        }
+    }
+}
+
+/// One leader line (shared with `baton leader --json`). On Redis, `revision` counts the
+/// values published in the leader's term, the token is the lock's counter (none on
+/// Redlock, which reports 0), and there is no lease.
+pub(crate) fn leader_json(name: &str, leader: &baton::Leader, redis: bool) -> serde_json::Value {
+    let token = (!redis || leader.create_revision > 0).then_some(leader.create_revision);
+    let lease = (!redis).then(|| crate::output::lease_hex(leader.lease));
     json!({
         "event": "leader",
         "name": name,
         "value": leader.value_str(),
         "key": leader.key,
         "revision": leader.mod_revision,
-        "fencing_token": leader.create_revision,
-        "lease": crate::output::lease_hex(leader.lease),
+        "fencing_token": token,
+        "lease": lease,
     })
 }
 
-fn print_leader(out: &Output, name: &str, leader: &baton::Leader) -> std::io::Result<()> {
+fn print_leader(
+    out: &Output,
+    name: &str,
+    leader: &baton::Leader,
+    redis: bool,
+) -> std::io::Result<()> {
+    let token = match (redis, leader.create_revision) {
+        (true, 0) => "none".to_string(),
+        (_, token) => token.to_string(),
+    };
     out.emit(
         &format!(
-            "{} (key {}, revision {}, token {})",
+            "{} (key {}, revision {}, token {token})",
             leader.value_str(),
             leader.key,
             leader.mod_revision,
-            leader.create_revision
         ),
-        &leader_json(name, leader),
+        &leader_json(name, leader, redis),
     )
 }

@@ -68,6 +68,15 @@ pub(crate) fn lease_hex(lease: i64) -> String {
     format!("{lease:x}")
 }
 
+/// ` token=N` for a fencing token, or ` (no fencing token)` where the backend has none
+/// (Redlock).
+pub(crate) fn token_suffix(token: Option<i64>) -> String {
+    match token {
+        Some(token) => format!(" token={token}"),
+        None => " (no fencing token)".to_string(),
+    }
+}
+
 /// A duration for people: `9s`, `1m 30s`, `250ms`.
 pub(crate) fn duration(d: std::time::Duration) -> String {
     humantime::format_duration(d).to_string()

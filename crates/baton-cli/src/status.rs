@@ -26,7 +26,13 @@ Examples:
 
 Columns: NAME, KIND (lock: empty value; election: a value), HOLDER (the key created first),
 TOKEN (its create revision, the fencing token), TTL (the time left on the holder's lease),
-WAITERS (how many queue behind it, and their keys).";
+WAITERS (how many queue behind it, and their keys).
+
+On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
+expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
+on. Columns: NAME, KIND, KEY, TOKEN (the lock's counter; - on Redlock and for other
+libraries' locks), TTL (the time left on the key), SERVERS (how many hold it). Redis
+queues no waiters. Keys are listed with SCAN, which never blocks the server.";
 
 /// `baton status`.
 #[derive(Debug, clap::Args)]
@@ -71,6 +77,9 @@ struct Status {
 /// Run `baton status`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
+    if cli::is_redis(&global.endpoints) {
+        return redis_status(global, &out, args.prefix).await;
+    }
     let client = cli::connect(global, &global.endpoints).await?;
     let store = client.store();
     let resp = store
@@ -173,8 +182,7 @@ fn table(status: &Status) -> String {
             format!("no locks or elections under {:?}", status.prefix)
         };
     }
-    let header = ["NAME", "KIND", "HOLDER", "TOKEN", "TTL", "WAITERS"].map(String::from);
-    let rows: Vec<[String; 6]> = status
+    let rows: Vec<Vec<String>> = status
         .entries
         .iter()
         .map(|e| {
@@ -188,7 +196,7 @@ fn table(status: &Status) -> String {
                 let keys: Vec<&str> = e.waiters.iter().map(|w| w.key.as_str()).collect();
                 format!("{}: {}", e.waiter_count, keys.join(", "))
             };
-            [
+            vec![
                 e.name.clone(),
                 e.kind.to_string(),
                 e.holder.key.clone(),
@@ -198,20 +206,29 @@ fn table(status: &Status) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
+    render(
+        &["NAME", "KIND", "HOLDER", "TOKEN", "TTL", "WAITERS"],
+        &rows,
+    )
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     std::iter::once(&header)
-        .chain(&rows)
+        .chain(rows)
         .map(|row| {
             let cells: Vec<String> = row
                 .iter()
-                .zip(widths)
+                .zip(&widths)
                 .enumerate()
-                .map(|(i, (cell, w))| {
+                .map(|(i, (cell, &w))| {
                     if i + 1 == row.len() {
                         cell.clone()
                     } else {
@@ -223,6 +240,78 @@ fn table(status: &Status) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// One lock or election on Redis.
+#[derive(Debug, Serialize)]
+struct RedisEntry {
+    name: String,
+    kind: &'static str,
+    key: String,
+    /// The lock's counter; `None` on Redlock and for keys of other libraries.
+    fencing_token: Option<i64>,
+    /// The time left before the key expires, in ms.
+    ttl_ms: u64,
+    /// How many servers hold it (at least the quorum).
+    servers: usize,
+    /// Redis queues no waiters: always `None`.
+    waiter_count: Option<usize>,
+}
+
+/// `baton status` on `redis://` and `redlock://`.
+async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u8, CliError> {
+    let coordinator = cli::coordinator(global, baton::DEFAULT_TTL).await?;
+    let Some(redis) = coordinator.redis() else {
+        return Err(CliError::failed("not a Redis backend"));
+    };
+    let holds = redis.holds(&prefix).await;
+    cli::close_coordinator(&coordinator).await;
+    let entries: Vec<RedisEntry> = holds
+        .map_err(CliError::failed)?
+        .into_iter()
+        .map(|h| RedisEntry {
+            kind: if h.election { "election" } else { "lock" },
+            name: h.name,
+            key: h.key,
+            fencing_token: h.fencing_token,
+            ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
+            servers: h.servers,
+            waiter_count: None,
+        })
+        .collect();
+    if out.is_json() {
+        let _ = out.serialize_line(&serde_json::json!({
+            "prefix": prefix,
+            "backend": coordinator.backend(),
+            "entries": entries,
+        }));
+    } else if entries.is_empty() {
+        let _ = out.text(&if prefix.is_empty() {
+            "no locks or elections".to_string()
+        } else {
+            format!("no locks or elections under {prefix:?}")
+        });
+    } else {
+        let rows: Vec<Vec<String>> = entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.name.clone(),
+                    e.kind.to_string(),
+                    e.key.clone(),
+                    e.fencing_token
+                        .map_or_else(|| "-".to_string(), |t| t.to_string()),
+                    output::duration(Duration::from_millis(e.ttl_ms)),
+                    e.servers.to_string(),
+                ]
+            })
+            .collect();
+        let _ = out.text(&render(
+            &["NAME", "KIND", "KEY", "TOKEN", "TTL", "SERVERS"],
+            &rows,
+        ));
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -52,8 +52,23 @@ fn bad_urls_exit_125_with_one_line() {
     ] {
         assert_one_line_125(&["--endpoints", url, "lock", "x"], "invalid endpoint");
     }
-    for url in ["redis://127.0.0.1:6379", "redlock://a:1,b:2,c:3"] {
-        assert_one_line_125(&["--endpoints", url, "lock", "x"], "not supported");
+    // Malformed Redis URLs are refused before any network call.
+    for url in [
+        "redis://",
+        "redis://h:99999",
+        "redlock://127.0.0.1:1,127.0.0.1:2",
+    ] {
+        assert_one_line_125(&["--endpoints", url, "lock", "x"], "invalid endpoint");
+    }
+    // Commands that need a key-value store say so on Redis, before connecting.
+    for args in [
+        &["get", "x"][..],
+        &["sem", "x", "--permits", "2"],
+        &["demo"],
+    ] {
+        let mut full = vec!["--endpoints", "redis://127.0.0.1:6379"];
+        full.extend_from_slice(args);
+        assert_one_line_125(&full, "no key-value store");
     }
     // Credentials in a bad URL are never printed.
     let (out, _) = run(baton("mem://").args(["--endpoints", "http://u:hunter2@h", "leader", "x"]));

@@ -1,0 +1,245 @@
+//! `baton lock`, `elect`, `leader`, `observe` and `status` on `redis://` and `redlock://`,
+//! against real redis-server processes, run as a user would.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use baton_testkit::{RedisServer, RedisServers};
+use common::*;
+
+fn redis() -> RedisServer {
+    assert!(
+        baton_testkit::redis_available(),
+        "redis-server is needed for these tests: run scripts/test.sh (it installs it)"
+    );
+    RedisServer::start()
+}
+
+fn exists(server: &RedisServer, key: &str) -> bool {
+    server.command(&["EXISTS", key], Duration::from_secs(2)) == Some(":1".to_string())
+}
+
+/// Two `baton lock` processes never run their commands at once on one name, on one Redis
+/// server and on Redlock over five; CMD gets the key, and on `redis://` a fencing token
+/// that grows with each grant (on `redlock://` there is none).
+#[test]
+fn two_processes_never_run_cmd_at_once() {
+    let single = redis();
+    let five = RedisServers::start(5);
+    for (url, fenced) in [(single.url(), true), (five.redlock_url(), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let script = r#"echo "start $$ $(date +%s%N) ${BATON_FENCING_TOKEN:-none} $BATON_LOCK_KEY" >> "$LOG"; sleep 0.1; echo "end $$ $(date +%s%N)" >> "$LOG""#;
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let (url, log) = (url.clone(), log.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..3 {
+                        let (out, _) = run(baton(&url).env("LOG", &log).args([
+                            "lock",
+                            "--ttl",
+                            "3s",
+                            "shared-job",
+                            "--",
+                            "sh",
+                            "-c",
+                            script,
+                        ]));
+                        assert_eq!(out.status.code(), Some(0), "{url}: {out:?}");
+                    }
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(lines.len(), 12, "{url}: {text}");
+        let mut tokens = Vec::new();
+        for (i, pair) in lines.chunks(2).enumerate() {
+            let (s, e) = (&pair[0], &pair[1]);
+            assert_eq!(
+                (s[0], e[0]),
+                ("start", "end"),
+                "{url}: interleaved at run {i}:\n{text}"
+            );
+            assert_eq!(s[1], e[1], "{url}: interleaved at run {i}:\n{text}");
+            assert_eq!(s[4], "shared-job", "{url}: BATON_LOCK_KEY\n{text}");
+            tokens.push(s[3].to_string());
+        }
+        if fenced {
+            let tokens: Vec<i64> = tokens.iter().map(|t| t.parse().unwrap()).collect();
+            assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{url}: {tokens:?}");
+        } else {
+            assert!(tokens.iter().all(|t| t == "none"), "{url}: {tokens:?}");
+        }
+    }
+    assert!(!exists(&single, "shared-job"), "the key was left behind");
+    for i in 0..5 {
+        assert!(!exists(five.server(i), "shared-job"), "left on server {i}");
+    }
+}
+
+/// Without CMD, `baton lock` holds until SIGTERM, then releases (the key is gone) and exits
+/// 0; meanwhile `--try` exits 124 at once and `--timeout` exits 124 after it.
+#[test]
+fn try_timeout_and_release() {
+    let server = redis();
+    let url = server.url();
+    let mut holder = Proc::spawn(baton(&url).args(["--json", "lock", "held"]));
+    let acquired: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(acquired["event"], "acquired");
+    assert_eq!(acquired["key"], "held");
+    assert_eq!(acquired["backend"], "redis");
+    assert!(
+        acquired["fencing_token"].as_i64().unwrap() > 0,
+        "{acquired}"
+    );
+    assert!(acquired["lease"].is_null(), "{acquired}");
+    assert!(exists(&server, "held"));
+
+    let (out, took) = run(baton(&url).args(["lock", "--try", "held", "--", "true"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took < Duration::from_secs(2), "--try took {took:?}");
+    assert!(
+        stderr_lines(&out)[0].contains("held by another owner"),
+        "{out:?}"
+    );
+
+    let (out, took) = run(baton(&url).args(["lock", "--timeout", "300ms", "held", "--", "true"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(took >= Duration::from_millis(300), "took {took:?}");
+
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    let released: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(released["event"], "released");
+    assert!(!exists(&server, "held"), "released, yet the key is there");
+    let (out, _) = run(baton(&url).args(["lock", "--try", "held", "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// Deleting the lock key with `DEL` kills CMD once the watchdog's next extend finds it
+/// gone (within TTL/3, plus slack for a loaded machine); baton exits 122.
+#[test]
+fn deleted_key_kills_cmd() {
+    let server = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("running");
+    let mut holder = Proc::spawn(baton(&server.url()).env("MARK", &marker).args([
+        "lock",
+        "--ttl",
+        "3s",
+        "doomed",
+        "--",
+        "sh",
+        "-c",
+        "echo x > \"$MARK\"; exec sleep 30",
+    ]));
+    wait_for_file(&marker);
+    let deleted = Instant::now();
+    assert_eq!(
+        server.command(&["DEL", "doomed"], Duration::from_secs(2)),
+        Some(":1".to_string())
+    );
+    assert_eq!(holder.code(), 122);
+    let took = deleted.elapsed();
+    assert!(took < Duration::from_secs(3), "loss noticed after {took:?}");
+    let err = holder.stderr_so_far().join("\n");
+    assert!(err.contains("lock lost"), "{err}");
+}
+
+/// `baton elect` on Redis: `leader` prints the value, `--json leader` the token, `observe`
+/// the leader, `status` the election; when the leader stops, `leader` exits 1.
+#[test]
+fn elect_leader_observe_status() {
+    let server = redis();
+    let url = server.url();
+    let mut leader = Proc::spawn(baton(&url).args(["elect", "sched", "10.0.0.7:8080"]));
+    let elected = leader.line();
+    assert!(elected.starts_with("elected sched token="), "{elected}");
+    let token: i64 = elected.rsplit('=').next().unwrap().parse().unwrap();
+
+    let (out, _) = run(baton(&url).args(["leader", "sched"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out).trim(), "10.0.0.7:8080");
+    let (out, _) = run(baton(&url).args(["--json", "leader", "sched"]));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["fencing_token"], token, "{json}");
+    assert_eq!(json["key"], "sched");
+
+    let observer = Proc::spawn(baton(&url).args(["observe", "sched"]));
+    let seen = observer.line();
+    assert!(
+        seen.starts_with(&format!(
+            "10.0.0.7:8080 (key sched, revision 1, token {token})"
+        )),
+        "{seen}"
+    );
+
+    let (out, _) = run(baton(&url).args(["--json", "status"]));
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries = status["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{status}");
+    assert_eq!(entries[0]["kind"], "election");
+    assert_eq!(entries[0]["fencing_token"], token);
+    assert!(entries[0]["ttl_ms"].as_u64().unwrap() > 0);
+
+    leader.signal(libc::SIGTERM);
+    assert_eq!(leader.code(), 0);
+    let (out, _) = run(baton(&url).args(["leader", "sched"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_lines(&out)[0].contains("no leader"), "{out:?}");
+}
+
+/// `baton status` on Redlock shows the locks a quorum agrees on, with no token, and skips
+/// keys that are not locks (no expiry) and Baton's bookkeeping keys.
+#[test]
+fn status_on_redlock() {
+    let five = RedisServers::start(5);
+    let url = five.redlock_url();
+    five.server(0)
+        .command(&["SET", "jobs/plain", "x"], Duration::from_secs(2))
+        .unwrap();
+    let mut holder = Proc::spawn(baton(&url).args(["lock", "jobs/a"]));
+    let acquired = holder.line();
+    assert_eq!(acquired, "acquired jobs/a (no fencing token)");
+    let (out, _) = run(baton(&url).args(["status", "jobs/"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("NAME"), "{text}");
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        (cells[0], cells[1], cells[3]),
+        ("jobs/a", "lock", "-"),
+        "{text}"
+    );
+    assert_eq!(cells.last(), Some(&"5"), "{text}");
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    let (out, _) = run(baton(&url).args(["status", "jobs/"]));
+    assert_eq!(stdout(&out).trim(), "no locks or elections under \"jobs/\"");
+}
+
+/// Commands that need a key-value store refuse Redis with a clear message, and a bad
+/// Redlock URL is refused before any wait.
+#[test]
+fn clear_errors() {
+    let server = redis();
+    let (out, _) = run(baton(&server.url()).args(["get", "x"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr_lines(&out)[0].contains("no key-value store"),
+        "{out:?}"
+    );
+    let (out, took) =
+        run(baton(&server.url().replace("redis", "redlock")).args(["lock", "x", "--", "true"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(stderr_lines(&out)[0].contains("at least 3"), "{out:?}");
+}
