@@ -109,6 +109,24 @@ impl RedisServerOptions {
     }
 }
 
+/// Send one command (RESP) to the Redis server at `addr` and return the first line of the raw
+/// reply (`+OK`, `:1`, `-ERR …`), or `None` on any failure. Blocks the calling thread. For
+/// tampering with keys behind a client's back, and simple checks.
+pub fn redis_command(addr: SocketAddr, args: &[&str], timeout: Duration) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(req.as_bytes()).ok()?;
+    let mut buf = [0u8; 512];
+    let n = stream.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Some(text.lines().next().unwrap_or_default().to_string())
+}
+
 /// One `redis-server` on loopback, without persistence.
 ///
 /// # Examples
@@ -307,19 +325,11 @@ impl RedisServer {
     /// Send one command (RESP) and return the first line of the raw reply, or `None` on any
     /// failure. For simple checks; tests use a real client for anything more.
     pub fn command(&self, args: &[&str], timeout: Duration) -> Option<String> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
-        stream.set_read_timeout(Some(timeout)).ok()?;
-        stream.set_write_timeout(Some(timeout)).ok()?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        stream.write_all(req.as_bytes()).ok()?;
-        let mut buf = [0u8; 512];
-        let n = stream.read(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        Some(text.lines().next().unwrap_or_default().to_string())
+        redis_command(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)),
+            args,
+            timeout,
+        )
     }
 
     /// `redis://127.0.0.1:PORT`.

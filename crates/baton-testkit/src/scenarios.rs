@@ -10,12 +10,15 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, missing_docs)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::oracle::{mono_now, report, report_count, runs, Oracle};
+use crate::oracle::{mono_now, report, report_count, runs, Oracle, RecordKind};
+use crate::proxy::{Fault, FaultProxy};
+use crate::redis::redis_command;
 use crate::worker::WorkerProc;
 
 /// What kind of backend a [`Target`] is.
@@ -109,6 +112,65 @@ impl Target {
                 ok
             }
         }
+    }
+}
+
+impl Target {
+    /// The scheme of a URL that points a worker at one proxied server of this backend.
+    fn scheme(&self) -> &'static str {
+        match self.kind {
+            Kind::Store => "http",
+            Kind::Redis | Kind::Redlock => "redis",
+        }
+    }
+
+    /// Take the leadership of election `name` away from outside, as an operator would:
+    /// revoke the leader's lease (store), or `DEL` the leader key on every server (Redis,
+    /// Redlock; the key is the election's name, the workers use no prefix). The leader
+    /// learns it later, by its keep-alive or its watchdog.
+    ///
+    /// # Panics
+    ///
+    /// If there is no leader, or the key was deleted on fewer servers than a quorum.
+    pub async fn depose_leader(&self, name: &str) {
+        match self.kind {
+            Kind::Store => {
+                let c = baton::Client::connect(&self.endpoints).await.unwrap();
+                let leader = baton::Election::leader_with(&c, name).await.unwrap();
+                c.store().lease_revoke(leader.lease).await.unwrap();
+            }
+            Kind::Redis | Kind::Redlock => {
+                let addrs = self.redis_addrs();
+                let key = name.to_string();
+                let deleted = tokio::task::spawn_blocking(move || {
+                    addrs
+                        .iter()
+                        .filter(|a| {
+                            redis_command(**a, &["DEL", &key], Duration::from_secs(1)).as_deref()
+                                == Some(":1")
+                        })
+                        .count()
+                })
+                .await
+                .unwrap();
+                let n = self.redis_addrs().len();
+                assert!(
+                    deleted > n / 2,
+                    "the leader key {name} was deleted on {deleted} of {n} servers"
+                );
+            }
+        }
+    }
+
+    /// The servers of a `redis://HOST:PORT` or `redlock://HOST:PORT,…` URL.
+    fn redis_addrs(&self) -> Vec<SocketAddr> {
+        let rest = self
+            .endpoints
+            .split_once("://")
+            .map_or(self.endpoints.as_str(), |(_, r)| r);
+        rest.split(',')
+            .map(|a| a.trim_end_matches('/').parse().unwrap())
+            .collect()
     }
 }
 
@@ -311,5 +373,266 @@ pub async fn crashed_holder(t: &Target) {
         &t.label,
         "kill -9 of holder → next grant (TTL 2 s)",
         &grant,
+    );
+}
+
+/// How row 16 takes the leadership away from the leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depose {
+    /// From outside, as an operator would ([`Target::depose_leader`]): the lease revoked
+    /// (store), the leader key deleted on every server (Redis, Redlock).
+    Revoke,
+    /// The leader process SIGSTOPped for 2×TTL.
+    Pause,
+    /// The leader partitioned from its server (its own proxy blackholes both ways) for
+    /// 2×TTL.
+    Partition,
+}
+
+impl Depose {
+    /// The name the figures and the election use.
+    pub fn name(self, kind: Kind) -> &'static str {
+        match (self, kind) {
+            (Depose::Revoke, Kind::Store) => "revoke",
+            (Depose::Revoke, _) => "DEL",
+            (Depose::Pause, _) => "pause",
+            (Depose::Partition, _) => "partition",
+        }
+    }
+}
+
+/// Row 16, election split brain. Three candidate processes (TTL 2 s) campaign, and the
+/// leader writes with its token every 100 ms; then the leader is deposed (`how`). Checked:
+///
+/// - exactly one new leader, never the old one (after a revoke, within 2 s);
+/// - the old leader's `lost()` fires, by its local deadline at the latest (within
+///   TTL + 0.5 s of a revoke, TTL + 1 s of a partition), or within 1 s of SIGCONT (pause);
+///   it never leads again;
+/// - the leaderships `[elected, min(resigned, lost, deadline)]` never overlap (a revoked
+///   leader's ends at the revoke) and accepted tokens never decrease;
+/// - with fencing tokens, a paused leader's write after SIGCONT is rejected and the counter
+///   equals the acknowledged increments; on stores, the old leader's guarded txn is
+///   rejected. Redlock has no token: the old leader's writes accepted after the new grant
+///   are counted (a figure), since nothing can refuse them, and the counter is not checked.
+///
+/// `proxied`: the port of the one server that each candidate reaches through its own
+/// [`FaultProxy`] (required for [`Depose::Partition`]); `None`: candidates connect to
+/// [`Target::endpoints`] directly.
+pub async fn election_split_brain(t: &Target, how: Depose, proxied: Option<u16>) {
+    assert!(
+        how != Depose::Partition || proxied.is_some(),
+        "a partition needs proxies"
+    );
+    let ttl = Duration::from_secs(2);
+    let label = how.name(t.kind);
+    let (mut next, mut lost_after, mut late_writes) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stale_accepted = Vec::new();
+    for run in 0..runs(1) {
+        let oracle = Oracle::start().await;
+        let name = format!("elect/{label}/{run}");
+        let mut proxies = Vec::new();
+        let mut cands = Vec::new();
+        for i in 0..3 {
+            let id = format!("c{i}");
+            let mut args = vec![
+                "--lock",
+                &name,
+                "--elect",
+                &id,
+                "--ttl-ms",
+                "2000",
+                "--request-timeout-ms",
+                "1000",
+                "--writes",
+                "100000",
+                "--write-every-ms",
+                "100",
+                "--probe-after-loss",
+            ];
+            if t.kind == Kind::Store {
+                args.push("--txn");
+            }
+            let w = match proxied {
+                Some(port) => {
+                    let p = FaultProxy::start(port).await;
+                    let w = t.worker_at(&p.url(t.scheme()), &id, &oracle, &args);
+                    proxies.push(p);
+                    w
+                }
+                None => t.worker(&id, &oracle, &args),
+            };
+            cands.push(w);
+        }
+        // Who leads: the one hold the oracle has heard of.
+        let started = Instant::now();
+        let holds = loop {
+            let holds = oracle.history().holds();
+            if !holds.is_empty() {
+                break holds;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "no leader; stderr of c0:\n{}",
+                cands[0].stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        let old_name = holds[0].worker.clone();
+        let who: usize = old_name[1..].parse().unwrap();
+        expect(&mut cands[who], "acquired", Duration::from_secs(10)).await;
+        expect(&mut cands[who], "write ok", Duration::from_secs(5)).await;
+        let t_fault = mono_now();
+        match how {
+            Depose::Revoke => {
+                t.depose_leader(&name).await;
+                // From now on the old leader holds nothing, though it learns so later (a
+                // round trip, or its watchdog's next extend): its leadership ends here.
+                oracle.end_holds(&old_name, t_fault, "revoked");
+            }
+            Depose::Pause => {
+                cands[who].stop();
+            }
+            Depose::Partition => proxies[who].set_both(Fault::Blackhole),
+        }
+        // Exactly one new leader.
+        let h = loop {
+            let h = oracle.history();
+            if h.holds().iter().any(|x| x.start > t_fault) {
+                break h;
+            }
+            assert!(
+                since(t_fault, mono_now()) < 3 * ttl + Duration::from_secs(3),
+                "no new leader"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let took = h.next_grant_after(&name, t_fault).unwrap();
+        next.push(took);
+        if how == Depose::Revoke {
+            assert!(
+                took < Duration::from_secs(2),
+                "new leader {took:?} after the {label}"
+            );
+        }
+        tokio::time::sleep(if how == Depose::Revoke {
+            Duration::from_millis(500)
+        } else {
+            2 * ttl
+        })
+        .await;
+        let resumed = match how {
+            Depose::Pause => Some(cands[who].cont()),
+            Depose::Partition => {
+                proxies[who].heal();
+                None
+            }
+            Depose::Revoke => None,
+        };
+        let old = &mut cands[who];
+        let t_lost = lost_at(&expect(old, "lost", Duration::from_secs(5)).await);
+        let after = match resumed {
+            Some(resumed) => {
+                let after = since(resumed, t_lost);
+                assert!(
+                    after < Duration::from_secs(1),
+                    "lost() {after:?} after SIGCONT"
+                );
+                after
+            }
+            None => {
+                // By the local deadline at the latest: it was at most one TTL away (the
+                // slack is the wake-up; a partitioned etcd session's deadline may come a
+                // little later than a Redis hold's, its keep-alive being a round trip).
+                let slack = if how == Depose::Partition {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_millis(500)
+                };
+                let after = since(t_fault, t_lost);
+                assert!(after < ttl + slack, "lost() {after:?} after the {label}");
+                after
+            }
+        };
+        lost_after.push(after);
+        // A paused leader can act only after the new one has written: with tokens, its
+        // write is rejected. A revoked or partitioned one stops at once (revoke) or at its
+        // local deadline (partition, and Redis's DEL: the watchdog's next extend), which
+        // may be before the new leader's first write: its write is then accepted, and
+        // ordered before the new term (check_tokens below).
+        let stale = expect(old, "stale write", Duration::from_secs(5)).await;
+        if how == Depose::Pause && t.fenced() {
+            assert_eq!(stale, "stale write rejected");
+        }
+        stale_accepted.push(u64::from(stale == "stale write accepted"));
+        if t.kind == Kind::Store {
+            assert_eq!(
+                expect(old, "stale txn", Duration::from_secs(5)).await,
+                "stale txn rejected"
+            );
+        }
+        expect(old, "done", Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for w in &mut cands {
+            let t = w.kill();
+            oracle.end_holds(w.name(), t, "killed");
+        }
+        let h = oracle.history();
+        if t.fenced() {
+            h.check_all(&oracle, &[]).unwrap();
+        } else {
+            // Without tokens, a stale leader's writes may interleave with the new
+            // leader's: the counter is not a property Redlock keeps.
+            h.check_tokens().unwrap();
+            h.check_intervals(&[]).unwrap();
+        }
+        let leaders: Vec<_> = h
+            .holds()
+            .into_iter()
+            .filter(|x| x.start > t_fault)
+            .collect();
+        assert_eq!(leaders.len(), 1, "{leaders:?}");
+        assert_ne!(leaders[0].worker, old_name);
+        let new_start = leaders[0].start;
+        let late = h
+            .records
+            .iter()
+            .filter(|r| {
+                r.worker == old_name
+                    && r.at > new_start
+                    && matches!(r.kind, RecordKind::Write { accepted: true, .. })
+            })
+            .count();
+        late_writes.push(late as u64);
+    }
+    let l = &t.label;
+    report(
+        "16",
+        l,
+        &format!("election, leader {label}: next leader after"),
+        &next,
+    );
+    let from = if how == Depose::Pause {
+        "SIGCONT"
+    } else {
+        label
+    };
+    report(
+        "16",
+        l,
+        &format!("election, leader {label}: {from} → old leader's lost()"),
+        &lost_after,
+    );
+    report_count(
+        "16",
+        l,
+        &format!("election, leader {label}: old leader's writes accepted after the new grant"),
+        &late_writes,
+    );
+    report_count(
+        "16",
+        l,
+        &format!("election, leader {label}: old leader's stale write accepted"),
+        &stale_accepted,
     );
 }

@@ -18,7 +18,7 @@ use baton::store::{Compare, CompareOp, Range, Txn, TxnOp};
 use baton::{Client, Mutex, Session};
 use baton_testkit::oracle::{mono_now, report, report_count, runs, Oracle};
 use baton_testkit::proxy::{Direction, Fault, FaultProxy};
-use baton_testkit::scenarios::{self, acquired, expect, since, Kind, Target};
+use baton_testkit::scenarios::{self, acquired, expect, since, Depose, Kind, Target};
 use baton_testkit::worker::WorkerProc;
 use baton_testkit::{EtcdCluster, EtcdServer};
 use tokio::time::Instant;
@@ -840,155 +840,29 @@ async fn row15_compaction_while_waiting() {
 // ---------------------------------------------------------------------------------------
 // Row 16: election split brain
 
-/// Three candidate processes; the leader's lease is revoked (`how` = "revoke"), the leader
-/// is SIGSTOPped for 2×TTL ("pause"), or partitioned from etcd for 2×TTL through its own
-/// proxy ("partition"). Exactly one new leader; the old one learns it lost, its writes are
-/// rejected, and it never leads again with its old token; leaderships never overlap.
-async fn election_split_brain(how: &str) {
+/// Row 16 on one etcd node, each candidate through its own proxy: see
+/// [`scenarios::election_split_brain`].
+async fn election_split_brain(how: Depose) {
     let etcd = EtcdServer::start_async().await;
-    let ttl = Duration::from_secs(2);
-    let mut next = Vec::new();
-    for run in 0..runs(1) {
-        let oracle = Oracle::start().await;
-        let name = format!("elect/{how}/{run}");
-        let mut proxies = Vec::new();
-        let mut cands = Vec::new();
-        for i in 0..3 {
-            let p = FaultProxy::start(etcd.client_port()).await;
-            let w = worker(
-                &format!("c{i}"),
-                &p.url("http"),
-                &oracle,
-                &[
-                    "--lock",
-                    &name,
-                    "--elect",
-                    &format!("c{i}"),
-                    "--ttl-ms",
-                    "2000",
-                    "--request-timeout-ms",
-                    "1000",
-                    "--writes",
-                    "100000",
-                    "--write-every-ms",
-                    "100",
-                    "--probe-after-loss",
-                    "--txn",
-                ],
-            );
-            proxies.push(p);
-            cands.push(w);
-        }
-        // Who leads?
-        let direct = client(&etcd.endpoint(), Duration::from_secs(5)).await;
-        let leader = tokio::time::timeout(Duration::from_secs(15), async {
-            loop {
-                if let Ok(l) = baton::Election::leader_with(&direct, &name).await {
-                    return l;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .unwrap();
-        let who: usize = leader.value_str()[1..].parse().unwrap();
-        expect(&mut cands[who], "acquired", Duration::from_secs(10)).await;
-        expect(&mut cands[who], "write ok", Duration::from_secs(5)).await;
-        let t_fault = mono_now();
-        match how {
-            "revoke" => {
-                direct.store().lease_revoke(leader.lease).await.unwrap();
-                // From now on the old leader holds nothing, though it learns so a round
-                // trip later: its leadership ends here.
-                oracle.end_holds(&format!("c{who}"), t_fault, "revoked");
-            }
-            "pause" => {
-                cands[who].stop();
-            }
-            _ => proxies[who].set_both(Fault::Blackhole),
-        }
-        // Exactly one new leader.
-        let h = loop {
-            let h = oracle.history();
-            if h.holds().iter().any(|x| x.start > t_fault) {
-                break h;
-            }
-            assert!(
-                since(t_fault, mono_now()) < 3 * ttl + Duration::from_secs(3),
-                "no new leader"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let took = h.next_grant_after(&name, t_fault).unwrap();
-        next.push(took);
-        if how == "revoke" {
-            assert!(
-                took < Duration::from_secs(2),
-                "new leader {took:?} after the revoke"
-            );
-        }
-        tokio::time::sleep(if how == "revoke" {
-            Duration::from_millis(500)
-        } else {
-            2 * ttl
-        })
-        .await;
-        match how {
-            "pause" => {
-                cands[who].cont();
-            }
-            "partition" => proxies[who].heal(),
-            _ => {}
-        }
-        let old = &mut cands[who];
-        expect(old, "lost", Duration::from_secs(5)).await;
-        // A paused leader can act only after the new one has written: its write is
-        // rejected. A revoked or partitioned one stops at once (revoke) or at its local
-        // deadline (partition), which may be before the new leader's first write: its
-        // write is then accepted, and ordered before the new term (check_all below).
-        let stale = expect(old, "stale write", Duration::from_secs(5)).await;
-        if how == "pause" {
-            assert_eq!(stale, "stale write rejected");
-        }
-        assert_eq!(
-            expect(old, "stale txn", Duration::from_secs(5)).await,
-            "stale txn rejected"
-        );
-        expect(old, "done", Duration::from_secs(10)).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for w in &mut cands {
-            let t = w.kill();
-            oracle.end_holds(w.name(), t, "killed");
-        }
-        let h = oracle.history();
-        h.check_all(&oracle, &[]).unwrap();
-        let leaders: Vec<_> = h
-            .holds()
-            .into_iter()
-            .filter(|x| x.start > t_fault)
-            .collect();
-        assert_eq!(leaders.len(), 1, "{leaders:?}");
-        assert_ne!(leaders[0].worker, format!("c{who}"));
-    }
-    report(
-        "16",
-        "etcd",
-        &format!("election, leader {how}: next leader after"),
-        &next,
-    );
+    scenarios::election_split_brain(
+        &target(&etcd.endpoint(), "etcd"),
+        how,
+        Some(etcd.client_port()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row16_election_revoke() {
-    election_split_brain("revoke").await;
+    election_split_brain(Depose::Revoke).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row16_election_pause() {
-    election_split_brain("pause").await;
+    election_split_brain(Depose::Pause).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row16_election_partition() {
-    election_split_brain("partition").await;
+    election_split_brain(Depose::Partition).await;
 }
