@@ -15,7 +15,7 @@ use std::time::Duration;
 use baton::redis::RedisClient;
 use baton_testkit::oracle::{report, report_count, runs, Fenced, Oracle};
 use baton_testkit::proxy::{Fault, FaultProxy};
-use baton_testkit::scenarios::{self, Kind, Target};
+use baton_testkit::scenarios::{self, Depose, Kind, Target};
 use baton_testkit::{RedisServer, RedisServers};
 use tokio::time::Instant;
 
@@ -203,6 +203,44 @@ async fn partitioned(url_of: impl Fn(&FaultProxy) -> String, upstream: &RedisSer
 async fn row10_partitioned_redis() {
     let server = RedisServer::start_async().await;
     partitioned(|p| p.url("redis"), &server, "redis").await;
+}
+
+/// Row 16 on one Redis: the leader key is deleted behind the leader's back (`DEL`, the
+/// analogue of revoking its lease). One new leader within 2 s; the old leader's watchdog
+/// finds the key gone at its next extend, and `lost()` fires by its local deadline at the
+/// latest; its writes after the new leader's are rejected by the token. See
+/// [`scenarios::election_split_brain`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_del_redis() {
+    let server = RedisServer::start_async().await;
+    scenarios::election_split_brain(&redis_target(&server), Depose::Revoke, None).await;
+}
+
+/// Row 16 on one Redis: the leader process SIGSTOPped for 2×TTL. The next leader comes
+/// after the key expires; on SIGCONT the old leader's `lost()` fires at once and its write
+/// is rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_pause_redis() {
+    let server = RedisServer::start_async().await;
+    scenarios::election_split_brain(&redis_target(&server), Depose::Pause, None).await;
+}
+
+/// Row 16 on Redlock: the leader key deleted on all five masters. As on one Redis, but
+/// without a token the old leader's writes until its watchdog notices are accepted: the
+/// figure counts those after the new grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_del_redlock() {
+    let servers = RedisServers::start_async(5).await;
+    scenarios::election_split_brain(&redlock_target(&servers), Depose::Revoke, None).await;
+}
+
+/// Row 16 on Redlock: the leader process SIGSTOPped for 2×TTL. Leaderships, each ended at
+/// its local deadline, never overlap; the old leader's write after SIGCONT cannot be
+/// refused (no token), as in row 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row16_election_pause_redlock() {
+    let servers = RedisServers::start_async(5).await;
+    scenarios::election_split_brain(&redlock_target(&servers), Depose::Pause, None).await;
 }
 
 /// Row 20 and fencing: redis-server restarted without persistence under a held lock. The
