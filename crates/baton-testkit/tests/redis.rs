@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use baton::redis::{RedisClient, RedisClientBuilder};
 use baton::Error;
+use baton_testkit::proxy::{Direction, Fault, FaultProxy};
 use baton_testkit::{RedisServer, RedisServers};
 use redis::AsyncCommands;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn unique(case: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -362,64 +362,6 @@ async fn restart_without_persistence_fires_lost() {
 // ---------------------------------------------------------------------------------------
 // A slow Redlock acquisition
 
-/// A TCP proxy that forwards client→server data after a delay that can be changed at run
-/// time (each chunk is read after the previous one was forwarded, so order is kept), and
-/// server→client data at once.
-struct DelayProxy {
-    port: u16,
-    delay_ms: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DelayProxy {
-    async fn start(upstream: u16) -> DelayProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let delay = delay_ms.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let delay = delay.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let d = delay.load(Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(d)).await;
-                        if sw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                });
-            }
-        });
-        DelayProxy {
-            port,
-            delay_ms,
-            task,
-        }
-    }
-
-    fn set_delay(&self, d: Duration) {
-        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Three of five masters answer only after the validity: the acquire gives up at the
 /// validity, fails, and deletes what it set everywhere — including on the slow masters,
 /// where its SET lands late — so another client gets the lock at once.
@@ -428,12 +370,9 @@ async fn redlock_slower_than_validity_fails_and_cleans_up() {
     let servers = RedisServers::start_async(5).await;
     let mut proxies = Vec::new();
     for s in &servers.servers()[..3] {
-        proxies.push(DelayProxy::start(s.port()).await);
+        proxies.push(FaultProxy::start(s.port()).await);
     }
-    let mut addrs: Vec<String> = proxies
-        .iter()
-        .map(|p| format!("127.0.0.1:{}", p.port))
-        .collect();
+    let mut addrs: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
     addrs.extend(servers.servers()[3..].iter().map(|s| s.addr()));
     let slow_url = format!("redlock://{}", addrs.join(","));
     let ttl = Duration::from_secs(1);
@@ -443,22 +382,28 @@ async fn redlock_slower_than_validity_fails_and_cleans_up() {
     // Load the scripts while the proxies are fast.
     lock.try_lock().await.unwrap().unlock().await.unwrap();
 
+    // Client→server traffic of the three proxies is delayed 1.5 s (a delay line: what was
+    // sent later is forwarded after it, never before), server→client is not; after 400 ms
+    // new traffic is no longer delayed, but stays behind what is still in the line.
     for p in &proxies {
-        p.set_delay(Duration::from_millis(1500));
+        p.set(
+            Direction::ClientToServer,
+            Fault::Delay(Duration::from_millis(1500)),
+        );
     }
-    let unslow = {
-        let delays: Vec<Arc<AtomicU64>> = proxies.iter().map(|p| p.delay_ms.clone()).collect();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            for d in delays {
-                d.store(0, Ordering::SeqCst);
-            }
-        })
+    let unslow = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for p in &proxies {
+            p.set(Direction::ClientToServer, Fault::Pass);
+        }
     };
-    let started = Instant::now();
-    let err = lock.try_lock().await.unwrap_err();
-    let took = started.elapsed();
-    unslow.await.unwrap();
+    let attempt = async {
+        let started = Instant::now();
+        let r = lock.try_lock().await;
+        (r, started.elapsed())
+    };
+    let ((result, took), ()) = tokio::join!(attempt, unslow);
+    let err = result.unwrap_err();
     assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
     // It gave up at the validity (TTL − drift), then waited for its cleanup to land.
     assert!(
