@@ -410,6 +410,7 @@ impl RedisClientBuilder {
                 hub,
                 closed: CancellationToken::new(),
                 holds: StdMutex::new(HashMap::new()),
+                launcher: watchdog::Launcher::default(),
             }),
         })
     }
@@ -489,6 +490,8 @@ pub(crate) struct ClientInner {
     pub(crate) closed: CancellationToken,
     /// Every hold alive, so `close()` can release them.
     pub(crate) holds: StdMutex<HashMap<u64, Arc<HoldState>>>,
+    /// Starts the watchdogs of holds that outlive a few milliseconds.
+    pub(crate) launcher: watchdog::Launcher,
 }
 
 impl fmt::Debug for ClientInner {

@@ -32,6 +32,9 @@ pub(crate) struct HoldState {
     stop: CancellationToken,
     /// Wakes the watchdog to re-read the deadline.
     poke: Notify,
+    /// When the acquire that took the key started: the first extend is due one interval
+    /// later.
+    started_at: Instant,
     state: StdMutex<State>,
 }
 
@@ -117,6 +120,7 @@ impl Hold {
             lost: client.closed.child_token(),
             stop: CancellationToken::new(),
             poke: Notify::new(),
+            started_at: start,
             state: StdMutex::new(State {
                 deadline: start + ttl.saturating_sub(drift(ttl)),
                 reason: None,
@@ -127,9 +131,7 @@ impl Hold {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(state.id, state.clone());
-        let interval = client.opts.watchdog.then(|| ttl / 3);
-        let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
-        tokio::spawn(watchdog(client.clone(), state.clone(), interval).instrument(span));
+        client.launcher.add(client, state.clone());
         Hold {
             client: client.clone(),
             state,
@@ -275,7 +277,12 @@ impl Drop for Hold {
 async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Option<Duration>) {
     let ttl = client.opts.ttl;
     let never = Duration::from_secs(u64::from(u32::MAX));
-    let mut wait = interval.unwrap_or(never);
+    // Launched late (see `Launcher`): the first extend is still due one interval after the
+    // acquire started.
+    let mut wait = match interval {
+        Some(i) => (state.started_at + i).saturating_duration_since(Instant::now()),
+        None => never,
+    };
     loop {
         let deadline = state.deadline();
         tokio::select! {
@@ -312,6 +319,66 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
                 tracing::warn!(error = %e, "extend failed; retrying until the local deadline");
                 wait = RETRY_BACKOFF.min(interval.unwrap_or(never));
             }
+        }
+    }
+}
+
+/// Starts each hold's watchdog task lazily, one client-wide task ticking every TTL/6.
+///
+/// Spawning a task per hold at acquire time costs a cross-thread wake-up on acquire and
+/// another on release, which for a short hold (lock, a little work, unlock) is most of
+/// the client-side cost. Nothing needs the watchdog before the first extend, one third of
+/// the TTL after the acquire started: so the launcher starts the watchdogs of the holds
+/// still alive at its next tick (at most TTL/6 later), and a hold released before that
+/// never has one. The first extend stays due at the acquire's start plus TTL/3, and
+/// `is_lost()` checks the local deadline itself, so nothing is detected later than with a
+/// task per hold.
+#[derive(Debug, Default)]
+pub(crate) struct Launcher {
+    pending: StdMutex<Vec<Arc<HoldState>>>,
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl Launcher {
+    /// Queue `state`'s watchdog; start the launcher task on the client's first hold.
+    fn add(&self, client: &Arc<ClientInner>, state: Arc<HoldState>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(state);
+        if !self.started.swap(true, Ordering::AcqRel) {
+            let span = tracing::debug_span!("watchdog-launcher");
+            tokio::spawn(launch(Arc::downgrade(client)).instrument(span));
+        }
+    }
+
+    fn take(&self) -> Vec<Arc<HoldState>> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Every TTL/6, start the watchdogs of the holds queued and still held. Ends when the
+/// client is closed or gone.
+async fn launch(client: std::sync::Weak<ClientInner>) {
+    let period = match client.upgrade() {
+        Some(c) => (c.opts.ttl / 6).max(Duration::from_millis(1)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(client) = client.upgrade() else {
+            return;
+        };
+        if client.closed.is_cancelled() {
+            return;
+        }
+        let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+        for state in client.launcher.take() {
+            if state.stop.is_cancelled() || state.lost.is_cancelled() {
+                continue;
+            }
+            let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
+            tokio::spawn(watchdog(client.clone(), state, interval).instrument(span));
         }
     }
 }
