@@ -23,6 +23,7 @@ pub(crate) mod alloc;
 mod chart;
 mod peer;
 mod progress;
+mod redis;
 mod report;
 mod scenario;
 mod target;
@@ -49,6 +50,11 @@ Examples:
   baton bench lost --ttl 60s --peer etcd-lock-api
   baton bench scale --ops 10000 --workers 1000
   baton bench contended --sweep --peer etcd-lock-api --chart docs/bench-contended.svg
+  baton --endpoints redis://127.0.0.1:6379 bench contended --peer rslock
+  baton --endpoints redlock://h1:6379,h2:6379,h3:6379,h4:6379,h5:6379 bench uncontended --peer rslock
+
+On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
+Baton's Redis election, and scale does not apply (Redis has no sessions or queues).
 
 Progress goes to stderr once a run takes more than a second. With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
@@ -200,31 +206,41 @@ impl Config {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let config = Config::new(&args)?;
-    let baton = BatonTarget::connect(global, config.ttl).await?;
+    let on_redis = cli::is_redis(&global.endpoints);
+    if on_redis && config.scenario == Scenario::Scale {
+        return Err(CliError::failed(
+            "bench scale measures what an etcd session shares (one lease for many locks, a \
+             queue of waiters); Redis has neither: use etcd or mem://",
+        ));
+    }
+    let (baton, endpoints, server_version): (Box<dyn Target>, String, Option<String>) = if on_redis
+    {
+        let target = redis::RedisTarget::connect(global, config.ttl).await?;
+        let version = target.admin().version().await;
+        let endpoints = target.endpoints().to_string();
+        (Box::new(target), endpoints, version)
+    } else {
+        let target = BatonTarget::connect(global, config.ttl).await?;
+        let version = peer::server_version(global, target.backend()).await;
+        let endpoints = target.endpoints().to_string();
+        (Box::new(target), endpoints, version)
+    };
+    let baton = baton.as_ref();
     let peer: Option<Box<dyn Target>> = match args.peer {
         Some(p) => Some(p.connect(global, config.ttl).await?),
         None => None,
     };
-    let server_version = peer::server_version(global, baton.backend()).await;
     let context = report::Context {
         backend: baton.backend(),
-        endpoints: baton.endpoints().to_string(),
+        endpoints,
         server_version,
         ttl: config.ttl,
     };
     if args.sweep {
-        return sweep(
-            &out,
-            &config,
-            &context,
-            &baton,
-            peer.as_deref(),
-            &args.chart,
-        )
-        .await;
+        return sweep(&out, &config, &context, baton, peer.as_deref(), &args.chart).await;
     }
     let heap_before = alloc::heap_in_use();
-    let ours = measure(&config, &baton).await?;
+    let ours = measure(&config, baton).await?;
     let theirs = match &peer {
         Some(p) => {
             quiesce(ours.elapsed).await;

@@ -69,7 +69,7 @@ pub(crate) struct Cli {
 }
 
 /// Options every command takes.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Global {
     /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, https://… for
     /// etcd over TLS, mem:// for the embedded store, redis://h:p (rediss:// with TLS) for

@@ -58,6 +58,11 @@ impl CliError {
         }
     }
 
+    /// The message, if any.
+    pub(crate) fn message(&self) -> Option<&str> {
+        self.message.as_deref()
+    }
+
     /// Bad input or an internal failure: exit 125.
     pub(crate) fn failed(message: impl fmt::Display) -> Self {
         CliError::new(FAILED, message)

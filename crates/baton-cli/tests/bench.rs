@@ -237,3 +237,51 @@ fn human_output_and_bad_input() {
         assert!(err[0].starts_with("baton: "), "{err:?}");
     }
 }
+
+/// On Redis (one server, and Redlock over five), with `--peer rslock`: contended,
+/// uncontended and lost report both sides and the ratio; handover runs on Baton's Redis
+/// election; scale is refused with a clear message.
+#[test]
+fn redis_scenarios_with_rslock() {
+    assert!(
+        baton_testkit::redis_available(),
+        "redis-server is needed for these tests: run scripts/test.sh (it installs it)"
+    );
+    let single = baton_testkit::RedisServer::start();
+    let five = baton_testkit::RedisServers::start(5);
+    for (url, backend) in [(single.url(), "redis"), (five.redlock_url(), "redlock")] {
+        for (scenario, extra) in [
+            ("uncontended", &["--ops", "20"][..]),
+            ("contended", &["--workers", "3", "--ops", "30"]),
+            ("lost", &["--ops", "2", "--ttl", "3s"]),
+        ] {
+            let mut args = vec![scenario, "--peer", "rslock"];
+            args.extend_from_slice(extra);
+            let (v, _) = bench(&url, &args);
+            assert_shape(&v, scenario, backend);
+            assert_eq!(v["peer"], "rslock", "{v}");
+            assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
+            if scenario == "lost" {
+                assert_eq!(v["missed"], 0, "{v}");
+            } else {
+                positive(&v, "ops_per_sec");
+                positive(&v, "peer_ops_per_sec");
+            }
+        }
+        let (v, _) = bench(&url, &["handover", "--ops", "3"]);
+        assert_shape(&v, "handover", backend);
+        let (out, _) = run(baton(&url).args(["bench", "scale"]));
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        assert!(
+            stderr_lines(&out)[0].contains("Redis has neither"),
+            "{out:?}"
+        );
+    }
+    // rslock is a Redis peer only.
+    let (out, _) = run(baton("mem://").args(["bench", "uncontended", "--peer", "rslock"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr_lines(&out)[0].contains("needs Redis endpoints"),
+        "{out:?}"
+    );
+}

@@ -6,6 +6,9 @@
 //!   with a lease kept alive the way Go's clientv3 does it (a keep-alive every TTL/3 on a
 //!   keep-alive stream).
 //!
+//! - `rslock`: the rslock crate's Redlock, on `redis://` and `redlock://` (in
+//!   [`super::redis`]).
+//!
 //! A new peer is a variant of [`Peer`] and an implementation of [`Target`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +30,9 @@ pub(crate) enum Peer {
     /// etcd's Lock and Election RPCs via the etcd-client crate.
     #[value(name = "etcd-lock-api")]
     EtcdLockApi,
+    /// The rslock crate (Redlock), on redis:// or redlock://.
+    #[value(name = "rslock")]
+    Rslock,
 }
 
 impl Peer {
@@ -48,6 +54,7 @@ impl Peer {
                     .map_err(|e| CliError::failed(format!("etcd-lock-api: {}", e.0)))?;
                 Ok(Box::new(target))
             }
+            Peer::Rslock => Ok(Box::new(super::redis::Rslock::connect(global, ttl).await?)),
         }
     }
 }

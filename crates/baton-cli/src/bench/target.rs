@@ -83,8 +83,13 @@ pub(crate) trait Worker: Send + Sync {
 /// A lock or leadership held.
 #[async_trait]
 pub(crate) trait Held: Send + Sync {
-    /// The lease the hold is bound to.
+    /// The lease the hold is bound to (etcd); 0 where there is none (Redis).
     fn lease(&self) -> i64;
+
+    /// The key held, where ending the hold from outside means deleting it (Redis).
+    fn key(&self) -> Option<&str> {
+        None
+    }
 
     /// Completes when the holder is told that the hold is lost.
     fn lost(&self) -> BoxFuture<'_, ()>;
