@@ -3,8 +3,9 @@
 //!
 //! Release, campaign and proclaim scripts `PUBLISH` on the lock's channel. Each node's
 //! subscriber task subscribes to the channels someone waits on, and turns each message into a
-//! wake-up: one waiter of the lock (so a release wakes one local waiter, not all of them), and
-//! every observer. Messages can be lost (a reconnect, a foreign client that does not publish,
+//! wake-up of every local waiter and observer of that lock (each waiter then tries once; one
+//! wins). A channel stays subscribed for [`LINGER`] after its last listener leaves, so that
+//! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. Messages can be lost (a reconnect, a foreign client that does not publish,
 //! a holder that crashed), so every wait also has a bounded, jittered fallback poll.
 
 use std::collections::HashMap;
@@ -21,10 +22,17 @@ use super::node::Node;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
+/// How long a channel stays subscribed after its last listener leaves. A lock under
+/// contention is waited on again and again: without this, every wait would pay a
+/// `SUBSCRIBE` round trip before it can sleep, and every acquisition an `UNSUBSCRIBE`.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// The wake-ups of one channel.
 #[derive(Debug, Default)]
 pub(crate) struct Channel {
-    /// One waiter per message (`notify_one`).
+    /// Every waiter per message (`notify_waiters`, which stores no permit: with
+    /// subscriptions that outlive their waits, a stored permit would cut a later wait short
+    /// and, measured, halved the contended rate).
     pub(crate) waiters: Notify,
     /// Every observer per message (`notify_waiters`).
     pub(crate) observers: Notify,
@@ -41,7 +49,7 @@ impl Channel {
             }
             *last = Some(p.to_vec());
         }
-        self.waiters.notify_one();
+        self.waiters.notify_waiters();
         self.observers.notify_waiters();
     }
 }
@@ -57,10 +65,22 @@ pub(crate) struct Hub {
     inner: Arc<HubInner>,
 }
 
+/// A channel someone listens on, or listened on less than [`LINGER`] ago.
+#[derive(Debug)]
+struct Entry {
+    chan: Arc<Channel>,
+    /// Live [`Subscription`]s.
+    users: usize,
+    /// True once a node confirmed the subscription: a new listener need not wait.
+    confirmed: bool,
+    /// When `users` last dropped to 0.
+    idle_since: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct HubInner {
     nodes: Vec<Arc<Node>>,
-    channels: StdMutex<HashMap<String, (Arc<Channel>, usize)>>,
+    channels: StdMutex<HashMap<String, Entry>>,
     tasks: OnceLock<Vec<mpsc::UnboundedSender<Cmd>>>,
     /// How long a new subscriber waits for a node to confirm its subscription.
     confirm_within: Duration,
@@ -99,23 +119,31 @@ impl Hub {
     /// the confirmation time passed; a message published after a confirmed subscription is
     /// never missed (and the fallback poll covers the rest).
     pub(crate) async fn subscribe(&self, channel: &str) -> Subscription {
-        let chan = {
+        let (chan, confirmed) = {
             let mut map = self
                 .inner
                 .channels
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let entry = map
-                .entry(channel.to_string())
-                .or_insert_with(|| (Arc::new(Channel::default()), 0));
-            entry.1 += 1;
-            entry.0.clone()
+            let entry = map.entry(channel.to_string()).or_insert_with(|| Entry {
+                chan: Arc::new(Channel::default()),
+                users: 0,
+                confirmed: false,
+                idle_since: None,
+            });
+            entry.users += 1;
+            entry.idle_since = None;
+            (entry.chan.clone(), entry.confirmed)
         };
         let sub = Subscription {
             hub: self.inner.clone(),
             name: channel.to_string(),
             chan,
         };
+        if confirmed {
+            // Still subscribed (a listener left less than LINGER ago): nothing to wait for.
+            return sub;
+        }
         let tasks = self.inner.tasks();
         let mut replies = futures::stream::FuturesUnordered::new();
         for task in tasks {
@@ -127,11 +155,21 @@ impl Hub {
         let confirmed = async {
             while let Some(r) = replies.next().await {
                 if r == Ok(true) {
-                    return;
+                    return true;
                 }
             }
+            false
         };
-        let _ = tokio::time::timeout(self.inner.confirm_within, confirmed).await;
+        if let Ok(true) = tokio::time::timeout(self.inner.confirm_within, confirmed).await {
+            let mut map = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = map.get_mut(channel) {
+                entry.confirmed = true;
+            }
+        }
         sub
     }
 }
@@ -139,6 +177,9 @@ impl Hub {
 impl HubInner {
     fn tasks(self: &Arc<Self>) -> &Vec<mpsc::UnboundedSender<Cmd>> {
         self.tasks.get_or_init(|| {
+            tokio::spawn(
+                reap(Arc::downgrade(self)).instrument(tracing::debug_span!("subscription-reaper")),
+            );
             self.nodes
                 .iter()
                 .map(|node| {
@@ -158,7 +199,19 @@ impl HubInner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-            .map(|(c, _)| c.clone())
+            .map(|e| e.chan.clone())
+    }
+
+    /// A node's subscription was lost: listeners must wait for a new confirmation.
+    fn unconfirm_all(&self) {
+        for entry in self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values_mut()
+        {
+            entry.confirmed = false;
+        }
     }
 
     fn deliver(&self, name: &str, payload: Option<&[u8]>) {
@@ -184,23 +237,44 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let last = {
-            let mut map = self.hub.channels.lock().unwrap_or_else(|e| e.into_inner());
-            match map.get_mut(&self.name) {
-                Some(entry) if entry.1 > 1 => {
-                    entry.1 -= 1;
-                    false
-                }
-                Some(_) => {
-                    map.remove(&self.name);
-                    true
-                }
-                None => false,
+        let mut map = self.hub.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = map.get_mut(&self.name) {
+            entry.users = entry.users.saturating_sub(1);
+            if entry.users == 0 {
+                // Unsubscribed by `reap` once idle for LINGER.
+                entry.idle_since = Some(Instant::now());
             }
+        }
+    }
+}
+
+/// Every LINGER, unsubscribe the channels nobody has listened on for LINGER. Ends with
+/// the hub.
+async fn reap(hub: Weak<HubInner>) {
+    loop {
+        tokio::time::sleep(LINGER).await;
+        let Some(hub) = hub.upgrade() else {
+            return;
         };
-        if let (true, Some(tasks)) = (last, self.hub.tasks.get()) {
-            for task in tasks {
-                let _ = task.send(Cmd::Unsubscribe(self.name.clone()));
+        let idle: Vec<String> = {
+            let mut map = hub.channels.lock().unwrap_or_else(|e| e.into_inner());
+            let idle: Vec<String> = map
+                .iter()
+                .filter(|(_, e)| {
+                    e.users == 0 && e.idle_since.is_some_and(|t| t.elapsed() >= LINGER)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &idle {
+                map.remove(name);
+            }
+            idle
+        };
+        if let Some(tasks) = hub.tasks.get() {
+            for name in idle {
+                for task in tasks {
+                    let _ = task.send(Cmd::Unsubscribe(name.clone()));
+                }
             }
         }
     }
@@ -214,7 +288,7 @@ fn apply_offline(
 ) {
     match cmd {
         Cmd::Subscribe(ch, reply) => {
-            *subs.entry(ch).or_insert(0) += 1;
+            subs.insert(ch, 1);
             match pending {
                 Some(p) => p.push(reply),
                 None => {
@@ -223,12 +297,7 @@ fn apply_offline(
             }
         }
         Cmd::Unsubscribe(ch) => {
-            if let Some(n) = subs.get_mut(&ch) {
-                *n -= 1;
-                if *n == 0 {
-                    subs.remove(&ch);
-                }
-            }
+            subs.remove(&ch);
         }
     }
 }
@@ -273,9 +342,7 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                         cmd = rx.recv() => match cmd {
                             None => return,
                             Some(Cmd::Subscribe(ch, reply)) => {
-                                let n = subs.entry(ch.clone()).or_insert(0);
-                                *n += 1;
-                                if *n > 1 {
+                                if subs.insert(ch.clone(), 1).is_some() {
                                     let _ = reply.send(true);
                                     continue;
                                 }
@@ -289,22 +356,21 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                                 }
                             }
                             Some(Cmd::Unsubscribe(ch)) => {
-                                if let Some(n) = subs.get_mut(&ch) {
-                                    *n -= 1;
-                                    if *n == 0 {
-                                        subs.remove(&ch);
-                                        let _ = tokio::time::timeout(
-                                            node.request_timeout,
-                                            sink.unsubscribe(&ch),
-                                        )
-                                        .await;
-                                    }
+                                if subs.remove(&ch).is_some() {
+                                    let _ = tokio::time::timeout(
+                                        node.request_timeout,
+                                        sink.unsubscribe(&ch),
+                                    )
+                                    .await;
                                 }
                             }
                         },
                         msg = stream.next() => match msg {
                             None => {
                                 tracing::debug!("subscription connection lost");
+                                if let Some(hub) = hub.upgrade() {
+                                    hub.unconfirm_all();
+                                }
                                 break;
                             }
                             Some(msg) => match hub.upgrade() {
