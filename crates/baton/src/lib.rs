@@ -92,6 +92,7 @@
 mod barrier;
 mod client;
 pub mod coordinator;
+mod deadline;
 mod double_barrier;
 mod election;
 pub mod error;
