@@ -349,15 +349,22 @@ impl Held {
         &self.session
     }
 
+    /// True once the key is lost. Checks the session's local deadline first
+    /// ([`Session::is_lost`]): if it has passed, the session is marked lost now, which cancels
+    /// our token (a child of the session's) before this returns.
     pub(crate) fn is_lost(&self) -> bool {
+        self.session.is_lost();
         self.ownership.lost.is_cancelled()
     }
 
     pub(crate) fn lost_reason(&self) -> Option<String> {
+        self.session.is_lost();
         self.ownership.reason(&self.session)
     }
 
+    /// The token cancelled on loss, after checking the session's local deadline.
     pub(crate) fn lost_token(&self) -> &CancellationToken {
+        self.session.is_lost();
         &self.ownership.lost
     }
 
@@ -366,8 +373,13 @@ impl Held {
         Compare::create_revision(self.key.as_bytes(), CompareOp::Equal, self.rev)
     }
 
-    /// Run `txn` guarded by [`is_owner`](Held::is_owner); NotHeld if that guard failed.
+    /// Run `txn` guarded by [`is_owner`](Held::is_owner); NotHeld if that guard failed, or
+    /// at once if the key is known lost (the session's local deadline may have passed while
+    /// the server still counts the lease alive: a lost holder sends no more writes).
     pub(crate) async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        if self.is_lost() {
+            return Err(not_held(self.key.as_bytes()));
+        }
         let txn = Txn {
             compares: std::iter::once(self.is_owner())
                 .chain(txn.compares)
@@ -484,11 +496,15 @@ macro_rules! held_accessors {
         }
 
         #[doc = concat!("True once the ", $what, " is lost. See `lost()`.")]
+        ///
+        /// True at once when the session's local deadline has passed, even if its keep-alive
+        /// task has not run since (a paused process): see
+        /// [`Session::is_lost`](crate::Session::is_lost).
         pub fn is_lost(&self) -> bool {
             self.held.is_lost()
         }
 
-        #[doc = concat!("Why the ", $what, " was lost, if it was.")]
+        #[doc = concat!("Why the ", $what, " was lost, if it was (checking the local deadline first, as `is_lost()` does).")]
         pub fn lost_reason(&self) -> Option<String> {
             self.held.lost_reason()
         }
@@ -496,7 +512,8 @@ macro_rules! held_accessors {
         #[doc = concat!("Completes when the ", $what, " is lost: our key was deleted or replaced")]
         /// (by an admin, a revoke or the lease's expiry), or the session was lost (see
         /// [`Session::lost`](crate::Session::lost)). A deleted key is noticed within one watch
-        /// round trip.
+        /// round trip. The session's local deadline is checked when this is called: if it has
+        /// passed, the future is ready at once.
         ///
         /// # Cancel safety
         ///
@@ -506,6 +523,10 @@ macro_rules! held_accessors {
         }
 
         #[doc = concat!("A token cancelled when the ", $what, " is lost (a child token: cancelling it changes nothing).")]
+        ///
+        /// Already cancelled if the session's local deadline has passed when this is called;
+        /// later, cancelled by the session's keep-alive task or by the first `is_lost()` that
+        /// finds the deadline passed.
         pub fn lost_token(&self) -> tokio_util::sync::CancellationToken {
             self.held.lost_token().child_token()
         }
@@ -518,8 +539,9 @@ macro_rules! held_accessors {
         #[doc = concat!("Run `txn` only while we still hold the ", $what, ": its compares get `is_owner()` added.")]
         ///
         /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if it is no longer ours (nothing
-        /// was applied). If it is ours but one of `txn`'s own compares failed, returns `Ok`
-        /// with `succeeded == false` and the responses of `txn`'s failure branch.
+        /// was applied; nothing is sent if `is_lost()` already says so). If it is ours but one
+        /// of `txn`'s own compares failed, returns `Ok` with `succeeded == false` and the
+        /// responses of `txn`'s failure branch.
         ///
         /// # Cancel safety
         ///

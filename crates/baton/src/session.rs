@@ -11,6 +11,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
 use crate::client::Client;
+use crate::deadline::LocalDeadline;
 use crate::error::{Error, Result};
 use crate::store::{LeaseId, Store};
 
@@ -27,6 +28,12 @@ pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
 /// How long the session waits after a failed keep-alive before it tries again.
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
+/// Why a session is lost when its local deadline passes.
+const DEADLINE_PASSED: &str = "keep-alives were not acknowledged before the local deadline";
+
+/// Why an orphaned session is lost (at its local deadline).
+const ORPHANED: &str = "session orphaned: its lease is no longer kept alive";
+
 /// A lease kept alive in the background: the liveness of every lock, permit or candidacy
 /// created through it.
 ///
@@ -37,7 +44,11 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 /// - keep-alives are not acknowledged before the *local deadline*: the send time of the last
 ///   acknowledged keep-alive plus the TTL, on the monotonic clock. The server's own expiry
 ///   can only be later than that, so a session never believes it is alive after its lease
-///   has expired (barring a paused process, which fencing tokens cover);
+///   has expired. [`is_lost()`](Session::is_lost), [`lost_reason()`](Session::lost_reason),
+///   [`lost()`](Session::lost) and [`lost_token()`](Session::lost_token) compare the deadline
+///   with the clock themselves, so a process that was paused past it (a stopped process, a
+///   blocked runtime) learns it at its first call, without waiting for the keep-alive task
+///   to run. A pause *between* that check and a write is what fencing tokens cover;
 /// - [`close()`](Session::close) was called, or [`orphan()`](Session::orphan) was called and
 ///   the local deadline then passed.
 ///
@@ -87,6 +98,8 @@ struct Shared {
     ttl: Duration,
     /// Cancelled when the session is lost, for any reason.
     lost: CancellationToken,
+    /// The local deadline: the send time of the last acknowledged keep-alive plus the TTL.
+    deadline: LocalDeadline,
     /// Cancelled to stop sending keep-alives (close, orphan, drop).
     stop: CancellationToken,
     /// Wakes the keep-alive task to check the lease at once.
@@ -96,7 +109,6 @@ struct Shared {
 
 #[derive(Debug)]
 struct State {
-    deadline: Instant,
     lost_reason: Option<String>,
     orphaned: bool,
     closed: bool,
@@ -184,10 +196,10 @@ impl SessionBuilder {
             lease: grant.id,
             ttl: grant.ttl,
             lost: CancellationToken::new(),
+            deadline: LocalDeadline::new(sent, sent + grant.ttl),
             stop: CancellationToken::new(),
             poke: Notify::new(),
             state: StdMutex::new(State {
-                deadline: sent + grant.ttl,
                 lost_reason: None,
                 orphaned: false,
                 closed: false,
@@ -264,32 +276,49 @@ impl Session {
     /// The local deadline: the lease is certainly alive until then (send time of the last
     /// acknowledged keep-alive plus the TTL, on the monotonic clock).
     pub fn deadline(&self) -> Instant {
-        self.state().deadline
+        self.inner.shared.deadline.get()
     }
 
     /// True once the session is lost. See [`lost()`](Session::lost).
+    ///
+    /// If the local deadline has passed, the session is lost now, even if the keep-alive task
+    /// has not run since (the process was paused): this call marks it lost, which also
+    /// cancels every token from [`lost_token()`](Session::lost_token) and the tokens of the
+    /// locks and leaderships bound to it.
     pub fn is_lost(&self) -> bool {
-        self.inner.shared.lost.is_cancelled()
+        self.inner.shared.check_deadline()
     }
 
-    /// Why the session was lost, if it was.
+    /// Why the session was lost, if it was. Checks the local deadline first, as
+    /// [`is_lost()`](Session::is_lost) does.
     pub fn lost_reason(&self) -> Option<String> {
+        self.inner.shared.check_deadline();
         self.state().lost_reason.clone()
     }
 
     /// Completes when the session is lost: its lease was revoked or expired, keep-alives were
     /// not acknowledged before the local deadline, or it was closed.
     ///
+    /// The local deadline is checked when this is called (a future made after the deadline
+    /// passed is ready at once); while it waits, the keep-alive task (or any call to
+    /// [`is_lost()`](Session::is_lost)) completes it.
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future has no effect on the session.
     pub fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.inner.shared.check_deadline();
         self.inner.shared.lost.cancelled()
     }
 
     /// A token cancelled when the session is lost, for use in `select!` or in another task.
     /// It is a child token: cancelling it does not affect the session.
+    ///
+    /// The local deadline is checked when this is called; afterwards the token is cancelled
+    /// by the keep-alive task, or by any call to [`is_lost()`](Session::is_lost) (or to a
+    /// guard's `is_lost()`) that finds the deadline passed.
     pub fn lost_token(&self) -> CancellationToken {
+        self.inner.shared.check_deadline();
         self.inner.shared.lost.child_token()
     }
 
@@ -356,13 +385,13 @@ impl Session {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to wait for the deadline on: count the session lost now, which is
             // early but never late.
-            shared.mark_lost("session orphaned: its lease is no longer kept alive");
+            shared.mark_lost(ORPHANED);
             return;
         };
         runtime.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
-                    shared.mark_lost("session orphaned: its lease is no longer kept alive");
+                    shared.mark_lost(ORPHANED);
                 }
                 _ = shared.lost.cancelled() => {}
             }
@@ -389,6 +418,24 @@ impl Session {
 impl Shared {
     fn state(&self) -> StdMutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if the session is lost, marking it lost first if the local deadline has passed:
+    /// a token check and a clock read while it is alive, no lock.
+    fn check_deadline(&self) -> bool {
+        if self.lost.is_cancelled() {
+            return true;
+        }
+        if !self.deadline.passed() {
+            return false;
+        }
+        let reason = if self.state().orphaned {
+            ORPHANED
+        } else {
+            DEADLINE_PASSED
+        };
+        self.mark_lost(reason);
+        true
     }
 
     fn mark_lost(&self, reason: &str) {
@@ -436,7 +483,7 @@ async fn keep_alive(
 ) {
     let mut wait = interval;
     loop {
-        let deadline = shared.state().deadline;
+        let deadline = shared.deadline.get();
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = shared.lost.cancelled() => return,
@@ -446,7 +493,7 @@ async fn keep_alive(
         }
         let sent = Instant::now();
         if sent >= deadline {
-            shared.mark_lost("keep-alives were not acknowledged before the local deadline");
+            shared.mark_lost(DEADLINE_PASSED);
             return;
         }
         crate::hub::Counters::add(&hub.counters.keep_alives);
@@ -456,7 +503,7 @@ async fn keep_alive(
         };
         match result {
             Ok(Ok(Some(ttl))) => {
-                shared.state().deadline = sent + ttl;
+                shared.deadline.set(sent + ttl);
                 // The next keep-alive is due an interval after this one was *sent*, not
                 // after its reply: slow replies must not stretch the period, or a reply
                 // latency above TTL/3 would lose the session (each reply would arrive
@@ -473,7 +520,7 @@ async fn keep_alive(
                 wait = RETRY_BACKOFF.min(interval);
             }
             Err(_) => {
-                shared.mark_lost("keep-alives were not acknowledged before the local deadline");
+                shared.mark_lost(DEADLINE_PASSED);
                 return;
             }
         }
