@@ -287,6 +287,10 @@ impl RedisLeadership {
     }
 
     /// True once the leadership is lost.
+    ///
+    /// True at once when the local deadline ([`deadline()`](Self::deadline)) has passed, even
+    /// if the watchdog has not run since (a paused process, a blocked runtime): this call then
+    /// marks the leadership lost, cancelling its `lost()` future and every `lost_token()`.
     pub fn is_lost(&self) -> bool {
         self.hold.is_lost()
     }

@@ -320,6 +320,10 @@ impl RedisLockGuard {
     }
 
     /// True once the lock is lost. See [`lost()`](RedisLockGuard::lost).
+    ///
+    /// True at once when the local deadline ([`deadline()`](Self::deadline)) has passed, even
+    /// if the watchdog has not run since (a paused process, a blocked runtime): this call then
+    /// marks the lock lost, cancelling its `lost()` future and every `lost_token()`.
     pub fn is_lost(&self) -> bool {
         self.hold.is_lost()
     }
@@ -332,6 +336,8 @@ impl RedisLockGuard {
     /// Completes when the lock is lost: an extend found the key gone or holding another
     /// token, the local deadline passed without a successful extend, or the client was
     /// closed. With the watchdog on, a deleted key is noticed within TTL/3 plus a round trip.
+    /// The local deadline is checked when this is called: if it has passed, the future is
+    /// ready at once.
     ///
     /// # Cancel safety
     ///
@@ -341,6 +347,9 @@ impl RedisLockGuard {
     }
 
     /// A token cancelled when the lock is lost (a child token: cancelling it changes nothing).
+    ///
+    /// Already cancelled if the local deadline has passed when this is called; later,
+    /// cancelled by the watchdog or by the first `is_lost()` that finds the deadline passed.
     pub fn lost_token(&self) -> CancellationToken {
         self.hold.lost_token()
     }

@@ -13,11 +13,15 @@ use tracing::Instrument;
 use super::node::Keys;
 use super::redlock::Extended;
 use super::{drift, ClientInner};
+use crate::deadline::LocalDeadline;
 use crate::error::{Error, Result};
 
 /// After a failed extend, the watchdog tries again this soon (or sooner, if its interval is
 /// shorter), until the local deadline.
 const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why a hold is lost when its local deadline passes.
+const DEADLINE_PASSED: &str = "the local deadline passed without a successful extend";
 
 /// What a guard and its watchdog share.
 #[derive(Debug)]
@@ -28,6 +32,9 @@ pub(crate) struct HoldState {
     pub(crate) fence: Option<i64>,
     /// Cancelled when the hold is lost. A child of the client's `closed` token.
     lost: CancellationToken,
+    /// The local deadline: the start of the last successful acquire or extend, plus the TTL,
+    /// minus the drift. Read without a lock by every `is_lost()`.
+    deadline: LocalDeadline,
     /// Cancelled to stop the watchdog (release).
     stop: CancellationToken,
     /// Wakes the watchdog to re-read the deadline.
@@ -40,7 +47,6 @@ pub(crate) struct HoldState {
 
 #[derive(Debug)]
 struct State {
-    deadline: Instant,
     reason: Option<String>,
 }
 
@@ -65,8 +71,22 @@ impl HoldState {
         self.lost.cancel();
     }
 
+    /// True if the hold is lost, marking it lost first if the local deadline has passed (the
+    /// watchdog may not have run since: a paused process, a blocked runtime). A token check
+    /// and a clock read while it is held, no lock.
+    fn check_deadline(&self) -> bool {
+        if self.lost.is_cancelled() {
+            return true;
+        }
+        if !self.deadline.passed() {
+            return false;
+        }
+        self.mark_lost(DEADLINE_PASSED);
+        true
+    }
+
     fn reason(&self) -> Option<String> {
-        if !self.lost.is_cancelled() {
+        if !self.check_deadline() {
             return None;
         }
         Some(
@@ -78,14 +98,11 @@ impl HoldState {
     }
 
     fn deadline(&self) -> Instant {
-        self.state().deadline
+        self.deadline.get()
     }
 
     fn push_deadline(&self, deadline: Instant) {
-        let mut st = self.state();
-        if deadline > st.deadline {
-            st.deadline = deadline;
-        }
+        self.deadline.push(deadline);
     }
 }
 
@@ -118,13 +135,11 @@ impl Hold {
             token,
             fence,
             lost: client.closed.child_token(),
+            deadline: LocalDeadline::new(start, start + ttl.saturating_sub(drift(ttl))),
             stop: CancellationToken::new(),
             poke: Notify::new(),
             started_at: start,
-            state: StdMutex::new(State {
-                deadline: start + ttl.saturating_sub(drift(ttl)),
-                reason: None,
-            }),
+            state: StdMutex::new(State { reason: None }),
         });
         client
             .holds
@@ -159,19 +174,25 @@ impl Hold {
         &self.client
     }
 
+    /// True once the hold is lost; true at once when the local deadline has passed, even if
+    /// the watchdog has not run since (this call then marks it lost).
     pub(crate) fn is_lost(&self) -> bool {
-        self.state.lost.is_cancelled()
+        self.state.check_deadline()
     }
 
     pub(crate) fn lost_reason(&self) -> Option<String> {
         self.state.reason()
     }
 
+    /// Checks the local deadline first: the future is ready at once if it has passed.
     pub(crate) fn lost(&self) -> WaitForCancellationFuture<'_> {
+        self.state.check_deadline();
         self.state.lost.cancelled()
     }
 
+    /// Checks the local deadline first: the token is cancelled already if it has passed.
     pub(crate) fn lost_token(&self) -> CancellationToken {
+        self.state.check_deadline();
         self.state.lost.child_token()
     }
 
@@ -206,6 +227,11 @@ impl Hold {
                 let ttl = self.client.opts.ttl;
                 st.push_deadline(sent + ttl.saturating_sub(drift(ttl)));
                 st.poke.notify_one();
+                // Declared lost meanwhile (the local deadline passed before the reply came):
+                // the loss stands.
+                if st.lost.is_cancelled() {
+                    return Err(self.not_held());
+                }
                 Ok(())
             }
             Extended::Lost(reason) => {
@@ -213,8 +239,7 @@ impl Hold {
                 Err(self.not_held())
             }
             Extended::Retry(e) => {
-                if Instant::now() >= st.deadline() {
-                    st.mark_lost("the local deadline passed without a successful extend");
+                if st.check_deadline() {
                     return Err(self.not_held());
                 }
                 Err(e)
@@ -292,8 +317,7 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
             _ = tokio::time::sleep_until(deadline) => {}
             _ = tokio::time::sleep(wait) => {}
         }
-        if Instant::now() >= state.deadline() {
-            state.mark_lost("the local deadline passed without a successful extend");
+        if state.check_deadline() {
             return;
         }
         if interval.is_none() {
