@@ -337,6 +337,109 @@ async fn lost_within_a_third_of_the_ttl_after_del() {
     lost_after_del(&servers.redlock_url(), &urls[..3]).await;
 }
 
+/// A holder paused past its local deadline (fault harness row 16: a leader SIGSTOPped past
+/// its TTL) knows it is lost at its first look, before the watchdog gets to run. The pause is
+/// reproduced without signals: the only thread of a current-thread runtime is blocked with
+/// `std::thread::sleep`, and every assertion on the state is made before any `.await`.
+async fn paused_past_the_deadline(url: &str) {
+    const REASON: &str = "the local deadline passed without a successful extend";
+    let ttl = Duration::from_millis(600);
+    let client = connect(url, ttl).await;
+    let lock = |case: &str| client.lock(&unique(case)).unwrap();
+    let (la, lb, lc, ld) = (lock("pa"), lock("pb"), lock("pc"), lock("pd"));
+    let (a, b, c, d) = (
+        la.lock().await.unwrap(),
+        lb.lock().await.unwrap(),
+        lc.lock().await.unwrap(),
+        ld.lock().await.unwrap(),
+    );
+    let election = client.election(&unique("pe")).unwrap();
+    let mut e = election.campaign("me").await.unwrap();
+    let early = a.lost_token();
+    let start = tokio::time::Instant::now();
+    for deadline in [
+        a.deadline(),
+        b.deadline(),
+        c.deadline(),
+        d.deadline(),
+        e.deadline(),
+    ] {
+        assert!(deadline > start);
+        assert!(deadline <= start + ttl, "later than acquire + TTL");
+    }
+
+    // A pause shorter than the deadline loses nothing (no extend could run meanwhile).
+    let first = [
+        a.deadline(),
+        b.deadline(),
+        c.deadline(),
+        d.deadline(),
+        e.deadline(),
+    ];
+    let earliest = *first.iter().min().unwrap();
+    std::thread::sleep(earliest.saturating_duration_since(tokio::time::Instant::now()) / 2);
+    assert!(!a.is_lost() && !b.is_lost() && !c.is_lost() && !d.is_lost() && !e.is_lost());
+    assert_eq!(a.lost_reason(), None);
+    assert!(!a.lost_token().is_cancelled());
+    assert_eq!(
+        first,
+        [
+            a.deadline(),
+            b.deadline(),
+            c.deadline(),
+            d.deadline(),
+            e.deadline()
+        ]
+    );
+
+    // Past every deadline: the watchdogs cannot run, yet each accessor knows at once.
+    let latest = *first.iter().max().unwrap();
+    std::thread::sleep(
+        latest.saturating_duration_since(tokio::time::Instant::now()) + Duration::from_millis(50),
+    );
+    assert!(!early.is_cancelled(), "nothing ran yet");
+    assert!(a.is_lost(), "{url}: a lock past its deadline is not lost");
+    assert!(
+        early.is_cancelled(),
+        "is_lost() cancels the tokens handed out"
+    );
+    assert_eq!(a.lost_reason().as_deref(), Some(REASON));
+    assert!(a.lost_token().is_cancelled());
+    assert_eq!(b.lost_reason().as_deref(), Some(REASON));
+    assert!(b.is_lost());
+    assert!(c.lost_token().is_cancelled());
+    assert!(c.is_lost());
+    assert!(futures::FutureExt::now_or_never(d.lost()).is_some());
+    assert!(d.is_lost());
+    assert!(e.is_lost());
+    assert_eq!(e.lost_reason().as_deref(), Some(REASON));
+    assert!(e.lost_token().is_cancelled());
+
+    // A lost holder refuses to act on it.
+    let err = e.proclaim("still me?").await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+    let err = b.extend().await.unwrap_err();
+    assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    for g in [a, b, c, d] {
+        let err = g.unlock().await.unwrap_err();
+        assert!(matches!(err, Error::NotHeld { .. }), "{err}");
+    }
+    let err = e.resign().await.unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn single_paused_past_the_deadline_is_lost_at_once() {
+    let server = RedisServer::start_async().await;
+    paused_past_the_deadline(&server.url()).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn redlock_paused_past_the_deadline_is_lost_at_once() {
+    let servers = RedisServers::start_async(5).await;
+    paused_past_the_deadline(&servers.redlock_url()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_without_persistence_fires_lost() {
     let mut server = RedisServer::start_async().await;
