@@ -161,6 +161,17 @@ impl Held {
         }
     }
 
+    /// Whether the hold is lost, as a user checks before acting on it: this also looks at
+    /// the local deadline, which a token taken earlier only sees once something checks.
+    fn is_lost(&self) -> bool {
+        match self {
+            Held::Mutex(g) => g.is_lost(),
+            Held::Leader(l) => l.is_lost(),
+            Held::RedisLock(g) => g.is_lost(),
+            Held::RedisLeader(l) => l.is_lost(),
+        }
+    }
+
     fn lost_token(&self) -> CancellationToken {
         match self {
             Held::Mutex(g) => g.lost_token(),
@@ -300,7 +311,9 @@ async fn run(o: Opts) -> Result<(), Box<dyn std::error::Error>> {
                     _ = tokio::time::sleep(o.write_every) => {}
                 }
             }
-            if lost.is_cancelled() {
+            // Consult the hold right before each write, as a real user would: after a pause
+            // past the local deadline this is what says so before the background task runs.
+            if held.is_lost() {
                 was_lost = true;
                 break;
             }
@@ -324,7 +337,7 @@ async fn run(o: Opts) -> Result<(), Box<dyn std::error::Error>> {
                 _ = tokio::time::sleep(o.hold) => {}
             }
         }
-        if lost.is_cancelled() {
+        if held.is_lost() {
             let t = mono_now().min(held.deadline());
             counts.lost += 1;
             oracle.ended(&o.lock, token, hold, t, "lost").await?;
