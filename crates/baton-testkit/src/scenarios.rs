@@ -426,7 +426,7 @@ pub async fn election_split_brain(t: &Target, how: Depose, proxied: Option<u16>)
     let ttl = Duration::from_secs(2);
     let label = how.name(t.kind);
     let (mut next, mut lost_after, mut late_writes) = (Vec::new(), Vec::new(), Vec::new());
-    let mut stale_accepted = Vec::new();
+    let (mut stale_accepted, mut believed_writes) = (Vec::new(), Vec::new());
     for run in 0..runs(1) {
         let oracle = Oracle::start().await;
         let name = format!("elect/{label}/{run}");
@@ -604,6 +604,19 @@ pub async fn election_split_brain(t: &Target, how: Depose, proxied: Option<u16>)
             })
             .count();
         late_writes.push(late as u64);
+        // Of those, the ordinary writes: made before the old leader reported the loss, so
+        // while it believed it still led (the stale probe comes after the report).
+        let believed = h
+            .records
+            .iter()
+            .filter(|r| {
+                r.worker == old_name
+                    && r.at > new_start
+                    && r.at < t_lost
+                    && matches!(r.kind, RecordKind::Write { accepted: true, .. })
+            })
+            .count();
+        believed_writes.push(believed as u64);
     }
     let l = &t.label;
     report(
@@ -634,5 +647,18 @@ pub async fn election_split_brain(t: &Target, how: Depose, proxied: Option<u16>)
         l,
         &format!("election, leader {label}: old leader's stale write accepted"),
         &stale_accepted,
+    );
+    report_count(
+        "16",
+        l,
+        &format!(
+            "election, leader {label}: old leader's writes accepted after the new grant, before its lost()"
+        ),
+        &believed_writes,
+    );
+    println!(
+        "row 16 {l} {label}: runs with a write accepted after the new grant, before lost(): {} of {} (per run: {believed_writes:?})",
+        believed_writes.iter().filter(|n| **n > 0).count(),
+        believed_writes.len(),
     );
 }
