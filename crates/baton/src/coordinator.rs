@@ -52,13 +52,17 @@ pub trait Guard: Send + Sync + fmt::Debug {
     /// `None` where the backend has no safe token (Redlock).
     fn fencing_token(&self) -> Option<i64>;
 
-    /// True once the hold is lost.
+    /// True once the hold is lost: true at once when its local deadline has passed, even if
+    /// the background task that watches it has not run since (a paused process). Check it
+    /// right before acting on the hold.
     fn is_lost(&self) -> bool;
 
-    /// Why the hold was lost, if it was.
+    /// Why the hold was lost, if it was (checking the local deadline first).
     fn lost_reason(&self) -> Option<String>;
 
     /// A token cancelled when the hold is lost (`token.cancelled().await` waits for it).
+    /// Already cancelled if the local deadline has passed when this is called; later,
+    /// cancelled by the background task or by the first `is_lost()` that finds it passed.
     fn lost_token(&self) -> CancellationToken;
 
     /// Release: unlock, or resign. [`Error::NotHeld`] / [`Error::NotLeader`] if it had
