@@ -29,6 +29,10 @@ use crate::wait::{scan_member, wait_turn, TurnRead};
 /// ours and up to `AHEAD - 1` created before it. A queue shorter than that is known whole.
 const AHEAD: i64 = 64;
 
+/// How long a join whose outcome is unknown is retried (an etcd leader election takes a
+/// few seconds).
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
+
 /// Our key in a queue, not yet at its head (or not yet known to be).
 ///
 /// Dropping it before [`Entry::into_held`] removes our key: at once if our revision is known,
@@ -233,14 +237,37 @@ impl Entry {
 
     /// Run the join transaction in its own task, so that a cancelled caller can still learn
     /// its outcome and clean up.
+    ///
+    /// A failure whose outcome is unknown and that may pass (etcd's "request timed out"
+    /// while a new leader is elected, a lost connection) is retried while the session
+    /// lives, for at most [`JOIN_RETRY_FOR`]: the join is idempotent (it creates our key
+    /// only if it does not exist, else reads it), so a retry after a join that did apply
+    /// finds our key and its revision.
     async fn send(&mut self, txn: Txn) -> Result<TxnResponse> {
-        let store = self.store.clone();
-        let handle = self
-            .inflight
-            .insert(tokio::spawn(async move { store.txn(txn).await }));
-        let res = handle.await;
-        self.inflight = None;
-        res.map_err(|e| Error::Store(format!("queue join task failed: {e}")))?
+        let give_up = tokio::time::Instant::now() + JOIN_RETRY_FOR;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let store = self.store.clone();
+            let attempt = txn.clone();
+            let handle = self
+                .inflight
+                .insert(tokio::spawn(async move { store.txn(attempt).await }));
+            let res = handle.await;
+            self.inflight = None;
+            let res = res.map_err(|e| Error::Store(format!("queue join task failed: {e}")))?;
+            match res {
+                Err(e)
+                    if e.is_retryable()
+                        && !self.session.is_lost()
+                        && tokio::time::Instant::now() + backoff < give_up =>
+                {
+                    tracing::debug!(error = %e, "joining the queue failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Leave the queue now and wait for our key to be removed.
