@@ -15,11 +15,11 @@ pub(crate) const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
 
 const ABOUT: &str =
     "Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
-on etcd or the embedded store.";
+on etcd, Redis or the embedded store.";
 
 const LONG_ABOUT: &str = "\
 Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
-on etcd or the embedded store.
+on etcd, Redis or the embedded store.
 
 baton runs a command while it holds a lock (or leads an election), kills the command the \
 moment the lock is lost, and hands it a fencing token. Its keys are those of etcdctl lock \

@@ -1,5 +1,5 @@
 //! `baton`: distributed locks, leader election and fencing tokens for shell scripts and cron
-//! jobs, on etcd or the embedded store. See `baton --help`.
+//! jobs, on etcd, Redis or the embedded store. See `baton --help`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 use std::process::ExitCode;
