@@ -205,6 +205,9 @@ pub(crate) async fn acquire(
         armed: false,
     };
     let mut sub = None;
+    // True when the attempt follows a release's wake-up, or the lock was contended here a
+    // moment ago (see `try_acquire`).
+    let mut gated = client.redlock && client.hub.is_subscribed(&keys.channel);
     loop {
         let chan = sub
             .as_ref()
@@ -214,7 +217,7 @@ pub(crate) async fn acquire(
             w.as_mut().enable();
         }
         cleanup.armed = true;
-        let attempt = client.try_acquire(keys, &token, record).await;
+        let attempt = client.try_acquire(keys, &token, record, gated).await;
         cleanup.armed = false;
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
@@ -252,16 +255,16 @@ pub(crate) async fn acquire(
             Attempt::TooSlow { .. } => jitter_ms(RETRY_JITTER.0, RETRY_JITTER.1),
         };
         let deadline = Instant::now() + wait;
-        tokio::select! {
+        gated = tokio::select! {
             _ = client.closed.cancelled() => return Err(Error::Closed),
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep_until(deadline) => false,
             _ = async {
                 match woken {
                     Some(w) => w.await,
                     None => std::future::pending().await,
                 }
-            } => {}
-        }
+            } => true,
+        };
     }
 }
 

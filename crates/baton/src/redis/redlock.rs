@@ -58,11 +58,19 @@ impl ClientInner {
     }
 
     /// Try once to take the lock (and write the election record, if `record` is given).
+    ///
+    /// `gated` (Redlock only, for attempts woken by a release): ask the first node alone,
+    /// and go on to the others only if it was ours. When a release wakes several waiters
+    /// at once, asking every node in parallel splits the votes (each gets a minority, all
+    /// clean up, all retry); the first node settles who goes on. If it fails (down), the
+    /// attempt asks every node. A gate held by a stale minority key cannot block anyone
+    /// for long: attempts after the fallback poll are not gated.
     pub(crate) async fn try_acquire(
         &self,
         keys: &Keys,
         token: &str,
         record: Option<&[u8]>,
+        gated: bool,
     ) -> Attempt {
         let ttl = self.opts.ttl;
         let drift = drift(ttl);
@@ -72,9 +80,35 @@ impl ClientInner {
         let start = Instant::now();
         let give_up = start + ttl.saturating_sub(drift).min(self.opts.request_timeout);
         let ttl_ms = self.opts.ttl_ms;
+        let (mut ok, mut busy, mut failed) = (0, 0, 0);
+        let mut token_value = None;
+        let mut skip_first = false;
+        if gated && self.redlock && n > 1 {
+            let gate = tokio::time::timeout_at(
+                give_up,
+                self.nodes[0].acquire(keys, token, ttl_ms, fence, record),
+            )
+            .await;
+            match gate {
+                Ok(Ok(NodeAcquire::Taken(f))) => {
+                    ok = 1;
+                    token_value = Some(f);
+                    skip_first = true;
+                }
+                Ok(Ok(NodeAcquire::Held(pttl))) => {
+                    return Attempt::Busy {
+                        retry_in: u64::try_from(pttl).ok().map(Duration::from_millis),
+                    };
+                }
+                // Down or slow: ask every node (a late SET on the gate is cleaned up with
+                // the rest if the attempt fails).
+                _ => {}
+            }
+        }
         let mut calls: FuturesUnordered<_> = self
             .nodes
             .iter()
+            .skip(usize::from(skip_first))
             .map(|node| {
                 // Owned, so that the requests still in flight after a success can finish
                 // in the background.
@@ -86,8 +120,6 @@ impl ClientInner {
                 }
             })
             .collect();
-        let (mut ok, mut busy, mut failed) = (0, 0, 0);
-        let mut token_value = None;
         let mut retry_in: Option<Duration> = None;
         let mut first_error = None;
         loop {

@@ -107,6 +107,16 @@ impl Hub {
         }
     }
 
+    /// True if someone here listens on `channel`, or did less than [`LINGER`] ago: the lock
+    /// is (or was just) contended.
+    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(channel)
+    }
+
     /// Wake this process's waiters and observers of `channel` now (a local release), without
     /// waiting for the message to come back from Redis.
     pub(crate) fn wake_local(&self, channel: &str, payload: &[u8]) {
