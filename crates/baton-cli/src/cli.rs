@@ -315,6 +315,24 @@ impl Security {
     }
 }
 
+/// `$builder` (a `ClientBuilder` or a `CoordinatorBuilder`, which share these methods) with
+/// the TLS settings and credentials of `$security`.
+macro_rules! apply_security {
+    ($builder:expr, $security:expr) => {{
+        let (mut builder, security) = ($builder, $security);
+        if let Some(tls) = security.tls {
+            builder = builder.with_tls(tls);
+        }
+        if let Some((user, password)) = security.user {
+            builder = builder.with_user(user, password);
+        }
+        if let Some(password) = security.password {
+            builder = builder.with_password(password);
+        }
+        builder
+    }};
+}
+
 /// The scheme of the (first) endpoint URL, if it has one.
 fn scheme(endpoints: &str) -> Option<&str> {
     endpoints.trim().split_once("://").map(|(scheme, _)| scheme)
@@ -338,19 +356,13 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
         )));
     }
     let security = Security::from_global(global, endpoints)?;
-    let mut builder = baton::Client::builder(endpoints)
+    let builder = baton::Client::builder(endpoints)
         .with_dial_timeout(global.dial_timeout)
         .with_namespace(global.namespace.clone());
-    if let Some(tls) = security.tls {
-        builder = builder.with_tls(tls);
-    }
-    if let Some((user, password)) = security.user {
-        builder = builder.with_user(user, password);
-    }
-    if let Some(password) = security.password {
-        builder = builder.with_password(password);
-    }
-    builder.connect().await.map_err(CliError::failed)
+    apply_security!(builder, security)
+        .connect()
+        .await
+        .map_err(CliError::failed)
 }
 
 /// Connect to any backend named by `--endpoints` (etcd, the embedded store, Redis,
@@ -363,20 +375,14 @@ pub(crate) async fn coordinator(
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
     let endpoints = &global.endpoints;
     let security = Security::from_global(global, endpoints)?;
-    let mut builder = baton::Coordinator::builder(endpoints)
+    let builder = baton::Coordinator::builder(endpoints)
         .with_ttl(ttl)
         .with_dial_timeout(global.dial_timeout)
         .with_namespace(global.namespace.clone());
-    if let Some(tls) = security.tls {
-        builder = builder.with_tls(tls);
-    }
-    if let Some((user, password)) = security.user {
-        builder = builder.with_user(user, password);
-    }
-    if let Some(password) = security.password {
-        builder = builder.with_password(password);
-    }
-    builder.connect().await.map_err(CliError::from)
+    apply_security!(builder, security)
+        .connect()
+        .await
+        .map_err(CliError::from)
 }
 
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.

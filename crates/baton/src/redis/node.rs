@@ -69,6 +69,13 @@ pub(crate) enum NodeExtend {
     Gone,
 }
 
+/// A script's reply part as a number (0 if absent or not a number).
+fn num(part: Option<&Vec<u8>>) -> i64 {
+    part.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One key as one node has it, for `status`.
 #[derive(Clone, Debug)]
 pub(crate) struct Inspected {
@@ -468,11 +475,6 @@ impl Node {
                     .await
             })
             .await?;
-        let num = |b: Option<&Vec<u8>>| -> i64 {
-            b.and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0)
-        };
         let Some(value) = parts.first().cloned() else {
             return Ok(None);
         };
@@ -495,11 +497,6 @@ impl Node {
                     .await
             })
             .await?;
-        let num = |b: Option<&Vec<u8>>| -> i64 {
-            b.and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0)
-        };
         let mut parts = parts.into_iter();
         let Some(token) = parts.next() else {
             return Ok(None);
