@@ -129,6 +129,7 @@ pub(crate) async fn hold(
         ));
     };
     tracing::debug!(pgid, "CMD started");
+    let _guardian = Guardian::start(pgid, job.grace);
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -195,6 +196,132 @@ where
         }),
         Ending::Lost => Err(CliError::quiet(exit::LOST)),
     }
+}
+
+/// A small process that outlives `baton` to end CMD's whole process group if `baton` dies
+/// (`kill -9`): `PR_SET_PDEATHSIG` reaches only CMD itself, not the background jobs CMD
+/// started, which would go on without the lock. The guardian is `baton` itself, run with a
+/// hidden first argument (see [`guardian_main`]), in a process group of its own so that
+/// terminal signals do not reach it. Dropping this handle (every way `hold` ends) kills the
+/// guardian with SIGKILL, which makes it do nothing: CMD's group is then `baton`'s to end.
+///
+/// If the guardian cannot be started, `baton` says so in its trace and goes on: CMD itself
+/// still dies with `baton`.
+struct Guardian {
+    child: Option<std::process::Child>,
+}
+
+/// The hidden first argument that makes `baton` a guardian: `baton __guardian PGID
+/// GRACE_MS PARENT_PID`.
+pub(crate) const GUARDIAN_ARG: &str = "__baton-guardian";
+
+impl Guardian {
+    fn start(pgid: i32, grace: Duration) -> Guardian {
+        let started = std::env::current_exe().and_then(|exe| {
+            let mut command = std::process::Command::new(exe);
+            // SAFETY: getpid is async-signal-safe and touches no memory.
+            let parent = unsafe { libc::getpid() };
+            command
+                .arg(GUARDIAN_ARG)
+                .arg(pgid.to_string())
+                .arg(grace.as_millis().min(u128::from(u64::MAX)).to_string())
+                .arg(parent.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .env_remove("BATON_PASSWORD");
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            #[cfg(target_os = "linux")]
+            // SAFETY: as in `die_with_parent`: only async-signal-safe calls, no allocation.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+            command.spawn()
+        });
+        match started {
+            Ok(child) => {
+                tracing::debug!(pgid, guardian = child.id(), "guardian started");
+                Guardian { child: Some(child) }
+            }
+            Err(e) => {
+                tracing::warn!(pgid, error = %e, "cannot start the guardian; CMD still dies with baton");
+                Guardian { child: None }
+            }
+        }
+    }
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The guardian process (see [`Guardian`]): until `baton` (PARENT_PID) dies, watch CMD's
+/// group; when `baton` dies first (its death signal, SIGTERM, or a new parent), send the
+/// group SIGTERM, and SIGKILL once GRACE_MS have passed. Exits when the group is gone.
+/// Never returns.
+#[cfg(target_os = "linux")]
+pub(crate) fn guardian_main(args: &[String]) -> ! {
+    let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok());
+    let (Some(pgid), Some(grace_ms), Some(parent)) = (parse(0), parse(1), parse(2)) else {
+        std::process::exit(i32::from(exit::FAILED));
+    };
+    let (Ok(pgid), Ok(parent)) = (i32::try_from(pgid), i32::try_from(parent)) else {
+        std::process::exit(i32::from(exit::FAILED));
+    };
+    let grace = Duration::from_millis(u64::try_from(grace_ms).unwrap_or(0));
+    // SAFETY: plain libc calls on a sigset_t we own; no other thread exists yet.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    loop {
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            break;
+        }
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        // SAFETY: `set` and `timeout` live across the call; no siginfo is asked for.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        if sig == libc::SIGTERM {
+            break;
+        }
+        if !group_alive(pgid) {
+            std::process::exit(0);
+        }
+    }
+    // `baton` is gone: CMD's group must not run on without the lock.
+    kill_group(pgid, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while group_alive(pgid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(GROUP_POLL);
+    }
+    kill_group(pgid, libc::SIGKILL);
+    std::process::exit(0);
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn guardian_main(_args: &[String]) -> ! {
+    std::process::exit(0);
 }
 
 /// Start CMD in its own process group.

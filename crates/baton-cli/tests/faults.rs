@@ -408,3 +408,44 @@ async fn huge_grace_after_a_loss() {
     let code = exit_code(&mut a, Duration::from_secs(10)).await;
     assert_eq!(code, 122, "{}", a.stderr());
 }
+
+/// `kill -9` of `baton lock` also ends the background jobs CMD started (they are in CMD's
+/// process group, which baton's guardian process ends when baton dies), not only CMD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_lock_takes_cmds_background_jobs_along() {
+    let etcd = EtcdServer::start_async().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ticks = dir.path().join("bg-ticks");
+    let script = format!(
+        r#"(while :; do echo tick >> '{}'; sleep 0.05; done) & echo "start $$ $BATON_FENCING_TOKEN"; wait"#,
+        ticks.display()
+    );
+    let mut a = baton(
+        "a",
+        &etcd.endpoint(),
+        &[
+            "lock", "cli-bg", "--ttl", "2s", "--grace", "1s", "--", "sh", "-c", &script,
+        ],
+    );
+    let (cmd_pid, _) = started(&mut a, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(size(&ticks) > 0, "the background job never ticked");
+    let killed = a.kill();
+    let mut stopped = None;
+    for _ in 0..50 {
+        let before = size(&ticks);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        if size(&ticks) == before && !running(cmd_pid) {
+            stopped = Some(since(killed, mono_now()));
+            break;
+        }
+    }
+    let stopped = stopped.expect("CMD's background job still ticks 6 s after baton was killed");
+    assert!(
+        stopped < Duration::from_secs(3),
+        "the background job ran on {stopped:?} after kill -9 of baton"
+    );
+    let after = size(&ticks);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(size(&ticks), after, "the background job ran on");
+}
