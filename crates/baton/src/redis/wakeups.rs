@@ -5,8 +5,9 @@
 //! subscriber task subscribes to the channels someone waits on, and turns each message into a
 //! wake-up of every local waiter and observer of that lock (each waiter then tries once; one
 //! wins). A channel stays subscribed for [`LINGER`] after its last listener leaves, so that
-//! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. Messages can be lost (a reconnect, a foreign client that does not publish,
-//! a holder that crashed), so every wait also has a bounded, jittered fallback poll.
+//! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. Messages can be
+//! lost (a reconnect, a foreign client that does not publish, a holder that crashed), so
+//! every wait also has a bounded, jittered fallback poll.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
