@@ -49,6 +49,14 @@ impl Admin {
         Ok(())
     }
 
+    /// End `held` from outside as an operator would: `DEL` of its key on every server.
+    async fn delete_held(&self, held: &dyn Held) -> Result<()> {
+        let key = held
+            .key()
+            .ok_or_else(|| Failure("the hold has no key".into()))?;
+        self.delete(key).await
+    }
+
     /// Whether `key` exists on any server, and the most subscribers `channel` has on one.
     async fn held_and_subscribers(&self, key: &str, channel: &str) -> Result<(bool, usize)> {
         let mut held = false;
@@ -170,10 +178,7 @@ impl Target for RedisTarget {
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
-        let key = held
-            .key()
-            .ok_or_else(|| Failure("the hold has no key".into()))?;
-        self.admin.delete(key).await
+        self.admin.delete_held(held).await
     }
 
     /// The holder (if the key exists) plus the clients subscribed to the lock's wake-up
@@ -324,10 +329,7 @@ impl Target for Rslock {
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
-        let key = held
-            .key()
-            .ok_or_else(|| Failure("the hold has no key".into()))?;
-        self.admin.delete(key).await
+        self.admin.delete_held(held).await
     }
 
     async fn queued(&self, _name: &str) -> Result<usize> {
