@@ -16,6 +16,10 @@
 //! read at revision `R` may register only if `buffer_from <= R + 1`; it first looks for its
 //! predecessor's delete in the buffer (events in `(R, progress]`), then waits for later
 //! events. Otherwise, or when the hub's watch breaks, the waiter falls back to reading again.
+//! The watch may lag behind the waiter's read (`progress < R`): events up to `R` it delivers
+//! later are then older than what the waiter saw, and a delete among them answers no
+//! waiter that read after it. Lock keys' names are reused (a session locks the same name
+//! again), so such a stale delete can name the very key the waiter waits on.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +125,11 @@ type Answer = oneshot::Sender<(usize, Woken)>;
 /// One registered wait, possibly on several keys: the first delete among them answers it.
 struct Waiter {
     index: usize,
+    /// The revision the caller read at: only a delete after it answers the wait. The
+    /// shared watch may still be delivering older events when the waiter registers, and a
+    /// key's name is reused (a session locks the same name again): an older delete of the
+    /// same key is not the delete of the key the caller saw.
+    after: Revision,
     tx: Arc<StdMutex<Option<Answer>>>,
 }
 
@@ -169,6 +178,7 @@ impl PrefixWatch {
         for (index, key) in keys.iter().enumerate() {
             st.waiters.entry(key.to_vec()).or_default().push(Waiter {
                 index,
+                after,
                 tx: tx.clone(),
             });
         }
@@ -332,9 +342,17 @@ async fn run(
         for ev in resp.events {
             let rev = ev.kv.mod_revision;
             if ev.kind == EventKind::Delete {
-                if let Some(ws) = st.waiters.remove(&ev.kv.key) {
-                    for w in ws {
-                        w.send(Woken::Deleted(rev));
+                if let Some(ws) = st.waiters.get_mut(&ev.kv.key) {
+                    ws.retain(|w| {
+                        if rev > w.after {
+                            w.send(Woken::Deleted(rev));
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    if ws.is_empty() {
+                        st.waiters.remove(&ev.kv.key);
                     }
                 }
             }
