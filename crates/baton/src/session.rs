@@ -28,6 +28,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
 /// How long the session waits after a failed keep-alive before it tries again.
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
+/// At most this many keep-alives of one session wait for their replies at once.
+const MAX_IN_FLIGHT: usize = 4;
+
 /// Why a session is lost when its local deadline passes.
 const DEADLINE_PASSED: &str = "keep-alives were not acknowledged before the local deadline";
 
@@ -475,55 +478,73 @@ impl Drop for Inner {
 }
 
 /// The keep-alive loop. It holds only the shared state, so dropping the session ends it.
+///
+/// A keep-alive is sent every `interval`, measured from the previous *send*, without waiting
+/// for the previous reply: keep-alives are pipelined, as Go's client does, so a session
+/// survives reply latencies up to about TTL − interval, not only up to the interval. Each
+/// reply moves the deadline to its request's send time plus the TTL (never earlier).
 async fn keep_alive(
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     hub: Arc<crate::hub::Hub>,
     interval: Duration,
 ) {
-    let mut wait = interval;
+    let mut next = Instant::now() + interval;
+    type Reply = (
+        Instant,
+        std::result::Result<Result<Option<Duration>>, tokio::time::error::Elapsed>,
+    );
+    let mut pending =
+        futures::stream::FuturesUnordered::<futures::future::BoxFuture<'static, Reply>>::new();
     loop {
         let deadline = shared.deadline.get();
+        let room = pending.len() < MAX_IN_FLIGHT;
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = shared.lost.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = shared.poke.notified() => {}
+            _ = tokio::time::sleep_until(next), if room => {}
+            _ = shared.poke.notified(), if room => {}
             _ = tokio::time::sleep_until(deadline) => {}
+            Some((sent, result)) = futures::StreamExt::next(&mut pending) => {
+                match result {
+                    Ok(Ok(Some(ttl))) => {
+                        shared.deadline.push(sent + ttl);
+                        tracing::trace!(deadline_in = ?(sent + ttl).saturating_duration_since(Instant::now()), "keep-alive acknowledged");
+                    }
+                    Ok(Ok(None)) => {
+                        shared.mark_lost("lease revoked or expired");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "keep-alive failed; retrying until the local deadline");
+                        next = next.min(Instant::now() + RETRY_BACKOFF.min(interval));
+                    }
+                    // Unanswered until the deadline it would have set: no use any more.
+                    Err(_) => {}
+                }
+                continue;
+            }
         }
         let sent = Instant::now();
-        if sent >= deadline {
+        if sent >= shared.deadline.get() {
             shared.mark_lost(DEADLINE_PASSED);
             return;
         }
-        crate::hub::Counters::add(&hub.counters.keep_alives);
-        let result = tokio::select! {
-            _ = shared.stop.cancelled() => return,
-            r = tokio::time::timeout_at(deadline, store.lease_keep_alive(shared.lease)) => r,
-        };
-        match result {
-            Ok(Ok(Some(ttl))) => {
-                shared.deadline.set(sent + ttl);
-                // The next keep-alive is due an interval after this one was *sent*, not
-                // after its reply: slow replies must not stretch the period, or a reply
-                // latency above TTL/3 would lose the session (each reply would arrive
-                // after the deadline its predecessor set).
-                wait = interval.saturating_sub(sent.elapsed());
-                tracing::trace!(deadline_in = ?ttl, "keep-alive acknowledged");
-            }
-            Ok(Ok(None)) => {
-                shared.mark_lost("lease revoked or expired");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "keep-alive failed; retrying until the local deadline");
-                wait = RETRY_BACKOFF.min(interval);
-            }
-            Err(_) => {
-                shared.mark_lost(DEADLINE_PASSED);
-                return;
-            }
+        if !room {
+            continue;
         }
+        crate::hub::Counters::add(&hub.counters.keep_alives);
+        // A reply is of use until its request's send time plus the TTL (the deadline it
+        // would set), even after the current deadline: earlier requests' replies may move
+        // the deadline first.
+        let (store, lease, until) = (store.clone(), shared.lease, sent + shared.ttl);
+        pending.push(Box::pin(async move {
+            let result = tokio::time::timeout_at(until, store.lease_keep_alive(lease)).await;
+            (sent, result)
+        }));
+        // The next keep-alive is due an interval after this one was *sent*, not after its
+        // reply: slow replies must not stretch the period.
+        next = sent + interval;
     }
 }
 

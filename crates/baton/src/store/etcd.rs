@@ -171,34 +171,131 @@ struct Inner {
     keepers: StdMutex<HashMap<LeaseId, KeeperEntry>>,
 }
 
+/// Where the keep-alive stream of one lease is cached, while it works.
+type KeeperSlot = Arc<tokio::sync::Mutex<Option<Arc<Keeper>>>>;
+
 struct KeeperEntry {
-    slot: Arc<tokio::sync::Mutex<Option<Keeper>>>,
+    slot: KeeperSlot,
     last_used: Instant,
+    /// The TTL etcd granted, if this store granted the lease: the reply that opens a
+    /// keep-alive stream then counts as a keep-alive.
+    granted: Option<Duration>,
 }
 
-/// An open `LeaseKeepAlive` stream for one lease.
+/// An open `LeaseKeepAlive` stream for one lease, with keep-alives *pipelined* on it: a
+/// request is sent without waiting for the reply to the previous one, so that slow replies
+/// do not delay the next renewal. etcd answers every request on the stream once, in order
+/// (or ends the stream), so replies are matched to requests by their order.
 struct Keeper {
-    keeper: ec::LeaseKeeper,
-    stream: ec::LeaseKeepAliveStream,
-    /// A request was sent and its reply not read yet (the caller gave up). Such a stream
-    /// is discarded: its late reply must not be taken for the answer to a newer request.
-    in_flight: bool,
+    state: Arc<StdMutex<KeeperState>>,
+    reader: tokio::task::AbortHandle,
 }
+
+struct KeeperState {
+    sender: ec::LeaseKeeper,
+    /// One reply slot per request sent and not answered yet, oldest first.
+    waiting: std::collections::VecDeque<tokio::sync::oneshot::Sender<KeeperReply>>,
+    /// The stream ended or failed, and why: requests must go to a new stream.
+    closed: Option<String>,
+}
+
+/// A reply on a keep-alive stream: `Some(ttl)`, or `None` if the lease is gone; `Err` if
+/// the stream broke first.
+type KeeperReply = std::result::Result<Option<Duration>, String>;
 
 impl Keeper {
-    /// One keep-alive request and its reply: `Some(ttl)`, or `None` if the lease is gone.
-    async fn round_trip(&mut self) -> std::result::Result<Option<Duration>, ec::Error> {
-        self.in_flight = true;
-        self.keeper.keep_alive().await?;
-        match self.stream.message().await? {
-            Some(reply) => {
-                self.in_flight = false;
-                Ok((reply.ttl() > 0).then(|| secs(reply.ttl())))
+    fn new(sender: ec::LeaseKeeper, mut stream: ec::LeaseKeepAliveStream) -> Keeper {
+        let state = Arc::new(StdMutex::new(KeeperState {
+            sender,
+            waiting: std::collections::VecDeque::new(),
+            closed: None,
+        }));
+        let shared = state.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = stream.message().await;
+                let mut state = lock_unpoisoned(&shared);
+                let why = match message {
+                    Ok(Some(reply)) => {
+                        let ttl = (reply.ttl() > 0).then(|| secs(reply.ttl()));
+                        if let Some(waiter) = state.waiting.pop_front() {
+                            // The caller may have given up: its reply is then dropped.
+                            let _ = waiter.send(Ok(ttl));
+                        }
+                        continue;
+                    }
+                    Ok(None) => "the keep-alive stream ended".to_string(),
+                    Err(e) => describe(&e),
+                };
+                state.close(why);
+                return;
             }
-            None => Err(ec::Error::LeaseKeepAliveError(
-                "the keep-alive stream ended".into(),
-            )),
+        });
+        Keeper {
+            state,
+            reader: reader.abort_handle(),
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        lock_unpoisoned(&self.state).closed.is_some()
+    }
+
+    /// Send one keep-alive request; the receiver gets its reply.
+    fn send(&self) -> std::result::Result<tokio::sync::oneshot::Receiver<KeeperReply>, String> {
+        use futures::FutureExt as _;
+        let mut state = lock_unpoisoned(&self.state);
+        if let Some(why) = &state.closed {
+            return Err(why.clone());
+        }
+        // The request channel has room for 100 requests and is drained as they are written,
+        // so the send completes at once. If it ever could not, the request is not sent (a
+        // dropped send sends nothing), and the stream is given up rather than wait with
+        // the lock held: a reply slot without its request would shift every later reply
+        // onto the wrong request.
+        match state.sender.keep_alive().now_or_never() {
+            Some(Ok(())) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                state.waiting.push_back(tx);
+                Ok(rx)
+            }
+            Some(Err(e)) => {
+                let why = describe(&e);
+                state.close(why.clone());
+                Err(why)
+            }
+            None => {
+                let why = "the keep-alive request queue is full".to_string();
+                state.close(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    /// One keep-alive: `Some(ttl)`, or `None` if the lease is gone; `Err` if the stream broke.
+    async fn keep_alive(&self) -> KeeperReply {
+        let reply = self.send()?;
+        reply
+            .await
+            .unwrap_or_else(|_| Err("the keep-alive stream ended".to_string()))
+    }
+}
+
+impl KeeperState {
+    /// Mark the stream unusable and fail every request waiting on it.
+    fn close(&mut self, why: String) {
+        for waiter in self.waiting.drain(..) {
+            let _ = waiter.send(Err(why.clone()));
+        }
+        self.closed = Some(why);
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // Dropping the sender ends the request stream, which makes etcd end the reply stream;
+        // abort the reader anyway, in case etcd is unreachable and never does.
+        self.reader.abort();
     }
 }
 
@@ -489,9 +586,9 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// The cached keep-alive slot of a lease, created if missing. Closes streams of leases
-    /// nobody refreshed for a long time.
-    fn keeper_slot(&self, id: LeaseId) -> Arc<tokio::sync::Mutex<Option<Keeper>>> {
+    /// The cached keep-alive slot of a lease, created if missing, and the TTL this store
+    /// granted it, if it did. Closes streams of leases nobody refreshed for a long time.
+    fn keeper_slot(&self, id: LeaseId) -> (KeeperSlot, Option<Duration>) {
         let now = Instant::now();
         let mut keepers = lock_unpoisoned(&self.inner.keepers);
         if !keepers.contains_key(&id) {
@@ -503,67 +600,125 @@ impl EtcdStore {
         let entry = keepers.entry(id).or_insert_with(|| KeeperEntry {
             slot: Arc::new(tokio::sync::Mutex::new(None)),
             last_used: now,
+            granted: None,
         });
         entry.last_used = now;
-        entry.slot.clone()
+        (entry.slot.clone(), entry.granted)
     }
 
-    /// Close the cached keep-alive stream of a lease.
+    /// Remember the TTL granted to a new lease, for its first keep-alive.
+    fn granted(&self, id: LeaseId, ttl: Duration) {
+        let (slot, _) = self.keeper_slot(id);
+        drop(slot);
+        if let Some(entry) = lock_unpoisoned(&self.inner.keepers).get_mut(&id) {
+            entry.granted = Some(ttl);
+        }
+    }
+
+    /// Open the keep-alive stream of a new lease in the background, so that its first
+    /// keep-alive goes out on an open stream: opening one takes a round trip of its own
+    /// (etcd-client waits for the first reply), which would add to the first keep-alive's
+    /// latency exactly when replies are slow.
+    fn open_keeper_soon(&self, id: LeaseId) {
+        let (slot, _) = self.keeper_slot(id);
+        let store = self.clone();
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        tokio::spawn(async move {
+            let mut cached = slot.lock().await;
+            if cached.as_ref().is_some_and(|k| !k.is_closed()) {
+                return;
+            }
+            let mut leases = store.inner.client.lease_client();
+            match timeout_at(deadline, leases.keep_alive(id)).await {
+                Ok(Ok((sender, stream))) => *cached = Some(Arc::new(Keeper::new(sender, stream))),
+                Ok(Err(e)) => {
+                    tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "opening the keep-alive stream failed; the first keep-alive tries again");
+                }
+                Err(_) => {
+                    tracing::debug!(lease = %format_args!("{id:x}"), "opening the keep-alive stream timed out; the first keep-alive tries again");
+                }
+            }
+        });
+    }
+
+    /// Stop using the cached keep-alive stream of a lease after a failure: the next
+    /// keep-alive opens a new one, maybe on another member. Requests still waiting on the
+    /// old stream keep it until they end.
+    fn reset_keeper(&self, id: LeaseId) {
+        if let Some(entry) = lock_unpoisoned(&self.inner.keepers).get_mut(&id) {
+            entry.slot = Arc::new(tokio::sync::Mutex::new(None));
+        }
+    }
+
+    /// Close the cached keep-alive stream of a lease, and forget the lease.
     fn forget_keeper(&self, id: LeaseId) {
         lock_unpoisoned(&self.inner.keepers).remove(&id);
     }
 
+    /// One keep-alive of lease `id`, on its cached stream, opening a new stream if there is
+    /// none or it broke. Several may run at once: they are pipelined on the one stream.
     async fn keep_alive_once(
         &self,
         id: LeaseId,
-        slot: &tokio::sync::Mutex<Option<Keeper>>,
+        slot: &tokio::sync::Mutex<Option<Arc<Keeper>>>,
+        granted: Option<Duration>,
         deadline: Instant,
     ) -> Result<Option<Duration>> {
-        let mut cached = slot.lock().await;
-        if let Some(keeper) = cached.as_mut() {
-            if keeper.in_flight {
-                tracing::debug!(lease = %format_args!("{id:x}"), "discarding a keep-alive stream with an unanswered request");
-            } else {
-                match keeper.round_trip().await {
-                    Ok(ttl) => return Ok(ttl),
-                    Err(e) => {
-                        tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "keep-alive stream failed; reopening");
-                    }
-                }
-            }
-            *cached = None;
-        }
-
         let mut backoff = BACKOFF_MIN;
         loop {
-            let mut leases = self.inner.client.lease_client();
-            let error = match leases.keep_alive(id).await {
-                Ok((keeper, stream)) => {
-                    let mut keeper = Keeper {
-                        keeper,
-                        stream,
-                        in_flight: false,
-                    };
-                    // etcd-client consumed the first reply to check the lease exists, but
-                    // does not return its TTL: ask once more on the new stream.
-                    match keeper.round_trip().await {
-                        Ok(Some(ttl)) => {
-                            *cached = Some(keeper);
-                            return Ok(Some(ttl));
+            let keeper = {
+                let mut cached = slot.lock().await;
+                match cached.as_ref() {
+                    Some(keeper) if !keeper.is_closed() => keeper.clone(),
+                    _ => {
+                        *cached = None;
+                        let mut leases = self.inner.client.lease_client();
+                        let error = match leases.keep_alive(id).await {
+                            Ok((sender, stream)) => {
+                                let keeper = Arc::new(Keeper::new(sender, stream));
+                                *cached = Some(keeper.clone());
+                                // etcd-client read the first reply to check that the lease
+                                // exists, but does not return its TTL. That request renewed
+                                // the lease after this call started: if the TTL is known
+                                // (this store granted the lease), it is this keep-alive's
+                                // answer, and the stream costs no second round trip.
+                                if let Some(ttl) = granted {
+                                    return Ok(Some(ttl));
+                                }
+                                None
+                            }
+                            Err(e) if is_lease_not_found(&e) => return Ok(None),
+                            Err(e) => Some(e),
+                        };
+                        match error {
+                            None => cached.as_ref().map(Arc::clone).expect("just stored"),
+                            Some(error) => {
+                                if !Retry::Idempotent.allows(&error)
+                                    || Instant::now() + backoff >= deadline
+                                {
+                                    return Err(map_err("lease keep-alive", error, id));
+                                }
+                                tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&error), "retrying lease keep-alive");
+                                drop(cached);
+                                sleep(backoff).await;
+                                backoff = (backoff * 2).min(BACKOFF_MAX);
+                                continue;
+                            }
                         }
-                        Ok(None) => return Ok(None),
-                        Err(e) => e,
                     }
                 }
-                Err(e) if is_lease_not_found(&e) => return Ok(None),
-                Err(e) => e,
             };
-            if !Retry::Idempotent.allows(&error) || Instant::now() + backoff >= deadline {
-                return Err(map_err("lease keep-alive", error, id));
+            match keeper.keep_alive().await {
+                Ok(ttl) => return Ok(ttl),
+                Err(why) => {
+                    // The stream broke (a member went away, say): open another, at once
+                    // the first time.
+                    tracing::debug!(lease = %format_args!("{id:x}"), error = %why, "keep-alive stream failed; reopening");
+                    if Instant::now() + backoff >= deadline {
+                        return Err(Error::Store(format!("lease keep-alive: {why}")));
+                    }
+                }
             }
-            tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&error), "retrying lease keep-alive");
-            sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -743,6 +898,8 @@ impl Store for EtcdStore {
             )));
         }
         tracing::debug!(lease = %format_args!("{:x}", resp.id()), ttl = resp.ttl(), "granted lease");
+        self.granted(resp.id(), secs(resp.ttl()));
+        self.open_keeper_soon(resp.id());
         Ok(LeaseGrant {
             id: resp.id(),
             ttl: secs(resp.ttl()),
@@ -752,8 +909,8 @@ impl Store for EtcdStore {
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
         let after = self.inner.options.request_timeout;
         let deadline = Instant::now() + after;
-        let slot = self.keeper_slot(id);
-        let result = timeout_at(deadline, self.keep_alive_once(id, &slot, deadline)).await;
+        let (slot, granted) = self.keeper_slot(id);
+        let result = timeout_at(deadline, self.keep_alive_once(id, &slot, granted, deadline)).await;
         drop(slot);
         match result {
             Ok(Ok(Some(ttl))) => Ok(Some(ttl)),
@@ -763,11 +920,11 @@ impl Store for EtcdStore {
                 Ok(None)
             }
             Ok(Err(e)) => {
-                self.forget_keeper(id);
+                self.reset_keeper(id);
                 Err(e)
             }
             Err(_) => {
-                self.forget_keeper(id);
+                self.reset_keeper(id);
                 Err(Error::Timeout {
                     operation: "lease keep-alive",
                     after,
