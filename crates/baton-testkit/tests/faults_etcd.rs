@@ -43,6 +43,14 @@ async fn client(endpoints: &str, request_timeout: Duration) -> Client {
         .unwrap()
 }
 
+/// `RUST_LOG=baton=debug` shows keep-alives, retries and stream reopenings.
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 async fn session(client: &Client, ttl: Duration) -> Session {
     Session::builder(client)
         .with_ttl(ttl)
@@ -593,6 +601,7 @@ async fn row10_client_partitioned() {
 /// member fail (Timeout) until HTTP/2 keep-alive gives up on it (see docs/reliability.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row10_partitioned_from_one_member_of_three() {
+    init_tracing();
     let cluster = EtcdCluster::start_async(3).await;
     let ttl = Duration::from_secs(4);
     let (mut losses, mut failed_reads) = (Vec::new(), Vec::new());
@@ -642,8 +651,15 @@ async fn row10_partitioned_from_one_member_of_three() {
             g.lost_reason()
         );
         proxies[leader].heal();
-        g.unlock().await.unwrap();
-        s.close().await.unwrap();
+        // The heal resets the connection to that member; a write in flight on it fails
+        // with a transport error and is not retried (it may have been applied). The key
+        // then goes with the lease, which the session's drop revokes.
+        if let Err(e) = g.unlock().await {
+            eprintln!("unlock after the heal: {e}");
+        }
+        if let Err(e) = s.close().await {
+            eprintln!("close after the heal: {e}");
+        }
     }
     report_count(
         "10",
@@ -666,10 +682,7 @@ async fn row10_partitioned_from_one_member_of_three() {
 /// and the reply that opens a keep-alive stream counts as a keep-alive, so a session
 /// survives reply latencies up to about TTL − TTL/3: it holds at TTL 3 s and at 6 s.
 async fn slow_keep_alive_replies(ttl: Duration) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let etcd = EtcdServer::start_async().await;
     let (mut margin, mut losses) = (Vec::new(), Vec::new());
     for run in 0..runs(2) {

@@ -79,6 +79,10 @@ const COMPACT_PROBE_KEY: &[u8] = b"baton/compact-probe";
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// How many copies of an idempotent request may be in flight at once: a copy is sent after
+/// each 1/HEDGES of the request timeout without an answer (see `EtcdStore::hedged`).
+const HEDGES: usize = 4;
+
 /// Cached keep-alive streams unused for this long are closed.
 const KEEPER_IDLE: Duration = Duration::from_secs(600);
 
@@ -533,9 +537,12 @@ impl EtcdStore {
         let mut reauthenticated = false;
         loop {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
-            let result = timeout_at(deadline, attempt(&self.inner.client))
-                .await
-                .map_err(|_| Error::Timeout { operation, after })?;
+            let result = if retry == Retry::Idempotent {
+                self.hedged(deadline, &mut attempt).await
+            } else {
+                timeout_at(deadline, attempt(&self.inner.client)).await.ok()
+            };
+            let result = result.ok_or(Error::Timeout { operation, after })?;
             match result {
                 // The token expired, or was issued before the roles changed: get a new one
                 // and send the request once more. etcd refused it before applying it, so
@@ -555,6 +562,48 @@ impl EtcdStore {
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
                 other => return Ok(other),
+            }
+        }
+    }
+
+    /// One attempt of an idempotent request, *hedged*: if it has no answer after a share of
+    /// the request timeout, the same request is sent again (up to [`HEDGES`] copies in all),
+    /// and the first answer wins; the others are cancelled. The channel spreads requests
+    /// over the members at random, so a copy most likely goes to another member: a member
+    /// that is alive but silent (its packets lost) then costs a share of the timeout, not
+    /// the whole of it. A copy that fails with a retryable error leaves the others running.
+    /// `None` if no answer came before `deadline`.
+    async fn hedged<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        attempt: &mut F,
+    ) -> Option<std::result::Result<T, ec::Error>>
+    where
+        F: FnMut(&ec::Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ec::Error>>,
+    {
+        use futures::StreamExt as _;
+        let share = self.inner.options.request_timeout / HEDGES as u32;
+        let mut running = futures::stream::FuturesUnordered::new();
+        running.push(attempt(&self.inner.client));
+        let mut sent = 1;
+        let mut next = Instant::now() + share;
+        loop {
+            tokio::select! {
+                biased;
+                Some(result) = running.next() => match result {
+                    Err(e) if Retry::Idempotent.allows(&e) && !running.is_empty() => {
+                        tracing::debug!(error = %describe(&e), "a copy of a hedged etcd request failed; waiting for the others");
+                    }
+                    other => return Some(other),
+                },
+                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = tokio::time::sleep_until(next), if sent < HEDGES => {
+                    tracing::debug!(after = ?share * sent as u32, "no answer yet; sending the request again");
+                    running.push(attempt(&self.inner.client));
+                    sent += 1;
+                    next += share;
+                }
             }
         }
     }
@@ -628,13 +677,20 @@ impl EtcdStore {
             if cached.as_ref().is_some_and(|k| !k.is_closed()) {
                 return;
             }
-            let mut leases = store.inner.client.lease_client();
-            match timeout_at(deadline, leases.keep_alive(id)).await {
-                Ok(Ok((sender, stream))) => *cached = Some(Arc::new(Keeper::new(sender, stream))),
-                Ok(Err(e)) => {
+            let opened = store
+                .hedged(deadline, &mut |client: &ec::Client| {
+                    let mut leases = client.lease_client();
+                    async move { leases.keep_alive(id).await }
+                })
+                .await;
+            match opened {
+                Some(Ok((sender, stream))) => {
+                    *cached = Some(Arc::new(Keeper::new(sender, stream)));
+                }
+                Some(Err(e)) => {
                     tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "opening the keep-alive stream failed; the first keep-alive tries again");
                 }
-                Err(_) => {
+                None => {
                     tracing::debug!(lease = %format_args!("{id:x}"), "opening the keep-alive stream timed out; the first keep-alive tries again");
                 }
             }
@@ -672,8 +728,21 @@ impl EtcdStore {
                     Some(keeper) if !keeper.is_closed() => keeper.clone(),
                     _ => {
                         *cached = None;
-                        let mut leases = self.inner.client.lease_client();
-                        let error = match leases.keep_alive(id).await {
+                        // Hedged, like reads: a stream opened on a silent member would
+                        // cost the whole request timeout.
+                        let opened = self
+                            .hedged(deadline, &mut |client: &ec::Client| {
+                                let mut leases = client.lease_client();
+                                async move { leases.keep_alive(id).await }
+                            })
+                            .await;
+                        let Some(opened) = opened else {
+                            return Err(Error::Timeout {
+                                operation: "lease keep-alive",
+                                after: self.inner.options.request_timeout,
+                            });
+                        };
+                        let error = match opened {
                             Ok((sender, stream)) => {
                                 let keeper = Arc::new(Keeper::new(sender, stream));
                                 *cached = Some(keeper.clone());
