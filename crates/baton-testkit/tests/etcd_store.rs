@@ -530,6 +530,38 @@ async fn leases_grant_keep_alive_revoke() {
     assert_eq!(store.lease_time_to_live(expiring).await.unwrap(), None);
 }
 
+/// Keep-alives of one lease are pipelined on one stream: many at once each get their own
+/// answer (the TTL), a lease granted by another client (whose TTL this store does not know)
+/// too, and once the lease is revoked every later one says it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_keep_alives_are_each_answered() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+    let other = connect(&[etcd.endpoint()]).await;
+    let mine = store.lease_grant(Duration::from_secs(7)).await.unwrap();
+    let foreign = other.lease_grant(Duration::from_secs(9)).await.unwrap();
+    for (lease, ttl) in [(mine.id, mine.ttl), (foreign.id, foreign.ttl)] {
+        let calls = (0..32).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.lease_keep_alive(lease).await })
+        });
+        for answer in futures::future::join_all(calls).await {
+            assert_eq!(answer.unwrap().unwrap(), Some(ttl));
+        }
+    }
+    other.lease_revoke(mine.id).await.unwrap();
+    let calls = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.lease_keep_alive(mine.id).await })
+    });
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.unwrap().unwrap(), None);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_replays_streams_and_cancels() {
     if !require_etcd() {
