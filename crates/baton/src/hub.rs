@@ -386,3 +386,62 @@ async fn run(
         }
     }
 }
+
+impl Hub {
+    /// True if this client has a live shared watch on `prefix`.
+    pub(crate) fn is_live(&self, prefix: &[u8]) -> bool {
+        self.get(prefix).is_some_and(|pw| pw.state().alive)
+    }
+}
+
+/// Wait, without the shared watch, until one of `keys` (each with the create revision it
+/// must have) is deleted or replaced; returns its index and `"key deleted"` or
+/// `"key replaced"`. `Ok(None)` if a watch ended first: the caller reads again.
+///
+/// Each key gets a watch of its own, started at the store's next write, so etcd serves it
+/// from its synced group at once (a watch started at a past revision waits for etcd's
+/// 100 ms sweep), and it receives only that key's events (a prefix watch receives every
+/// event of the queue: with N separate clients waiting, each release would cost N
+/// messages). The gap between the caller's read and the watches' start is closed by one
+/// read of the keys after the watches are registered; events up to that read are older
+/// than what it saw and are ignored (a key's name is reused, so an old delete can name it).
+pub(crate) async fn keys_gone(
+    store: &Arc<dyn Store>,
+    keys: &[(&[u8], Revision)],
+) -> Result<Option<(usize, &'static str)>> {
+    use crate::store::{Range, Txn, TxnOp, TxnOpResponse};
+    let mut streams = Vec::with_capacity(keys.len());
+    for (index, (key, _)) in keys.iter().enumerate() {
+        let stream = store.watch(Watch::key(key.to_vec())).await?;
+        streams.push(stream.map(move |batch| (index, batch)).boxed());
+    }
+    let read = store
+        .txn(Txn::new().and_then(keys.iter().map(|(key, _)| TxnOp::get(Range::key(*key)))))
+        .await?;
+    for (index, (resp, (_, create_rev))) in read.responses.iter().zip(keys).enumerate() {
+        let now = match resp {
+            TxnOpResponse::Get(g) => g.kvs.first().map(|kv| kv.create_revision),
+            _ => None,
+        };
+        match now {
+            None => return Ok(Some((index, "key deleted"))),
+            Some(rev) if rev != *create_rev => return Ok(Some((index, "key replaced"))),
+            Some(_) => {}
+        }
+    }
+    let seen = read.header_revision;
+    let mut events = futures::stream::select_all(streams);
+    while let Some((index, batch)) = events.next().await {
+        let batch = batch?;
+        let (_, create_rev) = keys[index];
+        for ev in batch.events.iter().filter(|ev| ev.kv.mod_revision > seen) {
+            if ev.kind == EventKind::Delete {
+                return Ok(Some((index, "key deleted")));
+            }
+            if ev.kv.create_revision != create_rev {
+                return Ok(Some((index, "key replaced")));
+            }
+        }
+    }
+    Ok(None)
+}

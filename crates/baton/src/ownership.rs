@@ -110,6 +110,23 @@ async fn watch_key(
     let mut after = from - 1;
     let mut backoff = RETRY_MIN;
     loop {
+        // Without a shared watch on the prefix (this client is not waiting on it), watch
+        // the key alone: a shared watch opened now would start behind etcd's current
+        // revision (served only by its 100 ms sweep at first) and receive every event of
+        // the prefix.
+        if !client.hub().is_live(&prefix) {
+            match crate::hub::keys_gone(store, &[(&key, create_rev)]).await {
+                Ok(Some((_, why))) => return why,
+                Ok(None) => {}
+                Err(e) if e.is_access_denied() => {
+                    return "the key can no longer be read (access denied)"
+                }
+                Err(e) => tracing::debug!(error = %e, "ownership watch failed; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+            continue;
+        }
         match client
             .hub()
             .wait_delete(store, &prefix, &[&key], after)

@@ -162,6 +162,28 @@ pub(crate) async fn wait_turn(
             });
         };
         tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
+        // Without a shared watch on the queue, and in a queue too long for the join to
+        // have read every member ahead (many waiters, most likely each a client of its
+        // own), watch the predecessor's and our own key alone: opening the shared watch
+        // would start it behind etcd's current revision, and every waiting client's
+        // shared watch would receive every event of the queue.
+        if read.ahead.is_none() && !hub.is_live(&queue.prefix) {
+            let mine: (&[u8], Revision) = (my_key, my_rev);
+            let keys = [(pred.key.as_slice(), pred.create_revision), mine];
+            match crate::hub::keys_gone(store, &keys).await {
+                Ok(_) => {
+                    crate::hub::Counters::add(&hub.counters.wakeups);
+                    backoff = RETRY_MIN;
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "watch while waiting failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         let header = read.header;
         // In a mutex or election queue our own key is a member too, so the shared watch
         // reports its delete in the same revision order: if the predecessor's delete comes

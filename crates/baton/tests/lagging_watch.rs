@@ -145,3 +145,62 @@ async fn a_guard_ignores_a_stale_delete_of_its_own_reused_key() {
     g.txn(Txn::new()).await.unwrap();
     g.unlock().await.unwrap();
 }
+
+/// A queue longer than the join reads (64 keys), each waiter a client of its own, on
+/// lagging watches: waiters deep in the queue watch their predecessor's key alone. They
+/// are still served in order, one holder at a time, and every release wakes its successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_queue_of_separate_clients_is_served_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const WAITERS: usize = 70;
+    let store = MemStore::new();
+    let first = Client::from_store(LaggingWatches(store.clone()));
+    let s0 = session(&first).await;
+    let g0 = Mutex::new(&s0, "long").unwrap().lock().await.unwrap();
+    let holding = Arc::new(AtomicBool::new(false));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..WAITERS {
+        let client = Client::from_store(LaggingWatches(store.clone()));
+        let s = session(&client).await;
+        let (holding, order) = (holding.clone(), order.clone());
+        let before = store
+            .range(Range::prefix(b"long/".to_vec()))
+            .await
+            .unwrap()
+            .kvs
+            .len();
+        tasks.push(tokio::spawn(async move {
+            let m = Mutex::new(&s, "long").unwrap();
+            let g = m.lock_timeout(Duration::from_secs(60)).await.unwrap();
+            assert!(!holding.swap(true, Ordering::SeqCst), "two holders");
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            holding.store(false, Ordering::SeqCst);
+            g.unlock().await.unwrap();
+            drop(client);
+        }));
+        // Queue in spawn order: wait until this waiter's key is there.
+        while store
+            .range(Range::prefix(b"long/".to_vec()))
+            .await
+            .unwrap()
+            .kvs
+            .len()
+            == before
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    g0.unlock().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        (0..WAITERS).collect::<Vec<_>>(),
+        "not served in order"
+    );
+}
