@@ -5,7 +5,10 @@
 //! at revision `R` and then watches it from `R + 1` avoids that only when nothing else was
 //! written in between, which under contention is never: every handoff would pay the sweep.
 //!
-//! The hub keeps one watch per prefix open instead. It is created once (paying the sweep at
+//! The hub keeps one watch per prefix open instead (for clients that wait on short queues or
+//! lock the same name repeatedly; a client with no shared watch on a prefix watches single
+//! keys from the current revision instead, see [`keys_gone`], so that many waiting clients
+//! do not each receive every event of a long queue). It is created once (paying the sweep at
 //! most once), then stays synced, and every waiter on that prefix registers with it:
 //! registering is an in-process operation, so a release reaches its successor as fast as
 //! etcd can send one event. Each waiter still waits only for its own predecessor's delete,
@@ -63,7 +66,8 @@ pub struct ClientStats {
     /// How often a waiter was woken to look at the queue again (a predecessor left, or a
     /// watch broke). With no herd, one release wakes one waiter.
     pub wakeups: u64,
-    /// Watch streams opened for waiting and for loss notification (shared per prefix).
+    /// Watch streams opened for waiting and for loss notification: shared per prefix, or
+    /// one per key for waiters in long queues and holders whose client shares none.
     pub watches_opened: u64,
 }
 
@@ -406,6 +410,7 @@ impl Hub {
 /// read of the keys after the watches are registered; events up to that read are older
 /// than what it saw and are ignored (a key's name is reused, so an old delete can name it).
 pub(crate) async fn keys_gone(
+    hub: &Hub,
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],
 ) -> Result<Option<(usize, &'static str)>> {
@@ -413,6 +418,7 @@ pub(crate) async fn keys_gone(
     let mut streams = Vec::with_capacity(keys.len());
     for (index, (key, _)) in keys.iter().enumerate() {
         let stream = store.watch(Watch::key(key.to_vec())).await?;
+        Counters::add(&hub.counters.watches_opened);
         streams.push(stream.map(move |batch| (index, batch)).boxed());
     }
     let read = store

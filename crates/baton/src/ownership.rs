@@ -115,7 +115,7 @@ async fn watch_key(
         // revision (served only by its 100 ms sweep at first) and receive every event of
         // the prefix.
         if !client.hub().is_live(&prefix) {
-            match crate::hub::keys_gone(store, &[(&key, create_rev)]).await {
+            match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)]).await {
                 Ok(Some((_, why))) => return why,
                 Ok(None) => {}
                 Err(e) if e.is_access_denied() => {

@@ -5,9 +5,11 @@
 //! its immediate predecessor, so a release wakes exactly one waiter (no thundering herd).
 //!
 //! Two differences from Go:
-//! - the watch starts at the header revision of the read plus one, never at or behind the
-//!   store's current revision, so etcd serves it from its synced watcher group instead of
-//!   the 100 ms sweep of unsynced watchers;
+//! - Go's watch starts at the read's revision, usually behind etcd's current revision, so
+//!   etcd serves it from its unsynced group, which it sweeps every 100 ms. Here a waiter
+//!   either registers with its client's long-lived shared watch on the queue (already
+//!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, watches its
+//!   predecessor's key from the next write and closes the gap with one read;
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
 //!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
 //!   instead of being told it holds the lock.
@@ -20,6 +22,12 @@ use crate::error::{Error, Result};
 use crate::hub::Woken;
 use crate::names::Queue;
 use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp};
+
+/// A waiter with at most this many members ahead of it opens its client's shared watch on
+/// the queue if there is none yet; in a longer queue it watches single keys (see
+/// `hub::keys_gone`), so that a long queue of separate clients does not send every event
+/// to each of them.
+const HUB_QUEUE_MAX: usize = 8;
 
 /// Backoff between retries of a failed read or watch while waiting.
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -48,29 +56,37 @@ pub(crate) struct TurnRead {
 }
 
 /// One read, in one transaction: the last member of `queue` created at or before
-/// `max_create_rev`, the queue's first member, and our own key.
+/// `max_create_rev`, the queue's first member (if `with_head`: each of these two costs etcd
+/// a scan of the whole queue), and our own key.
 async fn read_turn(
     store: &Arc<dyn Store>,
     queue: &Queue,
     my_key: &[u8],
     max_create_rev: Revision,
+    with_head: bool,
 ) -> Result<TurnRead> {
-    let txn = Txn::new().and_then([
-        TxnOp::get(
-            Range::prefix(queue.prefix.clone())
-                .last_created()
-                .with_max_create_revision(max_create_rev),
-        ),
-        TxnOp::get(Range::prefix(queue.prefix.clone()).first_created()),
-        TxnOp::get(Range::key(my_key)),
-    ]);
-    let resp = store.txn(txn).await?;
+    let mut ops = vec![TxnOp::get(
+        Range::prefix(queue.prefix.clone())
+            .last_created()
+            .with_max_create_revision(max_create_rev),
+    )];
+    if with_head {
+        ops.push(TxnOp::get(
+            Range::prefix(queue.prefix.clone()).first_created(),
+        ));
+    }
+    ops.push(TxnOp::get(Range::key(my_key)));
+    let resp = store.txn(Txn::new().and_then(ops)).await?;
     let mut gets = resp.responses.into_iter().map(|r| match r {
         crate::store::TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
         _ => None,
     });
     let pred = gets.next().flatten();
-    let first = gets.next().flatten();
+    let first = if with_head {
+        gets.next().flatten()
+    } else {
+        None
+    };
     let mine = gets.next().flatten();
     match pred {
         // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
@@ -136,7 +152,11 @@ pub(crate) async fn wait_turn(
     loop {
         let read = match hint.take() {
             Some(read) => Ok(read),
-            None => read_turn(store, queue, my_key, my_rev - 1).await,
+            // The head is only needed for the shared watch's no-read wake-up.
+            None => {
+                let with_head = hub.is_live(&queue.prefix);
+                read_turn(store, queue, my_key, my_rev - 1, with_head).await
+            }
         };
         let read = match read {
             Ok(r) => r,
@@ -162,15 +182,19 @@ pub(crate) async fn wait_turn(
             });
         };
         tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
-        // Without a shared watch on the queue, and in a queue too long for the join to
-        // have read every member ahead (many waiters, most likely each a client of its
-        // own), watch the predecessor's and our own key alone: opening the shared watch
+        // Without a shared watch on the queue, and in a long queue (many waiters, most
+        // likely each a client of its own) or when waiting again, watch the predecessor's
+        // and our own key alone: opening the shared watch
         // would start it behind etcd's current revision, and every waiting client's
         // shared watch would receive every event of the queue.
-        if read.ahead.is_none() && !hub.is_live(&queue.prefix) {
+        let short = read
+            .ahead
+            .as_ref()
+            .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
+        if !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
-            match crate::hub::keys_gone(store, &keys).await {
+            match crate::hub::keys_gone(hub, store, &keys).await {
                 Ok(_) => {
                     crate::hub::Counters::add(&hub.counters.wakeups);
                     backoff = RETRY_MIN;
