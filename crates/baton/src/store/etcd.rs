@@ -657,11 +657,31 @@ impl EtcdStore {
 
     /// Remember the TTL granted to a new lease, for its first keep-alive.
     fn granted(&self, id: LeaseId, ttl: Duration) {
-        let (slot, _) = self.keeper_slot(id);
-        drop(slot);
-        if let Some(entry) = lock_unpoisoned(&self.inner.keepers).get_mut(&id) {
-            entry.granted = Some(ttl);
-        }
+        lock_unpoisoned(&self.inner.keepers).insert(
+            id,
+            KeeperEntry {
+                slot: Arc::new(tokio::sync::Mutex::new(None)),
+                last_used: Instant::now(),
+                granted: Some(ttl),
+            },
+        );
+    }
+
+    /// Open a keep-alive stream for lease `id`, hedged like reads (a stream opened on a
+    /// silent member would cost the whole request timeout). `None` if no member answered
+    /// before `deadline`.
+    async fn open_keeper(
+        &self,
+        id: LeaseId,
+        deadline: Instant,
+    ) -> Option<std::result::Result<Arc<Keeper>, ec::Error>> {
+        let opened = self
+            .hedged(deadline, &mut |client: &ec::Client| {
+                let mut leases = client.lease_client();
+                async move { leases.keep_alive(id).await }
+            })
+            .await?;
+        Some(opened.map(|(sender, stream)| Arc::new(Keeper::new(sender, stream))))
     }
 
     /// Open the keep-alive stream of a new lease in the background, so that its first
@@ -677,16 +697,8 @@ impl EtcdStore {
             if cached.as_ref().is_some_and(|k| !k.is_closed()) {
                 return;
             }
-            let opened = store
-                .hedged(deadline, &mut |client: &ec::Client| {
-                    let mut leases = client.lease_client();
-                    async move { leases.keep_alive(id).await }
-                })
-                .await;
-            match opened {
-                Some(Ok((sender, stream))) => {
-                    *cached = Some(Arc::new(Keeper::new(sender, stream)));
-                }
+            match store.open_keeper(id, deadline).await {
+                Some(Ok(keeper)) => *cached = Some(keeper),
                 Some(Err(e)) => {
                     tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "opening the keep-alive stream failed; the first keep-alive tries again");
                 }
@@ -728,23 +740,14 @@ impl EtcdStore {
                     Some(keeper) if !keeper.is_closed() => keeper.clone(),
                     _ => {
                         *cached = None;
-                        // Hedged, like reads: a stream opened on a silent member would
-                        // cost the whole request timeout.
-                        let opened = self
-                            .hedged(deadline, &mut |client: &ec::Client| {
-                                let mut leases = client.lease_client();
-                                async move { leases.keep_alive(id).await }
-                            })
-                            .await;
-                        let Some(opened) = opened else {
+                        let Some(opened) = self.open_keeper(id, deadline).await else {
                             return Err(Error::Timeout {
                                 operation: "lease keep-alive",
                                 after: self.inner.options.request_timeout,
                             });
                         };
-                        let error = match opened {
-                            Ok((sender, stream)) => {
-                                let keeper = Arc::new(Keeper::new(sender, stream));
+                        match opened {
+                            Ok(keeper) => {
                                 *cached = Some(keeper.clone());
                                 // etcd-client read the first reply to check that the lease
                                 // exists, but does not return its TTL. That request renewed
@@ -754,14 +757,10 @@ impl EtcdStore {
                                 if let Some(ttl) = granted {
                                     return Ok(Some(ttl));
                                 }
-                                None
+                                keeper
                             }
                             Err(e) if is_lease_not_found(&e) => return Ok(None),
-                            Err(e) => Some(e),
-                        };
-                        match error {
-                            None => cached.as_ref().map(Arc::clone).expect("just stored"),
-                            Some(error) => {
+                            Err(error) => {
                                 if !Retry::Idempotent.allows(&error)
                                     || Instant::now() + backoff >= deadline
                                 {
