@@ -42,10 +42,15 @@ const BUFFER: usize = 4096;
 /// A prefix watch with no waiters for this long is closed.
 const IDLE: Duration = Duration::from_secs(10);
 
+/// [`Hub::held_again`] forgets old prefixes once it remembers this many.
+const HELD_PRUNE_AT: usize = 1024;
+
 /// Shared prefix watches of one client, and the client's counters.
 #[derive(Default)]
 pub(crate) struct Hub {
     prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
+    /// When this client last held a key under each prefix (see [`Hub::held_again`]).
+    held: StdMutex<HashMap<Vec<u8>, tokio::time::Instant>>,
     pub(crate) counters: Counters,
 }
 
@@ -395,6 +400,20 @@ impl Hub {
     /// True if this client has a live shared watch on `prefix`.
     pub(crate) fn is_live(&self, prefix: &[u8]) -> bool {
         self.get(prefix).is_some_and(|pw| pw.state().alive)
+    }
+
+    /// Note that this client holds a key under `prefix` now; true if it already did within
+    /// [`IDLE`]. A client that locks the same name again and again is better served by the
+    /// shared watch (opened once, then an in-process registration per hold) than by a watch
+    /// and a read per hold.
+    pub(crate) fn held_again(&self, prefix: &[u8]) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= HELD_PRUNE_AT {
+            held.retain(|_, at| now.duration_since(*at) < IDLE);
+        }
+        held.insert(prefix.to_vec(), now)
+            .is_some_and(|at| now.duration_since(at) < IDLE)
     }
 }
 
