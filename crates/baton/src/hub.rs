@@ -42,15 +42,23 @@ const BUFFER: usize = 4096;
 /// A prefix watch with no waiters for this long is closed.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// [`Hub::held_again`] forgets old prefixes once it remembers this many.
+/// [`Hub::held_again`] forgets old prefixes once it remembers this many (or twice as many
+/// as it kept the last time).
 const HELD_PRUNE_AT: usize = 1024;
+
+/// When this client last held a key under each prefix.
+#[derive(Default)]
+struct Held {
+    at: HashMap<Vec<u8>, tokio::time::Instant>,
+    prune_at: usize,
+}
 
 /// Shared prefix watches of one client, and the client's counters.
 #[derive(Default)]
 pub(crate) struct Hub {
     prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
     /// When this client last held a key under each prefix (see [`Hub::held_again`]).
-    held: StdMutex<HashMap<Vec<u8>, tokio::time::Instant>>,
+    held: StdMutex<Held>,
     pub(crate) counters: Counters,
 }
 
@@ -409,10 +417,14 @@ impl Hub {
     pub(crate) fn held_again(&self, prefix: &[u8]) -> bool {
         let now = tokio::time::Instant::now();
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.len() >= HELD_PRUNE_AT {
-            held.retain(|_, at| now.duration_since(*at) < IDLE);
+        // Forget old prefixes now and then: when the map has doubled since the last time,
+        // so that a client holding many names at once does not scan them on every hold.
+        if held.at.len() >= held.prune_at.max(HELD_PRUNE_AT) {
+            held.at.retain(|_, at| now.duration_since(*at) < IDLE);
+            held.prune_at = 2 * held.at.len();
         }
-        held.insert(prefix.to_vec(), now)
+        held.at
+            .insert(prefix.to_vec(), now)
             .is_some_and(|at| now.duration_since(at) < IDLE)
     }
 }
@@ -469,4 +481,32 @@ pub(crate) async fn keys_gone(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn held_again_only_within_idle_and_prunes() {
+        let hub = Hub::default();
+        assert!(!hub.held_again(b"a/"), "first hold");
+        assert!(hub.held_again(b"a/"), "again at once");
+        tokio::time::advance(IDLE + Duration::from_millis(1)).await;
+        assert!(!hub.held_again(b"a/"), "again after IDLE");
+        for i in 0..3000 {
+            hub.held_again(format!("p{i}/").as_bytes());
+        }
+        assert!(hub.held_again(b"p2999/"));
+        assert!(hub.held_again(b"a/"), "kept: held again within IDLE");
+        tokio::time::advance(IDLE + Duration::from_millis(1)).await;
+        for i in 0..HELD_PRUNE_AT * 8 {
+            hub.held_again(format!("q{i}/").as_bytes());
+        }
+        let held = hub.held.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            !held.at.contains_key(b"p0/".as_slice()),
+            "old prefixes are forgotten"
+        );
+    }
 }
