@@ -112,9 +112,9 @@ async fn watch_key(
     let held_again = client.hub().held_again(&prefix);
     loop {
         // Without a shared watch on the prefix (this client is not waiting on it, and did
-        // not hold a key under it a moment ago), watch the key alone: a shared watch opened now would start behind etcd's current
-        // revision (served only by its 100 ms sweep at first) and receive every event of
-        // the prefix.
+        // not hold a key under it a moment ago), watch the key alone: a shared watch opened
+        // now would start behind etcd's current revision (served only by its 100 ms sweep
+        // at first) and receive every event of the prefix.
         if !(client.hub().is_live(&prefix) || held_again) {
             match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)]).await {
                 Ok(Some((_, why))) => return why,

@@ -184,9 +184,9 @@ pub(crate) async fn wait_turn(
         tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
         // Without a shared watch on the queue, and in a long queue (many waiters, most
         // likely each a client of its own) or when waiting again, watch the predecessor's
-        // and our own key alone: opening the shared watch
-        // would start it behind etcd's current revision, and every waiting client's
-        // shared watch would receive every event of the queue.
+        // and our own key alone: opening the shared watch would start it behind etcd's
+        // current revision, and every waiting client's shared watch would receive every
+        // event of the queue.
         let short = read
             .ahead
             .as_ref()
