@@ -5,7 +5,7 @@ use std::sync::{LazyLock, Mutex as StdMutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Script};
+use redis::{ConnectionAddr, RedisConnectionInfo, Script};
 use tokio::time::Instant;
 
 use crate::client::RedisNode;
@@ -144,15 +144,16 @@ impl Node {
         } else {
             ConnectionAddr::Tcp(node.host.clone(), node.port)
         };
-        let info = ConnectionInfo {
-            addr,
-            redis: RedisConnectionInfo {
-                db: node.db,
-                username: node.username.clone(),
-                password: node.password.clone(),
-                ..Default::default()
-            },
-        };
+        let mut settings = RedisConnectionInfo::default().set_db(node.db);
+        if let Some(user) = &node.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &node.password {
+            settings = settings.set_password(password);
+        }
+        let info = redis::IntoConnectionInfo::into_connection_info(addr)
+            .map_err(|e| invalid(e.to_string()))?
+            .set_redis_settings(settings);
         let client = match tls {
             Some(tls) if node.tls => {
                 let root_cert = tls.read_ca()?;
@@ -216,10 +217,10 @@ impl Node {
     /// Dial now (the caller holds the gate, or is `connect`).
     async fn dial(&self) -> Result<ConnectionManager> {
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.dial_timeout)
-            .set_response_timeout(self.request_timeout)
+            .set_connection_timeout(Some(self.dial_timeout))
+            .set_response_timeout(Some(self.request_timeout))
             .set_number_of_retries(1)
-            .set_max_delay(REDIAL_BACKOFF.as_millis() as u64);
+            .set_max_delay(REDIAL_BACKOFF);
         let dialled = tokio::time::timeout(
             self.dial_timeout,
             ConnectionManager::new_with_config(self.client.clone(), config),
