@@ -103,6 +103,7 @@ mod names;
 mod ownership;
 mod priority_queue;
 mod queue;
+mod race;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod rwlock;

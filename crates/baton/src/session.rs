@@ -494,8 +494,7 @@ async fn keep_alive(
         Instant,
         std::result::Result<Result<Option<Duration>>, tokio::time::error::Elapsed>,
     );
-    let mut pending =
-        futures::stream::FuturesUnordered::<futures::future::BoxFuture<'static, Reply>>::new();
+    let mut pending = crate::race::Race::<futures::future::BoxFuture<'static, Reply>>::new();
     loop {
         let deadline = shared.deadline.get();
         let room = pending.len() < MAX_IN_FLIGHT;
@@ -505,7 +504,7 @@ async fn keep_alive(
             _ = tokio::time::sleep_until(next), if room => {}
             _ = shared.poke.notified(), if room => {}
             _ = tokio::time::sleep_until(deadline) => {}
-            Some((sent, result)) = futures::StreamExt::next(&mut pending) => {
+            Some((sent, result)) = pending.next() => {
                 match result {
                     Ok(Ok(Some(ttl))) => {
                         shared.deadline.push(sent + ttl);

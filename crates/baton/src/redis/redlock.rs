@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord};
 use super::{drift, ClientInner};
 use crate::error::{Error, Result};
+use crate::race::Race;
 
 /// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
 /// been deleted again.
@@ -105,7 +105,7 @@ impl ClientInner {
                 _ => {}
             }
         }
-        let mut calls: FuturesUnordered<_> = self
+        let mut calls: Race<_> = self
             .nodes
             .iter()
             .skip(usize::from(skip_first))
@@ -195,7 +195,7 @@ impl ClientInner {
         let n = self.nodes.len();
         let q = self.quorum;
         let sent = Instant::now();
-        let mut calls: FuturesUnordered<_> = self
+        let mut calls: Race<_> = self
             .nodes
             .iter()
             .map(|node| node.extend(keys, token, self.opts.ttl_ms))

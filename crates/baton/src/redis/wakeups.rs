@@ -156,7 +156,7 @@ impl Hub {
             return sub;
         }
         let tasks = self.inner.tasks();
-        let mut replies = futures::stream::FuturesUnordered::new();
+        let mut replies = crate::race::Race::new();
         for task in tasks {
             let (tx, rx) = oneshot::channel();
             if task.send(Cmd::Subscribe(channel.to_string(), tx)).is_ok() {

@@ -582,9 +582,8 @@ impl EtcdStore {
         F: FnMut(&ec::Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, ec::Error>>,
     {
-        use futures::StreamExt as _;
         let share = self.inner.options.request_timeout / HEDGES as u32;
-        let mut running = futures::stream::FuturesUnordered::new();
+        let mut running = crate::race::Race::new();
         running.push(attempt(&self.inner.client));
         let mut sent = 1;
         let mut next = Instant::now() + share;
