@@ -169,9 +169,10 @@ async fn acquire(
     let result = if args.try_lock {
         lock.try_lock().await
     } else if let Some(timeout) = args.timeout {
-        match tokio::time::timeout(timeout, lock.lock()).await {
-            Ok(r) => r,
-            Err(_) => {
+        // The lock's own timeout: on Redis a queued waiter leaves the queue before it
+        // returns, which a future dropped just before the process exits could not do.
+        match lock.lock_timeout(timeout).await {
+            Err(baton::Error::Timeout { .. }) => {
                 return Err(CliError::new(
                     exit::NOT_ACQUIRED,
                     format!(
@@ -180,6 +181,7 @@ async fn acquire(
                     ),
                 ))
             }
+            r => r,
         }
     } else {
         lock.lock().await

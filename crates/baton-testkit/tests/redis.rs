@@ -583,6 +583,7 @@ async fn cancelled_acquires_leave_nothing_behind() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(get(&mut conn, lock.key()).await, None);
+    assert_eq!(queue_state(&mut conn, lock.key()).await, (0, 0));
 
     // A queued waiter that times out leaves the holder's key alone and nothing else.
     let held = lock.lock().await.unwrap();
@@ -597,6 +598,196 @@ async fn cancelled_acquires_leave_nothing_behind() {
     );
     held.unlock().await.unwrap();
     assert_eq!(get(&mut conn, lock.key()).await, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// FIFO waiters and hand-off (one server)
+
+/// How many entries the lock's waiter queue has, and how many waiter keys are alive.
+async fn queue_state(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (i64, usize) {
+    let len: i64 = conn.llen(format!("baton:queue:{key}")).await.unwrap();
+    let waiters: Vec<String> = conn.keys(format!("baton:waiter:{key}:*")).await.unwrap();
+    (len, waiters.len())
+}
+
+/// Waiters queued one after another (each its own client) get the lock in that order, each
+/// by a hand-off from the previous holder, with strictly increasing fencing tokens; nothing
+/// is left in the queue afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_waiters_get_the_lock_in_queue_order() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo");
+    let mut conn = raw(&server.url()).await;
+    let holder = connect(&server.url(), Duration::from_secs(10)).await;
+    let first = holder.lock(&name).unwrap().lock().await.unwrap();
+    let key = first.key().to_string();
+    let order = Arc::new(StdMutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let client = connect(&server.url(), Duration::from_secs(10)).await;
+        let (name, order) = (name.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = client
+                .lock(&name)
+                .unwrap()
+                .lock_timeout(Duration::from_secs(10))
+                .await
+                .unwrap();
+            order.lock().unwrap().push((i, g.fencing_token().unwrap()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            g.unlock().await.unwrap();
+        }));
+        // Wait until this waiter is queued before starting the next.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue_state(&mut conn, &key).await.0 < i + 1 {
+            assert!(Instant::now() < deadline, "waiter {i} never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let first_fence = first.fencing_token().unwrap();
+    first.unlock().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let who: Vec<i64> = order.iter().map(|(i, _)| *i).collect();
+    assert_eq!(who, [0, 1, 2, 3, 4], "not in queue order: {order:?}");
+    let mut last = first_fence;
+    for (_, fence) in &order {
+        assert!(*fence > last, "fencing tokens not increasing: {order:?}");
+        last = *fence;
+    }
+    assert_eq!(queue_state(&mut conn, &key).await, (0, 0));
+    assert_eq!(get(&mut conn, &key).await, None);
+}
+
+/// A hand-off grants the new holder a local deadline no later than the key's expiry in
+/// Redis, and its watchdog extends the short grant to the full TTL at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_handoff_deadline_is_never_after_the_server_expiry() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo-deadline");
+    let mut conn = raw(&server.url()).await;
+    let ttl = Duration::from_secs(20);
+    let a = connect(&server.url(), ttl).await;
+    let b = builder(&server.url(), ttl)
+        .with_poll_interval(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let held = a.lock(&name).unwrap().lock().await.unwrap();
+        let lock = b.lock(&name).unwrap();
+        let waiting = tokio::spawn(async move {
+            let g = lock.lock_timeout(Duration::from_secs(10)).await.unwrap();
+            (g, tokio::time::Instant::now())
+        });
+        // Let the waiter queue and refresh its place a few times.
+        tokio::time::sleep(Duration::from_millis(150 + 200 * round)).await;
+        held.unlock().await.unwrap();
+        let (g, got) = waiting.await.unwrap();
+        let pttl: i64 = conn.pttl(g.key()).await.unwrap();
+        let expiry = got + Duration::from_millis(u64::try_from(pttl).unwrap());
+        assert!(
+            g.deadline() <= expiry,
+            "round {round}: local deadline {:?} after the server's expiry",
+            g.deadline().saturating_duration_since(expiry)
+        );
+        // Granted for the waiter window (3 polls: 900 ms), then extended to the TTL.
+        assert!(pttl <= 900, "round {round}: granted for {pttl} ms");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let pttl: i64 = conn.pttl(g.key()).await.unwrap();
+        assert!(pttl > 10_000, "round {round}: not extended ({pttl} ms left)");
+        assert!(g.deadline() > tokio::time::Instant::now() + Duration::from_secs(10));
+        assert!(!g.is_lost());
+        g.unlock().await.unwrap();
+    }
+}
+
+/// A queued waiter that died is skipped: one whose place expired at once, and one that
+/// died a moment ago (its place still alive), which holds the lock no longer than its
+/// waiter window before the next waiter gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_dead_waiters_are_skipped() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo-dead");
+    let mut conn = raw(&server.url()).await;
+    let a = connect(&server.url(), Duration::from_secs(30)).await;
+    let b = connect(&server.url(), Duration::from_secs(30)).await;
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let queue = format!("baton:queue:{key}");
+    // Two dead waiters ahead: one gone, one whose place lives 400 ms more.
+    let () = conn.rpush(&queue, "dead1").await.unwrap();
+    let () = conn.rpush(&queue, "dead2").await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(format!("baton:waiter:{key}:dead2"))
+        .arg("30000:400")
+        .arg("PX")
+        .arg(400)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lock = b.lock(&name).unwrap();
+    let waiting = tokio::spawn(async move {
+        let g = lock.lock_timeout(Duration::from_secs(10)).await.unwrap();
+        (g, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = Instant::now();
+    held.unlock().await.unwrap();
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some("dead2"));
+    let (g, got) = waiting.await.unwrap();
+    let stall = got.duration_since(released);
+    assert!(
+        stall < Duration::from_millis(1500),
+        "the next waiter got the lock {stall:?} after the release"
+    );
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some(g.token()));
+    g.unlock().await.unwrap();
+    assert_eq!(queue_state(&mut conn, &key).await, (0, 0));
+    assert_eq!(get(&mut conn, &key).await, None);
+}
+
+/// `try_lock` never queues; a waiter that times out leaves the queue before
+/// `lock_timeout` returns, so the next release frees the key instead of handing it to a
+/// waiter that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_try_and_timed_out_waiters_leave_no_place() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo-leave");
+    let mut conn = raw(&server.url()).await;
+    let a = connect(&server.url(), Duration::from_secs(30)).await;
+    let b = connect(&server.url(), Duration::from_secs(30)).await;
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let lock = b.lock(&name).unwrap();
+    assert!(matches!(lock.try_lock().await, Err(Error::Locked { .. })));
+    assert_eq!(queue_state(&mut conn, &key).await, (0, 0));
+    let err = lock
+        .lock_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(queue_state(&mut conn, &key).await, (0, 0));
+    held.unlock().await.unwrap();
+    assert_eq!(get(&mut conn, &key).await, None);
+    // A client built without FIFO never queues either.
+    let plain = builder(&server.url(), Duration::from_secs(30))
+        .without_fifo()
+        .connect()
+        .await
+        .unwrap();
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    let err = plain
+        .lock(&name)
+        .unwrap()
+        .lock_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(queue_state(&mut conn, &key).await, (0, 0));
+    held.unlock().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
-use super::node::Keys;
+use super::node::{Keys, NodeEnqueue};
 use super::redlock::Attempt;
 use super::watchdog::Hold;
 use super::{new_token, ClientInner, RedisClient};
@@ -28,8 +28,11 @@ const RETRY_JITTER: (u64, u64) = (5, 50);
 /// with `SET NX PX`. See the [module documentation](super) for what that guarantees, the
 /// fencing token (single server only), the watchdog, and what Redlock does not guarantee.
 ///
-/// Locks are not re-entrant, and not FIFO: after a release, whichever waiter sets the key
-/// first wins. Two `lock()` calls on one `RedisLock` are two contenders.
+/// Locks are not re-entrant: two `lock()` calls on one `RedisLock` are two contenders. On
+/// one server, waiters queue in FIFO order and a release hands the lock to the oldest live
+/// one; on Redlock (or [`without_fifo`](super::RedisClientBuilder::without_fifo)), whichever
+/// waiter sets the key first after a release wins. See the
+/// [module documentation](super#waiting-fifo-hand-off-pub-sub-wake-ups-and-a-fallback-poll).
 ///
 /// # Examples
 ///
@@ -84,13 +87,14 @@ impl Drop for Cleanup<'_> {
                 self.keys.clone(),
                 self.token.to_string(),
             );
-            handle.spawn(
+            self.client.cleanups.spawn_on(
                 async move {
                     if let Err(e) = client.release(&keys, &token).await {
                         tracing::debug!(error = %e, "cleanup of a cancelled acquire failed; keys expire with their ttl");
                     }
                 }
                 .instrument(tracing::debug_span!("cancelled_acquire")),
+                &handle,
             );
         }
     }
@@ -119,10 +123,17 @@ impl RedisLock {
     /// contains a NUL byte.
     pub fn new(client: &RedisClient, name: &str) -> Result<RedisLock> {
         validate_name(name)?;
+        let inner = client.inner();
+        let mut keys = Keys::new(&inner.opts.prefix, name);
+        // A hand-off grants a short TTL that the watchdog extends at once: no watchdog, no
+        // queue.
+        if inner.opts.fifo && inner.opts.watchdog && !inner.redlock {
+            keys = keys.fifo();
+        }
         Ok(RedisLock {
             client: client.clone(),
             name: name.to_string(),
-            keys: Keys::new(&client.inner().opts.prefix, name),
+            keys,
         })
     }
 
@@ -138,16 +149,19 @@ impl RedisLock {
 
     /// Wait until the lock is ours.
     ///
-    /// Between attempts, waits for a release message on the lock's channel, for the holder's
-    /// key to expire, or for the jittered fallback poll. Fails with the server's error if the
+    /// On one server, queues (FIFO) and waits for a release to hand the lock over, refreshing
+    /// its place at every fallback poll. On Redlock, between attempts, waits for a release
+    /// message on the lock's channel, for the holder's key to expire, or for the jittered
+    /// fallback poll. Fails with the server's error if the
     /// server (or, on Redlock, a majority of masters) fails, and with [`Error::Closed`] if the
     /// client is closed.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe. If the future is dropped while an attempt is in flight, what it may have
-    /// set is deleted (compare-and-delete on our token, in a task spawned on the current
-    /// runtime), so nothing is left behind.
+    /// Cancel safe. If the future is dropped, what it may have set is undone in a task
+    /// spawned on the current runtime (which [`close()`](super::RedisClient::close) waits
+    /// for): our place in the queue is removed, and a lock that was set or handed to us
+    /// meanwhile is released (compare-and-delete on our token, or handed on).
     pub async fn lock(&self) -> Result<RedisLockGuard> {
         acquire(self.client.inner(), &self.name, &self.keys, None, false)
             .instrument(tracing::debug_span!("acquire", lock = %self.name))
@@ -162,9 +176,22 @@ impl RedisLock {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe, as [`lock()`](RedisLock::lock); on timeout nothing is left behind.
+    /// Cancel safe, as [`lock()`](RedisLock::lock). On timeout nothing is left behind: a
+    /// queued waiter leaves the queue before this returns.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<RedisLockGuard> {
-        with_timeout("lock", timeout, self.lock()).await
+        if !self.keys.fifo {
+            return with_timeout("lock", timeout, self.lock()).await;
+        }
+        // A queued waiter that gives up leaves the queue before this returns (not in a
+        // task spawned on drop, which a process about to exit would never run).
+        let limit = Some((Instant::now() + timeout, timeout));
+        acquire_fifo(self.client.inner(), &self.name, &self.keys, false, limit)
+            .instrument(tracing::debug_span!("acquire", lock = %self.name))
+            .await
+            .map(|hold| RedisLockGuard {
+                name: self.name.clone(),
+                hold,
+            })
     }
 
     /// Take the lock if it is free, with one attempt.
@@ -197,6 +224,9 @@ pub(crate) async fn acquire(
     try_only: bool,
 ) -> Result<Hold> {
     client.check_open()?;
+    if keys.fifo && record.is_none() {
+        return acquire_fifo(client, name, keys, try_only, None).await;
+    }
     let token = new_token();
     let mut cleanup = Cleanup {
         client,
@@ -265,6 +295,151 @@ pub(crate) async fn acquire(
                 }
             } => true,
         };
+    }
+}
+
+/// Take `keys` in turn (FIFO waiters, one server; see `enqueue.lua` and `handoff.lua`): one
+/// attempt if `try_only`, else until it succeeds or fails for good.
+///
+/// A waiter's place in the queue lives for the client's waiter window after each attempt,
+/// and every fallback poll is an attempt that refreshes it. A release hands the lock to the
+/// oldest live waiter and names it in a message. The hand-off happened at least `since_ms`
+/// after the waiter's last refresh ran, so the waiter counts its local deadline from the
+/// send time of that refresh plus `since_ms`: never later than the moment Redis set the
+/// key's TTL for it. The key is handed over for the shorter of the TTL and the waiter
+/// window, so the watchdog starts at once.
+///
+/// With `limit` (a deadline, and the timeout it came from), gives up with
+/// [`Error::Timeout`] at the deadline, having left the queue.
+async fn acquire_fifo(
+    client: &Arc<ClientInner>,
+    name: &str,
+    keys: &Keys,
+    try_only: bool,
+    limit: Option<(Instant, Duration)>,
+) -> Result<Hold> {
+    let token = new_token();
+    let mut cleanup = Cleanup {
+        client,
+        keys,
+        token: &token,
+        armed: false,
+    };
+    let node = &client.nodes[0];
+    let ttl_ms = client.opts.ttl_ms;
+    let window = client.opts.waiter_window();
+    let window_ms = if try_only {
+        0
+    } else {
+        u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
+    };
+    // What a hand-off grants (see `handoff.lua`).
+    let granted_ttl = client.opts.ttl.min(window);
+    let token_ref = token.as_str();
+    let give_up = |after: Duration| async move {
+        if let Err(e) = client.release(keys, token_ref).await {
+            tracing::debug!(error = %e, "leaving the queue failed; our place expires with the waiter window");
+        }
+        Err(Error::Timeout {
+            operation: "lock",
+            after,
+        })
+    };
+    let mut sub: Option<super::wakeups::Subscription> = None;
+    let mut grant: Option<super::wakeups::GrantWait> = None;
+    // The send time of the latest attempt that found us waiting: it ran before any
+    // hand-off to us, and refreshed our place. Until one answers, the first attempt's.
+    let mut refreshed: Option<Instant> = None;
+    let mut first_sent: Option<Instant> = None;
+    loop {
+        let chan = sub.as_ref().map(|s| s.channel().clone());
+        let mut woken = chan.as_ref().map(|c| Box::pin(c.waiters.notified()));
+        if let Some(w) = woken.as_mut() {
+            w.as_mut().enable();
+        }
+        if grant.is_none() {
+            grant = chan.as_ref().map(|c| c.expect_grant(&token));
+        }
+        // Armed from the first attempt until we hold the lock: a waiter that gives up
+        // (dropped, timed out, failed, closed) leaves the queue, or passes the lock on if
+        // it was handed to it meanwhile.
+        cleanup.armed = true;
+        let sent = Instant::now();
+        let first = *first_sent.get_or_insert(sent);
+        let attempt = node.enqueue(keys, &token, ttl_ms, window_ms);
+        let answer = match limit {
+            Some((at, after)) => match tokio::time::timeout_at(at, attempt).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    cleanup.armed = false;
+                    return give_up(after).await;
+                }
+            },
+            None => attempt.await,
+        };
+        let (fence, start, ttl) = match answer? {
+            NodeEnqueue::Taken(fence) => (fence, sent, client.opts.ttl),
+            NodeEnqueue::Granted { fence, since_ms } => (
+                fence,
+                refreshed.unwrap_or(first) + Duration::from_millis(since_ms),
+                granted_ttl,
+            ),
+            NodeEnqueue::Waiting(_) if try_only => {
+                cleanup.armed = false;
+                return Err(Error::Locked {
+                    name: name.to_string(),
+                });
+            }
+            NodeEnqueue::Waiting(pttl) => {
+                refreshed = Some(sent);
+                if sub.is_none() {
+                    // Listen for the hand-off, then refresh at once: a hand-off between the
+                    // attempt and the subscription is then found by the refresh.
+                    sub = Some(client.hub.subscribe(&keys.channel).await);
+                    continue;
+                }
+                let retry_in = u64::try_from(pttl).ok().map(Duration::from_millis);
+                let deadline = Instant::now() + fallback_wait(client.opts.poll_interval, retry_in);
+                let (until, after) = limit.unwrap_or((deadline, Duration::ZERO));
+                let granted = tokio::select! {
+                    _ = client.closed.cancelled() => return Err(Error::Closed),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                    _ = tokio::time::sleep_until(until), if limit.is_some() => {
+                        cleanup.armed = false;
+                        return give_up(after).await;
+                    }
+                    _ = async {
+                        match woken {
+                            Some(w) => w.await,
+                            None => std::future::pending().await,
+                        }
+                    } => None,
+                    g = async {
+                        match grant.as_mut() {
+                            Some(g) => g.granted().await,
+                            None => std::future::pending().await,
+                        }
+                    } => Some(g),
+                };
+                match granted {
+                    None => continue,
+                    Some(g) => (
+                        g.fence,
+                        refreshed.unwrap_or(first) + Duration::from_millis(g.since_ms),
+                        granted_ttl,
+                    ),
+                }
+            }
+        };
+        cleanup.armed = false;
+        let hold =
+            Hold::start_with_ttl(client, keys.clone(), token.clone(), Some(fence), start, ttl);
+        if client.closed.is_cancelled() {
+            let _ = hold.release("close").await;
+            return Err(Error::Closed);
+        }
+        tracing::debug!(fence, handed_over = start != sent, "acquired");
+        return Ok(hold);
     }
 }
 
@@ -377,7 +552,8 @@ impl RedisLockGuard {
     }
 
     /// Release the lock: delete the key if it still holds our token (compare-and-delete,
-    /// never a plain `DEL`), and wake the next waiter.
+    /// never a plain `DEL`) and wake the waiters, or, on one server with waiters queued, hand
+    /// it to the oldest live one and wake only it.
     ///
     /// Returns [`Error::NotHeld`] if the lock had already been lost; another holder's lock is
     /// never deleted.

@@ -62,15 +62,40 @@
 //! never later than the moment Redis expires the key. A deleted key is noticed within TTL/3
 //! plus one round trip.
 //!
-//! # Waiting: pub/sub wake-ups and a fallback poll
+//! # Waiting: FIFO hand-off, pub/sub wake-ups and a fallback poll
 //!
-//! A waiter first tries `SET NX`; if the lock is held it subscribes to the lock's channel
-//! (one shared subscriber connection per server), and waits for a release message, for the
-//! holder's key to expire (its `PTTL`), or for the fallback poll
-//! ([`with_poll_interval`](RedisClientBuilder::with_poll_interval), default 500 ms, jittered),
-//! whichever comes first. Releases by Baton wake one waiter per process at once; releases by
-//! clients that do not publish (redsync, redis-py) are noticed by the poll. Waiters are **not
-//! FIFO**: after a release, whoever sets the key first wins.
+//! On one server (`redis://`), lock waiters **queue in FIFO order** (the default; turn it off
+//! with [`without_fifo`](RedisClientBuilder::without_fifo)):
+//!
+//! - A waiter that finds the lock held (or other live waiters ahead of it) appends its token
+//!   to the list `baton:queue:KEY` and marks itself alive with the key
+//!   `baton:waiter:KEY:TOKEN`, which expires after the **waiter window** (three fallback
+//!   polls, at least 100 ms) unless refreshed. Every fallback poll refreshes it.
+//! - A release by Baton hands the lock **straight to the oldest live waiter**: in the same
+//!   script it sets the lock key to that waiter's token (with a new fencing token) and
+//!   publishes a message naming it. Only that waiter wakes; there is no herd, and the lock
+//!   is never free in between, so other clients cannot barge in.
+//! - The new holder's local deadline counts from a moment no later than the hand-off: the
+//!   send time of its last refresh plus the time Redis measured since then (the waiter
+//!   window minus the waiter key's `PTTL`). The key is handed over for the shorter of the
+//!   TTL and the waiter window, so that a waiter that died a moment ago (its place not yet
+//!   expired) blocks the lock no longer than that; a live holder's watchdog extends it to
+//!   the full TTL at once. FIFO therefore needs the watchdog: a client built
+//!   [`without_watchdog`](RedisClientBuilder::without_watchdog) does not queue.
+//! - A waiter that gives up leaves the queue: [`lock_timeout`](RedisLock::lock_timeout)
+//!   before it returns, a dropped `lock()` future in a task that
+//!   [`close()`](RedisClient::close) waits for. A waiter that dies without leaving is
+//!   skipped once its place expires.
+//! - `try_lock` never queues: it takes the lock only if it is free and nobody alive waits.
+//!
+//! Redsync and redis-py clients ignore the queue: they take the key with `SET NX` whenever
+//! it is free (after their own release, an expiry, or between Baton's waiters' polls), and
+//! their releases do not hand over; Baton's queued waiters notice at their next poll.
+//! Redlock (`redlock://`) and elections do not queue: there, a waiter subscribes to the
+//! lock's channel and retries after each release message, after the holder's key expires
+//! (its `PTTL`), or at the fallback poll
+//! ([`with_poll_interval`](RedisClientBuilder::with_poll_interval), default 500 ms,
+//! jittered), and whoever sets the key first wins.
 //!
 //! # Redlock, and what it does not guarantee
 //!
@@ -176,6 +201,7 @@ pub struct RedisClientBuilder {
     prefix: String,
     poll_interval: Duration,
     watchdog: bool,
+    fifo: bool,
     tls: Option<TlsConfig>,
     credentials: Option<Credentials>,
     password: Option<Secret>,
@@ -191,6 +217,7 @@ impl fmt::Debug for RedisClientBuilder {
             .field("prefix", &self.prefix)
             .field("poll_interval", &self.poll_interval)
             .field("watchdog", &self.watchdog)
+            .field("fifo", &self.fifo)
             .field("tls", &self.tls)
             .field("credentials", &self.credentials)
             .field("password", &self.password.as_ref().map(|_| "***"))
@@ -209,6 +236,7 @@ impl RedisClientBuilder {
             prefix: String::new(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             watchdog: true,
+            fifo: true,
             tls: None,
             credentials: None,
             password: None,
@@ -292,6 +320,22 @@ impl RedisClientBuilder {
     /// [`RedisLockGuard::extend`] is called, and its `lost()` fires at the local deadline.
     pub fn without_watchdog(mut self) -> Self {
         self.watchdog = false;
+        self
+    }
+
+    /// On one server (`redis://`), lock waiters queue in FIFO order and a release hands the
+    /// lock to the oldest live waiter, waking only it (the default). See the
+    /// [module documentation](self#waiting-fifo-hand-off-pub-sub-wake-ups-and-a-fallback-poll).
+    /// Redlock (`redlock://`) and elections never queue.
+    pub fn with_fifo(mut self) -> Self {
+        self.fifo = true;
+        self
+    }
+
+    /// Do not queue lock waiters: after a release, every waiter of this client tries again
+    /// and whichever sets the key first wins (as on Redlock).
+    pub fn without_fifo(mut self) -> Self {
+        self.fifo = false;
         self
     }
 
@@ -411,6 +455,7 @@ impl RedisClientBuilder {
                 closed: CancellationToken::new(),
                 holds: StdMutex::new(HashMap::new()),
                 launcher: watchdog::Launcher::default(),
+                cleanups: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
@@ -448,6 +493,7 @@ impl RedisClientBuilder {
             prefix: self.prefix.clone(),
             poll_interval: self.poll_interval,
             watchdog: self.watchdog,
+            fifo: self.fifo,
             request_timeout: self.request_timeout,
         })
     }
@@ -461,7 +507,16 @@ pub(crate) struct Options {
     pub(crate) prefix: String,
     pub(crate) poll_interval: Duration,
     pub(crate) watchdog: bool,
+    pub(crate) fifo: bool,
     pub(crate) request_timeout: Duration,
+}
+
+impl Options {
+    /// How long a FIFO waiter's place lives without a refresh: three fallback polls (a
+    /// waiter refreshes it at every poll), at least 100 ms.
+    pub(crate) fn waiter_window(&self) -> Duration {
+        (self.poll_interval * 3).max(Duration::from_millis(100))
+    }
 }
 
 /// A connection to one Redis server (`redis://`) or to the independent masters of Redlock
@@ -492,6 +547,10 @@ pub(crate) struct ClientInner {
     pub(crate) holds: StdMutex<HashMap<u64, Arc<HoldState>>>,
     /// Starts the watchdogs of holds that outlive a few milliseconds.
     pub(crate) launcher: watchdog::Launcher,
+    /// Releases and queue exits spawned by dropped guards and cancelled waits: `close()`
+    /// waits for them (within the request timeout), so that a process that closes its
+    /// client before exiting leaves nothing behind.
+    pub(crate) cleanups: tokio_util::task::TaskTracker,
 }
 
 impl fmt::Debug for ClientInner {
@@ -600,6 +659,13 @@ impl RedisClient {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "release on close failed; the key expires with its ttl");
             }
+        }
+        self.inner.cleanups.close();
+        if tokio::time::timeout(self.inner.opts.request_timeout, self.inner.cleanups.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!("cleanups still running at close; their keys expire with their ttl");
         }
         Ok(())
     }

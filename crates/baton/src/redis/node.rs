@@ -20,6 +20,10 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static PROCLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/proclaim.lua")));
 static LEADER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/leader.lua")));
+static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/enqueue.lua")));
+static HANDOFF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/handoff.lua")));
 static INSPECT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/inspect.lua")));
 
@@ -38,6 +42,14 @@ pub(crate) struct Keys {
     pub(crate) record: String,
     /// The wake-up channel: `baton:wake:<lock key>`.
     pub(crate) channel: String,
+    /// The FIFO queue of waiters' tokens, when waiters queue (see `enqueue.lua`):
+    /// `baton:queue:<lock key>`.
+    pub(crate) queue: String,
+    /// The prefix of each waiter's key (the prefix plus its token): `baton:waiter:<lock key>:`.
+    pub(crate) waiter: String,
+    /// True when waiters queue and releases hand the lock to the oldest live one (plain
+    /// locks on one server); else every release frees the key and wakes every waiter.
+    pub(crate) fifo: bool,
 }
 
 impl Keys {
@@ -47,9 +59,42 @@ impl Keys {
             fence: format!("baton:fence:{lock}"),
             record: format!("baton:leader:{lock}"),
             channel: format!("baton:wake:{lock}"),
+            queue: format!("baton:queue:{lock}"),
+            waiter: format!("baton:waiter:{lock}:"),
             lock,
+            fifo: false,
         }
     }
+
+    /// The same keys, with FIFO waiters and hand-off releases.
+    pub(crate) fn fifo(mut self) -> Keys {
+        self.fifo = true;
+        self
+    }
+}
+
+/// What one node answered to a FIFO acquire (`enqueue.lua`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NodeEnqueue {
+    /// Taken now; the fencing token.
+    Taken(i64),
+    /// A release handed the lock to us; the fencing token, and the ms between our last
+    /// refresh and the hand-off (see `handoff.lua`).
+    Granted { fence: i64, since_ms: u64 },
+    /// Held, or others are ahead: queued (unless `try_only`); the holder's key expires in
+    /// this many ms (negative: no holder, or no expiry).
+    Waiting(i64),
+}
+
+/// What one node answered to a release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum NodeRelease {
+    /// Not ours (expired, or another owner's): nothing deleted.
+    NotOurs,
+    /// Ours, and now free.
+    Freed,
+    /// Ours, and now the next waiter's: the wake-up message sent to it.
+    HandedOff(Vec<u8>),
 }
 
 /// What one node answered to an acquire.
@@ -379,8 +424,41 @@ impl Node {
         })
     }
 
-    /// Compare-and-delete; true if the lock was ours.
-    pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<bool> {
+    /// Compare-and-delete (or, for FIFO keys, hand the lock to the oldest live waiter; for a
+    /// token that does not hold the lock, leave the queue).
+    pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<NodeRelease> {
+        if keys.fifo {
+            let parts: Vec<redis::Value> = self
+                .run("redis release", |mut conn| async move {
+                    HANDOFF
+                        .key(&keys.lock)
+                        .key(&keys.fence)
+                        .key(&keys.queue)
+                        .arg(token)
+                        .arg(&keys.channel)
+                        .arg(&keys.waiter)
+                        .invoke_async(&mut conn)
+                        .await
+                })
+                .await?;
+            let int = |v: Option<&redis::Value>| match v {
+                Some(redis::Value::Int(n)) => *n,
+                _ => 0,
+            };
+            return Ok(match int(parts.first()) {
+                1 => NodeRelease::Freed,
+                2 => {
+                    let next = match parts.get(1) {
+                        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                        _ => String::new(),
+                    };
+                    let payload =
+                        format!("g:{next}:{}:{}", int(parts.get(2)), int(parts.get(3)));
+                    NodeRelease::HandedOff(payload.into_bytes())
+                }
+                _ => NodeRelease::NotOurs,
+            });
+        }
         let n: i64 = self
             .run("redis release", |mut conn| async move {
                 RELEASE
@@ -392,7 +470,46 @@ impl Node {
                     .await
             })
             .await?;
-        Ok(n == 1)
+        Ok(if n == 1 {
+            NodeRelease::Freed
+        } else {
+            NodeRelease::NotOurs
+        })
+    }
+
+    /// Take the lock in turn, or queue for it (`enqueue.lua`). `window_ms` is how long our
+    /// place in the queue lives without a refresh; 0 never queues (`try_lock`).
+    pub(crate) async fn enqueue(
+        &self,
+        keys: &Keys,
+        token: &str,
+        ttl_ms: u64,
+        window_ms: u64,
+    ) -> Result<NodeEnqueue> {
+        let parts: Vec<i64> = self
+            .run("redis acquire", |mut conn| async move {
+                ENQUEUE
+                    .key(&keys.lock)
+                    .key(&keys.fence)
+                    .key(&keys.queue)
+                    .key(format!("{}{token}", keys.waiter))
+                    .arg(token)
+                    .arg(ttl_ms)
+                    .arg(window_ms)
+                    .arg(&keys.waiter)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let at = |i: usize| parts.get(i).copied().unwrap_or(0);
+        Ok(match at(0) {
+            1 => NodeEnqueue::Taken(at(1)),
+            2 => NodeEnqueue::Granted {
+                fence: at(1),
+                since_ms: u64::try_from(at(2)).unwrap_or(0),
+            },
+            _ => NodeEnqueue::Waiting(at(1)),
+        })
     }
 
     /// Compare-and-PEXPIRE.

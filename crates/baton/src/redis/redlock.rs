@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord};
+use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord, NodeRelease};
 use super::{drift, ClientInner};
 use crate::error::{Error, Result};
 use crate::race::Race;
@@ -243,8 +243,18 @@ impl ClientInner {
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
         let results =
             futures::future::join_all(self.nodes.iter().map(|n| n.release(keys, token))).await;
-        let deleted = results.iter().filter(|r| matches!(r, Ok(true))).count();
-        if deleted > 0 {
+        let deleted = results
+            .iter()
+            .filter(|r| matches!(r, Ok(NodeRelease::Freed | NodeRelease::HandedOff(_))))
+            .count();
+        // Tell this process's waiters at once, without waiting for the message to come back
+        // from Redis: the new holder (if it is here), or everyone.
+        if let Some(Ok(NodeRelease::HandedOff(grant))) = results
+            .iter()
+            .find(|r| matches!(r, Ok(NodeRelease::HandedOff(_))))
+        {
+            self.hub.wake_local(&keys.channel, grant);
+        } else if deleted > 0 {
             self.hub
                 .wake_local(&keys.channel, format!("{token}:0").as_bytes());
         }

@@ -139,7 +139,13 @@ fn agree(found: &[Inspected], quorum: usize) -> Option<(Inspected, usize)> {
 
 /// Baton's own bookkeeping keys, never shown as locks.
 fn is_internal(key: &str) -> bool {
-    ["baton:fence:", "baton:leader:", "baton:wake:"]
+    [
+        "baton:fence:",
+        "baton:leader:",
+        "baton:wake:",
+        "baton:queue:",
+        "baton:waiter:",
+    ]
         .iter()
         .any(|p| key.starts_with(p))
 }

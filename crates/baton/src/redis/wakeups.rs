@@ -39,19 +39,108 @@ pub(crate) struct Channel {
     pub(crate) observers: Notify,
     /// The last payload delivered, so that one event published on N Redlock nodes wakes once.
     last: StdMutex<Option<Vec<u8>>>,
+    /// FIFO waiters of this process, by token: a hand-off message (`g:TOKEN:FENCE:SINCE`,
+    /// see `handoff.lua`) goes to its waiter alone, and wakes nobody else.
+    grants: StdMutex<HashMap<String, oneshot::Sender<Grant>>>,
+}
+
+/// The lock, handed to a FIFO waiter by a release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// The fencing token of the grant.
+    pub(crate) fence: i64,
+    /// How long (ms, rounded down) after the waiter's last refresh of its place the lock
+    /// was handed to it.
+    pub(crate) since_ms: u64,
+}
+
+/// `g:TOKEN:FENCE:SINCE` as a token and a grant.
+fn parse_grant(payload: &[u8]) -> Option<(&str, Grant)> {
+    let text = std::str::from_utf8(payload).ok()?.strip_prefix("g:")?;
+    let mut parts = text.split(':');
+    let (token, fence, since) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((
+        token,
+        Grant {
+            fence: fence.parse().ok()?,
+            since_ms: since.parse().ok()?,
+        },
+    ))
 }
 
 impl Channel {
     fn deliver(&self, payload: Option<&[u8]>) {
         if let Some(p) = payload {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if last.as_deref() == Some(p) {
+            {
+                let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                if last.as_deref() == Some(p) {
+                    return;
+                }
+                *last = Some(p.to_vec());
+            }
+            if let Some((token, grant)) = parse_grant(p) {
+                let waiter = self
+                    .grants
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(token);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(grant);
+                }
                 return;
             }
-            *last = Some(p.to_vec());
         }
         self.waiters.notify_waiters();
         self.observers.notify_waiters();
+    }
+
+    /// Listen for a hand-off of the lock to `token`, until the returned wait is dropped.
+    pub(crate) fn expect_grant(self: &Arc<Self>, token: &str) -> GrantWait {
+        let (tx, rx) = oneshot::channel();
+        self.grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string(), tx);
+        GrantWait {
+            chan: self.clone(),
+            token: token.to_string(),
+            rx,
+        }
+    }
+}
+
+/// Waiting for a hand-off to one token; see [`Channel::expect_grant`].
+#[derive(Debug)]
+pub(crate) struct GrantWait {
+    chan: Arc<Channel>,
+    token: String,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl GrantWait {
+    /// The grant, once it comes.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a grant that came stays until taken.
+    pub(crate) async fn granted(&mut self) -> Grant {
+        match (&mut self.rx).await {
+            Ok(grant) => grant,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for GrantWait {
+    fn drop(&mut self) {
+        self.chan
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.token);
     }
 }
 
@@ -409,5 +498,53 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_parse_and_go_to_their_waiter_alone() {
+        let t = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            parse_grant(format!("g:{t}:42:7").as_bytes()),
+            Some((
+                t,
+                Grant {
+                    fence: 42,
+                    since_ms: 7
+                }
+            ))
+        );
+        assert_eq!(parse_grant(format!("{t}:0").as_bytes()), None);
+        assert_eq!(parse_grant(b"g:x:1"), None);
+        assert_eq!(parse_grant(b"g:x:1:2:3"), None);
+        assert_eq!(parse_grant(b"g:x:y:2"), None);
+
+        let chan = Arc::new(Channel::default());
+        let mut wait = chan.expect_grant(t);
+        let woken = chan.waiters.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        chan.deliver(Some(format!("g:{t}:42:7").as_bytes()));
+        assert_eq!(
+            futures::FutureExt::now_or_never(wait.granted()),
+            Some(Grant {
+                fence: 42,
+                since_ms: 7
+            })
+        );
+        // Nobody else was woken.
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_none());
+        // A grant for a token nobody here waits for is dropped.
+        chan.deliver(Some(b"g:ffff:1:0"));
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_none());
+        drop(wait);
+        assert!(chan.grants.lock().unwrap().is_empty());
+        // A plain release message wakes every waiter.
+        chan.deliver(Some(format!("{t}:0").as_bytes()));
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_some());
     }
 }

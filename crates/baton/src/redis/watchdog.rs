@@ -39,9 +39,11 @@ pub(crate) struct HoldState {
     stop: CancellationToken,
     /// Wakes the watchdog to re-read the deadline.
     poke: Notify,
-    /// When the acquire that took the key started: the first extend is due one interval
-    /// later.
+    /// When the acquire that took the key started (for a hand-off: a moment no later than
+    /// the grant).
     started_at: Instant,
+    /// The first extend is due this long after `started_at`: a third of the key's TTL.
+    first_extend: Duration,
     state: StdMutex<State>,
 }
 
@@ -127,8 +129,22 @@ impl Hold {
         fence: Option<i64>,
         start: Instant,
     ) -> Hold {
+        Hold::start_with_ttl(client, keys, token, fence, start, client.opts.ttl)
+    }
+
+    /// [`start`](Hold::start) for a key whose TTL was set to `ttl` (a FIFO hand-off grants
+    /// a short one, see `handoff.lua`). If `ttl` is shorter than the client's, the watchdog
+    /// starts now, and its first extend (to the client's TTL) is due after `ttl / 3`.
+    pub(crate) fn start_with_ttl(
+        client: &Arc<ClientInner>,
+        keys: Keys,
+        token: String,
+        fence: Option<i64>,
+        start: Instant,
+        ttl: Duration,
+    ) -> Hold {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let ttl = client.opts.ttl;
+        let short = ttl < client.opts.ttl;
         let state = Arc::new(HoldState {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             keys,
@@ -139,6 +155,11 @@ impl Hold {
             stop: CancellationToken::new(),
             poke: Notify::new(),
             started_at: start,
+            first_extend: if short {
+                ttl / 3
+            } else {
+                client.opts.ttl / 3
+            },
             state: StdMutex::new(State { reason: None }),
         });
         client
@@ -146,7 +167,14 @@ impl Hold {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(state.id, state.clone());
-        client.launcher.add(client, state.clone());
+        if short && client.opts.watchdog {
+            let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
+            tokio::spawn(
+                watchdog(client.clone(), state.clone(), Some(client.opts.ttl / 3)).instrument(span),
+            );
+        } else {
+            client.launcher.add(client, state.clone());
+        }
         Hold {
             client: client.clone(),
             state,
@@ -285,13 +313,14 @@ impl Drop for Hold {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let client = self.client.clone();
             let state = self.state.clone();
-            handle.spawn(
+            self.client.cleanups.spawn_on(
                 async move {
                     if let Err(e) = client.release(&state.keys, &state.token).await {
                         tracing::warn!(error = %e, "release on drop failed; the key expires with its ttl");
                     }
                 }
                 .instrument(tracing::debug_span!("release", key = %self.state.keys.lock, what = "drop")),
+                &handle,
             );
         }
     }
@@ -305,7 +334,7 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
     // Launched late (see `Launcher`): the first extend is still due one interval after the
     // acquire started.
     let mut wait = match interval {
-        Some(i) => (state.started_at + i).saturating_duration_since(Instant::now()),
+        Some(_) => (state.started_at + state.first_extend).saturating_duration_since(Instant::now()),
         None => never,
     };
     loop {

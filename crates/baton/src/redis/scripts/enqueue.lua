@@ -1,0 +1,60 @@
+-- Take a lock in turn (FIFO waiters, one Redis server): `SET key token PX ttl` when the key
+-- is free and no live waiter is queued ahead of us; else queue us (once) and mark us alive.
+-- The lock key is the same string redsync and redis-py use; the queue is Baton's alone.
+--
+-- KEYS[1]  the lock key
+-- KEYS[2]  the fencing counter
+-- KEYS[3]  the queue of waiters' tokens (a list, oldest first)
+-- KEYS[4]  our waiter key (KEYS[5]'s prefix plus our token): alive while it exists
+-- ARGV[1]  our token
+-- ARGV[2]  the TTL in milliseconds
+-- ARGV[3]  the waiter key's lifetime in ms; "0": take the lock if free, never queue (try_lock)
+-- ARGV[4]  the prefix of every waiter key of this lock
+--
+-- Returns {1, fence} when taken now; {2, fence, since} when a release already handed the
+-- lock to us (see handoff.lua); else {0, PTTL of the holder's key (-2: none)}.
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  local grant = redis.call('GET', KEYS[4])
+  if grant then
+    local fence, since = string.match(grant, '^g:(%d+):(%d+)$')
+    if fence then
+      redis.call('DEL', KEYS[4])
+      return {2, tonumber(fence), tonumber(since)}
+    end
+  end
+end
+if not holder then
+  -- Drop waiters that stopped refreshing their waiter key; stop at the first live one.
+  local ahead = false
+  while true do
+    local head = redis.call('LINDEX', KEYS[3], 0)
+    if not head or head == ARGV[1] then
+      break
+    end
+    if redis.call('EXISTS', ARGV[4] .. head) == 1 then
+      ahead = true
+      break
+    end
+    redis.call('LPOP', KEYS[3])
+  end
+  if not ahead then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    local fence = redis.call('INCR', KEYS[2])
+    if redis.call('DEL', KEYS[4]) == 1 then
+      redis.call('LREM', KEYS[3], 1, ARGV[1])
+    end
+    return {1, fence}
+  end
+end
+if ARGV[3] ~= '0' then
+  if redis.call('EXISTS', KEYS[4]) == 0 then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+  end
+  -- The value is what a hand-off needs: the TTL to grant, and the lifetime, so that the
+  -- time since our last refresh is the lifetime minus the key's PTTL.
+  redis.call('SET', KEYS[4], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[3])
+  -- An abandoned queue goes away by itself.
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[3]) * 4)
+end
+return {0, redis.call('PTTL', KEYS[1])}

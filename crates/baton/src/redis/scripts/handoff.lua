@@ -1,0 +1,60 @@
+-- Release a lock whose waiters queue (enqueue.lua): compare-and-delete, except that when a
+-- live waiter is queued the key goes straight to the oldest one (SET to its token, with a new
+-- fencing token, for the shorter of its TTL and its waiter key's lifetime) and only that
+-- waiter is told, by a PUBLISH naming its token. Never a plain
+-- DEL: a holder whose lock expired cannot release the next holder's lock.
+--
+-- KEYS[1]  the lock key
+-- KEYS[2]  the fencing counter
+-- KEYS[3]  the queue of waiters' tokens
+-- ARGV[1]  our token
+-- ARGV[2]  the wake-up channel
+-- ARGV[3]  the prefix of every waiter key of this lock
+--
+-- Returns {1} if the lock was ours and is now free; {2, next token, fence, since} if it was
+-- ours and is now the next waiter's; else {0} (not ours: if we were queued, we leave the
+-- queue, as a waiter that gives up does).
+--
+-- `since` is how long ago (ms, rounded down, minus 1) the new holder last refreshed its
+-- waiter key: the waiter adds it to the send time of its last refresh to get a moment no
+-- later than this grant, from which its local deadline (plus the TTL) counts.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  if redis.call('DEL', ARGV[3] .. ARGV[1]) == 1 then
+    redis.call('LREM', KEYS[3], 0, ARGV[1])
+  end
+  return {0}
+end
+-- Our own waiter key, if the lock was handed to us: it holds the grant until it expires.
+redis.call('DEL', ARGV[3] .. ARGV[1])
+while true do
+  local nxt = redis.call('LPOP', KEYS[3])
+  if not nxt then
+    break
+  end
+  local wk = ARGV[3] .. nxt
+  local pttl = redis.call('PTTL', wk)
+  local v = redis.call('GET', wk)
+  local ttl, life
+  if v then
+    ttl, life = string.match(v, '^(%d+):(%d+)$')
+  end
+  if ttl and pttl > 0 then
+    -- Granted for the shorter of its TTL and its waiter key's lifetime: a waiter that died
+    -- a moment ago (its key not expired yet) blocks the lock no longer than that. A live
+    -- one's watchdog extends it to the full TTL at once.
+    local granted = math.min(tonumber(ttl), tonumber(life))
+    redis.call('SET', KEYS[1], nxt, 'PX', granted)
+    local fence = redis.call('INCR', KEYS[2])
+    local since = tonumber(life) - pttl - 1
+    if since < 0 then
+      since = 0
+    end
+    -- Kept as long as the grant, for a refresh that crossed the message (enqueue.lua).
+    redis.call('SET', wk, 'g:' .. fence .. ':' .. since, 'PX', granted)
+    redis.call('PUBLISH', ARGV[2], 'g:' .. nxt .. ':' .. fence .. ':' .. since)
+    return {2, nxt, fence, since}
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1] .. ':0')
+return {1}
