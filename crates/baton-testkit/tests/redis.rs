@@ -697,7 +697,10 @@ async fn fifo_handoff_deadline_is_never_after_the_server_expiry() {
         assert!(pttl <= 900, "round {round}: granted for {pttl} ms");
         tokio::time::sleep(Duration::from_millis(600)).await;
         let pttl: i64 = conn.pttl(g.key()).await.unwrap();
-        assert!(pttl > 10_000, "round {round}: not extended ({pttl} ms left)");
+        assert!(
+            pttl > 10_000,
+            "round {round}: not extended ({pttl} ms left)"
+        );
         assert!(g.deadline() > tokio::time::Instant::now() + Duration::from_secs(10));
         assert!(!g.is_lost());
         g.unlock().await.unwrap();

@@ -449,11 +449,12 @@ impl Node {
                 1 => NodeRelease::Freed,
                 2 => {
                     let next = match parts.get(1) {
-                        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                        Some(redis::Value::BulkString(b)) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
                         _ => String::new(),
                     };
-                    let payload =
-                        format!("g:{next}:{}:{}", int(parts.get(2)), int(parts.get(3)));
+                    let payload = format!("g:{next}:{}:{}", int(parts.get(2)), int(parts.get(3)));
                     NodeRelease::HandedOff(payload.into_bytes())
                 }
                 _ => NodeRelease::NotOurs,

@@ -146,8 +146,8 @@ fn is_internal(key: &str) -> bool {
         "baton:queue:",
         "baton:waiter:",
     ]
-        .iter()
-        .any(|p| key.starts_with(p))
+    .iter()
+    .any(|p| key.starts_with(p))
 }
 
 /// `s` with the glob characters of `SCAN MATCH` escaped.

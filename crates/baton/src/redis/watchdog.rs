@@ -133,8 +133,8 @@ impl Hold {
     }
 
     /// [`start`](Hold::start) for a key whose TTL was set to `ttl` (a FIFO hand-off grants
-    /// a short one, see `handoff.lua`). If `ttl` is shorter than the client's, the watchdog
-    /// starts now, and its first extend (to the client's TTL) is due after `ttl / 3`.
+    /// a short one, see `handoff.lua`): the first extend (to the client's TTL) is due after
+    /// `ttl / 3`, and the launcher starts the watchdog halfway to it.
     pub(crate) fn start_with_ttl(
         client: &Arc<ClientInner>,
         keys: Keys,
@@ -155,11 +155,7 @@ impl Hold {
             stop: CancellationToken::new(),
             poke: Notify::new(),
             started_at: start,
-            first_extend: if short {
-                ttl / 3
-            } else {
-                client.opts.ttl / 3
-            },
+            first_extend: if short { ttl / 3 } else { client.opts.ttl / 3 },
             state: StdMutex::new(State { reason: None }),
         });
         client
@@ -167,14 +163,7 @@ impl Hold {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(state.id, state.clone());
-        if short && client.opts.watchdog {
-            let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
-            tokio::spawn(
-                watchdog(client.clone(), state.clone(), Some(client.opts.ttl / 3)).instrument(span),
-            );
-        } else {
-            client.launcher.add(client, state.clone());
-        }
+        client.launcher.add(client, state.clone());
         Hold {
             client: client.clone(),
             state,
@@ -334,7 +323,9 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
     // Launched late (see `Launcher`): the first extend is still due one interval after the
     // acquire started.
     let mut wait = match interval {
-        Some(_) => (state.started_at + state.first_extend).saturating_duration_since(Instant::now()),
+        Some(_) => {
+            (state.started_at + state.first_extend).saturating_duration_since(Instant::now())
+        }
         None => never,
     };
     loop {
@@ -376,62 +367,107 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
     }
 }
 
-/// Starts each hold's watchdog task lazily, one client-wide task ticking every TTL/6.
+/// Starts each hold's watchdog task lazily: one client-wide task, which starts a hold's
+/// watchdog halfway to its first extend (TTL/6 after the acquire for a hold of the full
+/// TTL), if the hold is still alive then.
 ///
 /// Spawning a task per hold at acquire time costs a cross-thread wake-up on acquire and
 /// another on release, which for a short hold (lock, a little work, unlock) is most of
-/// the client-side cost. Nothing needs the watchdog before the first extend, one third of
-/// the TTL after the acquire started: so the launcher starts the watchdogs of the holds
-/// still alive at its next tick (at most TTL/6 later), and a hold released before that
-/// never has one. The first extend stays due at the acquire's start plus TTL/3, and
+/// the client-side cost. Nothing needs the watchdog before the first extend, a third of
+/// the key's TTL after the acquire started: a hold released before its launch time never
+/// has one. The first extend stays due at the acquire's start plus a third of the TTL, and
 /// `is_lost()` checks the local deadline itself, so nothing is detected later than with a
 /// task per hold.
+///
+/// The launcher sleeps until the earliest launch time among the holds it has (at most
+/// TTL/6); a hold added with an earlier one (a hand-off's short grant) wakes it.
 #[derive(Debug, Default)]
 pub(crate) struct Launcher {
-    pending: StdMutex<Vec<Arc<HoldState>>>,
+    pending: StdMutex<Pending>,
     started: std::sync::atomic::AtomicBool,
+    wake: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    holds: Vec<Arc<HoldState>>,
+    /// When the launcher task wakes next, if it sleeps.
+    wakes_at: Option<Instant>,
+}
+
+impl HoldState {
+    /// When the launcher starts this hold's watchdog: halfway to the first extend.
+    fn launch_at(&self) -> Instant {
+        self.started_at + self.first_extend / 2
+    }
 }
 
 impl Launcher {
     /// Queue `state`'s watchdog; start the launcher task on the client's first hold.
     fn add(&self, client: &Arc<ClientInner>, state: Arc<HoldState>) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(state);
+        let launch_at = state.launch_at();
+        let earlier = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.holds.push(state);
+            pending.wakes_at.is_some_and(|at| launch_at < at)
+        };
+        if earlier {
+            self.wake.notify_one();
+        }
         if !self.started.swap(true, Ordering::AcqRel) {
             let span = tracing::debug_span!("watchdog-launcher");
-            tokio::spawn(launch(Arc::downgrade(client)).instrument(span));
+            let wake = self.wake.clone();
+            tokio::spawn(launch(Arc::downgrade(client), wake).instrument(span));
         }
-    }
-
-    fn take(&self) -> Vec<Arc<HoldState>> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
-/// Every TTL/6, start the watchdogs of the holds queued and still held. Ends when the
-/// client is closed or gone.
-async fn launch(client: std::sync::Weak<ClientInner>) {
-    let period = match client.upgrade() {
-        Some(c) => (c.opts.ttl / 6).max(Duration::from_millis(1)),
-        None => return,
-    };
+/// Start the watchdogs whose launch time has come, of the holds still held; sleep until the
+/// next launch time (at most TTL/6), or until a hold with an earlier one is added. Ends
+/// when the client is closed or gone.
+async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
     loop {
-        tokio::time::sleep(period).await;
-        let Some(client) = client.upgrade() else {
-            return;
-        };
-        if client.closed.is_cancelled() {
-            return;
-        }
-        let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
-        for state in client.launcher.take() {
-            if state.stop.is_cancelled() || state.lost.is_cancelled() {
-                continue;
+        let next = {
+            let Some(client) = client.upgrade() else {
+                return;
+            };
+            if client.closed.is_cancelled() {
+                return;
             }
-            let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
-            tokio::spawn(watchdog(client.clone(), state, interval).instrument(span));
+            let period = (client.opts.ttl / 6).max(Duration::from_millis(1));
+            let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+            let now = Instant::now();
+            let mut next = now + period;
+            let mut due = Vec::new();
+            {
+                let mut pending = client
+                    .launcher
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                pending.holds.retain(|state| {
+                    if state.stop.is_cancelled() || state.lost.is_cancelled() {
+                        return false;
+                    }
+                    let at = state.launch_at();
+                    if at <= now {
+                        due.push(state.clone());
+                        return false;
+                    }
+                    next = next.min(at);
+                    true
+                });
+                pending.wakes_at = Some(next);
+            }
+            for state in due {
+                let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
+                tokio::spawn(watchdog(client.clone(), state, interval).instrument(span));
+            }
+            next
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = wake.notified() => {}
         }
     }
 }
