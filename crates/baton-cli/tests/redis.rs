@@ -243,3 +243,33 @@ fn clear_errors() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!(stderr_lines(&out)[0].contains("at least 3"), "{out:?}");
 }
+
+/// A `baton lock` queued behind a holder and killed with SIGKILL (it cannot leave the
+/// queue) holds up the next waiter no longer than its waiter window (3 polls: 1.5 s by
+/// default), even when the holder releases while the dead waiter's place is still alive.
+#[test]
+fn a_killed_queued_waiter_blocks_the_lock_at_most_its_window() {
+    let server = redis();
+    let url = server.url();
+    let queued = || {
+        server
+            .command(&["LLEN", "baton:queue:busy"], Duration::from_secs(2))
+            .unwrap_or_default()
+    };
+    let mut holder = Proc::spawn(baton(&url).args(["--json", "lock", "busy"]));
+    let acquired: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(acquired["event"], "acquired");
+    let waiter = Proc::spawn(baton(&url).args(["lock", "busy", "--", "true"]));
+    wait_until("the waiter queues", || queued() == ":1");
+    waiter.signal(libc::SIGKILL);
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    // Released within the dead waiter's window: handed to it, not freed.
+    assert!(exists(&server, "busy"), "the lock was not handed over");
+    let (out, took) = run(baton(&url).args(["lock", "--timeout", "10s", "busy", "--", "true"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the next waiter waited {took:?} behind a dead one"
+    );
+}

@@ -163,13 +163,12 @@ impl RedisLock {
     /// for): our place in the queue is removed, and a lock that was set or handed to us
     /// meanwhile is released (compare-and-delete on our token, or handed on).
     pub async fn lock(&self) -> Result<RedisLockGuard> {
-        acquire(self.client.inner(), &self.name, &self.keys, None, false)
-            .instrument(tracing::debug_span!("acquire", lock = %self.name))
-            .await
-            .map(|hold| RedisLockGuard {
-                name: self.name.clone(),
-                hold,
-            })
+        let acquiring = acquire(self.client.inner(), &self.name, &self.keys, None, false);
+        self.guarded(
+            tracing::debug_span!("acquire", lock = %self.name),
+            acquiring,
+        )
+        .await
     }
 
     /// [`lock()`](RedisLock::lock), giving up with [`Error::Timeout`] after `timeout`.
@@ -185,13 +184,12 @@ impl RedisLock {
         // A queued waiter that gives up leaves the queue before this returns (not in a
         // task spawned on drop, which a process about to exit would never run).
         let limit = Some((Instant::now() + timeout, timeout));
-        acquire_fifo(self.client.inner(), &self.name, &self.keys, false, limit)
-            .instrument(tracing::debug_span!("acquire", lock = %self.name))
-            .await
-            .map(|hold| RedisLockGuard {
-                name: self.name.clone(),
-                hold,
-            })
+        let acquiring = acquire_fifo(self.client.inner(), &self.name, &self.keys, false, limit);
+        self.guarded(
+            tracing::debug_span!("acquire", lock = %self.name),
+            acquiring,
+        )
+        .await
     }
 
     /// Take the lock if it is free, with one attempt.
@@ -204,13 +202,24 @@ impl RedisLock {
     ///
     /// Cancel safe, as [`lock()`](RedisLock::lock).
     pub async fn try_lock(&self) -> Result<RedisLockGuard> {
-        acquire(self.client.inner(), &self.name, &self.keys, None, true)
-            .instrument(tracing::debug_span!("try_acquire", lock = %self.name))
-            .await
-            .map(|hold| RedisLockGuard {
-                name: self.name.clone(),
-                hold,
-            })
+        let acquiring = acquire(self.client.inner(), &self.name, &self.keys, None, true);
+        self.guarded(
+            tracing::debug_span!("try_acquire", lock = %self.name),
+            acquiring,
+        )
+        .await
+    }
+
+    /// The guard of the hold `acquiring` gets, traced in `span`.
+    async fn guarded(
+        &self,
+        span: tracing::Span,
+        acquiring: impl std::future::Future<Output = Result<Hold>>,
+    ) -> Result<RedisLockGuard> {
+        acquiring.instrument(span).await.map(|hold| RedisLockGuard {
+            name: self.name.clone(),
+            hold,
+        })
     }
 }
 
