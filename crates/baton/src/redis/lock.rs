@@ -336,14 +336,11 @@ async fn acquire_fifo(
     };
     let node = &client.nodes[0];
     let ttl_ms = client.opts.ttl_ms;
-    let window = client.opts.waiter_window();
-    let window_ms = if try_only {
-        0
-    } else {
-        u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
-    };
-    // What a hand-off grants (see `handoff.lua`).
-    let granted_ttl = client.opts.ttl.min(window);
+    let window = u64::try_from(client.opts.waiter_window().as_millis()).unwrap_or(u64::MAX);
+    let window_ms = if try_only { 0 } else { window };
+    // What a hand-off grants (see `handoff.lua`): the shorter of the TTL and the window, in
+    // the whole milliseconds our waiter key told Redis.
+    let granted_ttl = client.opts.ttl.min(Duration::from_millis(window));
     let token_ref = token.as_str();
     let give_up = |after: Duration| async move {
         if let Err(e) = client.release(keys, token_ref).await {
