@@ -450,14 +450,26 @@ async fn redis_acl_user_scoped_to_a_prefix() {
     if redis_skip() {
         return;
     }
-    // The user may touch its own keys and Baton's keys for them, nothing else.
-    let server = redis(RedisServerOptions::new().with_acl_user(
-        "app",
-        &format!(
-            "on >{REDIS_PASSWORD} ~app:* ~baton:fence:app:* ~baton:leader:app:* \
-             &baton:wake:app:* +@all"
-        ),
-    ));
+    // The user may touch its own keys and Baton's keys for them, nothing else. "app" has
+    // the patterns written before lock waiters queued (no baton:queue:*, baton:waiter:*):
+    // its client falls back to unqueued waiters. "full" has them all.
+    let server = redis(
+        RedisServerOptions::new()
+            .with_acl_user(
+                "app",
+                &format!(
+                    "on >{REDIS_PASSWORD} ~app:* ~baton:fence:app:* ~baton:leader:app:* \
+                     &baton:wake:app:* +@all"
+                ),
+            )
+            .with_acl_user(
+                "full",
+                &format!(
+                    "on >{REDIS_PASSWORD} ~full:* ~baton:fence:full:* ~baton:leader:full:* \
+                     ~baton:queue:full:* ~baton:waiter:full:* &baton:wake:full:* +@all"
+                ),
+            ),
+    );
     let port = server.port();
     let url = format!("redis://app:{REDIS_PASSWORD}@127.0.0.1:{port}");
     let scoped = baton::redis::RedisClient::builder(&url)
@@ -471,6 +483,36 @@ async fn redis_acl_user_scoped_to_a_prefix() {
     let waiter = scoped.lock("contended").unwrap();
     let waiting = tokio::spawn(async move { waiter.lock().await });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    first.unlock().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    second.unlock().await.unwrap();
+
+    // With the queue's keys allowed, the waiter queues (FIFO) and is handed the lock.
+    let full = baton::redis::RedisClient::builder(&format!(
+        "redis://full:{REDIS_PASSWORD}@127.0.0.1:{port}"
+    ))
+    .with_prefix("full:")
+    .connect()
+    .await
+    .unwrap();
+    let first = full.lock("contended").unwrap().lock().await.unwrap();
+    let waiter = full.lock("contended").unwrap();
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    let queue = || {
+        server.command(
+            &["LLEN", "baton:queue:full:contended"],
+            Duration::from_secs(2),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue().as_deref() != Some(":1") {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.unlock().await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await

@@ -178,18 +178,30 @@ impl RedisLock {
     /// Cancel safe, as [`lock()`](RedisLock::lock). On timeout nothing is left behind: a
     /// queued waiter leaves the queue before this returns.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<RedisLockGuard> {
-        if !self.keys.fifo {
+        let client = self.client.inner();
+        if !fifo(client, &self.keys) {
             return with_timeout("lock", timeout, self.lock()).await;
         }
         // A queued waiter that gives up leaves the queue before this returns (not in a
         // task spawned on drop, which a process about to exit would never run).
-        let limit = Some((Instant::now() + timeout, timeout));
-        let acquiring = acquire_fifo(self.client.inner(), &self.name, &self.keys, false, limit);
-        self.guarded(
-            tracing::debug_span!("acquire", lock = %self.name),
-            acquiring,
-        )
-        .await
+        let until = Instant::now() + timeout;
+        let limit = Some((until, timeout));
+        let acquiring = acquire_fifo(client, &self.name, &self.keys, false, limit);
+        let span = tracing::debug_span!("acquire", lock = %self.name);
+        match self.guarded(span, acquiring).await {
+            Err(Error::PermissionDenied(reason)) => {
+                refuse_fifo(client, &reason);
+                let left = until.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, self.lock()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout {
+                        operation: "lock",
+                        after: timeout,
+                    }),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Take the lock if it is free, with one attempt.
@@ -233,8 +245,17 @@ pub(crate) async fn acquire(
     try_only: bool,
 ) -> Result<Hold> {
     client.check_open()?;
-    if keys.fifo && record.is_none() {
-        return acquire_fifo(client, name, keys, try_only, None).await;
+    let plain;
+    let mut keys = keys;
+    if record.is_none() && fifo(client, keys) {
+        match acquire_fifo(client, name, keys, try_only, None).await {
+            Err(Error::PermissionDenied(reason)) => refuse_fifo(client, &reason),
+            other => return other,
+        }
+    }
+    if keys.fifo {
+        plain = keys.clone().without_fifo();
+        keys = &plain;
     }
     let token = new_token();
     let mut cleanup = Cleanup {
@@ -304,6 +325,30 @@ pub(crate) async fn acquire(
                 }
             } => true,
         };
+    }
+}
+
+/// True if waiters of `keys` queue: FIFO keys, on a client whose server has not refused the
+/// queue's keys.
+fn fifo(client: &ClientInner, keys: &Keys) -> bool {
+    keys.fifo
+        && !client
+            .fifo_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The server refused the queue's keys (an ACL written before they existed): this client's
+/// waiters stop queueing, and say so once.
+fn refuse_fifo(client: &ClientInner, reason: &str) {
+    if !client
+        .fifo_refused
+        .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            %reason,
+            "the server refused Baton's FIFO queue keys (baton:queue:*, baton:waiter:*); \
+             this client's lock waiters no longer queue"
+        );
     }
 }
 

@@ -36,10 +36,11 @@
 //! - extend is a Lua compare-and-`PEXPIRE`, which never re-creates an expired key.
 //!
 //! That is the layout of Go's redsync and of redis-py's `Lock`, so a Baton service, a Go
-//! service and a Python service exclude each other on the same name. Baton adds three keys
-//! that other clients ignore: the fencing counter `baton:fence:KEY`, the election record
-//! `baton:leader:KEY` (a hash), and the pub/sub channel `baton:wake:KEY`. Names starting
-//! with `baton:` are therefore best avoided. Redis Cluster is not supported.
+//! service and a Python service exclude each other on the same name. Baton adds keys that
+//! other clients ignore: the fencing counter `baton:fence:KEY`, the election record
+//! `baton:leader:KEY` (a hash), the waiters' queue `baton:queue:KEY` and places
+//! `baton:waiter:KEY:TOKEN` (see below), and the pub/sub channel `baton:wake:KEY`. Names
+//! starting with `baton:` are therefore best avoided. Redis Cluster is not supported.
 //!
 //! # Fencing tokens (single instance only)
 //!
@@ -87,6 +88,8 @@
 //!   [`close()`](RedisClient::close) waits for. A waiter that dies without leaving is
 //!   skipped once its place expires.
 //! - `try_lock` never queues: it takes the lock only if it is free and nobody alive waits.
+//! - A server whose ACL refuses the queue's keys (written for the keys Baton used before)
+//!   makes the client log one warning and stop queueing; locks still work, unqueued.
 //!
 //! Redsync and redis-py clients ignore the queue: they take the key with `SET NX` whenever
 //! it is free (after their own release, an expiry, or between Baton's waiters' polls), and
@@ -456,6 +459,7 @@ impl RedisClientBuilder {
                 holds: StdMutex::new(HashMap::new()),
                 launcher: watchdog::Launcher::default(),
                 cleanups: tokio_util::task::TaskTracker::new(),
+                fifo_refused: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -551,6 +555,10 @@ pub(crate) struct ClientInner {
     /// waits for them (within the request timeout), so that a process that closes its
     /// client before exiting leaves nothing behind.
     pub(crate) cleanups: tokio_util::task::TaskTracker,
+    /// Set when the server refused the FIFO queue's keys (an ACL written for the keys Baton
+    /// used before, without `baton:queue:*` and `baton:waiter:*`): this client's waiters
+    /// then no longer queue.
+    pub(crate) fifo_refused: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for ClientInner {

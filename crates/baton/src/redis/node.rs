@@ -71,6 +71,12 @@ impl Keys {
         self.fifo = true;
         self
     }
+
+    /// The same keys, without.
+    pub(crate) fn without_fifo(mut self) -> Keys {
+        self.fifo = false;
+        self
+    }
 }
 
 /// What one node answered to a FIFO acquire (`enqueue.lua`).
