@@ -97,6 +97,12 @@ pub(crate) struct Args {
     #[arg(long, value_name = "PATH", default_value = "bench-contended.svg")]
     pub(crate) chart: PathBuf,
 
+    /// With --peer: run Baton and the peer N times each, alternating which goes first, and
+    /// report the round with the median ratio, plus every round's ratio. On a noisy machine
+    /// one pair of runs can be off by a quarter; the median of several pairs is not.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub(crate) repeat: u64,
+
     /// handover only: how long the leader waits, once its successor is queued, before it
     /// resigns (0: at once, the hardest case).
     #[arg(long, value_name = "DUR", default_value = "0s", value_parser = cli::duration)]
@@ -173,6 +179,18 @@ impl Config {
         if args.sweep && args.scenario != Scenario::Contended {
             return Err(CliError::failed("--sweep applies to contended only"));
         }
+        if args.repeat > 1 {
+            if args.peer.is_none() {
+                return Err(CliError::failed(
+                    "--repeat compares Baton with a peer round by round: add --peer",
+                ));
+            }
+            if args.sweep || args.scenario == Scenario::Scale {
+                return Err(CliError::failed(
+                    "--repeat applies to uncontended, contended, distinct, handover and lost",
+                ));
+            }
+        }
         if !args.settle.is_zero() && args.scenario != Scenario::Handover {
             return Err(CliError::failed("--settle applies to handover only"));
         }
@@ -239,6 +257,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     if args.sweep {
         return sweep(&out, &config, &context, baton, peer.as_deref(), &args.chart).await;
     }
+    if let (Some(p), true) = (&peer, args.repeat > 1) {
+        return rounds(&out, &config, &context, baton, p.as_ref(), args.repeat).await;
+    }
     let heap_before = alloc::heap_in_use();
     let ours = measure(&config, baton).await?;
     let theirs = match &peer {
@@ -262,6 +283,84 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             theirs.as_ref(),
             &object,
         ));
+    }
+    Ok(0)
+}
+
+/// `--repeat N`: N rounds of Baton and the peer, alternating which runs first (each round
+/// on keys of its own), reported as the round with the median ratio plus every round's
+/// ratio, in the order they ran.
+async fn rounds(
+    out: &Output,
+    config: &Config,
+    context: &report::Context,
+    baton: &dyn Target,
+    peer: &dyn Target,
+    n: u64,
+) -> Result<u8, CliError> {
+    let mut done = Vec::new();
+    for i in 0..n {
+        let mut round = config.clone();
+        round.prefix = format!("{}/round-{i}", config.prefix);
+        let pair = if i % 2 == 0 {
+            let ours = measure(&round, baton).await?;
+            quiesce(ours.elapsed).await;
+            let theirs = measure(&round, peer).await?;
+            quiesce(theirs.elapsed).await;
+            (ours, theirs)
+        } else {
+            let theirs = measure(&round, peer).await?;
+            quiesce(theirs.elapsed).await;
+            let ours = measure(&round, baton).await?;
+            quiesce(ours.elapsed).await;
+            (ours, theirs)
+        };
+        let ratio = report::ratio(config.scenario, &pair.0, &pair.1).0;
+        crate::output::notice(&format!(
+            "bench {}: round {}/{n}: ratio {}",
+            config.scenario.name(),
+            i + 1,
+            ratio.map_or("-".to_string(), |r| format!("{:.2}", report::round2(r)))
+        ));
+        done.push((ratio, pair));
+    }
+    let ratios: Vec<Option<f64>> = done.iter().map(|(r, _)| *r).collect();
+    // The median round by ratio (rounds without one last), the lower of the two middle
+    // ones for an even count.
+    let mut order: Vec<usize> = (0..done.len()).collect();
+    order.sort_by(|&a, &b| match (ratios[a], ratios[b]) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+    let median = order[(order.len() - 1) / 2];
+    let (_, (ours, theirs)) = done.swap_remove(median);
+    let theirs = (peer.name(), theirs);
+    let mut object = report::object(config, context, &ours, Some(&theirs));
+    object.insert("repeat".into(), n.into());
+    object.insert(
+        "ratios".into(),
+        Value::Array(
+            ratios
+                .iter()
+                .map(|r| r.map(report::round2).into())
+                .collect(),
+        ),
+    );
+    if out.is_json() {
+        let _ = out.json_line(&Value::Object(object));
+    } else {
+        let mut text = report::human(config, context, &ours, Some(&theirs), &object);
+        let listed: Vec<String> = ratios
+            .iter()
+            .map(|r| r.map_or("-".to_string(), |r| format!("{:.2}", report::round2(r))))
+            .collect();
+        text.push_str(&format!(
+            "\nratio per round ({n}, alternating which ran first): {}; shown: the median round\n",
+            listed.join(", ")
+        ));
+        let _ = out.text(&text);
     }
     Ok(0)
 }

@@ -270,6 +270,38 @@ fn redis_scenarios_with_rslock() {
         }
         let (v, _) = bench(&url, &["handover", "--ops", "3"]);
         assert_shape(&v, "handover", backend);
+        // --repeat: rounds alternate, the median round is reported with every ratio.
+        let (v, lines) = bench(
+            &url,
+            &[
+                "uncontended",
+                "--ops",
+                "10",
+                "--peer",
+                "rslock",
+                "--repeat",
+                "3",
+            ],
+        );
+        assert_shape(&v, "uncontended", backend);
+        assert_eq!(v["repeat"], 3, "{v}");
+        let mut ratios: Vec<f64> = v["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap())
+            .collect();
+        assert_eq!(ratios.len(), 3, "{v}");
+        ratios.sort_by(f64::total_cmp);
+        assert_eq!(v["ratio"].as_f64().unwrap(), ratios[1], "{v}");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("round ")).count(),
+            3,
+            "{lines:?}"
+        );
+        let (out, _) = run(baton(&url).args(["bench", "uncontended", "--repeat", "3"]));
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        assert!(stderr_lines(&out)[0].contains("add --peer"), "{out:?}");
         let (out, _) = run(baton(&url).args(["bench", "scale"]));
         assert_eq!(out.status.code(), Some(125), "{out:?}");
         assert!(

@@ -84,7 +84,11 @@ pub(crate) fn round2(x: f64) -> f64 {
 }
 
 /// How the ratio is taken: Baton's rate over the peer's, or the peer's p50 over Baton's.
-fn ratio(scenario: Scenario, ours: &Measured, theirs: &Measured) -> (Option<f64>, &'static str) {
+pub(crate) fn ratio(
+    scenario: Scenario,
+    ours: &Measured,
+    theirs: &Measured,
+) -> (Option<f64>, &'static str) {
     match scenario {
         Scenario::Handover => {
             // Timed from the resign() call: from its return, Baton's p50 is often 0.
