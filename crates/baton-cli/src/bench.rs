@@ -46,6 +46,7 @@ Scenarios:
 
 Examples:
   baton bench contended --workers 8 --peer etcd-lock-api
+  baton bench uncontended --peer etcd-lock-api --repeat 5   # median of 5 alternating rounds
   baton bench handover --ops 200 --peer etcd-lock-api --json
   baton bench lost --ttl 60s --peer etcd-lock-api
   baton bench scale --ops 10000 --workers 1000
