@@ -408,6 +408,26 @@ fn assert_secret_free(err: &Error, secrets: &[&str]) {
     }
 }
 
+/// Hold `contended`, start a waiter, wait for `ready()`, release: the waiter gets the lock
+/// within 5 s.
+async fn contend<F, Fut>(redis: &RedisClient, ready: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let first = redis.lock("contended").unwrap().lock().await.unwrap();
+    let waiter = redis.lock("contended").unwrap();
+    let waiting = tokio::spawn(async move { waiter.lock().await });
+    ready().await;
+    first.unlock().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    second.unlock().await.unwrap();
+}
+
 async fn lock_once(redis: &RedisClient, name: &str) -> baton::Result<()> {
     let guard = redis.lock(name)?.try_lock().await?;
     guard.unlock().await
@@ -479,17 +499,10 @@ async fn redis_acl_user_scoped_to_a_prefix() {
         .unwrap();
     lock_once(&scoped, "jobs").await.unwrap();
     // Contended, so that the waiter subscribes to the wake-up channel too.
-    let first = scoped.lock("contended").unwrap().lock().await.unwrap();
-    let waiter = scoped.lock("contended").unwrap();
-    let waiting = tokio::spawn(async move { waiter.lock().await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    first.unlock().await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    second.unlock().await.unwrap();
+    contend(&scoped, || async {
+        tokio::time::sleep(Duration::from_millis(200)).await
+    })
+    .await;
 
     // With the queue's keys allowed, the waiter queues (FIFO) and is handed the lock.
     let full = baton::redis::RedisClient::builder(&format!(
@@ -499,27 +512,15 @@ async fn redis_acl_user_scoped_to_a_prefix() {
     .connect()
     .await
     .unwrap();
-    let first = full.lock("contended").unwrap().lock().await.unwrap();
-    let waiter = full.lock("contended").unwrap();
-    let waiting = tokio::spawn(async move { waiter.lock().await });
-    let queue = || {
-        server.command(
-            &["LLEN", "baton:queue:full:contended"],
-            Duration::from_secs(2),
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while queue().as_deref() != Some(":1") {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    first.unlock().await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    second.unlock().await.unwrap();
+    contend(&full, || async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let queue = ["LLEN", "baton:queue:full:contended"];
+        while server.command(&queue, Duration::from_secs(2)).as_deref() != Some(":1") {
+            assert!(Instant::now() < deadline, "the waiter never queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 
     // The same namespace through the Coordinator, with the user given apart.
     let coord = Coordinator::builder(&server.url())
