@@ -361,7 +361,7 @@ fn refuse_fifo(client: &ClientInner, reason: &str) {
 /// after the waiter's last refresh ran, so the waiter counts its local deadline from the
 /// send time of that refresh plus `since_ms`: never later than the moment Redis set the
 /// key's TTL for it. The key is handed over for the shorter of the TTL and the waiter
-/// window, so the watchdog starts at once.
+/// window, and the watchdog extends it to the TTL after a third of that.
 ///
 /// With `limit` (a deadline, and the timeout it came from), gives up with
 /// [`Error::Timeout`] at the deadline, having left the queue.

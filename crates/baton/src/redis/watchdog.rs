@@ -144,7 +144,6 @@ impl Hold {
         ttl: Duration,
     ) -> Hold {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let short = ttl < client.opts.ttl;
         let state = Arc::new(HoldState {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             keys,
@@ -155,7 +154,7 @@ impl Hold {
             stop: CancellationToken::new(),
             poke: Notify::new(),
             started_at: start,
-            first_extend: if short { ttl / 3 } else { client.opts.ttl / 3 },
+            first_extend: ttl / 3,
             state: StdMutex::new(State { reason: None }),
         });
         client
