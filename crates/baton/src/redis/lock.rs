@@ -76,6 +76,18 @@ struct Cleanup<'a> {
     armed: bool,
 }
 
+impl<'a> Cleanup<'a> {
+    /// A cleanup for `token`'s attempts at `keys`, armed only around them.
+    fn disarmed(client: &'a Arc<ClientInner>, keys: &'a Keys, token: &'a str) -> Self {
+        Cleanup {
+            client,
+            keys,
+            token,
+            armed: false,
+        }
+    }
+}
+
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if !self.armed {
@@ -258,12 +270,7 @@ pub(crate) async fn acquire(
         keys = &plain;
     }
     let token = new_token();
-    let mut cleanup = Cleanup {
-        client,
-        keys,
-        token: &token,
-        armed: false,
-    };
+    let mut cleanup = Cleanup::disarmed(client, keys, &token);
     let mut sub = None;
     // True when the attempt follows a release's wake-up, or the lock was contended here a
     // moment ago (see `try_acquire`).
@@ -373,12 +380,7 @@ async fn acquire_fifo(
     limit: Option<(Instant, Duration)>,
 ) -> Result<Hold> {
     let token = new_token();
-    let mut cleanup = Cleanup {
-        client,
-        keys,
-        token: &token,
-        armed: false,
-    };
+    let mut cleanup = Cleanup::disarmed(client, keys, &token);
     let node = &client.nodes[0];
     let ttl_ms = client.opts.ttl_ms;
     let window = u64::try_from(client.opts.waiter_window().as_millis()).unwrap_or(u64::MAX);
