@@ -606,6 +606,22 @@ async fn watch_replays_streams_and_cancels() {
     let batch = next(&mut replay).await;
     assert_eq!(batch.events[0].kv.mod_revision, r5);
 
+    // Deletes only (NOPUT): the replay skips the puts, and so does the live stream.
+    let mut deletes = store
+        .watch(Watch::prefix("w/").from_revision(r1).deletes_only())
+        .await
+        .unwrap();
+    let batch = next(&mut deletes).await;
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].kind, EventKind::Delete);
+    assert_eq!(batch.events[0].kv.mod_revision, r4);
+    store.put(b"w/c", b"", 0).await.unwrap();
+    let (_, r7) = store.delete(KeyRange::key("w/c")).await.unwrap();
+    let batch = next(&mut deletes).await;
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].kind, EventKind::Delete);
+    assert_eq!(batch.events[0].kv.mod_revision, r7);
+
     // A revoke deletes every leased key in one revision: one batch.
     let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
     let mut leased = store.watch(Watch::prefix("l/")).await.unwrap();
@@ -624,7 +640,8 @@ async fn watch_replays_streams_and_cancels() {
 
     // Dropping the streams cancels the watches on the server.
     let watchers = || etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
-    assert_eq!(watchers(), 3.0);
+    assert_eq!(watchers(), 4.0);
+    drop(deletes);
     drop(replay);
     drop(live);
     drop(leased);

@@ -8,14 +8,19 @@
 //! The hub keeps one watch per prefix open instead (for clients that wait on short queues or
 //! lock the same name repeatedly; a client with no shared watch on a prefix watches single
 //! keys from the current revision instead, see [`keys_gone`], so that many waiting clients
-//! do not each receive every event of a long queue). It is created once (paying the sweep at
+//! do not each receive every delete of a long queue). It is created once (paying the sweep at
 //! most once), then stays synced, and every waiter on that prefix registers with it:
 //! registering is an in-process operation, so a release reaches its successor as fast as
 //! etcd can send one event. Each waiter still waits only for its own predecessor's delete,
 //! so a release wakes exactly one waiter.
 //!
-//! Correctness rests on one invariant: the hub has seen every event under the prefix from
-//! `buffer_from` up to `progress`, and keeps those events in a bounded buffer. A waiter that
+//! The watch asks for deletes only (etcd's `NOPUT` filter): every waiter, and every holder
+//! watching its own key, waits for a delete, and a key is replaced only after a delete.
+//! Without the filter, each lock+unlock would cost etcd two events per client watching the
+//! queue, and each of those clients two messages to decode.
+//!
+//! Correctness rests on one invariant: the hub has seen every delete under the prefix from
+//! `buffer_from` up to `progress`, and keeps those deletes in a bounded buffer. A waiter that
 //! read at revision `R` may register only if `buffer_from <= R + 1`; it first looks for its
 //! predecessor's delete in the buffer (events in `(R, progress]`), then waits for later
 //! events. Otherwise, or when the hub's watch breaks, the waiter falls back to reading again.
@@ -120,7 +125,10 @@ struct PrefixWatch {
 
 struct State {
     alive: bool,
-    /// Every event under the prefix with revision in `[buffer_from, progress]` is in `recent`.
+    /// Every delete under the prefix with revision in `[buffer_from, progress]` is in
+    /// `recent`. `progress` is the revision of the newest delete seen (or the watch's start):
+    /// with puts filtered out, it may lag behind a revision the watch has passed, which only
+    /// sends a caller of [`Hub::deleted_since`] to read instead.
     buffer_from: Revision,
     progress: Revision,
     recent: VecDeque<(Revision, Vec<u8>, EventKind)>,
@@ -239,7 +247,7 @@ impl Hub {
 
     /// The first delete of `key` after revision `after` that this client's shared watch on
     /// `prefix` has seen so far: `Some(Some(rev))` if there is one, `Some(None)` if there is
-    /// none yet, `None` if no live shared watch covers every event since `after` (read
+    /// none yet, `None` if no live shared watch covers every delete since `after` (read
     /// instead). Registers nothing.
     pub(crate) fn deleted_since(
         &self,
@@ -285,7 +293,11 @@ impl Hub {
         after: Revision,
     ) -> Result<Arc<PrefixWatch>> {
         let stream = store
-            .watch(Watch::prefix(prefix.to_vec()).from_revision(after + 1))
+            .watch(
+                Watch::prefix(prefix.to_vec())
+                    .from_revision(after + 1)
+                    .deletes_only(),
+            )
             .await?;
         Counters::add(&self.counters.watches_opened);
         let pw = Arc::new(PrefixWatch {

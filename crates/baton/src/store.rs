@@ -473,6 +473,9 @@ pub struct Watch {
     pub start_revision: Revision,
     /// Include each event's previous key-value.
     pub prev_kv: bool,
+    /// Deliver delete events only (etcd's `NOPUT` filter): the server drops every put
+    /// before sending it, so a watcher that only waits for deletes does not pay for them.
+    pub deletes_only: bool,
 }
 
 impl Watch {
@@ -482,6 +485,7 @@ impl Watch {
             keys: KeyRange::key(key),
             start_revision: 0,
             prev_kv: false,
+            deletes_only: false,
         }
     }
 
@@ -491,6 +495,7 @@ impl Watch {
             keys: KeyRange::prefix(prefix),
             start_revision: 0,
             prev_kv: false,
+            deletes_only: false,
         }
     }
 
@@ -503,6 +508,12 @@ impl Watch {
     /// Ask for previous key-values on events.
     pub fn with_prev_kv(mut self) -> Self {
         self.prev_kv = true;
+        self
+    }
+
+    /// Deliver delete events only (etcd's `NOPUT` filter).
+    pub fn deletes_only(mut self) -> Self {
+        self.deletes_only = true;
         self
     }
 }

@@ -214,6 +214,7 @@ async fn watch_until(store: &Arc<dyn Store>, wait: &Wait) -> Result<Option<Event
                 keys: keys.clone(),
                 start_revision: wait.from,
                 prev_kv: false,
+                deletes_only: false,
             })
             .await?;
         // One stream ending must not go unnoticed while the others live on.

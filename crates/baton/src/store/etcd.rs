@@ -1038,6 +1038,9 @@ impl Store for EtcdStore {
         if watch.prev_kv {
             options = options.with_prev_key();
         }
+        if watch.deletes_only {
+            options = options.with_filters([ec::WatchFilterType::NoPut]);
+        }
         let key = watch.keys.bytes().to_vec();
         let mut reauthenticated = false;
         let (stream, created) = loop {

@@ -216,7 +216,15 @@ struct Watcher {
     /// Deliver only events at or after this revision.
     min_revision: Revision,
     prev_kv: bool,
+    deletes_only: bool,
     tx: mpsc::UnboundedSender<WatchResponse>,
+}
+
+impl Watcher {
+    /// False for a put this watcher filters out.
+    fn wants(&self, e: &HistEvent) -> bool {
+        !self.deletes_only || e.kind == EventKind::Delete
+    }
 }
 
 struct State {
@@ -450,7 +458,7 @@ impl State {
             }
             let batch: Vec<Event> = events
                 .iter()
-                .filter(|e| w.keys.contains(&e.kv.key))
+                .filter(|e| w.keys.contains(&e.kv.key) && w.wants(e))
                 .map(|e| e.to_event(w.prev_kv))
                 .collect();
             if batch.is_empty() {
@@ -870,7 +878,9 @@ impl Store for MemStore {
             .partition_point(|e| e.revision() < min_revision);
         let mut batch: Option<WatchResponse> = None;
         for e in state.history.range(start..) {
-            if !watch.keys.contains(&e.kv.key) {
+            if !watch.keys.contains(&e.kv.key)
+                || (watch.deletes_only && e.kind != EventKind::Delete)
+            {
                 continue;
             }
             let event = e.to_event(watch.prev_kv);
@@ -898,6 +908,7 @@ impl Store for MemStore {
             keys: watch.keys,
             min_revision,
             prev_kv: watch.prev_kv,
+            deletes_only: watch.deletes_only,
             tx,
         });
         drop(state);
@@ -1561,6 +1572,29 @@ mod tests {
         }
         assert_eq!(revs, [2, 3, 4, 5, 6, 7]);
         assert_idle(&mut all);
+    }
+
+    #[tokio::test]
+    async fn a_deletes_only_watch_skips_puts_in_replay_and_live() {
+        let s = MemStore::new();
+        s.put(b"d/a", b"1", 0).await.unwrap(); // 2
+        s.delete(KeyRange::key("d/a")).await.unwrap(); // 3
+        s.put(b"d/b", b"1", 0).await.unwrap(); // 4
+        let mut w = s
+            .watch(Watch::prefix("d/").from_revision(1).deletes_only())
+            .await
+            .unwrap();
+        let r = next(&mut w).await;
+        assert_eq!(revisions(&r), [3]);
+        assert_eq!(r.events[0].kind, EventKind::Delete);
+        assert_idle(&mut w);
+        s.put(b"d/b", b"2", 0).await.unwrap(); // 5
+        assert_idle(&mut w);
+        s.delete(KeyRange::key("d/b")).await.unwrap(); // 6
+        let r = next(&mut w).await;
+        assert_eq!(revisions(&r), [6]);
+        assert_eq!(r.events[0].kind, EventKind::Delete);
+        assert_idle(&mut w);
     }
 
     #[tokio::test]
