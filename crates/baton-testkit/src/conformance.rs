@@ -244,6 +244,60 @@ pub async fn fifo_order(b: &Backend) {
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
 }
 
+/// A queue longer than the join transaction reads back (64 keys): the waiters beyond it
+/// learn from that read only that they are not at the head. Each is still granted in queue
+/// order, one at a time, with increasing fencing tokens, and the queue drains.
+pub async fn long_queue_order(b: &Backend) {
+    const WAITERS: usize = 70;
+    let lock = name("long-queue");
+    let admin = b.client().await;
+    let holder = b.session(TTL).await;
+    let g = Mutex::new(&holder, &lock).unwrap().lock().await.unwrap();
+    let order = Arc::new(StdMutex::new(Vec::new()));
+    let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..WAITERS {
+        let s = b.session(TTL).await;
+        let (lock2, order, inside) = (lock.clone(), order.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = Mutex::new(&s, &lock2).unwrap().lock().await.unwrap();
+            assert_eq!(
+                inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                0,
+                "two holders at once"
+            );
+            order.lock().unwrap().push((i, g.fencing_token()));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            g.unlock().await.unwrap();
+            s.close().await.unwrap();
+        }));
+        let want = i + 2;
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                keys_under(&admin, &format!("{lock}/")).await.len() == want
+            })
+            .await,
+            "waiter {i} never queued"
+        );
+    }
+    g.unlock().await.unwrap();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("a waiter was never granted")
+            .unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let granted: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
+    assert_eq!(granted, (0..WAITERS).collect::<Vec<_>>());
+    assert!(
+        order.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens not increasing: {order:?}"
+    );
+    assert!(keys_under(&admin, &format!("{lock}/")).await.is_empty());
+}
+
 /// `try_lock` on a held lock fails with `Locked` and leaves no key behind.
 pub async fn try_lock_while_held(b: &Backend) {
     let lock = name("try");

@@ -87,6 +87,7 @@ redis_backends!(
 all_backends!(
     mutual_exclusion_counter,
     fifo_order,
+    long_queue_order,
     try_lock_while_held,
     cancel_while_waiting,
     holder_session_expires,

@@ -65,8 +65,14 @@ impl Entry {
         key: &str,
         value: &[u8],
     ) -> Result<Entry> {
+        // A queue of empty-valued keys that ours belongs to (a mutex): the join's read of the
+        // last few keys also tells the head whenever the queue is short, so the read of the
+        // head is left out (one range fewer per lock, in etcd's serial apply path).
+        if value.is_empty() && queue.contains(key.as_bytes()) {
+            return Self::join_inner(session, name, queue, key, value, None).await;
+        }
         let first = Range::prefix(queue.prefix.clone()).first_created();
-        Self::join_reading(session, name, queue, key, value, first).await
+        Self::join_inner(session, name, queue, key, value, Some(first)).await
     }
 
     /// [`join`](Entry::join), reading `read` in the join transaction instead of only the
@@ -80,6 +86,19 @@ impl Entry {
         key: &str,
         value: &[u8],
         read: Range,
+    ) -> Result<Entry> {
+        Self::join_inner(session, name, queue, key, value, Some(read)).await
+    }
+
+    /// [`join_reading`](Entry::join_reading); with no `read`, the head is found from the
+    /// last keys created (see [`join`](Entry::join)).
+    async fn join_inner(
+        session: &Session,
+        name: &str,
+        queue: Queue,
+        key: &str,
+        value: &[u8],
+        read: Option<Range>,
     ) -> Result<Entry> {
         session.check_alive()?;
         let claim = session.claim(key.as_bytes(), name).await?;
@@ -107,14 +126,19 @@ impl Entry {
         let last_few = Range::prefix(entry.queue.prefix.clone())
             .last_created()
             .with_limit(depth);
+        let first = || Range::prefix(entry.queue.prefix.clone()).first_created();
+        let mut then = vec![TxnOp::put(k.clone(), value, session.lease_id())];
+        if let Some(read) = &read {
+            then.push(TxnOp::get(read.clone()));
+        }
+        then.push(TxnOp::get(last_few));
         let txn = Txn::new()
             .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-            .and_then([
-                TxnOp::put(k.clone(), value, session.lease_id()),
-                TxnOp::get(read.clone()),
-                TxnOp::get(last_few),
-            ])
-            .or_else([TxnOp::get(Range::key(k)), TxnOp::get(read)]);
+            .and_then(then)
+            .or_else([
+                TxnOp::get(Range::key(k)),
+                TxnOp::get(read.clone().unwrap_or_else(first)),
+            ]);
         let resp = match entry.send(txn).await {
             Err(Error::LeaseNotFound(_)) => {
                 return Err(if session.is_lost() {
@@ -130,33 +154,49 @@ impl Entry {
         if !resp.succeeded {
             entry.existing_value = first_kv(&resp, 0).map(|kv| kv.value);
         }
-        entry.joined = resp
-            .responses
-            .get(1)
+        // Where the read of the last few keys is, if made (we created our key).
+        let last_few_at = resp.succeeded.then_some(if read.is_some() { 2 } else { 1 });
+        let last_few = last_few_at
+            .and_then(|i| resp.responses.get(i))
             .and_then(TxnOpResponse::as_get)
-            .map(|g| g.kvs.clone())
+            .map(|g| g.kvs.as_slice())
             .unwrap_or_default();
-        let mut head = first_kv(&resp, 1);
-        if head
-            .as_ref()
-            .is_some_and(|kv| !entry.queue.contains(&kv.key))
-        {
-            head = scan_member(&entry.store, &entry.queue, SortOrder::Ascending, 0)
-                .await?
-                .1;
-        }
+        let seen = if resp.succeeded && read.is_none() {
+            head_of_last_few(&entry.queue, last_few, depth)
+        } else {
+            if read.is_some() {
+                entry.joined = resp
+                    .responses
+                    .get(1)
+                    .and_then(TxnOpResponse::as_get)
+                    .map(|g| g.kvs.clone())
+                    .unwrap_or_default();
+            }
+            match first_kv(&resp, 1) {
+                Some(kv) if !entry.queue.contains(&kv.key) => HeadSeen::Unknown,
+                head => HeadSeen::Exact(head),
+            }
+        };
+        // `head` decides whether we are at the head; `head_key` is only ever the true head.
+        let (head, head_key) = match seen {
+            HeadSeen::Exact(head) => {
+                let key = head.as_ref().map(|kv| kv.key.clone());
+                (head, key)
+            }
+            HeadSeen::NotUs(older) => (Some(older), None),
+            HeadSeen::Unknown => {
+                let head = scan_member(&entry.store, &entry.queue, SortOrder::Ascending, 0)
+                    .await?
+                    .1;
+                let key = head.as_ref().map(|kv| kv.key.clone());
+                (head, key)
+            }
+        };
         // Nobody was created before us: for a mutex the head is us; for a reader it may be
         // a later writer.
-        let head_key = head.as_ref().map(|kv| kv.key.clone());
         if head.is_none_or(|kv| kv.create_revision >= my_rev) {
             entry.head_at = Some(resp.header_revision + 1);
         } else if resp.succeeded {
-            let last_few = resp
-                .responses
-                .get(2)
-                .and_then(TxnOpResponse::as_get)
-                .map(|g| g.kvs.as_slice())
-                .unwrap_or_default();
             if let [mine, pred, ..] = last_few {
                 if mine.key == entry.key && entry.queue.contains(&pred.key) {
                     // Fewer keys than asked for: the read saw every key created before ours.
@@ -320,6 +360,31 @@ impl Drop for Entry {
             }
             (None, None) => drop(claim),
         }
+    }
+}
+
+/// What `last_few` (the last keys created under `queue`'s prefix, newest first, read with
+/// limit `depth`, ours among them) tells of the queue's head.
+enum HeadSeen {
+    /// The read saw every key: this is the head (`None`: the queue is empty).
+    Exact(Option<KeyValue>),
+    /// The read saw only the newest keys, a member older than ours among them: we are not
+    /// at the head, and which key is, is not known.
+    NotUs(KeyValue),
+    /// Read the head instead (the queue is longer than the read with no other member in
+    /// it, or a key of a nested name is among the keys).
+    Unknown,
+}
+
+fn head_of_last_few(queue: &Queue, last_few: &[KeyValue], depth: i64) -> HeadSeen {
+    let complete = i64::try_from(last_few.len()).is_ok_and(|n| n < depth);
+    if last_few.iter().any(|kv| !queue.contains(&kv.key)) {
+        return HeadSeen::Unknown;
+    }
+    match last_few {
+        _ if complete => HeadSeen::Exact(last_few.last().cloned()),
+        [_, older, ..] => HeadSeen::NotUs(older.clone()),
+        _ => HeadSeen::Unknown,
     }
 }
 
