@@ -8,8 +8,10 @@
 //! The hub keeps one watch per prefix open instead (for clients that wait on short queues or
 //! lock the same name repeatedly; a client with no shared watch on a prefix watches single
 //! keys from the current revision instead, see [`keys_gone`], so that many waiting clients
-//! do not each receive every delete of a long queue). It is created once (paying the sweep at
-//! most once), then stays synced, and every waiter on that prefix registers with it:
+//! do not each receive every delete of a long queue). It is opened from etcd's next write,
+//! so it is synced from the start (a waiter whose read is older than the watch reads once
+//! more: one round trip, where a watch from the read's revision would wait for the sweep).
+//! It then stays synced, and every waiter on that prefix registers with it:
 //! registering is an in-process operation, so a release reaches its successor as fast as
 //! etcd can send one event. Each waiter still waits only for its own predecessor's delete,
 //! so a release wakes exactly one waiter.
@@ -117,6 +119,9 @@ pub(crate) enum Woken {
     Deleted(Revision),
     /// The hub's watch broke or was compacted: read again.
     Interrupted,
+    /// The hub's watch (opened just now, from etcd's next write) started after the caller's
+    /// read: read again at once, then wait.
+    Reread,
 }
 
 struct PrefixWatch {
@@ -125,6 +130,8 @@ struct PrefixWatch {
 
 struct State {
     alive: bool,
+    /// The revision the watch started after.
+    opened_after: Revision,
     /// Every delete under the prefix with revision in `[buffer_from, progress]` is in
     /// `recent`. `progress` is the revision of the newest delete seen (or the watch's start):
     /// with puts filtered out, it may lag behind a revision the watch has passed, which only
@@ -177,6 +184,9 @@ impl Waiter {
 enum Registered {
     Now((usize, Woken)),
     Later(oneshot::Receiver<(usize, Woken)>),
+    /// The watch started after the caller's read.
+    Reread,
+    /// The watch is dead, or has dropped events the caller needs.
     NotCovered,
 }
 
@@ -188,7 +198,15 @@ impl PrefixWatch {
     /// Register for the first delete of any of `keys` after revision `after`.
     fn register(&self, keys: &[&[u8]], after: Revision) -> Registered {
         let mut st = self.state();
-        if !st.alive || st.buffer_from > after + 1 {
+        if !st.alive {
+            return Registered::NotCovered;
+        }
+        if st.buffer_from > after + 1 {
+            // Started after the caller's read, and has dropped nothing since: a newer read
+            // will be covered.
+            if st.buffer_from == st.opened_after + 1 {
+                return Registered::Reread;
+            }
             return Registered::NotCovered;
         }
         let deleted = st.since(after).find_map(|(rev, k, kind)| {
@@ -217,7 +235,13 @@ impl Hub {
     /// in revision order, so the answer is the earliest of them.
     ///
     /// Answers [`Woken::Interrupted`] when the caller should read again (the shared watch
-    /// broke or was compacted).
+    /// broke or was compacted), and [`Woken::Reread`] when it should read again at once:
+    /// the shared watch, opened now, starts after its read.
+    ///
+    /// A watch is opened from etcd's next write, never from the caller's (older) read: etcd
+    /// serves a watch that starts behind its current revision only at its next sweep of
+    /// such watches, up to 100 ms later, while the read that closes the gap takes one
+    /// round trip.
     pub(crate) async fn wait_delete(
         self: &Arc<Self>,
         store: &Arc<dyn Store>,
@@ -228,19 +252,24 @@ impl Hub {
         let existing = self.get(prefix);
         let mut pw = match existing {
             Some(pw) => pw,
-            None => self.open(store, prefix, after).await?,
+            None => self.open(store, prefix, None).await?,
         };
         let mut registered = pw.register(keys, after);
         if let Registered::NotCovered = registered {
-            // The shared watch started after our read (or died): replace it with one that
-            // starts right after our read, which covers us and later waiters alike.
+            // The shared watch died, or dropped events since our read from its buffer (a
+            // read older than its last BUFFER deletes): replace it, from now if it died,
+            // else from right after our read (which covers us, at the price of the sweep).
             self.forget(prefix, &pw);
-            pw = self.open(store, prefix, after).await?;
+            let alive = pw.state().alive;
+            pw = self
+                .open(store, prefix, if alive { Some(after) } else { None })
+                .await?;
             registered = pw.register(keys, after);
         }
         match registered {
             Registered::Now(w) => Ok(w),
             Registered::Later(rx) => Ok(rx.await.unwrap_or((0, Woken::Interrupted))),
+            Registered::Reread => Ok((0, Woken::Reread)),
             Registered::NotCovered => Ok((0, Woken::Interrupted)),
         }
     }
@@ -285,24 +314,24 @@ impl Hub {
         }
     }
 
-    /// Open a shared watch on `prefix` from `after + 1` and start its task.
+    /// Open a shared watch on `prefix`, from `after + 1` or (`None`) from the next write,
+    /// and start its task.
     async fn open(
         self: &Arc<Self>,
         store: &Arc<dyn Store>,
         prefix: &[u8],
-        after: Revision,
+        after: Option<Revision>,
     ) -> Result<Arc<PrefixWatch>> {
-        let stream = store
-            .watch(
-                Watch::prefix(prefix.to_vec())
-                    .from_revision(after + 1)
-                    .deletes_only(),
-            )
-            .await?;
+        let watch = Watch::prefix(prefix.to_vec()).deletes_only();
+        let (after, stream) = match after {
+            Some(after) => (after, store.watch(watch.from_revision(after + 1)).await?),
+            None => store.watch_from_now(watch).await?,
+        };
         Counters::add(&self.counters.watches_opened);
         let pw = Arc::new(PrefixWatch {
             state: StdMutex::new(State {
                 alive: true,
+                opened_after: after,
                 buffer_from: after + 1,
                 progress: after,
                 recent: VecDeque::new(),
@@ -498,6 +527,41 @@ pub(crate) async fn keys_gone(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shared watch is opened from the store's next write: a waiter that read before the
+    /// latest write is told to read again (no sweep to wait for, no gap), and once it has
+    /// read at the current revision it is woken by the next delete, and only by a delete.
+    #[tokio::test]
+    async fn a_new_watch_starts_now_and_older_reads_read_again() {
+        use crate::store::mem::MemStore;
+        use crate::store::KeyRange;
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let hub = Arc::new(Hub::default());
+        let read_at = store.put(b"q/a", b"", 0).await.unwrap();
+        let now = store.put(b"q/b", b"", 0).await.unwrap();
+        let answer = hub.wait_delete(&store, b"q/", &[b"q/a"], read_at).await;
+        assert_eq!(answer.unwrap(), (0, Woken::Reread));
+        assert!(hub.is_live(b"q/"));
+        assert_eq!(hub.deleted_since(b"q/", b"q/a", read_at, read_at), None);
+        assert_eq!(hub.deleted_since(b"q/", b"q/a", now, now), Some(None));
+
+        let waiting = {
+            let (hub, store) = (hub.clone(), store.clone());
+            tokio::spawn(
+                async move { hub.wait_delete(&store, b"q/", &[b"q/b", b"q/a"], now).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        store.put(b"q/a", b"again", 0).await.unwrap();
+        let (_, deleted) = store.delete(KeyRange::key("q/a")).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("not woken by the delete")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, (1, Woken::Deleted(deleted)));
+        assert_eq!(hub.counters.snapshot().watches_opened, 1);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn held_again_only_within_idle_and_prunes() {

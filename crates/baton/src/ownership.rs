@@ -134,12 +134,20 @@ async fn watch_key(
             .await
         {
             Ok((_, Woken::Deleted(_))) => return "key deleted",
-            Ok((_, Woken::Interrupted)) => {}
-            Err(e) => tracing::debug!(error = %e, "ownership watch failed; retrying"),
+            // The shared watch was opened after `after`: read the key now.
+            Ok((_, Woken::Reread)) => {}
+            Ok((_, Woken::Interrupted)) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "ownership watch failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
         }
-        // The watch broke or its start was compacted: read the key to learn where we stand.
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RETRY_MAX);
+        // The watch broke, its start was compacted, or it started after `after`: read the
+        // key to learn where we stand.
         match store.range(Range::key(key.clone())).await {
             Ok(resp) => match resp.kvs.first() {
                 Some(kv) if kv.create_revision == create_rev => after = resp.header_revision,
@@ -151,7 +159,11 @@ async fn watch_key(
             Err(e) if e.is_access_denied() => {
                 return "the key can no longer be read (access denied)"
             }
-            Err(e) => tracing::debug!(error = %e, "ownership check failed; retrying"),
+            Err(e) => {
+                tracing::debug!(error = %e, "ownership check failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
         }
     }
 }

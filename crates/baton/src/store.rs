@@ -595,6 +595,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Watch keys. The stream is registered before this returns.
     async fn watch(&self, watch: Watch) -> Result<WatchStream>;
 
+    /// [`watch`](Store::watch) from the next write (`watch.start_revision` is ignored), and
+    /// the revision it starts after: it delivers every event above that revision.
+    ///
+    /// etcd serves a watch that starts at a revision already passed from its "unsynced"
+    /// group, swept every 100 ms; one that starts at the next write is synced at once. A
+    /// caller that read at an older revision closes the gap with one more read.
+    ///
+    /// The default reads the current revision, then watches from the next one: correct, but
+    /// on etcd a write in between would send the watch to the sweep.
+    async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
+        let read = Range::key(watch.keys.bytes().to_vec()).with_limit(1);
+        let revision = self.range(read).await?.header_revision;
+        let stream = self.watch(watch.from_revision(revision + 1)).await?;
+        Ok((revision, stream))
+    }
+
     /// Discard the history before `revision`. Watches from earlier revisions then fail with
     /// [`Error::Compacted`](crate::Error::Compacted).
     async fn compact(&self, revision: Revision) -> Result<()>;

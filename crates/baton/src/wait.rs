@@ -247,6 +247,8 @@ pub(crate) async fn wait_turn(
         };
         match woken {
             Ok(Woken::Deleted(_)) => backoff = RETRY_MIN,
+            // The shared watch was opened after our read: read again now.
+            Ok(Woken::Reread) => {}
             Ok(Woken::Interrupted) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);

@@ -1028,6 +1028,52 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        Ok(self.watch_created(watch).await?.1)
+    }
+
+    async fn watch_from_now(&self, mut watch: Watch) -> Result<(Revision, WatchStream)> {
+        watch.start_revision = 0;
+        self.watch_created(watch).await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        if revision <= 0 {
+            return Err(Error::invalid("compact revision must be positive"));
+        }
+        let started = Instant::now();
+        let resp = self
+            .call("compact", Retry::Unsent, |client| {
+                let mut kv = client.kv_client();
+                async move { kv.compact(revision, None).await }
+            })
+            .await?;
+        match resp {
+            Ok(_) => {
+                tracing::debug!(revision, "compacted");
+                Ok(())
+            }
+            Err(e) if status_message(&e).is_some_and(|m| m.contains("has been compacted")) => {
+                let left = self
+                    .inner
+                    .options
+                    .request_timeout
+                    .saturating_sub(started.elapsed())
+                    .min(Duration::from_secs(2));
+                let compact_revision = self.compact_revision(left).await.unwrap_or(revision);
+                Err(Error::Compacted {
+                    requested: revision,
+                    compact_revision,
+                })
+            }
+            Err(e) => Err(map_err("compact", e, 0)),
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Create a watch; returns etcd's revision when it registered the watch (a watch from the
+    /// next write delivers every event above it) with the stream.
+    async fn watch_created(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
         let mut options = ec::WatchOptions::new();
         if let KeyRange::Prefix(_) = watch.keys {
             options = options.with_prefix();
@@ -1083,12 +1129,17 @@ impl Store for EtcdStore {
             ));
         }
         let requested = watch.start_revision;
+        // etcd registers a watch from the next write at its revision then plus one.
+        let at = revision(created.header());
         if created.canceled() {
             let error = naming(cancel_error(&created, requested), &key);
             if !matches!(error, Error::Compacted { .. }) {
                 return Err(error);
             }
-            return Ok(Box::pin(futures::stream::once(async move { Err(error) })));
+            return Ok((
+                at,
+                Box::pin(futures::stream::once(async move { Err(error) })),
+            ));
         }
         tracing::debug!(
             watch_id = created.watch_id(),
@@ -1100,40 +1151,7 @@ impl Store for EtcdStore {
             stream: Some(stream),
             requested,
         };
-        Ok(Box::pin(futures::stream::unfold(state, next_batch)))
-    }
-
-    async fn compact(&self, revision: Revision) -> Result<()> {
-        if revision <= 0 {
-            return Err(Error::invalid("compact revision must be positive"));
-        }
-        let started = Instant::now();
-        let resp = self
-            .call("compact", Retry::Unsent, |client| {
-                let mut kv = client.kv_client();
-                async move { kv.compact(revision, None).await }
-            })
-            .await?;
-        match resp {
-            Ok(_) => {
-                tracing::debug!(revision, "compacted");
-                Ok(())
-            }
-            Err(e) if status_message(&e).is_some_and(|m| m.contains("has been compacted")) => {
-                let left = self
-                    .inner
-                    .options
-                    .request_timeout
-                    .saturating_sub(started.elapsed())
-                    .min(Duration::from_secs(2));
-                let compact_revision = self.compact_revision(left).await.unwrap_or(revision);
-                Err(Error::Compacted {
-                    requested: revision,
-                    compact_revision,
-                })
-            }
-            Err(e) => Err(map_err("compact", e, 0)),
-        }
+        Ok((at, Box::pin(futures::stream::unfold(state, next_batch))))
     }
 }
 

@@ -853,17 +853,37 @@ impl Store for MemStore {
     }
 
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        Ok(self.watch_at(watch, false).1)
+    }
+
+    async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
+        Ok(self.watch_at(watch, true))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.compact_to(revision)
+    }
+}
+
+impl MemStore {
+    /// Register a watch (from the next write if `from_now`); returns the store's revision
+    /// at registration with the stream.
+    fn watch_at(&self, mut watch: Watch, from_now: bool) -> (Revision, WatchStream) {
         let mut state = self.lock_current();
+        if from_now {
+            watch.start_revision = 0;
+        }
+        let at = state.revision;
         let requested = watch.start_revision;
         if requested > 0 && requested < state.compact_revision {
             let compact_revision = state.compact_revision;
-            return Ok(futures::stream::once(async move {
+            let failed = futures::stream::once(async move {
                 Err(Error::Compacted {
                     requested,
                     compact_revision,
                 })
-            })
-            .boxed());
+            });
+            return (at, failed.boxed());
         }
         let min_revision = if requested > 0 {
             requested
@@ -912,15 +932,16 @@ impl Store for MemStore {
             tx,
         });
         drop(state);
-        Ok(MemWatchStream {
+        let stream = MemWatchStream {
             rx,
             id,
             inner: Arc::downgrade(&self.inner),
-        }
-        .boxed())
+        };
+        (at, stream.boxed())
     }
 
-    async fn compact(&self, revision: Revision) -> Result<()> {
+    /// Discard the history before `revision` (see [`Store::compact`]).
+    fn compact_to(&self, revision: Revision) -> Result<()> {
         let mut state = self.lock_current();
         if revision > state.revision {
             return Err(Error::invalid(format!(

@@ -152,6 +152,22 @@ fn event_out(prefix: &[u8], event: Event) -> Event {
     }
 }
 
+impl NamespaceStore {
+    /// `stream`'s events with our prefix stripped from their keys.
+    fn stream_out(&self, stream: WatchStream) -> WatchStream {
+        let prefix = self.prefix.clone();
+        Box::pin(stream.map(move |item| {
+            item.map(|mut batch| {
+                batch.events = std::mem::take(&mut batch.events)
+                    .into_iter()
+                    .map(|e| event_out(&prefix, e))
+                    .collect();
+                batch
+            })
+        }))
+    }
+}
+
 #[async_trait]
 impl Store for NamespaceStore {
     fn backend(&self) -> &'static str {
@@ -217,16 +233,16 @@ impl Store for NamespaceStore {
             ..watch
         };
         let stream = self.inner.watch(watch).await?;
-        let prefix = self.prefix.clone();
-        Ok(Box::pin(stream.map(move |item| {
-            item.map(|mut batch| {
-                batch.events = std::mem::take(&mut batch.events)
-                    .into_iter()
-                    .map(|e| event_out(&prefix, e))
-                    .collect();
-                batch
-            })
-        })))
+        Ok(self.stream_out(stream))
+    }
+
+    async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
+        let watch = Watch {
+            keys: self.keys(watch.keys),
+            ..watch
+        };
+        let (at, stream) = self.inner.watch_from_now(watch).await?;
+        Ok((at, self.stream_out(stream)))
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
