@@ -606,6 +606,17 @@ async fn watch_replays_streams_and_cancels() {
     let batch = next(&mut replay).await;
     assert_eq!(batch.events[0].kv.mod_revision, r5);
 
+    // From now: the revision etcd registered the watch at, and every event after it.
+    let (at, mut now) = store
+        .watch_from_now(Watch::prefix("w/").from_revision(1))
+        .await
+        .unwrap();
+    assert_eq!(at, r5, "the start revision given is ignored");
+    let r6 = store.put(b"w/b", b"v3", 0).await.unwrap();
+    let batch = next(&mut now).await;
+    assert_eq!(batch.events.len(), 1);
+    assert_eq!(batch.events[0].kv.mod_revision, r6);
+
     // Deletes only (NOPUT): the replay skips the puts, and so does the live stream.
     let mut deletes = store
         .watch(Watch::prefix("w/").from_revision(r1).deletes_only())
@@ -640,7 +651,8 @@ async fn watch_replays_streams_and_cancels() {
 
     // Dropping the streams cancels the watches on the server.
     let watchers = || etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
-    assert_eq!(watchers(), 4.0);
+    assert_eq!(watchers(), 5.0);
+    drop(now);
     drop(deletes);
     drop(replay);
     drop(live);
