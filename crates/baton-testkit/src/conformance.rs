@@ -210,6 +210,18 @@ pub async fn mutual_exclusion_counter(b: &Backend) {
     assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
 }
 
+/// Wait until waiter `i` (0-based, behind one holder) has its key under `lock`.
+async fn wait_queued(admin: &Client, lock: &str, i: usize) {
+    let want = i + 2;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            keys_under(admin, &format!("{lock}/")).await.len() == want
+        })
+        .await,
+        "waiter {i} never queued"
+    );
+}
+
 /// Waiters are granted the lock in the order they queued.
 pub async fn fifo_order(b: &Backend) {
     let lock = name("fifo");
@@ -228,14 +240,7 @@ pub async fn fifo_order(b: &Backend) {
             g.unlock().await.unwrap();
         }));
         // Wait until this waiter's key is in the queue before starting the next one.
-        let want = i + 2;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                keys_under(&admin, &format!("{lock}/")).await.len() == want
-            })
-            .await,
-            "waiter {i} never queued"
-        );
+        wait_queued(&admin, &lock, i).await;
     }
     g.unlock().await.unwrap();
     for t in tasks {
@@ -272,14 +277,7 @@ pub async fn long_queue_order(b: &Backend) {
             g.unlock().await.unwrap();
             s.close().await.unwrap();
         }));
-        let want = i + 2;
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                keys_under(&admin, &format!("{lock}/")).await.len() == want
-            })
-            .await,
-            "waiter {i} never queued"
-        );
+        wait_queued(&admin, &lock, i).await;
     }
     g.unlock().await.unwrap();
     for t in tasks {
