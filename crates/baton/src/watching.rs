@@ -1,12 +1,16 @@
 //! Waiting for changes to keys, for the recipes built on the store (semaphore, barriers,
-//! queues, latch): read, decide, watch the keys that can change the decision from the
-//! revision after the read, then read again.
+//! queues, latch): read, decide, watch the keys that can change the decision, then read
+//! again.
 //!
-//! Watching from the read's revision plus one never misses a change made after the read, and
-//! keeps the watch ahead of the store (etcd then serves it from its synced watcher group).
-//! Compaction of that revision, a broken stream or a failed read all end the same way: the
-//! caller reads again (after a backoff if something failed), so a wait never hangs on a lost
-//! event.
+//! A watch is opened from etcd's next write, never from the read's revision: etcd serves a
+//! watch that starts at a revision it has passed from its "unsynced" group, which it sweeps
+//! every 100 ms, and under contention some write always comes between a read and its watch,
+//! so every wait would cost up to 100 ms. If the watch starts after the read (a write came
+//! in between), the caller reads again, and the watch, kept open, serves its next wait on
+//! the same keys: that read came after the watch started, so nothing falls between them.
+//! Every event older than the read is skipped. A broken stream or a failed read ends the
+//! same way: the caller reads again (after a backoff if something failed), so a wait never
+//! hangs on a lost event.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -114,10 +118,33 @@ impl Wait {
 /// The loop reads, decides, and calls [`wait`](Waiter::wait) with what can change the
 /// decision; a failed read goes to [`retry`](Waiter::retry). Both return `Ok(())` when it
 /// is time to read again, and an error only when retrying cannot help.
-#[derive(Debug)]
 pub(crate) struct Waiter {
     store: Arc<dyn Store>,
     backoff: Backoff,
+    /// The watches of the last wait, kept for the next one on the same keys.
+    open: Option<Open>,
+    /// The last wait opened new watches that started after its read: the next one that
+    /// needs new watches starts them from its read instead (paying etcd's sweep), so that
+    /// a waiter whose keys change with every read cannot spin on reads.
+    gap: bool,
+}
+
+/// Watches opened from the store's next write, on `keys`, the last of them registered at
+/// revision `after`: together they deliver every event on `keys` above `after`.
+struct Open {
+    keys: Vec<KeyRange>,
+    deletes_only: bool,
+    after: Revision,
+    events: futures::stream::SelectAll<crate::store::WatchStream>,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter")
+            .field("backoff", &self.backoff)
+            .field("open", &self.open.as_ref().map(|o| (&o.keys, o.after)))
+            .finish()
+    }
 }
 
 impl Waiter {
@@ -125,21 +152,96 @@ impl Waiter {
         Waiter {
             store: store.clone(),
             backoff: Backoff::new(),
+            open: None,
+            gap: false,
         }
     }
 
     /// Wait until an event that `wait` asks for happens (`Some(event)`), or until the watch
-    /// cannot tell (`None`: its start was compacted, or it broke and the backoff passed).
-    /// Either way the caller usually reads again.
+    /// cannot tell (`None`: it started after the caller's read, or it broke and the backoff
+    /// passed). Either way the caller usually reads again.
     pub(crate) async fn wait(&mut self, wait: Wait) -> Result<Option<Event>> {
-        match watch_until(&self.store, &wait).await {
+        match self.watch_until(&wait).await {
             Ok(Some(event)) => {
                 self.backoff.reset();
                 Ok(Some(event))
             }
             Ok(None) => Ok(None),
-            Err(e) => self.retry(e).await.map(|()| None),
+            Err(e) => {
+                self.open = None;
+                self.retry(e).await.map(|()| None)
+            }
         }
+    }
+
+    /// The first event after the read that `wait` asks for; `None` if the watches started
+    /// after that read (read again: the next wait on the same keys is covered).
+    async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Event>> {
+        if wait.keys.is_empty() {
+            return Err(Error::Store("nothing to watch".into()));
+        }
+        let deletes_only = matches!(wait.until, Until::Deleted);
+        let reuse = self
+            .open
+            .take()
+            .filter(|o| o.keys == wait.keys && o.deletes_only == deletes_only);
+        let mut open = match reuse {
+            Some(open) => open,
+            None => {
+                // After a gap, from the read: covered, at the price of the sweep.
+                let from_read = std::mem::take(&mut self.gap);
+                let mut after = if from_read { wait.from - 1 } else { 0 };
+                let mut streams = Vec::with_capacity(wait.keys.len());
+                for keys in &wait.keys {
+                    let watch = Watch {
+                        keys: keys.clone(),
+                        start_revision: 0,
+                        prev_kv: false,
+                        deletes_only,
+                    };
+                    let stream = if from_read {
+                        self.store.watch(watch.from_revision(wait.from)).await?
+                    } else {
+                        let (at, stream) = self.store.watch_from_now(watch).await?;
+                        after = after.max(at);
+                        stream
+                    };
+                    // One stream ending must not go unnoticed while the others live on.
+                    let ended = futures::stream::once(async { Err(watch_ended()) });
+                    streams.push(stream.chain(ended).boxed());
+                }
+                Open {
+                    keys: wait.keys.clone(),
+                    deletes_only,
+                    after,
+                    events: futures::stream::select_all(streams),
+                }
+            }
+        };
+        if open.after >= wait.from {
+            // A write came after the caller's read and before the watches: read again.
+            self.gap = true;
+            self.open = Some(open);
+            return Ok(None);
+        }
+        self.gap = false;
+        while let Some(item) = open.events.next().await {
+            let batch = match item {
+                Ok(batch) => batch,
+                // Only a watch from the read can start at a compacted revision.
+                Err(Error::Compacted { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let found = batch
+                .events
+                .into_iter()
+                .find(|e| e.kv.mod_revision >= wait.from && wait.until.matches(e));
+            if let Some(event) = found {
+                self.open = Some(open);
+                return Ok(Some(event));
+            }
+        }
+        Err(watch_ended())
     }
 
     /// Read `range`, retrying with backoff while the failures may pass.
@@ -202,40 +304,6 @@ where
     }
 }
 
-/// The first event `wait` asks for, or `None` if the watch's start was compacted.
-async fn watch_until(store: &Arc<dyn Store>, wait: &Wait) -> Result<Option<Event>> {
-    if wait.keys.is_empty() {
-        return Err(Error::Store("nothing to watch".into()));
-    }
-    let mut streams = Vec::with_capacity(wait.keys.len());
-    for keys in &wait.keys {
-        let stream = store
-            .watch(Watch {
-                keys: keys.clone(),
-                start_revision: wait.from,
-                prev_kv: false,
-                deletes_only: false,
-            })
-            .await?;
-        // One stream ending must not go unnoticed while the others live on.
-        let ended = futures::stream::once(async { Err(watch_ended()) });
-        streams.push(stream.chain(ended).boxed());
-    }
-    let mut all = futures::stream::select_all(streams);
-    while let Some(item) = all.next().await {
-        match item {
-            Ok(batch) => {
-                if let Some(event) = batch.events.into_iter().find(|e| wait.until.matches(e)) {
-                    return Ok(Some(event));
-                }
-            }
-            Err(Error::Compacted { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(watch_ended())
-}
-
 fn watch_ended() -> Error {
     Error::Store("watch ended unexpectedly".into())
 }
@@ -288,11 +356,12 @@ mod tests {
     #[tokio::test]
     async fn waits_for_the_right_event_on_any_key() {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
-        let rev = store.put(b"a", b"1", 0).await.unwrap();
-        store.put(b"b", b"1", 0).await.unwrap();
+        store.put(b"a", b"1", 0).await.unwrap();
+        let rev = store.put(b"b", b"1", 0).await.unwrap();
         let mut waiter = Waiter::new(&store);
         let wait = Wait::keys([b"a".to_vec(), b"b".to_vec()], rev, Until::Deleted);
         let task = tokio::spawn(async move { waiter.wait(wait).await });
+        tokio::task::yield_now().await; // the watch starts
         store.put(b"a", b"2", 0).await.unwrap(); // a put: no wake-up
         tokio::task::yield_now().await;
         assert!(!task.is_finished());
@@ -303,14 +372,34 @@ mod tests {
             (EventKind::Delete, &b"b"[..])
         );
 
-        // A change made between the read and the watch is not missed.
+        // A change made between the read and the watch is not missed: the watch, opened
+        // from the next write, says to read again ...
         let mut waiter = Waiter::new(&store);
         let before = store.put(b"c", b"1", 0).await.unwrap();
         store.delete(KeyRange::key("c")).await.unwrap();
-        waiter
-            .wait(Wait::prefix("c", before, Until::Deleted))
-            .await
-            .unwrap();
+        let woken = waiter.wait(Wait::prefix("c", before, Until::Deleted)).await;
+        assert_eq!(woken.unwrap(), None, "read again");
+        // ... and serves the next wait on the same keys, after that read, with no gap: the
+        // put right after the read is skipped (not a delete), the delete wakes it.
+        let read = store.put(b"c", b"2", 0).await.unwrap();
+        let task = tokio::spawn(async move {
+            let woken = waiter.wait(Wait::prefix("c", read, Until::Deleted)).await;
+            (woken, waiter)
+        });
+        tokio::task::yield_now().await;
+        let (_, deleted) = store.delete(KeyRange::key("c")).await.unwrap();
+        let (woken, mut waiter) = task.await.unwrap();
+        assert_eq!(woken.unwrap().unwrap().kv.mod_revision, deleted);
+
+        // Other keys after a gap: watched from the read, so a change between the read and
+        // the watch is found in the history (no third read).
+        let read = store.put(b"d", b"1", 0).await.unwrap();
+        let (_, d_gone) = store.delete(KeyRange::key("d")).await.unwrap();
+        let woken = waiter.wait(Wait::key("e", read, Until::Deleted)).await;
+        assert_eq!(woken.unwrap(), None, "a gap: read again");
+        let woken = waiter.wait(Wait::key("d", read, Until::Deleted)).await;
+        assert_eq!(woken.unwrap().unwrap().kv.mod_revision, d_gone);
+        assert!(waiter.open.as_ref().is_some_and(|o| o.after == read));
     }
 
     #[tokio::test]
