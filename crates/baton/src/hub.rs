@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tracing::Instrument;
 
 use crate::error::Result;
@@ -64,6 +64,9 @@ struct Held {
 #[derive(Default)]
 pub(crate) struct Hub {
     prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
+    /// Shared watches being opened from now, by prefix: told when the open ends (see
+    /// [`Hub::open_from_now`]).
+    opening: StdMutex<HashMap<Vec<u8>, Arc<Notify>>>,
     /// When this client last held a key under each prefix (see [`Hub::held_again`]).
     held: StdMutex<Held>,
     pub(crate) counters: Counters,
@@ -252,7 +255,7 @@ impl Hub {
         let existing = self.get(prefix);
         let mut pw = match existing {
             Some(pw) => pw,
-            None => self.open(store, prefix, None).await?,
+            None => self.open_from_now(store, prefix).await?,
         };
         let mut registered = pw.register(keys, after);
         if let Registered::NotCovered = registered {
@@ -305,6 +308,87 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .get(prefix)
             .cloned()
+    }
+
+    /// The shared watch on `prefix`, opened from etcd's next write if there is none.
+    ///
+    /// The open runs in a task of its own, which one caller starts and any others who need
+    /// the same prefix meanwhile wait for. It completes even if its callers are dropped: a
+    /// holder's loss watch is dropped at unlock, often before etcd has answered the create
+    /// request of a first watch. Were the open dropped with it, a client that locks and
+    /// unlocks the same name would start and cancel a watch stream on (nearly) every hold,
+    /// and never get the shared watch it is meant to keep.
+    ///
+    /// A caller that waited for another's open that failed tries once itself.
+    async fn open_from_now(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        prefix: &[u8],
+    ) -> Result<Arc<PrefixWatch>> {
+        loop {
+            if let Some(pw) = self.get(prefix) {
+                return Ok(pw);
+            }
+            let (notify, started) = {
+                let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+                match opening.get(prefix) {
+                    Some(n) => (n.clone(), false),
+                    None => {
+                        let n = Arc::new(Notify::new());
+                        opening.insert(prefix.to_vec(), n.clone());
+                        (n, true)
+                    }
+                }
+            };
+            if !started {
+                let done = notify.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                let pending = self
+                    .opening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(prefix)
+                    .is_some_and(|n| Arc::ptr_eq(n, &notify));
+                if pending {
+                    done.await;
+                }
+                if let Some(pw) = self.get(prefix) {
+                    return Ok(pw);
+                }
+                // The other caller's open failed: try ourselves (as the opener now).
+                if !self.start_opening(prefix, &notify) {
+                    continue;
+                }
+            }
+            let (hub, store, key) = (self.clone(), store.clone(), prefix.to_vec());
+            let opened = tokio::spawn(async move {
+                let opened = hub.open(&store, &key, None).await;
+                hub.opening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                notify.notify_waiters();
+                opened
+            });
+            return match opened.await {
+                Ok(opened) => opened,
+                Err(e) => Err(crate::error::Error::Store(format!(
+                    "opening the shared watch failed: {e}"
+                ))),
+            };
+        }
+    }
+
+    /// Become the opener of `prefix` after a failed open: true if no one else is opening
+    /// it (the map then holds `notify` again).
+    fn start_opening(&self, prefix: &[u8], notify: &Arc<Notify>) -> bool {
+        let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if opening.contains_key(prefix) {
+            return false;
+        }
+        opening.insert(prefix.to_vec(), notify.clone());
+        true
     }
 
     fn forget(&self, prefix: &[u8], pw: &Arc<PrefixWatch>) {
@@ -561,6 +645,112 @@ mod tests {
             .unwrap();
         assert_eq!(answer, (1, Woken::Deleted(deleted)));
         assert_eq!(hub.counters.snapshot().watches_opened, 1);
+    }
+
+    /// A [`MemStore`](crate::store::mem::MemStore) whose watches take [`SlowCreate::DELAY`]
+    /// to be created, as etcd's take a round trip; counts the watches created from now.
+    #[derive(Debug)]
+    struct SlowCreate(crate::store::mem::MemStore, AtomicU64);
+
+    impl SlowCreate {
+        const DELAY: Duration = Duration::from_millis(50);
+    }
+
+    #[async_trait::async_trait]
+    impl Store for SlowCreate {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: crate::store::Range) -> Result<crate::store::RangeResponse> {
+            self.0.range(range).await
+        }
+        async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<Revision> {
+            self.0.put(key, value, lease).await
+        }
+        async fn delete(&self, keys: crate::store::KeyRange) -> Result<(i64, Revision)> {
+            self.0.delete(keys).await
+        }
+        async fn txn(&self, txn: crate::store::Txn) -> Result<crate::store::TxnResponse> {
+            self.0.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.0.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: i64) -> Result<Option<Duration>> {
+            self.0.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: i64) -> Result<()> {
+            self.0.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: i64) -> Result<Option<Duration>> {
+            self.0.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: Watch) -> Result<crate::store::WatchStream> {
+            tokio::time::sleep(Self::DELAY).await;
+            self.0.watch(watch).await
+        }
+        async fn watch_from_now(
+            &self,
+            watch: Watch,
+        ) -> Result<(Revision, crate::store::WatchStream)> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Self::DELAY).await;
+            self.0.watch_from_now(watch).await
+        }
+        async fn compact(&self, revision: Revision) -> Result<()> {
+            self.0.compact(revision).await
+        }
+    }
+
+    /// A wait dropped while the shared watch is being created (a holder that unlocks within
+    /// a round trip) does not abort the open, and waits that start meanwhile share it: the
+    /// next hold finds the watch open, and one watch was created in all.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_outlives_its_dropped_caller_and_is_shared() {
+        let slow = Arc::new(SlowCreate(
+            crate::store::mem::MemStore::new(),
+            AtomicU64::new(0),
+        ));
+        let store: Arc<dyn Store> = slow.clone();
+        let hub = Arc::new(Hub::default());
+        let at = store.put(b"q/a", b"", 0).await.unwrap();
+        let dropped = tokio::time::timeout(
+            SlowCreate::DELAY / 5,
+            hub.wait_delete(&store, b"q/", &[b"q/a"], at),
+        )
+        .await;
+        assert!(dropped.is_err(), "the wait was dropped during the open");
+        assert!(!hub.is_live(b"q/"), "not open yet");
+        let (h1, h2, s1, s2) = (hub.clone(), hub.clone(), store.clone(), store.clone());
+        let first = tokio::spawn(async move { h1.wait_delete(&s1, b"q/", &[b"q/a"], at).await });
+        let second = tokio::spawn(async move { h2.wait_delete(&s2, b"q/", &[b"q/a"], at).await });
+        tokio::time::sleep(SlowCreate::DELAY * 2).await;
+        assert!(hub.is_live(b"q/"), "the dropped caller's open completed");
+        // Nothing was written since their read: both registered, and the delete wakes both.
+        let (_, deleted) = store
+            .delete(crate::store::KeyRange::key("q/a"))
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), (0, Woken::Deleted(deleted)));
+        assert_eq!(second.await.unwrap().unwrap(), (0, Woken::Deleted(deleted)));
+        assert_eq!(slow.1.load(Ordering::Relaxed), 1, "one watch created");
+        assert_eq!(hub.counters.snapshot().watches_opened, 1);
+        // A later wait registers with the same watch.
+        let now = store.put(b"q/b", b"", 0).await.unwrap();
+        let waiting = {
+            let (hub, store) = (hub.clone(), store.clone());
+            tokio::spawn(async move { hub.wait_delete(&store, b"q/", &[b"q/b"], now).await })
+        };
+        tokio::task::yield_now().await;
+        let (_, deleted) = store
+            .delete(crate::store::KeyRange::key("q/b"))
+            .await
+            .unwrap();
+        assert_eq!(
+            waiting.await.unwrap().unwrap(),
+            (0, Woken::Deleted(deleted))
+        );
+        assert_eq!(slow.1.load(Ordering::Relaxed), 1, "still one watch");
     }
 
     #[tokio::test(start_paused = true)]
