@@ -611,6 +611,7 @@ pub(crate) async fn keys_gone(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::slow::SlowWatches;
 
     /// A shared watch is opened from the store's next write: a waiter that read before the
     /// latest write is told to read again (no sweep to wait for, no gap), and once it has
@@ -647,84 +648,25 @@ mod tests {
         assert_eq!(hub.counters.snapshot().watches_opened, 1);
     }
 
-    /// A [`MemStore`](crate::store::mem::MemStore) whose watches take [`SlowCreate::DELAY`]
-    /// to be created, as etcd's take a round trip; counts the watches created from now.
-    #[derive(Debug)]
-    struct SlowCreate(crate::store::mem::MemStore, AtomicU64);
-
-    impl SlowCreate {
-        const DELAY: Duration = Duration::from_millis(50);
-    }
-
-    #[async_trait::async_trait]
-    impl Store for SlowCreate {
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn range(&self, range: crate::store::Range) -> Result<crate::store::RangeResponse> {
-            self.0.range(range).await
-        }
-        async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<Revision> {
-            self.0.put(key, value, lease).await
-        }
-        async fn delete(&self, keys: crate::store::KeyRange) -> Result<(i64, Revision)> {
-            self.0.delete(keys).await
-        }
-        async fn txn(&self, txn: crate::store::Txn) -> Result<crate::store::TxnResponse> {
-            self.0.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.0.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: i64) -> Result<Option<Duration>> {
-            self.0.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: i64) -> Result<()> {
-            self.0.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: i64) -> Result<Option<Duration>> {
-            self.0.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: Watch) -> Result<crate::store::WatchStream> {
-            tokio::time::sleep(Self::DELAY).await;
-            self.0.watch(watch).await
-        }
-        async fn watch_from_now(
-            &self,
-            watch: Watch,
-        ) -> Result<(Revision, crate::store::WatchStream)> {
-            self.1.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Self::DELAY).await;
-            self.0.watch_from_now(watch).await
-        }
-        async fn compact(&self, revision: Revision) -> Result<()> {
-            self.0.compact(revision).await
-        }
-    }
-
     /// A wait dropped while the shared watch is being created (a holder that unlocks within
     /// a round trip) does not abort the open, and waits that start meanwhile share it: the
     /// next hold finds the watch open, and one watch was created in all.
     #[tokio::test(start_paused = true)]
     async fn an_open_outlives_its_dropped_caller_and_is_shared() {
-        let slow = Arc::new(SlowCreate(
-            crate::store::mem::MemStore::new(),
-            AtomicU64::new(0),
-        ));
+        // Watches take DELAY to create; once created they deliver at once.
+        const DELAY: Duration = Duration::from_millis(50);
+        let slow = Arc::new(SlowWatches::new("mem", DELAY, Duration::ZERO));
         let store: Arc<dyn Store> = slow.clone();
         let hub = Arc::new(Hub::default());
         let at = store.put(b"q/a", b"", 0).await.unwrap();
-        let dropped = tokio::time::timeout(
-            SlowCreate::DELAY / 5,
-            hub.wait_delete(&store, b"q/", &[b"q/a"], at),
-        )
-        .await;
+        let dropped =
+            tokio::time::timeout(DELAY / 5, hub.wait_delete(&store, b"q/", &[b"q/a"], at)).await;
         assert!(dropped.is_err(), "the wait was dropped during the open");
         assert!(!hub.is_live(b"q/"), "not open yet");
         let (h1, h2, s1, s2) = (hub.clone(), hub.clone(), store.clone(), store.clone());
         let first = tokio::spawn(async move { h1.wait_delete(&s1, b"q/", &[b"q/a"], at).await });
         let second = tokio::spawn(async move { h2.wait_delete(&s2, b"q/", &[b"q/a"], at).await });
-        tokio::time::sleep(SlowCreate::DELAY * 2).await;
+        tokio::time::sleep(DELAY * 2).await;
         assert!(hub.is_live(b"q/"), "the dropped caller's open completed");
         // Nothing was written since their read: both registered, and the delete wakes both.
         let (_, deleted) = store
@@ -733,7 +675,11 @@ mod tests {
             .unwrap();
         assert_eq!(first.await.unwrap().unwrap(), (0, Woken::Deleted(deleted)));
         assert_eq!(second.await.unwrap().unwrap(), (0, Woken::Deleted(deleted)));
-        assert_eq!(slow.1.load(Ordering::Relaxed), 1, "one watch created");
+        assert_eq!(
+            slow.created_from_now.load(Ordering::Relaxed),
+            1,
+            "one watch created"
+        );
         assert_eq!(hub.counters.snapshot().watches_opened, 1);
         // A later wait registers with the same watch.
         let now = store.put(b"q/b", b"", 0).await.unwrap();
@@ -750,7 +696,11 @@ mod tests {
             waiting.await.unwrap().unwrap(),
             (0, Woken::Deleted(deleted))
         );
-        assert_eq!(slow.1.load(Ordering::Relaxed), 1, "still one watch");
+        assert_eq!(
+            slow.created_from_now.load(Ordering::Relaxed),
+            1,
+            "still one watch"
+        );
     }
 
     #[tokio::test(start_paused = true)]

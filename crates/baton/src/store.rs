@@ -30,6 +30,8 @@ use crate::error::Result;
 
 pub mod mem;
 pub mod namespace;
+#[cfg(test)]
+pub(crate) mod slow;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;

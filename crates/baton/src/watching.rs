@@ -373,6 +373,7 @@ pub(crate) async fn while_alive<T>(
 mod tests {
     use super::*;
     use crate::store::mem::MemStore;
+    use crate::store::slow::SlowWatches;
     use crate::store::KeyValue;
 
     fn event(kind: EventKind, value: &[u8]) -> Event {
@@ -447,74 +448,17 @@ mod tests {
         assert!(waiter.open.as_ref().is_some_and(|o| o.after == read));
     }
 
-    /// A [`MemStore`] that calls itself etcd and serves each new watch as etcd serves one
-    /// registered behind its current revision: nothing until its sweep, [`Unsynced::SWEEP`]
-    /// after the watch was created, then everything as it happens.
-    #[derive(Debug)]
-    struct Unsynced(MemStore);
-
-    impl Unsynced {
-        const SWEEP: Duration = Duration::from_millis(100);
-
-        fn hold_back(stream: crate::store::WatchStream) -> crate::store::WatchStream {
-            let sweep = tokio::time::Instant::now() + Self::SWEEP;
-            Box::pin(stream.then(move |batch| async move {
-                tokio::time::sleep_until(sweep).await;
-                batch
-            }))
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Store for Unsynced {
-        fn backend(&self) -> &'static str {
-            "etcd"
-        }
-        async fn range(&self, range: Range) -> Result<RangeResponse> {
-            self.0.range(range).await
-        }
-        async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<Revision> {
-            self.0.put(key, value, lease).await
-        }
-        async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
-            self.0.delete(keys).await
-        }
-        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-            self.0.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.0.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: i64) -> Result<Option<Duration>> {
-            self.0.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: i64) -> Result<()> {
-            self.0.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: i64) -> Result<Option<Duration>> {
-            self.0.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: Watch) -> Result<crate::store::WatchStream> {
-            Ok(Self::hold_back(self.0.watch(watch).await?))
-        }
-        async fn watch_from_now(
-            &self,
-            watch: Watch,
-        ) -> Result<(Revision, crate::store::WatchStream)> {
-            let (at, stream) = self.0.watch_from_now(watch).await?;
-            Ok((at, Self::hold_back(stream)))
-        }
-        async fn compact(&self, revision: Revision) -> Result<()> {
-            self.0.compact(revision).await
-        }
-    }
-
     /// On etcd, a wait on a new watch that has delivered nothing returns 30 ms and 70 ms
     /// after the watch's creation, so that a change etcd holds back until its sweep is read
     /// instead; once the watch has delivered something, it is trusted however long the wait.
     #[tokio::test(start_paused = true)]
     async fn a_new_silent_watch_on_etcd_is_doubted_twice_then_trusted() {
-        let store: Arc<dyn Store> = Arc::new(Unsynced(MemStore::new()));
+        // Calls itself etcd; each new watch delivers nothing until 100 ms after its creation.
+        let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
+            "etcd",
+            Duration::ZERO,
+            Duration::from_millis(100),
+        ));
         let read = store.put(b"k", b"1", 0).await.unwrap();
         let start = tokio::time::Instant::now();
         let mut waiter = Waiter::new(&store);

@@ -1,0 +1,92 @@
+//! A test store: the embedded store with etcd's watch timing added, for unit tests of the
+//! code that works around it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::mem::MemStore;
+use super::{
+    KeyRange, LeaseGrant, LeaseId, Range, RangeResponse, Revision, Store, Txn, TxnResponse, Watch,
+    WatchStream,
+};
+use crate::error::Result;
+
+/// A [`MemStore`] whose watches take `create` to be created (etcd's take a round trip), and
+/// deliver nothing until `sweep` after their creation (as etcd serves a watch registered
+/// behind its current revision: at its next sweep), then everything as it happens. Calls
+/// itself `backend`. Counts the watches created from now.
+#[derive(Debug)]
+pub(crate) struct SlowWatches {
+    pub(crate) inner: MemStore,
+    pub(crate) backend: &'static str,
+    pub(crate) create: Duration,
+    pub(crate) sweep: Duration,
+    pub(crate) created_from_now: AtomicU64,
+}
+
+impl SlowWatches {
+    pub(crate) fn new(backend: &'static str, create: Duration, sweep: Duration) -> SlowWatches {
+        SlowWatches {
+            inner: MemStore::new(),
+            backend,
+            create,
+            sweep,
+            created_from_now: AtomicU64::new(0),
+        }
+    }
+
+    fn hold_back(&self, stream: WatchStream) -> WatchStream {
+        let sweep = tokio::time::Instant::now() + self.sweep;
+        Box::pin(stream.then(move |batch| async move {
+            tokio::time::sleep_until(sweep).await;
+            batch
+        }))
+    }
+}
+
+#[async_trait]
+impl Store for SlowWatches {
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+    async fn range(&self, range: Range) -> Result<RangeResponse> {
+        self.inner.range(range).await
+    }
+    async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        self.inner.delete(keys).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
+        self.inner.lease_keep_alive(id).await
+    }
+    async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
+        self.inner.lease_revoke(id).await
+    }
+    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
+        self.inner.lease_time_to_live(id).await
+    }
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        tokio::time::sleep(self.create).await;
+        Ok(self.hold_back(self.inner.watch(watch).await?))
+    }
+    async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
+        self.created_from_now.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.create).await;
+        let (at, stream) = self.inner.watch_from_now(watch).await?;
+        Ok((at, self.hold_back(stream)))
+    }
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.inner.compact(revision).await
+    }
+}
