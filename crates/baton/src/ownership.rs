@@ -116,7 +116,7 @@ async fn watch_key(
         // now would start behind etcd's current revision (served only by its 100 ms sweep
         // at first) and receive every event of the prefix.
         if !(client.hub().is_live(&prefix) || held_again) {
-            match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)]).await {
+            match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)], true).await {
                 Ok(Some((_, why))) => return why,
                 Ok(None) => {}
                 Err(e) if e.is_access_denied() => {

@@ -194,7 +194,7 @@ pub(crate) async fn wait_turn(
         if !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
-            match crate::hub::keys_gone(hub, store, &keys).await {
+            match crate::hub::keys_gone(hub, store, &keys, false).await {
                 Ok(_) => {
                     crate::hub::Counters::add(&hub.counters.wakeups);
                     backoff = RETRY_MIN;

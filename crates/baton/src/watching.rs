@@ -35,6 +35,55 @@ use crate::store::{
 /// watch's creation, so that the caller reads again (etcd only; see [`Waiter::wait`]).
 const DOUBT_AT: [Duration; 2] = [Duration::from_millis(30), Duration::from_millis(70)];
 
+/// Whether to doubt new watches on etcd that have delivered nothing yet, and when.
+///
+/// etcd registers a watch "from now" one revision above the current revision it read just
+/// before; a write that commits in between leaves the watch behind, in the unsynced group
+/// that etcd serves only at its sweep, every 100 ms. A watch that has delivered something
+/// is synced. Until then, its waiter checks by reading at each of [`DOUBT_AT`].
+#[derive(Debug)]
+pub(crate) struct Doubt {
+    created: tokio::time::Instant,
+    applies: bool,
+    pub(crate) proven: bool,
+    pub(crate) passed: usize,
+}
+
+impl Doubt {
+    /// For watches on `store` created just now; never doubted unless `wanted`.
+    pub(crate) fn new(store: &dyn Store, wanted: bool) -> Doubt {
+        Doubt {
+            created: tokio::time::Instant::now(),
+            applies: wanted && store.backend() == "etcd",
+            proven: false,
+            passed: 0,
+        }
+    }
+
+    /// The next item of `events`; `None` (read to check) if the next doubt comes first.
+    pub(crate) async fn next<S>(&mut self, events: &mut S) -> Option<Option<S::Item>>
+    where
+        S: futures::Stream + Unpin,
+    {
+        let at = DOUBT_AT
+            .get(self.passed)
+            .filter(|_| self.applies && !self.proven)
+            .map(|after| self.created + *after);
+        let item = match at {
+            Some(at) => tokio::select! {
+                item = events.next() => item,
+                _ = tokio::time::sleep_until(at) => {
+                    self.passed += 1;
+                    return None;
+                }
+            },
+            None => events.next().await,
+        };
+        self.proven = true;
+        Some(item)
+    }
+}
+
 /// The first and the largest pause after a failed read or watch.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -146,12 +195,7 @@ struct Open {
     deletes_only: bool,
     after: Revision,
     events: futures::stream::SelectAll<crate::store::WatchStream>,
-    /// When the watches were created.
-    created: tokio::time::Instant,
-    /// True once they have delivered something: etcd then serves them as they happen.
-    proven: bool,
-    /// How many of [`DOUBT_AT`] have passed.
-    doubts: usize,
+    doubt: Doubt,
 }
 
 impl std::fmt::Debug for Waiter {
@@ -239,9 +283,7 @@ impl Waiter {
                     deletes_only,
                     after,
                     events: futures::stream::select_all(streams),
-                    created: tokio::time::Instant::now(),
-                    proven: false,
-                    doubts: 0,
+                    doubt: Doubt::new(self.store.as_ref(), true),
                 }
             }
         };
@@ -252,25 +294,13 @@ impl Waiter {
             return Ok(None);
         }
         self.gap = false;
-        let may_lag = self.store.backend() == "etcd";
         loop {
-            let doubt = DOUBT_AT
-                .get(open.doubts)
-                .filter(|_| may_lag && !open.proven)
-                .map(|after| open.created + *after);
-            let item = match doubt {
-                Some(at) => tokio::select! {
-                    item = open.events.next() => item,
-                    _ = tokio::time::sleep_until(at) => {
-                        open.doubts += 1;
-                        self.open = Some(open);
-                        return Ok(None);
-                    }
-                },
-                None => open.events.next().await,
+            let Some(item) = open.doubt.next(&mut open.events).await else {
+                // Doubted: the caller reads to check, and the watch serves the next wait.
+                self.open = Some(open);
+                return Ok(None);
             };
             let Some(item) = item else { break };
-            open.proven = true;
             let batch = match item {
                 Ok(batch) => batch,
                 // Only a watch from the read can start at a compacted revision.
@@ -493,7 +523,7 @@ mod tests {
         assert!(waiter
             .open
             .as_ref()
-            .is_some_and(|o| o.proven && o.doubts == 2));
+            .is_some_and(|o| o.doubt.proven && o.doubt.passed == 2));
     }
 
     /// The embedded store's watches never lag: no doubt, however long the wait.
