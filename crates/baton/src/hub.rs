@@ -319,7 +319,8 @@ impl Hub {
     /// unlocks the same name would start and cancel a watch stream on (nearly) every hold,
     /// and never get the shared watch it is meant to keep.
     ///
-    /// A caller that waited for another's open that failed tries once itself.
+    /// When an open fails, its starter gets the error, and one of those who waited for it
+    /// starts the next: each caller tries at most once itself.
     async fn open_from_now(
         self: &Arc<Self>,
         store: &Arc<dyn Store>,
@@ -353,13 +354,8 @@ impl Hub {
                 if pending {
                     done.await;
                 }
-                if let Some(pw) = self.get(prefix) {
-                    return Ok(pw);
-                }
-                // The other caller's open failed: try ourselves (as the opener now).
-                if !self.start_opening(prefix, &notify) {
-                    continue;
-                }
+                // Opened, or the open failed and the first of us to get here opens next.
+                continue;
             }
             let (hub, store, key) = (self.clone(), store.clone(), prefix.to_vec());
             let opened = tokio::spawn(async move {
@@ -378,17 +374,6 @@ impl Hub {
                 ))),
             };
         }
-    }
-
-    /// Become the opener of `prefix` after a failed open: true if no one else is opening
-    /// it (the map then holds `notify` again).
-    fn start_opening(&self, prefix: &[u8], notify: &Arc<Notify>) -> bool {
-        let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-        if opening.contains_key(prefix) {
-            return false;
-        }
-        opening.insert(prefix.to_vec(), notify.clone());
-        true
     }
 
     fn forget(&self, prefix: &[u8], pw: &Arc<PrefixWatch>) {
