@@ -720,11 +720,7 @@ mod tests {
     /// key is read again 30 ms after the watch's creation, and its delete is found then.
     #[tokio::test(start_paused = true)]
     async fn keys_gone_reads_again_while_its_watch_is_silent() {
-        let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
-            "etcd",
-            Duration::ZERO,
-            Duration::from_millis(100),
-        ));
+        let store: Arc<dyn Store> = Arc::new(SlowWatches::etcd_unsynced());
         let hub = Hub::default();
         let created = store.put(b"q/a", b"", 0).await.unwrap();
         let start = tokio::time::Instant::now();

@@ -483,12 +483,7 @@ mod tests {
     /// instead; once the watch has delivered something, it is trusted however long the wait.
     #[tokio::test(start_paused = true)]
     async fn a_new_silent_watch_on_etcd_is_doubted_twice_then_trusted() {
-        // Calls itself etcd; each new watch delivers nothing until 100 ms after its creation.
-        let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
-            "etcd",
-            Duration::ZERO,
-            Duration::from_millis(100),
-        ));
+        let store: Arc<dyn Store> = Arc::new(SlowWatches::etcd_unsynced());
         let read = store.put(b"k", b"1", 0).await.unwrap();
         let start = tokio::time::Instant::now();
         let mut waiter = Waiter::new(&store);
