@@ -165,22 +165,49 @@ struct Waiter {
     /// key's name is reused (a session locks the same name again): an older delete of the
     /// same key is not the delete of the key the caller saw.
     after: Revision,
-    tx: Arc<StdMutex<Option<Answer>>>,
+    sink: Sink,
+}
+
+/// Who hears of a registered wait's end.
+enum Sink {
+    /// A caller of [`Hub::wait_delete`], awaiting the answer.
+    Answer(Arc<StdMutex<Option<Answer>>>),
+    /// A hook called in place (see [`Hub::watch_deletes`]): no task waits.
+    Hook(Arc<dyn OnDelete>),
+}
+
+/// Told, without a task of its own, of the delete of the key it watches, or that the
+/// shared watch could not see it through. See [`Hub::watch_deletes`].
+pub(crate) trait OnDelete: Send + Sync {
+    /// The key was deleted ([`Woken::Deleted`]), or the shared watch broke
+    /// ([`Woken::Interrupted`]): the hook is then unregistered and must watch by other
+    /// means. Called with the hub's lock held: it must not call into the hub.
+    fn woken(&self, woken: Woken);
+    /// True once nobody needs to hear any more: the registration is dropped.
+    fn is_closed(&self) -> bool;
 }
 
 impl Waiter {
     fn send(&self, woken: Woken) {
-        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = tx.send((self.index, woken));
+        match &self.sink {
+            Sink::Answer(tx) => {
+                if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = tx.send((self.index, woken));
+                }
+            }
+            Sink::Hook(hook) => hook.woken(woken),
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|tx| tx.is_closed())
+        match &self.sink {
+            Sink::Answer(tx) => tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_none_or(|tx| tx.is_closed()),
+            Sink::Hook(hook) => hook.is_closed(),
+        }
     }
 }
 
@@ -225,7 +252,7 @@ impl PrefixWatch {
             st.waiters.entry(key.to_vec()).or_default().push(Waiter {
                 index,
                 after,
-                tx: tx.clone(),
+                sink: Sink::Answer(tx.clone()),
             });
         }
         Registered::Later(rx)
@@ -233,6 +260,41 @@ impl PrefixWatch {
 }
 
 impl Hub {
+    /// Have `hook` told of the first delete of `key` (under `prefix`) after revision
+    /// `after`, by this client's live shared watch on `prefix`, with no task waiting: a
+    /// holder that locks the same name again and again registers its loss watch this way
+    /// on every hold. False if there is no such watch, or it cannot vouch for every delete
+    /// since `after`: nothing is registered, and the caller must watch by other means.
+    /// A delete already seen is told at once.
+    pub(crate) fn watch_deletes(
+        &self,
+        prefix: &[u8],
+        key: &[u8],
+        after: Revision,
+        hook: Arc<dyn OnDelete>,
+    ) -> bool {
+        let Some(pw) = self.get(prefix) else {
+            return false;
+        };
+        let mut st = pw.state();
+        if !st.alive || st.buffer_from > after + 1 {
+            return false;
+        }
+        let deleted = st
+            .since(after)
+            .find(|(_, k, kind)| *kind == EventKind::Delete && k.as_slice() == key)
+            .map(|(rev, _, _)| *rev);
+        match deleted {
+            Some(rev) => hook.woken(Woken::Deleted(rev)),
+            None => st.waiters.entry(key.to_vec()).or_default().push(Waiter {
+                index: 0,
+                after,
+                sink: Sink::Hook(hook),
+            }),
+        }
+        true
+    }
+
     /// Wait until one of `keys`, all under `prefix`, is deleted at a revision after
     /// `after`; returns which one (its index) and when. The deletes of one prefix are seen
     /// in revision order, so the answer is the earliest of them.
@@ -308,6 +370,26 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .get(prefix)
             .cloned()
+    }
+
+    /// Start opening the shared watch on `prefix` in the background, unless it is open or
+    /// being opened: for a holder that holds the same name again, whose own watch may be
+    /// stopped (a short hold) before it has run at all.
+    pub(crate) fn open_soon(self: &Arc<Self>, store: &Arc<dyn Store>, prefix: &[u8]) {
+        let opening = self
+            .opening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(prefix);
+        if opening || self.get(prefix).is_some() {
+            return;
+        }
+        let (hub, store, prefix) = (self.clone(), store.clone(), prefix.to_vec());
+        tokio::spawn(async move {
+            if let Err(e) = hub.open_from_now(&store, &prefix).await {
+                tracing::debug!(error = %e, "opening the shared watch failed");
+            }
+        });
     }
 
     /// The shared watch on `prefix`, opened from etcd's next write if there is none.
@@ -500,16 +582,22 @@ async fn run(
     }
     // Dead: wake everyone to read again, and let the next waiter open a fresh watch.
     if let Some(pw) = pw.upgrade() {
-        let mut st = pw.state();
+        pw.die();
+        if let Some(hub) = hub.upgrade() {
+            hub.forget(&prefix, &pw);
+        }
+    }
+}
+
+impl PrefixWatch {
+    /// Mark the watch dead and tell every waiter to read again.
+    fn die(&self) {
+        let mut st = self.state();
         st.alive = false;
         for (_, ws) in st.waiters.drain() {
             for w in ws {
                 w.send(Woken::Interrupted);
             }
-        }
-        drop(st);
-        if let Some(hub) = hub.upgrade() {
-            hub.forget(&prefix, &pw);
         }
     }
 }
@@ -764,5 +852,124 @@ mod tests {
             !held.at.contains_key(b"p0/".as_slice()),
             "old prefixes are forgotten"
         );
+    }
+
+    /// A session that holds the same name again and again, with the mutex's key as it is
+    /// held for the third time: the first hold notes the prefix, the second opens the
+    /// client's shared watch, and the third registers with it as a hook (no task).
+    async fn third_hold(
+        client: &crate::Client,
+    ) -> (crate::Session, crate::MutexGuard, Vec<u8>, Arc<PrefixWatch>) {
+        let session = crate::Session::builder(client)
+            .with_ttl(Duration::from_secs(10))
+            .build()
+            .await
+            .unwrap();
+        let mutex = crate::Mutex::new(&session, "hooked").unwrap();
+        for _ in 0..2 {
+            mutex.lock().await.unwrap().unlock().await.unwrap();
+        }
+        // The open the second hold started completes in a task of its own.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !client.hub().is_live(b"hooked/") {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the second hold opened the shared watch");
+        let guard = mutex.lock().await.unwrap();
+        let key = guard.key().as_bytes().to_vec();
+        let opened = client.hub().counters.snapshot().watches_opened;
+        assert!(
+            (1..=2).contains(&opened),
+            "the shared watch, and a key watch if the first hold's ran: {opened}"
+        );
+        let pw = client.hub().get(b"hooked/").expect("still open");
+        let hooks = pw.state().waiters.get(&key).map(|ws| {
+            ws.iter()
+                .filter(|w| matches!(w.sink, Sink::Hook(_)))
+                .count()
+        });
+        assert_eq!(hooks, Some(1), "the holder is a hook on the shared watch");
+        (session, guard, key, pw)
+    }
+
+    /// A holder registered as a hook hears of its key's delete from the shared watch.
+    #[tokio::test]
+    async fn a_hooked_holder_hears_of_the_delete() {
+        let client = crate::Client::memory();
+        let (_session, guard, key, _) = third_hold(&client).await;
+        assert!(!guard.is_lost());
+        client
+            .store()
+            .delete(crate::store::KeyRange::key(key))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .expect("lost() fired");
+        assert_eq!(guard.lost_reason().as_deref(), Some("key deleted"));
+        let err = guard.unlock().await.unwrap_err();
+        assert!(matches!(err, crate::Error::NotHeld { .. }), "{err}");
+    }
+
+    /// When the shared watch breaks, a hooked holder is not lost: a task of its own takes
+    /// over (reading the key), and hears of a later delete.
+    #[tokio::test]
+    async fn a_hooked_holder_survives_a_broken_shared_watch() {
+        let client = crate::Client::memory();
+        let (_session, guard, key, pw) = third_hold(&client).await;
+        pw.die();
+        client.hub().forget(b"hooked/", &pw);
+        assert!(
+            pw.state().waiters.is_empty(),
+            "the hook was told and dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+        client
+            .store()
+            .delete(crate::store::KeyRange::key(key))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .expect("lost() fired after the shared watch broke");
+        assert_eq!(guard.lost_reason().as_deref(), Some("key deleted"));
+    }
+
+    /// A stopped hook stays registered until the shared watch's next event or idle check,
+    /// but does not keep its session alive: dropping the session still revokes its lease.
+    #[tokio::test]
+    async fn a_left_over_hook_keeps_no_session_alive() {
+        let client = crate::Client::memory();
+        let (session, guard, _key, pw) = third_hold(&client).await;
+        guard.unlock().await.unwrap();
+        let lease = session.lease_id();
+        // The unlock's delete reaches the hub, which drops the hook told of it.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !pw.state().waiters.is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the unlock's delete was seen");
+        // A hook on a key that sees no event: stopped (dropped), it lingers.
+        let now = client.store().put(b"other", b"", 0).await.unwrap();
+        let ownership =
+            crate::ownership::Ownership::watch(&session, b"hooked/quiet".to_vec(), 1, now + 1);
+        drop(ownership);
+        let lingers = || pw.state().waiters.contains_key(b"hooked/quiet".as_slice());
+        assert!(lingers(), "registered as a hook");
+        drop(session);
+        let store = client.store().clone();
+        let revoked = tokio::time::timeout(Duration::from_secs(5), async {
+            while store.lease_time_to_live(lease).await.unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(revoked.is_ok(), "the lease was revoked on drop");
+        assert!(lingers(), "revoked while the hook was still registered");
     }
 }

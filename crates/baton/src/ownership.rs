@@ -9,7 +9,7 @@ use tracing::Instrument;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::hub::Woken;
-use crate::session::{OwnedClaim, Session};
+use crate::session::{OwnedClaim, Session, WeakSession};
 use crate::store::{Compare, CompareOp, Range, Revision, Store, Txn, TxnOp};
 
 const RETRY_MIN: Duration = Duration::from_millis(50);
@@ -28,6 +28,10 @@ pub(crate) struct Ownership {
 
 impl Ownership {
     /// Start watching `key`, created at `create_rev`, for changes after revision `from - 1`.
+    ///
+    /// With a live shared watch on the key's prefix (a client that locks the same name
+    /// again and again), the watch is a registration with it, told of the delete in place;
+    /// otherwise, or once that watch breaks, a task of its own watches the key.
     pub(crate) fn watch(
         session: &Session,
         key: Vec<u8>,
@@ -37,26 +41,26 @@ impl Ownership {
         let lost = session.lost_token();
         let stop = CancellationToken::new();
         let reason = Arc::new(StdMutex::new(None));
-        let task = watch_key(session.client().clone(), key.clone(), create_rev, from);
-        let (l, s, r, sess) = (lost.clone(), stop.clone(), reason.clone(), session.clone());
-        let span = tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&key));
-        tokio::spawn(
-            async move {
-                tokio::select! {
-                    _ = s.cancelled() => {}
-                    _ = l.cancelled() => {}
-                    why = task => {
-                        tracing::info!(reason = why, "ownership lost");
-                        *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
-                        l.cancel();
-                        // A vanished key often means a revoked lease: let the session check now.
-                        sess.poke();
-                    }
-                }
-                drop(sess);
+        let prefix = parent(&key);
+        let watcher = Arc::new(Watcher {
+            session: session.downgrade(),
+            key,
+            create_rev,
+            after: from - 1,
+            lost: lost.clone(),
+            stop: stop.clone(),
+            reason: reason.clone(),
+        });
+        let hub = session.client().hub();
+        let held_again = hub.held_again(&prefix);
+        if !hub.watch_deletes(&prefix, &watcher.key, watcher.after, watcher.clone()) {
+            if held_again {
+                // Held again: the shared watch should serve the next holds, even if this
+                // one ends before its task has run.
+                hub.open_soon(session.client().store(), &prefix);
             }
-            .instrument(span),
-        );
+            watcher.spawn(prefix, held_again);
+        }
         Ownership { lost, stop, reason }
     }
 
@@ -92,24 +96,117 @@ impl Drop for Ownership {
     }
 }
 
+/// The prefix a key's queue lives under: up to and including its last `/`.
+fn parent(key: &[u8]) -> Vec<u8> {
+    match key.iter().rposition(|b| *b == b'/') {
+        Some(i) => key[..=i].to_vec(),
+        None => Vec::new(),
+    }
+}
+
+/// What watches one held key: a hook registered with the client's shared watch, or
+/// (see [`Watcher::spawn`]) a task.
+///
+/// It holds the session weakly: the hub keeps a registration until the next delete under
+/// the prefix (or its idle check) after the watch is stopped, and must not keep the
+/// session, whose last handle's drop revokes the lease, alive meanwhile.
+struct Watcher {
+    session: WeakSession,
+    key: Vec<u8>,
+    create_rev: Revision,
+    /// Changes after this revision count.
+    after: Revision,
+    lost: CancellationToken,
+    stop: CancellationToken,
+    reason: Arc<StdMutex<Option<String>>>,
+}
+
+impl Watcher {
+    /// Record the loss, cancel the token, and have the session check its lease now (a
+    /// vanished key often means a revoked lease).
+    fn lose(&self, why: &'static str) {
+        if self.stop.is_cancelled() || self.lost.is_cancelled() {
+            return;
+        }
+        tracing::info!(key = %String::from_utf8_lossy(&self.key), reason = why, "ownership lost");
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+        self.lost.cancel();
+        if let Some(session) = self.session.upgrade() {
+            session.poke();
+        }
+    }
+
+    /// Watch the key in a task of its own, until it is lost or the watch is stopped. With
+    /// the session gone there is nothing to watch for: its lease was revoked, and the lost
+    /// token, a child of the session's, cancelled.
+    fn spawn(&self, prefix: Vec<u8>, held_again: bool) {
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        let task = watch_key(
+            session.client().clone(),
+            prefix,
+            self.key.clone(),
+            self.create_rev,
+            self.after,
+            held_again,
+        );
+        let (l, s, r, sess) = (
+            self.lost.clone(),
+            self.stop.clone(),
+            self.reason.clone(),
+            session,
+        );
+        let span =
+            tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key));
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    _ = s.cancelled() => {}
+                    _ = l.cancelled() => {}
+                    why = task => {
+                        tracing::info!(reason = why, "ownership lost");
+                        *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+                        l.cancel();
+                        sess.poke();
+                    }
+                }
+                drop(sess);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+impl crate::hub::OnDelete for Watcher {
+    fn woken(&self, woken: Woken) {
+        match woken {
+            Woken::Deleted(_) => self.lose("key deleted"),
+            // The shared watch broke: a task takes over (it reads the key first).
+            _ if self.is_closed() => {}
+            _ => self.spawn(parent(&self.key), true),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.stop.is_cancelled() || self.lost.is_cancelled()
+    }
+}
+
 /// Wait until `key` is deleted (or re-created, which needs a delete first); returns why.
 ///
 /// Uses the client's shared watch on the key's parent prefix, so holding many keys costs no
 /// watch stream each. Survives broken watches and compaction by re-reading the key.
 async fn watch_key(
     client: Client,
+    prefix: Vec<u8>,
     key: Vec<u8>,
     create_rev: Revision,
-    from: Revision,
+    mut after: Revision,
+    held_again: bool,
 ) -> &'static str {
     let store = client.store();
-    let prefix = match key.iter().rposition(|b| *b == b'/') {
-        Some(i) => key[..=i].to_vec(),
-        None => Vec::new(),
-    };
-    let mut after = from - 1;
     let mut backoff = RETRY_MIN;
-    let held_again = client.hub().held_again(&prefix);
     loop {
         // Without a shared watch on the prefix (this client is not waiting on it, and did
         // not hold a key under it a moment ago), watch the key alone: a shared watch opened

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex as StdMutex, MutexGuard as StdMutexGuard};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard as StdMutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -86,6 +86,17 @@ const ORPHANED: &str = "session orphaned: its lease is no longer kept alive";
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<Inner>,
+}
+
+/// See [`Session::downgrade`].
+#[derive(Clone)]
+pub(crate) struct WeakSession(Weak<Inner>);
+
+impl WeakSession {
+    /// The session, unless every `Session` handle is gone.
+    pub(crate) fn upgrade(&self) -> Option<Session> {
+        self.0.upgrade().map(|inner| Session { inner })
+    }
 }
 
 struct Inner {
@@ -345,6 +356,12 @@ impl Session {
     /// Ask the keep-alive task to check the lease now (used when a guard sees its key vanish).
     pub(crate) fn poke(&self) {
         self.inner.shared.poke.notify_one();
+    }
+
+    /// A handle that does not keep the session alive (nor, with it, its lease: dropping the
+    /// last `Session` revokes it).
+    pub(crate) fn downgrade(&self) -> WeakSession {
+        WeakSession(Arc::downgrade(&self.inner))
     }
 
     /// Stop the keep-alives and revoke the lease, deleting every key bound to it.
