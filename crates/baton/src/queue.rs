@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,7 +44,9 @@ pub(crate) struct Entry {
     queue: Queue,
     key: Vec<u8>,
     claim: Option<OwnedClaim>,
-    inflight: Option<JoinHandle<Result<TxnResponse>>>,
+    /// The join transaction while it is in flight: polled by `send`, and finished in a task
+    /// of its own if the entry is dropped first.
+    inflight: Option<InFlight>,
     my_rev: Option<Revision>,
     /// The revision after which changes to our key must be watched, once at the head.
     head_at: Option<Revision>,
@@ -275,8 +277,10 @@ impl Entry {
         }
     }
 
-    /// Run the join transaction in its own task, so that a cancelled caller can still learn
-    /// its outcome and clean up.
+    /// Run the join transaction, so that a cancelled caller can still learn its outcome and
+    /// clean up: the request's future is kept in the entry while it is polled, and if the
+    /// entry is dropped before it is answered, finished in a task of its own (see `Drop`).
+    /// The common case, a join that is not cancelled, spawns no task.
     ///
     /// A failure whose outcome is unknown and that may pass (etcd's "request timed out"
     /// while a new leader is elected, a lost connection) is retried while the session
@@ -289,12 +293,11 @@ impl Entry {
         loop {
             let store = self.store.clone();
             let attempt = txn.clone();
-            let handle = self
+            let request = self
                 .inflight
-                .insert(tokio::spawn(async move { store.txn(attempt).await }));
-            let res = handle.await;
+                .insert(InFlight(Box::pin(async move { store.txn(attempt).await })));
+            let res = (&mut request.0).await;
             self.inflight = None;
-            let res = res.map_err(|e| Error::Store(format!("queue join task failed: {e}")))?;
             match res {
                 Err(e)
                     if e.is_retryable()
@@ -349,7 +352,7 @@ impl Drop for Entry {
                 claim.releasing();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
-                        if let Ok(Ok(resp)) = handle.await {
+                        if let Ok(resp) = handle.0.await {
                             if let Ok(rev) = my_revision(&resp, &key) {
                                 let _ = settle_delete(&store, &key, rev, &claim).await;
                             }
@@ -362,6 +365,10 @@ impl Drop for Entry {
         }
     }
 }
+
+/// An in-flight join request. Only ever used through `&mut` (polled by [`Entry::send`],
+/// or moved into a task by `Drop`).
+struct InFlight(BoxFuture<'static, Result<TxnResponse>>);
 
 /// What `last_few` (the last keys created under `queue`'s prefix, newest first, read with
 /// limit `depth`, ours among them) tells of the queue's head.

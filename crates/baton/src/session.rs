@@ -227,7 +227,7 @@ impl SessionBuilder {
         tracing::debug!(lease = %format_args!("{:x}", grant.id), ttl = ?grant.ttl, "session started");
         let span = tracing::debug_span!("keep_alive", lease = %format_args!("{:x}", grant.id));
         let hub = inner.client.hub().clone();
-        tokio::spawn(keep_alive(shared, store, hub, interval).instrument(span));
+        tokio::spawn(keep_alive(shared, store, hub, sent, interval).instrument(span));
         Ok(Session { inner })
     }
 }
@@ -500,13 +500,18 @@ impl Drop for Inner {
 /// for the previous reply: keep-alives are pipelined, as Go's client does, so a session
 /// survives reply latencies up to about TTL − interval, not only up to the interval. Each
 /// reply moves the deadline to its request's send time plus the TTL (never earlier).
+///
+/// The first keep-alive is due an interval after `granted_at` (when the grant was sent),
+/// not after this task first runs: on a busy runtime that can be much later, and the
+/// deadline counts from the grant.
 async fn keep_alive(
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     hub: Arc<crate::hub::Hub>,
+    granted_at: Instant,
     interval: Duration,
 ) {
-    let mut next = Instant::now() + interval;
+    let mut next = granted_at + interval;
     type Reply = (
         Instant,
         std::result::Result<Result<Option<Duration>>, tokio::time::error::Elapsed>,
