@@ -894,14 +894,14 @@ mod tests {
         (session, guard, key, pw)
     }
 
-    /// A holder registered as a hook hears of its key's delete from the shared watch.
-    #[tokio::test]
-    async fn a_hooked_holder_hears_of_the_delete() {
-        let client = crate::Client::memory();
-        let (_session, guard, key, _) = third_hold(&client).await;
-        assert!(!guard.is_lost());
-        client
-            .store()
+    /// Delete the held key behind the holder's back: `lost()` fires, for that reason.
+    async fn delete_and_see_it_lost(
+        client: &crate::Client,
+        key: Vec<u8>,
+        guard: &crate::MutexGuard,
+    ) {
+        let store = client.store();
+        store
             .delete(crate::store::KeyRange::key(key))
             .await
             .unwrap();
@@ -909,6 +909,15 @@ mod tests {
             .await
             .expect("lost() fired");
         assert_eq!(guard.lost_reason().as_deref(), Some("key deleted"));
+    }
+
+    /// A holder registered as a hook hears of its key's delete from the shared watch.
+    #[tokio::test]
+    async fn a_hooked_holder_hears_of_the_delete() {
+        let client = crate::Client::memory();
+        let (_session, guard, key, _) = third_hold(&client).await;
+        assert!(!guard.is_lost());
+        delete_and_see_it_lost(&client, key, &guard).await;
         let err = guard.unlock().await.unwrap_err();
         assert!(matches!(err, crate::Error::NotHeld { .. }), "{err}");
     }
@@ -927,15 +936,7 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
-        client
-            .store()
-            .delete(crate::store::KeyRange::key(key))
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), guard.lost())
-            .await
-            .expect("lost() fired after the shared watch broke");
-        assert_eq!(guard.lost_reason().as_deref(), Some("key deleted"));
+        delete_and_see_it_lost(&client, key, &guard).await;
     }
 
     /// A stopped hook stays registered until the shared watch's next event or idle check,
