@@ -324,8 +324,11 @@ impl Hub {
             // The shared watch died, or dropped events since our read from its buffer (a
             // read older than its last BUFFER deletes): replace it, from now if it died,
             // else from right after our read (which covers us, at the price of the sweep).
+            // The old watch's waiters are told to read again (hooks hold no receiver that
+            // would tell them when it is dropped).
             self.forget(prefix, &pw);
             let alive = pw.state().alive;
+            pw.die();
             pw = self
                 .open(store, prefix, if alive { Some(after) } else { None })
                 .await?;
@@ -585,6 +588,22 @@ async fn run(
         pw.die();
         if let Some(hub) = hub.upgrade() {
             hub.forget(&prefix, &pw);
+        }
+    }
+}
+
+/// A watch dropped with waiters still registered (replaced, or forgotten while a hook was
+/// registering with it) tells its hooks to watch by other means. Waiters of
+/// [`Hub::wait_delete`] learn it from their answer's sender being dropped.
+impl Drop for PrefixWatch {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (_, ws) in st.waiters.drain() {
+            for w in ws {
+                if let Sink::Hook(hook) = &w.sink {
+                    hook.woken(Woken::Interrupted);
+                }
+            }
         }
     }
 }
@@ -934,6 +953,48 @@ mod tests {
             pw.state().waiters.is_empty(),
             "the hook was told and dropped"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+        delete_and_see_it_lost(&client, key, &guard).await;
+    }
+
+    /// A shared watch replaced because a waiter's read is older than its buffer tells its
+    /// hooks: a hooked holder is not left without a loss watch, and hears of a later delete.
+    #[tokio::test]
+    async fn a_hooked_holder_survives_its_watch_being_replaced() {
+        let client = crate::Client::memory();
+        let (_session, guard, key, pw) = third_hold(&client).await;
+        drop(pw);
+        let store = client.store().clone();
+        let old_read = store.put(b"hooked/old", b"", 0).await.unwrap();
+        let mut last = old_read;
+        for i in 0..BUFFER + 10 {
+            let other = format!("hooked/churn{i}");
+            store.put(other.as_bytes(), b"", 0).await.unwrap();
+            last = store
+                .delete(crate::store::KeyRange::key(other))
+                .await
+                .unwrap()
+                .1;
+        }
+        let seen_all = || {
+            client
+                .hub()
+                .get(b"hooked/")
+                .is_some_and(|pw| pw.state().progress >= last)
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !seen_all() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the shared watch saw the churn");
+        // A wait from before the churn replaces the watch (it waits on: give up soon).
+        let waiting = client
+            .hub()
+            .wait_delete(&store, b"hooked/", &[b"hooked/old"], old_read);
+        let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
         delete_and_see_it_lost(&client, key, &guard).await;

@@ -59,7 +59,7 @@ impl Ownership {
                 // one ends before its task has run.
                 hub.open_soon(session.client().store(), &prefix);
             }
-            watcher.spawn(prefix, held_again);
+            watcher.spawn(prefix, held_again, false);
         }
         Ownership { lost, stop, reason }
     }
@@ -128,7 +128,10 @@ impl Watcher {
         if self.stop.is_cancelled() || self.lost.is_cancelled() {
             return;
         }
-        tracing::info!(key = %String::from_utf8_lossy(&self.key), reason = why, "ownership lost");
+        let span =
+            tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key));
+        let _entered = span.enter();
+        tracing::info!(reason = why, "ownership lost");
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
         self.lost.cancel();
         if let Some(session) = self.session.upgrade() {
@@ -139,8 +142,16 @@ impl Watcher {
     /// Watch the key in a task of its own, until it is lost or the watch is stopped. With
     /// the session gone there is nothing to watch for: its lease was revoked, and the lost
     /// token, a child of the session's, cancelled.
-    fn spawn(&self, prefix: Vec<u8>, held_again: bool) {
+    ///
+    /// With `read_first` (the shared watch that served the hook broke), the task reads the
+    /// key before it waits: `after` is as old as the hold, and a new shared watch can vouch
+    /// only for what follows a recent read. Without a tokio runtime (a hub dropped outside
+    /// one), nothing can watch: the holder learns of a loss from the session only.
+    fn spawn(&self, prefix: Vec<u8>, held_again: bool, read_first: bool) {
         let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let task = watch_key(
@@ -150,6 +161,7 @@ impl Watcher {
             self.create_rev,
             self.after,
             held_again,
+            read_first,
         );
         let (l, s, r, sess) = (
             self.lost.clone(),
@@ -159,7 +171,7 @@ impl Watcher {
         );
         let span =
             tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key));
-        tokio::spawn(
+        runtime.spawn(
             async move {
                 tokio::select! {
                     _ = s.cancelled() => {}
@@ -184,7 +196,7 @@ impl crate::hub::OnDelete for Watcher {
             Woken::Deleted(_) => self.lose("key deleted"),
             // The shared watch broke: a task takes over (it reads the key first).
             _ if self.is_closed() => {}
-            _ => self.spawn(parent(&self.key), true),
+            _ => self.spawn(parent(&self.key), true, true),
         }
     }
 
@@ -204,15 +216,18 @@ async fn watch_key(
     create_rev: Revision,
     mut after: Revision,
     held_again: bool,
+    mut read_first: bool,
 ) -> &'static str {
     let store = client.store();
     let mut backoff = RETRY_MIN;
     loop {
-        // Without a shared watch on the prefix (this client is not waiting on it, and did
-        // not hold a key under it a moment ago), watch the key alone: a shared watch opened
-        // now would start behind etcd's current revision (served only by its 100 ms sweep
-        // at first) and receive every event of the prefix.
-        if !(client.hub().is_live(&prefix) || held_again) {
+        if std::mem::take(&mut read_first) {
+            // Straight to the read below.
+        } else if !(client.hub().is_live(&prefix) || held_again) {
+            // Without a shared watch on the prefix (this client is not waiting on it, and
+            // did not hold a key under it a moment ago), watch the key alone: a shared watch
+            // opened now would start behind etcd's current revision (served only by its
+            // 100 ms sweep at first) and receive every event of the prefix.
             match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)], true).await {
                 Ok(Some((_, why))) => return why,
                 Ok(None) => {}
@@ -224,23 +239,24 @@ async fn watch_key(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(RETRY_MAX);
             continue;
-        }
-        match client
-            .hub()
-            .wait_delete(store, &prefix, &[&key], after)
-            .await
-        {
-            Ok((_, Woken::Deleted(_))) => return "key deleted",
-            // The shared watch was opened after `after`: read the key now.
-            Ok((_, Woken::Reread)) => {}
-            Ok((_, Woken::Interrupted)) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "ownership watch failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
+        } else {
+            match client
+                .hub()
+                .wait_delete(store, &prefix, &[&key], after)
+                .await
+            {
+                Ok((_, Woken::Deleted(_))) => return "key deleted",
+                // The shared watch was opened after `after`: read the key now.
+                Ok((_, Woken::Reread)) => {}
+                Ok((_, Woken::Interrupted)) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "ownership watch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
             }
         }
         // The watch broke, its start was compacted, or it started after `after`: read the

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -296,8 +297,13 @@ impl Entry {
             let request = self
                 .inflight
                 .insert(InFlight(Box::pin(async move { store.txn(attempt).await })));
-            let res = (&mut request.0).await;
+            // A request that panics is not finished again by `Drop`, and fails the join as
+            // a failed task did.
+            let res = std::panic::AssertUnwindSafe(&mut request.0)
+                .catch_unwind()
+                .await;
             self.inflight = None;
+            let res = res.map_err(|_| Error::Store("queue join request panicked".into()))?;
             match res {
                 Err(e)
                     if e.is_retryable()
