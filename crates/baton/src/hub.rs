@@ -492,10 +492,14 @@ impl Hub {
                 waiters: HashMap::new(),
             }),
         });
-        self.prefixes
+        // A watch replaced here is dropped after the map's lock is released: its Drop tells
+        // its hooks, which must not run under the lock.
+        let replaced = self
+            .prefixes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(prefix.to_vec(), pw.clone());
+        drop(replaced);
         let span = tracing::debug_span!("prefix_watch", prefix = %String::from_utf8_lossy(prefix));
         tokio::spawn(
             run(

@@ -276,6 +276,8 @@ async fn watch_key(
                 tracing::debug!(error = %e, "ownership check failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
+                // Read again before waiting: `after` is as old as before the read.
+                read_first = true;
             }
         }
     }
