@@ -893,13 +893,10 @@ mod tests {
             mutex.lock().await.unwrap().unlock().await.unwrap();
         }
         // The open the second hold started completes in a task of its own.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !client.hub().is_live(b"hooked/") {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        eventually("the second hold opened the shared watch", || {
+            client.hub().is_live(b"hooked/")
         })
-        .await
-        .expect("the second hold opened the shared watch");
+        .await;
         let guard = mutex.lock().await.unwrap();
         let key = guard.key().as_bytes().to_vec();
         let opened = client.hub().counters.snapshot().watches_opened;
@@ -917,12 +914,26 @@ mod tests {
         (session, guard, key, pw)
     }
 
-    /// Delete the held key behind the holder's back: `lost()` fires, for that reason.
+    /// Wait up to 5 s (real time) for `cond`, polling every millisecond.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "not within 5 s: {what}");
+    }
+
+    /// The guard is still held 50 ms on; then delete the held key behind the holder's back:
+    /// `lost()` fires, for that reason.
     async fn delete_and_see_it_lost(
         client: &crate::Client,
         key: Vec<u8>,
         guard: &crate::MutexGuard,
     ) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
         let store = client.store();
         store
             .delete(crate::store::KeyRange::key(key))
@@ -939,7 +950,6 @@ mod tests {
     async fn a_hooked_holder_hears_of_the_delete() {
         let client = crate::Client::memory();
         let (_session, guard, key, _) = third_hold(&client).await;
-        assert!(!guard.is_lost());
         delete_and_see_it_lost(&client, key, &guard).await;
         let err = guard.unlock().await.unwrap_err();
         assert!(matches!(err, crate::Error::NotHeld { .. }), "{err}");
@@ -957,8 +967,6 @@ mod tests {
             pw.state().waiters.is_empty(),
             "the hook was told and dropped"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
         delete_and_see_it_lost(&client, key, &guard).await;
     }
 
@@ -987,20 +995,12 @@ mod tests {
                 .get(b"hooked/")
                 .is_some_and(|pw| pw.state().progress >= last)
         };
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !seen_all() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("the shared watch saw the churn");
+        eventually("the shared watch saw the churn", seen_all).await;
         // A wait from before the churn replaces the watch (it waits on: give up soon).
         let waiting = client
             .hub()
             .wait_delete(&store, b"hooked/", &[b"hooked/old"], old_read);
         let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
         delete_and_see_it_lost(&client, key, &guard).await;
     }
 
@@ -1013,13 +1013,10 @@ mod tests {
         guard.unlock().await.unwrap();
         let lease = session.lease_id();
         // The unlock's delete reaches the hub, which drops the hook told of it.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !pw.state().waiters.is_empty() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+        eventually("the unlock's delete was seen", || {
+            pw.state().waiters.is_empty()
         })
-        .await
-        .expect("the unlock's delete was seen");
+        .await;
         // A hook on a key that sees no event: stopped (dropped), it lingers.
         let now = client.store().put(b"other", b"", 0).await.unwrap();
         let ownership =
