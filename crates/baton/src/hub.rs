@@ -529,6 +529,13 @@ async fn run(
     pw: Weak<PrefixWatch>,
     mut stream: crate::store::WatchStream,
 ) {
+    // However this ends (the loop below breaks, the task is dropped with its runtime, or it
+    // panics), the watch is marked dead and its waiters told.
+    let _dead_at_end = DeadAtEnd {
+        hub,
+        prefix,
+        pw: pw.clone(),
+    };
     let mut idle_check = tokio::time::interval(IDLE);
     idle_check.tick().await;
     let mut idle_ticks = 0u32;
@@ -587,11 +594,25 @@ async fn run(
         }
         prune(&mut st);
     }
-    // Dead: wake everyone to read again, and let the next waiter open a fresh watch.
-    if let Some(pw) = pw.upgrade() {
-        pw.die();
-        if let Some(hub) = hub.upgrade() {
-            hub.forget(&prefix, &pw);
+}
+
+/// Marks a prefix watch dead when its task ends: wakes everyone to read again, and lets the
+/// next waiter open a fresh watch. A task can also end by being dropped, when the runtime
+/// it was spawned on shuts down while the client lives on in another: its waiters would
+/// otherwise wait on a watch that nobody feeds.
+struct DeadAtEnd {
+    hub: Weak<Hub>,
+    prefix: Vec<u8>,
+    pw: Weak<PrefixWatch>,
+}
+
+impl Drop for DeadAtEnd {
+    fn drop(&mut self) {
+        if let Some(pw) = self.pw.upgrade() {
+            pw.die();
+            if let Some(hub) = self.hub.upgrade() {
+                hub.forget(&self.prefix, &pw);
+            }
         }
     }
 }
@@ -1002,6 +1023,72 @@ mod tests {
             .wait_delete(&store, b"hooked/", &[b"hooked/old"], old_read);
         let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
         delete_and_see_it_lost(&client, key, &guard).await;
+    }
+
+    /// A shared watch whose task is dropped with its runtime (the client lives on in another)
+    /// tells its waiters and hooks: a waiter reads again instead of waiting forever, and a
+    /// hooked holder still hears of its key's delete.
+    #[test]
+    fn a_watch_dropped_with_its_runtime_tells_its_waiters() {
+        let current = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (holder_rt, watch_rt) = (current(), current());
+        let client = crate::Client::memory();
+        // The holder's first two holds, on the holder's runtime, note the prefix; the shared
+        // watch is then opened on the other runtime, whose task feeds it.
+        let (session, mutex) = holder_rt.block_on(async {
+            let session = crate::Session::builder(&client)
+                .with_ttl(Duration::from_secs(10))
+                .build()
+                .await
+                .unwrap();
+            let mutex = crate::Mutex::new(&session, "hooked").unwrap();
+            for _ in 0..2 {
+                mutex.lock().await.unwrap().unlock().await.unwrap();
+            }
+            (session, mutex)
+        });
+        let store = client.store().clone();
+        watch_rt.block_on(async {
+            client
+                .hub()
+                .open_from_now(&store, b"hooked/")
+                .await
+                .unwrap();
+        });
+        let (guard, waiter) = holder_rt.block_on(async {
+            let guard = mutex.lock().await.unwrap();
+            let pw = client.hub().get(b"hooked/").expect("open");
+            assert!(
+                pw.state().waiters.contains_key(guard.key().as_bytes()),
+                "hooked"
+            );
+            let at = store.put(b"hooked/other", b"", 0).await.unwrap();
+            let (hub, s) = (client.hub().clone(), store.clone());
+            let waiter = tokio::spawn(async move {
+                hub.wait_delete(&s, b"hooked/", &[b"hooked/other"], at)
+                    .await
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(pw.state().waiters.contains_key(b"hooked/other".as_slice()));
+            (guard, waiter)
+        });
+        drop(watch_rt);
+        holder_rt.block_on(async {
+            let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("the waiter was told")
+                .unwrap()
+                .unwrap();
+            assert_eq!(answer, (0, Woken::Interrupted));
+            let key = guard.key().as_bytes().to_vec();
+            delete_and_see_it_lost(&client, key, &guard).await;
+            drop(session);
+        });
     }
 
     /// A stopped hook stays registered until the shared watch's next event or idle check,

@@ -43,6 +43,7 @@ impl Ownership {
         let reason = Arc::new(StdMutex::new(None));
         let prefix = parent(&key);
         let watcher = Arc::new(Watcher {
+            runtime: tokio::runtime::Handle::try_current().ok(),
             session: session.downgrade(),
             key,
             create_rev,
@@ -111,6 +112,9 @@ fn parent(key: &[u8]) -> Vec<u8> {
 /// the prefix (or its idle check) after the watch is stopped, and must not keep the
 /// session, whose last handle's drop revokes the lease, alive meanwhile.
 struct Watcher {
+    /// The holder's runtime: the hub may tell the hook from another one (or from a task
+    /// being dropped as its runtime shuts down), and a task spawned there might never run.
+    runtime: Option<tokio::runtime::Handle>,
     session: WeakSession,
     key: Vec<u8>,
     create_rev: Revision,
@@ -145,13 +149,17 @@ impl Watcher {
     ///
     /// With `read_first` (the shared watch that served the hook broke), the task reads the
     /// key before it waits: `after` is as old as the hold, and a new shared watch can vouch
-    /// only for what follows a recent read. Without a tokio runtime (a hub dropped outside
-    /// one), nothing can watch: the holder learns of a loss from the session only.
+    /// only for what follows a recent read. The task runs on the holder's runtime. Without
+    /// one, nothing can watch: the holder learns of a loss from the session only.
     fn spawn(&self, prefix: Vec<u8>, held_again: bool, read_first: bool) {
         let Some(session) = self.session.upgrade() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = self
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
             return;
         };
         let task = watch_key(
