@@ -898,12 +898,8 @@ mod tests {
         );
     }
 
-    /// A session that holds the same name again and again, with the mutex's key as it is
-    /// held for the third time: the first hold notes the prefix, the second opens the
-    /// client's shared watch, and the third registers with it as a hook (no task).
-    async fn third_hold(
-        client: &crate::Client,
-    ) -> (crate::Session, crate::MutexGuard, Vec<u8>, Arc<PrefixWatch>) {
+    /// A session on `client` and its mutex `hooked`, locked and unlocked twice.
+    async fn held_twice(client: &crate::Client) -> (crate::Session, crate::Mutex) {
         let session = crate::Session::builder(client)
             .with_ttl(Duration::from_secs(10))
             .build()
@@ -913,6 +909,16 @@ mod tests {
         for _ in 0..2 {
             mutex.lock().await.unwrap().unlock().await.unwrap();
         }
+        (session, mutex)
+    }
+
+    /// A session that holds the same name again and again, with the mutex's key as it is
+    /// held for the third time: the first hold notes the prefix, the second opens the
+    /// client's shared watch, and the third registers with it as a hook (no task).
+    async fn third_hold(
+        client: &crate::Client,
+    ) -> (crate::Session, crate::MutexGuard, Vec<u8>, Arc<PrefixWatch>) {
+        let (session, mutex) = held_twice(client).await;
         // The open the second hold started completes in a task of its own.
         eventually("the second hold opened the shared watch", || {
             client.hub().is_live(b"hooked/")
@@ -1040,18 +1046,7 @@ mod tests {
         let client = crate::Client::memory();
         // The holder's first two holds, on the holder's runtime, note the prefix; the shared
         // watch is then opened on the other runtime, whose task feeds it.
-        let (session, mutex) = holder_rt.block_on(async {
-            let session = crate::Session::builder(&client)
-                .with_ttl(Duration::from_secs(10))
-                .build()
-                .await
-                .unwrap();
-            let mutex = crate::Mutex::new(&session, "hooked").unwrap();
-            for _ in 0..2 {
-                mutex.lock().await.unwrap().unlock().await.unwrap();
-            }
-            (session, mutex)
-        });
+        let (session, mutex) = holder_rt.block_on(held_twice(&client));
         let store = client.store().clone();
         watch_rt.block_on(async {
             client
