@@ -44,13 +44,15 @@ impl Ownership {
         let prefix = parent(&key);
         let watcher = Arc::new(Watcher {
             runtime: tokio::runtime::Handle::try_current().ok(),
-            session: session.downgrade(),
             key,
             create_rev,
             after: from - 1,
-            lost: lost.clone(),
-            stop: stop.clone(),
-            reason: reason.clone(),
+            loss: Loss {
+                session: session.downgrade(),
+                lost: lost.clone(),
+                stop: stop.clone(),
+                reason: reason.clone(),
+            },
         });
         let hub = session.client().hub();
         let held_again = hub.held_again(&prefix);
@@ -115,26 +117,30 @@ struct Watcher {
     /// The holder's runtime: the hub may tell the hook from another one (or from a task
     /// being dropped as its runtime shuts down), and a task spawned there might never run.
     runtime: Option<tokio::runtime::Handle>,
-    session: WeakSession,
     key: Vec<u8>,
     create_rev: Revision,
     /// Changes after this revision count.
     after: Revision,
+    loss: Loss,
+}
+
+/// What a loss is reported to, whether the hook or its task finds it.
+#[derive(Clone)]
+struct Loss {
+    session: WeakSession,
     lost: CancellationToken,
     stop: CancellationToken,
     reason: Arc<StdMutex<Option<String>>>,
 }
 
-impl Watcher {
+impl Loss {
     /// Record the loss, cancel the token, and have the session check its lease now (a
-    /// vanished key often means a revoked lease).
-    fn lose(&self, why: &'static str) {
-        if self.stop.is_cancelled() || self.lost.is_cancelled() {
+    /// vanished key often means a revoked lease). Nothing if the watch was stopped (a
+    /// release) or the loss already reported.
+    fn report(&self, why: &'static str) {
+        if self.is_closed() {
             return;
         }
-        let span =
-            tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key));
-        let _entered = span.enter();
         tracing::info!(reason = why, "ownership lost");
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
         self.lost.cancel();
@@ -143,6 +149,12 @@ impl Watcher {
         }
     }
 
+    fn is_closed(&self) -> bool {
+        self.stop.is_cancelled() || self.lost.is_cancelled()
+    }
+}
+
+impl Watcher {
     /// Watch the key in a task of its own, until it is lost or the watch is stopped. With
     /// the session gone there is nothing to watch for: its lease was revoked, and the lost
     /// token, a child of the session's, cancelled.
@@ -152,7 +164,7 @@ impl Watcher {
     /// only for what follows a recent read. The task runs on the holder's runtime. Without
     /// one, nothing can watch: the holder learns of a loss from the session only.
     fn spawn(&self, prefix: Vec<u8>, held_again: bool, read_first: bool) {
-        let Some(session) = self.session.upgrade() else {
+        let Some(session) = self.loss.session.upgrade() else {
             return;
         };
         let Some(runtime) = self
@@ -171,37 +183,29 @@ impl Watcher {
             held_again,
             read_first,
         );
-        let (l, s, r, sess) = (
-            self.lost.clone(),
-            self.stop.clone(),
-            self.reason.clone(),
-            session,
-        );
-        let span =
-            tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key));
+        drop(session);
+        let loss = self.loss.clone();
         runtime.spawn(
             async move {
                 tokio::select! {
-                    _ = s.cancelled() => {}
-                    _ = l.cancelled() => {}
-                    why = task => {
-                        tracing::info!(reason = why, "ownership lost");
-                        *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
-                        l.cancel();
-                        sess.poke();
-                    }
+                    _ = loss.stop.cancelled() => {}
+                    _ = loss.lost.cancelled() => {}
+                    why = task => loss.report(why),
                 }
-                drop(sess);
             }
-            .instrument(span),
+            .instrument(self.span()),
         );
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::debug_span!("watch_ownership", key = %String::from_utf8_lossy(&self.key))
     }
 }
 
 impl crate::hub::OnDelete for Watcher {
     fn woken(&self, woken: Woken) {
         match woken {
-            Woken::Deleted(_) => self.lose("key deleted"),
+            Woken::Deleted(_) => self.span().in_scope(|| self.loss.report("key deleted")),
             // The shared watch broke: a task takes over (it reads the key first).
             _ if self.is_closed() => {}
             _ => self.spawn(parent(&self.key), true, true),
@@ -209,7 +213,7 @@ impl crate::hub::OnDelete for Watcher {
     }
 
     fn is_closed(&self) -> bool {
-        self.stop.is_cancelled() || self.lost.is_cancelled()
+        self.loss.is_closed()
     }
 }
 
