@@ -79,6 +79,17 @@ impl Client {
         Client::from_store(MemStore::new())
     }
 
+    /// A client on a store the caller keeps a handle to (tests that act on the store).
+    #[cfg(test)]
+    pub(crate) fn from_arc(store: Arc<dyn Store>) -> Client {
+        Client {
+            endpoints: store.backend().to_string(),
+            store,
+            namespace: String::new(),
+            hub: Arc::default(),
+        }
+    }
+
     /// A client on any [`Store`].
     pub fn from_store(store: impl Store) -> Client {
         let endpoints = store.backend().to_string();

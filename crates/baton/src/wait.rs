@@ -90,9 +90,13 @@ async fn read_turn(
     let mine = gets.next().flatten();
     match pred {
         // The newest older key belongs to a nested name (`a/b/…` under `a/`): scan for ours.
+        // The scan reads our key again, in the same transaction: the verdict on the queue
+        // and on our key must be of one revision, or a delete of our key between two reads
+        // would be missed for good (the loss watch starts after the verdict's revision).
         Some(kv) if !queue.contains(&kv.key) => {
-            let (header, pred) =
-                scan_member(store, queue, SortOrder::Descending, max_create_rev).await?;
+            let (header, pred, mine) =
+                scan_member_and_mine(store, queue, SortOrder::Descending, max_create_rev, my_key)
+                    .await?;
             Ok(TurnRead {
                 header,
                 pred,
@@ -129,6 +133,34 @@ pub(crate) async fn scan_member(
         .await?;
     let found = resp.kvs.into_iter().find(|kv| queue.contains(&kv.key));
     Ok((resp.header_revision, found))
+}
+
+/// [`scan_member`], and `my_key` as it is at the same revision, in one transaction:
+/// `(header revision, member found, our key)`.
+pub(crate) async fn scan_member_and_mine(
+    store: &Arc<dyn Store>,
+    queue: &Queue,
+    order: SortOrder,
+    max_create_rev: Revision,
+    my_key: &[u8],
+) -> Result<(Revision, Option<KeyValue>, Option<KeyValue>)> {
+    let scan = Range::prefix(queue.prefix.clone())
+        .sort_by(SortTarget::CreateRevision, order)
+        .with_max_create_revision(max_create_rev);
+    let resp = store
+        .txn(Txn::new().and_then([TxnOp::get(scan), TxnOp::get(Range::key(my_key))]))
+        .await?;
+    let mut gets = resp.responses.into_iter().map(|r| match r {
+        crate::store::TxnOpResponse::Get(g) => g.kvs,
+        _ => Vec::new(),
+    });
+    let found = gets
+        .next()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|kv| queue.contains(&kv.key));
+    let mine = gets.next().unwrap_or_default().into_iter().next();
+    Ok((resp.header_revision, found, mine))
 }
 
 /// Wait until no member of `queue` has a create revision below `my_rev`, checking each
@@ -221,12 +253,20 @@ pub(crate) async fn wait_turn(
         let answer = hub.wait_delete(store, &queue.prefix, keys, header).await;
         crate::hub::Counters::add(&hub.counters.wakeups);
         let woken = match answer {
-            // The only member ahead of us is gone, and ours was not, at revision `rev`: we
-            // are at the head, with no further read.
+            // The only member ahead of us is gone at revision `rev`: we are at the head, with
+            // no further read, if our key has no delete up to `rev` either. One revision can
+            // delete both (`etcdctl del --prefix`, a transaction), and its events come in key
+            // order, so the answer alone does not tell.
             Ok((0, Woken::Deleted(rev))) if read.pred_is_head && mine_in_queue => {
-                return Ok(Turn {
-                    header_revision: rev,
-                });
+                match rest_gone(client, queue, my_key, header, &[], rev).await {
+                    Ok(Some(at)) => {
+                        return Ok(Turn {
+                            header_revision: at,
+                        })
+                    }
+                    Ok(None) => Ok(Woken::Deleted(rev)),
+                    Err(e) => Err(e),
+                }
             }
             // We know every member that was ahead of us: wait out the rest of them on the
             // shared watch, still without a read.
@@ -327,5 +367,131 @@ pub(crate) async fn head_member(
             scan_member(store, queue, SortOrder::Ascending, 0).await
         }
         head => Ok((resp.header_revision, head)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::store::slow::SlowWatches;
+    use crate::store::{KeyRange, Range, Store};
+    use crate::{Client, Error, Mutex, Session};
+
+    async fn session(client: &Client) -> Session {
+        Session::builder(client)
+            .with_ttl(Duration::from_secs(10))
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// A client whose store deletes a chosen key right before the next scan of a queue.
+    fn trapped() -> (Client, Arc<SlowWatches>) {
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        (Client::from_arc(store.clone()), store)
+    }
+
+    async fn lock_fails_not_held(mutex: Mutex) {
+        let locked = tokio::time::timeout(Duration::from_secs(5), mutex.lock())
+            .await
+            .expect("lock() hung");
+        match locked {
+            Err(Error::NotHeld { .. }) => {}
+            Err(e) => panic!("expected NotHeld, got {e}"),
+            Ok(g) => panic!(
+                "granted a lock whose key is gone (key {}, is_lost {})",
+                g.key(),
+                g.is_lost()
+            ),
+        }
+    }
+
+    /// The holder's key and the waiter's go in one revision (`etcdctl del --prefix`): the
+    /// shared watch names the holder's delete first (events come in key order), but the
+    /// waiter must not take that as its turn.
+    #[tokio::test]
+    async fn a_waiter_deleted_with_the_head_in_one_revision_is_not_granted() {
+        let client = Client::memory();
+        let (s1, s2) = (session(&client).await, session(&client).await);
+        let (m1, m2) = (
+            Mutex::new(&s1, "r/x").unwrap(),
+            Mutex::new(&s2, "r/x").unwrap(),
+        );
+        // The holder's key must sort first.
+        let (holder, waiter) = if m1.key() < m2.key() {
+            (m1, m2)
+        } else {
+            (m2, m1)
+        };
+        let held = holder.lock().await.unwrap();
+        let waiting = tokio::spawn(lock_fails_not_held(waiter));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "the waiter did not wait");
+        let (deleted, _) = client
+            .store()
+            .delete(KeyRange::prefix("r/x/"))
+            .await
+            .unwrap();
+        assert_eq!(deleted, 2);
+        waiting.await.unwrap();
+        // The lock is free for a third session, with nobody else believing they hold it.
+        let third = session(&client).await;
+        let g = tokio::time::timeout(
+            Duration::from_secs(5),
+            Mutex::new(&third, "r/x").unwrap().lock(),
+        )
+        .await
+        .expect("third lock() hung")
+        .unwrap();
+        assert!(held.is_lost());
+        g.unlock().await.unwrap();
+    }
+
+    /// A waiter woken with a nested name's key (`n/b/…` under `n/`) just ahead of it scans
+    /// the queue; its key deleted between its read and that scan must fail the wait, not
+    /// grant it a lock whose key is gone.
+    #[tokio::test]
+    async fn a_waiter_deleted_before_its_scan_of_nested_keys_is_not_granted() {
+        let (client, store) = trapped();
+        let (a, w) = (session(&client).await, session(&client).await);
+        let mw = Mutex::new(&w, "n").unwrap();
+        // The waiter's client has the shared watch on the queue, as after earlier holds.
+        for _ in 0..3 {
+            mw.lock().await.unwrap().unlock().await.unwrap();
+        }
+        let held = Mutex::new(&a, "n").unwrap().lock().await.unwrap();
+        store.put(b"n/b/1f", b"", 0).await.unwrap();
+        let key = mw.key().as_bytes().to_vec();
+        let waiting = tokio::spawn(lock_fails_not_held(mw));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "the waiter did not wait");
+        *store.delete_before_scan.lock().unwrap() = Some(key.clone());
+        held.unlock().await.unwrap();
+        waiting.await.unwrap();
+        assert!(
+            store.delete_before_scan.lock().unwrap().is_none(),
+            "no scan ran"
+        );
+        let left = store.range(Range::key(key)).await.unwrap();
+        assert!(left.kvs.is_empty());
+    }
+
+    /// The join finds a nested name's key among the last keys and scans for the head; our
+    /// key deleted before that scan (nobody else in the queue) must fail the join, not find
+    /// us "at the head" of a queue we are no longer in.
+    #[tokio::test]
+    async fn a_join_whose_key_goes_before_its_scan_is_not_granted() {
+        let (client, store) = trapped();
+        let w = session(&client).await;
+        store.put(b"n/b/1f", b"", 0).await.unwrap();
+        let mw = Mutex::new(&w, "n").unwrap();
+        *store.delete_before_scan.lock().unwrap() = Some(mw.key().as_bytes().to_vec());
+        lock_fails_not_held(mw).await;
+        assert!(
+            store.delete_before_scan.lock().unwrap().is_none(),
+            "no scan ran"
+        );
     }
 }

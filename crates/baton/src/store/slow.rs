@@ -2,6 +2,7 @@
 //! code that works around it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex as StdMutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,8 +10,8 @@ use futures::StreamExt;
 
 use super::mem::MemStore;
 use super::{
-    KeyRange, LeaseGrant, LeaseId, Range, RangeResponse, Revision, Store, Txn, TxnResponse, Watch,
-    WatchStream,
+    KeyRange, LeaseGrant, LeaseId, Range, RangeResponse, Revision, SortTarget, Store, Txn, TxnOp,
+    TxnResponse, Watch, WatchStream,
 };
 use crate::error::Result;
 
@@ -25,6 +26,10 @@ pub(crate) struct SlowWatches {
     pub(crate) create: Duration,
     pub(crate) sweep: Duration,
     pub(crate) created_from_now: AtomicU64,
+    /// A key that the next read scanning a prefix by create revision (a sorted range with no
+    /// limit, alone or in a transaction) deletes just before it runs: a delete that lands
+    /// between a waiter's two reads, every time.
+    pub(crate) delete_before_scan: StdMutex<Option<Vec<u8>>>,
 }
 
 impl SlowWatches {
@@ -35,6 +40,7 @@ impl SlowWatches {
             create,
             sweep,
             created_from_now: AtomicU64::new(0),
+            delete_before_scan: StdMutex::new(None),
         }
     }
 
@@ -42,6 +48,23 @@ impl SlowWatches {
     /// 100 ms after its creation.
     pub(crate) fn etcd_unsynced() -> SlowWatches {
         SlowWatches::new("etcd", Duration::ZERO, Duration::from_millis(100))
+    }
+
+    /// Delete the key set in `delete_before_scan`, once, if `ranges` holds a scan.
+    async fn spring<'a>(&self, mut ranges: impl Iterator<Item = &'a Range>) {
+        let scans =
+            ranges.any(|r| matches!(r.sort, Some((SortTarget::CreateRevision, _))) && r.limit == 0);
+        let key = scans
+            .then(|| {
+                self.delete_before_scan
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+            })
+            .flatten();
+        if let Some(key) = key {
+            let _ = self.inner.delete(KeyRange::Key(key)).await;
+        }
     }
 
     fn hold_back(&self, stream: WatchStream) -> WatchStream {
@@ -59,6 +82,7 @@ impl Store for SlowWatches {
         self.backend
     }
     async fn range(&self, range: Range) -> Result<RangeResponse> {
+        self.spring(std::iter::once(&range)).await;
         self.inner.range(range).await
     }
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
@@ -68,6 +92,15 @@ impl Store for SlowWatches {
         self.inner.delete(keys).await
     }
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        let gets = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .filter_map(|op| match op {
+                TxnOp::Get(range) => Some(range),
+                _ => None,
+            });
+        self.spring(gets).await;
         self.inner.txn(txn).await
     }
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
