@@ -807,6 +807,151 @@ async fn fifo_try_and_timed_out_waiters_leave_no_place() {
     held.unlock().await.unwrap();
 }
 
+/// Wait until `queue` (of the lock `key`) holds `n` waiters.
+async fn until_queued(conn: &mut redis::aio::MultiplexedConnection, key: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue_state(conn, key).await.0 < n {
+        assert!(Instant::now() < deadline, "{n} waiters never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A waiter's poll is held up (its command connection stalls) while a release hands it the
+/// lock; the short grant expires before the poll runs, and the poll finds it waiting. The
+/// hand-off message that came meanwhile is stale: the waiter must not take it (its guard
+/// would say "held" for a key that has expired or is another's), but wait its turn again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_a_handoff_that_ended_during_a_stalled_poll_is_not_taken() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let name = unique("fifo-stale-grant");
+    let mut conn = raw(&server.url()).await;
+    let ttl = Duration::from_secs(10);
+    let poll = |ms| Duration::from_millis(ms);
+    let holder = connect(&server.url(), ttl).await;
+    // W's place lives 900 ms (three polls), so a hand-off grants it 900 ms; X's, 6 s.
+    let w = builder(&proxy.url("redis"), ttl)
+        .with_poll_interval(poll(300))
+        .connect()
+        .await
+        .unwrap();
+    let x = builder(&server.url(), ttl)
+        .with_poll_interval(poll(2000))
+        .connect()
+        .await
+        .unwrap();
+    let held = holder.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let lock_w = w.lock(&name).unwrap();
+    let waiting_w = tokio::spawn(async move {
+        let g = lock_w.lock_timeout(Duration::from_secs(20)).await.unwrap();
+        (g, Instant::now())
+    });
+    until_queued(&mut conn, &key, 1).await;
+    let lock_x = x.lock(&name).unwrap();
+    let waiting_x = tokio::spawn(async move {
+        let g = lock_x.lock_timeout(Duration::from_secs(20)).await.unwrap();
+        (g, Instant::now())
+    });
+    until_queued(&mut conn, &key, 2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Hold up W's requests (its pub/sub messages still come), until its next poll is sent.
+    proxy.set(Direction::ClientToServer, Fault::Pause);
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    held.unlock().await.unwrap();
+    let handed = get(&mut conn, &key).await;
+    assert!(handed.is_some(), "the release did not hand the lock on");
+    // The 900 ms grant expires while W's poll waits (X may take the lock then).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_ne!(
+        get(&mut conn, &key).await,
+        handed,
+        "the grant did not expire"
+    );
+    proxy.heal();
+    // X, ahead of W now, takes the lock at its next poll; W must still be waiting then.
+    let (gx, x_at) = tokio::time::timeout(Duration::from_secs(5), waiting_x)
+        .await
+        .expect("X never got the lock")
+        .unwrap();
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some(gx.token()));
+    assert!(
+        !waiting_w.is_finished(),
+        "W took a hand-off that had ended while X holds the lock"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let x_fence = gx.fencing_token();
+    gx.unlock().await.unwrap();
+    let (gw, w_at) = tokio::time::timeout(Duration::from_secs(5), waiting_w)
+        .await
+        .expect("W never got the lock")
+        .unwrap();
+    assert!(w_at > x_at);
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some(gw.token()));
+    assert!(!gw.is_lost());
+    assert!(gw.fencing_token() > x_fence);
+    gw.unlock().await.unwrap();
+}
+
+/// Waiters with different poll intervals share a queue: the queue's expiry follows the
+/// slowest, so a fast waiter's refreshes never let it expire under a slow one, who keeps
+/// its place and gets the lock before those who queued after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_a_slow_polling_waiter_keeps_its_place() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo-slow-poll");
+    let mut conn = raw(&server.url()).await;
+    let ttl = Duration::from_secs(10);
+    let holder = connect(&server.url(), ttl).await;
+    // A refreshes its place every 2.5-5 s (the queue then lives 60 s); B and C every
+    // 25 ms (400 ms).
+    let slow = builder(&server.url(), ttl)
+        .with_poll_interval(Duration::from_millis(5000))
+        .connect()
+        .await
+        .unwrap();
+    let fast = builder(&server.url(), ttl)
+        .with_poll_interval(Duration::from_millis(25))
+        .connect()
+        .await
+        .unwrap();
+    let held = holder.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let lock_b = fast.lock(&name).unwrap();
+    let waiting_b = tokio::spawn(async move { lock_b.lock().await.unwrap() });
+    until_queued(&mut conn, &key, 1).await;
+    let lock_a = slow.lock(&name).unwrap();
+    let waiting_a = tokio::spawn(async move {
+        let g = lock_a.lock_timeout(Duration::from_secs(10)).await.unwrap();
+        (g, Instant::now())
+    });
+    until_queued(&mut conn, &key, 2).await;
+    // B refreshes (and, before the fix, cut the queue's expiry to 400 ms).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held.unlock().await.unwrap();
+    let gb = waiting_b.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        queue_state(&mut conn, &key).await,
+        (1, 1),
+        "A lost its place"
+    );
+    // C queues after A; B's release must go to A.
+    let lock_c = fast.lock(&name).unwrap();
+    let waiting_c = tokio::spawn(async move {
+        let g = lock_c.lock_timeout(Duration::from_secs(10)).await.unwrap();
+        (g, Instant::now())
+    });
+    until_queued(&mut conn, &key, 2).await;
+    gb.unlock().await.unwrap();
+    let (ga, a_at) = waiting_a.await.unwrap();
+    assert_eq!(get(&mut conn, &key).await.as_deref(), Some(ga.token()));
+    ga.unlock().await.unwrap();
+    let (gc, c_at) = waiting_c.await.unwrap();
+    assert!(a_at < c_at, "C, queued after A, got the lock first");
+    gc.unlock().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Elections
 

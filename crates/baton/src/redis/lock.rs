@@ -404,6 +404,10 @@ async fn acquire_fifo(
     // hand-off to us, and refreshed our place. Until one answers, the first attempt's.
     let mut refreshed: Option<Instant> = None;
     let mut first_sent: Option<Instant> = None;
+    // The highest fencing counter an attempt that found us waiting has seen: a hand-off
+    // message with a token no higher is of a grant that ended before that attempt ran
+    // (else it would have found the grant). Its `since_ms` is not from `refreshed`.
+    let mut stale_upto = 0;
     loop {
         let chan = sub.as_ref().map(|s| s.channel().clone());
         let mut woken = chan.as_ref().map(|c| Box::pin(c.waiters.notified()));
@@ -437,14 +441,15 @@ async fn acquire_fifo(
                 refreshed.unwrap_or(first) + Duration::from_millis(since_ms),
                 granted_ttl,
             ),
-            NodeEnqueue::Waiting(_) if try_only => {
+            NodeEnqueue::Waiting { .. } if try_only => {
                 cleanup.armed = false;
                 return Err(Error::Locked {
                     name: name.to_string(),
                 });
             }
-            NodeEnqueue::Waiting(pttl) => {
+            NodeEnqueue::Waiting { pttl, fence } => {
                 refreshed = Some(sent);
+                stale_upto = stale_upto.max(fence);
                 if sub.is_none() {
                     // Listen for the hand-off, then refresh at once: a hand-off between the
                     // attempt and the subscription is then found by the refresh.
@@ -476,6 +481,15 @@ async fn acquire_fifo(
                 };
                 match granted {
                     None => continue,
+                    Some(g) if g.fence <= stale_upto => {
+                        tracing::debug!(
+                            fence = g.fence,
+                            "a hand-off that ended before our last attempt; waiting on"
+                        );
+                        // The message is used up: listen for the next hand-off afresh.
+                        grant = None;
+                        continue;
+                    }
                     Some(g) => (
                         g.fence,
                         refreshed.unwrap_or(first) + Duration::from_millis(g.since_ms),

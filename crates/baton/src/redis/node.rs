@@ -87,9 +87,10 @@ pub(crate) enum NodeEnqueue {
     /// A release handed the lock to us; the fencing token, and the ms between our last
     /// refresh and the hand-off (see `handoff.lua`).
     Granted { fence: i64, since_ms: u64 },
-    /// Held, or others are ahead: queued (unless `try_only`); the holder's key expires in
-    /// this many ms (negative: no holder, or no expiry).
-    Waiting(i64),
+    /// Held, or others are ahead: queued (unless `try_only`). `pttl`: the holder's key
+    /// expires in this many ms (negative: no holder, or no expiry). `fence`: the fencing
+    /// counter when the script ran; a hand-off to us with a token no higher is stale.
+    Waiting { pttl: i64, fence: i64 },
 }
 
 /// What one node answered to a release.
@@ -515,7 +516,10 @@ impl Node {
                 fence: at(1),
                 since_ms: u64::try_from(at(2)).unwrap_or(0),
             },
-            _ => NodeEnqueue::Waiting(at(1)),
+            _ => NodeEnqueue::Waiting {
+                pttl: at(1),
+                fence: at(2),
+            },
         })
     }
 

@@ -12,7 +12,9 @@
 -- ARGV[4]  the prefix of every waiter key of this lock
 --
 -- Returns {1, fence} when taken now; {2, fence, since} when a release already handed the
--- lock to us (see handoff.lua); else {0, PTTL of the holder's key (-2: none)}.
+-- lock to us (see handoff.lua); else {0, PTTL of the holder's key (-2: none), the fencing
+-- counter now}. A hand-off message to us with a fencing token no higher than that counter
+-- is stale: its grant ended before this call ran, or this call would have found it.
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   local grant = redis.call('GET', KEYS[4])
@@ -48,13 +50,20 @@ if not holder then
   end
 end
 if ARGV[3] ~= '0' then
-  if redis.call('EXISTS', KEYS[4]) == 0 then
+  -- Queue us if we are new, or if the queue is gone while our place lived on (it expired:
+  -- nobody else refreshed it). A live waiter key otherwise means we are in the queue.
+  if redis.call('EXISTS', KEYS[4]) == 0 or redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   -- The value is what a hand-off needs: the TTL to grant, and the lifetime, so that the
   -- time since our last refresh is the lifetime minus the key's PTTL.
   redis.call('SET', KEYS[4], ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[3])
-  -- An abandoned queue goes away by itself.
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[3]) * 4)
+  -- An abandoned queue goes away by itself: four lifetimes of the waiter with the longest
+  -- one, so a waiter with a short one never cuts the queue from under a slower one.
+  local keep = tonumber(ARGV[3]) * 4
+  if redis.call('PTTL', KEYS[3]) < keep then
+    redis.call('PEXPIRE', KEYS[3], keep)
+  end
 end
-return {0, redis.call('PTTL', KEYS[1])}
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+return {0, redis.call('PTTL', KEYS[1]), counter}

@@ -50,8 +50,10 @@ while true do
       since = 0
     end
     -- Kept as long as the grant, for a refresh that crossed the message (enqueue.lua).
-    redis.call('SET', wk, 'g:' .. fence .. ':' .. since, 'PX', granted)
-    redis.call('PUBLISH', ARGV[2], 'g:' .. nxt .. ':' .. fence .. ':' .. since)
+    -- Integers as digits: Lua 5.1 writes a number of 10^14 or more as "1e+14".
+    local grant = string.format('%d:%d', fence, since)
+    redis.call('SET', wk, 'g:' .. grant, 'PX', granted)
+    redis.call('PUBLISH', ARGV[2], 'g:' .. nxt .. ':' .. grant)
     return {2, nxt, fence, since}
   end
 end
