@@ -356,26 +356,27 @@ async fn reap(hub: Weak<HubInner>) {
         let Some(hub) = hub.upgrade() else {
             return;
         };
-        let idle: Vec<String> = {
-            let mut map = hub.channels.lock().unwrap_or_else(|e| e.into_inner());
-            let idle: Vec<String> = map
-                .iter()
-                .filter(|(_, e)| {
-                    e.users == 0 && e.idle_since.is_some_and(|t| t.elapsed() >= LINGER)
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in &idle {
-                map.remove(name);
-            }
-            idle
-        };
-        if let Some(tasks) = hub.tasks.get() {
-            for name in idle {
-                for task in tasks {
-                    let _ = task.send(Cmd::Unsubscribe(name.clone()));
-                }
-            }
+        reap_idle(&hub);
+    }
+}
+
+/// Unsubscribe the channels nobody has listened on for LINGER. The commands are sent while
+/// the map is locked: a `subscribe` of the same channel right after then sends its
+/// `Subscribe` after our `Unsubscribe`, and the subscriber task subscribes again. Sent after
+/// the lock, our `Unsubscribe` could follow that `Subscribe` (which the task would answer
+/// "already subscribed"), and the channel would stay marked confirmed but dead.
+fn reap_idle(hub: &HubInner) {
+    let mut map = hub.channels.lock().unwrap_or_else(|e| e.into_inner());
+    let idle: Vec<String> = map
+        .iter()
+        .filter(|(_, e)| e.users == 0 && e.idle_since.is_some_and(|t| t.elapsed() >= LINGER))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in idle {
+        map.remove(&name);
+        // Unbounded sends: they never wait, so holding the lock costs nothing.
+        for task in hub.tasks.get().into_iter().flatten() {
+            let _ = task.send(Cmd::Unsubscribe(name.clone()));
         }
     }
 }
