@@ -83,6 +83,13 @@
 //!   expired) blocks the lock no longer than that; a live holder's watchdog extends it to
 //!   the full TTL at once. FIFO therefore needs the watchdog: a client built
 //!   [`without_watchdog`](RedisClientBuilder::without_watchdog) does not queue.
+//! - A hand-off message may come after its short grant has ended (the waiter's poll was
+//!   held up past it, and answered "waiting"). Every poll that finds the waiter waiting also
+//!   returns the fencing counter, and a hand-off whose fencing token is no higher is stale:
+//!   the waiter ignores it and keeps waiting.
+//! - The queue expires four waiter windows after the last refresh of its slowest waiter (a
+//!   refresh never shortens it), so an abandoned queue goes away by itself; a waiter that
+//!   finds its queue gone while its place lives is queued again.
 //! - A waiter that gives up leaves the queue: [`lock_timeout`](RedisLock::lock_timeout)
 //!   before it returns, a dropped `lock()` future in a task that
 //!   [`close()`](RedisClient::close) waits for. A waiter that dies without leaving is
