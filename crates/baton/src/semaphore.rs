@@ -52,8 +52,11 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// `NAME/<lease id in lowercase hex>`, value `COUNT/PERMITS` (ASCII decimal), bound to the
 /// session's lease. A session takes part once at a time: to hold several permits, use
 /// [`acquire_many`](Semaphore::acquire_many); a second acquire through the same session
-/// while the first is held or pending fails with [`Error::AlreadyHeld`]. Keys of nested
-/// names (`NAME/sub/…`) are not part of this semaphore.
+/// while the first is held or pending fails with [`Error::AlreadyHeld`]. A key the
+/// session's lease already has (a process that resumed its session with
+/// [`with_lease`](crate::SessionBuilder::with_lease)) is adopted if it asks for the same
+/// count; otherwise it is removed and the acquire queues afresh, behind everyone. Keys of
+/// nested names (`NAME/sub/…`) are not part of this semaphore.
 ///
 /// # Examples
 ///
@@ -248,15 +251,42 @@ impl Semaphore {
     async fn acquire_inner(&self, count: u32, try_only: bool) -> Result<SemaphorePermit> {
         self.check_count(count)?;
         let value = encode(count, self.permits);
-        let mut entry = Entry::join_reading(
-            &self.session,
-            &self.name,
-            Queue::direct(&self.prefix),
-            &self.key,
-            value.as_bytes(),
-            self.members_read(),
-        )
-        .await?;
+        let mut attempts = 0;
+        let mut entry = loop {
+            attempts += 1;
+            let entry = Entry::join_reading(
+                &self.session,
+                &self.name,
+                Queue::direct(&self.prefix),
+                &self.key,
+                value.as_bytes(),
+                self.members_read(),
+            )
+            .await?;
+            // A key left with our lease by an earlier acquire of another count (a process
+            // that resumed its session): its place in the queue was earned for that count,
+            // and later keys may hold permits since. Give it up and queue afresh.
+            match entry.existing_value().map(decode) {
+                Some(old) if old.map(|(c, _)| c) != Some(count) => {
+                    entry.abandon().await;
+                    if attempts >= 2 {
+                        return Err(Error::Mismatch {
+                            name: self.name.clone(),
+                            reason: format!(
+                                "this session's key {} still asks for {} permits, not {count}, \
+                                 and removing it failed",
+                                self.key,
+                                old.map_or_else(
+                                    || "an unreadable count of".into(),
+                                    |(c, _)| c.to_string()
+                                )
+                            ),
+                        });
+                    }
+                }
+                _ => break entry,
+            }
+        };
         match self.hold(&mut entry, count, &value, try_only).await {
             Ok(()) => Ok(SemaphorePermit {
                 name: self.name.clone(),
@@ -549,6 +579,47 @@ mod tests {
             assert!(matches!(err, Error::Mismatch { .. }), "{bad:?}: {err}");
             assert!(err.is_invalid_input());
         }
+    }
+
+    /// A process that resumes its session (same lease) and asks for more permits than its
+    /// earlier incarnation held queues afresh, behind the holders that came since: its old
+    /// key's place was earned for the smaller count.
+    #[tokio::test]
+    async fn a_resumed_key_asking_for_another_count_queues_again() {
+        let client = Client::memory();
+        let ttl = Duration::from_secs(30);
+        let lease = client.store().lease_grant(ttl).await.unwrap().id;
+        let resumed = || Session::builder(&client).with_lease(lease).build();
+        let earlier = resumed().await.unwrap();
+        let other = Session::new(&client).await.unwrap();
+        let old = Semaphore::new(&earlier, "s", 3)
+            .unwrap()
+            .acquire_many(1)
+            .await
+            .unwrap();
+        let theirs = Semaphore::new(&other, "s", 3)
+            .unwrap()
+            .acquire_many(2)
+            .await
+            .unwrap();
+        let again = resumed().await.unwrap();
+        let sem = Semaphore::new(&again, "s", 3).unwrap();
+        let waiting = tokio::spawn(async move { sem.acquire_many(3).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "granted 3 permits while another session holds 2 of 3"
+        );
+        assert!(!theirs.is_lost());
+        theirs.release().await.unwrap();
+        let mine = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("never granted")
+            .unwrap()
+            .unwrap();
+        assert_eq!(mine.count(), 3);
+        drop(old);
+        mine.release().await.unwrap();
     }
 
     #[tokio::test]
