@@ -208,6 +208,70 @@ async fn redlock_works_with_a_majority_up() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// The first master hangs (its connection open, nothing answered) while the other two are
+/// up: a client whose lock channel is subscribed (it waited on the lock a moment ago), and
+/// whose attempts woken by a release ask the first master alone at first, still takes the
+/// free lock at once, with `try_lock` and with `lock`; and a stale key of another owner on
+/// the first master alone does not make `try_lock` say "locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_hung_first_master_does_not_stall_acquires() {
+    let servers = RedisServers::start_async(3).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    let mut addrs = vec![proxy.addr().to_string()];
+    addrs.extend(servers.servers()[1..].iter().map(|s| s.addr()));
+    let url = format!("redlock://{}", addrs.join(","));
+    let ttl = Duration::from_secs(10);
+    let name = unique("hung-gate");
+    let client = builder(&url, ttl)
+        .with_request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let other = connect(&servers.redlock_url(), ttl).await;
+    // Wait on the lock once, so that the client's channel for it is subscribed.
+    let held = other.lock(&name).unwrap().lock().await.unwrap();
+    let lock = client.lock(&name).unwrap();
+    let waiting = {
+        let lock = client.lock(&name).unwrap();
+        tokio::spawn(async move { lock.lock().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held.unlock().await.unwrap();
+    waiting.await.unwrap().unlock().await.unwrap();
+    // Another owner's stale key on the first master alone: the lock is free on a majority.
+    let mut first = raw(&servers.servers()[0].url()).await;
+    let () = first.set_ex(&name, "stale", 10).await.unwrap();
+    let guard = lock.try_lock().await.unwrap();
+    guard.unlock().await.unwrap();
+    let () = first.del(&name).await.unwrap();
+    proxy.set_both(Fault::Pause);
+    let started = Instant::now();
+    let guard = lock.try_lock().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(500), "try_lock took {took:?}");
+    guard.unlock().await.unwrap();
+    // A waiter woken by a release (a gated attempt) too.
+    let held = other.lock(&name).unwrap().lock().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let g = lock.lock().await.unwrap();
+        (g, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let released = Instant::now();
+    held.unlock().await.unwrap();
+    let (g, got) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("lock() hung")
+        .unwrap();
+    let took = got.duration_since(released);
+    assert!(
+        took < Duration::from_millis(1000),
+        "lock() took {took:?} after the release"
+    );
+    proxy.heal();
+    g.unlock().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Expiry, loss, restart
 

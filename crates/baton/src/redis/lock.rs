@@ -274,7 +274,8 @@ pub(crate) async fn acquire(
     let mut sub = None;
     // True when the attempt follows a release's wake-up, or the lock was contended here a
     // moment ago (see `try_acquire`).
-    let mut gated = client.redlock && client.hub.is_subscribed(&keys.channel);
+    // Never for `try_lock`: its one attempt must ask every node (see `try_acquire`).
+    let mut gated = !try_only && client.redlock && client.hub.is_subscribed(&keys.channel);
     loop {
         let chan = sub
             .as_ref()

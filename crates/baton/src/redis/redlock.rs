@@ -62,9 +62,10 @@ impl ClientInner {
     /// `gated` (Redlock only, for attempts woken by a release): ask the first node alone,
     /// and go on to the others only if it was ours. When a release wakes several waiters
     /// at once, asking every node in parallel splits the votes (each gets a minority, all
-    /// clean up, all retry); the first node settles who goes on. If it fails (down), the
-    /// attempt asks every node. A gate held by a stale minority key cannot block anyone
-    /// for long: attempts after the fallback poll are not gated.
+    /// clean up, all retry); the first node settles who goes on. If it fails (down), or
+    /// has not answered within 1% of the TTL (hung), the attempt asks every node, within
+    /// the same validity. A gate held by a stale minority key cannot block anyone for long:
+    /// attempts after the fallback poll are not gated, nor is `try_lock`'s one attempt.
     pub(crate) async fn try_acquire(
         &self,
         keys: &Keys,
@@ -84,8 +85,11 @@ impl ClientInner {
         let mut token_value = None;
         let mut skip_first = false;
         if gated && self.redlock && n > 1 {
+            // A node that does not answer must not eat the attempt's validity: the others
+            // are asked after a short wait (a majority may well be up).
+            let gate_until = (start + ttl / 100).min(give_up);
             let gate = tokio::time::timeout_at(
-                give_up,
+                gate_until,
                 self.nodes[0].acquire(keys, token, ttl_ms, fence, record),
             )
             .await;
@@ -100,8 +104,8 @@ impl ClientInner {
                         retry_in: u64::try_from(pttl).ok().map(Duration::from_millis),
                     };
                 }
-                // Down or slow: ask every node (a late SET on the gate is cleaned up with
-                // the rest if the attempt fails).
+                // Down, slow or hung: ask every node (a late SET on the gate is cleaned up
+                // with the rest if the attempt fails).
                 _ => {}
             }
         }
