@@ -107,25 +107,38 @@ impl PriorityQueue {
         let level = format!("{}{priority:05}", self.items.prefix);
         let bookkeeping = format!("__{level}");
         loop {
-            let last = store
-                .range(
-                    Range::prefix(format!("{level}/"))
-                        .sort_by(SortTarget::Key, crate::store::SortOrder::Descending)
-                        .with_limit(1),
-                )
-                .await?;
-            let next = last
-                .kvs
-                .first()
-                .and_then(|kv| sequence(&kv.key))
-                .map_or(0, |n| n + 1);
+            // The last item at this level. Keys of a nested name (`LEVEL/jobs/…`) sort
+            // after every item (a letter after a digit), so the newest keys are read until
+            // an item comes: usually one key.
+            let level_prefix = format!("{level}/");
+            let mut limit = 1;
+            let last = loop {
+                let read = store
+                    .range(
+                        Range::prefix(level_prefix.clone())
+                            .sort_by(SortTarget::Key, crate::store::SortOrder::Descending)
+                            .with_limit(limit),
+                    )
+                    .await?;
+                let found = read
+                    .kvs
+                    .iter()
+                    .find(|kv| is_item(self.items.prefix.as_bytes(), &kv.key))
+                    .and_then(|kv| sequence(&kv.key));
+                if found.is_some() || !read.more {
+                    break (read.header_revision, found);
+                }
+                limit = 0;
+            };
+            let next = last.1.map_or(0, |n| n + 1);
             let key = format!("{level}/{next:016}");
+            // The bookkeeping key orders producers; the key must be new, so that nothing
+            // is ever overwritten (a nested name's key, a bookkeeping key written by hand).
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    bookkeeping.as_bytes(),
-                    CompareOp::Less,
-                    last.header_revision + 1,
-                )])
+                .when([
+                    Compare::mod_revision(bookkeeping.as_bytes(), CompareOp::Less, last.0 + 1),
+                    Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0),
+                ])
                 .and_then([
                     TxnOp::put(bookkeeping.as_bytes(), "", 0),
                     TxnOp::put(key.as_bytes(), value.clone(), 0),
@@ -133,21 +146,41 @@ impl PriorityQueue {
             if store.txn(txn).await?.succeeded {
                 return Ok(());
             }
-            // Another producer enqueued at this priority since our read: read again.
+            // Another producer enqueued at this priority since our read: read again. Unless
+            // the key we chose exists and is not the last item (keys written by something
+            // other than a queue): then every retry would choose it again.
+            let taken = store.range(Range::key(key.as_bytes())).await?;
+            if taken
+                .kvs
+                .first()
+                .is_some_and(|kv| kv.create_revision <= last.0)
+            {
+                return Err(crate::Error::InvalidData {
+                    key,
+                    reason: "the next item key at this priority already exists, though it \
+                             is not the last item: keys under the queue were written by \
+                             something other than a queue"
+                        .into(),
+                });
+            }
         }
     }
 
     take_methods!("the first item (lowest priority number, then oldest)");
 }
 
-/// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number.
+/// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number, and
+/// nothing more (`PPPPP/jobs/7` is a key of a nested name).
 fn is_item(prefix: &[u8], key: &[u8]) -> bool {
     let Some(rest) = key.strip_prefix(prefix) else {
         return false;
     };
     match rest.split_at_checked(5) {
         Some((priority, tail)) => {
-            priority.iter().all(u8::is_ascii_digit) && sequence(tail).is_some()
+            priority.iter().all(u8::is_ascii_digit)
+                && tail.first() == Some(&b'/')
+                && tail[1..].iter().all(u8::is_ascii_digit)
+                && sequence(tail).is_some()
         }
         None => false,
     }
@@ -173,7 +206,62 @@ mod tests {
         assert!(!is_item(b"q/", b"q/00003/"));
         assert!(!is_item(b"q/", b"q/00003/x"));
         assert!(!is_item(b"q/", b"q/sub/00003/0000000000000001"));
+        assert!(!is_item(b"q/", b"q/00003/jobs/0000000000000001"));
+        assert!(!is_item(b"q/", b"q/00003/0000000000000001/x"));
         assert_eq!(sequence(b"q/00003/0000000000000012"), Some(12));
+    }
+
+    /// A consumer whose claim of the first item fails (another consumer took it) while a
+    /// producer added an item of the same priority reads again: it takes that item, not a
+    /// lower-priority candidate from its old read.
+    #[tokio::test]
+    async fn a_failed_claim_reads_again_in_priority_order() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::{KeyRange, TxnOp};
+        let store = std::sync::Arc::new(SlowWatches::new(
+            "mem",
+            std::time::Duration::ZERO,
+            std::time::Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let q = PriorityQueue::new(&client, "pq").unwrap();
+        q.enqueue("p1-first", 1).await.unwrap();
+        q.enqueue("p2", 2).await.unwrap();
+        // Between our read and our claim: a producer adds a priority-1 item, and another
+        // consumer takes the first one.
+        *store.before_next_txn.lock().unwrap() = Some(Txn::new().and_then([
+            TxnOp::put("pq/00001/0000000000000001", "p1-second", 0),
+            TxnOp::Delete(KeyRange::key("pq/00001/0000000000000000")),
+        ]));
+        assert_eq!(
+            q.try_dequeue().await.unwrap().as_deref(),
+            Some(&b"p1-second"[..])
+        );
+        assert!(store.before_next_txn.lock().unwrap().is_none());
+        assert_eq!(q.try_dequeue().await.unwrap().as_deref(), Some(&b"p2"[..]));
+    }
+
+    /// Keys of a nested name under a priority level (`pq/00003/jobs/…`, a queue of its
+    /// own) are neither items nor a sequence to continue: enqueues at that level neither
+    /// overwrite one another nor take the nested queue's items.
+    #[tokio::test]
+    async fn a_nested_name_under_a_level_is_left_alone() {
+        let client = Client::memory();
+        let nested = crate::Queue::new(&client, "pq/00003/jobs").unwrap();
+        nested.enqueue("nested-item").await.unwrap();
+        let q = PriorityQueue::new(&client, "pq").unwrap();
+        q.enqueue("a", 3).await.unwrap();
+        q.enqueue("b", 3).await.unwrap();
+        assert_eq!(q.len().await.unwrap(), 2);
+        let mut got = Vec::new();
+        while let Some(v) = q.try_dequeue().await.unwrap() {
+            got.push(String::from_utf8(v).unwrap());
+        }
+        assert_eq!(got, ["a", "b"]);
+        assert_eq!(
+            nested.try_dequeue().await.unwrap().as_deref(),
+            Some(&b"nested-item"[..])
+        );
     }
 
     #[tokio::test]

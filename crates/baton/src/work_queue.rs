@@ -302,6 +302,10 @@ impl Items {
                         tracing::debug!(key = %item.key_str(), "dequeued");
                         return Ok(Taken::Item(item.value));
                     }
+                    // In create order, an item added since our read comes after every
+                    // candidate, so the next one is still the first. In key order (a
+                    // priority queue) a new item may come first: read again, as Go does.
+                    Some(false) if self.order == SortTarget::Key => break,
                     Some(false) => {}
                     None => {
                         return Ok(Taken::Unknown(Error::Store(format!(
@@ -331,8 +335,11 @@ impl Items {
             Ok(resp) => Ok(Some(resp.succeeded)),
             Err(e) => {
                 tracing::debug!(error = %e, "a claim failed; checking whether it was applied");
-                // Not applied if the item is still there as it was.
-                let now = self.store.range(Range::key(item.key.clone())).await?;
+                // Not applied if the item is still there as it was. If that cannot be read
+                // either, the claim may have taken it: say so, never take another item.
+                let Ok(now) = self.store.range(Range::key(item.key.clone())).await else {
+                    return Ok(None);
+                };
                 if now.kvs.first().map(|kv| kv.mod_revision) == Some(item.mod_revision) {
                     return Err(e);
                 }

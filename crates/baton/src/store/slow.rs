@@ -30,6 +30,9 @@ pub(crate) struct SlowWatches {
     /// limit, alone or in a transaction) deletes just before it runs: a delete that lands
     /// between a waiter's two reads, every time.
     pub(crate) delete_before_scan: StdMutex<Option<Vec<u8>>>,
+    /// A transaction applied just before the next transaction: another client's write
+    /// that lands between a read and the transaction that relies on it.
+    pub(crate) before_next_txn: StdMutex<Option<Txn>>,
 }
 
 impl SlowWatches {
@@ -41,6 +44,7 @@ impl SlowWatches {
             sweep,
             created_from_now: AtomicU64::new(0),
             delete_before_scan: StdMutex::new(None),
+            before_next_txn: StdMutex::new(None),
         }
     }
 
@@ -101,6 +105,14 @@ impl Store for SlowWatches {
                 _ => None,
             });
         self.spring(gets).await;
+        let first = self
+            .before_next_txn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(first) = first {
+            self.inner.txn(first).await?;
+        }
         self.inner.txn(txn).await
     }
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
