@@ -125,7 +125,8 @@ struct Shared {
 struct State {
     lost_reason: Option<String>,
     orphaned: bool,
-    closed: bool,
+    /// The store confirmed the lease is gone (revoked by `close`, or not found).
+    revoked: bool,
 }
 
 impl fmt::Debug for Session {
@@ -188,20 +189,29 @@ impl SessionBuilder {
     /// Not cancel safe: if the future is dropped after the grant was sent, the lease is left
     /// to expire after its TTL.
     pub async fn build(self) -> Result<Session> {
-        let ttl = validate_ttl(self.ttl)?;
-        if let Some(i) = self.keep_alive_interval {
-            if i.is_zero() || i >= ttl {
-                return Err(Error::invalid(format!(
-                    "keep-alive interval {i:?} must be greater than zero and shorter than the TTL {ttl:?}"
-                )));
-            }
+        let interval = self.keep_alive_interval;
+        let check_interval = |ttl: Duration| {
+            match interval {
+            Some(i) if i.is_zero() || i >= ttl => Err(Error::invalid(format!(
+                "keep-alive interval {i:?} must be greater than zero and shorter than the TTL {ttl:?}"
+            ))),
+            _ => Ok(()),
+        }
+        };
+        // An adopted lease has the TTL it was granted with: `with_ttl` does not apply, and
+        // the interval is checked against that TTL once it is known.
+        if self.lease.is_none() {
+            check_interval(validate_ttl(self.ttl)?)?;
         }
         let store = self.client.store().clone();
         let sent = Instant::now();
         let grant = match self.lease {
-            None => store.lease_grant(ttl).await?,
+            None => store.lease_grant(validate_ttl(self.ttl)?).await?,
             Some(id) => match store.lease_keep_alive(id).await? {
-                Some(ttl) => crate::store::LeaseGrant { id, ttl },
+                Some(ttl) => {
+                    check_interval(ttl)?;
+                    crate::store::LeaseGrant { id, ttl }
+                }
                 None => return Err(Error::LeaseNotFound(id)),
             },
         };
@@ -216,7 +226,7 @@ impl SessionBuilder {
             state: StdMutex::new(State {
                 lost_reason: None,
                 orphaned: false,
-                closed: false,
+                revoked: false,
             }),
         });
         let inner = Arc::new(Inner {
@@ -366,7 +376,9 @@ impl Session {
 
     /// Stop the keep-alives and revoke the lease, deleting every key bound to it.
     ///
-    /// [`lost()`](Session::lost) fires. Closing twice is not an error.
+    /// [`lost()`](Session::lost) fires. Closing twice is not an error. If the revoke fails
+    /// (the store did not answer), the error is returned and the lease is still revoked
+    /// later: by the next `close()`, or when the last handle to the session is dropped.
     ///
     /// # Cancel safety
     ///
@@ -374,19 +386,18 @@ impl Session {
     /// the lease expires after its TTL instead.
     #[tracing::instrument(name = "close", skip_all, fields(lease = %format_args!("{:x}", self.inner.shared.lease)))]
     pub async fn close(&self) -> Result<()> {
-        let first = {
-            let mut st = self.state();
-            let first = !st.closed;
-            st.closed = true;
-            first
-        };
+        let revoked = self.state().revoked;
         self.inner.shared.stop.cancel();
         self.inner.shared.mark_lost("session closed");
-        if !first {
+        if revoked {
             return Ok(());
         }
+        // Revoked only once the store says so: a failed revoke is tried again.
         match self.store().lease_revoke(self.inner.shared.lease).await {
-            Ok(()) | Err(Error::LeaseNotFound(_)) => Ok(()),
+            Ok(()) | Err(Error::LeaseNotFound(_)) => {
+                self.state().revoked = true;
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -474,9 +485,12 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let shared = &self.shared;
         shared.stop.cancel();
+        // Revoke unless orphaned or revoked already: a session lost at its local deadline
+        // (keep-alives not acknowledged in time) may still have its lease on the server,
+        // and a close whose revoke failed left it there.
         let revoke = {
             let st = shared.state();
-            !(st.orphaned || st.closed || st.lost_reason.is_some())
+            !(st.orphaned || st.revoked)
         };
         if !revoke {
             return;
@@ -674,5 +688,69 @@ mod tests {
             validate_ttl(Duration::from_secs(2)).unwrap(),
             Duration::from_secs(2)
         );
+    }
+
+    /// A close whose revoke failed returns the error, and the lease is still revoked: by
+    /// the next close, or when the session is dropped.
+    #[tokio::test]
+    async fn a_failed_revoke_is_tried_again() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        for by_drop in [false, true] {
+            let session = Session::new(&client).await.unwrap();
+            let lease = session.lease_id();
+            store.fail_next_revoke.store(true, Ordering::Relaxed);
+            assert!(session.close().await.is_err());
+            assert!(session.is_lost());
+            assert!(store.lease_time_to_live(lease).await.unwrap().is_some());
+            if by_drop {
+                drop(session);
+                for _ in 0..100 {
+                    if store.lease_time_to_live(lease).await.unwrap().is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } else {
+                session.close().await.unwrap();
+                session.close().await.unwrap();
+            }
+            assert_eq!(
+                store.lease_time_to_live(lease).await.unwrap(),
+                None,
+                "the lease outlived the session (by drop: {by_drop})"
+            );
+        }
+    }
+
+    /// An adopted lease keeps the TTL it was granted with: the keep-alive interval is
+    /// checked against that TTL, and `with_ttl` does not apply.
+    #[tokio::test]
+    async fn an_adopted_lease_checks_the_interval_against_its_own_ttl() {
+        let client = Client::memory();
+        let lease = client
+            .store()
+            .lease_grant(Duration::from_secs(3))
+            .await
+            .unwrap()
+            .id;
+        let err = Session::builder(&client)
+            .with_lease(lease)
+            .with_keep_alive_interval(Duration::from_secs(10))
+            .build()
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        let adopted = Session::builder(&client)
+            .with_lease(lease)
+            .with_ttl(Duration::from_secs(1))
+            .with_keep_alive_interval(Duration::from_secs(1))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(adopted.ttl(), Duration::from_secs(3));
+        adopted.orphan();
     }
 }

@@ -33,6 +33,8 @@ pub(crate) struct SlowWatches {
     /// A transaction applied just before the next transaction: another client's write
     /// that lands between a read and the transaction that relies on it.
     pub(crate) before_next_txn: StdMutex<Option<Txn>>,
+    /// Fail the next lease revoke, as a store that does not answer in time.
+    pub(crate) fail_next_revoke: std::sync::atomic::AtomicBool,
 }
 
 impl SlowWatches {
@@ -45,6 +47,7 @@ impl SlowWatches {
             created_from_now: AtomicU64::new(0),
             delete_before_scan: StdMutex::new(None),
             before_next_txn: StdMutex::new(None),
+            fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -122,6 +125,12 @@ impl Store for SlowWatches {
         self.inner.lease_keep_alive(id).await
     }
     async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
+        if self.fail_next_revoke.swap(false, Ordering::Relaxed) {
+            return Err(crate::error::Error::Timeout {
+                operation: "lease revoke",
+                after: Duration::ZERO,
+            });
+        }
         self.inner.lease_revoke(id).await
     }
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
