@@ -214,4 +214,40 @@ mod tests {
     fn types_are_send_and_sync() {
         bounds();
     }
+
+    /// An unlock given up with its delete in flight (a timeout around it) keeps the key
+    /// claimed until the delete is settled: the same session locking the name again gets a
+    /// new key, which the late delete cannot take.
+    #[tokio::test]
+    async fn a_cancelled_unlock_cannot_take_the_next_hold() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let mutex = Mutex::new(&session, "l").unwrap();
+        let first = mutex.lock().await.unwrap();
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(300));
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), first.unlock()).await;
+        assert!(gave_up.is_err(), "the unlock was not in flight");
+        *store.delay_deletes.lock().unwrap() = None;
+        let again = tokio::time::timeout(Duration::from_secs(5), mutex.lock())
+            .await
+            .expect("lock() hung")
+            .unwrap();
+        // The late delete has landed by now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!again.is_lost(), "{:?}", again.lost_reason());
+        let now = store
+            .range(crate::store::Range::key(again.key()))
+            .await
+            .unwrap();
+        assert_eq!(
+            now.kvs.first().map(|kv| kv.create_revision),
+            Some(again.fencing_token())
+        );
+        again.unlock().await.unwrap();
+    }
 }

@@ -335,12 +335,17 @@ impl Entry {
     }
 
     /// Leave the queue now and wait for our key to be removed.
+    ///
+    /// If this future is dropped before the store answers, the entry's `Drop` finishes the
+    /// removal in the background, holding the claim until then (our revision is forgotten
+    /// only once the delete is settled).
     pub(crate) async fn abandon(mut self) {
-        if let (Some(rev), Some(claim)) = (self.my_rev.take(), &self.claim) {
+        if let (Some(rev), Some(claim)) = (self.my_rev, &self.claim) {
             if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
                 tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
             }
         }
+        self.my_rev = None;
     }
 
     /// We are at the head: start watching our key and hand over the claim.
@@ -528,32 +533,61 @@ impl Held {
     }
 
     /// Delete our key if it is still ours. NotHeld if it was not.
+    ///
+    /// The claim on the key is freed only once the store has answered: if this future is
+    /// dropped with the delete in flight, or the delete fails, it is finished in the
+    /// background first. Otherwise this session could take the same name again, adopt the
+    /// old key (same create revision), and lose that new hold to the late delete.
     pub(crate) async fn release(mut self, what: &'static str) -> Result<()> {
         self.ownership.stop();
         let store = self.session.store().clone();
-        let claim = self.claim.take();
-        if let Some(c) = &claim {
+        let mut pending = PendingRelease {
+            store: store.clone(),
+            key: self.key.as_bytes().to_vec(),
+            rev: self.rev,
+            claim: self.claim.take(),
+        };
+        if let Some(c) = &pending.claim {
             c.releasing();
         }
         let result = delete_if_owned(&store, self.key.as_bytes(), self.rev)
             .instrument(tracing::debug_span!("release", what, key = %self.key, token = self.rev))
             .await;
         match result {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(not_held(self.key.as_bytes())),
-            Err(e) => {
-                // The delete may still land: keep the claim until the store answers, so
-                // that this session cannot adopt the key again in between.
-                if let Some(claim) = claim {
-                    release_in_background(
-                        store,
-                        std::mem::take(&mut self.key).into_bytes(),
-                        self.rev,
-                        claim,
-                    );
+            Ok(deleted) => {
+                // Answered: the claim can go.
+                drop(pending.claim.take());
+                if deleted {
+                    Ok(())
+                } else {
+                    Err(not_held(self.key.as_bytes()))
                 }
-                Err(e)
             }
+            // The delete may still land: `pending` keeps the claim until the store answers.
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A release whose delete has not been answered yet: dropped before it is (the caller's
+/// future dropped, or the delete failed), it settles the delete in the background and
+/// frees the claim after.
+struct PendingRelease {
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    rev: Revision,
+    claim: Option<OwnedClaim>,
+}
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            release_in_background(
+                self.store.clone(),
+                std::mem::take(&mut self.key),
+                self.rev,
+                claim,
+            );
         }
     }
 }

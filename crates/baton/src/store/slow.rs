@@ -35,6 +35,9 @@ pub(crate) struct SlowWatches {
     pub(crate) before_next_txn: StdMutex<Option<Txn>>,
     /// Fail the next lease revoke, as a store that does not answer in time.
     pub(crate) fail_next_revoke: std::sync::atomic::AtomicBool,
+    /// Transactions that delete land this long after they are sent, even if the caller has
+    /// stopped waiting (as etcd applies a request it has received).
+    pub(crate) delay_deletes: StdMutex<Option<Duration>>,
 }
 
 impl SlowWatches {
@@ -48,6 +51,7 @@ impl SlowWatches {
             delete_before_scan: StdMutex::new(None),
             before_next_txn: StdMutex::new(None),
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
+            delay_deletes: StdMutex::new(None),
         }
     }
 
@@ -115,6 +119,22 @@ impl Store for SlowWatches {
             .take();
         if let Some(first) = first {
             self.inner.txn(first).await?;
+        }
+        let delay = *self.delay_deletes.lock().unwrap_or_else(|e| e.into_inner());
+        let deletes = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, TxnOp::Delete(_)));
+        if let (Some(delay), true) = (delay, deletes) {
+            let inner = self.inner.clone();
+            let landing = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                inner.txn(txn).await
+            });
+            return landing
+                .await
+                .unwrap_or_else(|e| Err(crate::error::Error::Store(e.to_string())));
         }
         self.inner.txn(txn).await
     }
