@@ -1073,6 +1073,59 @@ async fn election_failover(url: &str, raw_urls: &[String]) {
     assert!(matches!(err, Error::NotLeader { .. }), "{err}");
 }
 
+/// On Redlock, a proclaim that reached only a minority of masters fails, and its value is
+/// never reported, even once a later proclaim reached the others: readers and observers see
+/// the value a quorum holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_proclaim_that_reached_a_minority_is_never_reported() {
+    let servers = RedisServers::start_async(3).await;
+    let mut proxies = Vec::new();
+    for s in servers.servers() {
+        proxies.push(FaultProxy::start(s.port()).await);
+    }
+    let addrs: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let url = format!("redlock://{}", addrs.join(","));
+    let ttl = Duration::from_secs(10);
+    let client = builder(&url, ttl)
+        .with_request_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let name = unique("proclaim-minority");
+    let mut leading = client
+        .election(&name)
+        .unwrap()
+        .campaign("v1")
+        .await
+        .unwrap();
+    let reader = connect(&servers.redlock_url(), ttl).await;
+    let election = reader.election(&name).unwrap();
+    let mut observe = election.observe();
+    assert_eq!(next(&mut observe, "v1").await.value, b"v1");
+    // Only the first master hears this one.
+    proxies[1].set_both(Fault::Blackhole);
+    proxies[2].set_both(Fault::Blackhole);
+    let err = leading.proclaim("failed").await.unwrap_err();
+    assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
+    proxies[1].heal();
+    proxies[2].heal();
+    // The healed masters' connections were reset: let the client dial them again.
+    let ours = client.election(&name).unwrap();
+    for _ in 0..50 {
+        if ours.leader().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only the other two hear this one.
+    proxies[0].set_both(Fault::Blackhole);
+    leading.proclaim("confirmed").await.unwrap();
+    proxies[0].heal();
+    assert_eq!(election.leader().await.unwrap().value, b"confirmed");
+    assert_eq!(next(&mut observe, "confirmed").await.value, b"confirmed");
+    leading.resign().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_election_failover_and_observe() {
     let server = RedisServer::start_async().await;

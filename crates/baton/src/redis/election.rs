@@ -118,6 +118,7 @@ impl RedisElection {
             name: self.name.clone(),
             hold,
             value,
+            ver: 1,
         })
     }
 
@@ -251,6 +252,8 @@ pub struct RedisLeadership {
     name: String,
     hold: Hold,
     value: Vec<u8>,
+    /// The record's version we wrote last (the campaign writes 1).
+    ver: i64,
 }
 
 impl fmt::Debug for RedisLeadership {
@@ -338,8 +341,10 @@ impl RedisLeadership {
             return Err(not_leader());
         }
         let client = self.hold.client().clone();
+        // A new version for every attempt, failed ones included: one version, one value.
+        self.ver += 1;
         let published = client
-            .proclaim(self.hold.keys(), self.hold.token(), &value)
+            .proclaim(self.hold.keys(), self.hold.token(), &value, self.ver)
             .instrument(tracing::debug_span!("proclaim", election = %self.name))
             .await?;
         match published {

@@ -269,14 +269,16 @@ pub(crate) async fn acquire(
         plain = keys.clone().without_fifo();
         keys = &plain;
     }
-    let token = new_token();
-    let mut cleanup = Cleanup::disarmed(client, keys, &token);
     let mut sub = None;
     // True when the attempt follows a release's wake-up, or the lock was contended here a
     // moment ago (see `try_acquire`).
     // Never for `try_lock`: its one attempt must ask every node (see `try_acquire`).
     let mut gated = !try_only && client.redlock && client.hub.is_subscribed(&keys.channel);
     loop {
+        // A token per attempt: a failed attempt's cleanup may still be running (in the
+        // background, see `try_acquire`), and must not delete what a later one sets.
+        let token = new_token();
+        let mut cleanup = Cleanup::disarmed(client, keys, &token);
         let chan = sub
             .as_ref()
             .map(|s: &super::wakeups::Subscription| s.channel().clone());
@@ -285,7 +287,9 @@ pub(crate) async fn acquire(
             w.as_mut().enable();
         }
         cleanup.armed = true;
-        let attempt = client.try_acquire(keys, &token, record, gated).await;
+        let attempt = client
+            .try_acquire(keys, &token, record, gated, try_only)
+            .await;
         cleanup.armed = false;
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {

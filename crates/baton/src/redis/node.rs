@@ -549,6 +549,7 @@ impl Node {
         keys: &Keys,
         token: &str,
         value: &[u8],
+        ver: i64,
     ) -> Result<Option<i64>> {
         let ver: i64 = self
             .run("redis proclaim", |mut conn| async move {
@@ -558,6 +559,7 @@ impl Node {
                     .arg(token)
                     .arg(value)
                     .arg(&keys.channel)
+                    .arg(ver)
                     .invoke_async(&mut conn)
                     .await
             })

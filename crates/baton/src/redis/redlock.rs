@@ -13,9 +13,11 @@
 //! - **release**: compare-and-delete on every node.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord, NodeRelease};
 use super::{drift, ClientInner};
@@ -66,12 +68,18 @@ impl ClientInner {
     /// has not answered within 1% of the TTL (hung), the attempt asks every node, within
     /// the same validity. A gate held by a stale minority key cannot block anyone for long:
     /// attempts after the fallback poll are not gated, nor is `try_lock`'s one attempt.
+    ///
+    /// A failed attempt deletes what it may have set before it returns if `wait_cleanup`
+    /// (`try_lock`, whose error promises it) or if it failed for good; else the deletion
+    /// runs in the background (a hung node would otherwise delay the next attempt by a
+    /// request timeout), and the caller's next attempt must use another token.
     pub(crate) async fn try_acquire(
-        &self,
+        self: &Arc<Self>,
         keys: &Keys,
         token: &str,
         record: Option<&[u8]>,
         gated: bool,
+        wait_cleanup: bool,
     ) -> Attempt {
         let ttl = self.opts.ttl;
         let drift = drift(ttl);
@@ -176,8 +184,21 @@ impl ClientInner {
         drop(calls);
         // Unless every node said "held by another owner", some node may hold our token.
         if busy < n {
-            if let Err(e) = self.release(keys, token).await {
-                tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
+            if wait_cleanup || failed > n - q {
+                if let Err(e) = self.release(keys, token).await {
+                    tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
+                }
+            } else if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let (client, keys, token) = (self.clone(), keys.clone(), token.to_string());
+                self.cleanups.spawn_on(
+                    async move {
+                        if let Err(e) = client.release(&keys, &token).await {
+                            tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
+                        }
+                    }
+                    .instrument(tracing::debug_span!("failed_acquire")),
+                    &handle,
+                );
             }
         }
         if failed > n - q {
@@ -270,26 +291,29 @@ impl ClientInner {
         Ok(deleted)
     }
 
-    /// Publish a new value; the new version, or `None` if we no longer lead.
+    /// Publish a new value as version `ver` (higher than any this leader used before);
+    /// `Some(ver)` once a quorum wrote it, or `None` if we no longer lead.
     pub(crate) async fn proclaim(
         &self,
         keys: &Keys,
         token: &str,
         value: &[u8],
+        ver: i64,
     ) -> Result<Option<i64>> {
         let n = self.nodes.len();
         let results = futures::future::join_all(
             self.nodes
                 .iter()
-                .map(|node| node.proclaim(keys, token, value)),
+                .map(|node| node.proclaim(keys, token, value, ver)),
         )
         .await;
         let vers: Vec<i64> = results
             .iter()
             .filter_map(|r| r.as_ref().ok().copied().flatten())
+            .filter(|v| *v == ver)
             .collect();
         if vers.len() >= self.quorum {
-            return Ok(vers.iter().copied().max());
+            return Ok(Some(ver));
         }
         let refused = results.iter().filter(|r| matches!(r, Ok(None))).count();
         if refused > n - self.quorum {
@@ -316,23 +340,67 @@ impl ClientInner {
                 None => Err(Error::Closed),
             };
         }
-        let mut votes: HashMap<Vec<u8>, (usize, NodeRecord)> = HashMap::new();
+        let mut votes: HashMap<Vec<u8>, Vec<NodeRecord>> = HashMap::new();
         for rec in results.into_iter().flatten().flatten() {
-            match votes.get_mut(&rec.token) {
-                Some((count, best)) => {
-                    *count += 1;
-                    if rec.ver > best.ver {
-                        *best = rec;
-                    }
-                }
-                None => {
-                    votes.insert(rec.token.clone(), (1, rec));
-                }
-            }
+            votes.entry(rec.token.clone()).or_default().push(rec);
         }
+        let quorum = self.quorum;
         Ok(votes
             .into_values()
-            .find(|(count, _)| *count >= self.quorum)
-            .map(|(_, rec)| rec))
+            .find(|recs| recs.len() >= quorum)
+            .and_then(|recs| leader_value(recs, quorum)))
+    }
+}
+
+/// The record to report of a leader held by a quorum: the newest version that a quorum of
+/// nodes holds (a proclaim that reached fewer nodes failed, and its value is not reported);
+/// if none is held that widely (proclaims failing one after another), the newest there is.
+fn leader_value(mut recs: Vec<NodeRecord>, quorum: usize) -> Option<NodeRecord> {
+    recs.sort_by_key(|r| std::cmp::Reverse(r.ver));
+    let confirmed = recs
+        .iter()
+        .position(|r| recs.iter().filter(|o| o.ver == r.ver).count() >= quorum);
+    match confirmed {
+        Some(i) => Some(recs.swap_remove(i)),
+        None => recs.into_iter().next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ver: i64, value: &str) -> NodeRecord {
+        NodeRecord {
+            token: b"t".to_vec(),
+            fence: 0,
+            ver,
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    /// The newest version a quorum holds wins over a newer one that reached a minority.
+    #[test]
+    fn the_leader_value_is_the_newest_a_quorum_holds() {
+        let got = |recs: Vec<NodeRecord>| leader_value(recs, 2).map(|r| (r.ver, r.value));
+        let pair = |ver, value: &str| Some((ver, value.as_bytes().to_vec()));
+        assert_eq!(
+            got(vec![rec(4, "x"), rec(3, "ok"), rec(3, "ok")]),
+            pair(3, "ok")
+        );
+        assert_eq!(
+            got(vec![rec(3, "ok"), rec(4, "x"), rec(3, "ok")]),
+            pair(3, "ok")
+        );
+        assert_eq!(
+            got(vec![rec(5, "y"), rec(5, "y"), rec(3, "ok")]),
+            pair(5, "y")
+        );
+        // Nothing held by a quorum: the newest there is.
+        assert_eq!(
+            got(vec![rec(4, "x"), rec(5, "y"), rec(3, "ok")]),
+            pair(5, "y")
+        );
+        assert_eq!(got(vec![]), None);
     }
 }

@@ -5,19 +5,27 @@
 -- ARGV[1]  our token
 -- ARGV[2]  the new value
 -- ARGV[3]  the wake-up channel
+-- ARGV[4]  the record's new version: the leader's own counter, a new one for each proclaim,
+--          so that one version always means one value on every node (on Redlock, a
+--          proclaim that reached only some nodes must not share a version with a later one)
 --
--- Returns the record's new version, or 0 if we no longer lead (nothing changed).
+-- Returns ARGV[4] once written; the record's version if it is already that high or higher
+-- (nothing changed); 0 if we no longer lead (nothing changed).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[2], 'value', ARGV[2])
-local ver = redis.call('HINCRBY', KEYS[2], 'ver', 1)
+local cur = tonumber(redis.call('HGET', KEYS[2], 'ver') or '0') or 0
+local ver = tonumber(ARGV[4])
+if ver <= cur then
+  return cur
+end
+redis.call('HSET', KEYS[2], 'value', ARGV[2], 'ver', ARGV[4])
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl > 0 then
   redis.call('PEXPIRE', KEYS[2], pttl)
 end
-redis.call('PUBLISH', ARGV[3], ARGV[1] .. ':' .. ver)
+redis.call('PUBLISH', ARGV[3], ARGV[1] .. ':' .. ARGV[4])
 return ver
