@@ -865,6 +865,8 @@ mod tests {
             "redlock://a:1",
             "redlock://a:1,b:2",
             "redlock://a:1,b:2,a:1",
+            // Host names are compared as the URL parser writes them: in lower case.
+            "redlock://host:1,b:2,HOST:1",
             "redlock://a:1,,b:2,c:3",
         ] {
             let err = Endpoints::parse(bad).unwrap_err();
