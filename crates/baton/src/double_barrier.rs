@@ -25,11 +25,14 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// # Rounds
 ///
 /// The participants' keys queue under `NAME/waiters/`. When `count` of them are there, one
-/// of them writes `NAME/ready`: the barrier is open, and the first `count` keys created
-/// before `NAME/ready` are this round's participants. A participant that arrives while a
-/// round is open (or one beyond `count` that raced in) gets [`Error::BarrierFull`]. When the
-/// last participant leaves, `NAME/ready` is deleted and the name can be used for the next
-/// round.
+/// of them writes `NAME/ready`: the barrier is open, and the first `count` keys at that
+/// moment are this round's participants. `NAME/ready` holds the create revision of the
+/// last of them, so the round is fixed when it opens: a key created before `NAME/ready` but
+/// after that one is not let in, even once a participant has left. A participant that
+/// arrives while a round is open (or one beyond `count` that raced in) gets
+/// [`Error::BarrierFull`]. When the last participant leaves, `NAME/ready` is deleted and
+/// the name can be used for the next round. (A `ready` written by Go's recipe holds no
+/// revision: its round is the first `count` live keys created before it.)
 ///
 /// # A participant whose session dies
 ///
@@ -60,7 +63,8 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// # Key layout
 ///
 /// `NAME/waiters/<lease id in lowercase hex>` (empty value, bound to the session's lease)
-/// and `NAME/ready` (empty value, no lease): Go's prefixes, so Go and Baton participants
+/// and `NAME/ready` (no lease; its value, which Go ignores, is the create revision of the
+/// round's last participant in ASCII decimal): Go's prefixes, so Go and Baton participants
 /// count each other.
 ///
 /// # Examples
@@ -167,7 +171,7 @@ impl DoubleBarrier {
         match while_alive(&self.session, self.wait_open(&store, my_rev)).await {
             Ok((round, seen_at)) => {
                 entry.reached_head(seen_at);
-                tracing::debug!(round, "entered");
+                tracing::debug!(round = round.opened, "entered");
                 Ok(DoubleBarrierGuard {
                     barrier: self.clone(),
                     held: entry.into_held(),
@@ -199,6 +203,20 @@ impl DoubleBarrier {
             .collect()
     }
 
+    /// The read of `round`'s participants still there (see [`Round`]).
+    fn round_read(&self, round: &Round) -> Range {
+        self.members_read(Some(round.last.map_or(round.opened, |last| last + 1)))
+    }
+
+    /// `round`'s participants among the keys `round_read` found.
+    fn round_members(&self, kvs: Vec<KeyValue>, round: &Round) -> Vec<KeyValue> {
+        let members = self.members(kvs);
+        match round.last {
+            Some(_) => members,
+            None => members.into_iter().take(self.count as usize).collect(),
+        }
+    }
+
     fn is_mine(&self, kv: &KeyValue, my_rev: Revision) -> bool {
         kv.key == self.key.as_bytes() && kv.create_revision == my_rev
     }
@@ -209,13 +227,13 @@ impl DoubleBarrier {
         }
     }
 
-    /// Wait until a round opens with us among its participants: the round (the create
-    /// revision of `NAME/ready`) and the revision at which that was seen.
+    /// Wait until a round opens with us among its participants: the round, and the
+    /// revision at which that was seen.
     async fn wait_open(
         &self,
         store: &Arc<dyn Store>,
         my_rev: Revision,
-    ) -> Result<(Revision, Revision)> {
+    ) -> Result<(Round, Revision)> {
         let ready = self.ready.as_bytes();
         let mut waiter = Waiter::new(store);
         loop {
@@ -237,13 +255,17 @@ impl DoubleBarrier {
             match open {
                 // Opened after we entered: are we among the first `count`?
                 Some(r) if r.create_revision > my_rev => {
-                    let inside = members
-                        .iter()
-                        .filter(|kv| kv.create_revision < r.create_revision)
-                        .take(self.count as usize)
-                        .any(|kv| self.is_mine(kv, my_rev));
+                    let round = Round::of(&r);
+                    let inside = match round.last {
+                        Some(last) => my_rev <= last,
+                        None => members
+                            .iter()
+                            .filter(|kv| kv.create_revision < r.create_revision)
+                            .take(self.count as usize)
+                            .any(|kv| self.is_mine(kv, my_rev)),
+                    };
                     return if inside {
-                        Ok((r.create_revision, header))
+                        Ok((round, header))
                     } else {
                         Err(self.full())
                     };
@@ -269,9 +291,11 @@ impl DoubleBarrier {
                     }
                 }
                 None if members.len() >= self.count as usize => {
+                    // The round is the first `count` keys now: say which is its last.
+                    let last = members[self.count as usize - 1].create_revision;
                     let txn = Txn::new()
                         .when([Compare::create_revision(ready, CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(ready, "", 0)]);
+                        .and_then([TxnOp::put(ready, last.to_string(), 0)]);
                     if let Err(e) = store.txn(txn).await {
                         waiter.retry(e).await?;
                     }
@@ -298,7 +322,31 @@ impl DoubleBarrier {
 pub struct DoubleBarrierGuard {
     barrier: DoubleBarrier,
     held: Held,
-    round: Revision,
+    round: Round,
+}
+
+/// A round of a double barrier, as `NAME/ready` says.
+#[derive(Clone, Copy, Debug)]
+struct Round {
+    /// The create revision of `NAME/ready`.
+    opened: Revision,
+    /// The create revision of the round's last participant (`NAME/ready`'s value): its
+    /// participants are the keys created at or before it. `None` for a `ready` without one
+    /// (written by Go): then they are the first `count` keys created before `opened`.
+    last: Option<Revision>,
+}
+
+impl Round {
+    fn of(ready: &KeyValue) -> Round {
+        let last = std::str::from_utf8(&ready.value)
+            .ok()
+            .and_then(|v| v.parse::<Revision>().ok())
+            .filter(|last| (1..ready.create_revision).contains(last));
+        Round {
+            opened: ready.create_revision,
+            last,
+        }
+    }
 }
 
 impl fmt::Debug for DoubleBarrierGuard {
@@ -306,7 +354,7 @@ impl fmt::Debug for DoubleBarrierGuard {
         f.debug_struct("DoubleBarrierGuard")
             .field("barrier", &self.barrier.name)
             .field("key", &self.key())
-            .field("round", &self.round)
+            .field("round", &self.round.opened)
             .field("lost", &self.is_lost())
             .finish()
     }
@@ -321,7 +369,7 @@ impl DoubleBarrierGuard {
     /// The round we entered: the create revision of `NAME/ready`. Every participant of a
     /// round sees the same number, and later rounds have greater ones.
     pub fn round(&self) -> Revision {
-        self.round
+        self.round.opened
     }
 
     held_accessors!(@shared "place in the barrier");
@@ -340,7 +388,8 @@ impl DoubleBarrierGuard {
     /// If the future is dropped before our key was deleted, it is deleted in the
     /// background (we count as gone); after, nothing is left to clean up.
     pub async fn leave(self) -> Result<()> {
-        let span = tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round);
+        let span =
+            tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round.opened);
         self.leave_inner().instrument(span).await
     }
 
@@ -363,12 +412,12 @@ impl DoubleBarrierGuard {
         } = self;
         let store = held.session().store().clone();
         let session = held.session().clone();
-        let left = while_alive(&session, barrier.leave_first(&store, held, round)).await?;
+        let left = while_alive(&session, barrier.leave_first(&store, held, &round)).await?;
         if left {
             // We were the last: nothing more to wait for.
             return Ok(());
         }
-        barrier.wait_all_left(&store, round).await
+        barrier.wait_all_left(&store, &round).await
     }
 }
 
@@ -376,21 +425,12 @@ impl DoubleBarrier {
     /// Leave while we still hold our key: returns `true` if we were the round's last
     /// participant (and have deleted `NAME/ready`), `false` once our key is deleted and
     /// others remain.
-    async fn leave_first(
-        &self,
-        store: &Arc<dyn Store>,
-        held: Held,
-        round: Revision,
-    ) -> Result<bool> {
+    async fn leave_first(&self, store: &Arc<dyn Store>, held: Held, round: &Round) -> Result<bool> {
         let my_rev = held.rev();
         let mut waiter = Waiter::new(store);
         loop {
-            let resp = waiter.range(self.members_read(Some(round))).await?;
-            let members: Vec<KeyValue> = self
-                .members(resp.kvs)
-                .into_iter()
-                .take(self.count as usize)
-                .collect();
+            let resp = waiter.range(self.round_read(round)).await?;
+            let members = self.round_members(resp.kvs, round);
             if !members.iter().any(|kv| self.is_mine(kv, my_rev)) {
                 return Err(not_held(self.key.as_bytes()));
             }
@@ -402,7 +442,7 @@ impl DoubleBarrier {
             match last_other {
                 None => {
                     held.release("leave").await?;
-                    self.close_round(store, round).await;
+                    self.close_round(store, round.opened).await;
                     return Ok(true);
                 }
                 Some(other) if first_is_mine => {
@@ -438,11 +478,11 @@ impl DoubleBarrier {
 
     /// After we left: wait until no participant of the round is left, watching the first
     /// one (who leaves last).
-    async fn wait_all_left(&self, store: &Arc<dyn Store>, round: Revision) -> Result<()> {
+    async fn wait_all_left(&self, store: &Arc<dyn Store>, round: &Round) -> Result<()> {
         let mut waiter = Waiter::new(store);
         loop {
-            let resp = waiter.range(self.members_read(Some(round))).await?;
-            let Some(first) = self.members(resp.kvs).into_iter().next() else {
+            let resp = waiter.range(self.round_read(round)).await?;
+            let Some(first) = self.round_members(resp.kvs, round).into_iter().next() else {
                 return Ok(());
             };
             waiter
@@ -466,6 +506,52 @@ mod tests {
             let err = DoubleBarrier::new(&s, name, count).unwrap_err();
             assert!(err.is_invalid_input(), "{err}");
         }
+    }
+
+    /// A key created before `ready` but after the round's last participant is never let
+    /// in, not even once a participant has left (a slow participant whose first read comes
+    /// late): it gets BarrierFull.
+    #[tokio::test]
+    async fn the_round_is_fixed_when_it_opens() {
+        let client = Client::memory();
+        let (a, b, c) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let entering_a = {
+            let a = a.clone();
+            tokio::spawn(async move { DoubleBarrier::new(&a, "db", 2).unwrap().enter().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // B's and C's keys are put (C's first read comes late).
+        let key = |s: &Session| lease_key("db/waiters/", s.lease_id());
+        for s in [&b, &c] {
+            client
+                .store()
+                .put(key(s).as_bytes(), b"", s.lease_id())
+                .await
+                .unwrap();
+        }
+        let inside_b = DoubleBarrier::new(&b, "db", 2).unwrap().enter().await.unwrap();
+        let inside_a = entering_a.await.unwrap().unwrap();
+        assert_eq!(inside_a.round(), inside_b.round());
+        let leaving_b = tokio::spawn(inside_b.leave());
+        for _ in 0..100 {
+            let left = client.store().range(Range::key(key(&b))).await.unwrap();
+            if left.kvs.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = DoubleBarrier::new(&c, "db", 2)
+            .unwrap()
+            .enter()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::BarrierFull { .. }), "{err}");
+        inside_a.leave().await.unwrap();
+        leaving_b.await.unwrap().unwrap();
     }
 
     #[tokio::test]
