@@ -251,6 +251,19 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A duration greater than zero.
+/// An error if the command line ends with `--` and nothing after it (an empty `$CMD` in a
+/// script): holding until a signal is what a command line without `--` asks for.
+pub(crate) fn require_command_after_dash_dash(
+    command: &[std::ffi::OsString],
+) -> Result<(), CliError> {
+    if command.is_empty() && std::env::args_os().last().is_some_and(|a| a == "--") {
+        return Err(CliError::failed(
+            "no command after `--` (to hold until a signal, leave out `--`)",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn positive_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err("must be greater than zero".to_string()),

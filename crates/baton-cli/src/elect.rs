@@ -25,8 +25,9 @@ When elected, baton prints one line. CMD gets BATON_ELECTION_KEY and BATON_FENCI
 (on etcd the leader key's create revision; on redis:// the lock's counter; none on
 redlock://) in its environment. If the leadership is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
-`leadership lost` on stderr and exits 122. Otherwise it resigns when CMD exits and exits
-with CMD's exit code. On etcd the keys are those of etcdctl elect; on Redis the election is
+`leadership lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or
+by the resignation). Otherwise it resigns when CMD exits and exits with CMD's exit code.
+Signals and CMD's background jobs are handled as by `baton lock`. On etcd the keys are those of etcdctl elect; on Redis the election is
 the lock NAME, whose holder leads (candidates are not queued in order).";
 
 /// `baton elect`.
@@ -61,6 +62,7 @@ pub(crate) struct Args {
 
 /// Run `baton elect`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    cli::require_command_after_dash_dash(&args.command)?;
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let coordinator = signals
@@ -108,23 +110,30 @@ async fn elected(
             grace: args.grace,
         }
     });
-    let ending = supervisor::hold(job, leadership.lost_token(), signals, || {
-        let reason = leadership
-            .lost_reason()
-            .unwrap_or_else(|| "the leader key is gone".to_string());
+    let report = |reason: Option<String>| {
+        let reason = reason.unwrap_or_else(|| "the leader key is gone".to_string());
         output::notice(&format!("leadership lost: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,
             }));
         }
+    };
+    let ending = supervisor::hold(job, leadership.lost_token(), signals, || {
+        report(leadership.lost_reason());
     })
     .await;
 
     if let Ok(Ending::Lost) = ending {
         return Err(CliError::quiet(exit::LOST));
     }
+    // Lost while CMD was finishing, before anyone said so: CMD may have run without it.
+    let lost_before = leadership.is_lost();
+    if lost_before {
+        report(leadership.lost_reason());
+    }
     let resigned = tokio::time::timeout(cli::RELEASE_TIMEOUT, leadership.release()).await;
+    let lost_at_release = supervisor::released_lost(&resigned);
     match &resigned {
         Ok(Ok(())) => {
             tracing::info!(key = %key, "resigned");
@@ -133,12 +142,17 @@ async fn elected(
                 &json!({"event": "resigned", "name": args.name, "key": key}),
             );
         }
+        Ok(Err(e)) if lost_at_release && !lost_before => report(Some(e.to_string())),
         Ok(Err(e)) => output::notice(&format!("baton: resigning: {e}")),
         Err(_) => {
             output::notice("baton: resigning timed out; the leader key expires with its lease")
         }
     }
-    match ending? {
+    let ending = ending?;
+    if lost_before || lost_at_release {
+        return Err(CliError::quiet(exit::LOST));
+    }
+    match ending {
         Ending::Exited(code) => Ok(code),
         Ending::Stopped => Ok(0),
         Ending::Lost => Err(CliError::quiet(exit::LOST)),

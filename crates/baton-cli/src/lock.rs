@@ -28,7 +28,11 @@ CMD gets BATON_LOCK_KEY and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
 fencing token, so no BATON_FENCING_TOKEN). If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
-`lock lost` on stderr and exits 122. Otherwise baton exits with CMD's exit code.
+`lock lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or by
+the release). Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and
+SIGQUIT sent to baton are passed to CMD's process group. When CMD exits, whatever it left
+running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only
+once the group is gone.
 
 CMD runs in its own process group, in the background of the terminal, so it cannot read
 from the terminal (an interactive shell under `baton lock NAME -- bash` stops). To work by
@@ -67,6 +71,7 @@ pub(crate) struct Args {
 
 /// Run `baton lock`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    cli::require_command_after_dash_dash(&args.command)?;
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let coordinator = signals
@@ -121,13 +126,8 @@ async fn locked(
         })
     };
 
-    let lost = guard.lost_token();
-    // `hold_and_release` hands the guard back as it holds it: a box.
-    #[allow(clippy::borrowed_box)]
-    let on_lost = |guard: &Box<dyn baton::coordinator::Guard>| {
-        let reason = guard
-            .lost_reason()
-            .unwrap_or_else(|| "the lock key is gone".to_string());
+    let on_lost = |reason: Option<String>| {
+        let reason = reason.unwrap_or_else(|| "the lock key is gone".to_string());
         output::notice(&format!("lock lost: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
@@ -135,16 +135,7 @@ async fn locked(
             }));
         }
     };
-    let ending = supervisor::hold_and_release(
-        guard,
-        job,
-        lost,
-        signals,
-        "the lock",
-        on_lost,
-        |guard: Box<dyn baton::coordinator::Guard>| guard.release(),
-    )
-    .await?;
+    let ending = supervisor::hold_and_release(guard, job, signals, "the lock", on_lost).await?;
     match ending {
         Released::Exited(code) => Ok(code),
         Released::Stopped { released } => {

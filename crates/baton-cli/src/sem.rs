@@ -30,7 +30,9 @@ waits (a different count exits 125). Permits are granted in FIFO order.
 CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS in its environment. If the
 permit is lost while CMD runs (the session's lease expired or the key was deleted), CMD's
 process group gets SIGTERM at once and SIGKILL after --grace; baton prints `permit lost` on
-stderr and exits 122. Otherwise baton exits with CMD's exit code.";
+stderr and exits 122 (also when the loss is found only as CMD ends, or by the release).
+Otherwise baton exits with CMD's exit code. Signals and CMD's background jobs are handled as
+by `baton lock`.";
 
 /// `baton sem`.
 #[derive(Debug, clap::Args)]
@@ -68,6 +70,7 @@ pub(crate) struct Args {
 
 /// Run `baton sem`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    cli::require_command_after_dash_dash(&args.command)?;
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let client = signals
@@ -117,11 +120,8 @@ async fn held(
         })
     };
 
-    let lost = permit.lost_token();
-    let on_lost = |permit: &baton::SemaphorePermit| {
-        let reason = permit
-            .lost_reason()
-            .unwrap_or_else(|| "the permit's key is gone".to_string());
+    let on_lost = |reason: Option<String>| {
+        let reason = reason.unwrap_or_else(|| "the permit's key is gone".to_string());
         output::notice(&format!("permit lost: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
@@ -129,16 +129,7 @@ async fn held(
             }));
         }
     };
-    let ending = supervisor::hold_and_release(
-        permit,
-        job,
-        lost,
-        signals,
-        "the permit",
-        on_lost,
-        baton::SemaphorePermit::release,
-    )
-    .await?;
+    let ending = supervisor::hold_and_release(permit, job, signals, "the permit", on_lost).await?;
     match ending {
         Released::Exited(code) => Ok(code),
         Released::Stopped { released } => {

@@ -2,13 +2,19 @@
 //! `baton elect`.
 //!
 //! - CMD runs in its own process group, with the holder's environment added.
-//! - SIGINT and SIGTERM sent to `baton` are forwarded to that group.
+//! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group.
 //! - When the hold is lost, the group gets SIGTERM at once, a notice goes to stderr, and the
 //!   group gets SIGKILL once `--grace` has passed, unless all of it has exited by then.
+//! - When CMD exits, whatever it left running in its group (background jobs) is part of the
+//!   job: it gets SIGTERM, and SIGKILL after `--grace`, and the hold is released only once
+//!   the group is gone.
+//! - A hold found lost after CMD exited (by the time CMD ended, or by the release itself)
+//!   still ends with the "lost" exit code: CMD may have run without it.
 //! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), so a `baton`
 //!   killed with SIGKILL does not leave CMD running unprotected.
 //!
-//! Without CMD, the hold lasts until SIGINT or SIGTERM, or until it is lost.
+//! Without CMD, the hold lasts until SIGINT, SIGTERM, SIGHUP or SIGQUIT, or until it is
+//! lost.
 
 use std::ffi::OsString;
 use std::io;
@@ -22,19 +28,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exit::{self, CliError};
 
+/// What a duration too long for the clock to add counts as: longer than any wait.
+pub(crate) const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// How often the group is checked for survivors while the grace period runs.
 const GROUP_POLL: Duration = Duration::from_millis(20);
 
-/// SIGINT and SIGTERM, caught from the start of a command so that an interrupted `baton`
-/// always cleans up (withdraws its waiter key, releases, forwards to CMD).
+/// SIGINT, SIGTERM, SIGHUP (a closed terminal or ssh session) and SIGQUIT, caught from
+/// the start of a command so that an interrupted `baton` always cleans up (withdraws its
+/// waiter key, releases, forwards to CMD) instead of dying with the lock held.
 #[derive(Debug)]
 pub(crate) struct Signals {
     interrupt: Signal,
     terminate: Signal,
+    hangup: Signal,
+    quit: Signal,
 }
 
 impl Signals {
-    /// Start catching SIGINT and SIGTERM.
+    /// Start catching SIGINT, SIGTERM, SIGHUP and SIGQUIT.
     pub(crate) fn new() -> Result<Self, CliError> {
         let catch = |kind: SignalKind| {
             signal(kind).map_err(|e| CliError::failed(format!("cannot catch signals: {e}")))
@@ -42,10 +54,12 @@ impl Signals {
         Ok(Signals {
             interrupt: catch(SignalKind::interrupt())?,
             terminate: catch(SignalKind::terminate())?,
+            hangup: catch(SignalKind::hangup())?,
+            quit: catch(SignalKind::quit())?,
         })
     }
 
-    /// The next SIGINT or SIGTERM: its number.
+    /// The next of those signals: its number.
     ///
     /// # Cancel safety
     ///
@@ -54,6 +68,8 @@ impl Signals {
         tokio::select! {
             Some(()) = self.interrupt.recv() => libc::SIGINT,
             Some(()) = self.terminate.recv() => libc::SIGTERM,
+            Some(()) = self.hangup.recv() => libc::SIGHUP,
+            Some(()) = self.quit.recv() => libc::SIGQUIT,
             else => std::future::pending().await,
         }
     }
@@ -90,7 +106,7 @@ pub(crate) struct Job {
 pub(crate) enum Ending {
     /// CMD exited by itself (or after a forwarded signal), with this exit code.
     Exited(u8),
-    /// No CMD: `baton` was asked to stop by SIGINT or SIGTERM.
+    /// No CMD: `baton` was asked to stop by a signal.
     Stopped,
     /// The hold was lost; CMD's group has been terminated.
     Lost,
@@ -136,6 +152,13 @@ pub(crate) async fn hold(
                 let status = status
                     .map_err(|e| CliError::failed(format!("cannot wait for CMD: {e}")))?;
                 tracing::debug!(?status, "CMD exited");
+                if group_alive(pgid) {
+                    // Background jobs CMD left in its group are part of the job: they end
+                    // before the hold does.
+                    tracing::debug!(pgid, "ending what CMD left running in its group");
+                    kill_group(pgid, libc::SIGTERM);
+                    terminate(&mut child, pgid, job.grace).await;
+                }
                 return Ok(Ending::Exited(exit_code(status)));
             }
             sig = signals.recv() => {
@@ -157,45 +180,99 @@ pub(crate) async fn hold(
 pub(crate) enum Released {
     /// CMD exited by itself (or after a forwarded signal), with this exit code.
     Exited(u8),
-    /// No CMD: stopped by SIGINT or SIGTERM; `released` is true if the release succeeded.
+    /// No CMD: stopped by a signal; `released` is true if the release succeeded.
     Stopped { released: bool },
 }
 
-/// [`hold`], then release `guard` within [`cli::RELEASE_TIMEOUT`](crate::cli::RELEASE_TIMEOUT):
+/// Something held while CMD runs: a lock's guard, a semaphore's permit.
+pub(crate) trait Holding {
+    /// Cancelled when the hold is lost.
+    fn lost_token(&self) -> CancellationToken;
+    /// Why the hold was lost, if it was.
+    fn lost_reason(&self) -> Option<String>;
+    /// Release it.
+    fn release(self) -> impl std::future::Future<Output = baton::Result<()>>;
+}
+
+impl Holding for Box<dyn baton::coordinator::Guard> {
+    fn lost_token(&self) -> CancellationToken {
+        baton::coordinator::Guard::lost_token(self.as_ref())
+    }
+    fn lost_reason(&self) -> Option<String> {
+        baton::coordinator::Guard::lost_reason(self.as_ref())
+    }
+    fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
+        baton::coordinator::Guard::release(self)
+    }
+}
+
+impl Holding for baton::SemaphorePermit {
+    fn lost_token(&self) -> CancellationToken {
+        baton::SemaphorePermit::lost_token(self)
+    }
+    fn lost_reason(&self) -> Option<String> {
+        baton::SemaphorePermit::lost_reason(self)
+    }
+    fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
+        baton::SemaphorePermit::release(self)
+    }
+}
+
+/// [`hold`], then release `held` within [`cli::RELEASE_TIMEOUT`](crate::cli::RELEASE_TIMEOUT):
 /// the whole life of something held while CMD runs. `what` names it in notices ("the
-/// permit"). A loss is reported by `on_lost` (given the guard) and gives 122; a failed
-/// release is only a notice, since the session's lease ends it anyway.
-pub(crate) async fn hold_and_release<G, F>(
-    guard: G,
+/// permit"). A loss is reported once by `on_lost` (given why: the hold's reason, or the
+/// release's error) and gives 122, also when it is found only after CMD exited; a release
+/// that fails otherwise is only a notice, since the session's lease ends it anyway.
+pub(crate) async fn hold_and_release<G: Holding>(
+    held: G,
     job: Option<Job>,
-    lost: CancellationToken,
     signals: &mut Signals,
     what: &str,
-    on_lost: impl FnOnce(&G),
-    release: impl FnOnce(G) -> F,
-) -> Result<Released, CliError>
-where
-    F: std::future::Future<Output = baton::Result<()>>,
-{
-    let ending = hold(job, lost, signals, || on_lost(&guard)).await;
+    on_lost: impl FnOnce(Option<String>),
+) -> Result<Released, CliError> {
+    let lost = held.lost_token();
+    let mut on_lost = Some(on_lost);
+    let mut report = |reason: Option<String>| {
+        if let Some(f) = on_lost.take() {
+            f(reason);
+        }
+    };
+    let ending = hold(job, lost.clone(), signals, || report(held.lost_reason())).await;
     if let Ok(Ending::Lost) = ending {
         return Err(CliError::quiet(exit::LOST));
     }
-    let released = tokio::time::timeout(crate::cli::RELEASE_TIMEOUT, release(guard)).await;
+    // Lost while CMD was finishing, before anyone said so.
+    let lost_before = lost.is_cancelled();
+    if lost_before {
+        report(held.lost_reason());
+    }
+    let released = tokio::time::timeout(crate::cli::RELEASE_TIMEOUT, held.release()).await;
+    let lost_at_release = released_lost(&released);
     match &released {
         Ok(Ok(())) => tracing::info!("{what} released"),
+        // The release found it was not ours any more (a loss nobody had seen yet).
+        Ok(Err(e)) if lost_at_release => report(Some(e.to_string())),
         Ok(Err(e)) => crate::output::notice(&format!("baton: releasing {what}: {e}")),
         Err(_) => crate::output::notice(&format!(
             "baton: releasing {what} timed out; it expires with its lease"
         )),
     }
-    match ending? {
+    let ending = ending?;
+    if lost_before || lost_at_release {
+        return Err(CliError::quiet(exit::LOST));
+    }
+    match ending {
         Ending::Exited(code) => Ok(Released::Exited(code)),
         Ending::Stopped => Ok(Released::Stopped {
             released: matches!(released, Ok(Ok(()))),
         }),
         Ending::Lost => Err(CliError::quiet(exit::LOST)),
     }
+}
+
+/// True if a release (within its timeout) failed because the hold was no longer ours.
+pub(crate) fn released_lost<E>(released: &Result<baton::Result<()>, E>) -> bool {
+    matches!(released, Ok(Err(e)) if e.is_lost())
 }
 
 /// A small process that outlives `baton` to end CMD's whole process group if `baton` dies
@@ -311,7 +388,8 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
     }
     // `baton` is gone: CMD's group must not run on without the lock.
     kill_group(pgid, libc::SIGTERM);
-    let deadline = std::time::Instant::now() + grace;
+    let now = std::time::Instant::now();
+    let deadline = now.checked_add(grace).unwrap_or_else(|| now + CENTURY);
     while group_alive(pgid) && std::time::Instant::now() < deadline {
         std::thread::sleep(GROUP_POLL);
     }
@@ -397,9 +475,7 @@ async fn terminate(child: &mut Child, pgid: i32, grace: Duration) {
     // --grace takes any duration humantime parses (up to u64::MAX seconds), which the
     // clock cannot always add: a grace too long to add is as good as a century.
     let now = Instant::now();
-    let deadline = now
-        .checked_add(grace)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+    let deadline = now.checked_add(grace).unwrap_or_else(|| now + CENTURY);
     if tokio::time::timeout_at(deadline, child.wait())
         .await
         .is_ok()

@@ -91,6 +91,14 @@ fn bad_options_exit_125_with_one_line() {
     assert_one_line_125(&["frobnicate"], "frobnicate");
     assert_one_line_125(&[], "no command given");
     assert_one_line_125(&["lock"], "NAME");
+    // An empty $CMD in a script: `--` with nothing after it is not "hold until a signal".
+    for cmd in [
+        &["lock", "x", "--"][..],
+        &["elect", "x", "v", "--"],
+        &["sem", "x", "--permits", "2", "--"],
+    ] {
+        assert_one_line_125(cmd, "no command after `--`");
+    }
 }
 
 #[test]

@@ -219,6 +219,53 @@ fn sigterm_releases_and_next_waiter_acquires_at_once() {
     assert!(keys(&etcd, "handover/").is_empty());
 }
 
+/// SIGHUP (a closed terminal or ssh session) is forwarded to CMD like SIGTERM, and the lock
+/// is released at once, not left to its TTL.
+#[test]
+fn sighup_is_forwarded_and_releases() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "--ttl",
+        "30s",
+        "hangup",
+        "--",
+        "sh",
+        "-c",
+        r#"trap 'echo hup > "$D/hup"; exit 0' HUP; echo x > "$D/ready"; while :; do sleep 0.05; done"#,
+    ]));
+    wait_for_file(&dir.path().join("ready"));
+    holder.signal(libc::SIGHUP);
+    assert_eq!(holder.code(), 0, "CMD's own exit code after its HUP trap");
+    assert!(dir.path().join("hup").exists(), "CMD never got SIGHUP");
+    assert!(keys(&etcd, "hangup/").is_empty(), "the lock was left held");
+}
+
+/// What CMD leaves running in its process group (a background job) is part of the job: it
+/// gets SIGTERM when CMD exits, and the lock is released only after it is gone.
+#[test]
+fn background_jobs_end_before_the_lock_is_released() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = run(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "--grace",
+        "10s",
+        "background",
+        "--",
+        "sh",
+        "-c",
+        r#"(trap 'sleep 0.5; echo done > "$D/bg-done"; exit 0' TERM; echo x > "$D/bg"; while :; do sleep 0.05; done) & while [ ! -e "$D/bg" ]; do sleep 0.01; done; exit 3"#,
+    ]));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        dir.path().join("bg-done").exists(),
+        "baton returned before the background job had ended"
+    );
+    assert!(keys(&etcd, "background/").is_empty());
+}
+
 /// CMD's exit code passes through; a missing CMD is 127, a non-executable one 126; each
 /// with one line on stderr, and the lock is released every time.
 #[test]

@@ -152,6 +152,48 @@ fn deleted_key_kills_cmd() {
     assert!(err.contains("lock lost"), "{err}");
 }
 
+/// The key deleted while CMD finishes, before the watchdog's next extend notices: the
+/// release finds the lock no longer ours, and baton exits 122 (not CMD's 0), saying so.
+#[test]
+fn a_loss_found_by_the_release_exits_122() {
+    let server = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("running");
+    let mut holder = Proc::spawn(baton(&server.url()).env("MARK", &marker).args([
+        "lock",
+        "--ttl",
+        "30s",
+        "quietly-lost",
+        "--",
+        "sh",
+        "-c",
+        "echo x > \"$MARK\"; sleep 1",
+    ]));
+    wait_for_file(&marker);
+    assert_eq!(
+        server.command(&["DEL", "quietly-lost"], Duration::from_secs(2)),
+        Some(":1".to_string())
+    );
+    assert_eq!(holder.code(), 122);
+    let err = holder.stderr_so_far().join("\n");
+    assert!(err.contains("lock lost"), "{err}");
+}
+
+/// A `--timeout` too long for the clock to add is a wait without end, not a crash.
+#[test]
+fn a_huge_timeout_is_no_crash() {
+    let server = redis();
+    let (out, _) = run(baton(&server.url()).args([
+        "lock",
+        "--timeout",
+        "18446744073709551615s",
+        "huge-timeout",
+        "--",
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 /// `baton elect` on Redis: `leader` prints the value, `--json leader` the token, `observe`
 /// the leader, `status` the election; when the leader stops, `leader` exits 1.
 #[test]

@@ -7,6 +7,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// `d` from now, on tokio's clock; a duration too long for the clock to add (a timeout of
+/// `Duration::MAX`, say) gives a century from now, which no wait outlives.
+pub(crate) fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
 /// A deadline on the monotonic clock, stored as nanoseconds after a base instant that has
 /// already passed when the deadline is made.
 ///

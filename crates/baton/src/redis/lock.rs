@@ -196,7 +196,7 @@ impl RedisLock {
         }
         // A queued waiter that gives up leaves the queue before this returns (not in a
         // task spawned on drop, which a process about to exit would never run).
-        let until = Instant::now() + timeout;
+        let until = crate::deadline::after(timeout);
         let limit = Some((until, timeout));
         let acquiring = acquire_fifo(client, &self.name, &self.keys, false, limit);
         let span = tracing::debug_span!("acquire", lock = %self.name);
