@@ -533,7 +533,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let inside_b = DoubleBarrier::new(&b, "db", 2).unwrap().enter().await.unwrap();
+        let inside_b = DoubleBarrier::new(&b, "db", 2)
+            .unwrap()
+            .enter()
+            .await
+            .unwrap();
         let inside_a = entering_a.await.unwrap().unwrap();
         assert_eq!(inside_a.round(), inside_b.round());
         let leaving_b = tokio::spawn(inside_b.leave());
