@@ -672,6 +672,46 @@ async fn watch_replays_streams_and_cancels() {
     );
 }
 
+/// Replies larger than tonic's default 4 MiB limit (a range over many large values, a
+/// watch catching up over them) are read, as etcd sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_over_four_mebibytes_are_read() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let store = connect(&[etcd.endpoint()]).await;
+    let value = vec![b'v'; 900 * 1024];
+    let before = store.put(b"big/start", b"", 0).await.unwrap();
+    for i in 0..6 {
+        store
+            .put(format!("big/{i}").as_bytes(), &value, 0)
+            .await
+            .unwrap();
+    }
+    let all = store.range(Range::prefix("big/")).await.unwrap();
+    assert_eq!(all.kvs.len(), 7);
+    let read = store
+        .txn(Txn::new().and_then([TxnOp::get(Range::prefix("big/"))]))
+        .await
+        .unwrap();
+    assert!(read.succeeded);
+    let mut stream = store
+        .watch(Watch::prefix("big/").from_revision(before + 1))
+        .await
+        .unwrap();
+    let mut events = 0;
+    while events < 6 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("no watch batch")
+            .expect("the watch ended")
+            .unwrap();
+        events += batch.events.len();
+    }
+    assert_eq!(events, 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_fails() {
     if !require_etcd() {

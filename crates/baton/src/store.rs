@@ -607,7 +607,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The default reads the current revision, then watches from the next one: correct, but
     /// on etcd a write in between would send the watch to the sweep.
     async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
-        let read = Range::key(watch.keys.bytes().to_vec()).with_limit(1);
+        // Any read gives the revision; the watch's own key is one the caller may read. A
+        // watch of the whole keyspace (the empty prefix) reads a key that is not empty.
+        let key = match watch.keys.bytes() {
+            [] => b"\0".to_vec(),
+            key => key.to_vec(),
+        };
+        let read = Range::key(key).with_limit(1);
         let revision = self.range(read).await?.header_revision;
         let stream = self.watch(watch.from_revision(revision + 1)).await?;
         Ok((revision, stream))

@@ -76,6 +76,22 @@ impl Store for LaggingWatches {
     }
 }
 
+/// The trait's own `watch_from_now` (this store does not override it) watches the whole
+/// keyspace too: its read of the current revision must not use the empty key.
+#[tokio::test]
+async fn the_default_watch_from_now_takes_the_empty_prefix() {
+    let store = LaggingWatches(MemStore::new());
+    let (at, mut stream) = store.watch_from_now(Watch::prefix("")).await.unwrap();
+    let written = store.put(b"anywhere", b"1", 0).await.unwrap();
+    assert!(written > at);
+    let batch = tokio::time::timeout(LAG * 20, stream.next())
+        .await
+        .expect("no event")
+        .expect("the watch ended")
+        .unwrap();
+    assert_eq!(batch.events[0].kv.key, b"anywhere");
+}
+
 async fn session(client: &Client) -> Session {
     Session::builder(client)
         .with_ttl(Duration::from_secs(10))

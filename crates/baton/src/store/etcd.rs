@@ -439,7 +439,7 @@ impl EtcdStore {
                     authenticate(&mut client, options.credentials.as_ref()).await?;
                     authenticated = true;
                 }
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(&client);
                 match kv
                     .get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()))
                     .await
@@ -807,7 +807,7 @@ impl EtcdStore {
     /// The compact revision, learnt from a watch from revision 1, or `None` if that does
     /// not tell within `wait`.
     async fn compact_revision(&self, wait: Duration) -> Option<Revision> {
-        let mut watches = self.inner.client.watch_client();
+        let mut watches = watch_client(&self.inner.client);
         let probe = async move {
             let mut stream = watches
                 .watch(
@@ -830,6 +830,22 @@ impl EtcdStore {
     }
 }
 
+/// The largest reply taken from etcd: as large as etcd sends (Go's client allows
+/// `math.MaxInt32` too). tonic's default of 4 MiB would make any range, transaction read or
+/// watch batch beyond it fail every time (a queue of 16 items of 300 KiB, a watch catching
+/// up over large values), and such failures look retryable.
+const MAX_REPLY: usize = i32::MAX as usize;
+
+/// The KV service, taking replies up to [`MAX_REPLY`].
+fn kv_client(client: &ec::Client) -> ec::KvClient {
+    client.kv_client().max_decoding_message_size(MAX_REPLY)
+}
+
+/// The watch service, taking replies up to [`MAX_REPLY`].
+fn watch_client(client: &ec::Client) -> ec::WatchClient {
+    client.watch_client().max_decoding_message_size(MAX_REPLY)
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     fn backend(&self) -> &'static str {
@@ -841,7 +857,7 @@ impl Store for EtcdStore {
         let key = range.keys.bytes().to_vec();
         let resp = self
             .call("range", Retry::Idempotent, |client| {
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(client);
                 let (key, options) = (key.clone(), options.clone());
                 async move { kv.get(key, Some(options)).await }
             })
@@ -861,7 +877,7 @@ impl Store for EtcdStore {
         let options = put_options(lease);
         let resp = self
             .call("put", Retry::Unsent, |client| {
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(client);
                 let (key, value, options) = (key.to_vec(), value.to_vec(), options.clone());
                 async move { kv.put(key, value, options).await }
             })
@@ -875,7 +891,7 @@ impl Store for EtcdStore {
         let key = keys.bytes().to_vec();
         let resp = self
             .call("delete", Retry::Unsent, |client| {
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(client);
                 let (key, options) = (key.clone(), options.clone());
                 async move { kv.delete(key, Some(options)).await }
             })
@@ -901,7 +917,7 @@ impl Store for EtcdStore {
             .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
         let resp = self
             .call("txn", Retry::Unsent, |client| {
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(client);
                 let request = request.clone();
                 async move { kv.txn(request).await }
             })
@@ -1043,7 +1059,7 @@ impl Store for EtcdStore {
         let started = Instant::now();
         let resp = self
             .call("compact", Retry::Unsent, |client| {
-                let mut kv = client.kv_client();
+                let mut kv = kv_client(client);
                 async move { kv.compact(revision, None).await }
             })
             .await?;
@@ -1093,7 +1109,7 @@ impl EtcdStore {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             let (stream, created) = self
                 .call("watch", Retry::Idempotent, |client| {
-                    let mut watches = client.watch_client();
+                    let mut watches = watch_client(client);
                     let (key, options) = (key.clone(), options.clone());
                     async move {
                         let mut stream = watches.watch(key, Some(options)).await?;

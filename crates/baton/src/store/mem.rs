@@ -625,6 +625,10 @@ fn validate_txn(txn: &Txn) -> Result<()> {
     for ops in [&txn.success, &txn.failure] {
         validate_branch(ops)?;
     }
+    // etcd refuses a compare without a key ("key is not provided").
+    for c in &txn.compares {
+        check_key(&c.key)?;
+    }
     let compares = txn.compares.iter().map(|c| {
         c.key.len()
             + match &c.target {
@@ -950,10 +954,11 @@ impl MemStore {
             )));
         }
         if revision <= state.compact_revision {
-            return Err(Error::invalid(format!(
-                "required revision has been compacted: {revision} (compact revision {})",
-                state.compact_revision
-            )));
+            // As etcd answers a compaction at or below the compact revision.
+            return Err(Error::Compacted {
+                requested: revision,
+                compact_revision: state.compact_revision,
+            });
         }
         state.compact_revision = revision;
         let keep_from = state.history.partition_point(|e| e.revision() < revision);
@@ -1800,6 +1805,12 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_invalid_input(), "{err}");
+        // etcd refuses a compare without a key.
+        let err = s
+            .txn(Txn::new().when([Compare::version("", CompareOp::Equal, 0)]))
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
     }
 
     #[tokio::test]
@@ -1813,9 +1824,22 @@ mod tests {
         let err = s.compact(6).await.unwrap_err();
         assert!(err.to_string().contains("future revision"), "{err}");
         s.compact(4).await.unwrap();
+        // As etcd answers: the revision is compacted already.
         let err = s.compact(4).await.unwrap_err();
-        assert!(err.to_string().contains("has been compacted"), "{err}");
-        assert!(s.compact(3).await.is_err());
+        assert!(
+            matches!(
+                err,
+                Error::Compacted {
+                    requested: 4,
+                    compact_revision: 4
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(matches!(
+            s.compact(3).await,
+            Err(Error::Compacted { requested: 3, .. })
+        ));
         // Current keys are untouched.
         assert_eq!(get(&s, "c").await.unwrap().value, b"4");
 
