@@ -10,10 +10,12 @@
 #   BATON_ENDPOINTS=http://127.0.0.1:2379 scripts/demo.sh    on a running etcd
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v protoc >/dev/null; then
-  echo "demo.sh: installing protobuf-compiler (needed to build the etcd client)" >&2
-  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq protobuf-compiler
+# shellcheck source=scripts/prereqs.sh
+. scripts/prereqs.sh
+mapfile -t need < <(build_packages)
+if ((${#need[@]})); then
+  apt_install "${need[@]}"
 fi
+ensure_rust
 cargo build --release --quiet --bin baton
 exec target/release/baton demo "$@"

@@ -6,25 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/prereqs.sh
+. scripts/prereqs.sh
 
 # --- system packages -------------------------------------------------------------------
-need=()
-command -v protoc >/dev/null       || need+=(protobuf-compiler)
-# etcd-client's protos import protobuf's well-known types, which protobuf-compiler only
-# recommends (and --no-install-recommends skips): they come with libprotobuf-dev.
-[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+mapfile -t need < <(build_packages)
 command -v etcd >/dev/null         || need+=(etcd-server)
 command -v etcdctl >/dev/null      || need+=(etcd-client)
 command -v redis-server >/dev/null || need+=(redis-server)
-command -v python3 >/dev/null      || need+=(python3 python3-pip)
+command -v python3 >/dev/null      || need+=(python3)
+# pip, for redis-py (below): cloud images often have python3 without it.
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v faketime >/dev/null     || need+=(faketime)   # wall-clock jumps in the fault suite
 if ((${#need[@]})); then
-  step "installing ${need[*]} from Debian's packages"
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+  apt_install "${need[@]}"
 fi
 # Installing etcd-server or redis-server may start system services on the default ports;
 # the tests never use them: every test starts its own servers on free loopback ports.
@@ -37,7 +32,8 @@ if ! python3 -c 'import redis' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --break-system-packages redis
 fi
 
-# --- Rust toolchain components ---------------------------------------------------------
+# --- Rust toolchain ---------------------------------------------------------------------
+ensure_rust
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   if command -v rustup >/dev/null; then
     step "installing rustfmt and clippy"

@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton::store::{
@@ -343,15 +343,11 @@ fn kind(e: &baton::Error) -> String {
         .to_string()
 }
 
-fn shared_etcd() -> &'static EtcdServer {
-    static ETCD: OnceLock<EtcdServer> = OnceLock::new();
-    ETCD.get_or_init(EtcdServer::start)
-}
-
 /// Random operation sequences give the same results on MemStore and on etcd.
 #[test]
 fn differential_mem_vs_etcd() {
-    let etcd = shared_etcd();
+    // A server of this test's own, dropped (killed, its directory removed) when it ends.
+    let etcd = EtcdServer::start();
     let rt = runtime();
     let etcd_client = rt.block_on(Client::connect(&etcd.endpoint())).unwrap();
     let cases = u32::try_from(runs(1) * 48).unwrap_or(48);
@@ -634,12 +630,20 @@ fn fuzz_names() {
 // ---------------------------------------------------------------------------------------
 // Wall-clock jumps (row 21)
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// libfaketime, where Debian's faketime package puts it (under the architecture's
+/// multiarch directory: x86_64-linux-gnu, aarch64-linux-gnu, …).
+fn libfaketime() -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+}
 
 /// Environment that runs a program under libfaketime, its wall clock offset by what
 /// `file` says (re-read on every call), its monotonic clock untouched.
-fn faketime_env(cmd: &mut std::process::Command, file: &std::path::Path) {
-    cmd.env("LD_PRELOAD", LIBFAKETIME)
+fn faketime_env(cmd: &mut std::process::Command, lib: &std::path::Path, file: &std::path::Path) {
+    cmd.env("LD_PRELOAD", lib)
         .env("FAKETIME_TIMESTAMP_FILE", file)
         .env("FAKETIME_NO_CACHE", "1")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
@@ -653,10 +657,16 @@ fn faketime_env(cmd: &mut std::process::Command, file: &std::path::Path) {
 /// describes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row21_wall_clock_jumps() {
-    if !std::path::Path::new(LIBFAKETIME).exists() {
-        eprintln!("libfaketime is not installed (Debian: faketime); row 21's jump is skipped");
+    let Some(lib) = libfaketime() else {
+        // scripts/test.sh installs it; a run without it must not pass silently.
+        assert!(
+            std::env::var_os("BATON_SKIP_FAKETIME").is_some(),
+            "libfaketime is not installed (Debian: faketime; scripts/test.sh installs it); \
+             set BATON_SKIP_FAKETIME=1 to skip row 21"
+        );
+        eprintln!("libfaketime is not installed; BATON_SKIP_FAKETIME is set: row 21 skipped");
         return;
-    }
+    };
     let etcd = EtcdServer::start_async().await;
     let target = Target::new(WORKER, etcd.endpoint(), "etcd", Kind::Store);
     let mut losses = Vec::new();
@@ -680,7 +690,7 @@ async fn row21_wall_clock_jumps() {
             "--write-every-ms".into(),
             "100".into(),
         ]);
-        faketime_env(&mut cmd, &file);
+        faketime_env(&mut cmd, &lib, &file);
         let mut a = baton_testkit::worker::WorkerProc::spawn_command("a", cmd);
         let (token_a, _) = acquired(&expect(&mut a, "acquired", Duration::from_secs(15)).await);
         let mut b = target.worker("b", &oracle, &["--lock", &lock, "--ttl-ms", "2000"]);
@@ -690,7 +700,7 @@ async fn row21_wall_clock_jumps() {
             // The jump is real: a program under the same settings sees it.
             let mut date = std::process::Command::new("date");
             date.arg("+%s");
-            faketime_env(&mut date, &file);
+            faketime_env(&mut date, &lib, &file);
             let shown: i64 = String::from_utf8(date.output().unwrap().stdout)
                 .unwrap()
                 .trim()

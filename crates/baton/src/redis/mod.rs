@@ -496,7 +496,8 @@ impl RedisClientBuilder {
             ));
         }
         // Whole milliseconds, rounded up: PX counts milliseconds.
-        let ms = self.ttl.as_millis() + u128::from(self.ttl.subsec_nanos() % 1_000_000 > 0);
+        let ms =
+            self.ttl.as_millis() + u128::from(!self.ttl.subsec_nanos().is_multiple_of(1_000_000));
         let ttl_ms = u64::try_from(ms).map_err(|_| Error::invalid("ttl out of range"))?;
         Ok(Options {
             ttl: Duration::from_millis(ttl_ms),
