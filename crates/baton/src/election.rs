@@ -391,7 +391,7 @@ async fn observe_loop(
     tx: &mpsc::Sender<Leader>,
 ) -> Option<Error> {
     let queue = Queue::direct(prefix);
-    let mut last: Option<(Revision, Revision)> = None;
+    let mut last: Option<(Vec<u8>, Revision, Revision)> = None;
     let mut backoff = RETRY_MIN;
     loop {
         let (header, head) = match head_member(store, &queue).await {
@@ -406,8 +406,10 @@ async fn observe_loop(
         };
         let watch = match &head {
             Some(kv) => {
-                let id = (kv.create_revision, kv.mod_revision);
-                if last != Some(id) {
+                // The key too: one transaction can create two candidates' keys, with the
+                // same revisions.
+                let id = (kv.key.clone(), kv.create_revision, kv.mod_revision);
+                if last.as_ref() != Some(&id) {
                     last = Some(id);
                     if tx.send(Leader::from_kv(kv.clone())).await.is_err() {
                         return None;
@@ -443,8 +445,8 @@ async fn observe_loop(
                         if ev.kv.create_revision != h.create_revision {
                             break 'watch;
                         }
-                        let id = (ev.kv.create_revision, ev.kv.mod_revision);
-                        if last != Some(id) {
+                        let id = (ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision);
+                        if last.as_ref() != Some(&id) {
                             last = Some(id);
                             if tx.send(Leader::from_kv(ev.kv)).await.is_err() {
                                 return None;
@@ -536,5 +538,35 @@ impl Leadership {
             Err(Error::NotHeld { .. }) => Err(Error::NotLeader { name }),
             r => r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{KeyRange, Txn, TxnOp};
+    use futures::StreamExt;
+
+    /// Two candidates' keys created by one transaction share their revisions: when the first
+    /// goes, the second is a new leader, and the observer reports it.
+    #[tokio::test]
+    async fn observe_tells_apart_keys_with_the_same_revisions() {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store
+            .txn(Txn::new().and_then([TxnOp::put("t/1", "one", 0), TxnOp::put("t/2", "two", 0)]))
+            .await
+            .unwrap();
+        let mut observe = Election::observe_with(&client, "t").unwrap();
+        assert_eq!(next(&mut observe).await.value, b"one");
+        store.delete(KeyRange::key("t/1")).await.unwrap();
+        assert_eq!(next(&mut observe).await.value, b"two");
+    }
+
+    async fn next(observe: &mut Observe) -> crate::Leader {
+        tokio::time::timeout(std::time::Duration::from_secs(5), observe.next())
+            .await
+            .expect("no leader observed")
+            .expect("the observation ended")
     }
 }

@@ -215,6 +215,45 @@ mod tests {
         bounds();
     }
 
+    /// A lock given up (its timeout) while its join is retried after a failure that was in
+    /// fact applied (the reply lost) leaves no key behind: nobody else is locked out.
+    #[tokio::test]
+    async fn a_join_applied_but_unanswered_leaves_no_key() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let (mine, theirs) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        store.lose_next_reply.store(true, Ordering::Relaxed);
+        let gave_up = Mutex::new(&mine, "m")
+            .unwrap()
+            .lock_timeout(Duration::from_millis(20))
+            .await;
+        assert!(gave_up.unwrap_err().is_timeout());
+        let other = Mutex::new(&theirs, "m").unwrap();
+        let mut got = None;
+        for _ in 0..100 {
+            if let Ok(g) = other.try_lock().await {
+                got = Some(g);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let g = got.expect("the abandoned join's key still locks everyone out");
+        let keys = store
+            .range(crate::store::Range::prefix("m/"))
+            .await
+            .unwrap();
+        assert_eq!(keys.kvs.len(), 1);
+        g.unlock().await.unwrap();
+    }
+
     /// An unlock given up with its delete in flight (a timeout around it) keeps the key
     /// claimed until the delete is settled: the same session locking the name again gets a
     /// new key, which the late delete cannot take.

@@ -48,6 +48,10 @@ pub(crate) struct Entry {
     /// The join transaction while it is in flight: polled by `send`, and finished in a task
     /// of its own if the entry is dropped first.
     inflight: Option<InFlight>,
+    /// A join request was sent whose outcome is not known (it failed in a way that may
+    /// have been applied: a lost reply, a timeout): our key may exist though `my_rev` is
+    /// unknown. Dropping the entry then looks for it and removes it.
+    maybe_applied: bool,
     my_rev: Option<Revision>,
     /// The revision after which changes to our key must be watched, once at the head.
     head_at: Option<Revision>,
@@ -113,6 +117,7 @@ impl Entry {
             key: key.as_bytes().to_vec(),
             claim: Some(claim),
             inflight: None,
+            maybe_applied: false,
             my_rev: None,
             head_at: None,
             existing_value: None,
@@ -319,6 +324,11 @@ impl Entry {
                 .await;
             self.inflight = None;
             let res = res.map_err(|_| Error::Store("queue join request panicked".into()))?;
+            // A failure the store may have applied anyway: if nothing later tells our
+            // revision, `Drop` looks for our key.
+            if matches!(&res, Err(e) if e.is_retryable()) {
+                self.maybe_applied = true;
+            }
             match res {
                 Err(e)
                     if e.is_retryable()
@@ -346,6 +356,7 @@ impl Entry {
             }
         }
         self.my_rev = None;
+        self.maybe_applied = false;
     }
 
     /// We are at the head: start watching our key and hand over the claim.
@@ -378,16 +389,56 @@ impl Drop for Entry {
                 claim.releasing();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
-                        if let Ok(resp) = handle.0.await {
-                            if let Ok(rev) = my_revision(&resp, &key) {
-                                let _ = settle_delete(&store, &key, rev, &claim).await;
-                            }
+                        // An answer tells our revision; a failure may still have applied.
+                        let rev = match handle.0.await {
+                            Ok(resp) => my_revision(&resp, &key).ok(),
+                            Err(_) => find_own_key(&store, &key, &claim).await,
+                        };
+                        if let Some(rev) = rev {
+                            let _ = settle_delete(&store, &key, rev, &claim).await;
+                        }
+                        drop(claim);
+                    });
+                }
+            }
+            (None, None) if self.maybe_applied => {
+                claim.releasing();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Some(rev) = find_own_key(&store, &key, &claim).await {
+                            let _ = settle_delete(&store, &key, rev, &claim).await;
                         }
                         drop(claim);
                     });
                 }
             }
             (None, None) => drop(claim),
+        }
+    }
+}
+
+/// The create revision of our key, if it exists: after a join whose outcome is unknown.
+/// The key names our session's lease, and the claim keeps this session from joining with it
+/// meanwhile, so a key found is the one the join may have put. Reads again while the store
+/// fails and the session lives, for at most [`JOIN_RETRY_FOR`].
+async fn find_own_key(store: &Arc<dyn Store>, key: &[u8], claim: &OwnedClaim) -> Option<Revision> {
+    let give_up = tokio::time::Instant::now() + JOIN_RETRY_FOR;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.range(Range::key(key.to_vec())).await {
+            Ok(resp) => return resp.kvs.first().map(|kv| kv.create_revision),
+            Err(e)
+                if e.is_retryable()
+                    && !claim.session_lost()
+                    && tokio::time::Instant::now() + backoff < give_up =>
+            {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for a key a failed join may have put failed; it expires with the lease");
+                return None;
+            }
         }
     }
 }

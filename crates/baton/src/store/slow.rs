@@ -38,6 +38,8 @@ pub(crate) struct SlowWatches {
     /// Transactions that delete land this long after they are sent, even if the caller has
     /// stopped waiting (as etcd applies a request it has received).
     pub(crate) delay_deletes: StdMutex<Option<Duration>>,
+    /// Apply the next transaction, then answer it with an error (a reply lost on the way).
+    pub(crate) lose_next_reply: std::sync::atomic::AtomicBool,
 }
 
 impl SlowWatches {
@@ -52,6 +54,7 @@ impl SlowWatches {
             before_next_txn: StdMutex::new(None),
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
             delay_deletes: StdMutex::new(None),
+            lose_next_reply: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -135,6 +138,10 @@ impl Store for SlowWatches {
             return landing
                 .await
                 .unwrap_or_else(|e| Err(crate::error::Error::Store(e.to_string())));
+        }
+        if self.lose_next_reply.swap(false, Ordering::Relaxed) {
+            self.inner.txn(txn).await?;
+            return Err(crate::error::Error::Store("connection reset".into()));
         }
         self.inner.txn(txn).await
     }
