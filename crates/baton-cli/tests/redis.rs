@@ -122,24 +122,31 @@ fn try_timeout_and_release() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// `baton lock --ttl TTL NAME -- sh -c SCRIPT`, once SCRIPT has started (and the lock is
+/// held); the directory of its start marker lives as long as the returned one.
+fn holding(server: &RedisServer, name: &str, ttl: &str, script: &str) -> (Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("running");
+    let holder = Proc::spawn(baton(&server.url()).env("MARK", &marker).args([
+        "lock",
+        "--ttl",
+        ttl,
+        name,
+        "--",
+        "sh",
+        "-c",
+        &format!("echo x > \"$MARK\"; {script}"),
+    ]));
+    wait_for_file(&marker);
+    (holder, dir)
+}
+
 /// Deleting the lock key with `DEL` kills CMD once the watchdog's next extend finds it
 /// gone (within TTL/3, plus slack for a loaded machine); baton exits 122.
 #[test]
 fn deleted_key_kills_cmd() {
     let server = redis();
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("running");
-    let mut holder = Proc::spawn(baton(&server.url()).env("MARK", &marker).args([
-        "lock",
-        "--ttl",
-        "3s",
-        "doomed",
-        "--",
-        "sh",
-        "-c",
-        "echo x > \"$MARK\"; exec sleep 30",
-    ]));
-    wait_for_file(&marker);
+    let (mut holder, _dir) = holding(&server, "doomed", "3s", "exec sleep 30");
     let deleted = Instant::now();
     assert_eq!(
         server.command(&["DEL", "doomed"], Duration::from_secs(2)),
@@ -157,19 +164,7 @@ fn deleted_key_kills_cmd() {
 #[test]
 fn a_loss_found_by_the_release_exits_122() {
     let server = redis();
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("running");
-    let mut holder = Proc::spawn(baton(&server.url()).env("MARK", &marker).args([
-        "lock",
-        "--ttl",
-        "30s",
-        "quietly-lost",
-        "--",
-        "sh",
-        "-c",
-        "echo x > \"$MARK\"; sleep 1",
-    ]));
-    wait_for_file(&marker);
+    let (mut holder, _dir) = holding(&server, "quietly-lost", "30s", "sleep 1");
     assert_eq!(
         server.command(&["DEL", "quietly-lost"], Duration::from_secs(2)),
         Some(":1".to_string())

@@ -382,25 +382,23 @@ mod tests {
     /// The newest version a quorum holds wins over a newer one that reached a minority.
     #[test]
     fn the_leader_value_is_the_newest_a_quorum_holds() {
-        let got = |recs: Vec<NodeRecord>| leader_value(recs, 2).map(|r| (r.ver, r.value));
-        let pair = |ver, value: &str| Some((ver, value.as_bytes().to_vec()));
-        assert_eq!(
-            got(vec![rec(4, "x"), rec(3, "ok"), rec(3, "ok")]),
-            pair(3, "ok")
-        );
-        assert_eq!(
-            got(vec![rec(3, "ok"), rec(4, "x"), rec(3, "ok")]),
-            pair(3, "ok")
-        );
-        assert_eq!(
-            got(vec![rec(5, "y"), rec(5, "y"), rec(3, "ok")]),
-            pair(5, "y")
-        );
-        // Nothing held by a quorum: the newest there is.
-        assert_eq!(
-            got(vec![rec(4, "x"), rec(5, "y"), rec(3, "ok")]),
-            pair(5, "y")
-        );
-        assert_eq!(got(vec![]), None);
+        // The three nodes' (version, value), and what is reported.
+        type Case = ([(i64, &'static str); 3], (i64, &'static str));
+        let cases: [Case; 4] = [
+            ([(4, "x"), (3, "ok"), (3, "ok")], (3, "ok")),
+            ([(3, "ok"), (4, "x"), (3, "ok")], (3, "ok")),
+            ([(5, "y"), (5, "y"), (3, "ok")], (5, "y")),
+            // Nothing held by a quorum: the newest there is.
+            ([(4, "x"), (5, "y"), (3, "ok")], (5, "y")),
+        ];
+        for (recs, (ver, value)) in cases {
+            let got = leader_value(recs.iter().map(|(v, s)| rec(*v, s)).collect(), 2);
+            assert_eq!(
+                got.map(|r| (r.ver, r.value)),
+                Some((ver, value.as_bytes().to_vec())),
+                "{recs:?}"
+            );
+        }
+        assert_eq!(leader_value(vec![], 2), None);
     }
 }
