@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::cli::{self, Global};
 use crate::exit::{self, CliError};
 use crate::output::{self, Output};
-use crate::supervisor::{self, Ending, Job, Signals};
+use crate::supervisor::{self, Job, Released, Signals};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -119,44 +119,20 @@ async fn elected(
             }));
         }
     };
-    let ending = supervisor::hold(job, leadership.lost_token(), signals, || {
-        report(leadership.lost_reason());
-    })
-    .await;
-
-    if let Ok(Ending::Lost) = ending {
-        return Err(CliError::quiet(exit::LOST));
+    let ending =
+        supervisor::hold_and_release(leadership, job, signals, "the leadership", report).await?;
+    let (code, resigned) = match ending {
+        Released::Exited { code, released } => (code, released),
+        Released::Stopped { released } => (0, released),
+    };
+    if resigned {
+        tracing::info!(key = %key, "resigned");
+        let _ = out.emit(
+            &format!("resigned {key}"),
+            &json!({"event": "resigned", "name": args.name, "key": key}),
+        );
     }
-    // Lost while CMD was finishing, before anyone said so: CMD may have run without it.
-    let lost_before = leadership.is_lost();
-    if lost_before {
-        report(leadership.lost_reason());
-    }
-    let resigned = tokio::time::timeout(cli::RELEASE_TIMEOUT, leadership.release()).await;
-    let lost_at_release = supervisor::released_lost(&resigned);
-    match &resigned {
-        Ok(Ok(())) => {
-            tracing::info!(key = %key, "resigned");
-            let _ = out.emit(
-                &format!("resigned {key}"),
-                &json!({"event": "resigned", "name": args.name, "key": key}),
-            );
-        }
-        Ok(Err(e)) if lost_at_release && !lost_before => report(Some(e.to_string())),
-        Ok(Err(e)) => output::notice(&format!("baton: resigning: {e}")),
-        Err(_) => {
-            output::notice("baton: resigning timed out; the leader key expires with its lease")
-        }
-    }
-    let ending = ending?;
-    if lost_before || lost_at_release {
-        return Err(CliError::quiet(exit::LOST));
-    }
-    match ending {
-        Ending::Exited(code) => Ok(code),
-        Ending::Stopped => Ok(0),
-        Ending::Lost => Err(CliError::quiet(exit::LOST)),
-    }
+    Ok(code)
 }
 
 /// Campaign as the options say: 124 if `--timeout` passes.

@@ -137,7 +137,7 @@ async fn locked(
     };
     let ending = supervisor::hold_and_release(guard, job, signals, "the lock", on_lost).await?;
     match ending {
-        Released::Exited(code) => Ok(code),
+        Released::Exited { code, .. } => Ok(code),
         Released::Stopped { released } => {
             if released {
                 let _ = out.emit(

@@ -131,7 +131,7 @@ async fn held(
     };
     let ending = supervisor::hold_and_release(permit, job, signals, "the permit", on_lost).await?;
     match ending {
-        Released::Exited(code) => Ok(code),
+        Released::Exited { code, .. } => Ok(code),
         Released::Stopped { released } => {
             if released {
                 let _ = out.emit(

@@ -175,12 +175,13 @@ pub(crate) async fn hold(
     }
 }
 
-/// How a hold that was released ended (see [`hold_and_release`]).
+/// How a hold that was released ended (see [`hold_and_release`]); `released` is true if
+/// the release succeeded.
 #[derive(Debug)]
 pub(crate) enum Released {
     /// CMD exited by itself (or after a forwarded signal), with this exit code.
-    Exited(u8),
-    /// No CMD: stopped by a signal; `released` is true if the release succeeded.
+    Exited { code: u8, released: bool },
+    /// No CMD: stopped by a signal.
     Stopped { released: bool },
 }
 
@@ -195,6 +196,18 @@ pub(crate) trait Holding {
 }
 
 impl Holding for Box<dyn baton::coordinator::Guard> {
+    fn lost_token(&self) -> CancellationToken {
+        baton::coordinator::Guard::lost_token(self.as_ref())
+    }
+    fn lost_reason(&self) -> Option<String> {
+        baton::coordinator::Guard::lost_reason(self.as_ref())
+    }
+    fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
+        baton::coordinator::Guard::release(self)
+    }
+}
+
+impl Holding for Box<dyn baton::coordinator::Leading> {
     fn lost_token(&self) -> CancellationToken {
         baton::coordinator::Guard::lost_token(self.as_ref())
     }
@@ -261,17 +274,16 @@ pub(crate) async fn hold_and_release<G: Holding>(
     if lost_before || lost_at_release {
         return Err(CliError::quiet(exit::LOST));
     }
+    let released = matches!(released, Ok(Ok(())));
     match ending {
-        Ending::Exited(code) => Ok(Released::Exited(code)),
-        Ending::Stopped => Ok(Released::Stopped {
-            released: matches!(released, Ok(Ok(()))),
-        }),
+        Ending::Exited(code) => Ok(Released::Exited { code, released }),
+        Ending::Stopped => Ok(Released::Stopped { released }),
         Ending::Lost => Err(CliError::quiet(exit::LOST)),
     }
 }
 
 /// True if a release (within its timeout) failed because the hold was no longer ours.
-pub(crate) fn released_lost<E>(released: &Result<baton::Result<()>, E>) -> bool {
+fn released_lost<E>(released: &Result<baton::Result<()>, E>) -> bool {
     matches!(released, Ok(Err(e)) if e.is_lost())
 }
 
