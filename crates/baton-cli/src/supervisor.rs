@@ -195,27 +195,16 @@ pub(crate) trait Holding {
     fn release(self) -> impl std::future::Future<Output = baton::Result<()>>;
 }
 
-impl Holding for Box<dyn baton::coordinator::Guard> {
+/// A lock's guard or a leadership (`Box<dyn Guard>`, `Box<dyn Leading>`).
+impl<T: baton::coordinator::Guard + ?Sized + 'static> Holding for Box<T> {
     fn lost_token(&self) -> CancellationToken {
-        baton::coordinator::Guard::lost_token(self.as_ref())
+        self.as_ref().lost_token()
     }
     fn lost_reason(&self) -> Option<String> {
-        baton::coordinator::Guard::lost_reason(self.as_ref())
+        self.as_ref().lost_reason()
     }
     fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
-        baton::coordinator::Guard::release(self)
-    }
-}
-
-impl Holding for Box<dyn baton::coordinator::Leading> {
-    fn lost_token(&self) -> CancellationToken {
-        baton::coordinator::Guard::lost_token(self.as_ref())
-    }
-    fn lost_reason(&self) -> Option<String> {
-        baton::coordinator::Guard::lost_reason(self.as_ref())
-    }
-    fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
-        baton::coordinator::Guard::release(self)
+        T::release(self)
     }
 }
 
