@@ -24,7 +24,7 @@ use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, Store, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
-use crate::wait::{scan_member_and_mine, wait_turn, TurnRead};
+use crate::wait::{scan_member, wait_turn, TurnRead};
 
 /// How many keys the join transaction of a queue of empty-valued keys (a mutex) reads back:
 /// ours and up to `AHEAD - 1` created before it. A queue shorter than that is known whole.
@@ -196,12 +196,12 @@ impl Entry {
             // delete, the lease), and a verdict of "at the head" must be of a revision at
             // which our key still existed.
             HeadSeen::Unknown => {
-                let (_, head, mine) = scan_member_and_mine(
+                let (_, head, mine) = scan_member(
                     &entry.store,
                     &entry.queue,
                     SortOrder::Ascending,
                     0,
-                    &entry.key,
+                    Some(&entry.key),
                 )
                 .await?;
                 if mine.is_none_or(|kv| kv.create_revision != my_rev) {

@@ -94,9 +94,14 @@ async fn read_turn(
         // and on our key must be of one revision, or a delete of our key between two reads
         // would be missed for good (the loss watch starts after the verdict's revision).
         Some(kv) if !queue.contains(&kv.key) => {
-            let (header, pred, mine) =
-                scan_member_and_mine(store, queue, SortOrder::Descending, max_create_rev, my_key)
-                    .await?;
+            let (header, pred, mine) = scan_member(
+                store,
+                queue,
+                SortOrder::Descending,
+                max_create_rev,
+                Some(my_key),
+            )
+            .await?;
             Ok(TurnRead {
                 header,
                 pred,
@@ -116,40 +121,24 @@ async fn read_turn(
 }
 
 /// The first (ascending) or last (descending) member of `queue`, by create revision,
-/// skipping keys of nested names. Reads the whole prefix, so it is only used when
-/// the one-key read found a nested name's key.
+/// skipping keys of nested names, and `my_key` (if given) as it is at the same revision, in
+/// one transaction: `(header revision, member found, our key)`. Reads the whole prefix, so
+/// it is only used when the one-key read found a nested name's key.
 pub(crate) async fn scan_member(
     store: &Arc<dyn Store>,
     queue: &Queue,
     order: SortOrder,
     max_create_rev: Revision,
-) -> Result<(Revision, Option<KeyValue>)> {
-    let resp = store
-        .range(
-            Range::prefix(queue.prefix.clone())
-                .sort_by(SortTarget::CreateRevision, order)
-                .with_max_create_revision(max_create_rev),
-        )
-        .await?;
-    let found = resp.kvs.into_iter().find(|kv| queue.contains(&kv.key));
-    Ok((resp.header_revision, found))
-}
-
-/// [`scan_member`], and `my_key` as it is at the same revision, in one transaction:
-/// `(header revision, member found, our key)`.
-pub(crate) async fn scan_member_and_mine(
-    store: &Arc<dyn Store>,
-    queue: &Queue,
-    order: SortOrder,
-    max_create_rev: Revision,
-    my_key: &[u8],
+    my_key: Option<&[u8]>,
 ) -> Result<(Revision, Option<KeyValue>, Option<KeyValue>)> {
     let scan = Range::prefix(queue.prefix.clone())
         .sort_by(SortTarget::CreateRevision, order)
         .with_max_create_revision(max_create_rev);
-    let resp = store
-        .txn(Txn::new().and_then([TxnOp::get(scan), TxnOp::get(Range::key(my_key))]))
-        .await?;
+    let mut ops = vec![TxnOp::get(scan)];
+    if let Some(key) = my_key {
+        ops.push(TxnOp::get(Range::key(key)));
+    }
+    let resp = store.txn(Txn::new().and_then(ops)).await?;
     let mut gets = resp.responses.into_iter().map(|r| match r {
         crate::store::TxnOpResponse::Get(g) => g.kvs,
         _ => Vec::new(),
@@ -253,26 +242,19 @@ pub(crate) async fn wait_turn(
         let answer = hub.wait_delete(store, &queue.prefix, keys, header).await;
         crate::hub::Counters::add(&hub.counters.wakeups);
         let woken = match answer {
-            // The only member ahead of us is gone at revision `rev`: we are at the head, with
-            // no further read, if our key has no delete up to `rev` either. One revision can
-            // delete both (`etcdctl del --prefix`, a transaction), and its events come in key
-            // order, so the answer alone does not tell.
-            Ok((0, Woken::Deleted(rev))) if read.pred_is_head && mine_in_queue => {
-                match rest_gone(client, queue, my_key, header, &[], rev).await {
-                    Ok(Some(at)) => {
-                        return Ok(Turn {
-                            header_revision: at,
-                        })
-                    }
-                    Ok(None) => Ok(Woken::Deleted(rev)),
-                    Err(e) => Err(e),
-                }
-            }
-            // We know every member that was ahead of us: wait out the rest of them on the
-            // shared watch, still without a read.
-            Ok((0, Woken::Deleted(rev))) if mine_in_queue && read.ahead.is_some() => {
-                let ahead = read.ahead.as_deref().unwrap_or_default();
-                let rest = &ahead[..ahead.len().saturating_sub(1)];
+            // The predecessor is gone at revision `rev`. If it was the only member ahead of
+            // us, or we know every member that was (the rest we wait out on the shared
+            // watch), we are at the head with no further read, once our key has no delete up
+            // to then either. One revision can delete both (`etcdctl del --prefix`, a
+            // transaction), and its events come in key order, so the answer alone does not
+            // tell.
+            Ok((0, Woken::Deleted(rev)))
+                if mine_in_queue && (read.pred_is_head || read.ahead.is_some()) =>
+            {
+                let rest = match read.ahead.as_deref() {
+                    Some(ahead) if !read.pred_is_head => &ahead[..ahead.len().saturating_sub(1)],
+                    _ => &[],
+                };
                 match rest_gone(client, queue, my_key, header, rest, rev).await {
                     Ok(Some(at)) => {
                         return Ok(Turn {
@@ -364,7 +346,9 @@ pub(crate) async fn head_member(
         .await?;
     match resp.kvs.into_iter().next() {
         Some(kv) if !queue.contains(&kv.key) => {
-            scan_member(store, queue, SortOrder::Ascending, 0).await
+            let (header, head, _) =
+                scan_member(store, queue, SortOrder::Ascending, 0, None).await?;
+            Ok((header, head))
         }
         head => Ok((resp.header_revision, head)),
     }
