@@ -385,14 +385,19 @@ impl Drop for Entry {
         let key = std::mem::take(&mut self.key);
         match (self.my_rev, self.inflight.take()) {
             (Some(rev), _) => release_in_background(store, key, rev, claim),
-            (None, Some(handle)) => {
+            // The join is in flight, or failed in a way that may have applied: learn our
+            // revision (from its answer, else by looking for our key) and remove the key.
+            (None, inflight) if inflight.is_some() || self.maybe_applied => {
                 claim.releasing();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
-                        // An answer tells our revision; a failure may still have applied.
-                        let rev = match handle.0.await {
-                            Ok(resp) => my_revision(&resp, &key).ok(),
-                            Err(_) => find_own_key(&store, &key, &claim).await,
+                        let answer = match inflight {
+                            Some(handle) => handle.0.await.ok(),
+                            None => None,
+                        };
+                        let rev = match answer {
+                            Some(resp) => my_revision(&resp, &key).ok(),
+                            None => find_own_key(&store, &key, &claim).await,
                         };
                         if let Some(rev) = rev {
                             let _ = settle_delete(&store, &key, rev, &claim).await;
@@ -401,18 +406,7 @@ impl Drop for Entry {
                     });
                 }
             }
-            (None, None) if self.maybe_applied => {
-                claim.releasing();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        if let Some(rev) = find_own_key(&store, &key, &claim).await {
-                            let _ = settle_delete(&store, &key, rev, &claim).await;
-                        }
-                        drop(claim);
-                    });
-                }
-            }
-            (None, None) => drop(claim),
+            (None, _) => drop(claim),
         }
     }
 }
