@@ -272,6 +272,42 @@ async fn redlock_a_hung_first_master_does_not_stall_acquires() {
     g.unlock().await.unwrap();
 }
 
+/// One master hangs, another holds a stale key of another owner, the third is free: the
+/// attempt's answers split (one "taken", one "held") and only the hung master could settle
+/// it. The attempt must not wait a request timeout for it; `lock()` gets the lock soon after
+/// the stale key expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_split_attempt_does_not_wait_for_a_hung_master() {
+    let servers = RedisServers::start_async(3).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    let mut addrs = vec![proxy.addr().to_string()];
+    addrs.extend(servers.servers()[1..].iter().map(|s| s.addr()));
+    let url = format!("redlock://{}", addrs.join(","));
+    let name = unique("split-hung");
+    let client = builder(&url, Duration::from_secs(10))
+        .with_request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let lock = client.lock(&name).unwrap();
+    let mut second = raw(&servers.servers()[1].url()).await;
+    proxy.set_both(Fault::Pause);
+    let () = second.pset_ex(&name, "stale", 700).await.unwrap();
+    let started = Instant::now();
+    let guard = tokio::time::timeout(Duration::from_secs(20), lock.lock())
+        .await
+        .expect("lock() hung")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600),
+        "the stale key on a master was ignored: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "lock() took {took:?}");
+    proxy.heal();
+    guard.unlock().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Expiry, loss, restart
 

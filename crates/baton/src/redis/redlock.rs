@@ -24,6 +24,10 @@ use super::{drift, ClientInner};
 use crate::error::{Error, Result};
 use crate::race::Race;
 
+/// The least time an attempt that found the lock held waits for the nodes that have not
+/// answered, after the last answer (see [`ClientInner::try_acquire`]).
+const STRAGGLER_MIN: Duration = Duration::from_millis(10);
+
 /// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
 /// been deleted again.
 #[derive(Debug)]
@@ -68,6 +72,10 @@ impl ClientInner {
     /// has not answered within 1% of the TTL (hung), the attempt asks every node, within
     /// the same validity. A gate held by a stale minority key cannot block anyone for long:
     /// attempts after the fallback poll are not gated, nor is `try_lock`'s one attempt.
+    ///
+    /// Once a node answered "held by another owner", nodes that stay silent for 1% of the
+    /// TTL after the last answer are not waited for: the attempt fails as busy, and the
+    /// caller tries again on a release or at its fallback poll.
     ///
     /// A failed attempt deletes what it may have set before it returns if `wait_cleanup`
     /// (`try_lock`, whose error promises it) or if it failed for good; else the deletion
@@ -134,6 +142,12 @@ impl ClientInner {
             .collect();
         let mut retry_in: Option<Duration> = None;
         let mut first_error = None;
+        // Once a node said "held by another owner", the lock is taken or being released
+        // (or a stale minority key holds it): a node that has not answered within 1% of the
+        // TTL of the last answer is not waited for until `give_up` (a hung master would
+        // otherwise hold up, by a request timeout, a waiter that raced a release).
+        let straggle = (ttl / 100).max(STRAGGLER_MIN);
+        let mut last_answer = Instant::now();
         loop {
             tokio::select! {
                 r = calls.next() => match r {
@@ -165,7 +179,9 @@ impl ClientInner {
                     }
                 },
                 _ = tokio::time::sleep_until(give_up) => break,
+                _ = tokio::time::sleep_until(last_answer + straggle), if busy > 0 => break,
             }
+            last_answer = Instant::now();
         }
         let elapsed = start.elapsed();
         if ok >= q && elapsed + drift < ttl {
