@@ -538,15 +538,24 @@ impl EtcdServer {
     ///
     /// If it does not become healthy within 20 s.
     pub fn restart(&mut self) {
-        self.restart_no_wait();
-        match self.wait_started(START_TIMEOUT) {
-            Ok(()) => {}
-            Err(StartError::Failed(why)) => panic!("{why}"),
-            Err(StartError::PortTaken) => panic!(
-                "etcd member {} could not bind its ports again on restart; last log lines:\n{}",
-                self.name,
-                self.log_tail(LOG_TAIL_LINES)
-            ),
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            self.restart_no_wait();
+            match self.wait_started(START_TIMEOUT) {
+                Ok(()) => return,
+                Err(StartError::Failed(why)) => panic!("{why}"),
+                // Someone holds the port for a moment (an old socket, or another process's
+                // connection that was given it as its local port): try again.
+                Err(StartError::PortTaken) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(name = %self.name, "etcd port taken on restart; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(StartError::PortTaken) => panic!(
+                    "etcd member {} could not bind its ports again on restart; last log lines:\n{}",
+                    self.name,
+                    self.log_tail(LOG_TAIL_LINES)
+                ),
+            }
         }
     }
 
