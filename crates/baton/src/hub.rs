@@ -40,7 +40,7 @@ use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 use tracing::Instrument;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{EventKind, Revision, Store, Watch};
 
 /// How many recent events each prefix watch remembers.
@@ -444,13 +444,14 @@ impl Hub {
             }
             let (hub, store, key) = (self.clone(), store.clone(), prefix.to_vec());
             let opened = tokio::spawn(async move {
-                let opened = hub.open(&store, &key, None).await;
-                hub.opening
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
-                notify.notify_waiters();
-                opened
+                // Also when the task is dropped unfinished (its runtime shut down): an entry
+                // left in `opening` would make every later wait on the prefix wait for it.
+                let _ended = OpenEnded {
+                    hub: hub.clone(),
+                    prefix: key.clone(),
+                    notify,
+                };
+                hub.open(&store, &key, None).await
             });
             return match opened.await {
                 Ok(opened) => opened,
@@ -511,6 +512,28 @@ impl Hub {
             .instrument(span),
         );
         Ok(pw)
+    }
+}
+
+/// Ends an open of a shared watch, however its task ends: removes its `opening` entry and
+/// wakes those who wait for it (who then find the watch, or open it themselves).
+struct OpenEnded {
+    hub: Arc<Hub>,
+    prefix: Vec<u8>,
+    notify: Arc<Notify>,
+}
+
+impl Drop for OpenEnded {
+    fn drop(&mut self) {
+        let mut opening = self.hub.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if opening
+            .get(&self.prefix)
+            .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+        {
+            opening.remove(&self.prefix);
+        }
+        drop(opening);
+        self.notify.notify_waiters();
     }
 }
 
@@ -698,7 +721,15 @@ pub(crate) async fn keys_gone(
     for (index, (key, _)) in keys.iter().enumerate() {
         let stream = store.watch(Watch::key(key.to_vec())).await?;
         Counters::add(&hub.counters.watches_opened);
-        streams.push(stream.map(move |batch| (index, batch)).boxed());
+        // One stream ending must not go unnoticed while the others live on: its end is an
+        // item too, after which the caller reads again.
+        let ended = futures::stream::once(async move { (index, None) });
+        streams.push(
+            stream
+                .map(move |batch| (index, Some(batch)))
+                .chain(ended)
+                .boxed(),
+        );
     }
     let mut doubt = crate::watching::Doubt::new(store.as_ref(), doubt);
     let mut seen = match read_keys(store, keys).await? {
@@ -714,8 +745,16 @@ pub(crate) async fn keys_gone(
             }
             continue;
         };
-        let Some((index, batch)) = item else { break };
-        let batch = batch?;
+        let Some((index, Some(batch))) = item else {
+            break;
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            // Compacted past our watch's start (etcd cancels a watch left behind, before its
+            // sweep, by a compaction): the caller reads again.
+            Err(Error::Compacted { .. }) => break,
+            Err(e) => return Err(e),
+        };
         let (_, create_rev) = keys[index];
         for ev in batch.events.iter().filter(|ev| ev.kv.mod_revision > seen) {
             if ev.kind == EventKind::Delete {
@@ -1034,6 +1073,78 @@ mod tests {
     /// A shared watch whose task is dropped with its runtime (the client lives on in another)
     /// tells its waiters and hooks: a waiter reads again instead of waiting forever, and a
     /// hooked holder still hears of its key's delete.
+    /// `keys_gone` notices when one of its watches ends (cleanly, or compacted) while the
+    /// others live on: it answers "read again" instead of waiting on the rest for good.
+    #[tokio::test]
+    async fn keys_gone_notices_one_watch_ending() {
+        use crate::store::KeyRange;
+        for compacted in [false, true] {
+            let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let store: Arc<dyn Store> = slow.clone();
+            let hub = Hub::default();
+            let a = store.put(b"q/a", b"", 0).await.unwrap();
+            let b = store.put(b"q/b", b"", 0).await.unwrap();
+            *slow.end_watch_on.lock().unwrap() = Some((b"q/a".to_vec(), compacted));
+            let deleting = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    store.delete(KeyRange::key(b"q/a".to_vec())).await.unwrap();
+                })
+            };
+            let answer = tokio::time::timeout(
+                Duration::from_secs(3),
+                keys_gone(&hub, &store, &[(b"q/a", a), (b"q/b", b)], false),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("keys_gone hung (compacted: {compacted})"));
+            let answer = answer.unwrap();
+            assert!(
+                matches!(answer, None | Some((0, _))),
+                "compacted {compacted}: {answer:?}"
+            );
+            deleting.await.unwrap();
+        }
+    }
+
+    /// An open of the shared watch whose task died with its runtime (the client is used
+    /// from more than one) leaves nothing behind: a later waiter on another runtime is not
+    /// held up by it (it is told to read again), and a new shared watch can be opened.
+    #[test]
+    fn an_open_dropped_with_its_runtime_blocks_nobody() {
+        let current = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
+            "mem",
+            Duration::from_millis(200),
+            Duration::ZERO,
+        ));
+        let hub = Arc::new(Hub::default());
+        let first = current();
+        first.block_on(async {
+            hub.open_soon(&store, b"q/");
+            // The open's task is creating its watch (200 ms) when its runtime goes.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        drop(first);
+        current().block_on(async {
+            let read_at = store.put(b"q/a", b"", 0).await.unwrap();
+            store.put(b"q/b", b"", 0).await.unwrap();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(3),
+                hub.wait_delete(&store, b"q/", &[b"q/a"], read_at),
+            )
+            .await
+            .expect("wait_delete waited for an open that will never end");
+            assert_eq!(answer.unwrap(), (0, Woken::Reread));
+            assert!(hub.is_live(b"q/"), "a new shared watch was opened");
+        });
+    }
+
     #[test]
     fn a_watch_dropped_with_its_runtime_tells_its_waiters() {
         let current = || {

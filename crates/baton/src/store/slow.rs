@@ -40,6 +40,14 @@ pub(crate) struct SlowWatches {
     pub(crate) delay_deletes: StdMutex<Option<Duration>>,
     /// Apply the next transaction, then answer it with an error (a reply lost on the way).
     pub(crate) lose_next_reply: std::sync::atomic::AtomicBool,
+    /// The next transaction that deletes fails at once ("request timed out"), and is
+    /// applied this long afterwards all the same (as etcd applies a request whose caller
+    /// has given up on it).
+    pub(crate) fail_then_land: StdMutex<Option<Duration>>,
+    /// A watch of exactly this key ends at once: with no error (a stream closed cleanly,
+    /// say by a proxy), or (`true`) after a `Compacted` error (etcd cancels a watch left
+    /// behind, before its sweep, by a compaction).
+    pub(crate) end_watch_on: StdMutex<Option<(Vec<u8>, bool)>>,
 }
 
 impl SlowWatches {
@@ -55,6 +63,8 @@ impl SlowWatches {
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
             delay_deletes: StdMutex::new(None),
             lose_next_reply: std::sync::atomic::AtomicBool::new(false),
+            fail_then_land: StdMutex::new(None),
+            end_watch_on: StdMutex::new(None),
         }
     }
 
@@ -139,6 +149,21 @@ impl Store for SlowWatches {
                 .await
                 .unwrap_or_else(|e| Err(crate::error::Error::Store(e.to_string())));
         }
+        if deletes {
+            let land = self
+                .fail_then_land
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(after) = land {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = inner.txn(txn).await;
+                });
+                return Err(crate::error::Error::Store("request timed out".into()));
+            }
+        }
         if self.lose_next_reply.swap(false, Ordering::Relaxed) {
             self.inner.txn(txn).await?;
             return Err(crate::error::Error::Store("connection reset".into()));
@@ -165,6 +190,25 @@ impl Store for SlowWatches {
     }
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
         tokio::time::sleep(self.create).await;
+        let ends = match (
+            &watch.keys,
+            &*self.end_watch_on.lock().unwrap_or_else(|e| e.into_inner()),
+        ) {
+            (KeyRange::Key(k), Some((key, compacted))) if k == key => Some(*compacted),
+            _ => None,
+        };
+        match ends {
+            Some(false) => return Ok(Box::pin(futures::stream::empty())),
+            Some(true) => {
+                return Ok(Box::pin(futures::stream::once(async {
+                    Err(crate::error::Error::Compacted {
+                        requested: 0,
+                        compact_revision: 1,
+                    })
+                })))
+            }
+            None => {}
+        }
         Ok(self.hold_back(self.inner.watch(watch).await?))
     }
     async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
