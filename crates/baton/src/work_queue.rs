@@ -323,7 +323,15 @@ impl Items {
     /// Delete `item` if it is still the one read: `Some(true)` if we took it, `Some(false)`
     /// if someone else did, `None` if the claim failed in flight and the item is gone (it
     /// may be ours or someone else's: it is not returned).
+    ///
+    /// A claim that fails in flight may still be applied later (etcd applies a request it
+    /// received even if its caller gave up): reading the item and finding it unchanged
+    /// proves nothing. The same compare-and-delete is sent again until it is answered: it
+    /// matches only the item as read, so "succeeded" means ours, and "failed" means the
+    /// item is gone, by our first request or someone else's.
     async fn claim(&self, item: &KeyValue) -> Result<Option<bool>> {
+        /// How many times a claim that failed in flight is sent again (about 6.5 s in all).
+        const RESENDS: usize = 10;
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 item.key.clone(),
@@ -331,21 +339,27 @@ impl Items {
                 item.mod_revision,
             )])
             .and_then([TxnOp::delete(item.key.clone())]);
-        match self.store.txn(txn).await {
-            Ok(resp) => Ok(Some(resp.succeeded)),
+        match self.store.txn(txn.clone()).await {
+            Ok(resp) => return Ok(Some(resp.succeeded)),
+            // Refused (access, bad input): not applied.
+            Err(e) if !e.is_retryable() => return Err(e),
             Err(e) => {
-                tracing::debug!(error = %e, "a claim failed; checking whether it was applied");
-                // Not applied if the item is still there as it was. If that cannot be read
-                // either, the claim may have taken it: say so, never take another item.
-                let Ok(now) = self.store.range(Range::key(item.key.clone())).await else {
-                    return Ok(None);
-                };
-                if now.kvs.first().map(|kv| kv.mod_revision) == Some(item.mod_revision) {
-                    return Err(e);
-                }
-                Ok(None)
+                tracing::debug!(error = %e, "a claim failed in flight; sending it again");
             }
         }
+        let mut backoff = crate::watching::Backoff::new();
+        for _ in 0..RESENDS {
+            backoff.sleep().await;
+            match self.store.txn(txn.clone()).await {
+                Ok(resp) if resp.succeeded => return Ok(Some(true)),
+                Ok(_) => return Ok(None),
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "a claim failed in flight again");
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     pub(crate) async fn count(&self) -> Result<usize> {
@@ -359,6 +373,50 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
     use std::time::Duration;
+
+    /// A claim that fails in flight but is applied later (etcd applies a request whose
+    /// caller gave up on it) must not be taken for "not applied": the item would be gone
+    /// unreturned and the next one returned as if nothing happened. Either the item comes
+    /// back or the dequeue fails saying so; the next item stays queued.
+    #[tokio::test]
+    async fn a_claim_applied_after_its_failure_loses_nothing_silently() {
+        use crate::store::slow::SlowWatches;
+        for order in ["fifo", "priority"] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let client = Client::from_arc(store.clone());
+            let got = if order == "fifo" {
+                let q = Queue::new(&client, "q").unwrap();
+                q.enqueue("A").await.unwrap();
+                q.enqueue("B").await.unwrap();
+                *store.fail_then_land.lock().unwrap() = Some(Duration::from_millis(20));
+                q.dequeue_timeout(Duration::from_secs(2)).await
+            } else {
+                let q = crate::PriorityQueue::new(&client, "pq").unwrap();
+                q.enqueue("A", 1).await.unwrap();
+                q.enqueue("B", 2).await.unwrap();
+                *store.fail_then_land.lock().unwrap() = Some(Duration::from_millis(20));
+                q.dequeue_timeout(Duration::from_secs(2)).await
+            };
+            match &got {
+                Ok(v) => assert_eq!(v.as_slice(), b"A", "{order}: A vanished, got {got:?}"),
+                Err(e) => assert!(
+                    e.to_string().contains("may have been taken"),
+                    "{order}: {e}"
+                ),
+            }
+            let left = store
+                .inner
+                .range(crate::store::Range::prefix(if order == "fifo" {
+                    "q/"
+                } else {
+                    "pq/"
+                }))
+                .await
+                .unwrap();
+            assert_eq!(left.kvs.len(), 1, "{order}: B is still queued");
+            assert_eq!(left.kvs[0].value, b"B", "{order}");
+        }
+    }
 
     #[tokio::test]
     async fn fifo_exactly_once_with_racing_consumers() {
