@@ -29,7 +29,7 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0        success, or CMD's own exit code (passed through)
   1        baton leader: the election has no leader; baton get: no such key;
-           baton set --if-version: the version differs (nothing written)
+           baton set --if-revision: the key changed (nothing written)
   122      the lock or leadership was lost while held
   124      not acquired: --try found the lock held (or no permit free), or --timeout
            passed (also baton barrier, baton queue pop)
@@ -45,7 +45,7 @@ Examples:
   baton sem encoders --permits 4 -- ./encode.sh
   baton barrier bench/start --count 3
   baton queue push jobs img-1.png; baton queue pop --timeout 30s jobs
-  baton set --if-version 3 config/x on; baton watch --prefix config/
+  baton set --if-revision 0 config/x on; baton watch --prefix config/
   baton status
   baton demo
   baton bench contended --workers 8 --peer etcd-lock-api";
@@ -165,7 +165,7 @@ pub(crate) enum Command {
     Queue(queue::Args),
     /// Print a key's value.
     Get(kv::GetArgs),
-    /// Write a key's value, or with --if-version compare-and-set it.
+    /// Write a key's value, or with --if-revision compare-and-set it.
     Set(kv::SetArgs),
     /// Print every change of a key (or of the keys under a prefix) until interrupted.
     Watch(kv::WatchArgs),

@@ -1,4 +1,4 @@
-//! `baton get KEY`, `baton set KEY VALUE [--if-version N]` and `baton watch KEY [--prefix]`:
+//! `baton get KEY`, `baton set KEY VALUE [--if-revision R]` and `baton watch KEY [--prefix]`:
 //! plain reads, compare-and-set writes, and following changes.
 
 use std::io::Write;
@@ -14,13 +14,13 @@ use crate::output::Output;
 use crate::queue::value;
 use crate::supervisor::Signals;
 
-/// `baton get`: the key does not exist; `baton set --if-version`: the version differs.
+/// `baton get`: the key does not exist; `baton set --if-revision`: the key changed.
 pub(crate) const NOT_MATCHED: u8 = 1;
 
 const GET_EXAMPLES: &str = "\
 Examples:
   baton get config/feature-x                       # prints e.g. on
-  baton --json get config/feature-x                # value, version, revisions
+  baton --json get config/feature-x                # value, version, revision (last write)
 
 Prints the value as is, then a newline. Exits 1 with a message on stderr if the key does
 not exist.";
@@ -28,14 +28,17 @@ not exist.";
 const SET_EXAMPLES: &str = "\
 Examples:
   baton set config/feature-x on
-  # only if nobody wrote since we read version 3 (exit 1 if someone did)
-  baton set --if-version 3 config/feature-x off
+  # only if nobody wrote since the write we read (its revision, from `set` or `get --json`)
+  rev=$(baton --json get config/feature-x | jq .revision)
+  baton set --if-revision \"$rev\" config/feature-x off
   # only if the key does not exist yet
-  baton set --if-version 0 config/owner \"$(hostname)\"
+  baton set --if-revision 0 config/owner \"$(hostname)\"
 
 Prints the key's new version and revision: `set KEY (version V, revision R)`.
-Exit codes: 0 written; 1 --if-version did not match (nothing was written; stderr says the
-key's version now); 125 bad input or backend failure.";
+--if-revision compares the revision of the key's last write, not its version: a version
+starts again at 1 when a key is deleted and written again, a revision is never reused.
+Exit codes: 0 written; 1 --if-revision did not match (nothing was written; stderr says the
+key's revision now); 125 bad input or backend failure.";
 
 const WATCH_EXAMPLES: &str = "\
 Examples:
@@ -73,10 +76,10 @@ pub(crate) struct SetArgs {
     #[arg(value_parser = value)]
     pub(crate) value: String,
 
-    /// Write only if the key's version is N (0: only if it does not exist); otherwise write
-    /// nothing and exit 1.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(0..))]
-    pub(crate) if_version: Option<i64>,
+    /// Write only if the key's last write is revision R (as `set` and `get --json` print
+    /// it; 0: only if the key does not exist); otherwise write nothing and exit 1.
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(i64).range(0..))]
+    pub(crate) if_revision: Option<i64>,
 }
 
 /// `baton watch`.
@@ -132,19 +135,19 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
     let out = Output::new(global.json);
     let client = cli::connect(global, &global.endpoints).await?;
     let shared = baton::SharedValue::new(&client, &args.key)?;
-    let written = match args.if_version {
+    let written = match args.if_revision {
         None => shared.set(args.value).await?,
-        Some(version) => match shared.compare_and_set(version, args.value).await? {
+        Some(revision) => match shared.compare_and_set(revision, args.value).await? {
             baton::CompareAndSet::Set(v) => v,
             baton::CompareAndSet::Conflict(now) => {
                 let now = match now {
-                    Some(v) => format!("its version is {}", v.version),
-                    None => "it does not exist (version 0)".to_string(),
+                    Some(v) => format!("its last write is revision {}", v.mod_revision),
+                    None => "it does not exist (revision 0)".to_string(),
                 };
                 return Err(CliError::new(
                     NOT_MATCHED,
                     format!(
-                        "key {:?} not set: {now}, not {version} as --if-version asks",
+                        "key {:?} not set: {now}, not {revision} as --if-revision asks",
                         args.key
                     ),
                 ));

@@ -139,7 +139,7 @@ fn sem_exit_codes_and_bad_input() {
         vec!["queue", "push", "", "x"],
         vec!["queue"],
         vec!["queue", "pop", "q", "--timeout", "0s"],
-        vec!["set", "k", "v", "--if-version", "-1"],
+        vec!["set", "k", "v", "--if-revision", "-1"],
         vec!["get", ""],
     ] {
         let (out, took) = run(baton("http://127.0.0.1:1").args(&args));
@@ -243,32 +243,35 @@ fn queue_round_trip() {
     assert_eq!(out.status.code(), Some(124), "{out:?}");
 }
 
-/// set, get, --if-version: a matching version writes, a stale one exits 1 with one line
-/// and writes nothing; a missing key exits 1.
+/// set, get, --if-revision: a matching revision writes, a stale one exits 1 with one line
+/// and writes nothing (also after a delete and re-create, which restarts the version); a
+/// missing key exits 1.
 #[test]
-fn set_get_and_if_version() {
+fn set_get_and_if_revision() {
     let etcd = etcd();
     let ep = etcd.endpoint();
     let (out, _) = run(baton(&ep).args(["get", "cfg/x"]));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(stderr_lines(&out)[0].contains("does not exist"), "{out:?}");
 
-    let (out, _) = run(baton(&ep).args(["set", "--if-version", "0", "cfg/x", "one"]));
+    let (out, _) = run(baton(&ep).args(["set", "--if-revision", "0", "cfg/x", "one"]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
         stdout(&out).starts_with("set cfg/x (version 1, "),
         "{out:?}"
     );
-    let (out, _) = run(baton(&ep).args(["get", "cfg/x"]));
-    assert_eq!(stdout(&out), "one\n");
+    let (out, _) = run(baton(&ep).args(["--json", "get", "cfg/x"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["value"], "one");
+    let one = v["revision"].as_i64().unwrap().to_string();
 
-    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "two", "--if-version", "1"]));
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "two", "--if-revision", &one]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "three", "--if-version", "1"]));
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "three", "--if-revision", &one]));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = stderr_lines(&out);
     assert_eq!(err.len(), 1, "{err:?}");
-    assert!(err[0].contains("its version is 2"), "{err:?}");
+    assert!(err[0].contains("its last write is revision"), "{err:?}");
 
     let (out, _) = run(baton(&ep).args(["--json", "get", "cfg/x"]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -284,6 +287,21 @@ fn set_get_and_if_version() {
         stdout(&out).starts_with("set cfg/x (version 3, "),
         "{out:?}"
     );
+    let (out, _) = run(baton(&ep).args(["--json", "get", "cfg/x"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let four = v["revision"].as_i64().unwrap().to_string();
+    // Someone deletes it and writes it again: version 1 again, a new revision.
+    let out = etcd.etcdctl(["del", "cfg/x"]);
+    assert!(out.status.success(), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "theirs"]));
+    assert!(
+        stdout(&out).starts_with("set cfg/x (version 1, "),
+        "{out:?}"
+    );
+    let (out, _) = run(baton(&ep).args(["set", "cfg/x", "mine", "--if-revision", &four]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["get", "cfg/x"]));
+    assert_eq!(stdout(&out), "theirs\n");
 }
 
 /// `baton watch --prefix` prints a put and a delete as lines; `--json` gives JSON lines.

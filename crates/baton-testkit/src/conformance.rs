@@ -1692,11 +1692,15 @@ pub async fn shared_value_sync(b: &Backend) {
     let v1 = writer.set("one").await.unwrap();
     assert_eq!(next_change(&mut changes).await.unwrap().value, b"one");
     assert!(reader
-        .compare_and_set(v1.version, "two")
+        .compare_and_set(v1.mod_revision, "two")
         .await
         .unwrap()
         .is_set());
-    match writer.compare_and_set(v1.version, "lost").await.unwrap() {
+    match writer
+        .compare_and_set(v1.mod_revision, "lost")
+        .await
+        .unwrap()
+    {
         baton::CompareAndSet::Conflict(Some(now)) => assert_eq!(now.value, b"two"),
         other => panic!("expected a conflict, got {other:?}"),
     }

@@ -68,7 +68,7 @@ impl fmt::Debug for Versioned<i64> {
 /// What a compare-and-set did.
 #[derive(Clone, PartialEq, Eq)]
 pub enum CompareAndSet<T = Vec<u8>> {
-    /// The version matched and the value was written; this is the key as written.
+    /// The key was as read and the value was written; this is the key as written.
     Set(Versioned<T>),
     /// Someone else wrote first (or the key does not exist): nothing was written; this is
     /// the key as it is now (`None` if it does not exist).
@@ -98,7 +98,7 @@ where
 ///
 /// Every node reads it with [`get()`](SharedValue::get), writes it with
 /// [`set()`](SharedValue::set) or, to not overwrite a concurrent change,
-/// [`compare_and_set()`](SharedValue::compare_and_set) on the version it read, and follows
+/// [`compare_and_set()`](SharedValue::compare_and_set) on the mod revision it read, and follows
 /// it with [`watch()`](SharedValue::watch): distributed synchronisation through an etcd
 /// watch.
 ///
@@ -120,9 +120,9 @@ where
 ///
 /// let first = config.set("on").await?;
 /// assert_eq!(changes.next().await.flatten().map(|v| v.value), Some(b"on".to_vec()));
-/// // Only if nobody wrote since version 1:
-/// assert!(config.compare_and_set(first.version, "off").await?.is_set());
-/// assert!(!config.compare_and_set(first.version, "again").await?.is_set());
+/// // Only if nobody wrote since:
+/// assert!(config.compare_and_set(first.mod_revision, "off").await?.is_set());
+/// assert!(!config.compare_and_set(first.mod_revision, "again").await?.is_set());
 /// assert_eq!(config.get().await?.map(|v| v.value), Some(b"off".to_vec()));
 /// # Ok(())
 /// # }
@@ -188,24 +188,34 @@ impl SharedValue {
         written(&resp, self.key.as_bytes()).map(bytes)
     }
 
-    /// Write `value` only if the key's version is still `version` (0: only if the key does
-    /// not exist). Returns [`CompareAndSet::Set`] with the key as written, or
+    /// Write `value` only if the key is still as read: its mod revision is still
+    /// `mod_revision` ([`Versioned::mod_revision`]; 0: only if the key does not exist).
+    /// Returns [`CompareAndSet::Set`] with the key as written, or
     /// [`CompareAndSet::Conflict`] with the key as it is.
     ///
+    /// The mod revision, not the version, because a version comes back: a key deleted and
+    /// written again starts again at version 1, so a compare on the version would overwrite
+    /// a value written meanwhile by someone else. A mod revision is never reused.
+    ///
     /// Fails with [`Error::InvalidArgument`] before any network call if the value is over
-    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN).
+    /// [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN) or `mod_revision` is negative.
     ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the value may or may not have been written.
     pub async fn compare_and_set(
         &self,
-        version: i64,
+        mod_revision: Revision,
         value: impl Into<Vec<u8>>,
     ) -> Result<CompareAndSet> {
         let value = value.into();
         validate_value(&value)?;
-        let resp = self.write(Some(version), value).await?;
+        if mod_revision < 0 {
+            return Err(Error::invalid(format!(
+                "a mod revision is 0 or more, not {mod_revision}"
+            )));
+        }
+        let resp = self.write(Some(mod_revision), value).await?;
         let found = last_get(&resp).map(bytes);
         Ok(match (resp.succeeded, found) {
             (true, Some(v)) => CompareAndSet::Set(v),
@@ -227,17 +237,18 @@ impl SharedValue {
         Ok(deleted > 0)
     }
 
-    /// Put `value` (if the version is `version`), and read the key back in the same txn.
-    async fn write(&self, version: Option<i64>, value: Vec<u8>) -> Result<TxnResponse> {
+    /// Put `value` (if the mod revision is `mod_revision`; 0 for a key that does not
+    /// exist), and read the key back in the same txn.
+    async fn write(&self, mod_revision: Option<Revision>, value: Vec<u8>) -> Result<TxnResponse> {
         let key = self.key.as_bytes();
         let read = TxnOp::get(Range::key(key));
         let txn = Txn::new()
-            .when(version.map(|v| Compare::version(key, CompareOp::Equal, v)))
+            .when(mod_revision.map(|r| Compare::mod_revision(key, CompareOp::Equal, r)))
             .and_then([TxnOp::put(key, value, 0), read.clone()])
             .or_else([read]);
         self.store()
             .txn(txn)
-            .instrument(tracing::debug_span!("set", key = %self.key, version))
+            .instrument(tracing::debug_span!("set", key = %self.key, mod_revision))
             .await
     }
 
@@ -438,7 +449,7 @@ fn changes(store: Arc<dyn Store>, key: Vec<u8>) -> impl Stream<Item = Option<Ver
 /// hits.add(5).await?;
 /// let now = hits.add(-2).await?;
 /// assert_eq!(now.value, 3);
-/// assert!(hits.compare_and_set(now.version, 10).await?.is_set());
+/// assert!(hits.compare_and_set(now.mod_revision, 10).await?.is_set());
 /// # Ok(())
 /// # }
 /// ```
@@ -483,17 +494,22 @@ impl SharedCount {
         count_of(self.key(), Some(self.value.set(count.to_string()).await?))
     }
 
-    /// Set the count only if its version is still `version` (0: only if the key does not
-    /// exist). See [`SharedValue::compare_and_set`].
+    /// Set the count only if the key is still as read: its mod revision is still
+    /// `mod_revision` (0: only if the key does not exist). See
+    /// [`SharedValue::compare_and_set`].
     ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the count may or may not have been written.
-    pub async fn compare_and_set(&self, version: i64, count: i64) -> Result<CompareAndSet<i64>> {
+    pub async fn compare_and_set(
+        &self,
+        mod_revision: Revision,
+        count: i64,
+    ) -> Result<CompareAndSet<i64>> {
         Ok(
             match self
                 .value
-                .compare_and_set(version, count.to_string())
+                .compare_and_set(mod_revision, count.to_string())
                 .await?
             {
                 CompareAndSet::Set(v) => CompareAndSet::Set(count_of(self.key(), Some(v))?),
@@ -604,13 +620,34 @@ mod tests {
         }
         let b = v.set("b").await.unwrap();
         assert_eq!(b.version, 2);
-        assert!(!v.compare_and_set(1, "c").await.unwrap().is_set());
-        assert!(v.compare_and_set(2, "c").await.unwrap().is_set());
+        assert!(!v
+            .compare_and_set(a.mod_revision, "c")
+            .await
+            .unwrap()
+            .is_set());
+        let CompareAndSet::Set(c) = v.compare_and_set(b.mod_revision, "c").await.unwrap() else {
+            panic!("the compare-and-set on the latest read failed")
+        };
         assert!(v.delete().await.unwrap());
         assert!(matches!(
-            v.compare_and_set(3, "d").await.unwrap(),
+            v.compare_and_set(c.mod_revision, "d").await.unwrap(),
             CompareAndSet::Conflict(None)
         ));
+        assert!(v
+            .compare_and_set(-1, "e")
+            .await
+            .unwrap_err()
+            .is_invalid_input());
+        // Deleted and written again by someone else: back at version 1, but a compare on
+        // what we read of the first write must not overwrite it.
+        let first = v.set("one").await.unwrap();
+        assert!(v.delete().await.unwrap());
+        let other = v.set("theirs").await.unwrap();
+        assert_eq!((first.version, other.version), (1, 1));
+        match v.compare_and_set(first.mod_revision, "mine").await.unwrap() {
+            CompareAndSet::Conflict(Some(now)) => assert_eq!(now.value, b"theirs"),
+            got => panic!("a delete and re-create went unnoticed: {got:?}"),
+        }
         let big = vec![0_u8; crate::MAX_VALUE_LEN + 1];
         assert!(v.set(big.clone()).await.unwrap_err().is_invalid_input());
         assert!(v
@@ -676,7 +713,11 @@ mod tests {
             last = v;
         }
         assert!(!c.compare_and_set(1, 0).await.unwrap().is_set());
-        assert!(c.compare_and_set(80, -3).await.unwrap().is_set());
+        assert!(c
+            .compare_and_set(now.mod_revision, -3)
+            .await
+            .unwrap()
+            .is_set());
         assert_eq!(c.set(i64::MAX).await.unwrap().value, i64::MAX);
         assert!(c.add(1).await.unwrap_err().is_invalid_input());
         client.store().put(b"c", b"x", 0).await.unwrap();
