@@ -737,6 +737,33 @@ impl Backend for RedisClient {
 }
 
 #[cfg(test)]
+impl ClientInner {
+    /// A client that never dialled its server, for tests of what needs none.
+    pub(crate) fn unconnected(ttl: Duration) -> Arc<ClientInner> {
+        let builder = RedisClientBuilder::new("redis://127.0.0.1:1").with_ttl(ttl);
+        let opts = builder.validate().unwrap();
+        let Ok(Endpoints::Redis(node)) = Endpoints::parse(&builder.endpoints) else {
+            panic!("not a redis:// URL");
+        };
+        let node = Node::new(&node, builder.dial_timeout, builder.request_timeout, None);
+        let nodes = vec![Arc::new(node.unwrap())];
+        Arc::new(ClientInner {
+            endpoints: builder.endpoints.clone(),
+            hub: Hub::new(nodes.clone(), opts.request_timeout),
+            nodes,
+            redlock: false,
+            quorum: 1,
+            opts,
+            closed: CancellationToken::new(),
+            holds: StdMutex::new(HashMap::new()),
+            launcher: watchdog::Launcher::default(),
+            cleanups: tokio_util::task::TaskTracker::new(),
+            fifo_refused: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -10,7 +10,7 @@
 //! every wait also has a bounded, jittered fallback poll.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -171,9 +171,26 @@ struct Entry {
 struct HubInner {
     nodes: Vec<Arc<Node>>,
     channels: StdMutex<HashMap<String, Entry>>,
-    tasks: OnceLock<Vec<mpsc::UnboundedSender<Cmd>>>,
+    /// The subscriber tasks (one per node) and the reaper, once started.
+    tasks: StdMutex<Option<Tasks>>,
     /// How long a new subscriber waits for a node to confirm its subscription.
     confirm_within: Duration,
+}
+
+/// The tasks of a hub. They run on the runtime of the first subscription, and end if that
+/// runtime is shut down (a client shared between runtimes): the next subscription starts
+/// new ones on its own runtime.
+#[derive(Debug)]
+struct Tasks {
+    /// One per node; closed once its subscriber task has ended.
+    subscribers: Vec<mpsc::UnboundedSender<Cmd>>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Tasks {
+    fn alive(&self) -> bool {
+        !self.reaper.is_finished() && self.subscribers.iter().all(|s| !s.is_closed())
+    }
 }
 
 impl std::fmt::Debug for Cmd {
@@ -191,7 +208,7 @@ impl Hub {
             inner: Arc::new(HubInner {
                 nodes,
                 channels: StdMutex::new(HashMap::new()),
-                tasks: OnceLock::new(),
+                tasks: StdMutex::new(None),
                 confirm_within,
             }),
         }
@@ -219,6 +236,8 @@ impl Hub {
     /// the confirmation time passed; a message published after a confirmed subscription is
     /// never missed (and the fallback poll covers the rest).
     pub(crate) async fn subscribe(&self, channel: &str) -> Subscription {
+        // First: tasks restarted (their runtime was shut down) unconfirm every channel.
+        let tasks = self.inner.tasks();
         let (chan, confirmed) = {
             let mut map = self
                 .inner
@@ -244,7 +263,6 @@ impl Hub {
             // Still subscribed (a listener left less than LINGER ago): nothing to wait for.
             return sub;
         }
-        let tasks = self.inner.tasks();
         let mut replies = crate::race::Race::new();
         for task in tasks {
             let (tx, rx) = oneshot::channel();
@@ -275,23 +293,58 @@ impl Hub {
 }
 
 impl HubInner {
-    fn tasks(self: &Arc<Self>) -> &Vec<mpsc::UnboundedSender<Cmd>> {
-        self.tasks.get_or_init(|| {
-            tokio::spawn(
-                reap(Arc::downgrade(self)).instrument(tracing::debug_span!("subscription-reaper")),
-            );
-            self.nodes
-                .iter()
-                .map(|node| {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    let span = tracing::debug_span!("subscriber", node = %node.display);
-                    tokio::spawn(
-                        subscriber(node.clone(), Arc::downgrade(self), rx).instrument(span),
-                    );
-                    tx
-                })
-                .collect()
-        })
+    /// The subscriber tasks' command senders, starting the tasks on the current runtime if
+    /// they are not running (first use, or their runtime was shut down).
+    fn tasks(self: &Arc<Self>) -> Vec<mpsc::UnboundedSender<Cmd>> {
+        if let Some(t) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|t| t.alive())
+        {
+            return t.subscribers.clone();
+        }
+        // The channels, then the tasks, as `reap_idle` locks them.
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tasks.as_ref().filter(|t| t.alive()) {
+            return t.subscribers.clone();
+        }
+        if let Some(old) = tasks.take() {
+            tracing::debug!("subscriber tasks ended (their runtime was shut down); restarting");
+            old.reaper.abort();
+        }
+        // The new subscribers know no channel yet: subscribe them to every channel
+        // listened on, and make new listeners wait for a confirmation.
+        let names: Vec<String> = map.keys().cloned().collect();
+        for entry in map.values_mut() {
+            entry.confirmed = false;
+        }
+        let reaper = tokio::spawn(
+            reap(Arc::downgrade(self)).instrument(tracing::debug_span!("subscription-reaper")),
+        );
+        let subscribers: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                for name in &names {
+                    let (reply, _) = oneshot::channel();
+                    let _ = tx.send(Cmd::Subscribe(name.clone(), reply));
+                }
+                let span = tracing::debug_span!("subscriber", node = %node.display);
+                tokio::spawn(subscriber(node.clone(), Arc::downgrade(self), rx).instrument(span));
+                tx
+            })
+            .collect();
+        *tasks = Some(Tasks {
+            subscribers: subscribers.clone(),
+            reaper,
+        });
+        drop(tasks);
+        drop(map);
+        subscribers
     }
 
     fn channel(&self, name: &str) -> Option<Arc<Channel>> {
@@ -372,10 +425,20 @@ fn reap_idle(hub: &HubInner) {
         .filter(|(_, e)| e.users == 0 && e.idle_since.is_some_and(|t| t.elapsed() >= LINGER))
         .map(|(name, _)| name.clone())
         .collect();
+    if idle.is_empty() {
+        return;
+    }
+    let tasks: Vec<mpsc::UnboundedSender<Cmd>> = hub
+        .tasks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|t| t.subscribers.clone())
+        .unwrap_or_default();
     for name in idle {
         map.remove(&name);
         // Unbounded sends: they never wait, so holding the lock costs nothing.
-        for task in hub.tasks.get().into_iter().flatten() {
+        for task in &tasks {
             let _ = task.send(Cmd::Unsubscribe(name.clone()));
         }
     }

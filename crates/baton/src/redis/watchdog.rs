@@ -380,18 +380,43 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
 ///
 /// The launcher sleeps until the earliest launch time among the holds it has (at most
 /// TTL/6); a hold added with an earlier one (a hand-off's short grant) wakes it.
+///
+/// The task runs on the runtime of the hold that started it. If that runtime is shut down
+/// (a client shared between runtimes), the task ends with it: the next hold starts a new
+/// one on its own runtime, which takes over the holds still pending.
 #[derive(Debug, Default)]
 pub(crate) struct Launcher {
     pending: StdMutex<Pending>,
-    started: std::sync::atomic::AtomicBool,
     wake: Arc<Notify>,
 }
 
-#[derive(Debug, Default)]
+/// The pending holds' list is purged of released ones when it reaches this length (and
+/// then at twice the live length after each purge, at least this): the launcher itself
+/// removes them only when it wakes, every TTL/6 at most, so a long TTL and many short holds
+/// would otherwise pile them up.
+const PURGE_AT: usize = 64;
+
+#[derive(Debug)]
 struct Pending {
     holds: Vec<Arc<HoldState>>,
     /// When the launcher task wakes next, if it sleeps.
     wakes_at: Option<Instant>,
+    /// The launcher task, once started: a new one is started if it has ended (its runtime
+    /// was shut down).
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Purge released holds from `holds` when it reaches this length.
+    purge_at: usize,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            holds: Vec::new(),
+            wakes_at: None,
+            task: None,
+            purge_at: PURGE_AT,
+        }
+    }
 }
 
 impl HoldState {
@@ -399,25 +424,49 @@ impl HoldState {
     fn launch_at(&self) -> Instant {
         self.started_at + self.first_extend / 2
     }
+
+    /// True once the hold is released or lost: it needs no watchdog.
+    fn is_done(&self) -> bool {
+        self.stop.is_cancelled() || self.lost.is_cancelled()
+    }
 }
 
 impl Launcher {
-    /// Queue `state`'s watchdog; start the launcher task on the client's first hold.
+    /// Queue `state`'s watchdog; start the launcher task on the client's first hold, and
+    /// again (on the current runtime) if it has ended with the runtime it ran on.
     fn add(&self, client: &Arc<ClientInner>, state: Arc<HoldState>) {
         let launch_at = state.launch_at();
         let earlier = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.holds.len() >= pending.purge_at {
+                pending.holds.retain(|s| !s.is_done());
+                pending.purge_at = (pending.holds.len() * 2).max(PURGE_AT);
+            }
             pending.holds.push(state);
+            if pending.task.as_ref().is_none_or(|t| t.is_finished()) {
+                // Its `wakes_at` died with it.
+                pending.wakes_at = None;
+                let span = tracing::debug_span!("watchdog-launcher");
+                let wake = self.wake.clone();
+                pending.task = Some(tokio::spawn(
+                    launch(Arc::downgrade(client), wake).instrument(span),
+                ));
+            }
             pending.wakes_at.is_some_and(|at| launch_at < at)
         };
         if earlier {
             self.wake.notify_one();
         }
-        if !self.started.swap(true, Ordering::AcqRel) {
-            let span = tracing::debug_span!("watchdog-launcher");
-            let wake = self.wake.clone();
-            tokio::spawn(launch(Arc::downgrade(client), wake).instrument(span));
-        }
+    }
+
+    /// How many holds wait for their launch time (released ones not yet purged included).
+    #[cfg(test)]
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .holds
+            .len()
     }
 }
 
@@ -445,7 +494,7 @@ async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 pending.holds.retain(|state| {
-                    if state.stop.is_cancelled() || state.lost.is_cancelled() {
+                    if state.is_done() {
                         return false;
                     }
                     let at = state.launch_at();
@@ -468,5 +517,64 @@ async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
             _ = tokio::time::sleep_until(next) => {}
             _ = wake.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a 1 h TTL the launcher wakes every 10 min: the holds released meanwhile must
+    /// not pile up until then (2000 short holds left 2000 behind).
+    #[tokio::test]
+    async fn released_holds_do_not_pile_up_in_the_launcher() {
+        let client = ClientInner::unconnected(Duration::from_secs(3600));
+        for _ in 0..2000 {
+            let keys = Keys::new("", "x");
+            let mut hold = Hold::start(
+                &client,
+                keys,
+                super::super::new_token(),
+                None,
+                Instant::now(),
+            );
+            // Released as `release` does, without a server to ask.
+            hold.done = true;
+            hold.state.stop.cancel();
+            hold.deregister();
+        }
+        let pending = client.launcher.pending_len();
+        assert!(pending < 100, "{pending} holds pending");
+        // A live hold stays pending across purges.
+        let mut live = Hold::start(
+            &client,
+            Keys::new("", "y"),
+            "t".into(),
+            None,
+            Instant::now(),
+        );
+        for _ in 0..200 {
+            let mut hold = Hold::start(
+                &client,
+                Keys::new("", "x"),
+                "u".into(),
+                None,
+                Instant::now(),
+            );
+            hold.done = true;
+            hold.state.stop.cancel();
+            hold.deregister();
+        }
+        let still = client
+            .launcher
+            .pending
+            .lock()
+            .unwrap()
+            .holds
+            .iter()
+            .any(|s| Arc::ptr_eq(s, &live.state));
+        assert!(still);
+        live.done = true;
+        live.state.stop.cancel();
     }
 }
