@@ -201,7 +201,9 @@ pub(crate) fn new_token() -> String {
 /// - watchdog: on, extending every TTL/3;
 /// - key prefix: none;
 /// - fallback poll while waiting or observing: 500 ms ([`DEFAULT_POLL_INTERVAL`]), jittered;
-/// - dial timeout: 5 s; request timeout: 10 s.
+///   at least 1 ms, at most 9e9 s ([`MAX_TTL`]);
+/// - dial timeout: 5 s; request timeout: 10 s; each greater than zero and at most 9e9 s
+///   ([`MAX_TTL`]).
 #[derive(Clone)]
 pub struct RedisClientBuilder {
     endpoints: String,
@@ -352,7 +354,8 @@ impl RedisClientBuilder {
     /// Validate everything, then connect.
     ///
     /// Fails with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`] before any network
-    /// call for a malformed URL, a TTL out of range, or a zero timeout. On `redis://`, fails
+    /// call for a malformed URL, or a TTL, timeout or poll interval out of range (see
+    /// [`RedisClientBuilder`]'s defaults). On `redis://`, fails
     /// with [`Error::Connect`] if the server does not answer within the dial timeout. On
     /// `redlock://`, connects to every master in parallel and fails only if fewer than a
     /// quorum answer; the others are dialled again when used.
@@ -487,8 +490,20 @@ impl RedisClientBuilder {
         if self.dial_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err(Error::invalid("timeouts must be greater than zero"));
         }
+        // Deadlines are `now + timeout` on the monotonic clock, which cannot add
+        // `Duration::MAX`: refuse what it cannot add, as for a TTL.
+        if self.dial_timeout > MAX_TTL || self.request_timeout > MAX_TTL {
+            return Err(Error::invalid(format!(
+                "timeouts must be at most {MAX_TTL:?}"
+            )));
+        }
         if self.poll_interval < Duration::from_millis(1) {
             return Err(Error::invalid("the poll interval must be at least 1 ms"));
+        }
+        if self.poll_interval > MAX_TTL {
+            return Err(Error::invalid(format!(
+                "the poll interval must be at most {MAX_TTL:?}"
+            )));
         }
         if self.prefix.contains('\0') || self.prefix.len() > crate::MAX_NAME_LEN {
             return Err(Error::invalid(
@@ -527,7 +542,9 @@ impl Options {
     /// How long a FIFO waiter's place lives without a refresh: three fallback polls (a
     /// waiter refreshes it at every poll), at least 100 ms.
     pub(crate) fn waiter_window(&self) -> Duration {
-        (self.poll_interval * 3).max(Duration::from_millis(100))
+        self.poll_interval
+            .saturating_mul(3)
+            .max(Duration::from_millis(100))
     }
 }
 
@@ -800,6 +817,32 @@ mod tests {
         assert!(zero.validate().is_err());
         let nul = RedisClientBuilder::new("redis://h:1").with_prefix("a\0");
         assert!(nul.validate().is_err());
+        // Too large to add to a deadline: refused, not a panic later.
+        let b = || RedisClientBuilder::new("redis://h:1");
+        for huge in [Duration::MAX, MAX_TTL + Duration::from_secs(1)] {
+            for builder in [
+                b().with_poll_interval(huge),
+                b().with_dial_timeout(huge),
+                b().with_request_timeout(huge),
+            ] {
+                let err = builder.validate().unwrap_err();
+                assert!(err.is_invalid_input(), "{err}");
+                assert!(err.to_string().contains("at most"), "{err}");
+            }
+        }
+        let most = b()
+            .with_poll_interval(MAX_TTL)
+            .with_dial_timeout(MAX_TTL)
+            .with_request_timeout(MAX_TTL)
+            .validate()
+            .unwrap();
+        assert_eq!(most.waiter_window(), MAX_TTL * 3);
+        // Saturates rather than overflows, whatever the options.
+        let opts = Options {
+            poll_interval: Duration::MAX,
+            ..most
+        };
+        assert_eq!(opts.waiter_window(), Duration::MAX);
     }
 
     #[tokio::test]

@@ -487,7 +487,7 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
             sink.subscribe(channels).await?;
             Ok::<_, redis::RedisError>((sink, stream))
         };
-        let deadline = node.dial_timeout + node.request_timeout;
+        let deadline = node.dial_timeout.saturating_add(node.request_timeout);
         match tokio::time::timeout(deadline, connected).await {
             Ok(Ok((mut sink, mut stream))) => {
                 tracing::debug!(channels = subs.len(), "subscribed");
