@@ -112,6 +112,20 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// After an attempt that failed on a lost connection (a server restarting, say), a waiter
+/// tries again after this, doubled after each such failure up to [`UNAVAILABLE_MAX`].
+const UNAVAILABLE_MIN: Duration = Duration::from_millis(50);
+const UNAVAILABLE_MAX: Duration = Duration::from_secs(1);
+
+/// The next wait after a transient failure, jittered, and the backoff after it.
+fn unavailable_backoff(backoff: Duration) -> (Duration, Duration) {
+    let ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+    (
+        jitter_ms(ms / 2, ms),
+        backoff.saturating_mul(2).min(UNAVAILABLE_MAX),
+    )
+}
+
 /// A random duration in `[lo, hi]` ms.
 pub(crate) fn jitter_ms(lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), lo..=hi))
@@ -164,9 +178,12 @@ impl RedisLock {
     /// On one server, queues (FIFO) and waits for a release to hand the lock over, refreshing
     /// its place at every fallback poll. On Redlock, between attempts, waits for a release
     /// message on the lock's channel, for the holder's key to expire, or for the jittered
-    /// fallback poll. Fails with the server's error if the
-    /// server (or, on Redlock, a majority of masters) fails, and with [`Error::Closed`] if the
-    /// client is closed.
+    /// fallback poll. While the server (or, on Redlock, a majority of masters) cannot be
+    /// reached — a restart, a connection reset, a timeout — it keeps retrying, with a
+    /// backoff of up to 1 s, until it can (use [`lock_timeout`](RedisLock::lock_timeout) to
+    /// bound the wait). Fails with the server's error for anything else (refused
+    /// credentials or permissions, a script error), and with [`Error::Closed`] if the client
+    /// is closed.
     ///
     /// # Cancel safety
     ///
@@ -274,6 +291,7 @@ pub(crate) async fn acquire(
     // moment ago (see `try_acquire`).
     // Never for `try_lock`: its one attempt must ask every node (see `try_acquire`).
     let mut gated = !try_only && client.redlock && client.hub.is_subscribed(&keys.channel);
+    let mut backoff = UNAVAILABLE_MIN;
     loop {
         // A token per attempt: a failed attempt's cleanup may still be running (in the
         // background, see `try_acquire`), and must not delete what a later one sets.
@@ -291,6 +309,9 @@ pub(crate) async fn acquire(
             .try_acquire(keys, &token, record, gated, try_only)
             .await;
         cleanup.armed = false;
+        if !matches!(attempt, Attempt::Unavailable(_)) {
+            backoff = UNAVAILABLE_MIN;
+        }
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
                 let hold = Hold::start(client, keys.clone(), token.clone(), fence, start);
@@ -302,6 +323,20 @@ pub(crate) async fn acquire(
                 return Ok(hold);
             }
             Attempt::Failed(e) => return Err(e),
+            Attempt::Unavailable(e) if try_only => return Err(e),
+            Attempt::Unavailable(e) => {
+                // A server restarting or a connection reset: a waiter reconnects and waits
+                // on (until its caller's timeout), rather than failing.
+                tracing::warn!(error = %e, "cannot reach the server; retrying");
+                let (wait, next) = unavailable_backoff(backoff);
+                backoff = next;
+                tokio::select! {
+                    _ = client.closed.cancelled() => return Err(Error::Closed),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                gated = false;
+                continue;
+            }
             Attempt::Busy { .. } if try_only => {
                 return Err(Error::Locked {
                     name: name.to_string(),
@@ -413,6 +448,7 @@ async fn acquire_fifo(
     // message with a token no higher is of a grant that ended before that attempt ran
     // (else it would have found the grant). Its `since_ms` is not from `refreshed`.
     let mut stale_upto = 0;
+    let mut backoff = UNAVAILABLE_MIN;
     loop {
         let chan = sub.as_ref().map(|s| s.channel().clone());
         let mut woken = chan.as_ref().map(|c| Box::pin(c.waiters.notified()));
@@ -439,7 +475,30 @@ async fn acquire_fifo(
             },
             None => attempt.await,
         };
-        let (fence, start, ttl) = match answer? {
+        let answer = match answer {
+            Err(e) if !try_only && super::node::is_transient(&e) => {
+                // A server restarting or a connection reset: retry (refreshing our place, or
+                // queueing again if the server lost it) until the caller's timeout.
+                tracing::warn!(error = %e, "cannot reach the server; retrying");
+                let (wait, next) = unavailable_backoff(backoff);
+                backoff = next;
+                let (until, after) = limit.unwrap_or((Instant::now() + wait, Duration::ZERO));
+                tokio::select! {
+                    _ = client.closed.cancelled() => return Err(Error::Closed),
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep_until(until), if limit.is_some() => {
+                        cleanup.armed = false;
+                        return give_up(after).await;
+                    }
+                }
+                continue;
+            }
+            other => {
+                backoff = UNAVAILABLE_MIN;
+                other?
+            }
+        };
+        let (fence, start, ttl) = match answer {
             NodeEnqueue::Taken(fence) => (fence, sent, client.opts.ttl),
             NodeEnqueue::Granted { fence, since_ms } => (
                 fence,

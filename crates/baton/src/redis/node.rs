@@ -31,6 +31,39 @@ static INSPECT: LazyLock<Script> =
 /// unreachable Redlock minority does not slow every acquisition down.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(500);
 
+/// Marks the message of a [`Error::Store`] for a transient failure (see [`is_transient`]).
+const UNAVAILABLE: &str = ": unavailable: ";
+
+/// True for a failure that reconnecting (or waiting a moment) can cure: the connection was
+/// lost, refused or timed out, or the server is loading its data or has no master.
+fn is_transient_redis(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+            )
+        )
+}
+
+/// True if a node's call failed in a way that trying again later can cure: no connection
+/// ([`Error::Connect`]), no answer in time ([`Error::Timeout`]), or a lost connection or a
+/// server still loading its data. Never for refused credentials or permissions, nor for a
+/// script's error (a key of the wrong type, say).
+pub(crate) fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::Connect { .. } | Error::Timeout { .. } => true,
+        Error::Store(m) => m.contains(UNAVAILABLE),
+        _ => false,
+    }
+}
+
 /// The keys and channel one lock (or election) uses.
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
@@ -337,8 +370,13 @@ impl Node {
     }
 
     fn store_error(&self, e: &redis::RedisError) -> Error {
-        self.access_error(e)
-            .unwrap_or_else(|| Error::Store(format!("redis {}: {e}", self.display)))
+        self.access_error(e).unwrap_or_else(|| {
+            if is_transient_redis(e) {
+                Error::Store(format!("redis {}{UNAVAILABLE}{e}", self.display))
+            } else {
+                Error::Store(format!("redis {}: {e}", self.display))
+            }
+        })
     }
 
     /// The error for refused credentials, permissions or certificates, if `e` is one.

@@ -40,6 +40,10 @@ pub(crate) enum Attempt {
     TooSlow { reached: usize },
     /// A majority of nodes failed.
     Failed(Error),
+    /// A majority of nodes failed, each in a way that trying again later can cure (a lost
+    /// or refused connection, a timeout, a server loading its data: see
+    /// [`is_transient`](super::node::is_transient)).
+    Unavailable(Error),
 }
 
 /// The outcome of one extension.
@@ -142,6 +146,7 @@ impl ClientInner {
             .collect();
         let mut retry_in: Option<Duration> = None;
         let mut first_error = None;
+        let mut all_transient = true;
         // Once a node said "held by another owner", the lock is taken or being released
         // (or a stale minority key holds it): a node that has not answered within 1% of the
         // TTL of the last answer is not waited for until `give_up` (a hung master would
@@ -172,6 +177,7 @@ impl ClientInner {
                     Some(Err(e)) => {
                         failed += 1;
                         tracing::debug!(error = %e, "acquire failed on a node");
+                        all_transient &= super::node::is_transient(&e);
                         first_error.get_or_insert(e);
                         if busy + failed > n - q {
                             break;
@@ -219,11 +225,16 @@ impl ClientInner {
         }
         if failed > n - q {
             let e = first_error.unwrap_or(Error::Closed);
-            return Attempt::Failed(if self.redlock {
+            let e = if self.redlock {
                 self.no_quorum(ok, format!("{failed} nodes failed: {e}"))
             } else {
                 e
-            });
+            };
+            return if all_transient {
+                Attempt::Unavailable(e)
+            } else {
+                Attempt::Failed(e)
+            };
         }
         if busy > 0 {
             return Attempt::Busy { retry_in };
