@@ -30,9 +30,12 @@ WAITERS (how many queue behind it, and their keys).
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
-on. Columns: NAME, KIND, KEY, TOKEN (the lock's counter; - on Redlock and for other
-libraries' locks), TTL (the time left on the key), SERVERS (how many hold it). Redis
-queues no waiters. Keys are listed with SCAN, which never blocks the server.";
+on. Columns: NAME, KIND, KEY, TOKEN (the lock's fencing counter: the holder's token if the
+holder is a Baton client, but for another library's lock only the last Baton grant's; - on
+Redlock and where no Baton client ever took the lock), TTL (the time left on the key),
+SERVERS (how many hold it). JSON's waiter_count counts the live waiters in Baton's FIFO
+queue (single instance only; waiters that do not queue leave no trace in Redis). Keys are
+listed with SCAN, which never blocks the server.";
 
 /// `baton status`.
 #[derive(Debug, clap::Args)]
@@ -248,13 +251,14 @@ struct RedisEntry {
     name: String,
     kind: &'static str,
     key: String,
-    /// The lock's counter; `None` on Redlock and for keys of other libraries.
+    /// The lock's fencing counter (the holder's token if the holder is a Baton client);
+    /// `None` on Redlock and where no Baton client ever took the lock.
     fencing_token: Option<i64>,
     /// The time left before the key expires, in ms.
     ttl_ms: u64,
     /// How many servers hold it (at least the quorum).
     servers: usize,
-    /// Redis queues no waiters: always `None`.
+    /// The live waiters in Baton's FIFO queue (single instance; 0 on Redlock).
     waiter_count: Option<usize>,
 }
 
@@ -276,7 +280,7 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
             fencing_token: h.fencing_token,
             ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
             servers: h.servers,
-            waiter_count: None,
+            waiter_count: Some(h.waiters),
         })
         .collect();
     if out.is_json() {

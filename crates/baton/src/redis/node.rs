@@ -172,6 +172,8 @@ pub(crate) struct Inspected {
     pub(crate) fence: i64,
     /// True if the holder wrote an election record.
     pub(crate) election: bool,
+    /// How many live FIFO waiters queue for the key.
+    pub(crate) waiters: usize,
 }
 
 /// A leader record as one node has it.
@@ -640,6 +642,8 @@ impl Node {
                     .key(&keys.lock)
                     .key(&keys.fence)
                     .key(&keys.record)
+                    .key(&keys.queue)
+                    .arg(&keys.waiter)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -652,6 +656,7 @@ impl Node {
             pttl_ms: num(parts.get(1)),
             fence: num(parts.get(2)),
             election: num(parts.get(3)) == 1,
+            waiters: usize::try_from(num(parts.get(4))).unwrap_or(0),
         }))
     }
 

@@ -23,21 +23,31 @@ pub struct RedisHold {
     pub key: String,
     /// True if the holder is a Baton election leader (it wrote a leader record).
     pub election: bool,
-    /// The holder's fencing token: the key's counter on a single instance (Baton's own
-    /// locks), `None` on Redlock and for keys taken by other libraries.
+    /// On a single instance, the lock's fencing counter (`baton:fence:KEY`): the holder's
+    /// fencing token when the holder is a Baton client, since Baton's acquire bumps it in
+    /// the script that sets the key. Redis does not record which client set a key, so for
+    /// a key taken by another library (redsync, redis-py) this is the counter of the last
+    /// Baton grant, not a token of that holder. `None` on Redlock (no counter), and when
+    /// the counter does not exist (no Baton client ever took the lock).
     pub fencing_token: Option<i64>,
     /// The time left before the key expires (the least among the servers that agree).
     pub ttl: Duration,
     /// How many servers hold the holder's token (at least the quorum).
     pub servers: usize,
+    /// How many live waiters queue for the lock in Baton's FIFO queue (`baton:queue:KEY`,
+    /// single instance only): waiters whose place has not expired. Waiters that do not
+    /// queue (Redlock, elections, clients built without FIFO, other libraries) are not
+    /// counted: Redis keeps no trace of them.
+    pub waiters: usize,
 }
 
 impl RedisClient {
     /// Every lock key whose name starts with `prefix`: keys (under the client's prefix)
     /// that are strings with an expiry, as lock keys are — Baton's, redsync's and
     /// redis-py's alike — and whose value the same holder has on a quorum of servers.
-    /// Values (the holders' secret tokens) are not returned. Redis queues no waiters, so
-    /// there are none to show.
+    /// Values (the holders' secret tokens) are not returned. Waiters are counted only where
+    /// they queue: Baton's FIFO waiters on a single instance (see [`RedisHold::waiters`]).
+    /// Keys of another type where Baton's bookkeeping keys would be are ignored.
     ///
     /// It lists keys with `SCAN` (which never blocks the server) on every server, then
     /// reads each key with one script call: with a large database and a short prefix, this
@@ -116,6 +126,7 @@ impl RedisClient {
                     fencing_token: (!redlock && seen.fence > 0).then_some(seen.fence),
                     ttl: Duration::from_millis(u64::try_from(seen.pttl_ms).unwrap_or(0)),
                     servers,
+                    waiters: seen.waiters,
                 }))
             })
             .buffered(CONCURRENCY)
@@ -172,6 +183,7 @@ mod tests {
             pttl_ms,
             fence: 0,
             election: false,
+            waiters: 0,
         }
     }
 
