@@ -145,7 +145,9 @@ pub trait Elector: Send + Sync + fmt::Debug {
     /// Cancel safe.
     async fn leader(&self) -> Result<Leader>;
 
-    /// Every leader change and proclaimed value, starting with the current leader.
+    /// Every leader change and proclaimed value, starting with the current leader. (On
+    /// Redis, values proclaimed in quick succession may be skipped: observers see the
+    /// latest; see `RedisElection::observe`.)
     fn observe(&self) -> BoxStream<'static, Leader>;
 }
 

@@ -137,7 +137,9 @@ impl RedisElection {
     }
 
     /// The current leader, or [`Error::NoLeader`]. On Redlock, the leader is the token a
-    /// quorum of masters agrees on.
+    /// quorum of masters agrees on. A holder of the key that wrote no election record (a
+    /// [`RedisLock`](super::RedisLock) of the same name, or another library's lock) is no
+    /// leader: [`Error::NoLeader`].
     ///
     /// # Cancel safety
     ///
@@ -151,12 +153,17 @@ impl RedisElection {
         }
     }
 
-    /// A stream of leaders: the current one (if any), each value it proclaims, and each new
-    /// leader. It waits quietly while there is no leader, never yields the same (leader,
-    /// value) twice in a row, and ends when the client is closed or the stream is dropped.
+    /// A stream of leaders: the current one (if any), its proclaimed values, and each new
+    /// leader. It waits quietly while there is no leader (a plain lock holder of the same
+    /// name is none), never yields the same (leader, value) twice in a row, and ends when
+    /// the client is closed or the stream is dropped.
     ///
-    /// Changes arrive by pub/sub; a leader that vanished without a release (its process
-    /// died, its key expired) is noticed by the fallback poll.
+    /// Changes arrive by pub/sub; each wake-up reads the record, so the stream yields the
+    /// **latest** state, not every step: values proclaimed in quick succession (faster than
+    /// one read) may be skipped, and an observer sees only the last of them (proclaiming
+    /// `v2`…`v5` back to back may yield `v2`, `v3`, `v5`). The latest value is never
+    /// skipped. A leader that vanished without a release (its process died, its key
+    /// expired) is noticed by the fallback poll.
     pub fn observe(&self) -> RedisObserve {
         let (tx, rx) = mpsc::channel(16);
         let client = self.client.clone();

@@ -353,8 +353,9 @@ impl ClientInner {
         }
     }
 
-    /// The holder of the key as a quorum of nodes sees it: `None` if free (or no token is
-    /// held by a quorum).
+    /// The leader as a quorum of nodes sees it: `None` if the key is free, if no token is
+    /// held by a quorum, or if its holder wrote no election record (a plain lock of the same
+    /// name, or another library's).
     pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
         let n = self.nodes.len();
         let results =
@@ -375,7 +376,9 @@ impl ClientInner {
         Ok(votes
             .into_values()
             .find(|recs| recs.len() >= quorum)
-            .and_then(|recs| leader_value(recs, quorum)))
+            .and_then(|recs| leader_value(recs, quorum))
+            // A campaign writes version 1: version 0 is a holder without a record.
+            .filter(|rec| rec.ver > 0))
     }
 }
 
