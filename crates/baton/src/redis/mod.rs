@@ -109,8 +109,9 @@
 //!
 //! # Redlock, and what it does not guarantee
 //!
-//! `redlock://h1:p1,h2:p2,h3:p3[,…]` runs Redlock over N independent masters (3 or 5; no
-//! replication between them). An acquire sets the key on every master in parallel and
+//! `redlock://h1:p1,h2:p2,h3:p3[,…]` runs Redlock over N independent masters (any N ≥ 3,
+//! usually an odd number such as 3 or 5: an even N tolerates no more failures than N − 1;
+//! no replication between them). An acquire sets the key on every master in parallel and
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what
 //! it set, on every master, and (in [`lock`](RedisLock::lock)) retries after a random delay.
