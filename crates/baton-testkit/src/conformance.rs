@@ -1186,6 +1186,35 @@ pub async fn coordinator_cancel_and_timeout(b: &Backend) {
     c2.close().await.unwrap();
 }
 
+/// Two tasks share one coordinator and lock one name: the second task's `try_lock` is
+/// `Locked` and its `lock_timeout` waits until the first releases, on every backend (on etcd
+/// both tasks' locks share the coordinator's session).
+pub async fn coordinator_tasks_share_one_coordinator(b: &Backend) {
+    let c = b.coordinator().with_ttl(TTL).connect().await.unwrap();
+    let lock = name("coord-tasks");
+    let held = c.lock(&lock).unwrap().lock().await.unwrap();
+    let err = c.lock(&lock).unwrap().try_lock().await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    let (c2, lock2) = (c.clone(), lock.clone());
+    let waiting = tokio::spawn(async move {
+        c2.lock(&lock2)
+            .unwrap()
+            .lock_timeout(Duration::from_secs(2))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the second task did not wait");
+    let t1 = held.fencing_token();
+    held.release().await.unwrap();
+    let second = waiting.await.unwrap().unwrap();
+    if let Some(t1) = t1 {
+        assert!(second.fencing_token().unwrap() > t1);
+    }
+    assert!(!second.is_lost(), "{:?}", second.lost_reason());
+    second.release().await.unwrap();
+    c.close().await.unwrap();
+}
+
 async fn next_leader(
     obs: &mut futures::stream::BoxStream<'static, baton::Leader>,
 ) -> baton::Leader {

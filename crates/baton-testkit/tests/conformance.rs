@@ -82,6 +82,7 @@ redis_backends!(
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,
     coordinator_election_handover,
+    coordinator_tasks_share_one_coordinator,
 );
 
 all_backends!(
@@ -112,6 +113,7 @@ all_backends!(
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,
     coordinator_election_handover,
+    coordinator_tasks_share_one_coordinator,
     semaphore_limits_holders,
     semaphore_holder_dies,
     barrier_and_latch,

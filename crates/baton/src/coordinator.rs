@@ -21,8 +21,9 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,10 +35,9 @@ use crate::client::{
     redact, Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
 use crate::election::{Election, Leader, Leadership};
-// `Error` is named by the docs; the code uses it only without the "redis" feature.
-#[cfg_attr(feature = "redis", allow(unused_imports))]
 use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
+use crate::queue::with_timeout;
 use crate::security::{Credentials, Secret, TlsConfig};
 use crate::session::{Session, DEFAULT_TTL};
 use crate::store::LeaseId;
@@ -327,7 +327,11 @@ impl CoordinatorBuilder {
                     .connect()
                     .await?;
                 let session = Session::builder(&client).with_ttl(self.ttl).build().await?;
-                Arc::new(StoreBackend { client, session })
+                Arc::new(StoreBackend {
+                    client,
+                    session,
+                    local: Arc::default(),
+                })
             }
         };
         Ok(Coordinator { backend })
@@ -338,6 +342,11 @@ impl CoordinatorBuilder {
 ///
 /// On etcd and the embedded store it holds one [`Session`]: every lock and leadership taken
 /// through it shares that lease. Cheap to clone.
+///
+/// Tasks sharing one coordinator may lock the same name: on etcd and the embedded store they
+/// first queue for it in this process (first come, first served), then in the store, so a
+/// second task's [`Lock::lock`] waits and its [`Lock::try_lock`] fails with
+/// [`Error::Locked`] while the first holds the lock, as on Redis.
 #[derive(Clone, Debug)]
 pub struct Coordinator {
     backend: Arc<dyn Backend>,
@@ -425,6 +434,8 @@ impl Coordinator {
 struct StoreBackend {
     client: Client,
     session: Session,
+    /// The tasks of this process holding or waiting for each lock name.
+    local: Arc<LocalLocks>,
 }
 
 #[async_trait]
@@ -434,7 +445,10 @@ impl Backend for StoreBackend {
     }
 
     fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
-        Ok(Box::new(Mutex::new(&self.session, name)?))
+        Ok(Box::new(StoreLock {
+            mutex: Mutex::new(&self.session, name)?,
+            local: self.local.clone(),
+        }))
     }
 
     fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
@@ -455,6 +469,131 @@ impl Backend for StoreBackend {
 
     async fn close(&self) -> Result<()> {
         self.session.close().await
+    }
+}
+
+/// One local mutex per lock name in use by a coordinator's tasks: the store family's locks
+/// share one session, which has one key per name, so tasks of one coordinator take turns
+/// here before they queue in the store. An entry lives while some task holds or waits for
+/// its name, so the map holds only names in use.
+#[derive(Debug, Default)]
+struct LocalLocks {
+    /// name -> (its local mutex, how many [`LocalSlot`]s use it)
+    map: StdMutex<HashMap<String, (LocalMutex, usize)>>,
+}
+
+type LocalMutex = Arc<tokio::sync::Mutex<()>>;
+
+impl LocalLocks {
+    /// A use of `name`'s local mutex, until the slot is dropped.
+    fn slot(self: &Arc<Self>, name: &str) -> LocalSlot {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let (mutex, users) = map.entry(name.to_string()).or_default();
+        *users += 1;
+        LocalSlot {
+            locks: self.clone(),
+            name: name.to_string(),
+            mutex: mutex.clone(),
+        }
+    }
+}
+
+/// A task's use of a name's local mutex (waiting for it or holding it). The entry is removed
+/// when its last slot is dropped.
+#[derive(Debug)]
+struct LocalSlot {
+    locks: Arc<LocalLocks>,
+    name: String,
+    mutex: LocalMutex,
+}
+
+impl Drop for LocalSlot {
+    fn drop(&mut self) {
+        let mut map = self.locks.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, users)) = map.get_mut(&self.name) {
+            *users -= 1;
+            if *users == 0 {
+                map.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// A [`Mutex`] on the coordinator's session, behind the name's local mutex.
+#[derive(Debug)]
+struct StoreLock {
+    mutex: Mutex,
+    local: Arc<LocalLocks>,
+}
+
+/// A [`MutexGuard`] with the local mutex of its name, held until it is released or dropped.
+#[derive(Debug)]
+struct StoreGuard {
+    guard: MutexGuard,
+    // Dropped after `guard` (whose drop starts the release: a claim being released makes
+    // the next task's lock wait for it, not fail).
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    _slot: LocalSlot,
+}
+
+#[async_trait]
+impl Lock for StoreLock {
+    fn name(&self) -> &str {
+        self.mutex.name()
+    }
+    async fn lock(&self) -> Result<Box<dyn Guard>> {
+        let slot = self.local.slot(self.mutex.name());
+        let local = slot.mutex.clone().lock_owned().await;
+        let guard = self.mutex.lock().await?;
+        Ok(Box::new(StoreGuard {
+            guard,
+            _local: local,
+            _slot: slot,
+        }))
+    }
+    async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>> {
+        with_timeout("lock", timeout, Lock::lock(self)).await
+    }
+    async fn try_lock(&self) -> Result<Box<dyn Guard>> {
+        let slot = self.local.slot(self.mutex.name());
+        let Ok(local) = slot.mutex.clone().try_lock_owned() else {
+            return Err(Error::Locked {
+                name: self.mutex.name().to_string(),
+            });
+        };
+        let guard = self.mutex.try_lock().await?;
+        Ok(Box::new(StoreGuard {
+            guard,
+            _local: local,
+            _slot: slot,
+        }))
+    }
+}
+
+#[async_trait]
+impl Guard for StoreGuard {
+    fn key(&self) -> &str {
+        self.guard.key()
+    }
+    fn fencing_token(&self) -> Option<i64> {
+        Some(self.guard.fencing_token())
+    }
+    fn is_lost(&self) -> bool {
+        self.guard.is_lost()
+    }
+    fn lost_reason(&self) -> Option<String> {
+        self.guard.lost_reason()
+    }
+    fn lost_token(&self) -> CancellationToken {
+        self.guard.lost_token()
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let StoreGuard {
+            guard,
+            _local,
+            _slot,
+        } = *self;
+        guard.unlock().await
     }
 }
 
@@ -550,5 +689,49 @@ impl Elector for Election {
     }
     fn observe(&self) -> BoxStream<'static, Leader> {
         Election::observe(self).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two tasks of one coordinator lock one name: the second waits for the first (as on
+    /// Redis), rather than failing with AlreadyHeld on the shared session's key.
+    #[tokio::test]
+    async fn tasks_of_one_coordinator_take_turns() {
+        let client = Client::connect("mem://").await.unwrap();
+        let session = Session::new(&client).await.unwrap();
+        let local = Arc::<LocalLocks>::default();
+        let coord = Coordinator::from_backend(Arc::new(StoreBackend {
+            client,
+            session,
+            local: local.clone(),
+        }));
+        let held = coord.lock("jobs/report").unwrap().lock().await.unwrap();
+        let err = coord
+            .lock("jobs/report")
+            .unwrap()
+            .try_lock()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+        let other = coord.clone();
+        let waiting = tokio::spawn(async move {
+            other
+                .lock("jobs/report")
+                .unwrap()
+                .lock_timeout(Duration::from_secs(2))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the second task did not wait");
+        held.release().await.unwrap();
+        let second = waiting.await.unwrap().unwrap();
+        assert!(!second.is_lost());
+        second.release().await.unwrap();
+        // Nobody uses the name any more: nothing is kept for it.
+        assert!(local.map.lock().unwrap().is_empty());
+        coord.close().await.unwrap();
     }
 }
