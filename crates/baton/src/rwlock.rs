@@ -29,6 +29,10 @@ use crate::session::Session;
 /// Go recipe:
 /// - one session holds at most one read and one write key per name (a second `read()` on the
 ///   same session fails with [`Error::AlreadyHeld`] rather than queueing twice);
+/// - a session that holds or awaits the read lock fails `write()` with
+///   [`Error::AlreadyHeld`] at once, and one that holds or awaits the write lock fails
+///   `read()` likewise, instead of waiting for its own key forever (the recipe deadlocks):
+///   there is no upgrade or downgrade; release one lock before taking the other;
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
 /// - a waiter whose key vanished gets an error, never the lock;
@@ -104,6 +108,9 @@ impl RwLock {
 
     /// Wait for shared access: until no writer that queued before us holds or waits.
     ///
+    /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the read
+    /// lock, or the write lock (which would be ahead of us: we would wait for ourselves).
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future removes our reader key.
@@ -140,6 +147,9 @@ impl RwLock {
 
     /// Wait for exclusive access: until everyone who queued before us is gone.
     ///
+    /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the write
+    /// lock, or the read lock (which would be ahead of us: we would wait for ourselves).
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future removes our writer key.
@@ -175,6 +185,18 @@ impl RwLock {
     }
 
     async fn acquire(&self, mode: Mode, try_only: bool) -> Result<Held> {
+        // Our session's key of the other mode, held or queued, is ahead of the key we would
+        // put, and ours would wait for it: a writer waits for every earlier key, a reader for
+        // every earlier writer. The same task then waits for itself forever.
+        let other = match mode {
+            Mode::Read => &self.write_key,
+            Mode::Write => &self.read_key,
+        };
+        if self.session.holds_claim(other.as_bytes()) {
+            return Err(Error::AlreadyHeld {
+                name: self.name.clone(),
+            });
+        }
         let (queue, key) = match mode {
             // A reader waits only for earlier writers.
             Mode::Read => (
@@ -255,5 +277,47 @@ impl RwLockWriteGuard {
     /// If the future is dropped, the release may or may not have happened.
     pub async fn unlock(self) -> Result<()> {
         self.held.release("write_unlock").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session holding the read lock that asks for the write lock (or the reverse) is
+    /// told at once, instead of waiting for its own key forever.
+    #[tokio::test]
+    async fn one_session_reading_and_writing_fails_at_once() {
+        let client = crate::Client::connect("mem://").await.unwrap();
+        let (s1, s2) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let lock = RwLock::new(&s1, "config").unwrap();
+        let read = lock.read().await.unwrap();
+        let err = lock
+            .write_timeout(Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyHeld { .. }), "{err}");
+        let err = lock.try_write().await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyHeld { .. }), "{err}");
+        read.unlock().await.unwrap();
+
+        let write = lock.write().await.unwrap();
+        let err = lock.read_timeout(Duration::from_secs(2)).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyHeld { .. }), "{err}");
+        write.unlock().await.unwrap();
+
+        // Released: the same session reads, then writes, and another session is not
+        // refused for what the first holds.
+        lock.read().await.unwrap().unlock().await.unwrap();
+        lock.write().await.unwrap().unlock().await.unwrap();
+        let read = lock.read().await.unwrap();
+        let other = RwLock::new(&s2, "config").unwrap();
+        let err = other.try_write().await.unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+        read.unlock().await.unwrap();
+        other.write().await.unwrap().unlock().await.unwrap();
     }
 }

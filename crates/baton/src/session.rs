@@ -444,6 +444,12 @@ impl Session {
             key: key.to_vec(),
         })
     }
+
+    /// True if this session has claimed `key` (it holds it, or an acquire of it is in
+    /// progress) and is not releasing it.
+    pub(crate) fn holds_claim(&self, key: &[u8]) -> bool {
+        self.inner.claims.holds(key)
+    }
 }
 
 impl Shared {
@@ -617,6 +623,12 @@ impl Claims {
             }
             notified.await;
         }
+    }
+
+    /// True if `key` is claimed and not being released.
+    fn holds(&self, key: &[u8]) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key) == Some(&false)
     }
 
     fn release(&self, key: &[u8]) {
