@@ -83,6 +83,30 @@
 //! [`CountDownLatch`] the key `NAME` holding `REMAINING/COUNT`; a [`SharedValue`] or
 //! [`SharedCount`] its key as given. Each type's documentation details its layout.
 //!
+//! ## Names shared by different types
+//!
+//! Within one type, names are independent: locks `a` and `a/b` never wait for each other.
+//! Across types, keys may overlap, and Baton tells them apart by their lease, as Go writes
+//! them: queue items never have one, while the keys of locks, elections, read-write locks,
+//! semaphores and double-barrier waiters always do. So a [`Queue`] or [`PriorityQueue`]
+//! never takes (deletes) a lock's key: queue `jobs` leaves lock `jobs`'s key `jobs/<lease>`
+//! alone.
+//!
+//! Some pairs cannot be told apart, because both sides' keys have the same shape and are
+//! bound to a lease (or both have none). Do not give them the same names:
+//!
+//! - a [`Mutex`], an [`Election`] and a [`Semaphore`] named `NAME`: all three are the
+//!   queue of keys `NAME/<lease>`;
+//! - an [`RwLock`] `NAME` and a lock, election or semaphore named `NAME/read` or
+//!   `NAME/write`; a [`DoubleBarrier`] `NAME` and one named `NAME/waiters`;
+//! - a [`Barrier`] held with [`hold_while`](Barrier::hold_while) (its key `NAME` bound to a
+//!   lease) whose name ends in `/` and hex digits (`deploy/1`) and a lock, election or
+//!   semaphore named what comes before (`deploy`);
+//! - a [`Queue`] `NAME/PPPPP` and a [`PriorityQueue`] `NAME` (both use items
+//!   `NAME/PPPPP/<digits>`);
+//! - types whose key is the name itself ([`Barrier`], [`CountDownLatch`], [`SharedValue`],
+//!   [`SharedCount`]) given the same name.
+//!
 //! Waiters queue by create revision. Each waits only for its immediate predecessor, watching
 //! it from the revision after its read (so etcd serves the watch from its synced group, not
 //! its 100 ms sweep), and re-reads its own key after every wait, so a waiter whose lease

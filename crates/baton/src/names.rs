@@ -1,6 +1,7 @@
 //! Validation of user-supplied names and the key layouts shared with Go.
 
 use crate::error::{Error, Result};
+use crate::store::KeyValue;
 
 /// The longest name Baton accepts, in bytes.
 pub const MAX_NAME_LEN: usize = 1024;
@@ -66,6 +67,14 @@ pub(crate) fn is_member(prefix: &[u8], key: &[u8]) -> bool {
     }
 }
 
+/// True if `kv` is an item of the queue of items (a [`Queue`](crate::Queue)) under
+/// `prefix`: a direct member (see [`is_member`]) with no lease. Items never have one, as
+/// Go's `recipe.Queue` writes them, while the keys of locks, elections, semaphores and
+/// read-write locks always do: a lock `jobs` (`jobs/<lease>`) is no item of queue `jobs`.
+pub(crate) fn is_item(prefix: &[u8], kv: &KeyValue) -> bool {
+    kv.lease == 0 && is_member(prefix, &kv.key)
+}
+
 /// The keys that form one queue, ordered by create revision.
 ///
 /// - A mutex or election queue is the direct members of `NAME/` (see [`is_member`]).
@@ -95,7 +104,16 @@ impl Queue {
         }
     }
 
-    /// True if `key` is a member of this queue.
+    /// True if `kv` is a member of this queue: its key is (see [`contains`](Queue::contains)),
+    /// and it has a lease. Every key of these queues is bound to its session's lease, in Go
+    /// too, while a queue item, a barrier or a latch has none: queue `jobs`'s items
+    /// (`jobs/<hex>`) and barrier `deploy/1` are not holders of lock `jobs` or `deploy`.
+    pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
+        kv.lease != 0 && self.contains(&kv.key)
+    }
+
+    /// True if `key` is a member of this queue, judging by the key alone (our own key, or
+    /// a key whose lease is not known): see [`admits`](Queue::admits).
     pub(crate) fn contains(&self, key: &[u8]) -> bool {
         if !self.read_write {
             return is_member(&self.prefix, key);

@@ -8,7 +8,7 @@ use tracing::Instrument;
 use crate::client::Client;
 use crate::error::Result;
 use crate::names::{validate_name, validate_value};
-use crate::store::{Compare, CompareOp, Range, SortTarget, Txn, TxnOp};
+use crate::store::{Compare, CompareOp, KeyValue, Range, SortTarget, Txn, TxnOp};
 use crate::work_queue::{take_methods, Items};
 
 /// A distributed priority queue: items with a lower priority number are dequeued first,
@@ -74,7 +74,7 @@ impl PriorityQueue {
                 what: "priority queue",
                 prefix: format!("{name}/"),
                 order: SortTarget::Key,
-                is_item,
+                is_item: is_item_kv,
             },
         })
     }
@@ -123,7 +123,7 @@ impl PriorityQueue {
                 let found = read
                     .kvs
                     .iter()
-                    .find(|kv| is_item(self.items.prefix.as_bytes(), &kv.key))
+                    .find(|kv| is_item_kv(self.items.prefix.as_bytes(), kv))
                     .and_then(|kv| sequence(&kv.key));
                 if found.is_some() || !read.more {
                     break (read.header_revision, found);
@@ -167,6 +167,12 @@ impl PriorityQueue {
     }
 
     take_methods!("the first item (lowest priority number, then oldest)");
+}
+
+/// True if `kv` is an item under `prefix`: its key is (see [`is_item`]), and it has no lease
+/// (as Go writes items; a lock's keys always have one).
+fn is_item_kv(prefix: &[u8], kv: &KeyValue) -> bool {
+    kv.lease == 0 && is_item(prefix, &kv.key)
 }
 
 /// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number, and

@@ -181,7 +181,7 @@ impl Entry {
                     .unwrap_or_default();
             }
             match first_kv(&resp, 1) {
-                Some(kv) if !entry.queue.contains(&kv.key) => HeadSeen::Unknown,
+                Some(kv) if !entry.queue.admits(&kv) => HeadSeen::Unknown,
                 head => HeadSeen::Exact(head),
             }
         };
@@ -221,14 +221,14 @@ impl Entry {
             entry.head_at = Some(resp.header_revision + 1);
         } else if resp.succeeded {
             if let [mine, pred, ..] = last_few {
-                if mine.key == entry.key && entry.queue.contains(&pred.key) {
+                if mine.key == entry.key && entry.queue.admits(pred) {
                     // Fewer keys than asked for: the read saw every key created before ours.
                     let complete = i64::try_from(last_few.len()).is_ok_and(|n| n < depth);
                     let ahead = complete.then(|| {
                         last_few[1..]
                             .iter()
                             .rev()
-                            .filter(|kv| entry.queue.contains(&kv.key))
+                            .filter(|kv| entry.queue.admits(kv))
                             .map(|kv| kv.key.clone())
                             .collect()
                     });
@@ -456,7 +456,7 @@ enum HeadSeen {
 
 fn head_of_last_few(queue: &Queue, last_few: &[KeyValue], depth: i64) -> HeadSeen {
     let complete = i64::try_from(last_few.len()).is_ok_and(|n| n < depth);
-    if last_few.iter().any(|kv| !queue.contains(&kv.key)) {
+    if last_few.iter().any(|kv| !queue.admits(kv)) {
         return HeadSeen::Unknown;
     }
     match last_few {

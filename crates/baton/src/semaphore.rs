@@ -232,9 +232,7 @@ impl Semaphore {
 
     fn members(&self, kvs: Vec<KeyValue>) -> Vec<KeyValue> {
         let queue = Queue::direct(&self.prefix);
-        kvs.into_iter()
-            .filter(|kv| queue.contains(&kv.key))
-            .collect()
+        kvs.into_iter().filter(|kv| queue.admits(kv)).collect()
     }
 
     fn check_count(&self, count: u32) -> Result<()> {

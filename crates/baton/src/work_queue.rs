@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::names::{is_member, validate_name, validate_value};
+use crate::names::{is_item, validate_name, validate_value};
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, RangeResponse, SortOrder, SortTarget, Store, Txn, TxnOp,
 };
@@ -163,7 +163,7 @@ impl Queue {
                 what: "queue",
                 prefix,
                 order: SortTarget::CreateRevision,
-                is_item: is_member,
+                is_item,
             },
         })
     }
@@ -226,8 +226,9 @@ pub(crate) struct Items {
     pub(crate) prefix: String,
     /// The order items are taken in (ascending).
     pub(crate) order: SortTarget,
-    /// True if a key under the prefix is an item (not a nested name's key).
-    pub(crate) is_item: fn(&[u8], &[u8]) -> bool,
+    /// True if a key under the prefix is an item (not a nested name's key, nor a lock's
+    /// or another leased key).
+    pub(crate) is_item: fn(&[u8], &KeyValue) -> bool,
 }
 
 /// What one attempt to take an item found.
@@ -241,7 +242,7 @@ enum Taken {
 
 impl Items {
     fn is_item(&self, kv: &KeyValue) -> bool {
-        (self.is_item)(self.prefix.as_bytes(), &kv.key)
+        (self.is_item)(self.prefix.as_bytes(), kv)
     }
 
     fn read(&self, limit: i64) -> Range {
@@ -466,6 +467,46 @@ mod tests {
         }
         assert_eq!(all.len(), 100);
         assert!(q.is_empty().await.unwrap());
+    }
+
+    /// A lock of the queue's name has a key under the queue's prefix (`jobs/<lease>`): it
+    /// is no item, and a consumer must not take (delete) it.
+    #[tokio::test]
+    async fn a_lock_of_the_same_name_is_no_item() {
+        let client = Client::memory();
+        let session = crate::Session::new(&client).await.unwrap();
+        let held = crate::Mutex::new(&session, "jobs")
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        let q = Queue::new(&client, "jobs").unwrap();
+        assert_eq!(q.len().await.unwrap(), 0);
+        assert!(q.is_empty().await.unwrap());
+        assert_eq!(q.try_dequeue().await.unwrap(), None);
+        let err = q
+            .dequeue_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+        q.enqueue("work").await.unwrap();
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"work");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!held.is_lost(), "{:?}", held.lost_reason());
+        held.unlock().await.unwrap();
+
+        // The same for a priority queue: a leased key with an item's shape (a lock
+        // `pq/00003` whose lease id has only decimal digits in hex) is no item.
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        client
+            .store()
+            .put(b"pq/00003/1000000000000001", b"", session.lease_id())
+            .await
+            .unwrap();
+        assert_eq!(pq.try_dequeue().await.unwrap(), None);
+        pq.enqueue("alert", 3).await.unwrap();
+        assert_eq!(pq.try_dequeue().await.unwrap().unwrap(), b"alert");
+        assert_eq!(pq.len().await.unwrap(), 0);
     }
 
     #[tokio::test]
