@@ -1958,3 +1958,74 @@ pub async fn recipes_bad_input(b: &Backend) {
     );
     assert!(keys_under(&client, &format!("__{base}")).await.is_empty());
 }
+
+/// Keys of other types under a lock's prefix, without a lease (queue items, a barrier, a
+/// latch), are not holders: they neither block the lock nor are taken for its holder, and a
+/// queue never takes a lock's key for an item.
+pub async fn cross_type_names(b: &Backend) {
+    let client = b.client().await;
+    let (s1, s2) = (b.session(TTL).await, b.session(TTL).await);
+    let base = name("cross");
+    // A queue next to a held lock of the same name: no item, and the lock stays held.
+    let jobs = format!("{base}/jobs");
+    let held = Mutex::new(&s1, &jobs).unwrap().lock().await.unwrap();
+    let q = Queue::new(&client, &jobs).unwrap();
+    assert_eq!(q.try_dequeue().await.unwrap(), None);
+    // Queue items, older and newer than a waiter's key, do not hold the lock.
+    q.enqueue("older").await.unwrap();
+    let m2 = Mutex::new(&s2, &jobs).unwrap();
+    let waiting = tokio::spawn(async move { m2.lock_timeout(Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    q.enqueue("newer").await.unwrap();
+    assert!(
+        !waiting.is_finished(),
+        "the waiter did not wait for the holder"
+    );
+    assert!(!held.is_lost(), "{:?}", held.lost_reason());
+    held.unlock().await.unwrap();
+    let second = waiting.await.unwrap().unwrap();
+    assert_eq!(q.len().await.unwrap(), 2);
+    second.unlock().await.unwrap();
+    // A lock whose prefix holds only items is free; so is a semaphore's; an election
+    // whose prefix holds only items has no leader.
+    let fresh = Mutex::new(&s1, &jobs).unwrap();
+    fresh
+        .lock_timeout(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .unlock()
+        .await
+        .unwrap();
+    fresh.try_lock().await.unwrap().unlock().await.unwrap();
+    let sem = Semaphore::new(&s1, &jobs, 1).unwrap();
+    sem.try_acquire().await.unwrap().release().await.unwrap();
+    let err = baton::Election::new(&s1, &jobs)
+        .unwrap()
+        .leader()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+    // A barrier or a latch named `X/1` does not hold lock `X`.
+    let deploy = format!("{base}/deploy");
+    assert!(Barrier::new(&client, &format!("{deploy}/1"))
+        .unwrap()
+        .hold()
+        .await
+        .unwrap());
+    CountDownLatch::new(&client, &format!("{deploy}/2"), 3)
+        .unwrap()
+        .count_down()
+        .await
+        .unwrap();
+    let m = Mutex::new(&s1, &deploy).unwrap();
+    m.try_lock().await.unwrap().unlock().await.unwrap();
+    m.lock_timeout(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .unlock()
+        .await
+        .unwrap();
+    assert_eq!(keys_under(&client, &format!("{deploy}/")).await.len(), 2);
+    s1.close().await.unwrap();
+    s2.close().await.unwrap();
+}

@@ -114,6 +114,7 @@ all_backends!(
     coordinator_cancel_and_timeout,
     coordinator_election_handover,
     coordinator_tasks_share_one_coordinator,
+    cross_type_names,
     semaphore_limits_holders,
     semaphore_holder_dies,
     barrier_and_latch,

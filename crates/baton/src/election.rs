@@ -553,8 +553,14 @@ mod tests {
     async fn observe_tells_apart_keys_with_the_same_revisions() {
         let client = Client::memory();
         let store = client.store().clone();
+        // Candidates' keys are bound to a lease (keys without one are no candidates).
+        let session = Session::new(&client).await.unwrap();
+        let lease = session.lease_id();
         store
-            .txn(Txn::new().and_then([TxnOp::put("t/1", "one", 0), TxnOp::put("t/2", "two", 0)]))
+            .txn(Txn::new().and_then([
+                TxnOp::put("t/1", "one", lease),
+                TxnOp::put("t/2", "two", lease),
+            ]))
             .await
             .unwrap();
         let mut observe = Election::observe_with(&client, "t").unwrap();

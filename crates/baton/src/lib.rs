@@ -90,7 +90,9 @@
 //! them: queue items never have one, while the keys of locks, elections, read-write locks,
 //! semaphores and double-barrier waiters always do. So a [`Queue`] or [`PriorityQueue`]
 //! never takes (deletes) a lock's key: queue `jobs` leaves lock `jobs`'s key `jobs/<lease>`
-//! alone.
+//! alone. And keys without a lease never hold a lock, election, read-write lock or
+//! semaphore: queue `jobs`'s items, or a [`Barrier`] or [`CountDownLatch`] named `deploy/1`
+//! (the key `deploy/1`), neither block lock `jobs` or `deploy` nor lead election `jobs`.
 //!
 //! Some pairs cannot be told apart, because both sides' keys have the same shape and are
 //! bound to a lease (or both have none). Do not give them the same names:

@@ -93,7 +93,7 @@ async fn read_turn(
         // The scan reads our key again, in the same transaction: the verdict on the queue
         // and on our key must be of one revision, or a delete of our key between two reads
         // would be missed for good (the loss watch starts after the verdict's revision).
-        Some(kv) if !queue.contains(&kv.key) => {
+        Some(kv) if !queue.admits(&kv) => {
             let (header, pred, mine) = scan_member(
                 store,
                 queue,
@@ -147,7 +147,7 @@ pub(crate) async fn scan_member(
         .next()
         .unwrap_or_default()
         .into_iter()
-        .find(|kv| queue.contains(&kv.key));
+        .find(|kv| queue.admits(kv));
     let mine = gets.next().unwrap_or_default().into_iter().next();
     Ok((resp.header_revision, found, mine))
 }
@@ -345,7 +345,7 @@ pub(crate) async fn head_member(
         .range(Range::prefix(queue.prefix.clone()).first_created())
         .await?;
     match resp.kvs.into_iter().next() {
-        Some(kv) if !queue.contains(&kv.key) => {
+        Some(kv) if !queue.admits(&kv) => {
             let (header, head, _) =
                 scan_member(store, queue, SortOrder::Ascending, 0, None).await?;
             Ok((header, head))
