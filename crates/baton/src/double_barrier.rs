@@ -198,9 +198,7 @@ impl DoubleBarrier {
 
     fn members(&self, kvs: Vec<KeyValue>) -> Vec<KeyValue> {
         let queue = Queue::direct(&self.waiters);
-        kvs.into_iter()
-            .filter(|kv| queue.contains(&kv.key))
-            .collect()
+        kvs.into_iter().filter(|kv| queue.admits(kv)).collect()
     }
 
     /// The read of `round`'s participants still there (see [`Round`]).
@@ -497,6 +495,25 @@ mod tests {
     use super::*;
     use crate::Client;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A queue item of the same shape as a participant's key (queue `db/waiters`, no
+    /// lease) is no participant: one participant of two does not pass.
+    #[tokio::test]
+    async fn a_queue_item_is_no_participant() {
+        let client = Client::memory();
+        crate::Queue::new(&client, "db/waiters")
+            .unwrap()
+            .enqueue("item")
+            .await
+            .unwrap();
+        let s = Session::new(&client).await.unwrap();
+        let barrier = DoubleBarrier::new(&s, "db", 2).unwrap();
+        let err = barrier
+            .enter_timeout(Duration::from_millis(200))
+            .await
+            .expect_err("entered with one participant of two");
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    }
 
     #[tokio::test]
     async fn bad_input() {
