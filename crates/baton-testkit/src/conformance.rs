@@ -1212,6 +1212,30 @@ pub async fn coordinator_tasks_share_one_coordinator(b: &Backend) {
     }
     assert!(!second.is_lost(), "{:?}", second.lost_reason());
     second.release().await.unwrap();
+
+    // The same for two tasks campaigning in one election.
+    let election = name("coord-tasks-elect");
+    let first = c
+        .election(&election)
+        .unwrap()
+        .campaign(b"first".to_vec())
+        .await
+        .unwrap();
+    let (c2, e2) = (c.clone(), election.clone());
+    let waiting = tokio::spawn(async move {
+        c2.election(&e2)
+            .unwrap()
+            .campaign_timeout(b"second".to_vec(), Duration::from_secs(3))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the second candidate did not wait");
+    first.release().await.unwrap();
+    let second = waiting.await.unwrap().unwrap();
+    assert_eq!(second.value(), b"second");
+    let leader = c.election(&election).unwrap().leader().await.unwrap();
+    assert_eq!(leader.value, b"second");
+    second.release().await.unwrap();
     c.close().await.unwrap();
 }
 

@@ -452,7 +452,10 @@ impl Backend for StoreBackend {
     }
 
     fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
-        Ok(Box::new(Election::new(&self.session, name)?))
+        Ok(Box::new(StoreElector {
+            election: Election::new(&self.session, name)?,
+            local: self.local.clone(),
+        }))
     }
 
     fn lost_token(&self) -> Option<CancellationToken> {
@@ -597,6 +600,92 @@ impl Guard for StoreGuard {
     }
 }
 
+/// An [`Election`] on the coordinator's session, behind the name's local mutex: tasks of
+/// one coordinator campaigning in one election take turns here (as they do on Redis), since
+/// the session has one key per name. An election and a lock of one name share that key
+/// (see the crate's key layouts), and the local mutex too.
+#[derive(Debug)]
+struct StoreElector {
+    election: Election,
+    local: Arc<LocalLocks>,
+}
+
+/// A [`Leadership`] with the local mutex of its name, held until it resigns or is dropped.
+#[derive(Debug)]
+struct StoreLeading {
+    leading: Leadership,
+    // Dropped after `leading` (see `StoreGuard`).
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    _slot: LocalSlot,
+}
+
+#[async_trait]
+impl Elector for StoreElector {
+    fn name(&self) -> &str {
+        self.election.name()
+    }
+    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
+        let slot = self.local.slot(self.election.name());
+        let local = slot.mutex.clone().lock_owned().await;
+        let leading = self.election.campaign(value).await?;
+        Ok(Box::new(StoreLeading {
+            leading,
+            _local: local,
+            _slot: slot,
+        }))
+    }
+    async fn campaign_timeout(
+        &self,
+        value: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Box<dyn Leading>> {
+        with_timeout("campaign", timeout, Elector::campaign(self, value)).await
+    }
+    async fn leader(&self) -> Result<Leader> {
+        self.election.leader().await
+    }
+    fn observe(&self) -> BoxStream<'static, Leader> {
+        self.election.observe().boxed()
+    }
+}
+
+#[async_trait]
+impl Guard for StoreLeading {
+    fn key(&self) -> &str {
+        self.leading.key()
+    }
+    fn fencing_token(&self) -> Option<i64> {
+        Some(self.leading.fencing_token())
+    }
+    fn is_lost(&self) -> bool {
+        self.leading.is_lost()
+    }
+    fn lost_reason(&self) -> Option<String> {
+        self.leading.lost_reason()
+    }
+    fn lost_token(&self) -> CancellationToken {
+        self.leading.lost_token()
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let StoreLeading {
+            leading,
+            _local,
+            _slot,
+        } = *self;
+        leading.resign().await
+    }
+}
+
+#[async_trait]
+impl Leading for StoreLeading {
+    fn value(&self) -> &[u8] {
+        self.leading.value()
+    }
+    async fn proclaim(&mut self, value: Vec<u8>) -> Result<()> {
+        self.leading.proclaim(value).await
+    }
+}
+
 #[async_trait]
 impl Guard for MutexGuard {
     fn key(&self) -> &str {
@@ -732,6 +821,38 @@ mod tests {
         second.release().await.unwrap();
         // Nobody uses the name any more: nothing is kept for it.
         assert!(local.map.lock().unwrap().is_empty());
+        coord.close().await.unwrap();
+    }
+
+    /// Two tasks of one coordinator campaign in one election: the second waits until the
+    /// first resigns, then leads (as on Redis), rather than failing with AlreadyHeld.
+    #[tokio::test]
+    async fn tasks_of_one_coordinator_campaign_in_turn() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let first = coord
+            .election("sched")
+            .unwrap()
+            .campaign(b"a".to_vec())
+            .await
+            .unwrap();
+        let other = coord.clone();
+        let waiting = tokio::spawn(async move {
+            other
+                .election("sched")
+                .unwrap()
+                .campaign_timeout(b"b".to_vec(), Duration::from_secs(2))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the second candidate did not wait");
+        let leader = coord.election("sched").unwrap().leader().await.unwrap();
+        assert_eq!(leader.value, b"a");
+        first.release().await.unwrap();
+        let second = waiting.await.unwrap().unwrap();
+        assert_eq!(second.value(), b"b");
+        let leader = coord.election("sched").unwrap().leader().await.unwrap();
+        assert_eq!(leader.value, b"b");
+        second.release().await.unwrap();
         coord.close().await.unwrap();
     }
 }
