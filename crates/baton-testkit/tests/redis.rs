@@ -208,6 +208,17 @@ async fn redlock_works_with_a_majority_up() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// Three masters, the first reached through a fault proxy: the servers, the proxy and the
+/// `redlock://` URL.
+async fn first_master_behind_a_proxy() -> (RedisServers, FaultProxy, String) {
+    let servers = RedisServers::start_async(3).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    let mut addrs = vec![proxy.addr().to_string()];
+    addrs.extend(servers.servers()[1..].iter().map(|s| s.addr()));
+    let url = format!("redlock://{}", addrs.join(","));
+    (servers, proxy, url)
+}
+
 /// The first master hangs (its connection open, nothing answered) while the other two are
 /// up: a client whose lock channel is subscribed (it waited on the lock a moment ago), and
 /// whose attempts woken by a release ask the first master alone at first, still takes the
@@ -215,11 +226,7 @@ async fn redlock_works_with_a_majority_up() {
 /// the first master alone does not make `try_lock` say "locked".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_a_hung_first_master_does_not_stall_acquires() {
-    let servers = RedisServers::start_async(3).await;
-    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
-    let mut addrs = vec![proxy.addr().to_string()];
-    addrs.extend(servers.servers()[1..].iter().map(|s| s.addr()));
-    let url = format!("redlock://{}", addrs.join(","));
+    let (servers, proxy, url) = first_master_behind_a_proxy().await;
     let ttl = Duration::from_secs(10);
     let name = unique("hung-gate");
     let client = builder(&url, ttl)
@@ -278,11 +285,7 @@ async fn redlock_a_hung_first_master_does_not_stall_acquires() {
 /// the stale key expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_a_split_attempt_does_not_wait_for_a_hung_master() {
-    let servers = RedisServers::start_async(3).await;
-    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
-    let mut addrs = vec![proxy.addr().to_string()];
-    addrs.extend(servers.servers()[1..].iter().map(|s| s.addr()));
-    let url = format!("redlock://{}", addrs.join(","));
+    let (servers, proxy, url) = first_master_behind_a_proxy().await;
     let name = unique("split-hung");
     let client = builder(&url, Duration::from_secs(10))
         .with_request_timeout(Duration::from_secs(5))
