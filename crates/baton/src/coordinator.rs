@@ -529,11 +529,12 @@ struct StoreLock {
     local: Arc<LocalLocks>,
 }
 
-/// A [`MutexGuard`] with the local mutex of its name, held until it is released or dropped.
+/// A guard (a [`MutexGuard`] or a [`Leadership`]) with the local mutex of its name, held
+/// until it is released or dropped.
 #[derive(Debug)]
-struct StoreGuard {
-    guard: MutexGuard,
-    // Dropped after `guard` (whose drop starts the release: a claim being released makes
+struct Local<G> {
+    inner: G,
+    // Dropped after `inner` (whose drop starts the release: a claim being released makes
     // the next task's lock wait for it, not fail).
     _local: tokio::sync::OwnedMutexGuard<()>,
     _slot: LocalSlot,
@@ -548,8 +549,8 @@ impl Lock for StoreLock {
         let slot = self.local.slot(self.mutex.name());
         let local = slot.mutex.clone().lock_owned().await;
         let guard = self.mutex.lock().await?;
-        Ok(Box::new(StoreGuard {
-            guard,
+        Ok(Box::new(Local {
+            inner: guard,
             _local: local,
             _slot: slot,
         }))
@@ -565,8 +566,8 @@ impl Lock for StoreLock {
             });
         };
         let guard = self.mutex.try_lock().await?;
-        Ok(Box::new(StoreGuard {
-            guard,
+        Ok(Box::new(Local {
+            inner: guard,
             _local: local,
             _slot: slot,
         }))
@@ -574,29 +575,29 @@ impl Lock for StoreLock {
 }
 
 #[async_trait]
-impl Guard for StoreGuard {
+impl<G: Guard + 'static> Guard for Local<G> {
     fn key(&self) -> &str {
-        self.guard.key()
+        self.inner.key()
     }
     fn fencing_token(&self) -> Option<i64> {
-        Some(self.guard.fencing_token())
+        self.inner.fencing_token()
     }
     fn is_lost(&self) -> bool {
-        self.guard.is_lost()
+        self.inner.is_lost()
     }
     fn lost_reason(&self) -> Option<String> {
-        self.guard.lost_reason()
+        self.inner.lost_reason()
     }
     fn lost_token(&self) -> CancellationToken {
-        self.guard.lost_token()
+        self.inner.lost_token()
     }
     async fn release(self: Box<Self>) -> Result<()> {
-        let StoreGuard {
-            guard,
+        let Local {
+            inner,
             _local,
             _slot,
         } = *self;
-        guard.unlock().await
+        Box::new(inner).release().await
     }
 }
 
@@ -610,15 +611,6 @@ struct StoreElector {
     local: Arc<LocalLocks>,
 }
 
-/// A [`Leadership`] with the local mutex of its name, held until it resigns or is dropped.
-#[derive(Debug)]
-struct StoreLeading {
-    leading: Leadership,
-    // Dropped after `leading` (see `StoreGuard`).
-    _local: tokio::sync::OwnedMutexGuard<()>,
-    _slot: LocalSlot,
-}
-
 #[async_trait]
 impl Elector for StoreElector {
     fn name(&self) -> &str {
@@ -628,8 +620,8 @@ impl Elector for StoreElector {
         let slot = self.local.slot(self.election.name());
         let local = slot.mutex.clone().lock_owned().await;
         let leading = self.election.campaign(value).await?;
-        Ok(Box::new(StoreLeading {
-            leading,
+        Ok(Box::new(Local {
+            inner: leading,
             _local: local,
             _slot: slot,
         }))
@@ -650,39 +642,12 @@ impl Elector for StoreElector {
 }
 
 #[async_trait]
-impl Guard for StoreLeading {
-    fn key(&self) -> &str {
-        self.leading.key()
-    }
-    fn fencing_token(&self) -> Option<i64> {
-        Some(self.leading.fencing_token())
-    }
-    fn is_lost(&self) -> bool {
-        self.leading.is_lost()
-    }
-    fn lost_reason(&self) -> Option<String> {
-        self.leading.lost_reason()
-    }
-    fn lost_token(&self) -> CancellationToken {
-        self.leading.lost_token()
-    }
-    async fn release(self: Box<Self>) -> Result<()> {
-        let StoreLeading {
-            leading,
-            _local,
-            _slot,
-        } = *self;
-        leading.resign().await
-    }
-}
-
-#[async_trait]
-impl Leading for StoreLeading {
+impl Leading for Local<Leadership> {
     fn value(&self) -> &[u8] {
-        self.leading.value()
+        self.inner.value()
     }
     async fn proclaim(&mut self, value: Vec<u8>) -> Result<()> {
-        self.leading.proclaim(value).await
+        self.inner.proclaim(value).await
     }
 }
 
