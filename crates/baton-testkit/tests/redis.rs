@@ -1631,3 +1631,42 @@ async fn a_plain_lock_is_no_leader() {
     leading.resign().await.unwrap();
     client.close().await.unwrap();
 }
+
+/// `lock()` takes a free lock, and the reply is lost (the connection reset): the retry, with
+/// the same token, finds the key already ours. It must take it again at once, not queue
+/// behind its own key until the TTL ends (FIFO), nor wait (without FIFO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_of_a_take_does_not_stall_the_lock() {
+    for fifo in [true, false] {
+        let server = RedisServer::start_async().await;
+        let proxy = FaultProxy::start(server.port()).await;
+        let url = proxy.url("redis");
+        let b =
+            builder(&url, Duration::from_secs(8)).with_poll_interval(Duration::from_millis(200));
+        let client = if fifo { b } else { b.without_fifo() }
+            .connect()
+            .await
+            .unwrap();
+        // Load the scripts first: the reply that is lost must not be a NOSCRIPT.
+        let warm = client.lock(&unique("warm")).unwrap();
+        warm.lock().await.unwrap().unlock().await.unwrap();
+        let lock = client.lock(&unique("lost-reply")).unwrap();
+        proxy.set(Direction::ServerToClient, Fault::Reset);
+        let started = Instant::now();
+        let waiter = tokio::spawn(async move { lock.lock().await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        proxy.heal();
+        let got = tokio::time::timeout(Duration::from_secs(20), waiter)
+            .await
+            .expect("lock() hung")
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "fifo {fifo}: lock() on a free lock took {took:?}"
+        );
+        got.unlock().await.unwrap();
+        client.close().await.unwrap();
+    }
+}

@@ -25,6 +25,15 @@ if holder == ARGV[1] then
       return {2, tonumber(fence), tonumber(since)}
     end
   end
+  -- Ours already, with no hand-off waiting: an earlier call of this waiter (tokens are
+  -- unique to one lock() call) took the lock, or took its hand-off, and the reply was lost.
+  -- Take it afresh, for the full TTL from now, out of the queue. Nobody else can bump the
+  -- fencing counter while we hold the key, so it holds our fence.
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if redis.call('DEL', KEYS[4]) == 1 then
+    redis.call('LREM', KEYS[3], 1, ARGV[1])
+  end
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0') or 0}
 end
 if not holder then
   -- Drop waiters that stopped refreshing their waiter key; stop at the first live one.
