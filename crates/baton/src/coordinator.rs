@@ -448,6 +448,7 @@ impl Backend for StoreBackend {
         Ok(Box::new(StoreLock {
             mutex: Mutex::new(&self.session, name)?,
             local: self.local.clone(),
+            session: self.session.clone(),
         }))
     }
 
@@ -455,6 +456,7 @@ impl Backend for StoreBackend {
         Ok(Box::new(StoreElector {
             election: Election::new(&self.session, name)?,
             local: self.local.clone(),
+            session: self.session.clone(),
         }))
     }
 
@@ -527,6 +529,19 @@ impl Drop for LocalSlot {
 struct StoreLock {
     mutex: Mutex,
     local: Arc<LocalLocks>,
+    session: Session,
+}
+
+/// Wait for the name's local mutex, unless the session is lost (or closed) first: a task
+/// queued here fails then, as a waiter in the store does.
+async fn local_turn(
+    slot: &LocalSlot,
+    session: &Session,
+) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+    tokio::select! {
+        local = slot.mutex.clone().lock_owned() => Ok(local),
+        () = session.lost() => Err(session.lost_error()),
+    }
 }
 
 /// A guard (a [`MutexGuard`] or a [`Leadership`]) with the local mutex of its name, held
@@ -547,7 +562,7 @@ impl Lock for StoreLock {
     }
     async fn lock(&self) -> Result<Box<dyn Guard>> {
         let slot = self.local.slot(self.mutex.name());
-        let local = slot.mutex.clone().lock_owned().await;
+        let local = local_turn(&slot, &self.session).await?;
         let guard = self.mutex.lock().await?;
         Ok(Box::new(Local {
             inner: guard,
@@ -609,6 +624,7 @@ impl<G: Guard + 'static> Guard for Local<G> {
 struct StoreElector {
     election: Election,
     local: Arc<LocalLocks>,
+    session: Session,
 }
 
 #[async_trait]
@@ -618,7 +634,7 @@ impl Elector for StoreElector {
     }
     async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
         let slot = self.local.slot(self.election.name());
-        let local = slot.mutex.clone().lock_owned().await;
+        let local = local_turn(&slot, &self.session).await?;
         let leading = self.election.campaign(value).await?;
         Ok(Box::new(Local {
             inner: leading,
@@ -787,6 +803,35 @@ mod tests {
         // Nobody uses the name any more: nothing is kept for it.
         assert!(local.map.lock().unwrap().is_empty());
         coord.close().await.unwrap();
+    }
+
+    /// A task queued behind another task of its coordinator fails when the coordinator is
+    /// closed (its session ends), as a waiter in the store does, instead of waiting for the
+    /// other task's guard, which may never be dropped.
+    #[tokio::test]
+    async fn close_ends_a_task_queued_locally() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let held = coord.lock("x").unwrap().lock().await.unwrap();
+        let (c2, c3) = (coord.clone(), coord.clone());
+        let locking = tokio::spawn(async move { c2.lock("x").unwrap().lock().await.map(drop) });
+        let campaigning = tokio::spawn(async move {
+            c3.election("x")
+                .unwrap()
+                .campaign(b"v".to_vec())
+                .await
+                .map(drop)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        coord.close().await.unwrap();
+        for task in [locking, campaigning] {
+            let got = tokio::time::timeout(Duration::from_secs(3), task)
+                .await
+                .expect("a task queued locally still waits after close()")
+                .unwrap();
+            assert!(matches!(got, Err(Error::SessionLost { .. })), "{got:?}");
+        }
+        assert!(held.is_lost());
+        drop(held);
     }
 
     /// Two tasks of one coordinator campaign in one election: the second waits until the

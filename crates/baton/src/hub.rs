@@ -1070,9 +1070,6 @@ mod tests {
         delete_and_see_it_lost(&client, key, &guard).await;
     }
 
-    /// A shared watch whose task is dropped with its runtime (the client lives on in another)
-    /// tells its waiters and hooks: a waiter reads again instead of waiting forever, and a
-    /// hooked holder still hears of its key's delete.
     /// `keys_gone` notices when one of its watches ends (cleanly, or compacted) while the
     /// others live on: it answers "read again" instead of waiting on the rest for good.
     #[tokio::test]
@@ -1145,6 +1142,9 @@ mod tests {
         });
     }
 
+    /// A shared watch whose task is dropped with its runtime (the client lives on in another)
+    /// tells its waiters and hooks: a waiter reads again instead of waiting forever, and a
+    /// hooked holder still hears of its key's delete.
     #[test]
     fn a_watch_dropped_with_its_runtime_tells_its_waiters() {
         let current = || {
