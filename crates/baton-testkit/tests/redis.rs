@@ -1590,8 +1590,17 @@ async fn holds_survive_odd_keys_and_count_queued_waiters() {
     assert_eq!(holds[1].waiters, 2, "{holds:?}");
 
     guard.unlock().await.unwrap();
-    for w in waiters {
-        w.await.unwrap().unwrap().unlock().await.unwrap();
+    // Release each waiter's lock as it gets it (they queued in either order).
+    let mut waiters = waiters;
+    while !waiters.is_empty() {
+        let (got, _, rest) = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::select_all(waiters),
+        )
+        .await
+        .expect("a queued waiter never got the lock");
+        got.unwrap().unwrap().unlock().await.unwrap();
+        waiters = rest;
     }
     client.close().await.unwrap();
 }
