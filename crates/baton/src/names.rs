@@ -67,12 +67,25 @@ pub(crate) fn is_member(prefix: &[u8], key: &[u8]) -> bool {
     }
 }
 
+/// The fewest digits an item key ends with: Go's `recipe.Queue` and Baton's [`Queue`]
+/// (crate::Queue) write the enqueue time in nanoseconds since 1970 (19 digits today), and
+/// Go's `recipe.PriorityQueue` and Baton's [`PriorityQueue`](crate::PriorityQueue) a
+/// sequence number padded to 16.
+pub(crate) const ITEM_DIGITS: usize = 16;
+
+/// True if `digits` is how an item key ends: [`ITEM_DIGITS`] or more decimal digits.
+pub(crate) fn is_item_suffix(digits: &[u8]) -> bool {
+    digits.len() >= ITEM_DIGITS && digits.iter().all(u8::is_ascii_digit)
+}
+
 /// True if `kv` is an item of the queue of items (a [`Queue`](crate::Queue)) under
-/// `prefix`: a direct member (see [`is_member`]) with no lease. Items never have one, as
-/// Go's `recipe.Queue` writes them, while the keys of locks, elections, semaphores and
-/// read-write locks always do: a lock `jobs` (`jobs/<lease>`) is no item of queue `jobs`.
+/// `prefix`: `prefix` then [`ITEM_DIGITS`] or more decimal digits, with no lease. Items
+/// never have one, as Go's `recipe.Queue` writes them, while the keys of locks, elections,
+/// semaphores and read-write locks always do: a lock `jobs` (`jobs/<lease>`) is no item of
+/// queue `jobs`. And the shape keeps out the keys that other types name freely: a
+/// `SharedValue`, `CountDownLatch` or `Barrier` named `jobs/1` or `jobs/cafe` is no item.
 pub(crate) fn is_item(prefix: &[u8], kv: &KeyValue) -> bool {
-    kv.lease == 0 && is_member(prefix, &kv.key)
+    kv.lease == 0 && kv.key.strip_prefix(prefix).is_some_and(is_item_suffix)
 }
 
 /// The keys that form one queue, ordered by create revision.

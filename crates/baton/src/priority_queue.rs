@@ -175,8 +175,9 @@ fn is_item_kv(prefix: &[u8], kv: &KeyValue) -> bool {
     kv.lease == 0 && is_item(prefix, &kv.key)
 }
 
-/// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number, and
-/// nothing more (`PPPPP/jobs/7` is a key of a nested name).
+/// True if `key` is an item under `prefix`: `PPPPP/` then a decimal sequence number of
+/// [`ITEM_DIGITS`](crate::names::ITEM_DIGITS) digits or more (Go pads it to 16), and nothing
+/// more (`PPPPP/jobs/7` is a key of a nested name; a `SharedValue` `NAME/00001/7` is no item).
 fn is_item(prefix: &[u8], key: &[u8]) -> bool {
     let Some(rest) = key.strip_prefix(prefix) else {
         return false;
@@ -185,7 +186,7 @@ fn is_item(prefix: &[u8], key: &[u8]) -> bool {
         Some((priority, tail)) => {
             priority.iter().all(u8::is_ascii_digit)
                 && tail.first() == Some(&b'/')
-                && tail[1..].iter().all(u8::is_ascii_digit)
+                && crate::names::is_item_suffix(&tail[1..])
                 && sequence(tail).is_some()
         }
         None => false,

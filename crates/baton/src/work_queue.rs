@@ -509,6 +509,36 @@ mod tests {
         assert_eq!(pq.len().await.unwrap(), 0);
     }
 
+    /// Keys that other types name freely, without a lease, under a queue's name: a
+    /// `SharedValue` `jobs/1`, a `CountDownLatch` `jobs/cafe`, a held `Barrier` `jobs/2`, a
+    /// `SharedValue` `pq/00001/7`. They are no items: a consumer never takes (deletes) them.
+    #[tokio::test]
+    async fn other_types_keys_are_no_items() {
+        let client = Client::memory();
+        let value = crate::SharedValue::new(&client, "jobs/1").unwrap();
+        value.set("precious").await.unwrap();
+        let latch = crate::CountDownLatch::new(&client, "jobs/cafe", 2).unwrap();
+        latch.count_down().await.unwrap();
+        let barrier = crate::Barrier::new(&client, "jobs/2").unwrap();
+        assert!(barrier.hold().await.unwrap());
+        let q = Queue::new(&client, "jobs").unwrap();
+        assert_eq!(q.len().await.unwrap(), 0);
+        assert_eq!(q.try_dequeue().await.unwrap(), None);
+        q.enqueue("work").await.unwrap();
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"work");
+        assert_eq!(value.get().await.unwrap().unwrap().value, b"precious");
+        assert_eq!(latch.remaining().await.unwrap(), 1);
+        assert!(barrier.is_held().await.unwrap());
+
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        let nested = crate::SharedValue::new(&client, "pq/00001/7").unwrap();
+        nested.set("mine").await.unwrap();
+        assert_eq!(pq.try_dequeue().await.unwrap(), None);
+        pq.enqueue("alert", 1).await.unwrap();
+        assert_eq!(pq.try_dequeue().await.unwrap().unwrap(), b"alert");
+        assert_eq!(nested.get().await.unwrap().unwrap().value, b"mine");
+    }
+
     #[tokio::test]
     async fn nested_names_and_bad_input() {
         let client = Client::memory();
