@@ -55,7 +55,7 @@ Examples:
   baton --endpoints redlock://h1:6379,h2:6379,h3:6379,h4:6379,h5:6379 bench uncontended --peer rslock
 
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
-Baton's Redis election, and scale does not apply (Redis has no sessions or queues).
+Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
 
 Progress goes to stderr once a run takes more than a second. With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us

@@ -73,7 +73,7 @@ pub(crate) struct Cli {
 pub(crate) struct Global {
     /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, https://… for
     /// etcd over TLS, mem:// for the embedded store, redis://h:p (rediss:// with TLS) for
-    /// one Redis server, redlock://h1:p1,h2:p2,h3:p3 for Redlock over 3 or 5 masters (lock,
+    /// one Redis server, redlock://h1:p1,h2:p2,h3:p3 for Redlock over N ≥ 3 masters (lock,
     /// elect, observe, leader, status and bench only). A password in the URL
     /// (http://user:pass@h:p) is visible in `ps`: prefer --password-file or $BATON_PASSWORD.
     #[arg(

@@ -24,7 +24,8 @@ Examples:
   baton status jobs/           # those whose names start with jobs/
   baton --json status | jq '.entries[] | select(.waiter_count > 0)'
 
-Columns: NAME, KIND (lock: empty value; election: a value), HOLDER (the key created first),
+Columns: NAME, KIND (lock: empty value; election: a value; a semaphore's permits look like
+an election's keys, which they share), HOLDER (the key created first),
 TOKEN (its create revision, the fencing token), TTL (the time left on the holder's lease),
 WAITERS (how many queue behind it, and their keys).
 

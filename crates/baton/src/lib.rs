@@ -65,7 +65,7 @@
 //! | [`CountDownLatch`] | waiters go after `count` count-downs | – |
 //! | [`SharedValue`], [`SharedCount`] | a value every node reads, compare-and-sets and watches | Curator's `SharedValue` |
 //! | [`Stm`] | multi-key transactions retried on conflict, four isolation levels | `concurrency.STM` |
-//! | [`Coordinator`] | any of the above behind one URL, through backend-neutral traits | – |
+//! | [`Coordinator`] | locks and elections on any backend (etcd, `mem://`, Redis, Redlock) behind one URL, through backend-neutral traits | – |
 //!
 //! # Key layouts
 //!
@@ -100,17 +100,23 @@
 //! - a [`Mutex`], an [`Election`] and a [`Semaphore`] named `NAME`: all three are the
 //!   queue of keys `NAME/<lease>`;
 //! - an [`RwLock`] `NAME` and a lock, election or semaphore named `NAME/read` or
-//!   `NAME/write`; a [`DoubleBarrier`] `NAME` and one named `NAME/waiters`;
+//!   `NAME/write`; a [`DoubleBarrier`] `NAME` and a lock, election or semaphore named
+//!   `NAME/waiters`;
 //! - a [`Barrier`] held with [`hold_while`](Barrier::hold_while) (its key `NAME` bound to a
 //!   lease) whose name ends in `/` and hex digits (`deploy/1`) and a lock, election or
 //!   semaphore named what comes before (`deploy`);
 //! - a [`Queue`] `NAME/PPPPP` and a [`PriorityQueue`] `NAME` (both use items
 //!   `NAME/PPPPP/<digits>`);
+//! - a [`Queue`] `NAME` and a [`Barrier`], [`CountDownLatch`], [`SharedValue`] or
+//!   [`SharedCount`] named `NAME/` and 16 or more digits (an item's shape: the queue's
+//!   consumers would take it); shorter names (`jobs/1`, `jobs/cafe`) are safe. Likewise a
+//!   [`PriorityQueue`] `NAME` and such a key named `NAME/PPPPP/` and 16 or more digits;
 //! - types whose key is the name itself ([`Barrier`], [`CountDownLatch`], [`SharedValue`],
 //!   [`SharedCount`]) given the same name.
 //!
-//! Waiters queue by create revision. Each waits only for its immediate predecessor, watching
-//! it from the revision after its read (so etcd serves the watch from its synced group, not
+//! Waiters queue by create revision. Each waits only for its immediate predecessor, through
+//! a watch opened from etcd's next write (the client's shared watch of the queue, or one on
+//! the predecessor's key, then one more read: so etcd serves it from its synced group, not
 //! its 100 ms sweep), and re-reads its own key after every wait, so a waiter whose lease
 //! ended while it queued is told so instead of being granted the lock (etcd #11456).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]

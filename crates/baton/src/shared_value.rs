@@ -25,7 +25,8 @@ pub struct Versioned<T = Vec<u8>> {
     /// The value.
     pub value: T,
     /// How many times the key was written since it was created: 1 after the first write,
-    /// 0 if the key does not exist. Compare-and-set compares this.
+    /// 0 if the key does not exist. It starts again at 1 when the key is deleted and written
+    /// again, so compare-and-set compares `mod_revision`, not this.
     pub version: i64,
     /// The revision of the last write (0 if the key does not exist).
     pub mod_revision: Revision,
