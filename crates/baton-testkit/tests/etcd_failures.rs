@@ -240,3 +240,31 @@ async fn killed_leader_fails_over_within_ttl() {
     assert!(took <= ttl + Duration::from_secs(1), "{took:?}");
     l.resign().await.unwrap();
 }
+
+/// One member of three paused (SIGSTOP: its connection open, nothing answered): connecting
+/// with all three endpoints succeeds every time. The connect probe is hedged, as reads
+/// are; sent once, it failed whenever the balancer gave it to the paused member ("no
+/// member answered" after the whole dial timeout), although two members could answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_succeeds_with_one_member_of_three_paused() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let url = cluster.endpoints_url();
+    cluster.stop(0);
+    let mut failures = Vec::new();
+    for i in 0..9 {
+        let t = Instant::now();
+        if let Err(e) = Client::builder(&url)
+            .with_dial_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+        {
+            failures.push(format!("attempt {i} after {:?}: {e}", t.elapsed()));
+        }
+    }
+    cluster.cont(0);
+    assert!(
+        failures.is_empty(),
+        "{} of 9 connects failed: {failures:#?}",
+        failures.len()
+    );
+}

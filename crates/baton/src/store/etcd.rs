@@ -439,15 +439,28 @@ impl EtcdStore {
                     authenticate(&mut client, options.credentials.as_ref()).await?;
                     authenticated = true;
                 }
-                let mut kv = kv_client(&client);
-                match kv
-                    .get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()))
-                    .await
-                {
+                // Hedged, as reads are: a silent member (paused, its packets lost) must not
+                // use up the whole dial timeout while the others could answer.
+                let answer = hedge(
+                    &client,
+                    deadline,
+                    dial / HEDGES as u32,
+                    &mut |c: &ec::Client| {
+                        let mut kv = kv_client(c);
+                        async move {
+                            kv.get(PROBE_KEY, Some(ec::GetOptions::new().with_count_only()))
+                                .await
+                        }
+                    },
+                )
+                .await;
+                match answer {
+                    // Past the dial deadline: the timeout below reports it.
+                    None => std::future::pending().await,
                     // A user whose roles do not cover the probe key: etcd answered, and
                     // accepted the token.
-                    Err(e) if status_code(&e) == Some(CODE_PERMISSION_DENIED) => Ok(()),
-                    other => other.map(|_| ()),
+                    Some(Err(e)) if status_code(&e) == Some(CODE_PERMISSION_DENIED) => Ok(()),
+                    Some(other) => other.map(|_| ()),
                 }
             };
             match timeout_at(deadline, attempt).await {
@@ -583,28 +596,7 @@ impl EtcdStore {
         Fut: Future<Output = std::result::Result<T, ec::Error>>,
     {
         let share = self.inner.options.request_timeout / HEDGES as u32;
-        let mut running = crate::race::Race::new();
-        running.push(attempt(&self.inner.client));
-        let mut sent = 1;
-        let mut next = Instant::now() + share;
-        loop {
-            tokio::select! {
-                biased;
-                Some(result) = running.next() => match result {
-                    Err(e) if Retry::Idempotent.allows(&e) && !running.is_empty() => {
-                        tracing::debug!(error = %describe(&e), "a copy of a hedged etcd request failed; waiting for the others");
-                    }
-                    other => return Some(other),
-                },
-                _ = tokio::time::sleep_until(deadline) => return None,
-                _ = tokio::time::sleep_until(next), if sent < HEDGES => {
-                    tracing::debug!(after = ?share * sent as u32, "no answer yet; sending the request again");
-                    running.push(attempt(&self.inner.client));
-                    sent += 1;
-                    next += share;
-                }
-            }
-        }
+        hedge(&self.inner.client, deadline, share, attempt).await
     }
 
     /// Get a new auth token, within `deadline`, unless another request did since
@@ -827,6 +819,42 @@ impl EtcdStore {
             None
         };
         tokio::time::timeout(wait, probe).await.ok().flatten()
+    }
+}
+
+/// Run `attempt` on `client`, sending a copy after each `share` without an answer (up to
+/// [`HEDGES`] copies); the first answer wins. `None` if none came before `deadline`.
+async fn hedge<T, F, Fut>(
+    client: &ec::Client,
+    deadline: Instant,
+    share: Duration,
+    attempt: &mut F,
+) -> Option<std::result::Result<T, ec::Error>>
+where
+    F: FnMut(&ec::Client) -> Fut,
+    Fut: Future<Output = std::result::Result<T, ec::Error>>,
+{
+    let mut running = crate::race::Race::new();
+    running.push(attempt(client));
+    let mut sent = 1;
+    let mut next = Instant::now() + share;
+    loop {
+        tokio::select! {
+            biased;
+            Some(result) = running.next() => match result {
+                Err(e) if Retry::Idempotent.allows(&e) && !running.is_empty() => {
+                    tracing::debug!(error = %describe(&e), "a copy of a hedged etcd request failed; waiting for the others");
+                }
+                other => return Some(other),
+            },
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = tokio::time::sleep_until(next), if sent < HEDGES => {
+                tracing::debug!(after = ?share * sent as u32, "no answer yet; sending the request again");
+                running.push(attempt(client));
+                sent += 1;
+                next += share;
+            }
+        }
     }
 }
 
