@@ -268,3 +268,44 @@ async fn connect_succeeds_with_one_member_of_three_paused() {
         failures.len()
     );
 }
+
+/// A 3-member cluster, the client's default request timeout (10 s), a session with a 5 s
+/// TTL. The member that carries the session's keep-alive stream is paused (SIGSTOP) for
+/// twice the TTL while the other two keep quorum: the session must survive. A keep-alive
+/// on a stream that does not answer within a fifth of the TTL is sent again on a new stream
+/// (on any member); before, every keep-alive waited on the silent stream until the session's
+/// deadline, and the session was lost about 4 s after the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_survives_a_paused_member_carrying_its_keep_alives() {
+    const KEEP_ALIVES: &str = "grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\",grpc_service=\"etcdserverpb.Lease\",grpc_type=\"bidi_stream\"}";
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let client = Client::connect(&cluster.endpoints_url()).await.unwrap();
+    let ttl = Duration::from_secs(5);
+    let session = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    // Let a few keep-alives go out, then find the member that receives them.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let counts: Vec<f64> = (0..3)
+        .map(|i| cluster.member(i).metric(KEEP_ALIVES).unwrap_or(0.0))
+        .collect();
+    let carrier = (0..3)
+        .max_by(|&a, &b| counts[a].total_cmp(&counts[b]))
+        .unwrap();
+    assert!(counts[carrier] > 0.0, "no keep-alive seen: {counts:?}");
+    let paused_at = Instant::now();
+    cluster.stop(carrier);
+    let until = paused_at + 2 * ttl + Duration::from_secs(1);
+    while Instant::now() < until && !session.is_lost() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lost = session.lost_reason();
+    let lost_after = paused_at.elapsed();
+    cluster.cont(carrier);
+    assert!(
+        lost.is_none(),
+        "session lost {lost_after:?} after pausing member {carrier} (keep-alives {counts:?}): {lost:?}"
+    );
+}

@@ -666,12 +666,27 @@ impl EtcdStore {
         id: LeaseId,
         deadline: Instant,
     ) -> Option<std::result::Result<Arc<Keeper>, ec::Error>> {
-        let opened = self
-            .hedged(deadline, &mut |client: &ec::Client| {
+        let share = self.inner.options.request_timeout / HEDGES as u32;
+        self.open_keeper_within(id, deadline, share).await
+    }
+
+    /// [`open_keeper`](Self::open_keeper), sending a copy after each `share` without answer.
+    async fn open_keeper_within(
+        &self,
+        id: LeaseId,
+        deadline: Instant,
+        share: Duration,
+    ) -> Option<std::result::Result<Arc<Keeper>, ec::Error>> {
+        let opened = hedge(
+            &self.inner.client,
+            deadline,
+            share,
+            &mut |client: &ec::Client| {
                 let mut leases = client.lease_client();
                 async move { leases.keep_alive(id).await }
-            })
-            .await?;
+            },
+        )
+        .await?;
         Some(opened.map(|(sender, stream)| Arc::new(Keeper::new(sender, stream))))
     }
 
@@ -767,7 +782,10 @@ impl EtcdStore {
                     }
                 }
             };
-            match keeper.keep_alive().await {
+            match self
+                .hedged_keep_alive(id, slot, granted, deadline, &keeper)
+                .await
+            {
                 Ok(ttl) => return Ok(ttl),
                 Err(why) => {
                     // The stream broke (a member went away, say): open another, at once
@@ -778,6 +796,59 @@ impl EtcdStore {
                     }
                 }
             }
+        }
+    }
+
+    /// One keep-alive on `keeper`, hedged like reads: if no reply came after a share of the
+    /// request timeout (at most a fifth of the lease's TTL: the stream's member may be
+    /// silent, paused or its packets lost, and the keep-alive matters within the TTL), a new
+    /// stream is opened (on any member, itself hedged) and the first answer wins; the new
+    /// stream replaces the cached one.
+    async fn hedged_keep_alive(
+        &self,
+        id: LeaseId,
+        slot: &tokio::sync::Mutex<Option<Arc<Keeper>>>,
+        granted: Option<Duration>,
+        deadline: Instant,
+        keeper: &Arc<Keeper>,
+    ) -> KeeperReply {
+        let share = self.inner.options.request_timeout / HEDGES as u32;
+        let share = granted.map_or(share, |ttl| share.min(ttl / 5));
+        let reply = keeper.keep_alive();
+        tokio::pin!(reply);
+        tokio::select! {
+            r = &mut reply => return r,
+            _ = sleep(share) => {}
+        }
+        tracing::debug!(lease = %format_args!("{id:x}"), "no keep-alive reply yet; opening another stream");
+        let fresh = self.open_keeper_within(id, deadline, share);
+        tokio::pin!(fresh);
+        let opened = tokio::select! {
+            r = &mut reply => return r,
+            opened = &mut fresh => opened,
+        };
+        match opened {
+            Some(Ok(fresh)) => {
+                {
+                    let mut cached = slot.lock().await;
+                    if cached
+                        .as_ref()
+                        .is_none_or(|c| Arc::ptr_eq(c, keeper) || c.is_closed())
+                    {
+                        *cached = Some(fresh.clone());
+                    }
+                }
+                // Opening the stream renewed the lease (see `keep_alive_once`).
+                if granted.is_some() {
+                    return Ok(granted);
+                }
+                tokio::select! {
+                    r = &mut reply => r,
+                    r = fresh.keep_alive() => r,
+                }
+            }
+            Some(Err(e)) if is_lease_not_found(&e) => Ok(None),
+            _ => reply.await,
         }
     }
 
