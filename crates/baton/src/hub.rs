@@ -797,6 +797,14 @@ mod tests {
     use super::*;
     use crate::store::slow::SlowWatches;
 
+    /// A runtime of its own, for tests of a client used from more than one.
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// A shared watch is opened from the store's next write: a waiter that read before the
     /// latest write is told to read again (no sweep to wait for, no gap), and once it has
     /// read at the current revision it is woken by the next delete, and only by a delete.
@@ -1109,26 +1117,20 @@ mod tests {
     /// held up by it (it is told to read again), and a new shared watch can be opened.
     #[test]
     fn an_open_dropped_with_its_runtime_blocks_nobody() {
-        let current = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
         let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
             "mem",
             Duration::from_millis(200),
             Duration::ZERO,
         ));
         let hub = Arc::new(Hub::default());
-        let first = current();
+        let first = current_thread();
         first.block_on(async {
             hub.open_soon(&store, b"q/");
             // The open's task is creating its watch (200 ms) when its runtime goes.
             tokio::time::sleep(Duration::from_millis(20)).await;
         });
         drop(first);
-        current().block_on(async {
+        current_thread().block_on(async {
             let read_at = store.put(b"q/a", b"", 0).await.unwrap();
             store.put(b"q/b", b"", 0).await.unwrap();
             let answer = tokio::time::timeout(
@@ -1147,13 +1149,7 @@ mod tests {
     /// hooked holder still hears of its key's delete.
     #[test]
     fn a_watch_dropped_with_its_runtime_tells_its_waiters() {
-        let current = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let (holder_rt, watch_rt) = (current(), current());
+        let (holder_rt, watch_rt) = (current_thread(), current_thread());
         let client = crate::Client::memory();
         // The holder's first two holds, on the holder's runtime, note the prefix; the shared
         // watch is then opened on the other runtime, whose task feeds it.
