@@ -152,6 +152,13 @@ pub enum Error {
     #[error("store error: {0}")]
     Store(String),
 
+    /// The backend could not serve the request for now: the connection was lost or refused,
+    /// the server is still loading its data, or the cluster has no leader. Retryable: the
+    /// same call may succeed once the backend is back. As with [`Error::Store`] and
+    /// [`Error::Timeout`], a write that failed this way may or may not have been applied.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+
     /// Redlock could not get a majority of its independent masters in time: too many were
     /// unreachable or failed, or the acquisition took longer than the lock's validity. What
     /// had been taken was released. (A lock held by another owner gives [`Error::Locked`].)
@@ -242,6 +249,7 @@ impl Error {
             Error::Timeout { .. }
                 | Error::Connect { .. }
                 | Error::Store(_)
+                | Error::Unavailable(_)
                 | Error::Conflict { .. }
                 | Error::NoQuorum { .. }
         )

@@ -31,9 +31,6 @@ static INSPECT: LazyLock<Script> =
 /// unreachable Redlock minority does not slow every acquisition down.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Marks the message of a [`Error::Store`] for a transient failure (see [`is_transient`]).
-const UNAVAILABLE: &str = ": unavailable: ";
-
 /// True for a failure that reconnecting (or waiting a moment) can cure: the connection was
 /// lost, refused or timed out, or the server is loading its data or has no master.
 fn is_transient_redis(e: &redis::RedisError) -> bool {
@@ -54,14 +51,13 @@ fn is_transient_redis(e: &redis::RedisError) -> bool {
 
 /// True if a node's call failed in a way that trying again later can cure: no connection
 /// ([`Error::Connect`]), no answer in time ([`Error::Timeout`]), or a lost connection or a
-/// server still loading its data. Never for refused credentials or permissions, nor for a
+/// server still loading its data ([`Error::Unavailable`]). Never for refused credentials or permissions, nor for a
 /// script's error (a key of the wrong type, say).
 pub(crate) fn is_transient(e: &Error) -> bool {
-    match e {
-        Error::Connect { .. } | Error::Timeout { .. } => true,
-        Error::Store(m) => m.contains(UNAVAILABLE),
-        _ => false,
-    }
+    matches!(
+        e,
+        Error::Connect { .. } | Error::Timeout { .. } | Error::Unavailable(_)
+    )
 }
 
 /// The keys and channel one lock (or election) uses.
@@ -374,7 +370,7 @@ impl Node {
     fn store_error(&self, e: &redis::RedisError) -> Error {
         self.access_error(e).unwrap_or_else(|| {
             if is_transient_redis(e) {
-                Error::Store(format!("redis {}{UNAVAILABLE}{e}", self.display))
+                Error::Unavailable(format!("redis {}: {e}", self.display))
             } else {
                 Error::Store(format!("redis {}: {e}", self.display))
             }
@@ -682,5 +678,40 @@ impl Node {
             ver: num(rest.get(1)),
             value: rest.get(2).cloned().unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::RedisNode;
+
+    /// A lost or refused connection is [`Error::Unavailable`] (which waiters retry); a
+    /// script's error is a plain [`Error::Store`] (which they do not).
+    #[test]
+    fn connection_failures_are_unavailable_and_script_errors_are_not() {
+        let node = Node::new(
+            &RedisNode::from("127.0.0.1:1"),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        let e = node.store_error(&refused);
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(is_transient(&e) && e.is_retryable());
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+
+        let wrong_type = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ));
+        let e = node.store_error(&wrong_type);
+        assert!(matches!(e, Error::Store(_)), "{e}");
+        assert!(!is_transient(&e));
     }
 }

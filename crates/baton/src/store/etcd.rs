@@ -38,9 +38,11 @@
 //! values, except: an unknown lease gives [`Error::LeaseNotFound`], a request that is too
 //! large (or a lease TTL or revision out of range) gives [`Error::InvalidArgument`], a
 //! compacted revision gives [`Error::Compacted`], a request the user's roles do not allow
-//! gives [`Error::PermissionDenied`], and credentials etcd refuses give
-//! [`Error::Unauthenticated`]. None of these is retried, and no message contains a password
-//! or a token.
+//! gives [`Error::PermissionDenied`], credentials etcd refuses give
+//! [`Error::Unauthenticated`], and a member that is unreachable, lost its connection or
+//! reports itself unavailable (no leader, say) gives [`Error::Unavailable`]. Only that last
+//! kind is retried, and only as the list above says. No message contains a password or a
+//! token.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1700,6 +1702,7 @@ fn map_err(operation: &'static str, e: ec::Error, lease: LeaseId) -> Error {
         ec::Error::InvalidArgs(_) | ec::Error::InvalidUri(_) => {
             Error::InvalidArgument(format!("{operation}: {text}"))
         }
+        _ if is_transient(&e) => Error::Unavailable(format!("{operation}: {text}")),
         _ => Error::Store(format!("{operation}: {text}")),
     }
 }
@@ -1727,7 +1730,27 @@ mod tests {
         let broken = ec::Error::WatchError("channel closed".into());
         assert!(is_transient(&broken));
         assert!(!is_unsent(&broken));
-        assert!(map_err("watch", broken, 0).is_retryable());
+        assert!(matches!(
+            map_err("watch", broken, 0),
+            Error::Unavailable(ref m) if m.starts_with("watch: ")
+        ));
+        let no_leader = ec::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: no leader"));
+        let e = map_err("put", no_leader, 0);
+        assert!(
+            matches!(e, Error::Unavailable(_)) && e.is_retryable(),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "backend unavailable: put: etcdserver: no leader"
+        );
+        let refused = ec::Error::GRpcStatus(tonic::Status::failed_precondition(
+            "etcdserver: requested lease not found",
+        ));
+        assert!(matches!(
+            map_err("put", refused, 0),
+            Error::LeaseNotFound(_)
+        ));
     }
 
     #[test]
