@@ -1444,6 +1444,99 @@ async fn a_client_outlives_the_runtime_of_its_first_lock() {
     other.close().await.unwrap();
 }
 
+/// A hold on one runtime, whose watchdog the client's launcher (started by a lock on another
+/// runtime) would start on that other runtime, which is then shut down while the hold lives:
+/// the hold must keep its key alive, as if the other runtime had never existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_outlives_the_runtime_that_launched_the_watchdogs() {
+    let server = RedisServer::start_async().await;
+    let url = server.url();
+    let ttl = Duration::from_millis(600);
+    let shared = builder(&url, ttl).connect().await.unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+
+    // Runtime B: the client's first hold, so the watchdog launcher runs there.
+    let on_b = shared.clone();
+    let b_name = unique("launcher-runtime");
+    let b = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let guard = on_b.lock(&b_name).unwrap().lock().await.unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.await;
+            guard.unlock().await.unwrap();
+        });
+        drop(rt);
+    });
+    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
+        .await
+        .unwrap();
+
+    // Runtime A (this test's): a hold whose watchdog is due after B's launcher started.
+    let guard = shared.lock(&unique("hold")).unwrap().lock().await.unwrap();
+    tokio::time::sleep(ttl / 2).await;
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || b.join().unwrap())
+        .await
+        .unwrap();
+
+    // B is gone. The hold outlives its TTL several times over.
+    let mut conn = raw(&url).await;
+    tokio::select! {
+        _ = guard.lost() => panic!("lost: {:?}", guard.lost_reason()),
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+    }
+    assert_eq!(
+        get(&mut conn, guard.key()).await.as_deref(),
+        Some(guard.token()),
+        "the key expired under a live hold"
+    );
+    assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+    guard.unlock().await.unwrap();
+    shared.close().await.unwrap();
+}
+
+/// A hold acquired on a runtime that is then shut down while its guard lives on elsewhere:
+/// nothing extends its key any more, so `lost()` must fire at once, not never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_runtime_shuts_down_is_lost_at_once() {
+    let server = RedisServer::start_async().await;
+    let url = server.url();
+    let ttl = Duration::from_millis(900);
+    let shared = builder(&url, ttl).connect().await.unwrap();
+    let on_b = shared.clone();
+    let name = unique("runtime-gone");
+    // Runtime B acquires, keeps the guard past its watchdog's launch (TTL/6), hands it out.
+    let guard = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let guard = rt.block_on(async move {
+            let guard = on_b.lock(&name).unwrap().lock().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            guard
+        });
+        drop(rt);
+        guard
+    })
+    .await
+    .unwrap();
+    let gone = Instant::now();
+    tokio::time::timeout(Duration::from_millis(200), guard.lost())
+        .await
+        .expect("lost() did not fire after the hold's runtime shut down");
+    assert!(gone.elapsed() < Duration::from_millis(200));
+    let reason = guard.lost_reason().unwrap();
+    assert!(reason.contains("runtime"), "{reason}");
+    drop(guard);
+    shared.close().await.unwrap();
+}
+
 /// A waiter blocked in `lock()` while the server restarts (without persistence: the
 /// holder's key is gone) gets the lock, instead of failing on the broken connection.
 async fn waiter_survives_a_restart(fifo: bool) {

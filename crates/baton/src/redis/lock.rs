@@ -579,7 +579,10 @@ async fn acquire_fifo(
 ///
 /// While the guard lives, the watchdog extends the key every TTL/3 (unless the client was
 /// built [`without_watchdog`](super::RedisClientBuilder::without_watchdog)), and
-/// [`lost()`](RedisLockGuard::lost) fires if the lock stops being ours.
+/// [`lost()`](RedisLockGuard::lost) fires if the lock stops being ours. The watchdog is a
+/// task on the tokio runtime the lock was acquired on: if that runtime shuts down while the
+/// guard lives on (moved to another runtime), nothing extends the key any more, and the
+/// guard is lost at once.
 ///
 /// # Drop behaviour
 ///

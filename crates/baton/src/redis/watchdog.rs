@@ -23,6 +23,10 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Why a hold is lost when its local deadline passes.
 const DEADLINE_PASSED: &str = "the local deadline passed without a successful extend";
 
+/// Why a hold is lost when the runtime it was acquired on shut down under it.
+const RUNTIME_GONE: &str =
+    "the tokio runtime the lock was acquired on, which ran its watchdog, was shut down";
+
 /// What a guard and its watchdog share.
 #[derive(Debug)]
 pub(crate) struct HoldState {
@@ -44,6 +48,9 @@ pub(crate) struct HoldState {
     started_at: Instant,
     /// The first extend is due this long after `started_at`: a third of the key's TTL.
     first_extend: Duration,
+    /// The runtime the hold was acquired on, which runs its watchdog (whichever runtime
+    /// the client's launcher runs on).
+    runtime: Option<tokio::runtime::Handle>,
     state: StdMutex<State>,
 }
 
@@ -155,6 +162,7 @@ impl Hold {
             poke: Notify::new(),
             started_at: start,
             first_extend: ttl / 3,
+            runtime: tokio::runtime::Handle::try_current().ok(),
             state: StdMutex::new(State { reason: None }),
         });
         client
@@ -314,6 +322,37 @@ impl Drop for Hold {
     }
 }
 
+/// Start `state`'s watchdog on the runtime the hold was acquired on. If that runtime is
+/// shut down while the hold lives (the task is dropped unfinished), the hold is lost: no
+/// task extends its key any more, and its `lost()` and `lost_token()` must say so now
+/// rather than never.
+fn spawn_watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Option<Duration>) {
+    struct Orphaned(Arc<HoldState>);
+    impl Drop for Orphaned {
+        fn drop(&mut self) {
+            if !self.0.is_done() {
+                self.0.mark_lost(RUNTIME_GONE);
+            }
+        }
+    }
+    let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
+    let runtime = state
+        .runtime
+        .clone()
+        .or_else(|| tokio::runtime::Handle::try_current().ok());
+    let orphaned = Orphaned(state.clone());
+    let task = async move {
+        let _orphaned = orphaned;
+        watchdog(client, state, interval).await;
+    }
+    .instrument(span);
+    match runtime {
+        Some(runtime) => drop(runtime.spawn(task)),
+        // No runtime at all: dropping the task marks the hold lost.
+        None => drop(task),
+    }
+}
+
 /// Extend every `interval` (if any) until stopped or lost; declare the hold lost when an
 /// extend says the key is not ours, or when the local deadline passes.
 async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Option<Duration>) {
@@ -381,9 +420,10 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
 /// The launcher sleeps until the earliest launch time among the holds it has (at most
 /// TTL/6); a hold added with an earlier one (a hand-off's short grant) wakes it.
 ///
-/// The task runs on the runtime of the hold that started it. If that runtime is shut down
-/// (a client shared between runtimes), the task ends with it: the next hold starts a new
-/// one on its own runtime, which takes over the holds still pending.
+/// Each watchdog runs on the runtime its hold was acquired on; the launcher task runs on the
+/// runtime of the hold that started it. If that runtime is shut down (a client shared
+/// between runtimes), the task ends with it: the holds still pending get their watchdogs at
+/// once, each on its own runtime, and the next hold starts a new launcher on its runtime.
 #[derive(Debug, Default)]
 pub(crate) struct Launcher {
     pending: StdMutex<Pending>,
@@ -404,6 +444,9 @@ struct Pending {
     /// The launcher task, once started: a new one is started if it has ended (its runtime
     /// was shut down).
     task: Option<tokio::task::JoinHandle<()>>,
+    /// A hold is starting the launcher task (outside the lock: a spawn on a runtime that is
+    /// shutting down drops the task at once, and the task's drop takes the lock).
+    starting: bool,
     /// Purge released holds from `holds` when it reaches this length.
     purge_at: usize,
 }
@@ -414,6 +457,7 @@ impl Default for Pending {
             holds: Vec::new(),
             wakes_at: None,
             task: None,
+            starting: false,
             purge_at: PURGE_AT,
         }
     }
@@ -436,24 +480,32 @@ impl Launcher {
     /// again (on the current runtime) if it has ended with the runtime it ran on.
     fn add(&self, client: &Arc<ClientInner>, state: Arc<HoldState>) {
         let launch_at = state.launch_at();
-        let earlier = {
+        let runtime = state.runtime.clone();
+        let (earlier, start) = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.holds.len() >= pending.purge_at {
                 pending.holds.retain(|s| !s.is_done());
                 pending.purge_at = (pending.holds.len() * 2).max(PURGE_AT);
             }
             pending.holds.push(state);
-            if pending.task.as_ref().is_none_or(|t| t.is_finished()) {
+            let start = runtime.is_some()
+                && !pending.starting
+                && pending.task.as_ref().is_none_or(|t| t.is_finished());
+            if start {
                 // Its `wakes_at` died with it.
                 pending.wakes_at = None;
-                let span = tracing::debug_span!("watchdog-launcher");
-                let wake = self.wake.clone();
-                pending.task = Some(tokio::spawn(
-                    launch(Arc::downgrade(client), wake).instrument(span),
-                ));
+                pending.starting = true;
             }
-            pending.wakes_at.is_some_and(|at| launch_at < at)
+            (pending.wakes_at.is_some_and(|at| launch_at < at), start)
         };
+        if let (true, Some(runtime)) = (start, runtime) {
+            let span = tracing::debug_span!("watchdog-launcher");
+            let task =
+                runtime.spawn(launch(Arc::downgrade(client), self.wake.clone()).instrument(span));
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.task = Some(task);
+            pending.starting = false;
+        }
         if earlier {
             self.wake.notify_one();
         }
@@ -474,6 +526,32 @@ impl Launcher {
 /// next launch time (at most TTL/6), or until a hold with an earlier one is added. Ends
 /// when the client is closed or gone.
 async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
+    /// The launcher's runtime shut down under it: start the pending holds' watchdogs now,
+    /// each on its own runtime (they wait for their first extend), and let the next hold
+    /// start a new launcher.
+    struct Ended(std::sync::Weak<ClientInner>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            let Some(client) = self.0.upgrade() else {
+                return;
+            };
+            let holds = {
+                let mut pending = client
+                    .launcher
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                pending.task = None;
+                pending.wakes_at = None;
+                std::mem::take(&mut pending.holds)
+            };
+            let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+            for state in holds.into_iter().filter(|s| !s.is_done()) {
+                spawn_watchdog(client.clone(), state, interval);
+            }
+        }
+    }
+    let _ended = Ended(client.clone());
     loop {
         let next = {
             let Some(client) = client.upgrade() else {
@@ -508,8 +586,7 @@ async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
                 pending.wakes_at = Some(next);
             }
             for state in due {
-                let span = tracing::debug_span!("watchdog", key = %state.keys.lock);
-                tokio::spawn(watchdog(client.clone(), state, interval).instrument(span));
+                spawn_watchdog(client.clone(), state, interval);
             }
             next
         };
