@@ -37,6 +37,10 @@ const DEADLINE_PASSED: &str = "keep-alives were not acknowledged before the loca
 /// Why an orphaned session is lost (at its local deadline).
 const ORPHANED: &str = "session orphaned: its lease is no longer kept alive";
 
+/// Why a session is lost when the runtime running its keep-alives shuts down under it.
+const RUNTIME_GONE: &str =
+    "the tokio runtime the session was built on, which ran its keep-alives, was shut down";
+
 /// A lease kept alive in the background: the liveness of every lock, permit or candidacy
 /// created through it.
 ///
@@ -53,7 +57,10 @@ const ORPHANED: &str = "session orphaned: its lease is no longer kept alive";
 ///   blocked runtime) learns it at its first call, without waiting for the keep-alive task
 ///   to run. A pause *between* that check and a write is what fencing tokens cover;
 /// - [`close()`](Session::close) was called, or [`orphan()`](Session::orphan) was called and
-///   the local deadline then passed.
+///   the local deadline then passed;
+/// - the tokio runtime the session was built on, which runs its keep-alive task, shut down
+///   while handles to the session live on (in another runtime): nothing keeps the lease
+///   alive any more.
 ///
 /// `Session` is a cheap handle: clones share the lease. Locks and guards hold a clone, so the
 /// lease lives as long as anything uses it.
@@ -237,7 +244,25 @@ impl SessionBuilder {
         tracing::debug!(lease = %format_args!("{:x}", grant.id), ttl = ?grant.ttl, "session started");
         let span = tracing::debug_span!("keep_alive", lease = %format_args!("{:x}", grant.id));
         let hub = inner.client.hub().clone();
-        tokio::spawn(keep_alive(shared, store, hub, sent, interval).instrument(span));
+        // Dropped unfinished (even before its first poll): the runtime shut down under the
+        // task. Nothing keeps the lease alive any more, so the session is lost now rather
+        // than never (its `lost()` and `lost_token()` would wait for a task that is gone).
+        struct Ended(Arc<Shared>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                if !self.0.stop.is_cancelled() && !self.0.lost.is_cancelled() {
+                    self.0.mark_lost(RUNTIME_GONE);
+                }
+            }
+        }
+        let ended = Ended(shared.clone());
+        tokio::spawn(
+            async move {
+                let _ended = ended;
+                keep_alive(shared, store, hub, sent, interval).await;
+            }
+            .instrument(span),
+        );
         Ok(Session { inner })
     }
 }

@@ -185,3 +185,32 @@ async fn unreachable_etcd_fails_within_the_dial_timeout() {
     let err = Client::connect("http//oops").await.unwrap_err();
     assert!(err.is_invalid_input(), "{err}");
 }
+
+/// A session built on a runtime that then shuts down, used from another: its keep-alives
+/// died with that runtime, so it is lost at once, not only when a call finds its deadline
+/// passed (a `lost()` already awaited would never have fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_runtime_shuts_down_is_lost_at_once() {
+    let client = Client::memory();
+    let on_b = client.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = rt.block_on(session(&on_b, Duration::from_secs(30)));
+        drop(rt);
+        s
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_millis(500), s.lost())
+        .await
+        .expect("lost() did not fire after the session's runtime shut down");
+    assert!(s.lost_token().is_cancelled());
+    let reason = s.lost_reason().unwrap();
+    assert!(reason.contains("runtime"), "{reason}");
+    // A session of a live runtime is not affected.
+    let live = session(&client, Duration::from_secs(30)).await;
+    assert!(!live.is_lost());
+}

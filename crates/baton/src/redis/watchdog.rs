@@ -525,33 +525,46 @@ impl Launcher {
 /// Start the watchdogs whose launch time has come, of the holds still held; sleep until the
 /// next launch time (at most TTL/6), or until a hold with an earlier one is added. Ends
 /// when the client is closed or gone.
-async fn launch(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
-    /// The launcher's runtime shut down under it: start the pending holds' watchdogs now,
-    /// each on its own runtime (they wait for their first extend), and let the next hold
-    /// start a new launcher.
-    struct Ended(std::sync::Weak<ClientInner>);
-    impl Drop for Ended {
-        fn drop(&mut self) {
-            let Some(client) = self.0.upgrade() else {
-                return;
-            };
-            let holds = {
-                let mut pending = client
-                    .launcher
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                pending.task = None;
-                pending.wakes_at = None;
-                std::mem::take(&mut pending.holds)
-            };
-            let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
-            for state in holds.into_iter().filter(|s| !s.is_done()) {
-                spawn_watchdog(client.clone(), state, interval);
-            }
+fn launch(
+    client: std::sync::Weak<ClientInner>,
+    wake: Arc<Notify>,
+) -> impl std::future::Future<Output = ()> {
+    // Made now, not at the first poll: the task may be dropped before it ever runs.
+    let ended = LauncherEnded(client.clone());
+    async move {
+        let _ended = ended;
+        launching(client, wake).await;
+    }
+}
+
+/// Dropped when the launcher task ends, also unpolled (its runtime shut down under it, maybe
+/// before it first ran): start the pending holds' watchdogs now, each on its own runtime
+/// (they wait for their first extend), and let the next hold start a new launcher.
+struct LauncherEnded(std::sync::Weak<ClientInner>);
+
+impl Drop for LauncherEnded {
+    fn drop(&mut self) {
+        let Some(client) = self.0.upgrade() else {
+            return;
+        };
+        let holds = {
+            let mut pending = client
+                .launcher
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            pending.task = None;
+            pending.wakes_at = None;
+            std::mem::take(&mut pending.holds)
+        };
+        let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+        for state in holds.into_iter().filter(|s| !s.is_done()) {
+            spawn_watchdog(client.clone(), state, interval);
         }
     }
-    let _ended = Ended(client.clone());
+}
+
+async fn launching(client: std::sync::Weak<ClientInner>, wake: Arc<Notify>) {
     loop {
         let next = {
             let Some(client) = client.upgrade() else {
