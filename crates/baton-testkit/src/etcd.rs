@@ -598,6 +598,24 @@ impl EtcdServer {
         })
     }
 
+    /// The sum of a Prometheus metric over every label set that contains all of `labels`
+    /// (each `key="value"`), such as `grpc_server_handled_total` with
+    /// `grpc_method="LeaseKeepAlive"`: over all its codes. `None` if the member does not
+    /// answer.
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let body = http_get(self.http_port(), "/metrics", Duration::from_secs(1))?;
+        Some(
+            body.lines()
+                .filter_map(|line| {
+                    let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+                    let (set, value) = rest.split_once("} ")?;
+                    let all = labels.iter().all(|l| set.split(',').any(|s| s == *l));
+                    all.then(|| value.trim().parse::<f64>().ok()).flatten()
+                })
+                .sum(),
+        )
+    }
+
     /// True if this member says it is the leader.
     pub fn is_leader(&self) -> bool {
         self.metric("etcd_server_is_leader") == Some(1.0)

@@ -950,3 +950,58 @@ async fn cluster_survives_losing_a_member() {
         failures.load(Ordering::SeqCst)
     );
 }
+
+/// Keep-alive streams open on etcd (started and not yet handled).
+fn open_keep_alive_streams(etcd: &EtcdServer) -> f64 {
+    let method = "grpc_method=\"LeaseKeepAlive\"";
+    let started = etcd.metric_sum("grpc_server_started_total", &[method]);
+    let handled = etcd.metric_sum("grpc_server_handled_total", &[method]);
+    started.unwrap() - handled.unwrap()
+}
+
+/// Poll until etcd has `want` more keep-alive streams open than `before` (within 5 s).
+async fn keep_alive_streams_become(etcd: &EtcdServer, before: f64, want: f64) {
+    let started = Instant::now();
+    loop {
+        let open = open_keep_alive_streams(etcd) - before;
+        if open == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{open} keep-alive streams open, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A session that ends (orphaned, closed or lost) frees its lease's keep-alive stream: 20
+/// orphaned sessions left 20 streams (and 40 tasks) open for the life of the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_sessions_close_their_keep_alive_streams() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let client = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+    let before = open_keep_alive_streams(&etcd);
+    let mut sessions = Vec::new();
+    for _ in 0..20 {
+        let s = baton::Session::builder(&client)
+            .with_ttl(Duration::from_secs(30))
+            .build()
+            .await
+            .unwrap();
+        sessions.push(s);
+    }
+    // Each session's stream is open (it is opened in the background after the grant).
+    keep_alive_streams_become(&etcd, before, 20.0).await;
+    for s in &sessions[..10] {
+        s.orphan();
+    }
+    keep_alive_streams_become(&etcd, before, 10.0).await;
+    for s in &sessions[10..] {
+        s.close().await.unwrap();
+    }
+    keep_alive_streams_become(&etcd, before, 0.0).await;
+}

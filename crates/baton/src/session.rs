@@ -247,15 +247,17 @@ impl SessionBuilder {
         // Dropped unfinished (even before its first poll): the runtime shut down under the
         // task. Nothing keeps the lease alive any more, so the session is lost now rather
         // than never (its `lost()` and `lost_token()` would wait for a task that is gone).
-        struct Ended(Arc<Shared>);
+        // Either way, the store can free what it keeps for the lease's keep-alives.
+        struct Ended(Arc<Shared>, Arc<dyn Store>);
         impl Drop for Ended {
             fn drop(&mut self) {
                 if !self.0.stop.is_cancelled() && !self.0.lost.is_cancelled() {
                     self.0.mark_lost(RUNTIME_GONE);
                 }
+                self.1.lease_keep_alive_done(self.0.lease);
             }
         }
-        let ended = Ended(shared.clone());
+        let ended = Ended(shared.clone(), store.clone());
         tokio::spawn(
             async move {
                 let _ended = ended;

@@ -594,6 +594,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The time a lease has left, or `None` if it does not exist.
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>>;
 
+    /// This process stops keeping lease `id` alive (its session was closed, orphaned or
+    /// lost): free what the store keeps for its keep-alives (on etcd, the lease's
+    /// keep-alive stream and its reader task). The lease itself is not touched; a later
+    /// [`lease_keep_alive`](Store::lease_keep_alive) sets them up again. Does nothing by
+    /// default.
+    fn lease_keep_alive_done(&self, id: LeaseId) {
+        let _ = id;
+    }
+
     /// Watch keys. The stream is registered before this returns.
     async fn watch(&self, watch: Watch) -> Result<WatchStream>;
 

@@ -648,13 +648,24 @@ impl EtcdStore {
         (entry.slot.clone(), entry.granted)
     }
 
-    /// Remember the TTL granted to a new lease, for its first keep-alive.
+    /// Remember the TTL granted to a new lease, for its first keep-alive. Closes streams of
+    /// leases nobody refreshed for a long time.
     fn granted(&self, id: LeaseId, ttl: Duration) {
-        lock_unpoisoned(&self.inner.keepers).insert(
+        let now = Instant::now();
+        let mut keepers = lock_unpoisoned(&self.inner.keepers);
+        // Sessions forget their lease's stream when they end; this is the backstop, run at
+        // each power of two so that it costs O(1) per grant.
+        if keepers.len() >= 64 && keepers.len().is_power_of_two() {
+            keepers.retain(|_, entry| {
+                now.duration_since(entry.last_used) < KEEPER_IDLE
+                    || Arc::strong_count(&entry.slot) > 1
+            });
+        }
+        keepers.insert(
             id,
             KeeperEntry {
                 slot: Arc::new(tokio::sync::Mutex::new(None)),
-                last_used: Instant::now(),
+                last_used: now,
                 granted: Some(ttl),
             },
         );
@@ -1115,6 +1126,10 @@ impl Store for EtcdStore {
                 })
             }
         }
+    }
+
+    fn lease_keep_alive_done(&self, id: LeaseId) {
+        self.forget_keeper(id);
     }
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<()> {

@@ -223,6 +223,10 @@ impl Store for NamespaceStore {
         self.inner.lease_revoke(id).await
     }
 
+    fn lease_keep_alive_done(&self, id: LeaseId) {
+        self.inner.lease_keep_alive_done(id);
+    }
+
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
         self.inner.lease_time_to_live(id).await
     }
