@@ -40,7 +40,11 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// lease (at most its TTL after its last keep-alive):
 /// - **before the barrier opens**, it no longer counts: the others keep waiting for
 ///   `count` live participants, so the barrier opens when a replacement enters (bound the
-///   wait with [`enter_timeout`](DoubleBarrier::enter_timeout));
+///   wait with [`enter_timeout`](DoubleBarrier::enter_timeout)). The write that opens the
+///   barrier checks that each of the round's participants is still there, so one that
+///   leaves just before it is not counted either (for rounds of up to 127 participants:
+///   etcd's limit on a transaction's compares; in a larger round, only the first 127 are
+///   checked);
 /// - **after it opened**, it counts as having left: the others' `leave()` returns once its
 ///   lease has expired, never later.
 ///
@@ -289,10 +293,23 @@ impl DoubleBarrier {
                     }
                 }
                 None if members.len() >= self.count as usize => {
-                    // The round is the first `count` keys now: say which is its last.
-                    let last = members[self.count as usize - 1].create_revision;
+                    // The round is the first `count` keys now: say which is its last. Each
+                    // of them must still be there when `ready` is written (one may leave
+                    // between our read and this write, and must not be counted), as far as
+                    // etcd's limit on a transaction's compares allows; if one has gone, the
+                    // write fails and the next read sees who is left.
+                    let round = &members[..self.count as usize];
+                    let last = round[round.len() - 1].create_revision;
+                    let present = round.iter().take(MAX_GUARDED).map(|kv| {
+                        Compare::create_revision(
+                            kv.key.clone(),
+                            CompareOp::Equal,
+                            kv.create_revision,
+                        )
+                    });
                     let txn = Txn::new()
                         .when([Compare::create_revision(ready, CompareOp::Equal, 0)])
+                        .when(present)
                         .and_then([TxnOp::put(ready, last.to_string(), 0)]);
                     if let Err(e) = store.txn(txn).await {
                         waiter.retry(e).await?;
@@ -307,6 +324,11 @@ impl DoubleBarrier {
         }
     }
 }
+
+/// How many of a round's participants the write of `NAME/ready` checks are still there:
+/// etcd allows 128 compares in a transaction (`--max-txn-ops`), one of which checks
+/// `ready` itself.
+const MAX_GUARDED: usize = 127;
 
 /// A participant inside a [`DoubleBarrier`]. Leave with
 /// [`leave()`](DoubleBarrierGuard::leave).
@@ -513,6 +535,63 @@ mod tests {
             .await
             .expect_err("entered with one participant of two");
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    }
+
+    /// A participant that leaves between another's read of the participants and its write
+    /// of `ready` must not be counted: the barrier must not open with one live participant
+    /// of two.
+    #[tokio::test]
+    async fn a_participant_gone_just_before_ready_is_written_is_not_counted() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let (a, b) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let in_b = DoubleBarrier::new(&b, "db", 2).unwrap();
+        let b_key = in_b.key.clone();
+        let b_enter = tokio::spawn(async move { in_b.enter().await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // B's key goes right before A writes `ready` (after A read both keys).
+        *store.before_txn_putting.lock().unwrap() = Some((
+            b"db/ready".to_vec(),
+            Txn::new().and_then([TxnOp::delete(b_key.as_bytes())]),
+        ));
+        let in_a = DoubleBarrier::new(&a, "db", 2).unwrap();
+        let entered = in_a.enter_timeout(Duration::from_millis(300)).await;
+        assert!(
+            store.before_txn_putting.lock().unwrap().is_none(),
+            "the trap did not spring"
+        );
+        match entered {
+            Err(Error::Timeout { .. }) => {}
+            Ok(g) => panic!("entered a barrier of 2 alone (round {})", g.round()),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        assert!(b_enter.await.unwrap().is_err(), "B entered without its key");
+        // Once A's timed-out key is gone (removed in the background), two others enter
+        // together and leave together.
+        let started = tokio::time::Instant::now();
+        while !client
+            .store()
+            .range(Range::prefix("db/"))
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+        {
+            assert!(started.elapsed() < Duration::from_secs(5), "A's key stayed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let c = Session::new(&client).await.unwrap();
+        let in_a = DoubleBarrier::new(&a, "db", 2).unwrap();
+        let in_c = DoubleBarrier::new(&c, "db", 2).unwrap();
+        let (ga, gc) = tokio::join!(in_a.enter(), in_c.enter());
+        let (ga, gc) = (ga.unwrap(), gc.unwrap());
+        let (la, lc) = tokio::join!(ga.leave(), gc.leave());
+        la.unwrap();
+        lc.unwrap();
     }
 
     #[tokio::test]

@@ -33,6 +33,8 @@ pub(crate) struct SlowWatches {
     /// A transaction applied just before the next transaction: another client's write
     /// that lands between a read and the transaction that relies on it.
     pub(crate) before_next_txn: StdMutex<Option<Txn>>,
+    /// A transaction applied just before the next transaction that puts this key (once).
+    pub(crate) before_txn_putting: StdMutex<Option<(Vec<u8>, Txn)>>,
     /// Fail the next lease revoke, as a store that does not answer in time.
     pub(crate) fail_next_revoke: std::sync::atomic::AtomicBool,
     /// Transactions that delete land this long after they are sent, even if the caller has
@@ -60,6 +62,7 @@ impl SlowWatches {
             created_from_now: AtomicU64::new(0),
             delete_before_scan: StdMutex::new(None),
             before_next_txn: StdMutex::new(None),
+            before_txn_putting: StdMutex::new(None),
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
             delay_deletes: StdMutex::new(None),
             lose_next_reply: std::sync::atomic::AtomicBool::new(false),
@@ -130,6 +133,27 @@ impl Store for SlowWatches {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        if let Some(first) = first {
+            self.inner.txn(first).await?;
+        }
+        let first = {
+            let mut trap = self
+                .before_txn_putting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let puts = |key: &[u8]| {
+                txn.success
+                    .iter()
+                    .any(|op| matches!(op, TxnOp::Put { key: k, .. } if k.as_slice() == key))
+            };
+            match trap.take() {
+                Some((key, first)) if puts(&key) => Some(first),
+                other => {
+                    *trap = other;
+                    None
+                }
+            }
+        };
         if let Some(first) = first {
             self.inner.txn(first).await?;
         }
