@@ -280,9 +280,11 @@ impl Election {
     /// Observe election `name` without a session.
     ///
     /// The stream yields the leader when it starts (if there is one), then every change:
-    /// a new value proclaimed by the leader, or a new leader. It waits quietly while there is
-    /// no leader. It survives compaction and broken connections by reading the leader again,
-    /// and never yields the same (leader, value) twice in a row. It ends only when dropped.
+    /// each value proclaimed by the leader (a proclamation of an unchanged value too, as
+    /// Go's `Observe` does: it is a new write), or a new leader. It waits quietly while there
+    /// is no leader. It survives compaction and broken connections by reading the leader
+    /// again, and never yields the same proclamation twice (a read again after a reconnect
+    /// yields nothing new). It ends only when dropped.
     ///
     /// Fails at once with [`Error::InvalidArgument`] for a bad name.
     pub fn observe_with(client: &Client, name: &str) -> Result<Observe> {
@@ -546,6 +548,40 @@ mod tests {
     use super::*;
     use crate::store::{KeyRange, Txn, TxnOp};
     use futures::StreamExt;
+
+    async fn next_within(o: &mut Observe) -> Option<Leader> {
+        tokio::time::timeout(Duration::from_millis(300), o.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A proclamation of an unchanged value is a new write, and is observed (as with Go's
+    /// `Observe`); a re-read yields nothing new.
+    #[tokio::test]
+    async fn observe_yields_each_proclamation_even_of_the_same_value() {
+        let client = Client::memory();
+        let session = Session::new(&client).await.unwrap();
+        let election = Election::new(&session, "e").unwrap();
+        let mut leading = election.campaign("A").await.unwrap();
+        let mut observed = election.observe();
+        let first = next_within(&mut observed)
+            .await
+            .expect("the leader at the start");
+        leading.proclaim("A").await.unwrap();
+        let again = next_within(&mut observed)
+            .await
+            .expect("the same value proclaimed again");
+        assert_eq!(
+            (first.value.as_slice(), again.value.as_slice()),
+            (&b"A"[..], &b"A"[..])
+        );
+        assert!(again.mod_revision > first.mod_revision);
+        assert!(
+            next_within(&mut observed).await.is_none(),
+            "yielded with no new write"
+        );
+    }
 
     /// Two candidates' keys created by one transaction share their revisions: when the first
     /// goes, the second is a new leader, and the observer reports it.

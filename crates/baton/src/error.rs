@@ -71,8 +71,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// The lock (or leadership) is no longer ours: its key was deleted or replaced.
-    #[error("lock {key:?} is no longer held")]
+    /// What we held is no longer ours: its key (a lock's, a candidate's, a semaphore
+    /// permit's, a barrier participant's, ...) was deleted or replaced.
+    #[error("key {key:?} is no longer held")]
     NotHeld {
         /// The key that was held.
         key: String,

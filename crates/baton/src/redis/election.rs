@@ -155,8 +155,9 @@ impl RedisElection {
 
     /// A stream of leaders: the current one (if any), its proclaimed values, and each new
     /// leader. It waits quietly while there is no leader (a plain lock holder of the same
-    /// name is none), never yields the same (leader, value) twice in a row, and ends when
-    /// the client is closed or the stream is dropped.
+    /// name is none), never yields the same proclamation twice (a proclamation of an
+    /// unchanged value is a new one, and is yielded), and ends when the client is closed or
+    /// the stream is dropped.
     ///
     /// Changes arrive by pub/sub; each wake-up reads the record, so the stream yields the
     /// **latest** state, not every step: values proclaimed in quick succession (faster than
