@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::names::{lease_key, validate_name, Queue};
+use crate::names::{lease_key, validate_name, validate_value, Queue};
 use crate::queue::{held_accessors, with_timeout, Entry, Held};
 use crate::session::Session;
 use crate::store::{
@@ -147,13 +147,15 @@ impl Election {
     ///
     /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
     /// [`Error::NotHeld`] if our candidate key vanished: a candidate is never told it leads
-    /// when it does not (Go's `Campaign` is).
+    /// when it does not (Go's `Campaign` is). A value over 1 MiB fails at once with
+    /// [`Error::InvalidArgument`].
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future withdraws the candidacy (our key is deleted).
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
         let value = value.into();
+        validate_value(&value)?;
         self.run_campaign(value)
             .instrument(tracing::debug_span!("campaign", election = %self.name))
             .await
@@ -502,13 +504,15 @@ impl Leadership {
 
     /// Publish a new value, only while we still lead (guarded by our key's create revision).
     ///
-    /// Fails with [`Error::NotLeader`] if we no longer lead.
+    /// Fails with [`Error::NotLeader`] if we no longer lead, and at once with
+    /// [`Error::InvalidArgument`] for a value over 1 MiB.
     ///
     /// # Cancel safety
     ///
     /// The value may or may not have been published if the future is dropped.
     pub async fn proclaim(&mut self, value: impl Into<Vec<u8>>) -> Result<()> {
         let value = value.into();
+        validate_value(&value)?;
         let put = TxnOp::put(
             self.key().as_bytes(),
             value.clone(),
@@ -581,6 +585,22 @@ mod tests {
             next_within(&mut observed).await.is_none(),
             "yielded with no new write"
         );
+    }
+
+    /// A value over the size limit is refused before any call, by campaign and proclaim
+    /// alike (the embedded store would take it; etcd would not).
+    #[tokio::test]
+    async fn oversized_values_are_refused() {
+        let client = Client::memory();
+        let session = Session::new(&client).await.unwrap();
+        let election = Election::new(&session, "big").unwrap();
+        let huge = vec![b'x'; crate::names::MAX_VALUE_LEN + 1];
+        let err = election.campaign(huge.clone()).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        let mut leading = election.campaign("small").await.unwrap();
+        let err = leading.proclaim(huge).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert_eq!(election.leader().await.unwrap().value, b"small");
     }
 
     /// Two candidates' keys created by one transaction share their revisions: when the first
