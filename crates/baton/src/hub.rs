@@ -443,14 +443,16 @@ impl Hub {
                 continue;
             }
             let (hub, store, key) = (self.clone(), store.clone(), prefix.to_vec());
+            // Also when the task is dropped unfinished, even before it first ran (its runtime
+            // shut down): an entry left in `opening` would make every later wait on the
+            // prefix wait for it. So the guard is made here, not in the task.
+            let ended = OpenEnded {
+                hub: hub.clone(),
+                prefix: key.clone(),
+                notify,
+            };
             let opened = tokio::spawn(async move {
-                // Also when the task is dropped unfinished (its runtime shut down): an entry
-                // left in `opening` would make every later wait on the prefix wait for it.
-                let _ended = OpenEnded {
-                    hub: hub.clone(),
-                    prefix: key.clone(),
-                    notify,
-                };
+                let _ended = ended;
                 hub.open(&store, &key, None).await
             });
             return match opened.await {
@@ -502,15 +504,14 @@ impl Hub {
             .insert(prefix.to_vec(), pw.clone());
         drop(replaced);
         let span = tracing::debug_span!("prefix_watch", prefix = %String::from_utf8_lossy(prefix));
-        tokio::spawn(
-            run(
-                Arc::downgrade(self),
-                prefix.to_vec(),
-                Arc::downgrade(&pw),
-                stream,
-            )
-            .instrument(span),
-        );
+        // However the task ends (its loop breaks, it panics, or it is dropped with its
+        // runtime, even before it first ran), the watch is marked dead and its waiters told.
+        let dead_at_end = DeadAtEnd {
+            hub: Arc::downgrade(self),
+            prefix: prefix.to_vec(),
+            pw: Arc::downgrade(&pw),
+        };
+        tokio::spawn(run(dead_at_end, Arc::downgrade(&pw), stream).instrument(span));
         Ok(pw)
     }
 }
@@ -546,19 +547,8 @@ fn prune(st: &mut State) {
 }
 
 /// Feed one prefix watch's events to its waiters until it breaks or goes idle.
-async fn run(
-    hub: Weak<Hub>,
-    prefix: Vec<u8>,
-    pw: Weak<PrefixWatch>,
-    mut stream: crate::store::WatchStream,
-) {
-    // However this ends (the loop below breaks, the task is dropped with its runtime, or it
-    // panics), the watch is marked dead and its waiters told.
-    let _dead_at_end = DeadAtEnd {
-        hub,
-        prefix,
-        pw: pw.clone(),
-    };
+async fn run(dead_at_end: DeadAtEnd, pw: Weak<PrefixWatch>, mut stream: crate::store::WatchStream) {
+    let _dead_at_end = dead_at_end;
     let mut idle_check = tokio::time::interval(IDLE);
     idle_check.tick().await;
     let mut idle_ticks = 0u32;
@@ -1139,6 +1129,35 @@ mod tests {
             )
             .await
             .expect("wait_delete waited for an open that will never end");
+            assert_eq!(answer.unwrap(), (0, Woken::Reread));
+            assert!(hub.is_live(b"q/"), "a new shared watch was opened");
+        });
+    }
+
+    /// The same, when the open's task is dropped before it ever ran: its runtime went right
+    /// after the caller started it (the caller gave up at once).
+    #[test]
+    fn an_open_dropped_before_it_ran_blocks_nobody() {
+        let store: Arc<dyn Store> =
+            Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let hub = Arc::new(Hub::default());
+        let first = current_thread();
+        first.block_on(async {
+            // One poll: the open is registered and its task spawned, then the caller gives up
+            // before the runtime runs that task.
+            let gave_up = futures::FutureExt::now_or_never(hub.open_from_now(&store, b"q/"));
+            assert!(gave_up.is_none());
+        });
+        drop(first);
+        current_thread().block_on(async {
+            let read_at = store.put(b"q/a", b"", 0).await.unwrap();
+            store.put(b"q/b", b"", 0).await.unwrap();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(3),
+                hub.wait_delete(&store, b"q/", &[b"q/a"], read_at),
+            )
+            .await
+            .expect("wait_delete waited for an open that never ran");
             assert_eq!(answer.unwrap(), (0, Woken::Reread));
             assert!(hub.is_live(b"q/"), "a new shared watch was opened");
         });
