@@ -466,6 +466,9 @@ async fn leases_grant_keep_alive_revoke() {
         .unwrap_err();
     eprintln!("TTL too large: {err}");
     assert!(err.is_invalid_input(), "{err:?}");
+    // The largest Duration is refused too (its whole seconds, rounded up, overflowed).
+    let err = store.lease_grant(Duration::MAX).await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
 
     let lease = rounded.id;
     store.put(b"leased", b"v", lease).await.unwrap();

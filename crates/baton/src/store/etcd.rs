@@ -1077,7 +1077,9 @@ impl Store for EtcdStore {
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
-        let whole = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let whole = ttl
+            .as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0));
         let whole = i64::try_from(whole).map_err(|_| Error::invalid("lease ttl is too large"))?;
         let resp = self
             .call("lease grant", Retry::Unsent, |client| {
