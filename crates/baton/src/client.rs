@@ -497,21 +497,65 @@ fn bad(endpoint: &str, reason: impl Into<String>) -> Error {
 
 /// Replace every `user:password@` in a URL or a comma-separated list of URLs with `***@`.
 ///
-/// Everything from the last `://` before an `@` (or from the start) up to that `@` is
-/// hidden, so a password holding `,`, `/` or `@` never shows; an odd list may lose a host
-/// name to the redaction, never a secret.
+/// The user information of an entry runs from the entry's *first* `://` (or its start) to
+/// its `@`, so a password holding `://`, `,`, `/` or `@` never shows. After an `@`, the
+/// next entry starts after the first comma only if what precedes that comma looks like a
+/// `host:port`; otherwise the text is taken as more of the password and hidden too. An odd
+/// list may lose a host name to the redaction, never a secret.
 pub(crate) fn redact(url: &str) -> String {
     let mut out = String::with_capacity(url.len());
     let mut rest = url;
+    let mut first = true;
     while let Some(at) = rest.find('@') {
         let head = &rest[..at];
-        let start = head.rfind("://").map_or(0, |i| i + 3);
+        let start = if first {
+            after_scheme(head, 0)
+        } else {
+            match head.split_once(',') {
+                Some((host, _)) if looks_like_host_port(host) => after_scheme(head, host.len() + 1),
+                _ => 0,
+            }
+        };
         out.push_str(&head[..start]);
         out.push_str("***@");
         rest = &rest[at + 1..];
+        first = false;
     }
     out.push_str(rest);
     out
+}
+
+/// Where the user information of an entry starting at `from` begins: after its first `://`,
+/// or at `from` if it has none.
+fn after_scheme(head: &str, from: usize) -> usize {
+    head[from..].find("://").map_or(from, |i| from + i + 3)
+}
+
+/// True if `s` reads as `host:port` (a name or address, or `[IPv6]`, then a port number),
+/// with an optional `/db` path: the end of one entry of a list.
+fn looks_like_host_port(s: &str) -> bool {
+    let s = s.split_once('/').map_or(s, |(hp, db)| {
+        if db.bytes().all(|b| b.is_ascii_digit()) {
+            hp
+        } else {
+            ""
+        }
+    });
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        }
+    };
+    host_ok && (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Split `[user[:password]@]rest` into its decoded user and password (each `None` when
@@ -936,6 +980,56 @@ mod tests {
         }
         let err = Endpoints::parse("http://u:secret@h:1/x").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    /// A password holding `://` is hidden whole: the user information runs from the
+    /// entry's first `://`, not its last.
+    #[tokio::test]
+    async fn redacts_passwords_holding_a_scheme_separator() {
+        for url in [
+            "http://alice:hunter2://xyz@h:1",
+            "http://alice:hunter2://xyz@h:1,http://alice:hunter2://xyz@g:2",
+            "http://a:1,http://alice:hunter2://xyz@h:1",
+            "etcd://alice:hunter2://xyz@h:1,g:2",
+            "redis://alice:hunter2://xyz@h:1",
+            "rediss://:hunter2://xyz@h:1/2",
+            "redlock://:hunter2://x@a:1,redis://:hunter2://x@b:2,rediss://:hunter2://x@c:3",
+        ] {
+            let shown = [
+                redact(url),
+                format!("{:?}", ClientBuilder::new(url)),
+                format!("{:?}", crate::Coordinator::builder(url)),
+                #[cfg(feature = "redis")]
+                format!("{:?}", crate::redis::RedisClient::builder(url)),
+                Endpoints::parse(url).map_or_else(|e| e.to_string(), |e| e.to_string()),
+            ];
+            for shown in shown {
+                assert!(
+                    !shown.contains("hunter2") && !shown.contains("xyz"),
+                    "{url} -> {shown}"
+                );
+            }
+        }
+        assert_eq!(redact("http://alice:hunter2://xyz@h:1"), "http://***@h:1");
+        assert_eq!(
+            redact("http://u:p@a:1,http://u:p://q@b:2"),
+            "http://***@a:1,http://***@b:2"
+        );
+        // Before the first `@`, a `host:port,` cannot be told from a password holding a
+        // comma: the host is hidden too.
+        assert_eq!(redact("http://a:1,http://u:p://q@b:2"), "http://***@b:2");
+        for url in [
+            "http://alice:hunter2://xyz@h:0",
+            "http://alice:hunter2://xyz@h:1/path",
+            "http://alice:hunter2://xyz@h:1,ftp://g:2",
+            "redis://alice:hunter2://xyz@h:1/x",
+        ] {
+            let err = Client::connect(url).await.unwrap_err();
+            assert!(err.is_invalid_input(), "{url}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{url}: {err}");
+            let err = crate::Coordinator::connect(url).await.unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{url}: {err}");
+        }
     }
 
     #[test]
