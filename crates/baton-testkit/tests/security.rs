@@ -157,6 +157,39 @@ async fn mutual_tls_rejects_missing_and_untrusted_client_certificates() {
     );
 }
 
+/// A client certificate paired with another certificate's key: a TLS error naming the
+/// mismatch, not retryable, found before any dial (so also with nothing listening).
+#[tokio::test]
+async fn a_client_certificate_with_the_wrong_key_is_a_tls_error() {
+    if skip() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let etcd = EtcdServer::start_with_async(
+        EtcdServerOptions::new()
+            .with_tls(&pki)
+            .with_client_cert_auth(),
+    )
+    .await;
+    let mismatched = TlsConfig::new()
+        .with_ca_file(pki.ca_file())
+        .with_client_cert(pki.client_cert_file(), other.client_key_file());
+    for endpoint in [etcd.endpoint(), "https://127.0.0.1:1".to_string()] {
+        let started = Instant::now();
+        let err = connect(&endpoint, Some(mismatched.clone()))
+            .await
+            .unwrap_err();
+        assert_tls_error(&err, "does not match");
+        assert!(err.to_string().contains("client certificate"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "found only after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// An etcd with authentication on: root, and `app` whose role covers `locks/` only.
 fn auth_server(token_ttl: Option<Duration>) -> EtcdServer {
     let mut options = EtcdServerOptions::new();
@@ -633,7 +666,7 @@ async fn rediss_verifies_the_server_and_client_certificates() {
     let guard = client.lock("tls/y").unwrap().try_lock().await.unwrap();
     guard.release().await.unwrap();
     let err = baton::redis::RedisClient::builder(&mtls.tls_url())
-        .with_tls(ca)
+        .with_tls(ca.clone())
         .connect()
         .await
         .unwrap_err();
@@ -641,4 +674,16 @@ async fn rediss_verifies_the_server_and_client_certificates() {
         matches!(err, Error::Tls { .. } | Error::Connect { .. }),
         "{err}"
     );
+    // A client certificate with another certificate's key: a TLS error, not retryable.
+    let mismatched = ca.with_client_cert(pki.client_cert_file(), other.client_key_file());
+    let err = baton::redis::RedisClient::builder(&mtls.tls_url())
+        .with_tls(mismatched)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Tls { reason, .. } if reason.contains("does not match")),
+        "{err}"
+    );
+    assert!(!err.is_retryable(), "{err}");
 }

@@ -96,16 +96,59 @@ impl TlsConfig {
     }
 
     /// The client certificate and key files' contents, if set.
+    ///
+    /// A key that is not the certificate's gives [`Error::Tls`] about `endpoints` here,
+    /// before any dial: the handshake could never succeed, and retrying cannot help.
     #[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
-    pub(crate) fn read_identity(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        match (&self.cert_file, &self.key_file) {
-            (Some(cert), Some(key)) => Ok(Some((
-                read_pem(cert, "client certificate")?,
-                read_pem(key, "client key")?,
-            ))),
-            _ => Ok(None),
+    pub(crate) fn read_identity(&self, endpoints: &str) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let (Some(cert_file), Some(key_file)) = (&self.cert_file, &self.key_file) else {
+            return Ok(None);
+        };
+        let cert = read_pem(cert_file, "client certificate")?;
+        let key = read_pem(key_file, "client key")?;
+        #[cfg(any(feature = "etcd", feature = "redis"))]
+        if keys_mismatch(&cert, &key) {
+            return Err(Error::Tls {
+                endpoints: endpoints.to_string(),
+                reason: format!(
+                    "the client key {} does not match the client certificate {}: it is \
+                     another certificate's key (give the certificate's own key: --key)",
+                    key_file.display(),
+                    cert_file.display()
+                ),
+            });
         }
+        let _ = endpoints;
+        Ok(Some((cert, key)))
     }
+}
+
+/// True if the private key in `key` is certainly not the one of the first certificate in
+/// `cert` (PEM both). Anything that cannot be parsed here is left to the TLS library, which
+/// reports it when it loads the files.
+#[cfg(any(feature = "etcd", feature = "redis"))]
+fn keys_mismatch(cert: &[u8], key: &[u8]) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Ok(chain) = CertificateDer::pem_slice_iter(cert).collect::<Result<Vec<_>, _>>() else {
+        return false;
+    };
+    let Ok(key) = PrivateKeyDer::from_pem_slice(key) else {
+        return false;
+    };
+    if chain.is_empty() {
+        return false;
+    }
+    let provider = rustls::crypto::ring::default_provider();
+    let Ok(signing_key) = provider.key_provider.load_private_key(key) else {
+        return false;
+    };
+    matches!(
+        rustls::sign::CertifiedKey::new(chain, signing_key).keys_match(),
+        Err(rustls::Error::InconsistentKeys(
+            rustls::InconsistentKeys::KeyMismatch
+        ))
+    )
 }
 
 /// Read a PEM file; an error names the file and what it was for, never its contents.
@@ -204,6 +247,8 @@ pub(crate) fn tls_problem(text: &str, https: bool) -> Option<String> {
         "the server's certificate does not match the host name in the URL"
     } else if t.contains("expired") && t.contains("certificate") {
         "the server's certificate has expired or is not valid yet"
+    } else if t.contains("keymismatch") || t.contains("keysmaynotbeconsistent") {
+        "the client key does not match the client certificate (give the certificate's own key: --key)"
     } else if t.contains("certificaterequired") {
         "the server requires a client certificate (--cert and --key)"
     } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
@@ -275,10 +320,27 @@ mod tests {
         std::fs::write(&not_pem, "hello").unwrap();
         let err = TlsConfig::new()
             .with_client_cert(&not_pem, &not_pem)
-            .read_identity()
+            .read_identity("h:1")
             .unwrap_err();
         assert!(err.to_string().contains("not PEM"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The transport's words for a client key that is not the certificate's, as etcd-client
+    /// and redis report them, are a TLS problem naming the mismatch.
+    #[test]
+    fn a_key_mismatch_is_a_tls_problem() {
+        for text in [
+            "transport error: keys may not be consistent: keymismatch",
+            "Unable to build client with TLS parameters provided. - InvalidClientConfig: keys \
+             may not be consistent: KeyMismatch",
+        ] {
+            let hint = tls_problem(text, true).unwrap_or_default();
+            assert!(
+                hint.contains("does not match the client certificate"),
+                "{text} -> {hint}"
+            );
+        }
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -241,7 +241,7 @@ impl Node {
             Some(tls) if node.tls => {
                 let root_cert = tls.read_ca()?;
                 let client_tls =
-                    tls.read_identity()?
+                    tls.read_identity(&node.to_string())?
                         .map(|(client_cert, client_key)| redis::ClientTlsConfig {
                             client_cert,
                             client_key,

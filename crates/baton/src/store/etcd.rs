@@ -401,6 +401,7 @@ impl EtcdStore {
         if https {
             connect_options = connect_options.with_tls(tls_options(
                 options.tls.as_ref().unwrap_or(&TlsConfig::new()),
+                &joined,
             )?);
         }
         let deadline = Instant::now() + dial;
@@ -1662,14 +1663,14 @@ async fn authenticate(
 }
 
 /// etcd-client's TLS options from ours: the CA (else the system's roots) and the client
-/// certificate, if any.
-fn tls_options(tls: &TlsConfig) -> Result<ec::TlsOptions> {
+/// certificate, if any. `endpoints` (redacted) name the cluster in errors.
+fn tls_options(tls: &TlsConfig, endpoints: &str) -> Result<ec::TlsOptions> {
     let mut options = ec::TlsOptions::new();
     options = match tls.read_ca()? {
         Some(pem) => options.ca_certificate(ec::Certificate::from_pem(pem)),
         None => options.with_native_roots(),
     };
-    if let Some((cert, key)) = tls.read_identity()? {
+    if let Some((cert, key)) = tls.read_identity(endpoints)? {
         options = options.identity(ec::Identity::from_pem(cert, key));
     }
     Ok(options)
