@@ -244,7 +244,8 @@ impl ClientBuilder {
 
     /// The password of the user named in the URL (`http://user@h:p`), when it is kept out
     /// of the URL; it replaces a password in the URL. Without a user in the URL,
-    /// [`connect`](Self::connect) fails: use [`with_user`](Self::with_user) instead.
+    /// [`connect`](Self::connect) fails: use [`with_user`](Self::with_user) instead. The
+    /// embedded store (`mem://`) takes no password: `connect` refuses one.
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(Secret::new(password));
         self
@@ -300,10 +301,12 @@ impl ClientBuilder {
         let redacted = parsed.to_string();
         let store: Arc<dyn Store> = match parsed {
             Endpoints::Mem(name) => {
-                if self.tls.is_some() || self.credentials.is_some() {
+                if self.tls.is_some() || self.credentials.is_some() || self.password.is_some() {
                     return Err(Error::InvalidEndpoint {
                         endpoint: redacted,
-                        reason: "the embedded store (mem://) takes no TLS settings or user".into(),
+                        reason: "the embedded store (mem://) takes no TLS settings, user or \
+                                 password"
+                            .into(),
                     });
                 }
                 Arc::new(MemStore::shared(&name))
@@ -1092,6 +1095,26 @@ mod tests {
             ClientBuilder::new("mem://").with_password("hunter2")
         );
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    /// The embedded store takes no password, as it takes no user or TLS settings: one given
+    /// is refused, never silently ignored.
+    #[tokio::test]
+    async fn mem_refuses_a_password() {
+        let err = ClientBuilder::new("mem://")
+            .with_password("hunter2")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert!(err.to_string().contains("password"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = crate::Coordinator::builder("mem://")
+            .with_password("hunter2")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
     }
 
     /// What an etcd endpoint's credentials and TLS settings are checked for.

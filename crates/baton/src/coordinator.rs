@@ -262,7 +262,8 @@ impl CoordinatorBuilder {
 
     /// A password without a user name: for etcd, the password of the user named in the URL;
     /// for Redis, `AUTH password` (Redis's `requirepass`, or the URL's user), on every server
-    /// whose URL carries no password.
+    /// whose URL carries no password. The embedded store (`mem://`) takes none: `connect`
+    /// refuses it with [`Error::InvalidEndpoint`].
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(Secret::new(password));
         self
