@@ -163,7 +163,9 @@ pub use priority_queue::PriorityQueue;
 pub use rwlock::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use security::{Credentials, TlsConfig};
 pub use semaphore::{Semaphore, SemaphorePermit};
-pub use session::{Session, SessionBuilder, DEFAULT_TTL, MAX_TTL, MIN_TTL};
+pub use session::{
+    Session, SessionBuilder, DEFAULT_TTL, MAX_TTL, MIN_KEEP_ALIVE_INTERVAL, MIN_TTL,
+};
 pub use shared_value::{Changes, CompareAndSet, SharedCount, SharedValue, Versioned};
 pub use stm::{Isolation, Stm, StmTx, MAX_TXN_KEYS};
 pub use store::Revision;

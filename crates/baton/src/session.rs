@@ -25,6 +25,10 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// The largest TTL a session accepts: 9,000,000,000 s, etcd's own limit.
 pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
 
+/// The shortest keep-alive interval a session accepts: 100 ms. Shorter ones would only load
+/// the store: even at the smallest TTL ([`MIN_TTL`]) this sends 20 keep-alives per TTL.
+pub const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long the session waits after a failed keep-alive before it tries again.
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -153,7 +157,8 @@ impl fmt::Debug for Session {
 ///
 /// - TTL: 60 s ([`DEFAULT_TTL`]); at least 2 s ([`MIN_TTL`]), at most 9e9 s ([`MAX_TTL`]);
 ///   rounded up to whole seconds, because etcd leases count seconds;
-/// - keep-alive interval: a third of the TTL granted.
+/// - keep-alive interval: a third of the TTL granted; if set, at least 100 ms
+///   ([`MIN_KEEP_ALIVE_INTERVAL`]) and shorter than the TTL.
 #[derive(Debug, Clone)]
 pub struct SessionBuilder {
     client: Client,
@@ -169,7 +174,9 @@ impl SessionBuilder {
         self
     }
 
-    /// Send keep-alives this often instead of every TTL/3. Must be shorter than the TTL.
+    /// Send keep-alives this often instead of every TTL/3. Must be shorter than the TTL and
+    /// at least [`MIN_KEEP_ALIVE_INTERVAL`] (100 ms); [`build`](SessionBuilder::build) fails
+    /// with [`Error::InvalidArgument`] otherwise.
     pub fn with_keep_alive_interval(mut self, interval: Duration) -> Self {
         self.keep_alive_interval = Some(interval);
         self
@@ -197,13 +204,17 @@ impl SessionBuilder {
     /// to expire after its TTL.
     pub async fn build(self) -> Result<Session> {
         let interval = self.keep_alive_interval;
-        let check_interval = |ttl: Duration| {
-            match interval {
-            Some(i) if i.is_zero() || i >= ttl => Err(Error::invalid(format!(
-                "keep-alive interval {i:?} must be greater than zero and shorter than the TTL {ttl:?}"
+        // The floor applies to an adopted lease too, so check it before any network call.
+        if let Some(i) = interval.filter(|i| *i < MIN_KEEP_ALIVE_INTERVAL) {
+            return Err(Error::invalid(format!(
+                "keep-alive interval {i:?} is below the minimum of {MIN_KEEP_ALIVE_INTERVAL:?}"
+            )));
+        }
+        let check_interval = |ttl: Duration| match interval {
+            Some(i) if i >= ttl => Err(Error::invalid(format!(
+                "keep-alive interval {i:?} must be shorter than the TTL {ttl:?}"
             ))),
             _ => Ok(()),
-        }
         };
         // An adopted lease has the TTL it was granted with: `with_ttl` does not apply, and
         // the interval is checked against that TTL once it is known.
@@ -762,6 +773,40 @@ mod tests {
                 "the lease outlived the session (by drop: {by_drop})"
             );
         }
+    }
+
+    /// A keep-alive interval below the floor would flood the store with keep-alives: it is
+    /// refused before any lease is granted, for a new lease and an adopted one; the floor
+    /// itself is accepted.
+    #[tokio::test]
+    async fn a_keep_alive_interval_below_the_floor_is_refused() {
+        let client = Client::memory();
+        let adopted = client
+            .store()
+            .lease_grant(Duration::from_secs(3))
+            .await
+            .unwrap()
+            .id;
+        for interval in [
+            Duration::from_nanos(1),
+            Duration::from_millis(1),
+            MIN_KEEP_ALIVE_INTERVAL - Duration::from_nanos(1),
+        ] {
+            for lease in [None, Some(adopted)] {
+                let mut builder = Session::builder(&client).with_keep_alive_interval(interval);
+                if let Some(lease) = lease {
+                    builder = builder.with_lease(lease);
+                }
+                let err = builder.build().await.unwrap_err();
+                assert!(err.is_invalid_input(), "{interval:?}: {err}");
+            }
+        }
+        let session = Session::builder(&client)
+            .with_keep_alive_interval(MIN_KEEP_ALIVE_INTERVAL)
+            .build()
+            .await
+            .unwrap();
+        session.close().await.unwrap();
     }
 
     /// An adopted lease keeps the TTL it was granted with: the keep-alive interval is
