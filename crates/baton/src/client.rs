@@ -656,6 +656,29 @@ fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
     Ok((host, port))
 }
 
+/// Check one etcd member URL as [`EtcdStore::connect`](crate::store::etcd::EtcdStore::connect)
+/// takes it: `http://` or `https://`, then `host:port` with a port from 1 to 65535, and
+/// nothing else (credentials go in the options, not the URL).
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(crate) fn validate_etcd_url(url: &str) -> Result<()> {
+    let Some((scheme, hp)) = url.trim().split_once("://") else {
+        return Err(bad(url, "missing scheme: use http:// or https://"));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(bad(
+            url,
+            format!("unsupported scheme {scheme:?} for etcd: use http:// or https://"),
+        ));
+    }
+    if hp.contains('@') {
+        return Err(bad(
+            url,
+            "credentials go in EtcdOptions::credentials, not in the URL",
+        ));
+    }
+    host_port(url, hp).map(|_| ())
+}
+
 impl Endpoints {
     /// Parse a comma-separated endpoint list. All entries must use one scheme family.
     pub(crate) fn parse(input: &str) -> Result<Endpoints> {

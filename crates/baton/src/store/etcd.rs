@@ -346,8 +346,9 @@ impl EtcdStore {
     ///
     /// Returns once a linearizable read has been answered. Fails with [`Error::Connect`]
     /// if that does not happen within the dial timeout (nothing listens, no member has a
-    /// leader, ...), and with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`] for
-    /// malformed input.
+    /// leader, ...), and at once with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`]
+    /// for malformed input: every endpoint must be `http://host:port` or `https://host:port`
+    /// (a port from 1 to 65535), without credentials (give them in [`EtcdOptions`]).
     ///
     /// # Cancel safety
     ///
@@ -360,6 +361,11 @@ impl EtcdStore {
             .join(",");
         if endpoints.is_empty() {
             return Err(Error::invalid("no etcd endpoint given"));
+        }
+        // Refuse what no dial could reach (a port out of range, another scheme) now, not as
+        // a retryable failure to connect after the dial timeout.
+        for endpoint in endpoints {
+            crate::client::validate_etcd_url(endpoint)?;
         }
         if options.dial_timeout.is_zero() || options.request_timeout.is_zero() {
             return Err(Error::invalid("timeouts must be greater than zero"));
@@ -1733,6 +1739,41 @@ mod tests {
     fn converts_ttls() {
         assert_eq!(secs(-1), Duration::ZERO);
         assert_eq!(secs(3), Duration::from_secs(3));
+    }
+
+    /// Malformed endpoints are refused at once, before any dial, not reported as a
+    /// retryable failure to connect after the dial timeout.
+    #[tokio::test]
+    async fn malformed_endpoints_are_refused_before_dialling() {
+        for endpoints in [
+            vec!["http://h:99999"],
+            vec!["ftp://127.0.0.1:1"],
+            vec!["http://127.0.0.1:0"],
+            vec!["127.0.0.1:1"],
+            vec!["http://:1"],
+            vec!["http://127.0.0.1"],
+            vec!["http://127.0.0.1:1/path"],
+            vec!["http://127.0.0.1:1", "http://h:99999"],
+            vec![""],
+        ] {
+            let endpoints: Vec<String> = endpoints.into_iter().map(String::from).collect();
+            let options = EtcdOptions {
+                dial_timeout: Duration::from_secs(2),
+                ..EtcdOptions::default()
+            };
+            let started = std::time::Instant::now();
+            let err = EtcdStore::connect(&endpoints, options).await.unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidEndpoint { .. }),
+                "{endpoints:?}: {err}"
+            );
+            assert!(!err.is_retryable(), "{endpoints:?}: {err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{endpoints:?}: refused only after {:?}",
+                started.elapsed()
+            );
+        }
     }
 
     #[test]
