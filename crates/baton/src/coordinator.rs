@@ -225,7 +225,10 @@ impl fmt::Debug for CoordinatorBuilder {
 }
 
 impl CoordinatorBuilder {
-    /// The TTL of holds: the etcd session's lease, or each Redis lock's expiry.
+    /// The TTL of holds: the etcd session's lease, or each Redis lock's expiry. At least
+    /// [`MIN_TTL`](crate::MIN_TTL) (2 s) on etcd and the embedded store, at least
+    /// 10 ms on Redis, at most [`MAX_TTL`](crate::MAX_TTL); [`connect`](Self::connect)
+    /// refuses others before any network call.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -296,6 +299,10 @@ impl CoordinatorBuilder {
 
     /// Validate everything, connect, and (on etcd) start the session.
     ///
+    /// Options out of range (the TTL, a zero timeout, a bad namespace) and malformed URLs
+    /// fail with [`Error::InvalidArgument`] or [`Error::InvalidEndpoint`] before any network
+    /// call, on every backend.
+    ///
     /// # Cancel safety
     ///
     /// Not cancel safe on etcd: a lease granted before the drop expires after its TTL.
@@ -320,6 +327,9 @@ impl CoordinatorBuilder {
                 })
             }
             _ => {
+                // Refuse a TTL the session would refuse before dialling, not after (an
+                // unreachable server must not hide it behind a retryable Error::Connect).
+                crate::session::validate_ttl(self.ttl)?;
                 let client = ClientBuilder::new(&self.endpoints)
                     .with_dial_timeout(self.dial_timeout)
                     .with_request_timeout(self.request_timeout)
@@ -766,6 +776,38 @@ impl Elector for Election {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Options that are out of range are refused at once, before any dial: an unreachable
+    /// server must not turn a bad TTL into a retryable failure to connect.
+    #[tokio::test]
+    async fn bad_options_are_refused_before_connecting() {
+        let dial = Duration::from_secs(2);
+        for url in [
+            "http://127.0.0.1:1",
+            "mem://",
+            #[cfg(feature = "redis")]
+            "redis://127.0.0.1:1",
+        ] {
+            let bad = [
+                Coordinator::builder(url).with_ttl(Duration::ZERO),
+                Coordinator::builder(url).with_ttl(Duration::from_millis(1)),
+                Coordinator::builder(url).with_ttl(crate::MAX_TTL + Duration::from_secs(1)),
+                Coordinator::builder(url).with_request_timeout(Duration::ZERO),
+                Coordinator::builder(url).with_namespace("a\0b"),
+            ];
+            for builder in bad {
+                let shown = format!("{builder:?}");
+                let started = std::time::Instant::now();
+                let err = builder.with_dial_timeout(dial).connect().await.unwrap_err();
+                assert!(matches!(err, Error::InvalidArgument(_)), "{shown}: {err}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "{shown}: refused only after {:?}",
+                    started.elapsed()
+                );
+            }
+        }
+    }
 
     /// Two tasks of one coordinator lock one name: the second waits for the first (as on
     /// Redis), rather than failing with AlreadyHeld on the shared session's key.

@@ -280,7 +280,8 @@ impl SessionBuilder {
     }
 }
 
-fn validate_ttl(ttl: Duration) -> Result<Duration> {
+/// Check a session TTL and round it up to whole seconds (etcd leases count seconds).
+pub(crate) fn validate_ttl(ttl: Duration) -> Result<Duration> {
     if ttl < MIN_TTL {
         return Err(Error::invalid(format!(
             "ttl {ttl:?} is below the minimum of {MIN_TTL:?}"
