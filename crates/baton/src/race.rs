@@ -42,6 +42,7 @@ impl<F: Future> Race<F> {
         self.live
     }
 
+    #[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         self.live == 0
     }
