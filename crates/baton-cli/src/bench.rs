@@ -54,6 +54,10 @@ Examples:
   baton --endpoints redis://127.0.0.1:6379 bench contended --peer rslock
   baton --endpoints redlock://h1:6379,h2:6379,h3:6379,h4:6379,h5:6379 bench uncontended --peer rslock
 
+Every worker connects as baton does: with --namespace, --user and the TLS options. Peers
+apply what they can and refuse the rest: --peer etcd-lock-api puts --namespace before its
+names but connects over plain HTTP without logging in; --peer rslock cannot use --namespace.
+
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
 Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
 

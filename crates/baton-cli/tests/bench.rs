@@ -317,3 +317,124 @@ fn redis_scenarios_with_rslock() {
         "{out:?}"
     );
 }
+
+/// Every key put on `etcd` while `during` runs, from a watch of the whole key space that is
+/// known to be in place (a marker key shows up on it) before `during` starts.
+/// `root` is `USER:PASSWORD` of a user that may watch everything, on a server with
+/// authentication on.
+fn keys_put_during(etcd: &EtcdServer, root: Option<&str>, during: impl FnOnce()) -> Vec<String> {
+    let bin = baton_testkit::etcdctl_bin().expect("etcdctl is needed");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()));
+    if let Some(root) = root {
+        cmd.arg(format!("--user={root}"));
+    }
+    cmd.args(["watch", "--prefix", ""]);
+    let watch = Proc::spawn(&mut cmd);
+    let mut lines = Vec::new();
+    wait_until("the watch to be in place", || {
+        let out = etcd.etcdctl(["put", "watch-marker", "x"]);
+        assert!(out.status.success(), "{out:?}");
+        while let Some(line) = watch.line_within(std::time::Duration::from_millis(100)) {
+            lines.push(line);
+        }
+        lines.iter().any(|l| l == "watch-marker")
+    });
+    during();
+    while let Some(line) = watch.line_within(std::time::Duration::from_millis(500)) {
+        lines.push(line);
+    }
+    drop(watch);
+    // `etcdctl watch` prints each event as its type, the key, then the value.
+    lines
+        .windows(2)
+        .filter(|w| w[0] == "PUT")
+        .map(|w| w[1].clone())
+        .filter(|k| k != "watch-marker")
+        .collect()
+}
+
+/// `--namespace` and the credentials reach every worker, not only the admin connection: with
+/// authentication on and a user whose role covers only `team-a/`, every scenario runs, and
+/// every key it puts is under the namespace.
+#[test]
+fn namespace_and_credentials_reach_every_worker_on_etcd() {
+    let etcd = etcd();
+    etcd.enable_auth("bench-Root-1", &[("app", "bench-App-1", "team-a/")]);
+    let ep = etcd.endpoint();
+    let put = keys_put_during(&etcd, Some("root:bench-Root-1"), || {
+        for (scenario, extra) in [
+            ("handover", &["--ops", "5"][..]),
+            ("contended", &["--workers", "3", "--ops", "12"][..]),
+            ("distinct", &["--workers", "3", "--ops", "12"][..]),
+            ("lost", &["--ops", "2", "--ttl", "2s"][..]),
+            (
+                "scale",
+                &["--ops", "10", "--workers", "3", "--ttl", "2s"][..],
+            ),
+        ] {
+            let (out, _) = run(baton(&ep)
+                .env("BATON_PASSWORD", "bench-App-1")
+                .args(["--user", "app", "--namespace", "team-a/", "--json", "bench"])
+                .arg(scenario)
+                .args(extra));
+            assert_eq!(out.status.code(), Some(0), "bench {scenario}: {out:?}");
+        }
+    });
+    assert!(!put.is_empty(), "the watch saw no key");
+    let outside: Vec<&String> = put.iter().filter(|k| !k.starts_with("team-a/")).collect();
+    assert!(
+        outside.is_empty(),
+        "keys outside the namespace: {outside:?}"
+    );
+    let left = keys(&etcd, "");
+    assert_eq!(left, ["watch-marker"], "keys left behind: {left:?}");
+
+    // The etcd-lock-api peer cannot log in: it says so rather than failing on the way.
+    let (out, _) = run(baton(&ep)
+        .env("BATON_PASSWORD", "bench-App-1")
+        .args([
+            "--user",
+            "app",
+            "--namespace",
+            "team-a/",
+            "bench",
+            "uncontended",
+        ])
+        .args(["--peer", "etcd-lock-api"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("--peer etcd-lock-api") && err[0].contains("--user"),
+        "{err:?}"
+    );
+}
+
+/// Without credentials, the etcd-lock-api peer applies `--namespace` too: Baton's keys and
+/// the peer's are all under the namespace.
+#[test]
+fn the_etcd_lock_api_peer_keeps_to_the_namespace() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let put = keys_put_during(&etcd, None, || {
+        for (scenario, extra) in [
+            ("contended", &["--workers", "2", "--ops", "6"][..]),
+            ("handover", &["--ops", "3"][..]),
+        ] {
+            let (out, _) = run(baton(&ep)
+                .args(["--namespace", "team-b/", "--json", "bench"])
+                .arg(scenario)
+                .args(extra)
+                .args(["--peer", "etcd-lock-api"]));
+            assert_eq!(out.status.code(), Some(0), "bench {scenario}: {out:?}");
+        }
+    });
+    assert!(!put.is_empty(), "the watch saw no key");
+    let outside: Vec<&String> = put.iter().filter(|k| !k.starts_with("team-b/")).collect();
+    assert!(
+        outside.is_empty(),
+        "keys outside the namespace: {outside:?}"
+    );
+}

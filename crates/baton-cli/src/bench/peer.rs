@@ -4,7 +4,9 @@
 //! - `etcd-lock-api`: etcd's own Lock and Election gRPC services (server-side Go
 //!   `concurrency.Mutex` and `concurrency.Election`), called through the etcd-client crate,
 //!   with a lease kept alive the way Go's clientv3 does it (a keep-alive every TTL/3 on a
-//!   keep-alive stream).
+//!   keep-alive stream). `--namespace` goes before every lock and election name; the peer
+//!   connects over plain HTTP without logging in, and refuses the options for TLS and
+//!   authentication rather than ignore them.
 //!
 //! - `rslock`: the rslock crate's Redlock, on `redis://` and `redlock://` (in
 //!   [`super::redis`]).
@@ -49,13 +51,40 @@ impl Peer {
                         "--peer etcd-lock-api needs etcd endpoints (http://… or etcd://…)",
                     )
                 })?;
-                let target = EtcdLockApi::connect(urls, global.dial_timeout, ttl)
-                    .await
-                    .map_err(|e| CliError::failed(format!("etcd-lock-api: {}", e.0)))?;
+                if let Some(option) = etcd_lock_api_cannot_apply(global) {
+                    return Err(CliError::failed(format!(
+                        "--peer etcd-lock-api connects without TLS or authentication: run it \
+                         without {option}, on a server that does not need them"
+                    )));
+                }
+                let target =
+                    EtcdLockApi::connect(urls, global.dial_timeout, ttl, global.namespace.clone())
+                        .await
+                        .map_err(|e| CliError::failed(format!("etcd-lock-api: {}", e.0)))?;
                 Ok(Box::new(target))
             }
             Peer::Rslock => Ok(Box::new(super::redis::Rslock::connect(global, ttl).await?)),
         }
+    }
+}
+
+/// The first option given that the etcd-lock-api peer cannot apply (it connects over plain
+/// HTTP, without logging in), if any.
+fn etcd_lock_api_cannot_apply(global: &Global) -> Option<&'static str> {
+    if global.user.is_some() {
+        Some("--user")
+    } else if global.password_file.is_some() {
+        Some("--password-file")
+    } else if global.endpoints.contains('@') {
+        Some("a user in the endpoint URL")
+    } else if global.endpoints.trim().starts_with("https://") {
+        Some("https:// endpoints")
+    } else if global.cacert.is_some() {
+        Some("--cacert")
+    } else if global.cert.is_some() {
+        Some("--cert and --key")
+    } else {
+        None
     }
 }
 
@@ -100,10 +129,18 @@ pub(crate) struct EtcdLockApi {
     ttl: Duration,
     admin: ec::Client,
     keep_alives: Arc<AtomicU64>,
+    /// `--namespace`, put before every lock and election name (as Go's `namespace` package
+    /// does for a client's keys).
+    namespace: String,
 }
 
 impl EtcdLockApi {
-    async fn connect(urls: Vec<String>, dial_timeout: Duration, ttl: Duration) -> Result<Self> {
+    async fn connect(
+        urls: Vec<String>,
+        dial_timeout: Duration,
+        ttl: Duration,
+        namespace: String,
+    ) -> Result<Self> {
         let admin = connect(&urls, dial_timeout).await?;
         Ok(EtcdLockApi {
             urls,
@@ -111,6 +148,7 @@ impl EtcdLockApi {
             ttl,
             admin,
             keep_alives: Arc::default(),
+            namespace,
         })
     }
 }
@@ -150,6 +188,7 @@ impl Target for EtcdLockApi {
             lease,
             lost,
             stop,
+            namespace: self.namespace.clone(),
         }))
     }
 
@@ -159,7 +198,7 @@ impl Target for EtcdLockApi {
     }
 
     async fn queued(&self, name: &str) -> Result<usize> {
-        let prefix = format!("{name}/");
+        let prefix = format!("{}{name}/", self.namespace);
         let resp = self
             .admin
             .clone()
@@ -225,6 +264,7 @@ struct EtcdWorker {
     lease: i64,
     lost: CancellationToken,
     stop: CancellationToken,
+    namespace: String,
 }
 
 #[async_trait]
@@ -232,7 +272,10 @@ impl Worker for EtcdWorker {
     async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
         let mut client = self.client.clone();
         let resp = client
-            .lock(name, Some(ec::LockOptions::new().with_lease(self.lease)))
+            .lock(
+                format!("{}{name}", self.namespace),
+                Some(ec::LockOptions::new().with_lease(self.lease)),
+            )
             .await?;
         Ok(Box::new(EtcdHeld {
             client,
@@ -244,7 +287,9 @@ impl Worker for EtcdWorker {
 
     async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
         let mut client = self.client.clone();
-        let mut resp = client.campaign(name, value, self.lease).await?;
+        let mut resp = client
+            .campaign(format!("{}{name}", self.namespace), value, self.lease)
+            .await?;
         let leader = resp
             .take_leader()
             .ok_or_else(|| Failure("campaign answered without a leader key".into()))?;

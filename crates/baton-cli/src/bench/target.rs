@@ -100,8 +100,9 @@ pub(crate) trait Held: Send + Sync {
 
 /// Baton on the store family, through its public API.
 pub(crate) struct BatonTarget {
-    endpoints: String,
-    dial_timeout: Duration,
+    /// The global options, for connecting workers as the admin client was connected:
+    /// with `--namespace`, the credentials and the TLS settings.
+    global: Global,
     ttl: Duration,
     /// For revokes and reading queues: never a worker's connection.
     admin: baton::Client,
@@ -145,15 +146,15 @@ impl Registry {
 }
 
 impl BatonTarget {
-    /// Connect the admin client; workers connect on their own.
+    /// Connect the admin client; workers connect on their own, the same way (the same
+    /// namespace, credentials and TLS settings).
     pub(crate) async fn connect(
         global: &Global,
         ttl: Duration,
     ) -> std::result::Result<Self, CliError> {
         let admin = cli::connect(global, &global.endpoints).await?;
         Ok(BatonTarget {
-            endpoints: global.endpoints.clone(),
-            dial_timeout: global.dial_timeout,
+            global: global.clone(),
             ttl,
             admin,
             registry: Arc::default(),
@@ -177,10 +178,9 @@ impl Target for BatonTarget {
     }
 
     async fn worker(&self) -> Result<Box<dyn Worker>> {
-        let client = baton::Client::builder(&self.endpoints)
-            .with_dial_timeout(self.dial_timeout)
-            .connect()
-            .await?;
+        let client = cli::connect(&self.global, &self.global.endpoints)
+            .await
+            .map_err(|e| Failure(e.message().unwrap_or("cannot connect").to_string()))?;
         let session = baton::Session::builder(&client)
             .with_ttl(self.ttl)
             .build()
