@@ -66,6 +66,13 @@ stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_
 (null where they do not apply), scenario extras, and with --peer the peer_* fields and the
 ratio.";
 
+/// The most `--workers`: each is a connection and a session (lease) of its own.
+const MAX_WORKERS: u64 = 10_000;
+
+/// The most `--ops`: every operation keeps its latency (16 bytes) until the report, and
+/// `scale` holds that many locks at once.
+const MAX_OPS: u64 = 10_000_000;
+
 /// `baton bench`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
@@ -74,14 +81,15 @@ pub(crate) struct Args {
     #[arg(value_enum)]
     pub(crate) scenario: Scenario,
 
-    /// Workers (contended, distinct: default 8), probes at a time (lost: default all), or
-    /// waiters queued on one key (scale: default 100).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Workers (contended, distinct: default 8, at most --ops), probes at a time (lost:
+    /// default all), or waiters queued on one key (scale: default 100). Each is a connection
+    /// and a session of its own: at most 10000.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_WORKERS))]
     pub(crate) workers: Option<u64>,
 
     /// Operations: lock+unlock cycles, handovers, loss probes, or locks held at once (scale).
-    /// The default makes each scenario take a few seconds.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// The default makes each scenario take a few seconds. At most 10000000.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     pub(crate) ops: Option<u64>,
 
     /// The TTL of every session (lease).
@@ -206,8 +214,19 @@ impl Config {
             )));
         }
         let ops = args.ops.unwrap_or(default_ops);
-        let workers = match args.scenario {
-            Scenario::Lost => workers.min(ops),
+        let workers = match (args.scenario, args.workers) {
+            (Scenario::Lost, _) => workers.min(ops),
+            // A worker beyond the ops would only warm up: refuse it when asked for, and
+            // make no more by default.
+            (Scenario::Contended | Scenario::Distinct, Some(asked))
+                if asked > ops && !args.sweep =>
+            {
+                return Err(CliError::failed(format!(
+                    "--workers {asked} is more than --ops {ops}: every worker needs an \
+                     operation to do"
+                )));
+            }
+            (Scenario::Contended | Scenario::Distinct, None) => workers.min(ops),
             _ => workers,
         };
         Ok(Config {

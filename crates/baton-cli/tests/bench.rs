@@ -438,3 +438,81 @@ fn the_etcd_lock_api_peer_keeps_to_the_namespace() {
         "keys outside the namespace: {outside:?}"
     );
 }
+
+/// `--ops` and `--workers` beyond their documented bounds are refused at once (exit 125, one
+/// line), never a panic or an allocation failure; so is `--workers` above `--ops` where
+/// the extra workers would have nothing to do.
+#[test]
+fn huge_ops_and_workers_are_refused() {
+    for args in [
+        &[
+            "contended",
+            "--ops",
+            "18446744073709551615",
+            "--workers",
+            "1",
+        ][..],
+        &["contended", "--ops", "1000000000000", "--workers", "1"][..],
+        &["distinct", "--ops", "10000001"][..],
+        &["lost", "--ops", "1000000000000", "--ttl", "2s"][..],
+        &["scale", "--ops", "1000000000000"][..],
+        &[
+            "contended",
+            "--workers",
+            "18446744073709551615",
+            "--ops",
+            "1",
+        ][..],
+        &["scale", "--workers", "10001", "--ops", "1"][..],
+        &["contended", "--workers", "10", "--ops", "5"][..],
+    ] {
+        let (out, took) = run(baton("mem://bench-huge").arg("bench").args(args));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+        assert!(err[0].starts_with("baton: "), "{args:?}: {err:?}");
+        assert!(!err[0].contains("internal error"), "{args:?}: {err:?}");
+        assert!(
+            err[0].contains("--ops") || err[0].contains("--workers"),
+            "{args:?}: {err:?}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "{args:?}: {took:?}"
+        );
+    }
+    // Without --workers, a scenario with fewer ops than its default workers runs with one
+    // worker per op.
+    let (v, _) = bench("mem://bench-huge", &["contended", "--ops", "3"]);
+    assert_eq!(v["workers"], 3, "{v}");
+}
+
+/// When some workers cannot connect (here: too few file descriptors for 300 connections),
+/// the bench fails with one line and closes the workers it had built: no lease is left.
+#[test]
+fn workers_built_before_a_failure_are_closed() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let mut cmd = baton(&etcd.endpoint());
+    cmd.args(["bench", "contended", "--workers", "300", "--ops", "300"]);
+    // SAFETY: setrlimit is async-signal-safe, and nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (out, _) = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    let leases = etcd.etcdctl(["lease", "list"]);
+    let text = String::from_utf8_lossy(&leases.stdout);
+    assert!(text.starts_with("found 0 leases"), "{text}");
+}

@@ -1,10 +1,10 @@
 //! The scenarios, written once against [`Target`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::{join_all, try_join_all};
+use futures::future::{self, join_all, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use rand::Rng;
 
@@ -16,6 +16,10 @@ use super::{Config, Scenario};
 
 /// How many requests a scenario keeps in flight when it sets up many locks or workers.
 const IN_FLIGHT: usize = 64;
+
+/// The most entries a scenario reserves room for ahead of time; beyond that, vectors grow
+/// as the results come.
+const PREALLOCATE: u64 = 1 << 16;
 
 /// How long to wait for keys to show up in a queue before giving up.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,14 +45,42 @@ pub(crate) async fn run(config: &Config, target: &dyn Target) -> Result<Measured
     }
 }
 
-/// Connect `n` workers, each with its own connection and session.
+/// Connect `n` workers, each with its own connection and session. If one fails, no more
+/// are started, those built meanwhile are closed, and the first failure is returned.
 async fn workers(target: &dyn Target, n: u64) -> Result<Vec<Arc<dyn Worker>>> {
-    stream::iter(0..n)
-        .map(|_| target.worker())
+    let failed = AtomicBool::new(false);
+    let results: Vec<Result<Box<dyn Worker>>> = stream::iter(0..n)
+        .take_while(|_| future::ready(!failed.load(Ordering::Relaxed)))
+        .map(|i| {
+            let failed = &failed;
+            async move {
+                let r = target.worker().await;
+                if r.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                r.map_err(|e| Failure(format!("worker {} of {n}: {}", i + 1, e.0)))
+            }
+        })
         .buffer_unordered(IN_FLIGHT)
-        .map_ok(Arc::from)
-        .try_collect()
-        .await
+        .collect()
+        .await;
+    let mut built = Vec::with_capacity(results.len());
+    let mut failure = None;
+    for r in results {
+        match r {
+            Ok(w) => built.push(Arc::from(w)),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match failure {
+        None => Ok(built),
+        Some(e) => {
+            close_all(&built).await;
+            Err(e)
+        }
+    }
 }
 
 async fn close_all(workers: &[Arc<dyn Worker>]) {
@@ -116,7 +148,7 @@ async fn cycles(
             })
         })
         .collect();
-    let mut samples = Vec::with_capacity(usize::try_from(ops).unwrap_or(0));
+    let mut samples = Vec::with_capacity(usize::try_from(ops.min(PREALLOCATE)).unwrap_or(0));
     let mut failure = None;
     for t in join_all(tasks).await {
         match t.map_err(Failure::from).and_then(|r| r) {
@@ -257,9 +289,11 @@ async fn lost(target: &dyn Target, label: String, base: &str, config: &Config) -
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut missed = 0u64;
-    let ids: Vec<u64> = (0..config.ops).collect();
-    for batch in ids.chunks(usize::try_from(config.workers).unwrap_or(1).max(1)) {
-        let results = join_all(batch.iter().map(|i| {
+    let mut next = 0;
+    while next < config.ops {
+        let batch = next..config.ops.min(next.saturating_add(config.workers.max(1)));
+        next = batch.end;
+        let results = join_all(batch.map(|i| {
             let name = format!("{base}/lock-{i}");
             let progress = &progress;
             async move {
@@ -344,7 +378,8 @@ async fn hold_many(
         let (heap0, rss0) = (alloc::heap_in_use(), alloc::rss());
         let progress = Progress::start(format!("{label} (hold)"), n, "locks held");
         let started = Instant::now();
-        let mut held: Vec<Box<dyn Held>> = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        let mut held: Vec<Box<dyn Held>> =
+            Vec::with_capacity(usize::try_from(n.min(PREALLOCATE)).unwrap_or(0));
         let mut per_quarter = Vec::new();
         let mut last = (0u64, heap0);
         for q in 1..=4u64 {
