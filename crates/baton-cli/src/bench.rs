@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::cli::{self, Global};
 use crate::exit::CliError;
 use crate::output::Output;
+use crate::supervisor::Signals;
 
 pub(crate) mod alloc;
 mod chart;
@@ -30,7 +31,7 @@ mod target;
 
 pub(crate) use peer::Peer;
 use report::Measured;
-use target::{BatonTarget, Target};
+use target::{BatonTarget, Target, Tracked};
 
 const EXAMPLES: &str = "\
 Scenarios:
@@ -60,6 +61,9 @@ names but connects over plain HTTP without logging in; --peer rslock cannot use 
 
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
 Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
+
+A signal (Ctrl-C, SIGTERM) stops the run: every worker is closed (on etcd, its lease revoked,
+which deletes its keys) and baton exits with 128+N.
 
 Progress goes to stderr once a run takes more than a second. With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
@@ -245,8 +249,11 @@ impl Config {
 }
 
 /// Run `baton bench`.
+///
+/// A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) stops the run where it is: the workers not
+/// closed yet are closed (revoking their leases, which deletes their keys), and the exit
+/// code is 128+N. A second signal stops the closing too.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
-    let out = Output::new(global.json);
     let config = Config::new(&args)?;
     let on_redis = cli::is_redis(&global.endpoints);
     if on_redis && config.scenario == Scenario::Scale {
@@ -255,8 +262,61 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
              queue of waiters); Redis has neither: use etcd or mem://",
         ));
     }
-    let (baton, endpoints, server_version): (Box<dyn Target>, String, Option<String>) = if on_redis
-    {
+    let mut signals = Signals::new()?;
+    let (baton, endpoints, server_version) = signals
+        .interruptible(connect(global, &config, on_redis))
+        .await?;
+    let peer: Option<Box<dyn Target>> = match args.peer {
+        Some(p) => Some(signals.interruptible(p.connect(global, config.ttl)).await?),
+        None => None,
+    };
+    let baton = Tracked::new(baton.into());
+    let peer = peer.map(|p| Tracked::new(p.into()));
+    let context = report::Context {
+        backend: baton.backend(),
+        endpoints,
+        server_version,
+        ttl: config.ttl,
+    };
+    let work = measure_and_report(
+        global,
+        &args,
+        &config,
+        &context,
+        &baton,
+        peer.as_ref().map(|p| p as &dyn Target),
+    );
+    let result = tokio::select! {
+        r = work => r,
+        sig = signals.recv() => {
+            tracing::debug!(signal = sig, "interrupted");
+            Err(CliError::interrupted(sig))
+        }
+    };
+    let cleanup = async {
+        baton.close_all().await;
+        if let Some(p) = &peer {
+            p.close_all().await;
+        }
+    };
+    tokio::select! {
+        () = cleanup => {}
+        sig = signals.recv() => {
+            tracing::debug!(signal = sig, "interrupted while closing the workers");
+            return Err(CliError::interrupted(sig));
+        }
+    }
+    result
+}
+
+/// Connect Baton's target on the backend: the target, the endpoints (credentials
+/// redacted), and the server's version if known.
+async fn connect(
+    global: &Global,
+    config: &Config,
+    on_redis: bool,
+) -> Result<(Box<dyn Target>, String, Option<String>), CliError> {
+    Ok(if on_redis {
         let target = redis::RedisTarget::connect(global, config.ttl).await?;
         let version = target.admin().version().await;
         let endpoints = target.endpoints().to_string();
@@ -266,43 +326,44 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         let version = peer::server_version(global, target.backend()).await;
         let endpoints = target.endpoints().to_string();
         (Box::new(target), endpoints, version)
-    };
-    let baton = baton.as_ref();
-    let peer: Option<Box<dyn Target>> = match args.peer {
-        Some(p) => Some(p.connect(global, config.ttl).await?),
-        None => None,
-    };
-    let context = report::Context {
-        backend: baton.backend(),
-        endpoints,
-        server_version,
-        ttl: config.ttl,
-    };
+    })
+}
+
+/// Run the scenario (once, `--repeat` times, or `--sweep`) and print the report.
+async fn measure_and_report(
+    global: &Global,
+    args: &Args,
+    config: &Config,
+    context: &report::Context,
+    baton: &dyn Target,
+    peer: Option<&dyn Target>,
+) -> Result<u8, CliError> {
+    let out = Output::new(global.json);
     if args.sweep {
-        return sweep(&out, &config, &context, baton, peer.as_deref(), &args.chart).await;
+        return sweep(&out, config, context, baton, peer, &args.chart).await;
     }
-    if let (Some(p), true) = (&peer, args.repeat > 1) {
-        return rounds(&out, &config, &context, baton, p.as_ref(), args.repeat).await;
+    if let (Some(p), true) = (peer, args.repeat > 1) {
+        return rounds(&out, config, context, baton, p, args.repeat).await;
     }
     let heap_before = alloc::heap_in_use();
-    let ours = measure(&config, baton).await?;
-    let theirs = match &peer {
+    let ours = measure(config, baton).await?;
+    let theirs = match peer {
         Some(p) => {
             quiesce(ours.elapsed).await;
             if config.scenario == Scenario::Scale {
                 settle_heap(heap_before).await;
             }
-            Some((p.name(), measure(&config, p.as_ref()).await?))
+            Some((p.name(), measure(config, p).await?))
         }
         None => None,
     };
-    let object = report::object(&config, &context, &ours, theirs.as_ref());
+    let object = report::object(config, context, &ours, theirs.as_ref());
     if out.is_json() {
         let _ = out.json_line(&Value::Object(object));
     } else {
         let _ = out.text(&report::human(
-            &config,
-            &context,
+            config,
+            context,
             &ours,
             theirs.as_ref(),
             &object,

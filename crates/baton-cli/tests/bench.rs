@@ -516,3 +516,63 @@ fn workers_built_before_a_failure_are_closed() {
     let text = String::from_utf8_lossy(&leases.stdout);
     assert!(text.starts_with("found 0 leases"), "{text}");
 }
+
+/// The number of leases etcd has, per etcdctl.
+fn leases(etcd: &EtcdServer) -> usize {
+    let out = etcd.etcdctl(["lease", "list"]);
+    assert!(out.status.success(), "etcdctl lease list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("found "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("etcdctl lease list: {text}"))
+}
+
+/// An interrupted bench stops, closes its workers (revoking their leases, deleting their
+/// keys) and exits 128+N, rather than leave its keys for the whole TTL.
+#[test]
+fn an_interrupted_bench_leaves_nothing_behind() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    // scale: once all 2,000 locks are held, in the keep-alive window; contended: once the
+    // workers queue on the lock.
+    for (signal, code, held, args) in [
+        (
+            libc::SIGTERM,
+            143,
+            2000,
+            &["scale", "--ttl", "300s", "--ops", "2000", "--workers", "4"][..],
+        ),
+        (
+            libc::SIGINT,
+            130,
+            2,
+            &[
+                "contended",
+                "--ttl",
+                "300s",
+                "--ops",
+                "10000000",
+                "--workers",
+                "8",
+            ][..],
+        ),
+    ] {
+        let mut bench = Proc::spawn(baton(&ep).arg("bench").args(args));
+        wait_until("the bench to hold locks", || {
+            keys(&etcd, "baton-bench/").len() >= held
+        });
+        bench.signal(signal);
+        assert_eq!(bench.code(), code, "{args:?}: {:?}", bench.stderr_so_far());
+        let left = keys(&etcd, "");
+        assert!(
+            left.is_empty(),
+            "{args:?}: {} keys left: {:?}",
+            left.len(),
+            &left[..left.len().min(5)]
+        );
+        assert_eq!(leases(&etcd), 0, "{args:?}: leases left");
+    }
+}

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::future::{self, join_all, try_join_all};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use rand::Rng;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::alloc;
 use super::progress::Progress;
@@ -43,6 +44,14 @@ pub(crate) async fn run(config: &Config, target: &dyn Target) -> Result<Measured
         Scenario::Lost => lost(target, label, &base, config).await,
         Scenario::Scale => scale(target, label, &base, config).await,
     }
+}
+
+/// Run `task` on the runtime, aborted if its handle is dropped: a scenario cut short (by a
+/// signal) leaves no task running.
+fn spawn<T: Send + 'static>(
+    task: impl std::future::Future<Output = T> + Send + 'static,
+) -> AbortOnDropHandle<T> {
+    AbortOnDropHandle::new(tokio::spawn(task))
 }
 
 /// Connect `n` workers, each with its own connection and session. If one fails, no more
@@ -132,7 +141,7 @@ async fn cycles(
         .map(|(i, w)| {
             let (w, name, tickets, progress) =
                 (w.clone(), name(i), tickets.clone(), progress.clone());
-            tokio::spawn(async move {
+            spawn(async move {
                 let mut samples = Vec::new();
                 while take(&tickets) {
                     match cycle(w.as_ref(), &name).await {
@@ -233,7 +242,7 @@ async fn handover(
         let started = Instant::now();
         for turn in 0..=ops {
             let (w, n, value) = (waiter_w.clone(), name.clone(), format!("candidate-{turn}"));
-            let campaign = tokio::spawn(async move {
+            let campaign = spawn(async move {
                 let r = w.campaign(&n, &value).await;
                 (r, Instant::now())
             });
@@ -481,7 +490,7 @@ async fn queue_many(
             .iter()
             .map(|w| {
                 let (w, name, progress) = (w.clone(), name.clone(), progress.clone());
-                tokio::spawn(async move {
+                spawn(async move {
                     let h = w.lock(&name).await?;
                     let at = Instant::now();
                     h.release().await?;

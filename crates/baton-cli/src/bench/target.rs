@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use futures::StreamExt;
+use tokio_util::task::TaskTracker;
 
 use crate::cli::{self, Global};
 use crate::exit::CliError;
@@ -286,5 +288,140 @@ impl Held for BatonHeld {
             BatonHeld::Lead(l) => l.resign().await?,
         }
         Ok(())
+    }
+}
+
+/// A target that knows which of its workers are not closed yet, so that a run that is cut
+/// short (a signal drops the scenario midway) can still close them, revoking their leases,
+/// rather than leave their keys for the whole TTL.
+pub(crate) struct Tracked {
+    inner: Arc<dyn Target>,
+    live: Arc<Live>,
+    /// The workers being built: each on a task of its own, so that one half built when the
+    /// scenario is dropped is still registered, and then closed.
+    building: TaskTracker,
+}
+
+/// The workers made and not yet closed.
+#[derive(Default)]
+struct Live {
+    next: AtomicU64,
+    workers: StdMutex<HashMap<u64, Arc<dyn Worker>>>,
+}
+
+impl Live {
+    fn add(&self, worker: Arc<dyn Worker>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, worker);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+impl Tracked {
+    pub(crate) fn new(inner: Arc<dyn Target>) -> Self {
+        Tracked {
+            inner,
+            live: Arc::default(),
+            building: TaskTracker::new(),
+        }
+    }
+
+    /// Close every worker not closed yet, once those being built are (each within the
+    /// dial timeout, then within [`cli::RELEASE_TIMEOUT`]). Meant for when the scenario
+    /// was dropped: its workers are no longer in use.
+    ///
+    /// # Cancel safety
+    ///
+    /// The workers not closed when the future is dropped keep their leases until the TTL.
+    pub(crate) async fn close_all(&self) {
+        self.building.close();
+        self.building.wait().await;
+        let workers: Vec<Arc<dyn Worker>> = self
+            .live
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        futures::stream::iter(workers)
+            .for_each_concurrent(64, |w| async move { w.close().await })
+            .await;
+    }
+}
+
+#[async_trait]
+impl Target for Tracked {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn worker(&self) -> Result<Box<dyn Worker>> {
+        let (inner, live) = (self.inner.clone(), self.live.clone());
+        let built = self.building.spawn(async move {
+            let worker: Arc<dyn Worker> = Arc::from(inner.worker().await?);
+            let id = live.add(worker.clone());
+            Ok::<_, Failure>(TrackedWorker {
+                inner: worker,
+                id,
+                live,
+            })
+        });
+        Ok(Box::new(built.await??))
+    }
+
+    async fn revoke(&self, held: &dyn Held) -> Result<()> {
+        self.inner.revoke(held).await
+    }
+
+    async fn queued(&self, name: &str) -> Result<usize> {
+        self.inner.queued(name).await
+    }
+
+    fn counters(&self) -> Counters {
+        self.inner.counters()
+    }
+
+    fn lost_note(&self) -> Option<&'static str> {
+        self.inner.lost_note()
+    }
+}
+
+/// A worker of a [`Tracked`] target: forgotten once closed.
+struct TrackedWorker {
+    inner: Arc<dyn Worker>,
+    id: u64,
+    live: Arc<Live>,
+}
+
+#[async_trait]
+impl Worker for TrackedWorker {
+    async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
+        self.inner.lock(name).await
+    }
+
+    async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
+        self.inner.campaign(name, value).await
+    }
+
+    /// Forgotten only once closed: a close cut short is done again by
+    /// [`Tracked::close_all`].
+    async fn close(&self) {
+        self.inner.close().await;
+        self.live.remove(self.id);
     }
 }
