@@ -61,6 +61,8 @@ names but connects over plain HTTP without logging in; --peer rslock cannot use 
 
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
 Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
+After the run (or a signal), the keys it left on every server (fencing counters, election
+records) are deleted: SCAN for the run's prefix, then DEL.
 
 A signal (Ctrl-C, SIGTERM) stops the run: every worker is closed (on etcd, its lease revoked,
 which deletes its keys) and baton exits with 128+N.
@@ -298,6 +300,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         if let Some(p) = &peer {
             p.close_all().await;
         }
+        clean_up(&baton, &config.prefix).await;
+        if let Some(p) = &peer {
+            clean_up(p, &config.prefix).await;
+        }
     };
     tokio::select! {
         () = cleanup => {}
@@ -308,6 +314,23 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
     result
 }
+
+/// Delete what the run left on `target`'s backend (see [`Target::clean_up`]), within
+/// [`CLEAN_UP_TIMEOUT`]; a failure is printed, not fatal.
+async fn clean_up(target: &dyn Target, prefix: &str) {
+    let failure = match tokio::time::timeout(CLEAN_UP_TIMEOUT, target.clean_up(prefix)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.0,
+        Err(_) => format!("no answer within {CLEAN_UP_TIMEOUT:?}"),
+    };
+    crate::output::notice(&format!(
+        "bench: cannot delete the keys {} left under {prefix}: {failure}",
+        target.name()
+    ));
+}
+
+/// How long deleting what a run left may take.
+const CLEAN_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connect Baton's target on the backend: the target, the endpoints (credentials
 /// redacted), and the server's version if known.

@@ -576,3 +576,63 @@ fn an_interrupted_bench_leaves_nothing_behind() {
         assert_eq!(leases(&etcd), 0, "{args:?}: leases left");
     }
 }
+
+/// The number of keys on a Redis server.
+fn dbsize(server: &baton_testkit::RedisServer) -> u64 {
+    let reply = server
+        .command(&["DBSIZE"], std::time::Duration::from_secs(2))
+        .unwrap();
+    reply
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("DBSIZE: {reply}"))
+}
+
+/// A Redis run deletes every key it made (fencing counters, election records, queues, lock
+/// keys), Baton's and rslock's, on every server; so does an interrupted one.
+#[test]
+fn redis_runs_leave_no_keys() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let single = baton_testkit::RedisServer::start();
+    let three = baton_testkit::RedisServers::start(3);
+    for (url, servers) in [
+        (single.url(), std::slice::from_ref(&single)),
+        (three.redlock_url(), three.servers()),
+    ] {
+        for args in [
+            &["distinct", "--ops", "200", "--workers", "8"][..],
+            &[
+                "contended",
+                "--ops",
+                "20",
+                "--workers",
+                "3",
+                "--peer",
+                "rslock",
+            ][..],
+            &["handover", "--ops", "3"][..],
+            &["lost", "--ops", "2", "--ttl", "3s", "--peer", "rslock"][..],
+        ] {
+            bench(&url, args);
+            for server in servers {
+                assert_eq!(dbsize(server), 0, "{url} {args:?}: keys left");
+            }
+        }
+        let mut interrupted = Proc::spawn(baton(&url).args([
+            "bench",
+            "contended",
+            "--ops",
+            "10000000",
+            "--workers",
+            "4",
+            "--ttl",
+            "300s",
+        ]));
+        wait_until("the bench to make keys", || dbsize(&servers[0]) > 0);
+        interrupted.signal(libc::SIGTERM);
+        assert_eq!(interrupted.code(), 143, "{:?}", interrupted.stderr_so_far());
+        for server in servers {
+            assert_eq!(dbsize(server), 0, "{url}: keys left after SIGTERM");
+        }
+    }
+}

@@ -49,6 +49,46 @@ impl Admin {
         Ok(())
     }
 
+    /// Delete, on every server, the keys of the locks and elections whose keys start with
+    /// `prefix`: the lock key itself and Baton's keys for it (`baton:fence:`, `:leader:`,
+    /// `:queue:`, `:waiter:` before the lock key). Found with `SCAN`, deleted with `DEL`.
+    async fn delete_prefixed(&self, prefix: &str) -> Result<()> {
+        let pattern = format!("*{}*", glob_escape(prefix));
+        let ours = |key: &[u8]| {
+            key.starts_with(prefix.as_bytes())
+                || FAMILIES.iter().any(|family| {
+                    key.strip_prefix(family.as_bytes())
+                        .is_some_and(|rest| rest.starts_with(prefix.as_bytes()))
+                })
+        };
+        for conn in &self.conns {
+            let mut conn = conn.clone();
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                let keys: Vec<Vec<u8>> = keys.into_iter().filter(|k| ours(k)).collect();
+                if !keys.is_empty() {
+                    redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async::<i64>(&mut conn)
+                        .await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
     /// End `held` from outside as an operator would: `DEL` of its key on every server.
     async fn delete_held(&self, held: &dyn Held) -> Result<()> {
         let key = held
@@ -87,6 +127,27 @@ impl Admin {
             .find_map(|l| l.strip_prefix("redis_version:"))
             .map(|v| v.trim().to_string())
     }
+}
+
+/// The prefixes of Baton's own keys for a lock key (see `baton::redis`'s key layout); the
+/// wake-up channel (`baton:wake:`) is no key.
+const FAMILIES: [&str; 4] = [
+    "baton:fence:",
+    "baton:leader:",
+    "baton:queue:",
+    "baton:waiter:",
+];
+
+/// `text` as a `SCAN MATCH` pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// `redis://h:p` URLs, one per server, from `--endpoints`.
@@ -201,6 +262,14 @@ impl Target for RedisTarget {
             "on Redis, ending a hold from outside is DEL of the lock key; the holder learns \
              of it at its watchdog's next extend (every TTL/3)",
         )
+    }
+
+    /// The fencing counters (which never expire), election records and anything else the
+    /// run's names left, under `--namespace`.
+    async fn clean_up(&self, prefix: &str) -> Result<()> {
+        self.admin
+            .delete_prefixed(&format!("{}{prefix}", self.namespace))
+            .await
     }
 }
 
@@ -348,6 +417,11 @@ impl Target for Rslock {
              loop (every TTL/3, as a user would write it) fails",
         )
     }
+
+    /// The lock keys of holds cut short (rslock's keys have no other families).
+    async fn clean_up(&self, prefix: &str) -> Result<()> {
+        self.admin.delete_prefixed(prefix).await
+    }
 }
 
 struct RslockWorker {
@@ -461,5 +535,11 @@ mod tests {
             ["redis://a:1", "redis://b:2", "redis://c:3"].map(String::from)
         );
         assert!(node_urls("http://a:1").is_err());
+    }
+
+    #[test]
+    fn glob_patterns_match_only_the_text() {
+        assert_eq!(glob_escape("baton-bench/1a-2b"), "baton-bench/1a-2b");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
     }
 }

@@ -67,6 +67,13 @@ pub(crate) trait Target: Send + Sync {
     fn lost_note(&self) -> Option<&'static str> {
         None
     }
+
+    /// Delete what the run left on the backend under the names starting with `prefix`,
+    /// once its workers are closed: on Redis, the fencing counters and the other keys that
+    /// outlive a hold. Nothing to do where every key is bound to a lease (etcd, `mem://`).
+    async fn clean_up(&self, _prefix: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One connection and one session.
@@ -398,6 +405,10 @@ impl Target for Tracked {
 
     fn lost_note(&self) -> Option<&'static str> {
         self.inner.lost_note()
+    }
+
+    async fn clean_up(&self, prefix: &str) -> Result<()> {
+        self.inner.clean_up(prefix).await
     }
 }
 
