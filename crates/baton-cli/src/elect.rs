@@ -110,9 +110,10 @@ async fn elected(
             grace: args.grace,
         }
     });
-    let report = |reason: Option<String>| {
+    let report = |reason: Option<String>, stopped: bool| {
         let reason = reason.unwrap_or_else(|| "the leader key is gone".to_string());
-        output::notice(&format!("leadership lost: {reason}"));
+        let when = if stopped { " while stopped" } else { "" };
+        output::notice(&format!("leadership lost{when}: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,

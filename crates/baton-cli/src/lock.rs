@@ -32,7 +32,9 @@ runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton 
 the release). Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and
 SIGQUIT sent to baton are passed to CMD's process group. When CMD exits, whatever it left
 running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only
-once the group is gone.
+once the group is gone. Ctrl-Z (SIGTSTP, also SIGTTIN and SIGTTOU) stops CMD's process
+group, then baton; on SIGCONT (fg, bg) baton checks the lock before CMD goes on, and if it
+was lost while stopped, ends CMD as above (`lock lost while stopped`, exit 122).
 
 CMD runs in its own process group, in the background of the terminal, so it cannot read
 from the terminal (an interactive shell under `baton lock NAME -- bash` stops). To work by
@@ -126,9 +128,10 @@ async fn locked(
         })
     };
 
-    let on_lost = |reason: Option<String>| {
+    let on_lost = |reason: Option<String>, stopped: bool| {
         let reason = reason.unwrap_or_else(|| "the lock key is gone".to_string());
-        output::notice(&format!("lock lost: {reason}"));
+        let when = if stopped { " while stopped" } else { "" };
+        output::notice(&format!("lock lost{when}: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,

@@ -120,9 +120,10 @@ async fn held(
         })
     };
 
-    let on_lost = |reason: Option<String>| {
+    let on_lost = |reason: Option<String>, stopped: bool| {
         let reason = reason.unwrap_or_else(|| "the permit's key is gone".to_string());
-        output::notice(&format!("permit lost: {reason}"));
+        let when = if stopped { " while stopped" } else { "" };
+        output::notice(&format!("permit lost{when}: {reason}"));
         if out.is_json() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,

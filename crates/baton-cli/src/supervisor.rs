@@ -12,6 +12,10 @@
 //!   still ends with the "lost" exit code: CMD may have run without it.
 //! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), so a `baton`
 //!   killed with SIGKILL does not leave CMD running unprotected.
+//! - Ctrl-Z (SIGTSTP), SIGTTIN and SIGTTOU stop CMD's group first, then `baton`, as a
+//!   shell's job control would: CMD never runs on while `baton`'s keep-alives are stopped.
+//!   On SIGCONT, `baton` checks the hold before it continues CMD's group: if the hold was
+//!   lost while stopped, the group is ended as after any loss (see [`JobControl`]).
 //!
 //! Without CMD, the hold lasts until SIGINT, SIGTERM, SIGHUP or SIGQUIT, or until it is
 //! lost.
@@ -19,6 +23,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -33,6 +38,10 @@ pub(crate) const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// How often the group is checked for survivors while the grace period runs.
 const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// On SIGCONT after a stop, how long the hold's watchers get to report what happened while
+/// `baton` was stopped (a deleted key, a revoked lease) before CMD's group is continued.
+const RESUME_SETTLE: Duration = Duration::from_millis(100);
 
 /// SIGINT, SIGTERM, SIGHUP (a closed terminal or ssh session) and SIGQUIT, caught from
 /// the start of a command so that an interrupted `baton` always cleans up (withdraws its
@@ -114,36 +123,43 @@ pub(crate) enum Ending {
 
 /// Hold until CMD exits (or, without CMD, until a signal), or until `lost` fires.
 ///
+/// `is_lost` checks the hold right now (its local deadline included); it is asked on
+/// SIGCONT after a stop (see [`JobControl`]) before CMD's group is continued.
+///
 /// `on_lost` is called as soon as the loss is seen, right after CMD's group got SIGTERM and
-/// before the grace period: it prints the notice.
+/// before the grace period: it prints the notice. It is told whether the loss was found
+/// while CMD's group was stopped by job control.
 ///
 /// Fails with 127 or 126 if CMD cannot be started; nothing is running then.
 pub(crate) async fn hold(
     job: Option<Job>,
     lost: CancellationToken,
+    is_lost: impl Fn() -> bool,
     signals: &mut Signals,
-    on_lost: impl FnOnce(),
+    on_lost: impl FnOnce(bool),
 ) -> Result<Ending, CliError> {
     let Some(job) = job else {
         return Ok(tokio::select! {
             _ = signals.recv() => Ending::Stopped,
             _ = lost.cancelled() => {
-                on_lost();
+                on_lost(false);
                 Ending::Lost
             }
         });
     };
     if lost.is_cancelled() {
         // Lost before CMD started: never start it.
-        on_lost();
+        on_lost(false);
         return Ok(Ending::Lost);
     }
+    let mut job_control = JobControl::new()?;
     let mut child = spawn(&job)?;
     let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
         return Err(CliError::failed(
             "CMD exited before its process id was known",
         ));
     };
+    job_control.watch(pgid);
     tracing::debug!(pgid, "CMD started");
     let _guardian = Guardian::start(pgid, job.grace);
     loop {
@@ -165,14 +181,228 @@ pub(crate) async fn hold(
                 tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
                 kill_group(pgid, sig);
             }
+            () = job_control.continued() => {
+                if job_control.resume(&lost, &is_lost, pgid).await {
+                    continue;
+                }
+                end_lost(&mut child, pgid, job.grace, on_lost, true).await;
+                return Ok(Ending::Lost);
+            }
             _ = lost.cancelled() => {
-                kill_group(pgid, libc::SIGTERM);
-                on_lost();
-                terminate(&mut child, pgid, job.grace).await;
+                let stopped = job_control.take_stopped();
+                end_lost(&mut child, pgid, job.grace, on_lost, stopped).await;
                 return Ok(Ending::Lost);
             }
         }
     }
+}
+
+/// After a loss: SIGTERM to CMD's group (and SIGCONT, so that a stopped group gets it at
+/// once), the notice, then SIGKILL once `grace` has passed.
+async fn end_lost(
+    child: &mut Child,
+    pgid: i32,
+    grace: Duration,
+    on_lost: impl FnOnce(bool),
+    stopped: bool,
+) {
+    kill_group(pgid, libc::SIGTERM);
+    kill_group(pgid, libc::SIGCONT);
+    on_lost(stopped);
+    terminate(child, pgid, grace).await;
+}
+
+/// CMD's process group, while [`hold`] runs it: what the stop handler stops. 0 when none;
+/// [`SPAWNING`] while CMD is being started, [`STOP_PENDING`] if a stop signal came then.
+static CMD_GROUP: AtomicI32 = AtomicI32::new(0);
+
+/// [`CMD_GROUP`] while CMD is being started: it may already run, but its group is not
+/// known yet.
+const SPAWNING: i32 = -1;
+
+/// [`CMD_GROUP`] when a stop signal came while CMD was being started: `baton` stops CMD's
+/// group and itself as soon as the group is known.
+const STOP_PENDING: i32 = -2;
+
+/// True once the stop handler stopped CMD's group, until `baton` has checked the hold and
+/// continued it (or ended it).
+static CMD_STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Job control for CMD's process group, which is not `baton`'s: a terminal's Ctrl-Z
+/// (SIGTSTP) reaches only `baton`. Left to the default action, it would stop `baton` alone,
+/// and CMD would run on while no keep-alive is sent: the lease would expire and another
+/// process would take the hold while CMD still runs.
+///
+/// So SIGTSTP, SIGTTIN and SIGTTOU are caught (unless they were ignored when `baton`
+/// started) by a handler that sends SIGSTOP to CMD's group, then SIGSTOP to `baton` itself.
+/// On SIGCONT (`fg`, `bg`, `kill -CONT`), `baton` lets the hold's watchers catch up (at most
+/// [`RESUME_SETTLE`]), then checks the hold: still held, it continues CMD's group; lost
+/// while stopped, it ends the group as after any loss (exit 122).
+#[derive(Debug)]
+struct JobControl {
+    continued: Signal,
+}
+
+impl JobControl {
+    /// Catch SIGCONT, and install the stop handler (once per process). Call it right
+    /// before starting CMD: a stop signal from now until [`watch`](JobControl::watch) is
+    /// held back until CMD's group is known.
+    fn new() -> Result<Self, CliError> {
+        let continued = signal(SignalKind::from_raw(libc::SIGCONT))
+            .map_err(|e| CliError::failed(format!("cannot catch signals: {e}")))?;
+        install_stop_handler();
+        CMD_STOPPED.store(false, Ordering::SeqCst);
+        CMD_GROUP.store(SPAWNING, Ordering::SeqCst);
+        Ok(JobControl { continued })
+    }
+
+    /// CMD started as group `pgid`: from now on, stop signals stop it before `baton`. A
+    /// stop signal that came while CMD was being started takes effect now.
+    fn watch(&mut self, pgid: i32) {
+        if CMD_GROUP.swap(pgid, Ordering::SeqCst) == STOP_PENDING {
+            tracing::debug!(pgid, "stop signal while CMD was starting: stopping now");
+            stop(pgid);
+        }
+    }
+
+    /// The next SIGCONT.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a SIGCONT that arrives meanwhile is kept for the next call.
+    async fn continued(&mut self) {
+        if self.continued.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// True (and cleared) if the stop handler stopped CMD's group.
+    fn take_stopped(&self) -> bool {
+        CMD_STOPPED.swap(false, Ordering::SeqCst)
+    }
+
+    /// After SIGCONT: if the handler stopped CMD's group, check the hold and continue the
+    /// group if it is still held. False if it was lost (the group is still stopped then).
+    async fn resume(
+        &mut self,
+        lost: &CancellationToken,
+        is_lost: &impl Fn() -> bool,
+        pgid: i32,
+    ) -> bool {
+        while CMD_STOPPED.load(Ordering::SeqCst) {
+            // What arrived while baton was stopped (a watch event, a keep-alive answer)
+            // is read now: give it a moment to cancel `lost`.
+            let _ = tokio::time::timeout(RESUME_SETTLE, lost.cancelled()).await;
+            CMD_STOPPED.store(false, Ordering::SeqCst);
+            if lost.is_cancelled() || is_lost() {
+                tracing::debug!(pgid, "hold lost while stopped");
+                return false;
+            }
+            tracing::debug!(pgid, "still held after a stop: continuing CMD");
+            kill_group(pgid, libc::SIGCONT);
+            // Stopped again meanwhile: check again before the next SIGCONT is handled.
+        }
+        true
+    }
+}
+
+impl Drop for JobControl {
+    fn drop(&mut self) {
+        // The handler now stops only `baton`, as the default action would.
+        let pending = CMD_GROUP.swap(0, Ordering::SeqCst) == STOP_PENDING;
+        CMD_STOPPED.store(false, Ordering::SeqCst);
+        if pending {
+            // CMD could not be started: the stop is `baton`'s alone.
+            stop(0);
+        }
+    }
+}
+
+/// Install [`on_stop_signal`] for SIGTSTP, SIGTTIN and SIGTTOU, once; a signal ignored when
+/// `baton` started (a non-interactive shell's background job) stays ignored.
+fn install_stop_handler() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        for sig in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+            // SAFETY: sigaction with structs we own, zero-initialised as C expects; the
+            // handler calls only async-signal-safe functions (see `on_stop_signal`).
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                    || old.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                for blocked in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+                    libc::sigaddset(&mut action.sa_mask, blocked);
+                }
+                if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+                    tracing::warn!(
+                        signal = sig,
+                        error = %io::Error::last_os_error(),
+                        "cannot catch a stop signal; it stops baton alone"
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// The stop handler: SIGSTOP to CMD's group (if one runs), then to `baton`. Returns once
+/// `baton` is continued; SIGCONT's own handler then wakes [`JobControl::continued`]. While
+/// CMD is being started, it only marks the stop as pending (see [`JobControl::watch`]).
+extern "C" fn on_stop_signal(_signal: libc::c_int) {
+    // SAFETY: errno is thread-local, and reading and restoring it is what a handler must do.
+    let (errno, saved) = unsafe {
+        let errno = errno_location();
+        (errno, *errno)
+    };
+    // Only lock-free atomics and async-signal-safe calls (kill, getpid) from here on.
+    let pgid = loop {
+        match CMD_GROUP.load(Ordering::SeqCst) {
+            SPAWNING => {
+                if CMD_GROUP
+                    .compare_exchange(SPAWNING, STOP_PENDING, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    break None;
+                }
+            }
+            STOP_PENDING => break None,
+            pgid => break Some(pgid),
+        }
+    };
+    if let Some(pgid) = pgid {
+        stop(pgid);
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
+}
+
+/// Stop CMD's group `pgid` (if positive), then `baton` itself; returns once `baton` is
+/// continued. Async-signal-safe.
+fn stop(pgid: i32) {
+    if pgid > 0 {
+        CMD_STOPPED.store(true, Ordering::SeqCst);
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(-pgid, libc::SIGSTOP) };
+    }
+    // SAFETY: kill(2) and getpid(2) have no memory-safety preconditions.
+    unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__errno_location()
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn errno_location() -> *mut libc::c_int {
+    libc::__error()
 }
 
 /// How a hold that was released ended (see [`hold_and_release`]); `released` is true if
@@ -189,6 +419,8 @@ pub(crate) enum Released {
 pub(crate) trait Holding {
     /// Cancelled when the hold is lost.
     fn lost_token(&self) -> CancellationToken;
+    /// True once the hold is lost, its local deadline included.
+    fn is_lost(&self) -> bool;
     /// Why the hold was lost, if it was.
     fn lost_reason(&self) -> Option<String>;
     /// Release it.
@@ -199,6 +431,9 @@ pub(crate) trait Holding {
 impl<T: baton::coordinator::Guard + ?Sized + 'static> Holding for Box<T> {
     fn lost_token(&self) -> CancellationToken {
         self.as_ref().lost_token()
+    }
+    fn is_lost(&self) -> bool {
+        self.as_ref().is_lost()
     }
     fn lost_reason(&self) -> Option<String> {
         self.as_ref().lost_reason()
@@ -212,6 +447,9 @@ impl Holding for baton::SemaphorePermit {
     fn lost_token(&self) -> CancellationToken {
         baton::SemaphorePermit::lost_token(self)
     }
+    fn is_lost(&self) -> bool {
+        baton::SemaphorePermit::is_lost(self)
+    }
     fn lost_reason(&self) -> Option<String> {
         baton::SemaphorePermit::lost_reason(self)
     }
@@ -223,37 +461,45 @@ impl Holding for baton::SemaphorePermit {
 /// [`hold`], then release `held` within [`cli::RELEASE_TIMEOUT`](crate::cli::RELEASE_TIMEOUT):
 /// the whole life of something held while CMD runs. `what` names it in notices ("the
 /// permit"). A loss is reported once by `on_lost` (given why: the hold's reason, or the
-/// release's error) and gives 122, also when it is found only after CMD exited; a release
-/// that fails otherwise is only a notice, since the session's lease ends it anyway.
+/// release's error; and whether it was found while CMD was stopped by job control) and
+/// gives 122, also when it is found only after CMD exited; a release that fails otherwise
+/// is only a notice, since the session's lease ends it anyway.
 pub(crate) async fn hold_and_release<G: Holding>(
     held: G,
     job: Option<Job>,
     signals: &mut Signals,
     what: &str,
-    on_lost: impl FnOnce(Option<String>),
+    on_lost: impl FnOnce(Option<String>, bool),
 ) -> Result<Released, CliError> {
     let lost = held.lost_token();
     let mut on_lost = Some(on_lost);
-    let mut report = |reason: Option<String>| {
+    let mut report = |reason: Option<String>, stopped: bool| {
         if let Some(f) = on_lost.take() {
-            f(reason);
+            f(reason, stopped);
         }
     };
-    let ending = hold(job, lost.clone(), signals, || report(held.lost_reason())).await;
+    let ending = hold(
+        job,
+        lost.clone(),
+        || held.is_lost(),
+        signals,
+        |stopped| report(held.lost_reason(), stopped),
+    )
+    .await;
     if let Ok(Ending::Lost) = ending {
         return Err(CliError::quiet(exit::LOST));
     }
     // Lost while CMD was finishing, before anyone said so.
     let lost_before = lost.is_cancelled();
     if lost_before {
-        report(held.lost_reason());
+        report(held.lost_reason(), false);
     }
     let released = tokio::time::timeout(crate::cli::RELEASE_TIMEOUT, held.release()).await;
     let lost_at_release = released_lost(&released);
     match &released {
         Ok(Ok(())) => tracing::info!("{what} released"),
         // The release found it was not ours any more (a loss nobody had seen yet).
-        Ok(Err(e)) if lost_at_release => report(Some(e.to_string())),
+        Ok(Err(e)) if lost_at_release => report(Some(e.to_string()), false),
         Ok(Err(e)) => crate::output::notice(&format!("baton: releasing {what}: {e}")),
         Err(_) => crate::output::notice(&format!(
             "baton: releasing {what} timed out; it expires with its lease"
@@ -387,8 +633,10 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
             std::process::exit(0);
         }
     }
-    // `baton` is gone: CMD's group must not run on without the lock.
+    // `baton` is gone: CMD's group must not run on without the lock. SIGCONT: a group
+    // stopped by job control gets the SIGTERM at once.
     kill_group(pgid, libc::SIGTERM);
+    kill_group(pgid, libc::SIGCONT);
     let now = std::time::Instant::now();
     let deadline = now.checked_add(grace).unwrap_or_else(|| now + CENTURY);
     while group_alive(pgid) && std::time::Instant::now() < deadline {

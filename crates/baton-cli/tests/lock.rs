@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -331,6 +332,130 @@ fn env_vars_name_the_key_baton_created() {
 }
 
 /// `acquired KEY token=N`.
+/// A `baton lock` whose CMD writes its pid to `$D/pid` and its key to `$D/key`, then
+/// appends `A` to `$D/log` every 50 ms; the pids of baton and CMD, and the key.
+fn ticking_holder(etcd: &EtcdServer, dir: &Path, name: &str, ttl: &str) -> (Proc, u32, String) {
+    let holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir).args([
+        "lock",
+        name,
+        "--ttl",
+        ttl,
+        "--grace",
+        "2s",
+        "--",
+        "sh",
+        "-c",
+        r#"echo $$ > "$D/pid"; echo "$BATON_LOCK_KEY" > "$D/key"; while :; do echo A >> "$D/log"; sleep 0.05; done"#,
+    ]));
+    let key = wait_for_file(&dir.join("key")).trim().to_string();
+    let pid: u32 = wait_for_file(&dir.join("pid")).trim().parse().unwrap();
+    wait_until("CMD writing", || file_size(&dir.join("log")) > 0);
+    (holder, pid, key)
+}
+
+/// Ctrl-Z (SIGTSTP) stops CMD's process group along with baton, as a shell's job control
+/// would: CMD must not run on while baton's keep-alives are stopped. SIGCONT resumes both
+/// while the lock is still held.
+#[test]
+fn sigtstp_stops_cmd_and_sigcont_resumes_it() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut holder, cmd, _) = ticking_holder(&etcd, dir.path(), "tstp", "10s");
+
+    holder.signal(libc::SIGTSTP);
+    wait_until("baton stopped", || proc_state(holder.pid()) == Some('T'));
+    wait_until("CMD stopped", || proc_state(cmd) == Some('T'));
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped_at = file_size(&log);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        file_size(&log),
+        stopped_at,
+        "CMD kept writing while stopped"
+    );
+
+    holder.signal(libc::SIGCONT);
+    wait_until("CMD running again", || proc_state(cmd) != Some('T'));
+    wait_until("CMD writing again", || file_size(&log) > stopped_at);
+    assert!(holder.child.try_wait().unwrap().is_none(), "baton exited");
+
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 128 + libc::SIGTERM);
+    assert!(!alive(cmd), "CMD still runs");
+    assert!(keys(&etcd, "tstp/").is_empty());
+}
+
+/// A lease revoked while baton and CMD are stopped (SIGTSTP): on SIGCONT, CMD is killed
+/// without running on, and baton says so and exits 122.
+#[test]
+fn lock_lost_while_stopped_kills_cmd_on_sigcont() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut holder, cmd, key) = ticking_holder(&etcd, dir.path(), "tstp-lost", "10s");
+
+    holder.signal(libc::SIGTSTP);
+    wait_until("baton stopped", || proc_state(holder.pid()) == Some('T'));
+    wait_until("CMD stopped", || proc_state(cmd) == Some('T'));
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped_at = file_size(&log);
+    revoke(&etcd, &key);
+    std::thread::sleep(Duration::from_millis(300));
+
+    holder.signal(libc::SIGCONT);
+    let status = holder.wait(Duration::from_secs(5)).expect("baton exits");
+    assert_eq!(status.code(), Some(122));
+    assert!(!alive(cmd), "CMD still runs");
+    assert_eq!(file_size(&log), stopped_at, "CMD ran on after the loss");
+    let err = holder.stderr_so_far();
+    assert!(
+        err.iter().any(|l| l.starts_with("lock lost while stopped")),
+        "{err:?}"
+    );
+}
+
+/// The reviewer's case: stopped (SIGTSTP) past its TTL, the lock goes to another process;
+/// the stopped holder's CMD never runs alongside it, and is killed on SIGCONT.
+#[test]
+fn stopped_past_ttl_never_runs_cmd_beside_the_next_holder() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut holder, cmd, _) = ticking_holder(&etcd, dir.path(), "tstp-ttl", "2s");
+
+    holder.signal(libc::SIGTSTP);
+    wait_until("baton stopped", || proc_state(holder.pid()) == Some('T'));
+    wait_until("CMD stopped", || proc_state(cmd) == Some('T'));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(proc_state(cmd), Some('T'), "CMD no longer stopped");
+    let (out, _) = run(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "--try",
+        "tstp-ttl",
+        "--",
+        "sh",
+        "-c",
+        r#"echo B >> "$D/log"; sleep 0.5; echo B >> "$D/log""#,
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.ends_with("B\nB\n"),
+        "CMD ran beside the next holder:\n{text}"
+    );
+
+    holder.signal(libc::SIGCONT);
+    let status = holder.wait(Duration::from_secs(5)).expect("baton exits");
+    assert_eq!(status.code(), Some(122));
+    assert!(!alive(cmd), "CMD still runs");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.ends_with("B\nB\n"),
+        "CMD ran on after the loss:\n{text}"
+    );
+}
+
 fn parse_acquired(line: &str) -> (String, i64) {
     let rest = line
         .strip_prefix("acquired ")

@@ -232,3 +232,16 @@ pub fn create_revision(etcd: &EtcdServer, key: &str) -> i64 {
         .parse()
         .unwrap()
 }
+
+/// A process's state letter from /proc/PID/stat (`T` when stopped), or `None` if it is gone.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state …"; comm may contain spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next()?.chars().next()
+}
+
+/// The size of the file at `path` (0 if it does not exist).
+pub fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
