@@ -63,10 +63,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let result = signals.interruptible(pass(&session, &args, deadline)).await;
     cli::close(&session).await;
     let round = result?;
-    let _ = out.emit(
+    out.emit(
         &format!("passed {} (round {round})", args.name),
         &json!({"event": "passed", "name": args.name, "count": args.count, "round": round}),
-    );
+    )
+    .map_err(|e| output::not_written(Some("passed"), &e))?;
     Ok(0)
 }
 

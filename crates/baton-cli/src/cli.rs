@@ -33,7 +33,8 @@ Exit codes:
   122      the lock or leadership was lost while held
   124      not acquired: --try found the lock held (or no permit free), or --timeout
            passed (also baton barrier, baton queue pop)
-  125      baton itself failed: bad input, unreachable backend
+  125      baton itself failed: bad input, unreachable backend, or a result (get, set,
+           queue, leader, status, barrier) that could not be written to stdout
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting
 

@@ -8,7 +8,7 @@
 //! | 1 | `baton leader`: the election has no leader |
 //! | 122 | the lock or leadership was lost while held |
 //! | 124 | not acquired: `--try` found the lock held, or `--timeout` passed |
-//! | 125 | `baton` itself failed: bad input, unreachable backend, store error |
+//! | 125 | `baton` itself failed: bad input, unreachable backend, store error, a result that could not be written to stdout |
 //! | 126 | CMD could not be executed |
 //! | 127 | CMD was not found |
 //! | 128+N | interrupted by signal N while waiting, or CMD killed by signal N |

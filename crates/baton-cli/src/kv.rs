@@ -1,7 +1,6 @@
 //! `baton get KEY`, `baton set KEY VALUE [--if-revision R]` and `baton watch KEY [--prefix]`:
 //! plain reads, compare-and-set writes, and following changes.
 
-use std::io::Write;
 use std::time::Duration;
 
 use baton::store::{EventKind, KeyValue, Range, Watch};
@@ -10,8 +9,8 @@ use serde_json::json;
 
 use crate::cli::{self, Global};
 use crate::exit::CliError;
-use crate::output::Output;
-use crate::queue::value;
+use crate::output::{self, Output};
+use crate::queue::{value, write_stdout};
 use crate::supervisor::Signals;
 
 /// `baton get`: the key does not exist; `baton set --if-revision`: the key changed.
@@ -23,7 +22,7 @@ Examples:
   baton --json get config/feature-x                # value, version, revision (last write)
 
 Prints the value as is, then a newline. Exits 1 with a message on stderr if the key does
-not exist.";
+not exist, and 125 if the value cannot be written to stdout.";
 
 const SET_EXAMPLES: &str = "\
 Examples:
@@ -38,7 +37,8 @@ Prints the key's new version and revision: `set KEY (version V, revision R)`.
 --if-revision compares the revision of the key's last write, not its version: a version
 starts again at 1 when a key is deleted and written again, a revision is never reused.
 Exit codes: 0 written; 1 --if-revision did not match (nothing was written; stderr says the
-key's revision now); 125 bad input or backend failure.";
+key's revision now); 125 bad input or backend failure, or written but the result could not
+be printed (stdout full or closed).";
 
 const WATCH_EXAMPLES: &str = "\
 Examples:
@@ -46,7 +46,8 @@ Examples:
   baton watch --prefix config/
   baton --json watch --prefix jobs/ | jq -r .key
 
-Prints one line per change, from now on, until SIGINT or SIGTERM (exit 0):
+Prints one line per change, from now on, until SIGINT or SIGTERM (exit 0), or until the
+reader closes the pipe (exit 0; another failure to write exits 125):
   put config/feature-x = on (version 2, revision 15)
   delete config/feature-x (revision 16)
 After a broken connection it watches again from where it was. If the backend compacted
@@ -118,15 +119,15 @@ pub(crate) async fn get(global: &Global, args: GetArgs) -> Result<u8, CliError> 
             format!("key {:?} does not exist", args.key),
         ));
     };
-    if out.is_json() {
-        let _ = out.json_line(&versioned_json("value", &args.key, &found));
+    let printed = if out.is_json() {
+        out.json_line(&versioned_json("value", &args.key, &found))
     } else {
-        let mut stdout = std::io::stdout().lock();
-        let _ = stdout
-            .write_all(&found.value)
-            .and_then(|()| stdout.write_all(b"\n"))
-            .and_then(|()| stdout.flush());
-    }
+        // The value as is (it may not be UTF-8), then a newline.
+        let mut value = found.value;
+        value.push(b'\n');
+        write_stdout(&value)
+    };
+    printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
 }
 
@@ -154,13 +155,14 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
             }
         },
     };
-    let _ = out.emit(
+    out.emit(
         &format!(
             "set {} (version {}, revision {})",
             args.key, written.version, written.mod_revision
         ),
         &versioned_json("set", &args.key, &written),
-    );
+    )
+    .map_err(|e| output::not_written(Some("key set"), &e))?;
     Ok(0)
 }
 
@@ -214,8 +216,8 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                     // After a compaction: what changed while we were cut off, as it is now.
                     let since = pause.last_seen;
                     for kv in resp.kvs.iter().filter(|kv| kv.mod_revision > since) {
-                        if print_put(&out, kv).is_err() {
-                            return Ok(0);
+                        if let Err(e) = print_put(&out, kv) {
+                            return output::follow_ended(&e);
                         }
                     }
                 }
@@ -257,9 +259,8 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                             EventKind::Put => print_put(&out, &event.kv),
                             EventKind::Delete => print_delete(&out, &event.kv),
                         };
-                        if printed.is_err() {
-                            // stdout is closed: nobody is reading any more.
-                            return Ok(0);
+                        if let Err(e) = printed {
+                            return output::follow_ended(&e);
                         }
                         pause.last_seen = pause.last_seen.max(event.kv.mod_revision);
                         next = Some(pause.last_seen + 1);

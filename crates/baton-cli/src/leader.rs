@@ -37,10 +37,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     };
     match leader {
         Ok(leader) => {
-            let _ = out.emit(
+            out.emit(
                 &leader.value_str(),
                 &leader_json(&args.name, &leader, redis),
-            );
+            )
+            .map_err(|e| crate::output::not_written(None, &e))?;
             Ok(0)
         }
         Err(baton::Error::NoLeader { .. }) => Err(CliError::new(

@@ -22,7 +22,8 @@ On Redis, the revision counts the values published in the leader's term, and the
 the lock's counter (`none` on redlock://).
 
 The first line is the current leader, if there is one. Lines follow as leaders change or
-proclaim new values, until SIGINT or SIGTERM (exit 0).";
+proclaim new values, until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe
+(exit 0; another failure to write exits 125).";
 
 /// `baton observe`.
 #[derive(Debug, clap::Args)]
@@ -62,9 +63,8 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     }
                     return Err(CliError::failed("observing the election ended unexpectedly"));
                 };
-                if print_leader(&out, &args.name, &leader, redis).is_err() {
-                    // stdout is closed: nobody is reading any more.
-                    return Ok(0);
+                if let Err(e) = print_leader(&out, &args.name, &leader, redis) {
+                    return crate::output::follow_ended(&e);
                 }
             }
             _ = signals.recv() => return Ok(0),

@@ -1,12 +1,17 @@
 //! What `baton` prints on stdout: one human line per event, or with `--json` one JSON object
 //! per line.
 //!
-//! Writes never panic: a closed stdout (`baton observe | head -1`) is reported to the caller
-//! as an error, which long-running commands take as a reason to stop.
+//! Writes never panic: a failed write (a closed pipe, a full disk) is reported to the caller
+//! as an error. A command that prints a result (`get`, `set`, `queue`, `leader`, `status`,
+//! `barrier`) then fails with 125 ([`not_written`]): a script must not take a result it
+//! never got for success. Commands that follow changes (`observe`, `watch`) stop: with 0
+//! when the reader closed the pipe (`baton observe | head -1`), else with 125.
 
 use std::io::{self, Write};
 
 use serde_json::Value;
+
+use crate::exit::CliError;
 
 /// Where events go, in which form.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +57,25 @@ impl Output {
         serde_json::to_writer(&mut stdout, value)?;
         writeln!(stdout)?;
         stdout.flush()
+    }
+}
+
+/// The failure for a result that could not be written to stdout: 125, with `done` saying
+/// what happened all the same ("key set"), if anything did.
+pub(crate) fn not_written(done: Option<&str>, e: &io::Error) -> CliError {
+    match done {
+        Some(done) => CliError::failed(format!("{done}, but cannot write to stdout: {e}")),
+        None => CliError::failed(format!("cannot write to stdout: {e}")),
+    }
+}
+
+/// How a command that follows changes ends when stdout fails: 0 if the reader is gone (a
+/// closed pipe: nobody wants more), else 125.
+pub(crate) fn follow_ended(e: &io::Error) -> Result<u8, CliError> {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Ok(0)
+    } else {
+        Err(not_written(None, e))
     }
 }
 

@@ -21,7 +21,9 @@ Examples:
   while item=$(baton queue pop --timeout 5m jobs/thumbnails); do ./thumb.sh \"$item\"; done
 
 Each item is popped by exactly one consumer, in the order the items were pushed. Items are
-kept (without a lease) until popped. The keys are NAME/<nanoseconds>, as Go's
+kept (without a lease) until popped. If a popped item cannot be written to stdout (a full
+disk, a closed pipe), baton prints it on stderr instead, since it has left the queue, and
+exits 125. The keys are NAME/<nanoseconds>, as Go's
 recipe.NewQueue makes them, so Go programs share the queue.";
 
 /// `baton queue`.
@@ -75,6 +77,13 @@ pub(crate) fn value(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Write `bytes` to stdout and flush.
+pub(crate) fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
+}
+
 /// Run `baton queue`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
@@ -89,7 +98,8 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 .interruptible(async { queue.enqueue(value).await.map_err(CliError::from) })
                 .await?;
             if out.is_json() {
-                let _ = out.json_line(&json!({"event": "pushed", "name": name}));
+                out.json_line(&json!({"event": "pushed", "name": name}))
+                    .map_err(|e| output::not_written(Some("pushed"), &e))?;
             }
             Ok(0)
         }
@@ -113,19 +123,26 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     })
                 })
                 .await?;
-            if out.is_json() {
-                let _ = out.json_line(&json!({
+            // The value as is (it may not be UTF-8), or one JSON line; then a newline.
+            let mut printed = if out.is_json() {
+                let json = json!({
                     "event": "popped",
                     "name": name,
                     "value": String::from_utf8_lossy(&item),
-                }));
+                });
+                json.to_string().into_bytes()
             } else {
-                // The value as is (it may not be UTF-8), then a newline.
-                let mut stdout = std::io::stdout().lock();
-                let _ = stdout
-                    .write_all(&item)
-                    .and_then(|()| stdout.write_all(b"\n"))
-                    .and_then(|()| stdout.flush());
+                item
+            };
+            printed.push(b'\n');
+            if let Err(e) = write_stdout(&printed) {
+                // The item is no longer in the queue: it must not be lost with stdout.
+                exit::print_error(&format!(
+                    "cannot write to stdout: {e}; the item popped from queue {name:?} follows on stderr"
+                ));
+                let mut stderr = std::io::stderr().lock();
+                let _ = stderr.write_all(&printed).and_then(|()| stderr.flush());
+                return Err(CliError::quiet(exit::FAILED));
             }
             Ok(0)
         }
@@ -134,10 +151,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             let len = signals
                 .interruptible(async { queue.len().await.map_err(CliError::from) })
                 .await?;
-            let _ = out.emit(
+            out.emit(
                 &len.to_string(),
                 &json!({"event": "len", "name": name, "len": len}),
-            );
+            )
+            .map_err(|e| output::not_written(None, &e))?;
             Ok(0)
         }
     }

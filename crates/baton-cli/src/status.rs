@@ -120,11 +120,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         revision: resp.header_revision,
         entries,
     };
-    if out.is_json() {
-        let _ = out.serialize_line(&status);
+    let printed = if out.is_json() {
+        out.serialize_line(&status)
     } else {
-        let _ = out.text(&table(&status));
-    }
+        out.text(&table(&status))
+    };
+    printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
 }
 
@@ -284,18 +285,18 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
             waiter_count: Some(h.waiters),
         })
         .collect();
-    if out.is_json() {
-        let _ = out.serialize_line(&serde_json::json!({
+    let printed = if out.is_json() {
+        out.serialize_line(&serde_json::json!({
             "prefix": prefix,
             "backend": coordinator.backend(),
             "entries": entries,
-        }));
+        }))
     } else if entries.is_empty() {
-        let _ = out.text(&if prefix.is_empty() {
+        out.text(&if prefix.is_empty() {
             "no locks or elections".to_string()
         } else {
             format!("no locks or elections under {prefix:?}")
-        });
+        })
     } else {
         let rows: Vec<Vec<String>> = entries
             .iter()
@@ -311,11 +312,12 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
                 ]
             })
             .collect();
-        let _ = out.text(&render(
+        out.text(&render(
             &["NAME", "KIND", "KEY", "TOKEN", "TTL", "SERVERS"],
             &rows,
-        ));
-    }
+        ))
+    };
+    printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
 }
 

@@ -243,6 +243,76 @@ fn queue_round_trip() {
     assert_eq!(out.status.code(), Some(124), "{out:?}");
 }
 
+/// Run `cmd` with stdout on /dev/full (every write fails with ENOSPC).
+fn run_to_full(cmd: &mut std::process::Command) -> std::process::Output {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    cmd.stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// A result that cannot be written to stdout is a failure (125 and one line on stderr),
+/// never a silent 0; an item popped from a queue is then printed on stderr, so that it is
+/// not lost with stdout.
+#[test]
+fn results_to_a_full_stdout_exit_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let failed = |out: &std::process::Output, what: &str| {
+        assert_eq!(out.status.code(), Some(125), "{what}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot write"), "{what}: {err}");
+    };
+
+    for item in ["precious", "also precious"] {
+        let out = run(baton(&ep).args(["queue", "push", "full", item])).0;
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    let out = run_to_full(baton(&ep).args(["queue", "pop", "full"]));
+    failed(&out, "queue pop");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.ends_with("\nprecious\n"),
+        "the popped item is lost: {err:?}"
+    );
+    let out = run_to_full(baton(&ep).args(["--json", "queue", "pop", "full"]));
+    failed(&out, "queue pop --json");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["value"], "also precious", "{err}");
+
+    failed(
+        &run_to_full(baton(&ep).args(["queue", "len", "full"])),
+        "queue len",
+    );
+    failed(
+        &run_to_full(baton(&ep).args(["--json", "queue", "push", "full", "x"])),
+        "queue push --json",
+    );
+    failed(&run_to_full(baton(&ep).args(["set", "full/k", "v"])), "set");
+    failed(&run_to_full(baton(&ep).args(["get", "full/k"])), "get");
+    failed(
+        &run_to_full(baton(&ep).args(["--json", "get", "full/k"])),
+        "get --json",
+    );
+    failed(&run_to_full(baton(&ep).args(["status"])), "status");
+    let leader = Proc::spawn(baton(&ep).args(["elect", "full/e", "v"]));
+    assert!(leader.line().starts_with("elected "));
+    failed(
+        &run_to_full(baton(&ep).args(["leader", "full/e"])),
+        "leader",
+    );
+    failed(
+        &run_to_full(baton("mem://").args(["barrier", "b", "--count", "1"])),
+        "barrier",
+    );
+}
+
 /// set, get, --if-revision: a matching revision writes, a stale one exits 1 with one line
 /// and writes nothing (also after a delete and re-create, which restarts the version); a
 /// missing key exits 1.
