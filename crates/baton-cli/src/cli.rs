@@ -152,7 +152,8 @@ pub(crate) enum Command {
     Observe(observe::Args),
     /// Print the current leader's value.
     Leader(leader::Args),
-    /// Show the locks and elections under a prefix: holder, token, TTL, waiters.
+    /// Show the locks, elections, semaphores and barriers under a prefix: holders, token,
+    /// TTL, waiters.
     Status(status::Args),
     /// Watch workers share a lock with fencing, and an election fail over, in seconds.
     Demo(demo::Args),

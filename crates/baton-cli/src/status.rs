@@ -1,9 +1,18 @@
-//! `baton status [PREFIX]`: the locks and elections under a prefix.
+//! `baton status [PREFIX]`: the locks, elections, semaphores and barriers under a prefix.
 //!
 //! A lock or election named `NAME` is the set of keys `NAME/<lease id in hex>` bound to that
 //! lease (the layout of Baton, Go's `concurrency` package, `etcdctl lock` and `etcdctl
 //! elect`). Other keys are ignored. The holder (or leader) is the key created first; its
 //! create revision is the fencing token; the others wait in create-revision order.
+//!
+//! A semaphore has the same keys, each valued `COUNT/PERMITS` (see [`baton::Semaphore`]):
+//! when every key of a name says so, with one PERMITS, it is shown as a semaphore, whose
+//! holders are the keys the semaphore grants (in create order, while their counts add up
+//! to at most PERMITS) and whose waiters are the rest. A double barrier (`baton barrier`,
+//! [`baton::DoubleBarrier`]) named `NAME` has its participants' keys, with empty values,
+//! under `NAME/waiters/`: they are shown as one barrier `NAME`, the participants of its
+//! open round (all of them if none is open) as holders, later arrivals as waiters.
+//! Semaphores and barriers have no single holder, so no fencing token.
 //!
 //! Values are never shown: an election's value is public, but a key that only looks like a
 //! lock key may hold anything.
@@ -20,14 +29,18 @@ use crate::output::{self, Output};
 
 const EXAMPLES: &str = "\
 Examples:
-  baton status                 # every lock and election
+  baton status                 # every lock, election, semaphore and barrier
   baton status jobs/           # those whose names start with jobs/
   baton --json status | jq '.entries[] | select(.waiter_count > 0)'
 
-Columns: NAME, KIND (lock: empty value; election: a value; a semaphore's permits look like
-an election's keys, which they share), HOLDER (the key created first),
-TOKEN (its create revision, the fencing token), TTL (the time left on the holder's lease),
-WAITERS (how many queue behind it, and their keys).
+Columns: NAME, KIND (lock: empty value; election: a value; semaphore: every value is
+COUNT/PERMITS; barrier: keys NAME/waiters/<lease>), HOLDER (the key created first; for a
+semaphore every key granted a permit, for a barrier every participant of the open round,
+comma-separated), TOKEN (its create revision, the fencing token; - for semaphores and
+barriers), TTL (the time left on the (first) holder's lease), WAITERS (how many queue
+behind, and their keys). JSON has, per entry: name, kind, holder, fencing_token (null
+for semaphores and barriers), permits (semaphores only), holder_count, holders,
+waiter_count, waiters.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
@@ -59,13 +72,22 @@ pub(crate) struct Member {
     lease_id: i64,
 }
 
-/// One lock or election.
+/// One lock, election, semaphore or barrier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct Entry {
     name: String,
     kind: &'static str,
+    /// The holder, the leader, or the first of the holders (semaphore, barrier).
     holder: Member,
-    fencing_token: i64,
+    /// The holder's create revision; `None` for semaphores and barriers, which have no
+    /// single holder to fence.
+    fencing_token: Option<i64>,
+    /// A semaphore's permits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permits: Option<u32>,
+    holder_count: usize,
+    /// Every holder, in create order: one for a lock or election.
+    holders: Vec<Member>,
     waiter_count: usize,
     waiters: Vec<Member>,
 }
@@ -94,7 +116,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
 
     let mut leases: Vec<i64> = entries
         .iter()
-        .flat_map(|e| std::iter::once(&e.holder).chain(&e.waiters))
+        .flat_map(|e| e.holders.iter().chain(&e.waiters))
         .map(|m| m.lease_id)
         .collect();
     leases.sort_unstable();
@@ -106,7 +128,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         ttl_of.insert(id, ttl.map_err(CliError::failed)?);
     }
     for entry in &mut entries {
-        for m in std::iter::once(&mut entry.holder).chain(entry.waiters.iter_mut()) {
+        for m in std::iter::once(&mut entry.holder)
+            .chain(entry.holders.iter_mut())
+            .chain(entry.waiters.iter_mut())
+        {
             m.ttl_secs = ttl_of
                 .get(&m.lease_id)
                 .copied()
@@ -129,14 +154,25 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// Group lock and election keys by name, in create-revision order.
+/// Group lock, election, semaphore and barrier keys by name, in create-revision order.
 pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
     let mut by_name: BTreeMap<String, Vec<(&KeyValue, Member)>> = BTreeMap::new();
+    // Open barrier rounds: NAME/ready (no lease), valued with the create revision of the
+    // round's last participant.
+    let mut ready: HashMap<String, i64> = HashMap::new();
     for kv in kvs {
+        let key = kv.key_str();
         if kv.lease == 0 {
+            if let Some(name) = key.strip_suffix(BARRIER_READY) {
+                if let Some(last) = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|v| v.parse::<i64>().ok())
+                {
+                    ready.insert(name.to_string(), last);
+                }
+            }
             continue;
         }
-        let key = kv.key_str();
         let Some((name, suffix)) = key.rsplit_once('/') else {
             continue;
         };
@@ -155,27 +191,103 @@ pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
             },
         ));
     }
-    by_name
+    let mut entries: Vec<Entry> = by_name
         .into_iter()
         .filter_map(|(name, mut members)| {
             members.sort_by_key(|(kv, _)| kv.create_revision);
-            let mut members = members.into_iter();
-            let (head, holder) = members.next()?;
-            let waiters: Vec<Member> = members.map(|(_, m)| m).collect();
-            Some(Entry {
-                name,
-                kind: if head.value.is_empty() {
-                    "lock"
-                } else {
-                    "election"
-                },
-                fencing_token: holder.create_revision,
-                holder,
-                waiter_count: waiters.len(),
-                waiters,
-            })
+            if let Some(permits) = semaphore_permits(&members) {
+                // Granted in create order while the counts fit, as the semaphore does.
+                let mut used = 0_u64;
+                let held = members
+                    .iter()
+                    .take_while(|(kv, _)| {
+                        used += semaphore_value(&kv.value).map_or(u64::MAX, |(c, _)| c.into());
+                        used <= u64::from(permits)
+                    })
+                    .count();
+                let waiters = members.split_off(held);
+                return entry(name, "semaphore", Some(permits), members, waiters);
+            }
+            if let Some(barrier) = name.strip_suffix(BARRIER_WAITERS) {
+                if !barrier.is_empty() && members.iter().all(|(kv, _)| kv.value.is_empty()) {
+                    // An open round's participants are the keys created up to the last
+                    // of them; later ones wait for the next round.
+                    let round = ready.get(barrier).copied().unwrap_or(i64::MAX);
+                    let inside = members
+                        .iter()
+                        .take_while(|(kv, _)| kv.create_revision <= round)
+                        .count();
+                    let waiters = members.split_off(inside);
+                    return entry(barrier.to_string(), "barrier", None, members, waiters);
+                }
+            }
+            let kind = if members.first()?.0.value.is_empty() {
+                "lock"
+            } else {
+                "election"
+            };
+            let waiters = members.split_off(1);
+            entry(name, kind, None, members, waiters)
         })
-        .collect()
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    entries
+}
+
+/// The suffix of a double barrier's participants' prefix: `NAME/waiters/<lease>`.
+const BARRIER_WAITERS: &str = "/waiters";
+
+/// The key that opens a double barrier's round: `NAME/ready`.
+const BARRIER_READY: &str = "/ready";
+
+/// An entry of `holders` and `waiters` (in create order); `None` if no one holds.
+fn entry(
+    name: String,
+    kind: &'static str,
+    permits: Option<u32>,
+    holders: Vec<(&KeyValue, Member)>,
+    waiters: Vec<(&KeyValue, Member)>,
+) -> Option<Entry> {
+    let holders: Vec<Member> = holders.into_iter().map(|(_, m)| m).collect();
+    let waiters: Vec<Member> = waiters.into_iter().map(|(_, m)| m).collect();
+    let holder = holders.first()?.clone();
+    let single = matches!(kind, "lock" | "election");
+    Some(Entry {
+        name,
+        kind,
+        fencing_token: single.then_some(holder.create_revision),
+        holder,
+        permits,
+        holder_count: holders.len(),
+        holders,
+        waiter_count: waiters.len(),
+        waiters,
+    })
+}
+
+/// A semaphore's permits, if every key of a name is a semaphore key (`COUNT/PERMITS`, one
+/// PERMITS, 1 <= COUNT <= PERMITS).
+fn semaphore_permits(members: &[(&KeyValue, Member)]) -> Option<u32> {
+    let mut permits = None;
+    for (kv, _) in members {
+        let (count, p) = semaphore_value(&kv.value)?;
+        if count == 0 || count > p || permits.is_some_and(|seen| seen != p) {
+            return None;
+        }
+        permits = Some(p);
+    }
+    permits
+}
+
+/// A semaphore key's value, `COUNT/PERMITS` in ASCII decimal.
+fn semaphore_value(value: &[u8]) -> Option<(u32, u32)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (count, permits) = text.split_once('/')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(count) || !digits(permits) {
+        return None;
+    }
+    Some((count.parse().ok()?, permits.parse().ok()?))
 }
 
 /// The human table.
@@ -201,11 +313,13 @@ fn table(status: &Status) -> String {
                 let keys: Vec<&str> = e.waiters.iter().map(|w| w.key.as_str()).collect();
                 format!("{}: {}", e.waiter_count, keys.join(", "))
             };
+            let holders: Vec<&str> = e.holders.iter().map(|h| h.key.as_str()).collect();
             vec![
                 e.name.clone(),
                 e.kind.to_string(),
-                e.holder.key.clone(),
-                e.fencing_token.to_string(),
+                holders.join(","),
+                e.fencing_token
+                    .map_or_else(|| "-".to_string(), |t| t.to_string()),
                 ttl,
                 waiters,
             ]
@@ -353,11 +467,60 @@ mod tests {
         let a = &entries[0];
         assert_eq!(a.kind, "lock");
         assert_eq!(a.holder.key, "jobs/a/2c");
-        assert_eq!(a.fencing_token, 5);
+        assert_eq!(a.fencing_token, Some(5));
         assert_eq!(a.waiter_count, 2);
         assert_eq!(a.waiters[0].key, "jobs/a/1b");
         assert_eq!(a.waiters[1].key, "jobs/a/4e");
         assert_eq!(entries[2].kind, "election");
+    }
+
+    #[test]
+    fn semaphores_show_granted_keys_as_holders() {
+        let kvs = [
+            kv("s/1a", "1/3", 4, 0x1a),
+            kv("s/2b", "2/3", 5, 0x2b),
+            kv("s/3c", "1/3", 6, 0x3c),
+            kv("s/4d", "1/3", 7, 0x4d),
+            // Another size: not one semaphore; shown as before.
+            kv("m/5e", "1/2", 8, 0x5e),
+            kv("m/6f", "1/3", 9, 0x6f),
+        ];
+        let entries = group(&kvs);
+        let s = entries.iter().find(|e| e.name == "s").unwrap();
+        assert_eq!(s.kind, "semaphore");
+        assert_eq!(s.permits, Some(3));
+        assert_eq!(s.fencing_token, None);
+        let keys = |ms: &[Member]| ms.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
+        // 1 + 2 permits are granted; the third key does not fit, and FIFO stops there.
+        assert_eq!(keys(&s.holders), ["s/1a", "s/2b"]);
+        assert_eq!(s.holder.key, "s/1a");
+        assert_eq!(s.holder_count, 2);
+        assert_eq!(keys(&s.waiters), ["s/3c", "s/4d"]);
+        assert_eq!(s.waiter_count, 2);
+        let m = entries.iter().find(|e| e.name == "m").unwrap();
+        assert_eq!(m.kind, "election");
+    }
+
+    #[test]
+    fn barriers_show_as_one_entry_per_name() {
+        let kvs = [
+            kv("b/ready", "6", 7, 0),
+            kv("b/waiters/1a", "", 4, 0x1a),
+            kv("b/waiters/2b", "", 6, 0x2b),
+            kv("b/waiters/3c", "", 8, 0x3c),
+            kv("c/waiters/4d", "", 9, 0x4d),
+        ];
+        let entries = group(&kvs);
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "c"]);
+        let b = &entries[0];
+        assert_eq!(b.kind, "barrier");
+        assert_eq!(b.fencing_token, None);
+        // The open round is the keys up to revision 6; the later one waits for the next.
+        assert_eq!(b.holder_count, 2);
+        assert_eq!(b.waiters[0].key, "b/waiters/3c");
+        assert_eq!(entries[1].holder_count, 1);
+        assert_eq!(entries[1].waiter_count, 0);
     }
 
     #[test]

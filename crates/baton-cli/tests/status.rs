@@ -78,3 +78,102 @@ fn status_shows_holder_token_ttl_and_waiters() {
     assert_eq!(status["entries"][1]["kind"], "election");
     assert!(!stdout(&out).contains("hunter2"));
 }
+
+/// The `--json` status entry named `name` under `prefix`.
+fn entry(ep: &str, prefix: &str, name: &str) -> serde_json::Value {
+    let (out, _) = run(baton(ep).args(["--json", "status", prefix]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries = status["entries"].as_array().unwrap();
+    let found: Vec<&serde_json::Value> = entries.iter().filter(|e| e["name"] == name).collect();
+    assert_eq!(found.len(), 1, "no single entry {name:?}: {status}");
+    found[0].clone()
+}
+
+/// The keys of a status entry's `holders` or `waiters`.
+fn member_keys(entry: &serde_json::Value, field: &str) -> Vec<String> {
+    entry[field]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A semaphore shows as one: every key granted a permit is a holder (in queue order, as the
+/// semaphore grants them), the rest wait; it has no fencing token.
+#[test]
+fn status_shows_semaphore_holders_and_waiters() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let sem = |name: &str, permits: &str| {
+        Proc::spawn(baton(&ep).args(["sem", name, "--permits", permits, "--", "sleep", "30"]))
+    };
+
+    let _two: Vec<Proc> = (0..2).map(|_| sem("sm/two", "2")).collect();
+    wait_until("two holders", || keys(&etcd, "sm/two/").len() == 2);
+    let mut holders = keys(&etcd, "sm/two/");
+    holders.sort_by_key(|k| create_revision(&etcd, k));
+    let two = entry(&ep, "sm/", "sm/two");
+    assert_eq!(two["kind"], "semaphore", "{two}");
+    assert_eq!(two["permits"], 2, "{two}");
+    assert_eq!(member_keys(&two, "holders"), holders, "{two}");
+    assert_eq!(two["holder"]["key"], holders[0].as_str(), "{two}");
+    assert_eq!(two["holder_count"], 2, "{two}");
+    assert_eq!(two["waiter_count"], 0, "{two}");
+    assert!(two["fencing_token"].is_null(), "{two}");
+
+    let mut three: Vec<Proc> = Vec::new();
+    for n in 1..=3 {
+        three.push(sem("sm/three", "3"));
+        wait_until("the next holder", || keys(&etcd, "sm/three/").len() == n);
+    }
+    three.push(sem("sm/three", "3"));
+    wait_until("a waiter", || keys(&etcd, "sm/three/").len() == 4);
+    let mut all = keys(&etcd, "sm/three/");
+    all.sort_by_key(|k| create_revision(&etcd, k));
+    let e = entry(&ep, "sm/", "sm/three");
+    assert_eq!(e["kind"], "semaphore", "{e}");
+    assert_eq!(member_keys(&e, "holders"), all[..3], "{e}");
+    assert_eq!(e["waiter_count"], 1, "{e}");
+    assert_eq!(member_keys(&e, "waiters"), all[3..], "{e}");
+
+    let (out, _) = run(baton(&ep).args(["status", "sm/"]));
+    let table = stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("sm/three "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "semaphore", "{table}");
+    assert_eq!(cells[2], all[..3].join(","), "{table}");
+    assert_eq!(cells[3], "-", "{table}");
+    assert!(row.ends_with(&format!("1: {}", all[3])), "{table}");
+}
+
+/// Participants of `baton barrier` show as a barrier named NAME, not as a lock named
+/// NAME/waiters.
+#[test]
+fn status_shows_barrier_participants() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let _waiting: Vec<Proc> = (0..2)
+        .map(|_| Proc::spawn(baton(&ep).args(["barrier", "bar/rier", "--count", "3"])))
+        .collect();
+    wait_until("two participants", || {
+        keys(&etcd, "bar/rier/waiters/").len() == 2
+    });
+    let mut inside = keys(&etcd, "bar/rier/waiters/");
+    inside.sort_by_key(|k| create_revision(&etcd, k));
+
+    let (out, _) = run(baton(&ep).args(["--json", "status", "bar/"]));
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries = status["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{status}");
+    let e = &entries[0];
+    assert_eq!(e["name"], "bar/rier", "{e}");
+    assert_eq!(e["kind"], "barrier", "{e}");
+    assert_eq!(member_keys(e, "holders"), inside, "{e}");
+    assert_eq!(e["waiter_count"], 0, "{e}");
+    assert!(e["fencing_token"].is_null(), "{e}");
+}
