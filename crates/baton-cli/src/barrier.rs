@@ -22,7 +22,8 @@ baton enters the barrier, waits until N participants have entered, then leaves a
 until all of them have left: so every participant returns at about the same time, and none
 returns before all N arrived. It prints one line (`passed NAME (round R)`) and exits 0.
 If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone;
-if N are already inside a round, baton exits 125.";
+if N are already inside a round, baton exits 125. If its session is lost while it waits
+(its lease revoked or expired), it exits 125 too.";
 
 /// `baton barrier`.
 #[derive(Debug, clap::Args)]
@@ -118,6 +119,7 @@ async fn within<T>(
             "barrier {:?} is full: {} participants are already inside a round",
             args.name, args.count
         )),
+        e if e.is_lost() => exit::lost_while_waiting(&format!("at barrier {:?}", args.name), &e),
         e => CliError::from(e),
     })
 }

@@ -30,11 +30,13 @@ Exit codes:
   0        success, or CMD's own exit code (passed through)
   1        baton leader: the election has no leader; baton get: no such key;
            baton set --if-revision: the key changed (nothing written)
-  122      the lock or leadership was lost while held
+  122      the lock, leadership or permit was lost while held (CMD may have run
+           without it)
   124      not acquired: --try found the lock held (or no permit free), or --timeout
            passed (also baton barrier, baton queue pop)
-  125      baton itself failed: bad input, unreachable backend, or a result (get, set,
-           queue, leader, status, barrier) that could not be written to stdout
+  125      baton itself failed: bad input, unreachable backend, the session lost while
+           still waiting (nothing held, CMD never ran), or a result (get, set, queue,
+           leader, status, barrier) that could not be written to stdout
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting
 

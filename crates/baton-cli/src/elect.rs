@@ -160,7 +160,7 @@ async fn campaign(
     };
     result.map_err(|e| {
         if e.is_lost() {
-            CliError::new(exit::LOST, format!("candidacy lost while waiting: {e}"))
+            exit::lost_while_waiting(&format!("to lead {:?}", args.name), &e)
         } else {
             CliError::failed(e)
         }

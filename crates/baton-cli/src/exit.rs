@@ -6,9 +6,9 @@
 //! |---|---|
 //! | 0 | success (or CMD's own 0) |
 //! | 1 | `baton leader`: the election has no leader |
-//! | 122 | the lock or leadership was lost while held |
+//! | 122 | the lock, leadership or permit was lost while held (CMD may have run without it) |
 //! | 124 | not acquired: `--try` found the lock held, or `--timeout` passed |
-//! | 125 | `baton` itself failed: bad input, unreachable backend, store error, a result that could not be written to stdout |
+//! | 125 | `baton` itself failed (also: the session was lost while still waiting, so nothing was held and CMD never ran): bad input, unreachable backend, store error, a result that could not be written to stdout |
 //! | 126 | CMD could not be executed |
 //! | 127 | CMD was not found |
 //! | 128+N | interrupted by signal N while waiting, or CMD killed by signal N |
@@ -18,7 +18,8 @@ use std::io::Write;
 
 /// The election has no leader (`baton leader`).
 pub(crate) const NO_LEADER: u8 = 1;
-/// The lock or leadership was lost while held.
+/// The lock, leadership or permit was lost while held. Only for a hold: a session lost
+/// while waiting is [`FAILED`] (see [`lost_while_waiting`]).
 pub(crate) const LOST: u8 = 122;
 /// Not acquired: `--try` found the lock held, or `--timeout` passed.
 pub(crate) const NOT_ACQUIRED: u8 = 124;
@@ -86,6 +87,14 @@ impl CliError {
     }
 }
 
+/// A wait (for a lock, a leadership, a permit, a barrier) that ended because the session
+/// or the waiter's key was lost: nothing was held and CMD never ran, so this is `baton`'s
+/// failure (125), not a loss while held (122). `what` says what was waited for ("for lock
+/// \"x\"").
+pub(crate) fn lost_while_waiting(what: &str, e: &baton::Error) -> CliError {
+    CliError::failed(format!("session lost while waiting {what}: {e}"))
+}
+
 /// Print `baton: MESSAGE` as exactly one line on stderr.
 pub(crate) fn print_error(message: &str) {
     let line = one_line(message);
@@ -105,14 +114,10 @@ pub(crate) fn one_line(message: &str) -> String {
 }
 
 impl From<baton::Error> for CliError {
-    /// A library error outside acquisition: lost is 122, everything else is `baton`'s own
-    /// failure (125).
+    /// A library error outside a hold: `baton`'s own failure (125), a lost session too,
+    /// since nothing was held (122 is only for a hold lost, which the supervisor reports).
     fn from(e: baton::Error) -> Self {
-        if e.is_lost() {
-            CliError::new(LOST, e)
-        } else {
-            CliError::failed(e)
-        }
+        CliError::failed(e)
     }
 }
 
@@ -135,11 +140,25 @@ mod tests {
 
     #[test]
     fn library_errors_map_to_codes() {
+        // Outside a hold nothing was held: a lost session is a failure, not 122.
         let lost: CliError = baton::Error::SessionLost {
             reason: "lease revoked".into(),
         }
         .into();
-        assert_eq!(lost.code(), LOST);
+        assert_eq!(lost.code(), FAILED);
+        let waiting = lost_while_waiting(
+            "for lock \"x\"",
+            &baton::Error::SessionLost {
+                reason: "lease revoked".into(),
+            },
+        );
+        assert_eq!(waiting.code(), FAILED);
+        assert!(
+            waiting
+                .message()
+                .is_some_and(|m| m.starts_with("session lost while waiting for lock \"x\": ")),
+            "{waiting:?}"
+        );
         let bad: CliError = baton::Error::InvalidArgument("name is empty".into()).into();
         assert_eq!(bad.code(), FAILED);
     }

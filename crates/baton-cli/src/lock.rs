@@ -185,7 +185,7 @@ async fn acquire(
             exit::NOT_ACQUIRED,
             format!("lock {name:?} is held by another owner"),
         ),
-        e if e.is_lost() => CliError::new(exit::LOST, format!("lock lost while waiting: {e}")),
+        e if e.is_lost() => exit::lost_while_waiting(&format!("for lock {name:?}"), &e),
         e => CliError::failed(e),
     })
 }

@@ -172,7 +172,9 @@ async fn acquire(sem: &baton::Semaphore, args: &Args) -> Result<baton::Semaphore
             exit::NOT_ACQUIRED,
             format!("semaphore {name:?} has no free permit"),
         ),
-        e if e.is_lost() => CliError::new(exit::LOST, format!("permit lost while waiting: {e}")),
+        e if e.is_lost() => {
+            exit::lost_while_waiting(&format!("for a permit of semaphore {name:?}"), &e)
+        }
         e => CliError::failed(e),
     })
 }

@@ -161,3 +161,28 @@ fn baton_leader_is_seen_by_etcdctl() {
     assert_eq!(standby.code(), 0);
     assert!(keys(&etcd, "e2/").is_empty());
 }
+
+/// A candidate whose session is lost before it is elected never led: it exits 125 saying
+/// so, not 122 ("lost while held").
+#[test]
+fn candidate_whose_lease_is_revoked_exits_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let leader = Proc::spawn(baton(&ep).args(["elect", "vote", "a"]));
+    assert!(leader.line().starts_with("elected vote/"));
+    let leader_key = keys(&etcd, "vote/")[0].clone();
+    let mut candidate = Proc::spawn(baton(&ep).args(["elect", "vote", "b", "--", "true"]));
+    wait_until("the candidate's key", || keys(&etcd, "vote/").len() == 2);
+    let candidate_key = keys(&etcd, "vote/")
+        .into_iter()
+        .find(|k| *k != leader_key)
+        .unwrap();
+    revoke(&etcd, &candidate_key);
+    assert_eq!(candidate.code(), 125);
+    let err = candidate.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: session lost while waiting to lead \"vote\""),
+        "{err:?}"
+    );
+}

@@ -332,6 +332,39 @@ fn env_vars_name_the_key_baton_created() {
 }
 
 /// `acquired KEY token=N`.
+/// A waiter whose session is lost (its lease revoked) never held the lock and never ran
+/// CMD: it exits 125 saying so, not 122 ("lost while held").
+#[test]
+fn waiter_whose_lease_is_revoked_exits_125() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let holder = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "queued"]));
+    let (key, _) = parse_acquired(&holder.line());
+    let mut waiter = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "queued",
+        "--",
+        "sh",
+        "-c",
+        r#"touch "$D/ran""#,
+    ]));
+    wait_until("the waiter's key", || keys(&etcd, "queued/").len() == 2);
+    let waiter_key = keys(&etcd, "queued/")
+        .into_iter()
+        .find(|k| *k != key)
+        .unwrap();
+    revoke(&etcd, &waiter_key);
+    assert_eq!(waiter.code(), 125);
+    let err = waiter.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: session lost while waiting for lock \"queued\""),
+        "{err:?}"
+    );
+    assert!(!dir.path().join("ran").exists(), "CMD ran");
+    assert_eq!(keys(&etcd, "queued/"), [key]);
+}
+
 /// A `baton lock` whose CMD writes its pid to `$D/pid` and its key to `$D/key`, then
 /// appends `A` to `$D/log` every 50 ms; the pids of baton and CMD, and the key.
 fn ticking_holder(etcd: &EtcdServer, dir: &Path, name: &str, ttl: &str) -> (Proc, u32, String) {

@@ -110,6 +110,44 @@ fn sem_lost_permit_exits_122() {
     assert!(err.iter().any(|l| l.starts_with("permit lost")), "{err:?}");
 }
 
+/// A waiter for a permit, and a barrier participant, whose session is lost held nothing:
+/// they exit 125 saying so, not 122 ("lost while held").
+#[test]
+fn sem_and_barrier_session_lost_while_waiting_exit_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let _holder = Proc::spawn(baton(&ep).args(["sem", "full", "--permits", "1"]));
+    wait_until("the holder's key", || keys(&etcd, "full/").len() == 1);
+    let holder_key = keys(&etcd, "full/")[0].clone();
+    let mut waiter = Proc::spawn(baton(&ep).args(["sem", "full", "--permits", "1", "--", "true"]));
+    wait_until("the waiter's key", || keys(&etcd, "full/").len() == 2);
+    let waiter_key = keys(&etcd, "full/")
+        .into_iter()
+        .find(|k| *k != holder_key)
+        .unwrap();
+    revoke(&etcd, &waiter_key);
+    assert_eq!(waiter.code(), 125);
+    let err = waiter.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: session lost while waiting for a permit of semaphore \"full\""),
+        "{err:?}"
+    );
+
+    let mut alone = Proc::spawn(baton(&ep).args(["barrier", "pair", "--count", "2"]));
+    wait_until("the participant's key", || {
+        keys(&etcd, "pair/waiters/").len() == 1
+    });
+    revoke(&etcd, &keys(&etcd, "pair/waiters/")[0]);
+    assert_eq!(alone.code(), 125);
+    let err = alone.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: session lost while waiting at barrier \"pair\""),
+        "{err:?}"
+    );
+}
+
 /// CMD's exit code passes through, and CMD sees its key; bad input exits 125 with one line
 /// before connecting.
 #[test]

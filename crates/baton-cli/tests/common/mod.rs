@@ -115,6 +115,20 @@ impl Proc {
         self.err_lines.try_iter().collect()
     }
 
+    /// Every stderr line, once stderr is closed (after the exit), waiting at most [`STEP`].
+    pub fn stderr_all(&self) -> Vec<String> {
+        let deadline = Instant::now() + STEP;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err_lines.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("stderr still open: {lines:?}"),
+            }
+        }
+    }
+
     /// Send a signal.
     pub fn signal(&self, sig: i32) {
         signal(self.pid(), sig);
