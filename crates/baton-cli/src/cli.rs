@@ -402,6 +402,20 @@ pub(crate) async fn coordinator(
         .map_err(CliError::from)
 }
 
+/// The credentials of `--user`, `--password-file` and `$BATON_PASSWORD`, for code that talks
+/// to Redis without a Baton client (the bench's own connections, the rslock peer): a user
+/// (if any) and its password. `None` if none were given.
+pub(crate) fn redis_credentials(
+    global: &Global,
+) -> Result<Option<(Option<String>, String)>, CliError> {
+    let security = Security::from_global(global, &global.endpoints)?;
+    Ok(match (security.user, security.password) {
+        (Some((user, password)), _) => Some((Some(user), password)),
+        (None, Some(password)) => Some((None, password)),
+        (None, None) => None,
+    })
+}
+
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.
 fn password(global: &Global) -> Result<Option<String>, CliError> {
     if let Some(path) = &global.password_file {

@@ -636,3 +636,43 @@ fn redis_runs_leave_no_keys() {
         }
     }
 }
+
+/// On a Redis that needs a password, given through `$BATON_PASSWORD`: the bench's own
+/// connections (the `DEL` of `lost`, the clean-up) and the rslock peer use it too, and the
+/// run leaves no key.
+#[test]
+fn redis_bench_uses_the_password_everywhere() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = baton_testkit::RedisServer::start_with(
+        baton_testkit::RedisServerOptions::new().with_requirepass("s3cr:t@pw"),
+    );
+    for args in [
+        &["lost", "--ops", "2", "--ttl", "3s", "--peer", "rslock"][..],
+        &[
+            "contended",
+            "--ops",
+            "20",
+            "--workers",
+            "2",
+            "--peer",
+            "rslock",
+        ][..],
+    ] {
+        let (out, _) = run(baton(&server.url())
+            .env("BATON_PASSWORD", "s3cr:t@pw")
+            .arg("--json")
+            .arg("bench")
+            .args(args));
+        assert_eq!(out.status.code(), Some(0), "bench {args:?}: {out:?}");
+        let keys = std::process::Command::new("redis-cli")
+            .args(["-p", &server.port().to_string(), "--no-auth-warning"])
+            .args(["-a", "s3cr:t@pw", "DBSIZE"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&keys.stdout).trim(),
+            "0",
+            "{args:?}: keys left"
+        );
+    }
+}
