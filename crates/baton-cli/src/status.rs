@@ -36,11 +36,15 @@ Examples:
 Columns: NAME, KIND (lock: empty value; election: a value; semaphore: every value is
 COUNT/PERMITS; barrier: keys NAME/waiters/<lease>), HOLDER (the key created first; for a
 semaphore every key granted a permit, for a barrier every participant of the open round,
-comma-separated), TOKEN (its create revision, the fencing token; - for semaphores and
-barriers), TTL (the time left on the (first) holder's lease), WAITERS (how many queue
-behind, and their keys). JSON has, per entry: name, kind, holder, fencing_token (null
-for semaphores and barriers), permits (semaphores only), holder_count, holders,
+comma-separated), TOKEN (the first holder's create revision: the fencing token of the lock
+or the leader, or of the first permit or participant), TTL (the time left on the (first)
+holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per entry:
+name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
 waiter_count, waiters.
+
+The kind is guessed from the keys, which cannot always tell: an election whose values all
+look like COUNT/PERMITS (\"1/2\") shows as a semaphore, and a lock named NAME/waiters as a
+barrier. --kind says what the names are instead.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
@@ -58,6 +62,26 @@ pub(crate) struct Args {
     /// Show only names starting with PREFIX (default: all).
     #[arg(default_value = "")]
     pub(crate) prefix: String,
+
+    /// What the names under PREFIX are, when the keys cannot tell (see below): auto
+    /// (guess from the keys), lock, election, semaphore or barrier.
+    #[arg(long, value_enum, default_value_t = Kind::Auto)]
+    pub(crate) kind: Kind,
+}
+
+/// `--kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kind {
+    /// Guess from the keys' layout and values.
+    Auto,
+    /// Locks: the first key holds, the rest wait.
+    Lock,
+    /// Elections: the first key leads, the rest wait.
+    Election,
+    /// Semaphores: values COUNT/PERMITS; keys hold while their counts fit.
+    Semaphore,
+    /// Double barriers: keys NAME/waiters/<lease>.
+    Barrier,
 }
 
 /// One key of a lock or election queue.
@@ -79,9 +103,8 @@ pub(crate) struct Entry {
     kind: &'static str,
     /// The holder, the leader, or the first of the holders (semaphore, barrier).
     holder: Member,
-    /// The holder's create revision; `None` for semaphores and barriers, which have no
-    /// single holder to fence.
-    fencing_token: Option<i64>,
+    /// The (first) holder's create revision: the fencing token of its grant.
+    fencing_token: i64,
     /// A semaphore's permits.
     #[serde(skip_serializing_if = "Option::is_none")]
     permits: Option<u32>,
@@ -112,7 +135,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         .range(Range::prefix(args.prefix.as_bytes().to_vec()))
         .await
         .map_err(CliError::failed)?;
-    let mut entries = group(&resp.kvs);
+    let mut entries = group_as(&resp.kvs, args.kind);
 
     let mut leases: Vec<i64> = entries
         .iter()
@@ -154,8 +177,15 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// Group lock, election, semaphore and barrier keys by name, in create-revision order.
+/// Group lock, election, semaphore and barrier keys by name, in create-revision order,
+/// guessing each name's kind.
+#[cfg(test)]
 pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
+    group_as(kvs, Kind::Auto)
+}
+
+/// Group keys by name, in create-revision order, as names of `kind`.
+pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
     let mut by_name: BTreeMap<String, Vec<(&KeyValue, Member)>> = BTreeMap::new();
     // Open barrier rounds: NAME/ready (no lease), valued with the create revision of the
     // round's last participant.
@@ -195,7 +225,12 @@ pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
         .into_iter()
         .filter_map(|(name, mut members)| {
             members.sort_by_key(|(kv, _)| kv.create_revision);
-            if let Some(permits) = semaphore_permits(&members) {
+            let guess = |k: Kind| kind == Kind::Auto || kind == k;
+            let permits = match kind {
+                Kind::Auto | Kind::Semaphore => semaphore_permits(&members),
+                _ => None,
+            };
+            if let Some(permits) = permits {
                 // Granted in create order while the counts fit, as the semaphore does.
                 let mut used = 0_u64;
                 let held = members
@@ -208,7 +243,10 @@ pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
                 let waiters = members.split_off(held);
                 return entry(name, "semaphore", Some(permits), members, waiters);
             }
-            if let Some(barrier) = name.strip_suffix(BARRIER_WAITERS) {
+            if let Some(barrier) = name
+                .strip_suffix(BARRIER_WAITERS)
+                .filter(|_| guess(Kind::Barrier))
+            {
                 if !barrier.is_empty() && members.iter().all(|(kv, _)| kv.value.is_empty()) {
                     // An open round's participants are the keys created up to the last
                     // of them; later ones wait for the next round.
@@ -221,10 +259,12 @@ pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
                     return entry(barrier.to_string(), "barrier", None, members, waiters);
                 }
             }
-            let kind = if members.first()?.0.value.is_empty() {
-                "lock"
-            } else {
-                "election"
+            let kind = match kind {
+                Kind::Lock => "lock",
+                Kind::Election => "election",
+                // Not of the kind asked for: shown as what its keys say.
+                _ if members.first()?.0.value.is_empty() => "lock",
+                _ => "election",
             };
             let waiters = members.split_off(1);
             entry(name, kind, None, members, waiters)
@@ -251,11 +291,10 @@ fn entry(
     let holders: Vec<Member> = holders.into_iter().map(|(_, m)| m).collect();
     let waiters: Vec<Member> = waiters.into_iter().map(|(_, m)| m).collect();
     let holder = holders.first()?.clone();
-    let single = matches!(kind, "lock" | "election");
     Some(Entry {
         name,
         kind,
-        fencing_token: single.then_some(holder.create_revision),
+        fencing_token: holder.create_revision,
         holder,
         permits,
         holder_count: holders.len(),
@@ -318,8 +357,7 @@ fn table(status: &Status) -> String {
                 e.name.clone(),
                 e.kind.to_string(),
                 holders.join(","),
-                e.fencing_token
-                    .map_or_else(|| "-".to_string(), |t| t.to_string()),
+                e.fencing_token.to_string(),
                 ttl,
                 waiters,
             ]
@@ -467,7 +505,7 @@ mod tests {
         let a = &entries[0];
         assert_eq!(a.kind, "lock");
         assert_eq!(a.holder.key, "jobs/a/2c");
-        assert_eq!(a.fencing_token, Some(5));
+        assert_eq!(a.fencing_token, 5);
         assert_eq!(a.waiter_count, 2);
         assert_eq!(a.waiters[0].key, "jobs/a/1b");
         assert_eq!(a.waiters[1].key, "jobs/a/4e");
@@ -489,7 +527,7 @@ mod tests {
         let s = entries.iter().find(|e| e.name == "s").unwrap();
         assert_eq!(s.kind, "semaphore");
         assert_eq!(s.permits, Some(3));
-        assert_eq!(s.fencing_token, None);
+        assert_eq!(s.fencing_token, 4);
         let keys = |ms: &[Member]| ms.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
         // 1 + 2 permits are granted; the third key does not fit, and FIFO stops there.
         assert_eq!(keys(&s.holders), ["s/1a", "s/2b"]);
@@ -515,12 +553,42 @@ mod tests {
         assert_eq!(names, ["b", "c"]);
         let b = &entries[0];
         assert_eq!(b.kind, "barrier");
-        assert_eq!(b.fencing_token, None);
+        assert_eq!(b.fencing_token, 4);
         // The open round is the keys up to revision 6; the later one waits for the next.
         assert_eq!(b.holder_count, 2);
         assert_eq!(b.waiters[0].key, "b/waiters/3c");
         assert_eq!(entries[1].holder_count, 1);
         assert_eq!(entries[1].waiter_count, 0);
+    }
+
+    /// What the keys cannot tell, --kind can: an election whose values look like a
+    /// semaphore's, and a lock named NAME/waiters.
+    #[test]
+    fn kind_overrides_the_guess() {
+        let kvs = [
+            kv("shard/1a", "1/2", 4, 0x1a),
+            kv("shard/2b", "2/2", 5, 0x2b),
+            kv("deploy/waiters/3c", "", 6, 0x3c),
+            kv("deploy/waiters/4d", "", 7, 0x4d),
+        ];
+        let guessed = group(&kvs);
+        assert_eq!(guessed[1].kind, "semaphore", "the guess, as documented");
+        assert_eq!(
+            guessed[1].fencing_token, 4,
+            "the token is kept all the same"
+        );
+        let election = group_as(&kvs[..2], Kind::Election);
+        assert_eq!(election[0].kind, "election");
+        assert_eq!(election[0].holder.key, "shard/1a");
+        assert_eq!(election[0].fencing_token, 4);
+        assert_eq!(election[0].waiter_count, 1);
+        let lock = group_as(&kvs[2..], Kind::Lock);
+        assert_eq!(lock[0].name, "deploy/waiters");
+        assert_eq!(lock[0].kind, "lock");
+        assert_eq!((lock[0].holder_count, lock[0].waiter_count), (1, 1));
+        // A kind that does not fit the keys: shown as what they say.
+        let as_semaphore = group_as(&kvs[2..], Kind::Semaphore);
+        assert_eq!(as_semaphore[0].kind, "lock");
     }
 
     #[test]
