@@ -34,7 +34,9 @@ SIGQUIT sent to baton are passed to CMD's process group. When CMD exits, whateve
 running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only
 once the group is gone. Ctrl-Z (SIGTSTP, also SIGTTIN and SIGTTOU) stops CMD's process
 group, then baton; on SIGCONT (fg, bg) baton checks the lock before CMD goes on, and if it
-was lost while stopped, ends CMD as above (`lock lost while stopped`, exit 122).
+was lost while stopped, ends CMD as above (`lock lost while stopped`, exit 122). Under
+setsid, systemd or cron (an orphaned process group), a stop signal is ignored, as the
+kernel would ignore it.
 
 CMD runs in its own process group, in the background of the terminal, so it cannot read
 from the terminal (an interactive shell under `baton lock NAME -- bash` stops). To work by

@@ -15,7 +15,10 @@
 //! - Ctrl-Z (SIGTSTP), SIGTTIN and SIGTTOU stop CMD's group first, then `baton`, as a
 //!   shell's job control would: CMD never runs on while `baton`'s keep-alives are stopped.
 //!   On SIGCONT, `baton` checks the hold before it continues CMD's group: if the hold was
-//!   lost while stopped, the group is ended as after any loss (see [`JobControl`]).
+//!   lost while stopped, the group is ended as after any loss (see [`JobControl`]). A stop
+//!   signal that nothing could undo (`baton` started by `setsid`, systemd or cron: a process
+//!   group the kernel calls orphaned) is ignored, as the kernel ignores it there: CMD and
+//!   the keep-alives run on.
 //!
 //! Without CMD, the hold lasts until SIGINT, SIGTERM, SIGHUP or SIGQUIT, or until it is
 //! lost.
@@ -362,6 +365,14 @@ extern "C" fn on_stop_signal(_signal: libc::c_int) {
         (errno, *errno)
     };
     // Only lock-free atomics and async-signal-safe calls (kill, getpid) from here on.
+    if !job_control_applies() {
+        // Nobody could continue us: ignore it, as the kernel ignores stop signals sent to
+        // an orphaned process group (a service, a setsid or cron job). CMD and the
+        // keep-alives run on.
+        // SAFETY: as above.
+        unsafe { *errno = saved };
+        return;
+    }
     let pgid = loop {
         match CMD_GROUP.load(Ordering::SeqCst) {
             SPAWNING => {
@@ -381,6 +392,33 @@ extern "C" fn on_stop_signal(_signal: libc::c_int) {
     }
     // SAFETY: as above.
     unsafe { *errno = saved };
+}
+
+/// True if a stop of `baton` can be undone: `baton` is the foreground job of its
+/// controlling terminal (a Ctrl-Z), or its parent is in the same session but another process
+/// group (a shell's job, or a test harness, that can send SIGCONT). False for a process
+/// group the kernel calls orphaned, whose stop signals it discards: `baton` started by
+/// `setsid`, systemd or cron. (Only `baton`'s own parent is looked at, not every member of
+/// its group.) Async-signal-safe: open, tcgetpgrp, close and the get*id calls only.
+fn job_control_applies() -> bool {
+    // SAFETY: system calls with no memory-safety preconditions; the path is NUL-terminated.
+    unsafe {
+        let own = libc::getpgrp();
+        let tty = libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if tty >= 0 {
+            let foreground = libc::tcgetpgrp(tty);
+            libc::close(tty);
+            if foreground == own {
+                return true;
+            }
+        }
+        let parent = libc::getppid();
+        let session = libc::getsid(0);
+        session >= 0 && libc::getsid(parent) == session && libc::getpgid(parent) != own
+    }
 }
 
 /// Stop CMD's group `pgid` (if positive), then `baton` itself; returns once `baton` is

@@ -367,8 +367,36 @@ fn waiter_whose_lease_is_revoked_exits_125() {
 
 /// A `baton lock` whose CMD writes its pid to `$D/pid` and its key to `$D/key`, then
 /// appends `A` to `$D/log` every 50 ms; the pids of baton and CMD, and the key.
+/// `baton lock` holding NAME while CMD appends to `DIR/log`, as a shell's job would run it:
+/// in a process group of its own (its parent, this test, can continue it), or, with
+/// `setsid`, in a session of its own, as a service would.
 fn ticking_holder(etcd: &EtcdServer, dir: &Path, name: &str, ttl: &str) -> (Proc, u32, String) {
-    let holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir).args([
+    ticking_holder_in(etcd, dir, name, ttl, false)
+}
+
+fn ticking_holder_in(
+    etcd: &EtcdServer,
+    dir: &Path,
+    name: &str,
+    ttl: &str,
+    setsid: bool,
+) -> (Proc, u32, String) {
+    use std::os::unix::process::CommandExt;
+    let mut command = baton(&etcd.endpoint());
+    if setsid {
+        // SAFETY: setsid(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    } else {
+        command.process_group(0);
+    }
+    let holder = Proc::spawn(command.env("D", dir).args([
         "lock",
         name,
         "--ttl",
@@ -417,6 +445,29 @@ fn sigtstp_stops_cmd_and_sigcont_resumes_it() {
     assert_eq!(holder.code(), 128 + libc::SIGTERM);
     assert!(!alive(cmd), "CMD still runs");
     assert!(keys(&etcd, "tstp/").is_empty());
+}
+
+/// Under setsid (a service, a cron job: an orphaned process group, whose stop signals the
+/// kernel discards), nothing could continue a stopped baton: a stop signal is ignored, and
+/// baton and CMD run on, instead of freezing for good.
+#[test]
+fn a_stop_signal_is_ignored_where_nothing_could_continue() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut holder, cmd, _) = ticking_holder_in(&etcd, dir.path(), "tstp-setsid", "10s", true);
+    for signal in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+        holder.signal(signal);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(proc_state(holder.pid()), Some('T'), "baton stopped");
+    assert_ne!(proc_state(cmd), Some('T'), "CMD stopped");
+    let size = file_size(&log);
+    wait_until("CMD writing on", || file_size(&log) > size);
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 128 + libc::SIGTERM);
+    assert!(!alive(cmd), "CMD still runs");
+    assert!(keys(&etcd, "tstp-setsid/").is_empty());
 }
 
 /// A lease revoked while baton and CMD are stopped (SIGTSTP): on SIGCONT, CMD is killed
