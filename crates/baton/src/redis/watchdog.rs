@@ -502,9 +502,25 @@ impl Launcher {
             let span = tracing::debug_span!("watchdog-launcher");
             let task =
                 runtime.spawn(launch(Arc::downgrade(client), self.wake.clone()).instrument(span));
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.task = Some(task);
-            pending.starting = false;
+            let orphans = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                pending.starting = false;
+                if task.is_finished() {
+                    // Dropped at once (its runtime is shutting down): its end started the
+                    // watchdogs of the holds pending then, but holds added since, while
+                    // `starting` kept them from starting a launcher, have none. Start
+                    // theirs now, each on its own runtime; the next hold starts a launcher.
+                    pending.task = None;
+                    std::mem::take(&mut pending.holds)
+                } else {
+                    pending.task = Some(task);
+                    Vec::new()
+                }
+            };
+            let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+            for state in orphans.into_iter().filter(|s| !s.is_done()) {
+                spawn_watchdog(client.clone(), state, interval);
+            }
         }
         if earlier {
             self.wake.notify_one();
