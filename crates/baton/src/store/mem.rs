@@ -19,7 +19,9 @@
 //!   the store stays correct even where no lease timer task can run;
 //! - the request checks of etcd's server: empty keys, requests over 1.5 MiB, more than
 //!   128 operations in one branch of a transaction, and a key written twice (or written
-//!   and deleted) in one branch are refused before anything is applied.
+//!   and deleted) in one branch are refused before anything is applied. As on etcd, a
+//!   delete of a prefix with no end (the empty prefix, or one of 0xff bytes only) clashes
+//!   with no write.
 //!
 //! Every operation takes one mutex once, so all operations are linearizable. Watchers
 //! are fed through unbounded channels: a slow watcher never blocks a writer.
@@ -181,6 +183,9 @@ impl Inner {
 struct HistEvent {
     kind: EventKind,
     kv: Arc<KeyValue>,
+    /// The key before the change, as a watch reports it: etcd reads it at the revision
+    /// before the event, and reports none for a put that creates the key. Undoing the
+    /// events of a revision newest first gives back the keys as they were before it.
     prev: Option<Arc<KeyValue>>,
 }
 
@@ -412,14 +417,25 @@ impl State {
     }
 
     fn apply_delete_key(&mut self, rev: Revision, key: &[u8], events: &mut Vec<HistEvent>) -> bool {
-        let Some(prev) = self.kvs.remove(key) else {
+        let Some(current) = self.kvs.remove(key) else {
             return false;
         };
-        if prev.lease != 0 {
-            if let Some(lease) = self.leases.get_mut(&prev.lease) {
+        if current.lease != 0 {
+            if let Some(lease) = self.leases.get_mut(&current.lease) {
                 lease.keys.remove(key);
             }
         }
+        // etcd reads an event's previous key at the revision before the event: for a key
+        // written earlier in this transaction, the key before the transaction, which the
+        // first event of that key holds (a put cannot follow a put of the same key).
+        let prev = if current.mod_revision == rev {
+            events
+                .iter()
+                .find(|e| e.kv.key == key)
+                .and_then(|e| e.prev.clone())
+        } else {
+            Some(current)
+        };
         events.push(HistEvent {
             kind: EventKind::Delete,
             kv: Arc::new(KeyValue {
@@ -427,7 +443,7 @@ impl State {
                 mod_revision: rev,
                 ..KeyValue::default()
             }),
-            prev: Some(prev),
+            prev,
         });
         true
     }
@@ -645,6 +661,12 @@ fn validate_txn(txn: &Txn) -> Result<()> {
 }
 
 /// Empty keys, and (like etcd) a key put twice or put and deleted in one branch.
+///
+/// etcd checks each put against the branch's deletes as key intervals. A prefix with no
+/// end (the empty prefix, or one of 0xff bytes only) goes to etcd as the range from the
+/// prefix (`"\0"` for the empty one) to `"\0"`, which that check takes for an empty
+/// interval: deleting such a prefix clashes with no put, though it deletes every key under
+/// it. Which of the put and the delete wins then depends on their order, as on etcd.
 fn validate_branch(ops: &[TxnOp]) -> Result<()> {
     let mut puts: HashSet<&[u8]> = HashSet::new();
     let mut deletes: Vec<&KeyRange> = Vec::new();
@@ -659,7 +681,10 @@ fn validate_branch(ops: &[TxnOp]) -> Result<()> {
             TxnOp::Get(range) => check_key_range(&range.keys)?,
             TxnOp::Delete(keys) => {
                 check_key_range(keys)?;
-                deletes.push(keys);
+                let no_end = matches!(keys, KeyRange::Prefix(p) if p.iter().all(|b| *b == 0xff));
+                if !no_end {
+                    deletes.push(keys);
+                }
             }
         }
     }
@@ -1374,6 +1399,62 @@ mod tests {
         assert!(invalid(s.txn(Txn::new().and_then(many)).await));
         let ok = (0..MAX_TXN_OPS).map(|i| TxnOp::put(format!("k{i}"), "", 0));
         s.txn(Txn::new().and_then(ok)).await.unwrap();
+    }
+
+    /// etcd checks a branch's puts against its deletes as key intervals, and sends a prefix
+    /// with no end (the empty one, or one of 0xff bytes only) as a range ending at "\0",
+    /// which that check treats as empty: deleting such a prefix clashes with no put. Each
+    /// event's previous key is the key before the transaction, as etcd reads it.
+    #[tokio::test]
+    async fn deleting_a_prefix_with_no_end_clashes_with_no_put() {
+        let s = MemStore::new();
+        s.put(b"a", b"old", 0).await.unwrap(); // 2
+        s.put(b"\xff\xffb", b"old", 0).await.unwrap(); // 3
+        let mut w = s.watch(Watch::prefix("").with_prev_kv()).await.unwrap();
+        let put_then_delete = [
+            TxnOp::put("a", "new", 0),
+            TxnOp::Delete(KeyRange::prefix("")),
+        ];
+        let r = s.txn(Txn::new().and_then(put_then_delete)).await.unwrap();
+        assert_eq!(r.header_revision, 4);
+        assert!(s.range(Range::prefix("")).await.unwrap().kvs.is_empty());
+        let events: Vec<_> = next(&mut w)
+            .await
+            .events
+            .into_iter()
+            .map(|e| {
+                (
+                    e.kind,
+                    e.kv.key,
+                    e.prev_kv.map(|p| (p.value, p.mod_revision)),
+                )
+            })
+            .collect();
+        let old = |rev| Some((b"old".to_vec(), rev));
+        assert_eq!(
+            events,
+            [
+                (EventKind::Put, b"a".to_vec(), old(2)),
+                (EventKind::Delete, b"a".to_vec(), old(2)),
+                (EventKind::Delete, b"\xff\xffb".to_vec(), old(3)),
+            ]
+        );
+        // Before the put: it stays.
+        let delete_then_put = [TxnOp::Delete(KeyRange::prefix("")), TxnOp::put("a", "1", 0)];
+        s.txn(Txn::new().and_then(delete_then_put)).await.unwrap(); // 5
+        assert_eq!(get(&s, "a").await.unwrap().create_revision, 5);
+        let prefix = KeyRange::prefix(b"\xff".to_vec());
+        s.txn(Txn::new().and_then([TxnOp::put(b"\xffc".to_vec(), "", 0), TxnOp::Delete(prefix)]))
+            .await
+            .unwrap();
+        assert_eq!(keys(&s.range(Range::prefix("")).await.unwrap().kvs), ["a"]);
+        // A prefix with an end still clashes with a put under it.
+        let clash = [
+            TxnOp::put("p/x", "", 0),
+            TxnOp::Delete(KeyRange::prefix("p/")),
+        ];
+        let err = s.txn(Txn::new().and_then(clash)).await.unwrap_err();
+        assert!(err.to_string().contains("duplicate key"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]
