@@ -10,8 +10,9 @@
 //!   old revision replays everything since then and continues live, with no gap and no
 //!   duplicate. A read at a past revision ([`Range::revision`]) is served from the same
 //!   history: the current keys with every later change undone. [`Store::compact`]
-//!   discards the history before a revision; reads and watches before it then fail with
-//!   [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
+//!   discards the history before a revision, and the deletes at that revision (etcd
+//!   keeps no deletion at the compact revision, so a watch from it misses them); reads
+//!   and watches before it then fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
 //!   grows until it is compacted;
 //! - leases expire on [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
@@ -969,7 +970,7 @@ impl MemStore {
         (at, stream.boxed())
     }
 
-    /// Discard the history before `revision` (see [`Store::compact`]).
+    /// Discard the history before `revision`, and the deletes at it (see [`Store::compact`]).
     fn compact_to(&self, revision: Revision) -> Result<()> {
         let mut state = self.lock_current();
         if revision > state.revision {
@@ -986,8 +987,17 @@ impl MemStore {
             });
         }
         state.compact_revision = revision;
-        let keep_from = state.history.partition_point(|e| e.revision() < revision);
-        state.history.drain(..keep_from);
+        // etcd keeps each key's last version at or before the compact revision, unless it
+        // is a deletion: the deletes at the compact revision go too, its puts stay.
+        let past = state.history.partition_point(|e| e.revision() <= revision);
+        let kept: Vec<HistEvent> = state
+            .history
+            .drain(..past)
+            .filter(|e| e.revision() == revision && e.kind == EventKind::Put)
+            .collect();
+        for e in kept.into_iter().rev() {
+            state.history.push_front(e);
+        }
         Ok(())
     }
 }
@@ -1948,6 +1958,38 @@ mod tests {
         assert_eq!(revisions(&next(&mut w).await), [6]);
         assert_eq!(revisions(&next(&mut now).await), [6]);
         assert_eq!(s.lock().history.len(), 2);
+    }
+
+    /// etcd's compaction keeps each key's last version at or before the compact revision,
+    /// but not a deletion: a watch from the compact revision misses the deletes made at
+    /// that revision, and still sees its puts.
+    #[tokio::test]
+    async fn compaction_drops_the_deletes_at_the_compact_revision() {
+        let s = MemStore::new();
+        s.put(b"c/a", b"1", 0).await.unwrap(); // 2
+        s.put(b"c/b", b"1", 0).await.unwrap(); // 3
+        let r = s
+            .txn(Txn::new().and_then([TxnOp::delete("c/a"), TxnOp::put("c/c", "1", 0)]))
+            .await
+            .unwrap();
+        assert_eq!(r.header_revision, 4);
+        s.delete(KeyRange::key("c/b")).await.unwrap(); // 5
+        s.compact(4).await.unwrap();
+        let mut w = s.watch(Watch::prefix("c/").from_revision(4)).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(Some(Ok(batch))) = w.next().now_or_never() {
+            seen.extend(batch.events.into_iter().map(|e| (e.kind, e.kv.key)));
+        }
+        assert_eq!(
+            seen,
+            [
+                (EventKind::Put, b"c/c".to_vec()),
+                (EventKind::Delete, b"c/b".to_vec())
+            ]
+        );
+        // Reads at the compact revision are unchanged.
+        let at = s.range(Range::prefix("c/").at_revision(4)).await.unwrap();
+        assert_eq!(keys(&at.kvs), ["c/b", "c/c"]);
     }
 
     #[tokio::test]
