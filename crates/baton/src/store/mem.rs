@@ -11,8 +11,9 @@
 //!   duplicate. A read at a past revision ([`Range::revision`]) is served from the same
 //!   history: the current keys with every later change undone. [`Store::compact`]
 //!   discards the history before a revision, and the deletes at that revision (etcd
-//!   keeps no deletion at the compact revision, so a watch from it misses them); reads
-//!   and watches before it then fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
+//!   keeps no deletion at the compact revision, so a watch from it misses them, and
+//!   sends the puts at it without their previous keys); reads and watches before it then
+//!   fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
 //!   grows until it is compacted;
 //! - leases expire on [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
@@ -185,8 +186,9 @@ struct HistEvent {
     kind: EventKind,
     kv: Arc<KeyValue>,
     /// The key before the change, as a watch reports it: etcd reads it at the revision
-    /// before the event, and reports none for a put that creates the key. Undoing the
-    /// events of a revision newest first gives back the keys as they were before it.
+    /// before the event, and reports none for a put that creates the key, or once the
+    /// revision before is compacted. Undoing the events of a revision above the compact
+    /// revision newest first gives back the keys as they were before it.
     prev: Option<Arc<KeyValue>>,
 }
 
@@ -988,12 +990,15 @@ impl MemStore {
         }
         state.compact_revision = revision;
         // etcd keeps each key's last version at or before the compact revision, unless it
-        // is a deletion: the deletes at the compact revision go too, its puts stay.
+        // is a deletion: the deletes at the compact revision go too, its puts stay. They
+        // lose their previous keys: etcd reads those at the revision before, now compacted
+        // (and no read before the compact revision needs them to undo the puts).
         let past = state.history.partition_point(|e| e.revision() <= revision);
         let kept: Vec<HistEvent> = state
             .history
             .drain(..past)
             .filter(|e| e.revision() == revision && e.kind == EventKind::Put)
+            .map(|e| HistEvent { prev: None, ..e })
             .collect();
         for e in kept.into_iter().rev() {
             state.history.push_front(e);
@@ -1990,6 +1995,28 @@ mod tests {
         // Reads at the compact revision are unchanged.
         let at = s.range(Range::prefix("c/").at_revision(4)).await.unwrap();
         assert_eq!(keys(&at.kvs), ["c/b", "c/c"]);
+    }
+
+    /// etcd reads an event's previous key at the revision before the event: once that is
+    /// compacted, the event comes without it.
+    #[tokio::test]
+    async fn no_prev_kv_once_the_revision_before_is_compacted() {
+        let s = MemStore::new();
+        s.put(b"k", b"1", 0).await.unwrap(); // 2
+        s.put(b"k", b"2", 0).await.unwrap(); // 3
+        s.put(b"k", b"3", 0).await.unwrap(); // 4
+        s.compact(3).await.unwrap();
+        let mut w = s
+            .watch(Watch::key("k").from_revision(3).with_prev_kv())
+            .await
+            .unwrap();
+        let mut prevs = Vec::new();
+        while let Some(Some(Ok(batch))) = w.next().now_or_never() {
+            for e in batch.events {
+                prevs.push((e.kv.mod_revision, e.prev_kv.map(|p| p.value)));
+            }
+        }
+        assert_eq!(prevs, [(3, None), (4, Some(b"2".to_vec()))]);
     }
 
     #[tokio::test]
