@@ -8,7 +8,8 @@
 //! - each key carries its `create_revision`, `mod_revision`, `version` and `lease`;
 //! - MVCC history: every put and delete is logged with its revision, so a watch from an
 //!   old revision replays everything since then and continues live, with no gap and no
-//!   duplicate. A read at a past revision ([`Range::revision`]) is served from the same
+//!   duplicate. As on etcd, the replay comes in batches of up to 1000 revisions, each
+//!   stamped with the store's revision when sent; a live batch holds one revision. A read at a past revision ([`Range::revision`]) is served from the same
 //!   history: the current keys with every later change undone. [`Store::compact`]
 //!   discards the history before a revision, and the deletes at that revision (etcd
 //!   keeps no deletion at the compact revision, so a watch from it misses them, and
@@ -68,6 +69,9 @@ use crate::error::{Error, Result};
 
 /// The largest request etcd accepts by default (`--max-request-bytes`): 1.5 MiB.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024 * 3 / 2;
+
+/// The most revisions in one batch of a watch's replay (etcd's `watchBatchMaxRevs`).
+const REPLAY_BATCH_REVISIONS: usize = 1000;
 
 /// The most operations etcd accepts in one branch of a transaction (`--max-txn-ops`).
 const MAX_TXN_OPS: usize = 128;
@@ -924,33 +928,36 @@ impl MemStore {
         };
         let (tx, rx) = mpsc::unbounded_channel();
 
-        // Replay, then register, under the same lock: no gap, no duplicate.
+        // Replay, then register, under the same lock: no gap, no duplicate. Like etcd, the
+        // replay goes in batches of whole revisions, at most `REPLAY_BATCH_REVISIONS` each,
+        // stamped with the current revision.
         let start = state
             .history
             .partition_point(|e| e.revision() < min_revision);
-        let mut batch: Option<WatchResponse> = None;
+        let new_batch = || WatchResponse {
+            header_revision: at,
+            events: Vec::new(),
+        };
+        let mut batch = new_batch();
+        let (mut revisions, mut last) = (0, 0);
         for e in state.history.range(start..) {
             if !watch.keys.contains(&e.kv.key)
                 || (watch.deletes_only && e.kind != EventKind::Delete)
             {
                 continue;
             }
-            let event = e.to_event(watch.prev_kv);
-            match &mut batch {
-                Some(b) if b.header_revision == e.revision() => b.events.push(event),
-                _ => {
-                    if let Some(done) = batch.take() {
-                        let _ = tx.send(done);
-                    }
-                    batch = Some(WatchResponse {
-                        header_revision: e.revision(),
-                        events: vec![event],
-                    });
+            if e.revision() != last {
+                if revisions == REPLAY_BATCH_REVISIONS {
+                    let _ = tx.send(std::mem::replace(&mut batch, new_batch()));
+                    revisions = 0;
                 }
+                revisions += 1;
+                last = e.revision();
             }
+            batch.events.push(e.to_event(watch.prev_kv));
         }
-        if let Some(done) = batch {
-            let _ = tx.send(done);
+        if !batch.events.is_empty() {
+            let _ = tx.send(batch);
         }
 
         let id = state.next_watcher_id;
@@ -1664,21 +1671,18 @@ mod tests {
             .watch(Watch::key("w").from_revision(3).with_prev_kv())
             .await
             .unwrap();
+        // The replay: one batch at the current revision.
         let r = next(&mut w).await;
-        assert_eq!((r.header_revision, r.events.len()), (3, 1));
+        assert_eq!((r.header_revision, revisions(&r)), (6, vec![3, 5, 6]));
         assert_eq!(r.events[0].kind, EventKind::Put);
         assert_eq!(r.events[0].kv.value, b"2");
         assert_eq!(r.events[0].kv.version, 2);
         assert_eq!(r.events[0].prev_kv.as_ref().unwrap().value, b"1");
-        let r = next(&mut w).await;
-        assert_eq!(r.header_revision, 5);
-        assert_eq!(r.events[0].kind, EventKind::Delete);
-        assert_eq!(r.events[0].kv.version, 0);
-        assert_eq!(r.events[0].prev_kv.as_ref().unwrap().value, b"2");
-        let r = next(&mut w).await;
-        assert_eq!(r.header_revision, 6);
-        assert_eq!(r.events[0].kv.create_revision, 6);
-        assert!(r.events[0].prev_kv.is_none());
+        assert_eq!(r.events[1].kind, EventKind::Delete);
+        assert_eq!(r.events[1].kv.version, 0);
+        assert_eq!(r.events[1].prev_kv.as_ref().unwrap().value, b"2");
+        assert_eq!(r.events[2].kv.create_revision, 6);
+        assert!(r.events[2].prev_kv.is_none());
         assert_idle(&mut w);
 
         s.put(b"w", b"4", 0).await.unwrap(); // 7
@@ -1688,12 +1692,46 @@ mod tests {
 
         // From revision 1 on a fresh store's history: everything.
         let mut all = s.watch(Watch::prefix("").from_revision(1)).await.unwrap();
-        let mut revs = Vec::new();
-        for _ in 0..6 {
-            revs.extend(revisions(&next(&mut all).await));
-        }
-        assert_eq!(revs, [2, 3, 4, 5, 6, 7]);
+        assert_eq!(revisions(&next(&mut all).await), [2, 3, 4, 5, 6, 7]);
         assert_idle(&mut all);
+    }
+
+    /// Like etcd, a replay comes in batches of up to 1000 revisions, stamped with the
+    /// store's revision when sent; a revision is never split across batches.
+    #[tokio::test]
+    async fn replay_batches_carry_the_current_revision() {
+        let s = MemStore::new();
+        s.put(b"r/a", b"", 0).await.unwrap(); // 2
+        s.put(b"r/b", b"", 0).await.unwrap(); // 3
+        s.put(b"other", b"", 0).await.unwrap(); // 4
+        let mut w = s.watch(Watch::prefix("r/").from_revision(2)).await.unwrap();
+        let r = next(&mut w).await;
+        assert_eq!((r.header_revision, revisions(&r)), (4, vec![2, 3]));
+        assert_idle(&mut w);
+
+        let writes = REPLAY_BATCH_REVISIONS + 500;
+        for i in 0..writes {
+            let key = format!("r/{}", i % 7);
+            s.txn(Txn::new().and_then([
+                TxnOp::put(key.clone(), "", 0),
+                TxnOp::put(format!("{key}/x"), "", 0),
+            ]))
+            .await
+            .unwrap();
+        }
+        let now = s.range(Range::key("r/a")).await.unwrap().header_revision;
+        let mut w = s.watch(Watch::prefix("r/").from_revision(5)).await.unwrap();
+        let mut sizes = Vec::new();
+        let mut all = Vec::new();
+        while let Some(Some(Ok(batch))) = w.next().now_or_never() {
+            assert_eq!(batch.header_revision, now);
+            let revs = revisions(&batch);
+            sizes.push(revs.len());
+            all.extend(revs);
+        }
+        assert_eq!(sizes, [2 * REPLAY_BATCH_REVISIONS, 2 * 500]);
+        let expected: Vec<Revision> = (5..=now).flat_map(|r| [r, r]).collect();
+        assert_eq!(all, expected);
     }
 
     #[tokio::test]
@@ -1951,8 +1989,7 @@ mod tests {
 
         // Watching from the compact revision itself still works.
         let mut w = s.watch(Watch::key("c").from_revision(4)).await.unwrap();
-        assert_eq!(revisions(&next(&mut w).await), [4]);
-        assert_eq!(revisions(&next(&mut w).await), [5]);
+        assert_eq!(revisions(&next(&mut w).await), [4, 5]);
         assert_idle(&mut w);
         // A watch from 0 is never compacted.
         let mut now = s.watch(Watch::key("c")).await.unwrap();
