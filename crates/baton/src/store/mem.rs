@@ -19,7 +19,8 @@
 //! - leases expire on [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
 //!   A lease past its deadline is also expired by the next operation on the store, so
-//!   the store stays correct even where no lease timer task can run;
+//!   the store stays correct even where no lease timer task can run. Like etcd, it
+//!   reports the time a lease has left in whole seconds, rounded down;
 //! - the request checks of etcd's server: empty keys, requests over 1.5 MiB, more than
 //!   128 operations in one branch of a transaction, and a key written twice (or written
 //!   and deleted) in one branch are refused before anything is applied. As on etcd, a
@@ -880,12 +881,13 @@ impl Store for MemStore {
         }
     }
 
+    /// In whole seconds, rounded down, as etcd reports it.
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
         let state = self.lock_current();
         let now = Instant::now();
         Ok(state
             .lease_deadline(id)
-            .map(|deadline| deadline.saturating_duration_since(now)))
+            .map(|deadline| Duration::from_secs(deadline.saturating_duration_since(now).as_secs())))
     }
 
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
@@ -1533,9 +1535,10 @@ mod tests {
         let mut w = s.watch(Watch::prefix("l/").with_prev_kv()).await.unwrap();
 
         tokio::time::advance(Duration::from_millis(1500)).await;
+        // 500 ms left: whole seconds, rounded down.
         assert_eq!(
             s.lease_time_to_live(lease.id).await.unwrap(),
-            Some(Duration::from_millis(500))
+            Some(Duration::ZERO)
         );
         assert!(get(&s, "l/a").await.is_some());
         assert_idle(&mut w);
@@ -1601,6 +1604,24 @@ mod tests {
         let resp = next(&mut w).await;
         assert_eq!(resp.events[0].kind, EventKind::Delete);
         assert_eq!(s.lease_keep_alive(lease.id).await.unwrap(), None);
+    }
+
+    /// etcd reports the time a lease has left in whole seconds, rounded down.
+    #[tokio::test(start_paused = true)]
+    async fn time_to_live_is_in_whole_seconds_rounded_down() {
+        let s = MemStore::new();
+        let lease = s.lease_grant(10 * SEC).await.unwrap();
+        assert_eq!(
+            s.lease_time_to_live(lease.id).await.unwrap(),
+            Some(10 * SEC)
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(s.lease_time_to_live(lease.id).await.unwrap(), Some(9 * SEC));
+        tokio::time::advance(Duration::from_millis(9_500)).await;
+        assert_eq!(
+            s.lease_time_to_live(lease.id).await.unwrap(),
+            Some(Duration::ZERO)
+        );
     }
 
     #[tokio::test(start_paused = true)]
