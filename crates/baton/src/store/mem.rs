@@ -983,6 +983,10 @@ impl MemStore {
 
     /// Discard the history before `revision`, and the deletes at it (see [`Store::compact`]).
     fn compact_to(&self, revision: Revision) -> Result<()> {
+        // As EtcdStore refuses it, before asking etcd.
+        if revision <= 0 {
+            return Err(Error::invalid("compact revision must be positive"));
+        }
         let mut state = self.lock_current();
         if revision > state.revision {
             return Err(Error::invalid(format!(
@@ -2021,6 +2025,18 @@ mod tests {
         assert_eq!(revisions(&next(&mut w).await), [6]);
         assert_eq!(revisions(&next(&mut now).await), [6]);
         assert_eq!(s.lock().history.len(), 2);
+    }
+
+    /// As EtcdStore answers: a revision that is not positive is an invalid argument.
+    #[tokio::test]
+    async fn compacting_a_revision_below_one_is_invalid() {
+        let s = MemStore::new();
+        s.put(b"k", b"", 0).await.unwrap();
+        for revision in [0, -1] {
+            let err = s.compact(revision).await.unwrap_err();
+            assert!(err.is_invalid_input(), "{err:?}");
+            assert!(err.to_string().contains("must be positive"), "{err}");
+        }
     }
 
     /// etcd's compaction keeps each key's last version at or before the compact revision,
