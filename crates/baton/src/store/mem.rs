@@ -9,13 +9,15 @@
 //! - MVCC history: every put and delete is logged with its revision, so a watch from an
 //!   old revision replays everything since then and continues live, with no gap and no
 //!   duplicate. As on etcd, the replay comes in batches of up to 1000 revisions, each
-//!   stamped with the store's revision when sent; a live batch holds one revision. A read at a past revision ([`Range::revision`]) is served from the same
-//!   history: the current keys with every later change undone. [`Store::compact`]
-//!   discards the history before a revision, and the deletes at that revision (etcd
-//!   keeps no deletion at the compact revision, so a watch from it misses them, and
-//!   sends the puts at it without their previous keys); reads and watches before it then
-//!   fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the history
-//!   grows until it is compacted;
+//!   stamped with the store's revision when sent; a live batch holds one revision. A
+//!   read at a past revision ([`Range::revision`]) is served from the same history: the
+//!   current keys with every later change undone. [`Store::compact`] discards the
+//!   history before a revision, and the deletes at that revision: once etcd's
+//!   compaction has run (in the background, after it answers), it keeps no deletion at
+//!   the compact revision, so a watch from it misses them, and it sends the puts at it
+//!   without their previous keys. Reads and watches before the compact revision then
+//!   fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the
+//!   history grows until it is compacted;
 //! - leases expire on [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
 //!   A lease past its deadline is also expired by the next operation on the store, so
@@ -25,9 +27,9 @@
 //!   read-only transactions) over 2 MiB, counted as etcd counts them (encoded; a write in
 //!   its raft entry, to within a byte or two on the safe side), more than 128 operations
 //!   in one branch of a transaction, and a key written twice (or written and deleted) in
-//!   one branch are refused before anything is applied. As on etcd, a
-//!   delete of a prefix with no end (the empty prefix, or one of 0xff bytes only) clashes
-//!   with no write.
+//!   one branch are refused before anything is applied. As on etcd, a delete of a
+//!   prefix with no end (the empty prefix, or one of 0xff bytes only) clashes with no
+//!   write.
 //!
 //! Every operation takes one mutex once, so all operations are linearizable. Watchers
 //! are fed through unbounded channels: a slow watcher never blocks a writer.
