@@ -812,7 +812,7 @@ impl EtcdStore {
                     // the first time.
                     tracing::debug!(lease = %format_args!("{id:x}"), error = %why, "keep-alive stream failed; reopening");
                     if Instant::now() + backoff >= deadline {
-                        return Err(Error::Store(format!("lease keep-alive: {why}")));
+                        return Err(Error::Unavailable(format!("lease keep-alive: {why}")));
                     }
                 }
             }
@@ -1260,7 +1260,7 @@ impl EtcdStore {
             break (stream, created);
         };
         let Some(created) = created else {
-            return Err(Error::Store(
+            return Err(Error::Unavailable(
                 "watch: the stream ended before the watch was created".into(),
             ));
         };
