@@ -172,17 +172,11 @@ fn candidate_whose_lease_is_revoked_exits_125() {
     assert!(leader.line().starts_with("elected vote/"));
     let leader_key = keys(&etcd, "vote/")[0].clone();
     let mut candidate = Proc::spawn(baton(&ep).args(["elect", "vote", "b", "--", "true"]));
-    wait_until("the candidate's key", || keys(&etcd, "vote/").len() == 2);
-    let candidate_key = keys(&etcd, "vote/")
-        .into_iter()
-        .find(|k| *k != leader_key)
-        .unwrap();
-    revoke(&etcd, &candidate_key);
-    assert_eq!(candidate.code(), 125);
-    let err = candidate.stderr_all();
-    assert_eq!(err.len(), 1, "{err:?}");
-    assert!(
-        err[0].starts_with("baton: session lost while waiting to lead \"vote\""),
-        "{err:?}"
+    revoke_waiter_and_expect_125(
+        &etcd,
+        "vote/",
+        &leader_key,
+        &mut candidate,
+        "baton: session lost while waiting to lead \"vote\"",
     );
 }

@@ -331,7 +331,6 @@ fn env_vars_name_the_key_baton_created() {
     assert_eq!(holder.code(), 0);
 }
 
-/// `acquired KEY token=N`.
 /// A waiter whose session is lost (its lease revoked) never held the lock and never ran
 /// CMD: it exits 125 saying so, not 122 ("lost while held").
 #[test]
@@ -348,18 +347,12 @@ fn waiter_whose_lease_is_revoked_exits_125() {
         "-c",
         r#"touch "$D/ran""#,
     ]));
-    wait_until("the waiter's key", || keys(&etcd, "queued/").len() == 2);
-    let waiter_key = keys(&etcd, "queued/")
-        .into_iter()
-        .find(|k| *k != key)
-        .unwrap();
-    revoke(&etcd, &waiter_key);
-    assert_eq!(waiter.code(), 125);
-    let err = waiter.stderr_all();
-    assert_eq!(err.len(), 1, "{err:?}");
-    assert!(
-        err[0].starts_with("baton: session lost while waiting for lock \"queued\""),
-        "{err:?}"
+    revoke_waiter_and_expect_125(
+        &etcd,
+        "queued/",
+        &key,
+        &mut waiter,
+        "baton: session lost while waiting for lock \"queued\"",
     );
     assert!(!dir.path().join("ran").exists(), "CMD ran");
     assert_eq!(keys(&etcd, "queued/"), [key]);
@@ -540,6 +533,7 @@ fn stopped_past_ttl_never_runs_cmd_beside_the_next_holder() {
     );
 }
 
+/// `acquired KEY token=N`.
 fn parse_acquired(line: &str) -> (String, i64) {
     let rest = line
         .strip_prefix("acquired ")

@@ -120,18 +120,12 @@ fn sem_and_barrier_session_lost_while_waiting_exit_125() {
     wait_until("the holder's key", || keys(&etcd, "full/").len() == 1);
     let holder_key = keys(&etcd, "full/")[0].clone();
     let mut waiter = Proc::spawn(baton(&ep).args(["sem", "full", "--permits", "1", "--", "true"]));
-    wait_until("the waiter's key", || keys(&etcd, "full/").len() == 2);
-    let waiter_key = keys(&etcd, "full/")
-        .into_iter()
-        .find(|k| *k != holder_key)
-        .unwrap();
-    revoke(&etcd, &waiter_key);
-    assert_eq!(waiter.code(), 125);
-    let err = waiter.stderr_all();
-    assert_eq!(err.len(), 1, "{err:?}");
-    assert!(
-        err[0].starts_with("baton: session lost while waiting for a permit of semaphore \"full\""),
-        "{err:?}"
+    revoke_waiter_and_expect_125(
+        &etcd,
+        "full/",
+        &holder_key,
+        &mut waiter,
+        "baton: session lost while waiting for a permit of semaphore \"full\"",
     );
 
     let mut alone = Proc::spawn(baton(&ep).args(["barrier", "pair", "--count", "2"]));

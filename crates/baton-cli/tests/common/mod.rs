@@ -235,6 +235,28 @@ pub fn revoke(etcd: &EtcdServer, key: &str) {
     );
 }
 
+/// Once a second key is under `prefix` (a waiter's, beside `holder_key`), revoke its lease,
+/// and check that `waiter` exits 125 with one line on stderr, starting with `message`: a
+/// session lost while waiting is no loss of something held (that would be 122).
+pub fn revoke_waiter_and_expect_125(
+    etcd: &EtcdServer,
+    prefix: &str,
+    holder_key: &str,
+    waiter: &mut Proc,
+    message: &str,
+) {
+    wait_until("the waiter's key", || keys(etcd, prefix).len() == 2);
+    let waiter_key = keys(etcd, prefix)
+        .into_iter()
+        .find(|k| k != holder_key)
+        .unwrap();
+    revoke(etcd, &waiter_key);
+    assert_eq!(waiter.code(), 125);
+    let err = waiter.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].starts_with(message), "{err:?}");
+}
+
 /// A key's create revision, per etcdctl.
 pub fn create_revision(etcd: &EtcdServer, key: &str) -> i64 {
     let out = etcd.etcdctl(["get", key, "-w", "fields"]);
