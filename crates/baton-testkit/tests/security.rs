@@ -114,14 +114,7 @@ async fn mutual_tls_rejects_missing_and_untrusted_client_certificates() {
     if skip() {
         return;
     }
-    let pki = TestPki::generate();
-    let other = TestPki::generate();
-    let etcd = EtcdServer::start_with_async(
-        EtcdServerOptions::new()
-            .with_tls(&pki)
-            .with_client_cert_auth(),
-    )
-    .await;
+    let (pki, other, etcd) = mutual_tls_etcd().await;
     let https = etcd.endpoint();
     let ca = TlsConfig::new().with_ca_file(pki.ca_file());
 
@@ -164,14 +157,7 @@ async fn a_client_certificate_with_the_wrong_key_is_a_tls_error() {
     if skip() {
         return;
     }
-    let pki = TestPki::generate();
-    let other = TestPki::generate();
-    let etcd = EtcdServer::start_with_async(
-        EtcdServerOptions::new()
-            .with_tls(&pki)
-            .with_client_cert_auth(),
-    )
-    .await;
+    let (pki, other, etcd) = mutual_tls_etcd().await;
     let mismatched = TlsConfig::new()
         .with_ca_file(pki.ca_file())
         .with_client_cert(pki.client_cert_file(), other.client_key_file());
@@ -188,6 +174,20 @@ async fn a_client_certificate_with_the_wrong_key_is_a_tls_error() {
             started.elapsed()
         );
     }
+}
+
+/// An etcd that requires client certificates of `pki` (the first), and a second PKI whose
+/// certificates it does not trust.
+async fn mutual_tls_etcd() -> (TestPki, TestPki, EtcdServer) {
+    let pki = TestPki::generate();
+    let other = TestPki::generate();
+    let etcd = EtcdServer::start_with_async(
+        EtcdServerOptions::new()
+            .with_tls(&pki)
+            .with_client_cert_auth(),
+    )
+    .await;
+    (pki, other, etcd)
 }
 
 /// An etcd with authentication on: root, and `app` whose role covers `locks/` only.
