@@ -322,6 +322,15 @@ impl Drop for Hold {
     }
 }
 
+/// Start the watchdogs of `holds` still held now, not at their launch time (they wait for
+/// their first extend): the launcher that would have started them is gone.
+fn spawn_watchdogs(client: &Arc<ClientInner>, holds: Vec<Arc<HoldState>>) {
+    let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+    for state in holds.into_iter().filter(|s| !s.is_done()) {
+        spawn_watchdog(client.clone(), state, interval);
+    }
+}
+
 /// Start `state`'s watchdog on the runtime the hold was acquired on. If that runtime is
 /// shut down while the hold lives (the task is dropped unfinished), the hold is lost: no
 /// task extends its key any more, and its `lost()` and `lost_token()` must say so now
@@ -517,10 +526,7 @@ impl Launcher {
                     Vec::new()
                 }
             };
-            let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
-            for state in orphans.into_iter().filter(|s| !s.is_done()) {
-                spawn_watchdog(client.clone(), state, interval);
-            }
+            spawn_watchdogs(client, orphans);
         }
         if earlier {
             self.wake.notify_one();
@@ -573,10 +579,7 @@ impl Drop for LauncherEnded {
             pending.wakes_at = None;
             std::mem::take(&mut pending.holds)
         };
-        let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
-        for state in holds.into_iter().filter(|s| !s.is_done()) {
-            spawn_watchdog(client.clone(), state, interval);
-        }
+        spawn_watchdogs(&client, holds);
     }
 }
 
