@@ -90,6 +90,11 @@ pub trait Lock: Send + Sync + fmt::Debug {
 
     /// [`lock`](Lock::lock), failing with [`Error::Timeout`] after `timeout`.
     ///
+    /// The timeout covers the requests too: one shorter than a round trip to the backend
+    /// (`Duration::ZERO`, a millisecond) can fail even on a free lock, on etcd and Redis;
+    /// the embedded store answers at once. To try once, use
+    /// [`try_lock`](Lock::try_lock).
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe.
@@ -132,6 +137,9 @@ pub trait Elector: Send + Sync + fmt::Debug {
 
     /// [`campaign`](Elector::campaign), failing with [`Error::Timeout`] after `timeout`.
     ///
+    /// As with [`lock_timeout`](Lock::lock_timeout), a timeout shorter than a round trip
+    /// can fail even when nobody leads.
+    ///
     /// # Cancel safety
     ///
     /// Cancel safe.
@@ -148,6 +156,11 @@ pub trait Elector: Send + Sync + fmt::Debug {
     /// Every leader change and proclaimed value, starting with the current leader. (On
     /// Redis, values proclaimed in quick succession may be skipped: observers see the
     /// latest; see `RedisElection::observe`.)
+    ///
+    /// When it starts differs: on Redis, when `observe()` is called (changes made before
+    /// the stream is first polled are delivered then); on etcd and the embedded store, when
+    /// the stream is first polled (it starts with the leader at that moment). Poll it right
+    /// away to see the same on both.
     fn observe(&self) -> BoxStream<'static, Leader>;
 }
 
@@ -431,6 +444,11 @@ impl Coordinator {
     }
 
     /// Release everything (on etcd: revoke the session's lease) and disconnect.
+    ///
+    /// Guards and leaderships still held are lost. Later calls fail: with
+    /// [`Error::Closed`] on Redis, and with [`Error::SessionLost`] ("session closed") on
+    /// etcd and the embedded store, whose locks belong to the closed session; either way
+    /// the error is not retryable with this coordinator (connect a new one).
     ///
     /// # Cancel safety
     ///
