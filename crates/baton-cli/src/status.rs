@@ -320,13 +320,7 @@ fn semaphore_permits(members: &[(&KeyValue, Member)]) -> Option<u32> {
 
 /// A semaphore key's value, `COUNT/PERMITS` in ASCII decimal.
 fn semaphore_value(value: &[u8]) -> Option<(u32, u32)> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (count, permits) = text.split_once('/')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(count) || !digits(permits) {
-        return None;
-    }
-    Some((count.parse().ok()?, permits.parse().ok()?))
+    baton::Semaphore::decode_value(value)
 }
 
 /// The human table.

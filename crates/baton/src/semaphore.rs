@@ -100,6 +100,13 @@ impl fmt::Debug for Semaphore {
 }
 
 impl Semaphore {
+    /// The value a semaphore writes in each waiter's or holder's key, `COUNT/PERMITS` in
+    /// ASCII decimal, as `(count, permits)`; `None` if `value` is not one. For tools that
+    /// read the keys themselves (`baton status`).
+    pub fn decode_value(value: &[u8]) -> Option<(u32, u32)> {
+        decode(value)
+    }
+
     /// A semaphore named `name` with `permits` permits, acquired through `session`.
     ///
     /// Fails with [`Error::InvalidArgument`] if `permits` is 0, or if the name is empty,
