@@ -1281,6 +1281,119 @@ pub async fn coordinator_election_handover(b: &Backend) {
     }
 }
 
+/// After `close()`, through the traits, every backend answers alike: held guards are lost,
+/// a task waiting for a lock or a leadership fails with [`Error::Closed`], and so does
+/// every later call (`lock`, `try_lock`, `lock_timeout`, `campaign`, `leader`); `observe()`
+/// ends; a second `close()` is fine; the lock is free for another coordinator.
+pub async fn coordinator_after_close(b: &Backend) {
+    let connect = || async { b.coordinator().with_ttl(TTL).connect().await.unwrap() };
+    let (c, other) = (connect().await, connect().await);
+    let lock = name("coord-closed");
+    let election = format!("{lock}-e");
+    let held = c.lock(&lock).unwrap().lock().await.unwrap();
+    let leading = c
+        .election(&election)
+        .unwrap()
+        .campaign(b"v".to_vec())
+        .await
+        .unwrap();
+    // A second coordinator's waiter, and a waiter of this coordinator's own, queued behind
+    // it: the first gets the lock, the second fails.
+    let l_other = other.lock(&lock).unwrap();
+    let others_turn =
+        tokio::spawn(async move { l_other.lock_timeout(Duration::from_secs(5)).await });
+    let own = c
+        .lock(&format!("{lock}-own"))
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let c2 = c.clone();
+    let own_lock = format!("{lock}-own");
+    let own_waiter =
+        tokio::spawn(async move { c2.lock(&own_lock).unwrap().lock().await.map(drop) });
+    let c3 = c.clone();
+    let e3 = election.clone();
+    let own_candidate = tokio::spawn(async move {
+        c3.election(&e3)
+            .unwrap()
+            .campaign(b"w".to_vec())
+            .await
+            .map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!own_waiter.is_finished() && !own_candidate.is_finished());
+    c.close().await.unwrap();
+    for (what, task) in [
+        ("a queued lock()", own_waiter),
+        ("a queued campaign()", own_candidate),
+    ] {
+        let got = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} still waits after close()"))
+            .unwrap();
+        assert!(matches!(got, Err(Error::Closed)), "{what}: {got:?}");
+    }
+    assert!(held.is_lost() && leading.is_lost() && own.is_lost());
+    let err = held.release().await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotHeld { .. }),
+        "release of a lock after close(): {err:?}"
+    );
+    let err = leading.release().await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotLeader { .. }),
+        "resign after close(): {err:?}"
+    );
+    drop(own);
+    // Every later call fails with Closed.
+    let expect_closed = |what: &str, got: Result<(), Error>| {
+        assert!(
+            matches!(got, Err(Error::Closed)),
+            "{what} after close(): {got:?}"
+        );
+    };
+    match c.lock(&lock) {
+        Ok(l) => {
+            expect_closed("lock()", l.lock().await.map(drop));
+            expect_closed("try_lock()", l.try_lock().await.map(drop));
+            expect_closed(
+                "lock_timeout()",
+                l.lock_timeout(Duration::from_secs(1)).await.map(drop),
+            );
+        }
+        Err(e) => expect_closed("Coordinator::lock", Err(e)),
+    }
+    match c.election(&election) {
+        Ok(e) => {
+            expect_closed("campaign()", e.campaign(b"x".to_vec()).await.map(drop));
+            expect_closed(
+                "campaign_timeout()",
+                e.campaign_timeout(b"x".to_vec(), Duration::from_secs(1))
+                    .await
+                    .map(drop),
+            );
+            expect_closed("leader()", e.leader().await.map(drop));
+            let mut obs = e.observe();
+            let next = tokio::time::timeout(Duration::from_secs(3), obs.next())
+                .await
+                .expect("observe() after close() neither ended nor yielded");
+            assert!(next.is_none(), "observe() after close() yielded {next:?}");
+        }
+        Err(e) => expect_closed("Coordinator::election", Err(e)),
+    }
+    c.close().await.unwrap();
+    // The other coordinator was not disturbed: it takes the lock that close() freed.
+    let g = tokio::time::timeout(Duration::from_secs(6), others_turn)
+        .await
+        .expect("the other coordinator's waiter hung")
+        .unwrap()
+        .unwrap();
+    assert!(!g.is_lost());
+    g.release().await.unwrap();
+    other.close().await.unwrap();
+}
+
 // ----------------------------------------------------------------------------------------
 // Recipes
 

@@ -85,6 +85,7 @@ redis_backends!(
     coordinator_cancel_and_timeout,
     coordinator_election_handover,
     coordinator_tasks_share_one_coordinator,
+    coordinator_after_close,
 );
 
 all_backends!(
@@ -116,6 +117,7 @@ all_backends!(
     coordinator_cancel_and_timeout,
     coordinator_election_handover,
     coordinator_tasks_share_one_coordinator,
+    coordinator_after_close,
     cross_type_names,
     semaphore_limits_holders,
     semaphore_holder_dies,

@@ -355,6 +355,7 @@ impl CoordinatorBuilder {
                     client,
                     session,
                     local: Arc::default(),
+                    closed: CancellationToken::new(),
                 })
             }
         };
@@ -445,10 +446,11 @@ impl Coordinator {
 
     /// Release everything (on etcd: revoke the session's lease) and disconnect.
     ///
-    /// Guards and leaderships still held are lost. Later calls fail: with
-    /// [`Error::Closed`] on Redis, and with [`Error::SessionLost`] ("session closed") on
-    /// etcd and the embedded store, whose locks belong to the closed session; either way
-    /// the error is not retryable with this coordinator (connect a new one).
+    /// Guards and leaderships still held are lost (their `release()` fails with
+    /// [`Error::NotHeld`] / [`Error::NotLeader`]). Tasks waiting in `lock()` or `campaign()`
+    /// and every later call (`lock`, `try_lock`, `lock_timeout`, `campaign`, `leader`) fail
+    /// with [`Error::Closed`], and `observe()` streams end, on every backend. `Closed` is not
+    /// retryable: connect a new coordinator. Closing twice is fine.
     ///
     /// # Cancel safety
     ///
@@ -465,6 +467,10 @@ struct StoreBackend {
     session: Session,
     /// The tasks of this process holding or waiting for each lock name.
     local: Arc<LocalLocks>,
+    /// Cancelled when [`Coordinator::close`] starts: calls fail with [`Error::Closed`]
+    /// from then on, as on Redis, instead of with the closed session's
+    /// [`Error::SessionLost`].
+    closed: CancellationToken,
 }
 
 #[async_trait]
@@ -478,6 +484,7 @@ impl Backend for StoreBackend {
             mutex: Mutex::new(&self.session, name)?,
             local: self.local.clone(),
             session: self.session.clone(),
+            closed: self.closed.clone(),
         }))
     }
 
@@ -486,6 +493,7 @@ impl Backend for StoreBackend {
             election: Election::new(&self.session, name)?,
             local: self.local.clone(),
             session: self.session.clone(),
+            closed: self.closed.clone(),
         }))
     }
 
@@ -502,7 +510,26 @@ impl Backend for StoreBackend {
     }
 
     async fn close(&self) -> Result<()> {
+        // First, so that the waiters the session's end wakes see it and say Closed.
+        self.closed.cancel();
         self.session.close().await
+    }
+}
+
+/// Run `call` unless the coordinator is closed; an error once it is closed (a waiter woken
+/// by the session's end, say) is [`Error::Closed`], as on Redis, not the session's
+/// [`Error::SessionLost`]. A session lost otherwise (its lease expired or was revoked) keeps
+/// its own error.
+async fn unless_closed<T>(
+    closed: &CancellationToken,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    if closed.is_cancelled() {
+        return Err(Error::Closed);
+    }
+    match call.await {
+        Err(_) if closed.is_cancelled() => Err(Error::Closed),
+        r => r,
     }
 }
 
@@ -559,6 +586,7 @@ struct StoreLock {
     mutex: Mutex,
     local: Arc<LocalLocks>,
     session: Session,
+    closed: CancellationToken,
 }
 
 /// Wait for the name's local mutex, unless the session is lost (or closed) first: a task
@@ -590,31 +618,37 @@ impl Lock for StoreLock {
         self.mutex.name()
     }
     async fn lock(&self) -> Result<Box<dyn Guard>> {
-        let slot = self.local.slot(self.mutex.name());
-        let local = local_turn(&slot, &self.session).await?;
-        let guard = self.mutex.lock().await?;
-        Ok(Box::new(Local {
-            inner: guard,
-            _local: local,
-            _slot: slot,
-        }))
+        unless_closed(&self.closed, async {
+            let slot = self.local.slot(self.mutex.name());
+            let local = local_turn(&slot, &self.session).await?;
+            let guard = self.mutex.lock().await?;
+            Ok(Box::new(Local {
+                inner: guard,
+                _local: local,
+                _slot: slot,
+            }) as Box<dyn Guard>)
+        })
+        .await
     }
     async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>> {
         with_timeout("lock", timeout, Lock::lock(self)).await
     }
     async fn try_lock(&self) -> Result<Box<dyn Guard>> {
-        let slot = self.local.slot(self.mutex.name());
-        let Ok(local) = slot.mutex.clone().try_lock_owned() else {
-            return Err(Error::Locked {
-                name: self.mutex.name().to_string(),
-            });
-        };
-        let guard = self.mutex.try_lock().await?;
-        Ok(Box::new(Local {
-            inner: guard,
-            _local: local,
-            _slot: slot,
-        }))
+        unless_closed(&self.closed, async {
+            let slot = self.local.slot(self.mutex.name());
+            let Ok(local) = slot.mutex.clone().try_lock_owned() else {
+                return Err(Error::Locked {
+                    name: self.mutex.name().to_string(),
+                });
+            };
+            let guard = self.mutex.try_lock().await?;
+            Ok(Box::new(Local {
+                inner: guard,
+                _local: local,
+                _slot: slot,
+            }) as Box<dyn Guard>)
+        })
+        .await
     }
 }
 
@@ -654,6 +688,7 @@ struct StoreElector {
     election: Election,
     local: Arc<LocalLocks>,
     session: Session,
+    closed: CancellationToken,
 }
 
 #[async_trait]
@@ -662,14 +697,17 @@ impl Elector for StoreElector {
         self.election.name()
     }
     async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
-        let slot = self.local.slot(self.election.name());
-        let local = local_turn(&slot, &self.session).await?;
-        let leading = self.election.campaign(value).await?;
-        Ok(Box::new(Local {
-            inner: leading,
-            _local: local,
-            _slot: slot,
-        }))
+        unless_closed(&self.closed, async {
+            let slot = self.local.slot(self.election.name());
+            let local = local_turn(&slot, &self.session).await?;
+            let leading = self.election.campaign(value).await?;
+            Ok(Box::new(Local {
+                inner: leading,
+                _local: local,
+                _slot: slot,
+            }) as Box<dyn Leading>)
+        })
+        .await
     }
     async fn campaign_timeout(
         &self,
@@ -679,10 +717,14 @@ impl Elector for StoreElector {
         with_timeout("campaign", timeout, Elector::campaign(self, value)).await
     }
     async fn leader(&self) -> Result<Leader> {
-        self.election.leader().await
+        unless_closed(&self.closed, self.election.leader()).await
     }
     fn observe(&self) -> BoxStream<'static, Leader> {
-        self.election.observe().boxed()
+        // Ends when the coordinator is closed, as on Redis.
+        self.election
+            .observe()
+            .take_until(self.closed.clone().cancelled_owned())
+            .boxed()
     }
 }
 
@@ -838,6 +880,7 @@ mod tests {
             client,
             session,
             local: local.clone(),
+            closed: CancellationToken::new(),
         }));
         let held = coord.lock("jobs/report").unwrap().lock().await.unwrap();
         let err = coord
@@ -889,7 +932,7 @@ mod tests {
                 .await
                 .expect("a task queued locally still waits after close()")
                 .unwrap();
-            assert!(matches!(got, Err(Error::SessionLost { .. })), "{got:?}");
+            assert!(matches!(got, Err(Error::Closed)), "{got:?}");
         }
         assert!(held.is_lost());
         drop(held);

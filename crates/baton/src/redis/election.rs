@@ -139,12 +139,13 @@ impl RedisElection {
     /// The current leader, or [`Error::NoLeader`]. On Redlock, the leader is the token a
     /// quorum of masters agrees on. A holder of the key that wrote no election record (a
     /// [`RedisLock`](super::RedisLock) of the same name, or another library's lock) is no
-    /// leader: [`Error::NoLeader`].
+    /// leader: [`Error::NoLeader`]. [`Error::Closed`] once the client is closed.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe.
     pub async fn leader(&self) -> Result<Leader> {
+        self.client.inner().check_open()?;
         match self.client.inner().read_leader(&self.keys).await? {
             Some(rec) => Ok(to_leader(&self.keys, rec)),
             None => Err(Error::NoLeader {
