@@ -612,6 +612,16 @@ struct Local<G> {
     _slot: LocalSlot,
 }
 
+impl<G> Local<G> {
+    fn new(inner: G, local: tokio::sync::OwnedMutexGuard<()>, slot: LocalSlot) -> Self {
+        Local {
+            inner,
+            _local: local,
+            _slot: slot,
+        }
+    }
+}
+
 #[async_trait]
 impl Lock for StoreLock {
     fn name(&self) -> &str {
@@ -622,11 +632,7 @@ impl Lock for StoreLock {
             let slot = self.local.slot(self.mutex.name());
             let local = local_turn(&slot, &self.session).await?;
             let guard = self.mutex.lock().await?;
-            Ok(Box::new(Local {
-                inner: guard,
-                _local: local,
-                _slot: slot,
-            }) as Box<dyn Guard>)
+            Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
         })
         .await
     }
@@ -642,11 +648,7 @@ impl Lock for StoreLock {
                 });
             };
             let guard = self.mutex.try_lock().await?;
-            Ok(Box::new(Local {
-                inner: guard,
-                _local: local,
-                _slot: slot,
-            }) as Box<dyn Guard>)
+            Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
         })
         .await
     }
@@ -701,11 +703,7 @@ impl Elector for StoreElector {
             let slot = self.local.slot(self.election.name());
             let local = local_turn(&slot, &self.session).await?;
             let leading = self.election.campaign(value).await?;
-            Ok(Box::new(Local {
-                inner: leading,
-                _local: local,
-                _slot: slot,
-            }) as Box<dyn Leading>)
+            Ok(Box::new(Local::new(leading, local, slot)) as Box<dyn Leading>)
         })
         .await
     }
