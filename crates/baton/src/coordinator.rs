@@ -196,6 +196,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Release everything and disconnect.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, holds not yet released end with their TTL.
     async fn close(&self) -> Result<()>;
 }
 

@@ -568,30 +568,63 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn backend(&self) -> &'static str;
 
     /// Read keys.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a read changes nothing.
     async fn range(&self, range: Range) -> Result<RangeResponse>;
 
     /// Write one key, bound to `lease` (0: none). Returns the revision of the write.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the write may or may not have been applied.
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision>;
 
     /// Delete a key or a prefix. Returns the number of keys deleted and the revision after.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the write may or may not have been applied.
     async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)>;
 
     /// Run a transaction.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, a transaction with writes may or may not have been applied
+    /// (whole or not at all); a read-only one changes nothing.
     async fn txn(&self, txn: Txn) -> Result<TxnResponse>;
 
     /// Grant a lease. The TTL is rounded up to whole seconds; the store may raise it to its
     /// minimum and reports the TTL granted.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, a lease may have been granted; it expires after its TTL.
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant>;
 
     /// Refresh a lease once. Returns the TTL it was refreshed to, or `None` if the lease
     /// no longer exists (revoked or expired).
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the lease may or may not have been refreshed.
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>>;
 
     /// Revoke a lease, deleting every key bound to it in one revision.
     /// Fails with [`Error::LeaseNotFound`](crate::Error::LeaseNotFound) if it does not exist.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the lease may or may not have been revoked.
     async fn lease_revoke(&self, id: LeaseId) -> Result<()>;
 
     /// The time a lease has left, or `None` if it does not exist.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a read changes nothing.
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>>;
 
     /// This process stops keeping lease `id` alive (its session was closed, orphaned or
@@ -604,6 +637,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Watch keys. The stream is registered before this returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a watch whose creation is dropped is cancelled with it.
     async fn watch(&self, watch: Watch) -> Result<WatchStream>;
 
     /// [`watch`](Store::watch) from the next write (`watch.start_revision` is ignored), and
@@ -615,6 +652,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ///
     /// The default reads the current revision, then watches from the next one: correct, but
     /// on etcd a write in between would send the watch to the sweep.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`watch`](Store::watch).
     async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
         // Any read gives the revision; the watch's own key is one the caller may read. A
         // watch of the whole keyspace (the empty prefix) reads a key that is not empty.
@@ -630,5 +671,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Discard the history before `revision`. Watches from earlier revisions then fail with
     /// [`Error::Compacted`](crate::Error::Compacted).
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the history may or may not have been compacted.
     async fn compact(&self, revision: Revision) -> Result<()>;
 }
