@@ -314,3 +314,53 @@ async fn session_survives_a_paused_member_carrying_its_keep_alives() {
         "session lost {lost_after:?} after pausing member {carrier} (keep-alives {counts:?}): {lost:?}"
     );
 }
+
+/// `try_lock` makes one attempt: with etcd down it fails at once with a retryable error (as
+/// on Redis), instead of retrying the join for 15 s. `lock_timeout` keeps retrying until its
+/// timeout, and the server back up, a `try_lock` succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_lock_makes_one_attempt_when_etcd_is_down() {
+    let mut etcd = EtcdServer::start_async().await;
+    let client = Client::builder(&etcd.endpoint())
+        .with_request_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let session = Session::builder(&client)
+        .with_ttl(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&session, "down/try").unwrap();
+    let rw = baton::RwLock::new(&session, "down/rw").unwrap();
+    etcd.kill();
+    let t = Instant::now();
+    let err = mutex.try_lock().await.unwrap_err();
+    let took = t.elapsed();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "try_lock took {took:?}: {err}"
+    );
+    let t = Instant::now();
+    let err = rw.try_write().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "try_write took {:?}",
+        t.elapsed()
+    );
+    etcd.restart();
+    let g = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match mutex.try_lock().await {
+                Ok(g) => return g,
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => panic!("try_lock after the restart: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("try_lock never succeeded after the restart");
+    g.unlock().await.unwrap();
+}

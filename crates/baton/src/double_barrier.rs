@@ -169,7 +169,8 @@ impl DoubleBarrier {
 
     async fn enter_inner(&self) -> Result<DoubleBarrierGuard> {
         let queue = Queue::direct(&self.waiters);
-        let mut entry = Entry::join(&self.session, &self.name, queue, &self.key, b"").await?;
+        let mut entry =
+            Entry::join(&self.session, &self.name, queue, &self.key, b"", false).await?;
         let my_rev = entry.my_rev();
         let store = entry.store().clone();
         match while_alive(&self.session, self.wait_open(&store, my_rev)).await {

@@ -182,6 +182,7 @@ impl Election {
             Queue::direct(&self.prefix),
             &self.key,
             &value,
+            false,
         )
         .await?;
         if entry
@@ -240,6 +241,7 @@ impl Election {
             Queue::direct(&self.prefix),
             &self.key,
             &value,
+            false,
         )
         .await?;
         if entry.my_rev() != create_revision {

@@ -122,7 +122,8 @@ impl Mutex {
     /// Take the lock if it is free, without waiting.
     ///
     /// Fails with [`Error::Locked`] if another owner holds it; our key is removed before the
-    /// error is returned.
+    /// error is returned. It makes one attempt: if the store cannot be reached, it fails at
+    /// once with the store's (retryable) error, where [`lock()`](Mutex::lock) retries.
     ///
     /// # Cancel safety
     ///
@@ -135,7 +136,8 @@ impl Mutex {
 
     async fn acquire(&self, try_only: bool) -> Result<MutexGuard> {
         let queue = Queue::direct(&self.prefix);
-        let mut entry = Entry::join(&self.session, &self.name, queue, &self.key, b"").await?;
+        let mut entry =
+            Entry::join(&self.session, &self.name, queue, &self.key, b"", try_only).await?;
         if !entry.at_head() {
             if try_only {
                 entry.abandon().await;

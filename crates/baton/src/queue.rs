@@ -52,6 +52,9 @@ pub(crate) struct Entry {
     /// have been applied: a lost reply, a timeout): our key may exist though `my_rev` is
     /// unknown. Dropping the entry then looks for it and removes it.
     maybe_applied: bool,
+    /// How long a join that failed retryably is retried ([`JOIN_RETRY_FOR`], or zero for a
+    /// `try_lock`, which makes one attempt).
+    retry_for: Duration,
     my_rev: Option<Revision>,
     /// The revision after which changes to our key must be watched, once at the head.
     head_at: Option<Revision>,
@@ -65,21 +68,25 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// Put `key` (holding `value`) and wait behind the members of `queue` created before it.
+    ///
+    /// With `try_only` (a `try_lock`), a failed join is not retried: the caller wanted an
+    /// answer now, and gets the store's retryable error at once, as on Redis.
     pub(crate) async fn join(
         session: &Session,
         name: &str,
         queue: Queue,
         key: &str,
         value: &[u8],
+        try_only: bool,
     ) -> Result<Entry> {
         // A queue of empty-valued keys that ours belongs to (a mutex): the join's read of the
         // last few keys also tells the head whenever the queue is short, so the read of the
         // head is left out (one range fewer per lock, in etcd's serial apply path).
         if value.is_empty() && queue.contains(key.as_bytes()) {
-            return Self::join_inner(session, name, queue, key, value, None).await;
+            return Self::join_inner(session, name, queue, key, value, None, try_only).await;
         }
         let first = Range::prefix(queue.prefix.clone()).first_created();
-        Self::join_inner(session, name, queue, key, value, Some(first)).await
+        Self::join_inner(session, name, queue, key, value, Some(first), try_only).await
     }
 
     /// [`join`](Entry::join), reading `read` in the join transaction instead of only the
@@ -94,7 +101,7 @@ impl Entry {
         value: &[u8],
         read: Range,
     ) -> Result<Entry> {
-        Self::join_inner(session, name, queue, key, value, Some(read)).await
+        Self::join_inner(session, name, queue, key, value, Some(read), false).await
     }
 
     /// [`join_reading`](Entry::join_reading); with no `read`, the head is found from the
@@ -106,6 +113,7 @@ impl Entry {
         key: &str,
         value: &[u8],
         read: Option<Range>,
+        try_only: bool,
     ) -> Result<Entry> {
         session.check_alive()?;
         let claim = session.claim(key.as_bytes(), name).await?;
@@ -118,6 +126,11 @@ impl Entry {
             claim: Some(claim),
             inflight: None,
             maybe_applied: false,
+            retry_for: if try_only {
+                Duration::ZERO
+            } else {
+                JOIN_RETRY_FOR
+            },
             my_rev: None,
             head_at: None,
             existing_value: None,
@@ -305,11 +318,11 @@ impl Entry {
     ///
     /// A failure whose outcome is unknown and that may pass (etcd's "request timed out"
     /// while a new leader is elected, a lost connection) is retried while the session
-    /// lives, for at most [`JOIN_RETRY_FOR`]: the join is idempotent (it creates our key
-    /// only if it does not exist, else reads it), so a retry after a join that did apply
-    /// finds our key and its revision.
+    /// lives, for at most [`JOIN_RETRY_FOR`] (not at all for a `try_lock`): the join is
+    /// idempotent (it creates our key only if it does not exist, else reads it), so a retry
+    /// after a join that did apply finds our key and its revision.
     async fn send(&mut self, txn: Txn) -> Result<TxnResponse> {
-        let give_up = tokio::time::Instant::now() + JOIN_RETRY_FOR;
+        let give_up = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(50);
         loop {
             let store = self.store.clone();

@@ -133,6 +133,7 @@ impl RwLock {
 
     /// Take shared access if no writer holds or waits, without waiting; else
     /// [`Error::Locked`].
+    /// One attempt: a store that cannot be reached is its (retryable) error at once.
     ///
     /// # Cancel safety
     ///
@@ -172,6 +173,7 @@ impl RwLock {
 
     /// Take exclusive access if nobody holds or waits, without waiting; else
     /// [`Error::Locked`].
+    /// One attempt: a store that cannot be reached is its (retryable) error at once.
     ///
     /// # Cancel safety
     ///
@@ -206,7 +208,7 @@ impl RwLock {
             // A writer waits for every earlier reader and writer.
             Mode::Write => (Queue::read_write(&self.prefix), &self.write_key),
         };
-        let mut entry = Entry::join(&self.session, &self.name, queue, key, b"").await?;
+        let mut entry = Entry::join(&self.session, &self.name, queue, key, b"", try_only).await?;
         if !entry.at_head() {
             if try_only {
                 entry.abandon().await;
