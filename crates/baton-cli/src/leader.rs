@@ -11,7 +11,11 @@ Examples:
   curl \"http://$(baton leader scheduler)/status\"
   baton --json leader scheduler          # value, key, revision, fencing token, lease
 
-Exits 1 with a message on stderr if the election has no leader.";
+Exits 1 with a message on stderr if the election has no leader.
+
+On etcd a lock and an election of one name share their keys (the layout of Go's
+concurrency package and of etcdctl): the holder of `baton lock NAME` is NAME's leader,
+with an empty value. On Redis an election's leader is only a candidate that `elect`ed.";
 
 /// `baton leader`.
 #[derive(Debug, clap::Args)]
