@@ -12,7 +12,12 @@
 //! [`baton::DoubleBarrier`]) named `NAME` has its participants' keys, with empty values,
 //! under `NAME/waiters/`: they are shown as one barrier `NAME`, the participants of its
 //! open round (all of them if none is open) as holders, later arrivals as waiters.
-//! Semaphores and barriers have no single holder, so no fencing token.
+//! A read-write lock ([`baton::RwLock`], Go's `recipe.RWMutex`) named `NAME` has keys under
+//! `NAME/read/` and `NAME/write/`: shown as one entry `NAME`, whose holders are the writer
+//! that queued first or else the readers that queued before the first writer. Go's recipes
+//! end their keys in the creation time in decimal, not the lease: those are read too.
+//! Semaphores, barriers and read-write locks may have several holders; their token is the
+//! first holder's create revision.
 //!
 //! Values are never shown: an election's value is public, but a key that only looks like a
 //! lock key may hold anything.
@@ -34,17 +39,20 @@ Examples:
   baton --json status | jq '.entries[] | select(.waiter_count > 0)'
 
 Columns: NAME, KIND (lock: empty value; election: a value; semaphore: every value is
-COUNT/PERMITS; barrier: keys NAME/waiters/<lease>), HOLDER (the key created first; for a
-semaphore every key granted a permit, for a barrier every participant of the open round,
-comma-separated), TOKEN (the first holder's create revision: the fencing token of the lock
+COUNT/PERMITS; barrier: keys NAME/waiters/<lease>; rwlock: keys NAME/read/<lease> and
+NAME/write/<lease>), HOLDER (the key created first; for a semaphore every key granted a
+permit, for a barrier every participant of the open round, for a read-write lock the
+writer or the readers that hold it, comma-separated), TOKEN (the first holder's create revision: the fencing token of the lock
 or the leader, or of the first permit or participant), TTL (the time left on the (first)
 holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per entry:
 name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
 waiter_count, waiters.
 
 The kind is guessed from the keys, which cannot always tell: an election whose values all
-look like COUNT/PERMITS (\"1/2\") shows as a semaphore, and a lock named NAME/waiters as a
-barrier. --kind says what the names are instead.
+look like COUNT/PERMITS (\"1/2\") shows as a semaphore, a lock named NAME/waiters as a
+barrier, and locks named NAME/read and NAME/write as one read-write lock NAME. --kind says
+what the names are instead. Keys of Go's recipes (RWMutex, DoubleBarrier), which end in
+a decimal time instead of the lease, are shown too.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
@@ -64,7 +72,7 @@ pub(crate) struct Args {
     pub(crate) prefix: String,
 
     /// What the names under PREFIX are, when the keys cannot tell (see below): auto
-    /// (guess from the keys), lock, election, semaphore or barrier.
+    /// (guess from the keys), lock, election, semaphore, barrier or rwlock.
     #[arg(long, value_enum, default_value_t = Kind::Auto)]
     pub(crate) kind: Kind,
 }
@@ -82,6 +90,8 @@ pub(crate) enum Kind {
     Semaphore,
     /// Double barriers: keys NAME/waiters/<lease>.
     Barrier,
+    /// Read-write locks: keys NAME/read/<lease> and NAME/write/<lease>.
+    Rwlock,
 }
 
 /// One key of a lock or election queue.
@@ -207,7 +217,10 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
             continue;
         };
         let lease = output::lease_hex(kv.lease);
-        if name.is_empty() || suffix != lease {
+        // Baton's keys and Go's Mutex and Election end in the lease in hex; Go's recipes
+        // (RWMutex, DoubleBarrier) in the creation time in decimal nanoseconds.
+        let go_recipe = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit());
+        if name.is_empty() || (suffix != lease && !go_recipe) {
             continue;
         }
         by_name.entry(name.to_string()).or_default().push((
@@ -221,6 +234,49 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
             },
         ));
     }
+    // Read-write locks: NAME/read/… and NAME/write/… are one lock NAME.
+    let mut rwlocks: BTreeMap<String, Vec<(&KeyValue, Member, bool)>> = BTreeMap::new();
+    if matches!(kind, Kind::Auto | Kind::Rwlock) {
+        let names: Vec<String> = by_name.keys().cloned().collect();
+        for name in names {
+            let (parent, write) = match (
+                name.strip_suffix(RWLOCK_READ),
+                name.strip_suffix(RWLOCK_WRITE),
+            ) {
+                (Some(p), _) => (p, false),
+                (_, Some(p)) => (p, true),
+                _ => continue,
+            };
+            if parent.is_empty() {
+                continue;
+            }
+            let parent = parent.to_string();
+            let members = by_name.remove(&name).unwrap_or_default();
+            let all_empty = members.iter().all(|(kv, _)| kv.value.is_empty());
+            if !all_empty {
+                // Not a read-write lock's keys (they are empty): shown as they were.
+                by_name.insert(name, members);
+                continue;
+            }
+            rwlocks
+                .entry(parent)
+                .or_default()
+                .extend(members.into_iter().map(|(kv, m)| (kv, m, write)));
+        }
+    }
+    let rw_entries = rwlocks.into_iter().filter_map(|(name, mut members)| {
+        members.sort_by_key(|(kv, _, _)| kv.create_revision);
+        // A writer holds if it queued first; else the readers that queued before the
+        // first writer hold together (RwLock's rule, and Go's RWMutex's).
+        let held = match members.first() {
+            Some((_, _, true)) => 1,
+            _ => members.iter().take_while(|(_, _, write)| !write).count(),
+        };
+        let mut members: Vec<(&KeyValue, Member)> =
+            members.into_iter().map(|(kv, m, _)| (kv, m)).collect();
+        let waiters = members.split_off(held);
+        entry(name, "rwlock", None, members, waiters)
+    });
     let mut entries: Vec<Entry> = by_name
         .into_iter()
         .filter_map(|(name, mut members)| {
@@ -269,10 +325,16 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
             let waiters = members.split_off(1);
             entry(name, kind, None, members, waiters)
         })
+        .chain(rw_entries)
         .collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     entries
 }
+
+/// The suffixes of a read-write lock's readers' and writers' prefixes: `NAME/read/…`,
+/// `NAME/write/…`.
+const RWLOCK_READ: &str = "/read";
+const RWLOCK_WRITE: &str = "/write";
 
 /// The suffix of a double barrier's participants' prefix: `NAME/waiters/<lease>`.
 const BARRIER_WAITERS: &str = "/waiters";
@@ -553,6 +615,43 @@ mod tests {
         assert_eq!(b.waiters[0].key, "b/waiters/3c");
         assert_eq!(entries[1].holder_count, 1);
         assert_eq!(entries[1].waiter_count, 0);
+    }
+
+    /// NAME/read/… and NAME/write/… are one read-write lock, with Baton's keys (the lease in
+    /// hex) or Go's (a decimal time): the readers before the first writer hold it together,
+    /// or the writer alone if it queued first.
+    #[test]
+    fn read_write_locks_show_as_one_entry() {
+        let kvs = [
+            kv("rw/read/1a", "", 4, 0x1a),
+            kv("rw/read/1796470887636158422", "", 5, 0x2b),
+            kv("rw/write/3c", "", 6, 0x3c),
+            kv("rw/read/4d", "", 7, 0x4d),
+            kv("w/write/1796470887636158423", "", 8, 0x5e),
+            kv("w/read/6f", "", 9, 0x6f),
+            // A Go DoubleBarrier participant.
+            kv("db/waiters/1796470887936093916", "", 10, 0x70),
+        ];
+        let entries = group(&kvs);
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["db", "rw", "w"]);
+        let keys = |ms: &[Member]| ms.iter().map(|m| m.key.clone()).collect::<Vec<_>>();
+        let rw = &entries[1];
+        assert_eq!(rw.kind, "rwlock");
+        assert_eq!(
+            keys(&rw.holders),
+            ["rw/read/1a", "rw/read/1796470887636158422"]
+        );
+        assert_eq!(keys(&rw.waiters), ["rw/write/3c", "rw/read/4d"]);
+        assert_eq!(rw.fencing_token, 4);
+        let w = &entries[2];
+        assert_eq!(keys(&w.holders), ["w/write/1796470887636158423"]);
+        assert_eq!(keys(&w.waiters), ["w/read/6f"]);
+        assert_eq!(entries[0].kind, "barrier");
+        // --kind lock shows them as the locks their names say.
+        let locks = group_as(&kvs[..4], Kind::Lock);
+        let names: Vec<&str> = locks.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["rw/read", "rw/write"]);
     }
 
     /// What the keys cannot tell, --kind can: an election whose values look like a
