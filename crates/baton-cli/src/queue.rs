@@ -23,7 +23,10 @@ Examples:
 Each item is popped by exactly one consumer, in the order the items were pushed. Items are
 kept (without a lease) until popped. If a popped item cannot be written to stdout (a full
 disk, a closed pipe), baton prints it on stderr instead, since it has left the queue, and
-exits 125. The keys are NAME/<nanoseconds>, as Go's
+exits 125. A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) stops a waiting pop with exit 128+N;
+one that comes while an item is being claimed lets the claim finish: if it won, the item
+is printed and baton exits 0, as for any pop (etcd applies a claim sent, so stopping
+then would lose the item). The keys are NAME/<nanoseconds>, as Go's
 recipe.NewQueue makes them, so Go programs share the queue.";
 
 /// `baton queue`.
@@ -53,6 +56,8 @@ pub(crate) enum QueueCommand {
         #[arg(value_parser = cli::name)]
         name: String,
         /// Give up after DUR with nothing popped and exit 124 (default: wait for ever).
+        /// DUR bounds the wait, not the claim of an item found in time: that is waited for,
+        /// and the item printed (exit 0), even if it ends after DUR.
         #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
         timeout: Option<Duration>,
     },
@@ -105,24 +110,38 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         }
         QueueCommand::Pop { name, timeout } => {
             let queue = baton::Queue::new(&client, &name)?;
-            let item = signals
-                .interruptible(async {
-                    let popped = match timeout {
-                        Some(t) => queue.dequeue_timeout(t).await,
-                        None => queue.dequeue().await,
-                    };
-                    popped.map_err(|e| match e {
-                        baton::Error::Timeout { after, .. } => CliError::new(
-                            exit::NOT_ACQUIRED,
-                            format!(
-                                "queue {name:?}: nothing to pop within {}",
-                                output::duration(after)
-                            ),
+            // A timeout or a signal stops the pop while it reads or waits, never while it
+            // claims an item: a claim sent is applied by etcd whatever we do, so the item
+            // is then printed as by any pop.
+            let mut stopped_by = None;
+            let stop = async {
+                let timeout = async {
+                    match timeout {
+                        Some(t) => tokio::time::sleep(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                stopped_by = Some(tokio::select! {
+                    () = timeout => None,
+                    sig = signals.recv() => Some(sig),
+                });
+            };
+            let popped = queue.dequeue_until(stop).await?;
+            let Some(item) = popped else {
+                return Err(match stopped_by {
+                    Some(Some(sig)) => {
+                        tracing::debug!(signal = sig, "interrupted");
+                        CliError::interrupted(sig)
+                    }
+                    _ => CliError::new(
+                        exit::NOT_ACQUIRED,
+                        format!(
+                            "queue {name:?}: nothing to pop within {}",
+                            output::duration(timeout.unwrap_or_default())
                         ),
-                        e => CliError::from(e),
-                    })
-                })
-                .await?;
+                    ),
+                });
+            };
             // The value as is (it may not be UTF-8), or one JSON line; then a newline.
             let mut printed = if out.is_json() {
                 let json = json!({

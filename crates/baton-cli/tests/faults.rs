@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_testkit::oracle::{mono_now, report, runs};
-use baton_testkit::proxy::{Fault, FaultProxy};
+use baton_testkit::proxy::{Direction, Fault, FaultProxy};
 use baton_testkit::scenarios::since;
 use baton_testkit::worker::{running, WorkerProc};
 use baton_testkit::{EtcdCluster, EtcdServer};
@@ -448,4 +448,79 @@ async fn killed_lock_takes_cmds_background_jobs_along() {
     let after = size(&ticks);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(size(&ticks), after, "the background job ran on");
+}
+
+/// The keys under `prefix`, per etcdctl.
+fn etcd_keys(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
+    let out = etcd.etcdctl(["get", "--prefix", "--keys-only", prefix]);
+    assert!(out.status.success(), "etcdctl get: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `baton queue pop` through a proxy that delays etcd's answers by 1.5 s: the item is read
+/// at about 1.5 s and its claim answered at about 3 s. Neither `--timeout 2200ms`, passing
+/// while the claim is in flight, nor a SIGTERM sent then loses the item: etcd applies the
+/// claim, so baton waits for its answer, prints the item and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_pop_stopped_during_a_claim_keeps_the_item() {
+    let etcd = EtcdServer::start_async().await;
+    for how in ["timeout", "SIGTERM"] {
+        let queue = format!("jobs-{how}");
+        let mut push = baton(
+            "push",
+            &etcd.endpoint(),
+            &["queue", "push", &queue, "precious"],
+        );
+        assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        proxy.set(
+            Direction::ServerToClient,
+            Fault::Delay(Duration::from_millis(1500)),
+        );
+        let mut args = vec!["queue", "pop"];
+        if how == "timeout" {
+            args.extend(["--timeout", "2200ms"]);
+        }
+        args.push(&queue);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.env("RUST_LOG", "baton=debug")
+            .env_remove("BATON_ENDPOINTS")
+            .arg("--endpoints")
+            .arg(proxy.url("http"))
+            .args(&args);
+        let mut pop = WorkerProc::spawn_command("pop", cmd);
+        if how == "SIGTERM" {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while !pop.stderr().contains("claiming") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no claim within 15 s: {}",
+                    pop.stderr()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            pop.signal(libc::SIGTERM);
+        }
+        let line = pop.line(Duration::from_secs(15)).await;
+        let code = exit_code(&mut pop, Duration::from_secs(15)).await;
+        let left = etcd_keys(&etcd, &format!("{queue}/"));
+        assert_eq!(
+            (line.as_deref(), code, left.len()),
+            (Some("precious"), 0, 0),
+            "{how}: the item was lost or not taken; stderr:\n{}",
+            pop.stderr()
+        );
+    }
+    // A signal while waiting still stops the pop, with 128+N.
+    let mut pop = baton("pop", &etcd.endpoint(), &["queue", "pop", "empty"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pop.signal(libc::SIGTERM);
+    assert_eq!(
+        exit_code(&mut pop, Duration::from_secs(15)).await,
+        128 + libc::SIGTERM
+    );
 }

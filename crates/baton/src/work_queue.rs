@@ -5,6 +5,8 @@
 //! [`PriorityQueue`](crate::PriorityQueue).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,23 +36,66 @@ macro_rules! take_methods {
         ///
         /// # Cancel safety
         ///
-        /// Cancel safe while waiting. If the future is dropped while a claim is in flight, the
-        /// item may have been taken and not returned.
+        /// Cancel safe while reading and waiting, not while a claim is in flight: a claim
+        /// (a compare-and-delete) that was sent is applied by the server even if this future
+        /// is dropped, and the item is then gone without being returned. To bound the wait,
+        /// use `dequeue_timeout` or `dequeue_until`, which never give up during a claim,
+        /// rather than dropping this future (with `tokio::time::timeout` or `select!`).
         pub async fn dequeue(&self) -> $crate::Result<Vec<u8>> {
-            self.items.take_or_wait(&self.name).await
+            match self
+                .items
+                .take_or_wait(
+                    &self.name,
+                    std::future::pending::<std::convert::Infallible>(),
+                )
+                .await?
+            {
+                Ok(value) => Ok(value),
+                Err(never) => match never {},
+            }
         }
 
-        /// `dequeue()`, giving up with [`Error::Timeout`](crate::Error::Timeout) after
-        /// `timeout`.
+        /// `dequeue()`, giving up with [`Error::Timeout`](crate::Error::Timeout) if no
+        /// item was claimed within `timeout`.
+        ///
+        /// The timeout bounds reading and waiting. A claim sent before it passes is waited
+        /// for (as long as the store lets a request take, and its resends if it fails in
+        /// flight), and its item returned if the claim won, even if that is after `timeout`:
+        /// an item claimed is never lost to the timeout.
         ///
         /// # Cancel safety
         ///
-        /// As `dequeue()`.
+        /// As `dequeue()`: dropping this future during a claim may lose the item; letting
+        /// the timeout pass never does.
         pub async fn dequeue_timeout(
             &self,
             timeout: std::time::Duration,
         ) -> $crate::Result<Vec<u8>> {
-            $crate::queue::with_timeout("dequeue", timeout, self.dequeue()).await
+            self.items
+                .take_or_wait(&self.name, tokio::time::sleep(timeout))
+                .await?
+                .map_err(|()| $crate::Error::Timeout {
+                    operation: "dequeue",
+                    after: timeout,
+                })
+        }
+
+        /// `dequeue()`, giving up with `Ok(None)` when `stop` completes first (a shutdown
+        /// signal, say).
+        ///
+        /// `stop` is polled only while reading and waiting. Once a claim is sent its answer
+        /// is waited for, and its item returned if the claim won, even if `stop` completes
+        /// meanwhile: an item claimed is never lost to `stop`.
+        ///
+        /// # Cancel safety
+        ///
+        /// As `dequeue()`: dropping this future during a claim may lose the item; letting
+        /// `stop` complete never does.
+        pub async fn dequeue_until(
+            &self,
+            stop: impl std::future::Future<Output = ()>,
+        ) -> $crate::Result<Option<Vec<u8>>> {
+            Ok(self.items.take_or_wait(&self.name, stop).await?.ok())
         }
 
         #[doc = concat!("Take ", $which, ", or return `None` at once if the queue is empty.")]
@@ -105,6 +150,12 @@ pub(crate) use take_methods;
 /// connection fails while a claim is in flight, `dequeue` returns an error rather than an
 /// item it may not own, and the item may be lost; an `enqueue` whose answer is lost may or
 /// may not have happened.
+///
+/// A claim sent is applied by the server whatever the consumer does next, so
+/// [`dequeue_timeout`](Queue::dequeue_timeout) and [`dequeue_until`](Queue::dequeue_until)
+/// stop only while reading and waiting, and return the item of a claim that was in flight
+/// when their deadline passed. Dropping a `dequeue` future during a claim (under
+/// `tokio::time::timeout`, say) may lose the item.
 ///
 /// # Waiting
 ///
@@ -231,13 +282,28 @@ pub(crate) struct Items {
     pub(crate) is_item: fn(&[u8], &KeyValue) -> bool,
 }
 
+/// `fut`, unless `stop` completes first: then `Err(what stop gave)`. `stop` is polled
+/// first, so one that has completed wins over a `fut` that is ready too.
+async fn unless<S, T>(
+    stop: Pin<&mut impl Future<Output = S>>,
+    fut: impl Future<Output = T>,
+) -> std::result::Result<T, S> {
+    tokio::select! {
+        biased;
+        s = stop => Err(s),
+        r = fut => Ok(r),
+    }
+}
+
 /// What one attempt to take an item found.
-enum Taken {
+enum Taken<S> {
     Item(Vec<u8>),
     /// No item; the read's revision.
     Empty(crate::store::Revision),
     /// A claim failed in flight: the item may be ours or not. Reported, never retried.
     Unknown(Error),
+    /// `stop` completed before a claim was sent.
+    Stopped(S),
 }
 
 impl Items {
@@ -253,26 +319,46 @@ impl Items {
 
     pub(crate) async fn try_take(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let span = tracing::debug_span!("try_dequeue", kind = self.what, queue = %name);
-        match self.take_once().instrument(span).await? {
+        let never = std::pin::pin!(std::future::pending::<std::convert::Infallible>());
+        match self.take_once(never).instrument(span).await? {
             Taken::Item(value) => Ok(Some(value)),
             Taken::Empty(_) => Ok(None),
             Taken::Unknown(e) => Err(e),
+            Taken::Stopped(never) => match never {},
         }
     }
 
-    pub(crate) async fn take_or_wait(&self, name: &str) -> Result<Vec<u8>> {
+    /// Take an item, waiting for one, until `stop` completes: then `Ok(Err(what stop
+    /// gave))`. `stop` is polled only while reading and waiting, never while a claim is in
+    /// flight, so an item claimed is always returned.
+    pub(crate) async fn take_or_wait<S>(
+        &self,
+        name: &str,
+        stop: impl Future<Output = S>,
+    ) -> Result<std::result::Result<Vec<u8>, S>> {
         let span = tracing::debug_span!("dequeue", kind = self.what, queue = %name);
+        let mut stop = std::pin::pin!(stop);
         async {
             let mut waiter = Waiter::new(&self.store);
             loop {
-                match self.take_once().await {
-                    Ok(Taken::Item(value)) => return Ok(value),
+                let failed = match self.take_once(stop.as_mut()).await {
+                    Ok(Taken::Item(value)) => return Ok(Ok(value)),
                     Ok(Taken::Unknown(e)) => return Err(e),
+                    Ok(Taken::Stopped(s)) => return Ok(Err(s)),
                     Ok(Taken::Empty(read_at)) => {
                         let wait = Wait::prefix(self.prefix.as_bytes(), read_at, Until::Put);
-                        waiter.wait(wait).await?;
+                        match unless(stop.as_mut(), waiter.wait(wait)).await {
+                            Ok(r) => r,
+                            Err(s) => return Ok(Err(s)),
+                        }
                     }
-                    Err(e) => waiter.retry(e).await?,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = failed {
+                    match unless(stop.as_mut(), waiter.retry(e)).await {
+                        Ok(r) => r?,
+                        Err(s) => return Ok(Err(s)),
+                    }
                 }
             }
         }
@@ -280,13 +366,23 @@ impl Items {
         .await
     }
 
-    /// Read the first items and claim the first one still there.
-    async fn take_once(&self) -> Result<Taken> {
+    /// Read the first items and claim the first one still there; `Stopped` if `stop`
+    /// completes first. `stop` is polled during reads and before each claim, never during
+    /// one.
+    async fn take_once<S, F: Future<Output = S>>(&self, mut stop: Pin<&mut F>) -> Result<Taken<S>> {
+        macro_rules! or_stop {
+            ($fut:expr) => {
+                match unless(stop.as_mut(), $fut).await {
+                    Ok(r) => r,
+                    Err(s) => return Ok(Taken::Stopped(s)),
+                }
+            };
+        }
         loop {
-            let mut resp = self.store.range(self.read(BATCH)).await?;
+            let mut resp = or_stop!(self.store.range(self.read(BATCH)))?;
             if resp.more && !resp.kvs.iter().any(|kv| self.is_item(kv)) {
                 // A nested name's keys fill the batch: read everything.
-                resp = self.store.range(self.read(0)).await?;
+                resp = or_stop!(self.store.range(self.read(0)))?;
             }
             let RangeResponse {
                 header_revision,
@@ -298,6 +394,10 @@ impl Items {
                 return Ok(Taken::Empty(header_revision));
             }
             for item in items {
+                // The last moment to give up: once sent, a claim is applied whatever we do,
+                // so its answer is awaited.
+                or_stop!(std::future::ready(()));
+                tracing::debug!(key = %item.key_str(), "claiming");
                 match self.claim(&item).await? {
                     Some(true) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
@@ -417,6 +517,58 @@ mod tests {
             assert_eq!(left.kvs.len(), 1, "{order}: B is still queued");
             assert_eq!(left.kvs[0].value, b"B", "{order}");
         }
+    }
+
+    /// A deadline that passes while a claim is in flight must not lose the item: the claim
+    /// lands on the server all the same, so its answer is awaited and the item returned.
+    #[tokio::test]
+    async fn a_timeout_during_a_claim_returns_the_item() {
+        use crate::store::slow::SlowWatches;
+        for order in ["fifo", "priority"] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let client = Client::from_arc(store.clone());
+            let (prefix, got) = if order == "fifo" {
+                let q = Queue::new(&client, "jobs").unwrap();
+                q.enqueue("precious").await.unwrap();
+                *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(200));
+                ("jobs/", q.dequeue_timeout(Duration::from_millis(100)).await)
+            } else {
+                let q = crate::PriorityQueue::new(&client, "pq").unwrap();
+                q.enqueue("precious", 1).await.unwrap();
+                *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(200));
+                ("pq/", q.dequeue_timeout(Duration::from_millis(100)).await)
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let left = store
+                .inner
+                .range(crate::store::Range::prefix(prefix))
+                .await
+                .unwrap()
+                .kvs
+                .len();
+            assert!(
+                got.is_ok() || left == 1,
+                "{order}: item lost: {got:?}, {left} left"
+            );
+            assert_eq!(got.unwrap(), b"precious", "{order}");
+        }
+    }
+
+    /// `dequeue_until` gives up when `stop` completes while waiting, but not while a claim
+    /// is in flight: a `stop` that completes then is seen only if the claim lost.
+    #[tokio::test]
+    async fn dequeue_until_stops_only_while_waiting() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let stop = tokio::time::sleep(Duration::from_millis(50));
+        assert_eq!(q.dequeue_until(stop).await.unwrap(), None);
+        q.enqueue("precious").await.unwrap();
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(200));
+        let stop = tokio::time::sleep(Duration::from_millis(50));
+        let got = q.dequeue_until(stop).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"precious"[..]));
     }
 
     #[tokio::test]
