@@ -55,7 +55,9 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// while the first is held or pending fails with [`Error::AlreadyHeld`]. A key the
 /// session's lease already has (a process that resumed its session with
 /// [`with_lease`](crate::SessionBuilder::with_lease)) is adopted if it asks for the same
-/// count; otherwise it is removed and the acquire queues afresh, behind everyone. Keys of
+/// count of a semaphore of the same size; otherwise it is removed and the acquire queues
+/// afresh, behind everyone (and fails with [`Error::Mismatch`] if the keys there say
+/// another size). Keys of
 /// nested names (`NAME/sub/…`) are not part of this semaphore.
 ///
 /// # Examples
@@ -268,22 +270,23 @@ impl Semaphore {
                 self.members_read(),
             )
             .await?;
-            // A key left with our lease by an earlier acquire of another count (a process
-            // that resumed its session): its place in the queue was earned for that count,
-            // and later keys may hold permits since. Give it up and queue afresh.
+            // A key left with our lease by an earlier acquire of another count or another
+            // semaphore size (a process that resumed its session): its place in the queue
+            // was earned for that request, and later keys may hold permits since. Give it up
+            // and queue afresh (behind keys of another size, that fails with Mismatch).
             match entry.existing_value().map(decode) {
-                Some(old) if old.map(|(c, _)| c) != Some(count) => {
+                Some(old) if old != Some((count, self.permits)) => {
                     entry.abandon().await;
                     if attempts >= 2 {
                         return Err(Error::Mismatch {
                             name: self.name.clone(),
                             reason: format!(
-                                "this session's key {} still asks for {} permits, not {count}, \
+                                "this session's key {} still says {}, not {value}, \
                                  and removing it failed",
                                 self.key,
                                 old.map_or_else(
-                                    || "an unreadable count of".into(),
-                                    |(c, _)| c.to_string()
+                                    || "an unreadable COUNT/PERMITS".into(),
+                                    |(c, p)| encode(c, p)
                                 )
                             ),
                         });
@@ -625,6 +628,58 @@ mod tests {
         assert_eq!(mine.count(), 3);
         drop(old);
         mine.release().await.unwrap();
+    }
+
+    /// A resumed key that says another semaphore size is not adopted: its place was earned
+    /// in a semaphore of that size, and adopting it (then rewriting its size) would let a
+    /// process into a semaphore of 1 while another holds a permit of the same name.
+    #[tokio::test]
+    async fn a_resumed_key_of_another_size_is_not_adopted() {
+        let client = Client::memory();
+        let lease = client
+            .store()
+            .lease_grant(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .id;
+        let earlier = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let other = Session::new(&client).await.unwrap();
+        let old = Semaphore::new(&earlier, "s", 2)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let theirs = Semaphore::new(&other, "s", 2)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        std::mem::forget(old);
+        let again = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let got = Semaphore::new(&again, "s", 1)
+            .unwrap()
+            .acquire_timeout(Duration::from_millis(500))
+            .await;
+        assert!(
+            got.is_err(),
+            "granted the only permit while another session holds one"
+        );
+        let err = got.unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        // Our old key is gone, and nobody's size was rewritten.
+        let keys = client.store().range(Range::prefix("s/")).await.unwrap().kvs;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(keys[0].value, b"1/2");
+        assert!(!theirs.is_lost());
+        theirs.release().await.unwrap();
     }
 
     #[tokio::test]
