@@ -164,8 +164,9 @@ pub(crate) use take_methods;
 ///
 /// # Key layout
 ///
-/// `NAME/<nanoseconds since the Unix epoch>` (decimal; the next free number if two
-/// producers pick the same), the item as the value, no lease: the layout of Go's
+/// `NAME/<nanoseconds since the Unix epoch>` (decimal, zero-padded to 19 digits, which
+/// every time from 2001 to 2262 has; the next free number if two producers pick the same),
+/// the item as the value, no lease: the layout of Go's
 /// `recipe.NewQueue(client, NAME)`, so Go and Baton producers and consumers share one
 /// queue. Keys of nested names (`NAME/sub/…`) are not items of this queue.
 ///
@@ -233,13 +234,16 @@ impl Queue {
     ///
     /// If the future is dropped, the item may or may not have been enqueued.
     pub async fn enqueue(&self, value: impl Into<Vec<u8>>) -> Result<()> {
-        let value = value.into();
+        self.enqueue_at(value.into(), now_nanos()).await
+    }
+
+    /// Enqueue `value` with the first free id from `id` (nanoseconds since the epoch).
+    async fn enqueue_at(&self, value: Vec<u8>, mut id: u128) -> Result<()> {
         validate_value(&value)?;
         let store = self.client.store();
-        let mut id = now_nanos();
         async {
             loop {
-                let key = format!("{}{id}", self.items.prefix);
+                let key = item_key(&self.items.prefix, id);
                 let txn = Txn::new()
                     .when([Compare::create_revision(
                         key.as_bytes(),
@@ -259,6 +263,14 @@ impl Queue {
     }
 
     take_methods!("the item at the head");
+}
+
+/// `PREFIX<id>`, the id zero-padded to 19 digits: as many as Go's `time.Now().UnixNano()`
+/// has from 2001 to 2262, so our keys have the shape of Go's and sort among them by time,
+/// and an id from a clock near 1970 still has the [`ITEM_DIGITS`](crate::names::ITEM_DIGITS)
+/// an item needs.
+fn item_key(prefix: &str, id: u128) -> String {
+    format!("{prefix}{id:019}")
 }
 
 fn now_nanos() -> u128 {
@@ -569,6 +581,36 @@ mod tests {
         let stop = tokio::time::sleep(Duration::from_millis(50));
         let got = q.dequeue_until(stop).await.unwrap();
         assert_eq!(got.as_deref(), Some(&b"precious"[..]));
+    }
+
+    /// An item enqueued by a clock near 1970 (an id of few digits) is still an item: its
+    /// id is zero-padded to Go's 19 digits, so `len` and `dequeue` see it, and it sorts
+    /// before the ids of today's clocks.
+    #[tokio::test]
+    async fn an_item_with_a_small_id_is_seen() {
+        let client = Client::memory();
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue_at(b"from 1970".to_vec(), 5).await.unwrap();
+        q.enqueue_at(b"also".to_vec(), 5).await.unwrap();
+        q.enqueue("today").await.unwrap();
+        let keys: Vec<String> = client
+            .store()
+            .range(Range::prefix("jobs/"))
+            .await
+            .unwrap()
+            .kvs
+            .iter()
+            .map(|kv| kv.key_str().into_owned())
+            .collect();
+        assert_eq!(
+            keys[..2],
+            ["jobs/0000000000000000005", "jobs/0000000000000000006"]
+        );
+        assert_eq!(keys[2].len(), "jobs/".len() + 19, "{keys:?}");
+        assert_eq!(q.len().await.unwrap(), 3);
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"from 1970");
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"also");
+        assert_eq!(q.try_dequeue().await.unwrap().unwrap(), b"today");
     }
 
     #[tokio::test]
