@@ -21,7 +21,8 @@ Examples:
   baton get config/feature-x                       # prints e.g. on
   baton --json get config/feature-x                # value, version, revision (last write)
 
-Prints the value as is, then a newline. Exits 1 with a message on stderr if the key does
+Prints the value as is, then a newline. With --json, a value that is not UTF-8 is given
+as \"value_base64\" (standard base64) instead of \"value\". Exits 1 with a message on stderr if the key does
 not exist, and 125 if the value cannot be written to stdout.";
 
 const SET_EXAMPLES: &str = "\
@@ -50,6 +51,8 @@ Prints one line per change, from now on, until SIGINT or SIGTERM (exit 0), or un
 reader closes the pipe (exit 0; another failure to write exits 125):
   put config/feature-x = on (version 2, revision 15)
   delete config/feature-x (revision 16)
+With --json, a key or value that is not UTF-8 is given as \"key_base64\" or
+\"value_base64\" (standard base64) instead of \"key\" or \"value\".
 After a broken connection it watches again from where it was. If the backend compacted
 those revisions meanwhile, it prints the keys as they are now (changes in between, and
 deletions, may be skipped).";
@@ -98,14 +101,15 @@ pub(crate) struct WatchArgs {
 }
 
 fn versioned_json(event: &str, key: &str, v: &baton::Versioned) -> serde_json::Value {
-    json!({
+    let event = json!({
         "event": event,
         "key": key,
-        "value": String::from_utf8_lossy(&v.value),
+        "value": null,
         "version": v.version,
         "revision": v.mod_revision,
         "create_revision": v.create_revision,
-    })
+    });
+    output::with_bytes(event, "value", &v.value)
 }
 
 /// Run `baton get`.
@@ -298,22 +302,31 @@ fn print_put(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
             "put {key} = {value} (version {}, revision {})",
             kv.version, kv.mod_revision
         ),
-        &json!({
-            "event": "put",
-            "key": key,
-            "value": value,
-            "version": kv.version,
-            "revision": kv.mod_revision,
-            "create_revision": kv.create_revision,
-        }),
+        &output::with_bytes(
+            output::with_bytes(
+                json!({
+                    "event": "put",
+                    "key": null,
+                    "value": null,
+                    "version": kv.version,
+                    "revision": kv.mod_revision,
+                    "create_revision": kv.create_revision,
+                }),
+                "key",
+                &kv.key,
+            ),
+            "value",
+            &kv.value,
+        ),
     )
 }
 
 fn print_delete(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
     let key = String::from_utf8_lossy(&kv.key);
+    let event = json!({"event": "delete", "key": null, "revision": kv.mod_revision});
     out.emit(
         &format!("delete {key} (revision {})", kv.mod_revision),
-        &json!({"event": "delete", "key": key, "revision": kv.mod_revision}),
+        &output::with_bytes(event, "key", &kv.key),
     )
 }
 

@@ -60,6 +60,32 @@ impl Output {
     }
 }
 
+/// `event` (a JSON object made with `field: null`) with `bytes` as its `field`: a string if
+/// they are UTF-8, else `FIELD_base64`, the bytes in standard base64 (padded), in the same
+/// place. A JSON string holds text only: a lossy one would lose the bytes (of a queue item
+/// that has left the queue, say).
+pub(crate) fn with_bytes(event: Value, field: &str, bytes: &[u8]) -> Value {
+    use base64::Engine as _;
+    let Value::Object(map) = event else {
+        return event;
+    };
+    let mut entry = Some(match std::str::from_utf8(bytes) {
+        Ok(text) => (field.to_string(), Value::from(text)),
+        Err(_) => (
+            format!("{field}_base64"),
+            Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    });
+    let map = map
+        .into_iter()
+        .map(|(k, v)| match entry.take_if(|_| k == field) {
+            Some(replaced) => replaced,
+            None => (k, v),
+        })
+        .collect();
+    Value::Object(map)
+}
+
 /// The failure for a result that could not be written to stdout: 125, with `done` saying
 /// what happened all the same ("key set"), if anything did.
 pub(crate) fn not_written(done: Option<&str>, e: &io::Error) -> CliError {
@@ -109,6 +135,19 @@ pub(crate) fn duration(d: std::time::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_as_text_or_base64() {
+        let event = || serde_json::json!({"event": "put", "value": null, "revision": 3});
+        assert_eq!(
+            with_bytes(event(), "value", b"on").to_string(),
+            r#"{"event":"put","value":"on","revision":3}"#
+        );
+        assert_eq!(
+            with_bytes(event(), "value", b"\xff\xfe").to_string(),
+            r#"{"event":"put","value_base64":"//4=","revision":3}"#
+        );
+    }
 
     #[test]
     fn formats() {

@@ -50,7 +50,8 @@ pub(crate) enum QueueCommand {
         value: String,
     },
     /// Take the item at the head, waiting for one if the queue is empty, and print it
-    /// (just the value, with --json as {"value": …}).
+    /// (just the value; with --json as {"value": …}, or {"value_base64": …} in standard
+    /// base64 if the item is not UTF-8).
     Pop {
         /// The queue's name.
         #[arg(value_parser = cli::name)]
@@ -144,12 +145,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             };
             // The value as is (it may not be UTF-8), or one JSON line; then a newline.
             let mut printed = if out.is_json() {
-                let json = json!({
-                    "event": "popped",
-                    "name": name,
-                    "value": String::from_utf8_lossy(&item),
-                });
-                json.to_string().into_bytes()
+                let json = json!({"event": "popped", "name": name, "value": null});
+                output::with_bytes(json, "value", &item)
+                    .to_string()
+                    .into_bytes()
             } else {
                 item
             };

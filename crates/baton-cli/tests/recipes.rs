@@ -453,3 +453,57 @@ fn watch_prints_changes() {
     human.signal(libc::SIGTERM);
     assert_eq!(human.code(), 0);
 }
+
+/// With `--json`, a value (or a watched key) that is not UTF-8 is given as `value_base64`
+/// (`key_base64`) instead of a lossy string: a popped item has left the queue, so its bytes
+/// must come out intact.
+#[test]
+fn json_keeps_bytes_that_are_not_utf8() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let bytes = OsStr::from_bytes(b"a\xff\xfeb");
+    let put = |key: &OsStr| {
+        let out = etcd.etcdctl([OsStr::new("put"), key, bytes]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    let json_of = |out: &std::process::Output| -> serde_json::Value {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    put(OsStr::new("bin/1700000000000000000"));
+    let v = json_of(&run(baton(&ep).args(["--json", "get", "bin/1700000000000000000"])).0);
+    assert_eq!(v["value_base64"], "Yf/+Yg==", "{v}");
+    assert!(v.get("value").is_none(), "{v}");
+    let v = json_of(&run(baton(&ep).args(["--json", "queue", "pop", "bin"])).0);
+    assert_eq!(v["value_base64"], "Yf/+Yg==", "{v}");
+    assert!(v.get("value").is_none(), "{v}");
+    assert!(keys(&etcd, "bin/").is_empty());
+    // Text stays text.
+    run(baton(&ep).args(["queue", "push", "bin", "plain"]));
+    let v = json_of(&run(baton(&ep).args(["--json", "queue", "pop", "bin"])).0);
+    assert_eq!(v["value"], "plain", "{v}");
+    assert!(v.get("value_base64").is_none(), "{v}");
+
+    let watch = Proc::spawn(baton(&ep).args(["--json", "watch", "--prefix", "wb/"]));
+    let line = loop {
+        put(OsStr::from_bytes(b"wb/\xff"));
+        if let Some(line) = watch.line_within(Duration::from_millis(200)) {
+            break line;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["key_base64"], "d2Iv/w==", "{v}");
+    assert_eq!(v["value_base64"], "Yf/+Yg==", "{v}");
+    assert!(v.get("key").is_none() && v.get("value").is_none(), "{v}");
+    let out = etcd.etcdctl([OsStr::new("del"), OsStr::from_bytes(b"wb/\xff")]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = loop {
+        let v: serde_json::Value = serde_json::from_str(&watch.line()).unwrap();
+        if v["event"] == "delete" {
+            break v;
+        }
+    };
+    assert_eq!(v["key_base64"], "d2Iv/w==", "{v}");
+}
