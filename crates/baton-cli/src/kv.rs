@@ -55,7 +55,8 @@ With --json, a key or value that is not UTF-8 is given as \"key_base64\" or
 \"value_base64\" (standard base64) instead of \"key\" or \"value\".
 After a broken connection it watches again from where it was. If the backend compacted
 those revisions meanwhile, it prints the keys as they are now (changes in between, and
-deletions, may be skipped).";
+deletions, may be skipped). An error that retrying cannot fix (permission denied, say,
+once a role is revoked) ends it with 125 and the error on stderr.";
 
 /// `baton get`.
 #[derive(Debug, clap::Args)]
@@ -203,11 +204,12 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
             Some(from) => from,
             None => {
                 let read = signals
-                    .interruptible(async { store.range(range()).await.map_err(CliError::from) })
-                    .await;
+                    .interruptible(async { Ok(store.range(range()).await) })
+                    .await?;
                 let resp = match read {
                     Ok(resp) => resp,
-                    Err(e) if first => return Err(e),
+                    // At the start, or a refusal (permission denied…): retrying cannot help.
+                    Err(e) if first || !e.is_retryable() => return Err(e.into()),
                     Err(e) => {
                         tracing::debug!(error = ?e, "reading failed; retrying");
                         if pause.sleep(&mut signals).await {
@@ -240,6 +242,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                 next = None;
                 continue;
             }
+            Err(e) if !e.is_retryable() => return Err(e.into()),
             Err(e) => {
                 tracing::debug!(error = %e, "watching failed; retrying");
                 next = Some(from);
@@ -275,6 +278,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                     next = None;
                     break;
                 }
+                Some(Err(e)) if !e.is_retryable() => return Err(e.into()),
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "watch broke; watching again");
                     if pause.sleep(&mut signals).await {

@@ -254,3 +254,51 @@ fn namespaces_keep_teams_apart() {
     holder.signal(libc::SIGTERM);
     assert_eq!(holder.code(), 0);
 }
+
+/// `baton watch` whose permission is revoked while it runs: once its watch breaks (here, a
+/// reset connection) and etcd refuses it again, it exits 125 with the denial, rather than
+/// retrying for ever and looking alive while it prints nothing.
+#[test]
+fn watch_exits_125_once_its_permission_is_revoked() {
+    use baton_testkit::proxy::FaultProxy;
+    let etcd = etcd();
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "w/")]);
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{APP_PASSWORD}\n")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = rt.block_on(FaultProxy::start(etcd.client_port()));
+    let mut watch = Proc::spawn(
+        baton(&proxy.url("http"))
+            .env_remove("BATON_PASSWORD")
+            .args(["--user", "app", "--password-file"])
+            .arg(&password_file)
+            .args(["watch", "--prefix", "w/"]),
+    );
+    let mut i = 0;
+    while watch.line_within(Duration::from_millis(200)).is_none() {
+        assert!(i < 50, "no change printed: {:?}", watch.stderr_so_far());
+        let out = etcd.etcdctl(["put", "w/a", &format!("v{i}")]);
+        assert!(out.status.success(), "{out:?}");
+        i += 1;
+    }
+    let out = etcd.etcdctl([
+        "role",
+        "revoke-permission",
+        "app-role",
+        "--prefix=true",
+        "w/",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    proxy.reset_all();
+    let status = watch.wait(STEP).unwrap_or_else(|| {
+        panic!(
+            "baton watch still runs {STEP:?} after its permission was revoked; stderr: {:?}",
+            watch.stderr_so_far()
+        )
+    });
+    assert_eq!(status.code(), Some(125), "{:?}", watch.stderr_so_far());
+    let err = watch.stderr_all();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("permission denied"), "{err:?}");
+}
