@@ -333,6 +333,7 @@ async fn try_lock_makes_one_attempt_when_etcd_is_down() {
         .unwrap();
     let mutex = Mutex::new(&session, "down/try").unwrap();
     let rw = baton::RwLock::new(&session, "down/rw").unwrap();
+    let sem = baton::Semaphore::new(&session, "down/sem", 2).unwrap();
     etcd.kill();
     let t = Instant::now();
     let err = mutex.try_lock().await.unwrap_err();
@@ -348,6 +349,14 @@ async fn try_lock_makes_one_attempt_when_etcd_is_down() {
     assert!(
         t.elapsed() < Duration::from_secs(4),
         "try_write took {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    let err = sem.try_acquire().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "try_acquire took {:?}",
         t.elapsed()
     );
     etcd.restart();

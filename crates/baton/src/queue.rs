@@ -100,8 +100,9 @@ impl Entry {
         key: &str,
         value: &[u8],
         read: Range,
+        try_only: bool,
     ) -> Result<Entry> {
-        Self::join_inner(session, name, queue, key, value, Some(read), false).await
+        Self::join_inner(session, name, queue, key, value, Some(read), try_only).await
     }
 
     /// [`join_reading`](Entry::join_reading); with no `read`, the head is found from the

@@ -202,7 +202,8 @@ impl Semaphore {
 
     /// Take `count` permits if they are free and nobody queues before us, without waiting;
     /// otherwise fail with [`Error::NoPermits`] (our key is removed before the error is
-    /// returned).
+    /// returned). One attempt: a store that cannot be reached is its (retryable) error at
+    /// once.
     ///
     /// # Cancel safety
     ///
@@ -268,6 +269,7 @@ impl Semaphore {
                 &self.key,
                 value.as_bytes(),
                 self.members_read(),
+                try_only,
             )
             .await?;
             // A key left with our lease by an earlier acquire of another count or another
