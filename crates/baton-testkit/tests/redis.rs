@@ -910,6 +910,59 @@ async fn fifo_try_and_timed_out_waiters_leave_no_place() {
     held.unlock().await.unwrap();
 }
 
+/// A server that hangs (SIGSTOP) while a FIFO waiter waits: `lock_timeout` returns soon
+/// after its timeout, not after a request timeout spent leaving the queue; the leave
+/// finishes in the background once the server answers again, leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_lock_timeout_returns_on_time_when_the_server_hangs() {
+    let mut server = RedisServer::start_async().await;
+    let url = server.url();
+    let name = unique("fifo-hung");
+    let a = connect(&url, Duration::from_secs(30)).await;
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let b = connect(&url, Duration::from_secs(5)).await;
+    let lock = b.lock(&name).unwrap();
+    // Hung before the waiter's first attempt.
+    server.stop();
+    let started = Instant::now();
+    let r = lock.lock_timeout(Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    server.cont();
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "lock_timeout(1s) took {took:?}"
+    );
+    // Hung while the waiter is queued.
+    let waiting = tokio::spawn({
+        let lock = lock.clone();
+        async move {
+            let started = Instant::now();
+            let r = lock.lock_timeout(Duration::from_secs(2)).await;
+            (r.map(|_| ()), started.elapsed())
+        }
+    });
+    let mut conn = raw(&url).await;
+    until_queued(&mut conn, &key, 1).await;
+    server.stop();
+    let (r, took) = waiting.await.unwrap();
+    server.cont();
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "lock_timeout(2s) took {took:?}"
+    );
+    // The leaves finish once the server answers: no place is left in the queue.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue_state(&mut conn, &key).await != (0, 0) {
+        assert!(Instant::now() < deadline, "a place is left in the queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.unlock().await.unwrap();
+    assert_eq!(get(&mut conn, &key).await, None);
+}
+
 /// Wait until `queue` (of the lock `key`) holds `n` waiters.
 async fn until_queued(conn: &mut redis::aio::MultiplexedConnection, key: &str, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(5);

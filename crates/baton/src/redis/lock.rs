@@ -205,7 +205,11 @@ impl RedisLock {
     /// # Cancel safety
     ///
     /// Cancel safe, as [`lock()`](RedisLock::lock). On timeout nothing is left behind: a
-    /// queued waiter leaves the queue before this returns.
+    /// queued waiter leaves the queue before this returns. If the server does not confirm
+    /// the leave within 500 ms of the timeout (it hangs, say), this returns anyway and the
+    /// leave goes on in a task spawned on the current runtime, which
+    /// [`close()`](super::RedisClient::close) waits for; if that fails too, our place in the
+    /// queue expires with the waiter window.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<RedisLockGuard> {
         let client = self.client.inner();
         if !fifo(client, &self.keys) {
@@ -399,6 +403,49 @@ fn refuse_fifo(client: &ClientInner, reason: &str) {
     }
 }
 
+/// How long a FIFO waiter that timed out waits for the server to confirm it left the queue
+/// (see [`leave_queue`]).
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
+
+/// Leave the queue of `keys` (or pass the lock on, if it was handed to `token` meanwhile)
+/// after a timeout of `after`, and return that timeout as [`Error::Timeout`].
+///
+/// The leave runs in a task spawned on the current runtime and tracked by the client's
+/// cleanups ([`close()`](RedisClient::close) waits for them); this waits for it for at most
+/// [`LEAVE_GRACE`], so that a server that hangs does not hold the caller up by a request
+/// timeout past its own. Left unfinished, it goes on in the background; if it never
+/// succeeds, our place expires with the waiter window, and a hand-off to it meanwhile ends
+/// at the same time (a hand-off grants no longer than the waiter window).
+async fn leave_queue(
+    client: &Arc<ClientInner>,
+    keys: &Keys,
+    token: &str,
+    after: Duration,
+) -> Result<Hold> {
+    let timeout = Err(Error::Timeout {
+        operation: "lock",
+        after,
+    });
+    let (inner, keys, token) = (client.clone(), keys.clone(), token.to_string());
+    let leave = async move {
+        if let Err(e) = inner.release(&keys, &token).await {
+            tracing::debug!(error = %e, "leaving the queue failed; our place expires with the waiter window");
+        }
+    }
+    .instrument(tracing::debug_span!("leave_queue"));
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        let _ = tokio::time::timeout(LEAVE_GRACE, leave).await;
+        return timeout;
+    };
+    let task = client.cleanups.spawn_on(leave, &handle);
+    if tokio::time::timeout(LEAVE_GRACE, task).await.is_err() {
+        tracing::debug!(
+            "the server has not confirmed that we left the queue; leaving in the background"
+        );
+    }
+    timeout
+}
+
 /// Take `keys` in turn (FIFO waiters, one server; see `enqueue.lua` and `handoff.lua`): one
 /// attempt if `try_only`, else until it succeeds or fails for good.
 ///
@@ -411,7 +458,8 @@ fn refuse_fifo(client: &ClientInner, reason: &str) {
 /// window, and the watchdog extends it to the TTL after a third of that.
 ///
 /// With `limit` (a deadline, and the timeout it came from), gives up with
-/// [`Error::Timeout`] at the deadline, having left the queue.
+/// [`Error::Timeout`] at the deadline, having left the queue (within [`LEAVE_GRACE`]; see
+/// [`leave_queue`]).
 async fn acquire_fifo(
     client: &Arc<ClientInner>,
     name: &str,
@@ -428,16 +476,7 @@ async fn acquire_fifo(
     // What a hand-off grants (see `handoff.lua`): the shorter of the TTL and the window, in
     // the whole milliseconds our waiter key told Redis.
     let granted_ttl = client.opts.ttl.min(Duration::from_millis(window));
-    let token_ref = token.as_str();
-    let give_up = |after: Duration| async move {
-        if let Err(e) = client.release(keys, token_ref).await {
-            tracing::debug!(error = %e, "leaving the queue failed; our place expires with the waiter window");
-        }
-        Err(Error::Timeout {
-            operation: "lock",
-            after,
-        })
-    };
+    let give_up = |after: Duration| leave_queue(client, keys, &token, after);
     let mut sub: Option<super::wakeups::Subscription> = None;
     let mut grant: Option<super::wakeups::GrantWait> = None;
     // The send time of the latest attempt that found us waiting: it ran before any
@@ -517,7 +556,17 @@ async fn acquire_fifo(
                 if sub.is_none() {
                     // Listen for the hand-off, then refresh at once: a hand-off between the
                     // attempt and the subscription is then found by the refresh.
-                    sub = Some(client.hub.subscribe(&keys.channel).await);
+                    let subscribing = client.hub.subscribe(&keys.channel);
+                    sub = Some(match limit {
+                        Some((at, after)) => match tokio::time::timeout_at(at, subscribing).await {
+                            Ok(s) => s,
+                            Err(_) => {
+                                cleanup.armed = false;
+                                return give_up(after).await;
+                            }
+                        },
+                        None => subscribing.await,
+                    });
                     continue;
                 }
                 let retry_in = u64::try_from(pttl).ok().map(Duration::from_millis);

@@ -91,9 +91,10 @@
 //!   refresh never shortens it), so an abandoned queue goes away by itself; a waiter that
 //!   finds its queue gone while its place lives is queued again.
 //! - A waiter that gives up leaves the queue: [`lock_timeout`](RedisLock::lock_timeout)
-//!   before it returns, a dropped `lock()` future in a task that
-//!   [`close()`](RedisClient::close) waits for. A waiter that dies without leaving is
-//!   skipped once its place expires.
+//!   before it returns (or, if the server does not answer within 500 ms of the timeout, in
+//!   the background, so that a hung server does not hold the caller up), a dropped `lock()`
+//!   future in a task; [`close()`](RedisClient::close) waits for these tasks. A waiter that
+//!   dies without leaving is skipped once its place expires.
 //! - `try_lock` never queues: it takes the lock only if it is free and nobody alive waits.
 //! - A server whose ACL refuses the queue's keys (written for the keys Baton used before)
 //!   makes the client log one warning and stop queueing; locks still work, unqueued.
