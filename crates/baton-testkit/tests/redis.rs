@@ -208,6 +208,78 @@ async fn redlock_works_with_a_majority_up() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// One master of three hangs (SIGSTOP): everything that needs only a quorum answers within
+/// a straggler wait, not after the request timeout (10 s): connecting, locking, unlocking,
+/// campaigning, reading the leader, proclaiming, listing holds and resigning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_one_hung_master_stalls_nothing() {
+    let mut servers = RedisServers::start_async(3).await;
+    let url = servers.redlock_url();
+    let ttl = Duration::from_secs(5);
+    let c = connect(&url, ttl).await;
+    servers.stop(2);
+    // Generous: the machine is noisy; the request timeout is 10 s.
+    let bound = Duration::from_secs(2);
+    let timed = |what: &str, started: Instant| {
+        let took = started.elapsed();
+        assert!(took < bound, "{what} took {took:?}");
+    };
+    let prefix = unique("hung-master");
+    let t = Instant::now();
+    let g = c
+        .lock(&format!("{prefix}/l"))
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    timed("lock", t);
+    let t = Instant::now();
+    g.unlock().await.unwrap();
+    timed("unlock", t);
+
+    let e = c.election(&format!("{prefix}/e")).unwrap();
+    let t = Instant::now();
+    let mut l = e.campaign("v1").await.unwrap();
+    timed("campaign", t);
+    let t = Instant::now();
+    assert_eq!(e.leader().await.unwrap().value, b"v1");
+    timed("leader", t);
+    let t = Instant::now();
+    l.proclaim("v2").await.unwrap();
+    timed("proclaim", t);
+    let t = Instant::now();
+    assert_eq!(e.leader().await.unwrap().value, b"v2");
+    timed("leader after proclaim", t);
+    let t = Instant::now();
+    let holds = c.holds(&prefix).await.unwrap();
+    timed("holds", t);
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    assert!(holds[0].election && holds[0].servers >= 2, "{holds:?}");
+    let t = Instant::now();
+    l.resign().await.unwrap();
+    timed("resign", t);
+    let t = Instant::now();
+    assert!(matches!(e.leader().await, Err(Error::NoLeader { .. })));
+    timed("leader after resign", t);
+
+    // Connecting returns once a quorum is connected, well within the dial timeout.
+    let t = Instant::now();
+    let c2 = builder(&url, ttl)
+        .with_dial_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    timed("connect", t);
+    let g = c2
+        .lock(&format!("{prefix}/l"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    g.unlock().await.unwrap();
+    servers.cont(2);
+}
+
 /// Three masters, the first reached through a fault proxy: the servers, the proxy and the
 /// `redlock://` URL.
 async fn first_master_behind_a_proxy() -> (RedisServers, FaultProxy, String) {

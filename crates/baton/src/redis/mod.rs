@@ -116,7 +116,13 @@
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what
 //! it set, on every master, and (in [`lock`](RedisLock::lock)) retries after a random delay.
-//! Extending needs a quorum too. Redlock keeps working while a majority of masters is up.
+//! Extending needs a quorum too. Redlock keeps working while a majority of masters is up:
+//! a master that hangs (rather than refusing connections) holds nothing up by a request
+//! timeout. Connecting, releasing, resigning, proclaiming, reading the leader and listing
+//! holds return once a quorum has answered, after waiting a short while for the other
+//! masters (1% of the TTL, at least 10 ms, or as long as the quorum took if longer); the
+//! writes still in flight then finish in the background (tasks that
+//! [`close()`](RedisClient::close) waits for, for releases).
 //!
 //! What Redlock does **not** give you, plainly (see Martin Kleppmann, "How to do distributed
 //! locking", 2016):
@@ -360,7 +366,10 @@ impl RedisClientBuilder {
     /// [`RedisClientBuilder`]'s defaults). On `redis://`, fails
     /// with [`Error::Connect`] if the server does not answer within the dial timeout. On
     /// `redlock://`, connects to every master in parallel and fails only if fewer than a
-    /// quorum answer; the others are dialled again when used.
+    /// quorum answer. It returns once a quorum is connected and the others have had a
+    /// short while more (1% of the TTL, at least 10 ms, or as long as the quorum took if
+    /// longer): those go on dialling in the background, and are dialled again when used if
+    /// that fails.
     ///
     /// # Cancel safety
     ///
@@ -416,8 +425,24 @@ impl RedisClientBuilder {
             })
             .collect::<Result<Vec<_>>>()?;
         let quorum = nodes.len() / 2 + 1;
-        let dials = futures::future::join_all(nodes.iter().map(|n| n.connect())).await;
+        let n = nodes.len();
+        // Once a quorum is connected, a master that hangs is not waited for until the dial
+        // timeout: it goes on dialling in the background (and is dialled again when used if
+        // that fails).
+        let dials = nodes
+            .iter()
+            .map(|node| {
+                let node = node.clone();
+                async move { node.connect().await }
+            })
+            .collect();
+        let failed = redlock::too_many_failed(n, quorum);
+        let (dials, mut rest) =
+            redlock::gather(dials, quorum, redlock::straggle(opts.ttl), failed).await;
         let up = dials.iter().filter(|r| r.is_ok()).count();
+        if up >= quorum && !rest.is_empty() {
+            tokio::spawn(async move { while rest.next().await.is_some() {} });
+        }
         if up < quorum {
             // Refused credentials or certificates are a configuration error: report them
             // as such, not as a server that did not answer.

@@ -11,8 +11,13 @@
 //! - **extend**: compare-and-`PEXPIRE` on every node; held while a quorum extended it, lost
 //!   once more than N − quorum nodes no longer hold our token;
 //! - **release**: compare-and-delete on every node.
+//!
+//! Release, proclaim and reads stop waiting for the nodes that have not answered once a
+//! quorum has (see [`gather`]): one hung node of a majority that is up holds nothing up by
+//! a request timeout. Writes still in flight then finish in the background.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +32,61 @@ use crate::race::Race;
 /// The least time an attempt that found the lock held waits for the nodes that have not
 /// answered, after the last answer (see [`ClientInner::try_acquire`]).
 const STRAGGLER_MIN: Duration = Duration::from_millis(10);
+
+/// How long an operation waits for the nodes that have not answered once a quorum has:
+/// 1% of `ttl`, at least [`STRAGGLER_MIN`] (see [`gather`]).
+pub(crate) fn straggle(ttl: Duration) -> Duration {
+    (ttl / 100).max(STRAGGLER_MIN)
+}
+
+/// The answers of `calls` (one per node) as they come, and the calls still in flight.
+///
+/// Every answer; or fewer, once `stop` says the answers so far settle the outcome, or once
+/// `quorum` calls succeeded and the others stayed silent past the straggler wait:
+/// `straggle`, or as long as that quorum took if longer (a slow network is not taken for
+/// a hung node). A node left out this way counts as one that failed: one hung node of a
+/// majority that is up must not hold an operation up by a request timeout. The caller
+/// drops the calls still in flight (reads) or lets them finish in the background (writes).
+pub(crate) async fn gather<T, F>(
+    mut calls: Race<F>,
+    quorum: usize,
+    straggle: Duration,
+    mut stop: impl FnMut(&[Result<T>]) -> bool,
+) -> (Vec<Result<T>>, Race<F>)
+where
+    F: Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    let mut answers = Vec::with_capacity(calls.len());
+    let mut ok = 0;
+    let mut until: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = calls.next() => match r {
+                None => break,
+                Some(r) => {
+                    ok += usize::from(r.is_ok());
+                    answers.push(r);
+                }
+            },
+            () = tokio::time::sleep_until(until.unwrap_or(start)), if until.is_some() => break,
+        }
+        if stop(&answers) {
+            break;
+        }
+        if until.is_none() && ok >= quorum {
+            let now = Instant::now();
+            until = Some(now + straggle.max(now - start));
+        }
+    }
+    (answers, calls)
+}
+
+/// A `stop` for [`gather`]: true once more than `nodes − quorum` calls failed (no quorum
+/// can answer any more).
+pub(crate) fn too_many_failed<T>(nodes: usize, quorum: usize) -> impl Fn(&[Result<T>]) -> bool {
+    move |answers| answers.iter().filter(|r| r.is_err()).count() > nodes - quorum
+}
 
 /// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
 /// been deleted again.
@@ -151,7 +211,7 @@ impl ClientInner {
         // (or a stale minority key holds it): a node that has not answered within 1% of the
         // TTL of the last answer is not waited for until `give_up` (a hung master would
         // otherwise hold up, by a request timeout, a waiter that raced a release).
-        let straggle = (ttl / 100).max(STRAGGLER_MIN);
+        let straggle = straggle(ttl);
         let mut last_answer = Instant::now();
         loop {
             tokio::select! {
@@ -291,24 +351,44 @@ impl ClientInner {
     }
 
     /// Compare-and-delete on every node; how many nodes held our token. Wakes this process's
-    /// waiters at once.
+    /// waiters as soon as the key is free on a quorum.
+    ///
+    /// Returns once every node answered, or a quorum did and the others stayed silent past
+    /// the straggler wait (see [`gather`]); their deletions then finish in a task tracked by
+    /// the client's cleanups (which [`close()`](super::RedisClient::close) waits for), and
+    /// they do not count as having held our token. Fails only if every node that answered
+    /// failed.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
-        let results =
-            futures::future::join_all(self.nodes.iter().map(|n| n.release(keys, token))).await;
-        let deleted = results
+        let calls: Race<_> = self
+            .nodes
             .iter()
-            .filter(|r| matches!(r, Ok(NodeRelease::Freed | NodeRelease::HandedOff(_))))
-            .count();
-        // Tell this process's waiters at once, without waiting for the message to come back
-        // from Redis: the new holder (if it is here), or everyone.
-        if let Some(Ok(NodeRelease::HandedOff(grant))) = results
-            .iter()
-            .find(|r| matches!(r, Ok(NodeRelease::HandedOff(_))))
-        {
-            self.hub.wake_local(&keys.channel, grant);
-        } else if deleted > 0 {
-            self.hub
-                .wake_local(&keys.channel, format!("{token}:0").as_bytes());
+            .map(|node| {
+                // Owned, so that the deletions still in flight can finish in the background.
+                let (node, keys, token) = (node.clone(), keys.clone(), token.to_string());
+                async move { node.release(&keys, &token).await }
+            })
+            .collect();
+        let deleted = |results: &[Result<NodeRelease>]| {
+            results
+                .iter()
+                .filter(|r| matches!(r, Ok(NodeRelease::Freed | NodeRelease::HandedOff(_))))
+                .count()
+        };
+        let mut woken = false;
+        let (results, rest) = gather(calls, self.quorum, straggle(self.opts.ttl), |results| {
+            if !woken && deleted(results) >= self.quorum {
+                self.wake_released(keys, token, results);
+                woken = true;
+            }
+            false
+        })
+        .await;
+        let deleted = deleted(&results);
+        if !woken && deleted > 0 {
+            self.wake_released(keys, token, &results);
+        }
+        if !rest.is_empty() {
+            self.finish_in_background(rest, "release");
         }
         if results.iter().all(|r| r.is_err()) {
             if let Some(Err(e)) = results.into_iter().next() {
@@ -316,6 +396,37 @@ impl ClientInner {
             }
         }
         Ok(deleted)
+    }
+
+    /// Tell this process's waiters that `token` released `keys`, without waiting for the
+    /// message to come back from Redis: the new holder (if it is here), or everyone.
+    fn wake_released(&self, keys: &Keys, token: &str, results: &[Result<NodeRelease>]) {
+        if let Some(Ok(NodeRelease::HandedOff(grant))) = results
+            .iter()
+            .find(|r| matches!(r, Ok(NodeRelease::HandedOff(_))))
+        {
+            self.hub.wake_local(&keys.channel, grant);
+        } else {
+            self.hub
+                .wake_local(&keys.channel, format!("{token}:0").as_bytes());
+        }
+    }
+
+    /// Let `calls` (writes a quorum no longer waits for) finish in a task tracked by the
+    /// client's cleanups, on the current runtime if there is one (else they are dropped:
+    /// the requests already sent run anyway).
+    fn finish_in_background<F>(&self, mut calls: Race<F>, what: &'static str)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send,
+    {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.cleanups.spawn_on(
+                async move { while calls.next().await.is_some() {} }
+                    .instrument(tracing::debug_span!("stragglers", what)),
+                &handle,
+            );
+        }
     }
 
     /// Publish a new value as version `ver` (higher than any this leader used before);
@@ -328,12 +439,29 @@ impl ClientInner {
         ver: i64,
     ) -> Result<Option<i64>> {
         let n = self.nodes.len();
-        let results = futures::future::join_all(
-            self.nodes
+        let q = self.quorum;
+        let calls: Race<_> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                // Owned, so that the writes still in flight can finish in the background.
+                let (node, keys, token) = (node.clone(), keys.clone(), token.to_string());
+                let value = value.to_vec();
+                async move { node.proclaim(&keys, &token, &value, ver).await }
+            })
+            .collect();
+        // Settled once a quorum wrote it, or once too many did not for a quorum to.
+        let (results, rest) = gather(calls, q, straggle(self.opts.ttl), |results| {
+            let wrote = results
                 .iter()
-                .map(|node| node.proclaim(keys, token, value, ver)),
-        )
+                .filter(|r| matches!(r, Ok(Some(v)) if *v == ver));
+            let wrote = wrote.count();
+            wrote >= q || results.len() - wrote > n - q
+        })
         .await;
+        if !rest.is_empty() {
+            self.finish_in_background(rest, "proclaim");
+        }
         let vers: Vec<i64> = results
             .iter()
             .filter_map(|r| r.as_ref().ok().copied().flatten())
@@ -356,11 +484,30 @@ impl ClientInner {
     /// The leader as a quorum of nodes sees it: `None` if the key is free, if no token is
     /// held by a quorum, or if its holder wrote no election record (a plain lock of the same
     /// name, or another library's).
+    ///
+    /// Returns as soon as the answers settle it — a quorum holds the same record (no other
+    /// token, nor another version, can then be held by a quorum), or a quorum has the key
+    /// free — else once every node answered, or a quorum did and the others stayed silent
+    /// past the straggler wait (see [`gather`]): those count as failed.
     pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
         let n = self.nodes.len();
-        let results =
-            futures::future::join_all(self.nodes.iter().map(|node| node.leader(keys))).await;
-        let failed = results.iter().filter(|r| r.is_err()).count();
+        let q = self.quorum;
+        let calls: Race<_> = self.nodes.iter().map(|node| node.leader(keys)).collect();
+        let (results, _) = gather(calls, q, straggle(self.opts.ttl), |results| {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            let free = results.iter().filter(|r| matches!(r, Ok(None))).count();
+            let records: Vec<&NodeRecord> = results.iter().flatten().flatten().collect();
+            let agreed = records.iter().any(|rec| {
+                records
+                    .iter()
+                    .filter(|o| o.token == rec.token && o.ver == rec.ver)
+                    .count()
+                    >= q
+            });
+            failed > n - q || free >= q || agreed
+        })
+        .await;
+        let failed = n - results.iter().filter(|r| r.is_ok()).count();
         if failed > n - self.quorum {
             return match results.into_iter().find_map(|r| r.err()) {
                 Some(e) if !self.redlock => Err(e),
@@ -407,6 +554,41 @@ mod tests {
             ver,
             value: value.as_bytes().to_vec(),
         }
+    }
+
+    /// A node that stays silent is not waited for once a quorum answered and the straggler
+    /// wait passed; `stop` ends the wait at once.
+    #[tokio::test]
+    async fn gather_stops_waiting_for_a_silent_node() {
+        let calls = || -> Race<_> {
+            [Some(1), Some(5), None]
+                .into_iter()
+                .map(|ms| async move {
+                    match ms {
+                        Some(ms) => {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            Ok(ms)
+                        }
+                        None => std::future::pending().await,
+                    }
+                })
+                .collect()
+        };
+        let started = Instant::now();
+        let never = |_: &[Result<u64>]| false;
+        let (answers, rest) = gather(calls(), 2, Duration::from_millis(20), never).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            answers.iter().flatten().copied().collect::<Vec<_>>(),
+            [1, 5]
+        );
+        assert_eq!(rest.len(), 1);
+        let first = |a: &[Result<u64>]| !a.is_empty();
+        let (answers, rest) = gather(calls(), 2, Duration::from_secs(3600), first).await;
+        assert_eq!((answers.len(), rest.len()), (1, 2));
+        let failed = too_many_failed(3, 2);
+        assert!(!failed(&[Err(Error::Closed), Ok(1)]));
+        assert!(failed(&[Err(Error::Closed), Ok(1), Err(Error::Closed)]));
     }
 
     /// The newest version a quorum holds wins over a newer one that reached a minority.

@@ -51,8 +51,10 @@ impl RedisClient {
     ///
     /// It lists keys with `SCAN` (which never blocks the server) on every server, then
     /// reads each key with one script call: with a large database and a short prefix, this
-    /// reads every key's name. Servers that do not answer are skipped, as long as a quorum
-    /// does.
+    /// reads every key's name. Servers that fail are skipped, as long as a quorum
+    /// answers; so are those that have not answered shortly after a quorum did (1% of the
+    /// TTL, at least 10 ms, or as long as that quorum took if longer), so that a hung
+    /// server does not hold the listing up by a request timeout.
     ///
     /// # Cancel safety
     ///
@@ -62,8 +64,11 @@ impl RedisClient {
         inner.check_open()?;
         let ns = inner.opts.prefix.clone();
         let pattern = format!("{}*", glob_escape(&format!("{ns}{prefix}")));
-        let scans =
-            futures::future::join_all(inner.nodes.iter().map(|node| node.scan(&pattern))).await;
+        let n = inner.nodes.len();
+        let straggle = super::redlock::straggle(inner.opts.ttl);
+        let scans = inner.nodes.iter().map(|node| node.scan(&pattern)).collect();
+        let failed = super::redlock::too_many_failed(n, inner.quorum);
+        let (scans, _) = super::redlock::gather(scans, inner.quorum, straggle, failed).await;
         let mut names = BTreeSet::new();
         let mut answered = 0;
         let mut first_error = None;
@@ -101,9 +106,11 @@ impl RedisClient {
         let holds: Vec<Option<RedisHold>> = futures::stream::iter(names)
             .map(|name| async move {
                 let keys = Keys::new(ns, &name);
-                let reads =
-                    futures::future::join_all(inner.nodes.iter().map(|n| n.inspect(&keys))).await;
-                let failed = reads.iter().filter(|r| r.is_err()).count();
+                let reads = inner.nodes.iter().map(|n| n.inspect(&keys)).collect();
+                let failed = super::redlock::too_many_failed(n, quorum);
+                let (reads, _) = super::redlock::gather(reads, quorum, straggle, failed).await;
+                // A server that did not answer in time counts as failed.
+                let failed = n - reads.iter().filter(|r| r.is_ok()).count();
                 let mut found: Vec<Inspected> = Vec::new();
                 let mut error = None;
                 for read in reads {
@@ -112,9 +119,9 @@ impl RedisClient {
                         Err(e) => error = error.or(Some(e)),
                     }
                 }
-                if let Some(e) = error.filter(|_| failed > inner.nodes.len() - quorum) {
+                if let Some(e) = error.filter(|_| failed > n - quorum) {
                     return Err(if redlock {
-                        inner.no_quorum(inner.nodes.len() - failed, format!("read failed: {e}"))
+                        inner.no_quorum(n - failed, format!("read failed: {e}"))
                     } else {
                         e
                     });
