@@ -1121,6 +1121,131 @@ async fn fifo_a_handoff_that_ended_during_a_stalled_poll_is_not_taken() {
     gw.unlock().await.unwrap();
 }
 
+/// Baton's FIFO scripts, driven by hand for one lock: enqueue (a waiter's attempt) and
+/// hand-off (a release), as the library calls them.
+struct FifoScripts {
+    conn: redis::aio::MultiplexedConnection,
+    lock: String,
+    enqueue: redis::Script,
+    handoff: redis::Script,
+}
+
+impl FifoScripts {
+    async fn new(url: &str, lock: &str) -> FifoScripts {
+        FifoScripts {
+            conn: raw(url).await,
+            lock: lock.to_string(),
+            enqueue: redis::Script::new(include_str!("../../baton/src/redis/scripts/enqueue.lua")),
+            handoff: redis::Script::new(include_str!("../../baton/src/redis/scripts/handoff.lua")),
+        }
+    }
+
+    /// Waiter `token`'s attempt (TTL 10 s, waiter window 1.5 s): 1 taken, 2 handed to it,
+    /// 0 waiting.
+    async fn enqueue(&mut self, token: &str) -> i64 {
+        let l = &self.lock;
+        let reply: Vec<i64> = self
+            .enqueue
+            .key(l)
+            .key(format!("baton:fence:{l}"))
+            .key(format!("baton:queue:{l}"))
+            .key(format!("baton:waiter:{l}:{token}"))
+            .arg(token)
+            .arg(10_000)
+            .arg(1_500)
+            .arg(format!("baton:waiter:{l}:"))
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        reply[0]
+    }
+
+    /// `token`'s release; the token the lock was handed to, if any.
+    async fn handoff(&mut self, token: &str) -> Option<String> {
+        let l = &self.lock;
+        let reply: Vec<redis::Value> = self
+            .handoff
+            .key(l)
+            .key(format!("baton:fence:{l}"))
+            .key(format!("baton:queue:{l}"))
+            .arg(token)
+            .arg(format!("baton:wake:{l}"))
+            .arg(format!("baton:waiter:{l}:"))
+            .invoke_async(&mut self.conn)
+            .await
+            .unwrap();
+        match reply.get(1) {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8(b.clone()).unwrap()),
+            _ => None,
+        }
+    }
+
+    async fn holder(&mut self) -> Option<String> {
+        let l = self.lock.clone();
+        get(&mut self.conn, &l).await
+    }
+
+    async fn queue(&mut self) -> Vec<String> {
+        let q = format!("baton:queue:{}", self.lock);
+        self.conn.lrange(q, 0, -1).await.unwrap()
+    }
+}
+
+/// A release hands the lock to waiter W, then the lock key is deleted (an operator's `DEL`)
+/// before W reads the grant. The hand-off took W out of the queue; W's next attempt must
+/// not find itself "queued" by its live waiter key (which holds the grant): it was first, so
+/// it takes the lock if free, else goes back to the head of the queue, ahead of those who
+/// queued after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_a_waiter_whose_grant_was_deleted_keeps_its_turn() {
+    let server = RedisServer::start_async().await;
+    // Another took the lock meanwhile: W goes back to the head.
+    let mut s = FifoScripts::new(&server.url(), &unique("fifo-orphan-grant")).await;
+    assert_eq!(s.enqueue("H").await, 1);
+    assert_eq!(s.enqueue("W").await, 0);
+    assert_eq!(s.handoff("H").await.as_deref(), Some("W"));
+    let () = s.conn.del(&s.lock).await.unwrap();
+    assert_eq!(s.enqueue("X").await, 1, "the lock is free after the DEL");
+    assert_eq!(s.enqueue("Y").await, 0);
+    assert_eq!(s.enqueue("W").await, 0);
+    assert_eq!(s.queue().await, ["W", "Y"], "W is not back at the head");
+    assert_eq!(s.handoff("X").await.as_deref(), Some("W"));
+    assert_eq!(s.enqueue("W").await, 2);
+    assert_eq!(s.handoff("W").await.as_deref(), Some("Y"));
+    assert_eq!(s.enqueue("Y").await, 2);
+    assert_eq!(s.handoff("Y").await, None);
+    assert_eq!(s.holder().await, None);
+    assert!(s.queue().await.is_empty());
+
+    // The lock is still free when W comes back, with Y queued behind it: W takes it
+    // (before, Y, at the head of the queue, got it and W was never queued again).
+    let mut s = FifoScripts::new(&server.url(), &unique("fifo-orphan-grant")).await;
+    assert_eq!(s.enqueue("H").await, 1);
+    assert_eq!(s.enqueue("W").await, 0);
+    assert_eq!(s.enqueue("Y").await, 0);
+    assert_eq!(s.handoff("H").await.as_deref(), Some("W"));
+    let () = s.conn.del(&s.lock).await.unwrap();
+    assert_eq!(s.enqueue("W").await, 1);
+    assert_eq!(s.holder().await.as_deref(), Some("W"));
+    assert_eq!(s.handoff("W").await.as_deref(), Some("Y"));
+    assert_eq!(s.enqueue("Y").await, 2);
+    assert_eq!(s.handoff("Y").await, None);
+
+    // Y, at the head of the queue, comes first and takes the free lock (nothing tells it
+    // that W was handed the lock): W is next, not last.
+    let mut s = FifoScripts::new(&server.url(), &unique("fifo-orphan-grant")).await;
+    assert_eq!(s.enqueue("H").await, 1);
+    assert_eq!(s.enqueue("W").await, 0);
+    assert_eq!(s.enqueue("Y").await, 0);
+    assert_eq!(s.handoff("H").await.as_deref(), Some("W"));
+    let () = s.conn.del(&s.lock).await.unwrap();
+    assert_eq!(s.enqueue("Y").await, 1);
+    assert_eq!(s.enqueue("Z").await, 0);
+    assert_eq!(s.enqueue("W").await, 0);
+    assert_eq!(s.queue().await, ["W", "Z"]);
+    assert_eq!(s.handoff("Y").await.as_deref(), Some("W"));
+}
+
 /// Waiters with different poll intervals share a queue: the queue's expiry follows the
 /// slowest, so a fast waiter's refreshes never let it expire under a slow one, who keeps
 /// its place and gets the lock before those who queued after it.

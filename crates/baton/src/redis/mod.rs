@@ -87,6 +87,9 @@
 //!   held up past it, and answered "waiting"). Every poll that finds the waiter waiting also
 //!   returns the fencing counter, and a hand-off whose fencing token is no higher is stale:
 //!   the waiter ignores it and keeps waiting.
+//! - A waiter handed the lock that is gone before it learns of the grant (an operator's
+//!   `DEL`, say) is first again: its next poll takes the lock if it is free, or puts it
+//!   back at the head of the queue.
 //! - The queue expires four waiter windows after the last refresh of its slowest waiter (a
 //!   refresh never shortens it), so an abandoned queue goes away by itself; a waiter that
 //!   finds its queue gone while its place lives is queued again.

@@ -35,10 +35,16 @@ if holder == ARGV[1] then
   end
   return {1, tonumber(redis.call('GET', KEYS[2]) or '0') or 0}
 end
+-- Our waiter key holds a grant (handoff.lua) of a lock we do not hold: the lock was handed
+-- to us, then deleted (or it expired, or another took it after that) before we learnt of
+-- the grant. The hand-off took us out of the queue, and we were its oldest live waiter: we
+-- are first again, not behind those who queued after us.
+local mine = redis.call('GET', KEYS[4])
+local orphaned = mine and string.sub(mine, 1, 2) == 'g:'
 if not holder then
   -- Drop waiters that stopped refreshing their waiter key; stop at the first live one.
   local ahead = false
-  while true do
+  while not orphaned do
     local head = redis.call('LINDEX', KEYS[3], 0)
     if not head or head == ARGV[1] then
       break
@@ -60,8 +66,11 @@ if not holder then
 end
 if ARGV[3] ~= '0' then
   -- Queue us if we are new, or if the queue is gone while our place lived on (it expired:
-  -- nobody else refreshed it). A live waiter key otherwise means we are in the queue.
-  if redis.call('EXISTS', KEYS[4]) == 0 or redis.call('EXISTS', KEYS[3]) == 0 then
+  -- nobody else refreshed it); at the head if a hand-off to us was lost (see above). A live
+  -- waiter key otherwise means we are in the queue.
+  if orphaned then
+    redis.call('LPUSH', KEYS[3], ARGV[1])
+  elseif not mine or redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   -- The value is what a hand-off needs: the TTL to grant, and the lifetime, so that the
