@@ -1246,6 +1246,58 @@ async fn fifo_a_waiter_whose_grant_was_deleted_keeps_its_turn() {
     assert_eq!(s.handoff("Y").await.as_deref(), Some("W"));
 }
 
+/// A hand-off's `since` comes from Redis's clock: a server whose clock runs fast can report
+/// more time since the waiter's last refresh than has passed here. The new holder's local
+/// deadline then counts from now at the latest (it was a debug assertion failure before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_a_handoff_from_a_fast_server_clock_counts_from_now_at_the_latest() {
+    let server = RedisServer::start_async().await;
+    let name = unique("fifo-fast-clock");
+    let mut conn = raw(&server.url()).await;
+    let ttl = Duration::from_secs(10);
+    let a = connect(&server.url(), ttl).await;
+    let w = builder(&server.url(), ttl)
+        .with_poll_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    let key = held.key().to_string();
+    let lock_w = w.lock(&name).unwrap();
+    let waiting = tokio::spawn(async move { lock_w.lock_timeout(Duration::from_secs(10)).await });
+    until_queued(&mut conn, &key, 1).await;
+    let queue: Vec<String> = conn
+        .lrange(format!("baton:queue:{key}"), 0, -1)
+        .await
+        .unwrap();
+    // A hand-off to W, as handoff.lua makes it, but 1000 s after W's last refresh.
+    let _: () = redis::pipe()
+        .cmd("LPOP")
+        .arg(format!("baton:queue:{key}"))
+        .ignore()
+        .cmd("SET")
+        .arg(&key)
+        .arg(&queue[0])
+        .arg("PX")
+        .arg(300)
+        .ignore()
+        .cmd("SET")
+        .arg(format!("baton:waiter:{key}:{}", queue[0]))
+        .arg("g:1000:1000000")
+        .arg("PX")
+        .arg(300)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = tokio::time::Instant::now();
+    let g = waiting.await.unwrap().unwrap();
+    // At most a TTL from now, even once the watchdog has extended it.
+    assert!(g.deadline() <= tokio::time::Instant::now() + ttl, "{g:?}");
+    assert!(g.deadline() >= before);
+    drop(held);
+}
+
 /// Waiters with different poll intervals share a queue: the queue's expiry follows the
 /// slowest, so a fast waiter's refreshes never let it expire under a slow one, who keeps
 /// its place and gets the lock before those who queued after it.

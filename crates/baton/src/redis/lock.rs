@@ -612,6 +612,9 @@ async fn acquire_fifo(
             }
         };
         cleanup.armed = false;
+        // `since_ms` is measured by Redis's clock: one running fast can put a hand-off after
+        // now, when it certainly happened before (we were told of it).
+        let start = start.min(Instant::now());
         let hold =
             Hold::start_with_ttl(client, keys.clone(), token.clone(), Some(fence), start, ttl);
         if client.closed.is_cancelled() {
