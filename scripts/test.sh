@@ -18,6 +18,10 @@ command -v python3 >/dev/null      || need+=(python3)
 # pip, for redis-py (below): cloud images often have python3 without it.
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v faketime >/dev/null     || need+=(faketime)   # wall-clock jumps in the fault suite
+# Go and etcd 3.4's Go sources (GOPATH /usr/share/gocode): the interop tests with Go's
+# clientv3/concurrency and contrib/recipes build a Go program against them.
+command -v go >/dev/null           || need+=(golang-go)
+[ -d /usr/share/gocode/src/go.etcd.io/etcd/contrib/recipes ] || need+=(golang-etcd-server-dev)
 if ((${#need[@]})); then
   apt_install "${need[@]}"
 fi
