@@ -100,15 +100,20 @@ impl Leaders {
 pub(crate) fn leader_json(name: &str, leader: &baton::Leader, redis: bool) -> serde_json::Value {
     let token = (!redis || leader.create_revision > 0).then_some(leader.create_revision);
     let lease = (!redis).then(|| crate::output::lease_hex(leader.lease));
-    json!({
-        "event": "leader",
-        "name": name,
-        "value": leader.value_str(),
-        "key": leader.key,
-        "revision": leader.mod_revision,
-        "fencing_token": token,
-        "lease": lease,
-    })
+    // A value that is not UTF-8 comes as value_base64, as in every --json output.
+    crate::output::with_bytes(
+        json!({
+            "event": "leader",
+            "name": name,
+            "value": null,
+            "key": leader.key,
+            "revision": leader.mod_revision,
+            "fencing_token": token,
+            "lease": lease,
+        }),
+        "value",
+        &leader.value,
+    )
 }
 
 fn print_leader(

@@ -506,4 +506,20 @@ fn json_keeps_bytes_that_are_not_utf8() {
         }
     };
     assert_eq!(v["key_base64"], "d2Iv/w==", "{v}");
+
+    // An election's value too (`leader`, and `observe`, which shares the format).
+    let granted = etcd.etcdctl(["lease", "grant", "60"]);
+    let granted = String::from_utf8_lossy(&granted.stdout).to_string();
+    let lease = granted.split_whitespace().nth(1).unwrap().to_string();
+    let key = format!("el/{lease}");
+    let out = etcd.etcdctl([
+        OsStr::new("put"),
+        OsStr::new(&format!("--lease={lease}")),
+        OsStr::new(&key),
+        bytes,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json_of(&run(baton(&ep).args(["--json", "leader", "el"])).0);
+    assert_eq!(v["value_base64"], "Yf/+Yg==", "{v}");
+    assert!(v.get("value").is_none(), "{v}");
 }
