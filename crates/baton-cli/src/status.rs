@@ -218,8 +218,14 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
         };
         let lease = output::lease_hex(kv.lease);
         // Baton's keys and Go's Mutex and Election end in the lease in hex; Go's recipes
-        // (RWMutex, DoubleBarrier) in the creation time in decimal nanoseconds.
-        let go_recipe = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit());
+        // (RWMutex, DoubleBarrier) in the creation time in decimal nanoseconds, under
+        // NAME/read/, NAME/write/ or NAME/waiters/. Other keys ending in a number (a service
+        // registry's `nodes/3`) are not ours.
+        let go_recipe = suffix.len() >= GO_TIME_DIGITS
+            && suffix.bytes().all(|b| b.is_ascii_digit())
+            && [RWLOCK_READ, RWLOCK_WRITE, BARRIER_WAITERS]
+                .iter()
+                .any(|s| name.ends_with(s));
         if name.is_empty() || (suffix != lease && !go_recipe) {
             continue;
         }
@@ -330,6 +336,10 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     entries
 }
+
+/// The fewest digits of the creation time (in nanoseconds since 1970) that ends the keys of
+/// Go's recipes.
+const GO_TIME_DIGITS: usize = 16;
 
 /// The suffixes of a read-write lock's readers' and writers' prefixes: `NAME/read/…`,
 /// `NAME/write/…`.
@@ -631,6 +641,10 @@ mod tests {
             kv("w/read/6f", "", 9, 0x6f),
             // A Go DoubleBarrier participant.
             kv("db/waiters/1796470887936093916", "", 10, 0x70),
+            // Keys ending in a number that are not a recipe's: a service registry's.
+            kv("nodes/3", "10.0.0.3", 11, 0x71),
+            kv("nodes/1796470887936093917", "10.0.0.4", 12, 0x72),
+            kv("rw/read/17", "", 13, 0x73),
         ];
         let entries = group(&kvs);
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
