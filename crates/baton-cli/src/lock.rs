@@ -24,7 +24,8 @@ Examples:
   # hold the lock from a shell until Ctrl-C
   baton lock maintenance
 
-CMD gets BATON_LOCK_KEY and BATON_FENCING_TOKEN in its environment (on etcd also
+CMD gets BATON_LOCK_KEY (relative to --namespace: NAME/<lease id> on etcd, NAME on Redis)
+and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
 fencing token, so no BATON_FENCING_TOKEN). If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints

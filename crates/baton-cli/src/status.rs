@@ -56,7 +56,8 @@ a decimal time instead of the lease, are shown too.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
-on. Columns: NAME, KIND, KEY, TOKEN (the lock's fencing counter: the holder's token if the
+on. Columns: NAME, KIND, KEY (relative to --namespace, as every name and key baton prints,
+so the name; Redis's key is the namespace plus the name), TOKEN (the lock's fencing counter: the holder's token if the
 holder is a Baton client, but for another library's lock only the last Baton grant's; - on
 Redlock and where no Baton client ever took the lock), TTL (the time left on the key),
 SERVERS (how many hold it). JSON's waiter_count counts the live waiters in Baton's FIFO
@@ -470,6 +471,7 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 struct RedisEntry {
     name: String,
     kind: &'static str,
+    /// The key relative to the namespace (the name), as the holder's BATON_LOCK_KEY.
     key: String,
     /// The lock's fencing counter (the holder's token if the holder is a Baton client);
     /// `None` on Redlock and where no Baton client ever took the lock.
@@ -495,8 +497,10 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
         .into_iter()
         .map(|h| RedisEntry {
             kind: if h.election { "election" } else { "lock" },
+            // Relative to the namespace, as every key baton prints (and as on etcd): the
+            // name, which is what the holder's BATON_LOCK_KEY says; `h.key` has the prefix.
+            key: h.name.clone(),
             name: h.name,
-            key: h.key,
             fencing_token: h.fencing_token,
             ttl_ms: u64::try_from(h.ttl.as_millis()).unwrap_or(u64::MAX),
             servers: h.servers,

@@ -232,6 +232,71 @@ fn elect_leader_observe_status() {
     assert!(stderr_lines(&out)[0].contains("no leader"), "{out:?}");
 }
 
+/// With `--namespace`, what baton reports on Redis is relative to the namespace, as on etcd:
+/// CMD's BATON_LOCK_KEY and BATON_ELECTION_KEY, the `elected` line, `leader --json`,
+/// `observe`, and `status`'s names and keys; only Redis itself sees the prefixed key.
+#[test]
+fn keys_are_relative_to_the_namespace() {
+    let server = redis();
+    let url = server.url();
+    let ns = |cmd: std::process::Command| {
+        let mut cmd = cmd;
+        cmd.args(["--namespace", "team-a/"]);
+        cmd
+    };
+    let (out, _) = run(ns(baton(&url)).args([
+        "lock",
+        "n3",
+        "--",
+        "sh",
+        "-c",
+        "echo \"key=$BATON_LOCK_KEY\"",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).lines().any(|l| l == "key=n3"), "{out:?}");
+
+    let mut holder = Proc::spawn(ns(baton(&url)).args(["lock", "jobs"]));
+    assert!(holder.line().starts_with("acquired jobs "));
+    assert!(
+        exists(&server, "team-a/jobs"),
+        "the Redis key is not prefixed"
+    );
+    let mut leader = Proc::spawn(ns(baton(&url)).args([
+        "elect",
+        "sched",
+        "v1",
+        "--",
+        "sh",
+        "-c",
+        "echo \"key=$BATON_ELECTION_KEY\"; sleep 30",
+    ]));
+    let elected = leader.line();
+    assert!(elected.starts_with("elected sched token="), "{elected}");
+    assert_eq!(leader.line(), "key=sched");
+
+    let (out, _) = run(ns(baton(&url)).args(["--json", "leader", "sched"]));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["key"], "sched", "{json}");
+    let observer = Proc::spawn(ns(baton(&url)).args(["observe", "sched"]));
+    let seen = observer.line();
+    assert!(seen.starts_with("v1 (key sched, "), "{seen}");
+
+    let (out, _) = run(ns(baton(&url)).args(["--json", "status"]));
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries: Vec<(&str, &str)> = status["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["key"].as_str().unwrap()))
+        .collect();
+    assert_eq!(entries, [("jobs", "jobs"), ("sched", "sched")], "{status}");
+
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    leader.signal(libc::SIGTERM);
+    leader.code();
+}
+
 /// `baton status` on Redlock shows the locks a quorum agrees on, with no token, and skips
 /// keys that are not locks (no expiry) and Baton's bookkeeping keys.
 #[test]

@@ -1394,6 +1394,37 @@ pub async fn coordinator_after_close(b: &Backend) {
     other.close().await.unwrap();
 }
 
+/// Through the traits, keys are reported relative to the namespace on every backend:
+/// [`Guard::key`](baton::Guard::key) of a lock and of a leadership, and the `key` of the
+/// [`Leader`](baton::Leader) that `leader()` and `observe()` report, start with the name
+/// (`NAME/<lease>` on etcd and the embedded store, `NAME` on Redis), never with the
+/// namespace; so scripts see the same key whichever backend they run on.
+pub async fn coordinator_keys_relative_to_namespace(b: &Backend) {
+    let c = b.coordinator().with_ttl(TTL).connect().await.unwrap();
+    let lock = name("coord-keys");
+    let election = format!("{lock}-e");
+    let relative = |what: &str, key: &str, name: &str| {
+        assert!(
+            key == name || key.starts_with(&format!("{name}/")),
+            "{what}: key {key:?} is not {name:?} or {name:?}/… (namespace {:?})",
+            b.namespace
+        );
+    };
+    let g = c.lock(&lock).unwrap().lock().await.unwrap();
+    relative("lock guard", g.key(), &lock);
+    let e = c.election(&election).unwrap();
+    let mut obs = e.observe();
+    let l = e.campaign(b"v".to_vec()).await.unwrap();
+    relative("leadership", l.key(), &election);
+    let leader = e.leader().await.unwrap();
+    relative("leader()", &leader.key, &election);
+    assert_eq!(leader.key, l.key(), "leader() and the leadership disagree");
+    relative("observe()", &next_leader(&mut obs).await.key, &election);
+    g.release().await.unwrap();
+    l.release().await.unwrap();
+    c.close().await.unwrap();
+}
+
 // ----------------------------------------------------------------------------------------
 // Recipes
 

@@ -86,6 +86,7 @@ redis_backends!(
     coordinator_election_handover,
     coordinator_tasks_share_one_coordinator,
     coordinator_after_close,
+    coordinator_keys_relative_to_namespace,
 );
 
 all_backends!(
@@ -118,6 +119,7 @@ all_backends!(
     coordinator_election_handover,
     coordinator_tasks_share_one_coordinator,
     coordinator_after_close,
+    coordinator_keys_relative_to_namespace,
     cross_type_names,
     semaphore_limits_holders,
     semaphore_holder_dies,

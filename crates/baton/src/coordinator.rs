@@ -45,7 +45,11 @@ use crate::store::LeaseId;
 /// Something held: a lock, or a leadership.
 #[async_trait]
 pub trait Guard: Send + Sync + fmt::Debug {
-    /// The key (etcd) or name (Redis) held.
+    /// What is held, relative to the coordinator's namespace (never with the namespace in
+    /// front), so that code and scripts see the same thing whichever the backend:
+    /// - etcd and the embedded store: the key `NAME/<lease id in hex>`;
+    /// - Redis and Redlock: the name `NAME` (the Redis key is the namespace plus the name;
+    ///   `RedisLockGuard::key` gives it).
     fn key(&self) -> &str;
 
     /// The fencing token of this grant, strictly greater than every earlier grant's, or

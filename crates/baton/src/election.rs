@@ -73,7 +73,8 @@ impl fmt::Debug for Election {
 /// [`Election::observe`] report it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Leader {
-    /// The leader's key: `NAME/<lease id in hex>`.
+    /// The leader's key, relative to the client's namespace: `NAME/<lease id in hex>`. On
+    /// Redis, the election's name `NAME` (without the client's prefix).
     pub key: String,
     /// The value the leader proclaimed.
     pub value: Vec<u8>,

@@ -147,7 +147,7 @@ impl RedisElection {
     pub async fn leader(&self) -> Result<Leader> {
         self.client.inner().check_open()?;
         match self.client.inner().read_leader(&self.keys).await? {
-            Some(rec) => Ok(to_leader(&self.keys, rec)),
+            Some(rec) => Ok(to_leader(&self.name, rec)),
             None => Err(Error::NoLeader {
                 name: self.name.clone(),
             }),
@@ -170,6 +170,7 @@ impl RedisElection {
         let (tx, rx) = mpsc::channel(16);
         let client = self.client.clone();
         let keys = self.keys.clone();
+        let name = self.name.clone();
         let span = tracing::debug_span!("observe", election = %self.name);
         tokio::spawn(
             async move {
@@ -177,7 +178,7 @@ impl RedisElection {
                 tokio::select! {
                     _ = tx.closed() => {}
                     _ = inner.closed.cancelled() => {}
-                    _ = observe_loop(&client, &keys, &tx) => {}
+                    _ = observe_loop(&client, &name, &keys, &tx) => {}
                 }
             }
             .instrument(span),
@@ -186,9 +187,11 @@ impl RedisElection {
     }
 }
 
-fn to_leader(keys: &Keys, rec: NodeRecord) -> Leader {
+/// The leader `rec` says, its key being the election's name: relative to the client's
+/// prefix, as etcd's keys are to the namespace.
+fn to_leader(name: &str, rec: NodeRecord) -> Leader {
     Leader {
-        key: keys.lock.clone(),
+        key: name.to_string(),
         value: rec.value,
         create_revision: rec.fence,
         mod_revision: rec.ver,
@@ -196,7 +199,7 @@ fn to_leader(keys: &Keys, rec: NodeRecord) -> Leader {
     }
 }
 
-async fn observe_loop(client: &RedisClient, keys: &Keys, tx: &mpsc::Sender<Leader>) {
+async fn observe_loop(client: &RedisClient, name: &str, keys: &Keys, tx: &mpsc::Sender<Leader>) {
     let inner = client.inner();
     let sub = inner.hub.subscribe(&keys.channel).await;
     let chan = sub.channel().clone();
@@ -210,7 +213,7 @@ async fn observe_loop(client: &RedisClient, keys: &Keys, tx: &mpsc::Sender<Leade
                 let id = (rec.token.clone(), rec.ver);
                 if last.as_ref() != Some(&id) {
                     last = Some(id);
-                    if tx.send(to_leader(keys, rec)).await.is_err() {
+                    if tx.send(to_leader(name, rec)).await.is_err() {
                         return;
                     }
                 }
@@ -282,7 +285,10 @@ impl RedisLeadership {
         &self.name
     }
 
-    /// The Redis key held.
+    /// The Redis key held: the client's prefix plus the name. (Through the backend-neutral
+    /// [`Guard::key`], and in the [`Leader`] that [`RedisElection::leader`] and
+    /// [`RedisElection::observe`] report, the name alone, as keys are relative to the
+    /// namespace there.)
     pub fn key(&self) -> &str {
         self.hold.key()
     }
@@ -389,8 +395,9 @@ impl RedisLeadership {
 
 #[async_trait]
 impl Guard for RedisLeadership {
+    /// The name: the key relative to the client's prefix (the coordinator's namespace).
     fn key(&self) -> &str {
-        RedisLeadership::key(self)
+        RedisLeadership::name(self)
     }
     fn fencing_token(&self) -> Option<i64> {
         RedisLeadership::fencing_token(self)

@@ -664,7 +664,8 @@ impl RedisLockGuard {
         &self.name
     }
 
-    /// The Redis key held.
+    /// The Redis key held: the client's prefix plus the name. (Through the backend-neutral
+    /// [`Guard::key`], the name alone, as keys are relative to the namespace there.)
     pub fn key(&self) -> &str {
         self.hold.key()
     }
@@ -755,8 +756,9 @@ impl RedisLockGuard {
 
 #[async_trait]
 impl Guard for RedisLockGuard {
+    /// The name: the key relative to the client's prefix (the coordinator's namespace).
     fn key(&self) -> &str {
-        RedisLockGuard::key(self)
+        RedisLockGuard::name(self)
     }
     fn fencing_token(&self) -> Option<i64> {
         RedisLockGuard::fencing_token(self)
