@@ -1483,6 +1483,31 @@ async fn redlock_election_failover_and_observe() {
 // ---------------------------------------------------------------------------------------
 // Bad input
 
+/// A database index the server does not have (`/99` where it has 16) is a bad endpoint,
+/// not a retryable connection failure, on `redis://` and through the Coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_index_out_of_range_is_an_invalid_endpoint() {
+    let server = RedisServer::start_async().await;
+    let url = format!("{}/99", server.url());
+    let err = builder(&url, Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidEndpoint { reason, .. } if reason.contains("DB index")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable() && err.is_invalid_input(), "{err}");
+    let err = baton::Coordinator::builder(&url)
+        .with_dial_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidEndpoint { .. }), "{err:?}");
+    // Index 15 exists: fine.
+    connect(&format!("{}/15", server.url()), Duration::from_secs(2)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors() {
     let mut server = RedisServer::start_async().await;

@@ -687,3 +687,35 @@ async fn rediss_verifies_the_server_and_client_certificates() {
     );
     assert!(!err.is_retryable(), "{err}");
 }
+
+/// `rediss://` to a plaintext Redis is a TLS error saying the server may not speak TLS, not
+/// a retryable connection failure, and it comes well before the dial timeout: a plaintext
+/// Redis answers a ClientHello with nothing (it waits for the end of an inline command) or,
+/// when the hello's random bytes hold a newline, with an error line. Several dials cover
+/// both.
+#[tokio::test]
+async fn rediss_to_a_plaintext_server_is_a_tls_error_at_once() {
+    if redis_skip() {
+        return;
+    }
+    let server = redis(RedisServerOptions::new());
+    let url = server.url().replacen("redis://", "rediss://", 1);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let err = Coordinator::builder(&url)
+            .with_dial_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Tls { reason, .. } if reason.contains("redis://")),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable(), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "rediss:// to a plaintext server took {:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -267,6 +267,8 @@ pub(crate) fn tls_problem(text: &str, https: bool) -> Option<String> {
         || (t.contains("tls") && t.contains("config"))
     {
         "the CA or client certificate or key could not be loaded (check the PEM files)"
+    } else if t.contains("answeredaplaintextping") {
+        "the server speaks plaintext Redis, not TLS: use redis:// (or check the port)"
     } else if t.contains("handshakeeof") {
         "the server closed the connection during the TLS handshake: it may not use TLS \
          (then use http:// or redis://), or it refused us"

@@ -366,8 +366,11 @@ impl RedisClientBuilder {
     ///
     /// Fails with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`] before any network
     /// call for a malformed URL, or a TTL, timeout or poll interval out of range (see
-    /// [`RedisClientBuilder`]'s defaults). On `redis://`, fails
-    /// with [`Error::Connect`] if the server does not answer within the dial timeout. On
+    /// [`RedisClientBuilder`]'s defaults), and with [`Error::InvalidEndpoint`] too if the
+    /// server has no database of the URL's number. On `redis://`, fails with
+    /// [`Error::Connect`] if the server does not answer within the dial timeout, and with
+    /// [`Error::Tls`] if a `rediss://` server speaks plaintext Redis (found within a
+    /// fraction of a second: a plaintext `PING` on a second connection). On
     /// `redlock://`, connects to every master in parallel and fails only if fewer than a
     /// quorum answer. It returns once a quorum is connected and the others have had a
     /// short while more (1% of the TTL, at least 10 ms, or as long as the quorum took if
@@ -447,10 +450,13 @@ impl RedisClientBuilder {
             tokio::spawn(async move { while rest.next().await.is_some() {} });
         }
         if up < quorum {
-            // Refused credentials or certificates are a configuration error: report them
-            // as such, not as a server that did not answer.
+            // Refused credentials or certificates, and a database the server does not
+            // have, are configuration errors: report them as such, not as a server that
+            // did not answer.
             if let Some(denied) = dials.iter().find_map(|r| match r {
-                Err(e) if e.is_access_denied() => Some(e),
+                Err(e) if e.is_access_denied() || matches!(e, Error::InvalidEndpoint { .. }) => {
+                    Some(e)
+                }
                 _ => None,
             }) {
                 return Err(match denied {
@@ -458,6 +464,10 @@ impl RedisClientBuilder {
                     Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
                     Error::Tls { endpoints, reason } => Error::Tls {
                         endpoints: endpoints.clone(),
+                        reason: reason.clone(),
+                    },
+                    Error::InvalidEndpoint { endpoint, reason } => Error::InvalidEndpoint {
+                        endpoint: endpoint.clone(),
                         reason: reason.clone(),
                     },
                     other => Error::Store(other.to_string()),

@@ -31,6 +31,31 @@ static INSPECT: LazyLock<Script> =
 /// unreachable Redlock minority does not slow every acquisition down.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(500);
 
+/// How long a `rediss://` dial waits for the TLS handshake before it also asks, over a
+/// second, plaintext connection, whether the server speaks plaintext Redis (see
+/// [`speaks_plaintext_redis`]): a plaintext Redis answers a ClientHello with nothing, so
+/// without the question the dial would wait for its whole timeout.
+const PLAINTEXT_PROBE_AFTER: Duration = Duration::from_millis(200);
+
+/// What [`speaks_plaintext_redis`] found, as a failed dial's reason; [`tls_problem`] turns it
+/// into advice.
+const PLAINTEXT_REPLY: &str = "the server answered a plaintext PING";
+
+/// True if the server at `host:port` answers a plaintext `PING` as Redis does: a status or
+/// error line (`+PONG`, `-NOAUTH …`, `-DENIED …`). A TLS server answers with an alert record
+/// (whose first byte is never `+` or `-`) or closes the connection. False on any failure.
+async fn speaks_plaintext_redis(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect((host, port)).await else {
+        return false;
+    };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut first = [0u8; 1];
+    matches!(stream.read(&mut first).await, Ok(1) if matches!(first[0], b'+' | b'-'))
+}
+
 /// True for a failure that reconnecting (or waiting a moment) can cure: the connection was
 /// lost, refused or timed out, or the server is loading its data or has no master.
 fn is_transient_redis(e: &redis::RedisError) -> bool {
@@ -193,6 +218,9 @@ pub(crate) struct Node {
     pub(crate) request_timeout: Duration,
     /// `rediss://`.
     tls: bool,
+    /// The host and port, for the plaintext probe of a slow TLS handshake.
+    host: String,
+    port: u16,
 }
 
 impl fmt::Debug for Node {
@@ -266,6 +294,8 @@ impl Node {
             dial_timeout,
             request_timeout,
             tls: node.tls,
+            host: node.host.clone(),
+            port: node.port,
         })
     }
 
@@ -307,8 +337,32 @@ impl Node {
         let dialled = tokio::time::timeout(
             self.dial_timeout,
             ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
+        );
+        let dialled = if self.tls {
+            // A plaintext Redis never answers the ClientHello (unless its random bytes
+            // hold a newline): if the handshake is slow, ask in plaintext whether that is
+            // what listens, and if so fail now with a TLS error rather than at the timeout.
+            let probe = async {
+                tokio::time::sleep(PLAINTEXT_PROBE_AFTER).await;
+                if !speaks_plaintext_redis(&self.host, self.port).await {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                biased;
+                dialled = dialled => dialled,
+                () = probe => {
+                    tracing::debug!(node = %self.display, "the server speaks plaintext Redis");
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), PLAINTEXT_REPLY.to_string()));
+                    return Err(self
+                        .access_error_text(PLAINTEXT_REPLY)
+                        .unwrap_or_else(|| self.connect_error(PLAINTEXT_REPLY.to_string())));
+                }
+            }
+        } else {
+            dialled.await
+        };
         // A server that wants a password accepts the connection and refuses only the first
         // command: ask one (PING) so that refused credentials show now, as what they are.
         let dialled = match dialled {
@@ -377,8 +431,9 @@ impl Node {
         })
     }
 
-    /// The error for refused credentials, permissions or certificates, if `e` is one.
-    /// Redis's messages name neither passwords nor keys' values.
+    /// The error for refused credentials, permissions or certificates, or for a database
+    /// index the server does not have, if `e` is one. Redis's messages name neither
+    /// passwords nor keys' values.
     fn access_error(&self, e: &redis::RedisError) -> Option<Error> {
         if e.kind() == redis::ErrorKind::AuthenticationFailed {
             return Some(Error::Unauthenticated(format!(
@@ -408,6 +463,15 @@ impl Node {
             Some(Error::Unauthenticated(format!(
                 "redis {node}: the server refused the user name or password"
             )))
+        } else if text.contains("DB index is out of range") || text.contains("invalid DB index") {
+            // SELECT refused: the URL's /DB is more than the server's `databases`.
+            Some(Error::InvalidEndpoint {
+                endpoint: format!("{}://{node}", if self.tls { "rediss" } else { "redis" }),
+                reason: format!(
+                    "the server has no such database (the number after the port): {}",
+                    text.trim()
+                ),
+            })
         } else {
             tls_problem(text, self.tls).map(|reason| Error::Tls {
                 endpoints: node.clone(),
