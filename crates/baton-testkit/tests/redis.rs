@@ -1908,6 +1908,96 @@ async fn a_fifo_waiter_survives_a_restart() {
     waiter_survives_a_restart(true).await;
 }
 
+/// The log lines written while the returned guard lives, on this thread (the test's
+/// current-thread runtime runs every task there), at debug level and above.
+fn capture_logs() -> (Arc<StdMutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    struct Writer(Arc<StdMutex<Vec<u8>>>);
+    impl std::io::Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Arc::new(StdMutex::new(Vec::new()));
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || Writer(sink.clone()))
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// A waiter that cannot reach the server for seconds warns once when it starts failing, logs
+/// its further failures at debug level (not a warning a second), and says at info level
+/// when it reaches the server again.
+async fn a_waiter_warns_once_while_the_server_is_down(fifo: bool) {
+    let (logs, _guard) = capture_logs();
+    let mut server = RedisServer::start_async().await;
+    let url = server.url();
+    let name = unique("outage");
+    let b = |ttl| {
+        let b = builder(&url, ttl).with_poll_interval(Duration::from_millis(100));
+        if fifo {
+            b
+        } else {
+            b.without_fifo()
+        }
+    };
+    let holder = b(Duration::from_secs(30)).connect().await.unwrap();
+    let waiting = b(Duration::from_secs(30)).connect().await.unwrap();
+    let held = holder.lock(&name).unwrap().lock().await.unwrap();
+    let lock = waiting.lock(&name).unwrap();
+    let waiter = tokio::spawn(async move { lock.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!waiter.is_finished());
+    server.restart();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter did not get the lock after the restart")
+        .unwrap();
+    let guard = got.unwrap_or_else(|e| panic!("the waiter failed: {e}"));
+    guard.unlock().await.unwrap();
+    drop(held);
+    holder.close().await.unwrap();
+    waiting.close().await.unwrap();
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines = |level: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        lines(" WARN ", "cannot reach the server"),
+        1,
+        "fifo={fifo}: one warning for the outage expected:\n{text}"
+    );
+    assert!(
+        lines("DEBUG", "cannot reach the server") >= 2,
+        "fifo={fifo}: the later failures are logged at debug level:\n{text}"
+    );
+    assert_eq!(
+        lines(" INFO ", "reached the server again"),
+        1,
+        "fifo={fifo}: one line when the server answers again:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_fifo_waiter_warns_once_while_the_server_is_down() {
+    a_waiter_warns_once_while_the_server_is_down(true).await;
+}
+
+#[tokio::test]
+async fn an_unqueued_waiter_warns_once_while_the_server_is_down() {
+    a_waiter_warns_once_while_the_server_is_down(false).await;
+}
+
 /// `try_lock` keeps its one attempt: a server that is down is an error at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_lock_does_not_wait_for_a_server_that_is_down() {

@@ -117,6 +117,42 @@ impl Drop for Cleanup<'_> {
 const UNAVAILABLE_MIN: Duration = Duration::from_millis(50);
 const UNAVAILABLE_MAX: Duration = Duration::from_secs(1);
 
+/// A waiter's failures to reach the server, for its log: a warning when it starts failing,
+/// debug lines while it goes on failing (a waiter retries about once a second for as long
+/// as the server is down), and one info line when the server answers again.
+#[derive(Debug, Default)]
+struct Unreachable {
+    /// When the current run of failures started, and how many there were.
+    since: Option<(Instant, u32)>,
+}
+
+impl Unreachable {
+    /// An attempt failed with `e` (a transient failure); we retry.
+    fn failed(&mut self, e: &Error) {
+        match &mut self.since {
+            None => {
+                tracing::warn!(error = %e, "cannot reach the server; retrying");
+                self.since = Some((Instant::now(), 1));
+            }
+            Some((_, failures)) => {
+                *failures += 1;
+                tracing::debug!(error = %e, "still cannot reach the server; retrying");
+            }
+        }
+    }
+
+    /// The server answered.
+    fn reached(&mut self) {
+        if let Some((since, failures)) = self.since.take() {
+            tracing::info!(
+                after = ?since.elapsed(),
+                failures,
+                "reached the server again"
+            );
+        }
+    }
+}
+
 /// The next wait after a transient failure, jittered, and the backoff after it.
 fn unavailable_backoff(backoff: Duration) -> (Duration, Duration) {
     let ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
@@ -296,6 +332,7 @@ pub(crate) async fn acquire(
     // Never for `try_lock`: its one attempt must ask every node (see `try_acquire`).
     let mut gated = !try_only && client.redlock && client.hub.is_subscribed(&keys.channel);
     let mut backoff = UNAVAILABLE_MIN;
+    let mut unreachable = Unreachable::default();
     loop {
         // A token per attempt: a failed attempt's cleanup may still be running (in the
         // background, see `try_acquire`), and must not delete what a later one sets.
@@ -315,6 +352,7 @@ pub(crate) async fn acquire(
         cleanup.armed = false;
         if !matches!(attempt, Attempt::Unavailable(_)) {
             backoff = UNAVAILABLE_MIN;
+            unreachable.reached();
         }
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
@@ -331,7 +369,7 @@ pub(crate) async fn acquire(
             Attempt::Unavailable(e) => {
                 // A server restarting or a connection reset: a waiter reconnects and waits
                 // on (until its caller's timeout), rather than failing.
-                tracing::warn!(error = %e, "cannot reach the server; retrying");
+                unreachable.failed(&e);
                 let (wait, next) = unavailable_backoff(backoff);
                 backoff = next;
                 tokio::select! {
@@ -488,6 +526,7 @@ async fn acquire_fifo(
     // (else it would have found the grant). Its `since_ms` is not from `refreshed`.
     let mut stale_upto = 0;
     let mut backoff = UNAVAILABLE_MIN;
+    let mut unreachable = Unreachable::default();
     loop {
         let chan = sub.as_ref().map(|s| s.channel().clone());
         let mut woken = chan.as_ref().map(|c| Box::pin(c.waiters.notified()));
@@ -518,7 +557,7 @@ async fn acquire_fifo(
             Err(e) if !try_only && super::node::is_transient(&e) => {
                 // A server restarting or a connection reset: retry (refreshing our place, or
                 // queueing again if the server lost it) until the caller's timeout.
-                tracing::warn!(error = %e, "cannot reach the server; retrying");
+                unreachable.failed(&e);
                 let (wait, next) = unavailable_backoff(backoff);
                 backoff = next;
                 let (until, after) = limit.unwrap_or((Instant::now() + wait, Duration::ZERO));
@@ -534,6 +573,7 @@ async fn acquire_fifo(
             }
             other => {
                 backoff = UNAVAILABLE_MIN;
+                unreachable.reached();
                 other?
             }
         };
