@@ -166,8 +166,12 @@ async fn acquire(
     let result = if args.try_lock {
         lock.try_lock().await
     } else if let Some(timeout) = args.timeout {
-        // The lock's own timeout: on Redis a queued waiter leaves the queue before it
-        // returns, which a future dropped just before the process exits could not do.
+        // The lock's own timeout. On Redis a queued (FIFO) waiter that times out leaves the
+        // queue, but waits at most 500 ms for the server to confirm it: then it returns and
+        // the leave goes on in the background, tracked by the client, so that the
+        // close_coordinator() after this waits for it (up to the request timeout, within
+        // RELEASE_TIMEOUT). If the server never confirms, the place expires with the waiter
+        // window.
         match lock.lock_timeout(timeout).await {
             Err(baton::Error::Timeout { .. }) => {
                 return Err(CliError::new(
