@@ -280,6 +280,41 @@ async fn redlock_one_hung_master_stalls_nothing() {
     servers.cont(2);
 }
 
+/// One master of three lost the key (restarted without persistence, or a `DEL`) and answers
+/// at once; the first answers 300 ms late (longer than the straggler wait of 50 ms). The
+/// key is still held on a quorum (the first and second): unlocking, reading the leader and
+/// resigning wait for the first master's answer and succeed, rather than counting it as
+/// failed once two masters answered (which said "not held" and "no leader").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_slow_master_still_counts_when_another_lost_the_key() {
+    let (servers, proxy, url) = first_master_behind_a_proxy().await;
+    let c = connect(&url, Duration::from_secs(5)).await;
+    let mut third = raw(&servers.servers()[2].url()).await;
+    let slow = Fault::Delay(Duration::from_millis(300));
+    let g = c
+        .lock(&unique("slow-master-lock"))
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let () = third.del(g.key()).await.unwrap();
+    proxy.set(Direction::ServerToClient, slow);
+    let unlocked = g.unlock().await;
+    proxy.set(Direction::ServerToClient, Fault::Pass);
+    let e = c.election(&unique("slow-master-e")).unwrap();
+    let l = e.campaign("v1").await.unwrap();
+    let () = third.del(e.key()).await.unwrap();
+    proxy.set(Direction::ServerToClient, slow);
+    let leader = e.leader().await.map(|l| l.value);
+    let resigned = l.resign().await;
+    proxy.set(Direction::ServerToClient, Fault::Pass);
+    assert!(
+        unlocked.is_ok() && leader.is_ok() && resigned.is_ok(),
+        "{unlocked:?} {leader:?} {resigned:?}"
+    );
+    assert_eq!(leader.unwrap(), b"v1");
+}
+
 /// Three masters, the first reached through a fault proxy: the servers, the proxy and the
 /// `redlock://` URL.
 async fn first_master_behind_a_proxy() -> (RedisServers, FaultProxy, String) {

@@ -122,10 +122,12 @@
 //! Extending needs a quorum too. Redlock keeps working while a majority of masters is up:
 //! a master that hangs (rather than refusing connections) holds nothing up by a request
 //! timeout. Connecting, releasing, resigning, proclaiming, reading the leader and listing
-//! holds return once a quorum has answered, after waiting a short while for the other
-//! masters (1% of the TTL, at least 10 ms, or as long as the quorum took if longer); the
-//! writes still in flight then finish in the background (tasks that
-//! [`close()`](RedisClient::close) waits for, for releases).
+//! holds return once the answers of a quorum settle the outcome (a quorum connected,
+//! deleted the key, agrees on its holder...), after waiting a short while for the other
+//! masters (1% of the TTL, at least 10 ms, or as long as those answers took if longer);
+//! the writes still in flight then finish in the background (tasks that
+//! [`close()`](RedisClient::close) waits for, for releases). Answers that settle nothing
+//! (one master no longer has the key, another has it) wait for the last master.
 //!
 //! What Redlock does **not** give you, plainly (see Martin Kleppmann, "How to do distributed
 //! locking", 2016):
@@ -443,8 +445,9 @@ impl RedisClientBuilder {
             })
             .collect();
         let failed = redlock::too_many_failed(n, quorum);
+        let connected = redlock::quorum_succeeded(quorum);
         let (dials, mut rest) =
-            redlock::gather(dials, quorum, redlock::straggle(opts.ttl), failed).await;
+            redlock::gather(dials, connected, redlock::straggle(opts.ttl), failed).await;
         let up = dials.iter().filter(|r| r.is_ok()).count();
         if up >= quorum && !rest.is_empty() {
             tokio::spawn(async move { while rest.next().await.is_some() {} });

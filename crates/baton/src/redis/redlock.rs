@@ -12,9 +12,10 @@
 //!   once more than N − quorum nodes no longer hold our token;
 //! - **release**: compare-and-delete on every node.
 //!
-//! Release, proclaim and reads stop waiting for the nodes that have not answered once a
-//! quorum has (see [`gather`]): one hung node of a majority that is up holds nothing up by
-//! a request timeout. Writes still in flight then finish in the background.
+//! Release, proclaim and reads stop waiting for the nodes that have not answered once the
+//! answers of a quorum settle the outcome (see [`gather`]): one hung node of a majority
+//! that is up holds nothing up by a request timeout. Writes still in flight then finish in
+//! the background.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,8 +34,8 @@ use crate::race::Race;
 /// answered, after the last answer (see [`ClientInner::try_acquire`]).
 const STRAGGLER_MIN: Duration = Duration::from_millis(10);
 
-/// How long an operation waits for the nodes that have not answered once a quorum has:
-/// 1% of `ttl`, at least [`STRAGGLER_MIN`] (see [`gather`]).
+/// How long an operation waits for the nodes that have not answered once the answers so far
+/// settle its outcome: 1% of `ttl`, at least [`STRAGGLER_MIN`] (see [`gather`]).
 pub(crate) fn straggle(ttl: Duration) -> Duration {
     (ttl / 100).max(STRAGGLER_MIN)
 }
@@ -42,14 +43,17 @@ pub(crate) fn straggle(ttl: Duration) -> Duration {
 /// The answers of `calls` (one per node) as they come, and the calls still in flight.
 ///
 /// Every answer; or fewer, once `stop` says the answers so far settle the outcome, or once
-/// `quorum` calls succeeded and the others stayed silent past the straggler wait:
-/// `straggle`, or as long as that quorum took if longer (a slow network is not taken for
-/// a hung node). A node left out this way counts as one that failed: one hung node of a
-/// majority that is up must not hold an operation up by a request timeout. The caller
-/// drops the calls still in flight (reads) or lets them finish in the background (writes).
+/// `settled` says they do and the others stayed silent past the straggler wait: `straggle`,
+/// or as long as those answers took if longer (a slow network is not taken for a hung
+/// node). A node left out this way counts as one that failed: one hung node of a majority
+/// that is up must not hold an operation up by a request timeout. The answers of a quorum
+/// do not settle every outcome (one node without the key, another with it: the third
+/// decides), and until they do every node is waited for, each up to its request timeout.
+/// The caller drops the calls still in flight (reads) or lets them finish in the
+/// background (writes).
 pub(crate) async fn gather<T, F>(
     mut calls: Race<F>,
-    quorum: usize,
+    mut settled: impl FnMut(&[Result<T>]) -> bool,
     straggle: Duration,
     mut stop: impl FnMut(&[Result<T>]) -> bool,
 ) -> (Vec<Result<T>>, Race<F>)
@@ -58,23 +62,19 @@ where
 {
     let start = Instant::now();
     let mut answers = Vec::with_capacity(calls.len());
-    let mut ok = 0;
     let mut until: Option<Instant> = None;
     loop {
         tokio::select! {
             r = calls.next() => match r {
                 None => break,
-                Some(r) => {
-                    ok += usize::from(r.is_ok());
-                    answers.push(r);
-                }
+                Some(r) => answers.push(r),
             },
             () = tokio::time::sleep_until(until.unwrap_or(start)), if until.is_some() => break,
         }
         if stop(&answers) {
             break;
         }
-        if until.is_none() && ok >= quorum {
+        if until.is_none() && settled(&answers) {
             let now = Instant::now();
             until = Some(now + straggle.max(now - start));
         }
@@ -86,6 +86,36 @@ where
 /// can answer any more).
 pub(crate) fn too_many_failed<T>(nodes: usize, quorum: usize) -> impl Fn(&[Result<T>]) -> bool {
     move |answers| answers.iter().filter(|r| r.is_err()).count() > nodes - quorum
+}
+
+/// A `settled` for [`gather`] where any success will do (connecting, listing keys): true
+/// once `quorum` calls succeeded.
+pub(crate) fn quorum_succeeded<T>(quorum: usize) -> impl Fn(&[Result<T>]) -> bool {
+    move |answers| answers.iter().filter(|r| r.is_ok()).count() >= quorum
+}
+
+/// A `settled` (or `stop`) for [`gather`] over reads of one key: true once `quorum` answers
+/// agree on a holder (`same`; an answer that holds nothing, as one without the key, is the
+/// same as none), or once none can reach a quorum any more, even with every call still in
+/// flight agreeing with it.
+pub(crate) fn holder_settled<T>(
+    nodes: usize,
+    quorum: usize,
+    same: impl Fn(&T, &T) -> bool,
+) -> impl Fn(&[Result<T>]) -> bool {
+    move |answers| {
+        let best = most_agreeing(answers, &same);
+        best >= quorum || best + (nodes - answers.len()) < quorum
+    }
+}
+
+/// How many answers agree on the holder most of them agree on (0 if none holds anything).
+fn most_agreeing<T>(answers: &[Result<T>], same: impl Fn(&T, &T) -> bool) -> usize {
+    let held: Vec<&T> = answers.iter().flatten().collect();
+    held.iter()
+        .map(|a| held.iter().filter(|b| same(a, b)).count())
+        .max()
+        .unwrap_or(0)
 }
 
 /// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
@@ -353,12 +383,14 @@ impl ClientInner {
     /// Compare-and-delete on every node; how many nodes held our token. Wakes this process's
     /// waiters as soon as the key is free on a quorum.
     ///
-    /// Returns once every node answered, or a quorum did and the others stayed silent past
-    /// the straggler wait (see [`gather`]); their deletions then finish in a task tracked by
-    /// the client's cleanups (which [`close()`](super::RedisClient::close) waits for), and
-    /// they do not count as having held our token. Fails only if every node that answered
-    /// failed.
+    /// Returns once every node answered, or the answers settle the outcome — a quorum
+    /// deleted the key, or too many did not (did not hold it, or failed) for a quorum to —
+    /// and the others stayed silent past the straggler wait (see [`gather`]); their
+    /// deletions then finish in a task tracked by the client's cleanups (which
+    /// [`close()`](super::RedisClient::close) waits for), and they do not count as having
+    /// held our token. Fails only if every node that answered failed.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
+        let (n, q) = (self.nodes.len(), self.quorum);
         let calls: Race<_> = self
             .nodes
             .iter()
@@ -374,9 +406,13 @@ impl ClientInner {
                 .filter(|r| matches!(r, Ok(NodeRelease::Freed | NodeRelease::HandedOff(_))))
                 .count()
         };
+        let settled = |results: &[Result<NodeRelease>]| {
+            let deleted = deleted(results);
+            deleted >= q || results.len() - deleted > n - q
+        };
         let mut woken = false;
-        let (results, rest) = gather(calls, self.quorum, straggle(self.opts.ttl), |results| {
-            if !woken && deleted(results) >= self.quorum {
+        let (results, rest) = gather(calls, settled, straggle(self.opts.ttl), |results| {
+            if !woken && deleted(results) >= q {
                 self.wake_released(keys, token, results);
                 woken = true;
             }
@@ -450,8 +486,10 @@ impl ClientInner {
                 async move { node.proclaim(&keys, &token, &value, ver).await }
             })
             .collect();
-        // Settled once a quorum wrote it, or once too many did not for a quorum to.
-        let (results, rest) = gather(calls, q, straggle(self.opts.ttl), |results| {
+        // Settled once a quorum wrote it, or once too many did not for a quorum to: then
+        // nothing is left to wait for.
+        let never = |_: &[Result<Option<i64>>]| false;
+        let (results, rest) = gather(calls, never, straggle(self.opts.ttl), |results| {
             let wrote = results
                 .iter()
                 .filter(|r| matches!(r, Ok(Some(v)) if *v == ver));
@@ -486,27 +524,26 @@ impl ClientInner {
     /// name, or another library's).
     ///
     /// Returns as soon as the answers settle it — a quorum holds the same record (no other
-    /// token, nor another version, can then be held by a quorum), or a quorum has the key
-    /// free — else once every node answered, or a quorum did and the others stayed silent
-    /// past the straggler wait (see [`gather`]): those count as failed.
+    /// token, nor another version, can then be held by a quorum), or no token can be held
+    /// by a quorum any more (a quorum has the key free, say) — else once every node
+    /// answered, or a quorum holds the same token (with versions that differ: a proclaim
+    /// under way) and the others stayed silent past the straggler wait (see [`gather`]):
+    /// those count as failed.
     pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
         let n = self.nodes.len();
         let q = self.quorum;
         let calls: Race<_> = self.nodes.iter().map(|node| node.leader(keys)).collect();
-        let (results, _) = gather(calls, q, straggle(self.opts.ttl), |results| {
-            let failed = results.iter().filter(|r| r.is_err()).count();
-            let free = results.iter().filter(|r| matches!(r, Ok(None))).count();
-            let records: Vec<&NodeRecord> = results.iter().flatten().flatten().collect();
-            let agreed = records.iter().any(|rec| {
-                records
-                    .iter()
-                    .filter(|o| o.token == rec.token && o.ver == rec.ver)
-                    .count()
-                    >= q
-            });
-            failed > n - q || free >= q || agreed
-        })
-        .await;
+        let same_token = |a: &Option<NodeRecord>, b: &Option<NodeRecord>| matches!((a, b), (Some(a), Some(b)) if a.token == b.token);
+        let same_record = |a: &Option<NodeRecord>, b: &Option<NodeRecord>| matches!((a, b), (Some(a), Some(b)) if a.token == b.token && a.ver == b.ver);
+        // The leader is known once a quorum holds its token: the others may still confirm
+        // which version a quorum holds, for a straggler wait.
+        let settled = holder_settled(n, q, same_token);
+        let stop = |results: &[Result<Option<NodeRecord>>]| {
+            let pending = n - results.len();
+            most_agreeing(results, same_token) + pending < q
+                || most_agreeing(results, same_record) >= q
+        };
+        let (results, _) = gather(calls, settled, straggle(self.opts.ttl), stop).await;
         let failed = n - results.iter().filter(|r| r.is_ok()).count();
         if failed > n - self.quorum {
             return match results.into_iter().find_map(|r| r.err()) {
@@ -556,8 +593,8 @@ mod tests {
         }
     }
 
-    /// A node that stays silent is not waited for once a quorum answered and the straggler
-    /// wait passed; `stop` ends the wait at once.
+    /// A node that stays silent is not waited for once the answers settle the outcome (here:
+    /// a quorum answered) and the straggler wait passed; `stop` ends the wait at once.
     #[tokio::test]
     async fn gather_stops_waiting_for_a_silent_node() {
         let calls = || -> Race<_> {
@@ -576,7 +613,13 @@ mod tests {
         };
         let started = Instant::now();
         let never = |_: &[Result<u64>]| false;
-        let (answers, rest) = gather(calls(), 2, Duration::from_millis(20), never).await;
+        let (answers, rest) = gather(
+            calls(),
+            quorum_succeeded(2),
+            Duration::from_millis(20),
+            never,
+        )
+        .await;
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(
             answers.iter().flatten().copied().collect::<Vec<_>>(),
@@ -584,11 +627,43 @@ mod tests {
         );
         assert_eq!(rest.len(), 1);
         let first = |a: &[Result<u64>]| !a.is_empty();
-        let (answers, rest) = gather(calls(), 2, Duration::from_secs(3600), first).await;
+        let (answers, rest) = gather(
+            calls(),
+            quorum_succeeded(2),
+            Duration::from_secs(3600),
+            first,
+        )
+        .await;
         assert_eq!((answers.len(), rest.len()), (1, 2));
         let failed = too_many_failed(3, 2);
         assert!(!failed(&[Err(Error::Closed), Ok(1)]));
         assert!(failed(&[Err(Error::Closed), Ok(1), Err(Error::Closed)]));
+    }
+
+    /// Two quick answers that disagree (one node holds the key, one does not) settle
+    /// nothing: the third node is waited for past the straggler wait, and decides.
+    #[tokio::test]
+    async fn gather_waits_for_a_slow_node_while_the_outcome_is_open() {
+        // (delay in ms, what the node holds)
+        let calls: Race<_> = [(1, None), (2, Some("t")), (200, Some("t"))]
+            .into_iter()
+            .map(|(ms, held)| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(held)
+            })
+            .collect();
+        let same = |a: &Option<&str>, b: &Option<&str>| a.is_some() && a == b;
+        let never = |_: &[Result<Option<&str>>]| false;
+        let settled = holder_settled(3, 2, same);
+        let (answers, rest) = gather(calls, settled, Duration::from_millis(10), never).await;
+        assert_eq!((answers.len(), rest.len()), (3, 0));
+        // Settled: a quorum agrees, or none can have a quorum any more.
+        let settled = holder_settled(3, 2, same);
+        assert!(!settled(&[Ok(None), Ok(Some("t"))]));
+        assert!(settled(&[Ok(Some("t")), Ok(Some("t"))]));
+        assert!(settled(&[Ok(None), Ok(None)]));
+        assert!(settled(&[Ok(Some("u")), Err(Error::Closed), Ok(Some("t"))]));
+        assert!(!settled(&[Ok(Some("u")), Ok(Some("t"))]));
     }
 
     /// The newest version a quorum holds wins over a newer one that reached a minority.

@@ -52,9 +52,11 @@ impl RedisClient {
     /// It lists keys with `SCAN` (which never blocks the server) on every server, then
     /// reads each key with one script call: with a large database and a short prefix, this
     /// reads every key's name. Servers that fail are skipped, as long as a quorum
-    /// answers; so are those that have not answered shortly after a quorum did (1% of the
-    /// TTL, at least 10 ms, or as long as that quorum took if longer), so that a hung
-    /// server does not hold the listing up by a request timeout.
+    /// answers; so are those that have not answered shortly after the others settled it
+    /// (1% of the TTL, at least 10 ms, or as long as those answers took if longer): a
+    /// quorum listed the keys, or, for a key, a quorum agrees on its holder or no holder
+    /// can have a quorum any more. A hung server does not hold the listing up by a request
+    /// timeout.
     ///
     /// # Cancel safety
     ///
@@ -68,7 +70,8 @@ impl RedisClient {
         let straggle = super::redlock::straggle(inner.opts.ttl);
         let scans = inner.nodes.iter().map(|node| node.scan(&pattern)).collect();
         let failed = super::redlock::too_many_failed(n, inner.quorum);
-        let (scans, _) = super::redlock::gather(scans, inner.quorum, straggle, failed).await;
+        let listed = super::redlock::quorum_succeeded(inner.quorum);
+        let (scans, _) = super::redlock::gather(scans, listed, straggle, failed).await;
         let mut names = BTreeSet::new();
         let mut answered = 0;
         let mut first_error = None;
@@ -108,7 +111,8 @@ impl RedisClient {
                 let keys = Keys::new(ns, &name);
                 let reads = inner.nodes.iter().map(|n| n.inspect(&keys)).collect();
                 let failed = super::redlock::too_many_failed(n, quorum);
-                let (reads, _) = super::redlock::gather(reads, quorum, straggle, failed).await;
+                let held = super::redlock::holder_settled(n, quorum, same_holder);
+                let (reads, _) = super::redlock::gather(reads, held, straggle, failed).await;
                 // A server that did not answer in time counts as failed.
                 let failed = n - reads.iter().filter(|r| r.is_ok()).count();
                 let mut found: Vec<Inspected> = Vec::new();
@@ -153,6 +157,11 @@ fn agree(found: &[Inspected], quorum: usize) -> Option<(Inspected, usize)> {
     let (_, agreeing) = by_value.into_iter().find(|(_, v)| v.len() >= quorum)?;
     let least = agreeing.iter().min_by_key(|f| f.pttl_ms)?;
     Some(((*least).clone(), agreeing.len()))
+}
+
+/// Whether two servers see the same holder of a key.
+fn same_holder(a: &Option<Inspected>, b: &Option<Inspected>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a.value == b.value)
 }
 
 /// Baton's own bookkeeping keys, never shown as locks.
