@@ -1283,24 +1283,33 @@ async fn fifo_a_waiter_whose_grant_was_deleted_keeps_its_turn() {
 
 /// A hand-off's `since` comes from Redis's clock: a server whose clock runs fast can report
 /// more time since the waiter's last refresh than has passed here. The new holder's local
-/// deadline then counts from now at the latest (it was a debug assertion failure before).
+/// deadline then counts from that last refresh, which certainly preceded the hand-off — not
+/// from now, which came later by the message's delivery (here 1 s after the refresh, with
+/// the poll interval of 4 s), and would let the local deadline run past the key's expiry.
+/// (It was a debug assertion failure before it counted from now.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifo_a_handoff_from_a_fast_server_clock_counts_from_now_at_the_latest() {
+async fn fifo_a_handoff_from_a_fast_server_clock_counts_from_the_last_refresh() {
     let server = RedisServer::start_async().await;
     let name = unique("fifo-fast-clock");
     let mut conn = raw(&server.url()).await;
     let ttl = Duration::from_secs(10);
     let a = connect(&server.url(), ttl).await;
     let w = builder(&server.url(), ttl)
-        .with_poll_interval(Duration::from_millis(100))
+        .with_poll_interval(Duration::from_secs(4))
         .connect()
         .await
         .unwrap();
     let held = a.lock(&name).unwrap().lock().await.unwrap();
     let key = held.key().to_string();
     let lock_w = w.lock(&name).unwrap();
+    let before = tokio::time::Instant::now();
     let waiting = tokio::spawn(async move { lock_w.lock_timeout(Duration::from_secs(10)).await });
     until_queued(&mut conn, &key, 1).await;
+    // W queued, subscribed and refreshed its place (at once); its next refresh is 2 to 4 s
+    // away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refreshed_by = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let queue: Vec<String> = conn
         .lrange(format!("baton:queue:{key}"), 0, -1)
         .await
@@ -1314,22 +1323,26 @@ async fn fifo_a_handoff_from_a_fast_server_clock_counts_from_now_at_the_latest()
         .arg(&key)
         .arg(&queue[0])
         .arg("PX")
-        .arg(300)
+        .arg(10_000)
         .ignore()
         .cmd("SET")
         .arg(format!("baton:waiter:{key}:{}", queue[0]))
         .arg("g:1000:1000000")
         .arg("PX")
-        .arg(300)
+        .arg(10_000)
+        .ignore()
+        .cmd("PUBLISH")
+        .arg(format!("baton:wake:{key}"))
+        .arg(format!("g:{}:1000:1000000", queue[0]))
         .ignore()
         .query_async(&mut conn)
         .await
         .unwrap();
-    let before = tokio::time::Instant::now();
     let g = waiting.await.unwrap().unwrap();
-    // At most a TTL from now, even once the watchdog has extended it.
-    assert!(g.deadline() <= tokio::time::Instant::now() + ttl, "{g:?}");
-    assert!(g.deadline() >= before);
+    // At most a TTL from the last refresh (the watchdog's first extension is due a third
+    // of the TTL after it).
+    assert!(g.deadline() <= refreshed_by + ttl, "{g:?}");
+    assert!(g.deadline() >= before + ttl / 2, "{g:?}");
     drop(held);
 }
 

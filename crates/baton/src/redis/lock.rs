@@ -653,8 +653,14 @@ async fn acquire_fifo(
         };
         cleanup.armed = false;
         // `since_ms` is measured by Redis's clock: one running fast can put a hand-off after
-        // now, when it certainly happened before (we were told of it).
-        let start = start.min(Instant::now());
+        // now, when it certainly happened before (we were told of it). Now is no safe start
+        // either (the message took its time to come): count from our last refresh then,
+        // which certainly preceded the hand-off.
+        let start = if start > Instant::now() {
+            refreshed.unwrap_or(first)
+        } else {
+            start
+        };
         let hold =
             Hold::start_with_ttl(client, keys.clone(), token.clone(), Some(fence), start, ttl);
         if client.closed.is_cancelled() {
