@@ -26,8 +26,13 @@ disk, a closed pipe), baton prints it on stderr instead, since it has left the q
 exits 125. A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) stops a waiting pop with exit 128+N;
 one that comes while an item is being claimed lets the claim finish: if it won, the item
 is printed and baton exits 0, as for any pop (etcd applies a claim sent, so stopping
-then would lose the item). The keys are NAME/<nanoseconds>, as Go's
-recipe.NewQueue makes them, so Go programs share the queue.";
+then would lose the item). baton waits for the claim's answer up to the request timeout
+(10 s). If the claim fails in flight (no answer: etcd may have applied it), baton sends it
+again, for about 10 s in all, until it is answered or --timeout passes or a signal comes;
+then it exits 125 saying the item may have been taken. A second signal ends baton at once
+with 128+N, even during a claim, saying on stderr that the item may have been taken.
+The keys are NAME/<nanoseconds>, as Go's recipe.NewQueue makes them, so Go programs share
+the queue.";
 
 /// `baton queue`.
 #[derive(Debug, clap::Args)]
@@ -57,8 +62,10 @@ pub(crate) enum QueueCommand {
         #[arg(value_parser = cli::name)]
         name: String,
         /// Give up after DUR with nothing popped and exit 124 (default: wait for ever).
-        /// DUR bounds the wait, not the claim of an item found in time: that is waited for,
-        /// and the item printed (exit 0), even if it ends after DUR.
+        /// DUR bounds the wait, not the claim of an item found in time: its answer is
+        /// waited for (up to the request timeout, 10 s), and the item printed (exit 0),
+        /// even if it comes after DUR. A claim that failed in flight is not sent again
+        /// after DUR: baton exits 125, saying the item may have been taken.
         #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
         timeout: Option<Duration>,
     },
@@ -111,10 +118,14 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         }
         QueueCommand::Pop { name, timeout } => {
             let queue = baton::Queue::new(&client, &name)?;
-            // A timeout or a signal stops the pop while it reads or waits, never while it
-            // claims an item: a claim sent is applied by etcd whatever we do, so the item
-            // is then printed as by any pop.
-            let mut stopped_by = None;
+            // A timeout or a signal stops the pop while it reads or waits. A claim sent is
+            // applied by etcd whatever we do, so its answer is awaited and its item printed
+            // as by any pop; if it fails in flight, the pop sends it again until the timeout
+            // or a signal, then fails saying the item may have been taken. A second signal
+            // (which only a claim in flight leaves time for) ends baton at once.
+            let (first_signal, signalled) = tokio::sync::oneshot::channel::<()>();
+            let mut first_signal = Some(first_signal);
+            let mut interrupted_by = None;
             let stop = async {
                 let timeout = async {
                     match timeout {
@@ -122,19 +133,37 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                         None => std::future::pending().await,
                     }
                 };
-                stopped_by = Some(tokio::select! {
-                    () = timeout => None,
-                    sig = signals.recv() => Some(sig),
-                });
+                tokio::select! {
+                    () = timeout => {}
+                    _ = signalled => {}
+                }
             };
-            let popped = queue.dequeue_until(stop).await?;
-            let Some(item) = popped else {
-                return Err(match stopped_by {
-                    Some(Some(sig)) => {
-                        tracing::debug!(signal = sig, "interrupted");
-                        CliError::interrupted(sig)
+            let pop = queue.dequeue_until(stop);
+            let mut pop = std::pin::pin!(pop);
+            let popped = loop {
+                tokio::select! {
+                    biased;
+                    popped = &mut pop => break popped?,
+                    sig = signals.recv() => {
+                        if let Some(first) = first_signal.take() {
+                            tracing::debug!(signal = sig, "interrupted");
+                            interrupted_by = Some(sig);
+                            let _ = first.send(());
+                        } else {
+                            // After a signal, only a claim in flight holds the pop up.
+                            exit::print_error(&format!(
+                                "queue {name:?}: a second signal during the claim of an item; \
+                                 it may have been taken without being printed"
+                            ));
+                            return Err(CliError::interrupted(sig));
+                        }
                     }
-                    _ => CliError::new(
+                }
+            };
+            let Some(item) = popped else {
+                return Err(match interrupted_by {
+                    Some(sig) => CliError::interrupted(sig),
+                    None => CliError::new(
                         exit::NOT_ACQUIRED,
                         format!(
                             "queue {name:?}: nothing to pop within {}",

@@ -524,3 +524,76 @@ async fn queue_pop_stopped_during_a_claim_keeps_the_item() {
         128 + libc::SIGTERM
     );
 }
+
+/// `baton queue pop --timeout 2s` whose claim etcd applies but never answers (a proxy
+/// delays requests by 1.5 s, then drops every answer once the claim is sent). The claim
+/// failing in flight, the item may have been taken, and baton says so:
+/// - with the timeout alone, baton waits for the claim's answer up to the request timeout
+///   (10 s), sends it no more once the timeout has passed, and exits 125 saying the item
+///   may have been taken;
+/// - a second SIGTERM ends it at once, mid-claim, with 128+15, saying the same.
+///
+/// Before the fix the claim was sent ten more times, each for up to the request timeout,
+/// whatever the timeout and the signals: baton exited 125 after 68 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
+    let etcd = EtcdServer::start_async().await;
+    for how in ["timeout", "two SIGTERMs"] {
+        let queue = format!("jobs-{}", how.len());
+        let mut push = baton(
+            "push",
+            &etcd.endpoint(),
+            &["queue", "push", &queue, "precious"],
+        );
+        assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        proxy.set(
+            Direction::ClientToServer,
+            Fault::Delay(Duration::from_millis(1500)),
+        );
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.env("RUST_LOG", "baton=debug")
+            .env_remove("BATON_ENDPOINTS")
+            .arg("--endpoints")
+            .arg(proxy.url("http"))
+            .args(["queue", "pop", "--timeout", "2s", &queue]);
+        let started = std::time::Instant::now();
+        let mut pop = WorkerProc::spawn_command("pop", cmd);
+        while !pop.stderr().contains("claiming") {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{how}: no claim within 15 s: {}",
+                pop.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.set(Direction::ServerToClient, Fault::Blackhole);
+        let claiming = std::time::Instant::now();
+        let (expected, within) = if how == "timeout" {
+            (125, Duration::from_secs(13))
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pop.signal(libc::SIGTERM);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pop.signal(libc::SIGTERM);
+            (128 + libc::SIGTERM, Duration::from_secs(3))
+        };
+        let code = pop
+            .wait(Duration::from_secs(300))
+            .await
+            .and_then(|s| s.code());
+        let took = claiming.elapsed();
+        let stderr = pop.stderr();
+        assert!(
+            took < within,
+            "{how}: exited {code:?} after {took:?}; stderr:\n{stderr}"
+        );
+        assert_eq!(code, Some(expected), "{how}; stderr:\n{stderr}");
+        assert!(
+            stderr.contains("may have been taken"),
+            "{how}: no word of the item; stderr:\n{stderr}"
+        );
+        // etcd applied the claim: the item is gone, as baton said it may be.
+        assert_eq!(etcd_keys(&etcd, &format!("{queue}/")).len(), 0, "{how}");
+    }
+}

@@ -39,8 +39,14 @@ macro_rules! take_methods {
         /// Cancel safe while reading and waiting, not while a claim is in flight: a claim
         /// (a compare-and-delete) that was sent is applied by the server even if this future
         /// is dropped, and the item is then gone without being returned. To bound the wait,
-        /// use `dequeue_timeout` or `dequeue_until`, which never give up during a claim,
-        /// rather than dropping this future (with `tokio::time::timeout` or `select!`).
+        /// use `dequeue_timeout` or `dequeue_until`, which wait for a claim's answer, rather
+        /// than dropping this future (with `tokio::time::timeout` or `select!`).
+        ///
+        /// A claim's first send is waited for up to the request timeout, as any request. If
+        /// it fails in flight (no answer: the server may have applied it), it is sent again
+        /// until answered, for about one request timeout in all (the first send included);
+        /// then this fails with [`Error::Store`](crate::Error::Store), saying the item may
+        /// have been taken.
         pub async fn dequeue(&self) -> $crate::Result<Vec<u8>> {
             match self
                 .items
@@ -58,15 +64,19 @@ macro_rules! take_methods {
         /// `dequeue()`, giving up with [`Error::Timeout`](crate::Error::Timeout) if no
         /// item was claimed within `timeout`.
         ///
-        /// The timeout bounds reading and waiting. A claim sent before it passes is waited
-        /// for (as long as the store lets a request take, and its resends if it fails in
-        /// flight), and its item returned if the claim won, even if that is after `timeout`:
-        /// an item claimed is never lost to the timeout.
+        /// The timeout bounds reading and waiting. The answer to a claim sent before it
+        /// passes is waited for (up to the request timeout, as any request), and the item
+        /// returned if the claim won, even if that is after `timeout`: an item claimed is
+        /// never lost to the timeout when the store answers the claim. A claim that failed in
+        /// flight is sent again (as by `dequeue()`), but not once `timeout` has passed: this
+        /// then fails at once with [`Error::Store`](crate::Error::Store), saying the item may
+        /// have been taken. So this returns by `timeout` or, if a claim is in flight then,
+        /// within about one request timeout of that claim's first send.
         ///
         /// # Cancel safety
         ///
         /// As `dequeue()`: dropping this future during a claim may lose the item; letting
-        /// the timeout pass never does.
+        /// the timeout pass loses it only if the claim failed in flight (and then says so).
         pub async fn dequeue_timeout(
             &self,
             timeout: std::time::Duration,
@@ -83,14 +93,18 @@ macro_rules! take_methods {
         /// `dequeue()`, giving up with `Ok(None)` when `stop` completes first (a shutdown
         /// signal, say).
         ///
-        /// `stop` is polled only while reading and waiting. Once a claim is sent its answer
-        /// is waited for, and its item returned if the claim won, even if `stop` completes
-        /// meanwhile: an item claimed is never lost to `stop`.
+        /// `stop` is polled while reading and waiting, not while a claim's first send is in
+        /// flight: its answer is waited for (up to the request timeout, as any request), and
+        /// its item returned if the claim won, even if `stop` is ready by then: an item
+        /// claimed is never lost to `stop` when the store answers the claim. A claim that
+        /// failed in flight is sent again (as by `dequeue()`), and `stop` is polled between
+        /// its resends: when it completes, this fails at once with
+        /// [`Error::Store`](crate::Error::Store), saying the item may have been taken.
         ///
         /// # Cancel safety
         ///
         /// As `dequeue()`: dropping this future during a claim may lose the item; letting
-        /// `stop` complete never does.
+        /// `stop` complete loses it only if the claim failed in flight (and then says so).
         pub async fn dequeue_until(
             &self,
             stop: impl std::future::Future<Output = ()>,
@@ -153,9 +167,11 @@ pub(crate) use take_methods;
 ///
 /// A claim sent is applied by the server whatever the consumer does next, so
 /// [`dequeue_timeout`](Queue::dequeue_timeout) and [`dequeue_until`](Queue::dequeue_until)
-/// stop only while reading and waiting, and return the item of a claim that was in flight
-/// when their deadline passed. Dropping a `dequeue` future during a claim (under
-/// `tokio::time::timeout`, say) may lose the item.
+/// wait for the answer to a claim in flight when their deadline passes (up to the request
+/// timeout), and return its item. A claim that fails in flight is sent again until it is
+/// answered, for about one request timeout in all, and by these two only until their
+/// deadline: then they fail saying the item may have been taken. Dropping a `dequeue`
+/// future during a claim (under `tokio::time::timeout`, say) may lose the item.
 ///
 /// # Waiting
 ///
@@ -341,8 +357,10 @@ impl Items {
     }
 
     /// Take an item, waiting for one, until `stop` completes: then `Ok(Err(what stop
-    /// gave))`. `stop` is polled only while reading and waiting, never while a claim is in
-    /// flight, so an item claimed is always returned.
+    /// gave))`. `stop` is polled while reading and waiting, not while a claim's first send
+    /// is in flight, so an item claimed is returned when the store answers the claim. A
+    /// claim that fails in flight is sent again until `stop` completes or about one request
+    /// timeout has passed; then this fails saying the item may have been taken.
     pub(crate) async fn take_or_wait<S>(
         &self,
         name: &str,
@@ -379,8 +397,9 @@ impl Items {
     }
 
     /// Read the first items and claim the first one still there; `Stopped` if `stop`
-    /// completes first. `stop` is polled during reads and before each claim, never during
-    /// one.
+    /// completes first. `stop` is polled during reads and before each claim, not while a
+    /// claim's first send is in flight; if that send fails in flight, between its resends
+    /// (see [`claim`](Items::claim)), where it gives `Unknown`.
     async fn take_once<S, F: Future<Output = S>>(&self, mut stop: Pin<&mut F>) -> Result<Taken<S>> {
         macro_rules! or_stop {
             ($fut:expr) => {
@@ -406,11 +425,11 @@ impl Items {
                 return Ok(Taken::Empty(header_revision));
             }
             for item in items {
-                // The last moment to give up: once sent, a claim is applied whatever we do,
-                // so its answer is awaited.
+                // The last moment to give up with nothing taken: once sent, a claim is
+                // applied whatever we do, so its answer is awaited.
                 or_stop!(std::future::ready(()));
                 tracing::debug!(key = %item.key_str(), "claiming");
-                match self.claim(&item).await? {
+                match self.claim(&item, stop.as_mut()).await? {
                     Some(true) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
                         return Ok(Taken::Item(item.value));
@@ -434,17 +453,26 @@ impl Items {
     }
 
     /// Delete `item` if it is still the one read: `Some(true)` if we took it, `Some(false)`
-    /// if someone else did, `None` if the claim failed in flight and the item is gone (it
-    /// may be ours or someone else's: it is not returned).
+    /// if someone else did, `None` if the claim failed in flight and the item is gone or
+    /// may be (it may be ours or someone else's: it is not returned).
     ///
     /// A claim that fails in flight may still be applied later (etcd applies a request it
     /// received even if its caller gave up): reading the item and finding it unchanged
     /// proves nothing. The same compare-and-delete is sent again until it is answered: it
     /// matches only the item as read, so "succeeded" means ours, and "failed" means the
     /// item is gone, by our first request or someone else's.
-    async fn claim(&self, item: &KeyValue) -> Result<Option<bool>> {
-        /// How many times a claim that failed in flight is sent again (about 6.5 s in all).
-        const RESENDS: usize = 10;
+    ///
+    /// The first send is awaited, whatever `stop` does (within the store's request timeout,
+    /// as any request). Once it has failed in flight, `stop` is polled between resends, and
+    /// the claim gives up (`None`) when it completes or when about one request timeout has
+    /// passed since the first send: [`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT),
+    /// or the store's own if the first send timed out (then nothing is sent again). A
+    /// resend in flight is cut off at that deadline, not by `stop`.
+    async fn claim<S, F: Future<Output = S>>(
+        &self,
+        item: &KeyValue,
+        mut stop: Pin<&mut F>,
+    ) -> Result<Option<bool>> {
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 item.key.clone(),
@@ -452,27 +480,46 @@ impl Items {
                 item.mod_revision,
             )])
             .and_then([TxnOp::delete(item.key.clone())]);
+        let started = tokio::time::Instant::now();
+        let mut deadline = started + crate::client::DEFAULT_REQUEST_TIMEOUT;
         match self.store.txn(txn.clone()).await {
             Ok(resp) => return Ok(Some(resp.succeeded)),
             // Refused (access, bad input): not applied.
             Err(e) if !e.is_retryable() => return Err(e),
             Err(e) => {
-                tracing::debug!(error = %e, "a claim failed in flight; sending it again");
+                if let Error::Timeout { after, .. } = e {
+                    // The store's request timeout: the claim has had it all.
+                    deadline = deadline.min(started + after);
+                }
+                tracing::debug!(error = %e, "a claim failed in flight");
             }
         }
         let mut backoff = crate::watching::Backoff::new();
-        for _ in 0..RESENDS {
-            backoff.sleep().await;
-            match self.store.txn(txn.clone()).await {
-                Ok(resp) if resp.succeeded => return Ok(Some(true)),
-                Ok(_) => return Ok(None),
-                Err(e) if e.is_retryable() => {
+        loop {
+            match unless(
+                stop.as_mut(),
+                tokio::time::timeout_at(deadline, backoff.sleep()),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    tracing::debug!("a claim failed in flight: its time is up");
+                    return Ok(None);
+                }
+                Err(_) => {
+                    tracing::debug!("a claim failed in flight: stopped, sending it no more");
+                    return Ok(None);
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.store.txn(txn.clone())).await {
+                Ok(Ok(resp)) if resp.succeeded => return Ok(Some(true)),
+                Ok(Err(e)) if e.is_retryable() => {
                     tracing::debug!(error = %e, "a claim failed in flight again");
                 }
-                Err(_) => return Ok(None),
+                Ok(_) | Err(_) => return Ok(None),
             }
         }
-        Ok(None)
     }
 
     pub(crate) async fn count(&self) -> Result<usize> {
@@ -581,6 +628,158 @@ mod tests {
         let stop = tokio::time::sleep(Duration::from_millis(50));
         let got = q.dequeue_until(stop).await.unwrap();
         assert_eq!(got.as_deref(), Some(&b"precious"[..]));
+    }
+
+    /// The embedded store whose claims (transactions that delete) are never answered: each
+    /// fails after `lag`, as etcd's request timeout `lag` if `timed_out`, else as a reset
+    /// connection; none is applied. Counts the claims sent.
+    #[derive(Debug)]
+    struct UnansweredClaims {
+        inner: crate::store::mem::MemStore,
+        lag: Duration,
+        timed_out: bool,
+        sent: std::sync::atomic::AtomicUsize,
+    }
+
+    impl UnansweredClaims {
+        fn new(lag: Duration, timed_out: bool) -> Arc<UnansweredClaims> {
+            Arc::new(UnansweredClaims {
+                inner: crate::store::mem::MemStore::new(),
+                lag,
+                timed_out,
+                sent: Default::default(),
+            })
+        }
+
+        fn sent(&self) -> usize {
+            self.sent.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for UnansweredClaims {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            self.inner.range(range).await
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<crate::store::Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(
+            &self,
+            keys: crate::store::KeyRange,
+        ) -> Result<(i64, crate::store::Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            if !txn.success.iter().any(|op| matches!(op, TxnOp::Delete(_))) {
+                return self.inner.txn(txn).await;
+            }
+            self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(self.lag).await;
+            Err(if self.timed_out {
+                Error::Timeout {
+                    operation: "txn",
+                    after: self.lag,
+                }
+            } else {
+                Error::Unavailable("connection reset".into())
+            })
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// A claim that fails in flight is sent again, but no more once the timeout has passed
+    /// (or `stop` completed): the dequeue then fails at once, saying the item may have been
+    /// taken, rather than resending for seconds after its deadline.
+    #[tokio::test]
+    async fn a_stop_ends_the_resends_of_a_claim_failed_in_flight() {
+        for how in ["fifo timeout", "priority timeout", "fifo until"] {
+            let store = UnansweredClaims::new(Duration::ZERO, false);
+            let client = Client::from_arc(store.clone());
+            let bound = Duration::from_millis(300);
+            let started = tokio::time::Instant::now();
+            let got = match how {
+                "fifo timeout" => {
+                    let q = Queue::new(&client, "jobs").unwrap();
+                    q.enqueue("precious").await.unwrap();
+                    q.dequeue_timeout(bound).await.map(Some)
+                }
+                "priority timeout" => {
+                    let q = crate::PriorityQueue::new(&client, "pq").unwrap();
+                    q.enqueue("precious", 1).await.unwrap();
+                    q.dequeue_timeout(bound).await.map(Some)
+                }
+                _ => {
+                    let q = Queue::new(&client, "jobs").unwrap();
+                    q.enqueue("precious").await.unwrap();
+                    q.dequeue_until(tokio::time::sleep(bound)).await
+                }
+            };
+            let took = started.elapsed();
+            let err = got.unwrap_err();
+            assert!(
+                err.to_string().contains("may have been taken"),
+                "{how}: {err}"
+            );
+            assert!(store.sent() >= 2, "{how}: {} sent", store.sent());
+            assert!(
+                took < bound + Duration::from_millis(500),
+                "{how}: failed after {took:?}, {} claims sent",
+                store.sent()
+            );
+        }
+    }
+
+    /// A claim that fails in flight is sent again for about one request timeout in all,
+    /// the first send included: not at all after a first send that took the store's whole
+    /// request timeout; until the default request timeout if each send fails at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_failed_in_flight_takes_about_one_request_timeout() {
+        for (lag, timed_out) in [(Duration::from_secs(3), true), (Duration::ZERO, false)] {
+            let store = UnansweredClaims::new(lag, timed_out);
+            let client = Client::from_arc(store.clone());
+            let q = Queue::new(&client, "jobs").unwrap();
+            q.enqueue("precious").await.unwrap();
+            let started = tokio::time::Instant::now();
+            let err = q.dequeue().await.unwrap_err();
+            let took = started.elapsed();
+            assert!(err.to_string().contains("may have been taken"), "{err}");
+            if timed_out {
+                assert_eq!((took, store.sent()), (lag, 1), "timed out");
+            } else {
+                let limit = crate::client::DEFAULT_REQUEST_TIMEOUT;
+                assert!(
+                    took <= limit && took > limit - Duration::from_secs(2),
+                    "failing at once: gave up after {took:?}"
+                );
+                assert!(store.sent() > 2, "{} sent", store.sent());
+            }
+        }
     }
 
     /// An item enqueued by a clock near 1970 (an id of few digits) is still an item: its
