@@ -38,7 +38,8 @@ Exit codes:
            still waiting (nothing held, CMD never ran), or a result (get, set, queue,
            leader, status, barrier) that could not be written to stdout
   126/127  CMD could not be executed / was not found
-  128+N    interrupted by signal N while waiting
+  128+N    interrupted by signal N while waiting (queue pop: or by a second signal
+           while its claim is in flight), or CMD killed by signal N
 
 Examples:
   baton lock reports/nightly -- ./make-report.sh
