@@ -719,3 +719,70 @@ async fn rediss_to_a_plaintext_server_is_a_tls_error_at_once() {
         );
     }
 }
+
+/// A server that serves TLS and plaintext Redis on one port (ElastiCache's "preferred"
+/// encryption, a protocol-sniffing proxy) and handshakes slowly is not taken for a plaintext
+/// server: the probe a slow handshake triggers starts with a TLS record's first byte, which
+/// such a server routes to TLS. Here a proxy sends connections that start with 0x16 to the
+/// server's TLS port after 300 ms (past the 200 ms probe delay), and the rest to its
+/// plaintext port.
+#[tokio::test]
+async fn rediss_to_a_slow_dual_mode_server_connects() {
+    if redis_skip() {
+        return;
+    }
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::generate();
+    let server = redis(RedisServerOptions::new().with_tls(&pki));
+    let plain: std::net::SocketAddr = server.addr().parse().unwrap();
+    let tls_port: u16 = server
+        .tls_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tls: std::net::SocketAddr = ([127, 0, 0, 1], tls_port).into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let proxy = tokio::spawn(async move {
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if down.peek(&mut first).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let to = if first[0] == 0x16 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tls
+                } else {
+                    plain
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                let _ = down.shutdown().await;
+            });
+        }
+    });
+    let url = format!("rediss://127.0.0.1:{port}");
+    let started = Instant::now();
+    let got = RedisClient::builder(&url)
+        .with_tls(TlsConfig::new().with_ca_file(pki.ca_file()))
+        .with_dial_timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    let took = started.elapsed();
+    match got {
+        Ok(client) => lock_once(&client, "dual/x").await.unwrap(),
+        Err(e) => panic!(
+            "rediss:// to a TLS server failed after {took:?}: {e:?} (retryable: {})",
+            e.is_retryable()
+        ),
+    }
+    proxy.abort();
+}

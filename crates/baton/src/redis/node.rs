@@ -44,12 +44,18 @@ const PLAINTEXT_REPLY: &str = "the server answered a plaintext PING";
 /// True if the server at `host:port` answers a plaintext `PING` as Redis does: a status or
 /// error line (`+PONG`, `-NOAUTH …`, `-DENIED …`). A TLS server answers with an alert record
 /// (whose first byte is never `+` or `-`) or closes the connection. False on any failure.
+///
+/// The probe starts with a TLS record's first byte (0x16, a handshake): a plaintext Redis
+/// answers it with an error line (`-ERR unknown command`), while a server that serves TLS
+/// and plaintext on one port (ElastiCache's "preferred" encryption, protocol-sniffing
+/// proxies) takes it for TLS and never answers `+` or `-`, so a slow but working TLS
+/// server is not taken for a plaintext one.
 async fn speaks_plaintext_redis(host: &str, port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect((host, port)).await else {
         return false;
     };
-    if stream.write_all(b"PING\r\n").await.is_err() {
+    if stream.write_all(b"\x16\r\nPING\r\n").await.is_err() {
         return false;
     }
     let mut first = [0u8; 1];
