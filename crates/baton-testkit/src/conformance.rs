@@ -1395,7 +1395,7 @@ pub async fn coordinator_after_close(b: &Backend) {
 }
 
 /// Through the traits, keys are reported relative to the namespace on every backend:
-/// [`Guard::key`](baton::Guard::key) of a lock and of a leadership, and the `key` of the
+/// [`Guard::key`](baton::coordinator::Guard::key) of a lock and of a leadership, and the `key` of the
 /// [`Leader`](baton::Leader) that `leader()` and `observe()` report, start with the name
 /// (`NAME/<lease>` on etcd and the embedded store, `NAME` on Redis), never with the
 /// namespace; so scripts see the same key whichever backend they run on.
