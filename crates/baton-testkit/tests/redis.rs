@@ -2046,6 +2046,53 @@ async fn an_unqueued_waiter_warns_once_while_the_server_is_down() {
     a_waiter_warns_once_while_the_server_is_down(false).await;
 }
 
+/// A holder whose extends fail for a while (connections reset) warns once, logs the further
+/// failures at debug level (not a warning every 100 ms retry), says at info level when an
+/// extend succeeds again, and keeps its lock.
+#[tokio::test]
+async fn a_holder_warns_once_while_its_extends_fail() {
+    let (logs, _guard) = capture_logs();
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let client = connect(&proxy.url("redis"), Duration::from_secs(6)).await;
+    let held = client
+        .lock(&unique("extends"))
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    // The first extend is due a third of the TTL after the acquire: fail it and its retries
+    // for a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Direction::ClientToServer, Fault::Reset);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Direction::ClientToServer, Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held.is_lost(), "{:?}", held.lost_reason());
+    held.unlock().await.unwrap();
+    client.close().await.unwrap();
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines = |level: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        lines(" WARN ", "extend failed"),
+        1,
+        "one warning for the run of failures expected:\n{text}"
+    );
+    assert!(
+        lines("DEBUG", "extend failed again") >= 2,
+        "the later failures are logged at debug level:\n{text}"
+    );
+    assert_eq!(
+        lines(" INFO ", "extended again"),
+        1,
+        "one line when an extend succeeds again:\n{text}"
+    );
+}
+
 /// `try_lock` keeps its one attempt: a server that is down is an error at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_lock_does_not_wait_for_a_server_that_is_down() {

@@ -375,6 +375,8 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
         }
         None => never,
     };
+    // Whether the last extend failed: one warning per run of failures, not one per retry.
+    let mut failing = false;
     loop {
         let deadline = state.deadline();
         tokio::select! {
@@ -400,14 +402,22 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
             Extended::Held(sent) => {
                 state.push_deadline(sent + ttl.saturating_sub(drift(ttl)));
                 wait = interval.unwrap_or(never);
-                tracing::trace!("extended");
+                if std::mem::take(&mut failing) {
+                    tracing::info!("extended again after failures");
+                } else {
+                    tracing::trace!("extended");
+                }
             }
             Extended::Lost(reason) => {
                 state.mark_lost(reason);
                 return;
             }
             Extended::Retry(e) => {
-                tracing::warn!(error = %e, "extend failed; retrying until the local deadline");
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(error = %e, "extend failed again; retrying");
+                } else {
+                    tracing::warn!(error = %e, "extend failed; retrying until the local deadline");
+                }
                 wait = RETRY_BACKOFF.min(interval.unwrap_or(never));
             }
         }
