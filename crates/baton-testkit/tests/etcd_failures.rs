@@ -373,3 +373,39 @@ async fn try_lock_makes_one_attempt_when_etcd_is_down() {
     .expect("try_lock never succeeded after the restart");
     g.unlock().await.unwrap();
 }
+
+/// A watch carried by a member that has lost its leader (here: the two other members of
+/// three are killed; a member partitioned from its peers is the same to it) ends with a
+/// retryable error a few election timeouts later, so its consumer watches again elsewhere,
+/// instead of staying open and silent for good while the member still answers pings: every
+/// request requires a leader (etcd's `hasleader`, Go's `WithRequireLeader`). New requests to
+/// such a member are refused at once with "no leader", which is retryable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_member_without_a_leader_ends() {
+    use baton::store::etcd::{EtcdOptions, EtcdStore};
+    use baton::store::{Store, Watch};
+    use futures::StreamExt;
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let lone = cluster.members()[2].endpoint();
+    let store = EtcdStore::connect(&[lone], EtcdOptions::default())
+        .await
+        .unwrap();
+    let (_, mut watch) = store.watch_from_now(Watch::key("nl/k")).await.unwrap();
+    cluster.kill(0);
+    cluster.kill(1);
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch stayed open and silent on a member without a leader");
+    match got {
+        Some(Err(e)) => assert!(e.is_retryable(), "{e:?}"),
+        None => {}
+        Some(Ok(batch)) => panic!("an event from a member without a leader: {batch:?}"),
+    }
+    eprintln!(
+        "the watch ended {:?} after the leader was lost",
+        started.elapsed()
+    );
+    let err = store.put(b"nl/k", b"v", 0).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}

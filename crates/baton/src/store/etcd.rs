@@ -403,7 +403,15 @@ impl EtcdStore {
             )
             .with_keep_alive(KEEPALIVE_INTERVAL, dial)
             .with_keep_alive_while_idle(false)
-            .with_tcp_keepalive(KEEPALIVE_INTERVAL);
+            .with_tcp_keepalive(KEEPALIVE_INTERVAL)
+            // etcd's `hasleader` (Go's `clientv3.WithRequireLeader`): a member cut off from
+            // its peers (partitioned, or the rest of the cluster down) refuses requests with
+            // "no leader" instead of answering from a stale view, and ends the watches and
+            // keep-alive streams it carries a few election timeouts after it lost its
+            // leader. Without it such a member, still answering the client's pings, keeps a
+            // watch open and silent for good: a waiter never hears of a release, a holder
+            // never of its key's delete. A refusal is retried on another member.
+            .with_require_leader(true);
         if https {
             connect_options = connect_options.with_tls(tls_options(
                 options.tls.as_ref().unwrap_or(&TlsConfig::new()),
@@ -1537,7 +1545,11 @@ fn describe(e: &ec::Error) -> String {
     text.to_lowercase()
 }
 
-/// True if the request provably never reached a member: the connection could not be made.
+/// etcd's refusal of a request that requires a leader, by a member that has none.
+const NO_LEADER: &str = "etcdserver: no leader";
+
+/// True if the request provably never reached a member (the connection could not be made),
+/// or was refused before anything was proposed (no leader).
 fn is_unsent(e: &ec::Error) -> bool {
     let connect_failed = |text: &str| {
         text.contains("connect error")
@@ -1545,6 +1557,13 @@ fn is_unsent(e: &ec::Error) -> bool {
             || text.contains("connection refused")
     };
     match e {
+        // Refused by a member without a leader before anything was proposed (the
+        // `hasleader` check, which every request carries).
+        ec::Error::GRpcStatus(s)
+            if s.code() as i32 == CODE_UNAVAILABLE && s.message() == NO_LEADER =>
+        {
+            true
+        }
         ec::Error::GRpcStatus(s) if s.code() as i32 == CODE_UNAVAILABLE => {
             connect_failed(&describe(e))
         }
@@ -1794,6 +1813,11 @@ mod tests {
             Error::Unavailable(ref m) if m.starts_with("watch: ")
         ));
         let no_leader = ec::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: no leader"));
+        // Refused before it was proposed: a write may go to another member.
+        assert!(is_unsent(&no_leader));
+        let timed_out =
+            ec::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: request timed out"));
+        assert!(!is_unsent(&timed_out));
         let e = map_err("put", no_leader, 0);
         assert!(
             matches!(e, Error::Unavailable(_)) && e.is_retryable(),
