@@ -300,6 +300,10 @@ struct Security {
     tls: Option<baton::TlsConfig>,
     user: Option<(String, String)>,
     password: Option<String>,
+    /// The endpoints to connect to, if not those given: with the credentials of the
+    /// options in place of the URL's (see [`with_url_user`]). They may hold the URL's
+    /// password, as the given ones did: the library redacts URLs wherever it shows them.
+    endpoints: Option<String>,
 }
 
 impl Security {
@@ -320,17 +324,66 @@ impl Security {
         }
         match (&global.user, password(global)?) {
             (Some(user), Some(password)) => security.user = Some((user.clone(), password)),
-            (Some(user), None) if !endpoints.contains('@') => {
-                return Err(CliError::failed(format!(
-                    "--user {user} needs a password: give it with --password-file FILE or \
-                     $BATON_PASSWORD"
-                )))
+            (Some(user), None) => {
+                // The user of the option, the password of the URL.
+                let (rewritten, has_password) = with_url_user(endpoints, Some(user), false);
+                if !has_password {
+                    return Err(CliError::failed(format!(
+                        "--user {user} needs a password: give it with --password-file FILE or \
+                         $BATON_PASSWORD"
+                    )));
+                }
+                security.endpoints = Some(rewritten);
             }
-            (Some(_), None) => {}
             (None, password) => security.password = password,
         }
         Ok(security)
     }
+}
+
+/// `endpoints` with the credentials of each URL of the list (`user:password@` after the
+/// scheme, on every entry: `redlock://` masters after the first may have their own) made to
+/// follow the options: `user` (if any) replaces each URL's user, and with `drop_password`
+/// (a password option is given, to be handed to the builder) each URL's password is
+/// removed. An entry left with no password keeps its credentials as they were (the members
+/// of one etcd cluster must agree). Also true if some entry keeps a password of its URL.
+fn with_url_user(endpoints: &str, user: Option<&str>, drop_password: bool) -> (String, bool) {
+    let mut has_password = false;
+    let entries: Vec<String> = endpoints
+        .split(',')
+        .map(|entry| {
+            let (scheme, rest) = match entry.split_once("://") {
+                Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
+                None => ("", entry),
+            };
+            let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let (url_user, url_password) = info.split_once(':').unwrap_or((info, ""));
+            let password = if drop_password { "" } else { url_password };
+            if user.is_some() && password.is_empty() && !drop_password {
+                return entry.to_string();
+            }
+            has_password |= !password.is_empty();
+            let user = user.map_or_else(|| url_user.to_string(), percent_encode);
+            match (user.is_empty(), password.is_empty()) {
+                (true, true) => format!("{scheme}{host}"),
+                (_, true) => format!("{scheme}{user}@{host}"),
+                _ => format!("{scheme}{user}:{password}@{host}"),
+            }
+        })
+        .collect();
+    (entries.join(","), has_password)
+}
+
+/// `s` with every byte but letters, digits and `-._~` percent-encoded, for a URL's user.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// `$builder` (a `ClientBuilder` or a `CoordinatorBuilder`, which share these methods) with
@@ -373,8 +426,9 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
             scheme(endpoints).unwrap_or("redis")
         )));
     }
-    let security = Security::from_global(global, endpoints)?;
-    let builder = baton::Client::builder(endpoints)
+    let mut security = Security::from_global(global, endpoints)?;
+    let rewritten = security.endpoints.take();
+    let builder = baton::Client::builder(rewritten.as_deref().unwrap_or(endpoints))
         .with_dial_timeout(global.dial_timeout)
         .with_namespace(global.namespace.clone());
     apply_security!(builder, security)
@@ -391,9 +445,9 @@ pub(crate) async fn coordinator(
     ttl: Duration,
 ) -> Result<baton::Coordinator, CliError> {
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
-    let endpoints = &global.endpoints;
-    let security = Security::from_global(global, endpoints)?;
-    let builder = baton::Coordinator::builder(endpoints)
+    let mut security = Security::from_global(global, &global.endpoints)?;
+    let rewritten = security.endpoints.take();
+    let builder = baton::Coordinator::builder(rewritten.as_deref().unwrap_or(&global.endpoints))
         .with_ttl(ttl)
         .with_dial_timeout(global.dial_timeout)
         .with_namespace(global.namespace.clone());
@@ -487,6 +541,31 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_user_option_replaces_each_urls_user() {
+        let rewrite = |e: &str, u: Option<&str>, drop: bool| with_url_user(e, u, drop);
+        assert_eq!(
+            rewrite("http://app:pw@h:1,http://app:pw@h:2", Some("root"), false),
+            ("http://root:pw@h:1,http://root:pw@h:2".into(), true)
+        );
+        assert_eq!(
+            rewrite("http://h:1", Some("root"), false),
+            ("http://h:1".into(), false)
+        );
+        assert_eq!(
+            rewrite("redis://:pw@h:1/2", Some("a@b:c"), false),
+            ("redis://a%40b%3Ac:pw@h:1/2".into(), true)
+        );
+        assert_eq!(
+            rewrite("redlock://u:1@a:1, redis://:2@b:2,rediss://c:3", None, true),
+            ("redlock://u@a:1, redis://b:2,rediss://c:3".into(), false)
+        );
+        assert_eq!(
+            rewrite("redlock://u:1@a:1,b:2", Some("v"), true),
+            ("redlock://v@a:1,v@b:2".into(), false)
+        );
     }
 
     #[test]

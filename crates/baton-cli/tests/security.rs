@@ -302,3 +302,55 @@ fn watch_exits_125_once_its_permission_is_revoked() {
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(err[0].contains("permission denied"), "{err:?}");
 }
+
+/// `--user` (or `$BATON_USER`) names the user even when the URL names another: the
+/// password then comes from the URL (no password option given). Before, the URL's user
+/// was used silently.
+#[test]
+fn the_user_option_beats_the_urls_user() {
+    let etcd = etcd();
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/")]);
+    let port = etcd.client_port();
+    let plain = |endpoints: &str| -> Command {
+        let mut cmd = baton(endpoints);
+        cmd.env_remove("BATON_PASSWORD").env_remove("BATON_USER");
+        cmd
+    };
+    let mut outputs: Vec<(String, Output)> = Vec::new();
+
+    // root with app's password: refused, loudly (not a quiet login as app).
+    let app_url = format!("http://app:{APP_PASSWORD}@127.0.0.1:{port}");
+    let (out, _) = run(plain(&app_url).args([
+        "--user", "root", "lock", "locks/x", "--", "sh", "-c", "echo ran",
+    ]));
+    assert_ne!(code(&out), 0, "{}", all_output(&out));
+    assert!(!stdout(&out).contains("ran"), "{}", all_output(&out));
+    outputs.push(("--user root, app's URL".into(), out));
+    let (out, _) = run(plain(&app_url)
+        .env("BATON_USER", "root")
+        .args(["lock", "locks/x", "--", "sh", "-c", "echo ran"]));
+    assert_ne!(code(&out), 0, "{}", all_output(&out));
+    outputs.push(("$BATON_USER=root, app's URL".into(), out));
+
+    // root with root's password from the URL: root, who may lock outside app's prefix.
+    let url = format!("http://app:{ROOT_PASSWORD}@127.0.0.1:{port}");
+    let (out, _) = run(plain(&url).args([
+        "--user", "root", "lock", "other/x", "--", "sh", "-c", "echo ran",
+    ]));
+    assert_eq!(code(&out), 0, "{}", all_output(&out));
+    assert_eq!(stdout(&out).trim(), "ran");
+    outputs.push(("--user root, root's password in the URL".into(), out));
+
+    // A user and no password anywhere: the CLI's own error.
+    let (out, _) = run(plain(&format!("http://127.0.0.1:{port}"))
+        .args(["--user", "root", "lock", "other/x", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    assert!(
+        all_output(&out).contains("--user root needs a password"),
+        "{}",
+        all_output(&out)
+    );
+    for (what, out) in &outputs {
+        assert_no_secret(what, out);
+    }
+}
