@@ -322,7 +322,16 @@ impl Security {
             }
             security.tls = Some(tls);
         }
+        // As docs/security.md says, on every backend: the user of --user, else the URL's;
+        // the password of --password-file or $BATON_PASSWORD, else the URL's.
         match (&global.user, password(global)?) {
+            // The Redis builder lets a URL's credentials win over its options: take them
+            // out of the URLs (keeping the URL's user when no --user replaces it).
+            (user, Some(password)) if is_redis(endpoints) => {
+                security.endpoints = Some(with_url_user(endpoints, user.as_deref(), true).0);
+                security.password = Some(password);
+            }
+            // etcd's `with_user` replaces the URL's credentials.
             (Some(user), Some(password)) => security.user = Some((user.clone(), password)),
             (Some(user), None) => {
                 // The user of the option, the password of the URL.
@@ -464,11 +473,11 @@ pub(crate) fn redis_credentials(
     global: &Global,
 ) -> Result<Option<(Option<String>, String)>, CliError> {
     let security = Security::from_global(global, &global.endpoints)?;
-    Ok(match (security.user, security.password) {
-        (Some((user, password)), _) => Some((Some(user), password)),
-        (None, Some(password)) => Some((None, password)),
-        (None, None) => None,
-    })
+    let password = security
+        .user
+        .map(|(_, password)| password)
+        .or(security.password);
+    Ok(password.map(|password| (global.user.clone(), password)))
 }
 
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.

@@ -375,3 +375,122 @@ fn a_killed_queued_waiter_blocks_the_lock_at_most_its_window() {
         "the next waiter waited {took:?} behind a dead one"
     );
 }
+
+/// The documented order holds on Redis too: the password from `--password-file`, else
+/// `$BATON_PASSWORD`, else the URL; the user from `--user`, else the URL. Before, the
+/// URL's credentials beat the options (the library's rule for URLs).
+#[test]
+fn password_and_user_options_beat_the_url() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = RedisServer::start_with(
+        baton_testkit::RedisServerOptions::new()
+            .with_requirepass("rpw")
+            .with_acl_user("full", "on >fpw ~* &* +@all"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fpw = dir.path().join("fpw");
+    std::fs::write(&fpw, "fpw\n").unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "bad\n").unwrap();
+    let addr = server.addr();
+    let lock = |cmd: &mut std::process::Command| -> std::process::Output {
+        let (out, _) = run(cmd
+            .env_remove("BATON_USER")
+            .args(["lock", "x", "--", "true"]));
+        out
+    };
+    let ok = |out: &std::process::Output| assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let refused = |out: &std::process::Output| {
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let text = format!("{out:?}");
+        assert!(!text.contains("rpw") && !text.contains("fpw"), "{text}");
+    };
+
+    // $BATON_PASSWORD beats the URL's password, both ways.
+    ok(&lock(
+        baton(&format!("redis://:bad@{addr}")).env("BATON_PASSWORD", "rpw"),
+    ));
+    refused(&lock(
+        baton(&format!("redis://:rpw@{addr}")).env("BATON_PASSWORD", "bad"),
+    ));
+    // --password-file beats $BATON_PASSWORD and the URL.
+    ok(&lock(
+        baton(&format!("redis://:bad@{addr}"))
+            .env("BATON_PASSWORD", "bad")
+            .arg("--password-file")
+            .arg(&fpw)
+            .args(["--user", "full"]),
+    ));
+    // --user and --password-file beat the URL's user and password.
+    ok(&lock(
+        baton(&format!("redis://full:bad@{addr}"))
+            .env_remove("BATON_PASSWORD")
+            .args(["--user", "full", "--password-file"])
+            .arg(&fpw),
+    ));
+    refused(&lock(
+        baton(&format!("redis://full:fpw@{addr}"))
+            .env_remove("BATON_PASSWORD")
+            .args(["--user", "full", "--password-file"])
+            .arg(&bad),
+    ));
+    // --user with the URL's password: the option's user, the URL's password.
+    ok(&lock(
+        baton(&format!("redis://default:fpw@{addr}"))
+            .env_remove("BATON_PASSWORD")
+            .args(["--user", "full"]),
+    ));
+    // Only the URL: its credentials, as before.
+    ok(&lock(
+        baton(&format!("redis://full:fpw@{addr}")).env_remove("BATON_PASSWORD"),
+    ));
+}
+
+/// On Redlock, the options replace the credentials of every master, those given after
+/// the first included; `--user` alone keeps each master's own password from the URL.
+#[test]
+fn options_beat_every_redlock_masters_url() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let servers: Vec<RedisServer> = ["f0", "f1", "f2"]
+        .iter()
+        .map(|p| {
+            RedisServer::start_with(
+                baton_testkit::RedisServerOptions::new()
+                    .with_requirepass("shared")
+                    .with_acl_user("full", &format!("on >{p} ~* &* +@all")),
+            )
+        })
+        .collect();
+    let url = |creds: [&str; 3]| {
+        let parts: Vec<String> = servers
+            .iter()
+            .zip(creds)
+            .map(|(s, c)| format!("{c}@{}", s.addr()))
+            .collect();
+        format!("redlock://{}", parts.join(","))
+    };
+    let lock = |endpoints: &str, user: Option<&str>, password: Option<&str>| {
+        let mut cmd = baton(endpoints);
+        cmd.env_remove("BATON_USER").env_remove("BATON_PASSWORD");
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        if let Some(p) = password {
+            cmd.env("BATON_PASSWORD", p);
+        }
+        let (out, _) = run(cmd.args(["lock", "x", "--", "true"]));
+        out.status.code()
+    };
+    // Each master's own credentials, from the URL.
+    assert_eq!(
+        lock(&url(["full:f0", "full:f1", "full:f2"]), None, None),
+        Some(0)
+    );
+    // $BATON_PASSWORD replaces every master's password.
+    let wrong = url([":bad0", ":bad1", "redis://:bad2"]);
+    assert_eq!(lock(&wrong, None, None), Some(125));
+    assert_eq!(lock(&wrong, None, Some("shared")), Some(0));
+    // --user replaces every master's user and keeps its password.
+    let as_default = url(["default:f0", "default:f1", "redis://default:f2"]);
+    assert_eq!(lock(&as_default, Some("full"), None), Some(0));
+}
