@@ -466,18 +466,32 @@ pub(crate) async fn coordinator(
         .map_err(CliError::from)
 }
 
-/// The credentials of `--user`, `--password-file` and `$BATON_PASSWORD`, for code that talks
-/// to Redis without a Baton client (the bench's own connections, the rslock peer): a user
-/// (if any) and its password. `None` if none were given.
-pub(crate) fn redis_credentials(
-    global: &Global,
-) -> Result<Option<(Option<String>, String)>, CliError> {
-    let security = Security::from_global(global, &global.endpoints)?;
-    let password = security
-        .user
-        .map(|(_, password)| password)
-        .or(security.password);
-    Ok(password.map(|password| (global.user.clone(), password)))
+/// `--endpoints` for code that talks to Redis without a Baton client (the bench's own
+/// connections, the rslock peer), with the credentials in each URL in the order
+/// docs/security.md gives, as the Baton client gets them: the user of `--user`, else the
+/// URL's; the password of `--password-file` or `$BATON_PASSWORD`, else the URL's.
+pub(crate) fn redis_endpoints(global: &Global) -> Result<String, CliError> {
+    let endpoints = &global.endpoints;
+    Ok(match (&global.user, password(global)?) {
+        (user, Some(password)) => endpoints
+            .split(',')
+            .map(|entry| {
+                let (scheme, rest) = match entry.split_once("://") {
+                    Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
+                    None => ("", entry),
+                };
+                let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+                let url_user = info.split_once(':').map_or(info, |(u, _)| u);
+                let user = user
+                    .as_deref()
+                    .map_or_else(|| url_user.to_string(), percent_encode);
+                format!("{scheme}{user}:{}@{host}", percent_encode(&password))
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        (Some(user), None) => with_url_user(endpoints, Some(user), false).0,
+        (None, None) => endpoints.clone(),
+    })
 }
 
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.

@@ -494,3 +494,52 @@ fn options_beat_every_redlock_masters_url() {
     let as_default = url(["default:f0", "default:f1", "redis://default:f2"]);
     assert_eq!(lock(&as_default, Some("full"), None), Some(0));
 }
+
+/// `baton bench` on Redis takes its credentials in the same order as `baton lock` (the
+/// options, then the URL), for its own connections and the rslock peer's too, not only for
+/// its Baton workers.
+#[test]
+fn bench_follows_the_credential_options_over_the_url() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = RedisServer::start_with(
+        baton_testkit::RedisServerOptions::new()
+            .with_requirepass("rpw")
+            .with_acl_user("full", "on >fpw ~* &* +@all"),
+    );
+    let addr = server.addr();
+    let bench = |url: &str, envs: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = baton(url);
+        cmd.env_remove("BATON_USER").env_remove("BATON_PASSWORD");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.args(extra)
+            .args(["bench", "uncontended", "--ops", "4", "--peer", "rslock"]);
+        let (out, _) = run(&mut cmd);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{url} {envs:?} {extra:?}: {out:?}"
+        );
+        let text = format!("{out:?}");
+        assert!(!text.contains("rpw") && !text.contains("fpw"), "{text}");
+    };
+    // $BATON_PASSWORD beats the URL's password.
+    bench(
+        &format!("redis://:bad@{addr}"),
+        &[("BATON_PASSWORD", "rpw")],
+        &[],
+    );
+    // --user beats the URL's user, with the URL's password.
+    bench(
+        &format!("redis://default:fpw@{addr}"),
+        &[],
+        &["--user", "full"],
+    );
+    // Both options beat both of the URL's.
+    bench(
+        &format!("redis://nobody:bad@{addr}"),
+        &[("BATON_PASSWORD", "fpw")],
+        &["--user", "full"],
+    );
+}

@@ -23,14 +23,11 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    /// Connect to every server named by `endpoints` (`redis://…` or `redlock://h:p,…`).
-    pub(crate) async fn connect(
-        endpoints: &str,
-        dial_timeout: Duration,
-        credentials: Option<&(Option<String>, String)>,
-    ) -> Result<Admin> {
+    /// Connect to every server named by `endpoints` (`redis://…` or `redlock://h:p,…`, with
+    /// the credentials in the URLs: see [`cli::redis_endpoints`]).
+    pub(crate) async fn connect(endpoints: &str, dial_timeout: Duration) -> Result<Admin> {
         let mut conns = Vec::new();
-        for url in with_credentials(node_urls(endpoints)?, credentials) {
+        for url in node_urls(endpoints)? {
             let client = redis::Client::open(url.as_str())?;
             let conn =
                 tokio::time::timeout(dial_timeout, client.get_multiplexed_async_connection())
@@ -155,41 +152,6 @@ fn glob_escape(text: &str) -> String {
 }
 
 /// `redis://h:p` URLs, one per server, from `--endpoints`.
-/// `urls` with `credentials` (a user, if any, and a password) written into each URL that
-/// has none of its own.
-fn with_credentials(
-    urls: Vec<String>,
-    credentials: Option<&(Option<String>, String)>,
-) -> Vec<String> {
-    let Some((user, password)) = credentials else {
-        return urls;
-    };
-    let userinfo = format!(
-        "{}:{}@",
-        percent_encode(user.as_deref().unwrap_or_default()),
-        percent_encode(password)
-    );
-    urls.into_iter()
-        .map(|url| match url.split_once("://") {
-            Some((scheme, rest)) if !rest.contains('@') => format!("{scheme}://{userinfo}{rest}"),
-            _ => url,
-        })
-        .collect()
-}
-
-/// `s` percent-encoded for a URL's user information: all but letters, digits and `-._~`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn node_urls(endpoints: &str) -> Result<Vec<String>> {
     let endpoints = endpoints.trim();
     let (scheme, rest) = endpoints
@@ -236,8 +198,7 @@ impl RedisTarget {
             .map(|r| r.endpoints().to_string())
             .unwrap_or_default();
         cli::close_coordinator(&probe).await;
-        let credentials = cli::redis_credentials(global)?;
-        let admin = Admin::connect(&global.endpoints, global.dial_timeout, credentials.as_ref())
+        let admin = Admin::connect(&cli::redis_endpoints(global)?, global.dial_timeout)
             .await
             .map_err(|e| CliError::failed(e.0))?;
         Ok(RedisTarget {
@@ -412,12 +373,9 @@ impl Rslock {
                 "--peer rslock cannot take --cacert, --cert or --key: run it without them",
             ));
         }
-        let credentials = cli::redis_credentials(global)?;
-        let urls = with_credentials(
-            node_urls(&global.endpoints).map_err(fail)?,
-            credentials.as_ref(),
-        );
-        let admin = Admin::connect(&global.endpoints, global.dial_timeout, credentials.as_ref())
+        let endpoints = cli::redis_endpoints(global)?;
+        let urls = node_urls(&endpoints).map_err(fail)?;
+        let admin = Admin::connect(&endpoints, global.dial_timeout)
             .await
             .map_err(fail)?;
         Ok(Rslock {
@@ -572,22 +530,6 @@ impl Held for RslockHeld {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_go_into_urls_without_their_own() {
-        let urls = vec!["redis://a:1".to_string(), "redis://u:p@b:2".to_string()];
-        let creds = (Some("bench".to_string()), "p@ss:w/rd".to_string());
-        assert_eq!(
-            with_credentials(urls.clone(), Some(&creds)),
-            ["redis://bench:p%40ss%3Aw%2Frd@a:1", "redis://u:p@b:2"]
-        );
-        let password_only = (None, "pw".to_string());
-        assert_eq!(
-            with_credentials(urls.clone(), Some(&password_only))[0],
-            "redis://:pw@a:1"
-        );
-        assert_eq!(with_credentials(urls.clone(), None), urls);
-    }
 
     #[test]
     fn endpoints_to_node_urls() {
