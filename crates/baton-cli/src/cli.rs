@@ -361,12 +361,7 @@ fn with_url_user(endpoints: &str, user: Option<&str>, drop_password: bool) -> (S
     let entries: Vec<String> = endpoints
         .split(',')
         .map(|entry| {
-            let (scheme, rest) = match entry.split_once("://") {
-                Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
-                None => ("", entry),
-            };
-            let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
-            let (url_user, url_password) = info.split_once(':').unwrap_or((info, ""));
+            let (scheme, url_user, url_password, host) = url_parts(entry);
             let password = if drop_password { "" } else { url_password };
             if user.is_some() && password.is_empty() && !drop_password {
                 return entry.to_string();
@@ -381,6 +376,19 @@ fn with_url_user(endpoints: &str, user: Option<&str>, drop_password: bool) -> (S
         })
         .collect();
     (entries.join(","), has_password)
+}
+
+/// One entry of `--endpoints`, split: the scheme with its `://` (empty for a Redlock
+/// master after the first), the user and the password of the URL (empty if none), and the
+/// rest (host, port, path).
+fn url_parts(entry: &str) -> (&str, &str, &str, &str) {
+    let (scheme, rest) = match entry.split_once("://") {
+        Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
+        None => ("", entry),
+    };
+    let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+    let (user, password) = info.split_once(':').unwrap_or((info, ""));
+    (scheme, user, password, host)
 }
 
 /// `s` with every byte but letters, digits and `-._~` percent-encoded, for a URL's user.
@@ -476,12 +484,7 @@ pub(crate) fn redis_endpoints(global: &Global) -> Result<String, CliError> {
         (user, Some(password)) => endpoints
             .split(',')
             .map(|entry| {
-                let (scheme, rest) = match entry.split_once("://") {
-                    Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
-                    None => ("", entry),
-                };
-                let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
-                let url_user = info.split_once(':').map_or(info, |(u, _)| u);
+                let (scheme, url_user, _, host) = url_parts(entry);
                 let user = user
                     .as_deref()
                     .map_or_else(|| url_user.to_string(), percent_encode);
