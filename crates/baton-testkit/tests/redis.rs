@@ -1979,6 +1979,37 @@ fn capture_logs() -> (Arc<StdMutex<Vec<u8>>>, tracing::subscriber::DefaultGuard)
     (logs, tracing::subscriber::set_default(subscriber))
 }
 
+/// The log captured by [`capture_logs`] reports a run of failures once: one warning naming
+/// `failed.0`, at least two debug lines naming `failed.1` (the retries), and one info line
+/// naming `recovered`.
+fn assert_reported_once(
+    logs: &StdMutex<Vec<u8>>,
+    failed: (&str, &str),
+    recovered: &str,
+    context: &str,
+) {
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines = |level: &str, what: &str| {
+        text.lines()
+            .filter(|l| l.contains(level) && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        lines(" WARN ", failed.0),
+        1,
+        "{context}: one warning for the run of failures expected:\n{text}"
+    );
+    assert!(
+        lines("DEBUG", failed.1) >= 2,
+        "{context}: the later failures are logged at debug level:\n{text}"
+    );
+    assert_eq!(
+        lines(" INFO ", recovered),
+        1,
+        "{context}: one line when it works again:\n{text}"
+    );
+}
+
 /// A waiter that cannot reach the server for seconds warns once when it starts failing, logs
 /// its further failures at debug level (not a warning a second), and says at info level
 /// when it reaches the server again.
@@ -2014,25 +2045,11 @@ async fn a_waiter_warns_once_while_the_server_is_down(fifo: bool) {
     drop(held);
     holder.close().await.unwrap();
     waiting.close().await.unwrap();
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    let lines = |level: &str, what: &str| {
-        text.lines()
-            .filter(|l| l.contains(level) && l.contains(what))
-            .count()
-    };
-    assert_eq!(
-        lines(" WARN ", "cannot reach the server"),
-        1,
-        "fifo={fifo}: one warning for the outage expected:\n{text}"
-    );
-    assert!(
-        lines("DEBUG", "cannot reach the server") >= 2,
-        "fifo={fifo}: the later failures are logged at debug level:\n{text}"
-    );
-    assert_eq!(
-        lines(" INFO ", "reached the server again"),
-        1,
-        "fifo={fifo}: one line when the server answers again:\n{text}"
+    assert_reported_once(
+        &logs,
+        ("cannot reach the server", "cannot reach the server"),
+        "reached the server again",
+        &format!("fifo={fifo}"),
     );
 }
 
@@ -2071,25 +2088,11 @@ async fn a_holder_warns_once_while_its_extends_fail() {
     assert!(!held.is_lost(), "{:?}", held.lost_reason());
     held.unlock().await.unwrap();
     client.close().await.unwrap();
-    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    let lines = |level: &str, what: &str| {
-        text.lines()
-            .filter(|l| l.contains(level) && l.contains(what))
-            .count()
-    };
-    assert_eq!(
-        lines(" WARN ", "extend failed"),
-        1,
-        "one warning for the run of failures expected:\n{text}"
-    );
-    assert!(
-        lines("DEBUG", "extend failed again") >= 2,
-        "the later failures are logged at debug level:\n{text}"
-    );
-    assert_eq!(
-        lines(" INFO ", "extended again"),
-        1,
-        "one line when an extend succeeds again:\n{text}"
+    assert_reported_once(
+        &logs,
+        ("extend failed", "extend failed again"),
+        "extended again",
+        "holder",
     );
 }
 
