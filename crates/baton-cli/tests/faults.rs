@@ -18,6 +18,8 @@ use baton_testkit::scenarios::since;
 use baton_testkit::worker::{running, WorkerProc};
 use baton_testkit::{EtcdCluster, EtcdServer};
 
+mod common;
+
 /// `baton --endpoints ENDPOINTS ARGS` as a worker process.
 fn baton(name: &str, endpoints: &str, args: &[&str]) -> WorkerProc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
@@ -450,17 +452,6 @@ async fn killed_lock_takes_cmds_background_jobs_along() {
     assert_eq!(size(&ticks), after, "the background job ran on");
 }
 
-/// The keys under `prefix`, per etcdctl.
-fn etcd_keys(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
-    let out = etcd.etcdctl(["get", "--prefix", "--keys-only", prefix]);
-    assert!(out.status.success(), "etcdctl get: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
 /// `baton queue pop` through a proxy that delays etcd's answers by 1.5 s: the item is read
 /// at about 1.5 s and its claim answered at about 3 s. Neither `--timeout 2200ms`, passing
 /// while the claim is in flight, nor a SIGTERM sent then loses the item: etcd applies the
@@ -507,7 +498,7 @@ async fn queue_pop_stopped_during_a_claim_keeps_the_item() {
         }
         let line = pop.line(Duration::from_secs(15)).await;
         let code = exit_code(&mut pop, Duration::from_secs(15)).await;
-        let left = etcd_keys(&etcd, &format!("{queue}/"));
+        let left = common::keys(&etcd, &format!("{queue}/"));
         assert_eq!(
             (line.as_deref(), code, left.len()),
             (Some("precious"), 0, 0),
@@ -594,6 +585,6 @@ async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
             "{how}: no word of the item; stderr:\n{stderr}"
         );
         // etcd applied the claim: the item is gone, as baton said it may be.
-        assert_eq!(etcd_keys(&etcd, &format!("{queue}/")).len(), 0, "{how}");
+        assert_eq!(common::keys(&etcd, &format!("{queue}/")).len(), 0, "{how}");
     }
 }
