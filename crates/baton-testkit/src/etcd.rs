@@ -903,6 +903,45 @@ impl EtcdCluster {
         }
     }
 
+    /// Make member `i` the leader (`etcdctl move-leader`, sent to the current leader), and
+    /// wait up to 10 s until it says it is.
+    ///
+    /// # Panics
+    ///
+    /// If there is no leader, etcdctl fails, or member `i` does not become the leader.
+    pub fn move_leader(&self, i: usize) {
+        let leader = self
+            .wait_for_leader(Duration::from_secs(10))
+            .expect("no leader");
+        if leader == i {
+            return;
+        }
+        // `endpoint status -w simple`: "ENDPOINT, ID, VERSION, ...", the ID in hex.
+        let status = self.members[i].etcdctl(["endpoint", "status", "-w", "simple"]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        let id = text
+            .split(',')
+            .nth(1)
+            .map(str::trim)
+            .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()))
+            .unwrap_or_else(|| panic!("no member id in `endpoint status`: {text:?}"));
+        let out = self.members[leader].etcdctl(["move-leader", id]);
+        assert!(
+            out.status.success(),
+            "move-leader to member {i} ({id}) failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.members[i].is_leader() {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} did not become the leader"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Run `etcdctl` against every member (see [`EtcdServer::etcdctl`]).
     pub fn etcdctl<I, S>(&self, args: I) -> Output
     where

@@ -47,7 +47,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -183,8 +183,9 @@ type KeeperSlot = Arc<tokio::sync::Mutex<Option<Arc<Keeper>>>>;
 struct KeeperEntry {
     slot: KeeperSlot,
     last_used: Instant,
-    /// The TTL etcd granted, if this store granted the lease: the reply that opens a
-    /// keep-alive stream then counts as a keep-alive.
+    /// The lease's TTL, if known: granted by this store, or learnt from a keep-alive's
+    /// reply. The reply that opens a keep-alive stream then counts as a keep-alive, and
+    /// keep-alives are hedged within a fifth of it.
     granted: Option<Duration>,
 }
 
@@ -195,6 +196,10 @@ struct KeeperEntry {
 struct Keeper {
     state: Arc<StdMutex<KeeperState>>,
     reader: tokio::task::AbortHandle,
+    /// A keep-alive on this stream went unanswered for its hedging share, and no reply has
+    /// come since: its member may be silent. Later keep-alives open a new stream at once
+    /// instead of waiting the share on it again.
+    silent: Arc<AtomicBool>,
 }
 
 struct KeeperState {
@@ -217,12 +222,15 @@ impl Keeper {
             closed: None,
         }));
         let shared = state.clone();
+        let silent = Arc::new(AtomicBool::new(false));
+        let heard = silent.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let message = stream.message().await;
                 let mut state = lock_unpoisoned(&shared);
                 let why = match message {
                     Ok(Some(reply)) => {
+                        heard.store(false, Ordering::Relaxed);
                         let ttl = (reply.ttl() > 0).then(|| secs(reply.ttl()));
                         if let Some(waiter) = state.waiting.pop_front() {
                             // The caller may have given up: its reply is then dropped.
@@ -240,6 +248,7 @@ impl Keeper {
         Keeper {
             state,
             reader: reader.abort_handle(),
+            silent,
         }
     }
 
@@ -686,16 +695,25 @@ impl EtcdStore {
         );
     }
 
+    /// How long a keep-alive waits for an answer before it sends a copy: a share of the
+    /// request timeout, and at most a fifth of the lease's TTL if it is known (`granted`):
+    /// the keep-alive matters within the TTL.
+    fn keeper_share(&self, granted: Option<Duration>) -> Duration {
+        let share = self.inner.options.request_timeout / HEDGES as u32;
+        granted.map_or(share, |ttl| share.min(ttl / 5))
+    }
+
     /// Open a keep-alive stream for lease `id`, hedged like reads (a stream opened on a
     /// silent member would cost the whole request timeout). `None` if no member answered
     /// before `deadline`.
     async fn open_keeper(
         &self,
         id: LeaseId,
+        granted: Option<Duration>,
         deadline: Instant,
     ) -> Option<std::result::Result<Arc<Keeper>, ec::Error>> {
-        let share = self.inner.options.request_timeout / HEDGES as u32;
-        self.open_keeper_within(id, deadline, share).await
+        self.open_keeper_within(id, deadline, self.keeper_share(granted))
+            .await
     }
 
     /// [`open_keeper`](Self::open_keeper), sending a copy after each `share` without answer.
@@ -723,7 +741,7 @@ impl EtcdStore {
     /// (etcd-client waits for the first reply), which would add to the first keep-alive's
     /// latency exactly when replies are slow.
     fn open_keeper_soon(&self, id: LeaseId) {
-        let (slot, _) = self.keeper_slot(id);
+        let (slot, granted) = self.keeper_slot(id);
         let store = self.clone();
         let deadline = Instant::now() + self.inner.options.request_timeout;
         tokio::spawn(async move {
@@ -731,7 +749,7 @@ impl EtcdStore {
             if cached.as_ref().is_some_and(|k| !k.is_closed()) {
                 return;
             }
-            match store.open_keeper(id, deadline).await {
+            match store.open_keeper(id, granted, deadline).await {
                 Some(Ok(keeper)) => *cached = Some(keeper),
                 Some(Err(e)) => {
                     tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "opening the keep-alive stream failed; the first keep-alive tries again");
@@ -774,7 +792,7 @@ impl EtcdStore {
                     Some(keeper) if !keeper.is_closed() => keeper.clone(),
                     _ => {
                         *cached = None;
-                        let Some(opened) = self.open_keeper(id, deadline).await else {
+                        let Some(opened) = self.open_keeper(id, granted, deadline).await else {
                             return Err(Error::Timeout {
                                 operation: "lease keep-alive",
                                 after: self.inner.options.request_timeout,
@@ -832,6 +850,11 @@ impl EtcdStore {
     /// silent, paused or its packets lost, and the keep-alive matters within the TTL), a new
     /// stream is opened (on any member, itself hedged) and the first answer wins; the new
     /// stream replaces the cached one.
+    ///
+    /// The new stream's member is picked at random, so it may be the silent one again:
+    /// copies of the open go out half a share apart, an open refused at once (a member that
+    /// lost its leader says "no leader") is tried again after a backoff, and a stream once
+    /// found silent is not waited on again: the next keep-alive opens a new one at once.
     async fn hedged_keep_alive(
         &self,
         id: LeaseId,
@@ -840,43 +863,58 @@ impl EtcdStore {
         deadline: Instant,
         keeper: &Arc<Keeper>,
     ) -> KeeperReply {
-        let share = self.inner.options.request_timeout / HEDGES as u32;
-        let share = granted.map_or(share, |ttl| share.min(ttl / 5));
+        let share = self.keeper_share(granted);
         let reply = keeper.keep_alive();
         tokio::pin!(reply);
-        tokio::select! {
-            r = &mut reply => return r,
-            _ = sleep(share) => {}
+        if !keeper.silent.load(Ordering::Relaxed) {
+            tokio::select! {
+                r = &mut reply => return r,
+                _ = sleep(share) => {}
+            }
+            keeper.silent.store(true, Ordering::Relaxed);
         }
         tracing::debug!(lease = %format_args!("{id:x}"), "no keep-alive reply yet; opening another stream");
-        let fresh = self.open_keeper_within(id, deadline, share);
-        tokio::pin!(fresh);
-        let opened = tokio::select! {
-            r = &mut reply => return r,
-            opened = &mut fresh => opened,
-        };
-        match opened {
-            Some(Ok(fresh)) => {
-                {
-                    let mut cached = slot.lock().await;
-                    if cached
-                        .as_ref()
-                        .is_none_or(|c| Arc::ptr_eq(c, keeper) || c.is_closed())
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let fresh = self.open_keeper_within(id, deadline, share / 2);
+            tokio::pin!(fresh);
+            let opened = tokio::select! {
+                r = &mut reply => return r,
+                opened = &mut fresh => opened,
+            };
+            match opened {
+                Some(Ok(fresh)) => {
                     {
-                        *cached = Some(fresh.clone());
+                        let mut cached = slot.lock().await;
+                        if cached
+                            .as_ref()
+                            .is_none_or(|c| Arc::ptr_eq(c, keeper) || c.is_closed())
+                        {
+                            *cached = Some(fresh.clone());
+                        }
                     }
+                    // Opening the stream renewed the lease (see `keep_alive_once`).
+                    if granted.is_some() {
+                        return Ok(granted);
+                    }
+                    return tokio::select! {
+                        r = &mut reply => r,
+                        r = fresh.keep_alive() => r,
+                    };
                 }
-                // Opening the stream renewed the lease (see `keep_alive_once`).
-                if granted.is_some() {
-                    return Ok(granted);
+                Some(Err(e)) if is_lease_not_found(&e) => return Ok(None),
+                Some(Err(e))
+                    if Retry::Idempotent.allows(&e) && Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&e), "opening another keep-alive stream failed; retrying");
+                    tokio::select! {
+                        r = &mut reply => return r,
+                        _ = sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-                tokio::select! {
-                    r = &mut reply => r,
-                    r = fresh.keep_alive() => r,
-                }
+                _ => return reply.await,
             }
-            Some(Err(e)) if is_lease_not_found(&e) => Ok(None),
-            _ => reply.await,
         }
     }
 
@@ -1125,7 +1163,15 @@ impl Store for EtcdStore {
         let result = timeout_at(deadline, self.keep_alive_once(id, &slot, granted, deadline)).await;
         drop(slot);
         match result {
-            Ok(Ok(Some(ttl))) => Ok(Some(ttl)),
+            Ok(Ok(Some(ttl))) => {
+                if granted.is_none() {
+                    // A lease granted elsewhere (a resumed session): its TTL is known now.
+                    if let Some(entry) = lock_unpoisoned(&self.inner.keepers).get_mut(&id) {
+                        entry.granted = Some(ttl);
+                    }
+                }
+                Ok(Some(ttl))
+            }
             Ok(Ok(None)) => {
                 tracing::debug!(lease = %format_args!("{id:x}"), "lease is gone");
                 self.forget_keeper(id);
