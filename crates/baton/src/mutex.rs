@@ -291,4 +291,64 @@ mod tests {
         );
         again.unlock().await.unwrap();
     }
+    /// `try_lock` makes one attempt, also right after a release of the same name by the
+    /// same session that the store did not answer (a dropped guard, a failed `unlock()`):
+    /// it fails at once with a retryable error instead of waiting, for as long as the store
+    /// is down, for that release to settle. Once the store is back, the release settles and
+    /// `try_lock` succeeds. A `drop(guard); try_lock()` with the store up still succeeds
+    /// (it waits for the release's one round trip).
+    #[tokio::test]
+    async fn try_lock_does_not_wait_for_a_release_the_store_did_not_answer() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let mutex = Mutex::new(&session, "t").unwrap();
+
+        let guard = mutex.lock().await.unwrap();
+        drop(guard);
+        let again = tokio::time::timeout(Duration::from_secs(5), mutex.try_lock())
+            .await
+            .expect("try_lock hung")
+            .expect("try_lock right after a drop, store up");
+
+        store.kv_down.store(true, Ordering::Relaxed);
+        let unlocked = again.unlock().await;
+        assert!(unlocked.unwrap_err().is_retryable());
+        let tried = tokio::time::timeout(Duration::from_secs(2), mutex.try_lock())
+            .await
+            .expect("try_lock waited for the unanswered release");
+        let err = tried.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+
+        let guard = {
+            store.kv_down.store(false, Ordering::Relaxed);
+            mutex.lock().await.unwrap()
+        };
+        store.kv_down.store(true, Ordering::Relaxed);
+        drop(guard);
+        // The background release's first attempt fails at once; give it that moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let tried = tokio::time::timeout(Duration::from_secs(2), mutex.try_lock())
+            .await
+            .expect("try_lock waited for the dropped guard's unanswered release");
+        assert!(tried.unwrap_err().is_retryable());
+
+        store.kv_down.store(false, Ordering::Relaxed);
+        let back = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match mutex.try_lock().await {
+                    Ok(g) => return g,
+                    Err(e) => assert!(e.is_retryable(), "{e:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the release never settled once the store was back");
+        back.unlock().await.unwrap();
+    }
 }

@@ -333,6 +333,7 @@ pub(crate) async fn settle_delete(
             Ok(deleted) => return Ok(deleted),
             Err(e) if e.is_retryable() && !claim.session_lost() => {
                 tracing::debug!(error = %e, "release failed; retrying until the store answers");
+                claim.release_failed();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
             }

@@ -117,7 +117,7 @@ impl Entry {
         try_only: bool,
     ) -> Result<Entry> {
         session.check_alive()?;
-        let claim = session.claim(key.as_bytes(), name).await?;
+        let claim = session.claim(key.as_bytes(), name, try_only).await?;
         let store = session.store().clone();
         let mut entry = Entry {
             session: session.clone(),
@@ -623,7 +623,12 @@ impl Held {
                 }
             }
             // The delete may still land: `pending` keeps the claim until the store answers.
-            Err(e) => Err(e),
+            Err(e) => {
+                if let Some(c) = pending.claim.as_ref().filter(|_| e.is_retryable()) {
+                    c.release_failed();
+                }
+                Err(e)
+            }
         }
     }
 }

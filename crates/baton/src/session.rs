@@ -474,10 +474,11 @@ impl Session {
 
     /// Claim a lock key for this session until the returned claim is dropped.
     ///
-    /// Waits while an earlier claim of the same key is being released; fails with
-    /// [`Error::AlreadyHeld`] while it is held or awaited.
-    pub(crate) async fn claim(&self, key: &[u8], name: &str) -> Result<OwnedClaim> {
-        self.inner.claims.claim(key, name).await?;
+    /// Waits while an earlier claim of the same key is being released (with `try_only`,
+    /// fails with [`Error::Unavailable`] instead once that release has failed and is being
+    /// retried); fails with [`Error::AlreadyHeld`] while it is held or awaited.
+    pub(crate) async fn claim(&self, key: &[u8], name: &str, try_only: bool) -> Result<OwnedClaim> {
+        self.inner.claims.claim(key, name, try_only).await?;
         Ok(OwnedClaim {
             session: self.clone(),
             key: key.to_vec(),
@@ -631,16 +632,31 @@ async fn keep_alive(
 /// The keys this session has in use, so one session never uses one lock key twice at once.
 ///
 /// A key is claimed from the start of an acquire until its release has completed. A claim
-/// that is being released makes a new claim of the same key wait rather than fail.
+/// that is being released makes a new claim of the same key wait rather than fail (a
+/// try-only claim waits only while the release has not failed yet).
 #[derive(Default)]
 pub(crate) struct Claims {
-    map: StdMutex<HashMap<Vec<u8>, bool>>, // key -> releasing
+    map: StdMutex<HashMap<Vec<u8>, ClaimState>>,
     released: Notify,
+}
+
+/// Where a claimed key stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimState {
+    /// Held, or being acquired.
+    InUse,
+    /// Being released; `failed` once an attempt failed and it is being retried (the
+    /// store did not answer).
+    Releasing { failed: bool },
 }
 
 impl Claims {
     /// Claim `key`, waiting for a release in progress. Fails if it is in use.
-    async fn claim(&self, key: &[u8], name: &str) -> Result<()> {
+    ///
+    /// With `try_only`, a release that is being retried because the store did not answer
+    /// is not waited for: the claim fails at once with [`Error::Unavailable`], as the
+    /// one attempt of a `try_lock` does when the store cannot be reached.
+    async fn claim(&self, key: &[u8], name: &str, try_only: bool) -> Result<()> {
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);
@@ -649,15 +665,21 @@ impl Claims {
                 let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
                 match map.get(key) {
                     None => {
-                        map.insert(key.to_vec(), false);
+                        map.insert(key.to_vec(), ClaimState::InUse);
                         return Ok(());
                     }
-                    Some(false) => {
+                    Some(ClaimState::InUse) => {
                         return Err(Error::AlreadyHeld {
                             name: name.to_string(),
                         })
                     }
-                    Some(true) => {}
+                    Some(ClaimState::Releasing { failed: true }) if try_only => {
+                        return Err(Error::Unavailable(format!(
+                            "lock {name:?}: this session's earlier release of it is not \
+                             confirmed yet (the store did not answer; it is being retried)"
+                        )))
+                    }
+                    Some(ClaimState::Releasing { .. }) => {}
                 }
             }
             notified.await;
@@ -667,7 +689,7 @@ impl Claims {
     /// True if `key` is claimed and not being released.
     fn holds(&self, key: &[u8]) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key) == Some(&false)
+        map.get(key) == Some(&ClaimState::InUse)
     }
 
     fn release(&self, key: &[u8]) {
@@ -678,14 +700,20 @@ impl Claims {
         self.released.notify_waiters();
     }
 
-    fn mark_releasing(&self, key: &[u8]) {
+    fn mark_releasing(&self, key: &[u8], failed: bool) {
         if let Some(v) = self
             .map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(key)
         {
-            *v = true;
+            // A release once failed stays so until it is answered.
+            let failed = failed || *v == ClaimState::Releasing { failed: true };
+            *v = ClaimState::Releasing { failed };
+        }
+        if failed {
+            // A try-only claim waiting for this release gives up now.
+            self.released.notify_waiters();
         }
     }
 }
@@ -699,7 +727,13 @@ pub(crate) struct OwnedClaim {
 impl OwnedClaim {
     /// Mark the key as being released: a new claim waits instead of failing.
     pub(crate) fn releasing(&self) {
-        self.session.inner.claims.mark_releasing(&self.key);
+        self.session.inner.claims.mark_releasing(&self.key, false);
+    }
+
+    /// Mark the key's release as failed and being retried: a try-only claim of it fails at
+    /// once instead of waiting for the store to answer.
+    pub(crate) fn release_failed(&self) {
+        self.session.inner.claims.mark_releasing(&self.key, true);
     }
 
     /// True once the session behind the claim is lost (its keys go with its lease).

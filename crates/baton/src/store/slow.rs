@@ -50,6 +50,9 @@ pub(crate) struct SlowWatches {
     /// say by a proxy), or (`true`) after a `Compacted` error (etcd cancels a watch left
     /// behind, before its sweep, by a compaction).
     pub(crate) end_watch_on: StdMutex<Option<(Vec<u8>, bool)>>,
+    /// Every read, write and watch fails at once as unavailable (leases still work): the
+    /// key-value service down, or cut off.
+    pub(crate) kv_down: std::sync::atomic::AtomicBool,
 }
 
 impl SlowWatches {
@@ -68,7 +71,18 @@ impl SlowWatches {
             lose_next_reply: std::sync::atomic::AtomicBool::new(false),
             fail_then_land: StdMutex::new(None),
             end_watch_on: StdMutex::new(None),
+            kv_down: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Fail as unavailable if [`kv_down`](Self::kv_down) is set.
+    fn check_kv(&self) -> Result<()> {
+        if self.kv_down.load(Ordering::Relaxed) {
+            return Err(crate::error::Error::Unavailable(
+                "injected: store down".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Calls itself etcd, and every new watch starts behind: nothing until etcd's sweep,
@@ -109,16 +123,20 @@ impl Store for SlowWatches {
         self.backend
     }
     async fn range(&self, range: Range) -> Result<RangeResponse> {
+        self.check_kv()?;
         self.spring(std::iter::once(&range)).await;
         self.inner.range(range).await
     }
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        self.check_kv()?;
         self.inner.put(key, value, lease).await
     }
     async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        self.check_kv()?;
         self.inner.delete(keys).await
     }
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.check_kv()?;
         let gets = txn
             .success
             .iter()
@@ -213,6 +231,7 @@ impl Store for SlowWatches {
         self.inner.lease_time_to_live(id).await
     }
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        self.check_kv()?;
         tokio::time::sleep(self.create).await;
         let ends = match (
             &watch.keys,
@@ -236,6 +255,7 @@ impl Store for SlowWatches {
         Ok(self.hold_back(self.inner.watch(watch).await?))
     }
     async fn watch_from_now(&self, watch: Watch) -> Result<(Revision, WatchStream)> {
+        self.check_kv()?;
         self.created_from_now.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.create).await;
         let (at, stream) = self.inner.watch_from_now(watch).await?;
