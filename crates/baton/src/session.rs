@@ -185,7 +185,14 @@ impl SessionBuilder {
     /// Adopt an existing lease instead of granting a new one (Go's `WithLease`): keep it
     /// alive, and use it for keys. Its TTL is the one it was granted with; the TTL set with
     /// [`with_ttl`](SessionBuilder::with_ttl) is ignored. Use it to resume locks or a
-    /// leadership held by an earlier process, or to share a lease with another client.
+    /// leadership held by an earlier process that has stopped.
+    ///
+    /// Sessions on one lease are **one owner**: a lock's key is `NAME/<lease>`, so each of
+    /// them finds its key already there and is granted a lock the other holds, with the same
+    /// fencing token, and neither is told (as in Go, where the key is the same). Never
+    /// adopt the lease of a process that is still running and may lock the same names. And
+    /// closing or dropping any of them revokes the lease for all: use
+    /// [`Session::orphan`] to stop one without ending the others' locks.
     ///
     /// `build()` fails with [`Error::LeaseNotFound`] if the lease does not exist.
     pub fn with_lease(mut self, lease: LeaseId) -> Self {
