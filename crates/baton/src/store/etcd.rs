@@ -47,7 +47,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -196,10 +196,6 @@ struct KeeperEntry {
 struct Keeper {
     state: Arc<StdMutex<KeeperState>>,
     reader: tokio::task::AbortHandle,
-    /// A keep-alive on this stream went unanswered for its hedging share, and no reply has
-    /// come since: its member may be silent. Later keep-alives open a new stream at once
-    /// instead of waiting the share on it again.
-    silent: Arc<AtomicBool>,
 }
 
 struct KeeperState {
@@ -222,15 +218,12 @@ impl Keeper {
             closed: None,
         }));
         let shared = state.clone();
-        let silent = Arc::new(AtomicBool::new(false));
-        let heard = silent.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let message = stream.message().await;
                 let mut state = lock_unpoisoned(&shared);
                 let why = match message {
                     Ok(Some(reply)) => {
-                        heard.store(false, Ordering::Relaxed);
                         let ttl = (reply.ttl() > 0).then(|| secs(reply.ttl()));
                         if let Some(waiter) = state.waiting.pop_front() {
                             // The caller may have given up: its reply is then dropped.
@@ -248,7 +241,6 @@ impl Keeper {
         Keeper {
             state,
             reader: reader.abort_handle(),
-            silent,
         }
     }
 
@@ -431,7 +423,11 @@ impl EtcdStore {
 
         let mut client = match timeout_at(
             deadline,
-            ec::Client::connect(endpoints, Some(connect_options)),
+            ec::Client::connect_with_balanced_channel(
+                endpoints,
+                Some(connect_options),
+                super::balance::LeastPending,
+            ),
         )
         .await
         {
@@ -696,11 +692,11 @@ impl EtcdStore {
     }
 
     /// How long a keep-alive waits for an answer before it sends a copy: a share of the
-    /// request timeout, and at most a fifth of the lease's TTL if it is known (`granted`):
-    /// the keep-alive matters within the TTL.
+    /// request timeout, and at most a fifth of the lease's TTL (`granted`), or of the
+    /// smallest TTL if it is not known yet: the keep-alive matters within the TTL.
     fn keeper_share(&self, granted: Option<Duration>) -> Duration {
         let share = self.inner.options.request_timeout / HEDGES as u32;
-        granted.map_or(share, |ttl| share.min(ttl / 5))
+        share.min(granted.unwrap_or(crate::MIN_TTL) / 5)
     }
 
     /// Open a keep-alive stream for lease `id`, hedged like reads (a stream opened on a
@@ -851,10 +847,10 @@ impl EtcdStore {
     /// stream is opened (on any member, itself hedged) and the first answer wins; the new
     /// stream replaces the cached one.
     ///
-    /// The new stream's member is picked at random, so it may be the silent one again:
-    /// copies of the open go out half a share apart, an open refused at once (a member that
-    /// lost its leader says "no leader") is tried again after a backoff, and a stream once
-    /// found silent is not waited on again: the next keep-alive opens a new one at once.
+    /// The new stream goes to the member with the fewest unanswered requests of two drawn
+    /// at random (see `store::balance`), so rarely to the silent one again. An open refused
+    /// at once (a member that lost its leader says "no leader" until a new one is elected)
+    /// is tried again after a backoff, until the reply or the deadline.
     async fn hedged_keep_alive(
         &self,
         id: LeaseId,
@@ -866,17 +862,16 @@ impl EtcdStore {
         let share = self.keeper_share(granted);
         let reply = keeper.keep_alive();
         tokio::pin!(reply);
-        if !keeper.silent.load(Ordering::Relaxed) {
-            tokio::select! {
-                r = &mut reply => return r,
-                _ = sleep(share) => {}
-            }
-            keeper.silent.store(true, Ordering::Relaxed);
+        tokio::select! {
+            r = &mut reply => return r,
+            _ = sleep(share) => {}
         }
         tracing::debug!(lease = %format_args!("{id:x}"), "no keep-alive reply yet; opening another stream");
-        let mut backoff = BACKOFF_MIN;
+        // Not BACKOFF_MIN: every session's keep-alive may be doing this at once while the
+        // cluster elects a leader.
+        let mut backoff = Duration::from_millis(100);
         loop {
-            let fresh = self.open_keeper_within(id, deadline, share / 2);
+            let fresh = self.open_keeper_within(id, deadline, share);
             tokio::pin!(fresh);
             let opened = tokio::select! {
                 r = &mut reply => return r,
