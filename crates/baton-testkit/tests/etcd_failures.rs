@@ -338,6 +338,54 @@ async fn many_sessions_survive_a_paused_member() {
     );
 }
 
+/// A session resumed from another process (`with_lease`) while one member of three is
+/// paused: `build()` never returns a session that is already lost. Its first keep-alive
+/// (the lease's TTL not known yet) used to be hedged a quarter of the request timeout
+/// (2.5 s) apart; landing on the paused member, it was answered after the 2 s TTL, and
+/// `build()` returned Ok with the local deadline passed: 1-3 of 9 sessions lost at once,
+/// while the lease lived on (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_with_a_member_paused_is_not_born_lost() {
+    const ATTEMPTS: usize = 9;
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let url = cluster.endpoints_url();
+    let owner = Client::connect(&url).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let a = Session::builder(&owner)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let paused = (0..3).find(|&i| Some(i) != cluster.leader_index()).unwrap();
+    cluster.stop(paused);
+    let (mut born_lost, mut took_all) = (Vec::new(), Vec::new());
+    for i in 0..ATTEMPTS {
+        // Another process: its own client, which knows nothing of the lease.
+        let b_client = Client::connect(&url).await.unwrap();
+        let t = Instant::now();
+        let b = Session::builder(&b_client)
+            .with_lease(a.lease_id())
+            .build()
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        took_all.push(took);
+        if let Some(why) = b.lost_reason() {
+            born_lost.push(format!("attempt {i}: build took {took:?}, lost: {why}"));
+        }
+        b.orphan();
+    }
+    let a_lost = a.lost_reason();
+    cluster.cont(paused);
+    assert!(
+        born_lost.is_empty(),
+        "{} of {ATTEMPTS} resumed sessions lost as build() returned (owner lost: {a_lost:?}; build times {took_all:?}): {born_lost:#?}",
+        born_lost.len()
+    );
+    assert!(a_lost.is_none(), "{a_lost:?}");
+}
+
 async fn session_survives_pausing_its_keep_alive_carrier(leader_too: bool) {
     const KEEP_ALIVES: &str = "grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\",grpc_service=\"etcdserverpb.Lease\",grpc_type=\"bidi_stream\"}";
     let mut cluster = EtcdCluster::start_async(3).await;

@@ -35,6 +35,10 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 /// At most this many keep-alives of one session wait for their replies at once.
 const MAX_IN_FLIGHT: usize = 4;
 
+/// How many times `build()` renews a lease whose grant or first renewal was answered only
+/// after its TTL, before it gives up.
+const LATE_RENEWALS: u32 = 3;
+
 /// Why a session is lost when its local deadline passes.
 const DEADLINE_PASSED: &str = "keep-alives were not acknowledged before the local deadline";
 
@@ -203,7 +207,10 @@ impl SessionBuilder {
     /// Grant the lease (or adopt the one given) and start keeping it alive.
     ///
     /// Fails with [`Error::InvalidArgument`] before any network call if the TTL or interval
-    /// is out of range.
+    /// is out of range. A session is never returned already lost: if the grant (or the
+    /// first renewal of an adopted lease) is answered only after the TTL, the lease is
+    /// renewed again, and `build()` fails with [`Error::Timeout`] if that happens
+    /// three times more.
     ///
     /// # Cancel safety
     ///
@@ -229,7 +236,7 @@ impl SessionBuilder {
             check_interval(validate_ttl(self.ttl)?)?;
         }
         let store = self.client.store().clone();
-        let sent = Instant::now();
+        let mut sent = Instant::now();
         let grant = match self.lease {
             None => store.lease_grant(validate_ttl(self.ttl)?).await?,
             Some(id) => match store.lease_keep_alive(id).await? {
@@ -240,6 +247,24 @@ impl SessionBuilder {
                 None => return Err(Error::LeaseNotFound(id)),
             },
         };
+        // Answered only after the TTL (a slow or silent member): the local deadline would
+        // have passed already, and the session would start lost although the lease lives.
+        // Renew it again, now that the store knows its TTL and hedges within a fifth of it.
+        let mut late = 0;
+        while sent + grant.ttl <= Instant::now() {
+            late += 1;
+            if late > LATE_RENEWALS {
+                return Err(Error::Timeout {
+                    operation: "lease keep-alive",
+                    after: grant.ttl,
+                });
+            }
+            tracing::debug!(lease = %format_args!("{:x}", grant.id), "lease renewed only after its TTL; renewing again");
+            sent = Instant::now();
+            if store.lease_keep_alive(grant.id).await?.is_none() {
+                return Err(Error::LeaseNotFound(grant.id));
+            }
+        }
         let interval = self.keep_alive_interval.unwrap_or(grant.ttl / 3);
         let shared = Arc::new(Shared {
             lease: grant.id,
