@@ -661,4 +661,60 @@ mod tests {
         };
         assert_eq!(args.command, ["sh", "-c", "exit 3"]);
     }
+
+    /// A free-form VALUE may start with `-` (a negative number, `-x`): it is taken as the
+    /// value, while options before and after it, and `-- CMD`, still parse.
+    #[test]
+    fn values_may_start_with_a_hyphen() {
+        let elect = |argv: &[&str]| -> elect::Args {
+            let cli = parse(argv.iter().copied()).unwrap_or_else(|e| panic!("{argv:?}: {e:?}"));
+            let Command::Elect(args) = cli.command else {
+                panic!("not elect")
+            };
+            args
+        };
+        let args = elect(&["baton", "elect", "x", "-5", "--", "true"]);
+        assert_eq!(args.value, "-5");
+        assert_eq!(args.command, ["true"]);
+        let args = elect(&[
+            "baton",
+            "elect",
+            "--timeout",
+            "1m",
+            "x",
+            "-v",
+            "--ttl",
+            "5s",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ]);
+        assert_eq!(args.value, "-v");
+        assert_eq!(args.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(args.ttl, Duration::from_secs(5));
+        assert_eq!(args.command, ["sh", "-c", "exit 3"]);
+        let args = elect(&["baton", "elect", "x", "--timeout=2s", "--not-an-option"]);
+        assert_eq!(args.value, "--not-an-option");
+        assert_eq!(args.timeout, Some(Duration::from_secs(2)));
+        assert!(args.command.is_empty());
+        // `--` before VALUE still starts CMD: VALUE is then missing.
+        assert!(parse(["baton", "elect", "x", "--", "-5"]).is_err());
+
+        let cli = parse(["baton", "set", "k", "-1", "--if-revision", "3"]).unwrap();
+        let Command::Set(args) = cli.command else {
+            panic!("not set")
+        };
+        assert_eq!((args.value.as_str(), args.if_revision), ("-1", Some(3)));
+        let cli = parse(["baton", "queue", "push", "q", "--json-ish", "--json"]).unwrap();
+        assert!(cli.global.json);
+        let Command::Queue(queue::Args {
+            command: queue::QueueCommand::Push { value, .. },
+        }) = cli.command
+        else {
+            panic!("not queue push")
+        };
+        assert_eq!(value, "--json-ish");
+    }
 }

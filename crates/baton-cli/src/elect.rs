@@ -39,7 +39,9 @@ pub(crate) struct Args {
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 
-    /// The value to proclaim while leader (an address, say); `baton leader` prints it.
+    /// The value to proclaim while leader (an address, say); `baton leader` prints it. It
+    /// may start with `-` (`-5`); give options before it, or after it but before `--`.
+    #[arg(allow_hyphen_values = true)]
     pub(crate) value: String,
 
     /// The session's lease TTL (on Redis: the key's expiry, renewed every TTL/3): if baton

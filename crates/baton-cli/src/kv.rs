@@ -77,8 +77,8 @@ pub(crate) struct SetArgs {
     #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
     pub(crate) key: String,
 
-    /// The value (at most 1 MiB).
-    #[arg(value_parser = value)]
+    /// The value (at most 1 MiB). It may start with `-` (`-1`).
+    #[arg(value_parser = value, allow_hyphen_values = true)]
     pub(crate) value: String,
 
     /// Write only if the key's last write is revision R (as `set` and `get --json` print

@@ -50,8 +50,8 @@ pub(crate) enum QueueCommand {
         /// The queue's name.
         #[arg(value_parser = cli::name)]
         name: String,
-        /// The item (at most 1 MiB).
-        #[arg(value_parser = value)]
+        /// The item (at most 1 MiB). It may start with `-` (`-1`).
+        #[arg(value_parser = value, allow_hyphen_values = true)]
         value: String,
     },
     /// Take the item at the head, waiting for one if the queue is empty, and print it
