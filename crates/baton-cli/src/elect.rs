@@ -21,9 +21,12 @@ Examples:
   # give up after a minute as a standby (exit 124)
   baton elect --timeout 1m scheduler 10.0.0.8:8080 -- ./scheduler
 
-When elected, baton prints one line. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN
-(on etcd the leader key's create revision; on redis:// the lock's counter; none on
-redlock://) in its environment. If the leadership is lost while CMD
+Without CMD, baton prints one line when elected (`elected KEY token=T`) and one when it
+resigns on SIGINT, SIGTERM, SIGHUP or SIGQUIT (`resigned KEY`). With CMD, stdout is CMD's
+alone: baton prints nothing there (as `baton lock`), so `baton elect NAME VALUE -- ./report
+> out.csv` writes the report only. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN (on
+etcd the leader key's create revision; on redis:// the lock's counter; none on redlock://)
+in its environment. If the leadership is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
 `leadership lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or
 by the resignation). Otherwise it resigns when CMD exits and exits with CMD's exit code.
@@ -88,30 +91,33 @@ async fn elected(
     let key = leadership.key().to_string();
     let token = leadership.fencing_token();
     tracing::info!(key = %key, token, "elected");
-    let _ = out.emit(
-        &format!("elected {key}{}", output::token_suffix(token)),
-        &json!({
-            "event": "elected",
-            "name": args.name,
-            "key": key,
-            "fencing_token": token,
-            "lease": coordinator.lease_id().map(output::lease_hex),
-            "ttl_secs": args.ttl.as_secs(),
-            "backend": coordinator.backend(),
-        }),
-    );
 
-    let job = (!args.command.is_empty()).then(|| {
+    // As `baton lock`: with CMD, stdout is CMD's alone; without, baton says it leads.
+    let job = if args.command.is_empty() {
+        let _ = out.emit(
+            &format!("elected {key}{}", output::token_suffix(token)),
+            &json!({
+                "event": "elected",
+                "name": args.name,
+                "key": key,
+                "fencing_token": token,
+                "lease": coordinator.lease_id().map(output::lease_hex),
+                "ttl_secs": args.ttl.as_secs(),
+                "backend": coordinator.backend(),
+            }),
+        );
+        None
+    } else {
         let mut env = vec![("BATON_ELECTION_KEY", key.clone())];
         if let Some(token) = token {
             env.push(("BATON_FENCING_TOKEN", token.to_string()));
         }
-        Job {
+        Some(Job {
             argv: args.command.clone(),
             env,
             grace: args.grace,
-        }
-    });
+        })
+    };
     let report = |reason: Option<String>, stopped: bool| {
         let reason = reason.unwrap_or_else(|| "the leader key is gone".to_string());
         let when = if stopped { " while stopped" } else { "" };
@@ -124,18 +130,24 @@ async fn elected(
     };
     let ending =
         supervisor::hold_and_release(leadership, job, signals, "the leadership", report).await?;
-    let (code, resigned) = match ending {
-        Released::Exited { code, released } => (code, released),
-        Released::Stopped { released } => (0, released),
-    };
-    if resigned {
-        tracing::info!(key = %key, "resigned");
-        let _ = out.emit(
-            &format!("resigned {key}"),
-            &json!({"event": "resigned", "name": args.name, "key": key}),
-        );
+    match ending {
+        Released::Exited { code, released } => {
+            if released {
+                tracing::info!(key = %key, "resigned");
+            }
+            Ok(code)
+        }
+        Released::Stopped { released } => {
+            if released {
+                tracing::info!(key = %key, "resigned");
+                let _ = out.emit(
+                    &format!("resigned {key}"),
+                    &json!({"event": "resigned", "name": args.name, "key": key}),
+                );
+            }
+            Ok(0)
+        }
     }
-    Ok(code)
 }
 
 /// Campaign as the options say: 124 if `--timeout` passes.

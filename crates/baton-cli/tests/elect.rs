@@ -99,14 +99,11 @@ fn baton_leader_is_seen_by_etcdctl() {
         "-c",
         r#"echo "$BATON_ELECTION_KEY $BATON_FENCING_TOKEN" > "$D/leader"; exec sleep 30"#,
     ]));
-    let elected: serde_json::Value = serde_json::from_str(&leader.line()).unwrap();
-    assert_eq!(elected["event"], "elected");
-    let key = elected["key"].as_str().unwrap().to_string();
-    let token = elected["fencing_token"].as_i64().unwrap();
-    assert_eq!(
-        wait_for_file(&dir.path().join("leader")),
-        format!("{key} {token}\n")
-    );
+    // With CMD, baton prints nothing on stdout: the key and token come from CMD.
+    let leader_file = wait_for_file(&dir.path().join("leader"));
+    let (key, token) = leader_file.trim_end().split_once(' ').unwrap();
+    let (key, token) = (key.to_string(), token.parse::<i64>().unwrap());
+    assert!(key.starts_with("e2/"), "{leader_file}");
     assert_eq!(create_revision(&etcd, &key), token);
 
     let listener = etcdctl_elect(&etcd, &["-l", "e2"]);
@@ -179,4 +176,31 @@ fn candidate_whose_lease_is_revoked_exits_125() {
         &mut candidate,
         "baton: session lost while waiting to lead \"vote\"",
     );
+}
+
+/// With CMD, stdout is CMD's alone, as with `baton lock NAME -- CMD`: no `elected` or
+/// `resigned` line (nor their JSON) around it, so `baton elect … -- ./report > out.csv`
+/// writes the report only. Without CMD, baton prints `elected` when elected and `resigned`
+/// when stopped.
+#[test]
+fn cmd_output_is_cmds_alone() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    for json in [false, true] {
+        let mut cmd = baton(&ep);
+        if json {
+            cmd.arg("--json");
+        }
+        let (out, _) = run(cmd.args(["elect", "report", "v", "--", "sh", "-c", "echo a,b"]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(stdout(&out), "a,b\n", "--json {json}: {out:?}");
+        assert!(out.stderr.is_empty(), "{out:?}");
+    }
+
+    let mut leader = Proc::spawn(baton(&ep).args(["elect", "report", "v"]));
+    assert!(leader.line().starts_with("elected report/"));
+    leader.signal(libc::SIGTERM);
+    assert_eq!(leader.code(), 0);
+    assert!(leader.line().starts_with("resigned report/"));
+    assert!(keys(&etcd, "report/").is_empty());
 }

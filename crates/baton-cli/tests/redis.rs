@@ -270,9 +270,15 @@ fn keys_are_relative_to_the_namespace() {
         "-c",
         "echo \"key=$BATON_ELECTION_KEY\"; sleep 30",
     ]));
-    let elected = leader.line();
-    assert!(elected.starts_with("elected sched token="), "{elected}");
+    // With CMD, stdout is CMD's alone (no `elected` line).
     assert_eq!(leader.line(), "key=sched");
+    // Without, baton prints the `elected` line.
+    let mut standalone = Proc::spawn(ns(baton(&url)).args(["elect", "solo", "v"]));
+    let elected = standalone.line();
+    assert!(elected.starts_with("elected solo token="), "{elected}");
+    standalone.signal(libc::SIGTERM);
+    assert_eq!(standalone.code(), 0);
+    assert_eq!(standalone.line(), "resigned solo");
 
     let (out, _) = run(ns(baton(&url)).args(["--json", "leader", "sched"]));
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
