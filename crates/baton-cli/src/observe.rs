@@ -1,6 +1,5 @@
 //! `baton observe NAME`: print every leader change and proclaimed value.
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -23,7 +22,9 @@ the lock's counter (`none` on redlock://).
 
 The first line is the current leader, if there is one. Lines follow as leaders change or
 proclaim new values, until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe
-(exit 0; another failure to write exits 125).";
+(exit 0; another failure to write exits 125). Failures are retried, except one that
+retrying cannot fix (permission denied: the etcd role or Redis ACL does not cover the
+election): it ends observe with 125 and the error on stderr.";
 
 /// `baton observe`.
 #[derive(Debug, clap::Args)]
@@ -72,10 +73,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
 }
 
-/// The leaders observed, on either family.
+/// The leaders observed, on either family. Either ends when the backend refuses access,
+/// keeping the error.
 enum Leaders {
     Etcd(baton::Observe),
-    Redis(BoxStream<'static, baton::Leader>),
+    Redis(baton::coordinator::LeaderStream),
 }
 
 impl Leaders {
@@ -89,7 +91,7 @@ impl Leaders {
     fn take_error(&mut self) -> Option<baton::Error> {
         match self {
             Leaders::Etcd(s) => s.take_error(),
-            Leaders::Redis(_) => None,
+            Leaders::Redis(s) => s.take_error(),
         }
     }
 }

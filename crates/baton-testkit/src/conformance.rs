@@ -1239,9 +1239,7 @@ pub async fn coordinator_tasks_share_one_coordinator(b: &Backend) {
     c.close().await.unwrap();
 }
 
-async fn next_leader(
-    obs: &mut futures::stream::BoxStream<'static, baton::Leader>,
-) -> baton::Leader {
+async fn next_leader(obs: &mut baton::coordinator::LeaderStream) -> baton::Leader {
     tokio::time::timeout(Duration::from_secs(3), obs.next())
         .await
         .expect("no leader observed within 3 s")

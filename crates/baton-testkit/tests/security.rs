@@ -413,6 +413,46 @@ async fn namespaces_do_not_collide_and_fit_a_scoped_role() {
     assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
 }
 
+/// The next leader of `observed`, or `None` once the stream ends; fails if neither comes
+/// within 5 s (an observer retrying a denial for ever).
+async fn next_or_end(
+    observed: &mut (impl futures::Stream<Item = baton::Leader> + Unpin),
+) -> Option<baton::Leader> {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(5), observed.next())
+        .await
+        .expect("observing a denied election neither ended nor yielded within 5 s")
+}
+
+/// Observing an election outside the role's prefix through the backend-neutral
+/// [`Coordinator`] ends at once, as `Election::observe_with` does, and says why.
+#[tokio::test]
+async fn observing_outside_the_role_ends_with_the_error() {
+    if skip() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| auth_server(None))
+        .await
+        .unwrap();
+    let coord = Coordinator::builder(&etcd.endpoint())
+        .with_user("app", APP_PASSWORD)
+        .connect()
+        .await
+        .unwrap();
+    let mut observed = coord.election("other/e").unwrap().observe();
+    assert!(next_or_end(&mut observed).await.is_none());
+    let err = observed.take_error().expect("no error kept");
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    // Closing the coordinator ends a stream too, with no error.
+    let mut observed = coord.election("locks/e").unwrap().observe();
+    let polling = tokio::spawn(async move { (next_or_end(&mut observed).await, observed) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    coord.close().await.unwrap();
+    let (next, mut observed) = polling.await.unwrap();
+    assert!(next.is_none());
+    assert!(observed.take_error().is_none());
+}
+
 // ---------------------------------------------------------------------------------------
 // Redis: requirepass, ACL users, per-node credentials on Redlock, rediss://.
 
@@ -578,6 +618,48 @@ async fn redis_acl_user_scoped_to_a_prefix() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
+}
+
+/// An ACL user whose key patterns do not cover the election: observing it ends at once
+/// (on `RedisElection` and through the [`Coordinator`]) and says why, as on etcd, instead
+/// of retrying the denial for ever.
+#[tokio::test]
+async fn redis_observing_outside_the_acl_ends_with_the_error() {
+    if redis_skip() {
+        return;
+    }
+    let server = redis(RedisServerOptions::new().with_acl_user(
+        "obs",
+        &format!("on >{REDIS_PASSWORD} ~allowed* ~baton:*:allowed* &* +@all"),
+    ));
+    let url = format!("redis://obs:{REDIS_PASSWORD}@127.0.0.1:{}", server.port());
+    let client = RedisClient::connect(&url).await.unwrap();
+    let mut observed = client.election("secret").unwrap().observe();
+    assert!(next_or_end(&mut observed).await.is_none());
+    let err = observed.take_error().expect("no error kept");
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    assert_secret_free(&err, &[REDIS_PASSWORD]);
+
+    let coord = Coordinator::builder(&server.url())
+        .with_user("obs", REDIS_PASSWORD)
+        .connect()
+        .await
+        .unwrap();
+    let mut observed = coord.election("secret").unwrap().observe();
+    assert!(next_or_end(&mut observed).await.is_none());
+    let err = observed.take_error().expect("no error kept");
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    // Where the ACL allows it, observing goes on.
+    let leading = coord
+        .election("allowed/e")
+        .unwrap()
+        .campaign(b"v".to_vec())
+        .await
+        .unwrap();
+    let mut observed = coord.election("allowed/e").unwrap().observe();
+    assert_eq!(next_or_end(&mut observed).await.unwrap().value, b"v");
+    leading.release().await.unwrap();
+    coord.close().await.unwrap();
 }
 
 #[tokio::test]

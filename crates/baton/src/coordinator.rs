@@ -23,18 +23,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{
     redact, Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
-use crate::election::{Election, Leader, Leadership};
+use crate::election::{Election, Leader, Leadership, ObserveFailure};
 use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
 use crate::queue::with_timeout;
@@ -165,7 +167,49 @@ pub trait Elector: Send + Sync + fmt::Debug {
     /// the stream is first polled are delivered then); on etcd and the embedded store, when
     /// the stream is first polled (it starts with the leader at that moment). Poll it right
     /// away to see the same on both.
-    fn observe(&self) -> BoxStream<'static, Leader>;
+    ///
+    /// Failures are retried, except when the backend refuses access (the user's etcd roles
+    /// or Redis ACL do not cover the election): then the stream ends, on every backend, and
+    /// [`LeaderStream::take_error`] says why.
+    fn observe(&self) -> LeaderStream;
+}
+
+/// The stream of [`Leader`]s from [`Elector::observe`], on any backend. Dropping it stops
+/// observing.
+///
+/// It ends when the coordinator is closed, or when the backend refuses access (the user's
+/// etcd roles or Redis ACL do not cover the election, or its credentials are refused):
+/// then [`take_error`](LeaderStream::take_error) says why. Other failures are retried.
+pub struct LeaderStream {
+    leaders: BoxStream<'static, Leader>,
+    failure: ObserveFailure,
+}
+
+impl LeaderStream {
+    /// `leaders`, whose observing task leaves the error that stops it in `failure`.
+    pub(crate) fn new(leaders: BoxStream<'static, Leader>, failure: ObserveFailure) -> Self {
+        LeaderStream { leaders, failure }
+    }
+
+    /// Why the stream ended, if the backend refused access
+    /// ([`Error::is_access_denied`]); `None` otherwise (the coordinator was closed).
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+}
+
+impl fmt::Debug for LeaderStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaderStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for LeaderStream {
+    type Item = Leader;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
+        self.leaders.poll_next_unpin(cx)
+    }
 }
 
 /// A connected backend, as [`Coordinator`] sees it. Implemented by the store family (etcd,
@@ -725,12 +769,14 @@ impl Elector for StoreElector {
     async fn leader(&self) -> Result<Leader> {
         unless_closed(&self.closed, self.election.leader()).await
     }
-    fn observe(&self) -> BoxStream<'static, Leader> {
+    fn observe(&self) -> LeaderStream {
+        let observe = self.election.observe();
+        let failure = observe.failure();
         // Ends when the coordinator is closed, as on Redis.
-        self.election
-            .observe()
+        let leaders = observe
             .take_until(self.closed.clone().cancelled_owned())
-            .boxed()
+            .boxed();
+        LeaderStream::new(leaders, failure)
     }
 }
 
@@ -834,8 +880,10 @@ impl Elector for Election {
     async fn leader(&self) -> Result<Leader> {
         Election::leader(self).await
     }
-    fn observe(&self) -> BoxStream<'static, Leader> {
-        Election::observe(self).boxed()
+    fn observe(&self) -> LeaderStream {
+        let observe = Election::observe(self);
+        let failure = observe.failure();
+        LeaderStream::new(observe.boxed(), failure)
     }
 }
 

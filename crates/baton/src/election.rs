@@ -289,7 +289,8 @@ impl Election {
     /// Go's `Observe` does: it is a new write), or a new leader. It waits quietly while there
     /// is no leader. It survives compaction and broken connections by reading the leader
     /// again, and never yields the same proclamation twice (a read again after a reconnect
-    /// yields nothing new). It ends only when dropped.
+    /// yields nothing new). It ends only when the backend refuses access (the user's roles
+    /// do not cover the election): then [`Observe::take_error`] says why.
     ///
     /// Fails at once with [`Error::InvalidArgument`] for a bad name.
     pub fn observe_with(client: &Client, name: &str) -> Result<Observe> {
@@ -323,17 +324,37 @@ async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
 pub struct Observe {
     start: Option<(Arc<dyn Store>, String)>,
     rx: Option<mpsc::Receiver<Leader>>,
-    failure: Arc<std::sync::Mutex<Option<Error>>>,
+    failure: ObserveFailure,
 }
 
 impl Observe {
     /// Why the stream ended, if the backend refused access
     /// ([`Error::is_access_denied`]); `None` otherwise.
     pub fn take_error(&mut self) -> Option<Error> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.failure.take()
+    }
+
+    /// Where the observing task leaves its error, for [`LeaderStream`](crate::coordinator::LeaderStream).
+    pub(crate) fn failure(&self) -> ObserveFailure {
+        self.failure.clone()
+    }
+}
+
+/// Where an observing task leaves the error that stopped it (an access denied), for the
+/// stream's `take_error`. It is set before the task drops its sender, so a reader that saw
+/// the stream end finds it there.
+#[derive(Clone, Default)]
+pub(crate) struct ObserveFailure(Arc<std::sync::Mutex<Option<Error>>>);
+
+impl ObserveFailure {
+    /// Keep `e` (the observing task is stopping because of it).
+    pub(crate) fn set(&self, e: Error) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+
+    /// The error kept, if any, leaving none.
+    pub(crate) fn take(&self) -> Option<Error> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -361,14 +382,14 @@ fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
     Observe {
         start: Some((store, name.to_string())),
         rx: None,
-        failure: Arc::default(),
+        failure: ObserveFailure::default(),
     }
 }
 
 fn spawn_observer(
     store: Arc<dyn Store>,
     name: &str,
-    failure: Arc<std::sync::Mutex<Option<Error>>>,
+    failure: ObserveFailure,
 ) -> mpsc::Receiver<Leader> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
@@ -380,7 +401,7 @@ fn spawn_observer(
                 denied = observe_loop(&store, &prefix, &tx) => {
                     if let Some(e) = denied {
                         tracing::warn!(error = %e, "observing stopped: access denied");
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        failure.set(e);
                     }
                 }
             }

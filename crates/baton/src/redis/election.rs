@@ -16,8 +16,8 @@ use super::lock::{acquire, fallback_wait};
 use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
 use super::RedisClient;
-use crate::coordinator::{Elector, Guard, Leading};
-use crate::election::Leader;
+use crate::coordinator::{Elector, Guard, LeaderStream, Leading};
+use crate::election::{Leader, ObserveFailure};
 use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_value};
 use crate::queue::with_timeout;
@@ -160,6 +160,10 @@ impl RedisElection {
     /// unchanged value is a new one, and is yielded), and ends when the client is closed or
     /// the stream is dropped.
     ///
+    /// Failed reads are retried, except when the server refuses access (the user's ACL does
+    /// not cover the election's keys: [`Error::PermissionDenied`]): then the stream ends,
+    /// and [`RedisObserve::take_error`] says why, as on etcd.
+    ///
     /// Changes arrive by pub/sub; each wake-up reads the record, so the stream yields the
     /// **latest** state, not every step: values proclaimed in quick succession (faster than
     /// one read) may be skipped, and an observer sees only the last of them (proclaiming
@@ -171,6 +175,8 @@ impl RedisElection {
         let client = self.client.clone();
         let keys = self.keys.clone();
         let name = self.name.clone();
+        let failure = ObserveFailure::default();
+        let kept = failure.clone();
         let span = tracing::debug_span!("observe", election = %self.name);
         tokio::spawn(
             async move {
@@ -178,12 +184,17 @@ impl RedisElection {
                 tokio::select! {
                     _ = tx.closed() => {}
                     _ = inner.closed.cancelled() => {}
-                    _ = observe_loop(&client, &name, &keys, &tx) => {}
+                    denied = observe_loop(&client, &name, &keys, &tx) => {
+                        if let Some(e) = denied {
+                            tracing::warn!(error = %e, "observing stopped: access denied");
+                            kept.set(e);
+                        }
+                    }
                 }
             }
             .instrument(span),
         );
-        RedisObserve { rx }
+        RedisObserve { rx, failure }
     }
 }
 
@@ -199,7 +210,14 @@ fn to_leader(name: &str, rec: NodeRecord) -> Leader {
     }
 }
 
-async fn observe_loop(client: &RedisClient, name: &str, keys: &Keys, tx: &mpsc::Sender<Leader>) {
+/// Send every leader change until the receiver goes; returns early only with an
+/// access-denied error, which retrying cannot cure.
+async fn observe_loop(
+    client: &RedisClient,
+    name: &str,
+    keys: &Keys,
+    tx: &mpsc::Sender<Leader>,
+) -> Option<Error> {
     let inner = client.inner();
     let sub = inner.hub.subscribe(&keys.channel).await;
     let chan = sub.channel().clone();
@@ -214,11 +232,12 @@ async fn observe_loop(client: &RedisClient, name: &str, keys: &Keys, tx: &mpsc::
                 if last.as_ref() != Some(&id) {
                     last = Some(id);
                     if tx.send(to_leader(name, rec)).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
             }
             Ok(None) => {}
+            Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => tracing::debug!(error = %e, "reading the leader failed; retrying"),
         }
         let wait = fallback_wait(inner.opts.poll_interval, None);
@@ -230,8 +249,27 @@ async fn observe_loop(client: &RedisClient, name: &str, keys: &Keys, tx: &mpsc::
 }
 
 /// A stream of [`Leader`]s from [`RedisElection::observe`]. Dropping it stops observing.
+///
+/// Failed reads are retried, except when the server refuses access (the user's ACL does not
+/// cover the election's keys): then the stream ends, and
+/// [`take_error`](RedisObserve::take_error) says why.
 pub struct RedisObserve {
     rx: mpsc::Receiver<Leader>,
+    failure: ObserveFailure,
+}
+
+impl RedisObserve {
+    /// Why the stream ended, if the server refused access ([`Error::is_access_denied`]);
+    /// `None` otherwise (the client was closed).
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    /// Where the observing task leaves its error, for
+    /// [`LeaderStream`](crate::coordinator::LeaderStream).
+    pub(crate) fn failure(&self) -> ObserveFailure {
+        self.failure.clone()
+    }
 }
 
 impl fmt::Debug for RedisObserve {
@@ -446,7 +484,9 @@ impl Elector for RedisElection {
     async fn leader(&self) -> Result<Leader> {
         RedisElection::leader(self).await
     }
-    fn observe(&self) -> futures::stream::BoxStream<'static, Leader> {
-        RedisElection::observe(self).boxed()
+    fn observe(&self) -> LeaderStream {
+        let observe = RedisElection::observe(self);
+        let failure = observe.failure();
+        LeaderStream::new(observe.boxed(), failure)
     }
 }
