@@ -21,15 +21,18 @@ Examples:
 baton enters the barrier, waits until N participants have entered, then leaves and waits
 until all of them have left: so every participant returns at about the same time, and none
 returns before all N arrived. It prints one line (`passed NAME (round R)`) and exits 0.
-If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone;
-if N are already inside a round, baton exits 125. If its session is lost while it waits
-(its lease revoked or expired), it exits 125 too.";
+If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone:
+each participant's key holds its N, and one whose N differs from that of the first
+participant waiting exits 125 at once (`in use with different settings`) and does not
+count. If N are already inside a round, baton exits 125. If its session is lost while it
+waits (its lease revoked or expired), it exits 125 too.";
 
 /// `baton barrier`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// The barrier's name. Participants' keys are NAME/waiters/ followed by their lease id.
+    /// The barrier's name. Participants' keys are NAME/waiters/ followed by their lease id,
+    /// valued with their N.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
 

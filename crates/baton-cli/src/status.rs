@@ -9,8 +9,8 @@
 //! when every key of a name says so, with one PERMITS, it is shown as a semaphore, whose
 //! holders are the keys the semaphore grants (in create order, while their counts add up
 //! to at most PERMITS) and whose waiters are the rest. A double barrier (`baton barrier`,
-//! [`baton::DoubleBarrier`]) named `NAME` has its participants' keys, with empty values,
-//! under `NAME/waiters/`: they are shown as one barrier `NAME`, the participants of its
+//! [`baton::DoubleBarrier`]) named `NAME` has its participants' keys, valued with their
+//! count (or empty, Go's), under `NAME/waiters/`: they are shown as one barrier `NAME`, the participants of its
 //! open round (all of them if none is open) as holders, later arrivals as waiters.
 //! A read-write lock ([`baton::RwLock`], Go's `recipe.RWMutex`) named `NAME` has keys under
 //! `NAME/read/` and `NAME/write/`: shown as one entry `NAME`, whose holders are the writer
@@ -310,7 +310,10 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
                 .strip_suffix(BARRIER_WAITERS)
                 .filter(|_| guess(Kind::Barrier))
             {
-                if !barrier.is_empty() && members.iter().all(|(kv, _)| kv.value.is_empty()) {
+                let participant = |kv: &KeyValue| {
+                    kv.value.is_empty() || baton::DoubleBarrier::decode_value(&kv.value).is_some()
+                };
+                if !barrier.is_empty() && members.iter().all(|(kv, _)| participant(kv)) {
                     // An open round's participants are the keys created up to the last
                     // of them; later ones wait for the next round.
                     let round = ready.get(barrier).copied().unwrap_or(i64::MAX);
@@ -611,12 +614,13 @@ mod tests {
 
     #[test]
     fn barriers_show_as_one_entry_per_name() {
+        // Baton's participants write their count; Go's, nothing.
         let kvs = [
             kv("b/ready", "6", 7, 0),
-            kv("b/waiters/1a", "", 4, 0x1a),
+            kv("b/waiters/1a", "2", 4, 0x1a),
             kv("b/waiters/2b", "", 6, 0x2b),
-            kv("b/waiters/3c", "", 8, 0x3c),
-            kv("c/waiters/4d", "", 9, 0x4d),
+            kv("b/waiters/3c", "2", 8, 0x3c),
+            kv("c/waiters/4d", "3", 9, 0x4d),
         ];
         let entries = group(&kvs);
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();

@@ -227,6 +227,52 @@ fn barrier_releases_all_three_together() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// `baton barrier` processes given different `--count`s: the odd one out exits 125 at once
+/// saying so, and nobody passes with fewer participants than it asked for (3, 3, 2: the two
+/// with 3 went through with two; 2 then 3: both waited until --timeout).
+#[test]
+fn barrier_with_another_count_exits_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let spawn = |name: &str, count: &str| {
+        Proc::spawn(baton(&ep).args(["barrier", name, "--count", count, "--timeout", "10s"]))
+    };
+    let mismatch = |out: &std::process::Output, took: Duration| {
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let err = stderr_lines(out);
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].contains("different settings"), "{err:?}");
+        assert!(err[0].contains("count"), "{err:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    };
+
+    let mut three = vec![spawn("m", "3"), spawn("m", "3")];
+    wait_until("two waiting", || keys(&etcd, "m/waiters/").len() == 2);
+    let (out, took) = run(baton(&ep).args(["barrier", "m", "--count", "2", "--timeout", "5s"]));
+    mismatch(&out, took);
+    std::thread::sleep(Duration::from_millis(300));
+    for p in &mut three {
+        assert!(
+            p.wait(Duration::ZERO).is_none(),
+            "passed a barrier of 3 with two"
+        );
+    }
+    assert_eq!(keys(&etcd, "m/waiters/").len(), 2);
+    three.push(spawn("m", "3"));
+    for p in &mut three {
+        assert_eq!(p.code(), 0, "{:?}", p.stderr_so_far());
+    }
+
+    let mut two = spawn("n", "2");
+    wait_until("one waiting", || keys(&etcd, "n/waiters/").len() == 1);
+    let (out, took) = run(baton(&ep).args(["barrier", "n", "--count", "3", "--timeout", "5s"]));
+    mismatch(&out, took);
+    let (out, _) = run(baton(&ep).args(["barrier", "n", "--count", "2"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(two.code(), 0);
+    assert!(keys(&etcd, "m/").is_empty() && keys(&etcd, "n/").is_empty());
+}
+
 /// push, len, pop in order, pop --timeout on an empty queue exits 124, and a waiting pop
 /// gets the next push.
 #[test]

@@ -34,6 +34,15 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 /// the name can be used for the next round. (A `ready` written by Go's recipe holds no
 /// revision: its round is the first `count` live keys created before it.)
 ///
+/// # Agreeing on the count
+///
+/// Each participant's key holds its `count`. The count of the barrier is the one of the
+/// first participant (by create revision) whose key says one: a participant that says
+/// another fails with [`Error::Mismatch`] (removing its key), and a round is opened only
+/// when each of its participants says the same count (or none), so nobody passes with
+/// fewer participants than it asked for. A participant of Go's recipe writes no count
+/// (an empty value): it agrees with any, and does not check the others'.
+///
 /// # A participant whose session dies
 ///
 /// Keys are bound to their sessions' leases, so a dead participant's key expires with its
@@ -62,12 +71,15 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 ///   here it is recognised (no participant of its round is left) and removed;
 /// - `Leave` orders participants by mod revision and deletes `ready` even when the one key
 ///   left is not its own; here they are ordered by create revision and only the last
-///   participant of the round deletes `ready`, guarded by its create revision.
+///   participant of the round deletes `ready`, guarded by its create revision;
+/// - participants created with different counts were not noticed (some passed with too
+///   few, or nobody passed); here the odd one out fails with [`Error::Mismatch`].
 ///
 /// # Key layout
 ///
-/// `NAME/waiters/<lease id in lowercase hex>` (empty value, bound to the session's lease)
-/// and `NAME/ready` (no lease; its value, which Go ignores, is the create revision of the
+/// `NAME/waiters/<lease id in lowercase hex>` (bound to the session's lease; its value,
+/// which Go ignores and leaves empty, is the participant's `count` in ASCII decimal) and
+/// `NAME/ready` (no lease; its value, which Go ignores, is the create revision of the
 /// round's last participant in ASCII decimal): Go's prefixes, so Go and Baton participants
 /// count each other.
 ///
@@ -143,11 +155,24 @@ impl DoubleBarrier {
         self.count
     }
 
+    /// The count a participant's key says (its value: the count in ASCII decimal), or
+    /// `None` if it says none (Go's recipe writes an empty value). For tools that read the
+    /// keys themselves (`baton status`).
+    pub fn decode_value(value: &[u8]) -> Option<u32> {
+        let text = std::str::from_utf8(value).ok()?;
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok().filter(|&count| count > 0)
+    }
+
     /// Enter, and wait until `count` participants have entered.
     ///
     /// Fails with [`Error::BarrierFull`] if a round is already open with its `count`
-    /// participants inside, with [`Error::SessionLost`] if the session is lost while
-    /// waiting, and with [`Error::AlreadyHeld`] if this session is already in the barrier.
+    /// participants inside, with [`Error::Mismatch`] if the first participant whose key
+    /// says a count says another (see
+    /// [Agreeing on the count](DoubleBarrier#agreeing-on-the-count)), with [`Error::SessionLost`] if the session is lost while waiting, and with
+    /// [`Error::AlreadyHeld`] if this session is already in the barrier.
     ///
     /// # Cancel safety
     ///
@@ -169,8 +194,25 @@ impl DoubleBarrier {
 
     async fn enter_inner(&self) -> Result<DoubleBarrierGuard> {
         let queue = Queue::direct(&self.waiters);
-        let mut entry =
-            Entry::join(&self.session, &self.name, queue, &self.key, b"", false).await?;
+        let count = self.count.to_string();
+        let mut entry = Entry::join(
+            &self.session,
+            &self.name,
+            queue,
+            &self.key,
+            count.as_bytes(),
+            false,
+        )
+        .await?;
+        // Our key from before (a resumed session) that says another count: others would
+        // count us for that one.
+        if let Some(old) = entry.existing_value().and_then(DoubleBarrier::decode_value) {
+            if old != self.count {
+                let err = self.mismatch(&self.key, old);
+                entry.abandon().await;
+                return Err(err);
+            }
+        }
         let my_rev = entry.my_rev();
         let store = entry.store().clone();
         match while_alive(&self.session, self.wait_open(&store, my_rev)).await {
@@ -230,6 +272,27 @@ impl DoubleBarrier {
         }
     }
 
+    /// The first of `kvs` whose key says a count other than ours, with that count.
+    fn disagreeing<'a>(
+        &self,
+        kvs: impl IntoIterator<Item = &'a KeyValue>,
+    ) -> Option<(&'a KeyValue, u32)> {
+        kvs.into_iter()
+            .filter_map(|kv| Some((kv, DoubleBarrier::decode_value(&kv.value)?)))
+            .find(|&(_, count)| count != self.count)
+    }
+
+    fn mismatch(&self, key: impl AsRef<[u8]>, theirs: u32) -> Error {
+        Error::Mismatch {
+            name: self.name.clone(),
+            reason: format!(
+                "participant {} waits for a count of {theirs}, this one for {}",
+                String::from_utf8_lossy(key.as_ref()),
+                self.count
+            ),
+        }
+    }
+
     /// Wait until a round opens with us among its participants: the round, and the
     /// revision at which that was seen.
     async fn wait_open(
@@ -255,23 +318,39 @@ impl DoubleBarrier {
             if !members.iter().any(|kv| self.is_mine(kv, my_rev)) {
                 return Err(not_held(self.key.as_bytes()));
             }
+            // The count is the one of the first participant whose key says one: if it is
+            // not ours, we are the odd one out.
+            let first_count = members
+                .iter()
+                .take_while(|kv| kv.create_revision < my_rev)
+                .find_map(|kv| Some((kv, DoubleBarrier::decode_value(&kv.value)?)));
+            if let Some((kv, theirs)) = first_count.filter(|&(_, c)| c != self.count) {
+                return Err(self.mismatch(&kv.key, theirs));
+            }
             match open {
                 // Opened after we entered: are we among the first `count`?
                 Some(r) if r.create_revision > my_rev => {
                     let round = Round::of(&r);
-                    let inside = match round.last {
-                        Some(last) => my_rev <= last,
+                    let participants: Vec<&KeyValue> = match round.last {
+                        Some(last) => members
+                            .iter()
+                            .take_while(|kv| kv.create_revision <= last)
+                            .collect(),
                         None => members
                             .iter()
                             .filter(|kv| kv.create_revision < r.create_revision)
                             .take(self.count as usize)
-                            .any(|kv| self.is_mine(kv, my_rev)),
+                            .collect(),
                     };
-                    return if inside {
-                        Ok((round, header))
-                    } else {
-                        Err(self.full())
-                    };
+                    if !participants.iter().any(|kv| self.is_mine(kv, my_rev)) {
+                        return Err(self.full());
+                    }
+                    // Baton opens only rounds whose participants agree; Go's recipe does
+                    // not look.
+                    if let Some((kv, theirs)) = self.disagreeing(participants) {
+                        return Err(self.mismatch(&kv.key, theirs));
+                    }
+                    return Ok((round, header));
                 }
                 // Opened before we came: a round in progress, or a stale one.
                 Some(r) => {
@@ -300,6 +379,17 @@ impl DoubleBarrier {
                     // etcd's limit on a transaction's compares allows; if one has gone, the
                     // write fails and the next read sees who is left.
                     let round = &members[..self.count as usize];
+                    // One of them waits for another count (and, entered after the first
+                    // participant that says one, is failing with Mismatch): it must not be
+                    // counted. Read again once its key is gone.
+                    if let Some((odd, _)) = self.disagreeing(round) {
+                        let mine = self.key.as_bytes().to_vec();
+                        let keys = [ready.to_vec(), mine, odd.key.clone()];
+                        waiter
+                            .wait(Wait::keys(keys, header, Until::Changed))
+                            .await?;
+                        continue;
+                    }
                     let last = round[round.len() - 1].create_revision;
                     let present = round.iter().take(MAX_GUARDED).map(|kv| {
                         Compare::create_revision(
@@ -593,6 +683,104 @@ mod tests {
         let (la, lc) = tokio::join!(ga.leave(), gc.leave());
         la.unwrap();
         lc.unwrap();
+    }
+
+    /// The keys under `prefix`.
+    async fn keys_under(client: &Client, prefix: &str) -> Vec<KeyValue> {
+        client
+            .store()
+            .range(Range::prefix(prefix))
+            .await
+            .unwrap()
+            .kvs
+    }
+
+    /// Wait until `n` participants' keys are under `prefix`.
+    async fn until_keys(client: &Client, prefix: &str, n: usize) {
+        for _ in 0..500 {
+            if keys_under(client, prefix).await.len() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never {n} keys under {prefix}");
+    }
+
+    /// Participants that disagree on the count: the later one fails with Mismatch and
+    /// leaves no key, and nobody passes with fewer participants than it asked for.
+    #[tokio::test]
+    async fn participants_that_disagree_on_the_count_fail_with_mismatch() {
+        let client = Client::memory();
+        let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let enter = |i: usize, name: &'static str, count: u32| {
+            let barrier = DoubleBarrier::new(&s[i], name, count).unwrap();
+            tokio::spawn(async move { barrier.enter_timeout(Duration::from_secs(5)).await })
+        };
+        // 3, 3, then 2: the first two do not pass with two; the third gets Mismatch (not
+        // BarrierFull); a third with 3 opens the barrier.
+        let a = enter(0, "db", 3);
+        let b = enter(1, "db", 3);
+        until_keys(&client, "db/waiters/", 2).await;
+        let err = enter(2, "db", 2).await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !a.is_finished() && !b.is_finished(),
+            "passed a barrier of 3 with two"
+        );
+        until_keys(&client, "db/waiters/", 2).await;
+        let c = enter(3, "db", 3);
+        let (ga, gb, gc) = (a.await.unwrap(), b.await.unwrap(), c.await.unwrap());
+        let (ga, gb, gc) = (ga.unwrap(), gb.unwrap(), gc.unwrap());
+        let (la, lb, lc) = tokio::join!(ga.leave(), gb.leave(), gc.leave());
+        la.unwrap();
+        lb.unwrap();
+        lc.unwrap();
+
+        // 2, then 3: the second gets Mismatch at once instead of both waiting for ever.
+        let a = enter(0, "db2", 2);
+        until_keys(&client, "db2/waiters/", 1).await;
+        let err = enter(1, "db2", 3).await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        assert!(err.to_string().contains("count"), "{err}");
+        let b = enter(2, "db2", 2);
+        let (ga, gb) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        let (la, lb) = tokio::join!(ga.leave(), gb.leave());
+        la.unwrap();
+        lb.unwrap();
+        assert!(keys_under(&client, "db").await.is_empty());
+    }
+
+    /// A participant's key that holds no count (Go's recipe writes an empty value) agrees
+    /// with any count.
+    #[tokio::test]
+    async fn a_key_without_a_count_agrees_with_any() {
+        let client = Client::memory();
+        let (go, baton) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let go_key = lease_key("db/waiters/", go.lease_id());
+        client
+            .store()
+            .put(go_key.as_bytes(), b"", go.lease_id())
+            .await
+            .unwrap();
+        let inside = DoubleBarrier::new(&baton, "db", 2)
+            .unwrap()
+            .enter_timeout(Duration::from_secs(2))
+            .await
+            .unwrap();
+        client
+            .store()
+            .delete(crate::store::KeyRange::key(go_key))
+            .await
+            .unwrap();
+        inside.leave().await.unwrap();
     }
 
     #[tokio::test]
