@@ -533,6 +533,51 @@ async fn leases_grant_keep_alive_revoke() {
     assert_eq!(store.lease_time_to_live(expiring).await.unwrap(), None);
 }
 
+/// A revoke applied by etcd whose answer is lost (the connection reset as etcd replies) is
+/// sent again, and the second attempt's "lease not found" counts as revoked: before, it was
+/// sent once (`Retry::Unsent`) and `lease_revoke` (so `Session::close()`) failed with the
+/// reset although the lease was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_whose_answer_is_lost_is_sent_again() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let proxy = baton_testkit::proxy::FaultProxy::start(etcd.client_port()).await;
+    let store = connect(&[proxy.url("http")]).await;
+    let direct = connect(&[etcd.endpoint()]).await;
+    let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+    store.put(b"revoked-once", b"v", lease).await.unwrap();
+    // Let the background keep-alive stream of the new lease settle before the fault.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(
+        baton_testkit::proxy::Direction::ServerToClient,
+        baton_testkit::proxy::Fault::Reset,
+    );
+    let revoke = tokio::spawn({
+        let store = store.clone();
+        async move { store.lease_revoke(lease).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.heal();
+    let result = tokio::time::timeout(Duration::from_secs(10), revoke)
+        .await
+        .expect("revoke hung")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert!(proxy.stats().resets > 0, "the fault never fired");
+    assert_eq!(direct.lease_time_to_live(lease).await.unwrap(), None);
+    assert!(direct
+        .range(Range::key("revoked-once"))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+    // A lease that never existed is still reported as such.
+    let err = store.lease_revoke(lease + 12345).await.unwrap_err();
+    assert!(matches!(err, Error::LeaseNotFound(_)), "{err:?}");
+}
+
 /// Keep-alives of one lease are pipelined on one stream: many at once each get their own
 /// answer (the TTL), a lease granted by another client (whose TTL this store does not know)
 /// too, and once the lease is revoked every later one says it is gone.

@@ -615,7 +615,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>>;
 
     /// Revoke a lease, deleting every key bound to it in one revision.
-    /// Fails with [`Error::LeaseNotFound`](crate::Error::LeaseNotFound) if it does not exist.
+    /// Fails with [`Error::LeaseNotFound`](crate::Error::LeaseNotFound) if it does not exist
+    /// (a store that sent the revoke again after a lost answer counts "not found" then as
+    /// revoked).
     ///
     /// # Cancel safety
     ///

@@ -1192,12 +1192,22 @@ impl Store for EtcdStore {
 
     async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
         self.forget_keeper(id);
-        self.call("lease revoke", Retry::Unsent, |client| {
-            let mut leases = client.lease_client();
-            async move { leases.revoke(id).await }
-        })
-        .await?
-        .map_err(|e| map_err("lease revoke", e, id))?;
+        // Revoking twice is harmless, so a revoke whose answer was lost (a connection reset
+        // after etcd applied it) is sent again. Then "lease not found" may be our own
+        // earlier attempt's doing: once more than one was sent, it counts as revoked.
+        let attempts = AtomicU64::new(0);
+        let answer = self
+            .call("lease revoke", Retry::Idempotent, |client| {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                let mut leases = client.lease_client();
+                async move { leases.revoke(id).await }
+            })
+            .await?;
+        match answer {
+            Ok(_) => {}
+            Err(e) if is_lease_not_found(&e) && attempts.load(Ordering::Relaxed) > 1 => {}
+            Err(e) => return Err(map_err("lease revoke", e, id)),
+        }
         tracing::debug!(lease = %format_args!("{id:x}"), "revoked lease");
         Ok(())
     }
