@@ -277,6 +277,51 @@ pub fn proc_state(pid: u32) -> Option<char> {
     rest.split_whitespace().next()?.chars().next()
 }
 
+/// True if no process of process group `pgid` can run, and the group is not empty: each
+/// is stopped (`T`), a zombie, or blocked in a `vfork` (`D`) whose child in the group is
+/// stopped. A shell stopped while it starts a command is the last kind: the SIGSTOP for
+/// the group reaches its child between `vfork` and `exec`, and the kernel keeps the shell
+/// waiting for that stopped child, so it never gets to act on its own pending SIGSTOP.
+pub fn group_stopped(pgid: u32) -> bool {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp …"; comm may contain spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid), Some(pgrp)) = (
+            fields.first().and_then(|f| f.chars().next()),
+            fields.get(1).and_then(|f| f.parse::<u32>().ok()),
+            fields.get(2).and_then(|f| f.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        if pgrp == pgid {
+            members.push((pid, state, ppid));
+        }
+    }
+    let stopped = |state: char| matches!(state, 'T' | 't' | 'Z');
+    !members.is_empty()
+        && members.iter().all(|&(pid, state, _)| {
+            stopped(state)
+                || (state == 'D'
+                    && members.iter().any(|&(_, child_state, ppid)| {
+                        ppid == pid && matches!(child_state, 'T' | 't')
+                    }))
+        })
+}
+
 /// The size of the file at `path` (0 if it does not exist).
 pub fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
