@@ -34,8 +34,6 @@ pub mod namespace;
 pub(crate) mod slow;
 
 #[cfg(feature = "etcd")]
-mod balance;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 
 /// A store revision. Revisions start at 1 and increase by one with every write transaction.

@@ -47,7 +47,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -196,6 +196,10 @@ struct KeeperEntry {
 struct Keeper {
     state: Arc<StdMutex<KeeperState>>,
     reader: tokio::task::AbortHandle,
+    /// A keep-alive on this stream went unanswered for its hedging share, and no reply has
+    /// come since: its member may be silent. Later keep-alives open a new stream at once
+    /// instead of waiting the share on it again.
+    silent: Arc<AtomicBool>,
 }
 
 struct KeeperState {
@@ -218,12 +222,15 @@ impl Keeper {
             closed: None,
         }));
         let shared = state.clone();
+        let silent = Arc::new(AtomicBool::new(false));
+        let heard = silent.clone();
         let reader = tokio::spawn(async move {
             loop {
                 let message = stream.message().await;
                 let mut state = lock_unpoisoned(&shared);
                 let why = match message {
                     Ok(Some(reply)) => {
+                        heard.store(false, Ordering::Relaxed);
                         let ttl = (reply.ttl() > 0).then(|| secs(reply.ttl()));
                         if let Some(waiter) = state.waiting.pop_front() {
                             // The caller may have given up: its reply is then dropped.
@@ -241,6 +248,7 @@ impl Keeper {
         Keeper {
             state,
             reader: reader.abort_handle(),
+            silent,
         }
     }
 
@@ -423,11 +431,7 @@ impl EtcdStore {
 
         let mut client = match timeout_at(
             deadline,
-            ec::Client::connect_with_balanced_channel(
-                endpoints,
-                Some(connect_options),
-                super::balance::LeastPending,
-            ),
+            ec::Client::connect(endpoints, Some(connect_options)),
         )
         .await
         {
@@ -847,10 +851,14 @@ impl EtcdStore {
     /// stream is opened (on any member, itself hedged) and the first answer wins; the new
     /// stream replaces the cached one.
     ///
-    /// The new stream goes to the member with the fewest unanswered requests of two drawn
-    /// at random (see `store::balance`), so rarely to the silent one again. An open refused
-    /// at once (a member that lost its leader says "no leader" until a new one is elected)
-    /// is tried again after a backoff, until the reply or the deadline.
+    /// The new stream's member is picked at random by etcd-client's channel, so it may be
+    /// the silent one again (a third of the time with one member of three silent): copies
+    /// of the open go out half a share apart; a stream once found silent is not waited on
+    /// again (the next keep-alive opens a new one at once, until a reply comes on it); and
+    /// an open refused at once (a member that lost its leader says "no leader" until a new
+    /// one is elected) is tried again after a backoff, until the reply or the deadline.
+    /// The price: when replies are slower than the share on every member, each keep-alive
+    /// also opens streams (see docs/reliability.md).
     async fn hedged_keep_alive(
         &self,
         id: LeaseId,
@@ -862,16 +870,19 @@ impl EtcdStore {
         let share = self.keeper_share(granted);
         let reply = keeper.keep_alive();
         tokio::pin!(reply);
-        tokio::select! {
-            r = &mut reply => return r,
-            _ = sleep(share) => {}
+        if !keeper.silent.load(Ordering::Relaxed) {
+            tokio::select! {
+                r = &mut reply => return r,
+                _ = sleep(share) => {}
+            }
+            keeper.silent.store(true, Ordering::Relaxed);
         }
         tracing::debug!(lease = %format_args!("{id:x}"), "no keep-alive reply yet; opening another stream");
         // Not BACKOFF_MIN: every session's keep-alive may be doing this at once while the
         // cluster elects a leader.
         let mut backoff = Duration::from_millis(100);
         loop {
-            let fresh = self.open_keeper_within(id, deadline, share);
+            let fresh = self.open_keeper_within(id, deadline, share / 2);
             tokio::pin!(fresh);
             let opened = tokio::select! {
                 r = &mut reply => return r,
