@@ -351,4 +351,56 @@ mod tests {
         .expect("the release never settled once the store was back");
         back.unlock().await.unwrap();
     }
+    /// `try_lock` that finds the lock held leaves the queue with one attempt: if the store
+    /// goes down right then, it still answers `Locked` at once (the removal of its key goes
+    /// on in the background) instead of waiting for the store (found by review: it waited
+    /// as long as the store was down). Once the store is back, the key is removed and the
+    /// waiter's session can take the lock after the holder.
+    #[tokio::test]
+    async fn try_lock_leaves_the_queue_with_one_attempt() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let holder = Session::new(&client).await.unwrap();
+        let held = Mutex::new(&holder, "t").unwrap().lock().await.unwrap();
+        let other = Session::new(&client).await.unwrap();
+        let mutex = Mutex::new(&other, "t").unwrap();
+        store.down_at_next_delete.store(true, Ordering::Relaxed);
+        let tried = tokio::time::timeout(Duration::from_secs(5), mutex.try_lock())
+            .await
+            .expect("try_lock waited for the store");
+        assert!(
+            matches!(tried, Err(crate::Error::Locked { .. })),
+            "{tried:?}"
+        );
+        assert!(
+            store.kv_down.load(Ordering::Relaxed),
+            "the store never went down"
+        );
+        store.kv_down.store(false, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let keys = store
+                    .range(crate::store::Range::prefix("t/"))
+                    .await
+                    .unwrap();
+                if keys.kvs.len() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the abandoned key was never removed");
+        held.unlock().await.unwrap();
+        let g = tokio::time::timeout(Duration::from_secs(5), mutex.lock())
+            .await
+            .expect("lock hung")
+            .unwrap();
+        g.unlock().await.unwrap();
+    }
 }

@@ -358,14 +358,30 @@ impl Entry {
         }
     }
 
-    /// Leave the queue now and wait for our key to be removed.
+    /// Leave the queue now and wait for our key to be removed. A try-only entry makes one
+    /// attempt: if the store does not answer it, the removal is retried in the background.
     ///
     /// If this future is dropped before the store answers, the entry's `Drop` finishes the
     /// removal in the background, holding the claim until then (our revision is forgotten
     /// only once the delete is settled).
     pub(crate) async fn abandon(mut self) {
         if let (Some(rev), Some(claim)) = (self.my_rev, &self.claim) {
-            if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
+            if self.retry_for.is_zero() {
+                // A try-only acquire makes one attempt: if the store does not answer, the
+                // removal goes on in the background (this entry's `Drop`), and a try of
+                // the same name by this session fails at once meanwhile.
+                match delete_if_owned(&self.store, &self.key, rev).await {
+                    Err(e) if e.is_retryable() => {
+                        tracing::debug!(error = %e, "removing our key failed; retrying in the background");
+                        claim.release_failed();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
+                    }
+                    Ok(_) => {}
+                }
+            } else if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
                 tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
             }
         }

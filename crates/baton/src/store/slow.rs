@@ -53,6 +53,9 @@ pub(crate) struct SlowWatches {
     /// Every read, write and watch fails at once as unavailable (leases still work): the
     /// key-value service down, or cut off.
     pub(crate) kv_down: std::sync::atomic::AtomicBool,
+    /// The next transaction that deletes sets [`kv_down`](Self::kv_down) and fails: the
+    /// store goes down right then.
+    pub(crate) down_at_next_delete: std::sync::atomic::AtomicBool,
 }
 
 impl SlowWatches {
@@ -72,6 +75,7 @@ impl SlowWatches {
             fail_then_land: StdMutex::new(None),
             end_watch_on: StdMutex::new(None),
             kv_down: std::sync::atomic::AtomicBool::new(false),
+            down_at_next_delete: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -190,6 +194,10 @@ impl Store for SlowWatches {
             return landing
                 .await
                 .unwrap_or_else(|e| Err(crate::error::Error::Store(e.to_string())));
+        }
+        if deletes && self.down_at_next_delete.swap(false, Ordering::Relaxed) {
+            self.kv_down.store(true, Ordering::Relaxed);
+            self.check_kv()?;
         }
         if deletes {
             let land = self
