@@ -24,7 +24,8 @@ returns before all N arrived. It prints one line (`passed NAME (round R)`) and e
 If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone:
 each participant's key holds its N, and one whose N differs from that of the first
 participant waiting exits 125 at once (`in use with different settings`) and does not
-count. If N are already inside a round, baton exits 125. If its session is lost while it
+count (if that first one leaves before the barrier opens, the next one's N decides, and
+those who disagree with it exit 125 then). If N are already inside a round, baton exits 125. If its session is lost while it
 waits (its lease revoked or expired), it exits 125 too.";
 
 /// `baton barrier`.

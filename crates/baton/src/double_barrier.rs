@@ -38,10 +38,19 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 ///
 /// Each participant's key holds its `count`. The count of the barrier is the one of the
 /// first participant (by create revision) whose key says one: a participant that says
-/// another fails with [`Error::Mismatch`] (removing its key), and a round is opened only
-/// when each of its participants says the same count (or none), so nobody passes with
-/// fewer participants than it asked for. A participant of Go's recipe writes no count
-/// (an empty value): it agrees with any, and does not check the others'.
+/// another fails with [`Error::Mismatch`] (removing its key). If that first participant
+/// leaves before the round opens, the next one whose key says a count decides, so a
+/// participant that agreed with the first may fail with `Mismatch` later. A Baton
+/// participant opens a round only when each of its participants says the same count (or
+/// none), so among Baton participants nobody passes with fewer participants than it asked
+/// for.
+///
+/// A participant of Go's recipe writes no count (an empty value): it agrees with any, and
+/// does not check the others'. This is the limit of the check: a round that Go's recipe
+/// opens (its `ready` says no count) is opened with Go's count, and a Baton participant
+/// in it passes once it is among the round's first keys, even with fewer participants
+/// than its own count (with a Go participant for 2 and a Baton one for 3, both pass with
+/// two).
 ///
 /// # A participant whose session dies
 ///
@@ -381,10 +390,14 @@ impl DoubleBarrier {
                     let round = &members[..self.count as usize];
                     // One of them waits for another count (and, entered after the first
                     // participant that says one, is failing with Mismatch): it must not be
-                    // counted. Read again once its key is gone.
+                    // counted. Read again once its key is gone, or once the key whose count
+                    // we agreed with is: the odd one may not have read yet, and with that
+                    // key gone, its count may be the barrier's (then we are the odd one,
+                    // and it waits for our key to go).
                     if let Some((odd, _)) = self.disagreeing(round) {
                         let mine = self.key.as_bytes().to_vec();
-                        let keys = [ready.to_vec(), mine, odd.key.clone()];
+                        let mut keys = vec![ready.to_vec(), mine, odd.key.clone()];
+                        keys.extend(first_count.map(|(kv, _)| kv.key.clone()));
                         waiter
                             .wait(Wait::keys(keys, header, Until::Changed))
                             .await?;
@@ -753,6 +766,78 @@ mod tests {
         la.unwrap();
         lb.unwrap();
         assert!(keys_under(&client, "db").await.is_empty());
+    }
+
+    /// The first participant F, whose count the opener O agreed with, leaves before the
+    /// odd one X (another count) first reads: X then finds no count ahead of it and is the
+    /// one whose count holds. O, waiting for X's key to go, must notice that F's went: O
+    /// fails with Mismatch, and X goes on waiting for participants of its count (instead
+    /// of X and O waiting for each other until both time out).
+    #[tokio::test]
+    async fn review_opener_and_odd_one_wait_for_each_other() {
+        let client = Client::memory();
+        let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let f = DoubleBarrier::new(&s[0], "db", 3).unwrap();
+        let f_task = tokio::spawn(async move {
+            f.enter_timeout(Duration::from_millis(300))
+                .await
+                .map(|_| ())
+        });
+        until_keys(&client, "db/waiters/", 1).await;
+        // X's put landed, its first read has not.
+        let x_key = lease_key("db/waiters/", s[1].lease_id());
+        client
+            .store()
+            .put(x_key.as_bytes(), b"2", s[1].lease_id())
+            .await
+            .unwrap();
+        let o = DoubleBarrier::new(&s[2], "db", 3).unwrap();
+        let started = tokio::time::Instant::now();
+        let o_task = tokio::spawn(async move {
+            o.enter_timeout(Duration::from_secs(3))
+                .await
+                .map(|g| g.round())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!o_task.is_finished(), "O did not wait for X's key to go");
+        // F times out.
+        let f_result = f_task.await.unwrap();
+        assert!(
+            matches!(f_result, Err(Error::Timeout { .. })),
+            "{f_result:?}"
+        );
+        // X, whose count now holds, waits; O fails with Mismatch at once.
+        let x = DoubleBarrier::new(&s[1], "db", 2).unwrap();
+        let x_task = tokio::spawn(async move {
+            x.enter_timeout(Duration::from_secs(3))
+                .await
+                .map(|g| g.round())
+        });
+        let o_result = o_task.await.unwrap();
+        match &o_result {
+            Err(e @ Error::Mismatch { .. }) => assert!(e.to_string().contains("count of 2"), "{e}"),
+            other => panic!("O: expected Mismatch, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "O failed only after {:?}",
+            started.elapsed()
+        );
+        until_keys(&client, "db/waiters/", 1).await;
+        assert!(!x_task.is_finished(), "X passed a barrier of 2 alone");
+        // A second participant with X's count: both pass together.
+        let y = DoubleBarrier::new(&s[3], "db", 2).unwrap();
+        let y_round = y
+            .enter_timeout(Duration::from_secs(3))
+            .await
+            .map(|g| g.round())
+            .unwrap();
+        let x_round = x_task.await.unwrap().unwrap();
+        assert_eq!(x_round, y_round);
     }
 
     /// A participant's key that holds no count (Go's recipe writes an empty value) agrees
