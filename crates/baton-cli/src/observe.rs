@@ -24,7 +24,8 @@ The first line is the current leader, if there is one. Lines follow as leaders c
 proclaim new values, until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe
 (exit 0; another failure to write exits 125). Failures are retried, except one that
 retrying cannot fix (permission denied: the etcd role or Redis ACL does not cover the
-election): it ends observe with 125 and the error on stderr.";
+election; on redlock://, on so many masters that no quorum can answer): it ends observe
+with 125 and the error on stderr.";
 
 /// `baton observe`.
 #[derive(Debug, clap::Args)]

@@ -379,6 +379,58 @@ fn observe_denied_by_the_acl_exits_125() {
     observer.signal(libc::SIGTERM);
 }
 
+/// The same on Redlock: every node refuses access, so no quorum answers and nothing will
+/// change on a retry. `baton observe` exits 125 with the node's error, as `baton leader`
+/// does, instead of retrying silently for ever (each node's failure was wrapped in
+/// `no quorum`, which observe took for a transient failure).
+#[test]
+fn observe_denied_by_the_acl_exits_125_on_redlock() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(
+                baton_testkit::RedisServerOptions::new()
+                    .with_acl_user("obs", "on >opw ~allowed* ~baton:*:allowed* &* +@all"),
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = servers.iter().map(RedisServer::addr).collect();
+    let url = format!("redlock://{}", addrs.join(","));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "opw\n").unwrap();
+    let as_obs = || {
+        let mut cmd = baton(&url);
+        cmd.env_remove("BATON_PASSWORD")
+            .args(["--user", "obs", "--password-file"])
+            .arg(&pw);
+        cmd
+    };
+    for args in [
+        &["leader", "secret"][..],
+        &["observe", "secret"],
+        &["--json", "observe", "secret"],
+    ] {
+        let (out, took) = run(as_obs().args(args));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+        assert!(err[0].contains("permission denied"), "{args:?}: {err:?}");
+        assert!(!err[0].contains("opw"), "{err:?}");
+        assert!(stdout(&out).is_empty(), "{args:?}: {out:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{args:?}: denied after {took:?}"
+        );
+    }
+    // Where the ACL allows it, observing works for the same user.
+    let observer = Proc::spawn(as_obs().args(["observe", "allowed/e"]));
+    let (out, _) = run(as_obs().args(["elect", "allowed/e", "v", "--", "sh", "-c", "sleep 1"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(observer.line().starts_with("v (key allowed/e, "));
+    observer.signal(libc::SIGTERM);
+}
+
 /// Commands that need a key-value store refuse Redis with a clear message, and a bad
 /// Redlock URL is refused before any wait.
 #[test]

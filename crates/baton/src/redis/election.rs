@@ -161,8 +161,9 @@ impl RedisElection {
     /// the stream is dropped.
     ///
     /// Failed reads are retried, except when the server refuses access (the user's ACL does
-    /// not cover the election's keys: [`Error::PermissionDenied`]): then the stream ends,
-    /// and [`RedisObserve::take_error`] says why, as on etcd.
+    /// not cover the election's keys: [`Error::PermissionDenied`]; on Redlock, when so many
+    /// masters refuse that no quorum can answer): then the stream ends, and
+    /// [`RedisObserve::take_error`] says why, as on etcd.
     ///
     /// Changes arrive by pub/sub; each wake-up reads the record, so the stream yields the
     /// **latest** state, not every step: values proclaimed in quick succession (faster than
@@ -251,7 +252,8 @@ async fn observe_loop(
 /// A stream of [`Leader`]s from [`RedisElection::observe`]. Dropping it stops observing.
 ///
 /// Failed reads are retried, except when the server refuses access (the user's ACL does not
-/// cover the election's keys): then the stream ends, and
+/// cover the election's keys; on Redlock, when so many masters refuse that no quorum can
+/// answer): then the stream ends, and
 /// [`take_error`](RedisObserve::take_error) says why.
 pub struct RedisObserve {
     rx: mpsc::Receiver<Leader>,

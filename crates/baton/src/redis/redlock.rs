@@ -529,6 +529,10 @@ impl ClientInner {
     /// answered, or a quorum holds the same token (with versions that differ: a proclaim
     /// under way) and the others stayed silent past the straggler wait (see [`gather`]):
     /// those count as failed.
+    ///
+    /// Too few answers fail with [`Error::NoQuorum`] (worth retrying), except when so many
+    /// nodes refused access that no quorum can answer: then with one of their errors
+    /// ([`Error::is_access_denied`]), as on a single server.
     pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
         let n = self.nodes.len();
         let q = self.quorum;
@@ -546,8 +550,22 @@ impl ClientInner {
         let (results, _) = gather(calls, settled, straggle(self.opts.ttl), stop).await;
         let failed = n - results.iter().filter(|r| r.is_ok()).count();
         if failed > n - self.quorum {
-            return match results.into_iter().find_map(|r| r.err()) {
-                Some(e) if !self.redlock => Err(e),
+            // So many nodes refuse access (an ACL, a password) that no quorum can answer
+            // whatever the others do: retrying cannot help, so that is the error, not `no
+            // quorum` (which callers retry, as `observe` does).
+            let denied = results
+                .iter()
+                .filter(|r| r.as_ref().is_err_and(Error::is_access_denied))
+                .count();
+            let denied_for_good = self.redlock && denied > n - self.quorum;
+            let mut errors = results.into_iter().filter_map(|r| r.err());
+            let error = if denied_for_good {
+                errors.find(Error::is_access_denied)
+            } else {
+                errors.next()
+            };
+            return match error {
+                Some(e) if !self.redlock || denied_for_good => Err(e),
                 Some(e) => Err(self.no_quorum(n - failed, format!("read failed: {e}"))),
                 None => Err(Error::Closed),
             };
