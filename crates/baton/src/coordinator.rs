@@ -180,6 +180,31 @@ pub trait Elector: Send + Sync + fmt::Debug {
 /// It ends when the coordinator is closed, or when the backend refuses access (the user's
 /// etcd roles or Redis ACL do not cover the election, or its credentials are refused):
 /// then [`take_error`](LeaderStream::take_error) says why. Other failures are retried.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> baton::Result<()> {
+/// use futures::StreamExt;
+///
+/// let coordinator = baton::Coordinator::connect("mem://").await?;
+/// let election = coordinator.election("scheduler")?;
+/// let mut leaders = election.observe();
+/// let leadership = election.campaign(b"10.0.0.7:8080".to_vec()).await?;
+/// let leader = leaders.next().await.expect("a leader");
+/// assert_eq!(leader.value, b"10.0.0.7:8080");
+/// // While the stream goes on, there is no error to take.
+/// assert!(leaders.take_error().is_none());
+///
+/// leadership.release().await?;
+/// coordinator.close().await?;
+/// while leaders.next().await.is_some() {}
+/// // It ended because the coordinator was closed, not because access was refused.
+/// assert!(leaders.take_error().is_none());
+/// # Ok(())
+/// # }
+/// ```
 pub struct LeaderStream {
     leaders: BoxStream<'static, Leader>,
     failure: ObserveFailure,
@@ -193,6 +218,11 @@ impl LeaderStream {
 
     /// Why the stream ended, if the backend refused access
     /// ([`Error::is_access_denied`]); `None` otherwise (the coordinator was closed).
+    ///
+    /// Call it once the stream has ended (`next()` gave `None`). Before, it returns `None`
+    /// while the stream is still observing; it may already return the error if observing
+    /// has stopped but leaders read before the refusal are still to be yielded. The error
+    /// is taken: a second call returns `None`.
     pub fn take_error(&mut self) -> Option<Error> {
         self.failure.take()
     }
