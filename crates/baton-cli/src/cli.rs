@@ -183,11 +183,15 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let parsed = Cli::command()
-        .try_get_matches_from(args)
+        .try_get_matches_from(&args)
         .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
     match parsed {
         Ok((mut cli, matches)) => {
+            if let Some(e) = option_like_value(&args) {
+                return Err(e);
+            }
             cli.global.endpoints_given = endpoints_given(&matches);
             Ok(cli)
         }
@@ -208,10 +212,77 @@ where
                 ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => Err(CliError::failed(
                     "no command given: use lock, elect, observe, leader, status, demo, bench, sem, barrier, queue, get, set or watch (see baton --help)",
                 )),
-                _ => Err(CliError::failed(usage_line(&e))),
+                _ => Err(option_like_value(&args)
+                    .unwrap_or_else(|| CliError::failed(usage_line(&e)))),
             }
         }
     }
+}
+
+/// The error for a free-form VALUE (elect, set, queue push) that starts with `--` and was
+/// not given after a `--`: a misspelt option (`--if-revison=0`) that clap took for the
+/// value, as VALUE may start with `-` (`-5`, `-`). It names the option meant, if clap finds
+/// a similar one, and says how to give such a value on purpose. Also when the rest of the
+/// command line failed to parse because of it (`set k --if-revison=0 v`: 'v' is then one
+/// word too many).
+fn option_like_value(args: &[OsString]) -> Option<CliError> {
+    const ELECT: &str =
+        "a VALUE to proclaim cannot start with '--' (baton elect's '--' starts CMD)";
+    const SET: &str =
+        "to set a value that starts with '--', put '--' before it: baton set KEY -- VALUE";
+    const PUSH: &str = "to push an item that starts with '--', put '--' before it: \
+                        baton queue push NAME -- VALUE";
+    let partial = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok()?;
+    let (path, how, matches): (&[&str], _, _) = match partial.subcommand()? {
+        ("elect", m) => (&["elect"], ELECT, m),
+        ("set", m) => (&["set"], SET, m),
+        ("queue", m) => match m.subcommand()? {
+            ("push", m) => (&["queue", "push"], PUSH, m),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let value = matches.try_get_one::<String>("value").ok()??;
+    if !value.starts_with("--") {
+        return None;
+    }
+    // After `--` every word is a value: given there, it is meant. (The same word before
+    // the `--` can only have been parsed as VALUE.)
+    let separator = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    if !args[..separator].iter().any(|a| a == value.as_str()) {
+        return None;
+    }
+    // Parsed again without hyphen values, the word is an unknown argument, for which clap
+    // suggests the most similar option.
+    fn strict(cmd: clap::Command, path: &[&str]) -> clap::Command {
+        match path.split_first() {
+            Some((name, rest)) => cmd.mut_subcommand(*name, |sub| strict(sub, rest)),
+            // In place: `mut_arg` would move VALUE after CMD.
+            None => cmd.mut_args(|arg| {
+                if arg.get_id() == "value" {
+                    arg.allow_hyphen_values(false)
+                } else {
+                    arg
+                }
+            }),
+        }
+    }
+    let suggested = strict(Cli::command(), path)
+        .try_get_matches_from(args)
+        .err()
+        .and_then(|e| match e.get(clap::error::ContextKind::SuggestedArg) {
+            Some(clap::error::ContextValue::String(s)) => Some(format!(" (did you mean '{s}'?)")),
+            _ => None,
+        })
+        .unwrap_or_default();
+    // Only the word up to `=`: what follows may be a value not meant for stderr.
+    let word = value.split('=').next().unwrap_or(value);
+    Some(CliError::failed(format!(
+        "unknown option '{word}'{suggested} in VALUE's place: {how}"
+    )))
 }
 
 /// A clap error on one line: its text up to the usage, without the `error: ` prefix, plus a
@@ -695,10 +766,13 @@ mod tests {
         assert_eq!(args.timeout, Some(Duration::from_secs(60)));
         assert_eq!(args.ttl, Duration::from_secs(5));
         assert_eq!(args.command, ["sh", "-c", "exit 3"]);
-        let args = elect(&["baton", "elect", "x", "--timeout=2s", "--not-an-option"]);
-        assert_eq!(args.value, "--not-an-option");
+        let args = elect(&["baton", "elect", "x", "--timeout=2s", "-"]);
+        assert_eq!(args.value, "-");
         assert_eq!(args.timeout, Some(Duration::from_secs(2)));
         assert!(args.command.is_empty());
+        // One that starts with `--` is taken for a misspelt option (see
+        // a_value_like_an_option_is_refused).
+        assert!(parse(["baton", "elect", "x", "--timeout=2s", "--not-an-option"]).is_err());
         // `--` before VALUE still starts CMD: VALUE is then missing.
         assert!(parse(["baton", "elect", "x", "--", "-5"]).is_err());
 
@@ -707,7 +781,7 @@ mod tests {
             panic!("not set")
         };
         assert_eq!((args.value.as_str(), args.if_revision), ("-1", Some(3)));
-        let cli = parse(["baton", "queue", "push", "q", "--json-ish", "--json"]).unwrap();
+        let cli = parse(["baton", "queue", "push", "q", "-json-ish", "--json"]).unwrap();
         assert!(cli.global.json);
         let Command::Queue(queue::Args {
             command: queue::QueueCommand::Push { value, .. },
@@ -715,6 +789,51 @@ mod tests {
         else {
             panic!("not queue push")
         };
-        assert_eq!(value, "--json-ish");
+        assert_eq!(value, "-json-ish");
+    }
+
+    /// A VALUE that starts with `--` is a misspelt option unless it comes after `--`: it
+    /// is refused (naming the option meant), also when the words after it then fail to
+    /// parse; after `--` (set, queue push) it is the value.
+    #[test]
+    fn a_value_like_an_option_is_refused() {
+        let refused = |argv: &[&str]| -> String {
+            match parse(argv.iter().copied()) {
+                Ok(cli) => panic!("{argv:?} parsed: {cli:?}"),
+                Err(e) => {
+                    assert_eq!(e.code(), 125, "{argv:?}");
+                    e.message().unwrap_or_default().to_string()
+                }
+            }
+        };
+        let msg = refused(&["baton", "set", "k", "--if-revison=0"]);
+        assert!(msg.contains("did you mean '--if-revision'?"), "{msg}");
+        assert!(msg.contains("baton set KEY -- VALUE"), "{msg}");
+        let msg = refused(&["baton", "set", "k", "--if-revison=0", "v"]);
+        assert!(msg.contains("'--if-revison'"), "{msg}");
+        assert!(!msg.contains("'v'"), "{msg}");
+        let msg = refused(&["baton", "elect", "x", "--timout=1s", "--", "true"]);
+        assert!(msg.contains("did you mean '--timeout'?"), "{msg}");
+        let msg = refused(&["baton", "queue", "push", "q", "--jsn"]);
+        assert!(msg.contains("did you mean '--json'?"), "{msg}");
+        assert!(msg.contains("baton queue push NAME -- VALUE"), "{msg}");
+
+        let cli = parse(["baton", "set", "k", "--", "--if-revison=0"]).unwrap();
+        let Command::Set(args) = cli.command else {
+            panic!("not set")
+        };
+        assert_eq!(
+            (args.value.as_str(), args.if_revision),
+            ("--if-revison=0", None)
+        );
+        let cli = parse(["baton", "queue", "push", "--", "q", "--jsn"]).unwrap();
+        assert!(!cli.global.json);
+        let Command::Queue(queue::Args {
+            command: queue::QueueCommand::Push { value, .. },
+        }) = cli.command
+        else {
+            panic!("not queue push")
+        };
+        assert_eq!(value, "--jsn");
     }
 }

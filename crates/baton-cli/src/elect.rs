@@ -43,7 +43,9 @@ pub(crate) struct Args {
     pub(crate) name: String,
 
     /// The value to proclaim while leader (an address, say); `baton leader` prints it. It
-    /// may start with `-` (`-5`); give options before it, or after it but before `--`.
+    /// may start with `-` (`-5`), not with `--` (taken for a misspelt option and refused:
+    /// here `--` starts CMD, so such a value cannot be given); give options before it, or
+    /// after it but before `--`.
     #[arg(allow_hyphen_values = true)]
     pub(crate) value: String,
 

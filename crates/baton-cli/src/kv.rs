@@ -77,7 +77,9 @@ pub(crate) struct SetArgs {
     #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
     pub(crate) key: String,
 
-    /// The value (at most 1 MiB). It may start with `-` (`-1`).
+    /// The value (at most 1 MiB). It may start with `-` (`-1`); one that starts with `--`
+    /// is taken for a misspelt option and refused, unless given after `--` (`baton set KEY
+    /// -- --x`).
     #[arg(value_parser = value, allow_hyphen_values = true)]
     pub(crate) value: String,
 

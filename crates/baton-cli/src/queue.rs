@@ -50,7 +50,9 @@ pub(crate) enum QueueCommand {
         /// The queue's name.
         #[arg(value_parser = cli::name)]
         name: String,
-        /// The item (at most 1 MiB). It may start with `-` (`-1`).
+        /// The item (at most 1 MiB). It may start with `-` (`-1`); one that starts with
+        /// `--` is taken for a misspelt option and refused, unless given after `--`
+        /// (`baton queue push NAME -- --x`).
         #[arg(value_parser = value, allow_hyphen_values = true)]
         value: String,
     },

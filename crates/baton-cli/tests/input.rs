@@ -101,6 +101,57 @@ fn bad_options_exit_125_with_one_line() {
     }
 }
 
+/// A misspelt option in VALUE's place (set, elect, queue push) is refused with 125, naming
+/// the option meant, instead of being taken as the value; the message says how to give a
+/// value that starts with `--` on purpose. A value that starts with one `-` is still the
+/// value, and after `--` (set, queue push) any word is.
+#[test]
+fn a_misspelt_option_is_no_value() {
+    for (args, meant) in [
+        (&["set", "k", "--if-revison=0"][..], "--if-revision"),
+        (&["set", "k", "--if-revison=0", "v"], "--if-revision"),
+        (&["set", "k", "--if-revison", "0", "v"], "--if-revision"),
+        (&["elect", "x", "--timout=1s", "--", "true"], "--timeout"),
+        (&["elect", "x", "--timout=1s"], "--timeout"),
+        (&["queue", "push", "q", "--jsn"], "--json"),
+    ] {
+        assert_one_line_125(args, &format!("did you mean '{meant}'?"));
+        let (out, _) = run(baton("mem://").args(args));
+        let err = stderr_lines(&out).join("\n");
+        assert!(
+            !err.contains("'v'") && !err.contains("'0'"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_one_line_125(&["set", "k", "--frobnicate"], "baton set KEY -- VALUE");
+    assert_one_line_125(
+        &["queue", "push", "q", "--frobnicate"],
+        "baton queue push NAME -- VALUE",
+    );
+    assert_one_line_125(
+        &["elect", "x", "--frobnicate", "--", "true"],
+        "cannot start with '--'",
+    );
+    // The value is not echoed beyond the option-like word.
+    assert_one_line_125(&["set", "k", "--if-revison=s3cret"], "--if-revison'");
+    let (out, _) = run(baton("mem://").args(["set", "k", "--if-revison=s3cret"]));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("s3cret"));
+
+    for args in [
+        &["set", "k", "-5"][..],
+        &["set", "k", "-"],
+        &["set", "k", "--", "--literal"],
+        &["set", "--if-revision", "0", "k", "--", "--x"],
+        &["queue", "push", "q", "-x"],
+        &["queue", "push", "q", "--", "--literal"],
+        &["elect", "x", "-5", "--", "true"],
+        &["elect", "x", "-", "--", "true"],
+    ] {
+        let (out, _) = run(baton("mem://").args(args));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+    }
+}
+
 #[test]
 fn help_and_version_exit_0() {
     for args in [&["--help"][..], &["--version"], &["lock", "--help"]] {
