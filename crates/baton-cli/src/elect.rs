@@ -22,9 +22,10 @@ Examples:
   baton elect --timeout 1m scheduler 10.0.0.8:8080 -- ./scheduler
 
 Without CMD, baton prints one line when elected (`elected KEY token=T`) and one when it
-resigns on SIGINT, SIGTERM, SIGHUP or SIGQUIT (`resigned KEY`). With CMD, stdout is CMD's
-alone: baton prints nothing there (as `baton lock`), so `baton elect NAME VALUE -- ./report
-> out.csv` writes the report only. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN (on
+resigns on SIGINT, SIGTERM, SIGHUP or SIGQUIT (`resigned KEY`); with --json these are JSON
+events, and a lost leadership adds a `lost` event. With CMD, stdout is CMD's alone, also
+with --json: baton prints nothing there (as `baton lock`), so `baton elect NAME VALUE --
+./report > out.csv` writes the report only. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN (on
 etcd the leader key's create revision; on redis:// the lock's counter; none on redlock://)
 in its environment. If the leadership is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
@@ -124,7 +125,8 @@ async fn elected(
         let reason = reason.unwrap_or_else(|| "the leader key is gone".to_string());
         let when = if stopped { " while stopped" } else { "" };
         output::notice(&format!("leadership lost{when}: {reason}"));
-        if out.is_json() {
+        // With CMD, stdout is CMD's alone: the line above and the exit code tell the loss.
+        if out.is_json() && args.command.is_empty() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,
             }));

@@ -24,6 +24,11 @@ Examples:
   # hold the lock from a shell until Ctrl-C
   baton lock maintenance
 
+Without CMD, baton prints `acquired KEY token=T` once it holds the lock and `released KEY`
+when a signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) makes it release; with --json these are
+JSON events, and a lost lock adds a `lost` event. With CMD, stdout is CMD's alone, also with
+--json: baton prints nothing there.
+
 CMD gets BATON_LOCK_KEY (relative to --namespace: NAME/<lease id> on etcd, NAME on Redis)
 and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
@@ -135,7 +140,8 @@ async fn locked(
         let reason = reason.unwrap_or_else(|| "the lock key is gone".to_string());
         let when = if stopped { " while stopped" } else { "" };
         output::notice(&format!("lock lost{when}: {reason}"));
-        if out.is_json() {
+        // With CMD, stdout is CMD's alone: the line above and the exit code tell the loss.
+        if out.is_json() && args.command.is_empty() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,
             }));

@@ -24,6 +24,10 @@ Examples:
   # hold a permit from a shell until Ctrl-C
   baton sem maintenance --permits 2
 
+Without CMD, baton prints `acquired KEY permits=N` and, when a signal makes it release,
+`released KEY` (JSON events with --json, and a `lost` event if the permit is lost). With
+CMD, stdout is CMD's alone, also with --json.
+
 Every process using the semaphore must give the same --permits while any of them holds or
 waits (a different count exits 125). Permits are granted in FIFO order.
 
@@ -124,7 +128,8 @@ async fn held(
         let reason = reason.unwrap_or_else(|| "the permit's key is gone".to_string());
         let when = if stopped { " while stopped" } else { "" };
         output::notice(&format!("permit lost{when}: {reason}"));
-        if out.is_json() {
+        // With CMD, stdout is CMD's alone: the line above and the exit code tell the loss.
+        if out.is_json() && args.command.is_empty() {
             let _ = out.json_line(&json!({
                 "event": "lost", "name": args.name, "key": key, "reason": reason,
             }));

@@ -143,6 +143,55 @@ fn revoked_lease_kills_cmd_within_a_second() {
     assert!(err[0].starts_with("lock lost"), "{err:?}");
 }
 
+/// With CMD, stdout is CMD's alone also with --json when the hold is lost (lock, elect,
+/// sem): the loss is told by the `... lost` line on stderr and exit 122, not by a JSON
+/// event mixed into CMD's output. Without CMD, the `lost` event follows `acquired` on
+/// stdout.
+#[test]
+fn with_cmd_a_loss_adds_nothing_to_stdout_with_json() {
+    let etcd = etcd();
+    for (args, var, lost) in [
+        (&["lock", "doomed"][..], "BATON_LOCK_KEY", "lock lost"),
+        (
+            &["elect", "doomed-e", "v"],
+            "BATON_ELECTION_KEY",
+            "leadership lost",
+        ),
+        (
+            &["sem", "doomed-s", "--permits", "2"],
+            "BATON_SEM_KEY",
+            "permit lost",
+        ),
+    ] {
+        let script = format!(r#"echo "${var}"; exec sleep 30"#);
+        let mut holder = Proc::spawn(
+            baton(&etcd.endpoint())
+                .arg("--json")
+                .args(args)
+                .args(["--", "sh", "-c", &script]),
+        );
+        let key = holder.line();
+        revoke(&etcd, &key);
+        assert_eq!(holder.code(), 122, "{args:?}");
+        let rest: Vec<String> =
+            std::iter::from_fn(|| holder.line_within(Duration::from_millis(200))).collect();
+        assert!(
+            rest.is_empty(),
+            "{args:?}: stdout after CMD's line: {rest:?}"
+        );
+        let err = holder.stderr_all();
+        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+        assert!(err[0].starts_with(lost), "{args:?}: {err:?}");
+    }
+
+    let holder = Proc::spawn(baton(&etcd.endpoint()).args(["--json", "lock", "doomed"]));
+    let acquired: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(acquired["event"], "acquired");
+    revoke(&etcd, acquired["key"].as_str().unwrap());
+    let lost: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(lost["event"], "lost", "{lost}");
+}
+
 /// A CMD that ignores SIGTERM is SIGKILLed once `--grace` has passed.
 #[test]
 fn cmd_ignoring_sigterm_is_killed_after_grace() {
