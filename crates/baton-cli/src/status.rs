@@ -10,8 +10,10 @@
 //! holders are the keys the semaphore grants (in create order, while their counts add up
 //! to at most PERMITS) and whose waiters are the rest. A double barrier (`baton barrier`,
 //! [`baton::DoubleBarrier`]) named `NAME` has its participants' keys, valued with their
-//! count (or empty, Go's), under `NAME/waiters/`: they are shown as one barrier `NAME`, the participants of its
-//! open round (all of them if none is open) as holders, later arrivals as waiters.
+//! count (or empty, Go's), under `NAME/waiters/`: when the counts are one count and, unless
+//! a round is open (`NAME/ready`), the keys are no more than it, they are shown as one
+//! barrier `NAME`, the participants of its open round (all of them if none is open) as
+//! holders, later arrivals as waiters.
 //! A read-write lock ([`baton::RwLock`], Go's `recipe.RWMutex`) named `NAME` has keys under
 //! `NAME/read/` and `NAME/write/`: shown as one entry `NAME`, whose holders are the writer
 //! that queued first or else the readers that queued before the first writer. Go's recipes
@@ -49,8 +51,10 @@ name, kind, holder, fencing_token, permits (semaphores only), holder_count, hold
 waiter_count, waiters.
 
 The kind is guessed from the keys, which cannot always tell: an election whose values all
-look like COUNT/PERMITS (\"1/2\") shows as a semaphore, a lock named NAME/waiters as a
-barrier, and locks named NAME/read and NAME/write as one read-write lock NAME. --kind says
+look like COUNT/PERMITS (\"1/2\") shows as a semaphore; a lock named NAME/waiters, or an
+election named NAME/waiters whose values are all one number N with at most N candidates
+(a barrier's participants say their count), as a barrier; and locks named NAME/read and
+NAME/write as one read-write lock NAME. --kind says
 what the names are instead. Keys of Go's recipes (RWMutex, DoubleBarrier), which end in
 a decimal time instead of the lease, are shown too.
 
@@ -310,10 +314,9 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
                 .strip_suffix(BARRIER_WAITERS)
                 .filter(|_| guess(Kind::Barrier))
             {
-                let participant = |kv: &KeyValue| {
-                    kv.value.is_empty() || baton::DoubleBarrier::decode_value(&kv.value).is_some()
-                };
-                if !barrier.is_empty() && members.iter().all(|(kv, _)| participant(kv)) {
+                if !barrier.is_empty()
+                    && barrier_keys(&members, ready.contains_key(barrier), kind == Kind::Auto)
+                {
                     // An open round's participants are the keys created up to the last
                     // of them; later ones wait for the next round.
                     let round = ready.get(barrier).copied().unwrap_or(i64::MAX);
@@ -339,6 +342,28 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
         .collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     entries
+}
+
+/// True if `members` (keys under `NAME/waiters/`) can be a double barrier's participants:
+/// each key empty (Go's) or saying a count. Guessing (`auto`), also: the counts they say
+/// are one count (participants that disagree fail), and unless a round is `open`, they are
+/// no more than it. So an election named `NAME/waiters` whose candidates publish numbers
+/// is told apart, unless its values are one number at least as large as its candidates.
+fn barrier_keys(members: &[(&KeyValue, Member)], open: bool, guessing: bool) -> bool {
+    let mut count = None;
+    for (kv, _) in members {
+        if kv.value.is_empty() {
+            continue;
+        }
+        let Some(says) = baton::DoubleBarrier::decode_value(&kv.value) else {
+            return false;
+        };
+        if guessing && count.is_some_and(|c| c != says) {
+            return false;
+        }
+        count = Some(says);
+    }
+    !guessing || open || count.is_none_or(|c| members.len() <= c as usize)
 }
 
 /// The fewest digits of the creation time (in nanoseconds since 1970) that ends the keys of
@@ -633,6 +658,36 @@ mod tests {
         assert_eq!(b.waiters[0].key, "b/waiters/3c");
         assert_eq!(entries[1].holder_count, 1);
         assert_eq!(entries[1].waiter_count, 0);
+    }
+
+    /// An election named `NAME/waiters` whose candidates publish numbers is no barrier:
+    /// a barrier's participants all say one count (they fail otherwise), and are no more
+    /// than that count unless a round is open.
+    #[test]
+    fn numbers_under_waiters_are_an_election_unless_they_say_one_count() {
+        let kvs = [
+            kv("pool/waiters/1a", "7", 4, 0x1a),
+            kv("pool/waiters/2b", "12", 5, 0x2b),
+        ];
+        assert_eq!(group(&kvs)[0].kind, "election");
+        // One number, but more candidates than it: an election too.
+        let kvs = [
+            kv("pool/waiters/1a", "2", 4, 0x1a),
+            kv("pool/waiters/2b", "2", 5, 0x2b),
+            kv("pool/waiters/3c", "2", 6, 0x3c),
+        ];
+        assert_eq!(group(&kvs)[0].kind, "election");
+        // Participants that say one count (or none, Go's), at most that many: a barrier.
+        let kvs = [
+            kv("db/waiters/1a", "3", 4, 0x1a),
+            kv("db/waiters/2b", "", 5, 0x2b),
+            kv("db/waiters/3c", "3", 6, 0x3c),
+        ];
+        assert_eq!(group(&kvs)[0].kind, "barrier");
+        // --kind election says what the keys cannot.
+        let kvs = [kv("pool/waiters/1a", "2", 4, 0x1a)];
+        assert_eq!(group(&kvs)[0].kind, "barrier");
+        assert_eq!(group_as(&kvs, Kind::Election)[0].kind, "election");
     }
 
     /// NAME/read/… and NAME/write/… are one read-write lock, with Baton's keys (the lease in
