@@ -498,13 +498,19 @@ impl EtcdServer {
         }
     }
 
-    /// Pause the process with SIGSTOP. It keeps its sockets but answers nothing.
+    /// Pause the process with SIGSTOP, and return once all its threads are stopped (at
+    /// most 5 s). It keeps its sockets but answers nothing.
     ///
     /// # Panics
     ///
     /// If the member is not running.
     pub fn stop(&mut self) {
         self.send(libc::SIGSTOP, "SIGSTOP");
+        // Returns once every thread is stopped: a request sent right after must not be
+        // answered by a thread that was still running.
+        if let Some(pid) = self.pid() {
+            process::wait_stopped(pid, std::time::Duration::from_secs(5));
+        }
     }
 
     /// Resume a process paused with [`stop`](Self::stop) (SIGCONT).

@@ -82,3 +82,36 @@ pub(crate) fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Wait (at most `within`) until every thread of process `pid` is stopped (state `T`), as
+/// it is some time after SIGSTOP: `kill` returns at once, and a thread that is running
+/// stops only when it is next interrupted. A request sent in between may still be answered.
+/// True once they all are; false if `within` passed first or the process is gone.
+pub(crate) fn wait_stopped(pid: u32, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()
+            .map(|tasks| {
+                let mut any = false;
+                let all = tasks.flatten().all(|task| {
+                    any = true;
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            // "tid (comm) state …"; comm may contain spaces and parentheses.
+                            let (_, rest) = stat.rsplit_once(')')?;
+                            rest.split_whitespace().next()?.chars().next()
+                        })
+                        .is_some_and(|state| matches!(state, 'T' | 't'))
+                });
+                any && all
+            });
+        match all_stopped {
+            Some(true) => return true,
+            None => return false,
+            Some(false) if std::time::Instant::now() >= deadline => return false,
+            Some(false) => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    }
+}
