@@ -420,9 +420,14 @@ impl DoubleBarrier {
                     }
                 }
                 None => {
+                    // Read again also once the key whose count we agreed with is gone: the
+                    // next one that says a count decides then, and it may not be ours.
                     let mine = self.key.as_bytes().to_vec();
-                    let wait = Wait::keys([ready.to_vec(), mine], header, Until::Changed);
-                    waiter.wait(wait).await?;
+                    let mut keys = vec![ready.to_vec(), mine];
+                    keys.extend(first_count.map(|(kv, _)| kv.key.clone()));
+                    waiter
+                        .wait(Wait::keys(keys, header, Until::Changed))
+                        .await?;
                 }
             }
         }
@@ -838,6 +843,67 @@ mod tests {
             .unwrap();
         let x_round = x_task.await.unwrap().unwrap();
         assert_eq!(x_round, y_round);
+    }
+
+    /// Like the above, but the participant P that agreed with F's count is not opening the
+    /// round (too few keys yet): when F's key goes, G's count decides, and P must notice at
+    /// once and fail with Mismatch, instead of P and G waiting for each other until both
+    /// time out.
+    #[tokio::test]
+    async fn a_waiting_participant_sees_the_deciding_count_change() {
+        let client = Client::memory();
+        let s: Vec<Session> = futures::future::join_all((0..3).map(|_| Session::new(&client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let f = DoubleBarrier::new(&s[0], "db", 4).unwrap();
+        let f_task = tokio::spawn(async move {
+            f.enter_timeout(Duration::from_millis(300))
+                .await
+                .map(|_| ())
+        });
+        until_keys(&client, "db/waiters/", 1).await;
+        // G's put landed, its first read has not.
+        let g_key = lease_key("db/waiters/", s[1].lease_id());
+        client
+            .store()
+            .put(g_key.as_bytes(), b"2", s[1].lease_id())
+            .await
+            .unwrap();
+        let p = DoubleBarrier::new(&s[2], "db", 4).unwrap();
+        let started = tokio::time::Instant::now();
+        let p_task = tokio::spawn(async move {
+            p.enter_timeout(Duration::from_secs(3))
+                .await
+                .map(|g| g.round())
+        });
+        until_keys(&client, "db/waiters/", 3).await;
+        let f_result = f_task.await.unwrap();
+        assert!(
+            matches!(f_result, Err(Error::Timeout { .. })),
+            "{f_result:?}"
+        );
+        let g = DoubleBarrier::new(&s[1], "db", 2).unwrap();
+        let g_task = tokio::spawn(async move {
+            g.enter_timeout(Duration::from_secs(3))
+                .await
+                .map(|g| g.round())
+        });
+        let p_result = p_task.await.unwrap();
+        match &p_result {
+            Err(e @ Error::Mismatch { .. }) => assert!(e.to_string().contains("count of 2"), "{e}"),
+            other => panic!("P: expected Mismatch, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "P failed only after {:?}",
+            started.elapsed()
+        );
+        // G, whose count now holds, waits for a second participant.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!g_task.is_finished(), "G passed a barrier of 2 alone");
+        g_task.abort();
     }
 
     /// A participant's key that holds no count (Go's recipe writes an empty value) agrees
