@@ -249,11 +249,21 @@ fn option_like_value(args: &[OsString]) -> Option<CliError> {
     if !value.starts_with("--") {
         return None;
     }
-    // After `--` every word is a value: given there, it is meant. (The same word before
-    // the `--` can only have been parsed as VALUE.)
-    let separator = args.iter().position(|a| a == "--").unwrap_or(args.len());
-    if !args[..separator].iter().any(|a| a == value.as_str()) {
-        return None;
+    // After `--` every word is a value: given there, it is meant. Whether VALUE came before
+    // the `--` is told by parsing the words before it alone, not by looking for the word
+    // there: it may also be a real option there (`--json set k -- --json`).
+    if let Some(separator) = args.iter().position(|a| a == "--") {
+        let before = Cli::command()
+            .ignore_errors(true)
+            .try_get_matches_from(&args[..separator])
+            .ok()?;
+        let mut m = &before;
+        for name in path {
+            m = m.subcommand_matches(name)?;
+        }
+        if m.try_get_one::<String>("value").ok()?? != value {
+            return None;
+        }
     }
     // Parsed again without hyphen values, the word is an unknown argument, for which clap
     // suggests the most similar option.

@@ -144,6 +144,10 @@ fn a_misspelt_option_is_no_value() {
         &["set", "--if-revision", "0", "k", "--", "--x"],
         &["queue", "push", "q", "-x"],
         &["queue", "push", "q", "--", "--literal"],
+        // The same word before the `--` as a real option.
+        &["--json", "set", "k", "--", "--json"],
+        &["set", "--if-revision", "0", "k", "--", "--if-revision"],
+        &["--json", "queue", "push", "q", "--", "--json"],
         &["elect", "x", "-5", "--", "true"],
         &["elect", "x", "-", "--", "true"],
     ] {
