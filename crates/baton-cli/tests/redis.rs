@@ -431,6 +431,73 @@ fn observe_denied_by_the_acl_exits_125_on_redlock() {
     observer.signal(libc::SIGTERM);
 }
 
+/// With one master down (of three, of five), `baton leader` on a free election says there
+/// is no leader (1) every time: the masters that are up are a quorum and hold nothing. A
+/// refused connection answers at once, and the masters that had not answered yet were
+/// counted as failed (`redlock quorum not reached`, 125).
+#[test]
+fn leader_of_a_free_election_with_a_master_down_is_none() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    for n in [3, 5] {
+        let mut masters = RedisServers::start(n);
+        let url = masters.redlock_url();
+        let (out, _) = run(baton(&url).args(["leader", "free1"]));
+        assert_eq!(out.status.code(), Some(1), "{n} masters: {out:?}");
+        masters.kill(1);
+        for _ in 0..6 {
+            let (out, _) = run(baton(&url).args(["leader", "free1"]));
+            assert_eq!(out.status.code(), Some(1), "{n} masters, one down: {out:?}");
+        }
+    }
+}
+
+/// Two masters of three refuse access, one allows it: no quorum can answer, and retrying
+/// cannot help, so `baton leader` and `baton observe` exit 125 with `permission denied`
+/// every time, whichever master answers first (only the refusals that came before the
+/// others' answers were counted: `quorum not reached`, and observe retried).
+#[test]
+fn denied_by_most_masters_exits_125_every_time() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|i| {
+            let keys = if i == 0 {
+                "~* &* +@all"
+            } else {
+                "~allowed* ~baton:*:allowed* &* +@all"
+            };
+            RedisServer::start_with(
+                baton_testkit::RedisServerOptions::new()
+                    .with_acl_user("obs", &format!("on >opw {keys}")),
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = servers.iter().map(RedisServer::addr).collect();
+    let url = format!("redlock://{}", addrs.join(","));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "opw\n").unwrap();
+    let as_obs = || {
+        let mut cmd = baton(&url);
+        cmd.env_remove("BATON_PASSWORD")
+            .args(["--user", "obs", "--password-file"])
+            .arg(&pw);
+        cmd
+    };
+    for _ in 0..4 {
+        for args in [&["leader", "secret"][..], &["observe", "secret"]] {
+            let (out, took) = run(as_obs().args(args));
+            assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+            let err = stderr_lines(&out);
+            assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+            assert!(err[0].contains("permission denied"), "{args:?}: {err:?}");
+            assert!(
+                took < Duration::from_secs(3),
+                "{args:?}: denied after {took:?}"
+            );
+        }
+    }
+}
+
 /// Commands that need a key-value store refuse Redis with a clear message, and a bad
 /// Redlock URL is refused before any wait.
 #[test]

@@ -1515,6 +1515,33 @@ async fn redlock_a_proclaim_that_reached_a_minority_is_never_reported() {
     leading.resign().await.unwrap();
 }
 
+/// On Redlock, with one master of three down and the leader key gone from the other two, a
+/// proclaim fails with NotLeader (we no longer lead), however soon the down master's error
+/// comes: a master that has not answered yet is no failure. (The answers stopped being
+/// gathered once no quorum could write, and the master still to refuse was not counted:
+/// NoQuorum.) And the election reads as having no leader, not as no quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_proclaim_refused_by_the_masters_up_is_not_leader() {
+    for _ in 0..3 {
+        let mut servers = RedisServers::start_async(3).await;
+        let client = connect(&servers.redlock_url(), Duration::from_secs(30)).await;
+        let election = client.election(&unique("proclaim-refused")).unwrap();
+        let mut leading = election.campaign("v1").await.unwrap();
+        for i in 0..2 {
+            let _: i64 = raw(&servers.server(i).url())
+                .await
+                .del(election.key())
+                .await
+                .unwrap();
+        }
+        servers.kill(2);
+        let err = leading.proclaim("v2").await.unwrap_err();
+        assert!(matches!(err, Error::NotLeader { .. }), "{err}");
+        let err = election.leader().await.unwrap_err();
+        assert!(matches!(err, Error::NoLeader { .. }), "{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_election_failover_and_observe() {
     let server = RedisServer::start_async().await;

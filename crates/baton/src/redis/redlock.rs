@@ -467,6 +467,11 @@ impl ClientInner {
 
     /// Publish a new value as version `ver` (higher than any this leader used before);
     /// `Some(ver)` once a quorum wrote it, or `None` if we no longer lead.
+    ///
+    /// Returns once the answers decide it whatever the nodes that have not answered yet say
+    /// (a node that has not answered is no failure), else once every node answered, or the
+    /// write can no longer reach a quorum and the others stayed silent past the straggler
+    /// wait (see [`gather`]); their writes then finish in the background.
     pub(crate) async fn proclaim(
         &self,
         keys: &Keys,
@@ -486,17 +491,26 @@ impl ClientInner {
                 async move { node.proclaim(&keys, &token, &value, ver).await }
             })
             .collect();
-        // Settled once a quorum wrote it, or once too many did not for a quorum to: then
-        // nothing is left to wait for.
-        let never = |_: &[Result<Option<i64>>]| false;
-        let (results, rest) = gather(calls, never, straggle(self.opts.ttl), |results| {
-            let wrote = results
+        let wrote = |results: &[Result<Option<i64>>]| {
+            results
                 .iter()
-                .filter(|r| matches!(r, Ok(Some(v)) if *v == ver));
-            let wrote = wrote.count();
-            wrote >= q || results.len() - wrote > n - q
-        })
-        .await;
+                .filter(|r| matches!(r, Ok(Some(v)) if *v == ver))
+                .count()
+        };
+        // Settled once too many did not write it for a quorum to: the others may still say
+        // whether we lead, for a straggler wait.
+        let settled = |results: &[Result<Option<i64>>]| results.len() - wrote(results) > n - q;
+        // Decided by the answers so far whatever the others answer (a node that has not
+        // answered is no failure): a quorum wrote it, too many refused it for a quorum to
+        // (we no longer lead), or it cannot reach a quorum and the refusals cannot become
+        // too many.
+        let stop = |results: &[Result<Option<i64>>]| {
+            let pending = n - results.len();
+            let wrote = wrote(results);
+            let refused = results.iter().filter(|r| matches!(r, Ok(None))).count();
+            wrote >= q || refused > n - q || (wrote + pending < q && refused + pending <= n - q)
+        };
+        let (results, rest) = gather(calls, settled, straggle(self.opts.ttl), stop).await;
         if !rest.is_empty() {
             self.finish_in_background(rest, "proclaim");
         }
@@ -523,12 +537,16 @@ impl ClientInner {
     /// held by a quorum, or if its holder wrote no election record (a plain lock of the same
     /// name, or another library's).
     ///
-    /// Returns as soon as the answers settle it — a quorum holds the same record (no other
-    /// token, nor another version, can then be held by a quorum), or no token can be held
-    /// by a quorum any more (a quorum has the key free, say) — else once every node
-    /// answered, or a quorum holds the same token (with versions that differ: a proclaim
-    /// under way) and the others stayed silent past the straggler wait (see [`gather`]):
-    /// those count as failed.
+    /// Returns as soon as the answers settle it whatever the nodes that have not answered
+    /// yet say — a quorum holds the same record (no other token, nor another version, can
+    /// then be held by a quorum), a quorum answered and no token can be held by a quorum
+    /// any more (a quorum has the key free, say), or so many nodes failed that no quorum
+    /// can answer (and those refusing access are, or cannot become, too many for a quorum
+    /// to answer) — else once every node answered, or a quorum holds the same token (with
+    /// versions that differ: a proclaim under way) and the others stayed silent past the
+    /// straggler wait (see [`gather`]): those count as failed. A node that has not answered
+    /// yet never counts as failed before: with one master of three down, a free election
+    /// reads as free, not as no quorum.
     ///
     /// Too few answers fail with [`Error::NoQuorum`] (worth retrying), except when so many
     /// nodes refused access that no quorum can answer: then with one of their errors
@@ -541,11 +559,23 @@ impl ClientInner {
         let same_record = |a: &Option<NodeRecord>, b: &Option<NodeRecord>| matches!((a, b), (Some(a), Some(b)) if a.token == b.token && a.ver == b.ver);
         // The leader is known once a quorum holds its token: the others may still confirm
         // which version a quorum holds, for a straggler wait.
-        let settled = holder_settled(n, q, same_token);
+        let settled =
+            |results: &[Result<Option<NodeRecord>>]| most_agreeing(results, same_token) >= q;
+        // Decided by the answers so far whatever the others answer. A node that has not
+        // answered is no failure: it may still answer (a quorum's answers then say there is
+        // no leader), or refuse access (too many refusals are the error).
         let stop = |results: &[Result<Option<NodeRecord>>]| {
             let pending = n - results.len();
-            most_agreeing(results, same_token) + pending < q
-                || most_agreeing(results, same_record) >= q
+            let answered = results.iter().filter(|r| r.is_ok()).count();
+            let failed = results.len() - answered;
+            let denied = results
+                .iter()
+                .filter(|r| r.as_ref().is_err_and(Error::is_access_denied))
+                .count();
+            most_agreeing(results, same_record) >= q
+                || (answered >= q && most_agreeing(results, same_token) + pending < q)
+                || denied > n - q
+                || (failed > n - q && denied + pending <= n - q)
         };
         let (results, _) = gather(calls, settled, straggle(self.opts.ttl), stop).await;
         let failed = n - results.iter().filter(|r| r.is_ok()).count();
