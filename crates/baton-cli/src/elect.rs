@@ -97,17 +97,14 @@ async fn elected(
 
     // As `baton lock`: with CMD, stdout is CMD's alone; without, baton says it leads.
     let job = if args.command.is_empty() {
-        let _ = out.emit(
-            &format!("elected {key}{}", output::token_suffix(token)),
-            &json!({
-                "event": "elected",
-                "name": args.name,
-                "key": key,
-                "fencing_token": token,
-                "lease": coordinator.lease_id().map(output::lease_hex),
-                "ttl_secs": args.ttl.as_secs(),
-                "backend": coordinator.backend(),
-            }),
+        output::emit_held(
+            out,
+            "elected",
+            &args.name,
+            &key,
+            token,
+            coordinator,
+            args.ttl,
         );
         None
     } else {

@@ -107,17 +107,14 @@ async fn locked(
     tracing::info!(key = %key, token, "lock acquired");
 
     let job = if args.command.is_empty() {
-        let _ = out.emit(
-            &format!("acquired {key}{}", output::token_suffix(token)),
-            &json!({
-                "event": "acquired",
-                "name": args.name,
-                "key": key,
-                "fencing_token": token,
-                "lease": coordinator.lease_id().map(output::lease_hex),
-                "ttl_secs": args.ttl.as_secs(),
-                "backend": coordinator.backend(),
-            }),
+        output::emit_held(
+            out,
+            "acquired",
+            &args.name,
+            &key,
+            token,
+            coordinator,
+            args.ttl,
         );
         None
     } else {

@@ -114,6 +114,31 @@ pub(crate) fn notice(line: &str) {
 }
 
 /// A lease id as etcd tools print it: lowercase hex.
+/// The line `baton lock` and `baton elect` print when they hold `key` with no CMD to run:
+/// `EVENT KEY token=N`, or with `--json` the event with the hold's details.
+pub(crate) fn emit_held(
+    out: &Output,
+    event: &str,
+    name: &str,
+    key: &str,
+    token: Option<i64>,
+    coordinator: &baton::Coordinator,
+    ttl: std::time::Duration,
+) {
+    let _ = out.emit(
+        &format!("{event} {key}{}", token_suffix(token)),
+        &serde_json::json!({
+            "event": event,
+            "name": name,
+            "key": key,
+            "fencing_token": token,
+            "lease": coordinator.lease_id().map(lease_hex),
+            "ttl_secs": ttl.as_secs(),
+            "backend": coordinator.backend(),
+        }),
+    );
+}
+
 pub(crate) fn lease_hex(lease: i64) -> String {
     format!("{lease:x}")
 }
