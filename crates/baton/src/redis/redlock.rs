@@ -94,10 +94,12 @@ pub(crate) fn quorum_succeeded<T>(quorum: usize) -> impl Fn(&[Result<T>]) -> boo
     move |answers| answers.iter().filter(|r| r.is_ok()).count() >= quorum
 }
 
-/// A `settled` (or `stop`) for [`gather`] over reads of one key: true once `quorum` answers
-/// agree on a holder (`same`; an answer that holds nothing, as one without the key, is the
-/// same as none), or once none can reach a quorum any more, even with every call still in
-/// flight agreeing with it.
+/// A `settled` for [`gather`] over reads of one key: true once `quorum` answers agree on a
+/// holder (`same`; an answer that holds nothing, as one without the key, is the same as
+/// none), or once a quorum has answered and no holder can reach a quorum any more, even
+/// with every call still in flight agreeing with it. Failures are not answers: with one
+/// node failed and one saying "free", the third is waited for (else, cut off by the
+/// straggler wait, it would count as failed too, and the read as no quorum).
 pub(crate) fn holder_settled<T>(
     nodes: usize,
     quorum: usize,
@@ -105,7 +107,8 @@ pub(crate) fn holder_settled<T>(
 ) -> impl Fn(&[Result<T>]) -> bool {
     move |answers| {
         let best = most_agreeing(answers, &same);
-        best >= quorum || best + (nodes - answers.len()) < quorum
+        let answered = answers.iter().filter(|a| a.is_ok()).count();
+        best >= quorum || (answered >= quorum && best + (nodes - answers.len()) < quorum)
     }
 }
 
@@ -712,6 +715,10 @@ mod tests {
         assert!(settled(&[Ok(None), Ok(None)]));
         assert!(settled(&[Ok(Some("u")), Err(Error::Closed), Ok(Some("t"))]));
         assert!(!settled(&[Ok(Some("u")), Ok(Some("t"))]));
+        // One failed and one free: the third decides (free, or no quorum), so it is waited
+        // for rather than cut off by the straggler wait and counted as failed.
+        assert!(!settled(&[Ok(None), Err(Error::Closed)]));
+        assert!(settled(&[Ok(None), Err(Error::Closed), Ok(None)]));
     }
 
     /// The newest version a quorum holds wins over a newer one that reached a minority.
