@@ -577,6 +577,30 @@ fn an_interrupted_bench_leaves_nothing_behind() {
     }
 }
 
+/// On the embedded store, whose locks are granted without waiting, a signal still stops
+/// `bench scale` in its hold loop (the measurement yields to the signal handler).
+#[test]
+fn a_signal_stops_scale_on_the_embedded_store() {
+    for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let mut bench = Proc::spawn(baton("mem://").args([
+            "bench",
+            "scale",
+            "--ops",
+            "2000000",
+            "--workers",
+            "1",
+        ]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        bench.signal(signal);
+        let status = bench.wait(std::time::Duration::from_secs(5));
+        assert!(
+            status.is_some(),
+            "bench scale on mem:// still running 5 s after signal {signal}"
+        );
+        assert_eq!(bench.code(), code, "{:?}", bench.stderr_so_far());
+    }
+}
+
 /// The number of keys on a Redis server.
 fn dbsize(server: &baton_testkit::RedisServer) -> u64 {
     let reply = server

@@ -400,6 +400,9 @@ async fn hold_many(
                     async move {
                         let h = w.lock(&name).await;
                         progress.inc();
+                        // The embedded store grants at once: without this the loop never
+                        // returns to the runtime, and a signal is never seen.
+                        tokio::task::consume_budget().await;
                         h
                     }
                 })
@@ -430,7 +433,11 @@ async fn hold_many(
         let keep_alives = after.keep_alives - acquired.keep_alives;
 
         stream::iter(held)
-            .map(|h| h.release())
+            .map(|h| async move {
+                let released = h.release().await;
+                tokio::task::consume_budget().await;
+                released
+            })
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<()>>()
             .await?;
