@@ -601,6 +601,31 @@ fn a_signal_stops_scale_on_the_embedded_store() {
     }
 }
 
+/// `lost` under `--namespace` on Redis ends each hold by deleting the namespaced key (the
+/// guard's key is relative to the namespace), so no probe is missed.
+#[test]
+fn redis_lost_under_a_namespace_misses_nothing() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = baton_testkit::RedisServer::start();
+    let (out, _) = run(baton(&server.url()).args([
+        "--namespace",
+        "ns1/",
+        "--json",
+        "bench",
+        "lost",
+        "--ops",
+        "3",
+        "--ttl",
+        "2s",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(v["missed"], 0, "{v}");
+    assert_eq!(v["goal_met"], true, "{v}");
+    assert_eq!(dbsize(&server), 0, "keys left");
+}
+
 /// The number of keys on a Redis server.
 fn dbsize(server: &baton_testkit::RedisServer) -> u64 {
     let reply = server

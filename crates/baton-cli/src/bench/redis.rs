@@ -90,12 +90,13 @@ impl Admin {
         Ok(())
     }
 
-    /// End `held` from outside as an operator would: `DEL` of its key on every server.
-    async fn delete_held(&self, held: &dyn Held) -> Result<()> {
+    /// End `held` from outside as an operator would: `DEL` of its key, under `namespace`
+    /// (the key a guard reports is relative to it), on every server.
+    async fn delete_held(&self, namespace: &str, held: &dyn Held) -> Result<()> {
         let key = held
             .key()
             .ok_or_else(|| Failure("the hold has no key".into()))?;
-        self.delete(key).await
+        self.delete(&format!("{namespace}{key}")).await
     }
 
     /// Whether `key` exists on any server, and the most subscribers `channel` has on one.
@@ -240,7 +241,7 @@ impl Target for RedisTarget {
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
-        self.admin.delete_held(held).await
+        self.admin.delete_held(&self.namespace, held).await
     }
 
     /// The holder (if the key exists) plus the clients subscribed to the lock's wake-up
@@ -405,7 +406,7 @@ impl Target for Rslock {
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
-        self.admin.delete_held(held).await
+        self.admin.delete_held("", held).await
     }
 
     async fn queued(&self, _name: &str) -> Result<usize> {
