@@ -119,6 +119,17 @@ pub(crate) fn ratio(
     }
 }
 
+/// Whether the `lost` goal is met: not if a probe was missed (even when none was
+/// notified, so that there are no latencies), else whether the p99 is within the limit
+/// (`within`, `None` without latencies).
+fn lost_goal(missed: Option<f64>, within: Option<bool>) -> Option<bool> {
+    match missed {
+        Some(m) if m > 0.0 => Some(false),
+        Some(_) => within,
+        None => within.map(|_| false),
+    }
+}
+
 /// The issue's target for this run, and whether it was met (`None`: cannot tell, e.g. no
 /// peer to compare with).
 fn goal(
@@ -140,7 +151,7 @@ fn goal(
             Scenario::Uncontended => Some((">= the peer's ops/s", ratio.map(|r| r >= 1.0))),
             Scenario::Lost => Some((
                 "lost() within TTL/3 + 50 ms of the DEL at p99, every probe notified",
-                lat.map(|l| l.p99_us <= limit_us && number("missed") == Some(0.0)),
+                lost_goal(number("missed"), lat.map(|l| l.p99_us <= limit_us)),
             )),
             _ => None,
         };
@@ -160,7 +171,7 @@ fn goal(
         )),
         Scenario::Lost => Some((
             "lost() within 50 ms of the revoke at p99, every probe notified",
-            lat.map(|l| l.p99_us <= 50_000 && number("missed") == Some(0.0)),
+            lost_goal(number("missed"), lat.map(|l| l.p99_us <= 50_000)),
         )),
         Scenario::Scale => Some((
             "one lease kept alive for all held locks; every release wakes exactly one waiter; \
@@ -342,7 +353,15 @@ pub(crate) fn human(
         let verdict = match object.get("goal_met").and_then(Value::as_bool) {
             Some(true) => "met",
             Some(false) => "NOT met",
-            None => "not evaluated (needs --peer)",
+            None if object.get("peer").is_none()
+                && matches!(
+                    config.scenario,
+                    Scenario::Uncontended | Scenario::Contended | Scenario::Distinct
+                ) =>
+            {
+                "not evaluated (needs --peer)"
+            }
+            None => "not evaluated",
         };
         lines.push(format!("goal: {g}: {verdict}"));
     }
@@ -438,6 +457,38 @@ fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `lost` run whose every probe missed has no latencies, and its goal is not met
+    /// (it was evaluated: no peer is needed), in the JSON and in the text.
+    #[test]
+    fn lost_with_every_probe_missed_is_not_met() {
+        let config = Config {
+            scenario: Scenario::Lost,
+            workers: 3,
+            ops: 3,
+            ttl: Duration::from_secs(2),
+            settle: Duration::ZERO,
+            prefix: "p".into(),
+        };
+        for backend in ["etcd", "redis"] {
+            let context = Context {
+                backend,
+                endpoints: "x".into(),
+                server_version: None,
+                ttl: config.ttl,
+            };
+            let mut ours = Measured {
+                ops: 3,
+                ..Measured::default()
+            };
+            ours.extra("missed", 3u64);
+            let o = object(&config, &context, &ours, None);
+            assert_eq!(o.get("goal_met"), Some(&Value::Bool(false)), "{backend}");
+            let text = human(&config, &context, &ours, None, &o);
+            assert!(text.contains(": NOT met"), "{backend}: {text}");
+            assert!(!text.contains("needs --peer"), "{backend}: {text}");
+        }
+    }
 
     #[test]
     fn percentiles_by_nearest_rank() {
