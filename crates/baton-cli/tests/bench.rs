@@ -626,6 +626,30 @@ fn redis_lost_under_a_namespace_misses_nothing() {
     assert_eq!(dbsize(&server), 0, "keys left");
 }
 
+/// On `rediss://` the bench's own connections (the `DEL` of `lost`, the clean-up) use
+/// `--cacert` as Baton's do.
+#[test]
+fn redis_bench_over_tls_uses_the_ca() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let pki = baton_testkit::TestPki::generate();
+    let server = baton_testkit::RedisServer::start_with(
+        baton_testkit::RedisServerOptions::new().with_tls(&pki),
+    );
+    for args in [
+        &["uncontended", "--ops", "10"][..],
+        &["lost", "--ops", "2", "--ttl", "2s"][..],
+    ] {
+        let (out, _) = run(baton(&server.tls_url())
+            .arg("--cacert")
+            .arg(pki.ca_file())
+            .arg("--json")
+            .arg("bench")
+            .args(args));
+        assert_eq!(out.status.code(), Some(0), "bench {args:?}: {out:?}");
+        assert_eq!(dbsize(&server), 0, "{args:?}: keys left");
+    }
+}
+
 /// The number of keys on a Redis server.
 fn dbsize(server: &baton_testkit::RedisServer) -> u64 {
     let reply = server

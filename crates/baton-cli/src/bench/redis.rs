@@ -22,13 +22,68 @@ pub(crate) struct Admin {
     conns: Vec<redis::aio::MultiplexedConnection>,
 }
 
+/// What `--cacert`, `--cert` and `--key` name, read: the TLS settings of the bench's own
+/// connections to `rediss://` servers, the same as Baton's.
+#[derive(Clone, Default)]
+pub(crate) struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Read the files the global options name.
+    pub(crate) fn read(global: &Global) -> Result<TlsFiles> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| Failure(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        Ok(TlsFiles {
+            ca: global
+                .cacert
+                .as_deref()
+                .map(|p| read(p, "CA certificate"))
+                .transpose()?,
+            identity: match (&global.cert, &global.key) {
+                (Some(cert), Some(key)) => {
+                    Some((read(cert, "client certificate")?, read(key, "client key")?))
+                }
+                _ => None,
+            },
+        })
+    }
+
+    /// A client for `url`: with these settings if it is `rediss://`.
+    fn client(&self, url: &str) -> Result<redis::Client> {
+        if !url.starts_with("rediss://") {
+            return Ok(redis::Client::open(url)?);
+        }
+        Ok(redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: self.identity.clone().map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                }),
+                root_cert: self.ca.clone(),
+            },
+        )?)
+    }
+}
+
 impl Admin {
     /// Connect to every server named by `endpoints` (`redis://…` or `redlock://h:p,…`, with
-    /// the credentials in the URLs: see [`cli::redis_endpoints`]).
-    pub(crate) async fn connect(endpoints: &str, dial_timeout: Duration) -> Result<Admin> {
+    /// the credentials in the URLs: see [`cli::redis_endpoints`]), over TLS with `tls` for
+    /// `rediss://`.
+    pub(crate) async fn connect(
+        endpoints: &str,
+        dial_timeout: Duration,
+        tls: &TlsFiles,
+    ) -> Result<Admin> {
         let mut conns = Vec::new();
         for url in node_urls(endpoints)? {
-            let client = redis::Client::open(url.as_str())?;
+            let client = tls.client(&url)?;
             let conn =
                 tokio::time::timeout(dial_timeout, client.get_multiplexed_async_connection())
                     .await
@@ -199,7 +254,8 @@ impl RedisTarget {
             .map(|r| r.endpoints().to_string())
             .unwrap_or_default();
         cli::close_coordinator(&probe).await;
-        let admin = Admin::connect(&cli::redis_endpoints(global)?, global.dial_timeout)
+        let tls = TlsFiles::read(global).map_err(|e| CliError::failed(e.0))?;
+        let admin = Admin::connect(&cli::redis_endpoints(global)?, global.dial_timeout, &tls)
             .await
             .map_err(|e| CliError::failed(e.0))?;
         Ok(RedisTarget {
@@ -376,7 +432,7 @@ impl Rslock {
         }
         let endpoints = cli::redis_endpoints(global)?;
         let urls = node_urls(&endpoints).map_err(fail)?;
-        let admin = Admin::connect(&endpoints, global.dial_timeout)
+        let admin = Admin::connect(&endpoints, global.dial_timeout, &TlsFiles::default())
             .await
             .map_err(fail)?;
         Ok(Rslock {
