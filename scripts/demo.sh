@@ -17,5 +17,8 @@ if ((${#need[@]})); then
   apt_install "${need[@]}"
 fi
 ensure_rust
-cargo build --release --quiet --bin baton
-exec target/release/baton demo "$@"
+# Through cargo, so that the binary run is the one just built wherever the target directory
+# is (CARGO_TARGET_DIR, a .cargo/config.toml); the first build takes a few minutes, and
+# cargo shows its progress.
+echo "demo.sh: building baton (release; the first build takes a few minutes)" >&2
+exec cargo run --release --bin baton -- demo "$@"

@@ -47,3 +47,36 @@ fn demo_runs_on_mem_with_no_overlaps() {
     assert_eq!(summary["leaders"].as_array().unwrap().len(), 2);
     assert!(summary["failover_ms"].as_f64().unwrap() < 1000.0);
 }
+
+/// `scripts/demo.sh` runs the baton that cargo builds wherever the target directory is
+/// (here `$CARGO_TARGET_DIR`), not a fixed `target/release/baton`: with a stand-in cargo
+/// that records its arguments, the script hands the demo's options to `cargo run`.
+#[test]
+fn demo_script_runs_through_cargo_with_any_target_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let record = dir.path().join("cargo-args");
+    let fake = |name: &str, body: String| {
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    fake("cargo", format!("echo \"$*\" >> '{}'", record.display()));
+    fake("rustc", "echo 'rustc 1.999.0 (stand-in)'".to_string());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/demo.sh");
+    let (out, _) = run(std::process::Command::new("bash")
+        .arg(script)
+        .args(["--seconds", "1"])
+        .env("HOME", dir.path())
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("CARGO_TARGET_DIR", dir.path().join("target")));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let args = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        args.lines()
+            .any(|l| l.starts_with("run --release") && l.ends_with("demo --seconds 1")),
+        "{args}"
+    );
+}
