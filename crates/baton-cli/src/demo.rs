@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{self, Global};
 use crate::exit::CliError;
 use crate::output::{self, Output};
+use crate::supervisor::Signals;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -165,6 +166,10 @@ struct ElectionState {
 }
 
 /// Run `baton demo`.
+///
+/// A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the demo early: its workers and nodes
+/// stop and close their sessions (revoking their leases, which deletes their keys), and
+/// the exit code is 128+N. A second signal stops the closing too.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let endpoints = if global.endpoints_given {
         global.endpoints.clone()
@@ -172,6 +177,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         DEMO_ENDPOINTS.to_string()
     };
     let out = Output::new(global.json);
+    let mut signals = Signals::new()?;
     let admin = cli::connect(global, &endpoints).await?;
     let run_id = std::process::id();
     let lock_name = format!("demo/job-{run_id}");
@@ -258,27 +264,51 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    // Partway through, freeze the leader and revoke its lease.
-    tokio::time::sleep_until(tl.start + args.seconds.mul_f64(0.4)).await;
-    kill_leader(&admin, &election_name, &nodes, &election, tl).await;
-    tokio::time::sleep_until(tl.start + args.seconds).await;
+    // Partway through, freeze the leader and revoke its lease (not cut short: a signal
+    // meanwhile is kept, and ends the demo right after).
+    let mut interrupted = sleep_until(&mut signals, tl.start + args.seconds.mul_f64(0.4)).await;
+    if interrupted.is_none() {
+        kill_leader(&admin, &election_name, &nodes, &election, tl).await;
+        interrupted = sleep_until(&mut signals, tl.start + args.seconds).await;
+    }
 
+    // Stop every task, and wait for all of them (each closes its session, revoking its
+    // lease), even when one has failed.
     stop.cancel();
-    let stopped = tokio::time::timeout(STOP_TIMEOUT, async {
+    let stopping = tokio::time::timeout(STOP_TIMEOUT, async {
+        let mut first_error = None;
         for t in tasks {
             if let Ok(Err(e)) = t.await {
-                return Err(e);
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
-    })
-    .await;
+        first_error.map_or(Ok(()), Err)
+    });
+    let stopped = tokio::select! {
+        stopped = stopping => stopped,
+        sig = signals.recv() => {
+            tracing::debug!(signal = sig, "interrupted while stopping the demo");
+            return Err(CliError::interrupted(sig));
+        }
+    };
     let _ = observing.await;
+    if let Some(sig) = interrupted {
+        tracing::debug!(signal = sig, "interrupted");
+        return Err(CliError::interrupted(sig));
+    }
     match stopped {
         Ok(r) => r?,
         Err(_) => return Err(CliError::failed("the demo's workers did not stop in time")),
     }
     summary(&out, &args, &lock_shared, &election)
+}
+
+/// Sleep until `at`, or until a signal comes first: its number.
+async fn sleep_until(signals: &mut Signals, at: Instant) -> Option<i32> {
+    tokio::select! {
+        () = tokio::time::sleep_until(at) => None,
+        sig = signals.recv() => Some(sig),
+    }
 }
 
 /// A lock worker: take the lock, write to the fenced log a few times, release; repeat.

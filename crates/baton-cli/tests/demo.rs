@@ -48,6 +48,37 @@ fn demo_runs_on_mem_with_no_overlaps() {
     assert!(summary["failover_ms"].as_f64().unwrap() < 1000.0);
 }
 
+/// The number of leases etcd has, per etcdctl.
+fn leases(etcd: &EtcdServer) -> usize {
+    let out = etcd.etcdctl(["lease", "list"]);
+    assert!(out.status.success(), "etcdctl lease list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("found "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("etcdctl lease list: {text}"))
+}
+
+/// A signal stops the demo: its workers and nodes close their sessions (revoking their
+/// leases, deleting their keys) and it exits 128+N, leaving nothing on etcd.
+#[test]
+fn an_interrupted_demo_leaves_nothing_behind() {
+    let etcd = etcd();
+    for (signal, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut demo = Proc::spawn(baton(&etcd.endpoint()).args(["demo", "--seconds", "4"]));
+        let first = demo.line();
+        assert!(first.starts_with("baton demo on"), "{first}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        demo.signal(signal);
+        assert_eq!(demo.code(), code, "{:?}", demo.stderr_so_far());
+        let left = keys(&etcd, "");
+        assert!(left.is_empty(), "{} keys left: {left:?}", left.len());
+        assert_eq!(leases(&etcd), 0, "leases left");
+    }
+}
+
 /// `scripts/demo.sh` runs the baton that cargo builds wherever the target directory is
 /// (here `$CARGO_TARGET_DIR`), not a fixed `target/release/baton`: with a stand-in cargo
 /// that records its arguments, the script hands the demo's options to `cargo run`.
