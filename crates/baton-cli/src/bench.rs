@@ -195,6 +195,9 @@ impl Config {
                 )));
             }
         }
+        if let Some(reason) = args.peer.and_then(|p| p.cannot_run(args.scenario)) {
+            return Err(CliError::failed(reason));
+        }
         if args.sweep && args.scenario != Scenario::Contended {
             return Err(CliError::failed("--sweep applies to contended only"));
         }

@@ -626,6 +626,24 @@ fn redis_lost_under_a_namespace_misses_nothing() {
     assert_eq!(dbsize(&server), 0, "keys left");
 }
 
+/// A peer that cannot run the scenario is refused before Baton's run, not after it.
+#[test]
+fn a_peer_that_cannot_run_the_scenario_is_refused_up_front() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = baton_testkit::RedisServer::start();
+    let (out, took) = run(
+        baton(&server.url()).args(["bench", "handover", "--ops", "100000", "--peer", "rslock"])
+    );
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out).join("\n");
+    assert!(err.contains("rslock has no leader election"), "{err}");
+    assert!(!err.contains("bench handover on rslock"), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "refused after {took:?}"
+    );
+}
+
 /// On `rediss://` the bench's own connections (the `DEL` of `lost`, the clean-up) use
 /// `--cacert` as Baton's do.
 #[test]

@@ -38,6 +38,17 @@ pub(crate) enum Peer {
 }
 
 impl Peer {
+    /// Why the peer cannot run `scenario`, if it cannot: checked before any run, so that
+    /// it is not found out only after Baton's whole run.
+    pub(crate) fn cannot_run(self, scenario: super::Scenario) -> Option<&'static str> {
+        match (self, scenario) {
+            (Peer::Rslock, super::Scenario::Handover) => {
+                Some("rslock has no leader election: run bench handover without --peer rslock")
+            }
+            _ => None,
+        }
+    }
+
     /// Connect the peer to the backend named by `--endpoints`.
     pub(crate) async fn connect(
         self,
