@@ -112,7 +112,7 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) sweep: bool,
 
-    /// Where --sweep writes its chart.
+    /// Where --sweep writes its chart (checked to be writable before the sweep starts).
     #[arg(long, value_name = "PATH", default_value = "bench-contended.svg")]
     pub(crate) chart: PathBuf,
 
@@ -260,6 +260,10 @@ impl Config {
 /// code is 128+N. A second signal stops the closing too.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let config = Config::new(&args)?;
+    if args.sweep {
+        // Found out now, not after the whole sweep.
+        chart::check_writable(&args.chart).map_err(|e| chart_error(&args.chart, &e))?;
+    }
     let on_redis = cli::is_redis(&global.endpoints);
     if on_redis && config.scenario == Scenario::Scale {
         return Err(CliError::failed(
@@ -563,12 +567,7 @@ async fn sweep(
         ops: config.ops,
         points: &points,
     };
-    chart::draw(chart_path, &series).map_err(|e| {
-        CliError::failed(format!(
-            "cannot write the chart {}: {e}",
-            chart_path.display()
-        ))
-    })?;
+    chart::draw(chart_path, &series).map_err(|e| chart_error(chart_path, &*e))?;
     let mut summary = Map::new();
     summary.insert("scenario".into(), "contended".into());
     summary.insert("backend".into(), context.backend.into());
@@ -600,4 +599,9 @@ async fn sweep(
         let _ = out.text(&format!("chart written to {}", chart_path.display()));
     }
     Ok(0)
+}
+
+/// The error for a chart that cannot be written.
+fn chart_error(path: &std::path::Path, e: &dyn std::fmt::Display) -> CliError {
+    CliError::failed(format!("cannot write the chart {}: {e}", path.display()))
 }

@@ -644,6 +644,37 @@ fn a_peer_that_cannot_run_the_scenario_is_refused_up_front() {
     );
 }
 
+/// An unwritable `--chart` is refused before the sweep runs, not after it.
+#[test]
+fn an_unwritable_chart_is_refused_before_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let chart = file.join("chart.svg");
+    let (out, _) = run(baton("mem://").args([
+        "--json",
+        "bench",
+        "contended",
+        "--sweep",
+        "--ops",
+        "20",
+        "--chart",
+        chart.to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr_lines(&out)
+            .join("\n")
+            .contains("cannot write the chart"),
+        "{out:?}"
+    );
+    assert_eq!(
+        stdout(&out),
+        "",
+        "the sweep ran before the chart was refused"
+    );
+}
+
 /// On `rediss://` the bench's own connections (the `DEL` of `lost`, the clean-up) use
 /// `--cacert` as Baton's do.
 #[test]

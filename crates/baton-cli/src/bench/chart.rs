@@ -28,6 +28,25 @@ pub(crate) struct Series<'a> {
 const OURS: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const THEIRS: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 
+/// Check, before a sweep, that the chart can be written to `path`: its directory is made
+/// if missing, and the file opened for writing (a file that was not there is removed
+/// again).
+pub(crate) fn check_writable(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if !existed {
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
 /// Draw the chart to `path`. The x axis is log2(workers).
 pub(crate) fn draw(path: &Path, s: &Series<'_>) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
