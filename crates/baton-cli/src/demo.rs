@@ -54,6 +54,20 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
+    // The global --endpoints, with the demo's own default (so that the help says what the
+    // demo runs on); clap gives the value given before or after `demo` to both this and
+    // `Global::endpoints`, and `Global::endpoints_given` says whether one was given.
+    /// Backend URLs, as for every command (see baton --help); by default the demo's own
+    /// embedded store.
+    #[arg(
+        long,
+        env = "BATON_ENDPOINTS",
+        hide_env_values = true,
+        value_name = "URLS",
+        default_value = DEMO_ENDPOINTS
+    )]
+    pub(crate) endpoints: String,
+
     /// How many workers contend for the lock.
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -174,7 +188,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let endpoints = if global.endpoints_given {
         global.endpoints.clone()
     } else {
-        DEMO_ENDPOINTS.to_string()
+        args.endpoints.clone()
     };
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;

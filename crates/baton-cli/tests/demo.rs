@@ -111,3 +111,16 @@ fn demo_script_runs_through_cargo_with_any_target_dir() {
         "{args}"
     );
 }
+
+/// `baton demo --help` gives the demo's own default endpoints, the embedded store it runs
+/// on, not the etcd default of the other commands.
+#[test]
+fn demo_help_gives_the_embedded_store_as_default() {
+    let mut cmd = baton("unused");
+    cmd.env_remove("BATON_ENDPOINTS");
+    let (out, _) = run(cmd.args(["demo", "--help"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("[default: mem://demo]"), "{text}");
+    assert!(!text.contains("[default: http://127.0.0.1:2379]"), "{text}");
+}
