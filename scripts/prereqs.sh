@@ -61,6 +61,9 @@ ensure_rust() {
 
 # Packages the build needs, for the caller to install along with its own.
 build_packages() {
+  # A C compiler, linker and libc headers: rustc links with `cc`, and `ring` (TLS) compiles
+  # C. build-essential, since gcc alone only recommends libc6-dev.
+  { command -v cc >/dev/null && [ -e /usr/include/stdio.h ]; } || echo build-essential
   command -v protoc >/dev/null || echo protobuf-compiler
   # etcd-client's protos import protobuf's well-known types, which protobuf-compiler only
   # recommends (and --no-install-recommends skips): they come with libprotobuf-dev.
