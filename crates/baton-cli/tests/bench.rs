@@ -517,19 +517,6 @@ fn workers_built_before_a_failure_are_closed() {
     assert!(text.starts_with("found 0 leases"), "{text}");
 }
 
-/// The number of leases etcd has, per etcdctl.
-fn leases(etcd: &EtcdServer) -> usize {
-    let out = etcd.etcdctl(["lease", "list"]);
-    assert!(out.status.success(), "etcdctl lease list: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .next()
-        .and_then(|l| l.strip_prefix("found "))
-        .and_then(|l| l.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("etcdctl lease list: {text}"))
-}
-
 /// An interrupted bench stops, closes its workers (revoking their leases, deleting their
 /// keys) and exits 128+N, rather than leave its keys for the whole TTL.
 #[test]

@@ -48,19 +48,6 @@ fn demo_runs_on_mem_with_no_overlaps() {
     assert!(summary["failover_ms"].as_f64().unwrap() < 1000.0);
 }
 
-/// The number of leases etcd has, per etcdctl.
-fn leases(etcd: &EtcdServer) -> usize {
-    let out = etcd.etcdctl(["lease", "list"]);
-    assert!(out.status.success(), "etcdctl lease list: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .next()
-        .and_then(|l| l.strip_prefix("found "))
-        .and_then(|l| l.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("etcdctl lease list: {text}"))
-}
-
 /// A signal stops the demo: its workers and nodes close their sessions (revoking their
 /// leases, deleting their keys) and it exits 128+N, leaving nothing on etcd.
 #[test]

@@ -713,6 +713,15 @@ mod tests {
             .kvs
     }
 
+    /// `n` sessions on `client`.
+    async fn sessions(client: &Client, n: usize) -> Vec<Session> {
+        futures::future::join_all((0..n).map(|_| Session::new(client)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     /// Wait until `n` participants' keys are under `prefix`.
     async fn until_keys(client: &Client, prefix: &str, n: usize) {
         for _ in 0..500 {
@@ -729,11 +738,7 @@ mod tests {
     #[tokio::test]
     async fn participants_that_disagree_on_the_count_fail_with_mismatch() {
         let client = Client::memory();
-        let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let s = sessions(&client, 4).await;
         let enter = |i: usize, name: &'static str, count: u32| {
             let barrier = DoubleBarrier::new(&s[i], name, count).unwrap();
             tokio::spawn(async move { barrier.enter_timeout(Duration::from_secs(5)).await })
@@ -781,11 +786,7 @@ mod tests {
     #[tokio::test]
     async fn review_opener_and_odd_one_wait_for_each_other() {
         let client = Client::memory();
-        let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let s = sessions(&client, 4).await;
         let f = DoubleBarrier::new(&s[0], "db", 3).unwrap();
         let f_task = tokio::spawn(async move {
             f.enter_timeout(Duration::from_millis(300))
@@ -852,11 +853,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_participant_sees_the_deciding_count_change() {
         let client = Client::memory();
-        let s: Vec<Session> = futures::future::join_all((0..3).map(|_| Session::new(&client)))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let s = sessions(&client, 3).await;
         let f = DoubleBarrier::new(&s[0], "db", 4).unwrap();
         let f_task = tokio::spawn(async move {
             f.enter_timeout(Duration::from_millis(300))
@@ -1035,11 +1032,7 @@ mod tests {
     #[tokio::test]
     async fn full_and_stale() {
         let client = Client::memory();
-        let s: Vec<Session> = futures::future::join_all((0..3).map(|_| Session::new(&client)))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let s = sessions(&client, 3).await;
         let b = |i: usize| DoubleBarrier::new(&s[i], "full", 1).unwrap();
         let g = b(0).enter().await.unwrap();
         let err = b(1).enter().await.unwrap_err();

@@ -322,6 +322,19 @@ pub fn group_stopped(pgid: u32) -> bool {
         })
 }
 
+/// The number of leases etcd has, per etcdctl.
+pub fn leases(etcd: &EtcdServer) -> usize {
+    let out = etcd.etcdctl(["lease", "list"]);
+    assert!(out.status.success(), "etcdctl lease list: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("found "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("etcdctl lease list: {text}"))
+}
+
 /// The size of the file at `path` (0 if it does not exist).
 pub fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
