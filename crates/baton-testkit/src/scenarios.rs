@@ -125,9 +125,18 @@ impl Target {
     }
 
     /// Take the leadership of election `name` away from outside, as an operator would:
-    /// revoke the leader's lease (store), or `DEL` the leader key on every server (Redis,
-    /// Redlock; the key is the election's name, the workers use no prefix). The leader
-    /// learns it later, by its keep-alive or its watchdog.
+    /// revoke the leader's lease (store), or delete the leader's key on every server where
+    /// it still holds the leader's token (Redis, Redlock; the key is the election's name,
+    /// the workers use no prefix). The leader learns it later, by its keep-alive or its
+    /// watchdog.
+    ///
+    /// On Redlock the deletion compares the token, as etcd's revoke names one lease: the
+    /// servers are visited one after another, and a candidate may take the key on a quorum
+    /// (servers already visited, and servers the old leader never held) before the sweep is
+    /// over. A blind `DEL` would then delete part of that new leader's keys too, and a second
+    /// candidate could take a quorum before the first one's watchdog notices (at its next
+    /// extend): two leaders at once, as after any deletion of a holder's keys. That is the
+    /// row's fault applied twice, not once.
     ///
     /// # Panics
     ///
@@ -141,19 +150,39 @@ impl Target {
             }
             Kind::Redis | Kind::Redlock => {
                 let addrs = self.redis_addrs();
+                let n = addrs.len();
                 let key = name.to_string();
                 let deleted = tokio::task::spawn_blocking(move || {
+                    let timeout = Duration::from_secs(1);
+                    // The leader's token: the value a quorum of servers holds.
+                    let values: Vec<String> = addrs
+                        .iter()
+                        .filter_map(|a| {
+                            redis_command(*a, &["EVAL", GET_AS_STATUS, "1", &key], timeout)
+                        })
+                        .filter_map(|reply| reply.strip_prefix('+').map(str::to_string))
+                        .filter(|v| !v.is_empty())
+                        .collect();
+                    let token = values
+                        .iter()
+                        .find(|v| values.iter().filter(|o| o == v).count() > n / 2)
+                        .unwrap_or_else(|| panic!("no token of {key} on a quorum: {values:?}"))
+                        .clone();
                     addrs
                         .iter()
                         .filter(|a| {
-                            redis_command(**a, &["DEL", &key], Duration::from_secs(1)).as_deref()
+                            redis_command(
+                                **a,
+                                &["EVAL", DELETE_IF_TOKEN, "1", &key, &token],
+                                timeout,
+                            )
+                            .as_deref()
                                 == Some(":1")
                         })
                         .count()
                 })
                 .await
                 .unwrap();
-                let n = self.redis_addrs().len();
                 assert!(
                     deleted > n / 2,
                     "the leader key {name} was deleted on {deleted} of {n} servers"
@@ -376,11 +405,19 @@ pub async fn crashed_holder(t: &Target) {
     );
 }
 
+/// A Lua script: the value of `KEYS[1]` as a status reply (`+VALUE`; `+` if none).
+const GET_AS_STATUS: &str = "return {ok = redis.call('GET', KEYS[1]) or ''}";
+
+/// A Lua script: delete `KEYS[1]` if it holds `ARGV[1]` (`:1`), else `:0`.
+const DELETE_IF_TOKEN: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// How row 16 takes the leadership away from the leader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Depose {
     /// From outside, as an operator would ([`Target::depose_leader`]): the lease revoked
-    /// (store), the leader key deleted on every server (Redis, Redlock).
+    /// (store), the leader's key deleted on every server that holds its token (Redis,
+    /// Redlock).
     Revoke,
     /// The leader process SIGSTOPped for 2×TTL.
     Pause,
@@ -573,18 +610,26 @@ pub async fn election_split_brain(t: &Target, how: Depose, proxied: Option<u16>)
         }
         expect(old, "done", Duration::from_secs(10)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut said = String::new();
         for w in &mut cands {
+            let lines = w.lines_so_far();
             let t = w.kill();
             oracle.end_holds(w.name(), t, "killed");
+            said += &format!("{}: {lines:?}\n{}\n", w.name(), w.stderr());
         }
         let h = oracle.history();
-        if t.fenced() {
-            h.check_all(&oracle, &[]).unwrap();
+        let checked = if t.fenced() {
+            h.check_all(&oracle, &[])
         } else {
             // Without tokens, a stale leader's writes may interleave with the new
             // leader's: the counter is not a property Redlock keeps.
-            h.check_tokens().unwrap();
-            h.check_intervals(&[]).unwrap();
+            h.check_tokens().and_then(|()| h.check_intervals(&[]))
+        };
+        if let Err(e) = checked {
+            panic!(
+                "{e}\nold leader {old_name}, fault at {t_fault}; holds {:?}\n{said}",
+                h.holds()
+            );
         }
         let leaders: Vec<_> = h
             .holds()

@@ -225,9 +225,10 @@ async fn row16_election_pause_redis() {
     scenarios::election_split_brain(&redis_target(&server), Depose::Pause, None).await;
 }
 
-/// Row 16 on Redlock: the leader key deleted on all five masters. As on one Redis, but
-/// without a token the old leader's writes until its watchdog notices are accepted: the
-/// figure counts those after the new grant.
+/// Row 16 on Redlock: the leader's key deleted on every master that holds its token (a
+/// compare-and-delete; see `Target::depose_leader` for why not a blind `DEL`). As on one
+/// Redis, but without a token the old leader's writes until its watchdog notices are
+/// accepted: the figure counts those after the new grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row16_election_del_redlock() {
     let servers = RedisServers::start_async(5).await;
