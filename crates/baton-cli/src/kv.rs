@@ -53,7 +53,8 @@ reader closes the pipe (exit 0; another failure to write exits 125):
   delete config/feature-x (revision 16)
 With --json, a key or value that is not UTF-8 is given as \"key_base64\" or
 \"value_base64\" (standard base64) instead of \"key\" or \"value\".
-After a broken connection it watches again from where it was. If the backend compacted
+After a broken connection it watches again from where it was; while it cannot, a line on
+stderr says so, and another when it watches again. If the backend compacted
 those revisions meanwhile, it prints the keys as they are now (changes in between, and
 deletions, may be skipped). An error that retrying cannot fix (permission denied, say,
 once a role is revoked) ends it with 125 and the error on stderr.";
@@ -201,6 +202,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
     let mut next: Option<baton::Revision> = None;
     let mut first = true;
     let mut pause = Backoff::default();
+    let mut outage = output::Outage::new("watch");
     loop {
         let from = match next {
             Some(from) => from,
@@ -214,6 +216,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                     Err(e) if first || !e.is_retryable() => return Err(e.into()),
                     Err(e) => {
                         tracing::debug!(error = ?e, "reading failed; retrying");
+                        outage.failing(&e.to_string());
                         if pause.sleep(&mut signals).await {
                             return Ok(0);
                         }
@@ -247,6 +250,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
             Err(e) if !e.is_retryable() => return Err(e.into()),
             Err(e) => {
                 tracing::debug!(error = %e, "watching failed; retrying");
+                outage.failing(&e.to_string());
                 next = Some(from);
                 if pause.sleep(&mut signals).await {
                     return Ok(0);
@@ -254,6 +258,7 @@ pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliErr
                 continue;
             }
         };
+        outage.working();
         next = Some(from);
         loop {
             let batch = tokio::select! {

@@ -22,10 +22,14 @@ the lock's counter (`none` on redlock://).
 
 The first line is the current leader, if there is one. Lines follow as leaders change or
 proclaim new values, until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe
-(exit 0; another failure to write exits 125). Failures are retried, except one that
+(exit 0; another failure to write exits 125). Failures are retried (a line on stderr
+says when observing stops working, and another when it works again), except one that
 retrying cannot fix (permission denied: the etcd role or Redis ACL does not cover the
 election; on redlock://, on so many masters that no quorum can answer): it ends observe
 with 125 and the error on stderr.";
+
+/// How often `baton observe` checks whether observing fails (and says so on stderr).
+const OUTAGE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `baton observe`.
 #[derive(Debug, clap::Args)]
@@ -56,8 +60,17 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         let leaders = baton::Election::observe_with(&client, &args.name)?;
         (Leaders::Etcd(leaders), None)
     };
+    // Observing retries by itself; tell the operator when it stops working, and when it
+    // works again.
+    let mut outage = crate::output::Outage::new("observe");
+    let mut check = tokio::time::interval(OUTAGE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = check.tick() => match leaders.retrying() {
+                Some(e) => outage.failing(&e),
+                None => outage.working(),
+            },
             leader = leaders.next() => {
                 let Some(leader) = leader else {
                     if let Some(e) = leaders.take_error() {
@@ -93,6 +106,13 @@ impl Leaders {
         match self {
             Leaders::Etcd(s) => s.take_error(),
             Leaders::Redis(s) => s.take_error(),
+        }
+    }
+
+    fn retrying(&self) -> Option<String> {
+        match self {
+            Leaders::Etcd(s) => s.retrying(),
+            Leaders::Redis(s) => s.retrying(),
         }
     }
 }

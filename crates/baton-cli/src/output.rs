@@ -113,6 +113,46 @@ pub(crate) fn notice(line: &str) {
     let _ = stderr.flush();
 }
 
+/// Tells the operator, on stderr, when a command that follows changes (`watch`, `observe`)
+/// stops getting them and when it gets them again: one line each way, so that a log shows
+/// the gap, not a line per retry.
+#[derive(Debug)]
+pub(crate) struct Outage {
+    what: &'static str,
+    since: Option<std::time::Instant>,
+}
+
+impl Outage {
+    pub(crate) fn new(what: &'static str) -> Outage {
+        Outage { what, since: None }
+    }
+
+    /// An attempt failed with `error` and will be retried: say so, the first time.
+    pub(crate) fn failing(&mut self, error: &str) {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+            notice(&format!(
+                "{}: {error}; retrying (changes may come late)",
+                self.what
+            ));
+        }
+    }
+
+    /// An attempt worked: say so, if the last ones failed.
+    pub(crate) fn working(&mut self) {
+        if let Some(since) = self.since.take() {
+            let gap = std::time::Duration::from_millis(
+                u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            );
+            notice(&format!(
+                "{}: working again after {}",
+                self.what,
+                duration(gap)
+            ));
+        }
+    }
+}
+
 /// A lease id as etcd tools print it: lowercase hex.
 /// The line `baton lock` and `baton elect` print when they hold `key` with no CMD to run:
 /// `EVENT KEY token=N`, or with `--json` the event with the hold's details.

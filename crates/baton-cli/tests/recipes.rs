@@ -500,6 +500,76 @@ fn watch_prints_changes() {
     assert_eq!(human.code(), 0);
 }
 
+/// While etcd is down, `baton watch` and `baton observe` say so on stderr (once), and again
+/// when they work again; then they go on: a change made after the restart is printed.
+#[test]
+fn watch_and_observe_say_when_the_backend_is_down_and_back() {
+    let mut etcd = etcd();
+    let ep = etcd.endpoint();
+    let watch = Proc::spawn(baton(&ep).args(["watch", "down/a"]));
+    let observe = Proc::spawn(baton(&ep).args(["observe", "down-e"]));
+    // Both follow once a change reaches them.
+    let mut i = 0;
+    loop {
+        assert!(i < 100, "watch printed no change");
+        let (out, _) = run(baton(&ep).args(["set", "down/a", &format!("v{i}")]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        i += 1;
+        if watch.line_within(Duration::from_millis(100)).is_some() {
+            break;
+        }
+    }
+    let one = Proc::spawn(baton(&ep).args(["elect", "down-e", "leader-one"]));
+    let elected = one.line();
+    assert!(elected.starts_with("elected down-e/"), "{elected}");
+    let key_one = elected.split_whitespace().nth(1).unwrap().to_string();
+    assert!(observe.line().starts_with("leader-one (key down-e/"));
+    assert!(watch.stderr_so_far().is_empty() && observe.stderr_so_far().is_empty());
+
+    etcd.kill();
+    let (mut watch_err, mut observe_err) = (Vec::new(), Vec::new());
+    let failing = |lines: &[String], what: &str| {
+        lines.iter().any(|l| {
+            l.starts_with(&format!("{what}: ")) && l.ends_with("retrying (changes may come late)")
+        })
+    };
+    wait_until("both say the backend is unreachable", || {
+        watch_err.extend(watch.stderr_so_far());
+        observe_err.extend(observe.stderr_so_far());
+        failing(&watch_err, "watch") && failing(&observe_err, "observe")
+    });
+    // Once each, not once per retry.
+    std::thread::sleep(Duration::from_secs(2));
+    watch_err.extend(watch.stderr_so_far());
+    observe_err.extend(observe.stderr_so_far());
+    assert_eq!(watch_err.len(), 1, "{watch_err:?}");
+    assert_eq!(observe_err.len(), 1, "{observe_err:?}");
+
+    etcd.restart();
+    wait_until("both say they work again", || {
+        watch_err.extend(watch.stderr_so_far());
+        observe_err.extend(observe.stderr_so_far());
+        watch_err
+            .iter()
+            .any(|l| l.starts_with("watch: working again after "))
+            && observe_err
+                .iter()
+                .any(|l| l.starts_with("observe: working again after "))
+    });
+    while watch.line_within(Duration::from_millis(200)).is_some() {}
+    let (out, _) = run(baton(&ep).args(["set", "down/a", "after"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(watch.line().starts_with("put down/a = after "));
+    // The first leader may have lost its session while etcd was down (and revoked its lease
+    // on the way out), or still lead: either way, its lease goes now.
+    let lease = key_one.rsplit('/').next().unwrap();
+    let _ = etcd.etcdctl(["lease", "revoke", lease]);
+    let _two = Proc::spawn(baton(&ep).args(["elect", "down-e", "leader-two"]));
+    assert!(observe.line().starts_with("leader-two (key down-e/"));
+    assert_eq!(watch_err.len(), 2, "{watch_err:?}");
+    assert_eq!(observe_err.len(), 2, "{observe_err:?}");
+}
+
 /// With `--json`, a value (or a watched key) that is not UTF-8 is given as `value_base64`
 /// (`key_base64`) instead of a lossy string: a popped item has left the queue, so its bytes
 /// must come out intact.

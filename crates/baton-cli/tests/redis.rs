@@ -232,6 +232,42 @@ fn elect_leader_observe_status() {
     assert!(stderr_lines(&out)[0].contains("no leader"), "{out:?}");
 }
 
+/// `baton observe` on Redis says on stderr, once, that it cannot read the leader while the
+/// server is down, and again when it can; then it goes on.
+#[test]
+fn observe_says_when_the_server_is_down_and_back() {
+    let mut server = redis();
+    let url = server.url();
+    let observer = Proc::spawn(baton(&url).args(["observe", "down"]));
+    let leader = Proc::spawn(baton(&url).args(["elect", "down", "first"]));
+    assert!(leader.line().starts_with("elected down "));
+    assert!(observer.line().starts_with("first (key down, "));
+    assert!(observer.stderr_so_far().is_empty());
+
+    server.kill();
+    let mut err = Vec::new();
+    wait_until("observe says it cannot read", || {
+        err.extend(observer.stderr_so_far());
+        err.iter()
+            .any(|l| l.starts_with("observe: ") && l.ends_with("retrying (changes may come late)"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    err.extend(observer.stderr_so_far());
+    assert_eq!(err.len(), 1, "once, not once per retry: {err:?}");
+    drop(leader);
+
+    // Without persistence the restarted server is empty: a new leader.
+    server.restart();
+    wait_until("observe says it works again", || {
+        err.extend(observer.stderr_so_far());
+        err.iter()
+            .any(|l| l.starts_with("observe: working again after "))
+    });
+    let _second = Proc::spawn(baton(&url).args(["elect", "down", "second"]));
+    assert!(observer.line().starts_with("second (key down, "));
+    assert_eq!(err.len(), 2, "{err:?}");
+}
+
 /// With `--namespace`, what baton reports on Redis is relative to the namespace, as on etcd:
 /// CMD's BATON_LOCK_KEY and BATON_ELECTION_KEY, the `elected` line, `leader --json`,
 /// `observe`, and `status`'s names and keys; only Redis itself sees the prefixed key.

@@ -226,6 +226,13 @@ impl LeaderStream {
     pub fn take_error(&mut self) -> Option<Error> {
         self.failure.take()
     }
+
+    /// While observing fails and is being retried (the backend unreachable, say), the
+    /// message of the last failure; `None` while it works. For telling users that changes
+    /// may be late: the stream recovers by itself.
+    pub fn retrying(&self) -> Option<String> {
+        self.failure.retrying()
+    }
 }
 
 impl fmt::Debug for LeaderStream {

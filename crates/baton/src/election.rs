@@ -334,6 +334,14 @@ impl Observe {
         self.failure.take()
     }
 
+    /// While observing fails and is being retried (the backend unreachable, say), the
+    /// message of the last failure; `None` while it works, and before the first poll. For
+    /// telling users that changes may be late: the stream recovers by itself, and yields
+    /// the leader as it is then.
+    pub fn retrying(&self) -> Option<String> {
+        self.failure.retrying()
+    }
+
     /// Where the observing task leaves its error, for [`LeaderStream`](crate::coordinator::LeaderStream).
     pub(crate) fn failure(&self) -> ObserveFailure {
         self.failure.clone()
@@ -342,19 +350,45 @@ impl Observe {
 
 /// Where an observing task leaves the error that stopped it (an access denied), for the
 /// stream's `take_error`. It is set before the task drops its sender, so a reader that saw
-/// the stream end finds it there.
+/// the stream end finds it there. It also keeps, while observing fails and is retried, the
+/// last failure, for the stream's `retrying`.
 #[derive(Clone, Default)]
-pub(crate) struct ObserveFailure(Arc<std::sync::Mutex<Option<Error>>>);
+pub(crate) struct ObserveFailure(Arc<std::sync::Mutex<ObserveState>>);
+
+#[derive(Default)]
+struct ObserveState {
+    denied: Option<Error>,
+    retrying: Option<String>,
+}
 
 impl ObserveFailure {
+    fn state(&self) -> std::sync::MutexGuard<'_, ObserveState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Keep `e` (the observing task is stopping because of it).
     pub(crate) fn set(&self, e: Error) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+        self.state().denied = Some(e);
     }
 
     /// The error kept, if any, leaving none.
     pub(crate) fn take(&self) -> Option<Error> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.state().denied.take()
+    }
+
+    /// Observing failed with `e`, and will be tried again.
+    pub(crate) fn failing(&self, e: &Error) {
+        self.state().retrying = Some(e.to_string());
+    }
+
+    /// Observing works (again).
+    pub(crate) fn working(&self) {
+        self.state().retrying = None;
+    }
+
+    /// The last failure, while observing fails.
+    pub(crate) fn retrying(&self) -> Option<String> {
+        self.state().retrying.clone()
     }
 }
 
@@ -398,7 +432,7 @@ fn spawn_observer(
         async move {
             tokio::select! {
                 _ = tx.closed() => {}
-                denied = observe_loop(&store, &prefix, &tx) => {
+                denied = observe_loop(&store, &prefix, &tx, &failure) => {
                     if let Some(e) = denied {
                         tracing::warn!(error = %e, "observing stopped: access denied");
                         failure.set(e);
@@ -417,6 +451,7 @@ async fn observe_loop(
     store: &Arc<dyn Store>,
     prefix: &str,
     tx: &mpsc::Sender<Leader>,
+    failure: &ObserveFailure,
 ) -> Option<Error> {
     let queue = Queue::direct(prefix);
     let mut last: Option<(Vec<u8>, Revision, Revision)> = None;
@@ -427,6 +462,7 @@ async fn observe_loop(
             Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the leader failed; retrying");
+                failure.failing(&e);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
@@ -452,11 +488,13 @@ async fn observe_loop(
             Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => {
                 tracing::debug!(error = %e, "watching the election failed; retrying");
+                failure.failing(&e);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
             }
         };
+        failure.working();
         'watch: while let Some(item) = stream.next().await {
             let Ok(resp) = item else {
                 // Compacted or broken: read the leader again.

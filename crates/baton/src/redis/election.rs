@@ -185,7 +185,7 @@ impl RedisElection {
                 tokio::select! {
                     _ = tx.closed() => {}
                     _ = inner.closed.cancelled() => {}
-                    denied = observe_loop(&client, &name, &keys, &tx) => {
+                    denied = observe_loop(&client, &name, &keys, &tx, &kept) => {
                         if let Some(e) = denied {
                             tracing::warn!(error = %e, "observing stopped: access denied");
                             kept.set(e);
@@ -218,6 +218,7 @@ async fn observe_loop(
     name: &str,
     keys: &Keys,
     tx: &mpsc::Sender<Leader>,
+    failure: &ObserveFailure,
 ) -> Option<Error> {
     let inner = client.inner();
     let sub = inner.hub.subscribe(&keys.channel).await;
@@ -227,7 +228,13 @@ async fn observe_loop(
         let woken = chan.observers.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        match inner.read_leader(keys).await {
+        let read = inner.read_leader(keys).await;
+        match &read {
+            Ok(_) => failure.working(),
+            Err(e) if !e.is_access_denied() => failure.failing(e),
+            Err(_) => {}
+        }
+        match read {
             Ok(Some(rec)) => {
                 let id = (rec.token.clone(), rec.ver);
                 if last.as_ref() != Some(&id) {
@@ -265,6 +272,13 @@ impl RedisObserve {
     /// `None` otherwise (the client was closed).
     pub fn take_error(&mut self) -> Option<Error> {
         self.failure.take()
+    }
+
+    /// While reading the leader fails and is being retried (no quorum answers, say), the
+    /// message of the last failure; `None` while it works. For telling users that changes
+    /// may be late: the stream recovers by itself.
+    pub fn retrying(&self) -> Option<String> {
+        self.failure.retrying()
     }
 
     /// Where the observing task leaves its error, for
