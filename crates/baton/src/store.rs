@@ -638,6 +638,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         let _ = id;
     }
 
+    /// How long one request may take, retries included, if the store bounds it (etcd's
+    /// [`EtcdOptions::request_timeout`](crate::store::etcd::EtcdOptions::request_timeout));
+    /// `None` (the default) for a store whose requests cannot hang, such as the embedded
+    /// one. Primitives that resend a request whose answer was lost use it to bound how long
+    /// they keep trying.
+    fn request_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// Watch keys. The stream is registered before this returns.
     ///
     /// # Cancel safety

@@ -465,9 +465,10 @@ impl Items {
     /// The first send is awaited, whatever `stop` does (within the store's request timeout,
     /// as any request). Once it has failed in flight, `stop` is polled between resends, and
     /// the claim gives up (`None`) when it completes or when about one request timeout has
-    /// passed since the first send: [`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT),
-    /// or the store's own if the first send timed out (then nothing is sent again). A
-    /// resend in flight is cut off at that deadline, not by `stop`.
+    /// passed since the first send: the store's request timeout
+    /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store without one),
+    /// or less if the first send timed out sooner (then nothing is sent again). A resend in
+    /// flight is cut off at that deadline, not by `stop`.
     async fn claim<S, F: Future<Output = S>>(
         &self,
         item: &KeyValue,
@@ -481,7 +482,11 @@ impl Items {
             )])
             .and_then([TxnOp::delete(item.key.clone())]);
         let started = tokio::time::Instant::now();
-        let mut deadline = started + crate::client::DEFAULT_REQUEST_TIMEOUT;
+        let mut deadline = started
+            + self
+                .store
+                .request_timeout()
+                .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
         match self.store.txn(txn.clone()).await {
             Ok(resp) => return Ok(Some(resp.succeeded)),
             // Refused (access, bad input): not applied.
@@ -639,15 +644,26 @@ mod tests {
         lag: Duration,
         timed_out: bool,
         sent: std::sync::atomic::AtomicUsize,
+        /// The store's own request timeout, if it has one.
+        request_timeout: Option<Duration>,
     }
 
     impl UnansweredClaims {
         fn new(lag: Duration, timed_out: bool) -> Arc<UnansweredClaims> {
+            Self::with_request_timeout(lag, timed_out, None)
+        }
+
+        fn with_request_timeout(
+            lag: Duration,
+            timed_out: bool,
+            request_timeout: Option<Duration>,
+        ) -> Arc<UnansweredClaims> {
             Arc::new(UnansweredClaims {
                 inner: crate::store::mem::MemStore::new(),
                 lag,
                 timed_out,
                 sent: Default::default(),
+                request_timeout,
             })
         }
 
@@ -660,6 +676,9 @@ mod tests {
     impl Store for UnansweredClaims {
         fn backend(&self) -> &'static str {
             "mem"
+        }
+        fn request_timeout(&self) -> Option<Duration> {
+            self.request_timeout
         }
         async fn range(&self, range: Range) -> Result<RangeResponse> {
             self.inner.range(range).await
@@ -757,11 +776,18 @@ mod tests {
 
     /// A claim that fails in flight is sent again for about one request timeout in all,
     /// the first send included: not at all after a first send that took the store's whole
-    /// request timeout; until the default request timeout if each send fails at once.
+    /// request timeout; if each send fails at once, until the store's request timeout, or
+    /// the default one for a store without.
     #[tokio::test(start_paused = true)]
     async fn a_claim_failed_in_flight_takes_about_one_request_timeout() {
-        for (lag, timed_out) in [(Duration::from_secs(3), true), (Duration::ZERO, false)] {
-            let store = UnansweredClaims::new(lag, timed_out);
+        let cases = [
+            (Duration::from_secs(3), true, None),
+            (Duration::ZERO, false, None),
+            (Duration::ZERO, false, Some(Duration::from_secs(3))),
+            (Duration::ZERO, false, Some(Duration::from_secs(30))),
+        ];
+        for (lag, timed_out, request_timeout) in cases {
+            let store = UnansweredClaims::with_request_timeout(lag, timed_out, request_timeout);
             let client = Client::from_arc(store.clone());
             let q = Queue::new(&client, "jobs").unwrap();
             q.enqueue("precious").await.unwrap();
@@ -772,10 +798,10 @@ mod tests {
             if timed_out {
                 assert_eq!((took, store.sent()), (lag, 1), "timed out");
             } else {
-                let limit = crate::client::DEFAULT_REQUEST_TIMEOUT;
+                let limit = request_timeout.unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
                 assert!(
                     took <= limit && took > limit - Duration::from_secs(2),
-                    "failing at once: gave up after {took:?}"
+                    "failing at once (request timeout {request_timeout:?}): gave up after {took:?}"
                 );
                 assert!(store.sent() > 2, "{} sent", store.sent());
             }

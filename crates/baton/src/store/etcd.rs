@@ -1023,6 +1023,10 @@ impl Store for EtcdStore {
         "etcd"
     }
 
+    fn request_timeout(&self) -> Option<Duration> {
+        Some(self.inner.options.request_timeout)
+    }
+
     async fn range(&self, range: Range) -> Result<RangeResponse> {
         let options = get_options(&range);
         let key = range.keys.bytes().to_vec();

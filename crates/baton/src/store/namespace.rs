@@ -227,6 +227,10 @@ impl Store for NamespaceStore {
         self.inner.lease_keep_alive_done(id);
     }
 
+    fn request_timeout(&self) -> Option<Duration> {
+        self.inner.request_timeout()
+    }
+
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
         self.inner.lease_time_to_live(id).await
     }
