@@ -135,7 +135,7 @@ fn baton_leader_is_seen_by_etcdctl() {
         "{:?}",
         revoked.elapsed()
     );
-    let err = leader.stderr_so_far();
+    let err = leader.stderr_after_exit();
     assert!(
         err.len() == 1 && err[0].starts_with("leadership lost"),
         "{err:?}"

@@ -138,7 +138,7 @@ fn revoked_lease_kills_cmd_within_a_second() {
     assert_eq!(status.code(), Some(122));
     assert!(took < Duration::from_secs(1), "CMD killed after {took:?}");
     assert!(!alive(pid), "CMD still runs");
-    let err = holder.stderr_so_far();
+    let err = holder.stderr_after_exit();
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(err[0].starts_with("lock lost"), "{err:?}");
 }
@@ -534,7 +534,7 @@ fn lock_lost_while_stopped_kills_cmd_on_sigcont() {
     assert_eq!(status.code(), Some(122));
     assert!(!alive(cmd), "CMD still runs");
     assert_eq!(file_size(&log), stopped_at, "CMD ran on after the loss");
-    let err = holder.stderr_so_far();
+    let err = holder.stderr_after_exit();
     assert!(
         err.iter().any(|l| l.starts_with("lock lost while stopped")),
         "{err:?}"

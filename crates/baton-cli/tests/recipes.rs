@@ -106,7 +106,7 @@ fn sem_lost_permit_exits_122() {
         "baton sem did not end after the loss"
     );
     assert_eq!(holder.code(), 122);
-    let err = holder.stderr_so_far();
+    let err = holder.stderr_after_exit();
     assert!(err.iter().any(|l| l.starts_with("permit lost")), "{err:?}");
 }
 

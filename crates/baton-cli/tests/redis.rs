@@ -155,7 +155,7 @@ fn deleted_key_kills_cmd() {
     assert_eq!(holder.code(), 122);
     let took = deleted.elapsed();
     assert!(took < Duration::from_secs(3), "loss noticed after {took:?}");
-    let err = holder.stderr_so_far().join("\n");
+    let err = holder.stderr_after_exit().join("\n");
     assert!(err.contains("lock lost"), "{err}");
 }
 
@@ -170,7 +170,7 @@ fn a_loss_found_by_the_release_exits_122() {
         Some(":1".to_string())
     );
     assert_eq!(holder.code(), 122);
-    let err = holder.stderr_so_far().join("\n");
+    let err = holder.stderr_after_exit().join("\n");
     assert!(err.contains("lock lost"), "{err}");
 }
 

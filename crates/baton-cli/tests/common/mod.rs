@@ -115,6 +115,22 @@ impl Proc {
         self.err_lines.try_iter().collect()
     }
 
+    /// The stderr lines of a process that has exited: all of them once stderr is closed,
+    /// waiting at most 2 s for that (a CMD that outlives baton may keep it open). Unlike
+    /// [`stderr_so_far`](Proc::stderr_so_far), this does not miss the last lines, which the
+    /// reader thread may not have passed on yet when the exit is seen.
+    pub fn stderr_after_exit(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err_lines.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => return lines,
+            }
+        }
+    }
+
     /// Every stderr line, once stderr is closed (after the exit), waiting at most [`STEP`].
     pub fn stderr_all(&self) -> Vec<String> {
         let deadline = Instant::now() + STEP;
