@@ -130,7 +130,22 @@ impl PriorityQueue {
                 }
                 limit = 0;
             };
-            let next = last.1.map_or(0, |n| n + 1);
+            let next = match last.1 {
+                None => 0,
+                // Keys sort in numeric order only at a fixed width of 16 digits: a 17-digit
+                // sequence number would sort before the older items (and u64 would wrap).
+                Some(n) if n >= MAX_SEQUENCE => {
+                    return Err(crate::Error::InvalidData {
+                        key: format!("{level}/{n:016}"),
+                        reason: format!(
+                            "the last item at this priority has sequence number {n}; the next \
+                             would not fit the 16 digits that keep items in order (keys \
+                             under the queue were written by something other than a queue)"
+                        ),
+                    })
+                }
+                Some(n) => n + 1,
+            };
             let key = format!("{level}/{next:016}");
             // The bookkeeping key orders producers; the key must be new, so that nothing
             // is ever overwritten (a nested name's key, a bookkeeping key written by hand).
@@ -168,6 +183,9 @@ impl PriorityQueue {
 
     take_methods!("the first item (lowest priority number, then oldest)");
 }
+
+/// The largest sequence number an item key holds in its 16 digits.
+const MAX_SEQUENCE: u64 = 9_999_999_999_999_999;
 
 /// True if `kv` is an item under `prefix`: its key is (see [`is_item`]), and it has no lease
 /// (as Go writes items; a lock's keys always have one).
@@ -269,6 +287,31 @@ mod tests {
             nested.try_dequeue().await.unwrap().as_deref(),
             Some(&b"nested-item"[..])
         );
+    }
+
+    /// An item key written by hand with the largest sequence number (or one past what 16
+    /// digits hold) makes the next enqueue at its level fail with `InvalidData`: no panic,
+    /// and no item that wraps around to sort before it. Other levels still work.
+    #[tokio::test]
+    async fn a_sequence_at_its_limit_refuses_the_next_enqueue() {
+        for last in ["18446744073709551615", "9999999999999999"] {
+            let client = Client::memory();
+            let key = format!("pq/00001/{last}");
+            client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
+            let q = PriorityQueue::new(&client, "pq").unwrap();
+            let err = q.enqueue("next", 1).await.unwrap_err();
+            assert!(
+                matches!(&err, crate::Error::InvalidData { reason, .. } if reason.contains("16 digits")),
+                "{last}: {err}"
+            );
+            assert_eq!(q.len().await.unwrap(), 1, "{last}");
+            q.enqueue("elsewhere", 2).await.unwrap();
+            assert_eq!(q.try_dequeue().await.unwrap().as_deref(), Some(&b"x"[..]));
+            assert_eq!(
+                q.try_dequeue().await.unwrap().as_deref(),
+                Some(&b"elsewhere"[..])
+            );
+        }
     }
 
     #[tokio::test]
