@@ -213,6 +213,28 @@ async fn range_put_delete() {
         .unwrap();
     let keys: Vec<_> = modified_by_c.kvs.iter().map(|kv| kv.key.clone()).collect();
     assert_eq!(keys, [b"r/b".to_vec(), b"r/c".to_vec()]);
+    // Keys only: no values, everything else as in a full read.
+    let keys_only = store.range(Range::prefix("r/").keys_only()).await.unwrap();
+    assert_eq!(keys_only.kvs.len(), 3);
+    for (k, full) in keys_only.kvs.iter().zip(&all.kvs) {
+        assert!(k.value.is_empty(), "{k:?}");
+        assert_eq!(
+            (
+                &k.key,
+                k.create_revision,
+                k.mod_revision,
+                k.version,
+                k.lease
+            ),
+            (
+                &full.key,
+                full.create_revision,
+                full.mod_revision,
+                full.version,
+                full.lease
+            )
+        );
+    }
 
     let none = store.range(Range::key("missing")).await.unwrap();
     assert!(none.kvs.is_empty());

@@ -164,6 +164,9 @@ pub struct Range {
     /// with [`Error::InvalidArgument`](crate::Error::InvalidArgument). The compact revision
     /// itself can still be read.
     pub revision: Revision,
+    /// Leave the values out (empty in the results), as etcd's `keys_only`: keys, revisions,
+    /// versions and leases only, for a read that needs no value (a count, say).
+    pub keys_only: bool,
 }
 
 impl Range {
@@ -185,6 +188,7 @@ impl Range {
             max_create_revision: 0,
             max_mod_revision: 0,
             revision: 0,
+            keys_only: false,
         }
     }
 
@@ -215,6 +219,12 @@ impl Range {
     /// Read the keys as they were at `revision` (0: the latest). See [`Range::revision`].
     pub fn at_revision(mut self, revision: Revision) -> Self {
         self.revision = revision;
+        self
+    }
+
+    /// Leave the values out (see [`Range::keys_only`]).
+    pub fn keys_only(mut self) -> Self {
+        self.keys_only = true;
         self
     }
 

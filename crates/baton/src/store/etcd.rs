@@ -1524,6 +1524,9 @@ fn get_options(range: &Range) -> ec::GetOptions {
     if range.revision > 0 {
         options = options.with_revision(range.revision);
     }
+    if range.keys_only {
+        options = options.with_keys_only();
+    }
     options
 }
 

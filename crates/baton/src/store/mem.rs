@@ -623,7 +623,7 @@ fn select<'a>(
             let best = hits.iter().copied().min_by(cmp);
             return RangeResponse {
                 header_revision,
-                kvs: best.map(|kv| KeyValue::clone(kv)).into_iter().collect(),
+                kvs: best.map(|kv| copy(kv, range)).into_iter().collect(),
                 more: true,
             };
         }
@@ -636,8 +636,21 @@ fn select<'a>(
     }
     RangeResponse {
         header_revision,
-        kvs: hits.into_iter().map(|kv| KeyValue::clone(kv)).collect(),
+        kvs: hits.into_iter().map(|kv| copy(kv, range)).collect(),
         more,
+    }
+}
+
+/// A key as `range` returns it: without its value if the range is keys only.
+fn copy(kv: &KeyValue, range: &Range) -> KeyValue {
+    if range.keys_only {
+        KeyValue {
+            key: kv.key.clone(),
+            value: Vec::new(),
+            ..*kv
+        }
+    } else {
+        kv.clone()
     }
 }
 
@@ -837,6 +850,7 @@ mod encoded {
             + int(target)
             + int(range.max_mod_revision.max(0))
             + int(range.max_create_revision.max(0))
+            + if range.keys_only { 2 } else { 0 }
     }
 
     /// A `PutRequest`.
@@ -1379,6 +1393,25 @@ mod tests {
             .unwrap();
         assert_eq!(keys(&r.kvs), ["p/a"]);
         assert!(r.more);
+        // Keys only: the same keys and revisions, no values; also for the one-pass
+        // "last created" read.
+        let full = s.range(Range::prefix("p/")).await.unwrap();
+        assert!(full.kvs.iter().any(|kv| !kv.value.is_empty()));
+        let r = s.range(Range::prefix("p/").keys_only()).await.unwrap();
+        assert_eq!(keys(&r.kvs), keys(&full.kvs));
+        for (k, f) in r.kvs.iter().zip(&full.kvs) {
+            assert!(k.value.is_empty());
+            assert_eq!(
+                (k.create_revision, k.mod_revision, k.version, k.lease),
+                (f.create_revision, f.mod_revision, f.version, f.lease)
+            );
+        }
+        let r = s
+            .range(Range::prefix("p/").last_created().keys_only())
+            .await
+            .unwrap();
+        assert_eq!(r.kvs.len(), 1);
+        assert!(r.kvs[0].value.is_empty());
     }
 
     #[tokio::test]
