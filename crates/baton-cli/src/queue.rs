@@ -17,7 +17,7 @@ Examples:
   baton queue pop --timeout 30s jobs/thumbnails   # exit 124 if nothing comes in 30 s
   baton queue len jobs/thumbnails
 
-  # a worker loop
+  # a worker loop ($(...) drops an item's trailing newlines: use --json to keep them)
   while item=$(baton queue pop --timeout 5m jobs/thumbnails); do ./thumb.sh \"$item\"; done
 
 Each item is popped by exactly one consumer, in the order the items were pushed. Items are
@@ -31,6 +31,8 @@ then would lose the item). baton waits for the claim's answer up to the request 
 again, for about 10 s in all, until it is answered or --timeout passes or a signal comes;
 then it exits 125 saying the item may have been taken. A second signal ends baton at once
 with 128+N, even during a claim, saying on stderr that the item may have been taken.
+A signal during a push exits 128+N too, and the item may have been queued all the same (a
+write sent is applied): a script that pushes again after 128+N may queue it twice.
 The keys are NAME/<nanoseconds>, as Go's recipe.NewQueue makes them, so Go programs share
 the queue.";
 
