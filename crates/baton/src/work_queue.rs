@@ -153,7 +153,9 @@ pub(crate) use take_methods;
 /// for an item, one wins; the others try the next item read, then read again. An item is
 /// never given twice, and a consumer never skips an older item that is still there, so
 /// items are taken in enqueue order (by create revision): one producer's items come out in
-/// the order it enqueued them.
+/// the order it enqueued them. (One exception, as in Go: an item overwritten in place since
+/// it was read, by something other than a queue, fails the claim, and the next item is
+/// taken first; the overwritten one stays, and is taken later.)
 ///
 /// # Items do not vanish
 ///
