@@ -113,6 +113,7 @@ all_backends!(
     rwlock_mutual_exclusion,
     rwlock_fair,
     rwlock_cancel_and_loss,
+    rwlock_try_after_own_drop,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

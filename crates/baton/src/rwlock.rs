@@ -32,7 +32,9 @@ use crate::session::Session;
 /// - a session that holds or awaits the read lock fails `write()` with
 ///   [`Error::AlreadyHeld`] at once, and one that holds or awaits the write lock fails
 ///   `read()` likewise, instead of waiting for its own key forever (the recipe deadlocks):
-///   there is no upgrade or downgrade; release one lock before taking the other;
+///   there is no upgrade or downgrade; release one lock before taking the other (a guard
+///   just dropped or unlocked is fine: its release is waited for, as a mutex waits for its
+///   own key's release, so `drop(w); try_read()` is not refused by our own key);
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
 /// - a waiter whose key vanished gets an error, never the lock;
@@ -189,16 +191,18 @@ impl RwLock {
     async fn acquire(&self, mode: Mode, try_only: bool) -> Result<Held> {
         // Our session's key of the other mode, held or queued, is ahead of the key we would
         // put, and ours would wait for it: a writer waits for every earlier key, a reader for
-        // every earlier writer. The same task then waits for itself forever.
+        // every earlier writer. The same task then waits for itself forever. A key of the
+        // other mode that is being released (a guard just dropped or unlocked) is waited
+        // for, as a mutex waits for its own key's release: else a `try_*` would find it ahead
+        // and answer `Locked`, refused by itself. With `try_only`, a release the store did
+        // not answer is not waited for (a retryable error at once, as for `try_lock`).
         let other = match mode {
             Mode::Read => &self.write_key,
             Mode::Write => &self.read_key,
         };
-        if self.session.holds_claim(other.as_bytes()) {
-            return Err(Error::AlreadyHeld {
-                name: self.name.clone(),
-            });
-        }
+        self.session
+            .unclaimed(other.as_bytes(), &self.name, try_only)
+            .await?;
         let (queue, key) = match mode {
             // A reader waits only for earlier writers.
             Mode::Read => (
@@ -321,5 +325,60 @@ mod tests {
         assert!(matches!(err, Error::Locked { .. }), "{err}");
         read.unlock().await.unwrap();
         other.write().await.unwrap().unlock().await.unwrap();
+    }
+
+    /// A guard of one mode dropped, its delete slow to be answered: `try_read` or
+    /// `try_write` right after waits for that delete of our own key instead of finding it
+    /// ahead and answering `Locked` (found by review). A release the store did not answer
+    /// is not waited for: the try fails at once with a retryable error, as `try_lock` does,
+    /// and succeeds once the store is back.
+    #[tokio::test]
+    async fn a_try_after_dropping_the_other_mode_waits_for_its_release() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let lock = RwLock::new(&session, "t").unwrap();
+        let within = Duration::from_secs(5);
+
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(200));
+        drop(lock.write().await.unwrap());
+        let read = tokio::time::timeout(within, lock.try_read())
+            .await
+            .expect("try_read hung")
+            .expect("try_read refused by our own dropped write guard");
+        drop(read);
+        let write = tokio::time::timeout(within, lock.try_write())
+            .await
+            .expect("try_write hung")
+            .expect("try_write refused by our own dropped read guard");
+        *store.delay_deletes.lock().unwrap() = None;
+        write.unlock().await.unwrap();
+
+        let write = lock.write().await.unwrap();
+        store.kv_down.store(true, Ordering::Relaxed);
+        drop(write);
+        // The background release's first attempt fails at once; give it that moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let tried = tokio::time::timeout(Duration::from_secs(2), lock.try_read())
+            .await
+            .expect("try_read waited for the dropped guard's unanswered release");
+        let err = tried.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        store.kv_down.store(false, Ordering::Relaxed);
+        let read = tokio::time::timeout(within, async {
+            loop {
+                match lock.try_read().await {
+                    Ok(g) => return g,
+                    Err(e) => assert!(e.is_retryable(), "{e:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the release never settled once the store was back");
+        read.unlock().await.unwrap();
     }
 }

@@ -517,10 +517,12 @@ impl Session {
         })
     }
 
-    /// True if this session has claimed `key` (it holds it, or an acquire of it is in
-    /// progress) and is not releasing it.
-    pub(crate) fn holds_claim(&self, key: &[u8]) -> bool {
-        self.inner.claims.holds(key)
+    /// Wait until this session has no claim on `key`, without claiming it: fails with
+    /// [`Error::AlreadyHeld`] while it is held or awaited, waits while it is being released,
+    /// and with `try_only` fails with [`Error::Unavailable`] instead once that release has
+    /// failed and is being retried: the same rules as [`claim`](Session::claim).
+    pub(crate) async fn unclaimed(&self, key: &[u8], name: &str, try_only: bool) -> Result<()> {
+        self.inner.claims.settle(key, name, try_only, false).await
     }
 }
 
@@ -689,6 +691,12 @@ impl Claims {
     /// is not waited for: the claim fails at once with [`Error::Unavailable`], as the
     /// one attempt of a `try_lock` does when the store cannot be reached.
     async fn claim(&self, key: &[u8], name: &str, try_only: bool) -> Result<()> {
+        self.settle(key, name, try_only, true).await
+    }
+
+    /// Wait until `key` is not claimed (see [`claim`](Claims::claim)), then claim it if
+    /// `take`.
+    async fn settle(&self, key: &[u8], name: &str, try_only: bool, take: bool) -> Result<()> {
         loop {
             let notified = self.released.notified();
             tokio::pin!(notified);
@@ -697,7 +705,9 @@ impl Claims {
                 let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
                 match map.get(key) {
                     None => {
-                        map.insert(key.to_vec(), ClaimState::InUse);
+                        if take {
+                            map.insert(key.to_vec(), ClaimState::InUse);
+                        }
                         return Ok(());
                     }
                     Some(ClaimState::InUse) => {
@@ -716,12 +726,6 @@ impl Claims {
             }
             notified.await;
         }
-    }
-
-    /// True if `key` is claimed and not being released.
-    fn holds(&self, key: &[u8]) -> bool {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key) == Some(&ClaimState::InUse)
     }
 
     fn release(&self, key: &[u8]) {
