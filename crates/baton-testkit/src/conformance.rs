@@ -1098,6 +1098,60 @@ pub async fn rwlock_try_after_own_drop(b: &Backend) {
     assert!(keys_under(&admin, &format!("{lock}/")).await.is_empty());
 }
 
+/// A waiting reader whose key is deleted (an admin, `etcdctl del`) fails with `NotHeld`
+/// at once, also when its client wrote to the lock a moment ago and so has a shared watch on
+/// the writers' keys: the reader's key is not among them, and it used to be told only when
+/// the writer ahead left (found by review: never, while the writer held on).
+pub async fn rwlock_waiting_reader_key_deleted(b: &Backend) {
+    for writes in [0, 3] {
+        let lock = name("rw-reader-deleted");
+        let admin = b.client().await;
+        let s = b.session(TTL).await;
+        let rw = RwLock::new(&s, &lock).unwrap();
+        for _ in 0..writes {
+            rw.write().await.unwrap().unlock().await.unwrap();
+        }
+        let other = b.session(TTL).await;
+        let w = RwLock::new(&other, &lock).unwrap().write().await.unwrap();
+        let reading = tokio::spawn({
+            let rw = rw.clone();
+            async move { rw.read().await }
+        });
+        let readers = format!("{lock}/read/");
+        assert!(
+            eventually(Duration::from_secs(3), || async {
+                keys_under(&admin, &readers).await.len() == 1
+            })
+            .await,
+            "the reader never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reading.is_finished(), "the reader did not wait");
+        let key = keys_under(&admin, &readers).await.remove(0);
+        admin
+            .store()
+            .delete(KeyRange::key(key.as_bytes()))
+            .await
+            .unwrap();
+        let told = tokio::time::timeout(Duration::from_secs(3), reading).await;
+        assert!(!w.is_lost());
+        w.unlock().await.unwrap();
+        let result = told
+            .unwrap_or_else(|_| {
+                panic!("after {writes} writes: the waiting reader was not told within 3 s that its key was deleted")
+            })
+            .unwrap();
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, Error::NotHeld { .. }),
+            "after {writes} writes: {err}"
+        );
+        assert!(!s.is_lost(), "a deleted key must not end the session");
+        // The session can read the lock again.
+        rw.read().await.unwrap().unlock().await.unwrap();
+    }
+}
+
 // ----------------------------------------------------------------------------------------
 // The backend-neutral API
 

@@ -114,6 +114,7 @@ all_backends!(
     rwlock_fair,
     rwlock_cancel_and_loss,
     rwlock_try_after_own_drop,
+    rwlock_waiting_reader_key_deleted,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

@@ -8,8 +8,10 @@
 //! - Go's watch starts at the read's revision, usually behind etcd's current revision, so
 //!   etcd serves it from its unsynced group, which it sweeps every 100 ms. Here a waiter
 //!   either registers with its client's long-lived shared watch on the queue (already
-//!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, watches its
-//!   predecessor's key from the next write and closes the gap with one read;
+//!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, or when its own
+//!   key is not a member of the queue (a reader waits on the writers' keys, and the shared
+//!   watch would not see its own key go), watches its predecessor's key and its own from
+//!   the next write and closes the gap with one read;
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
 //!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
 //!   instead of being told it holds the lock.
@@ -175,7 +177,7 @@ pub(crate) async fn wait_turn(
             Some(read) => Ok(read),
             // The head is only needed for the shared watch's no-read wake-up.
             None => {
-                let with_head = hub.is_live(&queue.prefix);
+                let with_head = hub.is_live(&queue.prefix) && queue.contains(my_key);
                 read_turn(store, queue, my_key, my_rev - 1, with_head).await
             }
         };
@@ -208,11 +210,16 @@ pub(crate) async fn wait_turn(
         // and our own key alone: opening the shared watch would start it behind etcd's
         // current revision, and every waiting client's shared watch would receive every
         // event of the queue.
+        //
+        // Likewise when our own key is not in the queue (a reader waits on the writers'
+        // keys): the shared watch on the queue would not see our key deleted, and we would
+        // learn it only once the predecessor leaves, maybe never.
         let short = read
             .ahead
             .as_ref()
             .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
-        if !short && !hub.is_live(&queue.prefix) {
+        let mine_in_queue = queue.contains(my_key);
+        if !mine_in_queue || (!short && !hub.is_live(&queue.prefix)) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
             match crate::hub::keys_gone(hub, store, &keys, false).await {
@@ -230,15 +237,10 @@ pub(crate) async fn wait_turn(
             continue;
         }
         let header = read.header;
-        // In a mutex or election queue our own key is a member too, so the shared watch
-        // reports its delete in the same revision order: if the predecessor's delete comes
-        // first, our key still existed at that revision.
-        let mine_in_queue = queue.contains(my_key);
-        let keys: &[&[u8]] = if mine_in_queue {
-            &[&pred.key, my_key]
-        } else {
-            &[&pred.key]
-        };
+        // Our own key is a member of the queue too (a mutex or election queue), so the
+        // shared watch reports its delete in the same revision order: if the predecessor's
+        // delete comes first, our key still existed at that revision.
+        let keys: &[&[u8]] = &[&pred.key, my_key];
         let answer = hub.wait_delete(store, &queue.prefix, keys, header).await;
         crate::hub::Counters::add(&hub.counters.wakeups);
         let woken = match answer {
@@ -248,9 +250,7 @@ pub(crate) async fn wait_turn(
             // to then either. One revision can delete both (`etcdctl del --prefix`, a
             // transaction), and its events come in key order, so the answer alone does not
             // tell.
-            Ok((0, Woken::Deleted(rev)))
-                if mine_in_queue && (read.pred_is_head || read.ahead.is_some()) =>
-            {
+            Ok((0, Woken::Deleted(rev))) if read.pred_is_head || read.ahead.is_some() => {
                 let rest = match read.ahead.as_deref() {
                     Some(ahead) if !read.pred_is_head => &ahead[..ahead.len().saturating_sub(1)],
                     _ => &[],
