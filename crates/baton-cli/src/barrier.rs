@@ -26,7 +26,8 @@ each participant's key holds its N, and one whose N differs from that of the fir
 participant waiting exits 125 at once (`in use with different settings`) and does not
 count (if that first one leaves before the barrier opens, the next one's N decides, and
 those who disagree with it exit 125 then). If N are already inside a round, baton exits 125. If its session is lost while it
-waits (its lease revoked or expired), it exits 125 too.";
+waits (its lease revoked or expired), or only its key is deleted, it exits 125 too, saying
+which.";
 
 /// `baton barrier`.
 #[derive(Debug, clap::Args)]

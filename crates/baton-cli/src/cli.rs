@@ -34,9 +34,10 @@ Exit codes:
            without it)
   124      not acquired: --try found the lock held (or no permit free), or --timeout
            passed (also baton barrier, baton queue pop)
-  125      baton itself failed: bad input, unreachable backend, the session lost while
-           still waiting (nothing held, CMD never ran), or a result (get, set, queue,
-           leader, status, barrier) that could not be written to stdout
+  125      baton itself failed: bad input, unreachable backend, the session lost (or
+           only the waiter's key deleted) while still waiting (nothing held, CMD never
+           ran), or a result (get, set, queue, leader, status, barrier) that could not
+           be written to stdout
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting (queue pop: or by a second signal
            while its claim is in flight), or CMD killed by signal N

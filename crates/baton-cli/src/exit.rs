@@ -8,7 +8,7 @@
 //! | 1 | `baton leader`: the election has no leader |
 //! | 122 | the lock, leadership or permit was lost while held (CMD may have run without it) |
 //! | 124 | not acquired: `--try` found the lock held, or `--timeout` passed |
-//! | 125 | `baton` itself failed (also: the session was lost while still waiting, so nothing was held and CMD never ran): bad input, unreachable backend, store error, a result that could not be written to stdout |
+//! | 125 | `baton` itself failed (also: the session was lost, or the waiter's key deleted, while still waiting, so nothing was held and CMD never ran): bad input, unreachable backend, store error, a result that could not be written to stdout |
 //! | 126 | CMD could not be executed |
 //! | 127 | CMD was not found |
 //! | 128+N | interrupted by signal N while waiting, or CMD killed by signal N |
@@ -90,9 +90,18 @@ impl CliError {
 /// A wait (for a lock, a leadership, a permit, a barrier) that ended because the session
 /// or the waiter's key was lost: nothing was held and CMD never ran, so this is `baton`'s
 /// failure (125), not a loss while held (122). `what` says what was waited for ("for lock
-/// \"x\"").
+/// \"x\""). The message says which was lost: the session (its lease revoked or expired),
+/// or only the waiter's key (deleted by someone else, the session alive).
 pub(crate) fn lost_while_waiting(what: &str, e: &baton::Error) -> CliError {
-    CliError::failed(format!("session lost while waiting {what}: {e}"))
+    match e {
+        baton::Error::NotHeld { key } => {
+            CliError::failed(format!("key {key:?} was deleted while waiting {what}"))
+        }
+        baton::Error::SessionLost { .. } | baton::Error::LeaseNotFound(_) => {
+            CliError::failed(format!("session lost while waiting {what}: {e}"))
+        }
+        e => CliError::failed(format!("lost while waiting {what}: {e}")),
+    }
 }
 
 /// Print `baton: MESSAGE` as exactly one line on stderr.
@@ -158,6 +167,15 @@ mod tests {
                 .message()
                 .is_some_and(|m| m.starts_with("session lost while waiting for lock \"x\": ")),
             "{waiting:?}"
+        );
+        let deleted = lost_while_waiting(
+            "for lock \"x\"",
+            &baton::Error::NotHeld { key: "x/1f".into() },
+        );
+        assert_eq!(deleted.code(), FAILED);
+        assert_eq!(
+            deleted.message(),
+            Some("key \"x/1f\" was deleted while waiting for lock \"x\"")
         );
         let bad: CliError = baton::Error::InvalidArgument("name is empty".into()).into();
         assert_eq!(bad.code(), FAILED);

@@ -178,6 +178,25 @@ fn candidate_whose_lease_is_revoked_exits_125() {
     );
 }
 
+/// A candidate whose key is deleted (its session alive) never led: it exits 125 saying its
+/// key was deleted, not that its session was lost.
+#[test]
+fn candidate_whose_key_is_deleted_exits_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let leader = Proc::spawn(baton(&ep).args(["elect", "kde", "a"]));
+    assert!(leader.line().starts_with("elected kde/"));
+    let leader_key = keys(&etcd, "kde/")[0].clone();
+    let mut candidate = Proc::spawn(baton(&ep).args(["elect", "kde", "b", "--", "true"]));
+    delete_waiter_key_and_expect_125(
+        &etcd,
+        "kde/",
+        &leader_key,
+        &mut candidate,
+        "to lead \"kde\"",
+    );
+}
+
 /// With CMD, stdout is CMD's alone, as with `baton lock NAME -- CMD`: no `elected` or
 /// `resigned` line (nor their JSON) around it, so `baton elect … -- ./report > out.csv`
 /// writes the report only. Without CMD, baton prints `elected` when elected and `resigned`

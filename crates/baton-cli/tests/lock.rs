@@ -407,6 +407,18 @@ fn waiter_whose_lease_is_revoked_exits_125() {
     assert_eq!(keys(&etcd, "queued/"), [key]);
 }
 
+/// A waiter whose key is deleted (an admin's `etcdctl del`; its session alive) never held
+/// the lock: it exits 125 saying its key was deleted, not that its session was lost.
+#[test]
+fn waiter_whose_key_is_deleted_exits_125() {
+    let etcd = etcd();
+    let holder = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "kdl"]));
+    let (key, _) = parse_acquired(&holder.line());
+    let mut waiter = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "kdl", "--", "true"]));
+    delete_waiter_key_and_expect_125(&etcd, "kdl/", &key, &mut waiter, "for lock \"kdl\"");
+    assert_eq!(keys(&etcd, "kdl/"), [key]);
+}
+
 /// A `baton lock` whose CMD writes its pid to `$D/pid` and its key to `$D/key`, then
 /// appends `A` to `$D/log` every 50 ms; the pids of baton and CMD, and the key.
 /// `baton lock` holding NAME while CMD appends to `DIR/log`, as a shell's job would run it:

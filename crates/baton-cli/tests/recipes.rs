@@ -142,6 +142,40 @@ fn sem_and_barrier_session_lost_while_waiting_exit_125() {
     );
 }
 
+/// A waiter for a permit, and a barrier participant, whose key is deleted (its session
+/// alive) held nothing: they exit 125 saying that their key was deleted, not that their
+/// session was lost (found by review: `baton sem` said "session lost").
+#[test]
+fn sem_and_barrier_key_deleted_while_waiting_exit_125() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let _holder = Proc::spawn(baton(&ep).args(["sem", "kd", "--permits", "1"]));
+    wait_until("the holder's key", || keys(&etcd, "kd/").len() == 1);
+    let holder_key = keys(&etcd, "kd/")[0].clone();
+    let mut waiter = Proc::spawn(baton(&ep).args(["sem", "kd", "--permits", "1", "--", "true"]));
+    delete_waiter_key_and_expect_125(
+        &etcd,
+        "kd/",
+        &holder_key,
+        &mut waiter,
+        "for a permit of semaphore \"kd\"",
+    );
+
+    let _first = Proc::spawn(baton(&ep).args(["barrier", "kdb", "--count", "3"]));
+    wait_until("the first participant's key", || {
+        keys(&etcd, "kdb/waiters/").len() == 1
+    });
+    let first_key = keys(&etcd, "kdb/waiters/")[0].clone();
+    let mut second = Proc::spawn(baton(&ep).args(["barrier", "kdb", "--count", "3"]));
+    delete_waiter_key_and_expect_125(
+        &etcd,
+        "kdb/waiters/",
+        &first_key,
+        &mut second,
+        "at barrier \"kdb\"",
+    );
+}
+
 /// CMD's exit code passes through, and CMD sees its key; bad input exits 125 with one line
 /// before connecting.
 #[test]

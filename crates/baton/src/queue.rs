@@ -307,8 +307,7 @@ impl Entry {
                 self.head_at = Some(t.header_revision + 1);
                 Ok(())
             }
-            Err(Error::NotHeld { .. }) if session.is_lost() => Err(session.lost_error()),
-            Err(e) => Err(e),
+            Err(e) => Err(session.explain_not_held(e).await),
         }
     }
 

@@ -434,6 +434,33 @@ impl Session {
         }
     }
 
+    /// The error to return for a wait that ended with `e`: if our key is gone
+    /// ([`Error::NotHeld`]) while the session still seems alive, ask the store whether the
+    /// lease lives. A revoked or expired lease takes its keys with it, and a waiter's watch
+    /// often sees them go before the keep-alives learn it (up to a keep-alive interval
+    /// later): then the session is marked lost and the wait fails with
+    /// [`Error::SessionLost`], as documented, not with `NotHeld`, which says only the key was
+    /// deleted. If the store cannot answer, `e` is returned as it is.
+    pub(crate) async fn explain_not_held(&self, e: Error) -> Error {
+        if !matches!(e, Error::NotHeld { .. }) {
+            return e;
+        }
+        if self.is_lost() {
+            return self.lost_error();
+        }
+        match self.store().lease_time_to_live(self.lease_id()).await {
+            Ok(None) => {
+                self.inner.shared.mark_lost("lease revoked or expired");
+                self.lost_error()
+            }
+            Ok(Some(_)) => e,
+            Err(err) => {
+                tracing::debug!(error = %err, "could not check the lease after our key vanished");
+                e
+            }
+        }
+    }
+
     /// Ask the keep-alive task to check the lease now (used when a guard sees its key vanish).
     pub(crate) fn poke(&self) {
         self.inner.shared.poke.notify_one();

@@ -394,7 +394,7 @@ pub(crate) async fn while_alive<T>(
         _ = session.lost() => Err(session.lost_error()),
     };
     match result {
-        Err(Error::NotHeld { .. }) if session.is_lost() => Err(session.lost_error()),
+        Err(e) => Err(session.explain_not_held(e).await),
         r => r,
     }
 }

@@ -273,6 +273,34 @@ pub fn revoke_waiter_and_expect_125(
     assert!(err[0].starts_with(message), "{err:?}");
 }
 
+/// Once a second key is under `prefix` (a waiter's, beside `holder_key`), delete it with
+/// etcdctl (its session lives on), and check that `waiter` exits 125 with one line on
+/// stderr, `baton: key "<its key>" was deleted while waiting WHAT`: not that its session was
+/// lost, which it was not.
+pub fn delete_waiter_key_and_expect_125(
+    etcd: &EtcdServer,
+    prefix: &str,
+    holder_key: &str,
+    waiter: &mut Proc,
+    what: &str,
+) {
+    wait_until("the waiter's key", || keys(etcd, prefix).len() == 2);
+    let waiter_key = keys(etcd, prefix)
+        .into_iter()
+        .find(|k| k != holder_key)
+        .unwrap();
+    let out = etcd.etcdctl(["del", &waiter_key]);
+    assert!(out.status.success(), "etcdctl del {waiter_key}: {out:?}");
+    assert_eq!(waiter.code(), 125);
+    let err = waiter.stderr_all();
+    assert_eq!(
+        err,
+        [format!(
+            "baton: key {waiter_key:?} was deleted while waiting {what}"
+        )]
+    );
+}
+
 /// A key's create revision, per etcdctl.
 pub fn create_revision(etcd: &EtcdServer, key: &str) -> i64 {
     let out = etcd.etcdctl(["get", key, "-w", "fields"]);
