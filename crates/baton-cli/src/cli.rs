@@ -618,27 +618,85 @@ pub(crate) async fn session(
 /// the lease expire.
 pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long closing may take after a wait that got nothing (`--timeout` passed, `--try`
+/// found the lock held): nothing is held then, only the waiter's key is left to remove, and
+/// the user asked for an answer by a deadline. If the backend does not answer in time, the
+/// key goes with the lease (at most the TTL later), and a line on stderr says so.
+pub(crate) const CLEANUP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Close a coordinator (on etcd, revoking its session's lease, which deletes its keys; on
 /// Redis, releasing what it holds), within [`RELEASE_TIMEOUT`]; a failure is only traced,
 /// since the lease (or the keys' TTL) expires anyway.
 pub(crate) async fn close_coordinator(coordinator: &baton::Coordinator) {
-    match tokio::time::timeout(RELEASE_TIMEOUT, coordinator.close()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "closing failed; the holds expire"),
-        Err(_) => tracing::warn!("closing timed out; the holds expire"),
+    close_coordinator_within(coordinator, RELEASE_TIMEOUT).await;
+}
+
+/// [`close_coordinator`] within `budget`; false if it failed or timed out.
+pub(crate) async fn close_coordinator_within(
+    coordinator: &baton::Coordinator,
+    budget: Duration,
+) -> bool {
+    match tokio::time::timeout(budget, coordinator.close()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "closing failed; the holds expire");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("closing timed out; the holds expire");
+            false
+        }
     }
 }
 
 /// Close a session (revoking its lease, which deletes its keys), within
 /// [`RELEASE_TIMEOUT`]; a failure is only traced, since the lease expires anyway.
 pub(crate) async fn close(session: &baton::Session) {
-    match tokio::time::timeout(RELEASE_TIMEOUT, session.close()).await {
-        Ok(Ok(())) => {}
+    close_within(session, RELEASE_TIMEOUT).await;
+}
+
+/// [`close`] within `budget`; false if it failed or timed out.
+pub(crate) async fn close_within(session: &baton::Session, budget: Duration) -> bool {
+    match tokio::time::timeout(budget, session.close()).await {
+        Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "closing the session failed; the lease will expire")
+            tracing::warn!(error = %e, "closing the session failed; the lease will expire");
+            false
         }
-        Err(_) => tracing::warn!("closing the session timed out; the lease will expire"),
+        Err(_) => {
+            tracing::warn!("closing the session timed out; the lease will expire");
+            false
+        }
     }
+}
+
+/// How long the close after `result` may take: [`CLEANUP_TIMEOUT`] if nothing was acquired
+/// (exit 124), else [`RELEASE_TIMEOUT`].
+pub(crate) fn close_budget<T>(result: &Result<T, CliError>) -> Duration {
+    match result {
+        Err(e) if e.code() == crate::exit::NOT_ACQUIRED => CLEANUP_TIMEOUT,
+        _ => RELEASE_TIMEOUT,
+    }
+}
+
+/// The error to exit with when the close after `result` (a wait that got nothing) did not
+/// finish within [`CLEANUP_TIMEOUT`]: `result`'s own, printed now, followed by a line saying
+/// that our place in the queue expires by itself within `ttl`.
+pub(crate) fn cleanup_late<T>(result: Result<T, CliError>, ttl: Duration) -> CliError {
+    let code = match &result {
+        Err(e) => {
+            e.report();
+            e.code()
+        }
+        Ok(_) => crate::exit::NOT_ACQUIRED,
+    };
+    crate::output::notice(&format!(
+        "the backend did not confirm within {} that our place in the queue was removed; it \
+         expires by itself within {}",
+        crate::output::duration(CLEANUP_TIMEOUT),
+        crate::output::duration(ttl)
+    ));
+    CliError::quiet(code)
 }
 
 #[cfg(test)]

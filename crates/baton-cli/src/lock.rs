@@ -88,7 +88,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         .interruptible(cli::coordinator(global, args.ttl))
         .await?;
     let result = locked(&out, &coordinator, &args, &mut signals).await;
-    cli::close_coordinator(&coordinator).await;
+    // Nothing acquired (exit 124): only our waiter key is left, and the user asked for an
+    // answer by a deadline; do not wait RELEASE_TIMEOUT for a backend that does not answer.
+    let budget = cli::close_budget(&result);
+    if !cli::close_coordinator_within(&coordinator, budget).await && budget == cli::CLEANUP_TIMEOUT
+    {
+        return Err(cli::cleanup_late(result, args.ttl));
+    }
     result
 }
 
@@ -171,10 +177,10 @@ async fn acquire(
     } else if let Some(timeout) = args.timeout {
         // The lock's own timeout. On Redis a queued (FIFO) waiter that times out leaves the
         // queue, but waits at most 500 ms for the server to confirm it: then it returns and
-        // the leave goes on in the background, tracked by the client, so that the
-        // close_coordinator() after this waits for it (up to the request timeout, within
-        // RELEASE_TIMEOUT). If the server never confirms, the place expires with the waiter
-        // window.
+        // the leave goes on in the background, tracked by the client, so that the close
+        // after this waits for it (within CLEANUP_TIMEOUT, the user having asked for an
+        // answer by a deadline). If the server never confirms, the place expires with the
+        // waiter window.
         match lock.lock_timeout(timeout).await {
             Err(baton::Error::Timeout { .. }) => {
                 return Err(CliError::new(

@@ -110,6 +110,53 @@ fn timeout_expiry_exits_124() {
     assert_eq!(keys(&etcd, "slow/"), [key]);
 }
 
+/// With etcd gone during the wait, `--timeout` still ends baton about on time: exit 124,
+/// and a line saying the waiter's key could not be removed (it expires with the lease),
+/// after at most CLEANUP_TIMEOUT (1 s) of trying, not RELEASE_TIMEOUT (5 s). `sem` and
+/// `elect` share the close.
+#[test]
+fn timeout_with_etcd_gone_exits_124_about_on_time() {
+    let mut etcd = etcd();
+    for what in ["lock", "sem", "elect"] {
+        if what != "lock" {
+            etcd.restart();
+        }
+        let ep = etcd.endpoint();
+        let name = format!("gone-{what}");
+        let hold: Vec<&str> = match what {
+            "lock" => vec!["lock", &name],
+            "sem" => vec!["sem", &name, "--permits", "1"],
+            _ => vec!["elect", &name, "first"],
+        };
+        let holder = Proc::spawn(baton(&ep).args(&hold));
+        let _ = holder.line();
+        let mut wait: Vec<&str> = hold.clone();
+        if what == "elect" {
+            wait[2] = "second";
+        }
+        wait.extend(["--timeout", "2s", "--", "true"]);
+        let waiter = Proc::spawn(baton(&ep).args(&wait));
+        let started = Instant::now();
+        wait_until("the waiter's key", || {
+            keys(&etcd, &format!("{name}/")).len() == 2
+        });
+        etcd.kill();
+        let mut waiter = waiter;
+        let code = waiter.code();
+        let took = started.elapsed();
+        let err = waiter.stderr_after_exit();
+        assert_eq!(code, 124, "{what}: {err:?}");
+        assert!(took < Duration::from_millis(4500), "{what}: took {took:?}");
+        assert!(err[0].contains("within 2s"), "{what}: {err:?}");
+        assert!(
+            err.iter()
+                .any(|l| l.starts_with("the backend did not confirm within 1s")),
+            "{what}: {err:?}"
+        );
+        drop(holder);
+    }
+}
+
 /// Revoking the holder's lease with etcdctl kills CMD within a second; baton prints
 /// `lock lost` and exits 122.
 #[test]
