@@ -1075,3 +1075,74 @@ async fn ended_sessions_close_their_keep_alive_streams() {
     }
     keep_alive_streams_become(&etcd, before, 0.0).await;
 }
+
+/// Readers of one client waiting behind a writer, with the client's shared watch on the
+/// writers' keys open, share its watch streams (that one, and one on the readers' keys),
+/// rather than holding two streams each: 100 waiting readers held 200 streams open on one
+/// HTTP/2 connection, and an etcd limiting concurrent streams starved the client's other
+/// requests. All of them get the lock when the writer leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_readers_of_one_client_share_its_watch_streams() {
+    if !require_etcd() {
+        return;
+    }
+    const READERS: usize = 100;
+    let etcd = EtcdServer::start_async().await;
+    let client = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+    let session = || async {
+        baton::Session::builder(&client)
+            .with_ttl(Duration::from_secs(30))
+            .build()
+            .await
+            .unwrap()
+    };
+    let writer = session().await;
+    // Writes by this client leave its shared watch on the writers' keys open.
+    for _ in 0..3 {
+        let rw = baton::RwLock::new(&writer, "rw").unwrap();
+        rw.write().await.unwrap().unlock().await.unwrap();
+    }
+    let w = baton::RwLock::new(&writer, "rw")
+        .unwrap()
+        .write()
+        .await
+        .unwrap();
+    let streams = || {
+        etcd.metric("etcd_debugging_mvcc_watch_stream_total")
+            .unwrap()
+    };
+    let before = streams();
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        let s = session().await;
+        readers.push(tokio::spawn(async move {
+            let rw = baton::RwLock::new(&s, "rw").unwrap();
+            rw.read().await.unwrap().unlock().await.unwrap();
+        }));
+    }
+    let queued = || async {
+        client
+            .store()
+            .range(Range::prefix("rw/read/"))
+            .await
+            .unwrap()
+            .kvs
+            .len()
+    };
+    while queued().await < READERS {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = streams() - before;
+    assert!(
+        open <= 3.0,
+        "{open} more watch streams open with {READERS} waiting readers"
+    );
+    w.unlock().await.unwrap();
+    for r in readers {
+        tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .expect("a reader did not get the lock after the writer left")
+            .unwrap();
+    }
+}

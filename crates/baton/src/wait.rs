@@ -8,10 +8,11 @@
 //! - Go's watch starts at the read's revision, usually behind etcd's current revision, so
 //!   etcd serves it from its unsynced group, which it sweeps every 100 ms. Here a waiter
 //!   either registers with its client's long-lived shared watch on the queue (already
-//!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, or when its own
-//!   key is not a member of the queue (a reader waits on the writers' keys, and the shared
-//!   watch would not see its own key go), watches its predecessor's key and its own from
-//!   the next write and closes the gap with one read;
+//!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, watches its
+//!   predecessor's key and its own from the next write and closes the gap with one read.
+//!   A waiter whose own key is not a member of the queue (a reader waits on the writers'
+//!   keys, and their shared watch would not see its own key go) waits on its own key too,
+//!   through its client's shared watch of its key's prefix (the readers');
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
 //!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
 //!   instead of being told it holds the lock.
@@ -211,15 +212,14 @@ pub(crate) async fn wait_turn(
         // current revision, and every waiting client's shared watch would receive every
         // event of the queue.
         //
-        // Likewise when our own key is not in the queue (a reader waits on the writers'
-        // keys): the shared watch on the queue would not see our key deleted, and we would
-        // learn it only once the predecessor leaves, maybe never.
+        // (A reader, whose own key is not in the queue it waits on, watches its own key
+        // either way: see below.)
         let short = read
             .ahead
             .as_ref()
             .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
         let mine_in_queue = queue.contains(my_key);
-        if !mine_in_queue || (!short && !hub.is_live(&queue.prefix)) {
+        if !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
             match crate::hub::keys_gone(hub, store, &keys, false).await {
@@ -237,6 +237,37 @@ pub(crate) async fn wait_turn(
             continue;
         }
         let header = read.header;
+        if !mine_in_queue {
+            // A reader: the shared watch on the writers' queue does not see our own key go.
+            // Wait on it through the client's shared watch of our key's own prefix (the
+            // readers'), so that many readers of one client share two watches, not two
+            // each; either delete sends us back to read.
+            let own = my_key
+                .iter()
+                .rposition(|b| *b == b'/')
+                .map_or(my_key, |i| &my_key[..=i]);
+            let (preds, mine): (&[&[u8]], &[&[u8]]) = (&[&pred.key], &[my_key]);
+            let answer = tokio::select! {
+                a = hub.wait_delete(store, &queue.prefix, preds, header) => a,
+                a = hub.wait_delete(store, own, mine, header) => a,
+            };
+            crate::hub::Counters::add(&hub.counters.wakeups);
+            match answer.map(|(_, w)| w) {
+                Ok(Woken::Deleted(_)) => backoff = RETRY_MIN,
+                Ok(Woken::Reread) => {}
+                Ok(Woken::Interrupted) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "watch while waiting failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         // Our own key is a member of the queue too (a mutex or election queue), so the
         // shared watch reports its delete in the same revision order: if the predecessor's
         // delete comes first, our key still existed at that revision.
