@@ -461,13 +461,25 @@ fn with_url_user(endpoints: &str, user: Option<&str>, drop_password: bool) -> (S
 }
 
 /// One entry of `--endpoints`, split: the scheme with its `://` (empty for a Redlock
-/// master after the first), the user and the password of the URL (empty if none), and the
-/// rest (host, port, path).
+/// master after the first that has none; `redlock://rediss://` for a first master with its
+/// own scheme, which the library accepts, as it does on the others), the user and the
+/// password of the URL (empty if none), and the rest (host, port, path).
 fn url_parts(entry: &str) -> (&str, &str, &str, &str) {
-    let (scheme, rest) = match entry.split_once("://") {
+    let (mut scheme, mut rest) = match entry.split_once("://") {
         Some((scheme, rest)) => (&entry[..scheme.len() + 3], rest),
         None => ("", entry),
     };
+    // The first Redlock master's own scheme belongs to the scheme: read as a user, it
+    // made a `rediss://` master plaintext (and sent its password in clear).
+    if scheme.trim_start() == "redlock://" {
+        if let Some(inner) = ["redis://", "rediss://"]
+            .into_iter()
+            .find(|s| rest.starts_with(s))
+        {
+            scheme = &entry[..scheme.len() + inner.len()];
+            rest = &rest[inner.len()..];
+        }
+    }
     let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
     let (user, password) = info.split_once(':').unwrap_or((info, ""));
     (scheme, user, password, host)
@@ -563,20 +575,24 @@ pub(crate) async fn coordinator(
 pub(crate) fn redis_endpoints(global: &Global) -> Result<String, CliError> {
     let endpoints = &global.endpoints;
     Ok(match (&global.user, password(global)?) {
-        (user, Some(password)) => endpoints
-            .split(',')
-            .map(|entry| {
-                let (scheme, url_user, _, host) = url_parts(entry);
-                let user = user
-                    .as_deref()
-                    .map_or_else(|| url_user.to_string(), percent_encode);
-                format!("{scheme}{user}:{}@{host}", percent_encode(&password))
-            })
-            .collect::<Vec<_>>()
-            .join(","),
+        (user, Some(password)) => with_password(endpoints, user.as_deref(), &password),
         (Some(user), None) => with_url_user(endpoints, Some(user), false).0,
         (None, None) => endpoints.clone(),
     })
+}
+
+/// `endpoints` with `password` in every URL of the list, and `user` (if any) in place of
+/// each URL's user.
+fn with_password(endpoints: &str, user: Option<&str>, password: &str) -> String {
+    endpoints
+        .split(',')
+        .map(|entry| {
+            let (scheme, url_user, _, host) = url_parts(entry);
+            let user = user.map_or_else(|| url_user.to_string(), percent_encode);
+            format!("{scheme}{user}:{}@{host}", percent_encode(password))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The password from --password-file, else $BATON_PASSWORD (if not empty). Never printed.
@@ -731,6 +747,42 @@ mod tests {
         assert_eq!(
             rewrite("redlock://u:1@a:1,b:2", Some("v"), true),
             ("redlock://v@a:1,v@b:2".into(), false)
+        );
+    }
+
+    /// The first Redlock master may carry its own scheme (`redlock://rediss://…`): it is
+    /// kept, not taken for a user (which turned a TLS master into a plaintext one).
+    #[test]
+    fn redlock_first_master_with_scheme() {
+        assert_eq!(
+            with_url_user(
+                "redlock://rediss://a:1,rediss://b:2,rediss://c:3",
+                Some("app"),
+                true
+            )
+            .0,
+            "redlock://rediss://app@a:1,rediss://app@b:2,rediss://app@c:3"
+        );
+        assert_eq!(
+            with_url_user(
+                "redlock://redis://app:pw@a:1,redis://app:pw@b:2,redis://app:pw@c:3",
+                Some("app"),
+                false
+            )
+            .0,
+            "redlock://redis://app:pw@a:1,redis://app:pw@b:2,redis://app:pw@c:3"
+        );
+        assert_eq!(
+            with_password("redlock://rediss://u:x@a:1,rediss://b:2,c:3", None, "p@"),
+            "redlock://rediss://u:p%40@a:1,rediss://:p%40@b:2,:p%40@c:3"
+        );
+        assert_eq!(
+            with_password("redlock://redis://a:1,b:2,c:3", Some("app"), "p"),
+            "redlock://redis://app:p@a:1,app:p@b:2,app:p@c:3"
+        );
+        assert_eq!(
+            with_url_user("redlock://rediss://u:p@a:1,b:2,c:3", None, true),
+            ("redlock://rediss://u@a:1,b:2,c:3".into(), false)
         );
     }
 

@@ -724,3 +724,104 @@ fn bench_follows_the_credential_options_over_the_url() {
         &["--user", "full"],
     );
 }
+
+/// A listener that records the first bytes each client sends it, then hangs up: a
+/// Redlock master that never answers, to see what a client would have sent it.
+fn sniffer() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            buf.truncate(n);
+            record.lock().unwrap().push(buf);
+        }
+    });
+    (port, seen)
+}
+
+/// `redlock://rediss://…` (the first master with its own scheme, as the library accepts)
+/// with `--password-file` or `--user`: every master is dialled with TLS, and the lock
+/// works. Before, the CLI read the first master's `rediss` as a user and rewrote it to
+/// `redlock://rediss@host:port`, a plaintext master that got `AUTH rediss PASSWORD` in
+/// clear (with `--user`: `redlock://app@rediss://…`, refused as a bad URL).
+#[test]
+fn the_first_redlock_master_keeps_its_tls_scheme() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let pki = baton_testkit::TestPki::generate();
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(
+                baton_testkit::RedisServerOptions::new()
+                    .with_tls(&pki)
+                    .with_acl_user("app", "on >Tls-Secret-51 ~* &* +@all"),
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "Tls-Secret-51\n").unwrap();
+    let masters = |user: &str| -> Vec<String> {
+        servers
+            .iter()
+            .map(|s| {
+                s.tls_url()
+                    .replace("rediss://", &format!("rediss://{user}"))
+            })
+            .collect()
+    };
+    let lock = |endpoints: &str, extra: &[&str]| -> std::process::Output {
+        let mut cmd = baton(endpoints);
+        cmd.env_remove("BATON_USER")
+            .env_remove("BATON_PASSWORD")
+            .arg("--password-file")
+            .arg(&password_file)
+            .args(["--dial-timeout", "5s"])
+            .args(extra)
+            .args(["lock", "x", "--", "sh", "-c", "echo ran"]);
+        run(&mut cmd).0
+    };
+    let ca = pki.ca_file();
+    let ca = ["--cacert", ca.to_str().unwrap()];
+    let works = |endpoints: &str, extra: &[&str]| {
+        let out = lock(endpoints, extra);
+        assert_eq!(out.status.code(), Some(0), "{endpoints} {extra:?}: {out:?}");
+        assert_eq!(stdout(&out).trim(), "ran");
+        assert!(!format!("{out:?}").contains("Tls-Secret-51"), "{out:?}");
+    };
+    // A first master that records what it is sent: a TLS ClientHello, never the password.
+    // (Without --cacert the others' certificates are not trusted, so no quorum: the point
+    // is what went over the wire.)
+    let (port, seen) = sniffer();
+    let endpoints = format!(
+        "redlock://rediss://app@127.0.0.1:{port},{}",
+        masters("app@").join(",")
+    );
+    let out = lock(&endpoints, &[]);
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.is_empty(),
+        "the first master was never dialled: {out:?}"
+    );
+    for bytes in &seen {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains("Tls-Secret-51"),
+            "the password went in clear: {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(bytes.first(), Some(&0x16), "not a TLS handshake: {bytes:?}");
+    }
+
+    // The user in each URL, the password from the file.
+    works(&format!("redlock://{}", masters("app@").join(",")), &ca);
+    // The user from --user.
+    let mut extra = ca.to_vec();
+    extra.extend(["--user", "app"]);
+    works(&format!("redlock://{}", masters("").join(",")), &extra);
+}
