@@ -176,6 +176,103 @@ async fn a_client_certificate_with_the_wrong_key_is_a_tls_error() {
     }
 }
 
+/// A loopback TCP forwarder whose upstream port can be switched: the switch closes the
+/// open connections, so the client's next dial reaches the new upstream.
+struct Forwarder {
+    port: u16,
+    upstream: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(upstream: u16) -> Forwarder {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(upstream));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to, open) = (upstream.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let port = to.load(Ordering::SeqCst);
+                open.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Forwarder {
+            port,
+            upstream,
+            conns,
+            accept,
+        }
+    }
+
+    fn switch(&self, upstream: u16) {
+        self.upstream
+            .store(upstream, std::sync::atomic::Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.switch(0);
+        self.accept.abort();
+    }
+}
+
+/// A certificate that fails verification on a connection made after connect (the address
+/// now leads to a server of another CA) is [`Error::Tls`], not retryable, for requests and
+/// for an observer, which ends with it. Before, it was a retryable `Unavailable` ("invalid
+/// peer certificate: BadSignature"), retried until the request timeout, and observers
+/// (`baton watch`, `baton observe`) retried it for ever in silence.
+#[tokio::test]
+async fn a_certificate_rejected_after_connect_is_a_tls_error() {
+    if skip() {
+        return;
+    }
+    let (pki, other) = (TestPki::generate(), TestPki::generate());
+    let a = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&pki)).await;
+    let b = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&other)).await;
+    let forwarder = Forwarder::start(a.client_port()).await;
+    let client = connect(
+        &format!("https://127.0.0.1:{}", forwarder.port),
+        Some(TlsConfig::new().with_ca_file(pki.ca_file())),
+    )
+    .await
+    .unwrap();
+    client.store().put(b"k", b"v", 0).await.unwrap();
+    let mut observed = baton::Election::observe_with(&client, "e").unwrap();
+    let observing = tokio::spawn(async move {
+        use futures::StreamExt;
+        while observed.next().await.is_some() {}
+        observed.take_error()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    forwarder.switch(b.client_port());
+    let started = Instant::now();
+    let err = client.store().range(Range::key("k")).await.unwrap_err();
+    assert_tls_error(&err, "not signed by a trusted CA");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "found only after {:?}",
+        started.elapsed()
+    );
+    let err = tokio::time::timeout(Duration::from_secs(10), observing)
+        .await
+        .expect("the observer still retries 10 s after the switch")
+        .unwrap()
+        .expect("the observer ended with no error");
+    assert_tls_error(&err, "not signed by a trusted CA");
+}
+
 /// An etcd that requires client certificates of `pki` (the first), and a second PKI whose
 /// certificates it does not trust.
 async fn mutual_tls_etcd() -> (TestPki, TestPki, EtcdServer) {

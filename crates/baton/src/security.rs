@@ -241,45 +241,100 @@ impl fmt::Display for Secret {
 /// If a connection error is about TLS, what went wrong in words (with the transport's own
 /// text after it). `https` tells whether we spoke TLS.
 pub(crate) fn tls_problem(text: &str, https: bool) -> Option<String> {
-    let t = text.to_lowercase().replace([' ', '_'], "");
-    let hint = if t.contains("unknownissuer") || t.contains("badsignature") {
-        "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)"
-    } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
-        "the server's certificate does not match the host name in the URL"
-    } else if t.contains("expired") && t.contains("certificate") {
-        "the server's certificate has expired or is not valid yet"
-    } else if t.contains("keymismatch") || t.contains("keysmaynotbeconsistent") {
-        "the client key does not match the client certificate (give the certificate's own key: --key)"
-    } else if t.contains("certificaterequired") {
-        "the server requires a client certificate (--cert and --key)"
-    } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
-        "the server rejected the client certificate, or requires one it trusts (--cert, --key)"
-    } else if t.contains("invalidcontenttype")
-        || t.contains("corruptmessage")
-        || t.contains("invalidmessage")
-    {
-        "the server may not use TLS: then use http:// or redis:// (or check the port)"
-    } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
-        "the server's certificate is invalid"
-    } else if t.contains("nocertificatesfound")
-        || t.contains("privatekey")
-        || t.contains("invalidcertificate")
-        || (t.contains("tls") && t.contains("config"))
-    {
-        "the CA or client certificate or key could not be loaded (check the PEM files)"
-    } else if t.contains("answeredaplaintextping") {
-        "the server speaks plaintext Redis, not TLS: use redis:// (or check the port)"
-    } else if t.contains("handshakeeof") {
-        "the server closed the connection during the TLS handshake: it may not use TLS \
-         (then use http:// or redis://), or it refused us"
-    } else if t.contains("handshake") || t.contains("tls") {
-        "the TLS handshake failed"
-    } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion")) {
-        "the server answered something other than plaintext gRPC: if it uses TLS, use https:// or rediss://"
-    } else {
-        return None;
-    };
+    let (hint, _) = classify_tls(text, https)?;
     Some(format!("{hint} ({})", text.trim()))
+}
+
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+/// Like [`tls_problem`], but only for problems that retrying cannot fix: a certificate that
+/// does not verify (untrusted CA, wrong host name, expired), a client certificate refused
+/// or missing, a key or certificate that cannot be used. For a connection made again after
+/// connect (a member replaced, the address now leading elsewhere), where a handshake cut
+/// short or another transport failure may well pass, but these will not.
+pub(crate) fn tls_rejection(text: &str) -> Option<String> {
+    match classify_tls(text, true)? {
+        (hint, true) => Some(format!("{hint} ({})", text.trim())),
+        (_, false) => None,
+    }
+}
+
+/// What a TLS problem is in words, and whether it is for good (a certificate or key that
+/// will not be accepted on a retry either).
+fn classify_tls(text: &str, https: bool) -> Option<(&'static str, bool)> {
+    let t = text.to_lowercase().replace([' ', '_'], "");
+    Some(
+        if t.contains("unknownissuer") || t.contains("badsignature") {
+            (
+            "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)",
+            true,
+        )
+        } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
+            (
+                "the server's certificate does not match the host name in the URL",
+                true,
+            )
+        } else if t.contains("expired") && t.contains("certificate") {
+            (
+                "the server's certificate has expired or is not valid yet",
+                true,
+            )
+        } else if t.contains("keymismatch") || t.contains("keysmaynotbeconsistent") {
+            (
+            "the client key does not match the client certificate (give the certificate's own key: --key)",
+            true,
+        )
+        } else if t.contains("certificaterequired") {
+            (
+                "the server requires a client certificate (--cert and --key)",
+                true,
+            )
+        } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
+            (
+            "the server rejected the client certificate, or requires one it trusts (--cert, --key)",
+            true,
+        )
+        } else if t.contains("invalidcontenttype")
+            || t.contains("corruptmessage")
+            || t.contains("invalidmessage")
+        {
+            (
+                "the server may not use TLS: then use http:// or redis:// (or check the port)",
+                false,
+            )
+        } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
+            ("the server's certificate is invalid", true)
+        } else if t.contains("nocertificatesfound")
+            || t.contains("privatekey")
+            || t.contains("invalidcertificate")
+            || (t.contains("tls") && t.contains("config"))
+        {
+            (
+                "the CA or client certificate or key could not be loaded (check the PEM files)",
+                true,
+            )
+        } else if t.contains("answeredaplaintextping") {
+            (
+                "the server speaks plaintext Redis, not TLS: use redis:// (or check the port)",
+                false,
+            )
+        } else if t.contains("handshakeeof") {
+            (
+                "the server closed the connection during the TLS handshake: it may not use TLS \
+             (then use http:// or redis://), or it refused us",
+                false,
+            )
+        } else if t.contains("handshake") || t.contains("tls") {
+            ("the TLS handshake failed", false)
+        } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion"))
+        {
+            (
+            "the server answered something other than plaintext gRPC: if it uses TLS, use https:// or rediss://",
+            false,
+        )
+        } else {
+            return None;
+        },
+    )
 }
 
 /// Check a key prefix given as a namespace: at most [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
@@ -343,6 +398,24 @@ mod tests {
                 hint.contains("does not match the client certificate"),
                 "{text} -> {hint}"
             );
+        }
+    }
+
+    /// Only problems a retry cannot fix count as rejections: a certificate that does not
+    /// verify, not a handshake cut short.
+    #[test]
+    fn rejections_are_the_lasting_tls_problems() {
+        let untrusted = "invalid peer certificate: BadSignature: transport error";
+        assert!(tls_rejection(untrusted)
+            .unwrap()
+            .contains("not signed by a trusted CA"));
+        assert!(tls_rejection("received fatal alert: CertificateRequired").is_some());
+        for passing in [
+            "tls handshake eof",
+            "connection reset by peer",
+            "transport error: broken pipe",
+        ] {
+            assert_eq!(tls_rejection(passing), None, "{passing}");
         }
     }
 

@@ -21,7 +21,9 @@
 //!
 //! `https://` endpoints use TLS ([`EtcdOptions::tls`]: the CA to trust, an optional client
 //! certificate). A handshake that fails gives [`Error::Tls`] at once, naming the problem;
-//! nothing is ever sent in plaintext instead.
+//! nothing is ever sent in plaintext instead. So does a certificate that fails verification
+//! (or a client certificate refused) when a member is dialled again after connect: it is
+//! not retried, and watches end with it.
 //!
 //! With [`EtcdOptions::credentials`], the store authenticates when it connects and sends
 //! etcd's token with every request. etcd's tokens expire (`--auth-token-ttl`, 300 s by
@@ -61,7 +63,7 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
-use crate::security::{tls_problem, Credentials, TlsConfig};
+use crate::security::{tls_problem, tls_rejection, Credentials, TlsConfig};
 
 /// After how long without any frame from a member, on a connection with open requests or
 /// streams, it is pinged (HTTP/2 keep-alive); it counts as dead when the ping is not
@@ -501,7 +503,7 @@ impl EtcdStore {
                         });
                     }
                     if is_auth_error(&e) {
-                        return Err(map_err("connect", e, 0));
+                        return Err(map_err("connect", e, 0, &joined));
                     }
                     if !(is_unsent(&e) || is_transient(&e)) {
                         return Err(connect_error(reason));
@@ -647,7 +649,7 @@ impl EtcdStore {
         timeout_at(deadline, self.inner.client.refresh_token())
             .await
             .map_err(|_| Error::Timeout { operation, after })?
-            .map_err(|e| map_err(operation, e, 0))?;
+            .map_err(|e| map_err(operation, e, 0, &self.inner.endpoints))?;
         self.inner.auth_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -816,7 +818,12 @@ impl EtcdStore {
                                 if !Retry::Idempotent.allows(&error)
                                     || Instant::now() + backoff >= deadline
                                 {
-                                    return Err(map_err("lease keep-alive", error, id));
+                                    return Err(map_err(
+                                        "lease keep-alive",
+                                        error,
+                                        id,
+                                        &self.inner.endpoints,
+                                    ));
                                 }
                                 tracing::debug!(lease = %format_args!("{id:x}"), error = %describe(&error), "retrying lease keep-alive");
                                 drop(cached);
@@ -1041,7 +1048,10 @@ impl Store for EtcdStore {
             Ok(resp) => resp,
             Err(e) => {
                 return Err(self
-                    .fill_compacted(naming(map_err("range", e, 0), &key), range.revision)
+                    .fill_compacted(
+                        naming(map_err("range", e, 0, &self.inner.endpoints), &key),
+                        range.revision,
+                    )
                     .await)
             }
         };
@@ -1057,7 +1067,7 @@ impl Store for EtcdStore {
                 async move { kv.put(key, value, options).await }
             })
             .await?
-            .map_err(|e| naming(map_err("put", e, lease), key))?;
+            .map_err(|e| naming(map_err("put", e, lease, &self.inner.endpoints), key))?;
         Ok(revision(resp.header()))
     }
 
@@ -1071,7 +1081,7 @@ impl Store for EtcdStore {
                 async move { kv.delete(key, Some(options)).await }
             })
             .await?
-            .map_err(|e| naming(map_err("delete", e, 0), &key))?;
+            .map_err(|e| naming(map_err("delete", e, 0, &self.inner.endpoints), &key))?;
         Ok((resp.deleted(), revision(resp.header())))
     }
 
@@ -1111,7 +1121,10 @@ impl Store for EtcdStore {
                     })
                     .max()
                     .unwrap_or(0);
-                let error = naming(map_err("txn", e, lease), txn_key(&txn));
+                let error = naming(
+                    map_err("txn", e, lease, &self.inner.endpoints),
+                    txn_key(&txn),
+                );
                 return Err(self.fill_compacted(error, read_at).await);
             }
         };
@@ -1150,7 +1163,7 @@ impl Store for EtcdStore {
                 async move { leases.grant(whole, None).await }
             })
             .await?
-            .map_err(|e| map_err("lease grant", e, 0))?;
+            .map_err(|e| map_err("lease grant", e, 0, &self.inner.endpoints))?;
         if !resp.error().is_empty() {
             return Err(Error::Store(format!(
                 "lease grant: {}",
@@ -1221,7 +1234,7 @@ impl Store for EtcdStore {
         match answer {
             Ok(_) => {}
             Err(e) if is_lease_not_found(&e) && attempts.load(Ordering::Relaxed) > 1 => {}
-            Err(e) => return Err(map_err("lease revoke", e, id)),
+            Err(e) => return Err(map_err("lease revoke", e, id, &self.inner.endpoints)),
         }
         tracing::debug!(lease = %format_args!("{id:x}"), "revoked lease");
         Ok(())
@@ -1238,7 +1251,7 @@ impl Store for EtcdStore {
             Ok(resp) if resp.ttl() < 0 => Ok(None),
             Ok(resp) => Ok(Some(secs(resp.ttl()))),
             Err(e) if is_lease_not_found(&e) => Ok(None),
-            Err(e) => Err(map_err("lease time-to-live", e, id)),
+            Err(e) => Err(map_err("lease time-to-live", e, id, &self.inner.endpoints)),
         }
     }
 
@@ -1280,7 +1293,7 @@ impl Store for EtcdStore {
                     compact_revision,
                 })
             }
-            Err(e) => Err(map_err("compact", e, 0)),
+            Err(e) => Err(map_err("compact", e, 0, &self.inner.endpoints)),
         }
     }
 }
@@ -1319,7 +1332,7 @@ impl EtcdStore {
                     }
                 })
                 .await?
-                .map_err(|e| naming(map_err("watch", e, 0), &key))?;
+                .map_err(|e| naming(map_err("watch", e, 0, &self.inner.endpoints), &key))?;
             // etcd cancels a watch created with an expired token: get a new one, try again.
             let stale = created
                 .as_ref()
@@ -1365,6 +1378,7 @@ impl EtcdStore {
         let state = WatchState {
             stream: Some(stream),
             requested,
+            endpoints: self.inner.endpoints.clone(),
         };
         Ok((at, Box::pin(futures::stream::unfold(state, next_batch))))
     }
@@ -1375,6 +1389,8 @@ impl EtcdStore {
 struct WatchState {
     stream: Option<ec::WatchStream>,
     requested: Revision,
+    /// The store's endpoints (redacted), for errors.
+    endpoints: String,
 }
 
 async fn next_batch(mut state: WatchState) -> Option<(Result<WatchResponse>, WatchState)> {
@@ -1403,7 +1419,7 @@ async fn next_batch(mut state: WatchState) -> Option<(Result<WatchResponse>, Wat
                 return None;
             }
             Err(e) => {
-                let error = map_err("watch", e, 0);
+                let error = map_err("watch", e, 0, &state.endpoints);
                 tracing::debug!(error = %error, "watch stream failed");
                 state.stream = None;
                 return Some((Err(error), state));
@@ -1620,6 +1636,9 @@ const NO_LEADER: &str = "etcdserver: no leader";
 /// True if the request provably never reached a member (the connection could not be made),
 /// or was refused before anything was proposed (no leader).
 fn is_unsent(e: &ec::Error) -> bool {
+    if is_tls_rejection(e) {
+        return false;
+    }
     let connect_failed = |text: &str| {
         text.contains("connect error")
             || text.contains("error trying to connect")
@@ -1641,9 +1660,22 @@ fn is_unsent(e: &ec::Error) -> bool {
     }
 }
 
+/// True if a (re)connection failed because a TLS handshake was refused for good: a
+/// certificate that does not verify, a client certificate the server refuses. Retrying
+/// cannot fix it: never transient, never retried.
+fn is_tls_rejection(e: &ec::Error) -> bool {
+    matches!(
+        e,
+        ec::Error::TransportError(_) | ec::Error::GRpcStatus(_) | ec::Error::IoError(_)
+    ) && tls_rejection(&describe(e)).is_some()
+}
+
 /// True for failures that may pass on their own: a member unavailable, a broken
 /// connection, a dropped stream. Safe to retry only for requests that may run twice.
 fn is_transient(e: &ec::Error) -> bool {
+    if is_tls_rejection(e) {
+        return false;
+    }
     match e {
         ec::Error::GRpcStatus(s) => {
             let code = s.code() as i32;
@@ -1779,12 +1811,20 @@ fn is_lease_not_found(e: &ec::Error) -> bool {
 }
 
 /// Map an etcd-client error to Baton's. `lease` names the lease of the request, if any,
-/// for [`Error::LeaseNotFound`].
-fn map_err(operation: &'static str, e: ec::Error, lease: LeaseId) -> Error {
+/// for [`Error::LeaseNotFound`]; `endpoints` (redacted) name the cluster, for [`Error::Tls`].
+fn map_err(operation: &'static str, e: ec::Error, lease: LeaseId, endpoints: &str) -> Error {
     if is_lease_not_found(&e) {
         return Error::LeaseNotFound(lease);
     }
     let text = describe(&e);
+    // A reconnection whose handshake fails for good (the server's certificate is no longer
+    // trusted, ours is refused): a configuration problem, as at connect, not an outage.
+    if let Some(reason) = tls_rejection(&text) {
+        return Error::Tls {
+            endpoints: endpoints.to_string(),
+            reason: format!("{operation}: {reason}"),
+        };
+    }
     if let ec::Error::GRpcStatus(status) = &e {
         if let Some(error) = auth_error(operation, Some(status.code() as i32), status.message()) {
             return error;
@@ -1869,16 +1909,16 @@ mod tests {
         let gone = ec::Error::LeaseKeepAliveError("lease not found".into());
         assert!(is_lease_not_found(&gone));
         assert!(matches!(
-            map_err("lease keep-alive", gone, 7),
+            map_err("lease keep-alive", gone, 7, ""),
             Error::LeaseNotFound(7)
         ));
         let invalid = ec::Error::InvalidArgs("empty endpoints".into());
-        assert!(map_err("put", invalid, 0).is_invalid_input());
+        assert!(map_err("put", invalid, 0, "").is_invalid_input());
         let broken = ec::Error::WatchError("channel closed".into());
         assert!(is_transient(&broken));
         assert!(!is_unsent(&broken));
         assert!(matches!(
-            map_err("watch", broken, 0),
+            map_err("watch", broken, 0, ""),
             Error::Unavailable(ref m) if m.starts_with("watch: ")
         ));
         let no_leader = ec::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: no leader"));
@@ -1887,7 +1927,7 @@ mod tests {
         let timed_out =
             ec::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: request timed out"));
         assert!(!is_unsent(&timed_out));
-        let e = map_err("put", no_leader, 0);
+        let e = map_err("put", no_leader, 0, "");
         assert!(
             matches!(e, Error::Unavailable(_)) && e.is_retryable(),
             "{e}"
@@ -1900,7 +1940,7 @@ mod tests {
             "etcdserver: requested lease not found",
         ));
         assert!(matches!(
-            map_err("put", refused, 0),
+            map_err("put", refused, 0, ""),
             Error::LeaseNotFound(_)
         ));
     }
@@ -1910,14 +1950,14 @@ mod tests {
         let denied = ec::Error::GRpcStatus(tonic::Status::permission_denied(
             "etcdserver: permission denied",
         ));
-        let e = map_err("txn", denied, 0);
+        let e = map_err("txn", denied, 0, "");
         assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
         assert!(!e.is_retryable() && e.is_access_denied());
         let failed = ec::Error::GRpcStatus(tonic::Status::invalid_argument(
             "etcdserver: authentication failed, invalid user ID or password",
         ));
         assert!(is_auth_error(&failed));
-        let e = map_err("connect", failed, 0);
+        let e = map_err("connect", failed, 0, "");
         assert!(matches!(e, Error::Unauthenticated(_)), "{e}");
         assert!(!e.is_retryable());
         let expired = ec::Error::GRpcStatus(tonic::Status::unauthenticated(
@@ -1925,7 +1965,7 @@ mod tests {
         ));
         assert!(is_stale_token(&expired));
         assert!(matches!(
-            map_err("range", expired, 0),
+            map_err("range", expired, 0, ""),
             Error::Unauthenticated(_)
         ));
         assert!(auth_error("watch", None, "etcdserver: permission denied").is_some());
