@@ -354,3 +354,43 @@ fn the_user_option_beats_the_urls_user() {
         assert_no_secret(what, out);
     }
 }
+
+/// `http://` to a TLS etcd and `redis://` to a TLS Redis: `baton` exits 125 at once saying
+/// the server uses TLS, as it does for the reverse mistakes. Before, `get` waited out the
+/// whole `--dial-timeout` and said "broken pipe"; `lock` on Redis said "Connection reset by
+/// peer".
+#[test]
+fn plaintext_urls_to_tls_servers_say_so_at_once() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let pki = TestPki::generate();
+    let etcd = {
+        assert!(baton_testkit::etcd_available(), "etcd is needed");
+        EtcdServer::start_with(EtcdServerOptions::new().with_tls(&pki))
+    };
+    let redis = baton_testkit::RedisServer::start_with(
+        baton_testkit::RedisServerOptions::new().with_tls(&pki),
+    );
+    for (endpoints, args, scheme) in [
+        (
+            etcd.endpoint().replacen("https://", "http://", 1),
+            &["get", "k"][..],
+            "https://",
+        ),
+        (
+            redis.tls_url().replacen("rediss://", "redis://", 1),
+            &["lock", "x", "--", "true"][..],
+            "rediss://",
+        ),
+    ] {
+        let (out, took) = run(baton(&endpoints)
+            .env_remove("BATON_PASSWORD")
+            .env_remove("BATON_USER")
+            .args(["--dial-timeout", "30s"])
+            .args(args));
+        assert_eq!(code(&out), 125, "{endpoints}: {}", all_output(&out));
+        let text = all_output(&out);
+        assert!(text.contains("the server uses TLS"), "{text}");
+        assert!(text.contains(scheme), "{text}");
+        assert!(took < Duration::from_secs(5), "{endpoints}: took {took:?}");
+    }
+}

@@ -83,11 +83,7 @@ async fn tls_needs_the_right_ca_and_never_falls_back() {
     // The same server through http://: no plaintext session is ever made.
     let plain = https.replacen("https://", "http://", 1);
     let err = connect(&plain, None).await.unwrap_err();
-    eprintln!("http:// to a TLS server: {err}");
-    assert!(
-        matches!(err, Error::Tls { .. } | Error::Connect { .. }),
-        "{err}"
-    );
+    assert_tls_error(&err, "use https://");
     // TLS settings with an http:// URL are refused before any network call.
     let err = connect(&plain, Some(TlsConfig::new().with_ca_file(pki.ca_file())))
         .await
@@ -271,6 +267,76 @@ async fn a_certificate_rejected_after_connect_is_a_tls_error() {
         .unwrap()
         .expect("the observer ended with no error");
     assert_tls_error(&err, "not signed by a trusted CA");
+}
+
+/// A listener that accepts connections, reads what comes and hangs up: a plaintext server
+/// that drops every connection, which must not be taken for a TLS one.
+async fn hanging_up_server() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf).await;
+        }
+    });
+    (port, task)
+}
+
+/// `http://` to a TLS etcd, and `redis://` to a TLS Redis, fail at once with `Error::Tls`
+/// saying to use `https://` or `rediss://`, as the reverse mistakes do. Before, etcd waited
+/// out the whole dial timeout and then said only "broken pipe", and Redis said "Connection
+/// reset by peer". A plaintext server that hangs up on every connection is still a
+/// connection failure, not taken for TLS.
+#[tokio::test]
+async fn plaintext_to_a_tls_server_is_a_tls_error_at_once() {
+    if skip() || redis_skip() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let etcd = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&pki)).await;
+    let plain = etcd.endpoint().replacen("https://", "http://", 1);
+    let started = Instant::now();
+    let err = Client::builder(&plain)
+        .with_dial_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "use https://");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "found only after {:?}",
+        started.elapsed()
+    );
+
+    let server = redis(RedisServerOptions::new().with_tls(&pki));
+    let plain = server.tls_url().replacen("rediss://", "redis://", 1);
+    let started = Instant::now();
+    let err = Coordinator::builder(&plain)
+        .with_dial_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "rediss://");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "found only after {:?}",
+        started.elapsed()
+    );
+
+    let (port, _server) = hanging_up_server().await;
+    for url in [
+        format!("http://127.0.0.1:{port}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        let err = Coordinator::builder(&url)
+            .with_dial_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{url}: {err:?}");
+    }
 }
 
 /// An etcd that requires client certificates of `pki` (the first), and a second PKI whose

@@ -151,6 +151,75 @@ fn keys_mismatch(cert: &[u8], key: &[u8]) -> bool {
     )
 }
 
+/// What [`speaks_tls`] found, as the start of a failed dial's reason; [`tls_problem`]
+/// turns it into advice.
+#[cfg(any(feature = "etcd", feature = "redis"))]
+pub(crate) const TLS_REPLY: &str = "the server answered a TLS ClientHello";
+
+/// How long [`speaks_tls`] waits for an answer, at most: a TLS server answers a ClientHello
+/// within a round trip, a plaintext Redis never (it waits for the end of a line).
+#[cfg(any(feature = "etcd", feature = "redis"))]
+pub(crate) const TLS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// True if a plaintext connection's failure looks like a server that hung up on what we
+/// sent (a broken pipe, a reset, a stream closed), as a TLS server does when it receives
+/// plaintext; not a refused connection or a server's answer.
+#[cfg(any(feature = "etcd", feature = "redis"))]
+pub(crate) fn looks_hung_up(text: &str) -> bool {
+    let t = text.to_lowercase();
+    [
+        "broken pipe",
+        "connection reset",
+        "reset by peer",
+        "stream closed",
+        "connection closed",
+        "unexpected eof",
+        "unexpectedeof",
+    ]
+    .iter()
+    .any(|s| t.contains(s))
+}
+
+/// True if the server at `host:port` answers a TLS ClientHello with a TLS record (a
+/// handshake or an alert: first bytes 0x16 or 0x15, then 0x03), within `within`. False on
+/// any failure: a plaintext server answers with something else (an HTTP/2 frame, a Redis
+/// error line) or hangs up. Nothing but the hello is sent; the certificate is not looked at.
+/// To tell, when a plaintext dial fails as if the server hung up, whether it speaks TLS.
+#[cfg(any(feature = "etcd", feature = "redis"))]
+pub(crate) async fn speaks_tls(host: &str, port: u16, within: std::time::Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let hello = client_hello(host)?;
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        stream.write_all(&hello).await.ok()?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(matches!(head, [0x15 | 0x16, 0x03]))
+    };
+    matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
+}
+
+/// The bytes of a TLS ClientHello for `host` (any name or address).
+#[cfg(any(feature = "etcd", feature = "redis"))]
+fn client_hello(host: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::ServerName;
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string())
+        .or_else(|_| ServerName::try_from("localhost"))
+        .ok()?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).ok()?;
+    Some(hello)
+}
+
 /// Read a PEM file; an error names the file and what it was for, never its contents.
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| {
@@ -262,79 +331,82 @@ pub(crate) fn tls_rejection(text: &str) -> Option<String> {
 /// will not be accepted on a retry either).
 fn classify_tls(text: &str, https: bool) -> Option<(&'static str, bool)> {
     let t = text.to_lowercase().replace([' ', '_'], "");
-    Some(
-        if t.contains("unknownissuer") || t.contains("badsignature") {
-            (
+    Some(if t.contains("answeredatlsclienthello") {
+        (
+            "the server uses TLS: use https:// (etcd) or rediss:// (Redis), with --cacert \
+                 if its CA is not one the system trusts",
+            false,
+        )
+    } else if t.contains("unknownissuer") || t.contains("badsignature") {
+        (
             "the server's certificate is not signed by a trusted CA (give the right CA file: --cacert)",
             true,
         )
-        } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
-            (
-                "the server's certificate does not match the host name in the URL",
-                true,
-            )
-        } else if t.contains("expired") && t.contains("certificate") {
-            (
-                "the server's certificate has expired or is not valid yet",
-                true,
-            )
-        } else if t.contains("keymismatch") || t.contains("keysmaynotbeconsistent") {
-            (
+    } else if t.contains("notvalidforname") || t.contains("notvalidforcontext") {
+        (
+            "the server's certificate does not match the host name in the URL",
+            true,
+        )
+    } else if t.contains("expired") && t.contains("certificate") {
+        (
+            "the server's certificate has expired or is not valid yet",
+            true,
+        )
+    } else if t.contains("keymismatch") || t.contains("keysmaynotbeconsistent") {
+        (
             "the client key does not match the client certificate (give the certificate's own key: --key)",
             true,
         )
-        } else if t.contains("certificaterequired") {
-            (
-                "the server requires a client certificate (--cert and --key)",
-                true,
-            )
-        } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
-            (
+    } else if t.contains("certificaterequired") {
+        (
+            "the server requires a client certificate (--cert and --key)",
+            true,
+        )
+    } else if t.contains("alert") && (t.contains("certificate") || t.contains("unknownca")) {
+        (
             "the server rejected the client certificate, or requires one it trusts (--cert, --key)",
             true,
         )
-        } else if t.contains("invalidcontenttype")
-            || t.contains("corruptmessage")
-            || t.contains("invalidmessage")
-        {
-            (
-                "the server may not use TLS: then use http:// or redis:// (or check the port)",
-                false,
-            )
-        } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
-            ("the server's certificate is invalid", true)
-        } else if t.contains("nocertificatesfound")
-            || t.contains("privatekey")
-            || t.contains("invalidcertificate")
-            || (t.contains("tls") && t.contains("config"))
-        {
-            (
-                "the CA or client certificate or key could not be loaded (check the PEM files)",
-                true,
-            )
-        } else if t.contains("answeredaplaintextping") {
-            (
-                "the server speaks plaintext Redis, not TLS: use redis:// (or check the port)",
-                false,
-            )
-        } else if t.contains("handshakeeof") {
-            (
-                "the server closed the connection during the TLS handshake: it may not use TLS \
+    } else if t.contains("invalidcontenttype")
+        || t.contains("corruptmessage")
+        || t.contains("invalidmessage")
+    {
+        (
+            "the server may not use TLS: then use http:// or redis:// (or check the port)",
+            false,
+        )
+    } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
+        ("the server's certificate is invalid", true)
+    } else if t.contains("nocertificatesfound")
+        || t.contains("privatekey")
+        || t.contains("invalidcertificate")
+        || (t.contains("tls") && t.contains("config"))
+    {
+        (
+            "the CA or client certificate or key could not be loaded (check the PEM files)",
+            true,
+        )
+    } else if t.contains("answeredaplaintextping") {
+        (
+            "the server speaks plaintext Redis, not TLS: use redis:// (or check the port)",
+            false,
+        )
+    } else if t.contains("handshakeeof") {
+        (
+            "the server closed the connection during the TLS handshake: it may not use TLS \
              (then use http:// or redis://), or it refused us",
-                false,
-            )
-        } else if t.contains("handshake") || t.contains("tls") {
-            ("the TLS handshake failed", false)
-        } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion"))
-        {
-            (
+            false,
+        )
+    } else if t.contains("handshake") || t.contains("tls") {
+        ("the TLS handshake failed", false)
+    } else if !https && (t.contains("framewithinvalidsize") || t.contains("invalidhttpversion")) {
+        (
             "the server answered something other than plaintext gRPC: if it uses TLS, use https:// or rediss://",
             false,
         )
-        } else {
-            return None;
-        },
-    )
+    } else {
+        return None;
+    })
 }
 
 /// Check a key prefix given as a namespace: at most [`MAX_NAME_LEN`](crate::MAX_NAME_LEN)
@@ -417,6 +489,21 @@ mod tests {
         ] {
             assert_eq!(tls_rejection(passing), None, "{passing}");
         }
+    }
+
+    /// A server that answered our ClientHello is named as a TLS server; the failures that
+    /// make us ask are those of a server hanging up, not a refused connection.
+    #[test]
+    fn a_tls_reply_is_named() {
+        let hint = tls_problem(&format!("{TLS_REPLY} (broken pipe)"), false).unwrap();
+        assert!(hint.contains("use https://"), "{hint}");
+        assert!(hint.contains("rediss://"), "{hint}");
+        assert_eq!(tls_rejection(&format!("{TLS_REPLY} (x)")), None);
+        assert!(looks_hung_up(
+            "transport error: connection error: stream closed because of a broken pipe"
+        ));
+        assert!(looks_hung_up("Connection reset by peer (os error 104)"));
+        assert!(!looks_hung_up("Connection refused (os error 111)"));
     }
 
     fn tempfile_dir() -> PathBuf {

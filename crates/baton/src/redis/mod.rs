@@ -372,7 +372,9 @@ impl RedisClientBuilder {
     /// server has no database of the URL's number. On `redis://`, fails with
     /// [`Error::Connect`] if the server does not answer within the dial timeout, and with
     /// [`Error::Tls`] if a `rediss://` server speaks plaintext Redis (found within a
-    /// fraction of a second: a plaintext `PING` on a second connection). On
+    /// fraction of a second: a plaintext `PING` on a second connection), and if a
+    /// `redis://` server hangs up on the first command and answers a TLS ClientHello on a
+    /// second connection (a TLS port: use `rediss://`). On
     /// `redlock://`, connects to every master in parallel and fails only if fewer than a
     /// quorum answer. It returns once a quorum is connected and the others have had a
     /// short while more (1% of the TTL, at least 10 ms, or as long as the quorum took if

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use crate::client::RedisNode;
 use crate::error::{Error, Result};
-use crate::security::{tls_problem, TlsConfig};
+use crate::security::{
+    looks_hung_up, speaks_tls, tls_problem, TlsConfig, TLS_PROBE_TIMEOUT, TLS_REPLY,
+};
 
 static ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/acquire.lua")));
@@ -399,6 +401,25 @@ impl Node {
                     *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((Instant::now(), e.to_string()));
                     return Err(denied);
+                }
+                // `redis://` to a TLS port: the server hangs up on our first command. If
+                // it answers a ClientHello, say so now, as a TLS error.
+                if !self.tls
+                    && looks_hung_up(&e.to_string())
+                    && speaks_tls(
+                        &self.host,
+                        self.port,
+                        TLS_PROBE_TIMEOUT.min(self.dial_timeout),
+                    )
+                    .await
+                {
+                    let reason = format!("{TLS_REPLY} ({e})");
+                    tracing::debug!(node = %self.display, "the server speaks TLS");
+                    *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), reason.clone()));
+                    return Err(self
+                        .access_error_text(&reason)
+                        .unwrap_or_else(|| self.connect_error(reason)));
                 }
                 e.to_string()
             }

@@ -63,7 +63,10 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
-use crate::security::{tls_problem, tls_rejection, Credentials, TlsConfig};
+use crate::security::{
+    looks_hung_up, speaks_tls, tls_problem, tls_rejection, Credentials, TlsConfig,
+    TLS_PROBE_TIMEOUT, TLS_REPLY,
+};
 
 /// After how long without any frame from a member, on a connection with open requests or
 /// streams, it is pinged (HTTP/2 keep-alive); it counts as dead when the ping is not
@@ -357,7 +360,10 @@ impl EtcdStore {
     ///
     /// Returns once a linearizable read has been answered. Fails with [`Error::Connect`]
     /// if that does not happen within the dial timeout (nothing listens, no member has a
-    /// leader, ...), and at once with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`]
+    /// leader, ...); with [`Error::Tls`] at once if a handshake fails, and also for
+    /// `http://` endpoints that all turn out to be TLS servers (when they hang up on the
+    /// plaintext request, each is sent a TLS ClientHello, waiting at most 500 ms for its
+    /// answer); and at once with [`Error::InvalidEndpoint`] or [`Error::InvalidArgument`]
     /// for malformed input: every endpoint must be `http://host:port` or `https://host:port`
     /// (a port from 1 to 65535), without credentials (give them in [`EtcdOptions`]).
     ///
@@ -445,13 +451,21 @@ impl EtcdStore {
                 })
             }
             Ok(Err(e)) => {
-                return Err(match tls_problem(&describe(&e), https) {
+                let reason = describe(&e);
+                if !https && looks_hung_up(&reason) {
+                    if let Some(error) =
+                        plaintext_to_tls(endpoints, &joined, &reason, deadline).await
+                    {
+                        return Err(error);
+                    }
+                }
+                return Err(match tls_problem(&reason, https) {
                     Some(reason) => Error::Tls {
                         endpoints: joined.clone(),
                         reason,
                     },
-                    None => connect_error(describe(&e)),
-                })
+                    None => connect_error(reason),
+                });
             }
             Ok(Ok(client)) => client,
         };
@@ -460,6 +474,8 @@ impl EtcdStore {
         // answers, retrying while members are unreachable, until the dial timeout.
         let mut authenticated = options.credentials.is_none();
         let mut last_error: Option<String> = None;
+        // Whether the endpoints were asked if they speak TLS (see `plaintext_to_tls`).
+        let mut probed = false;
         let mut backoff = BACKOFF_MIN;
         loop {
             let attempt = async {
@@ -501,6 +517,16 @@ impl EtcdStore {
                             endpoints: joined,
                             reason,
                         });
+                    }
+                    // `http://` to TLS servers: they hang up on the HTTP/2 preface, which
+                    // looks like a member going away. Ask once whether they speak TLS.
+                    if !https && !probed && looks_hung_up(&reason) {
+                        probed = true;
+                        if let Some(error) =
+                            plaintext_to_tls(endpoints, &joined, &reason, deadline).await
+                        {
+                            return Err(error);
+                        }
                     }
                     if is_auth_error(&e) {
                         return Err(map_err("connect", e, 0, &joined));
@@ -1800,6 +1826,40 @@ fn tls_options(tls: &TlsConfig, endpoints: &str) -> Result<ec::TlsOptions> {
         options = options.identity(ec::Identity::from_pem(cert, key));
     }
     Ok(options)
+}
+
+/// The [`Error::Tls`] for `http://` endpoints that are TLS servers, if every one of them
+/// answers a TLS ClientHello (see [`speaks_tls`]): `reason`, the failure seen, follows the
+/// advice. `None` if any does not (a plaintext member that hangs up is an outage, retried).
+/// Waits at most [`TLS_PROBE_TIMEOUT`], and not past `deadline`.
+async fn plaintext_to_tls(
+    endpoints: &[String],
+    joined: &str,
+    reason: &str,
+    deadline: Instant,
+) -> Option<Error> {
+    let within = TLS_PROBE_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()));
+    let probes = endpoints.iter().map(|endpoint| async move {
+        let Ok(url) = url::Url::parse(endpoint.trim()) else {
+            return false;
+        };
+        match (url.host_str(), url.port_or_known_default()) {
+            (Some(host), Some(port)) => speaks_tls(host, port, within).await,
+            _ => false,
+        }
+    });
+    if !futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .all(|tls| tls)
+    {
+        return None;
+    }
+    tracing::debug!(endpoints = %joined, "the http:// endpoints speak TLS");
+    tls_problem(&format!("{TLS_REPLY} ({reason})"), false).map(|reason| Error::Tls {
+        endpoints: joined.to_string(),
+        reason,
+    })
 }
 
 fn is_lease_not_found(e: &ec::Error) -> bool {
