@@ -695,10 +695,21 @@ pub(crate) fn close_budget<T>(result: &Result<T, CliError>) -> Duration {
     }
 }
 
+/// How long our place in a lock's queue outlives us: the session's TTL on etcd (it is a
+/// key of our lease), the waiter window on Redis (three fallback polls).
+pub(crate) fn queue_place_expiry(global: &Global, ttl: Duration) -> Duration {
+    if is_redis(&global.endpoints) {
+        3 * baton::redis::DEFAULT_POLL_INTERVAL
+    } else {
+        ttl
+    }
+}
+
 /// The error to exit with when the close after `result` (a wait that got nothing) did not
 /// finish within [`CLEANUP_TIMEOUT`]: `result`'s own, printed now, followed by a line saying
-/// that our place in the queue expires by itself within `ttl`.
-pub(crate) fn cleanup_late<T>(result: Result<T, CliError>, ttl: Duration) -> CliError {
+/// that our place in the queue expires by itself within `expiry`
+/// ([`queue_place_expiry`]).
+pub(crate) fn cleanup_late<T>(result: Result<T, CliError>, expiry: Duration) -> CliError {
     let code = match &result {
         Err(e) => {
             e.report();
@@ -710,7 +721,7 @@ pub(crate) fn cleanup_late<T>(result: Result<T, CliError>, ttl: Duration) -> Cli
         "the backend did not confirm within {} that our place in the queue was removed; it \
          expires by itself within {}",
         crate::output::duration(CLEANUP_TIMEOUT),
-        crate::output::duration(ttl)
+        crate::output::duration(expiry)
     ));
     CliError::quiet(code)
 }

@@ -93,7 +93,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let budget = cli::close_budget(&result);
     if !cli::close_coordinator_within(&coordinator, budget).await && budget == cli::CLEANUP_TIMEOUT
     {
-        return Err(cli::cleanup_late(result, args.ttl));
+        return Err(cli::cleanup_late(
+            result,
+            cli::queue_place_expiry(global, args.ttl),
+        ));
     }
     result
 }

@@ -88,7 +88,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     // answer by a deadline; do not wait RELEASE_TIMEOUT for a backend that does not answer.
     let budget = cli::close_budget(&result);
     if !cli::close_within(&session, budget).await && budget == cli::CLEANUP_TIMEOUT {
-        return Err(cli::cleanup_late(result, args.ttl));
+        return Err(cli::cleanup_late(
+            result,
+            cli::queue_place_expiry(global, args.ttl),
+        ));
     }
     result
 }
