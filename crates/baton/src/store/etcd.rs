@@ -86,6 +86,11 @@ const COMPACT_PROBE_KEY: &[u8] = b"baton/compact-probe";
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
+/// How many refused TLS handshakes per member a request retries (each attempt goes to a
+/// member at random) before it fails with `Error::Tls`: with one member of two refusing,
+/// 20 refusals in a row come once in a million requests.
+const TLS_REFUSALS_PER_MEMBER: usize = 10;
+
 /// How many copies of an idempotent request may be in flight at once: a copy is sent after
 /// each 1/HEDGES of the request timeout without an answer (see `EtcdStore::hedged`).
 const HEDGES: usize = 4;
@@ -477,6 +482,9 @@ impl EtcdStore {
         // Whether the endpoints were asked if they speak TLS (see `plaintext_to_tls`).
         let mut probed = false;
         let mut backoff = BACKOFF_MIN;
+        // A member whose certificate is refused may be one of several (its certificate
+        // expired): try again, at random, until the refusals are too many for that.
+        let mut tls_refusals_left = TLS_REFUSALS_PER_MEMBER * endpoints.len().max(1);
         loop {
             let attempt = async {
                 if !authenticated {
@@ -512,11 +520,23 @@ impl EtcdStore {
                 Ok(Err(e)) => {
                     let reason = describe(&e);
                     tracing::debug!(endpoints = %joined, error = %reason, "etcd probe failed");
-                    if let Some(reason) = tls_problem(&reason, https) {
-                        return Err(Error::Tls {
-                            endpoints: joined,
-                            reason,
-                        });
+                    let refused = tls_rejection(&reason).is_some();
+                    match tls_problem(&reason, https) {
+                        Some(_)
+                            if refused
+                                && tls_refusals_left > 0
+                                && endpoints.len() > 1
+                                && Instant::now() + backoff < deadline =>
+                        {
+                            tls_refusals_left -= 1;
+                        }
+                        Some(reason) => {
+                            return Err(Error::Tls {
+                                endpoints: joined,
+                                reason,
+                            });
+                        }
+                        None => {}
                     }
                     // `http://` to TLS servers: they hang up on the HTTP/2 preface, which
                     // looks like a member going away. Ask once whether they speak TLS.
@@ -602,6 +622,14 @@ impl EtcdStore {
         let deadline = Instant::now() + after;
         let mut backoff = BACKOFF_MIN;
         let mut reauthenticated = false;
+        // Requests go to members at random: a member whose certificate is refused costs
+        // a retry, until so many refusals came that every member must refuse it.
+        let members = self.inner.endpoints.split(',').count();
+        let mut tls_refusals_left = if members > 1 {
+            TLS_REFUSALS_PER_MEMBER * members
+        } else {
+            1
+        };
         loop {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             let result = if retry == Retry::Idempotent {
@@ -623,7 +651,11 @@ impl EtcdStore {
                     self.reauthenticate(generation, deadline, operation, after)
                         .await?;
                 }
+                Err(e) if is_tls_rejection(&e) && tls_refusals_left == 0 => return Ok(Err(e)),
                 Err(e) if retry.allows(&e) && Instant::now() + backoff < deadline => {
+                    if is_tls_rejection(&e) {
+                        tls_refusals_left -= 1;
+                    }
                     tracing::debug!(operation, error = %describe(&e), "retrying etcd request");
                     sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -1662,8 +1694,11 @@ const NO_LEADER: &str = "etcdserver: no leader";
 /// True if the request provably never reached a member (the connection could not be made),
 /// or was refused before anything was proposed (no leader).
 fn is_unsent(e: &ec::Error) -> bool {
+    // A refused handshake sent nothing. The next attempt may reach another member (one
+    // member's certificate expired, say); `call` stops retrying once the refusals are too
+    // many for that to be luck, and the error becomes `Error::Tls`.
     if is_tls_rejection(e) {
-        return false;
+        return true;
     }
     let connect_failed = |text: &str| {
         text.contains("connect error")
