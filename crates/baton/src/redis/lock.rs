@@ -257,11 +257,14 @@ impl RedisLock {
         let limit = Some((until, timeout));
         let acquiring = acquire_fifo(client, &self.name, &self.keys, false, limit);
         let span = tracing::debug_span!("acquire", lock = %self.name);
-        match self.guarded(span, acquiring).await {
+        match self.guarded(span.clone(), acquiring).await {
             Err(Error::PermissionDenied(reason)) => {
-                refuse_fifo(client, &reason);
+                // Queueing refused: wait without the queue, unless the lock itself is
+                // refused too (see `acquire_plain`).
                 let left = until.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, self.lock()).await {
+                let plain =
+                    acquire_plain(client, &self.name, &self.keys, None, false, Some(reason));
+                match tokio::time::timeout(left, self.guarded(span, plain)).await {
                     Ok(r) => r,
                     Err(_) => Err(Error::Timeout {
                         operation: "lock",
@@ -314,14 +317,33 @@ pub(crate) async fn acquire(
     try_only: bool,
 ) -> Result<Hold> {
     client.check_open()?;
-    let plain;
-    let mut keys = keys;
+    let mut fifo_denied = None;
     if record.is_none() && fifo(client, keys) {
         match acquire_fifo(client, name, keys, try_only, None).await {
-            Err(Error::PermissionDenied(reason)) => refuse_fifo(client, &reason),
+            Err(Error::PermissionDenied(reason)) => fifo_denied = Some(reason),
             other => return other,
         }
     }
+    acquire_plain(client, name, keys, record, try_only, fifo_denied).await
+}
+
+/// Take `keys` without the FIFO queue (releases wake every waiter; whoever sets the key
+/// first wins), as [`acquire`] does.
+///
+/// `fifo_denied`: the server refused the FIFO attempt of this lock with this reason. That
+/// refuses the queue's keys only if the plain attempt is allowed: then this client's waiters
+/// stop queueing ([`refuse_fifo`]). If the plain attempt is refused too, the user's ACL
+/// refuses the lock itself: its error is returned, and the other locks still queue.
+async fn acquire_plain(
+    client: &Arc<ClientInner>,
+    name: &str,
+    keys: &Keys,
+    record: Option<&[u8]>,
+    try_only: bool,
+    mut fifo_denied: Option<String>,
+) -> Result<Hold> {
+    let plain;
+    let mut keys = keys;
     if keys.fifo {
         plain = keys.clone().without_fifo();
         keys = &plain;
@@ -353,6 +375,11 @@ pub(crate) async fn acquire(
         if !matches!(attempt, Attempt::Unavailable(_)) {
             backoff = UNAVAILABLE_MIN;
             unreachable.reached();
+            if let Some(reason) = fifo_denied.take() {
+                if !matches!(attempt, Attempt::Failed(Error::PermissionDenied(_))) {
+                    refuse_fifo(client, &reason);
+                }
+            }
         }
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
@@ -426,8 +453,8 @@ fn fifo(client: &ClientInner, keys: &Keys) -> bool {
             .load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The server refused the queue's keys (an ACL written before they existed): this client's
-/// waiters stop queueing, and say so once.
+/// The server refused the queue's keys of a lock whose own key it allows (an ACL written
+/// before the queue keys existed): this client's waiters stop queueing, and say so once.
 fn refuse_fifo(client: &ClientInner, reason: &str) {
     if !client
         .fifo_refused

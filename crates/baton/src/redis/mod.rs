@@ -100,7 +100,10 @@
 //!   dies without leaving is skipped once its place expires.
 //! - `try_lock` never queues: it takes the lock only if it is free and nobody alive waits.
 //! - A server whose ACL refuses the queue's keys (written for the keys Baton used before)
-//!   makes the client log one warning and stop queueing; locks still work, unqueued.
+//!   but allows the lock's own keys makes the client log one warning and stop queueing;
+//!   locks still work, unqueued. A lock the ACL refuses altogether fails with
+//!   [`Error::PermissionDenied`], and the client's other
+//!   locks still queue.
 //!
 //! Redsync and redis-py clients ignore the queue: they take the key with `SET NX` whenever
 //! it is free (after their own release, an expiry, or between Baton's waiters' polls), and
