@@ -104,6 +104,12 @@
 //!   locks still work, unqueued. A lock the ACL refuses altogether fails with
 //!   [`Error::PermissionDenied`], and the client's other
 //!   locks still queue.
+//! - A user whose ACL refuses the wake-up channel `baton:wake:KEY` (Redis 7 grants no
+//!   channel by default: `acl-pubsub-default resetchannels`; grant `&baton:wake:*`) costs
+//!   only the wake-ups: releases, hand-offs and proclaims still succeed (their `PUBLISH` may
+//!   fail without failing them), and waiters and observers of that channel learn of
+//!   changes by the fallback poll, with one warning per client. The client's other
+//!   channels are not affected.
 //!
 //! Redsync and redis-py clients ignore the queue: they take the key with `SET NX` whenever
 //! it is free (after their own release, an expiry, or between Baton's waiters' polls), and

@@ -8,8 +8,15 @@
 //! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. Messages can be
 //! lost (a reconnect, a foreign client that does not publish, a holder that crashed), so
 //! every wait also has a bounded, jittered fallback poll.
+//!
+//! A channel the server refuses to the user (its ACL lacks the channel: Redis 7's default
+//! `acl-pubsub-default resetchannels`, or `&` patterns that miss `baton:wake:*`) is left
+//! out, with one warning per client: its waiters wait by the fallback poll alone, and the
+//! other channels are not affected (one refused channel refuses a whole `SUBSCRIBE`
+//! command, so the subscriber then subscribes channel by channel).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
@@ -145,6 +152,8 @@ impl Drop for GrantWait {
 }
 
 enum Cmd {
+    /// Subscribe; the reply is true once subscribed, false if not (not connected, or the
+    /// server refused the channel).
     Subscribe(String, oneshot::Sender<bool>),
     Unsubscribe(String),
 }
@@ -175,6 +184,8 @@ struct HubInner {
     tasks: StdMutex<Option<Tasks>>,
     /// How long a new subscriber waits for a node to confirm its subscription.
     confirm_within: Duration,
+    /// True once a node refused a channel to the user (its ACL): warned once.
+    refused: AtomicBool,
 }
 
 /// The tasks of a hub. They run on the runtime of the first subscription, and end if that
@@ -210,6 +221,7 @@ impl Hub {
                 channels: StdMutex::new(HashMap::new()),
                 tasks: StdMutex::new(None),
                 confirm_within,
+                refused: AtomicBool::new(false),
             }),
         }
     }
@@ -372,6 +384,28 @@ impl HubInner {
             chan.deliver(payload);
         }
     }
+
+    /// A node refused `channel` to the user (`e`): its waiters wait by the fallback poll.
+    /// Warns once per client.
+    fn refused(&self, channel: &str, e: &redis::RedisError) {
+        if self.refused.swap(true, Ordering::Relaxed) {
+            tracing::debug!(channel, error = %e, "the server refused the wake-up channel");
+        } else {
+            tracing::warn!(
+                channel,
+                error = %e,
+                "the server refuses this user Baton's wake-up channels (its ACL needs \
+                 &baton:wake:*; Redis 7 grants no channel by default): waiters wait by the \
+                 fallback poll, without wake-ups"
+            );
+        }
+    }
+}
+
+/// True if the server refused a command because the user's ACL does not allow it (here: a
+/// channel).
+fn is_refused(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM") || e.to_string().contains("NOPERM")
 }
 
 /// Listening on one channel. Dropping it stops listening (when no one else listens).
@@ -448,13 +482,13 @@ fn reap_idle(hub: &HubInner) {
 fn apply_offline(
     subs: &mut HashMap<String, usize>,
     cmd: Cmd,
-    pending: Option<&mut Vec<oneshot::Sender<bool>>>,
+    pending: Option<&mut Vec<(String, oneshot::Sender<bool>)>>,
 ) {
     match cmd {
         Cmd::Subscribe(ch, reply) => {
-            subs.insert(ch, 1);
+            subs.insert(ch.clone(), 1);
             match pending {
-                Some(p) => p.push(reply),
+                Some(p) => p.push((ch, reply)),
                 None => {
                     let _ = reply.send(false);
                 }
@@ -471,7 +505,7 @@ fn apply_offline(
 /// messages to the hub. Ends when the hub is dropped.
 async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let mut subs: HashMap<String, usize> = HashMap::new();
-    let mut pending: Vec<oneshot::Sender<bool>> = Vec::new();
+    let mut pending: Vec<(String, oneshot::Sender<bool>)> = Vec::new();
     let mut backoff = RECONNECT_MIN;
     loop {
         while subs.is_empty() {
@@ -484,16 +518,36 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
             let pubsub = node.client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
             let channels: Vec<&String> = subs.keys().collect();
-            sink.subscribe(channels).await?;
-            Ok::<_, redis::RedisError>((sink, stream))
+            let mut refused = Vec::new();
+            if let Err(e) = sink.subscribe(channels).await {
+                if !is_refused(&e) {
+                    return Err(e);
+                }
+                // One channel the ACL refuses refuses the whole command: subscribe one by
+                // one, and leave the refused ones out.
+                for ch in subs.keys() {
+                    match sink.subscribe(ch).await {
+                        Ok(()) => {}
+                        Err(e) if is_refused(&e) => refused.push((ch.clone(), e)),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok::<_, redis::RedisError>((sink, stream, refused))
         };
         let deadline = node.dial_timeout.saturating_add(node.request_timeout);
         match tokio::time::timeout(deadline, connected).await {
-            Ok(Ok((mut sink, mut stream))) => {
+            Ok(Ok((mut sink, mut stream, refused))) => {
+                for (ch, e) in &refused {
+                    subs.remove(ch);
+                    if let Some(hub) = hub.upgrade() {
+                        hub.refused(ch, e);
+                    }
+                }
                 tracing::debug!(channels = subs.len(), "subscribed");
                 backoff = RECONNECT_MIN;
-                for reply in pending.drain(..) {
-                    let _ = reply.send(true);
+                for (ch, reply) in pending.drain(..) {
+                    let _ = reply.send(subs.contains_key(&ch));
                 }
                 // Messages may have been missed while we were not subscribed.
                 if let Some(hub) = hub.upgrade() {
@@ -510,13 +564,24 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                                     let _ = reply.send(true);
                                     continue;
                                 }
-                                let ok = matches!(
-                                    tokio::time::timeout(node.request_timeout, sink.subscribe(&ch)).await,
-                                    Ok(Ok(()))
-                                );
-                                let _ = reply.send(ok);
-                                if !ok {
-                                    break;
+                                match tokio::time::timeout(node.request_timeout, sink.subscribe(&ch)).await {
+                                    Ok(Ok(())) => {
+                                        let _ = reply.send(true);
+                                    }
+                                    Ok(Err(e)) if is_refused(&e) => {
+                                        // Refused to the user: waiters of this channel poll,
+                                        // and the connection serves the others on. The next
+                                        // listener asks again (the ACL may have changed).
+                                        subs.remove(&ch);
+                                        if let Some(hub) = hub.upgrade() {
+                                            hub.refused(&ch, &e);
+                                        }
+                                        let _ = reply.send(false);
+                                    }
+                                    _ => {
+                                        let _ = reply.send(false);
+                                        break;
+                                    }
                                 }
                             }
                             Some(Cmd::Unsubscribe(ch)) => {
@@ -548,7 +613,7 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
             Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe; retrying"),
             Err(_) => tracing::debug!("cannot subscribe in time; retrying"),
         }
-        for reply in pending.drain(..) {
+        for (_, reply) in pending.drain(..) {
             let _ = reply.send(false);
         }
         let until = Instant::now() + backoff;

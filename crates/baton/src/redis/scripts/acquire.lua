@@ -11,6 +11,11 @@
 -- ARGV[4]  "1" to write the election record with value ARGV[5] and publish on ARGV[6]
 --
 -- Returns {1, fencing token (0 if not bumped)} when taken, or {0, PTTL of the holder's key}.
+--
+-- The PUBLISH is a wake-up only, and never fails the script: `redis.pcall`, because a user
+-- without the channel in its ACL (Redis 7's default `acl-pubsub-default resetchannels`)
+-- would otherwise abort it after its writes, which Redis does not roll back. Waiters that
+-- miss the message find the change by their fallback poll.
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {0, redis.call('PTTL', KEYS[1])}
 end
@@ -22,6 +27,6 @@ if ARGV[4] == '1' then
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'token', ARGV[1], 'fence', fence, 'ver', 1, 'value', ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
-  redis.call('PUBLISH', ARGV[6], ARGV[1] .. ':1')
+  redis.pcall('PUBLISH', ARGV[6], ARGV[1] .. ':1')
 end
 return {1, fence}

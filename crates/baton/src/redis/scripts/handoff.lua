@@ -18,6 +18,11 @@
 -- `since` is how long ago (ms, rounded down, minus 1) the new holder last refreshed its
 -- waiter key: the waiter adds it to the send time of its last refresh to get a moment no
 -- later than this grant, from which its local deadline (plus the TTL) counts.
+--
+-- The PUBLISH is a wake-up only, and never fails the script: `redis.pcall`, because a user
+-- without the channel in its ACL (Redis 7's default `acl-pubsub-default resetchannels`)
+-- would otherwise abort it after its writes, which Redis does not roll back. Waiters that
+-- miss the message find the change by their fallback poll.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   if redis.call('DEL', ARGV[3] .. ARGV[1]) == 1 then
     redis.call('LREM', KEYS[3], 0, ARGV[1])
@@ -53,10 +58,10 @@ while true do
     -- Integers as digits: Lua 5.1 writes a number of 10^14 or more as "1e+14".
     local grant = string.format('%d:%d', fence, since)
     redis.call('SET', wk, 'g:' .. grant, 'PX', granted)
-    redis.call('PUBLISH', ARGV[2], 'g:' .. nxt .. ':' .. grant)
+    redis.pcall('PUBLISH', ARGV[2], 'g:' .. nxt .. ':' .. grant)
     return {2, nxt, fence, since}
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], ARGV[1] .. ':0')
+redis.pcall('PUBLISH', ARGV[2], ARGV[1] .. ':0')
 return {1}

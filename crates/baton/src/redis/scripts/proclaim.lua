@@ -11,6 +11,11 @@
 --
 -- Returns ARGV[4] once written; the record's version if it is already that high or higher
 -- (nothing changed); 0 if we no longer lead (nothing changed).
+--
+-- The PUBLISH is a wake-up only, and never fails the script: `redis.pcall`, because a user
+-- without the channel in its ACL (Redis 7's default `acl-pubsub-default resetchannels`)
+-- would otherwise abort it after its writes, which Redis does not roll back. Waiters that
+-- miss the message find the change by their fallback poll.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
@@ -27,5 +32,5 @@ local pttl = redis.call('PTTL', KEYS[1])
 if pttl > 0 then
   redis.call('PEXPIRE', KEYS[2], pttl)
 end
-redis.call('PUBLISH', ARGV[3], ARGV[1] .. ':' .. ARGV[4])
+redis.pcall('PUBLISH', ARGV[3], ARGV[1] .. ':' .. ARGV[4])
 return ver
