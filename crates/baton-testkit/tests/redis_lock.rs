@@ -218,3 +218,179 @@ async fn a_refused_wake_up_channel_leaves_the_others_subscribed() {
     other.unlock().await.unwrap();
     wo.await.unwrap().unwrap().unlock().await.unwrap();
 }
+
+/// The result of W's `lock_timeout` on its own runtime: its token, fencing token, and
+/// whether the guard was already lost when it was returned.
+type Outcome = Result<(String, Option<i64>, bool), String>;
+
+/// A FIFO waiter paused (GC, SIGSTOP, a blocked runtime) while a release hands it the lock,
+/// for longer than the short grant: when it resumes, the hand-off message is of a grant that
+/// has ended (another client holds the lock now). The waiter must wait on, not return a
+/// guard that is already lost; it gets the lock at the next release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_handoff_message_is_stale_and_the_waiter_waits_on() {
+    let server = RedisServer::start_async().await;
+    let url = server.url();
+    let name = format!("late-grant-{}", std::process::id());
+    let h = RedisClient::builder(&url)
+        .with_ttl(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let x = RedisClient::connect(&url).await.unwrap();
+    let held = h.lock(&name).unwrap().lock().await.unwrap();
+    let mut conn = raw(&url).await;
+
+    // W runs on its own single-threaded runtime, which we can block.
+    let (block_tx, block_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Outcome>();
+    let (wurl, wname) = (url.clone(), name.clone());
+    let w_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            // TTL 1 s, poll 5 s: a hand-off grants W 1 s; W's fallback poll is 2.5-5 s away.
+            let w = RedisClient::builder(&wurl)
+                .with_ttl(Duration::from_secs(1))
+                .with_poll_interval(Duration::from_secs(5))
+                .connect()
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                block_rx.await.unwrap();
+                std::thread::sleep(Duration::from_secs(2)); // the pause
+            });
+            let r = w
+                .lock(&wname)
+                .unwrap()
+                .lock_timeout(Duration::from_secs(30))
+                .await;
+            let out = match &r {
+                Ok(g) => Ok((g.token().to_string(), g.fencing_token(), g.is_lost())),
+                Err(e) => Err(e.to_string()),
+            };
+            done_tx.send(out).unwrap();
+            if let Ok(g) = r {
+                g.unlock().await.unwrap();
+            }
+            w.close().await.unwrap();
+        });
+    });
+    // W queued and subscribed.
+    assert_eq!(queue_reaches(&mut conn, &name, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    block_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    held.unlock().await.unwrap(); // handed to W (paused), for 1 s
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // The grant expired: X takes the lock.
+    let gx = x.lock(&name).unwrap().try_lock().await.unwrap();
+    let x_fence = gx.fencing_token().unwrap();
+
+    // W resumed ~0.6 s ago and must still be waiting, not holding a lost guard.
+    let early = tokio::task::spawn_blocking({
+        let done_rx = std::sync::Mutex::new(done_rx);
+        move || {
+            let r = done_rx.lock().unwrap().recv_timeout(Duration::from_secs(2));
+            (r, done_rx)
+        }
+    })
+    .await
+    .unwrap();
+    let (r, done_rx) = early;
+    assert!(
+        r.is_err(),
+        "W's lock_timeout returned {r:?} while X holds the lock (fence {x_fence})"
+    );
+    let holder: Option<String> = conn.get(&name).await.unwrap();
+    assert_eq!(holder.as_deref(), Some(gx.token()));
+
+    // At X's release, the lock goes to W, with a later fencing token.
+    gx.unlock().await.unwrap();
+    let w = tokio::task::spawn_blocking(move || {
+        done_rx
+            .into_inner()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let (_, fence, lost) = w.expect("W gave up");
+    assert!(!lost, "W's guard was lost when returned");
+    assert!(
+        fence.unwrap() > x_fence,
+        "W's fence {fence:?}, X's {x_fence}"
+    );
+    w_thread.join().unwrap();
+}
+
+/// The same, through the poll's answer rather than the message: a hand-off whose message
+/// never came (simulated: the lock handed to W by hand, as `handoff.lua` does, without the
+/// `PUBLISH`), found by a poll after its grant's local deadline has passed. W must not return
+/// a guard already lost: here the key is still W's (its expiry was stretched behind W's
+/// back), so W takes it afresh, for its full TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_found_by_a_late_poll_is_not_returned_lost() {
+    let server = RedisServer::start_async().await;
+    let url = server.url();
+    let name = format!("late-poll-{}", std::process::id());
+    let h = RedisClient::connect(&url).await.unwrap();
+    // TTL 1 s, poll 5 s: a hand-off grants W 1 s; W's next poll is 2.5-5 s after the last.
+    let w = RedisClient::builder(&url)
+        .with_ttl(Duration::from_secs(1))
+        .with_poll_interval(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let held = h.lock(&name).unwrap().lock().await.unwrap();
+    let mut conn = raw(&url).await;
+    let lw = w.lock(&name).unwrap();
+    let waiter = tokio::spawn(async move { lw.lock_timeout(Duration::from_secs(20)).await });
+    assert_eq!(queue_reaches(&mut conn, &name, 1).await, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await; // W subscribed and refreshed
+
+    // Hand the lock to W as handoff.lua does, without the message: `since` 0 (W's last
+    // refresh), granted for 60 s on Redis's side, so the key stays W's.
+    let queue = format!("baton:queue:{name}");
+    let token: String = redis::cmd("LPOP")
+        .arg(&queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fence: i64 = conn.incr(format!("baton:fence:{name}"), 1).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg(&token)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("baton:waiter:{name}:{token}"))
+        .arg(format!("g:{fence}:0"))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(held); // its release finds the key not its own: nothing happens
+
+    let g = waiter.await.unwrap().unwrap();
+    assert_eq!(g.token(), token);
+    assert_eq!(g.fencing_token(), Some(fence));
+    assert!(
+        !g.is_lost(),
+        "W's guard was lost when returned: {:?}",
+        g.lost_reason()
+    );
+    let pttl: i64 = conn.pttl(&name).await.unwrap();
+    assert!(
+        pttl <= 1000,
+        "W took the key afresh for its own TTL: PTTL {pttl}"
+    );
+    g.unlock().await.unwrap();
+}

@@ -520,7 +520,10 @@ async fn leave_queue(
 /// after the waiter's last refresh ran, so the waiter counts its local deadline from the
 /// send time of that refresh plus `since_ms`: never later than the moment Redis set the
 /// key's TTL for it. The key is handed over for the shorter of the TTL and the waiter
-/// window, and the watchdog extends it to the TTL after a third of that.
+/// window, and the watchdog extends it to the TTL after a third of that. A grant whose
+/// local deadline has passed by the time we learn of it (we were paused) is not returned:
+/// we poll again at once (taking the lock afresh if the key is still ours, else queueing
+/// again).
 ///
 /// With `limit` (a deadline, and the timeout it came from), gives up with
 /// [`Error::Timeout`] at the deadline, having left the queue (within [`LEAVE_GRACE`]; see
@@ -604,12 +607,14 @@ async fn acquire_fifo(
                 other?
             }
         };
-        let (fence, start, ttl) = match answer {
-            NodeEnqueue::Taken(fence) => (fence, sent, client.opts.ttl),
+        // The grant, and whether a release handed it to us (else we took the lock now).
+        let (fence, start, ttl, handed) = match answer {
+            NodeEnqueue::Taken(fence) => (fence, sent, client.opts.ttl, false),
             NodeEnqueue::Granted { fence, since_ms } => (
                 fence,
                 refreshed.unwrap_or(first) + Duration::from_millis(since_ms),
                 granted_ttl,
+                true,
             ),
             NodeEnqueue::Waiting { .. } if try_only => {
                 cleanup.armed = false;
@@ -674,6 +679,7 @@ async fn acquire_fifo(
                         g.fence,
                         refreshed.unwrap_or(first) + Duration::from_millis(g.since_ms),
                         granted_ttl,
+                        true,
                     ),
                 }
             }
@@ -688,13 +694,25 @@ async fn acquire_fifo(
         } else {
             start
         };
+        if handed && start + ttl.saturating_sub(super::drift(ttl)) <= Instant::now() {
+            // A hand-off whose grant has ended by our clock before we learnt of it (we were
+            // paused, or our runtime blocked): the key may be another's by now, and a guard
+            // would be lost at once. Not ours: poll again at once, which takes the lock
+            // afresh if the key is still ours, else queues us again.
+            tracing::debug!(
+                fence,
+                "a hand-off whose grant ended before we learnt of it; waiting on"
+            );
+            grant = None;
+            continue;
+        }
         let hold =
             Hold::start_with_ttl(client, keys.clone(), token.clone(), Some(fence), start, ttl);
         if client.closed.is_cancelled() {
             let _ = hold.release("close").await;
             return Err(Error::Closed);
         }
-        tracing::debug!(fence, handed_over = start != sent, "acquired");
+        tracing::debug!(fence, handed_over = handed, "acquired");
         return Ok(hold);
     }
 }
