@@ -394,3 +394,30 @@ async fn a_handoff_found_by_a_late_poll_is_not_returned_lost() {
     );
     g.unlock().await.unwrap();
 }
+
+/// What the docs say stays in Redis after locks of distinct names come and go: each name's
+/// fencing counter, without expiry (an expiry would let its tokens go back), and nothing
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_lock_name_leaves_only_its_fencing_counter() {
+    let server = RedisServer::start_async().await;
+    let client = RedisClient::connect(&server.url()).await.unwrap();
+    let mut conn = raw(&server.url()).await;
+    for i in 0..50 {
+        let g = client
+            .lock(&format!("order/{i}"))
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        g.unlock().await.unwrap();
+    }
+    client.close().await.unwrap();
+    let mut keys: Vec<String> = conn.keys("*").await.unwrap();
+    keys.sort();
+    let mut expected: Vec<String> = (0..50).map(|i| format!("baton:fence:order/{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    let ttl: i64 = conn.ttl("baton:fence:order/7").await.unwrap();
+    assert_eq!(ttl, -1, "the fencing counter must never expire");
+}

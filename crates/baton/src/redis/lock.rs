@@ -770,7 +770,13 @@ impl RedisLockGuard {
     /// The fencing token of this grant on a single Redis server: the lock's counter
     /// (`baton:fence:KEY`), incremented by the acquire script, so strictly greater than
     /// every earlier grant's **while Redis keeps its data** (a restart without persistence
-    /// resets it). `None` on Redlock, which has no safe fencing token.
+    /// resets it, as does deleting or evicting the counter). `None` on Redlock, which has no
+    /// safe fencing token.
+    ///
+    /// The counter is one key per lock name that never expires (it must not): names used
+    /// once each (`order/<id>`) leave one key each. See the [module
+    /// documentation](super#fencing-tokens-single-instance-only) for removing the counters
+    /// of retired names, and why Redis should run with `maxmemory-policy noeviction`.
     pub fn fencing_token(&self) -> Option<i64> {
         self.hold.fence()
     }

@@ -52,6 +52,21 @@
 //! `appendonly yes` and `appendfsync always` if the tokens must never go back, or use etcd,
 //! whose tokens are revisions replicated by Raft.
 //!
+//! **Every lock name ever used leaves its counter behind.** `baton:fence:KEY` is one small
+//! string key per lock (and election) name on `redis://` (Redlock keeps no counter), and it
+//! **never expires**: it must not, or the next grant's token would start again from 1,
+//! below the tokens a fenced resource has seen. Every other key Baton writes expires by
+//! itself (the lock key and election record with their TTL, the queue and the waiters'
+//! places within a few waiter windows of their last refresh). So locks on per-entity names (`order/<id>`) grow Redis by one key per name, without bound:
+//! 500 names locked once leave 500 counters. Remove the counters of names that **no
+//! process will ever lock again** (deleting a live name's counter makes its tokens go
+//! back), for instance `redis-cli --scan --pattern 'baton:fence:order/*'` to list them and
+//! `UNLINK` for the ones retired; never `baton:fence:*` wholesale while locks are in use.
+//! For the same reason, run Redis with `maxmemory-policy noeviction`: under `allkeys-*`
+//! policies Redis may evict a counter (tokens go back), and under `allkeys-*` or
+//! `volatile-*` it may evict a held lock key (the lock is free while its holder believes
+//! it holds it, until its next extend).
+//!
 //! # Losing a lock: the watchdog
 //!
 //! While a guard lives, its watchdog extends the key every TTL/3. The guard's
