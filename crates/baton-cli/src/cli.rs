@@ -471,13 +471,18 @@ fn url_parts(entry: &str) -> (&str, &str, &str, &str) {
     };
     // The first Redlock master's own scheme belongs to the scheme: read as a user, it
     // made a `rediss://` master plaintext (and sent its password in clear).
-    if scheme.trim_start() == "redlock://" {
-        if let Some(inner) = ["redis://", "rediss://"]
-            .into_iter()
-            .find(|s| rest.starts_with(s))
-        {
-            scheme = &entry[..scheme.len() + inner.len()];
-            rest = &rest[inner.len()..];
+    // Spaces before it and its case do not matter, as to the library.
+    if scheme.trim_start().eq_ignore_ascii_case("redlock://") {
+        let spaces = rest.len() - rest.trim_start().len();
+        let inner = &rest[spaces..];
+        if let Some(len) = ["rediss://", "redis://"].into_iter().find_map(|s| {
+            inner
+                .get(..s.len())
+                .filter(|p| p.eq_ignore_ascii_case(s))
+                .map(|_| s.len())
+        }) {
+            scheme = &entry[..scheme.len() + spaces + len];
+            rest = &inner[len..];
         }
     }
     let (info, host) = rest.rsplit_once('@').unwrap_or(("", rest));
@@ -790,6 +795,25 @@ mod tests {
         assert_eq!(
             with_password("redlock://redis://a:1,b:2,c:3", Some("app"), "p"),
             "redlock://redis://app:p@a:1,app:p@b:2,app:p@c:3"
+        );
+        // Spaces before the first master's scheme, and its case, do not make it a user.
+        assert_eq!(
+            with_url_user(
+                "redlock:// rediss://app@a:1,rediss://app@b:2,rediss://app@c:3",
+                None,
+                true
+            )
+            .0,
+            "redlock:// rediss://app@a:1,rediss://app@b:2,rediss://app@c:3"
+        );
+        assert_eq!(
+            with_url_user(
+                "redlock://REDISS://a:1,rediss://b:2,rediss://c:3",
+                Some("app"),
+                true
+            )
+            .0,
+            "redlock://REDISS://app@a:1,rediss://app@b:2,rediss://app@c:3"
         );
         assert_eq!(
             with_url_user("redlock://rediss://u:p@a:1,b:2,c:3", None, true),

@@ -737,10 +737,24 @@ impl Endpoints {
                 let mut nodes: Vec<RedisNode> = Vec::new();
                 for entry in rest.split(',') {
                     let entry = entry.trim();
-                    // Each master may use TLS (`rediss://h:p`) or not.
-                    let (tls, entry) = match entry.strip_prefix("rediss://") {
-                        Some(rest) => (true, rest),
-                        None => (false, entry.strip_prefix("redis://").unwrap_or(entry)),
+                    // Each master may use TLS (`rediss://h:p`) or not. A scheme is matched
+                    // whatever its case: `REDISS://u:pw@h` read as user `REDISS` would send
+                    // the password in clear to a server meant to use TLS.
+                    let (tls, entry) = match entry.split_once("://") {
+                        Some((s, rest)) if s.eq_ignore_ascii_case("rediss") => (true, rest),
+                        Some((s, rest)) if s.eq_ignore_ascii_case("redis") => (false, rest),
+                        Some((s, _))
+                            if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()) =>
+                        {
+                            return Err(bad(
+                                input,
+                                format!(
+                                    "unsupported scheme {s:?} for a redlock master: use redis:// \
+                                     or rediss://"
+                                ),
+                            ));
+                        }
+                        _ => (false, entry),
                     };
                     if entry.is_empty() {
                         return Err(bad(input, "empty entry in the endpoint list"));
@@ -917,6 +931,28 @@ mod tests {
             (node.username, node.password.as_deref()),
             (None, Some("secret"))
         );
+        // A master's own scheme, whatever its case and the spaces before it: never read as
+        // a user (which would send the password in clear to a TLS master).
+        let Endpoints::Redlock(nodes) =
+            Endpoints::parse("redlock:// REDISS://u:pw@a:1, Rediss://u:pw@b:2,redis://c:3")
+                .unwrap()
+        else {
+            panic!("not redlock")
+        };
+        let seen: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.tls, n.username.as_deref(), n.password.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (true, Some("u"), Some("pw")),
+                (true, Some("u"), Some("pw")),
+                (false, None, None)
+            ]
+        );
+        let err = Endpoints::parse("redlock://http://a:1,b:2,c:3").unwrap_err();
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
         assert_eq!(
             Endpoints::parse("redlock://a:1,redis://b:2,c:3/1")
                 .unwrap()
