@@ -1076,33 +1076,48 @@ async fn ended_sessions_close_their_keep_alive_streams() {
     keep_alive_streams_become(&etcd, before, 0.0).await;
 }
 
-/// Readers of one client waiting behind a writer, with the client's shared watch on the
-/// writers' keys open, share its watch streams (that one, and one on the readers' keys),
-/// rather than holding two streams each: 100 waiting readers held 200 streams open on one
-/// HTTP/2 connection, and an etcd limiting concurrent streams starved the client's other
-/// requests. All of them get the lock when the writer leaves.
+/// Readers of one client waiting behind a writer share its watch streams (one on the
+/// writers' keys, one on the readers'), rather than holding two streams each: 100 waiting
+/// readers held 200 streams open on one HTTP/2 connection, and an etcd limiting concurrent
+/// streams starved the client's other requests. Both when the readers' client also writes
+/// (its shared watch on the writers' keys is open already) and when it only reads. All of
+/// them get the lock when the writer leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_readers_of_one_client_share_its_watch_streams() {
     if !require_etcd() {
         return;
     }
-    const READERS: usize = 100;
     let etcd = EtcdServer::start_async().await;
-    let client = baton::Client::connect(&etcd.endpoint()).await.unwrap();
-    let session = || async {
-        baton::Session::builder(&client)
+    for writes_too in [true, false] {
+        let client = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+        let other = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+        let writers = if writes_too { &client } else { &other };
+        readers_share_streams(&etcd, &client, writers, writes_too).await;
+    }
+}
+
+async fn readers_share_streams(
+    etcd: &EtcdServer,
+    client: &baton::Client,
+    writers: &baton::Client,
+    writes_too: bool,
+) {
+    const READERS: usize = 100;
+    let name = format!("rw-{writes_too}");
+    let session = |c: baton::Client| async move {
+        baton::Session::builder(&c)
             .with_ttl(Duration::from_secs(30))
             .build()
             .await
             .unwrap()
     };
-    let writer = session().await;
-    // Writes by this client leave its shared watch on the writers' keys open.
+    let writer = session(writers.clone()).await;
+    // Writes by a client leave its shared watch on the writers' keys open.
     for _ in 0..3 {
-        let rw = baton::RwLock::new(&writer, "rw").unwrap();
+        let rw = baton::RwLock::new(&writer, &name).unwrap();
         rw.write().await.unwrap().unlock().await.unwrap();
     }
-    let w = baton::RwLock::new(&writer, "rw")
+    let w = baton::RwLock::new(&writer, &name)
         .unwrap()
         .write()
         .await
@@ -1114,16 +1129,18 @@ async fn waiting_readers_of_one_client_share_its_watch_streams() {
     let before = streams();
     let mut readers = Vec::new();
     for _ in 0..READERS {
-        let s = session().await;
+        let s = session(client.clone()).await;
+        let name = name.clone();
         readers.push(tokio::spawn(async move {
-            let rw = baton::RwLock::new(&s, "rw").unwrap();
+            let rw = baton::RwLock::new(&s, &name).unwrap();
             rw.read().await.unwrap().unlock().await.unwrap();
         }));
     }
+    let prefix = format!("{name}/read/");
     let queued = || async {
         client
             .store()
-            .range(Range::prefix("rw/read/"))
+            .range(Range::prefix(prefix.clone()))
             .await
             .unwrap()
             .kvs
@@ -1136,7 +1153,8 @@ async fn waiting_readers_of_one_client_share_its_watch_streams() {
     let open = streams() - before;
     assert!(
         open <= 3.0,
-        "{open} more watch streams open with {READERS} waiting readers"
+        "{open} more watch streams open with {READERS} waiting readers (their client writes \
+         too: {writes_too})"
     );
     w.unlock().await.unwrap();
     for r in readers {

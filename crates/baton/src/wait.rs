@@ -11,8 +11,9 @@
 //!   synced; see `hub.rs`), or, in a long queue with no shared watch yet, watches its
 //!   predecessor's key and its own from the next write and closes the gap with one read.
 //!   A waiter whose own key is not a member of the queue (a reader waits on the writers'
-//!   keys, and their shared watch would not see its own key go) waits on its own key too,
-//!   through its client's shared watch of its key's prefix (the readers');
+//!   keys, and their shared watch would not see its own key go) always waits through its
+//!   client's shared watches: the writers' one, and one of its own key's prefix (the
+//!   readers');
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
 //!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
 //!   instead of being told it holds the lock.
@@ -212,14 +213,15 @@ pub(crate) async fn wait_turn(
         // current revision, and every waiting client's shared watch would receive every
         // event of the queue.
         //
-        // (A reader, whose own key is not in the queue it waits on, watches its own key
-        // either way: see below.)
+        // Not so a reader, whose own key is not in the queue it waits on (the writers'):
+        // readers are many and writers few, so each client's readers share two watches
+        // (below) rather than hold two each.
         let short = read
             .ahead
             .as_ref()
             .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
         let mine_in_queue = queue.contains(my_key);
-        if !short && !hub.is_live(&queue.prefix) {
+        if mine_in_queue && !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
             match crate::hub::keys_gone(hub, store, &keys, false).await {
@@ -240,8 +242,8 @@ pub(crate) async fn wait_turn(
         if !mine_in_queue {
             // A reader: the shared watch on the writers' queue does not see our own key go.
             // Wait on it through the client's shared watch of our key's own prefix (the
-            // readers'), so that many readers of one client share two watches, not two
-            // each; either delete sends us back to read.
+            // readers'), so that the readers of one client share two watches (opened here
+            // if need be), not two each; either delete sends us back to read.
             let own = my_key
                 .iter()
                 .rposition(|b| *b == b'/')
