@@ -421,3 +421,144 @@ async fn each_lock_name_leaves_only_its_fencing_counter() {
     let ttl: i64 = conn.ttl("baton:fence:order/7").await.unwrap();
     assert_eq!(ttl, -1, "the fencing counter must never expire");
 }
+
+/// A TCP proxy to `upstream` that delays every chunk by `delay_us` microseconds each way,
+/// settable while it runs (a link that becomes slow).
+async fn slow_proxy(
+    upstream: String,
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = listener.accept().await {
+            let Ok(s) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let _ = (c.set_nodelay(true), s.set_nodelay(true));
+            let (cr, cw) = c.into_split();
+            let (sr, sw) = s.into_split();
+            pipe(cr, sw, delay_us.clone());
+            pipe(sr, cw, delay_us.clone());
+        }
+    });
+    addr
+}
+
+fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            let delay = delay_us.load(std::sync::atomic::Ordering::Relaxed);
+            let due = tokio::time::Instant::now() + Duration::from_micros(delay);
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((due, b)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+}
+
+/// Many waiters' channels and one the ACL refuses, at a reconnect over a 2 ms link: the
+/// subscriber isolates the refused channel in a few round trips and subscribes the others
+/// again. Subscribing one channel at a time (a round trip each) did not fit the reconnect's
+/// deadline, so it retried for ever, and no channel of the client was subscribed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_channel_among_many_at_a_reconnect() {
+    const N: usize = 1500;
+    let server = RedisServer::start_with(
+        RedisServerOptions::new().with_acl_user("u", "on >pw ~* &baton:wake:jobs:* +@all"),
+    );
+    let delay_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let proxy = slow_proxy(server.addr().to_string(), delay_us.clone()).await;
+    let a = RedisClient::builder(&server.url())
+        .with_ttl(Duration::from_secs(120))
+        .connect()
+        .await
+        .unwrap();
+    let b = RedisClient::builder(&format!("redis://u:pw@{proxy}"))
+        .with_poll_interval(Duration::from_secs(5))
+        .with_dial_timeout(Duration::from_secs(1))
+        .with_request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = raw(&server.url()).await;
+    let mut held = Vec::new();
+    for i in 0..N {
+        held.push(a.lock(&format!("jobs:{i}")).unwrap().lock().await.unwrap());
+    }
+    let mut waiters = Vec::new();
+    for i in 0..N {
+        let l = b.lock(&format!("jobs:{i}")).unwrap();
+        waiters.push(tokio::spawn(async move {
+            l.lock_timeout(Duration::from_secs(60)).await
+        }));
+    }
+    let subscribed = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let chans: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg("baton:wake:jobs:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            chans.len()
+        }
+    };
+    let started = std::time::Instant::now();
+    while subscribed(&mut conn).await < N {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The link becomes slow; the pub/sub connection drops, and a waiter of a refused channel
+    // arrives meanwhile.
+    delay_us.store(1000, std::sync::atomic::Ordering::Relaxed);
+    let _other = a.lock("other").unwrap().lock().await.unwrap();
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lo = b.lock("other").unwrap();
+    let _refused_waiter =
+        tokio::spawn(async move { lo.lock_timeout(Duration::from_secs(60)).await.map(|_| ()) });
+    let killed = std::time::Instant::now();
+    while subscribed(&mut conn).await < N {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the allowed channels were not subscribed again within 10 s of the reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // And a release wakes its waiter by message, not by the 5 s poll.
+    let released = std::time::Instant::now();
+    held.remove(0).unlock().await.unwrap();
+    let got = waiters.remove(0).await.unwrap().unwrap();
+    assert!(
+        released.elapsed() < Duration::from_millis(2500),
+        "woken {:?} after the release",
+        released.elapsed()
+    );
+    drop(got);
+}

@@ -744,7 +744,9 @@ impl Endpoints {
                         Some((s, rest)) if s.eq_ignore_ascii_case("rediss") => (true, rest),
                         Some((s, rest)) if s.eq_ignore_ascii_case("redis") => (false, rest),
                         Some((s, _))
-                            if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()) =>
+                            if !s.is_empty()
+                                && s.chars()
+                                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
                         {
                             return Err(bad(
                                 input,
@@ -951,8 +953,13 @@ mod tests {
                 (false, None, None)
             ]
         );
-        let err = Endpoints::parse("redlock://http://a:1,b:2,c:3").unwrap_err();
-        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        for bad in [
+            "redlock://http://a:1,b:2,c:3",
+            "redlock://x+tls://u:pw@a:1,b:2,c:3",
+        ] {
+            let err = Endpoints::parse(bad).unwrap_err();
+            assert!(err.to_string().contains("unsupported scheme"), "{err}");
+        }
         assert_eq!(
             Endpoints::parse("redlock://a:1,redis://b:2,c:3/1")
                 .unwrap()

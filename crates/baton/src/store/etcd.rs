@@ -1721,9 +1721,10 @@ fn is_unsent(e: &ec::Error) -> bool {
     }
 }
 
-/// True if a (re)connection failed because a TLS handshake was refused for good: a
-/// certificate that does not verify, a client certificate the server refuses. Retrying
-/// cannot fix it: never transient, never retried.
+/// True if a (re)connection failed because a TLS handshake was refused for good by that
+/// member: a certificate that does not verify, a client certificate the server refuses.
+/// Retrying that member cannot fix it; another member may be fine, so `call` retries it
+/// (as unsent) a bounded number of times before it becomes `Error::Tls`.
 fn is_tls_rejection(e: &ec::Error) -> bool {
     matches!(
         e,
