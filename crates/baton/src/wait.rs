@@ -254,20 +254,7 @@ pub(crate) async fn wait_turn(
                 a = hub.wait_delete(store, own, mine, header) => a,
             };
             crate::hub::Counters::add(&hub.counters.wakeups);
-            match answer.map(|(_, w)| w) {
-                Ok(Woken::Deleted(_)) => backoff = RETRY_MIN,
-                Ok(Woken::Reread) => {}
-                Ok(Woken::Interrupted) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(error = %e, "watch while waiting failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-                Err(e) => return Err(e),
-            }
+            after_wake(answer.map(|(_, w)| w), &mut backoff).await?;
             continue;
         }
         // Our own key is a member of the queue too (a mutex or election queue), so the
@@ -300,22 +287,29 @@ pub(crate) async fn wait_turn(
             }
             other => other.map(|(_, w)| w),
         };
-        match woken {
-            Ok(Woken::Deleted(_)) => backoff = RETRY_MIN,
-            // The shared watch was opened after our read: read again now.
-            Ok(Woken::Reread) => {}
-            Ok(Woken::Interrupted) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-            Err(e) if e.is_retryable() => {
-                tracing::debug!(error = %e, "watch while waiting failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-            Err(e) => return Err(e),
-        }
+        after_wake(woken, &mut backoff).await?;
     }
+}
+
+/// What a wait on the shared watch answered, before the next read: a delete resets the
+/// backoff; a watch opened after our read (`Reread`) reads again at once; a broken watch or
+/// a retryable error waits the backoff out and doubles it; any other error ends the wait.
+async fn after_wake(woken: Result<Woken>, backoff: &mut Duration) -> Result<()> {
+    match woken {
+        Ok(Woken::Deleted(_)) => *backoff = RETRY_MIN,
+        Ok(Woken::Reread) => {}
+        Ok(Woken::Interrupted) => {
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(RETRY_MAX);
+        }
+        Err(e) if e.is_retryable() => {
+            tracing::debug!(error = %e, "watch while waiting failed; retrying");
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(RETRY_MAX);
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Wait until every key of `rest` (members created before us, oldest first) has been deleted
