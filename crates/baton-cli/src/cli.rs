@@ -649,86 +649,74 @@ pub(crate) const CLEANUP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Redis, releasing what it holds), within [`RELEASE_TIMEOUT`]; a failure is only traced,
 /// since the lease (or the keys' TTL) expires anyway.
 pub(crate) async fn close_coordinator(coordinator: &baton::Coordinator) {
-    close_coordinator_within(coordinator, RELEASE_TIMEOUT).await;
-}
-
-/// [`close_coordinator`] within `budget`; false if it failed or timed out.
-pub(crate) async fn close_coordinator_within(
-    coordinator: &baton::Coordinator,
-    budget: Duration,
-) -> bool {
-    match tokio::time::timeout(budget, coordinator.close()).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "closing failed; the holds expire");
-            false
-        }
-        Err(_) => {
-            tracing::warn!("closing timed out; the holds expire");
-            false
-        }
-    }
+    close_within(RELEASE_TIMEOUT, coordinator.close()).await;
 }
 
 /// Close a session (revoking its lease, which deletes its keys), within
 /// [`RELEASE_TIMEOUT`]; a failure is only traced, since the lease expires anyway.
 pub(crate) async fn close(session: &baton::Session) {
-    close_within(session, RELEASE_TIMEOUT).await;
+    close_within(RELEASE_TIMEOUT, session.close()).await;
 }
 
-/// [`close`] within `budget`; false if it failed or timed out.
-pub(crate) async fn close_within(session: &baton::Session, budget: Duration) -> bool {
-    match tokio::time::timeout(budget, session.close()).await {
+/// Run `closing` (a coordinator's or a session's close) within `budget`; false if it failed
+/// or timed out (only traced: what it would remove expires anyway).
+async fn close_within(
+    budget: Duration,
+    closing: impl std::future::Future<Output = baton::Result<()>>,
+) -> bool {
+    match tokio::time::timeout(budget, closing).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "closing the session failed; the lease will expire");
+            tracing::warn!(error = %e, "closing failed; what it holds expires");
             false
         }
         Err(_) => {
-            tracing::warn!("closing the session timed out; the lease will expire");
+            tracing::warn!("closing timed out; what it holds expires");
             false
         }
     }
 }
 
-/// How long the close after `result` may take: [`CLEANUP_TIMEOUT`] if nothing was acquired
-/// (exit 124), else [`RELEASE_TIMEOUT`].
-pub(crate) fn close_budget<T>(result: &Result<T, CliError>) -> Duration {
-    match result {
-        Err(e) if e.code() == crate::exit::NOT_ACQUIRED => CLEANUP_TIMEOUT,
-        _ => RELEASE_TIMEOUT,
-    }
-}
-
-/// How long our place in a lock's queue outlives us: the session's TTL on etcd (it is a
-/// key of our lease), the waiter window on Redis (three fallback polls).
-pub(crate) fn queue_place_expiry(global: &Global, ttl: Duration) -> Duration {
-    if is_redis(&global.endpoints) {
-        3 * baton::redis::DEFAULT_POLL_INTERVAL
+/// Close after a wait (`lock`, `elect`, `sem`) ended with `result`, by `closing`, and return
+/// the result to exit with. Within [`RELEASE_TIMEOUT`], or within [`CLEANUP_TIMEOUT`] if
+/// nothing was acquired (exit 124: only our waiter key is left, and the user asked for an
+/// answer by a deadline). If that cleanup does not finish, the result's error is printed,
+/// then a line saying that our place in the queue expires by itself: within the TTL on
+/// etcd (it is a key of our lease), the waiter window on Redis (three fallback polls).
+pub(crate) async fn close_after_wait<F>(
+    result: Result<u8, CliError>,
+    global: &Global,
+    ttl: Duration,
+    closing: F,
+) -> Result<u8, CliError>
+where
+    F: std::future::Future<Output = baton::Result<()>>,
+{
+    let not_acquired = matches!(&result, Err(e) if e.code() == crate::exit::NOT_ACQUIRED);
+    let budget = if not_acquired {
+        CLEANUP_TIMEOUT
     } else {
-        ttl
-    }
-}
-
-/// The error to exit with when the close after `result` (a wait that got nothing) did not
-/// finish within [`CLEANUP_TIMEOUT`]: `result`'s own, printed now, followed by a line saying
-/// that our place in the queue expires by itself within `expiry`
-/// ([`queue_place_expiry`]).
-pub(crate) fn cleanup_late<T>(result: Result<T, CliError>, expiry: Duration) -> CliError {
-    let code = match &result {
-        Err(e) => {
-            e.report();
-            e.code()
-        }
-        Ok(_) => crate::exit::NOT_ACQUIRED,
+        RELEASE_TIMEOUT
     };
-    crate::output::notice(&format!(
-        "the backend did not confirm within {} that our place in the queue was removed; it \
-         expires by itself within {}",
-        crate::output::duration(CLEANUP_TIMEOUT),
-        crate::output::duration(expiry)
-    ));
-    CliError::quiet(code)
+    let closed = close_within(budget, closing).await;
+    match result {
+        Err(e) if !closed && not_acquired => {
+            e.report();
+            let expiry = if is_redis(&global.endpoints) {
+                3 * baton::redis::DEFAULT_POLL_INTERVAL
+            } else {
+                ttl
+            };
+            crate::output::notice(&format!(
+                "the backend did not confirm within {} that our place in the queue was \
+                 removed; it expires by itself within {}",
+                crate::output::duration(CLEANUP_TIMEOUT),
+                crate::output::duration(expiry)
+            ));
+            Err(CliError::quiet(e.code()))
+        }
+        result => result,
+    }
 }
 
 #[cfg(test)]

@@ -77,17 +77,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         .interruptible(cli::coordinator(global, args.ttl))
         .await?;
     let result = elected(&out, &coordinator, &args, &mut signals).await;
-    // Nothing acquired (exit 124): only our waiter key is left, and the user asked for an
-    // answer by a deadline; do not wait RELEASE_TIMEOUT for a backend that does not answer.
-    let budget = cli::close_budget(&result);
-    if !cli::close_coordinator_within(&coordinator, budget).await && budget == cli::CLEANUP_TIMEOUT
-    {
-        return Err(cli::cleanup_late(
-            result,
-            cli::queue_place_expiry(global, args.ttl),
-        ));
-    }
-    result
+    cli::close_after_wait(result, global, args.ttl, coordinator.close()).await
 }
 
 async fn elected(

@@ -84,16 +84,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         .interruptible(cli::session(&client, args.ttl))
         .await?;
     let result = held(&out, &session, &args, &mut signals).await;
-    // Nothing acquired (exit 124): only our waiter key is left, and the user asked for an
-    // answer by a deadline; do not wait RELEASE_TIMEOUT for a backend that does not answer.
-    let budget = cli::close_budget(&result);
-    if !cli::close_within(&session, budget).await && budget == cli::CLEANUP_TIMEOUT {
-        return Err(cli::cleanup_late(
-            result,
-            cli::queue_place_expiry(global, args.ttl),
-        ));
-    }
-    result
+    cli::close_after_wait(result, global, args.ttl, session.close()).await
 }
 
 /// Acquire, hold, release. The caller closes the session whatever happens.
