@@ -91,6 +91,17 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// 20 refusals in a row come once in a million requests.
 const TLS_REFUSALS_PER_MEMBER: usize = 10;
 
+/// How many refused TLS handshakes a request (or a connect) retries with `members`
+/// endpoints: [`TLS_REFUSALS_PER_MEMBER`] each, or one retry with a single member (another
+/// attempt cannot reach another member).
+fn tls_refusal_budget(members: usize) -> usize {
+    if members > 1 {
+        TLS_REFUSALS_PER_MEMBER * members
+    } else {
+        1
+    }
+}
+
 /// How many copies of an idempotent request may be in flight at once: a copy is sent after
 /// each 1/HEDGES of the request timeout without an answer (see `EtcdStore::hedged`).
 const HEDGES: usize = 4;
@@ -484,7 +495,7 @@ impl EtcdStore {
         let mut backoff = BACKOFF_MIN;
         // A member whose certificate is refused may be one of several (its certificate
         // expired): try again, at random, until the refusals are too many for that.
-        let mut tls_refusals_left = TLS_REFUSALS_PER_MEMBER * endpoints.len().max(1);
+        let mut tls_refusals = 0;
         loop {
             let attempt = async {
                 if !authenticated {
@@ -524,11 +535,10 @@ impl EtcdStore {
                     match tls_problem(&reason, https) {
                         Some(_)
                             if refused
-                                && tls_refusals_left > 0
-                                && endpoints.len() > 1
+                                && tls_refusals < tls_refusal_budget(endpoints.len())
                                 && Instant::now() + backoff < deadline =>
                         {
-                            tls_refusals_left -= 1;
+                            tls_refusals += 1;
                         }
                         Some(reason) => {
                             return Err(Error::Tls {
@@ -624,12 +634,7 @@ impl EtcdStore {
         let mut reauthenticated = false;
         // Requests go to members at random: a member whose certificate is refused costs
         // a retry, until so many refusals came that every member must refuse it.
-        let members = self.inner.endpoints.split(',').count();
-        let mut tls_refusals_left = if members > 1 {
-            TLS_REFUSALS_PER_MEMBER * members
-        } else {
-            1
-        };
+        let mut tls_refusals = 0;
         loop {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             let result = if retry == Retry::Idempotent {
@@ -651,16 +656,22 @@ impl EtcdStore {
                     self.reauthenticate(generation, deadline, operation, after)
                         .await?;
                 }
-                Err(e) if is_tls_rejection(&e) && tls_refusals_left == 0 => return Ok(Err(e)),
-                Err(e) if retry.allows(&e) && Instant::now() + backoff < deadline => {
-                    if is_tls_rejection(&e) {
-                        tls_refusals_left -= 1;
+                Err(e) => {
+                    let retry = if is_tls_rejection(&e) {
+                        tls_refusals += 1;
+                        let members = self.inner.endpoints.split(',').count();
+                        tls_refusals <= tls_refusal_budget(members)
+                    } else {
+                        retry.allows(&e)
+                    };
+                    if !retry || Instant::now() + backoff >= deadline {
+                        return Ok(Err(e));
                     }
                     tracing::debug!(operation, error = %describe(&e), "retrying etcd request");
                     sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-                other => return Ok(other),
+                ok => return Ok(ok),
             }
         }
     }
@@ -1735,9 +1746,6 @@ fn is_tls_rejection(e: &ec::Error) -> bool {
 /// True for failures that may pass on their own: a member unavailable, a broken
 /// connection, a dropped stream. Safe to retry only for requests that may run twice.
 fn is_transient(e: &ec::Error) -> bool {
-    if is_tls_rejection(e) {
-        return false;
-    }
     match e {
         ec::Error::GRpcStatus(s) => {
             let code = s.code() as i32;
