@@ -100,7 +100,7 @@ impl Drop for Ownership {
 }
 
 /// The prefix a key's queue lives under: up to and including its last `/`.
-fn parent(key: &[u8]) -> Vec<u8> {
+pub(crate) fn parent(key: &[u8]) -> Vec<u8> {
     match key.iter().rposition(|b| *b == b'/') {
         Some(i) => key[..=i].to_vec(),
         None => Vec::new(),

@@ -174,12 +174,16 @@ pub(crate) async fn wait_turn(
     let store = client.store();
     let hub = client.hub();
     let mut backoff = RETRY_MIN;
+    // A reader's key is not in the queue it waits on (the writers'); it lives under its
+    // own prefix (the readers').
+    let mine_in_queue = queue.contains(my_key);
+    let own_prefix = crate::ownership::parent(my_key);
     loop {
         let read = match hint.take() {
             Some(read) => Ok(read),
             // The head is only needed for the shared watch's no-read wake-up.
             None => {
-                let with_head = hub.is_live(&queue.prefix) && queue.contains(my_key);
+                let with_head = mine_in_queue && hub.is_live(&queue.prefix);
                 read_turn(store, queue, my_key, my_rev - 1, with_head).await
             }
         };
@@ -220,22 +224,14 @@ pub(crate) async fn wait_turn(
             .ahead
             .as_ref()
             .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
-        let mine_in_queue = queue.contains(my_key);
         if mine_in_queue && !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
-            match crate::hub::keys_gone(hub, store, &keys, false).await {
-                Ok(_) => {
-                    crate::hub::Counters::add(&hub.counters.wakeups);
-                    backoff = RETRY_MIN;
-                }
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(error = %e, "watch while waiting failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-                Err(e) => return Err(e),
+            let gone = crate::hub::keys_gone(hub, store, &keys, false).await;
+            if gone.is_ok() {
+                crate::hub::Counters::add(&hub.counters.wakeups);
             }
+            after_wake(gone.map(|_| Woken::Deleted(0)), &mut backoff).await?;
             continue;
         }
         let header = read.header;
@@ -244,14 +240,10 @@ pub(crate) async fn wait_turn(
             // Wait on it through the client's shared watch of our key's own prefix (the
             // readers'), so that the readers of one client share two watches (opened here
             // if need be), not two each; either delete sends us back to read.
-            let own = my_key
-                .iter()
-                .rposition(|b| *b == b'/')
-                .map_or(my_key, |i| &my_key[..=i]);
             let (preds, mine): (&[&[u8]], &[&[u8]]) = (&[&pred.key], &[my_key]);
             let answer = tokio::select! {
                 a = hub.wait_delete(store, &queue.prefix, preds, header) => a,
-                a = hub.wait_delete(store, own, mine, header) => a,
+                a = hub.wait_delete(store, &own_prefix, mine, header) => a,
             };
             crate::hub::Counters::add(&hub.counters.wakeups);
             after_wake(answer.map(|(_, w)| w), &mut backoff).await?;

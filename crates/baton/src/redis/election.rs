@@ -224,15 +224,15 @@ async fn observe_loop(
     let sub = inner.hub.subscribe(&keys.channel).await;
     let chan = sub.channel().clone();
     let mut last: Option<(Vec<u8>, i64)> = None;
+    // Whether the last read failed (then `failure` says so until one works).
+    let mut failing = false;
     loop {
         let woken = chan.observers.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         let read = inner.read_leader(keys).await;
-        match &read {
-            Ok(_) => failure.working(),
-            Err(e) if !e.is_access_denied() => failure.failing(e),
-            Err(_) => {}
+        if read.is_ok() && std::mem::take(&mut failing) {
+            failure.working();
         }
         match read {
             Ok(Some(rec)) => {
@@ -246,7 +246,11 @@ async fn observe_loop(
             }
             Ok(None) => {}
             Err(e) if e.is_access_denied() => return Some(e),
-            Err(e) => tracing::debug!(error = %e, "reading the leader failed; retrying"),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the leader failed; retrying");
+                failure.failing(&e);
+                failing = true;
+            }
         }
         let wait = fallback_wait(inner.opts.poll_interval, None);
         tokio::select! {
