@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use baton::redis::RedisClient;
 use baton::Error;
+use baton_testkit::proxy::{Fault, FaultProxy};
 use baton_testkit::redis::RedisServerOptions;
 use baton_testkit::RedisServer;
 use redis::AsyncCommands;
@@ -422,57 +423,6 @@ async fn each_lock_name_leaves_only_its_fencing_counter() {
     assert_eq!(ttl, -1, "the fencing counter must never expire");
 }
 
-/// A TCP proxy to `upstream` that delays every chunk by `delay_us` microseconds each way,
-/// settable while it runs (a link that becomes slow).
-async fn slow_proxy(
-    upstream: String,
-    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((c, _)) = listener.accept().await {
-            let Ok(s) = tokio::net::TcpStream::connect(&upstream).await else {
-                continue;
-            };
-            let _ = (c.set_nodelay(true), s.set_nodelay(true));
-            let (cr, cw) = c.into_split();
-            let (sr, sw) = s.into_split();
-            pipe(cr, sw, delay_us.clone());
-            pipe(sr, cw, delay_us.clone());
-        }
-    });
-    addr
-}
-
-fn pipe(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n @ 1..) = r.read(&mut buf).await {
-            let delay = delay_us.load(std::sync::atomic::Ordering::Relaxed);
-            let due = tokio::time::Instant::now() + Duration::from_micros(delay);
-            if tx.send((due, buf[..n].to_vec())).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some((due, b)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if w.write_all(&b).await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    });
-}
-
 /// Many waiters' channels and one the ACL refuses, at a reconnect over a 2 ms link: the
 /// subscriber isolates the refused channel in a few round trips and subscribes the others
 /// again. Subscribing one channel at a time (a round trip each) did not fit the reconnect's
@@ -483,14 +433,13 @@ async fn one_refused_channel_among_many_at_a_reconnect() {
     let server = RedisServer::start_with(
         RedisServerOptions::new().with_acl_user("u", "on >pw ~* &baton:wake:jobs:* +@all"),
     );
-    let delay_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let proxy = slow_proxy(server.addr().to_string(), delay_us.clone()).await;
+    let proxy = FaultProxy::start_to(server.addr().parse().unwrap()).await;
     let a = RedisClient::builder(&server.url())
         .with_ttl(Duration::from_secs(120))
         .connect()
         .await
         .unwrap();
-    let b = RedisClient::builder(&format!("redis://u:pw@{proxy}"))
+    let b = RedisClient::builder(&format!("redis://u:pw@{}", proxy.addr()))
         .with_poll_interval(Duration::from_secs(5))
         .with_dial_timeout(Duration::from_secs(1))
         .with_request_timeout(Duration::from_secs(1))
@@ -531,7 +480,7 @@ async fn one_refused_channel_among_many_at_a_reconnect() {
     }
     // The link becomes slow; the pub/sub connection drops, and a waiter of a refused channel
     // arrives meanwhile.
-    delay_us.store(1000, std::sync::atomic::Ordering::Relaxed);
+    proxy.set_both(Fault::Delay(Duration::from_millis(1)));
     let _other = a.lock("other").unwrap().lock().await.unwrap();
     let _: redis::Value = redis::cmd("CLIENT")
         .arg("KILL")
