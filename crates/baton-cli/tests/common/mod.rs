@@ -120,27 +120,27 @@ impl Proc {
     /// [`stderr_so_far`](Proc::stderr_so_far), this does not miss the last lines, which the
     /// reader thread may not have passed on yet when the exit is seen.
     pub fn stderr_after_exit(&self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut lines = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.err_lines.recv_timeout(left) {
-                Ok(line) => lines.push(line),
-                Err(_) => return lines,
-            }
-        }
+        self.stderr_until_closed(Duration::from_secs(2)).0
     }
 
     /// Every stderr line, once stderr is closed (after the exit), waiting at most [`STEP`].
     pub fn stderr_all(&self) -> Vec<String> {
-        let deadline = Instant::now() + STEP;
+        match self.stderr_until_closed(STEP) {
+            (lines, true) => lines,
+            (lines, false) => panic!("stderr still open: {lines:?}"),
+        }
+    }
+
+    /// The stderr lines until stderr closes or `limit` passes, and whether it closed.
+    fn stderr_until_closed(&self, limit: Duration) -> (Vec<String>, bool) {
+        let deadline = Instant::now() + limit;
         let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.err_lines.recv_timeout(left) {
                 Ok(line) => lines.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!("stderr still open: {lines:?}"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return (lines, true),
+                Err(mpsc::RecvTimeoutError::Timeout) => return (lines, false),
             }
         }
     }
