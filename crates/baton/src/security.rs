@@ -188,6 +188,8 @@ pub(crate) fn looks_hung_up(text: &str) -> bool {
 #[cfg(any(feature = "etcd", feature = "redis"))]
 pub(crate) async fn speaks_tls(host: &str, port: u16, within: std::time::Duration) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An IPv6 address as a URL gives it: `[::1]`.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let probe = async {
         let hello = client_hello(host)?;
         let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
