@@ -21,8 +21,11 @@ On Redis, the revision counts the values published in the leader's term, and the
 the lock's counter (`none` on redlock://).
 
 The first line is the current leader, if there is one. Lines follow as leaders change or
-proclaim new values, until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe
-(exit 0; another failure to write exits 125). Failures are retried (a line on stderr
+proclaim new values; a leader that leaves with no candidate waiting prints nothing (as Go's
+Observe): the last line names it until the next leader comes. Ask `baton leader NAME` (exit
+1: no leader) before acting on the last line. observe runs until SIGINT or SIGTERM (exit
+0), or until the reader closes the pipe (exit 0; another failure to write exits 125).
+Failures are retried (a line on stderr
 says when observing stops working, and another when it works again), except one that
 retrying cannot fix (permission denied: the etcd role or Redis ACL does not cover the
 election; on redlock://, on so many masters that no quorum can answer): it ends observe
