@@ -25,11 +25,10 @@ proclaim new values; a leader that leaves with no candidate waiting prints nothi
 Observe): the last line names it until the next leader comes. Ask `baton leader NAME` (exit
 1: no leader) before acting on the last line. observe runs until SIGINT or SIGTERM (exit
 0), or until the reader closes the pipe (exit 0; another failure to write exits 125).
-Failures are retried (a line on stderr
-says when observing stops working, and another when it works again), except one that
-retrying cannot fix (permission denied: the etcd role or Redis ACL does not cover the
-election; on redlock://, on so many masters that no quorum can answer): it ends observe
-with 125 and the error on stderr.";
+Failures are retried (a line on stderr says when observing stops working, and another when
+it works again), except one that retrying cannot fix (permission denied: the etcd role or
+Redis ACL does not cover the election; on redlock://, on so many masters that no quorum can
+answer): it ends observe with 125 and the error on stderr.";
 
 /// How often `baton observe` checks whether observing fails (and says so on stderr).
 const OUTAGE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
