@@ -778,6 +778,30 @@ mod tests {
         assert!(keys_under(&client, "db").await.is_empty());
     }
 
+    /// A first participant F of `s[0]` for `count`, which gives up after 300 ms, and once
+    /// its key is there, the key of `s[1]` with count 2 put by hand (a participant whose
+    /// put landed and whose first read has not): F's task.
+    async fn first_and_an_odd_key(
+        client: &Client,
+        s: &[Session],
+        count: u32,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let f = DoubleBarrier::new(&s[0], "db", count).unwrap();
+        let f_task = tokio::spawn(async move {
+            f.enter_timeout(Duration::from_millis(300))
+                .await
+                .map(|_| ())
+        });
+        until_keys(client, "db/waiters/", 1).await;
+        let key = lease_key("db/waiters/", s[1].lease_id());
+        client
+            .store()
+            .put(key.as_bytes(), b"2", s[1].lease_id())
+            .await
+            .unwrap();
+        f_task
+    }
+
     /// The first participant F, whose count the opener O agreed with, leaves before the
     /// odd one X (another count) first reads: X then finds no count ahead of it and is the
     /// one whose count holds. O, waiting for X's key to go, must notice that F's went: O
@@ -787,20 +811,7 @@ mod tests {
     async fn review_opener_and_odd_one_wait_for_each_other() {
         let client = Client::memory();
         let s = sessions(&client, 4).await;
-        let f = DoubleBarrier::new(&s[0], "db", 3).unwrap();
-        let f_task = tokio::spawn(async move {
-            f.enter_timeout(Duration::from_millis(300))
-                .await
-                .map(|_| ())
-        });
-        until_keys(&client, "db/waiters/", 1).await;
-        // X's put landed, its first read has not.
-        let x_key = lease_key("db/waiters/", s[1].lease_id());
-        client
-            .store()
-            .put(x_key.as_bytes(), b"2", s[1].lease_id())
-            .await
-            .unwrap();
+        let f_task = first_and_an_odd_key(&client, &s, 3).await;
         let o = DoubleBarrier::new(&s[2], "db", 3).unwrap();
         let started = tokio::time::Instant::now();
         let o_task = tokio::spawn(async move {
@@ -854,20 +865,7 @@ mod tests {
     async fn a_waiting_participant_sees_the_deciding_count_change() {
         let client = Client::memory();
         let s = sessions(&client, 3).await;
-        let f = DoubleBarrier::new(&s[0], "db", 4).unwrap();
-        let f_task = tokio::spawn(async move {
-            f.enter_timeout(Duration::from_millis(300))
-                .await
-                .map(|_| ())
-        });
-        until_keys(&client, "db/waiters/", 1).await;
-        // G's put landed, its first read has not.
-        let g_key = lease_key("db/waiters/", s[1].lease_id());
-        client
-            .store()
-            .put(g_key.as_bytes(), b"2", s[1].lease_id())
-            .await
-            .unwrap();
+        let f_task = first_and_an_odd_key(&client, &s, 4).await;
         let p = DoubleBarrier::new(&s[2], "db", 4).unwrap();
         let started = tokio::time::Instant::now();
         let p_task = tokio::spawn(async move {
