@@ -1,5 +1,6 @@
 //! `baton observe NAME`: print every leader change and proclaimed value.
 
+use baton::LeaderEvent;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -22,9 +23,14 @@ the lock's counter (`none` on redlock://).
 
 The first line is the current leader, if there is one. Lines follow as leaders change or
 proclaim new values; a leader that leaves with no candidate waiting prints nothing (as Go's
-Observe): the last line names it until the next leader comes. Ask `baton leader NAME` (exit
-1: no leader) before acting on the last line. observe runs until SIGINT or SIGTERM (exit
-0), or until the reader closes the pipe (exit 0; another failure to write exits 125).
+Observe): the last line names it until the next leader comes. With --vacancies, a line
+`no leader` (with --json, an object with \"event\": \"no_leader\") says so instead: when
+observe starts with no leader, and each time a leader leaves with no candidate to follow
+it at once (on Redis, where candidates do not queue, also between a leader that resigns and
+the one that takes over).
+
+observe runs until SIGINT or SIGTERM (exit 0), or until the reader closes the pipe (exit 0;
+another failure to write exits 125).
 Failures are retried (a line on stderr says when observing stops working, and another when
 it works again), except one that retrying cannot fix (permission denied: the etcd role or
 Redis ACL does not cover the election; on redlock://, on so many masters that no quorum can
@@ -40,6 +46,11 @@ pub(crate) struct Args {
     /// The election's name.
     #[arg(value_parser = cli::name)]
     pub(crate) name: String,
+
+    /// Also print a line `no leader` when there is none: at the start, and each time a
+    /// leader leaves with no candidate to follow it.
+    #[arg(long)]
+    pub(crate) vacancies: bool,
 }
 
 /// Run `baton observe`.
@@ -49,18 +60,18 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let redis = cli::is_redis(&global.endpoints);
     // On etcd, observing needs only a client, no session (no lease); on Redis, the
     // coordinator holds no session either. It is kept alive while observing.
-    let (mut leaders, _coordinator) = if redis {
+    let (mut events, _coordinator) = if redis {
         let coordinator = signals
             .interruptible(cli::coordinator(global, baton::DEFAULT_TTL))
             .await?;
-        let leaders = coordinator.election(&args.name)?.observe();
-        (Leaders::Redis(leaders), Some(coordinator))
+        let events = coordinator.election(&args.name)?.observe().with_vacancies();
+        (events, Some(coordinator))
     } else {
         let client = signals
             .interruptible(cli::connect(global, &global.endpoints))
             .await?;
-        let leaders = baton::Election::observe_with(&client, &args.name)?;
-        (Leaders::Etcd(leaders), None)
+        let events = baton::Election::observe_with(&client, &args.name)?.with_vacancies();
+        (events, None)
     };
     // Observing retries by itself; tell the operator when it stops working, and when it
     // works again.
@@ -69,52 +80,30 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = check.tick() => match leaders.retrying() {
+            _ = check.tick() => match events.retrying() {
                 Some(e) => outage.failing(&e),
                 None => outage.working(),
             },
-            leader = leaders.next() => {
-                let Some(leader) = leader else {
-                    if let Some(e) = leaders.take_error() {
+            event = events.next() => {
+                let Some(event) = event else {
+                    if let Some(e) = events.take_error() {
                         return Err(CliError::failed(e));
                     }
                     return Err(CliError::failed("observing the election ended unexpectedly"));
                 };
-                if let Err(e) = print_leader(&out, &args.name, &leader, redis) {
+                let printed = match event {
+                    LeaderEvent::Leader(leader) => print_leader(&out, &args.name, &leader, redis),
+                    LeaderEvent::Vacant if args.vacancies => out.emit(
+                        "no leader",
+                        &json!({"event": "no_leader", "name": args.name}),
+                    ),
+                    _ => Ok(()),
+                };
+                if let Err(e) = printed {
                     return crate::output::follow_ended(&e);
                 }
             }
             _ = signals.recv() => return Ok(0),
-        }
-    }
-}
-
-/// The leaders observed, on either family. Either ends when the backend refuses access,
-/// keeping the error.
-enum Leaders {
-    Etcd(baton::Observe),
-    Redis(baton::coordinator::LeaderStream),
-}
-
-impl Leaders {
-    async fn next(&mut self) -> Option<baton::Leader> {
-        match self {
-            Leaders::Etcd(s) => s.next().await,
-            Leaders::Redis(s) => s.next().await,
-        }
-    }
-
-    fn take_error(&mut self) -> Option<baton::Error> {
-        match self {
-            Leaders::Etcd(s) => s.take_error(),
-            Leaders::Redis(s) => s.take_error(),
-        }
-    }
-
-    fn retrying(&self) -> Option<String> {
-        match self {
-            Leaders::Etcd(s) => s.retrying(),
-            Leaders::Redis(s) => s.retrying(),
         }
     }
 }

@@ -223,3 +223,61 @@ fn cmd_output_is_cmds_alone() {
     assert!(leader.line().starts_with("resigned report/"));
     assert!(keys(&etcd, "report/").is_empty());
 }
+
+/// `baton observe --vacancies` prints `no leader` at the start and when the leader leaves
+/// with no candidate waiting (its lease revoked, then a resignation), once each, and not
+/// on a hand-over to a waiting candidate; `--json` prints `"event": "no_leader"`. Without
+/// the flag, a vacancy prints nothing.
+#[test]
+fn observe_vacancies_says_no_leader() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let observer = Proc::spawn(baton(&ep).args(["observe", "--vacancies", "e4"]));
+    let json = Proc::spawn(baton(&ep).args(["--json", "observe", "--vacancies", "e4"]));
+    let plain = Proc::spawn(baton(&ep).args(["observe", "e4"]));
+    assert_eq!(observer.line(), "no leader");
+    let seen: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(
+        seen,
+        serde_json::json!({"event": "no_leader", "name": "e4"})
+    );
+
+    // A leader, revoked: no candidate waits.
+    let mut first = Proc::spawn(baton(&ep).args(["elect", "e4", "v1"]));
+    let elected = first.line();
+    assert!(elected.starts_with("elected e4/"), "{elected}");
+    assert_eq!(parse_observed(&observer.line()).0, "v1");
+    let seen: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(seen["event"], "leader");
+    assert_eq!(parse_observed(&plain.line()).0, "v1");
+    let key = keys(&etcd, "e4/").pop().unwrap();
+    revoke(&etcd, &key);
+    assert_eq!(first.code(), 122);
+    assert_eq!(observer.line(), "no leader");
+    let seen: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(seen["event"], "no_leader");
+
+    // A leader with a candidate waiting: the hand-over prints the next leader only.
+    let mut second = Proc::spawn(baton(&ep).args(["elect", "e4", "v2"]));
+    assert!(second.line().starts_with("elected e4/"));
+    assert_eq!(parse_observed(&observer.line()).0, "v2");
+    assert_eq!(parse_observed(&plain.line()).0, "v2");
+    let mut third = Proc::spawn(baton(&ep).args(["elect", "e4", "v3"]));
+    wait_until("the third candidacy", || keys(&etcd, "e4/").len() == 2);
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.code(), 0);
+    assert!(third.line().starts_with("elected e4/"));
+    assert_eq!(parse_observed(&observer.line()).0, "v3");
+    assert_eq!(parse_observed(&plain.line()).0, "v3");
+
+    // The last leader resigns: one `no leader`, and nothing from the plain observer.
+    third.signal(libc::SIGTERM);
+    assert_eq!(third.code(), 0);
+    assert_eq!(observer.line(), "no leader");
+    assert_eq!(observer.line_within(Duration::from_millis(500)), None);
+    assert_eq!(plain.line_within(Duration::from_millis(10)), None);
+    for mut p in [observer, json, plain] {
+        p.signal(libc::SIGINT);
+        assert_eq!(p.code(), 0);
+    }
+}

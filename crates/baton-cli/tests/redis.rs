@@ -825,3 +825,26 @@ fn the_first_redlock_master_keeps_its_tls_scheme() {
     extra.extend(["--user", "app"]);
     works(&format!("redlock://{}", masters("").join(",")), &extra);
 }
+
+/// `baton observe --vacancies` on Redis: `no leader` at the start, the leader, and `no
+/// leader` once, when it resigns.
+#[test]
+fn observe_vacancies_says_no_leader() {
+    let server = redis();
+    let url = server.url();
+    let mut observer = Proc::spawn(baton(&url).args(["observe", "--vacancies", "sched"]));
+    assert_eq!(observer.line(), "no leader");
+    let mut leader = Proc::spawn(baton(&url).args(["elect", "sched", "v1"]));
+    assert!(leader.line().starts_with("elected sched token="));
+    let seen = observer.line();
+    assert!(
+        seen.starts_with("v1 (key sched, revision 1, token "),
+        "{seen}"
+    );
+    leader.signal(libc::SIGTERM);
+    assert_eq!(leader.code(), 0);
+    assert_eq!(observer.line(), "no leader");
+    assert_eq!(observer.line_within(Duration::from_millis(1500)), None);
+    observer.signal(libc::SIGINT);
+    assert_eq!(observer.code(), 0);
+}

@@ -1376,6 +1376,94 @@ pub async fn coordinator_election_handover(b: &Backend) {
     }
 }
 
+/// The next event from an observer with vacancies, failing the test if it takes over 3 s.
+async fn next_event(events: &mut baton::LeaderEvents) -> baton::LeaderEvent {
+    tokio::time::timeout(Duration::from_secs(3), events.next())
+        .await
+        .expect("no event observed within 3 s")
+        .expect("the observation ended")
+}
+
+/// Through the traits, `observe().with_vacancies()` reports the vacancy at the start, each
+/// leader, a hand-over to a waiting candidate (on Redis, where candidates do not queue, a
+/// vacancy may come between), and the vacancy when the last leader resigns, once; the plain
+/// stream says nothing of vacancies. Both end when the coordinator is closed.
+pub async fn coordinator_observe_vacancies(b: &Backend) {
+    use baton::LeaderEvent;
+    let connect = || async { b.coordinator().with_ttl(TTL).connect().await.unwrap() };
+    let (c1, c2, c3) = (connect().await, connect().await, connect().await);
+    let election = name("coord-vacant");
+    let mut events = c3.election(&election).unwrap().observe().with_vacancies();
+    let mut plain = c3.election(&election).unwrap().observe();
+    assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
+
+    let first = c1
+        .election(&election)
+        .unwrap()
+        .campaign(b"first".to_vec())
+        .await
+        .unwrap();
+    let LeaderEvent::Leader(leader) = next_event(&mut events).await else {
+        panic!("a vacancy while `first` leads");
+    };
+    assert_eq!(leader.value, b"first");
+    assert_eq!(next_leader(&mut plain).await.value, b"first");
+
+    let e2 = c2.election(&election).unwrap();
+    let second = tokio::spawn(async move { e2.campaign(b"second".to_vec()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(3), second)
+        .await
+        .expect("the candidate did not lead after the resignation")
+        .unwrap()
+        .unwrap();
+    let redis = b.endpoints.starts_with("redis") || b.endpoints.starts_with("redlock");
+    let mut event = next_event(&mut events).await;
+    if redis && event == LeaderEvent::Vacant {
+        event = next_event(&mut events).await;
+    }
+    let LeaderEvent::Leader(leader) = event else {
+        panic!("{event:?} after the hand-over to a waiting candidate");
+    };
+    assert_eq!(leader.value, b"second");
+    assert_eq!(next_leader(&mut plain).await.value, b"second");
+
+    second.release().await.unwrap();
+    assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
+    // Once: nothing more while the election stays empty (past the Redis fallback poll),
+    // and the plain stream says nothing at all.
+    let quiet = Duration::from_millis(1500);
+    let more = tokio::time::timeout(quiet, events.next()).await;
+    assert!(more.is_err(), "after the vacancy: {more:?}");
+    let more = tokio::time::timeout(Duration::from_millis(10), plain.next()).await;
+    assert!(more.is_err(), "the plain stream yielded {more:?}");
+
+    c3.close().await.unwrap();
+    for (what, ended) in [
+        (
+            "with_vacancies",
+            tokio::time::timeout(Duration::from_secs(3), events.next()).await,
+        ),
+        (
+            "plain",
+            tokio::time::timeout(Duration::from_secs(3), plain.next())
+                .await
+                .map(|l| l.map(LeaderEvent::Leader)),
+        ),
+    ] {
+        assert_eq!(
+            ended.ok(),
+            Some(None),
+            "{what}: did not end when the coordinator was closed"
+        );
+    }
+    assert!(events.take_error().is_none());
+    for c in [c1, c2] {
+        c.close().await.unwrap();
+    }
+}
+
 /// After `close()`, through the traits, every backend answers alike: held guards are lost,
 /// a task waiting for a lock or a leadership fails with [`Error::Closed`], and so does
 /// every later call (`lock`, `try_lock`, `lock_timeout`, `campaign`, `leader`); `observe()`

@@ -29,14 +29,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{
     redact, Client, ClientBuilder, Endpoints, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
 };
-use crate::election::{Election, Leader, Leadership, ObserveFailure};
+use crate::election::{poll_leader, Election, Leader, LeaderEvents, Leadership};
 use crate::error::{Error, Result};
 use crate::mutex::{Mutex, MutexGuard};
 use crate::queue::with_timeout;
@@ -161,7 +160,8 @@ pub trait Elector: Send + Sync + fmt::Debug {
 
     /// Every leader change and proclaimed value, starting with the current leader. (On
     /// Redis, values proclaimed in quick succession may be skipped: observers see the
-    /// latest; see `RedisElection::observe`.)
+    /// latest; see `RedisElection::observe`.) It waits quietly while there is no leader;
+    /// [`LeaderStream::with_vacancies`] reports that too.
     ///
     /// When it starts differs: on Redis, when `observe()` is called (changes made before
     /// the stream is first polled are delivered then); on etcd and the embedded store, when
@@ -206,14 +206,20 @@ pub trait Elector: Send + Sync + fmt::Debug {
 /// # }
 /// ```
 pub struct LeaderStream {
-    leaders: BoxStream<'static, Leader>,
-    failure: ObserveFailure,
+    events: LeaderEvents,
 }
 
 impl LeaderStream {
-    /// `leaders`, whose observing task leaves the error that stops it in `failure`.
-    pub(crate) fn new(leaders: BoxStream<'static, Leader>, failure: ObserveFailure) -> Self {
-        LeaderStream { leaders, failure }
+    /// The leaders of `events`.
+    pub(crate) fn new(events: LeaderEvents) -> Self {
+        LeaderStream { events }
+    }
+
+    /// This stream, reporting also when the election has no leader: when observing starts
+    /// with none, and each time a leader leaves with no candidate to follow it at once.
+    /// See [`LeaderEvent::Vacant`](crate::LeaderEvent::Vacant) for how backends differ.
+    pub fn with_vacancies(self) -> LeaderEvents {
+        self.events
     }
 
     /// Why the stream ended, if the backend refused access
@@ -224,14 +230,14 @@ impl LeaderStream {
     /// has stopped but leaders read before the refusal are still to be yielded. The error
     /// is taken: a second call returns `None`.
     pub fn take_error(&mut self) -> Option<Error> {
-        self.failure.take()
+        self.events.take_error()
     }
 
     /// While observing fails and is being retried (the backend unreachable, say), the
     /// message of the last failure; `None` while it works. For telling users that changes
     /// may be late: the stream recovers by itself.
     pub fn retrying(&self) -> Option<String> {
-        self.failure.retrying()
+        self.events.retrying()
     }
 }
 
@@ -245,7 +251,7 @@ impl Stream for LeaderStream {
     type Item = Leader;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
-        self.leaders.poll_next_unpin(cx)
+        poll_leader(cx, |cx| self.events.poll_next_unpin(cx))
     }
 }
 
@@ -807,13 +813,13 @@ impl Elector for StoreElector {
         unless_closed(&self.closed, self.election.leader()).await
     }
     fn observe(&self) -> LeaderStream {
-        let observe = self.election.observe();
-        let failure = observe.failure();
+        let events = self.election.observe().with_vacancies();
+        let failure = events.failure();
         // Ends when the coordinator is closed, as on Redis.
-        let leaders = observe
+        let events = events
             .take_until(self.closed.clone().cancelled_owned())
             .boxed();
-        LeaderStream::new(leaders, failure)
+        LeaderStream::new(LeaderEvents::new(events, failure))
     }
 }
 
@@ -918,9 +924,7 @@ impl Elector for Election {
         Election::leader(self).await
     }
     fn observe(&self) -> LeaderStream {
-        let observe = Election::observe(self);
-        let failure = observe.failure();
-        LeaderStream::new(observe.boxed(), failure)
+        LeaderStream::new(Election::observe(self).with_vacancies())
     }
 }
 

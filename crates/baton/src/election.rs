@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -287,7 +288,7 @@ impl Election {
     /// The stream yields the leader when it starts (if there is one), then every change:
     /// each value proclaimed by the leader (a proclamation of an unchanged value too, as
     /// Go's `Observe` does: it is a new write), or a new leader. It waits quietly while there
-    /// is no leader. It survives compaction and broken connections by reading the leader
+    /// is no leader ([`Observe::with_vacancies`] reports that too). It survives compaction and broken connections by reading the leader
     /// again, and never yields the same proclamation twice (a read again after a reconnect
     /// yields nothing new). It ends only when the backend refuses access (the user's roles
     /// do not cover the election): then [`Observe::take_error`] says why.
@@ -323,7 +324,7 @@ async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
 /// [`take_error`](Observe::take_error) says why.
 pub struct Observe {
     start: Option<(Arc<dyn Store>, String)>,
-    rx: Option<mpsc::Receiver<Leader>>,
+    rx: Option<mpsc::Receiver<LeaderEvent>>,
     failure: ObserveFailure,
 }
 
@@ -342,9 +343,134 @@ impl Observe {
         self.failure.retrying()
     }
 
-    /// Where the observing task leaves its error, for [`LeaderStream`](crate::coordinator::LeaderStream).
+    /// This stream, reporting also when the election has no leader: when observing starts
+    /// with none, and each time a leader leaves (resigns, its key is deleted, its lease
+    /// expires) with no candidate waiting to follow it. See [`LeaderEvents`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> baton::Result<()> {
+    /// use baton::LeaderEvent;
+    /// use futures::StreamExt;
+    ///
+    /// let client = baton::Client::connect("mem://").await?;
+    /// let mut events = baton::Election::observe_with(&client, "scheduler")?.with_vacancies();
+    /// assert_eq!(events.next().await, Some(LeaderEvent::Vacant));
+    ///
+    /// let session = baton::Session::new(&client).await?;
+    /// let election = baton::Election::new(&session, "scheduler")?;
+    /// let leadership = election.campaign("10.0.0.7:8080").await?;
+    /// let Some(LeaderEvent::Leader(leader)) = events.next().await else { panic!() };
+    /// assert_eq!(leader.value, b"10.0.0.7:8080");
+    ///
+    /// leadership.resign().await?;
+    /// assert_eq!(events.next().await, Some(LeaderEvent::Vacant));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_vacancies(mut self) -> LeaderEvents {
+        let failure = self.failure.clone();
+        let events = futures::stream::poll_fn(move |cx| self.poll_event(cx));
+        LeaderEvents::new(events.boxed(), failure)
+    }
+
+    /// The next event, starting the observing task on the first poll.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaderEvent>> {
+        if let Some((store, name)) = self.start.take() {
+            self.rx = Some(spawn_observer(store, &name, self.failure.clone()));
+        }
+        match self.rx.as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// What an election's observer reports, from a [`LeaderEvents`] stream: a leader, or that
+/// there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaderEvent {
+    /// The leader when observing starts, a new leader, or a new value proclaimed by the
+    /// leader.
+    Leader(Leader),
+    /// The election has no leader: none when observing starts, or the leader left
+    /// (resigned, its key was deleted, its lease expired) and no candidate was waiting to
+    /// follow it. The next event is the next leader.
+    ///
+    /// On Redis, where candidates do not queue, a vacancy may also show between a leader
+    /// that resigns and the candidate that takes over after it (for as long as that takes);
+    /// on Redlock, also while no quorum of masters agrees on a leader.
+    Vacant,
+}
+
+/// A stream of [`LeaderEvent`]s: the leaders an observe stream yields, and also each time
+/// the election has no leader. From [`Observe::with_vacancies`],
+/// [`RedisObserve::with_vacancies`](crate::redis::RedisObserve::with_vacancies) or
+/// [`LeaderStream::with_vacancies`](crate::coordinator::LeaderStream::with_vacancies); it
+/// starts, retries and ends as the stream it came from does. Dropping it stops observing.
+///
+/// It never yields the same event twice in a row: a vacancy is reported once, however long
+/// it lasts, and a read again after a reconnect yields nothing new.
+pub struct LeaderEvents {
+    events: BoxStream<'static, LeaderEvent>,
+    failure: ObserveFailure,
+}
+
+impl LeaderEvents {
+    /// `events`, whose observing task leaves the error that stops it in `failure`.
+    pub(crate) fn new(events: BoxStream<'static, LeaderEvent>, failure: ObserveFailure) -> Self {
+        LeaderEvents { events, failure }
+    }
+
+    /// Why the stream ended, if the backend refused access
+    /// ([`Error::is_access_denied`]); `None` otherwise.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    /// While observing fails and is being retried (the backend unreachable, say), the
+    /// message of the last failure; `None` while it works. For telling users that changes
+    /// may be late: the stream recovers by itself.
+    pub fn retrying(&self) -> Option<String> {
+        self.failure.retrying()
+    }
+
+    /// Where the observing task leaves its error.
     pub(crate) fn failure(&self) -> ObserveFailure {
         self.failure.clone()
+    }
+}
+
+impl fmt::Debug for LeaderEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaderEvents").finish_non_exhaustive()
+    }
+}
+
+impl Stream for LeaderEvents {
+    type Item = LeaderEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LeaderEvent>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+/// The leaders of a stream of events, skipping vacancies: the [`Stream`] of the observe
+/// streams that yield [`Leader`]s.
+pub(crate) fn poll_leader(
+    cx: &mut Context<'_>,
+    mut next: impl FnMut(&mut Context<'_>) -> Poll<Option<LeaderEvent>>,
+) -> Poll<Option<Leader>> {
+    loop {
+        match next(cx) {
+            Poll::Ready(Some(LeaderEvent::Leader(leader))) => return Poll::Ready(Some(leader)),
+            Poll::Ready(Some(LeaderEvent::Vacant)) => continue,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        }
     }
 }
 
@@ -402,13 +528,7 @@ impl Stream for Observe {
     type Item = Leader;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
-        if let Some((store, name)) = self.start.take() {
-            self.rx = Some(spawn_observer(store, &name, self.failure.clone()));
-        }
-        match self.rx.as_mut() {
-            Some(rx) => rx.poll_recv(cx),
-            None => Poll::Ready(None),
-        }
+        poll_leader(cx, |cx| self.poll_event(cx))
     }
 }
 
@@ -424,7 +544,7 @@ fn spawn_observer(
     store: Arc<dyn Store>,
     name: &str,
     failure: ObserveFailure,
-) -> mpsc::Receiver<Leader> {
+) -> mpsc::Receiver<LeaderEvent> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
     let span = tracing::debug_span!("observe", election = %name);
@@ -445,16 +565,18 @@ fn spawn_observer(
     rx
 }
 
-/// Send every leader change until the receiver goes; returns early only with an
-/// access-denied error, which retrying cannot cure.
+/// Send every leader change (and each vacancy) until the receiver goes; returns early only
+/// with an access-denied error, which retrying cannot cure.
 async fn observe_loop(
     store: &Arc<dyn Store>,
     prefix: &str,
-    tx: &mpsc::Sender<Leader>,
+    tx: &mpsc::Sender<LeaderEvent>,
     failure: &ObserveFailure,
 ) -> Option<Error> {
     let queue = Queue::direct(prefix);
-    let mut last: Option<(Vec<u8>, Revision, Revision)> = None;
+    // What was sent last: nothing yet, a vacancy (`Some(None)`), or a leader's key and
+    // revisions.
+    let mut last: Option<Option<(Vec<u8>, Revision, Revision)>> = None;
     let mut backoff = RETRY_MIN;
     loop {
         let (header, head) = match head_member(store, &queue).await {
@@ -472,16 +594,25 @@ async fn observe_loop(
             Some(kv) => {
                 // The key too: one transaction can create two candidates' keys, with the
                 // same revisions.
-                let id = (kv.key.clone(), kv.create_revision, kv.mod_revision);
+                let id = Some((kv.key.clone(), kv.create_revision, kv.mod_revision));
                 if last.as_ref() != Some(&id) {
                     last = Some(id);
-                    if tx.send(Leader::from_kv(kv.clone())).await.is_err() {
+                    let leader = LeaderEvent::Leader(Leader::from_kv(kv.clone()));
+                    if tx.send(leader).await.is_err() {
                         return None;
                     }
                 }
                 Watch::key(kv.key.clone()).from_revision(header + 1)
             }
-            None => Watch::prefix(prefix).from_revision(header + 1),
+            None => {
+                if last != Some(None) {
+                    last = Some(None);
+                    if tx.send(LeaderEvent::Vacant).await.is_err() {
+                        return None;
+                    }
+                }
+                Watch::prefix(prefix).from_revision(header + 1)
+            }
         };
         let mut stream = match store.watch(watch).await {
             Ok(s) => s,
@@ -511,10 +642,12 @@ async fn observe_loop(
                         if ev.kv.create_revision != h.create_revision {
                             break 'watch;
                         }
-                        let id = (ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision);
+                        let id =
+                            Some((ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision));
                         if last.as_ref() != Some(&id) {
                             last = Some(id);
-                            if tx.send(Leader::from_kv(ev.kv)).await.is_err() {
+                            let leader = LeaderEvent::Leader(Leader::from_kv(ev.kv));
+                            if tx.send(leader).await.is_err() {
                                 return None;
                             }
                         }

@@ -153,7 +153,7 @@ pub use barrier::Barrier;
 pub use client::{Client, ClientBuilder, DEFAULT_DIAL_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 pub use coordinator::{Coordinator, CoordinatorBuilder};
 pub use double_barrier::{DoubleBarrier, DoubleBarrierGuard};
-pub use election::{Election, Leader, Leadership, Observe};
+pub use election::{Election, Leader, LeaderEvent, LeaderEvents, Leadership, Observe};
 pub use error::{Error, Result};
 pub use hub::ClientStats;
 pub use latch::CountDownLatch;

@@ -17,7 +17,7 @@ use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
 use super::RedisClient;
 use crate::coordinator::{Elector, Guard, LeaderStream, Leading};
-use crate::election::{Leader, ObserveFailure};
+use crate::election::{poll_leader, Leader, LeaderEvent, LeaderEvents, ObserveFailure};
 use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_value};
 use crate::queue::with_timeout;
@@ -156,7 +156,7 @@ impl RedisElection {
 
     /// A stream of leaders: the current one (if any), its proclaimed values, and each new
     /// leader. It waits quietly while there is no leader (a plain lock holder of the same
-    /// name is none), never yields the same proclamation twice (a proclamation of an
+    /// name is none; [`RedisObserve::with_vacancies`] reports that too), never yields the same proclamation twice (a proclamation of an
     /// unchanged value is a new one, and is yielded), and ends when the client is closed or
     /// the stream is dropped.
     ///
@@ -211,19 +211,21 @@ fn to_leader(name: &str, rec: NodeRecord) -> Leader {
     }
 }
 
-/// Send every leader change until the receiver goes; returns early only with an
-/// access-denied error, which retrying cannot cure.
+/// Send every leader change (and each vacancy) until the receiver goes; returns early only
+/// with an access-denied error, which retrying cannot cure.
 async fn observe_loop(
     client: &RedisClient,
     name: &str,
     keys: &Keys,
-    tx: &mpsc::Sender<Leader>,
+    tx: &mpsc::Sender<LeaderEvent>,
     failure: &ObserveFailure,
 ) -> Option<Error> {
     let inner = client.inner();
     let sub = inner.hub.subscribe(&keys.channel).await;
     let chan = sub.channel().clone();
-    let mut last: Option<(Vec<u8>, i64)> = None;
+    // What was sent last: nothing yet, a vacancy (`Some(None)`), or a leader's token and
+    // version.
+    let mut last: Option<Option<(Vec<u8>, i64)>> = None;
     // Whether the last read failed (then `failure` says so until one works).
     let mut failing = false;
     loop {
@@ -236,15 +238,23 @@ async fn observe_loop(
         }
         match read {
             Ok(Some(rec)) => {
-                let id = (rec.token.clone(), rec.ver);
+                let id = Some((rec.token.clone(), rec.ver));
                 if last.as_ref() != Some(&id) {
                     last = Some(id);
-                    if tx.send(to_leader(name, rec)).await.is_err() {
+                    let leader = LeaderEvent::Leader(to_leader(name, rec));
+                    if tx.send(leader).await.is_err() {
                         return None;
                     }
                 }
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if last != Some(None) {
+                    last = Some(None);
+                    if tx.send(LeaderEvent::Vacant).await.is_err() {
+                        return None;
+                    }
+                }
+            }
             Err(e) if e.is_access_denied() => return Some(e),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the leader failed; retrying");
@@ -267,7 +277,7 @@ async fn observe_loop(
 /// answer): then the stream ends, and
 /// [`take_error`](RedisObserve::take_error) says why.
 pub struct RedisObserve {
-    rx: mpsc::Receiver<Leader>,
+    rx: mpsc::Receiver<LeaderEvent>,
     failure: ObserveFailure,
 }
 
@@ -285,10 +295,13 @@ impl RedisObserve {
         self.failure.retrying()
     }
 
-    /// Where the observing task leaves its error, for
-    /// [`LeaderStream`](crate::coordinator::LeaderStream).
-    pub(crate) fn failure(&self) -> ObserveFailure {
-        self.failure.clone()
+    /// This stream, reporting also when the election has no leader: when observing starts
+    /// with none, and each time the leader leaves (resigns, its key is deleted or expires)
+    /// before another candidate takes over. See [`LeaderEvents`](crate::LeaderEvents).
+    pub fn with_vacancies(self) -> LeaderEvents {
+        let mut rx = self.rx;
+        let events = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        LeaderEvents::new(events.boxed(), self.failure)
     }
 }
 
@@ -302,7 +315,7 @@ impl Stream for RedisObserve {
     type Item = Leader;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
-        self.rx.poll_recv(cx)
+        poll_leader(cx, |cx| self.rx.poll_recv(cx))
     }
 }
 
@@ -505,8 +518,6 @@ impl Elector for RedisElection {
         RedisElection::leader(self).await
     }
     fn observe(&self) -> LeaderStream {
-        let observe = RedisElection::observe(self);
-        let failure = observe.failure();
-        LeaderStream::new(observe.boxed(), failure)
+        LeaderStream::new(RedisElection::observe(self).with_vacancies())
     }
 }
