@@ -2314,3 +2314,208 @@ async fn a_lost_reply_of_a_take_does_not_stall_the_lock() {
         client.close().await.unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Many new wake-up channels at once, on a pub/sub connection that is already up
+
+/// The time until the server has a subscriber on every one of `channels`, counted from
+/// `since`; panics after `limit`.
+async fn all_subscribed(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channels: &[String],
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    loop {
+        let counts: std::collections::HashMap<String, usize> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channels)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let subscribed = counts.values().filter(|n| **n > 0).count();
+        let took = since.elapsed();
+        if subscribed == channels.len() {
+            return took;
+        }
+        assert!(
+            took < limit,
+            "{subscribed} of {} channels subscribed after {took:?}",
+            channels.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `holder` holds `name` and a waiter of `client` waits for it, subscribed: `client`'s
+/// pub/sub connection is up, and stays up while the waiter waits.
+async fn a_subscribed_waiter(
+    holder: &RedisClient,
+    client: &RedisClient,
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+) -> (
+    baton::redis::RedisLockGuard,
+    tokio::task::JoinHandle<Result<baton::redis::RedisLockGuard, Error>>,
+) {
+    let held = holder.lock(name).unwrap().lock().await.unwrap();
+    let lock = client.lock(name).unwrap();
+    let waiting = tokio::spawn(async move { lock.lock_timeout(Duration::from_secs(120)).await });
+    all_subscribed(
+        conn,
+        &[format!("baton:wake:{name}")],
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
+    (held, waiting)
+}
+
+/// `holder` holds every lock of `names`; waiters of `client` start on all of them at once
+/// (each subscribes to its lock's channel). Returns the holds, the waiters, and when they
+/// started.
+async fn waiters_of_many_locks(
+    holder: &RedisClient,
+    client: &RedisClient,
+    names: &[String],
+) -> (
+    Vec<baton::redis::RedisLockGuard>,
+    Vec<tokio::task::JoinHandle<Result<baton::redis::RedisLockGuard, Error>>>,
+    Instant,
+) {
+    let held = futures::future::join_all(
+        names
+            .iter()
+            .map(|n| async move { holder.lock(n).unwrap().lock().await.unwrap() }),
+    )
+    .await;
+    let started = Instant::now();
+    let waiters = names
+        .iter()
+        .map(|n| {
+            let lock = client.lock(n).unwrap();
+            tokio::spawn(async move { lock.lock_timeout(Duration::from_secs(120)).await })
+        })
+        .collect();
+    (held, waiters, started)
+}
+
+/// Release `held`; every waiter of `waiters` must then get its lock by the release's
+/// message (their fallback poll is 30-60 s away).
+async fn released_wake_each(
+    held: Vec<baton::redis::RedisLockGuard>,
+    waiters: Vec<tokio::task::JoinHandle<Result<baton::redis::RedisLockGuard, Error>>>,
+) {
+    for r in futures::future::join_all(held.into_iter().map(|g| g.unlock())).await {
+        r.unwrap();
+    }
+    let got = tokio::time::timeout(Duration::from_secs(15), futures::future::join_all(waiters))
+        .await
+        .expect("waiters not woken by their release (left to the fallback poll)");
+    let guards: Vec<_> = got.into_iter().map(|g| g.unwrap().unwrap()).collect();
+    for r in futures::future::join_all(guards.into_iter().map(|g| g.unlock())).await {
+        r.unwrap();
+    }
+}
+
+/// New listeners on a pub/sub connection that is already up subscribe in batches, not one
+/// `SUBSCRIBE` round trip each: 1,000 waiters of different locks, over a link with 4 ms of
+/// round trip, are all subscribed well within the 4 s that one round trip each takes, and
+/// each is then woken by its release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_new_waiters_on_a_live_connection_subscribe_in_batches() {
+    const N: usize = 1000;
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let holder = connect(&server.url(), Duration::from_secs(60)).await;
+    let client = builder(&proxy.url("redis"), Duration::from_secs(60))
+        .with_poll_interval(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = raw(&server.url()).await;
+    let prefix = unique("sub-batch");
+    let (warm, warm_waiter) =
+        a_subscribed_waiter(&holder, &client, &mut conn, &format!("{prefix}/warm")).await;
+
+    proxy.set_both(Fault::Delay(Duration::from_millis(2)));
+    let names: Vec<String> = (0..N).map(|i| format!("{prefix}/{i}")).collect();
+    let (held, waiters, started) = waiters_of_many_locks(&holder, &client, &names).await;
+    let channels: Vec<String> = names.iter().map(|n| format!("baton:wake:{n}")).collect();
+    let took = all_subscribed(&mut conn, &channels, started, Duration::from_secs(60)).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "{N} new waiters took {took:?} to subscribe (one SUBSCRIBE round trip each: over 4 s)"
+    );
+
+    released_wake_each(held, waiters).await;
+    released_wake_each(vec![warm], vec![warm_waiter]).await;
+    client.close().await.unwrap();
+}
+
+/// A channel the ACL refuses, among many new ones subscribed at once on a live connection,
+/// costs only itself: every other channel is subscribed, soon (a refused `SUBSCRIBE` is split
+/// in halves, a round of halves at a time, not one round trip per channel), and its waiter
+/// is woken by its release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_channel_in_a_live_batch_leaves_the_others_subscribed() {
+    const N: usize = 1000;
+    let server = RedisServer::start_with(
+        baton_testkit::redis::RedisServerOptions::new()
+            .with_acl_user("u", "on >pw ~* &baton:wake:*/ok-* +@all"),
+    );
+    let proxy = FaultProxy::start(server.port()).await;
+    let holder = connect(&server.url(), Duration::from_secs(60)).await;
+    let client = builder(
+        &format!("redis://u:pw@127.0.0.1:{}", proxy.port()),
+        Duration::from_secs(60),
+    )
+    .with_poll_interval(Duration::from_secs(60))
+    .connect()
+    .await
+    .unwrap();
+    let mut conn = raw(&server.url()).await;
+    let prefix = unique("sub-batch-refused");
+    let (warm, warm_waiter) =
+        a_subscribed_waiter(&holder, &client, &mut conn, &format!("{prefix}/ok-warm")).await;
+
+    proxy.set_both(Fault::Delay(Duration::from_millis(2)));
+    // Every 126th lock's channel is refused: 8 refused channels among 1,000.
+    let names: Vec<String> = (0..N + 8)
+        .map(|i| {
+            if i % 126 == 63 {
+                format!("{prefix}/no-{i}")
+            } else {
+                format!("{prefix}/ok-{i}")
+            }
+        })
+        .collect();
+    let (held, waiters, started) = waiters_of_many_locks(&holder, &client, &names).await;
+    let channels: Vec<String> = names
+        .iter()
+        .filter(|n| n.contains("/ok-"))
+        .map(|n| format!("baton:wake:{n}"))
+        .collect();
+    assert_eq!(channels.len(), N);
+    let took = all_subscribed(&mut conn, &channels, started, Duration::from_secs(60)).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "{N} new waiters took {took:?} to subscribe (one SUBSCRIBE round trip each: over 4 s)"
+    );
+
+    // The waiters of allowed channels are woken by their release; those of refused channels
+    // would wait for their fallback poll.
+    let (mut ok_held, mut ok_waiters) = (Vec::new(), Vec::new());
+    for ((name, g), w) in names.iter().zip(held).zip(waiters) {
+        if name.contains("/ok-") {
+            ok_held.push(g);
+            ok_waiters.push(w);
+        } else {
+            w.abort();
+            g.unlock().await.unwrap();
+        }
+    }
+    released_wake_each(ok_held, ok_waiters).await;
+    released_wake_each(vec![warm], vec![warm_waiter]).await;
+    client.close().await.unwrap();
+}

@@ -5,7 +5,10 @@
 //! subscriber task subscribes to the channels someone waits on, and turns each message into a
 //! wake-up of every local waiter and observer of that lock (each waiter then tries once; one
 //! wins). A channel stays subscribed for [`LINGER`] after its last listener leaves, so that
-//! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. Messages can be
+//! the waits of a contended lock do not each pay a `SUBSCRIBE` round trip. New channels go in
+//! batches: the subscriber task takes every command queued while it was busy, and sends the
+//! new channels as one `SUBSCRIBE` (of at most [`BATCH`] channels each), so a crowd of new
+//! listeners costs a few round trips, not one each. Messages can be
 //! lost (a reconnect, a foreign client that does not publish, a holder that crashed), so
 //! every wait also has a bounded, jittered fallback poll.
 //!
@@ -35,6 +38,11 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// contention is waited on again and again: without this, every wait would pay a
 /// `SUBSCRIBE` round trip before it can sleep, and every acquisition an `UNSUBSCRIBE`.
 const LINGER: Duration = Duration::from_secs(5);
+
+/// The most channels one `SUBSCRIBE` or `UNSUBSCRIBE` carries, and the most commands a
+/// subscriber task takes in one go on a live connection: a batch is answered well within the
+/// request timeout, and the messages that arrive meanwhile do not wait long behind it.
+const BATCH: usize = 1000;
 
 /// The wake-ups of one channel.
 #[derive(Debug, Default)]
@@ -501,6 +509,159 @@ fn apply_offline(
     }
 }
 
+/// Subscribe `sink` to `channels`, in commands of at most [`BATCH`] channels, each answered
+/// within `timeout`. One channel the ACL refuses refuses a whole `SUBSCRIBE`: a refused
+/// command is split in halves until the refused channels stand alone, and those are added to
+/// `refused`, which keeps them even if the caller gives up on this future. The commands of
+/// each round of splitting go together (pipelined): N channels cost about log2(N) round
+/// trips even if every one is refused (a user without channel rights). Once this returns
+/// `Ok`, every other channel is subscribed. Fails with the first other error, or if a round
+/// is not answered in time: the connection is then of no use.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: dropped midway, some channels are subscribed and others not (`refused`
+/// still holds the refused channels found so far).
+async fn subscribe_all<S: AsRef<str>>(
+    sink: &redis::aio::PubSubSink,
+    channels: &[S],
+    timeout: Duration,
+    refused: &mut Vec<(String, redis::RedisError)>,
+) -> Result<(), redis::RedisError> {
+    let mut round: Vec<Vec<&str>> = channels
+        .chunks(BATCH)
+        .map(|c| c.iter().map(AsRef::as_ref).collect())
+        .collect();
+    while !round.is_empty() {
+        let sent = futures::future::join_all(round.iter().map(|batch| {
+            // Clones of one sink share its connection: the commands go in order.
+            let mut sink = sink.clone();
+            async move { sink.subscribe(batch).await }
+        }));
+        let answers = tokio::time::timeout(timeout, sent).await.map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "SUBSCRIBE not answered in time",
+            )
+        })?;
+        let mut next = Vec::new();
+        for (batch, answer) in round.into_iter().zip(answers) {
+            match answer {
+                Ok(()) => {}
+                Err(e) if is_refused(&e) && batch.len() == 1 => {
+                    refused.push((batch[0].to_string(), e));
+                }
+                Err(e) if is_refused(&e) => {
+                    let (a, b) = batch.split_at(batch.len() / 2);
+                    next.push(a.to_vec());
+                    next.push(b.to_vec());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        round = next;
+    }
+    Ok(())
+}
+
+/// Apply `cmds` on a live connection, in their order: each run of `Subscribe`s as few
+/// `SUBSCRIBE` commands (see [`subscribe_all`]), each run of `Unsubscribe`s as few
+/// `UNSUBSCRIBE` commands. Keeping the order keeps an `Unsubscribe` sent before a
+/// `Subscribe` of the same channel before it (see [`reap_idle`]).
+///
+/// Each new listener is told whether its channel is subscribed. A channel the server refuses
+/// to the user costs only its own listeners: they poll, the connection serves the others on,
+/// and the next listener asks again (the ACL may have changed). Returns false if the
+/// connection failed: the listeners not answered yet are told "not confirmed", and the
+/// commands not applied yet are counted as while not connected (the reconnect subscribes
+/// the channels).
+///
+/// # Cancel safety
+///
+/// Not cancel safe: dropped midway, the commands not applied yet are lost.
+async fn apply_live(
+    node: &Node,
+    hub: &Weak<HubInner>,
+    sink: &mut redis::aio::PubSubSink,
+    subs: &mut HashMap<String, usize>,
+    cmds: Vec<Cmd>,
+) -> bool {
+    let mut cmds = cmds.into_iter().peekable();
+    while let Some(cmd) = cmds.next() {
+        match cmd {
+            Cmd::Subscribe(ch, reply) => {
+                let mut run = vec![(ch, reply)];
+                while let Some(Cmd::Subscribe(ch, reply)) =
+                    cmds.next_if(|c| matches!(c, Cmd::Subscribe(..)))
+                {
+                    run.push((ch, reply));
+                }
+                // The channels not subscribed yet, and who waits for each.
+                let mut new: Vec<String> = Vec::new();
+                let mut waiting: HashMap<String, Vec<oneshot::Sender<bool>>> = HashMap::new();
+                for (ch, reply) in run {
+                    if let Some(w) = waiting.get_mut(&ch) {
+                        w.push(reply);
+                    } else if subs.contains_key(&ch) {
+                        let _ = reply.send(true);
+                    } else {
+                        subs.insert(ch.clone(), 1);
+                        new.push(ch.clone());
+                        waiting.insert(ch, vec![reply]);
+                    }
+                }
+                let mut refused = Vec::new();
+                let sent = subscribe_all(sink, &new, node.request_timeout, &mut refused).await;
+                for (ch, e) in refused {
+                    subs.remove(&ch);
+                    if let Some(hub) = hub.upgrade() {
+                        hub.refused(&ch, &e);
+                    }
+                    for reply in waiting.remove(&ch).unwrap_or_default() {
+                        let _ = reply.send(false);
+                    }
+                }
+                let ok = match sent {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot subscribe; reconnecting");
+                        false
+                    }
+                };
+                for reply in waiting.into_values().flatten() {
+                    let _ = reply.send(ok);
+                }
+                if !ok {
+                    for cmd in cmds {
+                        apply_offline(subs, cmd, None);
+                    }
+                    return false;
+                }
+            }
+            Cmd::Unsubscribe(ch) => {
+                let mut gone: Vec<String> = Vec::new();
+                let mut next = Some(ch);
+                while let Some(ch) = next {
+                    if subs.remove(&ch).is_some() {
+                        gone.push(ch);
+                    }
+                    next = match cmds.next_if(|c| matches!(c, Cmd::Unsubscribe(_))) {
+                        Some(Cmd::Unsubscribe(ch)) => Some(ch),
+                        _ => None,
+                    };
+                }
+                for batch in gone.chunks(BATCH) {
+                    // A failure leaves a subscription nobody listens to, which only costs
+                    // its messages (ignored); a lost connection ends the stream.
+                    let _ =
+                        tokio::time::timeout(node.request_timeout, sink.unsubscribe(batch)).await;
+                }
+            }
+        }
+    }
+    true
+}
+
 /// The subscriber of one node: connects while anyone listens, re-subscribes after a
 /// reconnect (and then wakes everyone, since messages may have been lost), and routes
 /// messages to the hub. Ends when the hub is dropped.
@@ -520,25 +681,9 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
         let mut refused: Vec<(String, redis::RedisError)> = Vec::new();
         let connected = async {
             let pubsub = node.client.get_async_pubsub().await?;
-            let (mut sink, stream) = pubsub.split();
-            // One channel the ACL refuses refuses a whole `SUBSCRIBE`: split a refused
-            // batch in halves until the refused channels stand alone, and leave them out
-            // (one refused channel of N costs about 2·log2(N) round trips, not N).
-            let mut batches: Vec<Vec<&String>> = vec![subs.keys().collect()];
-            while let Some(batch) = batches.pop() {
-                match sink.subscribe(&batch).await {
-                    Ok(()) => {}
-                    Err(e) if is_refused(&e) && batch.len() == 1 => {
-                        refused.push((batch[0].clone(), e));
-                    }
-                    Err(e) if is_refused(&e) => {
-                        let (a, b) = batch.split_at(batch.len() / 2);
-                        batches.push(a.to_vec());
-                        batches.push(b.to_vec());
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let (sink, stream) = pubsub.split();
+            let names: Vec<&String> = subs.keys().collect();
+            subscribe_all(&sink, &names, node.request_timeout, &mut refused).await?;
             Ok::<_, redis::RedisError>((sink, stream))
         };
         let deadline = node.dial_timeout.saturating_add(node.request_timeout);
@@ -566,38 +711,18 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                     tokio::select! {
                         cmd = rx.recv() => match cmd {
                             None => return,
-                            Some(Cmd::Subscribe(ch, reply)) => {
-                                if subs.insert(ch.clone(), 1).is_some() {
-                                    let _ = reply.send(true);
-                                    continue;
-                                }
-                                match tokio::time::timeout(node.request_timeout, sink.subscribe(&ch)).await {
-                                    Ok(Ok(())) => {
-                                        let _ = reply.send(true);
-                                    }
-                                    Ok(Err(e)) if is_refused(&e) => {
-                                        // Refused to the user: waiters of this channel poll,
-                                        // and the connection serves the others on. The next
-                                        // listener asks again (the ACL may have changed).
-                                        subs.remove(&ch);
-                                        if let Some(hub) = hub.upgrade() {
-                                            hub.refused(&ch, &e);
-                                        }
-                                        let _ = reply.send(false);
-                                    }
-                                    _ => {
-                                        let _ = reply.send(false);
-                                        break;
+                            Some(first) => {
+                                // Every command queued meanwhile (new listeners come in
+                                // crowds), in one go: one SUBSCRIBE for many channels.
+                                let mut cmds = vec![first];
+                                while cmds.len() < BATCH {
+                                    match rx.try_recv() {
+                                        Ok(cmd) => cmds.push(cmd),
+                                        Err(_) => break,
                                     }
                                 }
-                            }
-                            Some(Cmd::Unsubscribe(ch)) => {
-                                if subs.remove(&ch).is_some() {
-                                    let _ = tokio::time::timeout(
-                                        node.request_timeout,
-                                        sink.unsubscribe(&ch),
-                                    )
-                                    .await;
+                                if !apply_live(&node, &hub, &mut sink, &mut subs, cmds).await {
+                                    break;
                                 }
                             }
                         },
