@@ -17,10 +17,13 @@ use crate::error::{Error, Result};
 use crate::names::{is_item, validate_name, validate_value};
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, RangeResponse, SortOrder, SortTarget, Store, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use crate::watching::{Until, Wait, Waiter};
 
-/// How many items one read fetches as candidates to claim.
+/// How many items one read fetches as candidates to claim: their keys and revisions only,
+/// not their values (which may be up to [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN) each). The
+/// item taken comes back with its claim.
 const BATCH: i64 = 16;
 
 /// The taking methods of a queue over [`Items`] ([`Queue`], [`PriorityQueue`]). The type
@@ -148,8 +151,9 @@ pub(crate) use take_methods;
 ///
 /// # Exactly one consumer, in order
 ///
-/// A consumer reads the oldest items and claims the first one with a transaction that
-/// deletes it only if its mod revision is still the one read. Of several consumers racing
+/// A consumer reads the oldest items' keys (not their values) and claims the first one
+/// with a transaction that reads and deletes it only if its mod revision is still the one
+/// read: a dequeue downloads the item it takes, and no other. Of several consumers racing
 /// for an item, one wins; the others try the next item read, then read again. An item is
 /// never given twice, and a consumer never skips an older item that is still there, so
 /// items are taken in enqueue order (by create revision): one producer's items come out in
@@ -325,6 +329,16 @@ async fn unless<S, T>(
     }
 }
 
+/// What a claim of one item found.
+enum Claim {
+    /// We took it: its value, read by the claim itself.
+    Won(Vec<u8>),
+    /// Someone else did (or it changed since it was read).
+    Lost,
+    /// It failed in flight: the item may be ours or not, and is gone or may be.
+    Unknown,
+}
+
 /// What one attempt to take an item found.
 enum Taken<S> {
     Item(Vec<u8>),
@@ -341,10 +355,14 @@ impl Items {
         (self.is_item)(self.prefix.as_bytes(), kv)
     }
 
+    /// The first `limit` keys under the prefix (0: all), in order, without their values:
+    /// [`is_item`](Items::is_item) needs only the key and lease, and a claim reads the
+    /// value of the one item it takes.
     fn read(&self, limit: i64) -> Range {
         Range::prefix(self.prefix.as_bytes())
             .sort_by(self.order, SortOrder::Ascending)
             .with_limit(limit)
+            .keys_only()
     }
 
     pub(crate) async fn try_take(&self, name: &str) -> Result<Option<Vec<u8>>> {
@@ -398,10 +416,10 @@ impl Items {
         .await
     }
 
-    /// Read the first items and claim the first one still there; `Stopped` if `stop`
-    /// completes first. `stop` is polled during reads and before each claim, not while a
-    /// claim's first send is in flight; if that send fails in flight, between its resends
-    /// (see [`claim`](Items::claim)), where it gives `Unknown`.
+    /// Read the first items' keys and claim the first one still there, which gives its
+    /// value; `Stopped` if `stop` completes first. `stop` is polled during reads and before
+    /// each claim, not while a claim's first send is in flight; if that send fails in
+    /// flight, between its resends (see [`claim`](Items::claim)), where it gives `Unknown`.
     async fn take_once<S, F: Future<Output = S>>(&self, mut stop: Pin<&mut F>) -> Result<Taken<S>> {
         macro_rules! or_stop {
             ($fut:expr) => {
@@ -432,16 +450,16 @@ impl Items {
                 or_stop!(std::future::ready(()));
                 tracing::debug!(key = %item.key_str(), "claiming");
                 match self.claim(&item, stop.as_mut()).await? {
-                    Some(true) => {
+                    Claim::Won(value) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
-                        return Ok(Taken::Item(item.value));
+                        return Ok(Taken::Item(value));
                     }
                     // In create order, an item added since our read comes after every
                     // candidate, so the next one is still the first. In key order (a
                     // priority queue) a new item may come first: read again, as Go does.
-                    Some(false) if self.order == SortTarget::Key => break,
-                    Some(false) => {}
-                    None => {
+                    Claim::Lost if self.order == SortTarget::Key => break,
+                    Claim::Lost => {}
+                    Claim::Unknown => {
                         return Ok(Taken::Unknown(Error::Store(format!(
                             "the claim of {:?} failed in flight; it may have been taken \
                              without being returned",
@@ -454,9 +472,13 @@ impl Items {
         }
     }
 
-    /// Delete `item` if it is still the one read: `Some(true)` if we took it, `Some(false)`
-    /// if someone else did, `None` if the claim failed in flight and the item is gone or
-    /// may be (it may be ours or someone else's: it is not returned).
+    /// Delete `item` if it is still the one read: `Won` with its value if we took it,
+    /// `Lost` if someone else did, `Unknown` if the claim failed in flight and the item is
+    /// gone or may be (it may be ours or someone else's: it is not returned).
+    ///
+    /// The claim reads the item's value in the same transaction, before deleting it: the
+    /// candidates were read without values, and this read costs no extra request. It runs
+    /// only if the compare held, so it reads exactly the item compared.
     ///
     /// A claim that fails in flight may still be applied later (etcd applies a request it
     /// received even if its caller gave up): reading the item and finding it unchanged
@@ -466,8 +488,8 @@ impl Items {
     ///
     /// The first send is awaited, whatever `stop` does (within the store's request timeout,
     /// as any request). Once it has failed in flight, `stop` is polled between resends, and
-    /// the claim gives up (`None`) when it completes or when about one request timeout has
-    /// passed since the first send: the store's request timeout
+    /// the claim gives up (`Unknown`) when it completes or when about one request timeout
+    /// has passed since the first send: the store's request timeout
     /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store without one),
     /// or less if the first send timed out sooner (then nothing is sent again). A resend in
     /// flight is cut off at that deadline, not by `stop`.
@@ -475,14 +497,42 @@ impl Items {
         &self,
         item: &KeyValue,
         mut stop: Pin<&mut F>,
-    ) -> Result<Option<bool>> {
+    ) -> Result<Claim> {
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 item.key.clone(),
                 CompareOp::Equal,
                 item.mod_revision,
             )])
-            .and_then([TxnOp::delete(item.key.clone())]);
+            .and_then([
+                // Before the delete: a read in a transaction sees its earlier writes.
+                TxnOp::get(Range::key(item.key.clone())),
+                TxnOp::delete(item.key.clone()),
+            ]);
+        // The value the claim read, if it won.
+        let won = |resp: TxnResponse| -> Claim {
+            if !resp.succeeded {
+                return Claim::Lost;
+            }
+            let value = resp
+                .responses
+                .into_iter()
+                .next()
+                .and_then(|r| match r {
+                    TxnOpResponse::Get(get) => get.kvs.into_iter().next(),
+                    _ => None,
+                })
+                .map(|kv| kv.value);
+            match value {
+                Some(value) => Claim::Won(value),
+                // The compare held, so the key was there: a store that does not say so
+                // took the item without giving it.
+                None => {
+                    tracing::warn!(key = %item.key_str(), "a claim won but read no item");
+                    Claim::Unknown
+                }
+            }
+        };
         let started = tokio::time::Instant::now();
         let mut deadline = started
             + self
@@ -490,7 +540,7 @@ impl Items {
                 .request_timeout()
                 .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
         match self.store.txn(txn.clone()).await {
-            Ok(resp) => return Ok(Some(resp.succeeded)),
+            Ok(resp) => return Ok(won(resp)),
             // Refused (access, bad input): not applied.
             Err(e) if !e.is_retryable() => return Err(e),
             Err(e) => {
@@ -512,19 +562,21 @@ impl Items {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     tracing::debug!("a claim failed in flight: its time is up");
-                    return Ok(None);
+                    return Ok(Claim::Unknown);
                 }
                 Err(_) => {
                     tracing::debug!("a claim failed in flight: stopped, sending it no more");
-                    return Ok(None);
+                    return Ok(Claim::Unknown);
                 }
             }
             match tokio::time::timeout_at(deadline, self.store.txn(txn.clone())).await {
-                Ok(Ok(resp)) if resp.succeeded => return Ok(Some(true)),
+                // Ours: the first send was not applied, this one was.
+                Ok(Ok(resp)) if resp.succeeded => return Ok(won(resp)),
                 Ok(Err(e)) if e.is_retryable() => {
                     tracing::debug!(error = %e, "a claim failed in flight again");
                 }
-                Ok(_) | Err(_) => return Ok(None),
+                // Failed: the item is gone, by our first send or someone else's.
+                Ok(_) | Err(_) => return Ok(Claim::Unknown),
             }
         }
     }
@@ -541,6 +593,133 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
     use std::time::Duration;
+
+    /// The embedded store, counting the bytes of the values its answers carry (ranges, and
+    /// the reads inside transactions): what a consumer downloads.
+    #[derive(Debug, Default)]
+    struct ValueBytes {
+        inner: crate::store::mem::MemStore,
+        received: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ValueBytes {
+        fn count(&self, kvs: &[KeyValue]) {
+            let n: usize = kvs.iter().map(|kv| kv.value.len()).sum();
+            self.received
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// The value bytes received since the last call.
+        fn take(&self) -> usize {
+            self.received.swap(0, std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for ValueBytes {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            let resp = self.inner.range(range).await?;
+            self.count(&resp.kvs);
+            Ok(resp)
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<crate::store::Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(
+            &self,
+            keys: crate::store::KeyRange,
+        ) -> Result<(i64, crate::store::Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            let resp = self.inner.txn(txn).await?;
+            for r in &resp.responses {
+                if let Some(get) = r.as_get() {
+                    self.count(&get.kvs);
+                }
+            }
+            Ok(resp)
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// A dequeue downloads the item it takes, not the values of every candidate it reads:
+    /// with 16 large items queued (more than one read's worth of candidates), each dequeue,
+    /// of a FIFO or a priority queue, and `try_dequeue` too, receives one item's bytes, and
+    /// the items still come out whole and in order. Through a namespace too.
+    #[tokio::test]
+    async fn a_dequeue_downloads_only_the_item_it_takes() {
+        const SIZE: usize = 256 * 1024;
+        let item = |i: usize| vec![b'a' + i as u8; SIZE];
+        for namespaced in [false, true] {
+            let store = Arc::new(ValueBytes::default());
+            let client = if namespaced {
+                Client::from_arc(Arc::new(crate::store::namespace::NamespaceStore::new(
+                    store.clone(),
+                    "team/",
+                )))
+            } else {
+                Client::from_arc(store.clone())
+            };
+            let q = Queue::new(&client, "jobs").unwrap();
+            let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+            for i in 0..20 {
+                q.enqueue(item(i)).await.unwrap();
+                pq.enqueue(item(i), 7).await.unwrap();
+            }
+            store.take();
+            for i in 0..20 {
+                let got = if i % 2 == 0 {
+                    q.dequeue().await.unwrap()
+                } else {
+                    q.try_dequeue().await.unwrap().unwrap()
+                };
+                assert!(got == item(i), "fifo item {i} (namespaced: {namespaced})");
+                assert_eq!(
+                    store.take(),
+                    SIZE,
+                    "fifo dequeue {i} received (namespaced: {namespaced})"
+                );
+                let got = pq.dequeue().await.unwrap();
+                assert!(
+                    got == item(i),
+                    "priority item {i} (namespaced: {namespaced})"
+                );
+                assert_eq!(
+                    store.take(),
+                    SIZE,
+                    "priority dequeue {i} received (namespaced: {namespaced})"
+                );
+            }
+            assert_eq!(q.try_dequeue().await.unwrap(), None);
+            assert_eq!(pq.try_dequeue().await.unwrap(), None);
+        }
+    }
 
     /// A claim that fails in flight but is applied later (etcd applies a request whose
     /// caller gave up on it) must not be taken for "not applied": the item would be gone
