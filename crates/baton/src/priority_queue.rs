@@ -109,7 +109,8 @@ impl PriorityQueue {
         loop {
             // The last item at this level. Keys of a nested name (`LEVEL/jobs/…`) sort
             // after every item (a letter after a digit), so the newest keys are read until
-            // an item comes: usually one key.
+            // an item comes: usually one key. Keys only: the sequence number is in the key,
+            // and an item's value may be up to `MAX_VALUE_LEN`.
             let level_prefix = format!("{level}/");
             let mut limit = 1;
             let last = loop {
@@ -117,7 +118,8 @@ impl PriorityQueue {
                     .range(
                         Range::prefix(level_prefix.clone())
                             .sort_by(SortTarget::Key, crate::store::SortOrder::Descending)
-                            .with_limit(limit),
+                            .with_limit(limit)
+                            .keys_only(),
                     )
                     .await?;
                 let found = read
@@ -164,7 +166,7 @@ impl PriorityQueue {
             // Another producer enqueued at this priority since our read: read again. Unless
             // the key we chose exists and is not the last item (keys written by something
             // other than a queue): then every retry would choose it again.
-            let taken = store.range(Range::key(key.as_bytes())).await?;
+            let taken = store.range(Range::key(key.as_bytes()).keys_only()).await?;
             if taken
                 .kvs
                 .first()

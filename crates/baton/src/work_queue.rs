@@ -721,6 +721,33 @@ mod tests {
         }
     }
 
+    /// A priority enqueue reads the last item at its level for its sequence number: its key,
+    /// not its value. With large items at the level, and with a nested name's keys after
+    /// them (then every key of the level is read), an enqueue downloads no value, and the
+    /// items still come out in order.
+    #[tokio::test]
+    async fn a_priority_enqueue_downloads_no_item() {
+        const SIZE: usize = 256 * 1024;
+        let store = Arc::new(ValueBytes::default());
+        let client = Client::from_arc(store.clone());
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        let nested = Queue::new(&client, "pq/00002/jobs").unwrap();
+        for i in 0..4 {
+            let item = vec![b'a' + i; SIZE];
+            pq.enqueue(item.clone(), 1).await.unwrap();
+            pq.enqueue(item.clone(), 2).await.unwrap();
+            nested.enqueue(item).await.unwrap();
+            assert_eq!(store.take(), 0, "enqueue {i}");
+        }
+        for level in [1, 2] {
+            for i in 0..4 {
+                let got = pq.dequeue().await.unwrap();
+                assert!(got == vec![b'a' + i; SIZE], "level {level}, item {i}");
+            }
+        }
+        assert_eq!(nested.len().await.unwrap(), 4);
+    }
+
     /// A claim that fails in flight but is applied later (etcd applies a request whose
     /// caller gave up on it) must not be taken for "not applied": the item would be gone
     /// unreturned and the next one returned as if nothing happened. Either the item comes
