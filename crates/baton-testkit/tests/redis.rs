@@ -2519,3 +2519,111 @@ async fn a_refused_channel_in_a_live_batch_leaves_the_others_subscribed() {
     released_wake_each(vec![warm], vec![warm_waiter]).await;
     client.close().await.unwrap();
 }
+
+/// On Redlock, a leader that keeps its quorum stays the leader for an observer that can
+/// reach too few masters to tell: one master lost the key (as after a restart without
+/// persistence) and another is cut off from the observer. The plain stream does not yield
+/// the unchanged leader again, the stream with vacancies reports no vacancy, and `leader()`
+/// fails with `NoQuorum` instead of saying there is none. (Before: the read counted as "no
+/// leader", a vacancy, and the same leader again afterwards.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_an_observer_that_cannot_tell_keeps_the_leader() {
+    let servers = RedisServers::start_async(3).await;
+    let mut proxies = Vec::new();
+    for s in servers.servers() {
+        proxies.push(FaultProxy::start(s.port()).await);
+    }
+    let addrs: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let observer_url = format!("redlock://{}", addrs.join(","));
+    let ttl = Duration::from_secs(10);
+    // Direct to the masters: keeps its quorum (masters 0 and 1).
+    let leader_client = connect(&servers.redlock_url(), ttl).await;
+    let name = unique("redlock-cannot-tell");
+    let leading = leader_client
+        .election(&name)
+        .unwrap()
+        .campaign("v1")
+        .await
+        .unwrap();
+    let observer = builder(&observer_url, ttl)
+        .with_request_timeout(Duration::from_millis(500))
+        .with_poll_interval(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let election = observer.election(&name).unwrap();
+    let mut plain = election.observe();
+    let mut events = election.observe().with_vacancies();
+    assert_eq!(next(&mut plain, "v1").await.value, b"v1");
+    let first = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::StreamExt::next(&mut events),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&first, Some(baton::LeaderEvent::Leader(l)) if l.value == b"v1"),
+        "{first:?}"
+    );
+
+    let key = leader_client.election(&name).unwrap().key().to_string();
+    let _: i64 = raw(&servers.server(2).url()).await.del(&key).await.unwrap();
+    proxies[0].set_both(Fault::Blackhole);
+    let cut = Instant::now();
+    let during = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::StreamExt::next(&mut events),
+    )
+    .await;
+    assert!(
+        during.is_err(),
+        "while the observer cannot tell: {during:?}"
+    );
+    let asked = election.leader().await;
+    assert!(
+        matches!(asked, Err(Error::NoQuorum { .. })),
+        "leader() while it cannot tell: {asked:?}"
+    );
+    let mut fresh = election.observe().with_vacancies();
+    let first = tokio::time::timeout(
+        Duration::from_millis(1500),
+        futures::StreamExt::next(&mut fresh),
+    )
+    .await;
+    assert!(
+        first.is_err(),
+        "a new observer reported {first:?}, which it cannot know"
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(8),
+        "the test outlived the leader's TTL"
+    );
+    proxies[0].heal();
+    assert!(
+        !leading.is_lost(),
+        "the leader kept its quorum (masters 0 and 1)"
+    );
+    for (what, more) in [
+        (
+            "plain",
+            tokio::time::timeout(Duration::from_secs(2), futures::StreamExt::next(&mut plain))
+                .await
+                .map(|l| l.map(|l| l.value)),
+        ),
+        (
+            "with vacancies",
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                futures::StreamExt::next(&mut events),
+            )
+            .await
+            .map(|e| e.map(|e| format!("{e:?}").into_bytes())),
+        ),
+    ] {
+        assert!(
+            more.is_err(),
+            "{what}: the unchanged leader again: {more:?}"
+        );
+    }
+    leading.resign().await.unwrap();
+}

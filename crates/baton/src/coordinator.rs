@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{
@@ -251,7 +251,7 @@ impl Stream for LeaderStream {
     type Item = Leader;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Leader>> {
-        poll_leader(cx, |cx| self.events.poll_next_unpin(cx))
+        poll_leader(cx, |cx| self.events.poll_observed(cx))
     }
 }
 
@@ -813,13 +813,9 @@ impl Elector for StoreElector {
         unless_closed(&self.closed, self.election.leader()).await
     }
     fn observe(&self) -> LeaderStream {
-        let events = self.election.observe().with_vacancies();
-        let failure = events.failure();
         // Ends when the coordinator is closed, as on Redis.
-        let events = events
-            .take_until(self.closed.clone().cancelled_owned())
-            .boxed();
-        LeaderStream::new(LeaderEvents::new(events, failure))
+        let events = self.election.observe().with_vacancies();
+        LeaderStream::new(events.until(self.closed.clone()))
     }
 }
 

@@ -324,7 +324,7 @@ async fn leader_of(store: &Arc<dyn Store>, name: &str) -> Result<Leader> {
 /// [`take_error`](Observe::take_error) says why.
 pub struct Observe {
     start: Option<(Arc<dyn Store>, String)>,
-    rx: Option<mpsc::Receiver<LeaderEvent>>,
+    rx: Option<mpsc::Receiver<Observed>>,
     failure: ObserveFailure,
 }
 
@@ -377,7 +377,7 @@ impl Observe {
     }
 
     /// The next event, starting the observing task on the first poll.
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<LeaderEvent>> {
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Observed>> {
         if let Some((store, name)) = self.start.take() {
             self.rx = Some(spawn_observer(store, &name, self.failure.clone()));
         }
@@ -415,14 +415,25 @@ pub enum LeaderEvent {
 /// It never yields the same event twice in a row: a vacancy is reported once, however long
 /// it lasts, and a read again after a reconnect yields nothing new.
 pub struct LeaderEvents {
-    events: BoxStream<'static, LeaderEvent>,
+    events: BoxStream<'static, Observed>,
     failure: ObserveFailure,
 }
 
 impl LeaderEvents {
     /// `events`, whose observing task leaves the error that stops it in `failure`.
-    pub(crate) fn new(events: BoxStream<'static, LeaderEvent>, failure: ObserveFailure) -> Self {
+    pub(crate) fn new(events: BoxStream<'static, Observed>, failure: ObserveFailure) -> Self {
         LeaderEvents { events, failure }
+    }
+
+    /// These events, ending when `token` is cancelled.
+    pub(crate) fn until(self, token: tokio_util::sync::CancellationToken) -> LeaderEvents {
+        let events = self.events.take_until(token.cancelled_owned()).boxed();
+        LeaderEvents::new(events, self.failure)
+    }
+
+    /// The next event as the observing task sent it.
+    pub(crate) fn poll_observed(&mut self, cx: &mut Context<'_>) -> Poll<Option<Observed>> {
+        self.events.poll_next_unpin(cx)
     }
 
     /// Why the stream ended, if the backend refused access
@@ -437,11 +448,6 @@ impl LeaderEvents {
     pub fn retrying(&self) -> Option<String> {
         self.failure.retrying()
     }
-
-    /// Where the observing task leaves its error.
-    pub(crate) fn failure(&self) -> ObserveFailure {
-        self.failure.clone()
-    }
 }
 
 impl fmt::Debug for LeaderEvents {
@@ -454,20 +460,77 @@ impl Stream for LeaderEvents {
     type Item = LeaderEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LeaderEvent>> {
-        self.events.poll_next_unpin(cx)
+        self.poll_observed(cx).map(|o| o.map(|o| o.event))
     }
 }
 
-/// The leaders of a stream of events, skipping vacancies: the [`Stream`] of the observe
-/// streams that yield [`Leader`]s.
+/// An event as an observing task sends it.
+pub(crate) struct Observed {
+    pub(crate) event: LeaderEvent,
+    /// The leader sent last before a vacancy, read again after it (on Redlock, a vacancy
+    /// can be a read that found no quorum agreeing): news to a stream of events, a repeat
+    /// to a stream of leaders.
+    pub(crate) repeat: bool,
+}
+
+/// What an observing task sent last, so that it sends each change once.
+pub(crate) struct LastSent<Id> {
+    leader: Option<Id>,
+    vacant: bool,
+}
+
+impl<Id: PartialEq> LastSent<Id> {
+    pub(crate) fn new() -> Self {
+        LastSent {
+            leader: None,
+            vacant: false,
+        }
+    }
+
+    /// A read found the leader `id` with this `event`: what to send, if anything.
+    pub(crate) fn leader(
+        &mut self,
+        id: Id,
+        event: impl FnOnce() -> LeaderEvent,
+    ) -> Option<Observed> {
+        let same = self.leader.as_ref() == Some(&id);
+        if same && !self.vacant {
+            return None;
+        }
+        self.leader = Some(id);
+        self.vacant = false;
+        Some(Observed {
+            event: event(),
+            repeat: same,
+        })
+    }
+
+    /// A read found no leader: what to send, if anything (a vacancy is sent once).
+    pub(crate) fn vacancy(&mut self) -> Option<Observed> {
+        if self.vacant {
+            return None;
+        }
+        self.vacant = true;
+        Some(Observed {
+            event: LeaderEvent::Vacant,
+            repeat: false,
+        })
+    }
+}
+
+/// The leaders of a stream of events, skipping vacancies and the leaders read again after
+/// one: the [`Stream`] of the observe streams that yield [`Leader`]s.
 pub(crate) fn poll_leader(
     cx: &mut Context<'_>,
-    mut next: impl FnMut(&mut Context<'_>) -> Poll<Option<LeaderEvent>>,
+    mut next: impl FnMut(&mut Context<'_>) -> Poll<Option<Observed>>,
 ) -> Poll<Option<Leader>> {
     loop {
         match next(cx) {
-            Poll::Ready(Some(LeaderEvent::Leader(leader))) => return Poll::Ready(Some(leader)),
-            Poll::Ready(Some(LeaderEvent::Vacant)) => continue,
+            Poll::Ready(Some(Observed {
+                event: LeaderEvent::Leader(leader),
+                repeat: false,
+            })) => return Poll::Ready(Some(leader)),
+            Poll::Ready(Some(_)) => continue,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         }
@@ -544,7 +607,7 @@ fn spawn_observer(
     store: Arc<dyn Store>,
     name: &str,
     failure: ObserveFailure,
-) -> mpsc::Receiver<LeaderEvent> {
+) -> mpsc::Receiver<Observed> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
     let span = tracing::debug_span!("observe", election = %name);
@@ -570,13 +633,12 @@ fn spawn_observer(
 async fn observe_loop(
     store: &Arc<dyn Store>,
     prefix: &str,
-    tx: &mpsc::Sender<LeaderEvent>,
+    tx: &mpsc::Sender<Observed>,
     failure: &ObserveFailure,
 ) -> Option<Error> {
     let queue = Queue::direct(prefix);
-    // What was sent last: nothing yet, a vacancy (`Some(None)`), or a leader's key and
-    // revisions.
-    let mut last: Option<Option<(Vec<u8>, Revision, Revision)>> = None;
+    // The leader last sent: its key and revisions.
+    let mut last = LastSent::<(Vec<u8>, Revision, Revision)>::new();
     let mut backoff = RETRY_MIN;
     loop {
         let (header, head) = match head_member(store, &queue).await {
@@ -594,20 +656,19 @@ async fn observe_loop(
             Some(kv) => {
                 // The key too: one transaction can create two candidates' keys, with the
                 // same revisions.
-                let id = Some((kv.key.clone(), kv.create_revision, kv.mod_revision));
-                if last.as_ref() != Some(&id) {
-                    last = Some(id);
-                    let leader = LeaderEvent::Leader(Leader::from_kv(kv.clone()));
-                    if tx.send(leader).await.is_err() {
+                let id = (kv.key.clone(), kv.create_revision, kv.mod_revision);
+                if let Some(send) =
+                    last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv.clone())))
+                {
+                    if tx.send(send).await.is_err() {
                         return None;
                     }
                 }
                 Watch::key(kv.key.clone()).from_revision(header + 1)
             }
             None => {
-                if last != Some(None) {
-                    last = Some(None);
-                    if tx.send(LeaderEvent::Vacant).await.is_err() {
+                if let Some(send) = last.vacancy() {
+                    if tx.send(send).await.is_err() {
                         return None;
                     }
                 }
@@ -642,12 +703,12 @@ async fn observe_loop(
                         if ev.kv.create_revision != h.create_revision {
                             break 'watch;
                         }
-                        let id =
-                            Some((ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision));
-                        if last.as_ref() != Some(&id) {
-                            last = Some(id);
-                            let leader = LeaderEvent::Leader(Leader::from_kv(ev.kv));
-                            if tx.send(leader).await.is_err() {
+                        let id = (ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision);
+                        let kv = ev.kv;
+                        if let Some(send) =
+                            last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv)))
+                        {
+                            if tx.send(send).await.is_err() {
                                 return None;
                             }
                         }

@@ -17,7 +17,9 @@ use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
 use super::RedisClient;
 use crate::coordinator::{Elector, Guard, LeaderStream, Leading};
-use crate::election::{poll_leader, Leader, LeaderEvent, LeaderEvents, ObserveFailure};
+use crate::election::{
+    poll_leader, LastSent, Leader, LeaderEvent, LeaderEvents, ObserveFailure, Observed,
+};
 use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_value};
 use crate::queue::with_timeout;
@@ -139,7 +141,9 @@ impl RedisElection {
     /// The current leader, or [`Error::NoLeader`]. On Redlock, the leader is the token a
     /// quorum of masters agrees on. A holder of the key that wrote no election record (a
     /// [`RedisLock`](super::RedisLock) of the same name, or another library's lock) is no
-    /// leader: [`Error::NoLeader`]. [`Error::Closed`] once the client is closed.
+    /// leader: [`Error::NoLeader`]. [`Error::Closed`] once the client is closed. On
+    /// Redlock, [`Error::NoQuorum`] when too few masters answer to tell: fewer than a
+    /// quorum, or a record on some masters that the ones silent could make a quorum.
     ///
     /// # Cancel safety
     ///
@@ -217,15 +221,14 @@ async fn observe_loop(
     client: &RedisClient,
     name: &str,
     keys: &Keys,
-    tx: &mpsc::Sender<LeaderEvent>,
+    tx: &mpsc::Sender<Observed>,
     failure: &ObserveFailure,
 ) -> Option<Error> {
     let inner = client.inner();
     let sub = inner.hub.subscribe(&keys.channel).await;
     let chan = sub.channel().clone();
-    // What was sent last: nothing yet, a vacancy (`Some(None)`), or a leader's token and
-    // version.
-    let mut last: Option<Option<(Vec<u8>, i64)>> = None;
+    // The leader last sent: its token and version.
+    let mut last = LastSent::<(Vec<u8>, i64)>::new();
     // Whether the last read failed (then `failure` says so until one works).
     let mut failing = false;
     loop {
@@ -238,19 +241,16 @@ async fn observe_loop(
         }
         match read {
             Ok(Some(rec)) => {
-                let id = Some((rec.token.clone(), rec.ver));
-                if last.as_ref() != Some(&id) {
-                    last = Some(id);
-                    let leader = LeaderEvent::Leader(to_leader(name, rec));
-                    if tx.send(leader).await.is_err() {
+                let id = (rec.token.clone(), rec.ver);
+                if let Some(send) = last.leader(id, || LeaderEvent::Leader(to_leader(name, rec))) {
+                    if tx.send(send).await.is_err() {
                         return None;
                     }
                 }
             }
             Ok(None) => {
-                if last != Some(None) {
-                    last = Some(None);
-                    if tx.send(LeaderEvent::Vacant).await.is_err() {
+                if let Some(send) = last.vacancy() {
+                    if tx.send(send).await.is_err() {
                         return None;
                     }
                 }
@@ -277,7 +277,7 @@ async fn observe_loop(
 /// answer): then the stream ends, and
 /// [`take_error`](RedisObserve::take_error) says why.
 pub struct RedisObserve {
-    rx: mpsc::Receiver<LeaderEvent>,
+    rx: mpsc::Receiver<Observed>,
     failure: ObserveFailure,
 }
 

@@ -553,7 +553,9 @@ impl ClientInner {
     ///
     /// Too few answers fail with [`Error::NoQuorum`] (worth retrying), except when so many
     /// nodes refused access that no quorum can answer: then with one of their errors
-    /// ([`Error::is_access_denied`]), as on a single server.
+    /// ([`Error::is_access_denied`]), as on a single server. So do answers that leave open
+    /// whether a leader holds a quorum (its record on some nodes, no answer from enough of
+    /// the others to complete a quorum): "no leader" would be a guess.
     pub(crate) async fn read_leader(&self, keys: &Keys) -> Result<Option<NodeRecord>> {
         let n = self.nodes.len();
         let q = self.quorum;
@@ -602,6 +604,19 @@ impl ClientInner {
                 Some(e) => Err(self.no_quorum(n - failed, format!("read failed: {e}"))),
                 None => Err(Error::Closed),
             };
+        }
+        // No token on a quorum among the answers, but the nodes that did not answer could
+        // complete one for an election record seen: whether there is a leader is not known
+        // (saying "none" would report a leader that a quorum still holds as gone).
+        let same_leader = |a: &Option<NodeRecord>, b: &Option<NodeRecord>| matches!((a, b), (Some(a), Some(b)) if a.token == b.token && a.ver > 0 && b.ver > 0);
+        let best = most_agreeing(&results, same_leader);
+        if best < self.quorum && best + failed >= self.quorum {
+            let mut errors = results.into_iter().filter_map(|r| r.err());
+            let reason = match errors.next() {
+                Some(e) => format!("a leader may hold a quorum; read failed: {e}"),
+                None => "a leader may hold a quorum; some masters did not answer".to_string(),
+            };
+            return Err(self.no_quorum(n - failed, reason));
         }
         let mut votes: HashMap<Vec<u8>, Vec<NodeRecord>> = HashMap::new();
         for rec in results.into_iter().flatten().flatten() {
