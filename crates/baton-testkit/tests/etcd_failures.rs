@@ -517,3 +517,73 @@ async fn a_watch_on_a_member_without_a_leader_ends() {
     let err = store.put(b"nl/k", b"v", 0).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
 }
+
+/// A `lock_timeout` that gives up while etcd is paused (SIGSTOP) for longer than a join is
+/// retried (15 s), the session living on (TTL 60 s): its join requests wait in etcd's socket,
+/// and one of them is often applied when etcd resumes, after the caller gave up. The key that
+/// join puts is still found and removed once etcd answers, so another session gets the lock
+/// and no key is left (found by review: the search for the key gave up after 15 s of errors,
+/// or looked just before the late join landed, and the key stayed as long as the session,
+/// locking everyone else out: the other session timed out in 4 of 12 runs before the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_applied_after_a_long_pause_is_removed() {
+    use baton::store::Range;
+    let mut etcd = EtcdServer::start_async().await;
+    let client = Client::builder(&etcd.endpoint())
+        .with_request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(60);
+    let mine = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let theirs = Session::builder(&client)
+        .with_ttl(ttl)
+        .build()
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&mine, "paused/orphan").unwrap();
+    etcd.stop();
+    let gave_up = mutex.lock_timeout(Duration::from_secs(2)).await;
+    assert!(gave_up.is_err(), "locked while etcd was paused");
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    etcd.cont();
+    let keys = || async {
+        let resp = client
+            .store()
+            .range(Range::prefix("paused/orphan/"))
+            .await
+            .unwrap();
+        resp.kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let got = Mutex::new(&theirs, "paused/orphan")
+        .unwrap()
+        .lock_timeout(Duration::from_secs(10))
+        .await;
+    let g = match got {
+        Ok(g) => g,
+        Err(e) => panic!(
+            "the other session did not get the lock: {e}; keys {:?}",
+            keys().await
+        ),
+    };
+    g.unlock().await.unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let now = keys().await;
+            if now.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(left.is_ok(), "a key was left: {:?}", keys().await);
+    assert!(!mine.is_lost());
+}

@@ -103,7 +103,10 @@ impl Mutex {
     ///
     /// Cancel safe. Dropping the future removes our waiter key (in a task spawned on the
     /// current runtime, after any request still in flight has been answered), so nothing is
-    /// left in the queue.
+    /// left in the queue. If the store cannot be reached, that removal is retried in the
+    /// background until it can, or until the session is lost or closed (its lease then takes
+    /// the key); meanwhile this session's `try_lock()` of the same name fails at once with a
+    /// retryable error, and its `lock()` waits for the removal.
     pub async fn lock(&self) -> Result<MutexGuard> {
         self.acquire(false)
             .instrument(tracing::debug_span!("acquire", lock = %self.name))
@@ -254,6 +257,94 @@ mod tests {
             .unwrap();
         assert_eq!(keys.kvs.len(), 1);
         g.unlock().await.unwrap();
+    }
+
+    /// A lock given up after a join that was applied but not answered, while the store's
+    /// key-value service stays down for longer than the join is retried (15 s) but the
+    /// session lives (its keep-alives work): the key the join put is still removed once the
+    /// store is back, so another session gets the lock. (Found by review: the search for
+    /// the key gave up after 15 s of errors, and the key stayed as long as the session.)
+    #[tokio::test(start_paused = true)]
+    async fn a_join_applied_but_unanswered_is_removed_after_a_long_outage() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let mine = Session::new(&client).await.unwrap();
+        let theirs = Session::new(&client).await.unwrap();
+        store.lose_next_reply.store(true, Ordering::Relaxed);
+        let m = Mutex::new(&mine, "orphan").unwrap();
+        let locking =
+            tokio::spawn(async move { m.lock_timeout(Duration::from_secs(5)).await.map(|_| ()) });
+        while store.lose_next_reply.load(Ordering::Relaxed) {
+            tokio::task::yield_now().await;
+        }
+        // Reads and writes fail; the leases keep working.
+        store.kv_down.store(true, Ordering::Relaxed);
+        assert!(locking.await.unwrap().is_err());
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        store.kv_down.store(false, Ordering::Relaxed);
+        // Well within the session's TTL of the outage's end.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!mine.is_lost());
+        let keys = store
+            .range(crate::store::Range::prefix("orphan/"))
+            .await
+            .unwrap();
+        assert!(keys.kvs.is_empty(), "the applied join's key is still there");
+        let got = Mutex::new(&theirs, "orphan")
+            .unwrap()
+            .lock_timeout(Duration::from_secs(60))
+            .await;
+        assert!(got.is_ok(), "{:?}", got.err());
+        got.unwrap().unlock().await.unwrap();
+    }
+
+    /// As above, but the join request that went unanswered is applied late: it waited at a
+    /// server that stopped answering and lands just after the first read that gets through
+    /// once the server answers again, so that read finds no key. The key is looked for again
+    /// a request timeout later and removed.
+    #[tokio::test(start_paused = true)]
+    async fn a_join_applied_late_is_removed() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        *store.request_timeout.lock().unwrap() = Some(Duration::from_secs(1));
+        let client = crate::Client::from_arc(store.clone());
+        let mine = Session::new(&client).await.unwrap();
+        let theirs = Session::new(&client).await.unwrap();
+        store
+            .put_lands_after_next_read
+            .store(true, Ordering::Relaxed);
+        let m = Mutex::new(&mine, "late").unwrap();
+        let locking =
+            tokio::spawn(async move { m.lock_timeout(Duration::from_secs(5)).await.map(|_| ()) });
+        while store.put_lands_after_next_read.load(Ordering::Relaxed) {
+            tokio::task::yield_now().await;
+        }
+        store.kv_down.store(true, Ordering::Relaxed);
+        assert!(locking.await.unwrap().is_err());
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        store.kv_down.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!mine.is_lost());
+        let keys = store
+            .range(crate::store::Range::prefix("late/"))
+            .await
+            .unwrap();
+        assert!(keys.kvs.is_empty(), "the late join's key is still there");
+        let got = Mutex::new(&theirs, "late")
+            .unwrap()
+            .lock_timeout(Duration::from_secs(60))
+            .await;
+        assert!(got.is_ok(), "{:?}", got.err());
+        got.unwrap().unlock().await.unwrap();
     }
 
     /// An unlock given up with its delete in flight (a timeout around it) keeps the key

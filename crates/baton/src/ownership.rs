@@ -356,7 +356,7 @@ pub(crate) fn release_in_background(
         handle.spawn(
             async move {
                 if let Err(e) = settle_delete(&store, &key, create_rev, &claim).await {
-                    tracing::warn!(error = %e, "release failed; the key expires with the lease");
+                    tracing::warn!(error = %e, "release failed; the key stays until the session's lease ends");
                 }
                 drop(claim);
             }

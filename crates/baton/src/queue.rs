@@ -19,7 +19,7 @@ use crate::names::Queue;
 use crate::ownership::{
     delete_if_owned, not_held, release_in_background, settle_delete, Ownership,
 };
-use crate::session::{OwnedClaim, Session};
+use crate::session::{OwnedClaim, Session, WeakSession};
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, Store, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
@@ -37,8 +37,12 @@ const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
 /// Our key in a queue, not yet at its head (or not yet known to be).
 ///
 /// Dropping it before [`Entry::into_held`] removes our key: at once if our revision is known,
-/// or after the in-flight join transaction has been answered. This is what makes `lock()` and
-/// `campaign()` cancel safe.
+/// or after the in-flight join transaction has been answered, or (a join whose outcome is
+/// unknown) once a read has found the key; in that last case, on a store whose requests can
+/// hang (etcd), the key is looked for once more a request timeout later, for a join request
+/// applied late by a server that had stopped answering (see `look_again`). While the store cannot be reached, the removal is retried for as long as the
+/// session lives, however long that is: a key left behind would stay ahead of every later
+/// waiter until the session ends. This is what makes `lock()` and `campaign()` cancel safe.
 pub(crate) struct Entry {
     session: Session,
     store: Arc<dyn Store>,
@@ -376,12 +380,12 @@ impl Entry {
                         return;
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
+                        tracing::debug!(error = %e, "removing our key failed; it stays until the session's lease ends");
                     }
                     Ok(_) => {}
                 }
             } else if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
-                tracing::debug!(error = %e, "removing our key failed; it expires with the lease");
+                tracing::debug!(error = %e, "removing our key failed; it stays until the session's lease ends");
             }
         }
         self.my_rev = None;
@@ -418,12 +422,15 @@ impl Drop for Entry {
             // revision (from its answer, else by looking for our key) and remove the key.
             (None, inflight) if inflight.is_some() || self.maybe_applied => {
                 claim.releasing();
+                let mut unknown = self.maybe_applied;
+                let session = self.session.downgrade();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
                         let answer = match inflight {
                             Some(handle) => handle.0.await.ok(),
                             None => None,
                         };
+                        unknown |= answer.is_none();
                         let rev = match answer {
                             Some(resp) => my_revision(&resp, &key).ok(),
                             None => find_own_key(&store, &key, &claim).await,
@@ -431,7 +438,14 @@ impl Drop for Entry {
                         if let Some(rev) = rev {
                             let _ = settle_delete(&store, &key, rev, &claim).await;
                         }
+                        let again = store
+                            .request_timeout()
+                            .filter(|_| unknown && !claim.session_lost());
                         drop(claim);
+                        if let Some(after) = again {
+                            tokio::time::sleep(after).await;
+                            look_again(&store, &key, &session).await;
+                        }
                     });
                 }
             }
@@ -442,27 +456,57 @@ impl Drop for Entry {
 
 /// The create revision of our key, if it exists: after a join whose outcome is unknown.
 /// The key names our session's lease, and the claim keeps this session from joining with it
-/// meanwhile, so a key found is the one the join may have put. Reads again while the store
-/// fails and the session lives, for at most [`JOIN_RETRY_FOR`].
+/// meanwhile, so a key found is the one the join may have put.
+///
+/// Reads again, with backoff and for as long as it takes, while the store fails retryably
+/// and the session lives (as [`settle_delete`] does): a key left behind here would stay in
+/// the queue, ahead of every later waiter, for as long as the session lives, which may be
+/// far longer than any outage. Gives up (`None`) once the session is lost or closed (its
+/// lease takes the key), or on an error retrying cannot cure (access denied), when the key
+/// stays until the session ends.
 async fn find_own_key(store: &Arc<dyn Store>, key: &[u8], claim: &OwnedClaim) -> Option<Revision> {
-    let give_up = tokio::time::Instant::now() + JOIN_RETRY_FOR;
     let mut backoff = Duration::from_millis(50);
     loop {
         match store.range(Range::key(key.to_vec())).await {
             Ok(resp) => return resp.kvs.first().map(|kv| kv.create_revision),
-            Err(e)
-                if e.is_retryable()
-                    && !claim.session_lost()
-                    && tokio::time::Instant::now() + backoff < give_up =>
-            {
+            Err(e) if e.is_retryable() && !claim.session_lost() => {
+                tracing::debug!(error = %e, "looking for a key a failed join may have put failed; retrying");
+                claim.release_failed();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+            Err(e) if claim.session_lost() => {
+                tracing::debug!(error = %e, "looking for a key a failed join may have put failed; the session is lost, and its lease takes the key");
+                return None;
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "looking for a key a failed join may have put failed; it expires with the lease");
+                tracing::warn!(error = %e, "looking for a key a failed join may have put failed; if it was put, it stays until the session ends");
                 return None;
             }
         }
+    }
+}
+
+/// Look once more for our key and remove it, a request timeout after a join whose outcome
+/// was unknown was settled: a join request that went unanswered may have waited at a server
+/// that stopped answering, and be applied when it answers again, which is just when our own
+/// requests get through (so the first look may have come first). Nothing if the session is
+/// gone or lost (its lease takes the key), or if it has claimed the key again meanwhile: a
+/// new join of the same name adopts a key found (same lease, same name) and removes it in
+/// its turn. A request held longer than that (by a member paused for longer, in a cluster)
+/// can still put the key later; it then stays until the session ends.
+async fn look_again(store: &Arc<dyn Store>, key: &[u8], session: &WeakSession) {
+    let Some(claim) = session
+        .upgrade()
+        .filter(|s| !s.is_lost())
+        .and_then(|s| s.claim_if_free(key))
+    else {
+        return;
+    };
+    claim.releasing();
+    if let Some(rev) = find_own_key(store, key, &claim).await {
+        tracing::debug!(rev, "removing a key a join put late");
+        let _ = settle_delete(store, key, rev, &claim).await;
     }
 }
 

@@ -160,7 +160,8 @@ impl Semaphore {
     /// # Cancel safety
     ///
     /// Cancel safe: dropping the future removes our key (in a task spawned on the current
-    /// runtime, after any request in flight has been answered), so nothing is left queued.
+    /// runtime, after any request in flight has been answered, and retried while the store
+    /// cannot be reached, for as long as the session lives), so nothing is left queued.
     pub async fn acquire_many(&self, count: u32) -> Result<SemaphorePermit> {
         self.acquire_inner(count, false)
             .instrument(tracing::debug_span!("acquire", semaphore = %self.name, count))

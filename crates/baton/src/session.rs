@@ -544,6 +544,25 @@ impl Session {
         })
     }
 
+    /// Claim `key` if this session has no claim on it now (held, awaited or being
+    /// released); `None` otherwise. Never waits.
+    pub(crate) fn claim_if_free(&self, key: &[u8]) -> Option<OwnedClaim> {
+        let mut map = self
+            .inner
+            .claims
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(key) {
+            return None;
+        }
+        map.insert(key.to_vec(), ClaimState::InUse);
+        Some(OwnedClaim {
+            session: self.clone(),
+            key: key.to_vec(),
+        })
+    }
+
     /// Wait until this session has no claim on `key`, without claiming it: fails with
     /// [`Error::AlreadyHeld`] while it is held or awaited, waits while it is being released,
     /// and with `try_only` fails with [`Error::Unavailable`] instead once that release has

@@ -56,6 +56,14 @@ pub(crate) struct SlowWatches {
     /// The next transaction that deletes sets [`kv_down`](Self::kv_down) and fails: the
     /// store goes down right then.
     pub(crate) down_at_next_delete: std::sync::atomic::AtomicBool,
+    /// The next transaction that puts fails at once ("request timed out"), and is applied
+    /// right after the next read that is answered: a request left waiting at a server that
+    /// stopped answering, applied when it answers again, just after a later request.
+    pub(crate) put_lands_after_next_read: std::sync::atomic::AtomicBool,
+    /// The put waiting to land (see [`put_lands_after_next_read`](Self::put_lands_after_next_read)).
+    landing: StdMutex<Option<Txn>>,
+    /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
+    pub(crate) request_timeout: StdMutex<Option<Duration>>,
 }
 
 impl SlowWatches {
@@ -76,6 +84,9 @@ impl SlowWatches {
             end_watch_on: StdMutex::new(None),
             kv_down: std::sync::atomic::AtomicBool::new(false),
             down_at_next_delete: std::sync::atomic::AtomicBool::new(false),
+            put_lands_after_next_read: std::sync::atomic::AtomicBool::new(false),
+            landing: StdMutex::new(None),
+            request_timeout: StdMutex::new(None),
         }
     }
 
@@ -129,7 +140,16 @@ impl Store for SlowWatches {
     async fn range(&self, range: Range) -> Result<RangeResponse> {
         self.check_kv()?;
         self.spring(std::iter::once(&range)).await;
-        self.inner.range(range).await
+        let resp = self.inner.range(range).await;
+        let landing = self
+            .landing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(txn) = landing {
+            self.inner.txn(txn).await?;
+        }
+        resp
     }
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
         self.check_kv()?;
@@ -214,6 +234,19 @@ impl Store for SlowWatches {
                 return Err(crate::error::Error::Store("request timed out".into()));
             }
         }
+        let puts = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| matches!(op, TxnOp::Put { .. }));
+        if puts
+            && self
+                .put_lands_after_next_read
+                .swap(false, Ordering::Relaxed)
+        {
+            *self.landing.lock().unwrap_or_else(|e| e.into_inner()) = Some(txn);
+            return Err(crate::error::Error::Store("request timed out".into()));
+        }
         if self.lose_next_reply.swap(false, Ordering::Relaxed) {
             self.inner.txn(txn).await?;
             return Err(crate::error::Error::Store("connection reset".into()));
@@ -271,5 +304,11 @@ impl Store for SlowWatches {
     }
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.inner.compact(revision).await
+    }
+    fn request_timeout(&self) -> Option<Duration> {
+        *self
+            .request_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
