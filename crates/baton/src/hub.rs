@@ -17,7 +17,9 @@
 //! so a release wakes exactly one waiter.
 //!
 //! The watch asks for deletes only (etcd's `NOPUT` filter): every waiter, and every holder
-//! watching its own key, waits for a delete, and a key is replaced only after a delete.
+//! watching its own key, waits for a delete, and a key is replaced only after a delete. (An
+//! operator's put over a held key that drops its lease takes it out of the queue without a
+//! delete: a holder registered here does not see that; see `ownership::watch_key`.)
 //! Without the filter, each lock+unlock would cost etcd two events per client watching the
 //! queue, and each of those clients two messages to decode.
 //!
@@ -41,7 +43,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::store::{EventKind, Revision, Store, Watch};
+use crate::store::{EventKind, LeaseId, Revision, Store, Watch};
 
 /// How many recent events each prefix watch remembers.
 const BUFFER: usize = 4096;
@@ -688,6 +690,11 @@ impl Hub {
 /// must have) is deleted or replaced; returns its index and `"key deleted"` or
 /// `"key replaced"`. `Ok(None)` if a watch ended first: the caller reads again.
 ///
+/// With `bound_to` (a holder watching its own key), a key overwritten so that it is no
+/// longer bound to that lease (`etcdctl put KEY ""`: no lease) counts as gone too, with
+/// `"key overwritten"`: it no longer counts as a member of its queue (see
+/// [`Queue::admits`](crate::names::Queue::admits)), so another waiter may be granted.
+///
 /// Each key gets a watch of its own, started at the store's next write, so etcd serves it
 /// from its synced group at once (a watch started at a past revision waits for etcd's
 /// 100 ms sweep), and it receives only that key's events (a prefix watch receives every
@@ -706,6 +713,7 @@ pub(crate) async fn keys_gone(
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],
     doubt: bool,
+    bound_to: Option<LeaseId>,
 ) -> Result<Option<(usize, &'static str)>> {
     let mut streams = Vec::with_capacity(keys.len());
     for (index, (key, _)) in keys.iter().enumerate() {
@@ -722,14 +730,14 @@ pub(crate) async fn keys_gone(
         );
     }
     let mut doubt = crate::watching::Doubt::new(store.as_ref(), doubt);
-    let mut seen = match read_keys(store, keys).await? {
+    let mut seen = match read_keys(store, keys, bound_to).await? {
         Ok(seen) => seen,
         Err(gone) => return Ok(Some(gone)),
     };
     let mut events = futures::stream::select_all(streams);
     loop {
         let Some(item) = doubt.next(&mut events).await else {
-            match read_keys(store, keys).await? {
+            match read_keys(store, keys, bound_to).await? {
                 Ok(now) => seen = now,
                 Err(gone) => return Ok(Some(gone)),
             }
@@ -753,6 +761,9 @@ pub(crate) async fn keys_gone(
             if ev.kv.create_revision != create_rev {
                 return Ok(Some((index, "key replaced")));
             }
+            if bound_to.is_some_and(|lease| ev.kv.lease != lease) {
+                return Ok(Some((index, "key overwritten")));
+            }
         }
     }
     Ok(None)
@@ -763,6 +774,7 @@ pub(crate) async fn keys_gone(
 async fn read_keys(
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],
+    bound_to: Option<LeaseId>,
 ) -> Result<std::result::Result<Revision, (usize, &'static str)>> {
     use crate::store::{Range, Txn, TxnOp, TxnOpResponse};
     let read = store
@@ -770,12 +782,15 @@ async fn read_keys(
         .await?;
     for (index, (resp, (_, create_rev))) in read.responses.iter().zip(keys).enumerate() {
         let now = match resp {
-            TxnOpResponse::Get(g) => g.kvs.first().map(|kv| kv.create_revision),
+            TxnOpResponse::Get(g) => g.kvs.first().map(|kv| (kv.create_revision, kv.lease)),
             _ => None,
         };
         match now {
             None => return Ok(Err((index, "key deleted"))),
-            Some(rev) if rev != *create_rev => return Ok(Err((index, "key replaced"))),
+            Some((rev, _)) if rev != *create_rev => return Ok(Err((index, "key replaced"))),
+            Some((_, lease)) if bound_to.is_some_and(|b| b != lease) => {
+                return Ok(Err((index, "key overwritten")))
+            }
             Some(_) => {}
         }
     }
@@ -900,7 +915,7 @@ mod tests {
                 store.delete(crate::store::KeyRange::key("q/a")).await
             })
         };
-        let answer = keys_gone(&hub, &store, &[(b"q/a", created)], true)
+        let answer = keys_gone(&hub, &store, &[(b"q/a", created)], true, None)
             .await
             .unwrap();
         assert_eq!(answer, Some((0, "key deleted")));
@@ -1089,7 +1104,7 @@ mod tests {
             };
             let answer = tokio::time::timeout(
                 Duration::from_secs(3),
-                keys_gone(&hub, &store, &[(b"q/a", a), (b"q/b", b)], false),
+                keys_gone(&hub, &store, &[(b"q/a", a), (b"q/b", b)], false, None),
             )
             .await
             .unwrap_or_else(|_| panic!("keys_gone hung (compacted: {compacted})"));

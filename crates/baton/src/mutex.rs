@@ -347,6 +347,39 @@ mod tests {
         got.unwrap().unlock().await.unwrap();
     }
 
+    /// An admin overwrites a held key without a lease (`etcdctl put NAME/<lease> ""`): the
+    /// key stops counting as a member of the queue (`Queue::admits` needs a lease), so a
+    /// second session is granted the lock. The holder is told it lost the lock (found by
+    /// review: it was never told, and two sessions held the lock for good). Its key's own
+    /// watch (a client that holds the name once) sees the overwrite; see `watch_key` for a
+    /// holder watching through its client's shared watch.
+    #[tokio::test]
+    async fn a_held_key_overwritten_without_a_lease_is_lost() {
+        use std::time::Duration;
+        let client = crate::Client::connect("mem://").await.unwrap();
+        let holder = Session::new(&client).await.unwrap();
+        let other = Session::new(&client).await.unwrap();
+        let held = Mutex::new(&holder, "own").unwrap().lock().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client
+            .store()
+            .put(held.key().as_bytes(), b"", 0)
+            .await
+            .unwrap();
+        let got = Mutex::new(&other, "own")
+            .unwrap()
+            .lock_timeout(Duration::from_secs(2))
+            .await;
+        assert!(got.is_ok(), "{:?}", got.err());
+        tokio::time::timeout(Duration::from_secs(2), held.lost())
+            .await
+            .expect("a second holder, and the first never told");
+        assert_eq!(held.lost_reason().as_deref(), Some("key overwritten"));
+        assert!(!holder.is_lost());
+        // Its unlock still removes the key (same create revision).
+        held.unlock().await.unwrap();
+    }
+
     /// An unlock given up with its delete in flight (a timeout around it) keeps the key
     /// claimed until the delete is settled: the same session locking the name again gets a
     /// new key, which the late delete cannot take.

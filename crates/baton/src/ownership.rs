@@ -10,7 +10,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::hub::Woken;
 use crate::session::{OwnedClaim, Session, WeakSession};
-use crate::store::{Compare, CompareOp, Range, Revision, Store, Txn, TxnOp};
+use crate::store::{Compare, CompareOp, LeaseId, Range, Revision, Store, Txn, TxnOp};
 
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -46,6 +46,7 @@ impl Ownership {
             runtime: tokio::runtime::Handle::try_current().ok(),
             key,
             create_rev,
+            lease: session.lease_id(),
             after: from - 1,
             loss: Loss {
                 session: session.downgrade(),
@@ -119,6 +120,8 @@ struct Watcher {
     runtime: Option<tokio::runtime::Handle>,
     key: Vec<u8>,
     create_rev: Revision,
+    /// The holder's lease: the key must stay bound to it.
+    lease: LeaseId,
     /// Changes after this revision count.
     after: Revision,
     loss: Loss,
@@ -179,6 +182,7 @@ impl Watcher {
             prefix,
             self.key.clone(),
             self.create_rev,
+            self.lease,
             self.after,
             held_again,
             read_first,
@@ -217,15 +221,24 @@ impl crate::hub::OnDelete for Watcher {
     }
 }
 
-/// Wait until `key` is deleted (or re-created, which needs a delete first); returns why.
+/// Wait until `key` is deleted (or re-created, which needs a delete first), or overwritten
+/// so that it is no longer bound to `lease`; returns why.
 ///
 /// Uses the client's shared watch on the key's parent prefix, so holding many keys costs no
 /// watch stream each. Survives broken watches and compaction by re-reading the key.
+///
+/// An overwrite that unbinds the key from our lease (`etcdctl put KEY ""`) takes it out of
+/// its queue (a member needs a lease), so another waiter may be granted: it is a loss, as a
+/// delete is. The key's own watch sees it; the shared watch receives deletes only, so a
+/// holder watching through it learns of an overwrite only at its next read of the key
+/// (when that watch breaks).
+#[allow(clippy::too_many_arguments)]
 async fn watch_key(
     client: Client,
     prefix: Vec<u8>,
     key: Vec<u8>,
     create_rev: Revision,
+    lease: LeaseId,
     mut after: Revision,
     held_again: bool,
     mut read_first: bool,
@@ -240,7 +253,15 @@ async fn watch_key(
             // did not hold a key under it a moment ago), watch the key alone: a shared watch
             // opened now would start behind etcd's current revision (served only by its
             // 100 ms sweep at first) and receive every event of the prefix.
-            match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev)], true).await {
+            match crate::hub::keys_gone(
+                client.hub(),
+                store,
+                &[(&key, create_rev)],
+                true,
+                Some(lease),
+            )
+            .await
+            {
                 Ok(Some((_, why))) => return why,
                 Ok(None) => {}
                 Err(e) if e.is_access_denied() => {
@@ -275,7 +296,10 @@ async fn watch_key(
         // key to learn where we stand.
         match store.range(Range::key(key.clone())).await {
             Ok(resp) => match resp.kvs.first() {
-                Some(kv) if kv.create_revision == create_rev => after = resp.header_revision,
+                Some(kv) if kv.create_revision == create_rev && kv.lease == lease => {
+                    after = resp.header_revision
+                }
+                Some(kv) if kv.create_revision == create_rev => return "key overwritten",
                 Some(_) => return "key replaced",
                 None => return "key deleted",
             },

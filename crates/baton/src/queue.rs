@@ -787,7 +787,10 @@ macro_rules! held_accessors {
         }
 
         #[doc = concat!("Completes when the ", $what, " is lost: our key was deleted or replaced")]
-        /// (by an admin, a revoke or the lease's expiry), or the session was lost (see
+        /// (by an admin, a revoke or the lease's expiry), or overwritten so that it is no
+        /// longer bound to our lease (it then no longer counts in the queue: a waiter may be
+        /// granted; seen by the key's own watch, or by a holder that watches through its
+        /// client's shared watch only when it next reads the key), or the session was lost (see
         /// [`Session::lost`](crate::Session::lost)). A deleted key is noticed within one watch
         /// round trip. The session's local deadline is checked when this is called: if it has
         /// passed, the future is ready at once.

@@ -227,7 +227,7 @@ pub(crate) async fn wait_turn(
         if mine_in_queue && !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
-            let gone = crate::hub::keys_gone(hub, store, &keys, false).await;
+            let gone = crate::hub::keys_gone(hub, store, &keys, false, None).await;
             if gone.is_ok() {
                 crate::hub::Counters::add(&hub.counters.wakeups);
             }
