@@ -380,6 +380,27 @@ mod tests {
         held.unlock().await.unwrap();
     }
 
+    /// The session is lost while `lock()` retries a join the store does not answer: the
+    /// error is `SessionLost`, as documented, not the store's retryable error (found by
+    /// review: it was the last store error, "store down").
+    #[tokio::test(start_paused = true)]
+    async fn a_session_lost_while_the_join_is_retried_is_session_lost() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        store.kv_down.store(true, Ordering::Relaxed);
+        let mutex = Mutex::new(&session, "gone").unwrap();
+        let locking = tokio::spawn(async move { mutex.lock().await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        session.close().await.unwrap();
+        let err = locking.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    }
+
     /// An unlock given up with its delete in flight (a timeout around it) keeps the key
     /// claimed until the delete is settled: the same session locking the name again gets a
     /// new key, which the late delete cannot take.

@@ -322,7 +322,8 @@ impl Entry {
     ///
     /// A failure whose outcome is unknown and that may pass (etcd's "request timed out"
     /// while a new leader is elected, a lost connection) is retried while the session
-    /// lives, for at most [`JOIN_RETRY_FOR`] (not at all for a `try_lock`): the join is
+    /// lives, for at most [`JOIN_RETRY_FOR`] (not at all for a `try_lock`); once the session
+    /// is lost, the error is [`Error::SessionLost`], not the store's. The join is
     /// idempotent (it creates our key only if it does not exist, else reads it), so a retry
     /// after a join that did apply finds our key and its revision.
     async fn send(&mut self, txn: Txn) -> Result<TxnResponse> {
@@ -347,13 +348,19 @@ impl Entry {
                 self.maybe_applied = true;
             }
             match res {
-                Err(e)
-                    if e.is_retryable()
-                        && !self.session.is_lost()
-                        && tokio::time::Instant::now() + backoff < give_up =>
-                {
+                // Lost while the store did not answer: that is why we stop, and the store's
+                // error would read as "try again".
+                Err(e) if e.is_retryable() && self.session.is_lost() => {
+                    tracing::debug!(error = %e, "joining the queue failed, and the session is lost");
+                    return Err(self.session.lost_error());
+                }
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < give_up => {
                     tracing::debug!(error = %e, "joining the queue failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    let session = &self.session;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = session.lost() => return Err(session.lost_error()),
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 other => return other,
