@@ -231,7 +231,13 @@ pub(crate) async fn wait_turn(
             if gone.is_ok() {
                 crate::hub::Counters::add(&hub.counters.wakeups);
             }
-            after_wake(gone.map(|_| Woken::Deleted(0)), &mut backoff).await?;
+            // A watch that ended (closed, or compacted) is no delete: read again after the
+            // backoff, or a stream that keeps ending at once would be a tight loop.
+            let woken = gone.map(|g| match g {
+                Some(_) => Woken::Deleted(0),
+                None => Woken::Interrupted,
+            });
+            after_wake(woken, &mut backoff).await?;
             continue;
         }
         let header = read.header;
@@ -394,6 +400,31 @@ mod tests {
     fn trapped() -> (Client, Arc<SlowWatches>) {
         let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
         (Client::from_arc(store.clone()), store)
+    }
+
+    /// A waiter deep in a queue (more than `HUB_QUEUE_MAX` ahead, no shared watch) whose
+    /// watch of its predecessor ends at once, again and again, with no error (a proxy that
+    /// closes streams): it reads and watches again with a backoff, not in a tight loop
+    /// (found by review: an ended watch counted as a delete, which resets the backoff).
+    #[tokio::test]
+    async fn a_watch_that_keeps_ending_is_retried_with_a_backoff() {
+        use std::sync::atomic::Ordering;
+        let (client, store) = trapped();
+        let others = session(&client).await;
+        let lease = others.lease_id();
+        let mut last = Vec::new();
+        for i in 0..(super::HUB_QUEUE_MAX + 1) {
+            last = format!("deep/{:x}", lease + 1000 + i as i64).into_bytes();
+            store.inner.put(&last, b"", lease).await.unwrap();
+        }
+        *store.end_watch_on.lock().unwrap() = Some((last, false));
+        let mine = session(&client).await;
+        let mutex = Mutex::new(&mine, "deep").unwrap();
+        let before = store.txns.load(Ordering::Relaxed);
+        let waited = mutex.lock_timeout(Duration::from_secs(1)).await;
+        assert!(waited.unwrap_err().is_timeout());
+        let reads = store.txns.load(Ordering::Relaxed) - before;
+        assert!(reads < 30, "{reads} transactions in 1 s of waiting");
     }
 
     async fn lock_fails_not_held(mutex: Mutex) {

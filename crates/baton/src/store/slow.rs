@@ -62,6 +62,8 @@ pub(crate) struct SlowWatches {
     pub(crate) put_lands_after_next_read: std::sync::atomic::AtomicBool,
     /// The put waiting to land (see [`put_lands_after_next_read`](Self::put_lands_after_next_read)).
     landing: StdMutex<Option<Txn>>,
+    /// How many transactions were sent (reads of a queue are transactions).
+    pub(crate) txns: AtomicU64,
     /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
     pub(crate) request_timeout: StdMutex<Option<Duration>>,
 }
@@ -87,6 +89,7 @@ impl SlowWatches {
             put_lands_after_next_read: std::sync::atomic::AtomicBool::new(false),
             landing: StdMutex::new(None),
             request_timeout: StdMutex::new(None),
+            txns: AtomicU64::new(0),
         }
     }
 
@@ -160,6 +163,7 @@ impl Store for SlowWatches {
         self.inner.delete(keys).await
     }
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.txns.fetch_add(1, Ordering::Relaxed);
         self.check_kv()?;
         let gets = txn
             .success
