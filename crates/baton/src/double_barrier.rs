@@ -310,7 +310,7 @@ impl DoubleBarrier {
         my_rev: Revision,
     ) -> Result<(Round, Revision)> {
         let ready = self.ready.as_bytes();
-        let mut waiter = Waiter::new(store);
+        let mut waiter = Waiter::new(store).counting(self.session.client().hub());
         loop {
             let read = Txn::new().and_then([
                 TxnOp::get(Range::key(ready)),
@@ -556,7 +556,7 @@ impl DoubleBarrier {
     /// others remain.
     async fn leave_first(&self, store: &Arc<dyn Store>, held: Held, round: &Round) -> Result<bool> {
         let my_rev = held.rev();
-        let mut waiter = Waiter::new(store);
+        let mut waiter = Waiter::new(store).counting(self.session.client().hub());
         loop {
             let resp = waiter.range(self.round_read(round)).await?;
             let members = self.round_members(resp.kvs, round);
@@ -608,7 +608,7 @@ impl DoubleBarrier {
     /// After we left: wait until no participant of the round is left, watching the first
     /// one (who leaves last).
     async fn wait_all_left(&self, store: &Arc<dyn Store>, round: &Round) -> Result<()> {
-        let mut waiter = Waiter::new(store);
+        let mut waiter = Waiter::new(store).counting(self.session.client().hub());
         loop {
             let resp = waiter.range(self.round_read(round)).await?;
             let Some(first) = self.round_members(resp.kvs, round).into_iter().next() else {

@@ -88,11 +88,16 @@ pub(crate) struct Counters {
 pub struct ClientStats {
     /// Keep-alive requests sent by the sessions of this client.
     pub keep_alives: u64,
-    /// How often a waiter was woken to look at the queue again (a predecessor left, or a
-    /// watch broke). With no herd, one release wakes one waiter.
+    /// How often a waiter was woken to look at the queue again (a predecessor left, an
+    /// awaited change came, or a watch broke). With no herd, one release wakes one waiter.
+    ///
+    /// Counts the waits of mutexes, elections, read-write locks, semaphores and double
+    /// barriers; not yet those of barriers, countdown latches and queues.
     pub wakeups: u64,
     /// Watch streams opened for waiting and for loss notification: shared per prefix, or
-    /// one per key for waiters in long queues and holders whose client shares none.
+    /// one per key for waiters in long queues and holders whose client shares none, and
+    /// those of semaphore and double barrier waits. As for `wakeups`, barriers, countdown
+    /// latches and queues do not count theirs yet.
     pub watches_opened: u64,
 }
 

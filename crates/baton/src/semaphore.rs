@@ -369,7 +369,7 @@ impl Semaphore {
         count: u32,
         my_rev: Revision,
     ) -> Result<Revision> {
-        let mut waiter = Waiter::new(store);
+        let mut waiter = Waiter::new(store).counting(self.session.client().hub());
         loop {
             let read = self.members_read().with_max_create_revision(my_rev);
             let resp = waiter.range(read).await?;
@@ -539,6 +539,42 @@ mod tests {
             value: value.as_bytes().to_vec(),
             ..KeyValue::default()
         }
+    }
+
+    /// A semaphore waiter's watch and its wake-up count in its client's stats, as the
+    /// docs of `ClientStats` say (found by review: only lock and election waits counted).
+    #[tokio::test]
+    async fn a_semaphore_wait_counts_in_the_client_stats() {
+        use std::sync::Arc;
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::mem::MemStore::new());
+        let holding = Client::from_arc(store.clone());
+        let waiting = Client::from_arc(store);
+        let holder = Session::new(&holding).await.unwrap();
+        let waiter = Session::new(&waiting).await.unwrap();
+        let permit = Semaphore::new(&holder, "stats", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let before = waiting.stats();
+        let sem = Semaphore::new(&waiter, "stats", 1).unwrap();
+        let acquiring = tokio::spawn(async move { sem.acquire().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Still waiting: the watch counted is the wait's (not the new holder's loss watch).
+        let waiting_now = waiting.stats();
+        assert!(
+            waiting_now.watches_opened > before.watches_opened,
+            "{before:?} -> {waiting_now:?}"
+        );
+        permit.release().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), acquiring)
+            .await
+            .expect("acquire hung")
+            .unwrap()
+            .unwrap();
+        let after = waiting.stats();
+        assert!(after.wakeups > before.wakeups, "{before:?} -> {after:?}");
+        got.release().await.unwrap();
     }
 
     #[test]

@@ -19,12 +19,14 @@
 //! [`Waiter::wait`]).
 
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use crate::error::{Error, Result};
+use crate::hub::{Counters, Hub};
 use crate::session::Session;
 use crate::store::{
     Event, EventKind, KeyRange, KeyValue, Range, RangeResponse, Revision, Store, Txn, TxnResponse,
@@ -179,6 +181,9 @@ impl Wait {
 /// is time to read again, and an error only when retrying cannot help.
 pub(crate) struct Waiter {
     store: Arc<dyn Store>,
+    /// The client's hub, whose counters ([`ClientStats`](crate::ClientStats)) count this
+    /// waiter's watches and wake-ups; `None` for a waiter made with [`Waiter::new`].
+    hub: Option<Arc<Hub>>,
     backoff: Backoff,
     /// The watches of the last wait, kept for the next one on the same keys.
     open: Option<Open>,
@@ -208,12 +213,28 @@ impl std::fmt::Debug for Waiter {
 }
 
 impl Waiter {
+    /// A waiter on `store` whose watches and wake-ups count nowhere (the caller has no
+    /// client at hand); see [`Waiter::counting`].
     pub(crate) fn new(store: &Arc<dyn Store>) -> Waiter {
         Waiter {
             store: store.clone(),
+            hub: None,
             backoff: Backoff::new(),
             open: None,
             gap: false,
+        }
+    }
+
+    /// This waiter, with its watches and wake-ups counted in the
+    /// [`ClientStats`](crate::ClientStats) of the client whose hub `hub` is.
+    pub(crate) fn counting(mut self, hub: &Arc<Hub>) -> Waiter {
+        self.hub = Some(hub.clone());
+        self
+    }
+
+    fn count(&self, counter: impl Fn(&Counters) -> &AtomicU64) {
+        if let Some(hub) = &self.hub {
+            Counters::add(counter(&hub.counters));
         }
     }
 
@@ -229,7 +250,12 @@ impl Waiter {
     /// read these returns cause finds a change the watch has not delivered; each watch costs
     /// at most two of them, and only if it waits that long without an event.
     pub(crate) async fn wait(&mut self, wait: Wait) -> Result<Option<Event>> {
-        match self.watch_until(&wait).await {
+        let woken = self.watch_until(&wait).await;
+        // Woken to look again, whatever the reason (an event, a doubt, a broken watch).
+        if !matches!(&woken, Err(e) if !e.is_retryable()) {
+            self.count(|c| &c.wakeups);
+        }
+        match woken {
             Ok(Some(event)) => {
                 self.backoff.reset();
                 Ok(Some(event))
@@ -274,6 +300,7 @@ impl Waiter {
                         after = after.max(at);
                         stream
                     };
+                    self.count(|c| &c.watches_opened);
                     // One stream ending must not go unnoticed while the others live on.
                     let ended = futures::stream::once(async { Err(watch_ended()) });
                     streams.push(stream.chain(ended).boxed());
