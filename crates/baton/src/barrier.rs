@@ -186,9 +186,13 @@ impl Barrier {
 
     async fn wait_released(&self) -> Result<()> {
         let key = self.name.as_bytes();
-        wait_key(self.client.store(), key, Until::Deleted, |kv| {
-            Ok(kv.is_none())
-        })
+        wait_key(
+            self.client.store(),
+            self.client.hub(),
+            key,
+            Until::Deleted,
+            |kv| Ok(kv.is_none()),
+        )
         .await
     }
 }

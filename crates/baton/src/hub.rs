@@ -91,13 +91,12 @@ pub struct ClientStats {
     /// How often a waiter was woken to look at the queue again (a predecessor left, an
     /// awaited change came, or a watch broke). With no herd, one release wakes one waiter.
     ///
-    /// Counts the waits of mutexes, elections, read-write locks, semaphores and double
-    /// barriers; not yet those of barriers, countdown latches and queues.
+    /// Counts the waits of every primitive (locks, elections, semaphores, barriers,
+    /// latches, queues).
     pub wakeups: u64,
     /// Watch streams opened for waiting and for loss notification: shared per prefix, or
     /// one per key for waiters in long queues and holders whose client shares none, and
-    /// those of semaphore and double barrier waits. As for `wakeups`, barriers, countdown
-    /// latches and queues do not count theirs yet.
+    /// those of the waits of semaphores, barriers, latches and queues.
     pub watches_opened: u64,
 }
 

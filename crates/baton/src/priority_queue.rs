@@ -71,6 +71,7 @@ impl PriorityQueue {
             name: name.to_string(),
             items: Items {
                 store: client.store().clone(),
+                hub: client.hub().clone(),
                 what: "priority queue",
                 prefix: format!("{name}/"),
                 order: SortTarget::Key,

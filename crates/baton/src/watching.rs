@@ -383,6 +383,7 @@ impl Waiter {
 /// settle it, the key is read again.
 pub(crate) async fn wait_key<F>(
     store: &Arc<dyn Store>,
+    hub: &Arc<Hub>,
     key: &[u8],
     until: Until,
     mut done: F,
@@ -390,7 +391,7 @@ pub(crate) async fn wait_key<F>(
 where
     F: FnMut(Option<&KeyValue>) -> Result<bool>,
 {
-    let mut waiter = Waiter::new(store);
+    let mut waiter = Waiter::new(store).counting(hub);
     loop {
         let resp = waiter.range(Range::key(key)).await?;
         if done(resp.kvs.first())? {

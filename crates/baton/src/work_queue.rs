@@ -234,6 +234,7 @@ impl Queue {
             name: name.to_string(),
             items: Items {
                 store: client.store().clone(),
+                hub: client.hub().clone(),
                 what: "queue",
                 prefix,
                 order: SortTarget::CreateRevision,
@@ -305,6 +306,9 @@ fn now_nanos() -> u128 {
 #[derive(Clone)]
 pub(crate) struct Items {
     pub(crate) store: Arc<dyn Store>,
+    /// The client's hub, whose counters ([`ClientStats`](crate::ClientStats)) count the
+    /// waits for items.
+    pub(crate) hub: Arc<crate::hub::Hub>,
     /// What kind of queue, for spans.
     pub(crate) what: &'static str,
     /// `NAME/`.
@@ -389,7 +393,7 @@ impl Items {
         let span = tracing::debug_span!("dequeue", kind = self.what, queue = %name);
         let mut stop = std::pin::pin!(stop);
         async {
-            let mut waiter = Waiter::new(&self.store);
+            let mut waiter = Waiter::new(&self.store).counting(&self.hub);
             loop {
                 let failed = match self.take_once(stop.as_mut()).await {
                     Ok(Taken::Item(value)) => return Ok(Ok(value)),
