@@ -21,7 +21,9 @@ Examples:
 baton enters the barrier, waits until N participants have entered, then leaves and waits
 until all of them have left: so every participant returns at about the same time, and none
 returns before all N arrived. It prints one line (`passed NAME (round R)`) and exits 0.
-If --timeout passes first it exits 124 and counts as gone. N must be the same for everyone:
+If --timeout passes first it exits 124 and counts as gone (removing its key gets 1 s: if
+the backend does not answer, a line on stderr says the key expires by itself within the
+TTL). N must be the same for everyone:
 each participant's key holds its N, and one whose N differs from that of the first
 participant waiting exits 125 at once (`in use with different settings`) and does not
 count (if that first one leaves before the barrier opens, the next one's N decides, and
@@ -66,9 +68,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let session = signals
         .interruptible(cli::session(&client, args.ttl))
         .await?;
-    let result = signals.interruptible(pass(&session, &args, deadline)).await;
-    cli::close(&session).await;
-    let round = result?;
+    let (round, result) = match signals.interruptible(pass(&session, &args, deadline)).await {
+        Ok(round) => (Some(round), Ok(0)),
+        Err(e) => (None, Err(e)),
+    };
+    // As lock, sem and elect close: after a timeout, removing our key gets 1 s, then a line
+    // says it expires with the lease (the backend may be gone: --timeout must hold).
+    let code = cli::close_after_wait(result, global, args.ttl, session.close()).await?;
+    let Some(round) = round else {
+        return Ok(code);
+    };
     out.emit(
         &format!("passed {} (round {round})", args.name),
         &json!({"event": "passed", "name": args.name, "count": args.count, "round": round}),

@@ -65,7 +65,8 @@ pub(crate) enum QueueCommand {
         /// The queue's name.
         #[arg(value_parser = cli::name)]
         name: String,
-        /// Give up after DUR with nothing popped and exit 124 (default: wait for ever).
+        /// Give up after DUR with nothing popped and exit 124 (default: wait for ever;
+        /// the message adds "(the backend did not answer)" if it did not in the last second).
         /// DUR bounds the wait, not the claim of an item found in time: its answer is
         /// waited for (up to the request timeout, 10 s), and the item printed (exit 0),
         /// even if it comes after DUR. A claim that failed in flight is not sent again
@@ -92,6 +93,25 @@ pub(crate) fn value(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_string())
+}
+
+/// True if the backend answers a read of the queue (its first key, keys only) sent at
+/// most [`cli::CLEANUP_TIMEOUT`] before `deadline`, by `deadline`.
+async fn answers_by(
+    store: std::sync::Arc<dyn baton::store::Store>,
+    name: String,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let window = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let window = window.min(cli::CLEANUP_TIMEOUT);
+    tokio::time::sleep_until(deadline - window).await;
+    let read = baton::store::Range::prefix(format!("{name}/"))
+        .keys_only()
+        .with_limit(1);
+    matches!(
+        tokio::time::timeout_at(deadline, store.range(read)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Write `bytes` to stdout and flush.
@@ -130,10 +150,21 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             let (first_signal, signalled) = tokio::sync::oneshot::channel::<()>();
             let mut first_signal = Some(first_signal);
             let mut interrupted_by = None;
+            let deadline = timeout.map(|t| {
+                let now = tokio::time::Instant::now();
+                now.checked_add(t)
+                    .unwrap_or_else(|| now + crate::supervisor::CENTURY)
+            });
+            // The library retries a failing read or watch by itself: whether the backend
+            // answers is asked once more in the wait's last second, so that a timeout can
+            // tell "nothing came" from "the backend did not answer".
+            let probe = deadline.map(|deadline| {
+                tokio::spawn(answers_by(client.store().clone(), name.clone(), deadline))
+            });
             let stop = async {
                 let timeout = async {
-                    match timeout {
-                        Some(t) => tokio::time::sleep(t).await,
+                    match deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -164,14 +195,27 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     }
                 }
             };
+            let answered = match probe {
+                Some(probe) if probe.is_finished() => probe.await.unwrap_or(false),
+                Some(probe) => {
+                    probe.abort();
+                    false
+                }
+                None => true,
+            };
             let Some(item) = popped else {
                 return Err(match interrupted_by {
                     Some(sig) => CliError::interrupted(sig),
                     None => CliError::new(
                         exit::NOT_ACQUIRED,
                         format!(
-                            "queue {name:?}: nothing to pop within {}",
-                            output::duration(timeout.unwrap_or_default())
+                            "queue {name:?}: nothing to pop within {}{}",
+                            output::duration(timeout.unwrap_or_default()),
+                            if answered {
+                                ""
+                            } else {
+                                " (the backend did not answer)"
+                            }
                         ),
                     ),
                 });

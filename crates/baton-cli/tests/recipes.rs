@@ -673,3 +673,64 @@ fn json_keeps_bytes_that_are_not_utf8() {
     assert_eq!(v["value_base64"], "Yf/+Yg==", "{v}");
     assert!(v.get("value").is_none(), "{v}");
 }
+
+/// With etcd gone during the wait (SIGSTOPped), `barrier --timeout` and `queue pop
+/// --timeout` still end about on time with 124, and say on stderr that the backend did not
+/// answer: the barrier gives removing its key 1 s (as `lock`, `sem` and `elect` do), not
+/// the 5 s of a release, and then says the key expires by itself; the pop says the backend
+/// did not answer, not merely that nothing came.
+#[test]
+fn barrier_and_pop_timeouts_with_etcd_gone_are_on_time_and_say_so() {
+    let mut etcd = etcd();
+    let ep = etcd.endpoint();
+
+    let started = std::time::Instant::now();
+    let mut barrier =
+        Proc::spawn(baton(&ep).args(["barrier", "gone-b", "--count", "2", "--timeout", "3s"]));
+    wait_until("the participant's key", || {
+        keys(&etcd, "gone-b/waiters/").len() == 1
+    });
+    etcd.stop();
+    let code = barrier.code();
+    let took = started.elapsed();
+    let err = barrier.stderr_after_exit();
+    etcd.cont();
+    assert_eq!(code, 124, "{err:?}");
+    assert!(
+        took < Duration::from_millis(4800),
+        "barrier took {took:?}: {err:?}"
+    );
+    assert!(err[0].contains("timed out after 3s"), "{err:?}");
+    assert!(
+        err.iter()
+            .any(|l| l.starts_with("the backend did not confirm within 1s")),
+        "{err:?}"
+    );
+
+    // A pop that is waiting (its watch is open) when etcd stops.
+    let watchers = || etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
+    let before = watchers();
+    let started = std::time::Instant::now();
+    let mut pop = Proc::spawn(baton(&ep).args(["queue", "pop", "--timeout", "3s", "gone-q"]));
+    wait_until("the pop's watch", || watchers() > before);
+    etcd.stop();
+    let code = pop.code();
+    let took = started.elapsed();
+    let err = pop.stderr_after_exit();
+    etcd.cont();
+    assert_eq!(code, 124, "{err:?}");
+    assert!(
+        took < Duration::from_millis(4800),
+        "pop took {took:?}: {err:?}"
+    );
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(err[0].contains("nothing to pop within 3s"), "{err:?}");
+    assert!(err[0].contains("the backend did not answer"), "{err:?}");
+
+    // With etcd up, the same timeouts say nothing of the backend.
+    let (out, _) = run(baton(&ep).args(["queue", "pop", "--timeout", "300ms", "gone-q"]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(!err[0].contains("backend"), "{err:?}");
+}
