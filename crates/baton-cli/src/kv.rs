@@ -174,8 +174,13 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
     Ok(0)
 }
 
-/// Run `baton watch`.
+/// Run `baton watch`: until a signal, an error, or the reader of stdout is gone.
 pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
+    output::until_reader_gone(follow(global, args)).await
+}
+
+/// Print every change until a signal or an error.
+async fn follow(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let client = signals

@@ -53,8 +53,13 @@ pub(crate) struct Args {
     pub(crate) vacancies: bool,
 }
 
-/// Run `baton observe`.
+/// Run `baton observe`: until a signal, an error, or the reader of stdout is gone.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    crate::output::until_reader_gone(follow(global, args)).await
+}
+
+/// Print every leader change until a signal or an error.
+async fn follow(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let redis = cli::is_redis(&global.endpoints);

@@ -5,7 +5,8 @@
 //! as an error. A command that prints a result (`get`, `set`, `queue`, `leader`, `status`,
 //! `barrier`) then fails with 125 ([`not_written`]): a script must not take a result it
 //! never got for success. Commands that follow changes (`observe`, `watch`) stop: with 0
-//! when the reader closed the pipe (`baton observe | head -1`), else with 125.
+//! when the reader closed the pipe (`baton observe | head -1`), else with 125; they also
+//! stop with 0 once they see the reader gone, before a write fails ([`until_reader_gone`]).
 
 use std::io::{self, Write};
 
@@ -103,6 +104,59 @@ pub(crate) fn follow_ended(e: &io::Error) -> Result<u8, CliError> {
     } else {
         Err(not_written(None, e))
     }
+}
+
+/// How often a command that follows changes checks whether the reader of its stdout is
+/// gone.
+const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Run `follow` (`watch`, `observe`) until it ends, or until the reader of stdout is gone
+/// (a pipe whose read end is closed, `baton watch KEY | head -1`): then 0, as when a write
+/// finds the pipe closed, but without waiting for the next change to try one.
+pub(crate) async fn until_reader_gone(
+    follow: impl std::future::Future<Output = Result<u8, CliError>>,
+) -> Result<u8, CliError> {
+    tokio::select! {
+        result = follow => result,
+        () = reader_gone() => {
+            tracing::debug!("the reader of stdout is gone");
+            Ok(0)
+        }
+    }
+}
+
+/// Completes once stdout is a pipe (or a socket) that nobody reads any more: poll(2) says
+/// POLLERR or POLLHUP on it, checked every [`READER_CHECK`]. Never for stdout on a file, a
+/// terminal or /dev/null, which have no reader to lose.
+async fn reader_gone() {
+    if !stdout_has_reader() {
+        return std::future::pending().await;
+    }
+    let mut check = tokio::time::interval(READER_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let mut fd = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a timeout of 0: poll(2) only reports, never blocks.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+        if ready > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return;
+        }
+    }
+}
+
+/// True if stdout is a pipe or a socket: something with a reader that may go.
+fn stdout_has_reader() -> bool {
+    // SAFETY: fstat(2) writes into the zeroed stat given; fd 1 may be closed (then -1).
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(libc::STDOUT_FILENO, &mut stat) } != 0 {
+        return false;
+    }
+    matches!(stat.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
 }
 
 /// A message for stderr that is not an error of `baton`'s (such as `lock lost`): printed

@@ -734,3 +734,105 @@ fn barrier_and_pop_timeouts_with_etcd_gone_are_on_time_and_say_so() {
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(!err[0].contains("backend"), "{err:?}");
 }
+
+/// Spawn `cmd` with stdout piped; return it once its first stdout line has come (calling
+/// `nudge` until it does), with that line; the read end of the pipe is closed by then.
+fn first_line_then_close(
+    cmd: &mut std::process::Command,
+    mut nudge: impl FnMut(),
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads one line, then drops the read end: `| head -1`.
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let started = std::time::Instant::now();
+    let line = loop {
+        assert!(started.elapsed() < STEP, "no first line");
+        nudge();
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            break line;
+        }
+    };
+    (child, line)
+}
+
+/// Wait at most `limit` for `child` to exit; its exit code.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// `baton watch KEY | head -1` and `baton observe NAME | head -1` end (exit 0) once the
+/// reader has gone, without waiting for a further change to make a write fail: a script
+/// that waits for one change is not held up until a second. Stdout on a file does not end
+/// them.
+#[test]
+fn watch_and_observe_end_when_the_reader_goes() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let mut i = 0;
+    let (mut watch, line) = first_line_then_close(baton(&ep).args(["watch", "rg/a"]), || {
+        i += 1;
+        let (out, _) = run(baton(&ep).args(["set", "rg/a", &format!("v{i}")]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    });
+    assert!(line.starts_with("put rg/a = v"), "{line}");
+    // Nothing changes from here: only the reader's going can end it.
+    assert_eq!(
+        exit_within(&mut watch, Duration::from_secs(2)),
+        Some(0),
+        "watch did not end within 2 s of its reader going"
+    );
+
+    let leader = Proc::spawn(baton(&ep).args(["elect", "rg-e", "one"]));
+    assert!(leader.line().starts_with("elected rg-e/"));
+    let (mut observe, line) = first_line_then_close(baton(&ep).args(["observe", "rg-e"]), || {});
+    assert!(line.starts_with("one (key rg-e/"), "{line}");
+    assert_eq!(
+        exit_within(&mut observe, Duration::from_secs(2)),
+        Some(0),
+        "observe did not end within 2 s of its reader going"
+    );
+
+    // On a file, nothing ends it: the next change is written there.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut to_file = baton(&ep)
+        .args(["watch", "rg/f"])
+        .stdout(file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut i = 0;
+    wait_until("a change in the file", || {
+        i += 1;
+        run(baton(&ep).args(["set", "rg/f", &format!("v{i}")]));
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("put rg/f")
+    });
+    assert_eq!(
+        exit_within(&mut to_file, Duration::from_secs(1)),
+        None,
+        "watch to a file ended"
+    );
+}
