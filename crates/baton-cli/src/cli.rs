@@ -15,11 +15,11 @@ pub(crate) const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
 
 const ABOUT: &str =
     "Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
-on etcd, Redis or the embedded store.";
+on etcd or Redis.";
 
 const LONG_ABOUT: &str = "\
 Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
-on etcd, Redis or the embedded store.
+on etcd or Redis (the embedded store, mem://, serves baton demo and baton bench).
 
 baton runs a command while it holds a lock (or leads an election), kills the command the \
 moment the lock is lost, and hands it a fencing token. Its keys are those of etcdctl lock \
@@ -77,10 +77,11 @@ pub(crate) struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Global {
     /// Backend URLs: http://h:p[,http://h:p…] or etcd://h:p,h:p for etcd, https://… for
-    /// etcd over TLS, mem:// for the embedded store, redis://h:p (rediss:// with TLS) for
-    /// one Redis server, redlock://h1:p1,h2:p2,h3:p3 for Redlock over N ≥ 3 masters (lock,
-    /// elect, observe, leader, status and bench only). A password in the URL
-    /// (http://user:pass@h:p) is visible in `ps`: prefer --password-file or $BATON_PASSWORD.
+    /// etcd over TLS, redis://h:p (rediss:// with TLS) for one Redis server,
+    /// redlock://h1:p1,h2:p2,h3:p3 for Redlock over N ≥ 3 masters (lock, elect, observe,
+    /// leader, status and bench only), mem:// for the embedded store (demo and bench only:
+    /// it lives inside the one baton process). A password in the URL (http://user:pass@h:p)
+    /// is visible in `ps`: prefer --password-file or $BATON_PASSWORD.
     #[arg(
         long,
         global = true,
@@ -143,6 +144,11 @@ pub(crate) struct Global {
     /// or in $BATON_ENDPOINTS, false if it is the default.
     #[arg(skip)]
     pub(crate) endpoints_given: bool,
+
+    /// Set by `parse` for the commands that may run on `mem://` (`demo`, `bench`): every
+    /// other command works between processes, which the embedded store cannot serve.
+    #[arg(skip)]
+    pub(crate) embedded_allowed: bool,
 }
 
 /// The commands.
@@ -194,6 +200,8 @@ where
                 return Err(e);
             }
             cli.global.endpoints_given = endpoints_given(&matches);
+            cli.global.embedded_allowed =
+                matches!(cli.command, Command::Demo(_) | Command::Bench(_));
             Ok(cli)
         }
         Err(e) => {
@@ -530,18 +538,36 @@ pub(crate) fn is_redis(endpoints: &str) -> bool {
     matches!(scheme(endpoints), Some("redis" | "rediss" | "redlock"))
 }
 
-/// Connect to the store named by `--endpoints` (etcd or the embedded store), within
-/// `--dial-timeout`. Redis has no store: commands that work on Redis use [`coordinator`].
+/// The refusal of `mem://` for a command other than `demo` and `bench`: the embedded store
+/// lives in this one process, so what a command writes there no other process sees (a
+/// lock excludes nobody, a barrier of 2 is never met, a key set is gone at exit). Checked
+/// when connecting, so that bad input is told first.
+fn refuse_embedded(global: &Global, endpoints: &str) -> Result<(), CliError> {
+    if scheme(endpoints) == Some("mem") && !global.embedded_allowed {
+        return Err(CliError::failed(
+            "mem:// is a store inside this one baton process: nothing in it is shared with \
+             other processes, and it is gone when baton exits; use etcd (http://, https://, \
+             etcd://) or, for lock, elect, observe, leader and status, Redis (redis://, \
+             rediss://, redlock://); mem:// serves baton demo, baton bench and the library",
+        ));
+    }
+    Ok(())
+}
+
+/// Connect to the store named by `--endpoints` (etcd; the embedded store for `demo` and
+/// `bench`), within `--dial-timeout`. Redis has no store: commands that work on Redis use
+/// [`coordinator`].
 pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::Client, CliError> {
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
     if is_redis(endpoints) {
         return Err(CliError::failed(format!(
             "{}:// endpoints have no key-value store, which this command needs: use etcd \
-             (http://, https://, etcd://) or mem://; on Redis, baton supports lock, elect, \
-             observe, leader, status and bench",
+             (http://, https://, etcd://); on Redis, baton supports lock, elect, observe, \
+             leader, status and bench",
             scheme(endpoints).unwrap_or("redis")
         )));
     }
+    refuse_embedded(global, endpoints)?;
     let mut security = Security::from_global(global, endpoints)?;
     let rewritten = security.endpoints.take();
     let builder = baton::Client::builder(rewritten.as_deref().unwrap_or(endpoints))
@@ -553,14 +579,15 @@ pub(crate) async fn connect(global: &Global, endpoints: &str) -> Result<baton::C
         .map_err(CliError::failed)
 }
 
-/// Connect to any backend named by `--endpoints` (etcd, the embedded store, Redis,
-/// Redlock) within `--dial-timeout`; on etcd and the embedded store, start a session with
-/// this TTL; on Redis, it is each lock's expiry.
+/// Connect to any backend named by `--endpoints` (etcd, Redis, Redlock; the embedded store
+/// for `demo` and `bench`) within `--dial-timeout`; on etcd and the embedded store, start a
+/// session with this TTL; on Redis, it is each lock's expiry.
 pub(crate) async fn coordinator(
     global: &Global,
     ttl: Duration,
 ) -> Result<baton::Coordinator, CliError> {
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
+    refuse_embedded(global, &global.endpoints)?;
     let mut security = Security::from_global(global, &global.endpoints)?;
     let rewritten = security.endpoints.take();
     let builder = baton::Coordinator::builder(rewritten.as_deref().unwrap_or(&global.endpoints))

@@ -1,5 +1,6 @@
 //! `baton`: distributed locks, leader election and fencing tokens for shell scripts and cron
-//! jobs, on etcd, Redis or the embedded store. See `baton --help`.
+//! jobs, on etcd or Redis (the embedded store for `baton demo` and `baton bench`). See
+//! `baton --help`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 use std::process::ExitCode;

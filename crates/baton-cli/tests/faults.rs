@@ -307,8 +307,9 @@ async fn leader_crash_under_a_running_cmd() {
 }
 
 /// Durations on the command line (humantime syntax, then Baton's own range checks), fuzzed
-/// with a seeded generator: `baton` accepts (exit 0) or refuses with one line (exit 125),
-/// never panics and never hangs. Set `BATON_FUZZ_SEED` to replay a run.
+/// with a seeded generator, against a real etcd: `baton` accepts (exit 0; or 124 for a
+/// `--timeout` too short for etcd to answer in) or refuses with one line (exit 125), never
+/// panics and never hangs. Set `BATON_FUZZ_SEED` to replay a run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzz_durations() {
     let seed: u64 = std::env::var("BATON_FUZZ_SEED")
@@ -316,6 +317,7 @@ async fn fuzz_durations() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| mono_now() | 1);
     eprintln!("fuzz_durations: seed {seed}");
+    let etcd = EtcdServer::start_async().await;
     let mut x = seed;
     let mut next = move |n: usize| {
         x ^= x << 13;
@@ -360,11 +362,14 @@ async fn fuzz_durations() {
             args.push("--try");
         }
         args.extend(["--", "true"]);
-        let mut w = baton("fuzz", "mem://fuzz", &args);
+        let mut w = baton("fuzz", &etcd.endpoint(), &args);
         let code = exit_code(&mut w, Duration::from_secs(15)).await;
         let stderr = w.stderr();
+        // A real etcd answers in more than a few nanoseconds: `--timeout 3ns` may pass
+        // before the free lock is granted (124, saying so).
+        let timed_out = code == 124 && flag == "--timeout";
         assert!(
-            code == 0 || code == 125,
+            code == 0 || code == 125 || timed_out,
             "baton {args:?} exited {code}: {stderr}"
         );
         assert!(
@@ -373,6 +378,13 @@ async fn fuzz_durations() {
         );
         if code == 125 {
             assert_eq!(stderr.lines().count(), 1, "baton {args:?}: {stderr}");
+        }
+        if timed_out {
+            assert_eq!(stderr.lines().count(), 1, "baton {args:?}: {stderr}");
+            assert!(
+                stderr.contains("not acquired within"),
+                "baton {args:?}: {stderr}"
+            );
         }
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 
-fn assert_one_line_125(args: &[&str], expect: &str) {
-    let (out, took) = run(baton("mem://").args(args));
+fn assert_one_line_125_on(endpoints: &str, args: &[&str], expect: &str) {
+    let (out, took) = run(baton(endpoints).args(args));
     assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
     let err = stderr_lines(&out);
     assert_eq!(err.len(), 1, "{args:?}: stderr {err:?}");
@@ -29,6 +29,9 @@ fn assert_one_line_125(args: &[&str], expect: &str) {
 
 #[test]
 fn empty_name_exits_125_with_one_line() {
+    let etcd = etcd();
+    let assert_one_line_125 =
+        |args: &[&str], expect: &str| assert_one_line_125_on(&etcd.endpoint(), args, expect);
     // Checked before connecting: the default endpoint need not exist.
     for cmd in [
         &["lock", "", "--", "true"][..],
@@ -43,6 +46,9 @@ fn empty_name_exits_125_with_one_line() {
 
 #[test]
 fn bad_urls_exit_125_with_one_line() {
+    let etcd = etcd();
+    let assert_one_line_125 =
+        |args: &[&str], expect: &str| assert_one_line_125_on(&etcd.endpoint(), args, expect);
     for url in [
         "localhost:2379",
         "ftp://x:1",
@@ -71,13 +77,17 @@ fn bad_urls_exit_125_with_one_line() {
         assert_one_line_125(&full, "no key-value store");
     }
     // Credentials in a bad URL are never printed.
-    let (out, _) = run(baton("mem://").args(["--endpoints", "http://u:hunter2@h", "leader", "x"]));
+    let (out, _) =
+        run(baton(&etcd.endpoint()).args(["--endpoints", "http://u:hunter2@h", "leader", "x"]));
     assert_eq!(out.status.code(), Some(125));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
 }
 
 #[test]
 fn bad_options_exit_125_with_one_line() {
+    let etcd = etcd();
+    let assert_one_line_125 =
+        |args: &[&str], expect: &str| assert_one_line_125_on(&etcd.endpoint(), args, expect);
     assert_one_line_125(&["lock", "x", "--ttl", "soon"], "--ttl");
     assert_one_line_125(&["lock", "x", "--ttl", "1s"], "ttl");
     assert_one_line_125(&["lock", "x", "--timeout", "0s"], "greater than zero");
@@ -107,6 +117,10 @@ fn bad_options_exit_125_with_one_line() {
 /// value, and after `--` (set, queue push) any word is.
 #[test]
 fn a_misspelt_option_is_no_value() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let assert_one_line_125 =
+        |args: &[&str], expect: &str| assert_one_line_125_on(&ep, args, expect);
     for (args, meant) in [
         (&["set", "k", "--if-revison=0"][..], "--if-revision"),
         (&["set", "k", "--if-revison=0", "v"], "--if-revision"),
@@ -116,7 +130,7 @@ fn a_misspelt_option_is_no_value() {
         (&["queue", "push", "q", "--jsn"], "--json"),
     ] {
         assert_one_line_125(args, &format!("did you mean '{meant}'?"));
-        let (out, _) = run(baton("mem://").args(args));
+        let (out, _) = run(baton(&ep).args(args));
         let err = stderr_lines(&out).join("\n");
         assert!(
             !err.contains("'v'") && !err.contains("'0'"),
@@ -134,37 +148,40 @@ fn a_misspelt_option_is_no_value() {
     );
     // The value is not echoed beyond the option-like word.
     assert_one_line_125(&["set", "k", "--if-revison=s3cret"], "--if-revison'");
-    let (out, _) = run(baton("mem://").args(["set", "k", "--if-revison=s3cret"]));
+    let (out, _) = run(baton(&ep).args(["set", "k", "--if-revison=s3cret"]));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("s3cret"));
 
+    // Each parses and runs (on one etcd: the --if-revision 0 keys are new ones).
     for args in [
         &["set", "k", "-5"][..],
         &["set", "k", "-"],
         &["set", "k", "--", "--literal"],
-        &["set", "--if-revision", "0", "k", "--", "--x"],
+        &["set", "--if-revision", "0", "new-1", "--", "--x"],
         &["queue", "push", "q", "-x"],
         &["queue", "push", "q", "--", "--literal"],
         // The same word before the `--` as a real option.
         &["--json", "set", "k", "--", "--json"],
-        &["set", "--if-revision", "0", "k", "--", "--if-revision"],
+        &["set", "--if-revision", "0", "new-2", "--", "--if-revision"],
         &["--json", "queue", "push", "q", "--", "--json"],
         &["elect", "x", "-5", "--", "true"],
         &["elect", "x", "-", "--", "true"],
     ] {
-        let (out, _) = run(baton("mem://").args(args));
+        let (out, _) = run(baton(&ep).args(args));
         assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
     }
 }
 
 #[test]
 fn help_and_version_exit_0() {
+    // Nothing is connected to: an endpoint nobody listens on does.
+    let nobody = format!("http://127.0.0.1:{}", baton_testkit::free_port());
     for args in [&["--help"][..], &["--version"], &["lock", "--help"]] {
-        let (out, _) = run(baton("mem://").args(args));
+        let (out, _) = run(baton(&nobody).args(args));
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!stdout(&out).is_empty());
     }
     for cmd in ["lock", "elect", "observe", "leader", "status", "demo"] {
-        let (out, _) = run(baton("mem://").args([cmd, "--help"]));
+        let (out, _) = run(baton(&nobody).args([cmd, "--help"]));
         assert!(
             stdout(&out).contains("Examples:"),
             "{cmd} --help has no examples"
@@ -192,4 +209,58 @@ fn unreachable_endpoint_exits_125_within_the_dial_timeout() {
             "took {took:?} with a 1s dial timeout"
         );
     }
+}
+
+/// mem:// is a store inside the one `baton` process: nothing in it is shared with another
+/// process, and it is gone at exit. Every command but `demo` and `bench` refuses it (125,
+/// one line saying so) instead of succeeding quietly (`set` then `get`: no such key;
+/// `lock`: no exclusion at all; `barrier --count 2`: never met). Bad input is still told
+/// first, and `demo` still runs on it.
+#[test]
+fn mem_is_refused_outside_demo_and_bench() {
+    for endpoints in ["mem://", "mem://x"] {
+        for args in [
+            &["set", "k", "v"][..],
+            &["get", "k"],
+            &["queue", "push", "q", "v"],
+            &["queue", "pop", "--timeout", "1s", "q"],
+            &["queue", "len", "q"],
+            &["lock", "n", "--", "true"],
+            &["lock", "n"],
+            &["elect", "n", "v", "--", "true"],
+            &["sem", "n", "--permits", "1", "--", "true"],
+            &["barrier", "b", "--count", "2"],
+            &["leader", "n"],
+            &["status"],
+            &["watch", "k"],
+            &["observe", "n"],
+        ] {
+            let (out, took) = run(baton(endpoints).args(args));
+            assert_eq!(
+                out.status.code(),
+                Some(125),
+                "{endpoints} {args:?}: {out:?}"
+            );
+            let err = stderr_lines(&out);
+            assert_eq!(err.len(), 1, "{endpoints} {args:?}: {err:?}");
+            assert!(
+                err[0].starts_with("baton: mem:// is a store inside this one baton process"),
+                "{args:?}: {err:?}"
+            );
+            assert!(err[0].contains("use etcd"), "{args:?}: {err:?}");
+            assert!(stdout(&out).is_empty(), "{args:?}: {out:?}");
+            assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+        }
+    }
+    // Bad input first.
+    assert_one_line_125_on("mem://", &["lock", "x", "--"], "no command after `--`");
+    assert_one_line_125_on("mem://", &["lock", ""], "the name is empty");
+    // The Redis message no longer points to mem://.
+    let (out, _) = run(baton("redis://127.0.0.1:1").args(["get", "k"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("mem://"),
+        "{out:?}"
+    );
+    // `demo` and `bench` still run on it: tests/demo.rs and tests/bench.rs.
 }

@@ -1,5 +1,5 @@
 //! `baton sem`, `barrier`, `queue`, `get`, `set` and `watch`, run as a user would, against
-//! real etcd (and mem:// where one process is enough).
+//! real etcd.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 mod common;
@@ -180,7 +180,8 @@ fn sem_and_barrier_key_deleted_while_waiting_exit_125() {
 /// before connecting.
 #[test]
 fn sem_exit_codes_and_bad_input() {
-    let (out, _) = run(baton("mem://").args([
+    let etcd = etcd();
+    let (out, _) = run(baton(&etcd.endpoint()).args([
         "sem",
         "s",
         "--permits",
@@ -256,9 +257,10 @@ fn barrier_releases_all_three_together() {
     assert_eq!(stderr_lines(&out).len(), 1, "{out:?}");
     assert!(keys(&etcd, "alone/").is_empty());
 
-    // One process on mem:// is a whole barrier of one.
-    let (out, _) = run(baton("mem://").args(["barrier", "b", "--count", "1"]));
+    // One process is a whole barrier of one.
+    let (out, _) = run(baton(&etcd.endpoint()).args(["barrier", "b", "--count", "1"]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).starts_with("passed b (round "), "{out:?}");
 }
 
 /// `baton barrier` processes given different `--count`s: the odd one out exits 125 at once
@@ -348,11 +350,15 @@ fn queue_round_trip() {
     assert_eq!(waiting.code(), 0);
     assert!(keys(&etcd, "jobs/").is_empty());
 
-    // mem://: a fresh store each process, so the queue is empty.
-    let (out, _) = run(baton("mem://").args(["queue", "len", "jobs"]));
-    assert_eq!(stdout(&out), "0\n");
-    let (out, _) = run(baton("mem://").args(["queue", "pop", "jobs", "--timeout", "100ms"]));
-    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    // mem:// would be a fresh store each process, a queue nobody else sees: refused.
+    for args in [
+        &["queue", "push", "jobs", "x"][..],
+        &["queue", "len", "jobs"],
+    ] {
+        let (out, _) = run(baton("mem://").args(args));
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        assert!(stdout(&out).is_empty(), "{out:?}");
+    }
 }
 
 /// Run `cmd` with stdout on /dev/full (every write fails with ENOSPC).
@@ -420,7 +426,7 @@ fn results_to_a_full_stdout_exit_125() {
         "leader",
     );
     failed(
-        &run_to_full(baton("mem://").args(["barrier", "b", "--count", "1"])),
+        &run_to_full(baton(&ep).args(["barrier", "b", "--count", "1"])),
         "barrier",
     );
 }
