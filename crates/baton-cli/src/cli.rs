@@ -951,7 +951,10 @@ mod tests {
         let Command::Set(args) = cli.command else {
             panic!("not set")
         };
-        assert_eq!((args.value.as_str(), args.if_revision), ("-1", Some(3)));
+        assert_eq!(
+            (args.value.as_deref(), args.if_revision),
+            (Some("-1"), Some(3))
+        );
         let cli = parse(["baton", "queue", "push", "q", "-json-ish", "--json"]).unwrap();
         assert!(cli.global.json);
         let Command::Queue(queue::Args {
@@ -960,7 +963,7 @@ mod tests {
         else {
             panic!("not queue push")
         };
-        assert_eq!(value, "-json-ish");
+        assert_eq!(value.as_deref(), Some("-json-ish"));
     }
 
     /// A VALUE that starts with `--` is a misspelt option unless it comes after `--`: it
@@ -994,8 +997,8 @@ mod tests {
             panic!("not set")
         };
         assert_eq!(
-            (args.value.as_str(), args.if_revision),
-            ("--if-revison=0", None)
+            (args.value.as_deref(), args.if_revision),
+            (Some("--if-revison=0"), None)
         );
         let cli = parse(["baton", "queue", "push", "--", "q", "--jsn"]).unwrap();
         assert!(!cli.global.json);
@@ -1005,6 +1008,6 @@ mod tests {
         else {
             panic!("not queue push")
         };
-        assert_eq!(value, "--jsn");
+        assert_eq!(value.as_deref(), Some("--jsn"));
     }
 }

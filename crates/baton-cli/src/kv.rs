@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::cli::{self, Global};
 use crate::exit::CliError;
 use crate::output::{self, Output};
-use crate::queue::{value, write_stdout};
+use crate::queue::{value, value_bytes, write_stdout};
 use crate::supervisor::Signals;
 
 /// `baton get`: the key does not exist; `baton set --if-revision`: the key changed.
@@ -28,6 +28,8 @@ not exist, and 125 if the value cannot be written to stdout.";
 const SET_EXAMPLES: &str = "\
 Examples:
   baton set config/feature-x on
+  baton set config/cert --value-file cert.pem        # up to 1 MiB, any bytes
+  ./render-config | baton set config/app --value-file -
   # only if nobody wrote since the write we read (its revision, from `set` or `get --json`)
   rev=$(baton --json get config/feature-x | jq .revision)
   baton set --if-revision \"$rev\" config/feature-x off
@@ -78,11 +80,22 @@ pub(crate) struct SetArgs {
     #[arg(id = "KEY", value_name = "KEY", value_parser = cli::name)]
     pub(crate) key: String,
 
-    /// The value (at most 1 MiB). It may start with `-` (`-1`); one that starts with `--`
-    /// is taken for a misspelt option and refused, unless given after `--` (`baton set KEY
-    /// -- --x`).
-    #[arg(value_parser = value, allow_hyphen_values = true)]
-    pub(crate) value: String,
+    /// The value (at most 1 MiB; or give it with --value-file). It may start with `-`
+    /// (`-1`); one that starts with `--` is taken for a misspelt option and refused, unless
+    /// given after `--` (`baton set KEY -- --x`).
+    #[arg(
+        value_parser = value,
+        allow_hyphen_values = true,
+        required_unless_present = "value_file",
+        conflicts_with = "value_file"
+    )]
+    pub(crate) value: Option<String>,
+
+    /// Read the value from FILE (`-`: standard input), byte for byte, instead of VALUE: for
+    /// a value too long for the command line (Linux takes at most 128 KiB in one argument),
+    /// or one that is not text. At most 1 MiB: a longer one is refused, nothing written.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) value_file: Option<std::path::PathBuf>,
 
     /// Write only if the key's last write is revision R (as `set` and `get --json` print
     /// it; 0: only if the key does not exist); otherwise write nothing and exit 1.
@@ -142,11 +155,13 @@ pub(crate) async fn get(global: &Global, args: GetArgs) -> Result<u8, CliError> 
 /// Run `baton set`.
 pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> {
     let out = Output::new(global.json);
+    // Read (and checked) before connecting.
+    let value = value_bytes(args.value, args.value_file.as_deref())?;
     let client = cli::connect(global, &global.endpoints).await?;
     let shared = baton::SharedValue::new(&client, &args.key)?;
     let written = match args.if_revision {
-        None => shared.set(args.value).await?,
-        Some(revision) => match shared.compare_and_set(revision, args.value).await? {
+        None => shared.set(value).await?,
+        Some(revision) => match shared.compare_and_set(revision, value).await? {
             baton::CompareAndSet::Set(v) => v,
             baton::CompareAndSet::Conflict(now) => {
                 let now = match now {

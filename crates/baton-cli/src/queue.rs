@@ -13,6 +13,7 @@ use crate::supervisor::Signals;
 const EXAMPLES: &str = "\
 Examples:
   baton queue push jobs/thumbnails img-1.png
+  baton queue push jobs/render --value-file scene.json    # up to 1 MiB, any bytes; - : stdin
   baton queue pop jobs/thumbnails                 # waits for an item, prints it
   baton queue pop --timeout 30s jobs/thumbnails   # exit 124 if nothing comes in 30 s
   baton queue len jobs/thumbnails
@@ -47,16 +48,27 @@ pub(crate) struct Args {
 /// What to do with the queue.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum QueueCommand {
-    /// Add VALUE at the tail of the queue.
+    /// Add VALUE (or the contents of --value-file) at the tail of the queue.
     Push {
         /// The queue's name.
         #[arg(value_parser = cli::name)]
         name: String,
-        /// The item (at most 1 MiB). It may start with `-` (`-1`); one that starts with
-        /// `--` is taken for a misspelt option and refused, unless given after `--`
-        /// (`baton queue push NAME -- --x`).
-        #[arg(value_parser = value, allow_hyphen_values = true)]
-        value: String,
+        /// The item (at most 1 MiB; or give it with --value-file). It may start with `-`
+        /// (`-1`); one that starts with `--` is taken for a misspelt option and refused,
+        /// unless given after `--` (`baton queue push NAME -- --x`).
+        #[arg(
+            value_parser = value,
+            allow_hyphen_values = true,
+            required_unless_present = "value_file",
+            conflicts_with = "value_file"
+        )]
+        value: Option<String>,
+        /// Read the item from FILE (`-`: standard input), byte for byte, instead of VALUE:
+        /// for an item too long for the command line (Linux takes at most 128 KiB in one
+        /// argument), or one that is not text. At most 1 MiB: a longer one is refused,
+        /// nothing pushed.
+        #[arg(long, value_name = "FILE")]
+        value_file: Option<std::path::PathBuf>,
     },
     /// Take the item at the head, waiting for one if the queue is empty, and print it
     /// (just the value; with --json as {"value": …}, or {"value_base64": …} in standard
@@ -114,6 +126,43 @@ async fn answers_by(
     )
 }
 
+/// The value to write: VALUE, or the contents of `file` (`-`: standard input), at most
+/// [`baton::MAX_VALUE_LEN`] bytes (read no further: a longer input is refused). Read
+/// before connecting, so that a bad file never waits for the network.
+pub(crate) fn value_bytes(
+    value: Option<String>,
+    file: Option<&std::path::Path>,
+) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let Some(path) = file else {
+        // clap asks for one of the two.
+        return Ok(value.unwrap_or_default().into_bytes());
+    };
+    let limit = baton::MAX_VALUE_LEN;
+    let mut bytes = Vec::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin()
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit as u64 + 1).read_to_end(&mut bytes))
+    };
+    let what = if path.as_os_str() == "-" {
+        "standard input".to_string()
+    } else {
+        path.display().to_string()
+    };
+    read.map_err(|e| CliError::failed(format!("cannot read the value from {what}: {e}")))?;
+    if bytes.len() > limit {
+        return Err(CliError::failed(format!(
+            "the value in {what} is more than {limit} bytes long; the limit is {limit} \
+             (nothing written)"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Write `bytes` to stdout and flush.
 pub(crate) fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     let mut stdout = std::io::stdout().lock();
@@ -125,11 +174,20 @@ pub(crate) fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
+    let mut command = args.command;
+    // An item is read (and checked) before connecting.
+    let item = match &mut command {
+        QueueCommand::Push {
+            value, value_file, ..
+        } => value_bytes(value.take(), value_file.as_deref())?,
+        _ => Vec::new(),
+    };
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;
-    match args.command {
-        QueueCommand::Push { name, value } => {
+    match command {
+        QueueCommand::Push { name, .. } => {
+            let value = item;
             let queue = baton::Queue::new(&client, &name)?;
             signals
                 .interruptible(async { queue.enqueue(value).await.map_err(CliError::from) })

@@ -842,3 +842,91 @@ fn watch_and_observe_end_when_the_reader_goes() {
         "watch to a file ended"
     );
 }
+
+/// Values too long for the command line (Linux takes at most 128 KiB per argument, though
+/// the limit of a value is 1 MiB) come with `--value-file FILE` (`-`: stdin) to `set` and
+/// `queue push`, byte for byte (also bytes that are not UTF-8); one over 1 MiB is refused
+/// with 125 before anything is written, and VALUE and --value-file together are refused.
+#[test]
+fn values_from_a_file_or_stdin() {
+    use std::io::Write;
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    // 512 KiB, with bytes that are not UTF-8 and newlines.
+    let big: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
+    let path = dir.path().join("big");
+    std::fs::write(&path, &big).unwrap();
+    let (out, _) = run(baton(&ep)
+        .args(["set", "vf/big", "--value-file"])
+        .arg(&path));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["get", "vf/big"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout.len(), big.len() + 1);
+    assert!(
+        out.stdout[..big.len()] == big[..],
+        "the value read back differs"
+    );
+
+    // From stdin, to a queue; --if-revision 0 with a file too.
+    let mut push = baton(&ep)
+        .args(["queue", "push", "vf-q", "--value-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    push.stdin.take().unwrap().write_all(&big).unwrap();
+    let out = push.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["queue", "pop", "vf-q"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stdout[..out.stdout.len() - 1] == big[..],
+        "the item differs"
+    );
+    let (out, _) = run(baton(&ep)
+        .args(["set", "--if-revision", "0", "vf/new", "--value-file"])
+        .arg(&path));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // Exactly 1 MiB is a value; one byte more is refused, and nothing is written.
+    let limit = 1024 * 1024;
+    let at_limit = dir.path().join("at-limit");
+    std::fs::write(&at_limit, vec![b'x'; limit]).unwrap();
+    let (out, _) = run(baton(&ep)
+        .args(["set", "vf/limit", "--value-file"])
+        .arg(&at_limit));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let over = dir.path().join("over");
+    std::fs::write(&over, vec![b'x'; limit + 1]).unwrap();
+    for args in [&["set", "vf/over"][..], &["queue", "push", "vf-over"]] {
+        let (out, took) = run(baton(&ep).args(args).arg("--value-file").arg(&over));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
+        assert!(err[0].contains("the limit is 1048576"), "{args:?}: {err:?}");
+        assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+    }
+    assert!(keys(&etcd, "vf/over").is_empty() && keys(&etcd, "vf-over/").is_empty());
+
+    // A missing file, and a value given twice.
+    let (out, _) = run(baton(&ep).args(["set", "vf/x", "--value-file", "/nonexistent/v"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert_eq!(stderr_lines(&out).len(), 1, "{out:?}");
+    assert!(stderr_lines(&out)[0].contains("/nonexistent/v"), "{out:?}");
+    for args in [
+        &["set", "vf/x", "v", "--value-file"][..],
+        &["queue", "push", "vf-x", "v", "--value-file"],
+    ] {
+        let (out, _) = run(baton(&ep).args(args).arg(&path));
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        assert_eq!(stderr_lines(&out).len(), 1, "{args:?}: {out:?}");
+        assert!(stderr_lines(&out)[0].contains("--value-file"), "{out:?}");
+    }
+    // Neither: VALUE is still asked for.
+    let (out, _) = run(baton(&ep).args(["set", "vf/x"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(keys(&etcd, "vf/x").is_empty() && keys(&etcd, "vf-x/").is_empty());
+}
