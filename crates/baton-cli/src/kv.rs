@@ -53,6 +53,8 @@ Prints one line per change, from now on, until SIGINT or SIGTERM (exit 0), or un
 reader closes the pipe (exit 0; another failure to write exits 125):
   put config/feature-x = on (version 2, revision 15)
   delete config/feature-x (revision 16)
+Control characters in keys and values are shown escaped (\\n, \\t, \\x1b...), so each change
+is one line; --json gives them exactly.
 With --json, a key or value that is not UTF-8 is given as \"key_base64\" or
 \"value_base64\" (standard base64) instead of \"key\" or \"value\".
 After a broken connection it watches again from where it was; while it cannot, a line on
@@ -326,8 +328,10 @@ async fn follow(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
 }
 
 fn print_put(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
-    let key = String::from_utf8_lossy(&kv.key);
-    let value = String::from_utf8_lossy(&kv.value);
+    let key = kv.key_str();
+    let key = output::escape_controls(&key);
+    let value = kv.value_str();
+    let value = output::escape_controls(&value);
     out.emit(
         &format!(
             "put {key} = {value} (version {}, revision {})",
@@ -353,7 +357,8 @@ fn print_put(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
 }
 
 fn print_delete(out: &Output, kv: &KeyValue) -> std::io::Result<()> {
-    let key = String::from_utf8_lossy(&kv.key);
+    let key = kv.key_str();
+    let key = output::escape_controls(&key);
     let event = json!({"event": "delete", "key": null, "revision": kv.mod_revision});
     out.emit(
         &format!("delete {key} (revision {})", kv.mod_revision),

@@ -21,6 +21,9 @@ fencing token (its key's create revision):
 On Redis, the revision counts the values published in the leader's term, and the token is
 the lock's counter (`none` on redlock://).
 
+Control characters in the value are shown escaped (\\n, \\t, \\x1b...): one line per
+change; --json gives them exactly.
+
 The first line is the current leader, if there is one. Lines follow as leaders change or
 proclaim new values; a leader that leaves with no candidate waiting prints nothing (as Go's
 Observe): the last line names it until the next leader comes. With --vacancies, a line
@@ -148,8 +151,8 @@ fn print_leader(
     out.emit(
         &format!(
             "{} (key {}, revision {}, token {token})",
-            leader.value_str(),
-            leader.key,
+            crate::output::escape_controls(&leader.value_str()),
+            crate::output::escape_controls(&leader.key),
             leader.mod_revision,
         ),
         &leader_json(name, leader, redis),

@@ -87,6 +87,33 @@ pub(crate) fn with_bytes(event: Value, field: &str, bytes: &[u8]) -> Value {
     Value::Object(map)
 }
 
+/// `text` for a human line: every control character (C0, DEL, C1) escaped, as `\n`,
+/// `\r`, `\t`, `\xNN` (other C0 and DEL) or `\u{NN}` (C1), so that a key or a value
+/// from the store can neither add a line nor fake one, nor drive the terminal. Other
+/// characters, a backslash included, are kept: --json gives the exact text.
+pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write as _;
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if u32::from(c) < 0x80 && c.is_control() => {
+                let _ = write!(escaped, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => escaped.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
 /// The failure for a result that could not be written to stdout: 125, with `done` saying
 /// what happened all the same ("key set"), if anything did.
 pub(crate) fn not_written(done: Option<&str>, e: &io::Error) -> CliError {
@@ -265,6 +292,18 @@ mod tests {
         assert_eq!(
             with_bytes(event(), "value", b"\xff\xfe").to_string(),
             r#"{"event":"put","value_base64":"//4=","revision":3}"#
+        );
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert!(matches!(
+            escape_controls("plain text, é \\n"),
+            std::borrow::Cow::Borrowed("plain text, é \\n")
+        ));
+        assert_eq!(
+            escape_controls("a\nb\r\tc\u{0}\u{1b}[0m\u{7f}\u{85}\u{9f}d"),
+            r"a\nb\r\tc\x00\x1b[0m\x7f\u{85}\u{9f}d"
         );
     }
 

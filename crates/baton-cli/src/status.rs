@@ -48,7 +48,8 @@ writer or the readers that hold it, comma-separated), TOKEN (the first holder's 
 or the leader, or of the first permit or participant), TTL (the time left on the (first)
 holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per entry:
 name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
-waiter_count, waiters.
+waiter_count, waiters. Control characters in names and keys are shown escaped (\\n,
+\\x1b...) in the table, as they are in JSON.
 
 The kind is guessed from the keys, which cannot always tell: an election whose values all
 look like COUNT/PERMITS (\"1/2\") shows as a semaphore; a lock named NAME/waiters, or an
@@ -464,9 +465,19 @@ fn table(status: &Status) -> String {
     )
 }
 
-/// Columns padded to their widest cell; the last column is not padded.
+/// Columns padded to their widest cell; the last column is not padded. Control characters
+/// in cells (names and keys come from the store) are shown escaped: one line per entry.
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|cell| output::escape_controls(cell).into_owned())
+                .collect()
+        })
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

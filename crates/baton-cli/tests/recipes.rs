@@ -930,3 +930,72 @@ fn values_from_a_file_or_stdin() {
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     assert!(keys(&etcd, "vf/x").is_empty() && keys(&etcd, "vf-x/").is_empty());
 }
+
+/// Human lines of `watch`, `observe` and `status` are one line per change (per entry),
+/// whatever the keys and values hold: control characters are shown escaped (`\n`, `\r`,
+/// `\t`, `\x1b`, `\x7f`, `\u{85}`), so a value or key cannot add a line, or fake one
+/// (`ml/b\ndelete ml/c`). --json is unchanged.
+#[test]
+fn human_lines_escape_control_characters() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let watch = Proc::spawn(baton(&ep).args(["watch", "--prefix", "ml/"]));
+    let json = Proc::spawn(baton(&ep).args(["--json", "watch", "--prefix", "ml/"]));
+    // The watchers start at some point: write until each has printed a change.
+    let mut i = 0;
+    let (mut human_up, mut json_up) = (false, false);
+    while !human_up || !json_up {
+        assert!(i < 100, "no change printed");
+        run(baton(&ep).args(["set", "ml/start", &i.to_string()]));
+        i += 1;
+        human_up |= watch.line_within(Duration::from_millis(100)).is_some();
+        json_up |= json.line_within(Duration::from_millis(100)).is_some();
+    }
+    while watch.line_within(Duration::from_millis(200)).is_some() {}
+    while json.line_within(Duration::from_millis(200)).is_some() {}
+
+    let value = "line1\nline2\r\tx\u{1b}[31m\u{7f}\u{85}end";
+    let (out, _) = run(baton(&ep).args(["set", "ml/a", value]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["set", "ml/b\ndelete ml/c", "v"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (out, _) = run(baton(&ep).args(["set", "ml/z", "last"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<String> = (0..3).map(|_| watch.line()).collect();
+    assert!(
+        lines[0].starts_with(
+            r"put ml/a = line1\nline2\r\tx\x1b[31m\x7f\u{85}end (version 1, revision "
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with(r"put ml/b\ndelete ml/c = v (version 1, revision "),
+        "{lines:?}"
+    );
+    assert!(lines[2].starts_with("put ml/z = last "), "{lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(v["value"], value);
+    let v: serde_json::Value = serde_json::from_str(&json.line()).unwrap();
+    assert_eq!(v["key"], "ml/b\ndelete ml/c");
+
+    // observe: the leader's value.
+    let _leader = Proc::spawn(baton(&ep).args(["elect", "ml-e", "a\nb"]));
+    let observe = Proc::spawn(baton(&ep).args(["observe", "ml-e"]));
+    let line = observe.line();
+    assert!(line.starts_with(r"a\nb (key ml-e/"), "{line}");
+
+    // status: names and keys.
+    let holder = Proc::spawn(baton(&ep).args(["lock", "st\rx\ny"]));
+    assert!(holder.line().starts_with("acquired "));
+    let (out, _) = run(baton(&ep).args(["status", "st"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 2, "{text:?}");
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with(r"st\rx\ny  lock  st\rx\ny/"),
+        "{text:?}"
+    );
+}
