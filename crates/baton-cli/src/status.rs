@@ -48,7 +48,8 @@ writer or the readers that hold it, comma-separated), TOKEN (the first holder's 
 or the leader, or of the first permit or participant), TTL (the time left on the (first)
 holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per entry:
 name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
-waiter_count, waiters. Control characters in names and keys are shown escaped (\\n,
+waiter_count, waiters; a name or key that is not UTF-8 comes as name_base64 or key_base64
+(standard base64) instead. Control characters in names and keys are shown escaped (\\n,
 \\x1b...) in the table, as they are in JSON.
 
 The kind is guessed from the keys, which cannot always tell: an election whose values all
@@ -110,12 +111,18 @@ pub(crate) struct Member {
     ttl_secs: Option<u64>,
     #[serde(skip)]
     lease_id: i64,
+    /// The key as stored: JSON gives it as `key_base64` if it is not UTF-8.
+    #[serde(skip)]
+    key_bytes: Vec<u8>,
 }
 
 /// One lock, election, semaphore or barrier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct Entry {
     name: String,
+    /// The name as stored: JSON gives it as `name_base64` if it is not UTF-8.
+    #[serde(skip)]
+    name_bytes: Vec<u8>,
     kind: &'static str,
     /// The holder, the leader, or the first of the holders (semaphore, barrier).
     holder: Member,
@@ -185,12 +192,38 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         entries,
     };
     let printed = if out.is_json() {
-        out.serialize_line(&status)
+        status_json(&status).and_then(|json| out.json_line(&json))
     } else {
         out.text(&table(&status))
     };
     printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
+}
+
+/// `status` as JSON, each name and key that is not UTF-8 given as `name_base64` or
+/// `key_base64` (standard base64) in its place, as every --json output gives bytes.
+fn status_json(status: &Status) -> std::io::Result<serde_json::Value> {
+    use serde_json::Value;
+    let mut json = serde_json::to_value(status)?;
+    let with_key = |json: &mut Value, member: &Member| {
+        *json = output::with_bytes(std::mem::take(json), "key", &member.key_bytes);
+    };
+    if let Some(entries) = json.get_mut("entries").and_then(Value::as_array_mut) {
+        for (json, entry) in entries.iter_mut().zip(&status.entries) {
+            if let Some(holder) = json.get_mut("holder") {
+                with_key(holder, &entry.holder);
+            }
+            for (field, members) in [("holders", &entry.holders), ("waiters", &entry.waiters)] {
+                if let Some(list) = json.get_mut(field).and_then(Value::as_array_mut) {
+                    for (json, member) in list.iter_mut().zip(members) {
+                        with_key(json, member);
+                    }
+                }
+            }
+            *json = output::with_bytes(std::mem::take(json), "name", &entry.name_bytes);
+        }
+    }
+    Ok(json)
 }
 
 /// Group lock, election, semaphore and barrier keys by name, in create-revision order,
@@ -202,58 +235,62 @@ pub(crate) fn group(kvs: &[KeyValue]) -> Vec<Entry> {
 
 /// Group keys by name, in create-revision order, as names of `kind`.
 pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
-    let mut by_name: BTreeMap<String, Vec<(&KeyValue, Member)>> = BTreeMap::new();
+    // Names are grouped as stored, bytes and all: two names that differ only in bytes
+    // that are not UTF-8 are two names, though their text is the same.
+    let mut by_name: BTreeMap<Vec<u8>, Vec<(&KeyValue, Member)>> = BTreeMap::new();
     // Open barrier rounds: NAME/ready (no lease), valued with the create revision of the
     // round's last participant.
-    let mut ready: HashMap<String, i64> = HashMap::new();
+    let mut ready: HashMap<Vec<u8>, i64> = HashMap::new();
     for kv in kvs {
-        let key = kv.key_str();
+        let key = kv.key.as_slice();
         if kv.lease == 0 {
-            if let Some(name) = key.strip_suffix(BARRIER_READY) {
+            if let Some(name) = key.strip_suffix(BARRIER_READY.as_bytes()) {
                 if let Some(last) = std::str::from_utf8(&kv.value)
                     .ok()
                     .and_then(|v| v.parse::<i64>().ok())
                 {
-                    ready.insert(name.to_string(), last);
+                    ready.insert(name.to_vec(), last);
                 }
             }
             continue;
         }
-        let Some((name, suffix)) = key.rsplit_once('/') else {
+        let Some(slash) = key.iter().rposition(|&b| b == b'/') else {
             continue;
         };
+        let (name, suffix) = (&key[..slash], &key[slash + 1..]);
         let lease = output::lease_hex(kv.lease);
         // Baton's keys and Go's Mutex and Election end in the lease in hex; Go's recipes
         // (RWMutex, DoubleBarrier) in the creation time in decimal nanoseconds, under
         // NAME/read/, NAME/write/ or NAME/waiters/. Other keys ending in a number (a service
         // registry's `nodes/3`) are not ours.
         let go_recipe = suffix.len() >= GO_TIME_DIGITS
-            && suffix.bytes().all(|b| b.is_ascii_digit())
+            && suffix.iter().all(u8::is_ascii_digit)
             && [RWLOCK_READ, RWLOCK_WRITE, BARRIER_WAITERS]
                 .iter()
-                .any(|s| name.ends_with(s));
-        if name.is_empty() || (suffix != lease && !go_recipe) {
+                .any(|s| name.ends_with(s.as_bytes()));
+        if name.is_empty() || (suffix != lease.as_bytes() && !go_recipe) {
             continue;
         }
-        by_name.entry(name.to_string()).or_default().push((
+        by_name.entry(name.to_vec()).or_default().push((
             kv,
             Member {
-                key: key.to_string(),
+                key: kv.key_str().into_owned(),
                 lease,
                 create_revision: kv.create_revision,
                 ttl_secs: None,
                 lease_id: kv.lease,
+                key_bytes: kv.key.clone(),
             },
         ));
     }
     // Read-write locks: NAME/read/… and NAME/write/… are one lock NAME.
-    let mut rwlocks: BTreeMap<String, Vec<(&KeyValue, Member, bool)>> = BTreeMap::new();
+    let mut rwlocks: BTreeMap<Vec<u8>, Vec<(&KeyValue, Member, bool)>> = BTreeMap::new();
     if matches!(kind, Kind::Auto | Kind::Rwlock) {
-        let names: Vec<String> = by_name.keys().cloned().collect();
+        let names: Vec<Vec<u8>> = by_name.keys().cloned().collect();
         for name in names {
             let (parent, write) = match (
-                name.strip_suffix(RWLOCK_READ),
-                name.strip_suffix(RWLOCK_WRITE),
+                name.strip_suffix(RWLOCK_READ.as_bytes()),
+                name.strip_suffix(RWLOCK_WRITE.as_bytes()),
             ) {
                 (Some(p), _) => (p, false),
                 (_, Some(p)) => (p, true),
@@ -262,7 +299,7 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
             if parent.is_empty() {
                 continue;
             }
-            let parent = parent.to_string();
+            let parent = parent.to_vec();
             let members = by_name.remove(&name).unwrap_or_default();
             let all_empty = members.iter().all(|(kv, _)| kv.value.is_empty());
             if !all_empty {
@@ -312,7 +349,7 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
                 return entry(name, "semaphore", Some(permits), members, waiters);
             }
             if let Some(barrier) = name
-                .strip_suffix(BARRIER_WAITERS)
+                .strip_suffix(BARRIER_WAITERS.as_bytes())
                 .filter(|_| guess(Kind::Barrier))
             {
                 if !barrier.is_empty()
@@ -326,7 +363,7 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
                         .take_while(|(kv, _)| kv.create_revision <= round)
                         .count();
                     let waiters = members.split_off(inside);
-                    return entry(barrier.to_string(), "barrier", None, members, waiters);
+                    return entry(barrier.to_vec(), "barrier", None, members, waiters);
                 }
             }
             let kind = match kind {
@@ -341,7 +378,7 @@ pub(crate) fn group_as(kvs: &[KeyValue], kind: Kind) -> Vec<Entry> {
         })
         .chain(rw_entries)
         .collect();
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    entries.sort_by(|a, b| a.name_bytes.cmp(&b.name_bytes));
     entries
 }
 
@@ -384,7 +421,7 @@ const BARRIER_READY: &str = "/ready";
 
 /// An entry of `holders` and `waiters` (in create order); `None` if no one holds.
 fn entry(
-    name: String,
+    name: Vec<u8>,
     kind: &'static str,
     permits: Option<u32>,
     holders: Vec<(&KeyValue, Member)>,
@@ -394,7 +431,8 @@ fn entry(
     let waiters: Vec<Member> = waiters.into_iter().map(|(_, m)| m).collect();
     let holder = holders.first()?.clone();
     Some(Entry {
-        name,
+        name: String::from_utf8_lossy(&name).into_owned(),
+        name_bytes: name,
         kind,
         fencing_token: holder.create_revision,
         holder,

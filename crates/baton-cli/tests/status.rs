@@ -186,3 +186,75 @@ fn status_shows_barrier_participants() {
     assert_eq!(e["waiter_count"], 0, "{e}");
     assert!(e["fencing_token"].is_i64(), "{e}");
 }
+
+/// `baton status --json` gives a name or key that is not UTF-8 as `name_base64` /
+/// `key_base64` (standard base64), as every --json output does, not as a lossy string; and
+/// names that differ only in such bytes stay two entries.
+#[test]
+fn status_json_keeps_names_that_are_not_utf8() {
+    use base64::Engine as _;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    // A lock key NAME/<lease hex> bound to its lease, as `etcdctl lock` makes it.
+    let lock_key = |name: &[u8]| -> Vec<u8> {
+        let granted = etcd.etcdctl(["lease", "grant", "60"]);
+        let granted = String::from_utf8_lossy(&granted.stdout).to_string();
+        let lease = granted.split_whitespace().nth(1).unwrap().to_string();
+        // etcdctl prints the id zero-padded to 16 digits; keys have it as `%x`.
+        let id = u64::from_str_radix(&lease, 16).unwrap();
+        let mut key = name.to_vec();
+        key.extend_from_slice(format!("/{id:x}").as_bytes());
+        let out = etcd.etcdctl([
+            OsStr::new("put"),
+            OsStr::new(&format!("--lease={lease}")),
+            OsStr::from_bytes(&key),
+            OsStr::new(""),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        key
+    };
+    let holder = lock_key(b"bin\xff");
+    let waiter = lock_key(b"bin\xff");
+    let other = lock_key(b"bin\xfe");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+
+    let (out, _) = run(baton(&ep).args(["--json", "status", "bin"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{v}");
+    let ff = entries
+        .iter()
+        .find(|e| e["name_base64"] == b64(b"bin\xff"))
+        .unwrap_or_else(|| panic!("no entry bin\\xff: {v}"));
+    assert!(ff.get("name").is_none(), "{ff}");
+    assert_eq!(ff["holder"]["key_base64"], b64(&holder), "{ff}");
+    assert!(ff["holder"].get("key").is_none(), "{ff}");
+    assert_eq!(ff["holders"][0]["key_base64"], b64(&holder), "{ff}");
+    assert_eq!(ff["waiter_count"], 1, "{ff}");
+    assert_eq!(ff["waiters"][0]["key_base64"], b64(&waiter), "{ff}");
+    let fe = entries
+        .iter()
+        .find(|e| e["name_base64"] == b64(b"bin\xfe"))
+        .unwrap_or_else(|| panic!("no entry bin\\xfe: {v}"));
+    assert_eq!(fe["holder"]["key_base64"], b64(&other), "{fe}");
+    assert_eq!(fe["waiter_count"], 0, "{fe}");
+
+    // Text stays text.
+    let lock = Proc::spawn(baton(&ep).args(["lock", "bin-text"]));
+    assert!(lock.line().starts_with("acquired bin-text/"));
+    let (out, _) = run(baton(&ep).args(["--json", "status", "bin-"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &v["entries"][0];
+    assert_eq!(e["name"], "bin-text", "{v}");
+    assert!(
+        e["holder"]["key"]
+            .as_str()
+            .unwrap()
+            .starts_with("bin-text/"),
+        "{v}"
+    );
+    assert!(e.get("name_base64").is_none(), "{v}");
+}
