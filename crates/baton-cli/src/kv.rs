@@ -193,16 +193,21 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
 
 /// Run `baton watch`: until a signal, an error, or the reader of stdout is gone.
 pub(crate) async fn watch(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
-    output::until_reader_gone(follow(global, args)).await
+    output::until_reader_gone(|connected| follow(global, args, connected)).await
 }
 
 /// Print every change until a signal or an error.
-async fn follow(global: &Global, args: WatchArgs) -> Result<u8, CliError> {
+async fn follow(
+    global: &Global,
+    args: WatchArgs,
+    connected: output::Connected,
+) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;
+    connected.now();
     let store = client.store().clone();
     let key = args.key.as_bytes().to_vec();
     let range = || {

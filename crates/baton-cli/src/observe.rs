@@ -58,11 +58,15 @@ pub(crate) struct Args {
 
 /// Run `baton observe`: until a signal, an error, or the reader of stdout is gone.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
-    crate::output::until_reader_gone(follow(global, args)).await
+    crate::output::until_reader_gone(|connected| follow(global, args, connected)).await
 }
 
 /// Print every leader change until a signal or an error.
-async fn follow(global: &Global, args: Args) -> Result<u8, CliError> {
+async fn follow(
+    global: &Global,
+    args: Args,
+    connected: crate::output::Connected,
+) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let redis = cli::is_redis(&global.endpoints);
@@ -81,6 +85,7 @@ async fn follow(global: &Global, args: Args) -> Result<u8, CliError> {
         let events = baton::Election::observe_with(&client, &args.name)?.with_vacancies();
         (events, None)
     };
+    connected.now();
     // Observing retries by itself; tell the operator when it stops working, and when it
     // works again.
     let mut outage = crate::output::Outage::new("observe");

@@ -140,15 +140,40 @@ const READER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 /// Run `follow` (`watch`, `observe`) until it ends, or until the reader of stdout is gone
 /// (a pipe whose read end is closed, `baton watch KEY | head -1`): then 0, as when a write
 /// finds the pipe closed, but without waiting for the next change to try one.
-pub(crate) async fn until_reader_gone(
-    follow: impl std::future::Future<Output = Result<u8, CliError>>,
-) -> Result<u8, CliError> {
+///
+/// The reader is looked for only once `follow` says it is [`Connected`]: a failure to
+/// connect is reported (exit 125) even if nobody reads stdout.
+pub(crate) async fn until_reader_gone<F>(
+    follow: impl FnOnce(Connected) -> F,
+) -> Result<u8, CliError>
+where
+    F: std::future::Future<Output = Result<u8, CliError>>,
+{
+    let (connected, is_connected) = tokio::sync::oneshot::channel();
+    let follow = follow(Connected(connected));
+    let gone = async {
+        match is_connected.await {
+            Ok(()) => reader_gone().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
     tokio::select! {
         result = follow => result,
-        () = reader_gone() => {
+        () = gone => {
             tracing::debug!("the reader of stdout is gone");
             Ok(0)
         }
+    }
+}
+
+/// Given to a command run by [`until_reader_gone`], to say it has connected.
+#[derive(Debug)]
+pub(crate) struct Connected(tokio::sync::oneshot::Sender<()>);
+
+impl Connected {
+    /// From now on, the command ends when the reader of stdout is gone.
+    pub(crate) fn now(self) {
+        let _ = self.0.send(());
     }
 }
 

@@ -107,14 +107,22 @@ pub(crate) fn value(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// The least time the backend gets to answer [`answers_by`]'s read before it may be said
+/// not to answer: a wait shorter than that (`--timeout 5ms`) says nothing of the backend.
+const PROBE_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// True if the backend answers a read of the queue (its first key, keys only) sent at
-/// most [`cli::CLEANUP_TIMEOUT`] before `deadline`, by `deadline`.
+/// most [`cli::CLEANUP_TIMEOUT`] before `deadline`, by `deadline`; also true if less than
+/// [`PROBE_AT_LEAST`] is left (too short to tell).
 async fn answers_by(
     store: std::sync::Arc<dyn baton::store::Store>,
     name: String,
     deadline: tokio::time::Instant,
 ) -> bool {
     let window = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if window < PROBE_AT_LEAST {
+        return true;
+    }
     let window = window.min(cli::CLEANUP_TIMEOUT);
     tokio::time::sleep_until(deadline - window).await;
     let read = baton::store::Range::prefix(format!("{name}/"))
@@ -173,15 +181,16 @@ pub(crate) fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
 /// Run `baton queue`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
-    let mut signals = Signals::new()?;
     let mut command = args.command;
-    // An item is read (and checked) before connecting.
+    // An item is read (and checked) before connecting, and before the signal handlers are
+    // set: a read of stdin that waits must stay interruptible by SIGINT and SIGTERM.
     let item = match &mut command {
         QueueCommand::Push {
             value, value_file, ..
         } => value_bytes(value.take(), value_file.as_deref())?,
         _ => Vec::new(),
     };
+    let mut signals = Signals::new()?;
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;

@@ -50,7 +50,7 @@ holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per 
 name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
 waiter_count, waiters; a name or key that is not UTF-8 comes as name_base64 or key_base64
 (standard base64) instead. Control characters in names and keys are shown escaped (\\n,
-\\x1b...) in the table, as they are in JSON.
+\\x1b...) in the table; JSON gives them exactly.
 
 The kind is guessed from the keys, which cannot always tell: an election whose values all
 look like COUNT/PERMITS (\"1/2\") shows as a semaphore; a lock named NAME/waiters, or an
@@ -66,7 +66,8 @@ on. Columns: NAME, KIND, KEY (relative to --namespace, as every name and key bat
 so the name; Redis's key is the namespace plus the name), TOKEN (the lock's fencing counter: the holder's token if the
 holder is a Baton client, but for another library's lock only the last Baton grant's; - on
 Redlock and where no Baton client ever took the lock), TTL (the time left on the key),
-SERVERS (how many hold it). JSON's waiter_count counts the live waiters in Baton's FIFO
+SERVERS (how many hold it). Keys that are not UTF-8 are not listed on Redis (Baton's lock
+names are text; another library's binary key is skipped). JSON's waiter_count counts the live waiters in Baton's FIFO
 queue (single instance only; waiters that do not queue leave no trace in Redis). Keys are
 listed with SCAN, which never blocks the server.";
 

@@ -999,3 +999,80 @@ fn human_lines_escape_control_characters() {
         "{text:?}"
     );
 }
+
+/// A watch or observe whose stdout has no reader from the start still reports that it
+/// cannot connect (exit 125, the error on stderr): the reader is looked for only once
+/// connected. (Before: exit 0 and nothing said.)
+#[test]
+fn watch_and_observe_without_a_reader_still_report_a_failed_connect() {
+    for cmd in [["watch", "k"], ["observe", "e"]] {
+        let mut child = baton("http://127.0.0.1:1")
+            .args(["--dial-timeout", "1s"])
+            .args(cmd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // `| true`
+        let code = exit_within(&mut child, Duration::from_secs(10));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(code, Some(125), "{cmd:?}: {err}");
+        assert!(!err.trim().is_empty(), "{cmd:?}: nothing said");
+    }
+}
+
+/// `queue push --value-file -` waiting on a stdin that stays open ends on SIGTERM (and
+/// SIGINT, which this harness may run with ignored, as background jobs inherit it), pushing
+/// nothing (before: the read went on until stdin ended, the signal caught and held
+/// meanwhile).
+#[test]
+fn queue_push_from_an_open_stdin_obeys_signals() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        let mut child = baton(&ep)
+            .args(["queue", "push", "vf-q", "--value-file", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let _stdin = child.stdin.take(); // kept open
+        std::thread::sleep(Duration::from_millis(500));
+        signal(child.id(), sig);
+        let started = std::time::Instant::now();
+        let ended = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if started.elapsed() > Duration::from_secs(3) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(ended.is_some(), "signal {sig}: still running 3 s after it");
+        assert!(!ended.unwrap().success(), "signal {sig}: exit 0");
+    }
+    let (out, _) = run(baton(&ep).args(["queue", "len", "vf-q"]));
+    assert_eq!(stdout(&out).trim(), "0", "{out:?}");
+}
+
+/// A pop with a very short `--timeout` on a healthy etcd does not say the backend did not
+/// answer: a wait of a few milliseconds tells nothing of the backend. (Before: 6 of 10.)
+#[test]
+fn a_short_pop_timeout_does_not_blame_the_backend() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    for timeout in ["1ms", "2ms", "5ms", "1ms", "2ms", "5ms", "1ms", "2ms"] {
+        let (out, _) = run(baton(&ep).args(["queue", "pop", "--timeout", timeout, "hq"]));
+        assert_eq!(out.status.code(), Some(124), "{out:?}");
+        let err = stderr_lines(&out).join("\n");
+        assert!(
+            !err.contains("did not answer"),
+            "--timeout {timeout}: {err}"
+        );
+    }
+}

@@ -47,7 +47,9 @@ impl RedisClient {
     /// redis-py's alike — and whose value the same holder has on a quorum of servers.
     /// Values (the holders' secret tokens) are not returned. Waiters are counted only where
     /// they queue: Baton's FIFO waiters on a single instance (see [`RedisHold::waiters`]).
-    /// Keys of another type where Baton's bookkeeping keys would be are ignored.
+    /// Keys of another type where Baton's bookkeeping keys would be are ignored, and so are
+    /// keys that are not UTF-8 (Baton's lock names are text; another library may have
+    /// written a binary key).
     ///
     /// It lists keys with `SCAN` (which never blocks the server) on every server, then
     /// reads each key with one script call: with a large database and a short prefix, this
