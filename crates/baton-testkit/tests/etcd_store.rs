@@ -1164,3 +1164,60 @@ async fn readers_share_streams(
             .unwrap();
     }
 }
+
+/// On etcd, one release (a permit released, an item queued) counts one wake-up in the
+/// waiting client's stats, as a lock's release does: the wait's own re-reads (its doubts
+/// 30 and 70 ms after a watch starts) are not wake-ups. (Before: 2 while waiting, 3 after
+/// one release.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_release_counts_one_wakeup() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let holding = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+    let waiting = baton::Client::connect(&etcd.endpoint()).await.unwrap();
+    let hs = baton::Session::new(&holding).await.unwrap();
+    let ws = baton::Session::new(&waiting).await.unwrap();
+    for what in ["semaphore", "queue", "mutex"] {
+        let name = format!("wake/{what}");
+        let before = waiting.stats();
+        let (release, wait): (
+            std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+            tokio::task::JoinHandle<()>,
+        ) = match what {
+            "semaphore" => {
+                let p = baton::Semaphore::new(&hs, &name, 1)
+                    .unwrap()
+                    .acquire()
+                    .await
+                    .unwrap();
+                let s = baton::Semaphore::new(&ws, &name, 1).unwrap();
+                let wait = tokio::spawn(async move { s.acquire().await.map(drop).unwrap() });
+                (Box::pin(async move { p.release().await.unwrap() }), wait)
+            }
+            "queue" => {
+                let q = baton::Queue::new(&waiting, &name).unwrap();
+                let wait = tokio::spawn(async move { q.dequeue().await.map(drop).unwrap() });
+                let q = baton::Queue::new(&holding, &name).unwrap();
+                (Box::pin(async move { q.enqueue("x").await.unwrap() }), wait)
+            }
+            _ => {
+                let g = baton::Mutex::new(&hs, &name).unwrap().lock().await.unwrap();
+                let m = baton::Mutex::new(&ws, &name).unwrap();
+                let wait = tokio::spawn(async move { m.lock().await.map(drop).unwrap() });
+                (Box::pin(async move { g.unlock().await.unwrap() }), wait)
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waited = waiting.stats().wakeups - before.wakeups;
+        assert_eq!(waited, 0, "{what}: wake-ups counted before any release");
+        release.await;
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the wait hung"))
+            .unwrap();
+        let woken = waiting.stats().wakeups - before.wakeups;
+        assert_eq!(woken, 1, "{what}: wake-ups for one release");
+    }
+}

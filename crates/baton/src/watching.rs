@@ -251,8 +251,10 @@ impl Waiter {
     /// at most two of them, and only if it waits that long without an event.
     pub(crate) async fn wait(&mut self, wait: Wait) -> Result<Option<Event>> {
         let woken = self.watch_until(&wait).await;
-        // Woken to look again, whatever the reason (an event, a doubt, a broken watch).
-        if !matches!(&woken, Err(e) if !e.is_retryable()) {
+        // Woken by an event, or by a broken watch. Not the doubts and gaps (`None`): those
+        // reads are the wait's own bookkeeping, as the lock's waits do them unseen, and a
+        // release still counts as one wake-up.
+        if matches!(&woken, Ok(Some(_))) || matches!(&woken, Err(e) if e.is_retryable()) {
             self.count(|c| &c.wakeups);
         }
         match woken {
