@@ -1336,11 +1336,17 @@ pub async fn coordinator_tasks_share_one_coordinator(b: &Backend) {
     c.close().await.unwrap();
 }
 
-async fn next_leader(obs: &mut baton::coordinator::LeaderStream) -> baton::Leader {
+/// The next item of an observe stream (a leader, or an event), failing the test if it
+/// takes over 3 s or the stream ends.
+async fn next_observed<S: futures::Stream + Unpin>(obs: &mut S) -> S::Item {
     tokio::time::timeout(Duration::from_secs(3), obs.next())
         .await
-        .expect("no leader observed within 3 s")
+        .expect("nothing observed within 3 s")
         .expect("the observation ended")
+}
+
+async fn next_leader(obs: &mut baton::coordinator::LeaderStream) -> baton::Leader {
+    next_observed(obs).await
 }
 
 /// Through the traits: a candidate waits while another leads, leads once the leader
@@ -1376,14 +1382,6 @@ pub async fn coordinator_election_handover(b: &Backend) {
     }
 }
 
-/// The next event from an observer with vacancies, failing the test if it takes over 3 s.
-async fn next_event(events: &mut baton::LeaderEvents) -> baton::LeaderEvent {
-    tokio::time::timeout(Duration::from_secs(3), events.next())
-        .await
-        .expect("no event observed within 3 s")
-        .expect("the observation ended")
-}
-
 /// Through the traits, `observe().with_vacancies()` reports the vacancy at the start, each
 /// leader, a hand-over to a waiting candidate (on Redis, where candidates do not queue, a
 /// vacancy may come between), and the vacancy when the last leader resigns, once; the plain
@@ -1395,7 +1393,7 @@ pub async fn coordinator_observe_vacancies(b: &Backend) {
     let election = name("coord-vacant");
     let mut events = c3.election(&election).unwrap().observe().with_vacancies();
     let mut plain = c3.election(&election).unwrap().observe();
-    assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
+    assert_eq!(next_observed(&mut events).await, LeaderEvent::Vacant);
 
     let first = c1
         .election(&election)
@@ -1403,7 +1401,7 @@ pub async fn coordinator_observe_vacancies(b: &Backend) {
         .campaign(b"first".to_vec())
         .await
         .unwrap();
-    let LeaderEvent::Leader(leader) = next_event(&mut events).await else {
+    let LeaderEvent::Leader(leader) = next_observed(&mut events).await else {
         panic!("a vacancy while `first` leads");
     };
     assert_eq!(leader.value, b"first");
@@ -1419,9 +1417,9 @@ pub async fn coordinator_observe_vacancies(b: &Backend) {
         .unwrap()
         .unwrap();
     let redis = b.endpoints.starts_with("redis") || b.endpoints.starts_with("redlock");
-    let mut event = next_event(&mut events).await;
+    let mut event = next_observed(&mut events).await;
     if redis && event == LeaderEvent::Vacant {
-        event = next_event(&mut events).await;
+        event = next_observed(&mut events).await;
     }
     let LeaderEvent::Leader(leader) = event else {
         panic!("{event:?} after the hand-over to a waiting candidate");
@@ -1430,7 +1428,7 @@ pub async fn coordinator_observe_vacancies(b: &Backend) {
     assert_eq!(next_leader(&mut plain).await.value, b"second");
 
     second.release().await.unwrap();
-    assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
+    assert_eq!(next_observed(&mut events).await, LeaderEvent::Vacant);
     // Once: nothing more while the election stays empty (past the Redis fallback poll),
     // and the plain stream says nothing at all.
     let quiet = Duration::from_millis(1500);
