@@ -72,17 +72,29 @@ async fn follow(
     let redis = cli::is_redis(&global.endpoints);
     // On etcd, observing needs only a client, no session (no lease); on Redis, the
     // coordinator holds no session either. It is kept alive while observing.
+    // Without --vacancies, the plain streams: they also skip a leader read again after a
+    // vacancy (on Redlock, a read that could not tell), which is no news to them.
     let (mut events, _coordinator) = if redis {
         let coordinator = signals
             .interruptible(cli::coordinator(global, baton::DEFAULT_TTL))
             .await?;
-        let events = coordinator.election(&args.name)?.observe().with_vacancies();
+        let leaders = coordinator.election(&args.name)?.observe();
+        let events = if args.vacancies {
+            Events::Vacancies(leaders.with_vacancies())
+        } else {
+            Events::Redis(leaders)
+        };
         (events, Some(coordinator))
     } else {
         let client = signals
             .interruptible(cli::connect(global, &global.endpoints))
             .await?;
-        let events = baton::Election::observe_with(&client, &args.name)?.with_vacancies();
+        let leaders = baton::Election::observe_with(&client, &args.name)?;
+        let events = if args.vacancies {
+            Events::Vacancies(leaders.with_vacancies())
+        } else {
+            Events::Etcd(leaders)
+        };
         (events, None)
     };
     connected.now();
@@ -106,7 +118,7 @@ async fn follow(
                 };
                 let printed = match event {
                     LeaderEvent::Leader(leader) => print_leader(&out, &args.name, &leader, redis),
-                    LeaderEvent::Vacant if args.vacancies => out.emit(
+                    LeaderEvent::Vacant => out.emit(
                         "no leader",
                         &json!({"event": "no_leader", "name": args.name}),
                     ),
@@ -117,6 +129,39 @@ async fn follow(
                 }
             }
             _ = signals.recv() => return Ok(0),
+        }
+    }
+}
+
+/// What observe follows: the leaders, on either family, or the events with vacancies.
+enum Events {
+    Etcd(baton::Observe),
+    Redis(baton::coordinator::LeaderStream),
+    Vacancies(baton::LeaderEvents),
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<LeaderEvent> {
+        match self {
+            Events::Etcd(s) => s.next().await.map(LeaderEvent::Leader),
+            Events::Redis(s) => s.next().await.map(LeaderEvent::Leader),
+            Events::Vacancies(s) => s.next().await,
+        }
+    }
+
+    fn take_error(&mut self) -> Option<baton::Error> {
+        match self {
+            Events::Etcd(s) => s.take_error(),
+            Events::Redis(s) => s.take_error(),
+            Events::Vacancies(s) => s.take_error(),
+        }
+    }
+
+    fn retrying(&self) -> Option<String> {
+        match self {
+            Events::Etcd(s) => s.retrying(),
+            Events::Redis(s) => s.retrying(),
+            Events::Vacancies(s) => s.retrying(),
         }
     }
 }
