@@ -68,15 +68,14 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let session = signals
         .interruptible(cli::session(&client, args.ttl))
         .await?;
-    let (round, result) = match signals.interruptible(pass(&session, &args, deadline)).await {
-        Ok(round) => (Some(round), Ok(0)),
-        Err(e) => (None, Err(e)),
-    };
     // As lock, sem and elect close: after a timeout, removing our key gets 1 s, then a line
     // says it expires with the lease (the backend may be gone: --timeout must hold).
-    let code = cli::close_after_wait(result, global, args.ttl, session.close()).await?;
-    let Some(round) = round else {
-        return Ok(code);
+    let round = match signals.interruptible(pass(&session, &args, deadline)).await {
+        Ok(round) => {
+            cli::close_after_wait(Ok(0), global, args.ttl, session.close()).await?;
+            round
+        }
+        Err(e) => return cli::close_after_wait(Err(e), global, args.ttl, session.close()).await,
     };
     out.emit(
         &format!("passed {} (round {round})", args.name),

@@ -704,7 +704,7 @@ async fn close_within(
     }
 }
 
-/// Close after a wait (`lock`, `elect`, `sem`) ended with `result`, by `closing`, and return
+/// Close after a wait (`lock`, `elect`, `sem`, `barrier`) ended with `result`, by `closing`, and return
 /// the result to exit with. Within [`RELEASE_TIMEOUT`], or within [`CLEANUP_TIMEOUT`] if
 /// nothing was acquired (exit 124: only our waiter key is left, and the user asked for an
 /// answer by a deadline). If that cleanup does not finish, the result's error is printed,

@@ -518,6 +518,14 @@ impl<Id: PartialEq> LastSent<Id> {
     }
 }
 
+/// Send `news`, if any, to an observe stream: false once its receiver is gone.
+pub(crate) async fn send_news(tx: &mpsc::Sender<Observed>, news: Option<Observed>) -> bool {
+    match news {
+        Some(news) => tx.send(news).await.is_ok(),
+        None => true,
+    }
+}
+
 /// The leaders of a stream of events, skipping vacancies and the leaders read again after
 /// one: the [`Stream`] of the observe streams that yield [`Leader`]s.
 pub(crate) fn poll_leader(
@@ -657,20 +665,15 @@ async fn observe_loop(
                 // The key too: one transaction can create two candidates' keys, with the
                 // same revisions.
                 let id = (kv.key.clone(), kv.create_revision, kv.mod_revision);
-                if let Some(send) =
-                    last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv.clone())))
-                {
-                    if tx.send(send).await.is_err() {
-                        return None;
-                    }
+                let news = last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv.clone())));
+                if !send_news(tx, news).await {
+                    return None;
                 }
                 Watch::key(kv.key.clone()).from_revision(header + 1)
             }
             None => {
-                if let Some(send) = last.vacancy() {
-                    if tx.send(send).await.is_err() {
-                        return None;
-                    }
+                if !send_news(tx, last.vacancy()).await {
+                    return None;
                 }
                 Watch::prefix(prefix).from_revision(header + 1)
             }
@@ -705,12 +708,9 @@ async fn observe_loop(
                         }
                         let id = (ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision);
                         let kv = ev.kv;
-                        if let Some(send) =
-                            last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv)))
-                        {
-                            if tx.send(send).await.is_err() {
-                                return None;
-                            }
+                        let news = last.leader(id, || LeaderEvent::Leader(Leader::from_kv(kv)));
+                        if !send_news(tx, news).await {
+                            return None;
                         }
                     }
                 }

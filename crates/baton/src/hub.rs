@@ -773,8 +773,9 @@ pub(crate) async fn keys_gone(
     Ok(None)
 }
 
-/// Read `keys`: the revision of the read if each still has its create revision, else the
-/// index of the first that does not, and whether it was deleted or replaced.
+/// Read `keys`: the revision of the read if each still has its create revision (and, with
+/// `bound_to`, that lease), else the index of the first that does not, and whether it was
+/// deleted, replaced or overwritten.
 async fn read_keys(
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],

@@ -250,20 +250,20 @@ impl Waiter {
     /// read these returns cause finds a change the watch has not delivered; each watch costs
     /// at most two of them, and only if it waits that long without an event.
     pub(crate) async fn wait(&mut self, wait: Wait) -> Result<Option<Event>> {
-        let woken = self.watch_until(&wait).await;
-        // Woken by an event, or by a broken watch. Not the doubts and gaps (`None`): those
+        // A wake-up is an event, or a broken watch. Not the doubts and gaps (`None`): those
         // reads are the wait's own bookkeeping, as the lock's waits do them unseen, and a
         // release still counts as one wake-up.
-        if matches!(&woken, Ok(Some(_))) || matches!(&woken, Err(e) if e.is_retryable()) {
-            self.count(|c| &c.wakeups);
-        }
-        match woken {
+        match self.watch_until(&wait).await {
             Ok(Some(event)) => {
+                self.count(|c| &c.wakeups);
                 self.backoff.reset();
                 Ok(Some(event))
             }
             Ok(None) => Ok(None),
             Err(e) => {
+                if e.is_retryable() {
+                    self.count(|c| &c.wakeups);
+                }
                 self.open = None;
                 self.retry(e).await.map(|()| None)
             }

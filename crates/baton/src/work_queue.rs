@@ -586,8 +586,8 @@ impl Items {
     }
 
     pub(crate) async fn count(&self) -> Result<usize> {
-        // Keys only: a count needs no value, and items may be up to 1 MiB each.
-        let resp = self.store.range(self.read(0).keys_only()).await?;
+        // `read` asks for keys only: a count needs no value, and items may be 1 MiB each.
+        let resp = self.store.range(self.read(0)).await?;
         Ok(resp.kvs.iter().filter(|kv| self.is_item(kv)).count())
     }
 }

@@ -18,7 +18,7 @@ use super::watchdog::Hold;
 use super::RedisClient;
 use crate::coordinator::{Elector, Guard, LeaderStream, Leading};
 use crate::election::{
-    poll_leader, LastSent, Leader, LeaderEvent, LeaderEvents, ObserveFailure, Observed,
+    poll_leader, send_news, LastSent, Leader, LeaderEvent, LeaderEvents, ObserveFailure, Observed,
 };
 use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_value};
@@ -242,17 +242,14 @@ async fn observe_loop(
         match read {
             Ok(Some(rec)) => {
                 let id = (rec.token.clone(), rec.ver);
-                if let Some(send) = last.leader(id, || LeaderEvent::Leader(to_leader(name, rec))) {
-                    if tx.send(send).await.is_err() {
-                        return None;
-                    }
+                let news = last.leader(id, || LeaderEvent::Leader(to_leader(name, rec)));
+                if !send_news(tx, news).await {
+                    return None;
                 }
             }
             Ok(None) => {
-                if let Some(send) = last.vacancy() {
-                    if tx.send(send).await.is_err() {
-                        return None;
-                    }
+                if !send_news(tx, last.vacancy()).await {
+                    return None;
                 }
             }
             Err(e) if e.is_access_denied() => return Some(e),
