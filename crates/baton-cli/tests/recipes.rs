@@ -1022,16 +1022,28 @@ fn watch_and_observe_without_a_reader_still_report_a_failed_connect() {
     }
 }
 
-/// `queue push --value-file -` waiting on a stdin that stays open ends on SIGTERM (and
-/// SIGINT, which this harness may run with ignored, as background jobs inherit it), pushing
-/// nothing (before: the read went on until stdin ended, the signal caught and held
-/// meanwhile).
+/// `queue push --value-file -` waiting on a stdin that stays open ends on SIGINT, SIGTERM
+/// or SIGHUP, pushing nothing (before: the read went on until stdin ended, the signal
+/// caught and held meanwhile). The child starts with the default disposition of each, as
+/// from a terminal: a harness run with `nohup` or in the background ignores some of them,
+/// and a child inherits that.
 #[test]
 fn queue_push_from_an_open_stdin_obeys_signals() {
+    use std::os::unix::process::CommandExt;
     let etcd = etcd();
     let ep = etcd.endpoint();
-    for sig in [libc::SIGTERM, libc::SIGHUP] {
-        let mut child = baton(&ep)
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let mut cmd = baton(&ep);
+        // SAFETY: only async-signal-safe calls (signal(2)) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(s, libc::SIG_DFL);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["queue", "push", "vf-q", "--value-file", "-"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
