@@ -2627,3 +2627,51 @@ async fn redlock_an_observer_that_cannot_tell_keeps_the_leader() {
     }
     leading.resign().await.unwrap();
 }
+
+/// On Redlock, a proclaim that reached one master of three (another down, the third cut off
+/// during it) failed; once the cut-off master answers again, a reader that finds the failed
+/// value on one master and the last good one on the other (the third still down) cannot
+/// tell which a quorum holds: `leader()` fails with `NoQuorum` instead of reporting the value
+/// that failed. (Before: it reported "failed" on every read while the master was down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_failed_proclaim_is_not_reported_with_a_master_down() {
+    let mut servers = RedisServers::start_async(3).await;
+    let p1 = FaultProxy::start(servers.server(1).port()).await;
+    let url = format!(
+        "redlock://{},{},{}",
+        servers.server(0).addr(),
+        p1.addr(),
+        servers.server(2).addr()
+    );
+    let ttl = Duration::from_secs(10);
+    let leader_client = builder(&url, ttl)
+        .with_request_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let name = unique("redlock-failed-proclaim");
+    let mut leading = leader_client
+        .election(&name)
+        .unwrap()
+        .campaign("v1")
+        .await
+        .unwrap();
+    // The campaign returns once a quorum holds the key; let the third SET land too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers.kill(2);
+    p1.set_both(Fault::Blackhole);
+    let err = leading.proclaim("failed").await.unwrap_err();
+    assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
+    p1.heal();
+    assert_eq!(leading.value(), b"v1");
+    let reader = connect(&servers.redlock_url(), ttl).await;
+    for _ in 0..3 {
+        match reader.election(&name).unwrap().leader().await {
+            Err(Error::NoQuorum { .. }) => {}
+            Ok(l) => assert_eq!(l.value, b"v1", "the failed proclaim was reported"),
+            Err(e) => panic!("leader(): {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(leading);
+}

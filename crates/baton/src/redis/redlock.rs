@@ -623,18 +623,33 @@ impl ClientInner {
             votes.entry(rec.token.clone()).or_default().push(rec);
         }
         let quorum = self.quorum;
-        Ok(votes
-            .into_values()
-            .find(|recs| recs.len() >= quorum)
-            .and_then(|recs| leader_value(recs, quorum))
-            // A campaign writes version 1: version 0 is a holder without a record.
-            .filter(|rec| rec.ver > 0))
+        let Some(recs) = votes.into_values().find(|recs| recs.len() >= quorum) else {
+            return Ok(None);
+        };
+        if failed > 0 && !version_confirmed(&recs, quorum) {
+            // No version of the value on a quorum among the answers, and some masters did
+            // not answer: the newest version here may be a proclaim that failed (it reached
+            // too few masters), or an older one may be the latest that a quorum holds.
+            return Err(self.no_quorum(
+                n - failed,
+                "no version of the leader's value is on a quorum of the masters that answered",
+            ));
+        }
+        // A campaign writes version 1: version 0 is a holder without a record.
+        Ok(leader_value(recs, quorum).filter(|rec| rec.ver > 0))
     }
+}
+
+/// True if a quorum of `recs` (one leader's records) holds the same version.
+fn version_confirmed(recs: &[NodeRecord], quorum: usize) -> bool {
+    recs.iter()
+        .any(|r| recs.iter().filter(|o| o.ver == r.ver).count() >= quorum)
 }
 
 /// The record to report of a leader held by a quorum: the newest version that a quorum of
 /// nodes holds (a proclaim that reached fewer nodes failed, and its value is not reported);
-/// if none is held that widely (proclaims failing one after another), the newest there is.
+/// if none is held that widely while every node answered (proclaims failing one after
+/// another), the newest there is. (With nodes missing, `read_leader` says `NoQuorum`.)
 fn leader_value(mut recs: Vec<NodeRecord>, quorum: usize) -> Option<NodeRecord> {
     recs.sort_by_key(|r| std::cmp::Reverse(r.ver));
     let confirmed = recs
