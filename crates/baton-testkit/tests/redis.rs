@@ -2675,3 +2675,45 @@ async fn redlock_a_failed_proclaim_is_not_reported_with_a_master_down() {
     }
     drop(leading);
 }
+
+/// A leader whose election record is deleted while its lock key stays (an operator's `DEL`,
+/// a cleanup script over `baton:*`, eviction) is seen by nobody: it now loses its
+/// leadership at its next extend, so another candidate can lead, instead of keeping the
+/// key for as long as its process lives. (Before: `leader()` said no leader, and another
+/// candidate waited for ever while the leader was never told.) On one server and on
+/// Redlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_record_is_deleted_steps_down() {
+    let one = RedisServer::start_async().await;
+    let three = RedisServers::start_async(3).await;
+    for (url, masters) in [
+        (one.url(), vec![one.url()]),
+        (
+            three.redlock_url(),
+            (0..3).map(|i| three.server(i).url()).collect(),
+        ),
+    ] {
+        let ttl = Duration::from_millis(900);
+        let a = connect(&url, ttl).await;
+        let b = connect(&url, ttl).await;
+        let name = unique("record-deleted");
+        let ea = a.election(&name).unwrap();
+        let eb = b.election(&name).unwrap();
+        let leading = ea.campaign("a").await.unwrap();
+        let record = format!("baton:leader:{}", ea.key());
+        for m in &masters {
+            let _: i64 = raw(m).await.del(&record).await.unwrap();
+        }
+        let lost = tokio::time::timeout(Duration::from_secs(3), leading.lost()).await;
+        assert!(lost.is_ok(), "{url}: the leader was not told");
+        let reason = leading.lost_reason().unwrap_or_default();
+        assert!(reason.contains("record"), "{url}: {reason}");
+        let other = eb
+            .campaign_timeout("b", Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: no other candidate led: {e}"));
+        assert_eq!(eb.leader().await.unwrap().value, b"b");
+        other.resign().await.unwrap();
+        drop(leading);
+    }
+}

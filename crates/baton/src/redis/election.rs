@@ -34,7 +34,8 @@ use crate::queue::with_timeout;
 ///
 /// Candidates are not queued in order: when the leader resigns or its key expires, whichever
 /// candidate sets the key first leads. Leadership ends at the latest one TTL after the
-/// leader's process dies.
+/// leader's process dies. A leader whose record is deleted (while its key stays) is seen by
+/// nobody: it loses its leadership at its next extend (a third of the TTL), and steps down.
 ///
 /// The [`Leader`] reported has `key` = the Redis key, `create_revision` = the leader's
 /// fencing token (its lock's counter; 0 on Redlock, which has none), `mod_revision` = the

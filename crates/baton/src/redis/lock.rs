@@ -383,7 +383,8 @@ async fn acquire_plain(
         }
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
-                let hold = Hold::start(client, keys.clone(), token.clone(), fence, start);
+                let election = record.is_some();
+                let hold = Hold::start(client, keys.clone(), token.clone(), fence, start, election);
                 if client.closed.is_cancelled() {
                     let _ = hold.release("close").await;
                     return Err(Error::Closed);
@@ -706,8 +707,16 @@ async fn acquire_fifo(
             grant = None;
             continue;
         }
-        let hold =
-            Hold::start_with_ttl(client, keys.clone(), token.clone(), Some(fence), start, ttl);
+        // Only locks queue (FIFO): an election's candidates do not.
+        let hold = Hold::start_with_ttl(
+            client,
+            keys.clone(),
+            token.clone(),
+            Some(fence),
+            start,
+            ttl,
+            false,
+        );
         if client.closed.is_cancelled() {
             let _ = hold.release("close").await;
             return Err(Error::Closed);

@@ -181,6 +181,8 @@ pub(crate) enum NodeExtend {
     Extended,
     Foreign,
     Gone,
+    /// A leader's election record is gone or another's.
+    RecordGone,
 }
 
 /// A script's reply part as a number (0 if absent or not a number).
@@ -651,7 +653,15 @@ impl Node {
     }
 
     /// Compare-and-PEXPIRE.
-    pub(crate) async fn extend(&self, keys: &Keys, token: &str, ttl_ms: u64) -> Result<NodeExtend> {
+    /// Compare-and-PEXPIRE. For a leader's hold (`election`), its record must carry
+    /// `token` too.
+    pub(crate) async fn extend(
+        &self,
+        keys: &Keys,
+        token: &str,
+        ttl_ms: u64,
+        election: bool,
+    ) -> Result<NodeExtend> {
         let n: i64 = self
             .run("redis extend", |mut conn| async move {
                 EXTEND
@@ -659,6 +669,7 @@ impl Node {
                     .key(&keys.record)
                     .arg(token)
                     .arg(ttl_ms)
+                    .arg(if election { "1" } else { "0" })
                     .invoke_async(&mut conn)
                     .await
             })
@@ -666,6 +677,7 @@ impl Node {
         Ok(match n {
             1 => NodeExtend::Extended,
             0 => NodeExtend::Foreign,
+            -2 => NodeExtend::RecordGone,
             _ => NodeExtend::Gone,
         })
     }

@@ -336,16 +336,22 @@ impl ClientInner {
     }
 
     /// Extend the key on every node, giving up at `until` (the local deadline).
-    pub(crate) async fn extend(&self, keys: &Keys, token: &str, until: Instant) -> Extended {
+    pub(crate) async fn extend(
+        &self,
+        keys: &Keys,
+        token: &str,
+        election: bool,
+        until: Instant,
+    ) -> Extended {
         let n = self.nodes.len();
         let q = self.quorum;
         let sent = Instant::now();
         let mut calls: Race<_> = self
             .nodes
             .iter()
-            .map(|node| node.extend(keys, token, self.opts.ttl_ms))
+            .map(|node| node.extend(keys, token, self.opts.ttl_ms, election))
             .collect();
-        let (mut ok, mut foreign, mut gone) = (0, 0, 0);
+        let (mut ok, mut foreign, mut gone, mut record_gone) = (0, 0, 0, 0);
         let mut first_error = None;
         loop {
             tokio::select! {
@@ -359,6 +365,7 @@ impl ClientInner {
                     }
                     Some(Ok(NodeExtend::Foreign)) => foreign += 1,
                     Some(Ok(NodeExtend::Gone)) => gone += 1,
+                    Some(Ok(NodeExtend::RecordGone)) => record_gone += 1,
                     Some(Err(e)) => {
                         first_error.get_or_insert(e);
                     }
@@ -370,11 +377,13 @@ impl ClientInner {
                     });
                 }
             }
-            if foreign + gone > n - q {
+            if foreign + gone + record_gone > n - q {
                 return Extended::Lost(if foreign > 0 {
                     "the lock key holds another owner's token"
-                } else {
+                } else if gone > 0 {
                     "the lock key was deleted or expired"
+                } else {
+                    "the election record was deleted"
                 });
             }
         }

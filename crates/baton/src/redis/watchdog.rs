@@ -34,6 +34,8 @@ pub(crate) struct HoldState {
     pub(crate) keys: Keys,
     pub(crate) token: String,
     pub(crate) fence: Option<i64>,
+    /// A leader's hold: its election record must stay, carrying its token.
+    pub(crate) election: bool,
     /// Cancelled when the hold is lost. A child of the client's `closed` token.
     lost: CancellationToken,
     /// The local deadline: the start of the last successful acquire or extend, plus the TTL,
@@ -129,14 +131,19 @@ pub(crate) struct Hold {
 impl Hold {
     /// Start holding `keys` with `token`, acquired at `start`: register with the client and
     /// start the watchdog (or only the deadline timer, without a watchdog).
+    ///
+    /// `election`: the hold of a leader, whose election record must stay (see
+    /// `extend.lua`).
     pub(crate) fn start(
         client: &Arc<ClientInner>,
         keys: Keys,
         token: String,
         fence: Option<i64>,
         start: Instant,
+        election: bool,
     ) -> Hold {
-        Hold::start_with_ttl(client, keys, token, fence, start, client.opts.ttl)
+        let ttl = client.opts.ttl;
+        Hold::start_with_ttl(client, keys, token, fence, start, ttl, election)
     }
 
     /// [`start`](Hold::start) for a key whose TTL was set to `ttl` (a FIFO hand-off grants
@@ -149,6 +156,7 @@ impl Hold {
         fence: Option<i64>,
         start: Instant,
         ttl: Duration,
+        election: bool,
     ) -> Hold {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let state = Arc::new(HoldState {
@@ -156,6 +164,7 @@ impl Hold {
             keys,
             token,
             fence,
+            election,
             lost: client.closed.child_token(),
             deadline: LocalDeadline::new(start, start + ttl.saturating_sub(drift(ttl))),
             stop: CancellationToken::new(),
@@ -243,7 +252,7 @@ impl Hold {
         let st = &self.state;
         match self
             .client
-            .extend(&st.keys, &st.token, st.deadline())
+            .extend(&st.keys, &st.token, st.election, st.deadline())
             .instrument(tracing::debug_span!("extend", key = %st.keys.lock))
             .await
         {
@@ -395,7 +404,7 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
         let extended = tokio::select! {
             _ = state.stop.cancelled() => return,
             r = client
-                .extend(&state.keys, &state.token, state.deadline())
+                .extend(&state.keys, &state.token, state.election, state.deadline())
                 .instrument(tracing::debug_span!("extend")) => r,
         };
         match extended {
@@ -656,6 +665,7 @@ mod tests {
                 super::super::new_token(),
                 None,
                 Instant::now(),
+                false,
             );
             // Released as `release` does, without a server to ask.
             hold.done = true;
@@ -671,6 +681,7 @@ mod tests {
             "t".into(),
             None,
             Instant::now(),
+            false,
         );
         for _ in 0..200 {
             let mut hold = Hold::start(
@@ -679,6 +690,7 @@ mod tests {
                 "u".into(),
                 None,
                 Instant::now(),
+                false,
             );
             hold.done = true;
             hold.state.stop.cancel();
