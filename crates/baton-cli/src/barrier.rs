@@ -45,6 +45,8 @@ pub(crate) struct Args {
     pub(crate) count: u32,
 
     /// Give up after DUR in all (entering and leaving) and exit 124 (default: wait for ever).
+    /// Counted once connected: connecting is bounded by --dial-timeout (exit 125 if the
+    /// backend does not answer).
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
     pub(crate) timeout: Option<Duration>,
 

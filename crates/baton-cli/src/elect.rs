@@ -55,7 +55,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
-    /// Give up campaigning after DUR and exit 124 (default: wait for ever).
+    /// Give up campaigning after DUR and exit 124 (default: wait for ever). Counted once
+    /// connected: connecting is bounded by --dial-timeout (exit 125 if the backend does not
+    /// answer).
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
     pub(crate) timeout: Option<Duration>,
 

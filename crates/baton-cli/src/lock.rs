@@ -62,7 +62,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
-    /// Give up waiting for the lock after DUR and exit 124 (default: wait for ever).
+    /// Give up waiting for the lock after DUR and exit 124 (default: wait for ever). Counted
+    /// once connected: connecting is bounded by --dial-timeout (exit 125 if the backend does
+    /// not answer).
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration, conflicts_with = "try_lock")]
     pub(crate) timeout: Option<Duration>,
 

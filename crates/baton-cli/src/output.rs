@@ -279,7 +279,8 @@ pub(crate) fn emit_held(
             "key": key,
             "fencing_token": token,
             "lease": coordinator.lease_id().map(lease_hex),
-            "ttl_secs": ttl.as_secs(),
+            // Whole seconds, rounded up as etcd rounds a lease's TTL.
+            "ttl_secs": ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0),
             "backend": coordinator.backend(),
         }),
     );

@@ -55,7 +55,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
-    /// Give up waiting for a permit after DUR and exit 124 (default: wait for ever).
+    /// Give up waiting for a permit after DUR and exit 124 (default: wait for ever). Counted
+    /// once connected: connecting is bounded by --dial-timeout (exit 125 if the backend does
+    /// not answer).
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration, conflicts_with = "try_acquire")]
     pub(crate) timeout: Option<Duration>,
 
@@ -108,7 +110,7 @@ async fn held(
                 "key": key,
                 "permits": args.permits,
                 "lease": output::lease_hex(session.lease_id()),
-                "ttl_secs": session.ttl().as_secs(),
+                "ttl_secs": session.ttl().as_secs() + u64::from(session.ttl().subsec_nanos() > 0),
             }),
         );
         None

@@ -649,3 +649,17 @@ fn parse_acquired(line: &str) -> (String, i64) {
     let (key, token) = rest.split_once(" token=").unwrap();
     (key.to_string(), token.parse().unwrap())
 }
+
+/// `--json`'s `ttl_secs` is the lease's TTL in whole seconds rounded up, as etcd grants it
+/// (`--ttl 2500ms`: a 3 s lease), not rounded down (before: 2).
+#[test]
+fn json_ttl_secs_is_rounded_up() {
+    let etcd = etcd();
+    let mut held =
+        Proc::spawn(baton(&etcd.endpoint()).args(["--json", "lock", "--ttl", "2500ms", "ttl-r"]));
+    let line: serde_json::Value = serde_json::from_str(&held.line()).unwrap();
+    assert_eq!(line["event"], "acquired", "{line}");
+    assert_eq!(line["ttl_secs"], 3, "{line}");
+    held.signal(libc::SIGTERM);
+    held.code();
+}

@@ -79,7 +79,8 @@
 //! [`DoubleBarrier`] uses `NAME/waiters/<lease id in hex>` and `NAME/ready`; a [`Queue`]
 //! holds items at `NAME/<nanoseconds>` and a [`PriorityQueue`] at
 //! `NAME/<priority, 5 digits>/<sequence, 16 digits>`, both without a lease, so items outlive
-//! their producers. A [`Semaphore`] uses `NAME/<lease id in hex>` holding `COUNT/PERMITS`; a
+//! their producers; a priority queue also rewrites the key `__NAME/<priority>` on each
+//! enqueue (Go's layout: it orders the enqueues), outside `NAME/`. A [`Semaphore`] uses `NAME/<lease id in hex>` holding `COUNT/PERMITS`; a
 //! [`CountDownLatch`] the key `NAME` holding `REMAINING/COUNT`; a [`SharedValue`] or
 //! [`SharedCount`] its key as given. Each type's documentation details its layout.
 //!
