@@ -361,8 +361,21 @@ async fn a_session_resumed_with_a_member_paused_is_not_born_lost() {
     cluster.stop(paused);
     let (mut born_lost, mut took_all) = (Vec::new(), Vec::new());
     for i in 0..ATTEMPTS {
-        // Another process: its own client, which knows nothing of the lease.
-        let b_client = Client::connect(&url).await.unwrap();
+        // Another process: its own client, which knows nothing of the lease. Connecting
+        // with a member paused fails now and then (row 8 of docs/reliability.md, tested by
+        // `connect_nearly_always_succeeds_with_one_member_of_three_paused`); this test is
+        // about `build()`, so a failed connect is tried again.
+        let mut b_client = None;
+        for _ in 0..3 {
+            match Client::connect(&url).await {
+                Ok(c) => {
+                    b_client = Some(c);
+                    break;
+                }
+                Err(e) => eprintln!("attempt {i}: connect failed ({e}); trying again"),
+            }
+        }
+        let b_client = b_client.expect("three connects failed with one member of three paused");
         let t = Instant::now();
         let b = Session::builder(&b_client)
             .with_lease(a.lease_id())
