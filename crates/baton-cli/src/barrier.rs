@@ -59,11 +59,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let deadline = args.timeout.map(|t| {
-        let now = Instant::now();
-        now.checked_add(t)
-            .unwrap_or_else(|| now + crate::supervisor::CENTURY)
-    });
+    let deadline = args.timeout.map(crate::supervisor::deadline_after);
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;

@@ -217,11 +217,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             let (first_signal, signalled) = tokio::sync::oneshot::channel::<()>();
             let mut first_signal = Some(first_signal);
             let mut interrupted_by = None;
-            let deadline = timeout.map(|t| {
-                let now = tokio::time::Instant::now();
-                now.checked_add(t)
-                    .unwrap_or_else(|| now + crate::supervisor::CENTURY)
-            });
+            let deadline = timeout.map(crate::supervisor::deadline_after);
             // The library retries a failing read or watch by itself: whether the backend
             // answers is asked once more in the wait's last second, so that a timeout can
             // tell "nothing came" from "the backend did not answer".

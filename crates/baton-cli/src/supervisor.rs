@@ -39,6 +39,13 @@ use crate::exit::{self, CliError};
 /// What a duration too long for the clock to add counts as: longer than any wait.
 pub(crate) const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// `d` from now, or a century from now if that overflows the clock (`--timeout` given a
+/// huge value).
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or_else(|| now + CENTURY)
+}
+
 /// How often the group is checked for survivors while the grace period runs.
 const GROUP_POLL: Duration = Duration::from_millis(20);
 
@@ -761,8 +768,7 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
 async fn terminate(child: &mut Child, pgid: i32, grace: Duration) {
     // --grace takes any duration humantime parses (up to u64::MAX seconds), which the
     // clock cannot always add: a grace too long to add is as good as a century.
-    let now = Instant::now();
-    let deadline = now.checked_add(grace).unwrap_or_else(|| now + CENTURY);
+    let deadline = deadline_after(grace);
     if tokio::time::timeout_at(deadline, child.wait())
         .await
         .is_ok()

@@ -759,18 +759,29 @@ pub(crate) async fn keys_gone(
         };
         let (_, create_rev) = keys[index];
         for ev in batch.events.iter().filter(|ev| ev.kv.mod_revision > seen) {
-            if ev.kind == EventKind::Delete {
-                return Ok(Some((index, "key deleted")));
-            }
-            if ev.kv.create_revision != create_rev {
-                return Ok(Some((index, "key replaced")));
-            }
-            if bound_to.is_some_and(|lease| ev.kv.lease != lease) {
-                return Ok(Some((index, "key overwritten")));
+            let now = (ev.kind != EventKind::Delete).then_some(&ev.kv);
+            if let Some(why) = gone_why(now, create_rev, bound_to) {
+                return Ok(Some((index, why)));
             }
         }
     }
     Ok(None)
+}
+
+/// Why a held key read as `kv` (`None`: not found) is no longer the one created at
+/// `create_rev` (and, with `bound_to`, bound to that lease): `"key deleted"`, `"key
+/// replaced"` or `"key overwritten"`; `None` if it still is.
+pub(crate) fn gone_why(
+    kv: Option<&crate::store::KeyValue>,
+    create_rev: Revision,
+    bound_to: Option<LeaseId>,
+) -> Option<&'static str> {
+    match kv {
+        None => Some("key deleted"),
+        Some(kv) if kv.create_revision != create_rev => Some("key replaced"),
+        Some(kv) if bound_to.is_some_and(|lease| kv.lease != lease) => Some("key overwritten"),
+        Some(_) => None,
+    }
 }
 
 /// Read `keys`: the revision of the read if each still has its create revision (and, with
@@ -787,16 +798,11 @@ async fn read_keys(
         .await?;
     for (index, (resp, (_, create_rev))) in read.responses.iter().zip(keys).enumerate() {
         let now = match resp {
-            TxnOpResponse::Get(g) => g.kvs.first().map(|kv| (kv.create_revision, kv.lease)),
+            TxnOpResponse::Get(g) => g.kvs.first(),
             _ => None,
         };
-        match now {
-            None => return Ok(Err((index, "key deleted"))),
-            Some((rev, _)) if rev != *create_rev => return Ok(Err((index, "key replaced"))),
-            Some((_, lease)) if bound_to.is_some_and(|b| b != lease) => {
-                return Ok(Err((index, "key overwritten")))
-            }
-            Some(_) => {}
+        if let Some(why) = gone_why(now, *create_rev, bound_to) {
+            return Ok(Err((index, why)));
         }
     }
     Ok(Ok(read.header_revision))

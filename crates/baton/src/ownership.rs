@@ -295,13 +295,9 @@ async fn watch_key(
         // The watch broke, its start was compacted, or it started after `after`: read the
         // key to learn where we stand.
         match store.range(Range::key(key.clone())).await {
-            Ok(resp) => match resp.kvs.first() {
-                Some(kv) if kv.create_revision == create_rev && kv.lease == lease => {
-                    after = resp.header_revision
-                }
-                Some(kv) if kv.create_revision == create_rev => return "key overwritten",
-                Some(_) => return "key replaced",
-                None => return "key deleted",
+            Ok(resp) => match crate::hub::gone_why(resp.kvs.first(), create_rev, Some(lease)) {
+                Some(why) => return why,
+                None => after = resp.header_revision,
             },
             // Refused credentials or roles do not pass with time: the key cannot be watched
             // any more, so its loss could go unseen.
