@@ -106,6 +106,13 @@ fn tls_refusal_budget(members: usize) -> usize {
 /// each 1/HEDGES of the request timeout without an answer (see `EtcdStore::hedged`).
 const HEDGES: usize = 4;
 
+/// The most copies of one request [`hedge`] sends when its share is a small part of its
+/// deadline (the connect probe, keep-alive streams): each copy lands on a member picked at
+/// random, so with one member of three silent all of `n` copies land there with probability
+/// 3^-n: 1 in 81 for [`HEDGES`] copies, which lost a connect or a resumed session now and
+/// then, 1 in 43 million for 16.
+const MAX_COPIES: usize = 16;
+
 /// Cached keep-alive streams unused for this long are closed.
 const KEEPER_IDLE: Duration = Duration::from_secs(600);
 
@@ -507,7 +514,7 @@ impl EtcdStore {
                 let answer = hedge(
                     &client,
                     deadline,
-                    dial / HEDGES as u32,
+                    dial / MAX_COPIES as u32,
                     &mut |c: &ec::Client| {
                         let mut kv = kv_client(c);
                         async move {
@@ -1041,8 +1048,9 @@ impl EtcdStore {
     }
 }
 
-/// Run `attempt` on `client`, sending a copy after each `share` without an answer (up to
-/// [`HEDGES`] copies); the first answer wins. `None` if none came before `deadline`.
+/// Run `attempt` on `client`, sending a copy after each `share` without an answer, as many
+/// as fit before `deadline` (at least [`HEDGES`], at most [`MAX_COPIES`]); the first answer
+/// wins. `None` if none came before `deadline`.
 async fn hedge<T, F, Fut>(
     client: &ec::Client,
     deadline: Instant,
@@ -1056,7 +1064,9 @@ where
     let mut running = crate::race::Race::new();
     running.push(attempt(client));
     let mut sent = 1;
-    let mut next = Instant::now() + share;
+    let now = Instant::now();
+    let copies = copies_within(deadline.saturating_duration_since(now), share);
+    let mut next = now + share;
     loop {
         tokio::select! {
             biased;
@@ -1067,7 +1077,7 @@ where
                 other => return Some(other),
             },
             _ = tokio::time::sleep_until(deadline) => return None,
-            _ = tokio::time::sleep_until(next), if sent < HEDGES => {
+            _ = tokio::time::sleep_until(next), if sent < copies => {
                 tracing::debug!(after = ?share * sent as u32, "no answer yet; sending the request again");
                 running.push(attempt(client));
                 sent += 1;
@@ -1075,6 +1085,15 @@ where
             }
         }
     }
+}
+
+/// How many copies [`hedge`] sends, one each `share`, within `window`.
+fn copies_within(window: Duration, share: Duration) -> usize {
+    if share.is_zero() {
+        return HEDGES;
+    }
+    let fit = usize::try_from(window.as_nanos() / share.as_nanos()).unwrap_or(MAX_COPIES);
+    fit.clamp(HEDGES, MAX_COPIES)
 }
 
 /// The largest reply taken from etcd: as large as etcd sends (Go's client allows
