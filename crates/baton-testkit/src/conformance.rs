@@ -1667,6 +1667,67 @@ pub async fn semaphore_limits_holders(b: &Backend) {
     assert!(keys_under(&client, &format!("{sem}/")).await.is_empty());
 }
 
+/// A waiter that is not polled (as one paused or killed) does not hold up the waiters
+/// behind it: once the keys ahead of it fit, it counts as a holder, and a waiter behind it
+/// that fits too is granted at once. Before, a waiter behind another waited for that one to
+/// be granted and rewrite its key: until its lease expired (TTL, 10 s here) with permits
+/// free (found by review: 4.8 s on etcd, 6 s on mem with a 5 s TTL).
+pub async fn semaphore_a_stuck_waiter_does_not_block_those_behind(b: &Backend) {
+    let sem = name("sem-stuck");
+    let (h, p, w) = (
+        b.session(TTL).await,
+        b.session(TTL).await,
+        b.session(TTL).await,
+    );
+    let held = Semaphore::new(&h, &sem, 4)
+        .unwrap()
+        .acquire_many(4)
+        .await
+        .unwrap();
+    let stuck = Semaphore::new(&p, &sem, 4).unwrap();
+    let stuck = stuck.acquire();
+    tokio::pin!(stuck);
+    // Polled until it has queued, then never again.
+    let admin = b.client().await;
+    let queued = async {
+        while keys_under(&admin, &format!("{sem}/")).await.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        r = &mut stuck => panic!("granted a permit of a full semaphore: {:?}", r.map(drop)),
+        () = queued => {}
+    }
+    let behind = Semaphore::new(&w, &sem, 4).unwrap();
+    let waiting = tokio::spawn(async move { behind.acquire().await });
+    let three = || async { keys_under(&admin, &format!("{sem}/")).await.len() == 3 };
+    assert!(
+        eventually(Duration::from_secs(3), three).await,
+        "the waiter behind never queued"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    held.release().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a waiter that fits waited for the stuck one ahead of it")
+        .unwrap()
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "granted {:?} after the release",
+        start.elapsed()
+    );
+    // The stuck waiter fits too: polled again, it has its permit at once.
+    let mine = tokio::time::timeout(Duration::from_secs(5), &mut stuck)
+        .await
+        .expect("the stuck waiter, polled again, was not granted")
+        .unwrap();
+    mine.release().await.unwrap();
+    got.release().await.unwrap();
+    assert!(keys_under(&admin, &format!("{sem}/")).await.is_empty());
+}
+
 /// A holder's session dies: its permit goes to the first waiter within the TTL (+1 s), and
 /// its `lost()` fires. `try_acquire` on a full semaphore, a timed-out waiter and a handle
 /// with another permit count all fail cleanly, leaving no key.

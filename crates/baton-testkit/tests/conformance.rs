@@ -127,6 +127,7 @@ all_backends!(
     cross_type_names,
     semaphore_limits_holders,
     semaphore_holder_dies,
+    semaphore_a_stuck_waiter_does_not_block_those_behind,
     barrier_and_latch,
     double_barrier_five,
     double_barrier_participant_dies,

@@ -1,5 +1,6 @@
 //! A fair distributed counting semaphore: lease-bound permits, granted in FIFO order.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,10 +35,16 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 ///
 /// # No thundering herd
 ///
-/// A waiter is woken only by changes that can let it in. The first waiter watches the
-/// holders' keys for deletion; every later waiter watches only the key just before its own,
-/// which its owner rewrites once when it is granted its permits. So a release wakes the
-/// first waiter, and each grant wakes the one waiter behind it.
+/// A waiter reads the queue again only when a change lets it in. After a read it watches
+/// the deletes under the name (one watch stream per waiter; etcd filters out the puts),
+/// and takes each deleted key's permits off what it read: no key can join the queue ahead
+/// of it, so it knows when it fits without reading. So a release of one permit makes the
+/// first waiter that fits read, and no other. Every waiter does hear every release (one
+/// small event each).
+///
+/// A waiter never waits on another waiter: one that is paused, killed or not polled counts
+/// as a holder once the keys ahead of it fit (its permits are free again when its key is
+/// deleted or its lease expires), and the waiters behind it go on as soon as they fit.
 ///
 /// # Agreeing on the permit count
 ///
@@ -311,7 +318,7 @@ impl Semaphore {
         }
     }
 
-    /// Wait until the entry holds its permits (or fail), and tell the waiter behind it.
+    /// Wait until the entry holds its permits (or fail).
     async fn hold(&self, entry: &mut Entry, count: u32, value: &str, try_only: bool) -> Result<()> {
         let my_rev = entry.my_rev();
         // A key left by an earlier process with our lease: make it say what we ask for.
@@ -321,9 +328,9 @@ impl Semaphore {
             .into_iter()
             .filter(|kv| kv.create_revision < my_rev)
             .collect();
-        let at_join = self.standing(count, &before)?;
+        let holds_at_join = self.fits(count, &before)?;
         let mut seen_at = my_rev;
-        if at_join != Standing::Holds {
+        if !holds_at_join {
             if try_only {
                 return Err(Error::NoPermits {
                     name: self.name.clone(),
@@ -333,8 +340,9 @@ impl Semaphore {
             seen_at =
                 while_alive(&self.session, self.wait_turn(entry.store(), count, my_rev)).await?;
         }
-        if at_join != Standing::Holds || resumed {
-            // Someone who read while we waited may be watching our key for this moment.
+        if !holds_at_join || resumed {
+            // Check that the key is still ours, and tell a waiter of an earlier Baton
+            // version behind it, which watches our key for this moment.
             seen_at = self.touch(entry.store(), my_rev, value).await?;
         }
         entry.reached_head(seen_at);
@@ -363,6 +371,15 @@ impl Semaphore {
 
     /// Wait until the keys before ours leave room for `count` permits; the revision at
     /// which that was seen.
+    ///
+    /// Whether they do depends only on which keys are before ours: none can be added (a
+    /// key created later queues behind us), and each keeps its count. So after a read the
+    /// waiter watches the deletes under the name (one stream, kept from wait to wait),
+    /// takes each deleted key's permits off what it read, and reads again only when that
+    /// leaves room, or when its own key goes. It never waits on another waiter's process
+    /// (before, a waiter behind another waited for that one to be granted and rewrite its
+    /// key: a waiter paused, killed or not polled held up everyone behind it until its
+    /// lease expired, with permits free).
     async fn wait_turn(
         &self,
         store: &Arc<dyn Store>,
@@ -370,29 +387,61 @@ impl Semaphore {
         my_rev: Revision,
     ) -> Result<Revision> {
         let mut waiter = Waiter::new(store).counting(self.session.client().hub());
+        let mine = self.key.as_bytes();
+        let permits = u64::from(self.permits);
         loop {
             let read = self.members_read().with_max_create_revision(my_rev);
             let resp = waiter.range(read).await?;
             let mut members = self.members(resp.kvs);
             match members.pop() {
-                Some(kv) if kv.key == self.key.as_bytes() && kv.create_revision == my_rev => {}
-                _ => return Err(not_held(self.key.as_bytes())),
+                Some(kv) if kv.key == mine && kv.create_revision == my_rev => {}
+                _ => return Err(not_held(mine)),
             }
             let header = resp.header_revision;
-            let mine = self.key.as_bytes().to_vec();
-            let wait = match self.standing(count, &members)? {
-                Standing::Holds => return Ok(header),
-                Standing::FirstWaiter(holders) => {
-                    tracing::trace!(holders = holders.len(), "waiting for a holder to leave");
-                    Wait::keys(holders.into_iter().chain([mine]), header, Until::Deleted)
+            let mut before = HashMap::with_capacity(members.len());
+            let mut used = 0_u64;
+            for kv in &members {
+                let (permits_asked, _) = self.parse(kv)?;
+                used += u64::from(permits_asked);
+                before.insert(kv.key.clone(), u64::from(permits_asked));
+            }
+            if used + u64::from(count) <= permits {
+                return Ok(header);
+            }
+            tracing::trace!(
+                before = members.len(),
+                used,
+                "waiting for permits to be released"
+            );
+            let wait = Wait::prefix(self.prefix.as_bytes(), header, Until::Deleted);
+            loop {
+                let Some(events) = waiter.wait_events(wait.clone()).await? else {
+                    break; // Read again.
+                };
+                let mut gone = false;
+                for event in &events {
+                    if event.kv.key == mine {
+                        gone = true;
+                    } else if let Some(freed) = before.remove(&event.kv.key) {
+                        used -= freed;
+                    }
                 }
-                Standing::Behind(key) => {
-                    tracing::trace!(predecessor = %String::from_utf8_lossy(&key), "waiting behind a waiter");
-                    Wait::keys([key, mine], header, Until::Changed)
+                if gone || used + u64::from(count) <= permits {
+                    waiter.woke();
+                    break;
                 }
-            };
-            waiter.wait(wait).await?;
+            }
         }
+    }
+
+    /// Whether a request for `count` permits fits behind `before`, the keys created before
+    /// it: [`Error::Mismatch`] if one of them is not a permit of a semaphore of this size.
+    fn fits(&self, count: u32, before: &[KeyValue]) -> Result<bool> {
+        let mut used = 0_u64;
+        for kv in before {
+            used += u64::from(self.parse(kv)?.0);
+        }
+        Ok(used + u64::from(count) <= u64::from(self.permits))
     }
 
     fn parse(&self, kv: &KeyValue) -> Result<(u32, u32)> {
@@ -421,39 +470,6 @@ impl Semaphore {
         }
         Ok((count, permits))
     }
-
-    /// Where a request for `count` permits stands behind `before`: the keys created before
-    /// it, in create order.
-    fn standing(&self, count: u32, before: &[KeyValue]) -> Result<Standing> {
-        let mut used = 0_u64;
-        for kv in before {
-            used += u64::from(self.parse(kv)?.0);
-        }
-        let permits = u64::from(self.permits);
-        if used + u64::from(count) <= permits {
-            return Ok(Standing::Holds);
-        }
-        // The holders are the front of the queue; the last key before us holds exactly when
-        // all of them fit.
-        match before.last() {
-            Some(last) if used > permits => Ok(Standing::Behind(last.key.clone())),
-            _ => Ok(Standing::FirstWaiter(
-                before.iter().map(|kv| kv.key.clone()).collect(),
-            )),
-        }
-    }
-}
-
-/// Where a request stands in the queue.
-#[derive(Debug, PartialEq, Eq)]
-enum Standing {
-    /// Its permits are free.
-    Holds,
-    /// Everyone before it holds: it goes when enough of these keys are deleted.
-    FirstWaiter(Vec<Vec<u8>>),
-    /// The key just before it waits too: nothing can change for us until that one is
-    /// granted (its owner rewrites it) or leaves.
-    Behind(Vec<u8>),
 }
 
 fn encode(count: u32, permits: u32) -> String {
@@ -597,32 +613,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn standing() {
+    async fn fits() {
         let client = Client::memory();
         let session = Session::new(&client).await.unwrap();
         let sem = Semaphore::new(&session, "s", 3).unwrap();
-        let (a, b, c) = (kv("s/a", "2/3"), kv("s/b", "1/3"), kv("s/c", "3/3"));
-        assert_eq!(sem.standing(1, &[]).unwrap(), Standing::Holds);
-        assert_eq!(sem.standing(3, &[]).unwrap(), Standing::Holds);
-        assert_eq!(
-            sem.standing(1, std::slice::from_ref(&a)).unwrap(),
-            Standing::Holds
-        );
-        assert_eq!(
-            sem.standing(2, std::slice::from_ref(&a)).unwrap(),
-            Standing::FirstWaiter(vec![a.key.clone()])
-        );
-        assert_eq!(
-            sem.standing(1, &[a.clone(), b.clone()]).unwrap(),
-            Standing::FirstWaiter(vec![a.key.clone(), b.key.clone()])
-        );
-        // c waits behind a and b, so whoever comes next waits behind c.
-        assert_eq!(
-            sem.standing(1, &[a.clone(), b.clone(), c.clone()]).unwrap(),
-            Standing::Behind(c.key.clone())
-        );
+        let (a, b) = (kv("s/a", "2/3"), kv("s/b", "1/3"));
+        assert!(sem.fits(1, &[]).unwrap());
+        assert!(sem.fits(3, &[]).unwrap());
+        assert!(sem.fits(1, std::slice::from_ref(&a)).unwrap());
+        assert!(!sem.fits(2, std::slice::from_ref(&a)).unwrap());
+        assert!(!sem.fits(1, &[a.clone(), b.clone()]).unwrap());
         for bad in ["1/2", "0/3", "4/3", ""] {
-            let err = sem.standing(1, &[kv("s/x", bad)]).unwrap_err();
+            let err = sem.fits(1, &[kv("s/x", bad)]).unwrap_err();
             assert!(matches!(err, Error::Mismatch { .. }), "{bad:?}: {err}");
             assert!(err.is_invalid_input());
         }

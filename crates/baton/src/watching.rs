@@ -253,16 +253,28 @@ impl Waiter {
         // A wake-up is an event, or a broken watch. Not the doubts and gaps (`None`): those
         // reads are the wait's own bookkeeping, as the lock's waits do them unseen, and a
         // release still counts as one wake-up.
+        let events = self.wait_events(wait).await?;
+        if events.is_some() {
+            self.woke();
+        }
+        Ok(events.and_then(|events| events.into_iter().next()))
+    }
+
+    /// As [`wait`](Self::wait), but every event that `wait` asks for in the batch that
+    /// brought the first (events of one revision, or of a watch catching up, come in one
+    /// batch), and no wake-up is counted for them: the caller that acts on them calls
+    /// [`woke`](Self::woke). Keep calling it with the same `wait` for the events after
+    /// those: the watches carry on where they were.
+    pub(crate) async fn wait_events(&mut self, wait: Wait) -> Result<Option<Vec<Event>>> {
         match self.watch_until(&wait).await {
-            Ok(Some(event)) => {
-                self.count(|c| &c.wakeups);
+            Ok(Some(events)) => {
                 self.backoff.reset();
-                Ok(Some(event))
+                Ok(Some(events))
             }
             Ok(None) => Ok(None),
             Err(e) => {
                 if e.is_retryable() {
-                    self.count(|c| &c.wakeups);
+                    self.woke();
                 }
                 self.open = None;
                 self.retry(e).await.map(|()| None)
@@ -270,9 +282,15 @@ impl Waiter {
         }
     }
 
-    /// The first event after the read that `wait` asks for; `None` if the watches started
-    /// after that read (read again: the next wait on the same keys is covered).
-    async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Event>> {
+    /// Count a wake-up: the waiter looks at the queue again.
+    pub(crate) fn woke(&self) {
+        self.count(|c| &c.wakeups);
+    }
+
+    /// The events after the read that `wait` asks for, from the first batch that has any;
+    /// `None` if the watches started after that read (read again: the next wait on the
+    /// same keys is covered).
+    async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Vec<Event>>> {
         if wait.keys.is_empty() {
             return Err(Error::Store("nothing to watch".into()));
         }
@@ -336,13 +354,14 @@ impl Waiter {
                 Err(Error::Compacted { .. }) => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let found = batch
+            let found: Vec<Event> = batch
                 .events
                 .into_iter()
-                .find(|e| e.kv.mod_revision >= wait.from && wait.until.matches(e));
-            if let Some(event) = found {
+                .filter(|e| e.kv.mod_revision >= wait.from && wait.until.matches(e))
+                .collect();
+            if !found.is_empty() {
                 self.open = Some(open);
-                return Ok(Some(event));
+                return Ok(Some(found));
             }
         }
         Err(watch_ended())
