@@ -15,7 +15,7 @@ Examples:
   # at most 4 encoders at a time, across every machine
   baton sem encoders --permits 4 -- ./encode.sh in.mov
 
-  # skip this run if all permits are taken (exit 124)
+  # skip this run if no permit is free for us now (exit 124)
   baton sem --try uploads --permits 2 -- ./upload.sh
 
   # give up after a minute of waiting (exit 124)
@@ -61,7 +61,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration, conflicts_with = "try_acquire")]
     pub(crate) timeout: Option<Duration>,
 
-    /// Do not wait: exit 124 at once if no permit is free.
+    /// Do not wait: exit 124 at once if the permits are not free for us now: none is
+    /// free, or others wait ahead of us (permits go in FIFO order: a request for more
+    /// permits than are free is not overtaken).
     #[arg(long = "try", id = "try_acquire")]
     pub(crate) try_acquire: bool,
 
