@@ -23,11 +23,18 @@
 //!
 //! Values are never shown: an election's value is public, but a key that only looks like a
 //! lock key may hold anything.
+//!
+//! The keys under the prefix are read without their values (a work queue's items, shared
+//! values or an application's data may be large, and `baton status` reads the whole
+//! keyspace by default); then, at that same revision, only the values that tell what the
+//! keys are: those of keys bound to a lease, and of a barrier's `NAME/ready` (see
+//! [`snapshot`]). So the answer is one consistent snapshot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use baton::store::{KeyValue, Range};
+use baton::store::{KeyValue, Range, RangeResponse, Store};
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
 use crate::cli::{self, Global};
@@ -155,10 +162,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
     let client = cli::connect(global, &global.endpoints).await?;
     let store = client.store();
-    let resp = store
-        .range(Range::prefix(args.prefix.as_bytes().to_vec()))
-        .await
-        .map_err(CliError::failed)?;
+    let resp = snapshot(store.as_ref(), args.prefix.as_bytes()).await?;
     let mut entries = group_as(&resp.kvs, args.kind);
 
     let mut leases: Vec<i64> = entries
@@ -199,6 +203,80 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     };
     printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
+}
+
+/// How many values [`snapshot`] reads at once.
+const VALUE_READS_IN_FLIGHT: usize = 32;
+
+/// The keys under `prefix`, with the values of only the keys that need them ([`needs_value`];
+/// the others' values are left empty), all as of one revision (the response's
+/// `header_revision`).
+///
+/// The keys come from one keys-only read; the values are read at its revision, at most
+/// [`VALUE_READS_IN_FLIGHT`] at once. If that revision is compacted meanwhile, everything
+/// is read again once, from scratch; a second compaction fails with a clear error.
+async fn snapshot(store: &dyn Store, prefix: &[u8]) -> Result<RangeResponse, CliError> {
+    if let Some(resp) = snapshot_once(store, prefix).await? {
+        return Ok(resp);
+    }
+    match snapshot_once(store, prefix).await? {
+        Some(resp) => Ok(resp),
+        None => Err(CliError::failed(format!(
+            "the store was compacted past the revision of the keys under {:?} while their \
+             values were read, twice; try again",
+            String::from_utf8_lossy(prefix)
+        ))),
+    }
+}
+
+/// One try of [`snapshot`]: `None` if the revision of the keys was compacted before every
+/// value needed was read at it.
+async fn snapshot_once(
+    store: &dyn Store,
+    prefix: &[u8],
+) -> Result<Option<RangeResponse>, CliError> {
+    let mut resp = store
+        .range(Range::prefix(prefix.to_vec()).keys_only())
+        .await
+        .map_err(CliError::failed)?;
+    let revision = resp.header_revision;
+    let wanted: Vec<usize> = (0..resp.kvs.len())
+        .filter(|&i| needs_value(&resp.kvs[i]))
+        .collect();
+    let read = futures::stream::iter(wanted.iter().map(|&i| {
+        let key = resp.kvs[i].key.clone();
+        async move { store.range(Range::key(key).at_revision(revision)).await }
+    }))
+    .buffered(VALUE_READS_IN_FLIGHT)
+    .try_collect::<Vec<RangeResponse>>()
+    .await;
+    let values = match read {
+        Ok(values) => values,
+        Err(baton::Error::Compacted { .. }) => return Ok(None),
+        Err(e) => return Err(CliError::failed(e)),
+    };
+    for (i, value) in wanted.into_iter().zip(values) {
+        let kv = &mut resp.kvs[i];
+        match value.kvs.into_iter().next() {
+            Some(read) if read.mod_revision == kv.mod_revision => kv.value = read.value,
+            // Cannot be at one revision; never guess a kind from a value that is not there.
+            _ => {
+                return Err(CliError::failed(format!(
+                    "key {:?} was not found as of revision {revision}, where it was listed",
+                    kv.key_str()
+                )))
+            }
+        }
+    }
+    Ok(Some(resp))
+}
+
+/// True if the kind of a key (and so of its name) depends on its value: a key bound to a
+/// lease (a lock, election, semaphore, barrier or read-write lock key), or a barrier's
+/// `NAME/ready` (the open round). Queue items and other lease-less keys are told by their
+/// keys alone.
+fn needs_value(kv: &KeyValue) -> bool {
+    kv.lease != 0 || kv.key.ends_with(BARRIER_READY.as_bytes())
 }
 
 /// `status` as JSON, each name and key that is not UTF-8 given as `name_base64` or
@@ -624,6 +702,7 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
 
     fn kv(key: &str, value: &str, rev: i64, lease: i64) -> KeyValue {
         KeyValue {
@@ -809,6 +888,115 @@ mod tests {
         // A kind that does not fit the keys: shown as what they say.
         let as_semaphore = group_as(&kvs[2..], Kind::Semaphore);
         assert_eq!(as_semaphore[0].kind, "lock");
+    }
+
+    /// The embedded store, compacting past the revision of the next `compactions`
+    /// keys-only reads right after each: as if etcd compacted between `baton status`'s
+    /// read of the keys and its reads of their values.
+    #[derive(Debug)]
+    struct CompactingStore {
+        inner: baton::store::mem::MemStore,
+        compactions: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for CompactingStore {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> baton::Result<RangeResponse> {
+            let keys_only = range.keys_only;
+            let resp = self.inner.range(range).await?;
+            let left = &self.compactions;
+            if keys_only
+                && left
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                let rev = self.inner.put(b"elsewhere", b"", 0).await?;
+                self.inner.compact(rev).await?;
+            }
+            Ok(resp)
+        }
+        async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> baton::Result<i64> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(&self, keys: baton::store::KeyRange) -> baton::Result<(i64, i64)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: baton::store::Txn) -> baton::Result<baton::store::TxnResponse> {
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> baton::Result<baton::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: i64) -> baton::Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: i64) -> baton::Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: i64) -> baton::Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(
+            &self,
+            watch: baton::store::Watch,
+        ) -> baton::Result<baton::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: i64) -> baton::Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// The values status needs are read at the revision of its keys-only read; only those
+    /// (lease-bound keys, NAME/ready); and if that revision is compacted meanwhile, all is
+    /// read again once, then status fails saying so.
+    #[tokio::test]
+    async fn snapshot_reads_needed_values_at_one_revision_and_retries_a_compaction_once() {
+        let store = CompactingStore {
+            inner: baton::store::mem::MemStore::new(),
+            compactions: 0.into(),
+        };
+        let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap().id;
+        store.put(b"q/el/1a", b"10.0.0.7", lease).await.unwrap();
+        store.put(b"q/b/ready", b"3", 0).await.unwrap();
+        store.put(b"q/data", b"large", 0).await.unwrap();
+        let values = |resp: &RangeResponse| -> Vec<(String, String)> {
+            resp.kvs
+                .iter()
+                .map(|kv| {
+                    (
+                        kv.key_str().into_owned(),
+                        String::from_utf8_lossy(&kv.value).into_owned(),
+                    )
+                })
+                .collect()
+        };
+        let want = [
+            ("q/b/ready".to_string(), "3".to_string()),
+            ("q/data".to_string(), String::new()),
+            ("q/el/1a".to_string(), "10.0.0.7".to_string()),
+        ];
+
+        let resp = snapshot(&store, b"q/").await.unwrap();
+        assert_eq!(values(&resp), want);
+
+        // Compacted once between the keys and their values: read again.
+        store.compactions.store(1, SeqCst);
+        let resp = snapshot(&store, b"q/").await.unwrap();
+        assert_eq!(values(&resp), want);
+        assert_eq!(store.compactions.load(SeqCst), 0);
+
+        // Twice: a clear error, not a wrong answer.
+        store.compactions.store(2, SeqCst);
+        let err = snapshot(&store, b"q/").await.unwrap_err();
+        assert!(
+            err.message()
+                .is_some_and(|m| m.contains("compacted") && m.contains("try again")),
+            "{err:?}"
+        );
     }
 
     #[test]

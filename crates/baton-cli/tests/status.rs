@@ -258,3 +258,76 @@ fn status_json_keeps_names_that_are_not_utf8() {
     );
     assert!(e.get("name_base64").is_none(), "{v}");
 }
+
+/// Bytes etcd has sent to its gRPC clients so far.
+fn sent_bytes(etcd: &EtcdServer) -> f64 {
+    etcd.metric("etcd_network_client_grpc_sent_bytes_total")
+        .expect("etcd_network_client_grpc_sent_bytes_total")
+}
+
+/// What `baton status ARGS` prints, and how many bytes etcd sent meanwhile.
+fn status_and_bytes(etcd: &EtcdServer, args: &[&str]) -> (String, f64) {
+    let before = sent_bytes(etcd);
+    let (out, _) = run(baton(&etcd.endpoint()).arg("status").args(args));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    (stdout(&out), sent_bytes(etcd) - before)
+}
+
+/// `baton status` reads the keys without their values, then the values of the few keys
+/// it needs (lease-bound ones, a barrier's NAME/ready): large values under the prefix (an
+/// application's data, shared values) are not downloaded, and the answer is the same.
+#[test]
+fn status_does_not_download_values_it_does_not_need() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let holder = Proc::spawn(baton(&ep).args(["lock", "big/job", "--ttl", "30s"]));
+    assert!(holder.line().starts_with("acquired big/job/"));
+    let leader = Proc::spawn(baton(&ep).args(["elect", "big/sched", "10.0.0.7:8080"]));
+    assert!(leader.line().starts_with("elected big/sched/"));
+    let (lean, lean_bytes) = status_and_bytes(&etcd, &[]);
+    let (lean_json, _) = status_and_bytes(&etcd, &["--json"]);
+
+    // 8 values of 1 MiB, no lease: an application's data under the same prefix.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let value = vec![b'x'; 1 << 20];
+        for i in 0..8 {
+            client
+                .store()
+                .put(format!("big/data/blob-{i}").as_bytes(), &value, 0)
+                .await
+                .unwrap();
+        }
+    });
+
+    let (fat, fat_bytes) = status_and_bytes(&etcd, &[]);
+    let (fat_json, _) = status_and_bytes(&etcd, &["--json"]);
+    eprintln!("etcd sent {lean_bytes} bytes for status without the data, {fat_bytes} with 8 MiB");
+    // The TTL column (the fifth) may tick down a second between the two reads.
+    let strip = |s: &str| -> Vec<Vec<String>> {
+        s.lines()
+            .map(|l| {
+                let mut cells: Vec<String> = l.split_whitespace().map(str::to_string).collect();
+                cells.remove(4);
+                cells
+            })
+            .collect()
+    };
+    assert_eq!(strip(&fat), strip(&lean), "{fat}");
+    let entries = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s.trim()).unwrap();
+        for e in v["entries"].as_array_mut().unwrap() {
+            e["holder"]["ttl_secs"] = serde_json::Value::Null;
+            for m in e["holders"].as_array_mut().unwrap() {
+                m["ttl_secs"] = serde_json::Value::Null;
+            }
+        }
+        v["entries"].clone()
+    };
+    assert_eq!(entries(&fat_json), entries(&lean_json));
+    assert!(
+        fat_bytes < lean_bytes + 64.0 * 1024.0,
+        "status downloaded the 8 MiB of values: {fat_bytes} bytes sent (without them: {lean_bytes})"
+    );
+}
