@@ -162,8 +162,8 @@ pub(crate) enum Command {
     Observe(observe::Args),
     /// Print the current leader's value.
     Leader(leader::Args),
-    /// Show the locks, elections, semaphores and barriers under a prefix: holders, token,
-    /// TTL, waiters.
+    /// Show the locks, elections, semaphores, barriers and read-write locks under a prefix
+    /// (holders, token, TTL, waiters), and the queues (items waiting).
     Status(status::Args),
     /// Watch workers share a lock with fencing, and an election fail over, in seconds.
     Demo(demo::Args),

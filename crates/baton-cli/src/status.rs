@@ -1,4 +1,5 @@
-//! `baton status [PREFIX]`: the locks, elections, semaphores and barriers under a prefix.
+//! `baton status [PREFIX]`: the locks, elections, semaphores, barriers, read-write locks
+//! and queues under a prefix.
 //!
 //! A lock or election named `NAME` is the set of keys `NAME/<lease id in hex>` bound to that
 //! lease (the layout of Baton, Go's `concurrency` package, `etcdctl lock` and `etcdctl
@@ -20,6 +21,12 @@
 //! end their keys in the creation time in decimal, not the lease: those are read too.
 //! Semaphores, barriers and read-write locks may have several holders; their token is the
 //! first holder's create revision.
+//!
+//! Work queues ([`baton::Queue`], Go's `recipe.NewQueue`) and priority queues
+//! ([`baton::PriorityQueue`], Go's `recipe.NewPriorityQueue`) are listed apart, with their
+//! item counts, told conservatively by their items' keys, which have no lease:
+//! `NAME/<19 or more decimal digits>` is an item of the queue `NAME`, and
+//! `NAME/<5 digits>/<16 digits>` one of the priority queue `NAME` (see [`queues`]).
 //!
 //! Values are never shown: an election's value is public, but a key that only looks like a
 //! lock key may hold anything.
@@ -43,9 +50,10 @@ use crate::output::{self, Output};
 
 const EXAMPLES: &str = "\
 Examples:
-  baton status                 # every lock, election, semaphore and barrier
+  baton status                 # every lock, election, semaphore, barrier, rwlock, queue
   baton status jobs/           # those whose names start with jobs/
   baton --json status | jq '.entries[] | select(.waiter_count > 0)'
+  baton --json status | jq '.queues[] | select(.item_count > 100)'
 
 Columns: NAME, KIND (lock: empty value; election: a value; semaphore: every value is
 COUNT/PERMITS; barrier: keys NAME/waiters/<lease>; rwlock: keys NAME/read/<lease> and
@@ -66,6 +74,16 @@ election named NAME/waiters whose values are all one number N with at most N can
 NAME/write as one read-write lock NAME. --kind says
 what the names are instead. Keys of Go's recipes (RWMutex, DoubleBarrier), which end in
 a decimal time instead of the lease, are shown too.
+
+Work queues (baton queue, Go's recipe.NewQueue) and priority queues (Go's
+recipe.NewPriorityQueue) follow in a second table, NAME, KIND (queue or priority_queue),
+ITEMS (how many items wait), if there are any; in JSON as the array queues, each with name
+(or name_base64), kind and item_count. They are told by their items' keys alone, which
+have no lease, and only these: NAME/<19 or more decimal digits> is an item of the queue
+NAME, NAME/<5 digits>/<16 digits> one of the priority queue NAME. Other keys (config/1,
+jobs/2024) are not listed, nor is an empty queue (it has no keys). --kind does not apply
+to queues. Values are read only for keys bound to a lease (and a barrier's NAME/ready):
+large queue items and other data under PREFIX are not downloaded.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree
@@ -146,12 +164,25 @@ pub(crate) struct Entry {
     waiters: Vec<Member>,
 }
 
+/// One work queue or priority queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct QueueEntry {
+    name: String,
+    /// The name as stored: JSON gives it as `name_base64` if it is not UTF-8.
+    #[serde(skip)]
+    name_bytes: Vec<u8>,
+    /// `queue` ([`baton::Queue`]) or `priority_queue` ([`baton::PriorityQueue`]).
+    kind: &'static str,
+    item_count: usize,
+}
+
 /// Everything under the prefix.
 #[derive(Debug, Serialize)]
 struct Status {
     prefix: String,
     revision: i64,
     entries: Vec<Entry>,
+    queues: Vec<QueueEntry>,
 }
 
 /// Run `baton status`.
@@ -195,6 +226,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         prefix: args.prefix,
         revision: resp.header_revision,
         entries,
+        queues: queues(&resp.kvs),
     };
     let printed = if out.is_json() {
         status_json(&status).and_then(|json| out.json_line(&json))
@@ -302,8 +334,73 @@ fn status_json(status: &Status) -> std::io::Result<serde_json::Value> {
             *json = output::with_bytes(std::mem::take(json), "name", &entry.name_bytes);
         }
     }
+    if let Some(queues) = json.get_mut("queues").and_then(Value::as_array_mut) {
+        for (json, queue) in queues.iter_mut().zip(&status.queues) {
+            *json = output::with_bytes(std::mem::take(json), "name", &queue.name_bytes);
+        }
+    }
     Ok(json)
 }
+
+/// The work queues and priority queues that have items among `kvs`, by name, with their
+/// item counts. Only keys of these exact shapes, with no lease, are items (an
+/// application's `config/1` or `jobs/2024` is not):
+/// - `NAME/<19 or more decimal digits>`: an item of the queue `NAME` ([`baton::Queue`],
+///   Go's `recipe.NewQueue`, whose keys end in the enqueue time in nanoseconds);
+/// - `NAME/<5 digits>/<16 digits>`: an item of the priority queue `NAME`
+///   ([`baton::PriorityQueue`], Go's `recipe.NewPriorityQueue`: the priority, then the
+///   sequence number). Its bookkeeping keys `__NAME/<5 digits>` are not counted.
+///
+/// An empty queue has no keys, and is not listed.
+pub(crate) fn queues(kvs: &[KeyValue]) -> Vec<QueueEntry> {
+    let mut counts: BTreeMap<(Vec<u8>, &'static str), usize> = BTreeMap::new();
+    for kv in kvs.iter().filter(|kv| kv.lease == 0) {
+        if let Some((name, kind)) = queue_of(&kv.key) {
+            *counts.entry((name.to_vec(), kind)).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|((name, kind), item_count)| QueueEntry {
+            name: String::from_utf8_lossy(&name).into_owned(),
+            name_bytes: name,
+            kind,
+            item_count,
+        })
+        .collect()
+}
+
+/// The queue whose item `key` is, and its kind, if the key has an item's shape (see
+/// [`queues`]).
+fn queue_of(key: &[u8]) -> Option<(&[u8], &'static str)> {
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    let (parent, last) = split_last(key)?;
+    if last.len() >= QUEUE_ITEM_DIGITS && digits(last) {
+        return Some((parent, "queue")).filter(|(name, _)| !name.is_empty());
+    }
+    let (name, priority) = split_last(parent)?;
+    let priority_item = last.len() == PRIORITY_SEQUENCE_DIGITS
+        && digits(last)
+        && priority.len() == PRIORITY_DIGITS
+        && digits(priority)
+        && !name.is_empty();
+    priority_item.then_some((name, "priority_queue"))
+}
+
+/// `key` split at its last `/`: what comes before it, and after it.
+fn split_last(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let slash = key.iter().rposition(|&b| b == b'/')?;
+    Some((&key[..slash], &key[slash + 1..]))
+}
+
+/// The fewest digits that end a work queue's item key: Baton pads the enqueue time in
+/// nanoseconds to 19, which Go's has from 2001 to 2262. (A priority queue's items end in
+/// 16.)
+const QUEUE_ITEM_DIGITS: usize = 19;
+
+/// A priority queue's item key: `NAME/<priority, 5 digits>/<sequence, 16 digits>`.
+const PRIORITY_DIGITS: usize = 5;
+const PRIORITY_SEQUENCE_DIGITS: usize = 16;
 
 /// Group lock, election, semaphore and barrier keys by name, in create-revision order,
 /// guessing each name's kind.
@@ -542,8 +639,23 @@ fn semaphore_value(value: &[u8]) -> Option<(u32, u32)> {
     baton::Semaphore::decode_value(value)
 }
 
-/// The human table.
+/// The human output: the locks' table (or a line saying there are none), then the queues'
+/// table after a blank line if there are queues.
 fn table(status: &Status) -> String {
+    let locks = locks_table(status);
+    if status.queues.is_empty() {
+        return locks;
+    }
+    let rows: Vec<Vec<String>> = status
+        .queues
+        .iter()
+        .map(|q| vec![q.name.clone(), q.kind.to_string(), q.item_count.to_string()])
+        .collect();
+    format!("{locks}\n\n{}", render(&["NAME", "KIND", "ITEMS"], &rows))
+}
+
+/// The table of locks, elections, semaphores, barriers and read-write locks.
+fn locks_table(status: &Status) -> String {
     if status.entries.is_empty() {
         return if status.prefix.is_empty() {
             "no locks or elections".to_string()
@@ -999,6 +1111,85 @@ mod tests {
         );
     }
 
+    /// Lease-less keys of a queue item's exact shape are items; nothing else is.
+    #[test]
+    fn queues_are_told_by_their_item_keys() {
+        let kvs = [
+            // Baton's and Go's queue items: the time in nanoseconds, 19 digits or more.
+            kv("jobs/1796470887636158422", "a", 3, 0),
+            kv("jobs/0000000000000000005", "b", 4, 0),
+            kv("jobs/sub/17964708876361584220", "c", 5, 0),
+            // A priority queue's items, and its bookkeeping keys (not counted).
+            kv("alerts/00005/0000000000000000", "x", 6, 0),
+            kv("alerts/00005/0000000000000001", "y", 7, 0),
+            kv("alerts/00000/0000000000000000", "z", 8, 0),
+            kv("__alerts/00005", "", 9, 0),
+            kv("__alerts/00000", "", 10, 0),
+            // An application's keys ending in numbers.
+            kv("config/1", "", 11, 0),
+            kv("jobs/2024", "", 12, 0),
+            kv("seq/0000000000000042", "", 13, 0),
+            kv("seq/000000000000000042", "", 14, 0),
+            kv("p/0005/0000000000000001", "", 15, 0),
+            kv("p/000005/0000000000000001", "", 15, 0),
+            kv("p/00005/000000000000001", "", 16, 0),
+            kv("p/00005/00000000000000001", "", 17, 0),
+            kv("/1796470887636158422", "", 18, 0),
+            kv("1796470887636158422", "", 19, 0),
+            kv("/00005/0000000000000001", "", 20, 0),
+            // Bound to a lease: a lock's or a recipe's key, never an item.
+            kv("held/1796470887636158422", "", 21, 0x1a),
+            kv("held/00005/0000000000000001", "", 22, 0x1a),
+        ];
+        let queues = queues(&kvs);
+        let found: Vec<(&str, &str, usize)> = queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.kind, q.item_count))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("alerts", "priority_queue", 3),
+                ("jobs", "queue", 2),
+                ("jobs/sub", "queue", 1),
+            ]
+        );
+    }
+
+    /// A queue's name that is not UTF-8 comes as `name_base64` in JSON; the entries are
+    /// unchanged.
+    #[test]
+    fn queue_names_that_are_not_utf8_come_as_base64() {
+        let mut item = b"q\xff/".to_vec();
+        item.extend_from_slice(b"1796470887636158422");
+        let kvs = [
+            KeyValue {
+                key: item,
+                value: Vec::new(),
+                create_revision: 3,
+                mod_revision: 3,
+                version: 1,
+                lease: 0,
+            },
+            kv("t/1796470887636158423", "", 4, 0),
+        ];
+        let status = Status {
+            prefix: String::new(),
+            revision: 4,
+            entries: group(&kvs),
+            queues: queues(&kvs),
+        };
+        let json = status_json(&status).unwrap();
+        assert_eq!(json["entries"], serde_json::json!([]));
+        assert_eq!(
+            json["queues"],
+            serde_json::json!([
+                {"name_base64": "cf8=", "kind": "queue", "item_count": 1},
+                {"name": "t", "kind": "queue", "item_count": 1},
+            ])
+        );
+    }
+
     #[test]
     fn table_lines_up() {
         let mut entries = group(&[kv("l/1", "", 4, 1), kv("l/2", "", 6, 2)]);
@@ -1007,6 +1198,7 @@ mod tests {
             prefix: String::new(),
             revision: 6,
             entries,
+            queues: Vec::new(),
         });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);

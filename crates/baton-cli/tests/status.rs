@@ -331,3 +331,104 @@ fn status_does_not_download_values_it_does_not_need() {
         "status downloaded the 8 MiB of values: {fat_bytes} bytes sent (without them: {lean_bytes})"
     );
 }
+
+/// The `queues` of `baton --json status PREFIX`, as (name, kind, item_count).
+fn queues(ep: &str, prefix: &str) -> Vec<(String, String, u64)> {
+    let (out, _) = run(baton(ep).args(["--json", "status", prefix]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    status["queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no queues array: {status}"))
+        .iter()
+        .map(|q| {
+            (
+                q["name"].as_str().unwrap().to_string(),
+                q["kind"].as_str().unwrap().to_string(),
+                q["item_count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Work queues (`baton queue`, Go's recipe.NewQueue: NAME/<19+ digits>, no lease) and
+/// priority queues (Go's recipe.NewPriorityQueue: NAME/<5 digits>/<16 digits>, no lease)
+/// are listed with their item counts: in JSON as `queues`, in the table as a second table.
+/// An application's lease-less keys ending in a number are not.
+#[test]
+fn status_lists_queues() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    for item in ["a", "b", "c"] {
+        let (out, _) = run(baton(&ep).args(["queue", "push", "wq/jobs", item]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let alerts = baton::PriorityQueue::new(&client, "wq/alerts").unwrap();
+        alerts.enqueue("disk 80%", 5).await.unwrap();
+        alerts.enqueue("disk 99%", 0).await.unwrap();
+        alerts.enqueue("disk 85%", 5).await.unwrap();
+    });
+    // An application's keys: not queues, nor items of one.
+    for key in ["wq/config/1", "wq/jobs/2024", "wq/builds/0000000000000042"] {
+        assert!(etcd.etcdctl(["put", key, "x"]).status.success());
+    }
+    let holder = Proc::spawn(baton(&ep).args(["lock", "wq/deploy"]));
+    assert!(holder.line().starts_with("acquired wq/deploy/"));
+
+    let both = vec![
+        ("wq/alerts".to_string(), "priority_queue".to_string(), 3),
+        ("wq/jobs".to_string(), "queue".to_string(), 3),
+    ];
+    assert_eq!(queues(&ep, "wq/"), both);
+    // The whole keyspace: the priority queue's bookkeeping keys (__wq/alerts/00005) are
+    // no queue either.
+    assert_eq!(queues(&ep, ""), both);
+    assert_eq!(queues(&ep, "wq/j"), both[1..]);
+    assert_eq!(queues(&ep, "wq/al"), both[..1]);
+    assert_eq!(queues(&ep, "config"), []);
+    // --kind is about the lock-like names; queues are listed all the same.
+    let (out, _) = run(baton(&ep).args(["--json", "status", "--kind", "lock", "wq/"]));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["queues"].as_array().unwrap().len(), 2, "{v}");
+    // The entries are as they were.
+    let deploy = entry(&ep, "wq/", "wq/deploy");
+    assert_eq!(deploy["kind"], "lock", "{deploy}");
+    let (out, _) = run(baton(&ep).args(["--json", "status", "wq/"]));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1, "{v}");
+
+    // Human: the locks' table, then the queues'.
+    let (out, _) = run(baton(&ep).args(["status", "wq/"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert!(lines[0].starts_with("NAME"), "{text}");
+    assert!(lines[1].starts_with("wq/deploy "), "{text}");
+    assert_eq!(lines[2], "", "{text}");
+    let cells = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(cells(lines[3]), ["NAME", "KIND", "ITEMS"], "{text}");
+    assert_eq!(
+        cells(lines[4]),
+        ["wq/alerts", "priority_queue", "3"],
+        "{text}"
+    );
+    assert_eq!(cells(lines[5]), ["wq/jobs", "queue", "3"], "{text}");
+    // Queues only: the usual line for no locks, then the queues.
+    let (out, _) = run(baton(&ep).args(["status", "wq/jobs"]));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(
+        lines[0], "no locks or elections under \"wq/jobs\"",
+        "{text}"
+    );
+    assert_eq!(lines[1], "", "{text}");
+    assert_eq!(cells(lines[3]), ["wq/jobs", "queue", "3"], "{text}");
+    // No queues: no second table.
+    let (out, _) = run(baton(&ep).args(["status", "wq/d"]));
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+}
