@@ -780,6 +780,9 @@ async fn redis_status(global: &Global, out: &Output, prefix: String) -> Result<u
             "prefix": prefix,
             "backend": coordinator.backend(),
             "entries": entries,
+            // Baton has no queues on Redis; the field is there so that one script (`jq
+            // '.queues[]'`) reads every backend's status.
+            "queues": [],
         }))
     } else if entries.is_empty() {
         out.text(&if prefix.is_empty() {

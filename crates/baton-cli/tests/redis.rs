@@ -224,6 +224,7 @@ fn elect_leader_observe_status() {
     assert_eq!(entries[0]["kind"], "election");
     assert_eq!(entries[0]["fencing_token"], token);
     assert!(entries[0]["ttl_ms"].as_u64().unwrap() > 0);
+    assert_eq!(status["queues"], serde_json::json!([]), "{status}");
 
     leader.signal(libc::SIGTERM);
     assert_eq!(leader.code(), 0);
