@@ -1,0 +1,77 @@
+//! `Stm` against a real etcd: the cases of `crates/baton/tests/stm.rs` that depend on what
+//! etcd accepts and how it fails.
+//!
+//! Each test starts its own etcd on free loopback ports. Without etcd these tests fail with
+//! a message saying so; set `BATON_SKIP_ETCD=1` to skip them instead.
+
+#![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
+
+use std::time::Duration;
+
+use baton::store::Range;
+use baton::{Client, Error, Isolation, Stm};
+use baton_testkit::{etcd_available, EtcdServer};
+
+/// False (after saying why) if etcd is missing and `BATON_SKIP_ETCD=1`; panics if it is
+/// missing otherwise.
+fn require_etcd() -> bool {
+    // RUST_LOG=baton=debug shows retries.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    if etcd_available() {
+        return true;
+    }
+    let bin = baton_testkit::etcd_bin();
+    if std::env::var_os("BATON_SKIP_ETCD").is_some_and(|v| v == "1") {
+        eprintln!("skipping: etcd not available ({bin:?}); BATON_SKIP_ETCD=1");
+        return false;
+    }
+    panic!(
+        "etcd is not available ({bin:?}): install it (Debian: etcd-server) or set \
+         BATON_ETCD_BIN; set BATON_SKIP_ETCD=1 to skip these tests"
+    );
+}
+
+async fn client(etcd: &EtcdServer, request_timeout: Duration) -> Client {
+    Client::builder(&etcd.endpoint())
+        .with_dial_timeout(Duration::from_secs(3))
+        .with_request_timeout(request_timeout)
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
+    let resp = client.store().range(Range::key(key)).await.unwrap();
+    resp.kvs.into_iter().next().map(|kv| kv.value)
+}
+
+/// At `ReadCommitted` nothing is compared, so the commit cannot fail: 200 keys read and
+/// one written commit (etcd would refuse a failure branch of 200 re-reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_committed_many_reads_one_write() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let client = client(&etcd, Duration::from_secs(5)).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("rc/{i:03}")).collect();
+    let stm = Stm::new(&client).with_isolation(Isolation::ReadCommitted);
+    let with_write = stm
+        .run(|tx| {
+            let keys = keys.clone();
+            async move {
+                let n = tx.get_many(keys.iter()).await?.len();
+                tx.put("rc/count", n.to_string());
+                Ok::<_, Error>(n)
+            }
+        })
+        .await;
+    assert!(with_write.is_ok(), "{}", with_write.unwrap_err());
+    assert_eq!(
+        value(&client, "rc/count").await.as_deref(),
+        Some(&b"200"[..])
+    );
+}
