@@ -29,20 +29,25 @@ pub const MAX_TXN_KEYS: usize = 128;
 ///
 /// | level | reads see | the commit fails if, since the transaction read them… | conserves invariants across keys |
 /// |---|---|---|---|
-/// | `SerializableSnapshot` | one snapshot | …a key it read or wrote was written | yes |
+/// | `SerializableSnapshot` | one snapshot | …a key it read was written, or a key it wrote was put (not deleted) | yes |
 /// | `Serializable` | one snapshot | …a key it read was written | yes |
 /// | `RepeatableReads` | each key as of its first read | …a key it read was written | yes, but the closure may see states that never existed |
 /// | `ReadCommitted` | each key as of its first read | never | no: concurrent updates can be lost |
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Isolation {
-    /// Serializable, and also no write to a key this transaction writes since its snapshot.
+    /// Serializable, and also no put to a key this transaction writes since its snapshot.
     ///
     /// Every read is served at the revision of the transaction's first read (its
     /// snapshot), so the closure always sees a state of the store that existed. The commit
-    /// succeeds only if no key it read changed, and no key it writes was written after the
-    /// snapshot: a blind write (a key written without being read) also conflicts with a
-    /// concurrent writer. The strictest level, and the default.
+    /// succeeds only if no key it read changed (was put or deleted), and no key it writes
+    /// was put after the snapshot: a blind write (a key written without being read) also
+    /// conflicts with a concurrent put of that key. It does not conflict with a concurrent
+    /// *delete* of that key: the guard is "the key's mod revision is at most the
+    /// snapshot", and a deleted key has none (0), as in Go. Read a key first if a
+    /// concurrent delete of it must be a conflict. A transaction that reads nothing has no
+    /// snapshot, and its blind writes are not guarded at all. The strictest level, and the
+    /// default.
     #[default]
     SerializableSnapshot,
     /// Reads from one snapshot; the commit succeeds only if no key it read has changed.
