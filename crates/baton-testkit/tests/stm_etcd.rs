@@ -122,3 +122,33 @@ async fn blind_write_conflicts_with_a_put_not_a_delete() {
     assert_eq!(blind_write_attempts(&a, &b, false).await, 2);
     assert_eq!(blind_write_attempts(&a, &b, true).await, 1);
 }
+
+/// All the writes of a transaction go in one request, which etcd limits to 1.5 MiB
+/// (`--max-request-bytes`): one value of `MAX_VALUE_LEN` commits, two are refused at the
+/// commit with `InvalidArgument`, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_share_one_request_size_limit() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let client = client(&etcd, Duration::from_secs(5)).await;
+    let err = Stm::new(&client)
+        .run(|tx| async move {
+            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
+            tx.put("big/2", vec![b'x'; baton::MAX_VALUE_LEN]);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert!(err.to_string().contains("request is too large"), "{err}");
+    assert_eq!(value(&client, "big/1").await, None);
+    Stm::new(&client)
+        .run(|tx| async move {
+            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+}

@@ -123,6 +123,14 @@ impl Isolation {
 /// limited (they are fetched 128 at a time); only the writes count. Larger transactions fail
 /// with [`Error::InvalidArgument`] before the commit is sent.
 ///
+/// All of a transaction's writes also go in one request, and etcd refuses a request over
+/// 1.5 MiB (`--max-request-bytes`, counted encoded: keys, values and compares). Each value
+/// may be up to [`MAX_VALUE_LEN`](crate::MAX_VALUE_LEN) (1 MiB, checked before the commit
+/// is sent), but the values together must stay under the request limit: two puts of 1 MiB
+/// do not fit. Such a commit is refused by the store (the embedded store applies etcd's
+/// default limit) with [`Error::InvalidArgument`] ("request is too large"); nothing is
+/// written, and running it again cannot help.
+///
 /// # Examples
 ///
 /// ```

@@ -74,3 +74,29 @@ async fn blind_write_conflicts_with_a_put_not_a_delete() {
     assert_eq!(blind_write_attempts(&Client::memory(), false).await, 2);
     assert_eq!(blind_write_attempts(&Client::memory(), true).await, 1);
 }
+
+/// All the writes of a transaction go in one request, which etcd limits to 1.5 MiB
+/// (`--max-request-bytes`): one value of `MAX_VALUE_LEN` commits, two are refused at the
+/// commit with `InvalidArgument`, and nothing is written.
+#[tokio::test]
+async fn writes_share_one_request_size_limit() {
+    let client = Client::memory();
+    let err = Stm::new(&client)
+        .run(|tx| async move {
+            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
+            tx.put("big/2", vec![b'x'; baton::MAX_VALUE_LEN]);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert!(err.to_string().contains("request is too large"), "{err}");
+    assert_eq!(value(&client, "big/1").await, None);
+    Stm::new(&client)
+        .run(|tx| async move {
+            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+}
