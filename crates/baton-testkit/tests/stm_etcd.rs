@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use baton::store::{KeyRange, Range};
@@ -36,7 +37,11 @@ fn require_etcd() -> bool {
 }
 
 async fn client(etcd: &EtcdServer, request_timeout: Duration) -> Client {
-    Client::builder(&etcd.endpoint())
+    connect(&etcd.endpoint(), request_timeout).await
+}
+
+async fn connect(endpoint: &str, request_timeout: Duration) -> Client {
+    Client::builder(endpoint)
         .with_dial_timeout(Duration::from_secs(3))
         .with_request_timeout(request_timeout)
         .connect()
@@ -151,4 +156,116 @@ async fn writes_share_one_request_size_limit() {
         })
         .await
         .unwrap();
+}
+
+fn number(v: Option<Vec<u8>>) -> i64 {
+    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Add one to `x` in a transaction of its own (at the default level).
+async fn increment(client: &Client) {
+    Stm::new(client)
+        .run(|tx| async move {
+            let x = number(tx.get("x").await?);
+            tx.put("x", (x + 1).to_string());
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+}
+
+/// Two increments of `x = 10` at the default level. The first one's read of `x` fails,
+/// made to fail by `read`, and its body swallows the error (`unwrap_or(None)`: as if `x`
+/// did not exist); the second commits before the first does. Returns what the first `run`
+/// returned and the final `x`.
+///
+/// The first read left `x` out of the read set, so a commit would not guard it: the first
+/// increment would overwrite the second (x = 1, both `Ok`). It must fail instead.
+async fn increment_after_a_failed_read<R, Fut>(
+    slow: &Client,
+    other: &Client,
+    read: R,
+) -> (Result<(), Error>, i64)
+where
+    R: Fn(baton::StmTx) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Vec<u8>>, Error>>,
+{
+    other.store().put(b"x", b"10", 0).await.unwrap();
+    let failed = AtomicU32::new(0);
+    let result = Stm::new(slow)
+        .run(|tx| {
+            let (read, failed) = (&read, &failed);
+            async move {
+                let got = read(tx.clone()).await;
+                if got.is_err() {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    increment(other).await;
+                }
+                let x = number(got.unwrap_or(None));
+                tx.put("x", (x + 1).to_string());
+                Ok::<_, Error>(())
+            }
+        })
+        .await;
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        1,
+        "the read did not fail once"
+    );
+    (result, number(value(other, "x").await))
+}
+
+/// A read that fails (here: it times out while etcd is paused) fails the attempt, even if
+/// the body swallows the error: nothing is written and `run` returns the read's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_fails_the_attempt() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = Arc::new(StdMutex::new(EtcdServer::start_async().await));
+    let endpoint = etcd.lock().unwrap().endpoint();
+    let slow = connect(&endpoint, Duration::from_millis(500)).await;
+    let other = connect(&endpoint, Duration::from_secs(5)).await;
+    let (result, x) = increment_after_a_failed_read(&slow, &other, |tx| {
+        let etcd = etcd.clone();
+        async move {
+            etcd.lock().unwrap().stop();
+            let got = tx.get("x").await;
+            etcd.lock().unwrap().cont();
+            got
+        }
+    })
+    .await;
+    assert_eq!(x, 11, "the concurrent increment was lost ({result:?})");
+    let err = result.unwrap_err();
+    eprintln!("run returned: {err}");
+    assert!(err.is_retryable(), "{err}");
+}
+
+/// A read dropped before it finished (here: by a timeout around it, while etcd is paused)
+/// fails the attempt: nothing is written and `run` returns `InvalidArgument`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_read_fails_the_attempt() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = Arc::new(StdMutex::new(EtcdServer::start_async().await));
+    let endpoint = etcd.lock().unwrap().endpoint();
+    let slow = connect(&endpoint, Duration::from_secs(5)).await;
+    let other = connect(&endpoint, Duration::from_secs(5)).await;
+    let (result, x) = increment_after_a_failed_read(&slow, &other, |tx| {
+        let etcd = etcd.clone();
+        async move {
+            etcd.lock().unwrap().stop();
+            let got = tokio::time::timeout(Duration::from_millis(200), tx.get("x")).await;
+            etcd.lock().unwrap().cont();
+            got.map_err(|_| Error::InvalidArgument("timed out".into()))?
+        }
+    })
+    .await;
+    assert_eq!(x, 11, "the concurrent increment was lost ({result:?})");
+    let err = result.unwrap_err();
+    eprintln!("run returned: {err}");
+    assert!(err.is_invalid_input(), "{err}");
 }

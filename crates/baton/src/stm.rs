@@ -96,7 +96,9 @@ impl Isolation {
 /// compares on what was read (see [`Isolation`]). If the guard fails, another writer came
 /// first: the closure is called again, with the keys it read already fetched at the
 /// failed commit's revision (one round trip saved). If the closure returns `Err`, nothing
-/// is written and the error is returned.
+/// is written and the error is returned. A read that failed, or was cancelled, fails the
+/// attempt even if the closure goes on: nothing is written and its error is returned (see
+/// "Failed reads" on [`run`](Stm::run)).
 ///
 /// The closure may run several times: keep it free of side effects outside the store.
 ///
@@ -223,9 +225,21 @@ impl Stm {
     /// Run `apply` until its writes commit, and return what it returned.
     ///
     /// `apply` gets a fresh [`StmTx`] per attempt. If it returns `Err`, nothing is written
-    /// and the error is returned. Store errors during reads are returned to `apply` (and,
-    /// with `?`, from `run`); a failed commit returns its error. Give up after
+    /// and the error is returned. A failed commit returns its error. Give up after
     /// [`with_max_attempts`](Stm::with_max_attempts) conflicts with [`Error::Conflict`].
+    ///
+    /// # Failed reads
+    ///
+    /// A read that fails (a store error) returns the error to `apply`, and also fails the
+    /// attempt: even if `apply` swallows the error and returns `Ok`, nothing is written
+    /// and `run` returns that read's error. A read dropped before it finished (by a
+    /// timeout or a `select!` around it) fails the attempt the same way, and `run`
+    /// returns [`Error::InvalidArgument`]. The keys such a read did not record could not
+    /// be guarded at the commit, which could then overwrite a concurrent update; Go's STM
+    /// aborts on a failed read too. `run` does not run `apply` again after a failed read,
+    /// whether or not the error [`is_retryable`](Error::is_retryable): as after a failed
+    /// commit, it runs `apply` again only after a conflict, or when its snapshot was
+    /// compacted away. Call `run` again if the error allows it.
     ///
     /// # Cancel safety
     ///
@@ -264,6 +278,10 @@ impl Stm {
                     continue;
                 }
                 let value = out?;
+                if let Some(e) = state.failed_read {
+                    tracing::debug!(attempt, error = %e, "a read failed; not committing");
+                    return Err(e.into());
+                }
                 match commit(&store, self.isolation, state).await? {
                     Commit::Done => {
                         tracing::debug!(attempt, "committed");
@@ -303,6 +321,9 @@ struct Attempt {
     prefetched: Prefetched,
     /// A snapshot read hit a compacted revision: start over with a new snapshot.
     restart: bool,
+    /// The first read that failed, or was dropped before it finished: the keys it did not
+    /// record could not be guarded, so the attempt must not commit.
+    failed_read: Option<Error>,
 }
 
 /// One attempt of an [`Stm`] transaction: reads from the store, buffered writes.
@@ -359,9 +380,16 @@ impl StmTx {
     /// The value of `key`: this transaction's own write if it wrote it, else the value read
     /// (`None` if the key does not exist or this transaction deleted it).
     ///
+    /// # Errors
+    ///
+    /// A store error. It also fails the attempt, even if the closure goes on: see
+    /// [`Stm::run`].
+    ///
     /// # Cancel safety
     ///
-    /// Cancel safe.
+    /// Dropping the future before it finished fails the attempt if the key was not read
+    /// yet: [`Stm::run`] then writes nothing and returns [`Error::InvalidArgument`]. (A
+    /// future dropped before it was first polled did nothing.)
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let mut values = self.get_many([key]).await?;
         Ok(values.pop().flatten())
@@ -370,9 +398,14 @@ impl StmTx {
     /// The values of `keys`, in order, as [`get`](StmTx::get); keys not read yet are read
     /// in one round trip.
     ///
+    /// # Errors
+    ///
+    /// As [`get`](StmTx::get).
+    ///
     /// # Cancel safety
     ///
-    /// Cancel safe.
+    /// As [`get`](StmTx::get): dropping the future before it finished fails the attempt if
+    /// one of the keys was not read yet.
     pub async fn get_many<K: AsRef<[u8]>>(
         &self,
         keys: impl IntoIterator<Item = K>,
@@ -402,9 +435,13 @@ impl StmTx {
     /// The mod revision of `key` as this transaction read it (reading it if needed; 0 if it
     /// does not exist). This transaction's own writes do not count.
     ///
+    /// # Errors
+    ///
+    /// As [`get`](StmTx::get).
+    ///
     /// # Cancel safety
     ///
-    /// Cancel safe.
+    /// As [`get`](StmTx::get).
     pub async fn rev(&self, key: impl AsRef<[u8]>) -> Result<Revision> {
         let key = key.as_ref().to_vec();
         self.fetch(std::slice::from_ref(&key)).await?;
@@ -427,7 +464,26 @@ impl StmTx {
     }
 
     /// Make sure every key of `keys` is in the read set.
+    ///
+    /// A read that fails, or is dropped before it finishes, fails the attempt (see
+    /// [`Stm::run`]): the keys it did not record could not be guarded at the commit.
     async fn fetch(&self, keys: &[Vec<u8>]) -> Result<()> {
+        let mut unfinished = UnfinishedRead {
+            tx: self,
+            keys,
+            done: false,
+        };
+        let result = self.fetch_unguarded(keys).await;
+        unfinished.done = true;
+        if let Err(e) = &result {
+            self.state()
+                .failed_read
+                .get_or_insert_with(|| copy_error(e));
+        }
+        result
+    }
+
+    async fn fetch_unguarded(&self, keys: &[Vec<u8>]) -> Result<()> {
         let _reading = self.reading.lock().await;
         let missing: Vec<Vec<u8>> = {
             let mut guard = self.state();
@@ -482,6 +538,105 @@ impl StmTx {
             );
         }
         Ok(())
+    }
+}
+
+/// A read in progress: if it is dropped before it finished and left keys unread, the
+/// attempt fails.
+struct UnfinishedRead<'a> {
+    tx: &'a StmTx,
+    keys: &'a [Vec<u8>],
+    done: bool,
+}
+
+impl Drop for UnfinishedRead<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.tx.state();
+        if self.keys.iter().any(|k| !st.reads.contains_key(k)) {
+            st.failed_read.get_or_insert_with(|| {
+                Error::invalid(
+                    "stm: a read was cancelled before it finished, so the commit could not \
+                     guard what it was reading; nothing was written (return an error from \
+                     the closure when a read does not finish)",
+                )
+            });
+        }
+    }
+}
+
+/// A copy of `e`, for the read error that both the closure and [`Stm::run`] return.
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::InvalidEndpoint { endpoint, reason } => Error::InvalidEndpoint {
+            endpoint: endpoint.clone(),
+            reason: reason.clone(),
+        },
+        Error::Connect {
+            endpoints,
+            timeout,
+            reason,
+        } => Error::Connect {
+            endpoints: endpoints.clone(),
+            timeout: *timeout,
+            reason: reason.clone(),
+        },
+        Error::Timeout { operation, after } => Error::Timeout {
+            operation,
+            after: *after,
+        },
+        Error::Locked { name } => Error::Locked { name: name.clone() },
+        Error::AlreadyHeld { name } => Error::AlreadyHeld { name: name.clone() },
+        Error::SessionLost { reason } => Error::SessionLost {
+            reason: reason.clone(),
+        },
+        Error::NotHeld { key } => Error::NotHeld { key: key.clone() },
+        Error::NoLeader { name } => Error::NoLeader { name: name.clone() },
+        Error::NotLeader { name } => Error::NotLeader { name: name.clone() },
+        Error::NoPermits { name } => Error::NoPermits { name: name.clone() },
+        Error::Mismatch { name, reason } => Error::Mismatch {
+            name: name.clone(),
+            reason: reason.clone(),
+        },
+        Error::BarrierFull { name } => Error::BarrierFull { name: name.clone() },
+        Error::InvalidData { key, reason } => Error::InvalidData {
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        Error::Conflict { attempts } => Error::Conflict {
+            attempts: *attempts,
+        },
+        Error::Compacted {
+            requested,
+            compact_revision,
+        } => Error::Compacted {
+            requested: *requested,
+            compact_revision: *compact_revision,
+        },
+        Error::LeaseNotFound(id) => Error::LeaseNotFound(*id),
+        Error::Store(m) => Error::Store(m.clone()),
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::NoQuorum {
+            reached,
+            needed,
+            nodes,
+            reason,
+        } => Error::NoQuorum {
+            reached: *reached,
+            needed: *needed,
+            nodes: *nodes,
+            reason: reason.clone(),
+        },
+        Error::Tls { endpoints, reason } => Error::Tls {
+            endpoints: endpoints.clone(),
+            reason: reason.clone(),
+        },
+        Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+        Error::Closed => Error::Closed,
     }
 }
 
