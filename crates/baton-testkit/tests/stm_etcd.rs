@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use baton::store::{KeyRange, Range};
 use baton::{Client, Error, Isolation, Stm};
+use baton_testkit::proxy::{Direction, Fault, FaultProxy};
 use baton_testkit::{etcd_available, EtcdServer};
 
 /// False (after saying why) if etcd is missing and `BATON_SKIP_ETCD=1`; panics if it is
@@ -268,4 +269,39 @@ async fn a_cancelled_read_fails_the_attempt() {
     let err = result.unwrap_err();
     eprintln!("run returned: {err}");
     assert!(err.is_invalid_input(), "{err}");
+}
+
+/// A commit whose answer is lost fails with a retryable error although it was applied:
+/// running the transaction again would add one twice. As `Stm::run` documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_timed_out_may_have_been_applied() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let proxy = FaultProxy::start(etcd.client_port()).await;
+    let slow = connect(&proxy.url("http"), Duration::from_millis(500)).await;
+    let other = client(&etcd, Duration::from_secs(5)).await;
+    other.store().put(b"x", b"10", 0).await.unwrap();
+    let result = Stm::new(&slow)
+        .run(|tx| {
+            let proxy = &proxy;
+            async move {
+                let x = number(tx.get("x").await?);
+                tx.put("x", (x + 1).to_string());
+                // The commit reaches etcd; its answer does not come back.
+                proxy.set(Direction::ServerToClient, Fault::Blackhole);
+                Ok::<_, Error>(())
+            }
+        })
+        .await;
+    proxy.heal();
+    let err = result.unwrap_err();
+    eprintln!("run returned: {err}");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(
+        number(value(&other, "x").await),
+        11,
+        "the commit was not applied"
+    );
 }

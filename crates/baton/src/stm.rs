@@ -228,6 +228,16 @@ impl Stm {
     /// and the error is returned. A failed commit returns its error. Give up after
     /// [`with_max_attempts`](Stm::with_max_attempts) conflicts with [`Error::Conflict`].
     ///
+    /// # A failed commit may have been applied
+    ///
+    /// A commit that failed with [`Error::Timeout`], [`Error::Unavailable`] or
+    /// [`Error::Store`] may have been applied: the store can commit it and its answer be
+    /// lost on the way back. Those errors are [`is_retryable`](Error::is_retryable), but
+    /// calling `run` again after such a commit applies the writes a second time, computed
+    /// from the store as it is then (an increment is counted twice). Where that matters,
+    /// have the transaction also write a key unique to the operation (an operation id),
+    /// and first check, in the retry, whether that key exists.
+    ///
     /// # Failed reads
     ///
     /// A read that fails (a store error) returns the error to `apply`, and also fails the
