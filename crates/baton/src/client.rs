@@ -366,8 +366,11 @@ impl ClientBuilder {
             Endpoints::Redis(_) | Endpoints::Redlock(_) => {
                 return Err(Error::InvalidEndpoint {
                     endpoint: redacted,
-                    reason: "redis is not a revisioned store: connect with baton::Coordinator \
-                             (or baton::redis::RedisClient) instead of baton::Client"
+                    reason: "redis is not a revisioned store: baton::Client, and all that is \
+                             built on it (sessions, Stm, SharedValue and the other recipes), \
+                             needs etcd (http://, etcd://) or the embedded store (mem://); \
+                             for locks and elections on Redis, use baton::Coordinator or \
+                             baton::redis::RedisClient"
                         .into(),
                 })
             }

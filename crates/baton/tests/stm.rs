@@ -144,3 +144,23 @@ async fn a_failed_read_fails_the_attempt() {
     assert!(err.is_invalid_input(), "{err}");
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
 }
+
+/// `Stm` and `SharedValue` are built on a `Client`, which Redis cannot back: the refusal
+/// says what they need, and sends to `Coordinator` only for what it offers.
+#[tokio::test]
+async fn redis_urls_are_refused_with_an_accurate_message() {
+    for url in ["redis://127.0.0.1:6379", "redlock://a:1,b:2,c:3"] {
+        let err = Client::connect(url).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{url}: {err}");
+        let msg = err.to_string();
+        for needed in [
+            "Stm",
+            "SharedValue",
+            "etcd",
+            "mem://",
+            "locks and elections",
+        ] {
+            assert!(msg.contains(needed), "{url}: {needed:?} not in {msg:?}");
+        }
+    }
+}
