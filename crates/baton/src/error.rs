@@ -10,7 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Messages are lowercase and never contain values, passwords or tokens. Use the classifier
 /// methods ([`is_timeout`](Error::is_timeout), [`is_lost`](Error::is_lost),
 /// [`is_retryable`](Error::is_retryable)) rather than matching on the text.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The caller passed something Baton refuses before any network call: an empty or

@@ -486,9 +486,7 @@ impl StmTx {
         let result = self.fetch_unguarded(keys).await;
         unfinished.done = true;
         if let Err(e) = &result {
-            self.state()
-                .failed_read
-                .get_or_insert_with(|| copy_error(e));
+            self.state().failed_read.get_or_insert_with(|| e.clone());
         }
         result
     }
@@ -574,79 +572,6 @@ impl Drop for UnfinishedRead<'_> {
                 )
             });
         }
-    }
-}
-
-/// A copy of `e`, for the read error that both the closure and [`Stm::run`] return.
-fn copy_error(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::InvalidEndpoint { endpoint, reason } => Error::InvalidEndpoint {
-            endpoint: endpoint.clone(),
-            reason: reason.clone(),
-        },
-        Error::Connect {
-            endpoints,
-            timeout,
-            reason,
-        } => Error::Connect {
-            endpoints: endpoints.clone(),
-            timeout: *timeout,
-            reason: reason.clone(),
-        },
-        Error::Timeout { operation, after } => Error::Timeout {
-            operation,
-            after: *after,
-        },
-        Error::Locked { name } => Error::Locked { name: name.clone() },
-        Error::AlreadyHeld { name } => Error::AlreadyHeld { name: name.clone() },
-        Error::SessionLost { reason } => Error::SessionLost {
-            reason: reason.clone(),
-        },
-        Error::NotHeld { key } => Error::NotHeld { key: key.clone() },
-        Error::NoLeader { name } => Error::NoLeader { name: name.clone() },
-        Error::NotLeader { name } => Error::NotLeader { name: name.clone() },
-        Error::NoPermits { name } => Error::NoPermits { name: name.clone() },
-        Error::Mismatch { name, reason } => Error::Mismatch {
-            name: name.clone(),
-            reason: reason.clone(),
-        },
-        Error::BarrierFull { name } => Error::BarrierFull { name: name.clone() },
-        Error::InvalidData { key, reason } => Error::InvalidData {
-            key: key.clone(),
-            reason: reason.clone(),
-        },
-        Error::Conflict { attempts } => Error::Conflict {
-            attempts: *attempts,
-        },
-        Error::Compacted {
-            requested,
-            compact_revision,
-        } => Error::Compacted {
-            requested: *requested,
-            compact_revision: *compact_revision,
-        },
-        Error::LeaseNotFound(id) => Error::LeaseNotFound(*id),
-        Error::Store(m) => Error::Store(m.clone()),
-        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-        Error::NoQuorum {
-            reached,
-            needed,
-            nodes,
-            reason,
-        } => Error::NoQuorum {
-            reached: *reached,
-            needed: *needed,
-            nodes: *nodes,
-            reason: reason.clone(),
-        },
-        Error::Tls { endpoints, reason } => Error::Tls {
-            endpoints: endpoints.clone(),
-            reason: reason.clone(),
-        },
-        Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
-        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
-        Error::Closed => Error::Closed,
     }
 }
 
