@@ -186,6 +186,32 @@ async fn unreachable_etcd_fails_within_the_dial_timeout() {
     assert!(err.is_invalid_input(), "{err}");
 }
 
+/// A member that accepts connections and never answers (a hung process, a proxy to
+/// nowhere), a dial timeout longer than the request timeout: the connect keeps trying for
+/// the whole dial timeout. Before, the gRPC backstop (the request timeout plus 1 s) ended
+/// the probe and the connect failed then ("timeout expired": `--dial-timeout 20s` gave up
+/// after 11 s, saying "within 20s").
+#[tokio::test]
+async fn a_silent_member_is_tried_for_the_whole_dial_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let start = std::time::Instant::now();
+    let err = Client::builder(&url)
+        .with_request_timeout(Duration::from_secs(1))
+        .with_dial_timeout(Duration::from_secs(4))
+        .connect()
+        .await
+        .unwrap_err();
+    let took = start.elapsed();
+    drop(listener);
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(
+        took >= Duration::from_millis(3900) && took < Duration::from_secs(6),
+        "gave up after {took:?}: {err}"
+    );
+    assert!(err.to_string().contains("no member answered"), "{err}");
+}
+
 /// A session built on a runtime that then shuts down, used from another: its keep-alives
 /// died with that runtime, so it is lost at once, not only when a call finds its deadline
 /// passed (a `lost()` already awaited would never have fired).

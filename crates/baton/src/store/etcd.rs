@@ -116,6 +116,8 @@ const MAX_COPIES: usize = 16;
 /// Cached keep-alive streams unused for this long are closed.
 const KEEPER_IDLE: Duration = Duration::from_secs(600);
 
+/// gRPC status code `CANCELLED`.
+const CODE_CANCELLED: i32 = 1;
 /// gRPC status code `UNAVAILABLE`.
 const CODE_UNAVAILABLE: i32 = 14;
 /// gRPC status code `INVALID_ARGUMENT`.
@@ -568,10 +570,16 @@ impl EtcdStore {
                     if is_auth_error(&e) {
                         return Err(map_err("connect", e, 0, &joined));
                     }
-                    if !(is_unsent(&e) || is_transient(&e)) {
+                    // The probe is a read: after the channel's backstop timeout too, it is
+                    // sent again until the dial timeout (which may be the longer).
+                    if !(is_unsent(&e) || is_transient(&e) || is_backstop_timeout(&e)) {
                         return Err(connect_error(reason));
                     }
-                    last_error = Some(reason);
+                    last_error = Some(if is_backstop_timeout(&e) {
+                        "no member answered".into()
+                    } else {
+                        reason
+                    });
                 }
                 Err(_) => {
                     return Err(connect_error(
@@ -1764,6 +1772,13 @@ fn is_tls_rejection(e: &ec::Error) -> bool {
 
 /// True for failures that may pass on their own: a member unavailable, a broken
 /// connection, a dropped stream. Safe to retry only for requests that may run twice.
+/// The channel's backstop timeout (`with_timeout`: the request timeout plus 1 s) ended the
+/// request: tonic's `Cancelled` "Timeout expired". Whether it was applied is not known.
+fn is_backstop_timeout(e: &ec::Error) -> bool {
+    matches!(e, ec::Error::GRpcStatus(s)
+        if s.code() as i32 == CODE_CANCELLED && s.message() == "Timeout expired")
+}
+
 fn is_transient(e: &ec::Error) -> bool {
     match e {
         ec::Error::GRpcStatus(s) => {
