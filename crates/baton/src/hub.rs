@@ -23,6 +23,10 @@
 //! Without the filter, each lock+unlock would cost etcd two events per client watching the
 //! queue, and each of those clients two messages to decode.
 //!
+//! A semaphore's waiters must hear every delete of their queue, not only their
+//! predecessor's (see `semaphore.rs`): they subscribe to the same watch
+//! ([`Hub::subscribe_deletes`]), and are told of each delete by a call in place.
+//!
 //! Correctness rests on one invariant: the hub has seen every delete under the prefix from
 //! `buffer_from` up to `progress`, and keeps those deletes in a bounded buffer. A waiter that
 //! read at revision `R` may register only if `buffer_from <= R + 1`; it first looks for its
@@ -149,6 +153,25 @@ struct State {
     progress: Revision,
     recent: VecDeque<(Revision, Vec<u8>, EventKind)>,
     waiters: HashMap<Vec<u8>, Vec<Waiter>>,
+    /// Subscribers to every delete under the prefix (see [`Hub::subscribe_deletes`]).
+    all: Vec<Subscriber>,
+}
+
+/// A subscriber to every delete under a prefix after revision `after`.
+struct Subscriber {
+    after: Revision,
+    hook: Box<dyn OnEveryDelete>,
+}
+
+/// Told, in place, of every delete under a prefix (see [`Hub::subscribe_deletes`]). Called
+/// with the hub's lock held: it must be quick and must not call into the hub. Dropped when
+/// it has heard enough, when its caller is gone, or when the shared watch breaks (so a
+/// hook that holds a sender tells its receiver by dropping it).
+pub(crate) trait OnEveryDelete: Send {
+    /// `key` was deleted at revision `rev`: true when the hook needs to hear no more.
+    fn deleted(&mut self, rev: Revision, key: &[u8]) -> bool;
+    /// True once nobody needs to hear any more.
+    fn is_closed(&self) -> bool;
 }
 
 impl State {
@@ -373,6 +396,60 @@ impl Hub {
         Some(found)
     }
 
+    /// Have `hook` told of every delete under `prefix` after revision `after` (the
+    /// caller's read), by this client's shared watch on it, opened from etcd's next write
+    /// if there is none: the buffered deletes at once, then each as it comes, in revision
+    /// order, until the hook has heard enough. So the waiters of this client that must
+    /// count every delete of one queue (a semaphore's) cost etcd one watch and one event
+    /// per delete, and a delete costs each of them a call in place, not a task's wake-up.
+    ///
+    /// False if the watch, opened now, started after the read: the hook is dropped, and
+    /// the caller reads again at once. When the watch breaks later, the hook is dropped too.
+    pub(crate) async fn subscribe_deletes(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        prefix: &[u8],
+        after: Revision,
+        mut hook: Box<dyn OnEveryDelete>,
+    ) -> Result<bool> {
+        let mut pw = match self.get(prefix) {
+            Some(pw) => pw,
+            None => self.open_from_now(store, prefix).await?,
+        };
+        let mut replaced = false;
+        loop {
+            {
+                let mut st = pw.state();
+                let covered = st.alive && st.buffer_from <= after + 1;
+                if !covered && st.alive && st.buffer_from == st.opened_after + 1 {
+                    return Ok(false);
+                }
+                if covered {
+                    let heard_enough = st.since(after).any(|(rev, key, kind)| {
+                        *kind == EventKind::Delete && hook.deleted(*rev, key)
+                    });
+                    if !heard_enough {
+                        st.all.push(Subscriber { after, hook });
+                    }
+                    return Ok(true);
+                }
+            }
+            if replaced {
+                // A watch opened just now from right after our read that is dead already.
+                return Ok(false);
+            }
+            // Dead, or it dropped deletes since our read from its buffer: replace it, as
+            // `wait_delete` does (from now if it died, else from right after our read).
+            self.forget(prefix, &pw);
+            let alive = pw.state().alive;
+            pw.die();
+            pw = self
+                .open(store, prefix, if alive { Some(after) } else { None })
+                .await?;
+            replaced = true;
+        }
+    }
+
     fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {
         self.prefixes
             .lock()
@@ -499,6 +576,7 @@ impl Hub {
                 progress: after,
                 recent: VecDeque::new(),
                 waiters: HashMap::new(),
+                all: Vec::new(),
             }),
         });
         // A watch replaced here is dropped after the map's lock is released: its Drop tells
@@ -550,6 +628,7 @@ fn prune(st: &mut State) {
         ws.retain(|w| !w.is_closed());
         !ws.is_empty()
     });
+    st.all.retain(|sub| !sub.hook.is_closed());
 }
 
 /// Feed one prefix watch's events to its waiters until it breaks or goes idle.
@@ -566,7 +645,7 @@ async fn run(dead_at_end: DeadAtEnd, pw: Weak<PrefixWatch>, mut stream: crate::s
                 let idle = {
                     let mut st = pw.state();
                     prune(&mut st);
-                    st.waiters.is_empty()
+                    st.waiters.is_empty() && st.all.is_empty()
                 };
                 idle_ticks = if idle { idle_ticks + 1 } else { 0 };
                 if idle_ticks >= 2 {
@@ -584,6 +663,8 @@ async fn run(dead_at_end: DeadAtEnd, pw: Weak<PrefixWatch>, mut stream: crate::s
         for ev in resp.events {
             let rev = ev.kv.mod_revision;
             if ev.kind == EventKind::Delete {
+                st.all
+                    .retain_mut(|sub| rev <= sub.after || !sub.hook.deleted(rev, &ev.kv.key));
                 if let Some(ws) = st.waiters.get_mut(&ev.kv.key) {
                     ws.retain(|w| {
                         if rev > w.after {
@@ -657,6 +738,8 @@ impl PrefixWatch {
     fn die(&self) {
         let mut st = self.state();
         st.alive = false;
+        // Dropped hooks tell their callers, who read again.
+        st.all.clear();
         for (_, ws) in st.waiters.drain() {
             for w in ws {
                 w.send(Woken::Interrupted);
@@ -859,6 +942,100 @@ mod tests {
     /// A wait dropped while the shared watch is being created (a holder that unlocks within
     /// a round trip) does not abort the open, and waits that start meanwhile share it: the
     /// next hold finds the watch open, and one watch was created in all.
+    /// The deletes a [`Record`] heard.
+    type Heard = Arc<StdMutex<Vec<(Revision, Vec<u8>)>>>;
+
+    /// Records every delete it is told of, until `enough` of them.
+    struct Record {
+        heard: Heard,
+        enough: usize,
+        _tx: oneshot::Sender<()>,
+    }
+
+    impl OnEveryDelete for Record {
+        fn deleted(&mut self, rev: Revision, key: &[u8]) -> bool {
+            let mut heard = self.heard.lock().unwrap();
+            heard.push((rev, key.to_vec()));
+            heard.len() >= self.enough
+        }
+        fn is_closed(&self) -> bool {
+            self._tx.is_closed()
+        }
+    }
+
+    /// A subscriber to every delete: told again at once if its read is older than a
+    /// watch opened now; else told of the buffered deletes after its read, then of each
+    /// new one (never of puts), until it has heard enough, when it is dropped; and dropped
+    /// when the watch dies, which its caller learns from its receiver.
+    #[tokio::test]
+    async fn a_subscriber_hears_every_delete_after_its_read() {
+        use crate::store::mem::MemStore;
+        use crate::store::KeyRange;
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let hub = Arc::new(Hub::default());
+        let old_read = store.put(b"q/a", b"", 0).await.unwrap();
+        store.put(b"q/b", b"", 0).await.unwrap();
+        store.put(b"q/c", b"", 0).await.unwrap();
+        let heard: Heard = Arc::default();
+        let record = |enough| {
+            let (tx, rx) = oneshot::channel();
+            let hook = Box::new(Record {
+                heard: heard.clone(),
+                enough,
+                _tx: tx,
+            });
+            (hook, rx)
+        };
+        let (hook, rx) = record(3);
+        assert!(!hub
+            .subscribe_deletes(&store, b"q/", old_read, hook)
+            .await
+            .unwrap());
+        assert!(
+            rx.await.is_err(),
+            "the hook is dropped when told to read again"
+        );
+        let read = store.put(b"q/d", b"", 0).await.unwrap();
+        let (_, d1) = store.delete(KeyRange::key(&b"q/a"[..])).await.unwrap();
+        store.put(b"q/e", b"", 0).await.unwrap();
+        let (hook, mut rx) = record(3);
+        assert!(hub
+            .subscribe_deletes(&store, b"q/", read, hook)
+            .await
+            .unwrap());
+        let (_, d2) = store.delete(KeyRange::key(&b"q/b"[..])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(
+            rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        let (_, d3) = store.delete(KeyRange::key(&b"q/c"[..])).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), &mut rx)
+            .await
+            .expect("not dropped after hearing enough")
+            .unwrap_err();
+        assert_eq!(
+            *heard.lock().unwrap(),
+            vec![
+                (d1, b"q/a".to_vec()),
+                (d2, b"q/b".to_vec()),
+                (d3, b"q/c".to_vec())
+            ]
+        );
+        // The watch dies: a waiting subscriber's receiver ends.
+        let (hook, rx) = record(100);
+        let now = store.put(b"q/f", b"", 0).await.unwrap();
+        assert!(hub
+            .subscribe_deletes(&store, b"q/", now, hook)
+            .await
+            .unwrap());
+        hub.get(b"q/").unwrap().die();
+        tokio::time::timeout(Duration::from_secs(1), rx)
+            .await
+            .expect("not told of the dead watch")
+            .unwrap_err();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_open_outlives_its_dropped_caller_and_is_shared() {
         // Watches take DELAY to create; once created they deliver at once.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::hub::OnEveryDelete;
 use crate::names::{lease_key, validate_count, validate_name, Queue};
 use crate::ownership::not_held;
 use crate::queue::{held_accessors, with_timeout, Entry, Held};
@@ -15,7 +16,7 @@ use crate::session::Session;
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp,
 };
-use crate::watching::{while_alive, Until, Wait, Waiter};
+use crate::watching::{while_alive, Waiter};
 
 /// A fair, distributed counting semaphore: at most `permits` permits are held at once,
 /// across every process that uses the same name and permit count.
@@ -35,12 +36,12 @@ use crate::watching::{while_alive, Until, Wait, Waiter};
 ///
 /// # No thundering herd
 ///
-/// A waiter reads the queue again only when a change lets it in. After a read it watches
-/// the deletes under the name (one watch stream per waiter; etcd filters out the puts),
-/// and takes each deleted key's permits off what it read: no key can join the queue ahead
-/// of it, so it knows when it fits without reading. So a release of one permit makes the
-/// first waiter that fits read, and no other. Every waiter does hear every release (one
-/// small event each).
+/// A waiter reads the queue again only when a change lets it in. After a read it hears
+/// the deletes under the name from its client's shared watch (one etcd watch per client
+/// and name, deletes only, as a [`Mutex`](crate::Mutex)'s waiters use), and takes each
+/// deleted key's permits off what it read: no key can join the queue ahead of it, so it
+/// knows when it fits without reading. So a release of one permit makes the first waiter
+/// that fits read, and no other. Every waiting task does hear every release, in process.
 ///
 /// A waiter never waits on another waiter: one that is paused, killed or not polled counts
 /// as a holder once the keys ahead of it fit (its permits are free again when its key is
@@ -374,9 +375,10 @@ impl Semaphore {
     ///
     /// Whether they do depends only on which keys are before ours: none can be added (a
     /// key created later queues behind us), and each keeps its count. So after a read the
-    /// waiter watches the deletes under the name (one stream, kept from wait to wait),
-    /// takes each deleted key's permits off what it read, and reads again only when that
-    /// leaves room, or when its own key goes. It never waits on another waiter's process
+    /// waiter hears every delete under the name from its client's shared watch (one etcd
+    /// watch and one event per delete for all the client's waiters), takes each deleted
+    /// key's permits off what it read, and reads again only when that leaves room, or when
+    /// its own key goes. It never waits on another waiter's process
     /// (before, a waiter behind another waited for that one to be granted and rewrite its
     /// key: a waiter paused, killed or not polled held up everyone behind it until its
     /// lease expired, with permits free).
@@ -413,23 +415,27 @@ impl Semaphore {
                 used,
                 "waiting for permits to be released"
             );
-            let wait = Wait::prefix(self.prefix.as_bytes(), header, Until::Deleted);
-            loop {
-                let Some(events) = waiter.wait_events(wait.clone()).await? else {
-                    break; // Read again.
-                };
-                let mut gone = false;
-                for event in &events {
-                    if event.kv.key == mine {
-                        gone = true;
-                    } else if let Some(freed) = before.remove(&event.kv.key) {
-                        used -= freed;
-                    }
-                }
-                if gone || used + u64::from(count) <= permits {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let tally = Tally {
+                mine: mine.to_vec(),
+                before,
+                used,
+                room: permits - u64::from(count),
+                tx: Some(tx),
+            };
+            let hub = self.session.client().hub();
+            match hub
+                .subscribe_deletes(store, self.prefix.as_bytes(), header, Box::new(tally))
+                .await
+            {
+                // Heard enough (Ok), or the shared watch broke (Err): read again.
+                Ok(true) => {
+                    let _ = rx.await;
                     waiter.woke();
-                    break;
                 }
+                // The shared watch started after our read: read again at once.
+                Ok(false) => {}
+                Err(e) => waiter.retry(e).await?,
             }
         }
     }
@@ -469,6 +475,43 @@ impl Semaphore {
             )));
         }
         Ok((count, permits))
+    }
+}
+
+/// A waiter's count of the permits held or asked for before its key, told of every delete
+/// under the name by its client's shared watch: it tells its waiter when they leave room
+/// for its request, or when its own key goes.
+struct Tally {
+    mine: Vec<u8>,
+    /// The keys before ours, with their counts.
+    before: HashMap<Vec<u8>, u64>,
+    /// Their counts added up.
+    used: u64,
+    /// The most `used` may be for our request to fit.
+    room: u64,
+    tx: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl OnEveryDelete for Tally {
+    fn deleted(&mut self, _rev: Revision, key: &[u8]) -> bool {
+        let done = if key == self.mine.as_slice() {
+            true
+        } else if let Some(freed) = self.before.remove(key) {
+            self.used -= freed;
+            self.used <= self.room
+        } else {
+            false
+        };
+        if done {
+            if let Some(tx) = self.tx.take() {
+                let _ = tx.send(());
+            }
+        }
+        done
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.as_ref().is_none_or(|tx| tx.is_closed())
     }
 }
 
