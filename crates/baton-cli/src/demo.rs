@@ -181,9 +181,9 @@ struct ElectionState {
 
 /// Run `baton demo`.
 ///
-/// A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the demo early: its workers and nodes
-/// stop and close their sessions (revoking their leases, which deletes their keys), and
-/// the exit code is 128+N. A second signal stops the closing too.
+/// A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the demo early, also while it connects:
+/// its workers and nodes stop and close their sessions (revoking their leases, which deletes
+/// their keys), and the exit code is 128+N. A second signal stops the closing too.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let endpoints = if global.endpoints_given {
         global.endpoints.clone()
@@ -192,7 +192,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     };
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let admin = cli::connect(global, &endpoints).await?;
+    let admin = signals
+        .interruptible(cli::connect(global, &endpoints))
+        .await?;
     let run_id = std::process::id();
     let lock_name = format!("demo/job-{run_id}");
     let election_name = format!("demo/leader-{run_id}");
@@ -230,52 +232,79 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         })
         .collect();
 
-    // Every worker and node is its own "machine": its own client and session.
+    // Every worker and node is its own "machine": its own client and session. A signal
+    // (or a failure) while they connect stops the ones started already, which close their
+    // sessions. (A session whose lease grant was in flight is left to expire after TTL.)
     let mut tasks = Vec::new();
-    for w in 1..=args.workers {
-        let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
-        let mutex = baton::Mutex::new(&session, &lock_name)?;
-        tasks.push(tokio::spawn(worker(
-            w,
-            session,
-            mutex,
-            lock_shared.clone(),
-            tl,
-            stop.clone(),
-        )));
-    }
-    let mut observer = baton::Election::observe_with(&admin, &election_name)?;
-    let observing = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return,
-                    leader = observer.next() => match leader {
-                        Some(l) => tl.event(
-                            &format!("observer: the leader is {} (token {})", l.value_str(), l.create_revision),
-                            json!({"event": "observed", "leader": l.value_str(), "fencing_token": l.create_revision}),
-                        ),
-                        None => return,
-                    },
+    let mut observing = None;
+    let started = signals
+        .interruptible(async {
+            for w in 1..=args.workers {
+                let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+                let mutex = baton::Mutex::new(&session, &lock_name)?;
+                tasks.push(tokio::spawn(worker(
+                    w,
+                    session,
+                    mutex,
+                    lock_shared.clone(),
+                    tl,
+                    stop.clone(),
+                )));
+            }
+            let mut observer = baton::Election::observe_with(&admin, &election_name)?;
+            observing = Some(tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => return,
+                            leader = observer.next() => match leader {
+                                Some(l) => tl.event(
+                                    &format!("observer: the leader is {} (token {})", l.value_str(), l.create_revision),
+                                    json!({"event": "observed", "leader": l.value_str(), "fencing_token": l.create_revision}),
+                                ),
+                                None => return,
+                            },
+                        }
+                    }
                 }
+            }));
+            for node in &nodes {
+                let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+                let e = baton::Election::new(&session, &election_name)?;
+                tasks.push(tokio::spawn(candidate(
+                    node.clone(),
+                    session,
+                    e,
+                    election.clone(),
+                    tl,
+                    stop.clone(),
+                )));
+                // Stagger the nodes so that node-a leads first.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<(), CliError>(())
+        })
+        .await;
+    if let Err(e) = started {
+        stop.cancel();
+        let stopping = tokio::time::timeout(STOP_TIMEOUT, async {
+            for t in tasks {
+                let _ = t.await;
+            }
+            if let Some(observing) = observing {
+                let _ = observing.await;
+            }
+        });
+        tokio::select! {
+            _ = stopping => {}
+            sig = signals.recv() => {
+                tracing::debug!(signal = sig, "interrupted while stopping the demo");
+                return Err(CliError::interrupted(sig));
             }
         }
-    });
-    for node in &nodes {
-        let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
-        let e = baton::Election::new(&session, &election_name)?;
-        tasks.push(tokio::spawn(candidate(
-            node.clone(),
-            session,
-            e,
-            election.clone(),
-            tl,
-            stop.clone(),
-        )));
-        // Stagger the nodes so that node-a leads first.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        return Err(e);
     }
 
     // Partway through, freeze the leader and revoke its lease (not cut short: a signal
@@ -305,7 +334,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             return Err(CliError::interrupted(sig));
         }
     };
-    let _ = observing.await;
+    if let Some(observing) = observing {
+        let _ = observing.await;
+    }
     if let Some(sig) = interrupted {
         tracing::debug!(signal = sig, "interrupted");
         return Err(CliError::interrupted(sig));

@@ -111,3 +111,117 @@ fn demo_help_gives_the_embedded_store_as_default() {
     assert!(text.contains("[default: mem://demo]"), "{text}");
     assert!(!text.contains("[default: http://127.0.0.1:2379]"), "{text}");
 }
+
+/// `baton` with SIGINT, SIGTERM and SIGHUP at their default dispositions, as from a
+/// terminal: a harness run in the background or with `nohup` ignores some of them, and a
+/// child inherits that.
+fn baton_with_default_signals(endpoints: &str) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = baton(endpoints);
+    // SAFETY: only async-signal-safe calls (signal(2)) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Wait for `demo` to exit, at most `limit` after now: its exit code and how long it took.
+fn exit_within(demo: &mut Proc, limit: std::time::Duration) -> (i32, std::time::Duration) {
+    let asked = std::time::Instant::now();
+    let status = demo
+        .wait(limit)
+        .unwrap_or_else(|| panic!("the demo still runs {limit:?} after the signal"));
+    (status.code().unwrap(), asked.elapsed())
+}
+
+/// A TCP proxy to `target` that forwards every connection until `blackhole` is set; from
+/// then on it accepts new connections and never answers on them (as a server that hangs).
+/// Its address.
+fn proxy(
+    target: std::net::SocketAddr,
+    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            if blackhole.load(std::sync::atomic::Ordering::SeqCst) {
+                held.push(client);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    addr
+}
+
+/// Ctrl-C while the demo connects (to a server that accepts and never answers) ends it
+/// at once with 130, not after the dial timeout with 125.
+#[test]
+fn a_signal_while_connecting_ends_the_demo_at_once() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = format!("http://{}", hung.local_addr().unwrap());
+    let mut demo = Proc::spawn(baton_with_default_signals(&ep).arg("demo"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    demo.signal(libc::SIGINT);
+    let (code, took) = exit_within(&mut demo, std::time::Duration::from_secs(10));
+    assert_eq!(code, 130, "after {took:?}: {:?}", demo.stderr_after_exit());
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+}
+
+/// Ctrl-C while the demo connects its workers, some connected already and the next one
+/// hanging (a server that stopped answering new connections): the demo ends at once with
+/// 130 and closes the sessions it had made, leaving no lease behind.
+#[test]
+fn a_signal_while_connecting_workers_closes_the_sessions_made() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let etcd = etcd();
+    let target: std::net::SocketAddr = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let blackhole = std::sync::Arc::new(AtomicBool::new(false));
+    let ep = format!("http://{}", proxy(target, blackhole.clone()));
+    let mut demo = Proc::spawn(baton_with_default_signals(&ep).args(["demo", "--workers", "64"]));
+    wait_until("a worker's session", || leases(&etcd) > 0);
+    blackhole.store(true, Ordering::SeqCst);
+    // Wait until the connecting has stalled: the number of leases stays put.
+    let mut last = leases(&etcd);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = leases(&etcd);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        (1..64 + 3).contains(&last),
+        "the demo did not stall connecting: {last} leases"
+    );
+    demo.signal(libc::SIGINT);
+    let (code, took) = exit_within(&mut demo, std::time::Duration::from_secs(10));
+    assert_eq!(code, 130, "after {took:?}: {:?}", demo.stderr_after_exit());
+    assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+    assert_eq!(leases(&etcd), 0, "leases left");
+    assert!(keys(&etcd, "").is_empty(), "keys left");
+}
