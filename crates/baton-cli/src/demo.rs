@@ -195,7 +195,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let admin = signals
         .interruptible(cli::connect(global, &endpoints))
         .await?;
-    let run_id = std::process::id();
+    // The PID alone would not do: two demos with the same PID (PID 1 in two containers)
+    // on one etcd would share a lock and an election, and revoke each other's leases.
+    let run_id = format!(
+        "{:x}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    );
     let lock_name = format!("demo/job-{run_id}");
     let election_name = format!("demo/leader-{run_id}");
 

@@ -225,3 +225,75 @@ fn a_signal_while_connecting_workers_closes_the_sessions_made() {
     assert_eq!(leases(&etcd), 0, "leases left");
     assert!(keys(&etcd, "").is_empty(), "keys left");
 }
+
+/// `NAME-<pid hex>-<6 hex digits>`: a name with the run's PID and a random part.
+fn has_run_suffix(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let Some((pid, random)) = rest.split_once('-') else {
+        return false;
+    };
+    let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+    hex(pid) && random.len() == 6 && hex(random)
+}
+
+/// Two demos at once on one etcd, with the same PID where that can be arranged (each
+/// PID 1 in a PID namespace of its own, as in containers; needs `unshare -p`, i.e. root):
+/// each works on names of its own (the PID and a random part), and both pass.
+#[test]
+fn two_demos_on_one_etcd_keep_to_their_own_names() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let same_pid = std::process::Command::new("unshare")
+        .args(["-p", "-f", "true"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !same_pid {
+        eprintln!("unshare -p is not available: the two demos run with different PIDs");
+    }
+    let demo = |ep: String| {
+        std::thread::spawn(move || {
+            let mut cmd = if same_pid {
+                let mut cmd = std::process::Command::new("unshare");
+                cmd.args(["-p", "-f", env!("CARGO_BIN_EXE_baton")])
+                    .env("BATON_ENDPOINTS", ep)
+                    .env_remove("RUST_LOG")
+                    .stdin(std::process::Stdio::null());
+                cmd
+            } else {
+                baton(&ep)
+            };
+            run(cmd.args(["--json", "demo", "--seconds", "2"])).0
+        })
+    };
+    let runs = [demo(ep.clone()), demo(ep.clone())];
+    let mut names = Vec::new();
+    for run in runs {
+        let out = run.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let events: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let start = &events[0];
+        assert_eq!(start["event"], "start", "{start}");
+        let lock = start["lock"].as_str().unwrap().to_string();
+        let election = start["election"].as_str().unwrap().to_string();
+        assert!(has_run_suffix(&lock, "demo/job-"), "{lock}");
+        assert!(has_run_suffix(&election, "demo/leader-"), "{election}");
+        if same_pid {
+            assert!(lock.starts_with("demo/job-1-"), "not PID 1: {lock}");
+        }
+        let summary = events.last().unwrap();
+        assert_eq!(summary["ok"], true, "{summary}");
+        assert_eq!(summary["overlaps"], 0, "{summary}");
+        assert_eq!(summary["locks_lost"], 0, "{summary}");
+        assert_eq!(summary["leaders"].as_array().unwrap().len(), 2, "{summary}");
+        names.push((lock, election));
+    }
+    assert_ne!(names[0].0, names[1].0);
+    assert_ne!(names[0].1, names[1].1);
+    assert!(keys(&etcd, "").is_empty(), "keys left");
+}
