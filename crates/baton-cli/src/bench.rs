@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::cli::{self, Global};
 use crate::exit::CliError;
-use crate::output::Output;
+use crate::output::{self, Output};
 use crate::supervisor::Signals;
 
 pub(crate) mod alloc;
@@ -70,7 +70,8 @@ which deletes its keys) and baton exits with 128+N.
 Progress goes to stderr once a run takes more than a second. With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
 (null where they do not apply), scenario extras, and with --peer the peer_* fields and the
-ratio.";
+ratio. A report that cannot be written to stdout (a full disk, a closed pipe) makes baton
+exit 125.";
 
 /// The most `--workers`: each is a connection and a session (lease) of its own.
 const MAX_WORKERS: u64 = 10_000;
@@ -389,15 +390,17 @@ async fn measure_and_report(
     };
     let object = report::object(config, context, &ours, theirs.as_ref());
     if out.is_json() {
-        let _ = out.json_line(&Value::Object(object));
+        out.json_line(&Value::Object(object))
+            .map_err(|e| output::not_written(None, &e))?;
     } else {
-        let _ = out.text(&report::human(
+        out.text(&report::human(
             config,
             context,
             &ours,
             theirs.as_ref(),
             &object,
-        ));
+        ))
+        .map_err(|e| output::not_written(None, &e))?;
     }
     Ok(0)
 }
@@ -464,7 +467,8 @@ async fn rounds(
         ),
     );
     if out.is_json() {
-        let _ = out.json_line(&Value::Object(object));
+        out.json_line(&Value::Object(object))
+            .map_err(|e| output::not_written(None, &e))?;
     } else {
         let mut text = report::human(config, context, &ours, Some(&theirs), &object);
         let listed: Vec<String> = ratios
@@ -475,7 +479,7 @@ async fn rounds(
             "\nratio per round ({n}, alternating which ran first): {}; shown: the median round\n",
             listed.join(", ")
         ));
-        let _ = out.text(&text);
+        out.text(&text).map_err(|e| output::not_written(None, &e))?;
     }
     Ok(0)
 }
@@ -549,9 +553,11 @@ async fn sweep(
         };
         let object = report::object(&config, context, &ours, theirs.as_ref());
         if out.is_json() {
-            let _ = out.json_line(&Value::Object(object.clone()));
+            out.json_line(&Value::Object(object.clone()))
+                .map_err(|e| output::not_written(None, &e))?;
         } else {
-            let _ = out.text(&report::sweep_line(&config, &ours, theirs.as_ref()));
+            out.text(&report::sweep_line(&config, &ours, theirs.as_ref()))
+                .map_err(|e| output::not_written(None, &e))?;
         }
         points.push(chart::Point {
             workers,
@@ -594,9 +600,11 @@ async fn sweep(
     }
     summary.insert("chart".into(), chart_path.display().to_string().into());
     if out.is_json() {
-        let _ = out.json_line(&Value::Object(summary));
+        out.json_line(&Value::Object(summary))
+            .map_err(|e| output::not_written(None, &e))?;
     } else {
-        let _ = out.text(&format!("chart written to {}", chart_path.display()));
+        out.text(&format!("chart written to {}", chart_path.display()))
+            .map_err(|e| output::not_written(None, &e))?;
     }
     Ok(0)
 }

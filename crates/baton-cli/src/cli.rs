@@ -36,8 +36,8 @@ Exit codes:
            passed (also baton barrier, baton queue pop)
   125      baton itself failed: bad input, unreachable backend, the session lost (or
            only the waiter's key deleted) while still waiting (nothing held, CMD never
-           ran), or a result (get, set, queue, leader, status, barrier) that could not
-           be written to stdout
+           ran), or a result (get, set, queue, leader, status, barrier, demo, bench)
+           that could not be written to stdout
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting (queue pop: or by a second signal
            while its claim is in flight), or CMD killed by signal N

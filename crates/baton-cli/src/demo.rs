@@ -35,7 +35,8 @@ What it shows:
     the leader is frozen (as in a long GC pause) and its lease revoked; another node takes
     over; the old leader wakes up and its stale write is refused.
 The summary gives the grants, the overlaps (two holders at once: must be 0), the leaders
-and the failover time. Exit 0 if every check passed, 1 if one failed.";
+and the failover time. Exit 0 if every check passed, 1 if one failed, 125 if the report
+could not be written to stdout.";
 
 /// The embedded store the demo uses unless told otherwise.
 const DEMO_ENDPOINTS: &str = "mem://demo";
@@ -212,13 +213,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         NODES.len(),
         output::duration(args.seconds),
     );
-    let _ = out.emit(
+    // A demo whose report cannot be written is no success: found out here, before it
+    // starts anything (the timeline's lines are not checked; the summary's is).
+    out.emit(
         &format!("{intro}\n"),
         &json!({
             "event": "start", "endpoints": admin.endpoints(), "workers": args.workers,
             "lock": lock_name, "election": election_name, "seconds": args.seconds.as_secs_f64(),
         }),
-    );
+    )
+    .map_err(|e| output::not_written(None, &e))?;
 
     let tl = Timeline {
         start: Instant::now(),
@@ -639,7 +643,7 @@ fn summary(
         .map(|(w, n)| format!("worker-{w} {n}"))
         .collect();
     if out.is_json() {
-        let _ = out.json_line(&json!({
+        out.json_line(&json!({
             "event": "summary",
             "grants": stats.grants.len(),
             "grants_per_worker": per_worker.values().collect::<Vec<_>>(),
@@ -652,7 +656,8 @@ fn summary(
             "failover_ms": st.failover.map(ms),
             "stale_write_refused": stale_refused,
             "ok": problems.is_empty(),
-        }));
+        }))
+        .map_err(|e| output::not_written(None, &e))?;
     } else {
         let yes_no = |b: bool| if b { "yes" } else { "NO" };
         let failover = match (st.failover, st.killed) {
@@ -682,7 +687,7 @@ fn summary(
             if leaders.is_empty() { "none".to_string() } else { leaders.join(", then ") },
             if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join(", ")) },
         );
-        let _ = out.text(&text);
+        out.text(&text).map_err(|e| output::not_written(None, &e))?;
     }
     if problems.is_empty() {
         Ok(0)

@@ -3,7 +3,7 @@
 //!
 //! Writes never panic: a failed write (a closed pipe, a full disk) is reported to the caller
 //! as an error. A command that prints a result (`get`, `set`, `queue`, `leader`, `status`,
-//! `barrier`) then fails with 125 ([`not_written`]): a script must not take a result it
+//! `barrier`, `demo`, `bench`) then fails with 125 ([`not_written`]): a script must not take a result it
 //! never got for success. Commands that follow changes (`observe`, `watch`) stop: with 0
 //! when the reader closed the pipe (`baton observe | head -1`), else with 125; they also
 //! stop with 0 once they see the reader gone, before a write fails ([`until_reader_gone`]).

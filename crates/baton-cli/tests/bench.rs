@@ -785,3 +785,71 @@ fn redis_bench_uses_the_password_everywhere() {
         );
     }
 }
+
+/// Run `cmd` with stdout on /dev/full (every write fails: no space left), at most
+/// [`STEP`]: the exit code and the stderr lines.
+fn run_to_full(cmd: &mut std::process::Command) -> (Option<i32>, Vec<String>) {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let child = cmd
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx.recv_timeout(STEP).unwrap_or_else(|_| {
+        signal(pid, libc::SIGKILL);
+        panic!("baton did not finish within {STEP:?}: {cmd:?}");
+    });
+    let out = out.unwrap();
+    (out.status.code(), stderr_lines(&out))
+}
+
+/// A result that cannot be written to stdout (here: on /dev/full) is no success: bench
+/// exits 125 and says so on stderr, in every form of report (JSON or human; one run,
+/// --repeat, --sweep), as get, set and status do.
+#[test]
+fn a_report_that_cannot_be_written_fails() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let chart = chart.to_str().unwrap();
+    let sweep = ["contended", "--sweep", "--ops", "32", "--chart", chart];
+    let repeat = [
+        "uncontended",
+        "--ops",
+        "5",
+        "--peer",
+        "etcd-lock-api",
+        "--repeat",
+        "2",
+    ];
+    for json in [true, false] {
+        for (ep, args) in [
+            (
+                "mem://bench-full".to_string(),
+                &["uncontended", "--ops", "10"][..],
+            ),
+            ("mem://bench-full".to_string(), &sweep[..]),
+            (etcd.endpoint(), &repeat[..]),
+        ] {
+            let mut cmd = baton(&ep);
+            if json {
+                cmd.arg("--json");
+            }
+            let (code, err) = run_to_full(cmd.arg("bench").args(args));
+            assert_eq!(code, Some(125), "json {json} {args:?}: {err:?}");
+            assert!(
+                err.last()
+                    .is_some_and(|l| l.starts_with("baton: cannot write to stdout")),
+                "json {json} {args:?}: {err:?}"
+            );
+        }
+    }
+}

@@ -297,3 +297,33 @@ fn two_demos_on_one_etcd_keep_to_their_own_names() {
     assert_ne!(names[0].1, names[1].1);
     assert!(keys(&etcd, "").is_empty(), "keys left");
 }
+
+/// A demo whose report cannot be written to stdout (here: on /dev/full) is no success:
+/// it exits 125 and says so on stderr, with --json or without.
+#[test]
+fn a_demo_that_cannot_write_its_report_fails() {
+    for json in [true, false] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut cmd = baton("unused");
+        cmd.env_remove("BATON_ENDPOINTS");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .args(["demo", "--seconds", "0.5"])
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "json {json}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "json {json}: {err:?}");
+        assert!(
+            err[0].starts_with("baton: cannot write to stdout"),
+            "json {json}: {err:?}"
+        );
+    }
+}
