@@ -70,6 +70,8 @@ which deletes its keys) and baton exits with 128+N.
 Progress goes to stderr once a run takes more than a second. With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
 (null where they do not apply), scenario extras, and with --peer the peer_* fields and the
+ratio. With --sweep, one line per point comes first; the last line's rates and ratio are
+null, and its sweep array has each point's workers, ops_per_sec, peer_ops_per_sec and
 ratio. A report that cannot be written to stdout (a full disk, a closed pipe) makes baton
 exit 125.";
 
@@ -523,7 +525,10 @@ async fn settle_heap(baseline: i64) {
 const SWEEP: [u64; 6] = [1, 2, 4, 8, 16, 32];
 
 /// `contended --sweep`: each worker count for Baton, then the peer; one JSON line per point,
-/// the chart, and a summary object last.
+/// the chart, and a summary object last. The summary has the fields of every result, null
+/// where they are per point (`workers`, the rates and latencies, and with a peer its
+/// `peer_*` ones and `ratio`), and `sweep`: each point's workers, rates and ratio, rounded
+/// as on the point's own line.
 async fn sweep(
     out: &Output,
     config: &Config,
@@ -590,13 +595,28 @@ async fn sweep(
                     "workers": p.workers,
                     "ops_per_sec": report::round(p.ours),
                     "peer_ops_per_sec": p.theirs.map(report::round),
-                    "ratio": p.theirs.filter(|t| *t > 0.0).map(|t| report::round(p.ours / t)),
+                    "ratio": p.theirs.filter(|t| *t > 0.0).map(|t| report::round2(p.ours / t)),
                 })
             })
             .collect(),
     );
     if let Some(p) = peer {
+        // The fields every result with --peer has; the rates and the ratio are per point.
         summary.insert("peer".into(), p.name().into());
+        summary.insert("peer_ops".into(), config.ops.into());
+        for field in [
+            "peer_ops_per_sec",
+            "peer_p50_us",
+            "peer_p99_us",
+            "peer_max_us",
+            "ratio",
+        ] {
+            summary.insert(field.into(), Value::Null);
+        }
+        summary.insert(
+            "ratio_basis".into(),
+            "baton ops/s / peer ops/s, per point (sweep[].ratio)".into(),
+        );
     }
     summary.insert("chart".into(), chart_path.display().to_string().into());
     if out.is_json() {

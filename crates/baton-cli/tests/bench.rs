@@ -174,37 +174,71 @@ fn scenarios_on_the_embedded_store() {
     }
 }
 
+/// `--sweep` writes one JSON line per worker count and the chart; its last line keeps the
+/// `--json` contract: the fields every result has, and with `--peer` the `peer_*` fields
+/// and `ratio` (null: the sweep has one per point), the points' ratios as on their own
+/// lines (two decimals).
 #[test]
 fn sweep_writes_an_svg_chart() {
     let etcd = etcd();
     let dir = tempfile::tempdir().unwrap();
     let chart = dir.path().join("chart.svg");
     let chart_arg = chart.to_str().unwrap();
-    let (v, _) = bench(
-        &etcd.endpoint(),
-        &[
-            "contended",
-            "--sweep",
-            "--ops",
-            "4",
-            "--ttl",
-            "2s",
-            "--peer",
-            "etcd-lock-api",
-            "--chart",
-            chart_arg,
-        ],
-    );
-    assert_eq!(v["scenario"], "contended", "{v}");
+    let args = [
+        "contended",
+        "--sweep",
+        "--ops",
+        "32",
+        "--ttl",
+        "2s",
+        "--peer",
+        "etcd-lock-api",
+        "--chart",
+        chart_arg,
+    ];
+    let (out, _) = run(baton(&etcd.endpoint())
+        .arg("--json")
+        .arg("bench")
+        .args(args));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (v, points) = lines.split_last().unwrap();
+    assert_sweep_shape(v, "etcd");
+    assert_peer(v);
+    for field in [
+        "workers",
+        "ops_per_sec",
+        "p50_us",
+        "p99_us",
+        "max_us",
+        "peer_ops_per_sec",
+        "peer_p50_us",
+        "peer_p99_us",
+        "peer_max_us",
+        "ratio",
+    ] {
+        assert!(v[field].is_null(), "{field} is not null: {v}");
+    }
     let sweep = v["sweep"].as_array().unwrap();
     let workers: Vec<u64> = sweep
         .iter()
         .map(|p| p["workers"].as_u64().unwrap())
         .collect();
     assert_eq!(workers, [1, 2, 4, 8, 16, 32], "{v}");
-    for p in sweep {
+    assert_eq!(points.len(), sweep.len(), "{lines:?}");
+    for (p, line) in sweep.iter().zip(points) {
         positive(p, "ops_per_sec");
         positive(p, "peer_ops_per_sec");
+        assert_eq!(p["workers"], line["workers"], "{p} {line}");
+        assert_eq!(p["ratio"], line["ratio"], "{p} {line}");
+        assert_eq!(p["ops_per_sec"], line["ops_per_sec"], "{p} {line}");
+        assert_eq!(
+            p["peer_ops_per_sec"], line["peer_ops_per_sec"],
+            "{p} {line}"
+        );
     }
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(
@@ -212,6 +246,34 @@ fn sweep_writes_an_svg_chart() {
         "{svg:.100}"
     );
     assert!(svg.contains("etcd-lock-api"), "{svg:.100}");
+
+    // Without --peer, the last line has no peer fields, as any result without a peer.
+    let (v, _) = bench(
+        "mem://bench-sweep",
+        &["contended", "--sweep", "--ops", "32", "--chart", chart_arg],
+    );
+    assert_sweep_shape(&v, "mem");
+    assert!(v.get("peer").is_none() && v.get("ratio").is_none(), "{v}");
+}
+
+/// The fields every result has, in a sweep's last line: `workers` and the rates are null
+/// (the sweep has them per point).
+fn assert_sweep_shape(v: &Value, backend: &str) {
+    for field in [
+        "scenario",
+        "backend",
+        "workers",
+        "ops",
+        "ops_per_sec",
+        "p50_us",
+        "p99_us",
+        "max_us",
+    ] {
+        assert!(v.get(field).is_some(), "{field} missing: {v}");
+    }
+    assert_eq!(v["scenario"], "contended", "{v}");
+    assert_eq!(v["backend"], backend, "{v}");
+    assert_eq!(v["ops"], 32, "{v}");
 }
 
 #[test]
