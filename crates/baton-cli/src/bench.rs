@@ -91,8 +91,8 @@ pub(crate) struct Args {
     pub(crate) scenario: Scenario,
 
     /// Workers (contended, distinct: default 8, at most --ops), probes at a time (lost:
-    /// default all), or waiters queued on one key (scale: default 100). Each is a connection
-    /// and a session of its own: at most 10000.
+    /// default 20, at most --ops), or waiters queued on one key (scale: default 100). Each
+    /// is a connection and a session of its own: at most 10000.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_WORKERS))]
     pub(crate) workers: Option<u64>,
 

@@ -915,3 +915,24 @@ fn a_report_that_cannot_be_written_fails() {
         }
     }
 }
+
+/// `--help` says how many probes `lost` runs at a time as the code does: 20 by default, at
+/// most `--ops`; and the run reports that many workers.
+#[test]
+fn help_gives_lost_probes_at_a_time_as_run() {
+    let (out, _) = run(baton("mem://").args(["bench", "--help"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("probes at a time (lost: default 20, at most --ops)"),
+        "{help}"
+    );
+    assert!(!help.contains("default all"), "{help}");
+    let (v, _) = bench("mem://bench-lost", &["lost", "--ops", "25", "--ttl", "2s"]);
+    assert_eq!(v["workers"], 20, "{v}");
+    let (v, _) = bench("mem://bench-lost", &["lost", "--ops", "3", "--ttl", "2s"]);
+    assert_eq!(v["workers"], 3, "{v}");
+}
