@@ -115,8 +115,14 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) sweep: bool,
 
-    /// Where --sweep writes its chart (checked to be writable before the sweep starts).
-    #[arg(long, value_name = "PATH", default_value = "bench-contended.svg")]
+    /// Where --sweep writes its chart (checked to be writable before the sweep starts);
+    /// only with --sweep.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "bench-contended.svg",
+        requires = "sweep"
+    )]
     pub(crate) chart: PathBuf,
 
     /// With --peer: run Baton and the peer N times each, alternating which goes first, and

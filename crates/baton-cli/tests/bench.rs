@@ -936,3 +936,28 @@ fn help_gives_lost_probes_at_a_time_as_run() {
     let (v, _) = bench("mem://bench-lost", &["lost", "--ops", "3", "--ttl", "2s"]);
     assert_eq!(v["workers"], 3, "{v}");
 }
+
+/// `--chart` without `--sweep` would draw nothing: it is refused (exit 125, one line naming
+/// --sweep) before anything runs, not ignored.
+#[test]
+fn chart_without_sweep_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let (out, _) = run(baton("mem://bench-chart").args([
+        "bench",
+        "contended",
+        "--ops",
+        "4",
+        "--chart",
+        chart.to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: ") && err[0].contains("--sweep"),
+        "{err:?}"
+    );
+    assert_eq!(stdout(&out), "", "the bench ran");
+    assert!(!chart.exists());
+}
