@@ -78,9 +78,13 @@ exit 125.";
 /// The most `--workers`: each is a connection and a session (lease) of its own.
 const MAX_WORKERS: u64 = 10_000;
 
-/// The most `--ops`: every operation keeps its latency (16 bytes) until the report, and
-/// `scale` holds that many locks at once.
+/// The most `--ops`: every operation keeps its latency (16 bytes) until the report.
 const MAX_OPS: u64 = 10_000_000;
+
+/// The most `--ops` of `scale`, which holds that many locks at once on one session: each
+/// takes about 26 KB of heap on etcd (its key's watch stream; BENCHMARKS.md), so this is
+/// about 2.6 GB.
+const MAX_SCALE_OPS: u64 = 100_000;
 
 /// `baton bench`.
 #[derive(Debug, clap::Args)]
@@ -97,7 +101,8 @@ pub(crate) struct Args {
     pub(crate) workers: Option<u64>,
 
     /// Operations: lock+unlock cycles, handovers, loss probes, or locks held at once (scale).
-    /// The default makes each scenario take a few seconds. At most 10000000.
+    /// The default makes each scenario take a few seconds. At most 10000000; for scale, at
+    /// most 100000 (each held lock takes about 26 KB of heap on etcd).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     pub(crate) ops: Option<u64>,
 
@@ -232,6 +237,12 @@ impl Config {
             )));
         }
         let ops = args.ops.unwrap_or(default_ops);
+        if args.scenario == Scenario::Scale && ops > MAX_SCALE_OPS {
+            return Err(CliError::failed(format!(
+                "bench scale holds --ops locks at once, about 26 KB of heap each on etcd: \
+                 --ops {ops} is more than the {MAX_SCALE_OPS} allowed"
+            )));
+        }
         let workers = match (args.scenario, args.workers) {
             (Scenario::Lost, _) => workers.min(ops),
             // A worker beyond the ops would only warm up: refuse it when asked for, and
