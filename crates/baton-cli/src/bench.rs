@@ -115,8 +115,8 @@ pub(crate) struct Args {
     #[arg(long, value_enum, value_name = "NAME")]
     pub(crate) peer: Option<Peer>,
 
-    /// contended only: run 1, 2, 4, 8, 16 and 32 workers (--ops each) and draw an SVG chart
-    /// of ops/s against workers.
+    /// contended only: run 1, 2, 4, 8, 16 and 32 workers (--ops each, so at least 32) and
+    /// draw an SVG chart of ops/s against workers.
     #[arg(long)]
     pub(crate) sweep: bool,
 
@@ -237,6 +237,15 @@ impl Config {
             )));
         }
         let ops = args.ops.unwrap_or(default_ops);
+        let most = SWEEP[SWEEP.len() - 1];
+        if args.sweep && ops < most {
+            // A point with more workers than operations would report a rate for workers
+            // that had nothing to do.
+            return Err(CliError::failed(format!(
+                "--sweep runs up to {most} workers, and every worker needs an operation to \
+                 do: --ops {ops} is fewer; give --ops {most} or more"
+            )));
+        }
         if args.scenario == Scenario::Scale && ops > MAX_SCALE_OPS {
             return Err(CliError::failed(format!(
                 "bench scale holds --ops locks at once, about 26 KB of heap each on etcd: \

@@ -710,7 +710,7 @@ fn an_unwritable_chart_is_refused_before_the_sweep() {
         "contended",
         "--sweep",
         "--ops",
-        "20",
+        "32",
         "--chart",
         chart.to_str().unwrap(),
     ]));
@@ -964,4 +964,34 @@ fn chart_without_sweep_is_refused() {
     );
     assert_eq!(stdout(&out), "", "the bench ran");
     assert!(!chart.exists());
+}
+
+/// `--sweep` runs up to 32 workers on `--ops` operations per point: with fewer operations
+/// than workers, a point would report a 32-worker rate where only `--ops` cycles ran. It is
+/// refused before anything runs, as `--workers` above `--ops` is without `--sweep`.
+#[test]
+fn sweep_with_fewer_ops_than_workers_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let (out, took) = run(baton("mem://bench-sweep-ops").args([
+        "--json",
+        "bench",
+        "contended",
+        "--sweep",
+        "--ops",
+        "16",
+        "--chart",
+        chart.to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].starts_with("baton: ") && err[0].contains("--sweep") && err[0].contains("--ops"),
+        "{err:?}"
+    );
+    assert!(!err[0].contains("  "), "{err:?}");
+    assert_eq!(stdout(&out), "", "the sweep ran");
+    assert!(!chart.exists());
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }
