@@ -106,7 +106,8 @@ pub(crate) struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     pub(crate) ops: Option<u64>,
 
-    /// The TTL of every session (lease).
+    /// The TTL of every session (lease); on etcd and mem://, rounded up to whole seconds
+    /// (etcd's leases count seconds), for Baton and the peer alike.
     #[arg(long, value_name = "DUR", default_value = "6s", value_parser = cli::positive_duration)]
     pub(crate) ttl: Duration,
 
@@ -288,7 +289,7 @@ impl Config {
 /// closed yet are closed (revoking their leases, which deletes their keys), and the exit
 /// code is 128+N. A second signal stops the closing too.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
-    let config = Config::new(&args)?;
+    let mut config = Config::new(&args)?;
     if args.sweep {
         // Found out now, not after the whole sweep.
         chart::check_writable(&args.chart).map_err(|e| chart_error(&args.chart, &e))?;
@@ -299,6 +300,22 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             "bench scale measures what an etcd session shares (one lease for many locks, a \
              queue of waiters); Redis has neither: use etcd or mem://",
         ));
+    }
+    // etcd's leases (and the embedded store's) count whole seconds: Baton's sessions round
+    // the TTL up, and the peer's leases must have the same, and the report say which.
+    let mut notes = Vec::new();
+    if !on_redis {
+        let used = lease_ttl(config.ttl);
+        if used != config.ttl {
+            notes.push(format!(
+                "--ttl {} rounded up to {}: leases count whole seconds, and every lease of \
+                 the run was granted {}",
+                crate::output::duration(config.ttl),
+                crate::output::duration(used),
+                crate::output::duration(used)
+            ));
+            config.ttl = used;
+        }
     }
     let mut signals = Signals::new()?;
     let (baton, endpoints, server_version) = signals
@@ -315,6 +332,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         endpoints,
         server_version,
         ttl: config.ttl,
+        notes,
     };
     let work = measure_and_report(
         global,
@@ -349,6 +367,15 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         }
     }
     result
+}
+
+/// `ttl` rounded up to whole seconds, as etcd grants a lease (and Baton's session asks
+/// for one).
+pub(crate) fn lease_ttl(ttl: Duration) -> Duration {
+    Duration::from_secs(
+        ttl.as_secs()
+            .saturating_add(u64::from(ttl.subsec_nanos() > 0)),
+    )
 }
 
 /// Delete what the run left on `target`'s backend (see [`Target::clean_up`]), within

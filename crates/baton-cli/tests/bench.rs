@@ -995,3 +995,48 @@ fn sweep_with_fewer_ops_than_workers_is_refused() {
     assert!(!chart.exists());
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }
+
+/// A `--ttl` with a fraction of a second is rounded up to whole seconds on etcd (its
+/// leases count seconds), for Baton and the peer alike, and the report gives the TTL used
+/// and says it was rounded.
+#[test]
+fn a_fractional_ttl_is_reported_as_used() {
+    let etcd = etcd();
+    let (v, _) = bench(
+        &etcd.endpoint(),
+        &[
+            "uncontended",
+            "--ops",
+            "5",
+            "--ttl",
+            "2500ms",
+            "--peer",
+            "etcd-lock-api",
+        ],
+    );
+    assert_eq!(v["ttl_ms"], 3000, "{v}");
+    assert!(
+        v["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n.as_str().unwrap().contains("rounded up"))),
+        "{v}"
+    );
+    let (out, _) = run(baton(&etcd.endpoint()).args([
+        "bench",
+        "uncontended",
+        "--ops",
+        "5",
+        "--ttl",
+        "2500ms",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.lines().next().unwrap().ends_with("ttl 3s"), "{text}");
+    // A whole number of seconds is used as given, with no note.
+    let (v, _) = bench(
+        &etcd.endpoint(),
+        &["uncontended", "--ops", "5", "--ttl", "3s"],
+    );
+    assert_eq!(v["ttl_ms"], 3000, "{v}");
+    assert!(v.get("notes").is_none(), "{v}");
+}

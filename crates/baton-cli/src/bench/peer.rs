@@ -137,6 +137,7 @@ pub(crate) async fn server_version(global: &Global, backend: &str) -> Option<Str
 pub(crate) struct EtcdLockApi {
     urls: Vec<String>,
     dial_timeout: Duration,
+    /// The leases' TTL, whole seconds; a keep-alive goes every third of it.
     ttl: Duration,
     admin: ec::Client,
     keep_alives: Arc<AtomicU64>,
@@ -156,7 +157,8 @@ impl EtcdLockApi {
         Ok(EtcdLockApi {
             urls,
             dial_timeout,
-            ttl,
+            // etcd grants whole seconds: rounded up, as Baton's session does, not down.
+            ttl: super::lease_ttl(ttl),
             admin,
             keep_alives: Arc::default(),
             namespace,
@@ -374,5 +376,32 @@ mod tests {
         );
         assert_eq!(etcd_urls("mem://"), None);
         assert_eq!(etcd_urls("redis://x:6379"), None);
+    }
+
+    /// A TTL with a fraction of a second gives the peer's lease the TTL rounded up, as
+    /// Baton's session does (etcd grants whole seconds), not rounded down.
+    #[tokio::test]
+    async fn the_lease_ttl_is_rounded_up_to_whole_seconds() {
+        assert!(baton_testkit::etcd_available(), "etcd is needed");
+        let etcd = baton_testkit::EtcdServer::start();
+        let peer = EtcdLockApi::connect(
+            vec![etcd.endpoint()],
+            Duration::from_secs(5),
+            Duration::from_millis(2500),
+            String::new(),
+        )
+        .await
+        .unwrap();
+        let worker = peer.worker().await.unwrap();
+        let held = worker.lock("ttl-probe").await.unwrap();
+        let ttl = peer
+            .admin
+            .clone()
+            .lease_time_to_live(held.lease(), None)
+            .await
+            .unwrap();
+        assert_eq!(ttl.granted_ttl(), 3);
+        held.release().await.unwrap();
+        worker.close().await;
     }
 }

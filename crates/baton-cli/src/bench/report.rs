@@ -70,7 +70,11 @@ pub(crate) struct Context {
     pub(crate) backend: &'static str,
     pub(crate) endpoints: String,
     pub(crate) server_version: Option<String>,
+    /// The TTL the run used (on etcd and the embedded store, --ttl rounded up to whole
+    /// seconds).
     pub(crate) ttl: Duration,
+    /// What the reader must know about the run as a whole, before the targets' notes.
+    pub(crate) notes: Vec<String>,
 }
 
 /// Round to one decimal, for rates and ratios.
@@ -224,10 +228,11 @@ pub(crate) fn object(
         o.insert("goal".into(), text.into());
         o.insert("goal_met".into(), met.into());
     }
-    let notes: Vec<Value> = ours
+    let notes: Vec<Value> = context
         .notes
         .iter()
-        .map(|n| format!("baton: {n}"))
+        .cloned()
+        .chain(ours.notes.iter().map(|n| format!("baton: {n}")))
         .chain(
             theirs
                 .iter()
@@ -476,6 +481,7 @@ mod tests {
                 endpoints: "x".into(),
                 server_version: None,
                 ttl: config.ttl,
+                notes: Vec::new(),
             };
             let mut ours = Measured {
                 ops: 3,
