@@ -253,23 +253,11 @@ impl Waiter {
         // A wake-up is an event, or a broken watch. Not the doubts and gaps (`None`): those
         // reads are the wait's own bookkeeping, as the lock's waits do them unseen, and a
         // release still counts as one wake-up.
-        let events = self.wait_events(wait).await?;
-        if events.is_some() {
-            self.woke();
-        }
-        Ok(events.and_then(|events| events.into_iter().next()))
-    }
-
-    /// As [`wait`](Self::wait), but every event that `wait` asks for in the batch that
-    /// brought the first (events of one revision, or of a watch catching up, come in one
-    /// batch), and no wake-up is counted for them: the caller that acts on them calls
-    /// [`woke`](Self::woke). Keep calling it with the same `wait` for the events after
-    /// those: the watches carry on where they were.
-    pub(crate) async fn wait_events(&mut self, wait: Wait) -> Result<Option<Vec<Event>>> {
         match self.watch_until(&wait).await {
-            Ok(Some(events)) => {
+            Ok(Some(event)) => {
+                self.woke();
                 self.backoff.reset();
-                Ok(Some(events))
+                Ok(Some(event))
             }
             Ok(None) => Ok(None),
             Err(e) => {
@@ -282,15 +270,15 @@ impl Waiter {
         }
     }
 
-    /// Count a wake-up: the waiter looks at the queue again.
+    /// Count a wake-up: the waiter looks at the queue again (for a waiter told by other
+    /// means than [`wait`](Self::wait)).
     pub(crate) fn woke(&self) {
         self.count(|c| &c.wakeups);
     }
 
-    /// The events after the read that `wait` asks for, from the first batch that has any;
-    /// `None` if the watches started after that read (read again: the next wait on the
-    /// same keys is covered).
-    async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Vec<Event>>> {
+    /// The first event after the read that `wait` asks for; `None` if the watches started
+    /// after that read (read again: the next wait on the same keys is covered).
+    async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Event>> {
         if wait.keys.is_empty() {
             return Err(Error::Store("nothing to watch".into()));
         }
@@ -354,14 +342,13 @@ impl Waiter {
                 Err(Error::Compacted { .. }) => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let found: Vec<Event> = batch
+            let found = batch
                 .events
                 .into_iter()
-                .filter(|e| e.kv.mod_revision >= wait.from && wait.until.matches(e))
-                .collect();
-            if !found.is_empty() {
+                .find(|e| e.kv.mod_revision >= wait.from && wait.until.matches(e));
+            if let Some(event) = found {
                 self.open = Some(open);
-                return Ok(Some(found));
+                return Ok(Some(event));
             }
         }
         Err(watch_ended())
