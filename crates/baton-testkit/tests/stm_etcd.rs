@@ -271,6 +271,41 @@ async fn a_cancelled_read_fails_the_attempt() {
     assert!(err.is_invalid_input(), "{err}");
 }
 
+/// A read still running when the body returns (in a task the body gave up waiting for,
+/// which a timeout on its `JoinHandle` does not cancel) fails the attempt too: its key was
+/// not in the read set at the commit. Before, the commit went ahead unguarded and the
+/// concurrent increment was lost (x = 1, 3 runs of 3; found by a second-look review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_left_running_fails_the_attempt() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let proxy = FaultProxy::start(etcd.client_port()).await;
+    let slow = connect(&proxy.url("http"), Duration::from_secs(5)).await;
+    let other = client(&etcd, Duration::from_secs(5)).await;
+    let (result, x) = increment_after_a_failed_read(&slow, &other, |tx| {
+        let proxy = &proxy;
+        async move {
+            proxy.set(
+                Direction::ServerToClient,
+                Fault::Delay(Duration::from_secs(1)),
+            );
+            let read = tokio::spawn(async move { tx.get("x").await });
+            match tokio::time::timeout(Duration::from_millis(200), read).await {
+                Ok(joined) => joined.unwrap(),
+                Err(_) => Err(Error::InvalidArgument("gave up on the read".into())),
+            }
+        }
+    })
+    .await;
+    proxy.heal();
+    assert_eq!(x, 11, "the concurrent increment was lost ({result:?})");
+    let err = result.unwrap_err();
+    eprintln!("run returned: {err}");
+    assert!(err.is_invalid_input(), "{err}");
+}
+
 /// A commit whose answer is lost fails with a retryable error although it was applied:
 /// running the transaction again would add one twice. As `Stm::run` documents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

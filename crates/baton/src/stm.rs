@@ -243,7 +243,8 @@ impl Stm {
     /// A read that fails (a store error) returns the error to `apply`, and also fails the
     /// attempt: even if `apply` swallows the error and returns `Ok`, nothing is written
     /// and `run` returns that read's error. A read dropped before it finished (by a
-    /// timeout or a `select!` around it) fails the attempt the same way, and `run`
+    /// timeout or a `select!` around it), or still running when `apply` returns (in a task
+    /// it spawned and did not wait for), fails the attempt the same way, and `run`
     /// returns [`Error::InvalidArgument`]. The keys such a read did not record could not
     /// be guarded at the commit, which could then overwrite a concurrent update; Go's STM
     /// aborts on a failed read too. `run` does not run `apply` again after a failed read,
@@ -334,6 +335,9 @@ struct Attempt {
     /// The first read that failed, or was dropped before it finished: the keys it did not
     /// record could not be guarded, so the attempt must not commit.
     failed_read: Option<Error>,
+    /// Reads started and not yet finished or dropped: one still running when the closure
+    /// returns (in a task the closure did not wait for) fails the attempt too.
+    reads_in_flight: usize,
 }
 
 /// One attempt of an [`Stm`] transaction: reads from the store, buffered writes.
@@ -382,9 +386,17 @@ impl StmTx {
         self.state().restart
     }
 
-    /// End the attempt: take its reads and writes.
+    /// End the attempt: take its reads and writes. Reads that finish later change nothing.
     fn finish(&self) -> Attempt {
-        std::mem::take(&mut *self.state())
+        let mut ended = std::mem::take(&mut *self.state());
+        if ended.reads_in_flight > 0 && ended.failed_read.is_none() {
+            ended.failed_read = Some(Error::invalid(
+                "stm: a read was still running when the closure returned (in a task it did \
+                 not wait for), so the commit could not guard what it was reading; nothing \
+                 was written",
+            ));
+        }
+        ended
     }
 
     /// The value of `key`: this transaction's own write if it wrote it, else the value read
@@ -475,9 +487,11 @@ impl StmTx {
 
     /// Make sure every key of `keys` is in the read set.
     ///
-    /// A read that fails, or is dropped before it finishes, fails the attempt (see
-    /// [`Stm::run`]): the keys it did not record could not be guarded at the commit.
+    /// A read that fails, is dropped before it finishes, or is still running when the
+    /// closure returns fails the attempt (see [`Stm::run`]): the keys it did not record
+    /// could not be guarded at the commit.
     async fn fetch(&self, keys: &[Vec<u8>]) -> Result<()> {
+        self.state().reads_in_flight += 1;
         let mut unfinished = UnfinishedRead {
             tx: self,
             keys,
@@ -559,10 +573,12 @@ struct UnfinishedRead<'a> {
 
 impl Drop for UnfinishedRead<'_> {
     fn drop(&mut self) {
+        let mut st = self.tx.state();
+        // Saturating: after the attempt ended, this is the fresh state `finish` left.
+        st.reads_in_flight = st.reads_in_flight.saturating_sub(1);
         if self.done {
             return;
         }
-        let mut st = self.tx.state();
         if self.keys.iter().any(|k| !st.reads.contains_key(k)) {
             st.failed_read.get_or_insert_with(|| {
                 Error::invalid(
