@@ -400,18 +400,20 @@ impl Semaphore {
                 _ => return Err(not_held(mine)),
             }
             let header = resp.header_revision;
+            // Only the keys and counts are kept while waiting (a long queue's waiters each
+            // hold one entry per key before theirs), not the keys as read.
             let mut before = HashMap::with_capacity(members.len());
             let mut used = 0_u64;
-            for kv in &members {
-                let (permits_asked, _) = self.parse(kv)?;
+            for kv in members {
+                let (permits_asked, _) = self.parse(&kv)?;
                 used += u64::from(permits_asked);
-                before.insert(kv.key.clone(), u64::from(permits_asked));
+                before.insert(kv.key, u64::from(permits_asked));
             }
             if used + u64::from(count) <= permits {
                 return Ok(header);
             }
             tracing::trace!(
-                before = members.len(),
+                before = before.len(),
                 used,
                 "waiting for permits to be released"
             );
