@@ -430,10 +430,17 @@ impl Semaphore {
                 .subscribe_deletes(store, self.prefix.as_bytes(), header, Box::new(tally))
                 .await
             {
-                // Heard enough (Ok), or the shared watch broke (Err): read again.
+                // Heard enough, or the shared watch broke: read again (after a backoff if
+                // it broke, so that a watch that keeps ending cannot make a tight loop).
                 Ok(true) => {
-                    let _ = rx.await;
                     waiter.woke();
+                    match rx.await {
+                        Ok(()) => waiter.succeeded(),
+                        Err(_) => {
+                            let ended = Error::Unavailable("the shared watch ended".into());
+                            waiter.retry(ended).await?;
+                        }
+                    }
                 }
                 // The shared watch started after our read: read again at once.
                 Ok(false) => {}
@@ -600,6 +607,38 @@ mod tests {
             value: value.as_bytes().to_vec(),
             ..KeyValue::default()
         }
+    }
+
+    /// A waiter whose client's shared watch of the queue ends at once, again and again,
+    /// with no error (a proxy that closes streams): it reads and subscribes again with a
+    /// backoff (50 ms doubling to 1 s), not in a tight loop of watch creations.
+    #[tokio::test]
+    async fn a_shared_watch_that_keeps_ending_is_retried_with_a_backoff() {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let holder = Session::new(&client).await.unwrap();
+        let _held = Semaphore::new(&holder, "s", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        *store.end_watch_on.lock().unwrap() = Some((b"s/".to_vec(), false));
+        let waiter = Session::new(&client).await.unwrap();
+        let sem = Semaphore::new(&waiter, "s", 1).unwrap();
+        let before = store.created_from_now.load(Ordering::Relaxed);
+        let err = sem
+            .acquire_timeout(Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+        let opened = store.created_from_now.load(Ordering::Relaxed) - before;
+        assert!(opened < 20, "{opened} watches opened in 1 s of waiting");
     }
 
     /// A semaphore waiter's watch and its wake-up count in its client's stats, as the

@@ -276,6 +276,12 @@ impl Waiter {
         self.count(|c| &c.wakeups);
     }
 
+    /// The awaited change came (told by other means than [`wait`](Self::wait), which does
+    /// this itself): the next failure backs off from the start again.
+    pub(crate) fn succeeded(&mut self) {
+        self.backoff.reset();
+    }
+
     /// The first event after the read that `wait` asks for; `None` if the watches started
     /// after that read (read again: the next wait on the same keys is covered).
     async fn watch_until(&mut self, wait: &Wait) -> Result<Option<Event>> {

@@ -46,7 +46,7 @@ pub(crate) struct SlowWatches {
     /// applied this long afterwards all the same (as etcd applies a request whose caller
     /// has given up on it).
     pub(crate) fail_then_land: StdMutex<Option<Duration>>,
-    /// A watch of exactly this key ends at once: with no error (a stream closed cleanly,
+    /// A watch of exactly this key (or prefix) ends at once: with no error (a stream closed cleanly,
     /// say by a proxy), or (`true`) after a `Compacted` error (etcd cancels a watch left
     /// behind, before its sweep, by a compaction).
     pub(crate) end_watch_on: StdMutex<Option<(Vec<u8>, bool)>>,
@@ -124,6 +124,30 @@ impl SlowWatches {
         if let Some(key) = key {
             let _ = self.inner.delete(KeyRange::Key(key)).await;
         }
+    }
+
+    /// The stream of a watch that [`end_watch_on`](Self::end_watch_on) ends at once, if it
+    /// does.
+    fn ended(&self, watch: &Watch) -> Option<WatchStream> {
+        let ends = match (
+            &watch.keys,
+            &*self.end_watch_on.lock().unwrap_or_else(|e| e.into_inner()),
+        ) {
+            (KeyRange::Key(k) | KeyRange::Prefix(k), Some((key, compacted))) if k == key => {
+                *compacted
+            }
+            _ => return None,
+        };
+        Some(if ends {
+            Box::pin(futures::stream::once(async {
+                Err(crate::error::Error::Compacted {
+                    requested: 0,
+                    compact_revision: 1,
+                })
+            }))
+        } else {
+            Box::pin(futures::stream::empty())
+        })
     }
 
     fn hold_back(&self, stream: WatchStream) -> WatchStream {
@@ -278,24 +302,8 @@ impl Store for SlowWatches {
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
         self.check_kv()?;
         tokio::time::sleep(self.create).await;
-        let ends = match (
-            &watch.keys,
-            &*self.end_watch_on.lock().unwrap_or_else(|e| e.into_inner()),
-        ) {
-            (KeyRange::Key(k), Some((key, compacted))) if k == key => Some(*compacted),
-            _ => None,
-        };
-        match ends {
-            Some(false) => return Ok(Box::pin(futures::stream::empty())),
-            Some(true) => {
-                return Ok(Box::pin(futures::stream::once(async {
-                    Err(crate::error::Error::Compacted {
-                        requested: 0,
-                        compact_revision: 1,
-                    })
-                })))
-            }
-            None => {}
+        if let Some(ended) = self.ended(&watch) {
+            return Ok(ended);
         }
         Ok(self.hold_back(self.inner.watch(watch).await?))
     }
@@ -303,6 +311,12 @@ impl Store for SlowWatches {
         self.check_kv()?;
         self.created_from_now.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.create).await;
+        if let Some(ended) = self.ended(&watch) {
+            let at = (self.inner)
+                .range(Range::key(watch.keys.bytes().to_vec()).keys_only())
+                .await;
+            return Ok((at?.header_revision, ended));
+        }
         let (at, stream) = self.inner.watch_from_now(watch).await?;
         Ok((at, self.hold_back(stream)))
     }
