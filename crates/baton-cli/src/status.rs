@@ -40,7 +40,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use baton::store::{KeyValue, Range, RangeResponse, Store};
+use baton::store::{KeyValue, Range, RangeResponse, Store, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
@@ -237,16 +237,23 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     Ok(0)
 }
 
-/// How many values [`snapshot`] reads at once.
-const VALUE_READS_IN_FLIGHT: usize = 32;
+/// How many of [`snapshot`]'s batches of values are read at once.
+const VALUE_BATCHES_IN_FLIGHT: usize = 4;
+
+/// The most key bytes in one of [`snapshot`]'s batches (besides at most
+/// [`baton::MAX_TXN_KEYS`] keys): well under etcd's default request limit (1.5 MiB, plus
+/// 512 KiB for gRPC), so a batch of long keys is not refused. A longer key goes alone.
+const VALUE_BATCH_KEY_BYTES: usize = 512 * 1024;
 
 /// The keys under `prefix`, with the values of only the keys that need them ([`needs_value`];
 /// the others' values are left empty), all as of one revision (the response's
 /// `header_revision`).
 ///
-/// The keys come from one keys-only read; the values are read at its revision, at most
-/// [`VALUE_READS_IN_FLIGHT`] at once. If that revision is compacted meanwhile, everything
-/// is read again once, from scratch; a second compaction fails with a clear error.
+/// The keys come from one keys-only read; the values are read at its revision, in
+/// read-only transactions of up to [`baton::MAX_TXN_KEYS`] gets each (etcd's default
+/// `--max-txn-ops`), [`VALUE_BATCHES_IN_FLIGHT`] at once: 5,000 lock keys cost 41 requests,
+/// not 5,001. If that revision is compacted meanwhile, everything is read again once, from
+/// scratch; a second compaction fails with a clear error.
 async fn snapshot(store: &dyn Store, prefix: &[u8]) -> Result<RangeResponse, CliError> {
     if let Some(resp) = snapshot_once(store, prefix).await? {
         return Ok(resp);
@@ -275,32 +282,73 @@ async fn snapshot_once(
     let wanted: Vec<usize> = (0..resp.kvs.len())
         .filter(|&i| needs_value(&resp.kvs[i]))
         .collect();
-    let read = futures::stream::iter(wanted.iter().map(|&i| {
-        let key = resp.kvs[i].key.clone();
-        async move { store.range(Range::key(key).at_revision(revision)).await }
+    let batches = batches(&wanted, |i| resp.kvs[i].key.len());
+    let read = futures::stream::iter(batches.iter().map(|batch| {
+        let gets = batch
+            .iter()
+            .map(|&i| TxnOp::get(Range::key(resp.kvs[i].key.clone()).at_revision(revision)));
+        let txn = Txn::new().and_then(gets);
+        async move { store.txn(txn).await }
     }))
-    .buffered(VALUE_READS_IN_FLIGHT)
-    .try_collect::<Vec<RangeResponse>>()
+    .buffered(VALUE_BATCHES_IN_FLIGHT)
+    .try_collect::<Vec<TxnResponse>>()
     .await;
-    let values = match read {
-        Ok(values) => values,
+    let replies = match read {
+        Ok(replies) => replies,
         Err(baton::Error::Compacted { .. }) => return Ok(None),
         Err(e) => return Err(CliError::failed(e)),
     };
-    for (i, value) in wanted.into_iter().zip(values) {
-        let kv = &mut resp.kvs[i];
-        match value.kvs.into_iter().next() {
-            Some(read) if read.mod_revision == kv.mod_revision => kv.value = read.value,
-            // Cannot be at one revision; never guess a kind from a value that is not there.
-            _ => {
-                return Err(CliError::failed(format!(
-                    "key {:?} was not found as of revision {revision}, where it was listed",
-                    kv.key_str()
-                )))
+    for (batch, reply) in batches.iter().zip(replies) {
+        if reply.responses.len() != batch.len() {
+            return Err(CliError::failed(format!(
+                "the store answered {} of {} reads in one transaction",
+                reply.responses.len(),
+                batch.len()
+            )));
+        }
+        for (&i, value) in batch.iter().zip(reply.responses) {
+            let kv = &mut resp.kvs[i];
+            let read = match value {
+                TxnOpResponse::Get(got) => got.kvs.into_iter().next(),
+                _ => None,
+            };
+            match read {
+                Some(read) if read.mod_revision == kv.mod_revision => kv.value = read.value,
+                // Cannot be at one revision; never guess a kind from a value that is not
+                // there.
+                _ => {
+                    return Err(CliError::failed(format!(
+                        "key {:?} was not found as of revision {revision}, where it was listed",
+                        kv.key_str()
+                    )))
+                }
             }
         }
     }
     Ok(Some(resp))
+}
+
+/// `items` split, in order, into batches of at most [`baton::MAX_TXN_KEYS`] items and (unless
+/// one item alone is longer) at most [`VALUE_BATCH_KEY_BYTES`] of `len`.
+fn batches(items: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0;
+    for &item in items {
+        let n = len(item);
+        match batches.last_mut() {
+            Some(batch)
+                if batch.len() < baton::MAX_TXN_KEYS && bytes + n <= VALUE_BATCH_KEY_BYTES =>
+            {
+                batch.push(item);
+                bytes += n;
+            }
+            _ => {
+                batches.push(vec![item]);
+                bytes = n;
+            }
+        }
+    }
+    batches
 }
 
 /// True if the kind of a key (and so of its name) depends on its value: a key bound to a
@@ -1111,6 +1159,29 @@ mod tests {
             err.message()
                 .is_some_and(|m| m.contains("compacted") && m.contains("try again")),
             "{err:?}"
+        );
+    }
+
+    /// Values are read in batches of at most MAX_TXN_KEYS keys and VALUE_BATCH_KEY_BYTES
+    /// of keys, in order; a key longer than that goes alone.
+    #[test]
+    fn values_are_read_in_batches_that_etcd_takes() {
+        let items: Vec<usize> = (0..300).collect();
+        let sizes: Vec<usize> = batches(&items, |_| 10).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [128, 128, 44]);
+        assert_eq!(batches(&items, |_| 10).concat(), items);
+        assert!(batches(&[], |_| 10).is_empty());
+        let big = VALUE_BATCH_KEY_BYTES / 2;
+        let len = |i: usize| {
+            if i == 1 {
+                VALUE_BATCH_KEY_BYTES + 1
+            } else {
+                big
+            }
+        };
+        assert_eq!(
+            batches(&[0, 1, 2, 3, 4], len),
+            [vec![0], vec![1], vec![2, 3], vec![4]]
         );
     }
 

@@ -432,3 +432,55 @@ fn status_lists_queues() {
     let (out, _) = run(baton(&ep).args(["status", "wq/d"]));
     assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
 }
+
+/// Range and Txn requests etcd has answered so far.
+fn reads(etcd: &EtcdServer) -> f64 {
+    ["Range", "Txn"]
+        .iter()
+        .map(|method| {
+            etcd.metric_sum(
+                "grpc_server_handled_total",
+                &[&format!("grpc_method=\"{method}\"")],
+            )
+            .expect("grpc_server_handled_total")
+        })
+        .sum()
+}
+
+/// `baton status` reads the values it needs in batches (up to 128 gets per read-only
+/// transaction, at the revision of its keys-only read), not one request per key: 600
+/// lease-bound lock keys cost a handful of requests, not 600, and are all listed.
+#[test]
+fn status_reads_values_in_batches() {
+    const LOCKS: usize = 600;
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let store = client.store();
+        let lease = store
+            .lease_grant(std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .id;
+        for i in 0..LOCKS {
+            let key = format!("many/l{i:03}/{lease:x}");
+            store.put(key.as_bytes(), b"", lease).await.unwrap();
+        }
+    });
+
+    let before = reads(&etcd);
+    let (out, _) = run(baton(&ep).args(["--json", "status", "many/"]));
+    let requests = reads(&etcd) - before;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), LOCKS, "{v}");
+    assert!(entries.iter().all(|e| e["kind"] == "lock"), "{v}");
+    eprintln!("status of {LOCKS} lease-bound keys: {requests} Range/Txn requests");
+    assert!(
+        requests <= 10.0,
+        "status of {LOCKS} lease-bound keys made {requests} Range/Txn requests"
+    );
+}
