@@ -37,7 +37,8 @@ Exit codes:
   125      baton itself failed: bad input, unreachable backend, the session lost (or
            only the waiter's key deleted) while still waiting (nothing held, CMD never
            ran), or a result (get, set, queue, leader, status, barrier, demo, bench)
-           that could not be written to stdout
+           that could not be written to stdout; but watch, observe and demo end with
+           0 when the reader of stdout goes away (baton demo | head -1)
   126/127  CMD could not be executed / was not found
   128+N    interrupted by signal N while waiting (queue pop: or by a second signal
            while its claim is in flight), or CMD killed by signal N

@@ -36,7 +36,9 @@ What it shows:
     over; the old leader wakes up and its stale write is refused.
 The summary gives the grants, the overlaps (two holders at once: must be 0), the leaders
 and the failover time. Exit 0 if every check passed, 1 if one failed, 125 if the report
-could not be written to stdout.";
+could not be written to stdout (a full disk, an I/O error). A reader that goes away
+(baton demo | head -1, quitting less) stops the demo early, cleaning up as a signal does,
+with exit 0 and no summary.";
 
 /// The embedded store the demo uses unless told otherwise.
 const DEMO_ENDPOINTS: &str = "mem://demo";
@@ -180,11 +182,25 @@ struct ElectionState {
     stale_write: Option<Result<i64, (i64, i64)>>,
 }
 
+/// Why the demo ends before its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A signal, by number: exit 128+N.
+    Signal(i32),
+    /// The reader of stdout is gone (`baton demo | head -1`, quitting `less`): exit 0.
+    ReaderGone,
+}
+
 /// Run `baton demo`.
 ///
 /// A signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the demo early, also while it connects:
 /// its workers and nodes stop and close their sessions (revoking their leases, which deletes
 /// their keys), and the exit code is 128+N. A second signal stops the closing too.
+///
+/// So does a reader of stdout that goes away (a pipe whose read end is closed, seen within
+/// a quarter of a second, [`output::until_reader_gone`]'s check, or a write that finds the
+/// pipe closed): the user chose to see no more, so the demo stops early as on a signal but
+/// exits 0, printing nothing more. Other write errors (a full disk) fail with 125.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let endpoints = if global.endpoints_given {
         global.endpoints.clone()
@@ -215,14 +231,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     );
     // A demo whose report cannot be written is no success: found out here, before it
     // starts anything (the timeline's lines are not checked; the summary's is).
-    out.emit(
+    // A reader gone already (a closed pipe) wants nothing: 0, as below.
+    if let Err(e) = out.emit(
         &format!("{intro}\n"),
         &json!({
             "event": "start", "endpoints": admin.endpoints(), "workers": args.workers,
             "lock": lock_name, "election": election_name, "seconds": args.seconds.as_secs_f64(),
         }),
-    )
-    .map_err(|e| output::not_written(None, &e))?;
+    ) {
+        return output::follow_ended(&e);
+    }
 
     let tl = Timeline {
         start: Instant::now(),
@@ -247,8 +265,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     // sessions. (A session whose lease grant was in flight is left to expire after TTL.)
     let mut tasks = Vec::new();
     let mut observing = None;
-    let started = signals
-        .interruptible(async {
+    let starting = signals.interruptible(async {
             for w in 1..=args.workers {
                 let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
                 let mutex = baton::Mutex::new(&session, &lock_name)?;
@@ -295,9 +312,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Ok::<(), CliError>(())
-        })
-        .await;
-    if let Err(e) = started {
+        });
+    let started = tokio::select! {
+        started = starting => started.map(|()| None),
+        () = output::reader_gone() => Ok(Some(Stop::ReaderGone)),
+    };
+    if let Err(_) | Ok(Some(_)) = started {
         stop.cancel();
         let stopping = tokio::time::timeout(STOP_TIMEOUT, async {
             for t in tasks {
@@ -314,11 +334,18 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 return Err(CliError::interrupted(sig));
             }
         }
-        return Err(e);
+        return match started {
+            Err(e) => Err(e),
+            Ok(_) => {
+                tracing::debug!("the reader of stdout is gone");
+                Ok(0)
+            }
+        };
     }
 
     // Partway through, freeze the leader and revoke its lease (not cut short: a signal
     // meanwhile is kept, and ends the demo right after).
+    // (Nor is it cut short by the reader's going.)
     let mut interrupted = sleep_until(&mut signals, tl.start + args.seconds.mul_f64(0.4)).await;
     if interrupted.is_none() {
         kill_leader(&admin, &election_name, &nodes, &election, tl).await;
@@ -347,9 +374,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     if let Some(observing) = observing {
         let _ = observing.await;
     }
-    if let Some(sig) = interrupted {
-        tracing::debug!(signal = sig, "interrupted");
-        return Err(CliError::interrupted(sig));
+    match interrupted {
+        Some(Stop::Signal(sig)) => {
+            tracing::debug!(signal = sig, "interrupted");
+            return Err(CliError::interrupted(sig));
+        }
+        Some(Stop::ReaderGone) => {
+            tracing::debug!("the reader of stdout is gone");
+            return Ok(0);
+        }
+        None => {}
     }
     match stopped {
         Ok(r) => r?,
@@ -358,11 +392,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     summary(&out, &args, &lock_shared, &election)
 }
 
-/// Sleep until `at`, or until a signal comes first: its number.
-async fn sleep_until(signals: &mut Signals, at: Instant) -> Option<i32> {
+/// Sleep until `at`, or until a signal comes or the reader of stdout goes first: which.
+async fn sleep_until(signals: &mut Signals, at: Instant) -> Option<Stop> {
     tokio::select! {
         () = tokio::time::sleep_until(at) => None,
-        sig = signals.recv() => Some(sig),
+        sig = signals.recv() => Some(Stop::Signal(sig)),
+        () = output::reader_gone() => Some(Stop::ReaderGone),
     }
 }
 
@@ -600,7 +635,8 @@ async fn kill_leader(
     node.thaw.notify_one();
 }
 
-/// Print the summary; 0 if every check passed, 1 otherwise.
+/// Print the summary; 0 if every check passed, 1 otherwise. A reader gone meanwhile (a
+/// closed pipe) is not told; any other failure to write is 125.
 fn summary(
     out: &Output,
     args: &Args,
@@ -657,7 +693,7 @@ fn summary(
             "stale_write_refused": stale_refused,
             "ok": problems.is_empty(),
         }))
-        .map_err(|e| output::not_written(None, &e))?;
+        .or_else(unless_reader_gone)?;
     } else {
         let yes_no = |b: bool| if b { "yes" } else { "NO" };
         let failover = match (st.failover, st.killed) {
@@ -687,7 +723,7 @@ fn summary(
             if leaders.is_empty() { "none".to_string() } else { leaders.join(", then ") },
             if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join(", ")) },
         );
-        out.text(&text).map_err(|e| output::not_written(None, &e))?;
+        out.text(&text).or_else(unless_reader_gone)?;
     }
     if problems.is_empty() {
         Ok(0)
@@ -696,6 +732,17 @@ fn summary(
             1,
             format!("the demo found a problem: {}", problems.join(", ")),
         ))
+    }
+}
+
+/// Nothing if `e` says the reader of stdout is gone (a closed pipe), else the failure to
+/// write (125).
+fn unless_reader_gone(e: std::io::Error) -> Result<(), CliError> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        tracing::debug!("the reader of stdout is gone");
+        Ok(())
+    } else {
+        Err(output::not_written(None, &e))
     }
 }
 

@@ -8,7 +8,7 @@
 //! | 1 | `baton leader`: the election has no leader |
 //! | 122 | the lock, leadership or permit was lost while held (CMD may have run without it) |
 //! | 124 | not acquired: `--try` found the lock held, or `--timeout` passed |
-//! | 125 | `baton` itself failed (also: the session was lost, or the waiter's key deleted, while still waiting, so nothing was held and CMD never ran): bad input, unreachable backend, store error, a result that could not be written to stdout |
+//! | 125 | `baton` itself failed (also: the session was lost, or the waiter's key deleted, while still waiting, so nothing was held and CMD never ran): bad input, unreachable backend, store error, a result that could not be written to stdout (but `watch`, `observe` and `demo` end with 0 when the reader of stdout goes away) |
 //! | 126 | CMD could not be executed |
 //! | 127 | CMD was not found |
 //! | 128+N | interrupted by signal N while waiting, or CMD killed by signal N |

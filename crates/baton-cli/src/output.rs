@@ -3,10 +3,12 @@
 //!
 //! Writes never panic: a failed write (a closed pipe, a full disk) is reported to the caller
 //! as an error. A command that prints a result (`get`, `set`, `queue`, `leader`, `status`,
-//! `barrier`, `demo`, `bench`) then fails with 125 ([`not_written`]): a script must not take a result it
+//! `barrier`, `bench`) then fails with 125 ([`not_written`]): a script must not take a result it
 //! never got for success. Commands that follow changes (`observe`, `watch`) stop: with 0
 //! when the reader closed the pipe (`baton observe | head -1`), else with 125; they also
 //! stop with 0 once they see the reader gone, before a write fails ([`until_reader_gone`]).
+//! So does `demo`, whose reader chose to see no more (`baton demo | head -1`), after
+//! cleaning up as on a signal; it fails with 125 on any other write error.
 
 use std::io::{self, Write};
 
@@ -180,7 +182,7 @@ impl Connected {
 /// Completes once stdout is a pipe (or a socket) that nobody reads any more: poll(2) says
 /// POLLERR or POLLHUP on it, checked every [`READER_CHECK`]. Never for stdout on a file, a
 /// terminal or /dev/null, which have no reader to lose.
-async fn reader_gone() {
+pub(crate) async fn reader_gone() {
     if !stdout_has_reader() {
         return std::future::pending().await;
     }

@@ -327,3 +327,66 @@ fn a_demo_that_cannot_write_its_report_fails() {
         );
     }
 }
+
+/// `baton demo | head -1`, or quitting `less`: once the reader of stdout is gone, the demo
+/// stops early (within a second or two, not after its whole --seconds), cleans up as on a
+/// signal (no key or lease left on etcd) and exits 0 quietly, with --json or without.
+#[test]
+fn a_demo_whose_reader_goes_stops_early_and_exits_0() {
+    use std::io::BufRead;
+    let etcd = etcd();
+    for json in [false, true] {
+        let mut cmd = baton(&etcd.endpoint());
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .args(["demo", "--seconds", "30"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+        // Read one line, wait until the workers hold keys, then close the read end.
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        assert!(
+            first.starts_with(if json {
+                "{\"event\":\"start\""
+            } else {
+                "baton demo on"
+            }),
+            "{first}"
+        );
+        wait_until("the demo's keys", || !keys(&etcd, "demo/").is_empty());
+        drop(stdout);
+        let closed = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if closed.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("json {json}: the demo still runs 10 s after its reader went");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let took = closed.elapsed();
+        let err = err.join().unwrap();
+        assert_eq!(status.code(), Some(0), "json {json}: {err}");
+        assert_eq!(err, "", "json {json}");
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "json {json}: took {took:?}"
+        );
+        let left = keys(&etcd, "");
+        assert!(
+            left.is_empty(),
+            "json {json}: {} keys left: {left:?}",
+            left.len()
+        );
+        assert_eq!(leases(&etcd), 0, "json {json}: leases left");
+    }
+}
