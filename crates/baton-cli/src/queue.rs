@@ -35,7 +35,9 @@ with 128+N, even during a claim, saying on stderr that the item may have been ta
 A signal during a push exits 128+N too, and the item may have been queued all the same (a
 write sent is applied): a script that pushes again after 128+N may queue it twice.
 The keys are NAME/<nanoseconds>, as Go's recipe.NewQueue makes them, so Go programs share
-the queue.";
+the queue. pop and len take every key NAME/<16 or more decimal digits> without a lease as an
+item, whoever wrote it (an application's users/<Snowflake ID> too): keep other data out
+from under a queue's name.";
 
 /// `baton queue`.
 #[derive(Debug, clap::Args)]

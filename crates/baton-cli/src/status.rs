@@ -26,7 +26,9 @@
 //! ([`baton::PriorityQueue`], Go's `recipe.NewPriorityQueue`) are listed apart, with their
 //! item counts, told conservatively by their items' keys, which have no lease:
 //! `NAME/<19 or more decimal digits>` is an item of the queue `NAME`, and
-//! `NAME/<5 digits>/<16 digits>` one of the priority queue `NAME` (see [`queues`]).
+//! `NAME/<5 digits>/<16 digits>` one of the priority queue `NAME` (see [`queues`]). Any
+//! lease-less key of that shape counts, whoever wrote it (an application's
+//! `users/<Snowflake ID>`), as `baton queue pop NAME` would take it.
 //!
 //! Values are never shown: an election's value is public, but a key that only looks like a
 //! lock key may hold anything.
@@ -80,10 +82,15 @@ recipe.NewPriorityQueue) follow in a second table, NAME, KIND (queue or priority
 ITEMS (how many items wait), if there are any; in JSON as the array queues, each with name
 (or name_base64), kind and item_count. They are told by their items' keys alone, which
 have no lease, and only these: NAME/<19 or more decimal digits> is an item of the queue
-NAME, NAME/<5 digits>/<16 digits> one of the priority queue NAME. Other keys (config/1,
-jobs/2024) are not listed, nor is an empty queue (it has no keys). --kind does not apply
-to queues. Values are read only for keys bound to a lease (and a barrier's NAME/ready):
-large queue items and other data under PREFIX are not downloaded.
+NAME, NAME/<5 digits>/<16 digits> one of the priority queue NAME. That is any key
+NAME/<19 or more decimal digits> without a lease, whoever wrote it: an application's
+users/1541815603606036480 (a Snowflake ID) or logs/1700000000000000000 (a time in
+nanoseconds) is listed as an item of the queue users or logs, because baton queue pop NAME
+would take it. (baton queue pop also takes NAME/<16 to 18 digits>, which status does not
+list.) Other keys (config/1, jobs/2024) are not listed, nor is an empty queue (it has no
+keys). --kind does not apply to queues. Values are read only for keys bound to a lease
+(and a barrier's NAME/ready): large queue items and other data under PREFIX are not
+downloaded.
 
 On redis:// and redlock://, the locks are the keys under PREFIX that are strings with an
 expiry (Baton's, redsync's and redis-py's locks alike) and that a quorum of servers agree

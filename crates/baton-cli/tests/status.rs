@@ -484,3 +484,50 @@ fn status_reads_values_in_batches() {
         "status of {LOCKS} lease-bound keys made {requests} Range/Txn requests"
     );
 }
+
+/// An application's lease-less key ending in 19 or more digits (a Snowflake ID, a time in
+/// nanoseconds) has a queue item's shape: `baton status` lists it as one, as `baton queue
+/// pop` would take it, and `status --help` says so plainly, not only that `config/1` and
+/// `jobs/2024` are not listed.
+#[test]
+fn status_lists_snowflake_keys_as_queue_items_and_says_so() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    assert!(etcd
+        .etcdctl(["put", "sf/users/1541815603606036480", "{\"name\":\"ann\"}"])
+        .status
+        .success());
+    assert_eq!(
+        queues(&ep, "sf/"),
+        [("sf/users".to_string(), "queue".to_string(), 1)]
+    );
+    let (out, _) = run(baton(&ep).args(["queue", "pop", "--timeout", "1s", "sf/users"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "{\"name\":\"ann\"}\n");
+
+    let (out, _) = run(baton(&ep).args(["status", "--help"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let help = stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for said in [
+        "any key NAME/<19 or more decimal digits> without a lease",
+        "users/1541815603606036480",
+        "baton queue pop NAME would take it",
+    ] {
+        assert!(
+            help.contains(said),
+            "status --help does not say {said:?}:\n{help}"
+        );
+    }
+    let (out, _) = run(baton(&ep).args(["queue", "--help"]));
+    let help = stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("every key NAME/<16 or more decimal digits> without a lease"),
+        "queue --help:\n{help}"
+    );
+}
