@@ -71,8 +71,8 @@ Progress goes to stderr once a run takes more than a second. With --json, the la
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
 (null where they do not apply), scenario extras, and with --peer the peer_* fields and the
 ratio. With --sweep, one line per point comes first; the last line's rates and ratio are
-null, and its sweep array has each point's workers, ops_per_sec, peer_ops_per_sec and
-ratio. A report that cannot be written to stdout (a full disk, a closed pipe) makes baton
+null, it has the run's server_version, ttl_ms and notes (every point's, once), and its
+sweep array has each point's workers, ops_per_sec, peer_ops_per_sec and ratio. A report that cannot be written to stdout (a full disk, a closed pipe) makes baton
 exit 125.";
 
 /// The most `--workers`: each is a connection and a session (lease) of its own.
@@ -580,8 +580,10 @@ const SWEEP: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// `contended --sweep`: each worker count for Baton, then the peer; one JSON line per point,
 /// the chart, and a summary object last. The summary has the fields of every result, null
 /// where they are per point (`workers`, the rates and latencies, and with a peer its
-/// `peer_*` ones and `ratio`), and `sweep`: each point's workers, rates and ratio, rounded
-/// as on the point's own line.
+/// `peer_*` ones and `ratio`); what the run as a whole was, as each point says it
+/// (`server_version`, `ttl_ms`, and `notes`: every point's notes, each once, in the order
+/// they came); and `sweep`: each point's workers, rates and ratio, rounded as on the
+/// point's own line. The human form ends with the notes too.
 async fn sweep(
     out: &Output,
     config: &Config,
@@ -591,6 +593,7 @@ async fn sweep(
     chart_path: &std::path::Path,
 ) -> Result<u8, CliError> {
     let mut points = Vec::new();
+    let mut notes: Vec<Value> = Vec::new();
     let mut previous = Duration::ZERO;
     for workers in SWEEP {
         let config = Config {
@@ -610,6 +613,16 @@ async fn sweep(
             None => None,
         };
         let object = report::object(&config, context, &ours, theirs.as_ref());
+        for note in object
+            .get("notes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !notes.contains(note) {
+                notes.push(note.clone());
+            }
+        }
         if out.is_json() {
             out.json_line(&Value::Object(object.clone()))
                 .map_err(|e| output::not_written(None, &e))?;
@@ -635,10 +648,20 @@ async fn sweep(
     let mut summary = Map::new();
     summary.insert("scenario".into(), "contended".into());
     summary.insert("backend".into(), context.backend.into());
+    summary.insert(
+        "server_version".into(),
+        context.server_version.clone().into(),
+    );
     for field in ["workers", "ops_per_sec", "p50_us", "p99_us", "max_us"] {
         summary.insert(field.into(), Value::Null);
     }
     summary.insert("ops".into(), config.ops.into());
+    summary.insert(
+        "ttl_ms".into(),
+        u64::try_from(context.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .into(),
+    );
     summary.insert(
         "sweep".into(),
         points
@@ -672,11 +695,20 @@ async fn sweep(
         );
     }
     summary.insert("chart".into(), chart_path.display().to_string().into());
+    if !notes.is_empty() {
+        summary.insert("notes".into(), notes.clone().into());
+    }
     if out.is_json() {
         out.json_line(&Value::Object(summary))
             .map_err(|e| output::not_written(None, &e))?;
     } else {
-        out.text(&format!("chart written to {}", chart_path.display()))
+        let mut text: Vec<String> = notes
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|n| format!("note: {n}"))
+            .collect();
+        text.push(format!("chart written to {}", chart_path.display()));
+        out.text(&text.join("\n"))
             .map_err(|e| output::not_written(None, &e))?;
     }
     Ok(0)

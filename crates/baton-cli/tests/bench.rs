@@ -208,6 +208,10 @@ fn sweep_writes_an_svg_chart() {
     let (v, points) = lines.split_last().unwrap();
     assert_sweep_shape(v, "etcd");
     assert_peer(v);
+    // What the run as a whole was, as every point says it.
+    assert!(v["server_version"].is_string(), "{v}");
+    assert_eq!(v["server_version"], points[0]["server_version"], "{v}");
+    assert_eq!(v["ttl_ms"], 2000, "{v}");
     for field in [
         "workers",
         "ops_per_sec",
@@ -1039,4 +1043,70 @@ fn a_fractional_ttl_is_reported_as_used() {
     );
     assert_eq!(v["ttl_ms"], 3000, "{v}");
     assert!(v.get("notes").is_none(), "{v}");
+}
+
+/// A `--sweep`'s last line says what the run as a whole was, as each point's line does:
+/// `server_version`, `ttl_ms` (the TTL used), and the `notes` of the points (here: that a
+/// fractional --ttl was rounded up), each once. The human form ends with the notes too.
+#[test]
+fn a_sweep_summary_keeps_the_ttl_version_and_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    let chart = chart.to_str().unwrap();
+    let args = [
+        "contended",
+        "--sweep",
+        "--ops",
+        "32",
+        "--ttl",
+        "2500ms",
+        "--chart",
+        chart,
+    ];
+    let (out, _) = run(baton("mem://bench-sweep-notes")
+        .arg("--json")
+        .arg("bench")
+        .args(args));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (v, points) = lines.split_last().unwrap();
+    assert_eq!(points.len(), 6, "{lines:?}");
+    assert_eq!(v["ttl_ms"], 3000, "{v}");
+    assert!(
+        v.get("server_version").is_some(),
+        "server_version missing: {v}"
+    );
+    assert_eq!(v["server_version"], points[0]["server_version"], "{v}");
+    let notes = v["notes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no notes: {v}"));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("rounded up")),
+        "{v}"
+    );
+    for point in points {
+        for note in point["notes"].as_array().into_iter().flatten() {
+            assert!(
+                notes.contains(note),
+                "{note} missing from the last line: {v}"
+            );
+        }
+    }
+    for (i, note) in notes.iter().enumerate() {
+        assert!(!notes[..i].contains(note), "{note} given twice: {v}");
+    }
+
+    let (out, _) = run(baton("mem://bench-sweep-notes").arg("bench").args(args));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("note: --ttl") && l.contains("rounded up")),
+        "{text}"
+    );
 }
