@@ -94,7 +94,8 @@ pub(crate) struct Args {
     #[arg(value_enum)]
     pub(crate) scenario: Scenario,
 
-    /// Workers (contended, distinct: default 8, at most --ops), probes at a time (lost:
+    /// Workers (contended, distinct: default 8, at most --ops; not with --sweep, which sets
+    /// them), probes at a time (lost:
     /// default 20, at most --ops), or waiters queued on one key (scale: default 100). Each
     /// is a connection and a session of its own: at most 10000.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_WORKERS))]
@@ -117,8 +118,9 @@ pub(crate) struct Args {
     pub(crate) peer: Option<Peer>,
 
     /// contended only: run 1, 2, 4, 8, 16 and 32 workers (--ops each, so at least 32) and
-    /// draw an SVG chart of ops/s against workers.
-    #[arg(long)]
+    /// draw an SVG chart of ops/s against workers. It sets the workers itself: not with
+    /// --workers.
+    #[arg(long, conflicts_with = "workers")]
     pub(crate) sweep: bool,
 
     /// Where --sweep writes its chart (checked to be writable before the sweep starts);
@@ -257,9 +259,7 @@ impl Config {
             (Scenario::Lost, _) => workers.min(ops),
             // A worker beyond the ops would only warm up: refuse it when asked for, and
             // make no more by default.
-            (Scenario::Contended | Scenario::Distinct, Some(asked))
-                if asked > ops && !args.sweep =>
-            {
+            (Scenario::Contended | Scenario::Distinct, Some(asked)) if asked > ops => {
                 return Err(CliError::failed(format!(
                     "--workers {asked} is more than --ops {ops}: every worker needs an \
                      operation to do"

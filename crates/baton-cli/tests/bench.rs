@@ -1110,3 +1110,29 @@ fn a_sweep_summary_keeps_the_ttl_version_and_notes() {
         "{text}"
     );
 }
+
+/// `--sweep` sets the worker counts itself (1 to 32): `--workers` with it would be ignored,
+/// so the pair is refused as misuse (exit 125, one line naming both) before anything runs.
+#[test]
+fn sweep_with_workers_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("chart.svg");
+    for order in [["--sweep", "--workers", "4"], ["--workers", "4", "--sweep"]] {
+        let (out, took) = run(baton("mem://bench-sweep-workers")
+            .args(["--json", "bench", "contended", "--ops", "32"])
+            .args(order)
+            .args(["--chart", chart.to_str().unwrap()]));
+        assert_eq!(out.status.code(), Some(125), "{order:?}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "{order:?}: {err:?}");
+        assert!(
+            err[0].starts_with("baton: ")
+                && err[0].contains("--sweep")
+                && err[0].contains("--workers"),
+            "{order:?}: {err:?}"
+        );
+        assert_eq!(stdout(&out), "", "{order:?}: the sweep ran");
+        assert!(!chart.exists(), "{order:?}");
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+}
