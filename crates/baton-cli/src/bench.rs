@@ -123,8 +123,8 @@ pub(crate) struct Args {
     #[arg(long, conflicts_with = "workers")]
     pub(crate) sweep: bool,
 
-    /// Where --sweep writes its chart (checked to be writable before the sweep starts);
-    /// only with --sweep.
+    /// Where --sweep writes its chart (checked to be writable before the sweep starts; its
+    /// directory must exist, baton creates none); only with --sweep.
     #[arg(
         long,
         value_name = "PATH",

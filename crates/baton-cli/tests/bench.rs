@@ -1136,3 +1136,44 @@ fn sweep_with_workers_is_refused() {
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     }
 }
+
+/// A `--chart` in a directory that does not exist is refused before the sweep runs, with
+/// a clear message: baton creates no directory the user did not ask for (as root, it had
+/// made `/nonexistent`), and so leaves none behind when the sweep then fails.
+#[test]
+fn a_chart_in_a_missing_directory_is_refused_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let chart = missing.join("sub").join("chart.svg");
+    for json in [true, false] {
+        let mut cmd = baton("mem://bench-chart-dir");
+        if json {
+            cmd.arg("--json");
+        }
+        let (out, took) = run(cmd.args([
+            "bench",
+            "contended",
+            "--sweep",
+            "--ops",
+            "32",
+            "--chart",
+            chart.to_str().unwrap(),
+        ]));
+        assert_eq!(out.status.code(), Some(125), "json {json}: {out:?}");
+        let err = stderr_lines(&out);
+        assert_eq!(err.len(), 1, "json {json}: {err:?}");
+        assert!(
+            err[0].starts_with("baton: cannot write the chart")
+                && err[0].contains(&format!("{}", missing.join("sub").display()))
+                && err[0].contains("does not exist"),
+            "json {json}: {err:?}"
+        );
+        assert_eq!(stdout(&out), "", "json {json}: the sweep ran");
+        assert!(
+            !missing.exists(),
+            "json {json}: {} was created",
+            missing.display()
+        );
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+}

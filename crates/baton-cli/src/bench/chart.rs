@@ -28,12 +28,31 @@ pub(crate) struct Series<'a> {
 const OURS: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const THEIRS: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 
-/// Check, before a sweep, that the chart can be written to `path`: its directory is made
-/// if missing, and the file opened for writing (a file that was not there is removed
-/// again).
+/// Check, before a sweep, that the chart can be written to `path`: its directory must
+/// exist (no directory is created: one the user did not ask for, `/nonexistent` as root,
+/// would be left behind by a sweep that then fails), and the file is opened for writing (a
+/// file that was not there is removed again).
 pub(crate) fn check_writable(path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the directory {} does not exist (baton does not create it)",
+                        dir.display()
+                    ),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
     }
     let existed = path.exists();
     std::fs::OpenOptions::new()
@@ -47,11 +66,9 @@ pub(crate) fn check_writable(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Draw the chart to `path`. The x axis is log2(workers).
+/// Draw the chart to `path`, whose directory must exist ([`check_writable`]). The x axis
+/// is log2(workers).
 pub(crate) fn draw(path: &Path, s: &Series<'_>) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let x = |w: u64| (w.max(1) as f64).log2();
     let x_max = s.points.iter().map(|p| x(p.workers)).fold(1.0, f64::max);
     let y_max = s
