@@ -210,8 +210,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         .collect();
     leases.sort_unstable();
     leases.dedup();
-    let ttls =
-        futures::future::join_all(leases.iter().map(|&id| store.lease_time_to_live(id))).await;
+    // etcd has no batched lease lookup: one request per lease, a bounded number at once
+    // (thousands of sessions must not become thousands of requests in flight).
+    let ttls: Vec<_> = futures::stream::iter(leases.iter().map(|&id| store.lease_time_to_live(id)))
+        .buffered(LEASE_LOOKUPS_IN_FLIGHT)
+        .collect()
+        .await;
     let mut ttl_of: HashMap<i64, Option<Duration>> = HashMap::new();
     for (id, ttl) in leases.into_iter().zip(ttls) {
         ttl_of.insert(id, ttl.map_err(CliError::failed)?);
@@ -243,6 +247,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     printed.map_err(|e| output::not_written(None, &e))?;
     Ok(0)
 }
+
+/// How many leases' time to live `baton status` asks for at once.
+const LEASE_LOOKUPS_IN_FLIGHT: usize = 32;
 
 /// How many of [`snapshot`]'s batches of values are read at once.
 const VALUE_BATCHES_IN_FLIGHT: usize = 4;
