@@ -351,16 +351,8 @@ impl Hub {
         let mut registered = pw.register(keys, after);
         if let Registered::NotCovered = registered {
             // The shared watch died, or dropped events since our read from its buffer (a
-            // read older than its last BUFFER deletes): replace it, from now if it died,
-            // else from right after our read (which covers us, at the price of the sweep).
-            // The old watch's waiters are told to read again (hooks hold no receiver that
-            // would tell them when it is dropped).
-            self.forget(prefix, &pw);
-            let alive = pw.state().alive;
-            pw.die();
-            pw = self
-                .open(store, prefix, if alive { Some(after) } else { None })
-                .await?;
+            // read older than its last BUFFER deletes).
+            pw = self.replace(store, prefix, &pw, after).await?;
             registered = pw.register(keys, after);
         }
         match registered {
@@ -438,16 +430,28 @@ impl Hub {
                 // A watch opened just now from right after our read that is dead already.
                 return Ok(false);
             }
-            // Dead, or it dropped deletes since our read from its buffer: replace it, as
-            // `wait_delete` does (from now if it died, else from right after our read).
-            self.forget(prefix, &pw);
-            let alive = pw.state().alive;
-            pw.die();
-            pw = self
-                .open(store, prefix, if alive { Some(after) } else { None })
-                .await?;
+            // Dead, or it dropped deletes since our read from its buffer.
+            pw = self.replace(store, prefix, &pw, after).await?;
             replaced = true;
         }
+    }
+
+    /// Replace the shared watch `pw` on `prefix`, which died or dropped events since a
+    /// read at `after`: from now if it died, else from right after that read (which covers
+    /// the reader, at the price of etcd's sweep). The old watch's waiters are told to read
+    /// again (hooks hold no receiver that would tell them when it is dropped).
+    async fn replace(
+        self: &Arc<Self>,
+        store: &Arc<dyn Store>,
+        prefix: &[u8],
+        pw: &Arc<PrefixWatch>,
+        after: Revision,
+    ) -> Result<Arc<PrefixWatch>> {
+        self.forget(prefix, pw);
+        let alive = pw.state().alive;
+        pw.die();
+        self.open(store, prefix, if alive { Some(after) } else { None })
+            .await
     }
 
     fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {
