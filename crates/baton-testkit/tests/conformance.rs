@@ -135,6 +135,9 @@ all_backends!(
     priority_queue_order,
     shared_value_sync,
     stm_bank_transfer,
+    stm_read_committed_many_reads_one_write,
+    stm_blind_write_conflicts_with_a_put_not_a_delete,
+    stm_writes_share_one_request_size_limit,
     recipes_bad_input,
 );
 

@@ -1,104 +1,17 @@
-//! `Stm` on the embedded store: the limits of one transaction, and what each isolation
-//! level checks. The same cases run on a real etcd in baton-testkit's `tests/stm_etcd.rs`.
+//! `Stm` on the embedded store: a failed read fails the attempt, and Redis URLs are
+//! refused. The limits of one transaction and what each isolation level checks are
+//! conformance cases (baton-testkit), on the embedded store and on etcd.
 
 #![allow(clippy::unwrap_used, clippy::panic, missing_docs)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use baton::store::{KeyRange, Range};
-use baton::{Client, Error, Isolation, Stm};
+use baton::store::Range;
+use baton::{Client, Error, Stm};
 
 async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
     let resp = client.store().range(Range::key(key)).await.unwrap();
     resp.kvs.into_iter().next().map(|kv| kv.value)
-}
-
-/// At `ReadCommitted` nothing is compared, so the commit cannot fail: the keys read are
-/// neither re-read on failure nor counted against etcd's 128 operations per branch.
-#[tokio::test]
-async fn read_committed_many_reads_one_write() {
-    let client = Client::memory();
-    let keys: Vec<String> = (0..200).map(|i| format!("rc/{i:03}")).collect();
-    let stm = Stm::new(&client).with_isolation(Isolation::ReadCommitted);
-    let with_write = stm
-        .run(|tx| {
-            let keys = keys.clone();
-            async move {
-                let n = tx.get_many(keys.iter()).await?.len();
-                tx.put("rc/count", n.to_string());
-                Ok::<_, Error>(n)
-            }
-        })
-        .await;
-    assert!(with_write.is_ok(), "{}", with_write.unwrap_err());
-    assert_eq!(
-        value(&client, "rc/count").await.as_deref(),
-        Some(&b"200"[..])
-    );
-}
-
-/// At `SerializableSnapshot`: read `a` (the snapshot), let another client put or delete `w`
-/// during the first attempt, write `w` without reading it. The number of attempts.
-async fn blind_write_attempts(client: &Client, delete: bool) -> u32 {
-    let store = client.store().clone();
-    store.put(b"a", b"1", 0).await.unwrap();
-    store.put(b"w", b"old", 0).await.unwrap();
-    let attempts = AtomicU32::new(0);
-    Stm::new(client)
-        .run(|tx| {
-            let (store, attempts) = (&store, &attempts);
-            async move {
-                tx.get("a").await?;
-                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
-                    if delete {
-                        store.delete(KeyRange::key("w")).await?;
-                    } else {
-                        store.put(b"w", b"theirs", 0).await?;
-                    }
-                }
-                tx.put("w", "mine");
-                Ok::<_, Error>(())
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(value(client, "w").await.as_deref(), Some(&b"mine"[..]));
-    attempts.load(Ordering::SeqCst)
-}
-
-/// As documented on `Isolation::SerializableSnapshot`: a blind write conflicts with a
-/// concurrent put of its key, not with a concurrent delete (a deleted key has no mod
-/// revision to compare with the snapshot; Go has the same blind spot).
-#[tokio::test]
-async fn blind_write_conflicts_with_a_put_not_a_delete() {
-    assert_eq!(blind_write_attempts(&Client::memory(), false).await, 2);
-    assert_eq!(blind_write_attempts(&Client::memory(), true).await, 1);
-}
-
-/// All the writes of a transaction go in one request, which etcd limits to 1.5 MiB
-/// (`--max-request-bytes`): one value of `MAX_VALUE_LEN` commits, two are refused at the
-/// commit with `InvalidArgument`, and nothing is written.
-#[tokio::test]
-async fn writes_share_one_request_size_limit() {
-    let client = Client::memory();
-    let err = Stm::new(&client)
-        .run(|tx| async move {
-            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
-            tx.put("big/2", vec![b'x'; baton::MAX_VALUE_LEN]);
-            Ok::<_, Error>(())
-        })
-        .await
-        .unwrap_err();
-    assert!(err.is_invalid_input(), "{err}");
-    assert!(err.to_string().contains("request is too large"), "{err}");
-    assert_eq!(value(&client, "big/1").await, None);
-    Stm::new(&client)
-        .run(|tx| async move {
-            tx.put("big/1", vec![b'x'; baton::MAX_VALUE_LEN]);
-            Ok::<_, Error>(())
-        })
-        .await
-        .unwrap();
 }
 
 fn number(v: Option<Vec<u8>>) -> i64 {
