@@ -147,6 +147,10 @@
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what
 //! it set, on every master, and (in [`lock`](RedisLock::lock)) retries after a random delay.
+//! A grant returns as soon as a quorum granted it: the writes to the other masters still in
+//! flight land afterwards (each is sent within the request timeout; the key on more masters
+//! than a bare quorum outlives a master's loss). A key deleted behind the client's back on
+//! a master soon after a grant may therefore come back there.
 //! Extending needs a quorum too. Redlock keeps working while a majority of masters is up:
 //! a master that hangs (rather than refusing connections) holds nothing up by a request
 //! timeout. Connecting, releasing, resigning, proclaiming, reading the leader and listing
