@@ -1196,8 +1196,21 @@ impl Store for EtcdStore {
             .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
+        // A transaction that only reads (gets in both branches) can be sent again, and
+        // hedged, as a range is: one sent to a silent member must not cost the whole
+        // request timeout.
+        let read_only = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .all(|op| matches!(op, TxnOp::Get(_)));
+        let retry = if read_only {
+            Retry::Idempotent
+        } else {
+            Retry::Unsent
+        };
         let resp = self
-            .call("txn", Retry::Unsent, |client| {
+            .call("txn", retry, |client| {
                 let mut kv = kv_client(client);
                 let request = request.clone();
                 async move { kv.txn(request).await }
