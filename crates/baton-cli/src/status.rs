@@ -42,7 +42,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use baton::store::{KeyValue, Range, RangeResponse, Store, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use baton::store::{KeyValue, Range, RangeResponse, Store, Txn, TxnOp, TxnOpResponse};
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
 
@@ -251,6 +251,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
 /// How many leases' time to live `baton status` asks for at once.
 const LEASE_LOOKUPS_IN_FLIGHT: usize = 32;
 
+/// How many values one of [`snapshot`]'s batches reads at once when etcd takes fewer
+/// operations per transaction than the batch has.
+const VALUE_READS_IN_FLIGHT: usize = 16;
+
 /// How many of [`snapshot`]'s batches of values are read at once.
 const VALUE_BATCHES_IN_FLIGHT: usize = 4;
 
@@ -298,34 +302,20 @@ async fn snapshot_once(
         .collect();
     let batches = batches(&wanted, |i| resp.kvs[i].key.len());
     let read = futures::stream::iter(batches.iter().map(|batch| {
-        let gets = batch
-            .iter()
-            .map(|&i| TxnOp::get(Range::key(resp.kvs[i].key.clone()).at_revision(revision)));
-        let txn = Txn::new().and_then(gets);
-        async move { store.txn(txn).await }
+        let keys: Vec<Vec<u8>> = batch.iter().map(|&i| resp.kvs[i].key.clone()).collect();
+        read_at(store, keys, revision)
     }))
     .buffered(VALUE_BATCHES_IN_FLIGHT)
-    .try_collect::<Vec<TxnResponse>>()
+    .try_collect::<Vec<Vec<Option<KeyValue>>>>()
     .await;
-    let replies = match read {
-        Ok(replies) => replies,
+    let values = match read {
+        Ok(values) => values,
         Err(baton::Error::Compacted { .. }) => return Ok(None),
         Err(e) => return Err(CliError::failed(e)),
     };
-    for (batch, reply) in batches.iter().zip(replies) {
-        if reply.responses.len() != batch.len() {
-            return Err(CliError::failed(format!(
-                "the store answered {} of {} reads in one transaction",
-                reply.responses.len(),
-                batch.len()
-            )));
-        }
-        for (&i, value) in batch.iter().zip(reply.responses) {
+    for (batch, values) in batches.iter().zip(values) {
+        for (&i, read) in batch.iter().zip(values) {
             let kv = &mut resp.kvs[i];
-            let read = match value {
-                TxnOpResponse::Get(got) => got.kvs.into_iter().next(),
-                _ => None,
-            };
             match read {
                 Some(read) if read.mod_revision == kv.mod_revision => kv.value = read.value,
                 // Cannot be at one revision; never guess a kind from a value that is not
@@ -340,6 +330,44 @@ async fn snapshot_once(
         }
     }
     Ok(Some(resp))
+}
+
+/// The keys `keys` as of `revision`, in order (`None`: not there), read in one read-only
+/// transaction; or, from an etcd that refuses that many operations in one transaction
+/// (`--max-txn-ops` below [`baton::MAX_TXN_KEYS`]), with one read each.
+async fn read_at(
+    store: &dyn Store,
+    keys: Vec<Vec<u8>>,
+    revision: i64,
+) -> baton::Result<Vec<Option<KeyValue>>> {
+    let gets = keys
+        .iter()
+        .map(|key| TxnOp::get(Range::key(key.clone()).at_revision(revision)));
+    match store.txn(Txn::new().and_then(gets)).await {
+        Ok(reply) if reply.responses.len() == keys.len() => Ok(reply
+            .responses
+            .into_iter()
+            .map(|value| match value {
+                TxnOpResponse::Get(got) => got.kvs.into_iter().next(),
+                _ => None,
+            })
+            .collect()),
+        Ok(reply) => Err(baton::Error::Store(format!(
+            "the store answered {} of {} reads in one transaction",
+            reply.responses.len(),
+            keys.len()
+        ))),
+        Err(e) if keys.len() > 1 && e.to_string().contains("too many operations") => {
+            futures::stream::iter(keys.into_iter().map(|key| async move {
+                let read = store.range(Range::key(key).at_revision(revision)).await?;
+                Ok::<_, baton::Error>(read.kvs.into_iter().next())
+            }))
+            .buffered(VALUE_READS_IN_FLIGHT)
+            .try_collect()
+            .await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `items` split, in order, into batches of at most [`baton::MAX_TXN_KEYS`] items and (unless
@@ -786,7 +814,10 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
                     if i + 1 == row.len() {
                         cell.clone()
                     } else {
-                        format!("{cell:<w$}")
+                        // By hand: a format width above u16::MAX panics (a name of 64 Ki
+                        // characters).
+                        let pad = w.saturating_sub(cell.chars().count());
+                        format!("{cell}{}", " ".repeat(pad))
                     }
                 })
                 .collect();

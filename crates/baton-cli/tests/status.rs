@@ -531,3 +531,55 @@ fn status_lists_snowflake_keys_as_queue_items_and_says_so() {
         "queue --help:\n{help}"
     );
 }
+
+/// An etcd that takes fewer operations per transaction than `baton status`'s batches of
+/// value reads (`--max-txn-ops 64`; the default is 128): status reads that batch one key at
+/// a time instead of failing ("too many operations in txn request", found by review).
+#[test]
+fn status_works_with_a_lower_max_txn_ops() {
+    const SEMAPHORES: usize = 100;
+    let etcd = EtcdServer::start_with(baton_testkit::EtcdServerOptions::new().with_max_txn_ops(64));
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let store = client.store();
+        let lease = store
+            .lease_grant(std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .id;
+        for i in 0..SEMAPHORES {
+            let key = format!("low/s{i:03}/{lease:x}");
+            store.put(key.as_bytes(), b"1/3", lease).await.unwrap();
+        }
+    });
+    let (out, _) = run(baton(&ep).args(["--json", "status", "low/"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), SEMAPHORES, "{v}");
+    assert!(entries.iter().all(|e| e["kind"] == "semaphore"), "{v}");
+}
+
+/// A name of 64 Ki characters or more in the table: Rust's format width stops at
+/// `u16::MAX`, and `baton status` panicked ("internal error (a bug)", found by review).
+#[test]
+fn status_prints_a_name_of_64_ki_characters() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let long = "n".repeat(70_000);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let key = format!("long/{long}/00000000000000000001");
+        client
+            .store()
+            .put(key.as_bytes(), b"item", 0)
+            .await
+            .unwrap();
+    });
+    let (out, _) = run(baton(&ep).args(["status", "long/"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout(&out).contains(&long));
+}

@@ -113,6 +113,7 @@ pub struct EtcdServerOptions {
     tls: Option<ServerTls>,
     client_cert_auth: bool,
     auth_token_ttl: Option<Duration>,
+    max_txn_ops: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +155,13 @@ impl EtcdServerOptions {
     /// at least 1).
     pub fn with_auth_token_ttl(mut self, ttl: Duration) -> Self {
         self.auth_token_ttl = Some(ttl);
+        self
+    }
+
+    /// Refuse transactions of more than `ops` operations (`--max-txn-ops`; etcd's default
+    /// is 128).
+    pub fn with_max_txn_ops(mut self, ops: usize) -> Self {
+        self.max_txn_ops = Some(ops);
         self
     }
 }
@@ -325,6 +333,10 @@ impl EtcdServer {
         if let Some(ttl) = self.options.auth_token_ttl {
             args.push("--auth-token-ttl".into());
             args.push(ttl.as_secs().max(1).to_string().into());
+        }
+        if let Some(ops) = self.options.max_txn_ops {
+            args.push("--max-txn-ops".into());
+            args.push(ops.to_string().into());
         }
         command.args(args);
         command
