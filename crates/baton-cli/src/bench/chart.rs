@@ -141,7 +141,7 @@ mod tests {
     #[test]
     fn writes_an_svg() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/chart.svg");
+        let path = dir.path().join("chart.svg");
         let points = [
             Point {
                 workers: 1,
