@@ -447,6 +447,25 @@ fn reads(etcd: &EtcdServer) -> f64 {
         .sum()
 }
 
+/// Put `count` names `PREFIX<i>` (`i` as 3 digits), each one key `NAME/<lease>` valued
+/// `value`, all bound to one new lease.
+fn put_names(ep: &str, prefix: &str, count: usize, value: &[u8]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(ep).await.unwrap();
+        let store = client.store();
+        let lease = store
+            .lease_grant(std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .id;
+        for i in 0..count {
+            let key = format!("{prefix}{i:03}/{lease:x}");
+            store.put(key.as_bytes(), value, lease).await.unwrap();
+        }
+    });
+}
+
 /// `baton status` reads the values it needs in batches (up to 128 gets per read-only
 /// transaction, at the revision of its keys-only read), not one request per key: 600
 /// lease-bound lock keys cost a handful of requests, not 600, and are all listed.
@@ -455,20 +474,7 @@ fn status_reads_values_in_batches() {
     const LOCKS: usize = 600;
     let etcd = etcd();
     let ep = etcd.endpoint();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = baton::Client::connect(&ep).await.unwrap();
-        let store = client.store();
-        let lease = store
-            .lease_grant(std::time::Duration::from_secs(60))
-            .await
-            .unwrap()
-            .id;
-        for i in 0..LOCKS {
-            let key = format!("many/l{i:03}/{lease:x}");
-            store.put(key.as_bytes(), b"", lease).await.unwrap();
-        }
-    });
+    put_names(&ep, "many/l", LOCKS, b"");
 
     let before = reads(&etcd);
     let (out, _) = run(baton(&ep).args(["--json", "status", "many/"]));
@@ -540,20 +546,7 @@ fn status_works_with_a_lower_max_txn_ops() {
     const SEMAPHORES: usize = 100;
     let etcd = EtcdServer::start_with(baton_testkit::EtcdServerOptions::new().with_max_txn_ops(64));
     let ep = etcd.endpoint();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let client = baton::Client::connect(&ep).await.unwrap();
-        let store = client.store();
-        let lease = store
-            .lease_grant(std::time::Duration::from_secs(60))
-            .await
-            .unwrap()
-            .id;
-        for i in 0..SEMAPHORES {
-            let key = format!("low/s{i:03}/{lease:x}");
-            store.put(key.as_bytes(), b"1/3", lease).await.unwrap();
-        }
-    });
+    put_names(&ep, "low/s", SEMAPHORES, b"1/3");
     let (out, _) = run(baton(&ep).args(["--json", "status", "low/"]));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
