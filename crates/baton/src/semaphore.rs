@@ -433,8 +433,9 @@ impl Semaphore {
                 // Heard enough, or the shared watch broke: read again (after a backoff if
                 // it broke, so that a watch that keeps ending cannot make a tight loop).
                 Ok(true) => {
+                    let told = rx.await;
                     waiter.woke();
-                    match rx.await {
+                    match told {
                         Ok(()) => waiter.succeeded(),
                         Err(_) => {
                             let ended = Error::Unavailable("the shared watch ended".into());
