@@ -689,6 +689,9 @@ fn json_keeps_bytes_that_are_not_utf8() {
 fn barrier_and_pop_timeouts_with_etcd_gone_are_on_time_and_say_so() {
     let mut etcd = etcd();
     let ep = etcd.endpoint();
+    // etcd's count of open watches (a gauge).
+    let watchers = |etcd: &EtcdServer| etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
+    let idle = watchers(&etcd);
 
     let started = std::time::Instant::now();
     let mut barrier =
@@ -713,12 +716,14 @@ fn barrier_and_pop_timeouts_with_etcd_gone_are_on_time_and_say_so() {
         "{err:?}"
     );
 
-    // A pop that is waiting (its watch is open) when etcd stops.
-    let watchers = || etcd.metric("etcd_debugging_mvcc_watcher_total").unwrap();
-    let before = watchers();
+    // A pop that is waiting (its watch is open) when etcd stops. The barrier's watches
+    // end when etcd, resumed, sees its connection closed: wait for that first, or they
+    // would hide the pop's (a CI failure).
+    wait_until("the barrier's watches to end", || watchers(&etcd) <= idle);
+    let before = watchers(&etcd);
     let started = std::time::Instant::now();
     let mut pop = Proc::spawn(baton(&ep).args(["queue", "pop", "--timeout", "3s", "gone-q"]));
-    wait_until("the pop's watch", || watchers() > before);
+    wait_until("the pop's watch", || watchers(&etcd) > before);
     etcd.stop();
     let code = pop.code();
     let took = started.elapsed();
