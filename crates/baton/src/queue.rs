@@ -273,9 +273,11 @@ impl Entry {
         self.existing_value.as_deref()
     }
 
-    /// The keys the join transaction read, as they were when our key was put.
-    pub(crate) fn joined(&self) -> &[KeyValue] {
-        &self.joined
+    /// The keys the join transaction read, as they were when our key was put, taken out of
+    /// the entry (a waiter that kept them while waiting held its whole read: a long queue's
+    /// waiters together held memory quadratic in its length).
+    pub(crate) fn take_joined(&mut self) -> Vec<KeyValue> {
+        std::mem::take(&mut self.joined)
     }
 
     /// Our turn came, as seen by a read at `header_revision` (a primitive that waits with

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -324,12 +325,16 @@ impl Semaphore {
         let my_rev = entry.my_rev();
         // A key left by an earlier process with our lease: make it say what we ask for.
         let resumed = entry.existing_value().is_some();
-        let joined = self.members(entry.joined().to_vec());
-        let before: Vec<KeyValue> = joined
-            .into_iter()
-            .filter(|kv| kv.create_revision < my_rev)
-            .collect();
-        let holds_at_join = self.fits(count, &before)?;
+        // The join's read is dropped here, not held while waiting (each waiter would hold
+        // every key before its own: memory quadratic in the queue's length).
+        let holds_at_join = {
+            let before: Vec<KeyValue> = self
+                .members(entry.take_joined())
+                .into_iter()
+                .filter(|kv| kv.create_revision < my_rev)
+                .collect();
+            self.fits(count, &before)?
+        };
         let mut seen_at = my_rev;
         if !holds_at_join {
             if try_only {
@@ -400,14 +405,17 @@ impl Semaphore {
                 _ => return Err(not_held(mine)),
             }
             let header = resp.header_revision;
-            // Only the keys and counts are kept while waiting (a long queue's waiters each
-            // hold one entry per key before theirs), not the keys as read.
-            let mut before = HashMap::with_capacity(members.len());
+            // Only a fingerprint and a count per key before ours are kept while waiting (a
+            // long queue's waiters each hold one entry per key before theirs), not the keys.
+            let fingerprints = RandomState::new();
+            let mut before: HashMap<u64, Before> = HashMap::with_capacity(members.len());
             let mut used = 0_u64;
             for kv in members {
                 let (permits_asked, _) = self.parse(&kv)?;
                 used += u64::from(permits_asked);
-                before.insert(kv.key, u64::from(permits_asked));
+                let entry = before.entry(fingerprints.hash_one(&kv.key)).or_default();
+                entry.count += u64::from(permits_asked);
+                entry.keys += 1;
             }
             if used + u64::from(count) <= permits {
                 return Ok(header);
@@ -420,6 +428,7 @@ impl Semaphore {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let tally = Tally {
                 mine: mine.to_vec(),
+                fingerprints,
                 before,
                 used,
                 room: permits - u64::from(count),
@@ -493,8 +502,10 @@ impl Semaphore {
 /// for its request, or when its own key goes.
 struct Tally {
     mine: Vec<u8>,
-    /// The keys before ours, with their counts.
-    before: HashMap<Vec<u8>, u64>,
+    /// How the keys before ours are fingerprinted (seeded at random, per wait).
+    fingerprints: RandomState,
+    /// The keys before ours, by fingerprint, with their counts.
+    before: HashMap<u64, Before>,
     /// Their counts added up.
     used: u64,
     /// The most `used` may be for our request to fit.
@@ -506,11 +517,22 @@ impl OnEveryDelete for Tally {
     fn deleted(&mut self, _rev: Revision, key: &[u8]) -> bool {
         let done = if key == self.mine.as_slice() {
             true
-        } else if let Some(freed) = self.before.remove(key) {
-            self.used -= freed;
-            self.used <= self.room
         } else {
-            false
+            let fingerprint = self.fingerprints.hash_one(key);
+            match self.before.get(&fingerprint) {
+                // One key before ours has this fingerprint: most likely this one, so take
+                // its count off. (A key after ours with the same fingerprint, 1 in 2^64, only
+                // makes the waiter read again early: the read decides.)
+                Some(b) if b.keys == 1 => {
+                    self.used -= b.count;
+                    self.before.remove(&fingerprint);
+                    self.used <= self.room
+                }
+                // Keys before ours share this fingerprint: which one went is not known here,
+                // so read again.
+                Some(_) => true,
+                None => false,
+            }
         };
         if done {
             if let Some(tx) = self.tx.take() {
@@ -523,6 +545,14 @@ impl OnEveryDelete for Tally {
     fn is_closed(&self) -> bool {
         self.tx.as_ref().is_none_or(|tx| tx.is_closed())
     }
+}
+
+/// The keys before a waiter's that share one fingerprint (nearly always one key), with
+/// their counts added up.
+#[derive(Default)]
+struct Before {
+    count: u64,
+    keys: u32,
 }
 
 fn encode(count: u32, permits: u32) -> String {
@@ -828,6 +858,40 @@ mod tests {
             .unwrap()
             .kvs
             .is_empty());
+    }
+
+    /// Two keys before the waiter's with one fingerprint (1 in 2^64): when one goes, which
+    /// one is not known, so the waiter reads again rather than miss a delete.
+    #[test]
+    fn a_shared_fingerprint_makes_the_waiter_read_again() {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let fingerprints = RandomState::new();
+        let mut before = HashMap::new();
+        before.insert(
+            fingerprints.hash_one(b"s/a".as_slice()),
+            Before { count: 2, keys: 2 },
+        );
+        before.insert(
+            fingerprints.hash_one(b"s/b".as_slice()),
+            Before { count: 1, keys: 1 },
+        );
+        let mut tally = Tally {
+            mine: b"s/me".to_vec(),
+            fingerprints,
+            before,
+            used: 3,
+            room: 0,
+            tx: Some(tx),
+        };
+        // A key after ours: nothing to take off.
+        assert!(!tally.deleted(5, b"s/later"));
+        // One key of its own fingerprint: taken off, still no room.
+        assert!(!tally.deleted(6, b"s/b"));
+        assert_eq!(tally.used, 2);
+        assert!(rx.try_recv().is_err());
+        // The shared fingerprint: read again.
+        assert!(tally.deleted(7, b"s/a"));
+        assert!(rx.try_recv().is_ok());
     }
 
     #[tokio::test(start_paused = true)]
