@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use baton::redis::RedisClient;
 use baton::Error;
-use baton_testkit::proxy::{Fault, FaultProxy};
+use baton_testkit::proxy::{Direction, Fault, FaultProxy};
 use baton_testkit::redis::RedisServerOptions;
 use baton_testkit::RedisServer;
 use redis::AsyncCommands;
@@ -510,4 +510,112 @@ async fn one_refused_channel_among_many_at_a_reconnect() {
         released.elapsed()
     );
     drop(got);
+}
+
+/// Run a Lua busy loop on `url` for `busy`: the server answers nobody meanwhile.
+fn stall_server(url: &str, busy: Duration) -> tokio::task::JoinHandle<()> {
+    let url = url.to_string();
+    tokio::spawn(async move {
+        let mut conn = raw(&url).await;
+        let script = "local a = redis.call('TIME') local s = a[1] * 1000000 + a[2] \
+             while true do local t = redis.call('TIME') \
+             if t[1] * 1000000 + t[2] - s > tonumber(ARGV[1]) then return 1 end end";
+        let _: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(busy.as_micros() as u64)
+            .query_async(&mut conn)
+            .await;
+    })
+}
+
+/// A take (not a hand-off) answered after the lock's TTL, the server stalled meanwhile: the
+/// key is ours with a fresh TTL, but the hold counted from the send had ended already.
+/// `lock()` returned a guard lost at once (FIFO; `baton lock` then exited 122 without
+/// running CMD), and `try_lock()` without FIFO said "redlock quorum not reached" on one
+/// server (found by a review). Now `lock()` takes it afresh and returns a live guard, and
+/// `try_lock()` fails with a retryable error that names the TTL, having released the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_answered_after_the_ttl_is_not_returned_lost() {
+    let server = RedisServer::start_async().await;
+    for fifo in [true, false] {
+        let builder = RedisClient::builder(&server.url()).with_ttl(Duration::from_secs(1));
+        let builder = if fifo {
+            builder
+        } else {
+            builder.without_fifo()
+        };
+        let client = builder.connect().await.unwrap();
+        let lock = client.lock(&format!("slow-take-{fifo}")).unwrap();
+        // Connections and scripts ready before the stall.
+        lock.try_lock().await.unwrap().unlock().await.unwrap();
+
+        let busy = stall_server(&server.url(), Duration::from_millis(1300));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let guard = lock.lock().await.unwrap();
+        assert!(
+            !guard.is_lost(),
+            "fifo {fifo}: lock() returned a guard lost at once: {:?}",
+            guard.lost_reason()
+        );
+        busy.await.unwrap();
+        guard.unlock().await.unwrap();
+
+        let busy = stall_server(&server.url(), Duration::from_millis(1300));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match lock.try_lock().await {
+            Err(e) => {
+                assert!(e.is_retryable(), "fifo {fifo}: {e:?}");
+                assert!(!matches!(e, Error::NoQuorum { .. }), "fifo {fifo}: {e}");
+                assert!(e.to_string().contains("TTL"), "fifo {fifo}: {e}");
+            }
+            Ok(g) => assert!(
+                !g.is_lost(),
+                "fifo {fifo}: try_lock() returned a lost guard"
+            ),
+        }
+        busy.await.unwrap();
+        // Nothing left behind: the lock is free.
+        let mut conn = raw(&server.url()).await;
+        let held: Option<String> = conn.get(lock.key()).await.unwrap();
+        let again = lock.try_lock().await;
+        assert!(again.is_ok(), "fifo {fifo}: key {held:?} left: {again:?}");
+        again.unwrap().unlock().await.unwrap();
+        client.close().await.unwrap();
+    }
+}
+
+/// Every answer later than the lock's TTL (a proxy delays them): `try_lock()` fails with
+/// the retryable error naming the TTL, on one server with or without FIFO (without FIFO it
+/// said "redlock quorum not reached"); nothing is left behind once the TTL has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_on_a_server_slower_than_the_ttl_says_so() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start_to(server.addr().parse().unwrap()).await;
+    for fifo in [true, false] {
+        let builder =
+            RedisClient::builder(&proxy.url("redis")).with_ttl(Duration::from_millis(100));
+        let builder = if fifo {
+            builder
+        } else {
+            builder.without_fifo()
+        };
+        let client = builder.connect().await.unwrap();
+        let lock = client.lock(&format!("slow-try-{fifo}")).unwrap();
+        lock.try_lock().await.unwrap().unlock().await.unwrap();
+        proxy.set(
+            Direction::ServerToClient,
+            Fault::Delay(Duration::from_millis(150)),
+        );
+        let e = lock.try_lock().await.unwrap_err();
+        assert!(e.is_retryable(), "fifo {fifo}: {e:?}");
+        assert!(e.to_string().contains("TTL"), "fifo {fifo}: {e}");
+        proxy.heal();
+        // Its key released, or expired (100 ms TTL).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut conn = raw(&server.url()).await;
+        let left: Option<String> = conn.get(lock.key()).await.unwrap();
+        assert_eq!(left, None, "fifo {fifo}");
+        client.close().await.unwrap();
+    }
 }

@@ -280,7 +280,10 @@ impl RedisLock {
     ///
     /// Fails with [`Error::Locked`] if another owner holds it, and on Redlock with
     /// [`Error::NoQuorum`] if no quorum was reached for another reason (slow or failing
-    /// masters). Whatever the attempt set is deleted before the error is returned.
+    /// masters). On one server, an answer that comes after the lock's TTL (less the
+    /// drift) has passed fails with [`Error::Unavailable`] (with FIFO, after one more
+    /// attempt): the hold would have been lost at once. Whatever the attempt set is
+    /// deleted before the error is returned.
     ///
     /// # Cancel safety
     ///
@@ -355,6 +358,8 @@ async fn acquire_plain(
     let mut gated = !try_only && client.redlock && client.hub.is_subscribed(&keys.channel);
     let mut backoff = UNAVAILABLE_MIN;
     let mut unreachable = Unreachable::default();
+    // Attempts in a row answered after the lock's validity.
+    let mut slow_attempts = 0_u32;
     loop {
         // A token per attempt: a failed attempt's cleanup may still be running (in the
         // background, see `try_acquire`), and must not delete what a later one sets.
@@ -381,6 +386,7 @@ async fn acquire_plain(
                 }
             }
         }
+        let too_slow = matches!(attempt, Attempt::TooSlow { .. });
         let wait = match attempt {
             Attempt::Acquired { fence, start } => {
                 let election = record.is_some();
@@ -412,6 +418,9 @@ async fn acquire_plain(
                     name: name.to_string(),
                 })
             }
+            Attempt::TooSlow { .. } if try_only && client.nodes.len() == 1 => {
+                return Err(answered_after_ttl(name, client.opts.ttl));
+            }
             Attempt::TooSlow { reached } if try_only => {
                 return Err(Error::NoQuorum {
                     reached,
@@ -431,6 +440,19 @@ async fn acquire_plain(
             }
             Attempt::TooSlow { .. } => jitter_ms(RETRY_JITTER.0, RETRY_JITTER.1),
         };
+        if too_slow {
+            slow_attempts += 1;
+            if slow_attempts == 3 {
+                tracing::warn!(
+                    lock = name,
+                    ttl = ?client.opts.ttl,
+                    "three attempts in a row were answered after the lock's validity; \
+                     still trying (a longer TTL helps)"
+                );
+            }
+        } else {
+            slow_attempts = 0;
+        }
         let deadline = Instant::now() + wait;
         gated = tokio::select! {
             _ = client.closed.cancelled() => return Err(Error::Closed),
@@ -467,6 +489,16 @@ fn refuse_fifo(client: &ClientInner, reason: &str) {
              this client's lock waiters no longer queue"
         );
     }
+}
+
+/// The error of a try whose answer came after the lock's TTL (less the drift) had passed:
+/// the hold would have been lost at once. Retryable; a longer TTL helps.
+fn answered_after_ttl(name: &str, ttl: Duration) -> Error {
+    Error::Unavailable(format!(
+        "lock {name:?}: the server answered after the lock's TTL ({ttl:?}) had passed, \
+         so the hold would have ended at once (the server or this process stalled; a longer \
+         TTL helps)"
+    ))
 }
 
 /// How long a FIFO waiter that timed out waits for the server to confirm it left the queue
@@ -558,6 +590,8 @@ async fn acquire_fifo(
     let mut stale_upto = 0;
     let mut backoff = UNAVAILABLE_MIN;
     let mut unreachable = Unreachable::default();
+    // Takes answered after the lock's TTL.
+    let mut slow_takes = 0;
     loop {
         let chan = sub.as_ref().map(|s| s.channel().clone());
         let mut woken = chan.as_ref().map(|c| Box::pin(c.waiters.notified()));
@@ -695,16 +729,30 @@ async fn acquire_fifo(
         } else {
             start
         };
-        if handed && start + ttl.saturating_sub(super::drift(ttl)) <= Instant::now() {
-            // A hand-off whose grant has ended by our clock before we learnt of it (we were
-            // paused, or our runtime blocked): the key may be another's by now, and a guard
-            // would be lost at once. Not ours: poll again at once, which takes the lock
-            // afresh if the key is still ours, else queues us again.
-            tracing::debug!(
-                fence,
-                "a hand-off whose grant ended before we learnt of it; waiting on"
-            );
-            grant = None;
+        if start + ttl.saturating_sub(super::drift(ttl)) <= Instant::now() {
+            if handed {
+                // A hand-off whose grant has ended by our clock before we learnt of it (we
+                // were paused, or our runtime blocked): the key may be another's by now, and a
+                // guard would be lost at once. Not ours: poll again at once, which takes the
+                // lock afresh if the key is still ours, else queues us again.
+                tracing::debug!(
+                    fence,
+                    "a hand-off whose grant ended before we learnt of it; waiting on"
+                );
+                grant = None;
+                continue;
+            }
+            // A take answered after the lock's TTL (the server or our runtime stalled): the
+            // key is likely ours still, but a hold counted from the send has ended, and a
+            // guard would be lost at once. Poll again, which takes it afresh (our token)
+            // with a new TTL from a new send; a try gives up after one such retry, and its
+            // key is released.
+            slow_takes += 1;
+            if try_only && slow_takes > 1 {
+                cleanup.armed = true;
+                return Err(answered_after_ttl(name, client.opts.ttl));
+            }
+            tracing::debug!(fence, "the take was answered after the lock's TTL; again");
             continue;
         }
         // Only locks queue (FIFO): an election's candidates do not.

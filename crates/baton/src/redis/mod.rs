@@ -101,11 +101,14 @@
 //! - A hand-off message may come after its short grant has ended (the waiter's poll was
 //!   held up past it, and answered "waiting"). Every poll that finds the waiter waiting also
 //!   returns the fencing counter, and a hand-off whose fencing token is no higher is stale:
-//!   the waiter ignores it and keeps waiting. So is a grant (by message or by a poll's
-//!   answer) whose local deadline has already passed when the waiter learns of it (the
-//!   waiter was paused, or its runtime blocked): the key may be another's by now, so rather
-//!   than return a guard already lost, the waiter polls again at once, which takes the lock
-//!   afresh if the key is still its own and otherwise queues it again.
+//!   the waiter ignores it and keeps waiting. So is a grant (by message, by a poll's
+//!   answer, or a take of a free lock) whose local deadline has already passed when the
+//!   waiter learns of it (the waiter was paused, its runtime blocked, or the server
+//!   stalled): the key may be another's by now, so rather than return a guard already
+//!   lost, the waiter polls again at once, which takes the lock afresh if the key is still
+//!   its own and otherwise queues it again. A `try_lock` polls again once; answered late
+//!   again, it fails with a retryable [`Error::Unavailable`](crate::Error::Unavailable)
+//!   that names the TTL, and its key is released.
 //! - A waiter handed the lock that is gone before it learns of the grant (an operator's
 //!   `DEL`, say) is first again: its next poll takes the lock if it is free, or puts it
 //!   back at the head of the queue.
