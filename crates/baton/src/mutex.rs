@@ -353,8 +353,28 @@ mod tests {
             .expect("a second holder, and the first never told");
         assert_eq!(held.lost_reason().as_deref(), Some("key overwritten"));
         assert!(!holder.is_lost());
-        // Its unlock still removes the key (same create revision).
-        held.unlock().await.unwrap();
+        // Its unlock says it was lost, and the key is still removed (same create
+        // revision), in the background.
+        let key = held.key().to_string();
+        assert!(matches!(
+            held.unlock().await,
+            Err(crate::Error::NotHeld { .. })
+        ));
+        let removed = async {
+            while !client
+                .store()
+                .range(crate::store::Range::key(key.as_bytes()))
+                .await
+                .unwrap()
+                .kvs
+                .is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), removed)
+            .await
+            .expect("the overwritten key was not removed");
     }
 
     /// The session is lost while `lock()` retries a join the store does not answer: the

@@ -666,6 +666,12 @@ impl Held {
     /// background first. Otherwise this session could take the same name again, adopt the
     /// old key (same create revision), and lose that new hold to the late delete.
     pub(crate) async fn release(mut self, what: &'static str) -> Result<()> {
+        if self.is_lost() {
+            // Known lost: say so at once, whether or not the store answers (a store gone
+            // made this a retryable Unavailable after a request timeout). The
+            // compare-and-delete still runs, in the background (see `Drop`).
+            return Err(not_held(self.key.as_bytes()));
+        }
         self.ownership.stop();
         let store = self.session.store().clone();
         let mut pending = PendingRelease {

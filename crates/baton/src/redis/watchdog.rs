@@ -283,17 +283,22 @@ impl Hold {
     /// Stop the watchdog and delete the key if it is still ours. [`Error::NotHeld`] if the
     /// hold had been lost (the key is still deleted if it turns out to be ours).
     pub(crate) async fn release(mut self, what: &'static str) -> Result<()> {
+        if self.is_lost() {
+            // Known lost: say so at once, whether or not the server answers (a server
+            // gone made this a retryable Unavailable after a request timeout). The
+            // compare-and-delete still runs, in the background (see `Drop`).
+            return Err(self.not_held());
+        }
         self.done = true;
         let st = self.state.clone();
         st.stop.cancel();
         self.deregister();
-        let was_lost = self.is_lost();
         let deleted = self
             .client
             .release(&st.keys, &st.token)
             .instrument(tracing::debug_span!("release", key = %st.keys.lock, what))
             .await?;
-        if was_lost || deleted < self.client.quorum {
+        if deleted < self.client.quorum {
             return Err(self.not_held());
         }
         Ok(())
