@@ -150,7 +150,8 @@ impl Election {
     /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
     /// [`Error::NotHeld`] if our candidate key vanished: a candidate is never told it leads
     /// when it does not (Go's `Campaign` is). A value over 1 MiB fails at once with
-    /// [`Error::InvalidArgument`].
+    /// [`Error::InvalidArgument`]; a second campaign on the same session and name, while
+    /// the first leads or waits, with [`Error::AlreadyHeld`].
     ///
     /// # Cancel safety
     ///
@@ -690,20 +691,37 @@ async fn observe_loop(
             }
         };
         failure.working();
+        // Whether the watch ended without a change to read again for (closed, compacted or
+        // broken): then read again after the backoff, or a watch that keeps ending at once
+        // would be a tight loop (found by a review: ~500k reads a second).
+        let mut ended = Some(Error::Unavailable("the watch ended".into()));
         'watch: while let Some(item) = stream.next().await {
-            let Ok(resp) = item else {
-                // Compacted or broken: read the leader again.
-                break;
+            let resp = match item {
+                Ok(resp) => resp,
+                Err(e) => {
+                    ended = Some(e);
+                    break;
+                }
             };
             backoff = RETRY_MIN;
             for ev in resp.events {
                 match (&head, ev.kind) {
                     // Waiting for a first candidate: any put may make one; read again.
-                    (None, EventKind::Put) => break 'watch,
+                    (None, EventKind::Put) => {
+                        ended = None;
+                        break 'watch;
+                    }
                     (None, EventKind::Delete) => {}
-                    (Some(_), EventKind::Delete) => break 'watch,
+                    (Some(_), EventKind::Delete) => {
+                        ended = None;
+                        break 'watch;
+                    }
                     (Some(h), EventKind::Put) => {
-                        if ev.kv.create_revision != h.create_revision {
+                        // Re-created, or overwritten with another lease (or none: an
+                        // operator's `etcdctl put`), when it may no longer count as a
+                        // candidate: read the leader again.
+                        if ev.kv.create_revision != h.create_revision || ev.kv.lease != h.lease {
+                            ended = None;
                             break 'watch;
                         }
                         let id = (ev.kv.key.clone(), ev.kv.create_revision, ev.kv.mod_revision);
@@ -715,6 +733,12 @@ async fn observe_loop(
                     }
                 }
             }
+        }
+        if let Some(e) = ended {
+            tracing::debug!(error = %e, "the election's watch ended; reading again after a backoff");
+            failure.failing(&e);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }
@@ -808,6 +832,72 @@ mod tests {
     use super::*;
     use crate::store::{KeyRange, Txn, TxnOp};
     use futures::StreamExt;
+
+    /// The observer's watch on the leader's key keeps ending at once (closed cleanly, or
+    /// compacted): it reads again after a backoff, not in a tight loop (found by a review:
+    /// ~500k reads a second, and a current-thread runtime hung).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_observer_whose_watch_keeps_ending_backs_off() {
+        use std::sync::atomic::Ordering;
+        for compacted in [false, true] {
+            let store = Arc::new(crate::store::slow::SlowWatches::new(
+                "mem",
+                Duration::ZERO,
+                Duration::ZERO,
+            ));
+            let client = crate::Client::from_arc(store.clone());
+            let session = Session::new(&client).await.unwrap();
+            let leading = Election::new(&session, "spin")
+                .unwrap()
+                .campaign("A")
+                .await
+                .unwrap();
+            *store.end_watch_on.lock().unwrap() =
+                Some((leading.key().as_bytes().to_vec(), compacted));
+            let mut observe = Election::observe_with(&client, "spin").unwrap();
+            let before = store.ranges.load(Ordering::Relaxed);
+            let first = tokio::time::timeout(Duration::from_secs(1), observe.next()).await;
+            assert_eq!(first.unwrap().unwrap().value, b"A");
+            assert!(
+                tokio::time::timeout(Duration::from_secs(1), observe.next())
+                    .await
+                    .is_err(),
+                "no change, and nothing to tell"
+            );
+            let reads = store.ranges.load(Ordering::Relaxed) - before;
+            assert!(reads < 30, "compacted {compacted}: {reads} reads in 1 s");
+            leading.resign().await.unwrap();
+        }
+    }
+
+    /// The leader's key overwritten without its lease (an operator's `etcdctl put`) no
+    /// longer counts as a candidate (`leader()` says so): an observer reads again and says
+    /// the same, instead of reporting the overwrite as the leader's new value.
+    #[tokio::test]
+    async fn an_observer_reads_again_when_the_leaders_key_loses_its_lease() {
+        let client = crate::Client::connect("mem://").await.unwrap();
+        let session = Session::new(&client).await.unwrap();
+        let leading = Election::new(&session, "lease")
+            .unwrap()
+            .campaign("A")
+            .await
+            .unwrap();
+        let mut observe = Election::observe_with(&client, "lease").unwrap();
+        assert_eq!(next_within(&mut observe).await.unwrap().value, b"A");
+        client
+            .store()
+            .put(leading.key().as_bytes(), b"X", 0)
+            .await
+            .unwrap();
+        let leader = Election::leader_with(&client, "lease").await;
+        assert!(matches!(leader, Err(Error::NoLeader { .. })), "{leader:?}");
+        let seen = next_within(&mut observe).await;
+        assert!(
+            seen.as_ref().is_none_or(|l| l.value != b"X"),
+            "an observer reported a key that is no candidate: {seen:?}"
+        );
+        std::mem::forget(leading);
+    }
 
     async fn next_within(o: &mut Observe) -> Option<Leader> {
         tokio::time::timeout(Duration::from_millis(300), o.next())

@@ -54,12 +54,16 @@ pub enum Error {
         name: String,
     },
 
-    /// The same session already holds, or is waiting for, this lock.
+    /// The same session already holds, or is waiting for, this name: a lock, a
+    /// leadership (a second `campaign` on one session), a semaphore's permits.
     ///
-    /// Baton locks are not re-entrant: a session has exactly one key per lock name.
-    #[error("this session already holds or is waiting for lock {name:?}")]
+    /// Baton locks and elections are not re-entrant: a session has exactly one key per
+    /// name.
+    #[error(
+        "this session already holds or is waiting for {name:?} (one key per name and session)"
+    )]
     AlreadyHeld {
-        /// The lock's name.
+        /// The name (of the lock, election, ...).
         name: String,
     },
 

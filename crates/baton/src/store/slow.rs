@@ -64,6 +64,8 @@ pub(crate) struct SlowWatches {
     landing: StdMutex<Option<Txn>>,
     /// How many transactions were sent (reads of a queue are transactions).
     pub(crate) txns: AtomicU64,
+    /// Reads made (ranges).
+    pub(crate) ranges: AtomicU64,
     /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
     pub(crate) request_timeout: StdMutex<Option<Duration>>,
 }
@@ -90,6 +92,7 @@ impl SlowWatches {
             landing: StdMutex::new(None),
             request_timeout: StdMutex::new(None),
             txns: AtomicU64::new(0),
+            ranges: AtomicU64::new(0),
         }
     }
 
@@ -165,6 +168,7 @@ impl Store for SlowWatches {
         self.backend
     }
     async fn range(&self, range: Range) -> Result<RangeResponse> {
+        self.ranges.fetch_add(1, Ordering::Relaxed);
         self.check_kv()?;
         self.spring(std::iter::once(&range)).await;
         let resp = self.inner.range(range).await;
