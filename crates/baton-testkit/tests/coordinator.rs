@@ -67,3 +67,77 @@ async fn releasing_a_hold_known_lost_says_not_held_at_once() {
         );
     }
 }
+
+/// The backend paused for longer than the TTL: every hold is lost, and then, with the
+/// backend back, the coordinator locks again, on etcd as on Redis (on etcd it failed with
+/// SessionLost, not retryable, for good: its one session was lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_locks_again_after_an_outage_longer_than_its_ttl() {
+    for etcd in [true, false] {
+        let mut server = Server::start(etcd).await;
+        let coord = Coordinator::builder(&server.url())
+            .with_ttl(Duration::from_secs(3))
+            .connect()
+            .await
+            .unwrap();
+        let lock = coord.lock("outage").unwrap();
+        let held = lock.lock().await.unwrap();
+        match &mut server {
+            Server::Etcd(s) => s.stop(),
+            Server::Redis(s) => s.stop(),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match &mut server {
+            Server::Etcd(s) => s.cont(),
+            Server::Redis(s) => s.cont(),
+        }
+        assert!(held.is_lost(), "etcd {etcd}: a hold outlived its TTL");
+        let again = lock.lock_timeout(Duration::from_secs(10)).await;
+        assert!(again.is_ok(), "etcd {etcd}: {again:?}");
+        let again = again.unwrap();
+        assert!(!again.is_lost());
+        again.release().await.unwrap();
+        drop(held);
+        coord.close().await.unwrap();
+    }
+}
+
+/// close() with the backend gone ends the tasks waiting in lock() and campaign() at once
+/// with Closed (on etcd they waited for their request to time out, ~10 s), whatever
+/// close() itself then returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_the_backend_gone_ends_waiters_at_once() {
+    for etcd in [true, false] {
+        let mut server = Server::start(etcd).await;
+        let coord = Coordinator::builder(&server.url())
+            .with_ttl(Duration::from_secs(30))
+            .connect()
+            .await
+            .unwrap();
+        server.kill();
+        let (c1, c2) = (coord.clone(), coord.clone());
+        let locking = tokio::spawn(async move { c1.lock("w").unwrap().lock().await.map(drop) });
+        let campaigning = tokio::spawn(async move {
+            c2.election("e")
+                .unwrap()
+                .campaign(b"v".to_vec())
+                .await
+                .map(drop)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let closing = tokio::spawn(async move { coord.close().await });
+        for task in [locking, campaigning] {
+            let got = tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .expect("a waiter still waits after close()")
+                .unwrap();
+            assert!(matches!(got, Err(Error::Closed)), "etcd {etcd}: {got:?}");
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(30), closing)
+            .await
+            .expect("close() hung")
+            .unwrap();
+        // Documented: etcd says the lease could not be revoked; Redis has nothing to say.
+        assert_eq!(closed.is_err(), etcd, "{closed:?}");
+    }
+}

@@ -296,6 +296,14 @@ impl ClientBuilder {
         if self.dial_timeout.is_zero() || self.request_timeout.is_zero() {
             return Err(Error::invalid("timeouts must be greater than zero"));
         }
+        // As etcd and Redis refuse them (deadlines are `now + timeout`), on every backend,
+        // the embedded one too (found by a review: mem:// took `Duration::MAX`).
+        if self.dial_timeout > crate::MAX_TTL || self.request_timeout > crate::MAX_TTL {
+            return Err(Error::invalid(format!(
+                "timeouts must be at most {:?}",
+                crate::MAX_TTL
+            )));
+        }
         validate_namespace(&self.namespace)?;
         let parsed = Endpoints::parse(&self.endpoints)?;
         let redacted = parsed.to_string();

@@ -44,6 +44,14 @@ use crate::session::{Session, DEFAULT_TTL};
 use crate::store::LeaseId;
 
 /// Something held: a lock, or a leadership.
+///
+/// # Drop behaviour
+///
+/// Dropping a guard releases it in a task spawned on the current tokio runtime (best
+/// effort; without a runtime, or if that fails, the hold ends with its TTL). The release
+/// is not done when the drop returns: a `try_lock` right after may still find the lock
+/// taken (on Redis most of the time: 44 of 50 here; tasks of one etcd or embedded-store
+/// coordinator wait for it). Call [`release()`](Guard::release) to know it is done.
 #[async_trait]
 pub trait Guard: Send + Sync + fmt::Debug {
     /// What is held, relative to the coordinator's namespace (never with the namespace in
@@ -87,6 +95,12 @@ pub trait Lock: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
 
     /// Wait until the lock is ours.
+    ///
+    /// With the backend unreachable, the backends differ: on etcd and the embedded store,
+    /// it fails once the coordinator's session is lost (no keep-alive answered for a TTL)
+    /// or with the store's error (a retryable [`Error::Unavailable`], say), and the next
+    /// call starts a new session; on Redis and Redlock it retries until the lock is ours.
+    /// Use [`lock_timeout`](Lock::lock_timeout) to bound the wait on every backend.
     ///
     /// # Cancel safety
     ///
@@ -134,6 +148,9 @@ pub trait Elector: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
 
     /// Stand with `value` and wait until we lead.
+    ///
+    /// With the backend unreachable, the backends differ as for [`Lock::lock`]: use
+    /// [`campaign_timeout`](Elector::campaign_timeout) to bound the wait.
     ///
     /// # Cancel safety
     ///
@@ -447,10 +464,14 @@ impl CoordinatorBuilder {
                     .await?;
                 let session = Session::builder(&client).with_ttl(self.ttl).build().await?;
                 Arc::new(StoreBackend {
-                    client,
-                    session,
+                    sessions: Arc::new(Sessions {
+                        client,
+                        ttl: self.ttl,
+                        current: StdMutex::new(session),
+                        renewing: tokio::sync::Mutex::new(()),
+                        closed: CancellationToken::new(),
+                    }),
                     local: Arc::default(),
-                    closed: CancellationToken::new(),
                 })
             }
         };
@@ -461,7 +482,10 @@ impl CoordinatorBuilder {
 /// One connection to any backend, handing out [`Lock`]s and [`Elector`]s.
 ///
 /// On etcd and the embedded store it holds one [`Session`]: every lock and leadership taken
-/// through it shares that lease. Cheap to clone.
+/// through it shares that lease. When that session is lost (its lease expired or was
+/// revoked: the backend was unreachable for a TTL, say), every hold is lost with it, and
+/// the next `lock`, `try_lock` or `campaign` starts a new session, as a Redis coordinator,
+/// which has none, just goes on. Cheap to clone.
 ///
 /// Tasks sharing one coordinator may lock the same name: on etcd and the embedded store they
 /// first queue for it in this process (first come, first served), then in the store, so a
@@ -516,8 +540,9 @@ impl Coordinator {
         self.backend.election(name)
     }
 
-    /// A token cancelled when every hold is lost at once (the etcd session), if the backend
-    /// has such a thing.
+    /// A token cancelled when every hold is lost at once (the current etcd session), if the
+    /// backend has such a thing. After a loss, the next hold starts a new session, with a
+    /// token of its own: ask again.
     pub fn lost_token(&self) -> Option<CancellationToken> {
         self.backend.lost_token()
     }
@@ -527,8 +552,8 @@ impl Coordinator {
         self.backend.client()
     }
 
-    /// The session's lease, on etcd and the embedded store: every hold of this coordinator
-    /// is bound to it.
+    /// The current session's lease, on etcd and the embedded store: every hold of this
+    /// coordinator since that session started is bound to it.
     pub fn lease_id(&self) -> Option<LeaseId> {
         self.backend.lease_id()
     }
@@ -543,9 +568,14 @@ impl Coordinator {
     ///
     /// Guards and leaderships still held are lost (their `release()` fails with
     /// [`Error::NotHeld`] / [`Error::NotLeader`]). Tasks waiting in `lock()` or `campaign()`
-    /// and every later call (`lock`, `try_lock`, `lock_timeout`, `campaign`, `leader`) fail
-    /// with [`Error::Closed`], and `observe()` streams end, on every backend. `Closed` is not
-    /// retryable: connect a new coordinator. Closing twice is fine.
+    /// (at once, even while a request is in flight) and every later call (`lock`,
+    /// `try_lock`, `lock_timeout`, `campaign`, `leader`) fail with [`Error::Closed`], and
+    /// `observe()` streams end, on every backend. `Closed` is not retryable: connect a new
+    /// coordinator. Closing twice is fine.
+    ///
+    /// With the backend unreachable, etcd's `close()` returns the revoke's error after the
+    /// request timeout (the lease, and every key bound to it, then expires with its TTL);
+    /// Redis's returns `Ok` at once, its keys expiring with their TTL.
     ///
     /// # Cancel safety
     ///
@@ -555,66 +585,120 @@ impl Coordinator {
     }
 }
 
-/// The store family (etcd, embedded) behind a [`Coordinator`]: one client, one session.
+/// The store family (etcd, embedded) behind a [`Coordinator`]: one client, one session at a
+/// time.
 #[derive(Debug)]
 struct StoreBackend {
-    client: Client,
-    session: Session,
+    sessions: Arc<Sessions>,
     /// The tasks of this process holding or waiting for each lock name.
     local: Arc<LocalLocks>,
+}
+
+/// The coordinator's session, started again when lost.
+#[derive(Debug)]
+struct Sessions {
+    client: Client,
+    ttl: Duration,
+    current: StdMutex<Session>,
+    /// Held while a new session is started (one at a time), and by `close()`.
+    renewing: tokio::sync::Mutex<()>,
     /// Cancelled when [`Coordinator::close`] starts: calls fail with [`Error::Closed`]
     /// from then on, as on Redis, instead of with the closed session's
     /// [`Error::SessionLost`].
     closed: CancellationToken,
 }
 
+impl Sessions {
+    fn current(&self) -> Session {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The session to take a new hold with: the current one, or a new one if it is lost
+    /// (holds of the lost one stay lost). [`Error::Closed`] once closed.
+    async fn live(&self) -> Result<Session> {
+        let session = self.current();
+        if !session.is_lost() {
+            return Ok(session);
+        }
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        let _renewing = self.renewing.lock().await;
+        let session = self.current();
+        if !session.is_lost() {
+            return Ok(session);
+        }
+        if self.closed.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        tracing::info!(
+            lost = %session.lost_reason().unwrap_or_default(),
+            "the coordinator's session was lost; starting a new one"
+        );
+        let new = Session::builder(&self.client)
+            .with_ttl(self.ttl)
+            .build()
+            .await?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        Ok(new)
+    }
+}
+
 #[async_trait]
 impl Backend for StoreBackend {
     fn name(&self) -> &'static str {
-        self.client.backend()
+        self.sessions.client.backend()
     }
 
     fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
+        let session = self.sessions.current();
         Ok(Box::new(StoreLock {
-            mutex: Mutex::new(&self.session, name)?,
+            mutex: Mutex::new(&session, name)?,
+            made_on: session.lease_id(),
             local: self.local.clone(),
-            session: self.session.clone(),
-            closed: self.closed.clone(),
+            sessions: self.sessions.clone(),
         }))
     }
 
     fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
+        let session = self.sessions.current();
         Ok(Box::new(StoreElector {
-            election: Election::new(&self.session, name)?,
+            election: Election::new(&session, name)?,
+            made_on: session.lease_id(),
             local: self.local.clone(),
-            session: self.session.clone(),
-            closed: self.closed.clone(),
+            sessions: self.sessions.clone(),
         }))
     }
 
     fn lost_token(&self) -> Option<CancellationToken> {
-        Some(self.session.lost_token())
+        Some(self.sessions.current().lost_token())
     }
 
     fn client(&self) -> Option<&Client> {
-        Some(&self.client)
+        Some(&self.sessions.client)
     }
 
     fn lease_id(&self) -> Option<LeaseId> {
-        Some(self.session.lease_id())
+        Some(self.sessions.current().lease_id())
     }
 
     async fn close(&self) -> Result<()> {
         // First, so that the waiters the session's end wakes see it and say Closed.
-        self.closed.cancel();
-        self.session.close().await
+        self.sessions.closed.cancel();
+        // After a session being started, if one is: it is then the current one.
+        let _renewing = self.sessions.renewing.lock().await;
+        self.sessions.current().close().await
     }
 }
 
-/// Run `call` unless the coordinator is closed; an error once it is closed (a waiter woken
-/// by the session's end, say) is [`Error::Closed`], as on Redis, not the session's
-/// [`Error::SessionLost`]. A session lost otherwise (its lease expired or was revoked) keeps
-/// its own error.
+/// Run `call` unless the coordinator is closed: [`Error::Closed`] at once when it is, even
+/// with a request in flight (`call` is dropped: the lock and campaign futures are cancel
+/// safe), and an error once it is closed (a waiter woken by the session's end, say) is
+/// `Closed` too, as on Redis, not the session's [`Error::SessionLost`]. A session lost
+/// otherwise (its lease expired or was revoked) keeps its own error.
 async fn unless_closed<T>(
     closed: &CancellationToken,
     call: impl std::future::Future<Output = Result<T>>,
@@ -622,9 +706,13 @@ async fn unless_closed<T>(
     if closed.is_cancelled() {
         return Err(Error::Closed);
     }
-    match call.await {
-        Err(_) if closed.is_cancelled() => Err(Error::Closed),
-        r => r,
+    tokio::select! {
+        biased;
+        () = closed.cancelled() => Err(Error::Closed),
+        r = call => match r {
+            Err(_) if closed.is_cancelled() => Err(Error::Closed),
+            r => r,
+        },
     }
 }
 
@@ -634,21 +722,24 @@ async fn unless_closed<T>(
 /// its name, so the map holds only names in use.
 #[derive(Debug, Default)]
 struct LocalLocks {
-    /// name -> (its local mutex, how many [`LocalSlot`]s use it)
+    /// `<lease>/<name>` -> (its local mutex, how many [`LocalSlot`]s use it)
     map: StdMutex<HashMap<String, (LocalMutex, usize)>>,
 }
 
 type LocalMutex = Arc<tokio::sync::Mutex<()>>;
 
 impl LocalLocks {
-    /// A use of `name`'s local mutex, until the slot is dropped.
-    fn slot(self: &Arc<Self>, name: &str) -> LocalSlot {
+    /// A use of `name`'s local mutex on the session of `lease`, until the slot is dropped.
+    /// (Per session: holds of a lost session, whose keys are gone, keep no task of the next
+    /// session waiting.)
+    fn slot(self: &Arc<Self>, lease: LeaseId, name: &str) -> LocalSlot {
+        let key = format!("{lease:x}/{name}");
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let (mutex, users) = map.entry(name.to_string()).or_default();
+        let (mutex, users) = map.entry(key.clone()).or_default();
         *users += 1;
         LocalSlot {
             locks: self.clone(),
-            name: name.to_string(),
+            name: key,
             mutex: mutex.clone(),
         }
     }
@@ -678,10 +769,28 @@ impl Drop for LocalSlot {
 /// A [`Mutex`] on the coordinator's session, behind the name's local mutex.
 #[derive(Debug)]
 struct StoreLock {
+    /// On the session current when it was made (which checked the name).
     mutex: Mutex,
+    /// That session's lease.
+    made_on: LeaseId,
     local: Arc<LocalLocks>,
-    session: Session,
-    closed: CancellationToken,
+    sessions: Arc<Sessions>,
+}
+
+impl StoreLock {
+    /// The mutex on a live session (a new one if the first was lost), and the name's local
+    /// slot on that session: a hold of a lost session, not yet dropped, does not keep the
+    /// next one waiting here.
+    async fn live(&self) -> Result<(Session, Mutex, LocalSlot)> {
+        let session = self.sessions.live().await?;
+        let mutex = if session.lease_id() == self.made_on {
+            self.mutex.clone()
+        } else {
+            Mutex::new(&session, self.mutex.name())?
+        };
+        let slot = self.local.slot(session.lease_id(), self.mutex.name());
+        Ok((session, mutex, slot))
+    }
 }
 
 /// Wait for the name's local mutex, unless the session is lost (or closed) first: a task
@@ -723,10 +832,10 @@ impl Lock for StoreLock {
         self.mutex.name()
     }
     async fn lock(&self) -> Result<Box<dyn Guard>> {
-        unless_closed(&self.closed, async {
-            let slot = self.local.slot(self.mutex.name());
-            let local = local_turn(&slot, &self.session).await?;
-            let guard = self.mutex.lock().await?;
+        unless_closed(&self.sessions.closed, async {
+            let (session, mutex, slot) = self.live().await?;
+            let local = local_turn(&slot, &session).await?;
+            let guard = mutex.lock().await?;
             Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
         })
         .await
@@ -735,14 +844,14 @@ impl Lock for StoreLock {
         with_timeout("lock", timeout, Lock::lock(self)).await
     }
     async fn try_lock(&self) -> Result<Box<dyn Guard>> {
-        unless_closed(&self.closed, async {
-            let slot = self.local.slot(self.mutex.name());
+        unless_closed(&self.sessions.closed, async {
+            let (_, mutex, slot) = self.live().await?;
             let Ok(local) = slot.mutex.clone().try_lock_owned() else {
                 return Err(Error::Locked {
                     name: self.mutex.name().to_string(),
                 });
             };
-            let guard = self.mutex.try_lock().await?;
+            let guard = mutex.try_lock().await?;
             Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
         })
         .await
@@ -782,10 +891,12 @@ impl<G: Guard + 'static> Guard for Local<G> {
 /// (see the crate's key layouts), and the local mutex too.
 #[derive(Debug)]
 struct StoreElector {
+    /// On the session current when it was made (which checked the name).
     election: Election,
+    /// That session's lease.
+    made_on: LeaseId,
     local: Arc<LocalLocks>,
-    session: Session,
-    closed: CancellationToken,
+    sessions: Arc<Sessions>,
 }
 
 #[async_trait]
@@ -794,10 +905,16 @@ impl Elector for StoreElector {
         self.election.name()
     }
     async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
-        unless_closed(&self.closed, async {
-            let slot = self.local.slot(self.election.name());
-            let local = local_turn(&slot, &self.session).await?;
-            let leading = self.election.campaign(value).await?;
+        unless_closed(&self.sessions.closed, async {
+            let session = self.sessions.live().await?;
+            let election = if session.lease_id() == self.made_on {
+                self.election.clone()
+            } else {
+                Election::new(&session, self.election.name())?
+            };
+            let slot = self.local.slot(session.lease_id(), self.election.name());
+            let local = local_turn(&slot, &session).await?;
+            let leading = election.campaign(value).await?;
             Ok(Box::new(Local::new(leading, local, slot)) as Box<dyn Leading>)
         })
         .await
@@ -810,12 +927,12 @@ impl Elector for StoreElector {
         with_timeout("campaign", timeout, Elector::campaign(self, value)).await
     }
     async fn leader(&self) -> Result<Leader> {
-        unless_closed(&self.closed, self.election.leader()).await
+        unless_closed(&self.sessions.closed, self.election.leader()).await
     }
     fn observe(&self) -> LeaderStream {
         // Ends when the coordinator is closed, as on Redis.
         let events = self.election.observe().with_vacancies();
-        LeaderStream::new(events.until(self.closed.clone()))
+        LeaderStream::new(events.until(self.sessions.closed.clone()))
     }
 }
 
@@ -939,17 +1056,21 @@ mod tests {
             #[cfg(feature = "redis")]
             "redis://127.0.0.1:1",
         ] {
+            let base = Coordinator::builder(url).with_dial_timeout(dial);
             let bad = [
-                Coordinator::builder(url).with_ttl(Duration::ZERO),
-                Coordinator::builder(url).with_ttl(Duration::from_millis(1)),
-                Coordinator::builder(url).with_ttl(crate::MAX_TTL + Duration::from_secs(1)),
-                Coordinator::builder(url).with_request_timeout(Duration::ZERO),
-                Coordinator::builder(url).with_namespace("a\0b"),
+                base.clone().with_ttl(Duration::ZERO),
+                base.clone().with_ttl(Duration::from_millis(1)),
+                base.clone()
+                    .with_ttl(crate::MAX_TTL + Duration::from_secs(1)),
+                base.clone().with_request_timeout(Duration::ZERO),
+                base.clone().with_request_timeout(Duration::MAX),
+                base.clone().with_dial_timeout(Duration::MAX),
+                base.clone().with_namespace("a\0b"),
             ];
             for builder in bad {
                 let shown = format!("{builder:?}");
                 let started = std::time::Instant::now();
-                let err = builder.with_dial_timeout(dial).connect().await.unwrap_err();
+                let err = builder.connect().await.unwrap_err();
                 assert!(matches!(err, Error::InvalidArgument(_)), "{shown}: {err}");
                 assert!(
                     started.elapsed() < Duration::from_secs(1),
@@ -968,10 +1089,14 @@ mod tests {
         let session = Session::new(&client).await.unwrap();
         let local = Arc::<LocalLocks>::default();
         let coord = Coordinator::from_backend(Arc::new(StoreBackend {
-            client,
-            session,
+            sessions: Arc::new(Sessions {
+                client,
+                ttl: DEFAULT_TTL,
+                current: StdMutex::new(session),
+                renewing: tokio::sync::Mutex::new(()),
+                closed: CancellationToken::new(),
+            }),
             local: local.clone(),
-            closed: CancellationToken::new(),
         }));
         let held = coord.lock("jobs/report").unwrap().lock().await.unwrap();
         let err = coord
@@ -998,6 +1123,46 @@ mod tests {
         // Nobody uses the name any more: nothing is kept for it.
         assert!(local.map.lock().unwrap().is_empty());
         coord.close().await.unwrap();
+    }
+
+    /// The coordinator's session lost (its lease revoked): every hold is lost, and the next
+    /// lock and campaign start a new session, as on Redis, where nothing is shared (found by
+    /// a review: every later call failed with SessionLost, not retryable, for good). A hold
+    /// of the lost session, not yet dropped, keeps nobody waiting.
+    #[tokio::test]
+    async fn a_lost_session_is_started_again_by_the_next_hold() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let lock = coord.lock("x").unwrap();
+        let held = lock.lock().await.unwrap();
+        let lost = coord.lost_token().unwrap();
+        let first = coord.lease_id().unwrap();
+        let store = coord.client().unwrap().store().clone();
+        store.lease_revoke(first).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
+            .await
+            .expect("the session was not lost");
+        assert!(held.is_lost());
+        // The same handle, with the lost hold not dropped yet.
+        let again = tokio::time::timeout(Duration::from_secs(5), lock.lock())
+            .await
+            .expect("the next lock waited for the lost hold")
+            .unwrap();
+        let second = coord.lease_id().unwrap();
+        assert_ne!(first, second);
+        assert!(!again.is_lost());
+        assert!(!coord.lost_token().unwrap().is_cancelled());
+        assert!(matches!(held.release().await, Err(Error::NotHeld { .. })));
+        let leading = coord
+            .election("e")
+            .unwrap()
+            .campaign(b"v".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(coord.lease_id().unwrap(), second);
+        leading.release().await.unwrap();
+        again.release().await.unwrap();
+        coord.close().await.unwrap();
+        assert!(matches!(lock.lock().await, Err(Error::Closed)));
     }
 
     /// A task queued behind another task of its coordinator fails when the coordinator is

@@ -107,8 +107,8 @@
 //!   stalled): the key may be another's by now, so rather than return a guard already
 //!   lost, the waiter polls again at once, which takes the lock afresh if the key is still
 //!   its own and otherwise queues it again. A `try_lock` polls again once; answered late
-//!   again, it fails with a retryable [`Error::Unavailable`](crate::Error::Unavailable)
-//!   that names the TTL, and its key is released.
+//!   again, it fails with a retryable [`Error::Unavailable`] that names the TTL, and its
+//!   key is released.
 //! - A waiter handed the lock that is gone before it learns of the grant (an operator's
 //!   `DEL`, say) is first again: its next poll takes the lock if it is free, or puts it
 //!   back at the head of the queue.
