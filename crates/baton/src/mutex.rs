@@ -377,6 +377,42 @@ mod tests {
             .expect("the overwritten key was not removed");
     }
 
+    /// The holder's key overwritten without a lease (an operator's `etcdctl put`) after its
+    /// holder stopped without releasing (crashed, or its task hung): the key no longer
+    /// counts as a member, but is never deleted, and the waiter behind it, which waits for
+    /// its delete, waited for good (found by a review, for elections). The waiter reads
+    /// again now and then while it waits, and takes the lock.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_behind_a_key_overwritten_without_a_lease_gets_the_lock() {
+        use std::time::Duration;
+        for shared in [false, true] {
+            let client = crate::Client::connect("mem://").await.unwrap();
+            let holder = Session::new(&client).await.unwrap();
+            let waiter = Session::new(&client).await.unwrap();
+            let name = if shared { "shared" } else { "own" };
+            let held = Mutex::new(&holder, name).unwrap().lock().await.unwrap();
+            if shared {
+                // The client's shared watch on the queue is live (a second hold of the name).
+                let again = Mutex::new(&waiter, name).unwrap();
+                assert!(again.try_lock().await.is_err());
+            }
+            let mutex = Mutex::new(&waiter, name).unwrap();
+            let waiting = tokio::spawn(async move { mutex.lock().await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!waiting.is_finished());
+            // The holder stops without releasing; an operator overwrites its key.
+            let key = held.key().to_string();
+            std::mem::forget(held);
+            client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(120), waiting)
+                .await
+                .expect("the waiter waited for good behind a key that is no member")
+                .unwrap();
+            assert!(got.is_ok(), "shared {shared}: {:?}", got.err());
+            drop(got);
+        }
+    }
+
     /// The session is lost while `lock()` retries a join the store does not answer: the
     /// error is `SessionLost`, as documented, not the store's retryable error (found by
     /// review: it was the last store error, "store down").

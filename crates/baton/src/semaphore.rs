@@ -441,17 +441,23 @@ impl Semaphore {
             {
                 // Heard enough, or the shared watch broke: read again (after a backoff if
                 // it broke, so that a watch that keeps ending cannot make a tight loop).
-                Ok(true) => {
-                    let told = rx.await;
-                    waiter.woke();
-                    match told {
-                        Ok(()) => waiter.succeeded(),
-                        Err(_) => {
-                            let ended = Error::Unavailable("the shared watch ended".into());
-                            waiter.retry(ended).await?;
+                Ok(true) => match tokio::time::timeout(crate::wait::recheck_after(), rx).await {
+                    // Read again anyway now and then (see `wait::RECHECK`): a key before
+                    // ours that stops counting without a delete (overwritten without a
+                    // lease, its holder gone) is seen only by a read. Dropping the receiver
+                    // ends the hook.
+                    Err(_) => {}
+                    Ok(told) => {
+                        waiter.woke();
+                        match told {
+                            Ok(()) => waiter.succeeded(),
+                            Err(_) => {
+                                let ended = Error::Unavailable("the shared watch ended".into());
+                                waiter.retry(ended).await?;
+                            }
                         }
                     }
-                }
+                },
                 // The shared watch started after our read: read again at once.
                 Ok(false) => {}
                 Err(e) => waiter.retry(e).await?,
@@ -858,6 +864,33 @@ mod tests {
             .unwrap()
             .kvs
             .is_empty());
+    }
+
+    /// A holder's key overwritten without a lease after its holder stopped without
+    /// releasing: no longer a member, never deleted. The waiter behind it waited for good;
+    /// it reads again now and then while it waits, and gets the permit.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_behind_a_key_overwritten_without_a_lease_gets_the_permit() {
+        let client = Client::connect("mem://").await.unwrap();
+        let holder = Session::new(&client).await.unwrap();
+        let waiter = Session::new(&client).await.unwrap();
+        let held = Semaphore::new(&holder, "s", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem = Semaphore::new(&waiter, "s", 1).unwrap();
+        let waiting = tokio::spawn(async move { sem.acquire().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        let key = held.key().to_string();
+        std::mem::forget(held);
+        client.store().put(key.as_bytes(), b"1/1", 0).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(120), waiting)
+            .await
+            .expect("the waiter waited for good behind a key that is no member")
+            .unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
     }
 
     /// Two keys before the waiter's with one fingerprint (1 in 2^64): when one goes, which

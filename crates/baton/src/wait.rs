@@ -37,6 +37,28 @@ const HUB_QUEUE_MAX: usize = 8;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// How long a waiter waits on a watch before it reads its turn again anyway (plus up to a
+/// quarter more, at random, so that waiters do not read together). The watches tell of
+/// deletes only; a key ahead that stops counting as a member without a delete (overwritten
+/// without a lease by an operator's `etcdctl put`, its holder gone: never deleted) is found
+/// by this read, not by a watch. One read per waiter per half minute.
+pub(crate) const RECHECK: Duration = Duration::from_secs(30);
+
+/// [`RECHECK`] with its jitter.
+pub(crate) fn recheck_after() -> Duration {
+    use rand::Rng;
+    RECHECK + RECHECK.mul_f64(rand::thread_rng().gen_range(0.0..0.25))
+}
+
+/// Wait for `wake`, or answer [`Woken::Reread`] after [`recheck_after`].
+async fn or_recheck(
+    wake: impl std::future::Future<Output = Result<(usize, Woken)>>,
+) -> Result<(usize, Woken)> {
+    tokio::time::timeout(recheck_after(), wake)
+        .await
+        .unwrap_or(Ok((0, Woken::Reread)))
+}
+
 /// What [`wait_turn`] found: our key, still ours, with no predecessor left.
 #[derive(Debug)]
 pub(crate) struct Turn {
@@ -227,16 +249,27 @@ pub(crate) async fn wait_turn(
         if mine_in_queue && !short && !hub.is_live(&queue.prefix) {
             let mine: (&[u8], Revision) = (my_key, my_rev);
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
-            let gone = crate::hub::keys_gone(hub, store, &keys, false, None).await;
-            if gone.is_ok() {
-                crate::hub::Counters::add(&hub.counters.wakeups);
-            }
-            // A watch that ended (closed, or compacted) is no delete: read again after the
-            // backoff, or a stream that keeps ending at once would be a tight loop.
-            let woken = gone.map(|g| match g {
-                Some(_) => Woken::Deleted(0),
-                None => Woken::Interrupted,
-            });
+            let gone = tokio::time::timeout(
+                recheck_after(),
+                crate::hub::keys_gone(hub, store, &keys, false, None),
+            )
+            .await;
+            let woken = match gone {
+                // Time to read again anyway (see `RECHECK`).
+                Err(_) => Ok(Woken::Reread),
+                Ok(gone) => {
+                    if gone.is_ok() {
+                        crate::hub::Counters::add(&hub.counters.wakeups);
+                    }
+                    // A watch that ended (closed, or compacted) is no delete: read again
+                    // after the backoff, or a stream that keeps ending at once would be a
+                    // tight loop.
+                    gone.map(|g| match g {
+                        Some(_) => Woken::Deleted(0),
+                        None => Woken::Interrupted,
+                    })
+                }
+            };
             after_wake(woken, &mut backoff).await?;
             continue;
         }
@@ -247,11 +280,16 @@ pub(crate) async fn wait_turn(
             // readers'), so that the readers of one client share two watches (opened here
             // if need be), not two each; either delete sends us back to read.
             let (preds, mine): (&[&[u8]], &[&[u8]]) = (&[&pred.key], &[my_key]);
-            let answer = tokio::select! {
-                a = hub.wait_delete(store, &queue.prefix, preds, header) => a,
-                a = hub.wait_delete(store, &own_prefix, mine, header) => a,
-            };
-            crate::hub::Counters::add(&hub.counters.wakeups);
+            let answer = or_recheck(async {
+                tokio::select! {
+                    a = hub.wait_delete(store, &queue.prefix, preds, header) => a,
+                    a = hub.wait_delete(store, &own_prefix, mine, header) => a,
+                }
+            })
+            .await;
+            if !matches!(answer, Ok((_, Woken::Reread))) {
+                crate::hub::Counters::add(&hub.counters.wakeups);
+            }
             after_wake(answer.map(|(_, w)| w), &mut backoff).await?;
             continue;
         }
@@ -259,8 +297,10 @@ pub(crate) async fn wait_turn(
         // shared watch reports its delete in the same revision order: if the predecessor's
         // delete comes first, our key still existed at that revision.
         let keys: &[&[u8]] = &[&pred.key, my_key];
-        let answer = hub.wait_delete(store, &queue.prefix, keys, header).await;
-        crate::hub::Counters::add(&hub.counters.wakeups);
+        let answer = or_recheck(hub.wait_delete(store, &queue.prefix, keys, header)).await;
+        if !matches!(answer, Ok((_, Woken::Reread))) {
+            crate::hub::Counters::add(&hub.counters.wakeups);
+        }
         let woken = match answer {
             // The predecessor is gone at revision `rev`. If it was the only member ahead of
             // us, or we know every member that was (the rest we wait out on the shared
