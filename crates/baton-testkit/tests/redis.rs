@@ -1718,7 +1718,15 @@ async fn bad_input_gets_clear_errors() {
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
 
     let client = connect(&url, Duration::from_secs(2)).await;
-    for name in [String::new(), "a\0b".into(), "x".repeat(1025)] {
+    // A key in Baton's own key space (the lock `baton:fence:X` is lock X's fencing
+    // counter: it was never free while X had one).
+    for name in [
+        String::new(),
+        "a\0b".into(),
+        "x".repeat(1025),
+        "baton:fence:x".into(),
+        "baton:".into(),
+    ] {
         let err = client.lock(&name).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
         let err = client.election(&name).unwrap_err();

@@ -77,13 +77,13 @@ impl RedisElection {
     /// An election named `name` on `client`.
     ///
     /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
-    /// contains a NUL byte.
+    /// contains a NUL byte, or if the key (prefix and name) starts with `baton:`.
     pub fn new(client: &RedisClient, name: &str) -> Result<RedisElection> {
         validate_name(name)?;
         Ok(RedisElection {
             client: client.clone(),
             name: name.to_string(),
-            keys: Keys::new(&client.inner().opts.prefix, name),
+            keys: Keys::checked(&client.inner().opts.prefix, name)?,
         })
     }
 

@@ -186,7 +186,7 @@ impl RedisLock {
     pub fn new(client: &RedisClient, name: &str) -> Result<RedisLock> {
         validate_name(name)?;
         let inner = client.inner();
-        let mut keys = Keys::new(&inner.opts.prefix, name);
+        let mut keys = Keys::checked(&inner.opts.prefix, name)?;
         // A hand-off grants a short TTL that the watchdog extends at once: no watchdog, no
         // queue.
         if inner.opts.fifo && inner.opts.watchdog && !inner.redlock {

@@ -115,6 +115,22 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
+    /// The keys of `name` under `prefix`, refusing a lock key in Baton's own key space
+    /// (`baton:…`): it would be another lock's fencing counter, election record or queue
+    /// (the lock `baton:fence:X` would never be free while `X` has a counter).
+    pub(crate) fn checked(prefix: &str, name: &str) -> Result<Keys> {
+        let keys = Keys::new(prefix, name);
+        if keys.lock.starts_with("baton:") {
+            return Err(Error::invalid(format!(
+                "the Redis key {:?} (prefix and name) starts with \"baton:\", where Baton keeps \
+                 its own keys (fencing counters, election records, queues): choose another \
+                 name or prefix",
+                keys.lock
+            )));
+        }
+        Ok(keys)
+    }
+
     pub(crate) fn new(prefix: &str, name: &str) -> Keys {
         let lock = format!("{prefix}{name}");
         Keys {
