@@ -413,6 +413,35 @@ mod tests {
         }
     }
 
+    /// The same, with a waiter between them that leaves: the last waiter, which saw the
+    /// whole queue when it joined, waits on the shared watch for each key ahead to go, the
+    /// overwritten one too (found by a second look: it waited for good there).
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_behind_a_leaver_and_a_key_overwritten_without_a_lease_gets_the_lock() {
+        use std::time::Duration;
+        let client = crate::Client::connect("mem://").await.unwrap();
+        let a = Session::new(&client).await.unwrap();
+        let b = Session::new(&client).await.unwrap();
+        let c = Session::new(&client).await.unwrap();
+        let held = Mutex::new(&a, "m").unwrap().lock().await.unwrap();
+        let mb = Mutex::new(&b, "m").unwrap();
+        let b_waiting = tokio::spawn(async move { mb.lock_timeout(Duration::from_secs(1)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mc = Mutex::new(&c, "m").unwrap();
+        let c_waiting = tokio::spawn(async move { mc.lock().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let key = held.key().to_string();
+        std::mem::forget(held);
+        client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
+        // B gives up: its key is deleted.
+        assert!(b_waiting.await.unwrap().is_err());
+        let got = tokio::time::timeout(Duration::from_secs(120), c_waiting)
+            .await
+            .expect("the last waiter waited for good behind a key that is no member")
+            .unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
+    }
+
     /// The session is lost while `lock()` retries a join the store does not answer: the
     /// error is `SessionLost`, as documented, not the store's retryable error (found by
     /// review: it was the last store error, "store down").

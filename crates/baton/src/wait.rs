@@ -382,10 +382,14 @@ async fn rest_gone(
             Some(None) => {}
             None => return Ok(None),
         }
-        let answer = hub
-            .wait_delete(client.store(), &queue.prefix, &[key, my_key], header)
-            .await?;
-        crate::hub::Counters::add(&hub.counters.wakeups);
+        // Read again anyway now and then (see `RECHECK`): a key ahead overwritten without
+        // a lease is no member, and is never deleted.
+        let answer =
+            or_recheck(hub.wait_delete(client.store(), &queue.prefix, &[key, my_key], header))
+                .await?;
+        if !matches!(answer, (_, Woken::Reread)) {
+            crate::hub::Counters::add(&hub.counters.wakeups);
+        }
         match answer {
             (0, Woken::Deleted(rev)) => at = at.max(rev),
             _ => return Ok(None),
