@@ -619,3 +619,46 @@ async fn a_try_on_a_server_slower_than_the_ttl_says_so() {
         client.close().await.unwrap();
     }
 }
+
+/// Every answer a little later than the TTL less the drift (2,984 ms of 3 s: the drift is 32 ms): with FIFO,
+/// `lock()` took the key again and again, so it stayed this client's for good and another
+/// client, answered at once, never got it (found by a second look). Now the slow client
+/// lets the lock go after two late takes, and the other gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_slower_than_the_ttl_does_not_keep_the_lock_from_others() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start_to(server.addr().parse().unwrap()).await;
+    let slow = RedisClient::builder(&proxy.url("redis"))
+        .with_ttl(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let fast = RedisClient::builder(&server.url())
+        .with_ttl(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap();
+    let slow_lock = slow.lock("slow-client").unwrap();
+    slow_lock.try_lock().await.unwrap().unlock().await.unwrap();
+    proxy.set(
+        Direction::ServerToClient,
+        Fault::Delay(Duration::from_millis(2984)),
+    );
+    let slow_task =
+        tokio::spawn(async move { slow_lock.lock_timeout(Duration::from_secs(12)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = fast
+        .lock("slow-client")
+        .unwrap()
+        .lock_timeout(Duration::from_secs(10))
+        .await;
+    assert!(got.is_ok(), "the fast client never got the lock: {got:?}");
+    let guard = got.unwrap();
+    assert!(!guard.is_lost());
+    guard.unlock().await.unwrap();
+    // The slow one never holds a guard that is lost at once.
+    if let Ok(g) = slow_task.await.unwrap() {
+        assert!(!g.is_lost());
+    }
+    proxy.heal();
+}

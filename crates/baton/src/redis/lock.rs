@@ -752,7 +752,34 @@ async fn acquire_fifo(
                 cleanup.armed = true;
                 return Err(answered_after_ttl(name, client.opts.ttl));
             }
-            tracing::debug!(fence, "the take was answered after the lock's TTL; again");
+            if slow_takes % 2 == 0 {
+                // Two in a row: the server answers slower than the TTL. Taking the key again
+                // and again would keep it ours for good, and everyone else out (found by a
+                // second look): let it go (to the next waiter, if any), and wait a poll
+                // before trying again.
+                if slow_takes == 2 {
+                    tracing::warn!(
+                        lock = name,
+                        ttl = ?client.opts.ttl,
+                        "the server answers later than the lock's TTL; letting the lock go \
+                         and trying again (a longer TTL helps)"
+                    );
+                }
+                if let Err(e) = client.release(keys, &token).await {
+                    tracing::debug!(error = %e, "letting a late take go failed; it expires with its TTL");
+                }
+                let wait = fallback_wait(client.opts.poll_interval, None);
+                let (until, after) = limit.unwrap_or((Instant::now() + wait, Duration::ZERO));
+                tokio::select! {
+                    _ = client.closed.cancelled() => return Err(Error::Closed),
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep_until(until), if limit.is_some() => {
+                        return give_up(after).await;
+                    }
+                }
+            } else {
+                tracing::debug!(fence, "the take was answered after the lock's TTL; again");
+            }
             continue;
         }
         // Only locks queue (FIFO): an election's candidates do not.
