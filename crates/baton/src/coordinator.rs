@@ -600,7 +600,7 @@ struct Sessions {
     client: Client,
     ttl: Duration,
     current: StdMutex<Session>,
-    /// Held while a new session is started (one at a time), and by `close()`.
+    /// Held while a new session is started (one at a time).
     renewing: tokio::sync::Mutex<()>,
     /// Cancelled when [`Coordinator::close`] starts: calls fail with [`Error::Closed`]
     /// from then on, as on Redis, instead of with the closed session's
@@ -643,6 +643,13 @@ impl Sessions {
             .build()
             .await?;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        // Closed meanwhile: `close()` closed the session current then, which may be the
+        // lost one (it does not wait for us: a lock future nobody polls would hold it up).
+        // Closing twice is fine.
+        if self.closed.is_cancelled() {
+            let _ = new.close().await;
+            return Err(Error::Closed);
+        }
         Ok(new)
     }
 }
@@ -686,10 +693,11 @@ impl Backend for StoreBackend {
     }
 
     async fn close(&self) -> Result<()> {
-        // First, so that the waiters the session's end wakes see it and say Closed.
+        // First, so that the waiters the session's end wakes see it and say Closed. A new
+        // session being started meanwhile is closed by whoever starts it (see
+        // `Sessions::live`): this does not wait for it, as a lock future nobody polls would
+        // hold it up (found by a second look: close() hung).
         self.sessions.closed.cancel();
-        // After a session being started, if one is: it is then the current one.
-        let _renewing = self.sessions.renewing.lock().await;
         self.sessions.current().close().await
     }
 }
@@ -1163,6 +1171,61 @@ mod tests {
         again.release().await.unwrap();
         coord.close().await.unwrap();
         assert!(matches!(lock.lock().await, Err(Error::Closed)));
+    }
+
+    /// close() while a lock future nobody polls is starting a new session (a `select!` over
+    /// `&mut fut` whose other branch closes): it returns, and the new session is closed too
+    /// (found by a second look: close() waited for the future to be polled again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_does_not_wait_for_a_session_being_started() {
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let coord = Coordinator::from_backend(Arc::new(StoreBackend {
+            sessions: Arc::new(Sessions {
+                client: client.clone(),
+                ttl: DEFAULT_TTL,
+                current: StdMutex::new(session),
+                renewing: tokio::sync::Mutex::new(()),
+                closed: CancellationToken::new(),
+            }),
+            local: Arc::default(),
+        }));
+        let lock = coord.lock("x").unwrap();
+        let held = lock.lock().await.unwrap();
+        let lost = coord.lost_token().unwrap();
+        let first = coord.lease_id().unwrap();
+        client.store().lease_revoke(first).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), lost.cancelled())
+            .await
+            .unwrap();
+        *store.grant_delay.lock().unwrap() = Some(Duration::from_millis(500));
+        let mut locking = lock.lock();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut locking)
+                .await
+                .is_err()
+        );
+        tokio::time::timeout(Duration::from_secs(2), coord.close())
+            .await
+            .expect("close() waited for a lock future nobody polls")
+            .unwrap();
+        // Polled again, the future ends with Closed (dropping the session start); no
+        // session is left alive.
+        let got = tokio::time::timeout(Duration::from_secs(2), locking)
+            .await
+            .unwrap();
+        assert!(matches!(got, Err(Error::Closed)), "{got:?}");
+        let current = coord.lease_id().unwrap();
+        assert_eq!(
+            client.store().lease_time_to_live(current).await.unwrap(),
+            None
+        );
+        drop(held);
     }
 
     /// A task queued behind another task of its coordinator fails when the coordinator is

@@ -66,6 +66,8 @@ pub(crate) struct SlowWatches {
     pub(crate) txns: AtomicU64,
     /// Reads made (ranges).
     pub(crate) ranges: AtomicU64,
+    /// Lease grants wait this long first.
+    pub(crate) grant_delay: StdMutex<Option<Duration>>,
     /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
     pub(crate) request_timeout: StdMutex<Option<Duration>>,
 }
@@ -93,6 +95,7 @@ impl SlowWatches {
             request_timeout: StdMutex::new(None),
             txns: AtomicU64::new(0),
             ranges: AtomicU64::new(0),
+            grant_delay: StdMutex::new(None),
         }
     }
 
@@ -286,6 +289,10 @@ impl Store for SlowWatches {
         self.inner.txn(txn).await
     }
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        let delay = *self.grant_delay.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         self.inner.lease_grant(ttl).await
     }
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
