@@ -1725,13 +1725,21 @@ async fn bad_input_gets_clear_errors() {
         "a\0b".into(),
         "x".repeat(1025),
         "baton:fence:x".into(),
-        "baton:".into(),
+        "baton:waiter:x:y".into(),
     ] {
         let err = client.lock(&name).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
         let err = client.election(&name).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     }
+    // Other names in `baton:` are fine.
+    let fine = client
+        .lock("baton:deploy")
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    fine.unlock().await.unwrap();
     let election = client.election(&unique("big")).unwrap();
     let err = election.campaign(vec![0u8; 2 << 20]).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");

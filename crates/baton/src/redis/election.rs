@@ -77,7 +77,8 @@ impl RedisElection {
     /// An election named `name` on `client`.
     ///
     /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
-    /// contains a NUL byte, or if the key (prefix and name) starts with `baton:`.
+    /// contains a NUL byte, or if the key (prefix and name) is in Baton's own key space
+    /// for other locks (`baton:fence:…`, see the module docs).
     pub fn new(client: &RedisClient, name: &str) -> Result<RedisElection> {
         validate_name(name)?;
         Ok(RedisElection {

@@ -40,7 +40,8 @@
 //! other clients ignore: the fencing counter `baton:fence:KEY`, the election record
 //! `baton:leader:KEY` (a hash), the waiters' queue `baton:queue:KEY` and places
 //! `baton:waiter:KEY:TOKEN` (see below), and the pub/sub channel `baton:wake:KEY`. Lock and
-//! election keys (prefix and name) starting with `baton:` are therefore refused. Redis Cluster is not supported.
+//! election keys (prefix and name) starting with `baton:fence:`, `baton:leader:`,
+//! `baton:queue:` or `baton:waiter:` are therefore refused. Redis Cluster is not supported.
 //!
 //! # Fencing tokens (single instance only)
 //!
@@ -699,8 +700,8 @@ impl RedisClient {
     }
 
     /// A lock named `name`. Fails with [`Error::InvalidArgument`] if the name is empty,
-    /// longer than 1 KiB, or contains a NUL byte, or if the key (prefix and name) starts
-    /// with `baton:`, where Baton keeps its own keys.
+    /// longer than 1 KiB, or contains a NUL byte, or if the key (prefix and name) is in
+    /// Baton's own key space for other locks (`baton:fence:…`, see the module docs).
     pub fn lock(&self, name: &str) -> Result<RedisLock> {
         RedisLock::new(self, name)
     }

@@ -93,6 +93,15 @@ pub(crate) fn is_transient(e: &Error) -> bool {
     )
 }
 
+/// The prefixes of the keys Baton keeps beside each lock key (see [`Keys`]): no lock key
+/// may start with one.
+const RESERVED: [&str; 4] = [
+    "baton:fence:",
+    "baton:leader:",
+    "baton:queue:",
+    "baton:waiter:",
+];
+
 /// The keys and channel one lock (or election) uses.
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
@@ -115,16 +124,16 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
-    /// The keys of `name` under `prefix`, refusing a lock key in Baton's own key space
-    /// (`baton:…`): it would be another lock's fencing counter, election record or queue
-    /// (the lock `baton:fence:X` would never be free while `X` has a counter).
+    /// The keys of `name` under `prefix`, refusing a lock key that is one of Baton's own
+    /// for another lock (`baton:fence:…`, `baton:leader:…`, `baton:queue:…`,
+    /// `baton:waiter:…`): the lock `baton:fence:X` would never be free while `X` has a
+    /// fencing counter.
     pub(crate) fn checked(prefix: &str, name: &str) -> Result<Keys> {
         let keys = Keys::new(prefix, name);
-        if keys.lock.starts_with("baton:") {
+        if let Some(space) = RESERVED.iter().find(|r| keys.lock.starts_with(*r)) {
             return Err(Error::invalid(format!(
-                "the Redis key {:?} (prefix and name) starts with \"baton:\", where Baton keeps \
-                 its own keys (fencing counters, election records, queues): choose another \
-                 name or prefix",
+                "the Redis key {:?} (prefix and name) starts with {space:?}, where Baton keeps \
+                 its own keys for other locks: choose another name or prefix",
                 keys.lock
             )));
         }
