@@ -375,8 +375,15 @@ pub(crate) fn release_in_background(
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(
             async move {
-                if let Err(e) = settle_delete(&store, &key, create_rev, &claim).await {
-                    tracing::warn!(error = %e, "release failed; the key stays until the session's lease ends");
+                match settle_delete(&store, &key, create_rev, &claim).await {
+                    Ok(_) => {}
+                    // The session's loss takes the key with its lease: nothing to warn of.
+                    Err(e) if claim.session_lost() => {
+                        tracing::debug!(error = %e, "release failed; the session is lost, and its lease takes the key");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "release failed; the key stays until the session's lease ends");
+                    }
                 }
                 drop(claim);
             }
