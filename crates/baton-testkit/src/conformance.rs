@@ -2040,6 +2040,94 @@ pub async fn queue_exactly_once_fifo(b: &Backend) {
         .unwrap());
 }
 
+/// Dequeues dropped at any moment (a `tokio::time::timeout` of 0.2 to 2 ms around each,
+/// much shorter than a claim's round trip on etcd) lose no item and give none twice: a
+/// claim whose caller is gone finishes all the same, and its item goes to the handle's
+/// next dequeue or back into the queue. First one consumer that stops when `is_empty()`
+/// says so, then four racing consumers on a FIFO and a priority queue at once.
+pub async fn queue_dropped_dequeues_lose_nothing(b: &Backend) {
+    const ITEMS: usize = 200;
+    let bound = |i: u64| Duration::from_micros(200 + (i % 7) * 300);
+    // One consumer, as a loop that stops when the queue is empty.
+    let client = b.client().await;
+    let q = Queue::new(&client, &name("dropped")).unwrap();
+    for i in 0..ITEMS {
+        q.enqueue(format!("{i}")).await.unwrap();
+    }
+    let mut got = std::collections::HashSet::new();
+    for i in 0..100_000u64 {
+        if q.is_empty().await.unwrap() {
+            break;
+        }
+        if let Ok(v) = tokio::time::timeout(bound(i), q.dequeue()).await {
+            let v = String::from_utf8(v.unwrap()).unwrap();
+            assert!(got.insert(v.clone()), "{v} received twice");
+        }
+    }
+    assert_eq!(got.len(), ITEMS, "items lost to dropped dequeue futures");
+
+    // Four consumers of each kind, racing; each ends when its queue is empty.
+    let fifo = name("dropped-fifo");
+    let pq = name("dropped-pq");
+    let per_kind = if is_mem(b) { 300 } else { 150 };
+    let q = Queue::new(&client, &fifo).unwrap();
+    let p = PriorityQueue::new(&client, &pq).unwrap();
+    for i in 0..per_kind {
+        q.enqueue(format!("f{i}")).await.unwrap();
+        p.enqueue(format!("p{i}"), (i % 3) as u16).await.unwrap();
+    }
+    let mut consumers = Vec::new();
+    for c in 0..8u64 {
+        let client = b.client().await;
+        let (fifo, pq) = (fifo.clone(), pq.clone());
+        consumers.push(tokio::spawn(async move {
+            let q = Queue::new(&client, &fifo).unwrap();
+            let p = PriorityQueue::new(&client, &pq).unwrap();
+            let mut got = Vec::new();
+            for i in c.. {
+                let (empty, taken) = if c % 2 == 0 {
+                    (
+                        q.is_empty().await.unwrap(),
+                        tokio::time::timeout(bound(i), q.dequeue()).await,
+                    )
+                } else {
+                    (
+                        p.is_empty().await.unwrap(),
+                        tokio::time::timeout(bound(i), p.dequeue()).await,
+                    )
+                };
+                if let Ok(v) = taken {
+                    got.push(String::from_utf8(v.unwrap()).unwrap());
+                } else if empty {
+                    break;
+                }
+            }
+            got
+        }));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in consumers {
+        for v in c.await.unwrap() {
+            assert!(seen.insert(v.clone()), "{v} received twice");
+        }
+    }
+    // A consumer that saw its queue empty may have stopped while another's item was on
+    // its way back: the rest is drained here, and must be nothing or what is missing.
+    while let Ok(v) = q.dequeue_timeout(Duration::from_millis(500)).await {
+        let v = String::from_utf8(v).unwrap();
+        assert!(seen.insert(v.clone()), "{v} received twice");
+    }
+    while let Ok(v) = p.dequeue_timeout(Duration::from_millis(500)).await {
+        let v = String::from_utf8(v).unwrap();
+        assert!(seen.insert(v.clone()), "{v} received twice");
+    }
+    assert_eq!(
+        seen.len(),
+        2 * per_kind,
+        "items lost to dropped dequeue futures"
+    );
+}
+
 /// Producers enqueue concurrently at mixed priorities; consumers drain concurrently. Each
 /// consumer gets lower numbers first, one producer's items of one priority in order, and
 /// every item exactly once. A waiting consumer gets a new item at once.

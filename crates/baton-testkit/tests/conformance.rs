@@ -133,6 +133,7 @@ all_backends!(
     double_barrier_participant_dies,
     queue_exactly_once_fifo,
     priority_queue_order,
+    queue_dropped_dequeues_lose_nothing,
     shared_value_sync,
     stm_bank_transfer,
     stm_read_committed_many_reads_one_write,

@@ -16,7 +16,8 @@ use crate::work_queue::{take_methods, Items};
 ///
 /// Taking items works as for [`Queue`](crate::Queue) — each item goes to exactly one
 /// consumer, never twice, and items do not vanish (no lease) — with items ordered by key
-/// instead of create revision.
+/// instead of create revision. An item claimed for a dequeue future that was dropped and
+/// put back keeps its key, so its place.
 ///
 /// # Key layout
 ///
@@ -76,6 +77,7 @@ impl PriorityQueue {
                 prefix: format!("{name}/"),
                 order: SortTarget::Key,
                 is_item: is_item_kv,
+                hand_back: Default::default(),
             },
         })
     }

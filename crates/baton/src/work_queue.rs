@@ -39,11 +39,18 @@ macro_rules! take_methods {
         ///
         /// # Cancel safety
         ///
-        /// Cancel safe while reading and waiting, not while a claim is in flight: a claim
-        /// (a compare-and-delete) that was sent is applied by the server even if this future
-        /// is dropped, and the item is then gone without being returned. To bound the wait,
-        /// use `dequeue_timeout` or `dequeue_until`, which wait for a claim's answer, rather
-        /// than dropping this future (with `tokio::time::timeout` or `select!`).
+        /// Cancel safe: dropping this future (under `tokio::time::timeout`, in `select!`)
+        /// loses no item, and gives none twice. A claim (a compare-and-delete) sent is
+        /// applied by the server whatever this future does, so it runs in a task of its own
+        /// and finishes; if it wins after the future was dropped, its item is handed back:
+        /// the next dequeue of this handle or a clone (which first waits for such claims)
+        /// returns it first if it comes within 200 ms, else it is put back in the store, by a
+        /// task, retried until it is there. A priority queue's item is put back under its
+        /// own key and keeps its place; a FIFO queue's goes to the back of the queue (the
+        /// order is by create revision). `len` counts it meanwhile. It is lost only if the
+        /// runtime shuts down (the process exits) before then. A claim that fails in flight
+        /// once its future is gone is resent as below; if its outcome stays unknown, the
+        /// item may have been taken, and a warning is logged.
         ///
         /// A claim's first send is waited for up to the request timeout, as any request. If
         /// it fails in flight (no answer: the server may have applied it), it is sent again
@@ -78,8 +85,8 @@ macro_rules! take_methods {
         ///
         /// # Cancel safety
         ///
-        /// As `dequeue()`: dropping this future during a claim may lose the item; letting
-        /// the timeout pass loses it only if the claim failed in flight (and then says so).
+        /// As `dequeue()`: cancel safe. Letting the timeout pass loses an item only if the
+        /// claim failed in flight (and then says so).
         pub async fn dequeue_timeout(
             &self,
             timeout: std::time::Duration,
@@ -106,8 +113,8 @@ macro_rules! take_methods {
         ///
         /// # Cancel safety
         ///
-        /// As `dequeue()`: dropping this future during a claim may lose the item; letting
-        /// `stop` complete loses it only if the claim failed in flight (and then says so).
+        /// As `dequeue()`: cancel safe. Letting `stop` complete loses an item only if the
+        /// claim failed in flight (and then says so).
         pub async fn dequeue_until(
             &self,
             stop: impl std::future::Future<Output = ()>,
@@ -124,7 +131,9 @@ macro_rules! take_methods {
             self.items.try_take(&self.name).await
         }
 
-        /// The number of items now.
+        /// The number of items now, counting those a dropped dequeue of this handle claimed
+        /// and that are on their way back (see `dequeue()`); it first waits for such claims
+        /// still in flight (each is answered within about one request timeout).
         ///
         /// # Cancel safety
         ///
@@ -177,7 +186,12 @@ pub(crate) use take_methods;
 /// timeout), and return its item. A claim that fails in flight is sent again until it is
 /// answered, for about one request timeout in all, and by these two only until their
 /// deadline: then they fail saying the item may have been taken. Dropping a `dequeue`
-/// future during a claim (under `tokio::time::timeout`, say) may lose the item.
+/// future during a claim (under `tokio::time::timeout`, say) loses nothing: the claim runs
+/// on in a task, and an item it wins goes to the handle's next dequeue, or back into the
+/// queue (at the back: a FIFO queue orders by create revision); see
+/// [`dequeue`](Queue::dequeue). Putting an item back writes, with it, a marker key
+/// `__NAME/returned/<lease>` under a lease of its own (deleted once the item is
+/// back), so that a put-back whose answer is lost is not sent twice.
 ///
 /// # Waiting
 ///
@@ -239,6 +253,7 @@ impl Queue {
                 prefix,
                 order: SortTarget::CreateRevision,
                 is_item,
+                hand_back: Default::default(),
             },
         })
     }
@@ -318,6 +333,8 @@ pub(crate) struct Items {
     /// True if a key under the prefix is an item (not a nested name's key, nor a lock's
     /// or another leased key).
     pub(crate) is_item: fn(&[u8], &KeyValue) -> bool,
+    /// The items won by claims whose dequeue was dropped, shared by the handle's clones.
+    pub(crate) hand_back: Arc<HandBack>,
 }
 
 /// `fut`, unless `stop` completes first: then `Err(what stop gave)`. `stop` is polled
@@ -433,6 +450,10 @@ impl Items {
                 }
             };
         }
+        // An item claimed for a dequeue of this handle that was dropped comes first.
+        if let Some(value) = or_stop!(self.handed_back()) {
+            return Ok(Taken::Item(value));
+        }
         loop {
             let mut resp = or_stop!(self.store.range(self.read(BATCH)))?;
             if resp.more && !resp.kvs.iter().any(|kv| self.is_item(kv)) {
@@ -476,6 +497,77 @@ impl Items {
         }
     }
 
+    /// [`claim_here`](Items::claim_here), run in a task of its own, so that it finishes even
+    /// if this future is dropped: a claim sent is applied by the server whatever we do, and
+    /// the item it wins must not be lost with the future. If the caller is gone when the
+    /// claim wins, the item is handed back (see [`HandBack`]). `stop` is passed on to the
+    /// task (polled between resends); once the caller is gone, nothing stops the task but
+    /// the claim's own deadline.
+    async fn claim<S, F: Future<Output = S>>(
+        &self,
+        item: &KeyValue,
+        mut stop: Pin<&mut F>,
+    ) -> Result<Claim> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to run a task on (nor, then, to drop this future under a timer).
+            return self.claim_here(item, stop).await;
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel::<Result<Claim>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let items = self.clone();
+        let kv = item.clone();
+        let task_runtime = runtime.clone();
+        runtime.spawn(
+            async move {
+                // A caller gone drops `stop_tx`: that stops nothing.
+                let stop = std::pin::pin!(async move {
+                    if stop_rx.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                });
+                let claimed = items.claim_here(&kv, stop).await;
+                if let Err(claimed) = answer.send(claimed) {
+                    items
+                        .hand_back
+                        .orphaned(&items, &kv, claimed, true, &task_runtime);
+                }
+            }
+            .in_current_span(),
+        );
+        let mut waiting = Answer {
+            answered: Some(answered),
+            items: self,
+            key: item.key.clone(),
+        };
+        let mut stop_tx = Some(stop_tx);
+        let Some(answered) = waiting.answered.as_mut() else {
+            return Err(Error::Store("a claim's answer was taken twice".into()));
+        };
+        let claimed = loop {
+            if stop_tx.is_none() {
+                break answered.await;
+            }
+            tokio::select! {
+                biased;
+                claimed = &mut *answered => break claimed,
+                _ = stop.as_mut() => {
+                    // Polled no more: tell the claim to send no more once it failed.
+                    if let Some(tx) = stop_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        };
+        waiting.answered = None;
+        claimed.unwrap_or_else(|_| {
+            Err(Error::Store(format!(
+                "the claim of {:?} ended without an answer (its runtime is shutting down); \
+                 it may have been taken without being returned",
+                item.key_str()
+            )))
+        })
+    }
+
     /// Delete `item` if it is still the one read: `Won` with its value if we took it,
     /// `Lost` if someone else did, `Unknown` if the claim failed in flight and the item is
     /// gone or may be (it may be ours or someone else's: it is not returned).
@@ -497,7 +589,7 @@ impl Items {
     /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store without one),
     /// or less if the first send timed out sooner (then nothing is sent again). A resend in
     /// flight is cut off at that deadline, not by `stop`.
-    async fn claim<S, F: Future<Output = S>>(
+    async fn claim_here<S, F: Future<Output = S>>(
         &self,
         item: &KeyValue,
         mut stop: Pin<&mut F>,
@@ -586,10 +678,383 @@ impl Items {
     }
 
     pub(crate) async fn count(&self) -> Result<usize> {
+        // Items claimed for a dequeue of this handle that was dropped are still queued: they
+        // go to the handle's next dequeue, or back into the store.
+        self.settled().await;
         // `read` asks for keys only: a count needs no value, and items may be 1 MiB each.
         let resp = self.store.range(self.read(0)).await?;
-        Ok(resp.kvs.iter().filter(|kv| self.is_item(kv)).count())
+        let handed_back = {
+            let state = self.hand_back.lock();
+            state.held.len() + state.sending
+        };
+        Ok(resp.kvs.iter().filter(|kv| self.is_item(kv)).count() + handed_back)
     }
+}
+
+/// How long the marker of a put-back lives (see [`Items::put_back`]): its lease is kept
+/// alive while the put-back's outcome is unknown, so this bounds only a put-back the store
+/// stops answering for that long.
+const MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long an item claimed for a dequeue that was dropped is held for the handle's next
+/// dequeue before it is put back in the store.
+const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The items won by claims whose dequeue future was dropped while they were in flight (a
+/// `tokio::time::timeout` or a `select!` around `dequeue()`), shared by a queue handle and
+/// its clones.
+///
+/// A claim runs in a task of its own ([`Items::claim`]), so it finishes when its caller is
+/// gone. If it wins then, its item is held here: a dequeue of the handle that is waiting
+/// for such claims (every dequeue first waits for those in flight) takes it; otherwise it is
+/// put back in the store ([`Items::put_back`]) at once, by a task, retried until it is.
+#[derive(Default)]
+pub(crate) struct HandBack {
+    state: std::sync::Mutex<HandState>,
+    /// Told on every change of `state`.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct HandState {
+    /// Claims in flight whose caller is gone.
+    orphans: usize,
+    /// Dequeues waiting for those claims.
+    waiting: usize,
+    /// Items won by those claims, given to no dequeue and not yet put back.
+    held: std::collections::VecDeque<Held>,
+    /// Items being put back now.
+    sending: usize,
+    /// True while a task puts the held items back.
+    returning: bool,
+}
+
+/// An item taken from the store for nobody.
+struct Held {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl HandBack {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer of a claim whose caller is gone; `counted` if it was counted in
+    /// `orphans`. An item won is held, and put back unless a dequeue waits for it.
+    fn orphaned(
+        &self,
+        items: &Items,
+        kv: &KeyValue,
+        claimed: Result<Claim>,
+        counted: bool,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        let mut state = self.lock();
+        if counted {
+            state.orphans = state.orphans.saturating_sub(1);
+        }
+        match claimed {
+            Ok(Claim::Won(value)) => {
+                tracing::debug!(key = %kv.key_str(), "claimed for a dequeue that is gone: handing it back");
+                state.held.push_back(Held {
+                    key: kv.key.clone(),
+                    value,
+                });
+            }
+            Ok(Claim::Unknown) => tracing::warn!(
+                key = %kv.key_str(),
+                "the claim of an item failed in flight after its dequeue was dropped; the item \
+                 may have been taken without being returned"
+            ),
+            Ok(Claim::Lost) | Err(_) => {}
+        }
+        let start = state.waiting == 0 && !state.held.is_empty() && !state.returning;
+        if start {
+            state.returning = true;
+        }
+        drop(state);
+        self.changed.notify_waiters();
+        if start {
+            runtime.spawn(items.clone().return_held());
+        }
+    }
+}
+
+/// The answer awaited by a claim's caller. Dropped before it came, it leaves the claim to
+/// [`HandBack`].
+struct Answer<'a> {
+    answered: Option<tokio::sync::oneshot::Receiver<Result<Claim>>>,
+    items: &'a Items,
+    key: Vec<u8>,
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        let Some(mut answered) = self.answered.take() else {
+            return;
+        };
+        let hand = &self.items.hand_back;
+        let mut state = hand.lock();
+        let claimed = match answered.try_recv() {
+            Ok(claimed) => claimed,
+            // The task ended without answering (its runtime shut down).
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                // Under the lock: the task sees the channel closed only after this, and
+                // then takes the state's lock to count the claim out.
+                answered.close();
+                match answered.try_recv() {
+                    Ok(claimed) => claimed,
+                    Err(_) => {
+                        state.orphans += 1;
+                        return;
+                    }
+                }
+            }
+        };
+        drop(state);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            if matches!(claimed, Ok(Claim::Won(_))) {
+                tracing::error!(
+                    key = %String::from_utf8_lossy(&self.key),
+                    "an item claimed for a dequeue dropped outside a runtime is lost"
+                );
+            }
+            return;
+        };
+        let kv = KeyValue {
+            key: self.key.clone(),
+            ..Default::default()
+        };
+        hand.orphaned(self.items, &kv, claimed, false, &runtime);
+    }
+}
+
+/// A dequeue waiting for the claims in flight whose caller is gone; if it leaves with items
+/// held, they are put back.
+struct Waiting<'a>(&'a Items);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let hand = &self.0.hand_back;
+        let mut state = hand.lock();
+        state.waiting = state.waiting.saturating_sub(1);
+        if state.waiting == 0 && !state.held.is_empty() && !state.returning {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                state.returning = true;
+                runtime.spawn(self.0.clone().return_held());
+            }
+        }
+    }
+}
+
+impl Items {
+    /// An item won for a dequeue that is gone, if any; waits first for the claims in flight
+    /// whose dequeue is gone (each ends within about one request timeout), so that a
+    /// dequeue retried at once after a timeout gets the item its predecessor claimed.
+    async fn handed_back(&self) -> Option<Vec<u8>> {
+        let hand = &self.hand_back;
+        let mut waiting = None;
+        loop {
+            let mut notified = std::pin::pin!(hand.changed.notified());
+            notified.as_mut().enable();
+            {
+                let mut state = hand.lock();
+                if let Some(held) = state.held.pop_front() {
+                    drop(state);
+                    tracing::debug!(key = %String::from_utf8_lossy(&held.key), "dequeued (handed back)");
+                    return Some(held.value);
+                }
+                if state.orphans == 0 {
+                    return None;
+                }
+                if waiting.is_none() {
+                    state.waiting += 1;
+                    waiting = Some(Waiting(self));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Wait (up to the request timeout) until no claim for a dequeue of this handle that is
+    /// gone is in flight, and no item is being put back.
+    async fn settled(&self) {
+        let hand = &self.hand_back;
+        let bound = self
+            .store
+            .request_timeout()
+            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                let mut notified = std::pin::pin!(hand.changed.notified());
+                notified.as_mut().enable();
+                {
+                    let state = hand.lock();
+                    if state.orphans == 0 && state.sending == 0 {
+                        return;
+                    }
+                }
+                notified.await;
+            }
+        })
+        .await;
+    }
+
+    /// Put the held items back in the store, one at a time, until none is left or a
+    /// dequeue waits for them. Run by one task at a time (`returning`).
+    async fn return_held(self) {
+        let hand = self.hand_back.clone();
+        // A dequeue retried at once (the loop around a `timeout`) takes them first.
+        tokio::time::sleep(HOLD_FOR).await;
+        let mut backoff = crate::watching::Backoff::new();
+        loop {
+            let held = {
+                let mut state = hand.lock();
+                let next = if state.waiting == 0 {
+                    state.held.pop_front()
+                } else {
+                    None
+                };
+                match next {
+                    Some(held) => {
+                        state.sending += 1;
+                        held
+                    }
+                    None => {
+                        state.returning = false;
+                        drop(state);
+                        hand.changed.notify_waiters();
+                        return;
+                    }
+                }
+            };
+            let left = self.put_back(held).await;
+            let failed = {
+                let mut state = hand.lock();
+                state.sending -= 1;
+                match left {
+                    Err(held) => {
+                        state.held.push_front(held);
+                        true
+                    }
+                    Ok(()) => false,
+                }
+            };
+            hand.changed.notify_waiters();
+            if failed {
+                backoff.sleep().await;
+            } else {
+                backoff.reset();
+            }
+        }
+    }
+
+    /// Put an item taken for nobody back in the store: under its own key if that is free
+    /// (a priority queue orders by key, so the item keeps its place; a FIFO queue orders by
+    /// create revision, so it goes to the back), else under the next free key (the key's
+    /// number plus one, and so on). `Err` with the item if nothing was sent (the item is
+    /// still only ours: a dequeue may take it); once sent, resent until it is known to be
+    /// back.
+    ///
+    /// A put-back whose answer is lost may have landed, and its item been taken since: a
+    /// plain resend could queue it twice. So each writes, in the same transaction, a marker
+    /// key (`__NAME/returned/<lease>`, under a lease of its own, which is kept alive while
+    /// the outcome is unknown, and revoked at the end), and is sent only while the marker
+    /// does not exist: if it does, an earlier send landed.
+    async fn put_back(&self, held: Held) -> std::result::Result<(), Held> {
+        let key_str = String::from_utf8_lossy(&held.key).into_owned();
+        let mut lease = match self.store.lease_grant(MARKER_TTL).await {
+            Ok(grant) => grant.id,
+            Err(e) => {
+                tracing::warn!(key = %key_str, error = %e, "cannot put back an item taken for a dequeue that is gone; will retry");
+                return Err(held);
+            }
+        };
+        let mut key = held.key.clone();
+        let mut backoff = crate::watching::Backoff::new();
+        loop {
+            let marker = format!("__{}returned/{lease:016x}", self.prefix).into_bytes();
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(key.clone(), held.value.clone(), 0),
+                    TxnOp::put(marker.clone(), "", lease),
+                ])
+                .or_else([TxnOp::get(Range::key(marker.clone()).keys_only())]);
+            match self.store.txn(txn).await {
+                Ok(resp) if resp.succeeded => break,
+                Ok(resp) => {
+                    let landed = resp
+                        .responses
+                        .first()
+                        .and_then(|r| r.as_get())
+                        .is_some_and(|get| !get.kvs.is_empty());
+                    if landed {
+                        break;
+                    }
+                    // A new item has the key: the next one.
+                    match next_key(&key) {
+                        Some(next) => key = next,
+                        None => {
+                            tracing::error!(key = %key_str, "cannot put back an item: its key is taken and has no next");
+                            let _ = self.store.lease_revoke(lease).await;
+                            return Err(held);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
+                    // The marker tells whether this send landed, as long as it lives.
+                    loop {
+                        backoff.sleep().await;
+                        match self.store.lease_keep_alive(lease).await {
+                            Ok(Some(_)) => break,
+                            Ok(None) => {
+                                tracing::error!(
+                                    key = %key_str,
+                                    "the outcome of putting back an item is unknown past its \
+                                     marker's lifetime; it is sent again, and may be queued twice"
+                                );
+                                match self.store.lease_grant(MARKER_TTL).await {
+                                    Ok(grant) => {
+                                        lease = grant.id;
+                                        break;
+                                    }
+                                    Err(e) => tracing::warn!(error = %e, "cannot grant a lease"),
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot keep a lease alive"),
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(key = %String::from_utf8_lossy(&key), "put back an item taken for a dequeue that is gone");
+        let _ = self.store.lease_revoke(lease).await;
+        Ok(())
+    }
+}
+
+/// `key` with its trailing decimal number plus one, at the same width; `None` if it has no
+/// trailing digit or they are all nines.
+fn next_key(key: &[u8]) -> Option<Vec<u8>> {
+    let mut next = key.to_vec();
+    for b in next.iter_mut().rev() {
+        match *b {
+            b'9' => *b = b'0',
+            b'0'..=b'8' => {
+                *b += 1;
+                return Some(next);
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -828,6 +1293,126 @@ mod tests {
                 "{order}: item lost: {got:?}, {left} left"
             );
             assert_eq!(got.unwrap(), b"precious", "{order}");
+        }
+    }
+
+    /// A dequeue dropped while its claim is in flight (under `tokio::time::timeout`) loses
+    /// nothing: the claim finishes, and its item goes to the handle's next dequeue (within
+    /// [`HOLD_FOR`]), first, and counts in `len` meanwhile. FIFO and priority queues.
+    #[tokio::test]
+    async fn a_dropped_dequeue_hands_its_item_to_the_next() {
+        use crate::store::slow::SlowWatches;
+        for order in ["fifo", "priority"] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let client = Client::from_arc(store.clone());
+            let q = Queue::new(&client, "jobs").unwrap();
+            let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+            let dropped = if order == "fifo" {
+                q.enqueue("A").await.unwrap();
+                q.enqueue("B").await.unwrap();
+                *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+                tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await
+            } else {
+                pq.enqueue("A", 1).await.unwrap();
+                pq.enqueue("B", 1).await.unwrap();
+                *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+                tokio::time::timeout(Duration::from_millis(20), pq.dequeue()).await
+            };
+            assert!(dropped.is_err(), "{order}: the dequeue was not dropped");
+            // The claim lands (at 100 ms), for nobody.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            *store.delay_deletes.lock().unwrap() = None;
+            let bound = Duration::from_secs(1);
+            let (len, first, second, last) = if order == "fifo" {
+                (
+                    q.len().await.unwrap(),
+                    q.dequeue_timeout(bound).await,
+                    q.dequeue_timeout(bound).await,
+                    q.try_dequeue().await.unwrap(),
+                )
+            } else {
+                (
+                    pq.len().await.unwrap(),
+                    pq.dequeue_timeout(bound).await,
+                    pq.dequeue_timeout(bound).await,
+                    pq.try_dequeue().await.unwrap(),
+                )
+            };
+            assert_eq!(len, 2, "{order}: the item claimed is still queued");
+            assert_eq!(first.unwrap(), b"A", "{order}");
+            assert_eq!(second.unwrap(), b"B", "{order}");
+            assert_eq!(last, None, "{order}");
+        }
+    }
+
+    /// An item claimed for a dequeue that was dropped, when no dequeue follows, is put back
+    /// in the store (a priority queue's under its own key, so it keeps its place; a FIFO
+    /// queue's at the back), once, even if the put-back's answer is lost after it landed
+    /// (its marker tells), and the marker is gone afterwards.
+    #[tokio::test]
+    async fn a_dropped_dequeue_puts_its_item_back_once() {
+        use crate::store::slow::SlowWatches;
+        for order in ["fifo", "priority"] {
+            for lose_reply in [false, true] {
+                let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+                let client = Client::from_arc(store.clone());
+                let q = Queue::new(&client, "jobs").unwrap();
+                let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+                let prefix = if order == "fifo" {
+                    q.enqueue("A").await.unwrap();
+                    q.enqueue("B").await.unwrap();
+                    "jobs/"
+                } else {
+                    pq.enqueue("A", 1).await.unwrap();
+                    pq.enqueue("B", 1).await.unwrap();
+                    "pq/"
+                };
+                let keys = |store: Arc<SlowWatches>| async move {
+                    let kvs = store.inner.range(Range::prefix(prefix)).await.unwrap().kvs;
+                    let mut kvs: Vec<(Vec<u8>, Vec<u8>)> =
+                        kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+                    kvs.sort();
+                    kvs
+                };
+                let before = keys(store.clone()).await;
+                *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+                let dropped = if order == "fifo" {
+                    tokio::time::timeout(Duration::from_millis(20), q.dequeue())
+                        .await
+                        .is_err()
+                } else {
+                    tokio::time::timeout(Duration::from_millis(20), pq.dequeue())
+                        .await
+                        .is_err()
+                };
+                assert!(dropped, "{order}: the dequeue was not dropped");
+                // The claim lands at 100 ms; the put-back is sent after HOLD_FOR more.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                *store.delay_deletes.lock().unwrap() = None;
+                assert_eq!(keys(store.clone()).await.len(), 1, "{order}: A is held");
+                if lose_reply {
+                    store
+                        .lose_next_reply
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(HOLD_FOR + Duration::from_millis(500)).await;
+                let after = keys(store.clone()).await;
+                let values: Vec<&[u8]> = after.iter().map(|(_, v)| &v[..]).collect();
+                assert_eq!(values.len(), 2, "{order} {lose_reply}: {after:?}");
+                if order == "priority" {
+                    assert_eq!(after, before, "{order} {lose_reply}: A kept its key");
+                    assert_eq!(pq.dequeue().await.unwrap(), b"A");
+                    assert_eq!(pq.dequeue().await.unwrap(), b"B");
+                } else {
+                    assert_eq!(q.dequeue().await.unwrap(), b"B");
+                    assert_eq!(q.dequeue().await.unwrap(), b"A");
+                }
+                let markers = store.inner.range(Range::prefix("__")).await.unwrap().kvs;
+                assert!(
+                    markers.iter().all(|kv| !kv.key_str().contains("returned")),
+                    "{order} {lose_reply}: a marker is left"
+                );
+            }
         }
     }
 
