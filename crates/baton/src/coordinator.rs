@@ -786,19 +786,40 @@ struct StoreLock {
 }
 
 impl StoreLock {
-    /// The mutex on a live session (a new one if the first was lost), and the name's local
-    /// slot on that session: a hold of a lost session, not yet dropped, does not keep the
-    /// next one waiting here.
     async fn live(&self) -> Result<(Session, Mutex, LocalSlot)> {
-        let session = self.sessions.live().await?;
-        let mutex = if session.lease_id() == self.made_on {
-            self.mutex.clone()
-        } else {
-            Mutex::new(&session, self.mutex.name())?
-        };
-        let slot = self.local.slot(session.lease_id(), self.mutex.name());
-        Ok((session, mutex, slot))
+        let name = self.mutex.name();
+        live_for(
+            &self.sessions,
+            &self.local,
+            self.made_on,
+            &self.mutex,
+            name,
+            Mutex::new,
+        )
+        .await
     }
+}
+
+/// A live session (a new one if the last was lost), `made` (a primitive made on the
+/// session of lease `made_on`) if that is still the live one, else one made again on it
+/// with `remake`, and the name's local slot on that session: a hold of a lost session, not
+/// yet dropped, does not keep the next one waiting here.
+async fn live_for<T: Clone>(
+    sessions: &Sessions,
+    local: &Arc<LocalLocks>,
+    made_on: LeaseId,
+    made: &T,
+    name: &str,
+    remake: impl FnOnce(&Session, &str) -> Result<T>,
+) -> Result<(Session, T, LocalSlot)> {
+    let session = sessions.live().await?;
+    let primitive = if session.lease_id() == made_on {
+        made.clone()
+    } else {
+        remake(&session, name)?
+    };
+    let slot = local.slot(session.lease_id(), name);
+    Ok((session, primitive, slot))
 }
 
 /// Wait for the name's local mutex, unless the session is lost (or closed) first: a task
@@ -914,13 +935,16 @@ impl Elector for StoreElector {
     }
     async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
         unless_closed(&self.sessions.closed, async {
-            let session = self.sessions.live().await?;
-            let election = if session.lease_id() == self.made_on {
-                self.election.clone()
-            } else {
-                Election::new(&session, self.election.name())?
-            };
-            let slot = self.local.slot(session.lease_id(), self.election.name());
+            let name = self.election.name();
+            let (session, election, slot) = live_for(
+                &self.sessions,
+                &self.local,
+                self.made_on,
+                &self.election,
+                name,
+                Election::new,
+            )
+            .await?;
             let local = local_turn(&slot, &session).await?;
             let leading = election.campaign(value).await?;
             Ok(Box::new(Local::new(leading, local, slot)) as Box<dyn Leading>)
