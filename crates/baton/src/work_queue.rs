@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures::future::MaybeDone;
 use tracing::Instrument;
 
 use crate::client::Client;
@@ -337,17 +338,30 @@ pub(crate) struct Items {
     pub(crate) hand_back: Arc<HandBack>,
 }
 
-/// `fut`, unless `stop` completes first: then `Err(what stop gave)`. `stop` is polled
-/// first, so one that has completed wins over a `fut` that is ready too.
-async fn unless<S, T>(
-    stop: Pin<&mut impl Future<Output = S>>,
+/// A caller's `stop`, kept once it has completed: polled again, it is ready at once, without
+/// polling the future it wraps (an `async` block panics if polled after it completed). A
+/// claim may see it complete ([`Items::claim`]) and [`unless`] report it afterwards.
+type Stop<F> = MaybeDone<F>;
+
+/// `fut`, unless `stop` completes first (or has completed): then `Err(what stop gave)`.
+/// `stop` is polled first, so one that has completed wins over a `fut` that is ready too.
+async fn unless<F: Future, T>(
+    mut stop: Pin<&mut Stop<F>>,
     fut: impl Future<Output = T>,
-) -> std::result::Result<T, S> {
-    tokio::select! {
-        biased;
-        s = stop => Err(s),
-        r = fut => Ok(r),
+) -> std::result::Result<T, F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    // `Gone`: what it gave was reported already; it stops nothing more.
+    if !matches!(&*stop, MaybeDone::Gone) {
+        tokio::select! {
+            biased;
+            () = stop.as_mut() => {}
+            r = fut.as_mut() => return Ok(r),
+        }
+        if let Some(s) = stop.as_mut().take_output() {
+            return Err(s);
+        }
     }
+    Ok(fut.await)
 }
 
 /// What a claim of one item found.
@@ -388,7 +402,9 @@ impl Items {
 
     pub(crate) async fn try_take(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let span = tracing::debug_span!("try_dequeue", kind = self.what, queue = %name);
-        let never = std::pin::pin!(std::future::pending::<std::convert::Infallible>());
+        let never = std::pin::pin!(futures::future::maybe_done(std::future::pending::<
+            std::convert::Infallible,
+        >()));
         match self.take_once(never).instrument(span).await? {
             Taken::Item(value) => Ok(Some(value)),
             Taken::Empty(_) => Ok(None),
@@ -408,7 +424,7 @@ impl Items {
         stop: impl Future<Output = S>,
     ) -> Result<std::result::Result<Vec<u8>, S>> {
         let span = tracing::debug_span!("dequeue", kind = self.what, queue = %name);
-        let mut stop = std::pin::pin!(stop);
+        let mut stop = std::pin::pin!(futures::future::maybe_done(stop));
         async {
             let mut waiter = Waiter::new(&self.store).counting(&self.hub);
             loop {
@@ -441,7 +457,7 @@ impl Items {
     /// value; `Stopped` if `stop` completes first. `stop` is polled during reads and before
     /// each claim, not while a claim's first send is in flight; if that send fails in
     /// flight, between its resends (see [`claim`](Items::claim)), where it gives `Unknown`.
-    async fn take_once<S, F: Future<Output = S>>(&self, mut stop: Pin<&mut F>) -> Result<Taken<S>> {
+    async fn take_once<F: Future>(&self, mut stop: Pin<&mut Stop<F>>) -> Result<Taken<F::Output>> {
         macro_rules! or_stop {
             ($fut:expr) => {
                 match unless(stop.as_mut(), $fut).await {
@@ -503,10 +519,10 @@ impl Items {
     /// claim wins, the item is handed back (see [`HandBack`]). `stop` is passed on to the
     /// task (polled between resends); once the caller is gone, nothing stops the task but
     /// the claim's own deadline.
-    async fn claim<S, F: Future<Output = S>>(
+    async fn claim<F: Future>(
         &self,
         item: &KeyValue,
-        mut stop: Pin<&mut F>,
+        mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to run a task on (nor, then, to drop this future under a timer).
@@ -520,11 +536,11 @@ impl Items {
         runtime.spawn(
             async move {
                 // A caller gone drops `stop_tx`: that stops nothing.
-                let stop = std::pin::pin!(async move {
+                let stop = std::pin::pin!(futures::future::maybe_done(async move {
                     if stop_rx.await.is_err() {
                         std::future::pending::<()>().await;
                     }
-                });
+                }));
                 let claimed = items.claim_here(&kv, stop).await;
                 if let Err(claimed) = answer.send(claimed) {
                     items
@@ -544,14 +560,16 @@ impl Items {
             return Err(Error::Store("a claim's answer was taken twice".into()));
         };
         let claimed = loop {
-            if stop_tx.is_none() {
+            // A `stop` that has given its output (never so here) cannot be polled again.
+            if stop_tx.is_none() || matches!(&*stop, MaybeDone::Gone) {
                 break answered.await;
             }
             tokio::select! {
                 biased;
                 claimed = &mut *answered => break claimed,
-                _ = stop.as_mut() => {
-                    // Polled no more: tell the claim to send no more once it failed.
+                () = stop.as_mut() => {
+                    // Completed (kept: `take_once` reports it if the claim lost), polled
+                    // no more here: tell the claim to send no more once it failed.
                     if let Some(tx) = stop_tx.take() {
                         let _ = tx.send(());
                     }
@@ -589,10 +607,10 @@ impl Items {
     /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store without one),
     /// or less if the first send timed out sooner (then nothing is sent again). A resend in
     /// flight is cut off at that deadline, not by `stop`.
-    async fn claim_here<S, F: Future<Output = S>>(
+    async fn claim_here<F: Future>(
         &self,
         item: &KeyValue,
-        mut stop: Pin<&mut F>,
+        mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -1431,6 +1449,30 @@ mod tests {
         let stop = tokio::time::sleep(Duration::from_millis(50));
         let got = q.dequeue_until(stop).await.unwrap();
         assert_eq!(got.as_deref(), Some(&b"precious"[..]));
+    }
+
+    /// A `stop` that completes while a claim's first send is in flight, a claim that then
+    /// loses to another consumer: `stop` must not be polled again after it completed (an
+    /// `async` block panics "resumed after completion"). The dequeue gives up with `None`,
+    /// and the other consumer has the item.
+    #[tokio::test]
+    async fn dequeue_until_polls_a_completed_stop_no_more() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let other = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("X").await.unwrap();
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let b = tokio::spawn(async move { other.dequeue().await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let got = q
+            .dequeue_until(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            })
+            .await;
+        assert_eq!(got.unwrap(), None);
+        assert_eq!(b.await.unwrap().unwrap(), b"X");
     }
 
     /// The embedded store whose claims (transactions that delete) are never answered: each
