@@ -25,7 +25,7 @@ use crate::work_queue::{take_methods, Items};
 /// - items are `NAME/PPPPP/SSSSSSSSSSSSSSSS`: the priority and a sequence number per
 ///   priority, both zero-padded decimal, so key order is priority order, then enqueue order;
 /// - the bookkeeping key `__NAME/PPPPP` (empty value, no lease) is rewritten by every
-///   enqueue at that priority. The sequence number of a new item is one more than the
+///   enqueue at that priority (and every put-back of an item there, see above). The sequence number of a new item is one more than the
 ///   largest at its priority, and the enqueue transaction succeeds only if the bookkeeping
 ///   key was not written since that was read, so concurrent producers never get the same
 ///   number or an order out of step with their commits. The bookkeeping keys stay when the

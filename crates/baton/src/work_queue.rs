@@ -976,6 +976,10 @@ impl Items {
     /// still only ours: a dequeue may take it); once sent, resent until it is known to be
     /// back.
     ///
+    /// A priority queue's put-back also rewrites the level's bookkeeping key
+    /// (`__NAME/PPPPP`), as an enqueue does, so that a producer that read the level before
+    /// it (Go's guards its put on that key alone) reads again rather than overwrite it.
+    ///
     /// A put-back whose answer is lost may have landed, and its item been taken since: a
     /// plain resend could queue it twice. So each writes, in the same transaction, a marker
     /// key (`__NAME/returned/<lease>`, under a lease of its own, which is kept alive while
@@ -994,15 +998,21 @@ impl Items {
         let mut backoff = crate::watching::Backoff::new();
         loop {
             let marker = format!("__{}returned/{lease:016x}", self.prefix).into_bytes();
+            let mut puts = vec![
+                TxnOp::put(key.clone(), held.value.clone(), 0),
+                TxnOp::put(marker.clone(), "", lease),
+            ];
+            if let Some(bookkeeping) = self.bookkeeping(&key) {
+                // As an enqueue does: a Go producer that read the level before this put
+                // guards its own only on this key, and must read again.
+                puts.push(TxnOp::put(bookkeeping, "", 0));
+            }
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
                     Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 ])
-                .and_then([
-                    TxnOp::put(key.clone(), held.value.clone(), 0),
-                    TxnOp::put(marker.clone(), "", lease),
-                ])
+                .and_then(puts)
                 .or_else([TxnOp::get(Range::key(marker.clone()).keys_only())]);
             match self.store.txn(txn).await {
                 Ok(resp) if resp.succeeded => break,
@@ -1055,6 +1065,22 @@ impl Items {
         tracing::debug!(key = %String::from_utf8_lossy(&key), "put back an item taken for a dequeue that is gone");
         let _ = self.store.lease_revoke(lease).await;
         Ok(())
+    }
+}
+
+impl Items {
+    /// A priority queue's bookkeeping key for its item `key` (`NAME/PPPPP/SSSS…`):
+    /// `__NAME/PPPPP`, which every enqueue at the level rewrites, and on which Go's
+    /// `newSequentialKV` guards its put (see [`PriorityQueue`](crate::PriorityQueue));
+    /// `None` for a FIFO queue (ordered by create revision), which has none.
+    fn bookkeeping(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if self.order != SortTarget::Key {
+            return None;
+        }
+        let slash = key.iter().rposition(|&b| b == b'/')?;
+        let mut bookkeeping = b"__".to_vec();
+        bookkeeping.extend_from_slice(&key[..slash]);
+        Some(bookkeeping)
     }
 }
 
@@ -1449,6 +1475,54 @@ mod tests {
         let stop = tokio::time::sleep(Duration::from_millis(50));
         let got = q.dequeue_until(stop).await.unwrap();
         assert_eq!(got.as_deref(), Some(&b"precious"[..]));
+    }
+
+    /// A priority queue's item put back after a dropped dequeue rewrites its level's
+    /// bookkeeping key, as an enqueue does: a Go producer (`newSequentialKV`, whose put is
+    /// guarded by that key's mod revision only) that read the level before the put-back
+    /// must fail its put and read again, not overwrite the item put back.
+    #[tokio::test]
+    async fn a_put_back_fences_a_go_producer_that_read_before_it() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        pq.enqueue("A", 1).await.unwrap();
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), pq.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        // The claim lands at 100 ms: A is held, the level is empty.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *store.delay_deletes.lock().unwrap() = None;
+        // Go's newSequentialKV, step 1: read the last key at the level (none: sequence 0).
+        let read = store
+            .inner
+            .range(
+                Range::prefix("pq/00001/")
+                    .sort_by(SortTarget::Key, SortOrder::Descending)
+                    .with_limit(1),
+            )
+            .await
+            .unwrap();
+        assert!(read.kvs.is_empty(), "A is held, not in the store");
+        // The put-back lands.
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        // Step 2: the put, guarded by the bookkeeping key's mod revision only.
+        let go = Txn::new()
+            .when([Compare::mod_revision(
+                "__pq/00001",
+                CompareOp::Less,
+                read.header_revision + 1,
+            )])
+            .and_then([
+                TxnOp::put("__pq/00001", "", 0),
+                TxnOp::put("pq/00001/0000000000000000", "G", 0),
+            ]);
+        let go = store.inner.txn(go).await.unwrap();
+        let left = store.inner.range(Range::prefix("pq/")).await.unwrap().kvs;
+        let values: Vec<&[u8]> = left.iter().map(|kv| &kv.value[..]).collect();
+        assert_eq!(values, [&b"A"[..]], "the item put back was overwritten");
+        assert!(!go.succeeded, "Go's producer was not fenced");
     }
 
     /// A `stop` that completes while a claim's first send is in flight, a claim that then
