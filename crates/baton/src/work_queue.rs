@@ -44,12 +44,13 @@ macro_rules! take_methods {
         /// loses no item, and gives none twice. A claim (a compare-and-delete) sent is
         /// applied by the server whatever this future does, so it runs in a task of its own
         /// and finishes; if it wins after the future was dropped, its item is handed back:
-        /// the next dequeue of this handle or a clone (which first waits for such claims)
-        /// returns it first if it comes within 200 ms, else it is put back in the store, by a
-        /// task, retried until it is there. A priority queue's item is put back under its
-        /// own key and keeps its place; a FIFO queue's goes to the back of the queue (the
-        /// order is by create revision). `len` counts it meanwhile. It is lost only if the
-        /// runtime shuts down (the process exits) before then. A claim that fails in flight
+        /// the next dequeue of this handle or a clone (which first waits for such claims, up
+        /// to the request timeout) returns it first if it comes within 200 ms, else it is
+        /// put back in the store, by a task, retried until it is there. A priority queue's
+        /// item is put back under its own key and keeps its place; a FIFO queue's goes to
+        /// the back of the queue (the order is by create revision). `len` counts it
+        /// meanwhile. It is lost only if the runtime shuts down (the process exits) before
+        /// then; the handle still works on another runtime. A claim that fails in flight
         /// once its future is gone is resent as below; if its outcome stays unknown, the
         /// item may have been taken, and a warning is logged.
         ///
@@ -533,6 +534,11 @@ impl Items {
         let items = self.clone();
         let kv = item.clone();
         let task_runtime = runtime.clone();
+        // Made here, not in the task: a task dropped before it first runs drops it too.
+        let mut answer = Unanswered {
+            answer: Some(answer),
+            hand_back: self.hand_back.clone(),
+        };
         runtime.spawn(
             async move {
                 // A caller gone drops `stop_tx`: that stops nothing.
@@ -542,6 +548,9 @@ impl Items {
                     }
                 }));
                 let claimed = items.claim_here(&kv, stop).await;
+                let Some(answer) = answer.answer.take() else {
+                    return;
+                };
                 if let Err(claimed) = answer.send(claimed) {
                     items
                         .hand_back
@@ -849,6 +858,61 @@ impl Drop for Answer<'_> {
     }
 }
 
+/// The sending end of a claim's answer, held by the claim's task until it answers. A task
+/// dropped before then (its runtime shut down) drops this: if the caller was gone by then,
+/// the claim was counted in `orphans` ([`Answer`]'s drop), and is counted out here, or the
+/// handle's dequeues would wait for it forever.
+struct Unanswered {
+    answer: Option<tokio::sync::oneshot::Sender<Result<Claim>>>,
+    hand_back: Arc<HandBack>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        let mut state = self.hand_back.lock();
+        // Closed: the caller's `Answer` was dropped, and counted the claim, under this lock;
+        // still open, it sees the channel closed (the sender dropped under this lock) and
+        // counts nothing.
+        if answer.is_closed() {
+            state.orphans = state.orphans.saturating_sub(1);
+        }
+        drop(answer);
+        drop(state);
+        self.hand_back.changed.notify_waiters();
+    }
+}
+
+/// The task that puts held items back ([`Items::return_held`]): when it ends, or is dropped,
+/// no task returns them any more, and an item it was sending is no longer being sent (if
+/// the task was dropped, the item is lost with its runtime).
+struct Returning {
+    hand: Arc<HandBack>,
+    /// True while an item is being put back (counted in `sending`).
+    sending: bool,
+}
+
+impl Returning {
+    /// Says whether an item is being put back (counted in `sending`).
+    fn set_sending(&mut self, sending: bool) {
+        self.sending = sending;
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        let mut state = self.hand.lock();
+        state.returning = false;
+        if self.sending {
+            state.sending = state.sending.saturating_sub(1);
+        }
+        drop(state);
+        self.hand.changed.notify_waiters();
+    }
+}
+
 /// A dequeue waiting for the claims in flight whose caller is gone; if it leaves with items
 /// held, they are put back.
 struct Waiting<'a>(&'a Items);
@@ -870,8 +934,20 @@ impl Drop for Waiting<'_> {
 impl Items {
     /// An item won for a dequeue that is gone, if any; waits first for the claims in flight
     /// whose dequeue is gone (each ends within about one request timeout), so that a
-    /// dequeue retried at once after a timeout gets the item its predecessor claimed.
+    /// dequeue retried at once after a timeout gets the item its predecessor claimed. The
+    /// wait is bounded by the request timeout (as [`settled`](Items::settled)'s): then
+    /// `None`, and the dequeue reads the store.
     async fn handed_back(&self) -> Option<Vec<u8>> {
+        let bound = self
+            .store
+            .request_timeout()
+            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
+        tokio::time::timeout(bound, self.handed_back_unbounded())
+            .await
+            .unwrap_or(None)
+    }
+
+    async fn handed_back_unbounded(&self) -> Option<Vec<u8>> {
         let hand = &self.hand_back;
         let mut waiting = None;
         loop {
@@ -922,49 +998,60 @@ impl Items {
 
     /// Put the held items back in the store, one at a time, until none is left or a
     /// dequeue waits for them. Run by one task at a time (`returning`).
-    async fn return_held(self) {
-        let hand = self.hand_back.clone();
-        // A dequeue retried at once (the loop around a `timeout`) takes them first.
-        tokio::time::sleep(HOLD_FOR).await;
-        let mut backoff = crate::watching::Backoff::new();
-        loop {
-            let held = {
-                let mut state = hand.lock();
-                let next = if state.waiting == 0 {
-                    state.held.pop_front()
-                } else {
-                    None
+    ///
+    /// The task's state is reset if it is dropped (its runtime shut down) before it ends,
+    /// even before it first runs: else no later item would be put back, and `len` would
+    /// wait for an item being sent forever.
+    fn return_held(self) -> impl Future<Output = ()> + Send + 'static {
+        let mut task = Returning {
+            hand: self.hand_back.clone(),
+            sending: false,
+        };
+        async move {
+            let hand = task.hand.clone();
+            // A dequeue retried at once (the loop around a `timeout`) takes them first.
+            tokio::time::sleep(HOLD_FOR).await;
+            let mut backoff = crate::watching::Backoff::new();
+            loop {
+                let held = {
+                    let mut state = hand.lock();
+                    let next = if state.waiting == 0 {
+                        state.held.pop_front()
+                    } else {
+                        None
+                    };
+                    match next {
+                        Some(held) => {
+                            state.sending += 1;
+                            task.set_sending(true);
+                            held
+                        }
+                        None => {
+                            // `task`'s drop: no longer returning.
+                            drop(state);
+                            return;
+                        }
+                    }
                 };
-                match next {
-                    Some(held) => {
-                        state.sending += 1;
-                        held
+                let left = self.put_back(held).await;
+                let failed = {
+                    let mut state = hand.lock();
+                    task.set_sending(false);
+                    state.sending -= 1;
+                    match left {
+                        Err(held) => {
+                            state.held.push_front(held);
+                            true
+                        }
+                        Ok(()) => false,
                     }
-                    None => {
-                        state.returning = false;
-                        drop(state);
-                        hand.changed.notify_waiters();
-                        return;
-                    }
+                };
+                hand.changed.notify_waiters();
+                if failed {
+                    backoff.sleep().await;
+                } else {
+                    backoff.reset();
                 }
-            };
-            let left = self.put_back(held).await;
-            let failed = {
-                let mut state = hand.lock();
-                state.sending -= 1;
-                match left {
-                    Err(held) => {
-                        state.held.push_front(held);
-                        true
-                    }
-                    Ok(()) => false,
-                }
-            };
-            hand.changed.notify_waiters();
-            if failed {
-                backoff.sleep().await;
-            } else {
-                backoff.reset();
             }
         }
     }
@@ -1523,6 +1610,92 @@ mod tests {
         let values: Vec<&[u8]> = left.iter().map(|kv| &kv.value[..]).collect();
         assert_eq!(values, [&b"A"[..]], "the item put back was overwritten");
         assert!(!go.succeeded, "Go's producer was not fenced");
+    }
+
+    /// A runtime that shuts down while a claim whose dequeue was dropped is in flight drops
+    /// the claim's task: that must not leave the claim counted as in flight, or every later
+    /// dequeue of the handle waits for it forever. Here the handle is used on a second
+    /// runtime: `try_dequeue` answers (the item is lost with the first runtime, as
+    /// documented, or still queued).
+    #[test]
+    fn a_claim_dropped_with_its_runtime_blocks_no_later_dequeue() {
+        use crate::store::slow::SlowWatches;
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let first = runtime();
+        first.block_on(async {
+            q.enqueue("A").await.unwrap();
+            *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+            let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+            assert!(dropped.is_err(), "the dequeue was not dropped");
+        });
+        drop(first);
+        *store.delay_deletes.lock().unwrap() = None;
+        let second = runtime();
+        second.block_on(async {
+            let got = tokio::time::timeout(Duration::from_secs(10), q.try_dequeue()).await;
+            let got = got.expect("try_dequeue hangs on a claim its runtime dropped");
+            assert!(
+                matches!(got.as_ref().map(|v| v.as_deref()), Ok(None | Some(b"A"))),
+                "{got:?}"
+            );
+            let len = tokio::time::timeout(Duration::from_secs(10), q.len()).await;
+            assert!(len.expect("len hangs").unwrap() <= 1);
+        });
+    }
+
+    /// A runtime that shuts down while an item held for a dropped dequeue waits to be put
+    /// back drops the task that would put it back: that must not leave the handle thinking
+    /// one runs, or no later item it holds is ever put back. On a second runtime, the held
+    /// item goes to the next dequeue, and an item claimed there for a dequeue that is
+    /// dropped is put back in the store.
+    #[test]
+    fn a_put_back_dropped_with_its_runtime_stops_no_later_one() {
+        use crate::store::slow::SlowWatches;
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let first = runtime();
+        first.block_on(async {
+            q.enqueue("A").await.unwrap();
+            q.enqueue("B").await.unwrap();
+            *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+            let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+            assert!(dropped.is_err(), "the dequeue was not dropped");
+            // The claim lands at 100 ms: A is held, to be put back after HOLD_FOR.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        });
+        drop(first);
+        *store.delay_deletes.lock().unwrap() = None;
+        let second = runtime();
+        second.block_on(async {
+            assert_eq!(q.try_dequeue().await.unwrap().as_deref(), Some(&b"A"[..]));
+            *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+            let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+            assert!(dropped.is_err(), "the dequeue was not dropped");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            *store.delay_deletes.lock().unwrap() = None;
+            // B is held; after HOLD_FOR it is back in the store.
+            tokio::time::sleep(HOLD_FOR + Duration::from_millis(500)).await;
+            let left = store.inner.range(Range::prefix("jobs/")).await.unwrap().kvs;
+            let values: Vec<&[u8]> = left.iter().map(|kv| &kv.value[..]).collect();
+            assert_eq!(values, [&b"B"[..]], "B was not put back");
+            let len = tokio::time::timeout(Duration::from_secs(10), q.len()).await;
+            assert_eq!(len.expect("len hangs").unwrap(), 1);
+        });
     }
 
     /// A `stop` that completes while a claim's first send is in flight, a claim that then
