@@ -947,6 +947,23 @@ mod tests {
         assert_eq!(entries[2].kind, "election");
     }
 
+    /// A queue's put-back marker (`__NAME/returned/<lease>.marker`, a leased key while an
+    /// item taken for a dropped dequeue is put back) is no lock.
+    #[test]
+    fn a_queue_put_back_marker_is_no_lock() {
+        let kvs = [
+            kv(
+                "__jobs/returned/694d7a1b2c3d4e5f.marker",
+                "",
+                7,
+                0x694d_7a1b_2c3d_4e5f,
+            ),
+            kv("jobs/a/2c", "", 8, 0x2c),
+        ];
+        let names: Vec<String> = group(&kvs).into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["jobs/a"]);
+    }
+
     #[test]
     fn semaphores_show_granted_keys_as_holders() {
         let kvs = [

@@ -192,7 +192,7 @@ pub(crate) use take_methods;
 /// on in a task, and an item it wins goes to the handle's next dequeue, or back into the
 /// queue (at the back: a FIFO queue orders by create revision); see
 /// [`dequeue`](Queue::dequeue). Putting an item back writes, with it, a marker key
-/// `__NAME/returned/<lease>` under a lease of its own (deleted once the item is
+/// `__NAME/returned/<lease>.marker` under a lease of its own (deleted once the item is
 /// back), so that a put-back whose answer is lost is not sent twice.
 ///
 /// # Waiting
@@ -1069,7 +1069,7 @@ impl Items {
     ///
     /// A put-back whose answer is lost may have landed, and its item been taken since: a
     /// plain resend could queue it twice. So each writes, in the same transaction, a marker
-    /// key (`__NAME/returned/<lease>`, under a lease of its own, which is kept alive while
+    /// key (`__NAME/returned/<lease>.marker`, under a lease of its own, which is kept alive while
     /// the outcome is unknown, and revoked at the end), and is sent only while the marker
     /// does not exist: if it does, an earlier send landed.
     async fn put_back(&self, held: Held) -> std::result::Result<(), Held> {
@@ -1084,7 +1084,7 @@ impl Items {
         let mut key = held.key.clone();
         let mut backoff = crate::watching::Backoff::new();
         loop {
-            let marker = format!("__{}returned/{lease:016x}", self.prefix).into_bytes();
+            let marker = marker_key(&self.prefix, lease);
             let mut puts = vec![
                 TxnOp::put(key.clone(), held.value.clone(), 0),
                 TxnOp::put(marker.clone(), "", lease),
@@ -1169,6 +1169,13 @@ impl Items {
         bookkeeping.extend_from_slice(&key[..slash]);
         Some(bookkeeping)
     }
+}
+
+/// The marker of a put-back under `lease` for the queue `NAME/` (see [`Items::put_back`]).
+fn marker_key(prefix: &str, lease: crate::store::LeaseId) -> Vec<u8> {
+    // Not ending in the lease in hex, as a lock's key does: tools that tell locks by that
+    // shape (`baton status`) would list the marker as one.
+    format!("__{prefix}returned/{lease:016x}.marker").into_bytes()
 }
 
 /// `key` with its trailing decimal number plus one, at the same width; `None` if it has no
@@ -1720,6 +1727,20 @@ mod tests {
             .await;
         assert_eq!(got.unwrap(), None);
         assert_eq!(b.await.unwrap().unwrap(), b"X");
+    }
+
+    /// A put-back's marker does not end in its lease in hex, as a lock's key does
+    /// (`NAME/<lease>`): `baton status` and other tools that tell locks by that shape must
+    /// not list a marker as a lock.
+    #[test]
+    fn a_put_back_marker_is_not_shaped_as_a_lock_key() {
+        for lease in [1_i64, 0x2a, 0x694d_7a1b_2c3d_4e5f, i64::MAX] {
+            let marker = String::from_utf8(marker_key("jobs/", lease)).unwrap();
+            assert!(marker.starts_with("__jobs/returned/"), "{marker}");
+            let suffix = marker.rsplit('/').next().unwrap();
+            assert_ne!(suffix, format!("{lease:x}"), "{marker}");
+            assert_ne!(suffix, format!("{lease:016x}"), "{marker}");
+        }
     }
 
     /// The embedded store whose claims (transactions that delete) are never answered: each
