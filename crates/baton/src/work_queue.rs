@@ -456,8 +456,11 @@ impl Items {
 
     /// Read the first items' keys and claim the first one still there, which gives its
     /// value; `Stopped` if `stop` completes first. `stop` is polled during reads and before
-    /// each claim, not while a claim's first send is in flight; if that send fails in
-    /// flight, between its resends (see [`claim`](Items::claim)), where it gives `Unknown`.
+    /// each claim. While a claim's first send is in flight it is watched but not obeyed:
+    /// the claim's answer is awaited, and `stop` is reported only if the claim lost (a
+    /// `Stop` keeps its output, so it is never polled again once complete); if that send
+    /// fails in flight, between its resends (see [`claim`](Items::claim)), where it gives
+    /// `Unknown`.
     async fn take_once<F: Future>(&self, mut stop: Pin<&mut Stop<F>>) -> Result<Taken<F::Output>> {
         macro_rules! or_stop {
             ($fut:expr) => {
