@@ -1204,6 +1204,25 @@ mod tests {
     use std::collections::HashSet;
     use std::time::Duration;
 
+    /// A runtime of its own, to be shut down by a test.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A queue on the embedded store, whose deletes the test can delay.
+    fn slow_queue() -> (Arc<crate::store::slow::SlowWatches>, Queue) {
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        (store, Queue::new(&client, "jobs").unwrap())
+    }
+
     /// The embedded store, counting the bytes of the values its answers carry (ranges, and
     /// the reads inside transactions): what a consumer downloads.
     #[derive(Debug, Default)]
@@ -1629,16 +1648,7 @@ mod tests {
     /// documented, or still queued).
     #[test]
     fn a_claim_dropped_with_its_runtime_blocks_no_later_dequeue() {
-        use crate::store::slow::SlowWatches;
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
-        let client = Client::from_arc(store.clone());
-        let q = Queue::new(&client, "jobs").unwrap();
+        let (store, q) = slow_queue();
         let first = runtime();
         first.block_on(async {
             q.enqueue("A").await.unwrap();
@@ -1668,16 +1678,7 @@ mod tests {
     /// dropped is put back in the store.
     #[test]
     fn a_put_back_dropped_with_its_runtime_stops_no_later_one() {
-        use crate::store::slow::SlowWatches;
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
-        let client = Client::from_arc(store.clone());
-        let q = Queue::new(&client, "jobs").unwrap();
+        let (store, q) = slow_queue();
         let first = runtime();
         first.block_on(async {
             q.enqueue("A").await.unwrap();
