@@ -7,6 +7,15 @@ mod common;
 use common::*;
 use serde_json::Value;
 
+/// The one line of a refusal: exit 125, one line on stderr, starting `baton: `.
+fn refusal(out: &std::process::Output, context: &dyn std::fmt::Debug) -> String {
+    assert_eq!(out.status.code(), Some(125), "{context:?}: {out:?}");
+    let err = stderr_lines(out);
+    assert_eq!(err.len(), 1, "{context:?}: {err:?}");
+    assert!(err[0].starts_with("baton: "), "{context:?}: {err:?}");
+    err.into_iter().next().unwrap_or_default()
+}
+
 /// Run `baton --json bench ARGS` and return the last stdout line as an object.
 fn bench(endpoints: &str, args: &[&str]) -> (Value, Vec<String>) {
     let (out, _) = run(baton(endpoints).arg("--json").arg("bench").args(args));
@@ -297,10 +306,7 @@ fn human_output_and_bad_input() {
         &["bench", "nothing"][..],
     ] {
         let (out, _) = run(baton("mem://bench-bad").args(args));
-        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
-        let err = stderr_lines(&out);
-        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
-        assert!(err[0].starts_with("baton: "), "{err:?}");
+        refusal(&out, &args);
     }
 }
 
@@ -536,10 +542,7 @@ fn huge_ops_and_workers_are_refused() {
         &["contended", "--workers", "10", "--ops", "5"][..],
     ] {
         let (out, took) = run(baton("mem://bench-huge").arg("bench").args(args));
-        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
-        let err = stderr_lines(&out);
-        assert_eq!(err.len(), 1, "{args:?}: {err:?}");
-        assert!(err[0].starts_with("baton: "), "{args:?}: {err:?}");
+        let err = [refusal(&out, &args)];
         assert!(!err[0].contains("internal error"), "{args:?}: {err:?}");
         assert!(!err[0].contains("  "), "{args:?}: {err:?}");
         assert!(
@@ -959,13 +962,8 @@ fn chart_without_sweep_is_refused() {
         "--chart",
         chart.to_str().unwrap(),
     ]));
-    assert_eq!(out.status.code(), Some(125), "{out:?}");
-    let err = stderr_lines(&out);
-    assert_eq!(err.len(), 1, "{err:?}");
-    assert!(
-        err[0].starts_with("baton: ") && err[0].contains("--sweep"),
-        "{err:?}"
-    );
+    let err = [refusal(&out, &"--chart without --sweep")];
+    assert!(err[0].contains("--sweep"), "{err:?}");
     assert_eq!(stdout(&out), "", "the bench ran");
     assert!(!chart.exists());
 }
@@ -987,11 +985,9 @@ fn sweep_with_fewer_ops_than_workers_is_refused() {
         "--chart",
         chart.to_str().unwrap(),
     ]));
-    assert_eq!(out.status.code(), Some(125), "{out:?}");
-    let err = stderr_lines(&out);
-    assert_eq!(err.len(), 1, "{err:?}");
+    let err = [refusal(&out, &"--sweep with too few --ops")];
     assert!(
-        err[0].starts_with("baton: ") && err[0].contains("--sweep") && err[0].contains("--ops"),
+        err[0].contains("--sweep") && err[0].contains("--ops"),
         "{err:?}"
     );
     assert!(!err[0].contains("  "), "{err:?}");
@@ -1122,13 +1118,9 @@ fn sweep_with_workers_is_refused() {
             .args(["--json", "bench", "contended", "--ops", "32"])
             .args(order)
             .args(["--chart", chart.to_str().unwrap()]));
-        assert_eq!(out.status.code(), Some(125), "{order:?}: {out:?}");
-        let err = stderr_lines(&out);
-        assert_eq!(err.len(), 1, "{order:?}: {err:?}");
+        let err = [refusal(&out, &order)];
         assert!(
-            err[0].starts_with("baton: ")
-                && err[0].contains("--sweep")
-                && err[0].contains("--workers"),
+            err[0].contains("--sweep") && err[0].contains("--workers"),
             "{order:?}: {err:?}"
         );
         assert_eq!(stdout(&out), "", "{order:?}: the sweep ran");
@@ -1159,9 +1151,7 @@ fn a_chart_in_a_missing_directory_is_refused_and_nothing_is_created() {
             "--chart",
             chart.to_str().unwrap(),
         ]));
-        assert_eq!(out.status.code(), Some(125), "json {json}: {out:?}");
-        let err = stderr_lines(&out);
-        assert_eq!(err.len(), 1, "json {json}: {err:?}");
+        let err = [refusal(&out, &format!("json {json}"))];
         assert!(
             err[0].starts_with("baton: cannot write the chart")
                 && err[0].contains(&format!("{}", missing.join("sub").display()))
