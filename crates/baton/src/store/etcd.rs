@@ -7,6 +7,12 @@
 //! that go unanswered) is skipped while the others keep serving, so a cluster that keeps
 //! its quorum keeps working when one member is killed.
 //!
+//! Watches share gRPC `Watch` streams, up to 64 on one, as Go's client shares one stream
+//! between all of its watches: a watch costs a create request on an open stream, not a
+//! stream of its own. A creation that goes unanswered for a quarter of the request timeout
+//! moves on to a new stream, and the silent one takes no new watch. A stream that breaks
+//! ends every watch on it with the error, as a stream of its own would have.
+//!
 //! # Timeouts and retries
 //!
 //! - [`EtcdStore::connect`] fails with [`Error::Connect`] if no member answers a
@@ -63,6 +69,8 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
+mod watches;
+
 use crate::security::{
     looks_hung_up, speaks_tls, tls_problem, tls_rejection, Credentials, TlsConfig,
     TLS_PROBE_TIMEOUT, TLS_REPLY,
@@ -205,6 +213,11 @@ struct Inner {
     options: EtcdOptions,
     /// One cached keep-alive stream per lease.
     keepers: StdMutex<HashMap<LeaseId, KeeperEntry>>,
+    /// The `Watch` streams new watches may join (see [`watches`]).
+    watch_streams: StdMutex<Vec<Arc<watches::Stream>>>,
+    /// Held while a shared `Watch` stream is opened, so that watches created at the same
+    /// time join it instead of each opening a stream of its own.
+    watch_opening: tokio::sync::Mutex<()>,
 }
 
 /// Where the keep-alive stream of one lease is cached, while it works.
@@ -609,6 +622,8 @@ impl EtcdStore {
                 endpoints: joined,
                 options,
                 keepers: StdMutex::new(HashMap::new()),
+                watch_streams: StdMutex::new(Vec::new()),
+                watch_opening: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -637,6 +652,23 @@ impl EtcdStore {
         &self,
         operation: &'static str,
         retry: Retry,
+        attempt: F,
+    ) -> Result<std::result::Result<T, ec::Error>>
+    where
+        F: FnMut(&ec::Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, ec::Error>>,
+    {
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        self.call_until(operation, retry, deadline, attempt).await
+    }
+
+    /// [`EtcdStore::call`], with the request's `deadline` given (a request timeout after
+    /// the operation began).
+    async fn call_until<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        retry: Retry,
+        deadline: Instant,
         mut attempt: F,
     ) -> Result<std::result::Result<T, ec::Error>>
     where
@@ -644,7 +676,6 @@ impl EtcdStore {
         Fut: Future<Output = std::result::Result<T, ec::Error>>,
     {
         let after = self.inner.options.request_timeout;
-        let deadline = Instant::now() + after;
         let mut backoff = BACKOFF_MIN;
         let mut reauthenticated = false;
         // Requests go to members at random: a member whose certificate is refused costs
@@ -1425,13 +1456,77 @@ impl EtcdStore {
             options = options.with_filters([ec::WatchFilterType::NoPut]);
         }
         let key = watch.keys.bytes().to_vec();
+        // Join a shared stream if one takes the watch within a hedging share of the request
+        // timeout; else open a stream, as hedged and retried as any watch creation.
+        // The whole creation, shared stream or not, within one request timeout.
+        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let share = self.inner.options.request_timeout / HEDGES as u32;
+        let join = || {
+            let generation = self.inner.auth_generation.load(Ordering::Acquire);
+            watches::Stream::join(&self.inner.watch_streams, generation, &key, &options, share)
+        };
+        let (created, member) = match join().await {
+            watches::Joined::Created(created, member) => (created, member),
+            watches::Joined::Open => {
+                // One stream is opened at a time, so that watches created together share
+                // it; a watch that waits a hedging share for that opens one of its own.
+                let opening = tokio::time::timeout(share, self.inner.watch_opening.lock())
+                    .await
+                    .ok();
+                let joined = if opening.is_some() {
+                    join().await
+                } else {
+                    watches::Joined::Open
+                };
+                match joined {
+                    watches::Joined::Created(created, member) => (created, member),
+                    watches::Joined::Open => {
+                        self.open_watch_stream(&key, &options, deadline).await?
+                    }
+                }
+            }
+        };
+        let requested = watch.start_revision;
+        // etcd registers a watch from the next write at its revision then plus one.
+        let at = revision(created.header());
+        let Some(member) = member else {
+            let error = naming(cancel_error(&created, requested), &key);
+            if !matches!(error, Error::Compacted { .. }) {
+                return Err(error);
+            }
+            return Ok((
+                at,
+                Box::pin(futures::stream::once(async move { Err(error) })),
+            ));
+        };
+        tracing::debug!(
+            watch_id = created.watch_id(),
+            start_revision = requested,
+            "watch created"
+        );
+        let state = WatchState {
+            member: Some(member),
+            requested,
+        };
+        Ok((at, Box::pin(futures::stream::unfold(state, next_batch))))
+    }
+
+    /// Open a `Watch` stream with the watch `key`, `options` as its first, and share it
+    /// with later watches unless etcd canceled this one at once. Returns etcd's "created"
+    /// reply and, unless canceled, the watch.
+    async fn open_watch_stream(
+        &self,
+        key: &[u8],
+        options: &ec::WatchOptions,
+        mut deadline: Instant,
+    ) -> Result<(ec::WatchResponse, Option<watches::Member>)> {
         let mut reauthenticated = false;
-        let (stream, created) = loop {
+        let (stream, created, generation) = loop {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             let (stream, created) = self
-                .call("watch", Retry::Idempotent, |client| {
+                .call_until("watch", Retry::Idempotent, deadline, |client| {
                     let mut watches = watch_client(client);
-                    let (key, options) = (key.clone(), options.clone());
+                    let (key, options) = (key.to_vec(), options.clone());
                     async move {
                         let mut stream = watches.watch(key, Some(options)).await?;
                         // etcd answers a create request with a "created" response; wait for it
@@ -1441,7 +1536,7 @@ impl EtcdStore {
                     }
                 })
                 .await?
-                .map_err(|e| naming(map_err("watch", e, 0, &self.inner.endpoints), &key))?;
+                .map_err(|e| naming(map_err("watch", e, 0, &self.inner.endpoints), key))?;
             // etcd cancels a watch created with an expired token: get a new one, try again.
             let stale = created
                 .as_ref()
@@ -1451,9 +1546,11 @@ impl EtcdStore {
                 let after = self.inner.options.request_timeout;
                 self.reauthenticate(generation, Instant::now() + after, "watch", after)
                     .await?;
+                // The watch is created again, with a request timeout of its own.
+                deadline = Instant::now() + after;
                 continue;
             }
-            break (stream, created);
+            break (stream, created, generation);
         };
         let Some(created) = created else {
             return Err(Error::Unavailable(
@@ -1465,56 +1562,36 @@ impl EtcdStore {
                 "watch: etcd did not confirm the watch creation".into(),
             ));
         }
-        let requested = watch.start_revision;
-        // etcd registers a watch from the next write at its revision then plus one.
-        let at = revision(created.header());
         if created.canceled() {
-            let error = naming(cancel_error(&created, requested), &key);
-            if !matches!(error, Error::Compacted { .. }) {
-                return Err(error);
-            }
-            return Ok((
-                at,
-                Box::pin(futures::stream::once(async move { Err(error) })),
-            ));
+            return Ok((created, None));
         }
-        tracing::debug!(
-            watch_id = created.watch_id(),
-            start_revision = requested,
-            "watch created"
-        );
-
-        let state = WatchState {
-            stream: Some(stream),
-            requested,
-            endpoints: self.inner.endpoints.clone(),
-        };
-        Ok((at, Box::pin(futures::stream::unfold(state, next_batch))))
+        let (shared, member) =
+            watches::Stream::start(stream, &created, generation, self.inner.endpoints.clone());
+        lock_unpoisoned(&self.inner.watch_streams).push(shared);
+        Ok((created, Some(member)))
     }
 }
 
-/// The state of a watch stream: etcd-client's stream (which owns the request sender;
-/// dropping it ends the gRPC stream and with it the watch on the server).
+/// The state of a watch stream: the watch on its shared gRPC stream (dropping it cancels
+/// the watch on the server).
 struct WatchState {
-    stream: Option<ec::WatchStream>,
+    member: Option<watches::Member>,
     requested: Revision,
-    /// The store's endpoints (redacted), for errors.
-    endpoints: String,
 }
 
 async fn next_batch(mut state: WatchState) -> Option<(Result<WatchResponse>, WatchState)> {
-    let stream = state.stream.as_mut()?;
+    let member = state.member.as_mut()?;
     loop {
-        match stream.message().await {
-            Ok(Some(resp)) => {
+        match member.next().await {
+            Some(Ok(resp)) => {
                 if resp.canceled() || resp.compact_revision() > 0 {
                     let error = cancel_error(&resp, state.requested);
                     tracing::debug!(watch_id = resp.watch_id(), error = %error, "watch canceled by etcd");
-                    state.stream = None;
+                    state.member = None;
                     return Some((Err(error), state));
                 }
                 if resp.events().is_empty() {
-                    // A progress notification or a stray "created": nothing to deliver.
+                    // A progress notification: nothing to deliver.
                     continue;
                 }
                 let batch = WatchResponse {
@@ -1523,14 +1600,13 @@ async fn next_batch(mut state: WatchState) -> Option<(Result<WatchResponse>, Wat
                 };
                 return Some((Ok(batch), state));
             }
-            Ok(None) => {
+            None => {
                 tracing::debug!("watch stream ended");
                 return None;
             }
-            Err(e) => {
-                let error = map_err("watch", e, 0, &state.endpoints);
+            Some(Err(error)) => {
                 tracing::debug!(error = %error, "watch stream failed");
-                state.stream = None;
+                state.member = None;
                 return Some((Err(error), state));
             }
         }

@@ -1,0 +1,387 @@
+//! Watches *multiplexed* on shared gRPC `Watch` streams.
+//!
+//! etcd serves any number of watches on one `Watch` stream: a create request on the stream
+//! gets a "created" reply carrying the watch's id, and every later reply names the watch it
+//! belongs to. Go's clientv3 puts all the watches of a client on one stream. Baton used to
+//! open a stream per watch, and a held lock has a watch of its own when its client shares
+//! no watch on the lock's prefix: 10,000 locks held on one session cost 9,943 gRPC streams,
+//! 26.6 KB of client heap per lock (the peer, etcd's Lock API, 4.1 KB), and two goroutines
+//! and their buffers per stream in etcd.
+//!
+//! Here up to [`PER_STREAM`] (64) watches share a stream. The first watch of a stream opens it
+//! (hedged and retried as any watch creation is); later ones send their create request on
+//! it and wait for the reply. etcd answers create requests on a stream in the order they
+//! were sent (its `recvLoop` handles them one by one and queues each "created" reply before
+//! reading the next; events of a watch whose "created" reply is not sent yet are held back
+//! until it is), so replies are matched to requests by their order, as Go's client does.
+//!
+//! - A create that gets no reply within its share of the request timeout *retires* the
+//!   stream (no new watch joins it: its member may be silent) and the watch is created on a
+//!   new stream instead. So does a create refused for the stream's auth token (a stream
+//!   keeps the token it was opened with), and every stream opened before the store
+//!   authenticated again.
+//! - Dropping a watch cancels it on the server (a cancel request on the stream). A stream
+//!   with no watch for [`IDLE`] is closed.
+//! - A stream that fails or ends ends every watch on it the same way, as a stream of its
+//!   own would have: the watchers see the same error (or end) and create their watches
+//!   again.
+//!
+//! Each watch's replies are queued for it without bound (as Go's client does) so that one
+//! watch read slowly never holds up the others on its stream; Baton reads every watch it
+//! opens.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use etcd_client as ec;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::error::Error;
+
+/// At most this many watches share one stream. Enough that the stream's own cost (~20 KB
+/// of client heap, two goroutines in etcd) is small per watch. Few enough that one write
+/// touching every watch of a stream (a session's lease revoked: a delete event for each of
+/// its held keys) fits twice over in the buffer etcd keeps per stream (128 replies, its
+/// `chanBufLen`): a watch that finds it full is set aside as a "victim" and its event sent
+/// again by a loop that runs every 10 ms, a delay a stream of its own never had. Also, a stream that breaks (its member restarted)
+/// sends a bounded number of watchers to create theirs again at once, and watches spread
+/// over members once there are many.
+pub(super) const PER_STREAM: usize = 64;
+
+/// A stream without a watch for this long is closed.
+pub(super) const IDLE: Duration = Duration::from_secs(10);
+
+/// One reply of etcd for one watch, or the error that ended the stream.
+pub(super) type Delivery = std::result::Result<ec::WatchResponse, Error>;
+
+/// The reply to a create request: etcd's "created" reply, with the watch's replies to
+/// come unless etcd canceled it at once; or the error that ended the stream first.
+type Created = std::result::Result<(ec::WatchResponse, Option<Replies>), Error>;
+
+type Replies = mpsc::UnboundedReceiver<Delivery>;
+
+enum Command {
+    Create(Vec<u8>, ec::WatchOptions),
+    Cancel(i64),
+}
+
+struct State {
+    /// One reply slot per create request sent and not answered yet, oldest first.
+    pending: VecDeque<oneshot::Sender<Created>>,
+    /// The watches open on the stream, by id.
+    watches: HashMap<i64, mpsc::UnboundedSender<Delivery>>,
+    /// The stream ended, or is being closed: nothing more is sent on it.
+    closed: bool,
+    /// No new watch joins the stream (see the module docs); those on it stay.
+    retired: bool,
+    /// Since when the stream has had no watch (and no create in flight).
+    idle_since: Option<Instant>,
+}
+
+impl State {
+    fn update_idle(&mut self) {
+        if self.watches.is_empty() && self.pending.is_empty() {
+            self.idle_since.get_or_insert_with(Instant::now);
+        } else {
+            self.idle_since = None;
+        }
+    }
+}
+
+/// One shared `Watch` stream.
+pub(super) struct Stream {
+    state: Arc<StdMutex<State>>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// The store's count of authentications when the stream was opened: a stream opened
+    /// with an older token takes no new watch.
+    generation: u64,
+}
+
+/// A watch on a shared stream: its replies, in order. Dropping it cancels the watch on the
+/// server.
+pub(super) struct Member {
+    stream: Arc<Stream>,
+    id: i64,
+    replies: Replies,
+}
+
+impl Member {
+    /// The next reply, or the error that ended the stream; `None` once the watch ended
+    /// (canceled by etcd, whose reply came before, or the stream ended without an error).
+    pub(super) async fn next(&mut self) -> Option<Delivery> {
+        self.replies.recv().await
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut state = super::lock_unpoisoned(&self.stream.state);
+        if state.watches.remove(&self.id).is_some() && !state.closed {
+            let _ = self.stream.commands.send(Command::Cancel(self.id));
+        }
+        state.update_idle();
+    }
+}
+
+/// What trying a shared stream gave.
+pub(super) enum Joined {
+    /// The watch is created (or etcd canceled it at once: no `Member`).
+    Created(ec::WatchResponse, Option<Member>),
+    /// No shared stream took it, in time or at all: open a new stream.
+    Open,
+}
+
+impl Stream {
+    /// Start serving `stream`, on which etcd answered the first create request with
+    /// `created` (not canceled). Returns the shared stream and the first watch.
+    pub(super) fn start(
+        stream: ec::WatchStream,
+        created: &ec::WatchResponse,
+        generation: u64,
+        endpoints: String,
+    ) -> (Arc<Stream>, Member) {
+        let (requests, responses) = stream.split();
+        let (sender, replies) = mpsc::unbounded_channel();
+        let id = created.watch_id();
+        let state = Arc::new(StdMutex::new(State {
+            pending: VecDeque::new(),
+            watches: HashMap::from([(id, sender)]),
+            closed: false,
+            retired: false,
+            idle_since: None,
+        }));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read(
+            state.clone(),
+            commands.downgrade(),
+            responses,
+            endpoints,
+        ));
+        tokio::spawn(send(
+            state.clone(),
+            commands_rx,
+            requests,
+            reader.abort_handle(),
+        ));
+        let stream = Arc::new(Stream {
+            state,
+            commands,
+            generation,
+        });
+        let member = Member {
+            stream: stream.clone(),
+            id,
+            replies,
+        };
+        (stream, member)
+    }
+
+    /// Whether new watches may still join the stream.
+    pub(super) fn open(&self, generation: u64) -> bool {
+        let state = super::lock_unpoisoned(&self.state);
+        !state.closed && !state.retired && self.generation == generation
+    }
+
+    /// Stop new watches from joining the stream.
+    pub(super) fn retire(&self) {
+        super::lock_unpoisoned(&self.state).retired = true;
+    }
+
+    /// Send a create request on the stream, unless it takes no new watch.
+    fn request(
+        &self,
+        key: &[u8],
+        options: &ec::WatchOptions,
+    ) -> Option<oneshot::Receiver<Created>> {
+        let mut state = super::lock_unpoisoned(&self.state);
+        if state.closed || state.retired || state.watches.len() + state.pending.len() >= PER_STREAM
+        {
+            return None;
+        }
+        let (reply, replied) = oneshot::channel();
+        // Under the lock: requests reach the stream in the order of `pending`.
+        self.commands
+            .send(Command::Create(key.to_vec(), options.clone()))
+            .ok()?;
+        state.pending.push_back(reply);
+        state.idle_since = None;
+        Some(replied)
+    }
+
+    /// Create a watch on one of `streams` (those that cannot take it are dropped from the
+    /// list), waiting at most `within` for etcd's reply.
+    pub(super) async fn join(
+        streams: &StdMutex<Vec<Arc<Stream>>>,
+        generation: u64,
+        key: &[u8],
+        options: &ec::WatchOptions,
+        within: Duration,
+    ) -> Joined {
+        let (stream, replied) = {
+            let mut streams = super::lock_unpoisoned(streams);
+            streams.retain(|s| s.open(generation));
+            let Some((stream, replied)) = streams
+                .iter()
+                .find_map(|s| s.request(key, options).map(|r| (s.clone(), r)))
+            else {
+                return Joined::Open;
+            };
+            (stream, replied)
+        };
+        match tokio::time::timeout(within, replied).await {
+            Err(_) => {
+                tracing::debug!(
+                    after = ?within,
+                    "a watch creation on a shared stream went unanswered; retiring the stream"
+                );
+                stream.retire();
+                Joined::Open
+            }
+            // The stream ended first: a new one is needed.
+            Ok(Err(_)) | Ok(Ok(Err(_))) => Joined::Open,
+            Ok(Ok(Ok((created, None)))) => {
+                if super::auth_error("watch", None, created.cancel_reason()).is_some() {
+                    // The stream's token may be the reason: try a stream of its own.
+                    stream.retire();
+                    return Joined::Open;
+                }
+                Joined::Created(created, None)
+            }
+            Ok(Ok(Ok((created, Some(replies))))) => {
+                let id = created.watch_id();
+                Joined::Created(
+                    created,
+                    Some(Member {
+                        stream,
+                        id,
+                        replies,
+                    }),
+                )
+            }
+        }
+    }
+}
+
+/// Read the stream's replies and hand each to its watch.
+async fn read(
+    state: Arc<StdMutex<State>>,
+    commands: mpsc::WeakUnboundedSender<Command>,
+    mut responses: ec::WatchResponseStream,
+    endpoints: String,
+) {
+    let end = loop {
+        match responses.message().await {
+            Ok(Some(resp)) => deliver(&state, &commands, resp),
+            Ok(None) => break None,
+            Err(e) => break Some(super::map_err("watch", e, 0, &endpoints)),
+        }
+    };
+    match &end {
+        Some(error) => tracing::debug!(error = %error, "shared watch stream failed"),
+        None => tracing::debug!("shared watch stream ended"),
+    }
+    let mut state = super::lock_unpoisoned(&state);
+    state.closed = true;
+    let gone = || {
+        end.clone().unwrap_or_else(|| {
+            Error::Unavailable("watch: the stream ended before the watch was created".into())
+        })
+    };
+    for reply in state.pending.drain(..) {
+        let _ = reply.send(Err(gone()));
+    }
+    for (_, watch) in state.watches.drain() {
+        if let Some(error) = &end {
+            let _ = watch.send(Err(error.clone()));
+        }
+    }
+}
+
+fn deliver(
+    state: &StdMutex<State>,
+    commands: &mpsc::WeakUnboundedSender<Command>,
+    resp: ec::WatchResponse,
+) {
+    let cancel = |id: i64| {
+        if let Some(commands) = commands.upgrade() {
+            let _ = commands.send(Command::Cancel(id));
+        }
+    };
+    let mut state = super::lock_unpoisoned(state);
+    let id = resp.watch_id();
+    if resp.created() {
+        let Some(reply) = state.pending.pop_front() else {
+            tracing::debug!(watch_id = id, "a watch created that nobody asked for");
+            if !resp.canceled() {
+                cancel(id);
+            }
+            return;
+        };
+        if resp.canceled() {
+            let _ = reply.send(Ok((resp, None)));
+        } else {
+            let (sender, replies) = mpsc::unbounded_channel();
+            match reply.send(Ok((resp, Some(replies)))) {
+                Ok(()) => {
+                    state.watches.insert(id, sender);
+                }
+                // Its creator gave up waiting.
+                Err(_) => cancel(id),
+            }
+        }
+        state.update_idle();
+        return;
+    }
+    let ended = resp.canceled();
+    let Some(watch) = state.watches.get(&id) else {
+        // A watch dropped: its cancel request is on its way.
+        return;
+    };
+    if watch.send(Ok(resp)).is_err() {
+        state.watches.remove(&id);
+        cancel(id);
+    } else if ended {
+        state.watches.remove(&id);
+    }
+    state.update_idle();
+}
+
+/// Send the create and cancel requests; close the stream once it has been idle for
+/// [`IDLE`] (found within a quarter of it more), or once nothing can send on it any more.
+async fn send(
+    state: Arc<StdMutex<State>>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut requests: ec::WatchRequestSender,
+    reader: tokio::task::AbortHandle,
+) {
+    loop {
+        let command = tokio::select! {
+            command = commands.recv() => command,
+            _ = tokio::time::sleep(IDLE / 4) => {
+                let mut state = super::lock_unpoisoned(&state);
+                if state.idle_since.is_some_and(|since| since.elapsed() >= IDLE) {
+                    state.closed = true;
+                    break;
+                }
+                continue;
+            }
+        };
+        let sent = match command {
+            None => {
+                super::lock_unpoisoned(&state).closed = true;
+                break;
+            }
+            Some(Command::Create(key, options)) => requests.watch(key, Some(options)).await,
+            Some(Command::Cancel(id)) => requests.cancel(id).await,
+        };
+        if sent.is_err() {
+            // The stream is gone; its reader reports why.
+            return;
+        }
+    }
+    tracing::debug!("closing an idle shared watch stream");
+    // Nothing waits on the stream any more: drop both halves, which resets it.
+    reader.abort();
+}
