@@ -1101,6 +1101,91 @@ pub async fn rwlock_try_after_own_drop(b: &Backend) {
     assert!(keys_under(&admin, &format!("{lock}/")).await.is_empty());
 }
 
+/// A process that resumes a lease (`Session::builder(..).with_lease`) whose key of one mode
+/// is still in the store is refused the other mode at once with `AlreadyHeld`, naming the
+/// mode held, as a session that took that key itself is: its own key is ahead of the one it
+/// would put, and kept alive by its own lease, so waiting would be forever (found by review:
+/// `read()` hung and `try_read()` answered `Locked`, refused by itself). The refusal leaves
+/// the resumed key alone; taking the same mode adopts it; released, the other mode is free.
+pub async fn rwlock_resume_other_mode(b: &Backend) {
+    for held in ["write", "read"] {
+        let lock = name("rw-resume");
+        let client = b.client().await;
+        // An earlier process takes the lock in one mode, then stops without releasing it.
+        let old = b.session(TTL).await;
+        let old_rw = RwLock::new(&old, &lock).unwrap();
+        let token = if held == "write" {
+            let g = old_rw.write().await.unwrap();
+            let t = g.fencing_token();
+            std::mem::forget(g);
+            t
+        } else {
+            let g = old_rw.read().await.unwrap();
+            let t = g.fencing_token();
+            std::mem::forget(g);
+            t
+        };
+        old.orphan();
+        drop(old_rw);
+        drop(old);
+        let s = Session::builder(&client)
+            .with_lease(lease_of(&client, &lock, held).await)
+            .build()
+            .await
+            .unwrap();
+        let rw = RwLock::new(&s, &lock).unwrap();
+        let refused = |what: &str, r: baton::Result<()>| match r {
+            Err(e @ Error::AlreadyHeld { .. }) => assert!(
+                e.to_string().contains(&format!("{held} lock")),
+                "{what} with our {held} key resumed: the error does not name the mode: {e}"
+            ),
+            other => panic!("{what} with our {held} key resumed: {other:?}"),
+        };
+        let within = Duration::from_secs(3);
+        if held == "write" {
+            let waited = tokio::time::timeout(within, rw.read()).await;
+            let waited = waited.unwrap_or_else(|_| panic!("read() waited for our own write key"));
+            refused("read()", waited.map(drop));
+            refused("try_read()", rw.try_read().await.map(drop));
+            refused("read_timeout()", rw.read_timeout(within).await.map(drop));
+        } else {
+            let waited = tokio::time::timeout(within, rw.write()).await;
+            let waited = waited.unwrap_or_else(|_| panic!("write() waited for our own read key"));
+            refused("write()", waited.map(drop));
+            refused("try_write()", rw.try_write().await.map(drop));
+            refused("write_timeout()", rw.write_timeout(within).await.map(drop));
+        }
+        // The refusals left the resumed key in place.
+        let mine = format!("{lock}/{held}/{:x}", s.lease_id());
+        assert_eq!(keys_under(&client, &format!("{lock}/")).await, vec![mine]);
+        // The same mode adopts it (same token); released, the other mode is granted.
+        if held == "write" {
+            let g = rw.try_write().await.unwrap();
+            assert_eq!(g.fencing_token(), token);
+            g.unlock().await.unwrap();
+            rw.try_read().await.unwrap().unlock().await.unwrap();
+        } else {
+            let g = rw.try_read().await.unwrap();
+            assert_eq!(g.fencing_token(), token);
+            g.unlock().await.unwrap();
+            rw.try_write().await.unwrap().unlock().await.unwrap();
+        }
+        assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
+        s.close().await.unwrap();
+    }
+}
+
+/// The lease of the one key under `lock`'s `mode` (`read` or `write`) prefix.
+async fn lease_of(client: &Client, lock: &str, mode: &str) -> baton::store::LeaseId {
+    let resp = client
+        .store()
+        .range(Range::prefix(format!("{lock}/{mode}/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.kvs.len(), 1, "{resp:?}");
+    resp.kvs[0].lease
+}
+
 /// A waiting reader whose key is deleted (an admin, `etcdctl del`) fails with `NotHeld`
 /// at once, also when its client wrote to the lock a moment ago and so has a shared watch on
 /// the writers' keys: the reader's key is not among them, and it used to be told only when

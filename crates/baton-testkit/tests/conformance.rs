@@ -116,6 +116,7 @@ all_backends!(
     rwlock_cancel_and_loss,
     rwlock_try_after_own_drop,
     rwlock_waiting_reader_key_deleted,
+    rwlock_resume_other_mode,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

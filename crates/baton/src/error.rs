@@ -63,7 +63,8 @@ pub enum Error {
         "this session already holds or is waiting for {name:?} (one key per name and session)"
     )]
     AlreadyHeld {
-        /// The name (of the lock, election, ...).
+        /// The name (of the lock, election, ...). For an [`RwLock`](crate::RwLock), the
+        /// mode held follows it: `NAME (read lock)` or `NAME (write lock)`.
         name: String,
     },
 

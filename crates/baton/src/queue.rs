@@ -21,8 +21,8 @@ use crate::ownership::{
 };
 use crate::session::{OwnedClaim, Session, WeakSession};
 use crate::store::{
-    Compare, CompareOp, KeyValue, Range, Revision, SortOrder, Store, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Compare, CompareOp, KeyValue, LeaseId, Range, Revision, SortOrder, Store, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use crate::wait::{scan_member, wait_turn, TurnRead};
 
@@ -83,14 +83,33 @@ impl Entry {
         value: &[u8],
         try_only: bool,
     ) -> Result<Entry> {
+        Self::join_excluding(session, name, queue, key, value, None, try_only).await
+    }
+
+    /// [`join`](Entry::join), refused with [`Error::AlreadyHeld`] (naming `other.1`) if the
+    /// key `other.0` exists bound to this session's lease: a key of ours that ours would
+    /// wait behind forever (a read-write lock's key of the other mode, left by an earlier
+    /// process on the lease this session resumed). The store is asked in the join
+    /// transaction itself (a compare, and a read in its failure branch): no extra round
+    /// trip. A refused join leaves the store as it was (our own key too, if it existed).
+    pub(crate) async fn join_excluding(
+        session: &Session,
+        name: &str,
+        queue: Queue,
+        key: &str,
+        value: &[u8],
+        other: Option<(&str, &str)>,
+        try_only: bool,
+    ) -> Result<Entry> {
         // A queue of empty-valued keys that ours belongs to (a mutex): the join's read of the
         // last few keys also tells the head whenever the queue is short, so the read of the
         // head is left out (one range fewer per lock, in etcd's serial apply path).
-        if value.is_empty() && queue.contains(key.as_bytes()) {
-            return Self::join_inner(session, name, queue, key, value, None, try_only).await;
-        }
-        let first = Range::prefix(queue.prefix.clone()).first_created();
-        Self::join_inner(session, name, queue, key, value, Some(first), try_only).await
+        let read = if value.is_empty() && queue.contains(key.as_bytes()) {
+            None
+        } else {
+            Some(Range::prefix(queue.prefix.clone()).first_created())
+        };
+        Self::join_inner(session, name, queue, key, value, read, other, try_only).await
     }
 
     /// [`join`](Entry::join), reading `read` in the join transaction instead of only the
@@ -106,11 +125,13 @@ impl Entry {
         read: Range,
         try_only: bool,
     ) -> Result<Entry> {
-        Self::join_inner(session, name, queue, key, value, Some(read), try_only).await
+        Self::join_inner(session, name, queue, key, value, Some(read), None, try_only).await
     }
 
     /// [`join_reading`](Entry::join_reading); with no `read`, the head is found from the
-    /// last keys created (see [`join`](Entry::join)).
+    /// last keys created (see [`join`](Entry::join)); with `other`, see
+    /// [`join_excluding`](Entry::join_excluding).
+    #[allow(clippy::too_many_arguments)]
     async fn join_inner(
         session: &Session,
         name: &str,
@@ -118,6 +139,7 @@ impl Entry {
         key: &str,
         value: &[u8],
         read: Option<Range>,
+        other: Option<(&str, &str)>,
         try_only: bool,
     ) -> Result<Entry> {
         session.check_alive()?;
@@ -158,13 +180,23 @@ impl Entry {
             then.push(TxnOp::get(read.clone()));
         }
         then.push(TxnOp::get(last_few));
-        let txn = Txn::new()
-            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-            .and_then(then)
-            .or_else([
-                TxnOp::get(Range::key(k)),
-                TxnOp::get(read.clone().unwrap_or_else(first)),
-            ]);
+        let mut when = vec![Compare::create_revision(k.clone(), CompareOp::Equal, 0)];
+        let mut or_else = vec![
+            TxnOp::get(Range::key(k)),
+            TxnOp::get(read.clone().unwrap_or_else(first)),
+        ];
+        if let Some((other_key, _)) = other {
+            // A missing key's lease compares as 0, as a key bound to no lease: neither
+            // counts in a queue, nor refuses us. The read comes last in the failure branch
+            // (see `refused_by_other`).
+            when.push(Compare::lease(
+                other_key.as_bytes(),
+                CompareOp::NotEqual,
+                session.lease_id(),
+            ));
+            or_else.push(TxnOp::get(Range::key(other_key.as_bytes())));
+        }
+        let txn = Txn::new().when(when).and_then(then).or_else(or_else);
         let resp = match entry.send(txn).await {
             Err(Error::LeaseNotFound(_)) => {
                 return Err(if session.is_lost() {
@@ -175,6 +207,14 @@ impl Entry {
             }
             r => r?,
         };
+        if let Some((_, other_name)) = other.filter(|_| refused_by_other(&resp, session.lease_id()))
+        {
+            // Nothing was put; a key of ours that existed is not adopted, and stays.
+            entry.maybe_applied = false;
+            return Err(Error::AlreadyHeld {
+                name: other_name.to_string(),
+            });
+        }
         let my_rev = my_revision(&resp, &entry.key)?;
         entry.my_rev = Some(my_rev);
         if !resp.succeeded {
@@ -432,6 +472,7 @@ impl Drop for Entry {
             (None, inflight) if inflight.is_some() || self.maybe_applied => {
                 claim.releasing();
                 let mut unknown = self.maybe_applied;
+                let lease = self.session.lease_id();
                 let session = self.session.downgrade();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
@@ -441,6 +482,8 @@ impl Drop for Entry {
                         };
                         unknown |= answer.is_none();
                         let rev = match answer {
+                            // Refused: our key, if it existed, was not adopted.
+                            Some(resp) if refused_by_other(&resp, lease) => None,
                             Some(resp) => my_revision(&resp, &key).ok(),
                             None => find_own_key(&store, &key, &claim).await,
                         };
@@ -553,6 +596,13 @@ fn first_kv(resp: &TxnResponse, index: usize) -> Option<KeyValue> {
         .get(index)
         .and_then(TxnOpResponse::as_get)
         .and_then(|g| g.kvs.first().cloned())
+}
+
+/// True if a join of [`Entry::join_excluding`] failed because the key it must not wait
+/// behind exists bound to our `lease`: its failure branch reads that key last (a third
+/// read, which no other join has).
+fn refused_by_other(resp: &TxnResponse, lease: LeaseId) -> bool {
+    !resp.succeeded && first_kv(resp, 2).is_some_and(|kv| kv.lease == lease)
 }
 
 /// Our revision from the join transaction: the header revision if we created the key, or

@@ -17,8 +17,16 @@ use crate::session::Session;
 /// - a writer goes ahead when nobody queued before it.
 ///
 /// So a waiting writer blocks every reader that comes after it: writers are not starved.
-/// Each waiter watches only the one key it waits for, and waiting, cancelling and losing the
-/// session behave as for [`Mutex`](crate::Mutex).
+///
+/// Each waiter waits for one key: a writer for the last key created before its own, a reader
+/// for the last writer's key created before its own (so one writer's release wakes every
+/// reader queued right behind it). A writer waits as a [`Mutex`](crate::Mutex)'s waiter
+/// does: through its client's shared, prefix-wide watch of `NAME/` when the queue is short
+/// or that watch is open, else by watching that one key and its own. A reader always waits
+/// through its client's two shared, prefix-wide watches, of `NAME/write/` (the writers ahead)
+/// and of `NAME/read/` (its own key): one client's readers share those two watches rather
+/// than hold two each, and each watch is told of every delete under its prefix. Waiting,
+/// cancelling and losing the session behave as for [`Mutex`](crate::Mutex).
 ///
 /// # Key layout
 ///
@@ -34,7 +42,13 @@ use crate::session::Session;
 ///   `read()` likewise, instead of waiting for its own key forever (the recipe deadlocks):
 ///   there is no upgrade or downgrade; release one lock before taking the other (a guard
 ///   just dropped or unlocked is fine: its release is waited for, as a mutex waits for its
-///   own key's release, so `drop(w); try_read()` is not refused by our own key);
+///   own key's release, so `drop(w); try_read()` is not refused by our own key). The key
+///   found need not be this process's: a session that resumed a lease
+///   ([`with_lease`](crate::SessionBuilder::with_lease)) whose write key is still in the
+///   store is refused `read()` and `try_read()` the same way (the join transaction
+///   looks), while `write()` adopts the key, as a [`Mutex`](crate::Mutex) adopts its own;
+///   likewise for a resumed read key. The error's name says which mode is held:
+///   `NAME (write lock)` or `NAME (read lock)`;
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
 /// - a waiter whose key vanished gets an error, never the lock;
@@ -44,7 +58,9 @@ use crate::session::Session;
 ///
 /// Each guard's token is its key's create revision. A writer's token is greater than the
 /// token of every reader or writer granted before it. Concurrent readers' tokens are only
-/// ordered among themselves by when they queued.
+/// ordered among themselves by when they queued, not by when they were granted: readers
+/// woken by the same release may see their grants in any order, so a reader granted later
+/// may hold a smaller token than one granted before it.
 ///
 /// # Examples
 ///
@@ -111,7 +127,9 @@ impl RwLock {
     /// Wait for shared access: until no writer that queued before us holds or waits.
     ///
     /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the read
-    /// lock, or the write lock (which would be ahead of us: we would wait for ourselves).
+    /// lock, or the write lock (which would be ahead of us: we would wait for ourselves),
+    /// also if the store has this session's write key (a resumed lease: see the
+    /// [type's docs](RwLock#key-layout)).
     ///
     /// # Cancel safety
     ///
@@ -134,7 +152,7 @@ impl RwLock {
     }
 
     /// Take shared access if no writer holds or waits, without waiting; else
-    /// [`Error::Locked`].
+    /// [`Error::Locked`] ([`Error::AlreadyHeld`] as for [`read()`](RwLock::read)).
     /// One attempt: a store that cannot be reached is its (retryable) error at once.
     ///
     /// # Cancel safety
@@ -151,7 +169,9 @@ impl RwLock {
     /// Wait for exclusive access: until everyone who queued before us is gone.
     ///
     /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the write
-    /// lock, or the read lock (which would be ahead of us: we would wait for ourselves).
+    /// lock, or the read lock (which would be ahead of us: we would wait for ourselves),
+    /// also if the store has this session's read key (a resumed lease: see the
+    /// [type's docs](RwLock#key-layout)).
     ///
     /// # Cancel safety
     ///
@@ -174,7 +194,7 @@ impl RwLock {
     }
 
     /// Take exclusive access if nobody holds or waits, without waiting; else
-    /// [`Error::Locked`].
+    /// [`Error::Locked`] ([`Error::AlreadyHeld`] as for [`write()`](RwLock::write)).
     /// One attempt: a store that cannot be reached is its (retryable) error at once.
     ///
     /// # Cancel safety
@@ -188,6 +208,16 @@ impl RwLock {
         Ok(RwLockWriteGuard { held })
     }
 
+    /// The name [`Error::AlreadyHeld`] gives for this session's key of `mode`:
+    /// `NAME (read lock)` or `NAME (write lock)`.
+    fn name_of(&self, mode: Mode) -> String {
+        let mode = match mode {
+            Mode::Read => "read",
+            Mode::Write => "write",
+        };
+        format!("{} ({mode} lock)", self.name)
+    }
+
     async fn acquire(&self, mode: Mode, try_only: bool) -> Result<Held> {
         // Our session's key of the other mode, held or queued, is ahead of the key we would
         // put, and ours would wait for it: a writer waits for every earlier key, a reader for
@@ -196,12 +226,16 @@ impl RwLock {
         // for, as a mutex waits for its own key's release: else a `try_*` would find it ahead
         // and answer `Locked`, refused by itself. With `try_only`, a release the store did
         // not answer is not waited for (a retryable error at once, as for `try_lock`).
-        let other = match mode {
-            Mode::Read => &self.write_key,
-            Mode::Write => &self.read_key,
+        // That key may also be in the store without this process knowing it: left by an
+        // earlier process on the lease this session resumed (`with_lease`). The join
+        // transaction refuses it too, with no extra round trip.
+        let (other, other_mode) = match mode {
+            Mode::Read => (&self.write_key, Mode::Write),
+            Mode::Write => (&self.read_key, Mode::Read),
         };
+        let other_name = self.name_of(other_mode);
         self.session
-            .unclaimed(other.as_bytes(), &self.name, try_only)
+            .unclaimed(other.as_bytes(), &other_name, try_only)
             .await?;
         let (queue, key) = match mode {
             // A reader waits only for earlier writers.
@@ -212,7 +246,16 @@ impl RwLock {
             // A writer waits for every earlier reader and writer.
             Mode::Write => (Queue::read_write(&self.prefix), &self.write_key),
         };
-        let mut entry = Entry::join(&self.session, &self.name, queue, key, b"", try_only).await?;
+        let mut entry = Entry::join_excluding(
+            &self.session,
+            &self.name_of(mode),
+            queue,
+            key,
+            b"",
+            Some((other.as_str(), other_name.as_str())),
+            try_only,
+        )
+        .await?;
         if !entry.at_head() {
             if try_only {
                 entry.abandon().await;
@@ -261,7 +304,19 @@ impl fmt::Debug for RwLockWriteGuard {
 }
 
 impl RwLockReadGuard {
-    held_accessors!("read lock");
+    /// The fencing token of the read lock: the create revision of our key.
+    ///
+    /// Greater than the token of every writer granted before us, and smaller than that of
+    /// every writer granted after us. Among readers, tokens follow the order in which they
+    /// queued, not the order of their grants: readers woken by the same release may see
+    /// their grants in any order. So a resource that refuses tokens lower than one it has
+    /// seen fences out stale writers only if it counts the tokens of writes; two readers'
+    /// tokens say nothing of which was granted first.
+    pub fn fencing_token(&self) -> crate::store::Revision {
+        self.held.rev()
+    }
+
+    held_accessors!(@shared "read lock");
 
     /// Release the read lock (compare-and-delete). [`Error::NotHeld`] if it was lost.
     ///
@@ -325,6 +380,68 @@ mod tests {
         assert!(matches!(err, Error::Locked { .. }), "{err}");
         read.unlock().await.unwrap();
         other.write().await.unwrap().unlock().await.unwrap();
+    }
+
+    /// The store's side of the refusal of the other mode (the conformance case
+    /// `rwlock_resume_other_mode` has the resumed lease itself): a key of the other mode
+    /// named after our lease but bound to no lease is not in the queue, and refuses nothing;
+    /// a refused join whose first reply was lost (retried, so it may have put our key) does
+    /// not take the keys of ours it found for its own and remove them.
+    #[tokio::test]
+    async fn the_refusal_of_the_other_mode_asks_the_store() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::{KeyRange, Range, Store};
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let lease = session.lease_id();
+        let lock = RwLock::new(&session, "job").unwrap();
+        let (read_key, write_key) = (
+            format!("job/read/{lease:x}"),
+            format!("job/write/{lease:x}"),
+        );
+        let within = Duration::from_secs(5);
+
+        store.put(write_key.as_bytes(), b"", 0).await.unwrap();
+        let read = tokio::time::timeout(within, lock.read())
+            .await
+            .expect("read() waited for a key that is not in the queue")
+            .expect("read() refused by a key bound to no lease");
+        read.unlock().await.unwrap();
+        store
+            .delete(KeyRange::key(write_key.as_bytes()))
+            .await
+            .unwrap();
+
+        // Both keys of our lease there (as an earlier process on this lease left them).
+        store.put(read_key.as_bytes(), b"", lease).await.unwrap();
+        store.put(write_key.as_bytes(), b"", lease).await.unwrap();
+        store.lose_next_reply.store(true, Ordering::Relaxed);
+        let err = tokio::time::timeout(within, lock.read())
+            .await
+            .expect("read() waited for our own write key")
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::AlreadyHeld { ref name } if name == "job (write lock)"),
+            "{err:?}"
+        );
+        // Whatever the background clean-up of the entry would do, give it the time.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let keys: Vec<_> = store
+            .range(Range::prefix("job/"))
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key_str().into_owned())
+            .collect();
+        assert_eq!(
+            keys,
+            vec![read_key, write_key],
+            "a refused join removed our keys"
+        );
     }
 
     /// A guard of one mode dropped, its delete slow to be answered: `try_read` or

@@ -189,7 +189,9 @@ impl SessionBuilder {
     /// Adopt an existing lease instead of granting a new one (Go's `WithLease`): keep it
     /// alive, and use it for keys. Its TTL is the one it was granted with; the TTL set with
     /// [`with_ttl`](SessionBuilder::with_ttl) is ignored. Use it to resume locks or a
-    /// leadership held by an earlier process that has stopped.
+    /// leadership held by an earlier process that has stopped. An
+    /// [`RwLock`](crate::RwLock) adopts the key left in the same mode, and refuses the
+    /// other mode with [`Error::AlreadyHeld`] until that key is released.
     ///
     /// Sessions on one lease are **one owner**: a lock's key is `NAME/<lease>`, so each of
     /// them finds its key already there and is granted a lock the other holds, with the same
