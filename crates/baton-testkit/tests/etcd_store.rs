@@ -1414,12 +1414,28 @@ async fn watches_are_created_past_a_paused_member() {
             let took = started.elapsed();
             eprintln!("member {paused} paused: watch {i} created in {took:?}");
             assert!(took < Duration::from_secs(5), "{took:?}");
-            // The paused member may have been the leader: a put waits for the election.
-            retry("put", Duration::from_secs(10), || async {
+            // The paused member may have been the leader: a put waits for the election,
+            // and a member without a leader ends its watch streams (require-leader): such a
+            // watch fails with a retryable error, and is created again from the put.
+            let (rev, _) = retry("put", Duration::from_secs(10), || async {
                 writer.put(key.as_bytes(), b"seen", 0).await
             })
             .await;
-            assert_eq!(next(&mut watch).await.events[0].kv.value, b"seen");
+            let batch = loop {
+                match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+                    Ok(Some(Ok(batch))) => break batch,
+                    Ok(Some(Err(e))) if e.is_retryable() => {
+                        eprintln!("watch {i} failed ({e}); watching again from {rev}");
+                        watch = retry("watch", Duration::from_secs(10), || {
+                            store.watch(Watch::key(key.as_str()).from_revision(rev))
+                        })
+                        .await
+                        .0;
+                    }
+                    other => panic!("watch {i}: expected a batch, got {other:?}"),
+                }
+            };
+            assert_eq!(batch.events[0].kv.value, b"seen");
         }
         cluster.member_mut(paused).cont();
     }

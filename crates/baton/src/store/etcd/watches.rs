@@ -60,7 +60,9 @@ pub(super) type Delivery = std::result::Result<ec::WatchResponse, Error>;
 /// come unless etcd canceled it at once; or the error that ended the stream first.
 type Created = std::result::Result<(ec::WatchResponse, Option<Replies>), Error>;
 
-type Replies = mpsc::UnboundedReceiver<Delivery>;
+/// A watch's queue of replies. Boxed: a channel allocates room for 32 items at once, which
+/// unboxed (~130 bytes each) would cost every held lock's watch 4 KB while it waits.
+type Replies = mpsc::UnboundedReceiver<Box<Delivery>>;
 
 enum Command {
     Create(Vec<u8>, ec::WatchOptions),
@@ -71,7 +73,7 @@ struct State {
     /// One reply slot per create request sent and not answered yet, oldest first.
     pending: VecDeque<oneshot::Sender<Created>>,
     /// The watches open on the stream, by id.
-    watches: HashMap<i64, mpsc::UnboundedSender<Delivery>>,
+    watches: HashMap<i64, mpsc::UnboundedSender<Box<Delivery>>>,
     /// The stream ended, or is being closed: nothing more is sent on it.
     closed: bool,
     /// No new watch joins the stream (see the module docs); those on it stay.
@@ -111,7 +113,7 @@ impl Member {
     /// The next reply, or the error that ended the stream; `None` once the watch ended
     /// (canceled by etcd, whose reply came before, or the stream ended without an error).
     pub(super) async fn next(&mut self) -> Option<Delivery> {
-        self.replies.recv().await
+        self.replies.recv().await.map(|delivery| *delivery)
     }
 }
 
@@ -294,7 +296,7 @@ async fn read(
     }
     for (_, watch) in state.watches.drain() {
         if let Some(error) = &end {
-            let _ = watch.send(Err(error.clone()));
+            let _ = watch.send(Box::new(Err(error.clone())));
         }
     }
 }
@@ -339,7 +341,7 @@ fn deliver(
         // A watch dropped: its cancel request is on its way.
         return;
     };
-    if watch.send(Ok(resp)).is_err() {
+    if watch.send(Box::new(Ok(resp))).is_err() {
         state.watches.remove(&id);
         cancel(id);
     } else if ended {
