@@ -280,6 +280,121 @@ async fn redlock_one_hung_master_stalls_nothing() {
     servers.cont(2);
 }
 
+/// One master of three hangs (SIGSTOP) after the client dialled it: an unlock leaves its
+/// delete to that master in flight (a quorum settled the release), and `close()` waits for
+/// it only for the straggler wait, not for the request timeout (10 s): the delete is in
+/// the master's socket, which it runs when it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_close_does_not_wait_a_request_timeout_for_a_hung_master() {
+    let mut servers = RedisServers::start_async(3).await;
+    let client = connect(&servers.redlock_url(), Duration::from_secs(10)).await;
+    let lock = client.lock(&unique("close-hung")).unwrap();
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+    servers.stop(2);
+    let t = Instant::now();
+    lock.lock().await.unwrap().unlock().await.unwrap();
+    let work = t.elapsed();
+    let t = Instant::now();
+    client.close().await.unwrap();
+    let closing = t.elapsed();
+    servers.cont(2);
+    assert!(
+        work < Duration::from_secs(2),
+        "lock and unlock took {work:?}"
+    );
+    assert!(closing < Duration::from_secs(2), "close() took {closing:?}");
+    // The delete left in the hung master's socket ran when it resumed.
+    let mut third = raw(&servers.servers()[2].url()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&mut third, lock.key()).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the key stayed on the resumed master"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A master of three hangs and another holds a stale key of another owner: `try_lock`'s
+/// attempt splits (taken on the first master, held on the second) and fails as busy; its
+/// cleanup deletes our key on the first master and does not wait for the hung master's
+/// answer for a request timeout (10 s). Nor does `close()` after a `lock_timeout` that gave
+/// up the same way (its cleanups run in the background).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_the_cleanup_of_a_split_attempt_does_not_wait_for_a_hung_master() {
+    let mut servers = RedisServers::start_async(3).await;
+    let client = connect(&servers.redlock_url(), Duration::from_secs(10)).await;
+    let name = unique("split-cleanup");
+    let lock = client.lock(&name).unwrap();
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+    let mut first = raw(&servers.servers()[0].url()).await;
+    let mut second = raw(&servers.servers()[1].url()).await;
+    let () = second.set_ex(&name, "stale", 30).await.unwrap();
+    servers.stop(2);
+    let t = Instant::now();
+    let err = lock.try_lock().await.unwrap_err();
+    let trying = t.elapsed();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert_eq!(get(&mut first, &name).await, None, "try_lock left its key");
+    let t = Instant::now();
+    let err = lock
+        .lock_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    let waiting = t.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let t = Instant::now();
+    client.close().await.unwrap();
+    let closing = t.elapsed();
+    servers.cont(2);
+    assert!(trying < Duration::from_secs(2), "try_lock took {trying:?}");
+    assert!(
+        waiting < Duration::from_secs(2),
+        "lock_timeout took {waiting:?}"
+    );
+    assert!(closing < Duration::from_secs(2), "close() took {closing:?}");
+    assert_eq!(
+        get(&mut first, &name).await,
+        None,
+        "an attempt left its key"
+    );
+}
+
+/// Two masters of three hang: `try_lock` waits for them for one request timeout (no quorum
+/// can answer sooner), then deletes its key on the master that answered without waiting for
+/// the hung two a second request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_try_lock_with_a_hung_majority_takes_one_request_timeout() {
+    let mut servers = RedisServers::start_async(3).await;
+    let request_timeout = Duration::from_secs(2);
+    let client = builder(&servers.redlock_url(), Duration::from_secs(10))
+        .with_request_timeout(request_timeout)
+        .connect()
+        .await
+        .unwrap();
+    let name = unique("hung-majority");
+    let lock = client.lock(&name).unwrap();
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+    servers.stop(1);
+    servers.stop(2);
+    let t = Instant::now();
+    let err = lock.try_lock().await.unwrap_err();
+    let trying = t.elapsed();
+    let t = Instant::now();
+    client.close().await.unwrap();
+    let closing = t.elapsed();
+    servers.cont(1);
+    servers.cont(2);
+    assert!(matches!(err, Error::NoQuorum { .. }), "{err}");
+    assert!(
+        trying < request_timeout + Duration::from_millis(800),
+        "try_lock took {trying:?}"
+    );
+    assert!(closing < Duration::from_secs(1), "close() took {closing:?}");
+    let mut first = raw(&servers.servers()[0].url()).await;
+    assert_eq!(get(&mut first, &name).await, None, "try_lock left its key");
+}
+
 /// One master of three lost the key (restarted without persistence, or a `DEL`) and answers
 /// at once; the first answers 300 ms late (longer than the straggler wait of 50 ms). The
 /// key is still held on a quorum (the first and second): unlocking, reading the leader and

@@ -101,7 +101,7 @@ impl Drop for Cleanup<'_> {
             );
             self.client.cleanups.spawn_on(
                 async move {
-                    if let Err(e) = client.release(&keys, &token).await {
+                    if let Err(e) = client.clean_up(&keys, &token).await {
                         tracing::debug!(error = %e, "cleanup of a cancelled acquire failed; keys expire with their ttl");
                     }
                 }
@@ -283,7 +283,10 @@ impl RedisLock {
     /// masters). On one server, an answer that comes after the lock's TTL (less the
     /// drift) has passed fails with [`Error::Unavailable`] (with FIFO, after one more
     /// attempt): the hold would have been lost at once. Whatever the attempt set is
-    /// deleted before the error is returned.
+    /// deleted before the error is returned; on Redlock, a master that has not answered the
+    /// deletion a short while (1% of the TTL, at least 10 ms) after another did is not
+    /// waited for: its deletion follows the attempt's write on its connection. With a
+    /// majority of masters hung, the attempt fails after one request timeout.
     ///
     /// # Cancel safety
     ///
@@ -526,7 +529,7 @@ async fn leave_queue(
     });
     let (inner, keys, token) = (client.clone(), keys.clone(), token.to_string());
     let leave = async move {
-        if let Err(e) = inner.release(&keys, &token).await {
+        if let Err(e) = inner.clean_up(&keys, &token).await {
             tracing::debug!(error = %e, "leaving the queue failed; our place expires with the waiter window");
         }
     }

@@ -162,8 +162,13 @@
 //! deleted the key, agrees on its holder...), after waiting a short while for the other
 //! masters (1% of the TTL, at least 10 ms, or as long as those answers took if longer);
 //! the writes still in flight then finish in the background (tasks that
-//! [`close()`](RedisClient::close) waits for, for releases). Answers that settle nothing
-//! (one master no longer has the key, another has it) wait for the last master.
+//! [`close()`](RedisClient::close) waits for only for that short while more: each was sent
+//! on the master's connection, which a paused Redis runs when it resumes, or was never
+//! sent). Answers that settle nothing (one master no longer has the key, another has it)
+//! make an unlock or a resign wait for the last master; the cleanups whose outcome nobody
+//! reads (a failed acquire's deletions, a dropped guard's release, those of `close()`) do
+//! not: once a master answered, they wait for the others only that short while, and a
+//! `try_lock` with a majority of masters hung fails after one request timeout, not two.
 //!
 //! What Redlock does **not** give you, plainly (see Martin Kleppmann, "How to do distributed
 //! locking", 2016):
@@ -550,6 +555,7 @@ impl RedisClientBuilder {
                 holds: StdMutex::new(HashMap::new()),
                 launcher: watchdog::Launcher::default(),
                 cleanups: tokio_util::task::TaskTracker::new(),
+                stragglers: tokio_util::task::TaskTracker::new(),
                 fifo_refused: std::sync::atomic::AtomicBool::new(false),
             }),
         })
@@ -657,10 +663,18 @@ pub(crate) struct ClientInner {
     pub(crate) holds: StdMutex<HashMap<u64, Arc<HoldState>>>,
     /// Starts the watchdogs of holds that outlive a few milliseconds.
     pub(crate) launcher: watchdog::Launcher,
-    /// Releases and queue exits spawned by dropped guards and cancelled waits: `close()`
-    /// waits for them (within the request timeout), so that a process that closes its
-    /// client before exiting leaves nothing behind.
+    /// Releases and queue exits spawned by dropped guards and cancelled waits, and the
+    /// deletions of failed acquires: `close()` waits for them (within the request timeout),
+    /// so that a process that closes its client before exiting leaves nothing behind. Each
+    /// is a [`clean_up`](ClientInner::clean_up), which does not wait for a Redlock master
+    /// silent past the straggler wait once another answered.
     pub(crate) cleanups: tokio_util::task::TaskTracker,
+    /// The writes an operation whose outcome a quorum settled left in flight to the masters
+    /// that had not answered (see `redlock::gather`): `close()` waits for them only for a
+    /// straggler wait. Each was sent on its master's connection (which the master runs when
+    /// it answers again, even after we hung up), or was never sent (the master had no
+    /// connection), so waiting longer for its answer would only hold the caller up.
+    pub(crate) stragglers: tokio_util::task::TaskTracker,
     /// Set when the server refused the FIFO queue's keys (an ACL written for the keys Baton
     /// used before, without `baton:queue:*` and `baton:waiter:*`): this client's waiters
     /// then no longer queue.
@@ -751,6 +765,24 @@ impl RedisClient {
     /// on every server), mark them lost, and end every wait and observation. Closing twice is
     /// not an error.
     ///
+    /// What it waits for, in turn:
+    ///
+    /// 1. the releases of the holds still alive;
+    /// 2. the cleanups still running (releases of dropped guards, deletions of failed or
+    ///    cancelled acquires, waiters leaving the queue), within the request timeout
+    ///    (default 10 s);
+    /// 3. the writes left in flight to Redlock masters that had not answered when a quorum
+    ///    settled an operation (an unlock, a resign, a proclaim), within the straggler wait
+    ///    (1% of the TTL, at least 10 ms).
+    ///
+    /// On Redlock, each release and cleanup returns once a master answered it and the
+    /// others stayed silent past the straggler wait, or once a quorum settled it: a master
+    /// that hangs (paused, or its host unreachable without a refusal) makes `close()` no
+    /// slower than that, rather than a request timeout. What is not waited for was sent on
+    /// that master's connection (a paused Redis runs it when it resumes) or was never sent
+    /// (no connection to it); those keys expire with their TTL otherwise. On one server,
+    /// `close()` waits for the server's answers, within the request timeout.
+    ///
     /// # Cancel safety
     ///
     /// Everything is marked lost at once; if the future is dropped, keys not yet deleted
@@ -768,7 +800,7 @@ impl RedisClient {
             .collect();
         let releases = holds.iter().map(|h| {
             h.set_reason("the client was closed");
-            self.inner.release(&h.keys, &h.token)
+            self.inner.clean_up(&h.keys, &h.token)
         });
         for r in futures::future::join_all(releases).await {
             if let Err(e) = r {
@@ -781,6 +813,17 @@ impl RedisClient {
             .is_err()
         {
             tracing::debug!("cleanups still running at close; their keys expire with their ttl");
+        }
+        self.inner.stragglers.close();
+        let straggle = redlock::straggle(self.inner.opts.ttl);
+        if tokio::time::timeout(straggle, self.inner.stragglers.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                "writes to masters that have not answered are still in flight at close; \
+                 they were sent (or never will be), and their keys expire with their ttl"
+            );
         }
         Ok(())
     }
@@ -857,6 +900,7 @@ impl ClientInner {
             holds: StdMutex::new(HashMap::new()),
             launcher: watchdog::Launcher::default(),
             cleanups: tokio_util::task::TaskTracker::new(),
+            stragglers: tokio_util::task::TaskTracker::new(),
             fifo_refused: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -15,7 +15,9 @@
 //! Release, proclaim and reads stop waiting for the nodes that have not answered once the
 //! answers of a quorum settle the outcome (see [`gather`]): one hung node of a majority
 //! that is up holds nothing up by a request timeout. Writes still in flight then finish in
-//! the background.
+//! the background, as stragglers that `close()` does not wait for past a straggler wait.
+//! Cleanups (deletions whose count nobody reads: a failed acquire's, a dropped guard's)
+//! are settled by any answer (see [`ClientInner::clean_up`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -177,7 +179,10 @@ impl ClientInner {
     /// A failed attempt deletes what it may have set before it returns if `wait_cleanup`
     /// (`try_lock`, whose error promises it) or if it failed for good; else the deletion
     /// runs in the background (a hung node would otherwise delay the next attempt by a
-    /// request timeout), and the caller's next attempt must use another token.
+    /// request timeout), and the caller's next attempt must use another token. Either way
+    /// it is a [`clean_up`](Self::clean_up): once a node answered it, the nodes silent past
+    /// the straggler wait are not waited for (with a majority hung, the attempt itself
+    /// waits for them until `give_up`, and the deletion does not wait for them again).
     pub(crate) async fn try_acquire(
         self: &Arc<Self>,
         keys: &Keys,
@@ -300,14 +305,14 @@ impl ClientInner {
         // Unless every node said "held by another owner", some node may hold our token.
         if busy < n {
             if wait_cleanup || failed > n - q {
-                if let Err(e) = self.release(keys, token).await {
+                if let Err(e) = self.clean_up(keys, token).await {
                     tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
                 }
             } else if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let (client, keys, token) = (self.clone(), keys.clone(), token.to_string());
                 self.cleanups.spawn_on(
                     async move {
-                        if let Err(e) = client.release(&keys, &token).await {
+                        if let Err(e) = client.clean_up(&keys, &token).await {
                             tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
                         }
                     }
@@ -398,10 +403,28 @@ impl ClientInner {
     /// Returns once every node answered, or the answers settle the outcome — a quorum
     /// deleted the key, or too many did not (did not hold it, or failed) for a quorum to —
     /// and the others stayed silent past the straggler wait (see [`gather`]); their
-    /// deletions then finish in a task tracked by the client's cleanups (which
-    /// [`close()`](super::RedisClient::close) waits for), and they do not count as having
+    /// deletions then finish in a task tracked by the client's stragglers (which
+    /// [`close()`](super::RedisClient::close) waits for only for a straggler wait: each was
+    /// sent on its node's connection, or never will be), and they do not count as having
     /// held our token. Fails only if every node that answered failed.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
+        self.release_settled(keys, token, false).await
+    }
+
+    /// Compare-and-delete on every node, where how many held our token does not matter (a
+    /// failed or cancelled acquire, a dropped guard, a waiter leaving, `close()`): as
+    /// [`release`](Self::release), but settled too once any node answered, so that the
+    /// nodes that stay silent past the straggler wait after it are not waited for. One
+    /// answer that leaves the count open (our key deleted on one master, another owner's
+    /// found on another) then holds nothing up by a request timeout when the last master
+    /// hangs, nor does a majority that hangs: their deletions follow the acquire's writes on
+    /// their connections (or neither is ever sent), and finish in the background.
+    pub(crate) async fn clean_up(&self, keys: &Keys, token: &str) -> Result<usize> {
+        self.release_settled(keys, token, true).await
+    }
+
+    /// [`release`](Self::release), or [`clean_up`](Self::clean_up) if `cleanup`.
+    async fn release_settled(&self, keys: &Keys, token: &str, cleanup: bool) -> Result<usize> {
         let (n, q) = (self.nodes.len(), self.quorum);
         let calls: Race<_> = self
             .nodes
@@ -420,7 +443,9 @@ impl ClientInner {
         };
         let settled = |results: &[Result<NodeRelease>]| {
             let deleted = deleted(results);
-            deleted >= q || results.len() - deleted > n - q
+            deleted >= q
+                || results.len() - deleted > n - q
+                || (cleanup && results.iter().any(|r| r.is_ok()))
         };
         let mut woken = false;
         let (results, rest) = gather(calls, settled, straggle(self.opts.ttl), |results| {
@@ -461,7 +486,7 @@ impl ClientInner {
     }
 
     /// Let `calls` (writes a quorum no longer waits for) finish in a task tracked by the
-    /// client's cleanups, on the current runtime if there is one (else they are dropped:
+    /// client's stragglers, on the current runtime if there is one (else they are dropped:
     /// the requests already sent run anyway).
     fn finish_in_background<F>(&self, mut calls: Race<F>, what: &'static str)
     where
@@ -469,7 +494,7 @@ impl ClientInner {
         F::Output: Send,
     {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            self.cleanups.spawn_on(
+            self.stragglers.spawn_on(
                 async move { while calls.next().await.is_some() {} }
                     .instrument(tracing::debug_span!("stragglers", what)),
                 &handle,

@@ -325,7 +325,7 @@ impl Drop for Hold {
             let state = self.state.clone();
             self.client.cleanups.spawn_on(
                 async move {
-                    if let Err(e) = client.release(&state.keys, &state.token).await {
+                    if let Err(e) = client.clean_up(&state.keys, &state.token).await {
                         tracing::warn!(error = %e, "release on drop failed; the key expires with its ttl");
                     }
                 }
