@@ -395,6 +395,109 @@ async fn redlock_try_lock_with_a_hung_majority_takes_one_request_timeout() {
     assert_eq!(get(&mut first, &name).await, None, "try_lock left its key");
 }
 
+/// One master listed under two names (`127.0.0.1:P` and `localhost:P`) is one master, not
+/// two: connecting fails with a clear error naming both, found by the server's `run_id`
+/// (the names differ, so the URL's own check cannot see it). Counted twice, it would make
+/// three "masters" out of two servers: with the other one paused, every acquire would fail
+/// (the second `SET NX` on the same server finds our own key) where three masters survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_refuses_one_master_listed_under_two_names() {
+    let servers = RedisServers::start_async(3).await;
+    let (a, b) = (servers.servers()[0].port(), servers.servers()[1].port());
+    let url = format!("redlock://127.0.0.1:{a},localhost:{a},127.0.0.1:{b}");
+    let err = builder(&url, Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidEndpoint { .. }), "{err}");
+    let text = err.to_string();
+    for name in [format!("127.0.0.1:{a}"), format!("localhost:{a}")] {
+        assert!(text.contains(&name), "{text}");
+    }
+    assert!(text.contains("independent masters"), "{text}");
+    // Independent masters, each named differently, still connect.
+    let c = servers.servers()[2].port();
+    let url = format!("redlock://127.0.0.1:{a},localhost:{b},127.0.0.1:{c}");
+    let client = connect(&url, Duration::from_secs(10)).await;
+    let guard = client
+        .lock(&unique("names"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    guard.unlock().await.unwrap();
+}
+
+/// The second name of a master is unreachable when the client connects (its proxy resets
+/// connections), so it cannot be checked then: once it answers, its first connection finds
+/// the same `run_id` as the first master's, and it is refused for good (an error is
+/// logged) rather than counted: a lock held on two of the three entries is held on two
+/// servers, not three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_master_named_twice_is_not_counted_when_it_comes_up() {
+    let servers = RedisServers::start_async(2).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    proxy.set_both(Fault::Reset);
+    let url = format!(
+        "redlock://{},{},{}",
+        servers.servers()[0].addr(),
+        servers.servers()[1].addr(),
+        proxy.addr()
+    );
+    let client = connect(&url, Duration::from_secs(10)).await;
+    proxy.heal();
+    // Past the re-dial backoff (500 ms) of the failed dial.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let name = unique("named-twice");
+    let lock = client.lock(&name).unwrap();
+    for _ in 0..3 {
+        let guard = lock.try_lock().await.unwrap();
+        let holds = client.holds(&name).await.unwrap();
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert_eq!(holds[0].servers, 2, "one server counted twice: {holds:?}");
+        guard.unlock().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+}
+
+/// A user whose ACL refuses `INFO` cannot have its masters' `run_id` read: connecting does
+/// not fail for that, and only the URL's check (the same host and port listed twice) is
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_without_info_rights_connects_and_checks_only_the_names() {
+    let servers: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(
+                baton_testkit::redis::RedisServerOptions::new()
+                    .with_acl_user("u", "on >pw ~* &* +@all -info"),
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = servers
+        .iter()
+        .map(|s| format!("u:pw@{}", s.addr()))
+        .collect();
+    let client = connect(
+        &format!("redlock://{}", addrs.join(",")),
+        Duration::from_secs(10),
+    )
+    .await;
+    let guard = client
+        .lock(&unique("no-info"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    guard.unlock().await.unwrap();
+    let a = servers[0].port();
+    let twice = format!(
+        "redlock://u:pw@127.0.0.1:{a},u:pw@localhost:{a},{}",
+        addrs[1]
+    );
+    let client = connect(&twice, Duration::from_secs(10)).await;
+    client.close().await.unwrap();
+}
+
 /// One master of three lost the key (restarted without persistence, or a `DEL`) and answers
 /// at once; the first answers 300 ms late (longer than the straggler wait of 50 ms). The
 /// key is still held on a quorum (the first and second): unlocking, reading the leader and

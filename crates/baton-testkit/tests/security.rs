@@ -340,7 +340,7 @@ async fn hanging_up_server() -> (u16, tokio::task::JoinHandle<()>) {
 }
 
 /// `http://` to a TLS etcd, and `redis://` to a TLS Redis, fail at once with `Error::Tls`
-/// saying to use `https://` or `rediss://`, as the reverse mistakes do. Before, etcd waited
+/// saying to use `https://` or `rediss://` (Redlock masters too), as the reverse mistakes do. Before, etcd waited
 /// out the whole dial timeout and then said only "broken pipe", and Redis said "Connection
 /// reset by peer". A plaintext server that hangs up on every connection is still a
 /// connection failure, not taken for TLS.
@@ -365,6 +365,23 @@ async fn plaintext_to_a_tls_server_is_a_tls_error_at_once() {
     let plain = server.tls_url().replacen("rediss://", "redis://", 1);
     let started = Instant::now();
     let err = Coordinator::builder(&plain)
+        .with_dial_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "rediss://");
+    found_within(started, 3);
+    // Redlock masters (asked `INFO server` first, not `PING`) too.
+    let more = [
+        redis(RedisServerOptions::new().with_tls(&pki)),
+        redis(RedisServerOptions::new().with_tls(&pki)),
+    ];
+    let masters: Vec<String> = [&server, &more[0], &more[1]]
+        .iter()
+        .map(|s| s.tls_url().replacen("rediss://", "", 1))
+        .collect();
+    let started = Instant::now();
+    let err = Coordinator::builder(&format!("redlock://{}", masters.join(",")))
         .with_dial_timeout(Duration::from_secs(20))
         .connect()
         .await

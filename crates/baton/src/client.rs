@@ -774,6 +774,9 @@ impl Endpoints {
                     }
                     let mut node = redis_node(input, entry)?;
                     node.tls = tls;
+                    // The same host and port; one server under two names (`localhost` and
+                    // `127.0.0.1`) is found by its `run_id` when connecting (see
+                    // `redis::node::Masters`).
                     if nodes
                         .iter()
                         .any(|n| n.host == node.host && n.port == node.port)

@@ -147,7 +147,14 @@
 //!
 //! `redlock://h1:p1,h2:p2,h3:p3[,…]` runs Redlock over N independent masters (any N ≥ 3,
 //! usually an odd number such as 3 or 5: an even N tolerates no more failures than N − 1;
-//! no replication between them). An acquire sets the key on every master in parallel and
+//! no replication between them). One server listed twice would stand for two masters of the
+//! quorum, and is refused: by the URL when the host and port repeat, and by the server's
+//! `run_id` (`INFO server`, read when each master's connection is made) when they differ
+//! (`127.0.0.1:6379` and `localhost:6379`): connecting fails with
+//! [`Error::InvalidEndpoint`] naming both. A master that could not be reached while
+//! connecting is checked when it first connects: if it is another master under a second
+//! name, the client logs an error and never uses it (it counts as a failed master). A user
+//! whose ACL refuses `INFO` leaves only the URL's check (logged at debug level). An acquire sets the key on every master in parallel and
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what
 //! it set, on every master, and (in [`lock`](RedisLock::lock)) retries after a random delay.
@@ -417,7 +424,9 @@ impl RedisClientBuilder {
     /// `redis://` server hangs up on the first command and answers a TLS ClientHello on a
     /// second connection (a TLS port: use `rediss://`). On
     /// `redlock://`, connects to every master in parallel and fails only if fewer than a
-    /// quorum answer. It returns once a quorum is connected and the others have had a
+    /// quorum answer, or with [`Error::InvalidEndpoint`] if two of the masters that answered
+    /// are one server under two names (the same `run_id`; see the
+    /// [module documentation](self#redlock-and-what-it-does-not-guarantee)). It returns once a quorum is connected and the others have had a
     /// short while more (1% of the TTL, at least 10 ms, or as long as the quorum took if
     /// longer): those go on dialling in the background, and are dialled again when used if
     /// that fails.
@@ -463,16 +472,27 @@ impl RedisClientBuilder {
                 n
             })
             .collect();
+        // Redlock masters read each other's `run_id` when dialled: one server listed under
+        // two names is refused (see `node::Masters`).
+        let masters = redlock.then(|| {
+            Arc::new(node::Masters::new(
+                list.iter().map(ToString::to_string).collect(),
+            ))
+        });
         let nodes = list
             .iter()
-            .map(|n| {
-                Node::new(
+            .enumerate()
+            .map(|(i, n)| {
+                let node = Node::new(
                     n,
                     self.dial_timeout,
                     self.request_timeout,
                     self.tls.as_ref(),
-                )
-                .map(Arc::new)
+                )?;
+                Ok(Arc::new(match &masters {
+                    Some(masters) => node.in_redlock(masters.clone(), i),
+                    None => node,
+                }))
             })
             .collect::<Result<Vec<_>>>()?;
         let quorum = nodes.len() / 2 + 1;
@@ -491,6 +511,13 @@ impl RedisClientBuilder {
         let connected = redlock::quorum_succeeded(quorum);
         let (dials, mut rest) =
             redlock::gather(dials, connected, redlock::straggle(opts.ttl), failed).await;
+        // One server listed under two names: a configuration error, whatever else answered.
+        if let Some(reason) = nodes.iter().find_map(|n| n.duplicate_reason()) {
+            return Err(Error::InvalidEndpoint {
+                endpoint: redacted,
+                reason,
+            });
+        }
         let up = dials.iter().filter(|r| r.is_ok()).count();
         if up >= quorum && !rest.is_empty() {
             tokio::spawn(async move { while rest.next().await.is_some() {} });

@@ -241,6 +241,52 @@ pub(crate) struct NodeRecord {
     pub(crate) value: Vec<u8>,
 }
 
+/// The `run_id` each Redlock master reported when it was dialled, to tell one server listed
+/// under two names (`127.0.0.1:6379` and `localhost:6379`, which the URL's check of hosts
+/// and ports cannot) from two masters: counted twice, one server would stand for two of
+/// the quorum.
+#[derive(Debug)]
+pub(crate) struct Masters {
+    /// Each master's name (`host:port[/db]`, credentials redacted), in the URL's order.
+    names: Vec<String>,
+    /// Each master's `run_id`, once read.
+    run_ids: StdMutex<Vec<Option<String>>>,
+}
+
+impl Masters {
+    pub(crate) fn new(names: Vec<String>) -> Masters {
+        let run_ids = StdMutex::new(vec![None; names.len()]);
+        Masters { names, run_ids }
+    }
+
+    /// Record `run_id` as master `i`'s, unless another master has it: then why master `i`
+    /// must not be used (naming both, in the URL's order), and nothing is recorded.
+    fn claim(&self, i: usize, run_id: &str) -> Option<String> {
+        let mut ids = self.run_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let other = ids
+            .iter()
+            .enumerate()
+            .position(|(j, id)| j != i && id.as_deref() == Some(run_id));
+        let Some(j) = other else {
+            ids[i] = Some(run_id.to_string());
+            return None;
+        };
+        let (first, second) = (&self.names[i.min(j)], &self.names[i.max(j)]);
+        Some(format!(
+            "{first} and {second} are one server (the same run_id {run_id}): the same server \
+             is listed twice; redlock needs independent masters"
+        ))
+    }
+}
+
+/// The `run_id` in an `INFO server` reply, if there is one.
+fn run_id(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|line| line.trim().strip_prefix("run_id:"))
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+}
+
 /// One Redis server, connected lazily and re-connected by the connection manager.
 pub(crate) struct Node {
     /// For messages: `host:port[/db]`, credentials redacted.
@@ -256,6 +302,11 @@ pub(crate) struct Node {
     /// The host and port, for the plaintext probe of a slow TLS handshake.
     host: String,
     port: u16,
+    /// A Redlock master: every master's `run_id`, and this one's index among them.
+    masters: Option<(std::sync::Arc<Masters>, usize)>,
+    /// Set once this master turned out to be another master under a second name: why.
+    /// Every call then fails with it, without dialling.
+    duplicate: StdMutex<Option<String>>,
 }
 
 impl fmt::Debug for Node {
@@ -331,7 +382,73 @@ impl Node {
             tls: node.tls,
             host: node.host.clone(),
             port: node.port,
+            masters: None,
+            duplicate: StdMutex::new(None),
         })
+    }
+
+    /// The same node as master `index` of `masters`: each dial reads the server's `run_id`
+    /// (`INFO server`) and refuses a server another master already is.
+    pub(crate) fn in_redlock(mut self, masters: std::sync::Arc<Masters>, index: usize) -> Node {
+        self.masters = Some((masters, index));
+        self
+    }
+
+    /// If this master is another under a second name: why, naming both.
+    pub(crate) fn duplicate_reason(&self) -> Option<String> {
+        self.duplicate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// If this master is another under a second name: the error, naming both.
+    fn duplicate_error(&self) -> Option<Error> {
+        let reason = self.duplicate_reason()?;
+        Some(Error::InvalidEndpoint {
+            endpoint: format!(
+                "{}://{}",
+                if self.tls { "rediss" } else { "redis" },
+                self.display
+            ),
+            reason,
+        })
+    }
+
+    /// The server's `run_id` (`INFO server`), if this is a Redlock master and the server
+    /// tells it: `None` if the server answers with an error (a user whose ACL refuses
+    /// `INFO`, a missing password: the `PING` after it says which) or with no `run_id`. A
+    /// lost connection is the error, as a `PING`'s would be.
+    async fn read_run_id(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> redis::RedisResult<Option<String>> {
+        if self.masters.is_none() {
+            return Ok(None);
+        }
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        match info.query_async::<String>(conn).await {
+            Ok(info) => {
+                let id = run_id(&info).map(str::to_string);
+                if id.is_none() {
+                    tracing::debug!(node = %self.display, "INFO server has no run_id: whether two masters are one server is checked by their host and port only");
+                }
+                Ok(id)
+            }
+            Err(e)
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout() =>
+            {
+                Err(e)
+            }
+            Err(e) => {
+                tracing::debug!(node = %self.display, error = %e, "cannot read the server's run_id (INFO refused): whether two masters are one server is checked by their host and port only");
+                Ok(None)
+            }
+        }
     }
 
     fn cached(&self) -> Option<ConnectionManager> {
@@ -342,6 +459,9 @@ impl Node {
     pub(crate) async fn conn(&self) -> Result<ConnectionManager> {
         if let Some(c) = self.cached() {
             return Ok(c);
+        }
+        if let Some(e) = self.duplicate_error() {
+            return Err(e);
         }
         let _gate = self.dial_gate.lock().await;
         if let Some(c) = self.cached() {
@@ -399,13 +519,20 @@ impl Node {
             dialled.await
         };
         // A server that wants a password accepts the connection and refuses only the first
-        // command: ask one (PING) so that refused credentials show now, as what they are.
+        // command: ask one so that refused credentials show now, as what they are. A
+        // Redlock master is asked its `run_id` (`INFO server`); if it does not tell it (the
+        // user's ACL refuses INFO, or the password), PING.
+        let mut run_id = None;
         let dialled = match dialled {
             Ok(Ok(mut conn)) => {
-                let ping = redis::cmd("PING");
-                match tokio::time::timeout(self.dial_timeout, ping.query_async::<()>(&mut conn))
-                    .await
-                {
+                let greet = async {
+                    run_id = self.read_run_id(&mut conn).await?;
+                    if run_id.is_some() {
+                        return Ok(());
+                    }
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                };
+                match tokio::time::timeout(self.dial_timeout, greet).await {
                     Ok(Ok(())) => Ok(Ok(conn)),
                     Ok(Err(e)) => Ok(Err(e)),
                     Err(e) => Err(e),
@@ -413,6 +540,15 @@ impl Node {
             }
             other => other,
         };
+        if let (Ok(Ok(_)), Some(id), Some((masters, i))) = (&dialled, &run_id, &self.masters) {
+            if let Some(reason) = masters.claim(*i, id) {
+                tracing::error!(node = %self.display, %reason, "a Redlock master is another one listed under a second name: it is not used, and counts as a failed master");
+                *self.duplicate.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                return Err(self
+                    .duplicate_error()
+                    .unwrap_or_else(|| self.connect_error("listed twice".into())));
+            }
+        }
         let reason = match dialled {
             Ok(Ok(conn)) => {
                 *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
@@ -813,6 +949,28 @@ impl Node {
 mod tests {
     use super::*;
     use crate::client::RedisNode;
+
+    /// A master's `run_id` is read from `INFO server`; a second master with the same one is
+    /// refused, naming both in the URL's order, and the first keeps it.
+    #[test]
+    fn one_run_id_claimed_by_two_masters_is_refused() {
+        let info = "# Server\r\nredis_version:7.2.4\r\nrun_id:0123abcd\r\ntcp_port:6379\r\n";
+        assert_eq!(run_id(info), Some("0123abcd"));
+        assert_eq!(run_id("# Server\r\nrun_id:\r\n"), None);
+        assert_eq!(run_id(""), None);
+        let masters = Masters::new(vec!["a:1".into(), "b:1".into(), "c:2".into()]);
+        assert_eq!(masters.claim(1, "x"), None);
+        assert_eq!(masters.claim(2, "y"), None);
+        // The same master dialled again keeps its own.
+        assert_eq!(masters.claim(1, "x"), None);
+        let refused = masters.claim(0, "x").unwrap();
+        assert!(
+            refused.starts_with("a:1 and b:1 are one server"),
+            "{refused}"
+        );
+        assert!(refused.contains("independent masters"), "{refused}");
+        assert_eq!(masters.claim(0, "z"), None);
+    }
 
     /// A lost or refused connection is [`Error::Unavailable`] (which waiters retry); a
     /// script's error is a plain [`Error::Store`] (which they do not).
