@@ -1258,7 +1258,7 @@ async fn watches_share_streams_and_each_gets_its_own_events() {
     let writer = connect(&[etcd.endpoint()]).await;
     const N: usize = 300;
     let key = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             format!("mux/{i}")
         } else {
             format!("mux/{i}/x")
@@ -1306,7 +1306,7 @@ async fn watches_share_streams_and_each_gets_its_own_events() {
     let kept: Vec<(usize, WatchStream)> = watches
         .into_iter()
         .enumerate()
-        .filter(|(n, _)| n % 3 == 0)
+        .filter(|(n, _)| n.is_multiple_of(3))
         .collect();
     becomes(&etcd, watchers, kept.len() as f64, Duration::from_secs(5)).await;
     for (n, _) in &kept {
@@ -1439,4 +1439,199 @@ async fn watches_are_created_past_a_paused_member() {
         }
         cluster.member_mut(paused).cont();
     }
+}
+
+/// A watch creation given up after etcd's reply reached it, but before its future was
+/// polled again (a `select!` whose other branch won in the same wake-up, a timeout that
+/// fired at that moment), must leave no watch on the server (the trait promises "a watch
+/// whose creation is dropped is cancelled with it").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_dropped_after_its_reply_leaves_no_watcher() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let streams_before = watch_streams(&etcd);
+    let kept = store.watch(Watch::key("kept")).await.unwrap();
+    for i in 0..10 {
+        let mut creating = store.watch(Watch::key(format!("leak/{i}")));
+        // First poll: the create request goes out on the shared stream.
+        assert!(futures::poll!(&mut creating).is_pending());
+        // etcd's reply comes meanwhile; the creator is not polled again, and gives up.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(creating);
+    }
+    let leaked = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        watchers(&etcd)
+    }
+    .await;
+    eprintln!("watchers on the server after 3 s: {leaked} (want 1: the kept one)");
+    assert_eq!(
+        leaked, 1.0,
+        "abandoned creations left watchers on the server"
+    );
+    drop(kept);
+    becomes(&etcd, watchers, 0.0, Duration::from_secs(5)).await;
+    becomes(
+        &etcd,
+        watch_streams,
+        streams_before,
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+/// A watch that etcd ends for compaction is cancelled on the server, which keeps it
+/// registered until then (its stream lives on with the other watches on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_watches_are_cancelled_on_the_server() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let _kept = store.watch(Watch::key("kept")).await.unwrap();
+    let first = store.put(b"c/a", b"1", 0).await.unwrap();
+    let last = store.put(b"c/a", b"2", 0).await.unwrap();
+    store.compact(last).await.unwrap();
+    for _ in 0..20 {
+        let mut w = store
+            .watch(Watch::key("c/a").from_revision(first))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+            Ok(Some(Err(Error::Compacted { .. }))) => {}
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        drop(w);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = watchers(&etcd);
+    eprintln!("watchers on the server: {n} (want 1: the kept one)");
+    assert_eq!(n, 1.0, "compacted watches still registered on the server");
+}
+
+/// Tasks of a shared stream run on the runtime that opened it. A watch created on another
+/// runtime joins that stream; when the opening runtime shuts down, the watch must end (an
+/// error or an end, so that its consumer watches again), never go silent.
+#[test]
+fn a_watch_is_not_silenced_by_the_runtime_that_opened_its_stream() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let rt = |n| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let main = rt(2);
+    let store = main.block_on(connect(&[etcd.endpoint()]));
+    // Another runtime (a helper component's, a test's) opens a watch first.
+    let helper = rt(1);
+    let theirs = helper
+        .block_on(store.watch(Watch::key("rt/theirs")))
+        .unwrap();
+    // The main runtime's watch joins the stream the helper's runtime serves.
+    let mut mine = main.block_on(store.watch(Watch::key("rt/mine"))).unwrap();
+    drop(theirs);
+    drop(helper); // the helper's runtime shuts down
+    main.block_on(async {
+        store.put(b"rt/mine", b"1", 0).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), mine.next()).await {
+            Ok(Some(Ok(batch))) => assert_eq!(batch.events[0].kv.value, b"1"),
+            Ok(Some(Err(e))) => eprintln!("ended with an error (acceptable): {e}"),
+            Ok(None) => eprintln!("ended (acceptable)"),
+            Err(_) => panic!("the watch is silent 10 s after a put on its key"),
+        }
+    });
+}
+
+/// The same at the lock level: a holder on the main runtime whose loss watch joined a
+/// stream another runtime opened is still told its key was deleted once that runtime is
+/// gone.
+#[test]
+fn a_holder_is_told_of_a_delete_after_another_runtime_shut_down() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let rt = |n| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let main = rt(2);
+    let store = main.block_on(connect(&[etcd.endpoint()]));
+    let client = baton::Client::from_store(store.clone());
+    let helper = rt(1);
+    let theirs = helper
+        .block_on(store.watch(Watch::key("rt/theirs")))
+        .unwrap();
+    main.block_on(async {
+        let session = baton::Session::builder(&client).build().await.unwrap();
+        let guard = baton::Mutex::new(&session, "rtlock")
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(theirs);
+        tokio::task::block_in_place(|| drop(helper));
+        store
+            .delete(baton::store::KeyRange::key(guard.key().as_bytes()))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), guard.lost()).await {
+            Ok(_) => eprintln!("lost: {:?}", guard.lost_reason()),
+            Err(_) => panic!(
+                "holder not told within 10 s that its key was deleted (is_lost = {})",
+                guard.is_lost()
+            ),
+        }
+    });
+}
+
+/// A watch refused for lack of permission (its key outside the user's role: not the
+/// stream's token) does not retire the shared stream it was asked on: the other watches
+/// keep sharing one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_watch_does_not_retire_the_shared_stream() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| {
+        let etcd = EtcdServer::start();
+        etcd.enable_auth("root-pw-1", &[("app", "app-pw-1", "ok/")]);
+        etcd
+    })
+    .await
+    .unwrap();
+    let store = EtcdStore::connect(
+        &[etcd.endpoint()],
+        EtcdOptions {
+            credentials: Some(baton::Credentials::new("app", "app-pw-1")),
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    let before = watch_streams(&etcd);
+    let mut held = Vec::new();
+    for i in 0..10 {
+        held.push(store.watch(Watch::key(format!("ok/{i}"))).await.unwrap());
+        let Err(err) = store.watch(Watch::key(format!("denied/{i}"))).await else {
+            panic!("watch on denied/ created");
+        };
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+    }
+    let open = watch_streams(&etcd) - before;
+    eprintln!("{open} streams open for 10 watches");
+    assert!(open <= 2.0, "{open} streams for 10 watches");
 }

@@ -1465,32 +1465,72 @@ impl EtcdStore {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             watches::Stream::join(&self.inner.watch_streams, generation, &key, &options, share)
         };
-        let (created, member) = match join().await {
-            watches::Joined::Created(created, member) => (created, member),
-            watches::Joined::Open => {
-                // One stream is opened at a time, so that watches created together share
-                // it; a watch that waits a hedging share for that opens one of its own.
-                let opening = tokio::time::timeout(share, self.inner.watch_opening.lock())
-                    .await
-                    .ok();
-                let joined = if opening.is_some() {
-                    join().await
-                } else {
-                    watches::Joined::Open
-                };
-                match joined {
-                    watches::Joined::Created(created, member) => (created, member),
-                    watches::Joined::Open => {
-                        self.open_watch_stream(&key, &options, deadline).await?
-                    }
-                }
+        let mut joined = join().await;
+        if let watches::Joined::Open = joined {
+            // No stream to join: one stream is opened at a time, so that watches created
+            // together share it; a watch that waits a hedging share for that opens one of
+            // its own.
+            let opening = tokio::time::timeout(share, self.inner.watch_opening.lock())
+                .await
+                .ok();
+            if opening.is_some() {
+                joined = join().await;
             }
-        };
+            if let watches::Joined::Open = joined {
+                joined = watches::Joined::Silent;
+            }
+            // `opening` is held while the stream opens, below.
+            let (created, member) = self.joined(joined, &key, &options, deadline).await?;
+            drop(opening);
+            return self.watching(created, member, &watch, &key);
+        }
+        let (created, member) = self.joined(joined, &key, &options, deadline).await?;
+        self.watching(created, member, &watch, &key)
+    }
+
+    /// The watch `joined` gave, or one on a stream of its own.
+    async fn joined(
+        &self,
+        joined: watches::Joined,
+        key: &[u8],
+        options: &ec::WatchOptions,
+        deadline: Instant,
+    ) -> Result<(ec::WatchResponse, Option<watches::Member>)> {
+        match joined {
+            watches::Joined::Created(created, member) => Ok((created, member)),
+            watches::Joined::Open | watches::Joined::Silent => {
+                self.open_watch_stream(key, options, deadline).await
+            }
+            // Refused on a shared stream: if the store authenticates, the stream's token
+            // may be the reason (etcd 3.4 then says "permission denied" too). A stream of
+            // its own, opened with the current token, tells; if that one is let in, the
+            // shared one is retired.
+            watches::Joined::Refused(created, stream) => {
+                if self.inner.options.credentials.is_none() {
+                    return Ok((created, None));
+                }
+                let (created, member) = self.open_watch_stream(key, options, deadline).await?;
+                if member.is_some() {
+                    stream.retire();
+                }
+                Ok((created, member))
+            }
+        }
+    }
+
+    /// The stream of events of a created watch (or of its error).
+    fn watching(
+        &self,
+        created: ec::WatchResponse,
+        member: Option<watches::Member>,
+        watch: &Watch,
+        key: &[u8],
+    ) -> Result<(Revision, WatchStream)> {
         let requested = watch.start_revision;
         // etcd registers a watch from the next write at its revision then plus one.
         let at = revision(created.header());
         let Some(member) = member else {
-            let error = naming(cancel_error(&created, requested), &key);
+            let error = naming(cancel_error(&created, requested), key);
             if !matches!(error, Error::Compacted { .. }) {
                 return Err(error);
             }

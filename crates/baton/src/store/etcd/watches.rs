@@ -17,14 +17,20 @@
 //!
 //! - A create that gets no reply within its share of the request timeout *retires* the
 //!   stream (no new watch joins it: its member may be silent) and the watch is created on a
-//!   new stream instead. So does a create refused for the stream's auth token (a stream
-//!   keeps the token it was opened with), and every stream opened before the store
-//!   authenticated again.
-//! - Dropping a watch cancels it on the server (a cancel request on the stream). A stream
-//!   with no watch for [`IDLE`] is closed.
+//!   new stream instead. A stream opened before the store authenticated again takes no new
+//!   watch either. A create refused for credentials or permissions is tried once on a new
+//!   stream when the store authenticates (a stream keeps the token it was opened with, and
+//!   etcd 3.4 refuses an expired one as "permission denied"); the shared stream is retired
+//!   only if the new one is let in.
+//! - Dropping a watch cancels it on the server (a cancel request on the stream), also when
+//!   its creator gave up after etcd's reply was on its way (the reply owns the watch). A
+//!   watch etcd ends for compaction is cancelled too: etcd keeps it registered until then.
+//!   A stream with no watch for [`IDLE`] is closed.
 //! - A stream that fails or ends ends every watch on it the same way, as a stream of its
 //!   own would have: the watchers see the same error (or end) and create their watches
-//!   again.
+//!   again. A stream's tasks run on the runtime that opened it; if that runtime shuts down,
+//!   every watch on the stream (some may have joined from other runtimes) fails with
+//!   [`Error::Unavailable`] and is created again on a stream of the watcher's runtime.
 //!
 //! Each watch's replies are queued for it without bound (as Go's client does) so that one
 //! watch read slowly never holds up the others on its stream; Baton reads every watch it
@@ -56,9 +62,11 @@ pub(super) const IDLE: Duration = Duration::from_secs(10);
 /// One reply of etcd for one watch, or the error that ended the stream.
 pub(super) type Delivery = std::result::Result<ec::WatchResponse, Error>;
 
-/// The reply to a create request: etcd's "created" reply, with the watch's replies to
-/// come unless etcd canceled it at once; or the error that ended the stream first.
-type Created = std::result::Result<(ec::WatchResponse, Option<Replies>), Error>;
+/// The reply to a create request: etcd's "created" reply, with the watch unless etcd
+/// canceled it at once; or the error that ended the stream first. The watch is sent as a
+/// [`Member`], whose drop cancels it: a creator that gives up once the reply is on its way
+/// (its future dropped in the same wake-up) drops it unread, and the watch is cancelled.
+type Created = std::result::Result<(ec::WatchResponse, Option<Member>), Error>;
 
 /// A watch's queue of replies. Boxed: a channel allocates room for 32 items at once, which
 /// unboxed (~130 bytes each) would cost every held lock's watch 4 KB while it waits.
@@ -104,7 +112,8 @@ pub(super) struct Stream {
 /// A watch on a shared stream: its replies, in order. Dropping it cancels the watch on the
 /// server.
 pub(super) struct Member {
-    stream: Arc<Stream>,
+    state: Arc<StdMutex<State>>,
+    commands: mpsc::UnboundedSender<Command>,
     id: i64,
     replies: Replies,
 }
@@ -119,9 +128,9 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        let mut state = super::lock_unpoisoned(&self.stream.state);
+        let mut state = super::lock_unpoisoned(&self.state);
         if state.watches.remove(&self.id).is_some() && !state.closed {
-            let _ = self.stream.commands.send(Command::Cancel(self.id));
+            let _ = self.commands.send(Command::Cancel(self.id));
         }
         state.update_idle();
     }
@@ -131,8 +140,15 @@ impl Drop for Member {
 pub(super) enum Joined {
     /// The watch is created (or etcd canceled it at once: no `Member`).
     Created(ec::WatchResponse, Option<Member>),
-    /// No shared stream took it, in time or at all: open a new stream.
+    /// No shared stream could take it, or the one asked ended first: open a new stream.
     Open,
+    /// The stream asked did not answer within the time given: it is retired, and a new
+    /// stream is needed at once.
+    Silent,
+    /// etcd refused the watch for credentials or permissions. It may be the stream's token
+    /// (a stream keeps the token it was opened with): the caller decides whether a new
+    /// stream is worth trying, and retires this one if the new one is let in.
+    Refused(ec::WatchResponse, Arc<Stream>),
 }
 
 impl Stream {
@@ -156,7 +172,7 @@ impl Stream {
         }));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read(
-            state.clone(),
+            Ending::new(state.clone()),
             commands.downgrade(),
             responses,
             endpoints,
@@ -167,16 +183,17 @@ impl Stream {
             requests,
             reader.abort_handle(),
         ));
+        let member = Member {
+            state: state.clone(),
+            commands: commands.clone(),
+            id,
+            replies,
+        };
         let stream = Arc::new(Stream {
             state,
             commands,
             generation,
         });
-        let member = Member {
-            stream: stream.clone(),
-            id,
-            replies,
-        };
         (stream, member)
     }
 
@@ -239,115 +256,151 @@ impl Stream {
                     "a watch creation on a shared stream went unanswered; retiring the stream"
                 );
                 stream.retire();
-                Joined::Open
+                Joined::Silent
             }
             // The stream ended first: a new one is needed.
             Ok(Err(_)) | Ok(Ok(Err(_))) => Joined::Open,
             Ok(Ok(Ok((created, None)))) => {
                 if super::auth_error("watch", None, created.cancel_reason()).is_some() {
-                    // The stream's token may be the reason: try a stream of its own.
-                    stream.retire();
-                    return Joined::Open;
+                    return Joined::Refused(created, stream);
                 }
                 Joined::Created(created, None)
             }
-            Ok(Ok(Ok((created, Some(replies))))) => {
-                let id = created.watch_id();
-                Joined::Created(
-                    created,
-                    Some(Member {
-                        stream,
-                        id,
-                        replies,
-                    }),
-                )
+            Ok(Ok(Ok((created, Some(member))))) => Joined::Created(created, Some(member)),
+        }
+    }
+}
+
+/// Ends every watch and create request of a stream when dropped: when the stream's reader
+/// ends (with `reason`: the stream's error, or `None` for a clean end), and also when its
+/// task is dropped without ending, as when the runtime that runs it shuts down. Watches
+/// joined from other runtimes then get an error (and watch again) instead of silence.
+struct Ending {
+    state: Arc<StdMutex<State>>,
+    reason: Option<Error>,
+}
+
+impl Ending {
+    fn new(state: Arc<StdMutex<State>>) -> Ending {
+        Ending {
+            state,
+            reason: Some(Error::Unavailable(
+                "watch: the runtime that served its shared stream shut down".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let mut state = super::lock_unpoisoned(&self.state);
+        state.closed = true;
+        let gone = || {
+            self.reason.clone().unwrap_or_else(|| {
+                Error::Unavailable("watch: the stream ended before the watch was created".into())
+            })
+        };
+        // The members in refused replies lock the state when dropped: drop them after.
+        let mut unread = Vec::new();
+        for reply in state.pending.drain(..) {
+            if let Err(reply) = reply.send(Err(gone())) {
+                unread.push(reply);
             }
         }
+        for (_, watch) in state.watches.drain() {
+            if let Some(error) = &self.reason {
+                let _ = watch.send(Box::new(Err(error.clone())));
+            }
+        }
+        drop(state);
+        drop(unread);
     }
 }
 
 /// Read the stream's replies and hand each to its watch.
 async fn read(
-    state: Arc<StdMutex<State>>,
+    mut ending: Ending,
     commands: mpsc::WeakUnboundedSender<Command>,
     mut responses: ec::WatchResponseStream,
     endpoints: String,
 ) {
-    let end = loop {
+    ending.reason = loop {
         match responses.message().await {
-            Ok(Some(resp)) => deliver(&state, &commands, resp),
+            Ok(Some(resp)) => {
+                // Dropped here, outside the state's lock (its drop takes it).
+                let unread = deliver(&ending.state, &commands, resp);
+                drop(unread);
+            }
             Ok(None) => break None,
             Err(e) => break Some(super::map_err("watch", e, 0, &endpoints)),
         }
     };
-    match &end {
+    match &ending.reason {
         Some(error) => tracing::debug!(error = %error, "shared watch stream failed"),
         None => tracing::debug!("shared watch stream ended"),
     }
-    let mut state = super::lock_unpoisoned(&state);
-    state.closed = true;
-    let gone = || {
-        end.clone().unwrap_or_else(|| {
-            Error::Unavailable("watch: the stream ended before the watch was created".into())
-        })
-    };
-    for reply in state.pending.drain(..) {
-        let _ = reply.send(Err(gone()));
-    }
-    for (_, watch) in state.watches.drain() {
-        if let Some(error) = &end {
-            let _ = watch.send(Box::new(Err(error.clone())));
-        }
-    }
 }
 
+/// Hand `resp` to its watch, or to the creator waiting for it. Returns a reply nobody took
+/// (its creator gave up), which the caller drops once the state is unlocked: dropping it
+/// cancels the watch.
 fn deliver(
-    state: &StdMutex<State>,
+    shared: &Arc<StdMutex<State>>,
     commands: &mpsc::WeakUnboundedSender<Command>,
     resp: ec::WatchResponse,
-) {
-    let cancel = |id: i64| {
+) -> Option<Created> {
+    let send_cancel = |id: i64| {
         if let Some(commands) = commands.upgrade() {
             let _ = commands.send(Command::Cancel(id));
         }
     };
-    let mut state = super::lock_unpoisoned(state);
+    let mut state = super::lock_unpoisoned(shared);
     let id = resp.watch_id();
     if resp.created() {
         let Some(reply) = state.pending.pop_front() else {
             tracing::debug!(watch_id = id, "a watch created that nobody asked for");
             if !resp.canceled() {
-                cancel(id);
+                send_cancel(id);
             }
-            return;
+            return None;
         };
-        if resp.canceled() {
-            let _ = reply.send(Ok((resp, None)));
-        } else {
+        let unread = if resp.canceled() {
+            reply.send(Ok((resp, None))).err()
+        } else if let Some(commands) = commands.upgrade() {
             let (sender, replies) = mpsc::unbounded_channel();
-            match reply.send(Ok((resp, Some(replies)))) {
-                Ok(()) => {
-                    state.watches.insert(id, sender);
-                }
-                // Its creator gave up waiting.
-                Err(_) => cancel(id),
-            }
-        }
+            state.watches.insert(id, sender);
+            let member = Member {
+                state: Arc::clone(shared),
+                commands,
+                id,
+                replies,
+            };
+            reply.send(Ok((resp, Some(member)))).err()
+        } else {
+            // Nothing holds the stream any more (its creator included): nobody to tell.
+            None
+        };
         state.update_idle();
-        return;
+        return unread;
     }
     let ended = resp.canceled();
+    // etcd keeps a watch it ended for compaction registered until it is cancelled.
+    let compacted = resp.compact_revision() > 0;
     let Some(watch) = state.watches.get(&id) else {
         // A watch dropped: its cancel request is on its way.
-        return;
+        return None;
     };
     if watch.send(Box::new(Ok(resp))).is_err() {
         state.watches.remove(&id);
-        cancel(id);
+        send_cancel(id);
     } else if ended {
         state.watches.remove(&id);
+        if compacted {
+            send_cancel(id);
+        }
     }
     state.update_idle();
+    None
 }
 
 /// Send the create and cancel requests; close the stream once it has been idle for
