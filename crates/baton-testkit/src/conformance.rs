@@ -1175,6 +1175,114 @@ pub async fn rwlock_resume_other_mode(b: &Backend) {
     }
 }
 
+/// A resumed lease with both of its keys of a read-write lock in the store: what a process of
+/// a version that queued a session behind its own key of the other mode left behind (it
+/// resumed its write key, called `read()`, put its read key and hung), when it is restarted
+/// on this version or during a rolling upgrade. The mode of the older key adopts that key
+/// (same token); the other mode is refused with `AlreadyHeld` while the older key is there,
+/// and adopts its own key once it is released; released in turn, no key is left. Both
+/// orders: the write key older, and the read key older (found by a second-look review: each
+/// mode was refused by the other's key, for good, and neither key could be released).
+pub async fn rwlock_both_keys_resumed(b: &Backend) {
+    for older in ["write", "read"] {
+        let newer = if older == "write" { "read" } else { "write" };
+        let lock = name("rw-both");
+        let client = b.client().await;
+        let old = b.session(TTL).await;
+        let old_rw = RwLock::new(&old, &lock).unwrap();
+        let older_token = if older == "write" {
+            let g = old_rw.write().await.unwrap();
+            let t = g.fencing_token();
+            std::mem::forget(g);
+            t
+        } else {
+            let g = old_rw.read().await.unwrap();
+            let t = g.fencing_token();
+            std::mem::forget(g);
+            t
+        };
+        let lease = old.lease_id();
+        let newer_key = format!("{lock}/{newer}/{lease:x}");
+        let newer_token = client
+            .store()
+            .put(newer_key.as_bytes(), b"", lease)
+            .await
+            .unwrap();
+        old.orphan();
+        drop(old_rw);
+        drop(old);
+        let s = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let rw = RwLock::new(&s, &lock).unwrap();
+        let older_key = format!("{lock}/{older}/{lease:x}");
+        let mut both = vec![older_key.clone(), newer_key.clone()];
+        both.sort();
+
+        // The newer key waits behind the older one: its mode is refused, both keys stay.
+        for try_only in [true, false] {
+            match take_and_release(&rw, newer, try_only).await {
+                Err(e @ Error::AlreadyHeld { .. }) => assert!(
+                    e.to_string().contains(&format!("({older} lock)")),
+                    "{newer} (try: {try_only}) with our older {older} key resumed: {e}"
+                ),
+                other => panic!(
+                    "{newer} (try: {try_only}) with our older {older} key resumed: {other:?}"
+                ),
+            }
+        }
+        assert_eq!(keys_under(&client, &format!("{lock}/")).await, both);
+
+        // The older key's mode adopts it, with its token; released, the newer key's mode
+        // adopts that one.
+        let token = take_and_release(&rw, older, false).await;
+        let token = token.unwrap_or_else(|e| panic!("{older} with both keys resumed: {e:?}"));
+        assert_eq!(token, older_token, "{older} did not adopt our {older} key");
+        assert_eq!(
+            keys_under(&client, &format!("{lock}/")).await,
+            vec![newer_key]
+        );
+        let token = take_and_release(&rw, newer, false).await;
+        let token = token.unwrap_or_else(|e| panic!("{newer} after {older}'s release: {e:?}"));
+        assert_eq!(token, newer_token, "{newer} did not adopt our {newer} key");
+        assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
+        s.close().await.unwrap();
+    }
+}
+
+/// Take `rw` in `mode` (`read` or `write`), with `try_*` or waiting (at most 3 s, else a
+/// panic), and release it: its fencing token.
+async fn take_and_release(
+    rw: &RwLock,
+    mode: &str,
+    try_only: bool,
+) -> baton::Result<baton::store::Revision> {
+    async fn waited<T>(mode: &str, f: impl std::future::Future<Output = T>) -> T {
+        let within = Duration::from_secs(3);
+        let r = tokio::time::timeout(within, f).await;
+        r.unwrap_or_else(|_| panic!("{mode}() waited {within:?}"))
+    }
+    if mode == "write" {
+        let g = match try_only {
+            true => rw.try_write().await?,
+            false => waited(mode, rw.write()).await?,
+        };
+        let token = g.fencing_token();
+        g.unlock().await?;
+        Ok(token)
+    } else {
+        let g = match try_only {
+            true => rw.try_read().await?,
+            false => waited(mode, rw.read()).await?,
+        };
+        let token = g.fencing_token();
+        g.unlock().await?;
+        Ok(token)
+    }
+}
+
 /// The lease of the one key under `lock`'s `mode` (`read` or `write`) prefix.
 async fn lease_of(client: &Client, lock: &str, mode: &str) -> baton::store::LeaseId {
     let resp = client

@@ -117,6 +117,7 @@ all_backends!(
     rwlock_try_after_own_drop,
     rwlock_waiting_reader_key_deleted,
     rwlock_resume_other_mode,
+    rwlock_both_keys_resumed,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

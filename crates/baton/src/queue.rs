@@ -87,9 +87,11 @@ impl Entry {
     }
 
     /// [`join`](Entry::join), refused with [`Error::AlreadyHeld`] (naming `other.1`) if the
-    /// key `other.0` exists bound to this session's lease: a key of ours that ours would
-    /// wait behind forever (a read-write lock's key of the other mode, left by an earlier
-    /// process on the lease this session resumed). The store is asked in the join
+    /// key `other.0` exists bound to this session's lease, and our key `key` either does not
+    /// exist or was created after it: a key of ours that ours would wait behind forever (a
+    /// read-write lock's key of the other mode, left by an earlier process on the lease this
+    /// session resumed). Our key, if created before `other.0`, is adopted as by
+    /// [`join`](Entry::join): it is not behind the other. The store is asked in the join
     /// transaction itself (a compare, and a read in its failure branch): no extra round
     /// trip. A refused join leaves the store as it was (our own key too, if it existed).
     pub(crate) async fn join_excluding(
@@ -599,10 +601,19 @@ fn first_kv(resp: &TxnResponse, index: usize) -> Option<KeyValue> {
 }
 
 /// True if a join of [`Entry::join_excluding`] failed because the key it must not wait
-/// behind exists bound to our `lease`: its failure branch reads that key last (a third
-/// read, which no other join has).
+/// behind exists bound to our `lease`, ahead of our own key: its failure branch reads our
+/// key first and that key last (a third read, which no other join has). Our key, if it
+/// exists and was created before that one, is not behind it: the join adopts ours then, as
+/// every join adopts its key (a lease whose two keys of a read-write lock are both in the
+/// store can take the older one's mode, release it, then take the other).
 fn refused_by_other(resp: &TxnResponse, lease: LeaseId) -> bool {
-    !resp.succeeded && first_kv(resp, 2).is_some_and(|kv| kv.lease == lease)
+    if resp.succeeded {
+        return false;
+    }
+    let Some(other) = first_kv(resp, 2).filter(|kv| kv.lease == lease) else {
+        return false;
+    };
+    first_kv(resp, 0).is_none_or(|mine| other.create_revision < mine.create_revision)
 }
 
 /// Our revision from the join transaction: the header revision if we created the key, or

@@ -47,7 +47,10 @@ use crate::session::Session;
 ///   ([`with_lease`](crate::SessionBuilder::with_lease)) whose write key is still in the
 ///   store is refused `read()` and `try_read()` the same way (the join transaction
 ///   looks), while `write()` adopts the key, as a [`Mutex`](crate::Mutex) adopts its own;
-///   likewise for a resumed read key. The error's name says which mode is held:
+///   likewise for a resumed read key. If both of the lease's keys are in the store (left
+///   by a process that queued behind its own key, as the recipe does), the older one's
+///   mode adopts it, and the newer one's mode is refused until the older key is released,
+///   then adopts its key in turn. The error's name says which mode is held:
 ///   `NAME (write lock)` or `NAME (read lock)`;
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
@@ -128,8 +131,8 @@ impl RwLock {
     ///
     /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the read
     /// lock, or the write lock (which would be ahead of us: we would wait for ourselves),
-    /// also if the store has this session's write key (a resumed lease: see the
-    /// [type's docs](RwLock#key-layout)).
+    /// also if the store has this session's write key and no read key of this session
+    /// created before it (a resumed lease: see the [type's docs](RwLock#key-layout)).
     ///
     /// # Cancel safety
     ///
@@ -170,8 +173,8 @@ impl RwLock {
     ///
     /// Fails with [`Error::AlreadyHeld`] if this session already holds or awaits the write
     /// lock, or the read lock (which would be ahead of us: we would wait for ourselves),
-    /// also if the store has this session's read key (a resumed lease: see the
-    /// [type's docs](RwLock#key-layout)).
+    /// also if the store has this session's read key and no write key of this session
+    /// created before it (a resumed lease: see the [type's docs](RwLock#key-layout)).
     ///
     /// # Cancel safety
     ///
@@ -228,7 +231,8 @@ impl RwLock {
         // not answer is not waited for (a retryable error at once, as for `try_lock`).
         // That key may also be in the store without this process knowing it: left by an
         // earlier process on the lease this session resumed (`with_lease`). The join
-        // transaction refuses it too, with no extra round trip.
+        // transaction refuses it too, with no extra round trip, unless our key of this
+        // mode is there too and older (then ours is not behind it, and is adopted).
         let (other, other_mode) = match mode {
             Mode::Read => (&self.write_key, Mode::Write),
             Mode::Write => (&self.read_key, Mode::Read),
@@ -386,7 +390,8 @@ mod tests {
     /// `rwlock_resume_other_mode` has the resumed lease itself): a key of the other mode
     /// named after our lease but bound to no lease is not in the queue, and refuses nothing;
     /// a refused join whose first reply was lost (retried, so it may have put our key) does
-    /// not take the keys of ours it found for its own and remove them.
+    /// not take the keys of ours it found (our read key behind our write key) for its own
+    /// and remove them.
     #[tokio::test]
     async fn the_refusal_of_the_other_mode_asks_the_store() {
         use crate::store::slow::SlowWatches;
@@ -415,9 +420,11 @@ mod tests {
             .await
             .unwrap();
 
-        // Both keys of our lease there (as an earlier process on this lease left them).
-        store.put(read_key.as_bytes(), b"", lease).await.unwrap();
+        // Both keys of our lease there (as an earlier process on this lease left them), the
+        // write key older: our read key waits behind it (the other order is adopted; see
+        // the conformance case `rwlock_both_keys_resumed`).
         store.put(write_key.as_bytes(), b"", lease).await.unwrap();
+        store.put(read_key.as_bytes(), b"", lease).await.unwrap();
         store.lose_next_reply.store(true, Ordering::Relaxed);
         let err = tokio::time::timeout(within, lock.read())
             .await

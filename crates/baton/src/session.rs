@@ -191,7 +191,9 @@ impl SessionBuilder {
     /// [`with_ttl`](SessionBuilder::with_ttl) is ignored. Use it to resume locks or a
     /// leadership held by an earlier process that has stopped. An
     /// [`RwLock`](crate::RwLock) adopts the key left in the same mode, and refuses the
-    /// other mode with [`Error::AlreadyHeld`] until that key is released.
+    /// other mode with [`Error::AlreadyHeld`] until that key is released; with keys of both
+    /// modes left, the older key's mode adopts it, and the other mode (refused until then)
+    /// adopts its key once the older one is released.
     ///
     /// Sessions on one lease are **one owner**: a lock's key is `NAME/<lease>`, so each of
     /// them finds its key already there and is granted a lock the other holds, with the same
