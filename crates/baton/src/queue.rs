@@ -40,7 +40,9 @@ const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
 /// or after the in-flight join transaction has been answered, or (a join whose outcome is
 /// unknown) once a read has found the key; in that last case, on a store whose requests can
 /// hang (etcd), the key is looked for once more a request timeout later, for a join request
-/// applied late by a server that had stopped answering (see `look_again`). While the store cannot be reached, the removal is retried for as long as the
+/// applied late by a server that had stopped answering (see `look_again`). A key of ours
+/// that was there before a join refused by [`Entry::join_excluding`] is not its key, and is
+/// left alone (see `Leftover`). While the store cannot be reached, the removal is retried for as long as the
 /// session lives, however long that is: a key left behind would stay ahead of every later
 /// waiter until the session ends. This is what makes `lock()` and `campaign()` cancel safe.
 pub(crate) struct Entry {
@@ -56,6 +58,12 @@ pub(crate) struct Entry {
     /// have been applied: a lost reply, a timeout): our key may exist though `my_rev` is
     /// unknown. Dropping the entry then looks for it and removes it.
     maybe_applied: bool,
+    /// [`join_excluding`](Entry::join_excluding)'s key of the other mode, which the
+    /// clean-up of an unknown outcome reads with ours (see [`Leftover`]).
+    other: Option<Vec<u8>>,
+    /// A key of ours created at or before this revision is not this join's to remove: the
+    /// header revision of a refused join (see [`Leftover`]).
+    floor: Revision,
     /// How long a join that failed retryably is retried ([`JOIN_RETRY_FOR`], or zero for a
     /// `try_lock`, which makes one attempt).
     retry_for: Duration,
@@ -155,6 +163,8 @@ impl Entry {
             claim: Some(claim),
             inflight: None,
             maybe_applied: false,
+            other: other.map(|(other_key, _)| other_key.as_bytes().to_vec()),
+            floor: 0,
             retry_for: if try_only {
                 Duration::ZERO
             } else {
@@ -211,8 +221,10 @@ impl Entry {
         };
         if let Some((_, other_name)) = other.filter(|_| refused_by_other(&resp, session.lease_id()))
         {
-            // Nothing was put; a key of ours that existed is not adopted, and stays.
-            entry.maybe_applied = false;
+            // Nothing was put; a key of ours that existed is not adopted, and stays. An
+            // earlier attempt whose outcome is unknown may still land, once the other key is
+            // gone: `Drop` looks for the key it would put, created after this answer.
+            entry.floor = resp.header_revision;
             return Err(Error::AlreadyHeld {
                 name: other_name.to_string(),
             });
@@ -475,6 +487,12 @@ impl Drop for Entry {
                 claim.releasing();
                 let mut unknown = self.maybe_applied;
                 let lease = self.session.lease_id();
+                let mut left = Leftover {
+                    key,
+                    other: self.other.take(),
+                    lease,
+                    floor: self.floor,
+                };
                 let session = self.session.downgrade();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
@@ -484,13 +502,20 @@ impl Drop for Entry {
                         };
                         unknown |= answer.is_none();
                         let rev = match answer {
-                            // Refused: our key, if it existed, was not adopted.
-                            Some(resp) if refused_by_other(&resp, lease) => None,
-                            Some(resp) => my_revision(&resp, &key).ok(),
-                            None => find_own_key(&store, &key, &claim).await,
+                            // Refused: our key, if it existed, was not adopted. An earlier
+                            // attempt whose outcome is unknown may have landed since.
+                            Some(resp) if refused_by_other(&resp, lease) => {
+                                left.floor = left.floor.max(resp.header_revision);
+                                match unknown {
+                                    true => find_own_key(&store, &mut left, &claim).await,
+                                    false => None,
+                                }
+                            }
+                            Some(resp) => my_revision(&resp, &left.key).ok(),
+                            None => find_own_key(&store, &mut left, &claim).await,
                         };
                         if let Some(rev) = rev {
-                            let _ = settle_delete(&store, &key, rev, &claim).await;
+                            let _ = settle_delete(&store, &left.key, rev, &claim).await;
                         }
                         let again = store
                             .request_timeout()
@@ -498,7 +523,7 @@ impl Drop for Entry {
                         drop(claim);
                         if let Some(after) = again {
                             tokio::time::sleep(after).await;
-                            look_again(&store, &key, &session).await;
+                            look_again(&store, &mut left, &session).await;
                         }
                     });
                 }
@@ -508,9 +533,58 @@ impl Drop for Entry {
     }
 }
 
-/// The create revision of our key, if it exists: after a join whose outcome is unknown.
-/// The key names our session's lease, and the claim keeps this session from joining with it
-/// meanwhile, so a key found is the one the join may have put.
+/// Our key as the clean-up of a join whose outcome is unknown sees it: what it may remove.
+///
+/// A key of ours found is the one the join may have put (it names our session's lease, and
+/// the claim keeps this session from joining with it meanwhile), unless it was there before:
+/// - a join of [`Entry::join_excluding`] refused with its answer known (`floor` is that
+///   answer's header revision): a key created at or before then existed when it was
+///   refused, and is not ours to remove; a key created later can only be an earlier attempt
+///   of this join, applied late (once `other` was gone);
+/// - a key found behind `other` bound to our lease (created after it) cannot have been put
+///   by such a join either (its compare forbids it): a resumed key that the join refused,
+///   not removed, and `floor` is raised to it.
+struct Leftover {
+    key: Vec<u8>,
+    /// The key of the other mode of [`Entry::join_excluding`], if the join was one.
+    other: Option<Vec<u8>>,
+    lease: LeaseId,
+    floor: Revision,
+}
+
+impl Leftover {
+    /// Read our key (and `other`, in one transaction): the create revision of a key this
+    /// join may have put.
+    async fn read(&mut self, store: &Arc<dyn Store>) -> Result<Option<Revision>> {
+        let (mine, other) = match &self.other {
+            None => {
+                let resp = store.range(Range::key(self.key.clone())).await?;
+                (resp.kvs.into_iter().next(), None)
+            }
+            Some(other) => {
+                let resp = store
+                    .txn(Txn::new().and_then([
+                        TxnOp::get(Range::key(self.key.clone())),
+                        TxnOp::get(Range::key(other.clone())),
+                    ]))
+                    .await?;
+                (first_kv(&resp, 0), first_kv(&resp, 1))
+            }
+        };
+        let Some(mine) = mine.filter(|kv| kv.create_revision > self.floor) else {
+            return Ok(None);
+        };
+        if other.is_some_and(|o| o.lease == self.lease && o.create_revision < mine.create_revision)
+        {
+            self.floor = mine.create_revision;
+            return Ok(None);
+        }
+        Ok(Some(mine.create_revision))
+    }
+}
+
+/// The create revision of our key, if it exists and this join may have put it (see
+/// [`Leftover`]): after a join whose outcome is unknown.
 ///
 /// Reads again, with backoff and for as long as it takes, while the store fails retryably
 /// and the session lives (as [`settle_delete`] does): a key left behind here would stay in
@@ -518,11 +592,15 @@ impl Drop for Entry {
 /// far longer than any outage. Gives up (`None`) once the session is lost or closed (its
 /// lease takes the key), or on an error retrying cannot cure (access denied), when the key
 /// stays until the session ends.
-async fn find_own_key(store: &Arc<dyn Store>, key: &[u8], claim: &OwnedClaim) -> Option<Revision> {
+async fn find_own_key(
+    store: &Arc<dyn Store>,
+    left: &mut Leftover,
+    claim: &OwnedClaim,
+) -> Option<Revision> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match store.range(Range::key(key.to_vec())).await {
-            Ok(resp) => return resp.kvs.first().map(|kv| kv.create_revision),
+        match left.read(store).await {
+            Ok(rev) => return rev,
             Err(e) if e.is_retryable() && !claim.session_lost() => {
                 tracing::debug!(error = %e, "looking for a key a failed join may have put failed; retrying");
                 claim.release_failed();
@@ -548,19 +626,20 @@ async fn find_own_key(store: &Arc<dyn Store>, key: &[u8], claim: &OwnedClaim) ->
 /// gone or lost (its lease takes the key), or if it has claimed the key again meanwhile: a
 /// new join of the same name adopts a key found (same lease, same name) and removes it in
 /// its turn. A request held longer than that (by a member paused for longer, in a cluster)
-/// can still put the key later; it then stays until the session ends.
-async fn look_again(store: &Arc<dyn Store>, key: &[u8], session: &WeakSession) {
+/// can still put the key later; it then stays until the session ends. A key of ours that
+/// was there before the join is left alone (see [`Leftover`]).
+async fn look_again(store: &Arc<dyn Store>, left: &mut Leftover, session: &WeakSession) {
     let Some(claim) = session
         .upgrade()
         .filter(|s| !s.is_lost())
-        .and_then(|s| s.claim_if_free(key))
+        .and_then(|s| s.claim_if_free(&left.key))
     else {
         return;
     };
     claim.releasing();
-    if let Some(rev) = find_own_key(store, key, &claim).await {
+    if let Some(rev) = find_own_key(store, left, &claim).await {
         tracing::debug!(rev, "removing a key a join put late");
-        let _ = settle_delete(store, key, rev, &claim).await;
+        let _ = settle_delete(store, &left.key, rev, &claim).await;
     }
 }
 

@@ -50,7 +50,9 @@ use crate::session::Session;
 ///   likewise for a resumed read key. If both of the lease's keys are in the store (left
 ///   by a process that queued behind its own key, as the recipe does), the older one's
 ///   mode adopts it, and the newer one's mode is refused until the older key is released,
-///   then adopts its key in turn. The error's name says which mode is held:
+///   then adopts its key in turn. A refused call, cancelled or not, leaves the keys it
+///   found in place (a join attempt of its that the store applies late is removed). The
+///   error's name says which mode is held:
 ///   `NAME (write lock)` or `NAME (read lock)`;
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
@@ -449,6 +451,127 @@ mod tests {
             vec![read_key, write_key],
             "a refused join removed our keys"
         );
+    }
+
+    /// A refused join whose earlier attempt had an unknown outcome still cleans up after
+    /// that attempt (found by a second-look review): our write key resumed, `read()`'s
+    /// first join times out and is applied late, its retry is refused (`AlreadyHeld`); we
+    /// then take and release the write lock, and the late first join lands, putting our
+    /// read key under our lease. Nobody holds it, and it would block every other session's
+    /// writers until this session ends: the clean-up removes it.
+    #[tokio::test]
+    async fn refused_join_late_landing_leaves_no_reader_key() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::{Range, Store};
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        *store.request_timeout.lock().unwrap() = Some(Duration::from_millis(300));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let lease = session.lease_id();
+        let lock = RwLock::new(&session, "job").unwrap();
+        store
+            .put(format!("job/write/{lease:x}").as_bytes(), b"", lease)
+            .await
+            .unwrap();
+        store
+            .put_lands_after_next_read
+            .store(true, Ordering::Relaxed);
+        let err = lock.read().await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyHeld { .. }), "{err:?}");
+        lock.write().await.unwrap().unlock().await.unwrap();
+        // The first join lands now, if it has not yet.
+        let _ = store.range(Range::key("x")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let keys: Vec<_> = store.range(Range::prefix("job/")).await.unwrap().kvs;
+        assert!(
+            keys.is_empty(),
+            "a reader key nobody holds is left: {keys:?}"
+        );
+    }
+
+    /// The clean-up of a refused join never removes a key of ours that was already there
+    /// (the second-look review's suspicion, confirmed for the first two cases): both keys of
+    /// our lease in the store, the write key older, so `read()` is refused; its first join's
+    /// reply is lost, and
+    /// - `read()` is cancelled during the backoff before the retry: no answer known, the
+    ///   clean-up looks for our read key at once and again a request timeout later;
+    /// - `read()` is cancelled while the refused retry is in flight: its answer known, the
+    ///   key is looked for (an earlier attempt may land late) at once and again later;
+    /// - `read()` is refused, and an operator deletes the write key just before the
+    ///   clean-up's look: the read key found was there when the join was refused.
+    ///
+    /// The keys stay; then each mode adopts its key in turn.
+    #[tokio::test]
+    async fn a_refused_joins_clean_up_removes_no_key_of_ours() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::{KeyRange, Range, Store, Txn, TxnOp};
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        for case in [
+            "cancelled in backoff",
+            "cancelled in flight",
+            "write key deleted",
+        ] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            *store.request_timeout.lock().unwrap() = Some(Duration::from_millis(300));
+            let client = crate::Client::from_arc(store.clone());
+            let session = Session::new(&client).await.unwrap();
+            let lease = session.lease_id();
+            let lock = RwLock::new(&session, "job").unwrap();
+            let (read_key, write_key) = (
+                format!("job/read/{lease:x}"),
+                format!("job/write/{lease:x}"),
+            );
+            store.put(write_key.as_bytes(), b"", lease).await.unwrap();
+            store.put(read_key.as_bytes(), b"", lease).await.unwrap();
+            store.lose_next_reply.store(true, Ordering::Relaxed);
+            let keys = || async {
+                let kvs = store.range(Range::prefix("job/")).await.unwrap().kvs;
+                kvs.into_iter()
+                    .map(|kv| kv.key_str().into_owned())
+                    .collect::<Vec<_>>()
+            };
+            let mut expected = vec![read_key.clone(), write_key.clone()];
+            match case {
+                "write key deleted" => {
+                    let err = lock.read().await.unwrap_err();
+                    assert!(matches!(err, Error::AlreadyHeld { .. }), "{err:?}");
+                    // The clean-up's task has not run yet (one thread): its read comes next.
+                    let delete = TxnOp::Delete(KeyRange::key(write_key.as_bytes()));
+                    *store.before_next_txn.lock().unwrap() = Some(Txn::new().and_then([delete]));
+                    expected.pop();
+                }
+                _ => {
+                    // The first join is answered (lost) at once and retried 50 ms later; with
+                    // every transaction taking 200 ms, the retry is in flight from 250 to
+                    // 450 ms.
+                    let cancel_at = if case == "cancelled in flight" {
+                        *store.delay_txns.lock().unwrap() = Some(Duration::from_millis(200));
+                        Duration::from_millis(350)
+                    } else {
+                        Duration::from_millis(25)
+                    };
+                    let err = lock.read_timeout(cancel_at).await.unwrap_err();
+                    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+                    *store.delay_txns.lock().unwrap() = None;
+                }
+            }
+            // The clean-up's look, and its look again a request timeout later.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(store.before_next_txn.lock().unwrap().is_none(), "{case}");
+            assert_eq!(
+                keys().await,
+                expected,
+                "the clean-up of a refused join removed a key of ours ({case})"
+            );
+            if expected.len() == 2 {
+                lock.write().await.unwrap().unlock().await.unwrap();
+            }
+            lock.read().await.unwrap().unlock().await.unwrap();
+            assert_eq!(keys().await, Vec::<String>::new(), "{case}");
+        }
     }
 
     /// A guard of one mode dropped, its delete slow to be answered: `try_read` or

@@ -70,6 +70,9 @@ pub(crate) struct SlowWatches {
     pub(crate) grant_delay: StdMutex<Option<Duration>>,
     /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
     pub(crate) request_timeout: StdMutex<Option<Duration>>,
+    /// Every transaction waits this long before it is applied and answered (a slow round
+    /// trip: a request stays in flight that long).
+    pub(crate) delay_txns: StdMutex<Option<Duration>>,
 }
 
 impl SlowWatches {
@@ -93,6 +96,7 @@ impl SlowWatches {
             put_lands_after_next_read: std::sync::atomic::AtomicBool::new(false),
             landing: StdMutex::new(None),
             request_timeout: StdMutex::new(None),
+            delay_txns: StdMutex::new(None),
             txns: AtomicU64::new(0),
             ranges: AtomicU64::new(0),
             grant_delay: StdMutex::new(None),
@@ -196,6 +200,10 @@ impl Store for SlowWatches {
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         self.txns.fetch_add(1, Ordering::Relaxed);
         self.check_kv()?;
+        let delay = *self.delay_txns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let gets = txn
             .success
             .iter()
