@@ -1635,3 +1635,227 @@ async fn a_denied_watch_does_not_retire_the_shared_stream() {
     eprintln!("{open} streams open for 10 watches");
     assert!(open <= 2.0, "{open} streams for 10 watches");
 }
+
+/// Resident memory of this process, in MB.
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kb: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024.0
+}
+
+/// `n` puts of 1 MB under `prefix`, by etcdctl (another process: none of our heap).
+fn write_mb(etcd: &EtcdServer, prefix: &str, n: usize) {
+    let file = std::env::temp_dir().join(format!("watch-value-{}", std::process::id()));
+    std::fs::write(&file, vec![b'x'; 1 << 20]).unwrap();
+    for i in 0..n {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.endpoint()))
+            .args(["put", &format!("{prefix}{i}")])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
+/// A watch that is not read (or read slowly) does not hold every reply etcd sends it in
+/// client memory: past 16 MiB queued it ends with a retryable error (found by a review: +203
+/// MB for 200 MB written). With a stream per watch, HTTP/2 flow control stopped etcd after
+/// a window's worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_watch_does_not_buffer_without_bound() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let unread = store.watch(Watch::prefix("big/")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_mb();
+    let e = &etcd;
+    tokio::task::block_in_place(|| write_mb(e, "big/", 200));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mb();
+    eprintln!(
+        "RSS before {before:.1} MB, after 200 MB written to an unread watch {after:.1} MB (+{:.1} MB)",
+        after - before
+    );
+    assert!(
+        after - before < 50.0,
+        "an unread watch grew the client by {:.1} MB",
+        after - before
+    );
+    // The watch ends after what was queued, with a retryable error: its reader watches
+    // again from the last revision it read.
+    let mut unread = unread;
+    let mut read = 0;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), unread.next()).await {
+            Ok(Some(Ok(batch))) => read += batch.events.len(),
+            other => break other,
+        }
+    };
+    eprintln!("read {read} events, then {end:?}");
+    assert!(
+        matches!(&end, Ok(Some(Err(e))) if e.is_retryable()),
+        "{end:?}"
+    );
+    assert!(read > 0 && read < 200, "{read} events read before the end");
+}
+
+/// A watch opened from a current-thread runtime that then idles (not shut down) does not
+/// silence the watches that joined its stream from other runtimes: a lock holder is still
+/// told its key was deleted (found by a review: the stream's tasks ran on that runtime).
+#[test]
+fn a_holder_is_told_of_a_delete_while_another_runtime_that_opened_the_stream_idles() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = main.block_on(connect(&[etcd.endpoint()]));
+    let client = baton::Client::from_store(store.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+    let theirs_store = store.clone();
+    let helper = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let theirs = rt.block_on(async {
+            let w = theirs_store.watch(Watch::key("ct/theirs")).await.unwrap();
+            ready_tx.send(()).unwrap();
+            let _ = done_rx.await;
+            w
+        });
+        // The runtime stays, idle (as a current-thread runtime between block_on calls).
+        let _ = end_rx.recv();
+        drop(theirs);
+        drop(rt);
+    });
+    ready_rx.recv().unwrap();
+    main.block_on(async {
+        let session = baton::Session::builder(&client).build().await.unwrap();
+        let guard = baton::Mutex::new(&session, "ctlock")
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        done_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store
+            .delete(baton::store::KeyRange::key(guard.key().as_bytes()))
+            .await
+            .unwrap();
+        let told = tokio::time::timeout(Duration::from_secs(10), guard.lost()).await;
+        end_tx.send(()).unwrap();
+        match told {
+            Ok(_) => eprintln!("lost: {:?}", guard.lost_reason()),
+            Err(_) => panic!(
+                "holder not told within 10 s that its key was deleted (is_lost = {})",
+                guard.is_lost()
+            ),
+        }
+    });
+    helper.join().unwrap();
+}
+
+/// An auth token that expired while a shared stream was open (its watch kept): the next
+/// watch is refused on the shared stream, and must still be created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_after_the_token_expired_on_a_shared_stream_is_created() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(|| {
+        let etcd = EtcdServer::start_with(
+            baton_testkit::EtcdServerOptions::new().with_auth_token_ttl(Duration::from_secs(2)),
+        );
+        etcd.enable_auth("root-pw-1", &[("app", "app-pw-1", "ok/")]);
+        etcd
+    })
+    .await
+    .unwrap();
+    let store = EtcdStore::connect(
+        &[etcd.endpoint()],
+        EtcdOptions {
+            credentials: Some(baton::Credentials::new("app", "app-pw-1")),
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    let mut kept = store.watch(Watch::key("ok/kept")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let streams = watch_streams(&etcd);
+    let started = Instant::now();
+    let second = store.watch(Watch::key("ok/second")).await;
+    eprintln!(
+        "second watch after expiry: {:?} in {:?}; streams {} -> {}; reauthentications {}",
+        second.as_ref().err(),
+        started.elapsed(),
+        streams,
+        watch_streams(&etcd),
+        store.reauthentications()
+    );
+    let mut second = second.unwrap();
+    store.put(b"ok/kept", b"1", 0).await.unwrap();
+    store.put(b"ok/second", b"1", 0).await.unwrap();
+    next(&mut kept).await;
+    next(&mut second).await;
+}
+
+/// One watch on a key too large for etcd's request limit (2 MiB with the default
+/// --max-request-bytes) fails: etcd ends the gRPC stream it was sent on. Other watches,
+/// and lock holders, of the same client are not ended with it (found by a review: they got
+/// a non-retryable "request is too large").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_large_watch_key_does_not_end_the_other_watches() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let client = baton::Client::from_store(store.clone());
+    let session = baton::Session::builder(&client).build().await.unwrap();
+    let guard = baton::Mutex::new(&session, "hugelock")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let waiter_session = baton::Session::builder(&client).build().await.unwrap();
+    let waiter_lock = baton::Mutex::new(&waiter_session, "hugelock").unwrap();
+    let waiting = tokio::spawn(async move { waiter_lock.lock().await.map(|g| g.fencing_token()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut kept = store.watch(Watch::key("kept")).await.unwrap();
+    let huge = store.watch(Watch::key(vec![b'k'; 3 << 20])).await;
+    eprintln!("the huge watch: {:?}", huge.as_ref().err());
+    store.put(b"kept", b"1", 0).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), kept.next()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "the other watch got: {got:?}; lock holder lost: {} ({:?})",
+        guard.is_lost(),
+        guard.lost_reason()
+    );
+    assert!(!waiting.is_finished(), "waiter: {:?}", waiting.await);
+    assert!(
+        matches!(got, Ok(Some(Ok(_)))),
+        "the other watch got {got:?}"
+    );
+    assert!(!guard.is_lost(), "lock lost: {:?}", guard.lost_reason());
+}

@@ -218,6 +218,10 @@ struct Inner {
     /// Held while a shared `Watch` stream is opened, so that watches created at the same
     /// time join it instead of each opening a stream of its own.
     watch_opening: tokio::sync::Mutex<()>,
+    /// The runtime the store was connected on, which runs the shared watch streams' tasks
+    /// (as it runs the gRPC channel's): a watch created on another runtime may join a
+    /// stream, and must not depend on that runtime being driven, or alive.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Where the keep-alive stream of one lease is cached, while it works.
@@ -624,6 +628,7 @@ impl EtcdStore {
                 keepers: StdMutex::new(HashMap::new()),
                 watch_streams: StdMutex::new(Vec::new()),
                 watch_opening: tokio::sync::Mutex::new(()),
+                runtime: tokio::runtime::Handle::current(),
             }),
         })
     }
@@ -1465,6 +1470,14 @@ impl EtcdStore {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
             watches::Stream::join(&self.inner.watch_streams, generation, &key, &options, share)
         };
+        // A request etcd may find too large ends the stream it is sent on: not a shared one.
+        let keys = key.len() * if options_prefix(&watch) { 2 } else { 1 };
+        if keys > watches::MAX_SHARED_KEYS {
+            let (created, member) = self
+                .open_watch_stream(&key, &options, deadline, false)
+                .await?;
+            return self.watching(created, member, &watch, &key);
+        }
         let mut joined = join().await;
         if let watches::Joined::Open = joined {
             // No stream to join: one stream is opened at a time, so that watches created
@@ -1499,7 +1512,7 @@ impl EtcdStore {
         match joined {
             watches::Joined::Created(created, member) => Ok((created, member)),
             watches::Joined::Open | watches::Joined::Silent => {
-                self.open_watch_stream(key, options, deadline).await
+                self.open_watch_stream(key, options, deadline, true).await
             }
             // Refused on a shared stream: if the store authenticates, the stream's token
             // may be the reason (etcd 3.4 then says "permission denied" too). A stream of
@@ -1509,7 +1522,8 @@ impl EtcdStore {
                 if self.inner.options.credentials.is_none() {
                     return Ok((created, None));
                 }
-                let (created, member) = self.open_watch_stream(key, options, deadline).await?;
+                let (created, member) =
+                    self.open_watch_stream(key, options, deadline, true).await?;
                 if member.is_some() {
                     stream.retire();
                 }
@@ -1551,14 +1565,15 @@ impl EtcdStore {
         Ok((at, Box::pin(futures::stream::unfold(state, next_batch))))
     }
 
-    /// Open a `Watch` stream with the watch `key`, `options` as its first, and share it
-    /// with later watches unless etcd canceled this one at once. Returns etcd's "created"
-    /// reply and, unless canceled, the watch.
+    /// Open a `Watch` stream with the watch `key`, `options` as its first, and, if `share`,
+    /// share it with later watches unless etcd canceled this one at once. Returns etcd's
+    /// "created" reply and, unless canceled, the watch.
     async fn open_watch_stream(
         &self,
         key: &[u8],
         options: &ec::WatchOptions,
         mut deadline: Instant,
+        share: bool,
     ) -> Result<(ec::WatchResponse, Option<watches::Member>)> {
         let mut reauthenticated = false;
         let (stream, created, generation) = loop {
@@ -1605,11 +1620,23 @@ impl EtcdStore {
         if created.canceled() {
             return Ok((created, None));
         }
-        let (shared, member) =
-            watches::Stream::start(stream, &created, generation, self.inner.endpoints.clone());
-        lock_unpoisoned(&self.inner.watch_streams).push(shared);
+        let (shared, member) = watches::Stream::start(
+            stream,
+            &created,
+            generation,
+            self.inner.endpoints.clone(),
+            &self.inner.runtime,
+        );
+        if share {
+            lock_unpoisoned(&self.inner.watch_streams).push(shared);
+        }
         Ok((created, Some(member)))
     }
+}
+
+/// Whether `watch` is of a prefix (its request carries a range end as long as its key).
+fn options_prefix(watch: &Watch) -> bool {
+    matches!(watch.keys, KeyRange::Prefix(_))
 }
 
 /// The state of a watch stream: the watch on its shared gRPC stream (dropping it cancels

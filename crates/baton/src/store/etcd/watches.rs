@@ -28,15 +28,21 @@
 //!   A stream with no watch for [`IDLE`] is closed.
 //! - A stream that fails or ends ends every watch on it the same way, as a stream of its
 //!   own would have: the watchers see the same error (or end) and create their watches
-//!   again. A stream's tasks run on the runtime that opened it; if that runtime shuts down,
-//!   every watch on the stream (some may have joined from other runtimes) fails with
-//!   [`Error::Unavailable`] and is created again on a stream of the watcher's runtime.
+//!   again; an error a new stream may not have (etcd ends a stream for one create request
+//!   over its size limit) reaches the other watches as a retryable [`Error::Unavailable`].
+//!   A create request with keys over [`MAX_SHARED_KEYS`] gets a stream of its own.
+//! - A stream's tasks run on the runtime the store was connected on (as the gRPC channel's
+//!   do), whichever runtime opened it: a watch joined from another runtime never depends
+//!   on that one being driven. If the tasks are dropped anyway (that runtime shut down),
+//!   every watch on the stream fails with [`Error::Unavailable`].
 //!
-//! Each watch's replies are queued for it without bound (as Go's client does) so that one
-//! watch read slowly never holds up the others on its stream; Baton reads every watch it
-//! opens.
+//! Each watch's replies are queued for it, so that one watch read slowly never holds up
+//! the others on its stream, up to [`MAX_QUEUED`] bytes: a watch that falls further behind
+//! is cancelled and ends with a retryable error after the replies queued, and its reader
+//! watches again from the last revision it read.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -58,6 +64,19 @@ pub(super) const PER_STREAM: usize = 64;
 
 /// A stream without a watch for this long is closed.
 pub(super) const IDLE: Duration = Duration::from_secs(10);
+
+/// At most this many bytes of replies wait for one watch's reader. A watch read too slowly
+/// (or not at all) that would queue more is cancelled and ends with a retryable
+/// [`Error::Unavailable`] after the replies already queued: its reader watches again from
+/// the last revision it read, and etcd replays the rest from its history. With a stream
+/// per watch, HTTP/2 flow control held etcd back instead; without a bound, an unread watch
+/// of a busy prefix grew the client without limit (200 MB written: +203 MB).
+pub(super) const MAX_QUEUED: usize = 16 << 20;
+
+/// A create request whose key and range end are longer than this goes on a stream of its
+/// own: etcd ends the whole stream for a request over its size limit (`--max-request-bytes`,
+/// 1.5 MiB by default), which must not end the other watches of a shared one.
+pub(super) const MAX_SHARED_KEYS: usize = 64 << 10;
 
 /// One reply of etcd for one watch, or the error that ended the stream.
 pub(super) type Delivery = std::result::Result<ec::WatchResponse, Error>;
@@ -81,7 +100,7 @@ struct State {
     /// One reply slot per create request sent and not answered yet, oldest first.
     pending: VecDeque<oneshot::Sender<Created>>,
     /// The watches open on the stream, by id.
-    watches: HashMap<i64, mpsc::UnboundedSender<Box<Delivery>>>,
+    watches: HashMap<i64, Slot>,
     /// The stream ended, or is being closed: nothing more is sent on it.
     closed: bool,
     /// No new watch joins the stream (see the module docs); those on it stay.
@@ -100,6 +119,22 @@ impl State {
     }
 }
 
+/// Where a watch's replies go, and how many bytes of them wait to be read.
+struct Slot {
+    sender: mpsc::UnboundedSender<Box<Delivery>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// Roughly how much memory a reply takes while it waits.
+fn size_of_reply(resp: &ec::WatchResponse) -> usize {
+    let kv = |kv: Option<&ec::KeyValue>| kv.map_or(0, |kv| 64 + kv.key().len() + kv.value().len());
+    128 + resp
+        .events()
+        .iter()
+        .map(|e| 32 + kv(e.kv()) + kv(e.prev_kv()))
+        .sum::<usize>()
+}
+
 /// One shared `Watch` stream.
 pub(super) struct Stream {
     state: Arc<StdMutex<State>>,
@@ -116,13 +151,19 @@ pub(super) struct Member {
     commands: mpsc::UnboundedSender<Command>,
     id: i64,
     replies: Replies,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Member {
     /// The next reply, or the error that ended the stream; `None` once the watch ended
     /// (canceled by etcd, whose reply came before, or the stream ended without an error).
     pub(super) async fn next(&mut self) -> Option<Delivery> {
-        self.replies.recv().await.map(|delivery| *delivery)
+        let delivery = *self.replies.recv().await?;
+        if let Ok(resp) = &delivery {
+            self.queued
+                .fetch_sub(size_of_reply(resp), Ordering::Relaxed);
+        }
+        Some(delivery)
     }
 }
 
@@ -159,25 +200,31 @@ impl Stream {
         created: &ec::WatchResponse,
         generation: u64,
         endpoints: String,
+        runtime: &tokio::runtime::Handle,
     ) -> (Arc<Stream>, Member) {
         let (requests, responses) = stream.split();
         let (sender, replies) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let id = created.watch_id();
+        let slot = Slot {
+            sender,
+            queued: queued.clone(),
+        };
         let state = Arc::new(StdMutex::new(State {
             pending: VecDeque::new(),
-            watches: HashMap::from([(id, sender)]),
+            watches: HashMap::from([(id, slot)]),
             closed: false,
             retired: false,
             idle_since: None,
         }));
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read(
+        let reader = runtime.spawn(read(
             Ending::new(state.clone()),
             commands.downgrade(),
             responses,
             endpoints,
         ));
-        tokio::spawn(send(
+        runtime.spawn(send(
             state.clone(),
             commands_rx,
             requests,
@@ -188,6 +235,7 @@ impl Stream {
             commands: commands.clone(),
             id,
             replies,
+            queued,
         };
         let stream = Arc::new(Stream {
             state,
@@ -309,7 +357,14 @@ impl Drop for Ending {
         }
         for (_, watch) in state.watches.drain() {
             if let Some(error) = &self.reason {
-                let _ = watch.send(Box::new(Err(error.clone())));
+                // An error that a new stream may not have (etcd ends a stream for one
+                // create request over its size limit): the other watches watch again.
+                let error = if error.is_retryable() {
+                    error.clone()
+                } else {
+                    Error::Unavailable(format!("watch: its shared stream ended: {error}"))
+                };
+                let _ = watch.sender.send(Box::new(Err(error)));
             }
         }
         drop(state);
@@ -368,12 +423,18 @@ fn deliver(
             reply.send(Ok((resp, None))).err()
         } else if let Some(commands) = commands.upgrade() {
             let (sender, replies) = mpsc::unbounded_channel();
-            state.watches.insert(id, sender);
+            let queued = Arc::new(AtomicUsize::new(0));
+            let slot = Slot {
+                sender,
+                queued: queued.clone(),
+            };
+            state.watches.insert(id, slot);
             let member = Member {
                 state: Arc::clone(shared),
                 commands,
                 id,
                 replies,
+                queued,
             };
             reply.send(Ok((resp, Some(member)))).err()
         } else {
@@ -390,7 +451,18 @@ fn deliver(
         // A watch dropped: its cancel request is on its way.
         return None;
     };
-    if watch.send(Box::new(Ok(resp))).is_err() {
+    let size = size_of_reply(&resp);
+    let queued = watch.queued.fetch_add(size, Ordering::Relaxed) + size;
+    if !ended && queued > MAX_QUEUED {
+        tracing::debug!(watch_id = id, queued, "a watch fell behind; ending it");
+        let _ = watch.sender.send(Box::new(Err(Error::Unavailable(format!(
+            "watch: fell behind: {} MiB of events waited to be read; watch again from the \
+             last revision read",
+            queued >> 20
+        )))));
+        state.watches.remove(&id);
+        send_cancel(id);
+    } else if watch.sender.send(Box::new(Ok(resp))).is_err() {
         state.watches.remove(&id);
         send_cancel(id);
     } else if ended {
