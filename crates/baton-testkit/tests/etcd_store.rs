@@ -1454,10 +1454,16 @@ async fn a_creation_dropped_after_its_reply_leaves_no_watcher() {
     let store = connect(&[etcd.endpoint()]).await;
     let streams_before = watch_streams(&etcd);
     let kept = store.watch(Watch::key("kept")).await.unwrap();
+    let mut abandoned = 0;
     for i in 0..10 {
         let mut creating = store.watch(Watch::key(format!("leak/{i}")));
         // First poll: the create request goes out on the shared stream.
-        assert!(futures::poll!(&mut creating).is_pending());
+        if let std::task::Poll::Ready(r) = futures::poll!(&mut creating) {
+            // Not the case under test (seen once under load, in a full-file run).
+            eprintln!("watch {i} done at its first poll: {:?}", r.map(|_| ()));
+            continue;
+        }
+        abandoned += 1;
         // etcd's reply comes meanwhile; the creator is not polled again, and gives up.
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(creating);
@@ -1468,6 +1474,10 @@ async fn a_creation_dropped_after_its_reply_leaves_no_watcher() {
     }
     .await;
     eprintln!("watchers on the server after 3 s: {leaked} (want 1: the kept one)");
+    assert!(
+        abandoned >= 5,
+        "only {abandoned} of 10 creations were pending at once"
+    );
     assert_eq!(
         leaked, 1.0,
         "abandoned creations left watchers on the server"
@@ -1646,10 +1656,16 @@ fn rss_mb() -> f64 {
 
 /// `n` puts of 1 MB under `prefix`, by etcdctl (another process: none of our heap).
 fn write_mb(etcd: &EtcdServer, prefix: &str, n: usize) {
-    let file = std::env::temp_dir().join(format!("watch-value-{}", std::process::id()));
+    // One file per call: tests of this file run at once in one process.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let file = std::env::temp_dir().join(format!(
+        "watch-value-{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::write(&file, vec![b'x'; 1 << 20]).unwrap();
     for i in 0..n {
-        let out = std::process::Command::new("etcdctl")
+        let out = std::process::Command::new(baton_testkit::etcdctl_bin().unwrap())
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", etcd.endpoint()))
             .args(["put", &format!("{prefix}{i}")])
@@ -1858,4 +1874,93 @@ async fn a_too_large_watch_key_does_not_end_the_other_watches() {
         "the other watch got {got:?}"
     );
     assert!(!guard.is_lost(), "lock lost: {:?}", guard.lost_reason());
+}
+
+/// A watch ended for falling behind catches up when created again from the last revision
+/// read, even when etcd's catch-up reply alone is over the 16 MiB bound (found by a
+/// review: every later attempt was ended before reading anything, for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_fell_behind_catches_up() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let start = store.put(b"mark", b"1", 0).await.unwrap();
+    let mut watch = store.watch(Watch::prefix("big/")).await.unwrap();
+    let e = &etcd;
+    tokio::task::block_in_place(|| write_mb(e, "big/", 40));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut last, mut read) = (start, 0);
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
+            Ok(Some(Ok(b))) => {
+                for ev in &b.events {
+                    last = last.max(ev.kv.mod_revision);
+                    read += 1;
+                }
+            }
+            other => break other,
+        }
+    };
+    eprintln!("first watch: read {read} events (up to revision {last}), then {end:?}");
+    assert!(
+        matches!(&end, Ok(Some(Err(e))) if e.is_retryable()),
+        "{end:?}"
+    );
+    let mut progress = Vec::new();
+    for attempt in 0..5 {
+        let mut again = store
+            .watch(Watch::prefix("big/").from_revision(last + 1))
+            .await
+            .unwrap();
+        let mut got = 0;
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(5), again.next()).await {
+                Ok(Some(Ok(b))) => {
+                    for ev in &b.events {
+                        last = last.max(ev.kv.mod_revision);
+                        got += 1;
+                    }
+                    if read + got >= 40 {
+                        break None;
+                    }
+                }
+                other => break Some(other),
+            }
+        };
+        eprintln!("attempt {attempt}: {got} events read, then {end:?}");
+        progress.push(got);
+        read += got;
+        if end.is_none() {
+            break;
+        }
+    }
+    assert!(
+        read >= 40,
+        "never caught up: events read per attempt after falling behind: {progress:?}"
+    );
+}
+
+/// One revision whose reply alone is over the 16 MiB bound (a prefix of 20 MB deleted,
+/// watched with previous values) is delivered, not ended again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reply_over_the_queue_bound_is_delivered() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_async().await;
+    let store = connect(&[etcd.endpoint()]).await;
+    let e = &etcd;
+    tokio::task::block_in_place(|| write_mb(e, "big/", 20));
+    let from = store.put(b"mark", b"1", 0).await.unwrap() + 1;
+    let mut w = store
+        .watch(Watch::prefix("big/").with_prev_kv().from_revision(from))
+        .await
+        .unwrap();
+    store.delete(KeyRange::prefix("big/")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(batch))) => assert_eq!(batch.events.len(), 20),
+        other => panic!("the delete was not delivered: {other:?}"),
+    }
 }

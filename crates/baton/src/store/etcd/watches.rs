@@ -65,7 +65,8 @@ pub(super) const PER_STREAM: usize = 64;
 /// A stream without a watch for this long is closed.
 pub(super) const IDLE: Duration = Duration::from_secs(10);
 
-/// At most this many bytes of replies wait for one watch's reader. A watch read too slowly
+/// At most this many bytes of replies wait for one watch's reader (and one reply more: a
+/// reply is always taken while none waits). A watch read too slowly
 /// (or not at all) that would queue more is cancelled and ends with a retryable
 /// [`Error::Unavailable`] after the replies already queued: its reader watches again from
 /// the last revision it read, and etcd replays the rest from its history. With a stream
@@ -452,8 +453,11 @@ fn deliver(
         return None;
     };
     let size = size_of_reply(&resp);
-    let queued = watch.queued.fetch_add(size, Ordering::Relaxed) + size;
-    if !ended && queued > MAX_QUEUED {
+    // A reply is always taken while nothing waits: one larger than the bound (a catch-up
+    // batch, a prefix deleted with its previous values) must not end the watch each time
+    // it is created again, or its reader would never get past it.
+    let queued = watch.queued.fetch_add(size, Ordering::Relaxed);
+    if !ended && queued > 0 && queued + size > MAX_QUEUED {
         tracing::debug!(watch_id = id, queued, "a watch fell behind; ending it");
         let _ = watch.sender.send(Box::new(Err(Error::Unavailable(format!(
             "watch: fell behind: {} MiB of events waited to be read; watch again from the \
