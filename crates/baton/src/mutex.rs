@@ -208,6 +208,18 @@ impl MutexGuard {
 mod tests {
     use super::*;
 
+    /// A client on a store of its own, for a test with a paused clock. Not `mem://`: that
+    /// store is shared by every test of the process, which run at once on runtimes with
+    /// clocks of their own, and it expires leases by the clock of whichever runtime
+    /// touches it. A paused clock that has jumped ahead (a test that waits out a 30 s
+    /// re-read, twice) thus expired the 60 s leases of the tests running beside it: a
+    /// holder's key deleted early granted its waiter the lock (shown by an operation from a
+    /// thread with a paused clock 2 minutes ahead, between the lock and the overwrite of
+    /// the test below: it failed every time); and its own sessions were lost.
+    fn paused_clock_store() -> crate::Client {
+        crate::Client::memory()
+    }
+
     fn bounds() {
         fn check<T: Send + Sync + 'static>() {}
         check::<Mutex>();
@@ -382,11 +394,14 @@ mod tests {
     /// counts as a member, but is never deleted, and the waiter behind it, which waits for
     /// its delete, waited for good (found by a review, for elections). The waiter reads
     /// again now and then while it waits, and takes the lock.
+    ///
+    /// Like every test with a paused clock, it uses a store of its own (see
+    /// [`paused_clock_store`]).
     #[tokio::test(start_paused = true)]
     async fn a_waiter_behind_a_key_overwritten_without_a_lease_gets_the_lock() {
         use std::time::Duration;
         for shared in [false, true] {
-            let client = crate::Client::connect("mem://").await.unwrap();
+            let client = paused_clock_store();
             let holder = Session::new(&client).await.unwrap();
             let waiter = Session::new(&client).await.unwrap();
             let name = if shared { "shared" } else { "own" };
@@ -416,10 +431,15 @@ mod tests {
     /// The same, with a waiter between them that leaves: the last waiter, which saw the
     /// whole queue when it joined, waits on the shared watch for each key ahead to go, the
     /// overwritten one too (found by a second look: it waited for good there).
+    ///
+    /// B cannot see the overwrite before its next re-read (30 s at the earliest, see
+    /// `wait::RECHECK`), and nothing is deleted, so its 1 s runs out: that is how the test
+    /// makes the leaver, not a check of the rules. On the process-wide `mem://` store it
+    /// failed now and then (B got the lock): see [`paused_clock_store`].
     #[tokio::test(start_paused = true)]
     async fn a_waiter_behind_a_leaver_and_a_key_overwritten_without_a_lease_gets_the_lock() {
         use std::time::Duration;
-        let client = crate::Client::connect("mem://").await.unwrap();
+        let client = paused_clock_store();
         let a = Session::new(&client).await.unwrap();
         let b = Session::new(&client).await.unwrap();
         let c = Session::new(&client).await.unwrap();
@@ -434,7 +454,8 @@ mod tests {
         std::mem::forget(held);
         client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
         // B gives up: its key is deleted.
-        assert!(b_waiting.await.unwrap().is_err());
+        let b_got = b_waiting.await.unwrap();
+        assert!(b_got.unwrap_err().is_timeout());
         let got = tokio::time::timeout(Duration::from_secs(120), c_waiting)
             .await
             .expect("the last waiter waited for good behind a key that is no member")

@@ -22,7 +22,11 @@
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
 //!   A lease past its deadline is also expired by the next operation on the store, so
 //!   the store stays correct even where no lease timer task can run. Like etcd, it
-//!   reports the time a lease has left in whole seconds, rounded down;
+//!   reports the time a lease has left in whole seconds, rounded down. That operation
+//!   reads the clock of the runtime it runs on: a store shared by runtimes whose clocks
+//!   differ (a process-wide [`MemStore::shared`] store, `mem://`, used by tests with
+//!   paused clocks that run at once) expires the leases of one by the clock of another,
+//!   so such tests each need a store of their own ([`MemStore::new`]);
 //! - the request checks of etcd's server: empty keys, writes over 1.5 MiB and reads (and
 //!   read-only transactions) over 2 MiB, counted as etcd counts them (encoded; a write in
 //!   its raft entry, to within a byte or two on the safe side), more than 128 operations
