@@ -460,6 +460,44 @@ async fn redlock_a_master_named_twice_is_not_counted_when_it_comes_up() {
     }
 }
 
+/// The first master restarts (a new `run_id`) before its second name, unreachable when the
+/// client connected, is first dialled: the second name finds a `run_id` the first master
+/// did not record, and the first master reconnects later. Whichever of the two is dialled
+/// last must be refused: one server never stands for two masters (`holds()` never says 3
+/// servers on 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_restart_before_the_late_dial_does_not_count_one_server_twice() {
+    let mut servers = RedisServers::start_async(2).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    proxy.set_both(Fault::Reset);
+    let url = format!(
+        "redlock://{},{},{}",
+        servers.servers()[0].addr(),
+        servers.servers()[1].addr(),
+        proxy.addr()
+    );
+    let client = connect(&url, Duration::from_secs(10)).await;
+    servers.restart(0);
+    proxy.heal();
+    // Past the re-dial backoff (500 ms) of the failed dial.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let name = unique("restart-dup");
+    let lock = client.lock(&name).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        if let Ok(guard) = lock.try_lock().await {
+            seen.push(client.holds(&name).await.unwrap()[0].servers);
+            guard.unlock().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(!seen.is_empty(), "never locked");
+    assert!(
+        seen.iter().all(|&s| s <= 2),
+        "holds() said {seen:?} servers on 2 servers"
+    );
+}
+
 /// A user whose ACL refuses `INFO` cannot have its masters' `run_id` read: connecting does
 /// not fail for that, and only the URL's check (the same host and port listed twice) is
 /// left.

@@ -363,10 +363,18 @@ async fn acquire_plain(
     let mut unreachable = Unreachable::default();
     // Attempts in a row answered after the lock's validity.
     let mut slow_attempts = 0_u32;
+    let mut token = new_token();
+    let mut same_token = false;
     loop {
         // A token per attempt: a failed attempt's cleanup may still be running (in the
         // background, see `try_acquire`), and must not delete what a later one sets.
-        let token = new_token();
+        // Except after an attempt that failed for want of servers: its cleanup has ended
+        // (`try_acquire` waits for it when too many nodes failed), and what it could not
+        // delete (a take whose reply was lost, a server it could not reach) is ours to
+        // take again at once (see `acquire.lua`) rather than a stranger's key to wait out.
+        if !std::mem::take(&mut same_token) {
+            token = new_token();
+        }
         let mut cleanup = Cleanup::disarmed(client, keys, &token);
         let chan = sub
             .as_ref()
@@ -414,6 +422,7 @@ async fn acquire_plain(
                     _ = tokio::time::sleep(wait) => {}
                 }
                 gated = false;
+                same_token = true;
                 continue;
             }
             Attempt::Busy { .. } if try_only => {

@@ -149,11 +149,13 @@
 //! usually an odd number such as 3 or 5: an even N tolerates no more failures than N − 1;
 //! no replication between them). One server listed twice would stand for two masters of the
 //! quorum, and is refused: by the URL when the host and port repeat, and by the server's
-//! `run_id` (`INFO server`, read when each master's connection is made) when they differ
-//! (`127.0.0.1:6379` and `localhost:6379`): connecting fails with
-//! [`Error::InvalidEndpoint`] naming both. A master that could not be reached while
-//! connecting is checked when it first connects: if it is another master under a second
-//! name, the client logs an error and never uses it (it counts as a failed master). A user
+//! `run_id` (`INFO server`, read on each connection a master makes, the first and every
+//! reconnection) when they differ (`127.0.0.1:6379` and `localhost:6379`): connecting
+//! fails with [`Error::InvalidEndpoint`] naming both. A master that could not be reached
+//! while connecting is checked when it first connects, and a master whose server restarted
+//! (a new `run_id`) when it reconnects: if another master's connection, still up, reached
+//! the same server, the client logs an error and never uses it again (it counts as a
+//! failed master). A user
 //! whose ACL refuses `INFO` leaves only the URL's check (logged at debug level). An acquire sets the key on every master in parallel and
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what

@@ -1,11 +1,12 @@
 //! One Redis server: its connection, and the Lua scripts run on it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex as StdMutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionAddr, RedisConnectionInfo, Script};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ConnectionAddr, RedisConnectionInfo, Script};
 use tokio::time::Instant;
 
 use crate::client::RedisNode;
@@ -241,42 +242,139 @@ pub(crate) struct NodeRecord {
     pub(crate) value: Vec<u8>,
 }
 
-/// The `run_id` each Redlock master reported when it was dialled, to tell one server listed
+/// One live connection to a node, numbered so that a copy taken before it was replaced is
+/// told from the current one.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    id: u64,
+    pub(crate) conn: MultiplexedConnection,
+}
+
+impl Conn {
+    fn new(conn: MultiplexedConnection) -> Conn {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Conn {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            conn,
+        }
+    }
+}
+
+/// A master's claim on a `run_id`: the connection on which its server reported it.
+#[derive(Clone)]
+struct Claim {
+    run_id: String,
+    /// The connection's number (see [`Conn`]).
+    conn_id: u64,
+    /// The connection, to ask whether it is still up; `None` in unit tests (counts as up).
+    conn: Option<MultiplexedConnection>,
+}
+
+/// The `run_id` each Redlock master's live connection reported, to tell one server listed
 /// under two names (`127.0.0.1:6379` and `localhost:6379`, which the URL's check of hosts
 /// and ports cannot) from two masters: counted twice, one server would stand for two of
 /// the quorum.
-#[derive(Debug)]
+///
+/// Every connection a master makes (the first, and each after a lost one: a [`Node`]
+/// reconnects only through its own dial) claims the `run_id` its server reports on it. A
+/// claim is the connection's: it is forgotten when the connection is found lost, so a
+/// master whose server restarted (a new `run_id`) claims the new one when it reconnects,
+/// and is refused if another name claimed that server meanwhile.
 pub(crate) struct Masters {
     /// Each master's name (`host:port[/db]`, credentials redacted), in the URL's order.
     names: Vec<String>,
-    /// Each master's `run_id`, once read.
-    run_ids: StdMutex<Vec<Option<String>>>,
+    /// Each master's claim, while its connection is up (as far as we know).
+    claims: StdMutex<Vec<Option<Claim>>>,
+    /// One claim at a time: a claim may ask another master's connection whether it is up.
+    gate: tokio::sync::Mutex<()>,
+}
+
+impl fmt::Debug for Masters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Masters")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Masters {
     pub(crate) fn new(names: Vec<String>) -> Masters {
-        let run_ids = StdMutex::new(vec![None; names.len()]);
-        Masters { names, run_ids }
+        let claims = StdMutex::new(vec![None; names.len()]);
+        Masters {
+            names,
+            claims,
+            gate: tokio::sync::Mutex::new(()),
+        }
     }
 
-    /// Record `run_id` as master `i`'s, unless another master has it: then why master `i`
-    /// must not be used (naming both, in the URL's order), and nothing is recorded.
-    fn claim(&self, i: usize, run_id: &str) -> Option<String> {
-        let mut ids = self.run_ids.lock().unwrap_or_else(|e| e.into_inner());
-        let other = ids
-            .iter()
-            .enumerate()
-            .position(|(j, id)| j != i && id.as_deref() == Some(run_id));
-        let Some(j) = other else {
-            ids[i] = Some(run_id.to_string());
-            return None;
-        };
-        let (first, second) = (&self.names[i.min(j)], &self.names[i.max(j)]);
-        Some(format!(
-            "{first} and {second} are one server (the same run_id {run_id}): the same server \
-             is listed twice; redlock needs independent masters"
-        ))
+    fn claims(&self) -> std::sync::MutexGuard<'_, Vec<Option<Claim>>> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Claim `run_id` for master `i`'s connection `conn_id`, unless another master's
+    /// connection has it and is still up: then why master `i` must not be used (naming
+    /// both, in the URL's order), and nothing is recorded. Another master's claim whose
+    /// connection turns out lost is forgotten (that master claims again when it
+    /// reconnects); one that does not answer within `probe` still counts (its server is
+    /// this one, which answered us: a connection to it that hangs may come back).
+    async fn claim(
+        &self,
+        i: usize,
+        run_id: &str,
+        conn_id: u64,
+        conn: Option<MultiplexedConnection>,
+        probe: Duration,
+    ) -> Option<String> {
+        let _gate = self.gate.lock().await;
+        loop {
+            let held = self
+                .claims()
+                .iter()
+                .enumerate()
+                .find(|(j, c)| *j != i && c.as_ref().is_some_and(|c| c.run_id == run_id))
+                .and_then(|(j, c)| c.clone().map(|c| (j, c)));
+            let Some((j, held)) = held else {
+                break;
+            };
+            if still_up(held.conn, probe).await {
+                let (first, second) = (&self.names[i.min(j)], &self.names[i.max(j)]);
+                return Some(format!(
+                    "{first} and {second} are one server (the same run_id {run_id}): the same \
+                     server is listed twice; redlock needs independent masters"
+                ));
+            }
+            tracing::debug!(master = %self.names[j], "the connection on which this master's run_id was read is lost: it claims its server again when it reconnects");
+            self.forget(j, held.conn_id);
+        }
+        self.claims()[i] = Some(Claim {
+            run_id: run_id.to_string(),
+            conn_id,
+            conn,
+        });
+        None
+    }
+
+    /// Forget master `i`'s claim made on connection `conn_id` (lost), if it is still that
+    /// connection's.
+    fn forget(&self, i: usize, conn_id: u64) {
+        let mut claims = self.claims();
+        if claims[i].as_ref().is_some_and(|c| c.conn_id == conn_id) {
+            claims[i] = None;
+        }
+    }
+}
+
+/// True unless `conn` is known lost: a `PING` on it fails with a lost connection. One that
+/// does not answer within `probe` counts as up (`None`, in unit tests, too).
+async fn still_up(conn: Option<MultiplexedConnection>, probe: Duration) -> bool {
+    let Some(mut conn) = conn else {
+        return true;
+    };
+    let ping = redis::cmd("PING");
+    !matches!(
+        tokio::time::timeout(probe, ping.query_async::<()>(&mut conn)).await,
+        Ok(Err(e)) if e.is_unrecoverable_error() || e.is_io_error()
+    )
 }
 
 /// The `run_id` in an `INFO server` reply, if there is one.
@@ -292,7 +390,10 @@ pub(crate) struct Node {
     /// For messages: `host:port[/db]`, credentials redacted.
     pub(crate) display: String,
     pub(crate) client: redis::Client,
-    conn: StdMutex<Option<ConnectionManager>>,
+    /// The connection, if there is one (up as far as we know). A lost one is dropped, and
+    /// the next call dials again: never behind our back (a Redlock master's new connection
+    /// must read its server's `run_id`, see [`Masters`]).
+    conn: StdMutex<Option<Conn>>,
     dial_gate: tokio::sync::Mutex<()>,
     last_failure: StdMutex<Option<(Instant, String)>>,
     pub(crate) dial_timeout: Duration,
@@ -387,8 +488,9 @@ impl Node {
         })
     }
 
-    /// The same node as master `index` of `masters`: each dial reads the server's `run_id`
-    /// (`INFO server`) and refuses a server another master already is.
+    /// The same node as master `index` of `masters`: each dial (the first, and each after a
+    /// lost connection) reads the server's `run_id` (`INFO server`) and refuses a server
+    /// another master already is.
     pub(crate) fn in_redlock(mut self, masters: std::sync::Arc<Masters>, index: usize) -> Node {
         self.masters = Some((masters, index));
         self
@@ -421,7 +523,7 @@ impl Node {
     /// lost connection is the error, as a `PING`'s would be.
     async fn read_run_id(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut MultiplexedConnection,
     ) -> redis::RedisResult<Option<String>> {
         if self.masters.is_none() {
             return Ok(None);
@@ -451,12 +553,26 @@ impl Node {
         }
     }
 
-    fn cached(&self) -> Option<ConnectionManager> {
+    fn cached(&self) -> Option<Conn> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The connection, dialling (within the dial timeout) if there is none yet.
-    pub(crate) async fn conn(&self) -> Result<ConnectionManager> {
+    /// Drop connection `id`, found lost (if it is still the current one): the next call
+    /// dials again. A Redlock master's claim on its server's `run_id` goes with it.
+    fn lost(&self, id: u64) {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.as_ref().is_some_and(|c| c.id == id) {
+            *conn = None;
+            tracing::debug!(node = %self.display, "connection lost; the next call dials again");
+        }
+        drop(conn);
+        if let Some((masters, i)) = &self.masters {
+            masters.forget(*i, id);
+        }
+    }
+
+    /// The connection, dialling (within the dial timeout) if there is none.
+    pub(crate) async fn conn(&self) -> Result<Conn> {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
@@ -483,15 +599,14 @@ impl Node {
     }
 
     /// Dial now (the caller holds the gate, or is `connect`).
-    async fn dial(&self) -> Result<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
+    async fn dial(&self) -> Result<Conn> {
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.dial_timeout))
-            .set_response_timeout(Some(self.request_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(REDIAL_BACKOFF);
+            .set_response_timeout(Some(self.request_timeout));
         let dialled = tokio::time::timeout(
             self.dial_timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         );
         let dialled = if self.tls {
             // A plaintext Redis never answers the ClientHello (unless its random bytes
@@ -540,8 +655,11 @@ impl Node {
             }
             other => other,
         };
-        if let (Ok(Ok(_)), Some(id), Some((masters, i))) = (&dialled, &run_id, &self.masters) {
-            if let Some(reason) = masters.claim(*i, id) {
+        let dialled = dialled.map(|r| r.map(Conn::new));
+        if let (Ok(Ok(conn)), Some(id), Some((masters, i))) = (&dialled, &run_id, &self.masters) {
+            let claimed =
+                masters.claim(*i, id, conn.id, Some(conn.conn.clone()), self.dial_timeout);
+            if let Some(reason) = claimed.await {
                 tracing::error!(node = %self.display, %reason, "a Redlock master is another one listed under a second name: it is not used, and counts as a failed master");
                 *self.duplicate.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                 return Err(self
@@ -673,12 +791,17 @@ impl Node {
     /// Run `f` on the connection within the request timeout.
     async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let call = async {
-            let conn = self.conn().await?;
-            f(conn).await.map_err(|e| self.store_error(&e))
+            let Conn { id, conn } = self.conn().await?;
+            f(conn).await.map_err(|e| {
+                if e.is_unrecoverable_error() {
+                    self.lost(id);
+                }
+                self.store_error(&e)
+            })
         };
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(r) => r,
@@ -951,25 +1074,34 @@ mod tests {
     use crate::client::RedisNode;
 
     /// A master's `run_id` is read from `INFO server`; a second master with the same one is
-    /// refused, naming both in the URL's order, and the first keeps it.
-    #[test]
-    fn one_run_id_claimed_by_two_masters_is_refused() {
+    /// refused while the first's connection is up, naming both in the URL's order, and the
+    /// first keeps it. A claim lost with its connection no longer refuses anyone.
+    #[tokio::test]
+    async fn one_run_id_claimed_by_two_masters_is_refused() {
         let info = "# Server\r\nredis_version:7.2.4\r\nrun_id:0123abcd\r\ntcp_port:6379\r\n";
         assert_eq!(run_id(info), Some("0123abcd"));
         assert_eq!(run_id("# Server\r\nrun_id:\r\n"), None);
         assert_eq!(run_id(""), None);
         let masters = Masters::new(vec!["a:1".into(), "b:1".into(), "c:2".into()]);
-        assert_eq!(masters.claim(1, "x"), None);
-        assert_eq!(masters.claim(2, "y"), None);
+        let probe = Duration::from_secs(1);
+        assert_eq!(masters.claim(1, "x", 1, None, probe).await, None);
+        assert_eq!(masters.claim(2, "y", 2, None, probe).await, None);
         // The same master dialled again keeps its own.
-        assert_eq!(masters.claim(1, "x"), None);
-        let refused = masters.claim(0, "x").unwrap();
+        assert_eq!(masters.claim(1, "x", 3, None, probe).await, None);
+        let refused = masters.claim(0, "x", 4, None, probe).await.unwrap();
         assert!(
             refused.starts_with("a:1 and b:1 are one server"),
             "{refused}"
         );
         assert!(refused.contains("independent masters"), "{refused}");
-        assert_eq!(masters.claim(0, "z"), None);
+        assert_eq!(masters.claim(0, "z", 5, None, probe).await, None);
+        // Master 1's connection 3 is lost (forgetting connection 1, an older one, does
+        // nothing): its server's run_id is free for the next to claim it.
+        masters.forget(1, 1);
+        assert!(masters.claim(0, "x", 6, None, probe).await.is_some());
+        masters.forget(1, 3);
+        assert_eq!(masters.claim(0, "x", 6, None, probe).await, None);
+        assert!(masters.claim(1, "x", 7, None, probe).await.is_some());
     }
 
     /// A lost or refused connection is [`Error::Unavailable`] (which waiters retry); a

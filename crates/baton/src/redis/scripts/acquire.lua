@@ -12,16 +12,28 @@
 --
 -- Returns {1, fencing token (0 if not bumped)} when taken, or {0, PTTL of the holder's key}.
 --
+-- A key that already holds our token is ours: an earlier call with this token took it and
+-- its reply was lost (the connection dropped), or its clean-up could not reach this server.
+-- It is taken afresh, for the full TTL from now: tokens are unique to one acquisition, and
+-- nobody else bumps the fencing counter while we hold the key, so the counter holds our
+-- fencing token.
+--
 -- The PUBLISH is a wake-up only, and never fails the script: `redis.pcall`, because a user
 -- without the channel in its ACL (Redis 7's default `acl-pubsub-default resetchannels`)
 -- would otherwise abort it after its writes, which Redis does not roll back. Waiters that
 -- miss the message find the change by their fallback poll.
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0, redis.call('PTTL', KEYS[1])}
-end
 local fence = 0
-if ARGV[3] == '1' then
-  fence = redis.call('INCR', KEYS[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if ARGV[3] == '1' then
+    fence = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+  end
+elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] == '1' then
+    fence = redis.call('INCR', KEYS[2])
+  end
+else
+  return {0, redis.call('PTTL', KEYS[1])}
 end
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[3])
