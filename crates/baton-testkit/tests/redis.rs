@@ -498,6 +498,135 @@ async fn redlock_a_restart_before_the_late_dial_does_not_count_one_server_twice(
     );
 }
 
+/// The servers close our connections to two masters of three while we hold a lock
+/// (`CLIENT KILL`, as an idle timeout or a NAT reset would): the release (by `close()`,
+/// `unlock()` or a drop) goes again on a fresh connection instead of failing, the key is
+/// gone from every master, another client takes the lock at once, and `unlock()` says Ok.
+/// An extend after the same kill extends rather than failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_release_after_dropped_connections_frees_the_lock() {
+    let servers = RedisServers::start_async(3).await;
+    let kill_conns = |i: usize| {
+        let url = servers.servers()[i].url();
+        async move {
+            let mut c = raw(&url).await;
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("normal")
+                .arg("SKIPME")
+                .arg("yes")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    let mut results = Vec::new();
+    for how in ["close", "unlock", "drop", "extend"] {
+        let client = builder(&servers.redlock_url(), Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap();
+        let name = unique("killed-conns");
+        let guard = client.lock(&name).unwrap().try_lock().await.unwrap();
+        for i in [1, 2] {
+            kill_conns(i).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut said = String::new();
+        match how {
+            "close" => client.close().await.unwrap(),
+            "unlock" => {
+                said = format!("{:?}", guard.unlock().await);
+                client.close().await.unwrap();
+            }
+            "drop" => {
+                drop(guard);
+                client.close().await.unwrap();
+            }
+            _ => {
+                // Past a second of the TTL, so that an extend shows.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                said = format!("{:?}", guard.extend().await);
+                // Extended on a quorum at least (the extend returns once a quorum did).
+                let mut extended = 0;
+                for s in servers.servers() {
+                    let ttl: i64 = raw(&s.url()).await.pttl(&name).await.unwrap();
+                    extended += usize::from(ttl > 9_500);
+                }
+                if extended >= 2 {
+                    said.push_str(" on a quorum");
+                }
+                guard.unlock().await.unwrap();
+                client.close().await.unwrap();
+            }
+        }
+        let mut left = Vec::new();
+        for s in servers.servers() {
+            left.push(get(&mut raw(&s.url()).await, &name).await.is_some());
+        }
+        let other = connect(&servers.redlock_url(), Duration::from_secs(10)).await;
+        let r = other.lock(&name).unwrap().try_lock().await.map(|_| ());
+        results.push((how, r.is_ok(), left, said));
+    }
+    assert!(
+        results.iter().all(|r| r.1 && !r.2.contains(&true)),
+        "{results:?}"
+    );
+    assert_eq!(results[1].3, "Ok(())", "{results:?}");
+    assert_eq!(results[3].3, "Ok(()) on a quorum", "{results:?}");
+}
+
+/// Two masters of three are down when a lock held on all three is unlocked: the one that
+/// answers deletes the key, and the two that fail may still hold it. Whether a quorum held
+/// it is not known: `unlock()` fails with `NoQuorum` (retryable, not a loss), not with
+/// `NotHeld` (which `baton lock` reports as "lock lost", exit 122).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_an_unlock_without_a_quorum_of_answers_is_not_a_loss() {
+    let mut servers = RedisServers::start_async(3).await;
+    let client = connect(&servers.redlock_url(), Duration::from_secs(10)).await;
+    let guard = client
+        .lock(&unique("unlock-unknown"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap();
+    servers.kill(1);
+    servers.kill(2);
+    let e = guard.unlock().await.unwrap_err();
+    assert!(
+        matches!(e, Error::NoQuorum { .. }) && !e.is_lost() && e.to_string().contains("release"),
+        "{e:?}"
+    );
+    client.close().await.unwrap();
+}
+
+/// The same on one server (`redis://`): a lock released after the server closed our
+/// connection is free at once, and `unlock()` says Ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_a_release_after_a_dropped_connection_frees_the_lock() {
+    let server = RedisServer::start_async().await;
+    let client = connect(&server.url(), Duration::from_secs(10)).await;
+    let name = unique("killed-conn");
+    let lock = client.lock(&name).unwrap();
+    let guard = lock.try_lock().await.unwrap();
+    let mut c = raw(&server.url()).await;
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let unlocked = guard.unlock().await;
+    let left = get(&mut c, &name).await;
+    assert!(unlocked.is_ok() && left.is_none(), "{unlocked:?} {left:?}");
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+}
+
 /// A user whose ACL refuses `INFO` cannot have its masters' `run_id` read: connecting does
 /// not fail for that, and only the URL's check (the same host and port listed twice) is
 /// left.

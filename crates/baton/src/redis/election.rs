@@ -448,7 +448,9 @@ impl RedisLeadership {
     /// Step down: delete the key (and the record) if still ours, so the next candidate
     /// leads at once.
     ///
-    /// Fails with [`Error::NotLeader`] if we had already lost the leadership.
+    /// Fails with [`Error::NotLeader`] if we had already lost the leadership; on Redlock,
+    /// with [`Error::NoQuorum`] if the masters that answered leave it open (as
+    /// [`RedisLockGuard::unlock`](super::RedisLockGuard::unlock)).
     ///
     /// # Cancel safety
     ///

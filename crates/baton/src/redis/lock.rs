@@ -935,8 +935,13 @@ impl RedisLockGuard {
     /// never a plain `DEL`) and wake the waiters, or, on one server with waiters queued, hand
     /// it to the oldest live one and wake only it.
     ///
-    /// Returns [`Error::NotHeld`] if the lock had already been lost; another holder's lock is
-    /// never deleted.
+    /// Returns [`Error::NotHeld`] if the lock had already been lost (on Redlock: too few
+    /// masters answered that they held our token for a quorum to have held it); another
+    /// holder's lock is never deleted. On Redlock, if fewer than a quorum deleted the key
+    /// while the masters that failed or did not answer could have held it, whether it was
+    /// still ours is not known: [`Error::NoQuorum`], and the key expires after its TTL
+    /// where it is left. A request whose connection the server had closed (an idle
+    /// timeout, a proxy's reset, `CLIENT KILL`) is sent once more on a new connection.
     ///
     /// # Cancel safety
     ///

@@ -43,6 +43,18 @@
 //! election keys (prefix and name) starting with `baton:fence:`, `baton:leader:`,
 //! `baton:queue:` or `baton:waiter:` are therefore refused. Redis Cluster is not supported.
 //!
+//! # Lost connections
+//!
+//! Each server has one multiplexed connection, dialled again only when a call finds it
+//! lost. A request that finds it closed by the server (an idle `timeout`, a proxy's or NAT's
+//! reset, `CLIENT KILL`, a restart) is sent once more on a new connection, within the same
+//! request timeout, so a release, an extend or a take does not fail on every server whose
+//! connection died quietly. Every request is safe to run twice: an acquire takes a key that
+//! already holds our token (a take whose reply was lost), releases and extends compare the
+//! token. The one answer a second run can change is a release whose first run deleted the
+//! key and lost only its reply: the second finds the key gone, and that server counts as
+//! not holding it.
+//!
 //! # Fencing tokens (single instance only)
 //!
 //! On `redis://`, the acquire script increments the counter `baton:fence:KEY` in the same

@@ -789,19 +789,38 @@ impl Node {
     }
 
     /// Run `f` on the connection within the request timeout.
+    ///
+    /// If the connection turns out lost (the server closed it while it was idle: an idle
+    /// `timeout`, a proxy's or NAT's reset, `CLIENT KILL`, a restart), `f` runs once more on
+    /// a new one, within the same timeout: else a release, an extend or a read would fail
+    /// on every node whose connection died quietly, and only the next call would find out.
+    /// Every request Baton sends may run twice: the scripts compare our token (`acquire.lua`
+    /// and `enqueue.lua` take a key that already holds it; releases and extends are
+    /// compare-and-delete and compare-and-`PEXPIRE`), proclaims write one version once,
+    /// and reads read. The one answer a second run can change is a release's whose first
+    /// run did delete the key and lost only its reply: the second says "not ours".
     async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let call = async {
-            let Conn { id, conn } = self.conn().await?;
-            f(conn).await.map_err(|e| {
+            let mut again = true;
+            loop {
+                let Conn { id, conn } = self.conn().await?;
+                let e = match f(conn).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) => e,
+                };
                 if e.is_unrecoverable_error() {
                     self.lost(id);
                 }
-                self.store_error(&e)
-            })
+                if std::mem::take(&mut again) && e.is_connection_dropped() {
+                    tracing::debug!(node = %self.display, error = %e, operation, "the connection was lost; trying once more on a new one");
+                    continue;
+                }
+                return Err(self.store_error(&e));
+            }
         };
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(r) => r,

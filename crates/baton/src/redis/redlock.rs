@@ -141,6 +141,16 @@ pub(crate) enum Attempt {
     Unavailable(Error),
 }
 
+/// What the nodes answered to a compare-and-delete.
+struct Released {
+    /// How many deleted our token (or handed the lock on).
+    deleted: usize,
+    /// How many answered that the key did not hold our token.
+    not_ours: usize,
+    /// The first failure, if a node failed.
+    error: Option<Error>,
+}
+
 /// The outcome of one extension.
 #[derive(Debug)]
 pub(crate) enum Extended {
@@ -406,9 +416,29 @@ impl ClientInner {
     /// deletions then finish in a task tracked by the client's stragglers (which
     /// [`close()`](super::RedisClient::close) waits for only for a straggler wait: each was
     /// sent on its node's connection, or never will be), and they do not count as having
-    /// held our token. Fails only if every node that answered failed.
+    /// held our token.
+    ///
+    /// Fails if every node that answered failed, and (Redlock) if the answers leave open
+    /// whether a quorum held our token: fewer than a quorum deleted it, but the nodes that
+    /// failed or did not answer could have made one ([`Error::NoQuorum`]). A count below
+    /// the quorum therefore means that a quorum did not hold our token.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<usize> {
-        self.release_settled(keys, token, false).await
+        let released = self.release_settled(keys, token, false).await?;
+        let (n, q) = (self.nodes.len(), self.quorum);
+        let unknown = n - released.deleted - released.not_ours;
+        if released.deleted < q && released.deleted + unknown >= q {
+            let why = match released.error {
+                Some(e) => format!("{unknown} of {n} masters failed or did not answer: {e}"),
+                None => format!("{unknown} of {n} masters did not answer"),
+            };
+            return Err(self.no_quorum(
+                released.deleted,
+                format!(
+                    "release not confirmed ({why}); where the key is left, it expires with its TTL"
+                ),
+            ));
+        }
+        Ok(released.deleted)
     }
 
     /// Compare-and-delete on every node, where how many held our token does not matter (a
@@ -420,11 +450,12 @@ impl ClientInner {
     /// hangs, nor does a majority that hangs: their deletions follow the acquire's writes on
     /// their connections (or neither is ever sent), and finish in the background.
     pub(crate) async fn clean_up(&self, keys: &Keys, token: &str) -> Result<usize> {
-        self.release_settled(keys, token, true).await
+        Ok(self.release_settled(keys, token, true).await?.deleted)
     }
 
-    /// [`release`](Self::release), or [`clean_up`](Self::clean_up) if `cleanup`.
-    async fn release_settled(&self, keys: &Keys, token: &str, cleanup: bool) -> Result<usize> {
+    /// [`release`](Self::release), or [`clean_up`](Self::clean_up) if `cleanup`. Fails only
+    /// if every node that answered failed.
+    async fn release_settled(&self, keys: &Keys, token: &str, cleanup: bool) -> Result<Released> {
         let (n, q) = (self.nodes.len(), self.quorum);
         let calls: Race<_> = self
             .nodes
@@ -464,11 +495,19 @@ impl ClientInner {
             self.finish_in_background(rest, "release");
         }
         if results.iter().all(|r| r.is_err()) {
-            if let Some(Err(e)) = results.into_iter().next() {
-                return Err(e);
+            if let Some(Err(e)) = results.first() {
+                return Err(e.clone());
             }
         }
-        Ok(deleted)
+        let not_ours = results
+            .iter()
+            .filter(|r| matches!(r, Ok(NodeRelease::NotOurs)))
+            .count();
+        Ok(Released {
+            deleted,
+            not_ours,
+            error: results.into_iter().find_map(Result::err),
+        })
     }
 
     /// Tell this process's waiters that `token` released `keys`, without waiting for the
