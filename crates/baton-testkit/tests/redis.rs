@@ -498,6 +498,60 @@ async fn redlock_a_restart_before_the_late_dial_does_not_count_one_server_twice(
     );
 }
 
+/// A master refused as another's second name after connecting counts as a failed master,
+/// as a down one does: when a real master then goes down for 2 s, `lock_timeout` and
+/// `campaign_timeout` wait for it rather than failing at once, and `try_lock`'s error names
+/// the master that is down, not the refused name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_duplicate_found_after_connect_counts_as_a_failed_master() {
+    let mut servers = RedisServers::start_async(2).await;
+    let proxy = FaultProxy::start(servers.servers()[0].port()).await;
+    proxy.set_both(Fault::Reset);
+    let url = format!(
+        "redlock://{},{},{}",
+        servers.servers()[0].addr(),
+        servers.servers()[1].addr(),
+        proxy.addr()
+    );
+    let client = connect(&url, Duration::from_secs(10)).await;
+    proxy.heal();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let lock = client.lock(&unique("dup-waits")).unwrap();
+    // The second name's first dial finds it is the first master.
+    lock.try_lock().await.unwrap().unlock().await.unwrap();
+    let down = servers.servers()[1].addr();
+    let mut results = Vec::new();
+    for what in ["lock", "campaign"] {
+        servers.kill(1);
+        let e = lock.try_lock().await.unwrap_err();
+        let named = e.is_retryable() && e.to_string().contains(&down);
+        let restarter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            servers.restart(1);
+            servers
+        });
+        let started = Instant::now();
+        let got = match what {
+            "lock" => lock.lock_timeout(Duration::from_secs(6)).await.map(drop),
+            _ => client
+                .election(&unique("dup-waits-e"))
+                .unwrap()
+                .campaign_timeout("v", Duration::from_secs(6))
+                .await
+                .map(drop),
+        };
+        let took = started.elapsed();
+        servers = restarter.join().unwrap();
+        let waited = got.is_ok() && took >= Duration::from_millis(1500);
+        eprintln!("{what}: {took:?} ({got:?}); try_lock with the master down: {e}");
+        results.push((what, named, waited, e.to_string(), format!("{got:?}"), took));
+    }
+    assert!(
+        results.iter().all(|r| r.1 && r.2),
+        "(what, the error names {down}, waited, try_lock's error, result, took): {results:#?}"
+    );
+}
+
 /// The servers close our connections to two masters of three while we hold a lock
 /// (`CLIENT KILL`, as an idle timeout or a NAT reset would): the release (by `close()`,
 /// `unlock()` or a drop) goes again on a fresh connection instead of failing, the key is

@@ -166,8 +166,10 @@
 //! fails with [`Error::InvalidEndpoint`] naming both. A master that could not be reached
 //! while connecting is checked when it first connects, and a master whose server restarted
 //! (a new `run_id`) when it reconnects: if another master's connection, still up, reached
-//! the same server, the client logs an error and never uses it again (it counts as a
-//! failed master). A user
+//! the same server, the client logs an error and never uses it again: it counts as a
+//! failed master, its calls failing as a master that is down does (transient, so a
+//! waiter waits for the masters that are down to come back; an error names the masters
+//! that are down rather than it). A user
 //! whose ACL refuses `INFO` leaves only the URL's check (logged at debug level). An acquire sets the key on every master in parallel and
 //! succeeds when a quorum of N/2+1 granted it within the validity, which is the TTL minus the
 //! time the acquire took minus the drift (1% of the TTL plus 2 ms). Otherwise it deletes what

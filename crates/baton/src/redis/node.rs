@@ -94,6 +94,17 @@ pub(crate) fn is_transient(e: &Error) -> bool {
     )
 }
 
+/// What the error of a Redlock master refused as another under a second name says first
+/// (see [`Node::duplicate_error`], [`is_refused_duplicate`]).
+const NOT_USED: &str = "not used, as the same server as another master: ";
+
+/// True for the error of a call to a Redlock master refused as another under a second name:
+/// transient (see [`is_transient`]), but a poor reason to give for a failure when another
+/// master's error says more (which masters are down).
+pub(crate) fn is_refused_duplicate(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(m) if m.contains(NOT_USED))
+}
+
 /// The prefixes of the keys Baton keeps beside each lock key (see [`Keys`]): no lock key
 /// may start with one.
 const RESERVED: [&str; 4] = [
@@ -504,17 +515,21 @@ impl Node {
             .clone()
     }
 
-    /// If this master is another under a second name: the error, naming both.
+    /// If this master is another under a second name: the error of each call, naming both.
+    ///
+    /// [`Error::Unavailable`], transient as a master that is down: the refused name counts
+    /// as a failed master (the server behind it counts once, under its other name), so a
+    /// waiter waits for the masters that are down to come back rather than failing at once
+    /// as for a configuration error. The refusal is logged once, as an error, when found
+    /// (and fails `connect()` with [`Error::InvalidEndpoint`] if found then).
     fn duplicate_error(&self) -> Option<Error> {
-        let reason = self.duplicate_reason()?;
-        Some(Error::InvalidEndpoint {
-            endpoint: format!(
-                "{}://{}",
-                if self.tls { "rediss" } else { "redis" },
-                self.display
-            ),
-            reason,
-        })
+        Some(self.refused_as(&self.duplicate_reason()?))
+    }
+
+    /// The error of a call to this master, refused as another under a second name
+    /// (`reason`).
+    pub(crate) fn refused_as(&self, reason: &str) -> Error {
+        Error::Unavailable(format!("redis {}: {NOT_USED}{reason}", self.display))
     }
 
     /// The server's `run_id` (`INFO server`), if this is a Redlock master and the server

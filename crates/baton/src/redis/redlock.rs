@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::node::{Keys, NodeAcquire, NodeExtend, NodeRecord, NodeRelease};
+use super::node::{is_refused_duplicate, Keys, NodeAcquire, NodeExtend, NodeRecord, NodeRelease};
 use super::{drift, ClientInner};
 use crate::error::{Error, Result};
 use crate::race::Race;
@@ -121,6 +121,25 @@ fn most_agreeing<T>(answers: &[Result<T>], same: impl Fn(&T, &T) -> bool) -> usi
         .map(|a| held.iter().filter(|b| same(a, b)).count())
         .max()
         .unwrap_or(0)
+}
+
+/// Keep `e` as the failure to report, unless one is kept already. A refused duplicate's
+/// (a master that is another under a second name) gives way to any other master's, which
+/// says more: which masters are down.
+pub(crate) fn keep_error(kept: &mut Option<Error>, e: Error) {
+    if kept.as_ref().is_none_or(is_refused_duplicate) {
+        *kept = Some(e);
+    }
+}
+
+/// The failure to report among `errors`: the first, unless it is a refused duplicate's and
+/// another master failed too (see [`keep_error`]).
+pub(crate) fn reported_error(errors: impl IntoIterator<Item = Error>) -> Option<Error> {
+    let mut kept = None;
+    for e in errors {
+        keep_error(&mut kept, e);
+    }
+    kept
 }
 
 /// The outcome of one acquisition attempt. On anything but `Acquired`, whatever was set has
@@ -286,7 +305,7 @@ impl ClientInner {
                         failed += 1;
                         tracing::debug!(error = %e, "acquire failed on a node");
                         all_transient &= super::node::is_transient(&e);
-                        first_error.get_or_insert(e);
+                        keep_error(&mut first_error, e);
                         if busy + failed > n - q {
                             break;
                         }
@@ -381,9 +400,7 @@ impl ClientInner {
                     Some(Ok(NodeExtend::Foreign)) => foreign += 1,
                     Some(Ok(NodeExtend::Gone)) => gone += 1,
                     Some(Ok(NodeExtend::RecordGone)) => record_gone += 1,
-                    Some(Err(e)) => {
-                        first_error.get_or_insert(e);
-                    }
+                    Some(Err(e)) => keep_error(&mut first_error, e),
                 },
                 _ = tokio::time::sleep_until(until) => {
                     return Extended::Retry(Error::Timeout {
@@ -506,7 +523,7 @@ impl ClientInner {
         Ok(Released {
             deleted,
             not_ours,
-            error: results.into_iter().find_map(Result::err),
+            error: reported_error(results.into_iter().filter_map(Result::err)),
         })
     }
 
@@ -602,7 +619,7 @@ impl ClientInner {
         if refused > n - self.quorum {
             return Ok(None);
         }
-        match results.into_iter().find_map(|r| r.err()) {
+        match reported_error(results.into_iter().filter_map(Result::err)) {
             Some(e) if !self.redlock => Err(e),
             Some(e) => Err(self.no_quorum(vers.len(), format!("proclaim failed: {e}"))),
             None => Err(self.no_quorum(vers.len(), "proclaim not confirmed")),
@@ -670,7 +687,7 @@ impl ClientInner {
             let error = if denied_for_good {
                 errors.find(Error::is_access_denied)
             } else {
-                errors.next()
+                reported_error(errors)
             };
             return match error {
                 Some(e) if !self.redlock || denied_for_good => Err(e),
@@ -684,8 +701,8 @@ impl ClientInner {
         let same_leader = |a: &Option<NodeRecord>, b: &Option<NodeRecord>| matches!((a, b), (Some(a), Some(b)) if a.token == b.token && a.ver > 0 && b.ver > 0);
         let best = most_agreeing(&results, same_leader);
         if best < self.quorum && best + failed >= self.quorum {
-            let mut errors = results.into_iter().filter_map(|r| r.err());
-            let reason = match errors.next() {
+            let errors = results.into_iter().filter_map(|r| r.err());
+            let reason = match reported_error(errors) {
                 Some(e) => format!("a leader may hold a quorum; read failed: {e}"),
                 None => "a leader may hold a quorum; some masters did not answer".to_string(),
             };
@@ -822,6 +839,27 @@ mod tests {
         // for rather than cut off by the straggler wait and counted as failed.
         assert!(!settled(&[Ok(None), Err(Error::Closed)]));
         assert!(settled(&[Ok(None), Err(Error::Closed), Ok(None)]));
+    }
+
+    /// A refused duplicate's error gives way to any other master's, whichever came first.
+    #[test]
+    fn a_refused_duplicates_error_is_reported_last() {
+        let node = super::super::node::Node::new(
+            &crate::client::RedisNode::from("127.0.0.1:1"),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            None,
+        )
+        .unwrap();
+        let dup = node.refused_as("127.0.0.1:1 and localhost:1 are one server");
+        assert!(is_refused_duplicate(&dup) && super::super::node::is_transient(&dup));
+        let down = Error::Unavailable("redis 127.0.0.1:2: connection refused".into());
+        assert!(!is_refused_duplicate(&down));
+        let got = reported_error([dup.clone(), down.clone(), dup.clone()]).unwrap();
+        assert_eq!(got.to_string(), down.to_string());
+        let got = reported_error([dup.clone()]).unwrap();
+        assert_eq!(got.to_string(), dup.to_string());
+        assert!(reported_error([]).is_none());
     }
 
     /// The newest version a quorum holds wins over a newer one that reached a minority.

@@ -93,7 +93,7 @@ impl RedisClient {
                         }
                     }
                 }
-                Err(e) => first_error = first_error.or(Some(e)),
+                Err(e) => super::redlock::keep_error(&mut first_error, e),
             }
         }
         if answered < inner.quorum {
@@ -122,7 +122,7 @@ impl RedisClient {
                 for read in reads {
                     match read {
                         Ok(seen) => found.extend(seen),
-                        Err(e) => error = error.or(Some(e)),
+                        Err(e) => super::redlock::keep_error(&mut error, e),
                     }
                 }
                 if let Some(e) = error.filter(|_| failed > n - quorum) {
