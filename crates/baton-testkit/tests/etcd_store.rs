@@ -1523,26 +1523,28 @@ async fn compacted_watches_are_cancelled_on_the_server() {
     assert_eq!(n, 1.0, "compacted watches still registered on the server");
 }
 
-/// Tasks of a shared stream run on the runtime that opened it. A watch created on another
-/// runtime joins that stream; when the opening runtime shuts down, the watch must end (an
-/// error or an end, so that its consumer watches again), never go silent.
+/// A multi-thread runtime of `workers` threads.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A watch created on one runtime may join a stream first opened from another. When that
+/// other runtime shuts down, the watch must not go silent (found by a review: the stream's
+/// tasks ran there); it goes on, or ends so that its consumer watches again.
 #[test]
 fn a_watch_is_not_silenced_by_the_runtime_that_opened_its_stream() {
     if !require_etcd() {
         return;
     }
     let etcd = EtcdServer::start();
-    let rt = |n| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let main = rt(2);
+    let main = runtime(2);
     let store = main.block_on(connect(&[etcd.endpoint()]));
     // Another runtime (a helper component's, a test's) opens a watch first.
-    let helper = rt(1);
+    let helper = runtime(1);
     let theirs = helper
         .block_on(store.watch(Watch::key("rt/theirs")))
         .unwrap();
@@ -1570,17 +1572,10 @@ fn a_holder_is_told_of_a_delete_after_another_runtime_shut_down() {
         return;
     }
     let etcd = EtcdServer::start();
-    let rt = |n| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let main = rt(2);
+    let main = runtime(2);
     let store = main.block_on(connect(&[etcd.endpoint()]));
     let client = baton::Client::from_store(store.clone());
-    let helper = rt(1);
+    let helper = runtime(1);
     let theirs = helper
         .block_on(store.watch(Watch::key("rt/theirs")))
         .unwrap();
