@@ -3271,3 +3271,105 @@ async fn a_leader_whose_record_is_deleted_steps_down() {
         drop(leading);
     }
 }
+
+/// A release the server ran, whose reply was lost with its connection, is sent again on a
+/// new one and finds the key gone: that is no loss, and `unlock()` must not say `NotHeld`
+/// ("lock lost", exit 122 from `baton lock`). Found by a review of the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_a_release_whose_reply_is_lost_is_not_a_loss() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let client = connect(&proxy.url("redis"), Duration::from_secs(10)).await;
+    client
+        .lock(&unique("warm"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap()
+        .unlock()
+        .await
+        .unwrap();
+    let name = unique("lost-release-reply");
+    let guard = client.lock(&name).unwrap().try_lock().await.unwrap();
+    proxy.set(
+        Direction::ServerToClient,
+        Fault::Delay(Duration::from_millis(2000)),
+    );
+    let unlocking = tokio::spawn(async move { guard.unlock().await });
+    let mut c = raw(&server.url()).await;
+    let mut gone = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if get(&mut c, &name).await.is_none() {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the server never ran the release");
+    proxy.set(Direction::ServerToClient, Fault::Pass);
+    proxy.reset_all();
+    let unlocked = unlocking.await.unwrap();
+    eprintln!("unlock() = {unlocked:?}");
+    assert!(
+        !matches!(unlocked, Err(Error::NotHeld { .. })),
+        "{unlocked:?}"
+    );
+}
+
+/// A slow answer to the liveness probe of a Redlock master's connection (a response
+/// timeout, with the request timeout shorter than the dial timeout) is no lost
+/// connection: its claim on the server's run_id stays, and a second name of the same
+/// server is still refused. Found by a review: one server then made a quorum of three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_slow_probe_does_not_let_one_server_count_twice() {
+    let mut servers = RedisServers::start_async(2).await;
+    let pa = FaultProxy::start(servers.servers()[0].port()).await;
+    let pb = FaultProxy::start(servers.servers()[0].port()).await;
+    pb.set(
+        Direction::ClientToServer,
+        Fault::Delay(Duration::from_millis(400)),
+    );
+    let url = format!(
+        "redlock://{},{},{}",
+        pa.addr(),
+        servers.servers()[1].addr(),
+        pb.addr()
+    );
+    let connecting = tokio::spawn(
+        builder(&url, Duration::from_secs(10))
+            .with_request_timeout(Duration::from_millis(500))
+            .connect(),
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    pa.set(
+        Direction::ServerToClient,
+        Fault::Delay(Duration::from_millis(1200)),
+    );
+    let client = connecting.await.unwrap();
+    let Ok(client) = client else {
+        // Refused at connect: the duplicate was found. Also right.
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    pa.set(Direction::ServerToClient, Fault::Pass);
+    pb.set(Direction::ClientToServer, Fault::Pass);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let name = unique("slow-probe");
+    let lock = client.lock(&name).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        if let Ok(g) = lock.try_lock().await {
+            seen.push(client.holds(&name).await.unwrap()[0].servers);
+            g.unlock().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    servers.kill(1);
+    let alone = lock.try_lock().await.map(std::mem::forget);
+    eprintln!("holds() {seen:?}; with server 1 dead: try_lock {alone:?}");
+    assert!(
+        seen.iter().all(|&s| s <= 2),
+        "holds() said {seen:?} servers on 2 servers"
+    );
+    assert!(alone.is_err(), "locked on one server of 3 masters");
+}

@@ -384,7 +384,9 @@ async fn still_up(conn: Option<MultiplexedConnection>, probe: Duration) -> bool 
     let ping = redis::cmd("PING");
     !matches!(
         tokio::time::timeout(probe, ping.query_async::<()>(&mut conn)).await,
-        Ok(Err(e)) if e.is_unrecoverable_error() || e.is_io_error()
+        // A slow answer (a response timeout is an I/O error too) is no lost connection:
+        // forgetting the claim would let another name of the same server claim it.
+        Ok(Err(e)) if !e.is_timeout() && (e.is_unrecoverable_error() || e.is_io_error())
     )
 }
 
@@ -813,8 +815,19 @@ impl Node {
     /// and `enqueue.lua` take a key that already holds it; releases and extends are
     /// compare-and-delete and compare-and-`PEXPIRE`), proclaims write one version once,
     /// and reads read. The one answer a second run can change is a release's whose first
-    /// run did delete the key and lost only its reply: the second says "not ours".
+    /// run did delete the key and lost only its reply: the second says "not ours", which
+    /// [`Node::release`] reports as unknown (a retryable error), never as a loss.
     async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        Ok(self.run_retried(operation, f).await?.0)
+    }
+
+    /// [`Node::run`], also saying whether `f` ran once more on a new connection (so that
+    /// the first run's outcome is unknown).
+    async fn run_retried<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<(T, bool)>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -824,7 +837,7 @@ impl Node {
             loop {
                 let Conn { id, conn } = self.conn().await?;
                 let e = match f(conn).await {
-                    Ok(v) => return Ok(v),
+                    Ok(v) => return Ok((v, !again)),
                     Err(e) => e,
                 };
                 if e.is_unrecoverable_error() {
@@ -881,9 +894,23 @@ impl Node {
     /// Compare-and-delete (or, for FIFO keys, hand the lock to the oldest live waiter; for a
     /// token that does not hold the lock, leave the queue).
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<NodeRelease> {
+        // A release sent again on a new connection that finds the key not ours may have
+        // deleted it the first time and lost only the reply: not a loss, but not known to
+        // be ours either. Reported as unknown (a retryable error), never as `NotOurs`.
+        let not_ours = |retried: bool| {
+            if retried {
+                Err(Error::Unavailable(format!(
+                    "redis release on {}: the connection dropped before the reply, and the \
+                     key is no longer ours: the first attempt may have deleted it",
+                    self.display
+                )))
+            } else {
+                Ok(NodeRelease::NotOurs)
+            }
+        };
         if keys.fifo {
-            let parts: Vec<redis::Value> = self
-                .run("redis release", |mut conn| async move {
+            let (parts, retried): (Vec<redis::Value>, bool) = self
+                .run_retried("redis release", |mut conn| async move {
                     HANDOFF
                         .key(&keys.lock)
                         .key(&keys.fence)
@@ -911,11 +938,11 @@ impl Node {
                     let payload = format!("g:{next}:{}:{}", int(parts.get(2)), int(parts.get(3)));
                     NodeRelease::HandedOff(payload.into_bytes())
                 }
-                _ => NodeRelease::NotOurs,
+                _ => return not_ours(retried),
             });
         }
-        let n: i64 = self
-            .run("redis release", |mut conn| async move {
+        let (n, retried): (i64, bool) = self
+            .run_retried("redis release", |mut conn| async move {
                 RELEASE
                     .key(&keys.lock)
                     .key(&keys.record)
@@ -925,11 +952,11 @@ impl Node {
                     .await
             })
             .await?;
-        Ok(if n == 1 {
-            NodeRelease::Freed
+        if n == 1 {
+            Ok(NodeRelease::Freed)
         } else {
-            NodeRelease::NotOurs
-        })
+            not_ours(retried)
+        }
     }
 
     /// Take the lock in turn, or queue for it (`enqueue.lua`). `window_ms` is how long our
