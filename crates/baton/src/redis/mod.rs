@@ -52,8 +52,10 @@
 //! connection died quietly. Every request is safe to run twice: an acquire takes a key that
 //! already holds our token (a take whose reply was lost), releases and extends compare the
 //! token. The one answer a second run can change is a release whose first run deleted the
-//! key and lost only its reply: the second finds the key gone, and that server counts as
-//! not holding it.
+//! key and lost only its reply: the second finds the key gone. That answer counts as
+//! unknown for that server (a retryable [`Error::Unavailable`]), never as a loss: on one
+//! server `unlock()` fails with that retryable error, not [`Error::NotHeld`]; on Redlock the
+//! server is counted as not answering.
 //!
 //! # Fencing tokens (single instance only)
 //!
