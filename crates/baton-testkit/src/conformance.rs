@@ -1101,6 +1101,22 @@ pub async fn rwlock_try_after_own_drop(b: &Backend) {
     assert!(keys_under(&admin, &format!("{lock}/")).await.is_empty());
 }
 
+/// Take `rw` in `mode` ("write" or "read") and forget the guard, as a process that stops
+/// without releasing; returns the grant's fencing token.
+async fn abandoned_hold(rw: &RwLock, mode: &str) -> i64 {
+    if mode == "write" {
+        let g = rw.write().await.unwrap();
+        let t = g.fencing_token();
+        std::mem::forget(g);
+        t
+    } else {
+        let g = rw.read().await.unwrap();
+        let t = g.fencing_token();
+        std::mem::forget(g);
+        t
+    }
+}
+
 /// A process that resumes a lease (`Session::builder(..).with_lease`) whose key of one mode
 /// is still in the store is refused the other mode at once with `AlreadyHeld`, naming the
 /// mode held, as a session that took that key itself is: its own key is ahead of the one it
@@ -1114,17 +1130,7 @@ pub async fn rwlock_resume_other_mode(b: &Backend) {
         // An earlier process takes the lock in one mode, then stops without releasing it.
         let old = b.session(TTL).await;
         let old_rw = RwLock::new(&old, &lock).unwrap();
-        let token = if held == "write" {
-            let g = old_rw.write().await.unwrap();
-            let t = g.fencing_token();
-            std::mem::forget(g);
-            t
-        } else {
-            let g = old_rw.read().await.unwrap();
-            let t = g.fencing_token();
-            std::mem::forget(g);
-            t
-        };
+        let token = abandoned_hold(&old_rw, held).await;
         old.orphan();
         drop(old_rw);
         drop(old);
@@ -1190,17 +1196,7 @@ pub async fn rwlock_both_keys_resumed(b: &Backend) {
         let client = b.client().await;
         let old = b.session(TTL).await;
         let old_rw = RwLock::new(&old, &lock).unwrap();
-        let older_token = if older == "write" {
-            let g = old_rw.write().await.unwrap();
-            let t = g.fencing_token();
-            std::mem::forget(g);
-            t
-        } else {
-            let g = old_rw.read().await.unwrap();
-            let t = g.fencing_token();
-            std::mem::forget(g);
-            t
-        };
+        let older_token = abandoned_hold(&old_rw, older).await;
         let lease = old.lease_id();
         let newer_key = format!("{lock}/{newer}/{lease:x}");
         let newer_token = client
