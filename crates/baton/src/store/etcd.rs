@@ -69,6 +69,7 @@ use super::{
     TxnResponse, Watch, WatchResponse, WatchStream,
 };
 use crate::error::{Error, Result};
+mod members;
 mod watches;
 
 use crate::security::{
@@ -94,9 +95,9 @@ const COMPACT_PROBE_KEY: &[u8] = b"baton/compact-probe";
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
-/// How many refused TLS handshakes per member a request retries (each attempt goes to a
-/// member at random) before it fails with `Error::Tls`: with one member of two refusing,
-/// 20 refusals in a row come once in a million requests.
+/// How many refused TLS handshakes per member a request retries before it fails with
+/// `Error::Tls` (a member whose handshake failed is passed over for a while, see
+/// `members.rs`, so a retry goes to another member while one is connected).
 const TLS_REFUSALS_PER_MEMBER: usize = 10;
 
 /// How many refused TLS handshakes a request (or a connect) retries with `members`
@@ -115,10 +116,12 @@ fn tls_refusal_budget(members: usize) -> usize {
 const HEDGES: usize = 4;
 
 /// The most copies of one request [`hedge`] sends when its share is a small part of its
-/// deadline (the connect probe, keep-alive streams): each copy lands on a member picked at
-/// random, so with one member of three silent all of `n` copies land there with probability
-/// 3^-n: 1 in 81 for [`HEDGES`] copies, which lost a connect or a resumed session now and
-/// then, 1 in 43 million for 16.
+/// deadline (the connect probe, keep-alive streams). With etcd-client's own channel each
+/// copy landed on a member picked at random, so with one member of three silent all of `n`
+/// copies landed there with probability 3^-n: 1 in 81 for [`HEDGES`] copies, which lost a
+/// connect or a resumed session now and then. Since the store's own channel
+/// (`members.rs`) a copy sent while another waits goes to another member; the copies stay
+/// as a backstop.
 const MAX_COPIES: usize = 16;
 
 /// Cached keep-alive streams unused for this long are closed.
@@ -481,7 +484,13 @@ impl EtcdStore {
 
         let mut client = match timeout_at(
             deadline,
-            ec::Client::connect(endpoints, Some(connect_options)),
+            ec::Client::connect_with_balanced_channel(
+                endpoints,
+                Some(connect_options),
+                members::Members {
+                    runtime: tokio::runtime::Handle::current(),
+                },
+            ),
         )
         .await
         {
@@ -520,7 +529,8 @@ impl EtcdStore {
         let mut probed = false;
         let mut backoff = BACKOFF_MIN;
         // A member whose certificate is refused may be one of several (its certificate
-        // expired): try again, at random, until the refusals are too many for that.
+        // expired): try again (another member: the refusing one is passed over for a
+        // while), until the refusals are too many for that.
         let mut tls_refusals = 0;
         loop {
             let attempt = async {
@@ -683,8 +693,8 @@ impl EtcdStore {
         let after = self.inner.options.request_timeout;
         let mut backoff = BACKOFF_MIN;
         let mut reauthenticated = false;
-        // Requests go to members at random: a member whose certificate is refused costs
-        // a retry, until so many refusals came that every member must refuse it.
+        // A member whose certificate is refused costs a retry (it is then passed over for
+        // a while), until so many refusals came that every member must refuse it.
         let mut tls_refusals = 0;
         loop {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
@@ -729,10 +739,10 @@ impl EtcdStore {
 
     /// One attempt of an idempotent request, *hedged*: if it has no answer after a share of
     /// the request timeout, the same request is sent again (up to [`HEDGES`] copies in all),
-    /// and the first answer wins; the others are cancelled. The channel spreads requests
-    /// over the members at random, so a copy most likely goes to another member: a member
-    /// that is alive but silent (its packets lost) then costs a share of the timeout, not
-    /// the whole of it. A copy that fails with a retryable error leaves the others running.
+    /// and the first answer wins; the others are cancelled. The channel (`members.rs`)
+    /// sends a copy to a member with fewer requests waiting than the one the first waits
+    /// on, so to another member: a member that is alive but silent (its packets lost) then
+    /// costs a share of the timeout, not the whole of it, and is passed over for a while. A copy that fails with a retryable error leaves the others running.
     /// `None` if no answer came before `deadline`.
     async fn hedged<T, F, Fut>(
         &self,
@@ -978,9 +988,9 @@ impl EtcdStore {
     /// stream is opened (on any member, itself hedged) and the first answer wins; the new
     /// stream replaces the cached one.
     ///
-    /// The new stream's member is picked at random by etcd-client's channel, so it may be
-    /// the silent one again (a third of the time with one member of three silent): copies
-    /// of the open go out half a share apart; a stream once found silent is not waited on
+    /// The new stream's member is picked by the store's channel (`members.rs`), which
+    /// passes over a member that left a request unanswered, but a silent member that
+    /// answered nothing yet may still get it: copies of the open go out half a share apart; a stream once found silent is not waited on
     /// again (the next keep-alive opens a new one at once, until a reply comes on it); and
     /// an open refused at once (a member that lost its leader says "no leader" until a new
     /// one is elected) is tried again after a backoff, until the reply or the deadline.
@@ -1466,9 +1476,15 @@ impl EtcdStore {
         // The whole creation, shared stream or not, within one request timeout.
         let deadline = Instant::now() + self.inner.options.request_timeout;
         let share = self.inner.options.request_timeout / HEDGES as u32;
-        let join = || {
+        let join = |within| {
             let generation = self.inner.auth_generation.load(Ordering::Acquire);
-            watches::Stream::join(&self.inner.watch_streams, generation, &key, &options, share)
+            watches::Stream::join(
+                &self.inner.watch_streams,
+                generation,
+                &key,
+                &options,
+                within,
+            )
         };
         // A request etcd may find too large ends the stream it is sent on: not a shared one.
         let keys = key.len() * if options_prefix(&watch) { 2 } else { 1 };
@@ -1478,16 +1494,19 @@ impl EtcdStore {
                 .await?;
             return self.watching(created, member, &watch, &key);
         }
-        let mut joined = join().await;
-        if let watches::Joined::Open = joined {
-            // No stream to join: one stream is opened at a time, so that watches created
-            // together share it; a watch that waits a hedging share for that opens one of
-            // its own.
+        let mut joined = join(share).await;
+        if let watches::Joined::Open | watches::Joined::Silent = joined {
+            // No stream to join, or the one asked was silent (and is retired): one stream
+            // is opened at a time, so that watches created together share it (those that
+            // found the same stream silent too); a watch that waits a hedging share for
+            // that opens one of its own.
             let opening = tokio::time::timeout(share, self.inner.watch_opening.lock())
                 .await
                 .ok();
+            // A stream the watch finds now was just opened, on a member that answered:
+            // half a share for its reply, to leave time to open one if it does not come.
             if opening.is_some() {
-                joined = join().await;
+                joined = join(share / 2).await;
             }
             if let watches::Joined::Open = joined {
                 joined = watches::Joined::Silent;
