@@ -633,3 +633,55 @@ async fn a_join_applied_after_a_long_pause_is_removed() {
     assert!(left.is_ok(), "a key was left: {:?}", keys().await);
     assert!(!mine.is_lost());
 }
+
+/// A holder whose client's watch stream sits on a member that goes silent still hears at
+/// once that its key was deleted: the stream gets no reply to a progress request, its
+/// watches watch again on another member, and the delete is replayed (~3 s here, with a
+/// second of quiet before the probe and a share of the 5 s request timeout after it).
+/// Before, the holder heard nothing until the connection's keep-alive pings gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_hears_of_its_keys_delete_past_a_silent_member() {
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let client = Client::builder(&cluster.endpoints_url())
+        .with_request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let session = Session::builder(&client)
+        .with_ttl(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    let g = Mutex::new(&session, "silent/lock")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    // Let the holder's watch be created (in the background after the grant).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let streams = |i: usize| {
+        cluster
+            .member(i)
+            .metric("etcd_debugging_mvcc_watch_stream_total")
+            .unwrap_or(0.0)
+    };
+    let carrier = (0..3)
+        .max_by(|&a, &b| streams(a).total_cmp(&streams(b)))
+        .unwrap();
+    assert!(streams(carrier) >= 1.0);
+    let other = (carrier + 1) % 3;
+    tokio::task::block_in_place(|| cluster.move_leader(other));
+    cluster.member_mut(carrier).stop();
+    let started = Instant::now();
+    let out = cluster.member(other).etcdctl(["del", g.key()]);
+    assert!(out.status.success(), "{out:?}");
+    while !g.is_lost() {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the holder was not told of its key's delete in 6 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("lost after {:?}: {:?}", started.elapsed(), g.lost_reason());
+    cluster.member_mut(carrier).cont();
+}

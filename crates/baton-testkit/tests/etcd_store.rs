@@ -1636,6 +1636,46 @@ async fn creations_that_find_their_stream_silent_open_one_stream_between_them() 
     cluster.member_mut(carrier).cont();
 }
 
+/// A watch whose shared stream sits on a member that goes silent ends with a retryable
+/// error once a progress request on the stream goes unanswered (a second of quiet, then a
+/// hedging share: ~2.5 s here), and watched again from the last revision it read, it gets
+/// the events. Before, it heard nothing until the connection's keep-alive pings gave up
+/// (~11 s): a holder was not told its key was deleted, a waiter not told of a release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_silent_member_ends_soon() {
+    if !require_etcd() {
+        return;
+    }
+    let mut cluster = EtcdCluster::start_async(3).await;
+    let store = connect(&cluster.endpoints()).await;
+    let (rev, mut watch) = store.watch_from_now(Watch::key("q/k")).await.unwrap();
+    let carrier = (0..3)
+        .find(|&i| watch_streams(cluster.member(i)) == 1.0)
+        .expect("one member carries the stream");
+    let other = (carrier + 1) % 3;
+    tokio::task::block_in_place(|| cluster.move_leader(other));
+    cluster.member_mut(carrier).stop();
+    let started = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(8), watch.next()).await {
+        Ok(Some(Err(e))) => assert!(e.is_retryable(), "{e}"),
+        other => panic!(
+            "expected a retryable error, got {other:?} after {:?}",
+            started.elapsed()
+        ),
+    }
+    let took = started.elapsed();
+    eprintln!("the watch on the paused member ended after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let writer = connect(&[cluster.member(other).endpoint()]).await;
+    writer.put(b"q/k", b"after", 0).await.unwrap();
+    let mut watch = store
+        .watch(Watch::key("q/k").from_revision(rev + 1))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut watch).await.events[0].kv.value, b"after");
+    cluster.member_mut(carrier).cont();
+}
+
 /// A watch creation given up after etcd's reply reached it, but before its future was
 /// polled again (a `select!` whose other branch won in the same wake-up, a timeout that
 /// fired at that moment), must leave no watch on the server (the trait promises "a watch

@@ -1645,6 +1645,7 @@ impl EtcdStore {
             generation,
             self.inner.endpoints.clone(),
             &self.inner.runtime,
+            self.inner.options.request_timeout / HEDGES as u32,
         );
         if share {
             lock_unpoisoned(&self.inner.watch_streams).push(shared);

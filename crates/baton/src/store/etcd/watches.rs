@@ -31,6 +31,13 @@
 //!   again; an error a new stream may not have (etcd ends a stream for one create request
 //!   over its size limit) reaches the other watches as a retryable [`Error::Unavailable`].
 //!   A create request with keys over [`MAX_SHARED_KEYS`] gets a stream of its own.
+//! - A stream with watches that got no reply for [`PROBE_AFTER`] is sent a progress
+//!   request (etcd answers it at once, with its revision); a stream that then gets no reply
+//!   at all for a hedging share of the request timeout is taken for silent (its member
+//!   paused, its packets lost) and closed: its watches end with a retryable
+//!   [`Error::Unavailable`], and their readers watch again, on a new stream, from the last
+//!   revision they read. Without it a watch on a silent member heard nothing until the
+//!   connection's keep-alive pings gave up (~11 s).
 //! - A stream's tasks run on the runtime the store was connected on (as the gRPC channel's
 //!   do), whichever runtime opened it: a watch joined from another runtime never depends
 //!   on that one being driven. If the tasks are dropped anyway (that runtime shut down),
@@ -64,6 +71,13 @@ pub(super) const PER_STREAM: usize = 64;
 
 /// A stream without a watch for this long is closed.
 pub(super) const IDLE: Duration = Duration::from_secs(10);
+
+/// A stream with watches that got no reply for this long is sent a progress request, to
+/// learn whether its member still answers.
+pub(super) const PROBE_AFTER: Duration = Duration::from_secs(1);
+
+/// How often the sender looks at the stream (idle, due a probe, silent).
+const TICK: Duration = Duration::from_millis(250);
 
 /// At most this many bytes of replies wait for one watch's reader (and one reply more: a
 /// reply is always taken while none waits). A watch read too slowly
@@ -108,6 +122,10 @@ struct State {
     retired: bool,
     /// Since when the stream has had no watch (and no create in flight).
     idle_since: Option<Instant>,
+    /// When etcd last replied on the stream (any reply).
+    last_reply: Instant,
+    /// The stream was closed for getting no reply to a progress request.
+    silent: bool,
 }
 
 impl State {
@@ -196,12 +214,15 @@ pub(super) enum Joined {
 impl Stream {
     /// Start serving `stream`, on which etcd answered the first create request with
     /// `created` (not canceled). Returns the shared stream and the first watch.
+    /// `silent_after`: how long the stream may go without a reply once a progress request
+    /// is sent, before it is taken for silent and closed.
     pub(super) fn start(
         stream: ec::WatchStream,
         created: &ec::WatchResponse,
         generation: u64,
         endpoints: String,
         runtime: &tokio::runtime::Handle,
+        silent_after: Duration,
     ) -> (Arc<Stream>, Member) {
         let (requests, responses) = stream.split();
         let (sender, replies) = mpsc::unbounded_channel();
@@ -217,6 +238,8 @@ impl Stream {
             closed: false,
             retired: false,
             idle_since: None,
+            last_reply: Instant::now(),
+            silent: false,
         }));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let reader = runtime.spawn(read(
@@ -230,6 +253,7 @@ impl Stream {
             commands_rx,
             requests,
             reader.abort_handle(),
+            silent_after,
         ));
         let member = Member {
             state: state.clone(),
@@ -344,6 +368,13 @@ impl Drop for Ending {
     fn drop(&mut self) {
         let mut state = super::lock_unpoisoned(&self.state);
         state.closed = true;
+        if state.silent {
+            self.reason = Some(Error::Unavailable(
+                "watch: its stream got no reply to a progress request (its etcd member \
+                 silent); watch again from the last revision read"
+                    .into(),
+            ));
+        }
         let gone = || {
             self.reason.clone().unwrap_or_else(|| {
                 Error::Unavailable("watch: the stream ended before the watch was created".into())
@@ -411,6 +442,7 @@ fn deliver(
         }
     };
     let mut state = super::lock_unpoisoned(shared);
+    state.last_reply = Instant::now();
     let id = resp.watch_id();
     if resp.created() {
         let Some(reply) = state.pending.pop_front() else {
@@ -449,7 +481,8 @@ fn deliver(
     // etcd keeps a watch it ended for compaction registered until it is cancelled.
     let compacted = resp.compact_revision() > 0;
     let Some(watch) = state.watches.get(&id) else {
-        // A watch dropped: its cancel request is on its way.
+        // A watch dropped (its cancel request is on its way), or the reply to a progress
+        // request (watch id -1).
         return None;
     };
     let size = size_of_reply(&resp);
@@ -479,22 +512,86 @@ fn deliver(
     None
 }
 
+/// What a look at a stream found.
+enum Look {
+    /// Idle for [`IDLE`]: closed.
+    Idle,
+    /// No reply to a progress request for `silent_after`: closed.
+    Silent,
+    /// Due a progress request.
+    Probe,
+    Nothing,
+}
+
+/// Look at the stream: idle, due a progress request, or silent (see [`send`]); `probed` is
+/// when the progress request now unanswered was sent.
+fn look(state: &StdMutex<State>, probed: &mut Option<Instant>, silent_after: Duration) -> Look {
+    let mut state = super::lock_unpoisoned(state);
+    if state
+        .idle_since
+        .is_some_and(|since| since.elapsed() >= IDLE)
+    {
+        state.closed = true;
+        return Look::Idle;
+    }
+    if state.watches.is_empty() {
+        *probed = None;
+        return Look::Nothing;
+    }
+    match *probed {
+        Some(at) if state.last_reply >= at => *probed = None,
+        Some(at) if at.elapsed() >= silent_after => {
+            tracing::debug!(
+                after = ?at.elapsed(),
+                "a shared watch stream got no reply to a progress request; closing it"
+            );
+            state.silent = true;
+            state.retired = true;
+            return Look::Silent;
+        }
+        Some(_) => return Look::Nothing,
+        None => {}
+    }
+    if state.last_reply.elapsed() < PROBE_AFTER {
+        return Look::Nothing;
+    }
+    Look::Probe
+}
+
 /// Send the create and cancel requests; close the stream once it has been idle for
-/// [`IDLE`] (found within a quarter of it more), or once nothing can send on it any more.
+/// [`IDLE`] (found within a [`TICK`] more), or once nothing can send on it any more; send a
+/// progress request when the stream, with watches, got no reply for [`PROBE_AFTER`], and
+/// close it (its watches end with a retryable error) when it then gets no reply at all for
+/// `silent_after`.
 async fn send(
     state: Arc<StdMutex<State>>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut requests: ec::WatchRequestSender,
     reader: tokio::task::AbortHandle,
+    silent_after: Duration,
 ) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the progress request now unanswered was sent.
+    let mut probed: Option<Instant> = None;
     loop {
         let command = tokio::select! {
             command = commands.recv() => command,
-            _ = tokio::time::sleep(IDLE / 4) => {
-                let mut state = super::lock_unpoisoned(&state);
-                if state.idle_since.is_some_and(|since| since.elapsed() >= IDLE) {
-                    state.closed = true;
-                    break;
+            _ = tick.tick() => {
+                match look(&state, &mut probed, silent_after) {
+                    Look::Idle => break,
+                    Look::Silent => {
+                        reader.abort();
+                        return;
+                    }
+                    Look::Probe => {
+                        probed = Some(Instant::now());
+                        if requests.request_progress().await.is_err() {
+                            // The stream is gone; its reader reports why.
+                            return;
+                        }
+                    }
+                    Look::Nothing => {}
                 }
                 continue;
             }
