@@ -2822,3 +2822,214 @@ pub async fn cross_type_names(b: &Backend) {
     s1.close().await.unwrap();
     s2.close().await.unwrap();
 }
+
+// ----------------------------------------------------------------------------------------
+// Resuming a lease whose key was freed by an operator
+
+/// How long a resumed acquire is given to (wrongly) return while another session holds
+/// the name.
+const NOT_GRANTED_WITHIN: Duration = Duration::from_secs(2);
+
+/// Wait for `fut` at most `within`; `Some` if it finished.
+async fn finished<T>(within: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(within, fut).await.ok()
+}
+
+/// The lease `key` is bound to (panics if it does not exist).
+async fn lease_of_key(client: &Client, key: &str) -> baton::store::LeaseId {
+    let resp = client.store().range(Range::key(key)).await.unwrap();
+    assert_eq!(resp.kvs.len(), 1, "{key}: {resp:?}");
+    resp.kvs[0].lease
+}
+
+/// A process stops while holding a read-write lock (its key `NAME/<mode>/<lease>` stays,
+/// kept by its lease); an operator frees the lock by overwriting that key with no lease
+/// (`etcdctl put`: the key no longer counts in the queue) and another session takes the
+/// write lock; then the stopped process resumes its lease (`with_lease`) and asks for the
+/// same mode again. Its join finds the key under its own name, but the key is no longer
+/// bound to its lease: it is not adopted (found by review: it was, on every store, and the
+/// resumed process was granted the lock, with the old fencing token 2 against the holder's
+/// 4, while the other session held it; it was told it lost only a watch round trip
+/// later). The resumed call waits behind the holder instead, and once that one releases is
+/// granted under a new key, bound to its lease, with a newer token.
+pub async fn rwlock_resumed_key_overwritten_without_a_lease(b: &Backend) {
+    for mode in ["write", "read"] {
+        let lock = name("rw-unleased");
+        let client = b.client().await;
+        let old = b.session(TTL).await;
+        let old_rw = RwLock::new(&old, &lock).unwrap();
+        let old_token = abandoned_hold(&old_rw, mode).await;
+        let lease = old.lease_id();
+        old.orphan();
+        drop(old_rw);
+        drop(old);
+        let key = format!("{lock}/{mode}/{lease:x}");
+        client.store().put(key.as_bytes(), b"", 0).await.unwrap(); // the operator frees it
+        let other = b.session(TTL).await;
+        let theirs = finished(
+            Duration::from_secs(5),
+            RwLock::new(&other, &lock).unwrap().write(),
+        )
+        .await
+        .expect("the other session's write() waited for a freed key")
+        .unwrap();
+        let s = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let rw = RwLock::new(&s, &lock).unwrap();
+        let granted = if mode == "write" {
+            finished(NOT_GRANTED_WITHIN, rw.write())
+                .await
+                .map(|r| r.map(|g| (g.fencing_token(), g.is_lost())))
+        } else {
+            finished(NOT_GRANTED_WITHIN, rw.read())
+                .await
+                .map(|r| r.map(|g| (g.fencing_token(), g.is_lost())))
+        };
+        if let Some(r) = granted {
+            panic!(
+                "{mode}: {r:?} while another session holds the write lock (token {}); \
+                 the old grant's token was {old_token}",
+                theirs.fencing_token()
+            );
+        }
+        let their_token = theirs.fencing_token();
+        theirs.unlock().await.unwrap();
+        let token = take_and_release(&rw, mode, false).await;
+        let token = token.unwrap_or_else(|e| panic!("{mode} after the holder's release: {e:?}"));
+        assert!(
+            token > their_token,
+            "{mode}: token {token}, not after the holder's {their_token}"
+        );
+        assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
+        s.close().await.unwrap();
+        other.close().await.unwrap();
+    }
+}
+
+/// [`rwlock_resumed_key_overwritten_without_a_lease`] for every other primitive that
+/// adopts its own key on a resumed lease: a [`Mutex`], an [`Election`]'s `campaign()` and
+/// `resume()`, and a [`Semaphore`] (whose adopted key was even rewritten, bound to the
+/// lease again, keeping its old place in the queue). The key the stopped process left is
+/// overwritten with no lease, another session takes the name, and the resumed process is
+/// not granted it: `lock()`, `campaign()` and `acquire()` wait behind the holder, then get
+/// a newer token; `resume()` fails with `NotLeader` and leaves the key alone (found by
+/// review: a resumed `lock()` was granted with token 8 while the holder had 10).
+pub async fn resumed_key_overwritten_without_a_lease(b: &Backend) {
+    for what in ["mutex", "campaign", "resume", "semaphore"] {
+        let lock = name(&format!("unleased-{what}"));
+        let client = b.client().await;
+        let old = b.session(TTL).await;
+        let lease = old.lease_id();
+        let other = b.session(TTL).await;
+        let (key, old_token) = match what {
+            "mutex" => {
+                let g = Mutex::new(&old, &lock).unwrap().lock().await.unwrap();
+                let held = (g.key().to_string(), g.fencing_token());
+                std::mem::forget(g);
+                held
+            }
+            "semaphore" => {
+                let p = Semaphore::new(&old, &lock, 1).unwrap().acquire().await;
+                let p = p.unwrap();
+                let held = (p.key().to_string(), 0);
+                std::mem::forget(p);
+                held
+            }
+            _ => {
+                let l = Election::new(&old, &lock).unwrap().campaign("old").await;
+                let l = l.unwrap();
+                let held = (l.key().to_string(), l.fencing_token());
+                std::mem::forget(l);
+                held
+            }
+        };
+        old.orphan();
+        drop(old);
+        let value = client.store().range(Range::key(key.as_bytes())).await;
+        let value = value.unwrap().kvs[0].value.clone();
+        client.store().put(key.as_bytes(), &value, 0).await.unwrap(); // the operator frees it
+        let within = Duration::from_secs(5);
+        let s = || Session::builder(&client).with_lease(lease).build();
+        let s = s().await.unwrap();
+        match what {
+            "mutex" => {
+                let theirs = finished(within, Mutex::new(&other, &lock).unwrap().lock()).await;
+                let theirs = theirs.expect("lock() waited for a freed key").unwrap();
+                let m = Mutex::new(&s, &lock).unwrap();
+                if let Some(r) = finished(NOT_GRANTED_WITHIN, m.lock()).await {
+                    let r = r.map(|g| (g.fencing_token(), g.is_lost()));
+                    panic!(
+                        "mutex: {r:?} while another session holds it (token {})",
+                        theirs.fencing_token()
+                    );
+                }
+                let their_token = theirs.fencing_token();
+                theirs.unlock().await.unwrap();
+                let g = finished(within, m.lock()).await.expect("lock() waited");
+                let g = g.unwrap();
+                assert!(g.fencing_token() > their_token, "{g:?} after {their_token}");
+                assert_eq!(lease_of_key(&client, g.key()).await, lease);
+                g.unlock().await.unwrap();
+            }
+            "semaphore" => {
+                let sem = Semaphore::new(&other, &lock, 1).unwrap();
+                let theirs = finished(within, sem.acquire()).await;
+                let theirs = theirs.expect("acquire() waited for a freed key").unwrap();
+                let sem = Semaphore::new(&s, &lock, 1).unwrap();
+                if let Some(r) = finished(NOT_GRANTED_WITHIN, sem.acquire()).await {
+                    let r = r.map(|p| p.is_lost());
+                    panic!("semaphore: {r:?} (lost?) while another session holds its permit");
+                }
+                theirs.release().await.unwrap();
+                let p = finished(within, sem.acquire())
+                    .await
+                    .expect("acquire() waited");
+                let p = p.unwrap();
+                assert_eq!(lease_of_key(&client, p.key()).await, lease);
+                p.release().await.unwrap();
+            }
+            _ => {
+                let e = Election::new(&other, &lock).unwrap();
+                let theirs = finished(within, e.campaign("theirs")).await;
+                let theirs = theirs.expect("campaign() waited for a freed key").unwrap();
+                let e = Election::new(&s, &lock).unwrap();
+                if what == "resume" {
+                    let r = finished(within, e.resume(old_token)).await;
+                    match r.expect("resume() waited") {
+                        Err(Error::NotLeader { .. }) => {}
+                        r => panic!("resume(): {:?}", r.map(|l| l.fencing_token())),
+                    }
+                    // The key freed by the operator was left alone.
+                    let kvs = client.store().range(Range::key(key.as_bytes())).await;
+                    let kvs = kvs.unwrap().kvs;
+                    assert_eq!(kvs.len(), 1, "{kvs:?}");
+                    assert_eq!((kvs[0].create_revision, kvs[0].lease), (old_token, 0));
+                } else {
+                    if let Some(r) = finished(NOT_GRANTED_WITHIN, e.campaign("new")).await {
+                        let r = r.map(|l| (l.fencing_token(), l.is_lost()));
+                        panic!(
+                            "campaign(): {r:?} while another session leads (token {})",
+                            theirs.fencing_token()
+                        );
+                    }
+                    let their_token = theirs.fencing_token();
+                    theirs.resign().await.unwrap();
+                    let l = finished(within, e.campaign("new")).await;
+                    let l = l.expect("campaign() waited").unwrap();
+                    assert!(l.fencing_token() > their_token, "{l:?} after {their_token}");
+                    assert_eq!(e.leader().await.unwrap().value_str(), "new");
+                    assert_eq!(lease_of_key(&client, l.key()).await, lease);
+                    l.resign().await.unwrap();
+                }
+            }
+        }
+        if what != "resume" {
+            assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
+        }
+        s.close().await.unwrap();
+        other.close().await.unwrap();
+    }
+}

@@ -118,6 +118,8 @@ all_backends!(
     rwlock_waiting_reader_key_deleted,
     rwlock_resume_other_mode,
     rwlock_both_keys_resumed,
+    rwlock_resumed_key_overwritten_without_a_lease,
+    resumed_key_overwritten_without_a_lease,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

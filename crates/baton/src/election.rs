@@ -219,7 +219,9 @@ impl Election {
     /// of a process that kept its lease (Go's `ResumeElection`). `create_revision` is the
     /// leader key's create revision (the fencing token) it had.
     ///
-    /// Fails with [`Error::NotLeader`] if our key does not exist with that create revision.
+    /// Fails with [`Error::NotLeader`] if our key does not exist with that create revision,
+    /// bound to this session's lease (a key overwritten with no lease, which frees the
+    /// election, is not resumed, and is left alone).
     /// If we are still queued behind another candidate, waits like
     /// [`campaign()`](Election::campaign).
     ///
@@ -235,7 +237,13 @@ impl Election {
             .into_iter()
             .next();
         let value = match found {
-            Some(kv) if kv.create_revision == create_revision => kv.value,
+            // A key no longer bound to our lease (overwritten with no lease: freed) is not
+            // ours to resume, though it kept its create revision.
+            Some(kv)
+                if kv.create_revision == create_revision && kv.lease == self.session.lease_id() =>
+            {
+                kv.value
+            }
             _ => return Err(self.not_leader()),
         };
         let mut entry = Entry::join(

@@ -134,7 +134,8 @@ pub enum Error {
     },
 
     /// A software transaction ([`Stm`](crate::Stm)) kept conflicting with other writers
-    /// and ran out of attempts.
+    /// and ran out of attempts; or a join (a lock, a campaign, ...) that found its key
+    /// overwritten with no lease kept finding it written again before it could remove it.
     #[error("transaction conflicted {attempts} times; giving up")]
     Conflict {
         /// How many attempts were made.

@@ -34,6 +34,11 @@ use crate::session::Session;
 /// A session has one key per name: locking the same name twice through one session fails
 /// with [`Error::AlreadyHeld`] instead of deadlocking.
 ///
+/// A session that resumed a lease ([`with_lease`](crate::SessionBuilder::with_lease)) adopts
+/// the key it finds under its name if the key is still bound to that lease (same fencing
+/// token), as Go does. Unlike Go, it never adopts one overwritten with no lease (freed by an
+/// operator: another session may hold the lock since); see `with_lease`.
+///
 /// # Examples
 ///
 /// ```
@@ -230,6 +235,89 @@ mod tests {
     #[test]
     fn types_are_send_and_sync() {
         bounds();
+    }
+
+    /// A key under our name (`NAME/<our lease>`) that is bound to another lease is
+    /// another owner's (an operator's `etcdctl put --lease`): it counts in the queue as
+    /// theirs. `lock()` neither adopts it (before the fix it did, with its create revision as
+    /// our fencing token) nor removes it: `InvalidData` at once, naming the lease, and the key
+    /// is left as it was.
+    #[tokio::test]
+    async fn a_key_of_ours_bound_to_another_lease_is_neither_adopted_nor_removed() {
+        use crate::store::Range;
+        use std::time::Duration;
+        let client = crate::Client::connect("mem://").await.unwrap();
+        let session = Session::new(&client).await.unwrap();
+        let theirs = client
+            .store()
+            .lease_grant(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .id;
+        let key = format!("foreign/{:x}", session.lease_id());
+        client
+            .store()
+            .put(key.as_bytes(), b"", theirs)
+            .await
+            .unwrap();
+        let before = client.store().range(Range::key(key.as_bytes())).await;
+        let m = Mutex::new(&session, "foreign").unwrap();
+        for try_only in [false, true] {
+            let r = match try_only {
+                false => m.lock_timeout(Duration::from_secs(2)).await,
+                true => m.try_lock().await,
+            };
+            match r {
+                Err(e @ crate::Error::InvalidData { .. }) => {
+                    assert!(e.to_string().contains(&format!("{theirs:x}")), "{e}");
+                    assert!(e.is_invalid_input());
+                }
+                other => panic!("try: {try_only}: {other:?}"),
+            }
+        }
+        let after = client.store().range(Range::key(key.as_bytes())).await;
+        assert_eq!(after.unwrap().kvs, before.unwrap().kvs);
+        client.store().lease_revoke(theirs).await.unwrap();
+        m.try_lock().await.unwrap().unlock().await.unwrap();
+        session.close().await.unwrap();
+    }
+
+    /// A key of ours bound to no lease is removed (it was freed) and the join made afresh,
+    /// a few times at most: a key written again with no lease before each removal (a
+    /// writer that keeps overwriting it) fails the lock with `Conflict`, not a loop for
+    /// ever; the key is left as the writer left it.
+    #[tokio::test]
+    async fn a_key_of_ours_rewritten_without_a_lease_again_and_again_gives_up() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::{Range, Store, Txn, TxnOp};
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let key = format!("busy/{:x}", session.lease_id());
+        let overwrite = Txn::new().and_then([TxnOp::put(key.as_bytes(), b"", 0)]);
+        *store.before_every_txn.lock().unwrap() = Some(overwrite);
+        let sent = store.txns.load(Ordering::Relaxed);
+        let r = Mutex::new(&session, "busy").unwrap().lock().await;
+        assert!(
+            matches!(r, Err(crate::Error::Conflict { attempts: 3 })),
+            "{r:?}"
+        );
+        // Three joins and three removals that found the key rewritten, and the last join.
+        assert_eq!(store.txns.load(Ordering::Relaxed) - sent, 7);
+        *store.before_every_txn.lock().unwrap() = None;
+        let kvs = store.range(Range::key(key.as_bytes())).await.unwrap().kvs;
+        assert_eq!(kvs.len(), 1);
+        assert_eq!(kvs[0].lease, 0);
+        // Left alone, it is removed and the lock taken, in three transactions.
+        let sent = store.txns.load(Ordering::Relaxed);
+        let g = Mutex::new(&session, "busy").unwrap().lock().await.unwrap();
+        assert_eq!(store.txns.load(Ordering::Relaxed) - sent, 3);
+        assert!(g.fencing_token() > kvs[0].mod_revision);
+        g.unlock().await.unwrap();
+        session.close().await.unwrap();
     }
 
     /// A lock given up (its timeout) while its join is retried after a failure that was in

@@ -3,7 +3,14 @@
 //!
 //! Joining is Go's acquire transaction: if our key (`prefix + hex(lease)`) does not exist,
 //! put it (bound to the session's lease) and read the queue's head; otherwise read our key
-//! and the head. Our revision is the header revision, or our existing key's create revision.
+//! and the head. Our revision is the header revision, or our existing key's create revision
+//! if that key is still bound to our lease (a session that resumed the lease of a process
+//! that stopped adopts the key it left). A key under our name that is no longer bound to our
+//! lease is never adopted (Go's `Mutex` does adopt it): overwritten with no lease (an
+//! operator's `etcdctl put`, which frees the name: the key counts in no queue), it is
+//! removed if unchanged and the join made afresh, behind the queue as it is; bound to
+//! another lease, it is another owner's, and the join fails with
+//! [`Error::InvalidData`](crate::Error::InvalidData), leaving it alone.
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,6 +36,11 @@ use crate::wait::{scan_member, wait_turn, TurnRead};
 /// How many keys the join transaction of a queue of empty-valued keys (a mutex) reads back:
 /// ours and up to `AHEAD - 1` created before it. A queue shorter than that is known whole.
 const AHEAD: i64 = 64;
+
+/// How many times a join removes a key of ours found bound to no lease before giving up
+/// with [`Error::Conflict`]: each removal is of a key written again since the last one
+/// (someone keeps overwriting it).
+const FOREIGN_REMOVALS: u32 = 3;
 
 /// How long a join whose outcome is unknown is retried (an etcd leader election takes a
 /// few seconds).
@@ -209,27 +221,72 @@ impl Entry {
             or_else.push(TxnOp::get(Range::key(other_key.as_bytes())));
         }
         let txn = Txn::new().when(when).and_then(then).or_else(or_else);
-        let resp = match entry.send(txn).await {
-            Err(Error::LeaseNotFound(_)) => {
-                return Err(if session.is_lost() {
-                    session.lost_error()
-                } else {
-                    Error::lost("lease not found")
-                })
+        let lease = session.lease_id();
+        let mut removed = 0;
+        let resp = loop {
+            let resp = match entry.send(txn.clone()).await {
+                Err(Error::LeaseNotFound(_)) => {
+                    return Err(if session.is_lost() {
+                        session.lost_error()
+                    } else {
+                        Error::lost("lease not found")
+                    })
+                }
+                r => r?,
+            };
+            if let Some((_, other_name)) = other.filter(|_| refused_by_other(&resp, lease)) {
+                // Nothing was put; a key of ours that existed is not adopted, and stays. An
+                // earlier attempt whose outcome is unknown may still land, once the other
+                // key is gone: `Drop` looks for the key it would put, created after this
+                // answer.
+                entry.floor = resp.header_revision;
+                return Err(Error::AlreadyHeld {
+                    name: other_name.to_string(),
+                });
             }
-            r => r?,
+            match foreign_key(&resp, lease) {
+                None => break resp,
+                // Overwritten with no lease (an operator's `etcdctl put`, which frees the
+                // name): it counts in no queue, and holds nobody's place. Remove it, unless
+                // it was written again since, and join afresh behind the queue as it is.
+                Some(kv) if kv.lease == 0 && removed < FOREIGN_REMOVALS => {
+                    removed += 1;
+                    tracing::info!(
+                        key = %kv.key_str(),
+                        "our key is bound to no lease (freed by an overwrite): removing it and joining afresh"
+                    );
+                    entry
+                        .store
+                        .txn(
+                            Txn::new()
+                                .when([
+                                    Compare::mod_revision(
+                                        kv.key.clone(),
+                                        CompareOp::Equal,
+                                        kv.mod_revision,
+                                    ),
+                                    Compare::lease(kv.key.clone(), CompareOp::Equal, 0),
+                                ])
+                                .and_then([TxnOp::delete(kv.key)]),
+                        )
+                        .await?;
+                }
+                Some(kv) if kv.lease == 0 => {
+                    return Err(Error::Conflict { attempts: removed });
+                }
+                Some(kv) => {
+                    return Err(Error::InvalidData {
+                        key: kv.key_str().into_owned(),
+                        reason: format!(
+                            "bound to lease {:x}, not to this session's lease {lease:x}: \
+                             another owner's key under this session's name",
+                            kv.lease
+                        ),
+                    });
+                }
+            }
         };
-        if let Some((_, other_name)) = other.filter(|_| refused_by_other(&resp, session.lease_id()))
-        {
-            // Nothing was put; a key of ours that existed is not adopted, and stays. An
-            // earlier attempt whose outcome is unknown may still land, once the other key is
-            // gone: `Drop` looks for the key it would put, created after this answer.
-            entry.floor = resp.header_revision;
-            return Err(Error::AlreadyHeld {
-                name: other_name.to_string(),
-            });
-        }
-        let my_rev = my_revision(&resp, &entry.key)?;
+        let my_rev = my_revision(&resp, &entry.key, lease)?;
         entry.my_rev = Some(my_rev);
         if !resp.succeeded {
             entry.existing_value = first_kv(&resp, 0).map(|kv| kv.value);
@@ -511,7 +568,7 @@ impl Drop for Entry {
                                     false => None,
                                 }
                             }
-                            Some(resp) => my_revision(&resp, &left.key).ok(),
+                            Some(resp) => my_revision(&resp, &left.key, lease).ok(),
                             None => find_own_key(&store, &mut left, &claim).await,
                         };
                         if let Some(rev) = rev {
@@ -571,7 +628,11 @@ impl Leftover {
                 (first_kv(&resp, 0), first_kv(&resp, 1))
             }
         };
-        let Some(mine) = mine.filter(|kv| kv.create_revision > self.floor) else {
+        // A key no longer bound to our lease is not one a join of ours put (it puts keys
+        // bound to it), or not ours any more: never removed here.
+        let Some(mine) =
+            mine.filter(|kv| kv.create_revision > self.floor && kv.lease == self.lease)
+        else {
             return Ok(None);
         };
         if other.is_some_and(|o| o.lease == self.lease && o.create_revision < mine.create_revision)
@@ -692,16 +753,31 @@ fn refused_by_other(resp: &TxnResponse, lease: LeaseId) -> bool {
     let Some(other) = first_kv(resp, 2).filter(|kv| kv.lease == lease) else {
         return false;
     };
-    first_kv(resp, 0).is_none_or(|mine| other.create_revision < mine.create_revision)
+    first_kv(resp, 0)
+        .filter(|mine| mine.lease == lease)
+        .is_none_or(|mine| other.create_revision < mine.create_revision)
+}
+
+/// Our key as a join that did not put it found it, if it is not ours any more: it is no
+/// longer bound to our `lease` (overwritten with no lease or another one). Such a key is
+/// never adopted: a key with no lease counts in no queue (another session may hold the
+/// name now), and its create revision, kept by the overwrite, is a place in the queue (a
+/// fencing token) that is not ours.
+fn foreign_key(resp: &TxnResponse, lease: LeaseId) -> Option<KeyValue> {
+    if resp.succeeded {
+        return None;
+    }
+    first_kv(resp, 0).filter(|kv| kv.lease != lease)
 }
 
 /// Our revision from the join transaction: the header revision if we created the key, or
-/// the existing key's create revision.
-fn my_revision(resp: &TxnResponse, key: &[u8]) -> Result<Revision> {
+/// the existing key's create revision if it is bound to our `lease` (see [`foreign_key`]).
+fn my_revision(resp: &TxnResponse, key: &[u8], lease: LeaseId) -> Result<Revision> {
     if resp.succeeded {
         return Ok(resp.header_revision);
     }
     first_kv(resp, 0)
+        .filter(|kv| kv.lease == lease)
         .map(|kv| kv.create_revision)
         .ok_or_else(|| not_held(key))
 }

@@ -47,7 +47,10 @@ use crate::session::Session;
 ///   ([`with_lease`](crate::SessionBuilder::with_lease)) whose write key is still in the
 ///   store is refused `read()` and `try_read()` the same way (the join transaction
 ///   looks), while `write()` adopts the key, as a [`Mutex`](crate::Mutex) adopts its own;
-///   likewise for a resumed read key. If both of the lease's keys are in the store (left
+///   likewise for a resumed read key. Only a key still bound to the lease counts: one
+///   overwritten with no lease (freed by an operator) is neither adopted nor refuses the
+///   other mode, and a call of its mode queues afresh (see
+///   [`with_lease`](crate::SessionBuilder::with_lease)). If both of the lease's keys are in the store (left
 ///   by a process that queued behind its own key, as the recipe does), the older one's
 ///   mode adopts it, and the newer one's mode is refused until the older key is released,
 ///   then adopts its key in turn. A refused call, cancelled or not, leaves the keys it

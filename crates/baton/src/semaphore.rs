@@ -66,7 +66,9 @@ use crate::watching::{while_alive, Waiter};
 /// [`with_lease`](crate::SessionBuilder::with_lease)) is adopted if it asks for the same
 /// count of a semaphore of the same size; otherwise it is removed and the acquire queues
 /// afresh, behind everyone (and fails with [`Error::Mismatch`] if the keys there say
-/// another size). Keys of
+/// another size). A key under that name no longer bound to the lease (overwritten with no
+/// lease: freed) is never adopted, nor rewritten back under the lease: it is removed and the
+/// acquire queues afresh (see [`with_lease`](crate::SessionBuilder::with_lease)). Keys of
 /// nested names (`NAME/sub/…`) are not part of this semaphore.
 ///
 /// # Examples

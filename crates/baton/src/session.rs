@@ -195,6 +195,17 @@ impl SessionBuilder {
     /// modes left, the older key's mode adopts it, and the other mode (refused until then)
     /// adopts its key once the older one is released.
     ///
+    /// Only a key still bound to the lease is adopted (by a [`Mutex`](crate::Mutex), an
+    /// [`Election`](crate::Election), an [`RwLock`](crate::RwLock), a
+    /// [`Semaphore`](crate::Semaphore) or a [`DoubleBarrier`](crate::DoubleBarrier)). A key
+    /// an operator overwrote with no lease (`etcdctl put NAME/<lease> ""`) was released by
+    /// that write, and another session may hold the name since: it is removed (unless
+    /// written again meanwhile) and the call queues afresh behind whoever holds the name now,
+    /// with a new fencing token ([`Election::resume`](crate::Election::resume) fails with
+    /// [`Error::NotLeader`] instead, and leaves the key alone). A key under the name that is
+    /// bound to another lease is another owner's: the call fails with
+    /// [`Error::InvalidData`] and leaves it alone.
+    ///
     /// Sessions on one lease are **one owner**: a lock's key is `NAME/<lease>`, so each of
     /// them finds its key already there and is granted a lock the other holds, with the same
     /// fencing token, and neither is told (as in Go, where the key is the same). Never

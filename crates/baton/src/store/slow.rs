@@ -33,6 +33,9 @@ pub(crate) struct SlowWatches {
     /// A transaction applied just before the next transaction: another client's write
     /// that lands between a read and the transaction that relies on it.
     pub(crate) before_next_txn: StdMutex<Option<Txn>>,
+    /// A transaction applied just before every transaction: another client that keeps
+    /// writing between our requests.
+    pub(crate) before_every_txn: StdMutex<Option<Txn>>,
     /// A transaction applied just before the next transaction that puts this key (once).
     pub(crate) before_txn_putting: StdMutex<Option<(Vec<u8>, Txn)>>,
     /// Fail the next lease revoke, as a store that does not answer in time.
@@ -85,6 +88,7 @@ impl SlowWatches {
             created_from_now: AtomicU64::new(0),
             delete_before_scan: StdMutex::new(None),
             before_next_txn: StdMutex::new(None),
+            before_every_txn: StdMutex::new(None),
             before_txn_putting: StdMutex::new(None),
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
             delay_deletes: StdMutex::new(None),
@@ -220,6 +224,14 @@ impl Store for SlowWatches {
             .take();
         if let Some(first) = first {
             self.inner.txn(first).await?;
+        }
+        let every = self
+            .before_every_txn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(every) = every {
+            self.inner.txn(every).await?;
         }
         let first = {
             let mut trap = self
