@@ -1441,6 +1441,17 @@ async fn watches_are_created_past_a_paused_member() {
     }
 }
 
+/// The member that carries the client's one watch stream, made a follower (so that pausing
+/// it starts no election), and another member, the leader.
+fn carrier_made_follower(cluster: &EtcdCluster) -> (usize, usize) {
+    let carrier = (0..3)
+        .find(|&i| watch_streams(cluster.member(i)) == 1.0)
+        .expect("one member carries the shared stream");
+    let other = (carrier + 1) % 3;
+    tokio::task::block_in_place(|| cluster.move_leader(other));
+    (carrier, other)
+}
+
 /// With a member paused, requests go to the others: each request goes to the member with
 /// the fewest requests unanswered, and a member that left one unanswered is passed over.
 /// Before, etcd-client's channel picked a member at random for each request and each of
@@ -1595,12 +1606,7 @@ async fn creations_that_find_their_stream_silent_open_one_stream_between_them() 
     let mut cluster = EtcdCluster::start_async(3).await;
     let store = connect(&cluster.endpoints()).await;
     let _first = store.watch(Watch::key("s/first")).await.unwrap();
-    let carrier = (0..3)
-        .find(|&i| watch_streams(cluster.member(i)) == 1.0)
-        .expect("one member carries the shared stream");
-    // Pause a follower, so that no election gets in the way.
-    let other = (carrier + 1) % 3;
-    tokio::task::block_in_place(|| cluster.move_leader(other));
+    let (carrier, other) = carrier_made_follower(&cluster);
     let before: f64 = (0..3)
         .filter(|&i| i != carrier)
         .map(|i| watch_streams(cluster.member(i)))
@@ -1649,11 +1655,7 @@ async fn a_watch_on_a_silent_member_ends_soon() {
     let mut cluster = EtcdCluster::start_async(3).await;
     let store = connect(&cluster.endpoints()).await;
     let (rev, mut watch) = store.watch_from_now(Watch::key("q/k")).await.unwrap();
-    let carrier = (0..3)
-        .find(|&i| watch_streams(cluster.member(i)) == 1.0)
-        .expect("one member carries the stream");
-    let other = (carrier + 1) % 3;
-    tokio::task::block_in_place(|| cluster.move_leader(other));
+    let (carrier, other) = carrier_made_follower(&cluster);
     cluster.member_mut(carrier).stop();
     let started = Instant::now();
     match tokio::time::timeout(Duration::from_secs(8), watch.next()).await {
