@@ -636,10 +636,10 @@ impl Drop for Guardian {
     }
 }
 
-/// The guardian process (see [`Guardian`]): until `baton` (PARENT_PID) dies, watch CMD's
-/// group; when `baton` dies first (its death signal, SIGTERM, or a new parent), send the
-/// group SIGTERM, and SIGKILL once GRACE_MS have passed. Exits when the group is gone.
-/// Never returns.
+/// The guardian process (see [`Guardian`]): wait for `baton` (PARENT_PID) to die, without
+/// looking at CMD's group meanwhile (`baton` ends the guardian when the hold ends); when
+/// `baton` dies first (its death signal, SIGTERM, or a new parent), send the group SIGTERM,
+/// and SIGKILL once GRACE_MS have passed. Exits when the group is gone. Never returns.
 #[cfg(target_os = "linux")]
 pub(crate) fn guardian_main(args: &[String]) -> ! {
     let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok());
@@ -674,9 +674,9 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
         if sig == libc::SIGTERM {
             break;
         }
-        if !group_alive(pgid) {
-            std::process::exit(0);
-        }
+        // Nothing else to do while `baton` lives: it ends CMD's group itself, then kills
+        // this process. (Looking for survivors of the group here scanned the whole of /proc
+        // every time.)
     }
     // `baton` is gone: CMD's group must not run on without the lock. SIGCONT: a group
     // stopped by job control gets the SIGTERM at once.
@@ -798,11 +798,45 @@ fn kill_group(pgid: i32, signal: i32) {
 }
 
 /// True while some process of group `pgid` exists and has not exited.
+///
+/// Cheap while the group's leader (CMD) runs: kill(2), then one /proc file. Only once the
+/// leader has exited are all processes looked at (see [`only_zombies`]).
 fn group_alive(pgid: i32) -> bool {
     // SAFETY: kill(2) with signal 0 only checks; no memory-safety preconditions.
     let r = unsafe { libc::kill(-pgid, 0) };
     let exists = r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-    exists && !only_zombies(pgid)
+    exists && (leader_running(pgid) || !only_zombies(pgid))
+}
+
+/// True if process `pgid` exists, leads group `pgid` and has not exited.
+#[cfg(target_os = "linux")]
+fn leader_running(pgid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pgid}/stat")) else {
+        return false;
+    };
+    matches!(stat_state_and_group(&stat), Some((state, pgrp)) if pgrp == pgid && !exited(state))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn leader_running(_pgid: i32) -> bool {
+    false
+}
+
+/// The state letter and process group of a /proc/PID/stat line: "pid (comm) state ppid
+/// pgrp …"; comm may contain spaces and parentheses.
+#[cfg(target_os = "linux")]
+fn stat_state_and_group(stat: &str) -> Option<(&str, i32)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    let _ppid = fields.next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// True for the states of a process that has exited: zombie, dead.
+#[cfg(target_os = "linux")]
+fn exited(state: &str) -> bool {
+    state == "Z" || state == "X"
 }
 
 /// True if every process of group `pgid` is a zombie (exited, not yet reaped).
@@ -827,16 +861,8 @@ fn only_zombies(pgid: i32) -> bool {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        // "pid (comm) state ppid pgrp …"; comm may contain spaces and parentheses.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let (Some(state), Some(_ppid), Some(pgrp)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if pgrp.parse() == Ok(pgid) && state != "Z" && state != "X" {
+        if matches!(stat_state_and_group(&stat), Some((state, pgrp)) if pgrp == pgid && !exited(state))
+        {
             return false;
         }
     }

@@ -383,3 +383,58 @@ pub fn leases(etcd: &EtcdServer) -> usize {
 pub fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
+
+/// The pid of `baton`'s guardian process (its child run with the hidden guardian argument),
+/// waiting at most [`STEP`] for it to start.
+pub fn guardian_of(baton: u32) -> u32 {
+    let mut found = None;
+    wait_until("baton's guardian", || {
+        found = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|&pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let is_guardian = cmdline
+                    .split(|&b| b == 0)
+                    .nth(1)
+                    .is_some_and(|arg| arg == b"__baton-guardian");
+                is_guardian && parent_of(pid) == Some(baton)
+            });
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// A process's parent, from /proc/PID/stat.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What a process has read so far, from /proc/PID/io: bytes (`rchar`) and read calls
+/// (`syscr`), /proc's own files included.
+pub fn reads_of(pid: u32) -> (u64, u64) {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let field = |name: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/io: {io}"))
+    };
+    (field("rchar:"), field("syscr:"))
+}
+
+/// A process's CPU time so far (user + system), from /proc/PID/stat.
+pub fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state is field 3 of the whole line, utime 14 and stime 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
