@@ -21,8 +21,10 @@ const LONG_ABOUT: &str = "\
 Distributed locks, leader election and fencing tokens for shell scripts and cron jobs, \
 on etcd or Redis (the embedded store, mem://, serves baton demo and baton bench).
 
-baton runs a command while it holds a lock (or leads an election), kills the command the \
-moment the lock is lost, and hands it a fencing token. Its keys are those of etcdctl lock \
+baton runs a command while it holds a lock (or leads an election), hands it a fencing \
+token, and ends it when the lock is lost: SIGTERM at once, SIGKILL after --grace (the next \
+holder may start in between: keep --grace short, or have the protected resource check the \
+token). If baton itself dies, the command is SIGKILLed before the lock can pass to another. Its keys are those of etcdctl lock \
 and etcdctl elect, so baton, etcdctl and Go services share one lock.";
 
 const EXIT_CODES: &str = "\

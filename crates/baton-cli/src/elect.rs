@@ -28,10 +28,11 @@ with --json: baton prints nothing there (as `baton lock`), so `baton elect NAME 
 ./report > out.csv` writes the report only. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN (on
 etcd the leader key's create revision; on redis:// the lock's counter; none on redlock://)
 in its environment. If the leadership is lost while CMD
-runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
-`leadership lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or
+runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace (a new leader may
+start in between); baton prints `leadership lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or
 by the resignation). Otherwise it resigns when CMD exits and exits with CMD's exit code.
-Signals and CMD's background jobs are handled as by `baton lock`. On etcd the keys are those of etcdctl elect; on Redis the election is
+Signals, CMD's background jobs and a baton that dies (CMD is SIGKILLed before another
+candidate can lead) are handled as by `baton lock`. On etcd the keys are those of etcdctl elect; on Redis the election is
 the lock NAME, whose holder leads (candidates are not queued in order).";
 
 /// `baton elect`.
@@ -61,7 +62,9 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
     pub(crate) timeout: Option<Duration>,
 
-    /// After the leadership is lost, how long CMD has between SIGTERM and SIGKILL.
+    /// After the leadership is lost, how long CMD has between SIGTERM and SIGKILL; a new
+    /// leader may run meanwhile. If baton dies, CMD's group gets SIGKILL sooner if need be:
+    /// before another candidate can lead.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) grace: Duration,
 
@@ -117,6 +120,7 @@ async fn elected(
             argv: args.command.clone(),
             env,
             grace: args.grace,
+            ttl: args.ttl,
         })
     };
     let report = |reason: Option<String>, stopped: bool| {

@@ -33,9 +33,13 @@ CMD gets BATON_LOCK_KEY (relative to --namespace: NAME/<lease id> on etcd, NAME 
 and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
 fencing token, so no BATON_FENCING_TOKEN). If the lock is lost while CMD
-runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace; baton prints
-`lock lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or by
-the release). Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and
+runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace (default 10s: the
+next holder may start in between, so keep --grace short, or have what CMD writes to check
+the fencing token); baton prints `lock lost` on stderr and exits 122 (also when the loss is
+found only as CMD ends, or by the release). If baton itself dies (kill -9), a small
+guardian process it started sends CMD's group SIGTERM, and SIGKILL after --grace but no
+later than the lock's local deadline (at most --ttl after the last acknowledged
+keep-alive), so that CMD never runs once the lock can pass to another holder. Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and
 SIGQUIT sent to baton are passed to CMD's process group. When CMD exits, whatever it left
 running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only
 once the group is gone. Ctrl-Z (SIGTSTP, also SIGTTIN and SIGTTOU) stops CMD's process
@@ -72,7 +76,9 @@ pub(crate) struct Args {
     #[arg(long = "try", id = "try_lock")]
     pub(crate) try_lock: bool,
 
-    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL.
+    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL; another holder
+    /// may run meanwhile. If baton dies, CMD's group gets SIGKILL sooner if need be: before
+    /// the lock can pass to another holder.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) grace: Duration,
 
@@ -131,6 +137,7 @@ async fn locked(
             argv: args.command.clone(),
             env,
             grace: args.grace,
+            ttl: args.ttl,
         })
     };
 

@@ -33,10 +33,12 @@ waits (a different count exits 125). Permits are granted in FIFO order.
 
 CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS in its environment. If the
 permit is lost while CMD runs (the session's lease expired or the key was deleted), CMD's
-process group gets SIGTERM at once and SIGKILL after --grace; baton prints `permit lost` on
+process group gets SIGTERM at once and SIGKILL after --grace (another holder may take the
+permit in between); baton prints `permit lost` on
 stderr and exits 122 (also when the loss is found only as CMD ends, or by the release).
-Otherwise baton exits with CMD's exit code. Signals and CMD's background jobs are handled as
-by `baton lock`.";
+Otherwise baton exits with CMD's exit code. Signals, CMD's background jobs and a baton that
+dies (CMD is SIGKILLed before the permit can pass to another) are handled as by
+`baton lock`.";
 
 /// `baton sem`.
 #[derive(Debug, clap::Args)]
@@ -67,7 +69,9 @@ pub(crate) struct Args {
     #[arg(long = "try", id = "try_acquire")]
     pub(crate) try_acquire: bool,
 
-    /// After the permit is lost, how long CMD has between SIGTERM and SIGKILL.
+    /// After the permit is lost, how long CMD has between SIGTERM and SIGKILL; another holder
+    /// may run meanwhile. If baton dies, CMD's group gets SIGKILL sooner if need be: before
+    /// the permit can pass to another holder.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) grace: Duration,
 
@@ -124,6 +128,7 @@ async fn held(
                 ("BATON_SEM_PERMITS", args.permits.to_string()),
             ],
             grace: args.grace,
+            ttl: args.ttl,
         })
     };
 

@@ -10,8 +10,10 @@
 //!   the group is gone.
 //! - A hold found lost after CMD exited (by the time CMD ended, or by the release itself)
 //!   still ends with the "lost" exit code: CMD may have run without it.
-//! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), so a `baton`
-//!   killed with SIGKILL does not leave CMD running unprotected.
+//! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), and a guardian
+//!   process (see [`Guardian`]) sends its whole group SIGTERM, then SIGKILL after `--grace`
+//!   but no later than the hold's local deadline: a `baton` killed with SIGKILL never leaves
+//!   CMD running once the hold can pass to another.
 //! - Ctrl-Z (SIGTSTP), SIGTTIN and SIGTTOU stop CMD's group first, then `baton`, as a
 //!   shell's job control would: CMD never runs on while `baton`'s keep-alives are stopped.
 //!   On SIGCONT, `baton` checks the hold before it continues CMD's group: if the hold was
@@ -118,6 +120,9 @@ pub(crate) struct Job {
     pub(crate) env: Vec<(&'static str, String)>,
     /// How long CMD's group has between SIGTERM and SIGKILL after a loss.
     pub(crate) grace: Duration,
+    /// The session's TTL: where the backend does not tell the hold's deadline, the guardian
+    /// counts on a third of it (see [`certain_until`]).
+    pub(crate) ttl: Duration,
 }
 
 /// How a hold ended.
@@ -134,7 +139,9 @@ pub(crate) enum Ending {
 /// Hold until CMD exits (or, without CMD, until a signal), or until `lost` fires.
 ///
 /// `is_lost` checks the hold right now (its local deadline included); it is asked on
-/// SIGCONT after a stop (see [`JobControl`]) before CMD's group is continued.
+/// SIGCONT after a stop (see [`JobControl`]) before CMD's group is continued. `deadline`
+/// gives the hold's local deadline, if the backend tells it: the guardian (see
+/// [`Guardian`]) is kept told of it, to end CMD's group by then if `baton` dies.
 ///
 /// `on_lost` is called as soon as the loss is seen, right after CMD's group got SIGTERM and
 /// before the grace period: it prints the notice. It is told whether the loss was found
@@ -145,6 +152,7 @@ pub(crate) async fn hold(
     job: Option<Job>,
     lost: CancellationToken,
     is_lost: impl Fn() -> bool,
+    deadline: impl Fn() -> Option<Instant>,
     signals: &mut Signals,
     on_lost: impl FnOnce(bool),
 ) -> Result<Ending, CliError> {
@@ -171,51 +179,109 @@ pub(crate) async fn hold(
     };
     job_control.watch(pgid);
     tracing::debug!(pgid, "CMD started");
-    let _guardian = Guardian::start(pgid, job.grace);
-    loop {
-        tokio::select! {
-            status = child.wait() => {
-                let status = status
-                    .map_err(|e| CliError::failed(format!("cannot wait for CMD: {e}")))?;
-                tracing::debug!(?status, "CMD exited");
-                if group_alive(pgid) {
-                    // Background jobs CMD left in its group are part of the job: they end
-                    // before the hold does.
-                    tracing::debug!(pgid, "ending what CMD left running in its group");
-                    kill_group(pgid, libc::SIGTERM);
-                    terminate(&mut child, pgid, job.grace).await;
+    let certain = || certain_until(&deadline, &is_lost, job.ttl);
+    let guardian = Guardian::start(pgid, job.grace, certain());
+    let running = Running {
+        child: &mut child,
+        pgid,
+        grace: job.grace,
+        guardian: &guardian,
+    };
+    tokio::select! {
+        ending = running.supervise(&lost, &is_lost, signals, &mut job_control, on_lost) => ending,
+        never = guardian.keep_told(&certain) => match never {},
+    }
+}
+
+/// Until when the hold is certain, for the guardian: its local deadline; where the backend
+/// does not tell it, a third of the TTL from now while the hold is not lost (keep-alives
+/// and extends are sent every TTL/3, so the hold outlives that unless they have been
+/// failing for a while); `None` once it is lost.
+fn certain_until(
+    deadline: &impl Fn() -> Option<Instant>,
+    is_lost: &impl Fn() -> bool,
+    ttl: Duration,
+) -> Option<Instant> {
+    deadline().or_else(|| (!is_lost()).then(|| Instant::now() + ttl / 3))
+}
+
+/// CMD, started as process group `pgid`, while [`hold`] runs it.
+struct Running<'a> {
+    child: &'a mut Child,
+    pgid: i32,
+    grace: Duration,
+    guardian: &'a Guardian,
+}
+
+impl Running<'_> {
+    /// Until CMD exits (and the rest of its group after it) or the hold is lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropped, it leaves CMD's group to the guardian's SIGKILL, or
+    /// running if there is no guardian. [`hold`] drops it only when it returns.
+    async fn supervise(
+        self,
+        lost: &CancellationToken,
+        is_lost: &impl Fn() -> bool,
+        signals: &mut Signals,
+        job_control: &mut JobControl,
+        on_lost: impl FnOnce(bool),
+    ) -> Result<Ending, CliError> {
+        let Running {
+            child,
+            pgid,
+            grace,
+            guardian,
+        } = self;
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    let status = status
+                        .map_err(|e| CliError::failed(format!("cannot wait for CMD: {e}")))?;
+                    tracing::debug!(?status, "CMD exited");
+                    if group_alive(pgid) {
+                        // Background jobs CMD left in its group are part of the job: they
+                        // end before the hold does.
+                        tracing::debug!(pgid, "ending what CMD left running in its group");
+                        kill_group(pgid, libc::SIGTERM);
+                        terminate(child, pgid, grace).await;
+                    }
+                    return Ok(Ending::Exited(exit_code(status)));
                 }
-                return Ok(Ending::Exited(exit_code(status)));
-            }
-            sig = signals.recv() => {
-                tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
-                kill_group(pgid, sig);
-            }
-            () = job_control.continued() => {
-                if job_control.resume(&lost, &is_lost, pgid).await {
-                    continue;
+                sig = signals.recv() => {
+                    tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
+                    kill_group(pgid, sig);
                 }
-                end_lost(&mut child, pgid, job.grace, on_lost, true).await;
-                return Ok(Ending::Lost);
-            }
-            _ = lost.cancelled() => {
-                let stopped = job_control.take_stopped();
-                end_lost(&mut child, pgid, job.grace, on_lost, stopped).await;
-                return Ok(Ending::Lost);
+                () = job_control.continued() => {
+                    if job_control.resume(lost, is_lost, pgid).await {
+                        continue;
+                    }
+                    end_lost(child, pgid, grace, guardian, on_lost, true).await;
+                    return Ok(Ending::Lost);
+                }
+                _ = lost.cancelled() => {
+                    let stopped = job_control.take_stopped();
+                    end_lost(child, pgid, grace, guardian, on_lost, stopped).await;
+                    return Ok(Ending::Lost);
+                }
             }
         }
     }
 }
 
 /// After a loss: SIGTERM to CMD's group (and SIGCONT, so that a stopped group gets it at
-/// once), the notice, then SIGKILL once `grace` has passed.
+/// once), the notice, then SIGKILL once `grace` has passed. The guardian is told first, so
+/// that it SIGKILLs the group at the same time if `baton` dies meanwhile.
 async fn end_lost(
     child: &mut Child,
     pgid: i32,
     grace: Duration,
+    guardian: &Guardian,
     on_lost: impl FnOnce(bool),
     stopped: bool,
 ) {
+    guardian.tell_lost(deadline_after(grace));
     kill_group(pgid, libc::SIGTERM);
     kill_group(pgid, libc::SIGCONT);
     on_lost(stopped);
@@ -468,6 +534,8 @@ pub(crate) trait Holding {
     fn is_lost(&self) -> bool;
     /// Why the hold was lost, if it was.
     fn lost_reason(&self) -> Option<String>;
+    /// Its local deadline, if the backend tells it (see `Guard::deadline`).
+    fn deadline(&self) -> Option<Instant>;
     /// Release it.
     fn release(self) -> impl std::future::Future<Output = baton::Result<()>>;
 }
@@ -483,6 +551,9 @@ impl<T: baton::coordinator::Guard + ?Sized + 'static> Holding for Box<T> {
     fn lost_reason(&self) -> Option<String> {
         self.as_ref().lost_reason()
     }
+    fn deadline(&self) -> Option<Instant> {
+        self.as_ref().deadline()
+    }
     fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
         T::release(self)
     }
@@ -497,6 +568,9 @@ impl Holding for baton::SemaphorePermit {
     }
     fn lost_reason(&self) -> Option<String> {
         baton::SemaphorePermit::lost_reason(self)
+    }
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.session().deadline())
     }
     fn release(self) -> impl std::future::Future<Output = baton::Result<()>> {
         baton::SemaphorePermit::release(self)
@@ -527,6 +601,7 @@ pub(crate) async fn hold_and_release<G: Holding>(
         job,
         lost.clone(),
         || held.is_lost(),
+        || held.deadline(),
         signals,
         |stopped| report(held.lost_reason(), stopped),
     )
@@ -574,18 +649,40 @@ fn released_lost<E>(released: &Result<baton::Result<()>, E>) -> bool {
 /// terminal signals do not reach it. Dropping this handle (every way `hold` ends) kills the
 /// guardian with SIGKILL, which makes it do nothing: CMD's group is then `baton`'s to end.
 ///
+/// Its stdin is a pipe from `baton`, on which `baton` tells it until when the hold is
+/// certain (its local deadline, re-read every [`TELL_EVERY`]) and, after a loss, when
+/// `baton` will SIGKILL CMD's group (see [`Word`]). `baton`'s death closes the pipe: the
+/// guardian then sends the group SIGTERM, and SIGKILL after `--grace` but no later than
+/// the hold's deadline (less [`DEADLINE_MARGIN`]): after that, the lease may expire at the
+/// server and the next holder start, and CMD must not run beside it.
+///
 /// If the guardian cannot be started, `baton` says so in its trace and goes on: CMD itself
-/// still dies with `baton`.
+/// still dies with `baton` (SIGTERM only).
 struct Guardian {
     child: Option<std::process::Child>,
+    /// The write end of the guardian's stdin, non-blocking. Closed after the guardian is
+    /// killed (fields drop after [`Drop::drop`]): the other way round, the guardian would
+    /// take the close for `baton`'s death.
+    link: Option<std::fs::File>,
+    /// The deadline last told (CLOCK_MONOTONIC nanoseconds), not to tell it again.
+    told: std::cell::Cell<Option<u64>>,
 }
 
 /// The hidden first argument that makes `baton` a guardian: `baton __guardian PGID
 /// GRACE_MS PARENT_PID`.
 pub(crate) const GUARDIAN_ARG: &str = "__baton-guardian";
 
+/// How often `baton` looks whether the hold's deadline moved, to tell the guardian. A
+/// deadline told late is an earlier one: the guardian errs on the safe side.
+const TELL_EVERY: Duration = Duration::from_millis(250);
+
+/// How long before the hold's deadline the guardian SIGKILLs CMD's group once `baton` is
+/// gone: room for a sleep that wakes late on a busy machine.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
 impl Guardian {
-    fn start(pgid: i32, grace: Duration) -> Guardian {
+    /// Start the guardian of group `pgid`, telling it `certain` (see [`certain_until`]).
+    fn start(pgid: i32, grace: Duration, certain: Option<Instant>) -> Guardian {
         let started = std::env::current_exe().and_then(|exe| {
             let mut command = std::process::Command::new(exe);
             // SAFETY: getpid is async-signal-safe and touches no memory.
@@ -595,34 +692,76 @@ impl Guardian {
                 .arg(pgid.to_string())
                 .arg(grace.as_millis().min(u128::from(u64::MAX)).to_string())
                 .arg(parent.to_string())
-                .stdin(std::process::Stdio::null())
+                .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .env_remove("BATON_PASSWORD");
             std::os::unix::process::CommandExt::process_group(&mut command, 0);
-            #[cfg(target_os = "linux")]
-            // SAFETY: as in `die_with_parent`: only async-signal-safe calls, no allocation.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent {
-                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                    Ok(())
-                });
-            }
             command.spawn()
         });
         match started {
-            Ok(child) => {
+            Ok(mut child) => {
                 tracing::debug!(pgid, guardian = child.id(), "guardian started");
-                Guardian { child: Some(child) }
+                let link = child.stdin.take().map(|stdin| {
+                    let link = std::fs::File::from(std::os::fd::OwnedFd::from(stdin));
+                    set_nonblocking(&link);
+                    link
+                });
+                let guardian = Guardian {
+                    child: Some(child),
+                    link,
+                    told: std::cell::Cell::new(None),
+                };
+                guardian.tell_certain(certain);
+                guardian
             }
             Err(e) => {
                 tracing::warn!(pgid, error = %e, "cannot start the guardian; CMD still dies with baton");
-                Guardian { child: None }
+                Guardian {
+                    child: None,
+                    link: None,
+                    told: std::cell::Cell::new(None),
+                }
             }
+        }
+    }
+
+    /// Write one line to the guardian; true if it was written. Never blocks: a line of at
+    /// most `PIPE_BUF` bytes is written whole or not at all, and a guardian that does not
+    /// read (or is gone) is no reason to stop.
+    fn tell(&self, line: &str) -> bool {
+        use std::io::Write;
+        self.link
+            .as_ref()
+            .is_some_and(|mut link| link.write(line.as_bytes()).is_ok())
+    }
+
+    /// Tell the guardian that the hold is certain until `at`, if that is news.
+    fn tell_certain(&self, at: Option<Instant>) {
+        let Some(at) = at else { return };
+        let ns = mono_ns(at);
+        if self.told.get() != Some(ns) && self.tell(&format!("D {ns}\n")) {
+            self.told.set(Some(ns));
+        }
+    }
+
+    /// Tell the guardian that the hold is lost and that `baton` SIGKILLs CMD's group at
+    /// `kill_at`.
+    fn tell_lost(&self, kill_at: Instant) {
+        self.tell(&format!("L {}\n", mono_ns(kill_at)));
+    }
+
+    /// Keep the guardian told of `certain()` (see [`certain_until`]); never returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads and writes the pipe.
+    async fn keep_told(&self, certain: &impl Fn() -> Option<Instant>) -> std::convert::Infallible {
+        if self.link.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(TELL_EVERY).await;
+            self.tell_certain(certain());
         }
     }
 }
@@ -636,56 +775,158 @@ impl Drop for Guardian {
     }
 }
 
-/// The guardian process (see [`Guardian`]): wait for `baton` (PARENT_PID) to die, without
-/// looking at CMD's group meanwhile (`baton` ends the guardian when the hold ends); when
-/// `baton` dies first (its death signal, SIGTERM, or a new parent), send the group SIGTERM,
-/// and SIGKILL once GRACE_MS have passed. Exits when the group is gone. Never returns.
+/// Make writes to `file` return at once instead of blocking.
+fn set_nonblocking(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with no pointers.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: on Linux, the clock of std's and tokio's `Instant`,
+/// and one the guardian (another process) reads too.
+fn mono_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only to the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// `at` on CLOCK_MONOTONIC, in nanoseconds (see [`mono_now_ns`]).
+fn mono_ns(at: Instant) -> u64 {
+    let now = Instant::now();
+    let base = mono_now_ns();
+    if at >= now {
+        base.saturating_add(nanos(at - now))
+    } else {
+        base.saturating_sub(nanos(now - at))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What `baton` told its guardian: one line per message, times in CLOCK_MONOTONIC
+/// nanoseconds.
+/// - `D NS`: the hold is certain until NS (its local deadline).
+/// - `L NS`: the hold is lost; `baton` sent CMD's group SIGTERM and SIGKILLs it at NS (the
+///   end of `--grace`). `D` lines after it are ignored.
+#[derive(Debug, Default)]
+struct Word {
+    certain_until: Option<u64>,
+    lost_until: Option<u64>,
+    /// The start of a line not yet complete.
+    partial: Vec<u8>,
+}
+
+impl Word {
+    /// Take in what was read from the pipe.
+    fn hear(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            self.line(&line[..end]);
+        }
+        if self.partial.len() > 64 {
+            // No line is that long: not ours.
+            self.partial.clear();
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let text = std::str::from_utf8(line).unwrap_or_default();
+        let Some((kind, ns)) = text.split_once(' ') else {
+            return;
+        };
+        let Ok(ns) = ns.parse::<u64>() else {
+            return;
+        };
+        match kind {
+            "D" if self.lost_until.is_none() => self.certain_until = Some(ns),
+            "L" => self.lost_until = Some(ns),
+            _ => {}
+        }
+    }
+
+    /// When CMD's group must be gone at the latest, once `baton` cannot end it itself.
+    fn kill_by(&self) -> Option<u64> {
+        self.lost_until.or(self.certain_until)
+    }
+}
+
+/// The guardian process (see [`Guardian`]): read `baton`'s word (PARENT_PID's) on stdin,
+/// without looking at CMD's group meanwhile (`baton` ends the guardian when the hold ends);
+/// at the end of stdin (`baton` is gone), send the group SIGTERM, and SIGKILL once GRACE_MS
+/// have passed or the hold's deadline is near, whichever comes first. Exits when the group
+/// is gone. Never returns.
 #[cfg(target_os = "linux")]
 pub(crate) fn guardian_main(args: &[String]) -> ! {
     let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok());
-    let (Some(pgid), Some(grace_ms), Some(parent)) = (parse(0), parse(1), parse(2)) else {
+    let (Some(pgid), Some(grace_ms), Some(_parent)) = (parse(0), parse(1), parse(2)) else {
         std::process::exit(i32::from(exit::FAILED));
     };
-    let (Ok(pgid), Ok(parent)) = (i32::try_from(pgid), i32::try_from(parent)) else {
+    let Ok(pgid) = i32::try_from(pgid) else {
         std::process::exit(i32::from(exit::FAILED));
     };
     let grace = Duration::from_millis(u64::try_from(grace_ms).unwrap_or(0));
-    // SAFETY: plain libc calls on a sigset_t we own; no other thread exists yet.
-    let set = unsafe {
+    // Signals a terminal or a dying `baton` sends are no reason to stop watching: only the
+    // end of the pipe is.
+    // SAFETY: plain libc calls on a sigset_t we own; no other thread exists.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    loop {
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
-            break;
-        }
-        let timeout = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 100_000_000,
-        };
-        // SAFETY: `set` and `timeout` live across the call; no siginfo is asked for.
-        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
-        if sig == libc::SIGTERM {
-            break;
-        }
-        // Nothing else to do while `baton` lives: it ends CMD's group itself, then kills
-        // this process. (Looking for survivors of the group here scanned the whole of /proc
-        // every time.)
     }
-    // `baton` is gone: CMD's group must not run on without the lock. SIGCONT: a group
-    // stopped by job control gets the SIGTERM at once.
+    let mut word = Word::default();
+    let mut buf = [0u8; 512];
+    loop {
+        // SAFETY: read(2) into a buffer we own, at most its length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if let Ok(n @ 1..) = usize::try_from(n) {
+            word.hear(&buf[..n]);
+        } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            // The end of the pipe (or an error reading it, taken alike): `baton` is gone.
+            break;
+        }
+    }
+    end_group(pgid, grace, word.kill_by())
+}
+
+/// After `baton`'s death: SIGTERM to CMD's group (SIGCONT too: a group stopped by job
+/// control gets it at once), then SIGKILL once `grace` has passed or `kill_by`
+/// (CLOCK_MONOTONIC nanoseconds) is [`DEADLINE_MARGIN`] away, unless the group is gone
+/// before. Exits.
+#[cfg(target_os = "linux")]
+fn end_group(pgid: i32, grace: Duration, kill_by: Option<u64>) -> ! {
     kill_group(pgid, libc::SIGTERM);
     kill_group(pgid, libc::SIGCONT);
-    let now = std::time::Instant::now();
-    let deadline = now.checked_add(grace).unwrap_or_else(|| now + CENTURY);
-    while group_alive(pgid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(GROUP_POLL);
+    let mut by = mono_now_ns().saturating_add(nanos(grace));
+    if let Some(kill_by) = kill_by {
+        by = by.min(kill_by.saturating_sub(nanos(DEADLINE_MARGIN)));
+    }
+    loop {
+        let now = mono_now_ns();
+        if now >= by || !group_alive(pgid) {
+            break;
+        }
+        std::thread::sleep(GROUP_POLL.min(Duration::from_nanos(by - now)));
     }
     kill_group(pgid, libc::SIGKILL);
     std::process::exit(0);
@@ -877,6 +1118,37 @@ fn only_zombies(_pgid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guardian_hears_deadlines_then_a_loss() {
+        let mut word = Word::default();
+        assert_eq!(word.kill_by(), None);
+        word.hear(b"D 100\nD 2");
+        assert_eq!(word.kill_by(), Some(100));
+        word.hear(b"00\n");
+        assert_eq!(word.kill_by(), Some(200));
+        word.hear(b"L 5000\nD 300\n");
+        assert_eq!(
+            word.kill_by(),
+            Some(5000),
+            "a deadline after the loss counts no more"
+        );
+        word.hear(b"junk\nD x\n");
+        assert_eq!(word.kill_by(), Some(5000));
+    }
+
+    #[test]
+    fn monotonic_nanoseconds_follow_instants() {
+        let now = Instant::now();
+        let later = mono_ns(now + Duration::from_secs(3));
+        let earlier = mono_ns(now);
+        let gap = later - earlier;
+        assert!(
+            gap > 2_990_000_000 && gap < 3_010_000_000,
+            "{gap} ns for 3 s"
+        );
+        assert!(earlier <= mono_now_ns());
+    }
 
     #[test]
     fn spawn_errors_map_to_126_and_127() {

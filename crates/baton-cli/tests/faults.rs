@@ -63,6 +63,11 @@ async fn exit_code(w: &mut WorkerProc, within: Duration) -> i32 {
     }
 }
 
+/// `args` as the `&str`s [`baton`] takes.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// What happens to the holder.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault2 {
@@ -260,6 +265,75 @@ async fn killed_lock_takes_cmd_along() {
         "etcd",
         "kill -9 of baton lock → next holder (TTL 2 s)",
         &next,
+    );
+}
+
+/// `kill -9` of `baton lock` (and `baton elect`) whose CMD ignores SIGTERM, at the default
+/// `--grace` (10 s): the guardian SIGKILLs CMD's group by the holder's local deadline,
+/// before the lease can expire and the next holder's CMD start. Before, the guardian
+/// waited the whole `--grace`, and CMD ran on beside the next holder (1.47 s of overlap at
+/// the defaults in the reviewer's run; here, at TTL 2 s, for the whole of B's CMD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_holders_cmd_never_runs_beside_the_next_holder() {
+    let etcd = EtcdServer::start_async().await;
+    let mut gone_after = Vec::new();
+    for sub in ["lock", "elect"] {
+        for run in 0..runs(1) {
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("log");
+            let name = format!("cli-overlap-{sub}-{run}");
+            let stubborn = format!(
+                r#"trap '' TERM; echo "start $$ $BATON_FENCING_TOKEN"; while :; do echo A >> '{}'; sleep 0.05; done"#,
+                log.display()
+            );
+            let next = format!(
+                r#"echo "start $$ $BATON_FENCING_TOKEN"; for i in 1 2 3 4 5 6 7 8 9 10; do echo B >> '{}'; sleep 0.1; done"#,
+                log.display()
+            );
+            let args = |script: &str| -> Vec<String> {
+                let mut args = vec![sub.to_string(), name.clone()];
+                if sub == "elect" {
+                    args.push("v".to_string());
+                }
+                args.extend(["--ttl", "2s", "--", "sh", "-c", script].map(String::from));
+                args
+            };
+            let (stubborn, next) = (args(&stubborn), args(&next));
+            let mut a = baton("a", &etcd.endpoint(), &strs(&stubborn));
+            let (cmd_a, token_a) = started(&mut a, Duration::from_secs(15)).await;
+            let mut b = baton("b", &etcd.endpoint(), &strs(&next));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let killed = a.kill();
+            let mut gone = None;
+            for _ in 0..1000 {
+                if !running(cmd_a) {
+                    gone = Some(since(killed, mono_now()));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (_, token_b) = started(&mut b, Duration::from_secs(10)).await;
+            assert!(token_b > token_a);
+            assert_eq!(exit_code(&mut b, Duration::from_secs(10)).await, 0);
+            let text = std::fs::read_to_string(&log).unwrap();
+            let first_b = text.find('B').expect("B never ran");
+            assert!(
+                !text[first_b..].contains('A'),
+                "{sub}: the killed holder's CMD ran beside the next holder's:\n{text}"
+            );
+            let gone = gone.expect("the killed holder's CMD still runs 10 s after kill -9");
+            assert!(
+                gone < Duration::from_secs(2),
+                "{sub}: CMD gone {gone:?} after kill -9 (TTL 2 s)"
+            );
+            gone_after.push(gone);
+        }
+    }
+    report(
+        "CLI",
+        "etcd",
+        "kill -9 of baton (CMD ignores SIGTERM, TTL 2 s, --grace 10 s) → CMD gone",
+        &gone_after,
     );
 }
 

@@ -78,6 +78,18 @@ pub trait Guard: Send + Sync + fmt::Debug {
     /// cancelled by the background task or by the first `is_lost()` that finds it passed.
     fn lost_token(&self) -> CancellationToken;
 
+    /// The local deadline, on tokio's (monotonic) clock: the hold is certainly ours until
+    /// then, unless it is lost sooner (its key deleted, its lease revoked); after it, the
+    /// backend may give it to another at any time. It moves later with each acknowledged
+    /// keep-alive (etcd, the embedded store) or extend (Redis). `None` where the backend
+    /// does not tell (the default).
+    ///
+    /// `baton lock -- CMD` hands it to the process that ends CMD if `baton` dies or stops,
+    /// so that CMD never outlives the hold for long.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
     /// Release: unlock, or resign. [`Error::NotHeld`] / [`Error::NotLeader`] if it had
     /// already been lost.
     ///
@@ -904,6 +916,9 @@ impl<G: Guard + 'static> Guard for Local<G> {
     fn lost_token(&self) -> CancellationToken {
         self.inner.lost_token()
     }
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.inner.deadline()
+    }
     async fn release(self: Box<Self>) -> Result<()> {
         let Local {
             inner,
@@ -995,6 +1010,9 @@ impl Guard for MutexGuard {
     fn lost_token(&self) -> CancellationToken {
         MutexGuard::lost_token(self)
     }
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        Some(self.session().deadline())
+    }
     async fn release(self: Box<Self>) -> Result<()> {
         self.unlock().await
     }
@@ -1032,6 +1050,9 @@ impl Guard for Leadership {
     }
     fn lost_token(&self) -> CancellationToken {
         Leadership::lost_token(self)
+    }
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        Some(self.session().deadline())
     }
     async fn release(self: Box<Self>) -> Result<()> {
         self.resign().await
