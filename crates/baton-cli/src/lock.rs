@@ -39,8 +39,13 @@ the fencing token); baton prints `lock lost` on stderr and exits 122 (also when 
 found only as CMD ends, or by the release). If baton itself dies (kill -9), a small
 guardian process it started sends CMD's group SIGTERM, and SIGKILL after --grace but no
 later than the lock's local deadline (at most --ttl after the last acknowledged
-keep-alive), so that CMD never runs once the lock can pass to another holder. Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and
-SIGQUIT sent to baton are passed to CMD's process group. When CMD exits, whatever it left
+keep-alive), so that CMD never runs once the lock can pass to another holder. The guardian
+also SIGKILLs CMD's group by that deadline if baton is stopped (SIGSTOP of baton alone,
+a debugger) and sends no keep-alive; a pause of the whole machine or of both processes
+(a frozen VM or cgroup) is not covered: use the fencing token.
+
+Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to
+baton are passed to CMD's process group. When CMD exits, whatever it left
 running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only
 once the group is gone. Ctrl-Z (SIGTSTP, also SIGTTIN and SIGTTOU) stops CMD's process
 group, then baton; on SIGCONT (fg, bg) baton checks the lock before CMD goes on, and if it

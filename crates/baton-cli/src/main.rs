@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os();
     if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(supervisor::GUARDIAN_ARG)) {
         let rest: Vec<String> = args
-            .take(3)
+            .take(4)
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         supervisor::guardian_main(&rest);

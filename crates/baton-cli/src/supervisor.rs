@@ -13,7 +13,8 @@
 //! - On Linux, CMD gets SIGTERM if `baton` itself dies (`PR_SET_PDEATHSIG`), and a guardian
 //!   process (see [`Guardian`]) sends its whole group SIGTERM, then SIGKILL after `--grace`
 //!   but no later than the hold's local deadline: a `baton` killed with SIGKILL never leaves
-//!   CMD running once the hold can pass to another.
+//!   CMD running once the hold can pass to another. The guardian SIGKILLs the group by that
+//!   deadline too if `baton` is stopped (SIGSTOP of `baton` alone) and sends no keep-alive.
 //! - Ctrl-Z (SIGTSTP), SIGTTIN and SIGTTOU stop CMD's group first, then `baton`, as a
 //!   shell's job control would: CMD never runs on while `baton`'s keep-alives are stopped.
 //!   On SIGCONT, `baton` checks the hold before it continues CMD's group: if the hold was
@@ -376,6 +377,7 @@ impl JobControl {
             }
             tracing::debug!(pgid, "still held after a stop: continuing CMD");
             kill_group(pgid, libc::SIGCONT);
+            tell_guardian(b"R\n");
             // Stopped again meanwhile: check again before the next SIGCONT is handled.
         }
         true
@@ -499,6 +501,8 @@ fn job_control_applies() -> bool {
 fn stop(pgid: i32) {
     if pgid > 0 {
         CMD_STOPPED.store(true, Ordering::SeqCst);
+        // The guardian leaves a group stopped with `baton` to `baton`.
+        tell_guardian(b"S\n");
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(-pgid, libc::SIGSTOP) };
     }
@@ -654,22 +658,26 @@ fn released_lost<E>(released: &Result<baton::Result<()>, E>) -> bool {
 /// `baton` will SIGKILL CMD's group (see [`Word`]). `baton`'s death closes the pipe: the
 /// guardian then sends the group SIGTERM, and SIGKILL after `--grace` but no later than
 /// the hold's deadline (less [`DEADLINE_MARGIN`]): after that, the lease may expire at the
-/// server and the next holder start, and CMD must not run beside it.
+/// server and the next holder start, and CMD must not run beside it. For the same reason,
+/// if the deadline comes near while `baton` is stopped (SIGSTOP of `baton` alone: no
+/// keep-alive is sent), the guardian SIGKILLs the group then (see [`must_end_now`]).
 ///
 /// If the guardian cannot be started, `baton` says so in its trace and goes on: CMD itself
 /// still dies with `baton` (SIGTERM only).
 struct Guardian {
     child: Option<std::process::Child>,
-    /// The write end of the guardian's stdin, non-blocking. Closed after the guardian is
-    /// killed (fields drop after [`Drop::drop`]): the other way round, the guardian would
-    /// take the close for `baton`'s death.
-    link: Option<std::fs::File>,
+    /// The write end of the guardian's stdin, non-blocking; also in [`GUARDIAN_LINK`]. Never
+    /// closed before `baton` exits: closed while the guardian lives, it would be taken for
+    /// `baton`'s death, and the stop handler may still write to it (a `hold` runs once per
+    /// process).
+    link: Option<std::os::fd::RawFd>,
     /// The deadline last told (CLOCK_MONOTONIC nanoseconds), not to tell it again.
     told: std::cell::Cell<Option<u64>>,
 }
 
-/// The hidden first argument that makes `baton` a guardian: `baton __guardian PGID
-/// GRACE_MS PARENT_PID`.
+/// The hidden first argument that makes `baton` a guardian: `baton __baton-guardian PGID
+/// GRACE_MS PARENT_PID CERTAIN_NS` (CERTAIN_NS: the first `D` word, or 0 for none; see
+/// [`Word`]).
 pub(crate) const GUARDIAN_ARG: &str = "__baton-guardian";
 
 /// How often `baton` looks whether the hold's deadline moved, to tell the guardian. A
@@ -677,11 +685,24 @@ pub(crate) const GUARDIAN_ARG: &str = "__baton-guardian";
 const TELL_EVERY: Duration = Duration::from_millis(250);
 
 /// How long before the hold's deadline the guardian SIGKILLs CMD's group once `baton` is
-/// gone: room for a sleep that wakes late on a busy machine.
+/// gone or stopped: room for a sleep that wakes late on a busy machine.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// Once the hold's deadline is near without newer word from `baton`, how often the guardian
+/// looks whether `baton` is stopped.
+const STALLED_POLL: Duration = Duration::from_millis(50);
+
+/// How long past the hold's deadline the guardian waits for word from a `baton` that is not
+/// stopped (it sends the loss at once), before it takes `baton` for hung and SIGKILLs CMD's
+/// group itself.
+const STALLED_SETTLE: Duration = Duration::from_secs(1);
 
 impl Guardian {
     /// Start the guardian of group `pgid`, telling it `certain` (see [`certain_until`]).
+    ///
+    /// It is in charge from its start: until then (a few milliseconds after CMD's), a
+    /// `baton` killed leaves CMD to its death signal (SIGTERM) and background jobs running,
+    /// and a `baton` stopped leaves CMD running.
     fn start(pgid: i32, grace: Duration, certain: Option<Instant>) -> Guardian {
         let started = std::env::current_exe().and_then(|exe| {
             let mut command = std::process::Command::new(exe);
@@ -692,6 +713,9 @@ impl Guardian {
                 .arg(pgid.to_string())
                 .arg(grace.as_millis().min(u128::from(u64::MAX)).to_string())
                 .arg(parent.to_string())
+                // As an argument, not a line: the guardian has it even if `baton` stops
+                // before it could write a line.
+                .arg(certain.map_or(0, mono_ns).to_string())
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .env_remove("BATON_PASSWORD");
@@ -702,17 +726,16 @@ impl Guardian {
             Ok(mut child) => {
                 tracing::debug!(pgid, guardian = child.id(), "guardian started");
                 let link = child.stdin.take().map(|stdin| {
-                    let link = std::fs::File::from(std::os::fd::OwnedFd::from(stdin));
-                    set_nonblocking(&link);
+                    let link = std::os::fd::IntoRawFd::into_raw_fd(stdin);
+                    set_nonblocking(link);
+                    GUARDIAN_LINK.store(link, Ordering::SeqCst);
                     link
                 });
-                let guardian = Guardian {
+                Guardian {
                     child: Some(child),
                     link,
-                    told: std::cell::Cell::new(None),
-                };
-                guardian.tell_certain(certain);
-                guardian
+                    told: std::cell::Cell::new(certain.map(mono_ns)),
+                }
             }
             Err(e) => {
                 tracing::warn!(pgid, error = %e, "cannot start the guardian; CMD still dies with baton");
@@ -729,10 +752,8 @@ impl Guardian {
     /// most `PIPE_BUF` bytes is written whole or not at all, and a guardian that does not
     /// read (or is gone) is no reason to stop.
     fn tell(&self, line: &str) -> bool {
-        use std::io::Write;
         self.link
-            .as_ref()
-            .is_some_and(|mut link| link.write(line.as_bytes()).is_ok())
+            .is_some_and(|link| write_line(link, line.as_bytes()))
     }
 
     /// Tell the guardian that the hold is certain until `at`, if that is news.
@@ -768,6 +789,7 @@ impl Guardian {
 
 impl Drop for Guardian {
     fn drop(&mut self) {
+        GUARDIAN_LINK.store(-1, Ordering::SeqCst);
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -775,10 +797,28 @@ impl Drop for Guardian {
     }
 }
 
-/// Make writes to `file` return at once instead of blocking.
-fn set_nonblocking(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
+/// The guardian's pipe (see [`Guardian::link`]) while a guardian runs, for the stop
+/// handler and [`JobControl::resume`]; -1 when none.
+static GUARDIAN_LINK: AtomicI32 = AtomicI32::new(-1);
+
+/// Write `line` (at most `PIPE_BUF` bytes: whole or not at all) to the non-blocking pipe
+/// `fd`; true if written. Async-signal-safe.
+fn write_line(fd: i32, line: &[u8]) -> bool {
+    // SAFETY: write(2) from a buffer we own, of its length.
+    let written = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+    usize::try_from(written) == Ok(line.len())
+}
+
+/// Tell the guardian, if one runs, `line` (see [`Word`]). Async-signal-safe.
+fn tell_guardian(line: &[u8]) {
+    let fd = GUARDIAN_LINK.load(Ordering::SeqCst);
+    if fd >= 0 {
+        write_line(fd, line);
+    }
+}
+
+/// Make writes to `fd` return at once instead of blocking.
+fn set_nonblocking(fd: std::os::fd::RawFd) {
     // SAFETY: fcntl on a descriptor we own, with no pointers.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
@@ -823,10 +863,14 @@ fn nanos(d: Duration) -> u64 {
 /// - `D NS`: the hold is certain until NS (its local deadline).
 /// - `L NS`: the hold is lost; `baton` sent CMD's group SIGTERM and SIGKILLs it at NS (the
 ///   end of `--grace`). `D` lines after it are ignored.
+/// - `S`: `baton`'s stop handler is stopping CMD's group, then `baton` (job control).
+/// - `R`: `baton` continued CMD's group after such a stop (so does any other line).
 #[derive(Debug, Default)]
 struct Word {
     certain_until: Option<u64>,
     lost_until: Option<u64>,
+    /// Since an `S`: CMD's group was stopped along with `baton`.
+    job_stopped: bool,
     /// The start of a line not yet complete.
     partial: Vec<u8>,
 }
@@ -847,6 +891,7 @@ impl Word {
 
     fn line(&mut self, line: &[u8]) {
         let text = std::str::from_utf8(line).unwrap_or_default();
+        self.job_stopped = text == "S";
         let Some((kind, ns)) = text.split_once(' ') else {
             return;
         };
@@ -867,17 +912,18 @@ impl Word {
 }
 
 /// The guardian process (see [`Guardian`]): read `baton`'s word (PARENT_PID's) on stdin,
-/// without looking at CMD's group meanwhile (`baton` ends the guardian when the hold ends);
-/// at the end of stdin (`baton` is gone), send the group SIGTERM, and SIGKILL once GRACE_MS
-/// have passed or the hold's deadline is near, whichever comes first. Exits when the group
-/// is gone. Never returns.
+/// without looking at CMD's group meanwhile (`baton` ends the guardian when the hold ends).
+/// At the end of stdin (`baton` is gone), send the group SIGTERM, and SIGKILL once GRACE_MS
+/// have passed or the hold's deadline is near, whichever comes first. If the deadline comes
+/// near while `baton` lives but is stopped (or past it, hung), SIGKILL the group at once
+/// (see [`must_end_now`]). Exits when the group is gone. Never returns.
 #[cfg(target_os = "linux")]
 pub(crate) fn guardian_main(args: &[String]) -> ! {
     let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok());
-    let (Some(pgid), Some(grace_ms), Some(_parent)) = (parse(0), parse(1), parse(2)) else {
+    let (Some(pgid), Some(grace_ms), Some(parent)) = (parse(0), parse(1), parse(2)) else {
         std::process::exit(i32::from(exit::FAILED));
     };
-    let Ok(pgid) = i32::try_from(pgid) else {
+    let (Ok(pgid), Ok(parent)) = (i32::try_from(pgid), i32::try_from(parent)) else {
         std::process::exit(i32::from(exit::FAILED));
     };
     let grace = Duration::from_millis(u64::try_from(grace_ms).unwrap_or(0));
@@ -893,8 +939,36 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
     let mut word = Word::default();
+    if let Some(Ok(certain @ 1..)) = args.get(3).map(|a| a.parse::<u64>()) {
+        word.certain_until = Some(certain);
+    }
     let mut buf = [0u8; 512];
     loop {
+        let timeout = match word.kill_by() {
+            None => -1,
+            Some(by) => {
+                let now = mono_now_ns();
+                let watch_from = by.saturating_sub(nanos(DEADLINE_MARGIN));
+                if now >= watch_from {
+                    if must_end_now(&word, by, now, parent, pgid) {
+                        kill_group(pgid, libc::SIGKILL);
+                        std::process::exit(0);
+                    }
+                    millis(STALLED_POLL)
+                } else {
+                    millis(Duration::from_nanos(watch_from - now)).max(1)
+                }
+            }
+        };
+        let mut fds = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd we own.
+        if unsafe { libc::poll(&mut fds, 1, timeout) } == 0 {
+            continue;
+        }
         // SAFETY: read(2) into a buffer we own, at most its length.
         let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
         if let Ok(n @ 1..) = usize::try_from(n) {
@@ -907,6 +981,39 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
         }
     }
     end_group(pgid, grace, word.kill_by())
+}
+
+/// While `baton` lives but its word is due (the hold's deadline, or the end of the grace
+/// `baton` gave after a loss, is [`DEADLINE_MARGIN`] away or past, and nothing later came):
+/// true if CMD's group must be SIGKILLed now, because `baton` cannot do it in time:
+/// - it is stopped (SIGSTOP, a debugger), not by its own job control: the hold can pass to
+///   another at any moment and no keep-alive will be sent;
+/// - or it runs but has said nothing for [`STALLED_SETTLE`] past the deadline (hung).
+///
+/// A group stopped by `baton`'s job control along with `baton` (`S`) is left stopped, for
+/// `baton` to end on SIGCONT (`lock lost while stopped`), as long as its leader does not
+/// run.
+#[cfg(target_os = "linux")]
+fn must_end_now(word: &Word, by: u64, now: u64, parent: i32, pgid: i32) -> bool {
+    if word.job_stopped {
+        return !matches!(proc_state(pgid), Some('T' | 't' | 'D'));
+    }
+    matches!(proc_state(parent), Some('T' | 't')) || now >= by.saturating_add(nanos(STALLED_SETTLE))
+}
+
+/// The state letter of process `pid` (`T` when stopped, `t` when stopped by a debugger,
+/// `D` in an uninterruptible wait, such as a shell whose vfork child is stopped), from
+/// /proc/PID/stat; `None` if it is gone.
+#[cfg(target_os = "linux")]
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state_and_group(&stat)?.0.chars().next()
+}
+
+/// `d` in whole milliseconds, for poll(2).
+#[cfg(target_os = "linux")]
+fn millis(d: Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
 }
 
 /// After `baton`'s death: SIGTERM to CMD's group (SIGCONT too: a group stopped by job
@@ -1135,6 +1242,16 @@ mod tests {
         );
         word.hear(b"junk\nD x\n");
         assert_eq!(word.kill_by(), Some(5000));
+        assert!(!word.job_stopped);
+        word.hear(b"S\n");
+        assert!(word.job_stopped);
+        word.hear(b"R\n");
+        assert!(!word.job_stopped);
+        word.hear(b"S\nD 7\n");
+        assert!(
+            !word.job_stopped,
+            "any word after a stop means baton runs again"
+        );
     }
 
     #[test]

@@ -696,3 +696,50 @@ fn the_guardian_reads_nothing_while_baton_lives() {
     holder.signal(libc::SIGTERM);
     assert_eq!(holder.code(), 128 + libc::SIGTERM);
 }
+
+/// SIGSTOP of `baton` alone (not of CMD's group, as Ctrl-Z would): its keep-alives stop and
+/// the lease expires while CMD runs on. The guardian ends CMD's group (SIGKILL) once the
+/// lock's local deadline is near without word from `baton`, and `baton` is seen stopped:
+/// CMD never runs beside the next holder. Before, it ran on until `baton` was continued.
+/// On SIGCONT `baton` finds the lock lost and exits 122.
+#[test]
+fn sigstop_of_baton_alone_never_runs_cmd_beside_the_next_holder() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut holder, cmd, _) = ticking_holder(&etcd, dir.path(), "stop-alone", "2s");
+    // In charge from its start, a few ms after CMD's.
+    guardian_of(holder.pid());
+
+    holder.signal(libc::SIGSTOP);
+    wait_until("baton stopped", || proc_state(holder.pid()) == Some('T'));
+    let (out, _) = run(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "--timeout",
+        "10s",
+        "stop-alone",
+        "--",
+        "sh",
+        "-c",
+        r#"echo B >> "$D/log"; sleep 0.5; echo B >> "$D/log""#,
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tail: Vec<&str> = text.lines().rev().take(8).collect();
+    assert!(
+        text.ends_with("A\nB\nB\n"),
+        "CMD ran beside the next holder; the log's last lines, last first: {tail:?}"
+    );
+    // Killed: a zombie until baton, stopped, reaps it.
+    assert!(
+        matches!(proc_state(cmd), None | Some('Z')),
+        "CMD still runs"
+    );
+
+    holder.signal(libc::SIGCONT);
+    let status = holder.wait(Duration::from_secs(5)).expect("baton exits");
+    assert_eq!(status.code(), Some(122));
+    let err = holder.stderr_after_exit();
+    assert!(err.iter().any(|l| l.starts_with("lock lost")), "{err:?}");
+}
