@@ -2,7 +2,8 @@
 //! `baton elect`.
 //!
 //! - CMD runs in its own process group, with the holder's environment added.
-//! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group.
+//! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group, except
+//!   those ignored when `baton` started (`nohup`): they stay ignored, by CMD too.
 //! - When the hold is lost, the group gets SIGTERM at once, a notice goes to stderr, and the
 //!   group gets SIGKILL once `--grace` has passed, unless all of it has exited by then.
 //! - When CMD exits, whatever it left running in its group (background jobs) is part of the
@@ -59,19 +60,28 @@ const RESUME_SETTLE: Duration = Duration::from_millis(100);
 /// SIGINT, SIGTERM, SIGHUP (a closed terminal or ssh session) and SIGQUIT, caught from
 /// the start of a command so that an interrupted `baton` always cleans up (withdraws its
 /// waiter key, releases, forwards to CMD) instead of dying with the lock held.
+///
+/// A signal ignored when `baton` started (`nohup` ignores SIGHUP; a non-interactive shell
+/// starts background jobs with SIGINT and SIGQUIT ignored; `trap '' INT`) is not caught: it
+/// stays ignored, by `baton` and by CMD, which inherits it ignored, as with any command.
 #[derive(Debug)]
 pub(crate) struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
-    quit: Signal,
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+    hangup: Option<Signal>,
+    quit: Option<Signal>,
 }
 
 impl Signals {
-    /// Start catching SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+    /// Start catching SIGINT, SIGTERM, SIGHUP and SIGQUIT, those not ignored.
     pub(crate) fn new() -> Result<Self, CliError> {
         let catch = |kind: SignalKind| {
-            signal(kind).map_err(|e| CliError::failed(format!("cannot catch signals: {e}")))
+            if ignored(kind.as_raw_value()) {
+                return Ok(None);
+            }
+            signal(kind)
+                .map(Some)
+                .map_err(|e| CliError::failed(format!("cannot catch signals: {e}")))
         };
         Ok(Signals {
             interrupt: catch(SignalKind::interrupt())?,
@@ -88,10 +98,10 @@ impl Signals {
     /// Cancel safe: a signal that arrives meanwhile is kept for the next call.
     pub(crate) async fn recv(&mut self) -> i32 {
         tokio::select! {
-            Some(()) = self.interrupt.recv() => libc::SIGINT,
-            Some(()) = self.terminate.recv() => libc::SIGTERM,
-            Some(()) = self.hangup.recv() => libc::SIGHUP,
-            Some(()) = self.quit.recv() => libc::SIGQUIT,
+            Some(()) = next(&mut self.interrupt) => libc::SIGINT,
+            Some(()) = next(&mut self.terminate) => libc::SIGTERM,
+            Some(()) = next(&mut self.hangup) => libc::SIGHUP,
+            Some(()) = next(&mut self.quit) => libc::SIGQUIT,
             else => std::future::pending().await,
         }
     }
@@ -109,6 +119,28 @@ impl Signals {
                 Err(CliError::interrupted(sig))
             }
         }
+    }
+}
+
+/// The next delivery of `signal`; never, if it is not caught.
+///
+/// # Cancel safety
+///
+/// Cancel safe, as [`Signal::recv`].
+async fn next(signal: &mut Option<Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// True if `sig` is ignored (SIG_IGN) in this process: it was when `baton` started, since
+/// `baton` ignores none itself.
+fn ignored(sig: i32) -> bool {
+    // SAFETY: sigaction(2) only reads the current action into a struct we own.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

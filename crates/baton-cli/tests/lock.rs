@@ -743,3 +743,44 @@ fn sigstop_of_baton_alone_never_runs_cmd_beside_the_next_holder() {
     let err = holder.stderr_after_exit();
     assert!(err.iter().any(|l| l.starts_with("lock lost")), "{err:?}");
 }
+
+/// A signal ignored when `baton` starts (`nohup` ignores SIGHUP, a shell's `trap '' INT`,
+/// a non-interactive shell's background job ignores SIGINT and SIGQUIT) stays ignored, by
+/// `baton` and by CMD, as for any command. Before, `baton` caught it anyway (tokio's handler
+/// replaces SIG_IGN) and passed it to CMD, which died of it: `nohup baton lock … ` then
+/// `kill -HUP` exited 129.
+#[test]
+fn signals_ignored_at_start_stay_ignored() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+        let ready = dir.path().join(format!("ready-{sig}"));
+        let mut command = baton(&etcd.endpoint());
+        command.env("READY", &ready).args([
+            "lock",
+            &format!("ignored-{sig}"),
+            "--",
+            "sh",
+            "-c",
+            r#"echo x > "$READY"; sleep 1; echo survived"#,
+        ]);
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(move || {
+                libc::signal(sig, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut holder = Proc::spawn(&mut command);
+        wait_for_file(&ready);
+        holder.signal(sig);
+        assert_eq!(
+            holder.code(),
+            0,
+            "signal {sig}: {:?}",
+            holder.stderr_so_far()
+        );
+        assert_eq!(holder.line(), "survived", "signal {sig}");
+    }
+}
