@@ -27,7 +27,8 @@ events, and a lost leadership adds a `lost` event. With CMD, stdout is CMD's alo
 with --json: baton prints nothing there (as `baton lock`), so `baton elect NAME VALUE --
 ./report > out.csv` writes the report only. CMD gets BATON_ELECTION_KEY and BATON_FENCING_TOKEN (on
 etcd the leader key's create revision; on redis:// the lock's counter; none on redlock://)
-in its environment. If the leadership is lost while CMD
+in its environment, and none of the other variables baton lock and sem set (an outer
+baton's are removed). If the leadership is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace (a new leader may
 start in between); baton prints `leadership lost` on stderr and exits 122 (also when the loss is found only as CMD ends, or
 by the resignation). Otherwise it resigns when CMD exits and exits with CMD's exit code.

@@ -32,7 +32,8 @@ JSON events, and a lost lock adds a `lost` event. With CMD, stdout is CMD's alon
 CMD gets BATON_LOCK_KEY (relative to --namespace: NAME/<lease id> on etcd, NAME on Redis)
 and BATON_FENCING_TOKEN in its environment (on etcd also
 ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
-fencing token, so no BATON_FENCING_TOKEN). If the lock is lost while CMD
+fencing token, so no BATON_FENCING_TOKEN). The variables baton lock, elect and sem set
+that are not this lock's (left by an outer baton) are removed. If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace (default 10s: the
 next holder may start in between, so keep --grace short, or have what CMD writes to check
 the fencing token); baton prints `lock lost` on stderr and exits 122 (also when the loss is

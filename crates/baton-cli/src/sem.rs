@@ -31,7 +31,9 @@ CMD, stdout is CMD's alone, also with --json.
 Every process using the semaphore must give the same --permits while any of them holds or
 waits (a different count exits 125). Permits are granted in FIFO order.
 
-CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS in its environment. If the
+CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS in its environment, and
+none of the variables baton lock and elect set (an outer baton's are removed: a semaphore
+has no fencing token, so no BATON_FENCING_TOKEN). If the
 permit is lost while CMD runs (the session's lease expired or the key was deleted), CMD's
 process group gets SIGTERM at once and SIGKILL after --grace (another holder may take the
 permit in between); baton prints `permit lost` on

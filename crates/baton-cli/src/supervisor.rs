@@ -1,7 +1,8 @@
 //! Running CMD while something is held (a lock, a leadership), shared by `baton lock` and
 //! `baton elect`.
 //!
-//! - CMD runs in its own process group, with the holder's environment added.
+//! - CMD runs in its own process group, with the holder's environment added; variables
+//!   `baton` sets for other holds (left by an outer `baton`) are removed.
 //! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group, except
 //!   those ignored when `baton` started (`nohup`): they stay ignored, by CMD too.
 //! - When the hold is lost, the group gets SIGTERM at once, a notice goes to stderr, and the
@@ -1076,14 +1077,31 @@ pub(crate) fn guardian_main(_args: &[String]) -> ! {
     std::process::exit(0);
 }
 
+/// Every variable `baton lock`, `elect` and `sem` set for CMD (each sets some): removed
+/// from CMD's environment before its own are added.
+const HOLD_VARS: [&str; 7] = [
+    "BATON_FENCING_TOKEN",
+    "BATON_LOCK_KEY",
+    "ETCD_LOCK_KEY",
+    "ETCD_LOCK_REV",
+    "BATON_ELECTION_KEY",
+    "BATON_SEM_KEY",
+    "BATON_SEM_PERMITS",
+];
+
 /// Start CMD in its own process group.
 fn spawn(job: &Job) -> Result<Child, CliError> {
     let Some((program, args)) = job.argv.split_first() else {
         return Err(CliError::failed("no command given"));
     };
     let mut command = Command::new(program);
+    command.args(args);
+    // A hold's variables left by an outer `baton` (`baton lock a -- baton elect b -- CMD`)
+    // are not this hold's: CMD gets none but its own (set after, which wins).
+    for var in HOLD_VARS {
+        command.env_remove(var);
+    }
     command
-        .args(args)
         .envs(job.env.iter().cloned())
         // The password was for baton; CMD does not get it.
         .env_remove("BATON_PASSWORD")

@@ -784,3 +784,58 @@ fn signals_ignored_at_start_stay_ignored() {
         assert_eq!(holder.line(), "survived", "signal {sig}");
     }
 }
+
+/// CMD gets the variables of its own hold only. Those `baton` sets for other holds, left in
+/// the environment by an outer `baton` (`baton lock outer -- baton elect inner -- CMD`),
+/// are removed, not passed on stale: before, `baton elect` passed the outer lock's
+/// BATON_LOCK_KEY, ETCD_LOCK_KEY and ETCD_LOCK_REV, and `baton sem` (which has no fencing
+/// token) its BATON_FENCING_TOKEN, as if they were the inner hold's.
+#[test]
+fn cmd_gets_no_stale_variables_of_an_outer_hold() {
+    const VARS: [&str; 7] = [
+        "BATON_FENCING_TOKEN",
+        "BATON_LOCK_KEY",
+        "ETCD_LOCK_KEY",
+        "ETCD_LOCK_REV",
+        "BATON_ELECTION_KEY",
+        "BATON_SEM_KEY",
+        "BATON_SEM_PERMITS",
+    ];
+    let etcd = etcd();
+    let script = VARS.map(|v| format!("echo {v}=${{{v}-unset}}")).join("; ");
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["lock", "stale-l"],
+            &[
+                "BATON_FENCING_TOKEN",
+                "BATON_LOCK_KEY",
+                "ETCD_LOCK_KEY",
+                "ETCD_LOCK_REV",
+            ],
+        ),
+        (
+            &["elect", "stale-e", "v"],
+            &["BATON_FENCING_TOKEN", "BATON_ELECTION_KEY"],
+        ),
+        (
+            &["sem", "stale-s", "--permits", "2"],
+            &["BATON_SEM_KEY", "BATON_SEM_PERMITS"],
+        ),
+    ];
+    for (args, own) in cases {
+        let mut command = baton(&etcd.endpoint());
+        for var in VARS {
+            command.env(var, "stale");
+        }
+        let (out, _) = run(command.args(args).args(["--", "sh", "-c", &script]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        for line in stdout(&out).lines() {
+            let (var, value) = line.split_once('=').unwrap();
+            if own.contains(&var) {
+                assert!(value != "stale" && value != "unset", "{args:?}: {line}");
+            } else {
+                assert_eq!(value, "unset", "{args:?}: {var} passed on");
+            }
+        }
+    }
+}

@@ -849,3 +849,29 @@ fn observe_vacancies_says_no_leader() {
     observer.signal(libc::SIGINT);
     assert_eq!(observer.code(), 0);
 }
+
+/// The reviewer's case: `baton lock outer -- baton --endpoints redlock://… lock inner --
+/// CMD`. Redlock has no fencing token, so the inner `baton` sets no BATON_FENCING_TOKEN:
+/// CMD must not see the outer lock's (before, it did, and the outer's key as ETCD_LOCK_KEY
+/// on etcd).
+#[test]
+fn a_nested_redlock_cmd_gets_no_outer_fencing_token() {
+    let single = redis();
+    let three = RedisServers::start(3);
+    let (out, _) = run(baton(&single.url()).args([
+        "lock",
+        "outer",
+        "--",
+        env!("CARGO_BIN_EXE_baton"),
+        "--endpoints",
+        &three.redlock_url(),
+        "lock",
+        "inner",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "${BATON_FENCING_TOKEN-unset} $BATON_LOCK_KEY""#,
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(stdout(&out), "unset inner\n");
+}
