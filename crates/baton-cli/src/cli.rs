@@ -710,7 +710,9 @@ async fn close_within(
 /// Close after a wait (`lock`, `elect`, `sem`, `barrier`) ended with `result`, by `closing`, and return
 /// the result to exit with. Within [`RELEASE_TIMEOUT`], or within [`CLEANUP_TIMEOUT`] if
 /// nothing was acquired (exit 124: only our waiter key is left, and the user asked for an
-/// answer by a deadline). If that cleanup does not finish, the result's error is printed,
+/// answer by a deadline) or the hold was lost (exit 122: its lease is gone or about to
+/// expire, and a backend we were cut off from would make the exit wait the whole
+/// [`RELEASE_TIMEOUT`] after CMD is gone). If that cleanup does not finish, the result's error is printed,
 /// then a line saying that our place in the queue expires by itself: within the TTL on
 /// etcd (it is a key of our lease), the waiter window on Redis (three fallback polls).
 pub(crate) async fn close_after_wait<F>(
@@ -723,7 +725,8 @@ where
     F: std::future::Future<Output = baton::Result<()>>,
 {
     let not_acquired = matches!(&result, Err(e) if e.code() == crate::exit::NOT_ACQUIRED);
-    let budget = if not_acquired {
+    let lost = matches!(&result, Err(e) if e.code() == crate::exit::LOST);
+    let budget = if not_acquired || lost {
         CLEANUP_TIMEOUT
     } else {
         RELEASE_TIMEOUT
