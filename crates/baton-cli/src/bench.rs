@@ -62,7 +62,9 @@ names but connects over plain HTTP without logging in; --peer rslock cannot use 
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
 Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
 After the run (or a signal), the keys it left on every server (fencing counters, election
-records) are deleted: SCAN for the run's prefix, then DEL.
+records, release markers) are deleted: SCAN for the run's prefix, then DEL. After a signal,
+a release still in flight may leave its marker (baton:released:...), which expires within
+twice the request timeout.
 
 A signal (Ctrl-C, SIGTERM) stops the run: every worker is closed (on etcd, its lease revoked,
 which deletes its keys) and baton exits with 128+N.

@@ -174,6 +174,49 @@ fn a_loss_found_by_the_release_exits_122() {
     assert!(err.contains("lock lost"), "{err}");
 }
 
+/// The server restarts (without persistence: the key is gone) while CMD runs, and another
+/// holder takes the key before CMD ends: the release, sent again on a new connection (the
+/// old one died with the server), finds the lock not ours, and baton exits 122 (not CMD's
+/// 0), saying so. Found by a review: the retried release's answer was taken for "unknown",
+/// and baton exited 0 with a notice.
+#[test]
+fn a_lock_lost_in_a_restart_and_found_by_the_release_exits_122() {
+    let mut server = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let (mut holder, _held) = holding(
+        &server,
+        "restarted",
+        "30s",
+        &format!("while [ ! -e '{}' ]; do sleep 0.05; done", go.display()),
+    );
+    server.restart();
+    assert_eq!(
+        server.command(
+            &["SET", "restarted", "another-holder", "PX", "30000"],
+            Duration::from_secs(2)
+        ),
+        Some("+OK".to_string())
+    );
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(holder.code(), 122);
+    let err = holder.stderr_after_exit().join("\n");
+    assert!(err.contains("lock lost"), "{err}");
+    assert_eq!(
+        server.command(
+            &[
+                "EVAL",
+                "return redis.call('GET', KEYS[1]) == 'another-holder' and 1 or 0",
+                "1",
+                "restarted"
+            ],
+            Duration::from_secs(2)
+        ),
+        Some(":1".to_string()),
+        "the other holder's key was touched"
+    );
+}
+
 /// A `--timeout` too long for the clock to add is a wait without end, not a crash.
 #[test]
 fn a_huge_timeout_is_no_crash() {

@@ -398,11 +398,15 @@ async fn a_handoff_found_by_a_late_poll_is_not_returned_lost() {
 
 /// What the docs say stays in Redis after locks of distinct names come and go: each name's
 /// fencing counter, without expiry (an expiry would let its tokens go back), and nothing
-/// else.
+/// else once each release's marker has expired (twice the request timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_lock_name_leaves_only_its_fencing_counter() {
     let server = RedisServer::start_async().await;
-    let client = RedisClient::connect(&server.url()).await.unwrap();
+    let client = RedisClient::builder(&server.url())
+        .with_request_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
     let mut conn = raw(&server.url()).await;
     for i in 0..50 {
         let g = client
@@ -414,6 +418,13 @@ async fn each_lock_name_leaves_only_its_fencing_counter() {
         g.unlock().await.unwrap();
     }
     client.close().await.unwrap();
+    let markers: Vec<String> = conn.keys("baton:released:*").await.unwrap();
+    assert_eq!(markers.len(), 50, "one marker per release: {markers:?}");
+    for marker in &markers {
+        let pttl: i64 = conn.pttl(marker).await.unwrap();
+        assert!(pttl > 0 && pttl <= 1000, "{marker}: {pttl}");
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut keys: Vec<String> = conn.keys("*").await.unwrap();
     keys.sort();
     let mut expected: Vec<String> = (0..50).map(|i| format!("baton:fence:order/{i}")).collect();

@@ -771,8 +771,10 @@ async fn redis_acl_user_scoped_to_a_prefix() {
         return;
     }
     // The user may touch its own keys and Baton's keys for them, nothing else. "app" has
-    // the patterns written before lock waiters queued (no baton:queue:*, baton:waiter:*):
-    // its client falls back to unqueued waiters. "full" has them all.
+    // the patterns written before lock waiters queued (no baton:queue:*, baton:waiter:*)
+    // and releases left markers (no baton:released:*): its client falls back to unqueued
+    // waiters, and its releases still release (without a marker). "queued" lacks only the
+    // markers' pattern. "full" has them all.
     let server = redis(
         RedisServerOptions::new()
             .with_acl_user(
@@ -783,10 +785,19 @@ async fn redis_acl_user_scoped_to_a_prefix() {
                 ),
             )
             .with_acl_user(
+                "queued",
+                &format!(
+                    "on >{REDIS_PASSWORD} ~queued:* ~baton:fence:queued:* \
+                     ~baton:leader:queued:* ~baton:queue:queued:* ~baton:waiter:queued:* \
+                     &baton:wake:queued:* +@all"
+                ),
+            )
+            .with_acl_user(
                 "full",
                 &format!(
                     "on >{REDIS_PASSWORD} ~full:* ~baton:fence:full:* ~baton:leader:full:* \
-                     ~baton:queue:full:* ~baton:waiter:full:* &baton:wake:full:* +@all"
+                     ~baton:queue:full:* ~baton:waiter:full:* ~baton:released:full:* \
+                     &baton:wake:full:* +@all"
                 ),
             ),
     );
@@ -798,6 +809,38 @@ async fn redis_acl_user_scoped_to_a_prefix() {
         .await
         .unwrap();
     lock_once(&scoped, "jobs").await.unwrap();
+    // A loss found by the release is still a loss (the marker looked up, and refused, is
+    // none): through the plain release script ("app", unqueued) and the hand-off script
+    // ("queued", whose ACL has the queue's keys but not the markers').
+    for (user, prefix) in [("app", "app:"), ("queued", "queued:")] {
+        let url = format!("redis://{user}:{REDIS_PASSWORD}@127.0.0.1:{port}");
+        let client = baton::redis::RedisClient::builder(&url)
+            .with_prefix(prefix)
+            .connect()
+            .await
+            .unwrap();
+        let guard = client.lock("lost").unwrap().try_lock().await.unwrap();
+        let key = format!("{prefix}lost");
+        assert_eq!(
+            server
+                .command(&["DEL", &key], Duration::from_secs(2))
+                .as_deref(),
+            Some(":1")
+        );
+        let unlocked = guard.unlock().await;
+        assert!(
+            matches!(unlocked, Err(Error::NotHeld { .. })),
+            "{url}: {unlocked:?}"
+        );
+    }
+    let markers = |pattern: &str| server.command(&["KEYS", pattern], Duration::from_secs(2));
+    assert_eq!(markers("baton:released:*").as_deref(), Some("*0"));
+    assert_eq!(
+        server
+            .command(&["EXISTS", "app:jobs"], Duration::from_secs(2))
+            .as_deref(),
+        Some(":0")
+    );
     // Contended, so that the waiter subscribes to the wake-up channel too.
     contend(&scoped, || async {
         tokio::time::sleep(Duration::from_millis(200)).await
@@ -821,6 +864,11 @@ async fn redis_acl_user_scoped_to_a_prefix() {
         }
     })
     .await;
+    // Its releases (a hand-off, then a free) left their markers.
+    assert_eq!(
+        markers("baton:released:full:contended:*").as_deref(),
+        Some("*2")
+    );
 
     // The same namespace through the Coordinator, with the user given apart.
     let coord = Coordinator::builder(&server.url())

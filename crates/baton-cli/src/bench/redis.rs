@@ -107,7 +107,8 @@ impl Admin {
 
     /// Delete, on every server, the keys of the locks and elections whose keys start with
     /// `prefix`: the lock key itself and Baton's keys for it (`baton:fence:`, `:leader:`,
-    /// `:queue:`, `:waiter:` before the lock key). Found with `SCAN`, deleted with `DEL`.
+    /// `:queue:`, `:waiter:`, `:released:` before the lock key). Found with `SCAN`, deleted
+    /// with `DEL`.
     async fn delete_prefixed(&self, prefix: &str) -> Result<()> {
         let pattern = format!("*{}*", glob_escape(prefix));
         let ours = |key: &[u8]| {
@@ -188,11 +189,12 @@ impl Admin {
 
 /// The prefixes of Baton's own keys for a lock key (see `baton::redis`'s key layout); the
 /// wake-up channel (`baton:wake:`) is no key.
-const FAMILIES: [&str; 4] = [
+const FAMILIES: [&str; 5] = [
     "baton:fence:",
     "baton:leader:",
     "baton:queue:",
     "baton:waiter:",
+    "baton:released:",
 ];
 
 /// `text` as a `SCAN MATCH` pattern that matches only itself.

@@ -39,9 +39,11 @@
 //! service and a Python service exclude each other on the same name. Baton adds keys that
 //! other clients ignore: the fencing counter `baton:fence:KEY`, the election record
 //! `baton:leader:KEY` (a hash), the waiters' queue `baton:queue:KEY` and places
-//! `baton:waiter:KEY:TOKEN` (see below), and the pub/sub channel `baton:wake:KEY`. Lock and
-//! election keys (prefix and name) starting with `baton:fence:`, `baton:leader:`,
-//! `baton:queue:` or `baton:waiter:` are therefore refused. Redis Cluster is not supported.
+//! `baton:waiter:KEY:TOKEN` (see below), each release's short-lived marker
+//! `baton:released:KEY:TOKEN` (see [Lost connections](#lost-connections)), and the pub/sub
+//! channel `baton:wake:KEY`. Lock and election keys (prefix and name) starting with
+//! `baton:fence:`, `baton:leader:`, `baton:queue:`, `baton:waiter:` or `baton:released:`
+//! are therefore refused. Redis Cluster is not supported.
 //!
 //! # Lost connections
 //!
@@ -51,11 +53,18 @@
 //! request timeout, so a release, an extend or a take does not fail on every server whose
 //! connection died quietly. Every request is safe to run twice: an acquire takes a key that
 //! already holds our token (a take whose reply was lost), releases and extends compare the
-//! token. The one answer a second run can change is a release whose first run deleted the
-//! key and lost only its reply: the second finds the key gone. That answer counts as
-//! unknown for that server (a retryable [`Error::Unavailable`]), never as a loss: on one
-//! server `unlock()` fails with that retryable error, not [`Error::NotHeld`]; on Redlock the
-//! server is counted as not answering.
+//! token. The one answer a second run could change is a release's whose first run deleted
+//! the key and lost only its reply: the second would find the key gone, as it does when
+//! the lock was lost (the key expired, or the server restarted empty, and another client
+//! may hold it), and redis-rs reports a request never sent on a dead connection and a reply
+//! lost with the same error. So a release that deletes or hands off our key also writes
+//! the marker `baton:released:KEY:TOKEN` (`SET … PX`, twice the request timeout, in the
+//! same script), and a release that finds the key not ours answers as the marker says:
+//! freed (or handed off) if it is there, a loss ([`Error::NotHeld`] from `unlock()`,
+//! `baton lock`'s exit 122) if not. The markers cost one short-lived key per release (see
+//! `BENCHMARKS.md` for the time). A user whose ACL does not grant `~baton:released:*`
+//! (written before the markers existed) still releases, without a marker; so does one
+//! whose marker is evicted: only a lost release reply is then reported as a loss.
 //!
 //! # Fencing tokens (single instance only)
 //!
@@ -382,7 +391,9 @@ impl RedisClientBuilder {
         self
     }
 
-    /// How long one request to one server may take.
+    /// How long one request to one server may take (default 10 s). Each release's marker
+    /// (`baton:released:KEY:TOKEN`, see [Lost connections](self#lost-connections)) lives
+    /// twice this.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self

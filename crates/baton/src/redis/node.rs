@@ -107,11 +107,12 @@ pub(crate) fn is_refused_duplicate(e: &Error) -> bool {
 
 /// The prefixes of the keys Baton keeps beside each lock key (see [`Keys`]): no lock key
 /// may start with one.
-const RESERVED: [&str; 4] = [
+const RESERVED: [&str; 5] = [
     "baton:fence:",
     "baton:leader:",
     "baton:queue:",
     "baton:waiter:",
+    "baton:released:",
 ];
 
 /// The keys and channel one lock (or election) uses.
@@ -130,6 +131,9 @@ pub(crate) struct Keys {
     pub(crate) queue: String,
     /// The prefix of each waiter's key (the prefix plus its token): `baton:waiter:<lock key>:`.
     pub(crate) waiter: String,
+    /// The prefix of each release's marker (the prefix plus the released token, see
+    /// `release.lua`): `baton:released:<lock key>:`.
+    pub(crate) released: String,
     /// True when waiters queue and releases hand the lock to the oldest live one (plain
     /// locks on one server); else every release frees the key and wakes every waiter.
     pub(crate) fifo: bool,
@@ -138,8 +142,8 @@ pub(crate) struct Keys {
 impl Keys {
     /// The keys of `name` under `prefix`, refusing a lock key that is one of Baton's own
     /// for another lock (`baton:fence:…`, `baton:leader:…`, `baton:queue:…`,
-    /// `baton:waiter:…`): the lock `baton:fence:X` would never be free while `X` has a
-    /// fencing counter.
+    /// `baton:waiter:…`, `baton:released:…`): the lock `baton:fence:X` would never be free
+    /// while `X` has a fencing counter.
     pub(crate) fn checked(prefix: &str, name: &str) -> Result<Keys> {
         let keys = Keys::new(prefix, name);
         if let Some(space) = RESERVED.iter().find(|r| keys.lock.starts_with(*r)) {
@@ -160,6 +164,7 @@ impl Keys {
             channel: format!("baton:wake:{lock}"),
             queue: format!("baton:queue:{lock}"),
             waiter: format!("baton:waiter:{lock}:"),
+            released: format!("baton:released:{lock}:"),
             lock,
             fifo: false,
         }
@@ -814,20 +819,13 @@ impl Node {
     /// Every request Baton sends may run twice: the scripts compare our token (`acquire.lua`
     /// and `enqueue.lua` take a key that already holds it; releases and extends are
     /// compare-and-delete and compare-and-`PEXPIRE`), proclaims write one version once,
-    /// and reads read. The one answer a second run can change is a release's whose first
-    /// run did delete the key and lost only its reply: the second says "not ours", which
-    /// [`Node::release`] reports as unknown (a retryable error), never as a loss.
+    /// and reads read. The one answer a second run could change is a release's whose first
+    /// run did delete the key and lost only its reply (redis-rs reports that, and a send on
+    /// a connection already dead, with the same error): the second would find the key gone.
+    /// So a release that deletes or hands off our key leaves a short-lived marker, and one
+    /// that finds the key not ours answers as the run that left it did (see
+    /// [`Node::release`]).
     async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T>
-    where
-        F: Fn(MultiplexedConnection) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        Ok(self.run_retried(operation, f).await?.0)
-    }
-
-    /// [`Node::run`], also saying whether `f` ran once more on a new connection (so that
-    /// the first run's outcome is unknown).
-    async fn run_retried<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<(T, bool)>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -837,7 +835,7 @@ impl Node {
             loop {
                 let Conn { id, conn } = self.conn().await?;
                 let e = match f(conn).await {
-                    Ok(v) => return Ok((v, !again)),
+                    Ok(v) => return Ok(v),
                     Err(e) => e,
                 };
                 if e.is_unrecoverable_error() {
@@ -891,26 +889,33 @@ impl Node {
         })
     }
 
+    /// How long the marker a release leaves when it deletes or hands off our key lives
+    /// (`release.lua`, `handoff.lua`), in ms: twice the request timeout. A release sent
+    /// again on a new connection (see [`Node::run`]) runs within one request timeout of
+    /// the first.
+    fn released_marker_ms(&self) -> u64 {
+        u64::try_from(self.request_timeout.saturating_mul(2).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
     /// Compare-and-delete (or, for FIFO keys, hand the lock to the oldest live waiter; for a
     /// token that does not hold the lock, leave the queue).
+    ///
+    /// A release that deletes or hands off our key leaves a marker beside it
+    /// (`baton:released:KEY:TOKEN`, for [`Node::released_marker_ms`]), and one that finds
+    /// the key not ours answers as that marker says. So a release whose first run did the
+    /// work and lost only its reply, sent again on a new connection, still says `Freed` (or
+    /// `HandedOff`), while one that finds the key gone or another's without a marker (it
+    /// expired, or the server restarted empty, and another client may hold it) says
+    /// `NotOurs`: a loss. A server that refuses the marker (an ACL written without
+    /// `~baton:released:…`) still releases, and a marker evicted is as none: only a lost
+    /// reply is then reported as `NotOurs`, as it was before markers.
     pub(crate) async fn release(&self, keys: &Keys, token: &str) -> Result<NodeRelease> {
-        // A release sent again on a new connection that finds the key not ours may have
-        // deleted it the first time and lost only the reply: not a loss, but not known to
-        // be ours either. Reported as unknown (a retryable error), never as `NotOurs`.
-        let not_ours = |retried: bool| {
-            if retried {
-                Err(Error::Unavailable(format!(
-                    "redis release on {}: the connection dropped before the reply, and the \
-                     key is no longer ours: the first attempt may have deleted it",
-                    self.display
-                )))
-            } else {
-                Ok(NodeRelease::NotOurs)
-            }
-        };
+        let marker_ms = self.released_marker_ms();
         if keys.fifo {
-            let (parts, retried): (Vec<redis::Value>, bool) = self
-                .run_retried("redis release", |mut conn| async move {
+            let parts: Vec<redis::Value> = self
+                .run("redis release", |mut conn| async move {
                     HANDOFF
                         .key(&keys.lock)
                         .key(&keys.fence)
@@ -918,6 +923,8 @@ impl Node {
                         .arg(token)
                         .arg(&keys.channel)
                         .arg(&keys.waiter)
+                        .arg(&keys.released)
+                        .arg(marker_ms)
                         .invoke_async(&mut conn)
                         .await
                 })
@@ -938,25 +945,27 @@ impl Node {
                     let payload = format!("g:{next}:{}:{}", int(parts.get(2)), int(parts.get(3)));
                     NodeRelease::HandedOff(payload.into_bytes())
                 }
-                _ => return not_ours(retried),
+                _ => NodeRelease::NotOurs,
             });
         }
-        let (n, retried): (i64, bool) = self
-            .run_retried("redis release", |mut conn| async move {
+        let n: i64 = self
+            .run("redis release", |mut conn| async move {
                 RELEASE
                     .key(&keys.lock)
                     .key(&keys.record)
                     .arg(token)
                     .arg(&keys.channel)
+                    .arg(&keys.released)
+                    .arg(marker_ms)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        if n == 1 {
-            Ok(NodeRelease::Freed)
+        Ok(if n == 1 {
+            NodeRelease::Freed
         } else {
-            not_ours(retried)
-        }
+            NodeRelease::NotOurs
+        })
     }
 
     /// Take the lock in turn, or queue for it (`enqueue.lua`). `window_ms` is how long our

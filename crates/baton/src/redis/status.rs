@@ -174,6 +174,7 @@ fn is_internal(key: &str) -> bool {
         "baton:wake:",
         "baton:queue:",
         "baton:waiter:",
+        "baton:released:",
     ]
     .iter()
     .any(|p| key.starts_with(p))
@@ -221,6 +222,7 @@ mod tests {
     fn globs_are_escaped() {
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
         assert!(is_internal("baton:fence:x"));
+        assert!(is_internal("baton:released:x:0123"));
         assert!(!is_internal("baton-jobs"));
     }
 }
