@@ -17,8 +17,12 @@
 //! request on it failed (refused, reset: it is then connected again in the background) or
 //! when it left a request unanswered for [`SILENT_AFTER`] while answering nothing else (the
 //! request then dropped, as a hedged copy is when another copy wins); any answer from it ends
-//! that at once. A request with no connected member goes to one whose connection is being
-//! made, and waits for it, as with tonic's channel.
+//! that at once. A request made while no member is connected waits for the first member
+//! connected, as with tonic's balancer (a second look found that sending it to a member
+//! still connecting made a store with credentials fail to connect when the first endpoint
+//! listed did not answer TCP, and cost every connect dial/16 then); once every member's
+//! connection failed once more since it began to wait, it goes to a member not connected,
+//! to get that member's error (a refused certificate, a refused port).
 //!
 //! A first version of this (9e413b5) was reverted (1200395) because it sent requests to
 //! members whose connection was still being made (6 of 20 puts took ~5 s with a member that
@@ -53,7 +57,7 @@ pub(super) const AVOID_FOR: Duration = Duration::from_secs(10);
 /// The first and the largest pause between two attempts to connect a member in the
 /// background.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(2);
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
 
 /// Endpoints the client adds or removes (etcd-client sends its endpoints at connect).
 type Changes = mpsc::Receiver<Change<http::Uri, Endpoint>>;
@@ -82,6 +86,7 @@ impl ec::BalancedChannelBuilder for Members {
                 turn: AtomicUsize::new(0),
                 epoch: Instant::now(),
                 runtime: self.runtime,
+                news: Arc::new(tokio::sync::Notify::new()),
             }),
         };
         Ok((
@@ -103,6 +108,10 @@ struct Member {
     connected: AtomicBool,
     /// A background connect is running.
     connecting: AtomicBool,
+    /// How many background connects failed.
+    failed_connects: AtomicU64,
+    /// Told whenever a background connect ends or the member turns connected.
+    news: Arc<tokio::sync::Notify>,
     /// Requests sent and not yet answered (response headers or an error).
     waiting: AtomicUsize,
     /// When it last answered, in nanoseconds since [`Shared::epoch`].
@@ -118,6 +127,8 @@ struct Shared {
     turn: AtomicUsize,
     epoch: Instant,
     runtime: tokio::runtime::Handle,
+    /// Told whenever a background connect ends or a member turns connected.
+    news: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -144,6 +155,8 @@ impl Shared {
                         endpoint,
                         connected: AtomicBool::new(false),
                         connecting: AtomicBool::new(false),
+                        failed_connects: AtomicU64::new(0),
+                        news: self.news.clone(),
                         waiting: AtomicUsize::new(0),
                         answered: AtomicU64::new(0),
                         avoid_until: AtomicU64::new(0),
@@ -175,16 +188,51 @@ impl Shared {
             .clone()
     }
 
-    /// The member the next request goes to: connected if any is, then not passed over if
-    /// any is not, then the fewest waiting, then in turn. Members not connected are
-    /// connected in the background.
-    fn pick(&self) -> Option<Arc<Member>> {
+    /// The member the next request goes to. While no member is connected, it waits until
+    /// one is (as tonic's balancer waits for a ready endpoint), or until every member's
+    /// connection failed once more since the wait began: then the request goes to a member
+    /// whose connection is not made, to get that member's error.
+    async fn choose(&self) -> Option<Arc<Member>> {
         let members = self.members();
-        let n = members.len();
-        if n <= 1 {
+        if members.len() <= 1 {
             // One member: its channel connects (and connects again) by itself.
             return members.first().cloned();
         }
+        let mut since: Option<Vec<u64>> = None;
+        loop {
+            let news = self.news.notified();
+            tokio::pin!(news);
+            news.as_mut().enable();
+            let connected = members.iter().any(|m| m.connected.load(Ordering::Acquire));
+            let all_failed = since.as_ref().is_some_and(|since| {
+                members
+                    .iter()
+                    .zip(since)
+                    .all(|(m, &before)| m.failed_connects.load(Ordering::Acquire) > before)
+            });
+            if connected || all_failed {
+                return self.pick(&members);
+            }
+            for member in members.iter() {
+                self.connect_in_background(member);
+            }
+            if since.is_none() {
+                since = Some(
+                    members
+                        .iter()
+                        .map(|m| m.failed_connects.load(Ordering::Acquire))
+                        .collect(),
+                );
+            }
+            news.await;
+        }
+    }
+
+    /// Among `members` (two or more): connected if any is, then not passed over if any is
+    /// not, then the fewest waiting, then in turn. Members not connected are connected in
+    /// the background.
+    fn pick(&self, members: &[Arc<Member>]) -> Option<Arc<Member>> {
+        let n = members.len();
         let now = self.now();
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
         // (not connected, passed over, waiting): the least wins.
@@ -241,10 +289,13 @@ impl Shared {
                         drop(current);
                         m.connected.store(true, Ordering::Release);
                         m.connecting.store(false, Ordering::Release);
+                        m.news.notify_waiters();
                         return;
                     }
                     Err(e) => {
                         tracing::debug!(member = %m.uri, error = %e, "connecting an etcd member failed; trying again");
+                        m.failed_connects.fetch_add(1, Ordering::AcqRel);
+                        m.news.notify_waiters();
                     }
                 }
                 drop(m);
@@ -278,7 +329,9 @@ impl Waiting {
     /// The member answered: it is connected, and not silent.
     fn answered(&mut self) {
         self.answered = true;
-        self.member.connected.store(true, Ordering::Release);
+        if !self.member.connected.swap(true, Ordering::AcqRel) {
+            self.member.news.notify_waiters();
+        }
         let now = self.shared.now();
         self.member.answered.fetch_max(now, Ordering::Relaxed);
         self.member.avoid_until.store(0, Ordering::Relaxed);
@@ -348,7 +401,7 @@ impl Service<Request> for Balanced {
     fn call(&mut self, request: Request) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let Some(member) = shared.pick() else {
+            let Some(member) = shared.choose().await else {
                 return Err(BoxError::from("no etcd endpoint to send the request to"));
             };
             let channel = member
