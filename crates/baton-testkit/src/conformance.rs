@@ -3033,3 +3033,107 @@ pub async fn resumed_key_overwritten_without_a_lease(b: &Backend) {
         other.close().await.unwrap();
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// Writes guarded by a hold whose key was freed by an operator
+
+/// A holder's key overwritten by an operator with no lease (`etcdctl put KEY ""`), which
+/// frees the lock or the election (the key counts in no queue), and another session takes
+/// the name; then the old holder writes under its hold, before a watch has told it (its
+/// client held the name a moment ago, so a shared watch, which hears deletes only, watches
+/// its key; or its own watch has not yet been heard): `Leadership::proclaim()`, a guard's
+/// `txn()` that writes the key, and one that writes another key. None of them applies, each
+/// fails (`NotLeader`, `NotHeld`), the key stays as the operator left it (no lease), and the
+/// hold is lost at once; a transaction guarded by the guard's `ownership_compares()` fails
+/// too (found by review: the writes compared only the key's create
+/// revision, which the overwrite keeps; `proclaim()` succeeded and bound the key to the old
+/// leader's lease again, `is_lost()` false: two leaders).
+pub async fn held_key_overwritten_without_a_lease_fences_writes(b: &Backend) {
+    for warm in [true, false] {
+        for what in ["proclaim", "txn-own-key", "txn-other-key"] {
+            let lock = name(&format!("overwritten-{what}"));
+            let admin = b.client().await;
+            let s = b.session(TTL).await;
+            let other = b.session(TTL).await;
+            let lease = s.lease_id();
+            let e = Election::new(&s, &lock).unwrap();
+            let m = Mutex::new(&s, &lock).unwrap();
+            if warm {
+                // Held twice a moment ago: the next hold is watched by the client's shared
+                // watch on the name (deletes only), which does not see an overwrite.
+                for _ in 0..2 {
+                    match what {
+                        "proclaim" => e.campaign("warm").await.unwrap().resign().await.unwrap(),
+                        _ => m.lock().await.unwrap().unlock().await.unwrap(),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let context = format!("{what} (held before: {warm})");
+            let marker = format!("{lock}-marker");
+            let (key, result, lost, reason) = if what == "proclaim" {
+                let mut l = e.campaign("old").await.unwrap();
+                let key = l.key().to_string();
+                admin.store().put(key.as_bytes(), b"old", 0).await.unwrap();
+                let their_e = Election::new(&other, &lock).unwrap();
+                let theirs = finished(Duration::from_secs(5), their_e.campaign("theirs")).await;
+                let theirs = theirs.expect("campaign() waited for a freed key").unwrap();
+                let r = l.proclaim("new").await;
+                let led = Election::leader_with(&admin, &lock).await.unwrap();
+                assert_eq!(led.value_str(), "theirs", "{context}: {r:?}");
+                assert!(!theirs.is_lost(), "{context}");
+                let (lost, reason) = (l.is_lost(), l.lost_reason());
+                theirs.resign().await.unwrap();
+                drop(l);
+                (key, r, lost, reason)
+            } else {
+                let g = m.lock().await.unwrap();
+                let key = g.key().to_string();
+                // A transaction of the user's own, guarded by `ownership_compares()`. (With a
+                // read in it: etcd serves a transaction with no request at all from the
+                // member's own state, which a follower may not have brought up to date.)
+                let owned = || {
+                    let read = TxnOp::get(Range::key(key.as_bytes()));
+                    Txn::new().when(g.ownership_compares()).and_then([read])
+                };
+                assert!(admin.store().txn(owned()).await.unwrap().succeeded);
+                admin.store().put(key.as_bytes(), b"", 0).await.unwrap();
+                assert!(!admin.store().txn(owned()).await.unwrap().succeeded);
+                let their_m = Mutex::new(&other, &lock).unwrap();
+                let theirs = finished(Duration::from_secs(5), their_m.lock()).await;
+                let theirs = theirs.expect("lock() waited for a freed key").unwrap();
+                let write = match what {
+                    "txn-own-key" => TxnOp::put(key.as_bytes(), "mine", lease),
+                    _ => TxnOp::put(marker.as_bytes(), "x", 0),
+                };
+                let r = g.txn(Txn::new().and_then([write])).await.map(|_| ());
+                assert!(!theirs.is_lost(), "{context}");
+                let (lost, reason) = (g.is_lost(), g.lost_reason());
+                theirs.unlock().await.unwrap();
+                drop(g);
+                (key, r, lost, reason)
+            };
+            match (what, &result) {
+                ("proclaim", Err(Error::NotLeader { .. })) => {}
+                (_, Err(Error::NotHeld { .. })) if what != "proclaim" => {}
+                _ => panic!("{context}: {result:?} after the key was freed and taken"),
+            }
+            assert!(
+                keys_under(&admin, &marker).await.is_empty(),
+                "{context}: the guarded write applied"
+            );
+            assert!(lost, "{context}: not lost after the write failed");
+            assert_eq!(reason.as_deref(), Some("key overwritten"), "{context}");
+            // Not bound to the old holder's lease again (the drop of the lost hold may
+            // remove the key it created, in the background).
+            let kvs = admin.store().range(Range::key(key.as_bytes())).await;
+            if let Some(kv) = kvs.unwrap().kvs.first() {
+                assert_eq!(kv.lease, 0, "{context}: the freed key was bound again");
+                assert_ne!(kv.value_str(), "mine", "{context}");
+                assert_ne!(kv.value_str(), "new", "{context}");
+            }
+            s.close().await.unwrap();
+            other.close().await.unwrap();
+        }
+    }
+}

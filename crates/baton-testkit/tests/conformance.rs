@@ -120,6 +120,7 @@ all_backends!(
     rwlock_both_keys_resumed,
     rwlock_resumed_key_overwritten_without_a_lease,
     resumed_key_overwritten_without_a_lease,
+    held_key_overwritten_without_a_lease_fences_writes,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

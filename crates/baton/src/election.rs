@@ -790,10 +790,14 @@ impl Leadership {
 
     held_accessors!("leadership");
 
-    /// Publish a new value, only while we still lead (guarded by our key's create revision).
+    /// Publish a new value, only while we still lead (guarded by our key's create revision
+    /// and its lease: see [`ownership_compares()`](Leadership::ownership_compares)).
     ///
-    /// Fails with [`Error::NotLeader`] if we no longer lead, and at once with
-    /// [`Error::InvalidArgument`] for a value over 1 MiB.
+    /// Fails with [`Error::NotLeader`] if we no longer lead (and marks the leadership lost),
+    /// and at once with [`Error::InvalidArgument`] for a value over 1 MiB. A leader key that
+    /// an operator overwrote with no lease (`etcdctl put KEY ""`: that frees the election)
+    /// counts as lost: the value is not published, and the key is not bound to our lease
+    /// again (that would make us a leader beside whoever was elected since).
     ///
     /// # Cancel safety
     ///

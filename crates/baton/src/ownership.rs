@@ -88,6 +88,20 @@ impl Ownership {
         None
     }
 
+    /// Report a loss the holder found itself (a write guarded by its hold failed, and the
+    /// key read in the same transaction is gone, replaced or no longer bound to our lease),
+    /// as the watch would have: the reason is kept, the token cancelled, the session told
+    /// to check its lease. Nothing if the watch was stopped or the loss already reported.
+    pub(crate) fn report(&self, session: &Session, why: &'static str) {
+        let loss = Loss {
+            session: session.downgrade(),
+            lost: self.lost.clone(),
+            stop: self.stop.clone(),
+            reason: self.reason.clone(),
+        };
+        loss.report(why);
+    }
+
     /// Stop watching (the key is being released on purpose).
     pub(crate) fn stop(&self) {
         self.stop.cancel();

@@ -836,20 +836,39 @@ impl Held {
         &self.ownership.lost
     }
 
-    /// `CreateRevision(key) == rev`: true only while we hold the key.
+    /// `CreateRevision(key) == rev` (Go's `IsOwner()`): false once the key is deleted or
+    /// replaced, but not once it is overwritten with no lease (see
+    /// [`ownership_compares`](Held::ownership_compares)).
     pub(crate) fn is_owner(&self) -> Compare {
         Compare::create_revision(self.key.as_bytes(), CompareOp::Equal, self.rev)
     }
 
-    /// Run `txn` guarded by [`is_owner`](Held::is_owner); NotHeld if that guard failed, or
-    /// at once if the key is known lost (the session's local deadline may have passed while
-    /// the server still counts the lease alive: a lost holder sends no more writes).
+    /// [`is_owner`](Held::is_owner) and `Lease(key) == our lease`: both hold only while we
+    /// hold the key. An overwrite with no lease (`etcdctl put KEY ""`, which frees the name:
+    /// the key counts in no queue) keeps the create revision; a key deleted and created
+    /// again by a later hold of this session has our lease but a new create revision.
+    pub(crate) fn ownership_compares(&self) -> [Compare; 2] {
+        let lease = self.session.lease_id();
+        [
+            self.is_owner(),
+            Compare::lease(self.key.as_bytes(), CompareOp::Equal, lease),
+        ]
+    }
+
+    /// Run `txn` guarded by [`ownership_compares`](Held::ownership_compares); NotHeld if
+    /// they failed (the hold is then marked lost: the failure branch's read of the key
+    /// shows it gone, replaced or no longer bound to our lease, which no watch may have
+    /// told yet), or at once if the key is known lost (the session's local deadline may
+    /// have passed while the server still counts the lease alive: a lost holder sends no
+    /// more writes).
     pub(crate) async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
         if self.is_lost() {
             return Err(not_held(self.key.as_bytes()));
         }
         let txn = Txn {
-            compares: std::iter::once(self.is_owner())
+            compares: self
+                .ownership_compares()
+                .into_iter()
                 .chain(txn.compares)
                 .collect(),
             success: txn.success,
@@ -861,14 +880,18 @@ impl Held {
         };
         let mut resp = self.session.store().txn(txn).await?;
         if !resp.succeeded {
-            let ours = resp
-                .responses
-                .pop()
+            let read = resp.responses.pop();
+            let kv = read
                 .as_ref()
                 .and_then(TxnOpResponse::as_get)
-                .and_then(|g| g.kvs.first())
-                .is_some_and(|kv| kv.create_revision == self.rev);
-            if !ours {
+                .and_then(|g| g.kvs.first());
+            let lease = Some(self.session.lease_id());
+            if let Some(why) = crate::hub::gone_why(kv, self.rev, lease) {
+                // Lost as of this transaction's revision, whatever a watch says later: an
+                // overwrite with no lease is heard by the key's own watch only, and a
+                // holder watched through its client's shared watch (deletes only) would
+                // otherwise not be told.
+                self.ownership.report(&self.session, why);
                 return Err(not_held(self.key.as_bytes()));
             }
         }
@@ -1042,16 +1065,35 @@ macro_rules! held_accessors {
             self.held.lost_token().child_token()
         }
 
-        #[doc = concat!("The compare that holds only while we hold the ", $what, " (Go's `IsOwner()`).")]
+        #[doc = concat!("A compare on our key's create revision, as Go's `IsOwner()`: it fails once the key of the ", $what, " is deleted or replaced.")]
+        ///
+        #[doc = concat!("It does not catch every loss of the ", $what, ": an operator who overwrites the key with no lease (`etcdctl put KEY \"\"`) frees it")]
+        /// (the key counts in no queue; another session may be granted it), but the key keeps
+        /// its create revision, so this compare still holds. Guard your own transactions with
+        /// [`ownership_compares()`](Self::ownership_compares), or send them through
+        /// [`txn()`](Self::txn), which adds those.
         pub fn is_owner(&self) -> $crate::store::Compare {
             self.held.is_owner()
         }
 
-        #[doc = concat!("Run `txn` only while we still hold the ", $what, ": its compares get `is_owner()` added.")]
+        #[doc = concat!("The compares that all hold only while we hold the ", $what, ": [`is_owner()`](Self::is_owner) (our")]
+        /// create revision) and `Lease(key) == our session's lease`. Add both to a
+        /// transaction's compares to make it apply only while the hold is ours.
+        ///
+        /// Neither is enough alone: an overwrite with no lease (an operator's `etcdctl put`,
+        /// which frees the name) keeps the create revision; a key deleted and created again by
+        /// a later hold of the same session has the same lease but a new create revision.
+        pub fn ownership_compares(&self) -> [$crate::store::Compare; 2] {
+            self.held.ownership_compares()
+        }
+
+        #[doc = concat!("Run `txn` only while we still hold the ", $what, ": its compares get [`ownership_compares()`](Self::ownership_compares) added.")]
         ///
         /// Returns [`Error::NotHeld`](crate::Error::NotHeld) if it is no longer ours (nothing
-        /// was applied; nothing is sent if `is_lost()` already says so). If it is ours but one
-        /// of `txn`'s own compares failed, returns `Ok` with `succeeded == false` and the
+        /// was applied; nothing is sent if `is_lost()` already says so), and marks it lost:
+        /// the key was deleted, replaced, or overwritten so that it is no longer bound to our
+        /// lease (which frees it; a watch may not have told yet). If it is ours but one of
+        /// `txn`'s own compares failed, returns `Ok` with `succeeded == false` and the
         /// responses of `txn`'s failure branch.
         ///
         /// # Cancel safety
