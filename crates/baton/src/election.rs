@@ -192,12 +192,16 @@ impl Election {
             .existing_value()
             .is_some_and(|v| v != value.as_slice())
         {
+            // Still ours: the key adopted, with our lease (an overwrite with no lease since,
+            // which frees the election, keeps the create revision; it must not be bound to
+            // our lease again, ahead of anyone elected since).
+            let key = self.key.as_bytes();
+            let lease = self.session.lease_id();
             let txn = Txn::new()
-                .when([Compare::create_revision(
-                    self.key.as_bytes(),
-                    CompareOp::Equal,
-                    entry.my_rev(),
-                )])
+                .when([
+                    Compare::create_revision(key, CompareOp::Equal, entry.my_rev()),
+                    Compare::lease(key, CompareOp::Equal, lease),
+                ])
                 .and_then([TxnOp::put(
                     self.key.as_bytes(),
                     value.clone(),
@@ -879,6 +883,54 @@ mod tests {
             let reads = store.ranges.load(Ordering::Relaxed) - before;
             assert!(reads < 30, "compacted {compacted}: {reads} reads in 1 s");
             leading.resign().await.unwrap();
+        }
+    }
+
+    /// A resumed lease's leader key, adopted by `campaign()` with another value, then
+    /// overwritten with no lease (an operator's `etcdctl put`: that frees the election)
+    /// just before the campaign writes its value into it: the write does not bind the key
+    /// to our lease again (found by review: it compared only the create revision, which
+    /// the overwrite keeps, and the campaign led with that key back in the queue, at its
+    /// old place, ahead of anyone elected since). The campaign fails with `NotLeader`; the
+    /// key keeps no lease.
+    #[tokio::test]
+    async fn a_campaigns_value_write_does_not_bind_a_freed_key_to_our_lease_again() {
+        use crate::store::{Compare, CompareOp, Range};
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = crate::Client::from_arc(store.clone());
+        let old = Session::new(&client).await.unwrap();
+        let lease = old.lease_id();
+        let l = Election::new(&old, "e")
+            .unwrap()
+            .campaign("A")
+            .await
+            .unwrap();
+        let (key, rev) = (l.key().to_string(), l.fencing_token());
+        std::mem::forget(l);
+        old.orphan();
+        drop(old);
+        let s = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let write = Compare::create_revision(key.as_bytes(), CompareOp::Equal, rev);
+        let free = Txn::new().and_then([TxnOp::put(key.as_bytes(), "A", 0)]);
+        *store.before_txn_comparing.lock().unwrap() = Some((write, free));
+        let r = Election::new(&s, "e").unwrap().campaign("B").await;
+        assert!(
+            store.before_txn_comparing.lock().unwrap().is_none(),
+            "no value write"
+        );
+        let r = r.map(|l| (l.is_lost(), l.fencing_token()));
+        assert!(matches!(r, Err(Error::NotLeader { .. })), "{r:?}");
+        let kvs = client.store().range(Range::key(key.as_bytes())).await;
+        for kv in kvs.unwrap().kvs {
+            assert_eq!(kv.lease, 0, "bound again: {kv:?}");
         }
     }
 

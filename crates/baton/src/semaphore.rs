@@ -358,7 +358,9 @@ impl Semaphore {
         Ok(())
     }
 
-    /// Rewrite our key (same value) if it is still ours; the revision of the write.
+    /// Rewrite our key (same value) if it is still ours (our create revision, bound to our
+    /// lease: an overwrite with no lease, which frees the permit, keeps the create revision,
+    /// and must not be bound to our lease again); the revision of the write.
     async fn touch(
         &self,
         store: &Arc<dyn Store>,
@@ -366,8 +368,12 @@ impl Semaphore {
         value: &str,
     ) -> Result<Revision> {
         let key = self.key.as_bytes();
+        let lease = self.session.lease_id();
         let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, my_rev)])
+            .when([
+                Compare::create_revision(key, CompareOp::Equal, my_rev),
+                Compare::lease(key, CompareOp::Equal, lease),
+            ])
             .and_then([TxnOp::put(key, value, self.session.lease_id())]);
         let resp = store.txn(txn).await?;
         if resp.succeeded {
@@ -645,6 +651,55 @@ mod tests {
             key: key.as_bytes().to_vec(),
             value: value.as_bytes().to_vec(),
             ..KeyValue::default()
+        }
+    }
+
+    /// A resumed lease's permit key, adopted by the join, then overwritten with no lease
+    /// (an operator's `etcdctl put`: freed, it counts in no queue; another session may take
+    /// its permit) just before the acquire's touch (the rewrite of the key that tells a
+    /// waiter of an older Baton version behind it): the touch does not bind it to our lease
+    /// again (found by review: it compared only the create revision, which the overwrite
+    /// keeps, and the permit was granted, the key back in the queue at its old place).
+    /// The acquire fails with `NotHeld`; the key keeps no lease.
+    #[tokio::test]
+    async fn the_touch_does_not_bind_a_freed_key_to_our_lease_again() {
+        use crate::store::{Compare, CompareOp, Range, Txn, TxnOp};
+        use std::sync::Arc;
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let old = Session::new(&client).await.unwrap();
+        let lease = old.lease_id();
+        let permit = Semaphore::new(&old, "s", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let (key, rev) = (permit.key().to_string(), permit.held.rev());
+        std::mem::forget(permit);
+        old.orphan();
+        drop(old);
+        let s = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let touch = Compare::create_revision(key.as_bytes(), CompareOp::Equal, rev);
+        let free = Txn::new().and_then([TxnOp::put(key.as_bytes(), "1/1", 0)]);
+        *store.before_txn_comparing.lock().unwrap() = Some((touch, free));
+        let r = Semaphore::new(&s, "s", 1).unwrap().acquire().await;
+        assert!(
+            store.before_txn_comparing.lock().unwrap().is_none(),
+            "no touch"
+        );
+        let r = r.map(|p| (p.is_lost(), p.key().to_string()));
+        assert!(matches!(r, Err(Error::NotHeld { .. })), "{r:?}");
+        let kvs = client.store().range(Range::key(key.as_bytes())).await;
+        for kv in kvs.unwrap().kvs {
+            assert_eq!(kv.lease, 0, "bound again: {kv:?}");
         }
     }
 

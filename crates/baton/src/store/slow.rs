@@ -10,8 +10,8 @@ use futures::StreamExt;
 
 use super::mem::MemStore;
 use super::{
-    KeyRange, LeaseGrant, LeaseId, Range, RangeResponse, Revision, SortTarget, Store, Txn, TxnOp,
-    TxnResponse, Watch, WatchStream,
+    Compare, KeyRange, LeaseGrant, LeaseId, Range, RangeResponse, Revision, SortTarget, Store, Txn,
+    TxnOp, TxnResponse, Watch, WatchStream,
 };
 use crate::error::Result;
 
@@ -38,6 +38,9 @@ pub(crate) struct SlowWatches {
     pub(crate) before_every_txn: StdMutex<Option<Txn>>,
     /// A transaction applied just before the next transaction that puts this key (once).
     pub(crate) before_txn_putting: StdMutex<Option<(Vec<u8>, Txn)>>,
+    /// A transaction applied just before the next transaction that has this compare
+    /// (once): a write that lands between two transactions of one call.
+    pub(crate) before_txn_comparing: StdMutex<Option<(Compare, Txn)>>,
     /// Fail the next lease revoke, as a store that does not answer in time.
     pub(crate) fail_next_revoke: std::sync::atomic::AtomicBool,
     /// Transactions that delete land this long after they are sent, even if the caller has
@@ -90,6 +93,7 @@ impl SlowWatches {
             before_next_txn: StdMutex::new(None),
             before_every_txn: StdMutex::new(None),
             before_txn_putting: StdMutex::new(None),
+            before_txn_comparing: StdMutex::new(None),
             fail_next_revoke: std::sync::atomic::AtomicBool::new(false),
             delay_deletes: StdMutex::new(None),
             lose_next_reply: std::sync::atomic::AtomicBool::new(false),
@@ -245,6 +249,22 @@ impl Store for SlowWatches {
             };
             match trap.take() {
                 Some((key, first)) if puts(&key) => Some(first),
+                other => {
+                    *trap = other;
+                    None
+                }
+            }
+        };
+        if let Some(first) = first {
+            self.inner.txn(first).await?;
+        }
+        let first = {
+            let mut trap = self
+                .before_txn_comparing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match trap.take() {
+                Some((compare, first)) if txn.compares.contains(&compare) => Some(first),
                 other => {
                     *trap = other;
                     None
