@@ -483,6 +483,9 @@ impl Guard for RedisLeadership {
     fn lost_token(&self) -> CancellationToken {
         RedisLeadership::lost_token(self)
     }
+    fn deadline(&self) -> Option<Instant> {
+        Some(RedisLeadership::deadline(self))
+    }
     async fn release(self: Box<Self>) -> Result<()> {
         self.resign().await
     }

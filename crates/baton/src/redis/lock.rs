@@ -970,6 +970,9 @@ impl Guard for RedisLockGuard {
     fn lost_token(&self) -> CancellationToken {
         RedisLockGuard::lost_token(self)
     }
+    fn deadline(&self) -> Option<Instant> {
+        Some(RedisLockGuard::deadline(self))
+    }
     async fn release(self: Box<Self>) -> Result<()> {
         self.unlock().await
     }
