@@ -2289,3 +2289,45 @@ async fn one_reply_over_the_queue_bound_is_delivered() {
         other => panic!("the delete was not delivered: {other:?}"),
     }
 }
+
+/// A transaction of compares only is linearizable: sent to a follower right after a write
+/// through the leader, it sees the write. etcd 3.4 serves a transaction with no operation
+/// as a serializable read (`isTxnSerializable` is true for no operations), from the
+/// member's own state, which may not have applied the write yet: a user's "do I still hold
+/// it" check (`Txn::new().when(guard.ownership_compares())`) could pass on a stale member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_compares_only_is_linearizable() {
+    if !require_etcd() {
+        return;
+    }
+    let cluster = EtcdCluster::start_async(3).await;
+    let leader = tokio::task::block_in_place(|| cluster.wait_for_leader(Duration::from_secs(10)))
+        .expect("a leader");
+    let writer = connect(&[cluster.member(leader).endpoint()]).await;
+    let follower = connect(&[cluster.member((leader + 1) % 3).endpoint()]).await;
+    let mut stale = 0;
+    for i in 0..300u32 {
+        let value = i.to_string();
+        writer.put(b"lin/k", value.as_bytes(), 0).await.unwrap();
+        let resp = follower
+            .txn(Txn {
+                compares: vec![Compare::value(
+                    "lin/k",
+                    CompareOp::Equal,
+                    value.as_bytes().to_vec(),
+                )],
+                success: vec![],
+                failure: vec![],
+            })
+            .await
+            .unwrap();
+        assert!(resp.responses.is_empty());
+        if !resp.succeeded {
+            stale += 1;
+        }
+    }
+    assert_eq!(
+        stale, 0,
+        "compares-only transactions that missed the write before them"
+    );
+}
