@@ -952,14 +952,14 @@ impl Word {
 /// (see [`must_end_now`]). Exits when the group is gone. Never returns.
 #[cfg(target_os = "linux")]
 pub(crate) fn guardian_main(args: &[String]) -> ! {
-    let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok());
-    let (Some(pgid), Some(grace_ms), Some(parent)) = (parse(0), parse(1), parse(2)) else {
+    let parse = |i: usize| args.get(i).and_then(|a| a.parse::<i32>().ok());
+    // GRACE_MS up to u64::MAX (`--grace` has no upper bound): an i64 refused the largest,
+    // and the guardian exited at once.
+    let grace_ms = args.get(1).and_then(|a| a.parse::<u64>().ok());
+    let (Some(pgid), Some(grace_ms), Some(parent)) = (parse(0), grace_ms, parse(2)) else {
         std::process::exit(i32::from(exit::FAILED));
     };
-    let (Ok(pgid), Ok(parent)) = (i32::try_from(pgid), i32::try_from(parent)) else {
-        std::process::exit(i32::from(exit::FAILED));
-    };
-    let grace = Duration::from_millis(u64::try_from(grace_ms).unwrap_or(0));
+    let grace = Duration::from_millis(grace_ms);
     // Signals a terminal or a dying `baton` sends are no reason to stop watching: only the
     // end of the pipe is.
     // SAFETY: plain libc calls on a sigset_t we own; no other thread exists.

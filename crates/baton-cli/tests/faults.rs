@@ -290,11 +290,18 @@ async fn killed_lock_takes_cmd_along() {
 async fn killed_holders_cmd_never_runs_beside_the_next_holder() {
     let etcd = EtcdServer::start_async().await;
     let mut gone_after = Vec::new();
-    for sub in ["lock", "elect"] {
+    // The largest --grace there is, too: the guardian took it as an i64 and exited at
+    // once, so CMD outlived a killed baton for good.
+    let cases = [
+        ("lock", None),
+        ("elect", None),
+        ("lock", Some("18446744073709551615s")),
+    ];
+    for (sub, grace) in cases {
         for run in 0..runs(1) {
             let dir = tempfile::tempdir().unwrap();
             let log = dir.path().join("log");
-            let name = format!("cli-overlap-{sub}-{run}");
+            let name = format!("cli-overlap-{sub}-{run}-{}", grace.is_some());
             let stubborn = format!(
                 r#"trap '' TERM; echo "start $$ $BATON_FENCING_TOKEN"; while :; do echo A >> '{}'; sleep 0.05; done"#,
                 log.display()
@@ -307,6 +314,9 @@ async fn killed_holders_cmd_never_runs_beside_the_next_holder() {
                 let mut args = vec![sub.to_string(), name.clone()];
                 if sub == "elect" {
                     args.push("v".to_string());
+                }
+                if let Some(grace) = grace {
+                    args.extend(["--grace", grace].map(String::from));
                 }
                 args.extend(["--ttl", "2s", "--", "sh", "-c", script].map(String::from));
                 args
