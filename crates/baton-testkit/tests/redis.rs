@@ -1630,6 +1630,7 @@ impl FifoScripts {
             .arg(10_000)
             .arg(1_500)
             .arg(format!("baton:waiter:{l}:"))
+            .arg(format!("baton:released:{l}:"))
             .invoke_async(&mut self.conn)
             .await
             .unwrap();
@@ -3574,4 +3575,70 @@ async fn a_release_marker_is_short_lived_and_not_listed() {
     // A lock key in the markers' key space is refused, as in Baton's other key spaces.
     let err = client.lock(&markers[0]).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+/// A release marker left by a let-go of this `lock()` call's token (two slow takes: the
+/// FIFO waiter lets the lock go and takes it again later with the same token) must not
+/// answer for the hold taken afterwards: that hold lost (its key deleted, another holder
+/// in) must be `NotHeld` at `unlock()`, not `Ok`. Before, the take kept the marker alive
+/// for twice the request timeout and `unlock()` said `Ok(())` (4 of 4 runs in the second
+/// look that found it); `baton lock` exited 0, not 122.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_let_go_takes_marker_does_not_hide_a_later_loss() {
+    let server = RedisServer::start_async().await;
+    let client = builder(&server.url(), Duration::from_secs(1))
+        .with_poll_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let other = connect(&server.url(), Duration::from_secs(30)).await;
+    client
+        .lock(&unique("warm"))
+        .unwrap()
+        .try_lock()
+        .await
+        .unwrap()
+        .unlock()
+        .await
+        .unwrap();
+    let name = unique("marker-reuse-fifo");
+    let mut c = raw(&server.url()).await;
+    let mut c2 = raw(&server.url()).await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1200)
+        .arg("ALL")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let lock = client.lock(&name).unwrap();
+    let locking = tokio::spawn(async move { lock.lock_timeout(Duration::from_secs(20)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second stall, queued right behind the take: two slow takes, so the call lets go.
+    let url = server.url();
+    let again = tokio::task::spawn_blocking(move || {
+        let mut s = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1200)
+            .arg("ALL")
+            .query(&mut s)
+            .unwrap();
+    });
+    let guard = locking.await.unwrap().unwrap();
+    again.await.unwrap();
+    let marker = format!("baton:released:{name}:{}", guard.token());
+    let left: Option<String> = get(&mut c2, &marker).await;
+    eprintln!("holding; the marker of our token: {left:?}");
+    // The lock lost behind our back, and another holder in.
+    let _: () = c2.del(&name).await.unwrap();
+    assert!(other.lock(&name).unwrap().try_lock().await.is_ok());
+    let unlocked = guard.unlock().await;
+    assert!(
+        matches!(unlocked, Err(Error::NotHeld { .. })),
+        "{unlocked:?}"
+    );
 }

@@ -878,6 +878,7 @@ impl Node {
                     .arg(if record.is_some() { "1" } else { "0" })
                     .arg(record.unwrap_or_default())
                     .arg(&keys.channel)
+                    .arg(&keys.released)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -988,6 +989,7 @@ impl Node {
                     .arg(ttl_ms)
                     .arg(window_ms)
                     .arg(&keys.waiter)
+                    .arg(&keys.released)
                     .invoke_async(&mut conn)
                     .await
             })

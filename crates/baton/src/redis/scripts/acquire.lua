@@ -9,6 +9,7 @@
 -- ARGV[2]  the TTL in milliseconds
 -- ARGV[3]  "1" to bump the fencing counter (single instance), "0" not to (Redlock)
 -- ARGV[4]  "1" to write the election record with value ARGV[5] and publish on ARGV[6]
+-- ARGV[7]  the prefix of this lock's release markers (see release.lua)
 --
 -- Returns {1, fencing token (0 if not bumped)} when taken, or {0, PTTL of the holder's key}.
 --
@@ -35,6 +36,10 @@ elseif redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 else
   return {0, redis.call('PTTL', KEYS[1])}
 end
+-- A release marker of our token (left when this lock() call let go of a take, or cleaned
+-- up a failed attempt, with the same token) must not outlive into this hold: a later
+-- release that finds the key lost would take it for its own earlier run, and say "freed".
+redis.pcall('DEL', ARGV[7] .. ARGV[1])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'token', ARGV[1], 'fence', fence, 'ver', 1, 'value', ARGV[5])

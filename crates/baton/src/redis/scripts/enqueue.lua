@@ -10,6 +10,9 @@
 -- ARGV[2]  the TTL in milliseconds
 -- ARGV[3]  the waiter key's lifetime in ms; "0": take the lock if free, never queue (try_lock)
 -- ARGV[4]  the prefix of every waiter key of this lock
+-- ARGV[5]  the prefix of this lock's release markers (see release.lua): ours is deleted
+--          whenever the lock is ours, so a marker an earlier let-go of this call's token left
+--          never answers for this hold
 --
 -- Returns {1, fence} when taken now; {2, fence, since} when a release already handed the
 -- lock to us (see handoff.lua); else {0, PTTL of the holder's key (-2: none), the fencing
@@ -22,6 +25,7 @@ if holder == ARGV[1] then
     local fence, since = string.match(grant, '^g:(%d+):(%d+)$')
     if fence then
       redis.call('DEL', KEYS[4])
+      redis.pcall('DEL', ARGV[5] .. ARGV[1])
       return {2, tonumber(fence), tonumber(since)}
     end
   end
@@ -33,6 +37,7 @@ if holder == ARGV[1] then
   if redis.call('DEL', KEYS[4]) == 1 then
     redis.call('LREM', KEYS[3], 1, ARGV[1])
   end
+  redis.pcall('DEL', ARGV[5] .. ARGV[1])
   return {1, tonumber(redis.call('GET', KEYS[2]) or '0') or 0}
 end
 -- Our waiter key holds a grant (handoff.lua) of a lock we do not hold: the lock was handed
@@ -61,6 +66,7 @@ if not holder then
     if redis.call('DEL', KEYS[4]) == 1 then
       redis.call('LREM', KEYS[3], 1, ARGV[1])
     end
+    redis.pcall('DEL', ARGV[5] .. ARGV[1])
     return {1, fence}
   end
 end

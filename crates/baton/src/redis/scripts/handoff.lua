@@ -68,6 +68,9 @@ while true do
     -- one's watchdog extends it to the full TTL at once.
     local granted = math.min(tonumber(ttl), tonumber(life))
     redis.call('SET', KEYS[1], nxt, 'PX', granted)
+    -- The next holder's own release marker, if an earlier let-go of its token left one,
+    -- must not answer for this hold (see enqueue.lua).
+    redis.pcall('DEL', ARGV[4] .. nxt)
     local fence = redis.call('INCR', KEYS[2])
     local since = tonumber(life) - pttl - 1
     if since < 0 then
