@@ -28,6 +28,18 @@ pub fn baton(endpoints: &str) -> Command {
         .env_remove("RUST_LOG")
         .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null());
+    // `baton` leaves signals ignored at its start ignored (nohup, background jobs): the
+    // tests that send it signals must not inherit ignored ones from whatever ran the
+    // suite (`nohup ./.ci/run` made SIGHUP ignored, and the SIGHUP test failed).
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
     cmd
 }
 
