@@ -830,6 +830,11 @@ impl Leadership {
     ///
     /// Fails with [`Error::NotLeader`] if we had already lost the leadership.
     ///
+    /// A key an operator freed by overwriting it with no lease (`etcdctl put KEY ""`, which
+    /// keeps its create revision; another session may hold the leadership since) counts as lost:
+    /// `NotLeader`, and the freed key is removed (it would never expire). A key bound to another
+    /// lease is another owner's and left alone.
+    ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the resignation may or may not have happened; the key

@@ -196,9 +196,14 @@ impl MutexGuard {
     held_accessors!("lock");
 
     /// Release the lock: delete our key if it is still ours (compare-and-delete on the create
-    /// revision, never a plain delete).
+    /// revision and the lease, never a plain delete).
     ///
     /// Returns [`Error::NotHeld`] if the lock had already been lost.
+    ///
+    /// A key an operator freed by overwriting it with no lease (`etcdctl put KEY ""`, which
+    /// keeps its create revision; another session may hold the lock since) counts as lost:
+    /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
+    /// lease is another owner's and left alone.
     ///
     /// # Cancel safety
     ///
@@ -718,5 +723,63 @@ mod tests {
             .expect("lock hung")
             .unwrap();
         g.unlock().await.unwrap();
+    }
+
+    /// An unlock after the key was freed by an operator's overwrite with no lease, and
+    /// another session took the lock, says `NotHeld` (found by review: it said `Ok`, as its
+    /// compare-and-delete compared the create revision alone, which an overwrite keeps; the
+    /// holder, watched through its client's shared watch, deletes only, was never told). The
+    /// freed key (no lease) is removed; one bound to another lease is left alone.
+    #[tokio::test]
+    async fn unlock_after_the_key_was_overwritten_says_not_held() {
+        use crate::store::Range;
+        use std::time::Duration;
+        for bound_to_other in [false, true] {
+            let client = crate::Client::memory();
+            let s = Session::new(&client).await.unwrap();
+            let other = Session::new(&client).await.unwrap();
+            let m = Mutex::new(&s, "rv-unlock").unwrap();
+            for _ in 0..2 {
+                m.lock().await.unwrap().unlock().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let g = m.lock().await.unwrap();
+            let lease = if bound_to_other { other.lease_id() } else { 0 };
+            client
+                .store()
+                .put(g.key().as_bytes(), b"", lease)
+                .await
+                .unwrap();
+            let theirs = match bound_to_other {
+                // Bound to another lease, the key is a member of the queue: theirs.
+                true => None,
+                false => Some(
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        Mutex::new(&other, "rv-unlock").unwrap().lock(),
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap(),
+                ),
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let key = g.key().to_string();
+            let r = g.unlock().await;
+            assert!(
+                matches!(r, Err(crate::Error::NotHeld { .. })),
+                "{bound_to_other}: {r:?}"
+            );
+            let left = client.store().range(Range::key(key.as_bytes())).await;
+            let left = left.unwrap().kvs;
+            match bound_to_other {
+                true => assert_eq!(left.first().map(|kv| kv.lease), Some(other.lease_id())),
+                false => assert!(left.is_empty(), "the freed key stays: {left:?}"),
+            }
+            if let Some(t) = theirs {
+                assert!(!t.is_lost());
+                t.unlock().await.unwrap();
+            }
+        }
     }
 }

@@ -329,18 +329,57 @@ async fn watch_key(
     }
 }
 
-/// Delete `key` if its create revision is still `create_rev`. Never a plain delete: the
-/// same session may since have created a newer key under the same name (etcd #22082).
-/// Returns whether the key was ours to delete.
+/// Delete `key` if it is still ours: its create revision is still `create_rev` and it is
+/// still bound to `lease`. Never a plain delete: the same session may since have created a
+/// newer key under the same name (etcd #22082). Returns whether the key was ours to delete.
+///
+/// An operator frees a key by overwriting it with no lease (`etcdctl put KEY ""`: it then
+/// counts in no queue, and another session may be granted the name), which keeps its create
+/// revision: such a key is no longer ours (`false`), but nobody else's either, and is
+/// removed all the same (if it was not written again since; it would never expire). A key
+/// bound to another lease is another owner's, and left alone. The common case is still one
+/// transaction: the key is read only in its failure branch.
 pub(crate) async fn delete_if_owned(
     store: &Arc<dyn Store>,
     key: &[u8],
     create_rev: Revision,
+    lease: LeaseId,
 ) -> Result<bool> {
     let txn = Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Equal, create_rev)])
-        .and_then([TxnOp::delete(key)]);
-    Ok(store.txn(txn).await?.succeeded)
+        .when([
+            Compare::create_revision(key, CompareOp::Equal, create_rev),
+            Compare::lease(key, CompareOp::Equal, lease),
+        ])
+        .and_then([TxnOp::delete(key)])
+        .or_else([TxnOp::get(Range::key(key))]);
+    let resp = store.txn(txn).await?;
+    if resp.succeeded {
+        return Ok(true);
+    }
+    let freed = resp
+        .responses
+        .first()
+        .and_then(crate::store::TxnOpResponse::as_get)
+        .and_then(|g| g.kvs.first())
+        .filter(|kv| kv.create_revision == create_rev && kv.lease == 0);
+    if let Some(kv) = freed {
+        tracing::info!(
+            key = %kv.key_str(),
+            "our key was overwritten with no lease (freed): removing it"
+        );
+        let remove = Txn::new()
+            .when([
+                Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision),
+                Compare::lease(key, CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(key)]);
+        // Best effort: the answer (not ours) is known, and a removal that lands late
+        // cannot touch a later key of ours (bound to our lease, with a new mod revision).
+        if let Err(e) = store.txn(remove).await {
+            tracing::debug!(error = %e, "removing our freed key failed; it stays");
+        }
+    }
+    Ok(false)
 }
 
 /// [`delete_if_owned`], retried until the store gives a definite answer, so that the key's
@@ -359,11 +398,12 @@ pub(crate) async fn settle_delete(
     store: &Arc<dyn Store>,
     key: &[u8],
     create_rev: Revision,
+    lease: LeaseId,
     claim: &OwnedClaim,
 ) -> Result<bool> {
     let mut backoff = RETRY_MIN;
     loop {
-        match delete_if_owned(store, key, create_rev).await {
+        match delete_if_owned(store, key, create_rev, lease).await {
             Ok(deleted) => return Ok(deleted),
             Err(e) if e.is_retryable() && !claim.session_lost() => {
                 tracing::debug!(error = %e, "release failed; retrying until the store answers");
@@ -383,13 +423,14 @@ pub(crate) fn release_in_background(
     store: Arc<dyn Store>,
     key: Vec<u8>,
     create_rev: Revision,
+    lease: LeaseId,
     claim: OwnedClaim,
 ) {
     claim.releasing();
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(
             async move {
-                match settle_delete(&store, &key, create_rev, &claim).await {
+                match settle_delete(&store, &key, create_rev, lease, &claim).await {
                     Ok(_) => {}
                     // The session's loss takes the key with its lease: nothing to warn of.
                     Err(e) if claim.session_lost() => {

@@ -493,7 +493,7 @@ impl Entry {
                 // A try-only acquire makes one attempt: if the store does not answer, the
                 // removal goes on in the background (this entry's `Drop`), and a try of
                 // the same name by this session fails at once meanwhile.
-                match delete_if_owned(&self.store, &self.key, rev).await {
+                match delete_if_owned(&self.store, &self.key, rev, self.session.lease_id()).await {
                     Err(e) if e.is_retryable() => {
                         tracing::debug!(error = %e, "removing our key failed; retrying in the background");
                         claim.release_failed();
@@ -504,7 +504,9 @@ impl Entry {
                     }
                     Ok(_) => {}
                 }
-            } else if let Err(e) = settle_delete(&self.store, &self.key, rev, claim).await {
+            } else if let Err(e) =
+                settle_delete(&self.store, &self.key, rev, self.session.lease_id(), claim).await
+            {
                 tracing::debug!(error = %e, "removing our key failed; it stays until the session's lease ends");
             }
         }
@@ -537,7 +539,9 @@ impl Drop for Entry {
         let store = self.store.clone();
         let key = std::mem::take(&mut self.key);
         match (self.my_rev, self.inflight.take()) {
-            (Some(rev), _) => release_in_background(store, key, rev, claim),
+            (Some(rev), _) => {
+                release_in_background(store, key, rev, self.session.lease_id(), claim)
+            }
             // The join is in flight, or failed in a way that may have applied: learn our
             // revision (from its answer, else by looking for our key) and remove the key.
             (None, inflight) if inflight.is_some() || self.maybe_applied => {
@@ -572,7 +576,7 @@ impl Drop for Entry {
                             None => find_own_key(&store, &mut left, &claim).await,
                         };
                         if let Some(rev) = rev {
-                            let _ = settle_delete(&store, &left.key, rev, &claim).await;
+                            let _ = settle_delete(&store, &left.key, rev, left.lease, &claim).await;
                         }
                         let again = store
                             .request_timeout()
@@ -700,7 +704,7 @@ async fn look_again(store: &Arc<dyn Store>, left: &mut Leftover, session: &WeakS
     claim.releasing();
     if let Some(rev) = find_own_key(store, left, &claim).await {
         tracing::debug!(rev, "removing a key a join put late");
-        let _ = settle_delete(store, &left.key, rev, &claim).await;
+        let _ = settle_delete(store, &left.key, rev, left.lease, &claim).await;
     }
 }
 
@@ -898,7 +902,9 @@ impl Held {
         Ok(resp)
     }
 
-    /// Delete our key if it is still ours. NotHeld if it was not.
+    /// Delete our key if it is still ours (create revision and lease: see
+    /// [`delete_if_owned`]). NotHeld if it was not; a key freed by an overwrite with no
+    /// lease is removed all the same.
     ///
     /// The claim on the key is freed only once the store has answered: if this future is
     /// dropped with the delete in flight, or the delete fails, it is finished in the
@@ -917,12 +923,13 @@ impl Held {
             store: store.clone(),
             key: self.key.as_bytes().to_vec(),
             rev: self.rev,
+            lease: self.session.lease_id(),
             claim: self.claim.take(),
         };
         if let Some(c) = &pending.claim {
             c.releasing();
         }
-        let result = delete_if_owned(&store, self.key.as_bytes(), self.rev)
+        let result = delete_if_owned(&store, self.key.as_bytes(), self.rev, pending.lease)
             .instrument(tracing::debug_span!("release", what, key = %self.key, token = self.rev))
             .await;
         match result {
@@ -953,6 +960,7 @@ struct PendingRelease {
     store: Arc<dyn Store>,
     key: Vec<u8>,
     rev: Revision,
+    lease: LeaseId,
     claim: Option<OwnedClaim>,
 }
 
@@ -963,6 +971,7 @@ impl Drop for PendingRelease {
                 self.store.clone(),
                 std::mem::take(&mut self.key),
                 self.rev,
+                self.lease,
                 claim,
             );
         }
@@ -977,6 +986,7 @@ impl Drop for Held {
                 self.session.store().clone(),
                 std::mem::take(&mut self.key).into_bytes(),
                 self.rev,
+                self.session.lease_id(),
                 claim,
             );
         }

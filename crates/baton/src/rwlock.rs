@@ -327,7 +327,13 @@ impl RwLockReadGuard {
 
     held_accessors!(@shared "read lock");
 
-    /// Release the read lock (compare-and-delete). [`Error::NotHeld`] if it was lost.
+    /// Release the read lock (compare-and-delete on the create revision and the lease).
+    /// [`Error::NotHeld`] if it was lost.
+    ///
+    /// A key an operator freed by overwriting it with no lease (`etcdctl put KEY ""`, which
+    /// keeps its create revision; another session may hold the read lock since) counts as lost:
+    /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
+    /// lease is another owner's and left alone.
     ///
     /// # Cancel safety
     ///
@@ -340,7 +346,13 @@ impl RwLockReadGuard {
 impl RwLockWriteGuard {
     held_accessors!("write lock");
 
-    /// Release the write lock (compare-and-delete). [`Error::NotHeld`] if it was lost.
+    /// Release the write lock (compare-and-delete on the create revision and the lease).
+    /// [`Error::NotHeld`] if it was lost.
+    ///
+    /// A key an operator freed by overwriting it with no lease (`etcdctl put KEY ""`, which
+    /// keeps its create revision; another session may hold the write lock since) counts as lost:
+    /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
+    /// lease is another owner's and left alone.
     ///
     /// # Cancel safety
     ///

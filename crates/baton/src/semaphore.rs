@@ -632,6 +632,11 @@ impl SemaphorePermit {
     ///
     /// Returns [`Error::NotHeld`] if they had already been lost.
     ///
+    /// A key an operator freed by overwriting it with no lease (`etcdctl put KEY ""`, which
+    /// keeps its create revision; another session may hold the permits since) counts as lost:
+    /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
+    /// lease is another owner's and left alone.
+    ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the release may or may not have happened; the key expires
