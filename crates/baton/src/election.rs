@@ -148,8 +148,9 @@ impl Election {
     /// same lease), it is reused and its value proclaimed, as Go does.
     ///
     /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
-    /// [`Error::NotHeld`] if our candidate key vanished: a candidate is never told it leads
-    /// when it does not (Go's `Campaign` is). A value over 1 MiB fails at once with
+    /// [`Error::NotHeld`] if our candidate key vanished, or was overwritten with no lease
+    /// (an operator's `etcdctl put KEY ""`, which withdraws the candidacy): a candidate is
+    /// never told it leads when it does not (Go's `Campaign` is). A value over 1 MiB fails at once with
     /// [`Error::InvalidArgument`]; a second campaign on the same session and name, while
     /// the first leads or waits, with [`Error::AlreadyHeld`].
     ///

@@ -101,8 +101,9 @@ impl Mutex {
     /// Wait until the lock is ours.
     ///
     /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
-    /// [`Error::NotHeld`] if our queued key vanished (for example an admin deleted it): a
-    /// waiter is never told it holds a lock it does not hold.
+    /// [`Error::NotHeld`] if our queued key vanished (for example an admin deleted it), or
+    /// was overwritten with no lease (`etcdctl put KEY ""`, which frees its place): a waiter
+    /// is never told it holds a lock it does not hold.
     ///
     /// # Cancel safety
     ///
@@ -781,5 +782,42 @@ mod tests {
                 t.unlock().await.unwrap();
             }
         }
+    }
+
+    /// A waiter whose key an operator overwrote with no lease (which frees its place: the
+    /// key counts in no queue) is not granted when its predecessor goes (found by review:
+    /// it was, woken by its client's shared watch, which hears deletes only, beside a
+    /// session that took the lock meanwhile, and neither was ever lost): `NotHeld`.
+    #[tokio::test]
+    async fn an_overwritten_waiter_is_not_granted() {
+        use std::time::Duration;
+        let client = crate::Client::memory();
+        let (s1, s2, s3) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let g1 = Mutex::new(&s1, "rv-wait").unwrap().lock().await.unwrap();
+        let m2 = Mutex::new(&s2, "rv-wait").unwrap();
+        let w2 = tokio::spawn(async move { m2.lock().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let k2 = format!("rv-wait/{:x}", s2.lease_id());
+        client.store().put(k2.as_bytes(), b"", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        g1.unlock().await.unwrap();
+        let g2 = tokio::time::timeout(Duration::from_secs(3), w2)
+            .await
+            .unwrap()
+            .unwrap();
+        let g3 = Mutex::new(&s3, "rv-wait").unwrap().try_lock().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let both = matches!((&g2, &g3), (Ok(a), Ok(b)) if !a.is_lost() && !b.is_lost());
+        assert!(!both, "two holders, neither lost");
+        assert!(
+            matches!(g2, Err(crate::Error::NotHeld { .. })),
+            "{:?}",
+            g2.map(|g| g.fencing_token())
+        );
+        assert!(g3.is_ok());
     }
 }

@@ -333,7 +333,8 @@ impl Entry {
                     Some(&entry.key),
                 )
                 .await?;
-                if mine.is_none_or(|kv| kv.create_revision != my_rev) {
+                // Ours only while bound to our lease (see `wait_turn`).
+                if mine.is_none_or(|kv| kv.create_revision != my_rev || kv.lease != lease) {
                     return Err(if session.is_lost() {
                         session.lost_error()
                     } else {
@@ -416,7 +417,7 @@ impl Entry {
         tracing::debug!(my_rev, "queued");
         let session = &self.session;
         let turn = tokio::select! {
-            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev, self.hint.take()) => r,
+            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev, self.session.lease_id(), self.hint.take()) => r,
             _ = session.lost() => Err(session.lost_error()),
         };
         match turn {

@@ -15,8 +15,10 @@
 //!   client's shared watches: the writers' one, and one of its own key's prefix (the
 //!   readers');
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
-//!   whose key vanished (its lease expired while it queued: etcd #11456) fails at once
-//!   instead of being told it holds the lock.
+//!   whose key vanished (its lease expired while it queued: etcd #11456), or was
+//!   overwritten with no lease (an operator's `etcdctl put KEY ""`, which frees its place),
+//!   fails at once instead of being told it holds the lock. A waiter woken by the shared
+//!   watch alone (which hears deletes only) reads its own key once before it is granted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::hub::Woken;
 use crate::names::Queue;
-use crate::store::{KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp};
+use crate::store::{KeyValue, LeaseId, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp};
 
 /// A waiter with at most this many members ahead of it opens its client's shared watch on
 /// the queue if there is none yet; in a longer queue it watches single keys (see
@@ -179,11 +181,14 @@ pub(crate) async fn scan_member(
 }
 
 /// Wait until no member of `queue` has a create revision below `my_rev`, checking each
-/// time that `my_key` still exists with create revision `my_rev`. `hint` is a read already
+/// time that `my_key` still exists with create revision `my_rev`, bound to `my_lease`. `hint` is a read already
 /// made (by the join transaction), used instead of the first read. Our key need not be in
 /// `queue` itself: a reader waits on the writers' queue.
 ///
-/// Returns [`Error::NotHeld`] as soon as our key is gone or replaced. Retries failed reads
+/// Returns [`Error::NotHeld`] as soon as our key is gone or replaced, or no longer bound
+/// to our lease: an operator frees a waiter's place by overwriting its key with no lease
+/// (`etcdctl put KEY ""`, which keeps its create revision; the key counts in no queue, so
+/// whoever comes next may be granted meanwhile). Retries failed reads
 /// and watches with backoff, forever: callers bound the wait with a timeout and with the
 /// session's loss.
 pub(crate) async fn wait_turn(
@@ -191,6 +196,7 @@ pub(crate) async fn wait_turn(
     queue: &Queue,
     my_key: &[u8],
     my_rev: Revision,
+    my_lease: LeaseId,
     mut hint: Option<TurnRead>,
 ) -> Result<Turn> {
     let store = client.store();
@@ -219,13 +225,8 @@ pub(crate) async fn wait_turn(
             }
             Err(e) => return Err(e),
         };
-        match read.mine {
-            Some(kv) if kv.create_revision == my_rev => {}
-            _ => {
-                return Err(Error::NotHeld {
-                    key: String::from_utf8_lossy(my_key).into_owned(),
-                })
-            }
+        if !is_mine(read.mine.as_ref(), my_rev, my_lease) {
+            return Err(not_held(my_key));
         }
         let Some(pred) = read.pred else {
             return Ok(Turn {
@@ -304,21 +305,18 @@ pub(crate) async fn wait_turn(
         let woken = match answer {
             // The predecessor is gone at revision `rev`. If it was the only member ahead of
             // us, or we know every member that was (the rest we wait out on the shared
-            // watch), we are at the head with no further read, once our key has no delete up
-            // to then either. One revision can delete both (`etcdctl del --prefix`, a
-            // transaction), and its events come in key order, so the answer alone does not
-            // tell.
+            // watch), we are at the head with no further read of the queue, once our key has
+            // no delete up to then either. One revision can delete both (`etcdctl del
+            // --prefix`, a transaction), and its events come in key order, so the answer
+            // alone does not tell. One read of our key alone then checks it is still bound
+            // to our lease (`still_mine`: the watch hears no overwrite).
             Ok((0, Woken::Deleted(rev))) if read.pred_is_head || read.ahead.is_some() => {
                 let rest = match read.ahead.as_deref() {
                     Some(ahead) if !read.pred_is_head => &ahead[..ahead.len().saturating_sub(1)],
                     _ => &[],
                 };
                 match rest_gone(client, queue, my_key, header, rest, rev).await {
-                    Ok(Some(at)) => {
-                        return Ok(Turn {
-                            header_revision: at,
-                        })
-                    }
+                    Ok(Some(_)) => return still_mine(store, my_key, my_rev, my_lease).await,
                     Ok(None) => Ok(Woken::Deleted(rev)),
                     Err(e) => Err(e),
                 }
@@ -326,6 +324,48 @@ pub(crate) async fn wait_turn(
             other => other.map(|(_, w)| w),
         };
         after_wake(woken, &mut backoff).await?;
+    }
+}
+
+/// True if `mine` (our key as read) is still ours: our create revision, bound to our lease.
+fn is_mine(mine: Option<&KeyValue>, my_rev: Revision, my_lease: LeaseId) -> bool {
+    mine.is_some_and(|kv| kv.create_revision == my_rev && kv.lease == my_lease)
+}
+
+fn not_held(key: &[u8]) -> Error {
+    Error::NotHeld {
+        key: String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+/// The turn found by the shared watch alone ([`rest_gone`]: nobody left ahead, our key not
+/// deleted), once one read of our key shows it still bound to our lease: the watch hears
+/// deletes only, and an operator's overwrite with no lease (which frees our place, and may
+/// have let whoever came next be granted) is no delete. One single-key read per grant
+/// after a wait (none when the join finds us at the head); retried while it fails
+/// retryably.
+async fn still_mine(
+    store: &Arc<dyn Store>,
+    my_key: &[u8],
+    my_rev: Revision,
+    my_lease: LeaseId,
+) -> Result<Turn> {
+    let mut backoff = RETRY_MIN;
+    loop {
+        match store.range(Range::key(my_key)).await {
+            Ok(resp) if is_mine(resp.kvs.first(), my_rev, my_lease) => {
+                return Ok(Turn {
+                    header_revision: resp.header_revision,
+                })
+            }
+            Ok(_) => return Err(not_held(my_key)),
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(error = %e, "read of our key before the grant failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -357,13 +397,15 @@ async fn after_wake(woken: Result<Woken>, backoff: &mut Duration) -> Result<()> 
 /// Returns the revision at which we are at the head, or `None` if the shared watch cannot
 /// tell (it does not cover `header`, or broke) or our key went first: then read again.
 ///
-/// Why no read is needed: `rest` is every member created before us (the join transaction
+/// Why no read of the queue is needed: `rest` is every member created before us (the join transaction
 /// read them all), and no member can be created before us later, since create revisions
 /// only grow. The shared watch reports every delete under the prefix in revision order, so
 /// once each of them has a delete after `header`, and our key has none up to the latest of
 /// those, our key existed at that revision with nobody ahead: the same re-check of our own
-/// key that a read would make. We wait on the nearest member still there, so a release
-/// still wakes only its successor; members deleted already are found in the buffer.
+/// key that a read would make, but for its lease: an overwrite with no lease is no delete,
+/// so the caller reads our key alone before the grant ([`still_mine`]). We wait on the
+/// nearest member still there, so a release still wakes only its successor; members
+/// deleted already are found in the buffer.
 async fn rest_gone(
     client: &Client,
     queue: &Queue,
