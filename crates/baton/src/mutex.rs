@@ -820,4 +820,29 @@ mod tests {
         );
         assert!(g3.is_ok());
     }
+
+    /// The removal of a key of ours freed by an overwrite (no lease) before a join is
+    /// retried as the join is, when the store fails it retryably (found by review: a
+    /// "request timed out" failed `lock()` at once).
+    #[tokio::test]
+    async fn the_removal_of_a_freed_key_of_ours_is_retried() {
+        use crate::store::slow::SlowWatches;
+        use crate::store::Store;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let key = format!("freed/{:x}", session.lease_id());
+        store.put(key.as_bytes(), b"", 0).await.unwrap();
+        *store.fail_then_land.lock().unwrap() = Some(Duration::from_millis(100));
+        let m = Mutex::new(&session, "freed").unwrap();
+        let g = tokio::time::timeout(Duration::from_secs(5), m.lock())
+            .await
+            .expect("lock() hung")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!g.is_lost(), "{:?}", g.lost_reason());
+        g.unlock().await.unwrap();
+    }
 }

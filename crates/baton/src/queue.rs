@@ -255,21 +255,7 @@ impl Entry {
                         key = %kv.key_str(),
                         "our key is bound to no lease (freed by an overwrite): removing it and joining afresh"
                     );
-                    entry
-                        .store
-                        .txn(
-                            Txn::new()
-                                .when([
-                                    Compare::mod_revision(
-                                        kv.key.clone(),
-                                        CompareOp::Equal,
-                                        kv.mod_revision,
-                                    ),
-                                    Compare::lease(kv.key.clone(), CompareOp::Equal, 0),
-                                ])
-                                .and_then([TxnOp::delete(kv.key)]),
-                        )
-                        .await?;
+                    entry.remove_freed(kv).await?;
                 }
                 Some(kv) if kv.lease == 0 => {
                     return Err(Error::Conflict { attempts: removed });
@@ -426,6 +412,42 @@ impl Entry {
                 Ok(())
             }
             Err(e) => Err(session.explain_not_held(e).await),
+        }
+    }
+
+    /// Remove our key found bound to no lease (freed by an operator's overwrite; see
+    /// `join_inner`), unless it was written again since (compare: its mod revision, and
+    /// lease 0). A retryable failure is retried as [`send`](Entry::send) retries the join
+    /// (same backoff, for at most `retry_for`, not at all for a try):
+    /// the compare makes a retry safe, and a removal that lands late cannot touch a key
+    /// joined since (bound to our lease, with a new mod revision).
+    async fn remove_freed(&mut self, kv: KeyValue) -> Result<()> {
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
+                Compare::lease(kv.key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(kv.key)]);
+        let give_up = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.txn(txn.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_retryable() && self.session.is_lost() => {
+                    tracing::debug!(error = %e, "removing our freed key failed, and the session is lost");
+                    return Err(self.session.lost_error());
+                }
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < give_up => {
+                    tracing::debug!(error = %e, "removing our freed key failed; retrying");
+                    let session = &self.session;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = session.lost() => return Err(session.lost_error()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
