@@ -3137,3 +3137,203 @@ pub async fn held_key_overwritten_without_a_lease_fences_writes(b: &Backend) {
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// Releases and grants of a key freed by an operator
+
+/// A holder's key overwritten by an operator with no lease (`etcdctl put KEY ""`, which
+/// frees the lock or the election: the key counts in no queue, and keeps its create
+/// revision), and another session granted the name; the old holder, watched through its
+/// client's shared watch (it held the name a moment ago: deletes only), releases. `unlock()`
+/// fails with `NotHeld`, `resign()` with `NotLeader`, and the freed key is removed; a key
+/// bound to another lease instead is left alone (found by review: the release compared
+/// only the create revision, and said `Ok(())`, deleting the key, on every backend).
+pub async fn release_of_a_key_overwritten_without_a_lease(b: &Backend) {
+    for what in ["unlock", "resign", "unlock-bound-to-other"] {
+        let lock = name(&format!("released-{what}"));
+        let admin = b.client().await;
+        let s = b.session(TTL).await;
+        let other = b.session(TTL).await;
+        let e = Election::new(&s, &lock).unwrap();
+        let m = Mutex::new(&s, &lock).unwrap();
+        for _ in 0..2 {
+            match what {
+                "resign" => e.campaign("warm").await.unwrap().resign().await.unwrap(),
+                _ => m.lock().await.unwrap().unlock().await.unwrap(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let bound = what == "unlock-bound-to-other";
+        let lease = if bound { other.lease_id() } else { 0 };
+        let (key, result) = if what == "resign" {
+            let l = e.campaign("old").await.unwrap();
+            let key = l.key().to_string();
+            admin.store().put(key.as_bytes(), b"", lease).await.unwrap();
+            let their_e = Election::new(&other, &lock).unwrap();
+            let theirs = finished(Duration::from_secs(5), their_e.campaign("theirs")).await;
+            let theirs = theirs.expect("campaign() waited for a freed key").unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = l.resign().await;
+            let led = Election::leader_with(&admin, &lock).await.unwrap();
+            assert_eq!(led.value_str(), "theirs", "{what}: {r:?}");
+            assert!(!theirs.is_lost(), "{what}");
+            theirs.resign().await.unwrap();
+            (key, r)
+        } else {
+            let g = m.lock().await.unwrap();
+            let key = g.key().to_string();
+            admin.store().put(key.as_bytes(), b"", lease).await.unwrap();
+            let theirs = if bound {
+                // Bound to the other lease, the key is a member: the other session's.
+                None
+            } else {
+                let their_m = Mutex::new(&other, &lock).unwrap();
+                let theirs = finished(Duration::from_secs(5), their_m.lock()).await;
+                Some(theirs.expect("lock() waited for a freed key").unwrap())
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = g.unlock().await;
+            if let Some(theirs) = theirs {
+                assert!(!theirs.is_lost(), "{what}");
+                theirs.unlock().await.unwrap();
+            }
+            (key, r)
+        };
+        match (what, &result) {
+            ("resign", Err(Error::NotLeader { .. })) => {}
+            (_, Err(Error::NotHeld { .. })) if what != "resign" => {}
+            _ => panic!("{what}: {result:?} after the key was freed and taken"),
+        }
+        let left = admin.store().range(Range::key(key.as_bytes())).await;
+        let left = left.unwrap().kvs;
+        if bound {
+            assert_eq!(
+                left.first().map(|kv| kv.lease),
+                Some(other.lease_id()),
+                "{what}"
+            );
+        } else {
+            assert!(left.is_empty(), "{what}: the freed key stays: {left:?}");
+        }
+        s.close().await.unwrap();
+        other.close().await.unwrap();
+    }
+}
+
+/// A waiter's key overwritten by an operator with no lease (which frees its place), then
+/// its predecessor releases: the waiter is not granted (`NotHeld`, for a lock, a campaign,
+/// a write lock and a read lock), and a session that takes the name meanwhile is its only holder, not lost
+/// (found by review: the waiter, woken by its client's shared watch, which hears deletes
+/// only, was granted beside it, neither lost: two holders, two leaders).
+pub async fn waiter_key_overwritten_without_a_lease_is_not_granted(b: &Backend) {
+    for what in ["lock", "campaign", "write", "read"] {
+        let lock = name(&format!("waiter-{what}"));
+        let admin = b.client().await;
+        let (s1, s2, s3) = (
+            b.session(TTL).await,
+            b.session(TTL).await,
+            b.session(TTL).await,
+        );
+        let first = match what {
+            "lock" => {
+                let g = Mutex::new(&s1, &lock).unwrap().lock().await.unwrap();
+                (g.key().to_string(), Some(g), None, None)
+            }
+            "campaign" => {
+                let l = Election::new(&s1, &lock).unwrap();
+                let l = l.campaign("first").await.unwrap();
+                (l.key().to_string(), None, Some(l), None)
+            }
+            _ => {
+                let w = RwLock::new(&s1, &lock).unwrap().write().await.unwrap();
+                (w.key().to_string(), None, None, Some(w))
+            }
+        };
+        let (m2, e2, rw2) = (
+            Mutex::new(&s2, &lock).unwrap(),
+            Election::new(&s2, &lock).unwrap(),
+            RwLock::new(&s2, &lock).unwrap(),
+        );
+        let waiting = tokio::spawn(async move {
+            match what {
+                "lock" => m2.lock().await.map(|g| (g.fencing_token(), g.is_lost())),
+                "campaign" => e2
+                    .campaign("second")
+                    .await
+                    .map(|l| (l.fencing_token(), l.is_lost())),
+                "write" => rw2.write().await.map(|w| (w.fencing_token(), w.is_lost())),
+                _ => rw2.read().await.map(|r| (0, r.is_lost())),
+            }
+        });
+        // The waiter's key, once it has joined.
+        let prefix = format!("{lock}/");
+        let k2 = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let keys = keys_under(&admin, &prefix).await;
+                // A reader's key is under `read/`, a writer's under `write/`.
+                if let Some(k) = keys.into_iter().find(|k| *k != first.0) {
+                    return k;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the waiter never joined");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        admin.store().put(k2.as_bytes(), b"", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match first {
+            (_, Some(g), _, _) => g.unlock().await.unwrap(),
+            (_, _, Some(l), _) => l.resign().await.unwrap(),
+            (_, _, _, Some(w)) => w.unlock().await.unwrap(),
+            _ => unreachable!(),
+        }
+        let granted = finished(Duration::from_secs(5), waiting).await;
+        let granted = granted.expect("the waiter hung").unwrap();
+        let third = match what {
+            "lock" => Mutex::new(&s3, &lock)
+                .unwrap()
+                .try_lock()
+                .await
+                .map(|g| (g.fencing_token(), Some(g), None, None)),
+            "campaign" => finished(
+                Duration::from_secs(5),
+                Election::new(&s3, &lock).unwrap().campaign("third"),
+            )
+            .await
+            .expect("campaign() waited for a freed key")
+            .map(|l| (l.fencing_token(), None, Some(l), None)),
+            _ => RwLock::new(&s3, &lock)
+                .unwrap()
+                .try_write()
+                .await
+                .map(|w| (w.fencing_token(), None, None, Some(w))),
+        };
+        let (token, g3, l3, w3) = third.unwrap_or_else(|e| panic!("{what}: third: {e:?}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(granted, Err(Error::NotHeld { .. })),
+            "{what}: the overwritten waiter: {granted:?} (the third holds token {token})"
+        );
+        match (g3, l3, w3) {
+            (Some(g), _, _) => {
+                assert!(!g.is_lost(), "{what}");
+                g.unlock().await.unwrap();
+            }
+            (_, Some(l), _) => {
+                assert!(!l.is_lost(), "{what}");
+                let led = Election::leader_with(&admin, &lock).await.unwrap();
+                assert_eq!(led.value_str(), "third", "{what}");
+                l.resign().await.unwrap();
+            }
+            (_, _, Some(w)) => {
+                assert!(!w.is_lost(), "{what}");
+                w.unlock().await.unwrap();
+            }
+            _ => unreachable!(),
+        }
+        for s in [s1, s2, s3] {
+            s.close().await.unwrap();
+        }
+    }
+}

@@ -121,6 +121,8 @@ all_backends!(
     rwlock_resumed_key_overwritten_without_a_lease,
     resumed_key_overwritten_without_a_lease,
     held_key_overwritten_without_a_lease_fences_writes,
+    release_of_a_key_overwritten_without_a_lease,
+    waiter_key_overwritten_without_a_lease_is_not_granted,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,
