@@ -3039,9 +3039,9 @@ pub async fn resumed_key_overwritten_without_a_lease(b: &Backend) {
 
 /// A holder's key overwritten by an operator with no lease (`etcdctl put KEY ""`), which
 /// frees the lock or the election (the key counts in no queue), and another session takes
-/// the name; then the old holder writes under its hold, before a watch has told it (its
-/// client held the name a moment ago, so a shared watch, which hears deletes only, watches
-/// its key; or its own watch has not yet been heard): `Leadership::proclaim()`, a guard's
+/// the name; then the old holder writes under its hold, perhaps before a watch has told it
+/// (its client held the name a moment ago, so its client's shared watch watches its key,
+/// which until 2026-12-06 heard deletes only; or its own watch): `Leadership::proclaim()`, a guard's
 /// `txn()` that writes the key, and one that writes another key. None of them applies, each
 /// fails (`NotLeader`, `NotHeld`), the key stays as the operator left it (no lease), and the
 /// hold is lost at once; a transaction guarded by the guard's `ownership_compares()` fails
@@ -3060,7 +3060,7 @@ pub async fn held_key_overwritten_without_a_lease_fences_writes(b: &Backend) {
             let m = Mutex::new(&s, &lock).unwrap();
             if warm {
                 // Held twice a moment ago: the next hold is watched by the client's shared
-                // watch on the name (deletes only), which does not see an overwrite.
+                // watch on the name (which heard deletes only, until 2026-12-06).
                 for _ in 0..2 {
                     match what {
                         "proclaim" => e.campaign("warm").await.unwrap().resign().await.unwrap(),
@@ -3144,7 +3144,7 @@ pub async fn held_key_overwritten_without_a_lease_fences_writes(b: &Backend) {
 /// A holder's key overwritten by an operator with no lease (`etcdctl put KEY ""`, which
 /// frees the lock or the election: the key counts in no queue, and keeps its create
 /// revision), and another session granted the name; the old holder, watched through its
-/// client's shared watch (it held the name a moment ago: deletes only), releases. `unlock()`
+/// client's shared watch (it held the name a moment ago), releases. `unlock()`
 /// fails with `NotHeld`, `resign()` with `NotLeader`, and the freed key is removed; a key
 /// bound to another lease instead is left alone (found by review: the release compared
 /// only the create revision, and said `Ok(())`, deleting the key, on every backend).
@@ -3204,8 +3204,21 @@ pub async fn release_of_a_key_overwritten_without_a_lease(b: &Backend) {
             (_, Err(Error::NotHeld { .. })) if what != "resign" => {}
             _ => panic!("{what}: {result:?} after the key was freed and taken"),
         }
-        let left = admin.store().range(Range::key(key.as_bytes())).await;
-        let left = left.unwrap().kvs;
+        // A holder already told of its loss (its watch heard the overwrite) releases in the
+        // background: give that a moment.
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            left = admin
+                .store()
+                .range(Range::key(key.as_bytes()))
+                .await
+                .unwrap()
+                .kvs;
+            if bound || left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         if bound {
             assert_eq!(
                 left.first().map(|kv| kv.lease),
@@ -3223,8 +3236,8 @@ pub async fn release_of_a_key_overwritten_without_a_lease(b: &Backend) {
 /// A waiter's key overwritten by an operator with no lease (which frees its place), then
 /// its predecessor releases: the waiter is not granted (`NotHeld`, for a lock, a campaign,
 /// a write lock and a read lock), and a session that takes the name meanwhile is its only holder, not lost
-/// (found by review: the waiter, woken by its client's shared watch, which hears deletes
-/// only, was granted beside it, neither lost: two holders, two leaders).
+/// (found by review: the waiter, woken by its client's shared watch, which then heard
+/// deletes only, was granted beside it, neither lost: two holders, two leaders).
 pub async fn waiter_key_overwritten_without_a_lease_is_not_granted(b: &Backend) {
     for what in ["lock", "campaign", "write", "read"] {
         let lock = name(&format!("waiter-{what}"));

@@ -434,22 +434,37 @@ mod tests {
     /// key stops counting as a member of the queue (`Queue::admits` needs a lease), so a
     /// second session is granted the lock. The holder is told it lost the lock (found by
     /// review: it was never told, and two sessions held the lock for good). Its key's own
-    /// watch (a client that holds the name once) sees the overwrite; see `watch_key` for a
-    /// holder watching through its client's shared watch.
+    /// watch (a client that holds the name once) sees the overwrite; so does its client's
+    /// shared watch on the name (`warm`: a client that held the name a moment ago), which
+    /// heard deletes only before: such a holder was not told until its next write or unlock.
     #[tokio::test]
     async fn a_held_key_overwritten_without_a_lease_is_lost() {
+        for warm in [false, true] {
+            held_key_overwritten_without_a_lease_is_lost(warm).await;
+        }
+    }
+
+    async fn held_key_overwritten_without_a_lease_is_lost(warm: bool) {
         use std::time::Duration;
         let client = crate::Client::connect("mem://").await.unwrap();
         let holder = Session::new(&client).await.unwrap();
         let other = Session::new(&client).await.unwrap();
-        let held = Mutex::new(&holder, "own").unwrap().lock().await.unwrap();
+        let name = format!("own-{warm}");
+        if warm {
+            for _ in 0..2 {
+                let m = Mutex::new(&holder, &name).unwrap();
+                m.lock().await.unwrap().unlock().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let held = Mutex::new(&holder, &name).unwrap().lock().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         client
             .store()
             .put(held.key().as_bytes(), b"", 0)
             .await
             .unwrap();
-        let got = Mutex::new(&other, "own")
+        let got = Mutex::new(&other, &name)
             .unwrap()
             .lock_timeout(Duration::from_secs(2))
             .await;
@@ -524,12 +539,11 @@ mod tests {
 
     /// The same, with a waiter between them that leaves: the last waiter, which saw the
     /// whole queue when it joined, waits on the shared watch for each key ahead to go, the
-    /// overwritten one too (found by a second look: it waited for good there).
-    ///
-    /// B cannot see the overwrite before its next re-read (30 s at the earliest, see
-    /// `wait::RECHECK`), and nothing is deleted, so its 1 s runs out: that is how the test
-    /// makes the leaver, not a check of the rules. On the process-wide `mem://` store it
-    /// failed now and then (B got the lock): see [`paused_clock_store`].
+    /// overwritten one too (found by a second look: it waited for good there). It now
+    /// hears the overwrite on that watch, and gets the lock well within the 30 s after
+    /// which it would read again anyway (`wait::RECHECK`), where it used to wait for that
+    /// read. On the process-wide `mem://` store it failed now and then: see
+    /// [`paused_clock_store`].
     #[tokio::test(start_paused = true)]
     async fn a_waiter_behind_a_leaver_and_a_key_overwritten_without_a_lease_gets_the_lock() {
         use std::time::Duration;
@@ -546,13 +560,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let key = held.key().to_string();
         std::mem::forget(held);
-        client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
-        // B gives up: its key is deleted.
+        // B gives up: its key is deleted. C now waits for A's key alone.
         let b_got = b_waiting.await.unwrap();
         assert!(b_got.unwrap_err().is_timeout());
-        let got = tokio::time::timeout(Duration::from_secs(120), c_waiting)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.store().put(key.as_bytes(), b"x", 0).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), c_waiting)
             .await
-            .expect("the last waiter waited for good behind a key that is no member")
+            .expect("the last waiter did not hear that the key ahead was freed")
             .unwrap();
         assert!(got.is_ok(), "{:?}", got.err());
     }
@@ -729,8 +744,10 @@ mod tests {
     /// An unlock after the key was freed by an operator's overwrite with no lease, and
     /// another session took the lock, says `NotHeld` (found by review: it said `Ok`, as its
     /// compare-and-delete compared the create revision alone, which an overwrite keeps; the
-    /// holder, watched through its client's shared watch, deletes only, was never told). The
-    /// freed key (no lease) is removed; one bound to another lease is left alone.
+    /// holder, watched through its client's shared watch, which then heard deletes only, was
+    /// never told). The freed key (no lease) is removed, by the unlock or (the holder told
+    /// of its loss first: it now is, by that watch) by the release that a lost guard still
+    /// runs in the background; one bound to another lease is left alone.
     #[tokio::test]
     async fn unlock_after_the_key_was_overwritten_says_not_held() {
         use crate::store::Range;
@@ -771,8 +788,19 @@ mod tests {
                 matches!(r, Err(crate::Error::NotHeld { .. })),
                 "{bound_to_other}: {r:?}"
             );
-            let left = client.store().range(Range::key(key.as_bytes())).await;
-            let left = left.unwrap().kvs;
+            let mut left = Vec::new();
+            for _ in 0..100 {
+                left = client
+                    .store()
+                    .range(Range::key(key.as_bytes()))
+                    .await
+                    .unwrap()
+                    .kvs;
+                if bound_to_other || left.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             match bound_to_other {
                 true => assert_eq!(left.first().map(|kv| kv.lease), Some(other.lease_id())),
                 false => assert!(left.is_empty(), "the freed key stays: {left:?}"),
@@ -786,7 +814,7 @@ mod tests {
 
     /// A waiter whose key an operator overwrote with no lease (which frees its place: the
     /// key counts in no queue) is not granted when its predecessor goes (found by review:
-    /// it was, woken by its client's shared watch, which hears deletes only, beside a
+    /// it was, woken by its client's shared watch, which then heard deletes only, beside a
     /// session that took the lock meanwhile, and neither was ever lost): `NotHeld`.
     #[tokio::test]
     async fn an_overwritten_waiter_is_not_granted() {

@@ -243,9 +243,11 @@ impl crate::hub::OnDelete for Watcher {
 ///
 /// An overwrite that unbinds the key from our lease (`etcdctl put KEY ""`) takes it out of
 /// its queue (a member needs a lease), so another waiter may be granted: it is a loss, as a
-/// delete is. The key's own watch sees it; the shared watch receives deletes only, so a
-/// holder watching through it learns of an overwrite only at its next read of the key
-/// (when that watch breaks).
+/// delete is. The key's own watch sees it. The shared watch sends an overwrite with no
+/// lease to the waiter here as a reason to read the key (the read finds the loss), and to a
+/// hook (see [`Watcher`]) as a broken watch, which starts this task to read it; an
+/// overwrite that binds the key to another lease (`etcdctl put --lease`) it does not send,
+/// and that is found at the next read of the key (a guard's write or release).
 #[allow(clippy::too_many_arguments)]
 async fn watch_key(
     client: Client,

@@ -914,10 +914,8 @@ impl Held {
                 .and_then(|g| g.kvs.first());
             let lease = Some(self.session.lease_id());
             if let Some(why) = crate::hub::gone_why(kv, self.rev, lease) {
-                // Lost as of this transaction's revision, whatever a watch says later: an
-                // overwrite with no lease is heard by the key's own watch only, and a
-                // holder watched through its client's shared watch (deletes only) would
-                // otherwise not be told.
+                // Lost as of this transaction's revision, whatever a watch says later: the
+                // watch may not have told us yet.
                 self.ownership.report(&self.session, why);
                 return Err(not_held(self.key.as_bytes()));
             }

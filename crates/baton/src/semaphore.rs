@@ -39,7 +39,7 @@ use crate::watching::{while_alive, Waiter};
 ///
 /// A waiter reads the queue again only when a change lets it in. After a read it hears
 /// the deletes under the name from its client's shared watch (one etcd watch per client
-/// and name, deletes only, as a [`Mutex`](crate::Mutex)'s waiters use), and takes each
+/// and name, as a [`Mutex`](crate::Mutex)'s waiters use), and takes each
 /// deleted key's permits off what it read: no key can join the queue ahead of it, so it
 /// knows when it fits without reading. So a release of one permit makes the first waiter
 /// that fits read, and no other. Every waiting task does hear every release, in process.

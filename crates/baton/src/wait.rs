@@ -17,8 +17,9 @@
 //! - every read of the predecessor also reads our own key, in one transaction, so a waiter
 //!   whose key vanished (its lease expired while it queued: etcd #11456), or was
 //!   overwritten with no lease (an operator's `etcdctl put KEY ""`, which frees its place),
-//!   fails at once instead of being told it holds the lock. A waiter woken by the shared
-//!   watch alone (which hears deletes only) reads its own key once before it is granted.
+//!   fails at once instead of being told it holds the lock. A waiter granted by the shared
+//!   watch alone is granted only if that watch saw no delete and no overwrite of its own
+//!   key either (the watch hears puts on existing keys too; see `hub.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,10 +41,12 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// How long a waiter waits on a watch before it reads its turn again anyway (plus up to a
-/// quarter more, at random, so that waiters do not read together). The watches tell of
-/// deletes only; a key ahead that stops counting as a member without a delete (overwritten
-/// without a lease by an operator's `etcdctl put`, its holder gone: never deleted) is found
-/// by this read, not by a watch. One read per waiter per half minute.
+/// quarter more, at random, so that waiters do not read together). A key ahead can stop
+/// counting as a member without a delete (overwritten without a lease by an operator's
+/// `etcdctl put`, its holder gone: never deleted). The client's shared watch on the queue
+/// hears that, and sends its waiters to read at once; the single-key watches of a waiter
+/// deep in a long queue hear deletes only, and leave it to this read. One read per waiter
+/// per half minute.
 pub(crate) const RECHECK: Duration = Duration::from_secs(30);
 
 /// [`RECHECK`] with its jitter.
@@ -308,15 +311,19 @@ pub(crate) async fn wait_turn(
             // watch), we are at the head with no further read of the queue, once our key has
             // no delete up to then either. One revision can delete both (`etcdctl del
             // --prefix`, a transaction), and its events come in key order, so the answer
-            // alone does not tell. One read of our key alone then checks it is still bound
-            // to our lease (`still_mine`: the watch hears no overwrite).
+            // alone does not tell. Nor must our key have been overwritten (with no lease, it
+            // would be freed: see `rest_gone`).
             Ok((0, Woken::Deleted(rev))) if read.pred_is_head || read.ahead.is_some() => {
                 let rest = match read.ahead.as_deref() {
                     Some(ahead) if !read.pred_is_head => &ahead[..ahead.len().saturating_sub(1)],
                     _ => &[],
                 };
                 match rest_gone(client, queue, my_key, header, rest, rev).await {
-                    Ok(Some(_)) => return still_mine(store, my_key, my_rev, my_lease).await,
+                    Ok(Some(at)) => {
+                        return Ok(Turn {
+                            header_revision: at,
+                        })
+                    }
                     Ok(None) => Ok(Woken::Deleted(rev)),
                     Err(e) => Err(e),
                 }
@@ -335,37 +342,6 @@ fn is_mine(mine: Option<&KeyValue>, my_rev: Revision, my_lease: LeaseId) -> bool
 fn not_held(key: &[u8]) -> Error {
     Error::NotHeld {
         key: String::from_utf8_lossy(key).into_owned(),
-    }
-}
-
-/// The turn found by the shared watch alone ([`rest_gone`]: nobody left ahead, our key not
-/// deleted), once one read of our key shows it still bound to our lease: the watch hears
-/// deletes only, and an operator's overwrite with no lease (which frees our place, and may
-/// have let whoever came next be granted) is no delete. One single-key read per grant
-/// after a wait (none when the join finds us at the head); retried while it fails
-/// retryably.
-async fn still_mine(
-    store: &Arc<dyn Store>,
-    my_key: &[u8],
-    my_rev: Revision,
-    my_lease: LeaseId,
-) -> Result<Turn> {
-    let mut backoff = RETRY_MIN;
-    loop {
-        match store.range(Range::key(my_key)).await {
-            Ok(resp) if is_mine(resp.kvs.first(), my_rev, my_lease) => {
-                return Ok(Turn {
-                    header_revision: resp.header_revision,
-                })
-            }
-            Ok(_) => return Err(not_held(my_key)),
-            Err(e) if e.is_retryable() => {
-                tracing::debug!(error = %e, "read of our key before the grant failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -391,7 +367,7 @@ async fn after_wake(woken: Result<Woken>, backoff: &mut Duration) -> Result<()> 
 }
 
 /// Wait until every key of `rest` (members created before us, oldest first) has been deleted
-/// after revision `header`, our own key still there, using only the client's shared watch
+/// after revision `header`, our own key still there as we read it, using only the client's shared watch
 /// on the queue's prefix; `at` is the revision of a delete already seen.
 ///
 /// Returns the revision at which we are at the head, or `None` if the shared watch cannot
@@ -402,10 +378,11 @@ async fn after_wake(woken: Result<Woken>, backoff: &mut Duration) -> Result<()> 
 /// only grow. The shared watch reports every delete under the prefix in revision order, so
 /// once each of them has a delete after `header`, and our key has none up to the latest of
 /// those, our key existed at that revision with nobody ahead: the same re-check of our own
-/// key that a read would make, but for its lease: an overwrite with no lease is no delete,
-/// so the caller reads our key alone before the grant ([`still_mine`]). We wait on the
-/// nearest member still there, so a release still wakes only its successor; members
-/// deleted already are found in the buffer.
+/// key that a read would make. Its lease too: an overwrite with no lease (an operator's
+/// `etcdctl put KEY ""`, which frees our place, and may have let whoever came next be
+/// granted) is no delete, so our key must have no overwrite either, which the shared watch
+/// also hears. We wait on the nearest member still there, so a release still wakes only
+/// its successor; members deleted already are found in the buffer.
 async fn rest_gone(
     client: &Client,
     queue: &Queue,
@@ -437,9 +414,10 @@ async fn rest_gone(
             _ => return Ok(None),
         }
     }
-    // Our key must have no delete in (header, at], as seen by a watch that has delivered
-    // everything up to `at` (the deletes above may have come through an older watch).
-    match hub.deleted_since(&queue.prefix, my_key, header, at) {
+    // Our key must have no delete and no overwrite in (header, at], as seen by a watch that
+    // has delivered everything up to `at` (the deletes above may have come through an older
+    // watch). A waiter never writes its own key: any overwrite is someone else's (read).
+    match hub.changed_since(&queue.prefix, my_key, header, at) {
         Some(Some(rev)) if rev <= at => Ok(None),
         Some(_) => Ok(Some(at)),
         None => Ok(None),
