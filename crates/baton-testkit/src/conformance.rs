@@ -3350,3 +3350,140 @@ pub async fn waiter_key_overwritten_without_a_lease_is_not_granted(b: &Backend) 
         }
     }
 }
+
+/// A held key, and a waiter's key, overwritten by an operator with no lease (`etcdctl put
+/// KEY ""`, which frees the name or the place), are heard at once: the holder's `lost()`
+/// fires ("key overwritten"), and the waiter's `lock()`, `campaign()`, `write()` or
+/// `read()` fails with `NotHeld` while the holder ahead of it still holds, for a mutex, an
+/// election and both modes of a read-write lock; with the name held twice by the client a
+/// moment before (`warm`: the holder is watched through its client's shared watch on the
+/// name) and not. Before (entry 42), a warm holder was told only at its next write or
+/// release, and a waiter only when the holder ahead released.
+pub async fn freed_keys_are_heard_at_once(b: &Backend) {
+    for what in ["lock", "campaign", "write", "read"] {
+        for warm in [false, true] {
+            let lock = name(&format!("freed-{what}-{warm}"));
+            let context = format!("{what} (held before: {warm})");
+            let admin = b.client().await;
+            let s = b.session(TTL).await;
+            let s2 = b.session(TTL).await;
+            let (m, e, rw) = (
+                Mutex::new(&s, &lock).unwrap(),
+                Election::new(&s, &lock).unwrap(),
+                RwLock::new(&s, &lock).unwrap(),
+            );
+            if warm {
+                for _ in 0..2 {
+                    match what {
+                        "lock" => m.lock().await.unwrap().unlock().await.unwrap(),
+                        "campaign" => e.campaign("warm").await.unwrap().resign().await.unwrap(),
+                        "write" => rw.write().await.unwrap().unlock().await.unwrap(),
+                        _ => rw.read().await.unwrap().unlock().await.unwrap(),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            // A holder freed: told at once.
+            let (key, lost) = match what {
+                "lock" => {
+                    let g = m.lock().await.unwrap();
+                    let key = g.key().to_string();
+                    admin.store().put(key.as_bytes(), b"", 0).await.unwrap();
+                    let told = finished(Duration::from_secs(2), g.lost()).await;
+                    (key, told.map(|_| g.lost_reason()))
+                }
+                "campaign" => {
+                    let l = e.campaign("old").await.unwrap();
+                    let key = l.key().to_string();
+                    admin.store().put(key.as_bytes(), b"", 0).await.unwrap();
+                    let told = finished(Duration::from_secs(2), l.lost()).await;
+                    (key, told.map(|_| l.lost_reason()))
+                }
+                "write" => {
+                    let g = rw.write().await.unwrap();
+                    let key = g.key().to_string();
+                    admin.store().put(key.as_bytes(), b"", 0).await.unwrap();
+                    let told = finished(Duration::from_secs(2), g.lost()).await;
+                    (key, told.map(|_| g.lost_reason()))
+                }
+                _ => {
+                    let g = rw.read().await.unwrap();
+                    let key = g.key().to_string();
+                    admin.store().put(key.as_bytes(), b"", 0).await.unwrap();
+                    let told = finished(Duration::from_secs(2), g.lost()).await;
+                    (key, told.map(|_| g.lost_reason()))
+                }
+            };
+            let reason = lost.unwrap_or_else(|| panic!("{context}: a freed holder not told"));
+            assert_eq!(reason.as_deref(), Some("key overwritten"), "{context}");
+            let freed = eventually(Duration::from_secs(5), || async {
+                keys_under(&admin, &key).await.is_empty()
+            })
+            .await;
+            assert!(
+                freed,
+                "{context}: the freed key was not removed after the loss"
+            );
+
+            // A waiter freed while the holder ahead of it holds: told at once.
+            let holder = match what {
+                "lock" => (Some(m.lock().await.unwrap()), None, None),
+                "campaign" => (None, Some(e.campaign("leader").await.unwrap()), None),
+                _ => (None, None, Some(rw.write().await.unwrap())),
+            };
+            let (m2, e2, rw2) = (
+                Mutex::new(&s2, &lock).unwrap(),
+                Election::new(&s2, &lock).unwrap(),
+                RwLock::new(&s2, &lock).unwrap(),
+            );
+            let waiting = tokio::spawn(async move {
+                match what {
+                    "lock" => m2.lock().await.map(|_| ()),
+                    "campaign" => e2.campaign("second").await.map(|_| ()),
+                    "write" => rw2.write().await.map(|_| ()),
+                    _ => rw2.read().await.map(|_| ()),
+                }
+            });
+            let mine = format!("{:x}", s2.lease_id());
+            let prefix = format!("{lock}/");
+            let k2 = finished(Duration::from_secs(5), async {
+                loop {
+                    let keys = keys_under(&admin, &prefix).await;
+                    if let Some(k) = keys.into_iter().find(|k| k.ends_with(&mine)) {
+                        return k;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|| panic!("{context}: the waiter never joined"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            admin.store().put(k2.as_bytes(), b"", 0).await.unwrap();
+            let answer = finished(Duration::from_secs(2), waiting)
+                .await
+                .unwrap_or_else(|| panic!("{context}: a freed waiter not told while it waits"))
+                .unwrap();
+            assert!(
+                matches!(answer, Err(Error::NotHeld { .. })),
+                "{context}: {answer:?}"
+            );
+            match holder {
+                (Some(g), _, _) => {
+                    assert!(!g.is_lost(), "{context}");
+                    g.unlock().await.unwrap();
+                }
+                (_, Some(l), _) => {
+                    assert!(!l.is_lost(), "{context}");
+                    l.resign().await.unwrap();
+                }
+                (_, _, Some(w)) => {
+                    assert!(!w.is_lost(), "{context}");
+                    w.unlock().await.unwrap();
+                }
+                _ => unreachable!(),
+            }
+            s.close().await.unwrap();
+            s2.close().await.unwrap();
+        }
+    }
+}

@@ -123,6 +123,7 @@ all_backends!(
     held_key_overwritten_without_a_lease_fences_writes,
     release_of_a_key_overwritten_without_a_lease,
     waiter_key_overwritten_without_a_lease_is_not_granted,
+    freed_keys_are_heard_at_once,
     coordinator_traits,
     coordinator_mutual_exclusion,
     coordinator_cancel_and_timeout,

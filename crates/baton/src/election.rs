@@ -1047,4 +1047,48 @@ mod tests {
             .expect("no leader observed")
             .expect("the observation ended")
     }
+
+    /// A leader proclaims more times than the shared watch's buffer holds while a candidate
+    /// of the same client waits behind it: the proclaims (overwrites bound to a lease, which
+    /// that watch now hears) wake nobody and lose nothing; the candidate leads at once after
+    /// the resignation (from the review of entry 42).
+    #[tokio::test]
+    async fn a_proclaim_flood_wakes_nobody_and_loses_nothing() {
+        use std::time::Duration;
+        let client = crate::Client::memory();
+        let (s1, s2) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        // Warm: the leader's hold is watched through the client's shared watch too.
+        for _ in 0..2 {
+            let e = Election::new(&s1, "proclaims").unwrap();
+            e.campaign("w").await.unwrap().resign().await.unwrap();
+        }
+        let mut l = Election::new(&s1, "proclaims")
+            .unwrap()
+            .campaign("a")
+            .await
+            .unwrap();
+        let e2 = Election::new(&s2, "proclaims").unwrap();
+        let w = tokio::spawn(async move { e2.campaign("b").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = client.stats().wakeups;
+        for i in 0..5000 {
+            l.proclaim(format!("v{i}")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!l.is_lost(), "{:?}", l.lost_reason());
+        let woken = client.stats().wakeups - before;
+        assert!(woken <= 1, "{woken} wake-ups from proclaims");
+        assert!(!w.is_finished());
+        l.resign().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(3), w)
+            .await
+            .expect("the candidate did not lead after the resignation")
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!got.is_lost());
+    }
 }

@@ -26,8 +26,9 @@
 //! hook hands over to a task that reads its key (and finds it lost). A waiter granted by
 //! the watch alone checks that its own key had no overwrite either, so the grant needs no
 //! read. (etcd's `NOPUT` filter would save each client watching the queue one event per
-//! join; the read it would cost each handoff instead took a fifth to a third of the
-//! contended rate.)
+//! join, and every other put under the prefix, values included: a leader's proclaims, keys
+//! of other primitives under the same prefix; the read it would cost each handoff instead
+//! took a fifth to a third of the contended rate.)
 //!
 //! A semaphore's waiters must hear every delete of their queue, not only their
 //! predecessor's (see `semaphore.rs`): they subscribe to the same watch
@@ -162,6 +163,11 @@ enum Change {
 }
 
 impl Change {
+    /// True if the key left its queue: deleted, or freed.
+    fn leaves(self) -> bool {
+        matches!(self, Change::Deleted | Change::Freed)
+    }
+
     /// What `kind` did to `kv`; `None` for a put that created the key.
     fn of(kind: EventKind, kv: &KeyValue) -> Option<Change> {
         match kind {
@@ -194,12 +200,15 @@ struct Subscriber {
     hook: Box<dyn OnEveryDelete>,
 }
 
-/// Told, in place, of every delete under a prefix (see [`Hub::subscribe_deletes`]). Called
+/// Told, in place, of every delete under a prefix, and of every key freed there (overwritten
+/// with no lease: it left its queue as a delete would; a later delete of the same key is
+/// told too). See [`Hub::subscribe_deletes`]. Called
 /// with the hub's lock held: it must be quick and must not call into the hub. Dropped when
 /// it has heard enough, when its caller is gone, or when the shared watch breaks (so a
 /// hook that holds a sender tells its receiver by dropping it).
 pub(crate) trait OnEveryDelete: Send {
-    /// `key` was deleted at revision `rev`: true when the hook needs to hear no more.
+    /// `key` was deleted (or freed) at revision `rev`: true when the hook needs to hear no
+    /// more.
     fn deleted(&mut self, rev: Revision, key: &[u8]) -> bool;
     /// True once nobody needs to hear any more.
     fn is_closed(&self) -> bool;
@@ -456,7 +465,8 @@ impl Hub {
         Some(found)
     }
 
-    /// Have `hook` told of every delete under `prefix` after revision `after` (the
+    /// Have `hook` told of every delete (and every key freed: see [`OnEveryDelete`]) under
+    /// `prefix` after revision `after` (the
     /// caller's read), by this client's shared watch on it, opened from etcd's next write
     /// if there is none: the buffered deletes at once, then each as it comes, in revision
     /// order, until the hook has heard enough. So the waiters of this client that must
@@ -485,9 +495,9 @@ impl Hub {
                     return Ok(false);
                 }
                 if covered {
-                    let heard_enough = st.since(after).any(|(rev, key, change)| {
-                        *change == Change::Deleted && hook.deleted(*rev, key)
-                    });
+                    let heard_enough = st
+                        .since(after)
+                        .any(|(rev, key, change)| change.leaves() && hook.deleted(*rev, key));
                     if !heard_enough {
                         st.all.push(Subscriber { after, hook });
                     }
@@ -756,7 +766,7 @@ async fn run(dead_at_end: DeadAtEnd, pw: Weak<PrefixWatch>, mut stream: crate::s
                     }
                 }
             }
-            if change == Change::Deleted {
+            if change.leaves() {
                 st.all
                     .retain_mut(|sub| rev <= sub.after || !sub.hook.deleted(rev, &ev.kv.key));
                 if let Some(ws) = st.waiters.get_mut(&ev.kv.key) {
@@ -870,10 +880,13 @@ impl Hub {
 /// must have) is deleted or replaced; returns its index and `"key deleted"` or
 /// `"key replaced"`. `Ok(None)` if a watch ended first: the caller reads again.
 ///
-/// With `bound_to` (a holder watching its own key), a key overwritten so that it is no
-/// longer bound to that lease (`etcdctl put KEY ""`: no lease) counts as gone too, with
-/// `"key overwritten"`: it no longer counts as a member of its queue (see
-/// [`Queue::admits`](crate::names::Queue::admits)), so another waiter may be granted.
+/// With `binding` [`Binding::Lease`] (a holder watching its own key), a key overwritten so
+/// that it is no longer bound to that lease (`etcdctl put KEY ""`: no lease) counts as gone
+/// too, with `"key overwritten"`: it no longer counts as a member of its queue (see
+/// [`Queue::admits`](crate::names::Queue::admits)), so another waiter may be granted. With
+/// [`Binding::SomeLease`] (a waiter watching its predecessor and its own key), a key
+/// overwritten with no lease does: freed, it is no member any more, and the waiter reads
+/// again (moves up, or finds its own place gone).
 ///
 /// Each key gets a watch of its own, started at the store's next write, so etcd serves it
 /// from its synced group at once (a watch started at a past revision waits for etcd's
@@ -893,7 +906,7 @@ pub(crate) async fn keys_gone(
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],
     doubt: bool,
-    bound_to: Option<LeaseId>,
+    binding: Binding,
 ) -> Result<Option<(usize, &'static str)>> {
     let mut streams = Vec::with_capacity(keys.len());
     for (index, (key, _)) in keys.iter().enumerate() {
@@ -910,14 +923,14 @@ pub(crate) async fn keys_gone(
         );
     }
     let mut doubt = crate::watching::Doubt::new(store.as_ref(), doubt);
-    let mut seen = match read_keys(store, keys, bound_to).await? {
+    let mut seen = match read_keys(store, keys, binding).await? {
         Ok(seen) => seen,
         Err(gone) => return Ok(Some(gone)),
     };
     let mut events = futures::stream::select_all(streams);
     loop {
         let Some(item) = doubt.next(&mut events).await else {
-            match read_keys(store, keys, bound_to).await? {
+            match read_keys(store, keys, binding).await? {
                 Ok(now) => seen = now,
                 Err(gone) => return Ok(Some(gone)),
             }
@@ -936,7 +949,7 @@ pub(crate) async fn keys_gone(
         let (_, create_rev) = keys[index];
         for ev in batch.events.iter().filter(|ev| ev.kv.mod_revision > seen) {
             let now = (ev.kind != EventKind::Delete).then_some(&ev.kv);
-            if let Some(why) = gone_why(now, create_rev, bound_to) {
+            if let Some(why) = gone_why(now, create_rev, binding) {
                 return Ok(Some((index, why)));
             }
         }
@@ -944,29 +957,48 @@ pub(crate) async fn keys_gone(
     Ok(None)
 }
 
+/// What a key watched by [`keys_gone`] (or read by [`gone_why`]) must stay bound to, besides
+/// keeping its create revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Binding {
+    /// Nothing: a put that keeps the create revision is no change (keys with no lease, in
+    /// tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Any,
+    /// Some lease: a put with none (freed: a member of no queue) counts as gone.
+    SomeLease,
+    /// This lease: a holder's own key.
+    Lease(LeaseId),
+}
+
 /// Why a held key read as `kv` (`None`: not found) is no longer the one created at
-/// `create_rev` (and, with `bound_to`, bound to that lease): `"key deleted"`, `"key
-/// replaced"` or `"key overwritten"`; `None` if it still is.
+/// `create_rev`, bound as `binding` says: `"key deleted"`, `"key replaced"` or `"key
+/// overwritten"`; `None` if it still is.
 pub(crate) fn gone_why(
     kv: Option<&crate::store::KeyValue>,
     create_rev: Revision,
-    bound_to: Option<LeaseId>,
+    binding: Binding,
 ) -> Option<&'static str> {
+    let unbound = |lease: LeaseId| match binding {
+        Binding::Any => false,
+        Binding::SomeLease => lease == 0,
+        Binding::Lease(ours) => lease != ours,
+    };
     match kv {
         None => Some("key deleted"),
         Some(kv) if kv.create_revision != create_rev => Some("key replaced"),
-        Some(kv) if bound_to.is_some_and(|lease| kv.lease != lease) => Some("key overwritten"),
+        Some(kv) if unbound(kv.lease) => Some("key overwritten"),
         Some(_) => None,
     }
 }
 
-/// Read `keys`: the revision of the read if each still has its create revision (and, with
-/// `bound_to`, that lease), else the index of the first that does not, and whether it was
+/// Read `keys`: the revision of the read if each still has its create revision (and is
+/// bound as `binding` says), else the index of the first that does not, and whether it was
 /// deleted, replaced or overwritten.
 async fn read_keys(
     store: &Arc<dyn Store>,
     keys: &[(&[u8], Revision)],
-    bound_to: Option<LeaseId>,
+    binding: Binding,
 ) -> Result<std::result::Result<Revision, (usize, &'static str)>> {
     use crate::store::{Range, Txn, TxnOp, TxnOpResponse};
     let read = store
@@ -977,7 +1009,7 @@ async fn read_keys(
             TxnOpResponse::Get(g) => g.kvs.first(),
             _ => None,
         };
-        if let Some(why) = gone_why(now, *create_rev, bound_to) {
+        if let Some(why) = gone_why(now, *create_rev, binding) {
             return Ok(Err((index, why)));
         }
     }
@@ -1224,7 +1256,7 @@ mod tests {
                 store.delete(crate::store::KeyRange::key("q/a")).await
             })
         };
-        let answer = keys_gone(&hub, &store, &[(b"q/a", created)], true, None)
+        let answer = keys_gone(&hub, &store, &[(b"q/a", created)], true, Binding::Any)
             .await
             .unwrap();
         assert_eq!(answer, Some((0, "key deleted")));
@@ -1413,7 +1445,13 @@ mod tests {
             };
             let answer = tokio::time::timeout(
                 Duration::from_secs(3),
-                keys_gone(&hub, &store, &[(b"q/a", a), (b"q/b", b)], false, None),
+                keys_gone(
+                    &hub,
+                    &store,
+                    &[(b"q/a", a), (b"q/b", b)],
+                    false,
+                    Binding::Any,
+                ),
             )
             .await
             .unwrap_or_else(|_| panic!("keys_gone hung (compacted: {compacted})"));

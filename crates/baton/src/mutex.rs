@@ -873,4 +873,53 @@ mod tests {
         assert!(!g.is_lost(), "{:?}", g.lost_reason());
         g.unlock().await.unwrap();
     }
+
+    /// The predecessor's delete and the waiter's key freed (overwritten with no lease) in
+    /// one revision, the delete first (one transaction): the waiter's registration is
+    /// answered by the delete, so only the check that the shared watch saw no overwrite of
+    /// its own key (`hub::changed_since`) keeps it from being granted beside a third session
+    /// (found by the review of entry 42: with that check counting deletes only, "two
+    /// holders, neither lost").
+    #[tokio::test]
+    async fn a_predecessor_deleted_and_a_waiter_freed_in_one_revision_grant_one_holder() {
+        use crate::store::{Txn, TxnOp};
+        use std::time::Duration;
+        let client = crate::Client::memory();
+        let (s1, s2, s3) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        // Warm: the shared watch on the name is live for s2's client.
+        for _ in 0..2 {
+            let g = Mutex::new(&s2, "one-rev").unwrap().lock().await.unwrap();
+            g.unlock().await.unwrap();
+        }
+        let g1 = Mutex::new(&s1, "one-rev").unwrap().lock().await.unwrap();
+        let m2 = Mutex::new(&s2, "one-rev").unwrap();
+        let w2 = tokio::spawn(async move { m2.lock().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let k1 = g1.key().to_string();
+        let k2 = format!("one-rev/{:x}", s2.lease_id());
+        let txn = Txn::new().and_then([
+            TxnOp::delete(k1.as_bytes()),
+            TxnOp::put(k2.as_bytes(), b"", 0),
+        ]);
+        client.store().txn(txn).await.unwrap();
+        let g2 = tokio::time::timeout(Duration::from_secs(3), w2)
+            .await
+            .expect("the waiter hung")
+            .unwrap();
+        let g3 = Mutex::new(&s3, "one-rev").unwrap().try_lock().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let both = matches!((&g2, &g3), (Ok(a), Ok(b)) if !a.is_lost() && !b.is_lost());
+        assert!(!both, "two holders, neither lost");
+        assert!(
+            matches!(g2, Err(crate::Error::NotHeld { .. })),
+            "{:?}",
+            g2.map(|g| g.fencing_token())
+        );
+        assert!(g3.is_ok(), "{:?}", g3.err());
+        drop(g1);
+    }
 }

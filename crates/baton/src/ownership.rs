@@ -274,7 +274,7 @@ async fn watch_key(
                 store,
                 &[(&key, create_rev)],
                 true,
-                Some(lease),
+                crate::hub::Binding::Lease(lease),
             )
             .await
             {
@@ -311,7 +311,11 @@ async fn watch_key(
         // The watch broke, its start was compacted, or it started after `after`: read the
         // key to learn where we stand.
         match store.range(Range::key(key.clone())).await {
-            Ok(resp) => match crate::hub::gone_why(resp.kvs.first(), create_rev, Some(lease)) {
+            Ok(resp) => match crate::hub::gone_why(
+                resp.kvs.first(),
+                create_rev,
+                crate::hub::Binding::Lease(lease),
+            ) {
                 Some(why) => return why,
                 None => after = resp.header_revision,
             },

@@ -912,7 +912,7 @@ impl Held {
                 .as_ref()
                 .and_then(TxnOpResponse::as_get)
                 .and_then(|g| g.kvs.first());
-            let lease = Some(self.session.lease_id());
+            let lease = crate::hub::Binding::Lease(self.session.lease_id());
             if let Some(why) = crate::hub::gone_why(kv, self.rev, lease) {
                 // Lost as of this transaction's revision, whatever a watch says later: the
                 // watch may not have told us yet.
@@ -1074,10 +1074,12 @@ macro_rules! held_accessors {
         #[doc = concat!("Completes when the ", $what, " is lost: our key was deleted or replaced")]
         /// (by an admin, a revoke or the lease's expiry), or overwritten so that it is no
         /// longer bound to our lease (it then no longer counts in the queue: a waiter may be
-        /// granted; seen by the key's own watch, or by a holder that watches through its
-        /// client's shared watch only when it next reads the key), or the session was lost (see
-        /// [`Session::lost`](crate::Session::lost)). A deleted key is noticed within one watch
-        /// round trip. The session's local deadline is checked when this is called: if it has
+        /// granted), or the session was lost (see [`Session::lost`](crate::Session::lost)).
+        /// A deleted key, or one overwritten with no lease (`etcdctl put KEY ""`), is noticed
+        /// within one watch round trip (plus a read); a key overwritten bound to another
+        /// lease (`etcdctl put --lease`), by the key's own watch as fast, but by a holder that
+        /// watches through its client's shared watch (it held the name a moment before) only
+        /// when it next reads the key (a write through the guard, or the release). The session's local deadline is checked when this is called: if it has
         /// passed, the future is ready at once.
         ///
         /// # Cancel safety

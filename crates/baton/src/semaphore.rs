@@ -40,7 +40,8 @@ use crate::watching::{while_alive, Waiter};
 /// A waiter reads the queue again only when a change lets it in. After a read it hears
 /// the deletes under the name from its client's shared watch (one etcd watch per client
 /// and name, as a [`Mutex`](crate::Mutex)'s waiters use), and takes each
-/// deleted key's permits off what it read: no key can join the queue ahead of it, so it
+/// deleted key's permits off what it read (a key freed by an operator's `etcdctl put KEY
+/// ""`, with no lease, counts as deleted): no key can join the queue ahead of it, so it
 /// knows when it fits without reading. So a release of one permit makes the first waiter
 /// that fits read, and no other. Every waiting task does hear every release, in process.
 ///
@@ -1046,5 +1047,36 @@ mod tests {
     #[test]
     fn types_are_send_and_sync() {
         bounds();
+    }
+
+    /// A permit key freed by an operator (overwritten with no lease) ahead of a waiter: the
+    /// waiter hears it from its client's shared watch and gets its permit at once, as a
+    /// mutex waiter does (found by the review of entry 42: it waited for its 30 s re-read).
+    #[tokio::test]
+    async fn a_waiter_hears_a_freed_key_ahead() {
+        let client = Client::memory();
+        let (s1, s2) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "freed-ahead", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "freed-ahead", 1).unwrap();
+        let w = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client
+            .store()
+            .put(p1.key().as_bytes(), b"1/1", 0)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("the waiter was not told the key ahead was freed (5 s)")
+            .unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
+        drop(p1);
     }
 }

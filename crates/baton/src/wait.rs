@@ -43,10 +43,11 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How long a waiter waits on a watch before it reads its turn again anyway (plus up to a
 /// quarter more, at random, so that waiters do not read together). A key ahead can stop
 /// counting as a member without a delete (overwritten without a lease by an operator's
-/// `etcdctl put`, its holder gone: never deleted). The client's shared watch on the queue
-/// hears that, and sends its waiters to read at once; the single-key watches of a waiter
-/// deep in a long queue hear deletes only, and leave it to this read. One read per waiter
-/// per half minute.
+/// `etcdctl put`, its holder gone: never deleted). The watches hear that too (the client's
+/// shared watch on the queue, and a waiter's watches of its predecessor and its own key),
+/// and send the waiter to read at once; this read is for what they cannot tell (a key
+/// ahead, not the predecessor, rebound to another lease, say). One read per waiter per
+/// half minute.
 pub(crate) const RECHECK: Duration = Duration::from_secs(30);
 
 /// [`RECHECK`] with its jitter.
@@ -255,7 +256,7 @@ pub(crate) async fn wait_turn(
             let keys = [(pred.key.as_slice(), pred.create_revision), mine];
             let gone = tokio::time::timeout(
                 recheck_after(),
-                crate::hub::keys_gone(hub, store, &keys, false, None),
+                crate::hub::keys_gone(hub, store, &keys, false, crate::hub::Binding::SomeLease),
             )
             .await;
             let woken = match gone {
