@@ -30,9 +30,9 @@
 //! of other primitives under the same prefix; the read it would cost each handoff instead
 //! took a fifth to a third of the contended rate.)
 //!
-//! A semaphore's waiters must hear every delete of their queue, not only their
-//! predecessor's (see `semaphore.rs`): they subscribe to the same watch
-//! ([`Hub::subscribe_deletes`]), and are told of each delete by a call in place.
+//! A semaphore's waiters must hear every delete of their queue (and every key freed there),
+//! not only their predecessor's (see `semaphore.rs`): they subscribe to the same watch
+//! ([`Hub::subscribe_deletes`]), and are told of each by a call in place.
 //!
 //! Correctness rests on one invariant: the hub has seen every delete under the prefix from
 //! `buffer_from` up to `progress`, and keeps those deletes in a bounded buffer. A waiter that

@@ -390,8 +390,9 @@ impl Semaphore {
     /// Whether they do depends only on which keys are before ours: none can be added (a
     /// key created later queues behind us), and each keeps its count. So after a read the
     /// waiter hears every delete under the name from its client's shared watch (one etcd
-    /// watch and one event per delete for all the client's waiters), takes each deleted
-    /// key's permits off what it read, and reads again only when that leaves room, or when
+    /// watch and one event per delete for all the client's waiters), and every key freed
+    /// there (overwritten with no lease), takes each such key's permits off what it read,
+    /// and reads again only when that leaves room, or when
     /// its own key goes. It never waits on another waiter's process
     /// (before, a waiter behind another waited for that one to be granted and rewrite its
     /// key: a waiter paused, killed or not polled held up everyone behind it until its
@@ -451,10 +452,8 @@ impl Semaphore {
                 // Heard enough, or the shared watch broke: read again (after a backoff if
                 // it broke, so that a watch that keeps ending cannot make a tight loop).
                 Ok(true) => match tokio::time::timeout(crate::wait::recheck_after(), rx).await {
-                    // Read again anyway now and then (see `wait::RECHECK`): a key before
-                    // ours that stops counting without a delete (overwritten without a
-                    // lease, its holder gone) is seen only by a read. Dropping the receiver
-                    // ends the hook.
+                    // Read again anyway now and then (see `wait::RECHECK`), for whatever the
+                    // watch could not tell. Dropping the receiver ends the hook.
                     Err(_) => {}
                     Ok(told) => {
                         waiter.woke();
@@ -513,7 +512,7 @@ impl Semaphore {
 }
 
 /// A waiter's count of the permits held or asked for before its key, told of every delete
-/// under the name by its client's shared watch: it tells its waiter when they leave room
+/// (and every key freed) under the name by its client's shared watch: it tells its waiter when they leave room
 /// for its request, or when its own key goes.
 struct Tally {
     mine: Vec<u8>,
@@ -1078,5 +1077,83 @@ mod tests {
             .unwrap();
         assert!(got.is_ok(), "{:?}", got.err());
         drop(p1);
+    }
+
+    /// A waiter whose own key is freed (overwritten with no lease) ends with `NotHeld` at
+    /// once, not at its 30 s re-read (from the review of entry 42's second part).
+    #[tokio::test]
+    async fn a_waiter_whose_key_is_freed_is_not_held() {
+        let client = Client::memory();
+        let (s1, s2) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "freed-own", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "freed-own", 1).unwrap();
+        let k2 = sem2.key().to_string();
+        let w = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.store().put(k2.as_bytes(), b"1/1", 0).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), w)
+            .await
+            .expect("own key freed: not told within 2 s")
+            .unwrap();
+        assert!(
+            matches!(got, Err(Error::NotHeld { .. })),
+            "{:?}",
+            got.map(|p| p.key().to_string())
+        );
+        drop(p1);
+    }
+
+    /// A key ahead freed, then deleted (its holder's release): its permits come off once.
+    /// With another holder still there, a waiter for 2 of 2 permits is not granted until
+    /// that one releases too (from the review of entry 42's second part).
+    #[tokio::test]
+    async fn a_key_freed_then_deleted_counts_once() {
+        let client = Client::memory();
+        let (s1, s2, s3) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "freed-twice", 2)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let p2 = Semaphore::new(&s2, "freed-twice", 2)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem3 = Semaphore::new(&s3, "freed-twice", 2).unwrap();
+        let w = tokio::spawn(async move { sem3.acquire_many(2).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let k1 = p1.key().to_string();
+        client.store().put(k1.as_bytes(), b"1/2", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Removes the freed key (or says NotHeld, the key removed in the background).
+        let _ = p1.release().await;
+        let _ = client
+            .store()
+            .delete(crate::store::KeyRange::key(k1.as_bytes()))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !w.is_finished(),
+            "granted 2 of 2 while another permit is held: {:?}",
+            w.await
+        );
+        p2.release().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(3), w)
+            .await
+            .expect("not granted after the last release")
+            .unwrap();
+        assert!(got.is_ok(), "{:?}", got.err());
     }
 }

@@ -45,9 +45,8 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// counting as a member without a delete (overwritten without a lease by an operator's
 /// `etcdctl put`, its holder gone: never deleted). The watches hear that too (the client's
 /// shared watch on the queue, and a waiter's watches of its predecessor and its own key),
-/// and send the waiter to read at once; this read is for what they cannot tell (a key
-/// ahead, not the predecessor, rebound to another lease, say). One read per waiter per
-/// half minute.
+/// and send the waiter to read at once; this read is a safety net for whatever a watch
+/// fails to tell. One read per waiter per half minute.
 pub(crate) const RECHECK: Duration = Duration::from_secs(30);
 
 /// [`RECHECK`] with its jitter.
