@@ -429,18 +429,7 @@ impl Hub {
         after: Revision,
         upto: Revision,
     ) -> Option<Option<Revision>> {
-        let pw = self.get(prefix)?;
-        let st = pw.state();
-        // The answer must cover every revision in (after, upto]: the buffer must start no
-        // later than after + 1, and the watch must have delivered everything up to `upto`.
-        if !st.alive || st.buffer_from > after + 1 || st.progress < upto {
-            return None;
-        }
-        let found = st
-            .since(after)
-            .find(|(_, k, change)| *change == Change::Deleted && k.as_slice() == key)
-            .map(|(rev, _, _)| *rev);
-        Some(found)
+        self.first_since(prefix, key, after, upto, |change| change == Change::Deleted)
     }
 
     /// The first delete or overwrite (a put on a key that existed, by anyone, with a lease
@@ -453,14 +442,29 @@ impl Hub {
         after: Revision,
         upto: Revision,
     ) -> Option<Option<Revision>> {
+        self.first_since(prefix, key, after, upto, |_| true)
+    }
+
+    /// The revision of the first change of `key` after `after` that `counts`, as
+    /// [`deleted_since`](Hub::deleted_since) answers.
+    fn first_since(
+        &self,
+        prefix: &[u8],
+        key: &[u8],
+        after: Revision,
+        upto: Revision,
+        counts: impl Fn(Change) -> bool,
+    ) -> Option<Option<Revision>> {
         let pw = self.get(prefix)?;
         let st = pw.state();
+        // The answer must cover every revision in (after, upto]: the buffer must start no
+        // later than after + 1, and the watch must have delivered everything up to `upto`.
         if !st.alive || st.buffer_from > after + 1 || st.progress < upto {
             return None;
         }
         let found = st
             .since(after)
-            .find(|(_, k, _)| k.as_slice() == key)
+            .find(|(_, k, change)| counts(*change) && k.as_slice() == key)
             .map(|(rev, _, _)| *rev);
         Some(found)
     }
