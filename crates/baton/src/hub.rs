@@ -754,33 +754,21 @@ async fn run(dead_at_end: DeadAtEnd, pw: Weak<PrefixWatch>, mut stream: crate::s
             let Some(change) = Change::of(ev.kind, &ev.kv) else {
                 continue;
             };
-            if change == Change::Freed {
-                // Whoever waits on the key reads it again (see `Waiter::freed`).
-                if let Some(ws) = st.waiters.get_mut(&ev.kv.key) {
-                    ws.retain(|w| {
-                        if rev > w.after {
-                            w.freed();
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    if ws.is_empty() {
-                        st.waiters.remove(&ev.kv.key);
-                    }
-                }
-            }
             if change.leaves() {
                 st.all
                     .retain_mut(|sub| rev <= sub.after || !sub.hook.deleted(rev, &ev.kv.key));
                 if let Some(ws) = st.waiters.get_mut(&ev.kv.key) {
                     ws.retain(|w| {
-                        if rev > w.after {
-                            w.send(Woken::Deleted(rev));
-                            false
-                        } else {
-                            true
+                        if rev <= w.after {
+                            return true;
                         }
+                        match change {
+                            // Whoever waits on a freed key reads it again (see
+                            // `Waiter::freed`).
+                            Change::Freed => w.freed(),
+                            _ => w.send(Woken::Deleted(rev)),
+                        }
+                        false
                     });
                     if ws.is_empty() {
                         st.waiters.remove(&ev.kv.key);
