@@ -46,6 +46,45 @@ const FOREIGN_REMOVALS: u32 = 3;
 /// few seconds).
 const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
 
+/// The retries of a join's requests: a retryable failure is tried again after a backoff
+/// (50 ms, doubling up to 1 s) while the session lives, until `retry_for` has passed.
+struct Retry {
+    give_up: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new(retry_for: Duration) -> Retry {
+        Retry {
+            give_up: tokio::time::Instant::now() + retry_for,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// After `what` failed with `e`: `Ok` once the backoff has passed, to try again, or the
+    /// error to end with. Once the session is lost, that is why we stop
+    /// ([`Error::SessionLost`]): the store's error would read as "try again".
+    async fn after(&mut self, session: &Session, e: Error, what: &str) -> Result<()> {
+        if !e.is_retryable() {
+            return Err(e);
+        }
+        if session.is_lost() {
+            tracing::debug!(error = %e, "{what} failed, and the session is lost");
+            return Err(session.lost_error());
+        }
+        if tokio::time::Instant::now() + self.backoff >= self.give_up {
+            return Err(e);
+        }
+        tracing::debug!(error = %e, "{what} failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff) => {}
+            _ = session.lost() => return Err(session.lost_error()),
+        }
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
+}
+
 /// Our key in a queue, not yet at its head (or not yet known to be).
 ///
 /// Dropping it before [`Entry::into_held`] removes our key: at once if our revision is known,
@@ -428,25 +467,15 @@ impl Entry {
                 Compare::lease(kv.key.clone(), CompareOp::Equal, 0),
             ])
             .and_then([TxnOp::delete(kv.key)]);
-        let give_up = tokio::time::Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = Retry::new(self.retry_for);
         loop {
             match self.store.txn(txn.clone()).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.is_retryable() && self.session.is_lost() => {
-                    tracing::debug!(error = %e, "removing our freed key failed, and the session is lost");
-                    return Err(self.session.lost_error());
+                Err(e) => {
+                    retry
+                        .after(&self.session, e, "removing our freed key")
+                        .await?
                 }
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < give_up => {
-                    tracing::debug!(error = %e, "removing our freed key failed; retrying");
-                    let session = &self.session;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = session.lost() => return Err(session.lost_error()),
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -463,8 +492,7 @@ impl Entry {
     /// idempotent (it creates our key only if it does not exist, else reads it), so a retry
     /// after a join that did apply finds our key and its revision.
     async fn send(&mut self, txn: Txn) -> Result<TxnResponse> {
-        let give_up = tokio::time::Instant::now() + self.retry_for;
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = Retry::new(self.retry_for);
         loop {
             let store = self.store.clone();
             let attempt = txn.clone();
@@ -484,22 +512,8 @@ impl Entry {
                 self.maybe_applied = true;
             }
             match res {
-                // Lost while the store did not answer: that is why we stop, and the store's
-                // error would read as "try again".
-                Err(e) if e.is_retryable() && self.session.is_lost() => {
-                    tracing::debug!(error = %e, "joining the queue failed, and the session is lost");
-                    return Err(self.session.lost_error());
-                }
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < give_up => {
-                    tracing::debug!(error = %e, "joining the queue failed; retrying");
-                    let session = &self.session;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = session.lost() => return Err(session.lost_error()),
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                other => return other,
+                Err(e) => retry.after(&self.session, e, "joining the queue").await?,
+                ok => return ok,
             }
         }
     }
