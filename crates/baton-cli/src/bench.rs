@@ -84,8 +84,8 @@ const MAX_WORKERS: u64 = 10_000;
 const MAX_OPS: u64 = 10_000_000;
 
 /// The most `--ops` of `scale`, which holds that many locks at once on one session: each
-/// takes about 26 KB of heap on etcd (its key's watch stream; BENCHMARKS.md), so this is
-/// about 2.6 GB.
+/// takes about 7 KB of heap on etcd (its key and its watch, on a shared stream;
+/// BENCHMARKS.md), so this is about 0.7 GB.
 const MAX_SCALE_OPS: u64 = 100_000;
 
 /// `baton bench`.
@@ -105,7 +105,7 @@ pub(crate) struct Args {
 
     /// Operations: lock+unlock cycles, handovers, loss probes, or locks held at once (scale).
     /// The default makes each scenario take a few seconds. At most 10000000; for scale, at
-    /// most 100000 (each held lock takes about 26 KB of heap on etcd).
+    /// most 100000 (each held lock takes about 7 KB of heap on etcd).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_OPS))]
     pub(crate) ops: Option<u64>,
 
@@ -253,7 +253,7 @@ impl Config {
         }
         if args.scenario == Scenario::Scale && ops > MAX_SCALE_OPS {
             return Err(CliError::failed(format!(
-                "bench scale holds --ops locks at once, about 26 KB of heap each on etcd: \
+                "bench scale holds --ops locks at once, about 7 KB of heap each on etcd: \
                  --ops {ops} is more than the {MAX_SCALE_OPS} allowed"
             )));
         }

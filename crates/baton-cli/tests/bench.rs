@@ -528,7 +528,7 @@ fn huge_ops_and_workers_are_refused() {
         &["distinct", "--ops", "10000001"][..],
         &["lost", "--ops", "1000000000000", "--ttl", "2s"][..],
         &["scale", "--ops", "1000000000000"][..],
-        // scale holds every lock at once (~26 KB of heap each on etcd): at most 100,000.
+        // scale holds every lock at once (~7 KB of heap each on etcd): at most 100,000.
         &["scale", "--ops", "100001"][..],
         &["scale", "--ops", "10000000"][..],
         &[

@@ -482,6 +482,109 @@ async fn a_prefix_role_allows_its_prefix_and_denies_the_rest_at_once() {
     assert!(matches!(err, Error::Unauthenticated(_)), "{err}");
 }
 
+/// A role on a lock's own prefix (`NAME/`) alone does not cover the lock's handoff mark
+/// (`NAME` then `\0baton-handoff`, left by the release of a holder that waited in a long
+/// queue, and read by its successor): the successor reads the queue instead, and every
+/// waiter is still granted, in order. No mark is left.
+#[tokio::test]
+async fn a_role_on_the_lock_prefix_alone_hands_over_without_marks() {
+    hands_over_without_marks(false).await;
+}
+
+/// The same, with a role that may read the mark but not write it: the release that would
+/// leave it is refused as a whole, and goes on without it, at once.
+#[tokio::test]
+async fn a_role_that_may_not_write_the_mark_releases_without_it() {
+    hands_over_without_marks(true).await;
+}
+
+async fn hands_over_without_marks(read_mark: bool) {
+    if skip() {
+        return;
+    }
+    let etcd = tokio::task::spawn_blocking(move || {
+        let etcd = EtcdServer::start();
+        etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/x/")]);
+        if read_mark {
+            // Read on every key that starts with `locks/x`, the mark among them.
+            let args = [
+                "role",
+                "grant-permission",
+                "app-role",
+                "read",
+                "--prefix=true",
+                "locks/x",
+            ];
+            let out = etcd.etcdctl(args);
+            assert!(out.status.success(), "{out:?}");
+        }
+        etcd
+    })
+    .await
+    .unwrap();
+    let connect = || {
+        Client::builder(&etcd.endpoint())
+            .with_user("app", APP_PASSWORD)
+            .connect()
+    };
+    let watcher = connect().await.unwrap();
+    let first = Session::builder(&watcher).build().await.unwrap();
+    let held = Mutex::new(&first, "locks/x").unwrap().lock().await.unwrap();
+    // Waiters each with a client of their own, queued in order: a long queue, in which
+    // each waiter watches single keys.
+    let n = 12;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut sessions = vec![first];
+    for i in 0..n {
+        let session = Session::builder(&connect().await.unwrap())
+            .build()
+            .await
+            .unwrap();
+        let mutex = Mutex::new(&session, "locks/x").unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let guard = mutex.lock().await?;
+                let token = guard.fencing_token();
+                guard.unlock().await?;
+                Ok::<_, Error>(token)
+            }
+            .await;
+            let _ = tx.send((i, result));
+        });
+        loop {
+            let keys = watcher.store().range(Range::prefix("locks/x/")).await;
+            if keys.unwrap().kvs.len() > i + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sessions.push(session);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.unlock().await.unwrap();
+    let mut granted = Vec::new();
+    for _ in 0..n {
+        let (at, result) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a waiter hung")
+            .unwrap();
+        granted.push((result.unwrap(), at));
+    }
+    // Granted in the order they queued: by fencing token (each reports after its unlock,
+    // so the reports may come in any order).
+    granted.sort();
+    let order: Vec<usize> = granted.iter().map(|(_, at)| *at).collect();
+    assert_eq!(order, (0..n).collect::<Vec<_>>(), "{granted:?}");
+    let out = etcd.etcdctl(["get", "--prefix", "--keys-only", "locks/"]);
+    let keys = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{keys}");
+    assert!(!keys.contains("baton-handoff"), "{keys}");
+    for s in sessions {
+        s.close().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn locks_held_and_awaited_survive_token_expiry() {
     if skip() {

@@ -45,7 +45,7 @@
 //! again), so such a stale delete can name the very key the waiter waits on.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::Duration;
 
@@ -83,6 +83,10 @@ pub(crate) struct Hub {
     /// When this client last held a key under each prefix (see [`Hub::held_again`]).
     held: StdMutex<Held>,
     pub(crate) counters: Counters,
+    /// Set once the store refused a handoff mark (the user's roles cover a lock's keys but
+    /// not its mark): this client's releases leave none from then on (see
+    /// [`ownership::Mark`](crate::ownership::Mark)).
+    pub(crate) marks_refused: AtomicBool,
 }
 
 /// What a client has done, for benchmarks and monitoring. See [`ClientStats`].

@@ -75,6 +75,16 @@
 //! `etcdctl elect`, so Go services, operators and Baton share one lock or election. An
 //! [`RwLock`] uses `NAME/read/…` and `NAME/write/…` like Go's `contrib/recipes`.
 //!
+//! One key is Baton's own: a mutex or election holder that waited in a long queue (more
+//! than 8 ahead of it) writes its fencing token to `NAME` + `"\0baton-handoff"` (a NUL,
+//! which no name contains), bound to its lease, in the transaction that releases it. Its
+//! successor, woken by that delete, reads the mark and its own key instead of the whole
+//! queue (which etcd 3.4 serves by fetching every key under `NAME/`). The mark lies outside
+//! `NAME/`, so Go's waiters and `etcdctl` never see it; Go holders write none (their
+//! successors then read the queue, as without marks); it goes with the lease of the last
+//! session that wrote it. A role that covers `NAME/` but not the mark works too: the client
+//! then leaves and reads no marks (see `docs/security.md`).
+//!
 //! The recipes keep Go's layouts where Go has the recipe: a [`Barrier`] is the key `NAME`; a
 //! [`DoubleBarrier`] uses `NAME/waiters/<lease id in hex>` and `NAME/ready`; a [`Queue`]
 //! holds items at `NAME/<nanoseconds>` and a [`PriorityQueue`] at

@@ -922,4 +922,147 @@ mod tests {
         assert!(g3.is_ok(), "{:?}", g3.err());
         drop(g1);
     }
+
+    /// A session of its own client (no shared watch: a waiter in a long queue watches single
+    /// keys) on `store`, and `n` of them queued on `name` behind a holder, in order: each
+    /// task sends its index and fencing token once granted, then unlocks.
+    async fn long_queue(
+        store: &std::sync::Arc<crate::store::slow::SlowWatches>,
+        name: &str,
+        n: usize,
+    ) -> (
+        MutexGuard,
+        Vec<Session>,
+        tokio::sync::mpsc::UnboundedReceiver<(usize, crate::store::Revision)>,
+    ) {
+        use crate::store::{Range, Store};
+        let own = || crate::Client::from_arc(store.clone());
+        let first = Session::new(&own()).await.unwrap();
+        let held = Mutex::new(&first, name).unwrap().lock().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut sessions = vec![first];
+        for i in 0..n {
+            let session = Session::new(&own()).await.unwrap();
+            let mutex = Mutex::new(&session, name).unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(g) = mutex.lock().await {
+                    let _ = tx.send((i, g.fencing_token()));
+                    g.unlock().await.unwrap();
+                }
+            });
+            // Joined before the next one joins: in this order.
+            let prefix = format!("{name}/");
+            while store
+                .inner
+                .range(Range::prefix(prefix.as_bytes()))
+                .await
+                .unwrap()
+                .kvs
+                .len()
+                < i + 2
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sessions.push(session);
+        }
+        // Each waiter sets its watches up.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (held, sessions, rx)
+    }
+
+    /// In a long queue of separate clients, a holder that waited in it leaves the queue's
+    /// handoff mark in its release (its create revision, bound to its lease), and its
+    /// successor is granted on reading that mark and its own key: the queue is read once in
+    /// the whole handoff (by the successor of the last holder that waited in a short queue),
+    /// where each waiter used to read it (the read that costs etcd 3.4 a fetch of every key
+    /// under the prefix). Order and fencing tokens are as before; the mark goes with the
+    /// session.
+    #[tokio::test]
+    async fn a_long_queue_hands_over_by_its_marks_without_reading_the_queue() {
+        use crate::store::{Range, Store};
+        use std::sync::atomic::Ordering;
+        let store = std::sync::Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let n = 16;
+        let (held, sessions, mut granted) = long_queue(&store, "marked", n).await;
+        let reads_before = store.queue_reads.load(Ordering::Relaxed);
+        held.unlock().await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..n {
+            let got = tokio::time::timeout(Duration::from_secs(10), granted.recv())
+                .await
+                .expect("a waiter hung")
+                .unwrap();
+            order.push(got);
+        }
+        let indices: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, (0..n).collect::<Vec<_>>());
+        assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "{order:?}");
+        let reads = store.queue_reads.load(Ordering::Relaxed) - reads_before;
+        assert!(reads <= 1, "{reads} reads of the queue for {n} handoffs");
+        let mark = Range::key(b"marked\0baton-handoff".to_vec());
+        let kv = store.inner.range(mark.clone()).await.unwrap().kvs;
+        let (_, last_token) = order[n - 1];
+        assert_eq!(kv[0].value, last_token.to_string().into_bytes());
+        assert_eq!(kv[0].lease, sessions[n].lease_id());
+        for s in sessions {
+            s.close().await.unwrap();
+        }
+        assert!(store.inner.range(mark).await.unwrap().kvs.is_empty());
+    }
+
+    /// A mark left by an earlier release names that release's key: it grants nobody else.
+    /// Here the last waiter of a long queue loses its predecessor to a give-up (a delete
+    /// that leaves no mark), with holders still ahead: it reads the queue, finds the one
+    /// ahead, and waits on, granted only after everyone ahead.
+    #[tokio::test]
+    async fn a_waiter_whose_predecessor_gave_up_is_not_granted_by_an_old_mark() {
+        let store = std::sync::Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        // An earlier long queue leaves a mark.
+        let (held, sessions, mut granted) = long_queue(&store, "old-mark", 10).await;
+        held.unlock().await.unwrap();
+        for _ in 0..10 {
+            granted.recv().await.unwrap();
+        }
+        // A new queue on the same name: 10 waiters, one that gives up, then the last.
+        let (held, mut more, mut granted) = long_queue(&store, "old-mark", 10).await;
+        let quitter = Session::new(&crate::Client::from_arc(store.clone()))
+            .await
+            .unwrap();
+        let quitting = Mutex::new(&quitter, "old-mark").unwrap();
+        let gave_up =
+            tokio::spawn(async move { quitting.lock_timeout(Duration::from_millis(300)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let last = Session::new(&crate::Client::from_arc(store.clone()))
+            .await
+            .unwrap();
+        let mutex = Mutex::new(&last, "old-mark").unwrap();
+        let mut waiting = tokio::spawn(async move { mutex.lock().await });
+        assert!(gave_up.await.unwrap().unwrap_err().is_timeout());
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "granted with 11 holders ahead");
+        held.unlock().await.unwrap();
+        for i in 0..10 {
+            assert_eq!(granted.recv().await.unwrap().0, i);
+        }
+        let guard = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the last waiter hung")
+            .unwrap()
+            .unwrap();
+        guard.unlock().await.unwrap();
+        more.extend(sessions);
+        more.extend([quitter, last]);
+        for s in more {
+            s.close().await.unwrap();
+        }
+    }
 }

@@ -88,6 +88,11 @@ pub(crate) fn is_item(prefix: &[u8], kv: &KeyValue) -> bool {
     kv.lease == 0 && kv.key.strip_prefix(prefix).is_some_and(is_item_suffix)
 }
 
+/// What a mutex or election queue's handoff mark adds to its name (see
+/// [`Queue::handoff_key`]): a NUL, which no name contains, so the mark is no key of any
+/// other lock, election or recipe.
+pub(crate) const HANDOFF_SUFFIX: &[u8] = b"\0baton-handoff";
+
 /// The keys that form one queue, ordered by create revision.
 ///
 /// - A mutex or election queue is the direct members of `NAME/` (see [`is_member`]).
@@ -123,6 +128,25 @@ impl Queue {
     /// (`jobs/<hex>`) and barrier `deploy/1` are not holders of lock `jobs` or `deploy`.
     pub(crate) fn admits(&self, kv: &KeyValue) -> bool {
         kv.lease != 0 && self.contains(&kv.key)
+    }
+
+    /// The key where a holder of this mutex or election queue (`NAME/`) that waited in a long
+    /// queue leaves its create revision as it releases, in the transaction that deletes its
+    /// key: `NAME` + [`HANDOFF_SUFFIX`]. It lies outside the queue's prefix, so Go's
+    /// waiters (which count every key under it) never see it, and no name can be a prefix
+    /// of it but `NAME`'s own parents (names contain no NUL). `None` for a read-write lock's
+    /// full queue, or a prefix that does not end in `/`.
+    ///
+    /// Its successor, woken by that delete, reads it with its own key (two point reads)
+    /// instead of scanning the whole queue for anyone still ahead of it: the mark proves the
+    /// deleted key was once at the head, so nobody created before it is left (see
+    /// `wait::handed_over`).
+    pub(crate) fn handoff_key(&self) -> Option<Vec<u8>> {
+        if self.read_write {
+            return None;
+        }
+        let base = self.prefix.strip_suffix(b"/").filter(|b| !b.is_empty())?;
+        Some([base, HANDOFF_SUFFIX].concat())
     }
 
     /// True if `key` is a member of this queue, judging by the key alone (our own key, or
@@ -184,6 +208,16 @@ mod tests {
         assert!(!rw.contains(b"a/1f"));
         assert!(!rw.contains(b"a/b/read/1f"));
         assert!(!rw.contains(b"a/read/x/1f"));
+        assert_eq!(rw.handoff_key(), None);
+        let q = Queue::direct("a/");
+        let mark = q.handoff_key().unwrap();
+        assert_eq!(mark, b"a\0baton-handoff");
+        assert!(!q.contains(&mark));
+        assert!(!mark.starts_with(b"a/"));
+        // A nested name's mark is no member of its parent's queue either.
+        let nested = Queue::direct("a/b/").handoff_key().unwrap();
+        assert!(!q.contains(&nested));
+        assert_eq!(Queue::direct("/").handoff_key(), None);
         let w = Queue::direct("a/write/");
         assert!(w.contains(b"a/write/1f"));
         assert!(!w.contains(b"a/read/1f"));

@@ -1,5 +1,6 @@
 //! Watching a held key, so that its holder learns at once when it stops being the holder.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -335,6 +336,17 @@ async fn watch_key(
     }
 }
 
+/// A queue's handoff mark, left by the release of a holder that waited in a long queue
+/// (see [`Queue::handoff_key`](crate::names::Queue::handoff_key)): its successor, woken by
+/// the delete, reads the mark and its own key instead of the whole queue. The mark is bound
+/// to the session's lease, so it goes with the session.
+#[derive(Clone)]
+pub(crate) struct Mark {
+    pub(crate) key: Vec<u8>,
+    /// The client's hub, which remembers that the store refused a mark.
+    pub(crate) hub: Arc<crate::hub::Hub>,
+}
+
 /// Delete `key` if it is still ours: its create revision is still `create_rev` and it is
 /// still bound to `lease`. Never a plain delete: the same session may since have created a
 /// newer key under the same name (etcd #22082). Returns whether the key was ours to delete.
@@ -345,20 +357,46 @@ async fn watch_key(
 /// removed all the same (if it was not written again since; it would never expire). A key
 /// bound to another lease is another owner's, and left alone. The common case is still one
 /// transaction: the key is read only in its failure branch.
+///
+/// With `mark`, the same transaction also leaves the queue's handoff mark (see [`Mark`]).
 pub(crate) async fn delete_if_owned(
     store: &Arc<dyn Store>,
     key: &[u8],
     create_rev: Revision,
     lease: LeaseId,
+    mark: Option<&Mark>,
 ) -> Result<bool> {
-    let txn = Txn::new()
-        .when([
-            Compare::create_revision(key, CompareOp::Equal, create_rev),
-            Compare::lease(key, CompareOp::Equal, lease),
-        ])
-        .and_then([TxnOp::delete(key)])
-        .or_else([TxnOp::get(Range::key(key))]);
-    let resp = store.txn(txn).await?;
+    let mark = mark.filter(|m| !m.hub.marks_refused.load(Ordering::Relaxed));
+    let txn = |mark: Option<&Mark>| {
+        let mut then = vec![TxnOp::delete(key)];
+        if let Some(m) = mark {
+            then.push(TxnOp::put(
+                m.key.clone(),
+                crate::wait::handoff_value(create_rev),
+                lease,
+            ));
+        }
+        Txn::new()
+            .when([
+                Compare::create_revision(key, CompareOp::Equal, create_rev),
+                Compare::lease(key, CompareOp::Equal, lease),
+            ])
+            .and_then(then)
+            .or_else([TxnOp::get(Range::key(key))])
+    };
+    let resp = match (store.txn(txn(mark)).await, mark) {
+        // The user's roles cover the lock's keys (`NAME/`) but not its mark (`NAME` and a
+        // suffix): nothing was applied. Release without, and leave no more marks.
+        (Err(e), Some(m)) if e.is_access_denied() => {
+            m.hub.marks_refused.store(true, Ordering::Relaxed);
+            tracing::info!(
+                error = %e,
+                "the store refused a handoff mark; releasing without (waiters in long queues read the whole queue instead)"
+            );
+            store.txn(txn(None)).await?
+        }
+        (resp, _) => resp?,
+    };
     if resp.succeeded {
         return Ok(true);
     }
@@ -406,10 +444,11 @@ pub(crate) async fn settle_delete(
     create_rev: Revision,
     lease: LeaseId,
     claim: &OwnedClaim,
+    mark: Option<&Mark>,
 ) -> Result<bool> {
     let mut backoff = RETRY_MIN;
     loop {
-        match delete_if_owned(store, key, create_rev, lease).await {
+        match delete_if_owned(store, key, create_rev, lease, mark).await {
             Ok(deleted) => return Ok(deleted),
             Err(e) if e.is_retryable() && !claim.session_lost() => {
                 tracing::debug!(error = %e, "release failed; retrying until the store answers");
@@ -431,12 +470,13 @@ pub(crate) fn release_in_background(
     create_rev: Revision,
     lease: LeaseId,
     claim: OwnedClaim,
+    mark: Option<Mark>,
 ) {
     claim.releasing();
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(
             async move {
-                match settle_delete(&store, &key, create_rev, lease, &claim).await {
+                match settle_delete(&store, &key, create_rev, lease, &claim, mark.as_ref()).await {
                     Ok(_) => {}
                     // The session's loss takes the key with its lease: nothing to warn of.
                     Err(e) if claim.session_lost() => {

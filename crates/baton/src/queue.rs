@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::names::Queue;
 use crate::ownership::{
-    delete_if_owned, not_held, release_in_background, settle_delete, Ownership,
+    delete_if_owned, not_held, release_in_background, settle_delete, Mark, Ownership,
 };
 use crate::session::{OwnedClaim, Session, WeakSession};
 use crate::store::{
@@ -127,6 +127,8 @@ pub(crate) struct Entry {
     joined: Vec<KeyValue>,
     /// Our predecessor as the join transaction saw it, for the first step of the wait.
     hint: Option<TurnRead>,
+    /// We waited in a long queue: our release leaves the handoff mark (see [`Mark`]).
+    long: bool,
 }
 
 impl Entry {
@@ -226,6 +228,7 @@ impl Entry {
             existing_value: None,
             joined: Vec::new(),
             hint: None,
+            long: false,
         };
         let k = entry.key.clone();
         // The last keys created: right after our put, ours and those just ahead of us. Knowing
@@ -448,6 +451,7 @@ impl Entry {
         match turn {
             Ok(t) => {
                 self.head_at = Some(t.header_revision + 1);
+                self.long = t.long;
                 Ok(())
             }
             Err(e) => Err(session.explain_not_held(e).await),
@@ -530,7 +534,9 @@ impl Entry {
                 // A try-only acquire makes one attempt: if the store does not answer, the
                 // removal goes on in the background (this entry's `Drop`), and a try of
                 // the same name by this session fails at once meanwhile.
-                match delete_if_owned(&self.store, &self.key, rev, self.session.lease_id()).await {
+                match delete_if_owned(&self.store, &self.key, rev, self.session.lease_id(), None)
+                    .await
+                {
                     Err(e) if e.is_retryable() => {
                         tracing::debug!(error = %e, "removing our key failed; retrying in the background");
                         claim.release_failed();
@@ -541,8 +547,15 @@ impl Entry {
                     }
                     Ok(_) => {}
                 }
-            } else if let Err(e) =
-                settle_delete(&self.store, &self.key, rev, self.session.lease_id(), claim).await
+            } else if let Err(e) = settle_delete(
+                &self.store,
+                &self.key,
+                rev,
+                self.session.lease_id(),
+                claim,
+                None,
+            )
+            .await
             {
                 tracing::debug!(error = %e, "removing our key failed; it stays until the session's lease ends");
             }
@@ -557,6 +570,14 @@ impl Entry {
         let from = self.head_at.unwrap_or(rev + 1);
         let key = std::mem::take(&mut self.key);
         let ownership = Ownership::watch(&self.session, key.clone(), rev, from);
+        let mark = self
+            .queue
+            .handoff_key()
+            .filter(|_| self.long)
+            .map(|key| Mark {
+                key,
+                hub: self.session.client().hub().clone(),
+            });
         tracing::debug!(token = rev, "at the head");
         Held {
             session: self.session.clone(),
@@ -564,6 +585,7 @@ impl Entry {
             rev,
             ownership,
             claim: self.claim.take(),
+            mark,
         }
     }
 }
@@ -577,7 +599,7 @@ impl Drop for Entry {
         let key = std::mem::take(&mut self.key);
         match (self.my_rev, self.inflight.take()) {
             (Some(rev), _) => {
-                release_in_background(store, key, rev, self.session.lease_id(), claim)
+                release_in_background(store, key, rev, self.session.lease_id(), claim, None)
             }
             // The join is in flight, or failed in a way that may have applied: learn our
             // revision (from its answer, else by looking for our key) and remove the key.
@@ -613,7 +635,8 @@ impl Drop for Entry {
                             None => find_own_key(&store, &mut left, &claim).await,
                         };
                         if let Some(rev) = rev {
-                            let _ = settle_delete(&store, &left.key, rev, left.lease, &claim).await;
+                            let _ = settle_delete(&store, &left.key, rev, left.lease, &claim, None)
+                                .await;
                         }
                         let again = store
                             .request_timeout()
@@ -741,7 +764,7 @@ async fn look_again(store: &Arc<dyn Store>, left: &mut Leftover, session: &WeakS
     claim.releasing();
     if let Some(rev) = find_own_key(store, left, &claim).await {
         tracing::debug!(rev, "removing a key a join put late");
-        let _ = settle_delete(store, &left.key, rev, left.lease, &claim).await;
+        let _ = settle_delete(store, &left.key, rev, left.lease, &claim, None).await;
     }
 }
 
@@ -833,6 +856,8 @@ pub(crate) struct Held {
     rev: Revision,
     ownership: Ownership,
     claim: Option<OwnedClaim>,
+    /// The handoff mark its release leaves, if it waited in a long queue (see [`Mark`]).
+    mark: Option<Mark>,
 }
 
 impl fmt::Debug for Held {
@@ -960,11 +985,13 @@ impl Held {
             rev: self.rev,
             lease: self.session.lease_id(),
             claim: self.claim.take(),
+            mark: self.mark.take(),
         };
         if let Some(c) = &pending.claim {
             c.releasing();
         }
-        let result = delete_if_owned(&store, self.key.as_bytes(), self.rev, pending.lease)
+        let mark = pending.mark.as_ref();
+        let result = delete_if_owned(&store, self.key.as_bytes(), self.rev, pending.lease, mark)
             .instrument(tracing::debug_span!("release", what, key = %self.key, token = self.rev))
             .await;
         match result {
@@ -997,6 +1024,7 @@ struct PendingRelease {
     rev: Revision,
     lease: LeaseId,
     claim: Option<OwnedClaim>,
+    mark: Option<Mark>,
 }
 
 impl Drop for PendingRelease {
@@ -1008,6 +1036,7 @@ impl Drop for PendingRelease {
                 self.rev,
                 self.lease,
                 claim,
+                self.mark.take(),
             );
         }
     }
@@ -1023,6 +1052,7 @@ impl Drop for Held {
                 self.rev,
                 self.session.lease_id(),
                 claim,
+                self.mark.take(),
             );
         }
     }

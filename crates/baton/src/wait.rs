@@ -69,6 +69,11 @@ async fn or_recheck(
 pub(crate) struct Turn {
     /// The store revision at which we were seen at the head.
     pub(crate) header_revision: Revision,
+    /// We waited in a long queue of a mutex or an election (its first read found more than
+    /// [`HUB_QUEUE_MAX`] members ahead of us, or could not tell how many), so our successor
+    /// most likely waits in one too: our release leaves the queue's handoff mark (see
+    /// [`handed_over`]).
+    pub(crate) long: bool,
 }
 
 /// What one read of the queue found.
@@ -209,6 +214,8 @@ pub(crate) async fn wait_turn(
     // own prefix (the readers').
     let mine_in_queue = queue.contains(my_key);
     let own_prefix = crate::ownership::parent(my_key);
+    let mark = queue.handoff_key().filter(|_| mine_in_queue);
+    let mut long = None;
     loop {
         let read = match hint.take() {
             Some(read) => Ok(read),
@@ -231,9 +238,13 @@ pub(crate) async fn wait_turn(
         if !is_mine(read.mine.as_ref(), my_rev, my_lease) {
             return Err(not_held(my_key));
         }
+        let long = *long.get_or_insert_with(|| {
+            mark.is_some() && read.ahead.as_ref().is_none_or(|a| a.len() > HUB_QUEUE_MAX)
+        });
         let Some(pred) = read.pred else {
             return Ok(Turn {
                 header_revision: read.header,
+                long,
             });
         };
         tracing::trace!(predecessor = %pred.key_str(), "waiting for predecessor");
@@ -258,6 +269,20 @@ pub(crate) async fn wait_turn(
                 crate::hub::keys_gone(hub, store, &keys, false, crate::hub::Binding::SomeLease),
             )
             .await;
+            // Our predecessor is gone: if it released as a holder, its handoff mark says so,
+            // and two point reads replace the scan of the whole queue.
+            if let (Ok(Ok(Some((0, _)))), Some(mark)) = (&gone, &mark) {
+                crate::hub::Counters::add(&hub.counters.wakeups);
+                if let Some(at) = handed_over(client, mark, &pred, my_key, my_rev, my_lease).await {
+                    return Ok(Turn {
+                        header_revision: at,
+                        long,
+                    });
+                }
+                // Not marked (a Go or `etcdctl` holder, a waiter that gave up, an expired
+                // lease), or the read failed: read the queue.
+                continue;
+            }
             let woken = match gone {
                 // Time to read again anyway (see `RECHECK`).
                 Err(_) => Ok(Woken::Reread),
@@ -322,16 +347,90 @@ pub(crate) async fn wait_turn(
                     Ok(Some(at)) => {
                         return Ok(Turn {
                             header_revision: at,
+                            long,
                         })
                     }
                     Ok(None) => Ok(Woken::Deleted(rev)),
                     Err(e) => Err(e),
                 }
             }
+            // Ahead of the predecessor were members we do not know: its handoff mark, if
+            // it left one, saves the read of the whole queue.
+            Ok((0, Woken::Deleted(rev))) if mark.is_some() => {
+                let mark = mark.as_deref().unwrap_or_default();
+                match handed_over(client, mark, &pred, my_key, my_rev, my_lease).await {
+                    Some(at) => {
+                        return Ok(Turn {
+                            header_revision: at,
+                            long,
+                        })
+                    }
+                    None => Ok(Woken::Deleted(rev)),
+                }
+            }
             other => other.map(|(_, w)| w),
         };
         after_wake(woken, &mut backoff).await?;
     }
+}
+
+/// Whether `pred`, our predecessor, now gone, released the lock as its holder, as its
+/// handoff mark (`mark`: see [`Queue::handoff_key`](crate::names::Queue::handoff_key))
+/// tells: read with our own key, in one transaction. Returns the revision at which we are at
+/// the head, or `None` if the mark does not name `pred`, our key is not ours as read, or the
+/// read failed: the caller then reads the queue, as it would without marks, which decides.
+///
+/// Why the mark is enough: a holder's release writes the mark (its create revision) in the
+/// transaction that deletes its key, so a mark naming `pred` means `pred` was once at the
+/// head, when no member created before it was left; none can be created since, as create
+/// revisions only grow. And `pred` was the last member created before us. So once `pred` is
+/// gone, nobody is ahead of us, at any revision at which our key is still ours. A Go or
+/// `etcdctl` holder, a waiter that gave up and a lease that expired leave no mark, and a
+/// later release overwrites it: the waiter then reads the queue, as it would without marks.
+///
+/// The read is serializable (no round of the cluster): a member that shows a mark naming
+/// `pred` has applied the revision that deleted `pred`, and shows our key as of then or
+/// later; one that lags shows no such mark. Only that proof grants: a stale read of our own
+/// key is never taken for its loss.
+async fn handed_over(
+    client: &Client,
+    mark: &[u8],
+    pred: &KeyValue,
+    my_key: &[u8],
+    my_rev: Revision,
+    my_lease: LeaseId,
+) -> Option<Revision> {
+    let refused = &client.hub().marks_refused;
+    if refused.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let read = Txn::new().and_then([
+        TxnOp::get(Range::key(mark).serializable()),
+        TxnOp::get(Range::key(my_key).serializable()),
+    ]);
+    let resp = match client.store().txn(read).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            // The user's roles cover the lock's keys but not its mark: stop reading marks.
+            if e.is_access_denied() {
+                refused.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::debug!(error = %e, "reading the handoff mark failed; reading the queue");
+            return None;
+        }
+    };
+    let mut gets = resp.responses.into_iter().map(|r| match r {
+        crate::store::TxnOpResponse::Get(g) => g.kvs.into_iter().next(),
+        _ => None,
+    });
+    let (marked, mine) = (gets.next().flatten(), gets.next().flatten());
+    let named = marked.is_some_and(|kv| kv.value == handoff_value(pred.create_revision));
+    (named && is_mine(mine.as_ref(), my_rev, my_lease)).then_some(resp.header_revision)
+}
+
+/// The value of a handoff mark left by the release of the key created at `create_rev`.
+pub(crate) fn handoff_value(create_rev: Revision) -> Vec<u8> {
+    create_rev.to_string().into_bytes()
 }
 
 /// True if `mine` (our key as read) is still ours: our create revision, bound to our lease.

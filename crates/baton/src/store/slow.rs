@@ -72,6 +72,10 @@ pub(crate) struct SlowWatches {
     pub(crate) txns: AtomicU64,
     /// Reads made (ranges).
     pub(crate) ranges: AtomicU64,
+    /// Reads of a queue by create revision (the one etcd 3.4 serves by fetching every key
+    /// under the prefix), alone or in a transaction that writes nothing: a waiter's reads,
+    /// not a join's.
+    pub(crate) queue_reads: AtomicU64,
     /// Lease grants wait this long first.
     pub(crate) grant_delay: StdMutex<Option<Duration>>,
     /// What [`Store::request_timeout`] answers (`None`, as the embedded store, unless set).
@@ -79,6 +83,11 @@ pub(crate) struct SlowWatches {
     /// Every transaction waits this long before it is applied and answered (a slow round
     /// trip: a request stays in flight that long).
     pub(crate) delay_txns: StdMutex<Option<Duration>>,
+}
+
+/// True if `range` reads keys by create revision (a queue's read).
+fn by_create_revision(range: &Range) -> bool {
+    matches!(range.sort, Some((SortTarget::CreateRevision, _)))
 }
 
 impl SlowWatches {
@@ -107,6 +116,7 @@ impl SlowWatches {
             delay_txns: StdMutex::new(None),
             txns: AtomicU64::new(0),
             ranges: AtomicU64::new(0),
+            queue_reads: AtomicU64::new(0),
             grant_delay: StdMutex::new(None),
         }
     }
@@ -184,6 +194,9 @@ impl Store for SlowWatches {
     }
     async fn range(&self, range: Range) -> Result<RangeResponse> {
         self.ranges.fetch_add(1, Ordering::Relaxed);
+        if by_create_revision(&range) {
+            self.queue_reads.fetch_add(1, Ordering::Relaxed);
+        }
         self.check_kv()?;
         self.spring(std::iter::once(&range)).await;
         let resp = self.inner.range(range).await;
@@ -220,6 +233,14 @@ impl Store for SlowWatches {
                 TxnOp::Get(range) => Some(range),
                 _ => None,
             });
+        let read_only = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .all(|op| matches!(op, TxnOp::Get(_)));
+        if read_only && gets.clone().any(by_create_revision) {
+            self.queue_reads.fetch_add(1, Ordering::Relaxed);
+        }
         self.spring(gets).await;
         let first = self
             .before_next_txn
