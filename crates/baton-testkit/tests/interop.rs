@@ -198,3 +198,95 @@ async fn elections_are_shared_with_etcdctl_elect() {
     drop(listen);
     l.resign().await.unwrap();
 }
+
+/// A long queue on a nested name (`interop/parent/child`, 11 sessions each with a client of
+/// its own) hands over by handoff marks, and the mark stays after the queue has drained (it
+/// goes with its session). It lies under none of the name's parents' prefixes: `etcdctl
+/// lock` on the parent name, which counts every key under `interop/parent/` as a holder,
+/// acquires at once (found by review: the mark's first key, `NAME\0baton-handoff`, lay
+/// under `interop/parent/` and held `etcdctl lock interop/parent` up for as long as it
+/// lived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_names_handoff_mark_holds_up_no_parent() {
+    let etcd = EtcdServer::start_async().await;
+    let name = "interop/parent/child";
+    let first = session(&etcd).await;
+    let held = Mutex::new(&first, name).unwrap().lock().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut sessions = vec![first];
+    let n = 10;
+    for i in 0..n {
+        let s = session(&etcd).await;
+        let mutex = Mutex::new(&s, name).unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let guard = mutex.lock().await.unwrap();
+            tx.send(guard.fencing_token()).unwrap();
+            guard.unlock().await.unwrap();
+        });
+        loop {
+            let keys = sessions[0]
+                .client()
+                .store()
+                .range(baton::store::Range::prefix(format!("{name}/")))
+                .await
+                .unwrap();
+            if keys.kvs.len() > i + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sessions.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.unlock().await.unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let token = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a waiter hung")
+            .unwrap();
+        tokens.push(token);
+    }
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    // Give the last unlock time to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let store = sessions[0].client().store().clone();
+    let mark = store
+        .range(baton::store::Range::key(
+            b"interop\0baton-handoff/parent/child".to_vec(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        mark.kvs.len(),
+        1,
+        "no mark was left: the test tests nothing"
+    );
+    let left = store
+        .range(baton::store::Range::prefix("interop/parent/"))
+        .await
+        .unwrap();
+    assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    let mut ctl = etcdctl_bg(
+        &etcd,
+        &["lock", "interop/parent", "--", "sh", "-c", "echo acquired"],
+    );
+    let line = first_line(&mut ctl, Duration::from_secs(5)).await;
+    assert_eq!(
+        line.as_deref(),
+        Some("acquired"),
+        "etcdctl lock on the parent blocked"
+    );
+    for s in sessions {
+        s.close().await.unwrap();
+    }
+    assert!(store
+        .range(baton::store::Range::key(
+            b"interop\0baton-handoff/parent/child".to_vec()
+        ))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+}

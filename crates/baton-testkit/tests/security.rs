@@ -483,8 +483,8 @@ async fn a_prefix_role_allows_its_prefix_and_denies_the_rest_at_once() {
 }
 
 /// A role on a lock's own prefix (`NAME/`) alone does not cover the lock's handoff mark
-/// (`NAME` then `\0baton-handoff`, left by the release of a holder that waited in a long
-/// queue, and read by its successor): the successor reads the queue instead, and every
+/// (`locks\0baton-handoff/x` for `locks/x`, left by the release of a holder that waited in
+/// a long queue, and read by its successor): the successor reads the queue instead, and every
 /// waiter is still granted, in order. No mark is left.
 #[tokio::test]
 async fn a_role_on_the_lock_prefix_alone_hands_over_without_marks() {
@@ -506,14 +506,15 @@ async fn hands_over_without_marks(read_mark: bool) {
         let etcd = EtcdServer::start();
         etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/x/")]);
         if read_mark {
-            // Read on every key that starts with `locks/x`, the mark among them.
+            // Read on every key that starts with `locks`, the mark among them
+            // (`locks\0baton-handoff/x`).
             let args = [
                 "role",
                 "grant-permission",
                 "app-role",
                 "read",
                 "--prefix=true",
-                "locks/x",
+                "locks",
             ];
             let out = etcd.etcdctl(args);
             assert!(out.status.success(), "{out:?}");

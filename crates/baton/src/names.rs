@@ -88,9 +88,9 @@ pub(crate) fn is_item(prefix: &[u8], kv: &KeyValue) -> bool {
     kv.lease == 0 && kv.key.strip_prefix(prefix).is_some_and(is_item_suffix)
 }
 
-/// What a mutex or election queue's handoff mark adds to its name (see
-/// [`Queue::handoff_key`]): a NUL, which no name contains, so the mark is no key of any
-/// other lock, election or recipe.
+/// What a mutex or election queue's handoff mark inserts in its name, after its first
+/// component (see [`Queue::handoff_key`]): a NUL, which no name contains, so the mark is no
+/// key of any other lock, election or recipe.
 pub(crate) const HANDOFF_SUFFIX: &[u8] = b"\0baton-handoff";
 
 /// The keys that form one queue, ordered by create revision.
@@ -132,10 +132,14 @@ impl Queue {
 
     /// The key where a holder of this mutex or election queue (`NAME/`) that waited in a long
     /// queue leaves its create revision as it releases, in the transaction that deletes its
-    /// key: `NAME` + [`HANDOFF_SUFFIX`]. It lies outside the queue's prefix, so Go's
-    /// waiters (which count every key under it) never see it, and no name can be a prefix
-    /// of it but `NAME`'s own parents (names contain no NUL). `None` for a read-write lock's
-    /// full queue, or a prefix that does not end in `/`.
+    /// key: [`HANDOFF_SUFFIX`] inserted after the name's first component (`jobs` →
+    /// `jobs\0baton-handoff`, `locks/db/main` → `locks\0baton-handoff/db/main`). So it lies
+    /// outside the prefix of the name and of each of its parents (`locks/`, `locks/db/`):
+    /// Go's waiters, which count every key under their prefix, never see it, not even those
+    /// of a parent name (a mark under `locks/` would hold up `etcdctl lock locks` for as long
+    /// as it lives: found by review). Names contain no NUL, so it is no key of any other
+    /// lock, election or recipe. `None` for a read-write lock's full queue, or a prefix that
+    /// does not end in `/`.
     ///
     /// Its successor, woken by that delete, reads it with its own key (two point reads)
     /// instead of scanning the whole queue for anyone still ahead of it: the mark proves the
@@ -145,8 +149,10 @@ impl Queue {
         if self.read_write {
             return None;
         }
-        let base = self.prefix.strip_suffix(b"/").filter(|b| !b.is_empty())?;
-        Some([base, HANDOFF_SUFFIX].concat())
+        let name = self.prefix.strip_suffix(b"/").filter(|n| !n.is_empty())?;
+        let first = name.iter().position(|&b| b == b'/').unwrap_or(name.len());
+        let (head, rest) = name.split_at(first);
+        Some([head, HANDOFF_SUFFIX, rest].concat())
     }
 
     /// True if `key` is a member of this queue, judging by the key alone (our own key, or
@@ -214,9 +220,22 @@ mod tests {
         assert_eq!(mark, b"a\0baton-handoff");
         assert!(!q.contains(&mark));
         assert!(!mark.starts_with(b"a/"));
-        // A nested name's mark is no member of its parent's queue either.
-        let nested = Queue::direct("a/b/").handoff_key().unwrap();
-        assert!(!q.contains(&nested));
+        // A nested name's mark is under none of its parents' prefixes, where Go's waiters
+        // would count it.
+        let nested = Queue::direct("a/b/c/").handoff_key().unwrap();
+        assert_eq!(nested, b"a\0baton-handoff/b/c");
+        for parent in [&b"a/"[..], b"a/b/", b"a/b/c/"] {
+            assert!(!nested.starts_with(parent));
+        }
+        // One mark per name.
+        assert_ne!(
+            Queue::direct("a/b/").handoff_key(),
+            Queue::direct("a/").handoff_key()
+        );
+        assert_eq!(
+            Queue::direct("a//").handoff_key().unwrap(),
+            b"a\0baton-handoff/"
+        );
         assert_eq!(Queue::direct("/").handoff_key(), None);
         let w = Queue::direct("a/write/");
         assert!(w.contains(b"a/write/1f"));

@@ -387,7 +387,7 @@ pub(crate) async fn delete_if_owned(
     let resp = match (store.txn(txn(mark)).await, mark) {
         // The user's roles cover the lock's keys (`NAME/`) but not its mark (`NAME` and a
         // suffix): nothing was applied. Release without, and leave no more marks.
-        (Err(e), Some(m)) if e.is_access_denied() => {
+        (Err(e @ Error::PermissionDenied(_)), Some(m)) => {
             m.hub.marks_refused.store(true, Ordering::Relaxed);
             tracing::info!(
                 error = %e,

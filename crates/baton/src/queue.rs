@@ -129,6 +129,8 @@ pub(crate) struct Entry {
     hint: Option<TurnRead>,
     /// We waited in a long queue: our release leaves the handoff mark (see [`Mark`]).
     long: bool,
+    /// This queue uses handoff marks (a mutex's: see [`Mark`]).
+    marks: bool,
 }
 
 impl Entry {
@@ -229,6 +231,10 @@ impl Entry {
             joined: Vec::new(),
             hint: None,
             long: false,
+            // A mutex's queue: its join learns how long the queue is (see `AHEAD`). A
+            // candidate's reads only its predecessor, so every candidate that waited would
+            // count as in a long queue and leave a mark (found by review).
+            marks: value.is_empty() && read.is_none(),
         };
         let k = entry.key.clone();
         // The last keys created: right after our put, ours and those just ahead of us. Knowing
@@ -445,7 +451,7 @@ impl Entry {
         tracing::debug!(my_rev, "queued");
         let session = &self.session;
         let turn = tokio::select! {
-            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev, self.session.lease_id(), self.hint.take()) => r,
+            r = wait_turn(self.session.client(), &self.queue, &self.key, my_rev, self.session.lease_id(), self.hint.take(), self.marks) => r,
             _ = session.lost() => Err(session.lost_error()),
         };
         match turn {

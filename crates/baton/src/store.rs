@@ -167,13 +167,6 @@ pub struct Range {
     /// Leave the values out (empty in the results), as etcd's `keys_only`: keys, revisions,
     /// versions and leases only, for a read that needs no value (a count, say).
     pub keys_only: bool,
-    /// Serve the read from the state of the member it reaches, which may lag behind the
-    /// cluster's latest writes, without etcd's round of the cluster for a linearizable read
-    /// (etcd's `WithSerializable`). A transaction is served so only if every operation in
-    /// it is a read marked serializable. For a reader that can tell a stale answer from what
-    /// it reads (a value known to be written at or after some revision); a one-process
-    /// store is always current.
-    pub serializable: bool,
 }
 
 impl Range {
@@ -196,7 +189,6 @@ impl Range {
             max_mod_revision: 0,
             revision: 0,
             keys_only: false,
-            serializable: false,
         }
     }
 
@@ -233,12 +225,6 @@ impl Range {
     /// Leave the values out (see [`Range::keys_only`]).
     pub fn keys_only(mut self) -> Self {
         self.keys_only = true;
-        self
-    }
-
-    /// Serve the read from the member's own state (see [`Range::serializable`]).
-    pub fn serializable(mut self) -> Self {
-        self.serializable = true;
         self
     }
 

@@ -69,7 +69,7 @@ async fn or_recheck(
 pub(crate) struct Turn {
     /// The store revision at which we were seen at the head.
     pub(crate) header_revision: Revision,
-    /// We waited in a long queue of a mutex or an election (its first read found more than
+    /// We waited in a long queue of a mutex (its first read found more than
     /// [`HUB_QUEUE_MAX`] members ahead of us, or could not tell how many), so our successor
     /// most likely waits in one too: our release leaves the queue's handoff mark (see
     /// [`handed_over`]).
@@ -191,7 +191,9 @@ pub(crate) async fn scan_member(
 /// Wait until no member of `queue` has a create revision below `my_rev`, checking each
 /// time that `my_key` still exists with create revision `my_rev`, bound to `my_lease`. `hint` is a read already
 /// made (by the join transaction), used instead of the first read. Our key need not be in
-/// `queue` itself: a reader waits on the writers' queue.
+/// `queue` itself: a reader waits on the writers' queue. With `marks` (a mutex's queue),
+/// handoff marks are read after a predecessor's delete, and [`Turn::long`] may ask for one
+/// (see [`handed_over`]).
 ///
 /// Returns [`Error::NotHeld`] as soon as our key is gone or replaced, or no longer bound
 /// to our lease: an operator frees a waiter's place by overwriting its key with no lease
@@ -206,6 +208,7 @@ pub(crate) async fn wait_turn(
     my_rev: Revision,
     my_lease: LeaseId,
     mut hint: Option<TurnRead>,
+    marks: bool,
 ) -> Result<Turn> {
     let store = client.store();
     let hub = client.hub();
@@ -214,7 +217,7 @@ pub(crate) async fn wait_turn(
     // own prefix (the readers').
     let mine_in_queue = queue.contains(my_key);
     let own_prefix = crate::ownership::parent(my_key);
-    let mark = queue.handoff_key().filter(|_| mine_in_queue);
+    let mark = queue.handoff_key().filter(|_| marks && mine_in_queue);
     let mut long = None;
     loop {
         let read = match hint.take() {
@@ -388,10 +391,9 @@ pub(crate) async fn wait_turn(
 /// `etcdctl` holder, a waiter that gave up and a lease that expired leave no mark, and a
 /// later release overwrites it: the waiter then reads the queue, as it would without marks.
 ///
-/// The read is serializable (no round of the cluster): a member that shows a mark naming
-/// `pred` has applied the revision that deleted `pred`, and shows our key as of then or
-/// later; one that lags shows no such mark. Only that proof grants: a stale read of our own
-/// key is never taken for its loss.
+/// The read is linearizable, as every read that grants: a serializable one, answered by a
+/// member that has applied the mark but not a later delete or overwrite of our own key,
+/// would grant a waiter whose key is gone (found by review).
 async fn handed_over(
     client: &Client,
     mark: &[u8],
@@ -404,15 +406,12 @@ async fn handed_over(
     if refused.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
-    let read = Txn::new().and_then([
-        TxnOp::get(Range::key(mark).serializable()),
-        TxnOp::get(Range::key(my_key).serializable()),
-    ]);
+    let read = Txn::new().and_then([TxnOp::get(Range::key(mark)), TxnOp::get(Range::key(my_key))]);
     let resp = match client.store().txn(read).await {
         Ok(resp) => resp,
         Err(e) => {
             // The user's roles cover the lock's keys but not its mark: stop reading marks.
-            if e.is_access_denied() {
+            if matches!(e, Error::PermissionDenied(_)) {
                 refused.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             tracing::debug!(error = %e, "reading the handoff mark failed; reading the queue");

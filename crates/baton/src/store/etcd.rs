@@ -1833,9 +1833,6 @@ fn get_options(range: &Range) -> ec::GetOptions {
     if range.keys_only {
         options = options.with_keys_only();
     }
-    if range.serializable {
-        options = options.with_serializable();
-    }
     options
 }
 
