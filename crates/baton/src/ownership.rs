@@ -385,8 +385,8 @@ pub(crate) async fn delete_if_owned(
             .or_else([TxnOp::get(Range::key(key))])
     };
     let resp = match (store.txn(txn(mark)).await, mark) {
-        // The user's roles cover the lock's keys (`NAME/`) but not its mark (`NAME` and a
-        // suffix): nothing was applied. Release without, and leave no more marks.
+        // The user's roles cover the lock's keys (`NAME/`) but not its mark (outside every
+        // prefix of the name): nothing was applied. Release without, and leave no more marks.
         (Err(e @ Error::PermissionDenied(_)), Some(m)) => {
             m.hub.marks_refused.store(true, Ordering::Relaxed);
             tracing::info!(
