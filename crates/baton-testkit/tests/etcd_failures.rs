@@ -685,3 +685,83 @@ async fn a_holder_hears_of_its_keys_delete_past_a_silent_member() {
     eprintln!("lost after {:?}: {:?}", started.elapsed(), g.lost_reason());
     cluster.member_mut(carrier).cont();
 }
+
+/// Under etcd's NOSPACE alarm (its space quota exceeded), etcd refuses every transaction
+/// that puts, while deletes still pass. A long queue (10 waiters, each with a client of its
+/// own) keeps draining: the releases of holders that waited in it, which carry a handoff
+/// mark (a put), are sent again without it (found by review: the first long holder's
+/// `unlock()` failed, "database space exceeded", and the queue stopped until the alarm was
+/// disarmed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_queue_drains_under_the_nospace_alarm() {
+    let etcd = EtcdServer::start_async().await;
+    let session = || async {
+        let client = Client::connect(&etcd.endpoint()).await.unwrap();
+        Session::builder(&client)
+            .with_ttl(Duration::from_secs(30))
+            .build()
+            .await
+            .unwrap()
+    };
+    let name = "nospace";
+    let first = session().await;
+    let held = Mutex::new(&first, name).unwrap().lock().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut sessions = vec![first];
+    let n = 10;
+    for i in 0..n {
+        let s = session().await;
+        let mutex = Mutex::new(&s, name).unwrap();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let guard = mutex.lock().await.unwrap();
+            let unlocked = guard.unlock().await;
+            tx.send((i, unlocked.map_err(|e| e.to_string()))).unwrap();
+        });
+        loop {
+            let keys = sessions[0]
+                .client()
+                .store()
+                .range(baton::store::Range::prefix(format!("{name}/")))
+                .await
+                .unwrap();
+            if keys.kvs.len() > i + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sessions.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ec = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let member = ec.member_list().await.unwrap().members()[0].id();
+    let mut options = etcd_client::AlarmOptions::new();
+    options.with_member(member);
+    ec.alarm(
+        etcd_client::AlarmAction::Activate,
+        etcd_client::AlarmType::Nospace,
+        Some(options),
+    )
+    .await
+    .unwrap();
+    assert!(ec.put("probe", "x", None).await.is_err(), "puts still pass");
+    held.unlock().await.unwrap();
+    let mut results = Vec::new();
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(r)) => results.push(r),
+            _ => break,
+        }
+    }
+    let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        results.len() == n && failed.is_empty(),
+        "{} of {n} waiters granted and released; failed releases: {failed:?}",
+        results.iter().filter(|(_, r)| r.is_ok()).count()
+    );
+    for s in sessions {
+        let _ = s.close().await;
+    }
+}

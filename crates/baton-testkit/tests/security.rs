@@ -506,15 +506,16 @@ async fn hands_over_without_marks(read_mark: bool) {
         let etcd = EtcdServer::start();
         etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/x/")]);
         if read_mark {
-            // Read on every key that starts with `locks`, the mark among them
-            // (`locks\0baton-handoff/x`).
+            // Read on the keys from `locks` up to `locks\x01`: those that start with
+            // `locks` and a NUL, the mark among them (`locks\0baton-handoff/x`), as
+            // docs/security.md tells.
             let args = [
                 "role",
                 "grant-permission",
                 "app-role",
                 "read",
-                "--prefix=true",
                 "locks",
+                "locks\u{1}",
             ];
             let out = etcd.etcdctl(args);
             assert!(out.status.success(), "{out:?}");

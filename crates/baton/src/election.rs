@@ -855,10 +855,12 @@ mod tests {
     use crate::store::{KeyRange, Txn, TxnOp};
     use futures::StreamExt;
 
-    /// Candidates leave no handoff mark: a candidate's join reads only its predecessor, so
-    /// every candidate that waited at all would count as in a long queue, and each election
-    /// that ever had a waiter would leave a key for as long as the session lived (found by
-    /// review: 20 keys left for 20 names). Nothing is left once every leader has resigned.
+    /// Candidates with a value leave no handoff mark: their join reads only their
+    /// predecessor, so every candidate that waited at all would count as in a long queue, and
+    /// each election that ever had a waiter would leave a key for as long as the session
+    /// lived (found by review: 20 keys left for 20 names). Nothing is left once every leader
+    /// has resigned. (Candidates with an empty value join as a mutex's waiters do, and use
+    /// marks in long queues as they do.)
     #[tokio::test]
     async fn contended_elections_leave_no_keys() {
         use crate::store::Range;

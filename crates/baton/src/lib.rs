@@ -75,15 +75,18 @@
 //! `etcdctl elect`, so Go services, operators and Baton share one lock or election. An
 //! [`RwLock`] uses `NAME/read/…` and `NAME/write/…` like Go's `contrib/recipes`.
 //!
-//! One key is Baton's own: a [`Mutex`] holder that waited in a long queue (more than 8
-//! ahead of it) writes its fencing token to its name's handoff mark, bound to its lease, in
+//! One key is Baton's own: a [`Mutex`] holder (or an [`Election`] leader campaigned with an
+//! empty value) that waited in a long queue (more than 8 ahead of it) writes its fencing
+//! token to its name's handoff mark, bound to its lease, in
 //! the transaction that releases it: the name with `"\0baton-handoff"` inserted after its
 //! first component (`jobs\0baton-handoff` for `jobs`, `locks\0baton-handoff/db` for
 //! `locks/db`; a NUL, which no name contains). Its successor, woken by that delete, reads
 //! the mark and its own key instead of the whole queue (which etcd 3.4 serves by fetching
 //! every key under `NAME/`). The mark lies under no prefix of the name or of its parents,
 //! so Go's waiters and `etcdctl` never see it; Go holders write none (their successors then
-//! read the queue, as without marks). One mark per name stays after its queue drains, until
+//! read the queue, as without marks). With a [namespace](ClientBuilder::with_namespace) it
+//! lies under the namespace's prefix, as every key of the client does: a Go lock or
+//! election named as the namespace itself (`team-a` for `team-a/`) would count it. One mark per name stays after its queue drains, until
 //! the session that wrote it last ends. A role that does not cover the mark works too: the
 //! client then leaves and reads no marks (see `docs/security.md`).
 //!

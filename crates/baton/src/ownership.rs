@@ -395,6 +395,13 @@ pub(crate) async fn delete_if_owned(
             );
             store.txn(txn(None)).await?
         }
+        // etcd's space quota is exceeded (its NOSPACE alarm): it refuses, whole, every
+        // transaction that puts, but still applies deletes. Release without the mark, or
+        // the queue would stop until an operator frees space (found by review).
+        (Err(e), Some(_)) if refused_for_space(&e) => {
+            tracing::info!(error = %e, "the store is out of space; releasing without a handoff mark");
+            store.txn(txn(None)).await?
+        }
         (resp, _) => resp?,
     };
     if resp.succeeded {
@@ -426,6 +433,12 @@ pub(crate) async fn delete_if_owned(
     Ok(false)
 }
 
+/// True if etcd refused a request that writes because its space quota is exceeded (its
+/// `NOSPACE` alarm: "mvcc: database space exceeded"), which it applies in no part.
+fn refused_for_space(e: &Error) -> bool {
+    matches!(e, Error::Store(reason) if reason.contains("database space exceeded"))
+}
+
 /// [`delete_if_owned`], retried until the store gives a definite answer, so that the key's
 /// claim is freed only once the delete is known to have happened or not.
 ///
@@ -447,10 +460,14 @@ pub(crate) async fn settle_delete(
     mark: Option<&Mark>,
 ) -> Result<bool> {
     let mut backoff = RETRY_MIN;
+    let mut mark = mark;
     loop {
         match delete_if_owned(store, key, create_rev, lease, mark).await {
             Ok(deleted) => return Ok(deleted),
             Err(e) if e.is_retryable() && !claim.session_lost() => {
+                // The retries leave no mark: it only saves the successor a read, and a
+                // release must not wait on anything a plain one would not.
+                mark = None;
                 tracing::debug!(error = %e, "release failed; retrying until the store answers");
                 claim.release_failed();
                 tokio::time::sleep(backoff).await;

@@ -129,7 +129,7 @@ pub(crate) struct Entry {
     hint: Option<TurnRead>,
     /// We waited in a long queue: our release leaves the handoff mark (see [`Mark`]).
     long: bool,
-    /// This queue uses handoff marks (a mutex's: see [`Mark`]).
+    /// This queue uses handoff marks (one of empty-valued keys: see [`Mark`]).
     marks: bool,
 }
 
@@ -231,9 +231,11 @@ impl Entry {
             joined: Vec::new(),
             hint: None,
             long: false,
-            // A mutex's queue: its join learns how long the queue is (see `AHEAD`). A
-            // candidate's reads only its predecessor, so every candidate that waited would
-            // count as in a long queue and leave a mark (found by review).
+            // A queue of empty-valued keys (a mutex's, or an election's campaigned with an
+            // empty value): its join learns how long the queue is (see `AHEAD`). A
+            // candidate with a value reads only its predecessor, so every one that waited
+            // would count as in a long queue and leave a mark (found by review). A
+            // read-write lock's queues have no mark (see `Queue::handoff_key`).
             marks: value.is_empty() && read.is_none(),
         };
         let k = entry.key.clone();

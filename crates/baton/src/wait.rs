@@ -69,7 +69,7 @@ async fn or_recheck(
 pub(crate) struct Turn {
     /// The store revision at which we were seen at the head.
     pub(crate) header_revision: Revision,
-    /// We waited in a long queue of a mutex (its first read found more than
+    /// We waited in a long queue of empty-valued keys (its first read found more than
     /// [`HUB_QUEUE_MAX`] members ahead of us, or could not tell how many), so our successor
     /// most likely waits in one too: our release leaves the queue's handoff mark (see
     /// [`handed_over`]).
@@ -191,7 +191,8 @@ pub(crate) async fn scan_member(
 /// Wait until no member of `queue` has a create revision below `my_rev`, checking each
 /// time that `my_key` still exists with create revision `my_rev`, bound to `my_lease`. `hint` is a read already
 /// made (by the join transaction), used instead of the first read. Our key need not be in
-/// `queue` itself: a reader waits on the writers' queue. With `marks` (a mutex's queue),
+/// `queue` itself: a reader waits on the writers' queue. With `marks` (a queue of
+/// empty-valued keys: a mutex's),
 /// handoff marks are read after a predecessor's delete, and [`Turn::long`] may ask for one
 /// (see [`handed_over`]).
 ///
