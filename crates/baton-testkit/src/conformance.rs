@@ -210,8 +210,13 @@ pub async fn mutual_exclusion_counter(b: &Backend) {
     assert!(keys_under(&client, &format!("{lock}/")).await.is_empty());
 }
 
-/// Wait until waiter `i` (0-based, behind one holder) has its key under `lock`.
-async fn wait_queued(admin: &Client, lock: &str, i: usize) {
+/// Wait until waiter `i` (0-based, behind one holder) has its key under `lock`: the waiters
+/// of a test join in the order it spawned them.
+///
+/// # Panics
+///
+/// If the key count under `lock/` is not `i + 2` within 5 s.
+pub async fn wait_queued(admin: &Client, lock: &str, i: usize) {
     let want = i + 2;
     assert!(
         eventually(Duration::from_secs(5), || async {

@@ -718,18 +718,7 @@ async fn a_long_queue_drains_under_the_nospace_alarm() {
             let unlocked = guard.unlock().await;
             tx.send((i, unlocked.map_err(|e| e.to_string()))).unwrap();
         });
-        loop {
-            let keys = sessions[0]
-                .client()
-                .store()
-                .range(baton::store::Range::prefix(format!("{name}/")))
-                .await
-                .unwrap();
-            if keys.kvs.len() > i + 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        baton_testkit::conformance::wait_queued(sessions[0].client(), name, i).await;
         sessions.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

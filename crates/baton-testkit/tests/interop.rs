@@ -224,18 +224,7 @@ async fn a_nested_names_handoff_mark_holds_up_no_parent() {
             tx.send(guard.fencing_token()).unwrap();
             guard.unlock().await.unwrap();
         });
-        loop {
-            let keys = sessions[0]
-                .client()
-                .store()
-                .range(baton::store::Range::prefix(format!("{name}/")))
-                .await
-                .unwrap();
-            if keys.kvs.len() > i + 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        baton_testkit::conformance::wait_queued(sessions[0].client(), name, i).await;
         sessions.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -554,13 +554,7 @@ async fn hands_over_without_marks(read_mark: bool) {
             .await;
             let _ = tx.send((i, result));
         });
-        loop {
-            let keys = watcher.store().range(Range::prefix("locks/x/")).await;
-            if keys.unwrap().kvs.len() > i + 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        baton_testkit::conformance::wait_queued(&watcher, "locks/x", i).await;
         sessions.push(session);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
