@@ -238,9 +238,24 @@ async fn a_nested_names_handoff_mark_holds_up_no_parent() {
         tokens.push(token);
     }
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
-    // Give the last unlock time to land.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The last holder sends its token before its unlock: wait for that to land.
     let store = sessions[0].client().store().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = store
+            .range(baton::store::Range::prefix("interop/parent/"))
+            .await
+            .unwrap();
+        if left.kvs.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last holder's key stayed: {:?}",
+            left.kvs
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mark = store
         .range(baton::store::Range::key(
             b"interop\0baton-handoff/parent/child".to_vec(),
@@ -252,11 +267,6 @@ async fn a_nested_names_handoff_mark_holds_up_no_parent() {
         1,
         "no mark was left: the test tests nothing"
     );
-    let left = store
-        .range(baton::store::Range::prefix("interop/parent/"))
-        .await
-        .unwrap();
-    assert!(left.kvs.is_empty(), "{:?}", left.kvs);
     let mut ctl = etcdctl_bg(
         &etcd,
         &["lock", "interop/parent", "--", "sh", "-c", "echo acquired"],
