@@ -162,7 +162,10 @@ enum Change {
     /// another owner's.
     Rewritten,
     /// Written again with no lease (an operator's `etcdctl put KEY ""`): freed, a member of
-    /// no queue, though never deleted.
+    /// no queue, though never deleted. Also a key written again bound to a lease other than
+    /// the one its name says (`NAME/<lease in hex>`, as a session's keys are named; an
+    /// operator's `etcdctl put --lease=OTHER KEY`): no longer its owner's, which whoever
+    /// waits on it must read to learn.
     Freed,
 }
 
@@ -178,9 +181,26 @@ impl Change {
             EventKind::Delete => Some(Change::Deleted),
             EventKind::Put if kv.version <= 1 => None,
             EventKind::Put if kv.lease == 0 => Some(Change::Freed),
+            EventKind::Put if named_lease(&kv.key).is_some_and(|named| named != kv.lease) => {
+                Some(Change::Freed)
+            }
             EventKind::Put => Some(Change::Rewritten),
         }
     }
+}
+
+/// The lease that `key` is named after, if its last component is one in lowercase hex, as
+/// [`lease_key`](crate::names::lease_key) (and Go's `concurrency` package) names a session's
+/// keys. Go's read-write lock names its keys with the time in decimal nanoseconds (19
+/// digits), which is no lease: longer than any lease id in hex.
+fn named_lease(key: &[u8]) -> Option<LeaseId> {
+    let last = key.rsplit(|b| *b == b'/').next()?;
+    let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    if last.is_empty() || last.len() > 16 || !last.iter().all(hex) {
+        return None;
+    }
+    let id = u64::from_str_radix(std::str::from_utf8(last).ok()?, 16).ok()?;
+    LeaseId::try_from(id).ok().filter(|id| *id > 0)
 }
 
 struct State {
@@ -1025,60 +1045,94 @@ mod tests {
             .unwrap()
     }
 
+    /// A put that binds a session's key (`NAME/<lease in hex>`) to another lease frees it
+    /// as far as its waiters know; keys named otherwise, and a session's own rewrites, do
+    /// not.
+    #[test]
+    fn a_key_bound_to_another_lease_than_its_name_says_is_freed() {
+        let put = |key: &[u8], lease: LeaseId, version: i64| {
+            let kv = KeyValue {
+                key: key.to_vec(),
+                lease,
+                version,
+                ..KeyValue::default()
+            };
+            Change::of(EventKind::Put, &kv)
+        };
+        assert_eq!(put(b"lock/694d", 0x694d, 2), Some(Change::Rewritten));
+        assert_eq!(put(b"lock/694d", 0x694e, 2), Some(Change::Freed));
+        assert_eq!(put(b"lock/694d", 0, 2), Some(Change::Freed));
+        assert_eq!(put(b"lock/694d", 0x694e, 1), None, "a create");
+        assert_eq!(put(b"lock/read/694d", 7, 2), Some(Change::Freed));
+        // Go's read-write lock: decimal nanoseconds, no lease named.
+        assert_eq!(
+            put(b"rw/read/1733500000000000000", 7, 2),
+            Some(Change::Rewritten)
+        );
+        for unnamed in [&b"v/694D"[..], b"v/x", b"v/", b"v/0", b"v/ffffffffffffffff"] {
+            assert_eq!(named_lease(unnamed), None, "{unnamed:?}");
+        }
+        assert_eq!(named_lease(b"7fffffffffffffff"), Some(LeaseId::MAX));
+    }
+
     /// A shared watch is opened from the store's next write: a waiter that read before the
     /// latest write is told to read again (no sweep to wait for, no gap), and once it has
     /// read at the current revision it is woken by the next delete, by an overwrite with no
-    /// lease (freed: it reads again), and by nothing else.
+    /// lease (freed: it reads again), and by nothing else. (The keys are named after no
+    /// lease: see `a_key_bound_to_another_lease_than_its_name_says_is_freed`.)
     #[tokio::test]
     async fn a_new_watch_starts_now_and_older_reads_read_again() {
         use crate::store::mem::MemStore;
         use crate::store::KeyRange;
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let hub = Arc::new(Hub::default());
-        let read_at = store.put(b"q/a", b"", 0).await.unwrap();
-        let now = store.put(b"q/b", b"", 0).await.unwrap();
-        let answer = hub.wait_delete(&store, b"q/", &[b"q/a"], read_at).await;
+        let read_at = store.put(b"q/ka", b"", 0).await.unwrap();
+        let now = store.put(b"q/kb", b"", 0).await.unwrap();
+        let answer = hub.wait_delete(&store, b"q/", &[b"q/ka"], read_at).await;
         assert_eq!(answer.unwrap(), (0, Woken::Reread));
         assert!(hub.is_live(b"q/"));
-        assert_eq!(hub.deleted_since(b"q/", b"q/a", read_at, read_at), None);
-        assert_eq!(hub.deleted_since(b"q/", b"q/a", now, now), Some(None));
+        assert_eq!(hub.deleted_since(b"q/", b"q/ka", read_at, read_at), None);
+        assert_eq!(hub.deleted_since(b"q/", b"q/ka", now, now), Some(None));
 
         let waiting = {
             let (hub, store) = (hub.clone(), store.clone());
-            tokio::spawn(
-                async move { hub.wait_delete(&store, b"q/", &[b"q/b", b"q/a"], now).await },
-            )
+            tokio::spawn(async move {
+                hub.wait_delete(&store, b"q/", &[b"q/kb", b"q/ka"], now)
+                    .await
+            })
         };
         tokio::task::yield_now().await;
         let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap().id;
         // Created, and written again bound to a lease: no wake-up.
-        store.put(b"q/c", b"", lease).await.unwrap();
-        let bound = store.put(b"q/a", b"bound", lease).await.unwrap();
+        store.put(b"q/kc", b"", lease).await.unwrap();
+        let bound = store.put(b"q/ka", b"bound", lease).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "woken by a put");
         assert_eq!(
-            hub.changed_since(b"q/", b"q/a", now, bound),
+            hub.changed_since(b"q/", b"q/ka", now, bound),
             Some(Some(bound))
         );
-        assert_eq!(hub.deleted_since(b"q/", b"q/a", now, bound), Some(None));
-        let freed = store.put(b"q/a", b"again", 0).await.unwrap();
+        assert_eq!(hub.deleted_since(b"q/", b"q/ka", now, bound), Some(None));
+        let freed = store.put(b"q/ka", b"again", 0).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("not woken by the overwrite with no lease")
             .unwrap()
             .unwrap();
         assert_eq!(answer, (1, Woken::Reread));
-        let answer = hub.wait_delete(&store, b"q/", &[b"q/b", b"q/a"], now).await;
+        let answer = hub
+            .wait_delete(&store, b"q/", &[b"q/kb", b"q/ka"], now)
+            .await;
         assert_eq!(answer.unwrap(), (1, Woken::Reread), "the buffer forgot it");
         let waiting = {
             let (hub, store) = (hub.clone(), store.clone());
             tokio::spawn(async move {
-                hub.wait_delete(&store, b"q/", &[b"q/b", b"q/a"], freed)
+                hub.wait_delete(&store, b"q/", &[b"q/kb", b"q/ka"], freed)
                     .await
             })
         };
         tokio::task::yield_now().await;
-        let (_, deleted) = store.delete(KeyRange::key("q/a")).await.unwrap();
+        let (_, deleted) = store.delete(KeyRange::key("q/ka")).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("not woken by the delete")

@@ -498,6 +498,56 @@ mod tests {
             .expect("the overwritten key was not removed");
     }
 
+    /// A holder's key bound to another lease by an operator (`etcdctl put --lease=OTHER
+    /// KEY`): the key is no longer the holder's (the other lease's end takes it, and
+    /// `etcdctl` may delete it as that lease's), and the holder hears of it at once, also
+    /// through its client's shared watch on the name (a name it held a moment before),
+    /// which sent it nothing: it learned only at its next write or release (found by a
+    /// review of entry 42).
+    #[tokio::test]
+    async fn a_held_key_bound_to_another_lease_is_lost() {
+        for warm in [false, true] {
+            let client = crate::Client::connect("mem://").await.unwrap();
+            let holder = Session::new(&client).await.unwrap();
+            let other = Session::new(&client).await.unwrap();
+            let name = format!("rebound-{warm}");
+            if warm {
+                for _ in 0..2 {
+                    let m = Mutex::new(&holder, &name).unwrap();
+                    m.lock().await.unwrap().unlock().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert!(client.hub().is_live(format!("{name}/").as_bytes()));
+            }
+            let held = Mutex::new(&holder, &name).unwrap().lock().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!held.is_lost());
+            client
+                .store()
+                .put(held.key().as_bytes(), b"", other.lease_id())
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(2), held.lost())
+                .await
+                .unwrap_or_else(|_| panic!("warm {warm}: never told"));
+            assert_eq!(held.lost_reason().as_deref(), Some("key overwritten"));
+            assert!(!holder.is_lost());
+            assert!(matches!(
+                held.unlock().await,
+                Err(crate::Error::NotHeld { .. })
+            ));
+            // Another owner's key: left alone.
+            let kvs = client
+                .store()
+                .range(crate::store::Range::prefix(format!("{name}/")))
+                .await
+                .unwrap()
+                .kvs;
+            assert_eq!(kvs.len(), 1);
+            assert_eq!(kvs[0].lease, other.lease_id());
+        }
+    }
+
     /// The holder's key overwritten without a lease (an operator's `etcdctl put`) after its
     /// holder stopped without releasing (crashed, or its task hung): the key no longer
     /// counts as a member, but is never deleted, and the waiter behind it, which waits for

@@ -244,11 +244,11 @@ impl crate::hub::OnDelete for Watcher {
 ///
 /// An overwrite that unbinds the key from our lease (`etcdctl put KEY ""`) takes it out of
 /// its queue (a member needs a lease), so another waiter may be granted: it is a loss, as a
-/// delete is. The key's own watch sees it. The shared watch sends an overwrite with no
-/// lease to the waiter here as a reason to read the key (the read finds the loss), and to a
-/// hook (see [`Watcher`]) as a broken watch, which starts this task to read it; an
-/// overwrite that binds the key to another lease (`etcdctl put --lease`) it does not send,
-/// and that is found at the next read of the key (a guard's write or release).
+/// delete is. So is an overwrite that binds it to another lease (`etcdctl put --lease`):
+/// the key is then that lease's. The key's own watch sees both. The shared watch sends
+/// either (an overwrite with no lease, or with a lease other than the one the key is named
+/// after) to the waiter here as a reason to read the key (the read finds the loss), and to
+/// a hook (see [`Watcher`]) as a broken watch, which starts this task to read it.
 #[allow(clippy::too_many_arguments)]
 async fn watch_key(
     client: Client,
