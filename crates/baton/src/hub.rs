@@ -23,7 +23,9 @@
 //! (a put on a key that existed) in its buffer beside the deletes; a put that creates a key
 //! (every join) only moves its progress on. An overwrite with no lease wakes whoever waits
 //! on that key: a waiter reads again (its predecessor freed, or its own place), a holder's
-//! hook hands over to a task that reads its key (and finds it lost). A waiter granted by
+//! hook hands over to a task that reads its key (and finds it lost). So does an overwrite
+//! that binds a session's key (`NAME/<lease in hex>`) to another lease (`etcdctl put
+//! --lease`): the key stays in its queue, but as that lease's, no longer its owner's. A waiter granted by
 //! the watch alone checks that its own key had no overwrite either, so the grant needs no
 //! read. (etcd's `NOPUT` filter would save each client watching the queue one event per
 //! join, and every other put under the prefix, values included: a leader's proclaims, keys
@@ -145,7 +147,8 @@ pub(crate) enum Woken {
     Interrupted,
     /// Read again at once, then wait: the hub's watch (opened just now, from etcd's next
     /// write) started after the caller's read, or one of the awaited keys was overwritten
-    /// with no lease (freed: no longer a member of its queue, though not deleted).
+    /// with no lease (freed: no longer a member of its queue, though not deleted) or bound
+    /// to another lease than its name says (another owner's now).
     Reread,
 }
 
@@ -164,13 +167,14 @@ enum Change {
     /// Written again with no lease (an operator's `etcdctl put KEY ""`): freed, a member of
     /// no queue, though never deleted. Also a key written again bound to a lease other than
     /// the one its name says (`NAME/<lease in hex>`, as a session's keys are named; an
-    /// operator's `etcdctl put --lease=OTHER KEY`): no longer its owner's, which whoever
-    /// waits on it must read to learn.
+    /// operator's `etcdctl put --lease=OTHER KEY`): still a member, but that lease's, no
+    /// longer its owner's, which whoever waits on it must read to learn.
     Freed,
 }
 
 impl Change {
-    /// True if the key left its queue: deleted, or freed.
+    /// True if the key left its queue (deleted, or freed with no lease), or left its owner
+    /// (bound to another lease): whoever counts or waits on it reads, and the read decides.
     fn leaves(self) -> bool {
         matches!(self, Change::Deleted | Change::Freed)
     }
@@ -226,7 +230,8 @@ struct Subscriber {
 
 /// Told, in place, of every delete under a prefix, and of every key freed there (overwritten
 /// with no lease: it left its queue as a delete would; a later delete of the same key is
-/// told too). See [`Hub::subscribe_deletes`]. Called
+/// told too) or bound to another lease than its name says (see [`Change::Freed`]: still a
+/// member, so only a reason to read). See [`Hub::subscribe_deletes`]. Called
 /// with the hub's lock held: it must be quick and must not call into the hub. Dropped when
 /// it has heard enough, when its caller is gone, or when the shared watch breaks (so a
 /// hook that holds a sender tells its receiver by dropping it).
@@ -281,7 +286,7 @@ pub(crate) trait OnDelete: Send + Sync {
 }
 
 impl Waiter {
-    /// Tell the waiter its key was freed (overwritten with no lease): a caller of
+    /// Tell the waiter its key was freed (see [`Change::Freed`]): a caller of
     /// [`Hub::wait_delete`] reads again at once; a hook watches by other means, which read.
     fn freed(&self) {
         match &self.sink {
@@ -328,7 +333,7 @@ impl PrefixWatch {
     }
 
     /// Register for the first delete of any of `keys` after revision `after`. An overwrite
-    /// with no lease of one of them (freed) answers [`Woken::Reread`].
+    /// of one of them that frees it (see [`Change::Freed`]) answers [`Woken::Reread`].
     fn register(&self, keys: &[&[u8]], after: Revision) -> Registered {
         let mut st = self.state();
         if !st.alive {
@@ -372,7 +377,8 @@ impl Hub {
     /// holder that locks the same name again and again registers its loss watch this way
     /// on every hold. False if there is no such watch, or it cannot vouch for every delete
     /// since `after`: nothing is registered, and the caller must watch by other means.
-    /// A delete already seen is told at once. An overwrite with no lease (freed) is told as
+    /// A delete already seen is told at once. An overwrite that frees the key (see
+    /// [`Change::Freed`]: no lease, or another lease than its name says) is told as
     /// [`Woken::Interrupted`]: the hook then watches by other means, which read the key.
     pub(crate) fn watch_deletes(
         &self,
@@ -893,16 +899,17 @@ impl Hub {
 }
 
 /// Wait, without the shared watch, until one of `keys` (each with the create revision it
-/// must have) is deleted or replaced; returns its index and `"key deleted"` or
-/// `"key replaced"`. `Ok(None)` if a watch ended first: the caller reads again.
+/// must have, and what it must stay bound to) is deleted or replaced; returns its index and
+/// `"key deleted"` or `"key replaced"`. `Ok(None)` if a watch ended first: the caller reads
+/// again.
 ///
-/// With `binding` [`Binding::Lease`] (a holder watching its own key), a key overwritten so
-/// that it is no longer bound to that lease (`etcdctl put KEY ""`: no lease) counts as gone
-/// too, with `"key overwritten"`: it no longer counts as a member of its queue (see
-/// [`Queue::admits`](crate::names::Queue::admits)), so another waiter may be granted. With
-/// [`Binding::SomeLease`] (a waiter watching its predecessor and its own key), a key
-/// overwritten with no lease does: freed, it is no member any more, and the waiter reads
-/// again (moves up, or finds its own place gone).
+/// A key with [`Binding::Lease`] (a holder's or a waiter's own key), overwritten so that it
+/// is no longer bound to that lease (`etcdctl put KEY ""`: no lease; `etcdctl put
+/// --lease=OTHER KEY`: another owner's), counts as gone too, with `"key overwritten"`: with
+/// no lease it no longer counts as a member of its queue (see
+/// [`Queue::admits`](crate::names::Queue::admits)), so another waiter may be granted. A key
+/// with [`Binding::SomeLease`] (a waiter's predecessor) counts as gone when overwritten with
+/// no lease: freed, it is no member any more, and the waiter reads again (moves up).
 ///
 /// Each key gets a watch of its own, started at the store's next write, so etcd serves it
 /// from its synced group at once (a watch started at a past revision waits for etcd's
@@ -920,12 +927,11 @@ impl Hub {
 pub(crate) async fn keys_gone(
     hub: &Hub,
     store: &Arc<dyn Store>,
-    keys: &[(&[u8], Revision)],
+    keys: &[(&[u8], Revision, Binding)],
     doubt: bool,
-    binding: Binding,
 ) -> Result<Option<(usize, &'static str)>> {
     let mut streams = Vec::with_capacity(keys.len());
-    for (index, (key, _)) in keys.iter().enumerate() {
+    for (index, (key, _, _)) in keys.iter().enumerate() {
         let stream = store.watch(Watch::key(key.to_vec())).await?;
         Counters::add(&hub.counters.watches_opened);
         // One stream ending must not go unnoticed while the others live on: its end is an
@@ -939,14 +945,14 @@ pub(crate) async fn keys_gone(
         );
     }
     let mut doubt = crate::watching::Doubt::new(store.as_ref(), doubt);
-    let mut seen = match read_keys(store, keys, binding).await? {
+    let mut seen = match read_keys(store, keys).await? {
         Ok(seen) => seen,
         Err(gone) => return Ok(Some(gone)),
     };
     let mut events = futures::stream::select_all(streams);
     loop {
         let Some(item) = doubt.next(&mut events).await else {
-            match read_keys(store, keys, binding).await? {
+            match read_keys(store, keys).await? {
                 Ok(now) => seen = now,
                 Err(gone) => return Ok(Some(gone)),
             }
@@ -962,7 +968,7 @@ pub(crate) async fn keys_gone(
             Err(Error::Compacted { .. }) => break,
             Err(e) => return Err(e),
         };
-        let (_, create_rev) = keys[index];
+        let (_, create_rev, binding) = keys[index];
         for ev in batch.events.iter().filter(|ev| ev.kv.mod_revision > seen) {
             let now = (ev.kind != EventKind::Delete).then_some(&ev.kv);
             if let Some(why) = gone_why(now, create_rev, binding) {
@@ -981,9 +987,10 @@ pub(crate) enum Binding {
     /// tests).
     #[cfg_attr(not(test), allow(dead_code))]
     Any,
-    /// Some lease: a put with none (freed: a member of no queue) counts as gone.
+    /// Some lease: a put with none (freed: a member of no queue) counts as gone. A waiter's
+    /// predecessor: bound to another lease, it is still a member.
     SomeLease,
-    /// This lease: a holder's own key.
+    /// This lease: a holder's or a waiter's own key.
     Lease(LeaseId),
 }
 
@@ -1009,23 +1016,22 @@ pub(crate) fn gone_why(
 }
 
 /// Read `keys`: the revision of the read if each still has its create revision (and is
-/// bound as `binding` says), else the index of the first that does not, and whether it was
-/// deleted, replaced or overwritten.
+/// bound as its binding says), else the index of the first that does not, and whether it
+/// was deleted, replaced or overwritten.
 async fn read_keys(
     store: &Arc<dyn Store>,
-    keys: &[(&[u8], Revision)],
-    binding: Binding,
+    keys: &[(&[u8], Revision, Binding)],
 ) -> Result<std::result::Result<Revision, (usize, &'static str)>> {
     use crate::store::{Range, Txn, TxnOp, TxnOpResponse};
     let read = store
-        .txn(Txn::new().and_then(keys.iter().map(|(key, _)| TxnOp::get(Range::key(*key)))))
+        .txn(Txn::new().and_then(keys.iter().map(|(key, _, _)| TxnOp::get(Range::key(*key)))))
         .await?;
-    for (index, (resp, (_, create_rev))) in read.responses.iter().zip(keys).enumerate() {
+    for (index, (resp, (_, create_rev, binding))) in read.responses.iter().zip(keys).enumerate() {
         let now = match resp {
             TxnOpResponse::Get(g) => g.kvs.first(),
             _ => None,
         };
-        if let Some(why) = gone_why(now, *create_rev, binding) {
+        if let Some(why) = gone_why(now, *create_rev, *binding) {
             return Ok(Err((index, why)));
         }
     }
@@ -1306,7 +1312,7 @@ mod tests {
                 store.delete(crate::store::KeyRange::key("q/a")).await
             })
         };
-        let answer = keys_gone(&hub, &store, &[(b"q/a", created)], true, Binding::Any)
+        let answer = keys_gone(&hub, &store, &[(b"q/a", created, Binding::Any)], true)
             .await
             .unwrap();
         assert_eq!(answer, Some((0, "key deleted")));
@@ -1498,9 +1504,8 @@ mod tests {
                 keys_gone(
                     &hub,
                     &store,
-                    &[(b"q/a", a), (b"q/b", b)],
+                    &[(b"q/a", a, Binding::Any), (b"q/b", b, Binding::Any)],
                     false,
-                    Binding::Any,
                 ),
             )
             .await

@@ -498,6 +498,49 @@ mod tests {
             .expect("the overwritten key was not removed");
     }
 
+    /// A waiter deep in a long queue, on a client with no shared watch of the name (it
+    /// watches its predecessor's key and its own), whose own key is overwritten with no
+    /// lease or bound to another lease: `NotHeld` at once. Bound to another lease, it was
+    /// not told (found by review of entry 44: its own key was watched as a predecessor's is,
+    /// gone only without a lease).
+    #[tokio::test]
+    async fn a_long_queue_waiter_whose_key_is_overwritten_is_not_held() {
+        for rebind in [false, true] {
+            let store: std::sync::Arc<dyn crate::store::Store> =
+                std::sync::Arc::new(crate::store::mem::MemStore::new());
+            let others = crate::Client::from_arc(store.clone());
+            let name = format!("overwritten-long-{rebind}");
+            let holder = Session::new(&others).await.unwrap();
+            let _held = Mutex::new(&holder, &name).unwrap().lock().await.unwrap();
+            let mut queued = Vec::new();
+            for _ in 0..10 {
+                let s = Session::new(&others).await.unwrap();
+                let m = Mutex::new(&s, &name).unwrap();
+                queued.push(tokio::spawn(async move { (m.lock().await.map(|_| ()), s) }));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let lone = crate::Client::from_arc(store.clone());
+            let me = Session::new(&lone).await.unwrap();
+            let m = Mutex::new(&me, &name).unwrap();
+            let key = m.key().to_string();
+            let w = tokio::spawn(async move { m.lock().await.map(|g| g.key().to_string()) });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let prefix = format!("{name}/");
+            assert!(!lone.hub().is_live(prefix.as_bytes()), "on a shared watch");
+            let other = Session::new(&others).await.unwrap();
+            let lease = if rebind { other.lease_id() } else { 0 };
+            store.put(key.as_bytes(), b"", lease).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(2), w)
+                .await
+                .unwrap_or_else(|_| panic!("rebind {rebind}: not told within 2 s"))
+                .unwrap();
+            assert!(matches!(got, Err(crate::Error::NotHeld { .. })), "{got:?}");
+            for q in queued {
+                q.abort();
+            }
+        }
+    }
+
     /// A holder's key bound to another lease by an operator (`etcdctl put --lease=OTHER
     /// KEY`): the key is no longer the holder's (the other lease's end takes it, and
     /// `etcdctl` may delete it as that lease's), and the holder hears of it at once, also

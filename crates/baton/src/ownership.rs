@@ -270,14 +270,9 @@ async fn watch_key(
             // did not hold a key under it a moment ago), watch the key alone: a shared watch
             // opened now would start behind etcd's current revision (served only by its
             // 100 ms sweep at first) and receive every event of the prefix.
-            match crate::hub::keys_gone(
-                client.hub(),
-                store,
-                &[(&key, create_rev)],
-                true,
-                crate::hub::Binding::Lease(lease),
-            )
-            .await
+            let binding = crate::hub::Binding::Lease(lease);
+            match crate::hub::keys_gone(client.hub(), store, &[(&key, create_rev, binding)], true)
+                .await
             {
                 Ok(Some((_, why))) => return why,
                 Ok(None) => {}

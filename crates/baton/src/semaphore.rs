@@ -392,8 +392,10 @@ impl Semaphore {
     /// waiter hears every delete under the name from its client's shared watch (one etcd
     /// watch and one event per delete for all the client's waiters), and every key freed
     /// there (overwritten with no lease), takes each such key's permits off what it read,
-    /// and reads again only when that leaves room, or when
-    /// its own key goes. It never waits on another waiter's process
+    /// and reads again only when that leaves room, or when its own key goes. (A key bound
+    /// to another lease than its name says is told too: it still holds its permits, as
+    /// that lease's, so the count is then low and the read finds it.) It never waits on
+    /// another waiter's process
     /// (before, a waiter behind another waited for that one to be granted and rewrite its
     /// key: a waiter paused, killed or not polled held up everyone behind it until its
     /// lease expired, with permits free).
@@ -410,8 +412,12 @@ impl Semaphore {
             let read = self.members_read().with_max_create_revision(my_rev);
             let resp = waiter.range(read).await?;
             let mut members = self.members(resp.kvs);
+            // Ours: our create revision, bound to our lease (bound to another, by an
+            // operator's `etcdctl put --lease`, it is that lease's: found by review).
+            let lease = self.session.lease_id();
             match members.pop() {
-                Some(kv) if kv.key == mine && kv.create_revision == my_rev => {}
+                Some(kv) if kv.key == mine && kv.create_revision == my_rev && kv.lease == lease => {
+                }
                 _ => return Err(not_held(mine)),
             }
             let header = resp.header_revision;
@@ -1155,5 +1161,74 @@ mod tests {
             .expect("not granted after the last release")
             .unwrap();
         assert!(got.is_ok(), "{:?}", got.err());
+    }
+
+    /// A waiter whose own key is bound to another lease (`etcdctl put --lease=OTHER KEY`)
+    /// is no longer in the queue as itself: `NotHeld` at once. Its read checked the create
+    /// revision only, so it waited on, told only when `touch` failed at its grant (found by
+    /// review of entry 44).
+    #[tokio::test]
+    async fn a_waiter_whose_key_is_bound_to_another_lease_is_not_held() {
+        let client = Client::memory();
+        let (s1, s2, other) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "rebound-own", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "rebound-own", 1).unwrap();
+        let k2 = sem2.key().to_string();
+        let w = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client
+            .store()
+            .put(k2.as_bytes(), b"1/1", other.lease_id())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), w)
+            .await
+            .expect("own key bound to another lease: not told within 2 s")
+            .unwrap();
+        assert!(
+            matches!(got, Err(Error::NotHeld { .. })),
+            "{:?}",
+            got.map(|p| p.key().to_string())
+        );
+        p1.release().await.unwrap();
+    }
+
+    /// A key ahead bound to another lease is still a member (that lease's): its wake-up
+    /// grants nobody.
+    #[tokio::test]
+    async fn a_key_ahead_bound_to_another_lease_grants_nobody() {
+        let client = Client::memory();
+        let (s1, s2, other) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "rebound-ahead", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "rebound-ahead", 1).unwrap();
+        let w = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client
+            .store()
+            .put(p1.key().as_bytes(), b"1/1", other.lease_id())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !w.is_finished(),
+            "granted beside a key bound to another lease"
+        );
+        w.abort();
     }
 }

@@ -266,11 +266,20 @@ pub(crate) async fn wait_turn(
             .as_ref()
             .is_some_and(|a| a.len() <= HUB_QUEUE_MAX);
         if mine_in_queue && !short && !hub.is_live(&queue.prefix) {
-            let mine: (&[u8], Revision) = (my_key, my_rev);
-            let keys = [(pred.key.as_slice(), pred.create_revision), mine];
+            use crate::hub::Binding;
+            // Our own key bound to another lease is no longer ours: read (and fail).
+            let mine: (&[u8], Revision, Binding) = (my_key, my_rev, Binding::Lease(my_lease));
+            let keys = [
+                (
+                    pred.key.as_slice(),
+                    pred.create_revision,
+                    Binding::SomeLease,
+                ),
+                mine,
+            ];
             let gone = tokio::time::timeout(
                 recheck_after(),
-                crate::hub::keys_gone(hub, store, &keys, false, crate::hub::Binding::SomeLease),
+                crate::hub::keys_gone(hub, store, &keys, false),
             )
             .await;
             // Our predecessor is gone: if it released as a holder, its handoff mark says so,
