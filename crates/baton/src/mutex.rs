@@ -444,6 +444,16 @@ mod tests {
         }
     }
 
+    /// Lock and unlock `name` twice on `session`, then let its client's shared watch of the
+    /// name open: the next hold's loss is watched through it.
+    async fn warm_up(session: &Session, name: &str) {
+        for _ in 0..2 {
+            let m = Mutex::new(session, name).unwrap();
+            m.lock().await.unwrap().unlock().await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+
     async fn held_key_overwritten_without_a_lease_is_lost(warm: bool) {
         use std::time::Duration;
         let client = crate::Client::connect("mem://").await.unwrap();
@@ -451,11 +461,7 @@ mod tests {
         let other = Session::new(&client).await.unwrap();
         let name = format!("own-{warm}");
         if warm {
-            for _ in 0..2 {
-                let m = Mutex::new(&holder, &name).unwrap();
-                m.lock().await.unwrap().unlock().await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            warm_up(&holder, &name).await;
         }
         let held = Mutex::new(&holder, &name).unwrap().lock().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -555,11 +561,7 @@ mod tests {
             let other = Session::new(&client).await.unwrap();
             let name = format!("rebound-{warm}");
             if warm {
-                for _ in 0..2 {
-                    let m = Mutex::new(&holder, &name).unwrap();
-                    m.lock().await.unwrap().unlock().await.unwrap();
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                warm_up(&holder, &name).await;
                 assert!(client.hub().is_live(format!("{name}/").as_bytes()));
             }
             let held = Mutex::new(&holder, &name).unwrap().lock().await.unwrap();

@@ -1163,6 +1163,35 @@ mod tests {
         assert!(got.is_ok(), "{:?}", got.err());
     }
 
+    /// A holder of the only permit of `name`, and a waiter behind it, each on a session of
+    /// `client`, with a third session whose lease an operator binds a key to; the holder's
+    /// key and the waiter's, and the waiter's task.
+    async fn rebound(
+        client: &Client,
+        name: &str,
+    ) -> (
+        SemaphorePermit,
+        String,
+        Session,
+        tokio::task::JoinHandle<Result<SemaphorePermit>>,
+    ) {
+        let (s1, s2, other) = (
+            Session::new(client).await.unwrap(),
+            Session::new(client).await.unwrap(),
+            Session::new(client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, name, 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, name, 1).unwrap();
+        let k2 = sem2.key().to_string();
+        let w = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (p1, k2, other, w)
+    }
+
     /// A waiter whose own key is bound to another lease (`etcdctl put --lease=OTHER KEY`)
     /// is no longer in the queue as itself: `NotHeld` at once. Its read checked the create
     /// revision only, so it waited on, told only when `touch` failed at its grant (found by
@@ -1170,20 +1199,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_whose_key_is_bound_to_another_lease_is_not_held() {
         let client = Client::memory();
-        let (s1, s2, other) = (
-            Session::new(&client).await.unwrap(),
-            Session::new(&client).await.unwrap(),
-            Session::new(&client).await.unwrap(),
-        );
-        let p1 = Semaphore::new(&s1, "rebound-own", 1)
-            .unwrap()
-            .acquire()
-            .await
-            .unwrap();
-        let sem2 = Semaphore::new(&s2, "rebound-own", 1).unwrap();
-        let k2 = sem2.key().to_string();
-        let w = tokio::spawn(async move { sem2.acquire().await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (p1, k2, other, w) = rebound(&client, "rebound-own").await;
         client
             .store()
             .put(k2.as_bytes(), b"1/1", other.lease_id())
@@ -1206,19 +1222,7 @@ mod tests {
     #[tokio::test]
     async fn a_key_ahead_bound_to_another_lease_grants_nobody() {
         let client = Client::memory();
-        let (s1, s2, other) = (
-            Session::new(&client).await.unwrap(),
-            Session::new(&client).await.unwrap(),
-            Session::new(&client).await.unwrap(),
-        );
-        let p1 = Semaphore::new(&s1, "rebound-ahead", 1)
-            .unwrap()
-            .acquire()
-            .await
-            .unwrap();
-        let sem2 = Semaphore::new(&s2, "rebound-ahead", 1).unwrap();
-        let w = tokio::spawn(async move { sem2.acquire().await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (p1, _, other, w) = rebound(&client, "rebound-ahead").await;
         client
             .store()
             .put(p1.key().as_bytes(), b"1/1", other.lease_id())
