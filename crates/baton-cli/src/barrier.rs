@@ -59,13 +59,14 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
-    let deadline = args.timeout.map(crate::supervisor::deadline_after);
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;
     let session = signals
         .interruptible(cli::session(&client, args.ttl))
         .await?;
+    // Counted once connected, as its help says (it counted the connect too: found by review).
+    let deadline = args.timeout.map(crate::supervisor::deadline_after);
     // As lock, sem and elect close: after a timeout, removing our key gets 1 s, then a line
     // says it expires with the lease (the backend may be gone: --timeout must hold).
     let round = match signals.interruptible(pass(&session, &args, deadline)).await {

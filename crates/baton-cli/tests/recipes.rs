@@ -1093,3 +1093,32 @@ fn a_short_pop_timeout_does_not_blame_the_backend() {
         );
     }
 }
+
+/// `baton barrier --timeout` is counted once connected, as its help says: a barrier of one
+/// whose connect takes 3 s (etcd paused, within `--dial-timeout 10s`) passes as soon as it
+/// is connected, exit 0. It counted the connect too, and exited 124 having never entered
+/// (found by review; `baton lock --timeout` counted from the connect already).
+#[test]
+fn barrier_timeout_is_counted_once_connected() {
+    let etcd = etcd();
+    let pid = i32::try_from(etcd.pid().unwrap()).unwrap();
+    // SAFETY: signals to the etcd process this test started (and still owns).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    let (out, took) = run(baton(&etcd.endpoint()).args([
+        "--dial-timeout",
+        "10s",
+        "barrier",
+        "solo",
+        "--count",
+        "1",
+        "--timeout",
+        "2s",
+    ]));
+    resume.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "took {took:?}: {out:?}");
+}

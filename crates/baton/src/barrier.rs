@@ -26,7 +26,8 @@ use crate::watching::{wait_key, Until};
 /// A waiter reads the key and watches it from the revision after that read, so a release
 /// between the two is not missed. If the watch breaks or its start is compacted, the waiter
 /// reads the key again. A release that is followed at once by a new hold still lets the
-/// waiters of the first hold go (they saw the delete). Go 3.4's `Barrier.Wait` can hang: it
+/// waiters of the first hold go: they saw the delete, or, reading again, a hold other than
+/// the one they waited at (another create revision). Go 3.4's `Barrier.Wait` can hang: it
 /// watches from the read's revision for a put *and then* a delete, and the put it waits for
 /// usually happened before.
 ///
@@ -186,12 +187,21 @@ impl Barrier {
 
     async fn wait_released(&self) -> Result<()> {
         let key = self.name.as_bytes();
+        // The hold we wait at is the first one read: a key held again since (another
+        // create revision) means it was released meanwhile, seen only by a read made after
+        // a broken watch or before a watch that started late (found by review: such a
+        // waiter waited for the next release, which may never come).
+        let mut first = None;
         wait_key(
             self.client.store(),
             self.client.hub(),
             key,
             Until::Deleted,
-            |kv| Ok(kv.is_none()),
+            |kv| {
+                Ok(kv.is_none_or(|kv| {
+                    *first.get_or_insert(kv.create_revision) != kv.create_revision
+                }))
+            },
         )
         .await
     }
@@ -273,5 +283,34 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(Barrier::new(&client, "").is_err());
+    }
+
+    /// The waiter's watch breaks (a dropped stream); while it backs off, the barrier is
+    /// released and held again. Its next read finds a hold, but not the one it waited at:
+    /// it goes, as the waiters of a first hold do. It waited for the next release before
+    /// (found by review).
+    #[tokio::test]
+    async fn a_release_while_the_watch_is_broken_is_not_missed() {
+        use crate::store::slow::SlowWatches;
+        let store = std::sync::Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        *store.end_watch_on.lock().unwrap() = Some((b"b".to_vec(), false));
+        let client = Client::from_arc(store.clone());
+        let b = Barrier::new(&client, "b").unwrap();
+        assert!(b.hold().await.unwrap());
+        let waiter = tokio::spawn({
+            let b = b.clone();
+            async move { b.wait().await }
+        });
+        // Read, watch broken, backing off.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(b.release().await.unwrap());
+        assert!(b.hold().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        *store.end_watch_on.lock().unwrap() = None;
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the first hold was released, but the waiter still waits")
+            .unwrap()
+            .unwrap();
     }
 }
