@@ -319,9 +319,11 @@ impl ClientInner {
         let elapsed = start.elapsed();
         if ok >= q && elapsed + drift < ttl {
             // Let the other nodes' requests finish: holding the key on more than a bare
-            // quorum makes the lock survive a node's loss. (Extends cover them too.)
+            // quorum makes the lock survive a node's loss. (Extends cover them too.) They
+            // are stragglers of the client, as a release's are, so that `close()` waits
+            // for them (for a straggler wait) and no write is left running unseen.
             if !calls.is_empty() {
-                tokio::spawn(async move { while calls.next().await.is_some() {} });
+                self.finish_in_background(calls, "acquire");
             }
             return Attempt::Acquired {
                 fence: if fence { token_value } else { None },
