@@ -47,10 +47,16 @@ macro_rules! take_methods {
         /// the next dequeue of this handle or a clone (which first waits for such claims, up
         /// to the request timeout) returns it first if it comes within 200 ms, else it is
         /// put back in the store, by a task, retried until it is there. A priority queue's
-        /// item is put back under its own key and keeps its place; a FIFO queue's goes to
-        /// the back of the queue (the order is by create revision). `len` counts it
-        /// meanwhile. It is lost only if the runtime shuts down (the process exits) before
-        /// then; the handle still works on another runtime. A claim that fails in flight
+        /// item is put back under its own key and keeps its place, unless its level
+        /// emptied meanwhile and a newer item took that key (no key sorts before it, so it
+        /// goes right after that item); a FIFO queue's goes to the back of the queue (the
+        /// order is by create revision). `len` counts it meanwhile. It is lost only if the
+        /// runtime shuts down (the process exits) before then; the handle still works on
+        /// another runtime. The put-back also writes a marker under `__NAME/` (see the
+        /// security docs' roles): if the store refuses it (a role that does not cover that
+        /// prefix, an item near etcd's request limit), the item goes back without it;
+        /// refused again, it stays held for this handle's dequeues (one waiting takes it at
+        /// once), an error is logged, and it is lost if the process exits before one does. A claim that fails in flight
         /// once its future is gone is resent as below; if its outcome stays unknown, the
         /// item may have been taken, and a warning is logged.
         ///
@@ -435,7 +441,15 @@ impl Items {
                     Ok(Taken::Stopped(s)) => return Ok(Err(s)),
                     Ok(Taken::Empty(read_at)) => {
                         let wait = Wait::prefix(self.prefix.as_bytes(), read_at, Until::Put);
-                        match unless(stop.as_mut(), waiter.wait(wait)).await {
+                        // Or until an item is held for this handle with no task to put it
+                        // back (the store refused it): it is ours to take.
+                        let wait = async {
+                            tokio::select! {
+                                r = waiter.wait(wait) => r,
+                                () = self.held_for_us() => Ok(None),
+                            }
+                        };
+                        match unless(stop.as_mut(), wait).await {
                             Ok(r) => r,
                             Err(s) => return Ok(Err(s)),
                         }
@@ -975,6 +989,23 @@ impl Items {
         }
     }
 
+    /// Wait until an item is held for this handle's dequeues with no task putting it back:
+    /// one the store refused to take back (see [`put_back`](Items::put_back)).
+    async fn held_for_us(&self) {
+        let hand = &self.hand_back;
+        loop {
+            let mut notified = std::pin::pin!(hand.changed.notified());
+            notified.as_mut().enable();
+            {
+                let state = hand.lock();
+                if !state.held.is_empty() && !state.returning {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Wait (up to the request timeout) until no claim for a dequeue of this handle that is
     /// gone is in flight, and no item is being put back.
     async fn settled(&self) {
@@ -1037,19 +1068,29 @@ impl Items {
                     }
                 };
                 let left = self.put_back(held).await;
-                let failed = {
+                let (failed, refused) = {
                     let mut state = hand.lock();
                     task.set_sending(false);
                     state.sending -= 1;
                     match left {
-                        Err(held) => {
+                        PutBack::Done => (false, false),
+                        PutBack::Unsent(held) => {
                             state.held.push_front(held);
-                            true
+                            (true, false)
                         }
-                        Ok(()) => false,
+                        PutBack::Refused(held) => {
+                            state.held.push_front(held);
+                            (true, true)
+                        }
                     }
                 };
                 hand.changed.notify_waiters();
+                if refused {
+                    // Sending it again would be refused again: it stays held, for this
+                    // handle's next dequeue (`task`'s drop: no longer returning; the next
+                    // dequeue dropped mid-claim tries again).
+                    return;
+                }
                 if failed {
                     backoff.sleep().await;
                 } else {
@@ -1062,7 +1103,8 @@ impl Items {
     /// Put an item taken for nobody back in the store: under its own key if that is free
     /// (a priority queue orders by key, so the item keeps its place; a FIFO queue orders by
     /// create revision, so it goes to the back), else under the next free key (the key's
-    /// number plus one, and so on). `Err` with the item if nothing was sent (the item is
+    /// number plus one, and so on: a priority queue's item taken meanwhile by a newer one
+    /// goes after it). [`PutBack::Unsent`] with the item if nothing was sent (the item is
     /// still only ours: a dequeue may take it); once sent, resent until it is known to be
     /// back.
     ///
@@ -1075,17 +1117,27 @@ impl Items {
     /// key (`__NAME/returned/<lease>.marker`, under a lease of its own, which is kept alive while
     /// the outcome is unknown, and revoked at the end), and is sent only while the marker
     /// does not exist: if it does, an earlier send landed.
-    async fn put_back(&self, held: Held) -> std::result::Result<(), Held> {
+    ///
+    /// A first send the store refuses (a role that does not cover the marker's `__NAME/`,
+    /// an item too large for etcd's request limit once the marker is added) was not
+    /// applied: the item is put back with no marker ([`put_back_bare`](Items::put_back_bare)).
+    /// Refused again, it is given back ([`PutBack::Refused`]), to stay held for the handle's
+    /// dequeues, and an error is logged. It is not resent: it would be refused again, and
+    /// an item being resent is in no one's reach.
+    async fn put_back(&self, held: Held) -> PutBack {
         let key_str = String::from_utf8_lossy(&held.key).into_owned();
         let mut lease = match self.store.lease_grant(MARKER_TTL).await {
             Ok(grant) => grant.id,
             Err(e) => {
                 tracing::warn!(key = %key_str, error = %e, "cannot put back an item taken for a dequeue that is gone; will retry");
-                return Err(held);
+                return PutBack::Unsent(held);
             }
         };
         let mut key = held.key.clone();
         let mut backoff = crate::watching::Backoff::new();
+        // Whether a send's outcome is unknown: then a refusal of a later one does not say
+        // the item is not back.
+        let mut unknown = false;
         loop {
             let marker = marker_key(&self.prefix, lease);
             let mut puts = vec![
@@ -1121,11 +1173,23 @@ impl Items {
                         None => {
                             tracing::error!(key = %key_str, "cannot put back an item: its key is taken and has no next");
                             let _ = self.store.lease_revoke(lease).await;
-                            return Err(held);
+                            return PutBack::Unsent(held);
                         }
                     }
                 }
+                Err(e) if !unknown && refused(&e) => {
+                    tracing::warn!(
+                        key = %key_str,
+                        marker = %String::from_utf8_lossy(&marker),
+                        error = %e,
+                        "the store refuses to put back an item with a marker (does the role \
+                         cover the marker's prefix?); putting it back without one"
+                    );
+                    let _ = self.store.lease_revoke(lease).await;
+                    return self.put_back_bare(held, key).await;
+                }
                 Err(e) => {
+                    unknown = true;
                     tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
                     // The marker tells whether this send landed, as long as it lives.
                     loop {
@@ -1154,8 +1218,105 @@ impl Items {
         }
         tracing::debug!(key = %String::from_utf8_lossy(&key), "put back an item taken for a dequeue that is gone");
         let _ = self.store.lease_revoke(lease).await;
-        Ok(())
+        PutBack::Done
     }
+
+    /// [`put_back`](Items::put_back) with no marker, under `key` or the next free one, for
+    /// a store that refused the marker (a role without `__NAME/`, an item near etcd's
+    /// request limit: this send is no larger than Go's enqueue of the item). A send whose
+    /// answer is lost is looked for under its key (the item's value with no lease): found,
+    /// it landed; not found, it is sent again, and is queued twice if it had landed and
+    /// been taken meanwhile (a warning says it may be). A first send refused too gives the
+    /// item back ([`PutBack::Refused`]).
+    async fn put_back_bare(&self, held: Held, mut key: Vec<u8>) -> PutBack {
+        let key_str = String::from_utf8_lossy(&held.key).into_owned();
+        let mut backoff = crate::watching::Backoff::new();
+        let mut unknown = false;
+        loop {
+            let mut puts = vec![TxnOp::put(key.clone(), held.value.clone(), 0)];
+            if let Some(bookkeeping) = self.bookkeeping(&key) {
+                puts.push(TxnOp::put(bookkeeping, "", 0));
+            }
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then(puts);
+            match self.store.txn(txn).await {
+                Ok(resp) if resp.succeeded => {
+                    if unknown {
+                        tracing::warn!(
+                            key = %String::from_utf8_lossy(&key),
+                            "put back an item with no marker after a send whose answer was \
+                             lost: if that send landed and its item was taken since, it is \
+                             queued twice"
+                        );
+                    }
+                    return PutBack::Done;
+                }
+                Ok(_) => {
+                    if unknown {
+                        match self.store.range(Range::key(key.clone())).await {
+                            Ok(read)
+                                if read
+                                    .kvs
+                                    .first()
+                                    .is_some_and(|kv| kv.lease == 0 && kv.value == held.value) =>
+                            {
+                                return PutBack::Done;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(key = %key_str, error = %e, "cannot read whether an item was put back; will retry");
+                                backoff.sleep().await;
+                                continue;
+                            }
+                        }
+                    }
+                    // A new item has the key: the next one.
+                    match next_key(&key) {
+                        Some(next) => key = next,
+                        None => {
+                            tracing::error!(key = %key_str, "cannot put back an item: its key is taken and has no next");
+                            return PutBack::Unsent(held);
+                        }
+                    }
+                }
+                Err(e) if !unknown && refused(&e) => {
+                    tracing::error!(
+                        key = %key_str,
+                        error = %e,
+                        "the store refuses to put back an item taken for a dequeue that is \
+                         gone; it is held for this handle's next dequeue, and lost if the \
+                         process ends first"
+                    );
+                    return PutBack::Refused(held);
+                }
+                Err(e) => {
+                    unknown = true;
+                    tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+}
+
+/// How [`Items::put_back`] ended.
+enum PutBack {
+    /// The item is in the store.
+    Done,
+    /// Nothing was sent: try again later.
+    Unsent(Held),
+    /// The store refused it, and would refuse it again.
+    Refused(Held),
+}
+
+/// Whether `e` says the store refused a request without applying it, and would refuse it
+/// again: not a failure whose outcome is unknown.
+fn refused(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::PermissionDenied(_) | Error::InvalidArgument(_) | Error::Unauthenticated(_)
+    )
 }
 
 impl Items {
@@ -2091,5 +2252,252 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_timeout());
+    }
+    /// The embedded store (with [`SlowWatches`](crate::store::slow::SlowWatches)' fault
+    /// injection) behind an etcd role that covers only the queue's prefix `jobs/` (all that
+    /// docs/security.md asks of a FIFO `Queue`): a transaction that touches any other key
+    /// (here: the put-back's marker `__jobs/returned/…`) is refused as a whole with
+    /// `PermissionDenied`, as etcd refuses it.
+    #[derive(Debug)]
+    struct RoleOnJobs {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        /// Refuse every put, in the queue's prefix too (a role taken away).
+        refuse_puts: std::sync::atomic::AtomicBool,
+    }
+
+    impl RoleOnJobs {
+        fn new(inner: Arc<crate::store::slow::SlowWatches>) -> Arc<RoleOnJobs> {
+            Arc::new(RoleOnJobs {
+                inner,
+                refuse_puts: std::sync::atomic::AtomicBool::new(false),
+            })
+        }
+
+        fn check(&self, key: &[u8]) -> Result<()> {
+            if key.starts_with(b"jobs/")
+                && !self.refuse_puts.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                Ok(())
+            } else {
+                Err(Error::PermissionDenied(format!(
+                    "txn: the etcd user's roles do not cover the key {:?}",
+                    String::from_utf8_lossy(key)
+                )))
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for RoleOnJobs {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            self.inner.range(range).await
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<crate::store::Revision> {
+            self.check(key)?;
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(
+            &self,
+            keys: crate::store::KeyRange,
+        ) -> Result<(i64, crate::store::Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            for c in &txn.compares {
+                if !c.key.starts_with(b"jobs/") {
+                    self.check(&c.key)?;
+                }
+            }
+            for op in txn.success.iter().chain(&txn.failure) {
+                if let TxnOp::Put { key, .. } = op {
+                    self.check(key)?;
+                }
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// A dropped dequeue's claim lands for nobody (its delete is slowed past the dequeue's
+    /// timeout); the item is held and, after [`HOLD_FOR`], put back.
+    async fn claim_for_nobody(q: &Queue, slow: &crate::store::slow::SlowWatches) {
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+    }
+
+    /// Under a role on the queue's prefix alone, the put-back's marker (`__jobs/…`) is
+    /// refused: the item is put back without one, not lost in an endless resend, and `len`
+    /// does not wait for it.
+    #[tokio::test]
+    async fn a_put_back_whose_marker_is_refused_goes_back_without_one() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(RoleOnJobs::new(slow.clone()));
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        claim_for_nobody(&q, &slow).await;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        let keys: Vec<_> = slow.inner.range(Range::prefix("")).await.unwrap().kvs;
+        assert_eq!(keys.len(), 1, "the item alone is back: {keys:?}");
+        assert!(keys[0].key.starts_with(b"jobs/") && keys[0].value == b"A");
+        let started = tokio::time::Instant::now();
+        assert_eq!(q.len().await.unwrap(), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "len waited {:?}",
+            started.elapsed()
+        );
+        let other = Queue::new(&client, "jobs").unwrap();
+        assert_eq!(
+            other.try_dequeue().await.unwrap().as_deref(),
+            Some(&b"A"[..])
+        );
+    }
+
+    /// A put-back refused outright (a role taken away: no put is allowed) leaves the item
+    /// held for the handle's dequeues: one already waiting (its watch not yet started) takes
+    /// it at once, rather than when the store next changes; `len` counts it meanwhile.
+    #[tokio::test]
+    async fn a_put_back_refused_outright_stays_for_the_handles_dequeues() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering::Relaxed;
+        // Watches take 5 s to start: the waiting dequeue hears nothing from the store.
+        let slow = Arc::new(SlowWatches::new(
+            "mem",
+            Duration::from_secs(5),
+            Duration::ZERO,
+        ));
+        let role = RoleOnJobs::new(slow.clone());
+        let client = Client::from_arc(role.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.dequeue_timeout(Duration::from_secs(4)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        q.enqueue("A").await.unwrap();
+        role.refuse_puts.store(true, Relaxed);
+        claim_for_nobody(&q, &slow).await;
+        let started = tokio::time::Instant::now();
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got, b"A");
+        assert!(
+            started.elapsed() < HOLD_FOR + Duration::from_secs(1),
+            "the waiting dequeue took it after {:?}",
+            started.elapsed()
+        );
+        let keys = slow.inner.range(Range::prefix("")).await.unwrap().kvs;
+        assert!(keys.is_empty(), "{keys:?}");
+        // Once more, with no dequeue waiting: `len` counts the held item, at once.
+        role.refuse_puts.store(false, Relaxed);
+        q.enqueue("B").await.unwrap();
+        role.refuse_puts.store(true, Relaxed);
+        claim_for_nobody(&q, &slow).await;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(q.len().await.unwrap(), 1, "the held item is counted");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "len waited {:?}",
+            started.elapsed()
+        );
+        let got = q.dequeue_timeout(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got, b"B");
+    }
+
+    /// An item as large as a Go producer may enqueue (etcd takes its enqueue: one compare
+    /// and one put), claimed for a dequeue that was dropped: its put-back (the item, plus the
+    /// marker's put, compares and read) is over the request limit, and refused ("request is
+    /// too large"). It goes back without the marker, a send no larger than the enqueue.
+    #[tokio::test]
+    async fn an_item_too_large_for_a_put_back_with_a_marker_goes_back_without_one() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        let key = "jobs/0000000000000000001";
+        // Go's recipe.Queue enqueue: put if the key does not exist.
+        let go_enqueue = |len: usize| {
+            Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, vec![b'x'; len], 0)])
+        };
+        // The largest item such an enqueue can write.
+        let (mut lo, mut hi) = (crate::MAX_VALUE_LEN, 2 * crate::MAX_VALUE_LEN);
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if store.inner.txn(go_enqueue(mid)).await.is_ok() {
+                store
+                    .inner
+                    .delete(crate::store::KeyRange::Key(key.into()))
+                    .await
+                    .unwrap();
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        assert!(store.inner.txn(go_enqueue(lo)).await.unwrap().succeeded);
+        claim_for_nobody(&q, &store).await;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        let keys = store.inner.range(Range::prefix("")).await.unwrap().kvs;
+        assert_eq!(keys.len(), 1, "the item alone is back in the store");
+        assert_eq!(keys[0].value.len(), lo, "the item itself");
+    }
+
+    /// A priority queue's put-back keeps its key unless a newer item took it (the level
+    /// emptied meanwhile, and another process enqueued there): no key sorts before it, so
+    /// it goes right after that item, as the docs say.
+    #[tokio::test]
+    async fn a_priority_put_back_whose_key_was_taken_goes_right_after_it() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        pq.enqueue("A", 1).await.unwrap();
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), pq.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *store.delay_deletes.lock().unwrap() = None;
+        // A is held; another process's producer enqueues B at the same priority, and C
+        // after it.
+        let other = crate::PriorityQueue::new(&Client::from_arc(store.clone()), "pq").unwrap();
+        other.enqueue("B", 1).await.unwrap();
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        other.enqueue("C", 1).await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(String::from_utf8(other.dequeue().await.unwrap()).unwrap());
+        }
+        assert_eq!(order, ["B", "A", "C"]);
     }
 }
