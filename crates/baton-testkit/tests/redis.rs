@@ -2459,6 +2459,66 @@ async fn a_hold_outlives_the_runtime_that_launched_the_watchdogs() {
     shared.close().await.unwrap();
 }
 
+/// The same with runtime B alive but idle (a current-thread runtime whose thread does
+/// synchronous work, outside `block_on`): the launcher started there never runs, so a hold
+/// on A must not wait for it. Before the fix its key expired at the TTL with `lost()`
+/// silent, and another client could take the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_keeps_its_key_while_the_launchers_runtime_idles() {
+    let server = RedisServer::start_async().await;
+    let url = server.url();
+    let ttl = Duration::from_millis(600);
+    let shared = builder(&url, ttl).connect().await.unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+
+    // Runtime B: the client's first lock and unlock, so the launcher runs there; then B
+    // lives on, idle.
+    let on_b = shared.clone();
+    let b_name = unique("launcher-runtime");
+    let b = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let guard = on_b.lock(&b_name).unwrap().lock().await.unwrap();
+            guard.unlock().await.unwrap();
+        });
+        ready_tx.send(()).unwrap();
+        let _ = stop_rx.recv();
+        drop(rt);
+    });
+    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
+        .await
+        .unwrap();
+
+    let name = unique("hold");
+    let guard = shared.lock(&name).unwrap().lock().await.unwrap();
+    let other = builder(&url, ttl).connect().await.unwrap();
+    let lost = tokio::select! {
+        _ = guard.lost() => Some(guard.lost_reason()),
+        _ = tokio::time::sleep(Duration::from_secs(2)) => None,
+    };
+    let mut conn = raw(&url).await;
+    let key = get(&mut conn, guard.key()).await;
+    let taken = other.lock(&name).unwrap().try_lock().await;
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || b.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(lost, None, "lost while held");
+    assert_eq!(
+        key.as_deref(),
+        Some(guard.token()),
+        "the key expired under a live hold (is_lost: {})",
+        guard.is_lost()
+    );
+    assert!(taken.is_err(), "another client took the lock");
+    guard.unlock().await.unwrap();
+    shared.close().await.unwrap();
+}
+
 /// A hold acquired on a runtime that is then shut down while its guard lives on elsewhere:
 /// nothing extends its key any more, so `lost()` must fire at once, not never.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -454,9 +454,12 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
 /// TTL/6); a hold added with an earlier one (a hand-off's short grant) wakes it.
 ///
 /// Each watchdog runs on the runtime its hold was acquired on; the launcher task runs on the
-/// runtime of the hold that started it. If that runtime is shut down (a client shared
-/// between runtimes), the task ends with it: the holds still pending get their watchdogs at
-/// once, each on its own runtime, and the next hold starts a new launcher on its runtime.
+/// runtime of the hold that started it. A hold acquired on another runtime (a client shared
+/// between runtimes) does not wait for it, since that runtime may sit idle (a
+/// current-thread runtime outside `block_on`) and never run it: its watchdog task starts at
+/// once, on its own runtime. If the launcher's runtime is shut down, the task ends with it:
+/// the holds still pending get their watchdogs at once, each on its own runtime, and the
+/// next hold starts a new launcher on its runtime.
 #[derive(Debug, Default)]
 pub(crate) struct Launcher {
     pending: StdMutex<Pending>,
@@ -482,6 +485,8 @@ struct Pending {
     starting: bool,
     /// Purge released holds from `holds` when it reaches this length.
     purge_at: usize,
+    /// The runtime the launcher task runs on.
+    runtime: Option<tokio::runtime::Id>,
 }
 
 impl Default for Pending {
@@ -492,6 +497,7 @@ impl Default for Pending {
             task: None,
             starting: false,
             purge_at: PURGE_AT,
+            runtime: None,
         }
     }
 }
@@ -514,20 +520,30 @@ impl Launcher {
     fn add(&self, client: &Arc<ClientInner>, state: Arc<HoldState>) {
         let launch_at = state.launch_at();
         let runtime = state.runtime.clone();
+        let rt_id = runtime.as_ref().map(tokio::runtime::Handle::id);
         let (earlier, start) = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.holds.len() >= pending.purge_at {
                 pending.holds.retain(|s| !s.is_done());
                 pending.purge_at = (pending.holds.len() * 2).max(PURGE_AT);
             }
+            let running =
+                pending.starting || pending.task.as_ref().is_some_and(|t| !t.is_finished());
+            if running && rt_id.is_some() && pending.runtime != rt_id {
+                // The launcher runs on another runtime, which may sit idle (a current-thread
+                // runtime outside `block_on`): this hold's watchdog must not depend on it.
+                drop(pending);
+                let interval = client.opts.watchdog.then(|| client.opts.ttl / 3);
+                spawn_watchdog(client.clone(), state, interval);
+                return;
+            }
             pending.holds.push(state);
-            let start = runtime.is_some()
-                && !pending.starting
-                && pending.task.as_ref().is_none_or(|t| t.is_finished());
+            let start = runtime.is_some() && !running;
             if start {
                 // Its `wakes_at` died with it.
                 pending.wakes_at = None;
                 pending.starting = true;
+                pending.runtime = rt_id;
             }
             (pending.wakes_at.is_some_and(|at| launch_at < at), start)
         };
