@@ -260,12 +260,21 @@ impl SharedValue {
     /// of the revisions it was following, it reads the key again and yields it if it changed
     /// since the last item, then follows from there. Intermediate values written while it
     /// was cut off are skipped; it never yields the same write twice in a row. It retries
-    /// with backoff for as long as it is polled, and ends only when dropped.
+    /// failed reads and watches with backoff for as long as it is polled, except when the
+    /// backend refuses access (the user's roles do not cover the key, or its credentials
+    /// are refused): then it ends, and [`Changes::take_error`] says why.
     ///
     /// Nothing happens until the stream is first polled.
     pub fn watch(&self) -> Changes {
+        let failure = Arc::default();
         Changes {
-            inner: changes(self.store().clone(), self.key.clone().into_bytes()).boxed(),
+            inner: changes(
+                self.store().clone(),
+                self.key.clone().into_bytes(),
+                Arc::clone(&failure),
+            )
+            .boxed(),
+            failure,
         }
     }
 }
@@ -333,6 +342,19 @@ where
 /// it stops watching.
 pub struct Changes<T = Option<Versioned>> {
     inner: Pin<Box<dyn Stream<Item = T> + Send>>,
+    /// Why the stream ended, if the backend refused access.
+    failure: Arc<std::sync::Mutex<Option<Error>>>,
+}
+
+impl<T> Changes<T> {
+    /// Why the stream ended, if the backend refused access
+    /// ([`Error::is_access_denied`]); `None` otherwise.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
 }
 
 impl<T> fmt::Debug for Changes<T> {
@@ -358,9 +380,24 @@ struct Follow {
     last: Option<Revision>,
     ready: VecDeque<Option<Versioned>>,
     backoff: Backoff,
+    /// Set when the backend refused access: the stream ends (after what is ready).
+    failure: Arc<std::sync::Mutex<Option<Error>>>,
+    denied: bool,
 }
 
 impl Follow {
+    /// Give up on `e` if it says access is refused (retrying would be refused again);
+    /// true if so.
+    fn refused(&mut self, e: &Error) -> bool {
+        if !e.is_access_denied() {
+            return false;
+        }
+        tracing::warn!(error = %e, "watching a shared value stopped: access refused");
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+        self.denied = true;
+        true
+    }
+
     /// Queue `kv` (or its absence) unless it is what was yielded last.
     fn offer(&mut self, kv: Option<KeyValue>) {
         let id = kv.as_ref().map_or(0, |kv| kv.mod_revision);
@@ -374,6 +411,7 @@ impl Follow {
     async fn resync(&mut self) {
         let resp = match self.store.range(Range::key(self.key.clone())).await {
             Ok(resp) => resp,
+            Err(e) if self.refused(&e) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "reading a shared value failed; retrying");
                 return self.backoff.sleep().await;
@@ -383,6 +421,7 @@ impl Follow {
         let watch = Watch::key(self.key.clone()).from_revision(resp.header_revision + 1);
         match self.store.watch(watch).await {
             Ok(stream) => self.watch = Some(stream),
+            Err(e) if self.refused(&e) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "watching a shared value failed; retrying");
                 self.backoff.sleep().await;
@@ -394,6 +433,9 @@ impl Follow {
         loop {
             if let Some(item) = self.ready.pop_front() {
                 return Some((item, self));
+            }
+            if self.denied {
+                return None;
             }
             let Some(stream) = self.watch.as_mut() else {
                 self.resync().await;
@@ -411,6 +453,7 @@ impl Follow {
                 }
                 // Compacted: read again at once; broken: after a pause.
                 Some(Err(Error::Compacted { .. })) => self.watch = None,
+                Some(Err(e)) if self.refused(&e) => self.watch = None,
                 Some(Err(_)) | None => {
                     self.watch = None;
                     self.backoff.sleep().await;
@@ -420,7 +463,11 @@ impl Follow {
     }
 }
 
-fn changes(store: Arc<dyn Store>, key: Vec<u8>) -> impl Stream<Item = Option<Versioned>> + Send {
+fn changes(
+    store: Arc<dyn Store>,
+    key: Vec<u8>,
+    failure: Arc<std::sync::Mutex<Option<Error>>>,
+) -> impl Stream<Item = Option<Versioned>> + Send {
     let span = tracing::debug_span!("watch", key = %String::from_utf8_lossy(&key));
     let start = Follow {
         store,
@@ -429,6 +476,8 @@ fn changes(store: Arc<dyn Store>, key: Vec<u8>) -> impl Stream<Item = Option<Ver
         last: None,
         ready: VecDeque::new(),
         backoff: Backoff::new(),
+        failure,
+        denied: false,
     };
     futures::stream::unfold(start, move |follow| follow.next().instrument(span.clone()))
 }
@@ -549,12 +598,16 @@ impl SharedCount {
     }
 
     /// The count now, then every change, as [`SharedValue::watch`] (a deleted key counts
-    /// as 0). Values that are not integers are skipped.
+    /// as 0; the stream ends if the backend refuses access, and
+    /// [`take_error`](Changes::take_error) says why). Values that are not integers are
+    /// skipped.
     ///
     /// Nothing happens until the stream is first polled.
     pub fn watch(&self) -> Changes<Versioned<i64>> {
         let key = self.key().to_string();
-        let counts = self.value.watch().filter_map(move |v| {
+        let values = self.value.watch();
+        let failure = Arc::clone(&values.failure);
+        let counts = values.filter_map(move |v| {
             let count = count_of(&key, v);
             if let Err(e) = &count {
                 tracing::warn!(error = %e, "skipping a value that is not a count");
@@ -563,6 +616,7 @@ impl SharedCount {
         });
         Changes {
             inner: counts.boxed(),
+            failure,
         }
     }
 }
@@ -725,5 +779,127 @@ mod tests {
         let err = c.get().await.unwrap_err();
         assert!(matches!(err, Error::InvalidData { .. }), "{err}");
         assert!(c.add(1).await.is_err());
+    }
+
+    /// The embedded store, refusing reads and watches of one key as etcd does once the
+    /// user's role no longer covers it (`PermissionDenied`: retrying cannot cure it).
+    #[derive(Debug, Default)]
+    struct Denying {
+        inner: crate::store::mem::MemStore,
+        denied: std::sync::atomic::AtomicBool,
+        /// Cancelled: every watch open now ends (a broken connection).
+        cut: tokio_util::sync::CancellationToken,
+        refused: std::sync::atomic::AtomicU64,
+    }
+
+    impl Denying {
+        fn check(&self) -> Result<()> {
+            if self.denied.load(std::sync::atomic::Ordering::Relaxed) {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Error::PermissionDenied(
+                    "etcdserver: permission denied".into(),
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Denying {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<crate::store::RangeResponse> {
+            self.check()?;
+            self.inner.range(range).await
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            self.check()?;
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+            self.check()?;
+            let cut = self.cut.clone().cancelled_owned();
+            Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
+        }
+        async fn compact(&self, revision: Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// Once the backend refuses access for good (a revoked role), the stream ends, and
+    /// `take_error` says why, as `Election::observe`'s does; a count's stream too. Before,
+    /// it retried the refused requests for ever, silently.
+    #[tokio::test]
+    async fn a_watch_refused_access_ends_and_says_why() {
+        let store = Arc::new(Denying::default());
+        let client = Client::from_arc(store.clone());
+        let v = SharedValue::new(&client, "secret").unwrap();
+        v.set("0").await.unwrap();
+        let c = SharedCount::new(&client, "secret").unwrap();
+        let mut changes = v.watch();
+        let mut counts = c.watch();
+        assert_eq!(next(&mut changes).await.unwrap().value, b"0");
+        assert_eq!(counts.next().await.unwrap().value, 0);
+        store
+            .denied
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(v.get().await, Err(Error::PermissionDenied(_))));
+        // Break the watches: a new watch, or a read, is refused from now on.
+        store.cut.cancel();
+        for (what, ended) in [
+            (
+                "value",
+                tokio::time::timeout(Duration::from_secs(3), changes.next())
+                    .await
+                    .map(|n| n.is_none()),
+            ),
+            (
+                "count",
+                tokio::time::timeout(Duration::from_secs(3), counts.next())
+                    .await
+                    .map(|n| n.is_none()),
+            ),
+        ] {
+            assert_eq!(
+                ended,
+                Ok(true),
+                "the {what} stream did not end within 3 s ({} refused requests)",
+                store.refused.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        assert!(matches!(
+            changes.take_error(),
+            Some(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            counts.take_error(),
+            Some(Error::PermissionDenied(_))
+        ));
+        assert!(changes.take_error().is_none(), "taken once");
     }
 }
