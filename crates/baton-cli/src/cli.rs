@@ -134,6 +134,8 @@ pub(crate) struct Global {
 
     /// Confine every key baton creates or reads to this prefix (such as team-a/), so that
     /// teams share one etcd without colliding; an etcd role may then cover only the prefix.
+    /// End it with a separator: team-a (no slash) is a prefix of team-ab's namespace, and
+    /// sees its keys.
     #[arg(
         long,
         global = true,

@@ -105,9 +105,11 @@ impl Client {
     /// the prefix: every key Baton creates or reads through it is `prefix + key` in the
     /// store. Namespaces nest: the new prefix goes after this client's own.
     ///
-    /// Two clients with different namespaces never see each other's locks, elections or
-    /// other keys, so teams can share one etcd; with etcd's authentication, a role granted
-    /// only the prefix is enough. Fails with [`Error::InvalidArgument`] if `prefix` is
+    /// Two clients whose namespaces are not prefixes of one another never see each other's
+    /// locks, elections or other keys, so teams can share one etcd; with etcd's
+    /// authentication, a role granted only the prefix is enough. End a namespace with a
+    /// separator (`team-a/`): `team-a` is a prefix of `team-ab`, and a client in it sees
+    /// (and can delete) `team-ab`'s keys, as one sees a namespace nested in its own. Fails with [`Error::InvalidArgument`] if `prefix` is
     /// longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes or holds a NUL byte.
     ///
     /// # Examples

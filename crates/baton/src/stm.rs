@@ -122,8 +122,10 @@ impl Isolation {
 /// being read is compared too, the keys read and written together count once each: 128 keys
 /// read and written fit, as do 100 read and 28 others written. At
 /// [`ReadCommitted`](Isolation::ReadCommitted) nothing read is compared, so reads are not
-/// limited (they are fetched 128 at a time); only the writes count. Larger transactions fail
-/// with [`Error::InvalidArgument`] before the commit is sent.
+/// limited (they are fetched 128 at a time); only the writes count. A transaction that
+/// writes nothing, at a snapshot level, sends no commit (see above), so its reads are not
+/// limited either. Larger transactions fail with [`Error::InvalidArgument`] before the
+/// commit is sent.
 ///
 /// All of a transaction's writes also go in one request, and etcd refuses a request over
 /// 1.5 MiB (`--max-request-bytes`, counted encoded: keys, values and compares). Each value
@@ -951,5 +953,81 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((sum, attempts.load(Ordering::SeqCst)), (6, 2));
+    }
+
+    /// On a namespaced client, an empty key read inside a transaction fails the attempt as
+    /// it does on a plain client (tests/stm.rs `a_failed_read_fails_the_attempt`), rather
+    /// than read the key equal to the namespace's prefix.
+    #[tokio::test]
+    async fn an_empty_key_read_fails_in_a_namespace_too() {
+        let root = Client::memory();
+        root.store().put(b"ns/", b"root of ns", 0).await.unwrap();
+        let client = root.with_namespace("ns/").unwrap();
+        let got = Stm::new(&client)
+            .run(|tx| async move { tx.get("").await })
+            .await;
+        assert!(
+            got.as_ref().is_err_and(|e| e.is_invalid_input()),
+            "an empty key was read: {got:?}"
+        );
+    }
+
+    /// The limits, as documented: more than [`MAX_TXN_KEYS`] reads fail where they are
+    /// compared at commit (at a snapshot level with a write, and at repeatable reads); a
+    /// snapshot transaction that writes nothing sends no commit, and is not limited.
+    #[tokio::test]
+    async fn more_than_max_reads_fail_where_a_commit_compares_them() {
+        let keys: Vec<String> = (0..=MAX_TXN_KEYS).map(|i| format!("r{i:03}")).collect();
+        for (iso, write, fails) in [
+            (Isolation::SerializableSnapshot, false, false),
+            (Isolation::Serializable, false, false),
+            (Isolation::SerializableSnapshot, true, true),
+            (Isolation::Serializable, true, true),
+            (Isolation::RepeatableReads, false, true),
+            (Isolation::ReadCommitted, true, false),
+        ] {
+            let client = Client::memory();
+            let r = Stm::new(&client)
+                .with_isolation(iso)
+                .run(|tx| {
+                    let keys = &keys;
+                    async move {
+                        let n = tx.get_many(keys).await?.len();
+                        if write {
+                            tx.put("w", "1");
+                        }
+                        Ok::<_, Error>(n)
+                    }
+                })
+                .await;
+            assert_eq!(
+                r.as_ref().is_err_and(|e| e.is_invalid_input()),
+                fails,
+                "{iso:?}, writing: {write}: {} keys read: {r:?}",
+                keys.len()
+            );
+        }
+    }
+
+    /// A transaction that conflicts forever is bounded by a timeout around `run`, even on
+    /// the embedded store (whose calls never wait).
+    #[tokio::test]
+    async fn a_timeout_bounds_an_endless_conflict() {
+        let client = Client::memory();
+        let store = client.store().clone();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            Stm::new(&client).run(|tx| {
+                let store = &store;
+                async move {
+                    let x = number(tx.get("x").await?);
+                    store.put(b"x", b"other", 0).await?;
+                    tx.put("x", (x + 1).to_string());
+                    Ok::<_, Error>(())
+                }
+            }),
+        )
+        .await;
+        assert!(r.is_err(), "{r:?}");
     }
 }

@@ -121,6 +121,36 @@ impl NamespaceStore {
     }
 }
 
+/// Refuse an empty key as the store underneath would (and etcd's Go `namespace`, with
+/// `ErrEmptyKey`): prefixed, it would become the key equal to the prefix.
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(crate::Error::invalid("key is empty"));
+    }
+    Ok(())
+}
+
+fn check_keys(keys: &KeyRange) -> Result<()> {
+    match keys {
+        KeyRange::Key(k) => check_key(k),
+        KeyRange::Prefix(_) => Ok(()),
+    }
+}
+
+fn check_txn(txn: &Txn) -> Result<()> {
+    for c in &txn.compares {
+        check_key(&c.key)?;
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            TxnOp::Put { key, .. } => check_key(key)?,
+            TxnOp::Get(range) => check_keys(&range.keys)?,
+            TxnOp::Delete(keys) => check_keys(keys)?,
+        }
+    }
+    Ok(())
+}
+
 /// Remove `prefix` from a key. Every key the inner store returns for a namespaced request
 /// starts with it; anything else is left as it is.
 fn strip(prefix: &[u8], mut key: Vec<u8>) -> Vec<u8> {
@@ -175,19 +205,23 @@ impl Store for NamespaceStore {
     }
 
     async fn range(&self, range: Range) -> Result<RangeResponse> {
+        check_keys(&range.keys)?;
         let resp = self.inner.range(self.range_in(range)).await?;
         Ok(range_out(&self.prefix, resp))
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        check_key(key)?;
         self.inner.put(&self.key(key), value, lease).await
     }
 
     async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        check_keys(&keys)?;
         self.inner.delete(self.keys(keys)).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        check_txn(&txn)?;
         let txn = Txn {
             compares: txn
                 .compares
@@ -328,5 +362,38 @@ mod tests {
         assert_eq!(seen[1].kind, EventKind::Delete);
         assert_eq!(seen[1].kv.key, b"x");
         assert_eq!(seen[1].prev_kv.as_ref().unwrap().key, b"x");
+    }
+
+    /// As on the store underneath (and etcd's Go `namespace` package, `ErrEmptyKey`), an
+    /// empty key is bad input: it must not silently become the key equal to the prefix.
+    #[tokio::test]
+    async fn empty_keys_are_refused_as_outside_a_namespace() {
+        let (shared, a, _b) = pair();
+        let invalid = |r: Result<()>| r.is_err_and(|e| e.is_invalid_input());
+        assert!(invalid(shared.put(b"", b"v", 0).await.map(drop)));
+        assert!(
+            invalid(a.put(b"", b"v", 0).await.map(drop)),
+            "put of an empty key"
+        );
+        assert!(
+            invalid(a.range(Range::key("")).await.map(drop)),
+            "get of an empty key"
+        );
+        assert!(
+            invalid(a.delete(KeyRange::key("")).await.map(drop)),
+            "delete of an empty key"
+        );
+        assert!(
+            invalid(
+                a.txn(Txn::new().when([Compare::version("", CompareOp::Equal, 0)]))
+                    .await
+                    .map(drop)
+            ),
+            "compare on an empty key"
+        );
+        assert!(
+            shared.range(Range::key("a/")).await.unwrap().kvs.is_empty(),
+            "the key equal to the prefix was written"
+        );
     }
 }
