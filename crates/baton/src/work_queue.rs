@@ -56,7 +56,9 @@ macro_rules! take_methods {
         /// security docs' roles): if the store refuses it (a role that does not cover that
         /// prefix, an item near etcd's request limit), the item goes back without it;
         /// refused again, it stays held for this handle's dequeues (one waiting takes it at
-        /// once), an error is logged, and it is lost if the process exits before one does. A claim that fails in flight
+        /// once), an error is logged, and it is sent again 1 s later, then twice as long
+        /// after each refusal, up to a minute (even if the handle is dropped); it is lost
+        /// if the process exits before it is taken or back. A claim that fails in flight
         /// once its future is gone is resent as below; if its outcome stays unknown, the
         /// item may have been taken, and a warning is logged.
         ///
@@ -740,6 +742,12 @@ impl Items {
 /// stops answering for that long.
 const MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// An item whose put-back the store refused (a role that does not cover the queue) is sent
+/// again this long after, then twice as long after each refusal, up to
+/// [`REFUSED_RETRY_MAX`]; it is held for the handle's dequeues meanwhile.
+const REFUSED_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const REFUSED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long an item claimed for a dequeue that was dropped is held for the handle's next
 /// dequeue before it is put back in the store.
 const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(200);
@@ -771,6 +779,9 @@ struct HandState {
     sending: usize,
     /// True while a task puts the held items back.
     returning: bool,
+    /// True while that task waits to send again an item the store refused: the held items
+    /// are the dequeues' to take meanwhile.
+    parked: bool,
 }
 
 /// An item taken from the store for nobody.
@@ -922,6 +933,7 @@ impl Drop for Returning {
     fn drop(&mut self) {
         let mut state = self.hand.lock();
         state.returning = false;
+        state.parked = false;
         if self.sending {
             state.sending = state.sending.saturating_sub(1);
         }
@@ -939,11 +951,18 @@ impl Drop for Waiting<'_> {
         let hand = &self.0.hand_back;
         let mut state = hand.lock();
         state.waiting = state.waiting.saturating_sub(1);
+        let mut start = None;
         if state.waiting == 0 && !state.held.is_empty() && !state.returning {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 state.returning = true;
-                runtime.spawn(self.0.clone().return_held());
+                start = Some(runtime);
             }
+        }
+        // Spawned outside the lock: on a runtime shutting down the task is dropped at once,
+        // and its drop (`Returning`) takes the lock.
+        drop(state);
+        if let Some(runtime) = start {
+            runtime.spawn(self.0.clone().return_held());
         }
     }
 }
@@ -998,7 +1017,7 @@ impl Items {
             notified.as_mut().enable();
             {
                 let state = hand.lock();
-                if !state.held.is_empty() && !state.returning {
+                if !state.held.is_empty() && (!state.returning || state.parked) {
                     return;
                 }
             }
@@ -1046,6 +1065,8 @@ impl Items {
             // A dequeue retried at once (the loop around a `timeout`) takes them first.
             tokio::time::sleep(HOLD_FOR).await;
             let mut backoff = crate::watching::Backoff::new();
+            // How long a refused item waits to be sent again: doubled after each refusal.
+            let mut refused_wait = REFUSED_RETRY_MIN;
             loop {
                 let held = {
                     let mut state = hand.lock();
@@ -1080,21 +1101,25 @@ impl Items {
                         }
                         PutBack::Refused(held) => {
                             state.held.push_front(held);
+                            state.parked = true;
                             (true, true)
                         }
                     }
                 };
                 hand.changed.notify_waiters();
                 if refused {
-                    // Sending it again would be refused again: it stays held, for this
-                    // handle's next dequeue (`task`'s drop: no longer returning; the next
-                    // dequeue dropped mid-claim tries again).
-                    return;
+                    // It stays held, for this handle's dequeues, and is sent again later
+                    // (a role given back): this task keeps it if the handle is dropped.
+                    tokio::time::sleep(refused_wait).await;
+                    refused_wait = (refused_wait * 2).min(REFUSED_RETRY_MAX);
+                    hand.lock().parked = false;
+                    continue;
                 }
                 if failed {
                     backoff.sleep().await;
                 } else {
                     backoff.reset();
+                    refused_wait = REFUSED_RETRY_MIN;
                 }
             }
         }
@@ -1177,7 +1202,25 @@ impl Items {
                         }
                     }
                 }
-                Err(e) if !unknown && refused(&e) => {
+                Err(e) if refused(&e) => {
+                    if unknown {
+                        // This send was not applied; an earlier one, whose answer was lost,
+                        // may have been: its marker says so, if it may be read. A read
+                        // refused too: the earlier sends wrote the same marker, refused so.
+                        match self
+                            .store
+                            .range(Range::key(marker.clone()).keys_only())
+                            .await
+                        {
+                            Ok(read) if !read.kvs.is_empty() => break,
+                            Ok(_) => {}
+                            Err(e) if refused(&e) => {}
+                            Err(_) => {
+                                backoff.sleep().await;
+                                continue;
+                            }
+                        }
+                    }
                     tracing::warn!(
                         key = %key_str,
                         marker = %String::from_utf8_lossy(&marker),
@@ -1253,7 +1296,13 @@ impl Items {
                     return PutBack::Done;
                 }
                 Ok(_) => {
-                    if unknown {
+                    // After a lost answer, the item found under the key is ours if it has
+                    // our value and no lease, in a FIFO queue, whose keys are unique to
+                    // their item (the time of its enqueue). In a priority queue a newer
+                    // item of the same value may have taken the key, the level's next:
+                    // taking it for ours would lose ours, so the item goes under the next
+                    // key (queued twice if the lost send landed: warned on success).
+                    if unknown && self.order != SortTarget::Key {
                         match self.store.range(Range::key(key.clone())).await {
                             Ok(read)
                                 if read
@@ -1280,14 +1329,20 @@ impl Items {
                         }
                     }
                 }
-                Err(e) if !unknown && refused(&e) => {
+                Err(e) if refused(&e) => {
                     tracing::error!(
                         key = %key_str,
                         error = %e,
                         "the store refuses to put back an item taken for a dequeue that is \
-                         gone; it is held for this handle's next dequeue, and lost if the \
-                         process ends first"
+                         gone; it is held for this handle's dequeues, and sent again later"
                     );
+                    if unknown {
+                        tracing::warn!(
+                            key = %key_str,
+                            "an earlier send of this item lost its answer: if it landed, \
+                             the item is queued twice"
+                        );
+                    }
                     return PutBack::Refused(held);
                 }
                 Err(e) => {
@@ -2499,5 +2554,251 @@ mod tests {
             order.push(String::from_utf8(other.dequeue().await.unwrap()).unwrap());
         }
         assert_eq!(order, ["B", "A", "C"]);
+    }
+
+    /// `inner`, except that the first put-back with a marker (a txn writing a
+    /// `…/returned/…` key) fails in flight (a timeout: not applied here, but its outcome is
+    /// unknown to the caller), as a slow store's may.
+    #[derive(Debug)]
+    struct FirstMarkerTimesOut {
+        inner: Arc<dyn Store>,
+        failed: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for FirstMarkerTimesOut {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            self.inner.range(range).await
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<crate::store::Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(
+            &self,
+            keys: crate::store::KeyRange,
+        ) -> Result<(i64, crate::store::Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            let marker = txn.success.iter().any(|op| {
+                matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
+            });
+            if marker && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::Timeout {
+                    operation: "txn",
+                    after: Duration::from_secs(5),
+                });
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// Under a role on the queue's prefix alone (the set-up the docs now support: "the
+    /// put-back goes without the marker"), a slow store (the reason dequeues are dropped
+    /// mid-claim) times out the first put-back. Every later send is refused for the marker,
+    /// and was refused for it the first time too: the item must still go back without one,
+    /// not be resent for ever, in neither the handle nor the store.
+    #[tokio::test]
+    async fn a_put_back_refused_after_a_timeout_still_goes_back_without_a_marker() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(FirstMarkerTimesOut {
+            inner: RoleOnJobs::new(slow.clone()),
+            failed: Default::default(),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        claim_for_nobody(&q, &slow).await;
+        tokio::time::sleep(HOLD_FOR + Duration::from_secs(5)).await;
+        assert!(
+            store.failed.load(std::sync::atomic::Ordering::SeqCst),
+            "no put-back sent"
+        );
+        let keys: Vec<_> = slow.inner.range(Range::prefix("")).await.unwrap().kvs;
+        let other = Queue::new(&client, "jobs").unwrap();
+        let taken = other.try_dequeue().await.unwrap();
+        assert_eq!(
+            taken.as_deref(),
+            Some(&b"A"[..]),
+            "5 s on, the item is not back in the store (keys: {keys:?}); the handle still \
+             counts it as being sent: len = {}",
+            q.len().await.unwrap()
+        );
+    }
+
+    /// A put-back refused outright leaves the item held in the handle, and is sent again
+    /// later: it is not lost with the handle (and its clones) while the process lives, and
+    /// is back in the store once the store takes it.
+    #[tokio::test]
+    async fn a_refused_put_back_is_not_lost_when_its_handle_is_dropped() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering::Relaxed;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let role = RoleOnJobs::new(slow.clone());
+        let client = Client::from_arc(role.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        role.refuse_puts.store(true, Relaxed);
+        claim_for_nobody(&q, &slow).await;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        assert_eq!(q.len().await.unwrap(), 1, "held");
+        // The worker is done with this queue handle; the role is given back.
+        drop(q);
+        role.refuse_puts.store(false, Relaxed);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let other = Queue::new(&client, "jobs").unwrap();
+        assert_eq!(
+            other.try_dequeue().await.unwrap().as_deref(),
+            Some(&b"A"[..]),
+            "the item is gone with its handle, the process alive"
+        );
+    }
+
+    /// The marker is refused (an item near the request limit: `InvalidArgument`); the first
+    /// bare put-back times out unapplied, and meanwhile another producer enqueues an item
+    /// of the same value at the same level, which takes the emptied level's key.
+    #[derive(Debug)]
+    struct BareRace {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        raced: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for BareRace {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            self.inner.range(range).await
+        }
+        async fn put(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            lease: crate::store::LeaseId,
+        ) -> Result<crate::store::Revision> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(
+            &self,
+            keys: crate::store::KeyRange,
+        ) -> Result<(i64, crate::store::Revision)> {
+            self.inner.delete(keys).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            let puts: Vec<(Vec<u8>, Vec<u8>)> = txn
+                .success
+                .iter()
+                .filter_map(|op| match op {
+                    TxnOp::Put { key, value, .. } => Some((key.clone(), value.clone())),
+                    _ => None,
+                })
+                .collect();
+            if puts
+                .iter()
+                .any(|(k, _)| k.windows(10).any(|w| w == b"/returned/"))
+            {
+                return Err(Error::InvalidArgument(
+                    "etcdserver: request is too large".into(),
+                ));
+            }
+            let put_back =
+                txn.compares.len() == 1 && puts.first().is_some_and(|(k, _)| k.starts_with(b"pq/"));
+            if put_back && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                // Another producer's enqueue of the same value lands at that key.
+                let (key, value) = puts[0].clone();
+                self.inner.put(&key, &value, 0).await.unwrap();
+                return Err(Error::Timeout {
+                    operation: "txn",
+                    after: Duration::from_secs(5),
+                });
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(watch).await
+        }
+        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    /// A bare put-back whose answer was lost finds an item of the same value, with no
+    /// lease, under its key, and takes it for its own: but it is another producer's, and
+    /// the item put back is lost (one item in the store where two were enqueued).
+    #[tokio::test]
+    async fn a_bare_put_back_does_not_take_an_equal_item_for_its_own() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(BareRace {
+            inner: slow.clone(),
+            raced: Default::default(),
+        });
+        let client = Client::from_arc(store.clone());
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        pq.enqueue("reindex", 1).await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), pq.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        tokio::time::sleep(HOLD_FOR + Duration::from_secs(2)).await;
+        assert!(
+            store.raced.load(std::sync::atomic::Ordering::SeqCst),
+            "no bare put-back"
+        );
+        let items: Vec<_> = slow
+            .inner
+            .range(Range::prefix("pq/"))
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        assert_eq!(
+            items.len(),
+            2,
+            "the other producer's item and ours: {items:?}"
+        );
     }
 }
