@@ -262,7 +262,8 @@ impl SharedValue {
     /// was cut off are skipped; it never yields the same write twice in a row. It retries
     /// failed reads and watches with backoff for as long as it is polled, except when the
     /// backend refuses access (the user's roles do not cover the key, or its credentials
-    /// are refused): then it ends, and [`Changes::take_error`] says why.
+    /// or TLS handshake are refused: [`Error::is_access_denied`]): then it ends, and
+    /// [`Changes::take_error`] says why.
     ///
     /// Nothing happens until the stream is first polled.
     pub fn watch(&self) -> Changes {
