@@ -148,7 +148,7 @@ async fn elected(
             if released {
                 tracing::info!(key = %key, "resigned");
                 let _ = out.emit(
-                    &format!("resigned {key}"),
+                    &format!("resigned {}", output::escape_controls(&key)),
                     &json!({"event": "resigned", "name": args.name, "key": key}),
                 );
             }

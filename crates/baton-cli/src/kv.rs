@@ -183,7 +183,9 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
     out.emit(
         &format!(
             "set {} (version {}, revision {})",
-            args.key, written.version, written.mod_revision
+            output::escape_controls(&args.key),
+            written.version,
+            written.mod_revision
         ),
         &versioned_json("set", &args.key, &written),
     )
@@ -234,8 +236,16 @@ async fn follow(
         let from = match next {
             Some(from) => from,
             None => {
+                // Keys only: the start needs the revision alone (one key, to learn it), and
+                // after a compaction the values of the keys that changed are read one by
+                // one; the values under a prefix may be a gigabyte of queue items.
+                let read_range = if first {
+                    range().keys_only().with_limit(1)
+                } else {
+                    range().keys_only()
+                };
                 let read = signals
-                    .interruptible(async { Ok(store.range(range()).await) })
+                    .interruptible(async { Ok(store.range(read_range).await) })
                     .await?;
                 let resp = match read {
                     Ok(resp) => resp,
@@ -253,10 +263,34 @@ async fn follow(
                 if !first {
                     // After a compaction: what changed while we were cut off, as it is now.
                     let since = pause.last_seen;
-                    for kv in resp.kvs.iter().filter(|kv| kv.mod_revision > since) {
-                        if let Err(e) = print_put(&out, kv) {
+                    let mut failed = None;
+                    for listed in resp.kvs.iter().filter(|kv| kv.mod_revision > since) {
+                        let at = Range::key(listed.key.clone()).at_revision(resp.header_revision);
+                        let read = signals
+                            .interruptible(async { Ok(store.range(at).await) })
+                            .await?;
+                        let kv = match read {
+                            Ok(mut one) if !one.kvs.is_empty() => one.kvs.swap_remove(0),
+                            Ok(_) => continue,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        };
+                        if let Err(e) = print_put(&out, &kv) {
                             return output::follow_ended(&e);
                         }
+                    }
+                    if let Some(e) = failed {
+                        if !e.is_retryable() {
+                            return Err(e.into());
+                        }
+                        tracing::debug!(error = ?e, "reading failed; retrying");
+                        outage.failing(&e.to_string());
+                        if pause.sleep(&mut signals).await {
+                            return Ok(0);
+                        }
+                        continue;
                     }
                 }
                 first = false;

@@ -165,7 +165,7 @@ async fn locked(
         Released::Stopped { released } => {
             if released {
                 let _ = out.emit(
-                    &format!("released {key}"),
+                    &format!("released {}", output::escape_controls(&key)),
                     &json!({"event": "released", "name": args.name, "key": key}),
                 );
             }

@@ -274,7 +274,7 @@ pub(crate) fn emit_held(
     ttl: std::time::Duration,
 ) {
     let _ = out.emit(
-        &format!("{event} {key}{}", token_suffix(token)),
+        &format!("{event} {}{}", escape_controls(key), token_suffix(token)),
         &serde_json::json!({
             "event": event,
             "name": name,

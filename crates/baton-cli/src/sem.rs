@@ -111,7 +111,11 @@ async fn held(
 
     let job = if args.command.is_empty() {
         let _ = out.emit(
-            &format!("acquired {key} permits={}", args.permits),
+            &format!(
+                "acquired {} permits={}",
+                output::escape_controls(&key),
+                args.permits
+            ),
             &json!({
                 "event": "acquired",
                 "name": args.name,
@@ -151,7 +155,7 @@ async fn held(
         Released::Stopped { released } => {
             if released {
                 let _ = out.emit(
-                    &format!("released {key}"),
+                    &format!("released {}", output::escape_controls(&key)),
                     &json!({"event": "released", "name": args.name, "key": key}),
                 );
             }

@@ -99,9 +99,11 @@ so the name; Redis's key is the namespace plus the name), TOKEN (the lock's fenc
 holder is a Baton client, but for another library's lock only the last Baton grant's; - on
 Redlock and where no Baton client ever took the lock), TTL (the time left on the key),
 SERVERS (how many hold it). Keys that are not UTF-8 are not listed on Redis (Baton's lock
-names are text; another library's binary key is skipped). JSON's waiter_count counts the live waiters in Baton's FIFO
-queue (single instance only; waiters that do not queue leave no trace in Redis). Keys are
-listed with SCAN, which never blocks the server.";
+names are text; another library's binary key is skipped). JSON has, per entry on Redis:
+name, kind, key, fencing_token, ttl_ms, servers, waiter_count (no holder or holders object:
+a Redis lock's key is its holder's, and its value a token, not a lease); waiter_count counts
+the live waiters in Baton's FIFO queue (single instance only; waiters that do not queue
+leave no trace in Redis). Keys are listed with SCAN, which never blocks the server.";
 
 /// `baton status`.
 #[derive(Debug, clap::Args)]

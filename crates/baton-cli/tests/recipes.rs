@@ -431,6 +431,31 @@ fn results_to_a_full_stdout_exit_125() {
     );
 }
 
+/// The human result lines of `set` and `sem` escape control characters in names, as
+/// `watch`, `observe` and `status` do: a key with a newline stays one line.
+#[test]
+fn result_lines_escape_control_characters_in_names() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let (out, _) = run(baton(&ep).args(["set", "esc/nl\nkey\x1b[31m", "v"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert!(
+        stdout.starts_with("set esc/nl\\nkey\\x1b[31m (version 1, "),
+        "{stdout:?}"
+    );
+    let sem = Proc::spawn(baton(&ep).args(["sem", "esc/s\nem", "--permits", "2"]));
+    let acquired = sem.line();
+    assert!(acquired.starts_with("acquired esc/s\\nem/"), "{acquired:?}");
+    assert!(acquired.ends_with(" permits=2"), "one line: {acquired:?}");
+    sem.signal(libc::SIGTERM);
+    let released = sem.line();
+    assert!(released.starts_with("released esc/s\\nem/"), "{released:?}");
+    let mut sem = sem;
+    assert_eq!(sem.code(), 0);
+}
+
 /// set, get, --if-revision: a matching revision writes, a stale one exits 1 with one line
 /// and writes nothing (also after a delete and re-create, which restarts the version); a
 /// missing key exits 1.
@@ -538,6 +563,103 @@ fn watch_prints_changes() {
     let mut human = human;
     human.signal(libc::SIGTERM);
     assert_eq!(human.code(), 0);
+}
+
+/// `baton watch --prefix` starts from a read of the revision alone: it does not download
+/// the values under the prefix (16 MiB here; a queue of big items may hold a gigabyte,
+/// which made it time out and exit 125 without ever watching).
+#[test]
+fn watch_prefix_does_not_download_the_values_under_it() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let value = vec![b'x'; 1 << 20];
+        for i in 0..16 {
+            client
+                .store()
+                .put(format!("wbig/blob-{i}").as_bytes(), &value, 0)
+                .await
+                .unwrap();
+        }
+    });
+    let sent = || {
+        etcd.metric("etcd_network_client_grpc_sent_bytes_total")
+            .expect("etcd_network_client_grpc_sent_bytes_total")
+    };
+    let before = sent();
+    let watch = Proc::spawn(baton(&ep).args(["watch", "--prefix", "wbig/"]));
+    // Write until the watcher prints a change: it is watching then.
+    let mut line = None;
+    for i in 0..100 {
+        let (out, _) = run(baton(&ep).args(["set", "wbig/new", &format!("v{i}")]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        line = watch.line_within(Duration::from_millis(200));
+        if line.is_some() {
+            break;
+        }
+    }
+    let line = line.expect("watch printed no change");
+    assert!(line.starts_with("put wbig/new = v"), "{line}");
+    let sent = sent() - before;
+    assert!(
+        sent < 1024.0 * 1024.0,
+        "starting `baton watch --prefix wbig/` downloaded the values under it: etcd sent \
+         {sent} bytes"
+    );
+}
+
+/// A watch cut off past a compaction reads the keys again, and prints each key that changed
+/// meanwhile with its value as it is now (read one by one: the listing has keys only).
+#[test]
+fn watch_after_a_compaction_prints_what_changed_with_its_value() {
+    let mut etcd = etcd();
+    let ep = etcd.endpoint();
+    let watch = Proc::spawn(baton(&ep).args(["watch", "--prefix", "wc/"]));
+    let mut i = 0;
+    loop {
+        assert!(i < 100, "watch printed no change");
+        let (out, _) = run(baton(&ep).args(["set", "wc/a", &format!("v{i}")]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        i += 1;
+        if watch.line_within(Duration::from_millis(100)).is_some() {
+            break;
+        }
+    }
+    while watch.line_within(Duration::from_millis(200)).is_some() {}
+    // Cut it off (paused, its connection broken by a restart), change two keys, compact.
+    watch.signal(libc::SIGSTOP);
+    etcd.kill();
+    etcd.restart();
+    run(baton(&ep).args(["set", "wc/a", "changed meanwhile"]));
+    let (out, _) = run(baton(&ep).args(["set", "wc/c", "new meanwhile"]));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let revision = stdout
+        .rsplit("revision ")
+        .next()
+        .and_then(|r| r.trim().trim_end_matches(')').parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no revision in {stdout:?}"));
+    let out = etcd.etcdctl(["compact", &revision.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    watch.signal(libc::SIGCONT);
+    let a = watch
+        .line_within(Duration::from_secs(20))
+        .expect("nothing printed");
+    assert!(a.starts_with("put wc/a = changed meanwhile ("), "{a}");
+    let c = watch
+        .line_within(Duration::from_secs(5))
+        .expect("wc/c not printed");
+    assert!(
+        c.starts_with("put wc/c = new meanwhile (version 1, "),
+        "{c}"
+    );
+    // And it follows on.
+    run(baton(&ep).args(["set", "wc/a", "after"]));
+    let after = watch
+        .line_within(Duration::from_secs(5))
+        .expect("no change after");
+    assert!(after.starts_with("put wc/a = after ("), "{after}");
 }
 
 /// While etcd is down, `baton watch` and `baton observe` say so on stderr (once), and again
