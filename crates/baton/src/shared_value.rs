@@ -807,48 +807,22 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for Denying {
-        fn backend(&self) -> &'static str {
-            "mem"
+    impl crate::store::slow::Hooks for Denying {
+        fn inner(&self) -> &dyn Store {
+            &self.inner
         }
         async fn range(&self, range: Range) -> Result<crate::store::RangeResponse> {
             self.check()?;
             self.inner.range(range).await
         }
-        async fn put(
-            &self,
-            key: &[u8],
-            value: &[u8],
-            lease: crate::store::LeaseId,
-        ) -> Result<Revision> {
-            self.inner.put(key, value, lease).await
-        }
-        async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
-            self.inner.delete(keys).await
-        }
         async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
             self.check()?;
             self.inner.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
         }
         async fn watch(&self, watch: Watch) -> Result<WatchStream> {
             self.check()?;
             let cut = self.cut.clone().cancelled_owned();
             Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
-        }
-        async fn compact(&self, revision: Revision) -> Result<()> {
-            self.inner.compact(revision).await
         }
     }
 

@@ -1461,28 +1461,14 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for ValueBytes {
-        fn backend(&self) -> &'static str {
-            "mem"
+    impl crate::store::slow::Hooks for ValueBytes {
+        fn inner(&self) -> &dyn Store {
+            &self.inner
         }
         async fn range(&self, range: Range) -> Result<RangeResponse> {
             let resp = self.inner.range(range).await?;
             self.count(&resp.kvs);
             Ok(resp)
-        }
-        async fn put(
-            &self,
-            key: &[u8],
-            value: &[u8],
-            lease: crate::store::LeaseId,
-        ) -> Result<crate::store::Revision> {
-            self.inner.put(key, value, lease).await
-        }
-        async fn delete(
-            &self,
-            keys: crate::store::KeyRange,
-        ) -> Result<(i64, crate::store::Revision)> {
-            self.inner.delete(keys).await
         }
         async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
             let resp = self.inner.txn(txn).await?;
@@ -1492,24 +1478,6 @@ mod tests {
                 }
             }
             Ok(resp)
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            self.inner.watch(watch).await
-        }
-        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
-            self.inner.compact(revision).await
         }
     }
 
@@ -2343,12 +2311,9 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for RoleOnJobs {
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn range(&self, range: Range) -> Result<RangeResponse> {
-            self.inner.range(range).await
+    impl crate::store::slow::Hooks for RoleOnJobs {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
         }
         async fn put(
             &self,
@@ -2358,12 +2323,6 @@ mod tests {
         ) -> Result<crate::store::Revision> {
             self.check(key)?;
             self.inner.put(key, value, lease).await
-        }
-        async fn delete(
-            &self,
-            keys: crate::store::KeyRange,
-        ) -> Result<(i64, crate::store::Revision)> {
-            self.inner.delete(keys).await
         }
         async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
             for c in &txn.compares {
@@ -2377,24 +2336,6 @@ mod tests {
                 }
             }
             self.inner.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            self.inner.watch(watch).await
-        }
-        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
-            self.inner.compact(revision).await
         }
     }
 
@@ -2566,26 +2507,9 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for FirstMarkerTimesOut {
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn range(&self, range: Range) -> Result<RangeResponse> {
-            self.inner.range(range).await
-        }
-        async fn put(
-            &self,
-            key: &[u8],
-            value: &[u8],
-            lease: crate::store::LeaseId,
-        ) -> Result<crate::store::Revision> {
-            self.inner.put(key, value, lease).await
-        }
-        async fn delete(
-            &self,
-            keys: crate::store::KeyRange,
-        ) -> Result<(i64, crate::store::Revision)> {
-            self.inner.delete(keys).await
+    impl crate::store::slow::Hooks for FirstMarkerTimesOut {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
         }
         async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
             let marker = txn.success.iter().any(|op| {
@@ -2598,24 +2522,6 @@ mod tests {
                 });
             }
             self.inner.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            self.inner.watch(watch).await
-        }
-        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
-            self.inner.compact(revision).await
         }
     }
 
@@ -2691,26 +2597,9 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Store for BareRace {
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn range(&self, range: Range) -> Result<RangeResponse> {
-            self.inner.range(range).await
-        }
-        async fn put(
-            &self,
-            key: &[u8],
-            value: &[u8],
-            lease: crate::store::LeaseId,
-        ) -> Result<crate::store::Revision> {
-            self.inner.put(key, value, lease).await
-        }
-        async fn delete(
-            &self,
-            keys: crate::store::KeyRange,
-        ) -> Result<(i64, crate::store::Revision)> {
-            self.inner.delete(keys).await
+    impl crate::store::slow::Hooks for BareRace {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
         }
         async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
             let puts: Vec<(Vec<u8>, Vec<u8>)> = txn
@@ -2741,24 +2630,6 @@ mod tests {
                 });
             }
             self.inner.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
-        }
-        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            self.inner.watch(watch).await
-        }
-        async fn compact(&self, revision: crate::store::Revision) -> Result<()> {
-            self.inner.compact(revision).await
         }
     }
 

@@ -402,3 +402,83 @@ impl Store for SlowWatches {
             .unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// A test store made of hooks around another: each call goes to [`inner`](Hooks::inner)
+/// unless the test's type overrides it (refusing a key, failing a call once, racing a
+/// write in before it). Every type that implements it is a [`Store`].
+#[async_trait]
+pub(crate) trait Hooks: std::fmt::Debug + Send + Sync + 'static {
+    /// The store underneath.
+    fn inner(&self) -> &dyn Store;
+
+    async fn range(&self, range: Range) -> Result<RangeResponse> {
+        self.inner().range(range).await
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        self.inner().put(key, value, lease).await
+    }
+
+    async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        self.inner().delete(keys).await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        self.inner().txn(txn).await
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        self.inner().watch(watch).await
+    }
+}
+
+#[async_trait]
+impl<H: Hooks> Store for H {
+    fn backend(&self) -> &'static str {
+        self.inner().backend()
+    }
+
+    async fn range(&self, range: Range) -> Result<RangeResponse> {
+        Hooks::range(self, range).await
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision> {
+        Hooks::put(self, key, value, lease).await
+    }
+
+    async fn delete(&self, keys: KeyRange) -> Result<(i64, Revision)> {
+        Hooks::delete(self, keys).await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+        Hooks::txn(self, txn).await
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        self.inner().lease_grant(ttl).await
+    }
+
+    async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
+        self.inner().lease_keep_alive(id).await
+    }
+
+    async fn lease_revoke(&self, id: LeaseId) -> Result<()> {
+        self.inner().lease_revoke(id).await
+    }
+
+    async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
+        self.inner().lease_time_to_live(id).await
+    }
+
+    fn request_timeout(&self) -> Option<Duration> {
+        self.inner().request_timeout()
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        Hooks::watch(self, watch).await
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.inner().compact(revision).await
+    }
+}
