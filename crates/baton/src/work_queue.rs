@@ -2633,9 +2633,10 @@ mod tests {
         }
     }
 
-    /// A bare put-back whose answer was lost finds an item of the same value, with no
-    /// lease, under its key, and takes it for its own: but it is another producer's, and
-    /// the item put back is lost (one item in the store where two were enqueued).
+    /// A priority queue's bare put-back whose answer was lost, finding an item of the same
+    /// value with no lease under its key, does not take it for its own: it may be another
+    /// producer's (the level's next key), and ours would be lost. Ours goes under the next
+    /// key: two items in the store, as two were enqueued.
     #[tokio::test]
     async fn a_bare_put_back_does_not_take_an_equal_item_for_its_own() {
         use crate::store::slow::SlowWatches;
