@@ -60,7 +60,10 @@ use crate::session::Session;
 /// - cancellation, timeouts, session loss and `lost()` are supported (the recipe stores
 ///   `context.TODO()` and cannot be cancelled);
 /// - a waiter whose key vanished gets an error, never the lock;
-/// - keys of nested names (`NAME/sub/…`) are not part of this lock's queue.
+/// - keys of nested names (`NAME/sub/…`) are not part of this lock's queue, except those of
+///   a lock, election or semaphore named `NAME/read` or `NAME/write`: its keys
+///   (`NAME/read/<lease>`, `NAME/write/<lease>`) are this lock's readers' and writers', as
+///   for Go's `RWMutex` (the layout is Go's). Don't give those names to anything else.
 ///
 /// # Fencing tokens
 ///
