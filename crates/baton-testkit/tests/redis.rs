@@ -3702,3 +3702,103 @@ async fn a_let_go_takes_marker_does_not_hide_a_later_loss() {
         "{unlocked:?}"
     );
 }
+
+/// On Redlock, a proclaim whose writes reach the masters at different times (one master
+/// fast, the others 300 ms behind: a slower link) is confirmed by a quorum, and every master
+/// PUBLISHes it. An observer learns of it by pub/sub, not only at its fallback poll: the
+/// first master's message wakes it before the value is on a quorum (its read finds the old
+/// value), so the other masters' messages of the same event wake it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_an_observer_sees_a_proclaim_that_reaches_the_masters_at_different_times() {
+    let servers = RedisServers::start_async(3).await;
+    let p1 = FaultProxy::start(servers.server(1).port()).await;
+    let p2 = FaultProxy::start(servers.server(2).port()).await;
+    let url = format!(
+        "redlock://{},{},{}",
+        servers.server(0).addr(),
+        p1.addr(),
+        p2.addr()
+    );
+    let ttl = Duration::from_secs(30);
+    let leader_client = connect(&url, ttl).await;
+    // A long fallback poll (10..20 s, jittered): changes must come by pub/sub.
+    let observer = builder(&servers.redlock_url(), ttl)
+        .with_poll_interval(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap();
+    let name = unique("staggered");
+    let mut leading = leader_client
+        .election(&name)
+        .unwrap()
+        .campaign("v1")
+        .await
+        .unwrap();
+    held_by_each(servers.servers(), leading.key()).await;
+    let election = observer.election(&name).unwrap();
+    let mut observe = election.observe();
+    let first = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::StreamExt::next(&mut observe),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.value, b"v1");
+    p1.set(
+        Direction::ClientToServer,
+        Fault::Delay(Duration::from_millis(300)),
+    );
+    p2.set(
+        Direction::ClientToServer,
+        Fault::Delay(Duration::from_millis(300)),
+    );
+    let t = Instant::now();
+    leading.proclaim("v2").await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(election.leader().await.unwrap().value, b"v2");
+    let seen = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::StreamExt::next(&mut observe),
+    )
+    .await;
+    match seen {
+        Ok(Some(l)) => assert_eq!(l.value, b"v2"),
+        other => panic!(
+            "proclaim confirmed after {took:?} and leader() says v2, but the observer saw \
+             nothing within 3 s: {other:?}"
+        ),
+    }
+    p1.heal();
+    p2.heal();
+    leading.resign().await.unwrap();
+}
+
+/// On Redlock, a holder of the key without its election record is no leader (as on one
+/// server), and a leader whose record is on one master of three is not led by a quorum:
+/// master 0 holds the key and the record, master 1 the key alone (its record deleted),
+/// master 2 nothing (its key deleted). The leader itself steps down at its next extend;
+/// `leader()` does not report it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_leader_does_not_count_a_holder_without_its_record() {
+    let servers = RedisServers::start_async(3).await;
+    let ttl = Duration::from_secs(30);
+    let client = connect(&servers.redlock_url(), ttl).await;
+    let name = unique("recordless");
+    let election = client.election(&name).unwrap();
+    let leading = election.campaign("v1").await.unwrap();
+    held_by_each(servers.servers(), leading.key()).await;
+    let rec = format!("baton:leader:{}", leading.key());
+    let _: i64 = raw(&servers.server(1).url()).await.del(&rec).await.unwrap();
+    let _: i64 = raw(&servers.server(2).url())
+        .await
+        .del(leading.key())
+        .await
+        .unwrap();
+    let got = election.leader().await;
+    assert!(
+        got.is_err(),
+        "leader() reported a leader whose record is on 1 master of 3: {got:?}"
+    );
+    drop(leading);
+}

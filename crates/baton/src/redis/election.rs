@@ -37,9 +37,12 @@ use crate::queue::with_timeout;
 /// leader's process dies. A leader whose record is deleted (while its key stays) is seen by
 /// nobody: it loses its leadership at its next extend (a third of the TTL), and steps down.
 ///
-/// The [`Leader`] reported has `key` = the Redis key, `create_revision` = the leader's
-/// fencing token (its lock's counter; 0 on Redlock, which has none), `mod_revision` = the
-/// number of values published in this term (1 after the campaign), and `lease` = 0.
+/// The [`Leader`] reported has `key` = the election's name (relative to the client's
+/// prefix, as etcd's keys are to the namespace), `create_revision` = the leader's fencing
+/// token (its lock's counter; 0 on Redlock, which has none), `mod_revision` = the value's
+/// version in this term (1 after the campaign, raised by every proclaim attempt, failed or
+/// cancelled ones too: it grows with each new value, and may skip numbers), and
+/// `lease` = 0.
 ///
 /// [`RedisLock`]: super::RedisLock
 ///

@@ -216,6 +216,14 @@
 //!   on a master, which Redis uses for expiry). Break them and two holders can overlap.
 //! - **Restarts without persistence** can hand the same lock to two holders unless a
 //!   restarted master stays down for at least a TTL.
+//! - **A leader's value after a failed proclaim.** A proclaim that reached only a minority
+//!   of masters fails, and the leader keeps its old value. With masters down, readers then
+//!   say they cannot tell ([`Error::NoQuorum`]); with every master up but no version of the
+//!   value on a quorum (a failed proclaim's version on one master, the old one on another,
+//!   an older one on the third), [`leader`](RedisElection::leader) and observers report the
+//!   newest version there is, as they must while a proclaim is on its way to a quorum
+//!   (the masters' versions alone cannot tell the two apart), until the leader's next
+//!   proclaim.
 //!
 //! Redlock is fine for efficiency (avoiding duplicate work). **When correctness depends on
 //! the lock** — two holders would corrupt data — use etcd (`http://…`), whose locks carry a

@@ -715,9 +715,15 @@ impl ClientInner {
             votes.entry(rec.token.clone()).or_default().push(rec);
         }
         let quorum = self.quorum;
-        let Some(recs) = votes.into_values().find(|recs| recs.len() >= quorum) else {
+        let Some(mut recs) = votes.into_values().find(|recs| recs.len() >= quorum) else {
             return Ok(None);
         };
+        // A holder of the key without its record (version 0) is no leader there: a leader
+        // is one whose record a quorum holds.
+        recs.retain(|r| r.ver > 0);
+        if recs.len() < quorum {
+            return Ok(None);
+        }
         if failed > 0 && !version_confirmed(&recs, quorum) {
             // No version of the value on a quorum among the answers, and some masters did
             // not answer: the newest version here may be a proclaim that failed (it reached
@@ -740,8 +746,11 @@ fn version_confirmed(recs: &[NodeRecord], quorum: usize) -> bool {
 
 /// The record to report of a leader held by a quorum: the newest version that a quorum of
 /// nodes holds (a proclaim that reached fewer nodes failed, and its value is not reported);
-/// if none is held that widely while every node answered (proclaims failing one after
-/// another), the newest there is. (With nodes missing, `read_leader` says `NoQuorum`.)
+/// if none is held that widely while every node answered, the newest there is: a proclaim
+/// on its way to a quorum (the usual case), or one that failed after reaching a minority
+/// (which this then reports until the leader's next proclaim: the nodes' versions alone
+/// cannot tell the two apart; see the `redis` module's Redlock limits). (With nodes missing,
+/// `read_leader` says `NoQuorum`.)
 fn leader_value(mut recs: Vec<NodeRecord>, quorum: usize) -> Option<NodeRecord> {
     recs.sort_by_key(|r| std::cmp::Reverse(r.ver));
     let confirmed = recs

@@ -93,6 +93,12 @@ impl Channel {
             {
                 let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
                 if last.as_deref() == Some(p) {
+                    // The same event from another Redlock master: waiters woke once, but an
+                    // observer woken by the first master may have read before the event was
+                    // on a quorum. Let it read again.
+                    if parse_grant(p).is_none() {
+                        self.observers.notify_waiters();
+                    }
                     return;
                 }
                 *last = Some(p.to_vec());
