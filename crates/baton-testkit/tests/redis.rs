@@ -2403,6 +2403,51 @@ async fn a_client_outlives_the_runtime_of_its_first_lock() {
     other.close().await.unwrap();
 }
 
+/// Runtime B, a current-thread runtime on a thread of its own, takes the client's first
+/// lock, so that the watchdog launcher runs there. `driven`: B stays in `block_on`, holding
+/// that lock, until `stop` (then it unlocks and shuts down); else it unlocks at once and
+/// lives on idle, its thread outside `block_on`, until `stop`. Returns once the lock was
+/// taken: `stop`, and B's thread to join.
+async fn first_lock_on_runtime_b(
+    shared: &RedisClient,
+    driven: bool,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let on_b = shared.clone();
+    let b_name = unique("launcher-runtime");
+    let b = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ready_in_b = ready_tx.clone();
+        let stop_rx = rt.block_on(async move {
+            let guard = on_b.lock(&b_name).unwrap().lock().await.unwrap();
+            if !driven {
+                guard.unlock().await.unwrap();
+                return Some(stop_rx);
+            }
+            ready_in_b.send(()).unwrap();
+            let _ = stop_rx.await;
+            guard.unlock().await.unwrap();
+            None
+        });
+        if let Some(stop_rx) = stop_rx {
+            ready_tx.send(()).unwrap();
+            let _ = stop_rx.blocking_recv();
+        }
+        drop(rt);
+    });
+    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
+        .await
+        .unwrap();
+    (stop_tx, b)
+}
+
 /// A hold on one runtime, whose watchdog the client's launcher (started by a lock on another
 /// runtime) would start on that other runtime, which is then shut down while the hold lives:
 /// the hold must keep its key alive, as if the other runtime had never existed.
@@ -2412,28 +2457,8 @@ async fn a_hold_outlives_the_runtime_that_launched_the_watchdogs() {
     let url = server.url();
     let ttl = Duration::from_millis(600);
     let shared = builder(&url, ttl).connect().await.unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-
     // Runtime B: the client's first hold, so the watchdog launcher runs there.
-    let on_b = shared.clone();
-    let b_name = unique("launcher-runtime");
-    let b = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let guard = on_b.lock(&b_name).unwrap().lock().await.unwrap();
-            ready_tx.send(()).unwrap();
-            let _ = stop_rx.await;
-            guard.unlock().await.unwrap();
-        });
-        drop(rt);
-    });
-    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
-        .await
-        .unwrap();
+    let (stop_tx, b) = first_lock_on_runtime_b(&shared, true).await;
 
     // Runtime A (this test's): a hold whose watchdog is due after B's launcher started.
     let guard = shared.lock(&unique("hold")).unwrap().lock().await.unwrap();
@@ -2469,29 +2494,9 @@ async fn a_hold_keeps_its_key_while_the_launchers_runtime_idles() {
     let url = server.url();
     let ttl = Duration::from_millis(600);
     let shared = builder(&url, ttl).connect().await.unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-
     // Runtime B: the client's first lock and unlock, so the launcher runs there; then B
     // lives on, idle.
-    let on_b = shared.clone();
-    let b_name = unique("launcher-runtime");
-    let b = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let guard = on_b.lock(&b_name).unwrap().lock().await.unwrap();
-            guard.unlock().await.unwrap();
-        });
-        ready_tx.send(()).unwrap();
-        let _ = stop_rx.recv();
-        drop(rt);
-    });
-    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
-        .await
-        .unwrap();
+    let (stop_tx, b) = first_lock_on_runtime_b(&shared, false).await;
 
     let name = unique("hold");
     let guard = shared.lock(&name).unwrap().lock().await.unwrap();

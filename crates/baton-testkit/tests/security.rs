@@ -419,13 +419,27 @@ async fn mutual_tls_etcd() -> (TestPki, TestPki, EtcdServer) {
 
 /// An etcd with authentication on: root, and `app` whose role covers `locks/` only.
 fn auth_server(token_ttl: Option<Duration>) -> EtcdServer {
+    auth_server_on("locks/", token_ttl)
+}
+
+/// An etcd with authentication on: root, and `app` whose role covers `prefix` only.
+fn auth_server_on(prefix: &str, token_ttl: Option<Duration>) -> EtcdServer {
     let mut options = EtcdServerOptions::new();
     if let Some(ttl) = token_ttl {
         options = options.with_auth_token_ttl(ttl);
     }
     let etcd = EtcdServer::start_with(options);
-    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/")]);
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, prefix)]);
     etcd
+}
+
+/// A client of `etcd` logged in as `app`.
+async fn app_client(etcd: &EtcdServer) -> Client {
+    Client::builder(&etcd.endpoint())
+        .with_user("app", APP_PASSWORD)
+        .connect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -436,11 +450,7 @@ async fn a_prefix_role_allows_its_prefix_and_denies_the_rest_at_once() {
     let etcd = tokio::task::spawn_blocking(|| auth_server(None))
         .await
         .unwrap();
-    let client = Client::builder(&etcd.endpoint())
-        .with_user("app", APP_PASSWORD)
-        .connect()
-        .await
-        .unwrap();
+    let client = app_client(&etcd).await;
     let session = Session::builder(&client).build().await.unwrap();
     let guard = Mutex::new(&session, "locks/x")
         .unwrap()
@@ -749,18 +759,10 @@ async fn a_queue_under_a_role_on_its_prefix_alone_loses_no_item_put_back() {
     if skip() {
         return;
     }
-    let etcd = tokio::task::spawn_blocking(|| {
-        let etcd = EtcdServer::start();
-        etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "jobs/")]);
-        etcd
-    })
-    .await
-    .unwrap();
-    let client = Client::builder(&etcd.endpoint())
-        .with_user("app", APP_PASSWORD)
-        .connect()
+    let etcd = tokio::task::spawn_blocking(|| auth_server_on("jobs/", None))
         .await
         .unwrap();
+    let client = app_client(&etcd).await;
     let n = 200;
     let producer = baton::Queue::new(&client, "jobs").unwrap();
     for i in 0..n {
