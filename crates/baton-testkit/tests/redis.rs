@@ -3812,3 +3812,47 @@ async fn redlock_leader_does_not_count_a_holder_without_its_record() {
     );
     drop(leading);
 }
+
+/// A Redlock hold's extends reach every master that answers, not just the first quorum:
+/// one master is slower than the others (a delayed link) and has lost the extend script
+/// (`SCRIPT FLUSH`: a restart, or a first extend). Its extend needs a second round trip
+/// (`NOSCRIPT`, then the script's load) after the quorum answered; the hold keeps its key
+/// there too, as the acquire's late writes do, so that it survives the loss of a master of
+/// the quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_extends_reach_a_slow_master_past_the_quorum() {
+    let servers = RedisServers::start_async(5).await;
+    let proxy = FaultProxy::start(servers.server(0).port()).await;
+    proxy.set(
+        Direction::ServerToClient,
+        Fault::Delay(Duration::from_millis(60)),
+    );
+    let url = redlock_url_via(&servers, 0, &proxy);
+    let ttl = Duration::from_millis(900);
+    let client = connect(&url, ttl).await;
+    let lock = client.lock(&unique("slow-master")).unwrap();
+    let guard = lock.lock().await.unwrap();
+    let mut slow = raw(&servers.server(0).url()).await;
+    // The acquire's write lands on the slow master too.
+    for _ in 0..100 {
+        let pttl: i64 = slow.pttl(lock.key()).await.unwrap();
+        if pttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut slow)
+        .await
+        .unwrap();
+    // Three TTLs: the key there expires unless extends reach it.
+    tokio::time::sleep(ttl * 3).await;
+    let pttl: i64 = slow.pttl(lock.key()).await.unwrap();
+    assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+    assert!(
+        pttl > 0,
+        "the slow master's key was not extended (PTTL {pttl}): extends reached the quorum alone"
+    );
+    guard.unlock().await.unwrap();
+}

@@ -382,10 +382,16 @@ impl ClientInner {
         let n = self.nodes.len();
         let q = self.quorum;
         let sent = Instant::now();
+        let ttl_ms = self.opts.ttl_ms;
         let mut calls: Race<_> = self
             .nodes
             .iter()
-            .map(|node| node.extend(keys, token, self.opts.ttl_ms, election))
+            .map(|node| {
+                // Owned, so that the extends still in flight once a quorum answered can
+                // finish in the background.
+                let (node, keys, token) = (node.clone(), keys.clone(), token.to_string());
+                async move { node.extend(&keys, &token, ttl_ms, election).await }
+            })
             .collect();
         let (mut ok, mut foreign, mut gone, mut record_gone) = (0, 0, 0, 0);
         let mut first_error = None;
@@ -396,6 +402,11 @@ impl ClientInner {
                     Some(Ok(NodeExtend::Extended)) => {
                         ok += 1;
                         if ok >= q {
+                            // The other masters' extends finish as stragglers: cut off,
+                            // a master slower than the quorum (one that must load the
+                            // script first, say) would never be extended, and its key,
+                            // which lets the lock survive a master's loss, would expire.
+                            self.finish_in_background(calls, "extend");
                             return Extended::Held(sent);
                         }
                     }
