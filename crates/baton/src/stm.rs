@@ -213,7 +213,8 @@ impl Stm {
     }
 
     /// Give up with [`Error::Conflict`] after this many attempts (0: no limit, the
-    /// default).
+    /// default). An attempt ends in a conflict at its commit, or earlier when its snapshot
+    /// is compacted away (see [`run`](Stm::run)): both count.
     pub fn with_max_attempts(mut self, attempts: u32) -> Stm {
         self.max_attempts = attempts;
         self
@@ -228,7 +229,8 @@ impl Stm {
     ///
     /// `apply` gets a fresh [`StmTx`] per attempt. If it returns `Err`, nothing is written
     /// and the error is returned. A failed commit returns its error. Give up after
-    /// [`with_max_attempts`](Stm::with_max_attempts) conflicts with [`Error::Conflict`].
+    /// [`with_max_attempts`](Stm::with_max_attempts) attempts (conflicts, or snapshots
+    /// compacted away) with [`Error::Conflict`].
     ///
     /// # A failed commit may have been applied
     ///
@@ -279,6 +281,8 @@ impl Stm {
                 if !self.prefetch.is_empty() {
                     if let Err(e) = tx.fetch(&self.prefetch).await {
                         if tx.restart_needed() {
+                            tracing::debug!(attempt, "snapshot compacted; restarting");
+                            self.check_attempts(attempt)?;
                             continue;
                         }
                         return Err(e.into());
@@ -288,6 +292,7 @@ impl Stm {
                 let state = tx.finish();
                 if state.restart {
                     tracing::debug!(attempt, "snapshot compacted; restarting");
+                    self.check_attempts(attempt)?;
                     continue;
                 }
                 let value = out?;
@@ -302,9 +307,7 @@ impl Stm {
                     }
                     Commit::Conflict(next) => {
                         tracing::debug!(attempt, "conflict; running again");
-                        if self.max_attempts > 0 && attempt >= self.max_attempts {
-                            return Err(Error::Conflict { attempts: attempt }.into());
-                        }
+                        self.check_attempts(attempt)?;
                         prefetched = next;
                     }
                 }
@@ -312,6 +315,15 @@ impl Stm {
         }
         .instrument(span)
         .await
+    }
+
+    /// [`Error::Conflict`] once `attempt` attempts have run out of
+    /// [`with_max_attempts`](Stm::with_max_attempts).
+    fn check_attempts(&self, attempt: u32) -> Result<()> {
+        if self.max_attempts > 0 && attempt >= self.max_attempts {
+            return Err(Error::Conflict { attempts: attempt });
+        }
+        Ok(())
     }
 }
 
@@ -953,6 +965,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((sum, attempts.load(Ordering::SeqCst)), (6, 2));
+    }
+
+    /// A snapshot compacted away in every attempt counts toward `with_max_attempts`, as a
+    /// conflict does: `run` gives up instead of restarting for ever.
+    #[tokio::test]
+    async fn compacted_snapshots_count_toward_max_attempts() {
+        let client = Client::memory();
+        let store = client.store().clone();
+        store.put(b"a", b"1", 0).await.unwrap();
+        store.put(b"b", b"1", 0).await.unwrap();
+        let attempts = AtomicU32::new(0);
+        let stm = Stm::new(&client).with_max_attempts(3);
+        let run = stm.run(|tx| {
+            let (store, attempts) = (&store, &attempts);
+            async move {
+                let a = number(tx.get("a").await?);
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let rev = store.put(b"b", b"5", 0).await?;
+                store.compact(rev).await?;
+                let b = number(tx.get("b").await?);
+                Ok::<_, Error>(a + b)
+            }
+        });
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+            .await
+            .expect("run kept restarting past max_attempts")
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict { attempts: 3 }), "{err}");
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
     }
 
     /// On a namespaced client, an empty key read inside a transaction fails the attempt as
