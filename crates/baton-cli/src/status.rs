@@ -61,8 +61,10 @@ Columns: NAME, KIND (lock: empty value; election: a value; semaphore: every valu
 COUNT/PERMITS; barrier: keys NAME/waiters/<lease>; rwlock: keys NAME/read/<lease> and
 NAME/write/<lease>), HOLDER (the key created first; for a semaphore every key granted a
 permit, for a barrier every participant of the open round, for a read-write lock the
-writer or the readers that hold it, comma-separated), TOKEN (the first holder's create revision: the fencing token of the lock
-or the leader, or of the first permit or participant), TTL (the time left on the (first)
+writer or the readers that hold it, comma-separated), TOKEN (the first holder's create
+revision: the fencing token of the lock or the leader; for a semaphore, a barrier or
+readers, which many hold at once, only the first key's create revision, which fences
+nothing), TTL (the time left on the (first)
 holder's lease), WAITERS (how many queue behind, and their keys). JSON has, per entry:
 name, kind, holder, fencing_token, permits (semaphores only), holder_count, holders,
 waiter_count, waiters; a name or key that is not UTF-8 comes as name_base64 or key_base64

@@ -48,7 +48,8 @@ use crate::store::LeaseId;
 /// # Drop behaviour
 ///
 /// Dropping a guard releases it in a task spawned on the current tokio runtime (best
-/// effort; without a runtime, or if that fails, the hold ends with its TTL). The release
+/// effort; without a runtime, if that fails, or if the runtime shuts down first, as when a
+/// guard is dropped as `#[tokio::main]` returns, the hold ends with its TTL). The release
 /// is not done when the drop returns: a `try_lock` right after may still find the lock
 /// taken (on Redis most of the time: 44 of 50 here; tasks of one etcd or embedded-store
 /// coordinator wait for it). Call [`release()`](Guard::release) to know it is done.

@@ -445,8 +445,8 @@ const MAX_GUARDED: usize = 127;
 /// # Drop behaviour
 ///
 /// Dropping it leaves without waiting for the others: our key is deleted in a task spawned
-/// on the current tokio runtime (best effort; otherwise it expires with the session's
-/// lease), and the others count us as gone.
+/// on the current tokio runtime (best effort; otherwise, as when the runtime shuts down
+/// first, it expires with the session's lease), and the others count us as gone.
 #[must_use = "if unused the participant leaves at once, without waiting for the others"]
 pub struct DoubleBarrierGuard {
     barrier: DoubleBarrier,

@@ -762,8 +762,10 @@ async fn observe_loop(
 /// # Drop behaviour
 ///
 /// Dropping it resigns in a task spawned on the current tokio runtime (compare-and-delete,
-/// best effort). Without a runtime, or if that fails, the key stays until the session's lease
-/// ends, and the next candidate leads then.
+/// best effort). Without a runtime, or if that fails, or if the runtime shuts down first (a
+/// leadership dropped as `#[tokio::main]` returns), the key stays until the session's lease
+/// ends, and the next candidate leads then. Call [`resign()`](Leadership::resign) to see it
+/// done.
 #[must_use = "if unused the leadership is resigned at once"]
 pub struct Leadership {
     name: String,

@@ -170,7 +170,8 @@ impl Mutex {
 ///
 /// Dropping the guard releases the lock in a task spawned on the current tokio runtime
 /// (compare-and-delete, best effort). Without a runtime, or if that fails, the key stays until
-/// the session's lease ends. Call [`unlock()`](MutexGuard::unlock) to release and see the
+/// the session's lease ends, and so it does if the runtime shuts down first (a guard dropped
+/// as `#[tokio::main]` returns). Call [`unlock()`](MutexGuard::unlock) to release and see the
 /// result.
 #[must_use = "if unused the lock is released at once"]
 pub struct MutexGuard {

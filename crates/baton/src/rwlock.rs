@@ -286,7 +286,8 @@ impl RwLock {
 /// # Drop behaviour
 ///
 /// Dropping it releases the read lock in a task spawned on the current tokio runtime (best
-/// effort); otherwise the key ends with the session's lease.
+/// effort); otherwise (no runtime, a failure, or the runtime shut down first, as when the
+/// guard is dropped as `#[tokio::main]` returns) the key ends with the session's lease.
 #[must_use = "if unused the read lock is released at once"]
 pub struct RwLockReadGuard {
     held: Held,
@@ -297,7 +298,8 @@ pub struct RwLockReadGuard {
 /// # Drop behaviour
 ///
 /// Dropping it releases the write lock in a task spawned on the current tokio runtime (best
-/// effort); otherwise the key ends with the session's lease.
+/// effort); otherwise (no runtime, a failure, or the runtime shut down first, as when the
+/// guard is dropped as `#[tokio::main]` returns) the key ends with the session's lease.
 #[must_use = "if unused the write lock is released at once"]
 pub struct RwLockWriteGuard {
     held: Held,

@@ -595,8 +595,10 @@ fn decode(value: &[u8]) -> Option<(u32, u32)> {
 /// # Drop behaviour
 ///
 /// Dropping it releases the permits in a task spawned on the current tokio runtime
-/// (compare-and-delete, best effort). Without a runtime, or if that fails, the key stays
-/// until the session's lease ends.
+/// (compare-and-delete, best effort). Without a runtime, or if that fails, or if the runtime
+/// shuts down before the store answers (a permit dropped as `#[tokio::main]` returns), the
+/// key stays until the session's lease ends. Call [`release()`](SemaphorePermit::release)
+/// (or [`Session::close`]) to release and see the result.
 #[must_use = "if unused the permits are released at once"]
 pub struct SemaphorePermit {
     name: String,

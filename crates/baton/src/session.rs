@@ -77,8 +77,12 @@ const RUNTIME_GONE: &str =
 ///
 /// When the last handle is dropped, the keep-alives stop and the lease is revoked in a task
 /// spawned on the current tokio runtime (best effort; if there is no runtime, or the revoke
-/// fails, the lease simply expires after its TTL). Call [`close()`](Session::close) to revoke
-/// and see the result, or [`orphan()`](Session::orphan) to leave the lease to expire.
+/// fails, the lease simply expires after its TTL). That task needs the runtime to keep
+/// running until the store has answered: a session dropped as `main` returns (the end of
+/// `#[tokio::main]`, whose runtime shuts down right after) is usually not revoked, and
+/// whatever it held stays held by the exited process until the lease expires. Call
+/// [`close()`](Session::close) to revoke and see the result (before returning from `main`,
+/// say), or [`orphan()`](Session::orphan) to leave the lease to expire.
 ///
 /// # Examples
 ///
@@ -222,10 +226,12 @@ impl SessionBuilder {
     /// Grant the lease (or adopt the one given) and start keeping it alive.
     ///
     /// Fails with [`Error::InvalidArgument`] before any network call if the TTL or interval
-    /// is out of range. A session is never returned already lost: if the grant (or the
-    /// first renewal of an adopted lease) is answered only after the TTL, the lease is
-    /// renewed again, and `build()` fails with [`Error::Timeout`] if that happens
-    /// three times more.
+    /// is out of range; for an adopted lease ([`with_lease`](SessionBuilder::with_lease)),
+    /// an interval not shorter than its TTL is found only once its first renewal has told
+    /// the TTL (that renewal has then been sent). A session is never returned already
+    /// lost: if the grant (or the first renewal of an adopted lease) is answered only after
+    /// the TTL, the lease is renewed again, and `build()` fails with [`Error::Timeout`] if
+    /// that happens three times more.
     ///
     /// # Cancel safety
     ///

@@ -330,7 +330,8 @@ impl Stream for RedisObserve {
 /// # Drop behaviour
 ///
 /// Dropping it resigns in a task spawned on the current tokio runtime (compare-and-delete,
-/// best effort). Without a runtime, or if that fails, the key expires after its TTL and the
+/// best effort). Without a runtime, or if that fails, or if the runtime shuts down first (a
+/// leadership dropped as `#[tokio::main]` returns), the key expires after its TTL and the
 /// next candidate leads then.
 #[must_use = "if unused the leadership is resigned at once"]
 pub struct RedisLeadership {

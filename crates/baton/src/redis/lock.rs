@@ -827,8 +827,9 @@ async fn acquire_fifo(
 ///
 /// Dropping the guard stops the watchdog and releases the lock in a task spawned on the
 /// current tokio runtime (compare-and-delete, best effort). Without a runtime, or if that
-/// fails, the key expires after its TTL. Call [`unlock()`](RedisLockGuard::unlock) to release
-/// and see the result.
+/// fails, or if the runtime shuts down first (a guard dropped as `#[tokio::main]` returns),
+/// the key expires after its TTL. Call [`unlock()`](RedisLockGuard::unlock) to release and
+/// see the result.
 #[must_use = "if unused the lock is released at once"]
 pub struct RedisLockGuard {
     name: String,
