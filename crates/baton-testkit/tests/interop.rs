@@ -289,3 +289,59 @@ async fn a_nested_names_handoff_mark_holds_up_no_parent() {
         .kvs
         .is_empty());
 }
+
+/// `etcdctl elect` leads, a Baton candidate waits behind it and an
+/// `etcdctl elect` candidate behind that; the Baton campaign times out (dropped mid-wait,
+/// its session alive): its key goes, and the second etcdctl candidate leads as soon as the
+/// first resigns, not blocked behind a candidacy nobody holds any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_baton_campaign_does_not_block_an_etcdctl_candidate() {
+    let etcd = EtcdServer::start_async().await;
+    let name = "interop/drop";
+    let mut first = etcdctl_bg(&etcd, &["elect", name, "g1"]);
+    first_line(&mut first, Duration::from_secs(10))
+        .await
+        .expect("etcdctl elect did not lead");
+    let s = session(&etcd).await;
+    let e = Election::new(&s, name).unwrap();
+    let client = s.client().clone();
+    let campaign = {
+        let e = e.clone();
+        tokio::spawn(async move { e.campaign_timeout("b", Duration::from_secs(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = etcdctl_bg(&etcd, &["elect", name, "g2"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let keys = client
+        .store()
+        .range(baton::store::Range::prefix(format!("{name}/")))
+        .await
+        .unwrap()
+        .kvs;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let err = campaign.await.unwrap().unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(client
+        .store()
+        .range(baton::store::Range::key(e.key()))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+    let pid = first.id().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let line = first_line(&mut second, Duration::from_secs(5))
+        .await
+        .expect("the etcdctl candidate did not lead");
+    assert!(line.starts_with(&format!("{name}/")), "{line}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let leader = Election::leader_with(&client, name).await.unwrap();
+    assert_eq!(leader.value_str(), "g2");
+    drop(s);
+}

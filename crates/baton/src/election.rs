@@ -150,7 +150,9 @@ impl Election {
     /// Fails with [`Error::SessionLost`] if the session is lost while waiting, and with
     /// [`Error::NotHeld`] if our candidate key vanished, or was overwritten with no lease
     /// (an operator's `etcdctl put KEY ""`, which withdraws the candidacy): a candidate is
-    /// never told it leads when it does not (Go's `Campaign` is). A value over 1 MiB fails at once with
+    /// never told it leads when it does not (Go's `Campaign` is). A reused key that vanishes
+    /// or is freed just before its new value is written fails it with
+    /// [`Error::NotLeader`], as Go's does. A value over 1 MiB fails at once with
     /// [`Error::InvalidArgument`]; a second campaign on the same session and name, while
     /// the first leads or waits, with [`Error::AlreadyHeld`].
     ///
@@ -719,12 +721,14 @@ async fn observe_loop(
             backoff = RETRY_MIN;
             for ev in resp.events {
                 match (&head, ev.kind) {
-                    // Waiting for a first candidate: any put may make one; read again.
-                    (None, EventKind::Put) => {
+                    // Waiting for a first candidate: a put of a member makes one; read
+                    // again. Other keys under the prefix (a nested name's, keys without a
+                    // lease) make none.
+                    (None, EventKind::Put) if queue.admits(&ev.kv) => {
                         ended = None;
                         break 'watch;
                     }
-                    (None, EventKind::Delete) => {}
+                    (None, _) => {}
                     (Some(_), EventKind::Delete) => {
                         ended = None;
                         break 'watch;
@@ -998,6 +1002,87 @@ mod tests {
             "an observer reported a key that is no candidate: {seen:?}"
         );
         std::mem::forget(leading);
+    }
+
+    /// An observer of a vacant election `svc` while the election `svc/db` (a nested name,
+    /// independent of `svc`) is busy: the nested leader's proclaims are no candidates of
+    /// `svc`, and must not send the observer to read the queue (and watch again) each time.
+    #[tokio::test]
+    async fn a_vacant_observer_does_not_reread_for_a_nested_names_writes() {
+        use std::sync::atomic::Ordering;
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = crate::Client::from_arc(store.clone());
+        let session = Session::new(&client).await.unwrap();
+        let mut nested = Election::new(&session, "svc/db")
+            .unwrap()
+            .campaign("db-0")
+            .await
+            .unwrap();
+        let mut obs = Election::observe_with(&client, "svc")
+            .unwrap()
+            .with_vacancies();
+        let first = tokio::time::timeout(Duration::from_secs(1), obs.next()).await;
+        assert_eq!(first.unwrap(), Some(LeaderEvent::Vacant));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = store.queue_reads.load(Ordering::Relaxed);
+        for i in 1..=100 {
+            nested.proclaim(format!("db-{i}")).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reads = store.queue_reads.load(Ordering::Relaxed) - before;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), obs.next())
+                .await
+                .is_err(),
+            "no news for svc"
+        );
+        assert!(
+            reads < 10,
+            "{reads} reads of svc's queue for 100 writes under svc/db/"
+        );
+        nested.resign().await.unwrap();
+    }
+
+    /// A resumed lease's key, adopted with another value, deleted just before the value is
+    /// written into it: the campaign fails with `NotLeader`, as its docs say (and as Go's
+    /// does: its Proclaim fails, then `ErrElectionNotLeader`).
+    #[tokio::test]
+    async fn an_adopted_key_deleted_before_the_value_write_fails_with_not_leader() {
+        use crate::store::{Compare, CompareOp};
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = crate::Client::from_arc(store.clone());
+        let old = Session::new(&client).await.unwrap();
+        let lease = old.lease_id();
+        let l = Election::new(&old, "gone")
+            .unwrap()
+            .campaign("A")
+            .await
+            .unwrap();
+        let (key, rev) = (l.key().to_string(), l.fencing_token());
+        std::mem::forget(l);
+        old.orphan();
+        drop(old);
+        let s = Session::builder(&client)
+            .with_lease(lease)
+            .build()
+            .await
+            .unwrap();
+        let write = Compare::create_revision(key.as_bytes(), CompareOp::Equal, rev);
+        let delete = Txn::new().and_then([TxnOp::delete(key.as_bytes())]);
+        *store.before_txn_comparing.lock().unwrap() = Some((write, delete));
+        let r = Election::new(&s, "gone").unwrap().campaign("B").await;
+        let r = r.map(|l| l.fencing_token());
+        assert!(matches!(r, Err(Error::NotLeader { .. })), "{r:?}");
+        s.orphan();
     }
 
     async fn next_within(o: &mut Observe) -> Option<Leader> {
