@@ -439,6 +439,18 @@ impl Security {
                 }
                 security.endpoints = Some(rewritten);
             }
+            // A URL's user without a password anywhere (etcd): say which options give it,
+            // not the library's builder method.
+            (None, None)
+                if !is_redis(endpoints)
+                    && endpoints.split(',').any(|e| !url_parts(e).1.is_empty())
+                    && !with_url_user(endpoints, None, false).1 =>
+            {
+                return Err(CliError::failed(
+                    "the user in --endpoints needs a password: give it with --password-file \
+                     FILE or $BATON_PASSWORD",
+                ));
+            }
             (None, password) => security.password = password,
         }
         Ok(security)

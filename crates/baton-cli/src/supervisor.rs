@@ -71,6 +71,11 @@ pub(crate) struct Signals {
     terminate: Option<Signal>,
     hangup: Option<Signal>,
     quit: Option<Signal>,
+    /// SIGUSR1 and SIGUSR2: only forwarded to CMD (see [`Signals::recv_forwarded`]); caught
+    /// from the start so that they never kill `baton` (their default action), which left
+    /// the lock held until its lease expired.
+    user1: Option<Signal>,
+    user2: Option<Signal>,
 }
 
 impl Signals {
@@ -89,7 +94,27 @@ impl Signals {
             terminate: catch(SignalKind::terminate())?,
             hangup: catch(SignalKind::hangup())?,
             quit: catch(SignalKind::quit())?,
+            user1: catch(SignalKind::user_defined1())?,
+            user2: catch(SignalKind::user_defined2())?,
         })
+    }
+
+    /// The next signal to forward to CMD: those of [`recv`](Signals::recv), and SIGUSR1
+    /// and SIGUSR2.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`recv`](Signals::recv).
+    pub(crate) async fn recv_forwarded(&mut self) -> i32 {
+        tokio::select! {
+            Some(()) = next(&mut self.interrupt) => libc::SIGINT,
+            Some(()) = next(&mut self.terminate) => libc::SIGTERM,
+            Some(()) = next(&mut self.hangup) => libc::SIGHUP,
+            Some(()) = next(&mut self.quit) => libc::SIGQUIT,
+            Some(()) = next(&mut self.user1) => libc::SIGUSR1,
+            Some(()) = next(&mut self.user2) => libc::SIGUSR2,
+            else => std::future::pending().await,
+        }
     }
 
     /// The next of those signals: its number.
@@ -283,9 +308,17 @@ impl Running<'_> {
                     }
                     return Ok(Ending::Exited(exit_code(status)));
                 }
-                sig = signals.recv() => {
+                sig = signals.recv_forwarded() => {
                     tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
                     kill_group(pgid, sig);
+                    // A group stopped otherwise than by our job control (CMD read from the
+                    // terminal: SIGTTIN; a `kill -STOP`) would keep the signal pending for
+                    // ever, and the hold with it: continue it, as shells do. One stopped by
+                    // our job control is continued by `resume`, once the hold is checked.
+                    let ending = !matches!(sig, libc::SIGUSR1 | libc::SIGUSR2);
+                    if ending && !CMD_STOPPED.load(Ordering::SeqCst) {
+                        kill_group(pgid, libc::SIGCONT);
+                    }
                 }
                 () = job_control.continued() => {
                     if job_control.resume(lost, is_lost, pgid).await {
@@ -737,7 +770,14 @@ impl Guardian {
     /// `baton` killed leaves CMD to its death signal (SIGTERM) and background jobs running,
     /// and a `baton` stopped leaves CMD running.
     fn start(pgid: i32, grace: Duration, certain: Option<Instant>) -> Guardian {
-        let started = std::env::current_exe().and_then(|exe| {
+        // /proc/self/exe, not `current_exe()`: once the binary is replaced on disk (an
+        // upgrade), the path that gives is `…/baton (deleted)`, which cannot be run.
+        let exe = if cfg!(target_os = "linux") {
+            Ok(std::path::PathBuf::from("/proc/self/exe"))
+        } else {
+            std::env::current_exe()
+        };
+        let started = exe.and_then(|exe| {
             let mut command = std::process::Command::new(exe);
             // SAFETY: getpid is async-signal-safe and touches no memory.
             let parent = unsafe { libc::getpid() };
@@ -753,6 +793,8 @@ impl Guardian {
                 .stdout(std::process::Stdio::null())
                 .env_remove("BATON_PASSWORD");
             std::os::unix::process::CommandExt::process_group(&mut command, 0);
+            // `ps` shows `baton __baton-guardian …`, not `/proc/self/exe …`.
+            std::os::unix::process::CommandExt::arg0(&mut command, "baton");
             command.spawn()
         });
         match started {

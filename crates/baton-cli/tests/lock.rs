@@ -839,3 +839,132 @@ fn cmd_gets_no_stale_variables_of_an_outer_hold() {
         }
     }
 }
+
+/// review(cli): a CMD that is stopped while baton runs (it read from the terminal and got
+/// SIGTTIN, or an operator's `kill -STOP`) never gets a signal forwarded to it: SIGTERM
+/// (or Ctrl-C) to baton is passed on, but a stopped process keeps it pending, so baton
+/// waits for CMD, and holds the lock, for ever. Shells send SIGCONT after such a signal
+/// (bash's `kill`, and bash on exit to its stopped jobs); baton does it after a loss.
+#[test]
+fn a_forwarded_sigterm_ends_a_stopped_cmd() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "stopped-cmd",
+        "--",
+        "sh",
+        "-c",
+        // As `read` from the terminal in a background group does (SIGTTIN).
+        r#"echo $$ > "$D/pid"; kill -TTIN $$; echo resumed > "$D/resumed""#,
+    ]));
+    let pid: u32 = wait_for_file(&dir.path().join("pid")).trim().parse().unwrap();
+    wait_until("CMD to be stopped", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').unwrap().1.trim_start().starts_with('T'))
+            .unwrap_or(false)
+    });
+    holder.signal(libc::SIGTERM);
+    let status = holder.wait(Duration::from_secs(5));
+    let held = keys(&etcd, "stopped-cmd/");
+    assert!(
+        status.is_some(),
+        "baton did not end 5 s after SIGTERM: CMD is still stopped, and the lock held ({held:?})"
+    );
+    assert_eq!(status.unwrap().code(), Some(143));
+    assert!(held.is_empty(), "{held:?}");
+}
+
+/// review(cli): the guardian is `baton` itself, started from `current_exe()`. Once the
+/// binary has been replaced on disk (a package upgrade while a `baton lock` waits for its
+/// lock, or holds it), that path is `/…/baton (deleted)`, which does not exist: the guardian
+/// cannot start, only a trace line says so, and a `baton` killed with SIGKILL leaves CMD's
+/// background jobs running on without the lock. `/proc/self/exe` always works.
+#[test]
+fn the_guardian_starts_after_the_binary_was_replaced() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("baton");
+    std::fs::copy(env!("CARGO_BIN_EXE_baton"), &bin).unwrap();
+    let holder = Proc::spawn(baton(&etcd.endpoint()).args(["lock", "upgraded"]));
+    let _ = holder.line();
+    let cmd = baton(&etcd.endpoint());
+    let mut waiter = std::process::Command::new(&bin);
+    waiter
+        .envs(cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .env("D", dir.path())
+        .stdin(std::process::Stdio::null())
+        .args([
+            "lock",
+            "upgraded",
+            "--",
+            "sh",
+            "-c",
+            // A background job, as a long job starts; then CMD waits.
+            r#"(sleep 30; echo orphan ran on > "$D/orphan") & echo $! > "$D/bg"; sleep 30"#,
+        ]);
+    let mut waiter = Proc::spawn(&mut waiter);
+    wait_until("the waiter to queue", || keys(&etcd, "upgraded/").len() == 2);
+    // The upgrade: a new binary renamed over the old one.
+    let new = dir.path().join("baton.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_baton"), &new).unwrap();
+    std::fs::rename(&new, &bin).unwrap();
+    holder.signal(libc::SIGTERM);
+    let bg: u32 = wait_for_file(&dir.path().join("bg")).trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    waiter.signal(libc::SIGKILL);
+    let _ = waiter.wait(STEP);
+    // The guardian ends CMD's group (background job included) at once.
+    let ended = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if !std::fs::read_to_string(format!("/proc/{bg}/stat"))
+                .map(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+            {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    if !ended {
+        // Its whole group (the job's own `sleep` too).
+        let stat = std::fs::read_to_string(format!("/proc/{bg}/stat")).unwrap_or_default();
+        if let Some(pgid) = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(2)) {
+            unsafe { libc::kill(-pgid.parse::<i32>().unwrap(), libc::SIGKILL) };
+        }
+    }
+    assert!(
+        ended,
+        "CMD's background job runs on after baton was SIGKILLed: no guardian was started"
+    );
+}
+
+/// review(cli): SIGUSR1 (a log rotation's `pkill -USR1 -f myjob`, which matches `baton lock
+/// x -- myjob` too) kills `baton` by its default action: CMD gets SIGTERM from its death
+/// signal instead of the SIGUSR1 it traps, and the lock stays held until the lease expires.
+/// SIGUSR1 and SIGUSR2 could be forwarded like SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+#[test]
+fn sigusr1_is_forwarded_not_fatal() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "--ttl",
+        "30s",
+        "usr",
+        "--",
+        "sh",
+        "-c",
+        r#"trap 'echo usr1 > "$D/usr1"; exit 0' USR1; echo x > "$D/ready"; while :; do sleep 0.05; done"#,
+    ]));
+    wait_for_file(&dir.path().join("ready"));
+    holder.signal(libc::SIGUSR1);
+    let status = holder.wait(STEP).unwrap();
+    assert_eq!(status.code(), Some(0), "baton: {status:?}");
+    assert!(dir.path().join("usr1").exists(), "CMD never got SIGUSR1");
+    assert!(keys(&etcd, "usr/").is_empty(), "the lock was left held");
+}

@@ -918,3 +918,22 @@ fn a_nested_redlock_cmd_gets_no_outer_fencing_token() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(stdout(&out), "unset inner\n");
 }
+
+/// review(cli): Redlock over three masters, one up and two refusing connections: the
+/// error says "only 0 of 3 masters answered", though the one up was never waited for (the
+/// dials stop once two failed): an operator looks for three dead servers. It should count
+/// what failed ("2 of 3 masters failed"), or not claim that none answered.
+#[test]
+fn redlock_connect_error_does_not_say_none_answered_when_one_is_up() {
+    let server = redis();
+    let url = format!(
+        "redlock://{},127.0.0.1:{},127.0.0.1:{}",
+        server.url().trim_start_matches("redis://"),
+        baton_testkit::free_port(),
+        baton_testkit::free_port()
+    );
+    let (out, _) = run(baton(&url).args(["lock", "x", "--", "true"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert!(!err[0].contains("only 0 of 3 masters answered"), "{err:?}");
+}

@@ -673,3 +673,160 @@ async fn a_client_slower_than_the_ttl_does_not_keep_the_lock_from_others() {
     }
     proxy.heal();
 }
+
+/// What a program does before it exits, in [`exits_after`].
+#[derive(Clone, Copy, Debug)]
+enum LastCall {
+    /// `try_lock()`, with a 300 ms request timeout.
+    TryLock,
+    /// `lock_timeout(300 ms)`.
+    LockTimeout,
+}
+
+/// A program that connects through `proxy` (with FIFO or without), makes `call` on `name`
+/// while the server's replies are delayed by 2 s, and exits (its runtime dropped right
+/// after the call fails, as at the end of `#[tokio::main]`). Returns the call's error.
+fn exits_after(proxy: &FaultProxy, fifo: bool, name: &str, call: LastCall) -> Error {
+    let url = proxy.url("redis");
+    let r = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let r = rt.block_on(async {
+                    let mut b = RedisClient::builder(&url).with_ttl(Duration::from_secs(30));
+                    if matches!(call, LastCall::TryLock) {
+                        b = b.with_request_timeout(Duration::from_millis(300));
+                    }
+                    let client = if fifo { b } else { b.without_fifo() }
+                        .connect()
+                        .await
+                        .unwrap();
+                    // Load the scripts first.
+                    let warm = client.lock(&format!("{name}-warm")).unwrap();
+                    warm.try_lock().await.unwrap().unlock().await.unwrap();
+                    proxy.set(
+                        Direction::ServerToClient,
+                        Fault::Delay(Duration::from_secs(2)),
+                    );
+                    let lock = client.lock(name).unwrap();
+                    match call {
+                        LastCall::TryLock => lock.try_lock().await.map(drop),
+                        LastCall::LockTimeout => lock
+                            .lock_timeout(Duration::from_millis(300))
+                            .await
+                            .map(drop),
+                    }
+                });
+                drop(rt);
+                r
+            })
+            .join()
+            .unwrap()
+        })
+    });
+    proxy.set(Direction::ServerToClient, Fault::Pass);
+    proxy.reset_all();
+    r.unwrap_err()
+}
+
+/// A failed `try_lock` and a timed-out `lock_timeout` delete what they may have set before
+/// they return, as their docs say, with FIFO and without: a program that exits right after
+/// leaves no key to block every other client for a TTL. The deletion was left to a task
+/// spawned on drop in two cases, which an exiting program never runs: `try_lock` with FIFO
+/// (a take whose reply came too late) and `lock_timeout` without FIFO (Redlock's path too:
+/// it was `lock()` under a timeout). Found by a review (30 s keys left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_try_or_timed_out_lock_leaves_no_key_when_the_program_exits() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let mut conn = raw(&server.url()).await;
+    let mut left = Vec::new();
+    for call in [LastCall::TryLock, LastCall::LockTimeout] {
+        for fifo in [false, true] {
+            let name = format!("exits/{call:?}-{fifo}");
+            let err = exits_after(&proxy, fifo, &name, call);
+            // Let anything the server still had in its buffers run.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let v: Option<String> = conn.get(&name).await.unwrap();
+            if v.is_some() {
+                let pttl: i64 = conn.pttl(&name).await.unwrap();
+                left.push(format!(
+                    "{call:?}, fifo {fifo}: key left for {pttl} ms after {err}"
+                ));
+            }
+        }
+    }
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A single server that hangs (SIGSTOP), with a TTL longer than the request timeout:
+/// `try_lock` fails after one request timeout (plus at most 500 ms for its deletion), as a
+/// timeout. Without FIFO it waited a second request timeout for the deletion, then said
+/// that "the server answered after the lock's TTL had passed", which it never did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_lock_on_a_hung_server_fails_as_a_timeout_after_one_request_timeout() {
+    let mut server = RedisServer::start_async().await;
+    let request_timeout = Duration::from_secs(1);
+    let mut report = Vec::new();
+    for fifo in [true, false] {
+        let b = RedisClient::builder(&server.url())
+            .with_ttl(Duration::from_secs(30))
+            .with_request_timeout(request_timeout);
+        let client = if fifo { b } else { b.without_fifo() }
+            .connect()
+            .await
+            .unwrap();
+        let lock = client.lock(&format!("hung-{fifo}")).unwrap();
+        lock.try_lock().await.unwrap().unlock().await.unwrap();
+        tokio::task::block_in_place(|| server.stop());
+        let t = std::time::Instant::now();
+        let err = lock.try_lock().await.unwrap_err();
+        let took = t.elapsed();
+        tokio::task::block_in_place(|| server.cont());
+        if took > request_timeout + Duration::from_millis(700) {
+            report.push(format!("fifo {fifo}: took {took:?}: {err}"));
+        }
+        if err.to_string().contains("answered after") || !err.is_retryable() {
+            report.push(format!("fifo {fifo}: {err}"));
+        }
+        client.close().await.unwrap();
+    }
+    assert!(report.is_empty(), "{report:?}");
+}
+
+/// Another client's script runs past `lua-time-limit`: Redis answers every other command
+/// with `-BUSY` until it ends, without running it (a transient state, as `-LOADING` is). A
+/// waiter waits it out and gets the free lock; it failed at once, for good, with a store
+/// error (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_waits_out_another_clients_busy_script() {
+    let server = RedisServer::start_async().await;
+    server
+        .command(
+            &["CONFIG", "SET", "lua-time-limit", "100"],
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    let mut failed = Vec::new();
+    for fifo in [true, false] {
+        let b = RedisClient::builder(&server.url()).with_ttl(Duration::from_secs(30));
+        let client = if fifo { b } else { b.without_fifo() }
+            .connect()
+            .await
+            .unwrap();
+        let lock = client.lock(&format!("busy-{fifo}")).unwrap();
+        lock.try_lock().await.unwrap().unlock().await.unwrap();
+        let stall = stall_server(&server.url(), Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match lock.lock_timeout(Duration::from_secs(10)).await {
+            Ok(g) => g.unlock().await.unwrap(),
+            Err(e) => failed.push(format!("fifo {fifo}: {e}")),
+        }
+        stall.await.unwrap();
+        client.close().await.unwrap();
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+}

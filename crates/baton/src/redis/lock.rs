@@ -16,7 +16,6 @@ use super::{new_token, ClientInner, RedisClient};
 use crate::coordinator::{Guard, Lock};
 use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::queue::with_timeout;
 
 /// How long a waiter sleeps after an attempt that found no quorum in time (Redlock split
 /// votes, slow nodes): a random delay in this range.
@@ -182,7 +181,8 @@ impl RedisLock {
     /// A lock named `name` on `client`.
     ///
     /// Fails with [`Error::InvalidArgument`] if the name is empty, longer than 1 KiB, or
-    /// contains a NUL byte.
+    /// contains a NUL byte, or if the key (prefix and name) is in Baton's own key space for
+    /// other locks (`baton:fence:…`, see the [module documentation](super)).
     pub fn new(client: &RedisClient, name: &str) -> Result<RedisLock> {
         validate_name(name)?;
         let inner = client.inner();
@@ -215,7 +215,8 @@ impl RedisLock {
     /// its place at every fallback poll. On Redlock, between attempts, waits for a release
     /// message on the lock's channel, for the holder's key to expire, or for the jittered
     /// fallback poll. While the server (or, on Redlock, a majority of masters) cannot be
-    /// reached — a restart, a connection reset, a timeout — it keeps retrying, with a
+    /// reached — a restart, a connection reset, a timeout, a server loading its data or
+    /// busy with another client's slow script (`-BUSY`) — it keeps retrying, with a
     /// backoff of up to 1 s, until it can (use [`lock_timeout`](RedisLock::lock_timeout) to
     /// bound the wait). Fails with the server's error for anything else (refused
     /// credentials or permissions, a script error), and with [`Error::Closed`] if the client
@@ -241,36 +242,41 @@ impl RedisLock {
     /// # Cancel safety
     ///
     /// Cancel safe, as [`lock()`](RedisLock::lock). On timeout nothing is left behind: a
-    /// queued waiter leaves the queue before this returns. If the server does not confirm
+    /// queued waiter leaves the queue, and an unqueued one (Redlock, `without_fifo`)
+    /// deletes a take still in flight, before this returns. If the server does not confirm
     /// the leave within 500 ms of the timeout (it hangs, say), this returns anyway and the
     /// leave goes on in a task spawned on the current runtime, which
     /// [`close()`](super::RedisClient::close) waits for; if that fails too, our place in the
     /// queue expires with the waiter window.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<RedisLockGuard> {
         let client = self.client.inner();
-        if !fifo(client, &self.keys) {
-            return with_timeout("lock", timeout, self.lock()).await;
-        }
-        // A queued waiter that gives up leaves the queue before this returns (not in a
-        // task spawned on drop, which a process about to exit would never run).
+        // A queued waiter that gives up leaves the queue, and an unqueued one deletes a take
+        // in flight, before this returns (not in a task spawned on drop, which a process
+        // about to exit would never run).
         let until = crate::deadline::after(timeout);
         let limit = Some((until, timeout));
+        if !fifo(client, &self.keys) {
+            client.check_open()?;
+            let plain = acquire_plain(client, &self.name, &self.keys, None, false, None, limit);
+            let span = tracing::debug_span!("acquire", lock = %self.name);
+            return self.guarded(span, plain).await;
+        }
         let acquiring = acquire_fifo(client, &self.name, &self.keys, false, limit);
         let span = tracing::debug_span!("acquire", lock = %self.name);
         match self.guarded(span.clone(), acquiring).await {
             Err(Error::PermissionDenied(reason)) => {
                 // Queueing refused: wait without the queue, unless the lock itself is
                 // refused too (see `acquire_plain`).
-                let left = until.saturating_duration_since(Instant::now());
-                let plain =
-                    acquire_plain(client, &self.name, &self.keys, None, false, Some(reason));
-                match tokio::time::timeout(left, self.guarded(span, plain)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Error::Timeout {
-                        operation: "lock",
-                        after: timeout,
-                    }),
-                }
+                let plain = acquire_plain(
+                    client,
+                    &self.name,
+                    &self.keys,
+                    None,
+                    false,
+                    Some(reason),
+                    limit,
+                );
+                self.guarded(span, plain).await
             }
             other => other,
         }
@@ -282,11 +288,16 @@ impl RedisLock {
     /// [`Error::NoQuorum`] if no quorum was reached for another reason (slow or failing
     /// masters). On one server, an answer that comes after the lock's TTL (less the
     /// drift) has passed fails with [`Error::Unavailable`] (with FIFO, after one more
-    /// attempt): the hold would have been lost at once. Whatever the attempt set is
-    /// deleted before the error is returned; on Redlock, a master that has not answered the
+    /// attempt): the hold would have been lost at once; no answer within the request
+    /// timeout (shorter than the TTL) fails with a retryable [`Error::Timeout`] or
+    /// [`Error::Unavailable`]. Whatever the attempt set is
+    /// deleted before the error is returned (if the server does not confirm the deletion
+    /// within 500 ms, it goes on in a task spawned on the current runtime, which
+    /// [`close()`](super::RedisClient::close) waits for); on Redlock, a master that has not answered the
     /// deletion a short while (1% of the TTL, at least 10 ms) after another did is not
     /// waited for: its deletion follows the attempt's write on its connection. With a
-    /// majority of masters hung, the attempt fails after one request timeout.
+    /// majority of masters hung (or the one server), the attempt fails after one request
+    /// timeout, plus at most 500 ms waiting for its deletion.
     ///
     /// # Cancel safety
     ///
@@ -330,7 +341,7 @@ pub(crate) async fn acquire(
             other => return other,
         }
     }
-    acquire_plain(client, name, keys, record, try_only, fifo_denied).await
+    acquire_plain(client, name, keys, record, try_only, fifo_denied, None).await
 }
 
 /// Take `keys` without the FIFO queue (releases wake every waiter; whoever sets the key
@@ -347,7 +358,14 @@ async fn acquire_plain(
     record: Option<&[u8]>,
     try_only: bool,
     mut fifo_denied: Option<String>,
+    limit: Option<(Instant, Duration)>,
 ) -> Result<Hold> {
+    let timed_out = |after| {
+        Err(Error::Timeout {
+            operation: "lock",
+            after,
+        })
+    };
     let plain;
     let mut keys = keys;
     if keys.fifo {
@@ -384,9 +402,19 @@ async fn acquire_plain(
             w.as_mut().enable();
         }
         cleanup.armed = true;
-        let attempt = client
-            .try_acquire(keys, &token, record, gated, try_only)
-            .await;
+        let attempting = client.try_acquire(keys, &token, record, gated, try_only);
+        let attempt = match limit {
+            Some((at, after)) => match tokio::time::timeout_at(at, attempting).await {
+                Ok(a) => a,
+                Err(_) => {
+                    // Delete what the attempt may have set before returning.
+                    cleanup.armed = false;
+                    leave(client, keys, &token).await;
+                    return timed_out(after);
+                }
+            },
+            None => attempting.await,
+        };
         cleanup.armed = false;
         if !matches!(attempt, Attempt::Unavailable(_)) {
             backoff = UNAVAILABLE_MIN;
@@ -417,9 +445,16 @@ async fn acquire_plain(
                 unreachable.failed(&e);
                 let (wait, next) = unavailable_backoff(backoff);
                 backoff = next;
+                let (until, after) = limit.unwrap_or((Instant::now() + wait, Duration::ZERO));
                 tokio::select! {
                     _ = client.closed.cancelled() => return Err(Error::Closed),
                     _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep_until(until), if limit.is_some() => {
+                        // The failed attempt's take may have landed (its reply lost), and
+                        // its cleanup failed: try once more to delete it.
+                        leave(client, keys, &token).await;
+                        return timed_out(after);
+                    }
                 }
                 gated = false;
                 same_token = true;
@@ -429,6 +464,22 @@ async fn acquire_plain(
                 return Err(Error::Locked {
                     name: name.to_string(),
                 })
+            }
+            Attempt::TooSlow { reached: 0 }
+                if try_only
+                    && client.nodes.len() == 1
+                    && client.opts.request_timeout
+                        < client
+                            .opts
+                            .ttl
+                            .saturating_sub(super::drift(client.opts.ttl)) =>
+            {
+                // No answer within the request timeout, with the TTL still running: a
+                // timeout, not a late answer.
+                return Err(Error::Timeout {
+                    operation: "redis acquire",
+                    after: client.opts.request_timeout,
+                });
             }
             Attempt::TooSlow { .. } if try_only && client.nodes.len() == 1 => {
                 return Err(answered_after_ttl(name, client.opts.ttl));
@@ -445,7 +496,14 @@ async fn acquire_plain(
                 if sub.is_none() {
                     // Listen for the release, then try again at once: a release between
                     // the attempt and the subscription would otherwise be missed.
-                    sub = Some(client.hub.subscribe(&keys.channel).await);
+                    let subscribing = client.hub.subscribe(&keys.channel);
+                    sub = Some(match limit {
+                        Some((at, after)) => match tokio::time::timeout_at(at, subscribing).await {
+                            Ok(s) => s,
+                            Err(_) => return timed_out(after),
+                        },
+                        None => subscribing.await,
+                    });
                     continue;
                 }
                 fallback_wait(client.opts.poll_interval, retry_in)
@@ -466,9 +524,11 @@ async fn acquire_plain(
             slow_attempts = 0;
         }
         let deadline = Instant::now() + wait;
+        let (until, after) = limit.unwrap_or((deadline, Duration::ZERO));
         gated = tokio::select! {
             _ = client.closed.cancelled() => return Err(Error::Closed),
             _ = tokio::time::sleep_until(deadline) => false,
+            _ = tokio::time::sleep_until(until), if limit.is_some() => return timed_out(after),
             _ = async {
                 match woken {
                     Some(w) => w.await,
@@ -532,10 +592,17 @@ async fn leave_queue(
     token: &str,
     after: Duration,
 ) -> Result<Hold> {
-    let timeout = Err(Error::Timeout {
+    leave(client, keys, token).await;
+    Err(Error::Timeout {
         operation: "lock",
         after,
-    });
+    })
+}
+
+/// Undo what `token`'s attempts at `keys` may have set (leave the queue, or pass the lock
+/// on), waiting for the server's confirmation for at most [`LEAVE_GRACE`]; see
+/// [`leave_queue`].
+async fn leave(client: &Arc<ClientInner>, keys: &Keys, token: &str) {
     let (inner, keys, token) = (client.clone(), keys.clone(), token.to_string());
     let leave = async move {
         if let Err(e) = inner.clean_up(&keys, &token).await {
@@ -545,7 +612,7 @@ async fn leave_queue(
     .instrument(tracing::debug_span!("leave_queue"));
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         let _ = tokio::time::timeout(LEAVE_GRACE, leave).await;
-        return timeout;
+        return;
     };
     let task = client.cleanups.spawn_on(leave, &handle);
     if tokio::time::timeout(LEAVE_GRACE, task).await.is_err() {
@@ -553,7 +620,6 @@ async fn leave_queue(
             "the server has not confirmed that we left the queue; leaving in the background"
         );
     }
-    timeout
 }
 
 /// Take `keys` in turn (FIFO waiters, one server; see `enqueue.lua` and `handoff.lua`): one
@@ -647,6 +713,13 @@ async fn acquire_fifo(
                     }
                 }
                 continue;
+            }
+            Err(e) if try_only => {
+                // `try_lock` promises that what the attempt set (a take whose reply was
+                // lost or came too late) is deleted before its error returns.
+                cleanup.armed = false;
+                leave(client, keys, &token).await;
+                return Err(e);
             }
             other => {
                 backoff = UNAVAILABLE_MIN;
@@ -761,7 +834,7 @@ async fn acquire_fifo(
             // key is released.
             slow_takes += 1;
             if try_only && slow_takes > 1 {
-                cleanup.armed = true;
+                leave(client, keys, &token).await;
                 return Err(answered_after_ttl(name, client.opts.ttl));
             }
             if slow_takes % 2 == 0 {

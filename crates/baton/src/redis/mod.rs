@@ -583,6 +583,7 @@ impl RedisClientBuilder {
                     other => Error::Store(other.to_string()),
                 });
             }
+            let dials_failed = dials.iter().filter(|r| r.is_err()).count();
             let reason = dials
                 .into_iter()
                 .find_map(|r| r.err())
@@ -595,9 +596,12 @@ impl RedisClientBuilder {
                 endpoints: redacted,
                 timeout: self.dial_timeout,
                 reason: if redlock {
+                    // The dials stop once too many failed for a quorum: the rest were not
+                    // waited for, so count the failures, not the answers.
                     format!(
-                        "only {up} of {} masters answered, {quorum} needed: {reason}",
-                        nodes.len()
+                        "{failed} of {} masters failed, a quorum of {quorum} needed: {reason}",
+                        nodes.len(),
+                        failed = dials_failed,
                     )
                 } else {
                     reason

@@ -66,10 +66,12 @@ async fn speaks_plaintext_redis(host: &str, port: u16) -> bool {
 }
 
 /// True for a failure that reconnecting (or waiting a moment) can cure: the connection was
-/// lost, refused or timed out, or the server is loading its data or has no master.
+/// lost, refused or timed out, or the server is loading its data, has no master, or is busy
+/// running another client's slow script (`-BUSY`: the command was not run).
 fn is_transient_redis(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
-    e.is_io_error()
+    e.code() == Some("BUSY")
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()
@@ -84,8 +86,9 @@ fn is_transient_redis(e: &redis::RedisError) -> bool {
 }
 
 /// True if a node's call failed in a way that trying again later can cure: no connection
-/// ([`Error::Connect`]), no answer in time ([`Error::Timeout`]), or a lost connection or a
-/// server still loading its data ([`Error::Unavailable`]). Never for refused credentials or permissions, nor for a
+/// ([`Error::Connect`]), no answer in time ([`Error::Timeout`]), or a lost connection, a
+/// server still loading its data or busy with another client's slow script
+/// ([`Error::Unavailable`]). Never for refused credentials or permissions, nor for a
 /// script's error (a key of the wrong type, say).
 pub(crate) fn is_transient(e: &Error) -> bool {
     matches!(

@@ -36,6 +36,11 @@ use crate::race::Race;
 /// answered, after the last answer (see [`ClientInner::try_acquire`]).
 const STRAGGLER_MIN: Duration = Duration::from_millis(10);
 
+/// How long a failed `try_lock` attempt waits for its deletion to be confirmed before it
+/// returns; the deletion goes on in the background after that (see
+/// [`ClientInner::try_acquire`]).
+const CLEANUP_GRACE: Duration = Duration::from_millis(500);
+
 /// How long an operation waits for the nodes that have not answered once the answers so far
 /// settle its outcome: 1% of `ttl`, at least [`STRAGGLER_MIN`] (see [`gather`]).
 pub(crate) fn straggle(ttl: Duration) -> Duration {
@@ -335,13 +340,15 @@ impl ClientInner {
         drop(calls);
         // Unless every node said "held by another owner", some node may hold our token.
         if busy < n {
-            if wait_cleanup || failed > n - q {
+            // (`lock()`'s next attempt after too many failures reuses the token: its
+            // deletion must have ended. `try_lock` makes no next attempt.)
+            if failed > n - q && !wait_cleanup {
                 if let Err(e) = self.clean_up(keys, token).await {
                     tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
                 }
             } else if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 let (client, keys, token) = (self.clone(), keys.clone(), token.to_string());
-                self.cleanups.spawn_on(
+                let task = self.cleanups.spawn_on(
                     async move {
                         if let Err(e) = client.clean_up(&keys, &token).await {
                             tracing::debug!(error = %e, "cleaning up a failed acquire failed; keys expire with their ttl");
@@ -350,6 +357,14 @@ impl ClientInner {
                     .instrument(tracing::debug_span!("failed_acquire")),
                     &handle,
                 );
+                // `try_lock` waits for the deletion, but not a second request timeout for
+                // nodes that answered nothing: the deletion was sent on their connections
+                // after the take, and finishes in the background.
+                if wait_cleanup {
+                    let _ = tokio::time::timeout(CLEANUP_GRACE, task).await;
+                }
+            } else if wait_cleanup {
+                let _ = tokio::time::timeout(CLEANUP_GRACE, self.clean_up(keys, token)).await;
             }
         }
         if failed > n - q {
