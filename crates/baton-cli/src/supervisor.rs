@@ -4,7 +4,10 @@
 //! - CMD runs in its own process group, with the holder's environment added; variables
 //!   `baton` sets for other holds (left by an outer `baton`) are removed.
 //! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group, except
-//!   those ignored when `baton` started (`nohup`): they stay ignored, by CMD too.
+//!   those ignored when `baton` started (`nohup`): they stay ignored, by CMD too. A group
+//!   stopped otherwise than by our job control (CMD read the terminal: SIGTTIN) is then
+//!   continued, as shells do, so that it can end. SIGUSR1 and SIGUSR2 are forwarded too;
+//!   they never end `baton` (ignored while there is no CMD).
 //! - When the hold is lost, the group gets SIGTERM at once, a notice goes to stderr, and the
 //!   group gets SIGKILL once `--grace` has passed, unless all of it has exited by then.
 //! - When CMD exits, whatever it left running in its group (background jobs) is part of the

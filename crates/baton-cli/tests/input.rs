@@ -265,14 +265,16 @@ fn mem_is_refused_outside_demo_and_bench() {
     // `demo` and `bench` still run on it: tests/demo.rs and tests/bench.rs.
 }
 
-/// review(cli): an etcd URL with a user and no password (`http://app@h:p`), and no
-/// --password-file or $BATON_PASSWORD: the error tells the operator to "use
-/// ClientBuilder::with_password", a library method, instead of the options that give it.
+/// An etcd URL with a user and no password (`http://app@h:p`), and no --password-file or
+/// $BATON_PASSWORD: the error names the options that give it (it named a library method,
+/// `ClientBuilder::with_password`; found by a review).
 #[test]
 fn a_user_without_password_names_the_options() {
     let port = baton_testkit::free_port();
     let url = format!("http://app@127.0.0.1:{port}");
-    let (out, _) = run(baton(&url).env_remove("BATON_PASSWORD").args(["lock", "x", "--", "true"]));
+    let (out, _) = run(baton(&url)
+        .env_remove("BATON_PASSWORD")
+        .args(["lock", "x", "--", "true"]));
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     let err = stderr_lines(&out);
     assert_eq!(err.len(), 1, "{err:?}");

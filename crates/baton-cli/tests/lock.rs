@@ -840,11 +840,10 @@ fn cmd_gets_no_stale_variables_of_an_outer_hold() {
     }
 }
 
-/// review(cli): a CMD that is stopped while baton runs (it read from the terminal and got
-/// SIGTTIN, or an operator's `kill -STOP`) never gets a signal forwarded to it: SIGTERM
-/// (or Ctrl-C) to baton is passed on, but a stopped process keeps it pending, so baton
-/// waits for CMD, and holds the lock, for ever. Shells send SIGCONT after such a signal
-/// (bash's `kill`, and bash on exit to its stopped jobs); baton does it after a loss.
+/// A CMD stopped while baton runs (it read from the terminal and got SIGTTIN, or an
+/// operator's `kill -STOP`) is continued after a forwarded SIGTERM, as shells do, and
+/// ends: a stopped process keeps the signal pending, and baton waited for CMD, holding the
+/// lock, for ever (found by a review).
 #[test]
 fn a_forwarded_sigterm_ends_a_stopped_cmd() {
     let etcd = etcd();
@@ -858,7 +857,10 @@ fn a_forwarded_sigterm_ends_a_stopped_cmd() {
         // As `read` from the terminal in a background group does (SIGTTIN).
         r#"echo $$ > "$D/pid"; kill -TTIN $$; echo resumed > "$D/resumed""#,
     ]));
-    let pid: u32 = wait_for_file(&dir.path().join("pid")).trim().parse().unwrap();
+    let pid: u32 = wait_for_file(&dir.path().join("pid"))
+        .trim()
+        .parse()
+        .unwrap();
     wait_until("CMD to be stopped", || {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.rsplit_once(')').unwrap().1.trim_start().starts_with('T'))
@@ -875,11 +877,11 @@ fn a_forwarded_sigterm_ends_a_stopped_cmd() {
     assert!(held.is_empty(), "{held:?}");
 }
 
-/// review(cli): the guardian is `baton` itself, started from `current_exe()`. Once the
-/// binary has been replaced on disk (a package upgrade while a `baton lock` waits for its
-/// lock, or holds it), that path is `/…/baton (deleted)`, which does not exist: the guardian
-/// cannot start, only a trace line says so, and a `baton` killed with SIGKILL leaves CMD's
-/// background jobs running on without the lock. `/proc/self/exe` always works.
+/// The guardian is `baton` itself. Once the binary has been replaced on disk (a package
+/// upgrade while a `baton lock` waits for its lock, or holds it), `current_exe()` is
+/// `/…/baton (deleted)`, which cannot be run: the guardian did not start (a trace line
+/// said so), and a `baton` killed with SIGKILL left CMD's background jobs running on
+/// without the lock (found by a review). It is started from `/proc/self/exe` now.
 #[test]
 fn the_guardian_starts_after_the_binary_was_replaced() {
     let etcd = etcd();
@@ -904,13 +906,18 @@ fn the_guardian_starts_after_the_binary_was_replaced() {
             r#"(sleep 30; echo orphan ran on > "$D/orphan") & echo $! > "$D/bg"; sleep 30"#,
         ]);
     let mut waiter = Proc::spawn(&mut waiter);
-    wait_until("the waiter to queue", || keys(&etcd, "upgraded/").len() == 2);
+    wait_until("the waiter to queue", || {
+        keys(&etcd, "upgraded/").len() == 2
+    });
     // The upgrade: a new binary renamed over the old one.
     let new = dir.path().join("baton.new");
     std::fs::copy(env!("CARGO_BIN_EXE_baton"), &new).unwrap();
     std::fs::rename(&new, &bin).unwrap();
     holder.signal(libc::SIGTERM);
-    let bg: u32 = wait_for_file(&dir.path().join("bg")).trim().parse().unwrap();
+    let bg: u32 = wait_for_file(&dir.path().join("bg"))
+        .trim()
+        .parse()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     waiter.signal(libc::SIGKILL);
     let _ = waiter.wait(STEP);
@@ -933,7 +940,10 @@ fn the_guardian_starts_after_the_binary_was_replaced() {
     if !ended {
         // Its whole group (the job's own `sleep` too).
         let stat = std::fs::read_to_string(format!("/proc/{bg}/stat")).unwrap_or_default();
-        if let Some(pgid) = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(2)) {
+        if let Some(pgid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(2))
+        {
             unsafe { libc::kill(-pgid.parse::<i32>().unwrap(), libc::SIGKILL) };
         }
     }
@@ -943,10 +953,10 @@ fn the_guardian_starts_after_the_binary_was_replaced() {
     );
 }
 
-/// review(cli): SIGUSR1 (a log rotation's `pkill -USR1 -f myjob`, which matches `baton lock
-/// x -- myjob` too) kills `baton` by its default action: CMD gets SIGTERM from its death
-/// signal instead of the SIGUSR1 it traps, and the lock stays held until the lease expires.
-/// SIGUSR1 and SIGUSR2 could be forwarded like SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+/// SIGUSR1 (a log rotation's `pkill -USR1 -f myjob`, which matches `baton lock x -- myjob`
+/// too) is forwarded to CMD, as SIGINT, SIGTERM, SIGHUP and SIGQUIT are. It killed `baton`
+/// by its default action: CMD got SIGTERM from its death signal instead of the SIGUSR1 it
+/// traps, and the lock stayed held until the lease expired (found by a review).
 #[test]
 fn sigusr1_is_forwarded_not_fatal() {
     let etcd = etcd();

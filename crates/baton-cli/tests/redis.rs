@@ -919,10 +919,10 @@ fn a_nested_redlock_cmd_gets_no_outer_fencing_token() {
     assert_eq!(stdout(&out), "unset inner\n");
 }
 
-/// review(cli): Redlock over three masters, one up and two refusing connections: the
-/// error says "only 0 of 3 masters answered", though the one up was never waited for (the
-/// dials stop once two failed): an operator looks for three dead servers. It should count
-/// what failed ("2 of 3 masters failed"), or not claim that none answered.
+/// Redlock over three masters, one up and two refusing connections: the error counts what
+/// failed ("2 of 3 masters failed"). It said "only 0 of 3 masters answered", though the
+/// one up was never waited for (the dials stop once two failed), sending an operator to
+/// look for three dead servers (found by a review).
 #[test]
 fn redlock_connect_error_does_not_say_none_answered_when_one_is_up() {
     let server = redis();
