@@ -446,16 +446,21 @@ async fn acquire_plain(
                 let (wait, next) = unavailable_backoff(backoff);
                 backoff = next;
                 let (until, after) = limit.unwrap_or((Instant::now() + wait, Duration::ZERO));
+                // The failed attempt's take may have landed (its reply lost), and its
+                // cleanup failed: if this future is dropped in the backoff, delete it then.
+                cleanup.armed = true;
                 tokio::select! {
                     _ = client.closed.cancelled() => return Err(Error::Closed),
                     _ = tokio::time::sleep(wait) => {}
                     _ = tokio::time::sleep_until(until), if limit.is_some() => {
-                        // The failed attempt's take may have landed (its reply lost), and
-                        // its cleanup failed: try once more to delete it.
+                        // Try once more to delete it, before returning.
+                        cleanup.armed = false;
                         leave(client, keys, &token).await;
                         return timed_out(after);
                     }
                 }
+                // The next attempt reuses the token, and deletes it if it fails.
+                cleanup.armed = false;
                 gated = false;
                 same_token = true;
                 continue;
