@@ -1048,43 +1048,6 @@ mod tests {
         nested.resign().await.unwrap();
     }
 
-    /// A resumed lease's key, adopted with another value, deleted just before the value is
-    /// written into it: the campaign fails with `NotLeader`, as its docs say (and as Go's
-    /// does: its Proclaim fails, then `ErrElectionNotLeader`).
-    #[tokio::test]
-    async fn an_adopted_key_deleted_before_the_value_write_fails_with_not_leader() {
-        use crate::store::{Compare, CompareOp};
-        let store = Arc::new(crate::store::slow::SlowWatches::new(
-            "mem",
-            Duration::ZERO,
-            Duration::ZERO,
-        ));
-        let client = crate::Client::from_arc(store.clone());
-        let old = Session::new(&client).await.unwrap();
-        let lease = old.lease_id();
-        let l = Election::new(&old, "gone")
-            .unwrap()
-            .campaign("A")
-            .await
-            .unwrap();
-        let (key, rev) = (l.key().to_string(), l.fencing_token());
-        std::mem::forget(l);
-        old.orphan();
-        drop(old);
-        let s = Session::builder(&client)
-            .with_lease(lease)
-            .build()
-            .await
-            .unwrap();
-        let write = Compare::create_revision(key.as_bytes(), CompareOp::Equal, rev);
-        let delete = Txn::new().and_then([TxnOp::delete(key.as_bytes())]);
-        *store.before_txn_comparing.lock().unwrap() = Some((write, delete));
-        let r = Election::new(&s, "gone").unwrap().campaign("B").await;
-        let r = r.map(|l| l.fencing_token());
-        assert!(matches!(r, Err(Error::NotLeader { .. })), "{r:?}");
-        s.orphan();
-    }
-
     async fn next_within(o: &mut Observe) -> Option<Leader> {
         tokio::time::timeout(Duration::from_millis(300), o.next())
             .await
