@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use baton::{Coordinator, Error};
-use baton_testkit::{EtcdServer, RedisServer};
+use baton_testkit::{EtcdServer, RedisServer, RedisServers};
 
 /// The backend under test, which the test can kill.
 enum Server {
     Etcd(EtcdServer),
     Redis(RedisServer),
+    Redlock(RedisServers),
 }
 
 impl Server {
@@ -25,6 +26,7 @@ impl Server {
         match self {
             Server::Etcd(s) => s.endpoint(),
             Server::Redis(s) => s.url(),
+            Server::Redlock(s) => s.redlock_url(),
         }
     }
 
@@ -32,6 +34,24 @@ impl Server {
         match self {
             Server::Etcd(s) => s.kill(),
             Server::Redis(s) => s.kill(),
+            Server::Redlock(_) => unreachable!("no test kills the Redlock masters"),
+        }
+    }
+
+    /// Pause (SIGSTOP) the backend, every master of it; `cont` continues it.
+    fn stop(&mut self) {
+        match self {
+            Server::Etcd(s) => s.stop(),
+            Server::Redis(s) => s.stop(),
+            Server::Redlock(s) => (0..3).for_each(|i| s.stop(i)),
+        }
+    }
+
+    fn cont(&mut self) {
+        match self {
+            Server::Etcd(s) => s.cont(),
+            Server::Redis(s) => s.cont(),
+            Server::Redlock(s) => (0..3).for_each(|i| s.cont(i)),
         }
     }
 }
@@ -82,15 +102,9 @@ async fn a_coordinator_locks_again_after_an_outage_longer_than_its_ttl() {
             .unwrap();
         let lock = coord.lock("outage").unwrap();
         let held = lock.lock().await.unwrap();
-        match &mut server {
-            Server::Etcd(s) => s.stop(),
-            Server::Redis(s) => s.stop(),
-        }
+        server.stop();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        match &mut server {
-            Server::Etcd(s) => s.cont(),
-            Server::Redis(s) => s.cont(),
-        }
+        server.cont();
         assert!(held.is_lost(), "etcd {etcd}: a hold outlived its TTL");
         let again = lock.lock_timeout(Duration::from_secs(10)).await;
         assert!(again.is_ok(), "etcd {etcd}: {again:?}");
@@ -140,4 +154,63 @@ async fn close_with_the_backend_gone_ends_waiters_at_once() {
         // Documented: etcd says the lease could not be revoked; Redis has nothing to say.
         assert_eq!(closed.is_err(), etcd, "{closed:?}");
     }
+}
+
+/// close() with the backend hung (paused), so that the waiters' requests are in flight:
+/// the tasks waiting in lock() and campaign() fail with Closed at once, on every backend,
+/// as the docs say. On Redis and Redlock they waited for their request to time out
+/// (1.5–8.6 s; found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_the_backend_hung_ends_waiters_at_once() {
+    let mut slow = Vec::new();
+    for kind in ["etcd", "redis", "redlock"] {
+        let mut server = match kind {
+            "etcd" => Server::Etcd(EtcdServer::start_async().await),
+            "redis" => Server::Redis(RedisServer::start_async().await),
+            _ => Server::Redlock(RedisServers::start_async(3).await),
+        };
+        let connect = || {
+            Coordinator::builder(&server.url())
+                .with_ttl(Duration::from_secs(3))
+                .connect()
+        };
+        let (coord, holder) = (connect().await.unwrap(), connect().await.unwrap());
+        let held = holder.lock("hung").unwrap().lock().await.unwrap();
+        let leading = holder
+            .election("hung-e")
+            .unwrap()
+            .campaign(b"a".to_vec())
+            .await
+            .unwrap();
+        let (c1, c2) = (coord.clone(), coord.clone());
+        let locking = tokio::spawn(async move {
+            let r = c1.lock("hung").unwrap().lock().await.map(drop);
+            (r, Instant::now())
+        });
+        let campaigning = tokio::spawn(async move {
+            let c = c2.election("hung-e").unwrap();
+            (c.campaign(b"b".to_vec()).await.map(drop), Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.stop();
+        // Let the waiters' next requests (Redis: a fallback poll) go out and hang.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let closing = tokio::spawn(async move { coord.close().await });
+        for (what, task) in [("lock()", locking), ("campaign()", campaigning)] {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("a waiter still waits 15 s after close()")
+                .unwrap();
+            let took = at - started;
+            if !matches!(got, Err(Error::Closed)) || took > Duration::from_secs(1) {
+                slow.push(format!("{kind} {what}: {got:?} {took:?} after close()"));
+            }
+        }
+        server.cont();
+        let _ = closing.await;
+        drop((held, leading));
+        holder.close().await.unwrap();
+    }
+    assert!(slow.is_empty(), "not ended at once: {slow:#?}");
 }

@@ -110,9 +110,12 @@ pub trait Lock: Send + Sync + fmt::Debug {
     /// Wait until the lock is ours.
     ///
     /// With the backend unreachable, the backends differ: on etcd and the embedded store,
-    /// it fails once the coordinator's session is lost (no keep-alive answered for a TTL)
-    /// or with the store's error (a retryable [`Error::Unavailable`], say), and the next
-    /// call starts a new session; on Redis and Redlock it retries until the lock is ours.
+    /// it fails once the coordinator's session is lost (no keep-alive answered for a TTL, or
+    /// its lease revoked) with [`Error::SessionLost`], or with the store's error (a retryable
+    /// [`Error::Unavailable`], say), and the next call starts a new session: `SessionLost`
+    /// says [`is_lost()`](Error::is_lost), not [`is_retryable()`](Error::is_retryable), yet
+    /// here calling again is what to do (nothing was held). On Redis and Redlock it retries
+    /// until the lock is ours.
     /// Use [`lock_timeout`](Lock::lock_timeout) to bound the wait on every backend.
     ///
     /// # Cancel safety
@@ -588,7 +591,10 @@ impl Coordinator {
     ///
     /// With the backend unreachable, etcd's `close()` returns the revoke's error after the
     /// request timeout (the lease, and every key bound to it, then expires with its TTL);
-    /// Redis's returns `Ok` at once, its keys expiring with their TTL.
+    /// Redis's returns `Ok`, its keys expiring with their TTL: at once if the servers refuse
+    /// connections (they are down), but after up to the request timeout if they hang
+    /// (paused, or the host unreachable without a refusal) while something is held (see
+    /// `RedisClient::close`).
     ///
     /// # Cancel safety
     ///

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
-use super::lock::{acquire, fallback_wait};
+use super::lock::{acquire, fallback_wait, unless_closed};
 use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
 use super::RedisClient;
@@ -112,15 +112,15 @@ impl RedisElection {
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<RedisLeadership> {
         let value = value.into();
         validate_value(&value)?;
-        let hold = acquire(
+        let acquiring = acquire(
             self.client.inner(),
             &self.name,
             &self.keys,
             Some(&value),
             false,
         )
-        .instrument(tracing::debug_span!("campaign", election = %self.name))
-        .await?;
+        .instrument(tracing::debug_span!("campaign", election = %self.name));
+        let hold = unless_closed(self.client.inner(), acquiring).await?;
         Ok(RedisLeadership {
             name: self.name.clone(),
             hold,
