@@ -100,7 +100,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     cli::require_command_after_dash_dash(&args.command)?;
     let out = Output::new(global.json);
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::forwarding()?;
     let coordinator = signals
         .interruptible(cli::coordinator(global, args.ttl))
         .await?;

@@ -86,7 +86,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     cli::require_command_after_dash_dash(&args.command)?;
     let out = Output::new(global.json);
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::forwarding()?;
     let client = signals
         .interruptible(cli::connect(global, &global.endpoints))
         .await?;

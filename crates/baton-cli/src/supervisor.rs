@@ -82,8 +82,20 @@ pub(crate) struct Signals {
 }
 
 impl Signals {
-    /// Start catching SIGINT, SIGTERM, SIGHUP and SIGQUIT, those not ignored.
+    /// Start catching SIGINT, SIGTERM, SIGHUP and SIGQUIT, those not ignored. SIGUSR1 and
+    /// SIGUSR2 keep their default action (they end `baton`): see
+    /// [`forwarding`](Signals::forwarding).
     pub(crate) fn new() -> Result<Self, CliError> {
+        Self::catching(false)
+    }
+
+    /// As [`new`](Signals::new), and SIGUSR1 and SIGUSR2 too (those not ignored), for the
+    /// commands that run a CMD and forward them to it (`lock`, `elect`, `sem`).
+    pub(crate) fn forwarding() -> Result<Self, CliError> {
+        Self::catching(true)
+    }
+
+    fn catching(user: bool) -> Result<Self, CliError> {
         let catch = |kind: SignalKind| {
             if ignored(kind.as_raw_value()) {
                 return Ok(None);
@@ -97,8 +109,16 @@ impl Signals {
             terminate: catch(SignalKind::terminate())?,
             hangup: catch(SignalKind::hangup())?,
             quit: catch(SignalKind::quit())?,
-            user1: catch(SignalKind::user_defined1())?,
-            user2: catch(SignalKind::user_defined2())?,
+            user1: if user {
+                catch(SignalKind::user_defined1())?
+            } else {
+                None
+            },
+            user2: if user {
+                catch(SignalKind::user_defined2())?
+            } else {
+                None
+            },
         })
     }
 

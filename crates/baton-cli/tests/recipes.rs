@@ -1244,3 +1244,60 @@ fn barrier_timeout_is_counted_once_connected() {
     resume.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "took {took:?}: {out:?}");
 }
+
+/// SIGUSR1 still ends the commands that run no CMD (its default action): a waiting `queue
+/// pop`, `watch` or `barrier`. Only `lock`, `elect` and `sem` catch it, to forward it to
+/// CMD (a first version caught it everywhere and never read it: `timeout -s USR1 … baton
+/// queue pop` waited for ever; found by a second look).
+#[test]
+fn sigusr1_still_ends_commands_that_forward_nothing() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let commands: [&[&str]; 3] = [
+        &["queue", "pop", "usr1-q"],
+        &["watch", "usr1-k"],
+        &["barrier", "usr1-b", "--count", "2"],
+    ];
+    let mut still = Vec::new();
+    for args in commands {
+        let mut cmd = baton(&ep);
+        // SAFETY: only async-signal-safe calls (signal(2)) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGUSR1, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{args:?} ended by itself"
+        );
+        signal(child.id(), libc::SIGUSR1);
+        let started = std::time::Instant::now();
+        let mut ended = false;
+        while started.elapsed() < Duration::from_secs(3) {
+            if child.try_wait().unwrap().is_some() {
+                ended = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !ended {
+            still.push(args.join(" "));
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+    assert!(
+        still.is_empty(),
+        "still running 3 s after SIGUSR1: {still:?}"
+    );
+}

@@ -3856,3 +3856,55 @@ async fn redlock_extends_reach_a_slow_master_past_the_quorum() {
     );
     guard.unlock().await.unwrap();
 }
+
+/// Redlock `lock_timeout` (which deletes a take in flight at its deadline before it
+/// returns) with its first master hung: a waiter gets the lock soon after a release that comes before its
+/// timeout, and one whose timeout passes first returns on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_lock_timeout_with_a_hung_first_master_gets_a_release_and_is_on_time() {
+    let mut servers = RedisServers::start_async(3).await;
+    let url = servers.redlock_url();
+    let ttl = Duration::from_secs(5);
+    let a = connect(&url, ttl).await;
+    let b = connect(&url, ttl).await;
+    servers.stop(0);
+    let name = unique("lt-hung");
+    let held = a.lock(&name).unwrap().lock().await.unwrap();
+    // Times out while held.
+    let t = Instant::now();
+    let err = b
+        .lock(&name)
+        .unwrap()
+        .lock_timeout(Duration::from_millis(800))
+        .await;
+    let took = t.elapsed();
+    assert!(
+        matches!(err, Err(Error::Timeout { .. })),
+        "{:?}",
+        err.map(drop)
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "timed out after {took:?}"
+    );
+    // Released before the timeout: taken soon after.
+    let waiter = {
+        let lock = b.lock(&name).unwrap();
+        tokio::spawn(async move {
+            let g = lock.lock_timeout(Duration::from_secs(6)).await;
+            (Instant::now(), g)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let released = Instant::now();
+    held.unlock().await.unwrap();
+    let (at, g) = waiter.await.unwrap();
+    let g = g.unwrap();
+    let lag = at.saturating_duration_since(released);
+    assert!(
+        lag < Duration::from_millis(600),
+        "took the lock {lag:?} after its release"
+    );
+    g.unlock().await.unwrap();
+    servers.cont(0);
+}

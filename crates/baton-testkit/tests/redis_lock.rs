@@ -830,3 +830,36 @@ async fn a_waiter_waits_out_another_clients_busy_script() {
     }
     assert!(failed.is_empty(), "{failed:?}");
 }
+
+/// `lock_timeout` returns within 500 ms of its timeout. A FIFO waiter whose takes are
+/// answered after the TTL lets the late take go after the second one, and that release
+/// was not bounded by the deadline: with the server's replies delayed 1.5 s (TTL 1 s,
+/// request timeout 5 s), `lock_timeout(3.2 s)` waited for the release (to 4.5 s), then for
+/// the leave (500 ms): ~5 s (found by a second look).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeout_with_fifo_is_on_time_when_the_server_answers_after_the_ttl() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let client = RedisClient::builder(&proxy.url("redis"))
+        .with_ttl(Duration::from_secs(1))
+        .with_request_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    let warm = client.lock("late-warm").unwrap();
+    warm.try_lock().await.unwrap().unlock().await.unwrap();
+    proxy.set(
+        Direction::ServerToClient,
+        Fault::Delay(Duration::from_millis(1500)),
+    );
+    let lock = client.lock("late").unwrap();
+    let timeout = Duration::from_millis(3200);
+    let t = std::time::Instant::now();
+    let r = lock.lock_timeout(timeout).await.map(drop);
+    let took = t.elapsed();
+    proxy.set(Direction::ServerToClient, Fault::Pass);
+    assert!(
+        took <= timeout + Duration::from_millis(700),
+        "lock_timeout({timeout:?}) took {took:?}: {r:?}"
+    );
+}

@@ -1048,6 +1048,40 @@ mod tests {
         nested.resign().await.unwrap();
     }
 
+    /// While vacant, an observer re-reads only for a member's put: it still sees a
+    /// candidate whose key existed under the prefix without a lease and is then bound to
+    /// one (`etcdctl put --lease`), and a Go candidate's key (`NAME/<lease hex>`).
+    #[tokio::test]
+    async fn a_vacant_observer_sees_a_key_rebound_to_a_lease_and_a_go_candidate() {
+        let client = crate::Client::memory();
+        let store = client.store().clone();
+        let session = Session::new(&client).await.unwrap();
+        let lease = session.lease_id();
+        let mut obs = Election::observe_with(&client, "rb")
+            .unwrap()
+            .with_vacancies();
+        let first = tokio::time::timeout(Duration::from_secs(1), obs.next()).await;
+        assert_eq!(first.unwrap(), Some(LeaderEvent::Vacant));
+        let key = format!("rb/{lease:x}");
+        store.put(key.as_bytes(), b"bare", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.put(key.as_bytes(), b"leased", lease).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), obs.next()).await;
+        match got {
+            Ok(Some(LeaderEvent::Leader(l))) => assert_eq!(l.value, b"leased"),
+            other => panic!("{other:?}"),
+        }
+        store.delete(KeyRange::key(key.as_bytes())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), obs.next()).await;
+        assert_eq!(got.unwrap(), Some(LeaderEvent::Vacant));
+        store.put(b"rb/abc123", b"go", lease).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), obs.next()).await;
+        match got {
+            Ok(Some(LeaderEvent::Leader(l))) => assert_eq!(l.value, b"go"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     async fn next_within(o: &mut Observe) -> Option<Leader> {
         tokio::time::timeout(Duration::from_millis(300), o.next())
             .await

@@ -871,7 +871,17 @@ async fn acquire_fifo(
                          and trying again (a longer TTL helps)"
                     );
                 }
-                if let Err(e) = client.release(keys, &token).await {
+                // Bounded by the caller's deadline too: `lock_timeout` returns within
+                // LEAVE_GRACE of it (the leave then lets the take go, if it is ours).
+                let releasing = client.release(keys, &token);
+                let released = match limit {
+                    Some((at, after)) => match tokio::time::timeout_at(at, releasing).await {
+                        Ok(r) => r,
+                        Err(_) => return give_up(after).await,
+                    },
+                    None => releasing.await,
+                };
+                if let Err(e) = released {
                     tracing::debug!(error = %e, "letting a late take go failed; it expires with its TTL");
                 }
                 let wait = fallback_wait(client.opts.poll_interval, None);
