@@ -398,7 +398,9 @@ impl CoordinatorBuilder {
     /// Authenticate as `user` with `password`: etcd's user, or a Redis ACL user (`AUTH user
     /// password`). On Redis it applies to every server whose URL carries no credentials of
     /// its own, so Redlock masters may each have theirs. Never shown in `Debug` output,
-    /// logs or errors.
+    /// logs or errors. A server without authentication differs: etcd accepts the
+    /// credentials and ignores them (as Go's clientv3 does); Redis refuses them
+    /// ([`Error::Unauthenticated`] at connect).
     pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Some(Credentials::new(user, password));
         self
@@ -546,12 +548,15 @@ impl Coordinator {
         self.backend.name()
     }
 
-    /// A lock named `name`. Fails on a bad name.
+    /// A lock named `name`. Fails with [`Error::InvalidArgument`] on a bad name (empty,
+    /// over [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes, a NUL byte) and, on Redis, on a key
+    /// in Baton's own key space (`baton:fence:…`, `baton:leader:…`, …; see the `redis`
+    /// module).
     pub fn lock(&self, name: &str) -> Result<Box<dyn Lock>> {
         self.backend.lock(name)
     }
 
-    /// An election named `name`. Fails on a bad name.
+    /// An election named `name`. Fails as [`lock`](Coordinator::lock) does on a bad name.
     pub fn election(&self, name: &str) -> Result<Box<dyn Elector>> {
         self.backend.election(name)
     }
