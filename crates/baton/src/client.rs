@@ -646,7 +646,8 @@ fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
         return Err(bad(endpoint, "unexpected '@' in host:port"));
     }
     let hp = hp.trim_end_matches('/');
-    if hp.contains('/') || hp.contains('?') || hp.contains('#') {
+    // A backslash is a path separator to the URL parser, which would drop what follows.
+    if hp.contains(['/', '?', '#', '\\']) {
         return Err(bad(endpoint, "expected host:port with no path"));
     }
     let parsed = url::Url::parse(&format!("http://{hp}"))
@@ -656,13 +657,18 @@ fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
         .filter(|h| !h.is_empty())
         .ok_or_else(|| bad(endpoint, "missing host"))?
         .to_string();
-    let port = parsed.port().ok_or_else(|| {
-        if hp.rsplit_once(':').is_some() {
-            bad(endpoint, "port must be a number from 1 to 65535")
-        } else {
-            bad(endpoint, "missing port (write host:port)")
-        }
-    })?;
+    // The parser drops http's default port: port 80, written, is a port like any other.
+    let written = hp.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    let port = parsed
+        .port()
+        .or(written.filter(|&p| p == 80))
+        .ok_or_else(|| {
+            if hp.rsplit_once(':').is_some() {
+                bad(endpoint, "port must be a number from 1 to 65535")
+            } else {
+                bad(endpoint, "missing port (write host:port)")
+            }
+        })?;
     if port == 0 {
         return Err(bad(endpoint, "port must be a number from 1 to 65535"));
     }
@@ -870,6 +876,35 @@ mod tests {
             user: None,
             password: None,
         }
+    }
+
+    /// Port 80 is accepted as written (the URL parser drops http's default port, and every
+    /// `host:80` was refused as "port must be a number"), and a backslash, which the parser
+    /// takes for a path separator (dropping what follows it), is refused (found by a review).
+    #[test]
+    fn port_80_is_a_port_and_a_backslash_is_no_separator() {
+        for url in [
+            "http://h:80",
+            "https://etcd.example:80",
+            "etcd://u:p@a:80",
+            "redis://h:80",
+        ] {
+            assert!(
+                Endpoints::parse(url).is_ok(),
+                "{url}: {:?}",
+                Endpoints::parse(url)
+            );
+        }
+        assert!(validate_etcd_url("http://h:80").is_ok());
+        for url in ["http://h:1\\x", "redis://h:1\\5", "http://h:1\\"] {
+            assert!(
+                Endpoints::parse(url).is_err(),
+                "{url}: {:?}",
+                Endpoints::parse(url)
+            );
+        }
+        assert!(Endpoints::parse("http://h").is_err());
+        assert!(Endpoints::parse("http://h:0").is_err());
     }
 
     #[test]
