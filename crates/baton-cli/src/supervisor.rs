@@ -129,15 +129,7 @@ impl Signals {
     ///
     /// Cancel safe, as [`recv`](Signals::recv).
     pub(crate) async fn recv_forwarded(&mut self) -> i32 {
-        tokio::select! {
-            Some(()) = next(&mut self.interrupt) => libc::SIGINT,
-            Some(()) = next(&mut self.terminate) => libc::SIGTERM,
-            Some(()) = next(&mut self.hangup) => libc::SIGHUP,
-            Some(()) = next(&mut self.quit) => libc::SIGQUIT,
-            Some(()) = next(&mut self.user1) => libc::SIGUSR1,
-            Some(()) = next(&mut self.user2) => libc::SIGUSR2,
-            else => std::future::pending().await,
-        }
+        self.next_signal(true).await
     }
 
     /// The next of those signals: its number.
@@ -146,11 +138,18 @@ impl Signals {
     ///
     /// Cancel safe: a signal that arrives meanwhile is kept for the next call.
     pub(crate) async fn recv(&mut self) -> i32 {
+        self.next_signal(false).await
+    }
+
+    /// The next caught signal, SIGUSR1 and SIGUSR2 included if `user`. Cancel safe.
+    async fn next_signal(&mut self, user: bool) -> i32 {
         tokio::select! {
             Some(()) = next(&mut self.interrupt) => libc::SIGINT,
             Some(()) = next(&mut self.terminate) => libc::SIGTERM,
             Some(()) = next(&mut self.hangup) => libc::SIGHUP,
             Some(()) = next(&mut self.quit) => libc::SIGQUIT,
+            Some(()) = next(&mut self.user1), if user => libc::SIGUSR1,
+            Some(()) = next(&mut self.user2), if user => libc::SIGUSR2,
             else => std::future::pending().await,
         }
     }
