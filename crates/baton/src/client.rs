@@ -246,7 +246,8 @@ impl ClientBuilder {
 
     /// The password of the user named in the URL (`http://user@h:p`), when it is kept out
     /// of the URL; it replaces a password in the URL. Without a user in the URL,
-    /// [`connect`](Self::connect) fails: use [`with_user`](Self::with_user) instead. The
+    /// [`connect`](Self::connect) fails: use [`with_user`](Self::with_user) instead. Given
+    /// together with `with_user` (which carries its own password), `connect` fails too. The
     /// embedded store (`mem://`) takes no password: `connect` refuses one.
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
         self.password = Some(Secret::new(password));
@@ -336,6 +337,11 @@ impl ClientBuilder {
                     });
                 }
                 let credentials = match (self.credentials, user) {
+                    (Some(_), _) if self.password.is_some() => {
+                        return Err(Error::invalid(
+                            "both with_user and with_password are given: with_user carries                              the password; with_password is for a user named in the URL",
+                        ))
+                    }
                     (Some(explicit), _) => Some(explicit),
                     (None, Some(user)) => match self.password.or(password) {
                         Some(password) => Some(Credentials { user, password }),
@@ -657,6 +663,20 @@ fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
         .filter(|h| !h.is_empty())
         .ok_or_else(|| bad(endpoint, "missing host"))?
         .to_string();
+    // The URL standard reads `010.0.0.1` as octal (8.0.0.1), `0x7f.1` as hex and `127.1` as
+    // 127.0.0.1; etcd's Go client and most tools read them otherwise, or not at all. Only
+    // the four decimal numbers, as written, are taken.
+    if let Some(url::Host::Ipv4(ip)) = parsed.host() {
+        let written = hp.rsplit_once(':').map_or(hp, |(h, _)| h);
+        if written != ip.to_string() {
+            return Err(bad(
+                endpoint,
+                format!(
+                    "write an IPv4 address as four decimal numbers without leading zeros                      ({written:?} would be read as {ip})"
+                ),
+            ));
+        }
+    }
     // The parser drops http's default port: port 80, written, is a port like any other.
     let written = hp.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
     let port = parsed
@@ -714,7 +734,7 @@ impl Endpoints {
         match scheme {
             "mem" => {
                 let name = rest.trim_end_matches('/');
-                if name.contains(['/', ',', ':', '@']) {
+                if name.contains(['/', ',', ':', '@', '?', '#']) {
                     return Err(bad(input, "mem:// takes an optional plain name"));
                 }
                 Ok(Endpoints::Mem(name.to_string()))
@@ -855,7 +875,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Two hex digits exactly: `from_str_radix` alone would take `%+1` as 0x01.
             let hex = s.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -905,6 +929,60 @@ mod tests {
         }
         assert!(Endpoints::parse("http://h").is_err());
         assert!(Endpoints::parse("http://h:0").is_err());
+    }
+
+    /// IPv4 addresses the URL standard reads otherwise than they look (`010.0.0.1` is
+    /// 8.0.0.1 to it), a query after a `mem://` name, and a `%` not followed by two hex
+    /// digits are refused (found by the review of URL parsing).
+    #[test]
+    fn ambiguous_addresses_names_and_escapes_are_refused() {
+        for url in [
+            "http://010.0.0.1:2379",
+            "http://127.1:2379",
+            "http://0x7f.0.0.1:2379",
+            "etcd://127.0.0.01:2379",
+            "redis://0177.0.0.1:6379",
+            "redlock://a:1,b:2,127.000.0.1:3",
+            "http://127.0.0.1.:2379",
+            "mem://x?y",
+            "mem://x#y",
+            "redis://u:%+1@h:1",
+            "http://u:%-f@h:1",
+        ] {
+            let err = Endpoints::parse(url).unwrap_err();
+            assert!(err.is_invalid_input(), "{url}: {err}");
+        }
+        let err = Endpoints::parse("http://010.0.0.1:2379").unwrap_err();
+        assert!(err.to_string().contains("8.0.0.1"), "{err}");
+        assert!(validate_etcd_url("http://010.0.0.1:2379").is_err());
+        for url in [
+            "http://10.0.0.1:2379",
+            "http://0.0.0.0:1",
+            "redis://255.255.255.255:6379",
+            "http://[::1]:2379",
+            "http://etcd-0.example:2379",
+            "redis://u:%2B1@h:1",
+        ] {
+            assert!(
+                Endpoints::parse(url).is_ok(),
+                "{url}: {:?}",
+                Endpoints::parse(url)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn with_user_and_with_password_together_are_refused() {
+        for endpoints in ["http://127.0.0.1:1", "http://bob@127.0.0.1:1"] {
+            let err = ClientBuilder::new(endpoints)
+                .with_user("alice", "pw")
+                .with_password("other")
+                .connect()
+                .await
+                .unwrap_err();
+            assert!(err.is_invalid_input(), "{err}");
+            assert!(err.to_string().contains("with_password"), "{err}");
+        }
     }
 
     #[test]

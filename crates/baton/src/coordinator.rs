@@ -406,8 +406,8 @@ impl CoordinatorBuilder {
         self
     }
 
-    /// A password without a user name: for etcd, the password of the user named in the URL;
-    /// for Redis, `AUTH password` (Redis's `requirepass`, or the URL's user), on every server
+    /// A password without a user name: for etcd, the password of the user named in the URL
+    /// (given with [`with_user`](Self::with_user) too, `connect` fails on etcd); for Redis, `AUTH password` (Redis's `requirepass`, or the URL's user), on every server
     /// whose URL carries no password. The embedded store (`mem://`) takes none: `connect`
     /// refuses it with [`Error::InvalidEndpoint`].
     pub fn with_password(mut self, password: impl Into<String>) -> Self {
