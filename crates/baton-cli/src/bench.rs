@@ -61,10 +61,13 @@ names but connects over plain HTTP without logging in; --peer rslock cannot use 
 
 On redis:// and redlock://, lost ends the hold with DEL of the lock key, handover uses
 Baton's Redis election, and scale does not apply (it measures etcd sessions: one lease for many held locks).
-After the run (or a signal), the keys it left on every server (fencing counters, election
-records, release markers) are deleted: SCAN for the run's prefix, then DEL. After a signal,
-a release still in flight may leave its marker (baton:released:...), which expires within
-twice the request timeout.
+After the run (or a signal), the keys its names left on every server (lock keys, fencing
+counters, election records, queues) are deleted with DEL, by name: the work is the run's,
+never a walk of the server's keys. Waiters' places and release markers (baton:waiter:...,
+baton:released:...) expire on their own, within twice the request timeout. A baton killed
+with SIGKILL deletes nothing: its fencing counters (baton:fence:baton-bench/...) stay.
+On redlock://, a master that cannot be reached is named and left out, as Redlock does,
+while a majority is up.
 
 A signal (Ctrl-C, SIGTERM) stops the run: every worker is closed (on etcd, its lease revoked,
 which deletes its keys) and baton exits with 128+N.

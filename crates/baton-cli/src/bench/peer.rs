@@ -252,18 +252,34 @@ async fn keep_alive(
     stop: CancellationToken,
     sent: Arc<AtomicU64>,
 ) {
+    // As Go's lessor: the channel closes (Done()) once the deadline, the last answer plus
+    // its TTL, passes without an answer (lease.go deadlineLoop), even if the server is
+    // silent.
+    let mut deadline = tokio::time::Instant::now() + interval * 3;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
         sent.fetch_add(1, Ordering::Relaxed);
-        let alive = match keeper.keep_alive().await {
-            Ok(()) => tokio::select! {
-                _ = stop.cancelled() => return,
-                m = stream.message() => matches!(m, Ok(Some(ref r)) if r.ttl() > 0),
+        let answer = async {
+            keeper.keep_alive().await.ok()?;
+            match stream.message().await {
+                Ok(Some(r)) if r.ttl() > 0 => Some(r.ttl()),
+                _ => None,
+            }
+        };
+        let alive = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => false,
+            a = answer => match a {
+                Some(ttl) => {
+                    deadline = tokio::time::Instant::now()
+                        + Duration::from_secs(u64::try_from(ttl).unwrap_or(0));
+                    true
+                }
+                None => false,
             },
-            Err(_) => false,
         };
         if !alive {
             lost.cancel();
@@ -284,12 +300,14 @@ struct EtcdWorker {
 impl Worker for EtcdWorker {
     async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
         let mut client = self.client.clone();
-        let resp = client
-            .lock(
+        let resp = tokio::select! {
+            r = client.lock(
                 format!("{}{name}", self.namespace),
                 Some(ec::LockOptions::new().with_lease(self.lease)),
-            )
-            .await?;
+            ) => r?,
+            // As Go's Mutex.Lock with the session's context: the wait ends with the session.
+            _ = self.lost.cancelled() => return Err(Failure("session lost".into())),
+        };
         Ok(Box::new(EtcdHeld {
             client,
             lease: self.lease,
@@ -300,9 +318,10 @@ impl Worker for EtcdWorker {
 
     async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
         let mut client = self.client.clone();
-        let mut resp = client
-            .campaign(format!("{}{name}", self.namespace), value, self.lease)
-            .await?;
+        let mut resp = tokio::select! {
+            r = client.campaign(format!("{}{name}", self.namespace), value, self.lease) => r?,
+            _ = self.lost.cancelled() => return Err(Failure("session lost".into())),
+        };
         let leader = resp
             .take_leader()
             .ok_or_else(|| Failure("campaign answered without a leader key".into()))?;
@@ -403,5 +422,35 @@ mod tests {
         assert_eq!(ttl.granted_ttl(), 3);
         held.release().await.unwrap();
         worker.close().await;
+    }
+
+    /// Go's clientv3 closes a lease's keep-alive channel (Session.Done()) once the lease's
+    /// deadline (the last keep-alive answer plus the TTL) passes, even when the server
+    /// answers nothing (lease.go deadlineLoop). The peer claims to keep its lease "the way
+    /// Go's clientv3 does it", but its keep-alive loop waits for an answer forever: against
+    /// a stalled server, the peer's `lost()` never fires, and `bench lost`/`contended` with
+    /// --peer etcd-lock-api hang until the server comes back.
+    #[tokio::test]
+    async fn the_peer_is_told_of_the_loss_when_the_server_stalls() {
+        assert!(baton_testkit::etcd_available(), "etcd is needed");
+        let mut etcd = baton_testkit::EtcdServer::start();
+        let peer = EtcdLockApi::connect(
+            vec![etcd.endpoint()],
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            String::new(),
+        )
+        .await
+        .unwrap();
+        let worker = peer.worker().await.unwrap();
+        let held = worker.lock("stall-probe").await.unwrap();
+        etcd.stop();
+        // Go: Done() closes at most TTL (2 s) after the last answered keep-alive.
+        let told = tokio::time::timeout(Duration::from_secs(6), held.lost()).await;
+        etcd.cont();
+        assert!(
+            told.is_ok(),
+            "the peer's lost() did not fire within 3x the TTL of a stalled server"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! Both end a hold from outside the way an operator would: `DEL` of the lock key on every
 //! server.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -73,22 +74,42 @@ impl TlsFiles {
 }
 
 impl Admin {
-    /// Connect to every server named by `endpoints` (`redis://…` or `redlock://h:p,…`, with
+    /// Connect to the servers named by `endpoints` (`redis://…` or `redlock://h:p,…`, with
     /// the credentials in the URLs: see [`cli::redis_endpoints`]), over TLS with `tls` for
-    /// `rediss://`.
+    /// `rediss://`. Redlock works while a majority of its masters is up, and so does the
+    /// bench: the servers that cannot be reached are named on stderr and left out of what
+    /// the bench does from outside; fewer than a majority is an error naming them.
     pub(crate) async fn connect(
         endpoints: &str,
         dial_timeout: Duration,
         tls: &TlsFiles,
     ) -> Result<Admin> {
+        let urls = node_urls(endpoints)?;
         let mut conns = Vec::new();
-        for url in node_urls(endpoints)? {
-            let client = tls.client(&url)?;
-            let conn =
+        let mut down = Vec::new();
+        for url in &urls {
+            let conn = async {
+                let client = tls.client(url)?;
                 tokio::time::timeout(dial_timeout, client.get_multiplexed_async_connection())
                     .await
-                    .map_err(|_| Failure(format!("cannot connect within {dial_timeout:?}")))??;
-            conns.push(conn);
+                    .map_err(|_| Failure(format!("no answer within {dial_timeout:?}")))?
+                    .map_err(Failure::from)
+            };
+            match conn.await {
+                Ok(conn) => conns.push(conn),
+                Err(e) => down.push(format!("{}: {}", redacted(url), e.0)),
+            }
+        }
+        if conns.len() < urls.len() / 2 + 1 {
+            return Err(Failure(format!(
+                "cannot connect to {} of {} Redis servers ({})",
+                down.len(),
+                urls.len(),
+                down.join("; ")
+            )));
+        }
+        for d in &down {
+            eprintln!("bench: {d}: left out (a majority of the masters is up)");
         }
         Ok(Admin { conns })
     }
@@ -105,42 +126,27 @@ impl Admin {
         Ok(())
     }
 
-    /// Delete, on every server, the keys of the locks and elections whose keys start with
-    /// `prefix`: the lock key itself and Baton's keys for it (`baton:fence:`, `:leader:`,
-    /// `:queue:`, `:waiter:`, `:released:` before the lock key). Found with `SCAN`, deleted
-    /// with `DEL`.
-    async fn delete_prefixed(&self, prefix: &str) -> Result<()> {
-        let pattern = format!("*{}*", glob_escape(prefix));
-        let ours = |key: &[u8]| {
-            key.starts_with(prefix.as_bytes())
-                || FAMILIES.iter().any(|family| {
-                    key.strip_prefix(family.as_bytes())
-                        .is_some_and(|rest| rest.starts_with(prefix.as_bytes()))
-                })
-        };
+    /// Delete, on every server, the keys of the locks and elections named `keys` (full
+    /// keys, the namespace included): each key itself and Baton's keys for it that do not
+    /// expire (`baton:fence:`, `baton:leader:`, `baton:queue:` before the key). A waiter's
+    /// place (`baton:waiter:`) and a release's marker (`baton:released:`) expire on their
+    /// own. Work in proportion to the run, never to the server's key space (a `SCAN`
+    /// walked a production server's every key).
+    async fn delete_keys(&self, keys: &[String]) -> Result<()> {
+        let all: Vec<String> = keys
+            .iter()
+            .flat_map(|key| {
+                std::iter::once(key.clone())
+                    .chain(FAMILIES.iter().map(move |family| format!("{family}{key}")))
+            })
+            .collect();
         for conn in &self.conns {
             let mut conn = conn.clone();
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn)
+            for chunk in all.chunks(1000) {
+                redis::cmd("DEL")
+                    .arg(chunk)
+                    .query_async::<i64>(&mut conn)
                     .await?;
-                let keys: Vec<Vec<u8>> = keys.into_iter().filter(|k| ours(k)).collect();
-                if !keys.is_empty() {
-                    redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<i64>(&mut conn)
-                        .await?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
             }
         }
         Ok(())
@@ -187,26 +193,43 @@ impl Admin {
     }
 }
 
-/// The prefixes of Baton's own keys for a lock key (see `baton::redis`'s key layout); the
-/// wake-up channel (`baton:wake:`) is no key.
-const FAMILIES: [&str; 5] = [
-    "baton:fence:",
-    "baton:leader:",
-    "baton:queue:",
-    "baton:waiter:",
-    "baton:released:",
-];
+/// The prefixes of Baton's own keys for a lock key that never expire (see `baton::redis`'s
+/// key layout); waiters' places and release markers expire, and the wake-up channel
+/// (`baton:wake:`) is no key.
+const FAMILIES: [&str; 3] = ["baton:fence:", "baton:leader:", "baton:queue:"];
 
-/// `text` as a `SCAN MATCH` pattern that matches only itself.
-fn glob_escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
+/// The names a run locked or campaigned for, to delete their keys once it ends.
+#[derive(Clone, Default)]
+pub(crate) struct Names(Arc<StdMutex<BTreeSet<String>>>);
+
+impl Names {
+    fn add(&self, name: &str) {
+        let mut names = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !names.contains(name) {
+            names.insert(name.to_string());
         }
-        escaped.push(c);
     }
-    escaped
+
+    /// The names that start with `prefix`, each after `namespace`.
+    fn keys(&self, namespace: &str, prefix: &str) -> Vec<String> {
+        let names = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .iter()
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| format!("{namespace}{n}"))
+            .collect()
+    }
+}
+
+/// `url` without the credentials it may carry, for messages.
+fn redacted(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{host}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// `redis://h:p` URLs, one per server, from `--endpoints`.
@@ -239,6 +262,8 @@ pub(crate) struct RedisTarget {
     endpoints: String,
     /// The key prefix (`--namespace`).
     namespace: String,
+    /// The names the run's workers used.
+    names: Names,
 }
 
 impl RedisTarget {
@@ -267,6 +292,7 @@ impl RedisTarget {
             backend,
             endpoints,
             namespace: global.namespace.clone(),
+            names: Names::default(),
         })
     }
 
@@ -295,7 +321,10 @@ impl Target for RedisTarget {
         let coordinator = cli::coordinator(&self.global, self.ttl)
             .await
             .map_err(|e| Failure(e.message().unwrap_or("cannot connect").to_string()))?;
-        Ok(Box::new(CoordinatorWorker { coordinator }))
+        Ok(Box::new(CoordinatorWorker {
+            coordinator,
+            names: self.names.clone(),
+        }))
     }
 
     async fn revoke(&self, held: &dyn Held) -> Result<()> {
@@ -328,23 +357,26 @@ impl Target for RedisTarget {
     /// run's names left, under `--namespace`.
     async fn clean_up(&self, prefix: &str) -> Result<()> {
         self.admin
-            .delete_prefixed(&format!("{}{prefix}", self.namespace))
+            .delete_keys(&self.names.keys(&self.namespace, prefix))
             .await
     }
 }
 
 struct CoordinatorWorker {
     coordinator: baton::Coordinator,
+    names: Names,
 }
 
 #[async_trait]
 impl Worker for CoordinatorWorker {
     async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
+        self.names.add(name);
         let guard = self.coordinator.lock(name)?.lock().await?;
         Ok(Box::new(GuardHeld::new(guard)))
     }
 
     async fn campaign(&self, name: &str, value: &str) -> Result<Box<dyn Held>> {
+        self.names.add(name);
         let leading = self
             .coordinator
             .election(name)?
@@ -404,6 +436,8 @@ pub(crate) struct Rslock {
     ttl: Duration,
     admin: Admin,
     backend: &'static str,
+    /// The names the run's workers used.
+    names: Names,
 }
 
 impl Rslock {
@@ -442,6 +476,7 @@ impl Rslock {
             ttl,
             admin,
             backend,
+            names: Names::default(),
         })
     }
 }
@@ -460,6 +495,7 @@ impl Target for Rslock {
         Ok(Box::new(RslockWorker {
             manager: rslock::LockManager::new(self.urls.clone()),
             ttl: self.ttl,
+            names: self.names.clone(),
         }))
     }
 
@@ -486,18 +522,20 @@ impl Target for Rslock {
 
     /// The lock keys of holds cut short (rslock's keys have no other families).
     async fn clean_up(&self, prefix: &str) -> Result<()> {
-        self.admin.delete_prefixed(prefix).await
+        self.admin.delete_keys(&self.names.keys("", prefix)).await
     }
 }
 
 struct RslockWorker {
     manager: rslock::LockManager,
     ttl: Duration,
+    names: Names,
 }
 
 #[async_trait]
 impl Worker for RslockWorker {
     async fn lock(&self, name: &str) -> Result<Box<dyn Held>> {
+        self.names.add(name);
         let lock = self
             .manager
             .acquire_no_guard(name.as_bytes(), self.ttl)
@@ -604,8 +642,20 @@ mod tests {
     }
 
     #[test]
-    fn glob_patterns_match_only_the_text() {
-        assert_eq!(glob_escape("baton-bench/1a-2b"), "baton-bench/1a-2b");
-        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+    fn the_run_deletes_the_keys_of_its_own_names_only() {
+        let names = Names::default();
+        for n in ["run1/a", "run1/b", "run1/a", "run2/a", "run10/a"] {
+            names.add(n);
+        }
+        assert_eq!(names.keys("ns/", "run1/"), ["ns/run1/a", "ns/run1/b"]);
+        assert_eq!(names.keys("", "run2/"), ["run2/a"]);
+        assert!(names.keys("", "run3/").is_empty());
+    }
+
+    #[test]
+    fn node_urls_are_named_without_credentials() {
+        assert_eq!(redacted("redis://u:secret@h:1"), "redis://h:1");
+        assert_eq!(redacted("rediss://:p@w@h:1/2"), "rediss://h:1/2");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
     }
 }

@@ -428,7 +428,20 @@ async fn hold_many(
         // Keep-alive traffic while holding: one and a half keep-alive intervals.
         let interval = config.ttl / 3;
         let window = interval * 3 / 2;
-        tokio::time::sleep(window).await;
+        let watching = Progress::start(
+            format!("{label} (keep-alive traffic)"),
+            window.as_secs().max(1),
+            "s watched",
+        );
+        let end = Instant::now() + window;
+        while let Some(left) = end
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+            watching.inc();
+        }
+        drop(watching);
         let after = target.counters();
         let keep_alives = after.keep_alives - acquired.keep_alives;
 
