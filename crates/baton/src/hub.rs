@@ -68,6 +68,25 @@ const IDLE: Duration = Duration::from_secs(10);
 /// as it kept the last time).
 const HELD_PRUNE_AT: usize = 1024;
 
+/// Where a shared watch is kept: its prefix, and the runtime that runs its task if that is
+/// a current-thread one (see [`current_thread_id`]).
+type Slot = (Option<tokio::runtime::Id>, Vec<u8>);
+
+/// The slot of the caller's runtime for `prefix`.
+fn slot(prefix: &[u8]) -> Slot {
+    (current_thread_id(), prefix.to_vec())
+}
+
+/// The id of the caller's runtime if it is a current-thread one. Such a runtime runs its
+/// tasks only inside its `block_on`: a client shared between runtimes keeps the shared
+/// watches it opens apart, used by that runtime alone, since a waiter or holder of another
+/// runtime would not be told while it idles (alive, its thread busy outside `block_on`).
+/// Watches opened on multi-thread runtimes, whose tasks always run, serve every runtime.
+fn current_thread_id() -> Option<tokio::runtime::Id> {
+    let here = tokio::runtime::Handle::try_current().ok()?;
+    (here.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread).then(|| here.id())
+}
+
 /// When this client last held a key under each prefix.
 #[derive(Default)]
 struct Held {
@@ -78,10 +97,12 @@ struct Held {
 /// Shared prefix watches of one client, and the client's counters.
 #[derive(Default)]
 pub(crate) struct Hub {
-    prefixes: StdMutex<HashMap<Vec<u8>, Arc<PrefixWatch>>>,
-    /// Shared watches being opened from now, by prefix: told when the open ends (see
+    /// By prefix, and by runtime for those opened on a current-thread one (see
+    /// [`current_thread_id`]).
+    prefixes: StdMutex<HashMap<Slot, Arc<PrefixWatch>>>,
+    /// Shared watches being opened from now, by slot: told when the open ends (see
     /// [`Hub::open_from_now`]).
-    opening: StdMutex<HashMap<Vec<u8>, Arc<Notify>>>,
+    opening: StdMutex<HashMap<Slot, Arc<Notify>>>,
     /// When this client last held a key under each prefix (see [`Hub::held_again`]).
     held: StdMutex<Held>,
     pub(crate) counters: Counters,
@@ -154,6 +175,8 @@ pub(crate) enum Woken {
 
 struct PrefixWatch {
     state: StdMutex<State>,
+    /// The current-thread runtime that runs its task, if it is one (its slot's).
+    runtime: Option<tokio::runtime::Id>,
 }
 
 /// What a buffered event did to its key.
@@ -566,12 +589,18 @@ impl Hub {
             .await
     }
 
+    /// The shared watch on `prefix` whose task runs whenever the caller's does: the one of
+    /// the caller's current-thread runtime, else one of a multi-thread runtime (never one
+    /// of another current-thread runtime, which may idle: see [`current_thread_id`]).
     fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {
-        self.prefixes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(prefix)
-            .cloned()
+        let map = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        let here = slot(prefix);
+        let found = map.get(&here);
+        match (found, here.0) {
+            (Some(pw), _) => Some(pw.clone()),
+            (None, Some(_)) => map.get(&(None, here.1)).cloned(),
+            (None, None) => None,
+        }
     }
 
     /// Start opening the shared watch on `prefix` in the background, unless it is open or
@@ -582,7 +611,7 @@ impl Hub {
             .opening
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(prefix);
+            .contains_key(&slot(prefix));
         if opening || self.get(prefix).is_some() {
             return;
         }
@@ -616,11 +645,11 @@ impl Hub {
             }
             let (notify, started) = {
                 let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-                match opening.get(prefix) {
+                match opening.get(&slot(prefix)) {
                     Some(n) => (n.clone(), false),
                     None => {
                         let n = Arc::new(Notify::new());
-                        opening.insert(prefix.to_vec(), n.clone());
+                        opening.insert(slot(prefix), n.clone());
                         (n, true)
                     }
                 }
@@ -633,7 +662,7 @@ impl Hub {
                     .opening
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get(prefix)
+                    .get(&slot(prefix))
                     .is_some_and(|n| Arc::ptr_eq(n, &notify));
                 if pending {
                     done.await;
@@ -647,7 +676,7 @@ impl Hub {
             // prefix wait for it. So the guard is made here, not in the task.
             let ended = OpenEnded {
                 hub: hub.clone(),
-                prefix: key.clone(),
+                slot: slot(&key),
                 notify,
             };
             let opened = tokio::spawn(async move {
@@ -665,8 +694,9 @@ impl Hub {
 
     fn forget(&self, prefix: &[u8], pw: &Arc<PrefixWatch>) {
         let mut map = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(prefix).is_some_and(|cur| Arc::ptr_eq(cur, pw)) {
-            map.remove(prefix);
+        let slot = (pw.runtime, prefix.to_vec());
+        if map.get(&slot).is_some_and(|cur| Arc::ptr_eq(cur, pw)) {
+            map.remove(&slot);
         }
     }
 
@@ -685,7 +715,10 @@ impl Hub {
             None => store.watch_from_now(watch).await?,
         };
         Counters::add(&self.counters.watches_opened);
+        let here = slot(prefix);
         let pw = Arc::new(PrefixWatch {
+            // Its task is spawned below, on the caller's runtime.
+            runtime: here.0,
             state: StdMutex::new(State {
                 alive: true,
                 opened_after: after,
@@ -702,7 +735,7 @@ impl Hub {
             .prefixes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(prefix.to_vec(), pw.clone());
+            .insert(here, pw.clone());
         drop(replaced);
         let span = tracing::debug_span!("prefix_watch", prefix = %String::from_utf8_lossy(prefix));
         // However the task ends (its loop breaks, it panics, or it is dropped with its
@@ -721,7 +754,7 @@ impl Hub {
 /// wakes those who wait for it (who then find the watch, or open it themselves).
 struct OpenEnded {
     hub: Arc<Hub>,
-    prefix: Vec<u8>,
+    slot: Slot,
     notify: Arc<Notify>,
 }
 
@@ -729,10 +762,10 @@ impl Drop for OpenEnded {
     fn drop(&mut self) {
         let mut opening = self.hub.opening.lock().unwrap_or_else(|e| e.into_inner());
         if opening
-            .get(&self.prefix)
+            .get(&self.slot)
             .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
         {
-            opening.remove(&self.prefix);
+            opening.remove(&self.slot);
         }
         drop(opening);
         self.notify.notify_waiters();
@@ -1580,7 +1613,14 @@ mod tests {
     /// hooked holder still hears of its key's delete.
     #[test]
     fn a_watch_dropped_with_its_runtime_tells_its_waiters() {
-        let (holder_rt, watch_rt) = (current_thread(), current_thread());
+        // The watch's runtime is a multi-thread one: a shared watch whose task runs on
+        // another, current-thread runtime is not used (see `current_thread_id`).
+        let watch_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let holder_rt = current_thread();
         let client = crate::Client::memory();
         // The holder's first two holds, on the holder's runtime, note the prefix; the shared
         // watch is then opened on the other runtime, whose task feeds it.
@@ -1654,5 +1694,118 @@ mod tests {
         .await;
         assert!(revoked.is_ok(), "the lease was revoked on drop");
         assert!(lingers(), "revoked while the hook was still registered");
+    }
+
+    /// Many lock/unlock cycles of sessions of one client on one name, with waiters that are
+    /// granted and waiters that give up: once an event has passed, the shared watch keeps no
+    /// registration, and no open is left pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_cycles_leave_no_registration_behind() {
+        let client = crate::Client::memory();
+        let a = crate::Session::new(&client).await.unwrap();
+        let b = crate::Session::new(&client).await.unwrap();
+        let ma = crate::Mutex::new(&a, "cycles").unwrap();
+        let mb = crate::Mutex::new(&b, "cycles").unwrap();
+        for i in 0..200 {
+            let g = ma.lock().await.unwrap();
+            if i % 2 == 0 {
+                let gave_up = mb.lock_timeout(Duration::from_millis(2)).await;
+                assert!(gave_up.is_err());
+                g.unlock().await.unwrap();
+            } else {
+                let mb = mb.clone();
+                let w = tokio::spawn(async move { mb.lock().await.unwrap().unlock().await });
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                drop(g);
+                w.await.unwrap().unwrap();
+            }
+        }
+        let pw = client.hub().get(b"cycles/").expect("the shared watch");
+        let store = client.store().clone();
+        store.put(b"cycles/zz", b"", 0).await.unwrap();
+        let (_, last) = store
+            .delete(crate::store::KeyRange::key(b"cycles/zz".to_vec()))
+            .await
+            .unwrap();
+        eventually("the last delete seen", || pw.state().progress >= last).await;
+        let st = pw.state();
+        let left: Vec<_> = st
+            .waiters
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        assert!(left.is_empty(), "registrations left: {left:?}");
+        assert!(st.all.is_empty());
+        drop(st);
+        assert!(client.hub().opening.lock().unwrap().is_empty());
+    }
+
+    /// An open of the shared watch pending on a current-thread runtime that idles (alive,
+    /// outside `block_on`) holds up no waiter of another runtime: it is told to read again,
+    /// and a shared watch is opened on its own runtime (before: it waited for that open,
+    /// which cannot end while its runtime idles; a holder's loss watch did so for good).
+    #[test]
+    fn an_open_pending_on_an_idle_runtime_blocks_nobody() {
+        let store: Arc<dyn Store> = Arc::new(SlowWatches::new(
+            "mem",
+            Duration::from_millis(200),
+            Duration::ZERO,
+        ));
+        let hub = Arc::new(Hub::default());
+        let idle = current_thread();
+        idle.block_on(async {
+            hub.open_soon(&store, b"q/");
+            // The open's task is creating its watch (200 ms) when `block_on` returns.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        other.block_on(async {
+            let read_at = store.put(b"q/a", b"", 0).await.unwrap();
+            store.put(b"q/b", b"", 0).await.unwrap();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(3),
+                hub.wait_delete(&store, b"q/", &[b"q/a"], read_at),
+            )
+            .await
+            .expect("wait_delete waited for an open on an idle runtime");
+            assert_eq!(answer.unwrap(), (0, Woken::Reread));
+        });
+        drop(idle);
+    }
+
+    /// Two current-thread runtimes, each on a thread of its own, whose sessions of one
+    /// client contend for one name: each runtime keeps its own shared watch, and neither
+    /// closes the other's (were a runtime's waiters to replace a watch of another runtime
+    /// whenever they met one, the two would take turns replacing each other's for as long
+    /// as both wait).
+    #[test]
+    fn current_thread_runtimes_of_one_client_keep_their_own_watches() {
+        let client = crate::Client::memory();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    current_thread().block_on(async {
+                        let session = crate::Session::new(&client).await.unwrap();
+                        let m = crate::Mutex::new(&session, "turns").unwrap();
+                        for _ in 0..100 {
+                            let g = m.lock().await.unwrap();
+                            tokio::task::yield_now().await;
+                            g.unlock().await.unwrap();
+                        }
+                        session.close().await.unwrap();
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let opened = client.stats().watches_opened;
+        assert!(opened <= 20, "{opened} watches opened for 200 holds");
     }
 }

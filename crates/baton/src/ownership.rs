@@ -263,6 +263,14 @@ async fn watch_key(
     let store = client.store();
     let mut backoff = RETRY_MIN;
     loop {
+        // A watch that worked for a while before it broke starts the backoff afresh: else
+        // a few breaks long ago left every later one blind for up to RETRY_MAX.
+        let watching_since = tokio::time::Instant::now();
+        let fresh = |backoff: &mut Duration| {
+            if watching_since.elapsed() >= RETRY_MAX {
+                *backoff = RETRY_MIN;
+            }
+        };
         if std::mem::take(&mut read_first) {
             // Straight to the read below.
         } else if !(client.hub().is_live(&prefix) || held_again) {
@@ -281,6 +289,7 @@ async fn watch_key(
                 }
                 Err(e) => tracing::debug!(error = %e, "ownership watch failed; retrying"),
             }
+            fresh(&mut backoff);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(RETRY_MAX);
             continue;
@@ -294,6 +303,7 @@ async fn watch_key(
                 // The shared watch was opened after `after`: read the key now.
                 Ok((_, Woken::Reread)) => {}
                 Ok((_, Woken::Interrupted)) => {
+                    fresh(&mut backoff);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }

@@ -221,6 +221,9 @@ pub(crate) async fn wait_turn(
     let mark = queue.handoff_key().filter(|_| marks && mine_in_queue);
     let mut long = None;
     loop {
+        // When this round's wait began: a watch that worked for a while before it broke
+        // starts the backoff afresh (see `after_wake`).
+        let round = tokio::time::Instant::now();
         let read = match hint.take() {
             Some(read) => Ok(read),
             // The head is only needed for the shared watch's no-read wake-up.
@@ -312,7 +315,7 @@ pub(crate) async fn wait_turn(
                     })
                 }
             };
-            after_wake(woken, &mut backoff).await?;
+            after_wake(woken, &mut backoff, round).await?;
             continue;
         }
         let header = read.header;
@@ -332,7 +335,7 @@ pub(crate) async fn wait_turn(
             if !matches!(answer, Ok((_, Woken::Reread))) {
                 crate::hub::Counters::add(&hub.counters.wakeups);
             }
-            after_wake(answer.map(|(_, w)| w), &mut backoff).await?;
+            after_wake(answer.map(|(_, w)| w), &mut backoff, round).await?;
             continue;
         }
         // Our own key is a member of the queue too (a mutex or election queue), so the
@@ -383,7 +386,7 @@ pub(crate) async fn wait_turn(
             }
             other => other.map(|(_, w)| w),
         };
-        after_wake(woken, &mut backoff).await?;
+        after_wake(woken, &mut backoff, round).await?;
     }
 }
 
@@ -456,7 +459,18 @@ fn not_held(key: &[u8]) -> Error {
 /// What a wait on the shared watch answered, before the next read: a delete resets the
 /// backoff; a watch opened after our read (`Reread`) reads again at once; a broken watch or
 /// a retryable error waits the backoff out and doubles it; any other error ends the wait.
-async fn after_wake(woken: Result<Woken>, backoff: &mut Duration) -> Result<()> {
+///
+/// A wait that began at `since`, at least [`RETRY_MAX`] ago, worked until it broke: its
+/// backoff starts again from [`RETRY_MIN`], or a few breaks long ago would leave every later
+/// one blind for up to `RETRY_MAX`.
+async fn after_wake(
+    woken: Result<Woken>,
+    backoff: &mut Duration,
+    since: tokio::time::Instant,
+) -> Result<()> {
+    if since.elapsed() >= RETRY_MAX {
+        *backoff = RETRY_MIN;
+    }
     match woken {
         Ok(Woken::Deleted(_)) => *backoff = RETRY_MIN,
         Ok(Woken::Reread) => {}

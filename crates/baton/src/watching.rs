@@ -94,16 +94,27 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
+    /// When the last pause ended.
+    last: Option<tokio::time::Instant>,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Backoff {
-        Backoff { next: RETRY_MIN }
+        Backoff {
+            next: RETRY_MIN,
+            last: None,
+        }
     }
 
-    /// Sleep for the current pause, and double the next one.
+    /// Sleep for the current pause, and double the next one. A failure at least
+    /// [`RETRY_MAX`] after the last pause ended (what was retried then worked for a while)
+    /// starts again from the shortest pause.
     pub(crate) async fn sleep(&mut self) {
+        if self.last.is_some_and(|at| at.elapsed() >= RETRY_MAX) {
+            self.next = RETRY_MIN;
+        }
         tokio::time::sleep(self.next).await;
+        self.last = Some(tokio::time::Instant::now());
         self.next = (self.next * 2).min(RETRY_MAX);
     }
 
