@@ -57,6 +57,7 @@ pub(crate) struct Args {
 
 /// Run `baton barrier`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
+    cli::session_ttl(args.ttl)?;
     let out = Output::new(global.json);
     let mut signals = Signals::new()?;
     let client = signals
@@ -77,7 +78,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         Err(e) => return cli::close_after_wait(Err(e), global, args.ttl, session.close()).await,
     };
     out.emit(
-        &format!("passed {} (round {round})", args.name),
+        &format!(
+            "passed {} (round {round})",
+            output::escape_controls(&args.name)
+        ),
         &json!({"event": "passed", "name": args.name, "count": args.count, "round": round}),
     )
     .map_err(|e| output::not_written(Some("passed"), &e))?;

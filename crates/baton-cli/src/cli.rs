@@ -42,8 +42,9 @@ Exit codes:
            that could not be written to stdout; but watch, observe and demo end with
            0 when the reader of stdout goes away (baton demo | head -1)
   126/127  CMD could not be executed / was not found
-  128+N    interrupted by signal N while waiting (queue pop: or by a second signal
-           while its claim is in flight), or CMD killed by signal N
+  128+N    interrupted by signal N while waiting (queue pop: or by a second signal,
+           0.5 s or more after the first, while its claim is in flight), or CMD
+           killed by signal N
 
 Examples:
   baton lock reports/nightly -- ./make-report.sh
@@ -665,6 +666,24 @@ fn password(global: &Global) -> Result<Option<String>, CliError> {
     Ok(std::env::var("BATON_PASSWORD")
         .ok()
         .filter(|p| !p.is_empty()))
+}
+
+/// A session's TTL in range ([`baton::MIN_TTL`] to [`baton::MAX_TTL`]), checked before
+/// connecting (as `lock` and `elect` check theirs), so bad input never waits for the network.
+pub(crate) fn session_ttl(ttl: Duration) -> Result<(), CliError> {
+    if ttl < baton::MIN_TTL {
+        return Err(CliError::failed(format!(
+            "invalid argument: ttl {ttl:?} is below the minimum of {:?}",
+            baton::MIN_TTL
+        )));
+    }
+    if ttl > baton::MAX_TTL {
+        return Err(CliError::failed(format!(
+            "invalid argument: ttl {ttl:?} is above the maximum of {:?}",
+            baton::MAX_TTL
+        )));
+    }
+    Ok(())
 }
 
 /// Start a session (a lease kept alive) with this TTL.

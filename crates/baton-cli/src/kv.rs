@@ -232,6 +232,10 @@ async fn follow(
     let mut first = true;
     let mut pause = Backoff::default();
     let mut outage = output::Outage::new("watch");
+    // The changes printed by a catch-up after a compaction that has not finished (a read
+    // failed, or was compacted too, and it starts again): not printed twice.
+    let mut caught_up: std::collections::HashSet<(Vec<u8>, baton::Revision)> =
+        std::collections::HashSet::new();
     loop {
         let from = match next {
             Some(from) => from,
@@ -264,6 +268,7 @@ async fn follow(
                     // After a compaction: what changed while we were cut off, as it is now.
                     let since = pause.last_seen;
                     let mut failed = None;
+                    let mut compacted = false;
                     for listed in resp.kvs.iter().filter(|kv| kv.mod_revision > since) {
                         let at = Range::key(listed.key.clone()).at_revision(resp.header_revision);
                         let read = signals
@@ -272,14 +277,26 @@ async fn follow(
                         let kv = match read {
                             Ok(mut one) if !one.kvs.is_empty() => one.kvs.swap_remove(0),
                             Ok(_) => continue,
+                            // Compacted again while reading: list them again.
+                            Err(baton::Error::Compacted { .. }) => {
+                                compacted = true;
+                                break;
+                            }
                             Err(e) => {
                                 failed = Some(e);
                                 break;
                             }
                         };
+                        if !caught_up.insert((kv.key.clone(), kv.mod_revision)) {
+                            continue;
+                        }
                         if let Err(e) = print_put(&out, &kv) {
                             return output::follow_ended(&e);
                         }
+                    }
+                    if compacted {
+                        tracing::debug!("compacted while catching up; reading again");
+                        continue;
                     }
                     if let Some(e) = failed {
                         if !e.is_retryable() {
@@ -294,6 +311,7 @@ async fn follow(
                     }
                 }
                 first = false;
+                caught_up.clear();
                 pause.last_seen = resp.header_revision;
                 resp.header_revision + 1
             }

@@ -41,11 +41,15 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     };
     match leader {
         Ok(leader) => {
-            out.emit(
-                &leader.value_str(),
-                &leader_json(&args.name, &leader, redis),
-            )
-            .map_err(|e| crate::output::not_written(None, &e))?;
+            // The value as is (it may not be UTF-8), then a newline, as `baton get`.
+            let printed = if out.is_json() {
+                out.json_line(&leader_json(&args.name, &leader, redis))
+            } else {
+                let mut value = leader.value.clone();
+                value.push(b'\n');
+                crate::queue::write_stdout(&value)
+            };
+            printed.map_err(|e| crate::output::not_written(None, &e))?;
             Ok(0)
         }
         Err(baton::Error::NoLeader { .. }) => Err(CliError::new(

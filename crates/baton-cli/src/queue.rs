@@ -30,8 +30,10 @@ is printed and baton exits 0, as for any pop (etcd applies a claim sent, so stop
 then would lose the item). baton waits for the claim's answer up to the request timeout
 (10 s). If the claim fails in flight (no answer: etcd may have applied it), baton sends it
 again, for about 10 s in all, until it is answered or --timeout passes or a signal comes;
-then it exits 125 saying the item may have been taken. A second signal ends baton at once
-with 128+N, even during a claim, saying on stderr that the item may have been taken.
+then it exits 125 saying the item may have been taken. A second signal, 0.5 s or more after
+the first, ends baton at once with 128+N, even during a claim, saying on stderr that the
+item may have been taken (one sooner is the same request delivered twice, as timeout(1)
+and `kill PID; kill -- -PGID` deliver it, and is ignored).
 A signal during a push exits 128+N too, and the item may have been queued all the same (a
 write sent is applied): a script that pushes again after 128+N may queue it twice.
 The keys are NAME/<nanoseconds>, as Go's recipe.NewQueue makes them, so Go programs share
@@ -108,6 +110,10 @@ pub(crate) fn value(s: &str) -> Result<String, String> {
     }
     Ok(s.to_string())
 }
+
+/// A signal this soon after the first is the same request delivered twice (timeout(1)
+/// signals the child, then its process group), not a second one that ends a claim.
+const SIGNAL_REPEATED_WITHIN: Duration = Duration::from_millis(500);
 
 /// The least time the backend gets to answer [`answers_by`]'s read before it may be said
 /// not to answer: a wait shorter than that (`--timeout 5ms`) says nothing of the backend.
@@ -219,6 +225,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             let (first_signal, signalled) = tokio::sync::oneshot::channel::<()>();
             let mut first_signal = Some(first_signal);
             let mut interrupted_by = None;
+            let mut first_signal_at = None;
             let deadline = timeout.map(crate::supervisor::deadline_after);
             // The library retries a failing read or watch by itself: whether the backend
             // answers is asked once more in the wait's last second, so that a timeout can
@@ -248,7 +255,14 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                         if let Some(first) = first_signal.take() {
                             tracing::debug!(signal = sig, "interrupted");
                             interrupted_by = Some(sig);
+                            first_signal_at = Some(tokio::time::Instant::now());
                             let _ = first.send(());
+                        } else if first_signal_at
+                            .is_some_and(|at| at.elapsed() < SIGNAL_REPEATED_WITHIN)
+                        {
+                            // timeout(1) sends one request to the child and to its group:
+                            // the same stop, not a second one.
+                            tracing::debug!(signal = sig, "the first signal again; ignored");
                         } else {
                             // After a signal, only a claim in flight holds the pop up.
                             exit::print_error(&format!(

@@ -85,6 +85,7 @@ pub(crate) struct Args {
 /// Run `baton sem`.
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     cli::require_command_after_dash_dash(&args.command)?;
+    cli::session_ttl(args.ttl)?;
     let out = Output::new(global.json);
     let mut signals = Signals::forwarding()?;
     let client = signals

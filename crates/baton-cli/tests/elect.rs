@@ -281,3 +281,35 @@ fn observe_vacancies_says_no_leader() {
         assert_eq!(p.code(), 0);
     }
 }
+
+/// `baton leader` prints the leader's value as is, as `baton get` prints a value: a Go
+/// service may proclaim any bytes (a binary address, a protobuf), and a script reading
+/// `$(baton leader NAME)` or `baton leader NAME > file` must get them, not U+FFFD in place
+/// of each byte that is not UTF-8 (found by review, kvcli).
+#[test]
+fn leader_prints_a_value_that_is_not_utf8_as_is() {
+    use std::os::unix::ffi::OsStrExt;
+    let etcd = etcd();
+    let granted = etcd.etcdctl(["lease", "grant", "60"]);
+    let text = String::from_utf8_lossy(&granted.stdout).into_owned();
+    // "lease 694d7f3a2c1b granted with TTL(60s)"
+    let lease = text.split_whitespace().nth(1).unwrap().to_string();
+    let value: &[u8] = b"\x0a\x01\x07\xff\xfe";
+    let put = etcd.etcdctl([
+        std::ffi::OsStr::new("put"),
+        std::ffi::OsStr::new(&format!("--lease={lease}")),
+        std::ffi::OsStr::new(&format!("bin/{lease}")),
+        std::ffi::OsStr::from_bytes(value),
+    ]);
+    assert!(put.status.success(), "{put:?}");
+    let (out, _) = run(baton(&etcd.endpoint()).args(["leader", "bin"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut expected = value.to_vec();
+    expected.push(b'\n');
+    assert_eq!(
+        out.stdout,
+        expected,
+        "stdout {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -283,3 +283,16 @@ fn a_user_without_password_names_the_options() {
         "{err:?}"
     );
 }
+
+/// A --ttl out of range is bad input, told at once whatever the backend, as `lock` and
+/// `elect` tell it: `sem` and `barrier` checked it only once connected, so with the backend
+/// down they waited the dial timeout and blamed the backend (found by review, kvcli).
+#[test]
+fn sem_and_barrier_refuse_a_bad_ttl_before_connecting() {
+    for args in [
+        &["sem", "s", "--permits", "1", "--ttl", "1s"][..],
+        &["barrier", "b", "--count", "1", "--ttl", "1s"][..],
+    ] {
+        assert_one_line_125_on("http://127.0.0.1:1", args, "below the minimum");
+    }
+}

@@ -1301,3 +1301,106 @@ fn sigusr1_still_ends_commands_that_forward_nothing() {
         "still running 3 s after SIGUSR1: {still:?}"
     );
 }
+
+/// `baton barrier`'s result line escapes control characters in the name, as `set`, `sem`,
+/// `watch`, `observe` and `status` do: a name with a newline stays one line (found by
+/// review, kvcli: `passed NAME` printed it raw, two lines, the second one forged by NAME).
+#[test]
+fn barrier_result_line_escapes_control_characters() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let (out, _) = run(baton(&ep).args(["barrier", "esc/b\nfake line\x1b[31m", "--count", "1"]));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert!(
+        stdout.starts_with("passed esc/b\\nfake line\\x1b[31m (round "),
+        "{stdout:?}"
+    );
+}
+
+/// A watch cut off past a compaction reads the keys that changed meanwhile one by one, at
+/// the revision of its listing. If etcd compacts past that revision while it reads (a busy
+/// cluster with auto-compaction, and many keys changed), it should list them again, as
+/// `status` does, not end: `baton watch` exited 125 ("compacted") instead, ending a
+/// follower that its help says retries everything but a refusal (found by review, kvcli).
+#[test]
+fn watch_recovering_from_a_compaction_survives_another_compaction() {
+    let mut etcd = etcd();
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(baton::Client::connect(&ep)).unwrap();
+    let store = client.store().clone();
+    let watch = Proc::spawn(baton(&ep).args(["watch", "--prefix", "wcc/"]));
+    let mut i = 0;
+    loop {
+        assert!(i < 100, "watch printed no change");
+        rt.block_on(store.put(b"wcc/first", format!("v{i}").as_bytes(), 0))
+            .unwrap();
+        i += 1;
+        if watch.line_within(Duration::from_millis(100)).is_some() {
+            break;
+        }
+    }
+    while watch.line_within(Duration::from_millis(200)).is_some() {}
+    // Cut it off, change 3,000 keys, compact.
+    watch.signal(libc::SIGSTOP);
+    etcd.kill();
+    etcd.restart();
+    let client = rt.block_on(baton::Client::connect(&ep)).unwrap();
+    let store = client.store().clone();
+    for batch in 0..30 {
+        let puts = (0..100).map(|k| {
+            baton::store::TxnOp::put(
+                format!("wcc/k{batch:02}-{k:03}").as_bytes(),
+                b"x".to_vec(),
+                0,
+            )
+        });
+        rt.block_on(store.txn(baton::store::Txn::new().and_then(puts)))
+            .unwrap();
+    }
+    let rev = rt.block_on(store.put(b"other/x", b"1", 0)).unwrap();
+    rt.block_on(store.compact(rev)).unwrap();
+    // While it reads them again: writes elsewhere, and a compaction every 50 ms.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let (stop, store) = (stop.clone(), store.clone());
+        let handle = rt.handle().clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                handle.block_on(async {
+                    if let Ok(rev) = store.put(b"other/x", b"1", 0).await {
+                        let _ = store.compact(rev).await;
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    watch.signal(libc::SIGCONT);
+    let mut watch = watch;
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    compactor.join().unwrap();
+    let mut lines = 0;
+    while watch.line_within(Duration::from_secs(5)).is_some() {
+        lines += 1;
+        if lines >= 3000 {
+            break;
+        }
+    }
+    let exited = watch.wait(Duration::from_millis(500));
+    assert!(
+        exited.is_none(),
+        "watch ended ({exited:?}) after {lines} of 3000 lines; stderr: {:?}",
+        watch.stderr_so_far()
+    );
+    assert_eq!(lines, 3000, "stderr: {:?}", watch.stderr_so_far());
+    // Each once: nothing more comes.
+    assert_eq!(watch.line_within(Duration::from_secs(1)), None);
+}
