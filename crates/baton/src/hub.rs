@@ -1,4 +1,6 @@
-//! One long-lived watch per queue prefix, shared by every waiter of this client.
+//! One long-lived watch per queue prefix, shared by every waiter of this client (a client
+//! shared between runtimes keeps the watches opened on a current-thread runtime for that
+//! runtime alone: see [`current_thread_id`]).
 //!
 //! etcd serves a watch whose start revision is at or behind its current revision from its
 //! "unsynced" group, which it sweeps only every 100 ms. A waiter that reads its predecessor

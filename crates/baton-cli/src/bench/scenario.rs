@@ -468,10 +468,12 @@ async fn hold_many(
             "keep_alives_per_sec",
             round2(keep_alives as f64 / window.as_secs_f64()),
         );
-        m.extra(
-            "leases_kept_alive",
-            (keep_alives as f64 / (window.as_secs_f64() / interval.as_secs_f64())).round() as u64,
-        );
+        // The keep-alive traffic, in leases: the fewest leases that could have sent it. In
+        // a window of 1.5 intervals one lease sends one or two keep-alives, so a count
+        // divided by 1.5 could read two leases sending one each as one; the fewest is
+        // exact about the traffic (at most one lease's) and never reads many as one.
+        let per_lease_max = (window.as_nanos() / interval.as_nanos().max(1)) as u64 + 1;
+        m.extra("leases_kept_alive", keep_alives.div_ceil(per_lease_max));
         m.extra(
             "watches_opened_for_held",
             match (acquired.watches_opened, before.watches_opened) {
