@@ -339,7 +339,8 @@ impl ClientBuilder {
                 let credentials = match (self.credentials, user) {
                     (Some(_), _) if self.password.is_some() => {
                         return Err(Error::invalid(
-                            "both with_user and with_password are given: with_user carries                              the password; with_password is for a user named in the URL",
+                            "both with_user and with_password are given: with_user carries \
+                             the password; with_password is for a user named in the URL",
                         ))
                     }
                     (Some(explicit), _) => Some(explicit),
@@ -672,7 +673,8 @@ fn host_port(endpoint: &str, hp: &str) -> Result<(String, u16)> {
             return Err(bad(
                 endpoint,
                 format!(
-                    "write an IPv4 address as four decimal numbers without leading zeros                      ({written:?} would be read as {ip})"
+                    "write an IPv4 address as four decimal numbers without leading zeros \
+                     ({written:?} would be read as {ip})"
                 ),
             ));
         }
@@ -954,6 +956,7 @@ mod tests {
         }
         let err = Endpoints::parse("http://010.0.0.1:2379").unwrap_err();
         assert!(err.to_string().contains("8.0.0.1"), "{err}");
+        assert!(!err.to_string().contains("  "), "{err:?}");
         assert!(validate_etcd_url("http://010.0.0.1:2379").is_err());
         for url in [
             "http://10.0.0.1:2379",
@@ -982,6 +985,7 @@ mod tests {
                 .unwrap_err();
             assert!(err.is_invalid_input(), "{err}");
             assert!(err.to_string().contains("with_password"), "{err}");
+            assert!(!err.to_string().contains("  "), "{err:?}");
         }
     }
 
