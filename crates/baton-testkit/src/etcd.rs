@@ -392,7 +392,10 @@ impl EtcdServer {
             if let Some(status) = self.exit_status() {
                 return Err(self.start_failure(format!("etcd exited with {status}")));
             }
-            if self.is_healthy() {
+            // Healthy, and it is our process that answers: another process may have
+            // taken the port since it was found free (our etcd then exits, "address
+            // already in use", and the next round sees it).
+            if self.is_healthy() && self.owns_ports() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -403,6 +406,13 @@ impl EtcdServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// True if our own process listens on the client port (and the metrics port with TLS).
+    fn owns_ports(&self) -> bool {
+        let Some(pid) = self.pid() else { return false };
+        process::listens_on(pid, self.client_port)
+            && (self.options.tls.is_none() || process::listens_on(pid, self.metrics_port))
     }
 
     fn start_failure(&self, what: String) -> StartError {
@@ -967,5 +977,70 @@ impl EtcdCluster {
         S: AsRef<std::ffi::OsStr>,
     {
         etcdctl(&self.endpoints_url(), args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another etcd (say, of another test process that probed the same "free" port at the
+    /// same time) already serves the client port this member was given. Our etcd then
+    /// dies with "address already in use", but the start must not be reported as a success
+    /// with the other process answering in its place.
+    #[test]
+    fn a_client_port_served_by_another_etcd_is_not_taken_for_ours() {
+        assert!(etcd_available(), "etcd is needed");
+        let other = EtcdServer::start();
+        let peer = free_port();
+        let mut ours = EtcdServer::new(
+            "baton0".into(),
+            other.client_port(),
+            peer,
+            format!("baton0={}", url(peer)),
+        );
+        ours.spawn();
+        let started = ours.wait_started(START_TIMEOUT);
+        std::thread::sleep(Duration::from_secs(2));
+        let running = ours.is_running();
+        assert!(
+            started.is_err() || running,
+            "wait_started said {started:?}, yet our etcd is gone and {} is another process's; \
+             our log:\n{}",
+            ours.endpoint(),
+            ours.log_tail(5)
+        );
+    }
+
+    /// The same on restart: while the member was down another process took its client port.
+    #[test]
+    fn restart_onto_a_port_served_by_another_etcd_is_noticed() {
+        assert!(etcd_available(), "etcd is needed");
+        let mut ours = EtcdServer::start();
+        ours.kill();
+        let peer = free_port();
+        let mut other = EtcdServer::new(
+            "baton0".into(),
+            ours.client_port(),
+            peer,
+            format!("baton0={}", url(peer)),
+        );
+        other.spawn();
+        assert!(other.wait_started(START_TIMEOUT).is_ok());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ours.restart()));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            outcome.is_err() || ours.is_running(),
+            "restart() returned, yet our etcd is gone and {} is another process's",
+            ours.endpoint()
+        );
+    }
+
+    /// A TLS member serves /health on its metrics port: the ownership check covers both.
+    #[test]
+    fn a_tls_member_starts() {
+        let pki = crate::TestPki::generate();
+        let mut etcd = EtcdServer::start_with(EtcdServerOptions::new().with_tls(&pki));
+        assert!(etcd.is_running() && etcd.owns_ports());
     }
 }

@@ -115,3 +115,40 @@ pub(crate) fn wait_stopped(pid: u32, within: std::time::Duration) -> bool {
         }
     }
 }
+
+/// True if process `pid` holds a socket listening on TCP port `port` of IPv4 loopback (or
+/// of any address). A fixture's health check talks to whoever listens on the port: when a
+/// port thought free was taken by another process in the meantime, the fixture's own
+/// server dies with "address already in use" while the other one answers in its place.
+/// This tells the two apart. Where `/proc` cannot be read (not Linux), true.
+pub(crate) fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    // "sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...",
+    // local_address as hex "0100007F:PORT"; st 0A is LISTEN.
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, hex_port) = f.get(1)?.split_once(':')?;
+            let ours = u16::from_str_radix(hex_port, 16).ok()? == port
+                && (addr == "0100007F" || addr == "00000000")
+                && *f.get(3)? == "0A";
+            ours.then(|| f.get(9).map(|s| (*s).to_string())).flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            inodes.iter().any(|i| target == format!("socket:[{i}]"))
+        })
+    })
+}

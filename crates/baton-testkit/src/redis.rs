@@ -289,7 +289,9 @@ impl RedisServer {
                     self.port
                 )));
             }
-            if self.ping() {
+            // It answers, and it is ours: another process may have taken the port since
+            // it was found free (ours then exits, "Address already in use").
+            if self.ping() && self.owns_ports() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -302,6 +304,13 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// True if our own process listens on the port (and the TLS port with TLS).
+    fn owns_ports(&self) -> bool {
+        let Some(pid) = self.pid() else { return false };
+        process::listens_on(pid, self.port)
+            && (self.options.tls.is_none() || process::listens_on(pid, self.tls_port))
     }
 
     fn exit_status(&mut self) -> Option<ExitStatus> {
@@ -549,5 +558,47 @@ impl RedisServers {
     /// Restart server `i` on its port (empty: no persistence).
     pub fn restart(&mut self, i: usize) {
         self.servers[i].restart();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another redis-server already listens on the port this fixture was given (another
+    /// test process probed it free at the same moment): the fixture must not report a
+    /// start while its own server died and the other one answers `PING`.
+    #[test]
+    fn a_port_served_by_another_redis_is_not_taken_for_ours() {
+        assert!(redis_available(), "redis-server is needed");
+        let other = RedisServer::start();
+        let mut ours = RedisServer {
+            port: other.port(),
+            tls_port: free_port(),
+            options: RedisServerOptions::default(),
+            dir: tempfile::Builder::new()
+                .prefix("baton-redis-")
+                .tempdir()
+                .unwrap(),
+            child: None,
+        };
+        ours.spawn();
+        let started = ours.wait_started();
+        std::thread::sleep(Duration::from_millis(500));
+        let running = ours.is_running();
+        assert!(
+            started.is_err() || running,
+            "wait_started said {started:?}, yet our redis-server is gone and port {} is \
+             another process's; our log:\n{}",
+            ours.port,
+            ours.log_tail(5)
+        );
+    }
+
+    #[test]
+    fn a_tls_server_starts() {
+        let pki = crate::TestPki::generate();
+        let mut redis = RedisServer::start_with(RedisServerOptions::new().with_tls(&pki));
+        assert!(redis.is_running() && redis.owns_ports());
     }
 }

@@ -126,10 +126,17 @@ async fn a_revoke_reaches_many_holders_of_one_client_at_once() {
     let lost = guards.iter().map(|g| g.lost_token()).collect();
     let t0 = Instant::now();
     direct.store().lease_revoke(s.lease_id()).await.unwrap();
+    let rpc = t0.elapsed();
     let took = all_lost(t0, lost).await;
     let max = took.iter().max().unwrap();
-    eprintln!("300 holders: last lost() {max:?} after the revoke");
-    assert!(*max < Duration::from_millis(50), "{max:?}");
+    eprintln!("300 holders: last lost() {max:?} after the revoke (whose RPC took {rpc:?})");
+    // Within 250 ms of the revoke's answer: the revoke itself (a raft commit and an fsync)
+    // takes 100 ms and more on a loaded 2-core machine, and waking 300 holders there took
+    // up to 60 ms: neither is what this measures (a poll or backoff would take seconds).
+    assert!(
+        *max < rpc + Duration::from_millis(250),
+        "{max:?} (RPC {rpc:?})"
+    );
 }
 
 /// Permits of one semaphore held by many sessions of one client, each on its client's shared
@@ -157,7 +164,14 @@ async fn a_revoke_reaches_a_hooked_permit_holder_at_once() {
     for (i, s) in sessions.iter().enumerate().step_by(4) {
         let t0 = Instant::now();
         direct.store().lease_revoke(s.lease_id()).await.unwrap();
-        took.extend(all_lost(t0, vec![permits[i].lost_token()]).await);
+        let rpc = t0.elapsed();
+        // Past the revoke's answer (see above).
+        took.extend(
+            all_lost(t0, vec![permits[i].lost_token()])
+                .await
+                .into_iter()
+                .map(|t| t.saturating_sub(rpc)),
+        );
         assert!(!permits[i + 1].is_lost());
     }
     let max = took.iter().max().unwrap();
