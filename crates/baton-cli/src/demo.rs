@@ -35,10 +35,13 @@ What it shows:
     the leader is frozen (as in a long GC pause) and its lease revoked; another node takes
     over; the old leader wakes up and its stale write is refused.
 The summary gives the grants, the overlaps (two holders at once: must be 0), the leaders
-and the failover time. Exit 0 if every check passed, 1 if one failed, 125 if the report
-could not be written to stdout (a full disk, an I/O error). A reader that goes away
-(baton demo | head -1, quitting less) stops the demo early, cleaning up as a signal does,
-with exit 0 and no summary.";
+and the failover time; a progress line every 5 s in between. A lock or unlock the
+backend did not answer (an etcd restart) is shown and tried again while the worker's
+session lives. Exit 0 if every check passed, 1 if one failed, 125 if baton itself failed
+(bad input, the backend unreachable or a session lost) or the report could not be written
+to stdout (a full disk, an I/O error), 128+N after signal N (every session closed first).
+A reader that goes away (baton demo | head -1, quitting less) stops the demo early,
+cleaning up as a signal does, with exit 0 and no summary.";
 
 /// The embedded store the demo uses unless told otherwise.
 const DEMO_ENDPOINTS: &str = "mem://demo";
@@ -346,10 +349,19 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     // Partway through, freeze the leader and revoke its lease (not cut short: a signal
     // meanwhile is kept, and ends the demo right after).
     // (Nor is it cut short by the reader's going.)
-    let mut interrupted = sleep_until(&mut signals, tl.start + args.seconds.mul_f64(0.4)).await;
+    let progress = Progress {
+        tl,
+        shared: &lock_shared,
+    };
+    let mut interrupted = sleep_until(
+        &mut signals,
+        tl.start + args.seconds.mul_f64(0.4),
+        &progress,
+    )
+    .await;
     if interrupted.is_none() {
         kill_leader(&admin, &election_name, &nodes, &election, tl).await;
-        interrupted = sleep_until(&mut signals, tl.start + args.seconds).await;
+        interrupted = sleep_until(&mut signals, tl.start + args.seconds, &progress).await;
     }
 
     // Stop every task, and wait for all of them (each closes its session, revoking its
@@ -392,13 +404,77 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     summary(&out, &args, &lock_shared, &election)
 }
 
-/// Sleep until `at`, or until a signal comes or the reader of stdout goes first: which.
-async fn sleep_until(signals: &mut Signals, at: Instant) -> Option<Stop> {
-    tokio::select! {
-        () = tokio::time::sleep_until(at) => None,
-        sig = signals.recv() => Some(Stop::Signal(sig)),
-        () = output::reader_gone() => Some(Stop::ReaderGone),
+/// How often a long demo says how it is going (grants and overlaps so far), so that a quiet
+/// stretch between the timeline's events (or a stalled backend) is never silent for long.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What the progress lines report.
+struct Progress<'a> {
+    tl: Timeline,
+    shared: &'a LockShared,
+}
+
+impl Progress<'_> {
+    fn show(&self) {
+        let (grants, overlaps) = {
+            let stats = locked(&self.shared.stats);
+            (stats.grants.len(), stats.overlaps)
+        };
+        self.tl.event(
+            &format!("progress: {grants} grants, {overlaps} overlaps so far"),
+            json!({"event": "progress", "grants": grants, "overlaps": overlaps}),
+        );
     }
+}
+
+/// Sleep until `at`, or until a signal comes or the reader of stdout goes first: which.
+/// Says how it is going every [`PROGRESS_EVERY`] meanwhile.
+async fn sleep_until(signals: &mut Signals, at: Instant, progress: &Progress<'_>) -> Option<Stop> {
+    loop {
+        let next = Instant::now() + PROGRESS_EVERY;
+        // Biased, the signal first: one that came while the operator step ran (which is not
+        // cut short) must be seen even when `at` has passed meanwhile, or the stop would
+        // take it for a second signal and skip closing the sessions.
+        tokio::select! {
+            biased;
+            sig = signals.recv() => return Some(Stop::Signal(sig)),
+            () = tokio::time::sleep_until(at.min(next)) => {
+                if at <= next {
+                    return None;
+                }
+                progress.show();
+            }
+            () = output::reader_gone() => return Some(Stop::ReaderGone),
+        }
+    }
+}
+
+/// How long a worker waits before it tries again after a lock or unlock the backend did not
+/// answer (a restart, a lost connection) while its session lives.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// A worker's failed lock or unlock: shown, then tried again after [`RETRY_AFTER`] while
+/// the session lives and the failure is one to retry; `Err` ends the worker otherwise.
+async fn after_failure(
+    w: u16,
+    what: &str,
+    e: baton::Error,
+    session: &baton::Session,
+    tl: Timeline,
+    stop: &CancellationToken,
+) -> Result<(), CliError> {
+    if !e.is_retryable() || session.is_lost() {
+        return Err(e.into());
+    }
+    tl.event(
+        &format!("worker-{w}: {what} failed ({e}); trying again"),
+        json!({"event": "retry", "worker": w, "step": what, "error": e.to_string()}),
+    );
+    tokio::select! {
+        () = tokio::time::sleep(RETRY_AFTER) => {}
+        () = stop.cancelled() => {}
+    }
+    Ok(())
 }
 
 /// A lock worker: take the lock, write to the fenced log a few times, release; repeat.
@@ -413,7 +489,16 @@ async fn worker(
     loop {
         let asked = Instant::now();
         let guard = tokio::select! {
-            g = mutex.lock() => g?,
+            g = mutex.lock() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    if let Err(e) = after_failure(w, "lock", e, &session, tl, &stop).await {
+                        cli::close(&session).await;
+                        return Err(e);
+                    }
+                    continue;
+                }
+            },
             _ = stop.cancelled() => break,
         };
         let waited = asked.elapsed();
@@ -477,7 +562,12 @@ async fn worker(
             );
             break;
         }
-        guard.unlock().await?;
+        if let Err(e) = guard.unlock().await {
+            if let Err(e) = after_failure(w, "unlock", e, &session, tl, &stop).await {
+                cli::close(&session).await;
+                return Err(e);
+            }
+        }
     }
     cli::close(&session).await;
     Ok(())
@@ -713,7 +803,7 @@ fn summary(
             None => "not attempted".to_string(),
         };
         let text = format!(
-            "\nsummary\n  grants:       {} ({})\n  tokens:       strictly increasing: {}\n  overlaps:     {}\n  fenced log:   {} writes accepted, {} refused\n  leaders:      {}\n  failover:     {failover}\n  stale leader: write {stale}\n  result:       {}",
+            "\nsummary\n  grants:       {} ({})\n  tokens:       strictly increasing: {}\n  overlaps:     {}\n  lock log:     {} fenced writes accepted, {} refused\n  leaders:      {}\n  failover:     {failover}\n  stale leader: write {stale}\n  result:       {}",
             stats.grants.len(),
             workers.join(", "),
             yes_no(increasing),

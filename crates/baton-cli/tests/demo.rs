@@ -390,3 +390,77 @@ fn a_demo_whose_reader_goes_stops_early_and_exits_0() {
         assert_eq!(leases(&etcd), 0, "json {json}: leases left");
     }
 }
+
+/// A signal while the operator step (freeze the leader, revoke its lease) waits on a slow
+/// etcd (here: paused with SIGSTOP for 1.5 s, past the demo's end) is "kept, and ends the
+/// demo right after": the demo must still stop its workers and nodes and close their
+/// sessions (no lease left), as on a signal at any other time, and exit 128+N.
+#[test]
+fn a_signal_during_the_failover_step_still_closes_the_sessions() {
+    let etcd = etcd();
+    let etcd_pid = etcd.pid().unwrap();
+    let mut demo =
+        Proc::spawn(baton_with_default_signals(&etcd.endpoint()).args(["demo", "--seconds", "2"]));
+    let first = demo.line();
+    assert!(first.starts_with("baton demo on"), "{first}");
+    // The leader is killed at 0.8 s: etcd stops answering just before, a signal comes while
+    // the operator step waits on it, and etcd answers again after the demo's end (2 s).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    signal(etcd_pid, libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    demo.signal(libc::SIGTERM);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    signal(etcd_pid, libc::SIGCONT);
+    let (code, took) = exit_within(&mut demo, std::time::Duration::from_secs(30));
+    assert_eq!(code, 143, "after {took:?}: {:?}", demo.stderr_after_exit());
+    assert_eq!(leases(&etcd), 0, "leases left after {took:?}");
+    assert!(keys(&etcd, "").is_empty(), "keys left");
+}
+
+/// A long demo (--seconds up to 1 h is accepted) shows progress: after the first grants,
+/// a line at least every 10 s, not 40 % of the run in silence (24 min for --seconds 3600)
+/// and then the rest in silence again.
+#[test]
+fn a_long_demo_shows_progress() {
+    let mut cmd = baton("unused");
+    cmd.env_remove("BATON_ENDPOINTS");
+    let mut demo = Proc::spawn(cmd.args(["demo", "--seconds", "60"]));
+    let step = std::time::Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        if demo.line_within(step).is_none() {
+            demo.signal(libc::SIGTERM);
+            panic!(
+                "no line for {step:?}, {:?} into a 60 s demo",
+                started.elapsed()
+            );
+        }
+    }
+    demo.signal(libc::SIGTERM);
+    let _ = demo.wait(std::time::Duration::from_secs(10));
+}
+
+/// etcd restarted mid-demo (down about a second, far less than the sessions' 10 s TTL):
+/// the demo goes on, or at least reports what it saw; it must not end with exit 125 and
+/// no summary because one worker's lock or unlock met a reset connection.
+#[test]
+fn a_demo_survives_an_etcd_restart() {
+    let mut etcd = etcd();
+    let json = std::thread::spawn({
+        let ep = etcd.endpoint();
+        move || run(baton(&ep).args(["--json", "demo", "--seconds", "5"])).0
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    etcd.kill();
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    etcd.restart();
+    let out = json.join().unwrap();
+    let text = stdout(&out);
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("{\"event\":\"summary\""),
+        "exit {:?}, no summary; stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
