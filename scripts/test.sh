@@ -54,9 +54,15 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo clippy: the library with one backend, and with none (its features)"
+cargo clippy -p baton --no-default-features --all-targets --locked -- -D warnings
+cargo clippy -p baton --no-default-features --features etcd --all-targets --locked -- -D warnings
+cargo clippy -p baton --no-default-features --features redis --all-targets --locked -- -D warnings
+
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 step "cargo test (unit, doc, conformance on the embedded store and real etcd)"
 if [ "${1:-}" = "--" ]; then shift; fi
-cargo test --workspace --locked "$@"
+# Every test binary runs even after one fails, so that one failure does not hide others.
+cargo test --workspace --locked --no-fail-fast "$@"

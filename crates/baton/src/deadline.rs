@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 /// `d` from now, on tokio's clock; a duration too long for the clock to add (a timeout of
 /// `Duration::MAX`, say) gives a century from now, which no wait outlives.
-#[cfg_attr(not(any(feature = "etcd", feature = "redis")), allow(dead_code))]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn after(d: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(d)

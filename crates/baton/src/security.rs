@@ -496,6 +496,7 @@ mod tests {
     /// A server that answered our ClientHello is named as a TLS server; the failures that
     /// make us ask are those of a server hanging up, not a refused connection.
     #[test]
+    #[cfg(any(feature = "etcd", feature = "redis"))]
     fn a_tls_reply_is_named() {
         let hint = tls_problem(&format!("{TLS_REPLY} (broken pipe)"), false).unwrap();
         assert!(hint.contains("use https://"), "{hint}");
