@@ -346,9 +346,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         };
     }
 
-    // Partway through, freeze the leader and revoke its lease (not cut short: a signal
-    // meanwhile is kept, and ends the demo right after).
-    // (Nor is it cut short by the reader's going.)
+    // Partway through, freeze the leader and revoke its lease. A signal cuts it short (on
+    // a hung etcd it could wait two request timeouts), thawing the frozen node; the reader's
+    // going does not.
     let progress = Progress {
         tl,
         shared: &lock_shared,
@@ -360,8 +360,15 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     )
     .await;
     if interrupted.is_none() {
-        kill_leader(&admin, &election_name, &nodes, &election, tl).await;
-        interrupted = sleep_until(&mut signals, tl.start + args.seconds, &progress).await;
+        let signalled = tokio::select! {
+            biased;
+            sig = signals.recv() => Some(sig),
+            () = kill_leader(&admin, &election_name, &nodes, &election, tl) => None,
+        };
+        interrupted = match signalled {
+            Some(sig) => Some(Stop::Signal(sig)),
+            None => sleep_until(&mut signals, tl.start + args.seconds, &progress).await,
+        };
     }
 
     // Stop every task, and wait for all of them (each closes its session, revoking its
@@ -701,6 +708,8 @@ async fn kill_leader(
         return;
     };
     node.frozen.store(true, Ordering::SeqCst);
+    // Thawed however this ends, cut short by a signal too: a frozen node waits for it.
+    let _thaw = Thaw(&node.thaw);
     // The failover clock starts before the revoke is sent: the next leader may hear of it
     // before the revoke's answer comes back.
     locked(&shared.state).killed = Some((Instant::now(), node.name, leader.create_revision));
@@ -722,7 +731,15 @@ async fn kill_leader(
     while locked(&shared.log).highest <= leader.create_revision && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    node.thaw.notify_one();
+}
+
+/// Thaws a frozen node when dropped.
+struct Thaw<'a>(&'a Notify);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// Print the summary; 0 if every check passed, 1 otherwise. A reader gone meanwhile (a
