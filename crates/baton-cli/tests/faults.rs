@@ -594,15 +594,7 @@ async fn queue_pop_stopped_during_a_claim_keeps_the_item() {
             .args(&args);
         let mut pop = WorkerProc::spawn_command("pop", cmd);
         if how == "SIGTERM" {
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            while !pop.stderr().contains("claiming") {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no claim within 15 s: {}",
-                    pop.stderr()
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            claiming(&pop).await;
             pop.signal(libc::SIGTERM);
         }
         let line = pop.line(Duration::from_secs(15)).await;
@@ -698,6 +690,19 @@ async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
     }
 }
 
+/// Wait (at most 15 s) until `pop` says it is claiming an item.
+async fn claiming(pop: &WorkerProc) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !pop.stderr().contains("claiming") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no claim within 15 s: {}",
+            pop.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// `timeout(1)` (coreutils), the usual way to bound a command in a script or a cron job,
 /// relays one SIGTERM (its own timer's, or one it gets) twice: to the child, then to the
 /// child's process group, microseconds apart (systemd and `kill -- -PGID` after `kill PID`
@@ -729,15 +734,7 @@ async fn queue_pop_keeps_the_item_when_one_stop_request_comes_twice() {
         .arg(proxy.url("http"))
         .args(["queue", "pop", queue]);
     let mut pop = WorkerProc::spawn_command("pop", cmd);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !pop.stderr().contains("claiming") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no claim within 15 s: {}",
-            pop.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    claiming(&pop).await;
     // One request to stop, delivered twice, as timeout(1) delivers it.
     pop.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(5)).await;
