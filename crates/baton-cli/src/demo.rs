@@ -661,7 +661,16 @@ async fn candidate(
                     json!({"event": "stale_write", "node": name, "fencing_token": token, "refused": false}),
                 ),
             }
-            leadership.lost().await;
+            // Its lease was not revoked if the operator step was cut short (a signal)
+            // or the revoke failed: then only the stop ends it.
+            tokio::select! {
+                _ = leadership.lost() => {}
+                _ = stop.cancelled() => {
+                    let _ = leadership.resign().await;
+                    cli::close(&session).await;
+                    return Ok(());
+                }
+            }
             tl.event(
                 &format!(
                     "{name} learns it is no longer leader: {}",
@@ -876,5 +885,60 @@ mod tests {
         assert!(seconds("-1").is_err());
         assert!(seconds("soon").is_err());
         assert!(seconds("2h").is_err());
+    }
+}
+
+#[cfg(test)]
+mod frozen_node {
+    use super::*;
+
+    /// The operator step froze the leader but its lease was not revoked: the step was cut
+    /// short by a signal before the revoke reached the store (the `Thaw` guard thaws the
+    /// node at once), or the revoke failed. The thawed node then waits for the loss of a
+    /// leadership that nothing takes away, deaf to the stop: it never closes its session,
+    /// and the demo's stop waits STOP_TIMEOUT (10 s) for it, then leaves its lease and
+    /// election key behind (exit 128+N on a signal; "did not stop in time", 125, without).
+    #[tokio::test]
+    async fn a_thawed_node_whose_lease_was_not_revoked_still_stops() {
+        let client = baton::Client::memory();
+        let session = baton::Session::new(&client).await.unwrap();
+        let lease = session.lease_id();
+        let election = baton::Election::new(&session, "second-look/leader").unwrap();
+        let node = Arc::new(Node {
+            name: "node-a",
+            frozen: AtomicBool::new(false),
+            thaw: Notify::new(),
+        });
+        let shared = Arc::new(ElectionShared::default());
+        let tl = Timeline {
+            start: Instant::now(),
+            out: Output::new(true),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(candidate(
+            node.clone(),
+            session,
+            election,
+            shared.clone(),
+            tl,
+            stop.clone(),
+        ));
+        while locked(&shared.state).leaders.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // kill_leader: freeze; a signal drops it before the revoke: the guard thaws.
+        node.frozen.store(true, Ordering::SeqCst);
+        {
+            let _thaw = Thaw(&node.thaw);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The demo stops.
+        stop.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(3), task).await;
+        assert!(
+            ended.is_ok(),
+            "the thawed node did not stop within 3 s of the stop (its session, lease {lease:x}, stays open)"
+        );
     }
 }
