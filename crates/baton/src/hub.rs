@@ -70,8 +70,11 @@ const IDLE: Duration = Duration::from_secs(10);
 /// as it kept the last time).
 const HELD_PRUNE_AT: usize = 1024;
 
-/// Where a shared watch is kept: its prefix, and the runtime that runs its task if that is
-/// a current-thread one (see [`current_thread_id`]).
+/// The shared watches of one runtime slot, by prefix.
+type ByPrefix = HashMap<Vec<u8>, Arc<PrefixWatch>>;
+
+/// Where a shared watch being opened is kept: the runtime that runs its task if that is a
+/// current-thread one (see [`current_thread_id`]), and its prefix.
 type Slot = (Option<tokio::runtime::Id>, Vec<u8>);
 
 /// The slot of the caller's runtime for `prefix`.
@@ -99,9 +102,9 @@ struct Held {
 /// Shared prefix watches of one client, and the client's counters.
 #[derive(Default)]
 pub(crate) struct Hub {
-    /// By prefix, and by runtime for those opened on a current-thread one (see
-    /// [`current_thread_id`]).
-    prefixes: StdMutex<HashMap<Slot, Arc<PrefixWatch>>>,
+    /// By runtime for those opened on a current-thread one (see [`current_thread_id`]),
+    /// then by prefix (looked up without a copy of the prefix: on every lock's path).
+    prefixes: StdMutex<HashMap<Option<tokio::runtime::Id>, ByPrefix>>,
     /// Shared watches being opened from now, by slot: told when the open ends (see
     /// [`Hub::open_from_now`]).
     opening: StdMutex<HashMap<Slot, Arc<Notify>>>,
@@ -156,7 +159,11 @@ impl Counters {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.prefixes.lock().map(|p| p.len()).unwrap_or(0);
+        let n = self
+            .prefixes
+            .lock()
+            .map(|p| p.values().map(HashMap::len).sum::<usize>())
+            .unwrap_or(0);
         f.debug_struct("Hub").field("prefix_watches", &n).finish()
     }
 }
@@ -596,13 +603,12 @@ impl Hub {
     /// of another current-thread runtime, which may idle: see [`current_thread_id`]).
     fn get(&self, prefix: &[u8]) -> Option<Arc<PrefixWatch>> {
         let map = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let here = slot(prefix);
-        let found = map.get(&here);
-        match (found, here.0) {
-            (Some(pw), _) => Some(pw.clone()),
-            (None, Some(_)) => map.get(&(None, here.1)).cloned(),
-            (None, None) => None,
+        let in_slot = |rt| map.get(&rt).and_then(|by_prefix| by_prefix.get(prefix));
+        match current_thread_id() {
+            Some(here) => in_slot(Some(here)).or_else(|| in_slot(None)),
+            None => in_slot(None),
         }
+        .cloned()
     }
 
     /// Start opening the shared watch on `prefix` in the background, unless it is open or
@@ -696,9 +702,16 @@ impl Hub {
 
     fn forget(&self, prefix: &[u8], pw: &Arc<PrefixWatch>) {
         let mut map = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (pw.runtime, prefix.to_vec());
-        if map.get(&slot).is_some_and(|cur| Arc::ptr_eq(cur, pw)) {
-            map.remove(&slot);
+        if let Some(by_prefix) = map.get_mut(&pw.runtime) {
+            if by_prefix
+                .get(prefix)
+                .is_some_and(|cur| Arc::ptr_eq(cur, pw))
+            {
+                by_prefix.remove(prefix);
+            }
+            if by_prefix.is_empty() {
+                map.remove(&pw.runtime);
+            }
         }
     }
 
@@ -717,10 +730,10 @@ impl Hub {
             None => store.watch_from_now(watch).await?,
         };
         Counters::add(&self.counters.watches_opened);
-        let here = slot(prefix);
+        let runtime = current_thread_id();
         let pw = Arc::new(PrefixWatch {
             // Its task is spawned below, on the caller's runtime.
-            runtime: here.0,
+            runtime,
             state: StdMutex::new(State {
                 alive: true,
                 opened_after: after,
@@ -737,7 +750,9 @@ impl Hub {
             .prefixes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(here, pw.clone());
+            .entry(runtime)
+            .or_default()
+            .insert(prefix.to_vec(), pw.clone());
         drop(replaced);
         let span = tracing::debug_span!("prefix_watch", prefix = %String::from_utf8_lossy(prefix));
         // However the task ends (its loop breaks, it panics, or it is dropped with its
