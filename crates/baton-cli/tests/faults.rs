@@ -570,29 +570,13 @@ async fn queue_pop_stopped_during_a_claim_keeps_the_item() {
     let etcd = EtcdServer::start_async().await;
     for how in ["timeout", "SIGTERM"] {
         let queue = format!("jobs-{how}");
-        let mut push = baton(
-            "push",
-            &etcd.endpoint(),
-            &["queue", "push", &queue, "precious"],
-        );
-        assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
-        let proxy = FaultProxy::start(etcd.client_port()).await;
-        proxy.set(
-            Direction::ServerToClient,
-            Fault::Delay(Duration::from_millis(1500)),
-        );
+        let proxy = queued_behind_a_slow_proxy(&etcd, &queue, Direction::ServerToClient).await;
         let mut args = vec!["queue", "pop"];
         if how == "timeout" {
             args.extend(["--timeout", "2200ms"]);
         }
         args.push(&queue);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-        cmd.env("RUST_LOG", "baton=debug")
-            .env_remove("BATON_ENDPOINTS")
-            .arg("--endpoints")
-            .arg(proxy.url("http"))
-            .args(&args);
-        let mut pop = WorkerProc::spawn_command("pop", cmd);
+        let mut pop = WorkerProc::spawn_command("pop", pop_via(&proxy, &args));
         if how == "SIGTERM" {
             claiming(&pop).await;
             pop.signal(libc::SIGTERM);
@@ -632,23 +616,8 @@ async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
     let etcd = EtcdServer::start_async().await;
     for how in ["timeout", "two SIGTERMs"] {
         let queue = format!("jobs-{}", how.len());
-        let mut push = baton(
-            "push",
-            &etcd.endpoint(),
-            &["queue", "push", &queue, "precious"],
-        );
-        assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
-        let proxy = FaultProxy::start(etcd.client_port()).await;
-        proxy.set(
-            Direction::ClientToServer,
-            Fault::Delay(Duration::from_millis(1500)),
-        );
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-        cmd.env("RUST_LOG", "baton=debug")
-            .env_remove("BATON_ENDPOINTS")
-            .arg("--endpoints")
-            .arg(proxy.url("http"))
-            .args(["queue", "pop", "--timeout", "2s", &queue]);
+        let proxy = queued_behind_a_slow_proxy(&etcd, &queue, Direction::ClientToServer).await;
+        let cmd = pop_via(&proxy, &["queue", "pop", "--timeout", "2s", &queue]);
         let started = std::time::Instant::now();
         let mut pop = WorkerProc::spawn_command("pop", cmd);
         while !pop.stderr().contains("claiming") {
@@ -690,6 +659,35 @@ async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
     }
 }
 
+/// Push the item "precious" to `queue`, then start a proxy to etcd that delays the traffic
+/// of `direction` by 1.5 s.
+async fn queued_behind_a_slow_proxy(
+    etcd: &EtcdServer,
+    queue: &str,
+    direction: Direction,
+) -> FaultProxy {
+    let mut push = baton(
+        "push",
+        &etcd.endpoint(),
+        &["queue", "push", queue, "precious"],
+    );
+    assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
+    let proxy = FaultProxy::start(etcd.client_port()).await;
+    proxy.set(direction, Fault::Delay(Duration::from_millis(1500)));
+    proxy
+}
+
+/// `baton ARGS` through `proxy`, logging at debug level (its "claiming" line).
+fn pop_via(proxy: &FaultProxy, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.env("RUST_LOG", "baton=debug")
+        .env_remove("BATON_ENDPOINTS")
+        .arg("--endpoints")
+        .arg(proxy.url("http"))
+        .args(args);
+    cmd
+}
+
 /// Wait (at most 15 s) until `pop` says it is claiming an item.
 async fn claiming(pop: &WorkerProc) {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -716,24 +714,8 @@ async fn claiming(pop: &WorkerProc) {
 async fn queue_pop_keeps_the_item_when_one_stop_request_comes_twice() {
     let etcd = EtcdServer::start_async().await;
     let queue = "jobs-twice";
-    let mut push = baton(
-        "push",
-        &etcd.endpoint(),
-        &["queue", "push", queue, "precious"],
-    );
-    assert_eq!(exit_code(&mut push, Duration::from_secs(15)).await, 0);
-    let proxy = FaultProxy::start(etcd.client_port()).await;
-    proxy.set(
-        Direction::ServerToClient,
-        Fault::Delay(Duration::from_millis(1500)),
-    );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-    cmd.env("RUST_LOG", "baton=debug")
-        .env_remove("BATON_ENDPOINTS")
-        .arg("--endpoints")
-        .arg(proxy.url("http"))
-        .args(["queue", "pop", queue]);
-    let mut pop = WorkerProc::spawn_command("pop", cmd);
+    let proxy = queued_behind_a_slow_proxy(&etcd, queue, Direction::ServerToClient).await;
+    let mut pop = WorkerProc::spawn_command("pop", pop_via(&proxy, &["queue", "pop", queue]));
     claiming(&pop).await;
     // One request to stop, delivered twice, as timeout(1) delivers it.
     pop.signal(libc::SIGTERM);

@@ -368,15 +368,16 @@ async fn semaphore_waiter_backoff_is_reset_once_a_watch_works_again() {
     granted_at_once(&took);
 }
 
-/// A client shared between runtimes (as entry 47 for Redis): the shared watch of a name is
-/// opened by holds on a current-thread runtime that then stays alive but idle (its thread
-/// doing synchronous work, outside `block_on`). Its task (`hub::run`) runs on that runtime
-/// only, so a later holder of the same name on another runtime, registered with that shared
-/// watch as a hook, is never told that its key was deleted: `lost()` stays silent while
-/// another session may take the lock.
-#[test]
-fn a_hooked_holder_is_told_while_the_runtime_that_opened_the_shared_watch_idles() {
-    let etcd = EtcdServer::start();
+/// A multi-thread runtime and a current-thread one (to idle), a client for direct access,
+/// and a session (made on the multi-thread runtime) of another client, which the two share.
+fn idle_runtime_set_up(
+    etcd: &EtcdServer,
+) -> (
+    tokio::runtime::Runtime,
+    tokio::runtime::Runtime,
+    Client,
+    Session,
+) {
     let main = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -393,6 +394,19 @@ fn a_hooked_holder_is_told_while_the_runtime_that_opened_the_shared_watch_idles(
         )
     });
     let s = main.block_on(session(&c));
+    (main, idle, direct, s)
+}
+
+/// A client shared between runtimes (as entry 47 for Redis): the shared watch of a name is
+/// opened by holds on a current-thread runtime that then stays alive but idle (its thread
+/// doing synchronous work, outside `block_on`). Its task (`hub::run`) runs on that runtime
+/// only, so a later holder of the same name on another runtime, registered with that shared
+/// watch as a hook, is never told that its key was deleted: `lost()` stays silent while
+/// another session may take the lock.
+#[test]
+fn a_hooked_holder_is_told_while_the_runtime_that_opened_the_shared_watch_idles() {
+    let etcd = EtcdServer::start();
+    let (main, idle, direct, s) = idle_runtime_set_up(&etcd);
     let m = Mutex::new(&s, "idle-rt").unwrap();
     // Two holds on the idle-to-be runtime: the second opens the shared watch there.
     idle.block_on(async {
@@ -432,22 +446,7 @@ fn a_hooked_holder_is_told_while_the_runtime_that_opened_the_shared_watch_idles(
 #[test]
 fn a_holder_is_told_while_an_open_on_an_idle_runtime_is_pending() {
     let etcd = EtcdServer::start();
-    let main = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let idle = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (c, direct) = main.block_on(async {
-        (
-            client(&etcd.endpoint()).await,
-            client(&etcd.endpoint()).await,
-        )
-    });
-    let s = main.block_on(session(&c));
+    let (main, idle, direct, s) = idle_runtime_set_up(&etcd);
     let m = Mutex::new(&s, "idle-open").unwrap();
     idle.block_on(async {
         for _ in 0..2 {
