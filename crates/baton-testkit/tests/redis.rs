@@ -3908,3 +3908,157 @@ async fn redlock_lock_timeout_with_a_hung_first_master_gets_a_release_and_is_on_
     g.unlock().await.unwrap();
     servers.cont(0);
 }
+
+/// A Redlock `lock()` whose attempt failed for want of masters (a
+/// majority timed out) takes again with the same token, after deleting what it set; that
+/// deletion publishes `TOKEN:0` on the masters where it deleted the key. The final unlock
+/// publishes the same `TOKEN:0`: a waiter in another process whose last message on the
+/// channel was the cleanup's takes the unlock's for a duplicate of it (`Channel::deliver`
+/// drops a payload equal to the last one, meant for one event arriving from N masters),
+/// and sleeps on until its fallback poll instead of taking the free lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_a_waiter_wakes_on_an_unlock_after_a_same_token_retry() {
+    let servers = RedisServers::start_async(3).await;
+    let pb = FaultProxy::start(servers.server(1).port()).await;
+    let pc = FaultProxy::start(servers.server(2).port()).await;
+    let name = unique("dup-wake");
+    let ttl = Duration::from_secs(10);
+    // A stale holder on B and C (a crashed client's keys, say).
+    for i in 1..3 {
+        let _: () = redis::cmd("SET")
+            .arg(&name)
+            .arg("stale")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut raw(&servers.server(i).url()).await)
+            .await
+            .unwrap();
+    }
+    // The waiter: every master direct, C first (its gate), a long fallback poll.
+    let w_url = format!(
+        "redlock://{},{},{}",
+        servers.server(2).addr(),
+        servers.server(1).addr(),
+        servers.server(0).addr()
+    );
+    let waiter = builder(&w_url, ttl)
+        .with_poll_interval(Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap();
+    // The holder: A direct, B and C through proxies.
+    let h_url = format!(
+        "redlock://{},{},{}",
+        servers.server(0).addr(),
+        pb.addr(),
+        pc.addr()
+    );
+    let holder = builder(&h_url, ttl)
+        .with_request_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let wl = waiter.lock(&name).unwrap();
+    let waiting = tokio::spawn(async move {
+        let g = wl.lock().await.unwrap();
+        (Instant::now(), g)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B and C unreachable for the holder: its attempts take A, fail on B and C (reset), delete
+    // A's key (publishing TOKEN:0) and try again with the same token.
+    pb.set(Direction::ClientToServer, Fault::Reset);
+    pc.set(Direction::ClientToServer, Fault::Reset);
+    let hl = holder.lock(&name).unwrap();
+    let holding = tokio::spawn(async move { hl.lock().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // B frees up and becomes reachable: the holder's next attempt takes A and B.
+    let _: () = raw(&servers.server(1).url())
+        .await
+        .del(&name)
+        .await
+        .unwrap();
+    pb.heal();
+    pc.heal();
+    let guard = tokio::time::timeout(Duration::from_secs(10), holding)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    // C frees up too; the unlock frees A and B: the waiter can take the lock now.
+    let _: () = raw(&servers.server(2).url())
+        .await
+        .del(&name)
+        .await
+        .unwrap();
+    let unlocked = Instant::now();
+    guard.unlock().await.unwrap();
+    let (at, _g) = tokio::time::timeout(Duration::from_secs(40), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    let took = at.duration_since(unlocked);
+    assert!(
+        took < Duration::from_secs(3),
+        "the waiter took the free lock {took:?} after the unlock (its fallback poll)"
+    );
+}
+
+/// `lock_timeout` deletes a take still in flight before it returns ("not
+/// in a task spawned on drop, which a process about to exit would never run");
+/// `campaign_timeout` only drops the campaign, whose cleanup is such a task. A program that
+/// gives up on leading and exits leaves its take behind: a leader nobody runs, with its
+/// record, seen by every observer and blocking every candidate for the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_timeout_leaves_no_take_behind_when_the_process_exits() {
+    let server = RedisServer::start_async().await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let url = proxy.url("redis");
+    let name = unique("campaign-timeout");
+    let key = name.clone();
+    let p = &proxy;
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let client = connect(&url, Duration::from_secs(30)).await;
+                        // Load the scripts first (a campaign on another election).
+                        let other = client.election(&format!("{name}-other")).unwrap();
+                        other.campaign("x").await.unwrap().resign().await.unwrap();
+                        // The take runs at once; its answer comes late.
+                        p.set(
+                            Direction::ServerToClient,
+                            Fault::Delay(Duration::from_millis(300)),
+                        );
+                        let election = client.election(&name).unwrap();
+                        let err = election
+                            .campaign_timeout("v", Duration::from_millis(100))
+                            .await
+                            .unwrap_err();
+                        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+                    });
+                    // The program returns: its runtime goes.
+                    drop(rt);
+                })
+                .join()
+                .unwrap();
+        })
+    });
+    proxy.heal();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut conn = raw(&server.url()).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        pttl, -2,
+        "the timed-out campaign's take is left, expiring in {pttl} ms"
+    );
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::Instrument;
 
-use super::lock::{acquire, fallback_wait, unless_closed};
+use super::lock::{acquire_plain, fallback_wait, unless_closed};
 use super::node::{Keys, NodeRecord};
 use super::watchdog::Hold;
 use super::RedisClient;
@@ -22,7 +22,6 @@ use crate::election::{
 };
 use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_value};
-use crate::queue::with_timeout;
 
 /// A leader election on Redis: the candidate that holds the election's lock leads.
 ///
@@ -110,23 +109,7 @@ impl RedisElection {
     ///
     /// Cancel safe: dropping the future withdraws the candidacy; nothing is left behind.
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<RedisLeadership> {
-        let value = value.into();
-        validate_value(&value)?;
-        let acquiring = acquire(
-            self.client.inner(),
-            &self.name,
-            &self.keys,
-            Some(&value),
-            false,
-        )
-        .instrument(tracing::debug_span!("campaign", election = %self.name));
-        let hold = unless_closed(self.client.inner(), acquiring).await?;
-        Ok(RedisLeadership {
-            name: self.name.clone(),
-            hold,
-            value,
-            ver: 1,
-        })
+        self.stand(value.into(), None).await
     }
 
     /// [`campaign()`](RedisElection::campaign), giving up with [`Error::Timeout`] after
@@ -134,13 +117,57 @@ impl RedisElection {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe, as [`campaign()`](RedisElection::campaign).
+    /// Cancel safe, as [`campaign()`](RedisElection::campaign). On timeout nothing is left
+    /// behind: a take still in flight is deleted before this returns. If the server does
+    /// not confirm the deletion within 500 ms of the timeout, this returns anyway and the
+    /// deletion goes on in a task spawned on the current runtime, which
+    /// [`close()`](super::RedisClient::close) waits for.
     pub async fn campaign_timeout(
         &self,
         value: impl Into<Vec<u8>>,
         timeout: Duration,
     ) -> Result<RedisLeadership> {
-        with_timeout("campaign", timeout, self.campaign(value)).await
+        // As `RedisLock::lock_timeout`: a take still in flight at the timeout is deleted
+        // before this returns, not in a task spawned on drop, which a process about to exit
+        // would never run (a leader nobody runs would be left for the TTL).
+        let limit = (crate::deadline::after(timeout), timeout);
+        match self.stand(value.into(), Some(limit)).await {
+            Err(Error::Timeout { after, .. }) => Err(Error::Timeout {
+                operation: "campaign",
+                after,
+            }),
+            other => other,
+        }
+    }
+
+    /// Take the election's lock with `value` as its record, giving up at `limit` (its
+    /// deadline and the timeout it came from) if given.
+    async fn stand(
+        &self,
+        value: Vec<u8>,
+        limit: Option<(Instant, Duration)>,
+    ) -> Result<RedisLeadership> {
+        validate_value(&value)?;
+        let client = self.client.inner();
+        client.check_open()?;
+        // An election's record goes with the plain take: it never queues (see `acquire`).
+        let acquiring = acquire_plain(
+            client,
+            &self.name,
+            &self.keys,
+            Some(&value),
+            false,
+            None,
+            limit,
+        )
+        .instrument(tracing::debug_span!("campaign", election = %self.name));
+        let hold = unless_closed(client, acquiring).await?;
+        Ok(RedisLeadership {
+            name: self.name.clone(),
+            hold,
+            value,
+            ver: 1,
+        })
     }
 
     /// The current leader, or [`Error::NoLeader`]. On Redlock, the leader is the token a

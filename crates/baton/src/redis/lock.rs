@@ -367,7 +367,7 @@ pub(crate) async fn acquire(
 /// refuses the queue's keys only if the plain attempt is allowed: then this client's waiters
 /// stop queueing ([`refuse_fifo`]). If the plain attempt is refused too, the user's ACL
 /// refuses the lock itself: its error is returned, and the other locks still queue.
-async fn acquire_plain(
+pub(crate) async fn acquire_plain(
     client: &Arc<ClientInner>,
     name: &str,
     keys: &Keys,

@@ -53,8 +53,12 @@ pub(crate) struct Channel {
     pub(crate) waiters: Notify,
     /// Every observer per message (`notify_waiters`).
     pub(crate) observers: Notify,
-    /// The last payload delivered, so that one event published on N Redlock nodes wakes once.
-    last: StdMutex<Option<Vec<u8>>>,
+    /// The last payload delivered, and the sources (node indices, or [`LOCAL`]) that
+    /// delivered it, so that one event published on N Redlock nodes wakes once. The same
+    /// payload again from a source that already delivered it is a new event (a `lock()`
+    /// that took again with its token after a failed attempt publishes `TOKEN:0` twice:
+    /// once for the failed attempt's cleanup, once for its unlock).
+    last: StdMutex<Option<(Vec<u8>, Vec<usize>)>>,
     /// FIFO waiters of this process, by token: a hand-off message (`g:TOKEN:FENCE:SINCE`,
     /// see `handoff.lua`) goes to its waiter alone, and wakes nobody else.
     grants: StdMutex<HashMap<String, oneshot::Sender<Grant>>>,
@@ -87,12 +91,22 @@ fn parse_grant(payload: &[u8]) -> Option<(&str, Grant)> {
     ))
 }
 
+/// The source of a wake-up delivered by this process itself ([`Hub::wake_local`]).
+const LOCAL: usize = usize::MAX;
+
 impl Channel {
-    fn deliver(&self, payload: Option<&[u8]>) {
+    fn deliver(&self, source: usize, payload: Option<&[u8]>) {
         if let Some(p) = payload {
             {
                 let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-                if last.as_deref() == Some(p) {
+                let copy = match last.as_mut() {
+                    Some((q, from)) if q.as_slice() == p && !from.contains(&source) => {
+                        from.push(source);
+                        true
+                    }
+                    _ => false,
+                };
+                if copy {
                     // The same event from another Redlock master: waiters woke once, but an
                     // observer woken by the first master may have read before the event was
                     // on a quorum. Let it read again.
@@ -101,7 +115,7 @@ impl Channel {
                     }
                     return;
                 }
-                *last = Some(p.to_vec());
+                *last = Some((p.to_vec(), vec![source]));
             }
             if let Some((token, grant)) = parse_grant(p) {
                 let waiter = self
@@ -254,7 +268,7 @@ impl Hub {
     /// Wake this process's waiters and observers of `channel` now (a local release), without
     /// waiting for the message to come back from Redis.
     pub(crate) fn wake_local(&self, channel: &str, payload: &[u8]) {
-        self.inner.deliver(channel, Some(payload));
+        self.inner.deliver(channel, LOCAL, Some(payload));
     }
 
     /// Listen on `channel` until the returned subscription is dropped.
@@ -354,14 +368,17 @@ impl HubInner {
         let subscribers: Vec<_> = self
             .nodes
             .iter()
-            .map(|node| {
+            .enumerate()
+            .map(|(i, node)| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 for name in &names {
                     let (reply, _) = oneshot::channel();
                     let _ = tx.send(Cmd::Subscribe(name.clone(), reply));
                 }
                 let span = tracing::debug_span!("subscriber", node = %node.display);
-                tokio::spawn(subscriber(node.clone(), Arc::downgrade(self), rx).instrument(span));
+                tokio::spawn(
+                    subscriber(node.clone(), i, Arc::downgrade(self), rx).instrument(span),
+                );
                 tx
             })
             .collect();
@@ -394,9 +411,9 @@ impl HubInner {
         }
     }
 
-    fn deliver(&self, name: &str, payload: Option<&[u8]>) {
+    fn deliver(&self, name: &str, source: usize, payload: Option<&[u8]>) {
         if let Some(chan) = self.channel(name) {
-            chan.deliver(payload);
+            chan.deliver(source, payload);
         }
     }
 
@@ -671,7 +688,12 @@ async fn apply_live(
 /// The subscriber of one node: connects while anyone listens, re-subscribes after a
 /// reconnect (and then wakes everyone, since messages may have been lost), and routes
 /// messages to the hub. Ends when the hub is dropped.
-async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+async fn subscriber(
+    node: Arc<Node>,
+    index: usize,
+    hub: Weak<HubInner>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
     let mut subs: HashMap<String, usize> = HashMap::new();
     let mut pending: Vec<(String, oneshot::Sender<bool>)> = Vec::new();
     let mut backoff = RECONNECT_MIN;
@@ -710,7 +732,7 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                 // Messages may have been missed while we were not subscribed.
                 if let Some(hub) = hub.upgrade() {
                     for ch in subs.keys() {
-                        hub.deliver(ch, None);
+                        hub.deliver(ch, index, None);
                     }
                 }
                 loop {
@@ -741,7 +763,7 @@ async fn subscriber(node: Arc<Node>, hub: Weak<HubInner>, mut rx: mpsc::Unbounde
                                 break;
                             }
                             Some(msg) => match hub.upgrade() {
-                                Some(hub) => hub.deliver(msg.get_channel_name(), Some(msg.get_payload_bytes())),
+                                Some(hub) => hub.deliver(msg.get_channel_name(), index, Some(msg.get_payload_bytes())),
                                 None => return,
                             },
                         },
@@ -795,7 +817,7 @@ mod tests {
         let woken = chan.waiters.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        chan.deliver(Some(format!("g:{t}:42:7").as_bytes()));
+        chan.deliver(0, Some(format!("g:{t}:42:7").as_bytes()));
         assert_eq!(
             futures::FutureExt::now_or_never(wait.granted()),
             Some(Grant {
@@ -806,12 +828,38 @@ mod tests {
         // Nobody else was woken.
         assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_none());
         // A grant for a token nobody here waits for is dropped.
-        chan.deliver(Some(b"g:ffff:1:0"));
+        chan.deliver(0, Some(b"g:ffff:1:0"));
         assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_none());
         drop(wait);
         assert!(chan.grants.lock().unwrap().is_empty());
         // A plain release message wakes every waiter.
-        chan.deliver(Some(format!("{t}:0").as_bytes()));
+        chan.deliver(0, Some(format!("{t}:0").as_bytes()));
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_some());
+    }
+
+    /// One event from N masters wakes the waiters once; the same payload
+    /// again from a master that already delivered it is another event (a `lock()` that
+    /// took again with the token of its failed attempt: the attempt's cleanup, then its
+    /// unlock, both publish `TOKEN:0`), and wakes them again.
+    #[tokio::test]
+    async fn the_same_payload_again_from_the_same_master_wakes_again() {
+        let chan = Arc::new(Channel::default());
+        let p = b"0123456789abcdef0123456789abcdef:0";
+        let woken = chan.waiters.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        chan.deliver(0, Some(p));
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_some());
+        let woken = chan.waiters.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        // The same event from masters 1 and 2, and from this process: no new wake-up.
+        chan.deliver(1, Some(p));
+        chan.deliver(2, Some(p));
+        chan.deliver(LOCAL, Some(p));
+        assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_none());
+        // Master 0 again: a new event.
+        chan.deliver(0, Some(p));
         assert!(futures::FutureExt::now_or_never(woken.as_mut()).is_some());
     }
 }
