@@ -447,6 +447,9 @@ const MAX_GUARDED: usize = 127;
 /// Dropping it leaves without waiting for the others: our key is deleted in a task spawned
 /// on the current tokio runtime (best effort; otherwise, as when the runtime shuts down
 /// first, it expires with the session's lease), and the others count us as gone.
+/// `NAME/ready`, which has no lease, is then deleted by the last participant to see the
+/// round empty in its own [`leave()`](DoubleBarrierGuard::leave); with nobody else
+/// leaving (a barrier of one), it stays until the next round on the name removes it.
 #[must_use = "if unused the participant leaves at once, without waiting for the others"]
 pub struct DoubleBarrierGuard {
     barrier: DoubleBarrier,
@@ -515,7 +518,10 @@ impl DoubleBarrierGuard {
     /// # Cancel safety
     ///
     /// If the future is dropped before our key was deleted, it is deleted in the
-    /// background (we count as gone); after, nothing is left to clean up.
+    /// background (we count as gone); after, nothing of ours is left to clean up.
+    /// `NAME/ready` (no lease) may be left if the future is dropped as the last of the
+    /// round leaves: another participant still in `leave()` deletes it when it sees the
+    /// round empty, or else the next round on the name does.
     pub async fn leave(self) -> Result<()> {
         let span =
             tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round.opened);
@@ -581,7 +587,9 @@ impl DoubleBarrier {
                         .wait(Wait::keys(
                             [other, mine],
                             resp.header_revision,
-                            Until::Deleted,
+                            // A put too: a key freed by an operator (no lease) counts in
+                            // no round, and is never deleted by its lease.
+                            Until::Changed,
                         ))
                         .await?;
                 }
@@ -612,10 +620,13 @@ impl DoubleBarrier {
         loop {
             let resp = waiter.range(self.round_read(round)).await?;
             let Some(first) = self.round_members(resp.kvs, round).into_iter().next() else {
+                // The last one may have gone without closing the round (its guard dropped,
+                // its `leave()` cut short): `NAME/ready` has no lease, and would stay.
+                self.close_round(store, round.opened).await;
                 return Ok(());
             };
             waiter
-                .wait(Wait::key(first.key, resp.header_revision, Until::Deleted))
+                .wait(Wait::key(first.key, resp.header_revision, Until::Changed))
                 .await?;
         }
     }
@@ -1042,5 +1053,87 @@ mod tests {
         g.leave().await.unwrap();
         let left = client.store().range(Range::prefix("full/")).await.unwrap();
         assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+
+    /// A participant of an open round whose process hangs, freed by an operator
+    /// (`etcdctl put KEY ""`: bound to no lease, it counts in no round, and will never
+    /// expire) while the others leave: the others' `leave()` must not wait for that key's
+    /// delete, which never comes. Case "other": the first participant (who leaves last)
+    /// waits for the hung one; case "first": the hung one is the first participant, and the
+    /// other waits for it in `wait_all_left`.
+    #[tokio::test]
+    async fn a_freed_participant_does_not_hold_up_the_leave() {
+        for case in ["other", "first"] {
+            let client = Client::memory();
+            let s = sessions(&client, 2).await;
+            let a = DoubleBarrier::new(&s[0], "db", 2).unwrap();
+            let b = DoubleBarrier::new(&s[1], "db", 2).unwrap();
+            let a_task = tokio::spawn(async move { a.enter().await });
+            until_keys(&client, "db/waiters/", 1).await;
+            let gb = b.enter().await.unwrap();
+            let ga = a_task.await.unwrap().unwrap();
+            // `ga` is the first participant (created first).
+            let (leaver, hung) = if case == "other" { (ga, gb) } else { (gb, ga) };
+            let hung_key = hung.key().to_string();
+            // The hung participant: no leave, no drop.
+            std::mem::forget(hung);
+            let leave = tokio::spawn(leaver.leave_timeout(Duration::from_secs(3)));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The operator frees the hung participant's key.
+            client
+                .store()
+                .put(hung_key.as_bytes(), b"", 0)
+                .await
+                .unwrap();
+            let left = leave.await.unwrap();
+            assert!(
+                left.is_ok(),
+                "case {case}: leave() waited for a freed participant's key: {left:?}"
+            );
+        }
+    }
+
+    /// The last participant of a round to go drops its guard (or its `leave()`
+    /// is cancelled, as `baton barrier --timeout` does) while another waits in `leave()`:
+    /// that other's `leave()` returns, and `NAME/ready`, which has no lease, must not stay
+    /// in the store for ever.
+    #[tokio::test]
+    async fn a_dropped_last_participant_leaves_no_ready_key() {
+        use crate::store::slow::SlowWatches;
+        for case in ["drop", "cancelled leave"] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let client = Client::from_arc(store.clone());
+            let s = sessions(&client, 2).await;
+            let a = DoubleBarrier::new(&s[0], "db", 2).unwrap();
+            let b = DoubleBarrier::new(&s[1], "db", 2).unwrap();
+            let a_task = tokio::spawn(async move { a.enter().await });
+            until_keys(&client, "db/waiters/", 1).await;
+            let gb = b.enter().await.unwrap();
+            let ga = a_task.await.unwrap().unwrap();
+            // B leaves and waits for A, the first participant, who leaves last.
+            let b_leave = tokio::spawn(gb.leave_timeout(Duration::from_secs(3)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if case == "drop" {
+                drop(ga);
+            } else {
+                // A waits for nobody (B's key is gone): every transaction takes 200 ms,
+                // and A's leave is cut short after its key's delete, during the delete of
+                // `ready`.
+                *store.delay_txns.lock().unwrap() = Some(Duration::from_millis(200));
+                let err = ga
+                    .leave_timeout(Duration::from_millis(300))
+                    .await
+                    .unwrap_err();
+                assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+            }
+            b_leave.await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left: Vec<_> = keys_under(&client, "db/")
+                .await
+                .into_iter()
+                .map(|kv| kv.key_str().into_owned())
+                .collect();
+            assert!(left.is_empty(), "case {case}: keys left behind: {left:?}");
+        }
     }
 }

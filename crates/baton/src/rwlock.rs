@@ -648,4 +648,146 @@ mod tests {
         .expect("the release never settled once the store was back");
         read.unlock().await.unwrap();
     }
+
+    /// Stress: readers and writers with random timeouts (cancelled mid-wait),
+    /// guards dropped or unlocked, try_ variants mixed in: never a writer with anyone else.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stress_never_a_writer_with_anyone_else() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        use std::sync::Arc;
+        let client = crate::Client::memory();
+        // readers in the low bits, writers * 1000
+        let state = Arc::new(AtomicI64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..8u64 {
+            let client = client.clone();
+            let state = state.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = Session::new(&client).await.unwrap();
+                let lock = RwLock::new(&s, "st").unwrap();
+                for round in 0..80u64 {
+                    let x = (i * 7919 + round * 104729) % 101;
+                    let timeout = Duration::from_millis(1 + x % 12);
+                    let write = x % 3 == 0;
+                    let tried = x % 7 == 0;
+                    let (delta, guard): (i64, Option<Box<dyn std::any::Any + Send>>) = if write {
+                        let r = if tried {
+                            lock.try_write().await
+                        } else {
+                            lock.write_timeout(timeout).await
+                        };
+                        match r {
+                            Ok(g) => (1000, Some(Box::new(g))),
+                            Err(Error::Timeout { .. } | Error::Locked { .. }) => (0, None),
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    } else {
+                        let r = if tried {
+                            lock.try_read().await
+                        } else {
+                            lock.read_timeout(timeout).await
+                        };
+                        match r {
+                            Ok(g) => (1, Some(Box::new(g))),
+                            Err(Error::Timeout { .. } | Error::Locked { .. }) => (0, None),
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    };
+                    if let Some(g) = guard {
+                        let now = state.fetch_add(delta, Ordering::SeqCst) + delta;
+                        assert!(now <= 1000, "overlap: state {now} after {delta}");
+                        tokio::time::sleep(Duration::from_millis(x % 3)).await;
+                        state.fetch_sub(delta, Ordering::SeqCst);
+                        drop(g);
+                    }
+                }
+                s.close().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let left = client
+            .store()
+            .range(crate::store::Range::prefix("st/"))
+            .await
+            .unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+
+    /// lost() fires for read and write guards whose key is deleted or freed by
+    /// hand, while the same client's waiters keep the shared watches of NAME/read/ and
+    /// NAME/write/ open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_fires_with_the_shared_watches_open() {
+        use crate::store::KeyRange;
+        let client = crate::Client::memory();
+        let within = Duration::from_secs(3);
+        for how in ["delete", "free"] {
+            let s: Vec<Session> = futures::future::join_all((0..4).map(|_| Session::new(&client)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            let l = |i: usize| RwLock::new(&s[i], "lw").unwrap();
+            let r1 = l(0).read().await.unwrap();
+            let w = tokio::spawn({
+                let l = l(1);
+                async move { l.write().await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let r3 = tokio::spawn({
+                let l = l(2);
+                async move { l.read().await }
+            });
+            let r4 = tokio::spawn({
+                let l = l(3);
+                async move { l.read().await }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let kill = |key: String| {
+                let store = client.store().clone();
+                async move {
+                    if how == "delete" {
+                        store.delete(KeyRange::key(key.as_bytes())).await.unwrap();
+                    } else {
+                        store.put(key.as_bytes(), b"", 0).await.unwrap();
+                    }
+                }
+            };
+            kill(r1.key().to_string()).await;
+            tokio::time::timeout(within, r1.lost())
+                .await
+                .expect("reader's lost() silent");
+            let w = tokio::time::timeout(within, w)
+                .await
+                .expect("writer not granted")
+                .unwrap()
+                .unwrap();
+            kill(w.key().to_string()).await;
+            tokio::time::timeout(within, w.lost())
+                .await
+                .expect("writer's lost() silent");
+            let r3 = tokio::time::timeout(within, r3)
+                .await
+                .expect("r3")
+                .unwrap()
+                .unwrap();
+            let r4 = tokio::time::timeout(within, r4)
+                .await
+                .expect("r4")
+                .unwrap()
+                .unwrap();
+            kill(r3.key().to_string()).await;
+            tokio::time::timeout(within, r3.lost())
+                .await
+                .expect("r3 lost() silent");
+            assert!(!r4.is_lost());
+            drop(r4);
+            for s in s {
+                s.close().await.unwrap();
+            }
+            let _ = client.store().delete(KeyRange::prefix("lw/")).await;
+        }
+    }
 }

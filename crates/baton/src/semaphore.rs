@@ -1237,4 +1237,55 @@ mod tests {
         );
         w.abort();
     }
+
+    /// Stress: weighted acquires with random timeouts (cancelled mid-wait) and
+    /// permits dropped or released; at no time do the holders hold more than the permits,
+    /// and no key is left at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stress_never_more_than_the_permits() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        use std::sync::Arc;
+        const PERMITS: u32 = 3;
+        let client = Client::memory();
+        let used = Arc::new(AtomicI64::new(0));
+        let grants = Arc::new(AtomicI64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..8u64 {
+            let client = client.clone();
+            let (used, grants) = (used.clone(), grants.clone());
+            tasks.push(tokio::spawn(async move {
+                let s = Session::new(&client).await.unwrap();
+                let sem = Semaphore::new(&s, "st", PERMITS).unwrap();
+                for round in 0..60u64 {
+                    let x = (i * 7919 + round * 104729) % 97;
+                    let count = 1 + (x % PERMITS as u64) as u32;
+                    let timeout = Duration::from_millis(1 + x % 15);
+                    match sem.acquire_many_timeout(count, timeout).await {
+                        Ok(p) => {
+                            let now = used.fetch_add(count as i64, Ordering::SeqCst) + count as i64;
+                            assert!(now <= PERMITS as i64, "{now} permits held at once");
+                            grants.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(x % 3)).await;
+                            assert!(!p.is_lost(), "lost: {:?}", p.lost_reason());
+                            used.fetch_sub(count as i64, Ordering::SeqCst);
+                            if x % 2 == 0 {
+                                drop(p);
+                            } else {
+                                p.release().await.unwrap();
+                            }
+                        }
+                        Err(Error::Timeout { .. }) => {}
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                s.close().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(grants.load(Ordering::SeqCst) > 0);
+        let left = client.store().range(Range::prefix("st/")).await.unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
 }
