@@ -367,6 +367,8 @@ async fn follow(
                 Some(Err(e)) if !e.is_retryable() => return Err(e.into()),
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "watch broke; watching again");
+                    // Say so now: a watch made again may take seconds to fail too.
+                    outage.failing(&e.to_string());
                     if pause.sleep(&mut signals).await {
                         return Ok(0);
                     }

@@ -687,6 +687,9 @@ fn watch_and_observe_say_when_the_backend_is_down_and_back() {
     let key_one = elected.split_whitespace().nth(1).unwrap().to_string();
     assert!(observe.line().starts_with("leader-one (key down-e/"));
     assert!(watch.stderr_so_far().is_empty() && observe.stderr_so_far().is_empty());
+    // Observe watches the leader's key once it has printed it: a watch being created when
+    // etcd goes is retried for up to the request timeout (10 s) before anything is said.
+    std::thread::sleep(Duration::from_millis(500));
 
     etcd.kill();
     let (mut watch_err, mut observe_err) = (Vec::new(), Vec::new());
@@ -695,11 +698,20 @@ fn watch_and_observe_say_when_the_backend_is_down_and_back() {
             l.starts_with(&format!("{what}: ")) && l.ends_with("retrying (changes may come late)")
         })
     };
-    wait_until("both say the backend is unreachable", || {
+    // At once: the broken stream says so, not only a watch made again that fails (which
+    // can take seconds: an outage shorter than that went unsaid).
+    let killed = std::time::Instant::now();
+    while !(failing(&watch_err, "watch") && failing(&observe_err, "observe"))
+        && killed.elapsed() < Duration::from_secs(4)
+    {
         watch_err.extend(watch.stderr_so_far());
         observe_err.extend(observe.stderr_so_far());
-        failing(&watch_err, "watch") && failing(&observe_err, "observe")
-    });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        failing(&watch_err, "watch") && failing(&observe_err, "observe"),
+        "4 s after etcd went down: watch said {watch_err:?}, observe {observe_err:?}"
+    );
     // Once each, not once per retry.
     std::thread::sleep(Duration::from_secs(2));
     watch_err.extend(watch.stderr_so_far());
