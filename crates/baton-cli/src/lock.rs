@@ -31,7 +31,10 @@ JSON events, and a lost lock adds a `lost` event. With CMD, stdout is CMD's alon
 
 CMD gets BATON_LOCK_KEY (relative to --namespace: NAME/<lease id> on etcd, NAME on Redis)
 and BATON_FENCING_TOKEN in its environment (on etcd also
-ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them; on redlock:// there is no
+ETCD_LOCK_KEY and ETCD_LOCK_REV, as etcdctl lock sets them: ETCD_LOCK_REV is the revision
+at which the lock was granted, which rises from holder to holder also when etcdctl lock and
+baton lock take turns, where BATON_FENCING_TOKEN is the key's create revision, which rises
+among baton holders; on redlock:// there is no
 fencing token, so no BATON_FENCING_TOKEN). The variables baton lock, elect and sem set
 that are not this lock's (left by an outer baton) are removed. If the lock is lost while CMD
 runs, CMD's process group gets SIGTERM at once and SIGKILL after --grace (default 10s: the
@@ -120,6 +123,7 @@ async fn locked(
     let guard = signals.interruptible(acquire(lock.as_ref(), args)).await?;
     let key = guard.key().to_string();
     let token = guard.fencing_token();
+    let granted = guard.granted_revision();
     tracing::info!(key = %key, token, "lock acquired");
 
     let job = if args.command.is_empty() {
@@ -138,9 +142,12 @@ async fn locked(
         if let Some(token) = token {
             env.push(("BATON_FENCING_TOKEN", token.to_string()));
         }
-        if let (true, Some(token)) = (coordinator.backend() == "etcd", token) {
+        // ETCD_LOCK_REV as etcdctl lock sets it: the revision at which the lock was
+        // granted (Go's `Mutex.Header().Revision`), not the key's create revision, which
+        // a holder that queued behind an etcdctl one may have smaller than its.
+        if let (true, Some(granted)) = (coordinator.backend() == "etcd", granted) {
             env.push(("ETCD_LOCK_KEY", key.clone()));
-            env.push(("ETCD_LOCK_REV", token.to_string()));
+            env.push(("ETCD_LOCK_REV", granted.to_string()));
         }
         Some(Job {
             argv: args.command.clone(),

@@ -396,7 +396,8 @@ fn cmd_exit_codes() {
 }
 
 /// CMD's environment has BATON_LOCK_KEY and BATON_FENCING_TOKEN, and on etcd
-/// ETCD_LOCK_KEY and ETCD_LOCK_REV, naming the key Baton created and its create revision.
+/// ETCD_LOCK_KEY and ETCD_LOCK_REV, naming the key Baton created and its create revision
+/// (uncontended, the revision of the grant is the key's create revision).
 #[test]
 fn env_vars_name_the_key_baton_created() {
     let etcd = etcd();
@@ -425,6 +426,59 @@ fn env_vars_name_the_key_baton_created() {
     assert_eq!(var("BATON_FENCING_TOKEN"), rev.to_string());
     std::fs::write(dir.path().join("go"), "").unwrap();
     assert_eq!(holder.code(), 0);
+}
+
+/// A waiter's ETCD_LOCK_REV is the revision at which it was granted, as etcdctl lock sets
+/// it (Go's `Mutex.Header().Revision`): after its predecessor's release, so larger than its
+/// own key's create revision (BATON_FENCING_TOKEN) and than its predecessor's ETCD_LOCK_REV.
+#[test]
+fn a_waiters_etcd_lock_rev_is_the_revision_of_its_grant() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let script = |file: &str| {
+        format!(
+            r#"echo "$ETCD_LOCK_REV $BATON_FENCING_TOKEN" > "$D/{file}.tmp"; mv "$D/{file}.tmp" "$D/{file}"; i=0; while [ ! -e "$D/go-{file}" ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done"#
+        )
+    };
+    let mut first = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "granted",
+        "--",
+        "sh",
+        "-c",
+        &script("first"),
+    ]));
+    let first_vars = wait_for_file(&dir.path().join("first"));
+    let mut second = Proc::spawn(baton(&etcd.endpoint()).env("D", dir.path()).args([
+        "lock",
+        "granted",
+        "--",
+        "sh",
+        "-c",
+        &script("second"),
+    ]));
+    wait_until("the second waiter to queue", || {
+        keys(&etcd, "granted/").len() == 2
+    });
+    std::fs::write(dir.path().join("go-first"), "").unwrap();
+    assert_eq!(first.code(), 0);
+    let second_vars = wait_for_file(&dir.path().join("second"));
+    std::fs::write(dir.path().join("go-second"), "").unwrap();
+    assert_eq!(second.code(), 0);
+    let numbers = |vars: &str| -> (i64, i64) {
+        let (rev, token) = vars.trim().split_once(' ').unwrap();
+        (rev.parse().unwrap(), token.parse().unwrap())
+    };
+    let (first_rev, first_token) = numbers(&first_vars);
+    let (second_rev, second_token) = numbers(&second_vars);
+    // Uncontended, the grant's revision is the key's create revision.
+    assert_eq!(first_rev, first_token);
+    assert!(second_token > first_token);
+    assert!(
+        second_rev > second_token && second_rev > first_rev,
+        "the waiter's ETCD_LOCK_REV {second_rev} (token {second_token}, first holder's \
+         {first_rev})"
+    );
 }
 
 /// A waiter whose session is lost (its lease revoked) never held the lock and never ran

@@ -127,12 +127,71 @@ async fn etcdctl_waits_for_baton_lock() {
         "etcdctl acquired while Baton held"
     );
     let token = g.fencing_token();
+    let granted = g.granted_revision();
     g.unlock().await.unwrap();
     let line = first_line(&mut ctl, Duration::from_secs(5))
         .await
         .expect("etcdctl did not acquire after Baton released");
-    assert!(line.trim().parse::<i64>().unwrap() > token);
+    let ctl_rev = line.trim().parse::<i64>().unwrap();
+    assert!(ctl_rev > token && ctl_rev > granted);
     assert!(ctl.wait().await.unwrap().success());
+}
+
+/// `etcdctl lock` exports as `ETCD_LOCK_REV` the revision at which it was granted (Go's
+/// `Mutex.Header().Revision`), larger than its key's create revision when it waited. A Baton
+/// waiter queued behind it (created after it, so before it was granted) is granted next: its
+/// `granted_revision()` (what `baton lock` exports as `ETCD_LOCK_REV`) is larger than
+/// etcdctl's, as a resource fenced on that variable needs; its `fencing_token()` (its
+/// create revision) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_revisions_rise_when_etcdctl_and_baton_take_turns() {
+    let etcd = EtcdServer::start_async().await;
+    let h = session(&etcd).await;
+    let g = Mutex::new(&h, "interop/turns")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let mut ctl = etcdctl_bg(
+        &etcd,
+        &[
+            "lock",
+            "interop/turns",
+            "--",
+            "sh",
+            "-c",
+            "echo $ETCD_LOCK_REV",
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = session(&etcd).await;
+    let mb = Mutex::new(&b, "interop/turns").unwrap();
+    let waiting = tokio::spawn(async move { mb.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = g.granted_revision();
+    g.unlock().await.unwrap();
+    let ctl_rev: i64 = first_line(&mut ctl, Duration::from_secs(5))
+        .await
+        .expect("etcdctl did not acquire")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ctl_rev > first, "{ctl_rev} <= {first}");
+    assert!(ctl.wait().await.unwrap().success());
+    let gb = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        gb.granted_revision() > ctl_rev,
+        "Baton's grant after etcdctl's has granted_revision {} <= etcdctl's ETCD_LOCK_REV \
+         {ctl_rev}",
+        gb.granted_revision()
+    );
+    // Its create revision is older than etcdctl's grant: no fence across the two tools.
+    assert!(gb.fencing_token() < ctl_rev);
+    gb.unlock().await.unwrap();
 }
 
 /// `etcdctl elect NAME v1` leads: Baton's `leader()` and `observe()` see `v1`; Baton queues
@@ -344,4 +403,65 @@ async fn a_dropped_baton_campaign_does_not_block_an_etcdctl_candidate() {
     let leader = Election::leader_with(&client, name).await.unwrap();
     assert_eq!(leader.value_str(), "g2");
     drop(s);
+}
+
+/// Why the docs say to free no Go waiter's place: an operator deletes an `etcdctl lock`
+/// waiter's key (`etcdctl del`) while a Baton waiter queues behind it. Go's `Mutex.Lock`
+/// (etcd 3.4) waits for the keys created before its own, then takes the lock without
+/// looking at its own key: etcdctl runs its command, while the Baton waiter, now first in
+/// the queue, is granted too. The hazard is Go's; this test shows it still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hazard_an_etcdctl_waiter_whose_key_was_deleted_still_takes_the_lock() {
+    let etcd = EtcdServer::start_async().await;
+    let h = session(&etcd).await;
+    let g = Mutex::new(&h, "interop/freed")
+        .unwrap()
+        .lock()
+        .await
+        .unwrap();
+    let mut ctl = etcdctl_bg(
+        &etcd,
+        &[
+            "lock",
+            "interop/freed",
+            "--",
+            "sh",
+            "-c",
+            "echo held; sleep 10",
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = session(&etcd).await;
+    let mb = Mutex::new(&b, "interop/freed").unwrap();
+    let waiting = tokio::spawn(async move { mb.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let keys = h
+        .client()
+        .store()
+        .range(baton::store::Range::prefix("interop/freed/"))
+        .await
+        .unwrap()
+        .kvs;
+    let ctl_key = keys
+        .iter()
+        .find(|k| k.lease != h.lease_id() && k.lease != b.lease_id())
+        .expect("etcdctl's key")
+        .key
+        .clone();
+    h.client()
+        .store()
+        .delete(baton::store::KeyRange::key(ctl_key))
+        .await
+        .unwrap();
+    g.unlock().await.unwrap();
+    let ctl_held = first_line(&mut ctl, Duration::from_secs(5)).await;
+    assert_eq!(ctl_held.as_deref(), Some("held"));
+    let gb = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the Baton waiter was not granted")
+        .unwrap()
+        .unwrap();
+    // Both hold: etcdctl's command runs (for 10 s) while Baton holds.
+    assert!(ctl.try_wait().unwrap().is_none());
+    gb.unlock().await.unwrap();
 }

@@ -66,6 +66,13 @@ pub trait Guard: Send + Sync + fmt::Debug {
     /// `None` where the backend has no safe token (Redlock).
     fn fencing_token(&self) -> Option<i64>;
 
+    /// The store revision at which the hold was granted, on etcd and the embedded store
+    /// (`MutexGuard::granted_revision`: what `etcdctl lock` exports as `ETCD_LOCK_REV`);
+    /// `None` on Redis (the default).
+    fn granted_revision(&self) -> Option<i64> {
+        None
+    }
+
     /// True once the hold is lost: true at once when its local deadline has passed, even if
     /// the background task that watches it has not run since (a paused process). Check it
     /// right before acting on the hold.
@@ -919,6 +926,9 @@ impl<G: Guard + 'static> Guard for Local<G> {
     fn fencing_token(&self) -> Option<i64> {
         self.inner.fencing_token()
     }
+    fn granted_revision(&self) -> Option<i64> {
+        self.inner.granted_revision()
+    }
     fn is_lost(&self) -> bool {
         self.inner.is_lost()
     }
@@ -1013,6 +1023,9 @@ impl Guard for MutexGuard {
     fn fencing_token(&self) -> Option<i64> {
         Some(MutexGuard::fencing_token(self))
     }
+    fn granted_revision(&self) -> Option<i64> {
+        Some(MutexGuard::granted_revision(self))
+    }
     fn is_lost(&self) -> bool {
         MutexGuard::is_lost(self)
     }
@@ -1053,6 +1066,9 @@ impl Guard for Leadership {
     }
     fn fencing_token(&self) -> Option<i64> {
         Some(Leadership::fencing_token(self))
+    }
+    fn granted_revision(&self) -> Option<i64> {
+        Some(Leadership::granted_revision(self))
     }
     fn is_lost(&self) -> bool {
         Leadership::is_lost(self)

@@ -36,6 +36,12 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// key `NAME/<lease id in lowercase hex>`, holding the candidate's value, bound to the lease.
 /// Go services, `etcdctl elect` and Baton take part in one election.
 ///
+/// With Go candidates in the election, free a stuck Go leader by deleting its key
+/// (`etcdctl del KEY`), not by overwriting it with no lease (`etcdctl put KEY ""`, which
+/// frees it for Baton): Go's `Proclaim` compares only the key's create revision, so it
+/// binds the overwritten key to its lease again, and the Go leader leads again beside the
+/// Baton leader elected meanwhile, which is not told.
+///
 /// # Examples
 ///
 /// ```

@@ -31,6 +31,12 @@ use crate::session::Session;
 /// nested names (`NAME/sub/…`) are not part of this lock's queue, so locks `a` and `a/b` are
 /// independent (Go's Mutex would make `a` wait for `a/b`).
 ///
+/// With Go or `etcdctl` clients on the name, free a stuck Go holder by deleting its key
+/// (`etcdctl del KEY`), not by overwriting it with no lease (`etcdctl put KEY ""`): Baton
+/// counts such a key in no queue, but Go's waiters still wait for it. Free no Go waiter's
+/// place, by either: Go's `Mutex` (etcd 3.4) does not look at its own key after waiting, so
+/// it takes the lock beside the Baton waiter granted behind it.
+///
 /// A session has one key per name: locking the same name twice through one session fails
 /// with [`Error::AlreadyHeld`] instead of deadlocking.
 ///
@@ -242,6 +248,42 @@ mod tests {
     #[test]
     fn types_are_send_and_sync() {
         bounds();
+    }
+
+    /// `granted_revision()`: the join's revision when the lock was free (the key's create
+    /// revision), else one after the predecessor's release; it rises from grant to grant.
+    #[tokio::test]
+    async fn granted_revisions_rise_from_holder_to_holder() {
+        let client = crate::Client::memory();
+        let mut sessions = Vec::new();
+        for _ in 0..3 {
+            sessions.push(Session::new(&client).await.unwrap());
+        }
+        let first = Mutex::new(&sessions[0], "granted")
+            .unwrap()
+            .lock()
+            .await
+            .unwrap();
+        assert_eq!(first.granted_revision(), first.fencing_token());
+        let mut waiting = Vec::new();
+        for s in &sessions[1..] {
+            let m = Mutex::new(s, "granted").unwrap();
+            waiting.push(tokio::spawn(async move { m.lock().await }));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mut last = first.granted_revision();
+        first.unlock().await.unwrap();
+        for w in waiting {
+            let g = w.await.unwrap().unwrap();
+            assert!(
+                g.granted_revision() > last,
+                "{} <= {last}",
+                g.granted_revision()
+            );
+            assert!(g.granted_revision() > g.fencing_token());
+            last = g.granted_revision();
+            g.unlock().await.unwrap();
+        }
     }
 
     /// A key under our name (`NAME/<our lease>`) that is bound to another lease is

@@ -591,6 +591,7 @@ impl Entry {
             session: self.session.clone(),
             key: String::from_utf8_lossy(&key).into_owned(),
             rev,
+            granted_at: from - 1,
             ownership,
             claim: self.claim.take(),
             mark,
@@ -862,6 +863,9 @@ pub(crate) struct Held {
     session: Session,
     key: String,
     rev: Revision,
+    /// The store revision at which we were seen at the head (see
+    /// [`granted_revision`](Held::granted_revision)).
+    granted_at: Revision,
     ownership: Ownership,
     claim: Option<OwnedClaim>,
     /// The handoff mark its release leaves, if it waited in a long queue (see [`Mark`]).
@@ -885,6 +889,13 @@ impl Held {
 
     pub(crate) fn rev(&self) -> Revision {
         self.rev
+    }
+
+    /// The store revision at which we were seen at the head: the join's, if we were at
+    /// once, else that of the read or event that showed every predecessor gone (so later
+    /// than their deletes, and than the revisions at which they were granted).
+    pub(crate) fn granted_revision(&self) -> Revision {
+        self.granted_at
     }
 
     pub(crate) fn session(&self) -> &Session {
@@ -1094,6 +1105,19 @@ macro_rules! held_accessors {
         /// have it refuse writes with a token lower than one it has seen.
         pub fn fencing_token(&self) -> $crate::store::Revision {
             self.held.rev()
+        }
+
+        #[doc = concat!("The store revision at which the ", $what, " was granted: the join's, if it was free,")]
+        /// else that of the read or event that showed every key ahead gone. It is what Go's
+        /// `Mutex.Header().Revision` gives, and `etcdctl lock` exports as `ETCD_LOCK_REV`
+        /// (`baton lock` too). Later grants on the name get strictly greater ones, also
+        /// when Go or `etcdctl` clients take turns with Baton: each is seen after the
+        /// previous holder's delete. [`fencing_token`](Self::fencing_token) (the key's
+        /// create revision) rises from grant to grant among Baton holders, but a Baton
+        /// holder that queued behind a Go one may get a smaller token than Go's header
+        /// revision: fence on this one where both kinds of clients take the lock.
+        pub fn granted_revision(&self) -> $crate::store::Revision {
+            self.held.granted_revision()
         }
 
         $crate::queue::held_accessors!(@shared $what);
