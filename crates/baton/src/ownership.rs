@@ -440,7 +440,7 @@ pub(crate) async fn delete_if_owned(
 
 /// True if etcd refused a request that writes because its space quota is exceeded (its
 /// `NOSPACE` alarm: "mvcc: database space exceeded"), which it applies in no part.
-fn refused_for_space(e: &Error) -> bool {
+pub(crate) fn refused_for_space(e: &Error) -> bool {
     matches!(e, Error::Store(reason) if reason.contains("database space exceeded"))
 }
 

@@ -17,8 +17,10 @@ use crate::work_queue::{take_methods, Items};
 /// Taking items works as for [`Queue`](crate::Queue) — each item goes to exactly one
 /// consumer, never twice, and items do not vanish (no lease) — with items ordered by key
 /// instead of create revision. An item claimed for a dequeue future that was dropped and
-/// put back keeps its key, so its place, unless its level emptied meanwhile and a newer
-/// item took that key: then it goes right after that item (no key sorts before it).
+/// put back keeps its key, so its place among the items still there. If its level emptied
+/// meanwhile, the level's numbering starts again at 0 (as Go's does), so items enqueued at
+/// its level since then come before it; if they took its key, it goes under the first
+/// free key after theirs.
 ///
 /// # Key layout
 ///

@@ -47,9 +47,10 @@ macro_rules! take_methods {
         /// the next dequeue of this handle or a clone (which first waits for such claims, up
         /// to the request timeout) returns it first if it comes within 200 ms, else it is
         /// put back in the store, by a task, retried until it is there. A priority queue's
-        /// item is put back under its own key and keeps its place, unless its level
-        /// emptied meanwhile and a newer item took that key (no key sorts before it, so it
-        /// goes right after that item); a FIFO queue's goes to the back of the queue (the
+        /// item is put back under its own key and keeps its place among the items still
+        /// there; if its level emptied meanwhile, items enqueued at the level since then
+        /// (numbered from 0 again) come before it, and if they took its key it goes under
+        /// the first free key after theirs; a FIFO queue's goes to the back of the queue (the
         /// order is by create revision). `len` counts it meanwhile. It is lost only if the
         /// runtime shuts down (the process exits) before then; the handle still works on
         /// another runtime. The put-back also writes a marker under `__NAME/` (see the
@@ -779,8 +780,9 @@ struct HandState {
     sending: usize,
     /// True while a task puts the held items back.
     returning: bool,
-    /// True while that task waits to send again an item the store refused: the held items
-    /// are the dequeues' to take meanwhile.
+    /// True while that task waits to send again an item the store refused, or that it
+    /// could not send at all (`PutBack::Unsent`): the held items are the dequeues' to take
+    /// meanwhile.
     parked: bool,
 }
 
@@ -1096,7 +1098,10 @@ impl Items {
                     match left {
                         PutBack::Done => (false, false),
                         PutBack::Unsent(held) => {
+                            // Nothing was sent: the item is only ours, the dequeues' to
+                            // take while this task waits to try again.
                             state.held.push_front(held);
+                            state.parked = true;
                             (true, false)
                         }
                         PutBack::Refused(held) => {
@@ -1117,6 +1122,7 @@ impl Items {
                 }
                 if failed {
                     backoff.sleep().await;
+                    hand.lock().parked = false;
                 } else {
                     backoff.reset();
                     refused_wait = REFUSED_RETRY_MIN;
@@ -1201,6 +1207,28 @@ impl Items {
                             return PutBack::Unsent(held);
                         }
                     }
+                }
+                Err(e) if crate::ownership::refused_for_space(&e) => {
+                    // etcd's space quota is exceeded (its NOSPACE alarm): this send was not
+                    // applied, nor will any put be until space is freed. An earlier send
+                    // whose answer was lost may have been: its marker says so (reads pass).
+                    if unknown {
+                        match self
+                            .store
+                            .range(Range::key(marker.clone()).keys_only())
+                            .await
+                        {
+                            Ok(read) if !read.kvs.is_empty() => break,
+                            Ok(_) => {}
+                            Err(_) => {
+                                backoff.sleep().await;
+                                continue;
+                            }
+                        }
+                    }
+                    tracing::warn!(key = %key_str, error = %e, "cannot put back an item taken for a dequeue that is gone (etcd is out of space); it is held for this handle's dequeues, and sent again later");
+                    let _ = self.store.lease_revoke(lease).await;
+                    return PutBack::Unsent(held);
                 }
                 Err(e) if refused(&e) => {
                     if unknown {
@@ -1328,6 +1356,11 @@ impl Items {
                             return PutBack::Unsent(held);
                         }
                     }
+                }
+                Err(e) if !unknown && crate::ownership::refused_for_space(&e) => {
+                    // Not applied (etcd is out of space), and no earlier send was sent.
+                    tracing::warn!(key = %key_str, error = %e, "cannot put back an item taken for a dequeue that is gone (etcd is out of space); it is held for this handle's dequeues, and sent again later");
+                    return PutBack::Unsent(held);
                 }
                 Err(e) if refused(&e) => {
                     tracing::error!(
@@ -2671,6 +2704,154 @@ mod tests {
             items.len(),
             2,
             "the other producer's item and ours: {items:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod put_back_order {
+    use super::*;
+    use std::time::Duration;
+
+    /// As the docs say: a priority queue's put-back keeps its place among the items still
+    /// there, but once its level emptied, the level's numbering starts again at 0 (as Go's
+    /// does), so an item enqueued at the level since comes before it. Here the level's one
+    /// item (OLD, at sequence 5) is claimed for a dropped dequeue, and NEW is enqueued at
+    /// the level: it gets sequence 0. OLD goes back under its own key, after NEW.
+    #[tokio::test]
+    async fn a_priority_put_back_after_its_level_emptied_comes_after_newer_items() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let pq = crate::PriorityQueue::new(&client, "pq").unwrap();
+        for v in ["a", "b", "c", "d", "e", "OLD"] {
+            pq.enqueue(v, 1).await.unwrap();
+        }
+        for _ in 0..5 {
+            pq.dequeue().await.unwrap();
+        }
+        // OLD (pq/00001/0000000000000005) is claimed for a dequeue that is dropped.
+        *store.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), pq.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *store.delay_deletes.lock().unwrap() = None;
+        // Another process enqueues NEW at the same priority, while OLD is held.
+        let other = crate::PriorityQueue::new(&Client::from_arc(store.clone()), "pq").unwrap();
+        other.enqueue("NEW", 1).await.unwrap();
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        let keys: Vec<String> = store
+            .range(Range::prefix("pq/"))
+            .await
+            .unwrap()
+            .kvs
+            .iter()
+            .map(|kv| format!("{}={}", kv.key_str(), String::from_utf8_lossy(&kv.value)))
+            .collect();
+        let mut order = Vec::new();
+        for _ in 0..2 {
+            order.push(String::from_utf8(other.dequeue().await.unwrap()).unwrap());
+        }
+        assert_eq!(order, ["NEW", "OLD"], "keys: {keys:?}");
+        assert!(
+            keys[0].starts_with("pq/00001/0000000000000000=NEW"),
+            "{keys:?}"
+        );
+        assert!(
+            keys[1].starts_with("pq/00001/0000000000000005=OLD"),
+            "{keys:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod put_back_out_of_space {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// etcd under the NOSPACE alarm: puts and lease grants fail ("database space
+    /// exceeded", which Baton maps to a retryable `Error::Store`, as etcd answers it after a
+    /// round trip), deletes pass.
+    #[derive(Debug)]
+    struct NoSpace {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        on: AtomicBool,
+        /// Lease grants pass (the alarm began after the put-back's grant).
+        grants_pass: AtomicBool,
+    }
+
+    fn full() -> Error {
+        Error::Store("etcdserver: mvcc: database space exceeded".into())
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for NoSpace {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            let puts = txn
+                .success
+                .iter()
+                .chain(txn.failure.iter())
+                .any(|op| matches!(op, TxnOp::Put { .. }));
+            if puts && self.on.load(Ordering::SeqCst) {
+                return Err(full());
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: std::time::Duration) -> Result<crate::store::LeaseGrant> {
+            if self.on.load(Ordering::SeqCst) && !self.grants_pass.load(Ordering::SeqCst) {
+                // A round trip to a slow etcd.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return Err(full());
+            }
+            self.inner.lease_grant(ttl).await
+        }
+    }
+
+    /// An item claimed for a dropped dequeue cannot go back (NOSPACE: its put-back's lease
+    /// grant fails, so nothing is sent: `PutBack::Unsent`). It stays held by the handle, and
+    /// the put-back task retries. A dequeue of the same handle that began while the task was
+    /// trying (the item then in neither the store nor `held`) waits on the store's watch for
+    /// a put that cannot come, and is never given the item its own handle holds.
+    #[tokio::test]
+    async fn a_dequeue_gets_an_item_whose_put_back_was_never_sent() {
+        a_dequeue_gets_an_item_the_store_has_no_space_for(false).await;
+    }
+
+    /// The same, with the alarm begun after the put-back's lease grant: its transaction is
+    /// refused for space, which says it was not applied. The item is not resent in a loop,
+    /// out of everyone's reach: the handle's dequeue gets it.
+    #[tokio::test]
+    async fn a_dequeue_gets_an_item_whose_put_back_was_refused_for_space() {
+        a_dequeue_gets_an_item_the_store_has_no_space_for(true).await;
+    }
+
+    async fn a_dequeue_gets_an_item_the_store_has_no_space_for(grants_pass: bool) {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(NoSpace {
+            inner: slow.clone(),
+            on: AtomicBool::new(false),
+            grants_pass: AtomicBool::new(grants_pass),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("X").await.unwrap();
+        store.on.store(true, Ordering::SeqCst);
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        // X is held; after HOLD_FOR the task tries to put it back (a 300 ms lease grant).
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(100)).await;
+        let got = tokio::time::timeout(Duration::from_secs(5), q.dequeue()).await;
+        assert!(
+            matches!(&got, Ok(Ok(v)) if v == b"X"),
+            "the handle holds X, yet its dequeue got {got:?}"
         );
     }
 }

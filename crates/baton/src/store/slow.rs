@@ -430,6 +430,10 @@ pub(crate) trait Hooks: std::fmt::Debug + Send + Sync + 'static {
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
         self.inner().watch(watch).await
     }
+
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
+        self.inner().lease_grant(ttl).await
+    }
 }
 
 #[async_trait]
@@ -455,7 +459,7 @@ impl<H: Hooks> Store for H {
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseGrant> {
-        self.inner().lease_grant(ttl).await
+        Hooks::lease_grant(self, ttl).await
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<Option<Duration>> {
