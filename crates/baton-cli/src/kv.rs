@@ -316,9 +316,17 @@ async fn follow(
                 resp.header_revision + 1
             }
         };
-        let stream = tokio::select! {
-            s = store.watch(watch_from(from)) => s,
-            _ = signals.recv() => return Ok(0),
+        // A break not said yet is said if the watch is not made again within a second.
+        let watching = store.watch(watch_from(from));
+        tokio::pin!(watching);
+        let grace = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(grace);
+        let stream = loop {
+            tokio::select! {
+                s = &mut watching => break s,
+                () = &mut grace, if outage.break_unsaid() => outage.say_broken(),
+                _ = signals.recv() => return Ok(0),
+            }
         };
         let mut stream = match stream {
             Ok(stream) => stream,
@@ -367,8 +375,9 @@ async fn follow(
                 Some(Err(e)) if !e.is_retryable() => return Err(e.into()),
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "watch broke; watching again");
-                    // Say so now: a watch made again may take seconds to fail too.
-                    outage.failing(&e.to_string());
+                    // Said if the watch is not made again at once (it may take seconds to
+                    // fail), not for a member gone with others still serving.
+                    outage.broke(&e.to_string());
                     if pause.sleep(&mut signals).await {
                         return Ok(0);
                     }

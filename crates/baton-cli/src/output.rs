@@ -228,17 +228,46 @@ pub(crate) fn notice(line: &str) {
 pub(crate) struct Outage {
     what: &'static str,
     since: Option<std::time::Instant>,
+    /// A stream that broke, not said yet: when, and why (see [`Outage::broke`]).
+    broke: Option<(std::time::Instant, String)>,
 }
 
 impl Outage {
     pub(crate) fn new(what: &'static str) -> Outage {
-        Outage { what, since: None }
+        Outage {
+            what,
+            since: None,
+            broke: None,
+        }
+    }
+
+    /// A stream broke with `error`: said (counting from now) once [`Outage::say_broken`]
+    /// is called or an attempt fails, not if the next attempt works at once (a cluster
+    /// member gone, the watch made again on another).
+    pub(crate) fn broke(&mut self, error: &str) {
+        if self.since.is_none() && self.broke.is_none() {
+            self.broke = Some((std::time::Instant::now(), error.to_string()));
+        }
+    }
+
+    /// True if a break is not said yet.
+    pub(crate) fn break_unsaid(&self) -> bool {
+        self.broke.is_some()
+    }
+
+    /// Say a break not said yet.
+    pub(crate) fn say_broken(&mut self) {
+        if let Some((at, error)) = self.broke.take() {
+            self.failing(&error);
+            self.since = Some(at);
+        }
     }
 
     /// An attempt failed with `error` and will be retried: say so, the first time.
     pub(crate) fn failing(&mut self, error: &str) {
         if self.since.is_none() {
-            self.since = Some(std::time::Instant::now());
+            let at = self.broke.take().map(|(at, _)| at);
+            self.since = Some(at.unwrap_or_else(std::time::Instant::now));
             notice(&format!(
                 "{}: {error}; retrying (changes may come late)",
                 self.what
@@ -248,6 +277,7 @@ impl Outage {
 
     /// An attempt worked: say so, if the last ones failed.
     pub(crate) fn working(&mut self) {
+        self.broke = None;
         if let Some(since) = self.since.take() {
             let gap = std::time::Duration::from_millis(
                 u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
