@@ -286,6 +286,121 @@ mod tests {
         }
     }
 
+    /// The embedded store, with the next scan of a queue (a sorted range with no limit, in
+    /// a transaction) held while `armed`, until the test lets it go: the scan a join makes
+    /// when a nested name's key is among the last keys created (`HeadSeen::Unknown`).
+    #[derive(Debug)]
+    struct GatedScan {
+        inner: crate::store::mem::MemStore,
+        armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        reached: std::sync::Arc<tokio::sync::Notify>,
+        proceed: std::sync::Arc<tokio::sync::Notify>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for GatedScan {
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn range(&self, r: crate::store::Range) -> Result<crate::store::RangeResponse> {
+            self.inner.range(r).await
+        }
+        async fn put(&self, k: &[u8], v: &[u8], l: crate::store::LeaseId) -> Result<i64> {
+            self.inner.put(k, v, l).await
+        }
+        async fn delete(&self, k: crate::store::KeyRange) -> Result<(i64, i64)> {
+            self.inner.delete(k).await
+        }
+        async fn txn(&self, txn: crate::store::Txn) -> Result<crate::store::TxnResponse> {
+            let scans = txn.success.iter().any(|op| {
+                matches!(op, crate::store::TxnOp::Get(r)
+                    if matches!(r.sort, Some((crate::store::SortTarget::CreateRevision, _)))
+                        && r.limit == 0)
+            });
+            if scans && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.reached.notify_one();
+                self.proceed.notified().await;
+            }
+            self.inner.txn(txn).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn watch(&self, w: crate::store::Watch) -> Result<crate::store::WatchStream> {
+            self.inner.watch(w).await
+        }
+        async fn watch_from_now(
+            &self,
+            w: crate::store::Watch,
+        ) -> Result<(i64, crate::store::WatchStream)> {
+            self.inner.watch_from_now(w).await
+        }
+        async fn compact(&self, rev: i64) -> Result<()> {
+            self.inner.compact(rev).await
+        }
+    }
+
+    /// Found by the second review of entry 69: a join that has to scan for the head (a
+    /// nested name's key among the last keys created) and finds itself at the head took the
+    /// join's header revision for its grant, not the scan's. A waiter ahead of it that was
+    /// granted (and released) between the join and the scan has a greater
+    /// `granted_revision()` than ours, though granted before us.
+    #[tokio::test]
+    async fn granted_revision_rises_when_the_join_scans_for_the_head() {
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+        let proceed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let client = crate::Client::from_store(GatedScan {
+            inner: crate::store::mem::MemStore::new(),
+            armed: armed.clone(),
+            reached: reached.clone(),
+            proceed: proceed.clone(),
+        });
+        let mut s = Vec::new();
+        for _ in 0..4 {
+            s.push(Session::new(&client).await.unwrap());
+        }
+        let holder = Mutex::new(&s[0], "g").unwrap().lock().await.unwrap();
+        let waiter = Mutex::new(&s[1], "g").unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<i64>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let waiting = tokio::spawn(async move {
+            let g = waiter.lock().await.unwrap();
+            let _ = tx.send(g.granted_revision());
+            let _ = done_rx.await;
+            g.unlock().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A nested name's key, created after the waiter's: among the last keys created.
+        let _nested = Mutex::new(&s[2], "g/sub").unwrap().lock().await.unwrap();
+        armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ours = Mutex::new(&s[3], "g").unwrap();
+        let ours = tokio::spawn(async move { ours.lock().await });
+        // Our join is done and its scan waits: the holder goes, the waiter is granted and
+        // goes too.
+        reached.notified().await;
+        holder.unlock().await.unwrap();
+        let waiters = rx.await.unwrap();
+        let _ = done_tx.send(());
+        waiting.await.unwrap();
+        proceed.notify_one();
+        let ours = ours.await.unwrap().unwrap();
+        assert!(
+            ours.granted_revision() > waiters,
+            "granted after the waiter, at {} <= the waiter's {waiters}",
+            ours.granted_revision()
+        );
+    }
+
     /// A key under our name (`NAME/<our lease>`) that is bound to another lease is
     /// another owner's (an operator's `etcdctl put --lease`): it counts in the queue as
     /// theirs. `lock()` neither adopts it (before the fix it did, with its create revision as

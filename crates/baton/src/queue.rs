@@ -350,6 +350,10 @@ impl Entry {
                 head => HeadSeen::Exact(head),
             }
         };
+        // The revision at which `head` was read: the scan's, if one was made (a waiter
+        // ahead of us may have been granted and gone since the join: our grant is seen at
+        // the scan, not before).
+        let mut head_read_at = resp.header_revision;
         // `head` decides whether we are at the head; `head_key` is only ever the true head.
         let (head, head_key) = match seen {
             HeadSeen::Exact(head) => {
@@ -361,7 +365,7 @@ impl Entry {
             // delete, the lease), and a verdict of "at the head" must be of a revision at
             // which our key still existed.
             HeadSeen::Unknown => {
-                let (_, head, mine) = scan_member(
+                let (scanned_at, head, mine) = scan_member(
                     &entry.store,
                     &entry.queue,
                     SortOrder::Ascending,
@@ -377,6 +381,7 @@ impl Entry {
                         not_held(&entry.key)
                     });
                 }
+                head_read_at = scanned_at;
                 let key = head.as_ref().map(|kv| kv.key.clone());
                 (head, key)
             }
@@ -384,7 +389,7 @@ impl Entry {
         // Nobody was created before us: for a mutex the head is us; for a reader it may be
         // a later writer.
         if head.is_none_or(|kv| kv.create_revision >= my_rev) {
-            entry.head_at = Some(resp.header_revision + 1);
+            entry.head_at = Some(head_read_at + 1);
         } else if resp.succeeded {
             if let [mine, pred, ..] = last_few {
                 if mine.key == entry.key && entry.queue.admits(pred) {

@@ -1208,24 +1208,12 @@ impl Items {
                         }
                     }
                 }
-                Err(e) if crate::ownership::refused_for_space(&e) => {
+                Err(e) if !unknown && crate::ownership::refused_for_space(&e) => {
                     // etcd's space quota is exceeded (its NOSPACE alarm): this send was not
-                    // applied, nor will any put be until space is freed. An earlier send
-                    // whose answer was lost may have been: its marker says so (reads pass).
-                    if unknown {
-                        match self
-                            .store
-                            .range(Range::key(marker.clone()).keys_only())
-                            .await
-                        {
-                            Ok(read) if !read.kvs.is_empty() => break,
-                            Ok(_) => {}
-                            Err(_) => {
-                                backoff.sleep().await;
-                                continue;
-                            }
-                        }
-                    }
+                    // applied, nor will any put be until space is freed, and no earlier
+                    // send was sent. After a send whose answer was lost, it is resent as
+                    // any failure: a read of the marker could not tell, as that send may
+                    // still land after the read (found by review: delivered twice).
                     tracing::warn!(key = %key_str, error = %e, "cannot put back an item taken for a dequeue that is gone (etcd is out of space); it is held for this handle's dequeues, and sent again later");
                     let _ = self.store.lease_revoke(lease).await;
                     return PutBack::Unsent(held);
@@ -2853,5 +2841,71 @@ mod put_back_out_of_space {
             matches!(&got, Ok(Ok(v)) if v == b"X"),
             "the handle holds X, yet its dequeue got {got:?}"
         );
+    }
+
+    /// The put-back's first send loses its answer (it lands later); its resend is
+    /// refused for space. The marker read then finds nothing, and the put-back gives the
+    /// item back to the handle as `Unsent`, revoking the marker's lease. But the lost send
+    /// is applied between that read and the revoke (an earlier request etcd applies late):
+    /// the item is in the store (the revoke deletes the marker, not the item, which has no
+    /// lease) and held by the handle. Two dequeues both get it.
+    #[derive(Debug)]
+    struct LateLanding {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        on: AtomicBool,
+        sent: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for LateLanding {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            let puts = txn
+                .success
+                .iter()
+                .chain(txn.failure.iter())
+                .any(|op| matches!(op, TxnOp::Put { .. }));
+            // The first put-back send goes through (the slow store loses its answer and
+            // applies it after the next read); the later ones are refused for space.
+            if puts
+                && self.on.load(Ordering::SeqCst)
+                && self.sent.fetch_add(1, Ordering::SeqCst) > 0
+            {
+                return Err(full());
+            }
+            self.inner.txn(txn).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_put_back_refused_for_space_after_a_lost_answer_is_not_delivered_twice() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(LateLanding {
+            inner: slow.clone(),
+            on: AtomicBool::new(false),
+            sent: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("X").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        // X is held; after HOLD_FOR the task puts it back: its first send lands late.
+        store.on.store(true, Ordering::SeqCst);
+        slow.put_lands_after_next_read.store(true, Ordering::SeqCst);
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(1000)).await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(500), q.dequeue()).await {
+                got.push(String::from_utf8(v).unwrap());
+            }
+        }
+        assert!(got.len() <= 1, "X delivered twice: {got:?}");
     }
 }
