@@ -1295,3 +1295,57 @@ async fn rediss_to_a_slow_dual_mode_server_connects() {
     }
     proxy.abort();
 }
+
+/// The wrong CA (or any certificate refusal) on *every* member of a cluster, the usual
+/// mistake with a real member list, is `Error::Tls` at once, as with one member
+/// (docs/security.md: "at once (not after the dial timeout)"). It took the dial timeout's
+/// worth of retries (9.4 s of 20 s): the connect spent a budget of 10 refusals per member.
+#[tokio::test]
+async fn wrong_ca_on_every_member_is_a_tls_error_at_once() {
+    if skip() {
+        return;
+    }
+    let (pki, other) = (TestPki::generate(), TestPki::generate());
+    let a = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&pki)).await;
+    let b = EtcdServer::start_with_async(EtcdServerOptions::new().with_tls(&pki)).await;
+    let endpoints = format!("{},{}", a.endpoint(), b.endpoint());
+    let started = Instant::now();
+    let err = Client::builder(&endpoints)
+        .with_dial_timeout(Duration::from_secs(20))
+        .with_tls(TlsConfig::new().with_ca_file(other.ca_file()))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "not signed by a trusted CA");
+    found_within(started, 3);
+}
+
+/// A `rediss://` server with an unparsable CA file (or a client key that is not a key):
+/// the error names the `rediss://` endpoint and the files to check (it named a `redis://`
+/// endpoint, and no file).
+#[tokio::test]
+async fn a_bad_ca_file_on_rediss_names_the_file_not_a_plaintext_endpoint() {
+    let dir = std::env::temp_dir().join(format!("baton-review-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad-ca.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nZZZZ!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = RedisClient::builder("rediss://127.0.0.1:1")
+        .with_tls(TlsConfig::new().with_ca_file(&bad))
+        .connect()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !text.contains("\"redis://"),
+        "a rediss:// server shown as redis://: {text}"
+    );
+    assert!(
+        text.contains("bad-ca.pem"),
+        "the CA file is not named: {text}"
+    );
+}

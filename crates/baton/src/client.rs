@@ -730,7 +730,7 @@ impl Endpoints {
         let Some((scheme, rest)) = input.split_once("://") else {
             return Err(bad(
                 input,
-                "missing scheme: use http://, etcd://, redis://, redlock:// or mem://",
+                "missing scheme: use http://, https://, etcd://, redis://, rediss://, redlock:// or mem://",
             ));
         };
         match scheme {
@@ -826,10 +826,17 @@ impl Endpoints {
                 }
                 Ok(Endpoints::Redlock(nodes))
             }
+            other if other != other.to_ascii_lowercase() => Err(bad(
+                input,
+                format!(
+                    "unsupported scheme {other:?}: schemes are lowercase ({}://)",
+                    other.to_ascii_lowercase()
+                ),
+            )),
             other => Err(bad(
                 input,
                 format!(
-                    "unsupported scheme {other:?}: use http://, etcd://, redis://, redlock:// or mem://"
+                    "unsupported scheme {other:?}: use http://, https://, etcd://, redis://, rediss://, redlock:// or mem://"
                 ),
             )),
         }
@@ -1093,6 +1100,15 @@ mod tests {
             let err = Endpoints::parse(bad).unwrap_err();
             assert!(err.to_string().contains("unsupported scheme"), "{err}");
         }
+        // An unknown scheme's error lists the TLS ones too; one in capitals says how to
+        // write it.
+        let err = Endpoints::parse("ftp://a:1").unwrap_err().to_string();
+        assert!(
+            err.contains("https://") && err.contains("rediss://"),
+            "{err}"
+        );
+        let err = Endpoints::parse("HTTPS://a:1").unwrap_err().to_string();
+        assert!(err.contains("schemes are lowercase (https://)"), "{err}");
         assert_eq!(
             Endpoints::parse("redlock://a:1,redis://b:2,c:3/1")
                 .unwrap()

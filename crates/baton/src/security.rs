@@ -349,6 +349,12 @@ fn classify_tls(text: &str, https: bool) -> Option<(&'static str, bool)> {
             "the server's certificate does not match the host name in the URL",
             true,
         )
+    } else if t.contains("alert") && t.contains("certificateexpired") {
+        // An alert is the server's word about *our* certificate.
+        (
+            "the server rejected the client certificate: it has expired or is not valid yet (--cert)",
+            true,
+        )
     } else if t.contains("expired") && t.contains("certificate") {
         (
             "the server's certificate has expired or is not valid yet",
@@ -380,6 +386,7 @@ fn classify_tls(text: &str, https: bool) -> Option<(&'static str, bool)> {
     } else if t.contains("invalidpeercertificate") || t.contains("badencoding") {
         ("the server's certificate is invalid", true)
     } else if t.contains("nocertificatesfound")
+        || t.contains("errorparsingtls")
         || t.contains("privatekey")
         || t.contains("invalidcertificate")
         || (t.contains("tls") && t.contains("config"))
@@ -507,6 +514,34 @@ mod tests {
         ));
         assert!(looks_hung_up("Connection reset by peer (os error 104)"));
         assert!(!looks_hung_up("Connection refused (os error 111)"));
+    }
+
+    /// An alert from the server about *our* certificate (Redis/OpenSSL
+    /// sends `certificate_expired` for an expired client certificate) is not the server's
+    /// certificate having expired: the hint must point at --cert, not at the server.
+    #[test]
+    fn an_expired_client_certificate_alert_names_the_client_certificate() {
+        for text in [
+            "received fatal alert: CertificateExpired",
+            "transport error: connection error: received fatal alert: certificateexpired",
+            "received fatal alert: CertificateRevoked",
+        ] {
+            let hint = tls_problem(text, true).unwrap_or_default();
+            assert!(
+                !hint.contains("the server's certificate") && hint.contains("client certificate"),
+                "{text} -> {hint}"
+            );
+        }
+    }
+
+    /// A CA file that is PEM but not a certificate tonic can parse (corrupt,
+    /// truncated) fails before any handshake: it is a file to fix, not "the TLS handshake
+    /// failed".
+    #[test]
+    fn an_unparsable_ca_file_is_not_a_handshake_failure() {
+        let text = "transport error: error parsing tls certificate.";
+        let hint = tls_problem(text, true).unwrap_or_default();
+        assert!(hint.contains("could not be loaded"), "{text} -> {hint}");
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -449,8 +449,9 @@ impl Node {
         request_timeout: Duration,
         tls: Option<&TlsConfig>,
     ) -> Result<Node> {
+        let scheme = if node.tls { "rediss" } else { "redis" };
         let invalid = |reason: String| Error::InvalidEndpoint {
-            endpoint: format!("redis://{node}"),
+            endpoint: format!("{scheme}://{node}"),
             reason,
         };
         let addr = if node.tls {
@@ -492,7 +493,19 @@ impl Node {
             }
             _ => redis::Client::open(info),
         }
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| match tls.filter(|_| node.tls) {
+            // The files read, but the TLS library could not use them: say which.
+            Some(tls) => invalid(format!(
+                "{e} (check the PEM files: CA {}, client certificate {}, key {})",
+                tls.ca_file()
+                    .map_or("none".into(), |p| p.display().to_string()),
+                tls.cert_file()
+                    .map_or("none".into(), |p| p.display().to_string()),
+                tls.key_file()
+                    .map_or("none".into(), |p| p.display().to_string()),
+            )),
+            None => invalid(e.to_string()),
+        })?;
         Ok(Node {
             display: node.to_string(),
             client,

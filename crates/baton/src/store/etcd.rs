@@ -111,6 +111,18 @@ fn tls_refusal_budget(members: usize) -> usize {
     }
 }
 
+/// [`tls_refusal_budget`] at connect: two refusals per member. A refusing member is passed
+/// over, so a good one answers the next attempt; when every member refuses (the wrong CA
+/// for the cluster, the usual mistake) the error comes at once, not after the dial
+/// timeout's worth of retries (found by review: 9.3 s with a 20 s dial timeout).
+fn tls_refusal_budget_at_connect(members: usize) -> usize {
+    if members > 1 {
+        2 * members
+    } else {
+        1
+    }
+}
+
 /// How many copies of an idempotent request may be in flight at once: a copy is sent after
 /// each 1/HEDGES of the request timeout without an answer (see `EtcdStore::hedged`).
 const HEDGES: usize = 4;
@@ -571,7 +583,8 @@ impl EtcdStore {
                     match tls_problem(&reason, https) {
                         Some(_)
                             if refused
-                                && tls_refusals < tls_refusal_budget(endpoints.len())
+                                && tls_refusals
+                                    < tls_refusal_budget_at_connect(endpoints.len())
                                 && Instant::now() + backoff < deadline =>
                         {
                             tls_refusals += 1;
