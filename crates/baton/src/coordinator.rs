@@ -326,7 +326,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
         None
     }
 
-    /// Release everything and disconnect.
+    /// Release everything; on Redis, also disconnect (see [`Coordinator::close`]).
     ///
     /// # Cancel safety
     ///
@@ -592,7 +592,10 @@ impl Coordinator {
         self.backend.redis()
     }
 
-    /// Release everything (on etcd: revoke the session's lease) and disconnect.
+    /// Release everything (on etcd: revoke the session's lease) and, on Redis, disconnect.
+    /// On etcd and the embedded store the client stays connected (what
+    /// [`client()`](Coordinator::client) returns still works) until the last clone of the
+    /// coordinator, and of that client, is dropped.
     ///
     /// Guards and leaderships still held are lost (their `release()` fails with
     /// [`Error::NotHeld`] / [`Error::NotLeader`]). Tasks waiting in `lock()` or `campaign()`
@@ -1000,7 +1003,11 @@ impl Elector for StoreElector {
     }
     fn observe(&self) -> LeaderStream {
         // Ends when the coordinator is closed, as on Redis.
-        let events = self.election.observe().with_vacancies();
+        let events = self
+            .election
+            .observe()
+            .stop_on(self.sessions.closed.clone())
+            .with_vacancies();
         LeaderStream::new(events.until(self.sessions.closed.clone()))
     }
 }
@@ -1360,5 +1367,214 @@ mod tests {
         assert_eq!(leader.value, b"b");
         second.release().await.unwrap();
         coord.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lock_timeout_zero_on_mem() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let got = coord
+            .lock("sv-zero")
+            .unwrap()
+            .lock_timeout(Duration::ZERO)
+            .await;
+        assert!(got.is_ok(), "{got:?}");
+        let got = coord
+            .election("sv-zero-e")
+            .unwrap()
+            .campaign_timeout(b"v".to_vec(), Duration::ZERO)
+            .await;
+        assert!(got.is_ok(), "{:?}", got.map(drop));
+        coord.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_after_loss_and_twice() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let lost = coord.lost_token().unwrap();
+        let store = coord.client().unwrap().store().clone();
+        store.lease_revoke(coord.lease_id().unwrap()).await.unwrap();
+        let _ = lost;
+        coord.close().await.unwrap();
+        coord.close().await.unwrap();
+    }
+
+    /// close() said "and disconnect" on every backend; on etcd and the embedded store the
+    /// client goes on working (the docs now say so). Failed with the old docs' promise
+    /// asserted: `Ok(12)`, a write after close().
+    #[tokio::test]
+    async fn close_leaves_the_store_client_connected() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        coord.close().await.unwrap();
+        let r = coord
+            .client()
+            .unwrap()
+            .store()
+            .put(b"after-close", b"x", 0)
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// A task cancelled while queued in the store behind another coordinator: the next
+    /// task of its coordinator gets Locked from try_lock, then the lock once it is free.
+    #[tokio::test]
+    async fn cancel_then_local_next() {
+        let a = Coordinator::connect("mem://").await.unwrap();
+        let b = Coordinator::builder("mem://").connect().await.unwrap();
+        let held = a.lock("sv-cancel").unwrap().lock().await.unwrap();
+        let err = b
+            .lock("sv-cancel")
+            .unwrap()
+            .lock_timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+        let err = b.lock("sv-cancel").unwrap().try_lock().await.unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+        let b2 = b.clone();
+        let waiting = tokio::spawn(async move {
+            b2.lock("sv-cancel")
+                .unwrap()
+                .lock_timeout(Duration::from_secs(3))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.release().await.unwrap();
+        let g = waiting.await.unwrap().unwrap();
+        assert!(!g.is_lost());
+        g.release().await.unwrap();
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+    }
+
+    /// A lock and an election of one name, in one coordinator, take turns.
+    #[tokio::test]
+    async fn lock_and_election_same_name() {
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let held = coord.lock("sv-same").unwrap().lock().await.unwrap();
+        let c = coord.clone();
+        let camp = tokio::spawn(async move {
+            c.election("sv-same")
+                .unwrap()
+                .campaign_timeout(b"v".to_vec(), Duration::from_secs(3))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!camp.is_finished());
+        let t1 = held.fencing_token();
+        drop(held);
+        let lead = camp.await.unwrap().unwrap();
+        assert!(lead.fencing_token() > t1);
+        lead.release().await.unwrap();
+        coord.close().await.unwrap();
+    }
+
+    /// Stress: tasks of two coordinators lock one name with random timeouts, drops and
+    /// releases; never two holders at once, and no hang.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stress_local_slots() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let coords = [
+            Coordinator::connect("mem://").await.unwrap(),
+            Coordinator::connect("mem://").await.unwrap(),
+        ];
+        let inside = Arc::new(AtomicUsize::new(0));
+        let grants = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..8_u64 {
+            let coord = coords[(t % 2) as usize].clone();
+            let inside = inside.clone();
+            let grants = grants.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seed = t * 7919 + 13;
+                let mut rnd = move || {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    seed >> 33
+                };
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+                while tokio::time::Instant::now() < deadline {
+                    let lock_or_elect = rnd() % 3;
+                    let wait = Duration::from_micros(rnd() % 3000);
+                    let got: Result<Box<dyn Guard>> = match lock_or_elect {
+                        0 => coord.lock("sv-stress").unwrap().lock_timeout(wait).await,
+                        1 => coord.lock("sv-stress").unwrap().try_lock().await,
+                        _ => coord
+                            .election("sv-stress")
+                            .unwrap()
+                            .campaign_timeout(b"v".to_vec(), wait)
+                            .await
+                            .map(|l| l as Box<dyn Guard>),
+                    };
+                    let Ok(g) = got else { continue };
+                    assert!(!g.is_lost());
+                    let n = inside.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(n, 0, "two holders at once");
+                    grants.fetch_add(1, Ordering::SeqCst);
+                    if rnd() % 2 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    match rnd() % 3 {
+                        0 => drop(g),
+                        1 => g.release().await.unwrap(),
+                        _ => {
+                            // a release cancelled mid-way
+                            let _ = tokio::time::timeout(
+                                Duration::from_micros(rnd() % 200),
+                                g.release(),
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("hung")
+                .unwrap();
+        }
+        assert!(grants.load(Ordering::SeqCst) > 10);
+        // Everything free again: a lock in each coordinator is granted at once.
+        for c in &coords {
+            let g =
+                tokio::time::timeout(Duration::from_secs(5), c.lock("sv-stress").unwrap().lock())
+                    .await
+                    .expect("the lock stayed taken")
+                    .unwrap();
+            g.release().await.unwrap();
+            c.close().await.unwrap();
+        }
+    }
+
+    /// After close(), observe() streams end, and their observing tasks too: an ended stream
+    /// still kept by its owner kept its task (and its watch on the store) running until it
+    /// was dropped (on etcd and the embedded store; on Redis it stopped).
+    #[tokio::test]
+    async fn close_stops_observing_tasks() {
+        use futures::StreamExt;
+        let coord = Coordinator::connect("mem://").await.unwrap();
+        let election = coord.election("sv-obs").unwrap();
+        let mut leaders = election.observe();
+        let lead = election.campaign(b"a".to_vec()).await.unwrap();
+        assert_eq!(leaders.next().await.unwrap().value, b"a");
+        lead.release().await.unwrap();
+        coord.close().await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(2), leaders.next())
+            .await
+            .unwrap()
+            .is_none());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let alive = metrics.num_alive_tasks();
+        drop(leaders);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = metrics.num_alive_tasks();
+        assert_eq!(
+            alive, after,
+            "after close(), the ended stream still had a live observing task until dropped ({alive} tasks, {after} after the drop)"
+        );
     }
 }

@@ -348,9 +348,18 @@ pub struct Observe {
     start: Option<(Arc<dyn Store>, String)>,
     rx: Option<mpsc::Receiver<Observed>>,
     failure: ObserveFailure,
+    /// Cancelled: the observing task stops (a closed coordinator), even while the stream
+    /// is kept.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Observe {
+    /// This stream, whose observing task also stops when `token` is cancelled.
+    pub(crate) fn stop_on(mut self, token: tokio_util::sync::CancellationToken) -> Observe {
+        self.stop = token;
+        self
+    }
+
     /// Why the stream ended, if the backend refused access
     /// ([`Error::is_access_denied`]); `None` otherwise.
     pub fn take_error(&mut self) -> Option<Error> {
@@ -401,7 +410,12 @@ impl Observe {
     /// The next event, starting the observing task on the first poll.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Observed>> {
         if let Some((store, name)) = self.start.take() {
-            self.rx = Some(spawn_observer(store, &name, self.failure.clone()));
+            self.rx = Some(spawn_observer(
+                store,
+                &name,
+                self.failure.clone(),
+                self.stop.clone(),
+            ));
         }
         match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
@@ -630,6 +644,7 @@ fn observe_in(store: Arc<dyn Store>, name: &str) -> Observe {
         start: Some((store, name.to_string())),
         rx: None,
         failure: ObserveFailure::default(),
+        stop: tokio_util::sync::CancellationToken::new(),
     }
 }
 
@@ -637,6 +652,7 @@ fn spawn_observer(
     store: Arc<dyn Store>,
     name: &str,
     failure: ObserveFailure,
+    stop: tokio_util::sync::CancellationToken,
 ) -> mpsc::Receiver<Observed> {
     let (tx, rx) = mpsc::channel(16);
     let prefix = format!("{name}/");
@@ -645,6 +661,7 @@ fn spawn_observer(
         async move {
             tokio::select! {
                 _ = tx.closed() => {}
+                _ = stop.cancelled() => {}
                 denied = observe_loop(&store, &prefix, &tx, &failure) => {
                     if let Some(e) = denied {
                         tracing::warn!(error = %e, "observing stopped: access denied");

@@ -877,4 +877,118 @@ mod tests {
         ));
         assert!(changes.take_error().is_none(), "taken once");
     }
+
+    /// The embedded store, whose open watches can be cut (a broken connection) at will.
+    #[derive(Debug, Default)]
+    struct Cutting {
+        inner: crate::store::mem::MemStore,
+        cut: std::sync::Mutex<tokio_util::sync::CancellationToken>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for Cutting {
+        fn inner(&self) -> &dyn Store {
+            &self.inner
+        }
+        async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+            let cut = self.cut.lock().unwrap().clone().cancelled_owned();
+            Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
+        }
+    }
+
+    /// Stress: writes, deletes, compactions and broken watches under a
+    /// value's and a count's change streams: every item is a newer write than the last
+    /// (never twice, never backwards), and the last write is always seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_stress() {
+        let store = Arc::new(Cutting::default());
+        let client = Client::from_arc(store.clone());
+        let v = SharedValue::new(&client, "sv").unwrap();
+        let c = SharedCount::new(&client, "sv").unwrap();
+        let values = v.watch();
+        let mut counts = c.watch();
+        let reader = |mut s: Changes| {
+            tokio::spawn(async move {
+                let mut last: Option<(Revision, bool)> = None;
+                let mut n = 0;
+                loop {
+                    let Some(item) = s.next().await else { return n };
+                    n += 1;
+                    let rev = item.as_ref().map_or(0, |v| v.mod_revision);
+                    let present = item.is_some();
+                    if let Some((lrev, lpresent)) = last {
+                        assert!(
+                            (present && rev > lrev) || (!present && lpresent),
+                            "item out of order or repeated: {last:?} then {item:?}"
+                        );
+                    }
+                    last = Some((
+                        if present {
+                            rev
+                        } else {
+                            last.map_or(0, |l| l.0)
+                        },
+                        present,
+                    ));
+                    if item.as_ref().is_some_and(|v| v.value == b"-1") {
+                        return n;
+                    }
+                }
+            })
+        };
+        let vr = reader(values);
+        let cr = tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                let item = counts.next().await.unwrap();
+                if item.mod_revision != 0 {
+                    assert!(
+                        item.mod_revision > last,
+                        "count out of order: {last} then {item:?}"
+                    );
+                    last = item.mod_revision;
+                }
+                if item.value == -1 {
+                    return;
+                }
+            }
+        });
+        let mut seed = 99_u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for i in 0..3000_i64 {
+            match rnd() % 10 {
+                0 => {
+                    v.delete().await.unwrap();
+                }
+                1 => {
+                    let old = std::mem::take(&mut *store.cut.lock().unwrap());
+                    old.cancel();
+                }
+                2 => {
+                    let rev = client.store().put(b"other", b"", 0).await.unwrap();
+                    client.store().compact(rev).await.unwrap();
+                }
+                _ => {
+                    v.set(i.to_string()).await.unwrap();
+                }
+            }
+            if rnd() % 4 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        v.set("-1").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), vr)
+            .await
+            .expect("value stream missed the last write")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), cr)
+            .await
+            .expect("count stream missed the last write")
+            .unwrap();
+    }
 }
