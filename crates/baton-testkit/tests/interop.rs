@@ -146,28 +146,13 @@ async fn etcdctl_waits_for_baton_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granted_revisions_rise_when_etcdctl_and_baton_take_turns() {
     let etcd = EtcdServer::start_async().await;
-    let h = session(&etcd).await;
-    let g = Mutex::new(&h, "interop/turns")
-        .unwrap()
-        .lock()
-        .await
-        .unwrap();
-    let mut ctl = etcdctl_bg(
-        &etcd,
-        &[
-            "lock",
-            "interop/turns",
-            "--",
-            "sh",
-            "-c",
-            "echo $ETCD_LOCK_REV",
-        ],
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let b = session(&etcd).await;
-    let mb = Mutex::new(&b, "interop/turns").unwrap();
-    let waiting = tokio::spawn(async move { mb.lock().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Queued {
+        h: _h,
+        g,
+        mut ctl,
+        b: _b,
+        waiting,
+    } = queued(&etcd, "interop/turns", "echo $ETCD_LOCK_REV").await;
     let first = g.granted_revision();
     g.unlock().await.unwrap();
     let ctl_rev: i64 = first_line(&mut ctl, Duration::from_secs(5))
@@ -413,28 +398,13 @@ async fn a_dropped_baton_campaign_does_not_block_an_etcdctl_candidate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hazard_an_etcdctl_waiter_whose_key_was_deleted_still_takes_the_lock() {
     let etcd = EtcdServer::start_async().await;
-    let h = session(&etcd).await;
-    let g = Mutex::new(&h, "interop/freed")
-        .unwrap()
-        .lock()
-        .await
-        .unwrap();
-    let mut ctl = etcdctl_bg(
-        &etcd,
-        &[
-            "lock",
-            "interop/freed",
-            "--",
-            "sh",
-            "-c",
-            "echo held; sleep 10",
-        ],
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let b = session(&etcd).await;
-    let mb = Mutex::new(&b, "interop/freed").unwrap();
-    let waiting = tokio::spawn(async move { mb.lock().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Queued {
+        h,
+        g,
+        mut ctl,
+        b,
+        waiting,
+    } = queued(&etcd, "interop/freed", "echo held; sleep 10").await;
     let keys = h
         .client()
         .store()
@@ -464,4 +434,33 @@ async fn hazard_an_etcdctl_waiter_whose_key_was_deleted_still_takes_the_lock() {
     // Both hold: etcdctl's command runs (for 10 s) while Baton holds.
     assert!(ctl.try_wait().unwrap().is_none());
     gb.unlock().await.unwrap();
+}
+
+/// A Baton holder of `name` (session `h`, guard `g`), an `etcdctl lock name -- sh -c
+/// script` waiting behind it (`ctl`), and a Baton waiter behind that (session `b`, its
+/// `lock()` in `waiting`).
+struct Queued {
+    h: Session,
+    g: baton::MutexGuard,
+    ctl: Child,
+    b: Session,
+    waiting: tokio::task::JoinHandle<baton::Result<baton::MutexGuard>>,
+}
+
+async fn queued(etcd: &EtcdServer, name: &str, script: &str) -> Queued {
+    let h = session(etcd).await;
+    let g = Mutex::new(&h, name).unwrap().lock().await.unwrap();
+    let ctl = etcdctl_bg(etcd, &["lock", name, "--", "sh", "-c", script]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = session(etcd).await;
+    let mb = Mutex::new(&b, name).unwrap();
+    let waiting = tokio::spawn(async move { mb.lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Queued {
+        h,
+        g,
+        ctl,
+        b,
+        waiting,
+    }
 }

@@ -298,18 +298,9 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl crate::store::Store for GatedScan {
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn range(&self, r: crate::store::Range) -> Result<crate::store::RangeResponse> {
-            self.inner.range(r).await
-        }
-        async fn put(&self, k: &[u8], v: &[u8], l: crate::store::LeaseId) -> Result<i64> {
-            self.inner.put(k, v, l).await
-        }
-        async fn delete(&self, k: crate::store::KeyRange) -> Result<(i64, i64)> {
-            self.inner.delete(k).await
+    impl crate::store::slow::Hooks for GatedScan {
+        fn inner(&self) -> &dyn crate::store::Store {
+            &self.inner
         }
         async fn txn(&self, txn: crate::store::Txn) -> Result<crate::store::TxnResponse> {
             let scans = txn.success.iter().any(|op| {
@@ -321,31 +312,7 @@ mod tests {
                 self.reached.notify_one();
                 self.proceed.notified().await;
             }
-            self.inner.txn(txn).await
-        }
-        async fn lease_grant(&self, ttl: Duration) -> Result<crate::store::LeaseGrant> {
-            self.inner.lease_grant(ttl).await
-        }
-        async fn lease_keep_alive(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_keep_alive(id).await
-        }
-        async fn lease_revoke(&self, id: crate::store::LeaseId) -> Result<()> {
-            self.inner.lease_revoke(id).await
-        }
-        async fn lease_time_to_live(&self, id: crate::store::LeaseId) -> Result<Option<Duration>> {
-            self.inner.lease_time_to_live(id).await
-        }
-        async fn watch(&self, w: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            self.inner.watch(w).await
-        }
-        async fn watch_from_now(
-            &self,
-            w: crate::store::Watch,
-        ) -> Result<(i64, crate::store::WatchStream)> {
-            self.inner.watch_from_now(w).await
-        }
-        async fn compact(&self, rev: i64) -> Result<()> {
-            self.inner.compact(rev).await
+            crate::store::Store::txn(&self.inner, txn).await
         }
     }
 

@@ -2773,18 +2773,21 @@ mod put_back_out_of_space {
         Error::Store("etcdserver: mvcc: database space exceeded".into())
     }
 
+    /// Whether `txn` puts (what etcd refuses under the alarm).
+    fn puts(txn: &Txn) -> bool {
+        txn.success
+            .iter()
+            .chain(txn.failure.iter())
+            .any(|op| matches!(op, TxnOp::Put { .. }))
+    }
+
     #[async_trait::async_trait]
     impl crate::store::slow::Hooks for NoSpace {
         fn inner(&self) -> &dyn Store {
             &*self.inner
         }
         async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-            let puts = txn
-                .success
-                .iter()
-                .chain(txn.failure.iter())
-                .any(|op| matches!(op, TxnOp::Put { .. }));
-            if puts && self.on.load(Ordering::SeqCst) {
+            if puts(&txn) && self.on.load(Ordering::SeqCst) {
                 return Err(full());
             }
             self.inner.txn(txn).await
@@ -2862,14 +2865,9 @@ mod put_back_out_of_space {
             &*self.inner
         }
         async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-            let puts = txn
-                .success
-                .iter()
-                .chain(txn.failure.iter())
-                .any(|op| matches!(op, TxnOp::Put { .. }));
             // The first put-back send goes through (the slow store loses its answer and
             // applies it after the next read); the later ones are refused for space.
-            if puts
+            if puts(&txn)
                 && self.on.load(Ordering::SeqCst)
                 && self.sent.fetch_add(1, Ordering::SeqCst) > 0
             {
