@@ -1325,7 +1325,7 @@ async fn wrong_ca_on_every_member_is_a_tls_error_at_once() {
 /// endpoint, and no file).
 #[tokio::test]
 async fn a_bad_ca_file_on_rediss_names_the_file_not_a_plaintext_endpoint() {
-    let dir = std::env::temp_dir().join(format!("baton-review-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("baton-bad-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad-ca.pem");
     std::fs::write(
@@ -1347,5 +1347,44 @@ async fn a_bad_ca_file_on_rediss_names_the_file_not_a_plaintext_endpoint() {
     assert!(
         text.contains("bad-ca.pem"),
         "the CA file is not named: {text}"
+    );
+}
+
+/// One member of two (listed first) whose certificate is refused, while the good member
+/// restarts for ~6 s. With a 15 s dial timeout, the connect waits for the good member (as
+/// it did with ten refusals per member), and does not give up with `Error::Tls` once the
+/// refusing member was tried twice (it did, after 3.3 s, with the first form of the
+/// smaller budget).
+#[tokio::test]
+async fn connect_waits_for_a_restarting_member_when_another_refuses_its_certificate() {
+    if skip() {
+        return;
+    }
+    let cas = two_cas_and_a_forwarder().await;
+    let (pki, b) = (&cas.pki, &cas.b);
+    let mut a = cas.a;
+    let endpoints = format!(
+        "https://127.0.0.1:{},https://127.0.0.1:{}",
+        b.client_port(),
+        a.client_port()
+    );
+    a.kill();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(6));
+        a.restart();
+        a
+    });
+    let started = Instant::now();
+    let c = Client::builder(&endpoints)
+        .with_dial_timeout(Duration::from_secs(15))
+        .with_tls(TlsConfig::new().with_ca_file(pki.ca_file()))
+        .connect()
+        .await;
+    let elapsed = started.elapsed();
+    let _a = restarter.join().unwrap();
+    assert!(
+        c.is_ok(),
+        "connect failed after {elapsed:?} while the good member was restarting: {:?}",
+        c.err()
     );
 }

@@ -826,13 +826,21 @@ impl Endpoints {
                 }
                 Ok(Endpoints::Redlock(nodes))
             }
-            other if other != other.to_ascii_lowercase() => Err(bad(
+            other
+                if other != other.to_ascii_lowercase()
+                    && matches!(
+                        other.to_ascii_lowercase().as_str(),
+                        "http" | "https" | "etcd" | "redis" | "rediss" | "redlock" | "mem"
+                    ) =>
+            {
+                Err(bad(
                 input,
                 format!(
                     "unsupported scheme {other:?}: schemes are lowercase ({}://)",
                     other.to_ascii_lowercase()
                 ),
-            )),
+            ))
+            }
             other => Err(bad(
                 input,
                 format!(
@@ -1371,5 +1379,22 @@ mod tests {
         let all = raw.store().range(Range::prefix("")).await.unwrap();
         assert_eq!(all.kvs[0].key, b"a/b/k");
         assert!(client.with_namespace("x\0").is_err());
+    }
+
+    /// A scheme in capitals that is not a supported one in lowercase either (`Ftp://`) is
+    /// not told "schemes are lowercase (ftp://)", which points at `ftp://`, refused too: it
+    /// gets the list of supported schemes.
+    #[test]
+    fn an_unknown_scheme_in_capitals_is_not_told_to_lowercase() {
+        for input in ["Ftp://a:1", "HTTPX://a:1", "Unix://a:1"] {
+            let err = Endpoints::parse(input).unwrap_err().to_string();
+            assert!(
+                !err.contains("schemes are lowercase") && err.contains("https://"),
+                "{input} -> {err}"
+            );
+        }
+        // Still right for a supported scheme in capitals.
+        let err = Endpoints::parse("Redis://a:1").unwrap_err().to_string();
+        assert!(err.contains("(redis://)"), "{err}");
     }
 }

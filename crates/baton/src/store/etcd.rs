@@ -100,7 +100,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// `members.rs`, so a retry goes to another member while one is connected).
 const TLS_REFUSALS_PER_MEMBER: usize = 10;
 
-/// How many refused TLS handshakes a request (or a connect) retries with `members`
+/// How many refused TLS handshakes a request retries with `members`
 /// endpoints: [`TLS_REFUSALS_PER_MEMBER`] each, or one retry with a single member (another
 /// attempt cannot reach another member).
 fn tls_refusal_budget(members: usize) -> usize {
@@ -111,10 +111,12 @@ fn tls_refusal_budget(members: usize) -> usize {
     }
 }
 
-/// [`tls_refusal_budget`] at connect: two refusals per member. A refusing member is passed
-/// over, so a good one answers the next attempt; when every member refuses (the wrong CA
-/// for the cluster, the usual mistake) the error comes at once, not after the dial
-/// timeout's worth of retries (found by review: 9.3 s with a 20 s dial timeout).
+/// [`tls_refusal_budget`] at connect: two refusals in a row per member (another error,
+/// a member merely down, starts the count again: the connect then waits for it, until the
+/// dial timeout). A refusing member is passed over, so a good one answers the next attempt;
+/// when every member refuses (the wrong CA for the cluster, the usual mistake) the error
+/// comes at once, not after the dial timeout's worth of retries (found by review: 9.3 s
+/// with a 20 s dial timeout).
 fn tls_refusal_budget_at_connect(members: usize) -> usize {
     if members > 1 {
         2 * members
@@ -595,7 +597,10 @@ impl EtcdStore {
                                 reason,
                             });
                         }
-                        None => {}
+                        // Another member merely down (not refusing): the refusals so far
+                        // are not every member's answer, wait for it (until the dial
+                        // timeout) rather than fail with the refusing member's error.
+                        None => tls_refusals = 0,
                     }
                     // `http://` to TLS servers: they hang up on the HTTP/2 preface, which
                     // looks like a member going away. Ask once whether they speak TLS.
