@@ -1388,3 +1388,35 @@ async fn connect_waits_for_a_restarting_member_when_another_refuses_its_certific
         c.err()
     );
 }
+
+/// One member of two whose certificate is refused, the other down for the whole dial
+/// timeout: the connect gives up at the dial timeout with the refusal (`Error::Tls`: the
+/// setting to fix), not with the down member's "connection refused", whichever came last.
+#[tokio::test]
+async fn a_refusal_beside_a_member_down_is_reported_at_the_dial_timeout() {
+    if skip() {
+        return;
+    }
+    let cas = two_cas_and_a_forwarder().await;
+    let (pki, b) = (&cas.pki, &cas.b);
+    let mut a = cas.a;
+    let endpoints = format!(
+        "https://127.0.0.1:{},https://127.0.0.1:{}",
+        b.client_port(),
+        a.client_port()
+    );
+    a.kill();
+    let started = Instant::now();
+    let err = Client::builder(&endpoints)
+        .with_dial_timeout(Duration::from_secs(3))
+        .with_tls(TlsConfig::new().with_ca_file(pki.ca_file()))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_tls_error(&err, "not signed by a trusted CA");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "gave up after {:?}, before the dial timeout, with a member that could come back",
+        started.elapsed()
+    );
+}

@@ -546,6 +546,16 @@ impl EtcdStore {
         // expired): try again (another member: the refusing one is passed over for a
         // while), until the refusals are too many for that.
         let mut tls_refusals = 0;
+        // The last refusal: at the dial timeout, what to report (a member refusing our
+        // certificate settings says more than another one's "connection refused").
+        let mut last_refusal: Option<String> = None;
+        let gave_up = |refusal: Option<String>, error: Option<String>| match refusal {
+            Some(reason) => Error::Tls {
+                endpoints: joined.clone(),
+                reason,
+            },
+            None => connect_error(error.unwrap_or_else(|| "no member answered".into())),
+        };
         loop {
             let attempt = async {
                 if !authenticated {
@@ -583,13 +593,14 @@ impl EtcdStore {
                     tracing::debug!(endpoints = %joined, error = %reason, "etcd probe failed");
                     let refused = tls_rejection(&reason).is_some();
                     match tls_problem(&reason, https) {
-                        Some(_)
+                        Some(problem)
                             if refused
                                 && tls_refusals
                                     < tls_refusal_budget_at_connect(endpoints.len())
                                 && Instant::now() + backoff < deadline =>
                         {
                             tls_refusals += 1;
+                            last_refusal = Some(problem);
                         }
                         Some(reason) => {
                             return Err(Error::Tls {
@@ -626,16 +637,10 @@ impl EtcdStore {
                         reason
                     });
                 }
-                Err(_) => {
-                    return Err(connect_error(
-                        last_error.unwrap_or_else(|| "no member answered".into()),
-                    ))
-                }
+                Err(_) => return Err(gave_up(last_refusal, last_error)),
             }
             if Instant::now() + backoff >= deadline {
-                return Err(connect_error(
-                    last_error.unwrap_or_else(|| "no member answered".into()),
-                ));
+                return Err(gave_up(last_refusal, last_error));
             }
             sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
