@@ -1360,22 +1360,16 @@ async fn connect_waits_for_a_restarting_member_when_another_refuses_its_certific
     if skip() {
         return;
     }
-    let cas = two_cas_and_a_forwarder().await;
-    let (pki, b) = (&cas.pki, &cas.b);
-    let mut a = cas.a;
-    let endpoints = format!(
-        "https://127.0.0.1:{},https://127.0.0.1:{}",
-        b.client_port(),
-        a.client_port()
-    );
-    a.kill();
+    let members = refusing_first_and_good_down().await;
+    let mut a = members.a;
+    let (pki, endpoints) = (&members.pki, &members.endpoints);
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(6));
         a.restart();
         a
     });
     let started = Instant::now();
-    let c = Client::builder(&endpoints)
+    let c = Client::builder(endpoints)
         .with_dial_timeout(Duration::from_secs(15))
         .with_tls(TlsConfig::new().with_ca_file(pki.ca_file()))
         .connect()
@@ -1397,17 +1391,10 @@ async fn a_refusal_beside_a_member_down_is_reported_at_the_dial_timeout() {
     if skip() {
         return;
     }
-    let cas = two_cas_and_a_forwarder().await;
-    let (pki, b) = (&cas.pki, &cas.b);
-    let mut a = cas.a;
-    let endpoints = format!(
-        "https://127.0.0.1:{},https://127.0.0.1:{}",
-        b.client_port(),
-        a.client_port()
-    );
-    a.kill();
+    let members = refusing_first_and_good_down().await;
+    let (pki, endpoints) = (&members.pki, &members.endpoints);
     let started = Instant::now();
-    let err = Client::builder(&endpoints)
+    let err = Client::builder(endpoints)
         .with_dial_timeout(Duration::from_secs(3))
         .with_tls(TlsConfig::new().with_ca_file(pki.ca_file()))
         .connect()
@@ -1419,4 +1406,39 @@ async fn a_refusal_beside_a_member_down_is_reported_at_the_dial_timeout() {
         "gave up after {:?}, before the dial timeout, with a member that could come back",
         started.elapsed()
     );
+}
+
+/// Two members: one whose certificate is refused (`_b`), listed first in `endpoints`, and
+/// one whose certificate is good (`a`), killed: restart it to bring it back.
+struct RefusingFirst {
+    pki: TestPki,
+    _other: TestPki,
+    _b: EtcdServer,
+    _forwarder: Forwarder,
+    a: EtcdServer,
+    endpoints: String,
+}
+
+async fn refusing_first_and_good_down() -> RefusingFirst {
+    let TwoCas {
+        pki,
+        _other,
+        mut a,
+        b,
+        forwarder,
+    } = two_cas_and_a_forwarder().await;
+    let endpoints = format!(
+        "https://127.0.0.1:{},https://127.0.0.1:{}",
+        b.client_port(),
+        a.client_port()
+    );
+    a.kill();
+    RefusingFirst {
+        pki,
+        _other,
+        _b: b,
+        _forwarder: forwarder,
+        a,
+        endpoints,
+    }
 }

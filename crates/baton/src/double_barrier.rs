@@ -1055,6 +1055,19 @@ mod tests {
         assert!(left.kvs.is_empty(), "{:?}", left.kvs);
     }
 
+    /// Two participants inside barrier `db` of two: the first created (the one who leaves
+    /// last), then the other.
+    async fn two_inside(client: &Client) -> (DoubleBarrierGuard, DoubleBarrierGuard) {
+        let s = sessions(client, 2).await;
+        let a = DoubleBarrier::new(&s[0], "db", 2).unwrap();
+        let b = DoubleBarrier::new(&s[1], "db", 2).unwrap();
+        let a_task = tokio::spawn(async move { a.enter().await });
+        until_keys(client, "db/waiters/", 1).await;
+        let gb = b.enter().await.unwrap();
+        let ga = a_task.await.unwrap().unwrap();
+        (ga, gb)
+    }
+
     /// A participant of an open round whose process hangs, freed by an operator
     /// (`etcdctl put KEY ""`: bound to no lease, it counts in no round, and will never
     /// expire) while the others leave: the others' `leave()` must not wait for that key's
@@ -1065,13 +1078,7 @@ mod tests {
     async fn a_freed_participant_does_not_hold_up_the_leave() {
         for case in ["other", "first"] {
             let client = Client::memory();
-            let s = sessions(&client, 2).await;
-            let a = DoubleBarrier::new(&s[0], "db", 2).unwrap();
-            let b = DoubleBarrier::new(&s[1], "db", 2).unwrap();
-            let a_task = tokio::spawn(async move { a.enter().await });
-            until_keys(&client, "db/waiters/", 1).await;
-            let gb = b.enter().await.unwrap();
-            let ga = a_task.await.unwrap().unwrap();
+            let (ga, gb) = two_inside(&client).await;
             // `ga` is the first participant (created first).
             let (leaver, hung) = if case == "other" { (ga, gb) } else { (gb, ga) };
             let hung_key = hung.key().to_string();
@@ -1103,13 +1110,7 @@ mod tests {
         for case in ["drop", "cancelled leave"] {
             let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
             let client = Client::from_arc(store.clone());
-            let s = sessions(&client, 2).await;
-            let a = DoubleBarrier::new(&s[0], "db", 2).unwrap();
-            let b = DoubleBarrier::new(&s[1], "db", 2).unwrap();
-            let a_task = tokio::spawn(async move { a.enter().await });
-            until_keys(&client, "db/waiters/", 1).await;
-            let gb = b.enter().await.unwrap();
-            let ga = a_task.await.unwrap().unwrap();
+            let (ga, gb) = two_inside(&client).await;
             // B leaves and waits for A, the first participant, who leaves last.
             let b_leave = tokio::spawn(gb.leave_timeout(Duration::from_secs(3)));
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -325,31 +325,12 @@ mod tests {
         assert_eq!(decode(b"-1/5"), None);
     }
 
-    #[derive(Debug, Default)]
-    struct Cutting {
-        inner: crate::store::mem::MemStore,
-        cut: std::sync::Mutex<tokio_util::sync::CancellationToken>,
-    }
-
-    #[async_trait::async_trait]
-    impl crate::store::slow::Hooks for Cutting {
-        fn inner(&self) -> &dyn crate::store::Store {
-            &self.inner
-        }
-        async fn watch(&self, watch: crate::store::Watch) -> Result<crate::store::WatchStream> {
-            use crate::store::Store;
-            use futures::StreamExt;
-            let cut = self.cut.lock().unwrap().clone().cancelled_owned();
-            Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
-        }
-    }
-
     /// Stress: count-downs from many tasks, waiters on two clients, broken
     /// watches and compactions: every waiter goes, only once the latch is open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn latch_stress() {
         for round in 0..20 {
-            let store = std::sync::Arc::new(Cutting::default());
+            let store = std::sync::Arc::new(crate::store::slow::CutWatches::default());
             let a = Client::from_arc(store.clone());
             let b = Client::from_arc(store.clone());
             let n = 40;
@@ -373,8 +354,7 @@ mod tests {
             for i in 0..10 {
                 tokio::task::yield_now().await;
                 if i % 2 == 0 {
-                    let old = std::mem::take(&mut *store.cut.lock().unwrap());
-                    old.cancel();
+                    store.cut_watches();
                 } else {
                     let rev = a.store().put(b"other", b"", 0).await.unwrap();
                     a.store().compact(rev).await.unwrap();

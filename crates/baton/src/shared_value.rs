@@ -878,30 +878,12 @@ mod tests {
         assert!(changes.take_error().is_none(), "taken once");
     }
 
-    /// The embedded store, whose open watches can be cut (a broken connection) at will.
-    #[derive(Debug, Default)]
-    struct Cutting {
-        inner: crate::store::mem::MemStore,
-        cut: std::sync::Mutex<tokio_util::sync::CancellationToken>,
-    }
-
-    #[async_trait::async_trait]
-    impl crate::store::slow::Hooks for Cutting {
-        fn inner(&self) -> &dyn Store {
-            &self.inner
-        }
-        async fn watch(&self, watch: Watch) -> Result<WatchStream> {
-            let cut = self.cut.lock().unwrap().clone().cancelled_owned();
-            Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
-        }
-    }
-
     /// Stress: writes, deletes, compactions and broken watches under a
     /// value's and a count's change streams: every item is a newer write than the last
     /// (never twice, never backwards), and the last write is always seen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watch_stress() {
-        let store = Arc::new(Cutting::default());
+        let store = Arc::new(crate::store::slow::CutWatches::default());
         let client = Client::from_arc(store.clone());
         let v = SharedValue::new(&client, "sv").unwrap();
         let c = SharedCount::new(&client, "sv").unwrap();
@@ -966,8 +948,7 @@ mod tests {
                     v.delete().await.unwrap();
                 }
                 1 => {
-                    let old = std::mem::take(&mut *store.cut.lock().unwrap());
-                    old.cancel();
+                    store.cut_watches();
                 }
                 2 => {
                     let rev = client.store().put(b"other", b"", 0).await.unwrap();

@@ -486,3 +486,39 @@ impl<H: Hooks> Store for H {
         self.inner().compact(revision).await
     }
 }
+
+/// The embedded store, whose open watches can be cut (a broken connection) at will, again
+/// and again: [`cut_watches`](CutWatches::cut_watches) ends every watch open now.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct CutWatches {
+    inner: MemStore,
+    cut: StdMutex<tokio_util::sync::CancellationToken>,
+}
+
+#[cfg(test)]
+impl CutWatches {
+    /// End every watch open now (later ones live until the next cut).
+    pub(crate) fn cut_watches(&self) {
+        let open = std::mem::take(&mut *self.cut.lock().unwrap_or_else(|e| e.into_inner()));
+        open.cancel();
+    }
+}
+
+#[cfg(test)]
+#[async_trait]
+impl Hooks for CutWatches {
+    fn inner(&self) -> &dyn Store {
+        &self.inner
+    }
+
+    async fn watch(&self, watch: Watch) -> Result<WatchStream> {
+        let cut = self
+            .cut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .cancelled_owned();
+        Ok(self.inner.watch(watch).await?.take_until(cut).boxed())
+    }
+}
