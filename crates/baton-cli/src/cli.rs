@@ -452,6 +452,23 @@ impl Security {
                      FILE or $BATON_PASSWORD",
                 ));
             }
+            // A password with no user to go with it (etcd): say where the password came
+            // from, which an operator who exported $BATON_PASSWORD for another cluster may
+            // not think of.
+            (None, Some(_))
+                if !is_redis(endpoints)
+                    && endpoints.split(',').all(|e| url_parts(e).1.is_empty()) =>
+            {
+                let source = if global.password_file.is_some() {
+                    "--password-file is given"
+                } else {
+                    "$BATON_PASSWORD is set"
+                };
+                return Err(CliError::failed(format!(
+                    "{source} but no user is named: give --user NAME (or $BATON_USER), or \
+                     leave the password out (a client certificate needs none)"
+                )));
+            }
             (None, password) => security.password = password,
         }
         Ok(security)

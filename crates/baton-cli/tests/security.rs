@@ -350,6 +350,20 @@ fn the_user_option_beats_the_urls_user() {
         "{}",
         all_output(&out)
     );
+    // A password and no user anywhere: the CLI's error says where the password came from
+    // (an exported $BATON_PASSWORD is easy to forget), and what to do.
+    let (out, _) = run(plain(&format!("http://127.0.0.1:{port}"))
+        .env_remove("BATON_USER")
+        .env("BATON_PASSWORD", ROOT_PASSWORD)
+        .args(["lock", "other/x", "--", "true"]));
+    assert_eq!(code(&out), 125, "{}", all_output(&out));
+    assert!(
+        stderr_lines(&out)[0].contains("$BATON_PASSWORD is set but no user is named")
+            && stderr_lines(&out)[0].contains("--user"),
+        "{}",
+        all_output(&out)
+    );
+    outputs.push(("$BATON_PASSWORD without a user".into(), out));
     for (what, out) in &outputs {
         assert_no_secret(what, out);
     }

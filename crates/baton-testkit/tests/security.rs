@@ -146,6 +146,40 @@ async fn mutual_tls_rejects_missing_and_untrusted_client_certificates() {
     );
 }
 
+/// A PEM file of the wrong kind is named for what it lacks, before any dial (so also with
+/// nothing listening): a key given as the CA is not taken for an empty set of trusted CAs
+/// (every handshake would then blame the server's certificate), and a key given as the
+/// client certificate, or a certificate as the key, is not left to the handshake.
+#[tokio::test]
+async fn tls_files_of_the_wrong_kind_are_named() {
+    let pki = TestPki::generate();
+    let endpoint = "https://127.0.0.1:1";
+    let key_as_ca = TlsConfig::new().with_ca_file(pki.client_key_file());
+    let cases = [
+        (key_as_ca, "holds no certificate"),
+        (
+            TlsConfig::new()
+                .with_ca_file(pki.ca_file())
+                .with_client_cert(pki.client_key_file(), pki.client_key_file()),
+            "holds no certificate",
+        ),
+        (
+            TlsConfig::new()
+                .with_ca_file(pki.ca_file())
+                .with_client_cert(pki.client_cert_file(), pki.client_cert_file()),
+            "holds no private key",
+        ),
+    ];
+    for (tls, words) in cases {
+        let started = Instant::now();
+        let err = connect(endpoint, Some(tls)).await.unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+        assert!(err.to_string().contains(words), "{words}: {err}");
+        assert!(err.to_string().contains(".pem"), "names the file: {err}");
+        found_within(started, 2);
+    }
+}
+
 /// A client certificate paired with another certificate's key: a TLS error naming the
 /// mismatch, not retryable, found before any dial (so also with nothing listening).
 #[tokio::test]

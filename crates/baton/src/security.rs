@@ -91,7 +91,11 @@ impl TlsConfig {
     pub(crate) fn read_ca(&self) -> Result<Option<Vec<u8>>> {
         self.ca_file
             .as_deref()
-            .map(|p| read_pem(p, "CA certificate"))
+            .map(|p| {
+                let pem = read_pem(p, "CA certificate")?;
+                holds_certificate(&pem, p, "CA certificate")?;
+                Ok(pem)
+            })
             .transpose()
     }
 
@@ -105,7 +109,9 @@ impl TlsConfig {
             return Ok(None);
         };
         let cert = read_pem(cert_file, "client certificate")?;
+        holds_certificate(&cert, cert_file, "client certificate")?;
         let key = read_pem(key_file, "client key")?;
+        holds_private_key(&key, key_file)?;
         #[cfg(any(feature = "etcd", feature = "redis"))]
         if keys_mismatch(&cert, &key) {
             return Err(Error::Tls {
@@ -240,6 +246,46 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+/// An error unless the PEM `bytes` of `path` hold a certificate: a file of another kind (a
+/// key given for the CA, say) would otherwise be an empty set of trusted CAs, and every
+/// handshake would fail as if the server's certificate were the problem.
+fn holds_certificate(bytes: &[u8], path: &Path, what: &str) -> Result<()> {
+    #[cfg(any(feature = "etcd", feature = "redis"))]
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut certs = CertificateDer::pem_slice_iter(bytes);
+        if !matches!(certs.next(), Some(Ok(_))) {
+            return Err(Error::invalid(format!(
+                "the {what} file {} holds no certificate (no -----BEGIN CERTIFICATE----- \
+                 block that can be read)",
+                path.display()
+            )));
+        }
+    }
+    let _ = (bytes, path, what);
+    Ok(())
+}
+
+/// An error unless the PEM `bytes` of `path` hold a private key (a certificate given for the
+/// key, say).
+fn holds_private_key(bytes: &[u8], path: &Path) -> Result<()> {
+    #[cfg(any(feature = "etcd", feature = "redis"))]
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::PrivateKeyDer;
+        if PrivateKeyDer::from_pem_slice(bytes).is_err() {
+            return Err(Error::invalid(format!(
+                "the client key file {} holds no private key (no -----BEGIN ... PRIVATE \
+                 KEY----- block that can be read)",
+                path.display()
+            )));
+        }
+    }
+    let _ = (bytes, path);
+    Ok(())
 }
 
 /// A user name and password for etcd or Redis. Its `Debug` shows the user only; the
