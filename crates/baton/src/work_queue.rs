@@ -780,10 +780,10 @@ struct HandState {
     sending: usize,
     /// True while a task puts the held items back.
     returning: bool,
-    /// True while that task waits to send again an item the store refused, or that it
-    /// could not send at all (`PutBack::Unsent`): the held items are the dequeues' to take
-    /// meanwhile.
-    parked: bool,
+    /// True while the item being sent is resent after a send that failed (the store is
+    /// unreachable, or out of space, past a lost answer): `len` does not wait for it to
+    /// end, which may take as long as the outage (it counts the item in `sending`).
+    resending: bool,
 }
 
 /// An item taken from the store for nobody.
@@ -795,6 +795,12 @@ struct Held {
 impl HandBack {
     fn lock(&self) -> std::sync::MutexGuard<'_, HandState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the item being sent as resent after a failure (see `HandState::resending`).
+    fn resending(&self) {
+        self.lock().resending = true;
+        self.changed.notify_waiters();
     }
 
     /// The answer of a claim whose caller is gone; `counted` if it was counted in
@@ -935,7 +941,7 @@ impl Drop for Returning {
     fn drop(&mut self) {
         let mut state = self.hand.lock();
         state.returning = false;
-        state.parked = false;
+        state.resending = false;
         if self.sending {
             state.sending = state.sending.saturating_sub(1);
         }
@@ -1019,7 +1025,9 @@ impl Items {
             notified.as_mut().enable();
             {
                 let state = hand.lock();
-                if !state.held.is_empty() && (!state.returning || state.parked) {
+                // Whatever the task does: a held item is in no send (one being put back is
+                // not held), and the task may be resending another for long (NOSPACE).
+                if !state.held.is_empty() {
                     return;
                 }
             }
@@ -1041,7 +1049,7 @@ impl Items {
                 notified.as_mut().enable();
                 {
                     let state = hand.lock();
-                    if state.orphans == 0 && state.sending == 0 {
+                    if state.orphans == 0 && (state.sending == 0 || state.resending) {
                         return;
                     }
                 }
@@ -1095,18 +1103,17 @@ impl Items {
                     let mut state = hand.lock();
                     task.set_sending(false);
                     state.sending -= 1;
+                    state.resending = false;
                     match left {
                         PutBack::Done => (false, false),
                         PutBack::Unsent(held) => {
                             // Nothing was sent: the item is only ours, the dequeues' to
                             // take while this task waits to try again.
                             state.held.push_front(held);
-                            state.parked = true;
                             (true, false)
                         }
                         PutBack::Refused(held) => {
                             state.held.push_front(held);
-                            state.parked = true;
                             (true, true)
                         }
                     }
@@ -1117,12 +1124,10 @@ impl Items {
                     // (a role given back): this task keeps it if the handle is dropped.
                     tokio::time::sleep(refused_wait).await;
                     refused_wait = (refused_wait * 2).min(REFUSED_RETRY_MAX);
-                    hand.lock().parked = false;
                     continue;
                 }
                 if failed {
                     backoff.sleep().await;
-                    hand.lock().parked = false;
                 } else {
                     backoff.reset();
                     refused_wait = REFUSED_RETRY_MIN;
@@ -1245,10 +1250,14 @@ impl Items {
                          cover the marker's prefix?); putting it back without one"
                     );
                     let _ = self.store.lease_revoke(lease).await;
-                    return self.put_back_bare(held, key).await;
+                    // After a lost answer the marker read may have been overtaken by that
+                    // send, or refused though the send landed (a role cut down since): the
+                    // bare put-back looks for it under its key, as after its own.
+                    return self.put_back_bare(held, key, unknown).await;
                 }
                 Err(e) => {
                     unknown = true;
+                    self.hand_back.resending();
                     tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
                     // The marker tells whether this send landed, as long as it lives.
                     loop {
@@ -1286,11 +1295,11 @@ impl Items {
     /// answer is lost is looked for under its key (the item's value with no lease): found,
     /// it landed; not found, it is sent again, and is queued twice if it had landed and
     /// been taken meanwhile (a warning says it may be). A first send refused too gives the
-    /// item back ([`PutBack::Refused`]).
-    async fn put_back_bare(&self, held: Held, mut key: Vec<u8>) -> PutBack {
+    /// item back ([`PutBack::Refused`]). `unknown`: an earlier send (with the marker) lost
+    /// its answer, and is looked for the same way.
+    async fn put_back_bare(&self, held: Held, mut key: Vec<u8>, mut unknown: bool) -> PutBack {
         let key_str = String::from_utf8_lossy(&held.key).into_owned();
         let mut backoff = crate::watching::Backoff::new();
-        let mut unknown = false;
         loop {
             let mut puts = vec![TxnOp::put(key.clone(), held.value.clone(), 0)];
             if let Some(bookkeeping) = self.bookkeeping(&key) {
@@ -1351,6 +1360,21 @@ impl Items {
                     return PutBack::Unsent(held);
                 }
                 Err(e) if refused(&e) => {
+                    // After a lost answer the item may be back (a role cut down since that
+                    // send landed): looked for as above, before the dequeues get it too.
+                    if unknown && self.order != SortTarget::Key {
+                        match self.store.range(Range::key(key.clone())).await {
+                            Ok(read)
+                                if read
+                                    .kvs
+                                    .first()
+                                    .is_some_and(|kv| kv.lease == 0 && kv.value == held.value) =>
+                            {
+                                return PutBack::Done;
+                            }
+                            Ok(_) | Err(_) => {}
+                        }
+                    }
                     tracing::error!(
                         key = %key_str,
                         error = %e,
@@ -1368,6 +1392,7 @@ impl Items {
                 }
                 Err(e) => {
                     unknown = true;
+                    self.hand_back.resending();
                     tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
                     backoff.sleep().await;
                 }
@@ -2905,5 +2930,276 @@ mod put_back_out_of_space {
             }
         }
         assert!(got.len() <= 1, "X delivered twice: {got:?}");
+    }
+}
+
+#[cfg(test)]
+mod put_back_refused_after_a_lost_answer {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// A role that covers `__jobs/` (the marker's prefix) until the put-back's first send
+    /// has gone out: then it is taken away (the role cut down to `jobs/`, as
+    /// docs/security.md allows), so every later send with the marker is refused with
+    /// `PermissionDenied`, and so (`reads_too`) is a read of the marker.
+    #[derive(Debug)]
+    struct MarkerRoleTakenAway {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        reads_too: bool,
+        /// Puts under `jobs/` are refused too (the role made read-only).
+        writes_all: bool,
+        sent: AtomicBool,
+        revoked: AtomicBool,
+    }
+
+    impl MarkerRoleTakenAway {
+        fn check(&self, key: &[u8]) -> Result<()> {
+            if self.revoked.load(Ordering::SeqCst) && !key.starts_with(b"jobs/") {
+                return Err(Error::PermissionDenied(format!(
+                    "the etcd user's roles do not cover the key {:?}",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    fn marker_put(txn: &Txn) -> bool {
+        txn.success.iter().any(|op| {
+            matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
+        })
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for MarkerRoleTakenAway {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            if self.reads_too {
+                self.check(range.keys.bytes())?;
+            }
+            self.inner.range(range).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            for c in &txn.compares {
+                self.check(&c.key)?;
+            }
+            for op in txn.success.iter().chain(&txn.failure) {
+                if let TxnOp::Put { key, .. } = op {
+                    self.check(key)?;
+                    if self.writes_all && self.revoked.load(Ordering::SeqCst) {
+                        return Err(Error::PermissionDenied("the role is read-only".into()));
+                    }
+                }
+            }
+            let first = marker_put(&txn) && !self.sent.swap(true, Ordering::SeqCst);
+            let r = self.inner.txn(txn).await;
+            if first {
+                self.revoked.store(true, Ordering::SeqCst);
+            }
+            r
+        }
+    }
+
+    async fn run(
+        reads_too: bool,
+        writes_all: bool,
+        lose: impl Fn(&crate::store::slow::SlowWatches),
+    ) {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(MarkerRoleTakenAway {
+            inner: slow.clone(),
+            reads_too,
+            writes_all,
+            sent: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("X").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        // X is held; after HOLD_FOR the task puts it back: its first send loses its answer.
+        lose(&slow);
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(2000)).await;
+        assert!(store.revoked.load(Ordering::SeqCst), "no put-back sent");
+        let items: Vec<String> = slow
+            .inner
+            .range(Range::prefix("jobs/"))
+            .await
+            .unwrap()
+            .kvs
+            .iter()
+            .map(|kv| format!("{}={}", kv.key_str(), String::from_utf8_lossy(&kv.value)))
+            .collect();
+        let held = q.len().await.unwrap();
+        assert_eq!(
+            held, 1,
+            "X was enqueued once; the handle counts {held} (store: {items:?})"
+        );
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(500), q.dequeue()).await {
+                got.push(String::from_utf8(v).unwrap());
+            }
+        }
+        assert!(got.len() <= 1, "X delivered twice: {got:?}");
+    }
+
+    /// The brief's case: the first send (with the marker) fails in flight and lands right
+    /// after the next read; the resend is refused for the marker's prefix, the marker read
+    /// finds nothing (the read that the late send overtakes), and the item goes back
+    /// without a marker, under the next key, as the bare put-back does not know an
+    /// earlier send lost its answer: X is queued twice.
+    #[tokio::test]
+    async fn a_put_back_refused_after_a_late_landing_is_not_queued_twice() {
+        run(false, false, |slow| {
+            slow.put_lands_after_next_read.store(true, Ordering::SeqCst)
+        })
+        .await;
+    }
+
+    /// The case real etcd can reach (a send authorized before a role change and applied
+    /// after it fails with "revision of auth store is old"): the first send lands, its
+    /// answer is lost, then the role loses `__jobs/`. The resend is refused, the read of
+    /// the marker is refused too ("the earlier sends wrote the same marker, refused so":
+    /// not so), and the item goes back without a marker, under the next key: queued twice.
+    #[tokio::test]
+    async fn a_put_back_that_landed_before_its_role_lost_the_marker_is_not_queued_twice() {
+        run(true, false, |slow| {
+            slow.lose_next_reply.store(true, Ordering::SeqCst)
+        })
+        .await;
+    }
+
+    /// The same, with the role made read-only on `jobs/` (and nothing on `__jobs/`): the
+    /// bare put-back is refused as well, and the item is given back to the handle's
+    /// dequeues (`PutBack::Refused`) though it is in the store: delivered twice.
+    #[tokio::test]
+    async fn a_put_back_that_landed_before_its_role_went_read_only_is_not_delivered_twice() {
+        run(true, true, |slow| {
+            slow.lose_next_reply.store(true, Ordering::SeqCst)
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod put_back_blocks_the_next_held {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The first put-back (a txn with a marker) fails in flight unapplied; every later one
+    /// is refused for space (the NOSPACE alarm began): after a lost answer, the put-back is
+    /// resent as any failure (7dca1dc), until space is freed. Enqueues and claims pass.
+    #[derive(Debug)]
+    struct PutBacksFull {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        lost: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for PutBacksFull {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            let marker = txn.success.iter().any(|op| {
+                matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
+            });
+            if marker {
+                if !self.lost.swap(true, Ordering::SeqCst) {
+                    return Err(Error::Store("request timed out".into()));
+                }
+                return Err(Error::Store(
+                    "etcdserver: mvcc: database space exceeded".into(),
+                ));
+            }
+            self.inner.txn(txn).await
+        }
+    }
+
+    /// While A's put-back is in its resend loop (a lost answer, then NOSPACE: for as long
+    /// as the alarm lasts), `len` waits for it to settle on every call: a whole request
+    /// timeout each (entry 46 fixed the same for a refused put-back).
+    #[tokio::test]
+    async fn len_does_not_wait_a_request_timeout_per_call_during_a_resend_loop() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(PutBacksFull {
+            inner: slow.clone(),
+            lost: AtomicBool::new(false),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(200)).await;
+        assert!(store.lost.load(Ordering::SeqCst), "no put-back sent");
+        let started = tokio::time::Instant::now();
+        let n = q.len().await.unwrap();
+        assert_eq!(n, 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "len took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Item A's put-back is in its resend loop (a lost answer, then NOSPACE). Item B is
+    /// won by a claim whose dequeue was dropped, while a dequeue D of the same handle waits
+    /// (it lost the race for B and read an empty store). B is held by the handle and was
+    /// never sent, yet D was not given it: `held_for_us` waited for a task that was not
+    /// `returning` or was parked, and the task is busy resending A for as long as the
+    /// alarm lasts. D hung with B in its own handle.
+    #[tokio::test]
+    async fn a_waiting_dequeue_gets_an_item_held_behind_a_put_back_in_its_resend_loop() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(PutBacksFull {
+            inner: slow.clone(),
+            lost: AtomicBool::new(false),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A is held; after HOLD_FOR its put-back starts, loses its answer, and loops.
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(200)).await;
+        assert!(store.lost.load(Ordering::SeqCst), "no put-back sent");
+        assert_eq!(q.try_dequeue().await.unwrap(), None, "A is out of reach");
+        // B: E's claim takes 500 ms and E is dropped; D gives up waiting for E's claim
+        // after the request timeout (200 ms), claims B too (lands later: lost), reads an
+        // empty store and waits.
+        q.enqueue("B").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(500));
+        *slow.request_timeout.lock().unwrap() = Some(Duration::from_millis(200));
+        let e = tokio::time::timeout(Duration::from_millis(20), q.clone().dequeue()).await;
+        assert!(e.is_err(), "E was not dropped");
+        let d = tokio::spawn({
+            let q = q.clone();
+            async move { q.dequeue_timeout(Duration::from_secs(3)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        let got = d.await.unwrap();
+        assert!(
+            matches!(&got, Ok(v) if v == b"B"),
+            "the handle holds B, never sent, yet its waiting dequeue got {got:?}"
+        );
     }
 }
