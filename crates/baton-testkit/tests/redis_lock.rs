@@ -863,3 +863,93 @@ async fn lock_timeout_with_fifo_is_on_time_when_the_server_answers_after_the_ttl
         "lock_timeout({timeout:?}) took {took:?}: {r:?}"
     );
 }
+
+/// FIFO without pub/sub (a user without channel rights). B queues first, C second; at A's release the
+/// lock is handed to B (for the shorter of B's TTL and window) but B, with no wake-up
+/// message, learns of it only at its next fallback poll. `rounds` rounds; returns who got
+/// the lock first after each release.
+async fn fifo_order_without_channels(
+    a_builder: impl Fn(&str) -> baton::redis::RedisClientBuilder,
+    b_builder: impl Fn(&str) -> baton::redis::RedisClientBuilder,
+    c_builder: impl Fn(&str) -> baton::redis::RedisClientBuilder,
+    rounds: usize,
+) -> Vec<&'static str> {
+    let (server, url) = server_without_channels();
+    let mut conn = raw(&server.url()).await;
+    let a = a_builder(&url).connect().await.unwrap();
+    let b = b_builder(&url).connect().await.unwrap();
+    let c = c_builder(&url).connect().await.unwrap();
+    let name = "fifo-no-pubsub";
+    let mut firsts = Vec::new();
+    for _ in 0..rounds {
+        let held = a.lock(name).unwrap().lock().await.unwrap();
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let spawn = |cl: RedisClient, who: &'static str| {
+            let order = order.clone();
+            tokio::spawn(async move {
+                let g = cl
+                    .lock(name)
+                    .unwrap()
+                    .lock_timeout(Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                assert!(!g.is_lost());
+                order.lock().unwrap().push(who);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                g.unlock().await.unwrap();
+            })
+        };
+        let wb = spawn(b.clone(), "B");
+        assert_eq!(queue_reaches(&mut conn, name, 1).await, 1);
+        let wc = spawn(c.clone(), "C");
+        assert_eq!(queue_reaches(&mut conn, name, 2).await, 2);
+        held.unlock().await.unwrap();
+        wb.await.unwrap();
+        wc.await.unwrap();
+        firsts.push(order.lock().unwrap()[0]);
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    c.close().await.unwrap();
+    firsts
+}
+
+/// A waiter whose TTL is shorter than its fallback poll (as in
+/// `a_late_handoff_message_is_stale_and_the_waiter_waits_on`: TTL 1 s, poll 5 s), without
+/// channel rights, polls at its poll interval while a holder with a longer TTL holds: the
+/// hand-off's grant (its TTL) ends before its next poll, the lock goes free, and the waiter
+/// queued behind it takes it: FIFO order is lost at (almost) every release, and the lock
+/// sits idle for the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_channels_a_waiter_with_a_ttl_below_its_poll_keeps_its_turn() {
+    let firsts = fifo_order_without_channels(
+        RedisClient::builder,
+        |u| {
+            RedisClient::builder(u)
+                .with_ttl(Duration::from_millis(200))
+                .with_poll_interval(Duration::from_secs(2))
+        },
+        |u| RedisClient::builder(u).with_poll_interval(Duration::from_millis(100)),
+        3,
+    )
+    .await;
+    assert_eq!(firsts, ["B", "B", "B"], "the first waiter lost its turn");
+}
+
+/// Every client with the same TTL of 100 ms (default poll), no channel rights. B polls at the holder's PTTL, i.e. when the holder's key
+/// would expire; a release soon after the holder took or extended its key hands B a grant
+/// that ends at about that moment: B misses it (C takes the lock, B requeues behind C) or
+/// learns of it with a few ms left, and its guard is lost at once (the `unlock` in the
+/// helper then fails with NotHeld). Failed 7-12 of 20 rounds, or NotHeld, in 6 runs before
+/// a waiter without a confirmed subscription polled within a third of its grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_channels_a_waiter_keeps_its_turn_at_a_short_ttl() {
+    let short = |u: &str| RedisClient::builder(u).with_ttl(Duration::from_millis(100));
+    let rounds = 20;
+    let firsts = fifo_order_without_channels(short, short, short, rounds).await;
+    let lost = firsts.iter().filter(|w| **w != "B").count();
+    assert_eq!(
+        lost, 0,
+        "the first waiter lost its turn {lost} times in {rounds}: {firsts:?}"
+    );
+}

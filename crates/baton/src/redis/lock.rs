@@ -782,7 +782,15 @@ async fn acquire_fifo(
                     });
                     continue;
                 }
-                let retry_in = u64::try_from(pttl).ok().map(Duration::from_millis);
+                let mut retry_in = u64::try_from(pttl).ok().map(Duration::from_millis);
+                if !client.hub.is_confirmed(&keys.channel) {
+                    // No wake-up message will tell us of a hand-off: only a poll finds it,
+                    // and a hand-off grants us `granted_ttl` only (maybe shorter than the
+                    // poll, and than the holder's PTTL). Poll within it, or the grant ends
+                    // unseen: the lock idles, and the next waiter takes our turn.
+                    let within = granted_ttl / 3;
+                    retry_in = Some(retry_in.map_or(within, |r| r.min(within)));
+                }
                 let deadline = Instant::now() + fallback_wait(client.opts.poll_interval, retry_in);
                 let (until, after) = limit.unwrap_or((deadline, Duration::ZERO));
                 let granted = tokio::select! {
@@ -835,12 +843,17 @@ async fn acquire_fifo(
         } else {
             start
         };
-        if start + ttl.saturating_sub(super::drift(ttl)) <= Instant::now() {
+        // A hand-off learnt of with less than a third of its grant left is not returned
+        // either: the watchdog's first extend could come too late, and the guard be lost
+        // at once (found by review: 4 ms left, lost 4 ms after `lock()` returned).
+        let margin = if handed { ttl / 3 } else { Duration::ZERO };
+        if start + ttl.saturating_sub(super::drift(ttl)) <= Instant::now() + margin {
             if handed {
-                // A hand-off whose grant has ended by our clock before we learnt of it (we
-                // were paused, or our runtime blocked): the key may be another's by now, and a
-                // guard would be lost at once. Not ours: poll again at once, which takes the
-                // lock afresh if the key is still ours, else queues us again.
+                // A hand-off whose grant has ended (or nearly) by our clock before we learnt
+                // of it (we were paused, our runtime blocked, or we polled late): the key may
+                // be another's by now, and a guard would be lost at once. Not ours: poll
+                // again at once, which takes the lock afresh if the key is still ours, else
+                // queues us again.
                 tracing::debug!(
                     fence,
                     "a hand-off whose grant ended before we learnt of it; waiting on"

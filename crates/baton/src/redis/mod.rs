@@ -133,6 +133,10 @@
 //!   its own and otherwise queues it again. A `try_lock` polls again once; answered late
 //!   again, it fails with a retryable [`Error::Unavailable`] that names the TTL, and its
 //!   key is released.
+//! - A waiter whose subscription is not confirmed (a user without channel rights, pub/sub
+//!   refused) learns of a hand-off only by polling: it polls at least every third of the
+//!   grant (the shorter of its TTL and its waiter window), so that no grant ends unseen
+//!   and its turn is not lost to the waiter behind it.
 //! - A waiter handed the lock that is gone before it learns of the grant (an operator's
 //!   `DEL`, say) is first again: its next poll takes the lock if it is free, or puts it
 //!   back at the head of the queue.

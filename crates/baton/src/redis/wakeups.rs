@@ -265,6 +265,17 @@ impl Hub {
             .contains_key(channel)
     }
 
+    /// True if a node confirmed the subscription to `channel` (and it has not been
+    /// unconfirmed since): its messages reach this process.
+    pub(crate) fn is_confirmed(&self, channel: &str) -> bool {
+        self.inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel)
+            .is_some_and(|e| e.confirmed)
+    }
+
     /// Wake this process's waiters and observers of `channel` now (a local release), without
     /// waiting for the message to come back from Redis.
     pub(crate) fn wake_local(&self, channel: &str, payload: &[u8]) {
