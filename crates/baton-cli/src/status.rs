@@ -105,7 +105,8 @@ names are text; another library's binary key is skipped). JSON has, per entry on
 name, kind, key, fencing_token, ttl_ms, servers, waiter_count (no holder or holders object:
 a Redis lock's key is its holder's, and its value a token, not a lease); waiter_count counts
 the live waiters in Baton's FIFO queue (single instance only; waiters that do not queue
-leave no trace in Redis). Keys are listed with SCAN, which never blocks the server.";
+leave no trace in Redis). Keys are listed with SCAN, which never blocks the server. --kind
+does not apply there (a name's kind is known): it is refused.";
 
 /// `baton status`.
 #[derive(Debug, clap::Args)]
@@ -200,6 +201,13 @@ struct Status {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     if cli::is_redis(&global.endpoints) {
+        if args.kind != Kind::Auto {
+            // Told before connecting: bad input never waits for the network.
+            return Err(CliError::failed(
+                "invalid argument: --kind applies to etcd only: on redis:// and redlock:// \
+                 a name's kind (lock or election) is known from its keys",
+            ));
+        }
         return redis_status(global, &out, args.prefix).await;
     }
     let client = cli::connect(global, &global.endpoints).await?;

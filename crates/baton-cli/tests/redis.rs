@@ -937,3 +937,24 @@ fn redlock_connect_error_does_not_say_none_answered_when_one_is_up() {
     let err = stderr_lines(&out);
     assert!(!err[0].contains("only 0 of 3 masters answered"), "{err:?}");
 }
+
+/// `status --kind` on Redis: refused at once (exit 125, nothing connected), not ignored: a
+/// name's kind is known there from its keys.
+#[test]
+fn status_refuses_kind_on_redis() {
+    for ep in [
+        "redis://127.0.0.1:1",
+        "redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
+    ] {
+        let (out, took) = run(baton(ep).args(["status", "--kind", "election"]));
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--kind applies to etcd only"), "{stderr}");
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+    }
+    let (out, _) = run(baton("redis://127.0.0.1:1").args(["status", "--kind", "auto"]));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("--kind"),
+        "auto is the default, never refused: {out:?}"
+    );
+}

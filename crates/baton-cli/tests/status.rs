@@ -576,3 +576,20 @@ fn status_prints_a_name_of_64_ki_characters() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(stdout(&out).contains(&long));
 }
+
+/// A cluster that lost its majority (two members of three killed, one up): `status` exits
+/// 125 within the dial timeout, and its message does not leave the operator thinking every
+/// member is down (the one up does not answer a read without a quorum).
+#[test]
+fn status_says_a_member_without_a_quorum_does_not_answer() {
+    let mut cluster = baton_testkit::EtcdCluster::start(3);
+    let ep = cluster.endpoints_url();
+    cluster.kill(1);
+    cluster.kill(2);
+    let (out, took) = run(baton(&ep).args(["--dial-timeout", "2s", "status"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no member answered"), "{stderr}");
+    assert!(stderr.contains("no quorum"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
+}

@@ -154,6 +154,12 @@ const CODE_PERMISSION_DENIED: i32 = 7;
 /// gRPC status code `UNAUTHENTICATED`.
 const CODE_UNAUTHENTICATED: i32 = 16;
 
+/// A connect's failure when no member answered in time: a member that is up without a
+/// quorum (or a leader) does not answer either (its reads wait for one), which the operator
+/// of a cluster that lost its majority would not guess from "no member answered" alone.
+const NO_ANSWER: &str =
+    "no member answered (a member that is up but has no quorum or leader does not answer)";
+
 /// Options for [`EtcdStore::connect`]. Build them with `..EtcdOptions::default()`, so that
 /// new options keep their defaults.
 ///
@@ -554,7 +560,7 @@ impl EtcdStore {
                 endpoints: joined.clone(),
                 reason,
             },
-            None => connect_error(error.unwrap_or_else(|| "no member answered".into())),
+            None => connect_error(error.unwrap_or_else(|| NO_ANSWER.into())),
         };
         loop {
             let attempt = async {
@@ -632,7 +638,7 @@ impl EtcdStore {
                         return Err(connect_error(reason));
                     }
                     last_error = Some(if is_backstop_timeout(&e) {
-                        "no member answered".into()
+                        NO_ANSWER.into()
                     } else {
                         reason
                     });
