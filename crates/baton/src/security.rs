@@ -277,6 +277,20 @@ fn holds_private_key(bytes: &[u8], path: &Path) -> Result<()> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::PrivateKeyDer;
         if PrivateKeyDer::from_pem_slice(bytes).is_err() {
+            // An encrypted key has the block, in a form the TLS library cannot read.
+            let encrypted = [
+                &b"-----BEGIN ENCRYPTED PRIVATE KEY-----"[..],
+                b"Proc-Type: 4,ENCRYPTED",
+            ]
+            .iter()
+            .any(|m| bytes.windows(m.len()).any(|w| w == *m));
+            if encrypted {
+                return Err(Error::invalid(format!(
+                    "the client key file {} holds an encrypted private key, which cannot be \
+                     used: give an unencrypted one (openssl pkey -in KEY -out PLAIN)",
+                    path.display()
+                )));
+            }
             return Err(Error::invalid(format!(
                 "the client key file {} holds no private key (no -----BEGIN ... PRIVATE \
                  KEY----- block that can be read)",
@@ -594,5 +608,63 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("baton-security-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+}
+
+#[cfg(test)]
+#[cfg(any(feature = "etcd", feature = "redis"))]
+mod pem_files {
+    use super::*;
+
+    fn pem(name: &str) -> (std::path::PathBuf, Vec<u8>) {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join("pem")
+            .join(name);
+        let b = std::fs::read(&p).unwrap();
+        (p, b)
+    }
+
+    /// The shapes of PEM files users have are accepted: CA bundles with text before the
+    /// first certificate, CRLF line endings, a key before the certificate, EC (SEC1, with
+    /// parameters), PKCS#8 and PKCS#1 keys.
+    #[test]
+    fn real_world_pems_are_accepted() {
+        for name in [
+            "ca.pem",
+            "bundle-text.pem",
+            "bundle-crlf.pem",
+            "key-then-cert.pem",
+            "trusted-then-cert.pem",
+        ] {
+            let (p, b) = pem(name);
+            let r = holds_certificate(&b, &p, "CA certificate").map_err(|e| e.to_string());
+            assert!(r.is_ok(), "{name}: {r:?}");
+        }
+        for name in [
+            "ec-sec1.pem",
+            "ec-pkcs8.pem",
+            "rsa-pkcs1.pem",
+            "ec-with-params.pem",
+            "key-then-cert.pem",
+        ] {
+            let (p, b) = pem(name);
+            let r = holds_private_key(&b, &p).map_err(|e| e.to_string());
+            assert!(r.is_ok(), "{name}: {r:?}");
+        }
+    }
+
+    /// An encrypted key (PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's legacy
+    /// `Proc-Type: 4,ENCRYPTED` inside `EC/RSA PRIVATE KEY`) was refused as "holds no
+    /// private key (no -----BEGIN ... PRIVATE KEY----- block ...)", though the file has
+    /// such a block: the message says the key is encrypted, and how to decrypt it.
+    #[test]
+    fn an_encrypted_key_is_named_as_encrypted() {
+        for name in ["ec-encrypted.pem", "ec-legacy-encrypted.pem"] {
+            let (p, b) = pem(name);
+            let err = holds_private_key(&b, &p).unwrap_err().to_string();
+            let said = err.replace(&p.display().to_string(), "FILE");
+            assert!(said.contains("encrypted"), "{name}: {said}");
+        }
     }
 }

@@ -1256,6 +1256,20 @@ impl Items {
                     return self.put_back_bare(held, key, unknown).await;
                 }
                 Err(e) => {
+                    // Refused for space after a lost answer: the marker, if there, says
+                    // that send landed (its absence says nothing: it may land later). A
+                    // read is served during the alarm; the resends never are.
+                    if unknown && crate::ownership::refused_for_space(&e) {
+                        if let Ok(read) = self
+                            .store
+                            .range(Range::key(marker.clone()).keys_only())
+                            .await
+                        {
+                            if !read.kvs.is_empty() {
+                                break;
+                            }
+                        }
+                    }
                     unknown = true;
                     self.hand_back.resending();
                     tracing::warn!(key = %key_str, error = %e, "putting back an item taken for a dequeue that is gone failed; will retry");
@@ -1372,7 +1386,16 @@ impl Items {
                             {
                                 return PutBack::Done;
                             }
-                            Ok(_) | Err(_) => {}
+                            Ok(_) => {}
+                            // Not readable at all: as before, given to the dequeues.
+                            Err(e) if refused(&e) => {}
+                            Err(e) => {
+                                // Not known to be absent: given to the dequeues, it may be
+                                // delivered twice. Sent again (refused: looked for again).
+                                tracing::warn!(key = %key_str, error = %e, "cannot read whether an item was put back; will retry");
+                                backoff.sleep().await;
+                                continue;
+                            }
                         }
                     }
                     tracing::error!(
@@ -3200,6 +3223,165 @@ mod put_back_blocks_the_next_held {
         assert!(
             matches!(&got, Ok(v) if v == b"B"),
             "the handle holds B, never sent, yet its waiting dequeue got {got:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod put_back_landed_then_refused {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn marker_put(txn: &Txn) -> bool {
+        txn.success.iter().any(|op| {
+            matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
+        })
+    }
+
+    /// The first put-back (with its marker) lands, and its answer is lost; every later
+    /// one is refused for space (the NOSPACE alarm began right after it).
+    #[derive(Debug)]
+    struct LandedThenFull {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        lost: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for LandedThenFull {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            if marker_put(&txn) {
+                if !self.lost.swap(true, Ordering::SeqCst) {
+                    self.inner.txn(txn).await?;
+                    return Err(Error::Store("request timed out".into()));
+                }
+                return Err(Error::Store(
+                    "etcdserver: mvcc: database space exceeded".into(),
+                ));
+            }
+            self.inner.txn(txn).await
+        }
+    }
+
+    /// `len()` returns at once during a resend loop (entry 74). When the send whose answer
+    /// was lost had landed, the item was in the store AND in `sending`: `len()` said 2 for
+    /// one item for as long as the alarm lasted (and 1 after a consumer took it from the
+    /// store: the queue empty). A resend refused for space now reads the marker.
+    #[tokio::test]
+    async fn len_counts_a_landed_put_back_once_during_its_resend_loop() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(LandedThenFull {
+            inner: slow.clone(),
+            lost: AtomicBool::new(false),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("A").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
+        assert!(store.lost.load(Ordering::SeqCst), "no put-back sent");
+        let n = q.len().await.unwrap();
+        assert_eq!(n, 1, "one item, A, in the store (landed); len says {n}");
+    }
+
+    /// A role that loses `__jobs/` and write on `jobs/` right after the put-back's first
+    /// send (which lands; its answer is lost), and one read of `jobs/` that fails in
+    /// flight (the store is flaky: a lost answer just happened).
+    #[derive(Debug)]
+    struct ReadOnlyAndAFlakyRead {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        revoked: AtomicBool,
+        flaky_reads: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for ReadOnlyAndAFlakyRead {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn range(&self, range: Range) -> Result<RangeResponse> {
+            if self.revoked.load(Ordering::SeqCst) {
+                let k = range.keys.bytes();
+                if !k.starts_with(b"jobs/") {
+                    return Err(Error::PermissionDenied("no role on __jobs/".into()));
+                }
+                // The bare put-back's look-up of its key (one key, not the prefix).
+                if k.len() > b"jobs/".len()
+                    && self
+                        .flaky_reads
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    return Err(Error::Store("request timed out".into()));
+                }
+            }
+            self.inner.range(range).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+            if self.revoked.load(Ordering::SeqCst)
+                && txn.success.iter().any(|op| matches!(op, TxnOp::Put { .. }))
+            {
+                return Err(Error::PermissionDenied("the role is read-only".into()));
+            }
+            let first = marker_put(&txn);
+            let r = self.inner.txn(txn).await;
+            if first {
+                self.revoked.store(true, Ordering::SeqCst);
+                r?;
+                return Err(Error::Store("request timed out".into()));
+            }
+            r
+        }
+    }
+
+    /// FIFO: the bare put-back after a lost answer is refused (read-only role) and looks
+    /// for the item under its key; that read fails in flight once, and the failure is
+    /// taken for "not there": the item, back in the store, is given to the handle's
+    /// dequeues as well (`PutBack::Refused`): delivered twice. The `Ok(_)` branch retries
+    /// such a read; the refused branch does not.
+    #[tokio::test]
+    async fn a_refused_bare_put_back_whose_look_up_fails_is_not_delivered_twice() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let store = Arc::new(ReadOnlyAndAFlakyRead {
+            inner: slow.clone(),
+            revoked: AtomicBool::new(false),
+            flaky_reads: AtomicUsize::new(1),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("X").await.unwrap();
+        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
+        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
+        assert!(dropped.is_err(), "the dequeue was not dropped");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *slow.delay_deletes.lock().unwrap() = None;
+        tokio::time::sleep(HOLD_FOR + Duration::from_millis(2000)).await;
+        assert!(store.revoked.load(Ordering::SeqCst), "no put-back sent");
+        let in_store = slow
+            .inner
+            .range(Range::prefix("jobs/"))
+            .await
+            .unwrap()
+            .kvs
+            .len();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(v)) = tokio::time::timeout(Duration::from_millis(500), q.dequeue()).await {
+                got.push(String::from_utf8(v).unwrap());
+            }
+        }
+        assert!(
+            got.len() <= 1,
+            "X enqueued once, delivered {got:?} ({in_store} in the store)"
         );
     }
 }
