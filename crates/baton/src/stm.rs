@@ -61,8 +61,9 @@ pub enum Isolation {
     /// Committed transactions are as safe as with `Serializable` (every value they used is
     /// still current at the commit), but two keys may be read at different revisions, so a
     /// closure can see a state that never existed (say, money that left one account and
-    /// has not reached the other yet). Such an attempt fails at commit and runs again; do
-    /// not act outside the store on what an attempt sees.
+    /// has not reached the other yet). Such an attempt fails at commit and runs again (one
+    /// whose closure returns `Err` is checked the same way before its error is returned);
+    /// do not act outside the store on what an attempt sees.
     RepeatableReads,
     /// Each key is read once, at the latest revision when first read; the commit never
     /// fails.
@@ -228,9 +229,11 @@ impl Stm {
     /// Run `apply` until its writes commit, and return what it returned.
     ///
     /// `apply` gets a fresh [`StmTx`] per attempt. If it returns `Err`, nothing is written
-    /// and the error is returned. A failed commit returns its error. Give up after
-    /// [`with_max_attempts`](Stm::with_max_attempts) attempts (conflicts, or snapshots
-    /// compacted away) with [`Error::Conflict`].
+    /// and the error is returned (at [`RepeatableReads`](Isolation::RepeatableReads), once a
+    /// compares-only check, one round trip, showed that what it read is still current; else
+    /// it runs again, as the error may come from a state that never existed). A failed
+    /// commit returns its error. Give up after [`with_max_attempts`](Stm::with_max_attempts)
+    /// attempts (conflicts, or snapshots compacted away) with [`Error::Conflict`].
     ///
     /// # A failed commit may have been applied
     ///
@@ -295,7 +298,35 @@ impl Stm {
                     self.check_attempts(attempt)?;
                     continue;
                 }
-                let value = out?;
+                let value = match out {
+                    Ok(value) => value,
+                    // At repeatable reads the closure may have seen a state that never
+                    // existed: an error computed from it is returned only if what it read
+                    // is still current (a compares-only check), else it runs again.
+                    Err(e) => {
+                        if self.isolation == Isolation::RepeatableReads
+                            && state.failed_read.is_none()
+                            && !state.reads.is_empty()
+                        {
+                            let check = Attempt {
+                                writes: BTreeMap::new(),
+                                ..state
+                            };
+                            if let Ok(Commit::Conflict(next)) =
+                                commit(&store, self.isolation, check).await
+                            {
+                                tracing::debug!(
+                                    attempt,
+                                    "an error from stale reads; running again"
+                                );
+                                self.check_attempts(attempt)?;
+                                prefetched = next;
+                                continue;
+                            }
+                        }
+                        return Err(e);
+                    }
+                };
                 if let Some(e) = state.failed_read {
                     tracing::debug!(attempt, error = %e, "a read failed; not committing");
                     return Err(e.into());
