@@ -98,8 +98,42 @@ async fn pass(
     let guard = within(args, deadline, "enter", barrier.enter()).await?;
     let round = guard.round();
     tracing::info!(round, "entered");
-    within(args, deadline, "leave", guard.leave()).await?;
+    // The library's own timeout, not one around `leave()`: a round seen complete is no
+    // timeout, though closing its `ready` key is slow (found by review: exit 124 for a
+    // barrier that had completed).
+    let left = match deadline {
+        Some(deadline) => {
+            let left = guard
+                .leave_timeout(deadline.saturating_duration_since(Instant::now()))
+                .await;
+            match left {
+                Err(baton::Error::Timeout {
+                    operation: "leave", ..
+                }) => return Err(timed_out(args, "leave")),
+                left => left,
+            }
+        }
+        None => guard.leave().await,
+    };
+    within(args, None, "leave", async { left }).await?;
     Ok(round)
+}
+
+/// Exit 124: `--timeout` passed at `stage`.
+fn timed_out(args: &Args, stage: &str) -> CliError {
+    let waiting = if stage == "enter" {
+        "for the others to enter"
+    } else {
+        "for the others to leave"
+    };
+    CliError::new(
+        exit::NOT_ACQUIRED,
+        format!(
+            "barrier {:?}: timed out after {} waiting {waiting}",
+            args.name,
+            output::duration(args.timeout.unwrap_or_default())
+        ),
+    )
 }
 
 /// Run `work` until the deadline, if any: 124 when it passes.
@@ -110,23 +144,9 @@ async fn within<T>(
     work: impl std::future::Future<Output = baton::Result<T>>,
 ) -> Result<T, CliError> {
     let result = match (deadline, args.timeout) {
-        (Some(deadline), Some(timeout)) => match tokio::time::timeout_at(deadline, work).await {
+        (Some(deadline), Some(_)) => match tokio::time::timeout_at(deadline, work).await {
             Ok(r) => r,
-            Err(_) => {
-                let waiting = if stage == "enter" {
-                    "for the others to enter"
-                } else {
-                    "for the others to leave"
-                };
-                return Err(CliError::new(
-                    exit::NOT_ACQUIRED,
-                    format!(
-                        "barrier {:?}: timed out after {} waiting {waiting}",
-                        args.name,
-                        output::duration(timeout)
-                    ),
-                ));
-            }
+            Err(_) => return Err(timed_out(args, stage)),
         },
         _ => work.await,
     };

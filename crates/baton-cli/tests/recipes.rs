@@ -1445,3 +1445,36 @@ fn until_watch_prints(watch: &Proc, mut change: impl FnMut(usize)) {
     }
     panic!("watch printed no change");
 }
+
+/// `--timeout` passing in the leave stage (the other participant, here a key put with
+/// etcdctl as a participant's, entered and never leaves): exit 124, saying it waited for
+/// the others to leave, and our own key gone.
+#[test]
+fn barrier_timeout_while_leaving_exits_124() {
+    let etcd = etcd();
+    let granted = etcd.etcdctl(["lease", "grant", "60"]);
+    let text = String::from_utf8_lossy(&granted.stdout).into_owned();
+    let lease = text.split_whitespace().nth(1).unwrap().to_string();
+    let put = etcd.etcdctl([
+        "put",
+        &format!("--lease={lease}"),
+        &format!("lv/waiters/{lease}"),
+        "2",
+    ]);
+    assert!(put.status.success(), "{put:?}");
+    let (out, took) = run(baton(&etcd.endpoint()).args([
+        "barrier",
+        "lv",
+        "--count",
+        "2",
+        "--timeout",
+        "1s",
+    ]));
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(
+        stderr_lines(&out)[0].contains("waiting for the others to leave"),
+        "{out:?}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert_eq!(keys(&etcd, "lv/waiters/"), vec![format!("lv/waiters/{lease}")]);
+}

@@ -1577,4 +1577,52 @@ mod tests {
             "after close(), the ended stream still had a live observing task until dropped ({alive} tasks, {after} after the drop)"
         );
     }
+
+    /// observe() started while close() runs (before, during, after):
+    /// the stream ends, and its observing task does not outlive it while it is kept.
+    #[tokio::test]
+    async fn observe_racing_close_ends_and_leaves_no_task() {
+        use futures::StreamExt;
+        let metrics = tokio::runtime::Handle::current().metrics();
+        for i in 0..60 {
+            let coord = Coordinator::connect("mem://").await.unwrap();
+            let election = coord.election("race").unwrap();
+            let lead = election.campaign(b"v".to_vec()).await.unwrap();
+            let c2 = coord.clone();
+            let mut early = election.observe();
+            if i % 3 == 0 {
+                // Polled once before close: its task has started.
+                let _ = futures::poll!(early.next());
+            }
+            let closing = tokio::spawn(async move { c2.close().await });
+            for _ in 0..(i % 4) {
+                tokio::task::yield_now().await;
+            }
+            let mut late = election.observe().with_vacancies();
+            for s in [&mut early as &mut (dyn futures::Stream<Item = _> + Unpin)] {
+                let ended = tokio::time::timeout(Duration::from_secs(2), async {
+                    while s.next().await.is_some() {}
+                })
+                .await;
+                assert!(ended.is_ok(), "iteration {i}: an early stream never ended");
+            }
+            let ended = tokio::time::timeout(Duration::from_secs(2), async {
+                while late.next().await.is_some() {}
+            })
+            .await;
+            assert!(ended.is_ok(), "iteration {i}: a late stream never ended");
+            closing.await.unwrap().unwrap();
+            drop(lead);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let kept = metrics.num_alive_tasks();
+            drop(early);
+            drop(late);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let after = metrics.num_alive_tasks();
+            assert_eq!(
+                kept, after,
+                "iteration {i}: a task lived as long as its ended stream"
+            );
+        }
+    }
 }

@@ -525,7 +525,7 @@ impl DoubleBarrierGuard {
     pub async fn leave(self) -> Result<()> {
         let span =
             tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round.opened);
-        self.leave_inner().instrument(span).await
+        self.leave_inner(None).instrument(span).await
     }
 
     /// [`leave()`](DoubleBarrierGuard::leave), giving up with [`Error::Timeout`] after
@@ -536,10 +536,21 @@ impl DoubleBarrierGuard {
     ///
     /// As [`leave()`](DoubleBarrierGuard::leave).
     pub async fn leave_timeout(self, timeout: Duration) -> Result<()> {
-        with_timeout("leave", timeout, self.leave()).await
+        // Set once the round is seen complete: a timeout after that (during the
+        // best-effort close of `ready`, which goes on in the background) is no timeout.
+        let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let span =
+            tracing::debug_span!("leave", barrier = %self.barrier.name, round = self.round.opened);
+        let leave = self.leave_inner(Some(complete.clone())).instrument(span);
+        match with_timeout("leave", timeout, leave).await {
+            Err(Error::Timeout { .. }) if complete.load(std::sync::atomic::Ordering::SeqCst) => {
+                Ok(())
+            }
+            r => r,
+        }
     }
 
-    async fn leave_inner(self) -> Result<()> {
+    async fn leave_inner(self, complete: Option<Arc<std::sync::atomic::AtomicBool>>) -> Result<()> {
         let DoubleBarrierGuard {
             barrier,
             held,
@@ -552,7 +563,7 @@ impl DoubleBarrierGuard {
             // We were the last: nothing more to wait for.
             return Ok(());
         }
-        barrier.wait_all_left(&store, &round).await
+        barrier.wait_all_left(&store, &round, complete).await
     }
 }
 
@@ -615,14 +626,40 @@ impl DoubleBarrier {
 
     /// After we left: wait until no participant of the round is left, watching the first
     /// one (who leaves last).
-    async fn wait_all_left(&self, store: &Arc<dyn Store>, round: &Round) -> Result<()> {
+    async fn wait_all_left(
+        &self,
+        store: &Arc<dyn Store>,
+        round: &Round,
+        complete: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<()> {
         let mut waiter = Waiter::new(store).counting(self.session.client().hub());
         loop {
             let resp = waiter.range(self.round_read(round)).await?;
             let Some(first) = self.round_members(resp.kvs, round).into_iter().next() else {
                 // The last one may have gone without closing the round (its guard dropped,
                 // its `leave()` cut short): `NAME/ready` has no lease, and would stay.
-                self.close_round(store, round.opened).await;
+                if let Some(complete) = &complete {
+                    complete.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                // Usually the last one closed it already: a read, not a write (a raft
+                // proposal on etcd, for each of the round's participants).
+                // A read that fails: the compare-and-delete, which is safe either way.
+                let still_open = waiter
+                    .range(Range::key(self.ready.as_bytes()))
+                    .await
+                    .map_or(true, |ready| {
+                        ready
+                            .kvs
+                            .iter()
+                            .any(|kv| kv.create_revision == round.opened)
+                    });
+                if still_open {
+                    // Goes on if we are cut short.
+                    let (barrier, store, opened) = (self.clone(), store.clone(), round.opened);
+                    let closing =
+                        tokio::spawn(async move { barrier.close_round(&store, opened).await });
+                    let _ = closing.await;
+                }
                 return Ok(());
             };
             waiter
@@ -1136,5 +1173,156 @@ mod tests {
                 .collect();
             assert!(left.is_empty(), "case {case}: keys left behind: {left:?}");
         }
+    }
+
+    /// A round complete (every participant's key gone at ~1 s) is no timeout for the other
+    /// participant's `leave_timeout(1.5 s)`, though closing `ready` is slow (every
+    /// transaction takes 1 s): after entry 67 `wait_all_left` awaited that write, and a
+    /// completed round was reported as a Timeout, which the docs say means "some other
+    /// participant has not left yet".
+    #[tokio::test]
+    async fn a_completed_round_is_no_leave_timeout() {
+        use crate::store::slow::SlowWatches;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let (ga, gb) = two_inside(&client).await;
+        let b_leave = tokio::spawn(gb.leave_timeout(Duration::from_millis(1500)));
+        until_keys(&client, "db/waiters/", 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        *store.delay_txns.lock().unwrap() = Some(Duration::from_millis(1000));
+        let started = tokio::time::Instant::now();
+        let a_leave = tokio::spawn(ga.leave());
+        until_keys(&client, "db/waiters/", 0).await;
+        let gone_at = started.elapsed();
+        let b = b_leave.await.unwrap();
+        assert!(
+            b.is_ok(),
+            "every key of the round gone after {gone_at:?}, yet B's leave: {b:?}"
+        );
+        a_leave.await.unwrap().unwrap();
+    }
+
+    /// The leave stage of a round of N writes N deletes of keys and one of `ready`: after
+    /// entry 67 each of the N-1 others also sent a compare-and-delete of `ready` (a raft
+    /// proposal on etcd, even when the compare fails); they now read it first.
+    #[tokio::test]
+    async fn the_leave_stage_writes_once_per_participant_and_ready_once() {
+        use crate::store::slow::SlowWatches;
+        const N: usize = 10;
+        let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(store.clone());
+        let s = sessions(&client, N).await;
+        let tasks: Vec<_> = s
+            .iter()
+            .map(|s| {
+                let b = DoubleBarrier::new(s, "db", N as u32).unwrap();
+                tokio::spawn(async move { b.enter().await.unwrap() })
+            })
+            .collect();
+        let mut guards = Vec::new();
+        for t in tasks {
+            guards.push(t.await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = store.txns.load(std::sync::atomic::Ordering::SeqCst);
+        let leaves = futures::future::join_all(guards.into_iter().map(|g| g.leave())).await;
+        for l in leaves {
+            l.unwrap();
+        }
+        let txns = store.txns.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(
+            txns <= N as u64 + 1,
+            "{txns} transactions in the leave stage of a round of {N} (N deletes + 1 expected)"
+        );
+    }
+
+    /// Stress of entry 67's close: 3 participants, 12 rounds, some
+    /// dropping their guard instead of leaving, some leaving with a short timeout: nobody's
+    /// leave() returns Ok before every participant of its round has started to leave, no
+    /// hang, and no key left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rounds_with_drops_and_timeouts_never_pass_early_or_hang() {
+        use std::sync::Mutex as M;
+        const N: usize = 3;
+        const ROUNDS: usize = 12;
+        let client = Client::memory();
+        let s = sessions(&client, N).await;
+        let started: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..ROUNDS).map(|_| AtomicUsize::new(0)).collect());
+        let rounds_seen = Arc::new(M::new(vec![Vec::new(); N]));
+        let mut tasks = Vec::new();
+        for (i, s) in s.iter().enumerate() {
+            let s = s.clone();
+            let started = started.clone();
+            let client = client.clone();
+            let rounds_seen = rounds_seen.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = DoubleBarrier::new(&s, "db", N as u32).unwrap();
+                let mut seed = i as u64 * 7919 + 17;
+                let mut rnd = move || {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    seed >> 33
+                };
+                for r in 0..ROUNDS {
+                    let g = loop {
+                        match b.enter_timeout(Duration::from_secs(10)).await {
+                            Ok(g) => break g,
+                            Err(Error::BarrierFull { .. }) => {
+                                tokio::time::sleep(Duration::from_millis(5)).await
+                            }
+                            Err(e) => panic!("participant {i} round {r}: {e}"),
+                        }
+                    };
+                    rounds_seen.lock().unwrap()[i].push(g.round());
+                    if rnd() % 2 == 0 {
+                        tokio::time::sleep(Duration::from_millis(rnd() % 5)).await;
+                    }
+                    started[r].fetch_add(1, Ordering::SeqCst);
+                    match if r == ROUNDS - 1 { 1 } else { rnd() % 5 } {
+                        0 => {
+                            let key = g.key().to_string();
+                            drop(g);
+                            // Wait for our key to go before entering again.
+                            for _ in 0..500 {
+                                let left = client
+                                    .store()
+                                    .range(Range::key(key.as_bytes()))
+                                    .await
+                                    .unwrap();
+                                if left.kvs.is_empty() {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                        }
+                        _ => {
+                            g.leave_timeout(Duration::from_secs(10)).await.unwrap();
+                            assert_eq!(
+                                started[r].load(Ordering::SeqCst),
+                                N,
+                                "participant {i} left round {r} before all started to leave"
+                            );
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("hung")
+                .unwrap();
+        }
+        let seen = rounds_seen.lock().unwrap().clone();
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left: Vec<_> = keys_under(&client, "db/")
+            .await
+            .into_iter()
+            .map(|kv| kv.key_str().into_owned())
+            .collect();
+        assert!(left.is_empty(), "keys left behind: {left:?}");
     }
 }
