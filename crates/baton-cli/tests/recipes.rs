@@ -1462,19 +1462,16 @@ fn barrier_timeout_while_leaving_exits_124() {
         "2",
     ]);
     assert!(put.status.success(), "{put:?}");
-    let (out, took) = run(baton(&etcd.endpoint()).args([
-        "barrier",
-        "lv",
-        "--count",
-        "2",
-        "--timeout",
-        "1s",
-    ]));
+    let (out, took) =
+        run(baton(&etcd.endpoint()).args(["barrier", "lv", "--count", "2", "--timeout", "1s"]));
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     assert!(
         stderr_lines(&out)[0].contains("waiting for the others to leave"),
         "{out:?}"
     );
     assert!(took < Duration::from_secs(4), "took {took:?}");
-    assert_eq!(keys(&etcd, "lv/waiters/"), vec![format!("lv/waiters/{lease}")]);
+    assert_eq!(
+        keys(&etcd, "lv/waiters/"),
+        vec![format!("lv/waiters/{lease}")]
+    );
 }

@@ -48,6 +48,21 @@ async fn check_deadline(direct: &Client, s: &Session, what: &str) {
     }
 }
 
+/// Unlock `g`: the queued waiter gets the lock, with a greater fencing token.
+async fn hand_over(
+    g: baton::MutexGuard,
+    queued: tokio::task::JoinHandle<baton::Result<baton::MutexGuard>>,
+) {
+    let token = g.fencing_token();
+    g.unlock().await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("waiter not granted")
+        .unwrap()
+        .unwrap();
+    assert!(g2.fencing_token() > token);
+}
+
 /// Every member restarted in turn with its data dir (SIGKILL + start), while a lock is held
 /// and a waiter on another client queues: no false loss, no grant to the waiter, the local
 /// deadline never after the server's expiry; then the waiter gets it on release.
@@ -87,14 +102,7 @@ async fn members_restarted_in_turn_while_held() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let token = g.fencing_token();
-    g.unlock().await.unwrap();
-    let g2 = tokio::time::timeout(Duration::from_secs(5), queued)
-        .await
-        .expect("waiter not granted")
-        .unwrap()
-        .unwrap();
-    assert!(g2.fencing_token() > token);
+    hand_over(g, queued).await;
 }
 
 /// All three members killed and restarted with their data (an outage of ~1-3 s, under a
@@ -156,14 +164,7 @@ async fn whole_cluster_restart(outage: Duration) {
         check_deadline(&direct, &holder, "after full restart").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let token = g.fencing_token();
-    g.unlock().await.unwrap();
-    let g2 = tokio::time::timeout(Duration::from_secs(5), queued)
-        .await
-        .expect("waiter not granted")
-        .unwrap()
-        .unwrap();
-    assert!(g2.fencing_token() > token);
+    hand_over(g, queued).await;
 }
 
 /// The holder's client knows one member only, and that member is paused (follower, then

@@ -2410,7 +2410,7 @@ mod tests {
 
     /// A dropped dequeue's claim lands for nobody (its delete is slowed past the dequeue's
     /// timeout); the item is held and, after [`HOLD_FOR`], put back.
-    async fn claim_for_nobody(q: &Queue, slow: &crate::store::slow::SlowWatches) {
+    pub(super) async fn claim_for_nobody(q: &Queue, slow: &crate::store::slow::SlowWatches) {
         *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
         let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
         assert!(dropped.is_err(), "the dequeue was not dropped");
@@ -2880,11 +2880,7 @@ mod put_back_out_of_space {
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("X").await.unwrap();
         store.on.store(true, Ordering::SeqCst);
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         // X is held; after HOLD_FOR the task tries to put it back (a 300 ms lease grant).
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(100)).await;
         let got = tokio::time::timeout(Duration::from_secs(5), q.dequeue()).await;
@@ -2937,11 +2933,7 @@ mod put_back_out_of_space {
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("X").await.unwrap();
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         // X is held; after HOLD_FOR the task puts it back: its first send lands late.
         store.on.store(true, Ordering::SeqCst);
         slow.put_lands_after_next_read.store(true, Ordering::SeqCst);
@@ -2988,7 +2980,7 @@ mod put_back_refused_after_a_lost_answer {
         }
     }
 
-    fn marker_put(txn: &Txn) -> bool {
+    pub(super) fn marker_put(txn: &Txn) -> bool {
         txn.success.iter().any(|op| {
             matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
         })
@@ -3043,11 +3035,7 @@ mod put_back_refused_after_a_lost_answer {
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("X").await.unwrap();
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         // X is held; after HOLD_FOR the task puts it back: its first send loses its answer.
         lose(&slow);
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(2000)).await;
@@ -3119,13 +3107,15 @@ mod put_back_blocks_the_next_held {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    /// The first put-back (a txn with a marker) fails in flight unapplied; every later one
-    /// is refused for space (the NOSPACE alarm began): after a lost answer, the put-back is
-    /// resent as any failure (7dca1dc), until space is freed. Enqueues and claims pass.
+    /// The first put-back (a txn with a marker) fails in flight, unapplied or (`lands_first`)
+    /// applied with its answer lost; every later one is refused for space (the NOSPACE alarm
+    /// began): after a lost answer, the put-back is resent as any failure (7dca1dc), until
+    /// space is freed. Enqueues and claims pass.
     #[derive(Debug)]
-    struct PutBacksFull {
-        inner: Arc<crate::store::slow::SlowWatches>,
-        lost: AtomicBool,
+    pub(super) struct PutBacksFull {
+        pub(super) inner: Arc<crate::store::slow::SlowWatches>,
+        pub(super) lost: AtomicBool,
+        pub(super) lands_first: bool,
     }
 
     #[async_trait::async_trait]
@@ -3134,11 +3124,11 @@ mod put_back_blocks_the_next_held {
             &*self.inner
         }
         async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-            let marker = txn.success.iter().any(|op| {
-                matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
-            });
-            if marker {
+            if super::put_back_refused_after_a_lost_answer::marker_put(&txn) {
                 if !self.lost.swap(true, Ordering::SeqCst) {
+                    if self.lands_first {
+                        self.inner.txn(txn).await?;
+                    }
                     return Err(Error::Store("request timed out".into()));
                 }
                 return Err(Error::Store(
@@ -3159,15 +3149,12 @@ mod put_back_blocks_the_next_held {
         let store = Arc::new(PutBacksFull {
             inner: slow.clone(),
             lost: AtomicBool::new(false),
+            lands_first: false,
         });
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("A").await.unwrap();
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(200)).await;
         assert!(store.lost.load(Ordering::SeqCst), "no put-back sent");
         let started = tokio::time::Instant::now();
@@ -3193,6 +3180,7 @@ mod put_back_blocks_the_next_held {
         let store = Arc::new(PutBacksFull {
             inner: slow.clone(),
             lost: AtomicBool::new(false),
+            lands_first: false,
         });
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
@@ -3233,38 +3221,7 @@ mod put_back_landed_then_refused {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    fn marker_put(txn: &Txn) -> bool {
-        txn.success.iter().any(|op| {
-            matches!(op, TxnOp::Put { key, .. } if key.windows(10).any(|w| w == b"/returned/"))
-        })
-    }
-
-    /// The first put-back (with its marker) lands, and its answer is lost; every later
-    /// one is refused for space (the NOSPACE alarm began right after it).
-    #[derive(Debug)]
-    struct LandedThenFull {
-        inner: Arc<crate::store::slow::SlowWatches>,
-        lost: AtomicBool,
-    }
-
-    #[async_trait::async_trait]
-    impl crate::store::slow::Hooks for LandedThenFull {
-        fn inner(&self) -> &dyn Store {
-            &*self.inner
-        }
-        async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-            if marker_put(&txn) {
-                if !self.lost.swap(true, Ordering::SeqCst) {
-                    self.inner.txn(txn).await?;
-                    return Err(Error::Store("request timed out".into()));
-                }
-                return Err(Error::Store(
-                    "etcdserver: mvcc: database space exceeded".into(),
-                ));
-            }
-            self.inner.txn(txn).await
-        }
-    }
+    use super::put_back_refused_after_a_lost_answer::marker_put;
 
     /// `len()` returns at once during a resend loop (entry 74). When the send whose answer
     /// was lost had landed, the item was in the store AND in `sending`: `len()` said 2 for
@@ -3274,18 +3231,15 @@ mod put_back_landed_then_refused {
     async fn len_counts_a_landed_put_back_once_during_its_resend_loop() {
         use crate::store::slow::SlowWatches;
         let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
-        let store = Arc::new(LandedThenFull {
+        let store = Arc::new(super::put_back_blocks_the_next_held::PutBacksFull {
             inner: slow.clone(),
             lost: AtomicBool::new(false),
+            lands_first: true,
         });
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("A").await.unwrap();
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
         assert!(store.lost.load(Ordering::SeqCst), "no put-back sent");
         let n = q.len().await.unwrap();
@@ -3359,11 +3313,7 @@ mod put_back_landed_then_refused {
         let client = Client::from_arc(store.clone());
         let q = Queue::new(&client, "jobs").unwrap();
         q.enqueue("X").await.unwrap();
-        *slow.delay_deletes.lock().unwrap() = Some(Duration::from_millis(100));
-        let dropped = tokio::time::timeout(Duration::from_millis(20), q.dequeue()).await;
-        assert!(dropped.is_err(), "the dequeue was not dropped");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        *slow.delay_deletes.lock().unwrap() = None;
+        super::tests::claim_for_nobody(&q, &slow).await;
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(2000)).await;
         assert!(store.revoked.load(Ordering::SeqCst), "no put-back sent");
         let in_store = slow
