@@ -425,8 +425,9 @@ impl CoordinatorBuilder {
     /// Confine every key to `prefix`: a [`Client::with_namespace`] on etcd and the embedded
     /// store, a key prefix on Redis (see
     /// [`RedisClientBuilder::with_prefix`](crate::redis::RedisClientBuilder::with_prefix)).
-    /// Two coordinators with different namespaces never see each other's locks or
-    /// elections.
+    /// Two coordinators whose namespaces are not prefixes of one another never see each
+    /// other's locks or elections. End a namespace with a separator (`team-a/`): `team-a`
+    /// is a prefix of `team-ab`, and `team-a`'s lock `bx` is `team-ab`'s lock `x`.
     pub fn with_namespace(mut self, prefix: impl Into<String>) -> Self {
         self.namespace = prefix.into();
         self
@@ -1167,6 +1168,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The hazard `with_namespace` warns of: namespaces `a` and `ab` (one a prefix of the
+    /// other) share keys, and `a`'s lock `bx` is `ab`'s lock `x` (its docs said different
+    /// namespaces never see each other's locks; found by review).
+    #[tokio::test]
+    async fn namespaces_that_are_prefixes_of_one_another_share_locks() {
+        let a = Coordinator::builder("mem://ns-prefix")
+            .with_namespace("a")
+            .connect()
+            .await
+            .unwrap();
+        let ab = Coordinator::builder("mem://ns-prefix")
+            .with_namespace("ab")
+            .connect()
+            .await
+            .unwrap();
+        let held = a.lock("bx").unwrap().lock().await.unwrap();
+        let other = ab.lock("x").unwrap().try_lock().await;
+        assert!(
+            matches!(other, Err(Error::Locked { .. })),
+            "a's bx is ab's x: {:?}",
+            other.err()
+        );
+        held.release().await.unwrap();
+        let slash = Coordinator::builder("mem://ns-prefix")
+            .with_namespace("a/")
+            .connect()
+            .await
+            .unwrap();
+        let held = slash.lock("bx").unwrap().lock().await.unwrap();
+        assert!(ab.lock("x").unwrap().try_lock().await.is_ok());
+        held.release().await.unwrap();
     }
 
     /// Two tasks of one coordinator lock one name: the second waits for the first (as on

@@ -1081,6 +1081,12 @@ impl MemStore {
     /// Register a watch (from the next write if `from_now`); returns the store's revision
     /// at registration with the stream.
     fn watch_at(&self, mut watch: Watch, from_now: bool) -> (Revision, WatchStream) {
+        // As etcd's server: a watch of the empty key watches "\0", its smallest key.
+        if let KeyRange::Key(key) = &mut watch.keys {
+            if key.is_empty() {
+                key.push(0);
+            }
+        }
         let mut state = self.lock_current();
         if from_now {
             watch.start_revision = 0;
