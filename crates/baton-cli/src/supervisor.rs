@@ -371,8 +371,8 @@ async fn end_lost(
     stopped: bool,
 ) {
     guardian.tell_lost(deadline_after(grace));
-    kill_group(pgid, libc::SIGTERM);
-    kill_group(pgid, libc::SIGCONT);
+    end_tree(pgid, libc::SIGTERM);
+    end_tree(pgid, libc::SIGCONT);
     on_lost(stopped);
     terminate(child, pgid, grace).await;
 }
@@ -1048,7 +1048,7 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
                 let watch_from = by.saturating_sub(nanos(DEADLINE_MARGIN));
                 if now >= watch_from {
                     if must_end_now(&word, by, now, parent, pgid) {
-                        kill_group(pgid, libc::SIGKILL);
+                        end_tree(pgid, libc::SIGKILL);
                         std::process::exit(0);
                     }
                     millis(STALLED_POLL)
@@ -1119,8 +1119,8 @@ fn millis(d: Duration) -> i32 {
 /// before. Exits.
 #[cfg(target_os = "linux")]
 fn end_group(pgid: i32, grace: Duration, kill_by: Option<u64>) -> ! {
-    kill_group(pgid, libc::SIGTERM);
-    kill_group(pgid, libc::SIGCONT);
+    end_tree(pgid, libc::SIGTERM);
+    end_tree(pgid, libc::SIGCONT);
     let mut by = mono_now_ns().saturating_add(nanos(grace));
     if let Some(kill_by) = kill_by {
         by = by.min(kill_by.saturating_sub(nanos(DEADLINE_MARGIN)));
@@ -1132,7 +1132,7 @@ fn end_group(pgid: i32, grace: Duration, kill_by: Option<u64>) -> ! {
         }
         std::thread::sleep(GROUP_POLL.min(Duration::from_nanos(by - now)));
     }
-    kill_group(pgid, libc::SIGKILL);
+    end_tree(pgid, libc::SIGKILL);
     std::process::exit(0);
 }
 
@@ -1244,7 +1244,7 @@ async fn terminate(child: &mut Child, pgid: i32, grace: Duration) {
         }
     }
     tracing::debug!(pgid, ?grace, "grace period over: SIGKILL");
-    kill_group(pgid, libc::SIGKILL);
+    end_tree(pgid, libc::SIGKILL);
     let _ = child.wait().await;
 }
 
@@ -1257,6 +1257,74 @@ fn kill_group(pgid: i32, signal: i32) {
             tracing::warn!(pgid, signal, error = %e, "cannot signal CMD's process group");
         }
     }
+}
+
+/// Send `signal` to group `pgid` and to the groups of its members' descendants that left
+/// it ([`escaped_groups`]): what ends CMD. A signal to the group alone missed a nested
+/// `baton`'s CMD (`baton lock a -- baton lock b -- CMD`: each CMD has a group of its own),
+/// which ran on beside the next holder of `a` (found by review).
+fn end_tree(pgid: i32, signal: i32) {
+    let escaped = escaped_groups(pgid);
+    kill_group(pgid, signal);
+    for group in escaped {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(-group, signal) };
+    }
+}
+
+/// The process groups, other than `pgid`, of the processes descended from group `pgid`'s
+/// members: a nested `baton`'s CMD, a `setsid` child while its parent lives. Never ours,
+/// nor groups 0 and 1. (A process that left the group and was orphaned since, its parent
+/// gone, is no longer found.)
+#[cfg(target_os = "linux")]
+fn escaped_groups(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // (pid, parent, group) of every process.
+    let procs: Vec<(i32, i32, i32)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (parent, group) = stat_parent_and_group(&stat)?;
+            Some((pid, parent, group))
+        })
+        .collect();
+    let mut inside: std::collections::HashSet<i32> =
+        procs.iter().filter(|p| p.2 == pgid).map(|p| p.0).collect();
+    // SAFETY: getpgrp(2) cannot fail and has no preconditions.
+    let ours = unsafe { libc::getpgrp() };
+    let mut groups = Vec::new();
+    loop {
+        let mut grew = false;
+        for &(pid, parent, group) in &procs {
+            if !inside.contains(&pid) && inside.contains(&parent) {
+                inside.insert(pid);
+                grew = true;
+                if group != pgid && group > 1 && group != ours && !groups.contains(&group) {
+                    groups.push(group);
+                }
+            }
+        }
+        if !grew {
+            return groups;
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn escaped_groups(_pgid: i32) -> Vec<i32> {
+    Vec::new()
+}
+
+/// The parent and the process group of a process, from its /proc/PID/stat.
+#[cfg(target_os = "linux")]
+fn stat_parent_and_group(stat: &str) -> Option<(i32, i32)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let _state = fields.next()?;
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
 /// True while some process of group `pgid` exists and has not exited.

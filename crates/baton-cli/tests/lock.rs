@@ -1032,3 +1032,49 @@ fn sigusr1_is_forwarded_not_fatal() {
     assert!(dir.path().join("usr1").exists(), "CMD never got SIGUSR1");
     assert!(keys(&etcd, "usr/").is_empty(), "the lock was left held");
 }
+
+/// `baton lock outer -- baton lock inner -- CMD`, the nesting the supervisor strips outer
+/// variables for, and `kill -9` of the outer baton: the outer's guardian ended the outer
+/// CMD's process group (the inner baton) by the outer lock's deadline, but the inner CMD
+/// has a process group of its own, and ran on (given the inner `--grace`, bounded only by
+/// the inner lock's deadline) after the outer lease expired and the next outer holder
+/// started (found by review). The groups of the descendants are ended too now.
+#[test]
+fn a_nested_batons_cmd_never_runs_beside_the_next_outer_holder() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let pidfile = dir.path().join("inner-pid");
+    let stubborn = format!(
+        r#"trap '' TERM; echo $$ > '{}'; while :; do echo A >> '{}'; sleep 0.05; done"#,
+        pidfile.display(),
+        log.display()
+    );
+    let next = format!(
+        r#"for i in 1 2 3 4 5 6 7 8 9 10; do echo B >> '{}'; sleep 0.1; done"#,
+        log.display()
+    );
+    let exe = env!("CARGO_BIN_EXE_baton");
+    let mut a = Proc::spawn(baton(&etcd.endpoint()).args([
+        "lock", "--ttl", "2s", "outer", "--", exe, "lock", "--ttl", "10s", "inner", "--", "sh",
+        "-c", &stubborn,
+    ]));
+    let inner_pid: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    let mut b = Proc::spawn(
+        baton(&etcd.endpoint()).args(["lock", "--ttl", "2s", "outer", "--", "sh", "-c", &next]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    a.signal(libc::SIGKILL);
+    let _ = a.wait(STEP);
+    assert_eq!(b.code(), 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Clean up whatever still runs.
+    // SAFETY: kill(2).
+    unsafe { libc::kill(-inner_pid, libc::SIGKILL) };
+    let first_b = text.find('B').expect("B never ran");
+    let overlap = text[first_b..].matches('A').count();
+    assert_eq!(
+        overlap, 0,
+        "the nested CMD of the killed outer holder ran beside the next outer holder's CMD ({overlap} ticks):\n{text}"
+    );
+}
