@@ -62,7 +62,8 @@ pub enum Isolation {
     /// still current at the commit), but two keys may be read at different revisions, so a
     /// closure can see a state that never existed (say, money that left one account and
     /// has not reached the other yet). Such an attempt fails at commit and runs again (one
-    /// whose closure returns `Err` is checked the same way before its error is returned);
+    /// whose closure returns `Err` after reads served at different revisions is checked
+    /// the same way before its error is returned);
     /// do not act outside the store on what an attempt sees.
     RepeatableReads,
     /// Each key is read once, at the latest revision when first read; the commit never
@@ -229,9 +230,10 @@ impl Stm {
     /// Run `apply` until its writes commit, and return what it returned.
     ///
     /// `apply` gets a fresh [`StmTx`] per attempt. If it returns `Err`, nothing is written
-    /// and the error is returned (at [`RepeatableReads`](Isolation::RepeatableReads), once a
-    /// compares-only check, one round trip, showed that what it read is still current; else
-    /// it runs again, as the error may come from a state that never existed). A failed
+    /// and the error is returned (at [`RepeatableReads`](Isolation::RepeatableReads), if it
+    /// read keys at different revisions, once a compares-only check, one round trip, showed
+    /// that what it read is still current; else it runs again, as the error may come from a
+    /// state that never existed; a check that fails returns its own error). A failed
     /// commit returns its error. Give up after [`with_max_attempts`](Stm::with_max_attempts)
     /// attempts (conflicts, or snapshots compacted away) with [`Error::Conflict`].
     ///
@@ -306,22 +308,26 @@ impl Stm {
                     Err(e) => {
                         if self.isolation == Isolation::RepeatableReads
                             && state.failed_read.is_none()
-                            && !state.reads.is_empty()
+                            && state.mixed_revisions
                         {
                             let check = Attempt {
                                 writes: BTreeMap::new(),
                                 ..state
                             };
-                            if let Ok(Commit::Conflict(next)) =
-                                commit(&store, self.isolation, check).await
-                            {
-                                tracing::debug!(
-                                    attempt,
-                                    "an error from stale reads; running again"
-                                );
-                                self.check_attempts(attempt)?;
-                                prefetched = next;
-                                continue;
+                            match commit(&store, self.isolation, check).await {
+                                Ok(Commit::Conflict(next)) => {
+                                    tracing::debug!(
+                                        attempt,
+                                        "an error from stale reads; running again"
+                                    );
+                                    self.check_attempts(attempt)?;
+                                    prefetched = next;
+                                    continue;
+                                }
+                                Ok(Commit::Done) => {}
+                                // Unchecked, the error may come from a state that never
+                                // existed: the check's error is returned, as a commit's.
+                                Err(check) => return Err(check.into()),
                             }
                         }
                         return Err(e);
@@ -383,6 +389,20 @@ struct Attempt {
     /// Reads started and not yet finished or dropped: one still running when the closure
     /// returns (in a task the closure did not wait for) fails the attempt too.
     reads_in_flight: usize,
+    /// The revision the reads so far were served at, while they all were at one.
+    served_at: Option<Revision>,
+    /// Reads were served at different revisions: what they show may never have existed.
+    mixed_revisions: bool,
+}
+
+impl Attempt {
+    fn served(&mut self, revision: Revision) {
+        match self.served_at {
+            None => self.served_at = Some(revision),
+            Some(r) if r != revision => self.mixed_revisions = true,
+            Some(_) => {}
+        }
+    }
 }
 
 /// One attempt of an [`Stm`] transaction: reads from the store, buffered writes.
@@ -568,6 +588,8 @@ impl StmTx {
                         if self.isolation.uses_snapshot() {
                             st.snapshot = Some(st.prefetched.revision);
                         }
+                        let revision = st.prefetched.revision;
+                        st.served(revision);
                         st.reads.insert(key.clone(), kv);
                         continue;
                     }
@@ -597,6 +619,7 @@ impl StmTx {
             if self.isolation.uses_snapshot() && st.snapshot.is_none() {
                 st.snapshot = Some(resp.header_revision);
             }
+            st.served(resp.header_revision);
             st.reads.extend(
                 chunk
                     .iter()
@@ -971,6 +994,104 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::Conflict { attempts: 2 }), "{err}");
         assert!(err.is_retryable());
+    }
+
+    /// Review (today3) of entry 76: a closure's error computed from ONE read (a state
+    /// that existed: one key at one revision), or returned before the closure read
+    /// anything (its reads are only the prefetch), is no "state that never existed"; yet
+    /// at RepeatableReads it now runs again whenever that key changed before the check.
+    /// On a key another writer keeps changing, `with_max_attempts(5)` turns the closure's
+    /// own error into `Conflict`, and with no limit (the default) `run` never returns. Go's
+    /// STM (and this crate before the fix) returned the error at once.
+    #[tokio::test]
+    async fn an_error_from_a_state_that_existed_is_returned_under_contention() {
+        for case in ["one read", "prefetch only"] {
+            let client = Client::memory();
+            let store = client.store().clone();
+            store.put(b"x", b"10", 0).await.unwrap();
+            let attempts = AtomicU32::new(0);
+            let stm = Stm::new(&client).with_isolation(Isolation::RepeatableReads);
+            let stm = if case == "prefetch only" {
+                stm.with_prefetch(["x"])
+            } else {
+                stm
+            };
+            let run = |stm: Stm| {
+                let (store, attempts) = (&store, &attempts);
+                async move {
+                    stm.run(|tx| async move {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        let x = if case == "one read" {
+                            number(tx.get("x").await?)
+                        } else {
+                            // Input checked before reading anything.
+                            0
+                        };
+                        // Another writer updates the (hot) key meanwhile, every attempt.
+                        tokio::task::yield_now().await;
+                        store.put(b"x", b"10", 0).await?;
+                        Err::<(), _>(Error::invalid(format!("x = {x} is too small")))
+                    })
+                    .await
+                }
+            };
+            let err = run(stm.clone().with_max_attempts(5)).await.unwrap_err();
+            assert!(
+                err.is_invalid_input(),
+                "{case}: the closure's own error became {err:?} after {} attempts",
+                attempts.load(Ordering::SeqCst)
+            );
+            attempts.store(0, Ordering::SeqCst);
+            let unlimited = tokio::time::timeout(std::time::Duration::from_secs(2), run(stm)).await;
+            assert!(
+                unlimited.is_ok(),
+                "{case}: run() had not returned the closure's error after 2 s ({} attempts)",
+                attempts.load(Ordering::SeqCst)
+            );
+        }
+    }
+
+    /// Review (today3) of entry 76: `run`'s docs say a closure's error (at
+    /// RepeatableReads) is returned once a compares-only check showed its reads current.
+    /// When that check itself fails (the store unavailable as the closure returns), the
+    /// error computed from a state that never existed ("books do not balance") is returned
+    /// all the same, unchecked, rather than the check's (retryable) store error.
+    #[tokio::test]
+    async fn an_unchecked_error_is_not_returned_when_the_check_fails() {
+        use crate::store::slow::SlowWatches;
+        use std::time::Duration;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        let client = Client::from_arc(slow.clone());
+        let store = client.store().clone();
+        store.put(b"a", b"50", 0).await.unwrap();
+        store.put(b"b", b"50", 0).await.unwrap();
+        let r = Stm::new(&client)
+            .with_isolation(Isolation::RepeatableReads)
+            .run(|tx| {
+                let (store, slow) = (&store, &slow);
+                async move {
+                    let a = number(tx.get("a").await?);
+                    // Another transaction moves 50 from a to b, atomically.
+                    store
+                        .txn(
+                            Txn::new()
+                                .and_then([TxnOp::put("a", "0", 0), TxnOp::put("b", "100", 0)]),
+                        )
+                        .await?;
+                    let b = number(tx.get("b").await?);
+                    // The store goes down as the closure returns.
+                    slow.kv_down.store(true, Ordering::SeqCst);
+                    if a + b != 100 {
+                        return Err(Error::invalid(format!("books do not balance: {a} + {b}")));
+                    }
+                    Ok(a + b)
+                }
+            })
+            .await;
+        assert!(
+            !matches!(&r, Err(Error::InvalidArgument(m)) if m.contains("do not balance")),
+            "an error from a state that never existed, unchecked: {r:?}"
+        );
     }
 
     #[tokio::test]
