@@ -471,6 +471,11 @@ impl RedisLeadership {
             None => {
                 self.hold
                     .mark_lost("the leader key holds another owner's token or is gone");
+                // The key may still be ours, with the record gone: step down (a
+                // compare-and-delete), or every other candidate waits out its TTL.
+                if let Err(e) = client.clean_up(self.hold.keys(), self.hold.token()).await {
+                    tracing::debug!(error = %e, "stepping down failed; the key expires with its ttl");
+                }
                 Err(not_leader())
             }
         }

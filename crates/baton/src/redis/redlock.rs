@@ -443,7 +443,7 @@ impl ClientInner {
                 } else if gone > 0 {
                     "the lock key was deleted or expired"
                 } else {
-                    "the election record was deleted"
+                    super::watchdog::RECORD_GONE
                 });
             }
         }

@@ -23,6 +23,9 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Why a hold is lost when its local deadline passes.
 const DEADLINE_PASSED: &str = "the local deadline passed without a successful extend";
 
+/// Why a leader's hold is lost when its election record is gone (see `redlock::extend`).
+pub(crate) const RECORD_GONE: &str = "the election record was deleted";
+
 /// Why a hold is lost when the runtime it was acquired on shut down under it.
 const RUNTIME_GONE: &str =
     "the tokio runtime the lock was acquired on, which ran its watchdog, was shut down";
@@ -424,6 +427,13 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
             }
             Extended::Lost(reason) => {
                 state.mark_lost(reason);
+                if state.election && reason == RECORD_GONE {
+                    // Step down: the key is still ours (only the record went), and would
+                    // keep every other candidate out until it expires. Compare-and-delete.
+                    if let Err(e) = client.clean_up(&state.keys, &state.token).await {
+                        tracing::debug!(error = %e, "stepping down failed; the key expires with its ttl");
+                    }
+                }
                 return;
             }
             Extended::Retry(e) => {
