@@ -1159,7 +1159,10 @@ impl Items {
     /// applied: the item is put back with no marker ([`put_back_bare`](Items::put_back_bare)).
     /// Refused again, it is given back ([`PutBack::Refused`]), to stay held for the handle's
     /// dequeues, and an error is logged. It is not resent: it would be refused again, and
-    /// an item being resent is in no one's reach.
+    /// an item being resent is in no one's reach. (After a lost answer, the bare put-back
+    /// first looks for the item under its key, and a look-up that fails otherwise than by
+    /// a refusal is tried again: given to the dequeues, an item already back would be
+    /// delivered twice.)
     async fn put_back(&self, held: Held) -> PutBack {
         let key_str = String::from_utf8_lossy(&held.key).into_owned();
         let mut lease = match self.store.lease_grant(MARKER_TTL).await {
