@@ -371,8 +371,10 @@ async fn end_lost(
     stopped: bool,
 ) {
     guardian.tell_lost(deadline_after(grace));
-    end_tree(pgid, libc::SIGTERM);
-    end_tree(pgid, libc::SIGCONT);
+    // SIGTERM to the group only: a nested `baton` in it forwards it to its CMD (sent
+    // directly too, that CMD got it twice); what left the group gets SIGKILL at the end.
+    kill_group(pgid, libc::SIGTERM);
+    kill_group(pgid, libc::SIGCONT);
     on_lost(stopped);
     terminate(child, pgid, grace).await;
 }
@@ -1040,6 +1042,8 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
         word.certain_until = Some(certain);
     }
     let mut buf = [0u8; 512];
+    // The groups apart from CMD's that were stopped on an `S`, to continue on the next word.
+    let mut stopped_apart: Vec<i32> = Vec::new();
     loop {
         let timeout = match word.kill_by() {
             None => -1,
@@ -1069,7 +1073,29 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
         // SAFETY: read(2) into a buffer we own, at most its length.
         let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
         if let Ok(n @ 1..) = usize::try_from(n) {
+            let was_stopped = word.job_stopped;
             word.hear(&buf[..n]);
+            match (was_stopped, word.job_stopped) {
+                // `baton`'s stop handler stops CMD's group (a SIGSTOP, which a nested
+                // `baton` in it cannot pass on to its own CMD); what left the group is
+                // stopped here, where /proc may be read (found by review: a nested CMD ran
+                // on beside the next holder while the outer `baton` was stopped).
+                (false, true) => {
+                    stopped_apart = escaped_groups(pgid);
+                    for group in &stopped_apart {
+                        // SAFETY: kill(2) has no memory-safety preconditions.
+                        unsafe { libc::kill(-group, libc::SIGSTOP) };
+                    }
+                }
+                // Continued (or any other word): so is what was stopped here, after its stop.
+                (true, false) => {
+                    for group in stopped_apart.drain(..) {
+                        // SAFETY: kill(2) has no memory-safety preconditions.
+                        unsafe { libc::kill(-group, libc::SIGCONT) };
+                    }
+                }
+                _ => {}
+            }
         } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         } else {
@@ -1119,8 +1145,8 @@ fn millis(d: Duration) -> i32 {
 /// before. Exits.
 #[cfg(target_os = "linux")]
 fn end_group(pgid: i32, grace: Duration, kill_by: Option<u64>) -> ! {
-    end_tree(pgid, libc::SIGTERM);
-    end_tree(pgid, libc::SIGCONT);
+    kill_group(pgid, libc::SIGTERM);
+    kill_group(pgid, libc::SIGCONT);
     let mut by = mono_now_ns().saturating_add(nanos(grace));
     if let Some(kill_by) = kill_by {
         by = by.min(kill_by.saturating_sub(nanos(DEADLINE_MARGIN)));
@@ -1264,6 +1290,12 @@ fn kill_group(pgid: i32, signal: i32) {
 /// `baton`'s CMD (`baton lock a -- baton lock b -- CMD`: each CMD has a group of its own),
 /// which ran on beside the next holder of `a` (found by review).
 fn end_tree(pgid: i32, signal: i32) {
+    if signal == libc::SIGKILL {
+        // The walk reads every /proc/PID/stat (~100 ms with 1,500 processes on a busy
+        // machine): freeze the group first, so that it stops at once (a kill by the
+        // deadline must not wait for the walk), with its parent links kept for the walk.
+        kill_group(pgid, libc::SIGSTOP);
+    }
     let escaped = escaped_groups(pgid);
     kill_group(pgid, signal);
     for group in escaped {
@@ -1456,5 +1488,45 @@ mod tests {
         assert_eq!(spawn_error(&prog, &missing).code(), exit::NOT_FOUND);
         let denied = io::Error::from(io::ErrorKind::PermissionDenied);
         assert_eq!(spawn_error(&prog, &denied).code(), exit::CANNOT_EXECUTE);
+    }
+
+    /// `end_tree` read every /proc/PID/stat before it sent the first signal. The guardian
+    /// SIGKILLs CMD's group [`DEADLINE_MARGIN`] (100 ms) before the hold's deadline; on a
+    /// machine with ~1,500 processes under load the scan alone took about that long, so CMD
+    /// ran on past the deadline, when the next holder may start (found by review). The
+    /// group is now stopped first.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn end_tree_stops_the_group_before_it_scans_proc() {
+        use std::os::unix::process::CommandExt;
+        let mut others: Vec<std::process::Child> = (0..1500)
+            .filter_map(|_| std::process::Command::new("sleep").arg("60").spawn().ok())
+            .collect();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]).process_group(0);
+        let mut cmd = cmd.spawn().unwrap();
+        let pgid = i32::try_from(cmd.id()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let watcher = std::thread::spawn(move || loop {
+            // Running no more: stopped, exited, or gone.
+            if !matches!(proc_state(pgid), Some('R' | 'S' | 'D')) {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        });
+        end_tree(pgid, libc::SIGKILL);
+        let scanned = started.elapsed();
+        let stopped = watcher.join().unwrap();
+        let _ = cmd.wait();
+        for other in &mut others {
+            let _ = other.kill();
+            let _ = other.wait();
+        }
+        assert!(
+            stopped < DEADLINE_MARGIN / 2,
+            "CMD ran on for {stopped:?} after end_tree(SIGKILL) was called ({} other processes; end_tree took {scanned:?})",
+            others.len()
+        );
     }
 }

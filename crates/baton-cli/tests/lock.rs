@@ -1078,3 +1078,123 @@ fn a_nested_batons_cmd_never_runs_beside_the_next_outer_holder() {
         "the nested CMD of the killed outer holder ran beside the next outer holder's CMD ({overlap} ticks):\n{text}"
     );
 }
+
+/// Ctrl-Z (SIGTSTP) of an outer `baton` stopped the outer CMD's group only (`stop` sends
+/// SIGSTOP to it), which holds the inner `baton` alone: the nested CMD, in a group of its
+/// own, ran on while no keep-alive of the outer lock was sent; the outer lease expired, the
+/// next outer holder started, and the nested CMD ran beside it until the inner lock's
+/// deadline (found by review). The guardian now stops what left the group.
+#[test]
+fn ctrl_z_of_an_outer_baton_stops_the_nested_cmd_too() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let pidfile = dir.path().join("inner-pid");
+    let ticking = format!(
+        r#"echo $$ > '{}'; while :; do echo A >> '{}'; sleep 0.05; done"#,
+        pidfile.display(),
+        log.display()
+    );
+    let exe = env!("CARGO_BIN_EXE_baton");
+    let mut command = baton(&etcd.endpoint());
+    // A job of a shell: job control applies (as `sigtstp_stops_cmd_and_sigcont_resumes_it`).
+    command.process_group(0);
+    let mut a = Proc::spawn(command.args([
+        "lock",
+        "--ttl",
+        "2s",
+        "tstp-outer",
+        "--",
+        exe,
+        "lock",
+        "--ttl",
+        "10s",
+        "tstp-inner",
+        "--",
+        "sh",
+        "-c",
+        &ticking,
+    ]));
+    let inner_pid: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    wait_until("nested CMD writing", || file_size(&log) > 0);
+    a.signal(libc::SIGTSTP);
+    wait_until("outer baton stopped", || proc_state(a.pid()) == Some('T'));
+    // Past the outer TTL: the outer lock goes to the next holder.
+    std::thread::sleep(Duration::from_secs(4));
+    let (out, _) = run(baton(&etcd.endpoint()).args([
+        "lock",
+        "--try",
+        "tstp-outer",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            r#"echo B >> '{0}'; sleep 0.5; echo B >> '{0}'"#,
+            log.display()
+        ),
+    ]));
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Clean up.
+    // SAFETY: kill(2).
+    unsafe { libc::kill(-inner_pid, libc::SIGKILL) };
+    a.signal(libc::SIGKILL);
+    let _ = a.wait(STEP);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let first_b = text.find('B').expect("B never ran");
+    let overlap = text[first_b..].matches('A').count();
+    assert_eq!(
+        overlap, 0,
+        "the nested CMD of the stopped outer holder ran beside the next outer holder ({overlap} ticks):\n{text}"
+    );
+}
+
+/// On a loss of the outer lock, the nested CMD got SIGTERM twice (found by review): once
+/// from the outer `baton` directly (entry 79's first walk), once forwarded by the inner
+/// `baton`. A CMD that shuts down gracefully on the first SIGTERM and at once on the
+/// second (Go's `signal.NotifyContext` idiom, many servers) lost its `--grace`.
+#[test]
+fn a_loss_of_the_outer_lock_sends_the_nested_cmd_one_sigterm() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("terms");
+    let pidfile = dir.path().join("inner-pid");
+    // Counts each SIGTERM (perl runs its handler once per delivery), keeps running.
+    let counting = format!(
+        r#"$SIG{{TERM}} = sub {{ open(my $f, '>>', '{}'); print $f "T\n"; close($f) }}; open(my $p, '>', '{}'); print $p "$$\n"; close($p); while (1) {{ select(undef, undef, undef, 0.02) }}"#,
+        log.display(),
+        pidfile.display()
+    );
+    let exe = env!("CARGO_BIN_EXE_baton");
+    let mut a = Proc::spawn(baton(&etcd.endpoint()).args([
+        "lock",
+        "--grace",
+        "2s",
+        "term-outer",
+        "--",
+        exe,
+        "lock",
+        "term-inner",
+        "--",
+        "perl",
+        "-e",
+        &counting,
+    ]));
+    let inner_pid: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    let key = keys(&etcd, "term-outer/")
+        .into_iter()
+        .next()
+        .expect("the outer key");
+    revoke(&etcd, &key);
+    let status = a.wait(STEP).expect("outer baton exits");
+    let terms = std::fs::read_to_string(&log).unwrap_or_default();
+    // SAFETY: kill(2).
+    unsafe { libc::kill(inner_pid, libc::SIGKILL) };
+    assert_eq!(status.code(), Some(122));
+    assert_eq!(
+        terms.lines().count(),
+        1,
+        "the nested CMD got {} SIGTERMs for one loss",
+        terms.lines().count()
+    );
+}

@@ -521,3 +521,80 @@ async fn a_leader_whose_record_is_deleted_frees_the_key_when_it_steps_down() {
     );
     other.resign().await.unwrap();
 }
+
+/// A candidate already waiting when the leader steps down
+/// (its record deleted) is woken by the step-down's PUBLISH at once, not by its fallback
+/// poll nor the key's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_candidate_leads_at_once_when_the_leader_steps_down() {
+    let one = RedisServer::start_async().await;
+    let ttl = Duration::from_secs(6);
+    let a = connect(&one.url(), ttl).await;
+    let b = connect(&one.url(), ttl).await;
+    let name = unique("stepdown-wake");
+    let leading = a.election(&name).unwrap().campaign("a").await.unwrap();
+    let record = format!("baton:leader:{}", a.election(&name).unwrap().key());
+    let election = b.election(&name).unwrap();
+    let waiting = tokio::spawn(async move {
+        let l = election
+            .campaign_timeout("b", Duration::from_secs(20))
+            .await
+            .unwrap();
+        (Instant::now(), l)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _: i64 = raw(&one.url()).await.del(&record).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(6), leading.lost())
+        .await
+        .unwrap();
+    let lost = Instant::now();
+    let (led, other) = waiting.await.unwrap();
+    let after = led.saturating_duration_since(lost);
+    eprintln!("b led {after:?} after a's loss");
+    assert!(
+        after < Duration::from_millis(300),
+        "the waiting candidate led {after:?} after the leader stepped down"
+    );
+    other.resign().await.unwrap();
+}
+
+/// Redlock: the watchdog stepped down only when every failing master said "record gone".
+/// With the record deleted on one master and the key gone from another (a master restarted
+/// empty, an admin's DEL of the election there), the loss was reported as "the lock key was
+/// deleted or expired", nothing was deleted, and our key stayed on two of three masters (a
+/// quorum): every candidate was kept out for a full TTL (found by review). A lost leader now
+/// steps down whatever the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redlock_leader_lost_for_mixed_reasons_steps_down_too() {
+    let three = RedisServers::start_async(3).await;
+    let masters: Vec<String> = three.servers().iter().map(|s| s.url()).collect();
+    let ttl = Duration::from_secs(6);
+    let a = connect(&three.redlock_url(), ttl).await;
+    let b = connect(&three.redlock_url(), ttl).await;
+    let name = unique("stepdown-mixed");
+    let leading = a.election(&name).unwrap().campaign("a").await.unwrap();
+    let record = format!("baton:leader:{}", a.election(&name).unwrap().key());
+    let lock_keys = keys_with(&masters[1], &name).await;
+    // Master 0: the record only. Master 1: everything of this election.
+    let _: i64 = raw(&masters[0]).await.del(&record).await.unwrap();
+    for k in &lock_keys {
+        let _: i64 = raw(&masters[1]).await.del(k).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(6), leading.lost())
+        .await
+        .unwrap();
+    let lost = Instant::now();
+    eprintln!("lost: {:?}", leading.lost_reason());
+    let other = b
+        .election(&name)
+        .unwrap()
+        .campaign_timeout("b", Duration::from_secs(15))
+        .await
+        .unwrap();
+    let after = lost.elapsed();
+    assert!(
+        after < Duration::from_millis(700),
+        "b led {after:?} after a's loss (TTL {ttl:?}): a's key was left on a quorum"
+    );
+    other.resign().await.unwrap();
+}

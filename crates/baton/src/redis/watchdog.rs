@@ -427,7 +427,9 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
             }
             Extended::Lost(reason) => {
                 state.mark_lost(reason);
-                if state.election && reason == RECORD_GONE {
+                if state.election {
+                    // Whatever the reason: on Redlock, "record gone" on one master and
+                    // "key gone" on another leave our key on a quorum (found by review).
                     // Step down: the key is still ours (only the record went), and would
                     // keep every other candidate out until it expires. Compare-and-delete.
                     if let Err(e) = client.clean_up(&state.keys, &state.token).await {
