@@ -1280,3 +1280,82 @@ fn scale_shows_progress_while_it_watches_keep_alives() {
         "a {took:?} run printed no progress: {err:?}"
     );
 }
+
+/// A Redis server that goes away in the middle of `bench contended` makes a worker's
+/// unlock fail, but the other workers wait in `lock()` for the server to come back (as
+/// `baton lock` does), and the bench waited for them: it printed the same progress line
+/// every second forever, and never reported the failure (found by review). It fails now
+/// (exit 125, naming the failure) within a bounded time.
+#[test]
+fn a_redis_server_gone_mid_run_fails_the_bench() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    let server = baton_testkit::RedisServer::start();
+    let mut bench = Proc::spawn(baton(&server.url()).args([
+        "bench",
+        "contended",
+        "--ops",
+        "10000000",
+        "--workers",
+        "4",
+        "--ttl",
+        "3s",
+    ]));
+    // Well into the measured part: progress is shown once the run takes a second.
+    wait_until("the bench to show progress", || {
+        bench
+            .stderr_so_far()
+            .iter()
+            .any(|l| l.starts_with("bench contended/baton: "))
+    });
+    signal(server.pid().unwrap(), libc::SIGKILL);
+    let status = bench.wait(std::time::Duration::from_secs(40));
+    assert!(
+        status.is_some(),
+        "bench still running 40 s after the server went: {:?}",
+        bench
+            .stderr_so_far()
+            .iter()
+            .rev()
+            .take(2)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(bench.code(), 125, "{:?}", bench.stderr_so_far());
+}
+
+/// The same with one worker (`uncontended`): when the server goes while the worker waits
+/// in `lock()` (about half the time), Baton's Redis lock retries until the server is back,
+/// and the bench never ended. Three tries.
+#[test]
+fn a_redis_server_gone_mid_uncontended_run_fails_the_bench() {
+    assert!(baton_testkit::redis_available(), "redis-server is needed");
+    for _ in 0..3 {
+        let server = baton_testkit::RedisServer::start();
+        let mut bench = Proc::spawn(baton(&server.url()).args([
+            "bench",
+            "uncontended",
+            "--ops",
+            "10000000",
+            "--ttl",
+            "3s",
+        ]));
+        wait_until("the bench to show progress", || {
+            bench
+                .stderr_so_far()
+                .iter()
+                .any(|l| l.starts_with("bench uncontended/baton: "))
+        });
+        signal(server.pid().unwrap(), libc::SIGKILL);
+        let status = bench.wait(std::time::Duration::from_secs(40));
+        assert!(
+            status.is_some(),
+            "bench still running 40 s after the server went: {:?}",
+            bench
+                .stderr_so_far()
+                .iter()
+                .rev()
+                .take(2)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(bench.code(), 125, "{:?}", bench.stderr_so_far());
+    }
+}

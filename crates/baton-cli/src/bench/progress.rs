@@ -41,6 +41,11 @@ impl Progress {
         Progress { done, stop }
     }
 
+    /// The operations done so far.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
     /// One more operation done.
     pub(crate) fn inc(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);

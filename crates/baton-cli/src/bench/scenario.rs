@@ -22,6 +22,9 @@ const IN_FLIGHT: usize = 64;
 /// as the results come.
 const PREALLOCATE: u64 = 1 << 16;
 
+/// How long a run may go without completing an operation before it fails.
+const STALL: Duration = Duration::from_secs(20);
+
 /// How long to wait for keys to show up in a queue before giving up.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -98,10 +101,24 @@ async fn close_all(workers: &[Arc<dyn Worker>]) {
         .await;
 }
 
-/// Lock and unlock `name` once; how long it took.
-async fn cycle(worker: &dyn Worker, name: &str) -> Result<Duration> {
+/// Lock and unlock `name` once; how long it took. With `holders` (every worker on one
+/// key), the lock's exclusion is checked: a worker that is granted the lock while another
+/// holds it fails the run.
+async fn cycle(worker: &dyn Worker, name: &str, holders: Option<&AtomicU64>) -> Result<Duration> {
     let started = Instant::now();
     let held = worker.lock(name).await?;
+    if let Some(h) = holders {
+        let others = h.fetch_add(1, Ordering::SeqCst);
+        if others > 0 {
+            return Err(Failure(format!(
+                "mutual exclusion violated: {} workers held {name} at once",
+                others + 1
+            )));
+        }
+        // Let the other workers run while we hold, so that an overlap shows.
+        tokio::task::yield_now().await;
+        h.fetch_sub(1, Ordering::SeqCst);
+    }
     held.release().await?;
     Ok(started.elapsed())
 }
@@ -124,10 +141,12 @@ async fn cycles(
             format!("{base}/lock")
         }
     };
+    // Every worker on one key: count the holders, to check the lock's exclusion.
+    let holders = (!own_keys).then(|| Arc::new(AtomicU64::new(0)));
     // Warm up: one cycle per worker (connections, and anything opened on first use).
     try_join_all(ws.iter().enumerate().map(|(i, w)| {
-        let name = name(i);
-        async move { cycle(w.as_ref(), &name).await }
+        let (name, holders) = (name(i), holders.clone());
+        async move { cycle(w.as_ref(), &name, holders.as_deref()).await }
     }))
     .await?;
 
@@ -139,12 +158,17 @@ async fn cycles(
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            let (w, name, tickets, progress) =
-                (w.clone(), name(i), tickets.clone(), progress.clone());
+            let (w, name, tickets, progress, holders) = (
+                w.clone(),
+                name(i),
+                tickets.clone(),
+                progress.clone(),
+                holders.clone(),
+            );
             spawn(async move {
                 let mut samples = Vec::new();
                 while take(&tickets) {
-                    match cycle(w.as_ref(), &name).await {
+                    match cycle(w.as_ref(), &name, holders.as_deref()).await {
                         Ok(d) => samples.push(d),
                         Err(e) => {
                             tickets.store(0, Ordering::Relaxed);
@@ -159,12 +183,48 @@ async fn cycles(
         .collect();
     let mut samples = Vec::with_capacity(usize::try_from(ops.min(PREALLOCATE)).unwrap_or(0));
     let mut failure = None;
-    for t in join_all(tasks).await {
-        match t.map_err(Failure::from).and_then(|r| r) {
-            Ok(s) => samples.extend(s),
-            Err(e) => failure = Some(e),
+    // The first failure ends the run: the other workers may be waiting for a backend that
+    // is gone (a Redis waiter retries until the server is back), and are aborted.
+    let mut running: futures::stream::FuturesUnordered<_> = tasks.into_iter().collect();
+    // A run where no operation completes for STALL (the backend gone: Baton's Redis
+    // waiters retry until it is back) fails rather than wait forever.
+    let watched = progress.clone();
+    let mut stalled = Box::pin(async move {
+        let progress = watched;
+        let (mut last, mut since) = (progress.done(), Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let done = progress.done();
+            if done != last {
+                (last, since) = (done, Instant::now());
+            } else if since.elapsed() >= STALL {
+                return Failure(format!(
+                    "no operation completed for {STALL:?} ({done} of {ops} done): is the \
+                     backend up?"
+                ));
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            t = running.next() => match t {
+                None => break,
+                Some(t) => match t.map_err(Failure::from).and_then(|r| r) {
+                    Ok(s) => samples.extend(s),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                },
+            },
+            e = &mut stalled => {
+                failure = Some(e);
+                break;
+            }
         }
     }
+    drop(running);
+    drop(stalled);
     let elapsed = started.elapsed();
     let after = target.counters();
     drop(progress);
@@ -575,4 +635,91 @@ async fn queue_many(
          of {n} waiters queued on one key, each with its own connection and session"
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod exclusion_tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use async_trait::async_trait;
+    use futures::future::BoxFuture;
+
+    use super::super::target::Counters;
+    use super::*;
+
+    /// A lock that excludes nobody: every `lock()` returns at once, as a broken
+    /// implementation (or a hold lost mid-run) would.
+    struct NoExclusion;
+    struct NoExclusionWorker;
+    struct NoExclusionHeld;
+
+    #[async_trait]
+    impl Target for NoExclusion {
+        fn name(&self) -> &'static str {
+            "broken"
+        }
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn worker(&self) -> Result<Box<dyn Worker>> {
+            Ok(Box::new(NoExclusionWorker))
+        }
+        async fn revoke(&self, _held: &dyn Held) -> Result<()> {
+            Ok(())
+        }
+        async fn queued(&self, _name: &str) -> Result<usize> {
+            Ok(0)
+        }
+        fn counters(&self) -> Counters {
+            Counters::default()
+        }
+    }
+
+    #[async_trait]
+    impl Worker for NoExclusionWorker {
+        async fn lock(&self, _name: &str) -> Result<Box<dyn Held>> {
+            Ok(Box::new(NoExclusionHeld))
+        }
+        async fn campaign(&self, _name: &str, _value: &str) -> Result<Box<dyn Held>> {
+            Ok(Box::new(NoExclusionHeld))
+        }
+        async fn close(&self) {}
+    }
+
+    #[async_trait]
+    impl Held for NoExclusionHeld {
+        fn lease(&self) -> i64 {
+            0
+        }
+        fn lost(&self) -> BoxFuture<'_, ()> {
+            Box::pin(future::pending())
+        }
+        async fn release(self: Box<Self>) -> Result<()> {
+            // Hold for a while, so that the holds of the workers overlap.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(())
+        }
+    }
+
+    /// `bench contended` is a run of a mutual-exclusion lock under contention: if two
+    /// workers hold the one key at once, the numbers are those of a lock that does not
+    /// lock, and the run must fail saying so (it reported a rate: found by review).
+    #[tokio::test]
+    async fn contended_fails_when_two_workers_hold_the_lock_at_once() {
+        let config = Config {
+            scenario: Scenario::Contended,
+            workers: 4,
+            ops: 40,
+            ttl: Duration::from_secs(6),
+            settle: Duration::ZERO,
+            prefix: "p".into(),
+        };
+        match run(&config, &NoExclusion).await {
+            Ok(m) => panic!(
+                "contended on a lock that excludes nobody reported {:?} ops/s and no failure",
+                m.ops_per_sec
+            ),
+            Err(e) => assert!(e.0.contains("at once"), "{}", e.0),
+        }
+    }
 }
