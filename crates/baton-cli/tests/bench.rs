@@ -1289,23 +1289,25 @@ fn scale_shows_progress_while_it_watches_keep_alives() {
 #[test]
 fn a_redis_server_gone_mid_run_fails_the_bench() {
     assert!(baton_testkit::redis_available(), "redis-server is needed");
+    server_killed_mid_run("contended", &["--workers", "4"]);
+}
+
+/// Run `bench SCENARIO` (ARGS) on a Redis server, SIGKILL the server once the run shows
+/// progress, and check that the bench ends within 40 s with exit 125.
+fn server_killed_mid_run(scenario: &str, args: &[&str]) {
     let server = baton_testkit::RedisServer::start();
-    let mut bench = Proc::spawn(baton(&server.url()).args([
-        "bench",
-        "contended",
-        "--ops",
-        "10000000",
-        "--workers",
-        "4",
-        "--ttl",
-        "3s",
-    ]));
+    let mut bench = Proc::spawn(
+        baton(&server.url())
+            .args(["bench", scenario, "--ops", "10000000", "--ttl", "3s"])
+            .args(args),
+    );
     // Well into the measured part: progress is shown once the run takes a second.
+    let progress = format!("bench {scenario}/baton: ");
     wait_until("the bench to show progress", || {
         bench
             .stderr_so_far()
             .iter()
-            .any(|l| l.starts_with("bench contended/baton: "))
+            .any(|l| l.starts_with(&progress))
     });
     signal(server.pid().unwrap(), libc::SIGKILL);
     let status = bench.wait(std::time::Duration::from_secs(40));
@@ -1329,33 +1331,6 @@ fn a_redis_server_gone_mid_run_fails_the_bench() {
 fn a_redis_server_gone_mid_uncontended_run_fails_the_bench() {
     assert!(baton_testkit::redis_available(), "redis-server is needed");
     for _ in 0..3 {
-        let server = baton_testkit::RedisServer::start();
-        let mut bench = Proc::spawn(baton(&server.url()).args([
-            "bench",
-            "uncontended",
-            "--ops",
-            "10000000",
-            "--ttl",
-            "3s",
-        ]));
-        wait_until("the bench to show progress", || {
-            bench
-                .stderr_so_far()
-                .iter()
-                .any(|l| l.starts_with("bench uncontended/baton: "))
-        });
-        signal(server.pid().unwrap(), libc::SIGKILL);
-        let status = bench.wait(std::time::Duration::from_secs(40));
-        assert!(
-            status.is_some(),
-            "bench still running 40 s after the server went: {:?}",
-            bench
-                .stderr_so_far()
-                .iter()
-                .rev()
-                .take(2)
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(bench.code(), 125, "{:?}", bench.stderr_so_far());
+        server_killed_mid_run("uncontended", &[]);
     }
 }

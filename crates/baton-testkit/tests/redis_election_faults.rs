@@ -31,6 +31,17 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The URL of `one` and of Redlock over `three`, each with its masters' URLs.
+fn single_and_redlock(one: &RedisServer, three: &RedisServers) -> [(String, Vec<String>); 2] {
+    [
+        (one.url(), vec![one.url()]),
+        (
+            three.redlock_url(),
+            three.servers().iter().map(|s| s.url()).collect(),
+        ),
+    ]
+}
+
 fn builder(url: &str, ttl: Duration) -> RedisClientBuilder {
     RedisClient::builder(url)
         .with_ttl(ttl)
@@ -126,13 +137,7 @@ async fn lost_within_a_third_after_del_or_overwrite() {
 async fn resign_racing_the_watchdog_leaves_nothing() {
     let one = RedisServer::start_async().await;
     let three = RedisServers::start_async(3).await;
-    for (url, masters) in [
-        (one.url(), vec![one.url()]),
-        (
-            three.redlock_url(),
-            three.servers().iter().map(|s| s.url()).collect::<Vec<_>>(),
-        ),
-    ] {
+    for (url, masters) in single_and_redlock(&one, &three) {
         let ttl = Duration::from_millis(60);
         let a = connect(&url, ttl).await;
         let b = connect(&url, ttl).await;
@@ -182,13 +187,7 @@ async fn resign_racing_the_watchdog_leaves_nothing() {
 async fn dropped_campaigns_leave_nothing() {
     let one = RedisServer::start_async().await;
     let three = RedisServers::start_async(3).await;
-    for (url, masters) in [
-        (one.url(), vec![one.url()]),
-        (
-            three.redlock_url(),
-            three.servers().iter().map(|s| s.url()).collect::<Vec<_>>(),
-        ),
-    ] {
+    for (url, masters) in single_and_redlock(&one, &three) {
         let ttl = Duration::from_secs(30);
         let a = connect(&url, ttl).await;
         let name = unique("drop");
