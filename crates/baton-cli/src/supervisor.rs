@@ -371,10 +371,9 @@ async fn end_lost(
     stopped: bool,
 ) {
     guardian.tell_lost(deadline_after(grace));
-    // SIGTERM to the group only: a nested `baton` in it forwards it to its CMD (sent
-    // directly too, that CMD got it twice); what left the group gets SIGKILL at the end.
-    kill_group(pgid, libc::SIGTERM);
-    kill_group(pgid, libc::SIGCONT);
+    // What left the group gets SIGTERM too, found while its parents live (a `setsid` child
+    // of CMD: found by review); not below a nested `baton`, which forwards it.
+    term_tree(pgid);
     on_lost(stopped);
     terminate(child, pgid, grace).await;
 }
@@ -1081,7 +1080,12 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
                 // stopped here, where /proc may be read (found by review: a nested CMD ran
                 // on beside the next holder while the outer `baton` was stopped).
                 (false, true) => {
-                    stopped_apart = escaped_groups(pgid);
+                    // A group already stopped (on purpose, by CMD or the user) is not ours
+                    // to continue (found by review).
+                    stopped_apart = escaped_groups(pgid)
+                        .into_iter()
+                        .filter(|&g| !matches!(proc_state(g), Some('T' | 't')))
+                        .collect();
                     for group in &stopped_apart {
                         // SAFETY: kill(2) has no memory-safety preconditions.
                         unsafe { libc::kill(-group, libc::SIGSTOP) };
@@ -1145,8 +1149,7 @@ fn millis(d: Duration) -> i32 {
 /// before. Exits.
 #[cfg(target_os = "linux")]
 fn end_group(pgid: i32, grace: Duration, kill_by: Option<u64>) -> ! {
-    kill_group(pgid, libc::SIGTERM);
-    kill_group(pgid, libc::SIGCONT);
+    term_tree(pgid);
     let mut by = mono_now_ns().saturating_add(nanos(grace));
     if let Some(kill_by) = kill_by {
         by = by.min(kill_by.saturating_sub(nanos(DEADLINE_MARGIN)));
@@ -1304,14 +1307,51 @@ fn end_tree(pgid: i32, signal: i32) {
     }
 }
 
+/// SIGTERM, then SIGCONT (a stopped group gets it at once), to group `pgid` and to the
+/// groups that left it ([`groups_apart_for_term`]).
+fn term_tree(pgid: i32) {
+    let apart = groups_apart_for_term(pgid);
+    for signal in [libc::SIGTERM, libc::SIGCONT] {
+        kill_group(pgid, signal);
+        for &group in &apart {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(-group, signal) };
+        }
+    }
+}
+
 /// The process groups, other than `pgid`, of the processes descended from group `pgid`'s
 /// members: a nested `baton`'s CMD, a `setsid` child while its parent lives. Never ours,
 /// nor groups 0 and 1. (A process that left the group and was orphaned since, its parent
 /// gone, is no longer found.)
 #[cfg(target_os = "linux")]
 fn escaped_groups(pgid: i32) -> Vec<i32> {
+    groups_apart(pgid, false)
+}
+
+/// [`escaped_groups`], but not below a nested `baton` (a process running our own
+/// executable): what it supervises gets our SIGTERM from it, forwarded (sent directly too,
+/// a nested CMD got it twice: found by review).
+#[cfg(target_os = "linux")]
+fn groups_apart_for_term(pgid: i32) -> Vec<i32> {
+    groups_apart(pgid, true)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn groups_apart_for_term(_pgid: i32) -> Vec<i32> {
+    Vec::new()
+}
+
+#[cfg(target_os = "linux")]
+fn groups_apart(pgid: i32, skip_nested: bool) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
+    };
+    let own_exe = std::fs::read_link("/proc/self/exe").ok();
+    let nested = |pid: i32| {
+        skip_nested
+            && own_exe.is_some()
+            && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == own_exe
     };
     // (pid, parent, group) of every process.
     let procs: Vec<(i32, i32, i32)> = entries
@@ -1325,14 +1365,20 @@ fn escaped_groups(pgid: i32) -> Vec<i32> {
         .collect();
     let mut inside: std::collections::HashSet<i32> =
         procs.iter().filter(|p| p.2 == pgid).map(|p| p.0).collect();
+    // The processes whose children are looked at: not a nested `baton`'s, if skipped.
+    let mut expand: std::collections::HashSet<i32> =
+        inside.iter().copied().filter(|&p| !nested(p)).collect();
     // SAFETY: getpgrp(2) cannot fail and has no preconditions.
     let ours = unsafe { libc::getpgrp() };
     let mut groups = Vec::new();
     loop {
         let mut grew = false;
         for &(pid, parent, group) in &procs {
-            if !inside.contains(&pid) && inside.contains(&parent) {
+            if !inside.contains(&pid) && expand.contains(&parent) {
                 inside.insert(pid);
+                if !nested(pid) {
+                    expand.insert(pid);
+                }
                 grew = true;
                 if group != pgid && group > 1 && group != ours && !groups.contains(&group) {
                     groups.push(group);

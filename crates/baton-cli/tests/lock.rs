@@ -1198,3 +1198,92 @@ fn a_loss_of_the_outer_lock_sends_the_nested_cmd_one_sigterm() {
         terms.lines().count()
     );
 }
+
+/// A `setsid` child of CMD (a group of its own, its parent in CMD's group) gets SIGTERM on
+/// a loss. With SIGTERM sent to CMD's group only (a first fix of a nested CMD's double
+/// SIGTERM) it ran on beside the next holder: the SIGKILL at the end of `--grace` never
+/// came, as CMD exited within it and the orphan was no longer found (found by review).
+#[test]
+fn a_setsid_child_of_cmd_ends_on_a_loss() {
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let pidfile = dir.path().join("child-pid");
+    let script = format!(
+        r#"setsid sh -c 'echo $$ > {0}; while :; do echo A >> {1}; sleep 0.05; done' & wait"#,
+        pidfile.display(),
+        log.display()
+    );
+    let mut a = Proc::spawn(baton(&etcd.endpoint()).args([
+        "lock",
+        "--grace",
+        "5s",
+        "setsid-loss",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    let child: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    wait_until("setsid child writing", || file_size(&log) > 0);
+    let key = keys(&etcd, "setsid-loss/")
+        .into_iter()
+        .next()
+        .expect("the key");
+    revoke(&etcd, &key);
+    let status = a.wait(STEP).expect("baton exits");
+    std::thread::sleep(Duration::from_secs(1));
+    let before = file_size(&log);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = file_size(&log);
+    // Not gone, nor a zombie (reaped by whoever adopted it).
+    let alive = !matches!(proc_state(child as u32), None | Some('Z'));
+    // SAFETY: kill(2).
+    unsafe { libc::kill(-child, libc::SIGKILL) };
+    assert_eq!(status.code(), Some(122));
+    assert!(
+        !alive && before == after,
+        "the setsid child of CMD runs on after the loss (alive={alive}, log {before} -> {after} bytes)"
+    );
+}
+
+/// A group that left CMD's and that CMD (or the user) stopped on purpose stays stopped
+/// through Ctrl-Z and `fg` of `baton`: the guardian SIGSTOPped every group apart on `S`
+/// and SIGCONTed them all on `R`, already-stopped ones included (found by review).
+#[test]
+fn ctrl_z_and_fg_leave_a_group_cmd_stopped_on_purpose_stopped() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let pidfile = dir.path().join("child-pid");
+    let script = format!(
+        r#"setsid sh -c 'echo $$ > {0}; while :; do echo A >> {1}; sleep 0.05; done' & wait"#,
+        pidfile.display(),
+        log.display()
+    );
+    let mut command = baton(&etcd.endpoint());
+    command.process_group(0);
+    let mut a = Proc::spawn(command.args(["lock", "stopped-apart", "--", "sh", "-c", &script]));
+    let child: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+    wait_until("setsid child writing", || file_size(&log) > 0);
+    // Stopped on purpose, before any Ctrl-Z.
+    // SAFETY: kill(2).
+    unsafe { libc::kill(-child, libc::SIGSTOP) };
+    wait_until("child stopped", || proc_state(child as u32) == Some('T'));
+    a.signal(libc::SIGTSTP);
+    wait_until("baton stopped", || proc_state(a.pid()) == Some('T'));
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(1000));
+    let state = proc_state(child as u32);
+    // SAFETY: kill(2).
+    unsafe { libc::kill(-child, libc::SIGKILL) };
+    a.signal(libc::SIGTERM);
+    let _ = a.wait(STEP);
+    assert_eq!(
+        state,
+        Some('T'),
+        "the group stopped on purpose was continued by fg of baton"
+    );
+}

@@ -144,11 +144,20 @@ async fn cycles(
     // Every worker on one key: count the holders, to check the lock's exclusion.
     let holders = (!own_keys).then(|| Arc::new(AtomicU64::new(0)));
     // Warm up: one cycle per worker (connections, and anything opened on first use).
-    try_join_all(ws.iter().enumerate().map(|(i, w)| {
-        let (name, holders) = (name(i), holders.clone());
-        async move { cycle(w.as_ref(), &name, holders.as_deref()).await }
-    }))
-    .await?;
+    let warmed = AtomicU64::new(0);
+    let warm_up = try_join_all(ws.iter().enumerate().map(|(i, w)| {
+        let (name, holders, warmed) = (name(i), holders.clone(), &warmed);
+        async move {
+            let r = cycle(w.as_ref(), &name, holders.as_deref()).await;
+            warmed.fetch_add(1, Ordering::Relaxed);
+            r
+        }
+    }));
+    // The warm-up waits for the backend too: bounded as the run is.
+    tokio::select! {
+        r = warm_up => { r?; }
+        e = stall(|| warmed.load(Ordering::Relaxed), n) => return Err(e),
+    }
 
     let tickets = Arc::new(AtomicU64::new(ops));
     let progress = Arc::new(Progress::start(label, ops, "ops"));
@@ -189,22 +198,7 @@ async fn cycles(
     // A run where no operation completes for STALL (the backend gone: Baton's Redis
     // waiters retry until it is back) fails rather than wait forever.
     let watched = progress.clone();
-    let mut stalled = Box::pin(async move {
-        let progress = watched;
-        let (mut last, mut since) = (progress.done(), Instant::now());
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let done = progress.done();
-            if done != last {
-                (last, since) = (done, Instant::now());
-            } else if since.elapsed() >= STALL {
-                return Failure(format!(
-                    "no operation completed for {STALL:?} ({done} of {ops} done): is the \
-                     backend up?"
-                ));
-            }
-        }
-    });
+    let mut stalled = Box::pin(async move { stall(|| watched.done(), ops).await });
     loop {
         tokio::select! {
             t = running.next() => match t {
@@ -255,6 +249,23 @@ async fn cycles(
         },
     );
     Ok(m)
+}
+
+/// Completes, with the failure, once `done()` has not grown for [`STALL`].
+async fn stall(done: impl Fn() -> u64, ops: u64) -> Failure {
+    let (mut last, mut since) = (done(), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = done();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= STALL {
+            return Failure(format!(
+                "no operation completed for {STALL:?} ({now} of {ops} done): is the \
+                 backend up?"
+            ));
+        }
+    }
 }
 
 /// Take one ticket if any is left.
@@ -721,5 +732,62 @@ mod exclusion_tests {
             ),
             Err(e) => assert!(e.0.contains("at once"), "{}", e.0),
         }
+    }
+
+    /// A backend gone during the warm-up (every `lock()` then waits for it, as
+    /// Baton's Redis waiters do) hung the run for ever: the 20 s stall check starts only
+    /// after the warm-up, which `cycles` awaited with no bound (found by review).
+    struct Gone;
+    struct GoneWorker;
+
+    #[async_trait]
+    impl Target for Gone {
+        fn name(&self) -> &'static str {
+            "gone"
+        }
+        fn backend(&self) -> &'static str {
+            "mem"
+        }
+        async fn worker(&self) -> Result<Box<dyn Worker>> {
+            Ok(Box::new(GoneWorker))
+        }
+        async fn revoke(&self, _held: &dyn Held) -> Result<()> {
+            Ok(())
+        }
+        async fn queued(&self, _name: &str) -> Result<usize> {
+            Ok(0)
+        }
+        fn counters(&self) -> Counters {
+            Counters::default()
+        }
+    }
+
+    #[async_trait]
+    impl Worker for GoneWorker {
+        async fn lock(&self, _name: &str) -> Result<Box<dyn Held>> {
+            future::pending().await
+        }
+        async fn campaign(&self, _name: &str, _value: &str) -> Result<Box<dyn Held>> {
+            future::pending().await
+        }
+        async fn close(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_backend_gone_in_the_warm_up_fails_the_run() {
+        let config = Config {
+            scenario: Scenario::Contended,
+            workers: 4,
+            ops: 40,
+            ttl: Duration::from_secs(6),
+            settle: Duration::ZERO,
+            prefix: "p".into(),
+        };
+        let r = tokio::time::timeout(STALL + Duration::from_secs(10), run(&config, &Gone)).await;
+        assert!(
+            r.is_ok(),
+            "the run still waits {:?} after the backend went (warm-up)",
+            STALL + Duration::from_secs(10)
+        );
     }
 }
