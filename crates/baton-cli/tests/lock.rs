@@ -1071,12 +1071,7 @@ fn a_nested_batons_cmd_never_runs_beside_the_next_outer_holder() {
     // Clean up whatever still runs.
     // SAFETY: kill(2).
     unsafe { libc::kill(-inner_pid, libc::SIGKILL) };
-    let first_b = text.find('B').expect("B never ran");
-    let overlap = text[first_b..].matches('A').count();
-    assert_eq!(
-        overlap, 0,
-        "the nested CMD of the killed outer holder ran beside the next outer holder's CMD ({overlap} ticks):\n{text}"
-    );
+    assert_no_a_after_b(&text, "killed");
 }
 
 /// Ctrl-Z (SIGTSTP) of an outer `baton` stopped the outer CMD's group only (`stop` sends
@@ -1141,12 +1136,7 @@ fn ctrl_z_of_an_outer_baton_stops_the_nested_cmd_too() {
     a.signal(libc::SIGKILL);
     let _ = a.wait(STEP);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let first_b = text.find('B').expect("B never ran");
-    let overlap = text[first_b..].matches('A').count();
-    assert_eq!(
-        overlap, 0,
-        "the nested CMD of the stopped outer holder ran beside the next outer holder ({overlap} ticks):\n{text}"
-    );
+    assert_no_a_after_b(&text, "stopped");
 }
 
 /// On a loss of the outer lock, the nested CMD got SIGTERM twice (found by review): once
@@ -1285,5 +1275,16 @@ fn ctrl_z_and_fg_leave_a_group_cmd_stopped_on_purpose_stopped() {
         state,
         Some('T'),
         "the group stopped on purpose was continued by fg of baton"
+    );
+}
+
+/// In the log of ticks `text`, no `A` (the nested CMD of the first outer holder, `how`:
+/// killed or stopped) after the first `B` (the next outer holder's CMD).
+fn assert_no_a_after_b(text: &str, how: &str) {
+    let first_b = text.find('B').expect("B never ran");
+    let overlap = text[first_b..].matches('A').count();
+    assert_eq!(
+        overlap, 0,
+        "the nested CMD of the {how} outer holder ran beside the next outer holder's CMD ({overlap} ticks):\n{text}"
     );
 }

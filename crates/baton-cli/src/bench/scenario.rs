@@ -658,22 +658,29 @@ mod exclusion_tests {
     use super::super::target::Counters;
     use super::*;
 
-    /// A lock that excludes nobody: every `lock()` returns at once, as a broken
-    /// implementation (or a hold lost mid-run) would.
-    struct NoExclusion;
-    struct NoExclusionWorker;
+    /// A target that is no backend: its `lock()` grants at once (`grants`: a lock that
+    /// excludes nobody, as a broken implementation, or a hold lost mid-run, would) or never
+    /// returns (a backend gone, waited for as Baton's Redis waiters do).
+    struct Fake {
+        grants: bool,
+    }
+    struct FakeWorker {
+        grants: bool,
+    }
     struct NoExclusionHeld;
 
     #[async_trait]
-    impl Target for NoExclusion {
+    impl Target for Fake {
         fn name(&self) -> &'static str {
-            "broken"
+            "fake"
         }
         fn backend(&self) -> &'static str {
             "mem"
         }
         async fn worker(&self) -> Result<Box<dyn Worker>> {
-            Ok(Box::new(NoExclusionWorker))
+            Ok(Box::new(FakeWorker {
+                grants: self.grants,
+            }))
         }
         async fn revoke(&self, _held: &dyn Held) -> Result<()> {
             Ok(())
@@ -687,14 +694,29 @@ mod exclusion_tests {
     }
 
     #[async_trait]
-    impl Worker for NoExclusionWorker {
+    impl Worker for FakeWorker {
         async fn lock(&self, _name: &str) -> Result<Box<dyn Held>> {
+            if !self.grants {
+                future::pending::<()>().await;
+            }
             Ok(Box::new(NoExclusionHeld))
         }
-        async fn campaign(&self, _name: &str, _value: &str) -> Result<Box<dyn Held>> {
-            Ok(Box::new(NoExclusionHeld))
+        async fn campaign(&self, name: &str, _value: &str) -> Result<Box<dyn Held>> {
+            self.lock(name).await
         }
         async fn close(&self) {}
+    }
+
+    /// A contended run of 4 workers and 40 operations.
+    fn contended() -> Config {
+        Config {
+            scenario: Scenario::Contended,
+            workers: 4,
+            ops: 40,
+            ttl: Duration::from_secs(6),
+            settle: Duration::ZERO,
+            prefix: "p".into(),
+        }
     }
 
     #[async_trait]
@@ -717,15 +739,7 @@ mod exclusion_tests {
     /// lock, and the run must fail saying so (it reported a rate: found by review).
     #[tokio::test]
     async fn contended_fails_when_two_workers_hold_the_lock_at_once() {
-        let config = Config {
-            scenario: Scenario::Contended,
-            workers: 4,
-            ops: 40,
-            ttl: Duration::from_secs(6),
-            settle: Duration::ZERO,
-            prefix: "p".into(),
-        };
-        match run(&config, &NoExclusion).await {
+        match run(&contended(), &Fake { grants: true }).await {
             Ok(m) => panic!(
                 "contended on a lock that excludes nobody reported {:?} ops/s and no failure",
                 m.ops_per_sec
@@ -737,53 +751,11 @@ mod exclusion_tests {
     /// A backend gone during the warm-up (every `lock()` then waits for it, as
     /// Baton's Redis waiters do) hung the run for ever: the 20 s stall check starts only
     /// after the warm-up, which `cycles` awaited with no bound (found by review).
-    struct Gone;
-    struct GoneWorker;
-
-    #[async_trait]
-    impl Target for Gone {
-        fn name(&self) -> &'static str {
-            "gone"
-        }
-        fn backend(&self) -> &'static str {
-            "mem"
-        }
-        async fn worker(&self) -> Result<Box<dyn Worker>> {
-            Ok(Box::new(GoneWorker))
-        }
-        async fn revoke(&self, _held: &dyn Held) -> Result<()> {
-            Ok(())
-        }
-        async fn queued(&self, _name: &str) -> Result<usize> {
-            Ok(0)
-        }
-        fn counters(&self) -> Counters {
-            Counters::default()
-        }
-    }
-
-    #[async_trait]
-    impl Worker for GoneWorker {
-        async fn lock(&self, _name: &str) -> Result<Box<dyn Held>> {
-            future::pending().await
-        }
-        async fn campaign(&self, _name: &str, _value: &str) -> Result<Box<dyn Held>> {
-            future::pending().await
-        }
-        async fn close(&self) {}
-    }
-
     #[tokio::test]
     async fn a_backend_gone_in_the_warm_up_fails_the_run() {
-        let config = Config {
-            scenario: Scenario::Contended,
-            workers: 4,
-            ops: 40,
-            ttl: Duration::from_secs(6),
-            settle: Duration::ZERO,
-            prefix: "p".into(),
-        };
-        let r = tokio::time::timeout(STALL + Duration::from_secs(10), run(&config, &Gone)).await;
+        let gone = Fake { grants: false };
+        let r =
+            tokio::time::timeout(STALL + Duration::from_secs(10), run(&contended(), &gone)).await;
         assert!(
             r.is_ok(),
             "the run still waits {:?} after the backend went (warm-up)",
