@@ -428,10 +428,10 @@ async fn watchdog(client: Arc<ClientInner>, state: Arc<HoldState>, interval: Opt
             Extended::Lost(reason) => {
                 state.mark_lost(reason);
                 if state.election {
-                    // Whatever the reason: on Redlock, "record gone" on one master and
-                    // "key gone" on another leave our key on a quorum (found by review).
-                    // Step down: the key is still ours (only the record went), and would
-                    // keep every other candidate out until it expires. Compare-and-delete.
+                    // Step down, whatever the reason: the key may still be ours (the record
+                    // alone gone; on Redlock, "record gone" on one master and "key gone" on
+                    // another leave it on a quorum), and would keep every other candidate
+                    // out until it expires. A compare-and-delete: never another's key.
                     if let Err(e) = client.clean_up(&state.keys, &state.token).await {
                         tracing::debug!(error = %e, "stepping down failed; the key expires with its ttl");
                     }
