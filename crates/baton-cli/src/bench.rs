@@ -72,10 +72,13 @@ while a majority is up.
 A signal (Ctrl-C, SIGTERM) stops the run: every worker is closed (on etcd, its lease revoked,
 which deletes its keys) and baton exits with 128+N.
 
-Progress goes to stderr once a run takes more than a second. An uncontended, contended or
-distinct run in which no operation completes for 20 s (the backend gone: a Redis waiter
-retries until it is back) fails, exit 125, as does a contended run in which two workers
-hold the lock at once. With --json, the last line of
+Progress goes to stderr once a run takes more than a second. A run in which nothing
+completes for 20 s (the backend gone: a Redis waiter retries until it is back) fails, exit
+125, as does a contended run in which two workers hold the lock at once. What counts: a
+lock+unlock (uncontended, contended, distinct); a queued key, a resign or an election
+(handover, which waits the --settle too); a probe (lost, which waits up to a keep-alive
+interval and the --ttl more); a lock held, a second of the keep-alive window, a release or
+a queued key (scale). With --json, the last line of
 stdout is one object: scenario, backend, workers, ops, ops_per_sec, p50_us, p99_us, max_us
 (null where they do not apply), scenario extras, and with --peer the peer_* fields and the
 ratio. With --sweep, one line per point comes first; the last line's rates and ratio are

@@ -253,19 +253,52 @@ async fn cycles(
 
 /// Completes, with the failure, once `done()` has not grown for [`STALL`].
 async fn stall(done: impl Fn() -> u64, ops: u64) -> Failure {
-    let (mut last, mut since) = (done(), Instant::now());
+    stall_for(done, STALL, |now| {
+        format!("no operation completed for {STALL:?} ({now} of {ops} done): is the backend up?")
+    })
+    .await
+}
+
+/// Completes, with the failure `message(done())`, once `done()` has not grown for `limit`.
+async fn stall_for(
+    done: impl Fn() -> u64,
+    limit: Duration,
+    message: impl Fn(u64) -> String,
+) -> Failure {
+    // Tokio's clock (the same as std's unless a test pauses it).
+    let (mut last, mut since) = (done(), tokio::time::Instant::now());
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = done();
         if now != last {
-            (last, since) = (now, Instant::now());
-        } else if since.elapsed() >= STALL {
-            return Failure(format!(
-                "no operation completed for {STALL:?} ({now} of {ops} done): is the \
-                 backend up?"
-            ));
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= limit {
+            return Failure(message(now));
         }
     }
+}
+
+/// Run `work`, which bumps `activity` at each step it completes; fail it once no step has
+/// completed for `limit` (the backend gone: Baton's Redis waiters, and a campaign, retry
+/// until it is back, so `work` alone would wait for ever). `work` is dropped then, with
+/// whatever it holds.
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T>>,
+    activity: &AtomicU64,
+    limit: Duration,
+    what: &str,
+) -> Result<T> {
+    tokio::select! {
+        r = work => r,
+        e = stall_for(|| activity.load(Ordering::Relaxed), limit, |_| {
+            format!("{what}: nothing completed for {limit:?}: is the backend up?")
+        }) => Err(e),
+    }
+}
+
+/// Count one completed step of a [`bounded`] run.
+fn step(activity: &AtomicU64) {
+    activity.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Take one ticket if any is left.
@@ -275,11 +308,24 @@ fn take(tickets: &AtomicU64) -> bool {
         .is_ok()
 }
 
-/// Poll until `name` has `n` keys queued.
-async fn wait_queued(target: &dyn Target, name: &str, n: usize, poll: Duration) -> Result<()> {
+/// Poll until `name` has `n` keys queued; each time more are queued than before is a
+/// step of `activity`.
+async fn wait_queued(
+    target: &dyn Target,
+    name: &str,
+    n: usize,
+    poll: Duration,
+    activity: &AtomicU64,
+) -> Result<()> {
     let deadline = Instant::now() + QUEUE_TIMEOUT;
+    let mut seen = 0;
     loop {
-        if target.queued(name).await? >= n {
+        let queued = target.queued(name).await?;
+        if queued > seen {
+            seen = queued;
+            step(activity);
+        }
+        if queued >= n {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -304,8 +350,10 @@ async fn handover(
     let name = format!("{base}/election");
     let ws = workers(target, 2).await?;
     let (mut leader_w, mut waiter_w) = (ws[0].clone(), ws[1].clone());
-    let result = async {
+    let activity = AtomicU64::new(0);
+    let work = async {
         let mut leader = leader_w.campaign(&name, "candidate-0").await?;
+        step(&activity);
         let progress = Progress::start(label, ops, "handovers");
         let mut samples = Vec::new();
         let mut from_call = Vec::new();
@@ -317,15 +365,17 @@ async fn handover(
                 let r = w.campaign(&n, &value).await;
                 (r, Instant::now())
             });
-            wait_queued(target, &name, 2, Duration::from_millis(1)).await?;
+            wait_queued(target, &name, 2, Duration::from_millis(1), &activity).await?;
             if !settle.is_zero() {
                 tokio::time::sleep(settle).await;
             }
             let resigning = Instant::now();
             leader.release().await?;
+            step(&activity);
             let resigned = Instant::now();
             let (next, elected) = campaign.await?;
             leader = next?;
+            step(&activity);
             if turn > 0 {
                 // The successor may learn of the delete before the resigner's reply arrives:
                 // that counts as 0 from resign() returning.
@@ -350,8 +400,9 @@ async fn handover(
         m.extra("from_resign_call_max_us", call.map(|l| l.max_us));
         m.extra("elected_before_resign_returned", early);
         Ok::<_, Failure>(m)
-    }
-    .await;
+    };
+    // A turn waits for the backend (a campaign retries until it is back): bounded.
+    let result = bounded(work, &activity, STALL + settle, "handover").await;
     close_all(&ws).await;
     let mut m = result?;
     m.extra("settle_ms", settle.as_millis() as u64);
@@ -370,19 +421,25 @@ async fn lost(target: &dyn Target, label: String, base: &str, config: &Config) -
     let mut samples = Vec::new();
     let mut missed = 0u64;
     let mut next = 0;
+    // A probe takes its lock, waits up to a keep-alive interval and up to the TTL for the
+    // loss: a batch in which no probe ends for that and STALL more fails the run (the
+    // backend gone: a lock waits for it).
+    let activity = AtomicU64::new(0);
+    let limit_all = STALL + phase + limit;
     while next < config.ops {
         let batch = next..config.ops.min(next.saturating_add(config.workers.max(1)));
         next = batch.end;
         let results = join_all(batch.map(|i| {
             let name = format!("{base}/lock-{i}");
-            let progress = &progress;
+            let (progress, activity) = (&progress, &activity);
             async move {
                 let r = probe(target, &name, phase, limit).await;
                 progress.inc();
+                step(activity);
                 r
             }
-        }))
-        .await;
+        }));
+        let results = bounded(async { Ok(results.await) }, &activity, limit_all, "lost").await?;
         for r in results {
             match r? {
                 Some(d) => samples.push(d),
@@ -453,7 +510,8 @@ async fn hold_many(
 ) -> Result<()> {
     let n = config.ops;
     let worker: Arc<dyn Worker> = Arc::from(target.worker().await?);
-    let result = async {
+    let activity = AtomicU64::new(0);
+    let work = async {
         let before = target.counters();
         let (heap0, rss0) = (alloc::heap_in_use(), alloc::rss());
         let progress = Progress::start(format!("{label} (hold)"), n, "locks held");
@@ -466,11 +524,16 @@ async fn hold_many(
             let upto = n * q / 4;
             let more: Vec<Box<dyn Held>> = stream::iter(last.0..upto)
                 .map(|i| {
-                    let (w, name, progress) =
-                        (worker.clone(), format!("{base}/held-{i}"), &progress);
+                    let (w, name, progress, activity) = (
+                        worker.clone(),
+                        format!("{base}/held-{i}"),
+                        &progress,
+                        &activity,
+                    );
                     async move {
                         let h = w.lock(&name).await;
                         progress.inc();
+                        step(activity);
                         // The embedded store grants at once: without this the loop never
                         // returns to the runtime, and a signal is never seen.
                         tokio::task::consume_budget().await;
@@ -511,14 +574,16 @@ async fn hold_many(
         {
             tokio::time::sleep(left.min(Duration::from_secs(1))).await;
             watching.inc();
+            step(&activity);
         }
         drop(watching);
         let after = target.counters();
         let keep_alives = after.keep_alives - acquired.keep_alives;
 
         stream::iter(held)
-            .map(|h| async move {
+            .map(|h| async {
                 let released = h.release().await;
+                step(&activity);
                 tokio::task::consume_budget().await;
                 released
             })
@@ -553,8 +618,8 @@ async fn hold_many(
             },
         );
         Ok::<_, Failure>(())
-    }
-    .await;
+    };
+    let result = bounded(work, &activity, STALL, "scale (hold)").await;
     worker.close().await;
     result
 }
@@ -576,24 +641,28 @@ async fn queue_many(
             return Err(e);
         }
     };
-    let result = async {
+    let activity = Arc::new(AtomicU64::new(0));
+    let work = async {
         let held = holder.lock(&name).await?;
+        step(&activity);
         let progress = Arc::new(Progress::start(format!("{label} (queue)"), n, "handoffs"));
         let tasks: Vec<_> = ws
             .iter()
             .map(|w| {
-                let (w, name, progress) = (w.clone(), name.clone(), progress.clone());
+                let (w, name, progress, activity) =
+                    (w.clone(), name.clone(), progress.clone(), activity.clone());
                 spawn(async move {
                     let h = w.lock(&name).await?;
                     let at = Instant::now();
                     h.release().await?;
                     progress.inc();
+                    step(&activity);
                     Ok::<_, Failure>(at)
                 })
             })
             .collect();
         let n_keys = usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1);
-        wait_queued(target, &name, n_keys, Duration::from_millis(10)).await?;
+        wait_queued(target, &name, n_keys, Duration::from_millis(10), &activity).await?;
         // Let every waiter finish setting up (its read and its watch) before the first
         // release, as waiters that have queued for a while would have.
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -619,8 +688,9 @@ async fn queue_many(
             },
         );
         Ok::<_, Failure>(())
-    }
-    .await;
+    };
+    // The 250 ms settle above is no step: well within STALL.
+    let result = bounded(work, &activity, STALL, "scale (queue)").await;
     close_all(&ws).await;
     holder.close().await;
     result?;
@@ -709,8 +779,13 @@ mod exclusion_tests {
 
     /// A contended run of 4 workers and 40 operations.
     fn contended() -> Config {
+        of(Scenario::Contended)
+    }
+
+    /// A run of `scenario`, 4 workers and 40 operations, TTL 6 s.
+    fn of(scenario: Scenario) -> Config {
         Config {
-            scenario: Scenario::Contended,
+            scenario,
             workers: 4,
             ops: 40,
             ttl: Duration::from_secs(6),
@@ -761,5 +836,38 @@ mod exclusion_tests {
             "the run still waits {:?} after the backend went (warm-up)",
             STALL + Duration::from_secs(10)
         );
+    }
+
+    /// `handover`, `lost` and `scale` had no stall check: with the backend gone (every
+    /// `lock()` and `campaign()` waiting for it, as Baton's Redis waiters do) they waited
+    /// for ever. Each now fails once nothing has completed for STALL (its longest step
+    /// added: the settle, or a probe's wait and TTL). The clock is paused: minutes pass at
+    /// once.
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_gone_fails_handover_lost_and_scale() {
+        let gone = Fake { grants: false };
+        for scenario in [Scenario::Handover, Scenario::Lost, Scenario::Scale] {
+            let config = of(scenario);
+            let bound = STALL * 3 + config.ttl * 2;
+            match tokio::time::timeout(bound, run(&config, &gone)).await {
+                Err(_) => panic!("{scenario:?} still waits {bound:?} after the backend went"),
+                Ok(Ok(_)) => panic!("{scenario:?} on a backend gone reported a result"),
+                Ok(Err(e)) => assert!(e.0.contains("is the backend up?"), "{}", e.0),
+            }
+        }
+    }
+
+    /// The stall check of `lost` must not fail a run whose probes are slow by design: each
+    /// waits up to the TTL for a loss that (here) never comes, and is counted missed.
+    #[tokio::test(start_paused = true)]
+    async fn lost_with_a_long_ttl_is_not_a_stall() {
+        let config = Config {
+            workers: 1,
+            ops: 3,
+            ttl: Duration::from_secs(60),
+            ..of(Scenario::Lost)
+        };
+        let m = run(&config, &Fake { grants: true }).await.unwrap();
+        assert_eq!(m.ops, 3);
     }
 }
