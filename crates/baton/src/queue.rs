@@ -44,17 +44,17 @@ const FOREIGN_REMOVALS: u32 = 3;
 
 /// How long a join whose outcome is unknown is retried (an etcd leader election takes a
 /// few seconds).
-const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
+pub(crate) const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// The retries of a join's requests: a retryable failure is tried again after a backoff
 /// (50 ms, doubling up to 1 s) while the session lives, until `retry_for` has passed.
-struct Retry {
+pub(crate) struct Retry {
     give_up: tokio::time::Instant,
     backoff: Duration,
 }
 
 impl Retry {
-    fn new(retry_for: Duration) -> Retry {
+    pub(crate) fn new(retry_for: Duration) -> Retry {
         Retry {
             give_up: tokio::time::Instant::now() + retry_for,
             backoff: Duration::from_millis(50),
@@ -64,7 +64,7 @@ impl Retry {
     /// After `what` failed with `e`: `Ok` once the backoff has passed, to try again, or the
     /// error to end with. Once the session is lost, that is why we stop
     /// ([`Error::SessionLost`]): the store's error would read as "try again".
-    async fn after(&mut self, session: &Session, e: Error, what: &str) -> Result<()> {
+    pub(crate) async fn after(&mut self, session: &Session, e: Error, what: &str) -> Result<()> {
         if !e.is_retryable() {
             return Err(e);
         }

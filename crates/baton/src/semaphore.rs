@@ -352,7 +352,7 @@ impl Semaphore {
         if !holds_at_join || resumed {
             // Check that the key is still ours, and tell a waiter of an earlier Baton
             // version behind it, which watches our key for this moment.
-            seen_at = self.touch(entry.store(), my_rev, value).await?;
+            seen_at = self.touch(entry.store(), my_rev, value, try_only).await?;
         }
         entry.reached_head(seen_at);
         tracing::debug!(my_rev, "permits granted");
@@ -362,11 +362,16 @@ impl Semaphore {
     /// Rewrite our key (same value) if it is still ours (our create revision, bound to our
     /// lease: an overwrite with no lease, which frees the permit, keeps the create revision,
     /// and must not be bound to our lease again); the revision of the write.
+    ///
+    /// A retryable failure is retried as a join is (unless `try_only`): the compare makes a
+    /// retry safe, and a waiter must not lose its whole wait to one request that failed at
+    /// its grant (a connection reset, "request timed out" while etcd elects a leader).
     async fn touch(
         &self,
         store: &Arc<dyn Store>,
         my_rev: Revision,
         value: &str,
+        try_only: bool,
     ) -> Result<Revision> {
         let key = self.key.as_bytes();
         let lease = self.session.lease_id();
@@ -376,7 +381,22 @@ impl Semaphore {
                 Compare::lease(key, CompareOp::Equal, lease),
             ])
             .and_then([TxnOp::put(key, value, self.session.lease_id())]);
-        let resp = store.txn(txn).await?;
+        let retry_for = if try_only {
+            Duration::ZERO
+        } else {
+            crate::queue::JOIN_RETRY_FOR
+        };
+        let mut retry = crate::queue::Retry::new(retry_for);
+        let resp = loop {
+            match store.txn(txn.clone()).await {
+                Ok(resp) => break resp,
+                Err(e) => {
+                    retry
+                        .after(&self.session, e, "rewriting our key at the grant")
+                        .await?
+                }
+            }
+        };
         if resp.succeeded {
             Ok(resp.header_revision)
         } else {
@@ -714,6 +734,52 @@ mod tests {
         for kv in kvs.unwrap().kvs {
             assert_eq!(kv.lease, 0, "bound again: {kv:?}");
         }
+    }
+
+    /// A waiter's grant survives one failed request at that moment, as a mutex waiter's
+    /// does: the touch (the rewrite of our key once the permits are ours) failing with a
+    /// retryable error ("request timed out" while etcd elects a leader, a connection reset:
+    /// seen on a real etcd behind a proxy that cuts connections) failed `acquire()` after
+    /// its whole wait, where `lock()` retries its requests, and the waiter lost its place.
+    /// The touch is safe to retry: it compares our create revision and our lease.
+    #[tokio::test]
+    async fn a_failed_touch_at_the_grant_is_retried() {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let (s1, s2) = (
+            Session::new(&client).await.unwrap(),
+            Session::new(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "t", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "t", 1).unwrap();
+        let waiter = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The release only deletes: the next transaction that puts is the waiter's touch.
+        store
+            .put_lands_after_next_read
+            .store(true, Ordering::Relaxed);
+        p1.release().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter hung")
+            .unwrap();
+        assert!(
+            !store.put_lands_after_next_read.load(Ordering::Relaxed),
+            "no put failed"
+        );
+        let p2 = got.expect("acquire() failed on one failed request at its grant");
+        assert!(!p2.is_lost(), "{:?}", p2.lost_reason());
+        p2.release().await.unwrap();
     }
 
     /// A waiter whose client's shared watch of the queue ends at once, again and again,
