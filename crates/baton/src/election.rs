@@ -865,6 +865,12 @@ impl Leadership {
     /// `NotLeader`, and the freed key is removed (it would never expire). A key bound to another
     /// lease is another owner's and left alone.
     ///
+    /// A retryable error ([`Error::is_retryable`]: the store could not be reached, or its
+    /// answer was lost) leaves the outcome unknown: the resignation is finished in the
+    /// background, retried until the store answers (our key is deleted then if it is still
+    /// ours), and the key expires with the session's lease at the latest. There is nothing
+    /// to call again.
+    ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the resignation may or may not have happened; the key

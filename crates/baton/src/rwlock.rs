@@ -340,6 +340,12 @@ impl RwLockReadGuard {
     /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
     /// lease is another owner's and left alone.
     ///
+    /// A retryable error ([`Error::is_retryable`]: the store could not be reached, or its
+    /// answer was lost) leaves the outcome unknown: the release is finished in the
+    /// background, retried until the store answers (our key is deleted then if it is still
+    /// ours), and the key expires with the session's lease at the latest. There is nothing
+    /// to call again.
+    ///
     /// # Cancel safety
     ///
     /// If the future is dropped, the release may or may not have happened.
@@ -358,6 +364,12 @@ impl RwLockWriteGuard {
     /// keeps its create revision; another session may hold the write lock since) counts as lost:
     /// `NotHeld`, and the freed key is removed (it would never expire). A key bound to another
     /// lease is another owner's and left alone.
+    ///
+    /// A retryable error ([`Error::is_retryable`]: the store could not be reached, or its
+    /// answer was lost) leaves the outcome unknown: the release is finished in the
+    /// background, retried until the store answers (our key is deleted then if it is still
+    /// ours), and the key expires with the session's lease at the latest. There is nothing
+    /// to call again.
     ///
     /// # Cancel safety
     ///
