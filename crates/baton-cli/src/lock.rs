@@ -49,8 +49,8 @@ a debugger) and sends no keep-alive; a pause of the whole machine or of both pro
 (a frozen VM or cgroup) is not covered: use the fencing token.
 
 Otherwise baton exits with CMD's exit code. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to
-baton are passed to CMD's process group, then SIGCONT if CMD was stopped (it read the
-terminal); one ignored when baton started (nohup ignores SIGHUP, a shell's background job
+baton are passed to CMD's process group (and to the groups of its descendants that left
+it, while their parent lives), then SIGCONT if CMD was stopped (it read the terminal); one ignored when baton started (nohup ignores SIGHUP, a shell's background job
 SIGINT and SIGQUIT) stays ignored, by CMD too. SIGUSR1 and SIGUSR2 are passed on too, and
 never end baton (while it waits for the lock, they are ignored). When CMD exits, whatever it left
 running in its group gets SIGTERM (SIGKILL after --grace), and the lock is released only

@@ -3,7 +3,8 @@
 //!
 //! - CMD runs in its own process group, with the holder's environment added; variables
 //!   `baton` sets for other holds (left by an outer `baton`) are removed.
-//! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group, except
+//! - SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to `baton` are forwarded to that group (and
+//!   the groups its descendants left it for, not below a nested `baton`), except
 //!   those ignored when `baton` started (`nohup`): they stay ignored, by CMD too. A group
 //!   stopped otherwise than by our job control (CMD read the terminal: SIGTTIN) is then
 //!   continued, as shells do, so that it can end. SIGUSR1 and SIGUSR2 are forwarded too;
@@ -332,14 +333,21 @@ impl Running<'_> {
                 }
                 sig = signals.recv_forwarded() => {
                     tracing::debug!(signal = sig, pgid, "forwarding signal to CMD");
-                    kill_group(pgid, sig);
                     // A group stopped otherwise than by our job control (CMD read from the
                     // terminal: SIGTTIN; a `kill -STOP`) would keep the signal pending for
                     // ever, and the hold with it: continue it, as shells do. One stopped by
                     // our job control is continued by `resume`, once the hold is checked.
                     let ending = !matches!(sig, libc::SIGUSR1 | libc::SIGUSR2);
-                    if ending && !CMD_STOPPED.load(Ordering::SeqCst) {
-                        kill_group(pgid, libc::SIGCONT);
+                    if !ending {
+                        kill_group(pgid, sig);
+                    } else if CMD_STOPPED.load(Ordering::SeqCst) {
+                        signal_tree(pgid, &[sig]);
+                    } else {
+                        // What ends CMD reaches the groups apart too, as on a loss: an outer
+                        // `baton` leaves what is below a nested one to the nested one's
+                        // forwarding (a `setsid` child of a nested CMD ran on after a loss
+                        // of the outer lock: found by review).
+                        signal_tree(pgid, &[sig, libc::SIGCONT]);
                     }
                 }
                 () = job_control.continued() => {
@@ -1082,14 +1090,12 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
                 (false, true) => {
                     // A group already stopped (on purpose, by CMD or the user) is not ours
                     // to continue (found by review).
-                    stopped_apart = escaped_groups(pgid)
-                        .into_iter()
-                        .filter(|&g| !matches!(proc_state(g), Some('T' | 't')))
-                        .collect();
-                    for group in &stopped_apart {
-                        // SAFETY: kill(2) has no memory-safety preconditions.
-                        unsafe { libc::kill(-group, libc::SIGSTOP) };
-                    }
+                    // What a group apart starts during the walk is stopped too (found by
+                    // review: a process manager's new workers ran on).
+                    // A group stopped on purpose may show its leader in `D`, not `T`: a
+                    // shell blocked in a `vfork` whose child is stopped (found by review).
+                    let stopped = stopped_groups();
+                    stopped_apart = stop_groups_apart(pgid, |g| stopped.contains(&g));
                 }
                 // Continued (or any other word): so is what was stopped here, after its stop.
                 (true, false) => {
@@ -1135,6 +1141,38 @@ fn must_end_now(word: &Word, by: u64, now: u64, parent: i32, pgid: i32) -> bool 
 fn proc_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat_state_and_group(&stat)?.0.chars().next()
+}
+
+/// The process groups none of whose members can run: at least one is stopped (`T`, `t`),
+/// and none is running or sleeping (`R`, `S`); a shell blocked in a `vfork` whose child is
+/// stopped shows `D`.
+#[cfg(target_os = "linux")]
+fn stopped_groups() -> std::collections::HashSet<i32> {
+    let mut stopped = std::collections::HashSet::new();
+    let mut running = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        match stat_state_and_group(&stat) {
+            Some(("T" | "t", group)) => {
+                stopped.insert(group);
+            }
+            Some(("R" | "S", group)) => {
+                running.insert(group);
+            }
+            _ => {}
+        }
+    }
+    stopped.retain(|group| !running.contains(group));
+    stopped
 }
 
 /// `d` in whole milliseconds, for poll(2).
@@ -1293,13 +1331,18 @@ fn kill_group(pgid: i32, signal: i32) {
 /// `baton`'s CMD (`baton lock a -- baton lock b -- CMD`: each CMD has a group of its own),
 /// which ran on beside the next holder of `a` (found by review).
 fn end_tree(pgid: i32, signal: i32) {
-    if signal == libc::SIGKILL {
+    let escaped = if signal == libc::SIGKILL {
         // The walk reads every /proc/PID/stat (~100 ms with 1,500 processes on a busy
         // machine): freeze the group first, so that it stops at once (a kill by the
         // deadline must not wait for the walk), with its parent links kept for the walk.
         kill_group(pgid, libc::SIGSTOP);
-    }
-    let escaped = escaped_groups(pgid);
+        // The groups apart ran on during the walk, and what they started meanwhile (a
+        // `setsid` child) was found by nobody, orphaned by the kill (found by review):
+        // freeze them too (see `stop_groups_apart`).
+        stop_groups_apart(pgid, |_| false)
+    } else {
+        escaped_groups(pgid)
+    };
     kill_group(pgid, signal);
     for group in escaped {
         // SAFETY: kill(2) has no memory-safety preconditions.
@@ -1307,11 +1350,48 @@ fn end_tree(pgid: i32, signal: i32) {
     }
 }
 
+/// How many times at most [`stop_groups_apart`] walks /proc for groups started meanwhile.
+const MAX_WALKS: usize = 8;
+
+/// SIGSTOP the groups apart from `pgid` ([`escaped_groups`]), but those `skip` picks, and
+/// walk /proc again until no new group is found: a group apart runs on during a walk, and
+/// what it starts meanwhile (a `setsid` child) would be found by nobody. A stopped process
+/// starts nothing, so this ends; the bound is for groups continued by others. Returns the
+/// groups stopped.
+fn stop_groups_apart(pgid: i32, skip: impl Fn(i32) -> bool) -> Vec<i32> {
+    let mut seen: Vec<i32> = Vec::new();
+    let mut stopped = Vec::new();
+    for _ in 0..MAX_WALKS {
+        let new: Vec<i32> = escaped_groups(pgid)
+            .into_iter()
+            .filter(|group| !seen.contains(group))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for &group in &new {
+            if !skip(group) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(-group, libc::SIGSTOP) };
+                stopped.push(group);
+            }
+        }
+        seen.extend(new);
+    }
+    stopped
+}
+
 /// SIGTERM, then SIGCONT (a stopped group gets it at once), to group `pgid` and to the
 /// groups that left it ([`groups_apart_for_term`]).
 fn term_tree(pgid: i32) {
+    signal_tree(pgid, &[libc::SIGTERM, libc::SIGCONT]);
+}
+
+/// Each of `signals`, in turn, to group `pgid` and to the groups that left it
+/// ([`groups_apart_for_term`]): not below a nested `baton`, which forwards them.
+fn signal_tree(pgid: i32, signals: &[i32]) {
     let apart = groups_apart_for_term(pgid);
-    for signal in [libc::SIGTERM, libc::SIGCONT] {
+    for &signal in signals {
         kill_group(pgid, signal);
         for &group in &apart {
             // SAFETY: kill(2) has no memory-safety preconditions.
