@@ -228,6 +228,7 @@ where
                     "no command given: use lock, elect, observe, leader, status, demo, bench, sem, barrier, queue, get, set or watch (see baton --help)",
                 )),
                 _ => Err(option_like_value(&args)
+                    .or_else(|| command_without_separator(&args, &e))
                     .unwrap_or_else(|| CliError::failed(usage_line(&e)))),
             }
         }
@@ -307,6 +308,35 @@ fn option_like_value(args: &[OsString]) -> Option<CliError> {
     let word = value.split('=').next().unwrap_or(value);
     Some(CliError::failed(format!(
         "unknown option '{word}'{suggested} in VALUE's place: {how}"
+    )))
+}
+
+/// The error for `baton lock NAME CMD` (also elect, sem) without the `--` before CMD, as
+/// `etcdctl lock NAME CMD` takes it: clap finds CMD's first word unexpected, and the
+/// message then says where the command goes.
+fn command_without_separator(args: &[OsString], e: &clap::Error) -> Option<CliError> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument || args.iter().any(|a| a == "--") {
+        return None;
+    }
+    let Some(ContextValue::String(word)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if word.starts_with('-') {
+        return None;
+    }
+    let partial = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok()?;
+    let usage = match partial.subcommand()?.0 {
+        "lock" => "baton lock NAME -- CMD",
+        "elect" => "baton elect NAME VALUE -- CMD",
+        "sem" => "baton sem NAME --permits N -- CMD",
+        _ => return None,
+    };
+    Some(CliError::failed(format!(
+        "unexpected argument '{word}': the command to run goes after '--': {usage} (see baton --help)"
     )))
 }
 

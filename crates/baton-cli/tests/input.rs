@@ -111,6 +111,44 @@ fn bad_options_exit_125_with_one_line() {
     }
 }
 
+/// A command given without `--` (`baton lock NAME ./job.sh`, as `etcdctl lock NAME CMD`
+/// takes it) is refused, and the message says where the command goes. It said only
+/// "unexpected argument './job.sh' found", which does not tell a user coming from etcdctl
+/// (found by a review).
+#[test]
+fn a_command_without_separator_says_where_it_goes() {
+    for (args, usage) in [
+        (&["lock", "x", "./job.sh"][..], "baton lock NAME -- CMD"),
+        (
+            &["lock", "x", "./job.sh", "--full"],
+            "baton lock NAME -- CMD",
+        ),
+        (&["lock", "--try", "x", "true"], "baton lock NAME -- CMD"),
+        (
+            &["elect", "x", "v", "./scheduler"],
+            "baton elect NAME VALUE -- CMD",
+        ),
+        (
+            &["sem", "x", "--permits", "2", "make"],
+            "baton sem NAME --permits N -- CMD",
+        ),
+    ] {
+        // Refused before connecting: no server needed.
+        assert_one_line_125_on("http://127.0.0.1:1", args, usage);
+    }
+    // Other commands, and an unknown option, keep clap's own message.
+    assert_one_line_125_on(
+        "http://127.0.0.1:1",
+        &["get", "k", "extra"],
+        "unexpected argument 'extra'",
+    );
+    let (out, _) = run(baton("http://127.0.0.1:1").args(["lock", "x", "--bogus"]));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("-- CMD"),
+        "{out:?}"
+    );
+}
+
 /// A misspelt option in VALUE's place (set, elect, queue push) is refused with 125, naming
 /// the option meant, instead of being taken as the value; the message says how to give a
 /// value that starts with `--` on purpose. A value that starts with one `-` is still the
