@@ -720,14 +720,16 @@ fn password(global: &Global) -> Result<Option<String>, CliError> {
 pub(crate) fn session_ttl(ttl: Duration) -> Result<(), CliError> {
     if ttl < baton::MIN_TTL {
         return Err(CliError::failed(format!(
-            "invalid argument: ttl {ttl:?} is below the minimum of {:?}",
-            baton::MIN_TTL
+            "invalid argument: ttl {} is below the minimum of {}",
+            crate::output::duration(ttl),
+            crate::output::duration(baton::MIN_TTL)
         )));
     }
     if ttl > baton::MAX_TTL {
         return Err(CliError::failed(format!(
-            "invalid argument: ttl {ttl:?} is above the maximum of {:?}",
-            baton::MAX_TTL
+            "invalid argument: ttl {} is above the maximum of {}",
+            crate::output::duration(ttl),
+            crate::output::duration(baton::MAX_TTL)
         )));
     }
     Ok(())

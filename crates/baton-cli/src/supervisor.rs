@@ -893,10 +893,24 @@ impl Guardian {
     }
 }
 
+/// How long `baton`, as the hold ends, waits for the guardian to take its leave (`Q`; see
+/// [`Word`]) before it kills it: room for the guardian's walks of /proc on a busy machine.
+const GUARDIAN_QUIT_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Guardian {
     fn drop(&mut self) {
         GUARDIAN_LINK.store(-1, Ordering::SeqCst);
         if let Some(mut child) = self.child.take() {
+            // Asked to quit, not killed: it reads the words before this one first, and
+            // continues the groups apart it stopped on an `S` (a guardian killed while it
+            // walked /proc on a Ctrl-Z, before it read `R`, left a `setsid` daemon of CMD
+            // stopped for ever after `baton` exited: found by review).
+            if self.tell("Q\n") {
+                let until = std::time::Instant::now() + GUARDIAN_QUIT_WAIT;
+                while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -971,12 +985,16 @@ fn nanos(d: Duration) -> u64 {
 ///   end of `--grace`). `D` lines after it are ignored.
 /// - `S`: `baton`'s stop handler is stopping CMD's group, then `baton` (job control).
 /// - `R`: `baton` continued CMD's group after such a stop (so does any other line).
+/// - `Q`: the hold is over and CMD's group gone: continue what was stopped on an `S`, and
+///   exit.
 #[derive(Debug, Default)]
 struct Word {
     certain_until: Option<u64>,
     lost_until: Option<u64>,
     /// Since an `S`: CMD's group was stopped along with `baton`.
     job_stopped: bool,
+    /// A `Q` came.
+    quit: bool,
     /// The start of a line not yet complete.
     partial: Vec<u8>,
 }
@@ -998,6 +1016,7 @@ impl Word {
     fn line(&mut self, line: &[u8]) {
         let text = std::str::from_utf8(line).unwrap_or_default();
         self.job_stopped = text == "S";
+        self.quit |= text == "Q";
         let Some((kind, ns)) = text.split_once(' ') else {
             return;
         };
@@ -1105,6 +1124,9 @@ pub(crate) fn guardian_main(args: &[String]) -> ! {
                     }
                 }
                 _ => {}
+            }
+            if word.quit {
+                std::process::exit(0);
             }
         } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;

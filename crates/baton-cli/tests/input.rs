@@ -334,3 +334,29 @@ fn sem_and_barrier_refuse_a_bad_ttl_before_connecting() {
         assert_one_line_125_on("http://127.0.0.1:1", args, "below the minimum");
     }
 }
+
+/// A zero --ttl is told as the user wrote it ("ttl 0s"), not as Rust prints a zero
+/// `Duration` ("0ns": found by the README review), on every command and backend.
+#[test]
+fn a_zero_ttl_is_told_as_0s() {
+    for (endpoints, args) in [
+        (
+            "http://127.0.0.1:1",
+            &["lock", "--ttl", "0s", "x", "--", "true"][..],
+        ),
+        (
+            "http://127.0.0.1:1",
+            &["elect", "--ttl", "0s", "e", "v", "--", "true"][..],
+        ),
+        (
+            "http://127.0.0.1:1",
+            &["sem", "s", "--permits", "1", "--ttl", "0s", "--", "true"][..],
+        ),
+        (
+            "redis://127.0.0.1:1",
+            &["lock", "--ttl", "0s", "x", "--", "true"][..],
+        ),
+    ] {
+        assert_one_line_125_on(endpoints, args, "ttl 0s is below the minimum");
+    }
+}

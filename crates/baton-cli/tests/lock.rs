@@ -1548,3 +1548,60 @@ fn ctrl_z_and_fg_leave_a_group_stopped_in_a_vfork_stopped() {
         "the group stopped on purpose (in a vfork) was continued by fg of baton"
     );
 }
+
+/// A `setsid` child CMD leaves behind on purpose (a daemon) is not left stopped when CMD
+/// exits right after Ctrl-Z and `fg`: the guardian stops the groups apart on `S` and
+/// continues them on the next word, but it walks /proc a few times first, and `baton`
+/// killed it on exit before it read that word: the daemon stayed stopped for ever after
+/// `baton` exited 0 (found by review). Idle processes make the walks take as long as on a
+/// busy machine; each round is a chance for the race.
+#[test]
+fn a_daemon_cmd_leaves_is_not_left_stopped_by_ctrl_z_and_fg() {
+    use std::os::unix::process::CommandExt;
+    let etcd = etcd();
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().display().to_string();
+    let mut idle: Vec<std::process::Child> = (0..1000)
+        .filter_map(|_| {
+            std::process::Command::new("sleep")
+                .arg("60")
+                .env("MARK", &mark)
+                .spawn()
+                .ok()
+        })
+        .collect();
+    let mut left_stopped = Vec::new();
+    for round in 0..5 {
+        let pidfile = dir.path().join(format!("daemon-{round}"));
+        let go = dir.path().join(format!("go-{round}"));
+        let script = format!(
+            r#"setsid sh -c 'echo $$ > {0}; exec sleep 60' & while [ ! -e {1} ]; do sleep 0.01; done"#,
+            pidfile.display(),
+            go.display()
+        );
+        let mut command = baton(&etcd.endpoint());
+        command.env("MARK", &mark).process_group(0);
+        let mut a = Proc::spawn(command.args(["lock", "daemon-left", "--", "sh", "-c", &script]));
+        let daemon: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
+        a.signal(libc::SIGTSTP);
+        wait_until("baton stopped", || proc_state(a.pid()) == Some('T'));
+        // CMD exits as soon as it is continued; `fg` at once.
+        std::fs::write(&go, "").unwrap();
+        a.signal(libc::SIGCONT);
+        assert_eq!(a.wait(STEP).and_then(|s| s.code()), Some(0));
+        std::thread::sleep(Duration::from_millis(500));
+        if marked(daemon, &mark) && group_stopped(daemon as u32) {
+            left_stopped.push(round);
+        }
+        // SAFETY: kill(2).
+        unsafe { libc::kill(-daemon, libc::SIGKILL) };
+    }
+    for other in &mut idle {
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+    assert!(
+        left_stopped.is_empty(),
+        "the daemon CMD left was stopped for ever after baton exited 0 (rounds {left_stopped:?})"
+    );
+}

@@ -170,6 +170,16 @@ impl Queue {
     }
 }
 
+/// A duration in an error message: as `{:?}` prints it (`500ms`, `2s`), but zero as `0s`,
+/// as users write it, not `0ns`.
+pub(crate) fn show_duration(d: std::time::Duration) -> String {
+    if d.is_zero() {
+        "0s".to_string()
+    } else {
+        format!("{d:?}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -337,7 +337,8 @@ impl SessionBuilder {
 pub(crate) fn validate_ttl(ttl: Duration) -> Result<Duration> {
     if ttl < MIN_TTL {
         return Err(Error::invalid(format!(
-            "ttl {ttl:?} is below the minimum of {MIN_TTL:?}"
+            "ttl {} is below the minimum of {MIN_TTL:?}",
+            crate::names::show_duration(ttl)
         )));
     }
     if ttl > MAX_TTL {

@@ -636,8 +636,8 @@ impl RedisClientBuilder {
     fn validate(&self) -> Result<Options> {
         if self.ttl < MIN_TTL {
             return Err(Error::invalid(format!(
-                "ttl {:?} is below the minimum of {MIN_TTL:?}",
-                self.ttl
+                "ttl {} is below the minimum of {MIN_TTL:?}",
+                crate::names::show_duration(self.ttl)
             )));
         }
         if self.ttl > MAX_TTL {
