@@ -938,6 +938,24 @@ fn redlock_connect_error_does_not_say_none_answered_when_one_is_up() {
     assert!(!err[0].contains("only 0 of 3 masters answered"), "{err:?}");
 }
 
+/// Redlock over five masters, all refusing: the dials stop once three failed, and the
+/// error says the other two were not waited for ("3 of 5 masters failed" alone read as if
+/// two had answered: found by the README review).
+#[test]
+fn redlock_connect_error_says_which_masters_were_not_waited_for() {
+    let ports: Vec<String> = (0..5)
+        .map(|_| format!("127.0.0.1:{}", baton_testkit::free_port()))
+        .collect();
+    let url = format!("redlock://{}", ports.join(","));
+    let (out, _) = run(baton(&url).args(["lock", "x", "--", "true"]));
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = stderr_lines(&out);
+    assert!(
+        err[0].contains("3 of 5 masters failed (the other 2 not waited for"),
+        "{err:?}"
+    );
+}
+
 /// `status --kind` on Redis: refused at once (exit 125, nothing connected), not ignored: a
 /// name's kind is known there from its keys.
 #[test]

@@ -434,6 +434,21 @@ impl DoubleBarrier {
     }
 }
 
+/// Delete our key as we leave. A retryable failure (the store not reached, or its answer
+/// lost: "request timed out" while etcd elects a leader) leaves the delete to the
+/// background, retried until the store answers (see `Held::release`), and we count as
+/// gone, as a leave cut short does: one failed request must not fail a leave after the
+/// whole wait (nor end it before the round is empty), with nothing left to call again.
+async fn release_ours(held: Held) -> Result<()> {
+    match held.release("leave").await {
+        Err(e) if e.is_retryable() => {
+            tracing::debug!(error = %e, "deleting our key failed; it is deleted in the background");
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// How many of a round's participants the write of `NAME/ready` checks are still there:
 /// etcd allows 128 compares in a transaction (`--max-txn-ops`), one of which checks
 /// `ready` itself.
@@ -514,6 +529,9 @@ impl DoubleBarrierGuard {
     /// key and waits for the first one's key to go, so each waits on one key at a time.
     ///
     /// Fails with [`Error::SessionLost`] if the session is lost before our key is deleted.
+    /// A retryable failure of that delete (the store not reached, or its answer lost) does
+    /// not fail it: the delete is retried in the background until the store answers, and
+    /// we count as gone, as when the future is dropped.
     ///
     /// # Cancel safety
     ///
@@ -602,7 +620,7 @@ impl DoubleBarrier {
                     if let Some(complete) = complete {
                         complete.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                    held.release("leave").await?;
+                    release_ours(held).await?;
                     self.close_round(store, round.opened).await;
                     return Ok(true);
                 }
@@ -620,7 +638,7 @@ impl DoubleBarrier {
                         .await?;
                 }
                 Some(_) => {
-                    held.release("leave").await?;
+                    release_ours(held).await?;
                     return Ok(false);
                 }
             }
@@ -1216,7 +1234,7 @@ mod tests {
         a_leave.await.unwrap().unwrap();
     }
 
-    /// Review (today3): entry 77's fix covers the participants that wait in
+    /// Entry 77's fix covers the participants that wait in
     /// `wait_all_left`, not the first one (who leaves last). B has left; A, alone in the
     /// round (complete: every other key gone), deletes its key and closes `ready`, each
     /// transaction taking 1 s, under `leave_timeout(1.5 s)`: its key is gone at ~1 s, yet
@@ -1369,5 +1387,58 @@ mod tests {
             .map(|kv| kv.key_str().into_owned())
             .collect();
         assert!(left.is_empty(), "keys left behind: {left:?}");
+    }
+
+    /// A leave whose key's delete fails with a retryable error (a reply
+    /// lost: "connection reset", "request timed out" while etcd elects a leader) failed
+    /// the whole `leave()`, as the semaphore's grant did before entry 82's fix: the first
+    /// participant (who leaves last), alone in a complete round, was told the retryable
+    /// error though its key was deleted and every other participant passed; any other
+    /// participant returned the error at once, without waiting for the round to empty.
+    /// The delete is retried, as a release is in the background: `leave()` goes on.
+    #[tokio::test]
+    async fn a_lost_reply_to_the_leaves_delete_does_not_fail_the_leave() {
+        use crate::store::slow::SlowWatches;
+        use std::sync::atomic::Ordering;
+        for case in ["first", "other"] {
+            let store = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+            let client = Client::from_arc(store.clone());
+            let (ga, gb) = two_inside(&client).await;
+            if case == "first" {
+                // B (not the first) leaves and waits for A, the first participant.
+                let b_leave = tokio::spawn(gb.leave_timeout(Duration::from_secs(5)));
+                until_keys(&client, "db/waiters/", 1).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                store.lose_next_reply.store(true, Ordering::SeqCst);
+                let a = tokio::time::timeout(Duration::from_secs(5), ga.leave())
+                    .await
+                    .expect("A's leave hung");
+                assert!(
+                    a.is_ok(),
+                    "case {case}: A's leave of a complete round: {a:?}"
+                );
+                b_leave.await.unwrap().unwrap();
+            } else {
+                // B's delete is applied but its reply lost: B must still wait for A.
+                store.lose_next_reply.store(true, Ordering::SeqCst);
+                let b_leave = tokio::spawn(gb.leave_timeout(Duration::from_secs(5)));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert!(
+                    !b_leave.is_finished(),
+                    "case {case}: B's leave ended before A left: {:?}",
+                    b_leave.await
+                );
+                ga.leave().await.unwrap();
+                let b = b_leave.await.unwrap();
+                assert!(b.is_ok(), "case {case}: B's leave: {b:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left: Vec<_> = keys_under(&client, "db/")
+                .await
+                .into_iter()
+                .map(|kv| kv.key_str().into_owned())
+                .collect();
+            assert!(left.is_empty(), "case {case}: keys left behind: {left:?}");
+        }
     }
 }

@@ -362,7 +362,9 @@ impl Tracked {
             .map(|(_, w)| w)
             .collect();
         futures::stream::iter(workers)
-            .for_each_concurrent(64, |w| async move { w.close().await })
+            // All at once, as a scenario closes its own (see `scenario::close_all`): with
+            // the backend gone, each waits up to the release timeout.
+            .for_each_concurrent(None, |w| async move { w.close().await })
             .await;
     }
 }

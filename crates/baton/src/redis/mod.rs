@@ -588,6 +588,7 @@ impl RedisClientBuilder {
                 });
             }
             let dials_failed = dials.iter().filter(|r| r.is_err()).count();
+            let not_waited = nodes.len().saturating_sub(dials.len());
             let reason = dials
                 .into_iter()
                 .find_map(|r| r.err())
@@ -602,8 +603,13 @@ impl RedisClientBuilder {
                 reason: if redlock {
                     // The dials stop once too many failed for a quorum: the rest were not
                     // waited for, so count the failures, not the answers.
+                    let rest = if not_waited > 0 {
+                        format!(" (the other {not_waited} not waited for: no quorum was left)")
+                    } else {
+                        String::new()
+                    };
                     format!(
-                        "{failed} of {} masters failed, a quorum of {quorum} needed: {reason}",
+                        "{failed} of {} masters failed{rest}, a quorum of {quorum} needed: {reason}",
                         nodes.len(),
                         failed = dials_failed,
                     )
