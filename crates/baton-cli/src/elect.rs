@@ -53,7 +53,9 @@ pub(crate) struct Args {
     pub(crate) value: String,
 
     /// The session's lease TTL (on Redis: the key's expiry, renewed every TTL/3): if baton
-    /// dies, the next candidate leads after this long. At least 2s on etcd.
+    /// dies, the next candidate leads after this long. At least 2s on etcd, 10ms on Redis
+    /// (where a TTL under a second leaves little room: leadership is lost at the first late
+    /// renewal).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 

@@ -74,7 +74,8 @@ pub(crate) struct Args {
     pub(crate) name: String,
 
     /// The session's lease TTL (on Redis: the key's expiry, renewed every TTL/3): if baton
-    /// dies, the lock is free again after this long. At least 2s on etcd.
+    /// dies, the lock is free again after this long. At least 2s on etcd, 10ms on Redis (where
+    /// a TTL under a second leaves little room: the hold is lost at the first late renewal).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) ttl: Duration,
 
