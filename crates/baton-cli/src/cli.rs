@@ -228,6 +228,7 @@ where
                     "no command given: use lock, elect, observe, leader, status, demo, bench, sem, barrier, queue, get, set or watch (see baton --help)",
                 )),
                 _ => Err(option_like_value(&args)
+                    .or_else(|| negative_value(&args, &e))
                     .or_else(|| command_without_separator(&args, &e))
                     .unwrap_or_else(|| CliError::failed(usage_line(&e)))),
             }
@@ -309,6 +310,43 @@ fn option_like_value(args: &[OsString]) -> Option<CliError> {
     Some(CliError::failed(format!(
         "unknown option '{word}'{suggested} in VALUE's place: {how}"
     )))
+}
+
+/// The error for an option's value that starts with `-` and a digit (`--timeout -1s`):
+/// clap takes it for flags, and its tip ("to pass '-1' as a value, use '-- -1'") would make
+/// it CMD. Says which option's value it is, and that it cannot be negative.
+fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
+    use clap::error::ErrorKind;
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let before_cmd = args
+        .iter()
+        .position(|a| a == "--")
+        .map_or(args, |i| &args[..i]);
+    let takes_value = |long: &str| {
+        let cmd = Cli::command();
+        let found = cmd
+            .get_arguments()
+            .chain(cmd.get_subcommands().flat_map(|c| {
+                c.get_arguments()
+                    .chain(c.get_subcommands().flat_map(|c| c.get_arguments()))
+                    .collect::<Vec<_>>()
+            }))
+            .any(|a| a.get_long() == Some(long) && a.get_action().takes_values());
+        found
+    };
+    before_cmd.windows(2).find_map(|pair| {
+        let (option, value) = (pair[0].to_str()?, pair[1].to_str()?);
+        let long = option.strip_prefix("--").filter(|l| !l.contains('='))?;
+        let negative =
+            value.starts_with('-') && value[1..].starts_with(|c: char| c.is_ascii_digit());
+        (negative && takes_value(long)).then(|| {
+            CliError::failed(format!(
+                "invalid value '{value}' for '{option}': it cannot be negative (see baton --help)"
+            ))
+        })
+    })
 }
 
 /// The error for `baton lock NAME CMD` (also elect, sem) without the `--` before CMD, as

@@ -360,3 +360,27 @@ fn a_zero_ttl_is_told_as_0s() {
         assert_one_line_125_on(endpoints, args, "ttl 0s is below the minimum");
     }
 }
+
+/// A negative option value (`--timeout -1s`) is told as such: clap took it for flags and
+/// tipped "to pass '-1' as a value, use '-- -1'", which would run `-1` as the command
+/// (found by the README review).
+#[test]
+fn a_negative_option_value_says_it_cannot_be_negative() {
+    for (args, option) in [
+        (
+            &["lock", "--timeout", "-1s", "x", "--", "true"][..],
+            "--timeout",
+        ),
+        (&["lock", "--ttl", "-5s", "x", "--", "true"][..], "--ttl"),
+        (
+            &["sem", "s", "--permits", "-2", "--", "true"][..],
+            "--permits",
+        ),
+    ] {
+        assert_one_line_125_on(
+            "http://127.0.0.1:1",
+            args,
+            &format!("for '{option}': it cannot be negative"),
+        );
+    }
+}
