@@ -167,6 +167,10 @@ pub(crate) async fn set(global: &Global, args: SetArgs) -> Result<u8, CliError> 
             baton::CompareAndSet::Set(v) => v,
             baton::CompareAndSet::Conflict(now) => {
                 let now = match now {
+                    // `--if-revision 0` asks that the key does not exist: say it does.
+                    Some(v) if revision == 0 => {
+                        format!("it exists (its last write is revision {})", v.mod_revision)
+                    }
                     Some(v) => format!("its last write is revision {}", v.mod_revision),
                     None => "it does not exist (revision 0)".to_string(),
                 };

@@ -485,6 +485,13 @@ fn set_get_and_if_revision() {
     let err = stderr_lines(&out);
     assert_eq!(err.len(), 1, "{err:?}");
     assert!(err[0].contains("its last write is revision"), "{err:?}");
+    // `--if-revision 0` asks that the key does not exist: the refusal says it does.
+    let (out, _) = run(baton(&ep).args(["set", "--if-revision", "0", "cfg/x", "three"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr_lines(&out)[0].contains("not set: it exists"),
+        "{out:?}"
+    );
 
     let (out, _) = run(baton(&ep).args(["--json", "get", "cfg/x"]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
