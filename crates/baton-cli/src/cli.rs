@@ -689,6 +689,15 @@ pub(crate) async fn coordinator(
     global: &Global,
     ttl: Duration,
 ) -> Result<baton::Coordinator, CliError> {
+    coordinator_fifo(global, ttl, true).await
+}
+
+/// [`coordinator`], with lock waiters queueing on one Redis (`fifo`) or not.
+pub(crate) async fn coordinator_fifo(
+    global: &Global,
+    ttl: Duration,
+    fifo: bool,
+) -> Result<baton::Coordinator, CliError> {
     tracing::debug!(dial_timeout = ?global.dial_timeout, "connecting");
     refuse_embedded(global, &global.endpoints)?;
     let mut security = Security::from_global(global, &global.endpoints)?;
@@ -697,6 +706,11 @@ pub(crate) async fn coordinator(
         .with_ttl(ttl)
         .with_dial_timeout(global.dial_timeout)
         .with_namespace(global.namespace.clone());
+    let builder = if fifo {
+        builder
+    } else {
+        builder.without_fifo()
+    };
     apply_security!(builder, security)
         .connect()
         .await

@@ -95,6 +95,13 @@ pub(crate) struct Args {
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = cli::duration)]
     pub(crate) grace: Duration,
 
+    /// On redis://, wait without queueing: take the lock when it is free, as redsync and
+    /// redis-py clients do. Use it on names shared with them: queued waiters get each
+    /// release handed to them, so a client that does not queue can wait for ever while
+    /// they contend. No effect on etcd and Redlock.
+    #[arg(long)]
+    pub(crate) no_fifo: bool,
+
     /// The command to run while holding the lock, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub(crate) command: Vec<OsString>,
@@ -106,7 +113,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let out = Output::new(global.json);
     let mut signals = Signals::forwarding()?;
     let coordinator = signals
-        .interruptible(cli::coordinator(global, args.ttl))
+        .interruptible(cli::coordinator_fifo(global, args.ttl, !args.no_fifo))
         .await?;
     let result = locked(&out, &coordinator, &args, &mut signals).await;
     cli::close_after_wait(result, global, args.ttl, coordinator.close()).await

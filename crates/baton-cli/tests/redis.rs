@@ -601,6 +601,27 @@ fn a_killed_queued_waiter_blocks_the_lock_at_most_its_window() {
     );
 }
 
+/// `baton lock --no-fifo` waits without queueing (no place in `baton:queue:NAME`), as
+/// redsync and redis-py clients wait, so that it starves none of them; it still gets the
+/// lock once it is released.
+#[test]
+fn no_fifo_waits_without_queueing() {
+    let server = redis();
+    let url = server.url();
+    let mut holder = Proc::spawn(baton(&url).args(["--json", "lock", "shared"]));
+    let acquired: serde_json::Value = serde_json::from_str(&holder.line()).unwrap();
+    assert_eq!(acquired["event"], "acquired");
+    let mut waiter = Proc::spawn(baton(&url).args(["lock", "--no-fifo", "shared", "--", "true"]));
+    // Long enough for a queueing waiter to be queued (a few ms: see
+    // `a_killed_queued_waiter_blocks_the_lock_at_most_its_window`).
+    std::thread::sleep(Duration::from_millis(800));
+    let queued = server.command(&["EXISTS", "baton:queue:shared"], Duration::from_secs(2));
+    assert_eq!(queued.as_deref(), Some(":0"), "the --no-fifo waiter queued");
+    holder.signal(libc::SIGTERM);
+    assert_eq!(holder.code(), 0);
+    assert_eq!(waiter.code(), 0);
+}
+
 /// The documented order holds on Redis too: the password from `--password-file`, else
 /// `$BATON_PASSWORD`, else the URL; the user from `--user`, else the URL. Before, the
 /// URL's credentials beat the options (the library's rule for URLs).

@@ -342,7 +342,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
 /// - dial timeout: 5 s; request timeout: 10 s;
 /// - TLS: only for `https://` and `rediss://` endpoints, with the system's roots;
 /// - credentials: those in the URL, if any;
-/// - namespace: none.
+/// - namespace: none;
+/// - on one Redis, lock waiters queue in FIFO order ([`without_fifo`](Self::without_fifo)).
 ///
 /// Its `Debug` output redacts credentials.
 #[derive(Clone)]
@@ -355,6 +356,7 @@ pub struct CoordinatorBuilder {
     credentials: Option<Credentials>,
     password: Option<Secret>,
     namespace: String,
+    fifo: bool,
 }
 
 impl fmt::Debug for CoordinatorBuilder {
@@ -368,11 +370,24 @@ impl fmt::Debug for CoordinatorBuilder {
             .field("credentials", &self.credentials)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("namespace", &self.namespace)
+            .field("fifo", &self.fifo)
             .finish()
     }
 }
 
 impl CoordinatorBuilder {
+    /// On one Redis (`redis://`), lock waiters do not queue: they take the key when it is
+    /// free, as redsync and redis-py clients do
+    /// ([`RedisClientBuilder::without_fifo`](crate::redis::RedisClientBuilder::without_fifo)).
+    /// Use it on names shared with such clients: while Baton waiters queue, each release
+    /// hands the key straight to the next of them, and a client that does not queue can
+    /// wait for ever. No effect on other backends (etcd waiters always queue, and its
+    /// clients, Go's included, all queue alike).
+    pub fn without_fifo(mut self) -> Self {
+        self.fifo = false;
+        self
+    }
+
     /// The TTL of holds: the etcd session's lease, or each Redis lock's expiry. At least
     /// [`MIN_TTL`](crate::MIN_TTL) (2 s) on etcd and the embedded store, at least
     /// 10 ms on Redis, at most [`MAX_TTL`](crate::MAX_TTL); [`connect`](Self::connect)
@@ -461,14 +476,21 @@ impl CoordinatorBuilder {
         let backend: Arc<dyn Backend> = match Endpoints::parse(&self.endpoints)? {
             #[cfg(feature = "redis")]
             Endpoints::Redis(_) | Endpoints::Redlock(_) => Arc::new(
-                crate::redis::RedisClient::builder(&self.endpoints)
-                    .with_ttl(self.ttl)
-                    .with_dial_timeout(self.dial_timeout)
-                    .with_request_timeout(self.request_timeout)
-                    .with_prefix(self.namespace)
-                    .with_security(self.tls, self.credentials, self.password)
-                    .connect()
-                    .await?,
+                {
+                    let b = crate::redis::RedisClient::builder(&self.endpoints);
+                    if self.fifo {
+                        b
+                    } else {
+                        b.without_fifo()
+                    }
+                }
+                .with_ttl(self.ttl)
+                .with_dial_timeout(self.dial_timeout)
+                .with_request_timeout(self.request_timeout)
+                .with_prefix(self.namespace)
+                .with_security(self.tls, self.credentials, self.password)
+                .connect()
+                .await?,
             ),
             #[cfg(not(feature = "redis"))]
             Endpoints::Redis(_) | Endpoints::Redlock(_) => {
@@ -543,6 +565,7 @@ impl Coordinator {
             credentials: None,
             password: None,
             namespace: String::new(),
+            fifo: true,
         }
     }
 

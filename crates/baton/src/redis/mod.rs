@@ -164,6 +164,15 @@
 //! Redsync and redis-py clients ignore the queue: they take the key with `SET NX` whenever
 //! it is free (after their own release, an expiry, or between Baton's waiters' polls), and
 //! their releases do not hand over; Baton's queued waiters notice at their next poll.
+//! The converse: **while Baton waiters queue, the key is never free** (each release hands
+//! it straight to the next of them), so a redsync or redis-py client, or a Baton client
+//! built [`without_fifo`](RedisClientBuilder::without_fifo), contending on the same name
+//! gets the lock only when no Baton waiter queues, and can wait for ever under sustained
+//! contention (measured: two Baton clients taking turns for 4 s, a `SET NX` every 10 ms
+//! got it 0 times). In a mixed fleet, build every Baton client on those names
+//! `without_fifo`, so that all contend alike (a [`Coordinator`](crate::Coordinator):
+//! [`CoordinatorBuilder::without_fifo`](crate::CoordinatorBuilder::without_fifo); the
+//! `baton` command: `baton lock --no-fifo`).
 //! Redlock (`redlock://`) and elections do not queue: there, a waiter subscribes to the
 //! lock's channel and retries after each release message, after the holder's key expires
 //! (its `PTTL`), or at the fallback poll
