@@ -12,10 +12,17 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 # Install Debian packages (as root, or through sudo).
 apt_install() {
   local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null; then
+      echo "error: these Debian packages are missing: $*; install them as root (apt-get install $*), or install sudo" >&2
+      exit 1
+    fi
+    sudo="sudo"
+  fi
   step "installing $* from Debian's packages"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
+  # Through env: sudo resets the environment, which would drop DEBIAN_FRONTEND.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
 # The rust-version the workspace declares, e.g. 1.88.

@@ -53,6 +53,8 @@ const SHOWN_GRANTS: usize = 10;
 const TTL: Duration = Duration::from_secs(10);
 /// How often the leader writes a heartbeat.
 const HEARTBEAT: Duration = Duration::from_millis(50);
+/// How long a thawed old leader may still take, once the demo stops, to be told of its loss.
+const LOSS_GRACE: Duration = Duration::from_secs(1);
 /// How long the demo waits for its tasks to stop at the end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -183,6 +185,8 @@ struct ElectionState {
     failover: Option<Duration>,
     /// The frozen leader's stale write: (token, highest seen) if refused.
     stale_write: Option<Result<i64, (i64, i64)>>,
+    /// Whether the frozen leader, once thawed, was told that it had lost the leadership.
+    old_leader_told: bool,
 }
 
 /// Why the demo ends before its time.
@@ -662,15 +666,23 @@ async fn candidate(
                 ),
             }
             // Its lease was not revoked if the operator step was cut short (a signal)
-            // or the revoke failed: then only the stop ends it.
-            tokio::select! {
-                _ = leadership.lost() => {}
-                _ = stop.cancelled() => {
-                    let _ = leadership.resign().await;
-                    cli::close(&session).await;
-                    return Ok(());
-                }
+            // or the revoke failed: then only the stop ends it. A loss already told comes
+            // first, and a stop that came meanwhile (a short demo) still gives it a moment,
+            // so that the summary can say whether the old leader was told.
+            let told = tokio::select! {
+                biased;
+                _ = leadership.lost() => true,
+                _ = async {
+                    stop.cancelled().await;
+                    tokio::time::sleep(LOSS_GRACE).await;
+                } => false,
+            };
+            if !told {
+                let _ = leadership.resign().await;
+                cli::close(&session).await;
+                return Ok(());
             }
+            locked(&shared.state).old_leader_told = true;
             tl.event(
                 &format!(
                     "{name} learns it is no longer leader: {}",
@@ -784,6 +796,9 @@ fn summary(
     if st.stale_write.is_some() && !stale_refused {
         problems.push("the stale leader's write was accepted".to_string());
     }
+    if st.killed.is_some() && st.stale_write.is_some() && !st.old_leader_told {
+        problems.push("the old leader was not told of its loss".to_string());
+    }
 
     let leaders: Vec<String> = st
         .leaders
@@ -807,6 +822,7 @@ fn summary(
             "leaders": st.leaders.iter().map(|(n, t)| json!({"node": n, "fencing_token": t})).collect::<Vec<_>>(),
             "failover_ms": st.failover.map(ms),
             "stale_write_refused": stale_refused,
+            "old_leader_told": st.old_leader_told,
             "ok": problems.is_empty(),
         }))
         .or_else(unless_reader_gone)?;
@@ -829,7 +845,7 @@ fn summary(
             None => "not attempted".to_string(),
         };
         let text = format!(
-            "\nsummary\n  grants:       {} ({})\n  tokens:       strictly increasing: {}\n  overlaps:     {}\n  lock log:     {} fenced writes accepted, {} refused\n  leaders:      {}\n  failover:     {failover}\n  stale leader: write {stale}\n  result:       {}",
+            "\nsummary\n  grants:       {} ({})\n  tokens:       strictly increasing: {}\n  overlaps:     {}\n  lock log:     {} fenced writes accepted, {} refused\n  leaders:      {}\n  failover:     {failover}\n  stale leader: write {stale}; told of its loss: {}\n  result:       {}",
             stats.grants.len(),
             workers.join(", "),
             yes_no(increasing),
@@ -837,6 +853,7 @@ fn summary(
             log.accepted,
             log.refused,
             if leaders.is_empty() { "none".to_string() } else { leaders.join(", then ") },
+            yes_no(st.old_leader_told),
             if problems.is_empty() { "ok".to_string() } else { format!("FAILED: {}", problems.join(", ")) },
         );
         out.text(&text).or_else(unless_reader_gone)?;
