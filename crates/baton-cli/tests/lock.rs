@@ -1195,42 +1195,8 @@ fn a_loss_of_the_outer_lock_sends_the_nested_cmd_one_sigterm() {
 /// came, as CMD exited within it and the orphan was no longer found (found by review).
 #[test]
 fn a_setsid_child_of_cmd_ends_on_a_loss() {
-    let etcd = etcd();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let pidfile = dir.path().join("child-pid");
-    let script = format!(
-        r#"setsid sh -c 'echo $$ > {0}; while :; do echo A >> {1}; sleep 0.05; done' & wait"#,
-        pidfile.display(),
-        log.display()
-    );
-    let mut a = Proc::spawn(baton(&etcd.endpoint()).args([
-        "lock",
-        "--grace",
-        "5s",
-        "setsid-loss",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]));
-    let child: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
-    wait_until("setsid child writing", || file_size(&log) > 0);
-    let key = keys(&etcd, "setsid-loss/")
-        .into_iter()
-        .next()
-        .expect("the key");
-    revoke(&etcd, &key);
-    let status = a.wait(STEP).expect("baton exits");
-    std::thread::sleep(Duration::from_secs(1));
-    let before = file_size(&log);
-    std::thread::sleep(Duration::from_millis(500));
-    let after = file_size(&log);
-    // Not gone, nor a zombie (reaped by whoever adopted it).
-    let alive = !matches!(proc_state(child as u32), None | Some('Z'));
-    // SAFETY: kill(2).
-    unsafe { libc::kill(-child, libc::SIGKILL) };
-    assert_eq!(status.code(), Some(122));
+    let (code, alive, before, after) = setsid_child_after_a_loss(false);
+    assert_eq!(code, Some(122));
     assert!(
         !alive && before == after,
         "the setsid child of CMD runs on after the loss (alive={alive}, log {before} -> {after} bytes)"
@@ -1297,6 +1263,18 @@ fn assert_no_a_after_b(text: &str, how: &str) {
 /// review).
 #[test]
 fn a_setsid_child_of_a_nested_cmd_ends_on_a_loss_of_the_outer_lock() {
+    let (code, alive, before, after) = setsid_child_after_a_loss(true);
+    assert_eq!(code, Some(122));
+    assert!(
+        !alive && before == after,
+        "the setsid child of the nested CMD runs on after the outer loss (alive={alive}, log {before} -> {after} bytes)"
+    );
+}
+
+/// `baton lock --grace 5s` (`nested`: around a nested `baton lock`) of a CMD that starts a
+/// `setsid` child writing to a log; the outer lock's lease revoked. `baton`'s exit code,
+/// then 1 s later: whether the child still runs, and the log's size then and 0.5 s after.
+fn setsid_child_after_a_loss(nested: bool) -> (Option<i32>, bool, u64, u64) {
     let etcd = etcd();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
@@ -1307,20 +1285,12 @@ fn a_setsid_child_of_a_nested_cmd_ends_on_a_loss_of_the_outer_lock() {
         log.display()
     );
     let exe = env!("CARGO_BIN_EXE_baton");
-    let mut a = Proc::spawn(baton(&etcd.endpoint()).args([
-        "lock",
-        "--grace",
-        "5s",
-        "setsid-outer",
-        "--",
-        exe,
-        "lock",
-        "setsid-inner",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]));
+    let mut args = vec!["lock", "--grace", "5s", "setsid-outer", "--"];
+    if nested {
+        args.extend([exe, "lock", "setsid-inner", "--"]);
+    }
+    args.extend(["sh", "-c", &script]);
+    let mut a = Proc::spawn(baton(&etcd.endpoint()).args(args));
     let child: i32 = wait_for_file(&pidfile).trim().parse().unwrap();
     wait_until("setsid child writing", || file_size(&log) > 0);
     let key = keys(&etcd, "setsid-outer/")
@@ -1328,19 +1298,16 @@ fn a_setsid_child_of_a_nested_cmd_ends_on_a_loss_of_the_outer_lock() {
         .next()
         .expect("the outer key");
     revoke(&etcd, &key);
-    let status = a.wait(STEP).expect("outer baton exits");
+    let status = a.wait(STEP).expect("baton exits");
     std::thread::sleep(Duration::from_secs(1));
     let before = file_size(&log);
     std::thread::sleep(Duration::from_millis(500));
     let after = file_size(&log);
+    // Not gone, nor a zombie (reaped by whoever adopted it).
     let alive = !matches!(proc_state(child as u32), None | Some('Z'));
     // SAFETY: kill(2).
     unsafe { libc::kill(-child, libc::SIGKILL) };
-    assert_eq!(status.code(), Some(122));
-    assert!(
-        !alive && before == after,
-        "the setsid child of the nested CMD runs on after the outer loss (alive={alive}, log {before} -> {after} bytes)"
-    );
+    (status.code(), alive, before, after)
 }
 
 /// The final SIGKILL freezes CMD's group before its /proc walk, but not the groups apart it
@@ -1351,30 +1318,14 @@ fn a_setsid_child_of_a_nested_cmd_ends_on_a_loss_of_the_outer_lock() {
 #[test]
 fn the_final_sigkill_reaches_what_a_group_apart_starts_during_the_walk() {
     let etcd = etcd();
-    let dir = tempfile::tempdir().unwrap();
-    let pids = dir.path().join("pids");
-    let ready = dir.path().join("ready");
-    let mut idle: Vec<std::process::Child> = (0..1000)
-        .filter_map(|_| std::process::Command::new("sleep").arg("60").spawn().ok())
-        .collect();
     // A group apart that ignores SIGTERM and starts SIGTERM-proof `setsid` sleepers as
-    // fast as it can; each writes its pid.
-    let manager = dir.path().join("manager.sh");
-    std::fs::write(
-        &manager,
-        format!(
-            "trap '' TERM; echo x > '{1}'; while :; do setsid sh -c 'echo $$ >> \"$0\"; exec sleep 60' '{0}' & done\n",
-            pids.display(),
-            ready.display()
-        ),
-    )
-    .unwrap();
+    // fast as it can.
+    let mut walk = BusyWalk::new("trap '' TERM; echo x", "");
     let script = format!(
         r#"trap '' TERM; setsid sh '{}' & while :; do sleep 1; done"#,
-        manager.display()
+        walk.manager.display()
     );
-    let mark = dir.path().display().to_string();
-    let mut a = Proc::spawn(baton(&etcd.endpoint()).env("MARK", &mark).args([
+    let mut a = Proc::spawn(baton(&etcd.endpoint()).env("MARK", &walk.mark).args([
         "lock",
         "--grace",
         "0s",
@@ -1384,7 +1335,7 @@ fn the_final_sigkill_reaches_what_a_group_apart_starts_during_the_walk() {
         "-c",
         &script,
     ]));
-    wait_for_file(&ready);
+    wait_for_file(&walk.ready);
     std::thread::sleep(Duration::from_millis(300));
     let key = keys(&etcd, "walk-race/")
         .into_iter()
@@ -1393,27 +1344,87 @@ fn the_final_sigkill_reaches_what_a_group_apart_starts_during_the_walk() {
     revoke(&etcd, &key);
     let status = a.wait(STEP).expect("baton exits");
     std::thread::sleep(Duration::from_millis(500));
-    let text = std::fs::read_to_string(&pids).unwrap_or_default();
-    let survivors: Vec<i32> = text
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .filter(|&p| marked(p, &mark))
+    let all = walk.started();
+    let survivors: Vec<i32> = all
+        .iter()
+        .copied()
+        .filter(|&p| marked(p, &walk.mark))
         .collect();
-    for &p in &survivors {
-        // SAFETY: kill(2).
-        unsafe { libc::kill(-p, libc::SIGKILL) };
-    }
-    for other in &mut idle {
-        let _ = other.kill();
-        let _ = other.wait();
-    }
+    walk.end(&[]);
     assert_eq!(status.code(), Some(122));
     assert!(
         survivors.is_empty(),
         "{} of {} sleepers started by a group apart run on after the loss",
         survivors.len(),
-        text.lines().count()
+        all.len()
     );
+}
+
+/// A process manager to be found by /proc walks made as slow as on a busy machine: 1,000
+/// idle processes, and a script (`manager`) that writes a line to `ready` (`first`: the
+/// commands before, ending in `echo …`), then starts `setsid` sleepers as fast as it can
+/// (`pause` between them), each writing its pid to `pids`. Every process the test starts
+/// has `MARK=mark` in its environment when started through `baton` with it.
+struct BusyWalk {
+    _dir: tempfile::TempDir,
+    pids: std::path::PathBuf,
+    ready: std::path::PathBuf,
+    manager: std::path::PathBuf,
+    mark: String,
+    idle: Vec<std::process::Child>,
+}
+
+impl BusyWalk {
+    fn new(first: &str, pause: &str) -> BusyWalk {
+        let dir = tempfile::tempdir().unwrap();
+        let (pids, ready) = (dir.path().join("pids"), dir.path().join("ready"));
+        let idle = (0..1000)
+            .filter_map(|_| std::process::Command::new("sleep").arg("60").spawn().ok())
+            .collect();
+        let manager = dir.path().join("manager.sh");
+        std::fs::write(
+            &manager,
+            format!(
+                "{first} > '{1}'; while :; do setsid sh -c 'echo $$ >> \"$0\"; exec sleep 60' '{0}' & {pause} done\n",
+                pids.display(),
+                ready.display()
+            ),
+        )
+        .unwrap();
+        let mark = dir.path().display().to_string();
+        BusyWalk {
+            _dir: dir,
+            pids,
+            ready,
+            manager,
+            mark,
+            idle,
+        }
+    }
+
+    /// The pids of the sleepers started so far.
+    fn started(&self) -> Vec<i32> {
+        std::fs::read_to_string(&self.pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .collect()
+    }
+
+    /// Kill the groups of the sleepers and of `more` that are still ours, and the idle
+    /// processes.
+    fn end(&mut self, more: &[i32]) {
+        for p in self.started().into_iter().chain(more.iter().copied()) {
+            if marked(p, &self.mark) {
+                // SAFETY: kill(2).
+                unsafe { libc::kill(-p, libc::SIGKILL) };
+            }
+        }
+        for other in &mut self.idle {
+            let _ = other.kill();
+            let _ = other.wait();
+        }
+    }
 }
 
 /// On Ctrl-Z the guardian stops the groups apart from CMD's, but it walked /proc once: what
@@ -1424,61 +1435,32 @@ fn the_final_sigkill_reaches_what_a_group_apart_starts_during_the_walk() {
 fn ctrl_z_stops_what_a_group_apart_starts_during_the_walk() {
     use std::os::unix::process::CommandExt;
     let etcd = etcd();
-    let dir = tempfile::tempdir().unwrap();
-    let pids = dir.path().join("pids");
-    let ready = dir.path().join("ready");
-    let mut idle: Vec<std::process::Child> = (0..1000)
-        .filter_map(|_| std::process::Command::new("sleep").arg("60").spawn().ok())
-        .collect();
-    let manager = dir.path().join("manager.sh");
-    std::fs::write(
-        &manager,
-        format!(
-            "echo $$ > '{1}'; while :; do setsid sh -c 'echo $$ >> \"$0\"; exec sleep 60' '{0}' & sleep 0.002; done\n",
-            pids.display(),
-            ready.display()
-        ),
-    )
-    .unwrap();
+    let mut walk = BusyWalk::new("echo $$", "sleep 0.002;");
     let script = format!(
         r#"setsid sh '{}' & while :; do sleep 1; done"#,
-        manager.display()
+        walk.manager.display()
     );
-    let mark = dir.path().display().to_string();
     let mut command = baton(&etcd.endpoint());
-    command.env("MARK", &mark).process_group(0);
+    command.env("MARK", &walk.mark).process_group(0);
     let mut a = Proc::spawn(command.args(["lock", "tstp-walk", "--", "sh", "-c", &script]));
-    let manager_pid: i32 = wait_for_file(&ready).trim().parse().unwrap();
+    let manager_pid: i32 = wait_for_file(&walk.ready).trim().parse().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     a.signal(libc::SIGTSTP);
     wait_until("baton stopped", || proc_state(a.pid()) == Some('T'));
     // Stopped, or blocked in a `vfork` whose child is (see `group_stopped`).
     wait_until("the manager stopped", || group_stopped(manager_pid as u32));
     std::thread::sleep(Duration::from_millis(500));
-    let text = std::fs::read_to_string(&pids).unwrap_or_default();
-    let all: Vec<i32> = text
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .collect();
+    let all = walk.started();
     let running: Vec<i32> = all
         .iter()
         .copied()
-        .filter(|&p| matches!(proc_state(p as u32), Some('S' | 'R')) && marked(p, &mark))
+        .filter(|&p| matches!(proc_state(p as u32), Some('S' | 'R')) && marked(p, &walk.mark))
         .collect();
     // Clean up.
     a.signal(libc::SIGKILL);
     let _ = a.wait(STEP);
     std::thread::sleep(Duration::from_millis(500));
-    for &p in all.iter().chain([&manager_pid]) {
-        if marked(p, &mark) {
-            // SAFETY: kill(2).
-            unsafe { libc::kill(-p, libc::SIGKILL) };
-        }
-    }
-    for other in &mut idle {
-        let _ = other.kill();
-        let _ = other.wait();
-    }
+    walk.end(&[manager_pid]);
     assert!(
         running.is_empty(),
         "{} of {} workers started by a group apart run on while baton is stopped",
