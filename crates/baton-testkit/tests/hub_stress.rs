@@ -126,16 +126,7 @@ async fn churn_over_many_names_with_cancels_compactions_and_cuts() {
             }
         }
     }
-    let t0 = Instant::now();
-    let mut round = 0;
-    while t0.elapsed() < Duration::from_secs(40) {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        round += 1;
-        let rev = direct.store().put(b"noise", b"x", 0).await.unwrap();
-        let _ = direct.store().compact(rev).await;
-        if round % 3 == 0 {
-            proxy.reset_all();
-        }
+    compact_and_cut(&direct, &proxy, Duration::from_secs(40), |t0| {
         eprintln!(
             "{:?}: {} grants, {} cancels, {} doubles",
             t0.elapsed(),
@@ -143,7 +134,8 @@ async fn churn_over_many_names_with_cancels_compactions_and_cuts() {
             cancels.load(Ordering::Relaxed),
             doubles.load(Ordering::Relaxed)
         );
-    }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let (n, longest) = tokio::time::timeout(Duration::from_secs(30), w)
@@ -396,23 +388,15 @@ async fn semaphore_churn_with_cancels_compactions_and_cuts() {
             }));
         }
     }
-    let t0 = Instant::now();
-    let mut round = 0;
-    while t0.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        round += 1;
-        let rev = direct.store().put(b"noise", b"x", 0).await.unwrap();
-        let _ = direct.store().compact(rev).await;
-        if round % 3 == 0 {
-            proxy.reset_all();
-        }
+    compact_and_cut(&direct, &proxy, Duration::from_secs(30), |t0| {
         eprintln!(
             "{:?}: {} grants, {} over",
             t0.elapsed(),
             grants.load(Ordering::Relaxed),
             over.load(Ordering::Relaxed)
         );
-    }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let n = tokio::time::timeout(Duration::from_secs(30), w)
@@ -561,17 +545,7 @@ async fn election_churn_with_proclaims_cancels_compactions_and_cuts() {
             }));
         }
     }
-    let t0 = Instant::now();
-    let mut round = 0;
-    while t0.elapsed() < Duration::from_secs(25) {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        round += 1;
-        let rev = direct.store().put(b"noise", b"x", 0).await.unwrap();
-        let _ = direct.store().compact(rev).await;
-        if round % 3 == 0 {
-            proxy.reset_all();
-        }
-    }
+    compact_and_cut(&direct, &proxy, Duration::from_secs(25), |_| {}).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for w in workers {
@@ -582,4 +556,27 @@ async fn election_churn_with_proclaims_cancels_compactions_and_cuts() {
     }
     eprintln!("{total} terms");
     assert_eq!(doubles.load(Ordering::SeqCst), 0);
+}
+
+/// For `run_for`: every 1.5 s a compaction to the current revision (after a write), and
+/// every third time a cut of every connection through `proxy`; `each` after each round,
+/// with the start.
+async fn compact_and_cut(
+    direct: &Client,
+    proxy: &FaultProxy,
+    run_for: Duration,
+    mut each: impl FnMut(Instant),
+) {
+    let t0 = Instant::now();
+    let mut round = 0;
+    while t0.elapsed() < run_for {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        round += 1;
+        let rev = direct.store().put(b"noise", b"x", 0).await.unwrap();
+        let _ = direct.store().compact(rev).await;
+        if round % 3 == 0 {
+            proxy.reset_all();
+        }
+        each(t0);
+    }
 }
