@@ -314,7 +314,8 @@ fn option_like_value(args: &[OsString]) -> Option<CliError> {
 
 /// The error for an option's value that starts with `-` and a digit (`--timeout -1s`):
 /// clap takes it for flags, and its tip ("to pass '-1' as a value, use '-- -1'") would make
-/// it CMD. Says which option's value it is, and that it cannot be negative.
+/// it CMD. Says which option's value it is, and that it cannot be negative; or, for one that
+/// takes text or a path (`--user -1`), to give it as `--user=-1`.
 fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
     use clap::error::ErrorKind;
     if e.kind() != ErrorKind::UnknownArgument {
@@ -336,16 +337,41 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
             .any(|a| a.get_long() == Some(long) && a.get_action().takes_values());
         found
     };
-    before_cmd.windows(2).find_map(|pair| {
+    before_cmd.windows(2).enumerate().find_map(|(i, pair)| {
         let (option, value) = (pair[0].to_str()?, pair[1].to_str()?);
         let long = option.strip_prefix("--").filter(|l| !l.contains('='))?;
         let negative =
             value.starts_with('-') && value[1..].starts_with(|c: char| c.is_ascii_digit());
-        (negative && takes_value(long)).then(|| {
-            CliError::failed(format!(
+        if !(negative && takes_value(long)) {
+            return None;
+        }
+        // Given as `--option=value`, is it refused? A duration or a count is; a name or a
+        // path (`--user -1`, `--cacert -1.pem`) is fine written that way.
+        let mut joined = args.to_vec();
+        joined.splice(i..i + 2, [OsString::from(format!("{option}={value}"))]);
+        let refused = Cli::command()
+            .try_get_matches_from(&joined)
+            .err()
+            .is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    ErrorKind::ValueValidation | ErrorKind::InvalidValue
+                ) && matches!(
+                    e.get(clap::error::ContextKind::InvalidArg),
+                    Some(clap::error::ContextValue::String(a))
+                        if a == option || a.starts_with(&format!("{option} "))
+                )
+            });
+        Some(CliError::failed(if refused {
+            format!(
                 "invalid value '{value}' for '{option}': it cannot be negative (see baton --help)"
-            ))
-        })
+            )
+        } else {
+            format!(
+                "'{value}' was taken for an option, not as the value of '{option}': to give a \
+                 value that starts with '-', give it as '{option}={value}' (see baton --help)"
+            )
+        }))
     })
 }
 

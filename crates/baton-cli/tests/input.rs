@@ -384,3 +384,21 @@ fn a_negative_option_value_says_it_cannot_be_negative() {
         );
     }
 }
+
+/// A value that starts with `-` and a digit for an option that takes text or a path
+/// (`--user -1`, `--namespace -1`, `--cacert -1.pem`) is not said to be negative: such a
+/// value is fine, given as `--user=-1`, and the message says so.
+#[test]
+fn a_hyphen_text_value_is_not_called_negative() {
+    for (args, option, value) in [
+        (&["--user", "-1", "status"][..], "--user", "-1"),
+        (&["--namespace", "-1", "status"][..], "--namespace", "-1"),
+        (&["--cacert", "-1.pem", "status"][..], "--cacert", "-1.pem"),
+    ] {
+        assert_one_line_125_on(
+            "http://127.0.0.1:1",
+            args,
+            &format!("give it as '{option}={value}'"),
+        );
+    }
+}
