@@ -262,17 +262,19 @@ pub(crate) async fn hold(
     job_control.watch(pgid);
     tracing::debug!(pgid, "CMD started");
     let certain = || certain_until(&deadline, &is_lost, job.ttl);
-    let guardian = Guardian::start(pgid, job.grace, certain());
+    let mut guardian = Guardian::start(pgid, job.grace, certain());
     let running = Running {
         child: &mut child,
         pgid,
         grace: job.grace,
         guardian: &guardian,
     };
-    tokio::select! {
+    let ending = tokio::select! {
         ending = running.supervise(&lost, &is_lost, signals, &mut job_control, on_lost) => ending,
         never = guardian.keep_told(&certain) => match never {},
-    }
+    };
+    guardian.quit().await;
+    ending
 }
 
 /// Until when the hold is certain, for the guardian: its local deadline; where the backend
@@ -897,20 +899,36 @@ impl Guardian {
 /// [`Word`]) before it kills it: room for the guardian's walks of /proc on a busy machine.
 const GUARDIAN_QUIT_WAIT: Duration = Duration::from_secs(2);
 
+impl Guardian {
+    /// As the hold ends: ask the guardian to quit (`Q`), and give it up to
+    /// [`GUARDIAN_QUIT_WAIT`] to exit; `Drop` kills it after. Asked, not killed: it reads the
+    /// words before this one first, and continues the groups apart it stopped on an `S` (a
+    /// guardian killed while it walked /proc on a Ctrl-Z, before it read `R`, left a
+    /// `setsid` daemon of CMD stopped for ever after `baton` exited: found by review).
+    ///
+    /// Waited for on the runtime, not in `Drop`: `baton`'s runtime has one thread, and a
+    /// blocking wait there sent no keep-alive meanwhile (a guardian slow to quit made a
+    /// short TTL pass, and a hold whose CMD had finished was told lost: found by review).
+    async fn quit(&mut self) {
+        GUARDIAN_LINK.store(-1, Ordering::SeqCst);
+        if self.child.is_none() || !self.tell("Q\n") {
+            return;
+        }
+        let until = tokio::time::Instant::now() + GUARDIAN_QUIT_WAIT;
+        while let Some(child) = self.child.as_mut() {
+            if !matches!(child.try_wait(), Ok(None)) || tokio::time::Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
 impl Drop for Guardian {
     fn drop(&mut self) {
         GUARDIAN_LINK.store(-1, Ordering::SeqCst);
         if let Some(mut child) = self.child.take() {
-            // Asked to quit, not killed: it reads the words before this one first, and
-            // continues the groups apart it stopped on an `S` (a guardian killed while it
-            // walked /proc on a Ctrl-Z, before it read `R`, left a `setsid` daemon of CMD
-            // stopped for ever after `baton` exited: found by review).
-            if self.tell("Q\n") {
-                let until = std::time::Instant::now() + GUARDIAN_QUIT_WAIT;
-                while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
+            // See `quit`, which gave it its chance to exit first.
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -1587,3 +1587,26 @@ fn a_daemon_cmd_leaves_is_not_left_stopped_by_ctrl_z_and_fg() {
         "the daemon CMD left was stopped for ever after baton exited 0 (rounds {left_stopped:?})"
     );
 }
+
+/// Review (today2): as the hold ends, `baton` waited for its guardian to quit (up to 2 s)
+/// in a blocking loop inside `Drop`, on its single-threaded runtime: no keep-alive was
+/// sent meanwhile. A guardian slow to quit (busy walking /proc after a Ctrl-Z on a loaded
+/// machine; here stopped) made a short TTL pass: `baton` told a CMD that ran its whole
+/// course under the lock "lock lost" and exited 122.
+#[test]
+fn a_guardian_slow_to_quit_does_not_lose_a_short_lock() {
+    let etcd = etcd();
+    let script = r#"sleep 1.2; g=$(ps -eo pid=,args= | awk -v p="$PPID" '$2=="baton" && $3=="__baton-guardian" && $6==p {print $1}'); [ -n "$g" ] && kill -STOP $g"#;
+    let started = Instant::now();
+    let out = baton(&etcd.endpoint())
+        .args(["lock", "--ttl", "2s", "short", "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "after {:?}: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
