@@ -378,15 +378,20 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
 /// The error for `baton lock NAME CMD` (also elect, sem) without the `--` before CMD, as
 /// `etcdctl lock NAME CMD` takes it: clap finds CMD's first word unexpected, and the
 /// message then says where the command goes.
+///
+/// A word that starts with `-` (`baton lock NAME -5`) is an unknown option there: clap's
+/// tip, to put `--` before it, would make it the command, so that tip is dropped, and the
+/// message says where the command goes (or keeps clap's tip of a similar option).
 fn command_without_separator(args: &[OsString], e: &clap::Error) -> Option<CliError> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if e.kind() != ErrorKind::UnknownArgument || args.iter().any(|a| a == "--") {
+    if e.kind() != ErrorKind::UnknownArgument {
         return None;
     }
     let Some(ContextValue::String(word)) = e.get(ContextKind::InvalidArg) else {
         return None;
     };
-    if word.starts_with('-') {
+    let hyphen = word.starts_with('-');
+    if !hyphen && args.iter().any(|a| a == "--") {
         return None;
     }
     let partial = Cli::command()
@@ -399,6 +404,19 @@ fn command_without_separator(args: &[OsString], e: &clap::Error) -> Option<CliEr
         "sem" => "baton sem NAME --permits N -- CMD",
         _ => return None,
     };
+    if hyphen {
+        let line = usage_line(e);
+        let tip = format!("; tip: to pass '{word}' as a value, use '-- {word}'");
+        let (text, _) = line.split_once(&tip)?;
+        if text.contains("tip:") {
+            return Some(CliError::failed(format!("{text} (see baton --help)")));
+        }
+        let sub = usage.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        return Some(CliError::failed(format!(
+            "{text}: not an option of '{sub}'; the command to run goes after '--': {usage} \
+             (see baton --help)"
+        )));
+    }
     Some(CliError::failed(format!(
         "unexpected argument '{word}': the command to run goes after '--': {usage} (see baton --help)"
     )))

@@ -142,11 +142,30 @@ fn a_command_without_separator_says_where_it_goes() {
         &["get", "k", "extra"],
         "unexpected argument 'extra'",
     );
-    let (out, _) = run(baton("http://127.0.0.1:1").args(["lock", "x", "--bogus"]));
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("-- CMD"),
-        "{out:?}"
-    );
+    // A word that starts with '-' is not an option there; clap's tip, to pass it after
+    // `--`, would make it the command, so the message says where the command goes instead.
+    for (args, usage) in [
+        (&["lock", "x", "--bogus"][..], "baton lock NAME -- CMD"),
+        (&["lock", "x", "-5"], "baton lock NAME -- CMD"),
+        (&["lock", "x", "-5", "--", "true"], "baton lock NAME -- CMD"),
+        (&["elect", "x", "v", "-5"], "baton elect NAME VALUE -- CMD"),
+        (
+            &["sem", "x", "--permits", "2", "-x"],
+            "baton sem NAME --permits N -- CMD",
+        ),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not an option of"), "{args:?}: {err}");
+        assert!(err.contains(usage), "{args:?}: {err}");
+        assert!(!err.contains("as a value, use '--"), "{args:?}: {err}");
+        assert_one_line_125_on("http://127.0.0.1:1", args, usage);
+    }
+    // A misspelt option keeps clap's tip of the similar one, and nothing about `--`.
+    let (out, _) = run(baton("http://127.0.0.1:1").args(["lock", "x", "--ttll", "5s"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'--ttl'"), "{err}");
+    assert!(!err.contains("-- CMD") && !err.contains("use '--"), "{err}");
 }
 
 /// A misspelt option in VALUE's place (set, elect, queue push) is refused with 125, naming
