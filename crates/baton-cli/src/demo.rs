@@ -57,6 +57,8 @@ const HEARTBEAT: Duration = Duration::from_millis(50);
 const LOSS_GRACE: Duration = Duration::from_secs(1);
 /// How long the demo waits for its tasks to stop at the end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stop that takes longer than this says so (while it waits up to [`STOP_TIMEOUT`]).
+const SLOW_STOP: Duration = Duration::from_secs(1);
 
 /// `baton demo`.
 #[derive(Debug, clap::Args)]
@@ -157,6 +159,8 @@ struct LockShared {
 struct LockStats {
     /// (worker, token), in grant order.
     grants: Vec<(u16, i64)>,
+    /// When the last grant was made.
+    last_grant: Option<Instant>,
     overlaps: u64,
     lost: u64,
 }
@@ -363,20 +367,32 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         &progress,
     )
     .await;
+    // The step shows progress meanwhile, and is cut short at the demo's end (a backend gone
+    // or hung: its read and its revoke could each take a request timeout).
     if interrupted.is_none() {
-        let signalled = tokio::select! {
+        let end = tl.start + args.seconds;
+        let step = tokio::select! {
             biased;
-            sig = signals.recv() => Some(sig),
-            () = kill_leader(&admin, &election_name, &nodes, &election, tl) => None,
+            sig = signals.recv() => Err(Some(Stop::Signal(sig))),
+            () = kill_leader(&admin, &election_name, &nodes, &election, tl) => Ok(()),
+            () = tokio::time::sleep_until(end) => {
+                tl.event(
+                    "operator: the step did not finish by the demo's end (is the backend up?)",
+                    json!({"event": "step_cut_short"}),
+                );
+                Err(None)
+            }
+            () = progress.every_period() => Err(None),
         };
-        interrupted = match signalled {
-            Some(sig) => Some(Stop::Signal(sig)),
-            None => sleep_until(&mut signals, tl.start + args.seconds, &progress).await,
+        interrupted = match step {
+            Ok(()) => sleep_until(&mut signals, end, &progress).await,
+            Err(stop) => stop,
         };
     }
 
     // Stop every task, and wait for all of them (each closes its session, revoking its
     // lease), even when one has failed.
+    // A stop that takes a while (the backend gone or hung: each close waits for it) says so.
     stop.cancel();
     let stopping = tokio::time::timeout(STOP_TIMEOUT, async {
         let mut first_error = None;
@@ -387,11 +403,25 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         }
         first_error.map_or(Ok(()), Err)
     });
-    let stopped = tokio::select! {
-        stopped = stopping => stopped,
-        sig = signals.recv() => {
-            tracing::debug!(signal = sig, "interrupted while stopping the demo");
-            return Err(CliError::interrupted(sig));
+    tokio::pin!(stopping);
+    let slow = tokio::time::sleep(SLOW_STOP);
+    tokio::pin!(slow);
+    let stopped = loop {
+        tokio::select! {
+            stopped = &mut stopping => break stopped,
+            () = &mut slow, if !slow.is_elapsed() => tl.event(
+                &format!(
+                    "stopping: the sessions are not closed after {}: is the backend up? \
+                     (waiting up to {} in all)",
+                    output::duration(SLOW_STOP),
+                    output::duration(STOP_TIMEOUT)
+                ),
+                json!({"event": "slow_stop", "after_ms": SLOW_STOP.as_millis() as u64}),
+            ),
+            sig = signals.recv() => {
+                tracing::debug!(signal = sig, "interrupted while stopping the demo");
+                return Err(CliError::interrupted(sig));
+            }
         }
     };
     if let Some(observing) = observing {
@@ -410,7 +440,14 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
     match stopped {
         Ok(r) => r?,
-        Err(_) => return Err(CliError::failed("the demo's workers did not stop in time")),
+        Err(_) => {
+            return Err(CliError::failed(format!(
+                "the demo's workers did not stop within {}: the backend did not answer their \
+                 session closes (their leases expire within {} of its last answer)",
+                output::duration(STOP_TIMEOUT),
+                output::duration(TTL)
+            )))
+        }
     }
     summary(&out, &args, &lock_shared, &election)
 }
@@ -426,14 +463,39 @@ struct Progress<'a> {
 }
 
 impl Progress<'_> {
+    /// Shows progress every [`PROGRESS_EVERY`], for ever.
+    async fn every_period(&self) {
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            self.show();
+        }
+    }
+
+    /// The grants and overlaps so far; and, when no grant came for a progress period (the
+    /// backend gone or hung: the workers wait on it without a word), for how long.
     fn show(&self) {
-        let (grants, overlaps) = {
+        let (grants, overlaps, last_grant) = {
             let stats = locked(&self.shared.stats);
-            (stats.grants.len(), stats.overlaps)
+            (stats.grants.len(), stats.overlaps, stats.last_grant)
+        };
+        let since = last_grant.unwrap_or(self.tl.start).elapsed();
+        let (stalled, note) = if since >= PROGRESS_EVERY {
+            let s = output::duration(Duration::from_secs(since.as_secs()));
+            (
+                Some(since.as_millis() as u64),
+                format!("; no grant for {s}: is the backend up?"),
+            )
+        } else {
+            (None, String::new())
         };
         self.tl.event(
-            &format!("progress: {grants} grants, {overlaps} overlaps so far"),
-            json!({"event": "progress", "grants": grants, "overlaps": overlaps}),
+            &format!("progress: {grants} grants, {overlaps} overlaps so far{note}"),
+            json!({
+                "event": "progress",
+                "grants": grants,
+                "overlaps": overlaps,
+                "no_grant_for_ms": stalled,
+            }),
         );
     }
 }
@@ -521,6 +583,7 @@ async fn worker(
                 stats.overlaps += 1;
             }
             stats.grants.push((w, token));
+            stats.last_grant = Some(Instant::now());
             stats.grants.len()
         };
         if others > 0 {

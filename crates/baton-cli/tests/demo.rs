@@ -501,3 +501,40 @@ fn a_short_demo_still_tells_the_old_leader_of_its_loss() {
         );
     }
 }
+
+/// etcd killed for good early in a 12 s demo: the demo must not go silent. The failover
+/// step (from 4.8 s) waited on the dead etcd (a read, then a revoke: a request timeout
+/// each) with no line, past the demo's end, and the stop waited another 10 s with no line.
+/// Now progress goes on during the step and says that no grant came, the step is cut
+/// short at the demo's end, and a slow stop says so; the demo exits 125 soon after.
+#[test]
+fn a_demo_whose_etcd_is_gone_says_so_and_ends() {
+    let mut etcd = etcd();
+    let mut demo = Proc::spawn(baton(&etcd.endpoint()).args(["--json", "demo", "--seconds", "12"]));
+    let started = std::time::Instant::now();
+    let first = demo.line();
+    assert!(first.contains("\"event\":\"start\""), "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    etcd.kill();
+    let mut events = Vec::new();
+    while let Some(line) = demo.line_within(std::time::Duration::from_secs(30)) {
+        events.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    let (code, _) = exit_within(&mut demo, std::time::Duration::from_secs(30));
+    let took = started.elapsed();
+    let has = |event: &str| events.iter().any(|e| e["event"] == event);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "progress" && e["no_grant_for_ms"].as_u64() > Some(4000)),
+        "no progress line saying that no grant came: {events:?}"
+    );
+    assert!(
+        has("step_cut_short"),
+        "the step was not cut short: {events:?}"
+    );
+    assert!(has("slow_stop"), "the slow stop was not told: {events:?}");
+    assert_eq!(code, 125, "{:?}", demo.stderr_after_exit());
+    // The end (12 s), then at most the stop's 10 s, and some slack for a loaded machine.
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}
