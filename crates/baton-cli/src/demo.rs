@@ -57,6 +57,8 @@ const HEARTBEAT: Duration = Duration::from_millis(50);
 const LOSS_GRACE: Duration = Duration::from_secs(1);
 /// How long the demo waits for its tasks to stop at the end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The failover step is given at least this long, even past the demo's end.
+const STEP_AT_LEAST: Duration = Duration::from_secs(3);
 /// A stop that takes longer than this says so (while it waits up to [`STOP_TIMEOUT`]).
 const SLOW_STOP: Duration = Duration::from_secs(1);
 
@@ -273,12 +275,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
 
     // Every worker and node is its own "machine": its own client and session. A signal
     // (or a failure) while they connect stops the ones started already, which close their
-    // sessions. (A session whose lease grant was in flight is left to expire after TTL.)
+    // sessions; a session whose lease grant is in flight then is made and closed too.
     let mut tasks = Vec::new();
     let mut observing = None;
+    let mut granting = None;
     let starting = signals.interruptible(async {
             for w in 1..=args.workers {
-                let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+                let session = session_kept(global, &endpoints, &mut granting).await?;
                 let mutex = baton::Mutex::new(&session, &lock_name)?;
                 tasks.push(tokio::spawn(worker(
                     w,
@@ -309,7 +312,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 }
             }));
             for node in &nodes {
-                let session = cli::session(&cli::connect(global, &endpoints).await?, TTL).await?;
+                let session = session_kept(global, &endpoints, &mut granting).await?;
                 let e = baton::Election::new(&session, &election_name)?;
                 tasks.push(tokio::spawn(candidate(
                     node.clone(),
@@ -331,6 +334,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     if let Err(_) | Ok(Some(_)) = started {
         stop.cancel();
         let stopping = tokio::time::timeout(STOP_TIMEOUT, async {
+            if let Some(grant) = granting {
+                if let Ok(Ok(session)) = grant.await {
+                    cli::close(&session).await;
+                }
+            }
             for t in tasks {
                 let _ = t.await;
             }
@@ -367,15 +375,17 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         &progress,
     )
     .await;
-    // The step shows progress meanwhile, and is cut short at the demo's end (a backend gone
-    // or hung: its read and its revoke could each take a request timeout).
+    // The step shows progress meanwhile, and is cut short at the demo's end, or
+    // STEP_AT_LEAST after it began if that is later (a backend gone or hung: its read and
+    // its revoke could each take a request timeout; a short demo whose connecting took it
+    // past its end still shows a failover).
     if interrupted.is_none() {
         let end = tl.start + args.seconds;
         let step = tokio::select! {
             biased;
             sig = signals.recv() => Err(Some(Stop::Signal(sig))),
             () = kill_leader(&admin, &election_name, &nodes, &election, tl) => Ok(()),
-            () = tokio::time::sleep_until(end) => {
+            () = tokio::time::sleep_until(end.max(Instant::now() + STEP_AT_LEAST)) => {
                 tl.event(
                     "operator: the step did not finish by the demo's end (is the backend up?)",
                     json!({"event": "step_cut_short"}),
@@ -498,6 +508,26 @@ impl Progress<'_> {
             }),
         );
     }
+}
+
+/// A session of a client of its own, for a worker or a node: its lease is granted in a task
+/// of its own, whose handle is in `granting` until it is answered, so that a start cut short
+/// meanwhile (a signal, the reader gone) can close it, where a dropped grant would leave its
+/// lease behind for a TTL.
+async fn session_kept(
+    global: &Global,
+    endpoints: &str,
+    granting: &mut Option<tokio::task::JoinHandle<Result<baton::Session, CliError>>>,
+) -> Result<baton::Session, CliError> {
+    let client = cli::connect(global, endpoints).await?;
+    let grant = granting.insert(tokio::spawn(
+        async move { cli::session(&client, TTL).await },
+    ));
+    let made = grant
+        .await
+        .map_err(|e| CliError::failed(format!("making a session: {e}")))?;
+    *granting = None;
+    made
 }
 
 /// Sleep until `at`, or until a signal comes or the reader of stdout goes first: which.

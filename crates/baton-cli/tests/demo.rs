@@ -538,3 +538,40 @@ fn a_demo_whose_etcd_is_gone_says_so_and_ends() {
     // The end (12 s), then at most the stop's 10 s, and some slack for a loaded machine.
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }
+
+/// A signal while a worker's lease grant is in flight (etcd paused with SIGSTOP while the
+/// demo connects its 64 workers, resumed half a second after the signal): the grant is
+/// answered after the stop began, and that session must be closed too. It was dropped, its
+/// lease left for a TTL (seen as a lease left by `a_demo_whose_reader_goes_stops_early_and_exits_0`
+/// on a loaded machine: the reader went while a node's grant was in flight).
+#[test]
+fn a_signal_while_a_lease_grant_is_in_flight_leaves_no_lease() {
+    let etcd = etcd();
+    let etcd_pid = etcd.pid().unwrap();
+    for round in 0..6 {
+        let mut demo = Proc::spawn(baton_with_default_signals(&etcd.endpoint()).args([
+            "demo",
+            "--workers",
+            "64",
+        ]));
+        wait_until("a worker's session", || leases(&etcd) > 0);
+        // Somewhere in the next worker's connect or grant.
+        std::thread::sleep(std::time::Duration::from_micros(
+            rand::random::<u64>() % 3000,
+        ));
+        signal(etcd_pid, libc::SIGSTOP);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        demo.signal(libc::SIGINT);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        signal(etcd_pid, libc::SIGCONT);
+        let (code, took) = exit_within(&mut demo, std::time::Duration::from_secs(30));
+        assert_eq!(
+            code,
+            130,
+            "round {round}, after {took:?}: {:?}",
+            demo.stderr_after_exit()
+        );
+        assert_eq!(leases(&etcd), 0, "round {round}: leases left");
+        assert!(keys(&etcd, "").is_empty(), "round {round}: keys left");
+    }
+}
