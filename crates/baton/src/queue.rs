@@ -47,16 +47,18 @@ const FOREIGN_REMOVALS: u32 = 3;
 pub(crate) const JOIN_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// The retries of a join's requests: a retryable failure is tried again after a backoff
-/// (50 ms, doubling up to 1 s) while the session lives, until `retry_for` has passed.
+/// (50 ms, doubling up to 1 s) while the session lives, until `retry_for` has passed
+/// (`Duration::MAX`: for as long as the session lives).
 pub(crate) struct Retry {
-    give_up: tokio::time::Instant,
+    /// `None`: never, while the session lives.
+    give_up: Option<tokio::time::Instant>,
     backoff: Duration,
 }
 
 impl Retry {
     pub(crate) fn new(retry_for: Duration) -> Retry {
         Retry {
-            give_up: tokio::time::Instant::now() + retry_for,
+            give_up: tokio::time::Instant::now().checked_add(retry_for),
             backoff: Duration::from_millis(50),
         }
     }
@@ -72,7 +74,10 @@ impl Retry {
             tracing::debug!(error = %e, "{what} failed, and the session is lost");
             return Err(session.lost_error());
         }
-        if tokio::time::Instant::now() + self.backoff >= self.give_up {
+        if self
+            .give_up
+            .is_some_and(|give_up| tokio::time::Instant::now() + self.backoff >= give_up)
+        {
             return Err(e);
         }
         tracing::debug!(error = %e, "{what} failed; retrying");

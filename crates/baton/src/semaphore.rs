@@ -363,9 +363,11 @@ impl Semaphore {
     /// lease: an overwrite with no lease, which frees the permit, keeps the create revision,
     /// and must not be bound to our lease again); the revision of the write.
     ///
-    /// A retryable failure is retried as a join is (unless `try_only`): the compare makes a
-    /// retry safe, and a waiter must not lose its whole wait to one request that failed at
-    /// its grant (a connection reset, "request timed out" while etcd elects a leader).
+    /// A retryable failure is retried for as long as the session lives (unless `try_only`),
+    /// as a mutex waiter's read at its grant is: the compare makes a retry safe, and a
+    /// waiter must not lose its whole wait, and its place, to a request that failed at its
+    /// grant (a connection reset, "request timed out" while etcd elects a leader, an outage
+    /// longer than a join's retries).
     async fn touch(
         &self,
         store: &Arc<dyn Store>,
@@ -384,7 +386,7 @@ impl Semaphore {
         let retry_for = if try_only {
             Duration::ZERO
         } else {
-            crate::queue::JOIN_RETRY_FOR
+            Duration::MAX
         };
         let mut retry = crate::queue::Retry::new(retry_for);
         let resp = loop {
@@ -784,6 +786,52 @@ mod tests {
             "no put failed"
         );
         let p2 = got.expect("acquire() failed on one failed request at its grant");
+        assert!(!p2.is_lost(), "{:?}", p2.lost_reason());
+        p2.release().await.unwrap();
+    }
+
+    /// A waiter's grant outlives an outage longer than a join's retries (15 s), as a mutex
+    /// waiter's does: its touch at the grant is retried for as long as its session lives.
+    /// It was retried for 15 s only: after a 20 s outage `acquire()` failed with
+    /// Unavailable after its whole wait, and the waiter lost its place.
+    #[tokio::test(start_paused = true)]
+    async fn a_touch_at_the_grant_outlives_a_long_outage() {
+        use std::sync::Arc;
+        let store = Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let session = |c: &Client| {
+            Session::builder(c)
+                .with_ttl(Duration::from_secs(120))
+                .build()
+        };
+        let (s1, s2) = (
+            session(&client).await.unwrap(),
+            session(&client).await.unwrap(),
+        );
+        let p1 = Semaphore::new(&s1, "t", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "t", 1).unwrap();
+        let waiter = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The release only deletes: the next transaction that puts is the waiter's touch.
+        *store.outage_at_next_put.lock().unwrap() = Some(Duration::from_secs(20));
+        p1.release().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(60), waiter)
+            .await
+            .expect("the waiter hung")
+            .unwrap();
+        assert!(
+            store.outage_at_next_put.lock().unwrap().is_none(),
+            "no outage began"
+        );
+        let p2 = got.expect("acquire() failed on an outage at its grant");
         assert!(!p2.is_lost(), "{:?}", p2.lost_reason());
         p2.release().await.unwrap();
     }

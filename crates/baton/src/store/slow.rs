@@ -66,6 +66,11 @@ pub(crate) struct SlowWatches {
     /// right after the next read that is answered: a request left waiting at a server that
     /// stopped answering, applied when it answers again, just after a later request.
     pub(crate) put_lands_after_next_read: std::sync::atomic::AtomicBool,
+    /// The next transaction that puts begins an outage of this long: it, and every read,
+    /// write and watch until the outage ends, fail as unavailable (leases are kept alive).
+    pub(crate) outage_at_next_put: StdMutex<Option<Duration>>,
+    /// When the outage begun by [`outage_at_next_put`](Self::outage_at_next_put) ends.
+    outage_until: StdMutex<Option<tokio::time::Instant>>,
     /// The put waiting to land (see [`put_lands_after_next_read`](Self::put_lands_after_next_read)).
     landing: StdMutex<Option<Txn>>,
     /// How many transactions were sent (reads of a queue are transactions).
@@ -112,6 +117,8 @@ impl SlowWatches {
             down_at_next_delete: std::sync::atomic::AtomicBool::new(false),
             put_lands_after_next_read: std::sync::atomic::AtomicBool::new(false),
             landing: StdMutex::new(None),
+            outage_at_next_put: StdMutex::new(None),
+            outage_until: StdMutex::new(None),
             request_timeout: StdMutex::new(None),
             delay_txns: StdMutex::new(None),
             txns: AtomicU64::new(0),
@@ -123,6 +130,12 @@ impl SlowWatches {
 
     /// Fail as unavailable if [`kv_down`](Self::kv_down) is set.
     fn check_kv(&self) -> Result<()> {
+        let outage = *self.outage_until.lock().unwrap_or_else(|e| e.into_inner());
+        if outage.is_some_and(|until| tokio::time::Instant::now() < until) {
+            return Err(crate::error::Error::Unavailable(
+                "injected: an outage".into(),
+            ));
+        }
         if self.kv_down.load(Ordering::Relaxed) {
             return Err(crate::error::Error::Unavailable(
                 "injected: store down".into(),
@@ -335,6 +348,19 @@ impl Store for SlowWatches {
             .iter()
             .chain(&txn.failure)
             .any(|op| matches!(op, TxnOp::Put { .. }));
+        let outage = if puts {
+            (self.outage_at_next_put)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        } else {
+            None
+        };
+        if let Some(outage) = outage {
+            *self.outage_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(tokio::time::Instant::now() + outage);
+            self.check_kv()?;
+        }
         if puts
             && self
                 .put_lands_after_next_read
