@@ -10,7 +10,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::names::{lease_key, validate_count, validate_name, Queue};
 use crate::ownership::not_held;
-use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::queue::{held_accessors, with_timeout, with_timeout_settled, Entry, Held};
 use crate::session::Session;
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp,
@@ -185,7 +185,11 @@ impl DoubleBarrier {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: dropping the future removes our key, so we no longer count.
+    /// Cancel safe: dropping the future removes our key, so we no longer count, in a task
+    /// spawned on the current runtime: a participant that reads the members before that
+    /// task has run counts us (and a round it completes with us may leave a later one
+    /// [`Error::BarrierFull`]). [`enter_timeout()`](DoubleBarrier::enter_timeout) waits
+    /// for the removal before it returns.
     pub async fn enter(&self) -> Result<DoubleBarrierGuard> {
         self.enter_inner()
             .instrument(tracing::debug_span!("enter", barrier = %self.name, count = self.count))
@@ -196,9 +200,10 @@ impl DoubleBarrier {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe; on timeout our key is removed.
+    /// Cancel safe; on timeout our key is removed before the error is returned (if the
+    /// store does not confirm it within 500 ms, the removal goes on in the background).
     pub async fn enter_timeout(&self, timeout: Duration) -> Result<DoubleBarrierGuard> {
-        with_timeout("enter", timeout, self.enter()).await
+        with_timeout_settled(&self.session, &self.key, "enter", timeout, self.enter()).await
     }
 
     async fn enter_inner(&self) -> Result<DoubleBarrierGuard> {

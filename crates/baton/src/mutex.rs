@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::names::{lease_key, validate_name, Queue};
-use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::queue::{held_accessors, with_timeout_settled, Entry, Held};
 use crate::session::Session;
 
 /// A fair, distributed mutual-exclusion lock.
@@ -129,9 +129,11 @@ impl Mutex {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe, as [`lock()`](Mutex::lock). On timeout the waiter key is removed.
+    /// Cancel safe, as [`lock()`](Mutex::lock). On timeout the waiter key is removed
+    /// before the error is returned (if the store does not confirm it within 500 ms, the
+    /// removal goes on in the background, as for a dropped [`lock()`](Mutex::lock)).
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<MutexGuard> {
-        with_timeout("lock", timeout, self.lock()).await
+        with_timeout_settled(&self.session, &self.key, "lock", timeout, self.lock()).await
     }
 
     /// Take the lock if it is free, without waiting.

@@ -1,0 +1,287 @@
+//! Cancel safety of the store-family primitives (semaphore, double barrier) under a sweep
+//! of cut points, and guards dropped outside a runtime / on another runtime.
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton::store::{KeyRange, Range};
+use baton::{Client, DoubleBarrier, Election, Error, Mutex, Semaphore, Session};
+use baton_testkit::EtcdServer;
+
+static N: AtomicU64 = AtomicU64::new(0);
+fn unique(p: &str) -> String {
+    format!(
+        "{p}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+const TTL: Duration = Duration::from_secs(30);
+const BOUND: Duration = Duration::from_secs(4);
+
+async fn session(client: &Client) -> Session {
+    Session::builder(client)
+        .with_ttl(TTL)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
+    let r = client
+        .store()
+        .range(Range::prefix(prefix.as_bytes().to_vec()))
+        .await
+        .unwrap();
+    r.kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect()
+}
+
+/// Semaphore of 2: H holds 2; W1 wants 1, W2 wants 2 behind it. H releases, W1 cut `d`
+/// after. W2 gets its 2 permits within the bound (W1 if it got one first releases it).
+async fn semaphore_handover_sweep(url: &str, rounds: u64, step_us: u64) {
+    let client = Client::connect(url).await.unwrap();
+    let (h, w1, w2) = (
+        session(&client).await,
+        session(&client).await,
+        session(&client).await,
+    );
+    for i in 0..rounds {
+        let name = unique("sem");
+        let held = Semaphore::new(&h, &name, 2)
+            .unwrap()
+            .acquire_many(2)
+            .await
+            .unwrap();
+        let s1 = Semaphore::new(&w1, &name, 2).unwrap();
+        let t1 = tokio::spawn(async move { s1.acquire().await });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let s2 = Semaphore::new(&w2, &name, 2).unwrap();
+        let t2 = tokio::spawn(async move { s2.acquire_many_timeout(2, BOUND).await });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let d = Duration::from_micros((i * step_us) % 4000);
+        let rel = tokio::spawn(async move { held.release().await });
+        tokio::time::sleep(d).await;
+        t1.abort();
+        let got1 = t1.await.ok().map(|r| r.unwrap());
+        rel.await.unwrap().unwrap();
+        if let Some(p) = got1 {
+            p.release().await.unwrap();
+        }
+        let p2 = match t2.await.unwrap() {
+            Ok(p) => p,
+            Err(e) => panic!(
+                "{url} round {i} cut {d:?}: W2 got no permits: {e}; keys {:?}",
+                keys_under(&client, &format!("{name}/")).await
+            ),
+        };
+        p2.release().await.unwrap();
+        let again = tokio::time::timeout(BOUND, Semaphore::new(&w1, &name, 2).unwrap().acquire())
+            .await
+            .unwrap_or_else(|_| panic!("{url} round {i}: W1 cannot acquire again"))
+            .unwrap();
+        again.release().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left = keys_under(&client, &format!("{name}/")).await;
+        assert!(left.is_empty(), "{url} round {i}: left {left:?}");
+    }
+}
+
+/// Double barrier of 2: A's enter is cut at `d`; if cut, B and C then both enter within
+/// the bound and leave.
+async fn double_barrier_sweep(url: &str, rounds: u64, step_us: u64) {
+    let client = Client::connect(url).await.unwrap();
+    let (a, b, c) = (
+        session(&client).await,
+        session(&client).await,
+        session(&client).await,
+    );
+    let mut bad = 0;
+    for i in 0..rounds {
+        let name = unique("dbar");
+        let ba = DoubleBarrier::new(&a, &name, 2).unwrap();
+        let d = Duration::from_micros(i * step_us);
+        match ba.enter_timeout(d).await {
+            Err(e) if e.is_timeout() => {}
+            r => panic!("entered alone: {:?}", r.map(|_| ())),
+        }
+        let bb = DoubleBarrier::new(&b, &name, 2).unwrap();
+        let bc = DoubleBarrier::new(&c, &name, 2).unwrap();
+        let (gb, gc) = tokio::join!(
+            tokio::time::timeout(BOUND, bb.enter()),
+            tokio::time::timeout(BOUND, bc.enter())
+        );
+        let (gb, gc) = match (gb, gc) {
+            (Ok(Ok(gb)), Ok(Ok(gc))) => (gb, gc),
+            (Ok(rb), Ok(rc)) => {
+                eprintln!(
+                    "{url} round {i} cut {d:?}: B {:?} C {:?}",
+                    rb.map(|_| ()),
+                    rc.map(|_| ())
+                );
+                bad += 1;
+                continue;
+            }
+            _ => panic!(
+                "{url} round {i} cut {d:?}: B and C did not both enter; keys {:?}",
+                keys_under(&client, &name).await
+            ),
+        };
+        let (lb, lc) = tokio::join!(gb.leave_timeout(BOUND), gc.leave_timeout(BOUND));
+        lb.unwrap();
+        lc.unwrap();
+    }
+    assert_eq!(
+        bad, 0,
+        "{url}: {bad} of {rounds} rounds counted a dropped enter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_mem() {
+    let url = format!("mem://{}", unique("n"));
+    semaphore_handover_sweep(&url, 40, 97).await;
+    double_barrier_sweep(&url, 40, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_etcd() {
+    let s = EtcdServer::start_async().await;
+    semaphore_handover_sweep(&s.endpoint(), 40, 97).await;
+    double_barrier_sweep(&s.endpoint(), 40, 60).await;
+}
+
+/// A guard dropped where there is no runtime, and one dropped on a runtime that shuts
+/// down at once: what happens to the key, and can the same session lock again?
+async fn drop_outside(url: &str) {
+    let client = Client::connect(url).await.unwrap();
+    let (s1, s2) = (session(&client).await, session(&client).await);
+    for how in ["no runtime", "other runtime"] {
+        let name = unique("drop");
+        let g = Mutex::new(&s1, &name).unwrap().lock().await.unwrap();
+        let key = g.key().to_string();
+        match how {
+            "no runtime" => std::thread::spawn(move || drop(g)).join().unwrap(),
+            _ => std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move { drop(g) });
+                drop(rt);
+            })
+            .join()
+            .unwrap(),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left = keys_under(&client, &format!("{name}/")).await;
+        eprintln!("{url} {how}: keys after drop {left:?} (key was {key})");
+        // Documented: the key stays while s1's lease lives, so s2 is locked out.
+        let other = Mutex::new(&s2, &name).unwrap().try_lock().await;
+        eprintln!(
+            "{url} {how}: other session try_lock: {:?}",
+            other.as_ref().map(|g| g.key().to_string())
+        );
+        // The same session locks again.
+        let again = tokio::time::timeout(BOUND, Mutex::new(&s1, &name).unwrap().lock()).await;
+        match again {
+            Ok(Ok(g)) => {
+                eprintln!("{url} {how}: same session re-locked: lost={}", g.is_lost());
+                g.unlock().await.unwrap();
+                let left = keys_under(&client, &format!("{name}/")).await;
+                assert!(left.is_empty(), "{url} {how}: after unlock left {left:?}");
+            }
+            Ok(Err(e)) => panic!("{url} {how}: same session re-lock failed: {e}"),
+            Err(_) => panic!("{url} {how}: same session re-lock hangs"),
+        }
+        // Same with an election.
+        let name = unique("edrop");
+        let l = Election::new(&s1, &name)
+            .unwrap()
+            .campaign("x")
+            .await
+            .unwrap();
+        std::thread::spawn(move || drop(l)).join().unwrap();
+        let again =
+            tokio::time::timeout(BOUND, Election::new(&s1, &name).unwrap().campaign("y")).await;
+        match again {
+            Ok(Ok(l)) => {
+                let leader = Election::new(&s2, &name).unwrap().leader().await.unwrap();
+                assert_eq!(leader.value, b"y", "{url}: stale value after re-campaign");
+                l.resign().await.unwrap();
+            }
+            Ok(Err(e)) => panic!("{url}: same session re-campaign failed: {e}"),
+            Err(_) => panic!("{url}: same session re-campaign hangs"),
+        }
+        let _ = Error::NoLeader {
+            name: String::new(),
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_outside_mem() {
+    drop_outside(&format!("mem://{}", unique("d"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_outside_etcd() {
+    let s = EtcdServer::start_async().await;
+    drop_outside(&s.endpoint()).await;
+    let _ = KeyRange::key(b"x".to_vec());
+}
+
+/// `lock_timeout` / `enter_timeout` say "on timeout our key is removed": is it, when the
+/// error is returned?
+async fn timeout_leaves_key(url: &str) {
+    let client = Client::connect(url).await.unwrap();
+    let (h, w) = (session(&client).await, session(&client).await);
+    let name = unique("tmo");
+    let _g = Mutex::new(&h, &name).unwrap().lock().await.unwrap();
+    let m = Mutex::new(&w, &name).unwrap();
+    let mut left = 0;
+    for _ in 0..20 {
+        let e = m.lock_timeout(Duration::from_millis(50)).await.unwrap_err();
+        assert!(e.is_timeout());
+        if keys_under(&client, &format!("{name}/")).await.len() > 1 {
+            left += 1;
+        }
+    }
+    let dname = unique("dtmo");
+    let b = DoubleBarrier::new(&w, &dname, 2).unwrap();
+    let mut dleft = 0;
+    for _ in 0..20 {
+        let e = b
+            .enter_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout());
+        if !keys_under(&client, &format!("{dname}/waiters/"))
+            .await
+            .is_empty()
+        {
+            dleft += 1;
+        }
+    }
+    assert_eq!(
+        (left, dleft),
+        (0, 0),
+        "{url}: waiter key still there after Timeout returned (mutex, double barrier) of 20"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_key_mem() {
+    timeout_leaves_key(&format!("mem://{}", unique("t"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_key_etcd() {
+    let s = EtcdServer::start_async().await;
+    timeout_leaves_key(&s.endpoint()).await;
+}
