@@ -268,6 +268,44 @@ async fn timeout_leaves_key(url: &str) {
             dleft += 1;
         }
     }
+    let sname = unique("stmo");
+    let _p = Semaphore::new(&h, &sname, 1)
+        .unwrap()
+        .acquire()
+        .await
+        .unwrap();
+    let sem = Semaphore::new(&w, &sname, 1).unwrap();
+    let ename = unique("etmo");
+    let _l = Election::new(&h, &ename)
+        .unwrap()
+        .campaign("h")
+        .await
+        .unwrap();
+    let el = Election::new(&w, &ename).unwrap();
+    let (mut sleft, mut eleft) = (0, 0);
+    for _ in 0..20 {
+        assert!(sem
+            .acquire_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err()
+            .is_timeout());
+        if keys_under(&client, &format!("{sname}/")).await.len() > 1 {
+            sleft += 1;
+        }
+        let e = el
+            .campaign_timeout("w", Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout());
+        if keys_under(&client, &format!("{ename}/")).await.len() > 1 {
+            eleft += 1;
+        }
+    }
+    assert_eq!(
+        (sleft, eleft),
+        (0, 0),
+        "{url}: key left after Timeout (semaphore, election) of 20"
+    );
     assert_eq!(
         (left, dleft),
         (0, 0),

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::names::{lease_key, validate_name, validate_value, Queue};
-use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::queue::{held_accessors, with_timeout_settled, Entry, Held};
 use crate::session::Session;
 use crate::store::{
     Compare, CompareOp, EventKind, KeyValue, LeaseId, Revision, Store, Txn, TxnOp, Watch,
@@ -184,7 +184,14 @@ impl Election {
         value: impl Into<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Leadership> {
-        with_timeout("campaign", timeout, self.campaign(value)).await
+        with_timeout_settled(
+            &self.session,
+            &self.key,
+            "campaign",
+            timeout,
+            self.campaign(value),
+        )
+        .await
     }
 
     async fn run_campaign(&self, value: Vec<u8>) -> Result<Leadership> {

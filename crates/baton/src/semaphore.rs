@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::hub::OnEveryDelete;
 use crate::names::{lease_key, validate_count, validate_name, Queue};
 use crate::ownership::not_held;
-use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::queue::{held_accessors, with_timeout_settled, Entry, Held};
 use crate::session::Session;
 use crate::store::{
     Compare, CompareOp, KeyValue, Range, Revision, SortOrder, SortTarget, Store, Txn, TxnOp,
@@ -186,7 +186,7 @@ impl Semaphore {
     ///
     /// Cancel safe; on timeout our key is removed.
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<SemaphorePermit> {
-        with_timeout("acquire", timeout, self.acquire()).await
+        with_timeout_settled(&self.session, &self.key, "acquire", timeout, self.acquire()).await
     }
 
     /// [`acquire_many()`](Semaphore::acquire_many), giving up with [`Error::Timeout`] after
@@ -200,7 +200,14 @@ impl Semaphore {
         count: u32,
         timeout: Duration,
     ) -> Result<SemaphorePermit> {
-        with_timeout("acquire", timeout, self.acquire_many(count)).await
+        with_timeout_settled(
+            &self.session,
+            &self.key,
+            "acquire",
+            timeout,
+            self.acquire_many(count),
+        )
+        .await
     }
 
     /// Take one permit if one is free and nobody queues before us, without waiting.
