@@ -112,7 +112,7 @@ does not apply there (a name's kind is known): it is refused.";
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// Show only names starting with PREFIX (default: all).
+    /// Show only names whose keys (NAME/...) all start with PREFIX (default: all).
     #[arg(default_value = "")]
     pub(crate) prefix: String,
 
@@ -214,6 +214,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let store = client.store();
     let resp = snapshot(store.as_ref(), args.prefix.as_bytes()).await?;
     let mut entries = group_as(&resp.kvs, args.kind);
+    // A PREFIX that cuts into a name's keys (`lk/<lease>`, `cfg/write`) read only some of
+    // them: its holder and waiters would be told from a part of its queue (a waiter shown
+    // as the holder). Only names whose keys all lie under PREFIX are shown.
+    entries.retain(|e| whole_under(&e.name_bytes, args.prefix.as_bytes()));
 
     let mut leases: Vec<i64> = entries
         .iter()
@@ -680,6 +684,13 @@ fn barrier_keys(members: &[(&KeyValue, Member)], open: bool, guessing: bool) -> 
         count = Some(says);
     }
     !guessing || open || count.is_none_or(|c| members.len() <= c as usize)
+}
+
+/// True if every key of the name `name` (`NAME/…`) lies under `prefix`.
+fn whole_under(name: &[u8], prefix: &[u8]) -> bool {
+    let mut keys = name.to_vec();
+    keys.push(b'/');
+    keys.starts_with(prefix)
 }
 
 /// The fewest digits of the creation time (in nanoseconds since 1970) that ends the keys of

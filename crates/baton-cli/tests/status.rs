@@ -593,3 +593,54 @@ fn status_says_a_member_without_a_quorum_does_not_answer() {
     assert!(stderr.contains("no quorum"), "{stderr}");
     assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
 }
+
+/// A PREFIX that cuts into a name's keys (a key of a lock, the writers of a read-write lock)
+/// saw only part of its queue: before, a waiter was shown as the holder (`status
+/// lk/<waiter's lease>`: HOLDER the waiter; `status cfg/write`: the waiting writer holding
+/// rwlock cfg while readers hold). Such names are not shown; whole names still are.
+#[test]
+fn status_prefix_inside_a_names_keys_shows_no_false_holder() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let lease = || {
+        let out = etcd.etcdctl(["lease", "grant", "60"]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    let put = |key: &str, l: &str| {
+        assert!(etcd
+            .etcdctl(["put", key, "", &format!("--lease={l}")])
+            .status
+            .success());
+    };
+    let (l1, l2) = (lease(), lease());
+    put(&format!("lk/{l1}"), &l1);
+    put(&format!("lk/{l2}"), &l2);
+    let (r, w) = (lease(), lease());
+    put(&format!("cfg/read/{r}"), &r);
+    put(&format!("cfg/write/{w}"), &w);
+    for prefix in [
+        format!("lk/{l2}"),
+        "cfg/write".to_string(),
+        "cfg/write/".to_string(),
+    ] {
+        let (out, _) = run(baton(&ep).args(["status", &prefix]));
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.starts_with("no locks or elections under"),
+            "status {prefix}: {text}"
+        );
+    }
+    for (prefix, holder) in [
+        ("lk/", format!("lk/{l1}")),
+        ("cfg", format!("cfg/read/{r}")),
+    ] {
+        let (out, _) = run(baton(&ep).args(["status", prefix]));
+        let text = stdout(&out);
+        assert!(text.contains(&holder), "status {prefix}: {text}");
+    }
+}
