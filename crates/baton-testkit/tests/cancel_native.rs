@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton::store::{KeyRange, Range};
-use baton::{Client, DoubleBarrier, Election, Error, Mutex, Semaphore, Session};
+use baton::{Client, DoubleBarrier, Election, Error, Mutex, RwLock, Semaphore, Session};
 use baton_testkit::EtcdServer;
 
 static N: AtomicU64 = AtomicU64::new(0);
@@ -305,6 +305,42 @@ async fn timeout_leaves_key(url: &str) {
         (sleft, eleft),
         (0, 0),
         "{url}: key left after Timeout (semaphore, election) of 20"
+    );
+    // A read-write lock: a reader waits behind a writer, a writer behind a reader.
+    let rname = unique("rwtmo");
+    let (mut rleft, mut wleft) = (0, 0);
+    for _ in 0..10 {
+        let w1 = RwLock::new(&h, &rname).unwrap().write().await.unwrap();
+        let e = RwLock::new(&w, &rname)
+            .unwrap()
+            .read_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        let k = keys_under(&client, &format!("{rname}/")).await;
+        if k.len() > 1 {
+            eprintln!("after read_timeout: {k:?}");
+            rleft += 1;
+        }
+        w1.unlock().await.unwrap();
+        let r1 = RwLock::new(&h, &rname).unwrap().read().await.unwrap();
+        let e = RwLock::new(&w, &rname)
+            .unwrap()
+            .write_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        let k = keys_under(&client, &format!("{rname}/")).await;
+        if k.len() > 1 {
+            eprintln!("after write_timeout: {k:?}");
+            wleft += 1;
+        }
+        r1.unlock().await.unwrap();
+    }
+    assert_eq!(
+        (rleft, wleft),
+        (0, 0),
+        "{url}: key left after Timeout (read, write) of 10"
     );
     assert_eq!(
         (left, dleft),

@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::names::{lease_key, validate_name, Queue};
-use crate::queue::{held_accessors, with_timeout, Entry, Held};
+use crate::queue::{held_accessors, with_timeout_settled, Entry, Held};
 use crate::session::Session;
 
 /// A fair, distributed read-write lock: many readers, or one writer.
@@ -157,9 +157,11 @@ impl RwLock {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe; on timeout our key is removed.
+    /// Cancel safe; on timeout our key is removed before the error is returned (if the
+    /// store does not confirm it within 500 ms, the removal goes on in the background, as
+    /// for a dropped [`read()`](RwLock::read)).
     pub async fn read_timeout(&self, timeout: Duration) -> Result<RwLockReadGuard> {
-        with_timeout("read", timeout, self.read()).await
+        with_timeout_settled(&self.session, &self.read_key, "read", timeout, self.read()).await
     }
 
     /// Take shared access if no writer holds or waits, without waiting; else
@@ -199,9 +201,18 @@ impl RwLock {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe; on timeout our key is removed.
+    /// Cancel safe; on timeout our key is removed before the error is returned (if the
+    /// store does not confirm it within 500 ms, the removal goes on in the background, as
+    /// for a dropped [`write()`](RwLock::write)).
     pub async fn write_timeout(&self, timeout: Duration) -> Result<RwLockWriteGuard> {
-        with_timeout("write", timeout, self.write()).await
+        with_timeout_settled(
+            &self.session,
+            &self.write_key,
+            "write",
+            timeout,
+            self.write(),
+        )
+        .await
     }
 
     /// Take exclusive access if nobody holds or waits, without waiting; else
