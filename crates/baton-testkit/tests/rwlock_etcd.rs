@@ -1,4 +1,4 @@
-//! Review of the read-write lock on a real etcd: wake-ups, exclusion under connection cuts
+//! The read-write lock on a real etcd: wake-ups, exclusion under connection cuts
 //! and restarts, cancellation at every point.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
