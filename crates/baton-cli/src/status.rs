@@ -112,7 +112,8 @@ does not apply there (a name's kind is known): it is refused.";
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub(crate) struct Args {
-    /// Show only names whose keys (NAME/...) all start with PREFIX (default: all).
+    /// Show only names starting with PREFIX (default: all); a PREFIX inside a name's keys
+    /// (NAME/KEY) shows that name whole.
     #[arg(default_value = "")]
     pub(crate) prefix: String,
 
@@ -212,12 +213,27 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     }
     let client = cli::connect(global, &global.endpoints).await?;
     let store = client.store();
-    let resp = snapshot(store.as_ref(), args.prefix.as_bytes()).await?;
+    let prefix = args.prefix.as_bytes();
+    let mut resp = snapshot(store.as_ref(), prefix).await?;
     let mut entries = group_as(&resp.kvs, args.kind);
-    // A PREFIX that cuts into a name's keys (`lk/<lease>`, `cfg/write`) read only some of
-    // them: its holder and waiters would be told from a part of its queue (a waiter shown
-    // as the holder). Only names whose keys all lie under PREFIX are shown.
-    entries.retain(|e| whole_under(&e.name_bytes, args.prefix.as_bytes()));
+    // A PREFIX that cuts into a name's keys (`lk/<lease>`, a waiter pasting its own key;
+    // `cfg/write`) read only some of them: its holder and waiters would be told from a part
+    // of its queue (a waiter shown as the holder). Such a name is read whole (`NAME/`, which
+    // PREFIX starts with) and shown, with the names whose keys all lie under PREFIX.
+    let cut: Vec<Vec<u8>> = entries
+        .iter()
+        .filter(|e| !whole_under(&e.name_bytes, prefix))
+        .map(|e| e.name_bytes.clone())
+        .collect();
+    if let Some(shortest) = cut.iter().min_by_key(|n| n.len()) {
+        let mut wider = shortest.clone();
+        wider.push(b'/');
+        let whole = snapshot(store.as_ref(), &wider).await?;
+        entries = group_as(&whole.kvs, args.kind);
+        entries.retain(|e| whole_under(&e.name_bytes, prefix) || cut.contains(&e.name_bytes));
+        // The queues' items are those under PREFIX, as before; the revision is the read's.
+        resp.header_revision = whole.header_revision;
+    }
 
     let mut leases: Vec<i64> = entries
         .iter()

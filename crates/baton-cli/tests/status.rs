@@ -622,18 +622,46 @@ fn status_prefix_inside_a_names_keys_shows_no_false_holder() {
     let (r, w) = (lease(), lease());
     put(&format!("cfg/read/{r}"), &r);
     put(&format!("cfg/write/{w}"), &w);
-    for prefix in [
-        format!("lk/{l2}"),
-        "cfg/write".to_string(),
-        "cfg/write/".to_string(),
+    // A prefix inside a name's keys shows that name whole: its real holder first, the
+    // waiter as a waiter.
+    for (prefix, name, holder, waiter) in [
+        (
+            format!("lk/{l2}"),
+            "lk",
+            format!("lk/{l1}"),
+            format!("lk/{l2}"),
+        ),
+        (
+            "cfg/write".to_string(),
+            "cfg",
+            format!("cfg/read/{r}"),
+            format!("cfg/write/{w}"),
+        ),
+        (
+            "cfg/write/".to_string(),
+            "cfg",
+            format!("cfg/read/{r}"),
+            format!("cfg/write/{w}"),
+        ),
     ] {
-        let (out, _) = run(baton(&ep).args(["status", &prefix]));
+        let (out, _) = run(baton(&ep).args(["--json", "status", &prefix]));
         assert_eq!(out.status.code(), Some(0), "{out:?}");
-        let text = stdout(&out);
-        assert!(
-            text.starts_with("no locks or elections under"),
-            "status {prefix}: {text}"
+        let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let entries = json["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 1, "status {prefix}: {json}");
+        let e = &entries[0];
+        assert_eq!(e["name"], name, "status {prefix}: {json}");
+        assert_eq!(
+            e["holder"]["key"],
+            holder.as_str(),
+            "status {prefix}: {json}"
         );
+        assert_eq!(
+            e["waiters"][0]["key"],
+            waiter.as_str(),
+            "status {prefix}: {json}"
+        );
+        assert_eq!(e["holder_count"], 1, "status {prefix}: {json}");
     }
     for (prefix, holder) in [
         ("lk/", format!("lk/{l1}")),
