@@ -349,6 +349,66 @@ async fn timeout_leaves_key(url: &str) {
     );
 }
 
+/// The same through the `Coordinator` (what `baton lock --timeout` uses): its
+/// `lock_timeout` and `campaign_timeout` wrapped `lock()`/`campaign()` in a plain timeout,
+/// so they returned with the key still queued as the primitives' own did.
+async fn coordinator_timeout_leaves_key(url: &str) {
+    let client = Client::connect(url).await.unwrap();
+    let coord = || async {
+        baton::Coordinator::builder(url)
+            .with_ttl(TTL)
+            .connect()
+            .await
+            .unwrap()
+    };
+    let (h, w) = (coord().await, coord().await);
+    let name = unique("ctmo");
+    let _g = h.lock(&name).unwrap().lock().await.unwrap();
+    let ename = unique("cetmo");
+    let _l = h
+        .election(&ename)
+        .unwrap()
+        .campaign(b"h".to_vec())
+        .await
+        .unwrap();
+    let (lock, elector) = (w.lock(&name).unwrap(), w.election(&ename).unwrap());
+    let (mut left, mut eleft) = (0, 0);
+    for _ in 0..10 {
+        let e = lock
+            .lock_timeout(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        if keys_under(&client, &format!("{name}/")).await.len() > 1 {
+            left += 1;
+        }
+        let e = elector
+            .campaign_timeout(b"w".to_vec(), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        if keys_under(&client, &format!("{ename}/")).await.len() > 1 {
+            eleft += 1;
+        }
+    }
+    assert_eq!(
+        (left, eleft),
+        (0, 0),
+        "{url}: key left after a Coordinator Timeout (lock, campaign) of 10"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_timeout_key_mem() {
+    coordinator_timeout_leaves_key(&format!("mem://{}", unique("ct"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_timeout_key_etcd() {
+    let s = EtcdServer::start_async().await;
+    coordinator_timeout_leaves_key(&s.endpoint()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_key_mem() {
     timeout_leaves_key(&format!("mem://{}", unique("t"))).await;

@@ -844,6 +844,19 @@ struct StoreLock {
 }
 
 impl StoreLock {
+    /// [`Lock::lock`], noting in `used` the session's mutex it waits on (for a timeout's
+    /// settling).
+    async fn lock_noting(&self, used: &StdMutex<Option<Mutex>>) -> Result<Box<dyn Guard>> {
+        unless_closed(&self.sessions.closed, async {
+            let (session, mutex, slot) = self.live().await?;
+            *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(mutex.clone());
+            let local = local_turn(&slot, &session).await?;
+            let guard = mutex.lock().await?;
+            Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
+        })
+        .await
+    }
+
     async fn live(&self) -> Result<(Session, Mutex, LocalSlot)> {
         let name = self.mutex.name();
         live_for(
@@ -919,16 +932,20 @@ impl Lock for StoreLock {
         self.mutex.name()
     }
     async fn lock(&self) -> Result<Box<dyn Guard>> {
-        unless_closed(&self.sessions.closed, async {
-            let (session, mutex, slot) = self.live().await?;
-            let local = local_turn(&slot, &session).await?;
-            let guard = mutex.lock().await?;
-            Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
-        })
-        .await
+        self.lock_noting(&StdMutex::new(None)).await
     }
     async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>> {
-        with_timeout("lock", timeout, Lock::lock(self)).await
+        // On timeout, our key's removal is waited for (at most 500 ms), as
+        // `Mutex::lock_timeout` does.
+        let used = StdMutex::new(None);
+        let r = with_timeout("lock", timeout, self.lock_noting(&used)).await;
+        if matches!(r, Err(Error::Timeout { .. })) {
+            let used = used.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(mutex) = used {
+                mutex.settle().await;
+            }
+        }
+        r
     }
     async fn try_lock(&self) -> Result<Box<dyn Guard>> {
         unless_closed(&self.sessions.closed, async {
@@ -992,12 +1009,14 @@ struct StoreElector {
     sessions: Arc<Sessions>,
 }
 
-#[async_trait]
-impl Elector for StoreElector {
-    fn name(&self) -> &str {
-        self.election.name()
-    }
-    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
+impl StoreElector {
+    /// [`Elector::campaign`], noting in `used` the session's election it campaigns in (for
+    /// a timeout's settling).
+    async fn campaign_noting(
+        &self,
+        value: Vec<u8>,
+        used: &StdMutex<Option<Election>>,
+    ) -> Result<Box<dyn Leading>> {
         unless_closed(&self.sessions.closed, async {
             let name = self.election.name();
             let (session, election, slot) = live_for(
@@ -1009,18 +1028,39 @@ impl Elector for StoreElector {
                 Election::new,
             )
             .await?;
+            *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(election.clone());
             let local = local_turn(&slot, &session).await?;
             let leading = election.campaign(value).await?;
             Ok(Box::new(Local::new(leading, local, slot)) as Box<dyn Leading>)
         })
         .await
     }
+}
+
+#[async_trait]
+impl Elector for StoreElector {
+    fn name(&self) -> &str {
+        self.election.name()
+    }
+    async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
+        self.campaign_noting(value, &StdMutex::new(None)).await
+    }
     async fn campaign_timeout(
         &self,
         value: Vec<u8>,
         timeout: Duration,
     ) -> Result<Box<dyn Leading>> {
-        with_timeout("campaign", timeout, Elector::campaign(self, value)).await
+        // On timeout, our key's removal is waited for (at most 500 ms), as
+        // `Election::campaign_timeout` does.
+        let used = StdMutex::new(None);
+        let r = with_timeout("campaign", timeout, self.campaign_noting(value, &used)).await;
+        if matches!(r, Err(Error::Timeout { .. })) {
+            let used = used.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(election) = used {
+                election.settle().await;
+            }
+        }
+        r
     }
     async fn leader(&self) -> Result<Leader> {
         unless_closed(&self.sessions.closed, self.election.leader()).await

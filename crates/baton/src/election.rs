@@ -143,6 +143,12 @@ impl Election {
         &self.name
     }
 
+    /// After a [`campaign()`](Election::campaign) of this handle was dropped (a timeout around it):
+    /// wait, at most 500 ms, until our key's removal is done.
+    pub(crate) async fn settle(&self) {
+        crate::queue::settle(&self.session, &self.key, "campaign").await;
+    }
+
     /// This session's candidate key: `NAME/<lease id in hex>`.
     pub fn key(&self) -> &str {
         &self.key

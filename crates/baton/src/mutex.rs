@@ -99,6 +99,12 @@ impl Mutex {
         &self.name
     }
 
+    /// After a [`lock()`](Mutex::lock) of this handle was dropped (a timeout around it):
+    /// wait, at most 500 ms, until our key's removal is done.
+    pub(crate) async fn settle(&self) {
+        crate::queue::settle(&self.session, &self.key, "lock").await;
+    }
+
     /// The key this session uses for the lock: `NAME/<lease id in hex>`.
     pub fn key(&self) -> &str {
         &self.key

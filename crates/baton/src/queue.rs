@@ -1116,11 +1116,20 @@ pub(crate) async fn with_timeout_settled<T>(
 ) -> Result<T> {
     let r = with_timeout(operation, timeout, fut).await;
     if matches!(r, Err(Error::Timeout { .. })) {
-        let settled = session.unclaimed(key.as_bytes(), operation, true);
-        let _ = tokio::time::timeout(Duration::from_millis(500), settled).await;
+        settle(session, key, operation).await;
     }
     r
 }
+
+/// After a wait that queued `key` in `session` was dropped: wait, at most
+/// [`SETTLE_FOR`], until its removal is done (see [`with_timeout_settled`]).
+pub(crate) async fn settle(session: &Session, key: &str, operation: &str) {
+    let settled = session.unclaimed(key.as_bytes(), operation, true);
+    let _ = tokio::time::timeout(SETTLE_FOR, settled).await;
+}
+
+/// How long a `*_timeout` that timed out waits for its key's removal before it returns.
+pub(crate) const SETTLE_FOR: Duration = Duration::from_millis(500);
 
 /// The accessors every guard over a [`Held`] key shares (lock guards, leadership). The type
 /// must have a field `held: Held`; `$what` names what is held in the docs ("lock").
