@@ -216,23 +216,28 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
     let prefix = args.prefix.as_bytes();
     let mut resp = snapshot(store.as_ref(), prefix).await?;
     let mut entries = group_as(&resp.kvs, args.kind);
+    let mut queues = queues(&resp.kvs);
     // A PREFIX that cuts into a name's keys (`lk/<lease>`, a waiter pasting its own key;
-    // `cfg/write`) read only some of them: its holder and waiters would be told from a part
-    // of its queue (a waiter shown as the holder). Such a name is read whole (`NAME/`, which
-    // PREFIX starts with) and shown, with the names whose keys all lie under PREFIX.
+    // `cfg/write`; one item of a queue) read only some of them: its holder and waiters
+    // would be told from a part of its queue (a waiter shown as the holder), a queue's items
+    // counted in part. Such a name is read whole (`NAME/`, which PREFIX starts with) and
+    // shown, with the names whose keys all lie under PREFIX.
     let cut: Vec<Vec<u8>> = entries
         .iter()
-        .filter(|e| !whole_under(&e.name_bytes, prefix))
-        .map(|e| e.name_bytes.clone())
+        .map(|e| &e.name_bytes)
+        .chain(queues.iter().map(|q| &q.name_bytes))
+        .filter(|name| !whole_under(name, prefix))
+        .cloned()
         .collect();
     if let Some(shortest) = cut.iter().min_by_key(|n| n.len()) {
         let mut wider = shortest.clone();
         wider.push(b'/');
-        let whole = snapshot(store.as_ref(), &wider).await?;
-        entries = group_as(&whole.kvs, args.kind);
-        entries.retain(|e| whole_under(&e.name_bytes, prefix) || cut.contains(&e.name_bytes));
-        // The queues' items are those under PREFIX, as before; the revision is the read's.
-        resp.header_revision = whole.header_revision;
+        resp = snapshot(store.as_ref(), &wider).await?;
+        let shown = |name: &Vec<u8>| whole_under(name, prefix) || cut.contains(name);
+        entries = group_as(&resp.kvs, args.kind);
+        entries.retain(|e| shown(&e.name_bytes));
+        queues = self::queues(&resp.kvs);
+        queues.retain(|q| shown(&q.name_bytes));
     }
 
     let mut leases: Vec<i64> = entries
@@ -269,7 +274,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
         prefix: args.prefix,
         revision: resp.header_revision,
         entries,
-        queues: queues(&resp.kvs),
+        queues,
     };
     let printed = if out.is_json() {
         status_json(&status).and_then(|json| out.json_line(&json))

@@ -672,3 +672,36 @@ fn status_prefix_inside_a_names_keys_shows_no_false_holder() {
         assert!(text.contains(&holder), "status {prefix}: {text}");
     }
 }
+
+/// A PREFIX that cuts into a queue's items (`NAME/00005` of a priority queue, one item's
+/// key) counted only the items under it as the queue's (2 of 3): the queue is read whole
+/// and shown with all its items, as a lock cut so is (found by the second look).
+#[test]
+fn status_prefix_cutting_into_a_queue_shows_it_whole() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let first = rt.block_on(async {
+        let client = baton::Client::connect(&ep).await.unwrap();
+        let alerts = baton::PriorityQueue::new(&client, "cq/alerts").unwrap();
+        alerts.enqueue("disk 80%", 5).await.unwrap();
+        alerts.enqueue("disk 99%", 0).await.unwrap();
+        alerts.enqueue("disk 85%", 5).await.unwrap();
+        let jobs = baton::Queue::new(&client, "cq/jobs").unwrap();
+        for j in ["a", "b", "c"] {
+            jobs.enqueue(j).await.unwrap();
+        }
+        let kvs = client
+            .store()
+            .range(baton::store::Range::prefix(b"cq/jobs/".to_vec()))
+            .await
+            .unwrap()
+            .kvs;
+        String::from_utf8(kvs[0].key.clone()).unwrap()
+    });
+    let alerts = ("cq/alerts".to_string(), "priority_queue".to_string(), 3);
+    let jobs = ("cq/jobs".to_string(), "queue".to_string(), 3);
+    assert_eq!(queues(&ep, "cq/"), [alerts.clone(), jobs.clone()]);
+    assert_eq!(queues(&ep, "cq/alerts/00005"), [alerts]);
+    assert_eq!(queues(&ep, &first), [jobs]);
+}
