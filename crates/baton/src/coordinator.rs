@@ -132,6 +132,11 @@ pub trait Lock: Send + Sync + fmt::Debug {
 
     /// [`lock`](Lock::lock), failing with [`Error::Timeout`] after `timeout`.
     ///
+    /// On timeout, our place in the queue is removed before the error is returned: this
+    /// can add up to 500 ms to `timeout` when the backend is slow or unreachable (on etcd
+    /// with the server down, `lock_timeout(2 s)` returns after 2.5 s; Redis refusing
+    /// connections answers at once), then the removal goes on in the background.
+    ///
     /// The timeout covers the requests too: one shorter than a round trip to the backend
     /// (`Duration::ZERO`, a millisecond) can fail even on a free lock, on etcd and Redis;
     /// the embedded store answers at once. To try once, use
@@ -183,7 +188,8 @@ pub trait Elector: Send + Sync + fmt::Debug {
     /// [`campaign`](Elector::campaign), failing with [`Error::Timeout`] after `timeout`.
     ///
     /// As with [`lock_timeout`](Lock::lock_timeout), a timeout shorter than a round trip
-    /// can fail even when nobody leads.
+    /// can fail even when nobody leads, and the removal of our candidacy on timeout can add
+    /// up to 500 ms when the backend is slow or unreachable.
     ///
     /// # Cancel safety
     ///
