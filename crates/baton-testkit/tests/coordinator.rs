@@ -214,3 +214,31 @@ async fn close_with_the_backend_hung_ends_waiters_at_once() {
     }
     assert!(slow.is_empty(), "not ended at once: {slow:#?}");
 }
+
+/// Through the traits, the `NotHeld` of a release after a loss names the key as
+/// `Guard::key()` does, relative to the namespace, on every backend (on Redis and Redlock
+/// it named the Redis key, namespace in front, while `Guard::key()` and etcd's `NotHeld`
+/// leave it out; found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_held_names_the_key_as_guard_key_does() {
+    let etcd = EtcdServer::start_async().await;
+    let redis = RedisServer::start_async().await;
+    let redlock = RedisServers::start_async(3).await;
+    let mut wrong = Vec::new();
+    for url in [etcd.endpoint(), redis.url(), redlock.redlock_url()] {
+        let coord = Coordinator::builder(&url)
+            .with_ttl(Duration::from_secs(3))
+            .with_namespace("team-a/")
+            .connect()
+            .await
+            .unwrap();
+        let guard = coord.lock("named").unwrap().lock().await.unwrap();
+        let key = guard.key().to_string();
+        coord.close().await.unwrap();
+        match guard.release().await {
+            Err(Error::NotHeld { key: said }) if said == key => {}
+            other => wrong.push(format!("{url}: Guard::key() {key:?}, release {other:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

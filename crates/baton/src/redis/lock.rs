@@ -1091,8 +1091,14 @@ impl Guard for RedisLockGuard {
     fn deadline(&self) -> Option<Instant> {
         Some(RedisLockGuard::deadline(self))
     }
+    /// A loss's [`Error::NotHeld`] names the key as [`key()`](Guard::key) does (relative to
+    /// the namespace, as on etcd), not the Redis key.
     async fn release(self: Box<Self>) -> Result<()> {
-        self.unlock().await
+        let name = RedisLockGuard::name(&self).to_string();
+        match self.unlock().await {
+            Err(Error::NotHeld { .. }) => Err(Error::NotHeld { key: name }),
+            r => r,
+        }
     }
 }
 
