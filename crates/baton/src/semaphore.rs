@@ -396,10 +396,22 @@ impl Semaphore {
             Duration::MAX
         };
         let mut retry = crate::queue::Retry::new(retry_for);
+        let mut warned = false;
         let resp = loop {
             match store.txn(txn.clone()).await {
                 Ok(resp) => break resp,
                 Err(e) => {
+                    // etcd out of space (its NOSPACE alarm) refuses the write until an
+                    // operator frees space: said once, not only at debug level, as the
+                    // grant waits for it.
+                    if !warned && !try_only && crate::ownership::refused_for_space(&e) {
+                        warned = true;
+                        tracing::warn!(
+                            semaphore = %self.name,
+                            error = %e,
+                            "the store is out of space: the grant waits until space is freed"
+                        );
+                    }
                     retry
                         .after(&self.session, e, "rewriting our key at the grant")
                         .await?
