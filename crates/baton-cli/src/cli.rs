@@ -312,8 +312,8 @@ fn option_like_value(args: &[OsString]) -> Option<CliError> {
     )))
 }
 
-/// The error for an option's value that starts with `-` and a digit (`--timeout -1s`):
-/// clap takes it for flags, and its tip ("to pass '-1' as a value, use '-- -1'") would make
+/// The error for an option's value that starts with `-` and a digit (`--timeout -1s`), or
+/// that clap took for flags (`--user -bob`): clap takes it for flags, and its tip ("to pass '-1' as a value, use '-- -1'") would make
 /// it CMD. Says which option's value it is, and that it cannot be negative; or, for one that
 /// takes text or a path (`--user -1`), to give it as `--user=-1`.
 fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
@@ -337,12 +337,22 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
             .any(|a| a.get_long() == Some(long) && a.get_action().takes_values());
         found
     };
+    // The word clap found unexpected: `-b` of `--user -bob`.
+    let unexpected = match e.get(clap::error::ContextKind::InvalidArg) {
+        Some(clap::error::ContextValue::String(word)) => word.clone(),
+        _ => String::new(),
+    };
     before_cmd.windows(2).enumerate().find_map(|(i, pair)| {
         let (option, value) = (pair[0].to_str()?, pair[1].to_str()?);
         let long = option.strip_prefix("--").filter(|l| !l.contains('='))?;
         let negative =
             value.starts_with('-') && value[1..].starts_with(|c: char| c.is_ascii_digit());
-        if !(negative && takes_value(long)) {
+        // A value such as `-bob` or `-t/`, taken for flags: the word clap did not expect.
+        let hyphen = value.starts_with('-')
+            && value != "--"
+            && !unexpected.is_empty()
+            && value.starts_with(unexpected.as_str());
+        if !((negative || hyphen) && takes_value(long)) {
             return None;
         }
         // Given as `--option=value`, is it refused? A duration or a count is; a name or a
@@ -362,6 +372,12 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
                         if a == option || a.starts_with(&format!("{option} "))
                 )
             });
+        if refused && !negative {
+            // `--ttl -x`: no option's value, and no duration either.
+            return Some(CliError::failed(format!(
+                "invalid value '{value}' for '{option}' (see baton --help)"
+            )));
+        }
         Some(CliError::failed(if refused {
             format!(
                 "invalid value '{value}' for '{option}': it cannot be negative (see baton --help)"

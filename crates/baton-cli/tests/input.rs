@@ -413,6 +413,18 @@ fn a_hyphen_text_value_is_not_called_negative() {
         (&["--user", "-1", "status"][..], "--user", "-1"),
         (&["--namespace", "-1", "status"][..], "--namespace", "-1"),
         (&["--cacert", "-1.pem", "status"][..], "--cacert", "-1.pem"),
+        // Not only a digit after the '-': a value clap took for flags (found by the second
+        // look: these said "not an option of 'baton lock'", about the command).
+        (
+            &["lock", "--user", "-bob", "n1", "--", "true"][..],
+            "--user",
+            "-bob",
+        ),
+        (
+            &["lock", "n1", "--namespace", "-t/", "--", "true"][..],
+            "--namespace",
+            "-t/",
+        ),
     ] {
         assert_one_line_125_on(
             "http://127.0.0.1:1",
@@ -420,4 +432,10 @@ fn a_hyphen_text_value_is_not_called_negative() {
             &format!("give it as '{option}={value}'"),
         );
     }
+    // A duration that is neither negative nor one.
+    assert_one_line_125_on(
+        "http://127.0.0.1:1",
+        &["lock", "n1", "--ttl", "-x", "--", "true"],
+        "invalid value '-x' for '--ttl'",
+    );
 }
