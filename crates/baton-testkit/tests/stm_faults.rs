@@ -134,7 +134,7 @@ async fn bank_under_faults(isolation: Isolation) {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 i += 1;
                 proxies[(i % 3) as usize].reset_all();
-                if i % 4 == 0 {
+                if i.is_multiple_of(4) {
                     if let Ok(r) = admin.store().range(Range::key("nothing")).await {
                         let _ = admin.store().compact(r.header_revision).await;
                     }

@@ -763,6 +763,36 @@ mod tests {
         }
     }
 
+    /// A semaphore of one permit on a store with faults to inject: held by one session, and
+    /// another session's `acquire()` waiting (spawned) behind it. Sessions of 120 s.
+    async fn a_waiter_behind_a_holder() -> (
+        std::sync::Arc<crate::store::slow::SlowWatches>,
+        SemaphorePermit,
+        tokio::task::JoinHandle<Result<SemaphorePermit>>,
+    ) {
+        let store = std::sync::Arc::new(crate::store::slow::SlowWatches::new(
+            "mem",
+            Duration::ZERO,
+            Duration::ZERO,
+        ));
+        let client = Client::from_arc(store.clone());
+        let session = || {
+            Session::builder(&client)
+                .with_ttl(Duration::from_secs(120))
+                .build()
+        };
+        let (s1, s2) = (session().await.unwrap(), session().await.unwrap());
+        let p1 = Semaphore::new(&s1, "t", 1)
+            .unwrap()
+            .acquire()
+            .await
+            .unwrap();
+        let sem2 = Semaphore::new(&s2, "t", 1).unwrap();
+        let waiter = tokio::spawn(async move { sem2.acquire().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (store, p1, waiter)
+    }
+
     /// A waiter's grant survives one failed request at that moment, as a mutex waiter's
     /// does: the touch (the rewrite of our key once the permits are ours) failing with a
     /// retryable error ("request timed out" while etcd elects a leader, a connection reset:
@@ -772,25 +802,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_touch_at_the_grant_is_retried() {
         use std::sync::atomic::Ordering;
-        use std::sync::Arc;
-        let store = Arc::new(crate::store::slow::SlowWatches::new(
-            "mem",
-            Duration::ZERO,
-            Duration::ZERO,
-        ));
-        let client = Client::from_arc(store.clone());
-        let (s1, s2) = (
-            Session::new(&client).await.unwrap(),
-            Session::new(&client).await.unwrap(),
-        );
-        let p1 = Semaphore::new(&s1, "t", 1)
-            .unwrap()
-            .acquire()
-            .await
-            .unwrap();
-        let sem2 = Semaphore::new(&s2, "t", 1).unwrap();
-        let waiter = tokio::spawn(async move { sem2.acquire().await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (store, p1, waiter) = a_waiter_behind_a_holder().await;
         // The release only deletes: the next transaction that puts is the waiter's touch.
         store
             .put_lands_after_next_read
@@ -815,30 +827,7 @@ mod tests {
     /// Unavailable after its whole wait, and the waiter lost its place.
     #[tokio::test(start_paused = true)]
     async fn a_touch_at_the_grant_outlives_a_long_outage() {
-        use std::sync::Arc;
-        let store = Arc::new(crate::store::slow::SlowWatches::new(
-            "mem",
-            Duration::ZERO,
-            Duration::ZERO,
-        ));
-        let client = Client::from_arc(store.clone());
-        let session = |c: &Client| {
-            Session::builder(c)
-                .with_ttl(Duration::from_secs(120))
-                .build()
-        };
-        let (s1, s2) = (
-            session(&client).await.unwrap(),
-            session(&client).await.unwrap(),
-        );
-        let p1 = Semaphore::new(&s1, "t", 1)
-            .unwrap()
-            .acquire()
-            .await
-            .unwrap();
-        let sem2 = Semaphore::new(&s2, "t", 1).unwrap();
-        let waiter = tokio::spawn(async move { sem2.acquire().await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (store, p1, waiter) = a_waiter_behind_a_holder().await;
         // The release only deletes: the next transaction that puts is the waiter's touch.
         *store.outage_at_next_put.lock().unwrap() = Some(Duration::from_secs(20));
         p1.release().await.unwrap();
