@@ -190,7 +190,10 @@ async fn holder_on_a_paused_member_loses_before_the_next_is_elected() {
         let wclient = Client::connect(&cluster.member(other).endpoint())
             .await
             .unwrap();
-        let ws = session(&wclient, ttl).await;
+        // The candidate's own session is not under test: a TTL well above the holder's, so
+        // that a loaded machine (six etcd members of two tests at once, in CI) does not lose
+        // it too (its campaign failed with SessionLost at 2.8 s once, in a final CI run).
+        let ws = session(&wclient, Duration::from_secs(15)).await;
         let l = Election::new(&s, "fo/elect")
             .unwrap()
             .campaign("old")
