@@ -126,15 +126,22 @@ async fn mutual_tls_rejects_missing_and_untrusted_client_certificates() {
         .unwrap();
     guard.unlock().await.unwrap();
 
+    // Refused: as a TLS error naming the problem, most often; about 1 in 4 times (TLS 1.3:
+    // the server's "certificate required" alert lost to its closing the connection) only
+    // as a connection closed, once the dial timeout has passed. That is a known defect of
+    // the message (docs/reliability.md, "Not survived"); the refusal itself is what is
+    // checked here, and that nothing was let through.
     let err = connect(&https, Some(ca.clone())).await.unwrap_err();
     assert!(
-        matches!(err, Error::Tls { .. }),
+        matches!(err, Error::Tls { .. })
+            || matches!(&err, Error::Connect { .. } if err.to_string().contains("connection closed")),
         "no client certificate: {err}"
     );
     let untrusted = ca.with_client_cert(other.client_cert_file(), other.client_key_file());
     let err = connect(&https, Some(untrusted)).await.unwrap_err();
     assert!(
-        matches!(err, Error::Tls { .. }),
+        matches!(err, Error::Tls { .. })
+            || matches!(&err, Error::Connect { .. } if err.to_string().contains("connection closed")),
         "untrusted client certificate: {err}"
     );
     // Files that are missing or not PEM are named.
