@@ -850,12 +850,14 @@ struct StoreLock {
 }
 
 impl StoreLock {
-    /// [`Lock::lock`], noting in `used` the session's mutex it waits on (for a timeout's
-    /// settling).
-    async fn lock_noting(&self, used: &StdMutex<Option<Mutex>>) -> Result<Box<dyn Guard>> {
+    /// [`Lock::lock`], noting in `used` (if given) the session's mutex it waits on (for a
+    /// timeout's settling; a plain `lock()` clones nothing).
+    async fn lock_noting(&self, used: Option<&StdMutex<Option<Mutex>>>) -> Result<Box<dyn Guard>> {
         unless_closed(&self.sessions.closed, async {
             let (session, mutex, slot) = self.live().await?;
-            *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(mutex.clone());
+            if let Some(used) = used {
+                *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(mutex.clone());
+            }
             let local = local_turn(&slot, &session).await?;
             let guard = mutex.lock().await?;
             Ok(Box::new(Local::new(guard, local, slot)) as Box<dyn Guard>)
@@ -938,13 +940,13 @@ impl Lock for StoreLock {
         self.mutex.name()
     }
     async fn lock(&self) -> Result<Box<dyn Guard>> {
-        self.lock_noting(&StdMutex::new(None)).await
+        self.lock_noting(None).await
     }
     async fn lock_timeout(&self, timeout: Duration) -> Result<Box<dyn Guard>> {
         // On timeout, our key's removal is waited for (at most 500 ms), as
         // `Mutex::lock_timeout` does.
         let used = StdMutex::new(None);
-        let r = with_timeout("lock", timeout, self.lock_noting(&used)).await;
+        let r = with_timeout("lock", timeout, self.lock_noting(Some(&used))).await;
         if matches!(r, Err(Error::Timeout { .. })) {
             let used = used.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(mutex) = used {
@@ -1016,12 +1018,12 @@ struct StoreElector {
 }
 
 impl StoreElector {
-    /// [`Elector::campaign`], noting in `used` the session's election it campaigns in (for
-    /// a timeout's settling).
+    /// [`Elector::campaign`], noting in `used` (if given) the session's election it
+    /// campaigns in (for a timeout's settling; a plain `campaign()` clones nothing).
     async fn campaign_noting(
         &self,
         value: Vec<u8>,
-        used: &StdMutex<Option<Election>>,
+        used: Option<&StdMutex<Option<Election>>>,
     ) -> Result<Box<dyn Leading>> {
         unless_closed(&self.sessions.closed, async {
             let name = self.election.name();
@@ -1034,7 +1036,9 @@ impl StoreElector {
                 Election::new,
             )
             .await?;
-            *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(election.clone());
+            if let Some(used) = used {
+                *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(election.clone());
+            }
             let local = local_turn(&slot, &session).await?;
             let leading = election.campaign(value).await?;
             Ok(Box::new(Local::new(leading, local, slot)) as Box<dyn Leading>)
@@ -1049,7 +1053,7 @@ impl Elector for StoreElector {
         self.election.name()
     }
     async fn campaign(&self, value: Vec<u8>) -> Result<Box<dyn Leading>> {
-        self.campaign_noting(value, &StdMutex::new(None)).await
+        self.campaign_noting(value, None).await
     }
     async fn campaign_timeout(
         &self,
@@ -1059,7 +1063,12 @@ impl Elector for StoreElector {
         // On timeout, our key's removal is waited for (at most 500 ms), as
         // `Election::campaign_timeout` does.
         let used = StdMutex::new(None);
-        let r = with_timeout("campaign", timeout, self.campaign_noting(value, &used)).await;
+        let r = with_timeout(
+            "campaign",
+            timeout,
+            self.campaign_noting(value, Some(&used)),
+        )
+        .await;
         if matches!(r, Err(Error::Timeout { .. })) {
             let used = used.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(election) = used {
