@@ -555,12 +555,42 @@ impl EtcdStore {
         // The last refusal: at the dial timeout, what to report (a member refusing our
         // certificate settings says more than another one's "connection refused").
         let mut last_refusal: Option<String> = None;
-        let gave_up = |refusal: Option<String>, error: Option<String>| match refusal {
-            Some(reason) => Error::Tls {
-                endpoints: joined.clone(),
-                reason,
-            },
-            None => connect_error(error.unwrap_or_else(|| NO_ANSWER.into())),
+        // Over `https://`, how many probes failed with the server hanging up on a connection
+        // it had accepted, and whether every failure so far was that (or a refusal). An etcd
+        // with `--client-cert-auth` refuses a missing or untrusted client certificate after
+        // TLS 1.3's handshake: its alert is sometimes lost to its closing the connection,
+        // which then looks only hung up (about 1 connect in 4 saw nothing else for seconds).
+        let mut hang_ups = 0usize;
+        let mut only_hang_ups = true;
+        let has_client_cert = options
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.cert_file().is_some());
+        // `hang_ups`: how many, if every failure was one (see above).
+        let gave_up = |refusal: Option<String>, error: Option<String>, hang_ups: Option<usize>| {
+            let error = error.unwrap_or_else(|| NO_ANSWER.into());
+            match (refusal, hang_ups) {
+                (Some(reason), _) => Error::Tls {
+                    endpoints: joined.clone(),
+                    reason,
+                },
+                (None, Some(times)) => {
+                    let (with, advice) = if has_client_cert {
+                        (
+                            "a client certificate it does not trust",
+                            "give one signed by a CA it trusts (--cert, --key)",
+                        )
+                    } else {
+                        ("no client certificate", "give one (--cert and --key)")
+                    };
+                    connect_error(format!(
+                        "the server closed every TLS connection right after accepting it \
+                         ({times} times); an etcd started with --client-cert-auth does so \
+                         with {with}: {advice} ({error})"
+                    ))
+                }
+                (None, None) => connect_error(error),
+            }
         };
         loop {
             let attempt = async {
@@ -614,10 +644,16 @@ impl EtcdStore {
                                 reason,
                             });
                         }
+                        // A hang-up over TLS: maybe the refusal with its alert lost (see
+                        // `hang_ups`), so it does not start the count again.
+                        None if https && looks_hung_up(&reason) => hang_ups += 1,
                         // Another member merely down (not refusing): the refusals so far
                         // are not every member's answer, wait for it (until the dial
                         // timeout) rather than fail with the refusing member's error.
-                        None => tls_refusals = 0,
+                        None => {
+                            tls_refusals = 0;
+                            only_hang_ups = false;
+                        }
                     }
                     // `http://` to TLS servers: they hang up on the HTTP/2 preface, which
                     // looks like a member going away. Ask once whether they speak TLS.
@@ -643,10 +679,20 @@ impl EtcdStore {
                         reason
                     });
                 }
-                Err(_) => return Err(gave_up(last_refusal, last_error)),
+                Err(_) => {
+                    return Err(gave_up(
+                        last_refusal,
+                        last_error,
+                        (https && only_hang_ups && hang_ups >= 2).then_some(hang_ups),
+                    ))
+                }
             }
             if Instant::now() + backoff >= deadline {
-                return Err(gave_up(last_refusal, last_error));
+                return Err(gave_up(
+                    last_refusal,
+                    last_error,
+                    (https && only_hang_ups && hang_ups >= 2).then_some(hang_ups),
+                ));
             }
             sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
