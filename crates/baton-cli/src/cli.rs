@@ -229,6 +229,7 @@ where
                 )),
                 _ => Err(option_like_value(&args)
                     .or_else(|| negative_value(&args, &e))
+                    .or_else(|| single_dash_long_option(&args, &e))
                     .or_else(|| command_without_separator(&args, &e))
                     .unwrap_or_else(|| CliError::failed(usage_line(&e)))),
             }
@@ -391,6 +392,60 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
     })
 }
 
+/// The subcommand a command line names (`lock`, `queue pop`), found by a parse that ignores
+/// errors, with its clap command.
+fn subcommand_of(args: &[OsString]) -> Option<(String, clap::Command)> {
+    let partial = Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(args)
+        .ok()?;
+    let (name, sub) = partial.subcommand()?;
+    let mut cmd = Cli::command().find_subcommand(name)?.clone();
+    let mut path = name.to_string();
+    if let Some((inner, _)) = sub.subcommand() {
+        cmd = cmd.find_subcommand(inner)?.clone();
+        path = format!("{path} {inner}");
+    }
+    Some((path, cmd))
+}
+
+/// The error for a long option given with one dash (`baton lock NAME -ttl 5s`): clap finds
+/// `-t` unexpected, and its message names neither the word nor the option meant.
+fn single_dash_long_option(args: &[OsString], e: &clap::Error) -> Option<CliError> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if flag.starts_with("--") || !flag.starts_with('-') {
+        return None;
+    }
+    let before_cmd = args
+        .iter()
+        .position(|a| a == "--")
+        .map_or(args, |i| &args[..i]);
+    let word = before_cmd
+        .iter()
+        .filter_map(|a| a.to_str())
+        .find(|a| !a.starts_with("--") && a.len() > 2 && a.starts_with(flag.as_str()))?;
+    // Only up to `=`: what follows may be a value not meant for stderr.
+    let long = word[1..].split('=').next()?;
+    let (path, sub) = subcommand_of(args)?;
+    let known = Cli::command()
+        .get_arguments()
+        .chain(sub.get_arguments())
+        .any(|a| a.get_long() == Some(long));
+    if !known {
+        return None;
+    }
+    Some(CliError::failed(format!(
+        "unknown option '-{long}' of 'baton {path}': a long option takes two dashes: \
+         '--{long}' (see baton --help)"
+    )))
+}
+
 /// The error for `baton lock NAME CMD` (also elect, sem) without the `--` before CMD, as
 /// `etcdctl lock NAME CMD` takes it: clap finds CMD's first word unexpected, and the
 /// message then says where the command goes.
@@ -418,6 +473,7 @@ fn command_without_separator(args: &[OsString], e: &clap::Error) -> Option<CliEr
         "lock" => "baton lock NAME -- CMD",
         "elect" => "baton elect NAME VALUE -- CMD",
         "sem" => "baton sem NAME --permits N -- CMD",
+        _ if hyphen => return stray_hyphen_word(args, e, word),
         _ => return None,
     };
     if hyphen {
@@ -435,6 +491,28 @@ fn command_without_separator(args: &[OsString], e: &clap::Error) -> Option<CliEr
     }
     Some(CliError::failed(format!(
         "unexpected argument '{word}': the command to run goes after '--': {usage} (see baton --help)"
+    )))
+}
+
+/// The error for a word that starts with `-` where a command that runs no CMD takes no
+/// such option (`baton barrier NAME -5`): clap's tip, to pass it after `--`, is dropped
+/// when the command line would not parse that way either.
+fn stray_hyphen_word(args: &[OsString], e: &clap::Error, word: &str) -> Option<CliError> {
+    let line = usage_line(e);
+    let tip = format!("; tip: to pass '{word}' as a value, use '-- {word}'");
+    let (text, _) = line.split_once(&tip)?;
+    let at = args
+        .iter()
+        .position(|a| a.to_str().is_some_and(|a| a.starts_with(word)))?;
+    let mut separated = args.to_vec();
+    separated.insert(at, OsString::from("--"));
+    if Cli::command().try_get_matches_from(&separated).is_ok() {
+        // The tip works (`baton set k -- -5`): keep it.
+        return None;
+    }
+    let (path, _) = subcommand_of(args)?;
+    Some(CliError::failed(format!(
+        "{text}: not an option of 'baton {path}' (see baton --help)"
     )))
 }
 
@@ -475,7 +553,15 @@ fn endpoints_given(matches: &clap::ArgMatches) -> bool {
 
 /// A duration in humantime syntax: `500ms`, `10s`, `2m`, `1h 30m`.
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
+    let s = s.trim();
+    // As `--timeout -5s` is told (see `negative_value`), not humantime's "expected number
+    // at 0".
+    if s.strip_prefix('-')
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err("it cannot be negative".to_string());
+    }
+    humantime::parse_duration(s)
         .map_err(|e| format!("{e} (write a duration such as 500ms, 10s or 2m)"))
 }
 

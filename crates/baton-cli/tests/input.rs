@@ -168,6 +168,61 @@ fn a_command_without_separator_says_where_it_goes() {
     assert!(!err.contains("-- CMD") && !err.contains("use '--"), "{err}");
 }
 
+/// A long option given with one dash (`-ttl 5s`, as some tools take it) is named, with the
+/// option meant; clap said only "unexpected argument '-t'", and on `lock` that the command
+/// goes after `--`, which was not the mistake.
+#[test]
+fn a_long_option_with_one_dash_names_the_option_meant() {
+    for (args, meant) in [
+        (&["lock", "n1", "-ttl", "5s", "--", "true"][..], "--ttl"),
+        (&["lock", "n1", "-ttl=5s", "--", "true"], "--ttl"),
+        (&["elect", "e", "v", "-ttl", "5s", "--", "true"], "--ttl"),
+        (&["sem", "s", "-permits", "2", "--", "true"], "--permits"),
+        (&["status", "-json"], "--json"),
+        (
+            &["lock", "n1", "-endpoints", "x", "--", "true"],
+            "--endpoints",
+        ),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let long = meant.trim_start_matches('-');
+        assert!(
+            err.contains(&format!("unknown option '-{long}'"))
+                && err.contains(&format!("two dashes: '{meant}'")),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("-- CMD") && !err.contains("=5s"),
+            "{args:?}: {err}"
+        );
+        assert_one_line_125_on("http://127.0.0.1:1", args, meant);
+    }
+}
+
+/// A stray `-5` on a command that runs no CMD (barrier, queue pop) drops clap's tip "to pass
+/// '-5' as a value, use '-- -5'": that command line is refused too. Where the tip works
+/// (`get -- -5` reads the key `-5`), it is kept.
+#[test]
+fn a_stray_hyphen_word_gets_no_tip_that_would_not_parse() {
+    for (args, sub) in [
+        (&["barrier", "b1", "-5"][..], "baton barrier"),
+        (&["barrier", "b1", "--count", "2", "-5"], "baton barrier"),
+        (&["queue", "pop", "q", "-5"], "baton queue pop"),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("not an option of '{sub}'")) && !err.contains("use '-- -5'"),
+            "{args:?}: {err}"
+        );
+        assert_one_line_125_on("http://127.0.0.1:1", args, "'-5'");
+    }
+    let (out, _) = run(baton("http://127.0.0.1:1").args(["get", "-5"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use '-- -5'"), "{err}");
+}
+
 /// A misspelt option in VALUE's place (set, elect, queue push) is refused with 125, naming
 /// the option meant, instead of being taken as the value; the message says how to give a
 /// value that starts with `--` on purpose. A value that starts with one `-` is still the
@@ -431,6 +486,23 @@ fn a_hyphen_text_value_is_not_called_negative() {
             args,
             &format!("give it as '{option}={value}'"),
         );
+    }
+    // Given with `=`, a negative duration is told the same (it said humantime's "expected
+    // number at 0").
+    for (args, option) in [
+        (
+            &["lock", "--timeout=-5s", "x", "--", "true"][..],
+            "--timeout",
+        ),
+        (&["lock", "x", "--ttl=-5s", "--", "true"], "--ttl"),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("for '{option}")) && err.contains("it cannot be negative"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("expected number"), "{args:?}: {err}");
     }
     // A duration that is neither negative nor one.
     assert_one_line_125_on(
