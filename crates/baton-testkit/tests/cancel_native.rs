@@ -427,44 +427,118 @@ async fn coord(url: &str) -> Coordinator {
         .unwrap()
 }
 
-/// Lock: a free name, `lock()` cut at `cut`; then another coordinator's try_lock works
-/// within the bound, and so does the same one's.
-async fn lock_free_sweep(url: &str, rounds: u64, step_us: u64) {
+/// A lock or an election through the `Coordinator`, for the sweeps below, which treat both
+/// alike: acquire (lock / campaign with a value), with a timeout, and release.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Lock,
+    Election,
+}
+
+/// A `Lock` or an `Elector` handle on one name.
+enum Handle {
+    Lock(Box<dyn baton::coordinator::Lock>),
+    Election(Box<dyn baton::coordinator::Elector>),
+}
+
+/// A guard or a leadership.
+enum Held {
+    Guard(Box<dyn baton::coordinator::Guard>),
+    Leading(Box<dyn baton::coordinator::Leading>),
+}
+
+impl Kind {
+    fn handle(self, c: &Coordinator, name: &str) -> Handle {
+        match self {
+            Kind::Lock => Handle::Lock(c.lock(name).unwrap()),
+            Kind::Election => Handle::Election(c.election(name).unwrap()),
+        }
+    }
+
+    /// Checks that `name` is held by the one that acquired it with `tag`: no one else can
+    /// take the lock; the election's leader has that value.
+    async fn assert_held_by(self, o: &Coordinator, name: &str, tag: &[u8], at: &str) {
+        match self {
+            Kind::Lock => {
+                let err = o.lock(name).unwrap().try_lock().await.unwrap_err();
+                assert!(matches!(err, Error::Locked { .. }), "{at}: {err}");
+            }
+            Kind::Election => {
+                let leader = o.election(name).unwrap().leader().await.unwrap();
+                assert_eq!(leader.value, tag, "{at}");
+            }
+        }
+    }
+}
+
+impl Handle {
+    async fn acquire(&self, tag: &[u8]) -> baton::Result<Held> {
+        match self {
+            Handle::Lock(l) => l.lock().await.map(Held::Guard),
+            Handle::Election(e) => e.campaign(tag.to_vec()).await.map(Held::Leading),
+        }
+    }
+
+    async fn acquire_timeout(&self, tag: &[u8], timeout: Duration) -> baton::Result<Held> {
+        match self {
+            Handle::Lock(l) => l.lock_timeout(timeout).await.map(Held::Guard),
+            Handle::Election(e) => e
+                .campaign_timeout(tag.to_vec(), timeout)
+                .await
+                .map(Held::Leading),
+        }
+    }
+}
+
+impl Held {
+    fn is_lost(&self) -> bool {
+        match self {
+            Held::Guard(g) => g.is_lost(),
+            Held::Leading(l) => l.is_lost(),
+        }
+    }
+
+    async fn release(self) -> baton::Result<()> {
+        match self {
+            Held::Guard(g) => g.release().await,
+            Held::Leading(l) => l.release().await,
+        }
+    }
+}
+
+/// A free name, acquire cut at `cut`: then another coordinator acquires within the bound,
+/// and so does the same one.
+async fn free_sweep(kind: Kind, url: &str, rounds: u64, step_us: u64) {
     let (a, b) = (coord(url).await, coord(url).await);
     let name = unique("free");
-    let la = a.lock(&name).unwrap();
-    let lb = b.lock(&name).unwrap();
+    let (ha, hb) = (kind.handle(&a, &name), kind.handle(&b, &name));
     for i in 0..rounds {
         let cut = Duration::from_micros(i * step_us);
-        if let Ok(r) = tokio::time::timeout(cut, la.lock()).await {
+        let at = format!("{kind:?} {url} round {i} cut {cut:?}");
+        if let Ok(r) = tokio::time::timeout(cut, ha.acquire(b"a")).await {
             r.unwrap().release().await.unwrap();
         }
-        let t = tokio::time::Instant::now();
-        let g = loop {
-            match lb.try_lock().await {
-                Ok(g) => break g,
-                Err(Error::Locked { .. }) if t.elapsed() < BOUND => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                Err(e) => panic!("{url} round {i} cut {cut:?}: other's try_lock: {e}"),
-            }
-        };
-        assert!(!g.is_lost());
-        g.release().await.unwrap();
-        let g = tokio::time::timeout(BOUND, la.lock())
+        let held = hb
+            .acquire_timeout(b"b", BOUND)
             .await
-            .unwrap_or_else(|_| panic!("{url} round {i}: same client's lock hangs"))
+            .unwrap_or_else(|e| panic!("{at}: the other cannot acquire: {e}"));
+        assert!(!held.is_lost(), "{at}");
+        kind.assert_held_by(&a, &name, b"b", &at).await;
+        held.release().await.unwrap();
+        let held = tokio::time::timeout(BOUND, ha.acquire(b"a"))
+            .await
+            .unwrap_or_else(|_| panic!("{at}: the same client's acquire hangs"))
             .unwrap();
-        g.release().await.unwrap();
+        held.release().await.unwrap();
     }
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
 
-/// Lock: H holds, W1 waits, W2 waits behind it. H releases and W1's wait is cut `d` after.
-/// Either W1 got it (its guard, then released) or W2 gets it, within the bound; no second
-/// holder meanwhile; W1's client can lock again.
-async fn lock_handover_sweep(url: &str, rounds: u64, step_us: u64) {
+/// H holds, W1 waits, W2 waits behind it. H releases and W1's wait is cut `d` after.
+/// Either W1 got it (then released) or W2 gets it, within the bound; no second holder
+/// meanwhile; W1's client can acquire again.
+async fn handover_sweep(kind: Kind, url: &str, rounds: u64, step_us: u64) {
     let (h, w1, w2, o) = (
         coord(url).await,
         coord(url).await,
@@ -473,132 +547,54 @@ async fn lock_handover_sweep(url: &str, rounds: u64, step_us: u64) {
     );
     for i in 0..rounds {
         let name = unique("hand");
-        let held = h.lock(&name).unwrap().lock().await.unwrap();
-        let l1 = w1.lock(&name).unwrap();
-        let t1 = tokio::spawn(async move { l1.lock().await });
+        let held = kind.handle(&h, &name).acquire(b"h").await.unwrap();
+        let h1 = kind.handle(&w1, &name);
+        let t1 = tokio::spawn(async move { h1.acquire(b"w1").await });
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let l2 = w2.lock(&name).unwrap();
-        let t2 = tokio::spawn(async move { l2.lock_timeout(BOUND).await });
+        let h2 = kind.handle(&w2, &name);
+        let t2 = tokio::spawn(async move { h2.acquire_timeout(b"w2", BOUND).await });
         tokio::time::sleep(Duration::from_millis(60)).await;
         let d = Duration::from_micros((i * step_us) % 4000);
+        let at = format!("{kind:?} {url} round {i} cut {d:?}");
         let rel = tokio::spawn(async move { held.release().await });
         tokio::time::sleep(d).await;
         t1.abort();
         let got1 = match t1.await {
             Ok(r) => Some(r.unwrap()),
             Err(e) => {
-                assert!(e.is_cancelled());
+                assert!(e.is_cancelled(), "{at}: {e}");
                 None
             }
         };
         rel.await.unwrap().unwrap();
-        if let Some(g1) = got1 {
-            assert!(!t2.is_finished(), "{url} round {i}: W2 holds too");
-            let err = o.lock(&name).unwrap().try_lock().await.unwrap_err();
-            assert!(matches!(err, Error::Locked { .. }), "{err}");
-            g1.release().await.unwrap();
+        if let Some(held1) = got1 {
+            assert!(!t2.is_finished(), "{at}: W2 holds too");
+            kind.assert_held_by(&o, &name, b"w1", &at).await;
+            held1.release().await.unwrap();
         }
-        let g2 = match t2.await.unwrap() {
-            Ok(g) => g,
-            Err(e) => panic!("{url} round {i} cut {d:?}: W2 did not get the lock: {e}"),
+        let held2 = match t2.await.unwrap() {
+            Ok(held) => held,
+            Err(e) => panic!("{at}: W2 did not get it: {e}"),
         };
-        assert!(!g2.is_lost());
-        let err = o.lock(&name).unwrap().try_lock().await.unwrap_err();
-        assert!(matches!(err, Error::Locked { .. }), "{url}: {err}");
-        g2.release().await.unwrap();
-        let g = tokio::time::timeout(BOUND, w1.lock(&name).unwrap().lock())
+        assert!(!held2.is_lost(), "{at}");
+        kind.assert_held_by(&o, &name, b"w2", &at).await;
+        held2.release().await.unwrap();
+        let again = tokio::time::timeout(BOUND, kind.handle(&w1, &name).acquire(b"again"))
             .await
-            .unwrap_or_else(|_| panic!("{url} round {i}: W1 cannot lock again"))
+            .unwrap_or_else(|_| panic!("{at}: W1 cannot acquire again"))
             .unwrap();
-        g.release().await.unwrap();
+        again.release().await.unwrap();
     }
     for c in [h, w1, w2, o] {
         c.close().await.unwrap();
     }
-}
-
-/// Election: as the hand-off sweep, with campaign/resign.
-async fn election_handover_sweep(url: &str, rounds: u64, step_us: u64) {
-    let (h, w1, w2, o) = (
-        coord(url).await,
-        coord(url).await,
-        coord(url).await,
-        coord(url).await,
-    );
-    for i in 0..rounds {
-        let name = unique("elect");
-        let lead = h
-            .election(&name)
-            .unwrap()
-            .campaign(b"h".to_vec())
-            .await
-            .unwrap();
-        let e1 = w1.election(&name).unwrap();
-        let t1 = tokio::spawn(async move { e1.campaign(b"w1".to_vec()).await });
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        let e2 = w2.election(&name).unwrap();
-        let t2 = tokio::spawn(async move { e2.campaign_timeout(b"w2".to_vec(), BOUND).await });
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        let d = Duration::from_micros((i * step_us) % 4000);
-        let rel = tokio::spawn(async move { lead.release().await });
-        tokio::time::sleep(d).await;
-        t1.abort();
-        let got1 = match t1.await {
-            Ok(r) => Some(r.unwrap()),
-            Err(_) => None,
-        };
-        rel.await.unwrap().unwrap();
-        if let Some(l1) = got1 {
-            assert!(!t2.is_finished(), "{url} round {i}: W2 leads too");
-            l1.release().await.unwrap();
-        }
-        let l2 = match t2.await.unwrap() {
-            Ok(l) => l,
-            Err(e) => panic!("{url} round {i} cut {d:?}: W2 did not lead: {e}"),
-        };
-        let leader = o.election(&name).unwrap().leader().await.unwrap();
-        assert_eq!(leader.value, b"w2", "{url} round {i}");
-        l2.release().await.unwrap();
-        let l = tokio::time::timeout(
-            BOUND,
-            w1.election(&name).unwrap().campaign(b"again".to_vec()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{url} round {i}: W1 cannot campaign again"))
-        .unwrap();
-        l.release().await.unwrap();
-    }
-    for c in [h, w1, w2, o] {
-        c.close().await.unwrap();
-    }
-}
-
-/// Election on a free name, campaign cut at `cut`: another then leads within the bound.
-async fn election_free_sweep(url: &str, rounds: u64, step_us: u64) {
-    let (a, b) = (coord(url).await, coord(url).await);
-    let name = unique("efree");
-    let ea = a.election(&name).unwrap();
-    let eb = b.election(&name).unwrap();
-    for i in 0..rounds {
-        let cut = Duration::from_micros(i * step_us);
-        if let Ok(r) = tokio::time::timeout(cut, ea.campaign(b"a".to_vec())).await {
-            r.unwrap().release().await.unwrap();
-        }
-        let l = tokio::time::timeout(BOUND, eb.campaign(b"b".to_vec()))
-            .await
-            .unwrap_or_else(|_| panic!("{url} round {i} cut {cut:?}: other cannot lead"))
-            .unwrap();
-        l.release().await.unwrap();
-    }
-    a.close().await.unwrap();
-    b.close().await.unwrap();
 }
 
 async fn all(url: &str) {
-    lock_free_sweep(url, 60, 40).await;
-    lock_handover_sweep(url, 40, 97).await;
-    election_free_sweep(url, 60, 40).await;
-    election_handover_sweep(url, 40, 97).await;
+    for kind in [Kind::Lock, Kind::Election] {
+        free_sweep(kind, url, 60, 40).await;
+        handover_sweep(kind, url, 40, 97).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
