@@ -2,6 +2,8 @@
 //! nothing it keeps (tasks, memory, server-side watches, channels, keys) may grow with the
 //! number of distinct names used over its life.
 
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -20,7 +22,9 @@ fn rss_kb() -> u64 {
 }
 
 fn tasks() -> usize {
-    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -135,21 +139,31 @@ fn assert_flat(label: &str, rows: &[(Kind, usize, usize, u64, u64)]) {
     }
 }
 
-const N: usize = 2000;
+/// Cycles per kind: `BATON_LEAK_CYCLES`, 200 by default (a per-name leak of a task shows
+/// as 200 more). The review that wrote these ran 2,000 (10,000 cycles per backend: mem
+/// 17 s, etcd 150 s, redis 80 s, redlock 100 s), with `--nocapture` for the figures.
+fn cycles_per_kind() -> usize {
+    std::env::var("BATON_LEAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 10,000 cycles (mem 17 s, etcd 150 s, redis 80 s, redlock 100 s); run with --ignored --nocapture"]
 async fn distinct_names_leave_nothing_behind_on_mem() {
     let coord = Coordinator::connect("mem://leak").await.unwrap();
-    let rows = measure("mem", &coord, N, Duration::from_secs(1), || {
-        format!("{:?}", coord.client().unwrap().store())
-    })
+    let rows = measure(
+        "mem",
+        &coord,
+        cycles_per_kind(),
+        Duration::from_secs(1),
+        || format!("{:?}", coord.client().unwrap().store()),
+    )
     .await;
     assert_flat("mem", &rows);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 10,000 cycles (mem 17 s, etcd 150 s, redis 80 s, redlock 100 s); run with --ignored --nocapture"]
 async fn distinct_names_leave_nothing_behind_on_etcd() {
     let etcd = EtcdServer::start_async().await;
     let port = etcd.client_port();
@@ -158,15 +172,21 @@ async fn distinct_names_leave_nothing_behind_on_etcd() {
         .connect()
         .await
         .unwrap();
-    let rows = measure("etcd", &coord, N, Duration::from_secs(1), || {
-        format!(
-            "watchers {} streams {} keys {} client {:?}",
-            etcd_metric(port, "etcd_debugging_mvcc_watcher_total"),
-            etcd_metric(port, "etcd_debugging_mvcc_watch_stream_total"),
-            etcd_metric(port, "etcd_debugging_mvcc_keys_total"),
-            coord.client().unwrap().stats(),
-        )
-    })
+    let rows = measure(
+        "etcd",
+        &coord,
+        cycles_per_kind(),
+        Duration::from_secs(1),
+        || {
+            format!(
+                "watchers {} streams {} keys {} client {:?}",
+                etcd_metric(port, "etcd_debugging_mvcc_watcher_total"),
+                etcd_metric(port, "etcd_debugging_mvcc_watch_stream_total"),
+                etcd_metric(port, "etcd_debugging_mvcc_keys_total"),
+                coord.client().unwrap().stats(),
+            )
+        },
+    )
     .await;
     assert_flat("etcd", &rows);
 }
@@ -210,68 +230,65 @@ fn redis_counts(servers: &[&RedisServer]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 10,000 cycles (mem 17 s, etcd 150 s, redis 80 s, redlock 100 s); run with --ignored --nocapture"]
 async fn distinct_names_leave_nothing_behind_on_redis() {
     let redis = RedisServer::start_async().await;
     let coord = Coordinator::connect(&redis.url()).await.unwrap();
-    let rows = measure("redis", &coord, N, Duration::from_secs(6), || {
-        redis_counts(&[&redis])
-    })
+    let rows = measure(
+        "redis",
+        &coord,
+        cycles_per_kind(),
+        Duration::from_secs(6),
+        || redis_counts(&[&redis]),
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    eprintln!("redis after 25 s: tasks {} [{}]", tasks(), redis_counts(&[&redis]));
+    eprintln!(
+        "redis at the end: tasks {} [{}]",
+        tasks(),
+        redis_counts(&[&redis])
+    );
     assert_flat("redis", &rows);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: 10,000 cycles (mem 17 s, etcd 150 s, redis 80 s, redlock 100 s); run with --ignored --nocapture"]
 async fn distinct_names_leave_nothing_behind_on_redlock() {
     let redis = RedisServers::start_async(3).await;
     let coord = Coordinator::connect(&redis.redlock_url()).await.unwrap();
-    let rows = measure("redlock", &coord, N / 2, Duration::from_secs(6), || {
-        redis_counts(&redis.servers().iter().collect::<Vec<_>>())
-    })
+    let rows = measure(
+        "redlock",
+        &coord,
+        cycles_per_kind() / 2,
+        Duration::from_secs(6),
+        || redis_counts(&redis.servers().iter().collect::<Vec<_>>()),
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(25)).await;
     eprintln!(
-        "redlock after 25 s: tasks {} [{}]",
+        "redlock at the end: tasks {} [{}]",
         tasks(),
         redis_counts(&redis.servers().iter().collect::<Vec<_>>())
     );
     assert_flat("redlock", &rows);
 }
 
-/// Redlock: a released lock's key stays on one master until its TTL (seen on ~1.5% of
-/// distinct names): each such name then has one master fewer to lose before nobody can
-/// lock it, for a TTL after the release.
+/// Redlock: a released lock's key (and a resigned leader's record) stayed on one master
+/// until its TTL, on ~1% of distinct names: the acquire still in flight to the third master
+/// after a quorum answered was sent after the release's delete (reliability entry 94).
+/// Each such name then had one master fewer to lose before nobody could lock it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_release_leaves_no_lock_key_on_any_master() {
     let redis = RedisServers::start_async(3).await;
-    let mut monitors: Vec<_> = redis
-        .servers()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            std::process::Command::new("redis-cli")
-                .args(["-p", &s.port().to_string(), "MONITOR"])
-                .stdout(std::fs::File::create(format!("/tmp/leak-monitor-{i}.log")).unwrap())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
     let coord = Coordinator::connect(&redis.redlock_url()).await.unwrap();
-    cycles(&coord, Kind::Lock, 0, 1000).await;
+    cycles(&coord, Kind::Lock, 0, 600).await;
+    cycles(&coord, Kind::Campaign, 0, 400).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut left = Vec::new();
     for (i, s) in redis.servers().iter().enumerate() {
-        for k in redis_cli(s.port(), &["--scan", "--pattern", "job-*"]).lines() {
-            let pttl = redis_cli(s.port(), &["PTTL", k]);
-            left.push(format!("master {i}: {k} pttl {}", pttl.trim()));
+        for pattern in ["job-*", "baton:leader:*"] {
+            for k in redis_cli(s.port(), &["--scan", "--pattern", pattern]).lines() {
+                let pttl = redis_cli(s.port(), &["PTTL", k]);
+                left.push(format!("master {i}: {k} pttl {}", pttl.trim()));
+            }
         }
     }
-    for m in &mut monitors {
-        let _ = m.kill();
-        let _ = m.wait();
-    }
+    coord.close().await.unwrap();
     assert!(left.is_empty(), "released locks' keys left: {left:#?}");
 }

@@ -643,6 +643,7 @@ impl RedisClientBuilder {
                 launcher: watchdog::Launcher::default(),
                 cleanups: tokio_util::task::TaskTracker::new(),
                 stragglers: tokio_util::task::TaskTracker::new(),
+                stray_acquires: StdMutex::new(HashMap::new()),
                 fifo_refused: std::sync::atomic::AtomicBool::new(false),
             }),
         })
@@ -762,6 +763,9 @@ pub(crate) struct ClientInner {
     /// it answers again, even after we hung up), or was never sent (the master had no
     /// connection), so waiting longer for its answer would only hold the caller up.
     pub(crate) stragglers: tokio_util::task::TaskTracker,
+    /// The tokens whose acquires are still in flight after a quorum took the key, and
+    /// whether the hold's release has begun (see `finish_acquire_in_background`).
+    pub(crate) stray_acquires: StdMutex<HashMap<String, bool>>,
     /// Set when the server refused the FIFO queue's keys (an ACL written for the keys Baton
     /// used before, without `baton:queue:*` and `baton:waiter:*`): this client's waiters
     /// then no longer queue.
@@ -988,6 +992,7 @@ impl ClientInner {
             launcher: watchdog::Launcher::default(),
             cleanups: tokio_util::task::TaskTracker::new(),
             stragglers: tokio_util::task::TaskTracker::new(),
+            stray_acquires: StdMutex::new(HashMap::new()),
             fifo_refused: std::sync::atomic::AtomicBool::new(false),
         })
     }

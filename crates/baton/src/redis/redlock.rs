@@ -270,9 +270,23 @@ impl ClientInner {
                 // in the background.
                 let (node, keys, token) = (node.clone(), keys.clone(), token.to_string());
                 let record = record.map(<[u8]>::to_vec);
+                let inner = self.clone();
                 async move {
-                    node.acquire(&keys, &token, ttl_ms, fence, record.as_deref())
-                        .await
+                    let taken = node
+                        .acquire(&keys, &token, ttl_ms, fence, record.as_deref())
+                        .await;
+                    // A straggler (see `finish_acquire_in_background`) that took the key
+                    // after the hold's release began: the release may have reached this
+                    // master first, so take the key back (compare-and-delete: only ours).
+                    if matches!(taken, Ok(NodeAcquire::Taken(_)))
+                        && inner.stray_acquire_released(&token)
+                    {
+                        tracing::debug!(key = %keys.lock, "an acquire landed after its release: deleting it");
+                        if let Err(e) = node.release(&keys, &token).await {
+                            tracing::debug!(error = %e, "deleting a late acquire failed; it expires with its ttl");
+                        }
+                    }
+                    taken
                 }
             })
             .collect();
@@ -328,7 +342,7 @@ impl ClientInner {
             // are stragglers of the client, as a release's are, so that `close()` waits
             // for them (for a straggler wait) and no write is left running unseen.
             if !calls.is_empty() {
-                self.finish_in_background(calls, "acquire");
+                self.finish_acquire_in_background(calls, token);
             }
             return Attempt::Acquired {
                 fence: if fence { token_value } else { None },
@@ -502,6 +516,16 @@ impl ClientInner {
     /// if every node that answered failed.
     async fn release_settled(&self, keys: &Keys, token: &str, cleanup: bool) -> Result<Released> {
         let (n, q) = (self.nodes.len(), self.quorum);
+        // Before any delete is sent: an acquire of this token still in flight that takes its
+        // master's key after this point deletes it again (see `finish_acquire_in_background`).
+        if let Some(released) = self
+            .stray_acquires
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(token)
+        {
+            *released = true;
+        }
         let calls: Race<_> = self
             .nodes
             .iter()
@@ -567,6 +591,54 @@ impl ClientInner {
             self.hub
                 .wake_local(&keys.channel, format!("{token}:0").as_bytes());
         }
+    }
+
+    /// [`finish_in_background`](Self::finish_in_background) for the acquires still in flight
+    /// after a quorum took the key for `token`: until they end, a release of `token` marks
+    /// them (see [`stray_acquire_released`](Self::stray_acquire_released)), and one that
+    /// then takes its master's key deletes it again.
+    ///
+    /// Their requests may not have been sent yet when the attempt returned (a future polled
+    /// once is not a request queued on its connection), so the hold's release could reach
+    /// such a master before its acquire: the key was then set again after the release, for
+    /// a whole TTL, under a token no one holds (about 1% of lock cycles on three masters;
+    /// that name then had one master fewer to lose before no one could lock it).
+    fn finish_acquire_in_background<F>(self: &Arc<Self>, mut calls: Race<F>, token: &str)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send,
+    {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.stray_acquires
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string(), false);
+        let (inner, token) = (self.clone(), token.to_string());
+        self.stragglers.spawn_on(
+            async move {
+                while calls.next().await.is_some() {}
+                inner
+                    .stray_acquires
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&token);
+            }
+            .instrument(tracing::debug_span!("stragglers", what = "acquire")),
+            &handle,
+        );
+    }
+
+    /// True if a release of `token` began while acquires of it were still in flight (see
+    /// [`finish_acquire_in_background`](Self::finish_acquire_in_background)).
+    fn stray_acquire_released(&self, token: &str) -> bool {
+        self.stray_acquires
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Let `calls` (writes a quorum no longer waits for) finish in a task tracked by the
