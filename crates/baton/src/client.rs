@@ -23,7 +23,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// | URL | backend |
 /// |---|---|
-/// | `mem://` or `mem://NAME` | the embedded store of this process (one per name) |
+/// | `mem://` or `mem://NAME` | the embedded store of this process (one per name); it keeps every change until [`compact`](crate::store::Store::compact)ed |
 /// | `http://h:p[,http://h:p…]`, `etcd://h:p,h:p` | etcd (feature `etcd`) |
 /// | `https://h:p[,https://h:p…]` | etcd over TLS ([`ClientBuilder::with_tls`]) |
 ///
