@@ -8,6 +8,8 @@
 //! - [`ports`]: free loopback ports that parallel tests never share.
 //! - [`conformance`]: the behaviours every store must show, run on every backend.
 //! - [`proxy`]: a TCP fault proxy (delay, jitter, pause, blackhole, reset, per direction).
+//! - [`lost_answers`]: a store over another that applies chosen transactions and loses
+//!   their answers.
 //! - [`oracle`]: the fenced-resource oracle and the history checker of the fault suite.
 //! - [`scenarios`]: fault scenarios shared by the fault suites of every backend.
 //! - [`worker`]: worker processes that tests pause (SIGSTOP/SIGCONT) and kill.
@@ -34,6 +36,7 @@
 
 pub mod conformance;
 pub mod etcd;
+pub mod lost_answers;
 pub mod oracle;
 pub mod ports;
 mod process;
