@@ -1008,6 +1008,24 @@ mod tests {
         assert_eq!(names, ["jobs/a"]);
     }
 
+    /// A queue claim's marker (`__NAME/claimed/<random>.marker`, leased) is no lock, and
+    /// no queue item.
+    #[test]
+    fn a_queue_claim_marker_is_no_lock_nor_item() {
+        let kvs = [
+            kv(
+                "__jobs/claimed/0123456789abcdef0123456789abcdef.marker",
+                "jobs/1700000000000000000",
+                7,
+                0x694d_7a1b_2c3d_4e5f,
+            ),
+            kv("jobs/a/2c", "", 8, 0x2c),
+        ];
+        let names: Vec<String> = group(&kvs).into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["jobs/a"]);
+        assert!(queues(&kvs).is_empty());
+    }
+
     #[test]
     fn semaphores_show_granted_keys_as_holders() {
         let kvs = [

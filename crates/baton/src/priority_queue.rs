@@ -81,6 +81,7 @@ impl PriorityQueue {
                 order: SortTarget::Key,
                 is_item: is_item_kv,
                 hand_back: Default::default(),
+                marks: Default::default(),
             },
         })
     }

@@ -65,9 +65,15 @@ macro_rules! take_methods {
         ///
         /// A claim's first send is waited for up to the request timeout, as any request. If
         /// it fails in flight (no answer: the server may have applied it), it is sent again
-        /// until answered, for about one request timeout in all (the first send included);
-        /// then this fails with [`Error::Store`](crate::Error::Store), saying the item may
-        /// have been taken.
+        /// until answered, for about one request timeout in all (the first send included).
+        /// A resend that finds the item gone reads the claim's marker (a key
+        /// `__NAME/claimed/<random>.marker` the claim writes beside its delete, under a
+        /// lease of the handle's, deleted afterwards): if our first send took the item, its
+        /// value is read as it was just before, and returned; if someone else did, the
+        /// next item is claimed. Only if this cannot be told within that time (or the
+        /// item's old value was compacted away in between, or the role does not cover
+        /// `__NAME/`: then claims go without a marker) this fails with
+        /// [`Error::Store`](crate::Error::Store), saying the item may have been taken.
         pub async fn dequeue(&self) -> $crate::Result<Vec<u8>> {
             match self
                 .items
@@ -187,22 +193,30 @@ pub(crate) use take_methods;
 /// takes them. Taking is the only delete. An item belongs to its consumer from the moment
 /// `dequeue` returns it, so an item is processed at most once: if the consumer dies before
 /// it is done, the item is gone with it (re-enqueue it if it must be retried). If the
-/// connection fails while a claim is in flight, `dequeue` returns an error rather than an
-/// item it may not own, and the item may be lost; an `enqueue` whose answer is lost may or
-/// may not have happened.
+/// connection fails while a claim is in flight, the claim is sent again, and a marker the
+/// claim writes (`__NAME/claimed/<random>.marker`, under a lease, deleted once the claim's
+/// outcome is known) tells whether the first send took the item: then its value is read
+/// as it was just before (etcd keeps it until a compaction) and returned. Only if that
+/// cannot be told in time (about one request timeout), `dequeue` returns an error rather
+/// than an item it may not own, and the item may be lost. An `enqueue` whose answer is
+/// lost may or may not have happened.
 ///
 /// A claim sent is applied by the server whatever the consumer does next, so
 /// [`dequeue_timeout`](Queue::dequeue_timeout) and [`dequeue_until`](Queue::dequeue_until)
 /// wait for the answer to a claim in flight when their deadline passes (up to the request
 /// timeout), and return its item. A claim that fails in flight is sent again until it is
-/// answered, for about one request timeout in all, and by these two only until their
-/// deadline: then they fail saying the item may have been taken. Dropping a `dequeue`
+/// answered (and its marker read), for about one request timeout in all, and by these two
+/// only until their deadline: then they fail saying the item may have been taken. Dropping a `dequeue`
 /// future during a claim (under `tokio::time::timeout`, say) loses nothing: the claim runs
 /// on in a task, and an item it wins goes to the handle's next dequeue, or back into the
 /// queue (at the back: a FIFO queue orders by create revision); see
 /// [`dequeue`](Queue::dequeue). Putting an item back writes, with it, a marker key
 /// `__NAME/returned/<lease>.marker` under a lease of its own (deleted once the item is
-/// back), so that a put-back whose answer is lost is not sent twice.
+/// back), so that a put-back whose answer is lost is not sent twice. Each claim writes a
+/// marker too, `__NAME/claimed/<random>.marker` (see above; one more request every 40 s
+/// per handle for its lease, none per dequeue): a role for a queue wants `__NAME/` as well
+/// as `NAME/` (without it, claims go without a marker, and an item whose claim loses its
+/// answer may be lost, as before).
 ///
 /// # Waiting
 ///
@@ -265,6 +279,7 @@ impl Queue {
                 order: SortTarget::CreateRevision,
                 is_item,
                 hand_back: Default::default(),
+                marks: Default::default(),
             },
         })
     }
@@ -346,6 +361,9 @@ pub(crate) struct Items {
     pub(crate) is_item: fn(&[u8], &KeyValue) -> bool,
     /// The items won by claims whose dequeue was dropped, shared by the handle's clones.
     pub(crate) hand_back: Arc<HandBack>,
+    /// The markers of the handle's claims, shared by its clones (see
+    /// [`claim_here`](Items::claim_here)).
+    pub(crate) marks: Arc<ClaimMarks>,
 }
 
 /// A caller's `stop`, kept once it has completed: polled again, it is ready at once, without
@@ -492,7 +510,15 @@ impl Items {
             return Ok(Taken::Item(value));
         }
         loop {
-            let mut resp = or_stop!(self.store.range(self.read(BATCH)))?;
+            // The lease of the claims' markers (granted once in a while, see
+            // `claim_here`), asked for beside the read rather than before the claim, which
+            // would add a round trip to the first dequeue of a handle (`baton queue pop`'s
+            // only one); `stop` ends a grant that hangs, as a read.
+            let (resp, lease) = or_stop!(futures::future::join(
+                self.store.range(self.read(BATCH)),
+                self.mark_lease(false)
+            ));
+            let mut resp = resp?;
             if resp.more && !resp.kvs.iter().any(|kv| self.is_item(kv)) {
                 // A nested name's keys fill the batch: read everything.
                 resp = or_stop!(self.store.range(self.read(0)))?;
@@ -511,7 +537,7 @@ impl Items {
                 // applied whatever we do, so its answer is awaited.
                 or_stop!(std::future::ready(()));
                 tracing::debug!(key = %item.key_str(), "claiming");
-                match self.claim(&item, stop.as_mut()).await? {
+                match self.claim(&item, lease, stop.as_mut()).await? {
                     Claim::Won(value) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
                         return Ok(Taken::Item(value));
@@ -543,11 +569,12 @@ impl Items {
     async fn claim<F: Future>(
         &self,
         item: &KeyValue,
+        lease: Option<crate::store::LeaseId>,
         mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime to run a task on (nor, then, to drop this future under a timer).
-            return self.claim_here(item, stop).await;
+            return self.claim_here(item, lease, stop).await;
         };
         let (answer, answered) = tokio::sync::oneshot::channel::<Result<Claim>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -567,7 +594,7 @@ impl Items {
                         std::future::pending::<()>().await;
                     }
                 }));
-                let claimed = items.claim_here(&kv, stop).await;
+                let claimed = items.claim_here(&kv, lease, stop).await;
                 let Some(answer) = answer.answer.take() else {
                     return;
                 };
@@ -616,8 +643,8 @@ impl Items {
     }
 
     /// Delete `item` if it is still the one read: `Won` with its value if we took it,
-    /// `Lost` if someone else did, `Unknown` if the claim failed in flight and the item is
-    /// gone or may be (it may be ours or someone else's: it is not returned).
+    /// `Lost` if someone else did, `Unknown` if the claim failed in flight and whether the
+    /// item is ours cannot be told (see below).
     ///
     /// The claim reads the item's value in the same transaction, before deleting it: the
     /// candidates were read without values, and this read costs no extra request. It runs
@@ -627,75 +654,120 @@ impl Items {
     /// received even if its caller gave up): reading the item and finding it unchanged
     /// proves nothing. The same compare-and-delete is sent again until it is answered: it
     /// matches only the item as read, so "succeeded" means ours, and "failed" means the
-    /// item is gone, by our first request or someone else's.
+    /// item is gone, by our first request or someone else's. To tell which, the claim also
+    /// puts a marker key of its own, `__NAME/claimed/<random 128 bits in hex>.marker`
+    /// (the item's key as its value; outside the queue's items, where the put-back markers
+    /// are), and the failed resend reads it: there, our first send took the item, whose
+    /// value is then read as it was just before (at the revision before the marker's), as
+    /// etcd keeps it until a compaction; absent (and its lease still alive), someone
+    /// else's did: `Lost`. Only a claim whose outcome the deadline below cuts off, or
+    /// whose item's old value was compacted away, is `Unknown` (a warning says so).
+    ///
+    /// Cost: no extra request on a claim answered at once; its transaction writes the
+    /// marker beside the delete (one revision), and deletes the markers of the handle's
+    /// earlier claims whose outcome is known (so each dequeue writes 3 keys where it wrote
+    /// one). The markers are under `lease`, the handle's, granted beside the read before
+    /// its first claim (by [`take_once`](Items::take_once): no extra round trip, and
+    /// `stop` ends a grant that hangs; a handle that only finds its queue empty grants one
+    /// all the same) and
+    /// again every `ttl - 2 × request timeout` (`ttl` = 60 s, or 4 request timeouts if
+    /// longer: a request every 40 s by default), never kept alive: a process that exits
+    /// leaves its markers for at most a minute. The last markers of a handle that stops
+    /// claiming are deleted by a task after 1 s of quiet (one request). After a lost
+    /// answer: the resend as before, then one read (the item's old value, or the lease's
+    /// time to live).
+    ///
+    /// A role that does not cover `__NAME/` (the store refuses the claim with its marker
+    /// for permission) claims without one from then on, for the handle and its clones: a
+    /// failed resend is then `Unknown`, as a bare claim cannot tell. Under etcd's NOSPACE
+    /// alarm (which refuses puts and lease grants, not deletes) claims go without a marker
+    /// too, while it lasts (a failed grant is not asked again for a second).
     ///
     /// The first send is awaited, whatever `stop` does (within the store's request timeout,
-    /// as any request). Once it has failed in flight, `stop` is polled between resends, and
-    /// the claim gives up (`Unknown`) when it completes or when about one request timeout
-    /// has passed since the first send: the store's request timeout
-    /// ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store without one),
-    /// or less if the first send timed out sooner (then nothing is sent again). A resend in
-    /// flight is cut off at that deadline, not by `stop`.
+    /// as any request). Once it has failed in flight, `stop` is polled between resends (and
+    /// reads of the outcome), and the claim gives up (`Unknown`) when it completes or when
+    /// about one request timeout has passed since the first send: the store's request
+    /// timeout ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store
+    /// without one), or less if the first send timed out sooner (then nothing is sent
+    /// again). A resend or read in flight is cut off at that deadline, not by `stop`.
     async fn claim_here<F: Future>(
         &self,
         item: &KeyValue,
+        lease: Option<crate::store::LeaseId>,
         mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                item.key.clone(),
-                CompareOp::Equal,
-                item.mod_revision,
-            )])
-            .and_then([
-                // Before the delete: a read in a transaction sees its earlier writes.
-                TxnOp::get(Range::key(item.key.clone())),
-                TxnOp::delete(item.key.clone()),
-            ]);
-        // The value the claim read, if it won.
-        let won = |resp: TxnResponse| -> Claim {
-            if !resp.succeeded {
-                return Claim::Lost;
-            }
-            let value = resp
-                .responses
-                .into_iter()
-                .next()
-                .and_then(|r| match r {
-                    TxnOpResponse::Get(get) => get.kvs.into_iter().next(),
-                    _ => None,
-                })
-                .map(|kv| kv.value);
-            match value {
-                Some(value) => Claim::Won(value),
-                // The compare held, so the key was there: a store that does not say so
-                // took the item without giving it.
-                None => {
-                    tracing::warn!(key = %item.key_str(), "a claim won but read no item");
-                    Claim::Unknown
+        let bound = self
+            .store
+            .request_timeout()
+            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
+        // Claim with a marker unless the store refused one; a lease gone (the process was
+        // paused past it) is granted again once.
+        let mut lease = lease;
+        let mut regranted = false;
+        let mut refused_marker = None;
+        let (txn, mark, deleting, deadline) = loop {
+            let mark = lease.map(|lease| (claim_marker_key(&self.prefix), lease));
+            let deleting = if mark.is_some() {
+                self.marks.to_delete()
+            } else {
+                Vec::new()
+            };
+            let txn = claim_txn(item, mark.as_ref(), &deleting);
+            let started = tokio::time::Instant::now();
+            let deadline = started + bound;
+            match self.store.txn(txn.clone()).await {
+                Ok(resp) => {
+                    if let Some(e) = refused_marker.take() {
+                        // Claimed bare after the marker was refused: the role does not
+                        // cover `__NAME/`. Said once per handle.
+                        tracing::warn!(
+                            error = %e,
+                            "the store refuses a queue claim's marker (does the role cover the \
+                             marker's prefix `__NAME/`?); this handle claims without one, so \
+                             an item whose claim loses its answer may be lost"
+                        );
+                        self.marks.lock().bare = true;
+                    }
+                    self.settle_marks(mark.map(|(m, _)| m), &deleting);
+                    return Ok(claim_won(item, resp));
+                }
+                Err(Error::LeaseNotFound(_)) if mark.is_some() && !regranted => {
+                    // Not applied: the marker's lease expired (a process paused past it).
+                    regranted = true;
+                    lease = self.mark_lease(true).await;
+                }
+                Err(e) if mark.is_some() && crate::ownership::refused_for_space(&e) => {
+                    // Not applied: etcd's NOSPACE alarm refuses puts (the marker's), not
+                    // deletes, and draining a queue is a way out of it. This claim goes
+                    // without a marker; the next tries one again.
+                    tracing::debug!(error = %e, "a claim's marker was refused for space; claiming without one");
+                    lease = None;
+                }
+                Err(e @ Error::PermissionDenied(_)) if mark.is_some() => {
+                    // Not applied: try without the marker.
+                    lease = None;
+                    refused_marker = Some(e);
+                }
+                // Refused (access, bad input): not applied.
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    let mut deadline = deadline;
+                    if let Error::Timeout { after, .. } = e {
+                        // The store's request timeout: the claim has had it all.
+                        deadline = deadline.min(started + after);
+                    }
+                    tracing::debug!(error = %e, "a claim failed in flight");
+                    break (txn, mark, deleting, deadline);
                 }
             }
         };
-        let started = tokio::time::Instant::now();
-        let mut deadline = started
-            + self
-                .store
-                .request_timeout()
-                .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
-        match self.store.txn(txn.clone()).await {
-            Ok(resp) => return Ok(won(resp)),
-            // Refused (access, bad input): not applied.
-            Err(e) if !e.is_retryable() => return Err(e),
-            Err(e) => {
-                if let Error::Timeout { after, .. } = e {
-                    // The store's request timeout: the claim has had it all.
-                    deadline = deadline.min(started + after);
-                }
-                tracing::debug!(error = %e, "a claim failed in flight");
-            }
-        }
+        // Whatever the outcome, the marker is not needed past this claim.
+        let settle = |answered: bool| {
+            let deleted: &[Vec<u8>] = if answered { &deleting } else { &[] };
+            self.settle_marks(mark.as_ref().map(|(m, _)| m.clone()), deleted);
+        };
         let mut backoff = crate::watching::Backoff::new();
-        loop {
+        let failed = loop {
             match unless(
                 stop.as_mut(),
                 tokio::time::timeout_at(deadline, backoff.sleep()),
@@ -705,22 +777,200 @@ impl Items {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     tracing::debug!("a claim failed in flight: its time is up");
+                    settle(false);
                     return Ok(Claim::Unknown);
                 }
                 Err(_) => {
                     tracing::debug!("a claim failed in flight: stopped, sending it no more");
+                    settle(false);
                     return Ok(Claim::Unknown);
                 }
             }
             match tokio::time::timeout_at(deadline, self.store.txn(txn.clone())).await {
                 // Ours: the first send was not applied, this one was.
-                Ok(Ok(resp)) if resp.succeeded => return Ok(won(resp)),
+                Ok(Ok(resp)) if resp.succeeded => {
+                    settle(true);
+                    return Ok(claim_won(item, resp));
+                }
+                // Failed: the item is gone, by our first send or someone else's.
+                Ok(Ok(resp)) => break resp,
                 Ok(Err(e)) if e.is_retryable() => {
                     tracing::debug!(error = %e, "a claim failed in flight again");
                 }
-                // Failed: the item is gone, by our first send or someone else's.
-                Ok(_) | Err(_) => return Ok(Claim::Unknown),
+                Ok(Err(_)) | Err(_) => {
+                    settle(false);
+                    return Ok(Claim::Unknown);
+                }
             }
+        };
+        settle(true);
+        let Some((marker, lease)) = mark else {
+            // A bare claim cannot tell.
+            return Ok(Claim::Unknown);
+        };
+        // The else branch read our marker: there, the first send took the item, in the
+        // revision that wrote the marker.
+        let found = failed
+            .responses
+            .first()
+            .and_then(|r| r.as_get())
+            .and_then(|get| get.kvs.first())
+            .map(|kv| kv.mod_revision);
+        let key = item.key_str();
+        let Some(claimed_at) = found else {
+            // Absent: someone else took it, unless the marker's lease is gone (the process
+            // was paused past it), which would have deleted it.
+            let alive = retried(deadline, stop.as_mut(), || {
+                self.store.lease_time_to_live(lease)
+            })
+            .await;
+            return Ok(match alive {
+                Ok(Some(_)) => {
+                    tracing::debug!(key = %key, "a claim failed in flight; its item was taken by another");
+                    Claim::Lost
+                }
+                Ok(None) => {
+                    tracing::warn!(key = %key, marker = %String::from_utf8_lossy(&marker), "a claim failed in flight and its marker's lease is gone: whether it took the item cannot be told");
+                    Claim::Unknown
+                }
+                Err(why) => {
+                    tracing::warn!(key = %key, %why, "a claim failed in flight: cannot tell whether it took the item");
+                    Claim::Unknown
+                }
+            });
+        };
+        // Ours: its value as it was just before our claim deleted it.
+        let read = Range::key(item.key.clone()).at_revision(claimed_at - 1);
+        let value = retried(deadline, stop.as_mut(), || self.store.range(read.clone())).await;
+        match value.map(|resp| resp.kvs.into_iter().next()) {
+            Ok(Some(kv)) => {
+                tracing::debug!(key = %key, "a claim failed in flight; its first send took the item");
+                Ok(Claim::Won(kv.value))
+            }
+            Ok(None) => {
+                tracing::warn!(key = %key, "a claim failed in flight and took the item, but its value was not found");
+                Ok(Claim::Unknown)
+            }
+            Err(why) => {
+                tracing::warn!(key = %key, %why, "a claim failed in flight and took the item, but cannot read its value (compacted?)");
+                Ok(Claim::Unknown)
+            }
+        }
+    }
+
+    /// The lease for the markers of this handle's claims ([`claim_here`](Items::claim_here)),
+    /// granted if there is none young enough (or `again`: the last one was not found);
+    /// `None` to claim without a marker (the store refused one, or no lease was granted).
+    async fn mark_lease(&self, again: bool) -> Option<crate::store::LeaseId> {
+        let bound = self
+            .store
+            .request_timeout()
+            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
+        let ttl = CLAIM_MARK_TTL.max(bound * 4);
+        // A marker outlives its claim's deadline (one request timeout) with time to spare.
+        let reuse = ttl - bound * 2;
+        {
+            let state = self.marks.lock();
+            if state.bare {
+                return None;
+            }
+            if let Some((lease, at)) = state.lease {
+                if !again && at.elapsed() < reuse {
+                    return Some(lease);
+                }
+            }
+            if state
+                .no_grant_until
+                .is_some_and(|until| tokio::time::Instant::now() < until)
+            {
+                // A grant failed just now (etcd's NOSPACE alarm refuses them): not one
+                // more round trip per claim.
+                return None;
+            }
+        }
+        let asked = tokio::time::Instant::now();
+        match self.store.lease_grant(ttl).await {
+            Ok(grant) => {
+                let mut state = self.marks.lock();
+                state.lease = Some((grant.id, asked));
+                state.no_grant_until = None;
+                Some(grant.id)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot grant a lease for claim markers; claiming without one");
+                self.marks.lock().no_grant_until =
+                    Some(tokio::time::Instant::now() + CLAIM_MARKS_FLUSH_AFTER);
+                None
+            }
+        }
+    }
+
+    /// A claim is over: `marker` (if it had one) is to be deleted, by the handle's next
+    /// claim or, after a quiet second, by a task; `deleted`, the markers its answered
+    /// transaction deleted, are gone.
+    fn settle_marks(&self, marker: Option<Vec<u8>>, deleted: &[Vec<u8>]) {
+        let mut state = self.marks.lock();
+        state.done.retain(|m| !deleted.contains(m));
+        state.done.extend(marker);
+        state.last_claim = Some(tokio::time::Instant::now());
+        if state.done.is_empty() || state.flushing {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Left to the next claim, or to the lease.
+            return;
+        };
+        state.flushing = true;
+        drop(state);
+        runtime.spawn(self.clone().flush_marks().in_current_span());
+    }
+
+    /// Delete the markers of claims whose outcome is known once the handle has claimed
+    /// nothing for [`CLAIM_MARKS_FLUSH_AFTER`] (a claim deletes them meanwhile). One task at
+    /// a time (`flushing`). A failure leaves them to their lease.
+    async fn flush_marks(self) {
+        /// Dropped with its runtime, the task is no longer flushing.
+        struct Flushing(Option<Arc<ClaimMarks>>);
+        impl Drop for Flushing {
+            fn drop(&mut self) {
+                if let Some(marks) = self.0.take() {
+                    marks.lock().flushing = false;
+                }
+            }
+        }
+        let mut flushing = Flushing(Some(self.marks.clone()));
+        loop {
+            let quiet = self
+                .marks
+                .lock()
+                .last_claim
+                .map(|at| at + CLAIM_MARKS_FLUSH_AFTER);
+            if let Some(quiet) = quiet {
+                if tokio::time::Instant::now() < quiet {
+                    tokio::time::sleep_until(quiet).await;
+                    continue;
+                }
+            }
+            let done: Vec<Vec<u8>> = {
+                let mut state = self.marks.lock();
+                if state.done.is_empty() {
+                    // Under the lock: a claim settled later starts a new task.
+                    state.flushing = false;
+                    flushing.0 = None;
+                    return;
+                }
+                state
+                    .done
+                    .iter()
+                    .take(CLAIM_MARKS_PER_TXN)
+                    .cloned()
+                    .collect()
+            };
+            let txn = Txn::new().and_then(done.iter().map(|m| TxnOp::delete(m.clone())));
+            if let Err(e) = self.store.txn(txn).await {
+                tracing::debug!(error = %e, "cannot delete claim markers; their lease will");
+            }
+            self.marks.lock().done.retain(|m| !done.contains(m));
         }
     }
 
@@ -735,6 +985,152 @@ impl Items {
             state.held.len() + state.sending
         };
         Ok(resp.kvs.iter().filter(|kv| self.is_item(kv)).count() + handed_back)
+    }
+}
+
+/// The least TTL of the lease under which a handle's claim markers are put (see
+/// [`Items::claim_here`]); four request timeouts if that is longer. The lease is never kept
+/// alive: a new one is granted when the marker of a claim sent under the old one could
+/// expire before the claim's deadline.
+const CLAIM_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The markers of earlier claims one claim (or the task that deletes them) deletes at most.
+const CLAIM_MARKS_PER_TXN: usize = 16;
+
+/// How long a handle claims nothing before a task deletes its last claims' markers.
+const CLAIM_MARKS_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The markers of a queue handle's claims ([`Items::claim_here`]), shared by its clones.
+#[derive(Default)]
+pub(crate) struct ClaimMarks {
+    state: std::sync::Mutex<MarksState>,
+}
+
+#[derive(Default)]
+struct MarksState {
+    /// The lease the markers are put under, and when it was asked for.
+    lease: Option<(crate::store::LeaseId, tokio::time::Instant)>,
+    /// The store refused a claim's marker (a role that does not cover `__NAME/`): the
+    /// handle claims without one.
+    bare: bool,
+    /// Markers of claims whose outcome is known: deleted by the next claim, or by a task.
+    done: Vec<Vec<u8>>,
+    /// When the last claim ended.
+    last_claim: Option<tokio::time::Instant>,
+    /// A lease grant failed: none is asked for before this.
+    no_grant_until: Option<tokio::time::Instant>,
+    /// True while a task waits to delete `done`.
+    flushing: bool,
+}
+
+impl ClaimMarks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarksState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The markers the next claim deletes.
+    fn to_delete(&self) -> Vec<Vec<u8>> {
+        let state = self.lock();
+        state
+            .done
+            .iter()
+            .take(CLAIM_MARKS_PER_TXN)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The marker of one claim of the queue `NAME/`: `__NAME/claimed/<128 random bits in
+/// hex>.marker`, outside the queue's items, and not shaped as a lock's key (which ends in
+/// its lease in hex) nor as an item (digits).
+fn claim_marker_key(prefix: &str) -> Vec<u8> {
+    format!("__{prefix}claimed/{:032x}.marker", rand::random::<u128>()).into_bytes()
+}
+
+/// The claim of `item`: if its mod revision is still the one read, read it and delete it,
+/// and put `mark` (a marker key and its lease), if any; else read the marker. Both delete
+/// the markers of earlier claims, `done`.
+fn claim_txn(
+    item: &KeyValue,
+    mark: Option<&(Vec<u8>, crate::store::LeaseId)>,
+    done: &[Vec<u8>],
+) -> Txn {
+    let deletes = || done.iter().map(|m| TxnOp::delete(m.clone()));
+    let mut then = vec![
+        // Before the delete: a read in a transaction sees its earlier writes.
+        TxnOp::get(Range::key(item.key.clone())),
+        TxnOp::delete(item.key.clone()),
+    ];
+    let mut otherwise = Vec::new();
+    if let Some((marker, lease)) = mark {
+        then.push(TxnOp::put(marker.clone(), item.key.clone(), *lease));
+        otherwise.push(TxnOp::get(Range::key(marker.clone()).keys_only()));
+    }
+    then.extend(deletes());
+    otherwise.extend(deletes());
+    Txn::new()
+        .when([Compare::mod_revision(
+            item.key.clone(),
+            CompareOp::Equal,
+            item.mod_revision,
+        )])
+        .and_then(then)
+        .or_else(otherwise)
+}
+
+/// What an answered claim of `item` says: `Won` with the value it read, or `Lost`.
+fn claim_won(item: &KeyValue, resp: TxnResponse) -> Claim {
+    if !resp.succeeded {
+        return Claim::Lost;
+    }
+    let value = resp
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs.into_iter().next(),
+            _ => None,
+        })
+        .map(|kv| kv.value);
+    match value {
+        Some(value) => Claim::Won(value),
+        // The compare held, so the key was there: a store that does not say so took the
+        // item without giving it.
+        None => {
+            tracing::warn!(key = %item.key_str(), "a claim won but read no item");
+            Claim::Unknown
+        }
+    }
+}
+
+/// `read`, sent again after a failure in flight (with backoff, `stop` polled between
+/// sends) until `deadline`, where a read in flight is cut off: `Err` saying why it gave up
+/// (refused, compacted, the deadline, `stop`).
+async fn retried<F: Future, T, R: Future<Output = Result<T>>>(
+    deadline: tokio::time::Instant,
+    mut stop: Pin<&mut Stop<F>>,
+    read: impl Fn() -> R,
+) -> std::result::Result<T, String> {
+    let mut backoff = crate::watching::Backoff::new();
+    loop {
+        match tokio::time::timeout_at(deadline, read()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) if e.is_retryable() => {
+                tracing::debug!(error = %e, "a read of a claim's outcome failed; will retry");
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("its time is up".into()),
+        }
+        match unless(
+            stop.as_mut(),
+            tokio::time::timeout_at(deadline, backoff.sleep()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("its time is up".into()),
+            Err(_) => return Err("stopped".into()),
+        }
     }
 }
 
@@ -2537,6 +2933,11 @@ mod tests {
         claim_for_nobody(&q, &store).await;
         tokio::time::sleep(HOLD_FOR + Duration::from_millis(300)).await;
         let keys = store.inner.range(Range::prefix("")).await.unwrap().kvs;
+        // The claim's marker (`__jobs/claimed/…`) is deleted after a quiet second.
+        let keys: Vec<_> = keys
+            .into_iter()
+            .filter(|kv| !kv.key_str().contains("/claimed/"))
+            .collect();
         assert_eq!(keys.len(), 1, "the item alone is back in the store");
         assert_eq!(keys[0].value.len(), lo, "the item itself");
     }
