@@ -615,15 +615,23 @@ impl ClientInner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.to_string(), false);
-        let (inner, token) = (self.clone(), token.to_string());
-        self.stragglers.spawn_on(
-            async move {
-                while calls.next().await.is_some() {}
-                inner
+        // Unmarked when the task ends, or is dropped unfinished (its runtime shut down): a
+        // client may outlive the runtime, and would keep the mark for good.
+        struct Unmark(Arc<ClientInner>, String);
+        impl Drop for Unmark {
+            fn drop(&mut self) {
+                self.0
                     .stray_acquires
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&token);
+                    .remove(&self.1);
+            }
+        }
+        let unmark = Unmark(self.clone(), token.to_string());
+        self.stragglers.spawn_on(
+            async move {
+                let _unmark = unmark;
+                while calls.next().await.is_some() {}
             }
             .instrument(tracing::debug_span!("stragglers", what = "acquire")),
             &handle,
@@ -863,6 +871,30 @@ fn leader_value(mut recs: Vec<NodeRecord>, quorum: usize) -> Option<NodeRecord> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The acquires left in flight after a quorum took the key are marked under their token
+    /// until they end; if the runtime they run on shuts down first (the task is dropped
+    /// unfinished), the mark must go too, or a client that outlives a runtime (one per
+    /// test, say) keeps one entry per such hold for good.
+    #[test]
+    fn stray_acquire_marks_do_not_outlive_their_runtime() {
+        let client = ClientInner::unconnected(Duration::from_secs(5));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let calls: Race<_> = std::iter::once(std::future::pending::<()>()).collect();
+            client.finish_acquire_in_background(calls, "tok");
+            tokio::task::yield_now().await;
+        });
+        assert_eq!(client.stray_acquires.lock().unwrap().len(), 1);
+        drop(rt);
+        assert!(
+            client.stray_acquires.lock().unwrap().is_empty(),
+            "a mark left after its runtime shut down"
+        );
+    }
 
     fn rec(ver: i64, value: &str) -> NodeRecord {
         NodeRecord {
