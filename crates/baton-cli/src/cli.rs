@@ -432,16 +432,22 @@ fn single_dash_long_option(args: &[OsString], e: &clap::Error) -> Option<CliErro
         .find(|a| !a.starts_with("--") && a.len() > 2 && a.starts_with(flag.as_str()))?;
     // Only up to `=`: what follows may be a value not meant for stderr.
     let long = word[1..].split('=').next()?;
-    let (path, sub) = subcommand_of(args)?;
-    let known = Cli::command()
+    // Before the subcommand (`baton -endpoints URL lock ...`, where the README puts global
+    // options), no subcommand is found: the global options alone are known there.
+    let (path, sub) = match subcommand_of(args) {
+        Some((path, sub)) => (format!("baton {path}"), Some(sub)),
+        None => ("baton".to_string(), None),
+    };
+    let top = Cli::command();
+    let known = top
         .get_arguments()
-        .chain(sub.get_arguments())
+        .chain(sub.iter().flat_map(|s| s.get_arguments()))
         .any(|a| a.get_long() == Some(long));
     if !known {
         return None;
     }
     Some(CliError::failed(format!(
-        "unknown option '-{long}' of 'baton {path}': a long option takes two dashes: \
+        "unknown option '-{long}' of '{path}': a long option takes two dashes: \
          '--{long}' (see baton --help)"
     )))
 }

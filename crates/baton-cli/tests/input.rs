@@ -200,6 +200,27 @@ fn a_long_option_with_one_dash_names_the_option_meant() {
     }
 }
 
+/// A global option given with one dash where the README puts it, before the subcommand
+/// (`baton -endpoints URL lock ...`), is named too: it said only "unexpected argument '-e'".
+#[test]
+fn a_global_long_option_with_one_dash_before_the_subcommand_is_named() {
+    for (args, meant) in [
+        (&["-endpoints", "x", "lock", "n1", "--", "true"][..], "--endpoints"),
+        (&["-json", "status"], "--json"),
+        (&["-dial-timeout", "1s", "get", "k"], "--dial-timeout"),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let long = meant.trim_start_matches('-');
+        assert!(
+            err.contains(&format!("unknown option '-{long}'"))
+                && err.contains(&format!("two dashes: '{meant}'")),
+            "{args:?}: {err}"
+        );
+        assert_one_line_125_on("http://127.0.0.1:1", args, meant);
+    }
+}
+
 /// A stray `-5` on a command that runs no CMD (barrier, queue pop) drops clap's tip "to pass
 /// '-5' as a value, use '-- -5'": that command line is refused too. Where the tip works
 /// (`get -- -5` reads the key `-5`), it is kept.
