@@ -184,20 +184,27 @@ fn a_long_option_with_one_dash_names_the_option_meant() {
             "--endpoints",
         ),
     ] {
-        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
-        let err = String::from_utf8_lossy(&out.stderr);
-        let long = meant.trim_start_matches('-');
-        assert!(
-            err.contains(&format!("unknown option '-{long}'"))
-                && err.contains(&format!("two dashes: '{meant}'")),
-            "{args:?}: {err}"
-        );
+        let err = assert_names_the_long_option(args, meant);
         assert!(
             !err.contains("-- CMD") && !err.contains("=5s"),
             "{args:?}: {err}"
         );
-        assert_one_line_125_on("http://127.0.0.1:1", args, meant);
     }
+}
+
+/// Asserts that `args` fail with one line, exit 125, naming `-LONG` as unknown and `meant`
+/// (`--LONG`) as the option meant; returns stderr.
+fn assert_names_the_long_option(args: &[&str], meant: &str) -> String {
+    let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let long = meant.trim_start_matches('-');
+    assert!(
+        err.contains(&format!("unknown option '-{long}'"))
+            && err.contains(&format!("two dashes: '{meant}'")),
+        "{args:?}: {err}"
+    );
+    assert_one_line_125_on("http://127.0.0.1:1", args, meant);
+    err
 }
 
 /// A global option given with one dash where the README puts it, before the subcommand
@@ -205,19 +212,14 @@ fn a_long_option_with_one_dash_names_the_option_meant() {
 #[test]
 fn a_global_long_option_with_one_dash_before_the_subcommand_is_named() {
     for (args, meant) in [
-        (&["-endpoints", "x", "lock", "n1", "--", "true"][..], "--endpoints"),
+        (
+            &["-endpoints", "x", "lock", "n1", "--", "true"][..],
+            "--endpoints",
+        ),
         (&["-json", "status"], "--json"),
         (&["-dial-timeout", "1s", "get", "k"], "--dial-timeout"),
     ] {
-        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
-        let err = String::from_utf8_lossy(&out.stderr);
-        let long = meant.trim_start_matches('-');
-        assert!(
-            err.contains(&format!("unknown option '-{long}'"))
-                && err.contains(&format!("two dashes: '{meant}'")),
-            "{args:?}: {err}"
-        );
-        assert_one_line_125_on("http://127.0.0.1:1", args, meant);
+        assert_names_the_long_option(args, meant);
     }
 }
 
