@@ -44,6 +44,9 @@ struct Knobs {
     seen: AtomicU64,
     /// Answers lost so far.
     lost: AtomicU64,
+    /// How long a lost answer's error takes to come, in milliseconds (a timeout, a
+    /// connection that dies slowly).
+    delay_ms: AtomicU64,
 }
 
 impl LoseAnswers {
@@ -61,6 +64,12 @@ impl LoseAnswers {
     pub fn lose_every_nth_delete(&self, nth: u64) {
         self.knobs.seen.store(0, Ordering::SeqCst);
         self.knobs.nth.store(nth, Ordering::SeqCst);
+    }
+
+    /// From now, a lost answer's error comes `delay` after the transaction was applied.
+    pub fn delay_lost_answers(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.knobs.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// How many answers were lost so far.
@@ -95,6 +104,10 @@ impl Store for LoseAnswers {
         let answer = self.inner.txn(txn).await;
         if lose && answer.is_ok() {
             self.knobs.lost.fetch_add(1, Ordering::SeqCst);
+            let delay = self.knobs.delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             return Err(Error::Unavailable(
                 "injected: the answer was lost after the transaction was applied".into(),
             ));

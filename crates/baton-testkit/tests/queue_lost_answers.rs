@@ -237,3 +237,38 @@ async fn claims_cut_by_connection_resets_lose_no_item() {
     );
     assert_eq!(markers_left(&direct, name).await, 0, "markers left");
 }
+
+/// A `dequeue_timeout` whose time runs out while its claim's answer is being lost (the
+/// claim took the item; its error comes late, as after a connection that dies slowly): one
+/// resend, then the marker, tell that the item is ours. Before, the claim sent nothing
+/// more once `stop` had completed and gave up (`Unknown`): the dequeue failed "may have
+/// been taken" and the item, deleted by the first send, was lost although one more
+/// request could tell (the same for `baton queue pop --timeout` or a first Ctrl-C).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dequeue_timing_out_while_its_claims_answer_is_lost_loses_no_item() {
+    let etcd = EtcdServer::start_async().await;
+    let direct = client(&etcd.endpoint()).await;
+    let name = "late-answer";
+    Queue::new(&direct, name)
+        .unwrap()
+        .enqueue("only")
+        .await
+        .unwrap();
+    let lossy = LoseAnswers::new(store(&etcd).await);
+    lossy.delay_lost_answers(Duration::from_millis(600));
+    lossy.lose_every_nth_delete(1);
+    let q = Queue::new(&Client::from_store(lossy.clone()), name).unwrap();
+    let dequeue = tokio::spawn(async move { q.dequeue_timeout(Duration::from_millis(200)).await });
+    // The first claim's answer is being lost: lose no more (the resend's).
+    while lossy.lost() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    lossy.lose_every_nth_delete(0);
+    let got = dequeue.await.unwrap();
+    let left = Queue::new(&direct, name).unwrap().len().await.unwrap();
+    assert_eq!(lossy.lost(), 1);
+    assert!(
+        matches!(&got, Ok(v) if v == b"only"),
+        "the item was taken and not returned: {got:?}; items left in the queue: {left}"
+    );
+}

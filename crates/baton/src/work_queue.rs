@@ -685,7 +685,9 @@ impl Items {
     ///
     /// The first send is awaited, whatever `stop` does (within the store's request timeout,
     /// as any request). Once it has failed in flight, `stop` is polled between resends (and
-    /// reads of the outcome), and the claim gives up (`Unknown`) when it completes or when
+    /// reads of the outcome; the first resend is sent even if `stop` has completed, as with
+    /// the marker it tells whether the first send took the item, which giving up before it
+    /// would lose), and the claim gives up (`Unknown`) when it completes or when
     /// about one request timeout has passed since the first send: the store's request
     /// timeout ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store
     /// without one), or less if the first send timed out sooner (then nothing is sent
@@ -767,6 +769,7 @@ impl Items {
             self.settle_marks(mark.as_ref().map(|(m, _)| m.clone()), deleted);
         };
         let mut backoff = crate::watching::Backoff::new();
+        let mut resent = false;
         let failed = loop {
             match unless(
                 stop.as_mut(),
@@ -780,12 +783,17 @@ impl Items {
                     settle(false);
                     return Ok(Claim::Unknown);
                 }
+                // Stopped before any resend: one is sent all the same (within the
+                // deadline), as it (with the marker) tells whether the first send took
+                // the item, which is lost if we give up now.
+                Err(_) if !resent => {}
                 Err(_) => {
                     tracing::debug!("a claim failed in flight: stopped, sending it no more");
                     settle(false);
                     return Ok(Claim::Unknown);
                 }
             }
+            resent = true;
             match tokio::time::timeout_at(deadline, self.store.txn(txn.clone())).await {
                 // Ours: the first send was not applied, this one was.
                 Ok(Ok(resp)) if resp.succeeded => {
