@@ -730,7 +730,9 @@ impl Items {
                         );
                         self.marks.lock().bare = true;
                     }
-                    self.settle_marks(mark.map(|(m, _)| m), &deleting);
+                    // A claim that lost wrote no marker.
+                    let written = mark.filter(|_| resp.succeeded).map(|(m, _)| m);
+                    self.settle_marks(written, &deleting);
                     return Ok(claim_won(item, resp));
                 }
                 Err(Error::LeaseNotFound(_)) if mark.is_some() && !regranted => {
@@ -764,9 +766,12 @@ impl Items {
             }
         };
         // Whatever the outcome, the marker is not needed past this claim.
-        let settle = |answered: bool| {
+        // `written`: false once the marker is known never to be written (no send of ours
+        // took the item, nor can one now).
+        let settle = |answered: bool, written: bool| {
             let deleted: &[Vec<u8>] = if answered { &deleting } else { &[] };
-            self.settle_marks(mark.as_ref().map(|(m, _)| m.clone()), deleted);
+            let marker = mark.as_ref().filter(|_| written).map(|(m, _)| m.clone());
+            self.settle_marks(marker, deleted);
         };
         let mut backoff = crate::watching::Backoff::new();
         let mut resent = false;
@@ -780,7 +785,7 @@ impl Items {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
                     tracing::debug!("a claim failed in flight: its time is up");
-                    settle(false);
+                    settle(false, true);
                     return Ok(Claim::Unknown);
                 }
                 // Stopped before any resend: one is sent all the same (within the
@@ -789,7 +794,7 @@ impl Items {
                 Err(_) if !resent => {}
                 Err(_) => {
                     tracing::debug!("a claim failed in flight: stopped, sending it no more");
-                    settle(false);
+                    settle(false, true);
                     return Ok(Claim::Unknown);
                 }
             }
@@ -797,7 +802,7 @@ impl Items {
             match tokio::time::timeout_at(deadline, self.store.txn(txn.clone())).await {
                 // Ours: the first send was not applied, this one was.
                 Ok(Ok(resp)) if resp.succeeded => {
-                    settle(true);
+                    settle(true, true);
                     return Ok(claim_won(item, resp));
                 }
                 // Failed: the item is gone, by our first send or someone else's.
@@ -806,13 +811,13 @@ impl Items {
                     tracing::debug!(error = %e, "a claim failed in flight again");
                 }
                 Ok(Err(_)) | Err(_) => {
-                    settle(false);
+                    settle(false, true);
                     return Ok(Claim::Unknown);
                 }
             }
         };
-        settle(true);
-        let Some((marker, lease)) = mark else {
+        let Some((marker, lease)) = mark.clone() else {
+            settle(true, true);
             // A bare claim cannot tell.
             return Ok(Claim::Unknown);
         };
@@ -824,6 +829,9 @@ impl Items {
             .and_then(|r| r.as_get())
             .and_then(|get| get.kvs.first())
             .map(|kv| kv.mod_revision);
+        // Absent: no send of ours took the item, unless the lease is gone (below); absent
+        // for good, as a send still in flight fails its compare too.
+        settle(true, found.is_some());
         let key = item.key_str();
         let Some(claimed_at) = found else {
             // Absent: someone else took it, unless the marker's lease is gone (the process
@@ -2662,6 +2670,39 @@ mod tests {
 
     /// A lock of the queue's name has a key under the queue's prefix (`jobs/<lease>`): it
     /// is no item, and a consumer must not take (delete) it.
+    /// A claim that lost (its compare failed: another consumer took the item) wrote no
+    /// marker: none is left for the next claim's transaction, or the task after a quiet
+    /// second, to delete (each a write for nothing; a racing consumer that lost and found
+    /// the queue empty sent one more request a second later).
+    #[tokio::test]
+    async fn a_lost_claim_leaves_no_marker_to_delete() {
+        let client = Client::memory();
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("work").await.unwrap();
+        let items = &q.items;
+        let read = items.store.range(items.read(0)).await.unwrap();
+        let item = read.kvs.into_iter().next().unwrap();
+        // Someone else takes it.
+        items
+            .store
+            .delete(crate::store::KeyRange::Key(item.key.clone()))
+            .await
+            .unwrap();
+        let lease = items.mark_lease(false).await;
+        assert!(lease.is_some());
+        let never = std::pin::pin!(futures::future::maybe_done(std::future::pending::<()>()));
+        let claimed = items.claim_here(&item, lease, never).await.unwrap();
+        assert!(matches!(claimed, Claim::Lost));
+        let done = items.marks.lock().done.clone();
+        assert!(
+            done.is_empty(),
+            "markers never written are to be deleted: {:?}",
+            done.iter()
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+
     #[tokio::test]
     async fn a_lock_of_the_same_name_is_no_item() {
         let client = Client::memory();
