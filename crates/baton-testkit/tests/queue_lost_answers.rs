@@ -1,5 +1,5 @@
-//! Queue claims whose answers are lost after etcd applied them (a connection cut, a
-//! timeout): every item is delivered exactly once, and the claims' markers
+//! Queue claims whose answers are lost after etcd applied them (a connection cut; a
+//! dequeue stopped meanwhile): every item is delivered exactly once, and the claims' markers
 //! (`__NAME/claimed/…`) are gone afterwards. See docs/reliability.md entry 95.
 
 #![allow(clippy::unwrap_used, clippy::panic)]

@@ -975,12 +975,7 @@ impl Items {
                     flushing.0 = None;
                     return;
                 }
-                state
-                    .done
-                    .iter()
-                    .take(CLAIM_MARKS_PER_TXN)
-                    .cloned()
-                    .collect()
+                state.to_delete()
             };
             let txn = Txn::new().and_then(done.iter().map(|m| TxnOp::delete(m.clone())));
             if let Err(e) = self.store.txn(txn).await {
@@ -1046,9 +1041,14 @@ impl ClaimMarks {
 
     /// The markers the next claim deletes.
     fn to_delete(&self) -> Vec<Vec<u8>> {
-        let state = self.lock();
-        state
-            .done
+        self.lock().to_delete()
+    }
+}
+
+impl MarksState {
+    /// The markers one transaction deletes: the first [`CLAIM_MARKS_PER_TXN`] of `done`.
+    fn to_delete(&self) -> Vec<Vec<u8>> {
+        self.done
             .iter()
             .take(CLAIM_MARKS_PER_TXN)
             .cloned()
