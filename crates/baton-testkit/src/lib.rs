@@ -34,6 +34,7 @@
 // panicking with a message that says what to fix: that is their interface.
 #![allow(clippy::panic)]
 
+pub mod bank;
 pub mod conformance;
 pub mod etcd;
 pub mod lost_answers;

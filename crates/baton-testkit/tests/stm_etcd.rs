@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use baton::store::Range;
 use baton::{Client, Error, Stm};
+use baton_testkit::bank::number;
 use baton_testkit::proxy::{Direction, Fault, FaultProxy};
 use baton_testkit::{etcd_available, EtcdServer};
 
@@ -54,11 +55,6 @@ async fn connect(endpoint: &str, request_timeout: Duration) -> Client {
 async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
     let resp = client.store().range(Range::key(key)).await.unwrap();
     resp.kvs.into_iter().next().map(|kv| kv.value)
-}
-
-fn number(v: Option<Vec<u8>>) -> i64 {
-    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Add one to `x` in a transaction of its own (at the default level).

@@ -12,23 +12,9 @@ use std::time::Duration;
 
 use baton::store::Range;
 use baton::{Client, Error, Isolation, Stm};
+use baton_testkit::bank::{number, Rng};
 use baton_testkit::proxy::FaultProxy;
 use baton_testkit::EtcdServer;
-
-fn number(v: Option<Vec<u8>>) -> i64 {
-    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 async fn connect(endpoint: &str) -> Client {
     Client::builder(endpoint)

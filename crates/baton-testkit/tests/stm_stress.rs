@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use baton::store::Range;
 use baton::{Client, Error, Isolation, Stm};
+use baton_testkit::bank::{number, Rng};
 use baton_testkit::{EtcdCluster, EtcdServer};
 
 const SAFE: [Isolation; 3] = [
@@ -17,21 +18,6 @@ const SAFE: [Isolation; 3] = [
     Isolation::Serializable,
     Isolation::RepeatableReads,
 ];
-
-fn number(v: Option<Vec<u8>>) -> i64 {
-    v.and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 async fn total(client: &Client, prefix: &str) -> i64 {
     let resp = client.store().range(Range::prefix(prefix)).await.unwrap();
