@@ -144,15 +144,7 @@ async fn claims_whose_answers_are_lost_deliver_every_item_once() {
                     (got, errors)
                 }));
             }
-            let mut seen = HashSet::new();
-            let mut errors = Vec::new();
-            for c in consumers {
-                let (got, errs) = c.await.unwrap();
-                for v in got {
-                    assert!(seen.insert(v.clone()), "{name}: {v} received twice");
-                }
-                errors.extend(errs);
-            }
+            let (seen, errors) = received_once(consumers, &name).await;
             let lost: u64 = stores.iter().map(LoseAnswers::lost).sum();
             assert!(lost >= 5, "{name}: only {lost} answers lost");
             assert!(errors.is_empty(), "{name}: dequeues failed: {errors:?}");
@@ -216,15 +208,7 @@ async fn claims_cut_by_connection_resets_lose_no_item() {
         });
         (stop, task)
     };
-    let mut seen = HashSet::new();
-    let mut errors = Vec::new();
-    for c in consumers {
-        let (got, errs) = c.await.unwrap();
-        for v in got {
-            assert!(seen.insert(v.clone()), "{v} received twice");
-        }
-        errors.extend(errs);
-    }
+    let (seen, errors) = received_once(consumers, "cut").await;
     cutter.0.store(true, std::sync::atomic::Ordering::SeqCst);
     let cuts = cutter.1.await.unwrap();
     let missing: Vec<usize> = (0..ITEMS)
@@ -271,4 +255,22 @@ async fn a_dequeue_timing_out_while_its_claims_answer_is_lost_loses_no_item() {
         matches!(&got, Ok(v) if v == b"only"),
         "the item was taken and not returned: {got:?}; items left in the queue: {left}"
     );
+}
+
+/// Every consumer's items, each asserted to arrive once (`what` names the case), and their
+/// errors.
+async fn received_once<T: std::fmt::Display + Clone + Eq + std::hash::Hash>(
+    consumers: Vec<tokio::task::JoinHandle<(Vec<T>, Vec<String>)>>,
+    what: &str,
+) -> (HashSet<T>, Vec<String>) {
+    let mut seen = HashSet::new();
+    let mut errors = Vec::new();
+    for c in consumers {
+        let (got, errs) = c.await.unwrap();
+        for v in got {
+            assert!(seen.insert(v.clone()), "{what}: {v} received twice");
+        }
+        errors.extend(errs);
+    }
+    (seen, errors)
 }
