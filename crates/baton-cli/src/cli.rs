@@ -322,10 +322,7 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
     if e.kind() != ErrorKind::UnknownArgument {
         return None;
     }
-    let before_cmd = args
-        .iter()
-        .position(|a| a == "--")
-        .map_or(args, |i| &args[..i]);
+    let before_cmd = before_command(args);
     let takes_value = |long: &str| {
         let cmd = Cli::command();
         let found = cmd
@@ -392,6 +389,13 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
     })
 }
 
+/// The words before the first `--` (after it, every word is CMD's or a value).
+fn before_command(args: &[OsString]) -> &[OsString] {
+    args.iter()
+        .position(|a| a == "--")
+        .map_or(args, |i| &args[..i])
+}
+
 /// The subcommand a command line names (`lock`, `queue pop`), found by a parse that ignores
 /// errors, with its clap command.
 fn subcommand_of(args: &[OsString]) -> Option<(String, clap::Command)> {
@@ -422,10 +426,7 @@ fn single_dash_long_option(args: &[OsString], e: &clap::Error) -> Option<CliErro
     if flag.starts_with("--") || !flag.starts_with('-') {
         return None;
     }
-    let before_cmd = args
-        .iter()
-        .position(|a| a == "--")
-        .map_or(args, |i| &args[..i]);
+    let before_cmd = before_command(args);
     let word = before_cmd
         .iter()
         .filter_map(|a| a.to_str())
