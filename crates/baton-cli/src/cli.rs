@@ -357,10 +357,10 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
         // path (`--user -1`, `--cacert -1.pem`) is fine written that way.
         let mut joined = args.to_vec();
         joined.splice(i..i + 2, [OsString::from(format!("{option}={value}"))]);
-        let refused = Cli::command()
+        let refusal = Cli::command()
             .try_get_matches_from(&joined)
             .err()
-            .is_some_and(|e| {
+            .filter(|e| {
                 matches!(
                     e.kind(),
                     ErrorKind::ValueValidation | ErrorKind::InvalidValue
@@ -370,6 +370,7 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
                         if a == option || a.starts_with(&format!("{option} "))
                 )
             });
+        let refused = refusal.is_some();
         if refused && !negative {
             // `--ttl -x`: no option's value, and no duration either.
             return Some(CliError::failed(format!(
@@ -377,9 +378,13 @@ fn negative_value(args: &[OsString], e: &clap::Error) -> Option<CliError> {
             )));
         }
         Some(CliError::failed(if refused {
-            format!(
-                "invalid value '{value}' for '{option}': it cannot be negative (see baton --help)"
-            )
+            // `-0s` is refused for its sign (see `duration`).
+            let signed = refusal
+                .as_ref()
+                .and_then(std::error::Error::source)
+                .is_some_and(|why| why.to_string() == NO_SIGN);
+            let reason = if signed { NO_SIGN } else { NEGATIVE };
+            format!("invalid value '{value}' for '{option}': {reason} (see baton --help)")
         } else {
             format!(
                 "'{value}' was taken for an option, not as the value of '{option}': to give a \
@@ -407,6 +412,24 @@ fn subcommand_of(args: &[OsString]) -> Option<(String, clap::Command)> {
     let mut cmd = Cli::command().find_subcommand(name)?.clone();
     let mut path = name.to_string();
     if let Some((inner, _)) = sub.subcommand() {
+        cmd = cmd.find_subcommand(inner)?.clone();
+        path = format!("{path} {inner}");
+    }
+    Some((path, cmd))
+}
+
+/// The subcommand named by the first word that is one (`lock`, `queue pop`), wherever it
+/// stands: for a command line that clap could not parse up to it.
+fn named_subcommand(words: &[OsString]) -> Option<(String, clap::Command)> {
+    let top = Cli::command();
+    let at = words.iter().position(|w| {
+        w.to_str()
+            .is_some_and(|w| top.get_subcommands().any(|c| c.get_name() == w))
+    })?;
+    let mut cmd = top.find_subcommand(words[at].to_str()?)?.clone();
+    let mut path = cmd.get_name().to_string();
+    if cmd.has_subcommands() {
+        let inner = words.get(at + 1).and_then(|w| w.to_str())?;
         cmd = cmd.find_subcommand(inner)?.clone();
         path = format!("{path} {inner}");
     }
@@ -445,7 +468,14 @@ fn single_dash_long_option(args: &[OsString], e: &clap::Error) -> Option<CliErro
         .chain(sub.iter().flat_map(|s| s.get_arguments()))
         .any(|a| a.get_long() == Some(long));
     if !known {
-        return None;
+        // A subcommand's option before the subcommand (`baton -ttl 5s lock ...`): say
+        // whose option it is, and where it goes.
+        let (named, _) = named_subcommand(before_cmd)
+            .filter(|(_, sub)| sub.get_arguments().any(|a| a.get_long() == Some(long)))?;
+        return Some(CliError::failed(format!(
+            "unknown option '-{long}' of 'baton': '--{long}' (two dashes) is an option of \
+             'baton {named}', and goes after '{named}' (see baton --help)"
+        )));
     }
     Some(CliError::failed(format!(
         "unknown option '-{long}' of '{path}': a long option takes two dashes: \
@@ -558,15 +588,25 @@ fn endpoints_given(matches: &clap::ArgMatches) -> bool {
     given(matches) || matches.subcommand().is_some_and(|(_, sub)| given(sub))
 }
 
+/// Why `--timeout -5s` is refused.
+const NEGATIVE: &str = "it cannot be negative";
+/// Why `--timeout -0s` is refused.
+const NO_SIGN: &str = "a duration is written without a sign";
+
 /// A duration in humantime syntax: `500ms`, `10s`, `2m`, `1h 30m`.
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     // As `--timeout -5s` is told (see `negative_value`), not humantime's "expected number
     // at 0".
-    if s.strip_prefix('-')
-        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    if let Some(rest) = s
+        .strip_prefix('-')
+        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
     {
-        return Err("it cannot be negative".to_string());
+        // `-0s` is no negative duration, but no duration is written with a sign.
+        return Err(match humantime::parse_duration(rest) {
+            Ok(d) if d.is_zero() => NO_SIGN.to_string(),
+            _ => NEGATIVE.to_string(),
+        });
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{e} (write a duration such as 500ms, 10s or 2m)"))

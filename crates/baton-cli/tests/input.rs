@@ -221,6 +221,35 @@ fn a_global_long_option_with_one_dash_before_the_subcommand_is_named() {
     ] {
         assert_names_the_long_option(args, meant);
     }
+    // A subcommand's option there (`baton -ttl 5s lock ...`) is named with its subcommand,
+    // and where it goes: it said only "unexpected argument '-t'".
+    for (args, meant, sub) in [
+        (
+            &["-ttl", "5s", "lock", "n1", "--", "true"][..],
+            "--ttl",
+            "lock",
+        ),
+        (
+            &["-timeout", "5s", "queue", "pop", "q"],
+            "--timeout",
+            "queue pop",
+        ),
+        (
+            &["-permits", "2", "sem", "s", "--", "true"],
+            "--permits",
+            "sem",
+        ),
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "'{meant}' (two dashes) is an option of 'baton {sub}'"
+            )) && err.contains(&format!("goes after '{sub}'")),
+            "{args:?}: {err}"
+        );
+        assert_one_line_125_on("http://127.0.0.1:1", args, meant);
+    }
 }
 
 /// A stray `-5` on a command that runs no CMD (barrier, queue pop) drops clap's tip "to pass
@@ -479,6 +508,20 @@ fn a_negative_option_value_says_it_cannot_be_negative() {
             args,
             &format!("for '{option}': it cannot be negative"),
         );
+    }
+    // Zero with a sign is not called negative, with or without `=`.
+    for args in [
+        &["lock", "--ttl", "-0s", "x", "--", "true"][..],
+        &["lock", "--ttl=-0s", "x", "--", "true"],
+        &["lock", "--timeout", "-0", "x", "--", "true"],
+    ] {
+        let (out, _) = run(baton("http://127.0.0.1:1").args(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("a duration is written without a sign") && !err.contains("negative"),
+            "{args:?}: {err}"
+        );
+        assert_one_line_125_on("http://127.0.0.1:1", args, "without a sign");
     }
 }
 
