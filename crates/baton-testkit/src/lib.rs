@@ -13,6 +13,7 @@
 //! - [`oracle`]: the fenced-resource oracle and the history checker of the fault suite.
 //! - [`scenarios`]: fault scenarios shared by the fault suites of every backend.
 //! - [`worker`]: worker processes that tests pause (SIGSTOP/SIGCONT) and kill.
+//! - [`connect_client`]: the client most fault tests build.
 //! - [`etcd_available`]: whether the etcd binary is there, for a clear message instead of a
 //!   spawn error.
 //!
@@ -53,3 +54,17 @@ pub use etcd::{
 pub use ports::free_port;
 pub use redis::{redis_available, redis_bin, RedisServer, RedisServerOptions, RedisServers};
 pub use tls::TestPki;
+
+/// A [`baton::Client`] on `endpoints` with the given request timeout and a 2 s dial
+/// timeout: the client most fault tests build. Panics if it cannot connect.
+pub async fn connect_client(
+    endpoints: &str,
+    request_timeout: std::time::Duration,
+) -> baton::Client {
+    baton::Client::builder(endpoints)
+        .with_request_timeout(request_timeout)
+        .with_dial_timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect a client to {endpoints}: {e}"))
+}

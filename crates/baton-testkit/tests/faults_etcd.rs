@@ -35,12 +35,7 @@ fn worker(name: &str, endpoints: &str, oracle: &Oracle, args: &[&str]) -> Worker
 }
 
 async fn client(endpoints: &str, request_timeout: Duration) -> Client {
-    Client::builder(endpoints)
-        .with_request_timeout(request_timeout)
-        .with_dial_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    baton_testkit::connect_client(endpoints, request_timeout).await
 }
 
 /// `RUST_LOG=baton=debug` shows keep-alives, retries and stream reopenings.

@@ -17,12 +17,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 async fn client(endpoints: &str) -> Client {
-    Client::builder(endpoints)
-        .with_request_timeout(Duration::from_secs(2))
-        .with_dial_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    baton_testkit::connect_client(endpoints, Duration::from_secs(2)).await
 }
 
 async fn session(client: &Client) -> Session {

@@ -15,12 +15,7 @@ use baton_testkit::proxy::FaultProxy;
 use baton_testkit::EtcdServer;
 
 async fn client(endpoints: &str) -> Client {
-    Client::builder(endpoints)
-        .with_request_timeout(Duration::from_secs(5))
-        .with_dial_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    baton_testkit::connect_client(endpoints, Duration::from_secs(5)).await
 }
 
 async fn store(etcd: &EtcdServer) -> EtcdStore {

@@ -8,12 +8,7 @@ use baton::{Client, PriorityQueue};
 use baton_testkit::EtcdServer;
 
 async fn client(endpoints: &str, request_timeout: Duration) -> Client {
-    Client::builder(endpoints)
-        .with_request_timeout(request_timeout)
-        .with_dial_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    baton_testkit::connect_client(endpoints, request_timeout).await
 }
 
 async fn edge_priorities_on(client: &Client) {
