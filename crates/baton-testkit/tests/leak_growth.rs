@@ -292,3 +292,181 @@ async fn redlock_release_leaves_no_lock_key_on_any_master() {
     coord.close().await.unwrap();
     assert!(left.is_empty(), "released locks' keys left: {left:#?}");
 }
+
+/// Redlock: an acquire that fails (the lock held on a quorum, the validity gone, too many
+/// masters failed; also a `lock_timeout`, a dropped `lock()`, a `campaign_timeout`) deletes
+/// what it may have set on every master, while its take on a master slower than the others
+/// is still on its way. The deletion must not overtake it there, or the take would stay for
+/// a whole TTL under a token no one holds (one master fewer to lose for that name, and
+/// contention others would see for a TTL). It does not: the attempt drops its requests
+/// before the deletion is sent, so each take is queued on its master's one connection ahead
+/// of the deletion, or never sent (unlike a successful acquire's, which go on after it
+/// returns: reliability entry 94). Masters 1 and 2 are behind delay lines, 2 always the
+/// slower; a stranger holds each `fail-…` name on masters 0 and 1 in the first phase, on
+/// master 0 in the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_failed_acquires_leave_no_key_on_a_slow_master() {
+    use baton::redis::RedisClient;
+    use baton_testkit::proxy::{Direction, Fault, FaultProxy};
+
+    let redis = RedisServers::start_async(3).await;
+    let mut proxies = Vec::new();
+    for s in redis.servers() {
+        proxies.push(FaultProxy::start(s.port()).await);
+    }
+    let url = format!(
+        "redlock://{}",
+        proxies
+            .iter()
+            .map(|p| p.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let client = |ttl: Duration| {
+        RedisClient::builder(&url)
+            .with_ttl(ttl)
+            .with_request_timeout(Duration::from_secs(2))
+            .connect()
+    };
+    // A stranger holds `name` on `masters`.
+    let stranger = |name: &str, masters: usize| {
+        for s in &redis.servers()[..masters] {
+            redis_cli(s.port(), &["SET", name, "stranger", "PX", "120000"]);
+        }
+    };
+    let jitter = |ms: u64| Fault::Jitter {
+        base: Duration::ZERO,
+        jitter: Duration::from_millis(ms),
+    };
+
+    // Phase 1: held on masters 0 and 1 by a stranger, master 1 slow, master 2 slower: every
+    // attempt fails as busy (or gives up, or is dropped) with its take on 2 in flight.
+    let c = client(Duration::from_secs(10)).await.unwrap();
+    // Every master loads the scripts first: else a slow master's first answer to a take is
+    // NOSCRIPT, which comes after the attempt gave up, and the take is never sent.
+    let e = c.election("warm-up").unwrap();
+    e.campaign(b"v".to_vec())
+        .await
+        .unwrap()
+        .resign()
+        .await
+        .unwrap();
+    proxies[1].set(Direction::ClientToServer, jitter(30));
+    proxies[2].set(
+        Direction::ClientToServer,
+        Fault::Jitter {
+            base: Duration::from_millis(50),
+            jitter: Duration::from_millis(50),
+        },
+    );
+    for p in &proxies[1..] {
+        p.set(Direction::ServerToClient, jitter(10));
+    }
+    let mut n = 0;
+    for round in 0..40 {
+        for kind in 0..4 {
+            n += 1;
+            let name = format!("fail-{n}");
+            stranger(&name, 2);
+            let short = Duration::from_millis(5 + (round * 7) % 50);
+            match kind {
+                0 => assert!(c.lock(&name).unwrap().try_lock().await.is_err()),
+                1 => assert!(c.lock(&name).unwrap().lock_timeout(short).await.is_err()),
+                2 => {
+                    let lock = c.lock(&name).unwrap();
+                    assert!(tokio::time::timeout(short, lock.lock()).await.is_err());
+                }
+                _ => {
+                    let e = c.election(&name).unwrap();
+                    assert!(e.campaign_timeout(b"v".to_vec(), short).await.is_err());
+                }
+            }
+        }
+    }
+    // How many of the last few seconds' takes reached master 2 and were deleted there (each
+    // deletion leaves a marker for twice the request timeout): the takes in flight at the
+    // failure did land.
+    let markers = |phase: &str| {
+        let m = redis_cli(
+            redis.server(2).port(),
+            &["--scan", "--pattern", "baton:released:*"],
+        );
+        let n = m.lines().count();
+        eprintln!("after {phase}: {n} deletions on master 2 within 4 s");
+        n
+    };
+    assert!(markers("phase 1") > 0, "no take reached master 2");
+    // Phase 2: the validity runs out (masters 1 and 2 answer after the TTL), nothing held.
+    let slow = client(Duration::from_millis(600)).await.unwrap();
+    for p in &proxies[1..] {
+        p.set(
+            Direction::ClientToServer,
+            Fault::Delay(Duration::from_millis(700)),
+        );
+        p.set(Direction::ServerToClient, Fault::Pass);
+    }
+    for _ in 0..3 {
+        n += 1;
+        let name = format!("fail-{n}");
+        let r = slow
+            .lock(&name)
+            .unwrap()
+            .lock_timeout(Duration::from_millis(1600))
+            .await;
+        assert!(r.is_err(), "{r:?}");
+    }
+    markers("phase 2");
+    // Phase 3: held on master 0, master 1 resets every connection, master 2 slow: too many
+    // failed, at once.
+    proxies[1].set_both(Fault::Reset);
+    proxies[2].set(
+        Direction::ClientToServer,
+        Fault::Delay(Duration::from_millis(80)),
+    );
+    for kind in 0..2 {
+        for _ in 0..10 {
+            n += 1;
+            let name = format!("fail-{n}");
+            stranger(&name, 1);
+            let r = if kind == 0 {
+                c.lock(&name).unwrap().try_lock().await
+            } else {
+                c.lock(&name)
+                    .unwrap()
+                    .lock_timeout(Duration::from_millis(150))
+                    .await
+            };
+            assert!(r.is_err(), "{r:?}");
+        }
+    }
+    assert!(markers("phase 3") > 0, "no take reached master 2");
+    // Let the delay lines drain: a take that came after its deletion is there now.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut left = Vec::new();
+    for (i, s) in redis.servers().iter().enumerate() {
+        for pattern in ["fail-*", "baton:leader:*"] {
+            for k in redis_cli(s.port(), &["--scan", "--pattern", pattern]).lines() {
+                let v = redis_cli(s.port(), &["GET", k]);
+                if v.trim() == "stranger" {
+                    continue;
+                }
+                let pttl = redis_cli(s.port(), &["PTTL", k]);
+                left.push(format!(
+                    "master {i}: {k} = {} pttl {}",
+                    v.trim(),
+                    pttl.trim()
+                ));
+            }
+        }
+    }
+    for p in &proxies {
+        p.heal();
+    }
+    c.close().await.unwrap();
+    slow.close().await.unwrap();
+    assert!(
+        left.is_empty(),
+        "{} failed acquires' keys left: {left:#?}",
+        left.len()
+    );
+}

@@ -350,7 +350,11 @@ impl ClientInner {
             };
         }
         // Requests in flight now were sent, or will never be: the release below follows
-        // them on the same connections.
+        // them on the same connections. So a failed attempt needs no mark, as a successful
+        // one's stragglers do (see `finish_acquire_in_background`): a take still on its way
+        // to a slow master reaches it ahead of the deletion (one connection per master,
+        // in order), and a take whose answer was NOSCRIPT is not sent again once dropped
+        // (test: `leak_growth.rs` `redlock_failed_acquires_leave_no_key_on_a_slow_master`).
         drop(calls);
         // Unless every node said "held by another owner", some node may hold our token.
         if busy < n {
