@@ -47,6 +47,9 @@ struct Knobs {
     /// How long a lost answer's error takes to come, in milliseconds (a timeout, a
     /// connection that dies slowly).
     delay_ms: AtomicU64,
+    /// True: a lost answer is the inner store's request timeout instead
+    /// ([`LoseAnswers::time_out_lost_answers`]).
+    timed_out: std::sync::atomic::AtomicBool,
 }
 
 impl LoseAnswers {
@@ -70,6 +73,15 @@ impl LoseAnswers {
     pub fn delay_lost_answers(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.knobs.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// From now (`true`), a lost answer fails as a request that etcd applied but whose
+    /// answer did not come within the inner store's request timeout does: with
+    /// [`Error::Timeout`], once that whole timeout has passed since the send (a member that
+    /// applies, then stalls; a reply delayed past the timeout). The delay of
+    /// [`delay_lost_answers`](Self::delay_lost_answers) is then not used.
+    pub fn time_out_lost_answers(&self, timed_out: bool) {
+        self.knobs.timed_out.store(timed_out, Ordering::SeqCst);
     }
 
     /// How many answers were lost so far.
@@ -101,9 +113,21 @@ impl Store for LoseAnswers {
         let lose = deletes
             && nth > 0
             && (self.knobs.seen.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(nth);
+        let sent = tokio::time::Instant::now();
         let answer = self.inner.txn(txn).await;
         if lose && answer.is_ok() {
             self.knobs.lost.fetch_add(1, Ordering::SeqCst);
+            if self.knobs.timed_out.load(Ordering::SeqCst) {
+                let after = self
+                    .inner
+                    .request_timeout()
+                    .unwrap_or(baton::DEFAULT_REQUEST_TIMEOUT);
+                tokio::time::sleep_until(sent + after).await;
+                return Err(Error::Timeout {
+                    operation: "txn",
+                    after,
+                });
+            }
             let delay = self.knobs.delay_ms.load(Ordering::SeqCst);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;

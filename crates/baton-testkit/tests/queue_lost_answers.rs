@@ -252,6 +252,84 @@ async fn a_dequeue_timing_out_while_its_claims_answer_is_lost_loses_no_item() {
     );
 }
 
+/// A claim that etcd applied but whose answer did not come within the request timeout (a
+/// member that applies, then stalls; a reply delayed past the timeout): the store fails it
+/// with `Error::Timeout` after the whole request timeout. Before, such a first send was not
+/// sent again ("the claim has had it all"), so the marker was never read: `dequeue()` and
+/// `dequeue_timeout()` failed "may have been taken", a dropped dequeue's claim logged a
+/// warning, and the item, deleted by the first send, was lost. Now one resend (and the
+/// marker's read) is given one more request timeout: the item is returned, within about two
+/// request timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_times_out_after_it_took_its_item_loses_no_item() {
+    let request_timeout = Duration::from_secs(1);
+    let etcd = EtcdServer::start_async().await;
+    let direct = client(&etcd.endpoint()).await;
+    for (kind, how) in [
+        ("fifo", "dequeue"),
+        ("priority", "dequeue"),
+        ("fifo", "timeout"),
+        ("priority", "dropped"),
+    ] {
+        let name = format!("timed-out-{kind}-{how}");
+        AnyQueue::new(&direct, kind, &name).enqueue(7).await;
+        let options = EtcdOptions {
+            request_timeout,
+            ..EtcdOptions::default()
+        };
+        let inner = EtcdStore::connect(&[etcd.endpoint()], options)
+            .await
+            .unwrap();
+        let lossy = LoseAnswers::new(inner);
+        lossy.time_out_lost_answers(true);
+        lossy.lose_every_nth_delete(1);
+        let q = AnyQueue::new(&Client::from_store(lossy.clone()), kind, &name);
+        let started = tokio::time::Instant::now();
+        let lose_no_more = {
+            let lossy = lossy.clone();
+            tokio::spawn(async move {
+                // The first claim's answer is being lost: lose no more (the resend's).
+                while lossy.lost() == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                lossy.lose_every_nth_delete(0);
+            })
+        };
+        let got = match how {
+            "dequeue" => q.dequeue().await,
+            "timeout" => q.dequeue_timeout(Duration::from_millis(200)).await,
+            _ => {
+                let dropped = tokio::time::timeout(Duration::from_millis(300), q.dequeue()).await;
+                assert!(dropped.is_err(), "{name}: the dequeue was not dropped");
+                q.dequeue_timeout(Duration::from_secs(5)).await
+            }
+        };
+        let took = started.elapsed();
+        lose_no_more.await.unwrap();
+        let left = AnyQueue::new(&direct, kind, &name);
+        let left = match &left {
+            AnyQueue::Fifo(q) => q.len().await.unwrap(),
+            AnyQueue::Priority(q) => q.len().await.unwrap(),
+        };
+        assert_eq!(lossy.lost(), 1, "{name}");
+        assert!(
+            matches!(&got, Ok(v) if v == b"7"),
+            "{name}: the item was taken and not returned: {got:?} after {took:?}; items left \
+             in the queue: {left}"
+        );
+        assert!(
+            took < request_timeout * 2 + Duration::from_secs(2),
+            "{name}: took {took:?}"
+        );
+        assert_eq!(left, 0, "{name}");
+        assert_eq!(
+            markers_left(&direct, &name).await,
+            0,
+            "{name}: markers left"
+        );
+    }
+}
+
 /// Every consumer's items, each asserted to arrive once (`what` names the case), and their
 /// errors.
 async fn received_once<T: std::fmt::Display + Clone + Eq + std::hash::Hash>(

@@ -65,7 +65,8 @@ macro_rules! take_methods {
         ///
         /// A claim's first send is waited for up to the request timeout, as any request. If
         /// it fails in flight (no answer: the server may have applied it), it is sent again
-        /// until answered, for about one request timeout in all (the first send included).
+        /// until answered, for about one request timeout in all (the first send included;
+        /// one more if the first send itself took the whole request timeout).
         /// A resend that finds the item gone reads the claim's marker (a key
         /// `__NAME/claimed/<random>.marker` the claim writes beside its delete, under a
         /// lease of the handle's, deleted afterwards): if our first send took the item, its
@@ -98,7 +99,8 @@ macro_rules! take_methods {
         /// flight is sent again (as by `dequeue()`), but not once `timeout` has passed: this
         /// then fails at once with [`Error::Store`](crate::Error::Store), saying the item may
         /// have been taken. So this returns by `timeout` or, if a claim is in flight then,
-        /// within about one request timeout of that claim's first send.
+        /// within about one request timeout of that claim's first send (two if that send
+        /// timed out).
         ///
         /// # Cancel safety
         ///
@@ -197,7 +199,8 @@ pub(crate) use take_methods;
 /// claim writes (`__NAME/claimed/<random>.marker`, under a lease, deleted once the claim's
 /// outcome is known) tells whether the first send took the item: then its value is read
 /// as it was just before (etcd keeps it until a compaction) and returned. Only if that
-/// cannot be told in time (about one request timeout), `dequeue` returns an error rather
+/// cannot be told in time (about one request timeout, two if the first send timed out),
+/// `dequeue` returns an error rather
 /// than an item it may not own, and the item may be lost. An `enqueue` whose answer is
 /// lost may or may not have happened.
 ///
@@ -205,7 +208,8 @@ pub(crate) use take_methods;
 /// [`dequeue_timeout`](Queue::dequeue_timeout) and [`dequeue_until`](Queue::dequeue_until)
 /// wait for the answer to a claim in flight when their deadline passes (up to the request
 /// timeout), and return its item. A claim that fails in flight is sent again until it is
-/// answered (and its marker read), for about one request timeout in all, and by these two
+/// answered (and its marker read), for about one request timeout in all (two if the first
+/// send timed out), and by these two
 /// only until their deadline: then they fail saying the item may have been taken. Dropping a `dequeue`
 /// future during a claim (under `tokio::time::timeout`, say) loses nothing: the claim runs
 /// on in a task, and an item it wins goes to the handle's next dequeue, or back into the
@@ -213,7 +217,7 @@ pub(crate) use take_methods;
 /// [`dequeue`](Queue::dequeue). Putting an item back writes, with it, a marker key
 /// `__NAME/returned/<lease>.marker` under a lease of its own (deleted once the item is
 /// back), so that a put-back whose answer is lost is not sent twice. Each claim writes a
-/// marker too, `__NAME/claimed/<random>.marker` (see above; one more request every 40 s
+/// marker too, `__NAME/claimed/<random>.marker` (see above; one more request every 30 s
 /// per handle for its lease, none per dequeue): a role for a queue wants `__NAME/` as well
 /// as `NAME/` (without it, claims go without a marker, and an item whose claim loses its
 /// answer may be lost, as before).
@@ -670,8 +674,8 @@ impl Items {
     /// its first claim (by [`take_once`](Items::take_once): no extra round trip, and
     /// `stop` ends a grant that hangs; a handle that only finds its queue empty grants one
     /// all the same) and
-    /// again every `ttl - 2 × request timeout` (`ttl` = 60 s, or 4 request timeouts if
-    /// longer: a request every 40 s by default), never kept alive: a process that exits
+    /// again every `ttl - 3 × request timeout` (`ttl` = 60 s, or 5 request timeouts if
+    /// longer: a request every 30 s by default), never kept alive: a process that exits
     /// leaves its markers for at most a minute. The last markers of a handle that stops
     /// claiming are deleted by a task after 1 s of quiet (one request). After a lost
     /// answer: the resend as before, then one read (the item's old value, or the lease's
@@ -690,8 +694,11 @@ impl Items {
     /// would lose), and the claim gives up (`Unknown`) when it completes or when
     /// about one request timeout has passed since the first send: the store's request
     /// timeout ([`DEFAULT_REQUEST_TIMEOUT`](crate::DEFAULT_REQUEST_TIMEOUT) for a store
-    /// without one), or less if the first send timed out sooner (then nothing is sent
-    /// again). A resend or read in flight is cut off at that deadline, not by `stop`.
+    /// without one). A first send that failed with the store's own timeout (etcd may have
+    /// applied it, its answer not come within the request timeout) has used all of that:
+    /// the resends and the marker's read then get one more timeout (the store's, or the
+    /// one above if shorter) from its failure, as they alone tell whether it took the item.
+    /// A resend or read in flight is cut off at that deadline, not by `stop`.
     async fn claim_here<F: Future>(
         &self,
         item: &KeyValue,
@@ -756,9 +763,11 @@ impl Items {
                 Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => {
                     let mut deadline = deadline;
-                    if let Error::Timeout { after, .. } = e {
-                        // The store's request timeout: the claim has had it all.
-                        deadline = deadline.min(started + after);
+                    if let Error::Timeout { after, .. } = &e {
+                        // The store's request timeout: the first send has had it all, and
+                        // may have been applied. One more request timeout (the store's, or
+                        // ours if shorter) for a resend and the marker's read, which tell.
+                        deadline = tokio::time::Instant::now() + (*after).min(bound);
                     }
                     tracing::debug!(error = %e, "a claim failed in flight");
                     break (txn, mark, deleting, deadline);
@@ -882,9 +891,10 @@ impl Items {
             .store
             .request_timeout()
             .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
-        let ttl = CLAIM_MARK_TTL.max(bound * 4);
-        // A marker outlives its claim's deadline (one request timeout) with time to spare.
-        let reuse = ttl - bound * 2;
+        let ttl = CLAIM_MARK_TTL.max(bound * 5);
+        // A marker outlives its claim's deadline (two request timeouts after its first
+        // send, if that timed out) with time to spare.
+        let reuse = ttl - bound * 3;
         {
             let state = self.marks.lock();
             if state.bare {
@@ -1000,7 +1010,7 @@ impl Items {
 }
 
 /// The least TTL of the lease under which a handle's claim markers are put (see
-/// [`Items::claim_here`]); four request timeouts if that is longer. The lease is never kept
+/// [`Items::claim_here`]); five request timeouts if that is longer. The lease is never kept
 /// alive: a new one is granted when the marker of a claim sent under the old one could
 /// expire before the claim's deadline.
 const CLAIM_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -1389,8 +1399,9 @@ impl Drop for Waiting<'_> {
 
 impl Items {
     /// An item won for a dequeue that is gone, if any; waits first for the claims in flight
-    /// whose dequeue is gone (each ends within about one request timeout), so that a
-    /// dequeue retried at once after a timeout gets the item its predecessor claimed. The
+    /// whose dequeue is gone (each ends within about one request timeout, two if its first
+    /// send timed out), so that a dequeue retried at once after a timeout gets the item its
+    /// predecessor claimed. The
     /// wait is bounded by the request timeout (as [`settled`](Items::settled)'s): then
     /// `None`, and the dequeue reads the store.
     async fn handed_back(&self) -> Option<Vec<u8>> {
@@ -2555,9 +2566,10 @@ mod tests {
     }
 
     /// A claim that fails in flight is sent again for about one request timeout in all,
-    /// the first send included: not at all after a first send that took the store's whole
-    /// request timeout; if each send fails at once, until the store's request timeout, or
-    /// the default one for a store without.
+    /// the first send included: if each send fails at once, until the store's request
+    /// timeout, or the default one for a store without. After a first send that took the
+    /// store's whole request timeout (it may have been applied), for one more: the resend
+    /// that tells (it timed out too here), then no more.
     #[tokio::test(start_paused = true)]
     async fn a_claim_failed_in_flight_takes_about_one_request_timeout() {
         let cases = [
@@ -2576,7 +2588,7 @@ mod tests {
             let took = started.elapsed();
             assert!(err.to_string().contains("may have been taken"), "{err}");
             if timed_out {
-                assert_eq!((took, store.sent()), (lag, 1), "timed out");
+                assert_eq!((took, store.sent()), (lag * 2, 2), "timed out");
             } else {
                 let limit = request_timeout.unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
                 assert!(
