@@ -282,6 +282,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 }
                 None => true,
             };
+            // The lease of the claims' markers (one per handle) is revoked, not left on
+            // etcd for a minute after baton exits; not waited for long (a pop that got its
+            // item has done its work, and the lease expires anyway).
+            let _ = tokio::time::timeout(cli::CLEANUP_TIMEOUT, queue.close()).await;
             let Some(item) = popped else {
                 return Err(match interrupted_by {
                     Some(sig) => CliError::interrupted(sig),

@@ -309,6 +309,37 @@ fn barrier_with_another_count_exits_125() {
     assert!(keys(&etcd, "m/").is_empty() && keys(&etcd, "n/").is_empty());
 }
 
+/// Each `baton queue pop` claims with a marker under a lease of its handle's
+/// (`__NAME/claimed/…`, docs/reliability.md entries 95 and 97): a pop that exits normally
+/// revokes it, so N pops (an item each, a wait then an item, a `--timeout` on an empty
+/// queue) leave no lease on etcd, nor a marker. Before, each left its lease for 60 s.
+#[test]
+fn queue_pops_leave_no_lease() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    let q = |args: &[&str]| {
+        let mut all = vec!["queue"];
+        all.extend_from_slice(args);
+        run(baton(&ep).args(&all)).0
+    };
+    const N: usize = 4;
+    for i in 0..N {
+        assert_eq!(q(&["push", "jobs", &i.to_string()]).status.code(), Some(0));
+    }
+    for i in 0..N {
+        assert_eq!(stdout(&q(&["pop", "jobs"])), format!("{i}\n"));
+    }
+    let mut waiting = Proc::spawn(baton(&ep).args(["queue", "pop", "jobs"]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(q(&["push", "jobs", "late"]).status.code(), Some(0));
+    assert_eq!(waiting.line(), "late");
+    assert_eq!(waiting.code(), 0);
+    let out = q(&["pop", "jobs", "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert_eq!(leases(&etcd), 0, "leases left by {} pops", N + 2);
+    assert!(keys(&etcd, "__jobs/").is_empty(), "markers left");
+}
+
 /// push, len, pop in order, pop --timeout on an empty queue exits 124, and a waiting pop
 /// gets the next push.
 #[test]

@@ -330,6 +330,84 @@ async fn a_claim_whose_answer_times_out_after_it_took_its_item_loses_no_item() {
     }
 }
 
+/// The leases etcd has now, per etcdctl.
+fn leases(etcd: &EtcdServer) -> Vec<String> {
+    let out = etcd.etcdctl(["lease", "list"]);
+    assert!(out.status.success(), "etcdctl lease list: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Each queue handle puts its claims' markers under a lease of its own (60 s, granted
+/// again every 30 s). Before, it was never revoked: every short-lived handle (each
+/// `baton queue pop`) left one on etcd for a minute. Now a handle's lease is revoked in
+/// the background once the handle and its clones are dropped and no claim of theirs is
+/// being settled, and an old one once a new one replaced it: N handles dropped, after a
+/// dequeue each (FIFO and priority, one through a dequeue dropped mid-claim, one whose
+/// claim's answer was lost), leave no lease once their drop has settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_queue_handles_leave_no_lease() {
+    const N: usize = 6;
+    let etcd = EtcdServer::start_async().await;
+    let direct = client(&etcd.endpoint()).await;
+    for kind in ["fifo", "priority"] {
+        let name = format!("leases-{kind}");
+        let producer = AnyQueue::new(&direct, kind, &name);
+        for i in 0..N {
+            producer.enqueue(i).await;
+        }
+        for i in 0..N {
+            let lossy = LoseAnswers::new(store(&etcd).await);
+            if i == 1 {
+                // The claim's answer is lost (not the resend's): its marker tells, under
+                // the lease.
+                lossy.lose_every_nth_delete(1);
+                let lossy = lossy.clone();
+                tokio::spawn(async move {
+                    while lossy.lost() == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    lossy.lose_every_nth_delete(0);
+                });
+            }
+            let q = AnyQueue::new(&Client::from_store(lossy.clone()), kind, &name);
+            if i == 2 {
+                // Dropped mid-claim: the claim settles in its task, the item is put back.
+                let _ = tokio::time::timeout(Duration::from_micros(300), q.dequeue()).await;
+                continue;
+            }
+            let got = q.dequeue_timeout(Duration::from_secs(5)).await;
+            assert!(got.is_ok(), "{name} #{i}: {got:?}");
+            assert!(
+                !leases(&etcd).is_empty(),
+                "{name} #{i}: no lease was granted"
+            );
+        }
+    }
+    let mut left = leases(&etcd);
+    for _ in 0..60 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = leases(&etcd);
+    }
+    assert!(
+        left.is_empty(),
+        "leases left after the handles were dropped: {left:?}"
+    );
+    for kind in ["fifo", "priority"] {
+        assert_eq!(
+            markers_left(&direct, &format!("leases-{kind}")).await,
+            0,
+            "{kind}: markers left"
+        );
+    }
+}
+
 /// Every consumer's items, each asserted to arrive once (`what` names the case), and their
 /// errors.
 async fn received_once<T: std::fmt::Display + Clone + Eq + std::hash::Hash>(

@@ -161,6 +161,21 @@ macro_rules! take_methods {
             self.items.count().await
         }
 
+        /// Revoke the lease under which this handle's claims put their markers (see
+        /// `dequeue()`; one per handle and its clones, 60 s), deleting the markers left:
+        /// dropping the handle and its clones does it too, in the background, which a
+        /// process that exits right away does not wait for. A lease that a claim still being
+        /// settled holds (of this handle or a clone) is left to it: revoked once it is. The
+        /// queue and its items are not touched, and the handle still works (its next
+        /// dequeue asks for a new lease).
+        ///
+        /// # Cancel safety
+        ///
+        /// If dropped, the lease is revoked in the background (or expires).
+        pub async fn close(&self) -> $crate::Result<()> {
+            self.items.close().await
+        }
+
         /// True if the queue has no item now.
         ///
         /// # Cancel safety
@@ -541,7 +556,7 @@ impl Items {
                 // applied whatever we do, so its answer is awaited.
                 or_stop!(std::future::ready(()));
                 tracing::debug!(key = %item.key_str(), "claiming");
-                match self.claim(&item, lease, stop.as_mut()).await? {
+                match self.claim(&item, lease.clone(), stop.as_mut()).await? {
                     Claim::Won(value) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
                         return Ok(Taken::Item(value));
@@ -573,7 +588,7 @@ impl Items {
     async fn claim<F: Future>(
         &self,
         item: &KeyValue,
-        lease: Option<crate::store::LeaseId>,
+        lease: Option<Arc<MarkLease>>,
         mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -675,8 +690,11 @@ impl Items {
     /// `stop` ends a grant that hangs; a handle that only finds its queue empty grants one
     /// all the same) and
     /// again every `ttl - 3 × request timeout` (`ttl` = 60 s, or 5 request timeouts if
-    /// longer: a request every 30 s by default), never kept alive: a process that exits
-    /// leaves its markers for at most a minute. The last markers of a handle that stops
+    /// longer: a request every 30 s by default), never kept alive, and revoked by a task
+    /// (one request) once no longer used: replaced by a newer one, or the handle and its
+    /// clones dropped, and no claim under it being settled (see [`MarkLease`]); at once by
+    /// the queue's `close()`. A process that exits before then leaves its markers for at
+    /// most a minute. The last markers of a handle that stops
     /// claiming are deleted by a task after 1 s of quiet (one request). After a lost
     /// answer: the resend as before, then one read (the item's old value, or the lease's
     /// time to live).
@@ -702,7 +720,7 @@ impl Items {
     async fn claim_here<F: Future>(
         &self,
         item: &KeyValue,
-        lease: Option<crate::store::LeaseId>,
+        lease: Option<Arc<MarkLease>>,
         mut stop: Pin<&mut Stop<F>>,
     ) -> Result<Claim> {
         let bound = self
@@ -710,12 +728,15 @@ impl Items {
             .request_timeout()
             .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
         // Claim with a marker unless the store refused one; a lease gone (the process was
-        // paused past it) is granted again once.
+        // paused past it) is granted again once. Held until the claim is settled: it is not
+        // revoked before (see `MarkLease`).
         let mut lease = lease;
         let mut regranted = false;
         let mut refused_marker = None;
         let (txn, mark, deleting, deadline) = loop {
-            let mark = lease.map(|lease| (claim_marker_key(&self.prefix), lease));
+            let mark = lease
+                .as_ref()
+                .map(|lease| (claim_marker_key(&self.prefix), lease.id));
             let deleting = if mark.is_some() {
                 self.marks.to_delete()
             } else {
@@ -886,7 +907,8 @@ impl Items {
     /// The lease for the markers of this handle's claims ([`claim_here`](Items::claim_here)),
     /// granted if there is none young enough (or `again`: the last one was not found);
     /// `None` to claim without a marker (the store refused one, or no lease was granted).
-    async fn mark_lease(&self, again: bool) -> Option<crate::store::LeaseId> {
+    /// The lease replaced, if any, is revoked once no claim holds it (see [`MarkLease`]).
+    async fn mark_lease(&self, again: bool) -> Option<Arc<MarkLease>> {
         let bound = self
             .store
             .request_timeout()
@@ -900,9 +922,9 @@ impl Items {
             if state.bare {
                 return None;
             }
-            if let Some((lease, at)) = state.lease {
+            if let Some((lease, at)) = &state.lease {
                 if !again && at.elapsed() < reuse {
-                    return Some(lease);
+                    return Some(lease.clone());
                 }
             }
             if state
@@ -914,13 +936,33 @@ impl Items {
                 return None;
             }
         }
+        // Granted in a task where there is a runtime: a grant whose caller is dropped
+        // meanwhile (a dequeue under a timeout) still gives the handle its lease, which
+        // the handle's drop revokes, rather than leaving it on the server for its TTL.
+        let grant = self.clone().grant_mark_lease(ttl);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(grant.in_current_span()).await.unwrap_or(None),
+            Err(_) => grant.await,
+        }
+    }
+
+    /// Grant a lease of `ttl` for the markers of this handle's claims, and make it the one
+    /// they are put under ([`mark_lease`](Items::mark_lease)).
+    async fn grant_mark_lease(self, ttl: std::time::Duration) -> Option<Arc<MarkLease>> {
         let asked = tokio::time::Instant::now();
         match self.store.lease_grant(ttl).await {
             Ok(grant) => {
+                let lease = Arc::new(MarkLease {
+                    id: grant.id,
+                    store: self.store.clone(),
+                    revoked: false,
+                });
                 let mut state = self.marks.lock();
-                state.lease = Some((grant.id, asked));
+                let replaced = state.lease.replace((lease.clone(), asked));
                 state.no_grant_until = None;
-                Some(grant.id)
+                drop(state);
+                drop(replaced);
+                Some(lease)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cannot grant a lease for claim markers; claiming without one");
@@ -995,6 +1037,22 @@ impl Items {
         }
     }
 
+    /// Revoke the lease of this handle's claim markers now (see the queues' `close`),
+    /// unless a claim being settled holds it: that claim's end revokes it.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let Some((lease, _)) = self.marks.lock().lease.take() else {
+            return Ok(());
+        };
+        let Ok(lease) = Arc::try_unwrap(lease) else {
+            return Ok(());
+        };
+        lease.revoke().await?;
+        // No claim holds a lease of ours that is not revoked, or soon (when it is
+        // settled): the markers of settled claims are gone with them.
+        self.marks.lock().done.clear();
+        Ok(())
+    }
+
     pub(crate) async fn count(&self) -> Result<usize> {
         // Items claimed for a dequeue of this handle that was dropped are still queued: they
         // go to the handle's next dequeue, or back into the store.
@@ -1012,7 +1070,8 @@ impl Items {
 /// The least TTL of the lease under which a handle's claim markers are put (see
 /// [`Items::claim_here`]); five request timeouts if that is longer. The lease is never kept
 /// alive: a new one is granted when the marker of a claim sent under the old one could
-/// expire before the claim's deadline.
+/// expire before the claim's deadline. It is revoked before its TTL when it is no longer
+/// used (see [`MarkLease`]).
 const CLAIM_MARK_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The markers of earlier claims one claim (or the task that deletes them) deletes at most.
@@ -1030,7 +1089,7 @@ pub(crate) struct ClaimMarks {
 #[derive(Default)]
 struct MarksState {
     /// The lease the markers are put under, and when it was asked for.
-    lease: Option<(crate::store::LeaseId, tokio::time::Instant)>,
+    lease: Option<(Arc<MarkLease>, tokio::time::Instant)>,
     /// The store refused a claim's marker (a role that does not cover `__NAME/`): the
     /// handle claims without one.
     bare: bool,
@@ -1042,6 +1101,53 @@ struct MarksState {
     no_grant_until: Option<tokio::time::Instant>,
     /// True while a task waits to delete `done`.
     flushing: bool,
+}
+
+/// The lease of a handle's claim markers ([`Items::mark_lease`]), held by the handle's
+/// [`ClaimMarks`] while new claims use it, and by each claim that used it until that claim
+/// is settled (its marker may tell its outcome until then). Dropped by the last of them (the
+/// handle and its clones dropped, and their tasks done; or a newer lease granted, and the
+/// claims under this one settled), it is revoked by a task, which deletes the markers still
+/// under it; without a runtime, or if the revoke fails, it expires with its TTL. So a
+/// short-lived handle leaves no lease behind for a minute (one per `baton queue pop`).
+pub(crate) struct MarkLease {
+    id: crate::store::LeaseId,
+    store: Arc<dyn Store>,
+    /// True once revoked (by [`revoke`](MarkLease::revoke)).
+    revoked: bool,
+}
+
+impl MarkLease {
+    /// Revoke the lease now; if this fails (or is dropped), the drop tries again.
+    async fn revoke(mut self) -> Result<()> {
+        match self.store.lease_revoke(self.id).await {
+            Ok(()) | Err(Error::LeaseNotFound(_)) => {
+                self.revoked = true;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for MarkLease {
+    fn drop(&mut self) {
+        if self.revoked {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, id) = (self.store.clone(), self.id);
+        runtime.spawn(
+            async move {
+                if let Err(e) = store.lease_revoke(id).await {
+                    tracing::debug!(lease = %format_args!("{id:x}"), error = %e, "cannot revoke the claim markers' lease; it will expire");
+                }
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 impl ClaimMarks {
