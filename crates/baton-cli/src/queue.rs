@@ -245,7 +245,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     _ = signalled => {}
                 }
             };
-            let pop = queue.dequeue_until(stop);
+            // A clone pops, so that `queue` is free to be closed while the pop's future
+            // (pinned below) lives on.
+            let popper = queue.clone();
+            let pop = popper.dequeue_until(stop);
             let mut pop = std::pin::pin!(pop);
             let popped = loop {
                 tokio::select! {

@@ -161,18 +161,22 @@ macro_rules! take_methods {
             self.items.count().await
         }
 
-        /// Revoke the lease under which this handle's claims put their markers (see
-        /// `dequeue()`; one per handle and its clones, 60 s), deleting the markers left:
-        /// dropping the handle and its clones does it too, in the background, which a
-        /// process that exits right away does not wait for. A lease that a claim still being
-        /// settled holds (of this handle or a clone) is left to it: revoked once it is. The
-        /// queue and its items are not touched, and the handle still works (its next
-        /// dequeue asks for a new lease).
+        /// Done with this handle: revoke the lease under which its claims put their
+        /// markers (see `dequeue()`; one per handle and its clones, 60 s), deleting the
+        /// markers left. Dropping the handle and its clones does it too, in the background,
+        /// which a process that exits right away does not wait for. A lease that a claim
+        /// still being settled holds (of this handle or a clone) is left to it: revoked once
+        /// it is. The queue and its items are not touched, and clones of this handle still
+        /// work (their next dequeue asks for a new lease).
+        ///
+        /// # Errors
+        ///
+        /// The store's error if the revoke fails: the lease then expires by itself.
         ///
         /// # Cancel safety
         ///
         /// If dropped, the lease is revoked in the background (or expires).
-        pub async fn close(&self) -> $crate::Result<()> {
+        pub async fn close(self) -> $crate::Result<()> {
             self.items.close().await
         }
 
