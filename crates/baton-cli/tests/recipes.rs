@@ -309,6 +309,11 @@ fn barrier_with_another_count_exits_125() {
     assert!(keys(&etcd, "m/").is_empty() && keys(&etcd, "n/").is_empty());
 }
 
+/// `baton queue ARGS` on `ep`, run to its end.
+fn queue(ep: &str, args: &[&str]) -> std::process::Output {
+    run(baton(ep).arg("queue").args(args)).0
+}
+
 /// Each `baton queue pop` claims with a marker under a lease of its handle's
 /// (`__NAME/claimed/…`, docs/reliability.md entries 95 and 97): a pop that exits normally
 /// revokes it, so N pops (an item each, a wait then an item, a `--timeout` on an empty
@@ -317,11 +322,7 @@ fn barrier_with_another_count_exits_125() {
 fn queue_pops_leave_no_lease() {
     let etcd = etcd();
     let ep = etcd.endpoint();
-    let q = |args: &[&str]| {
-        let mut all = vec!["queue"];
-        all.extend_from_slice(args);
-        run(baton(&ep).args(&all)).0
-    };
+    let q = |args: &[&str]| queue(&ep, args);
     const N: usize = 4;
     for i in 0..N {
         assert_eq!(q(&["push", "jobs", &i.to_string()]).status.code(), Some(0));
@@ -346,11 +347,7 @@ fn queue_pops_leave_no_lease() {
 fn queue_round_trip() {
     let etcd = etcd();
     let ep = etcd.endpoint();
-    let q = |args: &[&str]| {
-        let mut all = vec!["queue"];
-        all.extend_from_slice(args);
-        run(baton(&ep).args(&all)).0
-    };
+    let q = |args: &[&str]| queue(&ep, args);
     for v in ["first", "second item", "third"] {
         let out = q(&["push", "jobs", v]);
         assert_eq!(out.status.code(), Some(0), "{out:?}");
