@@ -425,3 +425,197 @@ async fn received_once<T: std::fmt::Display + Clone + Eq + std::hash::Hash>(
     }
     (seen, errors)
 }
+
+/// A store over `inner` that, once armed, plays a slow etcd with a competing consumer for
+/// the claims of one dequeue: each claim sent before `granted + lost_until` finds its item
+/// taken by another consumer (stolen here, just before it is forwarded) and is answered
+/// 0.9 request timeouts after it was sent (a slow member); the first claim sent after
+/// that is applied, and its answer times out (`Error::Timeout` after the request timeout).
+/// `granted`: when the last lease was asked for; `lost_until` counts from the first.
+#[derive(Clone, Debug)]
+struct SlowRivals {
+    inner: std::sync::Arc<dyn baton::store::Store>,
+    request_timeout: Duration,
+    lost_until: Duration,
+    state: std::sync::Arc<std::sync::Mutex<Rivals>>,
+}
+
+#[derive(Default, Debug)]
+struct Rivals {
+    armed: bool,
+    granted: Option<tokio::time::Instant>,
+    /// Armed: claims sent before this lose their item to the rival.
+    steal_until: Option<tokio::time::Instant>,
+    stolen: Vec<Vec<u8>>,
+    timed_out: bool,
+}
+
+#[async_trait::async_trait]
+impl baton::store::Store for SlowRivals {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn range(&self, range: Range) -> baton::Result<baton::store::RangeResponse> {
+        self.inner.range(range).await
+    }
+    async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: baton::store::LeaseId,
+    ) -> baton::Result<baton::store::Revision> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(
+        &self,
+        keys: baton::store::KeyRange,
+    ) -> baton::Result<(i64, baton::store::Revision)> {
+        self.inner.delete(keys).await
+    }
+    async fn txn(&self, txn: baton::store::Txn) -> baton::Result<baton::store::TxnResponse> {
+        let sent = tokio::time::Instant::now();
+        let (armed, steal) = {
+            let s = self.state.lock().unwrap();
+            let steal = s.steal_until.is_some_and(|until| sent < until);
+            (s.armed && !s.timed_out && !txn.compares.is_empty(), steal)
+        };
+        if !armed {
+            return self.inner.txn(txn).await;
+        }
+        if steal {
+            // Another consumer takes the item first.
+            let key = txn.compares[0].key.clone();
+            let found = self.inner.range(Range::key(key.clone())).await?;
+            if let Some(kv) = found.kvs.into_iter().next() {
+                self.inner.delete(baton::store::KeyRange::key(key)).await?;
+                self.state.lock().unwrap().stolen.push(kv.value);
+            }
+            let answer = self.inner.txn(txn).await;
+            tokio::time::sleep_until(sent + self.request_timeout * 9 / 10).await;
+            return answer;
+        }
+        // Applied; its answer does not come within the request timeout.
+        self.state.lock().unwrap().timed_out = true;
+        let _ = self.inner.txn(txn).await?;
+        tokio::time::sleep_until(sent + self.request_timeout).await;
+        Err(baton::Error::Timeout {
+            operation: "txn",
+            after: self.request_timeout,
+        })
+    }
+    async fn lease_grant(&self, ttl: Duration) -> baton::Result<baton::store::LeaseGrant> {
+        let asked = tokio::time::Instant::now();
+        let grant = self.inner.lease_grant(ttl).await?;
+        self.state.lock().unwrap().granted = Some(asked);
+        Ok(grant)
+    }
+    async fn lease_keep_alive(&self, id: baton::store::LeaseId) -> baton::Result<Option<Duration>> {
+        self.inner.lease_keep_alive(id).await
+    }
+    async fn lease_revoke(&self, id: baton::store::LeaseId) -> baton::Result<()> {
+        self.inner.lease_revoke(id).await
+    }
+    async fn lease_time_to_live(
+        &self,
+        id: baton::store::LeaseId,
+    ) -> baton::Result<Option<Duration>> {
+        self.inner.lease_time_to_live(id).await
+    }
+    fn lease_keep_alive_done(&self, id: baton::store::LeaseId) {
+        self.inner.lease_keep_alive_done(id);
+    }
+    fn request_timeout(&self) -> Option<Duration> {
+        self.inner.request_timeout()
+    }
+    async fn watch(&self, watch: baton::store::Watch) -> baton::Result<baton::store::WatchStream> {
+        self.inner.watch(watch).await
+    }
+    async fn watch_from_now(
+        &self,
+        watch: baton::store::Watch,
+    ) -> baton::Result<(baton::store::Revision, baton::store::WatchStream)> {
+        self.inner.watch_from_now(watch).await
+    }
+    async fn compact(&self, revision: baton::store::Revision) -> baton::Result<()> {
+        self.inner.compact(revision).await
+    }
+}
+
+/// The claim markers' lease is reused for `ttl - 3 × request timeout` (54 s here, with a
+/// 2 s request timeout), so that a claim's marker outlives the claim (two request timeouts
+/// at most). But one dequeue takes the lease once, before its read, and claims the items
+/// it read one after another under it: on a slow etcd (answers in 1.8 s) with another
+/// consumer taking the first items, the claims that lose take that long each, and the one
+/// that is applied, but whose answer times out, is settled after the lease has expired:
+/// its marker is gone with the lease, so the resend cannot tell that our first send took
+/// the item, and the dequeue fails "may have been taken" with the item lost. Every item
+/// must arrive exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_late_in_a_dequeue_keeps_its_marker_until_settled() {
+    const ITEMS: usize = 8;
+    let request_timeout = Duration::from_secs(2);
+    let etcd = EtcdServer::start_async().await;
+    let direct = client(&etcd.endpoint()).await;
+    let name = "aged";
+    let producer = Queue::new(&direct, name).unwrap();
+    producer.enqueue("first").await.unwrap();
+    let inner = EtcdStore::connect(
+        &[etcd.endpoint()],
+        EtcdOptions {
+            request_timeout,
+            ..EtcdOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rivals = SlowRivals {
+        inner: std::sync::Arc::new(inner),
+        request_timeout,
+        lost_until: Duration::from_millis(59_000),
+        state: Default::default(),
+    };
+    let q = Queue::new(&Client::from_store(rivals.clone()), name).unwrap();
+    // The handle's lease is granted with its first dequeue.
+    assert_eq!(q.dequeue().await.unwrap(), b"first");
+    let granted = rivals.state.lock().unwrap().granted.unwrap();
+    for i in 0..ITEMS {
+        producer.enqueue(format!("{i}")).await.unwrap();
+    }
+    // Still young enough to be reused (54 s).
+    tokio::time::sleep_until(granted + Duration::from_millis(52_000)).await;
+    {
+        let mut s = rivals.state.lock().unwrap();
+        s.armed = true;
+        s.steal_until = Some(granted + rivals.lost_until);
+    }
+    let got = q.dequeue().await;
+    let (stolen, timed_out) = {
+        let s = rivals.state.lock().unwrap();
+        (s.stolen.clone(), s.timed_out)
+    };
+    assert!(timed_out, "no claim timed out; stolen: {}", stolen.len());
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    for v in stolen.iter().cloned() {
+        assert!(seen.insert(v), "stolen twice");
+    }
+    let got_ok = got.as_ref().ok().cloned();
+    if let Some(v) = &got_ok {
+        assert!(seen.insert(v.clone()), "received twice");
+    }
+    while let Some(v) = producer.try_dequeue().await.unwrap() {
+        assert!(
+            seen.insert(v.clone()),
+            "{:?} received twice",
+            String::from_utf8_lossy(&v)
+        );
+    }
+    assert!(
+        got.is_ok(),
+        "the dequeue failed: {got:?} ({} claims lost to the rival first, {:?} after the \
+         lease was asked for); items seen: {} of {ITEMS}",
+        stolen.len(),
+        granted.elapsed(),
+        seen.len()
+    );
+    assert_eq!(seen.len(), ITEMS, "items lost");
+}

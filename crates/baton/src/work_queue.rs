@@ -537,7 +537,7 @@ impl Items {
             // `claim_here`), asked for beside the read rather than before the claim, which
             // would add a round trip to the first dequeue of a handle (`baton queue pop`'s
             // only one); `stop` ends a grant that hangs, as a read.
-            let (resp, lease) = or_stop!(futures::future::join(
+            let (resp, _granted) = or_stop!(futures::future::join(
                 self.store.range(self.read(BATCH)),
                 self.mark_lease(false)
             ));
@@ -556,11 +556,16 @@ impl Items {
                 return Ok(Taken::Empty(header_revision));
             }
             for item in items {
+                // The lease again, for each claim: it is reused only while young enough
+                // for the marker to outlive the claim (see `mark_lease`), and the read,
+                // then the claims that lost before this one, may have taken long (a slow
+                // store). No request unless it has aged.
+                let lease = or_stop!(self.mark_lease(false));
                 // The last moment to give up with nothing taken: once sent, a claim is
                 // applied whatever we do, so its answer is awaited.
                 or_stop!(std::future::ready(()));
                 tracing::debug!(key = %item.key_str(), "claiming");
-                match self.claim(&item, lease.clone(), stop.as_mut()).await? {
+                match self.claim(&item, lease, stop.as_mut()).await? {
                     Claim::Won(value) => {
                         tracing::debug!(key = %item.key_str(), "dequeued");
                         return Ok(Taken::Item(value));
@@ -692,7 +697,8 @@ impl Items {
     /// one). The markers are under `lease`, the handle's, granted beside the read before
     /// its first claim (by [`take_once`](Items::take_once): no extra round trip, and
     /// `stop` ends a grant that hangs; a handle that only finds its queue empty grants one
-    /// all the same) and
+    /// all the same; looked at again before each claim, so that a claim late in a slow
+    /// dequeue does not go under a lease too old to outlive it) and
     /// again every `ttl - 3 × request timeout` (`ttl` = 60 s, or 5 request timeouts if
     /// longer: a request every 30 s by default), never kept alive, and revoked by a task
     /// (one request) once no longer used: replaced by a newer one, or the handle and its
