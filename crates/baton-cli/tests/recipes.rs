@@ -341,6 +341,22 @@ fn queue_pops_leave_no_lease() {
     assert!(keys(&etcd, "__jobs/").is_empty(), "markers left");
 }
 
+/// A pop whose `--timeout` passes while its handle's first read and lease grant are in
+/// flight (`--timeout 1ms`, as a script that only wants to look does) stops at once; the
+/// grant goes on in its task and gives the handle a lease, after `close()` found none to
+/// revoke: each such pop left one lease on etcd for 60 s. `close()` now waits for the
+/// grant, so none is left.
+#[test]
+fn queue_pops_timing_out_mid_grant_leave_no_lease() {
+    let etcd = etcd();
+    let ep = etcd.endpoint();
+    for t in ["1ms", "1ms", "2ms", "1ms", "3ms"] {
+        let out = run(baton(&ep).args(["queue", "pop", "empty", "--timeout", t])).0;
+        assert_eq!(out.status.code(), Some(124), "{out:?}");
+    }
+    assert_eq!(leases(&etcd), 0, "leases left by pops timing out mid-grant");
+}
+
 /// push, len, pop in order, pop --timeout on an empty queue exits 124, and a waiting pop
 /// gets the next push.
 #[test]

@@ -949,7 +949,13 @@ impl Items {
         // Granted in a task where there is a runtime: a grant whose caller is dropped
         // meanwhile (a dequeue under a timeout) still gives the handle its lease, which
         // the handle's drop revokes, rather than leaving it on the server for its TTL.
-        let grant = self.clone().grant_mark_lease(ttl);
+        let granting = Granting::new(&self.marks);
+        let items = self.clone();
+        let grant = async move {
+            let lease = items.grant_mark_lease(ttl).await;
+            drop(granting);
+            lease
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime.spawn(grant.in_current_span()).await.unwrap_or(None),
             Err(_) => grant.await,
@@ -1050,6 +1056,17 @@ impl Items {
     /// Revoke the lease of this handle's claim markers now (see the queues' `close`),
     /// unless a claim being settled holds it: that claim's end revokes it.
     pub(crate) async fn close(&self) -> Result<()> {
+        // A grant in flight (for a dequeue stopped or dropped meanwhile) gives the handle a
+        // lease when it ends: waited for (bounded by the store's request timeout), so that
+        // its lease is revoked here too.
+        loop {
+            let mut granted = std::pin::pin!(self.marks.granted.notified());
+            granted.as_mut().enable();
+            if self.marks.lock().granting == 0 {
+                break;
+            }
+            granted.await;
+        }
         let Some((lease, _)) = self.marks.lock().lease.take() else {
             return Ok(());
         };
@@ -1094,6 +1111,29 @@ const CLAIM_MARKS_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_s
 #[derive(Default)]
 pub(crate) struct ClaimMarks {
     state: std::sync::Mutex<MarksState>,
+    /// Told when a lease grant ends (`MarksState::granting`).
+    granted: tokio::sync::Notify,
+}
+
+/// A lease grant of [`Items::mark_lease`] in flight, counted in `MarksState::granting`
+/// until it ends or its task is dropped.
+struct Granting(Arc<ClaimMarks>);
+
+impl Granting {
+    fn new(marks: &Arc<ClaimMarks>) -> Granting {
+        marks.lock().granting += 1;
+        Granting(marks.clone())
+    }
+}
+
+impl Drop for Granting {
+    fn drop(&mut self) {
+        {
+            let mut state = self.0.lock();
+            state.granting = state.granting.saturating_sub(1);
+        }
+        self.0.granted.notify_waiters();
+    }
 }
 
 #[derive(Default)]
@@ -1111,6 +1151,9 @@ struct MarksState {
     no_grant_until: Option<tokio::time::Instant>,
     /// True while a task waits to delete `done`.
     flushing: bool,
+    /// Lease grants in flight (their caller may be gone): `close` waits for them, or the
+    /// lease they give would be left on the server for its TTL.
+    granting: usize,
 }
 
 /// The lease of a handle's claim markers ([`Items::mark_lease`]), held by the handle's
