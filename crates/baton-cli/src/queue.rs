@@ -287,9 +287,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             };
             // The lease of the claims' markers (one per handle) is revoked, not left on
             // etcd for a minute after baton exits; not waited for long (a pop that got its
-            // item has done its work, and the lease expires anyway).
-            let _ = tokio::time::timeout(cli::CLEANUP_TIMEOUT, queue.close()).await;
+            // item has done its work, and the lease expires anyway). After the item is
+            // printed: it has left the queue, and is not held back for a cleanup.
+            let close = || async {
+                let _ = tokio::time::timeout(cli::CLEANUP_TIMEOUT, queue.close()).await;
+            };
             let Some(item) = popped else {
+                close().await;
                 return Err(match interrupted_by {
                     Some(sig) => CliError::interrupted(sig),
                     None => CliError::new(
@@ -323,8 +327,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                 ));
                 let mut stderr = std::io::stderr().lock();
                 let _ = stderr.write_all(&printed).and_then(|()| stderr.flush());
+                drop(stderr);
+                close().await;
                 return Err(CliError::quiet(exit::FAILED));
             }
+            close().await;
             Ok(0)
         }
         QueueCommand::Len { name } => {

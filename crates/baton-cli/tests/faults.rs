@@ -660,6 +660,39 @@ async fn queue_pop_stops_on_time_when_etcd_hangs_mid_claim() {
     }
 }
 
+/// A pop that got its item prints it at once, and only then closes its handle (revoking
+/// its claim markers' lease, for at most 1 s). Before, the close came first: with etcd
+/// slow to answer just after the claim (here every answer takes 1.5 s; a leader change
+/// does it too) the item, already gone from the queue, was printed only once the close
+/// had timed out, 1 s later, and a kill meanwhile (`timeout -s KILL`, an OOM kill) lost it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_pop_prints_its_item_before_closing_its_handle() {
+    let etcd = EtcdServer::start_async().await;
+    let queue = "jobs-print-first";
+    let proxy = queued_behind_a_slow_proxy(&etcd, queue, Direction::ServerToClient).await;
+    let mut pop = WorkerProc::spawn_command("pop", pop_via(&proxy, &["queue", "pop", queue]));
+    let line = pop.line(Duration::from_secs(60)).await;
+    let printed = std::time::Instant::now();
+    assert_eq!(
+        line.as_deref(),
+        Some("precious"),
+        "stderr:\n{}",
+        pop.stderr()
+    );
+    let code = pop
+        .wait(Duration::from_secs(30))
+        .await
+        .and_then(|s| s.code());
+    let exited_after = printed.elapsed();
+    assert_eq!(code, Some(0), "stderr:\n{}", pop.stderr());
+    assert!(
+        exited_after > Duration::from_millis(500),
+        "the item was printed only after the handle's close ({exited_after:?} before the \
+         exit); stderr:\n{}",
+        pop.stderr()
+    );
+}
+
 /// Push the item "precious" to `queue`, then start a proxy to etcd that delays the traffic
 /// of `direction` by 1.5 s.
 async fn queued_behind_a_slow_proxy(
