@@ -29,8 +29,10 @@ one that comes while an item is being claimed lets the claim finish: if it won, 
 is printed and baton exits 0, as for any pop (etcd applies a claim sent, so stopping
 then would lose the item). baton waits for the claim's answer up to the request timeout
 (10 s). If the claim fails in flight (no answer: etcd may have applied it), baton sends it
-again, for about 10 s in all, until it is answered or --timeout passes or a signal comes;
-then it exits 125 saying the item may have been taken. A second signal, 0.5 s or more after
+again (once at least, even after --timeout or a signal: its answer tells whether the first
+send took the item, which is then printed), for about 10 s in all (20 s if the first send
+itself timed out), until it is answered or --timeout passes or a signal comes; then it
+exits 125 saying the item may have been taken. A second signal, 0.5 s or more after
 the first, ends baton at once with 128+N, even during a claim, saying on stderr that the
 item may have been taken (one sooner is the same request delivered twice, as timeout(1)
 and `kill PID; kill -- -PGID` deliver it, and is ignored).
@@ -85,8 +87,9 @@ pub(crate) enum QueueCommand {
         /// the message adds "(the backend did not answer)" if it did not in the last second).
         /// DUR bounds the wait, not the claim of an item found in time: its answer is
         /// waited for (up to the request timeout, 10 s), and the item printed (exit 0),
-        /// even if it comes after DUR. A claim that failed in flight is not sent again
-        /// after DUR: baton exits 125, saying the item may have been taken.
+        /// even if it comes after DUR. A claim that failed in flight is sent again once
+        /// after DUR (it tells whether the first send took the item: then it is printed),
+        /// then no more: baton exits 125, saying the item may have been taken.
         #[arg(long, value_name = "DUR", value_parser = cli::positive_duration)]
         timeout: Option<Duration>,
     },
