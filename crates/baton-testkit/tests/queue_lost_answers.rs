@@ -619,3 +619,59 @@ async fn a_claim_late_in_a_dequeue_keeps_its_marker_until_settled() {
     );
     assert_eq!(seen.len(), ITEMS, "items lost");
 }
+
+/// `close()` on a handle while a clone's claim, whose answer was lost, is being settled
+/// (its marker tells, under the lease): the lease is left to that claim, which still gets
+/// its item; the clone dequeues on afterwards (under a new lease), and once it is dropped
+/// no lease nor marker is left. Every item arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_a_clones_claim_loses_no_item() {
+    let etcd = EtcdServer::start_async().await;
+    let direct = client(&etcd.endpoint()).await;
+    let name = "closing";
+    let producer = Queue::new(&direct, name).unwrap();
+    for i in 0..3 {
+        producer.enqueue(format!("{i}")).await.unwrap();
+    }
+    let lossy = LoseAnswers::new(store(&etcd).await);
+    lossy.delay_lost_answers(Duration::from_millis(1500));
+    lossy.lose_every_nth_delete(1);
+    let q = Queue::new(&Client::from_store(lossy.clone()), name).unwrap();
+    let c = q.clone();
+    let first = tokio::spawn({
+        let c = c.clone();
+        async move { c.dequeue().await }
+    });
+    while lossy.lost() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    lossy.lose_every_nth_delete(0);
+    // The claim's answer is being lost: its marker's lease must outlive it.
+    let closing = tokio::time::Instant::now();
+    q.close().await.unwrap();
+    assert!(
+        closing.elapsed() < Duration::from_millis(500),
+        "close waited for the claim"
+    );
+    let mut seen = HashSet::new();
+    let got = first.await.unwrap().unwrap();
+    assert!(seen.insert(got));
+    for _ in 0..2 {
+        let got = c.dequeue_timeout(Duration::from_secs(5)).await.unwrap();
+        assert!(seen.insert(got.clone()), "{got:?} received twice");
+    }
+    assert_eq!(seen.len(), 3);
+    // (len: a dequeue would give the producer's handle a lease of its own.)
+    assert_eq!(producer.len().await.unwrap(), 0);
+    drop(c);
+    let mut left = leases(&etcd);
+    for _ in 0..60 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = leases(&etcd);
+    }
+    assert!(left.is_empty(), "leases left: {left:?}");
+    assert_eq!(markers_left(&direct, name).await, 0, "markers left");
+}
