@@ -251,12 +251,26 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
             // A clone pops, so that `queue` is free to be closed while the pop's future
             // (pinned below) lives on.
             let popper = queue.clone();
+            // The lease of the claims' markers (one per handle) is revoked, not left on
+            // etcd for a minute after baton exits; not waited for long (a pop that got its
+            // item has done its work, and the lease expires anyway). After the item is
+            // printed: it has left the queue, and is not held back for a cleanup. Also when
+            // the pop failed (a claim that could not be told), not after a second signal.
+            let close = || async {
+                let _ = tokio::time::timeout(cli::CLEANUP_TIMEOUT, queue.close()).await;
+            };
             let pop = popper.dequeue_until(stop);
             let mut pop = std::pin::pin!(pop);
             let popped = loop {
                 tokio::select! {
                     biased;
-                    popped = &mut pop => break popped?,
+                    popped = &mut pop => match popped {
+                        Ok(popped) => break popped,
+                        Err(e) => {
+                            close().await;
+                            return Err(e.into());
+                        }
+                    },
                     sig = signals.recv() => {
                         if let Some(first) = first_signal.take() {
                             tracing::debug!(signal = sig, "interrupted");
@@ -287,13 +301,6 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<u8, CliError> {
                     false
                 }
                 None => true,
-            };
-            // The lease of the claims' markers (one per handle) is revoked, not left on
-            // etcd for a minute after baton exits; not waited for long (a pop that got its
-            // item has done its work, and the lease expires anyway). After the item is
-            // printed: it has left the queue, and is not held back for a cleanup.
-            let close = || async {
-                let _ = tokio::time::timeout(cli::CLEANUP_TIMEOUT, queue.close()).await;
             };
             let Some(item) = popped else {
                 close().await;

@@ -408,3 +408,22 @@ fn plaintext_urls_to_tls_servers_say_so_at_once() {
         assert!(took < Duration::from_secs(5), "{endpoints}: took {took:?}");
     }
 }
+
+/// A `baton queue pop` that fails (here: a role that may not read the queue) still revokes
+/// its markers' lease before it exits (docs/reliability.md entry 97): the failed pop left
+/// it on etcd for 60 s, as its error exit skipped the close.
+#[test]
+fn a_failed_queue_pop_leaves_no_lease() {
+    let etcd = etcd();
+    etcd.enable_auth(ROOT_PASSWORD, &[("app", APP_PASSWORD, "locks/")]);
+    for _ in 0..3 {
+        let (out, _) = run(baton(&etcd.endpoint())
+            .env_remove("BATON_USER")
+            .env("BATON_PASSWORD", APP_PASSWORD)
+            .args(["--user", "app", "queue", "pop", "jobs", "--timeout", "2s"]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        assert!(err.contains("permission denied"), "{err}");
+    }
+    assert_eq!(leases(&etcd), 0, "leases left by 3 failed pops");
+}
