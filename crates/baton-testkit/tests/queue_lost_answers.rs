@@ -331,6 +331,19 @@ async fn a_claim_whose_answer_times_out_after_it_took_its_item_loses_no_item() {
 }
 
 /// The leases etcd has now, per etcdctl.
+/// The leases on `etcd` once the background revokes had up to 6 s to run.
+async fn leases_once_revoked(etcd: &EtcdServer) -> Vec<String> {
+    let mut left = leases(etcd);
+    for _ in 0..60 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = leases(etcd);
+    }
+    left
+}
+
 fn leases(etcd: &EtcdServer) -> Vec<String> {
     let out = etcd.etcdctl(["lease", "list"]);
     assert!(out.status.success(), "etcdctl lease list: {out:?}");
@@ -387,14 +400,7 @@ async fn dropped_queue_handles_leave_no_lease() {
             );
         }
     }
-    let mut left = leases(&etcd);
-    for _ in 0..60 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = leases(&etcd);
-    }
+    let left = leases_once_revoked(&etcd).await;
     assert!(
         left.is_empty(),
         "leases left after the handles were dropped: {left:?}"
@@ -664,14 +670,7 @@ async fn close_during_a_clones_claim_loses_no_item() {
     // (len: a dequeue would give the producer's handle a lease of its own.)
     assert_eq!(producer.len().await.unwrap(), 0);
     drop(c);
-    let mut left = leases(&etcd);
-    for _ in 0..60 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = leases(&etcd);
-    }
+    let left = leases_once_revoked(&etcd).await;
     assert!(left.is_empty(), "leases left: {left:?}");
     assert_eq!(markers_left(&direct, name).await, 0, "markers left");
 }
