@@ -152,7 +152,8 @@ macro_rules! take_methods {
 
         /// The number of items now, counting those a dropped dequeue of this handle claimed
         /// and that are on their way back (see `dequeue()`); it first waits for such claims
-        /// still in flight (each is answered within about one request timeout).
+        /// still in flight (each is settled within about one request timeout, two if its
+        /// first send timed out; waited for up to two).
         ///
         /// # Cancel safety
         ///
@@ -1557,18 +1558,24 @@ impl Drop for Waiting<'_> {
 }
 
 impl Items {
+    /// How long [`handed_back`](Items::handed_back) and [`settled`](Items::settled) wait
+    /// for the claims in flight whose dequeue is gone: two request timeouts, the most a
+    /// claim takes (its first send may take one and time out, its resend and the marker's
+    /// read one more; see [`claim_here`](Items::claim_here)).
+    fn orphans_bound(&self) -> std::time::Duration {
+        self.store
+            .request_timeout()
+            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT)
+            .saturating_mul(2)
+    }
+
     /// An item won for a dequeue that is gone, if any; waits first for the claims in flight
     /// whose dequeue is gone (each ends within about one request timeout, two if its first
     /// send timed out), so that a dequeue retried at once after a timeout gets the item its
-    /// predecessor claimed. The
-    /// wait is bounded by the request timeout (as [`settled`](Items::settled)'s): then
-    /// `None`, and the dequeue reads the store.
+    /// predecessor claimed, first. The wait is bounded by
+    /// [`orphans_bound`](Items::orphans_bound): then `None`, and the dequeue reads the store.
     async fn handed_back(&self) -> Option<Vec<u8>> {
-        let bound = self
-            .store
-            .request_timeout()
-            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
-        tokio::time::timeout(bound, self.handed_back_unbounded())
+        tokio::time::timeout(self.orphans_bound(), self.handed_back_unbounded())
             .await
             .unwrap_or(None)
     }
@@ -1617,15 +1624,11 @@ impl Items {
         }
     }
 
-    /// Wait (up to the request timeout) until no claim for a dequeue of this handle that is
-    /// gone is in flight, and no item is being put back.
+    /// Wait (up to [`orphans_bound`](Items::orphans_bound)) until no claim for a dequeue of
+    /// this handle that is gone is in flight, and no item is being put back.
     async fn settled(&self) {
         let hand = &self.hand_back;
-        let bound = self
-            .store
-            .request_timeout()
-            .unwrap_or(crate::client::DEFAULT_REQUEST_TIMEOUT);
-        let _ = tokio::time::timeout(bound, async {
+        let _ = tokio::time::timeout(self.orphans_bound(), async {
             loop {
                 let mut notified = std::pin::pin!(hand.changed.notified());
                 notified.as_mut().enable();
@@ -2757,6 +2760,70 @@ mod tests {
                 assert!(store.sent() > 2, "{} sent", store.sent());
             }
         }
+    }
+
+    /// A store answering a claim's first send with a timeout after applying it (the whole
+    /// request timeout), and its resend after most of another: the claim is settled nearly
+    /// two request timeouts after it was sent.
+    #[derive(Debug)]
+    struct SlowClaimAnswers {
+        inner: Arc<crate::store::slow::SlowWatches>,
+        claims: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::slow::Hooks for SlowClaimAnswers {
+        fn inner(&self) -> &dyn Store {
+            &*self.inner
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse> {
+            if !txn.success.iter().any(|op| matches!(op, TxnOp::Delete(_))) {
+                return self.inner.txn(txn).await;
+            }
+            let bound = self.inner.request_timeout().unwrap();
+            match self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => {
+                    self.inner.txn(txn).await?;
+                    tokio::time::sleep(bound).await;
+                    Err(Error::Timeout {
+                        operation: "txn",
+                        after: bound,
+                    })
+                }
+                1 => {
+                    tokio::time::sleep(bound * 9 / 10).await;
+                    self.inner.txn(txn).await
+                }
+                _ => self.inner.txn(txn).await,
+            }
+        }
+    }
+
+    /// A dequeue dropped while its claim's first send went unanswered (applied, its answer
+    /// timed out, its resend slow): the next dequeue, made at once, waits for that
+    /// claim to be settled and gets its item, the first queued, rather than reading the
+    /// store before and taking the second.
+    #[tokio::test(start_paused = true)]
+    async fn a_dequeue_after_a_claim_slow_twice_gets_its_item_first() {
+        use crate::store::slow::SlowWatches;
+        let slow = Arc::new(SlowWatches::new("mem", Duration::ZERO, Duration::ZERO));
+        *slow.request_timeout.lock().unwrap() = Some(Duration::from_secs(2));
+        let store = Arc::new(SlowClaimAnswers {
+            inner: slow,
+            claims: Default::default(),
+        });
+        let client = Client::from_arc(store.clone());
+        let q = Queue::new(&client, "jobs").unwrap();
+        q.enqueue("first").await.unwrap();
+        q.enqueue("second").await.unwrap();
+        let dropped = tokio::time::timeout(Duration::from_millis(100), q.dequeue()).await;
+        assert!(dropped.is_err(), "{dropped:?}");
+        let got = q.dequeue().await.unwrap();
+        let then = q.dequeue().await.unwrap();
+        assert_eq!(
+            (String::from_utf8_lossy(&got), String::from_utf8_lossy(&then)),
+            ("first".into(), "second".into())
+        );
     }
 
     /// An item enqueued by a clock near 1970 (an id of few digits) is still an item: its
