@@ -2781,7 +2781,10 @@ mod tests {
                 return self.inner.txn(txn).await;
             }
             let bound = self.inner.request_timeout().unwrap();
-            match self.claims.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            match self
+                .claims
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            {
                 0 => {
                     self.inner.txn(txn).await?;
                     tokio::time::sleep(bound).await;
@@ -2821,7 +2824,10 @@ mod tests {
         let got = q.dequeue().await.unwrap();
         let then = q.dequeue().await.unwrap();
         assert_eq!(
-            (String::from_utf8_lossy(&got), String::from_utf8_lossy(&then)),
+            (
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&then)
+            ),
             ("first".into(), "second".into())
         );
     }
