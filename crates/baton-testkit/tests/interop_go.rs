@@ -874,3 +874,132 @@ async fn hazard_go_queue_takes_items_of_prefix_sharing_names() {
     assert_eq!(values(&events, "dequeued"), ["not-yours"]);
     assert_eq!(other.try_dequeue().await.unwrap(), None);
 }
+
+/// A mixed fleet under contention with cancellation: two Go writers and two Go readers
+/// (each its own session) against Baton writers and readers whose waits time out at random
+/// (their keys removed mid-queue, ahead of and behind Go's), and whose guards are unlocked
+/// or dropped: no writer's hold overlaps another hold, both sides hold, and no key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rwlock_mixed_fleet_with_timeouts_never_overlaps() {
+    let Some((etcd, client)) = setup().await else {
+        return;
+    };
+    let name = "gi/rw-mixed-timeouts";
+    let gos = [
+        (
+            "go-writer-1",
+            Go::spawn(&etcd, &["wlock", name, "15ms", "6"]),
+        ),
+        (
+            "go-writer-2",
+            Go::spawn(&etcd, &["wlock", name, "15ms", "6"]),
+        ),
+        (
+            "go-reader-1",
+            Go::spawn(&etcd, &["rlock", name, "15ms", "6"]),
+        ),
+        (
+            "go-reader-2",
+            Go::spawn(&etcd, &["rlock", name, "15ms", "6"]),
+        ),
+    ];
+    let baton = |i: u64, write: bool| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let s = session(&client).await;
+            let rw = RwLock::new(&s, name).unwrap();
+            let who = format!("baton-{}-{i}", if write { "writer" } else { "reader" });
+            let mut holds = Vec::new();
+            for round in 0..20u64 {
+                let x = (i * 7919 + round * 104729) % 97;
+                // 5 to 239 ms: shorter than a Go waiter's wake-up (etcd's 100 ms sweep of
+                // its watch) often, longer sometimes, so that both sides get holds.
+                let timeout = Duration::from_millis(5 + (x % 40) * 6);
+                let hold = async {
+                    let from = now();
+                    tokio::time::sleep(Duration::from_millis(3 + x % 5)).await;
+                    Hold {
+                        who: who.clone(),
+                        from,
+                        to: now(),
+                    }
+                };
+                if write {
+                    match rw.write_timeout(timeout).await {
+                        Ok(g) => {
+                            holds.push(hold.await);
+                            if x % 2 == 0 {
+                                g.unlock().await.unwrap();
+                            } else {
+                                drop(g);
+                            }
+                        }
+                        Err(e) => assert!(e.is_timeout(), "{e}"),
+                    }
+                } else {
+                    match rw.read_timeout(timeout).await {
+                        Ok(g) => {
+                            holds.push(hold.await);
+                            if x % 2 == 0 {
+                                g.unlock().await.unwrap();
+                            } else {
+                                drop(g);
+                            }
+                        }
+                        Err(e) => assert!(e.is_timeout(), "{e}"),
+                    }
+                }
+            }
+            s.close().await.unwrap();
+            holds
+        })
+    };
+    let tasks: Vec<_> = (0..3)
+        .map(|i| baton(i, true))
+        .chain((0..3).map(|i| baton(i, false)))
+        .collect();
+    let mut writes = Vec::new();
+    let mut reads = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let h = t.await.unwrap();
+        if i < 3 {
+            writes.extend(h);
+        } else {
+            reads.extend(h);
+        }
+    }
+    for (who, go) in gos {
+        let holds = go_holds(&go.finish().await, who);
+        assert_eq!(holds.len(), 6, "{who}");
+        if who.contains("writer") {
+            writes.extend(holds);
+        } else {
+            reads.extend(holds);
+        }
+    }
+    eprintln!("{} writes, {} reads", writes.len(), reads.len());
+    for side in ["baton-writer", "baton-reader"] {
+        assert!(
+            writes.iter().chain(&reads).any(|h| h.who.starts_with(side)),
+            "no {side} ever held: the check checked Go alone"
+        );
+    }
+    assert_exclusive(writes.clone());
+    for w in &writes {
+        for r in &reads {
+            assert!(
+                r.to <= w.from || w.to <= r.from,
+                "{} wrote while {} read: {w:?} and {r:?}",
+                w.who,
+                r.who
+            );
+        }
+    }
+    assert!(client
+        .store()
+        .range(Range::prefix(format!("{name}/")))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+}
