@@ -195,3 +195,50 @@ async fn bank_faults_serializable() {
 async fn bank_faults_repeatable_reads() {
     bank_under_faults(Isolation::RepeatableReads).await;
 }
+
+/// A commit whose answer is cut by a connection reset (not a timeout) is reported as an
+/// error and the closure is not run again, which would apply its increment a second time:
+/// at every level, the counter ends at 11 at most, after one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_cut_by_a_reset_is_not_run_again() {
+    use baton_testkit::proxy::{Direction, Fault};
+    use std::sync::atomic::AtomicU32;
+    let etcd = EtcdServer::start_async().await;
+    let other = connect(&etcd.endpoint()).await;
+    for iso in [
+        Isolation::SerializableSnapshot,
+        Isolation::Serializable,
+        Isolation::RepeatableReads,
+        Isolation::ReadCommitted,
+    ] {
+        let proxy = FaultProxy::start(etcd.client_port()).await;
+        let c = baton_testkit::connect_client(&proxy.url("http"), Duration::from_secs(2)).await;
+        let key = format!("x-{iso:?}");
+        other.store().put(key.as_bytes(), b"10", 0).await.unwrap();
+        let calls = AtomicU32::new(0);
+        let result = Stm::new(&c)
+            .with_isolation(iso)
+            .run(|tx| {
+                let (proxy, calls, key) = (&proxy, &calls, &key);
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let x = number(tx.get(key).await?);
+                    tx.put(key.as_str(), (x + 1).to_string());
+                    // The commit, sent next, goes; its answer is cut.
+                    proxy.set(Direction::ServerToClient, Fault::Reset);
+                    Ok::<_, Error>(())
+                }
+            })
+            .await;
+        proxy.heal();
+        let resp = other.store().range(Range::key(key.clone())).await.unwrap();
+        let x = number(resp.kvs.into_iter().next().map(|kv| kv.value));
+        let calls = calls.load(Ordering::SeqCst);
+        assert!(
+            result.is_err(),
+            "{iso:?}: the cut answer reported as {result:?}"
+        );
+        assert_eq!(calls, 1, "{iso:?}: closure run again (x = {x})");
+        assert!(x == 10 || x == 11, "{iso:?}: x = {x}");
+    }
+}
