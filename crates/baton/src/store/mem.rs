@@ -512,12 +512,17 @@ impl State {
         let succeeded = txn.compares.iter().all(|c| self.compare_holds(c));
         let ops = if succeeded { txn.success } else { txn.failure };
         // Like etcd, check the leases of the branch taken before applying any of it,
-        // and the revisions of its reads (a compacted or future one fails the whole txn).
+        // then the revisions of its reads (a compacted or future one fails the whole txn):
+        // etcd checks every put before any read, so a branch with both faults fails with
+        // the unknown lease, wherever it comes.
         for op in &ops {
-            match op {
-                TxnOp::Put { lease, .. } => self.check_lease(*lease)?,
-                TxnOp::Get(range) => self.check_read_revision(range)?,
-                TxnOp::Delete(_) => {}
+            if let TxnOp::Put { lease, .. } = op {
+                self.check_lease(*lease)?;
+            }
+        }
+        for op in &ops {
+            if let TxnOp::Get(range) = op {
+                self.check_read_revision(range)?;
             }
         }
         let rev = self.revision + 1;
@@ -1577,6 +1582,22 @@ mod tests {
             .unwrap();
         assert!(r.succeeded);
         assert_eq!(r.header_revision, 2);
+    }
+
+    /// etcd checks a txn branch's puts' leases before its reads' revisions (found by a
+    /// random differential against etcd: a future read ahead of a put with an unknown
+    /// lease failed as "future revision" here, "lease not found" on etcd).
+    #[tokio::test]
+    async fn txn_checks_leases_before_read_revisions() {
+        let store = MemStore::new();
+        let err = store
+            .txn(Txn::new().and_then([
+                TxnOp::get(Range::key("a").at_revision(100)),
+                TxnOp::put("b", "", 0x1234),
+            ]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LeaseNotFound(0x1234)), "{err:?}");
     }
 
     #[tokio::test]
