@@ -18,7 +18,9 @@
 //!   without their previous keys. Reads and watches before the compact revision then
 //!   fail with [`Error::Compacted`], as in etcd. Like etcd without auto-compaction, the
 //!   history grows until it is compacted;
-//! - leases expire on [`tokio::time`], so tests with a paused clock
+//! - a lease expires 20 ms after its TTL has run from its grant or last keep-alive (as
+//!   etcd's expire late too: a holder's local deadline always passes first), on
+//!   [`tokio::time`], so tests with a paused clock
 //!   (`#[tokio::test(start_paused = true)]` and `tokio::time::advance`) drive expiry.
 //!   A lease past its deadline is also expired by the next operation on the store, so
 //!   the store stays correct even where no lease timer task can run. Like etcd, it
@@ -94,6 +96,14 @@ const MIN_LEASE_TTL_SECS: u64 = 2;
 
 /// The longest lease etcd grants.
 const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+
+/// How long after its TTL (from its grant or last keep-alive) a lease expires. etcd expires
+/// a lease later than its TTL too (its leader looks for expired leases every 500 ms, and
+/// the revoke goes through raft); a client's local deadline, counted from the send time of
+/// its request, is then always passed first. Expiring at the TTL exactly, the embedded
+/// store's timer fired on the same tick as the holder's deadline, and the next holder
+/// could be granted before the old one's `lost()` fired.
+pub(crate) const EXPIRY_MARGIN: Duration = Duration::from_millis(20);
 
 /// The embedded, in-process store: etcd v3's data model on one node.
 ///
@@ -1016,7 +1026,7 @@ impl Store for MemStore {
             state.next_lease_id = id.checked_add(1).unwrap_or(1);
             let now = Instant::now();
             let deadline = now
-                .checked_add(ttl)
+                .checked_add(ttl.saturating_add(EXPIRY_MARGIN))
                 .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
                 .unwrap_or(now);
             state.leases.insert(
@@ -1045,7 +1055,9 @@ impl Store for MemStore {
             return Ok(None);
         };
         let now = Instant::now();
-        let deadline = now.checked_add(lease.ttl).unwrap_or(lease.deadline);
+        let deadline = now
+            .checked_add(lease.ttl.saturating_add(EXPIRY_MARGIN))
+            .unwrap_or(lease.deadline);
         state.deadlines.remove(&(lease.deadline, id));
         state.deadlines.insert((deadline, id));
         lease.deadline = deadline;
@@ -1064,9 +1076,10 @@ impl Store for MemStore {
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<Option<Duration>> {
         let state = self.lock_current();
         let now = Instant::now();
-        Ok(state
-            .lease_deadline(id)
-            .map(|deadline| Duration::from_secs(deadline.saturating_duration_since(now).as_secs())))
+        Ok(state.lease_deadline(id).map(|deadline| {
+            let left = deadline.saturating_duration_since(now);
+            Duration::from_secs(left.saturating_sub(EXPIRY_MARGIN).as_secs())
+        }))
     }
 
     async fn watch(&self, watch: Watch) -> Result<WatchStream> {
@@ -1876,11 +1889,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expiry_is_seen_by_the_next_operation() {
-        // Even before the timer task runs, an operation after the deadline sees it expired.
+        // Even before the timer task runs, an operation after the deadline sees it expired;
+        // the deadline is `EXPIRY_MARGIN` after the TTL.
         let s = MemStore::new();
         let lease = s.lease_grant(2 * SEC).await.unwrap();
         s.put(b"k", b"", lease.id).await.unwrap();
         tokio::time::advance(2 * SEC).await;
+        assert_eq!(s.range(Range::key("k")).await.unwrap().kvs.len(), 1);
+        assert_eq!(
+            s.lease_time_to_live(lease.id).await.unwrap(),
+            Some(Duration::ZERO)
+        );
+        tokio::time::advance(EXPIRY_MARGIN).await;
         let r = s.range(Range::key("k")).await.unwrap();
         assert!(r.kvs.is_empty());
         assert_eq!(r.header_revision, 3);
