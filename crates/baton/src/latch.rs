@@ -131,6 +131,8 @@ impl CountDownLatch {
     ///
     /// Every waiter watches the latch's key, so each count-down reaches every waiter (who
     /// goes on only at zero). Failed reads and broken watches are retried with backoff.
+    /// Fails with [`Error::Mismatch`] if the key holds a latch of another count or no latch,
+    /// also when it is written so while this waits.
     ///
     /// # Cancel safety
     ///
@@ -151,7 +153,12 @@ impl CountDownLatch {
     }
 
     async fn wait_open(&self) -> Result<()> {
-        let open = Until::Reached(encode(0, self.count).into_bytes());
+        // Also woken by a put that no handle of this count wrote (another count, not a
+        // latch), to say `Mismatch` rather than wait for a value that never comes.
+        let open = Until::ReachedOrUnlike {
+            value: encode(0, self.count).into_bytes(),
+            suffix: format!("/{}", self.count).into_bytes(),
+        };
         wait_key(
             self.client.store(),
             self.client.hub(),
@@ -323,6 +330,41 @@ mod tests {
         }
         assert_eq!(decode(b"3/5"), Some((3, 5)));
         assert_eq!(decode(b"-1/5"), None);
+    }
+
+    /// A waiter that started before the key existed, when a handle of another count then
+    /// creates it, is told `Mismatch` (as every call is, the docs say) instead of waiting
+    /// for ever: the other latch's count-downs, its opening included, never put the value
+    /// the waiter watched for.
+    #[tokio::test]
+    async fn a_waiter_is_told_of_a_count_mismatch_made_while_it_waits() {
+        let client = Client::memory();
+        let mine = CountDownLatch::new(&client, "mm", 3).unwrap();
+        let waiter = tokio::spawn(async move { mine.wait().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let theirs = CountDownLatch::new(&client, "mm", 2).unwrap();
+        assert_eq!(theirs.count_down().await.unwrap(), 1);
+        assert_eq!(theirs.count_down().await.unwrap(), 0);
+        let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter hung on a latch of another count")
+            .unwrap();
+        assert!(matches!(got, Err(Error::Mismatch { .. })), "{got:?}");
+        // A value put by hand that is not a latch at all: told too.
+        client
+            .store()
+            .delete(crate::store::KeyRange::key("mm"))
+            .await
+            .unwrap();
+        let mine = CountDownLatch::new(&client, "mm", 3).unwrap();
+        let waiter = tokio::spawn(async move { mine.wait().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.store().put(b"mm", b"hello", 0).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter hung on a key that is not a latch")
+            .unwrap();
+        assert!(matches!(got, Err(Error::Mismatch { .. })), "{got:?}");
     }
 
     /// Stress: count-downs from many tasks, waiters on two clients, broken

@@ -135,6 +135,9 @@ pub(crate) enum Until {
     Changed,
     /// A put of exactly this value, or a delete.
     Reached(Vec<u8>),
+    /// A put of exactly `value` or of a value that does not end with `suffix` (written by
+    /// someone else than the waiter's peers: the caller reads it as a mismatch), or a delete.
+    ReachedOrUnlike { value: Vec<u8>, suffix: Vec<u8> },
 }
 
 impl Until {
@@ -142,8 +145,13 @@ impl Until {
         match (self, event.kind) {
             (Until::Deleted, EventKind::Delete) | (Until::Put, EventKind::Put) => true,
             (Until::Deleted, EventKind::Put) | (Until::Put, EventKind::Delete) => false,
-            (Until::Changed, _) | (Until::Reached(_), EventKind::Delete) => true,
+            (Until::Changed, _)
+            | (Until::Reached(_), EventKind::Delete)
+            | (Until::ReachedOrUnlike { .. }, EventKind::Delete) => true,
             (Until::Reached(value), EventKind::Put) => event.kv.value == *value,
+            (Until::ReachedOrUnlike { value, suffix }, EventKind::Put) => {
+                event.kv.value == *value || !event.kv.value.ends_with(suffix)
+            }
         }
     }
 }
@@ -480,6 +488,14 @@ mod tests {
         let zero = Until::Reached(b"0".to_vec());
         assert!(zero.matches(&put) && zero.matches(&del));
         assert!(!zero.matches(&event(EventKind::Put, b"1")));
+        let open = Until::ReachedOrUnlike {
+            value: b"0/3".to_vec(),
+            suffix: b"/3".to_vec(),
+        };
+        assert!(open.matches(&event(EventKind::Put, b"0/3")) && open.matches(&del));
+        assert!(!open.matches(&event(EventKind::Put, b"1/3")));
+        assert!(open.matches(&event(EventKind::Put, b"1/2")));
+        assert!(open.matches(&event(EventKind::Put, b"x")));
     }
 
     #[tokio::test]
