@@ -133,8 +133,6 @@ pub(crate) enum Until {
     Put,
     /// Any change of a watched key.
     Changed,
-    /// A put of exactly this value, or a delete.
-    Reached(Vec<u8>),
     /// A put of exactly `value` or of a value that does not end with `suffix` (written by
     /// someone else than the waiter's peers: the caller reads it as a mismatch), or a delete.
     ReachedOrUnlike { value: Vec<u8>, suffix: Vec<u8> },
@@ -145,10 +143,7 @@ impl Until {
         match (self, event.kind) {
             (Until::Deleted, EventKind::Delete) | (Until::Put, EventKind::Put) => true,
             (Until::Deleted, EventKind::Put) | (Until::Put, EventKind::Delete) => false,
-            (Until::Changed, _)
-            | (Until::Reached(_), EventKind::Delete)
-            | (Until::ReachedOrUnlike { .. }, EventKind::Delete) => true,
-            (Until::Reached(value), EventKind::Put) => event.kv.value == *value,
+            (Until::Changed, _) | (Until::ReachedOrUnlike { .. }, EventKind::Delete) => true,
             (Until::ReachedOrUnlike { value, suffix }, EventKind::Put) => {
                 event.kv.value == *value || !event.kv.value.ends_with(suffix)
             }
@@ -485,9 +480,6 @@ mod tests {
         assert!(Until::Deleted.matches(&del) && !Until::Deleted.matches(&put));
         assert!(Until::Put.matches(&put) && !Until::Put.matches(&del));
         assert!(Until::Changed.matches(&put) && Until::Changed.matches(&del));
-        let zero = Until::Reached(b"0".to_vec());
-        assert!(zero.matches(&put) && zero.matches(&del));
-        assert!(!zero.matches(&event(EventKind::Put, b"1")));
         let open = Until::ReachedOrUnlike {
             value: b"0/3".to_vec(),
             suffix: b"/3".to_vec(),
