@@ -924,30 +924,26 @@ async fn rwlock_mixed_fleet_with_timeouts_never_overlaps() {
                         to: now(),
                     }
                 };
+                // Hold, then unlock or drop (the guards are of two types).
+                macro_rules! hold_then_free {
+                    ($got:expr) => {
+                        match $got {
+                            Ok(g) => {
+                                holds.push(hold.await);
+                                if x % 2 == 0 {
+                                    g.unlock().await.unwrap();
+                                } else {
+                                    drop(g);
+                                }
+                            }
+                            Err(e) => assert!(e.is_timeout(), "{e}"),
+                        }
+                    };
+                }
                 if write {
-                    match rw.write_timeout(timeout).await {
-                        Ok(g) => {
-                            holds.push(hold.await);
-                            if x % 2 == 0 {
-                                g.unlock().await.unwrap();
-                            } else {
-                                drop(g);
-                            }
-                        }
-                        Err(e) => assert!(e.is_timeout(), "{e}"),
-                    }
+                    hold_then_free!(rw.write_timeout(timeout).await)
                 } else {
-                    match rw.read_timeout(timeout).await {
-                        Ok(g) => {
-                            holds.push(hold.await);
-                            if x % 2 == 0 {
-                                g.unlock().await.unwrap();
-                            } else {
-                                drop(g);
-                            }
-                        }
-                        Err(e) => assert!(e.is_timeout(), "{e}"),
-                    }
+                    hold_then_free!(rw.read_timeout(timeout).await)
                 }
             }
             s.close().await.unwrap();

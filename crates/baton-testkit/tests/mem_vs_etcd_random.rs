@@ -85,6 +85,17 @@ impl Ctx {
 
 const KEYS: [&str; 5] = ["z/a", "z/b", "z/c", "z/ab", "z/d"];
 
+/// A read's answer (a range, or a transaction's get), revisions relative to the start.
+fn read(ctx: &Ctx, g: &baton::store::RangeResponse) -> String {
+    let kvs: Vec<String> = g.kvs.iter().map(|kv| ctx.kv(kv)).collect();
+    format!(
+        "h{} [{}] more={}",
+        ctx.rev(g.header_revision),
+        kvs.join(","),
+        g.more
+    )
+}
+
 fn key(rng: &mut StdRng) -> String {
     KEYS[rng.gen_range(0..KEYS.len())].to_string()
 }
@@ -240,16 +251,7 @@ async fn run(s: &dyn Store, seed: u64, steps: usize) -> Vec<String> {
                             .map(|r| match r {
                                 TxnOpResponse::Put => "put".into(),
                                 TxnOpResponse::Delete { deleted } => format!("del {deleted}"),
-                                TxnOpResponse::Get(g) => format!(
-                                    "get h{} [{}] more={}",
-                                    ctx.rev(g.header_revision),
-                                    g.kvs
-                                        .iter()
-                                        .map(|kv| ctx.kv(kv))
-                                        .collect::<Vec<_>>()
-                                        .join(","),
-                                    g.more
-                                ),
+                                TxnOpResponse::Get(g) => format!("get {}", read(&ctx, g)),
                             })
                             .collect();
                         format!(
@@ -267,16 +269,7 @@ async fn run(s: &dyn Store, seed: u64, steps: usize) -> Vec<String> {
             12..=14 => {
                 let r = range(&mut rng, base, cur, compacted);
                 match s.range(r).await {
-                    Ok(g) => format!(
-                        "range h{} [{}] more={}",
-                        ctx.rev(g.header_revision),
-                        g.kvs
-                            .iter()
-                            .map(|kv| ctx.kv(kv))
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        g.more
-                    ),
+                    Ok(g) => format!("range {}", read(&ctx, &g)),
                     Err(e) => format!("range -> {}", ctx.err(e)),
                 }
             }
