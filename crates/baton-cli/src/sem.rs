@@ -24,14 +24,16 @@ Examples:
   # hold a permit from a shell until Ctrl-C
   baton sem maintenance --permits 2
 
-Without CMD, baton prints `acquired KEY permits=N` and, when a signal makes it release,
-`released KEY` (JSON events with --json, and a `lost` event if the permit is lost). With
-CMD, stdout is CMD's alone, also with --json.
+Each baton sem holds one permit. Without CMD, baton prints `acquired KEY permits=N` (N is
+the semaphore's size, --permits, not what this holder took) and, when a signal makes it
+release, `released KEY` (JSON events with --json, and a `lost` event if the permit is lost).
+With CMD, stdout is CMD's alone, also with --json.
 
 Every process using the semaphore must give the same --permits while any of them holds or
 waits (a different count exits 125). Permits are granted in FIFO order.
 
-CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS in its environment, and
+CMD gets BATON_SEM_KEY (this holder's key) and BATON_SEM_PERMITS (the size) in its
+environment, and
 none of the variables baton lock and elect set (an outer baton's are removed: a semaphore
 has no fencing token, so no BATON_FENCING_TOKEN). If the
 permit is lost while CMD runs (the session's lease expired or the key was deleted), CMD's

@@ -236,7 +236,8 @@ impl Semaphore {
 
     /// How many permits are free now: the permits minus those held. A snapshot, already
     /// stale when it returns; waiters queued behind a large request may see free permits
-    /// they cannot take yet.
+    /// they cannot take yet. Fails with [`Error::Mismatch`] if a key it counts (the queue's,
+    /// up to the first that does not fit) says another number of permits, or is no permit.
     ///
     /// # Cancel safety
     ///
