@@ -45,7 +45,8 @@ macro_rules! take_methods {
         /// applied by the server whatever this future does, so it runs in a task of its own
         /// and finishes; if it wins after the future was dropped, its item is handed back:
         /// the next dequeue of this handle or a clone (which first waits for such claims, up
-        /// to the request timeout) returns it first if it comes within 200 ms, else it is
+        /// to two request timeouts, as long as a claim whose first send timed out may take)
+        /// returns it first if it comes within 200 ms, else it is
         /// put back in the store, by a task, retried until it is there. A priority queue's
         /// item is put back under its own key and keeps its place among the items still
         /// there; if its level emptied meanwhile, items enqueued at the level since then
