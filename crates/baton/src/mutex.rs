@@ -1401,3 +1401,81 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod look4_tests {
+    use crate::Session;
+
+    /// As `an_expiring_holder_is_told_before_the_next_is_granted`, for elections and
+    /// semaphores.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expiring_leader_or_permit_holder_is_told_before_the_next_is_granted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::time::Duration;
+        let client = crate::Client::from_arc(Arc::new(crate::store::mem::MemStore::new()));
+        let mut runs = Vec::new();
+        for i in 0..8 {
+            let client = client.clone();
+            runs.push(tokio::spawn(async move {
+                let name = format!("e{i}");
+                let sem = i % 2 == 1;
+                let holder = Session::builder(&client)
+                    .with_ttl(Duration::from_secs(2))
+                    .build()
+                    .await
+                    .unwrap();
+                let next = Session::new(&client).await.unwrap();
+                let order = Arc::new(AtomicUsize::new(0));
+                let (told, granted) = (order.clone(), order.clone());
+                let lost: tokio::task::JoinHandle<usize> = if sem {
+                    let held = crate::Semaphore::new(&holder, &name, 1)
+                        .unwrap()
+                        .acquire()
+                        .await
+                        .unwrap();
+                    tokio::spawn(async move {
+                        held.lost().await;
+                        told.fetch_add(1, Ordering::SeqCst)
+                    })
+                } else {
+                    let held = crate::Election::new(&holder, &name)
+                        .unwrap()
+                        .campaign("a")
+                        .await
+                        .unwrap();
+                    tokio::spawn(async move {
+                        held.lost().await;
+                        told.fetch_add(1, Ordering::SeqCst)
+                    })
+                };
+                let waiting: tokio::task::JoinHandle<usize> = if sem {
+                    let s = crate::Semaphore::new(&next, &name, 1).unwrap();
+                    tokio::spawn(async move {
+                        let _g = s.acquire().await.unwrap();
+                        granted.fetch_add(1, Ordering::SeqCst)
+                    })
+                } else {
+                    let e = crate::Election::new(&next, &name).unwrap();
+                    tokio::spawn(async move {
+                        let _g = e.campaign("b").await.unwrap();
+                        granted.fetch_add(1, Ordering::SeqCst)
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                assert!(!waiting.is_finished(), "{name}");
+                holder.orphan();
+                let (lost_at, granted_at) = (lost.await.unwrap(), waiting.await.unwrap());
+                (name, lost_at < granted_at)
+            }));
+        }
+        let mut first = Vec::new();
+        for run in runs {
+            let (name, told_first) = run.await.unwrap();
+            if !told_first {
+                first.push(name);
+            }
+        }
+        assert!(first.is_empty(), "granted first: {first:?}");
+    }
+}
