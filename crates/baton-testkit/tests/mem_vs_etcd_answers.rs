@@ -766,3 +766,102 @@ async fn mem_watches_the_empty_key_as_etcd() {
     }
     assert_eq!(heard[1], heard[0], "mem (left) vs etcd (right)");
 }
+
+/// Transactions wrong in two or three ways at once (entry 100's second look): the same
+/// error as etcd in every order of the faults, in either branch.
+async fn two_faults(s: &dyn Store) -> Vec<String> {
+    let mut log = Vec::new();
+    for i in 0..5 {
+        s.put(format!("tf/{i}").as_bytes(), b"v", 0).await.unwrap();
+    }
+    let now = s.range(Range::key("x")).await.unwrap().header_revision;
+    s.compact(now - 2).await.unwrap();
+    let base = now;
+    let compacted = || TxnOp::get(Range::key("tf/0").at_revision(now - 4));
+    let future = || TxnOp::get(Range::key("tf/0").at_revision(now + 100));
+    let past = || TxnOp::get(Range::key("tf/0").at_revision(now - 1));
+    let unknown = |k: &str| TxnOp::put(k, "", 0x7777);
+    let cases: Vec<(&str, Vec<TxnOp>)> = vec![
+        ("future, lease", vec![future(), unknown("tf/a")]),
+        ("lease, future", vec![unknown("tf/a"), future()]),
+        ("compacted, lease", vec![compacted(), unknown("tf/a")]),
+        ("lease, compacted", vec![unknown("tf/a"), compacted()]),
+        ("compacted, future", vec![compacted(), future()]),
+        ("future, compacted", vec![future(), compacted()]),
+        ("past ok, lease", vec![past(), unknown("tf/a")]),
+        (
+            "del, future, lease",
+            vec![TxnOp::delete("tf/1"), future(), unknown("tf/b")],
+        ),
+        (
+            "dup key, lease",
+            vec![unknown("tf/a"), TxnOp::put("tf/a", "", 0)],
+        ),
+        (
+            "dup key, future",
+            vec![
+                TxnOp::put("tf/a", "", 0),
+                future(),
+                TxnOp::put("tf/a", "", 0),
+            ],
+        ),
+        (
+            "empty key, lease",
+            vec![TxnOp::put("", "", 0), unknown("tf/a")],
+        ),
+        (
+            "lease, empty key",
+            vec![unknown("tf/a"), TxnOp::put("", "", 0)],
+        ),
+        ("future, empty key", vec![future(), TxnOp::put("", "", 0)]),
+        (
+            "del dup put, lease",
+            vec![TxnOp::delete("tf/2"), TxnOp::put("tf/2", "", 0x7777)],
+        ),
+    ];
+    for (what, ops) in cases {
+        let taken = txn(s, Txn::new().and_then(ops.clone()), base).await;
+        log.push(format!("{what} (taken): {taken}"));
+        // In the branch not taken, and in the failure branch when it is taken.
+        let other = txn(
+            s,
+            Txn::new()
+                .when([Compare::value(
+                    b"tf/3".to_vec(),
+                    CompareOp::Equal,
+                    b"v".to_vec(),
+                )])
+                .or_else(ops.clone()),
+            base,
+        )
+        .await;
+        log.push(format!("{what} (not taken): {other}"));
+        let failure = txn(
+            s,
+            Txn::new()
+                .when([Compare::value(
+                    b"tf/3".to_vec(),
+                    CompareOp::Equal,
+                    b"w".to_vec(),
+                )])
+                .or_else(ops),
+            base,
+        )
+        .await;
+        log.push(format!("{what} (failure branch): {failure}"));
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mem_fails_two_fault_txns_as_etcd() {
+    let server = EtcdServer::start_async().await;
+    let etcd = etcd_store(&server).await;
+    let mem = MemStore::new();
+    let (e, m) = tokio::join!(two_faults(&etcd), two_faults(&mem));
+    for l in &e {
+        eprintln!("{l}");
+    }
+    let d = diff(&e, &m);
+    assert!(d.is_empty(), "differences:\n{}", d.join("\n"));
+}

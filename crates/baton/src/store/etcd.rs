@@ -1138,15 +1138,26 @@ impl EtcdStore {
 
     /// etcd's error for a read at a compacted revision names neither revision: fill in the
     /// one asked for and the compact revision (0 if that cannot be learnt within 2 s).
-    async fn fill_compacted(&self, error: Error, requested: Revision) -> Error {
+    /// `reads` are the revisions the request read at, in its order: the first below the
+    /// compact revision is the one etcd refused (the latest if none is known to be).
+    async fn fill_compacted(&self, error: Error, reads: &[Revision]) -> Error {
         match error {
-            Error::Compacted { .. } => Error::Compacted {
-                requested,
-                compact_revision: self
+            Error::Compacted { .. } => {
+                let compact_revision = self
                     .compact_revision(Duration::from_secs(2))
                     .await
-                    .unwrap_or(0),
-            },
+                    .unwrap_or(0);
+                let requested = reads
+                    .iter()
+                    .copied()
+                    .find(|r| *r > 0 && *r < compact_revision)
+                    .or_else(|| reads.iter().copied().max())
+                    .unwrap_or(0);
+                Error::Compacted {
+                    requested,
+                    compact_revision,
+                }
+            }
             other => other,
         }
     }
@@ -1267,7 +1278,7 @@ impl Store for EtcdStore {
                 return Err(self
                     .fill_compacted(
                         naming(map_err("range", e, 0, &self.inner.endpoints), &key),
-                        range.revision,
+                        &[range.revision],
                     )
                     .await)
             }
@@ -1355,8 +1366,9 @@ impl Store for EtcdStore {
         let resp = match resp {
             Ok(resp) => resp,
             Err(e) => {
-                // The past read that failed, if one did: the latest revision asked for.
-                let read_at = txn
+                // The past reads, one of which may have failed (etcd checks them in order;
+                // which branch was taken is not known here).
+                let reads: Vec<Revision> = txn
                     .success
                     .iter()
                     .chain(&txn.failure)
@@ -1364,13 +1376,12 @@ impl Store for EtcdStore {
                         TxnOp::Get(range) => Some(range.revision),
                         _ => None,
                     })
-                    .max()
-                    .unwrap_or(0);
+                    .collect();
                 let error = naming(
                     map_err("txn", e, lease, &self.inner.endpoints),
                     txn_key(&txn),
                 );
-                return Err(self.fill_compacted(error, read_at).await);
+                return Err(self.fill_compacted(error, &reads).await);
             }
         };
         let header_revision = revision(resp.header());
