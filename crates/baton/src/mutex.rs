@@ -1400,14 +1400,9 @@ mod tests {
             "the next was granted before the holder's lost() fired: {first:?}"
         );
     }
-}
-
-#[cfg(test)]
-mod look4_tests {
-    use crate::Session;
 
     /// As `an_expiring_holder_is_told_before_the_next_is_granted`, for elections and
-    /// semaphores.
+    /// semaphores (found by the second look at entry 101).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expiring_leader_or_permit_holder_is_told_before_the_next_is_granted() {
         use std::sync::atomic::{AtomicUsize, Ordering};
