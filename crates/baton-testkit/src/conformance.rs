@@ -510,6 +510,14 @@ pub async fn waiter_lease_expires_in_queue(b: &Backend) {
         r.is_err(),
         "waiter with an expired lease was told it holds the lock"
     );
+    // Its key goes when the store expires the lease, after the waiter's local deadline
+    // (on the embedded store too): gone before the next waiter's key is counted.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            keys_under(&admin, &format!("{lock}/")).await.len() == 1
+        })
+        .await
+    );
 
     // 2. The waiter's lease is revoked just before the holder releases.
     let w2 = b.session(TTL).await;

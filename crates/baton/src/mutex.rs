@@ -1440,4 +1440,22 @@ mod tests {
             "the next was granted before the holder's lost() fired: {first:?}"
         );
     }
+
+    /// A join refused because the session's lease is gone (revoked by an operator, before
+    /// its keep-alives learn it) fails with `SessionLost`, and the session says it is lost
+    /// too (found by a CI run: `lock()` said `SessionLost` while `is_lost()` said no, until
+    /// the next keep-alive).
+    #[tokio::test]
+    async fn a_join_refused_for_a_gone_lease_marks_the_session_lost() {
+        let client = paused_clock_store();
+        let session = Session::new(&client).await.unwrap();
+        client
+            .store()
+            .lease_revoke(session.lease_id())
+            .await
+            .unwrap();
+        let err = Mutex::new(&session, "m").unwrap().lock().await.unwrap_err();
+        assert!(matches!(err, Error::SessionLost { .. }), "{err}");
+        assert!(session.is_lost(), "lock() said {err}, is_lost() said no");
+    }
 }

@@ -280,13 +280,7 @@ impl Entry {
         let mut removed = 0;
         let resp = loop {
             let resp = match entry.send(txn.clone()).await {
-                Err(Error::LeaseNotFound(_)) => {
-                    return Err(if session.is_lost() {
-                        session.lost_error()
-                    } else {
-                        Error::lost("lease not found")
-                    })
-                }
+                Err(Error::LeaseNotFound(_)) => return Err(session.lease_gone()),
                 r => r?,
             };
             if let Some((_, other_name)) = other.filter(|_| refused_by_other(&resp, lease)) {

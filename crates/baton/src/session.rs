@@ -447,6 +447,15 @@ impl Session {
         )
     }
 
+    /// The error for a request the store refused with [`Error::LeaseNotFound`] for this
+    /// session's lease: the lease is gone (revoked or expired), so the session is lost,
+    /// and is marked so now rather than at its next keep-alive (its `is_lost()` agrees
+    /// with the error).
+    pub(crate) fn lease_gone(&self) -> Error {
+        self.inner.shared.mark_lost("lease revoked or expired");
+        self.lost_error()
+    }
+
     /// Fail fast if the session is already lost.
     pub(crate) fn check_alive(&self) -> Result<()> {
         if self.is_lost() {
